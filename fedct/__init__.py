@@ -1,0 +1,1 @@
+"""fedct: federated learning on CT imaging (command line and the demo job)."""

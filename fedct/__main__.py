@@ -1,0 +1,3 @@
+from fedct.cli import main
+
+raise SystemExit(main())

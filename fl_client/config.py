@@ -1,0 +1,171 @@
+"""The site's configuration, read in one place.
+
+Two sources, both plain Python by the time they get here:
+
+- the site's own settings (``node_config``, set by hospital IT when starting the SuperNode, e.g.
+  ``flower-supernode --node-config 'site-name="site-a" dicom-dir="/data/dicom" site-dir="/cache" device="cpu"'``;
+  in simulation ``partition-id`` picks ``site-<id>`` under ``sim-data-root``/``sim-work-root`` of the run config);
+- the round settings the server sends with every message (:class:`RoundSettings`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.factory import ModelConfig
+from preprocessing.split import SplitConfig
+from preprocessing.transforms import PipelineConfig
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class SiteConfigError(ValueError):
+    """A site setting is missing or wrong; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """Where a site's data lives and how it computes."""
+
+    site_name: str
+    dicom_dir: Path
+    site_dir: Path
+    labels_csv: Path | None
+    device: str = "auto"
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.site_name or not all(c.isalnum() or c in "-_." for c in self.site_name):
+            raise SiteConfigError(f"site-name {self.site_name!r} must be letters, digits, '-', '_' or '.'")
+        if self.device not in DEVICES:
+            raise SiteConfigError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.workers < 1:
+            raise SiteConfigError(f"num-workers must be >= 1, got {self.workers}")
+
+    @classmethod
+    def from_context(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteConfig:
+        """Build from Flower's ``context.node_config`` and ``context.run_config`` (plain mappings)."""
+        device = str(node_config.get("device", run_config.get("device", "auto")))
+        workers = int(node_config.get("num-workers", 2))
+        if "dicom-dir" in node_config:
+            for key in ("site-name", "site-dir"):
+                if key not in node_config:
+                    raise SiteConfigError(f"node config has dicom-dir but no {key}")
+            dicom_dir = Path(str(node_config["dicom-dir"]))
+            labels = node_config.get("labels")
+            return cls(
+                site_name=str(node_config["site-name"]),
+                dicom_dir=dicom_dir,
+                site_dir=Path(str(node_config["site-dir"])),
+                labels_csv=Path(str(labels)) if labels else None,
+                device=device,
+                workers=workers,
+            )
+        if "partition-id" in node_config:
+            for key in ("sim-data-root", "sim-work-root"):
+                if key not in run_config:
+                    raise SiteConfigError(f"simulation needs run config {key!r} (folder of site-0, site-1, ...)")
+            data_root = Path(str(run_config["sim-data-root"]))
+            sites = sorted(p.name for p in data_root.glob("site-*") if p.is_dir()) if data_root.is_dir() else []
+            partition = int(node_config["partition-id"])
+            if partition >= len(sites):
+                raise SiteConfigError(
+                    f"partition-id {partition} but {data_root} has {len(sites)} site folder(s); "
+                    "run `fedct synth` there or lower num-supernodes"
+                )
+            name = sites[partition]
+            labels_csv = data_root / name / "labels.csv"
+            return cls(
+                site_name=name,
+                dicom_dir=data_root / name / "dicom",
+                site_dir=Path(str(run_config["sim-work-root"])) / name,
+                labels_csv=labels_csv if labels_csv.is_file() else None,
+                device=device,
+                workers=workers,
+            )
+        raise SiteConfigError("node config needs dicom-dir, site-dir and site-name (or partition-id in simulation)")
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """What the server asks a site to do in one round (sent in the message's ConfigRecord)."""
+
+    server_round: int
+    local_epochs: int
+    learning_rate: float
+    batch_size: int
+    seed: int
+    model: ModelConfig
+    pipeline: PipelineConfig
+    split: SplitConfig
+
+    def __post_init__(self) -> None:
+        if self.local_epochs < 1:
+            raise ValueError(f"local-epochs must be >= 1, got {self.local_epochs}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning-rate must be > 0, got {self.learning_rate}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch-size must be >= 1, got {self.batch_size}")
+
+    def to_record(self) -> dict[str, int | float | str]:
+        """Flat scalars for a Flower ConfigRecord."""
+        return {
+            "server-round": self.server_round,
+            "local-epochs": self.local_epochs,
+            "learning-rate": self.learning_rate,
+            "batch-size": self.batch_size,
+            "seed": self.seed,
+            "model-name": self.model.name,
+            "model-norm": self.model.norm,
+            "num-classes": self.model.num_classes,
+            "input-size": ",".join(str(v) for v in self.pipeline.input_size),
+            "target-spacing-mm": ",".join(str(v) for v in self.pipeline.target_spacing_mm),
+            "hu-min": self.pipeline.hu_min,
+            "hu-max": self.pipeline.hu_max,
+            "val-fraction": self.split.val_fraction,
+            "test-fraction": self.split.test_fraction,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RoundSettings:
+        """Inverse of :meth:`to_record`; a missing key is a protocol error naming the key."""
+        missing = [k for k in cls.keys() if k not in record]
+        if missing:
+            raise ValueError(f"round config from the server lacks {', '.join(missing)}")
+        return cls(
+            server_round=int(record["server-round"]),
+            local_epochs=int(record["local-epochs"]),
+            learning_rate=float(record["learning-rate"]),
+            batch_size=int(record["batch-size"]),
+            seed=int(record["seed"]),
+            model=ModelConfig(name=str(record["model-name"]), norm=str(record["model-norm"]), num_classes=int(record["num-classes"])),
+            pipeline=PipelineConfig(
+                target_spacing_mm=parse_triple(str(record["target-spacing-mm"]), float, "target-spacing-mm"),
+                input_size=parse_triple(str(record["input-size"]), int, "input-size"),
+                hu_min=float(record["hu-min"]),
+                hu_max=float(record["hu-max"]),
+            ),
+            split=SplitConfig(val_fraction=float(record["val-fraction"]), test_fraction=float(record["test-fraction"])),
+        )
+
+    @staticmethod
+    def keys() -> tuple[str, ...]:
+        """The keys of the round config record."""
+        return (
+            "server-round", "local-epochs", "learning-rate", "batch-size", "seed", "model-name", "model-norm",
+            "num-classes", "input-size", "target-spacing-mm", "hu-min", "hu-max", "val-fraction", "test-fraction",
+        )  # fmt: skip
+
+
+def parse_triple(text: str, kind: type, name: str) -> tuple:
+    """Parse ``"64,64,48"`` into a 3-tuple of ``kind``; the error names the setting."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"{name} must be three comma-separated numbers, got {text!r}")
+    try:
+        return tuple(kind(p) for p in parts)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be three comma-separated numbers, got {text!r}") from exc

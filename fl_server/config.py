@@ -1,0 +1,105 @@
+"""The server's run configuration, read in one place from Flower's run config.
+
+Keys and defaults are those of ``[tool.flwr.app.config]`` in pyproject.toml (a test keeps the two equal);
+override them with ``flwr run . --run-config 'num-server-rounds=10 model-name="smallcnn"'``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fl_client.config import RoundSettings, parse_triple
+from models.factory import ModelConfig
+from preprocessing.split import SplitConfig
+from preprocessing.transforms import PipelineConfig
+
+#: Run-config keys meant for the sites (read by fl_client.config), not the server.
+SITE_KEYS = frozenset({"sim-data-root", "sim-work-root", "device"})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs to run a federation."""
+
+    num_server_rounds: int = 3
+    local_epochs: int = 1
+    learning_rate: float = 0.001
+    batch_size: int = 4
+    model_name: str = "densenet121"
+    model_norm: str = "batch"
+    input_size: str = "64,64,48"
+    target_spacing_mm: str = "5.0,5.0,5.0"
+    hu_min: float = -1000.0
+    hu_max: float = 400.0
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    min_sites: int = 2
+    round_timeout_s: float = 3600.0
+    seed: int = 0
+    run_dir: str = "runs/flwr"
+
+    def __post_init__(self) -> None:
+        if self.num_server_rounds < 1:
+            raise ValueError(f"num-server-rounds must be >= 1, got {self.num_server_rounds}")
+        if self.min_sites < 1:
+            raise ValueError(f"min-sites must be >= 1, got {self.min_sites}")
+        if self.round_timeout_s <= 0:
+            raise ValueError(f"round-timeout-s must be > 0, got {self.round_timeout_s}")
+        self.round_settings(1)  # validates model, pipeline and split settings with their own messages
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerConfig:
+        """Parse Flower's run config (kebab-case keys); unknown keys are an error naming the key."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            if key in SITE_KEYS:
+                continue
+            if key not in known:
+                raise ValueError(f"unknown run config key {key!r}; known keys: {', '.join(sorted(known))}")
+            kind = {"int": int, "float": float, "str": str}[str(known[key].type)]
+            try:
+                values[known[key].name] = kind(value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"run config {key}={value!r} is not a valid {kind.__name__}") from exc
+        return cls(**values)
+
+    @property
+    def model(self) -> ModelConfig:
+        """The network's configuration."""
+        return ModelConfig(name=self.model_name, norm=self.model_norm)
+
+    @property
+    def pipeline(self) -> PipelineConfig:
+        """The preprocessing every site applies."""
+        return PipelineConfig(
+            target_spacing_mm=parse_triple(self.target_spacing_mm, float, "target-spacing-mm"),
+            input_size=parse_triple(self.input_size, int, "input-size"),
+            hu_min=self.hu_min,
+            hu_max=self.hu_max,
+        )
+
+    def round_settings(self, server_round: int) -> RoundSettings:
+        """What the sites are asked to do in ``server_round``."""
+        return RoundSettings(
+            server_round=server_round,
+            local_epochs=self.local_epochs,
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            model=self.model,
+            pipeline=self.pipeline,
+            split=SplitConfig(val_fraction=self.val_fraction, test_fraction=self.test_fraction),
+        )
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Kebab-case mapping, the inverse of :meth:`from_run_config` (recorded in provenance)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def run_path(self) -> Path:
+        """The run folder (absolute)."""
+        return Path(self.run_dir).resolve()

@@ -1,0 +1,116 @@
+"""Flower ServerApp: FedAvg over the sites, with checkpoints, metrics and the final model bundle.
+
+The handlers here only convert Flower records to plain Python and back; the bookkeeping lives in
+``fl_server.run_log`` and ``fl_server.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from logging import INFO
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fl_server.checkpoint import save_state, write_bundle
+from fl_server.config import ServerConfig
+from fl_server.run_log import RunLog
+from models.factory import build_model
+
+
+def _site_metrics(records: list[RecordDict]) -> dict[str, dict[str, float]]:
+    """``{site name: {metric: value}}`` from the reply records (unnamed sites get a positional name)."""
+    per_site: dict[str, dict[str, float]] = {}
+    for i, record in enumerate(records):
+        name = str(record["site"]["name"]) if "site" in record.config_records else f"node-{i}"
+        metrics = next(iter(record.metric_records.values()))
+        per_site[name] = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
+    return per_site
+
+
+def _metric_record(values: Mapping[str, float]) -> MetricRecord:
+    return MetricRecord({k: float(v) for k, v in values.items() if math.isfinite(v)})
+
+
+def run_federation(grid: Grid, config: ServerConfig) -> RunLog:
+    """Run ``config.num_server_rounds`` rounds of FedAvg and write the run folder."""
+    run_dir = config.run_path
+    run_log = RunLog(run_dir, run_config=config.to_run_config(), emit=lambda line: log(INFO, "%s", line))
+    torch.manual_seed(config.seed)
+    initial = {k: v.detach().clone() for k, v in build_model(config.model).state_dict().items()}
+    sites_seen: set[str] = set()
+
+    def train_metrics(records: list[RecordDict], _weight_key: str) -> MetricRecord:
+        per_site = _site_metrics(records)
+        sites_seen.update(per_site)
+        return _metric_record(run_log.site_train(per_site))
+
+    def evaluate_metrics(records: list[RecordDict], _weight_key: str) -> MetricRecord:
+        return _metric_record(run_log.site_evaluate(_site_metrics(records)))
+
+    def provenance(server_round: int) -> dict[str, Any]:
+        return {
+            "strategy": "FedAvg",
+            "round_of_weights": server_round,
+            "rounds_planned": config.num_server_rounds,
+            "sites": sorted(sites_seen),
+            "run_config": config.to_run_config(),
+        }
+
+    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        state = arrays.to_torch_state_dict()
+        save_state(run_dir / "checkpoints" / f"round-{server_round:03d}.pt", state)
+        if server_round == 0:
+            return None
+        if run_log.end_round(server_round):
+            write_bundle(run_dir / "model" / "best", state, model=config.model, pipeline=config.pipeline,
+                         provenance=provenance(server_round))  # fmt: skip
+        return None
+
+    strategy = FedAvg(
+        min_train_nodes=config.min_sites,
+        min_evaluate_nodes=config.min_sites,
+        min_available_nodes=config.min_sites,
+        train_metrics_aggr_fn=train_metrics,
+        evaluate_metrics_aggr_fn=evaluate_metrics,
+    )
+    t0 = time.perf_counter()
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(initial),
+        num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout_s,
+        train_config=ConfigRecord(config.round_settings(0).to_record()),
+        evaluate_config=ConfigRecord(config.round_settings(0).to_record()),
+        evaluate_fn=end_of_round,
+    )
+    final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else initial
+    write_bundle(run_dir / "model" / "final", final_state, model=config.model, pipeline=config.pipeline,
+                 provenance=provenance(config.num_server_rounds))  # fmt: skip
+    run_log.write()
+    run_log.plot()
+    log(INFO, "fedct: run finished in %.1fs; results in %s", time.perf_counter() - t0, run_dir)
+    return run_log
+
+
+def build_server_app(run_config_overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """The ServerApp; ``run_config_overrides`` stand in for the run config where Flower passes none
+    (in-process simulation)."""
+    overrides = dict(run_config_overrides or {})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, ServerConfig.from_run_config({**dict(context.run_config), **overrides}))
+
+    return app
+
+
+#: Entry point named in pyproject.toml ([tool.flwr.app.components] serverapp).
+app = build_server_app()

@@ -1,0 +1,351 @@
+"""Site ingestion: DICOM folder -> validated, labelled, split and cached studies, plus a report for hospital IT.
+
+Writes two files into the site's work folder (both stay at the site):
+
+- ``manifest.json``: what training reads (pseudonymous ids, labels, split, file lists for the loader);
+- ``ingest_report.json``: what was accepted and what was refused, file by file, with reason codes.
+
+The input folder is only read, never modified. Re-running with unchanged inputs reuses the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from preprocessing.cache import file_state_fingerprint, make_dataset
+from preprocessing.deid import Pseudonymizer, load_or_create_site_key
+from preprocessing.discover import Rejection, discover, iter_files
+from preprocessing.labels import DIAGNOSES, StudyLabel, read_labels
+from preprocessing.split import SplitConfig, assign_splits
+from preprocessing.transforms import PipelineConfig
+from preprocessing.validate import SeriesInvalid, ValidatedSeries, ValidationConfig, validate_series
+from preprocessing.volume import series_to_dict
+
+MANIFEST_NAME = "manifest.json"
+REPORT_NAME = "ingest_report.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StudyEntry:
+    """One accepted study as training sees it (no identifiers: pseudonyms only, plus site-local file paths)."""
+
+    id: str
+    patient: str
+    split: str
+    diagnosis: int | None
+    severe: int | None
+    time_days: float | None
+    age: float | None
+    sex: str | None
+    series: dict[str, Any]
+    content: str
+
+    def item(self) -> dict[str, Any]:
+        """Dataset item for :func:`preprocessing.cache.make_dataset`; ``label`` is -1 when unknown."""
+        return {
+            "image": self.series,
+            "content": self.content,
+            "label": -1 if self.diagnosis is None else self.diagnosis,
+            "id": self.id,
+        }
+
+
+@dataclass(frozen=True)
+class SiteManifest:
+    """The accepted studies of a site for one pipeline configuration."""
+
+    site_dir: str
+    pipeline_fingerprint: str
+    input_fingerprint: str
+    studies: tuple[StudyEntry, ...]
+    n_rejected: int = 0
+    class_names: tuple[str, ...] = field(default=DIAGNOSES)
+
+    def split(self, name: str, *, labelled_only: bool = True) -> list[StudyEntry]:
+        """Studies of one split ('train', 'val', 'test'); by default only those with a diagnosis."""
+        return [s for s in self.studies if s.split == name and (s.diagnosis is not None or not labelled_only)]
+
+
+class SiteNotPrepared(RuntimeError):
+    """The site folder has no manifest for this pipeline, or its inputs changed since."""
+
+
+def input_fingerprint(dicom_dir: Path, labels_csv: Path | None, pipeline: PipelineConfig, split: SplitConfig) -> str:
+    """Hash of every input file's state, the labels file, the pipeline and the split settings."""
+    digest = hashlib.sha256()
+    for path in iter_files(Path(dicom_dir)):
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    if labels_csv is not None:
+        digest.update(Path(labels_csv).read_bytes())
+    digest.update(pipeline.fingerprint().encode())
+    digest.update(json.dumps(asdict(split), sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def _series_folder(series_paths: tuple[str, ...] | list[str], root: Path) -> str:
+    common = os.path.commonpath(list(series_paths))
+    folder = Path(common) if Path(common).is_dir() else Path(common).parent
+    return str(folder.relative_to(root))
+
+
+def _rel(path: str, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return path
+
+
+def _cache_one(args: tuple[dict[str, Any], PipelineConfig, str]) -> tuple[str, str | None, str | None, str | None]:
+    """Worker: compute and cache the deterministic pipeline for one item; return (id, reason, message, path)."""
+    item, pipeline, site_dir = args
+    try:
+        make_dataset([item], pipeline, Path(site_dir), augment=False)[0]
+    except SeriesInvalid as exc:
+        return item["id"], exc.reason, exc.message, exc.path
+    except Exception as exc:  # a transform failure is reported, never fatal for the other series
+        cause = exc.__cause__ if isinstance(exc.__cause__, SeriesInvalid) else None
+        for inner in (exc, exc.__cause__, exc.__context__):
+            if isinstance(inner, SeriesInvalid):
+                cause = inner
+        if cause is not None:
+            return item["id"], cause.reason, cause.message, cause.path
+        return item["id"], "preprocessing_failed", f"{type(exc).__name__}: {exc}", None
+    return item["id"], None, None, None
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def ingest_site(
+    dicom_dir: Path,
+    site_dir: Path,
+    *,
+    labels_csv: Path | None = None,
+    pipeline: PipelineConfig | None = None,
+    split: SplitConfig | None = None,
+    validation: ValidationConfig | None = None,
+    workers: int = 2,
+    progress: bool = False,
+) -> SiteManifest:
+    """Scan, validate, label, split and cache one site's DICOM folder; write manifest and report."""
+    t0 = time.perf_counter()
+    dicom_dir = Path(dicom_dir).resolve()
+    site_dir = Path(site_dir).resolve()
+    pipeline = pipeline or PipelineConfig()
+    split = split or SplitConfig()
+    if not dicom_dir.is_dir():
+        raise FileNotFoundError(f"DICOM input folder does not exist: {dicom_dir}")
+    site_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(site_dir, os.W_OK):
+        raise PermissionError(f"site folder is not writable: {site_dir}")
+    if site_dir == dicom_dir or dicom_dir in site_dir.parents:
+        raise ValueError(f"site folder {site_dir} must not be inside the DICOM input folder {dicom_dir} (inputs stay untouched)")
+
+    pseudonym = Pseudonymizer(load_or_create_site_key(site_dir))
+    labels: dict[str, StudyLabel] = read_labels(labels_csv) if labels_csv is not None else {}
+    fingerprint = input_fingerprint(dicom_dir, labels_csv, pipeline, split)
+
+    found = discover(dicom_dir, progress=progress)
+    rejected: list[Rejection] = [Rejection(r.path, r.reason, r.message) for r in found.rejected]
+
+    validated: list[ValidatedSeries] = []
+    for uid, headers in found.series.items():
+        try:
+            validated.append(validate_series(headers, config=validation))
+        except SeriesInvalid as exc:
+            rejected.append(
+                Rejection(
+                    _rel(exc.path, dicom_dir) if exc.path else _series_folder([h.path for h in headers], dicom_dir),
+                    exc.reason,
+                    f"series {pseudonym('series', uid)} ({len(headers)} files) refused: {exc.message}",
+                )
+            )
+
+    # One series per study: the one with the most slices (the thinnest reconstruction).
+    by_study: dict[str, list[ValidatedSeries]] = defaultdict(list)
+    for series in validated:
+        by_study[series.StudyInstanceUID].append(series)
+    chosen: list[ValidatedSeries] = []
+    for study_uid, candidates in sorted(by_study.items()):
+        candidates.sort(key=lambda s: (-len(s.paths), s.SeriesInstanceUID))
+        chosen.append(candidates[0])
+        for extra in candidates[1:]:
+            rejected.append(
+                Rejection(
+                    _series_folder(extra.paths, dicom_dir),
+                    "additional_series",
+                    f"study {pseudonym('study', study_uid)} already uses series {pseudonym('series', candidates[0].SeriesInstanceUID)}"
+                    f" ({len(candidates[0].paths)} slices); this one ({len(extra.paths)} slices) is not used",
+                )
+            )
+
+    if labels_csv is not None:
+        labelled = []
+        for series in chosen:
+            if series.StudyInstanceUID in labels:
+                labelled.append(series)
+            else:
+                rejected.append(
+                    Rejection(_series_folder(series.paths, dicom_dir), "no_label", "StudyInstanceUID not found in the labels file")
+                )
+        chosen = labelled
+
+    # Split by patient, stratified by the diagnosis of the patient's first study.
+    strata: dict[str, int | None] = {}
+    for series in chosen:
+        patient = pseudonym("patient", series.PatientID or series.StudyInstanceUID)
+        label = labels.get(series.StudyInstanceUID)
+        strata.setdefault(patient, label.diagnosis if label else None)
+    split_of = assign_splits(strata, split)
+
+    entries: list[StudyEntry] = []
+    for series in chosen:
+        label = labels.get(series.StudyInstanceUID, StudyLabel(None, None, None, None, None))
+        patient = pseudonym("patient", series.PatientID or series.StudyInstanceUID)
+        entries.append(
+            StudyEntry(
+                id=pseudonym("study", series.StudyInstanceUID),
+                patient=patient,
+                split=split_of[patient],
+                diagnosis=label.diagnosis,
+                severe=label.severe,
+                time_days=label.time_days,
+                age=label.age,
+                sex=label.sex,
+                series=series_to_dict(series),
+                content=file_state_fingerprint(series.paths),
+            )
+        )
+
+    # Decode and cache, both cores; a series whose pixels fail is refused with the file that failed.
+    failures: dict[str, Rejection] = {}
+    jobs = [(e.item(), pipeline, str(site_dir)) for e in entries]
+    if jobs:
+        with ProcessPoolExecutor(max_workers=max(1, workers), initializer=_worker_init) as pool:
+            results = pool.map(_cache_one, jobs)
+            if progress:
+                from tqdm import tqdm
+
+                results = tqdm(results, total=len(jobs), desc="preprocess", unit="series", leave=False)
+            for study_id, reason, message, path in results:
+                if reason is not None:
+                    failures[study_id] = Rejection(_rel(path, dicom_dir) if path else "", reason, message or "")
+    series_of = {e.id: e for e in entries}
+    for study_id, rejection in failures.items():
+        entry = series_of[study_id]
+        path = rejection.path or _series_folder(entry.series["paths"], dicom_dir)
+        rejected.append(Rejection(path, rejection.reason, f"study {study_id} refused: {rejection.message}"))
+    entries = [e for e in entries if e.id not in failures]
+
+    manifest = SiteManifest(
+        site_dir=str(site_dir),
+        pipeline_fingerprint=pipeline.fingerprint(),
+        input_fingerprint=fingerprint,
+        studies=tuple(entries),
+        n_rejected=len(rejected),
+    )
+    _write_json(site_dir / MANIFEST_NAME, {"manifest_version": MANIFEST_VERSION, **asdict(manifest)})
+    _write_json(site_dir / REPORT_NAME, _report(found.n_files, entries, chosen, rejected, pipeline, time.perf_counter() - t0))
+    return manifest
+
+
+def _report(
+    n_files: int,
+    entries: list[StudyEntry],
+    chosen: list[ValidatedSeries],
+    rejected: list[Rejection],
+    pipeline: PipelineConfig,
+    seconds: float,
+) -> dict[str, Any]:
+    dropped_of = {series.SeriesInstanceUID: series.dropped for series in chosen}
+    accepted = []
+    for e in entries:
+        s = e.series
+        accepted.append(
+            {
+                "id": e.id,
+                "split": e.split,
+                "diagnosis": None if e.diagnosis is None else DIAGNOSES[e.diagnosis],
+                "slices": len(s["paths"]),
+                "shape": [s["Columns"], s["Rows"], len(s["paths"])],
+                "spacing_mm": [s["PixelSpacing"][1], s["PixelSpacing"][0], round(s["slice_step_mm"], 4)],
+                "transfer_syntaxes": list(s["transfer_syntaxes"]),
+                "dropped": [asdict(d) for d in dropped_of.get(s["SeriesInstanceUID"], ())],
+            }
+        )
+    return {
+        "pipeline": pipeline.to_dict(),
+        "files_scanned": n_files,
+        "seconds": round(seconds, 2),
+        "counts": {
+            "accepted": len(accepted),
+            "rejected": len(rejected),
+            "by_reason": dict(Counter(r.reason for r in rejected)),
+            "by_split": dict(Counter(e.split for e in entries)),
+            "by_diagnosis": dict(Counter("unlabelled" if e.diagnosis is None else DIAGNOSES[e.diagnosis] for e in entries)),
+        },
+        "accepted": accepted,
+        "rejected": [asdict(r) for r in rejected],
+    }
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False))
+    tmp.replace(path)
+
+
+def load_manifest(site_dir: Path, pipeline: PipelineConfig) -> SiteManifest:
+    """Read ``manifest.json``; raise :class:`SiteNotPrepared` when absent or made with another pipeline."""
+    path = Path(site_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise SiteNotPrepared(f"no {MANIFEST_NAME} in {site_dir}: run `fedct ingest` for this site first")
+    raw = json.loads(path.read_text())
+    if raw.get("manifest_version") != MANIFEST_VERSION:
+        raise SiteNotPrepared(f"{path} has manifest version {raw.get('manifest_version')}, expected {MANIFEST_VERSION}")
+    if raw["pipeline_fingerprint"] != pipeline.fingerprint():
+        raise SiteNotPrepared(
+            f"{path} was prepared with pipeline {raw['pipeline_fingerprint']}, this run uses {pipeline.fingerprint()}"
+        )
+    studies = tuple(StudyEntry(**s) for s in raw["studies"])
+    return SiteManifest(
+        site_dir=raw["site_dir"],
+        pipeline_fingerprint=raw["pipeline_fingerprint"],
+        input_fingerprint=raw["input_fingerprint"],
+        studies=studies,
+        n_rejected=raw.get("n_rejected", 0),
+        class_names=tuple(raw.get("class_names", DIAGNOSES)),
+    )
+
+
+def prepare_site(
+    dicom_dir: Path,
+    site_dir: Path,
+    *,
+    labels_csv: Path | None,
+    pipeline: PipelineConfig,
+    split: SplitConfig | None = None,
+    workers: int = 2,
+) -> SiteManifest:
+    """The site's manifest for this pipeline: reused when inputs are unchanged, otherwise (re)ingested."""
+    split = split or SplitConfig()
+    try:
+        manifest = load_manifest(site_dir, pipeline)
+        if manifest.input_fingerprint == input_fingerprint(Path(dicom_dir).resolve(), labels_csv, pipeline, split):
+            return manifest
+    except SiteNotPrepared:
+        pass
+    return ingest_site(dicom_dir, site_dir, labels_csv=labels_csv, pipeline=pipeline, split=split, workers=workers)
