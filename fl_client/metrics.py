@@ -31,7 +31,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: S
         metrics.update({f"auc-{name}": math.nan for name in class_names})
         return metrics
     predicted = probs.argmax(axis=1)
-    metrics["loss"] = float(log_loss(labels, np.clip(probs, 1e-7, 1.0), labels=list(range(n_classes))))
+    metrics["loss"] = float(log_loss(labels, probs / probs.sum(axis=1, keepdims=True), labels=list(range(n_classes))))
     metrics["accuracy"] = float(accuracy_score(labels, predicted))
     metrics["balanced-accuracy"] = float(balanced_accuracy_score(labels, predicted)) if len(set(labels)) > 1 else math.nan
     aucs = []
