@@ -73,7 +73,8 @@ def run_demo(options: DemoOptions) -> int:
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         print("   already there (same sites, patients and seed): reused")
     else:
-        summary = write_federation(data_root, sites=options.sites, patients_per_site=options.patients_per_site, seed=options.seed)
+        summary = write_federation(data_root, sites=options.sites, patients_per_site=options.patients_per_site, seed=options.seed,
+                                   overwrite=True)
         for site in summary.sites:
             print(f"   {site.name}: {site.n_patients} patients, {site.n_files} DICOM files, {dict(sorted(site.class_counts.items()))}")
         marker.write_text(json.dumps(wanted))

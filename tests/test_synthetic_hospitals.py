@@ -1,0 +1,243 @@
+"""synthetic.hospitals: a small federation written to disk and read back with pydicom."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from synthetic.hospitals import (
+    FOLLOW_UP_DAYS,
+    FederationSummary,
+    SiteProfile,
+    _draw_case,
+    default_profiles,
+    write_federation,
+)
+from synthetic.phantom import DIAGNOSES
+
+N_SITES = 2
+PATIENTS = 4
+
+
+def _small_profiles(n: int = N_SITES) -> list[SiteProfile]:
+    """The default profiles with 48x48 images of 7 mm pixels (whole chest in view, fast to write)."""
+    return [replace(p, rows=48, pixel_spacing_mm=7.0) for p in default_profiles(n)]
+
+
+def _write(out: Path, seed: int, **kwargs: object) -> FederationSummary:
+    return write_federation(out, sites=N_SITES, patients_per_site=PATIENTS, seed=seed,
+                            profiles=_small_profiles(), **kwargs)  # type: ignore[arg-type]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _labels(site_dir: Path) -> list[dict[str, str]]:
+    with (site_dir / "labels.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> tuple[FederationSummary, list[str]]:
+    messages: list[str] = []
+    summary = _write(tmp_path_factory.mktemp("fed") / "federation", seed=7, progress=messages.append)
+    return summary, messages
+
+
+def test_summary_and_layout(federation: tuple[FederationSummary, list[str]]) -> None:
+    summary, messages = federation
+    profiles = _small_profiles()
+    assert [s.name for s in summary.sites] == ["site-0", "site-1"]
+    for site, profile in zip(summary.sites, profiles):
+        site_dir = summary.root / site.name
+        assert site.n_patients == max(4, round(PATIENTS * profile.patient_factor))
+        assert sum(site.class_counts.values()) == site.n_patients
+        assert set(site.class_counts) == set(DIAGNOSES)
+        files = sorted((site_dir / "dicom").rglob("*.dcm"))
+        assert len(files) == site.n_files == site.n_patients * round(160 / profile.slice_thickness_mm)
+        studies = sorted(p.name for p in (site_dir / "dicom").iterdir())
+        assert studies == [f"study-{k:04d}" for k in range(1, site.n_patients + 1)]
+        assert site.seconds >= 0
+        with (site_dir / "labels.csv").open() as fh:
+            assert fh.readline().strip() == "StudyInstanceUID,diagnosis,severe,time_days,age,sex"
+    assert len(messages) == sum(s.n_patients for s in summary.sites)
+
+
+def test_labels_match_studies_and_are_valid(federation: tuple[FederationSummary, list[str]]) -> None:
+    summary, _ = federation
+    for site in summary.sites:
+        site_dir = summary.root / site.name
+        labels = _labels(site_dir)
+        study_uids = {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID
+                      for p in (site_dir / "dicom").rglob("IM0001.dcm")}
+        assert {row["StudyInstanceUID"] for row in labels} == study_uids
+        assert len(labels) == site.n_patients
+        counts = {d: sum(row["diagnosis"] == d for row in labels) for d in DIAGNOSES}
+        assert counts == site.class_counts
+        for row in labels:
+            assert row["diagnosis"] in DIAGNOSES
+            assert row["severe"] in ("0", "1")
+            assert 1 <= int(row["time_days"]) <= FOLLOW_UP_DAYS
+            if row["severe"] == "0":
+                assert int(row["time_days"]) >= 3  # censored, at the earliest on day 3
+            assert 25 <= int(row["age"]) <= 90
+            assert row["sex"] in ("M", "F")
+
+
+def test_series_uids_geometry_and_phi(federation: tuple[FederationSummary, list[str]]) -> None:
+    summary, _ = federation
+    profiles = {p.name: p for p in _small_profiles()}
+    labels = {row["StudyInstanceUID"]: row for s in summary.sites for row in _labels(summary.root / s.name)}
+    all_sop: set[str] = set()
+    for site in summary.sites:
+        profile = profiles[site.name]
+        for series_dir in sorted((summary.root / site.name / "dicom").glob("study-*/*")):
+            datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(series_dir.glob("*.dcm"))]
+            assert len({ds.SeriesInstanceUID for ds in datasets}) == 1
+            assert len({ds.StudyInstanceUID for ds in datasets}) == 1
+            sops = {ds.SOPInstanceUID for ds in datasets}
+            assert len(sops) == len(datasets) and not sops & all_sop
+            all_sop |= sops
+            by_z = sorted(datasets, key=lambda ds: float(ds.ImagePositionPatient[2]))
+            z = np.array([float(ds.ImagePositionPatient[2]) for ds in by_z])
+            np.testing.assert_allclose(np.diff(z), profile.slice_thickness_mm, atol=1e-4)
+            numbers = [int(ds.InstanceNumber) for ds in by_z]
+            expected = list(range(len(by_z), 0, -1)) if profile.reverse_slice_order else list(range(1, len(by_z) + 1))
+            assert numbers == expected
+            first = datasets[0]
+            assert [float(v) for v in first.PixelSpacing] == [7.0, 7.0]
+            assert [float(v) for v in first.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+            assert (first.Rows, first.Columns) == (48, 48)
+            assert float(first.SliceThickness) == profile.slice_thickness_mm
+            # fake PHI is present, consistent with labels.csv, and absent from folder and file names
+            name, pid = str(first.PatientName), str(first.PatientID)
+            assert name.startswith("SYNTH^PATIENT") and pid
+            row = labels[first.StudyInstanceUID]
+            assert first.PatientSex == row["sex"] and first.PatientAge == f"{int(row['age']):03d}Y"
+            birth = dt.datetime.strptime(first.PatientBirthDate, "%Y%m%d").date()
+            study = dt.datetime.strptime(first.StudyDate, "%Y%m%d").date()
+            age = study.year - birth.year - ((study.month, study.day) < (birth.month, birth.day))
+            assert age == int(row["age"])
+            assert first.AccessionNumber
+            rel = str(series_dir.relative_to(summary.root))
+            for secret in (name, name.split("^")[-1], pid, first.PatientBirthDate, first.AccessionNumber,
+                           first.StudyDate):
+                assert secret not in rel
+                assert all(secret not in p.name for p in series_dir.iterdir())
+
+
+def test_sites_differ(federation: tuple[FederationSummary, list[str]]) -> None:
+    summary, _ = federation
+    headers = [pydicom.dcmread(next((summary.root / s.name / "dicom").rglob("IM0001.dcm"))) for s in summary.sites]
+    a, b = headers
+    assert a.Manufacturer != b.Manufacturer
+    assert float(a.SliceThickness) != float(b.SliceThickness)
+    assert float(a.RescaleIntercept) != float(b.RescaleIntercept)
+    assert a.PixelRepresentation != b.PixelRepresentation
+    assert a.InstitutionName != b.InstitutionName
+
+
+def test_hu_read_back_per_site(federation: tuple[FederationSummary, list[str]]) -> None:
+    """Whatever a site's storage convention, rescaled pixels give air near -1000 and lungs near -850."""
+    summary, _ = federation
+    for site in summary.sites:
+        series_dir = next((summary.root / site.name / "dicom").glob("study-*/*"))
+        datasets = [pydicom.dcmread(p) for p in sorted(series_dir.glob("*.dcm"))]
+        hu = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in datasets])
+        assert float(np.median(hu[:, :2, :2])) == pytest.approx(-1000.0, abs=25.0)
+        lung_like = hu[(hu > -950) & (hu < -700)]
+        assert lung_like.size > 0.03 * hu.size
+        assert -900.0 < float(np.median(lung_like)) < -800.0
+
+
+def test_same_seed_identical_bytes_other_seed_different(
+    federation: tuple[FederationSummary, list[str]], tmp_path: Path
+) -> None:
+    summary, _ = federation
+    again = _write(tmp_path / "again", seed=7)
+    original = _files(summary.root)
+    assert _files(again.root) == original
+    other = _write(tmp_path / "other", seed=8)
+    other_files = _files(other.root)
+    assert other_files["site-0/labels.csv"] != original["site-0/labels.csv"]
+    common = set(original) & set(other_files)
+    assert common and all(original[k] != other_files[k] for k in common if k.endswith(".dcm"))
+
+
+def test_default_profiles() -> None:
+    three = default_profiles(3)
+    assert default_profiles(3) == three
+    assert [p.name for p in three] == ["site-0", "site-1", "site-2"]
+    for attribute in ("manufacturer", "slice_thickness_mm", "rescale_intercept", "class_prevalence", "noise_hu"):
+        assert len({getattr(p, attribute) for p in three}) == 3, attribute
+    many = default_profiles(9)
+    assert len(set(many)) == 9
+    for p in many:
+        assert 1.0 <= p.slice_thickness_mm <= 5.0
+        assert 2.5 <= p.pixel_spacing_mm <= 3.2
+        assert 8.0 <= p.noise_hu <= 35.0
+        assert p.rows == 128
+        assert math.isclose(sum(p.class_prevalence), 1.0)
+        assert (p.rescale_intercept == -1024.0) == (p.pixel_representation == 0)
+    assert any(p.reverse_slice_order for p in three) and not all(p.reverse_slice_order for p in three)
+
+
+def test_prognosis_hazard_increases_with_burden_age_and_disease() -> None:
+    def severe_rate(diagnosis: str, *, old: bool | None = None) -> float:
+        cases = [_draw_case(np.random.default_rng([99, k]), k, diagnosis) for k in range(2000)]
+        if old is not None:
+            cases = [c for c in cases if (c.age >= 65) == old]
+        return float(np.mean([c.severe for c in cases]))
+
+    covid, pneumonia, normal = severe_rate("covid"), severe_rate("other_pneumonia"), severe_rate("normal")
+    assert covid > pneumonia > normal
+    assert severe_rate("covid", old=True) > severe_rate("covid", old=False)
+    cases = [_draw_case(np.random.default_rng([5, k]), k, "covid") for k in range(2000)]
+    burdens = np.array([c.burden for c in cases])
+    severe = np.array([c.severe for c in cases])
+    assert 0.05 <= burdens.min() and burdens.max() <= 0.6
+    assert severe[burdens > np.median(burdens)].mean() > severe[burdens <= np.median(burdens)].mean() + 0.1
+    assert any(c.severe == 0 and c.time_days < FOLLOW_UP_DAYS for c in cases)  # some censored early
+
+
+def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
+    out = tmp_path / "fed"
+    profiles = [replace(p, rows=16, pixel_spacing_mm=22.0, slice_thickness_mm=20.0) for p in default_profiles(1)]
+    write_federation(out, sites=1, patients_per_site=1, seed=0, profiles=profiles)
+    (out / "site-0" / "stale.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="site-0"):
+        write_federation(out, sites=1, patients_per_site=1, seed=0, profiles=profiles)
+    summary = write_federation(out, sites=1, patients_per_site=1, seed=0, profiles=profiles, overwrite=True)
+    assert not (out / "site-0" / "stale.txt").exists()
+    assert summary.sites[0].n_patients == 4  # at least four patients per site
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"sites": 0}, "0"),
+        ({"patients_per_site": -3}, "-3"),
+        ({"seed": -1}, "-1"),
+        ({"profiles": default_profiles(1)}, "sites=2"),
+    ],
+)
+def test_bad_arguments(tmp_path: Path, kwargs: dict[str, object], named: str) -> None:
+    arguments: dict[str, object] = {"sites": 2, "patients_per_site": 4, "seed": 0}
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=named):
+        write_federation(tmp_path / "fed", **arguments)  # type: ignore[arg-type]
+    assert not (tmp_path / "fed").exists()
+
+
+def test_bad_profile_value_is_named(tmp_path: Path) -> None:
+    profiles = [replace(default_profiles(1)[0], slice_thickness_mm=0.0)]
+    with pytest.raises(ValueError, match="slice_thickness_mm"):
+        write_federation(tmp_path / "fed", sites=1, patients_per_site=4, seed=0, profiles=profiles)

@@ -1,0 +1,153 @@
+"""synthetic.phantom: anatomy and lesion HU ranges, determinism, speed, argument checks."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from synthetic.phantom import DIAGNOSES, chest_phantom
+
+# 64 x 64 pixels of 5.5 mm and 40 slices of 4 mm cover a whole 350 mm x 160 mm chest, cheaply.
+SMALL = dict(shape=(40, 64, 64), pixel_spacing_mm=(5.5, 5.5), slice_spacing_mm=4.0)
+
+
+def _phantom(diagnosis: str, burden: float, seed: int, noise_hu: float = 0.0) -> np.ndarray:
+    return chest_phantom(diagnosis=diagnosis, burden=burden, noise_hu=noise_hu,
+                         rng=np.random.default_rng(seed), **SMALL)  # type: ignore[arg-type]
+
+
+def _lung_mask(normal: np.ndarray) -> np.ndarray:
+    """Lung voxels of a noise-free normal phantom (its anatomy depends only on the seed, not the diagnosis)."""
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    body = np.stack([ndimage.binary_fill_holes(s) for s in normal > -300.0])
+    interior = ndimage.binary_erosion(body, structure=in_plane, iterations=2)  # drop the blurred skin edge
+    return interior & (normal > -950.0) & (normal < -650.0)
+
+
+def test_diagnoses_order() -> None:
+    assert DIAGNOSES == ("covid", "other_pneumonia", "normal")
+
+
+def test_shape_dtype_and_anatomy_ranges() -> None:
+    vol = _phantom("normal", 0.0, seed=1)
+    assert vol.shape == (40, 64, 64) and vol.dtype == np.float32
+    assert np.all(np.isfinite(vol))
+    corners = vol[:, :3, :3]
+    np.testing.assert_allclose(corners, -1000.0, atol=1.0)  # air outside the body
+    lung = _lung_mask(vol)
+    assert 0.05 < lung.mean() < 0.3
+    assert -880.0 < float(np.median(vol[lung])) < -800.0  # lungs near -850 HU
+    centre = vol[:, 26:38, 26:38]
+    assert np.any(np.abs(centre - 40.0) < 15.0)  # heart / mediastinum soft tissue
+    assert float(vol.max()) > 450.0  # spine and ribs
+    assert np.any((vol > -130.0) & (vol < -70.0))  # subcutaneous fat
+    # the spine is posterior (high row index): midline bone lies mostly in the posterior half
+    midline_bone = (vol > 300.0)[:, :, 28:36]
+    assert midline_bone[:, 32:].sum() > 5 * midline_bone[:, :32].sum()
+    # the heart is anterior and slightly to the patient's left (+x, high column index)
+    soft = (np.abs(vol - 42.0) < 10.0)[:, 12:32, 16:48]
+    assert soft[:, :, 16:].sum() > soft[:, :, :16].sum()
+
+
+def test_noise_level() -> None:
+    vol = _phantom("normal", 0.0, seed=2, noise_hu=20.0)
+    air = vol[:, :4, :4]
+    assert float(air.std()) == pytest.approx(20.0, rel=0.15)
+    assert float(air.mean()) == pytest.approx(-1000.0, abs=2.0)
+
+
+def test_deterministic_for_a_seed() -> None:
+    a = _phantom("covid", 0.3, seed=5, noise_hu=10.0)
+    b = _phantom("covid", 0.3, seed=5, noise_hu=10.0)
+    c = _phantom("covid", 0.3, seed=6, noise_hu=10.0)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_diseased_lungs_are_denser_than_normal(seed: int) -> None:
+    normal = _phantom("normal", 0.0, seed)
+    lung = _lung_mask(normal)
+    covid = _phantom("covid", 0.5, seed)
+    pneumonia = _phantom("other_pneumonia", 0.5, seed)
+    assert covid[lung].mean() > normal[lung].mean() + 40.0
+    assert pneumonia[lung].mean() > normal[lung].mean() + 150.0
+
+
+def test_covid_is_bilateral_peripheral_ground_glass_with_lower_predominance() -> None:
+    lower, upper, left, right, dense = 0.0, 0.0, 0, 0, 0
+    for seed in range(4):
+        normal = _phantom("normal", 0.0, seed)
+        lung = _lung_mask(normal)
+        covid = _phantom("covid", 0.4, seed)
+        ggo = lung & (covid > -650.0) & (covid < -250.0) & (covid - normal > 150.0)
+        lower += ggo[:20].sum() / max(1, lung[:20].sum())
+        upper += ggo[20:].sum() / max(1, lung[20:].sum())
+        right += int(ggo[:, :, :32].sum())
+        left += int(ggo[:, :, 32:].sum())
+        dense += int((lung & (covid > -150.0) & (covid - normal > 300.0)).sum())
+    assert lower > 1.3 * upper
+    assert min(left, right) > 0.25 * max(left, right)  # both lungs involved
+    assert dense < 0.05 * (left + right)  # ground glass, not consolidation
+
+
+def test_other_pneumonia_is_mostly_unilateral_consolidation() -> None:
+    unilateral = 0
+    for seed in range(5):
+        normal = _phantom("normal", 0.0, seed)
+        lung = _lung_mask(normal)
+        pneumonia = _phantom("other_pneumonia", 0.4, seed)
+        cons = lung & (pneumonia > -150.0)
+        assert cons.sum() > 0.15 * lung.sum()
+        assert -130.0 < float(pneumonia[cons].mean()) < 70.0
+        sides = sorted([cons[:, :, :32].sum() / lung[:, :, :32].sum(), cons[:, :, 32:].sum() / lung[:, :, 32:].sum()])
+        unilateral += int(sides[0] < 0.05)
+    assert unilateral >= 3
+
+
+def test_normal_has_no_large_lesions_and_ignores_burden() -> None:
+    for seed in range(3):
+        normal = _phantom("normal", 0.0, seed)
+        assert np.array_equal(normal, _phantom("normal", 0.7, seed))  # burden is ignored for normal scans
+        lung = _lung_mask(normal)
+        region = np.stack([ndimage.binary_fill_holes(s) for s in lung])  # lungs including what lies inside
+        covid = _phantom("covid", 0.5, seed)
+        # dense lung voxels are rare in normal scans (vessels, a thin dependent band, maybe a nodule)
+        assert (normal[region] > -500.0).mean() < 0.03
+        assert (covid[region] > -700.0).mean() > 0.25
+        assert -870.0 < float(np.median(normal[lung])) < -830.0
+
+
+def test_fast_enough() -> None:
+    kwargs = dict(shape=(48, 128, 128), pixel_spacing_mm=(2.8, 2.8), slice_spacing_mm=160 / 48, noise_hu=15.0)
+    best = float("inf")
+    for seed in range(2):
+        start = time.perf_counter()
+        chest_phantom(diagnosis="covid", burden=0.5, rng=np.random.default_rng(seed), **kwargs)  # type: ignore[arg-type]
+        best = min(best, time.perf_counter() - start)
+    assert best < 0.5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"diagnosis": "flu"}, "'flu'"),
+        ({"burden": 1.5}, "1.5"),
+        ({"burden": -0.1}, "-0.1"),
+        ({"pixel_spacing_mm": (0.0, 2.0)}, "(0.0, 2.0)"),
+        ({"slice_spacing_mm": -2.0}, "-2.0"),
+        ({"noise_hu": -1.0}, "-1.0"),
+        ({"shape": (0, 8, 8)}, "(0, 8, 8)"),
+    ],
+)
+def test_bad_arguments(overrides: dict[str, object], named: str) -> None:
+    kwargs: dict[str, object] = dict(shape=(4, 8, 8), pixel_spacing_mm=(2.0, 2.0), slice_spacing_mm=2.0,
+                                     diagnosis="normal", burden=0.0, noise_hu=0.0, rng=np.random.default_rng(0))
+    kwargs.update(overrides)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        chest_phantom(**kwargs)  # type: ignore[arg-type]
