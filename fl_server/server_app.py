@@ -45,10 +45,12 @@ def run_federation(grid: Grid, config: ServerConfig) -> RunLog:
     torch.manual_seed(config.seed)
     initial = {k: v.detach().clone() for k, v in build_model(config.model).state_dict().items()}
     sites_seen: set[str] = set()
+    trained_this_round: list[str] = []
 
     def train_metrics(records: list[RecordDict], _weight_key: str) -> MetricRecord:
         per_site = _site_metrics(records)
         sites_seen.update(per_site)
+        trained_this_round[:] = sorted(per_site)
         return _metric_record(run_log.site_train(per_site))
 
     def evaluate_metrics(records: list[RecordDict], _weight_key: str) -> MetricRecord:
@@ -68,6 +70,12 @@ def run_federation(grid: Grid, config: ServerConfig) -> RunLog:
         save_state(run_dir / "checkpoints" / f"round-{server_round:03d}.pt", state)
         if server_round == 0:
             return None
+        if not trained_this_round:
+            raise RuntimeError(
+                f"round {server_round}: no site returned a trained model (all failed or timed out); "
+                "the sites' logs say why. Stopping instead of repeating an empty round."
+            )
+        trained_this_round.clear()
         if run_log.end_round(server_round):
             write_bundle(run_dir / "model" / "best", state, model=config.model, pipeline=config.pipeline,
                          provenance=provenance(server_round))  # fmt: skip

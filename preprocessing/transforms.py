@@ -27,7 +27,7 @@ from monai.transforms import (
 from preprocessing.volume import LoadCTSeriesd
 
 #: Bump when the meaning of the transforms changes, so caches and models made before are recognised as stale.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,15 @@ def deterministic_transforms(cfg: PipelineConfig, *, key: str = "image") -> list
         LoadCTSeriesd(keys=key),
         Orientationd(keys=key, axcodes="RAS", labels=None),
         Spacingd(keys=key, pixdim=cfg.target_spacing_mm, mode="bilinear", padding_mode="border"),
-        CropForegroundd(keys=key, source_key=key, select_fn=AboveThreshold(cfg.body_threshold_hu), margin=2, allow_smaller=True),
+        CropForegroundd(
+            keys=key,
+            source_key=key,
+            select_fn=AboveThreshold(cfg.body_threshold_hu),
+            margin=2,
+            allow_smaller=True,
+            start_coord_key=None,
+            end_coord_key=None,
+        ),
         ScaleIntensityRanged(keys=key, a_min=cfg.hu_min, a_max=cfg.hu_max, b_min=0.0, b_max=1.0, clip=True),
         ResizeWithPadOrCropd(keys=key, spatial_size=cfg.input_size, mode="constant", value=0.0),
         EnsureTyped(keys=key, dtype=torch.float32, track_meta=False),
