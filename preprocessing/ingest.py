@@ -148,11 +148,11 @@ def ingest_site(
     split = split or SplitConfig()
     if not dicom_dir.is_dir():
         raise FileNotFoundError(f"DICOM input folder does not exist: {dicom_dir}")
+    if site_dir == dicom_dir or dicom_dir in site_dir.parents:  # checked before mkdir: inputs stay untouched
+        raise ValueError(f"site folder {site_dir} must not be inside the DICOM input folder {dicom_dir} (inputs stay untouched)")
     site_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(site_dir, os.W_OK):
         raise PermissionError(f"site folder is not writable: {site_dir}")
-    if site_dir == dicom_dir or dicom_dir in site_dir.parents:
-        raise ValueError(f"site folder {site_dir} must not be inside the DICOM input folder {dicom_dir} (inputs stay untouched)")
 
     pseudonym = Pseudonymizer(load_or_create_site_key(site_dir))
     labels: dict[str, StudyLabel] = read_labels(labels_csv) if labels_csv is not None else {}
@@ -258,7 +258,7 @@ def ingest_site(
         n_rejected=len(rejected),
     )
     _write_json(site_dir / MANIFEST_NAME, {"manifest_version": MANIFEST_VERSION, **asdict(manifest)})
-    _write_json(site_dir / REPORT_NAME, _report(found.n_files, entries, chosen, rejected, pipeline, time.perf_counter() - t0))
+    _write_json(site_dir / REPORT_NAME, _report(found.n_files, entries, chosen, rejected, pipeline, time.perf_counter() - t0, dicom_dir))
     return manifest
 
 
@@ -269,6 +269,7 @@ def _report(
     rejected: list[Rejection],
     pipeline: PipelineConfig,
     seconds: float,
+    root: Path,
 ) -> dict[str, Any]:
     dropped_of = {series.SeriesInstanceUID: series.dropped for series in chosen}
     accepted = []
@@ -283,7 +284,7 @@ def _report(
                 "shape": [s["Columns"], s["Rows"], len(s["paths"])],
                 "spacing_mm": [s["PixelSpacing"][1], s["PixelSpacing"][0], round(s["slice_step_mm"], 4)],
                 "transfer_syntaxes": list(s["transfer_syntaxes"]),
-                "dropped": [asdict(d) for d in dropped_of.get(s["SeriesInstanceUID"], ())],
+                "dropped": [{**asdict(d), "path": _rel(d.path, root)} for d in dropped_of.get(s["SeriesInstanceUID"], ())],
             }
         )
     return {

@@ -44,7 +44,7 @@ def read_labels(path: Path) -> dict[str, StudyLabel]:
     path = Path(path)
     if not path.is_file():
         raise LabelsError(f"labels file not found: {path}")
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:  # "-sig": spreadsheet exports start with a BOM
         reader = csv.DictReader(fh)
         columns = reader.fieldnames or []
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]

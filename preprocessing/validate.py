@@ -194,8 +194,12 @@ def validate_series(headers: Sequence[InstanceHeader], *, config: ValidationConf
     if np.max(deviation) > cfg.spacing_tolerance:
         i = int(np.argmax(deviation))
         ratio = gaps[i] / median_gap
-        if ratio > 1.5 and abs(ratio - round(ratio)) <= cfg.spacing_tolerance * round(ratio):
-            missing = int(round(ratio)) - 1
+        multiple = round(ratio)
+        # A gap is "missing slices" only when it is close to a whole multiple of the spacing; past
+        # 0.5 / spacing_tolerance steps every gap would pass that test, so such a gap is just non-uniform.
+        tolerance = cfg.spacing_tolerance * multiple
+        if ratio > 1.5 and tolerance < 0.5 and abs(ratio - multiple) <= tolerance:
+            missing = int(multiple) - 1
             raise SeriesInvalid(
                 "missing_slices",
                 f"{missing} slice(s) missing between {along[i]:.2f} mm and {along[i + 1]:.2f} mm "

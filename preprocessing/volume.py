@@ -17,6 +17,7 @@ from monai.data import MetaTensor
 from monai.utils import MetaKeys, SpaceKeys
 from monai.transforms import MapTransform
 from pydicom.pixels import apply_modality_lut
+from pydicom.uid import UncompressedTransferSyntaxes
 
 from preprocessing.validate import SeriesInvalid, ValidatedSeries, slice_normal
 
@@ -37,6 +38,15 @@ def series_affine(series: ValidatedSeries) -> np.ndarray:
     return LPS_TO_RAS @ affine
 
 
+def _pixel_data_shortfall(ds: pydicom.Dataset) -> tuple[int, int] | None:
+    """``(bytes present, bytes needed)`` when uncompressed pixel data is absent or shorter than the image; else None."""
+    if str(ds.file_meta.get("TransferSyntaxUID", "")) not in UncompressedTransferSyntaxes:
+        return None  # encapsulated data: a truncated stream fails in its decoder
+    expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * int(ds.BitsAllocated) // 8
+    have = len(ds.PixelData) if "PixelData" in ds else 0
+    return (have, expected) if have < expected else None
+
+
 def read_hu_volume(series: ValidatedSeries) -> tuple[np.ndarray, np.ndarray]:
     """Decode all slices, apply the modality LUT (RescaleSlope/Intercept) and stack them.
 
@@ -49,10 +59,16 @@ def read_hu_volume(series: ValidatedSeries) -> tuple[np.ndarray, np.ndarray]:
     for k, path in enumerate(series.paths):
         try:
             ds = pydicom.dcmread(path)
-            pixels = ds.pixel_array
+            shortfall = _pixel_data_shortfall(ds)
+            pixels = None if shortfall else ds.pixel_array
         except Exception as exc:  # decoders raise many types; any of them means this slice is unusable
             reason = "truncated_pixel_data" if "PixelData" in str(exc) or "length" in str(exc).lower() else "unreadable"
             raise SeriesInvalid(reason, f"pixel data could not be decoded: {type(exc).__name__}: {exc}", path) from exc
+        if shortfall:
+            have, needed = shortfall
+            raise SeriesInvalid(
+                "truncated_pixel_data", f"PixelData holds {have} of the {needed} bytes Rows x Columns need: file truncated?", path
+            )
         if pixels.shape != (series.Rows, series.Columns):
             raise SeriesInvalid(
                 "inconsistent_geometry", f"decoded slice has shape {pixels.shape}, header says {(series.Rows, series.Columns)}", path
@@ -61,6 +77,9 @@ def read_hu_volume(series: ValidatedSeries) -> tuple[np.ndarray, np.ndarray]:
         expected = origin_along + k * series.slice_step_mm
         if abs(along - expected) > 0.05 * series.slice_step_mm:
             raise SeriesInvalid("inconsistent_geometry", f"slice at {along:.2f} mm, expected {expected:.2f} mm", path)
+        missing = [kw for kw in ("RescaleIntercept", "RescaleSlope") if ds.get(kw) in (None, "")]
+        if missing:  # apply_modality_lut would return the stored values unchanged, silently not HU
+            raise SeriesInvalid("missing_attribute", f"{', '.join(missing)} missing: stored values cannot be converted to HU", path)
         volume[:, :, k] = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32).T
     return volume, series_affine(series)
 
@@ -100,7 +119,11 @@ def as_series(value: ValidatedSeries | Mapping[str, Any]) -> ValidatedSeries:
 
 
 def series_to_dict(series: ValidatedSeries) -> dict[str, Any]:
-    """JSON-friendly form of a :class:`ValidatedSeries` (dropped-file records left out)."""
+    """JSON-friendly form of a :class:`ValidatedSeries` (dropped-file records left out).
+
+    Sequences are lists, as ``manifest.json`` reads them back: the dataset cache key hashes this dict,
+    so the form ingestion caches under must equal the form training loads.
+    """
     d = asdict(series)
     d["dropped"] = []
-    return d
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in d.items()}

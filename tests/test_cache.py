@@ -1,0 +1,151 @@
+"""Stage 5: the on-disk cache of the deterministic pipeline (MONAI PersistentDataset)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from preprocessing.cache import CACHE_FOLDER, cache_dir_for, file_state_fingerprint, make_dataset
+from preprocessing.discover import discover
+from preprocessing.transforms import PipelineConfig
+from preprocessing.validate import validate_series
+from preprocessing.volume import series_to_dict
+
+SMALL = PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(4.0, 4.0, 4.0))
+
+
+def _item(root: Path, label: int = 0) -> dict:
+    """A dataset item as ``StudyEntry.item()`` builds it, with the file-state fingerprint as content."""
+    [headers] = discover(root).series.values()
+    series = validate_series(headers)
+    return {
+        "image": series_to_dict(series),
+        "content": file_state_fingerprint(series.paths),
+        "label": label,
+        "id": "study-test",
+    }
+
+
+def _cached(cache_dir: Path) -> list[Path]:
+    return sorted(p for p in cache_dir.rglob("*") if p.is_file())
+
+
+def test_cache_folder_is_named_by_the_pipeline_fingerprint(tmp_path):
+    assert cache_dir_for(tmp_path, SMALL) == tmp_path / CACHE_FOLDER / SMALL.fingerprint()
+    other = dataclasses.replace(SMALL, hu_max=500.0)
+    assert cache_dir_for(tmp_path, other) != cache_dir_for(tmp_path, SMALL)
+
+
+def test_second_access_hits_the_cache(make_series, dicom_root, tmp_path):
+    make_series("a", n_slices=12)
+    site = tmp_path / "site"
+    item = _item(dicom_root)
+    cache_dir = cache_dir_for(site, SMALL)
+
+    first = make_dataset([item], SMALL, site, augment=False)[0]
+    after_first = _cached(cache_dir)
+    second = make_dataset([item], SMALL, site, augment=False)[0]
+
+    assert len(after_first) == 1
+    assert _cached(cache_dir) == after_first
+    assert tuple(first["image"].shape) == (1, 16, 16, 16)
+    assert torch.equal(first["image"], second["image"])
+    assert first["label"] == second["label"] == 0
+
+
+def test_cached_tensor_is_used_instead_of_the_dicom_files(make_series, dicom_root, tmp_path):
+    s = make_series("a", n_slices=12)
+    site = tmp_path / "site"
+    item = _item(dicom_root)
+    first = make_dataset([item], SMALL, site, augment=False)[0]
+
+    # With the same item the files are not read again: removing them does not matter.
+    for path in s.paths:
+        path.unlink()
+    again = make_dataset([item], SMALL, site, augment=False)[0]
+
+    assert torch.equal(first["image"], again["image"])
+
+
+def test_changed_file_gives_a_new_cache_entry(make_series, dicom_root, tmp_path):
+    s = make_series("a", n_slices=12)
+    site = tmp_path / "site"
+    cache_dir = cache_dir_for(site, SMALL)
+    before = _item(dicom_root)
+    make_dataset([before], SMALL, site, augment=False)[0]
+    assert len(_cached(cache_dir)) == 1
+
+    stat = s.paths[3].stat()
+    os.utime(s.paths[3], ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    after = _item(dicom_root)
+    make_dataset([after], SMALL, site, augment=False)[0]
+
+    assert after["content"] != before["content"]
+    assert len(_cached(cache_dir)) == 2
+
+
+def test_changed_label_gives_a_new_cache_entry(make_series, dicom_root, tmp_path):
+    make_series("a", n_slices=12)
+    site = tmp_path / "site"
+    cache_dir = cache_dir_for(site, SMALL)
+
+    make_dataset([_item(dicom_root, label=0)], SMALL, site, augment=False)[0]
+    out = make_dataset([_item(dicom_root, label=2)], SMALL, site, augment=False)[0]
+
+    assert len(_cached(cache_dir)) == 2
+    assert out["label"] == 2
+
+
+def test_other_pipeline_uses_another_cache_folder(make_series, dicom_root, tmp_path):
+    make_series("a", n_slices=12)
+    site = tmp_path / "site"
+    item = _item(dicom_root)
+    other = dataclasses.replace(SMALL, input_size=(16, 16, 24))
+
+    a = make_dataset([item], SMALL, site, augment=False)[0]
+    b = make_dataset([item], other, site, augment=False)[0]
+
+    assert tuple(a["image"].shape) == (1, 16, 16, 16)
+    assert tuple(b["image"].shape) == (1, 16, 16, 24)
+    assert len(_cached(cache_dir_for(site, SMALL))) == 1
+    assert len(_cached(cache_dir_for(site, other))) == 1
+    assert sorted(p.name for p in (site / CACHE_FOLDER).iterdir()) == sorted([SMALL.fingerprint(), other.fingerprint()])
+
+
+def test_augmented_dataset_caches_only_the_deterministic_part(make_series, dicom_root, tmp_path):
+    make_series("a", n_slices=12)
+    site = tmp_path / "site"
+    item = _item(dicom_root)
+    plain = make_dataset([item], SMALL, site, augment=False)[0]["image"]
+
+    augmented = make_dataset([item], SMALL, site, augment=True)
+    augmented.transform.set_random_state(seed=1)
+    outputs = [augmented[0]["image"] for _ in range(4)]
+
+    assert len(_cached(cache_dir_for(site, SMALL))) == 1  # same cache entry as without augmentation
+    assert all(tuple(o.shape) == tuple(plain.shape) for o in outputs)
+    assert any(not torch.equal(o, plain) for o in outputs)
+
+
+def test_file_state_fingerprint_changes_with_size_and_mtime(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    base = file_state_fingerprint([str(path)])
+
+    assert file_state_fingerprint([str(path)]) == base
+    os.utime(path, ns=(1_000_000_000, 2_000_000_000))
+    touched = file_state_fingerprint([str(path)])
+    assert touched != base
+    path.write_bytes(b"abcd")
+    os.utime(path, ns=(1_000_000_000, 2_000_000_000))
+    assert file_state_fingerprint([str(path)]) not in (base, touched)
+
+
+def test_file_state_fingerprint_of_a_missing_file_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        file_state_fingerprint([str(tmp_path / "gone.dcm")])

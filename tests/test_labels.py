@@ -1,0 +1,134 @@
+"""labels.csv: read row by row; every problem is a LabelsError naming the file and the row."""
+
+from __future__ import annotations
+
+import pytest
+
+from preprocessing.labels import DIAGNOSES, LabelsError, StudyLabel, read_labels
+
+COLUMNS = ["StudyInstanceUID", "diagnosis", "severe", "time_days", "age", "sex"]
+
+
+def _rows(*overrides: dict) -> list[dict]:
+    base = [
+        {"StudyInstanceUID": "1.2.3.1", "diagnosis": "covid", "severe": "1", "time_days": "12.5", "age": "63", "sex": "F"},
+        {"StudyInstanceUID": "1.2.3.2", "diagnosis": "other_pneumonia", "severe": "0", "time_days": "", "age": "41.5", "sex": "M"},
+        {"StudyInstanceUID": "1.2.3.3", "diagnosis": "normal", "severe": "", "time_days": "0", "age": "", "sex": ""},
+        {"StudyInstanceUID": "1.2.3.4", "diagnosis": "", "severe": "", "time_days": "", "age": "", "sex": ""},
+    ]
+    for i, change in enumerate(overrides):
+        if change:
+            base[i] = {**base[i], **change}
+    return base
+
+
+def test_good_labels_file(tmp_path, labels_writer):
+    path = labels_writer(tmp_path / "labels.csv", _rows(), COLUMNS)
+
+    labels = read_labels(path)
+
+    assert labels == {
+        "1.2.3.1": StudyLabel(diagnosis=DIAGNOSES.index("covid"), severe=1, time_days=12.5, age=63.0, sex="F"),
+        "1.2.3.2": StudyLabel(diagnosis=DIAGNOSES.index("other_pneumonia"), severe=0, time_days=None, age=41.5, sex="M"),
+        "1.2.3.3": StudyLabel(diagnosis=DIAGNOSES.index("normal"), severe=None, time_days=0.0, age=None, sex=None),
+        "1.2.3.4": StudyLabel(diagnosis=None, severe=None, time_days=None, age=None, sex=None),
+    }
+
+
+def test_only_the_required_columns_are_needed(tmp_path, labels_writer):
+    path = labels_writer(tmp_path / "labels.csv", _rows(), ["diagnosis", "StudyInstanceUID"])
+
+    labels = read_labels(path)
+
+    assert set(labels) == {"1.2.3.1", "1.2.3.2", "1.2.3.3", "1.2.3.4"}
+    assert labels["1.2.3.2"] == StudyLabel(diagnosis=1, severe=None, time_days=None, age=None, sex=None)
+
+
+def test_whitespace_around_values_is_ignored(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("StudyInstanceUID,diagnosis,age\n 1.2.3.1 , normal ,70\n")
+
+    assert read_labels(path) == {"1.2.3.1": StudyLabel(diagnosis=2, severe=None, time_days=None, age=70.0, sex=None)}
+
+
+def test_header_only_file_has_no_labels(tmp_path, labels_writer):
+    assert read_labels(labels_writer(tmp_path / "labels.csv", [], COLUMNS)) == {}
+
+
+@pytest.mark.parametrize("missing", ["StudyInstanceUID", "diagnosis"])
+def test_missing_column_is_named(tmp_path, labels_writer, missing):
+    path = labels_writer(tmp_path / "labels.csv", _rows(), [c for c in COLUMNS if c != missing])
+
+    with pytest.raises(LabelsError, match=f"missing column\\(s\\) {missing}") as info:
+        read_labels(path)
+    assert str(path) in str(info.value)
+
+
+def test_empty_file_is_missing_columns(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("")
+    with pytest.raises(LabelsError, match="missing column"):
+        read_labels(path)
+
+
+def test_unknown_diagnosis_names_the_row(tmp_path, labels_writer):
+    path = labels_writer(tmp_path / "labels.csv", _rows({}, {"diagnosis": "flu"}), COLUMNS)
+
+    with pytest.raises(LabelsError, match=r"row 3: diagnosis 'flu'") as info:
+        read_labels(path)
+    assert str(path) in str(info.value)
+
+
+def test_duplicate_study_uid_names_the_second_row(tmp_path, labels_writer):
+    path = labels_writer(tmp_path / "labels.csv", _rows({}, {}, {}, {"StudyInstanceUID": "1.2.3.1"}), COLUMNS)
+
+    with pytest.raises(LabelsError, match=r"row 5: StudyInstanceUID listed twice"):
+        read_labels(path)
+
+
+def test_empty_study_uid_names_the_row(tmp_path, labels_writer):
+    path = labels_writer(tmp_path / "labels.csv", _rows({}, {"StudyInstanceUID": "  "}), COLUMNS)
+
+    with pytest.raises(LabelsError, match=r"row 3: empty StudyInstanceUID"):
+        read_labels(path)
+
+
+@pytest.mark.parametrize(
+    ("row", "change", "needle"),
+    [
+        (0, {"age": "sixty"}, r"row 2: age='sixty' is not a number"),
+        (1, {"time_days": "3d"}, r"row 3: time_days='3d' is not a number"),
+        (2, {"severe": "yes"}, r"row 4: severe='yes' is not a number"),
+        (3, {"age": "nan"}, r"row 5: age='nan' is not finite"),
+        (0, {"time_days": "inf"}, r"row 2: time_days='inf' is not finite"),
+        (1, {"severe": "2"}, r"row 3: severe must be 0 or 1"),
+        (2, {"time_days": "-1"}, r"row 4: time_days must be >= 0"),
+    ],
+)
+def test_bad_number_names_the_row_and_column(tmp_path, labels_writer, row, change, needle):
+    overrides = [{}] * 4
+    overrides[row] = change
+    path = labels_writer(tmp_path / "labels.csv", _rows(*overrides), COLUMNS)
+
+    with pytest.raises(LabelsError, match=needle):
+        read_labels(path)
+
+
+def test_missing_file_is_a_labels_error(tmp_path):
+    with pytest.raises(LabelsError, match="not found"):
+        read_labels(tmp_path / "nope.csv")
+
+
+def test_labels_error_is_a_value_error():
+    assert issubclass(LabelsError, ValueError)
+
+
+def test_utf8_file_with_byte_order_mark_is_read(tmp_path):
+    # Spreadsheet programs save "CSV UTF-8" with a byte order mark before the first column name.
+    path = tmp_path / "labels.csv"
+    path.write_bytes("\ufeffStudyInstanceUID,diagnosis,sex\n1.2.3.1,covid,F\n1.2.3.2,normal,Ä\n".encode("utf-8"))
+
+    labels = read_labels(path)
+
+    assert labels["1.2.3.1"].diagnosis == DIAGNOSES.index("covid")
+    assert labels["1.2.3.2"].sex == "Ä"

@@ -1,0 +1,342 @@
+"""Stage 2: the invariants a set of slices must meet to be one regular CT volume, each with its reason code."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from preprocessing.discover import discover
+from preprocessing.validate import SeriesInvalid, ValidatedSeries, ValidationConfig, validate_series
+
+
+def _only_series(root: Path):
+    found = discover(root)
+    assert found.rejected == ()
+    [headers] = found.series.values()
+    return headers
+
+
+def _validate(root: Path, config: ValidationConfig | None = None) -> ValidatedSeries:
+    return validate_series(_only_series(root), config=config)
+
+
+def _refusal(root: Path, config: ValidationConfig | None = None) -> SeriesInvalid:
+    with pytest.raises(SeriesInvalid) as info:
+        _validate(root, config)
+    assert info.value.message and str(info.value) == info.value.message
+    return info.value
+
+
+def _shift_position(dx: float = 0.0, dy: float = 0.0, dz: float = 0.0):
+    def change(ds):
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [f"{x + dx:.4f}", f"{y + dy:.4f}", f"{z + dz:.4f}"]
+
+    return change
+
+
+# --- accepted series -------------------------------------------------------------------------------------------
+
+
+def test_regular_series_is_accepted_with_its_geometry(make_series, dicom_root, fake_patient):
+    s = make_series("a", n_slices=12, rows=16, cols=20, pixel_spacing_mm=(1.5, 2.0), slice_spacing_mm=3.0)
+
+    v = _validate(dicom_root)
+
+    assert v.SeriesInstanceUID == s.series_uid
+    assert v.StudyInstanceUID == s.study_uid
+    assert v.PatientID == fake_patient.PatientID
+    assert v.paths == tuple(str(p) for p in s.paths)
+    assert v.shape == (20, 16, 12)
+    assert v.spacing_mm == pytest.approx((2.0, 1.5, 3.0))
+    assert v.slice_step_mm == pytest.approx(3.0)
+    assert v.first_position == pytest.approx(s.origin_mm)
+    assert v.dropped == ()
+    assert v.transfer_syntaxes == ("1.2.840.10008.1.2.1",)
+
+
+def test_slices_are_sorted_by_position_not_by_file_name(make_series, dicom_root):
+    # Instances numbered head to feet: IM0001 is the highest slice.
+    s = make_series("a", n_slices=12, reverse_instance_order=True)
+    assert s.paths[0].name == "IM0012.dcm"
+
+    v = _validate(dicom_root)
+
+    assert v.paths == tuple(str(p) for p in s.paths)
+    assert v.first_position == pytest.approx(s.origin_mm)
+
+
+def test_exact_duplicate_file_is_dropped_and_series_accepted(make_series, dicom_root):
+    s = make_series("a", n_slices=12)
+    copy = shutil.copy(s.paths[3], s.folder / "copy_of_IM0004.dcm")
+
+    v = _validate(dicom_root)
+
+    assert len(v.paths) == 12
+    assert set(v.paths) == {str(p) for p in s.paths}
+    [dropped] = v.dropped
+    assert dropped.reason == "duplicate_instance"
+    assert dropped.path == str(copy)
+    assert str(s.paths[3]) in dropped.message
+
+
+# --- refused series --------------------------------------------------------------------------------------------
+
+
+def test_missing_slice_is_refused_naming_the_file_after_the_gap(make_series, dicom_root):
+    s = make_series("a", n_slices=12)
+    s.paths[5].unlink()
+
+    err = _refusal(dicom_root)
+
+    assert err.reason == "missing_slices"
+    assert err.path == str(s.paths[6])
+    assert "1 slice(s) missing" in err.message
+
+
+def test_two_missing_slices_are_counted(make_series, dicom_root):
+    s = make_series("a", n_slices=14)
+    s.paths[5].unlink()
+    s.paths[6].unlink()
+
+    err = _refusal(dicom_root)
+
+    assert err.reason == "missing_slices"
+    assert err.path == str(s.paths[7])
+    assert "2 slice(s) missing" in err.message
+
+
+def test_non_uniform_spacing_is_refused(make_series, dicom_root, edit_dicom):
+    s = make_series("a", n_slices=12, slice_spacing_mm=2.5)
+    edit_dicom(s.paths[5], _shift_position(dz=1.0))  # gaps 3.5 then 1.5 instead of 2.5
+
+    err = _refusal(dicom_root)
+
+    assert err.reason == "non_uniform_spacing"
+    assert err.path == str(s.paths[5])
+
+
+def test_one_far_away_slice_is_non_uniform_spacing_not_a_hundred_missing_slices(make_series, dicom_root, edit_dicom):
+    s = make_series("a", n_slices=12, slice_spacing_mm=2.5)
+    edit_dicom(s.paths[-1], _shift_position(dz=300.0))  # a stray slice 300 mm away: 121 x the spacing
+
+    err = _refusal(dicom_root)
+
+    assert err.reason == "non_uniform_spacing"
+    assert err.path == str(s.paths[-1])
+
+
+def test_two_series_sharing_one_uid_are_refused_as_duplicate_positions(make_series, dicom_root):
+    a = make_series("a", n_slices=12, seed=1)
+    b = make_series("b", n_slices=12, seed=2, study_uid=a.study_uid, series_uid=a.series_uid)
+    assert {p.name for p in a.paths} == {p.name for p in b.paths}
+
+    headers = discover(dicom_root).series[a.series_uid]
+    assert len(headers) == 24 and len({h.SOPInstanceUID for h in headers}) == 24
+    with pytest.raises(SeriesInvalid) as info:
+        validate_series(headers)
+
+    assert info.value.reason == "duplicate_position"
+    assert Path(info.value.path).name in {p.name for p in a.paths}
+
+
+def test_non_ct_modality_is_refused(make_series, dicom_root):
+    make_series("a", n_slices=12, modality="MR")
+
+    err = _refusal(dicom_root)
+
+    assert err.reason == "not_ct"
+    assert "'MR'" in err.message
+
+
+def test_one_slice_with_other_rows_is_inconsistent_geometry(make_series, dicom_root, series_writer):
+    s = make_series("a", n_slices=12, rows=16, cols=16)
+    s.paths[5].unlink()
+    x, y, z = s.origin_mm
+    odd = series_writer(
+        s.folder,
+        n_slices=1,
+        rows=20,
+        cols=16,
+        origin_mm=(x, y, z + 5 * s.slice_spacing_mm),
+        study_uid=s.study_uid,
+        series_uid=s.series_uid,
+        file_prefix="ODD",
+        uid_entropy=["odd slice"],
+    )
+
+    err = _refusal(dicom_root)
+
+    assert err.reason == "inconsistent_geometry"
+    assert "Rows" in err.message
+    assert err.path == str(odd.paths[0])
+
+
+def test_pixel_spacing_change_within_series_is_inconsistent_geometry(make_series, dicom_root, edit_dicom):
+    s = make_series("a", n_slices=12)
+
+    def change(ds):
+        ds.PixelSpacing = ["2.5", "2.5"]
+
+    edit_dicom(s.paths[7], change)
+
+    err = _refusal(dicom_root)
+    assert (err.reason, err.path) == ("inconsistent_geometry", str(s.paths[7]))
+    assert "PixelSpacing" in err.message
+
+
+def test_orientation_change_within_series_is_inconsistent_geometry(make_series, dicom_root, edit_dicom):
+    s = make_series("a", n_slices=12)
+
+    def change(ds):
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "0.9", "0.435889894"]
+
+    edit_dicom(s.paths[2], change)
+
+    err = _refusal(dicom_root)
+    assert (err.reason, err.path) == ("inconsistent_geometry", str(s.paths[2]))
+
+
+def test_study_uid_change_within_series_is_refused(make_series, dicom_root, edit_dicom):
+    s = make_series("a", n_slices=12)
+
+    def change(ds):
+        ds.StudyInstanceUID = "1.2.3.4.5"
+
+    edit_dicom(s.paths[4], change)
+
+    err = _refusal(dicom_root)
+    assert err.path == str(s.paths[4])
+    assert "StudyInstanceUID" in err.message
+
+
+def test_gantry_tilt_is_refused(make_series, dicom_root, edit_dicom):
+    s = make_series("a", n_slices=12, slice_spacing_mm=2.5)
+    for k, path in enumerate(s.paths):
+        edit_dicom(path, _shift_position(dx=k * 1.0))
+
+    err = _refusal(dicom_root)
+
+    assert err.reason == "gantry_tilt"
+    assert err.path in {str(p) for p in s.paths[1:]}
+
+
+def test_unsupported_transfer_syntax_is_refused_naming_the_file(make_series, dicom_root, edit_dicom):
+    s = make_series("a", n_slices=12)
+
+    def change(ds):
+        ds.file_meta.TransferSyntaxUID = "1.2.3.4"
+
+    edit_dicom(s.paths[8], change)
+
+    err = _refusal(dicom_root)
+
+    assert err.reason == "unsupported_transfer_syntax"
+    assert err.path == str(s.paths[8])
+    assert "1.2.3.4" in err.message
+
+
+def test_multi_frame_instance_is_refused(make_series, dicom_root, edit_dicom):
+    s = make_series("a", n_slices=12)
+
+    def change(ds):
+        ds.NumberOfFrames = 2
+
+    edit_dicom(s.paths[0], change)
+
+    err = _refusal(dicom_root)
+    assert (err.reason, err.path) == ("unsupported_sop_class", str(s.paths[0]))
+
+
+def test_non_ct_sop_class_is_refused(make_series, dicom_root, edit_dicom):
+    s = make_series("a", n_slices=12)
+
+    def change(ds):
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+
+    edit_dicom(s.paths[1], change)
+
+    err = _refusal(dicom_root)
+    assert (err.reason, err.path) == ("unsupported_sop_class", str(s.paths[1]))
+
+
+def test_too_few_slices_is_refused(make_series, dicom_root):
+    make_series("a", n_slices=7)
+
+    err = _refusal(dicom_root)
+
+    assert err.reason == "too_few_slices"
+    assert "7 slices" in err.message
+
+
+def test_no_headers_is_too_few_slices():
+    with pytest.raises(SeriesInvalid) as info:
+        validate_series([])
+    assert info.value.reason == "too_few_slices"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"min_slices": 1}, "min_slices"),
+        ({"spacing_tolerance": 0.0}, "spacing_tolerance"),
+        ({"spacing_tolerance": 0.5}, "spacing_tolerance"),
+    ],
+)
+def test_bad_validation_config_names_the_value(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        ValidationConfig(**kwargs)
+
+
+# --- pydicom's real CT and MR files ----------------------------------------------------------------------------
+
+
+def test_real_five_slice_ct_validates_with_min_slices_two(tmp_path, copy_testdata):
+    folder = copy_testdata("dicomdirtests/98892001/CT5N", tmp_path / "CT5N")
+
+    v = _validate(folder, ValidationConfig(min_slices=2))
+
+    assert len(v.paths) == 5
+    assert v.slice_step_mm == pytest.approx(2.5)
+    assert v.shape == (16, 16, 5)
+    # Sorted by increasing z (the files are numbered the other way round).
+    assert [Path(p).name for p in v.paths] == ["3353", "3023", "2693", "2392", "2062"]
+    assert v.first_position[2] == pytest.approx(-1.2375)
+
+
+def test_real_five_slice_ct_is_too_few_slices_by_default(tmp_path, copy_testdata):
+    folder = copy_testdata("dicomdirtests/98892001/CT5N", tmp_path / "CT5N")
+
+    err = _refusal(folder)
+
+    assert err.reason == "too_few_slices"
+    assert "5 slices" in err.message
+
+
+def test_real_ct_with_non_uniform_spacing_is_refused(tmp_path, copy_testdata):
+    folder = copy_testdata("dicomdirtests/77654033/CT2", tmp_path / "CT2")
+
+    err = _refusal(folder, ValidationConfig(min_slices=2))
+
+    # Slices at -99.48, 103.02, 104.27, 105.52 mm: one slice 200 mm away from three regular ones.
+    assert err.reason == "non_uniform_spacing"
+    assert Path(err.path).name == "17136"
+
+
+def test_real_single_ct_slice_is_too_few_slices(tmp_path, copy_testdata):
+    copy_testdata("CT_small.dcm", tmp_path / "in")
+
+    err = _refusal(tmp_path / "in", ValidationConfig(min_slices=2))
+
+    assert err.reason == "too_few_slices"
+
+
+def test_real_mr_file_is_not_ct(tmp_path, copy_testdata):
+    path = copy_testdata("MR_small.dcm", tmp_path / "in")
+
+    err = _refusal(tmp_path / "in")
+
+    assert err.reason == "not_ct"
+    assert err.path == str(path)
