@@ -102,6 +102,20 @@ def train_model(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float,
     )
 
 
+def recalibrate_batch_norm(model: nn.Module, loader: DataLoader, *, device: torch.device) -> bool:
+    """Recompute BatchNorm running statistics for the final weights (one pass, no augmentation).
+
+    The running averages kept during a short local round lag behind the weights; sent as they are,
+    FedAvg averages stale statistics and the global model collapses to one class at evaluation.
+    Returns False when the model has no BatchNorm layer.
+    """
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return False
+    images = (batch["image"].to(device, non_blocking=True) for batch in loader)
+    torch.optim.swa_utils.update_bn(images, model, device=device)
+    return True
+
+
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, *, device: torch.device) -> Predictions:
     """Softmax probabilities for every study in ``loader``."""
@@ -129,6 +143,7 @@ def train_round(
         raise RuntimeError(f"site {site.site_name} has no labelled training studies (see {site.site_dir}/ingest_report.json)")
     model = _model(settings, state, device)
     result = train_model(model, loader, epochs=settings.local_epochs, lr=settings.learning_rate, device=device)
+    recalibrate_batch_norm(model, _loader(manifest, "train", settings, train=False, device=device), device=device)
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return new_state, result
 

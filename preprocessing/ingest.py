@@ -36,7 +36,11 @@ MANIFEST_VERSION = 1
 
 @dataclass(frozen=True)
 class StudyEntry:
-    """One accepted study as training sees it (no identifiers: pseudonyms only, plus site-local file paths)."""
+    """One accepted study as training sees it.
+
+    ``id`` and ``patient`` are pseudonyms; ``series`` holds the site-local file list and geometry (with the
+    original UIDs) for the loader. The manifest never leaves the site.
+    """
 
     id: str
     patient: str

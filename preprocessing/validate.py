@@ -7,6 +7,7 @@ invariant per check, each with its own reason code, and only then decode pixels 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,7 +89,7 @@ def _dedupe(headers: Sequence[InstanceHeader]) -> tuple[list[InstanceHeader], li
     for h in headers:
         if h.SOPInstanceUID in kept:
             dropped.append(
-                Rejection(h.path, "duplicate_instance", f"same SOPInstanceUID as {kept[h.SOPInstanceUID].path}; copy ignored")
+                Rejection(h.path, "duplicate_instance", f"same SOPInstanceUID as {os.path.basename(kept[h.SOPInstanceUID].path)}; copy ignored")
             )
         else:
             kept[h.SOPInstanceUID] = h
@@ -127,9 +128,9 @@ def _check_same(headers: Sequence[InstanceHeader], keyword: str) -> None:
     first = getattr(headers[0], keyword)
     for h in headers[1:]:
         if getattr(h, keyword) != first:
-            raise SeriesInvalid(
-                "inconsistent_geometry", f"{keyword} {getattr(h, keyword)} differs from {first} in the same series", h.path
-            )
+            # UIDs are identifiers: say that they differ, not what they are.
+            values = "" if keyword.endswith("UID") else f" {getattr(h, keyword)} vs {first}"
+            raise SeriesInvalid("inconsistent_geometry", f"{keyword} differs within the series{values}", h.path)
 
 
 def _check_orientation(headers: Sequence[InstanceHeader], cfg: ValidationConfig) -> None:

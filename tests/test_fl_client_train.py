@@ -91,3 +91,18 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="cuda"):
             select_device("cuda")
+
+
+def test_batch_norm_statistics_are_recomputed_for_the_final_weights():
+    from fl_client.train import recalibrate_batch_norm
+    from models.factory import ModelConfig
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="smallcnn", norm="batch"))
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d))
+    images = [{"image": torch.randn(2, 1, 16, 16, 16) * 3 + 5} for _ in range(3)]
+    assert recalibrate_batch_norm(model, images, device=torch.device("cpu")) is True
+    # Input mean 5, std 3: the first conv's outputs are far from the initial (0, 1) statistics.
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+    group = build_model(ModelConfig(name="smallcnn", norm="group"))
+    assert recalibrate_batch_norm(group, images, device=torch.device("cpu")) is False
