@@ -1,0 +1,93 @@
+"""The `fedct` command as hospital IT and engineers run it: synth, ingest, demo (subprocesses, real files)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from federation import pids_matching
+
+
+def fedct(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    return subprocess.run([sys.executable, "-m", "fedct", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    done = fedct("synth", "--out", str(out / "fed"), "--sites", "2", "--patients-per-site", "4", "--seed", "3", "--quiet", cwd=out)
+    assert done.returncode == 0, done.stderr
+    assert "site-0:" in done.stdout and "site-1:" in done.stdout
+    return out / "fed"
+
+
+def test_synth_writes_dicom_with_correct_geometry(synth_dir):
+    files = sorted((synth_dir / "site-0" / "dicom").rglob("*.dcm"))
+    assert files
+    series = {}
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2" and ds.Modality == "CT"
+        series.setdefault(ds.SeriesInstanceUID, []).append(ds)
+    for slices in series.values():
+        z = sorted(float(s.ImagePositionPatient[2]) for s in slices)
+        steps = {round(b - a, 3) for a, b in zip(z, z[1:])}
+        assert steps == {round(float(slices[0].SliceThickness), 3)}
+    labels = (synth_dir / "site-0" / "labels.csv").read_text().splitlines()
+    assert labels[0].startswith("StudyInstanceUID,diagnosis")
+    assert len(labels) - 1 == len({s[0].StudyInstanceUID for s in series.values()})
+
+
+def test_ingest_reports_and_exits_zero_with_rejections(synth_dir, tmp_path):
+    dicom = tmp_path / "dicom"
+    import shutil
+
+    shutil.copytree(synth_dir / "site-0" / "dicom", dicom)
+    (dicom / "README.txt").write_text("exported by PACS")
+    victim = sorted(dicom.rglob("*.dcm"))[5]
+    victim.unlink()  # one missing slice: that series must be refused, the others accepted
+    done = fedct("ingest", "--input", str(dicom), "--out", str(tmp_path / "site"), "--labels", str(synth_dir / "site-0" / "labels.csv"),
+                 "--input-size", "32,32,24", "--spacing", "10,10,10", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "missing_slices: 1" in done.stdout and "not_dicom: 1" in done.stdout
+    report = json.loads((tmp_path / "site" / "ingest_report.json").read_text())
+    reasons = sorted(r["reason"] for r in report["rejected"])
+    assert reasons == ["missing_slices", "not_dicom"]
+    assert report["counts"]["accepted"] >= 3
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--input", "/nonexistent/dicom"], "does not exist"),
+        (["--labels", "/nonexistent/labels.csv"], "labels file not found"),
+        (["--input-size", "64,64"], "--input-size"),
+    ],
+)
+def test_ingest_usage_errors_exit_nonzero_with_a_clear_message(synth_dir, tmp_path, args, needle):
+    base = {"--input": str(synth_dir / "site-0" / "dicom"), "--out": str(tmp_path / "site")}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    done = fedct("ingest", *[x for kv in base.items() for x in kv], cwd=tmp_path)
+    assert done.returncode == 2
+    assert needle in done.stderr
+
+
+def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
+    before = set(pids_matching("raylet")) | set(pids_matching("gcs_server"))
+    done = fedct("demo", "--out", str(tmp_path / "demo"), "--sites", "2", "--patients-per-site", "5", "--rounds", "1",
+                 "--model", "smallcnn", cwd=tmp_path, timeout=400)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for step in ("1/4", "2/4", "3/4", "4/4"):
+        assert f"== {step}" in done.stdout
+    assert "best round 1" in done.stdout
+    out = tmp_path / "demo"
+    assert json.loads((out / "metrics.json").read_text())["rounds"][0]["round"] == 1
+    assert (out / "curves.png").is_file() and (out / "model" / "final" / "model.json").is_file()
+    left = (set(pids_matching("raylet")) | set(pids_matching("gcs_server"))) - before
+    assert not left, f"Ray processes left behind: {left}"
