@@ -40,7 +40,7 @@ def _ingest(args: argparse.Namespace) -> int:
             input_size=parse_triple(args.input_size, int, "--input-size"),
         )
         manifest = ingest_site(Path(args.input), Path(args.out), labels_csv=Path(args.labels) if args.labels else None,
-                               pipeline=pipeline, workers=args.workers, progress=True)  # fmt: skip
+                               pipeline=pipeline, workers=args.workers, progress=True, export_hu=args.export_hu)  # fmt: skip
     except (FileNotFoundError, PermissionError, LabelsError, ValueError) as exc:
         print(f"fedct ingest: error: {exc}", file=sys.stderr)
         return 2
@@ -84,13 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", default="5.0,5.0,5.0", help="target voxel spacing in mm, x,y,z")
     p.add_argument("--input-size", default="64,64,48", help="model input size in voxels, x,y,z")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--export-hu", action="store_true", help="also write each accepted series' HU volume as NIfTI (SITE_DIR/nifti/<id>.nii.gz)")
     p.set_defaults(func=_ingest)
 
     p = sub.add_parser("demo", help="synthetic federation end to end: synth, ingest, federated training, report")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--patients-per-site", type=int, default=30)
-    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--model", default="densenet121")
     p.add_argument("--seed", type=int, default=0)

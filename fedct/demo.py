@@ -22,7 +22,7 @@ class DemoOptions:
     out: Path
     sites: int = 3
     patients_per_site: int = 30
-    rounds: int = 8
+    rounds: int = 10
     local_epochs: int = 1
     model_name: str = "densenet121"
     seed: int = 0

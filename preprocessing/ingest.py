@@ -27,10 +27,11 @@ from preprocessing.labels import DIAGNOSES, StudyLabel, read_labels
 from preprocessing.split import SplitConfig, assign_splits
 from preprocessing.transforms import PipelineConfig
 from preprocessing.validate import SeriesInvalid, ValidatedSeries, ValidationConfig, validate_series
-from preprocessing.volume import series_to_dict
+from preprocessing.volume import as_series, read_hu_volume, series_to_dict
 
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "ingest_report.json"
+NIFTI_FOLDER = "nifti"
 MANIFEST_VERSION = 1
 
 
@@ -109,11 +110,40 @@ def _rel(path: str, root: Path) -> str:
         return path
 
 
-def _cache_one(args: tuple[dict[str, Any], PipelineConfig, str]) -> tuple[str, str | None, str | None, str | None]:
-    """Worker: compute and cache the deterministic pipeline for one item; return (id, reason, message, path)."""
-    item, pipeline, site_dir = args
+def export_nifti(item: dict[str, Any], folder: Path) -> Path:
+    """Write the HU volume of a dataset item as ``<pseudonymous id>.nii.gz`` (RAS affine, as dcm2niix would).
+
+    The file's NIfTI description holds the series' file-state fingerprint; an up-to-date file is not rewritten.
+    """
+    import nibabel as nib
+
+    path = Path(folder) / f"{item['id']}.nii.gz"
+    stamp = f"fedct {item['content']}"
+    if path.is_file():
+        try:
+            if nib.load(path).header["descrip"].item().decode() == stamp:
+                return path
+        except Exception:  # unreadable old export: write it again
+            pass
+    volume, affine = read_hu_volume(as_series(item["image"]))
+    image = nib.Nifti1Image(volume, affine)
+    image.header["descrip"] = stamp
+    image.header.set_xyzt_units("mm")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.nii.gz")
+    nib.save(image, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _cache_one(args: tuple[dict[str, Any], PipelineConfig, str, str | None]) -> tuple[str, str | None, str | None, str | None]:
+    """Worker: compute and cache the deterministic pipeline for one item (and export its HU volume when asked);
+    return (id, reason, message, path)."""
+    item, pipeline, site_dir, export_dir = args
     try:
         make_dataset([item], pipeline, Path(site_dir), augment=False)[0]
+        if export_dir is not None:
+            export_nifti(item, Path(export_dir))
     except SeriesInvalid as exc:
         return item["id"], exc.reason, exc.message, exc.path
     except Exception as exc:  # a transform failure is reported, never fatal for the other series
@@ -143,8 +173,12 @@ def ingest_site(
     validation: ValidationConfig | None = None,
     workers: int = 2,
     progress: bool = False,
+    export_hu: bool = False,
 ) -> SiteManifest:
-    """Scan, validate, label, split and cache one site's DICOM folder; write manifest and report."""
+    """Scan, validate, label, split and cache one site's DICOM folder; write manifest and report.
+
+    With ``export_hu`` each accepted series' HU volume is also written to ``SITE_DIR/nifti/<id>.nii.gz``.
+    """
     t0 = time.perf_counter()
     dicom_dir = Path(dicom_dir).resolve()
     site_dir = Path(site_dir).resolve()
@@ -236,7 +270,8 @@ def ingest_site(
 
     # Decode and cache, both cores; a series whose pixels fail is refused with the file that failed.
     failures: dict[str, Rejection] = {}
-    jobs = [(e.item(), pipeline, str(site_dir)) for e in entries]
+    export_dir = str(site_dir / NIFTI_FOLDER) if export_hu else None
+    jobs = [(e.item(), pipeline, str(site_dir), export_dir) for e in entries]
     if jobs:
         with ProcessPoolExecutor(max_workers=max(1, workers), initializer=_worker_init) as pool:
             results = pool.map(_cache_one, jobs)

@@ -8,6 +8,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from preprocessing.cache import cache_dir_for, make_dataset
@@ -412,3 +413,28 @@ def test_bad_labels_file_stops_before_anything_is_written(make_series, dicom_roo
     with pytest.raises(ValueError, match="row 2"):
         ingest_site(dicom_root, tmp_path / "site", labels_csv=labels, pipeline=SMALL, workers=1)
     assert not (tmp_path / "site" / MANIFEST_NAME).exists()
+
+
+def test_export_hu_writes_nifti_with_the_dicom_affine_and_values(make_series, tmp_path):
+    import nibabel as nib
+
+    from preprocessing.ingest import NIFTI_FOLDER, ingest_site
+    from preprocessing.transforms import PipelineConfig
+    from preprocessing.volume import read_hu_volume
+
+    series = make_series("nifti")
+    site = tmp_path / "site-nifti"
+    manifest = ingest_site(series.folder.parent, site, pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(4, 4, 4)),
+                           workers=1, export_hu=True)  # fmt: skip
+    (entry,) = manifest.studies
+    path = site / NIFTI_FOLDER / f"{entry.id}.nii.gz"
+    image = nib.load(path)
+    from preprocessing.volume import as_series
+
+    assert path.name.startswith("study-")  # named by pseudonym only
+    volume, affine = read_hu_volume(as_series(entry.series))
+    assert np.allclose(image.affine, affine, atol=1e-4)
+    assert np.allclose(np.asarray(image.dataobj), volume)
+    mtime = path.stat().st_mtime_ns
+    ingest_site(series.folder.parent, site, pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(4, 4, 4)), workers=1, export_hu=True)
+    assert path.stat().st_mtime_ns == mtime  # unchanged input: not rewritten
