@@ -7,11 +7,12 @@ of numbers and the site's configured name (chosen by hospital IT, e.g. ``site-a`
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fl_client.config import RoundSettings, SiteConfig
 from fl_client.train import evaluate_round, train_round
@@ -19,11 +20,11 @@ from fl_client.train import evaluate_round, train_round
 log = logging.getLogger("fedct.client")
 
 
-def build_client_app(run_config_overrides: Mapping[str, Any] | None = None) -> ClientApp:
+def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, mods: Sequence[Mod] = ()) -> ClientApp:
     """The site's ClientApp; ``run_config_overrides`` stand in for the run config where Flower passes none
-    (in-process simulation)."""
+    (in-process simulation); ``mods`` are Flower client mods wrapped around the handlers."""
     overrides = dict(run_config_overrides or {})
-    app = ClientApp()
+    app = ClientApp(mods=list(mods))
 
     def _site(context: Context) -> SiteConfig:
         return SiteConfig.from_context(dict(context.node_config), {**dict(context.run_config), **overrides})
