@@ -410,7 +410,7 @@ def test_bad_labels_file_stops_before_anything_is_written(make_series, dicom_roo
     labels = tmp_path / "labels.csv"
     labels.write_text("StudyInstanceUID,diagnosis\n1.2.3,flu\n")
 
-    with pytest.raises(ValueError, match="row 2"):
+    with pytest.raises(ValueError, match="line 2"):
         ingest_site(dicom_root, tmp_path / "site", labels_csv=labels, pipeline=SMALL, workers=1)
     assert not (tmp_path / "site" / MANIFEST_NAME).exists()
 

@@ -1,4 +1,4 @@
-"""labels.csv: read row by row; every problem is a LabelsError naming the file and the row."""
+"""labels.csv: read row by row; every problem is a LabelsError naming the file and the line."""
 
 from __future__ import annotations
 
@@ -55,11 +55,14 @@ def test_header_only_file_has_no_labels(tmp_path, labels_writer):
     assert read_labels(labels_writer(tmp_path / "labels.csv", [], COLUMNS)) == {}
 
 
-@pytest.mark.parametrize("missing", ["StudyInstanceUID", "diagnosis"])
-def test_missing_column_is_named(tmp_path, labels_writer, missing):
+@pytest.mark.parametrize(
+    ("missing", "needle"),
+    [("StudyInstanceUID", "needs exactly one of the columns StudyInstanceUID or AccessionNumber"), ("diagnosis", "missing column\\(s\\) diagnosis")],
+)
+def test_missing_column_is_named(tmp_path, labels_writer, missing, needle):
     path = labels_writer(tmp_path / "labels.csv", _rows(), [c for c in COLUMNS if c != missing])
 
-    with pytest.raises(LabelsError, match=f"missing column\\(s\\) {missing}") as info:
+    with pytest.raises(LabelsError, match=f"line 1: {needle}") as info:
         read_labels(path)
     assert str(path) in str(info.value)
 
@@ -67,14 +70,43 @@ def test_missing_column_is_named(tmp_path, labels_writer, missing):
 def test_empty_file_is_missing_columns(tmp_path):
     path = tmp_path / "labels.csv"
     path.write_text("")
-    with pytest.raises(LabelsError, match="missing column"):
+    with pytest.raises(LabelsError, match="line 1: needs exactly one"):
+        read_labels(path)
+
+
+def test_unknown_column_fails_on_line_1(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("StudyInstanceUID,diagnosis,outcome\n1.2.3,covid,dead\n")
+    with pytest.raises(LabelsError, match="line 1: unknown column\\(s\\) outcome"):
+        read_labels(path)
+
+
+def test_accession_number_can_be_the_key(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("AccessionNumber,diagnosis\nA001,normal\nA002,covid\n")
+    labels = read_labels(path)
+    assert labels.key == "AccessionNumber"
+    assert labels["A002"].diagnosis == DIAGNOSES.index("covid")
+
+
+def test_both_key_columns_is_ambiguous(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("StudyInstanceUID,AccessionNumber,diagnosis\n1.2,A1,covid\n")
+    with pytest.raises(LabelsError, match="exactly one"):
+        read_labels(path)
+
+
+def test_non_utf8_file_is_a_labels_error(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes("StudyInstanceUID,diagnosis,sex\n1.2,covid,\xc4\n".encode("latin-1"))
+    with pytest.raises(LabelsError, match="not UTF-8"):
         read_labels(path)
 
 
 def test_unknown_diagnosis_names_the_row(tmp_path, labels_writer):
     path = labels_writer(tmp_path / "labels.csv", _rows({}, {"diagnosis": "flu"}), COLUMNS)
 
-    with pytest.raises(LabelsError, match=r"row 3: diagnosis 'flu'") as info:
+    with pytest.raises(LabelsError, match=r"line 3: diagnosis 'flu'") as info:
         read_labels(path)
     assert str(path) in str(info.value)
 
@@ -82,27 +114,27 @@ def test_unknown_diagnosis_names_the_row(tmp_path, labels_writer):
 def test_duplicate_study_uid_names_the_second_row(tmp_path, labels_writer):
     path = labels_writer(tmp_path / "labels.csv", _rows({}, {}, {}, {"StudyInstanceUID": "1.2.3.1"}), COLUMNS)
 
-    with pytest.raises(LabelsError, match=r"row 5: StudyInstanceUID listed twice"):
+    with pytest.raises(LabelsError, match=r"line 5: StudyInstanceUID listed twice"):
         read_labels(path)
 
 
 def test_empty_study_uid_names_the_row(tmp_path, labels_writer):
     path = labels_writer(tmp_path / "labels.csv", _rows({}, {"StudyInstanceUID": "  "}), COLUMNS)
 
-    with pytest.raises(LabelsError, match=r"row 3: empty StudyInstanceUID"):
+    with pytest.raises(LabelsError, match=r"line 3: empty StudyInstanceUID"):
         read_labels(path)
 
 
 @pytest.mark.parametrize(
     ("row", "change", "needle"),
     [
-        (0, {"age": "sixty"}, r"row 2: age='sixty' is not a number"),
-        (1, {"time_days": "3d"}, r"row 3: time_days='3d' is not a number"),
-        (2, {"severe": "yes"}, r"row 4: severe='yes' is not a number"),
-        (3, {"age": "nan"}, r"row 5: age='nan' is not finite"),
-        (0, {"time_days": "inf"}, r"row 2: time_days='inf' is not finite"),
-        (1, {"severe": "2"}, r"row 3: severe must be 0 or 1"),
-        (2, {"time_days": "-1"}, r"row 4: time_days must be >= 0"),
+        (0, {"age": "sixty"}, r"line 2: age='sixty' is not a number"),
+        (1, {"time_days": "3d"}, r"line 3: time_days='3d' is not a number"),
+        (2, {"severe": "yes"}, r"line 4: severe='yes' is not a number"),
+        (3, {"age": "nan"}, r"line 5: age='nan' is not finite"),
+        (0, {"time_days": "inf"}, r"line 2: time_days='inf' is not finite"),
+        (1, {"severe": "2"}, r"line 3: severe must be 0 or 1"),
+        (2, {"time_days": "-1"}, r"line 4: time_days must be >= 0"),
     ],
 )
 def test_bad_number_names_the_row_and_column(tmp_path, labels_writer, row, change, needle):
