@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from flwr.simulation import run_simulation
 
+from fedct.demo import simulation_backend_config
 from federation import TINY_RUN_CONFIG, tiny_federation
 from fl_client.client_app import build_client_app
 from fl_server.server_app import build_server_app
@@ -47,7 +48,7 @@ def recorded_replies(tmp_path_factory):
         client_app=build_client_app({"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")},
                                     mods=[recording_mod(replies)]),  # fmt: skip
         num_supernodes=2,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"include_dashboard": False}},
+        backend_config=simulation_backend_config(),
     )
     return root, sorted(replies.iterdir())
 

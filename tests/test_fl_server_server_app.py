@@ -8,6 +8,7 @@ import pytest
 import torch
 from flwr.simulation import run_simulation
 
+from fedct.demo import simulation_backend_config
 from federation import TINY_RUN_CONFIG, tiny_federation
 from fl_client.client_app import build_client_app
 from fl_server.checkpoint import load_bundle
@@ -24,7 +25,7 @@ def simulated_run(tmp_path_factory):
         server_app=build_server_app(server_config),
         client_app=build_client_app({"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")}),
         num_supernodes=2,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"include_dashboard": False}},
+        backend_config=simulation_backend_config(),
     )
     return root, run_dir
 

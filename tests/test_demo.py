@@ -1,0 +1,41 @@
+"""The main job: `fedct demo` end to end in a subprocess, and its options."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedct.demo import DemoOptions, server_config_for, simulation_backend_config
+from federation import pids_matching
+from test_cli import fedct
+
+
+def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
+    before = set(pids_matching("raylet")) | set(pids_matching("gcs_server"))
+    done = fedct("demo", "--out", str(tmp_path / "demo"), "--sites", "2", "--patients-per-site", "5", "--rounds", "1",
+                 "--model", "smallcnn", cwd=tmp_path, timeout=400)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for step in ("1/4", "2/4", "3/4", "4/4"):
+        assert f"== {step}" in done.stdout
+    assert "best round 1" in done.stdout
+    out = tmp_path / "demo"
+    assert json.loads((out / "metrics.json").read_text())["rounds"][0]["round"] == 1
+    assert (out / "curves.png").is_file() and (out / "model" / "final" / "model.json").is_file()
+    left = (set(pids_matching("raylet")) | set(pids_matching("gcs_server"))) - before
+    assert not left, f"Ray processes left behind: {left}"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [({"sites": 1}, "at least 2 sites"), ({"patients_per_site": 2}, "patients-per-site"), ({"rounds": 0}, "rounds")],
+)
+def test_demo_options_are_checked(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        DemoOptions(out=Path("x"), **kwargs)
+
+
+def test_demo_run_config_uses_every_site_and_an_absolute_run_dir(tmp_path):
+    config = server_config_for(DemoOptions(out=tmp_path / "d", sites=4, rounds=2, model_name="smallcnn"))
+    assert config.min_sites == 4 and config.num_server_rounds == 2 and config.model_name == "smallcnn"
+    assert Path(config.run_dir).is_absolute()
+    assert simulation_backend_config()["client_resources"]["num_cpus"] == 1
