@@ -41,7 +41,7 @@ def _ingest(args: argparse.Namespace) -> int:
         )
         manifest = ingest_site(Path(args.input), Path(args.out), labels_csv=Path(args.labels) if args.labels else None,
                                pipeline=pipeline, workers=args.workers, progress=True, export_hu=args.export_hu)  # fmt: skip
-    except (FileNotFoundError, PermissionError, LabelsError, ValueError) as exc:
+    except (OSError, LabelsError, ValueError) as exc:  # missing/unwritable folders, bad labels, bad options
         print(f"fedct ingest: error: {exc}", file=sys.stderr)
         return 2
     import json

@@ -66,6 +66,7 @@ def test_ingest_reports_and_exits_zero_with_rejections(synth_dir, tmp_path):
         (["--input", "/nonexistent/dicom"], "does not exist"),
         (["--labels", "/nonexistent/labels.csv"], "labels file not found"),
         (["--input-size", "64,64"], "--input-size"),
+        (["--out", "/proc/version/site"], "site"),  # output under a file: cannot be created
     ],
 )
 def test_ingest_usage_errors_exit_nonzero_with_a_clear_message(synth_dir, tmp_path, args, needle):
