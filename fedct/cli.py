@@ -1,4 +1,4 @@
-"""The ``fedct`` command: synth, ingest, demo."""
+"""The ``fedct`` command: synth, ingest, deid, demo."""
 
 from __future__ import annotations
 
@@ -56,6 +56,23 @@ def _ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deid(args: argparse.Namespace) -> int:
+    from preprocessing.deid import load_or_create_site_key
+    from preprocessing.deidentify import deidentify_folder
+
+    try:
+        key = load_or_create_site_key(Path(args.site_dir))
+        result = deidentify_folder(Path(args.input), Path(args.out), site_key=key, keep_private_tags=args.keep_private_tags,
+                                   progress=True)  # fmt: skip
+    except (OSError, ValueError) as exc:
+        print(f"fedct deid: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"de-identified {result.files_written} file(s) of {result.studies} study(ies) in {result.seconds:.1f} s -> {args.out}")
+    for path, reason in result.files_skipped:
+        print(f"  skipped {path}: {reason}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from fedct.demo import DemoOptions, run_demo
 
@@ -86,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--export-hu", action="store_true", help="also write each accepted series' HU volume as NIfTI (SITE_DIR/nifti/<id>.nii.gz)")
     p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("deid", help="write de-identified copies (DICOM PS3.15 Basic Application Level Confidentiality Profile)")
+    p.add_argument("--input", required=True, help="DICOM folder (read only)")
+    p.add_argument("--out", required=True, help="output folder; file paths are made of pseudonyms and new UIDs only")
+    p.add_argument("--site-dir", required=True, help="the site's work folder holding site.key (pseudonyms, UIDs, date shifts)")
+    p.add_argument("--keep-private-tags", action="store_true", help="keep private attributes (not profile conformant)")
+    p.set_defaults(func=_deid)
 
     p = sub.add_parser("demo", help="synthetic federation end to end: synth, ingest, federated training, report")
     p.add_argument("--out", required=True, help="run folder")

@@ -76,3 +76,28 @@ def test_ingest_usage_errors_exit_nonzero_with_a_clear_message(synth_dir, tmp_pa
     done = fedct("ingest", *[x for kv in base.items() for x in kv], cwd=tmp_path)
     assert done.returncode == 2
     assert needle in done.stderr
+
+
+def test_deid_writes_copies_without_identifiers(synth_dir, tmp_path):
+    source = synth_dir / "site-1" / "dicom"
+    done = fedct("deid", "--input", str(source), "--out", str(tmp_path / "deid"), "--site-dir", str(tmp_path / "site"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    originals = sorted(source.rglob("*.dcm"))
+    copies = sorted((tmp_path / "deid").rglob("*.dcm"))
+    assert len(copies) == len(originals) and f"de-identified {len(originals)} file(s)" in done.stdout
+    original = pydicom.dcmread(originals[0])
+    secrets = [str(original.PatientName), original.PatientID, original.AccessionNumber, original.StudyInstanceUID, original.InstitutionName]
+    for copy in copies[:20]:
+        data = copy.read_bytes()
+        assert not any(s.encode() in data for s in secrets)
+        assert not any(s in str(copy) for s in secrets)
+    ds = pydicom.dcmread(copies[0])
+    assert ds.PatientIdentityRemoved == "YES"
+    assert (tmp_path / "site" / "site.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_deid_refuses_output_inside_input(synth_dir, tmp_path):
+    source = synth_dir / "site-1" / "dicom"
+    done = fedct("deid", "--input", str(source), "--out", str(source / "out"), "--site-dir", str(tmp_path / "site"), cwd=tmp_path)
+    assert done.returncode == 2 and "fedct deid: error" in done.stderr
+    assert not (source / "out").exists()

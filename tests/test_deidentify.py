@@ -1,0 +1,569 @@
+"""De-identification of DICOM files for a research hand-over (PS3.15 Annex E Basic Profile + options)."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import hmac
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from preprocessing.deid import Pseudonymizer
+from preprocessing.deidentify import (
+    PROFILE_ACTIONS,
+    DeidResult,
+    DeidentificationRefused,
+    date_shift_days,
+    deidentify_dataset,
+    deidentify_folder,
+    new_uid,
+)
+from synthetic.dicom_writer import CT_IMAGE_STORAGE, PatientIdentity
+
+KEY_A = bytes(range(32))
+KEY_B = bytes(range(1, 33))
+
+PATIENT_1 = PatientIdentity("Qzvorak^Ylvenne", "PIDQ7X93KZ", "19370415", "F", "087Y")
+PATIENT_2 = PatientIdentity("Brixtuvol^Oandre", "PIDW2M81RT", "19520903", "M", "071Y")
+
+#: Fake PHI added to every slice on top of what the writer puts there; unusual strings on purpose.
+EXTRA_PHI = {
+    "OperatorsName": "Opzyxa^Tekniq",
+    "PerformingPhysicianName": "Drqvelt^Hannavi",
+    "StationName": "STATQZX9",
+    "DeviceSerialNumber": "SNQ88812",
+    "InstitutionAddress": "12 Qzvstreet Road",
+    "InstitutionalDepartmentName": "Radiology Qzdept",
+    "PatientAddress": "7 Ylvennelane Qzton",
+    "PatientTelephoneNumbers": "555-0199-7731",
+    "OtherPatientIDs": "OPIDQ2K",
+    "EthnicGroup": "Qzethnic",
+    "ImageComments": "scan of Qzvorak after fall",
+    "PatientBirthTime": "071500",
+    "StudyID": "SIDQ4471",
+    "ProtocolName": "Qzprotocol Ylv",
+}
+STUDY_1 = dict(study_date="20230517", accession_number="ACCQ5521ZX", institution_name="Hospital Qwertyvale")
+STUDY_2 = dict(study_date="20220211", accession_number="ACCW9034PL", institution_name="Clinic Vexhollow")
+ACQUISITION_DATE_1 = "20230518"  # one day after the study date
+CREATION_DATE_1 = "20230519"
+PRIVATE_CREATOR = "QZ PRIVATE CREATOR"
+PRIVATE_VALUE = "PrivQzSecret"
+NESTED_PRIVATE_VALUE = "NestedPrivQz"
+NESTED_PERSON = "Nurqvist^Olavi"  # a PN nested in a kept sequence, not listed in PROFILE_ACTIONS
+MANUFACTURER = "AcmeScanner"  # equipment make: kept on purpose
+
+
+def _add_phi(ds: Dataset, *, referenced_sop: str, acquisition_date: str, creation_date: str) -> None:
+    for keyword, value in EXTRA_PHI.items():
+        setattr(ds, keyword, value)
+    ds.AcquisitionDate = acquisition_date
+    ds.AcquisitionDateTime = f"{acquisition_date}093000.123456+0100"
+    ds.InstanceCreationDate = creation_date
+    ds.TimezoneOffsetFromUTC = "+0100"
+    other = Dataset()
+    other.PatientID = "OPSQIDX5"
+    other.TypeOfPatientID = "TEXT"
+    ds.OtherPatientIDsSequence = [other]
+    request = Dataset()
+    request.RequestedProcedureID = "RPIDQ77"
+    request.ScheduledProcedureStepID = "SPSQ88"
+    request.private_block(0x0013, PRIVATE_CREATOR, create=True).add_new(0x01, "LO", NESTED_PRIVATE_VALUE)
+    ds.RequestAttributesSequence = [request]
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = CT_IMAGE_STORAGE
+    ref.ReferencedSOPInstanceUID = referenced_sop
+    ref.PersonName = NESTED_PERSON
+    ds.ReferencedImageSequence = [ref]
+    ds.private_block(0x0011, PRIVATE_CREATOR, create=True).add_new(0x01, "LO", PRIVATE_VALUE)
+
+
+@dataclass(frozen=True)
+class SeriesIn:
+    patient: PatientIdentity
+    study_uid: str
+    series_uid: str
+    sop_uids: list[str]  # in slice order
+    frame_of_reference_uid: str
+    paths: list[Path]
+
+
+@dataclass(frozen=True)
+class Site:
+    root: Path
+    series: dict[str, SeriesIn]
+    phi: list[str]
+    before: dict
+    out_a: Path
+    out_a_again: Path
+    out_b: Path
+    result_a: DeidResult
+    result_a_again: DeidResult
+    result_b: DeidResult
+
+
+def _build_site(root: Path, series_writer, edit_dicom) -> tuple[dict[str, SeriesIn], list[str]]:
+    """Two patients, two studies, three series in folders named after the patient; plus odd files."""
+    layout = {
+        "a": (PATIENT_1, STUDY_1, "Qzvorak^Ylvenne_PIDQ7X93KZ/20230517_CT/thorax", 8, None),
+        "b": (PATIENT_1, STUDY_1, "Qzvorak^Ylvenne_PIDQ7X93KZ/20230517_CT/abdomen", 6, "a"),
+        "c": (PATIENT_2, STUDY_2, "Brixtuvol_PIDW2M81RT/20220211/ct", 6, None),
+    }
+    series: dict[str, SeriesIn] = {}
+    for name, (patient, study, folder, n, same_study_as) in layout.items():
+        kwargs = dict(study)
+        if same_study_as:
+            kwargs["study_uid"] = series[same_study_as].study_uid
+        written = series_writer(root / folder, n_slices=n, rows=12, cols=12, patient=patient, seed=len(series),
+                                manufacturer=MANUFACTURER, **kwargs)  # fmt: skip
+        acquisition = ACQUISITION_DATE_1 if patient is PATIENT_1 else "20220212"
+        creation = CREATION_DATE_1 if patient is PATIENT_1 else "20220213"
+        first_sop = str(pydicom.dcmread(written.paths[0]).SOPInstanceUID)
+        for path in written.paths:
+            edit_dicom(path, lambda ds: _add_phi(ds, referenced_sop=first_sop, acquisition_date=acquisition,
+                                                 creation_date=creation))  # fmt: skip
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in written.paths]
+        series[name] = SeriesIn(
+            patient=patient,
+            study_uid=written.study_uid,
+            series_uid=written.series_uid,
+            sop_uids=[str(h.SOPInstanceUID) for h in headers],
+            frame_of_reference_uid=str(headers[0].FrameOfReferenceUID),
+            paths=list(written.paths),
+        )
+
+    extras = root / "zz_extras"
+    extras.mkdir()
+    (extras / "notes.txt").write_text(f"patient {PATIENT_1.PatientName} {PATIENT_1.PatientID}\n")
+    (extras / "empty.dcm").write_bytes(b"")
+    (extras / "truncated_header.dcm").write_bytes(series["a"].paths[0].read_bytes()[:300])
+    (extras / "truncated_pixels.dcm").write_bytes(series["a"].paths[0].read_bytes()[:-50])
+    burned = pydicom.dcmread(series["a"].paths[1])
+    burned.BurnedInAnnotation = "YES"
+    burned.SOPInstanceUID = burned.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    burned.save_as(extras / "burned.dcm")
+    no_pixels = pydicom.dcmread(series["a"].paths[2])
+    del no_pixels.PixelData
+    no_pixels.SOPInstanceUID = no_pixels.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    no_pixels.save_as(extras / "no_pixels.dcm")
+    shutil.copy2(series["a"].paths[3], extras / "copy_of_a_slice.dcm")
+
+    phi = [PATIENT_1.PatientName, *PATIENT_1.PatientName.split("^"), PATIENT_1.PatientID, PATIENT_1.PatientBirthDate,
+           PATIENT_2.PatientName, *PATIENT_2.PatientName.split("^"), PATIENT_2.PatientID, PATIENT_2.PatientBirthDate,
+           *(v for s in (STUDY_1, STUDY_2) for v in s.values()), ACQUISITION_DATE_1, CREATION_DATE_1, "20220212",
+           "20220213", *EXTRA_PHI.values(), "OPSQIDX5", "RPIDQ77", "SPSQ88", PRIVATE_CREATOR, PRIVATE_VALUE,
+           NESTED_PRIVATE_VALUE, NESTED_PERSON, "SYNTH^REFERRER", "Qzvorak", "Ylvenne"]  # fmt: skip
+    for s in series.values():
+        phi += [s.study_uid, s.series_uid, s.frame_of_reference_uid, *s.sop_uids]
+    return series, sorted(set(phi))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, series_writer, edit_dicom, snapshot) -> Site:
+    base = tmp_path_factory.mktemp("deid")
+    root = base / "dicom"
+    series, phi = _build_site(root, series_writer, edit_dicom)
+    before = snapshot(root)
+    out_a, out_a_again, out_b = base / "out_a", base / "out_a_again", base / "out_b"
+    result_a = deidentify_folder(root, out_a, site_key=KEY_A)
+    result_a_again = deidentify_folder(root, out_a_again, site_key=KEY_A, progress=True)
+    result_b = deidentify_folder(root, out_b, site_key=KEY_B)
+    return Site(root, series, phi, before, out_a, out_a_again, out_b, result_a, result_a_again, result_b)
+
+
+def _outputs(out: Path) -> dict[str, pydicom.FileDataset]:
+    return {p.relative_to(out).as_posix(): pydicom.dcmread(p) for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _walk(ds: Dataset):
+    for elem in ds:
+        yield elem
+        if elem.VR == "SQ":
+            for item in elem.value:
+                yield from _walk(item)
+
+
+def _days(new: str, old: str) -> int:
+    parse = lambda s: dt.datetime.strptime(s, "%Y%m%d").date()  # noqa: E731
+    return (parse(new) - parse(old)).days
+
+
+# --- the folder run -----------------------------------------------------------------------------
+
+
+def test_result_counts_written_files_studies_and_skips(site):
+    n_images = sum(len(s.sop_uids) for s in site.series.values())
+    assert site.result_a.files_written == n_images == 20
+    assert site.result_a.studies == 2
+    assert site.result_a.seconds > 0
+    assert dict(site.result_a.files_skipped) == {
+        "zz_extras/burned.dcm": "burned_in_annotation",
+        "zz_extras/copy_of_a_slice.dcm": "duplicate_sop_instance",
+        "zz_extras/empty.dcm": "not_dicom",
+        "zz_extras/no_pixels.dcm": "not_an_image",
+        "zz_extras/notes.txt": "not_dicom",
+        "zz_extras/truncated_header.dcm": "unreadable",
+        "zz_extras/truncated_pixels.dcm": "unreadable",
+    }
+    assert [p for p, _ in site.result_a.files_skipped] == sorted(p for p, _ in site.result_a.files_skipped)
+    assert len(list(site.out_a.rglob("*.dcm"))) == n_images
+    assert not list(site.out_a.rglob("*.partial"))
+
+
+def test_no_original_phi_in_any_output_byte_or_path(site):
+    files = [p for p in site.out_a.rglob("*") if p.is_file()]
+    assert len(files) == 20
+    for path in files:
+        data = path.read_bytes()
+        rel = path.relative_to(site.out_a).as_posix()
+        for phi in site.phi:
+            assert phi.encode() not in data, f"{phi!r} leaked into {rel}"
+            assert phi not in rel, f"{phi!r} leaked into the output path {rel}"
+    for folder in (p for p in site.out_a.rglob("*") if p.is_dir()):
+        assert not any(phi in folder.name for phi in site.phi)
+
+
+def test_output_paths_are_pseudonym_and_new_uids(site):
+    for rel, ds in _outputs(site.out_a).items():
+        patient, study, series, name = rel.split("/")
+        assert patient == ds.PatientID == str(ds.PatientName)
+        assert (study, series, name) == (ds.StudyInstanceUID, ds.SeriesInstanceUID, f"{ds.SOPInstanceUID}.dcm")
+
+
+def test_uids_are_replaced_consistently_across_slices_series_and_references(site):
+    outputs = _outputs(site.out_a)
+    by_sop = {str(ds.SOPInstanceUID): ds for ds in outputs.values()}
+    for s in site.series.values():
+        new_sops = [new_uid(KEY_A, u) for u in s.sop_uids]
+        assert set(new_sops) <= set(by_sop)
+        slices = [by_sop[u] for u in new_sops]
+        assert {str(d.SeriesInstanceUID) for d in slices} == {new_uid(KEY_A, s.series_uid)}
+        assert {str(d.StudyInstanceUID) for d in slices} == {new_uid(KEY_A, s.study_uid)}
+        assert {str(d.FrameOfReferenceUID) for d in slices} == {new_uid(KEY_A, s.frame_of_reference_uid)}
+        assert new_uid(KEY_A, s.series_uid) != s.series_uid
+        for d in slices:  # the reference to the first slice still resolves, to the new first slice
+            assert d.ReferencedImageSequence[0].ReferencedSOPInstanceUID == new_sops[0]
+            assert d.ReferencedImageSequence[0].ReferencedSOPClassUID == CT_IMAGE_STORAGE
+    # series a and b are one study; c is another
+    assert new_uid(KEY_A, site.series["a"].study_uid) == new_uid(KEY_A, site.series["b"].study_uid)
+    assert len({str(d.StudyInstanceUID) for d in outputs.values()}) == 2
+    assert len({str(d.SeriesInstanceUID) for d in outputs.values()}) == 3
+    assert len(by_sop) == 20
+
+
+def test_rerun_with_the_same_key_gives_identical_files(site):
+    assert site.result_a_again.files_written == site.result_a.files_written
+    assert site.result_a_again.files_skipped == site.result_a.files_skipped
+    first = {p.relative_to(site.out_a): p.read_bytes() for p in site.out_a.rglob("*.dcm")}
+    again = {p.relative_to(site.out_a_again): p.read_bytes() for p in site.out_a_again.rglob("*.dcm")}
+    assert first == again
+
+
+def test_uid_and_date_shift_derivations_are_pinned():
+    # Pinned values: a re-run in another process, or after an upgrade, must map identically (or the
+    # research copy would get a second, unlinkable set of UIDs for the same studies).
+    assert new_uid(KEY_A, "1.2.840.99999.1.2.3") == "1.2.826.0.1.3680043.8.498.63365916410905011789055219262138510312"
+    digest = hmac.new(KEY_A, b"uid:1.2.840.99999.1.2.3", hashlib.sha256).hexdigest()
+    assert new_uid(KEY_A, "1.2.840.99999.1.2.3") == generate_uid(entropy_srcs=[digest])
+    assert new_uid(KEY_A, "1.2.840.99999.1.2.3 ") == new_uid(KEY_A, "1.2.840.99999.1.2.3")  # padding ignored
+    assert new_uid(KEY_B, "1.2.840.99999.1.2.3") != new_uid(KEY_A, "1.2.840.99999.1.2.3")
+    assert date_shift_days(KEY_A, PATIENT_1.PatientID) == -9
+    shifts = {date_shift_days(KEY_A, f"P{i}") for i in range(2000)}
+    assert min(shifts) == -365 and max(shifts) == -1
+
+
+def test_another_key_gives_other_pseudonyms_and_uids(site):
+    a, b = _outputs(site.out_a), _outputs(site.out_b)
+    assert len(a) == len(b) == 20
+    assert not set(a) & set(b)
+    for keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+        assert not {str(d.get(keyword)) for d in a.values()} & {str(d.get(keyword)) for d in b.values()}, keyword
+
+
+def test_dates_of_a_patient_are_shifted_by_one_offset_and_times_kept(site):
+    outputs = _outputs(site.out_a)
+    for patient, study_date, acquisition, creation in (
+        (PATIENT_1, STUDY_1["study_date"], ACQUISITION_DATE_1, CREATION_DATE_1),
+        (PATIENT_2, STUDY_2["study_date"], "20220212", "20220213"),
+    ):
+        shift = date_shift_days(KEY_A, patient.PatientID)
+        assert -365 <= shift <= -1
+        pseudonym = Pseudonymizer(KEY_A)("patient", patient.PatientID)
+        mine = [d for d in outputs.values() if d.PatientID == pseudonym]
+        assert len(mine) == (14 if patient is PATIENT_1 else 6)
+        for d in mine:
+            shifts = {
+                _days(d.StudyDate, study_date),
+                _days(d.SeriesDate, study_date),
+                _days(d.ContentDate, study_date),
+                _days(d.AcquisitionDate, acquisition),
+                _days(d.InstanceCreationDate, creation),
+                _days(d.AcquisitionDateTime[:8], acquisition),
+            }
+            assert shifts == {shift}
+            assert _days(d.AcquisitionDate, d.StudyDate) == 1  # intervals kept
+            assert d.AcquisitionDateTime[8:] == "093000.123456"  # time kept, UTC offset dropped
+            assert (d.StudyTime, d.SeriesTime, d.ContentTime) == ("120000", "120000", "120000")
+            assert d.PatientBirthDate == ""
+            assert "PatientBirthTime" not in d and "TimezoneOffsetFromUTC" not in d
+    assert date_shift_days(KEY_A, PATIENT_1.PatientID) != date_shift_days(KEY_A, PATIENT_2.PatientID)
+
+
+def test_private_tags_are_removed_everywhere(site):
+    for rel, ds in _outputs(site.out_a).items():
+        assert not [e.tag for e in _walk(ds) if e.tag.is_private], rel
+        assert "RequestAttributesSequence" not in ds and "OtherPatientIDsSequence" not in ds
+
+
+def test_deidentification_is_recorded_in_the_header(site):
+    outputs = _outputs(site.out_a)
+    pseudonyms = {Pseudonymizer(KEY_A)("patient", p.PatientID) for p in (PATIENT_1, PATIENT_2)}
+    for ds in outputs.values():
+        assert ds.PatientIdentityRemoved == "YES"
+        assert ds.LongitudinalTemporalInformationModified == "MODIFIED"
+        codes = {(i.CodeValue, i.CodingSchemeDesignator) for i in ds.DeidentificationMethodCodeSequence}
+        assert {("113100", "DCM"), ("113107", "DCM"), ("113108", "DCM")} == codes
+        assert any("Basic Application Confidentiality Profile" in m for m in ds.DeidentificationMethod)
+        assert "Private attributes removed" in ds.DeidentificationMethod
+        assert ds.PatientName == ds.PatientID and ds.PatientID in pseudonyms
+    assert {ds.PatientID for ds in outputs.values()} == pseudonyms
+
+
+def test_profile_actions_on_the_written_files(site):
+    ds = next(iter(_outputs(site.out_a).values()))
+    for keyword in ("OperatorsName", "PerformingPhysicianName", "StationName", "DeviceSerialNumber", "InstitutionName",
+                    "InstitutionAddress", "InstitutionalDepartmentName", "PatientAddress", "PatientTelephoneNumbers",
+                    "OtherPatientIDs", "EthnicGroup", "ImageComments", "StudyDescription", "SeriesDescription",
+                    "ProtocolName"):  # fmt: skip
+        assert keyword not in ds, keyword
+    for keyword in ("AccessionNumber", "StudyID", "ReferringPhysicianName", "PatientBirthDate"):
+        assert keyword in ds and ds[keyword].is_empty, keyword
+    assert ds.ReferencedImageSequence[0].PersonName == ""  # a PN the table does not list is emptied
+    # kept: patient characteristics (option 113108), equipment make, geometry, acquisition parameters
+    assert (ds.PatientSex, ds.PatientAge) in {("F", "087Y"), ("M", "071Y")}
+    assert ds.Manufacturer == MANUFACTURER and ds.Modality == "CT" and ds.ConvolutionKernel == "STANDARD"
+    assert ds.RescaleIntercept == -1024 and ds.PixelSpacing == [2.0, 2.0] and ds.KVP == 120
+
+
+def test_pixel_data_is_identical_to_the_input(site):
+    by_sop = {str(ds.SOPInstanceUID): ds for ds in _outputs(site.out_a).values()}
+    for s in site.series.values():
+        for sop, path in zip(s.sop_uids, s.paths):
+            original = pydicom.dcmread(path)
+            out = by_sop[new_uid(KEY_A, sop)]
+            assert out.PixelData == original.PixelData
+            np.testing.assert_array_equal(out.pixel_array, original.pixel_array)
+
+
+def test_outputs_are_valid_dicom_files_with_consistent_file_meta(site):
+    for rel, _ in _outputs(site.out_a).items():
+        path = site.out_a / rel
+        assert path.read_bytes()[:128] == b"\x00" * 128 and path.read_bytes()[128:132] == b"DICM"
+        ds = pydicom.dcmread(path)  # no force: a proper Part 10 file
+        meta = ds.file_meta
+        assert meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert meta.MediaStorageSOPClassUID == ds.SOPClassUID == CT_IMAGE_STORAGE
+        assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert "SourceApplicationEntityTitle" not in meta
+        assert meta.ImplementationClassUID == pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+
+
+def test_input_folder_is_left_unchanged(site, snapshot):
+    assert snapshot(site.root) == site.before
+
+
+# --- argument checks ----------------------------------------------------------------------------
+
+
+def test_missing_input_folder_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        deidentify_folder(tmp_path / "absent", tmp_path / "out", site_key=KEY_A)
+
+
+@pytest.mark.parametrize("inside", [".", "out", "sub/out"])
+def test_output_inside_the_input_is_refused(make_series, dicom_root, snapshot, inside):
+    make_series("s", n_slices=2, rows=8, cols=8)
+    before = snapshot(dicom_root)
+    with pytest.raises(ValueError, match="inside"):
+        deidentify_folder(dicom_root, dicom_root / inside, site_key=KEY_A)
+    assert snapshot(dicom_root) == before
+
+
+def test_short_site_key_is_refused(make_series, dicom_root, tmp_path):
+    make_series("s", n_slices=2, rows=8, cols=8)
+    with pytest.raises(ValueError, match="32 bytes"):
+        deidentify_folder(dicom_root, tmp_path / "out", site_key=b"short")
+    assert not (tmp_path / "out").exists()
+
+
+# --- single datasets ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slice_ds(make_series) -> pydicom.FileDataset:
+    s = make_series("one", n_slices=1, rows=8, cols=8)
+    return pydicom.dcmread(s.paths[0])
+
+
+def test_profile_table_names_valid_keywords_and_actions():
+    for keyword, (profile, applied) in PROFILE_ACTIONS.items():
+        assert tag_for_keyword(keyword) is not None, keyword
+        assert applied in {"X", "Z", "D", "K", "U", "C"}, keyword
+        assert set(profile.replace("*", "").split("/")) <= {"X", "Z", "D", "K", "U", "C"}, keyword
+        if applied == "U":
+            assert dictionary_VR(keyword) in ("UI", "SQ"), keyword
+    # every choice that keeps something the Basic Profile would not keep is one of the two options
+    widened = {kw for kw, (profile, applied) in PROFILE_ACTIONS.items() if applied in "KC" and applied not in profile}
+    assert widened == {"PatientSex", "PatientAge", "PatientSize", "PatientWeight", "StudyDate", "StudyTime",
+                       "SeriesDate", "SeriesTime", "InstanceCreationDate", "InstanceCreationTime", "AcquisitionDate",
+                       "AcquisitionTime", "AcquisitionDateTime", "ContentDate", "ContentTime"}  # fmt: skip
+
+
+def test_deidentify_dataset_returns_a_copy_and_leaves_the_input_alone(slice_ds):
+    slice_ds.private_block(0x0011, PRIVATE_CREATOR, create=True).add_new(0x01, "LO", PRIVATE_VALUE)
+    before = copy.deepcopy(slice_ds)
+
+    out = deidentify_dataset(slice_ds, site_key=KEY_A)
+
+    assert out is not slice_ds
+    assert slice_ds == before and slice_ds.file_meta == before.file_meta
+    assert out.PatientID == Pseudonymizer(KEY_A)("patient", before.PatientID)
+    assert out.SOPInstanceUID == new_uid(KEY_A, before.SOPInstanceUID) == out.file_meta.MediaStorageSOPInstanceUID
+    assert out.StudyDate == (dt.date(2024, 1, 1) + dt.timedelta(days=date_shift_days(KEY_A, before.PatientID))).strftime("%Y%m%d")
+    assert not any(e.tag.is_private for e in out)
+    assert out.PixelData == before.PixelData
+
+
+def test_attributes_outside_the_table_follow_the_vr_rules(slice_ds):
+    for keyword in ("PersonName", "SOPInstanceUIDOfConcatenationSource", "TextValue", "ReceivingAE",
+                    "ScheduledProcedureStepModificationDateTime", "ReferencedTransferSyntaxUIDInFile"):  # fmt: skip
+        assert keyword not in PROFILE_ACTIONS
+    slice_ds.PersonName = "Hiddenqz^Person"
+    slice_ds.SOPInstanceUIDOfConcatenationSource = "1.2.3.4.5.6.7"
+    slice_ds.TextValue = "free text naming Qzvorak"
+    slice_ds.ReceivingAE = "QZ_SITE_PACS"
+    slice_ds.ScheduledProcedureStepModificationDateTime = "20240101101500"
+    slice_ds.ReferencedTransferSyntaxUIDInFile = ExplicitVRLittleEndian
+    slice_ds.add_new(0x60000010, "US", 8)  # overlay rows
+    slice_ds.add_new(0x60003000, "OW", b"\x01" * 8)  # overlay data
+    slice_ds.add_new(0x00080000, "UL", 1234)  # a (stale) group length
+    slice_ds.PatientAge = "095Y"
+    shift = date_shift_days(KEY_A, slice_ds.PatientID)
+
+    out = deidentify_dataset(slice_ds, site_key=KEY_A)
+
+    assert out.PersonName == ""
+    assert out.SOPInstanceUIDOfConcatenationSource == new_uid(KEY_A, "1.2.3.4.5.6.7")
+    assert out.ReferencedTransferSyntaxUIDInFile == ExplicitVRLittleEndian  # standard UIDs are not secrets
+    assert "TextValue" not in out and "ReceivingAE" not in out
+    assert out.ScheduledProcedureStepModificationDateTime == (dt.date(2024, 1, 1) + dt.timedelta(days=shift)).strftime("%Y%m%d") + "101500"
+    assert not [t for t in out.keys() if t.group == 0x6000 or t.element == 0]
+    assert out.PatientAge == "090Y"  # ages over 89 are reported as 90
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda ds: setattr(ds, "BurnedInAnnotation", "YES"), "burned_in_annotation"),
+        (lambda ds: setattr(ds, "SOPClassUID", SecondaryCaptureImageStorage), "secondary_capture"),
+        (lambda ds: ds.__delattr__("PixelData"), "not_an_image"),
+    ],
+)
+def test_objects_header_rules_cannot_clean_are_refused(slice_ds, change, reason):
+    change(slice_ds)
+    with pytest.raises(DeidentificationRefused) as info:
+        deidentify_dataset(slice_ds, site_key=KEY_A)
+    assert info.value.reason == reason
+
+
+def test_without_patient_id_the_study_is_the_patient_as_in_ingest(slice_ds):
+    slice_ds.PatientID = ""
+    other = copy.deepcopy(slice_ds)
+    other.StudyInstanceUID = "1.2.840.99999.77"
+
+    first, second = deidentify_dataset(slice_ds, site_key=KEY_A), deidentify_dataset(other, site_key=KEY_A)
+
+    assert first.PatientID == Pseudonymizer(KEY_A)("patient", slice_ds.StudyInstanceUID)
+    assert second.PatientID == Pseudonymizer(KEY_A)("patient", "1.2.840.99999.77")
+    assert _days(first.StudyDate, "20240101") == date_shift_days(KEY_A, slice_ds.StudyInstanceUID)
+
+
+def test_keep_private_tags_keeps_them_and_says_so(slice_ds):
+    slice_ds.private_block(0x0011, PRIVATE_CREATOR, create=True).add_new(0x01, "LO", PRIVATE_VALUE)
+    out = deidentify_dataset(slice_ds, site_key=KEY_A, keep_private_tags=True)
+    assert out[0x00111001].value == PRIVATE_VALUE
+    assert "Private attributes retained (not profile conformant)" in out.DeidentificationMethod
+    assert out.PatientName == Pseudonymizer(KEY_A)("patient", slice_ds.PatientID)
+
+
+# --- pydicom's real test files --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_real_files_from_pydicom(name, copy_testdata, tmp_path, snapshot):
+    src = copy_testdata(name, tmp_path / "in")
+    original = pydicom.dcmread(src)
+    before = snapshot(tmp_path / "in")
+
+    result = deidentify_folder(tmp_path / "in", tmp_path / "out", site_key=KEY_A)
+
+    assert (result.files_written, result.files_skipped, result.studies) == (1, (), 1)
+    assert snapshot(tmp_path / "in") == before
+    (path,) = (tmp_path / "out").rglob("*.dcm")
+    data = path.read_bytes()
+    leaks = [str(original.PatientName), original.PatientID, original.StudyInstanceUID, original.SeriesInstanceUID,
+             original.SOPInstanceUID, original.FrameOfReferenceUID, original.file_meta.SourceApplicationEntityTitle,
+             original.StudyDate]  # fmt: skip
+    if name == "CT_small.dcm":
+        leaks += [original.InstitutionName, original.StationName, "ABCD1234", "1234ABCD", "GEMS_IDEN_01"]
+    for phi in leaks:
+        assert phi.strip().encode() not in data, phi
+        assert phi.strip() not in path.relative_to(tmp_path / "out").as_posix()
+    out = pydicom.dcmread(path)
+    assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID == new_uid(KEY_A, original.SOPInstanceUID)
+    assert out.SOPClassUID == original.SOPClassUID
+    assert out.PixelData == original.PixelData
+    assert not any(e.tag.is_private for e in _walk(out))
+    assert "InstitutionName" not in out and "OtherPatientIDsSequence" not in out and "ImageComments" not in out
+    assert _days(out.StudyDate, original.StudyDate) == date_shift_days(KEY_A, original.PatientID)
+    if name == "CT_small.dcm":  # study and content dates differ by years there: the interval is kept
+        assert _days(out.ContentDate, out.StudyDate) == _days(original.ContentDate, original.StudyDate)
+    assert out.PatientIdentityRemoved == "YES"
+
+
+def test_a_dicomdir_export_from_pydicom(copy_testdata, tmp_path):
+    """pydicom's DICOMDIR test tree: the media directories are refused, the CT/MR images de-identified."""
+    root = copy_testdata("dicomdirtests", tmp_path / "in")
+    originals = {}
+    for path in (p for p in root.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path)
+        except pydicom.errors.InvalidDicomError:
+            continue
+        if "PixelData" in ds:
+            originals[str(ds.SOPInstanceUID)] = ds
+
+    result = deidentify_folder(root, tmp_path / "out", site_key=KEY_A)
+
+    reasons = dict(result.files_skipped)
+    assert {p for p, r in reasons.items() if r == "dicomdir"} == {p.relative_to(root).as_posix() for p in root.rglob("DICOMDIR*")}
+    assert result.files_written == len(originals) > 0
+    names = {str(ds.PatientName) for ds in originals.values()} | {str(ds.PatientID) for ds in originals.values()}
+    assert len(names) >= 4
+    for path in (tmp_path / "out").rglob("*.dcm"):
+        out = pydicom.dcmread(path)
+        original = next(o for sop, o in originals.items() if new_uid(KEY_A, sop) == out.SOPInstanceUID)
+        data = path.read_bytes()
+        for phi in (*names, original.StudyInstanceUID, original.SeriesInstanceUID, original.SOPInstanceUID):
+            assert str(phi).encode() not in data and str(phi) not in path.relative_to(tmp_path / "out").as_posix(), phi
+        assert out.PixelData == original.PixelData
+        assert out.PatientID == Pseudonymizer(KEY_A)("patient", original.PatientID)
