@@ -21,9 +21,9 @@ class DemoOptions:
 
     out: Path
     sites: int = 3
-    patients_per_site: int = 30
+    patients_per_site: int = 40
     rounds: int = 10
-    local_epochs: int = 1
+    local_epochs: int = 2
     model_name: str = "densenet121"
     seed: int = 0
 

@@ -101,3 +101,15 @@ def test_deid_refuses_output_inside_input(synth_dir, tmp_path):
     done = fedct("deid", "--input", str(source), "--out", str(source / "out"), "--site-dir", str(tmp_path / "site"), cwd=tmp_path)
     assert done.returncode == 2 and "fedct deid: error" in done.stderr
     assert not (source / "out").exists()
+
+
+def test_demo_command_defaults_equal_the_demo_options():
+    from dataclasses import fields
+
+    from fedct.cli import build_parser
+    from fedct.demo import DemoOptions
+
+    args = build_parser().parse_args(["demo", "--out", "x"])
+    for f in fields(DemoOptions):
+        if f.name != "out":
+            assert getattr(args, "model" if f.name == "model_name" else f.name) == f.default, f.name
