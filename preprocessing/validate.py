@@ -3,22 +3,43 @@
 MONAI's and ITK's readers return wrong volumes without error for a missing slice, two series sharing
 one folder or a truncated file. We check the invariants a CT volume needs from the headers first, one
 invariant per check, each with its own reason code, and only then decode pixels (``volume.py``).
+
+A series is either N single-frame CT files or the frames of Enhanced CT file(s): discovery gives one
+header per frame, so both go through the same checks; :attr:`ValidatedSeries.frames` says which frame
+of each file a slice is. Localizer (scout) images mixed into a series are dropped, not refused.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from pydicom.pixels import get_decoder
 
-from preprocessing.discover import InstanceHeader, Rejection
+from preprocessing.discover import (
+    CT_IMAGE_STORAGE,
+    ENHANCED_CT_IMAGE_STORAGE,
+    MULTI_FRAME_CT_SOP_CLASSES,
+    InstanceHeader,
+    Rejection,
+)
 
-#: SOP classes this pipeline reads: single-frame CT Image Storage.
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+__all__ = [
+    "CT_IMAGE_STORAGE",
+    "ENHANCED_CT_IMAGE_STORAGE",
+    "LOCALIZER_IMAGE_TYPES",
+    "SeriesInvalid",
+    "ValidatedSeries",
+    "ValidationConfig",
+    "slice_normal",
+    "validate_series",
+]
+
+#: ImageType / FrameType values that mark a localizer (scout, topogram, surview) rather than a slice.
+LOCALIZER_IMAGE_TYPES = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW"})
 
 
 @dataclass(frozen=True)
@@ -52,7 +73,10 @@ class ValidatedSeries:
     first_position: tuple[float, float, float]
     slice_step_mm: float  # signed distance between consecutive sorted slices along the normal (> 0)
     transfer_syntaxes: tuple[str, ...]
-    dropped: tuple[Rejection, ...]  # duplicate files of the same SOP instance that were ignored
+    dropped: tuple[Rejection, ...]  # duplicate copies and localizer images that were left out
+    #: For a multi-frame series: the 0-based frame index in ``paths[k]`` of slice k (a path repeats once per
+    #: frame). Empty when every path is a single-frame file.
+    frames: tuple[int, ...] = ()
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -84,16 +108,70 @@ def slice_normal(orientation: Sequence[float]) -> np.ndarray:
 
 
 def _dedupe(headers: Sequence[InstanceHeader]) -> tuple[list[InstanceHeader], list[Rejection]]:
-    kept: dict[str, InstanceHeader] = {}
+    """Keep the first file of each SOP instance (and frame); a copy is dropped, recorded once per file."""
+    kept: dict[tuple[str, int | None], InstanceHeader] = {}
+    dropped: dict[str, Rejection] = {}
+    for h in headers:
+        key = (h.SOPInstanceUID, h.frame)
+        if key in kept and kept[key].path != h.path:
+            if h.path not in dropped:
+                dropped[h.path] = Rejection(
+                    h.path, "duplicate_instance", f"same SOPInstanceUID as {os.path.basename(kept[key].path)}; copy ignored"
+                )
+        elif key not in kept:
+            kept[key] = h
+    unique = [h for h in kept.values() if h.path not in dropped]
+    return unique, list(dropped.values())
+
+
+def _is_localizer_type(h: InstanceHeader) -> bool:
+    return any(v.upper() in LOCALIZER_IMAGE_TYPES for v in h.ImageType)
+
+
+def _says_axial(h: InstanceHeader) -> bool:
+    return any(v.upper() == "AXIAL" for v in h.ImageType)
+
+
+def _image_type(h: InstanceHeader) -> str:
+    return "\\".join(h.ImageType) or "(none)"
+
+
+def _stack_orientation(axial: Sequence[InstanceHeader]) -> np.ndarray:
+    """The orientation most of the AXIAL images have (the first one's on a tie)."""
+    counts = Counter(tuple(np.round(h.ImageOrientationPatient, 4)) for h in axial)
+    return np.asarray(counts.most_common(1)[0][0], dtype=float)
+
+
+def _drop_localizers(
+    headers: Sequence[InstanceHeader], cfg: ValidationConfig
+) -> tuple[list[InstanceHeader], list[Rejection]]:
+    """Separate localizer (scout) images from the stack.
+
+    A localizer is an image whose ImageType says LOCALIZER (or a vendor's SCOUT/TOPOGRAM/SURVIEW), or one whose
+    ImageType does not say AXIAL, while the stack's does, and whose orientation differs from the axial stack's.
+    Dropping is safe: what remains is checked like any series (a dropped slice of the stack would leave a gap).
+    """
+    stack: list[InstanceHeader] = []
     dropped: list[Rejection] = []
     for h in headers:
-        if h.SOPInstanceUID in kept:
-            dropped.append(
-                Rejection(h.path, "duplicate_instance", f"same SOPInstanceUID as {os.path.basename(kept[h.SOPInstanceUID].path)}; copy ignored")
-            )
+        if _is_localizer_type(h):
+            message = f"{h.where}: ImageType {_image_type(h)} marks a localizer, not a slice of the volume"
+            dropped.append(Rejection(h.path, "localizer", message))
         else:
-            kept[h.SOPInstanceUID] = h
-    return list(kept.values()), dropped
+            stack.append(h)
+    axial = [h for h in stack if _says_axial(h)]
+    if not axial:
+        return stack, dropped
+    reference = _stack_orientation(axial)
+    kept = []
+    for h in stack:
+        off_axis = np.max(np.abs(np.asarray(h.ImageOrientationPatient) - reference)) > cfg.orientation_tolerance
+        if off_axis and not _says_axial(h):
+            message = f"{h.where}: orientation differs from the axial stack; ImageType {_image_type(h)} does not say AXIAL"
+            dropped.append(Rejection(h.path, "localizer", message))
+        else:
+            kept.append(h)
+    return kept, dropped
 
 
 def _check_modality(headers: Sequence[InstanceHeader]) -> None:
@@ -104,21 +182,65 @@ def _check_modality(headers: Sequence[InstanceHeader]) -> None:
 
 def _check_sop_class(headers: Sequence[InstanceHeader]) -> None:
     for h in headers:
-        if h.SOPClassUID == ENHANCED_CT_IMAGE_STORAGE or h.NumberOfFrames > 1:
+        if h.SOPClassUID in MULTI_FRAME_CT_SOP_CLASSES and h.frame is not None:
+            continue  # one frame of an Enhanced CT file, read frame by frame
+        if h.SOPClassUID in MULTI_FRAME_CT_SOP_CLASSES:
+            message = "Enhanced CT header without a frame index: read it with read_headers"
+            raise SeriesInvalid("unsupported_sop_class", message, h.path)
+        if h.NumberOfFrames > 1:
             raise SeriesInvalid(
-                "unsupported_sop_class", "multi-frame (Enhanced) CT is not supported yet; export single-frame CT", h.path
+                "unsupported_sop_class",
+                f"CT Image Storage instance with NumberOfFrames {h.NumberOfFrames}: only single-frame CT Image Storage "
+                "and Enhanced CT are read",
+                h.path,
             )
         if h.SOPClassUID != CT_IMAGE_STORAGE:
-            raise SeriesInvalid("unsupported_sop_class", f"SOPClassUID {h.SOPClassUID} is not CT Image Storage", h.path)
+            raise SeriesInvalid(
+                "unsupported_sop_class", f"SOPClassUID {h.SOPClassUID} is not CT Image Storage or Enhanced CT", h.path
+            )
+
+
+def _check_single_or_multi_frame(headers: Sequence[InstanceHeader]) -> None:
+    single = [h for h in headers if h.frame is None]
+    if single and len(single) != len(headers):
+        raise SeriesInvalid(
+            "mixed_sop_classes", "series mixes single-frame CT files and frames of Enhanced CT files", single[0].path
+        )
+
+
+def _check_one_stack(headers: Sequence[InstanceHeader]) -> None:
+    """Frames of several stacks or time points would interleave into one wrong volume."""
+    for keyword in ("StackID", "TemporalPositionIndex"):
+        values = {getattr(h, keyword) for h in headers}
+        if len(values) > 1:
+            other = next(h for h in headers if getattr(h, keyword) != getattr(headers[0], keyword))
+            raise SeriesInvalid(
+                "multiple_stacks",
+                f"frames belong to {len(values)} different {keyword} values (e.g. {other.where}): several stacks or time "
+                "points, not one volume",
+                other.path,
+            )
+
+
+def _check_rescale_type(headers: Sequence[InstanceHeader]) -> None:
+    for h in headers:
+        if h.RescaleType and h.RescaleType.upper() != "HU":
+            raise SeriesInvalid(
+                "not_hu",
+                f"{h.where}: RescaleType is {h.RescaleType!r}: rescaled values are not Hounsfield units (a derived map?)",
+                h.path,
+            )
 
 
 def _check_transfer_syntax(headers: Sequence[InstanceHeader]) -> None:
+    known: dict[str, bool] = {}
     for h in headers:
-        try:
-            available = get_decoder(h.TransferSyntaxUID).is_available
-        except (NotImplementedError, ValueError):
-            available = False
-        if not available:
+        if h.TransferSyntaxUID not in known:
+            try:
+                known[h.TransferSyntaxUID] = get_decoder(h.TransferSyntaxUID).is_available
+            except (NotImplementedError, ValueError):
+                known[h.TransferSyntaxUID] = False
+        if not known[h.TransferSyntaxUID]:
             raise SeriesInvalid(
                 "unsupported_transfer_syntax", f"no installed decoder for TransferSyntaxUID {h.TransferSyntaxUID!r}", h.path
             )
@@ -140,6 +262,16 @@ def _check_orientation(headers: Sequence[InstanceHeader], cfg: ValidationConfig)
             raise SeriesInvalid("inconsistent_geometry", "ImageOrientationPatient differs between slices", h.path)
 
 
+def _describe(h: InstanceHeader) -> str:
+    return h.path if h.frame is None else f"{h.path} frame {h.frame + 1}"
+
+
+def _same_position_hint(a: InstanceHeader, b: InstanceHeader) -> str:
+    if a.path == b.path:
+        return "one multi-frame file holds several stacks or time points, not one volume"
+    return "two series share one SeriesInstanceUID?"
+
+
 def validate_series(headers: Sequence[InstanceHeader], *, config: ValidationConfig | None = None) -> ValidatedSeries:
     """Check the invariants of a CT volume and return the slices sorted along the normal.
 
@@ -149,16 +281,23 @@ def validate_series(headers: Sequence[InstanceHeader], *, config: ValidationConf
     if not headers:
         raise SeriesInvalid("too_few_slices", "series has no slices")
     unique, dropped = _dedupe(headers)
+    unique, localizers = _drop_localizers(unique, cfg)
+    dropped += localizers
     _check_modality(unique)
     _check_sop_class(unique)
+    _check_single_or_multi_frame(unique)
+    _check_one_stack(unique)
     _check_transfer_syntax(unique)
+    _check_rescale_type(unique)
     _check_same(unique, "StudyInstanceUID")
     _check_same(unique, "Rows")
     _check_same(unique, "Columns")
     _check_same(unique, "PixelSpacing")
     _check_orientation(unique, cfg)
     if len(unique) < cfg.min_slices:
-        raise SeriesInvalid("too_few_slices", f"{len(unique)} slices; at least {cfg.min_slices} are needed for a volume")
+        besides = f" ({len(localizers)} localizer image(s) left out)" if localizers else ""
+        message = f"{len(unique)} slices{besides}; at least {cfg.min_slices} are needed for a volume"
+        raise SeriesInvalid("too_few_slices", message)
 
     normal = slice_normal(unique[0].ImageOrientationPatient)
     positions = np.asarray([h.ImagePositionPatient for h in unique], dtype=float)
@@ -174,8 +313,8 @@ def validate_series(headers: Sequence[InstanceHeader], *, config: ValidationConf
         i = int(duplicate[0])
         raise SeriesInvalid(
             "duplicate_position",
-            f"two different instances at the same position {along[i]:.2f} mm "
-            f"({ordered[i].path} and {ordered[i + 1].path}): two series share one SeriesInstanceUID?",
+            f"two different images at the same position {along[i]:.2f} mm "
+            f"({_describe(ordered[i])} and {_describe(ordered[i + 1])}): {_same_position_hint(ordered[i], ordered[i + 1])}",
             ordered[i + 1].path,
         )
 
@@ -186,7 +325,8 @@ def validate_series(headers: Sequence[InstanceHeader], *, config: ValidationConf
         i = int(np.argmax(sideways))
         raise SeriesInvalid(
             "gantry_tilt",
-            f"slice positions are not stacked along the slice normal (shear {sideways[i]:.3f}); gantry tilt is not supported",
+            f"slice positions are not stacked along the slice normal (shear {sideways[i]:.3f} at {ordered[i + 1].where}); "
+            "gantry tilt is not supported",
             ordered[i + 1].path,
         )
 
@@ -204,12 +344,13 @@ def validate_series(headers: Sequence[InstanceHeader], *, config: ValidationConf
             raise SeriesInvalid(
                 "missing_slices",
                 f"{missing} slice(s) missing between {along[i]:.2f} mm and {along[i + 1]:.2f} mm "
-                f"(gap {gaps[i]:.2f} mm, regular spacing {median_gap:.2f} mm)",
+                f"(gap {gaps[i]:.2f} mm before {ordered[i + 1].where}, regular spacing {median_gap:.2f} mm)",
                 ordered[i + 1].path,
             )
         raise SeriesInvalid(
             "non_uniform_spacing",
-            f"slice gap {gaps[i]:.2f} mm at {along[i]:.2f} mm differs from the regular {median_gap:.2f} mm",
+            f"slice gap {gaps[i]:.2f} mm at {along[i]:.2f} mm (before {ordered[i + 1].where}) differs from the regular "
+            f"{median_gap:.2f} mm",
             ordered[i + 1].path,
         )
 
@@ -227,4 +368,5 @@ def validate_series(headers: Sequence[InstanceHeader], *, config: ValidationConf
         slice_step_mm=median_gap,
         transfer_syntaxes=tuple(sorted({h.TransferSyntaxUID for h in ordered})),
         dropped=tuple(dropped),
+        frames=tuple(h.frame for h in ordered) if first.frame is not None else (),  # type: ignore[misc]
     )

@@ -2,12 +2,15 @@
 
 Every slice is decoded and checked against the geometry that validation established, so a file that
 changed since validation or whose pixel data is truncated raises instead of producing a wrong volume.
+Any transfer syntax pydicom has a decoder for is read (native, deflated, RLE, JPEG lossless, JPEG-LS,
+JPEG 2000); a multi-frame (Enhanced CT) file is decoded once and its frames taken with their own
+position and rescale. Padding pixels (PixelPaddingValue / PixelPaddingRangeLimit) become air, -1000 HU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -16,13 +19,17 @@ import torch
 from monai.data import MetaTensor
 from monai.utils import MetaKeys, SpaceKeys
 from monai.transforms import MapTransform
+from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import UncompressedTransferSyntaxes
 
+from preprocessing.discover import frame_functional_item, read_dicom
 from preprocessing.validate import SeriesInvalid, ValidatedSeries, slice_normal
 
 #: LPS (DICOM patient space) -> RAS (MONAI's default world space).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: HU given to padding pixels (outside the reconstructed field of view).
+AIR_HU = -1000.0
 
 
 def series_affine(series: ValidatedSeries) -> np.ndarray:
@@ -42,45 +49,174 @@ def _pixel_data_shortfall(ds: pydicom.Dataset) -> tuple[int, int] | None:
     """``(bytes present, bytes needed)`` when uncompressed pixel data is absent or shorter than the image; else None."""
     if str(ds.file_meta.get("TransferSyntaxUID", "")) not in UncompressedTransferSyntaxes:
         return None  # encapsulated data: a truncated stream fails in its decoder
-    expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * int(ds.BitsAllocated) // 8
+    frames = int(ds.get("NumberOfFrames") or 1)
+    expected = frames * int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * int(ds.BitsAllocated) // 8
     have = len(ds.PixelData) if "PixelData" in ds else 0
     return (have, expected) if have < expected else None
+
+
+def _encapsulated_but_native(ds: pydicom.Dataset) -> bool:
+    """Compressed (encapsulated) PixelData under an uncompressed transfer syntax, e.g. a file without File Meta."""
+    native = str(ds.file_meta.get("TransferSyntaxUID", "")) in UncompressedTransferSyntaxes
+    return native and "PixelData" in ds and ds["PixelData"].is_undefined_length
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """One decoded file: the dataset and its stored values, shape (frames, Rows, Columns)."""
+
+    ds: Dataset
+    pixels: np.ndarray
+
+
+def _decode(path: str, series: ValidatedSeries) -> _Decoded:
+    """Read and decode one file, raising :class:`SeriesInvalid` naming it when it cannot be used."""
+    try:
+        ds = read_dicom(path)
+        shortfall = _pixel_data_shortfall(ds)
+        if _encapsulated_but_native(ds):
+            raise SeriesInvalid(
+                "unsupported_transfer_syntax",
+                f"PixelData is compressed but the transfer syntax {ds.file_meta.TransferSyntaxUID.name} is not "
+                "(no File Meta?): the codec is unknown",
+                path,
+            )
+        pixels = None if shortfall else ds.pixel_array
+    except SeriesInvalid:
+        raise
+    except Exception as exc:  # decoders raise many types; any of them means this slice is unusable
+        reason = "truncated_pixel_data" if "PixelData" in str(exc) or "length" in str(exc).lower() else "unreadable"
+        raise SeriesInvalid(reason, f"pixel data could not be decoded: {type(exc).__name__}: {exc}", path) from exc
+    if shortfall:
+        have, needed = shortfall
+        raise SeriesInvalid(
+            "truncated_pixel_data",
+            f"PixelData holds {have} of the {needed} bytes Rows x Columns need: file truncated?",
+            path,
+        )
+    if pixels.ndim == 2:
+        pixels = pixels[None]
+    if pixels.shape[1:] != (series.Rows, series.Columns):
+        raise SeriesInvalid(
+            "inconsistent_geometry",
+            f"decoded slice has shape {pixels.shape[1:]}, header says {(series.Rows, series.Columns)}",
+            path,
+        )
+    return _Decoded(ds, pixels)
+
+
+def _frame_source(decoded: _Decoded, frame: int | None, path: str, what: str, sequence: str) -> Dataset:
+    """The dataset holding ``what`` for a frame: the file itself, or the frame's functional group item."""
+    if frame is None:
+        return decoded.ds
+    item = frame_functional_item(decoded.ds, frame, sequence)
+    if item is None:
+        raise SeriesInvalid("missing_attribute", f"{what} ({sequence}) of frame {frame + 1} missing", path)
+    return item
+
+
+def _rescale_source(decoded: _Decoded, frame: int | None, path: str) -> Dataset:
+    """Where a frame's RescaleIntercept/Slope are: its PixelValueTransformationSequence, else the file's top level."""
+    if frame is None:
+        return decoded.ds
+    item = frame_functional_item(decoded.ds, frame, "PixelValueTransformationSequence")
+    if item is None and all(decoded.ds.get(kw) not in (None, "") for kw in ("RescaleIntercept", "RescaleSlope")):
+        return decoded.ds
+    return _frame_source(decoded, frame, path, "RescaleIntercept/RescaleSlope", "PixelValueTransformationSequence")
+
+
+def _stored_value(value: object, ds: Dataset, path: str, keyword: str) -> int:
+    """A padding attribute as a stored pixel value of this file's PixelRepresentation (US/SS written either way)."""
+    try:
+        number = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError) as exc:
+        raise SeriesInvalid("unreadable", f"{keyword} {value!r} is not one integer", path) from exc
+    bits = int(ds.BitsAllocated)
+    if int(ds.PixelRepresentation) == 1 and number >= 2 ** (bits - 1):
+        number -= 2**bits  # SS value read as US
+    elif int(ds.PixelRepresentation) == 0 and number < 0:
+        number += 2**bits  # US value read as SS
+    return number
+
+
+def _padding_mask(decoded: _Decoded, frame_index: int, path: str) -> np.ndarray | None:
+    """Pixels of one frame that are padding: stored value == PixelPaddingValue, or within the PixelPaddingRangeLimit range.
+
+    pydicom returns stored values reduced to BitsStored; a padding value outside that range is compared with the
+    raw words of native pixel data. For compressed data such a value cannot be told from a real one: refused.
+    """
+    ds = decoded.ds
+    if ds.get("PixelPaddingValue") in (None, ""):
+        return None
+    lo = hi = _stored_value(ds.PixelPaddingValue, ds, path, "PixelPaddingValue")
+    if ds.get("PixelPaddingRangeLimit") not in (None, ""):
+        limit = _stored_value(ds.PixelPaddingRangeLimit, ds, path, "PixelPaddingRangeLimit")
+        lo, hi = min(lo, limit), max(hi, limit)
+    pixels = decoded.pixels[frame_index]
+    bits_stored = int(ds.BitsStored)
+    signed = int(ds.PixelRepresentation) == 1
+    stored_min, stored_max = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (0, 2**bits_stored - 1)
+    if stored_min <= lo and hi <= stored_max:
+        return (pixels >= lo) & (pixels <= hi)
+    if str(ds.file_meta.TransferSyntaxUID) in UncompressedTransferSyntaxes and int(ds.BitsAllocated) in (8, 16, 32):
+        endian = ">" if str(ds.file_meta.TransferSyntaxUID) == pydicom.uid.ExplicitVRBigEndian else "<"
+        dtype = np.dtype(f"{endian}{'i' if signed else 'u'}{int(ds.BitsAllocated) // 8}")
+        count = decoded.pixels.size
+        raw = np.frombuffer(ds.PixelData, dtype=dtype, count=count).reshape(decoded.pixels.shape)[frame_index]
+        return (raw >= lo) & (raw <= hi)
+    raise SeriesInvalid(
+        "ambiguous_padding",
+        f"PixelPaddingValue range {lo}..{hi} lies outside the {bits_stored}-bit stored values of compressed pixel data: "
+        "padding cannot be told from tissue",
+        path,
+    )
 
 
 def read_hu_volume(series: ValidatedSeries) -> tuple[np.ndarray, np.ndarray]:
     """Decode all slices, apply the modality LUT (RescaleSlope/Intercept) and stack them.
 
     Returns ``(volume, affine)``: float32 HU of shape (Columns, Rows, slices) and the voxel->RAS affine.
-    Raises :class:`SeriesInvalid` naming the file when one slice cannot be used.
+    Padding pixels are set to -1000 HU. A multi-frame file is decoded once; each frame uses the position and
+    rescale of its functional groups. Raises :class:`SeriesInvalid` naming the file when one slice cannot be used.
     """
+    if series.frames and len(series.frames) != len(series.paths):
+        raise ValueError(f"series has {len(series.paths)} paths but {len(series.frames)} frame indices")
     volume = np.empty(series.shape, dtype=np.float32)
     normal = slice_normal(series.ImageOrientationPatient)
     origin_along = float(np.dot(series.first_position, normal))
-    for k, path in enumerate(series.paths):
-        try:
-            ds = pydicom.dcmread(path)
-            shortfall = _pixel_data_shortfall(ds)
-            pixels = None if shortfall else ds.pixel_array
-        except Exception as exc:  # decoders raise many types; any of them means this slice is unusable
-            reason = "truncated_pixel_data" if "PixelData" in str(exc) or "length" in str(exc).lower() else "unreadable"
-            raise SeriesInvalid(reason, f"pixel data could not be decoded: {type(exc).__name__}: {exc}", path) from exc
-        if shortfall:
-            have, needed = shortfall
-            raise SeriesInvalid(
-                "truncated_pixel_data", f"PixelData holds {have} of the {needed} bytes Rows x Columns need: file truncated?", path
-            )
-        if pixels.shape != (series.Rows, series.Columns):
-            raise SeriesInvalid(
-                "inconsistent_geometry", f"decoded slice has shape {pixels.shape}, header says {(series.Rows, series.Columns)}", path
-            )
-        along = float(np.dot([float(v) for v in ds.ImagePositionPatient], normal))
+    frames: tuple[int | None, ...] = series.frames or (None,) * len(series.paths)
+    multi_frame: dict[str, _Decoded] = {}
+    for k, (path, frame) in enumerate(zip(series.paths, frames)):
+        if frame is None:
+            decoded = _decode(path, series)
+            if decoded.pixels.shape[0] != 1:
+                message = f"{decoded.pixels.shape[0]} frames in a file read as single-frame"
+                raise SeriesInvalid("unsupported_sop_class", message, path)
+            index = 0
+        else:
+            if path not in multi_frame:
+                multi_frame[path] = _decode(path, series)
+            decoded, index = multi_frame[path], frame
+            if index >= decoded.pixels.shape[0]:
+                message = f"file has {decoded.pixels.shape[0]} frames, frame {index + 1} expected"
+                raise SeriesInvalid("inconsistent_geometry", message, path)
+        where = "" if frame is None else f"frame {frame + 1}: "
+        position = _frame_source(decoded, frame, path, "ImagePositionPatient", "PlanePositionSequence")
+        along = float(np.dot([float(v) for v in position.ImagePositionPatient], normal))
         expected = origin_along + k * series.slice_step_mm
         if abs(along - expected) > 0.05 * series.slice_step_mm:
-            raise SeriesInvalid("inconsistent_geometry", f"slice at {along:.2f} mm, expected {expected:.2f} mm", path)
-        missing = [kw for kw in ("RescaleIntercept", "RescaleSlope") if ds.get(kw) in (None, "")]
+            raise SeriesInvalid("inconsistent_geometry", f"{where}slice at {along:.2f} mm, expected {expected:.2f} mm", path)
+        rescale = _rescale_source(decoded, frame, path)
+        missing = [kw for kw in ("RescaleIntercept", "RescaleSlope") if rescale.get(kw) in (None, "")]
         if missing:  # apply_modality_lut would return the stored values unchanged, silently not HU
-            raise SeriesInvalid("missing_attribute", f"{', '.join(missing)} missing: stored values cannot be converted to HU", path)
-        volume[:, :, k] = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32).T
+            raise SeriesInvalid(
+                "missing_attribute", f"{where}{', '.join(missing)} missing: stored values cannot be converted to HU", path
+            )
+        hu = np.asarray(apply_modality_lut(decoded.pixels[index], rescale), dtype=np.float32)
+        padding = _padding_mask(decoded, index, path)
+        if padding is not None:
+            hu[padding] = AIR_HU
+        volume[:, :, k] = hu.T
     return volume, series_affine(series)
 
 
@@ -115,6 +251,7 @@ def as_series(value: ValidatedSeries | Mapping[str, Any]) -> ValidatedSeries:
     fields["dropped"] = ()
     for key in ("paths", "PixelSpacing", "ImageOrientationPatient", "first_position", "transfer_syntaxes"):
         fields[key] = tuple(fields[key])
+    fields["frames"] = tuple(int(f) for f in fields.get("frames", ()))
     return ValidatedSeries(**fields)
 
 
@@ -122,8 +259,11 @@ def series_to_dict(series: ValidatedSeries) -> dict[str, Any]:
     """JSON-friendly form of a :class:`ValidatedSeries` (dropped-file records left out).
 
     Sequences are lists, as ``manifest.json`` reads them back: the dataset cache key hashes this dict,
-    so the form ingestion caches under must equal the form training loads.
+    so the form ingestion caches under must equal the form training loads. ``frames`` is written only for
+    a multi-frame series, so that single-frame series keep the dict (and cache key) they had before it existed.
     """
     d = asdict(series)
     d["dropped"] = []
+    if not d["frames"]:
+        del d["frames"]
     return {key: list(value) if isinstance(value, tuple) else value for key, value in d.items()}

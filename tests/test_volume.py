@@ -280,3 +280,304 @@ def test_series_dict_round_trip(make_series, dicom_root):
     assert json.loads(json.dumps(d)) == d  # what manifest.json gives back is the same dict (the cache key hashes it)
     assert back == series
     assert as_series(series) is series
+
+
+# --- regression: slice order -------------------------------------------------------------------------------------
+
+
+def test_volume_is_the_modality_lut_of_each_slice_in_position_order_for_shuffled_names(make_series, dicom_root):
+    s = make_series("a", n_slices=12, rescale_intercept=-1024.0, rescale_slope=1.0)
+    order = np.random.default_rng(5).permutation(len(s.paths))
+    for k, i in enumerate(order):
+        s.paths[i].rename(s.folder / f"x{(k * 7) % 12:02d}_{k}.dcm")
+
+    volume, _ = _load(dicom_root)
+
+    datasets = [pydicom.dcmread(p) for p in s.folder.iterdir()]
+    datasets.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+    assert [ds.InstanceNumber for ds in datasets] == list(range(1, 13))
+    for k, ds in enumerate(datasets):
+        expected = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+        np.testing.assert_array_equal(volume[:, :, k], expected.T)
+
+
+# --- files without File Meta ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("implicit_vr", "little_endian"), [(True, True), (False, True), (False, False)])
+def test_series_without_file_meta_decodes_to_the_same_volume(
+    make_series, dicom_root, without_file_meta, implicit_vr, little_endian
+):
+    s = make_series("a", n_slices=10, pixel_representation=1, rescale_intercept=0.0)
+    reference, reference_affine = _load(dicom_root)
+    for path in s.paths:
+        without_file_meta(path, implicit_vr=implicit_vr, little_endian=little_endian)
+
+    volume, affine = _load(dicom_root)
+
+    np.testing.assert_array_equal(volume, reference)
+    np.testing.assert_array_equal(volume, s.hu.transpose(2, 1, 0))
+    np.testing.assert_allclose(affine, reference_affine)
+
+
+def test_compressed_pixel_data_without_file_meta_is_refused(make_series, dicom_root, without_file_meta):
+    s = make_series("a", n_slices=10)
+    ds = pydicom.dcmread(s.paths[4])
+    ds.compress(pydicom.uid.RLELossless)
+    ds.save_as(s.paths[4])
+    without_file_meta(s.paths[4], implicit_vr=False)  # encapsulated data is always explicit VR
+    series = _validated(dicom_root)
+
+    with pytest.raises(SeriesInvalid) as info:
+        read_hu_volume(series)
+
+    assert (info.value.reason, info.value.path) == ("unsupported_transfer_syntax", str(s.paths[4]))
+
+
+# --- padding ---------------------------------------------------------------------------------------------------
+
+
+def _padded_hu(seed: int, pad_hu: float, n_slices: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Random tissue (-900..1500 HU) with padding value ``pad_hu`` in a band of rows and columns."""
+    hu = np.random.default_rng(seed).integers(-900, 1500, size=(n_slices, 16, 16))
+    pad = np.zeros(hu.shape, dtype=bool)
+    pad[:, :3, :] = True  # outside the reconstruction circle
+    pad[:, :, -2:] = True
+    hu[pad] = pad_hu
+    return hu, pad
+
+
+def _set_padding(paths, vr: str, value: int, limit: int | None = None) -> None:
+    """Write PixelPaddingValue (and PixelPaddingRangeLimit) with an explicit VR: US or SS, as the data is."""
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.add_new(0x00280120, vr, value)
+        if limit is not None:
+            ds.add_new(0x00280121, vr, limit)
+        ds.save_as(path)
+
+
+@pytest.mark.parametrize(
+    ("vr", "value"),
+    [("SS", -2000), ("US", 63536)],  # the same 16 bits, written as signed or as unsigned
+)
+def test_pixel_padding_value_becomes_air(make_series, dicom_root, vr, value):
+    hu, pad = _padded_hu(1, -2000)
+    s = make_series("a", hu=hu, pixel_representation=1, rescale_intercept=0.0)
+    _set_padding(s.paths, vr, value)
+
+    volume, _ = _load(dicom_root)
+
+    expected = np.where(pad, -1000, hu).transpose(2, 1, 0)
+    np.testing.assert_array_equal(volume, expected)
+
+
+def test_without_pixel_padding_value_padding_stays_what_the_rescale_makes(make_series, dicom_root):
+    hu, _ = _padded_hu(1, -2000)
+    make_series("a", hu=hu, pixel_representation=1, rescale_intercept=0.0)
+
+    volume, _ = _load(dicom_root)
+
+    np.testing.assert_array_equal(volume, hu.transpose(2, 1, 0))
+
+
+def test_pixel_padding_range_limit_makes_the_whole_range_air(make_series, dicom_root):
+    hu, pad = _padded_hu(2, -1024)  # stored 0 with intercept -1024
+    hu[:, 3, 0] = -1010  # stored 14: inside the padding range 0..30
+    hu[:, 3, 1] = -993  # stored 31: outside, real tissue (air) value kept
+    s = make_series("a", hu=hu, rescale_intercept=-1024.0)
+    _set_padding(s.paths, "US", 30, limit=0)  # either order
+
+    volume, _ = _load(dicom_root)
+
+    expected = hu.astype(np.float32)
+    expected[pad] = -1000
+    expected[:, 3, 0] = -1000
+    np.testing.assert_array_equal(volume, expected.transpose(2, 1, 0))
+    assert np.all(volume[1, 3, :] == -993)
+
+
+def test_padding_value_outside_bits_stored_is_found_in_the_raw_words(make_series, dicom_root, edit_dicom):
+    # Unsigned 12-bit data, padding written as 0xF830 (-2000 as 16 bits): pydicom returns such a word reduced to
+    # 12 bits (2096, i.e. 1072 HU of "bone"). Real bone at stored 2096 must stay bone.
+    hu, pad = _padded_hu(3, 0)
+    hu = np.clip(hu, -1024, 1000)
+    hu[:, 8, 8] = 2096 - 1024
+    s = make_series("a", hu=hu, rescale_intercept=-1024.0)
+    assert pydicom.dcmread(s.paths[0]).BitsStored == 12
+
+    def pad_words(ds):
+        stored = np.frombuffer(ds.PixelData, dtype="<u2").reshape(16, 16).copy()
+        stored[pad[0]] = 0xF830
+        ds.PixelData = stored.tobytes()
+        ds.add_new(0x00280120, "US", 0xF830)
+
+    for path in s.paths:
+        edit_dicom(path, pad_words)
+    assert pydicom.dcmread(s.paths[0]).pixel_array[0, 0] == 2096
+
+    volume, _ = _load(dicom_root)
+
+    expected = np.where(pad, -1000, hu).transpose(2, 1, 0)
+    np.testing.assert_array_equal(volume, expected)
+    assert np.all(volume[8, 8, :] == 1072)
+
+
+def test_padding_value_outside_bits_stored_of_compressed_data_is_refused(make_series, dicom_root):
+    s = make_series("a", n_slices=10, rescale_intercept=-1024.0)
+    for path in s.paths:
+        ds = pydicom.dcmread(path)
+        ds.add_new(0x00280120, "US", 0xF830)
+        ds.compress(pydicom.uid.RLELossless)
+        ds.save_as(path)
+    series = _validated(dicom_root)
+
+    with pytest.raises(SeriesInvalid) as info:
+        read_hu_volume(series)
+
+    assert info.value.reason == "ambiguous_padding"
+    assert info.value.path == series.paths[0]
+
+
+def test_real_ct_padding_becomes_air(tmp_path, copy_testdata, stack_real):
+    src = copy_testdata("693_UNCR.dcm", tmp_path / "src")  # pydicom-data; PixelPaddingValue -2000
+    folder = tmp_path / "in"
+    stack_real(src, folder, 2)
+    ds = pydicom.dcmread(src)
+    assert ds.PixelPaddingValue == -2000
+
+    volume, _ = _load(folder, ValidationConfig(min_slices=2))
+
+    stored = ds.pixel_array
+    padded = stored == -2000
+    assert padded.sum() > 50_000  # the corners outside the field of view
+    expected = pydicom.pixels.apply_modality_lut(stored, ds)
+    expected[padded] = -1000
+    for k in range(2):
+        np.testing.assert_array_equal(volume[:, :, k], expected.T.astype(np.float32))
+    assert volume.min() >= -1024
+
+
+# --- Enhanced CT -----------------------------------------------------------------------------------------------
+
+
+def test_enhanced_ct_gives_the_same_volume_and_affine_as_single_frame_slices(make_series, tmp_path, enhanced_ct_writer):
+    geometry = {"pixel_spacing_mm": (1.5, 2.0), "slice_spacing_mm": 3.0, "rescale_intercept": 0.0}
+    s = make_series("single", n_slices=10, rows=16, cols=20, pixel_representation=1, **geometry)
+    order = [3, 8, 1, 0, 9, 4, 7, 2, 6, 5]
+    enhanced_ct_writer(tmp_path / "enhanced" / "enh.dcm", s.hu, origin_mm=s.origin_mm, frame_order=order, **geometry)
+
+    single, single_affine = _load(s.folder)
+    series = _validated(tmp_path / "enhanced")
+    volume, affine = read_hu_volume(series)
+
+    assert series.frames != tuple(range(10))
+    np.testing.assert_array_equal(volume, single)
+    np.testing.assert_array_equal(volume, s.hu.transpose(2, 1, 0))
+    np.testing.assert_allclose(affine, single_affine)
+
+
+def test_enhanced_ct_per_frame_rescale_is_applied(dicom_root, enhanced_ct_writer):
+    hu = np.random.default_rng(4).integers(-1000, 2000, size=(8, 12, 12))
+    intercepts = [-1024.0, -1000.0, 0.0, -2048.0, -1024.0, -512.0, 0.0, -1024.0]
+    enhanced_ct_writer(dicom_root / "enh.dcm", hu, rescale_intercept=intercepts, frame_order=[7, 6, 5, 4, 3, 2, 1, 0])
+
+    volume, _ = _load(dicom_root)
+
+    np.testing.assert_array_equal(volume, hu.transpose(2, 1, 0))
+
+
+def test_enhanced_ct_padding_becomes_air(dicom_root, enhanced_ct_writer, edit_dicom):
+    hu, pad = _padded_hu(5, -2000, n_slices=8)
+    path = enhanced_ct_writer(dicom_root / "enh.dcm", hu, rescale_intercept=0.0)
+    edit_dicom(path, lambda ds: ds.add_new(0x00280120, "SS", -2000))
+
+    volume, _ = _load(dicom_root)
+
+    np.testing.assert_array_equal(volume, np.where(pad, -1000, hu).transpose(2, 1, 0))
+
+
+def test_enhanced_ct_frame_moved_after_validation_is_refused(dicom_root, enhanced_ct_writer, edit_dicom):
+    path = enhanced_ct_writer(dicom_root / "enh.dcm", np.zeros((8, 8, 8)))
+    series = _validated(dicom_root)
+
+    def move(ds):
+        ds.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence[0].ImagePositionPatient = ["-15", "-20", "106.5"]
+
+    edit_dicom(path, move)
+
+    with pytest.raises(SeriesInvalid) as info:
+        read_hu_volume(series)
+    assert (info.value.reason, info.value.path) == ("inconsistent_geometry", str(path))
+    assert "frame 3" in info.value.message
+
+
+def test_enhanced_ct_without_rescale_is_refused(dicom_root, enhanced_ct_writer, edit_dicom):
+    path = enhanced_ct_writer(dicom_root / "enh.dcm", np.zeros((8, 8, 8)))
+    edit_dicom(path, lambda ds: delattr(ds.SharedFunctionalGroupsSequence[0], "PixelValueTransformationSequence"))
+    series = _validated(dicom_root)
+
+    with pytest.raises(SeriesInvalid) as info:
+        read_hu_volume(series)
+    assert (info.value.reason, info.value.path) == ("missing_attribute", str(path))
+    assert "frame 1" in info.value.message
+
+
+def test_enhanced_ct_with_fewer_frames_than_validated_is_refused(dicom_root, enhanced_ct_writer, tmp_path):
+    path = enhanced_ct_writer(dicom_root / "enh.dcm", np.zeros((8, 8, 8)))
+    series = _validated(dicom_root)
+    path.write_bytes(enhanced_ct_writer(tmp_path / "other.dcm", np.zeros((4, 8, 8))).read_bytes())
+
+    with pytest.raises(SeriesInvalid) as info:
+        read_hu_volume(series)
+    assert info.value.path == str(path)
+    assert info.value.reason == "inconsistent_geometry"
+
+
+def _rescale_type_hu(ds):
+    ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0].RescaleType = "HU"  # it says US: RCBF map
+
+
+def test_real_enhanced_ct_volume_and_affine(tmp_path, copy_testdata, edit_dicom):
+    path = copy_testdata("eCT_Supplemental.dcm", tmp_path / "in")
+    edit_dicom(path, _rescale_type_hu)
+    ds = pydicom.dcmread(path)
+
+    volume, affine = _load(tmp_path / "in", ValidationConfig(min_slices=2))
+
+    assert volume.shape == (512, 512, 2)
+    frames = ds.pixel_array.astype(np.float32) - 1024.0
+    np.testing.assert_array_equal(volume[:, :, 0], frames[1].T)  # frame 2 is first along the normal (-z)
+    np.testing.assert_array_equal(volume[:, :, 1], frames[0].T)
+    for k, frame in enumerate((1, 0)):
+        ipp = ds.PerFrameFunctionalGroupsSequence[frame].PlanePositionSequence[0].ImagePositionPatient
+        np.testing.assert_allclose((affine @ [0, 0, k, 1])[:3], _ras(ipp), atol=1e-4)
+    # Rows run along -x (LPS), i.e. +x in RAS; the slice step is 10 mm along -z.
+    np.testing.assert_allclose(affine[:3, 0], [0.388672, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(affine[:3, 2], [0, 0, -10.0], atol=1e-6)
+
+
+def test_enhanced_series_dict_round_trip_and_transform(dicom_root, enhanced_ct_writer):
+    hu = np.random.default_rng(6).integers(-1000, 1000, size=(8, 12, 10))
+    enhanced_ct_writer(dicom_root / "enh.dcm", hu, frame_order=[1, 0, 3, 2, 5, 4, 7, 6])
+    series = _validated(dicom_root)
+
+    d = series_to_dict(series)
+    back = as_series(json.loads(json.dumps(d)))
+    out = LoadCTSeriesd(keys="image")({"image": json.loads(json.dumps(d))})
+
+    assert d["frames"] == [1, 0, 3, 2, 5, 4, 7, 6]
+    assert back == series
+    np.testing.assert_array_equal(out["image"][0].numpy(), hu.transpose(2, 1, 0))
+    np.testing.assert_allclose(out["image"].affine.numpy(), series_affine(series))
+
+
+def test_single_frame_series_dict_has_no_frames_key(make_series, dicom_root):
+    # Keeps the dict, and so the cache key, of single-frame series what it was before multi-frame support.
+    make_series("a", n_slices=10)
+    series = _validated(dicom_root)
+
+    d = series_to_dict(series)
+
+    assert "frames" not in d
+    assert as_series(d).frames == ()
