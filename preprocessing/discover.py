@@ -83,6 +83,7 @@ class InstanceHeader:
     frame: int | None = None  # 0-based frame index (DICOM frame number - 1) in a multi-frame file; None: single-frame
     StackID: str = ""  # FrameContentSequence of a multi-frame file: which stack ...
     TemporalPositionIndex: int | None = None  # ... and which time point the frame belongs to
+    AccessionNumber: str = ""  # links a study to labels.csv when the site keys labels by accession
 
     @property
     def where(self) -> str:
@@ -223,6 +224,7 @@ def _common(ds: Dataset, path: Path, transfer_syntax: str) -> dict[str, Any]:
         "SeriesInstanceUID": str(ds.SeriesInstanceUID),
         "StudyInstanceUID": str(ds.StudyInstanceUID),
         "PatientID": str(ds.get("PatientID", "")),
+        "AccessionNumber": str(ds.get("AccessionNumber", "") or ""),
         "Modality": str(ds.Modality),
         "TransferSyntaxUID": transfer_syntax,
         "Rows": int(ds.Rows),

@@ -23,7 +23,7 @@ from typing import Any
 from preprocessing.cache import file_state_fingerprint, make_dataset
 from preprocessing.deid import Pseudonymizer, load_or_create_site_key
 from preprocessing.discover import Rejection, discover, iter_files
-from preprocessing.labels import DIAGNOSES, StudyLabel, read_labels
+from preprocessing.labels import DIAGNOSES, Labels, StudyLabel, read_labels
 from preprocessing.split import SplitConfig, assign_splits
 from preprocessing.transforms import PipelineConfig
 from preprocessing.validate import SeriesInvalid, ValidatedSeries, ValidationConfig, validate_series
@@ -193,7 +193,7 @@ def ingest_site(
         raise PermissionError(f"site folder is not writable: {site_dir}")
 
     pseudonym = Pseudonymizer(load_or_create_site_key(site_dir))
-    labels: dict[str, StudyLabel] = read_labels(labels_csv) if labels_csv is not None else {}
+    labels = read_labels(labels_csv) if labels_csv is not None else Labels()
     fingerprint = input_fingerprint(dicom_dir, labels_csv, pipeline, split)
 
     found = discover(dicom_dir, progress=progress)
@@ -230,14 +230,17 @@ def ingest_site(
                 )
             )
 
+    def label_key(series: ValidatedSeries) -> str:
+        return series.AccessionNumber if labels.key == "AccessionNumber" else series.StudyInstanceUID
+
     if labels_csv is not None:
         labelled = []
         for series in chosen:
-            if series.StudyInstanceUID in labels:
+            if label_key(series) in labels:
                 labelled.append(series)
             else:
                 rejected.append(
-                    Rejection(_series_folder(series.paths, dicom_dir), "no_label", "StudyInstanceUID not found in the labels file")
+                    Rejection(_series_folder(series.paths, dicom_dir), "no_label", f"{labels.key} not found in the labels file")
                 )
         chosen = labelled
 
@@ -245,13 +248,13 @@ def ingest_site(
     strata: dict[str, int | None] = {}
     for series in chosen:
         patient = pseudonym("patient", series.PatientID or series.StudyInstanceUID)
-        label = labels.get(series.StudyInstanceUID)
+        label = labels.get(label_key(series))
         strata.setdefault(patient, label.diagnosis if label else None)
     split_of = assign_splits(strata, split)
 
     entries: list[StudyEntry] = []
     for series in chosen:
-        label = labels.get(series.StudyInstanceUID, StudyLabel(None, None, None, None, None))
+        label = labels.get(label_key(series), StudyLabel(None, None, None, None, None))
         patient = pseudonym("patient", series.PatientID or series.StudyInstanceUID)
         entries.append(
             StudyEntry(
@@ -264,7 +267,7 @@ def ingest_site(
                 age=label.age,
                 sex=label.sex,
                 series=series_to_dict(series),
-                content=file_state_fingerprint(series.paths),
+                content=file_state_fingerprint(list(dict.fromkeys(series.paths))),
             )
         )
 
@@ -323,6 +326,7 @@ def _report(
                 "shape": [s["Columns"], s["Rows"], len(s["paths"])],
                 "spacing_mm": [s["PixelSpacing"][1], s["PixelSpacing"][0], round(s["slice_step_mm"], 4)],
                 "transfer_syntaxes": list(s["transfer_syntaxes"]),
+                "multi_frame": bool(s.get("frames")),
                 "dropped": [{**asdict(d), "path": _rel(d.path, root)} for d in dropped_of.get(s["SeriesInstanceUID"], ())],
             }
         )

@@ -77,6 +77,7 @@ class ValidatedSeries:
     #: For a multi-frame series: the 0-based frame index in ``paths[k]`` of slice k (a path repeats once per
     #: frame). Empty when every path is a single-frame file.
     frames: tuple[int, ...] = ()
+    AccessionNumber: str = ""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -369,4 +370,5 @@ def validate_series(headers: Sequence[InstanceHeader], *, config: ValidationConf
         transfer_syntaxes=tuple(sorted({h.TransferSyntaxUID for h in ordered})),
         dropped=tuple(dropped),
         frames=tuple(h.frame for h in ordered) if first.frame is not None else (),  # type: ignore[misc]
+        AccessionNumber=first.AccessionNumber,
     )

@@ -438,3 +438,19 @@ def test_export_hu_writes_nifti_with_the_dicom_affine_and_values(make_series, tm
     mtime = path.stat().st_mtime_ns
     ingest_site(series.folder.parent, site, pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(4, 4, 4)), workers=1, export_hu=True)
     assert path.stat().st_mtime_ns == mtime  # unchanged input: not rewritten
+
+
+def test_labels_keyed_by_accession_number(make_series, tmp_path):
+    from preprocessing.ingest import ingest_site
+    from preprocessing.transforms import PipelineConfig
+
+    first = make_series("a", accession_number="ACC-1")
+    make_series("b", accession_number="ACC-2")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("AccessionNumber,diagnosis\nACC-1,covid\n")
+    manifest = ingest_site(first.folder.parent, tmp_path / "site", labels_csv=labels,
+                           pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(4, 4, 4)), workers=1)  # fmt: skip
+    assert [s.diagnosis for s in manifest.studies] == [0]
+    report = json.loads((tmp_path / "site" / "ingest_report.json").read_text())
+    assert [(r["reason"], r["message"]) for r in report["rejected"]] == [("no_label", "AccessionNumber not found in the labels file")]
+    assert "ACC-1" not in json.dumps(report)
