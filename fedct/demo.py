@@ -116,10 +116,14 @@ def run_demo(options: DemoOptions) -> int:
     if best:
         print(f"   best round {best['round']} by {best['selected_by']}; held-out test metrics of that model:")
         test = best["test"]
-        print(f"   all sites: macro AUC {_fmt(test.get('test-auc-macro'))}, accuracy {_fmt(test.get('test-accuracy'))}")
-        for site, m in sorted(best["test_sites"].items()):
-            print(f"   {site}: macro AUC {_fmt(m.get('test-auc-macro'))}, accuracy {_fmt(m.get('test-accuracy'))} "
-                  f"({int(m.get('test-n') or 0)} studies)")  # fmt: skip
+        print(f"   {'':8} {'studies':>7} {'macro AUC':>9} {'pooled AUC':>10} {'accuracy':>8} {'Brier':>6} {'C-index':>7} {'td-AUC':>6}")
+        rows = [("all", test)] + sorted(best["test_sites"].items())
+        for site, m in rows:
+            print(f"   {site:8} {int(m.get('test-n') or 0):>7} {_fmt(m.get('test-auc-macro')):>9} {_fmt(m.get('test-pooled-auc-macro')):>10} "
+                  f"{_fmt(m.get('test-accuracy')):>8} {_fmt(m.get('test-brier')):>6} {_fmt(m.get('test-c-index')):>7} "
+                  f"{_fmt(m.get('test-td-auc')):>6}")  # fmt: skip
+        print("   (macro AUC of 'all' = mean of site AUCs weighted by studies; pooled AUC = AUC of all sites' predictions, "
+              "from score histograms)")
     print(f"   metrics: {metrics_path}\n   curves:  {out / 'curves.png'}\n   model:   {out / 'model' / 'final'} (best: {out / 'model' / 'best'})")
     print(f"\ndemo finished in {time.perf_counter() - t_start:.0f}s; options {json.dumps(asdict(options), default=str)}")
     return 0

@@ -36,7 +36,13 @@ def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, m
         state, result = train_round(site, settings, msg.content["arrays"].to_torch_state_dict())
         log.info("%s round %d: trained on %d studies, loss %.4f, %.1fs", site.site_name, settings.server_round,
                  result.num_examples, result.loss, result.seconds)  # fmt: skip
-        metrics = MetricRecord({"train-loss": result.loss, "train-seconds": result.seconds, "num-examples": result.num_examples})
+        metrics = MetricRecord({
+            "train-loss": result.loss,
+            "train-loss-diagnosis": result.diagnosis_loss,
+            "train-loss-prognosis": result.prognosis_loss,
+            "train-seconds": result.seconds,
+            "num-examples": result.num_examples,
+        })  # fmt: skip
         content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics, "site": ConfigRecord({"name": site.site_name})})
         return Message(content=content, reply_to=msg)
 

@@ -101,8 +101,14 @@ class RoundSettings:
     model: ModelConfig
     pipeline: PipelineConfig
     split: SplitConfig
+    loss_weights: tuple[float, float] = (1.0, 0.5)  # diagnosis, prognosis
+    horizon_days: float = 14.0
 
     def __post_init__(self) -> None:
+        if len(self.loss_weights) != 2 or any(w < 0 for w in self.loss_weights) or sum(self.loss_weights) <= 0:
+            raise ValueError(f"loss weights must be two non-negative numbers, not both 0, got {self.loss_weights}")
+        if self.horizon_days <= 0:
+            raise ValueError(f"prognosis-horizon-days must be > 0, got {self.horizon_days}")
         if self.local_epochs < 1:
             raise ValueError(f"local-epochs must be >= 1, got {self.local_epochs}")
         if self.learning_rate <= 0:
@@ -121,6 +127,10 @@ class RoundSettings:
             "model-name": self.model.name,
             "model-norm": self.model.norm,
             "num-classes": self.model.num_classes,
+            "clinical-covariates": self.model.covariates,
+            "loss-weight-diagnosis": self.loss_weights[0],
+            "loss-weight-prognosis": self.loss_weights[1],
+            "prognosis-horizon-days": self.horizon_days,
             "input-size": ",".join(str(v) for v in self.pipeline.input_size),
             "target-spacing-mm": ",".join(str(v) for v in self.pipeline.target_spacing_mm),
             "hu-min": self.pipeline.hu_min,
@@ -141,7 +151,12 @@ class RoundSettings:
             learning_rate=float(record["learning-rate"]),
             batch_size=int(record["batch-size"]),
             seed=int(record["seed"]),
-            model=ModelConfig(name=str(record["model-name"]), norm=str(record["model-norm"]), num_classes=int(record["num-classes"])),
+            model=ModelConfig(
+                name=str(record["model-name"]),
+                norm=str(record["model-norm"]),
+                num_classes=int(record["num-classes"]),
+                covariates=bool(record["clinical-covariates"]),
+            ),
             pipeline=PipelineConfig(
                 target_spacing_mm=parse_triple(str(record["target-spacing-mm"]), float, "target-spacing-mm"),
                 input_size=parse_triple(str(record["input-size"]), int, "input-size"),
@@ -149,6 +164,8 @@ class RoundSettings:
                 hu_max=float(record["hu-max"]),
             ),
             split=SplitConfig(val_fraction=float(record["val-fraction"]), test_fraction=float(record["test-fraction"])),
+            loss_weights=(float(record["loss-weight-diagnosis"]), float(record["loss-weight-prognosis"])),
+            horizon_days=float(record["prognosis-horizon-days"]),
         )
 
     @staticmethod
@@ -156,7 +173,8 @@ class RoundSettings:
         """The keys of the round config record."""
         return (
             "server-round", "local-epochs", "learning-rate", "batch-size", "seed", "model-name", "model-norm",
-            "num-classes", "input-size", "target-spacing-mm", "hu-min", "hu-max", "val-fraction", "test-fraction",
+            "num-classes", "clinical-covariates", "loss-weight-diagnosis", "loss-weight-prognosis", "prognosis-horizon-days",
+            "input-size", "target-spacing-mm", "hu-min", "hu-max", "val-fraction", "test-fraction",
         )  # fmt: skip
 
 

@@ -1,42 +1,144 @@
-"""Site-level evaluation metrics of the diagnostic head (scikit-learn).
+"""Site-level evaluation metrics of the diagnostic and prognostic heads (scikit-learn where it has the metric).
 
 Every metric is always present (NaN when undefined, e.g. AUC of a class absent from the split), so
 all sites send records with the same keys and the server can aggregate them.
+
+- :func:`classification_metrics`: loss, accuracy, balanced accuracy, one-vs-rest ROC AUC, sensitivity and
+  specificity at given operating points, multiclass Brier score, expected calibration error, and the
+  per-class counts of positives/negatives (``n-pos-<class>``, ``n-neg-<class>``) that weight the
+  sensitivities/specificities when the server pools sites.
+- :func:`choose_operating_points`: per-class thresholds (Youden's J) chosen on validation data, to be
+  applied unchanged to the test split.
+- :func:`score_histograms`: per-class binned score counts of positives and negatives; summed over sites
+  they give the AUC of the pooled predictions without any study leaving its site.
+- :func:`survival_metrics`: Harrell's concordance index and cumulative/dynamic AUC at a horizon.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import numbers
+from collections.abc import Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    brier_score_loss,
+    log_loss,
+    roc_auc_score,
+    roc_curve,
+)
 
 
-def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
-    """Loss, accuracy, balanced accuracy, macro and per-class one-vs-rest ROC AUC.
-
-    ``probs`` has shape (n, classes) and rows summing to 1; ``labels`` holds class indices.
-    """
+def _checked(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``probs`` as float (n, classes) and ``labels`` as int (n,), or ValueError naming the bad shape."""
     n_classes = len(class_names)
     probs = np.asarray(probs, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.asarray(labels)
     if probs.ndim != 2 or probs.shape[1] != n_classes:
         raise ValueError(f"probs must have shape (n, {n_classes}), got {probs.shape}")
     if labels.shape != (probs.shape[0],):
         raise ValueError(f"labels must have shape ({probs.shape[0]},), got {labels.shape}")
+    if labels.size and (not np.all(np.isfinite(labels.astype(np.float64))) or np.any(labels != np.round(labels))):
+        raise ValueError(f"labels must be class indices, got {labels[:10].tolist()}")
+    labels = labels.astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ValueError(f"labels must lie in [0, {n_classes - 1}], got values {sorted(set(labels.tolist()))}")
+    if not np.all(np.isfinite(probs)):
+        raise ValueError("probs must be finite, got NaN or infinity")
+    return probs, labels
+
+
+def _positive_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def choose_operating_points(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """Per class (one-vs-rest), the threshold on its probability that maximises Youden's J = sens + spec - 1.
+
+    Meant for *validation* data; the thresholds are then applied unchanged to the test split through
+    ``classification_metrics(..., thresholds=...)``. A study is called positive when its probability is
+    ``>= threshold`` (scikit-learn's ``roc_curve`` convention). Among thresholds with the same J the highest
+    (most specific) wins. NaN for a class without both positives and negatives.
+    """
+    probs, labels = _checked(probs, labels, class_names)
+    thresholds: dict[str, float] = {}
+    for k, name in enumerate(class_names):
+        positives = labels == k
+        if positives.all() or not positives.any():
+            thresholds[name] = math.nan
+            continue
+        fpr, tpr, cuts = roc_curve(positives, probs[:, k], drop_intermediate=False)
+        finite = np.isfinite(cuts)  # the first cut (inf) calls nobody positive: never an operating point
+        j = np.where(finite, tpr - fpr, -np.inf)
+        best = np.flatnonzero(j >= j.max() - 1e-12)[0]  # cuts decrease: the first of the (rounding-)tied maxima
+        thresholds[name] = float(cuts[best])
+    return thresholds
+
+
+def _calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int) -> float:
+    """Expected calibration error of the top-label confidence (equal-width bins, ``np.histogram`` edges)."""
+    confidence = np.clip(probs.max(axis=1), 0.0, 1.0)  # rounding may put a certain prediction just above 1
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    counts, _ = np.histogram(confidence, bins=n_bins, range=(0.0, 1.0))
+    conf_sum, _ = np.histogram(confidence, bins=n_bins, range=(0.0, 1.0), weights=confidence)
+    correct_sum, _ = np.histogram(confidence, bins=n_bins, range=(0.0, 1.0), weights=correct)
+    return float(np.abs(correct_sum - conf_sum).sum() / len(labels))
+
+
+def classification_metrics(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    thresholds: Mapping[str, float] | None = None,
+    n_bins: int = 10,
+) -> dict[str, float]:
+    """Diagnostic metrics of one split.
+
+    ``probs`` has shape (n, classes) and rows summing to 1; ``labels`` holds class indices. Keys:
+    ``n``, ``loss``, ``accuracy``, ``balanced-accuracy``, ``auc-macro``, and per class ``auc-<class>``,
+    ``sens-<class>``/``spec-<class>`` (probability ``>= thresholds[class]`` called positive; NaN without
+    thresholds or without positives/negatives), ``n-pos-<class>``/``n-neg-<class>``; plus ``brier`` (mean
+    over studies of the sum over classes of (p - one-hot)^2, range [0, 2]) and ``ece`` (expected calibration
+    error of the top-label confidence over ``n_bins`` equal-width bins on [0, 1]).
+    """
+    probs, labels = _checked(probs, labels, class_names)
+    n_bins = _positive_int(n_bins, "n_bins")
+    if thresholds is not None:
+        unknown, missing = set(thresholds) - set(class_names), set(class_names) - set(thresholds)
+        if unknown or missing:
+            raise ValueError(f"thresholds must name exactly the classes {list(class_names)}: "
+                             f"unknown {sorted(unknown)}, missing {sorted(missing)}")  # fmt: skip
+    n_classes = len(class_names)
     metrics: dict[str, float] = {"n": float(len(labels))}
+    for k, name in enumerate(class_names):
+        metrics[f"n-pos-{name}"] = float(np.sum(labels == k))
+        metrics[f"n-neg-{name}"] = float(np.sum(labels != k))
     if len(labels) == 0:
-        metrics.update({"loss": math.nan, "accuracy": math.nan, "balanced-accuracy": math.nan, "auc-macro": math.nan})
-        metrics.update({f"auc-{name}": math.nan for name in class_names})
+        metrics.update({"loss": math.nan, "accuracy": math.nan, "balanced-accuracy": math.nan, "auc-macro": math.nan,
+                        "brier": math.nan, "ece": math.nan})  # fmt: skip
+        for name in class_names:
+            metrics.update({f"auc-{name}": math.nan, f"sens-{name}": math.nan, f"spec-{name}": math.nan})
         return metrics
+    normalised = probs / probs.sum(axis=1, keepdims=True)
     predicted = probs.argmax(axis=1)
-    metrics["loss"] = float(log_loss(labels, probs / probs.sum(axis=1, keepdims=True), labels=list(range(n_classes))))
+    metrics["loss"] = float(log_loss(labels, normalised, labels=list(range(n_classes))))
     metrics["accuracy"] = float(accuracy_score(labels, predicted))
     metrics["balanced-accuracy"] = float(balanced_accuracy_score(labels, predicted)) if len(set(labels)) > 1 else math.nan
+    metrics["brier"] = float(brier_score_loss(labels, normalised, labels=list(range(n_classes)), scale_by_half=False))
+    metrics["ece"] = _calibration_error(normalised, labels, n_bins)
     aucs = []
     for k, name in enumerate(class_names):
         positives = labels == k
+        threshold = math.nan if thresholds is None else float(thresholds[name])
+        called = probs[:, k] >= threshold  # all False for a NaN threshold; then masked below
+        defined = math.isfinite(threshold)
+        metrics[f"sens-{name}"] = float(called[positives].mean()) if defined and positives.any() else math.nan
+        metrics[f"spec-{name}"] = float((~called[~positives]).mean()) if defined and (~positives).any() else math.nan
         if positives.all() or not positives.any():
             metrics[f"auc-{name}"] = math.nan
             continue
@@ -45,3 +147,74 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: S
         aucs.append(auc)
     metrics["auc-macro"] = float(np.mean(aucs)) if len(aucs) >= 2 else math.nan
     return metrics
+
+
+def score_histograms(
+    probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str], *, bins: int = 20
+) -> dict[str, list[float]]:
+    """Per class, how many positive and negative studies fall in each of ``bins`` equal-width bins on [0, 1].
+
+    Keys ``hist-pos-<class>`` and ``hist-neg-<class>``, lists of ``bins`` counts (``np.histogram`` edges:
+    [lo, hi) and the last bin closed; probabilities are clipped to [0, 1]). Only counts leave the site;
+    summed over sites they give the AUC of the pooled predictions (``fl_server.run_log.pooled_auc_from_histograms``).
+    """
+    probs, labels = _checked(probs, labels, class_names)
+    bins = _positive_int(bins, "bins")
+    scores = np.clip(probs, 0.0, 1.0)
+    out: dict[str, list[float]] = {}
+    for k, name in enumerate(class_names):
+        positives = labels == k
+        pos, _ = np.histogram(scores[positives, k], bins=bins, range=(0.0, 1.0))
+        neg, _ = np.histogram(scores[~positives, k], bins=bins, range=(0.0, 1.0))
+        out[f"hist-pos-{name}"] = [float(c) for c in pos]
+        out[f"hist-neg-{name}"] = [float(c) for c in neg]
+    return out
+
+
+def survival_metrics(risk: np.ndarray, time: np.ndarray, event: np.ndarray, *, horizon_days: float) -> dict[str, float]:
+    """Prognostic metrics of a risk score (higher = earlier event): ``c-index``, ``td-auc``, ``n-events``.
+
+    Studies whose ``time`` or ``event`` is NaN (unknown follow-up) are left out; ``event`` is 1 for an
+    observed event, 0 for censored; ``time`` in days.
+
+    - ``c-index``: Harrell's concordance. Comparable pairs (i, j) have time_i < time_j and event_i = 1;
+      a pair is concordant when risk_i > risk_j and counts 0.5 when the risks tie. NaN without a comparable pair.
+    - ``td-auc``: cumulative/dynamic AUC at ``horizon_days``: cases had the event at time <= horizon,
+      controls were followed beyond the horizon (time > horizon); studies censored at or before the
+      horizon are excluded (no inverse-probability-of-censoring weights). NaN without a case or a control.
+    - ``n-events``: observed events among the studies used (the server weights both by it).
+    """
+    risk = np.asarray(risk, dtype=np.float64)
+    time = np.asarray(time, dtype=np.float64)
+    event = np.asarray(event, dtype=np.float64)
+    if risk.ndim != 1:
+        raise ValueError(f"risk must be one-dimensional, got shape {risk.shape}")
+    for name, values in (("time", time), ("event", event)):
+        if values.shape != risk.shape:
+            raise ValueError(f"{name} must have the shape of risk {risk.shape}, got {values.shape}")
+    if isinstance(horizon_days, bool) or not isinstance(horizon_days, numbers.Real) or not math.isfinite(horizon_days) \
+            or horizon_days <= 0:  # fmt: skip
+        raise ValueError(f"horizon_days must be a positive finite number, got {horizon_days!r}")
+    known = ~(np.isnan(time) | np.isnan(event))
+    risk, time, event = risk[known], time[known], event[known]
+    if not np.all(np.isfinite(risk)):
+        raise ValueError("risk must be finite where time and event are known, got NaN or infinity")
+    if np.any(~np.isin(event, (0.0, 1.0))):
+        raise ValueError(f"event must be 0 or 1 (or NaN when unknown), got values {sorted(set(event.tolist()))}")
+    if np.any(~np.isfinite(time)) or np.any(time < 0):
+        raise ValueError(f"time must be finite and >= 0 (or NaN when unknown), got min {time.min()} max {time.max()}")
+    observed = event == 1
+    concordant, comparable = 0.0, 0
+    for i in np.flatnonzero(observed):
+        later = time > time[i]
+        comparable += int(later.sum())
+        concordant += float(np.sum(risk[i] > risk[later])) + 0.5 * float(np.sum(risk[i] == risk[later]))
+    cases = observed & (time <= horizon_days)
+    controls = time > horizon_days
+    used = cases | controls
+    td_auc = float(roc_auc_score(cases[used], risk[used])) if cases.any() and controls.any() else math.nan
+    return {
+        "c-index": concordant / comparable if comparable else math.nan,
+        "td-auc": td_auc,
+        "n-events": float(observed.sum()),
+    }

@@ -1,10 +1,16 @@
-"""Stage 6: local training and evaluation at a site. Plain PyTorch/MONAI; never imports flwr."""
+"""Stage 6: local training and evaluation at a site. Plain PyTorch/MONAI; never imports flwr.
+
+The loss is ``w_diagnosis * cross-entropy + w_prognosis * Cox partial likelihood``; a study whose diagnosis or
+outcome is unknown is masked out of that term (never guessed).
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,8 +19,8 @@ from monai.utils import set_determinism
 from torch import nn
 
 from fl_client.config import RoundSettings, SiteConfig
-from fl_client.metrics import classification_metrics
-from models.factory import build_model
+from fl_client.metrics import choose_operating_points, classification_metrics, score_histograms, survival_metrics
+from models.factory import MultiTaskNet, ModelOutput, build_model, covariate_vector
 from preprocessing.cache import make_dataset
 from preprocessing.ingest import SiteManifest, prepare_site
 
@@ -25,16 +31,21 @@ class TrainResult:
 
     num_examples: int
     loss: float
+    diagnosis_loss: float
+    prognosis_loss: float
     steps: int
     seconds: float
 
 
 @dataclass(frozen=True)
 class Predictions:
-    """Class probabilities and true labels of one split."""
+    """Model outputs and targets of one split (NaN / -1 where a target is unknown)."""
 
     probs: np.ndarray
     labels: np.ndarray
+    risk: np.ndarray
+    time: np.ndarray
+    event: np.ndarray
 
 
 def select_device(requested: str) -> torch.device:
@@ -55,7 +66,7 @@ def load_site(site: SiteConfig, settings: RoundSettings) -> SiteManifest:
 
 
 def _loader(manifest: SiteManifest, split: str, settings: RoundSettings, *, train: bool, device: torch.device) -> DataLoader:
-    items = [entry.item() for entry in manifest.split(split)]
+    items = [entry.item() for entry in manifest.split(split, labelled_only=False)]
     dataset = make_dataset(items, settings.pipeline, manifest.site_dir, augment=train)
     generator = torch.Generator().manual_seed(settings.seed * 1000 + settings.server_round)
     return DataLoader(
@@ -69,40 +80,89 @@ def _loader(manifest: SiteManifest, split: str, settings: RoundSettings, *, trai
     )
 
 
-def _model(settings: RoundSettings, state: Mapping[str, torch.Tensor], device: torch.device) -> nn.Module:
+def _model(settings: RoundSettings, state: Mapping[str, torch.Tensor], device: torch.device) -> MultiTaskNet:
     model = build_model(settings.model)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
     return model.to(device)
 
 
-def train_model(model: nn.Module, loader: DataLoader, *, epochs: int, lr: float, device: torch.device) -> TrainResult:
-    """Train ``model`` in place for ``epochs`` over ``loader`` (cross-entropy, Adam; AMP on CUDA)."""
+def forward(model: MultiTaskNet, batch: Mapping[str, Any], device: torch.device) -> ModelOutput:
+    """Run the model on a collated batch (fusing covariates when the model uses them)."""
+    images = batch["image"].to(device, non_blocking=True)
+    covariates = None
+    if model.n_covariates:
+        covariates = covariate_vector(torch.as_tensor(batch["age"]), torch.as_tensor(batch["sex"])).to(device)
+    return model(images, covariates)
+
+
+def cox_partial_likelihood(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
+    """Negative Cox partial log-likelihood per event (Breslow's handling of ties).
+
+    Studies with unknown time or event (NaN) are masked; with no event in the batch the loss is 0 (and still
+    part of the graph).
+    """
+    time, event = time.to(risk.device, risk.dtype), event.to(risk.device, risk.dtype)
+    known = ~(torch.isnan(time) | torch.isnan(event))
+    risk, time, event = risk[known], time[known], event[known]
+    if event.sum() <= 0:
+        return risk.sum() * 0.0
+    order = torch.argsort(time, descending=True)
+    risk, time, event = risk[order], time[order], event[order]
+    log_risk_set = torch.logcumsumexp(risk, dim=0)
+    # Breslow: every study tied at a time shares the risk set of the last of them in this order.
+    tied_last = torch.searchsorted(-time, -time, right=True) - 1
+    log_risk_set = log_risk_set[tied_last]
+    return -((risk - log_risk_set) * event).sum() / event.sum()
+
+
+def multitask_loss(
+    output: ModelOutput, batch: Mapping[str, Any], *, weights: tuple[float, float], device: torch.device
+) -> tuple[torch.Tensor, float, float]:
+    """Weighted sum of the masked diagnosis and prognosis losses; also returns both parts as floats."""
+    labels = torch.as_tensor(batch["label"], dtype=torch.long).to(device)
+    known = labels >= 0
+    diagnosis = nn.functional.cross_entropy(output.logits.float()[known], labels[known]) if known.any() else output.logits.sum() * 0.0
+    prognosis = cox_partial_likelihood(output.risk.float(), torch.as_tensor(batch["time"]), torch.as_tensor(batch["event"]))
+    total = weights[0] * diagnosis + weights[1] * prognosis
+    return total, float(diagnosis.detach()), float(prognosis.detach())
+
+
+def train_model(
+    model: MultiTaskNet,
+    loader: DataLoader,
+    *,
+    epochs: int,
+    lr: float,
+    device: torch.device,
+    loss_weights: tuple[float, float] = (1.0, 0.5),
+) -> TrainResult:
+    """Train ``model`` in place for ``epochs`` over ``loader`` (Adam; mixed precision on CUDA)."""
     use_amp = device.type == "cuda"
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    criterion = nn.CrossEntropyLoss()
     model.train()
     t0 = time.perf_counter()
-    total, steps, seen = 0.0, 0, 0
+    totals = np.zeros(3)
+    steps, seen = 0, 0
     for _ in range(epochs):
         for batch in loader:
-            images = batch["image"].to(device, non_blocking=True)
-            labels = torch.as_tensor(batch["label"], dtype=torch.long).to(device, non_blocking=True)
             optimiser.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, enabled=use_amp):
-                loss = criterion(model(images), labels)
+                output = forward(model, batch, device)
+            loss, diagnosis, prognosis = multitask_loss(output, batch, weights=loss_weights, device=device)
             scaler.scale(loss).backward()
             scaler.step(optimiser)
             scaler.update()
-            total += float(loss.detach()) * len(labels)
-            seen += len(labels)
+            n = len(batch["label"])
+            totals += np.array([float(loss.detach()), diagnosis, prognosis]) * n
+            seen += n
             steps += 1
-    return TrainResult(
-        num_examples=len(loader.dataset), loss=total / max(seen, 1), steps=steps, seconds=time.perf_counter() - t0
-    )
+    mean = totals / max(seen, 1)
+    return TrainResult(num_examples=len(loader.dataset), loss=float(mean[0]), diagnosis_loss=float(mean[1]),
+                       prognosis_loss=float(mean[2]), steps=steps, seconds=time.perf_counter() - t0)  # fmt: skip
 
 
-def recalibrate_batch_norm(model: nn.Module, loader: DataLoader, *, device: torch.device) -> bool:
+def recalibrate_batch_norm(model: nn.Module, loader: Any, *, device: torch.device) -> bool:
     """Recompute BatchNorm running statistics for the final weights (one pass, no augmentation).
 
     The running averages kept during a short local round lag behind the weights; sent as they are,
@@ -111,24 +171,38 @@ def recalibrate_batch_norm(model: nn.Module, loader: DataLoader, *, device: torc
     """
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return False
-    images = (batch["image"].to(device, non_blocking=True) for batch in loader)
-    torch.optim.swa_utils.update_bn(images, model, device=device)
+
+    class _Images(nn.Module):  # update_bn feeds the first element of each batch to the module
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, batch: Mapping[str, Any]) -> Any:
+            return forward(self.inner, batch, device) if isinstance(self.inner, MultiTaskNet) else self.inner(batch["image"].to(device))
+
+    wrapper = _Images(model)
+    torch.optim.swa_utils.update_bn(([batch] for batch in loader), wrapper, device=None)
     return True
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, *, device: torch.device) -> Predictions:
-    """Softmax probabilities for every study in ``loader``."""
+def predict(model: MultiTaskNet, loader: Any, *, device: torch.device) -> Predictions:
+    """Diagnosis probabilities and risk scores for every study in ``loader``, with its targets."""
     model.eval()
-    probs, labels = [], []
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("probs", "labels", "risk", "time", "event")}
     for batch in loader:
         with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
-            logits = model(batch["image"].to(device))
-        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-        labels.append(np.asarray(batch["label"]))
-    if not probs:
-        return Predictions(np.zeros((0, 0)), np.zeros((0,), dtype=np.int64))
-    return Predictions(np.concatenate(probs), np.concatenate(labels).astype(np.int64))
+            output = forward(model, batch, device)
+        n = len(batch["label"])
+        parts["probs"].append(torch.softmax(output.logits.float(), dim=1).cpu().numpy())
+        parts["risk"].append(output.risk.float().cpu().numpy())
+        parts["labels"].append(np.asarray(batch["label"], dtype=np.int64).reshape(n))
+        parts["time"].append(np.asarray(batch.get("time", [math.nan] * n), dtype=np.float64).reshape(n))
+        parts["event"].append(np.asarray(batch.get("event", [math.nan] * n), dtype=np.float64).reshape(n))
+    if not parts["probs"]:
+        n_classes = model.diagnosis.out_features
+        return Predictions(np.zeros((0, n_classes)), np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0))
+    return Predictions(**{k: np.concatenate(v) for k, v in parts.items()})
 
 
 def train_round(
@@ -140,26 +214,40 @@ def train_round(
     manifest = load_site(site, settings)
     loader = _loader(manifest, "train", settings, train=True, device=device)
     if len(loader.dataset) == 0:
-        raise RuntimeError(f"site {site.site_name} has no labelled training studies (see {site.site_dir}/ingest_report.json)")
+        raise RuntimeError(f"site {site.site_name} has no training studies (see {site.site_dir}/ingest_report.json)")
     model = _model(settings, state, device)
-    result = train_model(model, loader, epochs=settings.local_epochs, lr=settings.learning_rate, device=device)
+    result = train_model(model, loader, epochs=settings.local_epochs, lr=settings.learning_rate, device=device,
+                         loss_weights=settings.loss_weights)  # fmt: skip
     recalibrate_batch_norm(model, _loader(manifest, "train", settings, train=False, device=device), device=device)
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return new_state, result
 
 
-def evaluate_round(site: SiteConfig, settings: RoundSettings, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Metrics of the global weights on the site's validation and test splits (keys ``val-*``, ``test-*``)."""
+def split_metrics(preds: Predictions, class_names: tuple[str, ...], *, thresholds: Mapping[str, float], horizon_days: float) -> dict:
+    """Diagnosis, calibration, operating-point, prognosis metrics and score histograms of one split."""
+    known = preds.labels >= 0
+    metrics: dict[str, Any] = classification_metrics(preds.probs[known], preds.labels[known], class_names, thresholds=thresholds)
+    metrics.update(survival_metrics(preds.risk, preds.time, preds.event, horizon_days=horizon_days))
+    metrics.update(score_histograms(preds.probs[known], preds.labels[known], class_names))
+    return metrics
+
+
+def evaluate_round(site: SiteConfig, settings: RoundSettings, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Metrics of the global weights on the site's validation and test splits (keys ``val-*``, ``test-*``).
+
+    Operating points (one per class, Youden's J) are chosen on validation and applied to both splits.
+    """
     set_determinism(seed=settings.seed)
     device = select_device(site.device)
     manifest = load_site(site, settings)
     model = _model(settings, state, device)
-    metrics: dict[str, float] = {}
-    for split in ("val", "test"):
-        loader = _loader(manifest, split, settings, train=False, device=device)
-        preds = predict(model, loader, device=device)
-        n_classes = settings.model.num_classes
-        probs = preds.probs if len(preds.labels) else np.zeros((0, n_classes))
-        site_metrics = classification_metrics(probs, preds.labels, manifest.class_names[:n_classes])
-        metrics.update({f"{split}-{k}": v for k, v in site_metrics.items()})
+    class_names = tuple(manifest.class_names[: settings.model.num_classes])
+    preds = {split: predict(model, _loader(manifest, split, settings, train=False, device=device), device=device)
+             for split in ("val", "test")}  # fmt: skip
+    val_known = preds["val"].labels >= 0
+    thresholds = choose_operating_points(preds["val"].probs[val_known], preds["val"].labels[val_known], class_names)
+    metrics: dict[str, Any] = {}
+    for split, p in preds.items():
+        values = split_metrics(p, class_names, thresholds=thresholds, horizon_days=settings.horizon_days)
+        metrics.update({f"{split}-{k}": v for k, v in values.items()})
     return metrics

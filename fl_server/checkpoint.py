@@ -8,6 +8,7 @@ the exact preprocessing at inference.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -62,9 +63,72 @@ def write_bundle(
         "provenance": dict(provenance),
     }
     tmp = folder / "model.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, default=str, allow_nan=False))
+    tmp.write_text(json.dumps(_finite(meta), indent=2, default=str, allow_nan=False))
     os.replace(tmp, folder / "model.json")
+    (folder / "model_card.md").write_text(model_card(meta))
     return folder
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: undefined metrics become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def model_card(meta: Mapping[str, Any]) -> str:
+    """A short model card (Markdown): intended use, training data in aggregate, metrics per site, limitations."""
+    prov = meta.get("provenance", {})
+    metrics = prov.get("metrics", {})
+    model = meta["model"]
+    pipeline = meta["pipeline"]
+
+    def fmt(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, float) and math.isfinite(value) else "n/a"
+
+    lines = [
+        f"# Model card: fedct {model['name']} (diagnosis + prognosis)",
+        "",
+        f"Created {meta['created_utc']} by fedct {meta['fedct_version']}; weights of round {prov.get('round_of_weights')} "
+        f"of {prov.get('rounds_planned')} ({prov.get('strategy', 'FedAvg')}).",
+        "",
+        "## Intended use",
+        "Research decision support for chest CT: probabilities of a COVID-19-like pattern, other pneumonia or normal "
+        "lungs, and a relative risk score for a severe outcome. **Not for clinical use without local validation.** "
+        "It does not replace a radiologist's read.",
+        "",
+        "## Training data (aggregate only)",
+        f"Trained federated across {len(prov.get('sites', []))} site(s): {', '.join(prov.get('sites', [])) or 'n/a'}. "
+        "Studies used for training per site: "
+        + (", ".join(f"{s} {int(n)}" for s, n in sorted(metrics.get("training_studies", {}).items()) if n is not None) or "n/a")
+        + ". No image or patient data left the sites.",
+        f"Input: single-frame or Enhanced CT, resampled to {pipeline['target_spacing_mm']} mm, HU window "
+        f"[{pipeline['hu_min']}, {pipeline['hu_max']}], {pipeline['input_size']} voxels (pipeline version {pipeline['pipeline_version']}).",
+        "",
+        "## Metrics of these weights (held-out test split of each site)",
+        "| site | studies | diagnosis macro AUC | accuracy | prognosis C-index |",
+        "|---|---|---|---|---|",
+    ]
+    for site, m in sorted(metrics.get("sites", {}).items()):
+        lines.append(f"| {site} | {int(m.get('test-n') or 0)} | {fmt(m.get('test-auc-macro'))} | {fmt(m.get('test-accuracy'))} | "
+                     f"{fmt(m.get('test-c-index'))} |")  # fmt: skip
+    agg = metrics.get("aggregate", {})
+    lines.append(f"| all (weighted mean of sites) | {int(agg.get('test-n') or 0)} | {fmt(agg.get('test-auc-macro'))} | "
+                 f"{fmt(agg.get('test-accuracy'))} | {fmt(agg.get('test-c-index'))} |")  # fmt: skip
+    lines += [
+        "",
+        "## Limitations",
+        "- Small per-site test splits: metrics carry wide uncertainty.",
+        "- Calibration across sites is not guaranteed (BatchNorm statistics are averaged by FedAvg); check the "
+        "operating point locally.",
+        "- Trained on the data of the listed sites only; scanners, protocols and populations elsewhere may differ.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def load_bundle(folder: Path) -> tuple[nn.Module, dict[str, Any]]:

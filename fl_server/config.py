@@ -20,6 +20,17 @@ from preprocessing.transforms import PipelineConfig
 SITE_KEYS = frozenset({"sim-data-root", "sim-work-root", "device"})
 
 
+def _as_bool(value: Any) -> bool:
+    """TOML booleans, or the words true/false (what a shell override may carry)."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything the server needs to run a federation."""
@@ -30,6 +41,10 @@ class ServerConfig:
     batch_size: int = 4
     model_name: str = "densenet121"
     model_norm: str = "batch"
+    clinical_covariates: bool = False
+    loss_weight_diagnosis: float = 1.0
+    loss_weight_prognosis: float = 0.5
+    prognosis_horizon_days: float = 14.0
     input_size: str = "64,64,48"
     target_spacing_mm: str = "5.0,5.0,5.0"
     hu_min: float = -1000.0
@@ -60,17 +75,17 @@ class ServerConfig:
                 continue
             if key not in known:
                 raise ValueError(f"unknown run config key {key!r}; known keys: {', '.join(sorted(known))}")
-            kind = {"int": int, "float": float, "str": str}[str(known[key].type)]
+            kind = {"int": int, "float": float, "str": str, "bool": _as_bool}[str(known[key].type)]
             try:
                 values[known[key].name] = kind(value)
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"run config {key}={value!r} is not a valid {kind.__name__}") from exc
+                raise ValueError(f"run config {key}={value!r} is not a valid {known[key].type}") from exc
         return cls(**values)
 
     @property
     def model(self) -> ModelConfig:
         """The network's configuration."""
-        return ModelConfig(name=self.model_name, norm=self.model_norm)
+        return ModelConfig(name=self.model_name, norm=self.model_norm, covariates=self.clinical_covariates)
 
     @property
     def pipeline(self) -> PipelineConfig:
@@ -93,6 +108,8 @@ class ServerConfig:
             model=self.model,
             pipeline=self.pipeline,
             split=SplitConfig(val_fraction=self.val_fraction, test_fraction=self.test_fraction),
+            loss_weights=(self.loss_weight_diagnosis, self.loss_weight_prognosis),
+            horizon_days=self.prognosis_horizon_days,
         )
 
     def to_run_config(self) -> dict[str, Any]:

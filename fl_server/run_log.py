@@ -1,24 +1,60 @@
 """Per-round metrics of a federated run: aggregation across sites, ``metrics.json``, table rows, curves.
 
-Plain Python (no flwr): the ServerApp hands over ``{site name: {metric: value}}`` mappings.
+Plain Python (no flwr): the ServerApp hands over ``{site name: {metric: value}}`` mappings, where a value
+is a float or, for binned score counts (``<split>-hist-pos-<class>``, ``<split>-hist-neg-<class>``), a
+list of floats.
 
-Aggregates are example-weighted means of the sites' values, skipping sites where a metric is undefined
-(NaN): ``val-*`` weighted by each site's validation count, ``test-*`` by its test count, ``train-*`` by its
-training count. An aggregated AUC is therefore the weighted mean of site AUCs, not the AUC of pooled
-predictions.
+Aggregation rules (:func:`aggregate`):
+
+- counts (``num-examples``, ``<split>-n``, ``<split>-n-*`` such as ``val-n-events``, ``val-n-pos-covid``)
+  are summed;
+- histograms (``<split>-hist-*``) are summed bin by bin, and from the summed histograms the AUC of the
+  *pooled* predictions is added: ``<split>-pooled-auc-<class>`` and ``<split>-pooled-auc-macro`` (mean
+  over classes with both positives and negatives). It is exact up to binning (see
+  :func:`pooled_auc_from_histograms`);
+- every other metric is a weighted mean of the sites' values, skipping sites where it is undefined
+  (NaN); the weight is given by :func:`weight_key_for`: ``val-*`` the site's validation count,
+  ``test-*`` its test count, ``train-*`` its training count, except ``c-index``/``td-auc`` (number of
+  events, ``<split>-n-events``), ``sens-<class>`` (positives of the class, ``<split>-n-pos-<class>``) and
+  ``spec-<class>`` (negatives, ``<split>-n-neg-<class>``).
+
+So there are two macro AUCs: ``val-auc-macro`` is the weighted mean of the *site* AUCs (how well the model
+ranks studies within a site), ``val-pooled-auc-macro`` the AUC of all sites' predictions pooled (it also
+rewards scores that are comparable across sites). Model selection uses ``val-auc-macro``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SiteMetrics = Mapping[str, Mapping[str, float]]
+SiteMetrics = Mapping[str, Mapping[str, Any]]
+"""``{site: {metric: float or, for ``*-hist-*`` keys, list of floats}}``."""
+
+
+def _split_prefix(key: str) -> tuple[str, str]:
+    """``("val-", "auc-macro")`` for ``"val-auc-macro"``; ``("", key)`` when there is no split prefix."""
+    for prefix in ("val-", "test-", "train-"):
+        if key.startswith(prefix):
+            return prefix, key[len(prefix) :]
+    return "", key
+
+
+def is_histogram_key(key: str) -> bool:
+    """True for binned score counts (``hist-*`` after the split prefix): summed bin by bin across sites."""
+    return _split_prefix(key)[1].startswith("hist-")
+
+
+def is_count_key(key: str) -> bool:
+    """True for counts (``num-examples``, ``<split>-n``, ``<split>-n-*``): summed across sites."""
+    name = _split_prefix(key)[1]
+    return key == "num-examples" or name == "n" or name.startswith("n-")
 
 
 def weighted_mean(per_site: SiteMetrics, key: str, weight_key: str) -> float:
@@ -33,24 +69,104 @@ def weighted_mean(per_site: SiteMetrics, key: str, weight_key: str) -> float:
 
 
 def weight_key_for(key: str) -> str:
-    """The count that weights ``key`` in the aggregate."""
-    if key.startswith("val-"):
+    """The count that weights ``key`` in the aggregate (see the module docstring)."""
+    prefix, name = _split_prefix(key)
+    if name in ("c-index", "td-auc"):
+        return f"{prefix}n-events"
+    if name.startswith("sens-"):
+        return f"{prefix}n-pos-{name[len('sens-') :]}"
+    if name.startswith("spec-"):
+        return f"{prefix}n-neg-{name[len('spec-') :]}"
+    if prefix == "val-":
         return "val-n"
-    if key.startswith("test-"):
+    if prefix == "test-":
         return "test-n"
     return "num-examples"
 
 
-def aggregate(per_site: SiteMetrics) -> dict[str, float]:
-    """Aggregate every metric key present at the sites (counts are summed, the rest weighted means)."""
-    keys = sorted({k for metrics in per_site.values() for k in metrics})
+def pooled_auc_from_histograms(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """ROC AUC from binned score counts: P(score of a random positive > that of a random negative).
+
+    ``pos[b]``/``neg[b]`` count positives/negatives whose score fell in bin ``b`` (bins in increasing score
+    order). Pairs in different bins are ranked exactly; a pair sharing a bin counts 0.5, as a tie. The
+    result is therefore exact up to binning: it equals the AUC of the raw scores when no bin holds both a
+    positive and a negative (with different scores), and otherwise differs from it by at most
+    ``0.5 * sum(pos[b] * neg[b]) / (sum(pos) * sum(neg))``. NaN without positives or without negatives.
+    """
+    if len(pos) != len(neg):
+        raise ValueError(f"pos and neg must have the same number of bins, got {len(pos)} and {len(neg)}")
+    pos_f, neg_f = [float(c) for c in pos], [float(c) for c in neg]
+    for name, counts in (("pos", pos_f), ("neg", neg_f)):
+        bad = [c for c in counts if not math.isfinite(c) or c < 0]
+        if bad:
+            raise ValueError(f"{name} counts must be finite and >= 0, got {bad[0]!r}")
+    n_pos, n_neg = sum(pos_f), sum(neg_f)
+    if n_pos <= 0 or n_neg <= 0:
+        return math.nan
+    wins, negatives_below = 0.0, 0.0
+    for p, n in zip(pos_f, neg_f, strict=True):
+        wins += p * (negatives_below + 0.5 * n)
+        negatives_below += n
+    return wins / (n_pos * n_neg)
+
+
+def _sum_histograms(key: str, values: Sequence[Any]) -> list[float]:
+    """Bin-by-bin sum of the sites' lists for ``key`` (ValueError if one is not a list or lengths differ)."""
+    lists = []
+    for value in values:
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise ValueError(f"histogram metric {key!r} must be a list of counts at every site, got {value!r}")
+        lists.append([float(c) for c in value])
+    lengths = sorted({len(v) for v in lists})
+    if len(lengths) > 1:
+        raise ValueError(f"histogram metric {key!r} has different numbers of bins across sites: {lengths}")
+    return [math.fsum(bins) for bins in zip(*lists, strict=True)] if lists else []
+
+
+def _pooled_aucs(histograms: Mapping[str, list[float]]) -> dict[str, float]:
+    """``<split>-pooled-auc-<class>`` and ``<split>-pooled-auc-macro`` from summed ``<split>-hist-pos/neg-<class>``."""
     result: dict[str, float] = {}
+    per_prefix: dict[str, list[float]] = {}
+    for key in sorted(histograms):
+        prefix, name = _split_prefix(key)
+        if not name.startswith("hist-pos-"):
+            continue
+        cls = name[len("hist-pos-") :]
+        neg = histograms.get(f"{prefix}hist-neg-{cls}")
+        if neg is None:
+            continue
+        auc = pooled_auc_from_histograms(histograms[key], neg)
+        result[f"{prefix}pooled-auc-{cls}"] = auc
+        per_prefix.setdefault(prefix, []).append(auc)
+    for prefix, aucs in per_prefix.items():
+        defined = [a for a in aucs if math.isfinite(a)]
+        result[f"{prefix}pooled-auc-macro"] = sum(defined) / len(defined) if defined else math.nan
+    return result
+
+
+def aggregate(per_site: SiteMetrics) -> dict[str, Any]:
+    """Aggregate every metric key present at the sites (rules in the module docstring).
+
+    Scalars map to floats; ``*-hist-*`` keys to the bin-by-bin sums (lists), from which the pooled AUCs
+    (``<split>-pooled-auc-<class>``, ``<split>-pooled-auc-macro``) are added.
+    """
+    keys = sorted({k for metrics in per_site.values() for k in metrics})
+    result: dict[str, Any] = {}
+    histograms: dict[str, list[float]] = {}
     for key in keys:
-        if key in ("num-examples", "val-n", "test-n"):
+        values = [m[key] for m in per_site.values() if key in m]
+        if is_histogram_key(key):
+            histograms[key] = result[key] = _sum_histograms(key, values)
+            continue
+        lists = [v for v in values if isinstance(v, list | tuple)]
+        if lists:
+            raise ValueError(f"metric {key!r} is a list at some site ({lists[0]!r}); only *-hist-* metrics may be lists")
+        if is_count_key(key):
             result[key] = float(sum(m.get(key, 0.0) for m in per_site.values()))
         else:
             result[key] = weighted_mean(per_site, key, weight_key_for(key))
-    return result
+    result.update(_pooled_aucs(histograms))
+    return dict(sorted(result.items()))
 
 
 @dataclass(frozen=True)
@@ -71,6 +187,23 @@ def _clean(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
     return value
+
+
+def _compact_number_lists(text: str) -> str:
+    """Put every list of numbers of an indented JSON text on one line (histograms stay readable)."""
+    number = r"(?:-?\d[\d.eE+-]*|null)"
+    pattern = rf"\[\n\s*({number}(?:,\n\s*{number})*)\n\s*\]"
+    return re.sub(pattern, lambda m: "[" + ", ".join(re.split(r",\s*", m.group(1))) + "]", text)
+
+
+def _section(per_site: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """One round's train or evaluate entry: the aggregate, the sites' scalars, their histograms apart."""
+    sites = {site: {k: v for k, v in m.items() if not is_histogram_key(k)} for site, m in per_site.items()}
+    entry: dict[str, Any] = {"aggregate": aggregate(per_site), "sites": sites}
+    histograms = {site: {k: v for k, v in m.items() if is_histogram_key(k)} for site, m in per_site.items()}
+    if any(histograms.values()):
+        entry["site_histograms"] = {site: h for site, h in histograms.items() if h}
+    return entry
 
 
 class RunLog:
@@ -104,23 +237,22 @@ class RunLog:
         """Close ``server_round``: store it, print its row, rewrite metrics.json. True if it is the new best."""
         seconds = time.perf_counter() - self._round_started
         self._round_started = time.perf_counter()
-        train_agg, eval_agg = aggregate(self._pending_train), aggregate(self._pending_eval)
         entry = {
             "round": server_round,
             "seconds": round(seconds, 2),
-            "train": {"aggregate": train_agg, "sites": self._pending_train},
-            "evaluate": {"aggregate": eval_agg, "sites": self._pending_eval},
+            "train": _section(self._pending_train),
+            "evaluate": _section(self._pending_eval),
         }
         self.rounds.append(entry)
         self._pending_train, self._pending_eval = {}, {}
-        improved = self._update_best(server_round, eval_agg)
+        improved = self._update_best(server_round, entry["evaluate"]["aggregate"])
         if server_round == 1:
             self.emit(self.header())
         self.emit(self.row(entry, improved))
         self.write()
         return improved
 
-    def _update_best(self, server_round: int, eval_agg: Mapping[str, float]) -> bool:
+    def _update_best(self, server_round: int, eval_agg: Mapping[str, Any]) -> bool:
         value = eval_agg.get(self.selection_metric, math.nan)
         metric = self.selection_metric
         if not math.isfinite(value):  # fall back to (negated) validation loss when AUC is undefined everywhere
@@ -136,7 +268,10 @@ class RunLog:
 
     def header(self) -> str:
         """Column titles of the per-round table."""
-        return f"{'round':>5} {'train loss':>10} {'val loss':>9} {'val acc':>8} {'val AUC':>8} {'test AUC':>8} {'sec':>6}  site val AUC"
+        return (
+            f"{'round':>5} {'train loss':>10} {'val loss':>9} {'val acc':>8} {'val AUC':>8} {'pooled AUC':>10} {'val C':>6} "
+            f"{'test AUC':>8} {'sec':>6}  site val AUC"
+        )
 
     def row(self, entry: Mapping[str, Any], improved: bool) -> str:
         """One line of the per-round table."""
@@ -151,7 +286,8 @@ class RunLog:
         mark = " *" if improved else ""
         return (
             f"{entry['round']:>5} {f(t.get('train-loss'), 10)} {f(e.get('val-loss'), 9)} {f(e.get('val-accuracy'), 8)} "
-            f"{f(e.get('val-auc-macro'), 8)} {f(e.get('test-auc-macro'), 8)} {entry['seconds']:>6.1f}  {sites}{mark}"
+            f"{f(e.get('val-auc-macro'), 8)} {f(e.get('val-pooled-auc-macro'), 10)} {f(e.get('val-c-index'), 6)} "
+            f"{f(e.get('test-auc-macro'), 8)} {entry['seconds']:>6.1f}  {sites}{mark}"
         )
 
     def summary(self) -> dict[str, Any]:
@@ -170,8 +306,13 @@ class RunLog:
         return {
             "started_utc": self._started,
             "run_config": self.run_config,
-            "aggregation_note": "aggregate = example-weighted mean of site values (val by val-n, test by test-n, train by num-examples); "
-            "undefined site values (null) are skipped",
+            "aggregation_note": "aggregate = weighted mean of site values (val by val-n, test by test-n, train by num-examples; "
+            "c-index and td-auc by the split's n-events, sens-<class> by n-pos-<class>, spec-<class> by n-neg-<class>); "
+            "undefined site values (null) are skipped; counts (n, n-*, num-examples) are summed. "
+            "auc-macro = weighted mean of the site AUCs (ranking within each site); "
+            "pooled-auc-<class> and pooled-auc-macro = AUC of all sites' predictions pooled, computed from the "
+            "bin-by-bin sums of the sites' score histograms (hist-pos/neg-<class>, exact up to binning). "
+            "Per-site histograms are under each round's site_histograms.",
             "rounds": self.rounds,
             "best_round": best,
         }
@@ -180,7 +321,7 @@ class RunLog:
         """Write ``metrics.json`` atomically."""
         path = self.run_dir / "metrics.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_clean(self.summary()), indent=2))
+        tmp.write_text(_compact_number_lists(json.dumps(_clean(self.summary()), indent=2)))
         tmp.replace(path)
         return path
 
@@ -210,6 +351,9 @@ class RunLog:
         ax_loss.legend()
         ax_auc.plot(rounds, series("evaluate", "val-auc-macro"), "o-", linewidth=2.5, color="black", label="validation, all sites")
         ax_auc.plot(rounds, series("evaluate", "test-auc-macro"), "s--", color="grey", label="test, all sites")
+        pooled = series("evaluate", "val-pooled-auc-macro")
+        if any(math.isfinite(v) for v in pooled):
+            ax_auc.plot(rounds, pooled, "^:", linewidth=2, color="tab:purple", label="validation, pooled predictions")
         sites = sorted({s for r in self.rounds for s in r["evaluate"]["sites"]})
         for site in sites:
             ax_auc.plot(rounds, series("evaluate", "val-auc-macro", site), ".-", alpha=0.7, label=f"validation, {site}")

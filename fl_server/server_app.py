@@ -24,18 +24,38 @@ from fl_server.run_log import RunLog
 from models.factory import build_model
 
 
-def _site_metrics(records: list[RecordDict]) -> dict[str, dict[str, float]]:
-    """``{site name: {metric: value}}`` from the reply records (unnamed sites get a positional name)."""
-    per_site: dict[str, dict[str, float]] = {}
+def _site_metrics(records: list[RecordDict]) -> dict[str, dict[str, float | list[float]]]:
+    """``{site name: {metric: value}}`` from the reply records (unnamed sites get a positional name).
+
+    List values are aggregate histograms (score counts per bin), used for pooled AUCs.
+    """
+    per_site: dict[str, dict[str, float | list[float]]] = {}
     for i, record in enumerate(records):
         name = str(record["site"]["name"]) if "site" in record.config_records else f"node-{i}"
         metrics = next(iter(record.metric_records.values()))
-        per_site[name] = {k: float(v) for k, v in metrics.items() if not isinstance(v, list)}
+        per_site[name] = {k: [float(x) for x in v] if isinstance(v, list) else float(v) for k, v in metrics.items()}
     return per_site
 
 
-def _metric_record(values: Mapping[str, float]) -> MetricRecord:
-    return MetricRecord({k: float(v) for k, v in values.items() if math.isfinite(v)})
+def _metric_record(values: Mapping[str, Any]) -> MetricRecord:
+    """Finite scalar aggregates for Flower's own log (histograms and undefined values stay in metrics.json)."""
+    return MetricRecord({k: float(v) for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)})
+
+
+def _round_metrics(run_log: RunLog, server_round: int) -> dict[str, Any]:
+    """Scalar validation/test metrics of one round, aggregated and per site, for the model bundle."""
+    entry = next((r for r in run_log.rounds if r["round"] == server_round), None)
+    if entry is None:
+        return {}
+
+    def scalars(values: Mapping[str, Any]) -> dict[str, float]:
+        return {k: v for k, v in values.items() if isinstance(v, int | float) and (k.startswith("val-") or k.startswith("test-"))}
+
+    return {
+        "aggregate": scalars(entry["evaluate"]["aggregate"]),
+        "sites": {site: scalars(m) for site, m in entry["evaluate"]["sites"].items()},
+        "training_studies": {site: m.get("num-examples") for site, m in entry["train"]["sites"].items()},
+    }
 
 
 def run_federation(grid: Grid, config: ServerConfig) -> RunLog:
@@ -61,8 +81,10 @@ def run_federation(grid: Grid, config: ServerConfig) -> RunLog:
             "strategy": "FedAvg",
             "round_of_weights": server_round,
             "rounds_planned": config.num_server_rounds,
+            "best_round": run_log.best.round if run_log.best else None,
             "sites": sorted(sites_seen),
             "run_config": config.to_run_config(),
+            "metrics": _round_metrics(run_log, server_round),
         }
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -1,8 +1,17 @@
-"""The one place that builds networks from configuration."""
+"""The one place that builds networks from configuration.
+
+Every network is multi-task: a shared 3D backbone (MONAI DenseNet121 by default) whose pooled features, optionally
+concatenated with clinical covariates (age, sex), feed two heads:
+
+- ``logits``: the diagnosis (COVID-19 pattern / other pneumonia / normal);
+- ``risk``: a prognostic log-risk score trained with the Cox partial likelihood on (time, event) —
+  higher means a severe outcome sooner.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from monai.networks.nets import DenseNet121, resnet10, resnet18
@@ -10,17 +19,20 @@ from torch import nn
 
 MODEL_NAMES = ("densenet121", "resnet10", "resnet18", "smallcnn")
 NORMS = ("batch", "instance", "group")
+#: Clinical covariates fused before the heads when ``ModelConfig.covariates`` is on (see :func:`covariate_vector`).
+COVARIATES = ("age", "sex", "age_known", "sex_known")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the diagnostic network."""
+    """Architecture of the multi-task network."""
 
     name: str = "densenet121"
     num_classes: int = 3
     in_channels: int = 1
     norm: str = "batch"
     dropout: float = 0.0
+    covariates: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in MODEL_NAMES:
@@ -35,31 +47,19 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
+class ModelOutput(NamedTuple):
+    """Diagnosis logits (batch, classes) and prognostic log-risk (batch,)."""
+
+    logits: torch.Tensor
+    risk: torch.Tensor
+
+
 def _monai_norm(norm: str) -> str | tuple[str, dict]:
     if norm == "group":
         return ("group", {"num_groups": 8})
     if norm == "instance":
         return ("instance", {"affine": True})
     return "batch"
-
-
-class SmallCNN(nn.Module):
-    """Four conv blocks (3D) and a linear head: a fast baseline for tests and tiny runs."""
-
-    def __init__(self, *, in_channels: int, num_classes: int, norm: str, dropout: float) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels = (in_channels, 16, 32, 64, 64)
-        for c_in, c_out in zip(channels[:-1], channels[1:]):
-            layers += [nn.Conv3d(c_in, c_out, kernel_size=3, padding=1, bias=False), _torch_norm(norm, c_out), nn.ReLU(inplace=True)]
-            layers.append(nn.MaxPool3d(2))
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool3d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(channels[-1], num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(torch.flatten(self.pool(self.features(x)), 1)))
 
 
 def _torch_norm(norm: str, channels: int) -> nn.Module:
@@ -70,22 +70,77 @@ def _torch_norm(norm: str, channels: int) -> nn.Module:
     return nn.BatchNorm3d(channels)
 
 
-def build_model(config: ModelConfig) -> nn.Module:
-    """Build the network named in ``config`` (3D, channel-first input, logits out)."""
+class SmallCNN(nn.Module):
+    """Four 3D conv blocks and global pooling: a fast backbone for tests and tiny runs (64 features)."""
+
+    out_features = 64
+
+    def __init__(self, *, in_channels: int, norm: str) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = (in_channels, 16, 32, 64, self.out_features)
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            layers += [nn.Conv3d(c_in, c_out, kernel_size=3, padding=1, bias=False), _torch_norm(norm, c_out), nn.ReLU(inplace=True)]
+            layers.append(nn.MaxPool3d(2))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool3d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+
+def _backbone(config: ModelConfig) -> tuple[nn.Module, int]:
+    """A network mapping (B, C, X, Y, Z) to pooled features (B, F), and F."""
     if config.name == "densenet121":
-        return DenseNet121(
-            spatial_dims=3,
-            in_channels=config.in_channels,
-            out_channels=config.num_classes,
-            norm=_monai_norm(config.norm),
-            dropout_prob=config.dropout,
-        )
+        net = DenseNet121(spatial_dims=3, in_channels=config.in_channels, out_channels=config.num_classes,
+                          norm=_monai_norm(config.norm), dropout_prob=config.dropout)  # fmt: skip
+        width = net.class_layers.out.in_features
+        net.class_layers.out = nn.Identity()
+        return net, width
     if config.name in ("resnet10", "resnet18"):
         factory = resnet10 if config.name == "resnet10" else resnet18
-        return factory(
-            spatial_dims=3,
-            n_input_channels=config.in_channels,
-            num_classes=config.num_classes,
-            norm=_monai_norm(config.norm),
-        )
-    return SmallCNN(in_channels=config.in_channels, num_classes=config.num_classes, norm=config.norm, dropout=config.dropout)
+        net = factory(spatial_dims=3, n_input_channels=config.in_channels, num_classes=config.num_classes,
+                      norm=_monai_norm(config.norm))  # fmt: skip
+        width = net.fc.in_features
+        net.fc = nn.Identity()
+        return net, width
+    net = SmallCNN(in_channels=config.in_channels, norm=config.norm)
+    return net, SmallCNN.out_features
+
+
+class MultiTaskNet(nn.Module):
+    """Shared backbone, optional covariate fusion, diagnosis head and prognostic (Cox) head."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.backbone, width = _backbone(config)
+        self.n_covariates = len(COVARIATES) if config.covariates else 0
+        self.dropout = nn.Dropout(config.dropout)
+        self.diagnosis = nn.Linear(width + self.n_covariates, config.num_classes)
+        self.prognosis = nn.Linear(width + self.n_covariates, 1)
+
+    def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> ModelOutput:
+        features = self.dropout(self.backbone(x))
+        if self.n_covariates:
+            if covariates is None or covariates.shape != (x.shape[0], self.n_covariates):
+                raise ValueError(f"this model fuses {self.n_covariates} covariates per study; got {None if covariates is None else tuple(covariates.shape)}")
+            features = torch.cat([features, covariates.to(features.dtype)], dim=1)
+        return ModelOutput(self.diagnosis(features), self.prognosis(features).squeeze(1))
+
+
+def covariate_vector(age: torch.Tensor, sex: torch.Tensor) -> torch.Tensor:
+    """(B, 4) covariates from age in years and sex (1 = male, 0 = female), NaN meaning unknown.
+
+    Age is centred at 60 and scaled by 15 years; unknown values become 0 with their indicator set to 0.
+    """
+    age = torch.as_tensor(age, dtype=torch.float32)
+    sex = torch.as_tensor(sex, dtype=torch.float32)
+    age_known, sex_known = ~torch.isnan(age), ~torch.isnan(sex)
+    scaled_age = torch.where(age_known, (age - 60.0) / 15.0, torch.zeros_like(age))
+    scaled_sex = torch.where(sex_known, sex * 2.0 - 1.0, torch.zeros_like(sex))
+    return torch.stack([scaled_age, scaled_sex, age_known.float(), sex_known.float()], dim=1)
+
+
+def build_model(config: ModelConfig) -> MultiTaskNet:
+    """Build the multi-task network named in ``config`` (3D, channel-first input)."""
+    return MultiTaskNet(config)

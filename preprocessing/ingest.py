@@ -55,11 +55,20 @@ class StudyEntry:
     content: str
 
     def item(self) -> dict[str, Any]:
-        """Dataset item for :func:`preprocessing.cache.make_dataset`; ``label`` is -1 when unknown."""
+        """Dataset item for :func:`preprocessing.cache.make_dataset`.
+
+        Unknown targets are masked, never guessed: ``label`` -1, ``event``/``time``/``age``/``sex`` NaN.
+        ``sex`` is 1.0 for M and 0.0 for F.
+        """
+        nan = float("nan")
         return {
             "image": self.series,
             "content": self.content,
             "label": -1 if self.diagnosis is None else self.diagnosis,
+            "event": nan if self.severe is None else float(self.severe),
+            "time": nan if self.time_days is None else float(self.time_days),
+            "age": nan if self.age is None else float(self.age),
+            "sex": {"M": 1.0, "F": 0.0}.get((self.sex or "").upper(), nan),
             "id": self.id,
         }
 

@@ -88,16 +88,17 @@ def test_changed_file_gives_a_new_cache_entry(make_series, dicom_root, tmp_path)
     assert len(_cached(cache_dir)) == 2
 
 
-def test_changed_label_gives_a_new_cache_entry(make_series, dicom_root, tmp_path):
+def test_changed_label_reuses_the_image_cache_and_returns_the_new_label(make_series, dicom_root, tmp_path):
     make_series("a", n_slices=12)
     site = tmp_path / "site"
     cache_dir = cache_dir_for(site, SMALL)
 
-    make_dataset([_item(dicom_root, label=0)], SMALL, site, augment=False)[0]
+    first = make_dataset([_item(dicom_root, label=0)], SMALL, site, augment=False)[0]
     out = make_dataset([_item(dicom_root, label=2)], SMALL, site, augment=False)[0]
 
-    assert len(_cached(cache_dir)) == 2
-    assert out["label"] == 2
+    assert len(_cached(cache_dir)) == 1  # images are keyed by their files, not their labels
+    assert out["label"] == 2  # ... and labels are joined after the cache, never stale
+    assert first["label"] == 0
 
 
 def test_other_pipeline_uses_another_cache_folder(make_series, dicom_root, tmp_path):
@@ -123,7 +124,7 @@ def test_augmented_dataset_caches_only_the_deterministic_part(make_series, dicom
     plain = make_dataset([item], SMALL, site, augment=False)[0]["image"]
 
     augmented = make_dataset([item], SMALL, site, augment=True)
-    augmented.transform.set_random_state(seed=1)
+    augmented.images.transform.set_random_state(seed=1)
     outputs = [augmented[0]["image"] for _ in range(4)]
 
     assert len(_cached(cache_dir_for(site, SMALL))) == 1  # same cache entry as without augmentation

@@ -1,17 +1,37 @@
+import math
+
 import pytest
 import torch
 
-from models.factory import MODEL_NAMES, ModelConfig, build_model
+from models.factory import COVARIATES, MODEL_NAMES, ModelConfig, build_model, covariate_vector
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_every_model_maps_a_volume_to_class_logits(name):
+def test_every_model_has_a_diagnosis_and_a_prognosis_head(name):
     model = build_model(ModelConfig(name=name, num_classes=3))
     model.eval()
     with torch.no_grad():
-        logits = model(torch.randn(2, 1, 32, 32, 32))
-    assert logits.shape == (2, 3)
-    assert torch.isfinite(logits).all()
+        out = model(torch.randn(2, 1, 32, 32, 32))
+    assert out.logits.shape == (2, 3) and out.risk.shape == (2,)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.risk).all()
+
+
+def test_covariates_are_fused_before_both_heads():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="smallcnn", covariates=True)).eval()
+    assert model.diagnosis.in_features == model.prognosis.in_features == 64 + len(COVARIATES)
+    x = torch.randn(2, 1, 16, 16, 16)
+    young = covariate_vector(torch.tensor([30.0, 30.0]), torch.tensor([0.0, 0.0]))
+    old = covariate_vector(torch.tensor([90.0, 90.0]), torch.tensor([1.0, 1.0]))
+    with torch.no_grad():
+        assert not torch.equal(model(x, young).risk, model(x, old).risk)
+    with pytest.raises(ValueError, match="covariates"):
+        model(x)
+
+
+def test_unknown_covariates_are_zero_with_their_indicator_off():
+    v = covariate_vector(torch.tensor([75.0, math.nan]), torch.tensor([math.nan, 0.0]))
+    assert v.tolist() == [[1.0, 0.0, 1.0, 0.0], [0.0, -1.0, 0.0, 1.0]]
 
 
 @pytest.mark.parametrize("norm", ["batch", "instance", "group"])

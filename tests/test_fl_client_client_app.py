@@ -90,4 +90,8 @@ def test_replies_carry_only_numbers_and_the_site_name(recorded_replies):
             site = json.loads(next(line for line in text.split(b"\n") if line.startswith(b"site=")).split(b"=", 1)[1])
             assert list(site) == ["name"] and site["name"] in ("site-0", "site-1")
             metrics = json.loads(next(line for line in text.split(b"\n") if line.startswith(b"metrics=")).split(b"=", 1)[1])
-            assert all(isinstance(v, int | float) for v in metrics.values())
+            for key, value in metrics.items():
+                if "-hist-" in key:  # aggregate score histograms: counts per probability bin, no study-level data
+                    assert all(isinstance(c, int | float) and c >= 0 and float(c).is_integer() for c in value)
+                else:
+                    assert isinstance(value, int | float), key

@@ -48,3 +48,197 @@ def test_shape_errors_name_the_shape():
         classification_metrics(np.zeros((4, 2)), np.zeros(4, dtype=int), NAMES)
     with pytest.raises(ValueError, match="labels"):
         classification_metrics(np.zeros((4, 3)), np.zeros(3, dtype=int), NAMES)
+
+
+# --- operating points, sensitivity/specificity, Brier, ECE ---------------------------------------------
+
+from fl_client.metrics import choose_operating_points, score_histograms, survival_metrics  # noqa: E402
+
+BINARY = ("covid", "normal")
+# Validation set for two classes: p(covid) of the 3 covid studies 0.9, 0.6, 0.4; of the 3 normal ones 0.5, 0.3, 0.1.
+VAL_LABELS = np.array([0, 0, 0, 1, 1, 1])
+VAL_P_COVID = np.array([0.9, 0.6, 0.4, 0.5, 0.3, 0.1])
+VAL_PROBS = np.column_stack([VAL_P_COVID, 1 - VAL_P_COVID])
+
+
+def test_operating_points_maximise_youden_j_highest_threshold_on_ties():
+    # covid, "positive if p >= t": t=0.9 J=1/3-0; t=0.6 J=2/3-0; t=0.5 J=2/3-1/3; t=0.4 J=1-1/3; t=0.3 J=1-2/3; t=0.1 J=0.
+    # Best J = 2/3 at t=0.6 and t=0.4 -> the higher (more specific) 0.6.
+    # normal, p(normal) = 1 - p(covid): positives 0.5, 0.7, 0.9; negatives 0.1, 0.4, 0.6 -> J=2/3 at 0.7 and 0.5 -> 0.7.
+    t = choose_operating_points(VAL_PROBS, VAL_LABELS, BINARY)
+    assert set(t) == set(BINARY)
+    assert t["covid"] == pytest.approx(0.6)
+    assert t["normal"] == pytest.approx(0.7)
+
+
+def test_operating_points_nan_for_absent_class_and_uninformative_scores_stay_finite():
+    labels = np.array([0, 0, 1, 1])
+    probs = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1]])
+    t = choose_operating_points(probs, labels, NAMES)
+    assert math.isnan(t["normal"])
+    assert t["covid"] == pytest.approx(0.6) and t["other_pneumonia"] == pytest.approx(0.6)
+    # All scores tied: J = 0 everywhere; the threshold is the tied score, never roc_curve's +inf.
+    flat = choose_operating_points(np.full((4, 3), 1 / 3), np.array([0, 1, 2, 0]), NAMES)
+    assert all(v == pytest.approx(1 / 3) for v in flat.values())
+    assert all(math.isnan(v) for v in choose_operating_points(np.zeros((0, 3)), np.zeros(0, dtype=int), NAMES).values())
+
+
+def test_sensitivity_specificity_at_given_thresholds():
+    m = classification_metrics(VAL_PROBS, VAL_LABELS, BINARY, thresholds={"covid": 0.6, "normal": 0.7})
+    # covid: positives 0.9, 0.6, 0.4 -> 2 of 3 >= 0.6; negatives 0.5, 0.3, 0.1 -> 3 of 3 below.
+    assert m["sens-covid"] == pytest.approx(2 / 3) and m["spec-covid"] == 1.0
+    # normal: positives 0.5, 0.7, 0.9 -> 2 of 3 >= 0.7; negatives 0.1, 0.4, 0.6 -> all below.
+    assert m["sens-normal"] == pytest.approx(2 / 3) and m["spec-normal"] == 1.0
+    assert (m["n-pos-covid"], m["n-neg-covid"], m["n-pos-normal"], m["n-neg-normal"]) == (3, 3, 3, 3)
+    # The validation thresholds applied unchanged to another (test) split: p(covid) 0.7, 0.55 for covid; 0.65 for normal.
+    test_probs = np.array([[0.7, 0.3], [0.55, 0.45], [0.65, 0.35]])
+    mt = classification_metrics(test_probs, np.array([0, 0, 1]), BINARY, thresholds={"covid": 0.6, "normal": 0.7})
+    assert mt["sens-covid"] == 0.5 and mt["spec-covid"] == 0.0  # 0.7 >= 0.6, 0.55 not; the normal's 0.65 >= 0.6
+    assert mt["sens-normal"] == 0.0 and mt["spec-normal"] == 1.0  # p(normal) 0.35 < 0.7; covid's 0.3, 0.45 < 0.7
+
+
+def test_sensitivity_specificity_nan_without_thresholds_or_when_undefined():
+    m = classification_metrics(VAL_PROBS, VAL_LABELS, BINARY)
+    assert all(math.isnan(m[f"{s}-{c}"]) for s in ("sens", "spec") for c in BINARY)
+    labels = np.array([0, 0, 1, 1])
+    probs = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1]])
+    m = classification_metrics(probs, labels, NAMES, thresholds=choose_operating_points(probs, labels, NAMES))
+    assert math.isnan(m["sens-normal"]) and math.isnan(m["spec-normal"])  # no normal study: no threshold, no positive
+    assert m["sens-covid"] == 1.0 and m["spec-covid"] == 1.0
+    # A finite threshold for a class without positives still gives its specificity.
+    m = classification_metrics(probs, labels, NAMES, thresholds={"covid": 0.5, "other_pneumonia": 0.5, "normal": 0.05})
+    assert math.isnan(m["sens-normal"]) and m["spec-normal"] == 0.0
+
+
+def test_thresholds_must_name_exactly_the_classes():
+    with pytest.raises(ValueError, match=r"unknown \['flu'\]"):
+        classification_metrics(VAL_PROBS, VAL_LABELS, BINARY, thresholds={"covid": 0.5, "normal": 0.5, "flu": 0.5})
+    with pytest.raises(ValueError, match=r"missing \['normal'\]"):
+        classification_metrics(VAL_PROBS, VAL_LABELS, BINARY, thresholds={"covid": 0.5})
+
+
+def test_brier_score_hand_computed():
+    # Study 1, label 0: (0.7-1)^2 + 0.2^2 + 0.1^2 = 0.14; study 2, label 2: 0.2^2 + 0.2^2 + (0.6-1)^2 = 0.24 -> mean 0.19.
+    m = classification_metrics(np.array([[0.7, 0.2, 0.1], [0.2, 0.2, 0.6]]), np.array([0, 2]), NAMES)
+    assert m["brier"] == pytest.approx(0.19)
+    perfect = classification_metrics(np.eye(3), np.array([0, 1, 2]), NAMES)
+    assert perfect["brier"] == 0.0
+    # Binary: summed over both columns (not halved): (0.3^2 + 0.3^2 + 0.4^2 + 0.4^2) / 2 = 0.25.
+    assert classification_metrics(np.array([[0.7, 0.3], [0.4, 0.6]]), np.array([0, 1]), BINARY)["brier"] == pytest.approx(0.25)
+
+
+def test_expected_calibration_error_hand_computed():
+    probs = np.array([[0.95, 0.05], [0.85, 0.15], [0.15, 0.85], [0.35, 0.65]])
+    labels = np.array([0, 1, 1, 0])  # right (conf .95), wrong (.85), right (.85), wrong (.65)
+    # 10 bins: [0.9,1.0] 1 study acc 1 conf .95 -> 1/4*.05; [0.8,0.9) 2 studies acc .5 conf .85 -> 2/4*.35;
+    # [0.6,0.7) 1 study acc 0 conf .65 -> 1/4*.65. ECE = .0125 + .175 + .1625 = .35
+    assert classification_metrics(probs, labels, BINARY)["ece"] == pytest.approx(0.35)
+    # One bin: |accuracy 0.5 - mean confidence 0.825| = 0.325.
+    assert classification_metrics(probs, labels, BINARY, n_bins=1)["ece"] == pytest.approx(0.325)
+    # Uniform probabilities, balanced labels: confidence 1/3, accuracy 1/3 -> calibrated.
+    assert classification_metrics(np.full((30, 3), 1 / 3), np.array([0, 1, 2] * 10), NAMES)["ece"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="n_bins.*0"):
+        classification_metrics(probs, labels, BINARY, n_bins=0)
+
+
+def test_every_site_sends_the_same_keys():
+    full = classification_metrics(VAL_PROBS, VAL_LABELS, BINARY, thresholds={"covid": 0.6, "normal": 0.7})
+    one_class = classification_metrics(VAL_PROBS[:3], VAL_LABELS[:3], BINARY, thresholds={"covid": math.nan, "normal": math.nan})
+    empty = classification_metrics(np.zeros((0, 2)), np.zeros(0, dtype=int), BINARY)
+    assert set(full) == set(one_class) == set(empty)
+    for key in ("brier", "ece", "sens-covid", "spec-normal", "n-pos-covid", "n-neg-normal"):
+        assert key in full
+    assert math.isnan(empty["brier"]) and math.isnan(empty["ece"]) and empty["n-pos-covid"] == 0
+    assert math.isnan(one_class["auc-covid"]) and one_class["ece"] >= 0
+
+
+def test_bad_labels_are_named():
+    with pytest.raises(ValueError, match=r"\[0, 1\].*\[0, 3\]"):
+        classification_metrics(VAL_PROBS[:2], np.array([0, 3]), BINARY)
+
+
+# --- score histograms ---------------------------------------------------------------------------------
+
+
+def test_score_histograms_hand_computed():
+    # 4 bins [0,.25) [.25,.5) [.5,.75) [.75,1]: covid positives .9 .6 .4 -> bins 3 2 1; negatives .5 .3 .1 -> bins 2 1 0.
+    h = score_histograms(VAL_PROBS, VAL_LABELS, BINARY, bins=4)
+    assert set(h) == {"hist-pos-covid", "hist-neg-covid", "hist-pos-normal", "hist-neg-normal"}
+    assert h["hist-pos-covid"] == [0.0, 1.0, 1.0, 1.0]
+    assert h["hist-neg-covid"] == [1.0, 1.0, 1.0, 0.0]
+    # normal positives p = .5 .7 .9 -> bins 2 2 3; negatives .1 .4 .6 -> bins 0 1 2.
+    assert h["hist-pos-normal"] == [0.0, 0.0, 2.0, 1.0]
+    assert h["hist-neg-normal"] == [1.0, 1.0, 1.0, 0.0]
+    assert all(isinstance(c, float) for v in h.values() for c in v)
+
+
+def test_score_histograms_edges_empty_and_one_class():
+    # 0 goes to the first bin, 1 (and rounding just above 1) to the last.
+    h = score_histograms(np.array([[1.0 + 1e-12, 0.0], [0.0, 1.0]]), np.array([0, 1]), BINARY, bins=2)
+    assert h["hist-pos-covid"] == [0.0, 1.0] and h["hist-neg-covid"] == [1.0, 0.0]
+    empty = score_histograms(np.zeros((0, 3)), np.zeros(0, dtype=int), NAMES, bins=5)
+    assert len(empty) == 6 and all(v == [0.0] * 5 for v in empty.values())
+    only_covid = score_histograms(np.array([[0.9, 0.05, 0.05]]), np.array([0]), NAMES, bins=2)
+    assert only_covid["hist-pos-covid"] == [0.0, 1.0] and only_covid["hist-neg-covid"] == [0.0, 0.0]
+    assert only_covid["hist-pos-normal"] == [0.0, 0.0] and only_covid["hist-neg-normal"] == [1.0, 0.0]
+    with pytest.raises(ValueError, match="bins must be a positive integer, got 0"):
+        score_histograms(VAL_PROBS, VAL_LABELS, BINARY, bins=0)
+
+
+# --- survival -----------------------------------------------------------------------------------------
+
+RISK = np.array([2.0, 2.0, 0.0, 1.0])
+TIME = np.array([1.0, 2.0, 3.0, 4.0])
+EVENT = np.array([1.0, 0.0, 1.0, 0.0])
+
+
+def test_survival_metrics_hand_computed():
+    # Comparable pairs (i had the event, j lasted longer): (0,1) tie in risk 0.5; (0,2) 2>0 1; (0,3) 2>1 1; (2,3) 0<1 0.
+    # C = 2.5 / 4.
+    # Horizon 2.5: case = study 0 (event at day 1); study 1 censored at day 2 excluded; controls = studies 2, 3
+    # (risks 0 and 1, both below the case's 2) -> td-AUC 1.
+    m = survival_metrics(RISK, TIME, EVENT, horizon_days=2.5)
+    assert m == {"c-index": pytest.approx(0.625), "td-auc": 1.0, "n-events": 2.0}
+    # Horizon 3: cases = studies 0 (risk 2) and 2 (risk 0); control = study 3 (risk 1) -> 1 of 2 pairs right.
+    assert survival_metrics(RISK, TIME, EVENT, horizon_days=3)["td-auc"] == pytest.approx(0.5)
+
+
+def test_survival_equal_times_are_not_comparable():
+    # Studies 0 and 1 both die on day 1: not a comparable pair. Pairs (0,2), (1,2): risks 3 > 1 and 0 < 1 -> C = 1/2.
+    m = survival_metrics(np.array([3.0, 0.0, 1.0]), np.array([1.0, 1.0, 2.0]), np.array([1, 1, 0]), horizon_days=1.5)
+    assert m["c-index"] == pytest.approx(0.5)
+    assert m["td-auc"] == pytest.approx(0.5)  # cases risks 3, 0 vs control risk 1
+
+
+def test_survival_nan_rows_are_masked():
+    risk = np.concatenate([RISK, [5.0, np.nan, -3.0]])
+    time = np.concatenate([TIME, [np.nan, np.nan, 0.5]])
+    event = np.concatenate([EVENT, [1.0, np.nan, np.nan]])
+    assert survival_metrics(risk, time, event, horizon_days=2.5) == survival_metrics(RISK, TIME, EVENT, horizon_days=2.5)
+
+
+def test_survival_undefined_cases_give_nan():
+    censored = survival_metrics(RISK, TIME, np.zeros(4), horizon_days=2.5)
+    assert math.isnan(censored["c-index"]) and math.isnan(censored["td-auc"]) and censored["n-events"] == 0
+    empty = survival_metrics(np.zeros(0), np.zeros(0), np.zeros(0), horizon_days=30)
+    assert math.isnan(empty["c-index"]) and math.isnan(empty["td-auc"]) and empty["n-events"] == 0
+    unknown = survival_metrics(RISK, np.full(4, np.nan), EVENT, horizon_days=30)
+    assert math.isnan(unknown["c-index"]) and unknown["n-events"] == 0
+    # Only event is the last one: no comparable pair; everyone followed past the horizon: no case.
+    last = survival_metrics(RISK, TIME, np.array([0, 0, 0, 1]), horizon_days=0.5)
+    assert math.isnan(last["c-index"]) and math.isnan(last["td-auc"]) and last["n-events"] == 1
+    # Everyone's outcome known before the horizon: no control.
+    assert math.isnan(survival_metrics(RISK, TIME, EVENT, horizon_days=10)["td-auc"])
+
+
+def test_survival_bad_inputs_are_named():
+    with pytest.raises(ValueError, match=r"event must be 0 or 1.*2\.0"):
+        survival_metrics(RISK, TIME, np.array([1, 2, 0, 0]), horizon_days=3)
+    with pytest.raises(ValueError, match="horizon_days.*0"):
+        survival_metrics(RISK, TIME, EVENT, horizon_days=0)
+    with pytest.raises(ValueError, match=r"time must have the shape of risk \(4,\), got \(3,\)"):
+        survival_metrics(RISK, TIME[:3], EVENT, horizon_days=3)
+    with pytest.raises(ValueError, match="time must be finite and >= 0"):
+        survival_metrics(RISK, -TIME, EVENT, horizon_days=3)
+    with pytest.raises(ValueError, match="risk must be finite"):
+        survival_metrics(np.array([np.nan, 1, 2, 3]), TIME, EVENT, horizon_days=3)

@@ -17,7 +17,7 @@ def tiny_site(tmp_path_factory):
     """A site of 12 studies whose class sets the mean HU, so a model can learn it quickly."""
     root = tmp_path_factory.mktemp("site")
     rng = np.random.default_rng(0)
-    rows = ["StudyInstanceUID,diagnosis"]
+    rows = ["StudyInstanceUID,diagnosis,severe,time_days,age,sex"]
     for i in range(12):
         label = i % 3
         uid = f"1.2.826.0.1.3680043.10.999.{i}"
@@ -25,7 +25,7 @@ def tiny_site(tmp_path_factory):
         patient = PatientIdentity(f"TEST^P{i}", f"PID{i}", "19500101", "F", "070Y")
         write_ct_series(root / "dicom" / f"s{i}", hu, pixel_spacing_mm=(8.0, 8.0), slice_spacing_mm=8.0,
                         study_instance_uid=uid, series_instance_uid=uid + ".1", patient=patient)  # fmt: skip
-        rows.append(f"{uid},{DIAGNOSES[label]}")
+        rows.append(f"{uid},{DIAGNOSES[label]},{int(label == 0)},{5 + 3 * label + i % 3},{50 + i},{'MF'[i % 2]}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     site = SiteConfig(site_name="site-t", dicom_dir=root / "dicom", site_dir=root / "work", labels_csv=root / "labels.csv",
                       device="cpu", workers=1)  # fmt: skip
@@ -51,8 +51,11 @@ def test_evaluate_round_reports_val_and_test_metrics(tiny_site):
     settings = config.round_settings(1)
     metrics = evaluate_round(site, settings, build_model(settings.model).state_dict())
     assert metrics["val-n"] == 3 and metrics["test-n"] == 3
-    for key in ("loss", "accuracy", "auc-macro", "balanced-accuracy"):
+    for key in ("loss", "accuracy", "auc-macro", "balanced-accuracy", "brier", "ece", "sens-covid", "spec-normal",
+                "c-index", "td-auc", "n-events", "hist-pos-covid", "hist-neg-normal"):  # fmt: skip
         assert f"val-{key}" in metrics and f"test-{key}" in metrics
+    assert metrics["val-n-events"] == 1  # one covid study per split, the only severe outcomes
+    assert sum(metrics["test-hist-pos-covid"]) == 1 and sum(metrics["test-hist-neg-covid"]) == 2
 
 
 def test_training_learns_the_tiny_task(tiny_site):
@@ -65,13 +68,20 @@ def test_training_learns_the_tiny_task(tiny_site):
     assert metrics["val-accuracy"] + metrics["test-accuracy"] >= 1.0  # well above chance (1/3 each)
 
 
-def test_predict_returns_probabilities():
+def _batch(n, labels, times=None, events=None):
+    nan = float("nan")
+    return {"image": torch.randn(n, 1, 16, 16, 16), "label": torch.tensor(labels),
+            "time": torch.tensor(times or [nan] * n, dtype=torch.float64), "event": torch.tensor(events or [nan] * n, dtype=torch.float64),
+            "age": torch.full((n,), nan), "sex": torch.full((n,), nan)}  # fmt: skip
+
+
+def test_predict_returns_probabilities_and_risk():
     model = build_model(ServerConfig(model_name="smallcnn").model)
-    loader = [{"image": torch.randn(2, 1, 16, 16, 16), "label": torch.tensor([0, 2])}]
-    preds = predict(model, loader, device=torch.device("cpu"))
+    preds = predict(model, [_batch(2, [0, 2], [3.0, 9.0], [1.0, 0.0])], device=torch.device("cpu"))
     assert preds.probs.shape == (2, 3)
     assert np.allclose(preds.probs.sum(axis=1), 1.0, atol=1e-5)
-    assert preds.labels.tolist() == [0, 2]
+    assert preds.labels.tolist() == [0, 2] and preds.risk.shape == (2,)
+    assert preds.time.tolist() == [3.0, 9.0] and preds.event.tolist() == [1.0, 0.0]
 
 
 def test_train_model_uses_examples_not_batches():
@@ -80,7 +90,7 @@ def test_train_model_uses_examples_not_batches():
     class Loader(list):
         dataset = list(range(5))
 
-    loader = Loader([{"image": torch.randn(3, 1, 16, 16, 16), "label": torch.tensor([0, 1, 2])}, {"image": torch.randn(2, 1, 16, 16, 16), "label": torch.tensor([0, 1])}])
+    loader = Loader([_batch(3, [0, 1, 2]), _batch(2, [0, 1])])
     result = train_model(model, loader, epochs=1, lr=1e-3, device=torch.device("cpu"))
     assert result.num_examples == 5 and result.steps == 2
 
@@ -100,9 +110,58 @@ def test_batch_norm_statistics_are_recomputed_for_the_final_weights():
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="smallcnn", norm="batch"))
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d))
-    images = [{"image": torch.randn(2, 1, 16, 16, 16) * 3 + 5} for _ in range(3)]
+    images = [{**_batch(2, [0, 1]), "image": torch.randn(2, 1, 16, 16, 16) * 3 + 5} for _ in range(3)]
     assert recalibrate_batch_norm(model, images, device=torch.device("cpu")) is True
     # Input mean 5, std 3: the first conv's outputs are far from the initial (0, 1) statistics.
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
     group = build_model(ModelConfig(name="smallcnn", norm="group"))
     assert recalibrate_batch_norm(group, images, device=torch.device("cpu")) is False
+
+
+def test_cox_loss_matches_a_hand_computed_case():
+    from fl_client.train import cox_partial_likelihood
+
+    risk = torch.tensor([0.5, 0.0, -0.5], requires_grad=True)
+    time = torch.tensor([1.0, 2.0, 3.0])
+    event = torch.tensor([1.0, 1.0, 0.0])
+    # events at t=1 (risk set all three) and t=2 (risk set {2, 3}):
+    expected = -((0.5 - math.log(math.exp(0.5) + 1 + math.exp(-0.5))) + (0.0 - math.log(1 + math.exp(-0.5)))) / 2
+    loss = cox_partial_likelihood(risk, time, event)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert risk.grad is not None and torch.isfinite(risk.grad).all()
+
+
+def test_cox_loss_masks_unknown_outcomes_and_handles_no_event():
+    from fl_client.train import cox_partial_likelihood
+
+    nan = float("nan")
+    risk = torch.tensor([0.5, 0.0, 3.0])
+    with_unknown = cox_partial_likelihood(risk, torch.tensor([1.0, 2.0, nan]), torch.tensor([1.0, 1.0, 1.0]))
+    without = cox_partial_likelihood(risk[:2], torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]))
+    assert with_unknown.item() == pytest.approx(without.item())
+    assert cox_partial_likelihood(risk, torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3)).item() == 0.0
+
+
+def test_cox_loss_breslow_ties_share_the_risk_set():
+    from fl_client.train import cox_partial_likelihood
+
+    risk = torch.tensor([0.2, -0.3, 0.1])
+    time = torch.tensor([2.0, 2.0, 5.0])
+    event = torch.tensor([1.0, 1.0, 0.0])
+    denominator = math.log(math.exp(0.2) + math.exp(-0.3) + math.exp(0.1))
+    expected = -((0.2 - denominator) + (-0.3 - denominator)) / 2
+    assert cox_partial_likelihood(risk, time, event).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_unknown_diagnosis_is_masked_from_the_loss():
+    from fl_client.train import multitask_loss
+    from models.factory import ModelOutput
+
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
+    out = ModelOutput(logits, torch.zeros(2))
+    nan = float("nan")
+    batch = {"label": torch.tensor([0, -1]), "time": torch.tensor([nan, nan]), "event": torch.tensor([nan, nan])}
+    total, diagnosis, prognosis = multitask_loss(out, batch, weights=(1.0, 0.5), device=torch.device("cpu"))
+    assert diagnosis == pytest.approx(torch.nn.functional.cross_entropy(logits[:1], torch.tensor([0])).item())
+    assert prognosis == 0.0 and total.item() == pytest.approx(diagnosis)

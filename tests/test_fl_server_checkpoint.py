@@ -16,11 +16,24 @@ def test_bundle_round_trip_rebuilds_the_same_network(tmp_path):
     loaded, meta = load_bundle(tmp_path / "b")
     x = torch.randn(1, 1, 32, 32, 16)
     model.eval(), loaded.eval()
-    assert torch.equal(model(x), loaded(x))
+    assert torch.equal(model(x).logits, loaded(x).logits) and torch.equal(model(x).risk, loaded(x).risk)
     assert meta["class_names"] == ["covid", "other_pneumonia", "normal"]
     assert meta["provenance"]["round_of_weights"] == 3
     assert bundle_pipeline(meta) == pipeline
     assert meta["pipeline"]["pipeline_version"]
+    card = (tmp_path / "b" / "model_card.md").read_text()
+    assert "Not for clinical use without local validation" in card and "site-0" in card
+
+
+def test_model_card_lists_site_metrics_and_nan_becomes_null(tmp_path):
+    cfg = ModelConfig(name="smallcnn")
+    metrics = {"aggregate": {"test-auc-macro": 0.9, "test-n": 10.0}, "training_studies": {"site-a": 20.0},
+               "sites": {"site-a": {"test-auc-macro": 0.9, "test-n": 10.0, "test-c-index": float("nan")}}}  # fmt: skip
+    write_bundle(tmp_path, build_model(cfg).state_dict(), model=cfg, pipeline=PipelineConfig(),
+                 provenance={"sites": ["site-a"], "metrics": metrics})  # fmt: skip
+    card = (tmp_path / "model_card.md").read_text()
+    assert "| site-a | 10 | 0.900 |" in card and "site-a 20" in card
+    assert json.loads((tmp_path / "model.json").read_text())["provenance"]["metrics"]["sites"]["site-a"]["test-c-index"] is None
 
 
 def test_save_state_is_atomic_and_loadable(tmp_path):

@@ -3,7 +3,11 @@ import math
 
 import pytest
 
-from fl_server.run_log import RunLog, aggregate, weighted_mean
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from fl_client.metrics import classification_metrics, score_histograms
+from fl_server.run_log import RunLog, aggregate, pooled_auc_from_histograms, weight_key_for, weighted_mean
 
 
 def test_weighted_mean_skips_undefined_sites():
@@ -53,3 +57,187 @@ def test_best_round_falls_back_to_validation_loss(tmp_path):
     _round(log, 1, math.nan, loss=2.0)
     _round(log, 2, math.nan, loss=1.0)
     assert log.best.round == 2 and log.best.metric == "-val-loss"
+
+
+# --- weights of the new metrics -----------------------------------------------------------------------
+
+
+def test_weight_keys_of_prognosis_and_operating_point_metrics():
+    assert weight_key_for("val-c-index") == "val-n-events"
+    assert weight_key_for("test-td-auc") == "test-n-events"
+    assert weight_key_for("val-sens-covid") == "val-n-pos-covid"
+    assert weight_key_for("test-spec-other_pneumonia") == "test-n-neg-other_pneumonia"
+    assert weight_key_for("val-auc-macro") == "val-n" and weight_key_for("test-brier") == "test-n"
+    assert weight_key_for("train-loss") == "num-examples"
+
+
+def test_c_index_weighted_by_events_and_event_counts_summed():
+    per_site = {
+        "a": {"val-n": 100, "val-n-events": 10, "val-c-index": 0.8, "val-td-auc": 0.9},
+        "b": {"val-n": 10, "val-n-events": 30, "val-c-index": 0.5, "val-td-auc": math.nan},
+        "c": {"val-n": 50, "val-n-events": 0, "val-c-index": math.nan, "val-td-auc": math.nan},
+    }
+    agg = aggregate(per_site)
+    assert agg["val-c-index"] == pytest.approx((0.8 * 10 + 0.5 * 30) / 40)  # 0.575, not the val-n weighting
+    assert agg["val-td-auc"] == pytest.approx(0.9)  # only site a defines it
+    assert agg["val-n-events"] == 40 and agg["val-n"] == 160
+
+
+def test_sensitivity_weighted_by_positives_gives_the_pooled_sensitivity():
+    # Site a: 3 of 4 covid positives called; site b: 1 of 1 -> pooled 4/5, while the val-n weighting would not give it.
+    per_site = {
+        "a": {"val-n": 10, "val-n-pos-covid": 4, "val-n-neg-covid": 6, "val-sens-covid": 0.75, "val-spec-covid": 0.5},
+        "b": {"val-n": 10, "val-n-pos-covid": 1, "val-n-neg-covid": 9, "val-sens-covid": 1.0, "val-spec-covid": 1.0},
+    }
+    agg = aggregate(per_site)
+    assert agg["val-sens-covid"] == pytest.approx(0.8)
+    assert agg["val-spec-covid"] == pytest.approx((3 + 9) / 15)
+    assert agg["val-n-pos-covid"] == 5 and agg["val-n-neg-covid"] == 15
+
+
+# --- pooled AUC from histograms -----------------------------------------------------------------------
+
+
+def test_pooled_auc_from_histograms_hand_computed():
+    # Bins low->high. pos [0,1,1,1], neg [1,1,1,0]: the positive in bin 1 beats 1 negative and ties 1 (1.5),
+    # bin 2 beats 2 and ties 1 (2.5), bin 3 beats 3 -> 7 / (3*3).
+    assert pooled_auc_from_histograms([0, 1, 1, 1], [1, 1, 1, 0]) == pytest.approx(7 / 9)
+    assert pooled_auc_from_histograms([0, 0, 2], [3, 0, 0]) == 1.0
+    assert pooled_auc_from_histograms([2, 0, 0], [0, 0, 3]) == 0.0
+    assert pooled_auc_from_histograms([0, 4, 0], [0, 5, 0]) == 0.5  # all in one bin: every pair a tie
+    assert math.isnan(pooled_auc_from_histograms([0, 0], [1, 2]))
+    assert math.isnan(pooled_auc_from_histograms([], []))
+
+
+def test_pooled_auc_from_histograms_checks_its_input():
+    with pytest.raises(ValueError, match="same number of bins, got 2 and 3"):
+        pooled_auc_from_histograms([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match=r"neg counts must be finite and >= 0, got -1\.0"):
+        pooled_auc_from_histograms([1, 2], [1, -1])
+
+
+def test_pooled_auc_is_sklearns_when_every_score_has_its_own_bin():
+    rng = np.random.default_rng(0)
+    bins = 50
+    for _ in range(5):
+        scores = (rng.permutation(bins)[:30] + 0.5) / bins  # 30 distinct bins
+        labels = rng.permutation(np.r_[np.ones(12, dtype=bool), np.zeros(18, dtype=bool)])
+        pos, _ = np.histogram(scores[labels], bins=bins, range=(0, 1))
+        neg, _ = np.histogram(scores[~labels], bins=bins, range=(0, 1))
+        assert pooled_auc_from_histograms(pos, neg) == pytest.approx(roc_auc_score(labels, scores))
+
+
+def _site_records(rng, n, shift, class_names, bins):
+    """One site's ``val-`` metrics and its raw (labels, probs), with a site-specific score shift."""
+    labels = rng.integers(0, len(class_names), n)
+    logits = rng.normal(size=(n, len(class_names))) + 1.5 * np.eye(len(class_names))[labels] + shift
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    metrics = {**classification_metrics(probs, labels, class_names), **score_histograms(probs, labels, class_names, bins=bins)}
+    return {f"val-{k}": v for k, v in metrics.items()}, labels, probs
+
+
+@pytest.mark.parametrize("bins", [20, 100_000])
+def test_aggregate_pooled_auc_matches_pooled_raw_scores_within_binning_error(bins):
+    names = ("covid", "other_pneumonia", "normal")
+    rng = np.random.default_rng(1)
+    per_site, all_labels, all_probs = {}, [], []
+    for i, (n, shift) in enumerate([(40, 0.0), (25, np.array([1.0, 0.0, -1.0])), (60, np.array([-0.5, 0.5, 0.0]))]):
+        per_site[f"s{i}"], labels, probs = _site_records(rng, n, shift, names, bins)
+        all_labels.append(labels)
+        all_probs.append(probs)
+    labels, probs = np.concatenate(all_labels), np.concatenate(all_probs)
+    agg = aggregate(per_site)
+    exact = []
+    for k, name in enumerate(names):
+        pos, neg = agg[f"val-hist-pos-{name}"], agg[f"val-hist-neg-{name}"]
+        assert len(pos) == bins and sum(pos) == np.sum(labels == k) and sum(neg) == np.sum(labels != k)
+        truth = roc_auc_score(labels == k, probs[:, k])
+        exact.append(truth)
+        bound = 0.5 * float(np.dot(pos, neg)) / (sum(pos) * sum(neg))  # pairs sharing a bin
+        assert abs(agg[f"val-pooled-auc-{name}"] - truth) <= bound + 1e-12
+        if bins > 1000:
+            assert agg[f"val-pooled-auc-{name}"] == pytest.approx(truth, abs=1e-3)
+    assert agg["val-pooled-auc-macro"] == pytest.approx(np.mean([agg[f"val-pooled-auc-{n}"] for n in names]))
+    assert agg["val-n"] == len(labels)
+
+
+def test_aggregate_sums_histograms_and_adds_pooled_aucs():
+    per_site = {
+        "a": {"val-n": 4, "val-auc-macro": 0.7, "val-hist-pos-covid": [0, 1, 1, 1], "val-hist-neg-covid": [1, 1, 1, 0],
+              "val-hist-pos-normal": [0, 1, 0, 0], "val-hist-neg-normal": [0, 1, 0, 0],
+              "val-hist-pos-flu": [0, 0, 0, 0], "val-hist-neg-flu": [1, 0, 0, 0],
+              "test-n": 2, "test-hist-pos-covid": [0, 0, 0, 1], "test-hist-neg-covid": [1, 0, 0, 0]},
+        "b": {"val-n": 2, "val-auc-macro": 1.0, "val-hist-pos-covid": [0, 0, 0, 2], "val-hist-neg-covid": [2, 0, 0, 0],
+              "val-hist-pos-normal": [0, 0, 0, 0], "val-hist-neg-normal": [0, 0, 0, 0],
+              "val-hist-pos-flu": [0, 0, 0, 0], "val-hist-neg-flu": [0, 0, 1, 0]},
+    }  # fmt: skip
+    agg = aggregate(per_site)
+    assert agg["val-hist-pos-covid"] == [0, 1, 1, 3] and agg["val-hist-neg-covid"] == [3, 1, 1, 0]
+    # pos [0,1,1,3] vs neg [3,1,1,0]: 1*(3+.5) + 1*(4+.5) + 3*5 = 23 wins of 5*5 pairs.
+    assert agg["val-pooled-auc-covid"] == pytest.approx(23 / 25)
+    assert agg["val-pooled-auc-normal"] == 0.5  # one positive and one negative in the same bin
+    assert math.isnan(agg["val-pooled-auc-flu"])  # no positive anywhere: left out of the macro
+    assert agg["val-pooled-auc-macro"] == pytest.approx((23 / 25 + 0.5) / 2)
+    assert agg["val-auc-macro"] == pytest.approx((0.7 * 4 + 1.0 * 2) / 6)  # site AUCs: still the weighted mean
+    assert agg["test-hist-pos-covid"] == [0, 0, 0, 1] and agg["test-pooled-auc-covid"] == 1.0  # only site a sent test
+    assert agg["test-pooled-auc-macro"] == 1.0
+
+
+def test_aggregate_rejects_inconsistent_lists():
+    with pytest.raises(ValueError, match=r"'val-hist-pos-covid' has different numbers of bins across sites: \[2, 3\]"):
+        aggregate({"a": {"val-hist-pos-covid": [1, 2]}, "b": {"val-hist-pos-covid": [1, 2, 3]}})
+    with pytest.raises(ValueError, match="'val-hist-pos-covid' must be a list of counts at every site, got 3.0"):
+        aggregate({"a": {"val-hist-pos-covid": [1, 2]}, "b": {"val-hist-pos-covid": 3.0}})
+    with pytest.raises(ValueError, match="'val-loss' is a list"):
+        aggregate({"a": {"val-loss": [1.0]}})
+
+
+def test_aggregate_without_histograms_adds_no_pooled_keys():
+    agg = aggregate({"a": {"val-n": 2, "val-auc-macro": 0.6}})
+    assert not any("pooled" in k for k in agg)
+
+
+def _round_with_histograms(log, r, auc):
+    log.site_train({"s0": {"train-loss": 1.0, "num-examples": 5}, "s1": {"train-loss": 1.0, "num-examples": 5}})
+    log.site_evaluate({
+        "s0": {"val-auc-macro": auc, "val-loss": 1.0, "val-n": 4, "val-c-index": 0.6, "val-n-events": 1,
+               "val-hist-pos-covid": [0, 1, 1, 1], "val-hist-neg-covid": [1, 1, 1, 0], "test-n": 0},
+        "s1": {"val-auc-macro": auc, "val-loss": 1.0, "val-n": 4, "val-c-index": 0.9, "val-n-events": 2,
+               "val-hist-pos-covid": [0, 0, 0, 2], "val-hist-neg-covid": [2, 0, 0, 0], "test-n": 0},
+    })  # fmt: skip
+    return log.end_round(r)
+
+
+def test_metrics_json_keeps_histograms_compact_and_apart(tmp_path):
+    lines = []
+    log = RunLog(tmp_path, run_config={}, emit=lines.append)
+    assert _round_with_histograms(log, 1, 0.6) is True
+    assert _round_with_histograms(log, 2, 0.5) is False  # selection stays on val-auc-macro, not the pooled AUC
+    assert log.best.metric == "val-auc-macro" and log.best.round == 1
+    text = (tmp_path / "metrics.json").read_text()
+    data = json.loads(text)
+    evaluate = data["rounds"][0]["evaluate"]
+    assert evaluate["aggregate"]["val-hist-pos-covid"] == [0, 1, 1, 3]
+    assert evaluate["aggregate"]["val-pooled-auc-covid"] == pytest.approx(23 / 25)
+    assert evaluate["aggregate"]["val-c-index"] == pytest.approx((0.6 * 1 + 0.9 * 2) / 3)
+    assert not any("hist" in k for m in evaluate["sites"].values() for k in m)
+    assert evaluate["site_histograms"]["s1"] == {"val-hist-pos-covid": [0, 0, 0, 2], "val-hist-neg-covid": [2, 0, 0, 0]}
+    assert "site_histograms" not in data["rounds"][0]["train"]
+    assert '"val-hist-pos-covid": [0.0, 1.0, 1.0, 3.0]' in text  # one line per list
+    assert data["best_round"]["validation"]["val-pooled-auc-macro"] == pytest.approx(23 / 25)
+    assert "pooled-auc-macro" in data["aggregation_note"] and "auc-macro" in data["aggregation_note"]
+    header, row = lines[0].split(), lines[1]
+    assert header.index("pooled") == header.index("AUC") + 1 and "C" in header
+    assert lines[0].index("pooled AUC") < lines[0].index("val C") < lines[0].index("test AUC")
+    assert " 0.920 " in row and " 0.800 " in row  # pooled AUC, val C
+    assert log.plot().exists()
+
+
+def test_compact_number_lists_touches_only_lists_of_numbers():
+    from fl_server.run_log import _compact_number_lists
+
+    text = json.dumps({"h": [0.0, -1.5e-07, None, 3], "s": ["a", "b"], "nested": [[1, 2], {"x": [4]}], "e": []}, indent=2)
+    compact = _compact_number_lists(text)
+    assert json.loads(compact) == json.loads(text)
+    assert '"h": [0.0, -1.5e-07, null, 3]' in compact and '"x": [4]' in compact and '[1, 2]' in compact
+    assert '"a",\n' in compact  # strings stay one per line
