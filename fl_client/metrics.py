@@ -171,6 +171,23 @@ def score_histograms(
     return out
 
 
+#: Range and bins of the risk-score histogram every site sends (log-risk is clipped into the range).
+RISK_RANGE = (-8.0, 8.0)
+RISK_BINS = 160
+
+
+def risk_histogram(risk: np.ndarray) -> dict[str, list[float]]:
+    """``{"hist-risk": counts}``: how many studies fall in each of ``RISK_BINS`` bins over ``RISK_RANGE``.
+
+    Summed over sites, the server derives the training population's risk distribution (risk groups at
+    inference) without seeing any study's score.
+    """
+    values = np.asarray(risk, dtype=np.float64)
+    values = np.clip(values[np.isfinite(values)], *RISK_RANGE)
+    counts, _ = np.histogram(values, bins=RISK_BINS, range=RISK_RANGE)
+    return {"hist-risk": [float(c) for c in counts]}
+
+
 def survival_metrics(risk: np.ndarray, time: np.ndarray, event: np.ndarray, *, horizon_days: float) -> dict[str, float]:
     """Prognostic metrics of a risk score (higher = earlier event): ``c-index``, ``td-auc``, ``n-events``.
 

@@ -19,7 +19,13 @@ from monai.utils import set_determinism
 from torch import nn
 
 from fl_client.config import RoundSettings, SiteConfig
-from fl_client.metrics import choose_operating_points, classification_metrics, score_histograms, survival_metrics
+from fl_client.metrics import (
+    choose_operating_points,
+    classification_metrics,
+    risk_histogram,
+    score_histograms,
+    survival_metrics,
+)
 from models.factory import MultiTaskNet, ModelOutput, build_model, covariate_vector
 from preprocessing.cache import make_dataset
 from preprocessing.ingest import SiteManifest, prepare_site
@@ -235,7 +241,9 @@ def split_metrics(preds: Predictions, class_names: tuple[str, ...], *, threshold
 def evaluate_round(site: SiteConfig, settings: RoundSettings, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Metrics of the global weights on the site's validation and test splits (keys ``val-*``, ``test-*``).
 
-    Operating points (one per class, Youden's J) are chosen on validation and applied to both splits.
+    Operating points (one per class, Youden's J) are chosen on validation and applied to both splits. The
+    histogram of the training studies' risk scores (``train-hist-risk``) lets the server place future
+    patients in risk groups relative to the training population.
     """
     set_determinism(seed=settings.seed)
     device = select_device(site.device)
@@ -250,4 +258,6 @@ def evaluate_round(site: SiteConfig, settings: RoundSettings, state: Mapping[str
     for split, p in preds.items():
         values = split_metrics(p, class_names, thresholds=thresholds, horizon_days=settings.horizon_days)
         metrics.update({f"{split}-{k}": v for k, v in values.items()})
+    train = predict(model, _loader(manifest, "train", settings, train=False, device=device), device=device)
+    metrics.update({f"train-{k}": v for k, v in risk_histogram(train.risk).items()})
     return metrics

@@ -43,8 +43,13 @@ def write_bundle(
     model: ModelConfig,
     pipeline: PipelineConfig,
     provenance: Mapping[str, Any],
+    risk_reference: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``model.pt`` and ``model.json`` into ``folder``; return the folder."""
+    """Write ``model.pt``, ``model.json`` and ``model_card.md`` into ``folder``; return the folder.
+
+    ``risk_reference`` (``{"quantiles": [low/intermediate cut, intermediate/high cut], ...}``) places a new
+    patient's risk score relative to the training population.
+    """
     folder = Path(folder)
     save_state(folder / "model.pt", state)
     from importlib.metadata import PackageNotFoundError, version
@@ -61,6 +66,7 @@ def write_bundle(
         "pipeline": pipeline.to_dict(),
         "class_names": list(DIAGNOSES[: model.num_classes]),
         "provenance": dict(provenance),
+        "risk_reference": dict(risk_reference) if risk_reference else None,
     }
     tmp = folder / "model.json.tmp"
     tmp.write_text(json.dumps(_finite(meta), indent=2, default=str, allow_nan=False))

@@ -144,6 +144,26 @@ def _pooled_aucs(histograms: Mapping[str, list[float]]) -> dict[str, float]:
     return result
 
 
+def histogram_quantiles(counts: Sequence[float], value_range: tuple[float, float], quantiles: Sequence[float]) -> list[float]:
+    """Quantiles of a distribution known only by equal-width bin counts (linear within a bin)."""
+    total = math.fsum(counts)
+    if total <= 0:
+        return [math.nan for _ in quantiles]
+    low, high = value_range
+    width = (high - low) / len(counts)
+    cumulative = 0.0
+    out = []
+    targets = iter(sorted(quantiles))
+    target = next(targets)
+    for i, count in enumerate(counts):
+        while target is not None and cumulative + count >= target * total and count > 0:
+            out.append(low + width * (i + (target * total - cumulative) / count))
+            target = next(targets, None)
+        cumulative += count
+    out += [high] * (len(quantiles) - len(out))
+    return out
+
+
 def aggregate(per_site: SiteMetrics) -> dict[str, Any]:
     """Aggregate every metric key present at the sites (rules in the module docstring).
 

@@ -20,7 +20,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from fl_server.checkpoint import save_state, write_bundle
 from fl_server.config import ServerConfig
-from fl_server.run_log import RunLog
+from fl_client.metrics import RISK_RANGE
+from fl_server.run_log import RunLog, histogram_quantiles
 from models.factory import build_model
 
 
@@ -56,6 +57,18 @@ def _round_metrics(run_log: RunLog, server_round: int) -> dict[str, Any]:
         "sites": {site: scalars(m) for site, m in entry["evaluate"]["sites"].items()},
         "training_studies": {site: m.get("num-examples") for site, m in entry["train"]["sites"].items()},
     }
+
+
+def _risk_reference(run_log: RunLog, server_round: int) -> dict[str, Any] | None:
+    """Tertile cut points of the training studies' risk scores (from the sites' summed histograms) at a round."""
+    entry = next((r for r in run_log.rounds if r["round"] == server_round), None)
+    counts = entry["evaluate"]["aggregate"].get("train-hist-risk") if entry else None
+    if not counts or sum(counts) == 0:
+        return None
+    cuts = histogram_quantiles(counts, RISK_RANGE, (1 / 3, 2 / 3))
+    return {"quantiles": cuts, "groups": ["low", "intermediate", "high"], "studies": int(sum(counts)),
+            "source": f"risk scores of all sites' training studies under the round-{server_round} weights (histogram, "
+                      f"{len(counts)} bins over {list(RISK_RANGE)})"}  # fmt: skip
 
 
 def run_federation(grid: Grid, config: ServerConfig) -> RunLog:
@@ -100,7 +113,7 @@ def run_federation(grid: Grid, config: ServerConfig) -> RunLog:
         trained_this_round.clear()
         if run_log.end_round(server_round):
             write_bundle(run_dir / "model" / "best", state, model=config.model, pipeline=config.pipeline,
-                         provenance=provenance(server_round))  # fmt: skip
+                         provenance=provenance(server_round), risk_reference=_risk_reference(run_log, server_round))  # fmt: skip
         return None
 
     strategy = FedAvg(
@@ -122,7 +135,8 @@ def run_federation(grid: Grid, config: ServerConfig) -> RunLog:
     )
     final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else initial
     write_bundle(run_dir / "model" / "final", final_state, model=config.model, pipeline=config.pipeline,
-                 provenance=provenance(config.num_server_rounds))  # fmt: skip
+                 provenance=provenance(config.num_server_rounds),
+                 risk_reference=_risk_reference(run_log, config.num_server_rounds))  # fmt: skip
     run_log.write()
     run_log.plot()
     log(INFO, "fedct: run finished in %.1fs; results in %s", time.perf_counter() - t0, run_dir)

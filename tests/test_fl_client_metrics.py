@@ -242,3 +242,13 @@ def test_survival_bad_inputs_are_named():
         survival_metrics(RISK, -TIME, EVENT, horizon_days=3)
     with pytest.raises(ValueError, match="risk must be finite"):
         survival_metrics(np.array([np.nan, 1, 2, 3]), TIME, EVENT, horizon_days=3)
+
+
+def test_risk_histogram_counts_every_finite_score_and_clips_the_tails():
+    from fl_client.metrics import RISK_BINS, RISK_RANGE, risk_histogram
+
+    hist = risk_histogram(np.array([0.01, 0.02, -100.0, 100.0, np.nan]))["hist-risk"]
+    assert len(hist) == RISK_BINS and sum(hist) == 4
+    assert hist[0] == 1 and hist[-1] == 1  # clipped into the first and last bins
+    middle = int((0.015 - RISK_RANGE[0]) / (RISK_RANGE[1] - RISK_RANGE[0]) * RISK_BINS)
+    assert hist[middle] == 2

@@ -241,3 +241,13 @@ def test_compact_number_lists_touches_only_lists_of_numbers():
     assert json.loads(compact) == json.loads(text)
     assert '"h": [0.0, -1.5e-07, null, 3]' in compact and '"x": [4]' in compact and '[1, 2]' in compact
     assert '"a",\n' in compact  # strings stay one per line
+
+
+def test_histogram_quantiles_interpolate_within_bins():
+    from fl_server.run_log import histogram_quantiles
+
+    # 4 bins over [0, 4): one study each -> uniform; tertiles at 4/3 and 8/3.
+    assert histogram_quantiles([1, 1, 1, 1], (0.0, 4.0), (1 / 3, 2 / 3)) == pytest.approx([4 / 3, 8 / 3])
+    # all mass in bin 2 ([2, 3)): the median is in the middle of that bin.
+    assert histogram_quantiles([0, 0, 10, 0], (0.0, 4.0), (0.5,)) == pytest.approx([2.5])
+    assert all(math.isnan(q) for q in histogram_quantiles([0, 0], (0.0, 1.0), (0.5,)))

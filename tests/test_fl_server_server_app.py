@@ -66,6 +66,19 @@ def test_final_and_best_bundles_load(simulated_run):
     final = torch.load(run_dir / "checkpoints" / "round-002.pt", weights_only=True)
     assert all(torch.equal(model.state_dict()[k], final[k].to(model.state_dict()[k].dtype)) for k in final)
     assert (run_dir / "model" / "best" / "model.json").is_file()
+    low, high = meta["risk_reference"]["quantiles"]
+    assert math.isfinite(low) and math.isfinite(high) and low <= high
+    assert meta["risk_reference"]["studies"] == meta["provenance"]["metrics"]["training_studies"]["site-0"] + \
+        meta["provenance"]["metrics"]["training_studies"]["site-1"]
+    assert "Not for clinical use" in (run_dir / "model" / "final" / "model_card.md").read_text()
+
+
+def test_prognosis_and_pooled_metrics_reach_metrics_json(simulated_run):
+    _, run_dir = simulated_run
+    agg = json.loads((run_dir / "metrics.json").read_text())["rounds"][-1]["evaluate"]["aggregate"]
+    for key in ("val-c-index", "val-td-auc", "val-n-events", "val-pooled-auc-macro", "val-brier", "val-ece", "test-pooled-auc-macro"):
+        assert key in agg
+    assert sum(agg["val-hist-pos-covid"]) + sum(agg["val-hist-neg-covid"]) == agg["val-n"]
 
 
 def test_nothing_identifying_reaches_the_server_side(simulated_run):
