@@ -1,4 +1,4 @@
-"""The ``fedct`` command: synth, ingest, deid, demo."""
+"""The ``fedct`` command: synth, ingest, deid, demo, predict, review."""
 
 from __future__ import annotations
 
@@ -73,6 +73,33 @@ def _deid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from inference.predict import run_predict
+
+    try:
+        summary = run_predict(Path(args.model), Path(args.input), Path(args.out), device=args.device, progress=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"fedct predict: error: {exc}", file=sys.stderr)
+        return 2
+    for result in summary.results:
+        print(f"{result.study_key}: {result.diagnosis} ({result.probabilities[result.diagnosis]:.0%}), risk {result.risk_group}")
+    for refused in summary.refused:
+        print(f"refused {refused['path']}: {refused['reason']} - {refused['message']}")
+    print(f"{len(summary.results)} study(ies) predicted, {len(summary.refused)} refused; reports in {args.out}")
+    return 0
+
+
+def _review(args: argparse.Namespace) -> int:
+    from inference.review import serve
+
+    try:
+        serve(Path(args.results), host=args.host, port=args.port)
+    except (OSError, ValueError) as exc:
+        print(f"fedct review: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from fedct.demo import DemoOptions, run_demo
 
@@ -110,6 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site-dir", required=True, help="the site's work folder holding site.key (pseudonyms, UIDs, date shifts)")
     p.add_argument("--keep-private-tags", action="store_true", help="keep private attributes (not profile conformant)")
     p.set_defaults(func=_deid)
+
+    p = sub.add_parser("predict", help="predict new studies with a model bundle; write reports, overlays and DICOM results")
+    p.add_argument("--model", required=True, help="model bundle folder (model.pt + model.json)")
+    p.add_argument("--input", required=True, help="folder with one or more CT studies (read only)")
+    p.add_argument("--out", required=True, help="results folder (one sub-folder per study)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("review", help="serve the clinicians' review page for a results folder (127.0.0.1 only)")
+    p.add_argument("--results", required=True, help="results folder written by fedct predict")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.set_defaults(func=_review)
 
     p = sub.add_parser("demo", help="synthetic federation end to end: synth, ingest, federated training, report")
     p.add_argument("--out", required=True, help="run folder")
