@@ -77,7 +77,8 @@ def _predict(args: argparse.Namespace) -> int:
     from inference.predict import run_predict
 
     try:
-        summary = run_predict(Path(args.model), Path(args.input), Path(args.out), device=args.device, progress=True)
+        summary = run_predict(Path(args.model), Path(args.input), Path(args.out), device=args.device, progress=True,
+                              site_dir=Path(args.site_dir) if args.site_dir else None)  # fmt: skip
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"fedct predict: error: {exc}", file=sys.stderr)
         return 2
@@ -85,6 +86,8 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"{result.study_key}: {result.diagnosis} ({result.probabilities[result.diagnosis]:.0%}), risk {result.risk_group}")
     for refused in summary.refused:
         print(f"refused {refused['path']}: {refused['reason']} - {refused['message']}")
+    for error in summary.errors:
+        print(f"warning: {error}")
     print(f"{len(summary.results)} study(ies) predicted, {len(summary.refused)} refused; reports in {args.out}")
     return 0
 
@@ -143,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="folder with one or more CT studies (read only)")
     p.add_argument("--out", required=True, help="results folder (one sub-folder per study)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--site-dir", help="the site's work folder: name result folders by the site's keyed study pseudonyms")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("review", help="serve the clinicians' review page for a results folder (127.0.0.1 only)")

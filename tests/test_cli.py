@@ -113,3 +113,29 @@ def test_demo_command_defaults_equal_the_demo_options():
     for f in fields(DemoOptions):
         if f.name != "out":
             assert getattr(args, "model" if f.name == "model_name" else f.name) == f.default, f.name
+
+
+def test_predict_writes_reports_and_refuses_a_broken_study(synth_dir, tmp_path):
+    import shutil
+
+    from fl_server.checkpoint import write_bundle
+    from models.factory import ModelConfig, build_model
+    from preprocessing.transforms import PipelineConfig
+
+    config = ModelConfig(name="smallcnn")
+    write_bundle(tmp_path / "bundle", build_model(config).state_dict(), model=config,
+                 pipeline=PipelineConfig(input_size=(32, 32, 24), target_spacing_mm=(10.0, 10.0, 10.0)), provenance={})  # fmt: skip
+    studies = sorted(p for p in (synth_dir / "site-0" / "dicom").iterdir() if p.is_dir())[:2]
+    for study in studies:
+        shutil.copytree(study, tmp_path / "in" / study.name)
+    broken = sorted((tmp_path / "in" / studies[1].name).rglob("*.dcm"))
+    broken[len(broken) // 2].unlink()
+    done = fedct("predict", "--model", str(tmp_path / "bundle"), "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+                 "--device", "cpu", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 study(ies) predicted, 1 refused" in done.stdout and "missing_slices" in done.stdout
+    (folder,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
+    prediction = json.loads((folder / "prediction.json").read_text())
+    assert set(prediction["probabilities"]) == {"covid", "other_pneumonia", "normal"}
+    assert (folder / "report.html").is_file() and (folder / "sr.dcm").is_file()
+    assert pydicom.dcmread(folder / "sr.dcm").StudyInstanceUID == prediction["StudyInstanceUID"]

@@ -1,0 +1,556 @@
+"""Prediction on new CT studies with a model bundle: one folder of results per study, for clinicians.
+
+``run_predict(model_dir, input_dir, out_dir)`` reads every series under ``input_dir`` with the same discovery and
+validation as training (:mod:`preprocessing.discover`, :mod:`preprocessing.validate`), keeps one series per study
+(the one with the most slices, as ingestion does), builds the model input with the preprocessing recorded in the
+bundle (deterministic transforms only: exactly what training saw) and writes::
+
+    OUT/summary.json                     every result in brief, and every refused file or series with its reason
+    OUT/<study_key>/prediction.json      the StudyResult (machine-readable)
+    OUT/<study_key>/report.html          the clinician's report (self-contained)
+    OUT/<study_key>/overlay-sliceNNNN.png  Grad-CAM++ heat maps on the key axial slices
+    OUT/<study_key>/sr.dcm, sc_NN.dcm    DICOM SR + Secondary Captures (when inference.dicom_export is installed)
+
+``study_key`` is a keyed pseudonym (the site's ``site.key``, the same id ingestion uses) when a site folder is
+given, else a short hash of the StudyInstanceUID: folder names never carry patient data. Inside the files the UIDs
+are kept: the results stay in the hospital and must be linked back to the study.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import apply_transform
+
+from fl_server.checkpoint import bundle_pipeline, load_bundle
+from models.factory import MultiTaskNet, covariate_vector
+from preprocessing.deid import KEY_FILE_NAME, Pseudonymizer
+from preprocessing.discover import discover, read_dicom
+from preprocessing.transforms import PipelineConfig, deterministic_transforms
+from preprocessing.validate import SeriesInvalid, ValidatedSeries, validate_series
+from preprocessing.volume import series_to_dict
+
+__all__ = [
+    "PREDICTION_NAME",
+    "SUMMARY_NAME",
+    "RISK_GROUPS",
+    "ModelInput",
+    "PredictSummary",
+    "StudyResult",
+    "covariates_from_header",
+    "prepare_input",
+    "risk_group",
+    "risk_quantiles",
+    "run_predict",
+    "study_key",
+]
+
+PREDICTION_NAME = "prediction.json"
+SUMMARY_NAME = "summary.json"
+#: Risk groups from the tertiles of the training population's risk score; "unavailable" without a reference.
+RISK_GROUPS = ("low", "intermediate", "high")
+RISK_UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """The model's output for one study, and what was shown to the clinician.
+
+    ``key_slices`` are 0-based indices into ``series["paths"]`` (slices sorted along the slice normal), one per
+    overlay, strongest heat first; ``key_slice_positions_mm`` their positions along the slice normal (the patient
+    z coordinate for an axial series). ``risk_quantiles`` are the bundle's tertile cut points (None without one).
+    """
+
+    StudyInstanceUID: str
+    SeriesInstanceUID: str
+    series: dict[str, Any]
+    study_key: str
+    probabilities: dict[str, float]
+    diagnosis: str
+    risk_score: float
+    risk_group: str
+    model: dict[str, Any]
+    created_utc: str
+    overlays: tuple[Path, ...] = ()
+    key_slices: tuple[int, ...] = ()
+    key_slice_positions_mm: tuple[float, ...] = ()
+    risk_quantiles: tuple[float, float] | None = None
+    covariates: dict[str, Any] | None = None
+    explanation: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, *, relative_to: Path | None = None) -> dict[str, Any]:
+        """JSON-friendly form (``series`` without PatientID); overlay paths relative to ``relative_to`` when given."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "overlays":
+                value = [_relative(Path(p), relative_to) for p in value]
+            elif f.name == "series":  # the file stays in the hospital, still: no patient id beyond the UIDs
+                value = {k: v for k, v in value.items() if k != "PatientID"}
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return _finite(out)
+
+
+@dataclass(frozen=True)
+class PredictSummary:
+    """What :func:`run_predict` produced: one result per predicted study, and every refusal."""
+
+    results: tuple[StudyResult, ...]
+    refused: tuple[dict[str, str], ...]
+    out_dir: Path
+    errors: tuple[dict[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """A series prepared for the model, with what is needed to map a heat map back to the CT.
+
+    ``image`` (1, C, X, Y, Z) is the model input; ``grid`` the same image as a MetaTensor carrying the applied
+    (invertible) operations; ``transforms`` the transform instances that produced it; ``hu``/``affine`` the HU
+    volume (Columns, Rows, slices) and its voxel->RAS affine as :func:`preprocessing.volume.read_hu_volume` gives.
+    """
+
+    image: torch.Tensor
+    grid: MetaTensor
+    transforms: tuple[Any, ...]
+    hu: np.ndarray
+    affine: np.ndarray
+
+
+def _relative(path: Path, base: Path | None) -> str:
+    if base is None:
+        return str(path)
+    try:
+        return path.resolve().relative_to(Path(base).resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: a non-finite number becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _now_utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# --- bundle metadata -----------------------------------------------------------------------------------------------
+
+
+def risk_quantiles(meta: Mapping[str, Any], *, source: str = "model.json") -> tuple[float, float] | None:
+    """The tertile cut points ``meta["risk_reference"]["quantiles"]``; None when the bundle has no reference.
+
+    Raises ValueError naming ``source`` when a reference is present but is not two increasing finite numbers.
+    """
+    reference = meta.get("risk_reference")
+    if reference is None:
+        return None
+    quantiles = reference.get("quantiles") if isinstance(reference, Mapping) else None
+    try:
+        q1, q2 = (float(q) for q in quantiles)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: risk_reference.quantiles must be two numbers [q1, q2], got {quantiles!r}") from None
+    if not (math.isfinite(q1) and math.isfinite(q2) and q1 <= q2):
+        raise ValueError(f"{source}: risk_reference.quantiles must be finite and increasing, got {quantiles!r}")
+    return q1, q2
+
+
+def risk_group(score: float, quantiles: tuple[float, float] | None) -> str:
+    """``low`` below the first tertile cut, ``high`` at or above the second, else ``intermediate``."""
+    if quantiles is None or not math.isfinite(score):
+        return RISK_UNAVAILABLE
+    q1, q2 = quantiles
+    if score < q1:
+        return "low"
+    if score < q2:
+        return "intermediate"
+    return "high"
+
+
+def model_info(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Identification of the model for results: name, fedct version, bundle date, round of the weights."""
+    provenance = meta.get("provenance") or {}
+    return {
+        "name": str(meta.get("model", {}).get("name", "unknown")),
+        "fedct_version": str(meta.get("fedct_version", "unknown")),
+        "created_utc": str(meta.get("created_utc", "")),
+        "round_of_weights": provenance.get("round_of_weights"),
+    }
+
+
+# --- study ids -----------------------------------------------------------------------------------------------------
+
+
+def study_key(study_uid: str, *, site_key: bytes | None = None) -> str:
+    """Folder-safe id of a study: the site's keyed pseudonym when a key is given, else a short SHA-256 of the UID."""
+    if site_key is not None:
+        return Pseudonymizer(site_key)("study", study_uid)
+    return "study-" + hashlib.sha256(study_uid.encode()).hexdigest()[:12]
+
+
+def _load_site_key(site_dir: Path) -> bytes:
+    """The existing key of a site folder (never created here: pseudonyms must match ingestion's)."""
+    path = Path(site_dir) / KEY_FILE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no site key {path}: run `fedct ingest` for this site first, or leave out the site folder")
+    key = path.read_bytes()
+    if len(key) < 32:
+        raise ValueError(f"site key {path} is shorter than 32 bytes")
+    return key
+
+
+# --- model input ---------------------------------------------------------------------------------------------------
+
+
+def prepare_input(series: ValidatedSeries, pipeline: PipelineConfig) -> ModelInput:
+    """Run the bundle's deterministic preprocessing on one series (what training cached), keeping the metadata.
+
+    Raises :class:`SeriesInvalid` when a slice cannot be decoded (as ingestion would refuse it).
+    """
+    transforms = tuple(deterministic_transforms(pipeline))
+    data: dict[str, Any] = {"image": series_to_dict(series)}
+    hu: np.ndarray | None = None
+    affine: np.ndarray | None = None
+    grid: MetaTensor | None = None
+    for index, transform in enumerate(transforms):
+        try:
+            data = apply_transform(transform, data)
+        except Exception as exc:  # MONAI wraps the error of a transform; the ingestion reason is inside
+            raise _series_invalid(exc) from exc
+        image = data["image"]
+        if isinstance(image, MetaTensor):
+            if index == 0:  # LoadCTSeriesd: the HU volume in read_hu_volume's layout
+                hu = image.as_tensor()[0].numpy()
+                affine = image.affine.numpy().astype(np.float64)
+            grid = image
+    if hu is None or affine is None or grid is None:
+        raise RuntimeError("the preprocessing pipeline did not produce a MetaTensor (LoadCTSeriesd first?)")
+    image = torch.as_tensor(data["image"], dtype=torch.float32)
+    return ModelInput(image=image[None], grid=grid, transforms=transforms, hu=hu, affine=affine)
+
+
+def _series_invalid(exc: BaseException) -> SeriesInvalid:
+    """The SeriesInvalid inside a (MONAI-wrapped) exception, else a ``preprocessing_failed`` one."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            break
+        if isinstance(seen, SeriesInvalid):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return SeriesInvalid("preprocessing_failed", f"{type(exc).__name__}: {exc}")
+
+
+def _parse_age(value: Any) -> float:
+    """DICOM Age String (``063Y``, ``006M``, ``010W``, ``020D``) in years; NaN when absent or malformed."""
+    text = str(value or "").strip().upper()
+    units = {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}
+    if len(text) >= 2 and text[-1] in units and text[:-1].isdigit():
+        return int(text[:-1]) / units[text[-1]]
+    return float("nan")
+
+
+def covariates_from_header(path: str | Path) -> tuple[float, float]:
+    """(age in years, sex 1 = M / 0 = F) from a file's PatientAge/PatientSex; NaN for what is unknown."""
+    try:
+        ds = read_dicom(path, stop_before_pixels=True)
+    except Exception:  # an unreadable header gives unknown covariates, not a failure
+        return float("nan"), float("nan")
+    sex = {"M": 1.0, "F": 0.0}.get(str(ds.get("PatientSex", "") or "").strip().upper(), float("nan"))
+    return _parse_age(ds.get("PatientAge")), sex
+
+
+# --- run -----------------------------------------------------------------------------------------------------------
+
+
+def _rel(path: str, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _series_folder(paths: Sequence[str], root: Path) -> str:
+    common = Path(os.path.commonpath(list(paths)))
+    return _rel(str(common if common.is_dir() else common.parent), root)
+
+
+def _refusal(path: str, reason: str, message: str, study_uid: str = "") -> dict[str, str]:
+    entry = {"path": path, "reason": reason, "message": message}
+    if study_uid:
+        entry["StudyInstanceUID"] = study_uid
+    return entry
+
+
+def select_device(requested: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error, not a silent fallback."""
+    if requested not in ("auto", "cpu", "cuda") and not requested.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} was requested but no CUDA GPU is available to PyTorch")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_finite(data), indent=2, allow_nan=False))
+    tmp.replace(path)
+
+
+def predict_study(
+    model: MultiTaskNet,
+    prepared: ModelInput,
+    *,
+    class_names: Sequence[str],
+    device: torch.device,
+    covariates: torch.Tensor | None = None,
+) -> tuple[dict[str, float], float]:
+    """Class probabilities and risk score of one prepared study (eval mode, no gradients)."""
+    model.eval()
+    with torch.no_grad():
+        output = model(prepared.image.to(device), None if covariates is None else covariates.to(device))
+    probs = torch.softmax(output.logits.float(), dim=1)[0].cpu().tolist()
+    if len(probs) != len(class_names):
+        raise ValueError(f"the model has {len(probs)} outputs but the bundle names {len(class_names)} classes")
+    return dict(zip(class_names, (float(p) for p in probs))), float(output.risk[0].cpu())
+
+
+def run_predict(
+    model_dir: Path,
+    input_dir: Path,
+    out_dir: Path,
+    *,
+    device: str = "auto",
+    progress: bool = True,
+    site_dir: Path | None = None,
+    dicom_export: bool = True,
+) -> PredictSummary:
+    """Predict every study under ``input_dir`` with the bundle in ``model_dir``; write results into ``out_dir``.
+
+    ``site_dir`` (optional): a site folder whose ``site.key`` names the study folders with ingestion's pseudonyms.
+    ``dicom_export``: also write DICOM SR + Secondary Captures when :mod:`inference.dicom_export` is installed.
+    Refused files and series are listed in ``OUT/summary.json`` with ingestion's reason codes; the run goes on.
+    """
+    from inference.explain import GradCamExplainer, explain_study  # matplotlib etc. only when predicting
+    from inference.report import write_report
+
+    model_dir, input_dir, out_dir = Path(model_dir), Path(input_dir).resolve(), Path(out_dir).resolve()
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"DICOM input folder does not exist: {input_dir}")
+    if out_dir == input_dir or input_dir in out_dir.parents:
+        raise ValueError(f"output folder {out_dir} must not be inside the DICOM input folder {input_dir} (inputs stay untouched)")
+    model, meta = load_bundle(model_dir)
+    pipeline = bundle_pipeline(meta)
+    class_names = list(meta.get("class_names") or [])
+    quantiles = risk_quantiles(meta, source=str(Path(model_dir) / "model.json"))
+    info = model_info(meta)
+    site_key = _load_site_key(site_dir) if site_dir is not None else None
+    torch_device = select_device(device)
+    model = model.to(torch_device).eval()
+    explainer = GradCamExplainer(model, model_name=info["name"], input_size=pipeline.input_size)
+    export = None
+    if dicom_export and importlib.util.find_spec("inference.dicom_export") is not None:
+        export = importlib.import_module("inference.dicom_export").write_dicom_results
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    found = discover(input_dir, progress=False)
+    refused: list[dict[str, str]] = [_refusal(r.path, r.reason, r.message) for r in found.rejected]
+    by_study: dict[str, list[ValidatedSeries]] = defaultdict(list)
+    for uid, headers in found.series.items():
+        try:
+            series = validate_series(headers)
+        except SeriesInvalid as exc:
+            where = _rel(exc.path, input_dir) if exc.path else _series_folder([h.path for h in headers], input_dir)
+            message = f"series {uid} ({len(headers)} files) refused: {exc.message}"
+            refused.append(_refusal(where, exc.reason, message, headers[0].StudyInstanceUID))
+            continue
+        by_study[series.StudyInstanceUID].append(series)
+
+    results: list[StudyResult] = []
+    errors: list[dict[str, str]] = []
+    written: dict[str, list[str]] = {}
+    studies = sorted(by_study.items())
+    bar = _progress(studies, enabled=progress)
+    for study_uid, candidates in bar:
+        candidates.sort(key=lambda s: (-len(s.paths), s.SeriesInstanceUID))
+        chosen: ValidatedSeries | None = None
+        prepared: ModelInput | None = None
+        for series in candidates:
+            if chosen is not None:  # one series per study, like ingestion: the others are listed, not used
+                refused.append(
+                    _refusal(
+                        _series_folder(series.paths, input_dir),
+                        "additional_series",
+                        f"study {study_uid} already uses series {chosen.SeriesInstanceUID} ({len(chosen.paths)} slices); "
+                        f"series {series.SeriesInstanceUID} ({len(series.paths)} slices) is not used",
+                        study_uid,
+                    )
+                )
+                continue
+            try:
+                prepared = prepare_input(series, pipeline)
+                chosen = series
+            except SeriesInvalid as exc:
+                where = _rel(exc.path, input_dir) if exc.path else _series_folder(series.paths, input_dir)
+                message = f"series {series.SeriesInstanceUID} ({len(series.paths)} slices) refused: {exc.message}"
+                refused.append(_refusal(where, exc.reason, message, study_uid))
+        if chosen is None or prepared is None:
+            continue
+        result, explain_error = _predict_one(
+            model, explainer, chosen, prepared, class_names=class_names, device=torch_device, quantiles=quantiles,
+            info=info, key=study_key(study_uid, site_key=site_key), out_dir=out_dir, explain_study=explain_study,
+        )  # fmt: skip
+        if explain_error is not None:  # the prediction stands; the report says there is no heat map
+            errors.append({"study_key": result.study_key, "stage": "explain", "message": explain_error})
+            _say(f"{result.study_key}: {explain_error}")
+        study_dir = out_dir / result.study_key
+        write_report(result, study_dir)
+        files = [str(p) for p in result.overlays] + [str(study_dir / "report.html")]
+        if export is not None:
+            try:
+                files += [str(p) for p in export(result, study_dir)]
+            except Exception as exc:  # the prediction stands; the DICOM copy is reported as failed
+                message = f"DICOM export failed: {type(exc).__name__}: {exc}"
+                errors.append({"study_key": result.study_key, "stage": "dicom_export", "message": message})
+                _say(f"{result.study_key}: {message}")
+        _write_json(study_dir / PREDICTION_NAME, result.to_dict(relative_to=study_dir))
+        written[result.study_key] = [PREDICTION_NAME] + [_relative(Path(f), study_dir) for f in files]
+        results.append(result)
+        del prepared
+
+    summary = PredictSummary(tuple(results), tuple(refused), out_dir, tuple(errors))
+    _write_json(out_dir / SUMMARY_NAME, _summary_json(summary, info=info, files=written, n_files=found.n_files))
+    return summary
+
+
+def _predict_one(
+    model: MultiTaskNet,
+    explainer: Any,
+    series: ValidatedSeries,
+    prepared: ModelInput,
+    *,
+    class_names: Sequence[str],
+    device: torch.device,
+    quantiles: tuple[float, float] | None,
+    info: dict[str, Any],
+    key: str,
+    out_dir: Path,
+    explain_study: Any,
+) -> tuple[StudyResult, str | None]:
+    """Predict one study and explain it; a failure of the heat map is returned as a message, not raised."""
+    covariates = None
+    covariate_record = None
+    if model.n_covariates:
+        age, sex = covariates_from_header(series.paths[0])
+        covariates = covariate_vector(torch.tensor([age]), torch.tensor([sex]))
+        covariate_record = {
+            "age_years": None if math.isnan(age) else round(age, 2),
+            "sex": None if math.isnan(sex) else ("M" if sex == 1.0 else "F"),
+            "source": "DICOM PatientAge/PatientSex; unknown values are masked, not guessed",
+        }
+    probabilities, risk = predict_study(model, prepared, class_names=class_names, device=device, covariates=covariates)
+    diagnosis = max(probabilities, key=probabilities.__getitem__)
+    study_dir = out_dir / key
+    study_dir.mkdir(parents=True, exist_ok=True)
+    error = None
+    try:
+        explained = explain_study(
+            explainer, prepared, class_index=list(class_names).index(diagnosis), covariates=covariates, series=series,
+            out_dir=study_dir, class_label=diagnosis,
+        )  # fmt: skip
+        overlays, slices, positions, explanation = explained.overlays, explained.key_slices, explained.positions_mm, explained.info
+    except Exception as exc:  # noqa: BLE001 - a heat-map failure must not cost the study its prediction
+        error = f"heat map failed: {type(exc).__name__}: {exc}"
+        overlays, slices, positions, explanation = (), (), (), {"error": error}
+    result = StudyResult(
+        StudyInstanceUID=series.StudyInstanceUID,
+        SeriesInstanceUID=series.SeriesInstanceUID,
+        series=series_to_dict(series),
+        study_key=key,
+        probabilities=probabilities,
+        diagnosis=diagnosis,
+        risk_score=risk,
+        risk_group=risk_group(risk, quantiles),
+        model=dict(info),
+        created_utc=_now_utc(),
+        overlays=tuple(overlays),
+        key_slices=tuple(slices),
+        key_slice_positions_mm=tuple(positions),
+        risk_quantiles=quantiles,
+        covariates=covariate_record,
+        explanation=dict(explanation),
+    )
+    return result, error
+
+
+def _summary_json(
+    summary: PredictSummary, *, info: dict[str, Any], files: Mapping[str, list[str]], n_files: int
+) -> dict[str, Any]:
+    return {
+        "created_utc": _now_utc(),
+        "model": info,
+        "n_files": n_files,
+        "results": [
+            {
+                "study_key": r.study_key,
+                "StudyInstanceUID": r.StudyInstanceUID,
+                "SeriesInstanceUID": r.SeriesInstanceUID,
+                "diagnosis": r.diagnosis,
+                "probabilities": r.probabilities,
+                "risk_score": r.risk_score,
+                "risk_group": r.risk_group,
+                "folder": r.study_key,
+                "files": files.get(r.study_key, []),
+            }
+            for r in summary.results
+        ],
+        "refused": list(summary.refused),
+        "errors": list(summary.errors),
+    }
+
+
+def _progress(items: list, *, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(items, desc="studies", unit="study", disable=not enabled, file=sys.stderr)
+
+
+def _say(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience: python -m inference.predict MODEL INPUT OUT
+    if len(sys.argv) != 4:
+        sys.exit("usage: python -m inference.predict MODEL_DIR DICOM_DIR OUT_DIR")
+    s = run_predict(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+    print(f"{len(s.results)} studies predicted, {len(s.refused)} refusals; see {s.out_dir / SUMMARY_NAME}")

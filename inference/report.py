@@ -1,0 +1,225 @@
+"""The clinician's report: one self-contained HTML page per study (inline CSS, images as data URIs, no links out).
+
+The page reads on one screen: the disclaimer, the finding in words with its probability, all class
+probabilities, the risk group with its score and what it means against the training population, the key-slice
+heat maps with captions, and the model's identity. It carries the StudyInstanceUID (to find the study) and no
+other patient data.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DISCLAIMER", "REPORT_NAME", "class_phrase", "percent", "write_report"]
+
+REPORT_NAME = "report.html"
+DISCLAIMER = "Decision support from a research model — not a diagnosis; not for clinical use without local validation."
+
+#: How each class is said in a sentence ("Findings suggest ...") and in a table.
+CLASS_PHRASES: dict[str, tuple[str, str]] = {
+    "covid": ("a COVID-19-like pattern", "COVID-19-like pattern"),
+    "other_pneumonia": ("another (non-COVID-19) pneumonia pattern", "Other pneumonia"),
+    "normal": ("no pneumonia pattern (normal lungs)", "Normal"),
+}
+
+RISK_MEANING: dict[str, str] = {
+    "low": "lower than about two thirds of the training population (lowest third)",
+    "intermediate": "in the middle third of the training population",
+    "high": "higher than about two thirds of the training population (highest third)",
+}
+
+
+def class_phrase(name: str) -> str:
+    """The class in a sentence, e.g. ``a COVID-19-like pattern``."""
+    return CLASS_PHRASES.get(name, (name.replace("_", " "), ""))[0]
+
+
+def class_title(name: str) -> str:
+    """The class as a table label, e.g. ``COVID-19-like pattern``."""
+    return CLASS_PHRASES.get(name, ("", name.replace("_", " ").capitalize()))[1]
+
+
+def percent(p: float) -> str:
+    """A probability for people: ``82%``, ``<1%``, ``>99%``."""
+    if not math.isfinite(p):
+        return "n/a"
+    if p < 0.005:
+        return "<1%"
+    if p > 0.995:
+        return ">99%"
+    return f"{100.0 * p:.0f}%"
+
+
+def score(x: float) -> str:
+    """A risk score as printed in the report (two decimals)."""
+    return f"{x:+.2f}" if math.isfinite(x) else "n/a"
+
+
+def _get(result: Any, name: str, default: Any = None) -> Any:
+    if isinstance(result, Mapping):
+        return result.get(name, default)
+    return getattr(result, name, default)
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def finding_sentence(probabilities: Mapping[str, float], diagnosis: str) -> str:
+    """``Findings suggest a COVID-19-like pattern (probability 82%).``; hedged when no class reaches 50 %."""
+    p = float(probabilities[diagnosis])
+    if p < 0.5:
+        return f"Uncertain result: the most likely is {class_phrase(diagnosis)} (probability {percent(p)})."
+    return f"Findings suggest {class_phrase(diagnosis)} (probability {percent(p)})."
+
+
+def risk_sentence(group: str, risk: float, quantiles: Any) -> str:
+    """What the risk group means; says so when the bundle had no reference population."""
+    if group in RISK_MEANING and quantiles:
+        q1, q2 = (float(q) for q in quantiles)
+        return (
+            f"Risk of a severe outcome: <strong>{html.escape(group)}</strong> (score {score(risk)}), "
+            f"{RISK_MEANING[group]}. Tertile cut points of the training population: {score(q1)} and {score(q2)}. "
+            "The score is a relative log-risk (Cox model): it ranks patients, it is not a probability."
+        )
+    return (
+        f"Risk score {score(risk)}: <strong>no risk group</strong>, because this model carries no reference "
+        "distribution of the training population. The score only ranks studies scored by the same model; it is "
+        "not a probability."
+    )
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;margin:0;background:#f4f5f7;color:#1b1f24;font-size:14px}
+main{max-width:1280px;margin:0 auto;padding:12px 18px}
+.disclaimer{background:#fff3cd;border:2px solid #d39e00;color:#5c4400;padding:8px 12px;border-radius:6px;font-weight:600;margin-bottom:10px}
+.grid{display:grid;grid-template-columns:minmax(300px,1fr) 2.4fr;gap:14px;align-items:start}
+@media (max-width:900px){.grid{grid-template-columns:1fr}}
+.card{background:#fff;border:1px solid #d8dde3;border-radius:6px;padding:10px 14px}
+h1{font-size:18px;margin:4px 0 8px} h2{font-size:15px;margin:10px 0 6px}
+.finding{font-size:17px;font-weight:600;margin:4px 0 10px}
+table{border-collapse:collapse;width:100%} td,th{padding:3px 6px;text-align:left;border-bottom:1px solid #eceff2}
+#probabilities td:first-child{width:45%} #probabilities td:last-child{width:40%}
+td.num{text-align:right;font-variant-numeric:tabular-nums;width:4.5em}
+.bar{background:#e6e9ed;border-radius:3px;height:10px;width:100%} .bar span{display:block;height:10px;border-radius:3px;background:#2f6fba}
+tr.top td{font-weight:600} tr.top .bar span{background:#c0392b}
+.risk-low{color:#1e7b34} .risk-intermediate{color:#9a6700} .risk-high{color:#b42318} .risk-unavailable{color:#57606a}
+.overlays{display:grid;grid-template-columns:repeat(auto-fit,minmax(230px,1fr));gap:8px} figure{margin:0}
+figure img{width:100%;height:auto;border-radius:4px;background:#000} figcaption{font-size:12px;color:#444;margin-top:3px}
+.meta{font-size:12px;color:#57606a} .meta td{border:0;padding:1px 6px 1px 0} code{font-size:11px;word-break:break-all}
+"""
+
+
+def _probability_rows(probabilities: Mapping[str, float], diagnosis: str) -> str:
+    rows = []
+    for name, p in probabilities.items():
+        width = max(0.0, min(100.0, 100.0 * float(p)))
+        rows.append(
+            f'<tr class="{"top" if name == diagnosis else ""}" data-class="{html.escape(name)}" data-probability="{float(p):.6f}">'
+            f"<td>{html.escape(class_title(name))}</td>"
+            f'<td class="num">{percent(float(p))}</td>'
+            f'<td><div class="bar"><span style="width:{width:.1f}%"></span></div></td></tr>'
+        )
+    return "\n".join(rows)
+
+
+def _figures(result: Any, class_label: str, method: str) -> str:
+    overlays = [Path(p) for p in (_get(result, "overlays") or ())]
+    slices = list(_get(result, "key_slices") or ())
+    positions = list(_get(result, "key_slice_positions_mm") or ())
+    n_slices = len((_get(result, "series") or {}).get("paths", ()))
+    figures = []
+    for i, path in enumerate(overlays):
+        k = slices[i] if i < len(slices) else None
+        where = ""
+        if k is not None:
+            where = f"slice {k + 1}" + (f" of {n_slices}" if n_slices else "")
+            if i < len(positions):
+                where += f", position {positions[i]:.1f} mm"
+        caption = (
+            f"Key slice {i + 1}{' (' + where + ')' if where else ''}: where the image most influenced the "
+            f"prediction of {html.escape(class_phrase(class_label))} ({html.escape(method)}; red = strongest). Lung window. "
+            "Not an outline of disease."
+        )
+        figures.append(
+            f'<figure><img src="{_data_uri(path)}" alt="Heat map, key slice {i + 1}" data-file="{html.escape(path.name)}">'
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
+    return "\n".join(figures) if figures else "<p>No heat-map images were produced for this study.</p>"
+
+
+def render_report(result: Any) -> str:
+    """The report page of one result (a :class:`inference.predict.StudyResult` or its dict form) as HTML text."""
+    probabilities = {str(k): float(v) for k, v in dict(_get(result, "probabilities") or {}).items()}
+    diagnosis = str(_get(result, "diagnosis"))
+    if diagnosis not in probabilities:
+        raise ValueError(f"diagnosis {diagnosis!r} is not one of the classes {sorted(probabilities)}")
+    risk = float(_get(result, "risk_score", float("nan")))
+    group = str(_get(result, "risk_group", "unavailable"))
+    quantiles = _get(result, "risk_quantiles")
+    model = dict(_get(result, "model") or {})
+    explanation = dict(_get(result, "explanation") or {})
+    esc = html.escape
+    group_class = f"risk-{group}" if group in RISK_MEANING else "risk-unavailable"
+    rows_meta = [
+        ("Model", f"{esc(str(model.get('name', 'unknown')))}, fedct {esc(str(model.get('fedct_version', 'unknown')))}"),
+        ("Model created", esc(str(model.get("created_utc") or "unknown"))),
+        ("Weights of round", esc(str(model.get("round_of_weights") if model.get("round_of_weights") is not None else "n/a"))),
+        ("Heat map", esc(f"{explanation.get('method', 'Grad-CAM')} at {explanation.get('target_layer', 'n/a')}")),
+        ("Report created", esc(str(_get(result, "created_utc", "")))),
+        ("StudyInstanceUID", f"<code>{esc(str(_get(result, 'StudyInstanceUID', '')))}</code>"),
+        ("SeriesInstanceUID", f"<code>{esc(str(_get(result, 'SeriesInstanceUID', '')))}</code>"),
+        ("Study key", f"<code>{esc(str(_get(result, 'study_key', '')))}</code>"),
+    ]
+    meta_html = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows_meta)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<title>fedct CT decision support — {esc(str(_get(result, 'study_key', '')))}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<main>
+<div class="disclaimer" role="note" id="disclaimer">&#9888; {esc(DISCLAIMER)}</div>
+<div class="grid">
+<section class="card">
+<h1>Chest CT — model findings</h1>
+<p class="finding" id="finding">{esc(finding_sentence(probabilities, diagnosis))}</p>
+<table id="probabilities"><tbody>
+{_probability_rows(probabilities, diagnosis)}
+</tbody></table>
+<h2>Prognosis</h2>
+<p id="risk" class="{group_class}" data-risk-score="{risk:.6f}" data-risk-group="{esc(group)}">{risk_sentence(group, risk, quantiles)}</p>
+<h2>About this result</h2>
+<table class="meta"><tbody>{meta_html}</tbody></table>
+</section>
+<section class="card">
+<h2>Where the model looked</h2>
+<div class="overlays">
+{_figures(result, diagnosis, str(explanation.get("method", "Grad-CAM")))}
+</div>
+</section>
+</div>
+</main>
+</body>
+</html>
+"""
+
+
+def write_report(result: Any, out_dir: Path) -> Path:
+    """Write ``out_dir/report.html`` for ``result``; return its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / REPORT_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render_report(result), encoding="utf-8")
+    tmp.replace(path)
+    return path

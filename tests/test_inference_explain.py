@@ -1,0 +1,309 @@
+"""inference.explain: target layers, the heat map mapped back to the CT grid, key slices, overlays, and the heat-map
+hit rate on planted lesions with a briefly trained model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from inference.explain import (
+    CANDIDATE_LAYERS,
+    GradCamExplainer,
+    cam_to_original_grid,
+    display_slice,
+    render_overlay,
+    resample_to_grid,
+    select_key_slices,
+)
+from inference.predict import PREDICTION_NAME, prepare_input, run_predict
+from models.factory import ModelConfig, build_model
+from preprocessing.discover import discover
+from preprocessing.transforms import PipelineConfig
+from preprocessing.validate import validate_series
+from preprocessing.volume import as_series, read_hu_volume
+from synthetic import phantom
+from synthetic.dicom_writer import PatientIdentity, write_ct_series
+from test_inference_predict import TEST_PIPELINE, make_bundle
+
+DEFAULT_INPUT = (64, 64, 48)  # the run configuration's default input size
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("smallcnn", "backbone.features.14"),
+        ("densenet121", "backbone.features.transition3.relu"),  # class_layers.relu is only 2x2x1 here
+        ("resnet10", "backbone.layer4"),
+        ("resnet18", "backbone.layer4"),
+    ],
+)
+def test_target_layer_per_backbone(name, expected):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name))
+    names = dict(model.named_modules())
+    assert all(layer in names for layer in CANDIDATE_LAYERS[name])
+    explainer = GradCamExplainer(model, model_name=name, input_size=DEFAULT_INPUT)
+    assert explainer.target_layer == expected and min(explainer.map_size) >= 3
+    cam = explainer(torch.rand(1, 1, *DEFAULT_INPUT), class_index=1)
+    assert cam.shape == DEFAULT_INPUT and bool((cam >= 0).all()) and bool(torch.isfinite(cam).all())
+    # The caller's network is untouched (no hooks, ReLUs still in place).
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+
+
+def test_unknown_model_or_layer_is_named():
+    model = build_model(ModelConfig(name="smallcnn"))
+    with pytest.raises(ValueError, match="no Grad-CAM target layer known for model 'mystery'"):
+        GradCamExplainer(model, model_name="mystery", input_size=(16, 16, 16))
+    with pytest.raises(ValueError, match="backbone.nope"):
+        GradCamExplainer(model, model_name="smallcnn", input_size=(16, 16, 16), target_layer="backbone.nope")
+
+
+def test_resampling_through_affines_is_exact_for_a_linear_map():
+    rng = np.random.default_rng(0)
+    src_affine = np.array([[0.0, 5.0, 0.0, -40.0], [-4.0, 0.0, 0.0, 30.0], [0.0, 0.0, 6.0, -90.0], [0, 0, 0, 1.0]])
+    shape_src = (12, 10, 9)
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape_src], indexing="ij"), -1)
+    world = idx @ src_affine[:3, :3].T + src_affine[:3, 3]
+    coef = rng.normal(size=3)
+    source = torch.as_tensor(world @ coef, dtype=torch.float32)
+    dst_affine = np.array([[-1.5, 0, 0, 5.0], [0, -1.2, 0, 8.0], [0, 0, 2.5, -70.0], [0, 0, 0, 1.0]])
+    shape = (17, 15, 11)
+    out = resample_to_grid(source, src_affine, shape, dst_affine, chunk_voxels=100)  # many small slabs
+    didx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    truth = (didx @ dst_affine[:3, :3].T + dst_affine[:3, 3]) @ coef
+    at = (didx @ (np.linalg.inv(src_affine) @ dst_affine)[:3, :3].T + (np.linalg.inv(src_affine) @ dst_affine)[:3, 3])
+    inside = np.all((at >= 0) & (at <= np.array(shape_src) - 1), axis=-1)
+    assert inside.sum() > 100
+    np.testing.assert_allclose(out[inside], truth[inside], atol=1e-3)
+    assert np.all(out[~np.all((at > -1) & (at < np.array(shape_src)), axis=-1)] == 0)
+
+
+ORIENTATIONS = {
+    "standard": None,
+    "mirrored": [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0],  # rows run to the patient's right, columns anterior
+    "transposed": [0.0, 1.0, 0.0, 1.0, 0.0, 0.0],  # rows run posterior, columns left; normal points to the feet
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+def test_heat_map_maps_back_to_the_planted_voxel(tmp_path, series_writer, edit_dicom, orientation):
+    """A fake heat map (the model input itself) peaks at a bright blob; mapped back, it peaks at the blob's voxel."""
+    hu = np.full((20, 40, 48), -1000, dtype=np.int32)
+    hu[:, 4:36, 4:44] = 0  # a body, so the crop keeps it
+    hu[12:15, 9:12, 29:32] = 1000  # the blob: off-centre in every axis
+    series = series_writer(tmp_path / "in" / "s", hu=hu, pixel_spacing_mm=(3.0, 3.5), slice_spacing_mm=5.0)
+    if ORIENTATIONS[orientation] is not None:
+        for path in series.paths:
+            edit_dicom(path, lambda ds: setattr(ds, "ImageOrientationPatient", ORIENTATIONS[orientation]))
+    validated = validate_series(next(iter(discover(tmp_path / "in").series.values())))
+    pipeline = PipelineConfig(input_size=(32, 32, 24), target_spacing_mm=(4.0, 4.0, 4.0))  # crops x, pads z
+    prepared = prepare_input(validated, pipeline)
+    blob = np.argwhere(prepared.hu > 500).mean(axis=0)
+    fake_cam = prepared.image[0, 0]
+    results = {}
+    for method in ("auto", "inverse", "affine"):
+        heat, used = cam_to_original_grid(fake_cam, prepared.grid, prepared.transforms, shape=prepared.hu.shape,
+                                          affine=prepared.affine, method=method)  # fmt: skip
+        assert heat.shape == prepared.hu.shape
+        peak = np.argwhere(heat >= heat.max() - 1e-6).mean(axis=0)
+        distance_mm = np.linalg.norm(prepared.affine[:3, :3] @ (peak - blob))
+        assert distance_mm <= 4.0, (method, peak, blob)
+        results[method] = heat
+    # MONAI's full inverse and the cheap one agree wherever the model saw the image.
+    np.testing.assert_allclose(results["auto"], results["inverse"], atol=2e-3)
+
+
+def test_key_slices_strongest_first_and_apart():
+    heat = np.zeros((4, 4, 12), dtype=np.float32)
+    for k, value in {5: 1.0, 6: 0.95, 4: 0.9, 9: 0.5, 1: 0.2}.items():
+        heat[1, 2, k] = value
+    assert select_key_slices(heat, count=3, min_gap=2) == (5, 9, 1)
+    assert select_key_slices(heat, count=2, min_gap=1) == (5, 6)
+    assert select_key_slices(np.zeros((2, 2, 7)), count=3) == (3,)
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [
+        np.diag([-0.8, -0.8, 2.0, 1.0]),  # DICOM axial (LPS) as read_hu_volume gives it
+        np.diag([0.8, 0.8, 2.0, 1.0]),  # mirrored in-plane
+        np.array([[0, -0.8, 0, 0], [-0.8, 0, 0, 0], [0, 0, -2.0, 0], [0, 0, 0, 1.0]]),  # transposed, feet first
+    ],
+)
+def test_axial_display_is_radiological(affine):
+    """A marker at the patient's right-anterior shows on the image's left-top, labelled R/L/A/P."""
+    affine = affine.copy()
+    affine[:3, 3] = -affine[:3, :3] @ np.array([9.5, 9.5, 1.0])  # slice 1 centred on the world origin
+    volume = np.zeros((20, 20, 3), dtype=np.float32)
+    marker = np.rint(np.linalg.inv(affine) @ np.array([5.0, 5.0, 0.0, 1.0]))[:3].astype(int)  # RAS: right, anterior
+    assert marker[2] == 1
+    volume[marker[0], marker[1], 1] = 1.0
+    image, labels, spacing, _ = display_slice(volume, affine, 1)
+    assert labels == {"left": "R", "right": "L", "top": "A", "bottom": "P"}
+    assert spacing == (0.8, 0.8)
+    row, col = np.argwhere(image == 1.0)[0]
+    centre = (np.array(image.shape) - 1) / 2
+    assert col < centre[1] and row < centre[0]
+
+
+def test_render_overlay_writes_png(tmp_path):
+    hu = np.full((30, 24, 5), -800.0, dtype=np.float32)
+    heat = np.zeros_like(hu)
+    heat[10:15, 8:12, 2] = 1.0
+    path = render_overlay(hu, heat, np.diag([-1.2, -1.4, 5.0, 1.0]), 2, tmp_path / "o.png", title="test")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] >= 300 and image.size[1] >= 300
+        rgb = np.asarray(image.convert("RGB"))
+    assert (rgb[..., 0].astype(int) - rgb[..., 2].astype(int)).max() > 100  # some red heat is drawn
+
+
+# --- hit rate on planted lesions -----------------------------------------------------------------------------------
+
+ROWS, PIXEL_MM, SLICE_MM = 48, 8.0, 10.0
+CLASSES = phantom.DIAGNOSES
+
+
+def write_case(folder: Path, seed: int, diagnosis: str, burden: float) -> np.ndarray | None:
+    """One synthetic chest CT study; returns where the phantom put lesions (weights, phantom axes) or None."""
+    rng = np.random.default_rng(seed)
+    lesion: dict[str, np.ndarray] = {}
+    add_consolidation, add_covid = phantom._add_consolidation, phantom._add_covid
+
+    def consolidation(vol, rng, **kwargs):
+        out = add_consolidation(vol, rng, **kwargs)
+        if out is not None:
+            lesion["w"] = out[0].copy()
+        return out
+
+    def covid(vol, rng, **kwargs):
+        before = vol.copy()
+        add_covid(vol, rng, **kwargs)
+        lesion["w"] = np.clip(np.abs(vol - before) / 200.0, 0.0, 1.0)
+
+    with mock.patch.object(phantom, "_add_consolidation", consolidation), mock.patch.object(phantom, "_add_covid", covid):
+        hu = phantom.chest_phantom(shape=(round(160 / SLICE_MM), ROWS, ROWS), pixel_spacing_mm=(PIXEL_MM, PIXEL_MM),
+                                   slice_spacing_mm=SLICE_MM, diagnosis=diagnosis, burden=burden, noise_hu=15.0, rng=rng)  # fmt: skip
+    uid = f"1.2.826.0.1.3680043.10.997.{seed}"
+    write_ct_series(folder, hu, pixel_spacing_mm=(PIXEL_MM, PIXEL_MM), slice_spacing_mm=SLICE_MM,
+                    origin_mm=(-(ROWS - 1) / 2 * PIXEL_MM, -(ROWS - 1) / 2 * PIXEL_MM, -200.0), study_instance_uid=uid,
+                    series_instance_uid=uid + ".1", patient=PatientIdentity("TEST^HIT", "HIT", "19500101", "F", "070Y"),
+                    uid_entropy=[uid])  # fmt: skip
+    return lesion.get("w")
+
+
+def train_briefly(root: Path, *, n: int = 30, epochs: int = 20) -> dict[str, torch.Tensor]:
+    """A smallcnn trained for seconds on ``n`` synthetic studies (balanced classes), through the real pipeline."""
+    rng = np.random.default_rng(123)
+    labels = {}
+    for i in range(n):
+        label = i % 3
+        write_case(root / f"c{i:03d}", 1000 + i, CLASSES[label], 0.0 if label == 2 else float(rng.uniform(0.15, 0.6)))
+        labels[f"c{i:03d}"] = label
+    images, targets = [], []
+    for headers in discover(root).series.values():
+        series = validate_series(headers)
+        images.append(prepare_input(series, TEST_PIPELINE).image[0])
+        targets.append(labels[Path(series.paths[0]).parent.name])
+    x, y = torch.stack(images), torch.tensor(targets)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="smallcnn"))
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), 8):
+            idx = order[start : start + 8]
+            batch = x[idx].clone()
+            flip = torch.rand(len(idx), generator=generator) < 0.5
+            batch[flip] = batch[flip].flip(2)  # left-right: lesions on either side
+            loss = torch.nn.functional.cross_entropy(model(batch).logits, y[idx])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    # BatchNorm statistics of the final weights (as sites do before sending them); without this a short run can
+    # leave stale statistics and an eval-mode model that predicts one class.
+    torch.optim.swa_utils.update_bn([x[i : i + 8] for i in range(0, len(x), 8)], _Images(model))
+    return model.state_dict()
+
+
+class _Images(torch.nn.Module):
+    """The multi-task network as ``update_bn`` calls it (one tensor in)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        return self.model(x)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Run the whole prediction stage with a briefly trained model on studies with known lesions."""
+    root = tmp_path_factory.mktemp("hit-rate")
+    state = train_briefly(root / "train")
+    bundle = make_bundle(root / "bundle", state=state)
+    masks = {}
+    for j in range(8):
+        diagnosis = ("other_pneumonia", "covid")[j % 2]
+        weights = write_case(root / "test" / f"t{j}", 5000 + j, diagnosis, 0.5)
+        masks[f"1.2.826.0.1.3680043.10.997.{5000 + j}"] = (diagnosis, weights)
+    summary = run_predict(bundle, root / "test", root / "out", device="cpu", progress=False)
+    return summary, masks, root
+
+
+def test_heat_map_hit_rate_on_planted_lesions(planted):
+    summary, masks, root = planted
+    near_mm = 15.0
+    rows = []
+    for result in summary.results:
+        diagnosis, weights = masks[result.StudyInstanceUID]
+        lesion = (weights > 0.5).transpose(2, 1, 0)  # phantom (slice, row, column) -> CT grid (column, row, slice)
+        distance = ndimage.distance_transform_edt(~lesion, sampling=(PIXEL_MM, PIXEL_MM, SLICE_MM))
+        stored = json.loads((root / "out" / result.study_key / PREDICTION_NAME).read_text())
+        peak = tuple(stored["explanation"]["peak_voxel"])  # on the original CT grid
+        hu, _ = read_hu_volume(as_series(result.series))
+        lung = (hu < -700) | lesion  # chance: how often a random lung voxel lies this close to the lesion
+        rows.append((diagnosis, result.diagnosis == diagnosis, distance[peak] == 0, distance[peak] <= near_mm,
+                     float((distance[lung] <= near_mm).mean()), peak[2] in result.key_slices))  # fmt: skip
+    correct = np.mean([r[1] for r in rows])
+    inside = np.mean([r[2] for r in rows])
+    near = np.mean([r[3] for r in rows])
+    chance = np.mean([r[4] for r in rows])
+    by_class = {d: np.mean([r[3] for r in rows if r[0] == d]) for d in ("other_pneumonia", "covid")}
+    print(f"\nGrad-CAM++ peak on planted lesions ({len(rows)} studies, model accuracy {correct:.0%}): inside {inside:.0%}, "
+          f"within {near_mm:g} mm {near:.0%} (consolidation {by_class['other_pneumonia']:.0%}, covid {by_class['covid']:.0%}); "
+          f"a random lung voxel: {chance:.0%}")  # fmt: skip
+    # A model trained for seconds localises unevenly: over 10 training runs (other seeds; 20-40 held-out studies each)
+    # the peak was within 15 mm of the lesion in 33-85 % of studies, 55 % on average, inside it in 32 % (a random lung
+    # voxel: 6 %). This run is fixed; the bounds leave room for another machine's arithmetic.
+    assert correct >= 0.75
+    assert near >= 0.25 and near >= 3 * chance
+    assert all(r[5] for r in rows)  # the peak's slice is a key slice (the strongest one)
+
+
+def test_overlays_of_planted_cases_are_drawn(planted):
+    summary, _, root = planted
+    result = summary.results[0]
+    assert result.key_slices[0] == result.explanation["peak_voxel"][2]
+    for path in result.overlays:
+        with Image.open(path) as image:
+            assert image.size[0] >= 300
+
+
+def test_gradcampp_overflow_falls_back_to_gradcam():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="smallcnn"))
+    with torch.no_grad():
+        model.diagnosis.bias += 500.0  # exp(logit) overflows float32: Grad-CAM++ weights become inf/NaN
+    explainer = GradCamExplainer(model, model_name="smallcnn", input_size=(32, 32, 32))
+    cam = explainer(torch.rand(1, 1, 32, 32, 32), class_index=0)
+    assert explainer.last_variant == "Grad-CAM" and bool(torch.isfinite(cam).all()) and float(cam.max()) > 0
