@@ -92,32 +92,14 @@ class InstanceHeader:
         return name if self.frame is None else f"{name} frame {self.frame + 1}"
 
 
+#: Identity attributes every image needs to be grouped into a series.
+_IDENTITY_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Modality", "Rows", "Columns")
+
 #: Attributes a slice must have to be placed in a volume (one missing -> ``missing_attribute``).
-REQUIRED_KEYWORDS = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "SeriesInstanceUID",
-    "StudyInstanceUID",
-    "Modality",
-    "Rows",
-    "Columns",
-    "PixelSpacing",
-    "ImageOrientationPatient",
-    "ImagePositionPatient",
-)
+REQUIRED_KEYWORDS = _IDENTITY_KEYWORDS + ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient")
 
 #: Top-level attributes a multi-frame CT file must have; its geometry is in the functional groups.
-REQUIRED_MULTI_FRAME_KEYWORDS = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "SeriesInstanceUID",
-    "StudyInstanceUID",
-    "Modality",
-    "Rows",
-    "Columns",
-    "NumberOfFrames",
-    "PerFrameFunctionalGroupsSequence",
-)
+REQUIRED_MULTI_FRAME_KEYWORDS = _IDENTITY_KEYWORDS + ("NumberOfFrames", "PerFrameFunctionalGroupsSequence")
 
 #: (functional group sequence, attribute) of each frame's geometry in a multi-frame file.
 FRAME_GEOMETRY = (

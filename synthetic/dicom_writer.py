@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 #: SOP Class UID of CT Image Storage.
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+from preprocessing.discover import CT_IMAGE_STORAGE  # the SOP class ingestion reads
 #: Lung window written as the default VOI window (centre, width) in HU.
 LUNG_WINDOW_HU = (-600.0, 1500.0)
 

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 #: Diagnostic classes, in the class-index order used everywhere in the project.
-DIAGNOSES = ("covid", "other_pneumonia", "normal")
+from preprocessing.labels import DIAGNOSES  # one class list for labels, model outputs and the generator
 
 #: Length of chest (mm) that the phantom's anatomy is laid out over.
 CHEST_LENGTH_MM = 160.0
