@@ -34,6 +34,17 @@ def _ingest(args: argparse.Namespace) -> int:
     from preprocessing.labels import LabelsError
     from preprocessing.transforms import PipelineConfig
 
+    if args.pacs is not None:  # the PACS is the source: pull what is missing into the site's folder, then ingest it
+        from preprocessing.pacs import PacsError, pull_for_ingest
+
+        try:
+            args.input = str(pull_for_ingest(args))
+        except (OSError, LabelsError, ValueError, PacsError) as exc:  # nothing already ingested is touched
+            print(f"fedct ingest: error: {exc}", file=sys.stderr)
+            return 2
+    elif not args.input:
+        print("fedct ingest: error: give --input FOLDER or --pacs [URL]", file=sys.stderr)
+        return 2
     try:
         pipeline = PipelineConfig(
             target_spacing_mm=parse_triple(args.spacing, float, "--spacing"),
@@ -75,8 +86,10 @@ def _deid(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from inference.predict import run_predict
+    from inference.push import push_settings, push_summary
 
     try:
+        push = push_settings(args)  # --push: PACS settings checked before anything is predicted
         summary = run_predict(Path(args.model), Path(args.input), Path(args.out), device=args.device, progress=True,
                               site_dir=Path(args.site_dir) if args.site_dir else None)  # fmt: skip
     except (OSError, ValueError, RuntimeError) as exc:
@@ -89,7 +102,7 @@ def _predict(args: argparse.Namespace) -> int:
     for error in summary.errors:
         print(f"warning: {error}")
     print(f"{len(summary.results)} study(ies) predicted, {len(summary.refused)} refused; reports in {args.out}")
-    return 0
+    return push_summary(push, summary) if push is not None else 0
 
 
 def _review(args: argparse.Namespace) -> int:
@@ -125,13 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("ingest", help="validate and preprocess a site's DICOM folder")
-    p.add_argument("--input", required=True, help="DICOM folder (read only)")
+    p.add_argument("--input", help="DICOM folder (read only); with --pacs where pulled studies are kept (default OUT/pacs)")
     p.add_argument("--out", required=True, help="site work folder (manifest, cache, report)")
     p.add_argument("--labels", help="labels.csv keyed by StudyInstanceUID")
     p.add_argument("--spacing", default="5.0,5.0,5.0", help="target voxel spacing in mm, x,y,z")
     p.add_argument("--input-size", default="64,64,48", help="model input size in voxels, x,y,z")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--export-hu", action="store_true", help="also write each accepted series' HU volume as NIfTI (SITE_DIR/nifti/<id>.nii.gz)")
+    from preprocessing.pacs import add_pull_arguments  # --pacs [URL], --pacs-env FILE
+
+    add_pull_arguments(p)
     p.set_defaults(func=_ingest)
 
     p = sub.add_parser("deid", help="write de-identified copies (DICOM PS3.15 Basic Application Level Confidentiality Profile)")
@@ -147,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results folder (one sub-folder per study)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--site-dir", help="the site's work folder: name result folders by the site's keyed study pseudonyms")
+    from inference.push import add_push_arguments  # --push [URL], --pacs-env FILE
+
+    add_push_arguments(p)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("review", help="serve the clinicians' review page for a results folder (127.0.0.1 only)")

@@ -1,0 +1,691 @@
+"""The site's PACS as a source: find CT series, retrieve them into the site's DICOM folder, then ingest as usual.
+
+Two protocols, chosen by the URL:
+
+- ``http(s)://host/dicom-web`` — DICOMweb with ``dicomweb-client``: QIDO-RS finds series and instances, WADO-RS
+  retrieves them (a whole series as one streamed multipart reply, or single instances);
+- ``dicom://AET@host:port`` — DIMSE with ``pynetdicom``: C-FIND (study, series, image level) and C-GET.
+
+Retrieval is resumable and bounded in memory: every instance is written to
+``DEST/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` (via a temporary name) as it arrives, and a
+second run lists the instances of each series and fetches only those not on disk. Transient failures (connection
+errors, timeouts, HTTP 429/5xx, DIMSE "out of resources") are retried with exponential backoff; a series that broke
+off mid-stream resumes from what was written. Nothing in DEST is ever deleted or overwritten.
+
+Settings, credentials included, come only from the site env file (``KEY=VALUE`` lines, see :data:`ENV_KEYS`);
+the URL may also be given on the command line, but never with credentials in it. No password is logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+#: The settings a site env file may hold for its PACS (other keys in the file belong to other parts of the site).
+ENV_KEYS = {
+    "FEDCT_PACS_URL": "http(s)://host[:port]/dicom-web (DICOMweb) or dicom://CALLED_AET@host:port (DIMSE)",
+    "FEDCT_PACS_USER": "HTTP basic-auth user (DICOMweb only)",
+    "FEDCT_PACS_PASSWORD_FILE": "file holding the password, one line (relative paths: to the env file's folder)",
+    "FEDCT_PACS_AET": "this site's calling AE title for DIMSE (default FEDCT); the PACS must know it",
+    "FEDCT_PACS_MODALITY": "modality of the series to pull (default CT)",
+    "FEDCT_PACS_STUDY_DATE": "optional study date or range, DICOM style: 20240101-20241231, 20240101-, -20241231",
+    "FEDCT_PACS_CA_FILE": "CA bundle (PEM) to verify an https PACS",
+    "FEDCT_PACS_TIMEOUT_S": "network timeout per request in seconds (default 60)",
+    "FEDCT_PACS_RETRIES": "retries of a failed request on transient errors (default 4)",
+    "FEDCT_PACS_BACKOFF_S": "first retry delay in seconds, doubled each retry (default 1)",
+}
+#: HTTP statuses worth retrying: too many requests and server-side failures.
+TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_DATE_RANGE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
+_MAX_BACKOFF_S = 60.0
+
+
+class PacsError(RuntimeError):
+    """The PACS could not be used; the message names the PACS and what to check."""
+
+
+@dataclass(frozen=True)
+class PacsSettings:
+    """How this site reaches its PACS (read from the site env file by :func:`read_pacs_settings`)."""
+
+    url: str
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    calling_aet: str = "FEDCT"
+    modality: str = "CT"
+    study_date: str | None = None
+    ca_file: Path | None = None
+    timeout_s: float = 60.0
+    retries: int = 4
+    backoff_s: float = 1.0
+    env_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        endpoint(self.url)  # validates the URL (scheme, no credentials in it)
+        if (self.user is None) != (self.password is None):
+            raise ValueError(f"{self._where()}: FEDCT_PACS_USER and FEDCT_PACS_PASSWORD_FILE go together (set both or neither)")
+        if not re.fullmatch(r"[\x20-\x5b\x5d-\x7e]{1,16}", self.calling_aet) or not self.calling_aet.strip():
+            raise ValueError(f"{self._where()}: FEDCT_PACS_AET={self.calling_aet!r} is not an AE title (1-16 characters, no backslash)")
+        if not re.fullmatch(r"[A-Z]{2}", self.modality):
+            raise ValueError(f"{self._where()}: FEDCT_PACS_MODALITY={self.modality!r} is not a DICOM modality code (e.g. CT)")
+        if self.study_date is not None and not (_DATE_RANGE.fullmatch(self.study_date) and self.study_date.strip("-")):
+            raise ValueError(f"{self._where()}: FEDCT_PACS_STUDY_DATE={self.study_date!r} is not a date or range (YYYYMMDD-YYYYMMDD)")
+        if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
+            raise ValueError(f"{self._where()}: FEDCT_PACS_TIMEOUT_S must be > 0, FEDCT_PACS_RETRIES and FEDCT_PACS_BACKOFF_S >= 0")
+
+    def _where(self) -> str:
+        return f"PACS settings ({self.env_file})" if self.env_file else "PACS settings"
+
+    @property
+    def credentials_hint(self) -> str:
+        """Where the credentials of this PACS are set, for error messages."""
+        where = f" in {self.env_file}" if self.env_file else " (no site env file was given: --pacs-env FILE)"
+        return f"FEDCT_PACS_USER and FEDCT_PACS_PASSWORD_FILE{where}"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A parsed PACS URL: ``dicomweb`` (``url``) or ``dimse`` (``called_aet``, ``host``, ``port``)."""
+
+    kind: str
+    url: str
+    host: str
+    port: int
+    called_aet: str = ""
+
+
+def endpoint(url: str) -> Endpoint:
+    """Parse a PACS URL; refuse credentials in it (they belong in the site env file) and unknown schemes."""
+    parts = urlsplit(url)
+    if parts.password is not None or (parts.scheme in ("http", "https") and parts.username is not None):
+        raise ValueError(
+            "PACS URL must not contain credentials (command lines and logs are readable by others): "
+            "put them in the site env file (FEDCT_PACS_USER, FEDCT_PACS_PASSWORD_FILE)"
+        )
+    if parts.scheme in ("http", "https"):
+        if not parts.hostname:
+            raise ValueError(f"PACS URL {url!r} has no host")
+        return Endpoint("dicomweb", url.rstrip("/"), parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    if parts.scheme == "dicom":
+        if not parts.username or not parts.hostname or parts.port is None:
+            raise ValueError(f"PACS URL {url!r}: a DIMSE PACS is dicom://CALLED_AET@host:port")
+        return Endpoint("dimse", url, parts.hostname, parts.port, called_aet=parts.username)
+    raise ValueError(f"PACS URL {url!r}: use http(s)://host/dicom-web (DICOMweb) or dicom://CALLED_AET@host:port (DIMSE)")
+
+
+def read_env_lines(path: Path) -> dict[str, tuple[str, int]]:
+    """``KEY=VALUE`` lines of an env file (``#`` comments, blank lines, optional ``export`` and quotes): key -> (value, line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"site env file does not exist: {path}")
+    values: dict[str, tuple[str, int]] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"{path}: line {number}: expected KEY=VALUE")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = (value, number)
+    return values
+
+
+def read_pacs_settings(env_file: Path | None, *, url: str | None = None) -> PacsSettings:
+    """PACS settings from the site env file; ``url`` (from ``--pacs``/``--push``) overrides FEDCT_PACS_URL.
+
+    Unknown ``FEDCT_PACS_*`` keys are refused (a typo would silently drop a setting); other keys are ignored.
+    """
+    values = read_env_lines(env_file) if env_file is not None else {}
+    for key, (_, number) in values.items():
+        if key.startswith("FEDCT_PACS_") and key not in ENV_KEYS:
+            raise ValueError(f"{env_file}: line {number}: unknown setting {key} (known: {', '.join(ENV_KEYS)})")
+
+    def get(key: str) -> str | None:
+        value = values.get(key, ("", 0))[0].strip()
+        return value or None
+
+    def number(key: str, kind: type, default: float) -> Any:
+        text = get(key)
+        if text is None:
+            return default
+        try:
+            return kind(text)
+        except ValueError as exc:
+            raise ValueError(f"{env_file}: line {values[key][1]}: {key}={text!r} is not a {kind.__name__}") from exc
+
+    url = url or get("FEDCT_PACS_URL")
+    if not url:
+        raise ValueError(f"no PACS URL: give it after --pacs/--push or as FEDCT_PACS_URL in the site env file ({env_file})")
+    base = Path(env_file).parent if env_file is not None else Path.cwd()
+    password = None
+    password_file = get("FEDCT_PACS_PASSWORD_FILE")
+    if password_file is not None:
+        secret = base / password_file
+        try:
+            password = secret.read_text().splitlines()[0] if secret.read_text() else ""
+        except OSError as exc:
+            raise ValueError(f"{env_file}: FEDCT_PACS_PASSWORD_FILE: cannot read {secret}: {exc.strerror}") from exc
+    ca_file = get("FEDCT_PACS_CA_FILE")
+    if ca_file is not None and not (base / ca_file).is_file():
+        raise ValueError(f"{env_file}: FEDCT_PACS_CA_FILE: {base / ca_file} does not exist")
+    return PacsSettings(
+        url=url,
+        user=get("FEDCT_PACS_USER"),
+        password=password,
+        calling_aet=get("FEDCT_PACS_AET") or "FEDCT",
+        modality=(get("FEDCT_PACS_MODALITY") or "CT").upper(),
+        study_date=get("FEDCT_PACS_STUDY_DATE"),
+        ca_file=base / ca_file if ca_file else None,
+        timeout_s=number("FEDCT_PACS_TIMEOUT_S", float, 60.0),
+        retries=number("FEDCT_PACS_RETRIES", int, 4),
+        backoff_s=number("FEDCT_PACS_BACKOFF_S", float, 1.0),
+        env_file=Path(env_file) if env_file is not None else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors and retries (both protocols)
+
+
+class Transient(Exception):
+    """A DIMSE failure worth retrying (no connection, association aborted, out of resources)."""
+
+
+class Refused(Exception):
+    """A DIMSE failure not worth retrying (association rejected, failure status)."""
+
+
+def _http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection errors, timeouts, broken streams, HTTP 408/429/5xx and DIMSE resource failures are retried."""
+    import requests
+
+    if isinstance(exc, Transient):
+        return True
+    if isinstance(exc, requests.HTTPError):
+        return _http_status(exc) in TRANSIENT_HTTP
+    return isinstance(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, ConnectionError))
+
+
+def explain(exc: BaseException, settings: PacsSettings, *, what: str, attempts: int) -> PacsError:
+    """A :class:`PacsError` that names the PACS, what failed and what to check."""
+    import requests
+
+    where = f"PACS {settings.url}"
+    tried = f" after {attempts} attempt(s)" if attempts > 1 else ""
+    if isinstance(exc, PacsError):
+        return exc
+    status = _http_status(exc)
+    if isinstance(exc, requests.HTTPError) and status in (401, 403):
+        return PacsError(
+            f"{where} refused {what} (HTTP {status} {'unauthorized' if status == 401 else 'forbidden'}): check "
+            f"{settings.credentials_hint}, and that this user may query and retrieve (store, for results) at the PACS"
+        )
+    if isinstance(exc, requests.HTTPError) and status == 404:
+        return PacsError(f"{where} answered HTTP 404 to {what}: check the URL is the DICOMweb base (e.g. http://host:8042/dicom-web)")
+    if isinstance(exc, requests.HTTPError) and status is not None and status >= 500 or status in TRANSIENT_HTTP:
+        return PacsError(
+            f"{where} failed {what}{tried} with HTTP {status}: the PACS is failing or overloaded; check its state and logs, "
+            "then run again (instances already retrieved are kept and not fetched again)"
+        )
+    if isinstance(exc, requests.HTTPError):
+        return PacsError(f"{where} answered HTTP {status} to {what}: {exc}")
+    if isinstance(exc, (requests.Timeout,)):
+        return PacsError(f"{where} did not answer {what} in {settings.timeout_s:g} s{tried}: check the PACS load and "
+                         "FEDCT_PACS_TIMEOUT_S; run again to resume")  # fmt: skip
+    if isinstance(exc, (requests.ConnectionError, ConnectionError, requests.exceptions.ChunkedEncodingError)):
+        return PacsError(
+            f"cannot reach {where} for {what}{tried} ({_short(exc)}): check the URL, that the PACS is running, and that "
+            "this host may connect to it (firewall, proxy; https: FEDCT_PACS_CA_FILE)"
+        )
+    if isinstance(exc, Transient):
+        return PacsError(f"{where}: {what} failed{tried}: {exc}")
+    if isinstance(exc, Refused):
+        return PacsError(f"{where}: {what} refused: {exc}")
+    return PacsError(f"{where}: {what} failed: {type(exc).__name__}: {exc}")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    for marker in ("Connection refused", "Name or service not known", "timed out", "Connection reset", "Connection aborted"):
+        if marker in text:
+            return marker.lower()
+    return type(exc).__name__
+
+
+def with_retries(settings: PacsSettings, what: str, call: Callable[[], Any], *, sleep: Callable[[float], None] = time.sleep) -> Any:
+    """``call()``, retried on transient errors with exponential backoff; other errors become a :class:`PacsError`."""
+    for attempt in range(settings.retries + 1):
+        try:
+            return call()
+        except Exception as exc:
+            if not is_transient(exc) or attempt == settings.retries:
+                raise explain(exc, settings, what=what, attempts=attempt + 1) from exc
+            delay = min(settings.backoff_s * 2**attempt, _MAX_BACKOFF_S)
+            retry_after = getattr(getattr(exc, "response", None), "headers", {}).get("Retry-After", "")
+            if retry_after.isdigit():
+                delay = min(max(delay, float(retry_after)), _MAX_BACKOFF_S)
+            log.warning("PACS %s: %s failed (%s); retry %d of %d in %.1f s", settings.url, what,
+                        _http_status(exc) or _short(exc), attempt + 1, settings.retries, delay)  # fmt: skip
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The local store: one file per instance, written atomically, never overwritten
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    """One series at the PACS."""
+
+    study_uid: str
+    series_uid: str
+
+
+class InstanceStore:
+    """``DEST/<study>/<series>/<sop>.dcm``; counts what this run wrote."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.written = 0
+        self.bytes = 0
+
+    def path(self, ref: SeriesRef, sop_uid: str) -> Path:
+        """Where an instance lives (UIDs are checked: a PACS cannot make us write outside DEST)."""
+        for uid in (ref.study_uid, ref.series_uid, sop_uid):
+            if not _UID.fullmatch(uid) or len(uid) > 64:
+                raise PacsError(f"the PACS sent an invalid UID {uid[:70]!r}; refusing to use it as a file name")
+        return self.root / ref.study_uid / ref.series_uid / f"{sop_uid}.dcm"
+
+    def has(self, ref: SeriesRef, sop_uid: str) -> bool:
+        """True when the instance is on disk (complete: files appear only by atomic rename)."""
+        return self.path(ref, sop_uid).is_file()
+
+    def write(self, ref: SeriesRef, sop_uid: str, write: Callable[[Path], None]) -> None:
+        """Write one instance through ``write(tmp_path)``, then rename it into place; an existing file is kept."""
+        path = self.path(ref, sop_uid)
+        if path.is_file():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.part")
+        try:
+            write(tmp)
+            size = tmp.stat().st_size
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.written += 1
+        self.bytes += size
+
+    def remove_partials(self) -> None:
+        """Delete ``.part`` files an interrupted run left behind (never a complete instance)."""
+        for stale in self.root.rglob(".*.dcm.part"):
+            stale.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Protocols
+
+
+@dataclass(frozen=True)
+class Query:
+    """What to pull: a modality, an optional study date range, optional study keys (from the labels file)."""
+
+    modality: str = "CT"
+    study_date: str | None = None
+    study_uids: tuple[str, ...] = ()
+    accession_numbers: tuple[str, ...] = ()
+
+
+class Source(Protocol):
+    """A PACS that can be searched and retrieved from."""
+
+    def find_series(self, query: Query) -> list[SeriesRef]: ...
+    def list_instances(self, ref: SeriesRef) -> list[str]: ...
+    def fetch(self, ref: SeriesRef, sop_uids: Sequence[str] | None, store: InstanceStore) -> None: ...
+
+
+def _json_value(item: dict[str, Any], tag: str) -> str | None:
+    values = item.get(tag, {}).get("Value") or [None]
+    return None if values[0] is None else str(values[0])
+
+
+class DicomWebSource:
+    """QIDO-RS + WADO-RS with ``dicomweb-client``."""
+
+    def __init__(self, settings: PacsSettings) -> None:
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+
+        session = requests.Session()
+        if settings.user is not None:
+            session.auth = (settings.user, settings.password or "")
+        if settings.ca_file is not None:
+            session.verify = str(settings.ca_file)
+        self.client = DICOMwebClient(endpoint(settings.url).url, session=session, timeout=settings.timeout_s)
+        self.client.set_http_retry_params(retry=False)  # one retry policy for both protocols: with_retries
+        self.settings = settings
+
+    def find_series(self, query: Query) -> list[SeriesRef]:
+        """QIDO-RS series search: one per study key, or one for the whole modality/date query."""
+        filters: dict[str, str] = {"Modality": query.modality}
+        if query.study_date:
+            filters["StudyDate"] = query.study_date
+        searches: list[dict[str, Any]] = []
+        if query.study_uids:
+            searches = [{"study_instance_uid": uid} for uid in query.study_uids]
+        elif query.accession_numbers:
+            searches = [{"search_filters": {**filters, "AccessionNumber": a}} for a in query.accession_numbers]
+        else:
+            searches = [{}]
+        refs: dict[tuple[str, str], SeriesRef] = {}
+        for search in searches:
+            found = self.client.search_for_series(
+                study_instance_uid=search.get("study_instance_uid"),
+                search_filters=search.get("search_filters", filters),
+                fields=["StudyInstanceUID", "SeriesInstanceUID", "Modality"],
+                get_remaining=True,
+            )
+            for item in found:
+                study, series = _json_value(item, "0020000D"), _json_value(item, "0020000E")
+                if study and series:
+                    refs[(study, series)] = SeriesRef(study, series)
+        return list(refs.values())
+
+    def list_instances(self, ref: SeriesRef) -> list[str]:
+        """QIDO-RS instance search of one series: the SOP Instance UIDs."""
+        found = self.client.search_for_instances(ref.study_uid, ref.series_uid, fields=["SOPInstanceUID"], get_remaining=True)
+        return [uid for uid in (_json_value(item, "00080018") for item in found) if uid]
+
+    def fetch(self, ref: SeriesRef, sop_uids: Sequence[str] | None, store: InstanceStore) -> None:
+        """WADO-RS: the whole series as one streamed reply (``sop_uids`` None), else instance by instance.
+
+        Instances are requested in their stored transfer syntax and written as they arrive.
+        """
+        any_syntax = (("application/dicom", "*"),)
+        if sop_uids is None:
+            datasets: Iterable[Any] = self.client.iter_series(ref.study_uid, ref.series_uid, media_types=any_syntax)
+        else:
+            datasets = (
+                self.client.retrieve_instance(ref.study_uid, ref.series_uid, uid, media_types=any_syntax) for uid in sop_uids
+            )
+        for ds in datasets:
+            store.write(ref, str(ds.SOPInstanceUID), lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
+
+
+class DimseSource:
+    """C-FIND + C-GET with ``pynetdicom`` (Study Root)."""
+
+    def __init__(self, settings: PacsSettings) -> None:
+        self.settings = settings
+        self.endpoint = endpoint(settings.url)
+
+    @contextmanager
+    def _association(self, contexts: Sequence[str], *, get_storage: Sequence[str] = ()) -> Iterator[Any]:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role
+
+        ae = AE(ae_title=self.settings.calling_aet)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.settings.timeout_s
+        for context in contexts:
+            ae.add_requested_context(context)
+        for sop_class in get_storage:
+            ae.add_requested_context(sop_class, ALL_TRANSFER_SYNTAXES[:16])
+        roles = [build_role(sop_class, scp_role=True) for sop_class in get_storage]
+        handlers = [(_evt_store(), self._store_handler)] if get_storage else []
+        assoc = ae.associate(self.endpoint.host, self.endpoint.port, ae_title=self.endpoint.called_aet,
+                             ext_neg=roles, evt_handlers=handlers)  # fmt: skip
+        if assoc.is_rejected:
+            raise Refused(
+                f"the association was rejected: check the called AE title in the URL ({self.endpoint.called_aet}) and that "
+                f"FEDCT_PACS_AET ({self.settings.calling_aet}) is registered at the PACS for this host"
+            )
+        if not assoc.is_established:
+            raise Transient(f"no association with {self.endpoint.host}:{self.endpoint.port} (connection refused, "
+                             "aborted or timed out): check the host, port, that the PACS is running and the firewall")  # fmt: skip
+        try:
+            yield assoc
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _store_handler(self, event: Any) -> int:
+        store, ref = self._target
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
+        store.write(ref, sop_uid, lambda tmp: tmp.write_bytes(event.encoded_dataset(include_meta=True)))
+        return 0x0000
+
+    def _find(self, identifier: Any) -> list[Any]:
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+        with self._association([FIND]) as assoc:
+            matches = []
+            for status, found in assoc.send_c_find(identifier, FIND):
+                _check_status(status, "C-FIND")
+                if found is not None and status.Status in (0xFF00, 0xFF01):
+                    matches.append(found)
+            return matches
+
+    def find_series(self, query: Query) -> list[SeriesRef]:
+        """C-FIND at study level (modality in study, date, keys), then at series level per study."""
+        from pydicom import Dataset
+
+        study_uids = list(query.study_uids)
+        if not study_uids:
+            keys = list(query.accession_numbers) or [None]
+            for accession in keys:
+                ds = Dataset()
+                ds.QueryRetrieveLevel = "STUDY"
+                ds.StudyInstanceUID = ""
+                ds.ModalitiesInStudy = query.modality
+                ds.StudyDate = query.study_date or ""
+                ds.AccessionNumber = accession or ""
+                study_uids += [str(m.StudyInstanceUID) for m in self._find(ds) if m.get("StudyInstanceUID")]
+        refs: dict[tuple[str, str], SeriesRef] = {}
+        for study_uid in dict.fromkeys(study_uids):
+            ds = Dataset()
+            ds.QueryRetrieveLevel = "SERIES"
+            ds.StudyInstanceUID = study_uid
+            ds.SeriesInstanceUID = ""
+            ds.Modality = query.modality
+            for match in self._find(ds):
+                if match.get("SeriesInstanceUID") and str(match.get("Modality", query.modality)) == query.modality:
+                    refs[(study_uid, str(match.SeriesInstanceUID))] = SeriesRef(study_uid, str(match.SeriesInstanceUID))
+        return list(refs.values())
+
+    def list_instances(self, ref: SeriesRef) -> list[str]:
+        """C-FIND at image level: the SOP Instance UIDs of one series."""
+        from pydicom import Dataset
+
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "IMAGE"
+        ds.StudyInstanceUID = ref.study_uid
+        ds.SeriesInstanceUID = ref.series_uid
+        ds.SOPInstanceUID = ""
+        return [str(m.SOPInstanceUID) for m in self._find(ds) if m.get("SOPInstanceUID")]
+
+    def fetch(self, ref: SeriesRef, sop_uids: Sequence[str] | None, store: InstanceStore) -> None:
+        """C-GET of the whole series (``sop_uids`` None) or of single instances; each is written as it arrives."""
+        from pydicom import Dataset
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+
+        from preprocessing.discover import CT_SOP_CLASSES
+
+        self._target = (store, ref)
+        requests_: list[Dataset] = []
+        for uid in [None] if sop_uids is None else list(sop_uids):
+            ds = Dataset()
+            ds.QueryRetrieveLevel = "SERIES" if uid is None else "IMAGE"
+            ds.StudyInstanceUID = ref.study_uid
+            ds.SeriesInstanceUID = ref.series_uid
+            if uid is not None:
+                ds.SOPInstanceUID = uid
+            requests_.append(ds)
+        with self._association([GET], get_storage=sorted(CT_SOP_CLASSES)) as assoc:
+            for identifier in requests_:
+                for status, _ in assoc.send_c_get(identifier, GET):
+                    _check_status(status, "C-GET")
+
+
+def _evt_store() -> Any:
+    from pynetdicom import evt
+
+    return evt.EVT_C_STORE
+
+
+def _check_status(status: Any, what: str) -> None:
+    """Raise on a missing or failed DIMSE status; 'out of resources' (0xA7xx) and a lost link are transient."""
+    if status is None or "Status" not in status:
+        raise Transient(f"{what}: no reply (association aborted or timed out)")
+    code = int(status.Status)
+    if code in (0x0000, 0xFF00, 0xFF01):  # success, pending
+        return
+    if code == 0xB000:
+        raise Refused(f"{what}: some sub-operations failed (status 0xB000): check the PACS log for storage to this AE")
+    if code >> 8 == 0xA7:
+        raise Transient(f"{what}: PACS out of resources (status 0x{code:04X})")
+    raise Refused(f"{what}: failure status 0x{code:04X}; check that FEDCT_PACS_AET may query and retrieve at the PACS")
+
+
+def open_source(settings: PacsSettings) -> Source:
+    """The :class:`Source` for the PACS URL's protocol."""
+    return DicomWebSource(settings) if endpoint(settings.url).kind == "dicomweb" else DimseSource(settings)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pull
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """What a pull found and did. ``fetched`` instances were written by this run; ``present`` were already on disk."""
+
+    url: str
+    folder: Path
+    studies: int
+    series: int
+    instances: int
+    fetched: int
+    present: int
+    bytes_written: int
+    seconds: float
+
+
+def pull(
+    settings: PacsSettings,
+    dest: Path,
+    *,
+    query: Query | None = None,
+    progress: bool = False,
+    sleep: Callable[[float], None] = time.sleep,
+) -> PullResult:
+    """Retrieve every series matching ``query`` into ``dest``, fetching only instances not already there.
+
+    Raises :class:`PacsError` (naming the PACS and what to check) when the PACS refuses or stays unreachable;
+    everything written before that stays in ``dest`` for the next run.
+    """
+    t0 = time.perf_counter()
+    query = query or Query(modality=settings.modality, study_date=settings.study_date)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    if not os.access(dest, os.W_OK):
+        raise PermissionError(f"PACS download folder is not writable: {dest}")
+    store = InstanceStore(dest)
+    store.remove_partials()
+    source = with_retries(settings, "connecting", lambda: open_source(settings), sleep=sleep)
+    refs = with_retries(settings, "the series search (QIDO-RS / C-FIND)", lambda: source.find_series(query), sleep=sleep)
+    if (query.study_uids or query.accession_numbers) and not refs:
+        log.warning("PACS %s: none of the %d studies of the labels file has a %s series", settings.url,
+                    len(query.study_uids or query.accession_numbers), query.modality)  # fmt: skip
+    total = present = 0
+    bar = _progress(len(refs), progress)
+    for number, ref in enumerate(refs, start=1):
+        what = f"series {number} of {len(refs)}"
+        sop_uids = with_retries(settings, f"the instance list of {what}", lambda ref=ref: source.list_instances(ref), sleep=sleep)
+        total += len(sop_uids)
+        present += sum(store.has(ref, uid) for uid in sop_uids)
+
+        def fetch_missing(ref: SeriesRef = ref, sop_uids: list[str] = sop_uids) -> None:
+            missing = [uid for uid in sop_uids if not store.has(ref, uid)]
+            if missing:  # a series with nothing on disk comes in one streamed request
+                source.fetch(ref, None if len(missing) == len(sop_uids) else missing, store)
+            still = sum(not store.has(ref, uid) for uid in sop_uids)
+            if still:
+                raise PacsError(f"PACS {settings.url}: {what}: {still} of {len(sop_uids)} instances listed but not sent; "
+                                "check the PACS log (storage to this site's AE title, transfer syntaxes)")  # fmt: skip
+
+        with_retries(settings, f"retrieving {what} (WADO-RS / C-GET)", fetch_missing, sleep=sleep)
+        bar(number)
+    return PullResult(
+        url=settings.url,
+        folder=dest,
+        studies=len({r.study_uid for r in refs}),
+        series=len(refs),
+        instances=total,
+        fetched=store.written,
+        present=present,
+        bytes_written=store.bytes,
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+
+
+def _progress(total: int, enabled: bool) -> Callable[[int], None]:
+    if not enabled:
+        return lambda n: None
+    return lambda n: print(f"\r  pulled {n}/{total} series", end="\n" if n == total else "", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fedct ingest --pacs
+
+
+def add_pull_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--pacs [URL]`` and ``--pacs-env FILE`` of ``fedct ingest``."""
+    parser.add_argument("--pacs", nargs="?", const="", metavar="URL",
+                        help="pull the studies from the PACS first (http(s)://host/dicom-web or dicom://AET@host:port; "
+                             "without URL: FEDCT_PACS_URL of --pacs-env); --input is then where they are kept (default OUT/pacs)")  # fmt: skip
+    parser.add_argument("--pacs-env", metavar="FILE", help="site env file with the FEDCT_PACS_* settings and credentials")
+
+
+def pull_for_ingest(args: argparse.Namespace) -> Path:
+    """Pull for ``fedct ingest --pacs``: the query from the env file and the labels' study keys; return the folder.
+
+    Raises ``ValueError`` (bad settings, before anything is fetched) or :class:`PacsError`.
+    """
+    from preprocessing.labels import read_labels
+
+    settings = read_pacs_settings(Path(args.pacs_env) if args.pacs_env else None, url=args.pacs or None)
+    query = Query(modality=settings.modality, study_date=settings.study_date)
+    if args.labels:
+        labels = read_labels(Path(args.labels))
+        keys = tuple(sorted(labels))
+        query = Query(modality=settings.modality, study_date=settings.study_date,
+                      study_uids=keys if labels.key == "StudyInstanceUID" else (),
+                      accession_numbers=keys if labels.key == "AccessionNumber" else ())  # fmt: skip
+    dest = Path(args.input) if args.input else Path(args.out) / "pacs"
+    result = pull(settings, dest, query=query, progress=True)
+    print(f"PACS {result.url}: {result.studies} studies, {result.series} series, {result.instances} instances; fetched "
+          f"{result.fetched} ({result.bytes_written / 1e6:.1f} MB), {result.present} already here; {result.seconds} s -> {dest}")  # fmt: skip
+    return dest
