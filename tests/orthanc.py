@@ -13,11 +13,12 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from federation import stop_pids
@@ -53,6 +54,7 @@ class OrthancServer:
     pid: int
     user: tuple[str, str] | None = None
     move_port: int | None = None
+    process: subprocess.Popen | None = field(default=None, compare=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -145,7 +147,7 @@ def start_orthanc(
     env = {**os.environ, "TCP_NODELAY": "1"}
     process = subprocess.Popen([ORTHANC_BINARY, str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=folder, env=env)
     log.close()
-    server = OrthancServer(http_port, dicom_port, folder, process.pid, user, move_port)
+    server = OrthancServer(http_port, dicom_port, folder, process.pid, user, move_port, process)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -162,3 +164,113 @@ def start_orthanc(
 def stop_orthanc(server: OrthancServer) -> None:
     """Stop the Orthanc process by its PID."""
     stop_pids([server.pid])
+    if server.process is not None:
+        server.process.wait(timeout=5)  # already reaped: this only records the exit for Popen
+
+
+class FaultyProxy:
+    """An HTTP reverse proxy in front of a PACS (a thread of the test process) that counts requests and can fail them.
+
+    ``fail_status`` answers every request with that status; ``fail_first`` fails only the first N requests;
+    ``wado_budget`` lets that many WADO-RS requests through, then fails every later one (a PACS going down mid-pull).
+    ``counts`` maps 'qido' / 'wado' / 'stow' / 'other' to the number of requests forwarded; ``failed`` counts refusals.
+    """
+
+    def __init__(self, upstream: str, *, fail_status: int = 503) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        self.upstream = urlsplit(upstream)
+        self.fail_status = fail_status
+        self.fail_all = False
+        self.fail_first = 0
+        self.wado_budget: int | None = None
+        self.counts: dict[str, int] = {"qido": 0, "wado": 0, "stow": 0, "other": 0}
+        self.failed = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:  # quiet
+                return
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                kind = proxy._kind(self.command, self.path)
+                if proxy._should_fail(kind):
+                    payload = b"service unavailable (test proxy)"
+                    self.send_response(proxy.fail_status)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                reply = conn.getresponse()
+                data = reply.read()
+                self.send_response(reply.status)
+                for key, value in reply.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: object, client_address: object) -> None:  # a client hanging up is fine
+                if not isinstance(sys.exc_info()[1], ConnectionError):
+                    super().handle_error(request, client_address)
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        """The proxy's DICOMweb base URL (same path as upstream)."""
+        return f"http://127.0.0.1:{self.server.server_address[1]}{self.upstream.path}"
+
+    @staticmethod
+    def _kind(method: str, path: str) -> str:
+        """stow: POST; wado: GET of .../series/UID or .../instances/UID; qido: GET of .../studies|series|instances."""
+        parts = path.partition("?")[0].rstrip("/").split("/")
+        if method == "POST":
+            return "stow"
+        if len(parts) >= 2 and parts[-2] in ("series", "instances"):
+            return "wado"
+        return "qido" if parts[-1] in ("studies", "series", "instances") else "other"
+
+    def _should_fail(self, kind: str) -> bool:
+        with self._lock:
+            if self.fail_all or self.fail_first > 0:
+                self.fail_first = max(0, self.fail_first - 1)
+                self.failed += 1
+                return True
+            if kind == "wado" and self.wado_budget is not None:
+                if self.wado_budget <= 0:
+                    self.failed += 1
+                    return True
+                self.wado_budget -= 1
+            self.counts[kind] += 1
+            return False
+
+    def reset(self) -> None:
+        """Pass everything through again and zero the counters."""
+        with self._lock:
+            self.fail_all, self.fail_first, self.wado_budget, self.failed = False, 0, None, 0
+            self.counts = dict.fromkeys(self.counts, 0)
+
+    def close(self) -> None:
+        """Stop serving (the thread ends)."""
+        self.server.shutdown()
+        self.server.server_close()

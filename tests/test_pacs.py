@@ -1,0 +1,334 @@
+"""preprocessing.pacs against a real Orthanc: DICOMweb and DIMSE pulls equal folder ingestion, resume, refusals.
+
+Orthanc runs on 127.0.0.1 (its ports listen on all interfaces; the config refuses non-local HTTP and unregistered
+DIMSE peers, see tests/orthanc.py) and is stopped by PID. A request-counting proxy (a thread of this process)
+stands between the site and Orthanc where a test needs to count WADO-RS requests or make the PACS fail.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from federation import TINY_RUN_CONFIG, tiny_federation
+from orthanc import CLIENT_AET, SKIP_REASON, FaultyProxy, free_port, orthanc_available, start_orthanc, stop_orthanc
+from fedct.cli import main
+from preprocessing.deid import KEY_FILE_NAME
+from preprocessing.ingest import MANIFEST_NAME, ingest_site, load_manifest
+from preprocessing.pacs import (
+    ENV_KEYS,
+    InstanceStore,
+    PacsError,
+    PacsSettings,
+    Query,
+    SeriesRef,
+    Transient,
+    endpoint,
+    pull,
+    read_pacs_settings,
+    with_retries,
+)
+from preprocessing.transforms import PipelineConfig
+from preprocessing.volume import as_series, read_hu_volume
+
+needs_orthanc = pytest.mark.skipif(not orthanc_available(), reason=SKIP_REASON)
+USER, PASSWORD = "site-a", "s3cret-Pa55"
+SPACING, SIZE = TINY_RUN_CONFIG["target-spacing-mm"], TINY_RUN_CONFIG["input-size"]
+PIPELINE = PipelineConfig(target_spacing_mm=tuple(map(float, SPACING.split(","))), input_size=tuple(map(int, SIZE.split(","))))
+
+
+def write_env(folder: Path, *, password: str = PASSWORD, **settings: object) -> Path:
+    """A site env file with the test user's credentials (password in its own file) plus ``settings``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pacs.password").write_text(password + "\n")
+    lines = ["# site env file", "FEDCT_SITE_NAME=site-a", f"FEDCT_PACS_USER={USER}", "FEDCT_PACS_PASSWORD_FILE=pacs.password",
+             f"FEDCT_PACS_AET={CLIENT_AET}", "FEDCT_PACS_RETRIES=2", "FEDCT_PACS_BACKOFF_S=0.01", "FEDCT_PACS_TIMEOUT_S=20"]  # fmt: skip
+    lines += [f"{key}={value}" for key, value in settings.items()]
+    path = folder / "site.env"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def settings_for(url: str, **overrides: object) -> PacsSettings:
+    values: dict = {"url": url, "user": USER, "password": PASSWORD, "calling_aet": CLIENT_AET, "retries": 2, "backoff_s": 0.01}
+    return PacsSettings(**{**values, **overrides})
+
+
+def volumes(site_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray, str, int | None]]:
+    """study id -> (HU volume, affine, split, diagnosis) of a site's manifest."""
+    manifest = load_manifest(site_dir, PIPELINE)
+    out = {}
+    for entry in manifest.studies:
+        volume, affine = read_hu_volume(as_series(entry.series))
+        out[entry.id] = (volume, affine, entry.split, entry.diagnosis)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    """Orthanc (basic auth) holding one tiny synthetic site, plus that site ingested from its folder."""
+    if not orthanc_available():
+        pytest.skip(SKIP_REASON)
+    root = tmp_path_factory.mktemp("pacs")
+    tiny_federation(root / "fed", sites=1, patients_per_site=6)
+    site = root / "fed" / "site-0"
+    server = start_orthanc(root / "orthanc", user=(USER, PASSWORD))
+    try:
+        uploaded = server.upload_folder(site / "dicom")
+        ingest_site(site / "dicom", root / "folder-site", labels_csv=site / "labels.csv", pipeline=PIPELINE, workers=1)
+        yield {"server": server, "root": root, "site": site, "uploaded": uploaded, "folder_site": root / "folder-site"}
+    finally:
+        stop_orthanc(server)
+
+
+@pytest.fixture(scope="module")
+def pacs_site(pacs):
+    """The same site ingested with ``fedct ingest --pacs`` over DICOMweb: (site folder, stdout + stderr)."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc, site_dir = ingest_from_pacs(pacs, "web-site", pacs["server"].dicomweb_url, write_env(pacs["root"] / "env-web"))
+    assert rc == 0, err.getvalue()
+    return site_dir, out.getvalue() + err.getvalue()
+
+
+def ingest_from_pacs(pacs: dict, name: str, url: str, env: Path, *extra: str) -> tuple[int, Path]:
+    """``fedct ingest --pacs URL`` into a new site folder that shares the folder site's key (same pseudonyms)."""
+    site_dir = pacs["root"] / name
+    site_dir.mkdir()
+    shutil.copy2(pacs["folder_site"] / KEY_FILE_NAME, site_dir / KEY_FILE_NAME)
+    rc = main(["ingest", "--pacs", url, "--pacs-env", str(env), "--out", str(site_dir), "--labels", str(pacs["site"] / "labels.csv"),
+               "--spacing", SPACING, "--input-size", SIZE, "--workers", "1", *extra])  # fmt: skip
+    return rc, site_dir
+
+
+# --- settings (no PACS needed) -------------------------------------------------------------------------------------
+
+
+def test_settings_come_from_the_env_file_with_the_password_in_its_own_file(tmp_path):
+    env = write_env(tmp_path, FEDCT_PACS_URL="https://pacs.example.org/dicom-web", FEDCT_PACS_STUDY_DATE="20240101-",
+                    FEDCT_PACS_CA_FILE="ca.pem")  # fmt: skip
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    settings = read_pacs_settings(env)
+    assert (settings.url, settings.user, settings.password) == ("https://pacs.example.org/dicom-web", USER, PASSWORD)
+    assert settings.study_date == "20240101-" and settings.ca_file == tmp_path / "ca.pem" and settings.modality == "CT"
+    assert (settings.retries, settings.backoff_s, settings.calling_aet) == (2, 0.01, CLIENT_AET)
+    assert PASSWORD not in repr(settings)  # never printed by accident
+    assert read_pacs_settings(env, url="dicom://PACS@10.0.0.5:104").url == "dicom://PACS@10.0.0.5:104"  # --pacs URL wins
+    assert all(key.startswith("FEDCT_PACS_") for key in ENV_KEYS)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("FEDCT_PACS_PASWORD=x", "line 10: unknown setting FEDCT_PACS_PASWORD"),
+        ("FEDCT_PACS_STUDY_DATE=2024", "FEDCT_PACS_STUDY_DATE='2024' is not a date or range"),
+        ("FEDCT_PACS_RETRIES=many", "line 10: FEDCT_PACS_RETRIES='many' is not a int"),
+        ("FEDCT_PACS_AET=THIS-AE-TITLE-IS-TOO-LONG", "is not an AE title"),
+        ("FEDCT_PACS_URL=ftp://pacs/", "use http(s)://host/dicom-web"),
+        ("FEDCT_PACS_URL=dicom://pacs.example.org:104", "dicom://CALLED_AET@host:port"),
+        ("FEDCT_PACS_CA_FILE=missing.pem", "FEDCT_PACS_CA_FILE"),
+        ("no equals sign", "line 10: expected KEY=VALUE"),
+    ],
+)
+def test_bad_settings_name_the_env_file_and_line(tmp_path, line, message):
+    env = write_env(tmp_path, FEDCT_PACS_URL="http://127.0.0.1:1/dicom-web")
+    env.write_text(env.read_text() + line + "\n")
+    with pytest.raises(ValueError, match="") as info:
+        read_pacs_settings(env)
+    assert message in str(info.value)
+
+
+def test_credentials_are_refused_on_the_command_line_and_need_user_and_password(tmp_path, capsys):
+    with pytest.raises(ValueError, match="must not contain credentials"):
+        endpoint("http://site:pw@127.0.0.1:8042/dicom-web")
+    rc = main(["ingest", "--pacs", "http://site:topsecret@127.0.0.1:8042/dicom-web", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "FEDCT_PACS_PASSWORD_FILE" in err and "topsecret" not in err
+    assert not (tmp_path / "s").exists()  # refused before anything is written
+    env = tmp_path / "site.env"
+    env.write_text("FEDCT_PACS_URL=http://127.0.0.1:1/dicom-web\nFEDCT_PACS_USER=someone\n")
+    with pytest.raises(ValueError, match="FEDCT_PACS_USER and FEDCT_PACS_PASSWORD_FILE go together"):
+        read_pacs_settings(env)
+    with pytest.raises(ValueError, match="no PACS URL"):
+        read_pacs_settings(None)
+
+
+def test_endpoint_parses_both_protocols():
+    web = endpoint("https://pacs.example.org/dicom-web/")
+    assert (web.kind, web.url, web.host, web.port) == ("dicomweb", "https://pacs.example.org/dicom-web", "pacs.example.org", 443)
+    dimse = endpoint("dicom://ORTHANC@10.1.2.3:4242")
+    assert (dimse.kind, dimse.called_aet, dimse.host, dimse.port) == ("dimse", "ORTHANC", "10.1.2.3", 4242)
+
+
+def test_a_pacs_cannot_make_the_site_write_outside_its_folder(tmp_path):
+    store = InstanceStore(tmp_path)
+    with pytest.raises(PacsError, match="invalid UID"):
+        store.path(SeriesRef("1.2.3", "../../etc"), "1.2.3.4")
+    assert store.path(SeriesRef("1.2", "1.2.3"), "1.2.3.4") == tmp_path / "1.2" / "1.2.3" / "1.2.3.4.dcm"
+
+
+def test_retries_back_off_exponentially_on_transient_errors_only(tmp_path):
+    settings = settings_for("http://127.0.0.1:1/dicom-web", retries=3, backoff_s=0.5)
+    waits: list[float] = []
+    calls = iter([Transient("out of resources"), requests.ConnectionError("Connection refused"), "ok"])
+
+    def flaky():
+        value = next(calls)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    assert with_retries(settings, "a search", flaky, sleep=waits.append) == "ok"
+    assert waits == [0.5, 1.0]
+    forbidden = requests.HTTPError(response=requests.Response())
+    forbidden.response.status_code = 403
+
+    def refuse():
+        raise forbidden
+
+    with pytest.raises(PacsError, match=r"refused a search \(HTTP 403 forbidden\)"):
+        with_retries(settings, "a search", refuse, sleep=waits.append)
+    assert waits == [0.5, 1.0]  # a refusal is not retried
+
+
+# --- against Orthanc --------------------------------------------------------------------------------------------
+
+
+@needs_orthanc
+def test_dicomweb_ingest_equals_folder_ingest(pacs, pacs_site):
+    site_dir, output = pacs_site
+    assert PASSWORD not in output and f"fetched {pacs['uploaded']}" in output
+    pulled = sorted((site_dir / "pacs").rglob("*.dcm"))
+    assert len(pulled) == pacs["uploaded"]
+    folder, web = volumes(pacs["folder_site"]), volumes(site_dir)
+    assert sorted(web) == sorted(folder) and len(web) >= 4
+    for study_id, (volume, affine, split, diagnosis) in folder.items():
+        assert np.array_equal(web[study_id][0], volume) and np.array_equal(web[study_id][1], affine)
+        assert web[study_id][2:] == (split, diagnosis)
+    report = json.loads((site_dir / "ingest_report.json").read_text())
+    assert report["counts"]["rejected"] == 0
+
+
+@needs_orthanc
+def test_dimse_ingest_equals_folder_ingest(pacs, capsys):
+    env = write_env(pacs["root"] / "env-dimse")
+    rc, site_dir = ingest_from_pacs(pacs, "dimse-site", pacs["server"].dimse_url, env)
+    assert rc == 0, capsys.readouterr().err
+    assert len(list((site_dir / "pacs").rglob("*.dcm"))) == pacs["uploaded"]
+    folder, dimse = volumes(pacs["folder_site"]), volumes(site_dir)
+    assert sorted(dimse) == sorted(folder)
+    for study_id, (volume, affine, split, diagnosis) in folder.items():
+        assert np.array_equal(dimse[study_id][0], volume) and np.array_equal(dimse[study_id][1], affine)
+        assert dimse[study_id][2:] == (split, diagnosis)
+
+
+@needs_orthanc
+def test_query_by_labels_and_study_date(pacs, tmp_path):
+    server = pacs["server"]
+    with (pacs["site"] / "labels.csv").open() as fh:
+        wanted = fh.read().splitlines()[1].split(",")[0]
+    for url in (server.dicomweb_url, server.dimse_url):
+        result = pull(settings_for(url), tmp_path / url[:5], query=Query(study_uids=(wanted,)))
+        assert (result.studies, result.fetched) == (1, result.instances) and result.instances > 0
+        assert [p.name for p in (tmp_path / url[:5]).iterdir()] == [wanted]
+        none = pull(settings_for(url), tmp_path / f"{url[:5]}-none", query=Query(study_date="19000101-19000102"))
+        assert (none.series, none.fetched) == (0, 0)
+
+
+@needs_orthanc
+def test_interrupted_pull_resumes_without_refetching(pacs, tmp_path):
+    proxy = FaultyProxy(pacs["server"].dicomweb_url)
+    try:
+        dest = tmp_path / "pulled"
+        proxy.wado_budget = 2  # the PACS goes down after two series
+        with pytest.raises(PacsError) as info:
+            pull(settings_for(proxy.url), dest)
+        assert proxy.url in str(info.value) and "HTTP 503" in str(info.value) and "run again" in str(info.value)
+        before = {p.name for p in dest.rglob("*.dcm")}
+        assert 0 < len(before) < pacs["uploaded"] and not list(dest.rglob("*.part"))
+
+        proxy.reset()
+        result = pull(settings_for(proxy.url), dest)
+        assert (result.instances, result.present, result.fetched) == (pacs["uploaded"], len(before), pacs["uploaded"] - len(before))
+        assert proxy.counts["wado"] == result.series - 2  # one streamed request per series that was missing
+        assert before <= {p.name for p in dest.rglob("*.dcm")}
+
+        # A series broken off in the middle: only its missing instances are requested, one by one.
+        lost = sorted(dest.rglob("*.dcm"))[:3]
+        for path in lost:
+            path.unlink()
+        proxy.reset()
+        result = pull(settings_for(proxy.url), dest)
+        assert (result.fetched, proxy.counts["wado"]) == (3, 3)
+        assert all(p.is_file() for p in lost)
+
+        proxy.reset()
+        again = pull(settings_for(proxy.url), dest)
+        assert (again.fetched, again.present, proxy.counts["wado"]) == (0, pacs["uploaded"], 0)
+    finally:
+        proxy.close()
+
+
+@needs_orthanc
+def test_transient_503_is_retried_and_the_pull_completes(pacs, tmp_path, caplog):
+    proxy = FaultyProxy(pacs["server"].dicomweb_url)
+    try:
+        proxy.fail_first = 2
+        with caplog.at_level(logging.WARNING, logger="preprocessing.pacs"):
+            result = pull(settings_for(proxy.url, retries=3), tmp_path / "pulled")
+        assert result.fetched == pacs["uploaded"] and proxy.failed == 2
+        assert "retry 1 of 3" in caplog.text and "retry 2 of 3" in caplog.text
+        assert PASSWORD not in caplog.text
+    finally:
+        proxy.close()
+
+
+@needs_orthanc
+@pytest.mark.parametrize("failure", ["wrong-password", "unreachable", "http-503", "dimse-unreachable", "dimse-unknown-aet"])
+def test_refusing_pacs_gives_a_clear_error_and_loses_nothing(pacs, pacs_site, failure, capsys):
+    """A site already ingested from the PACS; the next ingest fails: clear message, manifest and files untouched."""
+    site_dir, name = pacs_site[0], failure
+    manifest = (site_dir / MANIFEST_NAME).read_bytes()
+    files = {p: p.stat().st_mtime_ns for p in (site_dir / "pacs").rglob("*")}
+    proxy = FaultyProxy(pacs["server"].dicomweb_url)
+    proxy.fail_all = True
+    settings: dict[str, object] = {}
+    url, password = pacs["server"].dicomweb_url, PASSWORD
+    if failure == "wrong-password":
+        password = "not-the-password"
+    elif failure == "unreachable":
+        url = f"http://127.0.0.1:{free_port()}/dicom-web"
+    elif failure == "http-503":
+        url = proxy.url
+    elif failure == "dimse-unreachable":
+        url = f"dicom://ORTHANC@127.0.0.1:{free_port()}"
+    else:
+        url, settings = pacs["server"].dimse_url, {"FEDCT_PACS_AET": "STRANGER"}
+    env = write_env(pacs["root"] / f"env-bad-{name}", password=password, **settings)
+    try:
+        rc = main(["ingest", "--pacs", url, "--pacs-env", str(env), "--out", str(site_dir), "--labels", str(pacs["site"] / "labels.csv"),
+                   "--spacing", SPACING, "--input-size", SIZE, "--workers", "1"])  # fmt: skip
+    finally:
+        proxy.close()
+    err = capsys.readouterr().err
+    assert rc == 2 and f"PACS {url}" in err and password not in err
+    expected = {
+        "wrong-password": ["HTTP 401", "FEDCT_PACS_USER and FEDCT_PACS_PASSWORD_FILE", str(env)],
+        "unreachable": ["cannot reach", "connection refused", "check the URL, that the PACS is running", "after 3 attempt(s)"],
+        "http-503": ["HTTP 503", "after 3 attempt(s)", "failing or overloaded", "run again"],
+        "dimse-unreachable": ["no association", "check the host, port", "after 3 attempt(s)"],
+        "dimse-unknown-aet": ["rejected", "FEDCT_PACS_AET (STRANGER) is registered at the PACS"],
+    }[failure]
+    for words in expected:
+        assert words in err, err
+    assert (site_dir / MANIFEST_NAME).read_bytes() == manifest
+    assert {p: p.stat().st_mtime_ns for p in (site_dir / "pacs").rglob("*")} == files
