@@ -86,7 +86,7 @@ def _deid(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from inference.predict import run_predict
-    from inference.push import push_settings, push_summary
+    from inference.push import push_results, push_settings
 
     try:
         push = push_settings(args)  # --push: PACS settings checked before anything is predicted
@@ -102,7 +102,9 @@ def _predict(args: argparse.Namespace) -> int:
     for error in summary.errors:
         print(f"warning: {error}")
     print(f"{len(summary.results)} study(ies) predicted, {len(summary.refused)} refused; reports in {args.out}")
-    return push_summary(push, summary) if push is not None else 0
+    if push is not None:  # --push: this run's SR and Secondary Captures to the PACS
+        return push_results(push, summary.out_dir, [r.study_key for r in summary.results])
+    return 0
 
 
 def _review(args: argparse.Namespace) -> int:

@@ -16,7 +16,6 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from preprocessing.pacs import PacsError, PacsSettings, endpoint, explain, read_pacs_settings, with_retries
 
@@ -86,7 +85,7 @@ def _c_store(settings: PacsSettings, study_uid: str, paths: Sequence[Path]) -> N
     import pydicom
     from pynetdicom import AE
 
-    from preprocessing.pacs import Refused, Transient
+    from preprocessing.pacs import Refused, Transient, Unreachable
 
     point = endpoint(settings.url)
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
@@ -99,7 +98,7 @@ def _c_store(settings: PacsSettings, study_uid: str, paths: Sequence[Path]) -> N
         raise Refused(f"the association was rejected: check the called AE title in the URL ({point.called_aet}) and that "
                        f"FEDCT_PACS_AET ({settings.calling_aet}) may store at the PACS from this host")  # fmt: skip
     if not assoc.is_established:
-        raise Transient(f"no association with {point.host}:{point.port}: check the host, port, that the PACS runs, the firewall")
+        raise Unreachable("no association (connection refused, aborted or timed out)")
     try:
         for path in paths:
             status = assoc.send_c_store(path)
@@ -132,9 +131,9 @@ def push_settings(args: argparse.Namespace) -> PacsSettings | None:
     return read_pacs_settings(Path(args.pacs_env) if args.pacs_env else None, url=args.push or None)
 
 
-def push_summary(settings: PacsSettings, summary: Any) -> int:
-    """Push the DICOM results of a ``run_predict`` summary; print what was stored; return the exit code."""
-    files = result_files(summary.out_dir, [r.study_key for r in summary.results])
+def push_results(settings: PacsSettings, out_dir: Path, study_keys: Iterable[str] | None = None) -> int:
+    """Push the DICOM results under ``out_dir`` (of ``study_keys``, e.g. this predict run's); print; return the exit code."""
+    files = result_files(out_dir, study_keys)
     if not files:
         print("fedct predict: nothing to push (no SR/Secondary Capture was written)", file=sys.stderr)
         return 0
@@ -142,7 +141,7 @@ def push_summary(settings: PacsSettings, summary: Any) -> int:
         result = push_files(settings, files)
     except (PacsError, ValueError, OSError) as exc:
         error = exc if isinstance(exc, (PacsError, ValueError)) else explain(exc, settings, what="storing results", attempts=1)
-        print(f"fedct predict: error: results are in {summary.out_dir} but were not pushed: {error}", file=sys.stderr)
+        print(f"fedct predict: error: results are in {out_dir} but were not pushed: {error}", file=sys.stderr)
         return 2
     print(f"pushed {result.instances} DICOM result(s) of {result.studies} study(ies) to PACS {result.url} in {result.seconds} s")
     return 0

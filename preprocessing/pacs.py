@@ -209,6 +209,10 @@ class Transient(Exception):
     """A DIMSE failure worth retrying (no connection, association aborted, out of resources)."""
 
 
+class Unreachable(Transient):
+    """No DIMSE association could be opened (connection refused, aborted or timed out)."""
+
+
 class Refused(Exception):
     """A DIMSE failure not worth retrying (association rejected, failure status)."""
 
@@ -260,6 +264,9 @@ def explain(exc: BaseException, settings: PacsSettings, *, what: str, attempts: 
             f"cannot reach {where} for {what}{tried} ({_short(exc)}): check the URL, that the PACS is running, and that "
             "this host may connect to it (firewall, proxy; https: FEDCT_PACS_CA_FILE)"
         )
+    if isinstance(exc, Unreachable):
+        return PacsError(f"cannot reach {where} for {what}{tried} ({exc}): check the host, port and called AE title in the URL, "
+                         "that the PACS is running, and that this host may connect to it (firewall)")  # fmt: skip
     if isinstance(exc, Transient):
         return PacsError(f"{where}: {what} failed{tried}: {exc}")
     if isinstance(exc, Refused):
@@ -463,8 +470,7 @@ class DimseSource:
                 f"FEDCT_PACS_AET ({self.settings.calling_aet}) is registered at the PACS for this host"
             )
         if not assoc.is_established:
-            raise Transient(f"no association with {self.endpoint.host}:{self.endpoint.port} (connection refused, "
-                             "aborted or timed out): check the host, port, that the PACS is running and the firewall")  # fmt: skip
+            raise Unreachable("no association (connection refused, aborted or timed out)")
         try:
             yield assoc
         finally:

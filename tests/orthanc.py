@@ -91,6 +91,11 @@ class OrthancServer:
                 n += 1
         return n
 
+    def clear(self) -> None:
+        """Delete every stored study (REST), so that one server can serve several tests."""
+        for patient in self.rest("/patients"):  # type: ignore[union-attr]
+            self.rest(f"/patients/{patient}", method="DELETE")
+
     def instance_count(self) -> int:
         """How many instances Orthanc stores."""
         return len(self.rest("/instances"))  # type: ignore[arg-type]
@@ -199,8 +204,7 @@ class FaultyProxy:
                 return
 
             def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
+                body = self._body()
                 kind = proxy._kind(self.command, self.path)
                 if proxy._should_fail(kind):
                     payload = b"service unavailable (test proxy)"
@@ -210,7 +214,8 @@ class FaultyProxy:
                     self.wfile.write(payload)
                     return
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                skip = ("host", "connection", "transfer-encoding", "content-length")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
                 conn.request(self.command, self.path, body=body, headers=headers)
                 reply = conn.getresponse()
                 data = reply.read()
@@ -222,6 +227,17 @@ class FaultyProxy:
                 self.end_headers()
                 self.wfile.write(data)
                 conn.close()
+
+            def _body(self) -> bytes | None:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":  # STOW-RS from dicomweb-client
+                    chunks = []
+                    while size := int(self.rfile.readline().split(b";")[0], 16):
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else None
 
             do_GET = do_POST = do_PUT = do_DELETE = _handle
 
