@@ -16,13 +16,16 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/fedct demo --out runs/demo
 
-# Headless Chromium + chromedriver (the review page's browser test) and dicom3tools (DICOM result validation),
-# installed with apt when missing and allowed (root, as in CI); otherwise those tests skip and say why.
+# Headless Chromium + chromedriver (the review page's browser test), dicom3tools (DICOM result validation) and
+# Orthanc with its DICOMweb plugin (a real PACS for the pull/push tests), installed with apt when missing and allowed
+# (root, as in CI); otherwise those tests skip and say why.
 system-tools:
-	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v dciodvfy >/dev/null; then \
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v dciodvfy >/dev/null \
+	    || ! command -v Orthanc >/dev/null || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver dicom3tools >/dev/null; \
-	  else echo "note: chromium/chromedriver/dciodvfy missing and no root apt-get: browser and dciodvfy tests will skip"; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver dicom3tools \
+	      orthanc orthanc-dicomweb >/dev/null; \
+	  else echo "note: chromium/chromedriver/dciodvfy/Orthanc missing and no root apt-get: browser, dciodvfy and PACS tests will skip"; fi; \
 	fi
 
 test: setup system-tools

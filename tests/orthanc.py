@@ -23,7 +23,8 @@ from pathlib import Path
 
 from federation import stop_pids
 
-ORTHANC_BINARY = "Orthanc"
+#: Debian installs the server in /usr/sbin, which is not on every user's PATH.
+ORTHANC_BINARY = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 #: Why the Orthanc tests skip, where they do (the Makefile's system-tools target installs both packages as root).
 SKIP_REASON = "Orthanc PACS not installed (apt-get install orthanc orthanc-dicomweb; `make test` does it as root)"
@@ -34,7 +35,7 @@ CLIENT_AET = "FEDCT"
 
 def orthanc_available() -> bool:
     """True when the Orthanc binary and its DICOMweb plugin are installed."""
-    return shutil.which(ORTHANC_BINARY) is not None and Path(DICOMWEB_PLUGIN).is_file()
+    return os.access(ORTHANC_BINARY, os.X_OK) and Path(DICOMWEB_PLUGIN).is_file()
 
 
 def free_port() -> int:

@@ -44,14 +44,14 @@ PIPELINE = PipelineConfig(target_spacing_mm=tuple(map(float, SPACING.split(","))
 
 
 def write_env(folder: Path, *, password: str = PASSWORD, **settings: object) -> Path:
-    """A site env file with the test user's credentials (password in its own file) plus ``settings``."""
+    """A site env file with the test user's credentials (password in its own file); ``settings`` add or replace keys."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pacs.password").write_text(password + "\n")
-    lines = ["# site env file", "FEDCT_SITE_NAME=site-a", f"FEDCT_PACS_USER={USER}", "FEDCT_PACS_PASSWORD_FILE=pacs.password",
-             f"FEDCT_PACS_AET={CLIENT_AET}", "FEDCT_PACS_RETRIES=2", "FEDCT_PACS_BACKOFF_S=0.01", "FEDCT_PACS_TIMEOUT_S=20"]  # fmt: skip
-    lines += [f"{key}={value}" for key, value in settings.items()]
+    values = {"FEDCT_SITE_NAME": "site-a", "FEDCT_PACS_USER": USER, "FEDCT_PACS_PASSWORD_FILE": "pacs.password",
+              "FEDCT_PACS_AET": CLIENT_AET, "FEDCT_PACS_RETRIES": 2, "FEDCT_PACS_BACKOFF_S": 0.01, "FEDCT_PACS_TIMEOUT_S": 20,
+              **settings}  # fmt: skip
     path = folder / "site.env"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("# site env file\n" + "".join(f"{key}={value}\n" for key, value in values.items()))
     return path
 
 
@@ -114,8 +114,8 @@ def ingest_from_pacs(pacs: dict, name: str, url: str, env: Path, *extra: str) ->
 
 
 def test_settings_come_from_the_env_file_with_the_password_in_its_own_file(tmp_path):
-    env = write_env(tmp_path, FEDCT_PACS_URL="https://pacs.example.org/dicom-web", FEDCT_PACS_STUDY_DATE="20240101-",
-                    FEDCT_PACS_CA_FILE="ca.pem")  # fmt: skip
+    env = write_env(tmp_path, FEDCT_PACS_URL="'https://pacs.example.org/dicom-web'  # quoted, with a comment",
+                    FEDCT_PACS_STUDY_DATE="20240101-", FEDCT_PACS_CA_FILE="ca.pem")  # fmt: skip
     (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
     settings = read_pacs_settings(env)
     assert (settings.url, settings.user, settings.password) == ("https://pacs.example.org/dicom-web", USER, PASSWORD)
@@ -129,19 +129,24 @@ def test_settings_come_from_the_env_file_with_the_password_in_its_own_file(tmp_p
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("FEDCT_PACS_PASWORD=x", "line 10: unknown setting FEDCT_PACS_PASWORD"),
+        ("FEDCT_PACS_PASWORD=x", "line 9: unknown setting FEDCT_PACS_PASWORD"),
         ("FEDCT_PACS_STUDY_DATE=2024", "FEDCT_PACS_STUDY_DATE='2024' is not a date or range"),
-        ("FEDCT_PACS_RETRIES=many", "line 10: FEDCT_PACS_RETRIES='many' is not a int"),
+        ("FEDCT_PACS_RETRIES=many", "line 6: FEDCT_PACS_RETRIES='many' is not a int"),
         ("FEDCT_PACS_AET=THIS-AE-TITLE-IS-TOO-LONG", "is not an AE title"),
         ("FEDCT_PACS_URL=ftp://pacs/", "use http(s)://host/dicom-web"),
         ("FEDCT_PACS_URL=dicom://pacs.example.org:104", "dicom://CALLED_AET@host:port"),
         ("FEDCT_PACS_CA_FILE=missing.pem", "FEDCT_PACS_CA_FILE"),
-        ("no equals sign", "line 10: expected KEY=VALUE"),
+        ("no equals sign", "line 9: expected KEY=VALUE"),
+        ("FEDCT_SITE_NAME=again", "line 9: FEDCT_SITE_NAME is set twice"),
+        ("FEDCT_PACS_MODALITY=C T", "line 9: FEDCT_PACS_MODALITY has spaces"),
     ],
 )
 def test_bad_settings_name_the_env_file_and_line(tmp_path, line, message):
-    env = write_env(tmp_path, FEDCT_PACS_URL="http://127.0.0.1:1/dicom-web")
-    env.write_text(env.read_text() + line + "\n")
+    key, _, value = line.partition("=")
+    replaced = {key: value} if key in ("FEDCT_PACS_RETRIES", "FEDCT_PACS_AET") else {}
+    env = write_env(tmp_path, **replaced)  # 8 lines; a new line under test is line 9
+    url = "" if line.startswith("FEDCT_PACS_URL") else "FEDCT_PACS_URL=http://127.0.0.1:1/dicom-web\n"
+    env.write_text(env.read_text() + ("" if replaced else line + "\n") + url)
     with pytest.raises(ValueError) as info:
         read_pacs_settings(env)
     assert message in str(info.value)
