@@ -32,27 +32,21 @@ def _ingest(args: argparse.Namespace) -> int:
     from fl_client.config import parse_triple
     from preprocessing.ingest import REPORT_NAME, ingest_site
     from preprocessing.labels import LabelsError
+    from preprocessing.pacs import PacsError, pull_for_ingest
     from preprocessing.transforms import PipelineConfig
 
-    if args.pacs is not None:  # the PACS is the source: pull what is missing into the site's folder, then ingest it
-        from preprocessing.pacs import PacsError, pull_for_ingest
-
-        try:
-            args.input = str(pull_for_ingest(args))
-        except (OSError, LabelsError, ValueError, PacsError) as exc:  # nothing already ingested is touched
-            print(f"fedct ingest: error: {exc}", file=sys.stderr)
-            return 2
-    elif not args.input:
-        print("fedct ingest: error: give --input FOLDER or --pacs [URL]", file=sys.stderr)
-        return 2
     try:
         pipeline = PipelineConfig(
             target_spacing_mm=parse_triple(args.spacing, float, "--spacing"),
             input_size=parse_triple(args.input_size, int, "--input-size"),
         )
+        if args.pacs is not None:  # the PACS is the source: pull what is missing into the site's folder first
+            args.input = str(pull_for_ingest(args))
+        elif not args.input:
+            raise ValueError("give --input FOLDER or --pacs [URL]")
         manifest = ingest_site(Path(args.input), Path(args.out), labels_csv=Path(args.labels) if args.labels else None,
                                pipeline=pipeline, workers=args.workers, progress=True, export_hu=args.export_hu)  # fmt: skip
-    except (OSError, LabelsError, ValueError) as exc:  # missing/unwritable folders, bad labels, bad options
+    except (OSError, LabelsError, ValueError, PacsError) as exc:  # missing/unwritable folders, bad labels, bad options, PACS
         print(f"fedct ingest: error: {exc}", file=sys.stderr)
         return 2
     import json

@@ -4,7 +4,8 @@ Two protocols, chosen by the URL:
 
 - ``http(s)://host/dicom-web`` — DICOMweb with ``dicomweb-client``: QIDO-RS finds series and instances, WADO-RS
   retrieves them (a whole series as one streamed multipart reply, or single instances);
-- ``dicom://AET@host:port`` — DIMSE with ``pynetdicom``: C-FIND (study, series, image level) and C-GET.
+- ``dicom://AET@host:port`` — DIMSE with ``pynetdicom``: C-FIND (study, series, image level) and C-GET, or C-MOVE
+  to this site's own storage SCP when ``FEDCT_PACS_MOVE_PORT`` is set (for PACS without C-GET).
 
 Retrieval is resumable and bounded in memory: every instance is written to
 ``DEST/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` (via a temporary name) as it arrives, and a
@@ -42,6 +43,7 @@ ENV_KEYS = {
     "FEDCT_PACS_MODALITY": "modality of the series to pull (default CT)",
     "FEDCT_PACS_STUDY_DATE": "optional study date or range, DICOM style: 20240101-20241231, 20240101-, -20241231",
     "FEDCT_PACS_CA_FILE": "CA bundle (PEM) to verify an https PACS",
+    "FEDCT_PACS_MOVE_PORT": "DIMSE: retrieve with C-MOVE to a storage SCP of this site on this port (default: C-GET)",
     "FEDCT_PACS_TIMEOUT_S": "network timeout per request in seconds (default 60)",
     "FEDCT_PACS_RETRIES": "retries of a failed request on transient errors (default 4)",
     "FEDCT_PACS_BACKOFF_S": "first retry delay in seconds, doubled each retry (default 1)",
@@ -71,6 +73,7 @@ class PacsSettings:
     timeout_s: float = 60.0
     retries: int = 4
     backoff_s: float = 1.0
+    move_port: int | None = None
     env_file: Path | None = None
 
     def __post_init__(self) -> None:
@@ -83,6 +86,8 @@ class PacsSettings:
             raise ValueError(f"{self._where()}: FEDCT_PACS_MODALITY={self.modality!r} is not a DICOM modality code (e.g. CT)")
         if self.study_date is not None and not (_DATE_RANGE.fullmatch(self.study_date) and self.study_date.strip("-")):
             raise ValueError(f"{self._where()}: FEDCT_PACS_STUDY_DATE={self.study_date!r} is not a date or range (YYYYMMDD-YYYYMMDD)")
+        if self.move_port is not None and not 0 < self.move_port < 65536:
+            raise ValueError(f"{self._where()}: FEDCT_PACS_MOVE_PORT={self.move_port} is not a TCP port")
         if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
             raise ValueError(f"{self._where()}: FEDCT_PACS_TIMEOUT_S must be > 0, FEDCT_PACS_RETRIES and FEDCT_PACS_BACKOFF_S >= 0")
 
@@ -174,7 +179,7 @@ def read_pacs_settings(env_file: Path | None, *, url: str | None = None) -> Pacs
         value = values.get(key, ("", 0))[0].strip()
         return value or None
 
-    def number(key: str, kind: type, default: float) -> Any:
+    def number(key: str, kind: type, default: float | None) -> Any:
         text = get(key)
         if text is None:
             return default
@@ -209,6 +214,7 @@ def read_pacs_settings(env_file: Path | None, *, url: str | None = None) -> Pacs
         timeout_s=number("FEDCT_PACS_TIMEOUT_S", float, 60.0),
         retries=number("FEDCT_PACS_RETRIES", int, 4),
         backoff_s=number("FEDCT_PACS_BACKOFF_S", float, 1.0),
+        move_port=number("FEDCT_PACS_MOVE_PORT", int, None),
         env_file=Path(env_file) if env_file is not None else None,
     )
 
@@ -456,7 +462,7 @@ class DicomWebSource:
 
 
 class DimseSource:
-    """C-FIND + C-GET with ``pynetdicom`` (Study Root)."""
+    """C-FIND + C-GET (or C-MOVE to our own storage SCP) with ``pynetdicom`` (Study Root)."""
 
     def __init__(self, settings: PacsSettings) -> None:
         self.settings = settings
@@ -492,6 +498,8 @@ class DimseSource:
     def _store_handler(self, event: Any) -> int:
         store, ref = self._target
         sop_uid = str(event.request.AffectedSOPInstanceUID)
+        if str(event.dataset.SeriesInstanceUID) != ref.series_uid:  # C-MOVE: only the series being retrieved
+            return 0xA900
         store.write(ref, sop_uid, lambda tmp: tmp.write_bytes(event.encoded_dataset(include_meta=True)))
         return 0x0000
 
@@ -545,14 +553,15 @@ class DimseSource:
         return [str(m.SOPInstanceUID) for m in self._find(ds) if m.get("SOPInstanceUID")]
 
     def fetch(self, ref: SeriesRef, sop_uids: Sequence[str] | None, store: InstanceStore) -> None:
-        """C-GET of the whole series (``sop_uids`` None) or of single instances; each is written as it arrives."""
+        """C-GET (or C-MOVE) of the whole series (``sop_uids`` None) or of single instances; each is written as it arrives."""
         from pydicom import Dataset
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
 
         from preprocessing.discover import CT_SOP_CLASSES
 
         self._target = (store, ref)
-        requests_: list[Dataset] = []
+        identifiers: list[Dataset] = []
         for uid in [None] if sop_uids is None else list(sop_uids):
             ds = Dataset()
             ds.QueryRetrieveLevel = "SERIES" if uid is None else "IMAGE"
@@ -560,11 +569,36 @@ class DimseSource:
             ds.SeriesInstanceUID = ref.series_uid
             if uid is not None:
                 ds.SOPInstanceUID = uid
-            requests_.append(ds)
-        with self._association([GET], get_storage=sorted(CT_SOP_CLASSES)) as assoc:
-            for identifier in requests_:
-                for status, _ in assoc.send_c_get(identifier, GET):
-                    _check_status(status, "C-GET")
+            identifiers.append(ds)
+        if self.settings.move_port is None:
+            with self._association([GET], get_storage=sorted(CT_SOP_CLASSES)) as assoc:
+                for identifier in identifiers:
+                    for status, _ in assoc.send_c_get(identifier, GET):
+                        _check_status(status, "C-GET")
+            return
+        with self._storage_scp(sorted(CT_SOP_CLASSES)), self._association([MOVE]) as assoc:
+            for identifier in identifiers:
+                for status, _ in assoc.send_c_move(identifier, self.settings.calling_aet, MOVE):
+                    _check_status(status, "C-MOVE")
+
+    @contextmanager
+    def _storage_scp(self, sop_classes: Sequence[str]) -> Iterator[None]:
+        """A storage SCP on FEDCT_PACS_MOVE_PORT for the C-MOVE's sub-operations, accepting only the PACS's AE title."""
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
+
+        ae = AE(ae_title=self.settings.calling_aet)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.settings.timeout_s
+        ae.require_calling_aet = [self.endpoint.called_aet]
+        for sop_class in sop_classes:
+            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        try:
+            server = ae.start_server(("", self.settings.move_port), block=False, evt_handlers=[(_evt_store(), self._store_handler)])
+        except OSError as exc:
+            raise Refused(f"cannot listen on FEDCT_PACS_MOVE_PORT {self.settings.move_port} for C-MOVE: {exc.strerror}") from exc
+        try:
+            yield
+        finally:
+            server.shutdown()
 
 
 def _evt_store() -> Any:
@@ -654,7 +688,7 @@ def pull(
                 raise PacsError(f"PACS {settings.url}: {what}: {still} of {len(sop_uids)} instances listed but not sent; "
                                 "check the PACS log (storage to this site's AE title, transfer syntaxes)")  # fmt: skip
 
-        with_retries(settings, f"retrieving {what} (WADO-RS / C-GET)", fetch_missing, sleep=sleep)
+        with_retries(settings, f"retrieving {what} (WADO-RS / C-GET / C-MOVE)", fetch_missing, sleep=sleep)
         bar(number)
     return PullResult(
         url=settings.url,

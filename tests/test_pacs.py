@@ -78,7 +78,7 @@ def pacs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pacs")
     tiny_federation(root / "fed", sites=1, patients_per_site=6)
     site = root / "fed" / "site-0"
-    server = start_orthanc(root / "orthanc", user=(USER, PASSWORD))
+    server = start_orthanc(root / "orthanc", user=(USER, PASSWORD), move_port=free_port())
     try:
         uploaded = server.upload_folder(site / "dicom")
         ingest_site(site / "dicom", root / "folder-site", labels_csv=site / "labels.csv", pipeline=PIPELINE, workers=1)
@@ -234,6 +234,25 @@ def test_dimse_ingest_equals_folder_ingest(pacs, capsys):
     for study_id, (volume, affine, split, diagnosis) in folder.items():
         assert np.array_equal(dimse[study_id][0], volume) and np.array_equal(dimse[study_id][1], affine)
         assert dimse[study_id][2:] == (split, diagnosis)
+
+
+@needs_orthanc
+def test_dimse_c_move_to_our_own_storage_scp(pacs, tmp_path):
+    """For a PACS without C-GET: C-MOVE to this site's AE title, received by a storage SCP on FEDCT_PACS_MOVE_PORT."""
+    import pydicom
+
+    settings = settings_for(pacs["server"].dimse_url, move_port=pacs["server"].move_port)
+    result = pull(settings, tmp_path / "moved")
+    assert (result.instances, result.fetched) == (pacs["uploaded"], pacs["uploaded"])
+    originals = {}
+    for path in (pacs["site"] / "dicom").rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        originals[str(ds.SOPInstanceUID)] = ds
+    for path in (tmp_path / "moved").rglob("*.dcm"):
+        ds, original = pydicom.dcmread(path), originals[path.stem]
+        assert ds.PixelData == original.PixelData and ds.ImagePositionPatient == original.ImagePositionPatient
+        assert path.parent.name == original.SeriesInstanceUID and path.parent.parent.name == original.StudyInstanceUID
+    assert pull(settings, tmp_path / "moved").fetched == 0
 
 
 @needs_orthanc
