@@ -256,6 +256,34 @@ def test_dimse_c_move_to_our_own_storage_scp(pacs, tmp_path):
 
 
 @needs_orthanc
+def test_pull_is_streamed_to_disk_not_held_whole(pacs, series_writer, tmp_path):
+    """A 15.7 MB series (120 slices of 256x256) is pulled with a Python heap peak well under its size."""
+    import tracemalloc
+
+    import dicomweb_client.api  # noqa: F401 - imported before tracing: module import is not what is measured
+    import pynetdicom.sop_class  # noqa: F401
+
+    server = pacs["server"]
+    big = series_writer(tmp_path / "big", n_slices=120, rows=256, cols=256)
+    size = sum(p.stat().st_size for p in big.paths)
+    server.upload_folder(big.folder)
+    try:
+        for url in (server.dicomweb_url, server.dimse_url):
+            tracemalloc.start()
+            try:
+                result = pull(settings_for(url), tmp_path / url[:5], query=Query(study_uids=(big.study_uid,)))
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert result.fetched == 120 and result.bytes_written >= size
+            assert peak < size / 3, f"{url}: peak {peak / 1e6:.1f} MB for a {size / 1e6:.1f} MB series"
+    finally:
+        study = server.rest("/tools/lookup", data=big.study_uid.encode(), method="POST")[0]["ID"]  # type: ignore[index]
+        server.rest(f"/studies/{study}", method="DELETE")
+    assert server.instance_count() == pacs["uploaded"]
+
+
+@needs_orthanc
 def test_query_by_labels_and_study_date(pacs, tmp_path):
     server = pacs["server"]
     with (pacs["site"] / "labels.csv").open() as fh:
