@@ -115,6 +115,10 @@ class Endpoint:
 def endpoint(url: str) -> Endpoint:
     """Parse a PACS URL; refuse credentials in it (they belong in the site env file) and unknown schemes."""
     parts = urlsplit(url)
+    try:
+        parts.port
+    except ValueError as exc:
+        raise ValueError(f"PACS URL {url!r}: the port is not a number from 1 to 65535") from exc
     if parts.password is not None or (parts.scheme in ("http", "https") and parts.username is not None):
         raise ValueError(
             "PACS URL must not contain credentials (command lines and logs are readable by others): "
@@ -197,7 +201,7 @@ def read_pacs_settings(env_file: Path | None, *, url: str | None = None) -> Pacs
     if password_file is not None:
         secret = base / password_file
         try:
-            password = secret.read_text().splitlines()[0] if secret.read_text() else ""
+            password = next(iter(secret.read_text(encoding="utf-8").splitlines()), "")
         except OSError as exc:
             raise ValueError(f"{env_file}: FEDCT_PACS_PASSWORD_FILE: cannot read {secret}: {exc.strerror}") from exc
     ca_file = get("FEDCT_PACS_CA_FILE")

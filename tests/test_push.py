@@ -13,7 +13,7 @@ from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
 
 from federation import tiny_federation
-from orthanc import CLIENT_AET, SKIP_REASON, FaultyProxy, free_port, orthanc_available, start_orthanc, stop_orthanc
+from orthanc import SKIP_REASON, FaultyProxy, free_port, orthanc_available, start_orthanc, stop_orthanc
 from test_inference_predict import make_bundle
 from test_pacs import PASSWORD, USER, settings_for, write_env
 from fedct.cli import main
