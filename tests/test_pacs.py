@@ -285,13 +285,21 @@ def test_pull_is_streamed_to_disk_not_held_whole(pacs, series_writer, tmp_path):
 
 @needs_orthanc
 def test_query_by_labels_and_study_date(pacs, tmp_path):
+    """Only the studies asked for: by StudyInstanceUID or AccessionNumber (labels file keys), or by study date."""
+    import pydicom
+
     server = pacs["server"]
-    with (pacs["site"] / "labels.csv").open() as fh:
-        wanted = fh.read().splitlines()[1].split(",")[0]
+    first = next((pacs["site"] / "dicom").rglob("*.dcm"))
+    header = pydicom.dcmread(first, stop_before_pixels=True)
+    wanted, accession, day = str(header.StudyInstanceUID), str(header.AccessionNumber), str(header.StudyDate)
+    assert accession
     for url in (server.dicomweb_url, server.dimse_url):
-        result = pull(settings_for(url), tmp_path / url[:5], query=Query(study_uids=(wanted,)))
-        assert (result.studies, result.fetched) == (1, result.instances) and result.instances > 0
-        assert [p.name for p in (tmp_path / url[:5]).iterdir()] == [wanted]
+        for name, query in (("uid", Query(study_uids=(wanted,))), ("accession", Query(accession_numbers=(accession,)))):
+            result = pull(settings_for(url), tmp_path / f"{url[:5]}-{name}", query=query)
+            assert (result.studies, result.fetched) == (1, result.instances) and result.instances > 0
+            assert [p.name for p in (tmp_path / f"{url[:5]}-{name}").iterdir()] == [wanted]
+        dated = pull(settings_for(url), tmp_path / f"{url[:5]}-date", query=Query(study_date=f"{day}-{day}"))
+        assert wanted in {p.name for p in (tmp_path / f"{url[:5]}-date").iterdir()} and dated.series >= 1
         none = pull(settings_for(url), tmp_path / f"{url[:5]}-none", query=Query(study_date="19000101-19000102"))
         assert (none.series, none.fetched) == (0, 0)
 
