@@ -32,7 +32,7 @@ def federation(tmp_path_factory):
 
 def simulate(federation: Path, steps, *, sites: int, mods=()) -> None:
     """One Flower simulation (Ray backend) whose ServerApp runs ``steps`` in turn on the same sites: a step is
-    ``(name, run config)`` (a whole federation, run folder ``runs/<name>``) or a callable (between runs).
+    ``(name, run config[, round_extras])`` (a whole federation, run folder ``runs/<name>``) or a callable (between runs).
 
     Several federations per simulation: Ray and the sites' ClientApps start once (a minute on 2 cores).
     """
@@ -46,10 +46,10 @@ def simulate(federation: Path, steps, *, sites: int, mods=()) -> None:
             if callable(step):
                 step()
                 continue
-            name, config = step
+            name, config, *extras = step
             run_config = {**TINY_RUN_CONFIG, "num-server-rounds": 1, "min-sites": sites, "run-dir": str(run_dir(federation, name)), **config}
             server_config = ServerConfig.from_run_config(run_config)
-            run_federation(grid, server_config, build_strategy(server_config))
+            run_federation(grid, server_config, build_strategy(server_config), round_extras=extras[0] if extras else None)
 
     run_simulation(
         server_app=app,
@@ -194,7 +194,8 @@ def two_site_runs(federation):
         stray["saved"] = load_run_state(state)
 
     steps = [
-        ("too-few", {"min-sites": 3, "round-timeout-s": 2.0, "num-server-rounds": 2}),
+        ("too-few", {"min-sites": 3, "round-timeout-s": 2.0, "num-server-rounds": 2},
+         lambda report: {"extra-probe": report.server_round * 10}),
         switch(flag, True), ("site-fails", {"num-server-rounds": 2}), switch(flag, False),
         ("adam-straight", {**ADAM, "num-server-rounds": 3}),
         ("adam-resumed", {**ADAM, "num-server-rounds": 2}),
@@ -212,6 +213,7 @@ def test_rounds_without_enough_sites_are_skipped_without_hanging(federation, two
     for entry in rounds:
         assert entry["skipped"] is True and "only 2 site(s) connected" in entry["skip_reason"] and "min-sites=3" in entry["skip_reason"]
         assert entry["train"]["sites"] == {} and entry["bytes_sent"] == 0
+        assert entry["extra-probe"] == entry["round"] * 10  # run_federation(round_extras=...) adds fields
     initial, last = checkpoint(folder, 0), checkpoint(folder, 2)
     assert all(torch.equal(initial[k], last[k]) for k in initial)
     assert (folder / "model" / "final" / "model.pt").is_file()
