@@ -36,25 +36,29 @@ def main() -> None:
     parser.add_argument("--input-size", default="32,32,32")
     parser.add_argument("--target-spacing-mm", default="10.0,10.0,10.0")
     parser.add_argument("--learning-rate", type=float, default=0.003)
-    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help="comma-separated runs: a strategy, optionally with run-config overrides, "
+                             "e.g. 'fedavg,fedavg:bn-mode=local,fedavg:model-norm=group'")  # fmt: skip
     args = parser.parse_args()
     out = args.out.resolve()
     data = out / "data"
     if not data.is_dir():
         write_federation(data, sites=args.sites, patients_per_site=args.patients_per_site, seed=0)
     strategies = [s for s in args.strategies.split(",") if s]
-    results: dict[str, dict] = {}
+    results_path = out / "strategies.json"
+    results = json.loads(results_path.read_text())["results"] if results_path.is_file() else {}
     app = ServerApp()
 
     @app.main()
     def server(grid, context):
         for name in strategies:
-            config = ServerConfig(
-                strategy=name, num_server_rounds=args.rounds, local_epochs=args.local_epochs, model_name=args.model_name,
+            strategy, *overrides = name.split(":")
+            base = ServerConfig(
+                strategy=strategy, num_server_rounds=args.rounds, local_epochs=args.local_epochs, model_name=args.model_name,
                 input_size=args.input_size, target_spacing_mm=args.target_spacing_mm, learning_rate=args.learning_rate,
-                min_sites=args.sites, run_dir=str(out / "runs" / name),
-                # Krum's guarantee needs n >= 2f + 3; with f = 0 it still picks the most central update.
+                min_sites=args.sites, run_dir=str(out / "runs" / name.replace(":", "_").replace("=", "-")),
             )  # fmt: skip
+            config = ServerConfig.from_run_config({**base.to_run_config(), **dict(o.split("=", 1) for o in overrides)})
             t0 = time.perf_counter()
             run_log = run_federation(grid, config, build_strategy(config))
             last = run_log.rounds[-1]["evaluate"]["aggregate"]
@@ -65,7 +69,7 @@ def main() -> None:
                 "best": {k: best.get(k) for k in ("val-auc-macro", "test-auc-macro", "val-loss", "val-accuracy")},
                 "seconds": round(time.perf_counter() - t0, 1),
             }
-            (out / "strategies.json").write_text(json.dumps({"settings": vars(args) | {"out": str(out)}, "results": results},
+            results_path.write_text(json.dumps({"settings": vars(args) | {"out": str(out)}, "results": results},
                                                             indent=2, default=str))  # fmt: skip
 
     run_simulation(

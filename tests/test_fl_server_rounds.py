@@ -26,7 +26,7 @@ from fl_server.strategy import build_strategy, load_strategy_state
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("rounds")
-    tiny_federation(root / "data", sites=4, patients_per_site=6, seed=3)
+    tiny_federation(root / "data", sites=4, patients_per_site=12, seed=3)  # ~20 validation + test studies in all
     return root
 
 
@@ -182,9 +182,13 @@ def test_nan_and_scaled_updates_are_rejected_and_the_model_matches_a_clean_run(f
         assert sorted(entry["evaluate"]["sites"]) == ["site-0", "site-1", "site-2", "site-3"]
     final = checkpoint(run_dir(federation, "attacked-4"), 2)
     assert all(torch.isfinite(v).all() and v.abs().max() < 100 for v in final.values() if v.is_floating_point())
-    for key in ("val-loss", "test-loss"):
-        a, c = attacked["rounds"][-1]["evaluate"]["aggregate"][key], clean["rounds"][-1]["evaluate"]["aggregate"][key]
-        assert math.isfinite(a) and abs(a - c) < 0.25, (key, a, c)  # an untrained model scores ln 3 = 1.10
+    # Quality on all sites' validation and test studies (~20): cross-entropy of the attacked run's model within noise
+    # of the clean run's (an untrained model scores ln 3 = 1.10; run-to-run spread at this size is about 0.2).
+    def loss(run):
+        agg = run["rounds"][-1]["evaluate"]["aggregate"]
+        return (agg["val-loss"] * agg["val-n"] + agg["test-loss"] * agg["test-n"]) / (agg["val-n"] + agg["test-n"])
+
+    assert math.isfinite(loss(attacked)) and abs(loss(attacked) - loss(clean)) < 0.35, (loss(attacked), loss(clean))
     # Without the z-score (NaNs are always refused) the 1e6-scaled update enters the average and ruins the model.
     undefended = checkpoint(run_dir(federation, "undefended-4"), 2)
     assert max(float(v.abs().max()) for v in undefended.values() if v.is_floating_point()) > 1e4
