@@ -15,6 +15,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fl_client.config import RoundSettings, SiteConfig
+from fl_client.privacy import privacy_mods
+from fl_client.secagg import is_legacy_fit, legacy_fit_reply
 from fl_client.train import evaluate_round, train_round
 
 log = logging.getLogger("fedct.client")
@@ -24,7 +26,7 @@ def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, m
     """The site's ClientApp; ``run_config_overrides`` stand in for the run config where Flower passes none
     (in-process simulation); ``mods`` are Flower client mods wrapped around the handlers."""
     overrides = dict(run_config_overrides or {})
-    app = ClientApp(mods=list(mods))
+    app = ClientApp(mods=[*privacy_mods(overrides), *mods])  # privacy mods act only when the run config asks
 
     def _site(context: Context) -> SiteConfig:
         return SiteConfig.from_context(dict(context.node_config), {**dict(context.run_config), **overrides})
@@ -32,6 +34,8 @@ def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, m
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         site = _site(context)
+        if is_legacy_fit(msg):  # SecAgg+ (secure-aggregation=true): legacy fit message inside Flower's secaggplus_mod
+            return legacy_fit_reply(msg, site)
         settings = RoundSettings.from_record(dict(msg.content["config"]))
         state, result = train_round(site, settings, msg.content["arrays"].to_torch_state_dict())
         log.info("%s round %d: trained on %d studies, loss %.4f, %.1fs", site.site_name, settings.server_round,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_client.config import RoundSettings, parse_triple
+from fl_server.privacy import PrivacyConfig
 from models.factory import ModelConfig
 from preprocessing.split import SplitConfig
 from preprocessing.transforms import PipelineConfig
@@ -55,6 +56,19 @@ class ServerConfig:
     round_timeout_s: float = 3600.0
     seed: int = 0
     run_dir: str = "runs/flwr"
+    # Differential privacy and secure aggregation (fl_server.privacy; README "Privacy options").
+    dp_mode: str = "off"
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 0.0
+    dp_delta: float = 1e-5
+    dp_target_quantile: float = 0.5
+    dp_clip_norm_lr: float = 0.2
+    dp_clipped_count_stddev: float = 0.0
+    secure_aggregation: bool = False
+    secagg_num_shares: int = 3
+    secagg_reconstruction_threshold: int = 2
+    secagg_max_weight: float = 1000.0
+    secagg_clipping_range: float = 8.0
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -64,6 +78,7 @@ class ServerConfig:
         if self.round_timeout_s <= 0:
             raise ValueError(f"round-timeout-s must be > 0, got {self.round_timeout_s}")
         self.round_settings(1)  # validates model, pipeline and split settings with their own messages
+        self.privacy.check_run(min_sites=self.min_sites, model_norm=self.model_norm)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerConfig:
@@ -81,6 +96,11 @@ class ServerConfig:
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"run config {key}={value!r} is not a valid {known[key].type}") from exc
         return cls(**values)
+
+    @property
+    def privacy(self) -> PrivacyConfig:
+        """Differential privacy and secure aggregation settings (validated when built)."""
+        return PrivacyConfig.from_mapping({f.name: getattr(self, f.name) for f in fields(self)})
 
     @property
     def model(self) -> ModelConfig:

@@ -20,6 +20,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from fl_server.checkpoint import save_state, write_bundle
 from fl_server.config import ServerConfig
+from fl_server.privacy import privacy_summary, round_privacy, wrap_strategy
+from fl_server.secagg import run_secagg
 from fl_client.metrics import RISK_RANGE
 from fl_server.run_log import RunLog, histogram_quantiles
 from models.factory import build_model
@@ -71,8 +73,9 @@ def _risk_reference(run_log: RunLog, server_round: int) -> dict[str, Any] | None
                       f"{len(counts)} bins over {list(RISK_RANGE)})"}  # fmt: skip
 
 
-def run_federation(grid: Grid, config: ServerConfig) -> RunLog:
-    """Run ``config.num_server_rounds`` rounds of FedAvg and write the run folder."""
+def run_federation(grid: Grid, config: ServerConfig, *, context: Context | None = None) -> RunLog:
+    """Run ``config.num_server_rounds`` rounds of FedAvg and write the run folder (``context``: Flower's, needed
+    for secure aggregation)."""
     run_dir = config.run_path
     run_log = RunLog(run_dir, run_config=config.to_run_config(), emit=lambda line: log(INFO, "%s", line))
     torch.manual_seed(config.seed)
@@ -98,6 +101,7 @@ def run_federation(grid: Grid, config: ServerConfig) -> RunLog:
             "sites": sorted(sites_seen),
             "run_config": config.to_run_config(),
             "metrics": _round_metrics(run_log, server_round),
+            "privacy": privacy_summary(strategy),
         }
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -111,7 +115,11 @@ def run_federation(grid: Grid, config: ServerConfig) -> RunLog:
                 "the sites' logs say why. Stopping instead of repeating an empty round."
             )
         trained_this_round.clear()
-        if run_log.end_round(server_round):
+        improved = run_log.end_round(server_round)
+        if (dp := round_privacy(strategy, server_round)) is not None:  # ε so far into this round's metrics.json entry
+            run_log.rounds[-1]["privacy"] = dp
+            run_log.write()
+        if improved:
             write_bundle(run_dir / "model" / "best", state, model=config.model, pipeline=config.pipeline,
                          provenance=provenance(server_round), risk_reference=_risk_reference(run_log, server_round))  # fmt: skip
         return None
@@ -123,9 +131,9 @@ def run_federation(grid: Grid, config: ServerConfig) -> RunLog:
         train_metrics_aggr_fn=train_metrics,
         evaluate_metrics_aggr_fn=evaluate_metrics,
     )
+    strategy = wrap_strategy(strategy, config.privacy, expected_sites=config.min_sites)  # unchanged when dp-mode=off
     t0 = time.perf_counter()
-    result = strategy.start(
-        grid=grid,
+    rounds = dict(
         initial_arrays=ArrayRecord(initial),
         num_rounds=config.num_server_rounds,
         timeout=config.round_timeout_s,
@@ -133,7 +141,13 @@ def run_federation(grid: Grid, config: ServerConfig) -> RunLog:
         evaluate_config=ConfigRecord(config.round_settings(0).to_record()),
         evaluate_fn=end_of_round,
     )
-    final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else initial
+    if config.privacy.secure_aggregation:
+        if context is None:
+            raise ValueError("secure-aggregation=true needs the ServerApp's Flower context")
+        final_arrays = run_secagg(grid, context, strategy=strategy, settings=config.privacy, **rounds)
+    else:
+        final_arrays = strategy.start(grid=grid, **rounds).arrays
+    final_state = final_arrays.to_torch_state_dict() if len(final_arrays) else initial
     write_bundle(run_dir / "model" / "final", final_state, model=config.model, pipeline=config.pipeline,
                  provenance=provenance(config.num_server_rounds),
                  risk_reference=_risk_reference(run_log, config.num_server_rounds))  # fmt: skip
@@ -151,7 +165,7 @@ def build_server_app(run_config_overrides: Mapping[str, Any] | None = None) -> S
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, ServerConfig.from_run_config({**dict(context.run_config), **overrides}))
+        run_federation(grid, ServerConfig.from_run_config({**dict(context.run_config), **overrides}), context=context)
 
     return app
 
