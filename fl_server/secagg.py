@@ -12,11 +12,14 @@ training metrics, as without SecAgg+). Sites send the update (trained minus glob
 tensors (``fl_client.secagg``); the server adds the unmasked weighted mean to the global weights. Integer buffers
 (BatchNorm's batch counter) are not aggregated and keep their global value.
 
-Precision: SecAgg+ multiplies a site's update by ``w = num-examples / secagg-max-weight`` (itself quantized to
-2**-22), clips ``w * update`` to ``±secagg-clipping-range`` and quantizes it to 2**22 levels (Flower's default
-``quantization_range``), i.e. a step of ``2 * clipping_range / 2**22`` (3.8e-6 for the default range 8). After
-division by the summed weights the aggregate differs from the exact weighted mean by at most about
-``sites * step / sum(w)`` per value (``step / 2`` per site from rounding, plus the weight's own rounding).
+Precision: SecAgg+ multiplies a site's update by ``w = num-examples / secagg-max-weight`` (rounded to a multiple of
+2**-22; the server divides by the sum of the same rounded weights), clips ``w * update`` to
+``±secagg-clipping-range`` and quantizes it with stochastic rounding to 2**22 levels (Flower's default
+``quantization_range``): a step of ``2 * clipping_range / 2**22`` (3.8e-6 for the default range 8), an error below
+one step per site. After division by the summed weights the aggregate differs from the exact weighted mean
+(FedAvg) by less than ``sites * step / sum(w)`` per value, plus the weights' rounding (relative 2**-22 / w). Keep
+``secagg-max-weight`` near the largest site's training count: a larger one makes every ``w`` smaller and the error
+larger; a smaller one makes ``w > 1`` and risks clipping (Flower warns).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from logging import INFO
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.server import LegacyContext
@@ -46,13 +49,15 @@ from fl_server.privacy import PrivacyConfig
 QUANTIZATION_RANGE = 2**22
 
 
-def quantization_tolerance(*, clipping_range: float, num_sites: int, total_weight: float) -> float:
-    """Largest expected deviation of a SecAgg+ aggregate from the exact weighted mean, per value (see module doc).
+def quantization_tolerance(*, clipping_range: float, weights: list[float], max_update: float) -> float:
+    """Bound on the deviation of a SecAgg+ aggregate from the exact weighted mean, per value (see module doc).
 
-    ``total_weight`` is the sum of ``num-examples / secagg-max-weight`` over the sites.
+    ``weights`` are the sites' ``num-examples / secagg-max-weight``; ``max_update`` the largest absolute update value.
     """
     step = 2 * clipping_range / QUANTIZATION_RANGE
-    return num_sites * step / total_weight
+    rounding = len(weights) * step / sum(weights)
+    weight_rounding = 2 * max_update * 2.0**-22 / min(weights)
+    return rounding + weight_rounding
 
 
 class _SecAggFedAvg(LegacyFedAvg):
@@ -80,7 +85,7 @@ class _SecAggFedAvg(LegacyFedAvg):
 
     def arrays(self) -> ArrayRecord:
         """The current global weights, named."""
-        return ArrayRecord({k: self.state[k] for k in self.names})
+        return ArrayRecord({k: Array(np.ascontiguousarray(self.state[k])) for k in self.names})
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
