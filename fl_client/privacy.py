@@ -19,6 +19,8 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fl_client.secagg import secaggplus_when_requested
+from fl_client.transport import INDEX_RECORD, decode_content, encode_content
+from models.weights import index_transport
 
 #: ``dp-mode`` values that make the site clip its update, and the Flower mod that does it.
 CLIENT_CLIPPING_MODS: dict[str, Mod] = {"client-fixed": fixedclipping_mod, "client-adaptive": adaptiveclipping_mod}
@@ -41,7 +43,20 @@ def dp_clipping_mod(run_config_overrides: Mapping[str, Any] | None = None) -> Mo
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
         clipping = CLIENT_CLIPPING_MODS.get(site_dp_mode({**dict(context.run_config), **overrides}))
-        return clipping(msg, context, call_next) if clipping else call_next(msg, context)
+        if clipping is None:
+            return call_next(msg, context)
+        # Flower's mods expect one ArrayRecord of named tensors and one ConfigRecord: unpack packed weights
+        # (fl_client.transport) first, so the handler replies per tensor and the update is clipped tensor by tensor;
+        # then pack the clipped reply the way the server sent (with float16/bfloat16 transport the clipped update is
+        # rounded to the wire dtype afterwards: its norm may exceed the clip by that rounding, ~1e-3 relative).
+        transport = None
+        if INDEX_RECORD in msg.content:
+            transport = index_transport(str(msg.content[INDEX_RECORD]["index"]))
+            msg.content = decode_content(msg.content)
+        reply = clipping(msg, context, call_next)
+        if transport is not None and not reply.has_error():
+            reply.content = encode_content(reply.content, transport=transport)
+        return reply
 
     return mod
 

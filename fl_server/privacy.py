@@ -22,6 +22,7 @@ evaluation metrics and training metrics (loss, counts) that sites send are not p
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -228,6 +229,18 @@ class SiteLevelAccountant:
         self.history.append(entry)
         return entry
 
+    def ledger(self) -> str:
+        """The composed rounds as JSON (round, sampled, available, clipping norm): enough to rebuild the accountant."""
+        return json.dumps([[r.round, r.sampled_sites, r.available_sites, r.clipping_norm] for r in self.history])
+
+    @classmethod
+    def replay(cls, ledger: str, *, noise_multiplier: float, delta: float) -> SiteLevelAccountant:
+        """An accountant with the rounds of ``ledger`` composed again (e.g. after a resumed run)."""
+        accountant = cls(noise_multiplier=noise_multiplier, delta=delta)
+        for server_round, sampled, available, clip in json.loads(ledger):
+            accountant.compose_round(int(server_round), sampled=int(sampled), available=int(available), clipping_norm=float(clip))
+        return accountant
+
     def summary(self) -> dict[str, Any]:
         """What the model bundle records: the final ε and how it was computed."""
         last = self.history[-1] if self.history else None
@@ -261,6 +274,8 @@ class _FedctDP:
 
     def _fedct_init(self, accountant: SiteLevelAccountant) -> None:
         self.site_accountant = accountant  # (Flower's wrappers have their own ``accountant``, left unused: None)
+        # A plain string attribute, so fl_server.strategy's resume state saves and restores it with the strategy.
+        self.privacy_ledger = accountant.ledger()
         self._sample: dict[int, tuple[int, int]] = {}
         self.last_round: RoundPrivacy | None = None
 
@@ -274,6 +289,7 @@ class _FedctDP:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's clipping, uniform mean and noise over the error-free replies; then one accountant step."""
+        accountant = self.synced_accountant()
         ok = [r for r in replies if not r.has_error()]
         sampled, available = self._sample.pop(server_round, (len(ok), len(ok)))
         self.last_round = None
@@ -293,11 +309,19 @@ class _FedctDP:
         finally:
             inner.weighted_by_key = weighted_by  # evaluation metrics stay weighted as without DP
         if arrays is not None:
-            self.last_round = self.site_accountant.compose_round(server_round, sampled=max(sampled, len(ok)),
-                                                            available=max(available, sampled, len(ok)),
-                                                            clipping_norm=clip_used)  # fmt: skip
+            self.last_round = accountant.compose_round(server_round, sampled=max(sampled, len(ok)),
+                                                       available=max(available, sampled, len(ok)),
+                                                       clipping_norm=clip_used)  # fmt: skip
+            self.privacy_ledger = accountant.ledger()
         return arrays, metrics
 
+
+    def synced_accountant(self) -> SiteLevelAccountant:
+        """The accountant, rebuilt from ``privacy_ledger`` when that was restored from a saved run state."""
+        if self.privacy_ledger != self.site_accountant.ledger():
+            self.site_accountant = SiteLevelAccountant.replay(self.privacy_ledger, noise_multiplier=self.site_accountant.noise_multiplier,
+                                                              delta=self.site_accountant.delta)  # fmt: skip
+        return self.site_accountant
 
     def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
         """Flower's Gaussian noise, with the clipping norm of this round's clipping (Flower's adaptive wrappers would
@@ -356,9 +380,9 @@ def round_privacy(strategy: Strategy, server_round: int) -> dict[str, Any] | Non
 
     ``dp-epsilon`` is cumulative; ``dp-released`` says whether this round released a noised aggregate.
     """
-    accountant = getattr(strategy, "site_accountant", None)
-    if not isinstance(accountant, SiteLevelAccountant):
+    if not isinstance(strategy, _FedctDP):
         return None
+    accountant = strategy.synced_accountant()
     last = accountant.history[-1] if accountant.history else None
     if last is None:
         return {"dp-epsilon": 0.0, "dp-delta": accountant.delta, "dp-releases": 0, "dp-released": False}
@@ -367,5 +391,4 @@ def round_privacy(strategy: Strategy, server_round: int) -> dict[str, Any] | Non
 
 def privacy_summary(strategy: Strategy) -> dict[str, Any] | None:
     """The run's privacy record for the model bundle's provenance (None without DP)."""
-    accountant = getattr(strategy, "site_accountant", None)
-    return accountant.summary() if isinstance(accountant, SiteLevelAccountant) else None
+    return strategy.synced_accountant().summary() if isinstance(strategy, _FedctDP) else None

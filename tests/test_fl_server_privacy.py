@@ -18,9 +18,11 @@ from fedct.demo import simulation_backend_config
 from federation import TINY_RUN_CONFIG, tiny_federation
 from fl_client.client_app import build_client_app
 from fl_client.privacy import site_dp_mode
+from fl_client.transport import decode_content
 from fl_server.checkpoint import load_bundle
 from fl_server.config import ServerConfig
-from fl_server.privacy import PrivacyConfig, SiteLevelAccountant, wrap_strategy
+from fl_server.privacy import PrivacyConfig, SiteLevelAccountant, privacy_summary, round_privacy, wrap_strategy
+from fl_server.strategy import load_strategy_state, strategy_state
 from fl_server.server_app import build_server_app
 
 DP_RUN = {**TINY_RUN_CONFIG, "model-norm": "group", "min-sites": 2}
@@ -105,6 +107,20 @@ def test_epsilon_grows_with_rounds_and_shrinks_with_sampling():
     assert half.summary()["epsilon"] == eps_half[-1] and half.summary()["releases"] == 3
 
 
+def test_the_accountant_survives_a_resume_through_the_strategy_state():
+    config = PrivacyConfig(dp_mode="server-fixed", dp_noise_multiplier=1.0, dp_clipping_norm=1.0)
+    reference = SiteLevelAccountant(noise_multiplier=1.0, delta=config.dp_delta)
+    eps = [reference.compose_round(r, sampled=2, available=3, clipping_norm=1.0).epsilon for r in (1, 2)]
+    before = wrap_strategy(FedAvg(), config, expected_sites=2)
+    before.privacy_ledger = reference.ledger()  # what two aggregated rounds leave on the wrapper
+    scalars, arrays = strategy_state(before)  # fl_server.strategy's resume state
+    after = wrap_strategy(FedAvg(), config, expected_sites=2)
+    assert round_privacy(after, 2)["dp-releases"] == 0
+    load_strategy_state(after, scalars, arrays)
+    assert round_privacy(after, 2)["dp-epsilon"] == pytest.approx(eps[1])
+    assert privacy_summary(after)["releases"] == 2
+
+
 def test_fewer_available_sites_never_understate_the_sampling_rate():
     accountant = SiteLevelAccountant(noise_multiplier=1.0, delta=1e-5)
     accountant.compose_round(1, sampled=2, available=5, clipping_norm=1.0)
@@ -125,7 +141,7 @@ def recording_mod(folder: Path):
         if msg.metadata.message_type == MessageType.TRAIN and not reply.has_error() and "arrays" in reply.content:
             rnd = int(msg.content["config"]["server-round"])
             site = str(reply.content["site"]["name"])
-            arrays = reply.content["arrays"]
+            arrays = decode_content(reply.content)["arrays"]  # packed weights (fl_client.transport) or per tensor
             np.savez(folder / f"{site}-round{rnd}.npz", **dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))
         return reply
 
