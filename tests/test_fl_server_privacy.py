@@ -196,6 +196,8 @@ def test_bundle_provenance_records_the_final_epsilon(server_fixed_run):
     provenance = load_bundle(run_dir / "model" / "final")[1]["provenance"]
     assert provenance["privacy"]["epsilon"] == pytest.approx(rounds[-1]["privacy"]["dp-epsilon"])
     assert provenance["privacy"]["delta"] == 1e-4 and provenance["privacy"]["releases"] == 2
+    card = (run_dir / "model" / "final" / "model_card.md").read_text()
+    assert f"ε = {provenance['privacy']['epsilon']:.3g}, δ = 0.0001" in card
 
 
 def test_noise_of_the_configured_size_is_added_to_the_clipped_mean(server_fixed_run):

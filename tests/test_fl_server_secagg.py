@@ -123,4 +123,5 @@ def test_metrics_checkpoints_and_bundles_are_written_as_without_secagg(secagg_ru
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-000.pt", "round-001.pt", "round-002.pt"]
     _, meta = load_bundle(run_dir / "model" / "final")
     assert meta["provenance"]["run_config"]["secure-aggregation"] is True
+    assert "Secure aggregation (SecAgg+)" in (run_dir / "model" / "final" / "model_card.md").read_text()
     assert (run_dir / "model" / "best" / "model.json").is_file()
