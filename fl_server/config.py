@@ -135,7 +135,8 @@ class ServerConfig:
             raise ValueError(f"strategy {self.strategy} with num-malicious-nodes={self.num_malicious_nodes} needs min-sites >= "
                              f"2*num-malicious-nodes+3 = {2 * self.num_malicious_nodes + 3}, got {self.min_sites}")  # fmt: skip
         self.round_settings(1)  # validates model, pipeline and split settings with their own messages
-        self.privacy.check_run(min_sites=self.min_sites, model_norm=self.model_norm, strategy=self.strategy)
+        self.privacy.check_run(min_sites=self.min_sites, model_norm=self.model_norm, strategy=self.strategy,
+                               transport=self.transport)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerConfig:

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -38,6 +39,7 @@ from flwr.serverapp.strategy import (
     FedAvg,
     Strategy,
 )
+from flwr.supercore.differential_privacy import get_norm
 
 #: Values of the ``dp-mode`` run-config key.
 DP_MODES = ("off", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive")
@@ -117,9 +119,13 @@ class PrivacyConfig:
         """True when a DP mode is configured."""
         return self.dp_mode != "off"
 
-    def check_run(self, *, min_sites: int, model_norm: str, strategy: str = "fedavg") -> None:
+    def check_run(self, *, min_sites: int, model_norm: str, strategy: str = "fedavg", transport: str = "float32") -> None:
         """Check the settings against the rest of the run (ValueError naming the keys involved)."""
         if self.dp_enabled:
+            if self.dp_mode in CLIENT_SIDE_MODES and transport != "float32":
+                raise ValueError(f"dp-mode={self.dp_mode} needs transport=\"float32\": the sites clip their update before "
+                                 f"it is rounded to {transport}, and that rounding of the weights would add to the "
+                                 "update's norm beyond the clipping norm (server-side modes clip after decoding)")  # fmt: skip
             if strategy.lower() not in MEAN_STRATEGIES:
                 raise ValueError(f"dp-mode={self.dp_mode} needs strategy fedavg or fedprox (DP noise is calibrated to a "
                                  f"mean of clipped updates), got strategy={strategy!r}")  # fmt: skip
@@ -277,6 +283,7 @@ class _FedctDP:
         # A plain string attribute, so fl_server.strategy's resume state saves and restores it with the strategy.
         self.privacy_ledger = accountant.ledger()
         self._sample: dict[int, tuple[int, int]] = {}
+        self._sent: dict[int, list[np.ndarray]] = {}  # client-side modes: the global weights each round started from
         self.last_round: RoundPrivacy | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -285,7 +292,24 @@ class _FedctDP:
         self._sample[server_round] = (len(messages), len(list(grid.get_node_ids())))
         if messages:
             self.num_sampled_clients = len(messages)
+        if isinstance(self, ClientFixedDP | ClientAdaptiveDP):
+            self._sent = {server_round: arrays.to_numpy_ndarrays()}
         return messages
+
+    def _check_site_clipping(self, server_round: int, replies: list[Message], clip: float) -> None:
+        """Client-side modes: every update must already be clipped (a site without the clipping mod would otherwise
+        break the guarantee silently). ValueError, so the round loop skips the round with this reason."""
+        sent = self._sent.pop(server_round, None)
+        if sent is None:
+            return
+        limit = clip * (1 + 1e-3) + 1e-6 * get_norm(sent)  # float32 arithmetic of global + clipped update - global
+        for reply in replies:
+            received = next(iter(reply.content.array_records.values())).to_numpy_ndarrays()
+            norm = get_norm([np.subtract(r, g, dtype=np.float64) for r, g in zip(received, sent, strict=True)])
+            if norm > limit:
+                raise ValueError(f"round {server_round}: node {reply.metadata.src_node_id} sent an update of norm {norm:.4g} "
+                                 f"above the clipping norm {clip:.4g}; with client-side DP every site must clip (is "
+                                 f"dp-mode set to a client-* mode in the sites' run config?); not aggregated")  # fmt: skip
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's clipping, uniform mean and noise over the error-free replies; then one accountant step."""
@@ -302,6 +326,7 @@ class _FedctDP:
         self.num_sampled_clients = len(ok)
         # Adaptive modes update the norm during aggregation; the noise must use the norm the updates were clipped to.
         clip_used = self._clip_used = self.clipping_norm
+        self._check_site_clipping(server_round, ok, clip_used)
         inner = self.strategy  # type: ignore[attr-defined]
         weighted_by, inner.weighted_by_key = inner.weighted_by_key, UNIFORM_WEIGHT_KEY
         try:

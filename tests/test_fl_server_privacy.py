@@ -52,6 +52,14 @@ def test_dp_without_needed_or_with_nonsense_parameters_fails_naming_the_key(over
         ServerConfig.from_run_config({**DP_RUN, **overrides})
 
 
+def test_client_side_dp_refuses_lossy_transport():
+    with pytest.raises(ValueError, match="transport"):
+        ServerConfig.from_run_config({**DP_RUN, "dp-mode": "client-fixed", "dp-noise-multiplier": 1.0,
+                                      "dp-clipping-norm": 1.0, "transport": "float16"})  # fmt: skip
+    ServerConfig.from_run_config({**DP_RUN, "dp-mode": "server-fixed", "dp-noise-multiplier": 1.0,
+                                  "dp-clipping-norm": 1.0, "transport": "float16"})  # fmt: skip
+
+
 def test_dp_refuses_batchnorm_models():
     with pytest.raises(ValueError, match="model-norm"):
         ServerConfig.from_run_config({**DP_RUN, "model-norm": "batch", "dp-mode": "server-fixed",
@@ -148,9 +156,9 @@ def recording_mod(folder: Path):
     return mod
 
 
-def _simulate(root: Path, run_dir: Path, server_config: dict, replies: Path) -> None:
+def _simulate(root: Path, run_dir: Path, server_config: dict, replies: Path, **site_overrides) -> None:
     site_config = {"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites"),
-                   **{k: v for k, v in server_config.items() if k.startswith("dp-")}}  # fmt: skip
+                   **{k: v for k, v in server_config.items() if k.startswith("dp-")}, **site_overrides}  # fmt: skip
     replies.mkdir(parents=True, exist_ok=True)
     run_simulation(
         server_app=build_server_app({**server_config, "run-dir": str(run_dir)}),
@@ -241,3 +249,16 @@ def test_client_side_adaptive_clipping_runs_at_the_sites(client_adaptive_run):
     clips = [r["privacy"]["dp-clipping-norm"] for r in rounds]
     assert clips[0] == pytest.approx(0.05) and clips[1] != pytest.approx(0.05)  # the norm adapted after round 1
     assert 0 < rounds[0]["privacy"]["dp-epsilon"] < rounds[1]["privacy"]["dp-epsilon"]
+
+
+def test_a_site_that_does_not_clip_is_caught_and_nothing_is_released(tmp_path):
+    tiny_federation(tmp_path / "data", sites=2, patients_per_site=8)
+    config = {**DP_RUN, "num-server-rounds": 1, "dp-mode": "client-fixed", "dp-noise-multiplier": 1.0,
+              "dp-clipping-norm": 0.01}  # fmt: skip
+    _simulate(tmp_path, tmp_path / "run", config, tmp_path / "replies", **{"dp-mode": "off"})  # sites not told to clip
+    (entry,) = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
+    assert entry["skipped"] and "above the clipping norm" in entry["skip_reason"]
+    assert entry["privacy"]["dp-releases"] == 0 and entry["privacy"]["dp-released"] is False
+    before = torch.load(tmp_path / "run" / "checkpoints" / "round-000.pt", weights_only=True)
+    after = torch.load(tmp_path / "run" / "checkpoints" / "round-001.pt", weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the global model was kept
