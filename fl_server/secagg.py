@@ -25,12 +25,12 @@ larger; a smaller one makes ``w > 1`` and risks clipping (Flower warns).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.compat.common import recorddict_compat as compat
@@ -62,6 +62,37 @@ def quantization_tolerance(*, clipping_range: float, weights: list[float], max_u
     rounding = len(weights) * step / sum(weights)
     weight_rounding = 2 * max_update * 2.0**-22 / min(weights)
     return rounding + weight_rounding
+
+
+def content_nbytes(content: RecordDict) -> int:
+    """Payload bytes of a message: arrays, plus the bytes values of ConfigRecords (SecAgg+ sends keys, encrypted
+    shares and masked vectors there)."""
+    total = sum(len(array.data) for record in content.array_records.values() for array in record.values())
+    for record in content.config_records.values():
+        for value in record.values():
+            if isinstance(value, bytes):
+                total += len(value)
+            elif isinstance(value, list):
+                total += sum(len(v) for v in value if isinstance(v, bytes))
+    return total
+
+
+class _CountingGrid:
+    """The grid, adding the payload bytes of what SecAgg+ sends and receives to a round's report."""
+
+    def __init__(self, grid: Grid, report: RoundReport) -> None:
+        self._grid = grid
+        self._report = report
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        self._report.bytes_sent += sum(content_nbytes(m.content) for m in messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self._report.bytes_received += sum(content_nbytes(r.content) for r in replies if not r.has_error())
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 class _SecAggFedAvg(LegacyFedAvg):
@@ -129,8 +160,8 @@ class SecAggRoundLoop(RoundLoop):
         )
 
     def _secure_train(self, server_round: int, nodes: list[int], global_arrays: Mapping[str, np.ndarray],
-                      train_config: ConfigRecord) -> _SecAggFedAvg:  # fmt: skip
-        """One run of the SecAgg+ workflow over ``nodes``."""
+                      train_config: ConfigRecord, report: RoundReport) -> _SecAggFedAvg:  # fmt: skip
+        """One run of the SecAgg+ workflow over ``nodes`` (bytes counted into ``report``)."""
         legacy = _SecAggFedAvg(arrays=global_arrays, train_config=train_config, template=self.strategy)
         manager = SimpleClientManager()
         run_id = self.grid.run.run_id
@@ -144,7 +175,7 @@ class SecAggRoundLoop(RoundLoop):
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             cast(Parameters, legacy.initial_parameters), keep_input=True
         )
-        self.workflow(self.grid, context)
+        self.workflow(cast(Grid, _CountingGrid(self.grid, report)), context)
         return legacy
 
     def run_round(self, server_round: int, global_arrays: dict[str, np.ndarray], train_config: ConfigRecord,
@@ -159,7 +190,7 @@ class SecAggRoundLoop(RoundLoop):
             report.skip_reason = (f"only {len(nodes)} site(s) connected after round-timeout-s={self.config.round_timeout_s:g} "
                                   f"(min-sites={minimum})")  # fmt: skip
             return self._done(report, t0)
-        legacy = self._secure_train(server_round, nodes, global_arrays, train_config)
+        legacy = self._secure_train(server_round, nodes, global_arrays, train_config, report)
         self.site_names.update(legacy.site_names)
         if not legacy.aggregated or len(legacy.site_metrics) < minimum:
             report.skip_reason = (f"SecAgg+ aggregated {len(legacy.site_metrics)} site(s), fewer than min-sites={minimum} "

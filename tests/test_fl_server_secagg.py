@@ -114,12 +114,17 @@ def test_secure_aggregate_equals_plain_fedavg_of_the_same_updates(secagg_run, se
 def test_metrics_checkpoints_and_bundles_are_written_as_without_secagg(secagg_run):
     run_dir, _ = secagg_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    initial = torch.load(run_dir / "checkpoints" / "round-000.pt", weights_only=True)
+    model_bytes = sum(v.numel() * v.element_size() for v in initial.values() if v.is_floating_point())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     for entry in metrics["rounds"]:
         assert sorted(entry["train"]["sites"]) == ["site-0", "site-1", "site-2"]
         assert sorted(entry["evaluate"]["sites"]) == ["site-0", "site-1", "site-2"]
         assert entry["train"]["aggregate"]["num-examples"] == sum(s["num-examples"] for s in entry["train"]["sites"].values())
         assert entry["evaluate"]["aggregate"]["val-loss"] is not None
+        # SecAgg+'s four stages and the evaluation are counted: at least the model out to and an update back from each site.
+        assert entry["bytes_sent"] > 3 * model_bytes and entry["bytes_received"] > 3 * model_bytes
+        assert not entry["skipped"] and entry["rejected_updates"] == []
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-000.pt", "round-001.pt", "round-002.pt"]
     _, meta = load_bundle(run_dir / "model" / "final")
     assert meta["provenance"]["run_config"]["secure-aggregation"] is True
