@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -412,6 +412,17 @@ def round_privacy(strategy: Strategy, server_round: int) -> dict[str, Any] | Non
     if last is None:
         return {"dp-epsilon": 0.0, "dp-delta": accountant.delta, "dp-releases": 0, "dp-released": False}
     return {**last.to_json(), "dp-released": last.round == server_round}
+
+
+def privacy_round_extras(strategy: Strategy) -> Callable[[Any], Mapping[str, Any]]:
+    """``run_federation(round_extras=...)``: ``{"privacy": ...}`` for each round's metrics.json entry (nothing
+    without DP)."""
+
+    def extras(report: Any) -> Mapping[str, Any]:
+        entry = round_privacy(strategy, report.server_round)
+        return {"privacy": entry} if entry is not None else {}
+
+    return extras
 
 
 def privacy_summary(strategy: Strategy) -> dict[str, Any] | None:

@@ -36,7 +36,7 @@ from fl_client.metrics import RISK_RANGE
 from fl_client.transport import decode_content, encode_content, record_nbytes
 from fl_server.checkpoint import RunState, load_run_state, save_run_state, save_state, write_bundle
 from fl_server.config import RESUMABLE_KEYS, ServerConfig
-from fl_server.privacy import privacy_summary, round_privacy
+from fl_server.privacy import privacy_summary
 from fl_server.run_log import RunLog, histogram_quantiles
 from fl_server.strategy import SERVER_OPTIMISERS, load_strategy_state, strategy_state
 from fl_server.validation import check_updates
@@ -116,7 +116,11 @@ def _plain_metrics(content: RecordDict) -> dict[str, Any]:
 
 
 class RoundLoop:
-    """Runs rounds of a strategy over a grid with bounded waits, validation and packed transport."""
+    """Runs rounds of a strategy over a grid with bounded waits, validation and packed transport.
+
+    ``reference`` gives the model's layout (keys, shapes, dtypes); the current global weights are passed to each
+    :meth:`run_round`. ``buffers`` are the state-dict keys that are running statistics, not trained weights.
+    """
 
     def __init__(
         self,
@@ -137,8 +141,6 @@ class RoundLoop:
         self.poll_s = poll_s
         self.clock = clock
         self.site_names: dict[int, str] = {}
-
-    # The reference is the model's layout (keys, shapes, dtypes); values of the current global model are passed per round.
 
     def wait_for_nodes(self, minimum: int) -> list[int]:
         """Connected node ids once at least ``minimum`` are connected, or the last list seen at the timeout."""
@@ -344,11 +346,21 @@ def _torch_state(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
 
 
-def run_federation(grid: Grid, config: ServerConfig, strategy: Strategy, *, poll_s: float = 1.0) -> RunLog:
+def run_federation(
+    grid: Grid,
+    config: ServerConfig,
+    strategy: Strategy,
+    *,
+    poll_s: float = 1.0,
+    round_extras: Callable[[RoundReport], Mapping[str, Any]] | None = None,
+) -> RunLog:
     """Run (or, with ``resume``, continue) ``config.num_server_rounds`` rounds of ``strategy`` and write the run folder.
 
     Run folder: ``metrics.json``, ``curves.png``, ``checkpoints/round-NNN.pt`` (global weights after each round,
     000 = initial), ``model/best`` and ``model/final`` bundles, ``state/`` (resume state of the last round).
+    ``strategy`` may be any Flower strategy, also a wrapper (e.g. a DP strategy around the one of
+    :func:`fl_server.strategy.build_strategy`); ``round_extras(report)`` adds fields to each round's metrics.json
+    entry (e.g. a privacy accountant's epsilon), after the loop's own.
     """
     run_dir = config.run_path
     state_dir = run_dir / "state"
@@ -418,8 +430,8 @@ def run_federation(grid: Grid, config: ServerConfig, strategy: Strategy, *, poll
         state = _torch_state(arrays)
         save_state(run_dir / "checkpoints" / f"round-{server_round:03d}.pt", state)
         extra = report.extra()
-        if (dp := round_privacy(strategy, server_round)) is not None:  # ε so far (fl_server.privacy)
-            extra["privacy"] = dp
+        if round_extras is not None:
+            extra.update(round_extras(report))
         if run_log.end_round(server_round, extra=extra):
             write_bundle(run_dir / "model" / "best", state, model=config.model, pipeline=config.pipeline,
                          provenance=provenance(server_round), risk_reference=_risk_reference(run_log, server_round))  # fmt: skip
