@@ -9,7 +9,8 @@ Adaptive}Clipping``); for the client-side modes the sites apply the matching Flo
   ``noise-multiplier * clip / sampled-sites``, the sensitivity of an unweighted mean of clipped updates. A mean
   weighted by study counts would let one large site move the model by more than ``clip / sampled-sites``;
 - the number of sampled sites is read from each round's actual sample (and replies), not fixed up front, so
-  the noise matches the mean it protects;
+  the noise matches the mean it protects; adaptive modes noise with the norm the updates were clipped to;
+- client-side modes: the server checks each update is within the clipping norm (ValueError: the round is skipped);
 - after every round in which a noised aggregate was released, an RDP accountant (Flower's ``RdpAccountant``, a
   wrapper of Google's ``dp-accounting``) composes one Poisson-subsampled Gaussian mechanism with sampling rate
   ``sampled sites / available sites`` and the configured noise multiplier, and reports ε at ``dp-delta``.
