@@ -97,7 +97,9 @@ STRATEGY_RUNS = [(name, "float32") for name in STRATEGIES] + [("fedavg", "float1
 @pytest.fixture(scope="module")
 def strategy_runs(federation):
     """One round of every strategy (and of fedavg with float16 transport) on three sites, one simulation."""
-    simulate(federation, [(f"{s}-{t}", {"strategy": s, "transport": t}) for s, t in STRATEGY_RUNS], sites=3)
+    steps = [(f"{s}-{t}", {"strategy": s, "transport": t}) for s, t in STRATEGY_RUNS]
+    steps.append(("fedbn", {"bn-mode": "local", "num-server-rounds": 2}))
+    simulate(federation, steps, sites=3)
     return {(s, t): run_dir(federation, f"{s}-{t}") for s, t in STRATEGY_RUNS}
 
 
@@ -128,6 +130,25 @@ def test_float16_transport_halves_the_bytes_of_a_round(strategy_runs):
         assert 0.45 < rounds["float16"][key] / rounds["float32"][key] < 0.55
     losses = [rounds[t]["evaluate"]["aggregate"]["val-loss"] for t in ("float32", "float16")]
     assert abs(losses[0] - losses[1]) < 0.05  # same training, weights rounded on the wire
+
+
+def test_fedbn_sites_keep_their_norm_layers_and_the_bundle_carries_their_average(federation, strategy_runs):
+    from models.factory import build_model, norm_state_keys
+
+    folder = run_dir(federation, "fedbn")
+    rounds = metrics(folder)["rounds"]
+    assert [r["skipped"] for r in rounds] == [False, False]
+    local = {site: torch.load(next((federation / "work" / site / "fedbn").glob("*.pt")), weights_only=True)
+             for site in ("site-0", "site-1", "site-2")}  # fmt: skip
+    keys = norm_state_keys(build_model(ServerConfig(model_name="smallcnn").model))
+    assert all(set(state) == keys for state in local.values())
+    assert any(not torch.equal(local["site-0"][k], local["site-1"][k]) for k in keys)  # each site has its own
+    weights = {site: m["num-examples"] for site, m in rounds[-1]["train"]["sites"].items()}
+    final = checkpoint(folder, 2)
+    for key in keys:
+        if final[key].is_floating_point():
+            average = sum(weights[s] * local[s][key].double() for s in local) / sum(weights.values())
+            assert torch.allclose(final[key].double(), average, atol=1e-5), key
 
 
 # --- poisoned updates -------------------------------------------------------------------------------------------------
