@@ -17,7 +17,6 @@ from flwr.supercore.differential_privacy import compute_clip_model_update
 from fedct.demo import simulation_backend_config
 from federation import TINY_RUN_CONFIG, tiny_federation
 from fl_client.client_app import build_client_app
-from fl_client.privacy import site_dp_mode
 from fl_client.transport import decode_content
 from fl_server.checkpoint import load_bundle
 from fl_server.config import ServerConfig
@@ -84,13 +83,6 @@ def test_dp_off_leaves_the_strategy_alone_and_defaults_are_off():
     strategy = FedAvg()
     assert wrap_strategy(strategy, ServerConfig().privacy, expected_sites=2) is strategy
     assert strategy.weighted_by_key == "num-examples"
-
-
-def test_site_reads_the_dp_mode_from_the_run_config():
-    assert site_dp_mode({}) == "off"
-    assert site_dp_mode({"dp-mode": "client-adaptive"}) == "client-adaptive"
-    with pytest.raises(ValueError, match="dp-mode"):
-        site_dp_mode({"dp-mode": "local"})
 
 
 # --- accountant -----------------------------------------------------------------------------------------------------
