@@ -43,6 +43,8 @@ from fl_server.validation import check_updates
 from models.factory import buffer_keys, build_model
 
 NDArrays = dict[str, np.ndarray]
+#: Messages expire this long after the round stops waiting for them (Flower's default TTL is 12 h).
+TTL_SLACK_S = 30.0
 
 
 def encode_messages(messages: Iterable[Message], *, transport: str) -> tuple[list[Message], int]:
@@ -158,6 +160,8 @@ class RoundLoop:
     def _exchange(self, messages: Iterable[Message], report: RoundReport) -> tuple[list[Message], list[int]]:
         """Send, wait at most round-timeout-s, decode; returns (content replies, node ids sent to)."""
         encoded, sent_bytes = encode_messages(messages, transport=self.config.transport)
+        for msg in encoded:  # a site that comes back later must not train on a round the server has given up on
+            msg.metadata.ttl = self.config.round_timeout_s + TTL_SLACK_S
         report.bytes_sent += sent_bytes
         targets = [m.metadata.dst_node_id for m in encoded]
         if not encoded:
