@@ -47,7 +47,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_server.config import ServerConfig
-from fl_server.rounds import RoundLoop, RoundReport, _plain_metrics, _SnapshotGrid
+from fl_server.rounds import TTL_SLACK_S, RoundLoop, RoundReport, _plain_metrics, _SnapshotGrid
 
 #: Quantization levels of SecAgg+ (Flower's default ``quantization_range``, 2**22).
 QUANTIZATION_RANGE = 2**22
@@ -78,14 +78,18 @@ def content_nbytes(content: RecordDict) -> int:
 
 
 class _CountingGrid:
-    """The grid, adding the payload bytes of what SecAgg+ sends and receives to a round's report."""
+    """The grid, adding the payload bytes of what SecAgg+ sends and receives to a round's report; messages expire
+    like the round loop's (``ttl``), so a site that comes back late does not answer an abandoned stage."""
 
-    def __init__(self, grid: Grid, report: RoundReport) -> None:
+    def __init__(self, grid: Grid, report: RoundReport, *, ttl: float) -> None:
         self._grid = grid
         self._report = report
+        self._ttl = ttl
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
+        for msg in messages:
+            msg.metadata.ttl = self._ttl
         self._report.bytes_sent += sum(content_nbytes(m.content) for m in messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         self._report.bytes_received += sum(content_nbytes(r.content) for r in replies if not r.has_error())
@@ -175,7 +179,8 @@ class SecAggRoundLoop(RoundLoop):
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             cast(Parameters, legacy.initial_parameters), keep_input=True
         )
-        self.workflow(cast(Grid, _CountingGrid(self.grid, report)), context)
+        grid = _CountingGrid(self.grid, report, ttl=self.config.round_timeout_s + TTL_SLACK_S)
+        self.workflow(cast(Grid, grid), context)
         return legacy
 
     def run_round(self, server_round: int, global_arrays: dict[str, np.ndarray], train_config: ConfigRecord,
