@@ -15,6 +15,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fl_client.config import RoundSettings, SiteConfig
+from fl_client.privacy import privacy_mods
+from fl_client.secagg import is_legacy_fit, legacy_fit_reply
 from fl_client.transport import INDEX_RECORD, received_state, weights_records
 from fl_client.train import evaluate_round, train_round
 
@@ -25,7 +27,7 @@ def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, m
     """The site's ClientApp; ``run_config_overrides`` stand in for the run config where Flower passes none
     (in-process simulation); ``mods`` are Flower client mods wrapped around the handlers."""
     overrides = dict(run_config_overrides or {})
-    app = ClientApp(mods=list(mods))
+    app = ClientApp(mods=[*privacy_mods(overrides), *mods])  # privacy mods act only when the run config asks
 
     def _site(context: Context) -> SiteConfig:
         return SiteConfig.from_context(dict(context.node_config), {**dict(context.run_config), **overrides})
@@ -33,6 +35,8 @@ def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, m
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         site = _site(context)
+        if is_legacy_fit(msg):  # SecAgg+ (secure-aggregation=true): legacy fit message inside Flower's secaggplus_mod
+            return legacy_fit_reply(msg, site)
         settings = RoundSettings.from_record(dict(msg.content["config"]))
         packed = INDEX_RECORD in msg.content  # reply the way the server sent: packed buffers or per-tensor arrays
         state, result = train_round(site, settings, received_state(msg.content))

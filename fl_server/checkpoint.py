@@ -146,6 +146,7 @@ def model_card(meta: Mapping[str, Any]) -> str:
     agg = metrics.get("aggregate", {})
     lines.append(f"| all (weighted mean of sites) | {int(agg.get('test-n') or 0)} | {fmt(agg.get('test-auc-macro'))} | "
                  f"{fmt(agg.get('test-accuracy'))} | {fmt(agg.get('test-c-index'))} |")  # fmt: skip
+    lines += _privacy_lines(prov)
     lines += [
         "",
         "## Limitations",
@@ -157,6 +158,21 @@ def model_card(meta: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _privacy_lines(prov: Mapping[str, Any]) -> list[str]:
+    """The model card's privacy section (fl_server.privacy's summary, the secure-aggregation setting), if any."""
+    dp, secagg = prov.get("privacy"), bool(prov.get("run_config", {}).get("secure-aggregation"))
+    if not dp and not secagg:
+        return []
+    lines = ["", "## Privacy"]
+    if dp:
+        lines.append(f"Client-level differential privacy: (ε = {dp['epsilon']:.3g}, δ = {dp['delta']:g}) after {dp['releases']} "
+                     f"noised aggregate(s), noise multiplier {dp['noise_multiplier']:g}; {dp['accountant']}. "
+                     "Only the weights are covered, not the metrics the sites reported.")  # fmt: skip
+    if secagg:
+        lines.append("Secure aggregation (SecAgg+): the server only saw the sum of the sites' masked updates.")
+    return lines
 
 
 def load_bundle(folder: Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_client.config import BN_MODES, RoundSettings, parse_triple
+from fl_server.privacy import PrivacyConfig
 from models.factory import ModelConfig
 from models.weights import TRANSPORTS
 from preprocessing.split import SplitConfig
@@ -81,6 +82,19 @@ class ServerConfig:
     transport: str = "float32"
     max_update_norm: float = 0.0
     update_zscore: float = 0.0
+    # Differential privacy and secure aggregation (fl_server.privacy; README "Privacy options").
+    dp_mode: str = "off"
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 0.0
+    dp_delta: float = 1e-5
+    dp_target_quantile: float = 0.5
+    dp_clip_norm_lr: float = 0.2
+    dp_clipped_count_stddev: float = 0.0
+    secure_aggregation: bool = False
+    secagg_num_shares: int = 3
+    secagg_reconstruction_threshold: int = 2
+    secagg_max_weight: float = 1000.0
+    secagg_clipping_range: float = 8.0
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -121,6 +135,8 @@ class ServerConfig:
             raise ValueError(f"strategy {self.strategy} with num-malicious-nodes={self.num_malicious_nodes} needs min-sites >= "
                              f"2*num-malicious-nodes+3 = {2 * self.num_malicious_nodes + 3}, got {self.min_sites}")  # fmt: skip
         self.round_settings(1)  # validates model, pipeline and split settings with their own messages
+        self.privacy.check_run(min_sites=self.min_sites, model_norm=self.model_norm, strategy=self.strategy,
+                               transport=self.transport)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerConfig:
@@ -138,6 +154,11 @@ class ServerConfig:
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"run config {key}={value!r} is not a valid {known[key].type}") from exc
         return cls(**values)
+
+    @property
+    def privacy(self) -> PrivacyConfig:
+        """Differential privacy and secure aggregation settings (validated when built)."""
+        return PrivacyConfig.from_mapping({f.name: getattr(self, f.name) for f in fields(self)})
 
     @property
     def model(self) -> ModelConfig:

@@ -36,6 +36,7 @@ from fl_client.metrics import RISK_RANGE
 from fl_client.transport import decode_content, encode_content, record_nbytes
 from fl_server.checkpoint import RunState, load_run_state, save_run_state, save_state, write_bundle
 from fl_server.config import RESUMABLE_KEYS, ServerConfig
+from fl_server.privacy import privacy_summary
 from fl_server.run_log import RunLog, histogram_quantiles
 from fl_server.strategy import SERVER_OPTIMISERS, load_strategy_state, strategy_state
 from fl_server.validation import check_updates
@@ -408,9 +409,15 @@ def run_federation(
             "sites": sorted(sites_seen),
             "run_config": run_config,
             "metrics": _round_metrics(run_log, server_round),
+            "privacy": privacy_summary(strategy),
         }
 
-    loop = RoundLoop(grid, strategy, config=config, reference=arrays, buffers=buffer_keys(model), poll_s=poll_s)
+    loop_class = RoundLoop
+    if config.privacy.secure_aggregation:
+        from fl_server.secagg import SecAggRoundLoop  # (fl_server.secagg builds on this module)
+
+        loop_class = SecAggRoundLoop
+    loop = loop_class(grid, strategy, config=config, reference=arrays, buffers=buffer_keys(model), poll_s=poll_s)
     t0 = time.perf_counter()
     for server_round in range(start, config.num_server_rounds + 1):
         log(INFO, "")

@@ -1,0 +1,227 @@
+"""Secure aggregation (SecAgg+) rounds on Flower's legacy workflow, with fedct's Message-API bookkeeping.
+
+Flower 1.41 offers SecAgg+ only as ``flwr.server.workflow.SecAggPlusWorkflow``, a legacy workflow driven by a
+``LegacyContext`` and a legacy strategy. :class:`SecAggRoundLoop` is fedct's round loop (``fl_server.rounds.RoundLoop``)
+with the training half of a round replaced by one run of that workflow; everything else stays: bounded wait for
+``min-sites`` sites, the run's Message-API strategy for sampling settings and federated evaluation (packed weights),
+the :class:`~fl_server.rounds.RoundReport` that ``run_federation`` turns into checkpoints, metrics.json and bundles.
+Update validation (``max-update-norm``, ``update-zscore``) cannot run: the server never sees a single site's update.
+
+What the server sees: only the *sum* of the sites' masked, quantized, count-weighted updates (plus each site's
+training metrics, as without SecAgg+). Sites send the update (trained minus global weights) of the floating-point
+tensors (``fl_client.secagg``); the server adds the unmasked weighted mean to the global weights. Integer buffers
+(BatchNorm's batch counter) are not aggregated and keep their global value.
+
+Precision: SecAgg+ multiplies a site's update by ``w = num-examples / secagg-max-weight`` (rounded to a multiple of
+2**-22; the server divides by the sum of the same rounded weights), clips ``w * update`` to
+``±secagg-clipping-range`` and quantizes it with stochastic rounding to 2**22 levels (Flower's default
+``quantization_range``): a step of ``2 * clipping_range / 2**22`` (3.8e-6 for the default range 8), an error below
+one step per site. After division by the summed weights the aggregate differs from the exact weighted mean
+(FedAvg) by less than ``sites * step / sum(w)`` per value, plus the weights' rounding (relative 2**-22 / w). Keep
+``secagg-max-weight`` near the largest site's training count: a larger one makes every ``w`` smaller and the error
+larger; a smaller one makes ``w > 1`` and risks clipping (Flower warns).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import log
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import LegacyContext
+from flwr.server import ServerConfig as LegacyServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fl_server.config import ServerConfig
+from fl_server.rounds import TTL_SLACK_S, RoundLoop, RoundReport, _plain_metrics, _SnapshotGrid
+
+#: Quantization levels of SecAgg+ (Flower's default ``quantization_range``, 2**22).
+QUANTIZATION_RANGE = 2**22
+
+
+def quantization_tolerance(*, clipping_range: float, weights: list[float], max_update: float) -> float:
+    """Bound on the deviation of a SecAgg+ aggregate from the exact weighted mean, per value (see module doc).
+
+    ``weights`` are the sites' ``num-examples / secagg-max-weight``; ``max_update`` the largest absolute update value.
+    """
+    step = 2 * clipping_range / QUANTIZATION_RANGE
+    rounding = len(weights) * step / sum(weights)
+    weight_rounding = 2 * max_update * 2.0**-22 / min(weights)
+    return rounding + weight_rounding
+
+
+def content_nbytes(content: RecordDict) -> int:
+    """Payload bytes of a message: arrays, plus the bytes values of ConfigRecords (SecAgg+ sends keys, encrypted
+    shares and masked vectors there)."""
+    total = sum(len(array.data) for record in content.array_records.values() for array in record.values())
+    for record in content.config_records.values():
+        for value in record.values():
+            if isinstance(value, bytes):
+                total += len(value)
+            elif isinstance(value, list):
+                total += sum(len(v) for v in value if isinstance(v, bytes))
+    return total
+
+
+class _CountingGrid:
+    """The grid, adding the payload bytes of what SecAgg+ sends and receives to a round's report; messages expire
+    like the round loop's (``ttl``), so a site that comes back late does not answer an abandoned stage."""
+
+    def __init__(self, grid: Grid, report: RoundReport, *, ttl: float) -> None:
+        self._grid = grid
+        self._report = report
+        self._ttl = ttl
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        for msg in messages:
+            msg.metadata.ttl = self._ttl
+        self._report.bytes_sent += sum(content_nbytes(m.content) for m in messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self._report.bytes_received += sum(content_nbytes(r.content) for r in replies if not r.has_error())
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class _SecAggFedAvg(LegacyFedAvg):
+    """Legacy FedAvg for one round whose fit results carry the SecAgg+ weighted mean of the sites' updates."""
+
+    def __init__(self, *, arrays: Mapping[str, np.ndarray], train_config: ConfigRecord, template: Strategy) -> None:
+        self.state = {k: np.array(v, copy=True) for k, v in arrays.items()}
+        self.float_names = [k for k, v in self.state.items() if np.issubdtype(v.dtype, np.floating)]
+        self.aggregated = False
+        self.site_metrics: dict[int, dict[str, Any]] = {}
+        self.site_names: dict[int, str] = {}
+        config = cast(dict[str, Scalar], dict(train_config))
+        if hasattr(template, "proximal_mu"):  # FedProx sends its mu with the training config (the sites add the term)
+            config["proximal-mu"] = float(template.proximal_mu)
+        super().__init__(
+            fraction_fit=float(getattr(template, "fraction_train", 1.0)),
+            fraction_evaluate=0.0,
+            min_fit_clients=int(getattr(template, "min_train_nodes", 2)),
+            min_evaluate_clients=0,
+            min_available_clients=int(getattr(template, "min_available_nodes", 2)),
+            on_fit_config_fn=lambda _round: config,
+            initial_parameters=ndarrays_to_parameters(list(self.state.values())),
+            accept_failures=True,
+        )
+
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Add the unmasked mean update to the global weights; keep each site's training metrics."""
+        if not results:
+            log(INFO, "fedct SecAgg+ round %d: no site update (%d failures)", server_round, len(failures))
+            return None, {}
+        mean_update = parameters_to_ndarrays(results[0][1].parameters)  # every result carries the same aggregate
+        if len(mean_update) != len(self.float_names):
+            raise ValueError(f"SecAgg+ round {server_round}: aggregate has {len(mean_update)} tensors, "
+                             f"the model {len(self.float_names)} floating-point ones")  # fmt: skip
+        for name, delta in zip(self.float_names, mean_update, strict=True):
+            self.state[name] = (self.state[name] + delta.reshape(self.state[name].shape)).astype(self.state[name].dtype)
+        for proxy, fitres in results:
+            if "site-name" in fitres.metrics:
+                self.site_names[proxy.node_id] = str(fitres.metrics["site-name"])
+            self.site_metrics[proxy.node_id] = {k: float(v) for k, v in fitres.metrics.items()
+                                                if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
+        self.aggregated = True
+        return ndarrays_to_parameters(list(self.state.values())), {}
+
+
+class SecAggRoundLoop(RoundLoop):
+    """fedct's round loop with SecAgg+ training (Flower's SecAggPlusWorkflow) and the usual evaluation."""
+
+    def __init__(self, grid: Grid, strategy: Strategy, *, config: ServerConfig, reference: Mapping[str, np.ndarray],
+                 buffers: frozenset[str] = frozenset(), poll_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        super().__init__(grid, strategy, config=config, reference=reference, buffers=buffers, poll_s=poll_s, clock=clock)
+        settings = config.privacy
+        if not settings.secure_aggregation:
+            raise ValueError("SecAggRoundLoop needs secure-aggregation=true")
+        self.workflow = SecAggPlusWorkflow(
+            num_shares=settings.secagg_num_shares,
+            reconstruction_threshold=settings.secagg_reconstruction_threshold,
+            max_weight=settings.secagg_max_weight,
+            clipping_range=settings.secagg_clipping_range,
+            quantization_range=QUANTIZATION_RANGE,
+            timeout=config.round_timeout_s,
+        )
+
+    def _secure_train(self, server_round: int, nodes: list[int], global_arrays: Mapping[str, np.ndarray],
+                      train_config: ConfigRecord, report: RoundReport) -> _SecAggFedAvg:  # fmt: skip
+        """One run of the SecAgg+ workflow over ``nodes`` (bytes counted into ``report``)."""
+        legacy = _SecAggFedAvg(arrays=global_arrays, train_config=train_config, template=self.strategy)
+        manager = SimpleClientManager()
+        run_id = self.grid.run.run_id
+        for node_id in nodes:
+            manager.register(GridClientProxy(node_id=node_id, grid=self.grid, run_id=run_id))
+        context = LegacyContext(Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                                config=LegacyServerConfig(num_rounds=1), strategy=legacy, client_manager=manager)  # fmt: skip
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {WorkflowKey.CURRENT_ROUND: server_round, WorkflowKey.START_TIME: time.time()}
+        )
+        context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            cast(Parameters, legacy.initial_parameters), keep_input=True
+        )
+        grid = _CountingGrid(self.grid, report, ttl=self.config.round_timeout_s + TTL_SLACK_S)
+        self.workflow(cast(Grid, grid), context)
+        return legacy
+
+    def run_round(self, server_round: int, global_arrays: dict[str, np.ndarray], train_config: ConfigRecord,
+                  evaluate_config: ConfigRecord) -> RoundReport:  # fmt: skip
+        """Train with SecAgg+, then evaluate as :class:`RoundLoop` does; the report holds the new global arrays."""
+        t0 = self.clock()
+        minimum = self.config.min_sites
+        report = RoundReport(server_round=server_round, arrays=global_arrays)
+        nodes = self.wait_for_nodes(minimum)
+        report.nodes_connected = len(nodes)
+        if len(nodes) < minimum:
+            report.skip_reason = (f"only {len(nodes)} site(s) connected after round-timeout-s={self.config.round_timeout_s:g} "
+                                  f"(min-sites={minimum})")  # fmt: skip
+            return self._done(report, t0)
+        legacy = self._secure_train(server_round, nodes, global_arrays, train_config, report)
+        self.site_names.update(legacy.site_names)
+        if not legacy.aggregated or len(legacy.site_metrics) < minimum:
+            report.skip_reason = (f"SecAgg+ aggregated {len(legacy.site_metrics)} site(s), fewer than min-sites={minimum} "
+                                  "(too few sites completed every stage); global model kept")  # fmt: skip
+            return self._done(report, t0)
+        new_arrays = {k: legacy.state[k].astype(ref.dtype).reshape(ref.shape) for k, ref in self.reference.items()}
+        bad = next((k for k, v in new_arrays.items() if v.dtype.kind == "f" and not np.all(np.isfinite(v))), None)
+        if bad is not None:
+            report.skip_reason = f"aggregate has non-finite values in {bad!r}; global model kept"
+            return self._done(report, t0)
+        report.arrays, report.aggregated = new_arrays, True
+        report.train_sites = {self._site(node_id): metrics for node_id, metrics in legacy.site_metrics.items()}
+        for metrics in report.train_sites.values():
+            metrics.pop("site-name", None)
+
+        nodes = self.wait_for_nodes(minimum)
+        if len(nodes) < minimum:
+            report.evaluation_missing = f"only {len(nodes)} site(s) connected for evaluation (min-sites={minimum})"
+            return self._done(report, t0)
+        current = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in new_arrays.items()})
+        messages = self.strategy.configure_evaluate(server_round, current, evaluate_config, _SnapshotGrid(self.grid, nodes))
+        evaluated, _ = self._exchange(messages, report)
+        evaluated = [r for r in evaluated if len(r.content.metric_records) == 1]
+        if len(evaluated) < minimum:
+            report.evaluation_missing = f"{len(evaluated)} evaluation repl(ies), fewer than min-sites={minimum}"
+            return self._done(report, t0)
+        self.strategy.aggregate_evaluate(server_round, evaluated)
+        report.evaluate_sites = {self._site(r.metadata.src_node_id): _plain_metrics(r.content) for r in evaluated}
+        return self._done(report, t0)

@@ -1,0 +1,132 @@
+"""SecAgg+ (Flower's legacy workflow) inside fedct's ServerApp: settings checks and a real simulation whose secure
+aggregate equals the plain FedAvg aggregate of the same site updates, with metrics and checkpoints as usual."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.common import parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.simulation import run_simulation
+
+from fedct.demo import simulation_backend_config
+from federation import TINY_RUN_CONFIG, tiny_federation
+from fl_client.client_app import build_client_app
+from fl_client.secagg import LEGACY_FIT_KEY
+from fl_server.checkpoint import load_bundle
+from fl_server.config import ServerConfig
+from fl_server.privacy import PrivacyConfig
+from fl_server.secagg import quantization_tolerance
+from fl_server.server_app import build_server_app
+
+MAX_WEIGHT = 10.0  # about the sites' training counts here (see fl_server.secagg on precision)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"secagg-num-shares": 2}, "secagg-num-shares"),
+        ({"secagg-reconstruction-threshold": 3}, "secagg-reconstruction-threshold"),
+        ({"secagg-reconstruction-threshold": 1}, "secagg-reconstruction-threshold"),
+        ({"secagg-max-weight": 0.0}, "secagg-max-weight"),
+        ({"min-sites": 1}, "min-sites"),
+        ({"secure-aggregation": "maybe"}, "secure-aggregation"),
+        ({"dp-mode": "server-fixed", "dp-noise-multiplier": 1.0, "dp-clipping-norm": 1.0, "model-norm": "group"}, "dp-mode"),
+    ],
+)
+def test_bad_secagg_settings_fail_before_the_run_naming_the_key(overrides, key):
+    with pytest.raises(ValueError, match=key):
+        ServerConfig.from_run_config({**TINY_RUN_CONFIG, "secure-aggregation": True, **overrides})
+
+
+def test_secagg_refuses_robust_aggregation():
+    with pytest.raises(ValueError, match="strategy"):
+        PrivacyConfig(secure_aggregation=True).check_run(min_sites=3, model_norm="batch", strategy="krum")
+
+
+def test_secagg_defaults_are_off_and_valid():
+    config = ServerConfig().privacy
+    assert config.secure_aggregation is False
+    assert ServerConfig.from_run_config({"secure-aggregation": "true"}).privacy.secure_aggregation is True
+
+
+def recording_mod(folder: Path):
+    """Client mod inside Flower's secaggplus_mod: saves each site's legacy fit result (its update before masking)."""
+
+    def mod(msg: Message, context: Context, call_next):
+        reply = call_next(msg, context)
+        if LEGACY_FIT_KEY in msg.content.array_records and not reply.has_error():
+            fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+            rnd = int(msg.content.config_records["fitins.config"]["server-round"])
+            site = str(fitres.metrics["site-name"])
+            np.savez(folder / f"{site}-round{rnd}.npz", num_examples=fitres.num_examples,
+                     **{f"u{i}": a for i, a in enumerate(parameters_to_ndarrays(fitres.parameters))})  # fmt: skip
+        return reply
+
+    return mod
+
+
+@pytest.fixture(scope="module")
+def secagg_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("secagg")
+    tiny_federation(root / "data", sites=3, patients_per_site=8)
+    run_dir, replies = root / "run", root / "replies"
+    replies.mkdir()
+    server_config = {**TINY_RUN_CONFIG, "num-server-rounds": 2, "min-sites": 3, "run-dir": str(run_dir),
+                     "secure-aggregation": True, "secagg-max-weight": MAX_WEIGHT}  # fmt: skip
+    run_simulation(
+        server_app=build_server_app(server_config),
+        client_app=build_client_app({"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")},
+                                    mods=[recording_mod(replies)]),  # fmt: skip
+        num_supernodes=3,
+        backend_config=simulation_backend_config(),
+    )
+    return run_dir, replies
+
+
+@pytest.mark.parametrize("server_round", [1, 2])
+def test_secure_aggregate_equals_plain_fedavg_of_the_same_updates(secagg_run, server_round):
+    run_dir, replies = secagg_run
+    before = torch.load(run_dir / "checkpoints" / f"round-{server_round - 1:03d}.pt", weights_only=True)
+    after = torch.load(run_dir / "checkpoints" / f"round-{server_round:03d}.pt", weights_only=True)
+    floats = [k for k, v in before.items() if v.is_floating_point()]
+    sites = sorted(replies.glob(f"*-round{server_round}.npz"))
+    assert len(sites) == 3
+    models, counts = [], []
+    for path in sites:
+        with np.load(path) as data:
+            counts.append(int(data["num_examples"]))
+            models.append({k: before[k].numpy().astype(np.float64) + data[f"u{i}"] for i, k in enumerate(floats)})
+    # Plain FedAvg: the sites' trained models averaged with weights num-examples / total.
+    fedavg = {k: sum(n * m[k] for n, m in zip(counts, models, strict=True)) / sum(counts) for k in floats}
+    max_update = max(float(np.abs(m[k] - before[k].numpy()).max()) for m in models for k in floats)
+    tolerance = quantization_tolerance(clipping_range=8.0, weights=[n / MAX_WEIGHT for n in counts], max_update=max_update)
+    deviation = max(float(np.abs(after[k].numpy() - fedavg[k]).max()) for k in floats)
+    assert deviation <= tolerance
+    assert max_update > 100 * tolerance  # the comparison is not trivially satisfied by tiny updates
+    # Integer buffers (BatchNorm batch counters) are not aggregated by SecAgg+: they keep the global value.
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in floats)
+
+
+def test_metrics_checkpoints_and_bundles_are_written_as_without_secagg(secagg_run):
+    run_dir, _ = secagg_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    initial = torch.load(run_dir / "checkpoints" / "round-000.pt", weights_only=True)
+    model_bytes = sum(v.numel() * v.element_size() for v in initial.values() if v.is_floating_point())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for entry in metrics["rounds"]:
+        assert sorted(entry["train"]["sites"]) == ["site-0", "site-1", "site-2"]
+        assert sorted(entry["evaluate"]["sites"]) == ["site-0", "site-1", "site-2"]
+        assert entry["train"]["aggregate"]["num-examples"] == sum(s["num-examples"] for s in entry["train"]["sites"].values())
+        assert entry["evaluate"]["aggregate"]["val-loss"] is not None
+        # SecAgg+'s four stages and the evaluation are counted: at least the model out to and an update back from each site.
+        assert entry["bytes_sent"] > 3 * model_bytes and entry["bytes_received"] > 3 * model_bytes
+        assert not entry["skipped"] and entry["rejected_updates"] == []
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-000.pt", "round-001.pt", "round-002.pt"]
+    _, meta = load_bundle(run_dir / "model" / "final")
+    assert meta["provenance"]["run_config"]["secure-aggregation"] is True
+    assert "Secure aggregation (SecAgg+)" in (run_dir / "model" / "final" / "model_card.md").read_text()
+    assert (run_dir / "model" / "best" / "model.json").is_file()
