@@ -6,7 +6,7 @@ Why not ``Strategy.start``: it blocks forever in node sampling once a site has d
 1. wait (at most ``round-timeout-s``, polling ``grid.get_node_ids()``) until ``min-sites`` sites are connected,
    else skip the round (recorded with its reason) and go on; a site that comes back is sampled again;
 2. ``configure_train`` on the connected nodes, weights packed into a few buffers (``models.weights``), then
-   ``grid.send_and_receive(..., timeout=round-timeout-s)``;
+   ``exchange`` (push, then pull replies every 0.1 s until all are in or round-timeout-s has passed);
 3. replies unpacked to per-tensor arrays, checked (``fl_server.validation``), rejected ones logged and dropped;
    with fewer than ``min-sites`` valid updates the round is skipped and the global model kept, else
    ``aggregate_train``;
@@ -59,6 +59,26 @@ def encode_messages(messages: Iterable[Message], *, transport: str) -> tuple[lis
         total += record_nbytes(msg.content)
         out.append(msg)
     return out, total
+
+
+#: Seconds between reply polls. Flower's ``Grid.send_and_receive`` sleeps a hard-coded 3 s between polls
+#: (1.5 s of idle wait per exchange on average, docs/flower-overhead.md); a poll of the SuperLink is cheap.
+REPLY_POLL_S = 0.1
+
+
+def exchange(grid: Grid, messages: Iterable[Message], *, timeout_s: float, poll_s: float = REPLY_POLL_S) -> list[Message]:
+    """``Grid.send_and_receive`` with a short reply poll: push, then pull until every reply is in or ``timeout_s``."""
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
+    return replies
 
 
 # --- one round --------------------------------------------------------------------------------------------------
@@ -166,7 +186,7 @@ class RoundLoop:
         targets = [m.metadata.dst_node_id for m in encoded]
         if not encoded:
             return [], targets
-        replies = list(self.grid.send_and_receive(encoded, timeout=self.config.round_timeout_s))
+        replies = exchange(self.grid, encoded, timeout_s=self.config.round_timeout_s)
         answered = {r.metadata.src_node_id for r in replies}
         for node_id in targets:
             if node_id not in answered:
