@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="densenet121")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+
+    from fedct import certs, deploy  # deployment: fedct certs, fedct server, fedct site
+
+    certs.add_parser(sub)
+    deploy.add_server_parser(sub)
+    deploy.add_site_parser(sub)
     return parser
 
 
