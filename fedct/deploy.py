@@ -80,7 +80,7 @@ def check_tls(host: str, port: int, ca_cert: Path, *, timeout: float = 5.0, sett
             with context.wrap_socket(raw, server_hostname=host) as tls:
                 return str(tls.version())
     except ssl.SSLCertVerificationError as exc:
-        if "hostname" in str(exc.verify_message).lower():
+        if "mismatch" in str(exc.verify_message).lower():  # "Hostname mismatch" or "IP address mismatch"
             raise DeployError(
                 f"TLS: the SuperLink at {host}:{port} has a certificate that is not valid for {host!r} "
                 f"({exc.verify_message}). Connect with a name or IP listed in the server certificate's SANs, or "
@@ -394,10 +394,17 @@ def submit_run(env: ServerEnv, config_toml: Path, *, app_dir: Path | None = None
 
 
 def node_config_arg(config: Mapping[str, str | int | float | bool]) -> str:
-    """``--node-config`` text: ``key="string" key=3`` (TOML values; strings JSON-escaped)."""
+    """``--node-config`` text: ``key="string" key=3``. Flower splits it with a regex that knows no escapes, so a
+    string is written in double quotes, or in single quotes (TOML literal) when it holds a double quote."""
     parts = []
     for key, value in config.items():
-        parts.append(f"{key}={_toml_value(value)}")
+        if isinstance(value, str):
+            if "\n" in value or ('"' in value and "'" in value) or ("\\" in value and "'" in value):
+                raise DeployError(f"node config {key}={value!r}: Flower's --node-config cannot carry this value; rename the path")
+            text = f"'{value}'" if ('"' in value or "\\" in value) else f'"{value}"'
+        else:
+            text = _toml_value(value)
+        parts.append(f"{key}={text}")
     return " ".join(parts)
 
 
