@@ -9,7 +9,7 @@
 # ISOLATION (podman build isolation; chroot works where podman cannot create namespaces), SKIP_BASE=1 (reuse an
 # imported base), PIP_EXTRA_ARGS (passed to pip in the images), LOCAL_PIP_DIRS (local wheel folders / simple
 # indexes mounted into the build), TORCH_INDEX (extra index for torch; empty when a local wheel folder is used), HOST_CA_BUNDLE (CA bundle copied into the base;
-# default the host's /etc/ssl/certs/ca-certificates.crt).
+# default the host's /etc/ssl/certs/ca-certificates.crt), IMAGES (default "server site").
 set -eu
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
@@ -47,7 +47,7 @@ if [ "${SKIP_BASE:-0}" != 1 ]; then
   tar -C "$WORK" -c . | podman import --change 'CMD ["/bin/bash"]' - "$BASE_TAG"
 fi
 
-for image in server site; do
+for image in ${IMAGES:-server site}; do
   echo "== build fedct-$image on $BASE_TAG $(date -u +%T)"
   # shellcheck disable=SC2086 # MOUNTS is a list of -v options
   podman build --isolation="$ISOLATION" $MOUNTS --build-arg BASE="$BASE_TAG" --build-arg TORCH_INDEX="$TORCH_INDEX" \

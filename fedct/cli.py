@@ -111,9 +111,19 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(options)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"fedct {version('fedct')}"
+    except PackageNotFoundError:
+        return "fedct (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the ``fedct`` command."""
     parser = argparse.ArgumentParser(prog="fedct", description="Federated learning on CT imaging.")
+    parser.add_argument("--version", action="version", version=_version())  # containers' self-check
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write synthetic hospitals (CT DICOM + labels.csv per site)")
