@@ -13,8 +13,9 @@ Server side (the consortium's coordinator, one host):
 
 Site side (each hospital): ``fedct site --env site.env`` (see :mod:`fl_client.site_env`) validates the env file,
 checks the TLS handshake with the SuperLink against the CA (a clear message instead of Flower's "unavailable"),
-ingests the DICOM folder, installs the app-approval launcher (:mod:`fl_client.approval`) and replaces itself with
-``flower-supernode`` (``--root-certificates``, ``--auth-supernode-private-key``, ``--node-config``, its own port).
+ingests the DICOM folder, installs the app-approval launcher (:mod:`fl_client.approval`) and runs
+``flower-supernode`` (``--root-certificates``, ``--auth-supernode-private-key``, ``--node-config``, its own port)
+in the foreground, retrying for a while when the SuperLink refuses to activate it (a restart right after a crash).
 """
 
 from __future__ import annotations
@@ -462,8 +463,8 @@ def supernode_pids(site_name: str | None = None) -> list[int]:
     return found
 
 
-def start_site(site: SiteEnv, *, wait_s: float, ingest_first: bool = True) -> int:
-    """Preflight TLS, ingest, install the approval launcher, then exec ``flower-supernode`` (does not return)."""
+def start_site(site: SiteEnv, *, wait_s: float, ingest_first: bool = True, activation_wait_s: float = 120.0) -> int:
+    """Preflight TLS, ingest, install the approval launcher, then run ``flower-supernode``; returns its exit code."""
     from fl_client.approval import install_gate, load_allow_list
 
     print(f"fedct site {site.site_name}: checking TLS to {site.superlink} against {site.ca_cert}", flush=True)
@@ -481,12 +482,54 @@ def start_site(site: SiteEnv, *, wait_s: float, ingest_first: bool = True) -> in
         print(f"fedct site {site.site_name}: {len(approved)} approved app(s) in {site.approved_apps}"
               + ("" if approved else "; every run will be refused until an app is approved (--approve APP_DIR)"), flush=True)  # fmt: skip
     site.flwr_home.mkdir(parents=True, exist_ok=True)
-    command = supernode_command(site)
-    print(f"fedct site {site.site_name}: exec {' '.join(command)}", flush=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execvpe(command[0], command, supernode_env(site, gate_dir))
-    return 1  # not reached
+    return run_supernode(site, supernode_command(site), supernode_env(site, gate_dir), activation_wait_s=activation_wait_s)
+
+
+#: What flower-supernode prints when the SuperLink refuses to activate it (unknown key, or still counted online).
+ACTIVATION_REFUSED = b"[code: 2004]"
+
+
+def run_supernode(site: SiteEnv, command: Sequence[str], env: Mapping[str, str], *, activation_wait_s: float) -> int:
+    """Run the SuperNode in the foreground (output passed through, SIGTERM/SIGINT forwarded); returns its exit code.
+
+    A SuperNode that was killed stays "online" at the SuperLink until its heartbeats expire (2 x 30 s), and a restart
+    within that time is refused activation (code 2004), as is a key the server never registered. Such a refusal is
+    retried every 10 s for ``activation_wait_s``; then the site stops with a message saying what to check.
+    """
+    stopping: list[int] = []
+    current: list[subprocess.Popen] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        stopping.append(signum)
+        if current and current[0].poll() is None:
+            current[0].send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    deadline = time.monotonic() + activation_wait_s
+    while True:
+        print(f"fedct site {site.site_name}: starting {' '.join(command)}", flush=True)
+        proc = subprocess.Popen(list(command), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        current[:] = [proc]
+        refused = False
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.buffer.write(line)
+            sys.stdout.buffer.flush()
+            refused = refused or ACTIVATION_REFUSED in line
+        code = proc.wait()
+        if stopping or not refused:
+            return code
+        if time.monotonic() >= deadline:
+            print(f"fedct site {site.site_name}: error: the SuperLink at {site.superlink} refused to activate this site "
+                  f"(code 2004) for {activation_wait_s:.0f} s. Check that the server registered this site's public key "
+                  f"(the .pub of FEDCT_SITE_KEY={site.site_key} in the server's FEDCT_SITE_KEYS; `fedct server start` "
+                  "registers it), and that no other SuperNode runs with the same key.", file=sys.stderr, flush=True)  # fmt: skip
+            return 3
+        print(f"fedct site {site.site_name}: the SuperLink refused activation (code 2004): a previous instance of this "
+              "site may still count as online (freed within 60 s of its last heartbeat), or the key is not registered; "
+              "retrying in 10 s", flush=True)  # fmt: skip
+        time.sleep(10)
 
 
 # --- command line ------------------------------------------------------------------------------------------------
@@ -521,6 +564,8 @@ def add_site_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--approve", metavar="APP_DIR", help="add this app's FAB hash to the site's allow-list and exit")
     p.add_argument("--no-ingest", action="store_true", help="start without ingesting first")
     p.add_argument("--wait-s", type=float, default=120.0, help="how long to wait for the SuperLink to answer")
+    p.add_argument("--activation-wait-s", type=float, default=120.0,
+                   help="how long to retry when the SuperLink refuses to activate this site (e.g. right after a crash)")
     p.set_defaults(func=_site)
 
 
@@ -586,7 +631,7 @@ def _site(args: argparse.Namespace) -> int:
             version = check_tls(site.superlink_host, site.superlink_port, site.ca_cert)
             print(f"fedct site {site.site_name}: env file valid; SuperLink {site.superlink} TLS {version}, certificate verified")
             return 0
-        return start_site(site, wait_s=args.wait_s, ingest_first=not args.no_ingest)
+        return start_site(site, wait_s=args.wait_s, ingest_first=not args.no_ingest, activation_wait_s=args.activation_wait_s)
     except (DeployError, ConnectionError) as exc:
         print(f"fedct site {site.site_name}: error: {exc}", file=sys.stderr)
         return 2
