@@ -29,6 +29,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,8 @@ FLOWER_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
 }
+#: Seconds a stopped SuperNode / SuperLink gets to exit after SIGTERM before it is killed.
+STOP_GRACE_S = 15.0
 #: Name of the SuperLink connection in the CLI's config.toml.
 CONNECTION = "consortium"
 
@@ -226,8 +229,9 @@ class ServerEnv:
         site_keys = a_path("FEDCT_SITE_KEYS")
         if not site_keys.is_dir():
             raise DeployError(f"{path}: FEDCT_SITE_KEYS={site_keys}: no such folder ({SERVER_KEYS['FEDCT_SITE_KEYS']})")
-        app_dir = a_path("FEDCT_APP_DIR") if values.get("FEDCT_APP_DIR") else Path(__file__).resolve().parents[1]
-        if not (app_dir / "pyproject.toml").is_file():
+        source_tree = Path(__file__).resolve().parents[1]
+        app_dir = a_path("FEDCT_APP_DIR") if values.get("FEDCT_APP_DIR") else source_tree
+        if values.get("FEDCT_APP_DIR") and not (app_dir / "pyproject.toml").is_file():
             raise DeployError(f"{path}: FEDCT_APP_DIR={app_dir}: not a Flower app folder (no pyproject.toml)")
         dirs = {}
         for key in ("FEDCT_STATE_DIR", "FEDCT_RUNS_DIR"):
@@ -280,6 +284,13 @@ def register_sites(env: ServerEnv) -> dict[str, str]:
     return outcome
 
 
+def _kill_later(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` if it is still running :data:`STOP_GRACE_S` seconds from now (daemon timer)."""
+    timer = threading.Timer(STOP_GRACE_S, lambda: proc.poll() is None and proc.kill())
+    timer.daemon = True
+    timer.start()
+
+
 def start_server(env: ServerEnv, *, wait_s: float = 60.0, log_file: Path | None = None) -> int:
     """Run the SuperLink in the foreground: start, wait for TLS, register sites, then wait; returns its exit code."""
     env.superlink_home.mkdir(parents=True, exist_ok=True)
@@ -288,9 +299,13 @@ def start_server(env: ServerEnv, *, wait_s: float = 60.0, log_file: Path | None 
     out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - lives as long as the SuperLink
     proc = subprocess.Popen(command, env=flower_env(FLWR_HOME=str(env.superlink_home)), stdout=out, stderr=subprocess.STDOUT if out else None)
 
+    stopping: list[int] = []
+
     def forward(signum: int, _frame: Any) -> None:
+        stopping.append(signum)
         if proc.poll() is None:
             proc.send_signal(signum)
+            _kill_later(proc)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -308,7 +323,8 @@ def start_server(env: ServerEnv, *, wait_s: float = 60.0, log_file: Path | None 
         proc.wait(timeout=30)
         return 2
     print("fedct server: ready", flush=True)
-    return proc.wait()
+    code = proc.wait()
+    return 0 if stopping else code
 
 
 def run_config_for(env: ServerEnv, config_toml: Path, *, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -372,11 +388,15 @@ def submit_run(env: ServerEnv, config_toml: Path, *, app_dir: Path | None = None
     host, _, port = env.address.rpartition(":")
     check_tls(host.strip("[]"), int(port), env.ca_cert)
     config = run_config_for(env, config_toml, overrides=overrides)
+    app = Path(app_dir or env.app_dir).resolve()
+    if not (app / "pyproject.toml").is_file():
+        raise DeployError(f"app folder {app} has no pyproject.toml; set FEDCT_APP_DIR in {env.env_path} (in the server "
+                          "image: /opt/fedct) or pass --app")  # fmt: skip
     resolved = env.state_dir / "submitted" / f"{Path(config_toml).stem}-{int(time.time())}.toml"
     resolved.parent.mkdir(parents=True, exist_ok=True)
     resolved.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
     home = write_flwr_home(env.cli_home, address=env.address, ca_cert=env.ca_cert)
-    command = [flower_tool("flwr"), "run", str(Path(app_dir or env.app_dir).resolve()), CONNECTION, "--run-config", str(resolved)]
+    command = [flower_tool("flwr"), "run", str(app), CONNECTION, "--run-config", str(resolved)]
     if stream:
         command.append("--stream")
     done = subprocess.run(command, env=flower_env(FLWR_HOME=str(home)), capture_output=True, text=True, timeout=timeout)
@@ -489,6 +509,27 @@ def start_site(site: SiteEnv, *, wait_s: float, ingest_first: bool = True, activ
 ACTIVATION_REFUSED = b"[code: 2004]"
 
 
+def _relay(stream: Any, refused: threading.Event) -> None:
+    """Copy the SuperNode's output to ours, noting an activation refusal."""
+    for line in stream:
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+        if ACTIVATION_REFUSED in line:
+            refused.set()
+
+
+def _stop_orphans(parent_pid: int) -> None:
+    """SIGTERM the processes started with ``--parent-pid PARENT_PID`` (Flower's SuperExec of a SuperNode that ended)."""
+    needle = f"--parent-pid\0{parent_pid}\0".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGTERM)
+            except (OSError, ProcessLookupError):
+                continue
+
+
 def run_supernode(site: SiteEnv, command: Sequence[str], env: Mapping[str, str], *, activation_wait_s: float) -> int:
     """Run the SuperNode in the foreground (output passed through, SIGTERM/SIGINT forwarded); returns its exit code.
 
@@ -503,6 +544,8 @@ def run_supernode(site: SiteEnv, command: Sequence[str], env: Mapping[str, str],
         stopping.append(signum)
         if current and current[0].poll() is None:
             current[0].send_signal(signum)
+            # Flower's SuperNode tries to deregister on SIGTERM and retries while the SuperLink is gone: bound it.
+            _kill_later(current[0])
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -511,14 +554,15 @@ def run_supernode(site: SiteEnv, command: Sequence[str], env: Mapping[str, str],
         print(f"fedct site {site.site_name}: starting {' '.join(command)}", flush=True)
         proc = subprocess.Popen(list(command), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         current[:] = [proc]
-        refused = False
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.buffer.write(line)
-            sys.stdout.buffer.flush()
-            refused = refused or ACTIVATION_REFUSED in line
+        refused = threading.Event()
+        reader = threading.Thread(target=_relay, args=(proc.stdout, refused), daemon=True)
+        reader.start()
         code = proc.wait()
-        if stopping or not refused:
+        _stop_orphans(proc.pid)  # its SuperExec would otherwise linger (and keep the output pipe open)
+        reader.join(timeout=5)
+        if stopping:
+            return 0
+        if not refused.is_set():
             return code
         if time.monotonic() >= deadline:
             print(f"fedct site {site.site_name}: error: the SuperLink at {site.superlink} refused to activate this site "
