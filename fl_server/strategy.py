@@ -81,7 +81,8 @@ def build_strategy(config: ServerConfig) -> Strategy:
 
 
 def _is_array_dict(value: Any) -> bool:
-    return isinstance(value, dict) and bool(value) and all(isinstance(v, np.ndarray) for v in value.values())
+    # numpy scalars too: arithmetic on 0-d arrays (e.g. FedAdam's moments of num_batches_tracked) returns them
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, np.ndarray | np.generic) for v in value.values())
 
 
 def strategy_state(strategy: Any) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:

@@ -80,3 +80,11 @@ def test_new_settings_reach_the_sites():
     record = ServerConfig(bn_mode="local", transport="float16").round_settings(2).to_record()
     assert record["bn-mode"] == "local" and record["transport"] == "float16" and record["proximal-mu"] == 0.0
     assert ServerConfig.from_run_config({"resume": "true", "strategy": "fedyogi"}).resume is True
+
+
+def test_readme_lists_every_run_config_key():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Configuring a run") :]
+    section = section[: section.index("\n## ", 1)]
+    missing = [key for key in _pyproject_config() if f"`{key}`" not in section]
+    assert not missing, f"README 'Configuring a run' lacks {missing}"

@@ -42,18 +42,21 @@ def _reply(arrays, n, node):
 def test_fedadam_moments_survive_a_save_and_restore():
     config = ServerConfig(strategy="fedadam")
     strategy = build_strategy(config)
-    global_arrays = {"w": np.zeros(4, np.float32)}
+    global_arrays = {"w": np.zeros(4, np.float32), "n": np.array(0, np.int64)}  # 0-d: moments become numpy scalars
     for server_round in (1, 2):
         strategy.current_arrays = dict(global_arrays)
-        replies = [_reply({"w": np.full(4, 0.1 * server_round * i, np.float32)}, 10, i) for i in (1, 2)]
+        replies = [_reply({"w": np.full(4, 0.1 * server_round * i, np.float32), "n": np.array(3 * server_round, np.int64)}, 10, i)
+                   for i in (1, 2)]  # fmt: skip
         aggregated, _ = strategy.aggregate_train(server_round, replies)
-        global_arrays = {"w": aggregated["w"].numpy()}
+        global_arrays = {k: aggregated[k].numpy() for k in global_arrays}
     scalars, arrays = strategy_state(strategy)
     assert set(arrays) >= {"m_t", "v_t"} and scalars["eta"] == config.server_learning_rate
     fresh = build_strategy(config)
     assert fresh.m_t is None
     load_strategy_state(fresh, scalars, arrays)
     for attr in ("m_t", "v_t"):
+        assert set(getattr(fresh, attr)) == {"w", "n"}
+        assert np.array_equal(getattr(fresh, attr)["n"], getattr(strategy, attr)["n"])
         assert np.array_equal(getattr(fresh, attr)["w"], getattr(strategy, attr)["w"])
         assert getattr(fresh, attr)["w"] is not getattr(strategy, attr)["w"]
 
