@@ -120,9 +120,19 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(options)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"fedct {version('fedct')}"
+    except PackageNotFoundError:
+        return "fedct (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the ``fedct`` command."""
     parser = argparse.ArgumentParser(prog="fedct", description="Federated learning on CT imaging.")
+    parser.add_argument("--version", action="version", version=_version())  # containers' self-check
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write synthetic hospitals (CT DICOM + labels.csv per site)")
@@ -179,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="densenet121")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+
+    from fedct import certs, deploy  # deployment: fedct certs, fedct server, fedct site
+
+    certs.add_parser(sub)
+    deploy.add_server_parser(sub)
+    deploy.add_site_parser(sub)
     return parser
 
 
