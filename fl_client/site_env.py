@@ -208,7 +208,8 @@ class SiteEnv:
 
         path = Path(path)
         values = read_env_file(path)
-        unknown = sorted(k for k in values if k.startswith("FEDCT_") and k not in SITE_KEYS)
+        # FEDCT_PACS_* keys belong to the PACS settings (preprocessing.pacs.read_pacs_settings checks them itself).
+        unknown = sorted(k for k in values if k.startswith("FEDCT_") and not k.startswith("FEDCT_PACS_") and k not in SITE_KEYS)
         if unknown:
             raise SiteEnvError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(SITE_KEYS)}")
         missing = [k for k in REQUIRED if not values.get(k)]

@@ -142,3 +142,12 @@ def test_cuda_asked_for_but_absent(site):
     else:
         with pytest.raises(SiteEnvError, match="FEDCT_DEVICE=cuda but no CUDA device"):
             SiteEnv.from_file(site(FEDCT_DEVICE="cuda"))
+
+
+def test_pacs_settings_share_the_site_env_file(site, tmp_path):
+    """One env file per site: FEDCT_PACS_* keys are the PACS reader's (checked there), not unknown site keys."""
+    from preprocessing.pacs import read_pacs_settings
+
+    path = site(FEDCT_PACS_URL="http://127.0.0.1:8042/dicom-web", FEDCT_PACS_MODALITY="CT")
+    assert SiteEnv.from_file(path).site_name == "site-a"
+    assert read_pacs_settings(path).url == "http://127.0.0.1:8042/dicom-web"
