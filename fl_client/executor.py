@@ -134,7 +134,8 @@ def preload_modules(names: list[str] | tuple[str, ...]) -> PreloadResult:
 
 
 def _own_package() -> str:
-    return __name__.split(".")[0]
+    """``fl_client`` also when run as ``python -m fl_client.executor`` (``__name__`` is then ``__main__``)."""
+    return (__package__ or __name__).split(".")[0]
 
 
 def _forget_own_modules() -> None:
