@@ -55,6 +55,25 @@ def _pids_with(needle: str) -> list[int]:
     return found
 
 
+def tree_cpu_seconds(roots: set[int]) -> float:
+    """CPU seconds (user + system, own + reaped children) of ``roots`` and all their descendants (zombies included)."""
+    stats: dict[int, tuple[int, list[str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), fields)
+    chosen = set(roots) & set(stats)
+    grew = True
+    while grew:
+        more = {pid for pid, (ppid, _) in stats.items() if ppid in chosen and pid not in chosen}
+        chosen |= more
+        grew = bool(more)
+    return sum(sum(int(f) for f in stats[pid][1][11:15]) for pid in chosen) / os.sysconf("SC_CLK_TCK")
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split()[2]
@@ -88,7 +107,7 @@ class SiteSpec:
     node_config: str
     isolation: str = "subprocess"  # "subprocess" (Flower's SuperExec) or "process" (+ fedct's warm executor)
     superexec_poll_s: float | None = None  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (subprocess isolation)
-    executor_poll_s: float = 0.1
+    executor_poll_s: float = 0.2
     preload_app: str = "fl_client.client_app"
 
 

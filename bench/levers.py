@@ -17,7 +17,9 @@ Levers (``--configs`` picks some; the default runs the ladder, each step adding 
 - ServerApp reply poll: Flower's ``send_and_receive`` (3 s) or an own push/pull loop polling every 0.1 s;
 - then the best configuration with 10 SuperNodes.
 
-    python bench/levers.py --out bench/results/levers.json [--rounds 5] [--configs a,b]
+Idle cost of task polling (``I0``..``I4``): CPU per second of one idle SuperNode and its launcher.
+
+    python bench/levers.py --out bench/results/levers.json [--rounds 5] [--configs L0,L5,T4,I0]
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.deployment import LocalDeployment, SiteSpec  # noqa: E402
+from bench.deployment import LocalDeployment, SiteSpec, tree_cpu_seconds  # noqa: E402
 
 APP = Path(__file__).resolve().parent / "app"
 
@@ -59,7 +61,7 @@ LADDER = [
     BASELINE,
     replace(BASELINE, name="+ SuperLink database on tmpfs", database="tmpfs", rounds=4),
     replace(BASELINE, name="+ packed layout (2 arrays)", database="tmpfs", layout="packed"),
-    replace(BASELINE, name="+ SuperExec poll 0.05 s", database="tmpfs", layout="packed", superexec_poll_s=0.05),
+    replace(BASELINE, name="+ SuperExec poll 0.2 s", database="tmpfs", layout="packed", superexec_poll_s=0.2),
     replace(BASELINE, name="+ warm executor (instead of SuperExec)", database="tmpfs", layout="packed", isolation="process"),
     replace(BASELINE, name="+ ServerApp reply poll 0.1 s", database="tmpfs", layout="packed", isolation="process",
             reply_poll_s=0.1),  # fmt: skip
@@ -69,17 +71,49 @@ TOGGLES = [
     replace(BEST, name="best, but SQLite file on disk", database="file"),
     replace(BEST, name="best, but :memory: database", database=":memory:"),
     replace(BEST, name="best, but 729 arrays", layout="tensors"),
-    replace(BEST, name="best, but fresh ClientApp process (SuperExec poll 0.05 s)", isolation="subprocess",
-            superexec_poll_s=0.05),  # fmt: skip
+    replace(BEST, name="best, but fresh ClientApp process (SuperExec poll 0.2 s)", isolation="subprocess",
+            superexec_poll_s=0.2),  # fmt: skip
     replace(BEST, name="best, 10 SuperNodes", sites=10),
 ]
 CONFIGS = {f"L{i}": c for i, c in enumerate(LADDER)} | {f"T{i}": c for i, c in enumerate(TOGGLES)}
 
 
+@dataclass(frozen=True)
+class IdleConfig:
+    """CPU that one idle SuperNode and its task launcher burn polling for tasks (no run submitted)."""
+
+    name: str
+    isolation: str
+    poll_s: float
+    seconds: float = 30.0
+
+
+IDLE = {"I0": IdleConfig("idle: SuperExec, poll 1 s (Flower default)", "subprocess", 1.0),
+        "I1": IdleConfig("idle: SuperExec, poll 0.05 s", "subprocess", 0.05),
+        "I2": IdleConfig("idle: warm executor, poll 0.05 s", "process", 0.05),
+        "I3": IdleConfig("idle: warm executor, poll 0.2 s", "process", 0.2),
+        "I4": IdleConfig("idle: warm executor, poll 0.5 s", "process", 0.5)}  # fmt: skip
+
+
+def measure_idle(config: IdleConfig, work: Path) -> dict:
+    """CPU seconds per second of one idle SuperNode + its launcher (executor without preloading)."""
+    spec = SiteSpec(node_config='site-name="s0"', isolation=config.isolation, preload_app="",
+                    superexec_poll_s=config.poll_s if config.isolation == "subprocess" else None,
+                    executor_poll_s=config.poll_s)  # fmt: skip
+    with LocalDeployment(work, [spec]) as deployment:
+        roots = {p.pid for p in deployment.procs[1:]}  # SuperNode (+ its SuperExec) and executor, not the SuperLink
+        time.sleep(15.0)  # let the launcher finish starting
+        cpu0, t0 = tree_cpu_seconds(roots), time.perf_counter()
+        time.sleep(config.seconds)
+        cpu, wall = tree_cpu_seconds(roots) - cpu0, time.perf_counter() - t0
+    return {"config": asdict(config), "cpu_s_per_s": round(cpu / wall, 4), "cpu_s": round(cpu, 2), "wall_s": round(wall, 1),
+            "loadavg_after": os.getloadavg()}  # fmt: skip
+
+
 def measure(config: Config, work: Path) -> dict:
     """Run one configuration and return its rounds and median overhead."""
     specs = [SiteSpec(node_config=f'site-name="s{i}"', isolation=config.isolation, superexec_poll_s=config.superexec_poll_s,
-                      executor_poll_s=0.05) for i in range(config.sites)]  # fmt: skip
+                      executor_poll_s=0.2) for i in range(config.sites)]  # fmt: skip
     out = work / "result.json"
     run_config = (f"num-server-rounds={config.rounds} min-nodes={config.sites} layout=\"{config.layout}\" "
                   f"reply-poll-s={config.reply_poll_s} train-seconds=2.0 out=\"{out}\"")  # fmt: skip
@@ -114,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="override the rounds of every configuration (>= 2)")
     args = parser.parse_args(argv)
     keys = [k.strip() for k in args.configs.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in CONFIGS]
+    unknown = [k for k in keys if k not in CONFIGS and k not in IDLE]
     if unknown:
-        parser.error(f"--configs: unknown {unknown}; known: {', '.join(CONFIGS)}")
+        parser.error(f"--configs: unknown {unknown}; known: {', '.join([*CONFIGS, *IDLE])}")
     if args.rounds is not None and args.rounds < 2:
         parser.error("--rounds must be >= 2 (round 1 is excluded from the median)")
     report = json.loads(args.out.read_text()) if args.out.is_file() else {"results": []}
@@ -124,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
                          "note": "2 vCPUs shared with other jobs; loadavg_before/after per run shows the contention"}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for key in keys:
+        if key in IDLE:
+            with tempfile.TemporaryDirectory(prefix="fedct-levers-") as tmp:
+                entry = {"key": key, **measure_idle(IDLE[key], Path(tmp)), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            report.setdefault("idle", []).append(entry)
+            args.out.write_text(json.dumps(report, indent=1))
+            print(f"{key} {IDLE[key].name}: {entry['cpu_s_per_s']} CPU-s/s", flush=True)
+            continue
         config = CONFIGS[key] if args.rounds is None else replace(CONFIGS[key], rounds=args.rounds)
         with tempfile.TemporaryDirectory(prefix="fedct-levers-") as tmp:
             t0 = time.perf_counter()

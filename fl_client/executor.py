@@ -69,7 +69,7 @@ class ExecutorConfig:
     insecure: bool = False
     root_certificates: Path | None = None
     superexec_auth_secret_file: Path | None = None
-    poll_interval_s: float = 0.1
+    poll_interval_s: float = 0.2
     max_concurrent: int = 1
     preload_app: str | None = DEFAULT_PRELOAD_APP
     preload: tuple[str, ...] = field(default_factory=tuple)
@@ -300,7 +300,7 @@ def parse_args(argv: list[str] | None = None) -> ExecutorConfig:
     tls.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API")
     tls.add_argument("--root-certificates", type=Path, help="CA certificate of the Runtime API (SuperNode --ssl-ca-certfile)")
     parser.add_argument("--superexec-auth-secret-file", type=Path, help="same file as the SuperNode's, when it has one")
-    parser.add_argument("--poll-interval", type=float, default=0.1, help="seconds between task polls (default 0.1)")
+    parser.add_argument("--poll-interval", type=float, default=0.2, help="seconds between task polls (default 0.2; each poll costs ~4 ms CPU)")
     parser.add_argument("--max-concurrent", type=int, default=1, help="ClientApp children at a time (default 1)")
     parser.add_argument("--preload-app", default=DEFAULT_PRELOAD_APP,
                         help="ClientApp module whose installed third-party imports are preloaded ('' for none)")  # fmt: skip
@@ -335,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
              result.imported, result.seconds, result.skipped, result.threads, config.runtime_api_address)  # fmt: skip
     if result.threads > 1:
         log.warning("preloading started %d threads; forking with threads may deadlock a child", result.threads)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        log.error("a preloaded module initialised CUDA; a forked child cannot use it. Preload fewer modules.")
+        return 2
     executor.serve()
     return 0
 

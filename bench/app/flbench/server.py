@@ -7,7 +7,6 @@ polls); any other value uses ``grid.push_messages`` + ``grid.pull_messages`` pol
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -18,47 +17,10 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from flbench.layout import from_content, nbytes, to_content
+from bench.deployment import tree_cpu_seconds
 from models.factory import ModelConfig, build_model
 
 app = ServerApp()
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(roots: set[int]) -> float:
-    """CPU seconds (user + system, own + reaped children) of ``roots`` and all their descendants (zombies included)."""
-    stats: dict[int, tuple[int, list[str]]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            stats[int(entry.name)] = (int(fields[1]), fields)
-    chosen = set(roots) & set(stats)
-    grew = True
-    while grew:
-        more = {pid for pid, (ppid, _) in stats.items() if ppid in chosen and pid not in chosen}
-        chosen |= more
-        grew = bool(more)
-    return sum(sum(int(f) for f in stats[pid][1][11:15]) for pid in chosen) / _TICKS
-
-
-def exchange(grid: Grid, messages: list[Message], poll_s: float, timeout_s: float = 3600.0) -> list[Message]:
-    """Send and wait for every reply."""
-    if poll_s == 3.0:
-        return list(grid.send_and_receive(messages, timeout=timeout_s))
-    pending = set(grid.push_messages(messages))
-    replies: list[Message] = []
-    deadline = time.monotonic() + timeout_s
-    while pending and time.monotonic() < deadline:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if pending:
-            time.sleep(poll_s)
-    return replies
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
