@@ -139,6 +139,24 @@ def measure(config: Config, work: Path) -> dict:
             "bytes_per_round": per_round_bytes}  # fmt: skip
 
 
+def markdown(report: dict) -> str:
+    """The results of a report as markdown tables (what docs/flower-overhead.md shows)."""
+    lines = ["| key | configuration | sites | rounds | median overhead (s, wall) | median deployment CPU (CPU-s/round) | bytes/round | load avg (1 min, before → after) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for e in report.get("results", []):
+        c = e["config"]
+        if e.get("failed"):
+            cells = ["failed", "failed", "", ""]
+        else:
+            cells = [f"{e['median_overhead_s']:.1f}", f"{e['median_deployment_cpu_s']:.1f}", f"{e['bytes_per_round'] / 1e6:.0f} MB", ""]
+        load = f"{e['loadavg_before'][0]:.0f} → {e['loadavg_after'][0]:.0f}"
+        note = f" ({e['note']})" if e.get("note") else ""
+        lines.append(f"| {e['key']} | {c['name']}{note} | {c['sites']} | {c['rounds']} | {cells[0]} | {cells[1]} | {cells[2]} | {load} |")
+    lines += ["", "| key | launcher | poll (s) | CPU-s per s |", "|---|---|---|---|"]
+    lines += [f"| {e['key']} | {e['config']['isolation']} | {e['config']['poll_s']} | {e['cpu_s_per_s']:.3f} |" for e in report.get("idle", [])]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen configurations, append each result to the JSON file as soon as it is known."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -146,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default=",".join(f"L{i}" for i in range(len(LADDER))),
                         help=f"comma-separated keys of {', '.join(CONFIGS)} (default: the ladder L0..L{len(LADDER) - 1})")  # fmt: skip
     parser.add_argument("--rounds", type=int, help="override the rounds of every configuration (>= 2)")
+    parser.add_argument("--table", action="store_true", help="print the --out report as markdown and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(args.out.read_text())))
+        return 0
     keys = [k.strip() for k in args.configs.split(",") if k.strip()]
     unknown = [k for k in keys if k not in CONFIGS and k not in IDLE]
     if unknown:
