@@ -21,6 +21,23 @@ from bench.deployment import tree_cpu_seconds
 from models.factory import ModelConfig, build_model
 
 app = ServerApp()
+
+
+def exchange(grid: Grid, messages: list[Message], poll_s: float, timeout_s: float = 3600.0) -> list[Message]:
+    """Send and wait for every reply."""
+    if poll_s == 3.0:
+        return list(grid.send_and_receive(messages, timeout=timeout_s))
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if pending:
+            time.sleep(poll_s)
+    return replies
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
