@@ -1,0 +1,212 @@
+"""A real Flower deployment on 127.0.0.1 for tests and benchmarks: SuperLink, SuperNodes, optional warm executors.
+
+Every process is started here with ``subprocess.Popen`` and stopped by PID (plus the task processes the
+SuperLink and SuperNodes start, found by their port on the command line). Ports are picked free by
+binding port 0. Each site gets its own ``FLWR_HOME`` (as separate hospitals would) and the ``flwr`` CLI a
+separate one that names the SuperLink.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, *, timeout_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    """Until something accepts connections on 127.0.0.1:port (or the process died / timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+
+
+def _pids_with(needle: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def tree_cpu_seconds(roots: set[int]) -> float:
+    """CPU seconds (user + system, own + reaped children) of ``roots`` and all their descendants (zombies included)."""
+    stats: dict[int, tuple[int, list[str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), fields)
+    chosen = set(roots) & set(stats)
+    grew = True
+    while grew:
+        more = {pid for pid, (ppid, _) in stats.items() if ppid in chosen and pid not in chosen}
+        chosen |= more
+        grew = bool(more)
+    return sum(sum(int(f) for f in stats[pid][1][11:15]) for pid in chosen) / os.sysconf("SC_CLK_TCK")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def stop(pids: Sequence[int], *, timeout_s: float = 15.0) -> None:
+    """SIGTERM, wait, SIGKILL what is left (only the given PIDs)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    for pid in pids:
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One SuperNode: its node config and how its ClientApps are run."""
+
+    node_config: str
+    isolation: str = "subprocess"  # "subprocess" (Flower's SuperExec) or "process" (+ fedct's warm executor)
+    superexec_poll_s: float | None = None  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (subprocess isolation)
+    executor_poll_s: float = 0.2
+    preload_app: str = "fl_client.client_app"
+
+
+@dataclass
+class LocalDeployment:
+    """SuperLink + SuperNodes (+ warm executors) on 127.0.0.1 under ``root``; use as a context manager."""
+
+    root: Path
+    sites: Sequence[SiteSpec]
+    database: str = "file"  # "file": SQLite file under root; "tmpfs": SQLite file in /dev/shm; ":memory:"
+    env: Mapping[str, str] = field(default_factory=dict)
+    port: int = 0
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    runtime_ports: list[int] = field(default_factory=list)
+
+    def _env(self, home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        home.mkdir(parents=True, exist_ok=True)
+        return {**os.environ, **self.env, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
+                "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", **(extra or {})}  # fmt: skip
+
+    def _start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        logs = self.root / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{name}.log", "wb") as out:
+            proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=self.root)
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> LocalDeployment:
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.port = free_port()
+            db = self._database_path()
+            link = self._start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(self.port),
+                                             "--database", db, "--disable-runtime-dependency-installation"],
+                               self._env(self.root / "home-superlink"))  # fmt: skip
+            wait_for_port(self.port, proc=link)
+            for i, site in enumerate(self.sites):
+                rport = free_port()
+                self.runtime_ports.append(rport)
+                extra = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(site.superexec_poll_s)} if site.superexec_poll_s else {}
+                env = self._env(self.root / f"home-site{i}", extra)
+                node = self._start(f"supernode{i}", [str(BIN / "flower-supernode"), "--insecure", "--superlink",
+                                                     f"127.0.0.1:{self.port}", "--port", str(rport), "--isolation",
+                                                     site.isolation, "--node-config", site.node_config], env)  # fmt: skip
+                wait_for_port(rport, proc=node)
+                if site.isolation == "process":
+                    self._start(f"executor{i}", [sys.executable, "-m", "fl_client.executor", "--runtime-api-address",
+                                                 f"127.0.0.1:{rport}", "--insecure", "--poll-interval",
+                                                 str(site.executor_poll_s), "--preload-app", site.preload_app], env)  # fmt: skip
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _database_path(self) -> str:
+        if self.database == "file":
+            return str(self.root / "superlink.db")
+        if self.database == "tmpfs":
+            return f"/dev/shm/fedct-superlink-{os.getpid()}-{self.port}.db"
+        if self.database == ":memory:":
+            return self.database
+        raise ValueError(f"database {self.database!r} is not 'file', 'tmpfs' or ':memory:'")
+
+    def cli_home(self) -> Path:
+        """FLWR_HOME of the ``flwr`` CLI, with this SuperLink as the default connection."""
+        home = self.root / "home-cli"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
+                                          f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')  # fmt: skip
+        return home
+
+    def flwr_run(self, app: Path, run_config: str, *, timeout_s: float = 1800.0) -> subprocess.CompletedProcess:
+        """``flwr run APP --stream --run-config ...`` against this SuperLink; returns when the run ended."""
+        env = self._env(self.cli_home())
+        return subprocess.run([str(BIN / "flwr"), "run", str(app), "bench", "--stream", "--run-config", run_config],
+                              env=env, capture_output=True, text=True, timeout=timeout_s, cwd=self.root)  # fmt: skip
+
+    def all_pids(self) -> list[int]:
+        """Our Popen PIDs plus the task processes started for our ports (flwr-serverapp, superexec, clientapps)."""
+        pids = {p.pid for p in self.procs if p.poll() is None}
+        for port in [self.port, *self.runtime_ports]:
+            if port:
+                pids.update(_pids_with(f"127.0.0.1:{port}"))
+        return sorted(pids)
+
+    def close(self) -> None:
+        """Stop executors and SuperNodes first, then the SuperLink, then anything left on our ports."""
+        stop([p.pid for p in reversed(self.procs) if p.poll() is None])
+        stop(self.all_pids())
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.database == "tmpfs" and self.port:
+            for suffix in ("", "-wal", "-shm"):
+                Path(self._database_path() + suffix).unlink(missing_ok=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

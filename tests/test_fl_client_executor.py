@@ -1,0 +1,131 @@
+"""fl_client.executor: the warm site executor.
+
+Integration: a real insecure SuperLink and two SuperNodes started with ``--isolation process`` on 127.0.0.1,
+one warm executor per SuperNode, and a 2-round fedct run submitted with ``flwr run`` (isolated FLWR_HOME,
+tiny synthetic sites). The copied app's ClientApp module drops a marker file named after its process id
+when it is imported: the markers prove that the ClientApp code came from the run's FAB and ran in the
+executor's forked children (not in the executor, not in a fresh ``flwr-clientapp``). Every PID is stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.deployment import LocalDeployment, SiteSpec
+from federation import TINY_RUN_CONFIG, pids_matching, tiny_federation
+from fl_client.executor import (
+    ExecutorConfig,
+    ExecutorConfigError,
+    discover_third_party_modules,
+    parse_args,
+    preload_modules,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = """
+import os as _os, pathlib as _pathlib
+if _os.environ.get("FEDCT_TEST_MARKER_DIR"):
+    _pathlib.Path(_os.environ["FEDCT_TEST_MARKER_DIR"], f"{_os.getpid()}-{_os.getppid()}").touch()
+"""
+
+
+def _value(v):
+    return f'"{v}"' if isinstance(v, str) else str(v)
+
+
+def test_fedct_run_through_warm_executors_trains_with_the_fab_code_in_forked_children(tmp_path):
+    data = tiny_federation(tmp_path / "data", sites=2, patients_per_site=6)
+    app = tmp_path / "app"
+    shutil.copytree(ROOT, app, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", ".pytest_cache", "*.egg-info"))
+    with open(app / "fl_client" / "client_app.py", "a") as f:
+        f.write(MARKER)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    sites = sorted(p.name for p in data.iterdir() if p.is_dir())
+    specs = [SiteSpec(node_config=f'site-name="{s}" dicom-dir="{data / s / "dicom"}" labels="{data / s / "labels.csv"}" '
+                                  f'site-dir="{tmp_path / "sites" / s}" device="cpu"', isolation="process")
+             for s in sites]  # fmt: skip
+    run_dir = tmp_path / "run"
+    overrides = {**TINY_RUN_CONFIG, "num-server-rounds": 2, "run-dir": str(run_dir)}
+    deployment = LocalDeployment(tmp_path / "deployment", specs, env={"FEDCT_TEST_MARKER_DIR": str(markers)})
+    with deployment:
+        ports = [deployment.port, *deployment.runtime_ports]
+        executor_pids = [p.pid for p in deployment.procs if "fl_client.executor" in " ".join(map(str, p.args))]
+        assert len(executor_pids) == 2
+        assert not pids_matching("flower-superexec", f"127.0.0.1:{deployment.runtime_ports[0]}"), "process isolation starts no SuperExec"
+        done = deployment.flwr_run(app, " ".join(f"{k}={_value(v)}" for k, v in overrides.items()), timeout_s=900)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output[-3000:]
+        assert "run finished" in output, output[-3000:]
+        assert all(p.poll() is None for p in deployment.procs), "a SuperNode or executor died during the run"
+    for port in ports:
+        assert not pids_matching(f"127.0.0.1:{port}"), f"a process on port {port} is still running"
+    assert all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2] for pid in executor_pids)
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert sorted(metrics["rounds"][-1]["train"]["sites"]) == sites
+    assert (run_dir / "model" / "final" / "model.pt").is_file()
+
+    # 2 rounds x (train + evaluate) x 2 sites = 8 ClientApp tasks, each in a child of an executor, all exit 0.
+    logs = "".join((tmp_path / "deployment" / "logs" / f"executor{i}.log").read_text() for i in range(2))
+    ended = re.findall(r"ClientApp child (\d+) exited with code (-?\d+)", logs)
+    assert len(ended) == 8, logs[-3000:]
+    assert {code for _, code in ended} == {"0"}, logs[-3000:]
+    # The FAB's client_app module was imported in those children, whose parents are the executors.
+    imported_in = {tuple(map(int, m.name.split("-"))) for m in markers.iterdir()}
+    assert {pid for pid, _ in imported_in} == {int(pid) for pid, _ in ended}
+    assert {ppid for _, ppid in imported_in} <= set(executor_pids)
+
+
+def test_preload_imports_installed_modules_and_skips_the_unimportable():
+    result = preload_modules(["json", "numpy", "no_such_module_fedct_xyz"])
+    assert (result.imported, result.skipped) == (2, 1)
+    assert result.threads >= 1 and result.seconds >= 0
+
+
+def test_discovery_lists_third_party_modules_of_the_client_app_but_none_of_fedct():
+    names = discover_third_party_modules("fl_client.client_app")
+    tops = {n.split(".")[0] for n in names}
+    assert {"torch", "monai", "flwr", "numpy"} <= tops
+    assert not tops & {"fl_client", "fl_server", "models", "preprocessing", "fedct", "synthetic", "inference"}
+
+
+def test_discovery_of_a_missing_app_module_names_the_option():
+    with pytest.raises(ExecutorConfigError, match="--preload-app 'no_such_app_xyz'"):
+        discover_third_party_modules("no_such_app_xyz")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"runtime_api_address": "localhost"}, "--runtime-api-address"),
+        ({"runtime_api_address": "127.0.0.1:x"}, "--runtime-api-address"),
+        ({"insecure": False}, "--root-certificates"),
+        ({"insecure": True, "root_certificates": Path("/etc/hostname")}, "exclude each other"),
+        ({"insecure": False, "root_certificates": Path("/no/such/ca.crt")}, "--root-certificates /no/such/ca.crt"),
+        ({"superexec_auth_secret_file": Path("/no/such/secret")}, "--superexec-auth-secret-file"),
+        ({"poll_interval_s": 0.0}, "--poll-interval"),
+        ({"poll_interval_s": 120.0}, "--poll-interval"),
+        ({"max_concurrent": 0}, "--max-concurrent"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_option_named(kwargs, message):
+    base = {"runtime_api_address": "127.0.0.1:9094", "insecure": True}
+    with pytest.raises(ExecutorConfigError, match=re.escape(message)):
+        ExecutorConfig(**{**base, **kwargs})
+
+
+def test_command_line_good_and_bad(capsys):
+    config = parse_args(["--runtime-api-address", "127.0.0.1:9094", "--insecure", "--poll-interval", "0.05", "--preload-app", ""])
+    assert config == ExecutorConfig(runtime_api_address="127.0.0.1:9094", insecure=True, poll_interval_s=0.05, preload_app=None)
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--runtime-api-address", "127.0.0.1:9094"])
+    assert stop.value.code == 2
+    assert "--root-certificates" in capsys.readouterr().err
