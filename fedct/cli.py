@@ -1,4 +1,4 @@
-"""The ``fedct`` command: synth, ingest, deid, demo, predict, review."""
+"""The ``fedct`` command: synth, ingest, deid, demo, predict, review, status, bench."""
 
 from __future__ import annotations
 
@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="densenet121")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+
+    from bench.cli import add_parser as add_bench_parser
+    from fedct.status import add_parser as add_status_parser
+
+    add_status_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
