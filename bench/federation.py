@@ -165,6 +165,7 @@ class FederationPlan:
     small: bool
     rounds: int
     run_config: Mapping[str, Any]
+    sqlite_lever: bool = False  # also run the deployment with the SuperLink's state in an SQLite file (before/after)
 
 
 def plan_for(options: BenchOptions) -> FederationPlan:
@@ -173,7 +174,7 @@ def plan_for(options: BenchOptions) -> FederationPlan:
         return FederationPlan(sites=2, patients_per_site=6, small=True, rounds=1, run_config=SMALL_RUN_CONFIG)
     if options.quick:
         return FederationPlan(sites=3, patients_per_site=8, small=True, rounds=2, run_config=SMALL_RUN_CONFIG)
-    return FederationPlan(sites=3, patients_per_site=12, small=False, rounds=4, run_config={})
+    return FederationPlan(sites=3, patients_per_site=12, small=False, rounds=4, run_config={}, sqlite_lever=True)
 
 
 def _run_config(plan: FederationPlan, run_dir: Path, *, sites: int | None = None) -> dict[str, Any]:
@@ -277,9 +278,10 @@ def _toml_value(value: Any) -> str:
     return f'"{value}"' if isinstance(value, str) else str(value)
 
 
-def _stop(processes: list[subprocess.Popen]) -> None:
-    """Stop every process started here and their descendants (flwr-serverapp, flwr-clientapp), by PID."""
-    pids: list[int] = []
+def _stop(processes: list[subprocess.Popen], seen: list[int]) -> list[int]:
+    """Stop every process started here and their descendants (flwr-serverapp, flwr-clientapp), by PID; ``seen`` holds
+    descendants noticed while running. Returns all PIDs stopped."""
+    pids: list[int] = list(dict.fromkeys(seen))
     for process in processes:
         pids += [p for p in process_tree(process.pid) if p not in pids]
     for pid in reversed(pids):  # children first
@@ -299,12 +301,14 @@ def _stop(processes: list[subprocess.Popen]) -> None:
             os.kill(pid, 9)
         except ProcessLookupError:
             pass
+    return pids
 
 
 def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_dir: Path, *, tls: bool = False,
-                   auth: bool = False, timeout: float = 1200.0) -> dict[str, Any]:  # fmt: skip
-    """A local deployment: SuperLink (in-memory state) + one SuperNode per site on 127.0.0.1, ``flwr run``; every
-    process is stopped by PID. Also the peak RSS of each SuperNode's process tree (its ClientApp processes included)."""
+                   auth: bool = False, sqlite_state: bool = False, timeout: float = 1200.0) -> dict[str, Any]:  # fmt: skip
+    """A local deployment: SuperLink + one SuperNode per site on 127.0.0.1, ``flwr run``; every process is stopped by
+    PID. The SuperLink keeps its state in memory, or in an SQLite file with ``sqlite_state`` (Flower's persistent
+    setting). Also the peak RSS of each SuperNode's process tree (its ClientApp processes included)."""
     if tls or auth:
         raise NotImplementedError(PENDING_ARMS["deployment-tls-auth"])
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -333,7 +337,7 @@ def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
     t0 = time.perf_counter()
     try:
         superlink = start("superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--port", str(port), "--database",
-                                        ":flwr-in-memory:", "--disable-runtime-dependency-installation"])  # fmt: skip
+                                        str(base / "state.db") if sqlite_state else ":flwr-in-memory:", "--disable-runtime-dependency-installation"])  # fmt: skip
         _wait_port(port, timeout=60, process=superlink)
         supernodes = {}
         for name in names:
@@ -357,14 +361,14 @@ def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
                                f"{(done.stdout + done.stderr)[-2000:]}")  # fmt: skip
         run_seconds = time.perf_counter() - t_run
     finally:
-        _stop(processes)
+        stopped = _stop(processes, [pid for p in processes for pid in process_tree(p.pid)])
         for log in logs:
             log.close()
     left = [p.pid for p in processes if p.poll() is None]
     if left:
         raise RuntimeError(f"processes still running after stop: {left}")
     return {**round_report(run_dir), "total_seconds": time.perf_counter() - t0, "run_seconds": run_seconds, "sites": len(names),
-            "tls": tls, "supernode_auth": auth, "superlink_state": "in memory",
+            "tls": tls, "supernode_auth": auth, "superlink_state": "sqlite file" if sqlite_state else "in memory", "stopped_pids": stopped,
             "peak_rss_mib": {name: sampler.peak_mib[name] for name in [*names, "superlink"]}}  # fmt: skip
 
 
@@ -386,7 +390,10 @@ def run(options: BenchOptions) -> Path:
                      split=settings.split)  # fmt: skip
     arms: dict[str, Any] = {}
     errors: dict[str, str] = {}
-    for name, function in (("simulation", simulation_arm), ("deployment-insecure", deployment_arm)):
+    todo = [("simulation", simulation_arm), ("deployment-insecure", deployment_arm)]
+    if plan.sqlite_lever:
+        todo.append(("deployment-insecure-sqlite-state", lambda *a: deployment_arm(*a, sqlite_state=True)))
+    for name, function in todo:
         try:
             arms[name] = function(plan, data_root, work_root, work / "runs" / name)
         except Exception as exc:  # noqa: BLE001 - one failing arm is reported, the other still measured

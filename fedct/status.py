@@ -51,6 +51,11 @@ def _f(value: Any, width: int = 7) -> str:
     return f"{v:>{width}.3f}" if math.isfinite(v) else f"{'-':>{width}}"
 
 
+def _int(value: Any) -> str:
+    v = _num(value)
+    return str(int(v)) if math.isfinite(v) else "-"
+
+
 def round_table(run_dir: Path, data: Mapping[str, Any]) -> list[str]:
     """Header and one line per round: the server's own table (fl_server.run_log.RunLog.header/row)."""
     from fl_server.run_log import RunLog
@@ -95,7 +100,7 @@ def status_lines(run_dir: Path, data: Mapping[str, Any]) -> list[str]:
     train_sites = (latest.get("train") or {}).get("sites") or {}
     for site, m in sorted(sites.items()):
         t = train_sites.get(site, {})
-        lines.append(f"  {site:12} {_f(m.get('val-n'), 6)} {_f(m.get('val-auc-macro'), 9)} {_f(m.get('val-balanced-accuracy'), 8)} "
+        lines.append(f"  {site:12} {_int(m.get('val-n')):>6} {_f(m.get('val-auc-macro'), 9)} {_f(m.get('val-balanced-accuracy'), 8)} "
                      f"{_f(m.get('val-c-index'), 7)} {_f(m.get('val-loss'), 7)} {_f(t.get('train-seconds'), 7)}")  # fmt: skip
     best = data.get("best_round")
     if best:
@@ -103,7 +108,7 @@ def status_lines(run_dir: Path, data: Mapping[str, Any]) -> list[str]:
         lines += ["", f"best round {best['round']} (by {best.get('selected_by')} = {_f(best.get('value'), 0).strip()}); "
                       f"held-out test: macro AUC {_f(test.get('test-auc-macro'), 0).strip()}, pooled AUC "
                       f"{_f(test.get('test-pooled-auc-macro'), 0).strip()}, C-index {_f(test.get('test-c-index'), 0).strip()}, "
-                      f"accuracy {_f(test.get('test-accuracy'), 0).strip()} on {_f(test.get('test-n'), 0).strip()} studies"]  # fmt: skip
+                      f"accuracy {_f(test.get('test-accuracy'), 0).strip()} on {_int(test.get('test-n'))} studies"]  # fmt: skip
     return lines
 
 
