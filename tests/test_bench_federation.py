@@ -51,5 +51,5 @@ def test_message_bytes_counts_the_serialised_arrays():
 
     small = Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(10, np.float32))})}), dst_node_id=1, message_type="train")
     big = Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(10_000, np.float32))})}), dst_node_id=1, message_type="train")
-    assert message_bytes(big) - message_bytes(small) == 4 * (10_000 - 10)
+    assert abs((message_bytes(big) - message_bytes(small)) - 4 * (10_000 - 10)) < 64  # + a few bytes of header and varints
     assert CountingGrid(object()).exchanges == []
