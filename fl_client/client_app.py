@@ -10,11 +10,12 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fl_client.config import RoundSettings, SiteConfig
+from fl_client.transport import INDEX_RECORD, received_state, weights_records
 from fl_client.train import evaluate_round, train_round
 
 log = logging.getLogger("fedct.client")
@@ -33,7 +34,8 @@ def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, m
     def train(msg: Message, context: Context) -> Message:
         site = _site(context)
         settings = RoundSettings.from_record(dict(msg.content["config"]))
-        state, result = train_round(site, settings, msg.content["arrays"].to_torch_state_dict())
+        packed = INDEX_RECORD in msg.content  # reply the way the server sent: packed buffers or per-tensor arrays
+        state, result = train_round(site, settings, received_state(msg.content))
         log.info("%s round %d: trained on %d studies, loss %.4f, %.1fs", site.site_name, settings.server_round,
                  result.num_examples, result.loss, result.seconds)  # fmt: skip
         metrics = MetricRecord({
@@ -43,14 +45,16 @@ def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, m
             "train-seconds": result.seconds,
             "num-examples": result.num_examples,
         })  # fmt: skip
-        content = RecordDict({"arrays": ArrayRecord(state), "metrics": metrics, "site": ConfigRecord({"name": site.site_name})})
+        content = weights_records(state, transport=settings.transport if packed else None)
+        content["metrics"] = metrics
+        content["site"] = ConfigRecord({"name": site.site_name})
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         site = _site(context)
         settings = RoundSettings.from_record(dict(msg.content["config"]))
-        metrics = evaluate_round(site, settings, msg.content["arrays"].to_torch_state_dict())
+        metrics = evaluate_round(site, settings, received_state(msg.content))
         metrics["num-examples"] = int(metrics["val-n"])
         content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.site_name})})
         return Message(content=content, reply_to=msg)

@@ -20,6 +20,10 @@ from preprocessing.split import SplitConfig
 from preprocessing.transforms import PipelineConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+#: What happens to normalisation layers (BatchNorm etc.): averaged by the server, or kept at each site (FedBN).
+BN_MODES = ("aggregate", "local")
+#: Optional round-config keys and their defaults (older servers do not send them; FedProx adds proximal-mu).
+OPTIONAL_ROUND_KEYS = {"bn-mode": "aggregate", "transport": "float32", "proximal-mu": 0.0}
 
 
 class SiteConfigError(ValueError):
@@ -103,8 +107,15 @@ class RoundSettings:
     split: SplitConfig
     loss_weights: tuple[float, float] = (1.0, 0.5)  # diagnosis, prognosis
     horizon_days: float = 14.0
+    bn_mode: str = "aggregate"
+    transport: str = "float32"
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.bn_mode not in BN_MODES:
+            raise ValueError(f"bn-mode {self.bn_mode!r} is not one of {', '.join(BN_MODES)}")
+        if self.proximal_mu < 0:
+            raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
         if len(self.loss_weights) != 2 or any(w < 0 for w in self.loss_weights) or sum(self.loss_weights) <= 0:
             raise ValueError(f"loss weights must be two non-negative numbers, not both 0, got {self.loss_weights}")
         if self.horizon_days <= 0:
@@ -137,6 +148,9 @@ class RoundSettings:
             "hu-max": self.pipeline.hu_max,
             "val-fraction": self.split.val_fraction,
             "test-fraction": self.split.test_fraction,
+            "bn-mode": self.bn_mode,
+            "transport": self.transport,
+            "proximal-mu": self.proximal_mu,
         }
 
     @classmethod
@@ -166,11 +180,14 @@ class RoundSettings:
             split=SplitConfig(val_fraction=float(record["val-fraction"]), test_fraction=float(record["test-fraction"])),
             loss_weights=(float(record["loss-weight-diagnosis"]), float(record["loss-weight-prognosis"])),
             horizon_days=float(record["prognosis-horizon-days"]),
+            bn_mode=str(record.get("bn-mode", OPTIONAL_ROUND_KEYS["bn-mode"])),
+            transport=str(record.get("transport", OPTIONAL_ROUND_KEYS["transport"])),
+            proximal_mu=float(record.get("proximal-mu", OPTIONAL_ROUND_KEYS["proximal-mu"])),
         )
 
     @staticmethod
     def keys() -> tuple[str, ...]:
-        """The keys of the round config record."""
+        """The required keys of the round config record (``OPTIONAL_ROUND_KEYS`` may be absent)."""
         return (
             "server-round", "local-epochs", "learning-rate", "batch-size", "seed", "model-name", "model-norm",
             "num-classes", "clinical-covariates", "loss-weight-diagnosis", "loss-weight-prognosis", "prognosis-horizon-days",

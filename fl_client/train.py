@@ -7,9 +7,11 @@ outcome is unknown is masked out of that term (never guessed).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +28,7 @@ from fl_client.metrics import (
     score_histograms,
     survival_metrics,
 )
-from models.factory import MultiTaskNet, ModelOutput, build_model, covariate_vector
+from models.factory import MultiTaskNet, ModelOutput, build_model, covariate_vector, norm_state_keys
 from preprocessing.cache import make_dataset
 from preprocessing.ingest import SiteManifest, prepare_site
 
@@ -141,10 +143,16 @@ def train_model(
     lr: float,
     device: torch.device,
     loss_weights: tuple[float, float] = (1.0, 0.5),
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """Train ``model`` in place for ``epochs`` over ``loader`` (Adam; mixed precision on CUDA)."""
+    """Train ``model`` in place for ``epochs`` over ``loader`` (Adam; mixed precision on CUDA).
+
+    With ``proximal_mu`` > 0 (FedProx) the loss gets ``mu/2 * ||w - w_start||^2`` over the trainable parameters,
+    ``w_start`` being the weights the round began with (the global model): local training is pulled toward it.
+    """
     use_amp = device.type == "cuda"
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     model.train()
     t0 = time.perf_counter()
@@ -156,6 +164,8 @@ def train_model(
             with torch.autocast(device_type=device.type, enabled=use_amp):
                 output = forward(model, batch, device)
             loss, diagnosis, prognosis = multitask_loss(output, batch, weights=loss_weights, device=device)
+            if anchor:
+                loss = loss + proximal_term(model, anchor, proximal_mu)
             scaler.scale(loss).backward()
             scaler.step(optimiser)
             scaler.update()
@@ -166,6 +176,48 @@ def train_model(
     mean = totals / max(seen, 1)
     return TrainResult(num_examples=len(loader.dataset), loss=float(mean[0]), diagnosis_loss=float(mean[1]),
                        prognosis_loss=float(mean[2]), steps=steps, seconds=time.perf_counter() - t0)  # fmt: skip
+
+
+def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's ``mu/2 * sum ||w - w_anchor||^2`` over ``model.parameters()`` (in that order)."""
+    total = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+    return 0.5 * mu * total
+
+
+def local_norm_path(site: SiteConfig, settings: RoundSettings) -> Path:
+    """Where a site keeps its own normalisation layers under ``bn-mode = local`` (FedBN), per architecture."""
+    model = settings.model
+    return site.site_dir / "fedbn" / f"{model.name}-{model.norm}-{model.num_classes}-{int(model.covariates)}.pt"
+
+
+def with_local_norm(site: SiteConfig, settings: RoundSettings, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The received global weights with the site's own normalisation layers substituted (FedBN).
+
+    Before the site's first round under ``bn-mode = local`` there is nothing saved and the global ones are used.
+    A saved file whose keys or shapes do not fit the model is ignored (and replaced after this round).
+    """
+    merged = {k: torch.as_tensor(v) for k, v in state.items()}
+    path = local_norm_path(site, settings)
+    if settings.bn_mode != "local" or not path.is_file():
+        return merged
+    local = torch.load(path, weights_only=True)
+    if all(k in merged and merged[k].shape == v.shape for k, v in local.items()):
+        merged.update({k: v.to(merged[k].dtype) for k, v in local.items()})
+    return merged
+
+
+def save_local_norm(site: SiteConfig, settings: RoundSettings, model: nn.Module) -> Path | None:
+    """Keep the site's normalisation layers after local training (``bn-mode = local``); atomic write."""
+    if settings.bn_mode != "local":
+        return None
+    keys = norm_state_keys(model)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keys}
+    path = local_norm_path(site, settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def recalibrate_batch_norm(model: nn.Module, loader: Any, *, device: torch.device) -> bool:
@@ -221,10 +273,11 @@ def train_round(
     loader = _loader(manifest, "train", settings, train=True, device=device)
     if len(loader.dataset) == 0:
         raise RuntimeError(f"site {site.site_name} has no training studies (see {site.site_dir}/ingest_report.json)")
-    model = _model(settings, state, device)
+    model = _model(settings, with_local_norm(site, settings, state), device)
     result = train_model(model, loader, epochs=settings.local_epochs, lr=settings.learning_rate, device=device,
-                         loss_weights=settings.loss_weights)  # fmt: skip
+                         loss_weights=settings.loss_weights, proximal_mu=settings.proximal_mu)  # fmt: skip
     recalibrate_batch_norm(model, _loader(manifest, "train", settings, train=False, device=device), device=device)
+    save_local_norm(site, settings, model)
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return new_state, result
 
@@ -248,7 +301,7 @@ def evaluate_round(site: SiteConfig, settings: RoundSettings, state: Mapping[str
     set_determinism(seed=settings.seed)
     device = select_device(site.device)
     manifest = load_site(site, settings)
-    model = _model(settings, state, device)
+    model = _model(settings, with_local_norm(site, settings, state), device)
     class_names = tuple(manifest.class_names[: settings.model.num_classes])
     preds = {split: predict(model, _loader(manifest, split, settings, train=False, device=device), device=device)
              for split in ("val", "test")}  # fmt: skip

@@ -6,18 +6,24 @@ override them with ``flwr run . --run-config 'num-server-rounds=10 model-name="s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fl_client.config import RoundSettings, parse_triple
+from fl_client.config import BN_MODES, RoundSettings, parse_triple
 from models.factory import ModelConfig
+from models.weights import TRANSPORTS
 from preprocessing.split import SplitConfig
 from preprocessing.transforms import PipelineConfig
 
 #: Run-config keys meant for the sites (read by fl_client.config), not the server.
 SITE_KEYS = frozenset({"sim-data-root", "sim-work-root", "device"})
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
+LR_SCHEDULES = ("constant", "cosine", "step")
+#: Keys that may change between a run and its resumption (everything else must match the saved state).
+RESUMABLE_KEYS = frozenset({"num-server-rounds", "resume", "round-timeout-s", "run-dir", "min-sites"})
 
 
 def _as_bool(value: Any) -> bool:
@@ -55,6 +61,26 @@ class ServerConfig:
     round_timeout_s: float = 3600.0
     seed: int = 0
     run_dir: str = "runs/flwr"
+    resume: bool = False
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    server_beta_1: float = 0.9
+    server_beta_2: float = 0.99
+    server_tau: float = 0.001
+    trim_beta: float = 0.2
+    num_malicious_nodes: int = 0
+    num_nodes_to_select: int = 1
+    lr_schedule: str = "constant"
+    lr_min: float = 0.0
+    lr_step_rounds: int = 10
+    lr_gamma: float = 0.5
+    bn_mode: str = "aggregate"
+    transport: str = "float32"
+    max_update_norm: float = 0.0
+    update_zscore: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -63,6 +89,37 @@ class ServerConfig:
             raise ValueError(f"min-sites must be >= 1, got {self.min_sites}")
         if self.round_timeout_s <= 0:
             raise ValueError(f"round-timeout-s must be > 0, got {self.round_timeout_s}")
+        choices = {"strategy": (self.strategy, STRATEGIES), "lr-schedule": (self.lr_schedule, LR_SCHEDULES),
+                   "bn-mode": (self.bn_mode, BN_MODES), "transport": (self.transport, TRANSPORTS)}  # fmt: skip
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{key} {value!r} is not one of {', '.join(allowed)}")
+        for key, value in (("fraction-train", self.fraction_train), ("fraction-evaluate", self.fraction_evaluate)):
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"{key} must be in (0, 1], got {value}")
+        for key, value in (("proximal-mu", self.proximal_mu), ("lr-min", self.lr_min), ("max-update-norm", self.max_update_norm),
+                           ("update-zscore", self.update_zscore), ("num-malicious-nodes", self.num_malicious_nodes)):  # fmt: skip
+            if value < 0:
+                raise ValueError(f"{key} must be >= 0, got {value}")
+        for key, value in (("server-learning-rate", self.server_learning_rate), ("server-tau", self.server_tau)):
+            if value <= 0:
+                raise ValueError(f"{key} must be > 0, got {value}")
+        for key, value in (("server-beta-1", self.server_beta_1), ("server-beta-2", self.server_beta_2)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{key} must be in [0, 1), got {value}")
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ValueError(f"trim-beta must be in [0, 0.5), got {self.trim_beta}")
+        if self.num_nodes_to_select < 1:
+            raise ValueError(f"num-nodes-to-select must be >= 1, got {self.num_nodes_to_select}")
+        if self.lr_step_rounds < 1:
+            raise ValueError(f"lr-step-rounds must be >= 1, got {self.lr_step_rounds}")
+        if not 0.0 < self.lr_gamma <= 1.0:
+            raise ValueError(f"lr-gamma must be in (0, 1], got {self.lr_gamma}")
+        if self.lr_min > self.learning_rate:
+            raise ValueError(f"lr-min ({self.lr_min}) must not exceed learning-rate ({self.learning_rate})")
+        if self.strategy in ("krum", "multikrum") and self.min_sites < 2 * self.num_malicious_nodes + 3:
+            raise ValueError(f"strategy {self.strategy} with num-malicious-nodes={self.num_malicious_nodes} needs min-sites >= "
+                             f"2*num-malicious-nodes+3 = {2 * self.num_malicious_nodes + 3}, got {self.min_sites}")  # fmt: skip
         self.round_settings(1)  # validates model, pipeline and split settings with their own messages
 
     @classmethod
@@ -97,12 +154,26 @@ class ServerConfig:
             hu_max=self.hu_max,
         )
 
+    def learning_rate_at(self, server_round: int) -> float:
+        """The sites' learning rate in ``server_round`` (1-based) under ``lr-schedule``.
+
+        constant: ``learning-rate``; cosine: from ``learning-rate`` at round 1 to ``lr-min`` at the last round;
+        step: multiplied by ``lr-gamma`` every ``lr-step-rounds`` rounds (never below ``lr-min``).
+        """
+        r = max(server_round, 1)
+        if self.lr_schedule == "cosine":
+            progress = (r - 1) / max(self.num_server_rounds - 1, 1)
+            return self.lr_min + 0.5 * (self.learning_rate - self.lr_min) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if self.lr_schedule == "step":
+            return max(self.learning_rate * self.lr_gamma ** ((r - 1) // self.lr_step_rounds), self.lr_min)
+        return self.learning_rate
+
     def round_settings(self, server_round: int) -> RoundSettings:
         """What the sites are asked to do in ``server_round``."""
         return RoundSettings(
             server_round=server_round,
             local_epochs=self.local_epochs,
-            learning_rate=self.learning_rate,
+            learning_rate=self.learning_rate_at(server_round),
             batch_size=self.batch_size,
             seed=self.seed,
             model=self.model,
@@ -110,6 +181,8 @@ class ServerConfig:
             split=SplitConfig(val_fraction=self.val_fraction, test_fraction=self.test_fraction),
             loss_weights=(self.loss_weight_diagnosis, self.loss_weight_prognosis),
             horizon_days=self.prognosis_horizon_days,
+            bn_mode=self.bn_mode,
+            transport=self.transport,
         )
 
     def to_run_config(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -253,8 +254,12 @@ class RunLog:
         self._pending_eval = {site: dict(m) for site, m in per_site.items()}
         return aggregate(per_site)
 
-    def end_round(self, server_round: int) -> bool:
-        """Close ``server_round``: store it, print its row, rewrite metrics.json. True if it is the new best."""
+    def end_round(self, server_round: int, *, extra: Mapping[str, Any] | None = None) -> bool:
+        """Close ``server_round``: store it, print its row, rewrite metrics.json. True if it is the new best.
+
+        ``extra`` adds fields to the round's entry (e.g. ``skipped``, ``rejected_updates``, ``bytes_sent``); a
+        ``seconds`` there replaces the time measured since the previous round.
+        """
         seconds = time.perf_counter() - self._round_started
         self._round_started = time.perf_counter()
         entry = {
@@ -263,10 +268,11 @@ class RunLog:
             "train": _section(self._pending_train),
             "evaluate": _section(self._pending_eval),
         }
+        entry.update(dict(extra or {}))
         self.rounds.append(entry)
         self._pending_train, self._pending_eval = {}, {}
         improved = self._update_best(server_round, entry["evaluate"]["aggregate"])
-        if server_round == 1:
+        if len(self.rounds) == 1:
             self.emit(self.header())
         self.emit(self.row(entry, improved))
         self.write()
@@ -285,6 +291,32 @@ class RunLog:
             self.best = BestRound(server_round, metric, value)
             return True
         return False
+
+    def state(self) -> dict[str, Any]:
+        """What :meth:`restore` needs to continue this log after a restart (JSON-ready)."""
+        best = None if self.best is None else {"round": self.best.round, "metric": self.best.metric, "value": self.best.value}
+        return {"rounds": _clean(self.rounds), "best": best, "started_utc": self._started}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state` (rounds so far, best round, start time); undefined values come back as NaN."""
+
+        def unclean(value: Any) -> Any:
+            if value is None:
+                return math.nan
+            if isinstance(value, Mapping):
+                return {k: unclean(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [unclean(v) for v in value]
+            return value
+
+        self.rounds = [
+            {**entry, **{section: unclean(entry[section]) for section in ("train", "evaluate") if section in entry}}
+            for entry in state["rounds"]
+        ]
+        best = state.get("best")
+        self.best = None if best is None else BestRound(int(best["round"]), str(best["metric"]), float(best["value"]))
+        self._started = str(state.get("started_utc", self._started))
+        self._round_started = time.perf_counter()
 
     def header(self) -> str:
         """Column titles of the per-round table."""
@@ -341,8 +373,11 @@ class RunLog:
         """Write ``metrics.json`` atomically."""
         path = self.run_dir / "metrics.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(_compact_number_lists(json.dumps(_clean(self.summary()), indent=2)))
-        tmp.replace(path)
+        with open(tmp, "w") as fh:
+            fh.write(_compact_number_lists(json.dumps(_clean(self.summary()), indent=2)))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
         return path
 
     def plot(self) -> Path:

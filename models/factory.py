@@ -144,3 +144,21 @@ def covariate_vector(age: torch.Tensor, sex: torch.Tensor) -> torch.Tensor:
 def build_model(config: ModelConfig) -> MultiTaskNet:
     """Build the multi-task network named in ``config`` (3D, channel-first input)."""
     return MultiTaskNet(config)
+
+
+#: Layer types whose parameters and statistics FedBN keeps at each site (``bn-mode = local``).
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm)
+
+
+def norm_state_keys(model: nn.Module) -> frozenset[str]:
+    """State-dict keys of the normalisation layers (weights, biases, running statistics, batch counters)."""
+    keys = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, NORM_LAYERS):
+            keys.update(f"{prefix}.{name}" if prefix else name for name in module.state_dict())
+    return frozenset(keys)
+
+
+def buffer_keys(model: nn.Module) -> frozenset[str]:
+    """State-dict keys that are buffers (running statistics, counters), not trained parameters."""
+    return frozenset(name for name, _ in model.named_buffers())

@@ -63,3 +63,16 @@ def test_parse_triple():
         parse_triple("1,2", int, "input-size")
     with pytest.raises(ValueError, match="spacing"):
         parse_triple("a,b,c", float, "spacing")
+
+
+def test_optional_round_keys_default_when_an_older_server_omits_them():
+    from fl_server.config import ServerConfig
+
+    record = ServerConfig(bn_mode="local").round_settings(1).to_record()
+    assert RoundSettings.from_record(record).bn_mode == "local"
+    for key in ("bn-mode", "transport", "proximal-mu"):
+        record.pop(key)
+    settings = RoundSettings.from_record({**record, "proximal-mu": 0.25})  # FedProx adds proximal-mu to the config
+    assert (settings.bn_mode, settings.transport, settings.proximal_mu) == ("aggregate", "float32", 0.25)
+    with pytest.raises(ValueError, match="bn-mode"):
+        RoundSettings.from_record({**record, "bn-mode": "shared"})

@@ -165,3 +165,56 @@ def test_unknown_diagnosis_is_masked_from_the_loss():
     total, diagnosis, prognosis = multitask_loss(out, batch, weights=(1.0, 0.5), device=torch.device("cpu"))
     assert diagnosis == pytest.approx(torch.nn.functional.cross_entropy(logits[:1], torch.tensor([0])).item())
     assert prognosis == 0.0 and total.item() == pytest.approx(diagnosis)
+
+
+def test_proximal_term_pulls_local_training_toward_the_global_weights(tiny_site):
+    """FedProx: the same round with a large mu ends closer to the weights it started from."""
+    from dataclasses import replace
+
+    from fl_client.train import proximal_term
+
+    site, config = tiny_site
+    settings = replace(config.round_settings(1), learning_rate=0.03, local_epochs=3)
+    start = build_model(settings.model).state_dict()
+    trainable = {name for name, _ in build_model(settings.model).named_parameters()}
+
+    def distance(state):
+        return math.sqrt(sum(float(((state[k] - start[k]) ** 2).sum()) for k in trainable))
+
+    free, _ = train_round(site, settings, start)
+    pulled, _ = train_round(site, replace(settings, proximal_mu=100.0), start)
+    assert distance(pulled) < 0.5 * distance(free)
+    model = build_model(settings.model)
+    anchor = [p.detach().clone() for p in model.parameters()]
+    assert proximal_term(model, anchor, 1.0).item() == 0.0
+    with torch.no_grad():
+        next(model.parameters()).add_(2.0)
+    first = next(model.parameters())
+    assert proximal_term(model, anchor, 0.5).item() == pytest.approx(0.25 * 4.0 * first.numel(), rel=1e-5)
+
+
+def test_fedbn_local_mode_keeps_the_sites_own_normalisation_layers(tiny_site, tmp_path):
+    from dataclasses import replace
+
+    from fl_client.train import local_norm_path
+    from models.factory import norm_state_keys
+
+    site, config = tiny_site
+    site = replace(site, site_dir=tmp_path / "work")  # its own FedBN folder; ingestion cache is rebuilt there
+    settings = replace(config.round_settings(1), bn_mode="local")
+    model = build_model(settings.model)
+    norm_keys = norm_state_keys(model)
+    assert norm_keys and all("running_mean" not in k or k in norm_keys for k in model.state_dict())
+    global_state = model.state_dict()
+    trained, _ = train_round(site, settings, global_state)
+    saved = torch.load(local_norm_path(site, settings), weights_only=True)
+    assert set(saved) == norm_keys and all(torch.equal(saved[k], trained[k]) for k in norm_keys)
+    # Next round the server sends other norm values (its average): the site trains with its own instead.
+    foreign = {k: (v + 7.0 if k in norm_keys and v.is_floating_point() else v) for k, v in trained.items()}
+    from fl_client.train import with_local_norm
+
+    merged = with_local_norm(site, replace(settings, server_round=2), foreign)
+    assert all(torch.equal(merged[k], saved[k]) for k in norm_keys)
+    assert all(torch.equal(merged[k], foreign[k]) for k in foreign if k not in norm_keys)
+    aggregate = with_local_norm(site, replace(settings, bn_mode="aggregate"), foreign)
+    assert all(torch.equal(aggregate[k], foreign[k]) for k in foreign)

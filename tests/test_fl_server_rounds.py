@@ -1,0 +1,251 @@
+"""The round loop in real Flower simulations (Ray backend) on tiny synthetic DICOM sites.
+
+Every strategy runs a federation; updates with NaNs or scaled by 1e6 are rejected; a round with too few sites is
+skipped without hanging and a site that fails is used again next round; a run stopped after k rounds and resumed
+matches an uninterrupted one; resume refuses a state written under another run config.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.simulation import run_simulation
+
+from fedct.demo import simulation_backend_config
+from federation import TINY_RUN_CONFIG, tiny_federation
+from fl_client.client_app import build_client_app
+from fl_server.checkpoint import RunState, load_run_state, save_run_state
+from fl_server.config import STRATEGIES, ServerConfig
+from fl_server.rounds import initial_arrays, run_federation
+from fl_server.strategy import build_strategy, load_strategy_state
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rounds")
+    tiny_federation(root / "data", sites=4, patients_per_site=6, seed=3)
+    return root
+
+
+def simulate(federation: Path, steps, *, sites: int, mods=()) -> None:
+    """One Flower simulation (Ray backend) whose ServerApp runs ``steps`` in turn on the same sites: a step is
+    ``(name, run config)`` (a whole federation, run folder ``runs/<name>``) or a callable (between runs).
+
+    Several federations per simulation: Ray and the sites' ClientApps start once (a minute on 2 cores).
+    """
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        for step in steps:
+            if callable(step):
+                step()
+                continue
+            name, config = step
+            run_config = {**TINY_RUN_CONFIG, "num-server-rounds": 1, "min-sites": sites, "run-dir": str(run_dir(federation, name)), **config}
+            server_config = ServerConfig.from_run_config(run_config)
+            run_federation(grid, server_config, build_strategy(server_config))
+
+    run_simulation(
+        server_app=app,
+        client_app=build_client_app({"sim-data-root": str(federation / "data"), "sim-work-root": str(federation / "work")},
+                                    mods=list(mods)),  # fmt: skip
+        num_supernodes=sites,
+        backend_config=simulation_backend_config(),
+    )
+
+
+def run_dir(federation: Path, name: str) -> Path:
+    return federation / "runs" / name
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def checkpoint(run_dir: Path, server_round: int) -> dict:
+    return torch.load(run_dir / "checkpoints" / f"round-{server_round:03d}.pt", weights_only=True)
+
+
+def partition_mod(action, flag: Path):
+    """A client mod applying ``action(partition_id, msg, reply)`` to every train reply (in place) before it leaves,
+    while the file ``flag`` exists (the ServerApp's steps switch it: the sites run in other processes)."""
+
+    def mod(msg, context, call_next):
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train" and reply.has_content() and flag.exists():
+            action(int(context.node_config["partition-id"]), msg, reply)
+        return reply
+
+    return mod
+
+
+def switch(flag: Path, on: bool):
+    return lambda: flag.touch() if on else flag.unlink(missing_ok=True)
+
+
+# --- every strategy -------------------------------------------------------------------------------------------------
+
+STRATEGY_RUNS = [(name, "float32") for name in STRATEGIES] + [("fedavg", "float16")]
+
+
+@pytest.fixture(scope="module")
+def strategy_runs(federation):
+    """One round of every strategy (and of fedavg with float16 transport) on three sites, one simulation."""
+    simulate(federation, [(f"{s}-{t}", {"strategy": s, "transport": t}) for s, t in STRATEGY_RUNS], sites=3)
+    return {(s, t): run_dir(federation, f"{s}-{t}") for s, t in STRATEGY_RUNS}
+
+
+@pytest.mark.parametrize(("strategy", "transport"), STRATEGY_RUNS, ids=[f"{s}-{t}" for s, t in STRATEGY_RUNS])
+def test_every_strategy_trains_a_federation(strategy_runs, strategy, transport):
+    folder = strategy_runs[(strategy, transport)]
+    entry = metrics(folder)["rounds"][0]
+    assert entry["round"] == 1 and entry["skipped"] is False and entry["rejected_updates"] == []
+    assert sorted(entry["train"]["sites"]) == ["site-0", "site-1", "site-2"]
+    assert sorted(entry["evaluate"]["sites"]) == ["site-0", "site-1", "site-2"]
+    assert math.isfinite(entry["evaluate"]["aggregate"]["val-loss"])
+    initial, final = checkpoint(folder, 0), checkpoint(folder, 1)
+    assert set(initial) == set(final) and all(final[k].dtype == initial[k].dtype for k in initial)
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    assert any(not torch.equal(initial[k], final[k]) for k in initial if initial[k].is_floating_point())
+    # Bytes per round: 3 train + 3 evaluate messages carry the model out, 3 train replies carry it back.
+    scale = 0.5 if transport == "float16" else 1.0
+    model_bytes = sum(v.numel() * v.element_size() for v in initial.values())
+    assert entry["bytes_sent"] >= 6 * model_bytes * scale * 0.99
+    assert entry["bytes_received"] >= 3 * model_bytes * scale * 0.99
+    meta = json.loads((folder / "model" / "final" / "model.json").read_text())
+    assert meta["provenance"]["run_config"]["strategy"] == strategy
+
+
+def test_float16_transport_halves_the_bytes_of_a_round(strategy_runs):
+    rounds = {t: metrics(strategy_runs[("fedavg", t)])["rounds"][0] for t in ("float32", "float16")}
+    for key in ("bytes_sent", "bytes_received"):
+        assert 0.45 < rounds["float16"][key] / rounds["float32"][key] < 0.55
+    losses = [rounds[t]["evaluate"]["aggregate"]["val-loss"] for t in ("float32", "float16")]
+    assert abs(losses[0] - losses[1]) < 0.05  # same training, weights rounded on the wire
+
+
+# --- poisoned updates -------------------------------------------------------------------------------------------------
+
+
+def poison(partition: int, _msg, reply) -> None:
+    """Site 2 sends NaNs, site 3 weights scaled by 1e6 (the reply's packed float32 buffer)."""
+    from flwr.app import Array
+
+    if partition in (2, 3):
+        values = reply.content["arrays"]["float32"].numpy().copy()
+        values[:] = np.nan if partition == 2 else values * 1e6
+        reply.content["arrays"]["float32"] = Array(values)
+
+
+def test_nan_and_scaled_updates_are_rejected_and_the_model_matches_a_clean_run(federation):
+    flag = federation / "poison-on"
+    settings = {"num-server-rounds": 2, "update-zscore": 5.0, "learning-rate": 0.01, "min-sites": 2}
+    simulate(federation, [("clean-4", settings), switch(flag, True), ("attacked-4", settings), switch(flag, False)],
+             sites=4, mods=[partition_mod(poison, flag)])  # fmt: skip
+    clean, attacked = metrics(run_dir(federation, "clean-4")), metrics(run_dir(federation, "attacked-4"))
+    assert all(entry["rejected_updates"] == [] for entry in clean["rounds"])
+    for entry in attacked["rounds"]:
+        assert entry["skipped"] is False
+        reasons = {r["site"]: r["reason"] for r in entry["rejected_updates"]}
+        assert set(reasons) == {"site-2", "site-3"}, reasons
+        assert "non-finite" in reasons["site-2"] and "robust SDs above" in reasons["site-3"]
+        assert all(isinstance(r["node_id"], int) for r in entry["rejected_updates"])
+        assert sorted(entry["train"]["sites"]) == ["site-0", "site-1"]
+        assert sorted(entry["evaluate"]["sites"]) == ["site-0", "site-1", "site-2", "site-3"]
+    final = checkpoint(run_dir(federation, "attacked-4"), 2)
+    assert all(torch.isfinite(v).all() and v.abs().max() < 100 for v in final.values() if v.is_floating_point())
+    for key in ("val-loss", "test-loss"):
+        a, c = attacked["rounds"][-1]["evaluate"]["aggregate"][key], clean["rounds"][-1]["evaluate"]["aggregate"][key]
+        assert math.isfinite(a) and abs(a - c) < 0.25, (key, a, c)  # untrained: ln 3 = 1.10; a 1e6-scaled model: astronomic
+
+
+# --- two sites: dropout and resume, one simulation ----------------------------------------------------------------------
+
+
+def fail_first_round(partition: int, msg, reply) -> None:
+    if partition == 1 and int(msg.content["config"]["server-round"]) == 1:
+        raise RuntimeError("site-1 lost its GPU")
+
+
+ADAM = {"strategy": "fedadam", "server-learning-rate": 0.01}
+
+
+@pytest.fixture(scope="module")
+def two_site_runs(federation):
+    flag = federation / "fail-on"
+    stray = {}
+
+    def crash_leftovers():
+        """What a crash in the middle of writing the state leaves behind; the round-1 checkpoint before resuming."""
+        state = run_dir(federation, "adam-resumed") / "state"
+        (state / "state.json.tmp").write_text('{"round": 99, "half-written')
+        (state / "round-003.npz.tmp").write_bytes(b"PK\x03\x04 truncated")
+        stray["round_one"] = checkpoint(run_dir(federation, "adam-resumed"), 1)
+        stray["saved"] = load_run_state(state)
+
+    steps = [
+        ("too-few", {"min-sites": 3, "round-timeout-s": 2.0, "num-server-rounds": 2}),
+        switch(flag, True), ("site-fails", {"num-server-rounds": 2}), switch(flag, False),
+        ("adam-straight", {**ADAM, "num-server-rounds": 3}),
+        ("adam-resumed", {**ADAM, "num-server-rounds": 2}),
+        crash_leftovers,
+        ("adam-resumed", {**ADAM, "num-server-rounds": 3, "resume": True}),
+    ]  # fmt: skip
+    simulate(federation, steps, sites=2, mods=[partition_mod(fail_first_round, flag)])
+    return stray
+
+
+def test_rounds_without_enough_sites_are_skipped_without_hanging(federation, two_site_runs):
+    folder = run_dir(federation, "too-few")
+    rounds = metrics(folder)["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for entry in rounds:
+        assert entry["skipped"] is True and "only 2 site(s) connected" in entry["skip_reason"] and "min-sites=3" in entry["skip_reason"]
+        assert entry["train"]["sites"] == {} and entry["bytes_sent"] == 0
+    initial, last = checkpoint(folder, 0), checkpoint(folder, 2)
+    assert all(torch.equal(initial[k], last[k]) for k in initial)
+    assert (folder / "model" / "final" / "model.pt").is_file()
+
+
+def test_a_failed_site_skips_the_round_and_is_used_again_when_back(federation, two_site_runs):
+    folder = run_dir(federation, "site-fails")
+    first, second = metrics(folder)["rounds"]
+    assert first["skipped"] is True and "1 valid update(s), fewer than min-sites=2" in first["skip_reason"]
+    assert len(first["rejected_updates"]) == 1 and "error reply" in first["rejected_updates"][0]["reason"]
+    assert all(torch.equal(checkpoint(folder, 0)[k], checkpoint(folder, 1)[k]) for k in checkpoint(folder, 0))
+    assert second["skipped"] is False and sorted(second["train"]["sites"]) == ["site-0", "site-1"]
+
+
+def test_resume_continues_numbering_and_strategy_state_like_an_uninterrupted_run(federation, two_site_runs):
+    straight, resumed = run_dir(federation, "adam-straight"), run_dir(federation, "adam-resumed")
+    saved = two_site_runs["saved"]  # the state after round 2, read with the crash leftovers beside it
+    assert saved.server_round == 2 and set(saved.strategy_arrays) >= {"m_t", "v_t"}
+    restored = build_strategy(ServerConfig(strategy="fedadam"))
+    load_strategy_state(restored, saved.strategy_scalars, saved.strategy_arrays)
+    for attr in ("m_t", "v_t"):
+        moments = saved.strategy_arrays[attr]
+        assert all(np.array_equal(getattr(restored, attr)[k], moments[k]) for k in moments)
+    assert [r["round"] for r in metrics(resumed)["rounds"]] == [1, 2, 3]
+    assert [r["round"] for r in metrics(straight)["rounds"]] == [1, 2, 3]
+    round_one = two_site_runs["round_one"]
+    assert all(torch.equal(round_one[k], checkpoint(resumed, 1)[k]) for k in round_one)  # round 1 not repeated
+    a, b = checkpoint(straight, 3), checkpoint(resumed, 3)
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
+    assert worst < 1e-4, worst  # same rounds, same moments: the same model up to summation order
+    assert load_run_state(resumed / "state").server_round == 3
+
+
+def test_resume_refuses_a_state_written_under_another_run_config(tmp_path):
+    saved = ServerConfig(strategy="fedadam", model_name="smallcnn", run_dir=str(tmp_path))
+    arrays = initial_arrays(saved)
+    save_run_state(tmp_path / "state", RunState(server_round=2, global_arrays=arrays, strategy_scalars={}, strategy_arrays={},
+                                                run_log={"rounds": [], "best": None}, run_config=saved.to_run_config(), extra={}))  # fmt: skip
+    now = ServerConfig(strategy="fedavg", model_name="smallcnn", run_dir=str(tmp_path), resume=True, num_server_rounds=5)
+    with pytest.raises(ValueError, match=r"cannot resume .*strategy: 'fedadam' \(saved\) vs 'fedavg' \(now\)"):
+        run_federation(None, now, build_strategy(now))  # refused before any node is contacted
