@@ -47,7 +47,6 @@ TRANSPORT_NAME = "transport.json"
 PENDING_ARMS = {
     "deployment-tls-auth": "TLS + SuperNode authentication: needs fedct/certs.py and fedct/deploy.py (branch deploy) to make "
     "certificates and keys; deployment_arm(tls=True, auth=True) is where they plug in",
-    "fp16-transport": "fp16 / packed weights on the wire: needs models/weights.py (branch server)",
 }
 
 try:  # Flower is a dependency of fedct; the import is guarded only so this module's docs build without it
@@ -117,6 +116,7 @@ def build_counting_server_app(run_config_overrides: Mapping[str, Any] | None = N
 
     from fl_server.config import ServerConfig
     from fl_server.server_app import run_federation
+    from fl_server.strategy import build_strategy
 
     overrides = dict(run_config_overrides or {})
     app = ServerApp()
@@ -126,7 +126,7 @@ def build_counting_server_app(run_config_overrides: Mapping[str, Any] | None = N
         config = ServerConfig.from_run_config({**dict(context.run_config), **overrides})
         counting = CountingGrid(grid)
         try:
-            run_federation(counting, config)
+            run_federation(counting, config, build_strategy(config))
         finally:
             path = config.run_path / TRANSPORT_NAME
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,9 +177,9 @@ def plan_for(options: BenchOptions) -> FederationPlan:
     return FederationPlan(sites=3, patients_per_site=12, small=False, rounds=4, run_config={}, sqlite_lever=True)
 
 
-def _run_config(plan: FederationPlan, run_dir: Path, *, sites: int | None = None) -> dict[str, Any]:
+def _run_config(plan: FederationPlan, run_dir: Path, *, sites: int | None = None, transport: str = "float32") -> dict[str, Any]:
     return {**plan.run_config, "num-server-rounds": plan.rounds, "local-epochs": 1, "min-sites": sites or plan.sites,
-            "run-dir": str(Path(run_dir).resolve())}  # fmt: skip
+            "run-dir": str(Path(run_dir).resolve()), "transport": transport}  # fmt: skip
 
 
 def round_report(run_dir: Path) -> dict[str, Any]:
@@ -190,7 +190,8 @@ def round_report(run_dir: Path) -> dict[str, Any]:
     rounds = []
     for entry in metrics["rounds"]:
         r = entry["round"]
-        train_seconds = [m.get("train-seconds") for m in entry["train"]["sites"].values() if m.get("train-seconds") is not None]
+        train_sites = (entry.get("train") or {}).get("sites") or {}
+        train_seconds = [m.get("train-seconds") for m in train_sites.values() if m.get("train-seconds") is not None]
         slowest = max(train_seconds) if train_seconds else None
         mine = [x for x in exchanges if x["round"] == r]
         by_type = {x["type"]: x for x in mine}
@@ -207,6 +208,9 @@ def round_report(run_dir: Path) -> dict[str, Any]:
             "evaluate_exchange_seconds": by_type.get("evaluate", {}).get("seconds"),
             "bytes_sent": sum(x["bytes_sent"] for x in mine),
             "bytes_received": sum(x["bytes_received"] for x in mine),
+            "server_reported_bytes_sent": entry.get("bytes_sent"),
+            "server_reported_bytes_received": entry.get("bytes_received"),
+            "skipped": bool(entry.get("skipped")),
         })  # fmt: skip
     def med(key: str) -> float | None:
         return median_after_first([r[key] for r in rounds if r[key] is not None])
@@ -216,8 +220,9 @@ def round_report(run_dir: Path) -> dict[str, Any]:
         "bytes_sent", "bytes_received")}}  # fmt: skip
 
 
-def simulation_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_dir: Path) -> dict[str, Any]:
-    """The run in Flower's simulation engine (in this process); peak memory of this process tree (Ray included)."""
+def simulation_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_dir: Path, *, transport: str = "float32") -> dict[str, Any]:
+    """The run in Flower's simulation engine (in this process); peak memory of this process tree (Ray included).
+    ``transport`` is the run config's wire dtype of floating weights (float32, float16, bfloat16)."""
     from flwr.simulation import run_simulation
 
     from fedct.demo import simulation_backend_config
@@ -228,14 +233,14 @@ def simulation_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
     t0 = time.perf_counter()
     with TreeMemorySampler({"simulation": os.getpid()}, interval=0.2) as sampler:
         run_simulation(
-            server_app=build_counting_server_app(_run_config(plan, run_dir, sites=n)),
+            server_app=build_counting_server_app(_run_config(plan, run_dir, sites=n, transport=transport)),
             client_app=build_client_app({"sim-data-root": str(data_root), "sim-work-root": str(work_root)}),
             num_supernodes=n,
             backend_config=simulation_backend_config(),
         )
     if not (run_dir / "metrics.json").is_file():
         raise RuntimeError(f"the simulation wrote no {run_dir / 'metrics.json'} (see the log above)")
-    return {**round_report(run_dir), "total_seconds": time.perf_counter() - t0, "sites": n,
+    return {**round_report(run_dir), "total_seconds": time.perf_counter() - t0, "sites": n, "transport": transport,
             "peak_memory_mib": sampler.peak_mib["simulation"]}  # fmt: skip
 
 
@@ -390,7 +395,8 @@ def run(options: BenchOptions) -> Path:
                      split=settings.split)  # fmt: skip
     arms: dict[str, Any] = {}
     errors: dict[str, str] = {}
-    todo = [("simulation", simulation_arm), ("deployment-insecure", deployment_arm)]
+    todo = [("simulation", simulation_arm), ("simulation-fp16-transport", lambda *a: simulation_arm(*a, transport="float16")),
+            ("deployment-insecure", deployment_arm)]
     if plan.sqlite_lever:
         todo.append(("deployment-insecure-sqlite-state", lambda *a: deployment_arm(*a, sqlite_state=True)))
     for name, function in todo:

@@ -34,6 +34,10 @@ FIGURES = (("test-auc-macro", "diagnosis macro AUC"), ("test-pooled-auc-macro", 
            ("test-c-index", "prognosis C-index"))  # fmt: skip
 
 
+#: Strategies compared by the full ``fedct bench quality`` (names of the run config's ``strategy`` key).
+DEFAULT_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
 @dataclass(frozen=True)
 class QualityPlan:
     """Size of the comparison."""
@@ -58,8 +62,11 @@ class QualityPlan:
             raise ValueError("the quality benchmark needs at least one federated strategy")
 
 
-def plan_for(options: BenchOptions, *, strategies: Sequence[str] = ("fedavg",)) -> QualityPlan:
-    """Tiny: seconds, for the test suite; quick: 1 seed, small sites, small CNN; full: the demo's federation, 3 seeds."""
+def plan_for(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> QualityPlan:
+    """Tiny: seconds, for the test suite; quick: 1 seed, small sites, small CNN; full: the demo's federation, 3 seeds.
+    ``strategies`` default: FedAvg (tiny), FedAvg and FedAdam (quick), :data:`DEFAULT_STRATEGIES` (full)."""
+    if strategies is None:
+        strategies = ("fedavg",) if options.tiny else ("fedavg", "fedadam") if options.quick else DEFAULT_STRATEGIES
     if options.tiny:
         return QualityPlan(sites=2, patients_per_site=8, small=True, seeds=(0,), rounds=1, local_epochs=1, strategies=tuple(strategies),
                            run_config=SMALL_RUN_CONFIG)  # fmt: skip
@@ -70,6 +77,7 @@ def plan_for(options: BenchOptions, *, strategies: Sequence[str] = ("fedavg",)) 
                        strategies=tuple(strategies))  # fmt: skip
 
 
+
 def _server_config(plan: QualityPlan, *, seed: int, run_dir: Path, strategy: str | None) -> Any:
     """fedct's ServerConfig of one federated arm (checked before anything starts; a strategy the config
     does not know is an error naming it)."""
@@ -77,10 +85,9 @@ def _server_config(plan: QualityPlan, *, seed: int, run_dir: Path, strategy: str
 
     run_config: dict[str, Any] = {**plan.run_config, "num-server-rounds": plan.rounds, "local-epochs": plan.local_epochs,
                                   "min-sites": plan.sites, "seed": seed, "run-dir": str(run_dir.resolve())}  # fmt: skip
-    has_strategy_key = "strategy" in {f.name for f in fields(ServerConfig)}
-    if strategy is not None and (has_strategy_key or strategy.lower() != "fedavg"):
-        if not has_strategy_key:
-            raise ValueError(f"strategy {strategy!r} asked for, but this fedct's run config has no 'strategy' key (only FedAvg)")
+    if strategy is not None:
+        if "strategy" not in {f.name for f in fields(ServerConfig)}:
+            raise ValueError(f"strategy {strategy!r} asked for, but this fedct's run config has no 'strategy' key")
         run_config["strategy"] = strategy
     return ServerConfig.from_run_config(run_config)
 
@@ -215,7 +222,7 @@ def plot(path: Path, arms: Mapping[str, Any]) -> Path:
     return path
 
 
-def run(options: BenchOptions, *, strategies: Sequence[str] = ("fedavg",)) -> Path:
+def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Path:
     """Run the comparison and write ``quality.json`` and ``quality.png``; returns the JSON's path."""
     from fl_client.train import train_round
     from preprocessing.ingest import prepare_site

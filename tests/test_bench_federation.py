@@ -14,7 +14,7 @@ def test_tiny_federation_benchmark_measures_both_engines_and_stops_every_process
     assert data["errors"] == {}, data["errors"]
     size = data["model_size"]
     assert size["model"] == "smallcnn" and size["array_record_bytes"] >= size["raw_bytes"] > 100_000
-    for name in ("simulation", "deployment-insecure"):
+    for name in ("simulation", "deployment-insecure"):  # float32 on the wire
         arm = data["arms"][name]
         assert [r["round"] for r in arm["rounds"]] == [1]
         r = arm["rounds"][0]
@@ -25,6 +25,10 @@ def test_tiny_federation_benchmark_measures_both_engines_and_stops_every_process
         assert 4 * size["raw_bytes"] <= r["bytes_sent"] < 4 * size["array_record_bytes"] + 200_000
         assert 2 * size["raw_bytes"] <= r["bytes_received"] < 2 * size["array_record_bytes"] + 200_000
         assert 5.9 < arm["bytes_per_round_over_model_size"] < 6.5
+    fp16 = data["arms"]["simulation-fp16-transport"]["rounds"][0]
+    full = data["arms"]["simulation"]["rounds"][0]
+    assert data["arms"]["simulation-fp16-transport"]["transport"] == "float16"
+    assert 0.45 < fp16["bytes_sent"] / full["bytes_sent"] < 0.75  # weights halve; configs and integer buffers do not
     deployment = data["arms"]["deployment-insecure"]
     assert set(deployment["peak_rss_mib"]) == {"site-0", "site-1", "superlink"}
     assert all(v > 50 for v in deployment["peak_rss_mib"].values())
