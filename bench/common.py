@@ -29,7 +29,7 @@ class BenchOptions:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU, memory, accelerator, library versions and the load at the start (other work on the machine skews timings)."""
+    """CPU, memory, accelerator and library versions."""
     import torch
 
     cpu_model = ""
@@ -63,7 +63,6 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "memory_gib": mem_gib,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "versions": versions,
     }
 
@@ -94,7 +93,8 @@ def write_result(out: Path, name: str, payload: Mapping[str, Any], *, options: B
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "machine": machine_info(),
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        # 1, 5 and 15 minute load averages when the result was written: other work on the machine skews timings
+        "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
         **payload,
     }
     path = out / f"{name}.json"
