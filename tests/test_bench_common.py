@@ -28,12 +28,13 @@ def test_result_file_states_mode_machine_and_payload(tmp_path):
 
 
 def test_sampler_sees_the_memory_of_a_child_process_tree():
-    code = "import time; b = bytearray(200 * 2**20); time.sleep(3)"
-    child = subprocess.Popen([sys.executable, "-c", code])
+    code = "import sys, time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ready', flush=True); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
+        assert child.stdout.readline().strip() == "ready"  # the memory is touched (resident) from here on
         assert child.pid in process_tree(child.pid)
         with TreeMemorySampler({"child": child.pid}, interval=0.05) as sampler:
-            time.sleep(2.0)
+            time.sleep(0.5)
         assert sampler.peak_mib["child"] > 190
     finally:
         child.kill()
