@@ -206,14 +206,14 @@ def plot(path: Path, arms: Mapping[str, Any]) -> Path:
         for g, group in enumerate(groups):
             stats = [arms[a]["summary"]["overall" if group == "overall" else "sites"] for a in names]
             stats = [s[key] if group == "overall" else s[group][key] for s in stats]
-            means = [s["mean"] if s["mean"] is not None else 0.0 for s in stats]
+            means = [s["mean"] if s["mean"] is not None else float("nan") for s in stats]  # undefined: no bar
             errors = [s["std"] or 0.0 for s in stats]
             ax.bar(x + (g - (len(groups) - 1) / 2) * width, means, width, yerr=errors, capsize=2, label=group,
                    color="black" if group == "overall" else None, alpha=1.0 if group == "overall" else 0.75)  # fmt: skip
         ax.axhline(0.5, color="red", linestyle=":", linewidth=1)
         ax.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
         ax.set_ylim(0.0, 1.02)
-        ax.set_title(f"held-out test: {title}")
+        ax.set_title(f"held-out test: {title} (no bar: undefined, e.g. no event at that site)", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
