@@ -111,9 +111,19 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(options)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"fedct {version('fedct')}"
+    except PackageNotFoundError:
+        return "fedct (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the ``fedct`` command."""
     parser = argparse.ArgumentParser(prog="fedct", description="Federated learning on CT imaging.")
+    parser.add_argument("--version", action="version", version=_version())  # containers' self-check
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write synthetic hospitals (CT DICOM + labels.csv per site)")
@@ -166,8 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     from bench.cli import add_parser as add_bench_parser
+    from fedct import certs, deploy  # deployment: fedct certs, fedct server, fedct site
     from fedct.status import add_parser as add_status_parser
 
+    certs.add_parser(sub)
+    deploy.add_server_parser(sub)
+    deploy.add_site_parser(sub)
     add_status_parser(sub)
     add_bench_parser(sub)
     return parser

@@ -150,7 +150,8 @@ def model_card(meta: Mapping[str, Any]) -> str:
         "",
         "## Limitations",
         "- Small per-site test splits: metrics carry wide uncertainty.",
-        "- Calibration across sites is not guaranteed (BatchNorm statistics are averaged by FedAvg); check the "
+        "- Calibration across sites is not guaranteed (normalisation statistics are aggregated across sites, "
+        "see bn-mode in the run config); check the "
         "operating point locally.",
         "- Trained on the data of the listed sites only; scanners, protocols and populations elsewhere may differ.",
         "",

@@ -42,6 +42,8 @@ from fl_server.validation import check_updates
 from models.factory import buffer_keys, build_model
 
 NDArrays = dict[str, np.ndarray]
+#: Messages expire this long after the round stops waiting for them (Flower's default TTL is 12 h).
+TTL_SLACK_S = 30.0
 
 
 def encode_messages(messages: Iterable[Message], *, transport: str) -> tuple[list[Message], int]:
@@ -115,7 +117,11 @@ def _plain_metrics(content: RecordDict) -> dict[str, Any]:
 
 
 class RoundLoop:
-    """Runs rounds of a strategy over a grid with bounded waits, validation and packed transport."""
+    """Runs rounds of a strategy over a grid with bounded waits, validation and packed transport.
+
+    ``reference`` gives the model's layout (keys, shapes, dtypes); the current global weights are passed to each
+    :meth:`run_round`. ``buffers`` are the state-dict keys that are running statistics, not trained weights.
+    """
 
     def __init__(
         self,
@@ -137,8 +143,6 @@ class RoundLoop:
         self.clock = clock
         self.site_names: dict[int, str] = {}
 
-    # The reference is the model's layout (keys, shapes, dtypes); values of the current global model are passed per round.
-
     def wait_for_nodes(self, minimum: int) -> list[int]:
         """Connected node ids once at least ``minimum`` are connected, or the last list seen at the timeout."""
         deadline = self.clock() + self.config.round_timeout_s
@@ -155,6 +159,8 @@ class RoundLoop:
     def _exchange(self, messages: Iterable[Message], report: RoundReport) -> tuple[list[Message], list[int]]:
         """Send, wait at most round-timeout-s, decode; returns (content replies, node ids sent to)."""
         encoded, sent_bytes = encode_messages(messages, transport=self.config.transport)
+        for msg in encoded:  # a site that comes back later must not train on a round the server has given up on
+            msg.metadata.ttl = self.config.round_timeout_s + TTL_SLACK_S
         report.bytes_sent += sent_bytes
         targets = [m.metadata.dst_node_id for m in encoded]
         if not encoded:
@@ -343,11 +349,21 @@ def _torch_state(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
 
 
-def run_federation(grid: Grid, config: ServerConfig, strategy: Strategy, *, poll_s: float = 1.0) -> RunLog:
+def run_federation(
+    grid: Grid,
+    config: ServerConfig,
+    strategy: Strategy,
+    *,
+    poll_s: float = 1.0,
+    round_extras: Callable[[RoundReport], Mapping[str, Any]] | None = None,
+) -> RunLog:
     """Run (or, with ``resume``, continue) ``config.num_server_rounds`` rounds of ``strategy`` and write the run folder.
 
     Run folder: ``metrics.json``, ``curves.png``, ``checkpoints/round-NNN.pt`` (global weights after each round,
     000 = initial), ``model/best`` and ``model/final`` bundles, ``state/`` (resume state of the last round).
+    ``strategy`` may be any Flower strategy, also a wrapper (e.g. a DP strategy around the one of
+    :func:`fl_server.strategy.build_strategy`); ``round_extras(report)`` adds fields to each round's metrics.json
+    entry (e.g. a privacy accountant's epsilon), after the loop's own.
     """
     run_dir = config.run_path
     state_dir = run_dir / "state"
@@ -410,7 +426,10 @@ def run_federation(grid: Grid, config: ServerConfig, strategy: Strategy, *, poll
                 run_log.site_evaluate(report.evaluate_sites)
         state = _torch_state(arrays)
         save_state(run_dir / "checkpoints" / f"round-{server_round:03d}.pt", state)
-        if run_log.end_round(server_round, extra=report.extra()):
+        extra = report.extra()
+        if round_extras is not None:
+            extra.update(round_extras(report))
+        if run_log.end_round(server_round, extra=extra):
             write_bundle(run_dir / "model" / "best", state, model=config.model, pipeline=config.pipeline,
                          provenance=provenance(server_round), risk_reference=_risk_reference(run_log, server_round))  # fmt: skip
         scalars, strategy_arrays = strategy_state(strategy)

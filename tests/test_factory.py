@@ -62,3 +62,15 @@ def test_same_config_same_architecture():
 def test_bad_config_names_the_value(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         ModelConfig(**kwargs)
+
+
+def test_norm_and_buffer_keys():
+    from models.factory import buffer_keys, norm_state_keys
+
+    batch = build_model(ModelConfig(name="smallcnn", norm="batch"))
+    keys = norm_state_keys(batch)
+    assert {k.rsplit(".", 1)[1] for k in keys} == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    assert not any(k.startswith(("diagnosis", "prognosis")) for k in keys)
+    assert buffer_keys(batch) == {k for k in keys if not k.endswith(("weight", "bias"))}
+    group = build_model(ModelConfig(name="smallcnn", norm="group"))
+    assert {k.rsplit(".", 1)[1] for k in norm_state_keys(group)} == {"weight", "bias"} and buffer_keys(group) == set()

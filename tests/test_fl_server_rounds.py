@@ -32,7 +32,7 @@ def federation(tmp_path_factory):
 
 def simulate(federation: Path, steps, *, sites: int, mods=()) -> None:
     """One Flower simulation (Ray backend) whose ServerApp runs ``steps`` in turn on the same sites: a step is
-    ``(name, run config)`` (a whole federation, run folder ``runs/<name>``) or a callable (between runs).
+    ``(name, run config[, round_extras])`` (a whole federation, run folder ``runs/<name>``) or a callable (between runs).
 
     Several federations per simulation: Ray and the sites' ClientApps start once (a minute on 2 cores).
     """
@@ -46,10 +46,10 @@ def simulate(federation: Path, steps, *, sites: int, mods=()) -> None:
             if callable(step):
                 step()
                 continue
-            name, config = step
+            name, config, *extras = step
             run_config = {**TINY_RUN_CONFIG, "num-server-rounds": 1, "min-sites": sites, "run-dir": str(run_dir(federation, name)), **config}
             server_config = ServerConfig.from_run_config(run_config)
-            run_federation(grid, server_config, build_strategy(server_config))
+            run_federation(grid, server_config, build_strategy(server_config), round_extras=extras[0] if extras else None)
 
     run_simulation(
         server_app=app,
@@ -97,7 +97,9 @@ STRATEGY_RUNS = [(name, "float32") for name in STRATEGIES] + [("fedavg", "float1
 @pytest.fixture(scope="module")
 def strategy_runs(federation):
     """One round of every strategy (and of fedavg with float16 transport) on three sites, one simulation."""
-    simulate(federation, [(f"{s}-{t}", {"strategy": s, "transport": t}) for s, t in STRATEGY_RUNS], sites=3)
+    steps = [(f"{s}-{t}", {"strategy": s, "transport": t}) for s, t in STRATEGY_RUNS]
+    steps.append(("fedbn", {"bn-mode": "local", "num-server-rounds": 2}))
+    simulate(federation, steps, sites=3)
     return {(s, t): run_dir(federation, f"{s}-{t}") for s, t in STRATEGY_RUNS}
 
 
@@ -130,6 +132,25 @@ def test_float16_transport_halves_the_bytes_of_a_round(strategy_runs):
     assert abs(losses[0] - losses[1]) < 0.05  # same training, weights rounded on the wire
 
 
+def test_fedbn_sites_keep_their_norm_layers_and_the_bundle_carries_their_average(federation, strategy_runs):
+    from models.factory import build_model, norm_state_keys
+
+    folder = run_dir(federation, "fedbn")
+    rounds = metrics(folder)["rounds"]
+    assert [r["skipped"] for r in rounds] == [False, False]
+    local = {site: torch.load(next((federation / "work" / site / "fedbn").glob("*.pt")), weights_only=True)
+             for site in ("site-0", "site-1", "site-2")}  # fmt: skip
+    keys = norm_state_keys(build_model(ServerConfig(model_name="smallcnn").model))
+    assert all(set(state) == keys for state in local.values())
+    assert any(not torch.equal(local["site-0"][k], local["site-1"][k]) for k in keys)  # each site has its own
+    weights = {site: m["num-examples"] for site, m in rounds[-1]["train"]["sites"].items()}
+    final = checkpoint(folder, 2)
+    for key in keys:
+        if final[key].is_floating_point():
+            average = sum(weights[s] * local[s][key].double() for s in local) / sum(weights.values())
+            assert torch.allclose(final[key].double(), average, atol=1e-5), key
+
+
 # --- poisoned updates -------------------------------------------------------------------------------------------------
 
 
@@ -145,9 +166,10 @@ def poison(partition: int, _msg, reply) -> None:
 
 def test_nan_and_scaled_updates_are_rejected_and_the_model_matches_a_clean_run(federation):
     flag = federation / "poison-on"
-    settings = {"num-server-rounds": 2, "update-zscore": 5.0, "learning-rate": 0.01, "min-sites": 2}
-    simulate(federation, [("clean-4", settings), switch(flag, True), ("attacked-4", settings), switch(flag, False)],
-             sites=4, mods=[partition_mod(poison, flag)])  # fmt: skip
+    settings = {"num-server-rounds": 2, "update-zscore": 5.0, "min-sites": 2}
+    steps = [("clean-4", settings), switch(flag, True), ("attacked-4", settings),
+             ("undefended-4", {**settings, "update-zscore": 0.0}), switch(flag, False)]  # fmt: skip
+    simulate(federation, steps, sites=4, mods=[partition_mod(poison, flag)])
     clean, attacked = metrics(run_dir(federation, "clean-4")), metrics(run_dir(federation, "attacked-4"))
     assert all(entry["rejected_updates"] == [] for entry in clean["rounds"])
     for entry in attacked["rounds"]:
@@ -162,7 +184,10 @@ def test_nan_and_scaled_updates_are_rejected_and_the_model_matches_a_clean_run(f
     assert all(torch.isfinite(v).all() and v.abs().max() < 100 for v in final.values() if v.is_floating_point())
     for key in ("val-loss", "test-loss"):
         a, c = attacked["rounds"][-1]["evaluate"]["aggregate"][key], clean["rounds"][-1]["evaluate"]["aggregate"][key]
-        assert math.isfinite(a) and abs(a - c) < 0.25, (key, a, c)  # untrained: ln 3 = 1.10; a 1e6-scaled model: astronomic
+        assert math.isfinite(a) and abs(a - c) < 0.25, (key, a, c)  # an untrained model scores ln 3 = 1.10
+    # Without the z-score (NaNs are always refused) the 1e6-scaled update enters the average and ruins the model.
+    undefended = checkpoint(run_dir(federation, "undefended-4"), 2)
+    assert max(float(v.abs().max()) for v in undefended.values() if v.is_floating_point()) > 1e4
 
 
 # --- two sites: dropout and resume, one simulation ----------------------------------------------------------------------
@@ -190,7 +215,8 @@ def two_site_runs(federation):
         stray["saved"] = load_run_state(state)
 
     steps = [
-        ("too-few", {"min-sites": 3, "round-timeout-s": 2.0, "num-server-rounds": 2}),
+        ("too-few", {"min-sites": 3, "round-timeout-s": 2.0, "num-server-rounds": 2},
+         lambda report: {"extra-probe": report.server_round * 10}),
         switch(flag, True), ("site-fails", {"num-server-rounds": 2}), switch(flag, False),
         ("adam-straight", {**ADAM, "num-server-rounds": 3}),
         ("adam-resumed", {**ADAM, "num-server-rounds": 2}),
@@ -208,6 +234,7 @@ def test_rounds_without_enough_sites_are_skipped_without_hanging(federation, two
     for entry in rounds:
         assert entry["skipped"] is True and "only 2 site(s) connected" in entry["skip_reason"] and "min-sites=3" in entry["skip_reason"]
         assert entry["train"]["sites"] == {} and entry["bytes_sent"] == 0
+        assert entry["extra-probe"] == entry["round"] * 10  # run_federation(round_extras=...) adds fields
     initial, last = checkpoint(folder, 0), checkpoint(folder, 2)
     assert all(torch.equal(initial[k], last[k]) for k in initial)
     assert (folder / "model" / "final" / "model.pt").is_file()

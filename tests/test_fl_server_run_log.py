@@ -251,3 +251,20 @@ def test_histogram_quantiles_interpolate_within_bins():
     # all mass in bin 2 ([2, 3)): the median is in the middle of that bin.
     assert histogram_quantiles([0, 0, 10, 0], (0.0, 4.0), (0.5,)) == pytest.approx([2.5])
     assert all(math.isnan(q) for q in histogram_quantiles([0, 0], (0.0, 1.0), (0.5,)))
+
+
+def test_round_extras_and_state_restore_continue_the_log(tmp_path):
+    log = RunLog(tmp_path, run_config={}, emit=lambda _line: None)
+    _round(log, 1, 0.6)
+    log.end_round(2, extra={"skipped": True, "skip_reason": "only 1 site(s) connected", "seconds": 3.0})
+    _round(log, 3, 0.8)
+    state = json.loads(json.dumps(log.state()))  # what the resume state stores
+    resumed = RunLog(tmp_path, run_config={}, emit=lambda _line: None)
+    resumed.restore(state)
+    assert [r["round"] for r in resumed.rounds] == [1, 2, 3] and resumed.best.round == 3
+    assert resumed.rounds[1]["skipped"] is True and resumed.rounds[1]["seconds"] == 3.0
+    assert math.isnan(resumed.rounds[0]["evaluate"]["sites"]["s1"]["test-auc-macro"])  # null back to NaN
+    assert not _round(resumed, 4, 0.7)  # 0.7 < best 0.8
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["round"] for r in written["rounds"]] == [1, 2, 3, 4] and written["best_round"]["round"] == 3
+    assert written["rounds"][1]["evaluate"] == {"aggregate": {}, "sites": {}}

@@ -1,0 +1,684 @@
+"""Deployment on Flower's engine: ``fedct server start|submit|check`` and ``fedct site``.
+
+Server side (the consortium's coordinator, one host):
+
+- ``fedct server start --env server.env`` validates the env file, starts ``flower-superlink`` with TLS, SuperNode
+  authentication, runtime dependency installation off, telemetry off and its state database on disk, waits until
+  it answers a TLS handshake verified against the consortium CA, registers every site public key found in
+  ``FEDCT_SITE_KEYS`` (``flwr supernode register``) and stays in the foreground (SIGTERM stops the SuperLink).
+- ``fedct server submit --env server.env --config run.toml`` starts a run: ``flwr run APP consortium`` with an
+  isolated Flower home (``config.toml``: address + root certificates) and the run config (rounds, strategy,
+  minimum sites, round timeout; ``run-dir`` made absolute under ``FEDCT_RUNS_DIR``).
+- ``fedct server check --env server.env`` is the TLS health check.
+
+Site side (each hospital): ``fedct site --env site.env`` (see :mod:`fl_client.site_env`) validates the env file,
+checks the TLS handshake with the SuperLink against the CA (a clear message instead of Flower's "unavailable"),
+ingests the DICOM folder, installs the app-approval launcher (:mod:`fl_client.approval`) and runs
+``flower-supernode`` (``--root-certificates``, ``--auth-supernode-private-key``, ``--node-config``, its own port)
+in the foreground, retrying for a while when the SuperLink refuses to activate it (a restart right after a crash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fl_client.site_env import SiteEnv, SiteEnvError, check_ca_certificate, parse_superlink_address, read_env_file
+
+#: Environment every Flower process we start gets: no telemetry, no update check, no package installation.
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+#: Seconds a stopped SuperNode / SuperLink gets to exit after SIGTERM before it is killed.
+STOP_GRACE_S = 15.0
+#: Name of the SuperLink connection in the CLI's config.toml.
+CONNECTION = "consortium"
+
+SERVER_KEYS = {
+    "FEDCT_SERVER_HOST": "address the SuperLink binds to (default 0.0.0.0)",
+    "FEDCT_SERVER_PORT": "port of the SuperLink (Fleet, Control and Runtime APIs; default 9092)",
+    "FEDCT_SERVER_ADDRESS": "host:port this host uses to reach the SuperLink (default 127.0.0.1:PORT; must be a certificate SAN)",
+    "FEDCT_CA_CERT": "the consortium CA certificate (PEM)",
+    "FEDCT_SERVER_CERT": "the SuperLink certificate (PEM, signed by the CA, SANs of the server's names)",
+    "FEDCT_SERVER_KEY": "the SuperLink private key (PEM, mode 0600)",
+    "FEDCT_STATE_DIR": "writable folder: SuperLink database (state.db), Flower homes, logs",
+    "FEDCT_SITE_KEYS": "folder of the sites' public keys: <name>.pub files or <name>/site.pub",
+    "FEDCT_RUNS_DIR": "writable folder of run folders (relative run-dir values are placed here)",
+    "FEDCT_APP_DIR": "the Flower app to submit (folder with pyproject.toml; default: this installation)",
+}
+SERVER_REQUIRED = ("FEDCT_CA_CERT", "FEDCT_SERVER_CERT", "FEDCT_SERVER_KEY", "FEDCT_STATE_DIR", "FEDCT_SITE_KEYS", "FEDCT_RUNS_DIR")
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed; the message says what to check."""
+
+
+# --- TLS preflight ---------------------------------------------------------------------------------------------
+
+
+def check_tls(host: str, port: int, ca_cert: Path, *, timeout: float = 5.0, setting: str = "FEDCT_CA_CERT") -> str:
+    """TLS handshake with ``host:port`` verified against ``ca_cert`` (hostname included); returns the TLS version.
+
+    Raises :class:`ConnectionError` when nothing answers and :class:`DeployError` (with what to check) when the
+    certificate does not verify — the cases Flower reports only as "unavailable".
+    """
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host) as tls:
+                return str(tls.version())
+    except ssl.SSLCertVerificationError as exc:
+        if "mismatch" in str(exc.verify_message).lower():  # "Hostname mismatch" or "IP address mismatch"
+            raise DeployError(
+                f"TLS: the SuperLink at {host}:{port} has a certificate that is not valid for {host!r} "
+                f"({exc.verify_message}). Connect with a name or IP listed in the server certificate's SANs, or "
+                f"re-issue it with `fedct certs --san {host}`."
+            ) from exc
+        raise DeployError(
+            f"TLS: the SuperLink at {host}:{port} presented a certificate that {setting}={ca_cert} does not verify "
+            f"({exc.verify_message}). Check that {setting} is the consortium's ca.crt from `fedct certs` (the CA that "
+            "signed the server certificate), not another consortium's or an old one."
+        ) from exc
+    except ssl.SSLError as exc:
+        raise DeployError(f"TLS: handshake with {host}:{port} failed ({exc.reason or exc}); is this a fedct SuperLink "
+                          "started with TLS (not --insecure), on this port?") from exc  # fmt: skip
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionError(f"cannot reach the SuperLink at {host}:{port} ({exc.strerror or exc}); check the address, "
+                              "that the server is running and that the firewall lets this host through") from exc  # fmt: skip
+
+
+def wait_for_tls(host: str, port: int, ca_cert: Path, *, wait_s: float, setting: str = "FEDCT_CA_CERT",
+                 alive: Any = None) -> str:  # fmt: skip
+    """:func:`check_tls` retried while nothing answers (up to ``wait_s``); certificate errors fail at once."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return check_tls(host, port, ca_cert, setting=setting)
+        except ConnectionError:
+            if time.monotonic() >= deadline or (alive is not None and not alive()):
+                raise
+            time.sleep(0.5)
+
+
+# --- Flower CLI home ---------------------------------------------------------------------------------------------
+
+
+def write_flwr_home(home: Path, *, address: str, ca_cert: Path) -> Path:
+    """An isolated Flower CLI home whose config.toml names one SuperLink connection (TLS, our CA)."""
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f"address = {json.dumps(address)}\nroot-certificates = {json.dumps(str(Path(ca_cert).resolve()))}\n"
+    )
+    return home
+
+
+def flower_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """``base`` (default: this process's environment) + :data:`FLOWER_ENV` + ``extra``, with this Python's bin on PATH."""
+    env = dict(os.environ if base is None else base)
+    env.update(FLOWER_ENV)
+    env.update(extra)
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def flower_tool(name: str) -> str:
+    """Path of a Flower executable next to this Python (the venv), else the name for a PATH lookup."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+# --- server ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerEnv:
+    """The server's validated deployment settings (from its env file)."""
+
+    env_path: Path
+    host: str
+    port: int
+    address: str
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    state_dir: Path
+    site_keys_dir: Path
+    runs_dir: Path
+    app_dir: Path
+
+    @property
+    def database(self) -> Path:
+        """The SuperLink's state database (on disk: runs and registered nodes survive a restart)."""
+        return self.state_dir / "state.db"
+
+    @property
+    def cli_home(self) -> Path:
+        """FLWR_HOME of the Flower CLI calls (register, run)."""
+        return self.state_dir / "cli-home"
+
+    @property
+    def superlink_home(self) -> Path:
+        """FLWR_HOME of the SuperLink and its ServerApp processes (installed apps)."""
+        return self.state_dir / "superlink-home"
+
+    def site_public_keys(self) -> dict[str, Path]:
+        """``{site name: public key file}`` from ``FEDCT_SITE_KEYS``."""
+        keys = {p.stem: p for p in sorted(self.site_keys_dir.glob("*.pub"))}
+        keys.update({p.parent.name: p for p in sorted(self.site_keys_dir.glob("*/site.pub"))})
+        return keys
+
+    @classmethod
+    def from_file(cls, path: Path) -> ServerEnv:
+        """Read and validate the server env file; errors name the key and what to check."""
+        path = Path(path)
+        try:
+            values = read_env_file(path)
+        except SiteEnvError as exc:
+            raise DeployError(str(exc)) from exc
+        unknown = sorted(k for k in values if k.startswith("FEDCT_") and k not in SERVER_KEYS)
+        if unknown:
+            raise DeployError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(SERVER_KEYS)}")
+        missing = [k for k in SERVER_REQUIRED if not values.get(k)]
+        if missing:
+            raise DeployError(f"{path}: missing " + "; ".join(f"{k} ({SERVER_KEYS[k]})" for k in missing))
+
+        def a_path(key: str) -> Path:
+            p = Path(os.path.expanduser(values[key]))
+            return p if p.is_absolute() else (path.parent / p).resolve()
+
+        for key in ("FEDCT_CA_CERT", "FEDCT_SERVER_CERT", "FEDCT_SERVER_KEY"):
+            if not a_path(key).is_file() or not os.access(a_path(key), os.R_OK):
+                raise DeployError(f"{path}: {key}={a_path(key)}: no such readable file ({SERVER_KEYS[key]})")
+        try:
+            check_ca_certificate(a_path("FEDCT_CA_CERT"), source=f"{path}: FEDCT_CA_CERT")
+            check_ca_certificate(a_path("FEDCT_SERVER_CERT"), source=f"{path}: FEDCT_SERVER_CERT")
+        except SiteEnvError as exc:
+            raise DeployError(str(exc)) from exc
+        key_mode = a_path("FEDCT_SERVER_KEY").stat().st_mode & 0o777
+        if key_mode & 0o077:
+            raise DeployError(f"{path}: FEDCT_SERVER_KEY={a_path('FEDCT_SERVER_KEY')} is readable by others "
+                              f"(mode {key_mode:o}); run chmod 600 on it")  # fmt: skip
+        port_text = values.get("FEDCT_SERVER_PORT") or "9092"
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise DeployError(f"{path}: FEDCT_SERVER_PORT={port_text!r} is not a port number")
+        address = values.get("FEDCT_SERVER_ADDRESS") or f"127.0.0.1:{port_text}"
+        try:
+            parse_superlink_address(address, source=f"{path}: FEDCT_SERVER_ADDRESS")
+        except SiteEnvError as exc:
+            raise DeployError(str(exc)) from exc
+        site_keys = a_path("FEDCT_SITE_KEYS")
+        if not site_keys.is_dir():
+            raise DeployError(f"{path}: FEDCT_SITE_KEYS={site_keys}: no such folder ({SERVER_KEYS['FEDCT_SITE_KEYS']})")
+        source_tree = Path(__file__).resolve().parents[1]
+        app_dir = a_path("FEDCT_APP_DIR") if values.get("FEDCT_APP_DIR") else source_tree
+        if values.get("FEDCT_APP_DIR") and not (app_dir / "pyproject.toml").is_file():
+            raise DeployError(f"{path}: FEDCT_APP_DIR={app_dir}: not a Flower app folder (no pyproject.toml)")
+        dirs = {}
+        for key in ("FEDCT_STATE_DIR", "FEDCT_RUNS_DIR"):
+            folder = a_path(key)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DeployError(f"{path}: {key}={folder}: cannot be created ({exc.strerror})") from exc
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise DeployError(f"{path}: {key}={folder}: not writable by this user")
+            dirs[key] = folder
+        env = cls(env_path=path, host=values.get("FEDCT_SERVER_HOST") or "0.0.0.0", port=int(port_text), address=address,
+                  ca_cert=a_path("FEDCT_CA_CERT"), server_cert=a_path("FEDCT_SERVER_CERT"),
+                  server_key=a_path("FEDCT_SERVER_KEY"), state_dir=dirs["FEDCT_STATE_DIR"], site_keys_dir=site_keys,
+                  runs_dir=dirs["FEDCT_RUNS_DIR"], app_dir=app_dir)  # fmt: skip
+        if not env.site_public_keys():
+            raise DeployError(f"{path}: FEDCT_SITE_KEYS={site_keys} holds no <name>.pub or <name>/site.pub file")
+        return env
+
+
+def superlink_command(env: ServerEnv) -> list[str]:
+    """The ``flower-superlink`` command line: TLS, SuperNode auth, no runtime installs, database on disk."""
+    return [
+        flower_tool("flower-superlink"),
+        "--ssl-ca-certfile", str(env.ca_cert),
+        "--ssl-certfile", str(env.server_cert),
+        "--ssl-keyfile", str(env.server_key),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--database", str(env.database),
+        "--host", env.host,
+        "--port", str(env.port),
+    ]  # fmt: skip
+
+
+def register_sites(env: ServerEnv) -> dict[str, str]:
+    """``flwr supernode register`` every site public key; ``{site: "registered" | "already registered"}``."""
+    home = write_flwr_home(env.cli_home, address=env.address, ca_cert=env.ca_cert)
+    outcome = {}
+    for name, pub in env.site_public_keys().items():
+        done = subprocess.run([flower_tool("flwr"), "supernode", "register", str(pub), CONNECTION, "--name", name],
+                              env=flower_env(FLWR_HOME=str(home)), capture_output=True, text=True, timeout=120)  # fmt: skip
+        text = (done.stdout + done.stderr).strip()
+        if done.returncode == 0:
+            outcome[name] = "registered"
+        elif "already" in text.lower():
+            outcome[name] = "already registered"
+        else:
+            raise DeployError(f"registering {name} ({pub}) failed: {text[-800:]}")
+    return outcome
+
+
+def _kill_later(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` if it is still running :data:`STOP_GRACE_S` seconds from now (daemon timer)."""
+    timer = threading.Timer(STOP_GRACE_S, lambda: proc.poll() is None and proc.kill())
+    timer.daemon = True
+    timer.start()
+
+
+def start_server(env: ServerEnv, *, wait_s: float = 60.0, log_file: Path | None = None) -> int:
+    """Run the SuperLink in the foreground: start, wait for TLS, register sites, then wait; returns its exit code."""
+    env.superlink_home.mkdir(parents=True, exist_ok=True)
+    command = superlink_command(env)
+    print(f"fedct server: starting {' '.join(command)}", flush=True)
+    out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - lives as long as the SuperLink
+    proc = subprocess.Popen(command, env=flower_env(FLWR_HOME=str(env.superlink_home)), stdout=out, stderr=subprocess.STDOUT if out else None)
+
+    stopping: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        stopping.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+            _kill_later(proc)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    host, _, port = env.address.rpartition(":")
+    try:
+        version = wait_for_tls(host.strip("[]"), int(port), env.ca_cert, wait_s=wait_s, setting="FEDCT_CA_CERT",
+                               alive=lambda: proc.poll() is None)  # fmt: skip
+        print(f"fedct server: SuperLink up on {env.host}:{env.port} ({version}, verified against {env.ca_cert})", flush=True)
+        for name, what in register_sites(env).items():
+            print(f"fedct server: site {name}: {what}", flush=True)
+    except (ConnectionError, DeployError) as exc:
+        print(f"fedct server: error: {exc}", file=sys.stderr, flush=True)
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(timeout=30)
+        return 2
+    print("fedct server: ready", flush=True)
+    code = proc.wait()
+    return 0 if stopping else code
+
+
+def run_config_for(env: ServerEnv, config_toml: Path, *, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The run config of ``config_toml`` (+ overrides), checked by ServerConfig, ``run-dir`` absolute under the runs dir."""
+    from fl_server.config import ServerConfig
+
+    config_toml = Path(config_toml)
+    try:
+        config = dict(tomllib.loads(config_toml.read_text(encoding="utf-8")))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise DeployError(f"run config {config_toml}: {exc}") from exc
+    config.update(overrides or {})
+    run_dir = Path(str(config.get("run-dir", "run")))
+    config["run-dir"] = str(run_dir if run_dir.is_absolute() else (env.runs_dir / run_dir))
+    try:
+        ServerConfig.from_run_config(config)
+    except ValueError as exc:
+        raise DeployError(f"run config {config_toml}: {exc}") from exc
+    return config
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What ``flwr run`` did: the run id, its final status (``finished:completed`` when it succeeded) and the output."""
+
+    run_id: int | None
+    status: str
+    details: str
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        """True when the run was accepted and, if followed to its end, completed."""
+        return self.run_id is not None and self.status in ("finished:completed", "submitted")
+
+
+def run_status(env: ServerEnv, run_id: int) -> tuple[str, str]:
+    """(status, details) of a run from ``flwr ls --run-id``."""
+    home = write_flwr_home(env.cli_home, address=env.address, ca_cert=env.ca_cert)
+    done = subprocess.run([flower_tool("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+                          env=flower_env(FLWR_HOME=str(home)), capture_output=True, text=True, timeout=120)  # fmt: skip
+    try:
+        run = json.loads(done.stdout)["runs"][0]
+    except (ValueError, KeyError, IndexError) as exc:
+        raise DeployError(f"`flwr ls --run-id {run_id}` gave no status: {(done.stdout + done.stderr)[-500:]}") from exc
+    return str(run["status"]), str(run.get("status-details", ""))
+
+
+def submit_run(env: ServerEnv, config_toml: Path, *, app_dir: Path | None = None, overrides: Mapping[str, Any] | None = None,
+               stream: bool = True, timeout: float | None = None) -> Submitted:  # fmt: skip
+    """``flwr run APP consortium --run-config FILE [--stream]`` with the isolated CLI home; with ``stream`` it
+    returns when the run has ended, with its final status."""
+    host, _, port = env.address.rpartition(":")
+    check_tls(host.strip("[]"), int(port), env.ca_cert)
+    config = run_config_for(env, config_toml, overrides=overrides)
+    app = Path(app_dir or env.app_dir).resolve()
+    if not (app / "pyproject.toml").is_file():
+        raise DeployError(f"app folder {app} has no pyproject.toml; set FEDCT_APP_DIR in {env.env_path} (in the server "
+                          "image: /opt/fedct) or pass --app")  # fmt: skip
+    resolved = env.state_dir / "submitted" / f"{Path(config_toml).stem}-{int(time.time())}.toml"
+    resolved.parent.mkdir(parents=True, exist_ok=True)
+    resolved.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
+    home = write_flwr_home(env.cli_home, address=env.address, ca_cert=env.ca_cert)
+    command = [flower_tool("flwr"), "run", str(app), CONNECTION, "--run-config", str(resolved)]
+    if stream:
+        command.append("--stream")
+    done = subprocess.run(command, env=flower_env(FLWR_HOME=str(home)), capture_output=True, text=True, timeout=timeout)
+    output = done.stdout + done.stderr
+    match = re.search(r"Successfully started run (\d+)", output)
+    if done.returncode != 0 or match is None:
+        return Submitted(run_id=None, status="not started", details=output[-2000:], output=output)
+    run_id = int(match.group(1))
+    if not stream:
+        return Submitted(run_id=run_id, status="submitted", details="", output=output)
+    status, details = run_status(env, run_id)
+    return Submitted(run_id=run_id, status=status, details=details, output=output)
+
+
+# --- site --------------------------------------------------------------------------------------------------------
+
+
+def node_config_arg(config: Mapping[str, str | int | float | bool]) -> str:
+    """``--node-config`` text: ``key="string" key=3``. Flower splits it with a regex that knows no escapes, so a
+    string is written in double quotes, or in single quotes (TOML literal) when it holds a double quote."""
+    parts = []
+    for key, value in config.items():
+        if isinstance(value, str):
+            if "\n" in value or ('"' in value and "'" in value) or ("\\" in value and "'" in value):
+                raise DeployError(f"node config {key}={value!r}: Flower's --node-config cannot carry this value; rename the path")
+            text = f"'{value}'" if ('"' in value or "\\" in value) else f'"{value}"'
+        else:
+            text = _toml_value(value)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def supernode_command(site: SiteEnv) -> list[str]:
+    """The ``flower-supernode`` command line of a site: TLS with the consortium CA, its auth key, its settings.
+
+    Runtime dependency installation is off by default on a SuperNode (only ``--allow-...`` exists); the
+    environment also sets ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``."""
+    return [
+        flower_tool("flower-supernode"),
+        "--superlink", site.superlink,
+        "--root-certificates", str(site.ca_cert),
+        "--auth-supernode-private-key", str(site.site_key),
+        "--node-config", node_config_arg(site.node_config()),
+        "--host", "127.0.0.1",
+        "--port", str(site.runtime_port),
+    ]  # fmt: skip
+
+
+def supernode_env(site: SiteEnv, gate_dir: Path) -> dict[str, str]:
+    """The SuperNode's environment: the approval launcher first on PATH, the site's own Flower home, no telemetry."""
+    from fl_client.approval import ALLOW_LIST_ENV
+
+    env = flower_env(FLWR_HOME=str(site.flwr_home), **{ALLOW_LIST_ENV: str(site.approved_apps) if site.approved_apps else "off"})
+    env["PATH"] = str(gate_dir) + os.pathsep + env["PATH"]
+    return env
+
+
+def ingest(site: SiteEnv) -> str:
+    """Run ingestion (validation, HU, preprocessing cache) for the site; returns a one-line summary."""
+    from preprocessing.ingest import REPORT_NAME, ingest_site
+    from preprocessing.transforms import PipelineConfig
+
+    pipeline = PipelineConfig(target_spacing_mm=site.ingest_spacing_mm, input_size=site.ingest_input_size)
+    ingest_site(site.dicom_dir, site.site_dir, labels_csv=site.labels_csv, pipeline=pipeline, workers=site.workers,
+                progress=False)  # fmt: skip
+    counts = json.loads((site.site_dir / REPORT_NAME).read_text())["counts"]
+    return f"accepted {counts['accepted']} series, rejected {counts['rejected']}, splits {counts['by_split']}"
+
+
+def supernode_pids(site_name: str | None = None) -> list[int]:
+    """PIDs of running flower-supernode processes (of one site when ``site_name`` is given)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not any(a.endswith(b"flower-supernode") for a in argv[:2]):
+            continue
+        if site_name is None or any(f'site-name="{site_name}"'.encode() in a for a in argv):
+            found.append(int(entry.name))
+    return found
+
+
+def start_site(site: SiteEnv, *, wait_s: float, ingest_first: bool = True, activation_wait_s: float = 120.0) -> int:
+    """Preflight TLS, ingest, install the approval launcher, then run ``flower-supernode``; returns its exit code."""
+    from fl_client.approval import install_gate, load_allow_list
+
+    print(f"fedct site {site.site_name}: checking TLS to {site.superlink} against {site.ca_cert}", flush=True)
+    version = wait_for_tls(site.superlink_host, site.superlink_port, site.ca_cert, wait_s=wait_s)
+    print(f"fedct site {site.site_name}: SuperLink certificate verified ({version})", flush=True)
+    if ingest_first and not site.skip_ingest:
+        print(f"fedct site {site.site_name}: ingesting {site.dicom_dir} into {site.site_dir}", flush=True)
+        print(f"fedct site {site.site_name}: {ingest(site)}", flush=True)
+    gate_dir = site.site_dir / "bin"
+    install_gate(gate_dir)
+    if site.approved_apps is None:
+        print(f"fedct site {site.site_name}: WARNING app approval is OFF: any app the server sends will run here", flush=True)
+    else:
+        approved = load_allow_list(site.approved_apps)
+        print(f"fedct site {site.site_name}: {len(approved)} approved app(s) in {site.approved_apps}"
+              + ("" if approved else "; every run will be refused until an app is approved (--approve APP_DIR)"), flush=True)  # fmt: skip
+    site.flwr_home.mkdir(parents=True, exist_ok=True)
+    return run_supernode(site, supernode_command(site), supernode_env(site, gate_dir), activation_wait_s=activation_wait_s)
+
+
+#: What flower-supernode prints when the SuperLink refuses to activate it (unknown key, or still counted online).
+ACTIVATION_REFUSED = b"[code: 2004]"
+
+
+def _relay(stream: Any, refused: threading.Event) -> None:
+    """Copy the SuperNode's output to ours, noting an activation refusal."""
+    for line in stream:
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+        if ACTIVATION_REFUSED in line:
+            refused.set()
+
+
+def _stop_orphans(parent_pid: int) -> None:
+    """SIGTERM the processes started with ``--parent-pid PARENT_PID`` (Flower's SuperExec of a SuperNode that ended)."""
+    needle = f"--parent-pid\0{parent_pid}\0".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGTERM)
+            except (OSError, ProcessLookupError):
+                continue
+
+
+def run_supernode(site: SiteEnv, command: Sequence[str], env: Mapping[str, str], *, activation_wait_s: float) -> int:
+    """Run the SuperNode in the foreground (output passed through, SIGTERM/SIGINT forwarded); returns its exit code.
+
+    A SuperNode that was killed stays "online" at the SuperLink until its heartbeats expire (2 x 30 s), and a restart
+    within that time is refused activation (code 2004), as is a key the server never registered. Such a refusal is
+    retried every 10 s for ``activation_wait_s``; then the site stops with a message saying what to check.
+    """
+    stopping: list[int] = []
+    current: list[subprocess.Popen] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        stopping.append(signum)
+        if current and current[0].poll() is None:
+            current[0].send_signal(signum)
+            # Flower's SuperNode tries to deregister on SIGTERM and retries while the SuperLink is gone: bound it.
+            _kill_later(current[0])
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    deadline = time.monotonic() + activation_wait_s
+    while True:
+        print(f"fedct site {site.site_name}: starting {' '.join(command)}", flush=True)
+        proc = subprocess.Popen(list(command), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        current[:] = [proc]
+        refused = threading.Event()
+        reader = threading.Thread(target=_relay, args=(proc.stdout, refused), daemon=True)
+        reader.start()
+        code = proc.wait()
+        _stop_orphans(proc.pid)  # its SuperExec would otherwise linger (and keep the output pipe open)
+        reader.join(timeout=5)
+        if stopping:
+            return 0
+        if not refused.is_set():
+            return code
+        if time.monotonic() >= deadline:
+            print(f"fedct site {site.site_name}: error: the SuperLink at {site.superlink} refused to activate this site "
+                  f"(code 2004) for {activation_wait_s:.0f} s. Check that the server registered this site's public key "
+                  f"(the .pub of FEDCT_SITE_KEY={site.site_key} in the server's FEDCT_SITE_KEYS; `fedct server start` "
+                  "registers it), and that no other SuperNode runs with the same key.", file=sys.stderr, flush=True)  # fmt: skip
+            return 3
+        print(f"fedct site {site.site_name}: the SuperLink refused activation (code 2004): a previous instance of this "
+              "site may still count as online (freed within 60 s of its last heartbeat), or the key is not registered; "
+              "retrying in 10 s", flush=True)  # fmt: skip
+        time.sleep(10)
+
+
+# --- command line ------------------------------------------------------------------------------------------------
+
+
+def add_server_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``fedct server start|submit|check``."""
+    p = sub.add_parser("server", help="consortium server: start the SuperLink, submit runs, health check")
+    server_sub = p.add_subparsers(dest="server_command", required=True)
+    s = server_sub.add_parser("start", help="start the SuperLink (TLS, node auth) and register the sites' keys")
+    s.add_argument("--env", required=True, help="server env file (configs/server.env)")
+    s.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for the SuperLink to answer")
+    s.add_argument("--log-file", help="write the SuperLink's output here instead of the console")
+    s.set_defaults(func=_server_start)
+    s = server_sub.add_parser("submit", help="start a federated run on the SuperLink")
+    s.add_argument("--env", required=True, help="server env file")
+    s.add_argument("--config", required=True, help="run config TOML (configs/run.toml)")
+    s.add_argument("--app", help="app folder to send (default FEDCT_APP_DIR or this installation)")
+    s.add_argument("--no-stream", action="store_true", help="return once the run is submitted")
+    s.set_defaults(func=_server_submit)
+    s = server_sub.add_parser("check", help="exit 0 when the SuperLink answers a TLS handshake verified by the CA")
+    s.add_argument("--env", required=True, help="server env file")
+    s.set_defaults(func=_server_check)
+
+
+def add_site_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``fedct site``."""
+    p = sub.add_parser("site", help="site: validate the env file, ingest, run the SuperNode (or approve an app)")
+    p.add_argument("--env", default=os.environ.get("FEDCT_ENV"), help="site env file (configs/site.env; default $FEDCT_ENV)")
+    p.add_argument("--check", action="store_true", help="validate the env file and the TLS connection, then exit")
+    p.add_argument("--health", action="store_true", help="exit 0 when the env file is valid and a SuperNode is running")
+    p.add_argument("--approve", metavar="APP_DIR", help="add this app's FAB hash to the site's allow-list and exit")
+    p.add_argument("--no-ingest", action="store_true", help="start without ingesting first")
+    p.add_argument("--wait-s", type=float, default=120.0, help="how long to wait for the SuperLink to answer")
+    p.add_argument("--activation-wait-s", type=float, default=120.0,
+                   help="how long to retry when the SuperLink refuses to activate this site (e.g. right after a crash)")
+    p.set_defaults(func=_site)
+
+
+def _server_start(args: argparse.Namespace) -> int:
+    try:
+        env = ServerEnv.from_file(Path(args.env))
+    except DeployError as exc:
+        print(f"fedct server: error: {exc}", file=sys.stderr)
+        return 2
+    return start_server(env, wait_s=args.wait_s, log_file=Path(args.log_file) if args.log_file else None)
+
+
+def _server_submit(args: argparse.Namespace) -> int:
+    try:
+        env = ServerEnv.from_file(Path(args.env))
+        done = submit_run(env, Path(args.config), app_dir=Path(args.app) if args.app else None, stream=not args.no_stream)
+    except (DeployError, ConnectionError) as exc:
+        print(f"fedct server submit: error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(done.output)
+    print(f"fedct server submit: run {done.run_id}: {done.status}{' - ' + done.details if done.details and not done.ok else ''}")
+    return 0 if done.ok else 1
+
+
+def _server_check(args: argparse.Namespace) -> int:
+    try:
+        env = ServerEnv.from_file(Path(args.env))
+        host, _, port = env.address.rpartition(":")
+        version = check_tls(host.strip("[]"), int(port), env.ca_cert)
+    except (DeployError, ConnectionError) as exc:
+        print(f"fedct server check: {exc}", file=sys.stderr)
+        return 1
+    print(f"SuperLink {env.address}: TLS {version}, certificate verified")
+    return 0
+
+
+def _site(args: argparse.Namespace) -> int:
+    if not args.env:
+        print("fedct site: error: --env is required (or set FEDCT_ENV)", file=sys.stderr)
+        return 2
+    try:
+        site = SiteEnv.from_file(Path(args.env), check_cuda=not args.health)
+    except SiteEnvError as exc:
+        print(f"fedct site: error: {exc}", file=sys.stderr)
+        return 2
+    if args.health:
+        return 0 if supernode_pids(site.site_name) else 1
+    if args.approve:
+        from fl_client.approval import approve
+
+        if site.approved_apps is None:
+            print("fedct site: error: FEDCT_APPROVED_APPS=off; set it to a file to approve apps", file=sys.stderr)
+            return 2
+        try:
+            digest = approve(Path(args.approve), site.approved_apps)
+        except (OSError, ValueError) as exc:
+            print(f"fedct site: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"approved {args.approve}: FAB sha256 {digest} (in {site.approved_apps})")
+        return 0
+    try:
+        if args.check:
+            version = check_tls(site.superlink_host, site.superlink_port, site.ca_cert)
+            print(f"fedct site {site.site_name}: env file valid; SuperLink {site.superlink} TLS {version}, certificate verified")
+            return 0
+        return start_site(site, wait_s=args.wait_s, ingest_first=not args.no_ingest, activation_wait_s=args.activation_wait_s)
+    except (DeployError, ConnectionError) as exc:
+        print(f"fedct site {site.site_name}: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"fedct site {site.site_name}: error: {exc}", file=sys.stderr)
+        return 2

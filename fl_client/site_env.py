@@ -1,0 +1,281 @@
+"""A site's env file, read and checked in one place before anything connects.
+
+Hospital IT keeps one file per site (``configs/site.env`` is an example)::
+
+    FEDCT_SITE_NAME=site-a
+    FEDCT_SUPERLINK=fl.consortium.example:9092
+    FEDCT_CA_CERT=/config/ca.crt
+    FEDCT_SITE_KEY=/config/site.key
+    FEDCT_DICOM_DIR=/data/dicom
+    FEDCT_LABELS=/data/labels.csv          # optional
+    FEDCT_SITE_DIR=/site                    # work folder: cache, manifest, site.key of pseudonyms, Flower apps
+    FEDCT_DEVICE=cpu                        # cpu, cuda or auto
+    FEDCT_RUNTIME_PORT=9094                 # the SuperNode's local Runtime API port (127.0.0.1)
+    FEDCT_APPROVED_APPS=/config/approved-apps.txt   # allow-list of app (FAB) hashes; "off" disables the check
+
+``KEY=VALUE`` lines; ``#`` starts a comment; values may be quoted. Unknown ``FEDCT_`` keys are an error (a typo
+must not silently fall back to a default). Every error names the file, the key and what to check.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fl_client.config import SiteConfig
+
+
+#: Keys of the site env file, with a one-line meaning (also used in error messages).
+SITE_KEYS = {
+    "FEDCT_SITE_NAME": "the site's name as the server sees it (letters, digits, '-', '_', '.')",
+    "FEDCT_SUPERLINK": "host:port of the consortium's SuperLink",
+    "FEDCT_CA_CERT": "the consortium CA certificate (PEM) that signed the SuperLink's certificate",
+    "FEDCT_SITE_KEY": "this site's SuperNode authentication private key (OpenSSH EC key from `fedct certs`)",
+    "FEDCT_DICOM_DIR": "the hospital's DICOM export folder (read only)",
+    "FEDCT_LABELS": "labels.csv for the studies (optional)",
+    "FEDCT_SITE_DIR": "the site's writable work folder (cache, manifest, Flower apps)",
+    "FEDCT_DEVICE": "cpu, cuda or auto",
+    "FEDCT_WORKERS": "ingestion/data-loading worker processes (default 2)",
+    "FEDCT_RUNTIME_PORT": "local port of the SuperNode's Runtime API (default 9094; one per SuperNode on a host)",
+    "FEDCT_APPROVED_APPS": "allow-list file of approved app hashes (default SITE_DIR/approved-apps.txt; 'off' disables)",
+    "FEDCT_INGEST_SPACING": "ingestion voxel spacing in mm, x,y,z (default 5.0,5.0,5.0; must match the run)",
+    "FEDCT_INGEST_INPUT_SIZE": "ingestion model input size in voxels, x,y,z (default 64,64,48; must match the run)",
+    "FEDCT_SKIP_INGEST": "true to start without ingesting first (the site then ingests on its first round)",
+}
+REQUIRED = ("FEDCT_SITE_NAME", "FEDCT_SUPERLINK", "FEDCT_CA_CERT", "FEDCT_SITE_KEY", "FEDCT_DICOM_DIR", "FEDCT_SITE_DIR")
+
+
+class SiteEnvError(ValueError):
+    """The site env file is missing, malformed or names something that does not work; the message says what to fix."""
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines of an env file (comments and blank lines skipped, shell quoting honoured)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SiteEnvError(f"env file {path} does not exist (pass --env with the site's env file)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SiteEnvError(f"env file {path} cannot be read: {exc}") from exc
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            raise SiteEnvError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
+        try:
+            parts = shlex.split(value, comments=True)
+        except ValueError as exc:
+            raise SiteEnvError(f"{path}:{number}: {key}: {exc}") from exc
+        if len(parts) > 1:
+            raise SiteEnvError(f"{path}:{number}: {key} has spaces; quote the value")
+        if key in values:
+            raise SiteEnvError(f"{path}:{number}: {key} is set twice")
+        values[key] = parts[0] if parts else ""
+    return values
+
+
+def parse_superlink_address(value: str, *, source: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) into (host, port); the error names ``source``."""
+    host, sep, port_text = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as exc:
+            raise SiteEnvError(f"{source}: {value!r} is not [IPv6]:port") from exc
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise SiteEnvError(f"{source}: {value!r} is not host:port (e.g. fl.consortium.example:9092 or 10.0.0.5:9092)")
+    if "://" in value or "/" in host or " " in host:
+        raise SiteEnvError(f"{source}: {value!r} must be host:port without a scheme or path")
+    return host, int(port_text)
+
+
+def _readable_file(path: Path, key: str, env_path: Path) -> Path:
+    if not path.is_file():
+        raise SiteEnvError(f"{env_path}: {key}={path}: no such file ({SITE_KEYS[key]})")
+    try:
+        with path.open("rb") as fh:
+            fh.read(1)
+    except OSError as exc:
+        raise SiteEnvError(f"{env_path}: {key}={path}: cannot be read ({exc.strerror}); check its owner and mode") from exc
+    return path
+
+
+def check_ca_certificate(path: Path, *, source: str) -> None:
+    """The file holds at least one PEM X.509 certificate."""
+    from cryptography import x509
+
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except ValueError as exc:
+        raise SiteEnvError(f"{source}={path}: not a PEM certificate ({exc}); use ca.crt from `fedct certs`") from exc
+    if not certs:
+        raise SiteEnvError(f"{source}={path}: no certificate in the file")
+
+
+def check_site_key(path: Path, *, source: str) -> None:
+    """The file is an OpenSSH EC private key (what ``flower-supernode --auth-supernode-private-key`` loads),
+    readable by this user only."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    try:
+        key = load_ssh_private_key(path.read_bytes(), None)
+    except (ValueError, TypeError) as exc:
+        raise SiteEnvError(f"{source}={path}: not an unencrypted OpenSSH private key ({exc}); use site.key from `fedct certs`") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise SiteEnvError(f"{source}={path}: the SuperNode key must be an EC key (ecdsa), got {type(key).__name__}")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise SiteEnvError(f"{source}={path}: private key is readable by others (mode {mode:o}); run chmod 600 {path}")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@dataclass(frozen=True)
+class SiteEnv:
+    """A site's validated deployment settings (from its env file)."""
+
+    env_path: Path
+    site_name: str
+    superlink_host: str
+    superlink_port: int
+    ca_cert: Path
+    site_key: Path
+    dicom_dir: Path
+    site_dir: Path
+    labels_csv: Path | None = None
+    device: str = "auto"
+    workers: int = 2
+    runtime_port: int = 9094
+    approved_apps: Path | None = None  # None: approval check off
+    ingest_spacing_mm: tuple[float, float, float] = (5.0, 5.0, 5.0)
+    ingest_input_size: tuple[int, int, int] = (64, 64, 48)
+    skip_ingest: bool = False
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def superlink(self) -> str:
+        """``host:port`` as Flower expects it."""
+        host = f"[{self.superlink_host}]" if ":" in self.superlink_host else self.superlink_host
+        return f"{host}:{self.superlink_port}"
+
+    @property
+    def flwr_home(self) -> Path:
+        """This site's own Flower home (installed apps), inside the work folder."""
+        return self.site_dir / "flwr-home"
+
+    def site_config(self) -> SiteConfig:
+        """The training-side view (what the ClientApp reads from ``node_config``)."""
+        from fl_client.config import SiteConfig  # torch-free import of this module: `fedct --help` stays fast
+
+        return SiteConfig(site_name=self.site_name, dicom_dir=self.dicom_dir, site_dir=self.site_dir,
+                          labels_csv=self.labels_csv, device=self.device, workers=self.workers)  # fmt: skip
+
+    def node_config(self) -> dict[str, str | int]:
+        """The SuperNode's ``--node-config`` entries (keys of ``SiteConfig.from_context``)."""
+        config: dict[str, str | int] = {
+            "site-name": self.site_name,
+            "dicom-dir": str(self.dicom_dir),
+            "site-dir": str(self.site_dir),
+            "device": self.device,
+            "num-workers": self.workers,
+        }
+        if self.labels_csv is not None:
+            config["labels"] = str(self.labels_csv)
+        return config
+
+    @classmethod
+    def from_file(cls, path: Path, *, check_cuda: bool = True) -> SiteEnv:
+        """Read and validate ``path``; every problem is a :class:`SiteEnvError` naming the key and what to check."""
+        from fl_client.config import DEVICES, SiteConfigError, parse_triple
+
+        path = Path(path)
+        values = read_env_file(path)
+        unknown = sorted(k for k in values if k.startswith("FEDCT_") and k not in SITE_KEYS)
+        if unknown:
+            raise SiteEnvError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(SITE_KEYS)}")
+        missing = [k for k in REQUIRED if not values.get(k)]
+        if missing:
+            raise SiteEnvError(f"{path}: missing " + "; ".join(f"{k} ({SITE_KEYS[k]})" for k in missing))
+        base = path.parent
+
+        def a_path(key: str) -> Path:
+            p = Path(os.path.expanduser(values[key]))
+            return p if p.is_absolute() else (base / p).resolve()
+
+        host, port = parse_superlink_address(values["FEDCT_SUPERLINK"], source=f"{path}: FEDCT_SUPERLINK")
+        ca_cert = _readable_file(a_path("FEDCT_CA_CERT"), "FEDCT_CA_CERT", path)
+        check_ca_certificate(ca_cert, source=f"{path}: FEDCT_CA_CERT")
+        site_key = _readable_file(a_path("FEDCT_SITE_KEY"), "FEDCT_SITE_KEY", path)
+        check_site_key(site_key, source=f"{path}: FEDCT_SITE_KEY")
+        dicom_dir = a_path("FEDCT_DICOM_DIR")
+        if not dicom_dir.is_dir():
+            raise SiteEnvError(f"{path}: FEDCT_DICOM_DIR={dicom_dir}: no such folder ({SITE_KEYS['FEDCT_DICOM_DIR']})")
+        try:
+            empty = not any(p.is_file() for p in dicom_dir.rglob("*"))
+        except OSError as exc:
+            raise SiteEnvError(f"{path}: FEDCT_DICOM_DIR={dicom_dir}: cannot be listed ({exc})") from exc
+        if empty:
+            raise SiteEnvError(f"{path}: FEDCT_DICOM_DIR={dicom_dir}: the folder holds no file; is the DICOM export mounted?")
+        labels = _readable_file(a_path("FEDCT_LABELS"), "FEDCT_LABELS", path) if values.get("FEDCT_LABELS") else None
+        site_dir = a_path("FEDCT_SITE_DIR")
+        try:
+            site_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SiteEnvError(f"{path}: FEDCT_SITE_DIR={site_dir}: cannot be created ({exc.strerror})") from exc
+        if not os.access(site_dir, os.W_OK | os.X_OK):
+            raise SiteEnvError(f"{path}: FEDCT_SITE_DIR={site_dir}: not writable by this user")
+        device = values.get("FEDCT_DEVICE", "auto") or "auto"
+        if device not in DEVICES:
+            raise SiteEnvError(f"{path}: FEDCT_DEVICE={device!r} is not one of {', '.join(DEVICES)}")
+        if device == "cuda" and check_cuda and not _cuda_available():
+            raise SiteEnvError(f"{path}: FEDCT_DEVICE=cuda but no CUDA device is visible to this process "
+                               "(check the driver, `nvidia-smi`, and that the container gets the GPU); "
+                               "set FEDCT_DEVICE=cpu to train on the CPU")  # fmt: skip
+
+        def an_int(key: str, default: int, low: int, high: int) -> int:
+            text = values.get(key, "") or str(default)
+            if not text.isdigit() or not low <= int(text) <= high:
+                raise SiteEnvError(f"{path}: {key}={text!r} must be an integer in {low}..{high} ({SITE_KEYS[key]})")
+            return int(text)
+
+        workers = an_int("FEDCT_WORKERS", 2, 1, 256)
+        runtime_port = an_int("FEDCT_RUNTIME_PORT", 9094, 1, 65535)
+        approved_text = values.get("FEDCT_APPROVED_APPS", "")
+        approved = None if approved_text.lower() in ("off", "none", "false") else (
+            a_path("FEDCT_APPROVED_APPS") if approved_text else site_dir / "approved-apps.txt")  # fmt: skip
+        try:
+            spacing = parse_triple(values.get("FEDCT_INGEST_SPACING") or "5.0,5.0,5.0", float, "FEDCT_INGEST_SPACING")
+            size = parse_triple(values.get("FEDCT_INGEST_INPUT_SIZE") or "64,64,48", int, "FEDCT_INGEST_INPUT_SIZE")
+        except ValueError as exc:
+            raise SiteEnvError(f"{path}: {exc}") from exc
+        skip = (values.get("FEDCT_SKIP_INGEST", "") or "false").lower()
+        if skip not in ("true", "false", "1", "0", "yes", "no"):
+            raise SiteEnvError(f"{path}: FEDCT_SKIP_INGEST={skip!r} must be true or false")
+        try:
+            env = cls(env_path=path, site_name=values["FEDCT_SITE_NAME"], superlink_host=host, superlink_port=port,
+                      ca_cert=ca_cert, site_key=site_key, dicom_dir=dicom_dir, site_dir=site_dir, labels_csv=labels,
+                      device=device, workers=workers, runtime_port=runtime_port, approved_apps=approved,
+                      ingest_spacing_mm=spacing, ingest_input_size=size, skip_ingest=skip in ("true", "1", "yes"),
+                      extra={k: v for k, v in values.items() if not k.startswith("FEDCT_")})  # fmt: skip
+            env.site_config()
+        except SiteConfigError as exc:
+            raise SiteEnvError(f"{path}: {exc}") from exc
+        return env

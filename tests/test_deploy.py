@@ -1,0 +1,204 @@
+"""fedct.deploy: command lines, the server env file, run configs, Flower CLI home, and the TLS preflight against a
+real TLS endpoint (Python's ssl server with certificates from fedct certs)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import tomllib
+from pathlib import Path
+
+import pytest
+from flwr.common.config import parse_config_args
+
+from fedct.certs import write_consortium
+from fedct.cli import main
+from fedct.deploy import (
+    DeployError,
+    ServerEnv,
+    check_tls,
+    node_config_arg,
+    run_config_for,
+    superlink_command,
+    supernode_command,
+    supernode_env,
+    write_flwr_home,
+)
+from fl_client.config import SiteConfig
+from fl_client.site_env import SiteEnv
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pki")
+    write_consortium(root, sites=["site-a", "site-b"])
+    return root
+
+
+@pytest.fixture
+def server_env(tmp_path, pki) -> Path:
+    path = tmp_path / "server.env"
+    path.write_text(
+        f"FEDCT_SERVER_PORT=9555\nFEDCT_CA_CERT={pki}/server/ca.crt\nFEDCT_SERVER_CERT={pki}/server/server.crt\n"
+        f"FEDCT_SERVER_KEY={pki}/server/server.key\nFEDCT_STATE_DIR=state\nFEDCT_SITE_KEYS={pki}/sites\nFEDCT_RUNS_DIR=runs\n"
+    )
+    return path
+
+
+def _tls_server(cert: Path, key: Path) -> tuple[int, threading.Event]:
+    """A TLS endpoint on 127.0.0.1 that completes handshakes until told to stop."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        with listener:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                try:
+                    with context.wrap_socket(conn, server_side=True) as tls:
+                        tls.recv(1)
+                except (ssl.SSLError, OSError):
+                    pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1], stop
+
+
+def test_server_env_and_superlink_command(server_env, pki, tmp_path):
+    env = ServerEnv.from_file(server_env)
+    assert env.address == "127.0.0.1:9555" and env.host == "0.0.0.0"
+    assert env.database == tmp_path / "state" / "state.db"
+    assert set(env.site_public_keys()) == {"site-a", "site-b"}
+    command = superlink_command(env)
+    assert Path(command[0]).name == "flower-superlink"
+    flags = " ".join(command)
+    for expected in (f"--ssl-ca-certfile {pki}/server/ca.crt", f"--ssl-certfile {pki}/server/server.crt",
+                     f"--ssl-keyfile {pki}/server/server.key", "--enable-supernode-auth",
+                     "--disable-runtime-dependency-installation", f"--database {env.database}", "--port 9555"):  # fmt: skip
+        assert expected in flags
+    assert "--insecure" not in command
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("FEDCT_SERVER_KEY=/nonexistent.key", "FEDCT_SERVER_KEY=/nonexistent.key: no such readable file"),
+        ("FEDCT_SERVER_PORT=http", "FEDCT_SERVER_PORT='http' is not a port number"),
+        ("FEDCT_SITE_KEYS=/nonexistent", "FEDCT_SITE_KEYS=/nonexistent: no such folder"),
+        ("FEDCT_SERVR_PORT=1", "unknown key"),
+    ],
+)
+def test_bad_server_env(server_env, line, message):
+    key = line.split("=")[0]
+    kept = [ln for ln in server_env.read_text().splitlines() if not ln.startswith(key + "=")]
+    server_env.write_text("\n".join([*kept, line]) + "\n")
+    with pytest.raises(DeployError, match=message):
+        ServerEnv.from_file(server_env)
+
+
+def test_server_key_readable_by_others_is_refused(server_env, pki, tmp_path):
+    shared = tmp_path / "server.key"
+    shared.write_bytes((pki / "server" / "server.key").read_bytes())
+    shared.chmod(0o644)
+    server_env.write_text(server_env.read_text().replace(f"{pki}/server/server.key", str(shared)))
+    with pytest.raises(DeployError, match="readable by others"):
+        ServerEnv.from_file(server_env)
+
+
+def test_run_config_is_checked_and_run_dir_made_absolute(server_env, tmp_path):
+    env = ServerEnv.from_file(server_env)
+    run = tmp_path / "run.toml"
+    run.write_text('num-server-rounds = 4\nmin-sites = 2\nround-timeout-s = 600.0\nrun-dir = "study-1"\n')
+    config = run_config_for(env, run)
+    assert config["run-dir"] == str(tmp_path / "runs" / "study-1") and config["num-server-rounds"] == 4
+    run.write_text("num-server-round = 4\n")
+    with pytest.raises(DeployError, match="unknown run config key 'num-server-round'"):
+        run_config_for(env, run)
+    run.write_text("min-sites = 0\n")
+    with pytest.raises(DeployError, match="min-sites must be >= 1"):
+        run_config_for(env, run)
+
+
+def test_flwr_home_names_one_tls_connection(tmp_path, pki):
+    home = write_flwr_home(tmp_path / "home", address="127.0.0.1:9555", ca_cert=pki / "ca" / "ca.crt")
+    config = tomllib.loads((home / "config.toml").read_text())
+    assert config["superlink"]["default"] == "consortium"
+    assert config["superlink"]["consortium"] == {"address": "127.0.0.1:9555", "root-certificates": str(pki / "ca" / "ca.crt")}
+
+
+def test_supernode_command_carries_tls_auth_and_the_site_settings(tmp_path, pki):
+    dicom = tmp_path / 'data "quoted"' / "dicom"
+    dicom.mkdir(parents=True)
+    (dicom / "1.dcm").write_bytes(b"x")
+    env_file = tmp_path / "site.env"
+    env_file.write_text(
+        f"FEDCT_SITE_NAME=site-a\nFEDCT_SUPERLINK=127.0.0.1:9555\nFEDCT_CA_CERT={pki}/sites/site-a/ca.crt\n"
+        f"FEDCT_SITE_KEY={pki}/sites/site-a/site.key\nFEDCT_DICOM_DIR='{dicom}'\nFEDCT_SITE_DIR={tmp_path}/work\n"
+        "FEDCT_DEVICE=cpu\nFEDCT_RUNTIME_PORT=9601\n"
+    )
+    site = SiteEnv.from_file(env_file)
+    command = supernode_command(site)
+    assert Path(command[0]).name == "flower-supernode" and "--insecure" not in command
+    args = dict(zip(command[1::2], command[2::2]))
+    assert args["--superlink"] == "127.0.0.1:9555"
+    assert args["--root-certificates"] == f"{pki}/sites/site-a/ca.crt"
+    assert args["--auth-supernode-private-key"] == f"{pki}/sites/site-a/site.key"
+    assert args["--port"] == "9601" and args["--host"] == "127.0.0.1"
+    parsed = parse_config_args([args["--node-config"]])  # Flower's own parser
+    assert SiteConfig.from_context(parsed, {}) == site.site_config()
+    env = supernode_env(site, tmp_path / "bin")
+    assert env["PATH"].split(":")[0] == str(tmp_path / "bin")  # the approval launcher comes first
+    assert env["FEDCT_APPROVED_APPS"] == str(tmp_path / "work" / "approved-apps.txt")
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    assert env["FLWR_HOME"] == str(tmp_path / "work" / "flwr-home")
+
+
+def test_node_config_arg_survives_flowers_parser():
+    text = node_config_arg({"a": 'x "y"', "p": "/data/site a/it's", "n": 3, "f": 0.5, "b": True})
+    assert parse_config_args([text]) == {"a": 'x "y"', "p": "/data/site a/it's", "n": 3, "f": 0.5, "b": True}
+    with pytest.raises(DeployError, match="cannot carry"):
+        node_config_arg({"a": "it's \"x\""})
+
+
+def test_tls_preflight_verifies_ca_and_hostname(pki, tmp_path):
+    port, stop = _tls_server(pki / "server" / "server.crt", pki / "server" / "server.key")
+    try:
+        assert check_tls("127.0.0.1", port, pki / "ca" / "ca.crt").startswith("TLS")
+        assert check_tls("localhost", port, pki / "ca" / "ca.crt").startswith("TLS")
+        other = write_consortium(tmp_path / "other", sites=["z"])
+        with pytest.raises(DeployError, match=r"does not verify .*consortium's ca.crt"):
+            check_tls("127.0.0.1", port, other.ca_cert)
+    finally:
+        stop.set()
+    narrow = write_consortium(tmp_path / "narrow", sites=["z"], sans=("fl.example.org",))
+    port, stop = _tls_server(narrow.server_cert, narrow.server_key)
+    try:
+        with pytest.raises(DeployError, match=r"not valid for '127.0.0.1'.*--san 127.0.0.1"):
+            check_tls("127.0.0.1", port, narrow.ca_cert)
+    finally:
+        stop.set()
+
+
+def test_nothing_listening_is_a_connection_error(pki):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConnectionError, match=f"cannot reach the SuperLink at 127.0.0.1:{port}"):
+        check_tls("127.0.0.1", port, pki / "ca" / "ca.crt")
+
+
+def test_cli_reports_bad_env_files(tmp_path, capsys):
+    assert main(["site", "--env", str(tmp_path / "missing.env")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["server", "start", "--env", str(tmp_path / "missing.env")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["server", "check", "--env", str(tmp_path / "missing.env")]) == 1
