@@ -8,9 +8,10 @@ same sites and settings):
   ``flower-supernode`` per site on 127.0.0.1, the run submitted with ``flwr run``; every process started is
   stopped by PID at the end.
 
-Levers still to come are declared as arms that are switched off with the reason (TLS + SuperNode
-authentication from ``fedct/certs.py``/``fedct/deploy.py``, fp16/packed transport from ``models/weights.py``);
-:data:`PENDING_ARMS` names them and :func:`deployment_arm` takes ``tls``/``auth`` flags so they plug in.
+- ``deployment-tls-auth``: the same with TLS (the consortium PKI of ``fedct.certs``) and SuperNode
+  authentication (each site's key registered with ``flwr supernode register``), as fedct deploys;
+- ``simulation-fp16-transport``: the run config's ``transport = "float16"`` (weights halved on the wire);
+- full size only: ``deployment-insecure-sqlite-state`` (the SuperLink's state in an SQLite file instead of memory).
 
 Bytes: the server's Grid is wrapped (:class:`CountingGrid`) so that every message sent and received is
 serialised with Flower's own protobuf serde and its size counted — the payload on the wire before gRPC/HTTP
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -44,10 +46,7 @@ from bench.common import (
 )
 
 TRANSPORT_NAME = "transport.json"
-PENDING_ARMS = {
-    "deployment-tls-auth": "TLS + SuperNode authentication: needs fedct/certs.py and fedct/deploy.py (branch deploy) to make "
-    "certificates and keys; deployment_arm(tls=True, auth=True) is where they plug in",
-}
+PENDING_ARMS: dict[str, str] = {}
 
 try:  # Flower is a dependency of fedct; the import is guarded only so this module's docs build without it
     from flwr.serverapp import Grid as _GridBase
@@ -270,6 +269,7 @@ def _app_folder(target: Path) -> Path:
     target.mkdir(parents=True)
     text = (root / "pyproject.toml").read_text()
     text = text.replace('serverapp = "fl_server.server_app:app"', 'serverapp = "bench.federation:counting_app"')
+    text = re.sub(r"^fab-include = \[[^\]]*\]\n", "", text, flags=re.MULTILINE)  # the folder holds no code: the installed packages run
     if "bench.federation:counting_app" not in text:
         raise RuntimeError(f"{root / 'pyproject.toml'} has no serverapp = \"fl_server.server_app:app\" line to replace")
     (target / "pyproject.toml").write_text(text)
@@ -314,8 +314,8 @@ def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
     """A local deployment: SuperLink + one SuperNode per site on 127.0.0.1, ``flwr run``; every process is stopped by
     PID. The SuperLink keeps its state in memory, or in an SQLite file with ``sqlite_state`` (Flower's persistent
     setting). Also the peak RSS of each SuperNode's process tree (its ClientApp processes included)."""
-    if tls or auth:
-        raise NotImplementedError(PENDING_ARMS["deployment-tls-auth"])
+    if auth and not tls:
+        raise ValueError("SuperNode authentication needs TLS (tls=True)")
     shutil.rmtree(run_dir, ignore_errors=True)
     base = Path(run_dir).parent / f"{Path(run_dir).name}-deploy"
     shutil.rmtree(base, ignore_errors=True)
@@ -327,9 +327,15 @@ def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     port = free_port()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-    processes: list[subprocess.Popen] = []
     names = site_names(data_root)
+    pki = None
+    if tls:
+        from fedct.certs import write_consortium  # the consortium PKI of fedct's deployment (CA, server cert, site keys)
+
+        pki = write_consortium(base / "pki", sites=names)
+    security = f'root-certificates = "{pki.ca_cert.resolve()}"' if pki else "insecure = true"
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\n{security}\n')
+    processes: list[subprocess.Popen] = []
     logs = []
 
     def start(name: str, command: list[str]) -> subprocess.Popen:
@@ -341,15 +347,27 @@ def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
 
     t0 = time.perf_counter()
     try:
-        superlink = start("superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--port", str(port), "--database",
-                                        str(base / "state.db") if sqlite_state else ":flwr-in-memory:", "--disable-runtime-dependency-installation"])  # fmt: skip
+        link_security = ["--insecure"] if pki is None else ["--ssl-ca-certfile", str(pki.ca_cert), "--ssl-certfile", str(pki.server_cert),
+                                                             "--ssl-keyfile", str(pki.server_key)]  # fmt: skip
+        superlink = start("superlink", [str(bin_dir / "flower-superlink"), *link_security, *(["--enable-supernode-auth"] if auth else []),
+                                        "--port", str(port), "--database", str(base / "state.db") if sqlite_state else ":flwr-in-memory:",
+                                        "--disable-runtime-dependency-installation"])  # fmt: skip
         _wait_port(port, timeout=60, process=superlink)
+        if auth and pki is not None:
+            for name in names:  # the server operator registers every site's public key before the sites connect
+                done = subprocess.run([str(bin_dir / "flwr"), "supernode", "register", str(pki.site_public_keys[name]), "bench",
+                                       "--name", name], env=env, cwd=base, capture_output=True, text=True, timeout=120)  # fmt: skip
+                if done.returncode != 0:
+                    raise RuntimeError(f"registering {name}'s key failed: {(done.stdout + done.stderr)[-800:]}")
         supernodes = {}
         for name in names:
             node_config = " ".join(f"{k}={_toml_value(v)}" for k, v in {
                 "site-name": name, "dicom-dir": str(data_root / name / "dicom"), "labels": str(data_root / name / "labels.csv"),
                 "site-dir": str(work_root / name), "device": "cpu"}.items())  # fmt: skip
-            supernodes[name] = start(name, [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+            node_security = ["--insecure"] if pki is None else ["--root-certificates", str(pki.ca_cert)]
+            if auth and pki is not None:
+                node_security += ["--auth-supernode-private-key", str(pki.site_keys[name])]
+            supernodes[name] = start(name, [str(bin_dir / "flower-supernode"), *node_security, "--superlink", f"127.0.0.1:{port}",
                                             "--port", str(free_port()), "--node-config", node_config])  # fmt: skip
         app = _app_folder(base / "app")
         overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in _run_config(plan, run_dir, sites=len(names)).items())
@@ -396,7 +414,8 @@ def run(options: BenchOptions) -> Path:
     arms: dict[str, Any] = {}
     errors: dict[str, str] = {}
     todo = [("simulation", simulation_arm), ("simulation-fp16-transport", lambda *a: simulation_arm(*a, transport="float16")),
-            ("deployment-insecure", deployment_arm)]
+            ("deployment-insecure", deployment_arm),
+            ("deployment-tls-auth", lambda *a: deployment_arm(*a, tls=True, auth=True))]
     if plan.sqlite_lever:
         todo.append(("deployment-insecure-sqlite-state", lambda *a: deployment_arm(*a, sqlite_state=True)))
     for name, function in todo:
