@@ -1,4 +1,4 @@
-"""The ``fedct`` command: synth, ingest, deid, demo, predict, review."""
+"""The ``fedct`` command: synth, ingest, deid, demo, predict, review, status, bench."""
 
 from __future__ import annotations
 
@@ -190,11 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 
+    from bench.cli import add_parser as add_bench_parser
     from fedct import certs, deploy  # deployment: fedct certs, fedct server, fedct site
+    from fedct.status import add_parser as add_status_parser
 
     certs.add_parser(sub)
     deploy.add_server_parser(sub)
     deploy.add_site_parser(sub)
+    add_status_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

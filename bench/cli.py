@@ -1,0 +1,62 @@
+"""``fedct bench {quality,preprocess,train-loop,federation,scale,all} [--quick] [--out DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench.common import BenchOptions
+
+#: Benchmark name -> module under ``bench`` with a ``run(BenchOptions) -> Path``; ``all`` runs them in this order.
+BENCHMARKS = {
+    "train-loop": "bench.train_loop",
+    "preprocess": "bench.preprocess",
+    "federation": "bench.federation",
+    "scale": "bench.scale",
+    "quality": "bench.quality",
+}
+
+
+def run_benchmarks(names: list[str], options: BenchOptions, *, strategies: tuple[str, ...] = ()) -> int:
+    """Run the named benchmarks one after the other; 0 when all wrote their JSON, 1 if one failed (the others still run)."""
+    failed = []
+    for name in names:
+        t0 = time.perf_counter()
+        print(f"== bench {name} ({'tiny' if options.tiny else 'quick' if options.quick else 'full'}) -> {options.out}", flush=True)
+        try:
+            module = importlib.import_module(BENCHMARKS[name])
+            path = module.run(options, strategies=strategies) if name == "quality" and strategies else module.run(options)
+        except Exception:  # noqa: BLE001 - one failing benchmark must not hide the others' results
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        print(f"   wrote {path} in {time.perf_counter() - t0:.1f}s", flush=True)
+    if failed:
+        print(f"fedct bench: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _handler(args: argparse.Namespace) -> int:
+    if args.quick and args.tiny:
+        print("fedct bench: error: --quick and --tiny are exclusive", file=sys.stderr)
+        return 2
+    names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
+    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip()) if args.strategies else ()
+    return run_benchmarks(names, BenchOptions(out=Path(args.out).resolve(), quick=args.quick, tiny=args.tiny), strategies=strategies)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``fedct bench``."""
+    p = sub.add_parser("bench", help="benchmarks: write JSON (and PNG) results into --out")
+    p.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
+    p.add_argument("--quick", action="store_true", help="small sizes: all five in under 10 minutes on 2 cores")
+    p.add_argument("--tiny", action="store_true", help="test-suite size: seconds; checks that it runs, the figures mean little")
+    p.add_argument("--strategies", help="quality: comma-separated run-config strategies (default: fedavg,fedadam quick; "
+                   "fedavg,fedprox,fedadam full)")
+    p.add_argument("--out", default="runs/bench", help="folder for the JSON/PNG results and the benchmarks' work files")
+    p.set_defaults(func=_handler)

@@ -1,0 +1,444 @@
+"""Federation overhead: per round, wall time against the slowest site's local training, and bytes moved.
+
+Arms (each runs fedct's ServerApp logic, ``fl_server.server_app.run_federation``, and fedct's ClientApp on the
+same sites and settings):
+
+- ``simulation``: Flower's simulation engine in this process (Ray; ClientApps stay alive between messages);
+- ``deployment-insecure``: a real local deployment — ``flower-superlink`` (state in memory) and one
+  ``flower-supernode`` per site on 127.0.0.1, the run submitted with ``flwr run``; every process started is
+  stopped by PID at the end.
+
+- ``deployment-tls-auth``: the same with TLS (the consortium PKI of ``fedct.certs``) and SuperNode
+  authentication (each site's key registered with ``flwr supernode register``), as fedct deploys;
+- ``simulation-fp16-transport``: the run config's ``transport = "float16"`` (weights halved on the wire);
+- full size only: ``deployment-insecure-sqlite-state`` (the SuperLink's state in an SQLite file instead of memory).
+
+Bytes: the server's Grid is wrapped (:class:`CountingGrid`) so that every message sent and received is
+serialised with Flower's own protobuf serde and its size counted — the payload on the wire before gRPC/HTTP
+framing and TLS. Writes ``federation.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    SMALL_RUN_CONFIG,
+    BenchOptions,
+    TreeMemorySampler,
+    median_after_first,
+    process_tree,
+    site_names,
+    summarise,
+    synthetic_sites,
+    write_result,
+)
+
+TRANSPORT_NAME = "transport.json"
+PENDING_ARMS: dict[str, str] = {}
+
+try:  # Flower is a dependency of fedct; the import is guarded only so this module's docs build without it
+    from flwr.serverapp import Grid as _GridBase
+except ImportError:  # pragma: no cover
+    _GridBase = object  # type: ignore[assignment,misc]
+
+
+def message_bytes(message: Any) -> int:
+    """Size of a Flower message serialised with Flower's protobuf serde (what the transport carries, before framing)."""
+    from flwr.common.serde import message_to_proto
+
+    return message_to_proto(message).ByteSize()
+
+
+class CountingGrid(_GridBase):  # type: ignore[misc,valid-type]
+    """A Flower Grid that forwards everything to ``inner`` and records, per ``send_and_receive`` call, the round,
+    message type, bytes sent and received and the wall time of the exchange."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.exchanges: list[dict[str, Any]] = []
+
+    def set_run(self, run: Any) -> None:  # noqa: D102 - Grid's
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Any:  # noqa: D102
+        return self.inner.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return self.inner.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:  # noqa: D102
+        return self.inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:  # noqa: D102
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Any]:  # noqa: D102
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> Iterable[Any]:  # noqa: D102
+        messages = list(messages)
+        sent = sum(message_bytes(m) for m in messages)
+        server_round, kind = None, None
+        if messages:
+            kind = messages[0].metadata.message_type
+            config = messages[0].content.config_records.get("config")
+            server_round = int(config["server-round"]) if config is not None and "server-round" in config else None
+        t0 = time.perf_counter()
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        seconds = time.perf_counter() - t0
+        received = sum(message_bytes(r) for r in replies)
+        self.exchanges.append({"round": server_round, "type": kind, "messages": len(messages), "replies": len(replies),
+                               "bytes_sent": sent, "bytes_received": received, "seconds": seconds})  # fmt: skip
+        return replies
+
+
+def build_counting_server_app(run_config_overrides: Mapping[str, Any] | None = None) -> Any:
+    """fedct's ServerApp with a :class:`CountingGrid`; writes ``RUN_DIR/transport.json`` (exchanges, model bytes) at the end."""
+    from flwr.app import Context
+    from flwr.serverapp import ServerApp
+
+    from fl_server.config import ServerConfig
+    from fl_server.server_app import run_federation
+    from fl_server.strategy import build_strategy
+
+    overrides = dict(run_config_overrides or {})
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Any, context: Context) -> None:
+        config = ServerConfig.from_run_config({**dict(context.run_config), **overrides})
+        counting = CountingGrid(grid)
+        try:
+            run_federation(counting, config, build_strategy(config))
+        finally:
+            path = config.run_path / TRANSPORT_NAME
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"exchanges": counting.exchanges}, indent=1))
+
+    return app
+
+
+#: Entry point for the deployment arm's app folder ([tool.flwr.app.components] serverapp).
+counting_app = build_counting_server_app()
+
+
+def model_bytes(model_name: str, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Size of the model's state dict: raw tensor bytes, tensors, and one ArrayRecord serialised by Flower."""
+    import torch
+    from flwr.app import ArrayRecord
+    from flwr.common.serde import array_record_to_proto
+
+    from fl_server.config import ServerConfig
+    from models.factory import build_model
+
+    config = ServerConfig.from_run_config({**run_config, "model-name": model_name})
+    torch.manual_seed(0)
+    state = build_model(config.model).state_dict()
+    raw = sum(t.numel() * t.element_size() for t in state.values())
+    return {"model": model_name, "tensors": len(state), "raw_bytes": raw,
+            "array_record_bytes": array_record_to_proto(ArrayRecord(state)).ByteSize()}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FederationPlan:
+    """Size of the federation measured."""
+
+    sites: int
+    patients_per_site: int
+    small: bool
+    rounds: int
+    run_config: Mapping[str, Any]
+    sqlite_lever: bool = False  # also run the deployment with the SuperLink's state in an SQLite file (before/after)
+
+
+def plan_for(options: BenchOptions) -> FederationPlan:
+    """Tiny/quick: small sites and the small CNN; full: 3 default sites, the default DenseNet121 at 64x64x48."""
+    if options.tiny:
+        return FederationPlan(sites=2, patients_per_site=6, small=True, rounds=1, run_config=SMALL_RUN_CONFIG)
+    if options.quick:
+        return FederationPlan(sites=3, patients_per_site=8, small=True, rounds=2, run_config=SMALL_RUN_CONFIG)
+    return FederationPlan(sites=3, patients_per_site=12, small=False, rounds=4, run_config={}, sqlite_lever=True)
+
+
+def _run_config(plan: FederationPlan, run_dir: Path, *, sites: int | None = None, transport: str = "float32") -> dict[str, Any]:
+    return {**plan.run_config, "num-server-rounds": plan.rounds, "local-epochs": 1, "min-sites": sites or plan.sites,
+            "run-dir": str(Path(run_dir).resolve()), "transport": transport}  # fmt: skip
+
+
+def round_report(run_dir: Path) -> dict[str, Any]:
+    """Per round: wall time, slowest site's training, overhead, bytes, from metrics.json and transport.json of a run."""
+    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    transport_path = Path(run_dir) / TRANSPORT_NAME
+    exchanges = json.loads(transport_path.read_text())["exchanges"] if transport_path.is_file() else []
+    rounds = []
+    for entry in metrics["rounds"]:
+        r = entry["round"]
+        train_sites = (entry.get("train") or {}).get("sites") or {}
+        train_seconds = [m.get("train-seconds") for m in train_sites.values() if m.get("train-seconds") is not None]
+        slowest = max(train_seconds) if train_seconds else None
+        mine = [x for x in exchanges if x["round"] == r]
+        by_type = {x["type"]: x for x in mine}
+        wall = entry["seconds"]
+        train_exchange = by_type.get("train", {}).get("seconds")
+        rounds.append({
+            "round": r,
+            "wall_seconds": wall,
+            "slowest_site_training_seconds": slowest,
+            "overhead_seconds": wall - slowest if slowest is not None else None,
+            "overhead_percent": 100.0 * (wall - slowest) / wall if slowest is not None and wall else None,
+            "train_exchange_seconds": train_exchange,
+            "train_exchange_overhead_seconds": train_exchange - slowest if train_exchange is not None and slowest is not None else None,
+            "evaluate_exchange_seconds": by_type.get("evaluate", {}).get("seconds"),
+            "bytes_sent": sum(x["bytes_sent"] for x in mine),
+            "bytes_received": sum(x["bytes_received"] for x in mine),
+            "server_reported_bytes_sent": entry.get("bytes_sent"),
+            "server_reported_bytes_received": entry.get("bytes_received"),
+            "skipped": bool(entry.get("skipped")),
+        })  # fmt: skip
+    def med(key: str) -> float | None:
+        return median_after_first([r[key] for r in rounds if r[key] is not None])
+
+    return {"rounds": rounds, "median_rounds_after_first": {k: med(k) for k in (
+        "wall_seconds", "slowest_site_training_seconds", "overhead_seconds", "overhead_percent", "train_exchange_overhead_seconds",
+        "bytes_sent", "bytes_received")}}  # fmt: skip
+
+
+def simulation_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_dir: Path, *, transport: str = "float32") -> dict[str, Any]:
+    """The run in Flower's simulation engine (in this process); peak memory of this process tree (Ray included).
+    ``transport`` is the run config's wire dtype of floating weights (float32, float16, bfloat16)."""
+    from flwr.simulation import run_simulation
+
+    from fedct.demo import simulation_backend_config
+    from fl_client.client_app import build_client_app
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    n = len(site_names(data_root))
+    t0 = time.perf_counter()
+    with TreeMemorySampler({"simulation": os.getpid()}, interval=0.2) as sampler:
+        run_simulation(
+            server_app=build_counting_server_app(_run_config(plan, run_dir, sites=n, transport=transport)),
+            client_app=build_client_app({"sim-data-root": str(data_root), "sim-work-root": str(work_root)}),
+            num_supernodes=n,
+            backend_config=simulation_backend_config(),
+        )
+    if not (run_dir / "metrics.json").is_file():
+        raise RuntimeError(f"the simulation wrote no {run_dir / 'metrics.json'} (see the log above)")
+    return {**round_report(run_dir), "total_seconds": time.perf_counter() - t0, "sites": n, "transport": transport,
+            "peak_memory_mib": sampler.peak_mib["simulation"]}  # fmt: skip
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (bind port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, *, timeout: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process {process.args[0]} exited with {process.returncode} before listening on {port}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def _app_folder(target: Path) -> Path:
+    """The Flower app folder of the deployment arm: fedct's pyproject with the counting ServerApp as serverapp."""
+    root = Path(__file__).resolve().parents[1]
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    text = (root / "pyproject.toml").read_text()
+    text = text.replace('serverapp = "fl_server.server_app:app"', 'serverapp = "bench.federation:counting_app"')
+    text = re.sub(r"^fab-include = \[[^\]]*\]\n", "", text, flags=re.MULTILINE)  # the folder holds no code: the installed packages run
+    if "bench.federation:counting_app" not in text:
+        raise RuntimeError(f"{root / 'pyproject.toml'} has no serverapp = \"fl_server.server_app:app\" line to replace")
+    (target / "pyproject.toml").write_text(text)
+    (target / "README.md").write_text("fedct federation benchmark app (code comes from the installed packages)\n")
+    return target
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f'"{value}"' if isinstance(value, str) else str(value)
+
+
+def _stop(processes: list[subprocess.Popen], seen: list[int]) -> list[int]:
+    """Stop every process started here and their descendants (flwr-serverapp, flwr-clientapp), by PID; ``seen`` holds
+    descendants noticed while running. Returns all PIDs stopped."""
+    pids: list[int] = list(dict.fromkeys(seen))
+    for process in processes:
+        pids += [p for p in process_tree(process.pid) if p not in pids]
+    for pid in reversed(pids):  # children first
+        try:
+            os.kill(pid, 15)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 15
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_dir: Path, *, tls: bool = False,
+                   auth: bool = False, sqlite_state: bool = False, timeout: float = 1200.0) -> dict[str, Any]:  # fmt: skip
+    """A local deployment: SuperLink + one SuperNode per site on 127.0.0.1, ``flwr run``; every process is stopped by
+    PID. The SuperLink keeps its state in memory, or in an SQLite file with ``sqlite_state`` (Flower's persistent
+    setting). Also the peak RSS of each SuperNode's process tree (its ClientApp processes included)."""
+    if auth and not tls:
+        raise ValueError("SuperNode authentication needs TLS (tls=True)")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    base = Path(run_dir).parent / f"{Path(run_dir).name}-deploy"
+    shutil.rmtree(base, ignore_errors=True)
+    (base / "logs").mkdir(parents=True)
+    home = base / "flwr-home"
+    home.mkdir()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    port = free_port()
+    names = site_names(data_root)
+    pki = None
+    if tls:
+        from fedct.certs import write_consortium  # the consortium PKI of fedct's deployment (CA, server cert, site keys)
+
+        pki = write_consortium(base / "pki", sites=names)
+    security = f'root-certificates = "{pki.ca_cert.resolve()}"' if pki else "insecure = true"
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\n{security}\n')
+    processes: list[subprocess.Popen] = []
+    logs = []
+
+    def start(name: str, command: list[str]) -> subprocess.Popen:
+        log = open(base / "logs" / f"{name}.log", "w")  # noqa: SIM115 - closed below
+        logs.append(log)
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=base)
+        processes.append(process)
+        return process
+
+    t0 = time.perf_counter()
+    try:
+        link_security = ["--insecure"] if pki is None else ["--ssl-ca-certfile", str(pki.ca_cert), "--ssl-certfile", str(pki.server_cert),
+                                                             "--ssl-keyfile", str(pki.server_key)]  # fmt: skip
+        superlink = start("superlink", [str(bin_dir / "flower-superlink"), *link_security, *(["--enable-supernode-auth"] if auth else []),
+                                        "--port", str(port), "--database", str(base / "state.db") if sqlite_state else ":flwr-in-memory:",
+                                        "--disable-runtime-dependency-installation"])  # fmt: skip
+        _wait_port(port, timeout=60, process=superlink)
+        if auth and pki is not None:
+            for name in names:  # the server operator registers every site's public key before the sites connect
+                done = subprocess.run([str(bin_dir / "flwr"), "supernode", "register", str(pki.site_public_keys[name]), "bench",
+                                       "--name", name], env=env, cwd=base, capture_output=True, text=True, timeout=120)  # fmt: skip
+                if done.returncode != 0:
+                    raise RuntimeError(f"registering {name}'s key failed: {(done.stdout + done.stderr)[-800:]}")
+        supernodes = {}
+        for name in names:
+            node_config = " ".join(f"{k}={_toml_value(v)}" for k, v in {
+                "site-name": name, "dicom-dir": str(data_root / name / "dicom"), "labels": str(data_root / name / "labels.csv"),
+                "site-dir": str(work_root / name), "device": "cpu"}.items())  # fmt: skip
+            node_security = ["--insecure"] if pki is None else ["--root-certificates", str(pki.ca_cert)]
+            if auth and pki is not None:
+                node_security += ["--auth-supernode-private-key", str(pki.site_keys[name])]
+            supernodes[name] = start(name, [str(bin_dir / "flower-supernode"), *node_security, "--superlink", f"127.0.0.1:{port}",
+                                            "--port", str(free_port()), "--node-config", node_config])  # fmt: skip
+        app = _app_folder(base / "app")
+        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in _run_config(plan, run_dir, sites=len(names)).items())
+        t_run = time.perf_counter()
+        with TreeMemorySampler({name: p.pid for name, p in supernodes.items()} | {"superlink": superlink.pid}, interval=0.2) as sampler:
+            done = subprocess.run([str(bin_dir / "flwr"), "run", str(app), "bench", "--stream", "--run-config", overrides],
+                                  env=env, cwd=base, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+            deadline = time.monotonic() + 60  # --stream may return just before the ServerApp writes its last file
+            while not (run_dir / TRANSPORT_NAME).is_file() and time.monotonic() < deadline:
+                time.sleep(0.5)
+        (base / "logs" / "flwr-run.log").write_text(done.stdout + done.stderr)
+        if not (run_dir / "metrics.json").is_file():
+            raise RuntimeError(f"the deployment run wrote no metrics.json (exit {done.returncode}); logs in {base / 'logs'}:\n"
+                               f"{(done.stdout + done.stderr)[-2000:]}")  # fmt: skip
+        run_seconds = time.perf_counter() - t_run
+    finally:
+        stopped = _stop(processes, [pid for p in processes for pid in process_tree(p.pid)])
+        for log in logs:
+            log.close()
+    left = [p.pid for p in processes if p.poll() is None]
+    if left:
+        raise RuntimeError(f"processes still running after stop: {left}")
+    return {**round_report(run_dir), "total_seconds": time.perf_counter() - t0, "run_seconds": run_seconds, "sites": len(names),
+            "tls": tls, "supernode_auth": auth, "superlink_state": "sqlite file" if sqlite_state else "in memory", "stopped_pids": stopped,
+            "peak_rss_mib": {name: sampler.peak_mib[name] for name in [*names, "superlink"]}}  # fmt: skip
+
+
+def run(options: BenchOptions) -> Path:
+    """Run the simulation and the local deployment and write ``federation.json``; returns its path."""
+    from fl_server.config import ServerConfig
+    from preprocessing.ingest import prepare_site
+
+    started = time.perf_counter()
+    plan = plan_for(options)
+    out = Path(options.out)
+    work = out / "work" / "federation"
+    data_root = synthetic_sites(work / "data", sites=plan.sites, patients_per_site=plan.patients_per_site, seed=0, small=plan.small)
+    work_root = work / "sites"
+    config = ServerConfig.from_run_config(_run_config(plan, work / "runs" / "x"))
+    settings = config.round_settings(1)
+    for name in site_names(data_root):  # ingested once beforehand: the rounds measure the federation, not ingestion
+        prepare_site(data_root / name / "dicom", work_root / name, labels_csv=data_root / name / "labels.csv", pipeline=config.pipeline,
+                     split=settings.split)  # fmt: skip
+    arms: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    todo = [("simulation", simulation_arm), ("simulation-fp16-transport", lambda *a: simulation_arm(*a, transport="float16")),
+            ("deployment-insecure", deployment_arm),
+            ("deployment-tls-auth", lambda *a: deployment_arm(*a, tls=True, auth=True))]
+    if plan.sqlite_lever:
+        todo.append(("deployment-insecure-sqlite-state", lambda *a: deployment_arm(*a, sqlite_state=True)))
+    for name, function in todo:
+        try:
+            arms[name] = function(plan, data_root, work_root, work / "runs" / name)
+        except Exception as exc:  # noqa: BLE001 - one failing arm is reported, the other still measured
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    sizes = model_bytes(config.model_name, plan.run_config)
+    for arm in arms.values():
+        med = arm["median_rounds_after_first"]
+        arm["bytes_per_round_over_model_size"] = (med["bytes_sent"] + med["bytes_received"]) / sizes["raw_bytes"] \
+            if med["bytes_sent"] is not None else None  # fmt: skip
+    payload = {
+        "what": "per round: wall time (metrics.json 'seconds', end of round to end of round, train + evaluate exchanges + "
+        "server work) against the slowest site's local training ('train-seconds' reported by the site); overhead = wall - "
+        "slowest training. Bytes = Flower messages serialised with Flower's protobuf serde (payload before gRPC/HTTP "
+        "framing and TLS), counted at the server's Grid; a round moves the model to every site twice (train, evaluate) "
+        "and back once. Medians over rounds after the first (the first pays start-up).",
+        "plan": {"sites": plan.sites, "patients_per_site": plan.patients_per_site, "rounds": plan.rounds, "local_epochs": 1,
+                 "model": config.model_name, "input_size": config.input_size},  # fmt: skip
+        "model_size": sizes,
+        "arms": arms,
+        "errors": errors,
+        "arms_not_run": PENDING_ARMS,
+    }
+    return write_result(out, "federation", payload, options=options, started=started)

@@ -1,0 +1,247 @@
+"""Preprocessing throughput: fedct's ingestion against the read floor and against the obvious MONAI pipeline.
+
+On realistic CT series (512x512, 100-300 slices in the full size), uncompressed and JPEG 2000 / JPEG-LS
+lossless, three arms turn the same folders into volumes, each with both cores (two worker processes):
+
+(a) read floor: pydicom reads every file, the modality LUT (RescaleSlope/Intercept) is applied and the slices
+    are stacked in position order — nothing else;
+(b) what a user would write from the MONAI tutorials: ``LoadImaged(reader="PydicomReader")`` +
+    ``EnsureChannelFirstd`` + ``Orientationd`` + ``Spacingd`` + ``ScaleIntensityRanged`` + ``Resized`` to the
+    model input (no validation);
+(c) fedct's ingestion (``preprocessing.ingest.ingest_site``): discovery, header validation, pseudonyms,
+    HU volume, MONAI preprocessing into the cache, manifest and report — model-ready tensors.
+
+Arms are interleaved repetition by repetition in one run, each in a fresh process whose tree's peak resident
+memory is sampled. Writes ``preprocess.json`` (series per second per arm and transfer syntax, ratios c/a, c/b).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench.common import BenchOptions, TreeMemorySampler, ratio, summarise, write_result
+
+ARMS = {
+    "a_read_floor": "pydicom read + modality LUT + stack (the floor)",
+    "b_monai_tutorial": "LoadImaged(PydicomReader) + EnsureChannelFirstd + Orientationd + Spacingd + ScaleIntensityRanged + Resized",
+    "c_fedct_ingest": "fedct ingest_site: discover, validate, HU volume, MONAI pipeline, cache, manifest, report",
+}
+SYNTAXES = ("uncompressed", "jpeg2000_lossless", "jpegls_lossless")
+SPACING_MM = (5.0, 5.0, 5.0)
+INPUT_SIZE = (64, 64, 48)
+
+
+def _sizes(options: BenchOptions) -> dict[str, Any]:
+    """Series sizes (rows = columns, slices per series) and repetitions of each size."""
+    if options.tiny:
+        return {"rows": 32, "slices": [10, 12], "repeats": 1}
+    if options.quick:
+        return {"rows": 512, "slices": [48, 64], "repeats": 1}
+    return {"rows": 512, "slices": [100, 200, 300], "repeats": 3}
+
+
+def _write_series(folder: Path, *, rows: int, slices: int, index: int) -> list[Path]:
+    """One uncompressed CT series of a chest phantom, ``slices`` axial slices over ~300 mm."""
+    import numpy as np
+    from scipy import ndimage
+
+    from synthetic.dicom_writer import PatientIdentity, write_ct_series
+    from synthetic.phantom import chest_phantom
+
+    extent_mm = 300.0 if rows >= 256 else slices * 10.0
+    base = min(slices, 100)  # the phantom at <= 100 slices, interpolated along z beyond (memory)
+    pixel = 350.0 / rows
+    hu = chest_phantom(shape=(base, rows, rows), pixel_spacing_mm=(pixel, pixel), slice_spacing_mm=extent_mm / base,
+                       diagnosis=("covid", "other_pneumonia", "normal")[index % 3], burden=0.3, noise_hu=20.0,
+                       rng=np.random.default_rng(index))  # fmt: skip
+    if slices != base:
+        hu = ndimage.zoom(hu, (slices / base, 1.0, 1.0), order=1)
+    uid = f"1.2.826.0.1.3680043.10.1234.{index + 1}"
+    patient = PatientIdentity(PatientName=f"Bench^{index}", PatientID=f"BENCH{index}", PatientBirthDate="19600101", PatientSex="F",
+                              PatientAge="064Y")  # fmt: skip
+    return write_ct_series(folder, hu, pixel_spacing_mm=(pixel, pixel), slice_spacing_mm=extent_mm / slices,
+                           study_instance_uid=f"{uid}.1", series_instance_uid=f"{uid}.2", patient=patient,
+                           uid_entropy=("bench-preprocess", index))  # fmt: skip
+
+
+def _compress_copy(source: Path, target: Path, syntax: str) -> None:
+    """Copy a series folder re-encoded in a lossless compressed transfer syntax (pydicom's encoders)."""
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
+
+    uid = {"jpeg2000_lossless": JPEG2000Lossless, "jpegls_lossless": JPEGLSLossless}[syntax]
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.compress(uid)
+        ds.save_as(target / path.name, enforce_file_format=True)
+
+
+def _encoder_available(syntax: str) -> str | None:
+    """None when pydicom can encode ``syntax`` here, else why not."""
+    from pydicom.pixels import get_encoder
+    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
+
+    uid = {"jpeg2000_lossless": JPEG2000Lossless, "jpegls_lossless": JPEGLSLossless}[syntax]
+    encoder = get_encoder(uid)
+    if not encoder.is_available:
+        return f"no pydicom encoder for {syntax} installed (pylibjpeg-openjpeg for JPEG 2000, pyjpegls for JPEG-LS)"
+    return None
+
+
+def prepare_data(root: Path, options: BenchOptions) -> dict[str, list[Path]]:
+    """Series folders per transfer syntax under ``root/<syntax>/series-<n>/`` (reused when already written)."""
+    sizes = _sizes(options)
+    root = Path(root)
+    wanted = f"{sizes['rows']}:{sizes['slices']}"
+    marker = root / "bench-series.txt"
+    folders: dict[str, list[Path]] = {}
+    if not (marker.is_file() and marker.read_text() == wanted):
+        shutil.rmtree(root, ignore_errors=True)
+        for i, n in enumerate(sizes["slices"]):
+            _write_series(root / "uncompressed" / f"series-{i}", rows=sizes["rows"], slices=n, index=i)
+        for syntax in SYNTAXES[1:2] if options.tiny else SYNTAXES[1:]:
+            if _encoder_available(syntax) is None:
+                for i in range(len(sizes["slices"])):
+                    _compress_copy(root / "uncompressed" / f"series-{i}", root / syntax / f"series-{i}", syntax)
+        marker.write_text(wanted)
+    for syntax in SYNTAXES:
+        if (root / syntax).is_dir():
+            folders[syntax] = sorted(p for p in (root / syntax).iterdir() if p.is_dir())
+    return folders
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def read_floor(folder: str) -> tuple[int, ...]:
+    """Arm (a) for one series: pydicom read, modality LUT, stack by slice position. Returns the volume's shape."""
+    import numpy as np
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    slices = []
+    for path in sorted(Path(folder).iterdir()):
+        ds = pydicom.dcmread(path)
+        slices.append((float(ds.ImagePositionPatient[2]), apply_modality_lut(ds.pixel_array, ds).astype(np.float32)))
+    slices.sort(key=lambda s: s[0])
+    return np.stack([s[1] for s in slices]).shape
+
+
+def monai_tutorial(folder: str) -> tuple[int, ...]:
+    """Arm (b) for one series: the MONAI tutorial chain to the model input. Returns the tensor's shape."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Resized, ScaleIntensityRanged, Spacingd
+
+    chain = Compose([
+        LoadImaged(keys="image", reader="PydicomReader"),
+        EnsureChannelFirstd(keys="image"),
+        Orientationd(keys="image", axcodes="RAS"),
+        Spacingd(keys="image", pixdim=SPACING_MM, mode="bilinear"),
+        ScaleIntensityRanged(keys="image", a_min=-1000.0, a_max=400.0, b_min=0.0, b_max=1.0, clip=True),
+        Resized(keys="image", spatial_size=INPUT_SIZE),
+    ])  # fmt: skip
+    return tuple(chain({"image": folder})["image"].shape)
+
+
+def _run_arm(arm: str, folders: list[str], dicom_root: str, site_dir: str, queue: Any) -> None:
+    """Child process: run one arm over the folders with two workers; put (seconds, shapes or error) on the queue."""
+    try:
+        t0 = time.perf_counter()
+        if arm == "c_fedct_ingest":
+            from preprocessing.ingest import ingest_site
+            from preprocessing.transforms import PipelineConfig
+
+            manifest = ingest_site(Path(dicom_root), Path(site_dir), pipeline=PipelineConfig(target_spacing_mm=SPACING_MM,
+                                   input_size=INPUT_SIZE), workers=2)  # fmt: skip
+            seconds = time.perf_counter() - t0
+            if len(manifest.studies) != len(folders):
+                raise RuntimeError(f"ingest accepted {len(manifest.studies)} of {len(folders)} series (see {site_dir}/ingest_report.json)")
+            shapes = [list(INPUT_SIZE)] * len(folders)
+        else:
+            function = read_floor if arm == "a_read_floor" else monai_tutorial
+            with ProcessPoolExecutor(max_workers=2, initializer=_worker_init) as pool:
+                shapes = [list(s) for s in pool.map(function, folders)]
+            seconds = time.perf_counter() - t0
+        queue.put({"seconds": seconds, "shapes": shapes})
+    except Exception as exc:  # noqa: BLE001 - reported in the JSON
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _measure(arm: str, folders: list[Path], dicom_root: Path, site_dir: Path) -> dict[str, Any]:
+    """Run one arm in a fresh (spawned) process; its wall time inside, and the peak RSS of its process tree."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_run_arm, args=(arm, [str(f) for f in folders], str(dicom_root), str(site_dir), queue))
+    process.start()
+    with TreeMemorySampler({"arm": process.pid}, interval=0.05) as sampler:
+        result = queue.get(timeout=3600)
+        process.join(timeout=60)
+    if process.is_alive():
+        process.kill()
+    shutil.rmtree(site_dir, ignore_errors=True)
+    return {**result, "peak_rss_mib": sampler.peak_mib["arm"]}
+
+
+def run(options: BenchOptions) -> Path:
+    """Run the benchmark and write ``preprocess.json``; returns its path."""
+    started = time.perf_counter()
+    out = Path(options.out)
+    work = out / "work" / "preprocess"
+    sizes = _sizes(options)
+    t0 = time.perf_counter()
+    folders = prepare_data(work / "data", options)
+    data_seconds = time.perf_counter() - t0
+    results: dict[str, Any] = {}
+    for syntax in SYNTAXES[:2] if options.tiny else SYNTAXES:  # tiny: one codec is enough to check the code
+        if syntax not in folders:
+            results[syntax] = {"skipped": _encoder_available(syntax) or "no data"}
+            continue
+        runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
+        for repeat in range(sizes["repeats"]):
+            for arm in ARMS:  # interleaved: a drift in machine load hits every arm alike
+                runs[arm].append(_measure(arm, folders[syntax], work / "data" / syntax, work / f"site-{syntax}-{repeat}"))
+        n_series = len(folders[syntax])
+        n_files = sum(len(list(f.glob("*.dcm"))) for f in folders[syntax])
+        mib = sum(p.stat().st_size for f in folders[syntax] for p in f.glob("*.dcm")) / 2**20
+        entry: dict[str, Any] = {"series": n_series, "files": n_files, "size_mib": mib, "arms": {}}
+        for arm, arm_runs in runs.items():
+            errors = [r["error"] for r in arm_runs if "error" in r]
+            seconds = [r["seconds"] for r in arm_runs if "seconds" in r]
+            median = summarise(seconds)["median"]
+            entry["arms"][arm] = {
+                "seconds": summarise(seconds),
+                "series_per_second": n_series / median if median else None,
+                "slices_per_second": n_files / median if median else None,
+                "peak_rss_mib": max((r["peak_rss_mib"] for r in arm_runs), default=None),
+                "output_shape": arm_runs[0].get("shapes", [None])[0],
+                **({"errors": errors} if errors else {}),
+            }
+        sps = {arm: entry["arms"][arm]["series_per_second"] for arm in ARMS}
+        entry["ratio_c_over_a"] = ratio(sps["c_fedct_ingest"], sps["a_read_floor"])
+        entry["ratio_c_over_b"] = ratio(sps["c_fedct_ingest"], sps["b_monai_tutorial"])
+        results[syntax] = entry
+    payload = {
+        "what": "series per second (median over repeats) of three ways from DICOM files to volumes, each with 2 worker "
+        "processes, arms interleaved in one run; ratio_c_over_a = fedct / read floor (1 = as fast as only decoding), "
+        "ratio_c_over_b = fedct / MONAI tutorial chain (> 1 = fedct faster). Peak RSS = the arm's process tree, sampled every 50 ms.",
+        "arms": ARMS,
+        "series_rows_columns": sizes["rows"],
+        "series_slices": sizes["slices"],
+        "repeats": sizes["repeats"],
+        "target_spacing_mm": list(SPACING_MM),
+        "input_size": list(INPUT_SIZE),
+        "data_preparation_seconds": data_seconds,
+        "workers": 2,
+        "cpu_count": os.cpu_count(),
+        "results": results,
+    }
+    return write_result(out, "preprocess", payload, options=options, started=started)

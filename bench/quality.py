@@ -1,0 +1,296 @@
+"""Quality benchmark (FLamby-style): federated against pooled and local-only training, same model, budget and seeds.
+
+On the default non-IID synthetic federation (sites differ in scanner, slice thickness, noise, prevalence and
+size), every arm starts from the same initial weights (``torch.manual_seed(seed)``, as the server does) and gets
+the same budget of local epochs (``rounds x local_epochs``):
+
+- ``pooled``: all sites' training studies in one loader (what one would do if data could be shared);
+- ``local:<site>``: each site alone on its own training studies;
+- ``federated:<strategy>``: Flower's simulation engine with fedct's ServerApp and ClientApp, ``rounds`` rounds of
+  ``local_epochs``; the final global model is scored.
+
+Training and scoring reuse fedct's functions (``fl_client.train.train_model``/``train_round``/
+``recalibrate_batch_norm``/``evaluate_round`` and ``fl_server.run_log.aggregate``), so every arm is trained by the
+same loop and scored on the same held-out test studies by the same metric code: diagnosis macro AUC and
+prognosis C-index per site, and over all sites (weighted mean of site values; ``pooled-auc-macro`` = AUC of all
+sites' predictions pooled). Each figure is given as mean ± standard deviation over the seeds.
+
+Writes ``quality.json`` and ``quality.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from bench.common import SMALL_RUN_CONFIG, BenchOptions, site_names, summarise, synthetic_sites, write_result
+
+#: Figures reported per arm (metric key in fedct's evaluation, label).
+FIGURES = (("test-auc-macro", "diagnosis macro AUC"), ("test-pooled-auc-macro", "diagnosis AUC, pooled predictions"),
+           ("test-c-index", "prognosis C-index"))  # fmt: skip
+
+
+#: Strategies compared by the full ``fedct bench quality`` (names of the run config's ``strategy`` key).
+DEFAULT_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+@dataclass(frozen=True)
+class QualityPlan:
+    """Size of the comparison."""
+
+    sites: int
+    patients_per_site: int
+    small: bool
+    seeds: tuple[int, ...]
+    rounds: int
+    local_epochs: int
+    strategies: tuple[str, ...] = ("fedavg",)
+    run_config: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.sites < 2:
+            raise ValueError(f"the quality benchmark needs at least 2 sites, got {self.sites}")
+        if not self.seeds:
+            raise ValueError("the quality benchmark needs at least one seed")
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise ValueError(f"rounds and local epochs must be >= 1, got {self.rounds} and {self.local_epochs}")
+        if not self.strategies:
+            raise ValueError("the quality benchmark needs at least one federated strategy")
+
+
+def plan_for(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> QualityPlan:
+    """Tiny: seconds, for the test suite; quick: 1 seed, small sites, small CNN; full: the demo's federation, 3 seeds.
+    ``strategies`` default: FedAvg (tiny), FedAvg and FedAdam (quick), :data:`DEFAULT_STRATEGIES` (full)."""
+    if strategies is None:
+        strategies = ("fedavg",) if options.tiny else ("fedavg", "fedadam") if options.quick else DEFAULT_STRATEGIES
+    if options.tiny:
+        return QualityPlan(sites=2, patients_per_site=8, small=True, seeds=(0,), rounds=1, local_epochs=1, strategies=tuple(strategies),
+                           run_config=SMALL_RUN_CONFIG)  # fmt: skip
+    if options.quick:
+        return QualityPlan(sites=3, patients_per_site=15, small=True, seeds=(0,), rounds=3, local_epochs=1, strategies=tuple(strategies),
+                           run_config=SMALL_RUN_CONFIG)  # fmt: skip
+    return QualityPlan(sites=3, patients_per_site=40, small=False, seeds=(0, 1, 2), rounds=10, local_epochs=2,
+                       strategies=tuple(strategies))  # fmt: skip
+
+
+
+def _server_config(plan: QualityPlan, *, seed: int, run_dir: Path, strategy: str | None) -> Any:
+    """fedct's ServerConfig of one federated arm (checked before anything starts; a strategy the config
+    does not know is an error naming it)."""
+    from fl_server.config import ServerConfig
+
+    run_config: dict[str, Any] = {**plan.run_config, "num-server-rounds": plan.rounds, "local-epochs": plan.local_epochs,
+                                  "min-sites": plan.sites, "seed": seed, "run-dir": str(run_dir.resolve())}  # fmt: skip
+    if strategy is not None:
+        if "strategy" not in {f.name for f in fields(ServerConfig)}:
+            raise ValueError(f"strategy {strategy!r} asked for, but this fedct's run config has no 'strategy' key")
+        run_config["strategy"] = strategy
+    return ServerConfig.from_run_config(run_config)
+
+
+def _site_configs(data_root: Path, work_root: Path) -> dict[str, Any]:
+    from fl_client.config import SiteConfig
+
+    return {name: SiteConfig(site_name=name, dicom_dir=data_root / name / "dicom", site_dir=work_root / name,
+                             labels_csv=data_root / name / "labels.csv", device="cpu")  # fmt: skip
+            for name in site_names(data_root)}
+
+
+def _initial_state(config: Any) -> dict[str, Any]:
+    """The server's initial weights for this seed (fl_server.server_app.run_federation does the same)."""
+    import torch
+
+    from models.factory import build_model
+
+    torch.manual_seed(config.seed)
+    return {k: v.detach().clone() for k, v in build_model(config.model).state_dict().items()}
+
+
+def score(sites: Mapping[str, Any], settings: Any, state: Mapping[str, Any]) -> dict[str, Any]:
+    """fedct's evaluation of ``state`` at every site (test split) and its aggregate over sites."""
+    from fl_client.train import evaluate_round
+    from fl_server.run_log import aggregate
+
+    per_site = {name: evaluate_round(site, settings, state) for name, site in sites.items()}
+    overall = aggregate(per_site)
+    keys = [k for k, _ in FIGURES] + ["test-n", "test-n-events"]
+    return {"overall": {k: overall.get(k) for k in keys}, "sites": {n: {k: m.get(k) for k in keys} for n, m in per_site.items()}}
+
+
+def train_pooled(sites: Mapping[str, Any], settings: Any, state: Mapping[str, Any], *, epochs: int) -> dict[str, Any]:
+    """All sites' training studies in one loader, ``epochs`` epochs of fedct's training loop; returns the weights."""
+    import torch
+    from monai.data import DataLoader
+    from monai.utils import set_determinism
+    from torch.utils.data import ConcatDataset
+
+    from fl_client.train import load_site, recalibrate_batch_norm, train_model
+    from models.factory import build_model
+    from preprocessing.cache import make_dataset
+
+    set_determinism(seed=settings.seed * 1000 + 1)
+    device = torch.device("cpu")
+
+    def loader(augment: bool) -> DataLoader:
+        parts = []
+        for site in sites.values():
+            manifest = load_site(site, settings)
+            items = [e.item() for e in manifest.split("train", labelled_only=False)]
+            parts.append(make_dataset(items, settings.pipeline, manifest.site_dir, augment=augment))
+        generator = torch.Generator().manual_seed(settings.seed * 1000 + 1)
+        return DataLoader(ConcatDataset(parts), batch_size=settings.batch_size, shuffle=augment, num_workers=0, generator=generator)
+
+    model = build_model(settings.model)
+    model.load_state_dict(dict(state))
+    train_model(model, loader(True), epochs=epochs, lr=settings.learning_rate, device=device, loss_weights=settings.loss_weights)
+    recalibrate_batch_norm(model, loader(False), device=device)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def run_federated(config: Any, data_root: Path, work_root: Path, n_sites: int) -> dict[str, Any]:
+    """One federated run in Flower's simulation engine with fedct's apps; returns its metrics.json."""
+    from flwr.simulation import run_simulation
+
+    from fedct.demo import simulation_backend_config
+    from fl_client.client_app import build_client_app
+    from fl_server.server_app import build_server_app
+
+    run_simulation(
+        server_app=build_server_app(config.to_run_config()),
+        client_app=build_client_app({"sim-data-root": str(data_root), "sim-work-root": str(work_root)}),
+        num_supernodes=n_sites,
+        backend_config=simulation_backend_config(),
+    )
+    path = config.run_path / "metrics.json"
+    if not path.is_file():
+        raise RuntimeError(f"the federated run wrote no {path} (see the log above)")
+    return json.loads(path.read_text())
+
+
+def _from_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The final round's test figures from a federated run's metrics.json (the final model, as for the other arms)."""
+    last = metrics["rounds"][-1]["evaluate"]
+    keys = [k for k, _ in FIGURES] + ["test-n", "test-n-events"]
+    return {"overall": {k: last["aggregate"].get(k) for k in keys},
+            "sites": {n: {k: m.get(k) for k in keys} for n, m in last["sites"].items()}}  # fmt: skip
+
+
+def _summaries(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"overall": {}, "sites": {}}
+    for key, _ in FIGURES:
+        out["overall"][key] = summarise(r["overall"].get(key) for r in per_seed)
+        for site in per_seed[0]["sites"]:
+            out["sites"].setdefault(site, {})[key] = summarise(r["sites"][site].get(key) for r in per_seed)
+    return out
+
+
+def plot(path: Path, arms: Mapping[str, Any]) -> Path:
+    """Bar chart: per arm, each site's and the overall test macro AUC and C-index (mean, error bar = std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(arms)
+    sites = sorted(next(iter(arms.values()))["summary"]["sites"])
+    groups = ["overall", *sites]
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(names) * 2), 4.5))
+    width = 0.8 / len(groups)
+    for ax, (key, title) in zip(axes, (FIGURES[0], FIGURES[2]), strict=True):
+        x = np.arange(len(names))
+        for g, group in enumerate(groups):
+            stats = [arms[a]["summary"]["overall" if group == "overall" else "sites"] for a in names]
+            stats = [s[key] if group == "overall" else s[group][key] for s in stats]
+            means = [s["mean"] if s["mean"] is not None else float("nan") for s in stats]  # undefined: no bar
+            errors = [s["std"] or 0.0 for s in stats]
+            ax.bar(x + (g - (len(groups) - 1) / 2) * width, means, width, yerr=errors, capsize=2, label=group,
+                   color="black" if group == "overall" else None, alpha=1.0 if group == "overall" else 0.75)  # fmt: skip
+        ax.axhline(0.5, color="red", linestyle=":", linewidth=1)
+        ax.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
+        ax.set_ylim(0.0, 1.02)
+        ax.set_title(f"held-out test: {title} (no bar: undefined, e.g. no event at that site)", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Path:
+    """Run the comparison and write ``quality.json`` and ``quality.png``; returns the JSON's path."""
+    from fl_client.train import train_round
+    from preprocessing.ingest import prepare_site
+
+    started = time.perf_counter()
+    plan = plan_for(options, strategies=strategies)
+    out = Path(options.out)
+    work = out / "work" / "quality"
+    # Every configuration is checked before anything runs.
+    configs = {(s, seed): _server_config(plan, seed=seed, run_dir=work / "runs" / f"{s}-seed{seed}", strategy=s)
+               for s in plan.strategies for seed in plan.seeds}  # fmt: skip
+    data_root = synthetic_sites(work / "data", sites=plan.sites, patients_per_site=plan.patients_per_site, seed=0, small=plan.small)
+    work_root = work / "sites"
+    sites = _site_configs(data_root, work_root)
+    base = next(iter(configs.values()))
+    for site in sites.values():  # ingest once; every arm reads the same caches and splits
+        prepare_site(site.dicom_dir, site.site_dir, labels_csv=site.labels_csv, pipeline=base.pipeline,
+                     split=base.round_settings(1).split)  # fmt: skip
+    budget = plan.rounds * plan.local_epochs
+    per_seed: dict[str, list[dict[str, Any]]] = {}
+    seconds: dict[str, float] = {}
+
+    def record(arm: str, result: dict[str, Any], t0: float) -> None:
+        per_seed.setdefault(arm, []).append(result)
+        seconds[arm] = seconds.get(arm, 0.0) + time.perf_counter() - t0
+
+    for seed in plan.seeds:
+        config = configs[(plan.strategies[0], seed)]
+        settings = replace(config.round_settings(1), local_epochs=budget)
+        state0 = _initial_state(config)
+        t0 = time.perf_counter()
+        record("pooled", {"seed": seed, **score(sites, settings, train_pooled(sites, settings, state0, epochs=budget))}, t0)
+        for name, site in sites.items():
+            t0 = time.perf_counter()
+            state, _ = train_round(site, settings, state0)
+            record(f"local:{name}", {"seed": seed, **score(sites, settings, state)}, t0)
+        for strategy in plan.strategies:
+            t0 = time.perf_counter()
+            metrics = run_federated(configs[(strategy, seed)], data_root, work_root, plan.sites)
+            record(f"federated:{strategy}", {"seed": seed, **_from_metrics(metrics)}, t0)
+    arms = {arm: {"per_seed": results, "summary": _summaries(results), "seconds": seconds[arm]} for arm, results in per_seed.items()}
+    key = FIGURES[0][0]
+    pooled = arms["pooled"]["summary"]["overall"][key]["mean"]
+    locals_ = {a: v["summary"]["overall"][key]["mean"] for a, v in arms.items() if a.startswith("local:")}
+    best_local = max(locals_, key=lambda a: locals_[a] if locals_[a] is not None else -1.0)
+    verdict = {}
+    for strategy in plan.strategies:
+        fed = arms[f"federated:{strategy}"]["summary"]["overall"][key]["mean"]
+        verdict[strategy] = {
+            "federated_over_pooled": fed / pooled if fed is not None and pooled is not None and pooled > 0 else None,
+            "target_federated_over_pooled": 0.99,
+            "federated_minus_best_local": fed - locals_[best_local] if fed is not None and locals_[best_local] is not None else None,
+            "best_local_arm": best_local,
+        }
+    payload = {
+        "what": "held-out test metrics of the final model of each arm (same initial weights per seed, same budget of local "
+        "epochs, same training loop and metric code); overall = weighted mean of site values (macro AUC by test studies, "
+        "C-index by events); pooled-auc-macro = AUC of all sites' predictions pooled. A local:<site> model is scored at "
+        "every site. Mean/std over seeds.",
+        "plan": {"sites": plan.sites, "patients_per_site": plan.patients_per_site, "small_images": plan.small, "seeds": list(plan.seeds),
+                 "rounds": plan.rounds, "local_epochs": plan.local_epochs, "epochs_budget": budget,
+                 "strategies": list(plan.strategies), "model": base.model_name, "input_size": base.input_size},  # fmt: skip
+        "site_studies": {name: {s: len(prepare_site(site.dicom_dir, site.site_dir, labels_csv=site.labels_csv, pipeline=base.pipeline,
+                                                   split=base.round_settings(1).split).split(s)) for s in ("train", "val", "test")}
+                         for name, site in sites.items()},  # fmt: skip
+        "figures": {k: label for k, label in FIGURES},
+        "arms": arms,
+        "verdict_on_macro_auc": verdict,
+    }
+    plot(out / "quality.png", arms)
+    return write_result(out, "quality", payload, options=options, started=started)

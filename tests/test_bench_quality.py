@@ -1,0 +1,40 @@
+"""bench.quality in its tiny size: pooled, local-only and federated arms scored by the same code on the same test studies."""
+
+import json
+import math
+
+import pytest
+
+from bench.common import BenchOptions
+from bench.quality import plan_for, run
+
+
+def test_tiny_quality_benchmark_has_every_arm_and_site(tmp_path):
+    path = run(BenchOptions(out=tmp_path, tiny=True))
+    data = json.loads(path.read_text())
+    assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(data["arms"]) == {"pooled", "local:site-0", "local:site-1", "federated:fedavg"}
+    assert data["plan"]["epochs_budget"] == data["plan"]["rounds"] * data["plan"]["local_epochs"]
+    for arm in data["arms"].values():
+        assert [r["seed"] for r in arm["per_seed"]] == [0]
+        assert set(arm["per_seed"][0]["sites"]) == {"site-0", "site-1"}
+        for key in ("test-auc-macro", "test-c-index", "test-pooled-auc-macro"):
+            stats = arm["summary"]["overall"][key]
+            assert stats["mean"] is None or 0.0 <= stats["mean"] <= 1.0
+        assert arm["per_seed"][0]["overall"]["test-n"] == sum(data["site_studies"][s]["test"] for s in ("site-0", "site-1"))
+    fed = data["arms"]["federated:fedavg"]["summary"]["overall"]["test-pooled-auc-macro"]["mean"]
+    assert fed is not None and not math.isnan(fed)
+    assert data["verdict_on_macro_auc"]["fedavg"]["best_local_arm"].startswith("local:")
+
+
+def test_a_strategy_the_run_config_does_not_know_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="nosuch"):
+        run(BenchOptions(out=tmp_path, tiny=True), strategies=("fedavg", "nosuch"))
+    assert not (tmp_path / "work").exists()
+
+
+def test_plans_grow_with_the_mode(tmp_path):
+    full = plan_for(BenchOptions(out=tmp_path))
+    assert len(full.seeds) >= 3 and full.sites >= 3 and "model-name" not in full.run_config
+    with pytest.raises(ValueError, match="at least 2 sites"):
+        type(full)(sites=1, patients_per_site=5, small=True, seeds=(0,), rounds=1, local_epochs=1)
