@@ -108,6 +108,8 @@ class SiteSpec:
     isolation: str = "subprocess"  # "subprocess" (Flower's SuperExec) or "process" (+ fedct's warm executor)
     superexec_poll_s: float | None = None  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (subprocess isolation)
     executor_poll_s: float = 0.2
+    #: the executors' allow-list file, or "off" (benchmarks and tests submit apps they just built)
+    approved_apps: str = "off"
     preload_app: str = "fl_client.client_app"
 
 
@@ -158,7 +160,8 @@ class LocalDeployment:
                 if site.isolation == "process":
                     self._start(f"executor{i}", [sys.executable, "-m", "fl_client.executor", "--runtime-api-address",
                                                  f"127.0.0.1:{rport}", "--insecure", "--poll-interval",
-                                                 str(site.executor_poll_s), "--preload-app", site.preload_app], env)  # fmt: skip
+                                                 str(site.executor_poll_s), "--preload-app", site.preload_app,
+                                                 "--approved-apps", site.approved_apps], env)  # fmt: skip
         except BaseException:
             self.close()
             raise

@@ -110,7 +110,11 @@ def check_fab(fab_content: bytes, allow_list: Path | None) -> str:
 
 def allow_list_from_env() -> Path | None:
     """The allow-list the launcher enforces; refusing everything when the variable is missing (fail closed)."""
-    value = os.environ.get(ALLOW_LIST_ENV, "")
+    return allow_list_from_value(os.environ.get(ALLOW_LIST_ENV, ""))
+
+
+def allow_list_from_value(value: str) -> Path | None:
+    """An allow-list setting (a file, "off", or "" for none configured: refuse everything) as the path to check."""
     if value.lower() == "off":
         return None
     if not value:
@@ -118,12 +122,14 @@ def allow_list_from_env() -> Path | None:
     return Path(value)
 
 
-def gated_clientapp_main() -> None:
-    """``flwr-clientapp`` with the allow-list check placed before the FAB is unpacked."""
-    import flwr.supernode.runtime.run_clientapp as runtime
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+def gate_fab_install(allow_list: Path | None) -> None:
+    """In this process, make Flower's ClientApp runtime check the FAB against ``allow_list`` before unpacking it.
 
-    allow_list = allow_list_from_env()
+    Used by the ``flwr-clientapp`` launcher and by the warm executor's children (:mod:`fl_client.executor`),
+    so both ways a site runs a task enforce the same allow-list.
+    """
+    import flwr.supernode.runtime.run_clientapp as runtime
+
     install = runtime.install_from_fab
 
     def checked_install(fab_content: bytes, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - Flower's signature
@@ -137,6 +143,13 @@ def gated_clientapp_main() -> None:
         return install(fab_content, *args, **kwargs)
 
     runtime.install_from_fab = checked_install
+
+
+def gated_clientapp_main() -> None:
+    """``flwr-clientapp`` with the allow-list check placed before the FAB is unpacked."""
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+    gate_fab_install(allow_list_from_env())
     flwr_clientapp()
 
 

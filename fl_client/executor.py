@@ -73,6 +73,8 @@ class ExecutorConfig:
     max_concurrent: int = 1
     preload_app: str | None = DEFAULT_PRELOAD_APP
     preload: tuple[str, ...] = field(default_factory=tuple)
+    #: The site's allow-list of app hashes (fl_client.approval); None only when explicitly turned off.
+    approved_apps: Path | None = None
 
     def __post_init__(self) -> None:
         host, sep, port = self.runtime_api_address.rpartition(":")
@@ -151,6 +153,9 @@ def _run_child(config: ExecutorConfig, token: str, certificates: bytes | None) -
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
+        from fl_client.approval import gate_fab_install  # the site's installed check, before any app code
+
+        gate_fab_install(config.approved_apps)
         _forget_own_modules()
         numpy = sys.modules.get("numpy")
         if numpy is not None:
@@ -305,12 +310,19 @@ def parse_args(argv: list[str] | None = None) -> ExecutorConfig:
     parser.add_argument("--preload-app", default=DEFAULT_PRELOAD_APP,
                         help="ClientApp module whose installed third-party imports are preloaded ('' for none)")  # fmt: skip
     parser.add_argument("--preload", action="append", default=[], help="extra module to preload (repeatable)")
+    parser.add_argument("--approved-apps", metavar="FILE|off",
+                        help="allow-list of app (FAB) hashes checked before each task's app is unpacked "
+                             "(default: $FEDCT_APPROVED_APPS; none set: every app is refused)")  # fmt: skip
     args = parser.parse_args(argv)
+    from fl_client.approval import ALLOW_LIST_ENV, allow_list_from_value
+
+    approved = allow_list_from_value(args.approved_apps if args.approved_apps is not None else os.environ.get(ALLOW_LIST_ENV, ""))
     try:
         return ExecutorConfig(runtime_api_address=args.runtime_api_address, insecure=args.insecure,
                               root_certificates=args.root_certificates, superexec_auth_secret_file=args.superexec_auth_secret_file,
                               poll_interval_s=args.poll_interval, max_concurrent=args.max_concurrent,
-                              preload_app=args.preload_app or None, preload=tuple(args.preload))  # fmt: skip
+                              preload_app=args.preload_app or None, preload=tuple(args.preload),
+                              approved_apps=approved)  # fmt: skip
     except ExecutorConfigError as err:
         parser.error(str(err))
 

@@ -37,6 +37,7 @@ from fl_client.transport import decode_content, encode_content, record_nbytes
 from fl_server.checkpoint import RunState, load_run_state, save_run_state, save_state, write_bundle
 from fl_server.config import RESUMABLE_KEYS, ServerConfig
 from fl_server.privacy import privacy_summary
+from fl_server.observe import observe_round
 from fl_server.run_log import RunLog, histogram_quantiles
 from fl_server.strategy import SERVER_OPTIMISERS, load_strategy_state, strategy_state
 from fl_server.validation import check_updates
@@ -459,6 +460,7 @@ def run_federation(
         if run_log.end_round(server_round, extra=extra):
             write_bundle(run_dir / "model" / "best", state, model=config.model, pipeline=config.pipeline,
                          provenance=provenance(server_round), risk_reference=_risk_reference(run_log, server_round))  # fmt: skip
+        observe_round(run_dir, run_log.rounds)  # TensorBoard scalars, learning curves and per-site PNGs, every round
         scalars, strategy_arrays = strategy_state(strategy)
         save_run_state(state_dir, RunState(
             server_round=server_round, global_arrays=arrays, strategy_scalars=scalars, strategy_arrays=strategy_arrays,

@@ -123,9 +123,24 @@ def test_bad_settings_are_refused_with_the_option_named(kwargs, message):
 
 
 def test_command_line_good_and_bad(capsys):
-    config = parse_args(["--runtime-api-address", "127.0.0.1:9094", "--insecure", "--poll-interval", "0.05", "--preload-app", ""])
+    config = parse_args(["--runtime-api-address", "127.0.0.1:9094", "--insecure", "--poll-interval", "0.05", "--preload-app", "",
+                         "--approved-apps", "off"])
     assert config == ExecutorConfig(runtime_api_address="127.0.0.1:9094", insecure=True, poll_interval_s=0.05, preload_app=None)
     with pytest.raises(SystemExit) as stop:
         parse_args(["--runtime-api-address", "127.0.0.1:9094"])
     assert stop.value.code == 2
     assert "--root-certificates" in capsys.readouterr().err
+
+
+def test_executor_enforces_the_site_allow_list_by_default(tmp_path, monkeypatch):
+    """The warm executor checks apps like the flwr-clientapp launcher: off only when said, closed when unset."""
+    from fl_client.approval import ALLOW_LIST_ENV
+    from fl_client.executor import parse_args
+
+    base = ["--runtime-api-address", "127.0.0.1:9094", "--insecure", "--preload-app", ""]
+    monkeypatch.delenv(ALLOW_LIST_ENV, raising=False)
+    assert parse_args(base + ["--approved-apps", "off"]).approved_apps is None
+    listed = tmp_path / "approved-apps.txt"
+    assert parse_args(base + ["--approved-apps", str(listed)]).approved_apps == listed
+    refuse_all = parse_args(base).approved_apps
+    assert refuse_all is not None and not refuse_all.exists()  # no list configured: nothing is approved

@@ -4,7 +4,7 @@ Writes ``<out>/strategies.json``: for each strategy the last round's and the bes
 test macro AUC and validation loss (aggregated over sites), and the run's seconds. The sites, data and seeds are
 the same for every strategy, so differences come from aggregation alone (at this size, a few hundredths are noise).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/compare_strategies.py --out /abs/bench --rounds 6
+    PYTHONPATH=. .venv/bin/python bench/compare_strategies.py --out /abs/bench --rounds 6
 """
 
 from __future__ import annotations
