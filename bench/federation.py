@@ -62,8 +62,8 @@ def message_bytes(message: Any) -> int:
 
 
 class CountingGrid(_GridBase):  # type: ignore[misc,valid-type]
-    """A Flower Grid that forwards everything to ``inner`` and records, per ``send_and_receive`` call, the round,
-    message type, bytes sent and received and the wall time of the exchange."""
+    """A Flower Grid that forwards everything to ``inner`` and records, per exchange (a push and the pulls
+    of its replies, or one ``send_and_receive``), the round, message type, bytes sent and received and its wall time."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -85,20 +85,42 @@ class CountingGrid(_GridBase):  # type: ignore[misc,valid-type]
     def get_nodes(self) -> Iterable[Any]:  # noqa: D102
         return self.inner.get_nodes()
 
-    def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:  # noqa: D102
-        return self.inner.push_messages(messages)
+    def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:  # noqa: D102 - one exchange per push
+        messages = list(messages)
+        server_round, kind = self._describe(messages)
+        ids = list(self.inner.push_messages(messages))
+        self.exchanges.append({"round": server_round, "type": kind, "messages": len(messages), "replies": 0,
+                               "bytes_sent": sum(message_bytes(m) for m in messages), "bytes_received": 0,
+                               "seconds": 0.0, "_ids": set(ids), "_t0": time.perf_counter()})  # fmt: skip
+        return ids
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Any]:  # noqa: D102
-        return self.inner.pull_messages(message_ids)
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Any]:  # noqa: D102 - replies added to their exchange
+        replies = list(self.inner.pull_messages(message_ids))
+        for reply in replies:
+            for exchange in reversed(self.exchanges):
+                if reply.metadata.reply_to_message_id in exchange.get("_ids", ()):
+                    exchange["replies"] += 1
+                    exchange["bytes_received"] += message_bytes(reply)
+                    exchange["seconds"] = time.perf_counter() - exchange["_t0"]
+                    break
+        return replies
+
+    @staticmethod
+    def _describe(messages: list[Any]) -> tuple[int | None, str | None]:
+        if not messages:
+            return None, None
+        config = messages[0].content.config_records.get("config")
+        server_round = int(config["server-round"]) if config is not None and "server-round" in config else None
+        return server_round, messages[0].metadata.message_type
+
+    def public_exchanges(self) -> list[dict[str, Any]]:
+        """The exchanges without their bookkeeping fields (for JSON)."""
+        return [{k: v for k, v in e.items() if not k.startswith("_")} for e in self.exchanges]
 
     def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> Iterable[Any]:  # noqa: D102
         messages = list(messages)
         sent = sum(message_bytes(m) for m in messages)
-        server_round, kind = None, None
-        if messages:
-            kind = messages[0].metadata.message_type
-            config = messages[0].content.config_records.get("config")
-            server_round = int(config["server-round"]) if config is not None and "server-round" in config else None
+        server_round, kind = self._describe(messages)
         t0 = time.perf_counter()
         replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         seconds = time.perf_counter() - t0
@@ -129,7 +151,7 @@ def build_counting_server_app(run_config_overrides: Mapping[str, Any] | None = N
         finally:
             path = config.run_path / TRANSPORT_NAME
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"exchanges": counting.exchanges}, indent=1))
+            path.write_text(json.dumps({"exchanges": counting.public_exchanges()}, indent=1))
 
     return app
 
