@@ -298,6 +298,11 @@ class RoundLoop:
         report.arrays, report.aggregated = new_arrays, True
         report.train_sites = {self._site(r.metadata.src_node_id): _plain_metrics(r.content) for r in accepted}
 
+        return self._evaluate(report, server_round, new_arrays, evaluate_config, minimum, t0)
+
+    def _evaluate(self, report: RoundReport, server_round: int, new_arrays: NDArrays, evaluate_config: ConfigRecord,
+                  minimum: int, t0: float) -> RoundReport:
+        """Evaluate the round's new global model on the connected sites (bounded like training); finish the report."""
         nodes = self.wait_for_nodes(minimum)
         if len(nodes) < minimum:
             report.evaluation_missing = f"only {len(nodes)} site(s) connected for evaluation (min-sites={minimum})"

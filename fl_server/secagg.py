@@ -30,7 +30,7 @@ from logging import INFO
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.compat.common import recorddict_compat as compat
@@ -47,7 +47,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl_server.config import ServerConfig
-from fl_server.rounds import TTL_SLACK_S, RoundLoop, RoundReport, _plain_metrics, _SnapshotGrid
+from fl_server.rounds import TTL_SLACK_S, RoundLoop, RoundReport
 
 #: Quantization levels of SecAgg+ (Flower's default ``quantization_range``, 2**22).
 QUANTIZATION_RANGE = 2**22
@@ -211,17 +211,4 @@ class SecAggRoundLoop(RoundLoop):
         for metrics in report.train_sites.values():
             metrics.pop("site-name", None)
 
-        nodes = self.wait_for_nodes(minimum)
-        if len(nodes) < minimum:
-            report.evaluation_missing = f"only {len(nodes)} site(s) connected for evaluation (min-sites={minimum})"
-            return self._done(report, t0)
-        current = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in new_arrays.items()})
-        messages = self.strategy.configure_evaluate(server_round, current, evaluate_config, _SnapshotGrid(self.grid, nodes))
-        evaluated, _ = self._exchange(messages, report)
-        evaluated = [r for r in evaluated if len(r.content.metric_records) == 1]
-        if len(evaluated) < minimum:
-            report.evaluation_missing = f"{len(evaluated)} evaluation repl(ies), fewer than min-sites={minimum}"
-            return self._done(report, t0)
-        self.strategy.aggregate_evaluate(server_round, evaluated)
-        report.evaluate_sites = {self._site(r.metadata.src_node_id): _plain_metrics(r.content) for r in evaluated}
-        return self._done(report, t0)
+        return self._evaluate(report, server_round, new_arrays, evaluate_config, minimum, t0)
