@@ -119,8 +119,13 @@ class LocalDeployment:
 
     root: Path
     sites: Sequence[SiteSpec]
-    database: str = "file"  # "file": SQLite file under root; "tmpfs": SQLite file in /dev/shm; ":memory:"
+    #: "file": SQLite file under root; "tmpfs": SQLite file in /dev/shm; ":memory:" (SQLite in memory);
+    #: "memory": Flower's Python in-memory state (``:flwr-in-memory:``, its default)
+    database: str = "file"
     env: Mapping[str, str] = field(default_factory=dict)
+    #: TLS with a fresh consortium PKI (``fedct certs``) and SuperNode authentication (keys registered with
+    #: ``flwr supernode register``), as ``fedct server`` / ``fedct site`` run them
+    tls: bool = False
     port: int = 0
     procs: list[subprocess.Popen] = field(default_factory=list)
     runtime_ports: list[int] = field(default_factory=list)
@@ -139,21 +144,45 @@ class LocalDeployment:
         self.procs.append(proc)
         return proc
 
+    def _security(self) -> tuple[list[str], list[list[str]]]:
+        """(SuperLink flags, one SuperNode flag list per site): insecure, or TLS + SuperNode auth."""
+        if not self.tls:
+            return ["--insecure"], [["--insecure"] for _ in self.sites]
+        from fedct.certs import write_consortium
+
+        self._pki = write_consortium(self.root / "pki", sites=[f"s{i}" for i in range(len(self.sites))])
+        link = ["--ssl-ca-certfile", str(self._pki.ca_cert), "--ssl-certfile", str(self._pki.server_cert),
+                "--ssl-keyfile", str(self._pki.server_key), "--enable-supernode-auth"]  # fmt: skip
+        nodes = [["--root-certificates", str(self._pki.ca_cert), "--auth-supernode-private-key", str(self._pki.site_keys[f"s{i}"])]
+                 for i in range(len(self.sites))]  # fmt: skip
+        return link, nodes
+
+    def _register(self) -> None:
+        """``flwr supernode register`` each site's public key (TLS mode), as ``fedct server start`` does."""
+        for name, pub in self._pki.site_public_keys.items():
+            done = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(pub), "bench", "--name", name],
+                                  env=self._env(self.cli_home()), capture_output=True, text=True, timeout=120)  # fmt: skip
+            if done.returncode != 0:
+                raise RuntimeError(f"registering {name} failed: {(done.stdout + done.stderr)[-600:]}")
+
     def __enter__(self) -> LocalDeployment:
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             self.port = free_port()
             db = self._database_path()
-            link = self._start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(self.port),
+            link_flags, node_flags = self._security()
+            link = self._start("superlink", [str(BIN / "flower-superlink"), *link_flags, "--port", str(self.port),
                                              "--database", db, "--disable-runtime-dependency-installation"],
                                self._env(self.root / "home-superlink"))  # fmt: skip
             wait_for_port(self.port, proc=link)
+            if self.tls:
+                self._register()
             for i, site in enumerate(self.sites):
                 rport = free_port()
                 self.runtime_ports.append(rport)
                 extra = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(site.superexec_poll_s)} if site.superexec_poll_s else {}
                 env = self._env(self.root / f"home-site{i}", extra)
-                node = self._start(f"supernode{i}", [str(BIN / "flower-supernode"), "--insecure", "--superlink",
+                node = self._start(f"supernode{i}", [str(BIN / "flower-supernode"), *node_flags[i], "--superlink",
                                                      f"127.0.0.1:{self.port}", "--port", str(rport), "--isolation",
                                                      site.isolation, "--node-config", site.node_config], env)  # fmt: skip
                 wait_for_port(rport, proc=node)
@@ -174,14 +203,17 @@ class LocalDeployment:
             return f"/dev/shm/fedct-superlink-{os.getpid()}-{self.port}.db"
         if self.database == ":memory:":
             return self.database
-        raise ValueError(f"database {self.database!r} is not 'file', 'tmpfs' or ':memory:'")
+        if self.database == "memory":
+            return ":flwr-in-memory:"
+        raise ValueError(f"database {self.database!r} is not 'file', 'tmpfs', ':memory:' or 'memory'")
 
     def cli_home(self) -> Path:
         """FLWR_HOME of the ``flwr`` CLI, with this SuperLink as the default connection."""
         home = self.root / "home-cli"
         home.mkdir(parents=True, exist_ok=True)
+        security = f'root-certificates = "{self._pki.ca_cert}"' if self.tls else "insecure = true"
         (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
-                                          f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')  # fmt: skip
+                                          f'address = "127.0.0.1:{self.port}"\n{security}\n')  # fmt: skip
         return home
 
     def flwr_run(self, app: Path, run_config: str, *, timeout_s: float = 1800.0) -> subprocess.CompletedProcess:

@@ -15,7 +15,9 @@ Levers (``--configs`` picks some; the default runs the ladder, each step adding 
 - Flower SuperExec's task poll interval (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, default 1 s);
 - ClientApp process: Flower's SuperExec (fresh ``flwr-clientapp`` per message) or fedct's warm executor;
 - ServerApp reply poll: Flower's ``send_and_receive`` (3 s) or an own push/pull loop polling every 0.1 s;
-- then the best configuration with 10 SuperNodes.
+- then the best configuration with 10 SuperNodes;
+- beyond (``F*``): TLS + SuperNode auth, Flower's Python in-memory state, evaluation folded into the train
+  exchange, fp16 transport, and that with 10 SuperNodes.
 
 Idle cost of task polling (``I0``..``I4``): CPU per second of one idle SuperNode and its launcher.
 
@@ -52,6 +54,11 @@ class Config:
     superexec_poll_s: float | None = None
     isolation: str = "subprocess"
     reply_poll_s: float = 3.0
+    evaluate: bool = True  # False: evaluation folded into the train exchange (one exchange per round)
+    tls: bool = False  # TLS + SuperNode authentication
+    #: What-if for a proposed upstream change: the SuperNodes run a *copy* of Flower whose pull sleep (3 s) and
+    #: reply wait (0.5 s) are this many seconds (:func:`flower_whatif_copy`; the installed Flower is not touched)
+    whatif_supernode_wait_s: float | None = None
     sites: int = 3
     rounds: int = 5
 
@@ -74,8 +81,61 @@ TOGGLES = [
     replace(BEST, name="best, but fresh ClientApp process (SuperExec poll 0.2 s)", isolation="subprocess",
             superexec_poll_s=0.2),  # fmt: skip
     replace(BEST, name="best, 10 SuperNodes", sites=10),
+    replace(BEST, name="best, Flower's in-memory state (:flwr-in-memory:)", database="memory"),
 ]
-CONFIGS = {f"L{i}": c for i, c in enumerate(LADDER)} | {f"T{i}": c for i, c in enumerate(TOGGLES)}
+#: Beyond the ladder (``F*``): what is left once fedct's levers are in, toward the issue's final figure (TLS + auth).
+FURTHER = [
+    replace(BEST, name="best + TLS + SuperNode auth", tls=True),
+    replace(BEST, name="best + TLS + auth + Flower's in-memory state", tls=True, database="memory"),
+    replace(BEST, name="best + TLS + auth + in-memory state + evaluation folded into train", tls=True, database="memory",
+            evaluate=False),  # fmt: skip
+    replace(BEST, name="best + TLS + auth + in-memory state + folded evaluation + fp16 transport", tls=True, database="memory",
+            evaluate=False, layout="packed16"),  # fmt: skip
+    replace(BEST, name="best + TLS + auth + in-memory state + folded evaluation, 10 SuperNodes", tls=True, database="memory",
+            evaluate=False, sites=10),  # fmt: skip
+]
+#: What-if arms (``W*``): the F2/F3 configurations with the SuperNode's fixed waits shortened in a patched copy of
+#: Flower (proposed upstream change 1 + 2 in docs/flower-overhead.md). Not something fedct ships.
+WHATIF = [
+    replace(FURTHER[2], name="what-if: F2 + SuperNode pull sleep and reply wait 0.1 s (patched copy of Flower)",
+            whatif_supernode_wait_s=0.1),  # fmt: skip
+    replace(FURTHER[3], name="what-if: F3 (fp16) + SuperNode pull sleep and reply wait 0.1 s (patched copy of Flower)",
+            whatif_supernode_wait_s=0.1),  # fmt: skip
+]
+CONFIGS = ({f"L{i}": c for i, c in enumerate(LADDER)} | {f"T{i}": c for i, c in enumerate(TOGGLES)}
+           | {f"F{i}": c for i, c in enumerate(FURTHER)} | {f"W{i}": c for i, c in enumerate(WHATIF)})  # fmt: skip
+
+
+#: (file under flwr/, exact text, replacement) — the SuperNode's fixed waits in Flower 1.41, made settable.
+WHATIF_PATCHES = (
+    ("supernode/start_client_internal.py", "                time.sleep(3)\n",
+     "                time.sleep(float(os.environ.get('FLWR_WHATIF_SUPERNODE_WAIT_S', '3')))\n"),
+    ("supernode/start_client_internal.py", "        time.sleep(0.5)\n\n    for message in reply_messages:",
+     "        time.sleep(float(os.environ.get('FLWR_WHATIF_SUPERNODE_WAIT_S', '0.5')))\n\n    for message in reply_messages:"),
+)
+
+
+def flower_whatif_copy(dest: Path) -> Path:
+    """A copy of the installed ``flwr`` package under ``dest`` with the SuperNode's fixed waits read from
+    ``FLWR_WHATIF_SUPERNODE_WAIT_S``; returns the folder to put first on ``PYTHONPATH``. Measures a proposed
+    upstream change; the installed Flower is never modified."""
+    import shutil
+
+    import flwr
+
+    source = Path(flwr.__file__).resolve().parent
+    target = dest / "flwr"
+    if not target.exists():
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+    for relative, old, new in WHATIF_PATCHES:
+        path = target / relative
+        text = path.read_text()
+        if text.count(old) != 1 and text.count(new) != 1:
+            raise RuntimeError(f"{source / relative}: the text to patch is not there exactly once; Flower changed")
+        if "import os\n" not in text:
+            text = "import os\n" + text
+        path.write_text(text.replace(old, new))
+    return dest
 
 
 @dataclass(frozen=True)
@@ -116,10 +176,16 @@ def measure(config: Config, work: Path) -> dict:
                       executor_poll_s=0.2) for i in range(config.sites)]  # fmt: skip
     out = work / "result.json"
     run_config = (f"num-server-rounds={config.rounds} min-nodes={config.sites} layout=\"{config.layout}\" "
-                  f"reply-poll-s={config.reply_poll_s} train-seconds=2.0 out=\"{out}\"")  # fmt: skip
+                  f"reply-poll-s={config.reply_poll_s} train-seconds=2.0 evaluate={str(config.evaluate).lower()} "
+                  f"out=\"{out}\"")  # fmt: skip
     t0 = time.perf_counter()
     load_before = os.getloadavg()
-    with LocalDeployment(work, specs, database=config.database) as deployment:
+    env: dict[str, str] = {}
+    if config.whatif_supernode_wait_s is not None:
+        overlay = flower_whatif_copy(work / "flower-whatif")
+        env = {"PYTHONPATH": os.pathsep.join([str(overlay), *filter(None, [os.environ.get("PYTHONPATH", "")])]),
+               "FLWR_WHATIF_SUPERNODE_WAIT_S": str(config.whatif_supernode_wait_s)}  # fmt: skip
+    with LocalDeployment(work, specs, database=config.database, tls=config.tls, env=env) as deployment:
         started = time.perf_counter() - t0
         pids = ",".join(str(p.pid) for p in deployment.procs)
         done = deployment.flwr_run(APP, f'{run_config} watch-pids="{pids}"', timeout_s=3000)

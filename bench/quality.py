@@ -248,6 +248,8 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Pa
     def record(arm: str, result: dict[str, Any], t0: float) -> None:
         per_seed.setdefault(arm, []).append(result)
         seconds[arm] = seconds.get(arm, 0.0) + time.perf_counter() - t0
+        # every finished arm is kept at once: the full mode runs for hours, an interrupted run still shows what it got
+        (out / "quality.partial.json").write_text(json.dumps({"per_seed": per_seed, "seconds": seconds}, indent=1, default=str))
 
     for seed in plan.seeds:
         config = configs[(plan.strategies[0], seed)]

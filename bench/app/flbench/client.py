@@ -25,12 +25,15 @@ def _load(msg: Message) -> torch.nn.Module:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.time()  # wall clock (same host): where the round's time goes, with the server's timestamps
     model = _load(msg)
+    loaded = time.time()
     seconds = float(context.run_config["train-seconds"])
     time.sleep(seconds)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     content = to_content(state, str(context.run_config["layout"]))
-    content["metrics"] = MetricRecord({"compute-seconds": seconds, "num-examples": 1})
+    content["metrics"] = MetricRecord({"compute-seconds": seconds, "num-examples": 1, "t-handler-start": started,
+                                       "t-model-loaded": loaded, "t-handler-end": time.time()})  # fmt: skip
     return Message(content=content, reply_to=msg)
 
 

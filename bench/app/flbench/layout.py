@@ -12,8 +12,10 @@ def to_content(state: "OrderedDict[str, np.ndarray]", layout: str) -> RecordDict
     """Arrays (+ index for ``packed``) as message content."""
     if layout == "tensors":
         return RecordDict({"arrays": ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in state.items()))})
-    if layout != "packed":
-        raise ValueError(f"layout {layout!r} is not 'tensors' or 'packed'")
+    if layout not in ("packed", "packed16"):
+        raise ValueError(f"layout {layout!r} is not 'tensors', 'packed' or 'packed16'")
+    if layout == "packed16":  # float32 travels as float16 (fedct's transport=float16)
+        state = OrderedDict((k, v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in state.items())
     buffers: dict[str, list[np.ndarray]] = {}
     names, dtypes, shapes, offsets = [], [], [], []
     sizes: dict[str, int] = {}

@@ -53,6 +53,7 @@ def main(grid: Grid, context: Context) -> None:
         cpu0 = tree_cpu_seconds(roots) if roots else 0.0
         compute = 0.0
         sent = received = 0
+        timeline: dict[str, float] = {}
         kinds = ["train", "evaluate"] if bool(cfg["evaluate"]) else ["train"]
         for kind in kinds:
             messages = []
@@ -61,7 +62,9 @@ def main(grid: Grid, context: Context) -> None:
                 content["config"] = ConfigRecord({"server-round": server_round})
                 sent += nbytes(content)
                 messages.append(Message(content=content, dst_node_id=node, message_type=kind))
+            t_send = time.time()
             replies = exchange(grid, messages, poll_s)
+            t_replies = time.time()
             if len(replies) != len(nodes) or any(r.has_error() for r in replies):
                 raise RuntimeError(f"round {server_round} {kind}: {len(replies)} replies of {len(nodes)}")
             compute += max(float(r.content["metrics"]["compute-seconds"]) for r in replies)
@@ -69,11 +72,19 @@ def main(grid: Grid, context: Context) -> None:
                 states = [from_content(r.content) for r in replies]
                 received += sum(nbytes(r.content) for r in replies)
                 state = OrderedDict((k, np.mean([s[k] for s in states], axis=0).astype(v.dtype).reshape(v.shape)) for k, v in state.items())
+                # timeline of the train exchange (wall clock, one host): send -> each site's handler -> all replies in
+                m = [r.content["metrics"] for r in replies]
+                timeline = {"to_first_handler_start_s": min(float(x["t-handler-start"]) for x in m) - t_send,
+                            "to_last_handler_start_s": max(float(x["t-handler-start"]) for x in m) - t_send,
+                            "model_load_s_max": max(float(x["t-model-loaded"]) - float(x["t-handler-start"]) for x in m),
+                            "last_handler_end_to_all_replies_s": t_replies - max(float(x["t-handler-end"]) for x in m),
+                            "aggregate_s": time.time() - t_replies}  # fmt: skip
         wall = time.perf_counter() - t0
         cpu = tree_cpu_seconds(roots) - cpu0 if roots else None
         results.append({"round": server_round, "wall_s": round(wall, 3), "compute_s": compute,
                         "deployment_cpu_s": None if cpu is None else round(cpu, 2),
-                        "overhead_s": round(wall - compute, 3), "bytes_sent": sent, "bytes_received": received})
+                        "overhead_s": round(wall - compute, 3), "bytes_sent": sent, "bytes_received": received,
+                        "train_timeline": {k: round(v, 3) for k, v in timeline.items()}})
         print(f"flbench round {server_round}: wall {wall:.2f}s overhead {wall - compute:.2f}s", flush=True)
     model_bytes = sum(v.nbytes for v in state.values())
     Path(str(cfg["out"])).write_text(json.dumps({"nodes": len(nodes), "model_bytes": model_bytes,
