@@ -76,7 +76,7 @@ def _tls_server(cert: Path, key: Path) -> tuple[int, threading.Event]:
 def test_server_env_and_superlink_command(server_env, pki, tmp_path):
     env = ServerEnv.from_file(server_env)
     assert env.address == "127.0.0.1:9555" and env.host == "0.0.0.0"
-    assert env.database == tmp_path / "state" / "state.db"
+    assert env.database == str(tmp_path / "state" / "state.db")  # default FEDCT_SUPERLINK_STATE=disk
     assert set(env.site_public_keys()) == {"site-a", "site-b"}
     command = superlink_command(env)
     assert Path(command[0]).name == "flower-superlink"
@@ -88,6 +88,14 @@ def test_server_env_and_superlink_command(server_env, pki, tmp_path):
     assert "--insecure" not in command
 
 
+def test_superlink_state_in_memory(server_env):
+    """FEDCT_SUPERLINK_STATE=memory gives the SuperLink Flower's in-memory state (faster rounds, no database file)."""
+    server_env.write_text(server_env.read_text() + "FEDCT_SUPERLINK_STATE=memory\n")
+    env = ServerEnv.from_file(server_env)
+    command = superlink_command(env)
+    assert command[command.index("--database") + 1] == ":flwr-in-memory:"
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
@@ -95,6 +103,7 @@ def test_server_env_and_superlink_command(server_env, pki, tmp_path):
         ("FEDCT_SERVER_PORT=http", "FEDCT_SERVER_PORT='http' is not a port number"),
         ("FEDCT_SITE_KEYS=/nonexistent", "FEDCT_SITE_KEYS=/nonexistent: no such folder"),
         ("FEDCT_SERVR_PORT=1", "unknown key"),
+        ("FEDCT_SUPERLINK_STATE=ram", "FEDCT_SUPERLINK_STATE='ram' is not one of disk, memory"),
     ],
 )
 def test_bad_server_env(server_env, line, message):
