@@ -161,14 +161,15 @@ def rss_mib(pid: int) -> float:
 
 
 class TreeMemorySampler:
-    """Samples the summed resident memory of process trees in a background thread; keeps the peak of each root.
+    """Samples the summed resident memory of process trees in a background thread; keeps the peak of each name
+    (a name may follow several roots, e.g. a SuperNode and its executor).
 
     ``with TreeMemorySampler({"all": os.getpid()}) as s: ...`` then ``s.peak_mib["all"]``. Sampling (every
     ``interval`` seconds) can miss a spike shorter than the interval.
     """
 
-    def __init__(self, roots: Mapping[str, int], *, interval: float = 0.1) -> None:
-        self.roots = dict(roots)
+    def __init__(self, roots: Mapping[str, int | Sequence[int]], *, interval: float = 0.1) -> None:
+        self.roots = {name: (pids,) if isinstance(pids, int) else tuple(pids) for name, pids in roots.items()}
         self.interval = interval
         self.peak_mib: dict[str, float] = dict.fromkeys(self.roots, 0.0)
         self._stop = threading.Event()
@@ -176,13 +177,13 @@ class TreeMemorySampler:
 
     def add(self, name: str, pid: int) -> None:
         """Also follow the tree of ``pid`` from now on."""
-        self.roots[name] = pid
+        self.roots[name] = (pid,)
         self.peak_mib.setdefault(name, 0.0)
 
     def sample(self) -> None:
         """Take one sample now."""
-        for name, root in list(self.roots.items()):
-            total = sum(rss_mib(pid) for pid in process_tree(root))
+        for name, roots in list(self.roots.items()):
+            total = sum(rss_mib(pid) for pid in {p for root in roots for p in process_tree(root)})
             self.peak_mib[name] = max(self.peak_mib.get(name, 0.0), total)
 
     def _run(self) -> None:

@@ -123,12 +123,14 @@ class LocalDeployment:
     #: "memory": Flower's Python in-memory state (``:flwr-in-memory:``, its default)
     database: str = "file"
     env: Mapping[str, str] = field(default_factory=dict)
-    #: TLS with a fresh consortium PKI (``fedct certs``) and SuperNode authentication (keys registered with
-    #: ``flwr supernode register``), as ``fedct server`` / ``fedct site`` run them
+    #: TLS with a fresh consortium PKI (``fedct certs``) and, with ``auth``, SuperNode authentication (keys registered
+    #: with ``flwr supernode register``), as ``fedct server`` / ``fedct site`` run them; ``auth`` needs ``tls``
     tls: bool = False
+    auth: bool = True
     port: int = 0
     procs: list[subprocess.Popen] = field(default_factory=list)
     runtime_ports: list[int] = field(default_factory=list)
+    _names: dict[int, str] = field(default_factory=dict)
 
     def _env(self, home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         home.mkdir(parents=True, exist_ok=True)
@@ -142,6 +144,7 @@ class LocalDeployment:
         with open(logs / f"{name}.log", "wb") as out:
             proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=self.root)
         self.procs.append(proc)
+        self._names[proc.pid] = name
         return proc
 
     def _security(self) -> tuple[list[str], list[list[str]]]:
@@ -152,9 +155,12 @@ class LocalDeployment:
 
         self._pki = write_consortium(self.root / "pki", sites=[f"s{i}" for i in range(len(self.sites))])
         link = ["--ssl-ca-certfile", str(self._pki.ca_cert), "--ssl-certfile", str(self._pki.server_cert),
-                "--ssl-keyfile", str(self._pki.server_key), "--enable-supernode-auth"]  # fmt: skip
-        nodes = [["--root-certificates", str(self._pki.ca_cert), "--auth-supernode-private-key", str(self._pki.site_keys[f"s{i}"])]
-                 for i in range(len(self.sites))]  # fmt: skip
+                "--ssl-keyfile", str(self._pki.server_key)]  # fmt: skip
+        nodes = [["--root-certificates", str(self._pki.ca_cert)] for _ in self.sites]
+        if self.auth:
+            link.append("--enable-supernode-auth")
+            for i, flags in enumerate(nodes):
+                flags += ["--auth-supernode-private-key", str(self._pki.site_keys[f"s{i}"])]
         return link, nodes
 
     def _register(self) -> None:
@@ -175,7 +181,7 @@ class LocalDeployment:
                                              "--database", db, "--disable-runtime-dependency-installation"],
                                self._env(self.root / "home-superlink"))  # fmt: skip
             wait_for_port(self.port, proc=link)
-            if self.tls:
+            if self.tls and self.auth:
                 self._register()
             for i, site in enumerate(self.sites):
                 rport = free_port()
@@ -221,6 +227,11 @@ class LocalDeployment:
         env = self._env(self.cli_home())
         return subprocess.run([str(BIN / "flwr"), "run", str(app), "bench", "--stream", "--run-config", run_config],
                               env=env, capture_output=True, text=True, timeout=timeout_s, cwd=self.root)  # fmt: skip
+
+    def site_pids(self, index: int) -> list[int]:
+        """The PIDs this deployment started for site ``index``: its SuperNode and, with ``process`` isolation, its executor."""
+        wanted = {f"supernode{index}", f"executor{index}"}
+        return [p.pid for p in self.procs if self._names.get(p.pid) in wanted]
 
     def all_pids(self) -> list[int]:
         """Our Popen PIDs plus the task processes started for our ports (flwr-serverapp, superexec, clientapps)."""

@@ -4,9 +4,9 @@ Arms (each runs fedct's ServerApp logic, ``fl_server.server_app.run_federation``
 same sites and settings):
 
 - ``simulation``: Flower's simulation engine in this process (Ray; ClientApps stay alive between messages);
-- ``deployment-insecure``: a real local deployment — ``flower-superlink`` (state in memory) and one
-  ``flower-supernode`` per site on 127.0.0.1, the run submitted with ``flwr run``; every process started is
-  stopped by PID at the end.
+- ``deployment-insecure``: a real local deployment (``bench.deployment.LocalDeployment``) — ``flower-superlink``
+  (state in memory) and one ``flower-supernode`` per site on 127.0.0.1 with fedct's warm executor (as ``fedct site``
+  runs them), the run submitted with ``flwr run``; every process started is stopped by PID at the end.
 
 - ``deployment-tls-auth``: the same with TLS (the consortium PKI of ``fedct.certs``) and SuperNode
   authentication (each site's key registered with ``flwr supernode register``), as fedct deploys;
@@ -24,9 +24,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -38,9 +35,7 @@ from bench.common import (
     BenchOptions,
     TreeMemorySampler,
     median_after_first,
-    process_tree,
     site_names,
-    summarise,
     synthetic_sites,
     write_result,
 )
@@ -265,25 +260,6 @@ def simulation_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
             "peak_memory_mib": sampler.peak_mib["simulation"]}  # fmt: skip
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (bind port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, *, timeout: float, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process {process.args[0]} exited with {process.returncode} before listening on {port}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-
-
 def _app_folder(target: Path) -> Path:
     """The Flower app folder of the deployment arm: fedct's pyproject with the counting ServerApp as serverapp."""
     root = Path(__file__).resolve().parents[1]
@@ -305,98 +281,40 @@ def _toml_value(value: Any) -> str:
     return f'"{value}"' if isinstance(value, str) else str(value)
 
 
-def _stop(processes: list[subprocess.Popen], seen: list[int]) -> list[int]:
-    """Stop every process started here and their descendants (flwr-serverapp, flwr-clientapp), by PID; ``seen`` holds
-    descendants noticed while running. Returns all PIDs stopped."""
-    pids: list[int] = list(dict.fromkeys(seen))
-    for process in processes:
-        pids += [p for p in process_tree(process.pid) if p not in pids]
-    for pid in reversed(pids):  # children first
-        try:
-            os.kill(pid, 15)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 15
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-    for pid in pids:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
-    return pids
-
-
 def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_dir: Path, *, tls: bool = False,
-                   auth: bool = False, sqlite_state: bool = False, timeout: float = 1200.0) -> dict[str, Any]:  # fmt: skip
-    """A local deployment: SuperLink + one SuperNode per site on 127.0.0.1, ``flwr run``; every process is stopped by
-    PID. The SuperLink keeps its state in memory, or in an SQLite file with ``sqlite_state`` (Flower's persistent
-    setting). Also the peak RSS of each SuperNode's process tree (its ClientApp processes included)."""
+                   auth: bool = False, sqlite_state: bool = False, runner: str = "warm",
+                   run_overrides: Mapping[str, Any] | None = None, timeout: float = 1200.0) -> dict[str, Any]:  # fmt: skip
+    """A local deployment (``bench.deployment.LocalDeployment``): SuperLink + one SuperNode per site on 127.0.0.1,
+    ``flwr run``; every process is stopped by PID. ``runner`` "warm": ClientApps in fedct's warm executor (what
+    ``fedct site`` runs), "flower": Flower's SuperExec with a fresh process per message. The SuperLink keeps its
+    state in memory, or in an SQLite file with ``sqlite_state``. Also the peak RSS of each site's process trees
+    (SuperNode, executor, ClientApp processes)."""
+    from bench.deployment import LocalDeployment, SiteSpec
+
     if auth and not tls:
         raise ValueError("SuperNode authentication needs TLS (tls=True)")
+    if runner not in ("warm", "flower"):
+        raise ValueError(f"runner {runner!r} is not 'warm' or 'flower'")
     shutil.rmtree(run_dir, ignore_errors=True)
     base = Path(run_dir).parent / f"{Path(run_dir).name}-deploy"
     shutil.rmtree(base, ignore_errors=True)
-    (base / "logs").mkdir(parents=True)
-    home = base / "flwr-home"
-    home.mkdir()
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    port = free_port()
     names = site_names(data_root)
-    pki = None
-    if tls:
-        from fedct.certs import write_consortium  # the consortium PKI of fedct's deployment (CA, server cert, site keys)
-
-        pki = write_consortium(base / "pki", sites=names)
-    security = f'root-certificates = "{pki.ca_cert.resolve()}"' if pki else "insecure = true"
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\n{security}\n')
-    processes: list[subprocess.Popen] = []
-    logs = []
-
-    def start(name: str, command: list[str]) -> subprocess.Popen:
-        log = open(base / "logs" / f"{name}.log", "w")  # noqa: SIM115 - closed below
-        logs.append(log)
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=base)
-        processes.append(process)
-        return process
-
+    specs = [SiteSpec(node_config=" ".join(f"{k}={_toml_value(v)}" for k, v in {
+                 "site-name": name, "dicom-dir": str(data_root / name / "dicom"), "labels": str(data_root / name / "labels.csv"),
+                 "site-dir": str(work_root / name), "device": "cpu"}.items()),
+                      isolation="process" if runner == "warm" else "subprocess")
+             for name in names]  # fmt: skip
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))}
     t0 = time.perf_counter()
-    try:
-        link_security = ["--insecure"] if pki is None else ["--ssl-ca-certfile", str(pki.ca_cert), "--ssl-certfile", str(pki.server_cert),
-                                                             "--ssl-keyfile", str(pki.server_key)]  # fmt: skip
-        superlink = start("superlink", [str(bin_dir / "flower-superlink"), *link_security, *(["--enable-supernode-auth"] if auth else []),
-                                        "--port", str(port), "--database", str(base / "state.db") if sqlite_state else ":flwr-in-memory:",
-                                        "--disable-runtime-dependency-installation"])  # fmt: skip
-        _wait_port(port, timeout=60, process=superlink)
-        if auth and pki is not None:
-            for name in names:  # the server operator registers every site's public key before the sites connect
-                done = subprocess.run([str(bin_dir / "flwr"), "supernode", "register", str(pki.site_public_keys[name]), "bench",
-                                       "--name", name], env=env, cwd=base, capture_output=True, text=True, timeout=120)  # fmt: skip
-                if done.returncode != 0:
-                    raise RuntimeError(f"registering {name}'s key failed: {(done.stdout + done.stderr)[-800:]}")
-        supernodes = {}
-        for name in names:
-            node_config = " ".join(f"{k}={_toml_value(v)}" for k, v in {
-                "site-name": name, "dicom-dir": str(data_root / name / "dicom"), "labels": str(data_root / name / "labels.csv"),
-                "site-dir": str(work_root / name), "device": "cpu"}.items())  # fmt: skip
-            node_security = ["--insecure"] if pki is None else ["--root-certificates", str(pki.ca_cert)]
-            if auth and pki is not None:
-                node_security += ["--auth-supernode-private-key", str(pki.site_keys[name])]
-            supernodes[name] = start(name, [str(bin_dir / "flower-supernode"), *node_security, "--superlink", f"127.0.0.1:{port}",
-                                            "--port", str(free_port()), "--node-config", node_config])  # fmt: skip
+    deployment = LocalDeployment(base, specs, database="file" if sqlite_state else "memory", tls=tls, auth=auth, env=env)
+    with deployment:
         app = _app_folder(base / "app")
-        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in _run_config(plan, run_dir, sites=len(names)).items())
+        config = {**_run_config(plan, run_dir, sites=len(names)), **dict(run_overrides or {})}
+        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
         t_run = time.perf_counter()
-        with TreeMemorySampler({name: p.pid for name, p in supernodes.items()} | {"superlink": superlink.pid}, interval=0.2) as sampler:
-            done = subprocess.run([str(bin_dir / "flwr"), "run", str(app), "bench", "--stream", "--run-config", overrides],
-                                  env=env, cwd=base, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        roots = {name: deployment.site_pids(i) for i, name in enumerate(names)} | {"superlink": [deployment.procs[0].pid]}
+        with TreeMemorySampler(roots, interval=0.2) as sampler:
+            done = deployment.flwr_run(app, overrides, timeout_s=timeout)
             deadline = time.monotonic() + 60  # --stream may return just before the ServerApp writes its last file
             while not (run_dir / TRANSPORT_NAME).is_file() and time.monotonic() < deadline:
                 time.sleep(0.5)
@@ -405,16 +323,23 @@ def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
             raise RuntimeError(f"the deployment run wrote no metrics.json (exit {done.returncode}); logs in {base / 'logs'}:\n"
                                f"{(done.stdout + done.stderr)[-2000:]}")  # fmt: skip
         run_seconds = time.perf_counter() - t_run
-    finally:
-        stopped = _stop(processes, [pid for p in processes for pid in process_tree(p.pid)])
-        for log in logs:
-            log.close()
-    left = [p.pid for p in processes if p.poll() is None]
+        started_pids = deployment.all_pids()
+    left = [pid for pid in started_pids if _alive_flower(pid)]
     if left:
         raise RuntimeError(f"processes still running after stop: {left}")
     return {**round_report(run_dir), "total_seconds": time.perf_counter() - t0, "run_seconds": run_seconds, "sites": len(names),
-            "tls": tls, "supernode_auth": auth, "superlink_state": "sqlite file" if sqlite_state else "in memory", "stopped_pids": stopped,
+            "tls": tls, "supernode_auth": auth, "runner": runner, "run_overrides": dict(run_overrides or {}),
+            "superlink_state": "sqlite file" if sqlite_state else "in memory", "stopped_pids": started_pids,
             "peak_rss_mib": {name: sampler.peak_mib[name] for name in [*names, "superlink"]}}  # fmt: skip
+
+
+def _alive_flower(pid: int) -> bool:
+    """Whether ``pid`` still runs (not a zombie)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def run(options: BenchOptions) -> Path:

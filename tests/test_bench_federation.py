@@ -34,6 +34,7 @@ def test_tiny_federation_benchmark_measures_both_engines_and_stops_every_process
     assert 0.45 < fp16["bytes_sent"] / full["bytes_sent"] < 0.75  # weights halve; configs and integer buffers do not
     secure = data["arms"]["deployment-tls-auth"]
     assert secure["tls"] and secure["supernode_auth"] and not data["arms"]["deployment-insecure"]["tls"]
+    assert secure["runner"] == data["arms"]["deployment-insecure"]["runner"] == "warm"  # as `fedct site` runs ClientApps
     deployment = data["arms"]["deployment-insecure"]
     assert set(deployment["peak_rss_mib"]) == {"site-0", "site-1", "superlink"}
     assert all(v > 50 for v in deployment["peak_rss_mib"].values())
