@@ -16,10 +16,13 @@ Rules that keep forking safe:
 - a child never returns into the parent's loop: it ends with ``os._exit`` whatever happens, and it does
   not touch the parent's Runtime API connection.
 
-Nothing patient-related is loaded in the parent. Usage::
+Nothing patient-related is loaded in the parent. ``--parent-pid PID`` (as Flower's SuperExec has) ends the
+executor and its children once that process is gone: ``fedct site`` passes its own PID, so the executor never
+outlives the site, even when the site is killed with SIGKILL. Usage (``fedct site`` does this when
+``FEDCT_CLIENTAPP_RUNNER=warm``)::
 
     flower-supernode --isolation process --port 9094 ...   # no flower-superexec is started
-    python -m fl_client.executor --runtime-api-address 127.0.0.1:9094 --insecure
+    python -m fl_client.executor --runtime-api-address 127.0.0.1:9094 --insecure --approved-apps FILE
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ DEFAULT_PRELOAD_APP = "fl_client.client_app"
 FLOWER_MODULES = ("flwr.supernode.runtime.run_clientapp", "flwr.clientapp", "flwr.app")
 MIN_POLL_INTERVAL_S = 0.01
 MAX_POLL_INTERVAL_S = 60.0
+#: Seconds between checks that the ``--parent-pid`` process is still there (also while a Runtime API call retries).
+PARENT_CHECK_S = 1.0
 
 _DISCOVER = """
 import importlib, json, sys
@@ -75,6 +80,8 @@ class ExecutorConfig:
     preload: tuple[str, ...] = field(default_factory=tuple)
     #: The site's allow-list of app hashes (fl_client.approval); None only when explicitly turned off.
     approved_apps: Path | None = None
+    #: Exit (stopping the children) once this process is gone; None: run until SIGTERM/SIGINT.
+    parent_pid: int | None = None
 
     def __post_init__(self) -> None:
         host, sep, port = self.runtime_api_address.rpartition(":")
@@ -94,6 +101,8 @@ class ExecutorConfig:
             )
         if self.max_concurrent < 1:
             raise ExecutorConfigError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
+        if self.parent_pid is not None and self.parent_pid < 1:
+            raise ExecutorConfigError(f"--parent-pid must be a process id (>= 1), got {self.parent_pid}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,21 @@ def preload_modules(names: list[str] | tuple[str, ...]) -> PreloadResult:
                          threads=threading.active_count())  # fmt: skip
 
 
+def process_alive(pid: int) -> bool:
+    """True while process ``pid`` exists and has not ended (a zombie waiting to be reaped counts as ended)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc: os.kill said it exists
+    return state not in ("Z", "X")
+
+
 def _own_package() -> str:
     """``fl_client`` also when run as ``python -m fl_client.executor`` (``__name__`` is then ``__main__``)."""
     return (__package__ or __name__).split(".")[0]
@@ -151,8 +175,9 @@ def _run_child(config: ExecutorConfig, token: str, certificates: bytes | None) -
     """In the forked child: run exactly one task with Flower's ``run_clientapp``, then ``os._exit``."""
     code = 1
     try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
             signal.signal(sig, signal.SIG_DFL)
+        signal.setitimer(signal.ITIMER_REAL, 0)  # not inherited on Linux; explicit elsewhere
         from fl_client.approval import gate_fab_install  # the site's installed check, before any app code
 
         gate_fab_install(config.approved_apps)
@@ -197,12 +222,27 @@ class WarmExecutor:
         self._stop = False
         self._in_call = False
         self._certificates = config.root_certificates.read_bytes() if config.root_certificates else None
+        #: Started by the parent process itself: its death also shows as a new parent (re-parenting).
+        self._direct_child = config.parent_pid is not None and os.getppid() == config.parent_pid
 
     def request_stop(self, _signum: int = 0, _frame: FrameType | None = None) -> None:
         """Stop acquiring tasks; running children are asked to stop too."""
         self._stop = True
         if self._in_call:  # a Runtime API call may be retrying against a SuperNode that is gone
             raise _StopRequested
+
+    def parent_gone(self) -> bool:
+        """True once the ``--parent-pid`` process has ended (never without one)."""
+        pid = self.config.parent_pid
+        if pid is None:
+            return False
+        return (self._direct_child and os.getppid() != pid) or not process_alive(pid)
+
+    def _check_parent(self, _signum: int = 0, _frame: FrameType | None = None) -> None:
+        """SIGALRM handler: stop when the parent is gone, also while a Runtime API call is retrying."""
+        if not self._stop and self.parent_gone():
+            log.warning("parent process %d is gone; stopping the executor and its ClientApp children", self.config.parent_pid)
+            self.request_stop()
 
     def _client(self):  # noqa: ANN202 - Flower's RuntimeHttpClient
         from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
@@ -257,8 +297,14 @@ class WarmExecutor:
 
         client = self._client()
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
+        if self.config.parent_pid is not None:  # a timer signal, not a thread: the parent must stay single-threaded
+            signal.signal(signal.SIGALRM, self._check_parent)
+            signal.setitimer(signal.ITIMER_REAL, PARENT_CHECK_S, PARENT_CHECK_S)
         try:
             while not self._stop:
+                self._check_parent()
+                if self._stop:
+                    break
                 self.reap()
                 if len(self.children) < self.config.max_concurrent:
                     self._in_call = True
@@ -273,6 +319,7 @@ class WarmExecutor:
         except _StopRequested:
             pass
         finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
             client.close()
             self.stop_children()
 
@@ -310,6 +357,8 @@ def parse_args(argv: list[str] | None = None) -> ExecutorConfig:
     parser.add_argument("--preload-app", default=DEFAULT_PRELOAD_APP,
                         help="ClientApp module whose installed third-party imports are preloaded ('' for none)")  # fmt: skip
     parser.add_argument("--preload", action="append", default=[], help="extra module to preload (repeatable)")
+    parser.add_argument("--parent-pid", type=int,
+                        help="exit, stopping the running ClientApps, once this process is gone (fedct site passes its PID)")  # fmt: skip
     parser.add_argument("--approved-apps", metavar="FILE|off",
                         help="allow-list of app (FAB) hashes checked before each task's app is unpacked "
                              "(default: $FEDCT_APPROVED_APPS; none set: every app is refused)")  # fmt: skip
@@ -322,7 +371,7 @@ def parse_args(argv: list[str] | None = None) -> ExecutorConfig:
                               root_certificates=args.root_certificates, superexec_auth_secret_file=args.superexec_auth_secret_file,
                               poll_interval_s=args.poll_interval, max_concurrent=args.max_concurrent,
                               preload_app=args.preload_app or None, preload=tuple(args.preload),
-                              approved_apps=approved)  # fmt: skip
+                              approved_apps=approved, parent_pid=args.parent_pid)  # fmt: skip
     except ExecutorConfigError as err:
         parser.error(str(err))
 
