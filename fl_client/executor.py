@@ -202,6 +202,10 @@ def _run_child(config: ExecutorConfig, token: str, certificates: bytes | None) -
     os._exit(code)  # unreachable; keeps type checkers honest
 
 
+class ExecutorAuthError(RuntimeError):
+    """The SuperNode refused task acquisition: the shared secret is missing or not the SuperNode's."""
+
+
 class _StopRequested(Exception):
     """Raised by the signal handler to leave a blocking Runtime API call."""
 
@@ -256,9 +260,19 @@ class WarmExecutor:
         if secret:
             interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret,
                                                              protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})))  # fmt: skip
+        invoker = make_simple_http_retry_invoker()
+        flower_giveup = invoker.should_giveup
+
+        def should_giveup(exc: Exception) -> bool:
+            # Flower's invoker answers HTTP 401 by sending SIGINT to its own process (a silent clean exit here):
+            # give up instead, so serve() can say that the secret is wrong.
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            return status == 401 or (flower_giveup(exc) if flower_giveup else False)
+
+        invoker.should_giveup = should_giveup
         return RuntimeHttpClient.from_server_address(server_address=self.config.runtime_api_address,
                                                      insecure=self.config.insecure, root_certificates=self._certificates,
-                                                     interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())  # fmt: skip
+                                                     interceptors=interceptors, retry_invoker=invoker)  # fmt: skip
 
     def reap(self) -> None:
         """Collect finished children and log how they ended."""
@@ -291,7 +305,7 @@ class WarmExecutor:
         return pid
 
     def serve(self) -> None:
-        """Poll for tasks until asked to stop, then stop the children."""
+        """Poll for tasks until asked to stop, then stop the children (:class:`ExecutorAuthError`: secret refused)."""
         from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
         from flwr.supercore.constant import TaskType
 
@@ -310,6 +324,14 @@ class WarmExecutor:
                     self._in_call = True
                     try:
                         response = client.AcquireTask(request)
+                    except Exception as exc:
+                        if getattr(getattr(exc, "response", None), "status_code", None) == 401:
+                            raise ExecutorAuthError(
+                                f"the SuperNode at {self.config.runtime_api_address} refused task acquisition (HTTP 401, "
+                                "SuperExec authentication failed): give --superexec-auth-secret-file the SuperNode's own "
+                                "secret file"
+                            ) from exc
+                        raise
                     finally:
                         self._in_call = False
                     if response.HasField("task") and response.token:
@@ -400,7 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     if torch is not None and torch.cuda.is_initialized():
         log.error("a preloaded module initialised CUDA; a forked child cannot use it. Preload fewer modules.")
         return 2
-    executor.serve()
+    try:
+        executor.serve()
+    except ExecutorAuthError as err:
+        log.error("%s", err)
+        return 3
     return 0
 
 
