@@ -206,8 +206,9 @@ class ExecutorAuthError(RuntimeError):
     """The SuperNode refused task acquisition: the shared secret is missing or not the SuperNode's."""
 
 
-class _StopRequested(Exception):
-    """Raised by the signal handler to leave a blocking Runtime API call."""
+class _StopRequested(BaseException):
+    """Raised by the signal handler to leave a blocking Runtime API call or the preloading (not an ``Exception``:
+    the per-module ``except Exception`` of :func:`preload_modules` must not swallow it)."""
 
 
 @dataclass
@@ -402,18 +403,25 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: validate, preload, serve until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API request otherwise
+    logging.getLogger("flwr").propagate = False  # Flower prints its own lines; the root handler would print them twice
     config = parse_args(argv)
     executor = WarmExecutor(config)
     signal.signal(signal.SIGTERM, executor.request_stop)
     signal.signal(signal.SIGINT, executor.request_stop)
     names = [*FLOWER_MODULES, *config.preload]
-    if config.preload_app:
-        try:
+    executor._in_call = True  # SIGTERM during the (slow) preloading ends it at once, discovery process included
+    try:
+        if config.preload_app:
             names += discover_third_party_modules(config.preload_app)
-        except ExecutorConfigError as err:
-            log.error("%s", err)
-            return 2
-    result = preload_modules(names)
+        result = preload_modules(names)
+    except ExecutorConfigError as err:
+        log.error("%s", err)
+        return 2
+    except _StopRequested:
+        log.info("stopped while preloading")
+        return 0
+    finally:
+        executor._in_call = False
     log.info("preloaded %d modules in %.1fs (%d not importable by name); %d thread(s); serving %s",
              result.imported, result.seconds, result.skipped, result.threads, config.runtime_api_address)  # fmt: skip
     if result.threads > 1:
