@@ -579,6 +579,8 @@ def start_site(site: SiteEnv, *, wait_s: float, ingest_first: bool = True, activ
 
 #: What flower-supernode prints when the SuperLink refuses to activate it (unknown key, or still counted online).
 ACTIVATION_REFUSED = b"[code: 2004]"
+#: Seconds between attempts while the SuperLink refuses activation.
+ACTIVATION_RETRY_S = 10.0
 #: What flower-supernode prints once the SuperLink activated it (the warm executor is started then).
 ACTIVATED = b"SuperNode ID:"
 #: Exit code of ``fedct site`` when the warm executor keeps dying.
@@ -807,8 +809,8 @@ def run_supernode(site: SiteEnv, command: Sequence[str], env: Mapping[str, str],
             return 3
         print(f"fedct site {site.site_name}: the SuperLink refused activation (code 2004): a previous instance of this "
               "site may still count as online (freed within 60 s of its last heartbeat), or the key is not registered; "
-              "retrying in 10 s", flush=True)  # fmt: skip
-        time.sleep(10)
+              f"retrying in {ACTIVATION_RETRY_S:.0f} s", flush=True)  # fmt: skip
+        time.sleep(ACTIVATION_RETRY_S)
 
 
 # --- command line ------------------------------------------------------------------------------------------------

@@ -344,3 +344,93 @@ def test_supervisor_starts_nothing_for_a_supernode_that_ends_before_activation(r
     supervisor._thread.join(timeout=60)
     assert not supervisor._thread.is_alive() and supervisor.proc is None
     supervisor.stop()
+
+
+#: Stand-in for flower-supernode in the run_supernode test: listens on the Runtime API port; its first run is refused
+#: activation (code 2004) and exits, the next one is activated and runs until SIGTERM. Every step is logged in order.
+FAKE_SUPERNODE = """
+import signal, socket, sys, time
+from pathlib import Path
+port, state = int(sys.argv[1]), Path(sys.argv[2])
+def event(text):
+    with (state / "events").open("a") as fh:
+        fh.write(text + "\\n")
+runs = state / "node-runs"
+n = len(runs.read_text()) if runs.exists() else 0
+runs.write_text("x" * (n + 1))
+def term(*_):
+    event(f"node{n} SIGTERM")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", port))
+listener.listen()
+event(f"node{n} up")
+if n == 0:
+    print("ERROR : [code: 2004] Failed to activate SuperNode.", flush=True)
+    sys.exit(1)
+print("INFO : SuperNode ID: 42", flush=True)
+while True:
+    time.sleep(1)
+"""
+#: Stand-in for the warm executor: says it is up, logs SIGTERM.
+FAKE_EXECUTOR = """
+import os, signal, sys, time
+from pathlib import Path
+state = Path(sys.argv[1])
+def event(text):
+    with (state / "events").open("a") as fh:
+        fh.write(text + "\\n")
+def term(*_):
+    event("executor SIGTERM")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+event("executor up")
+print("serving", flush=True)
+while True:
+    time.sleep(1)
+"""
+DRIVER = """
+import os, sys
+from pathlib import Path
+from fedct import deploy
+from fl_client.site_env import SiteEnv
+deploy.ACTIVATION_RETRY_S = 0.2
+site = SiteEnv.from_file(Path(sys.argv[1]), check_cuda=False)
+node, executor = sys.argv[2:4]
+sys.exit(deploy.run_supernode(site, [sys.executable, node, str(site.runtime_port), sys.argv[4]], dict(os.environ),
+                              activation_wait_s=120, executor=[sys.executable, executor, sys.argv[4]]))
+"""
+
+
+def test_run_supernode_starts_the_executor_for_the_activated_supernode_and_stops_it_first(tmp_path, pki):
+    """The lifetime rules of run_supernode with the warm runner, with stand-in processes for Flower's SuperNode and
+    the executor (their real counterparts run in tests/test_deployment.py): a SuperNode refused activation gets no
+    executor, the activated one gets exactly one, and SIGTERM stops the executor before the SuperNode."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    site = _site(tmp_path, pki, FEDCT_RUNTIME_PORT=port)
+    state = tmp_path / "state"
+    state.mkdir()
+    scripts = {}
+    for name, text in (("node.py", FAKE_SUPERNODE), ("executor.py", FAKE_EXECUTOR), ("driver.py", DRIVER)):
+        scripts[name] = tmp_path / name
+        scripts[name].write_text(text)
+    events = state / "events"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    driver = subprocess.Popen([sys.executable, str(scripts["driver.py"]), str(site.env_path), str(scripts["node.py"]),
+                               str(scripts["executor.py"]), str(state)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        _wait(lambda: events.exists() and "executor up" in events.read_text())
+        driver.send_signal(signal.SIGTERM)
+        out = driver.communicate(timeout=60)[0]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, out
+    assert events.read_text().split("\n")[:-1] == ["node0 up", "node1 up", "executor up", "executor SIGTERM", "node1 SIGTERM"], out
+    assert "refused activation (code 2004)" in out and "[executor] serving" in out
