@@ -16,6 +16,11 @@ checks the TLS handshake with the SuperLink against the CA (a clear message inst
 ingests the DICOM folder, installs the app-approval launcher (:mod:`fl_client.approval`) and runs
 ``flower-supernode`` (``--root-certificates``, ``--auth-supernode-private-key``, ``--node-config``, its own port)
 in the foreground, retrying for a while when the SuperLink refuses to activate it (a restart right after a crash).
+With ``FEDCT_CLIENTAPP_RUNNER=warm`` (the default) the SuperNode runs with ``--isolation process`` and ``fedct site``
+runs fedct's warm executor (:mod:`fl_client.executor`) next to it as a second child: it imports torch/MONAI once
+and forks a child per message instead of Flower's fresh ``flwr-clientapp`` process (about 7 CPU-s saved per
+message), checks the same allow-list, authenticates to the SuperNode with a shared secret, and never outlives
+the site (stopped with the SuperNode; ``--parent-pid`` ends it if ``fedct site`` is killed).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import ssl
@@ -444,8 +450,9 @@ def supernode_command(site: SiteEnv) -> list[str]:
     """The ``flower-supernode`` command line of a site: TLS with the consortium CA, its auth key, its settings.
 
     Runtime dependency installation is off by default on a SuperNode (only ``--allow-...`` exists); the
-    environment also sets ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``."""
-    return [
+    environment also sets ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``. With the warm runner the SuperNode
+    starts no SuperExec (``--isolation process``) and accepts task acquisition only with the shared secret."""
+    command = [
         flower_tool("flower-supernode"),
         "--superlink", site.superlink,
         "--root-certificates", str(site.ca_cert),
@@ -454,6 +461,38 @@ def supernode_command(site: SiteEnv) -> list[str]:
         "--host", "127.0.0.1",
         "--port", str(site.runtime_port),
     ]  # fmt: skip
+    if site.clientapp_runner == "warm":
+        command += ["--isolation", "process", "--superexec-auth-secret-file", str(site.superexec_secret_file)]
+    return command
+
+
+def executor_command(site: SiteEnv, *, parent_pid: int) -> list[str]:
+    """The warm executor's command line: the SuperNode's Runtime API on loopback, the site's allow-list (``off``
+    when approval is off), the shared secret, and ``parent_pid`` (``fedct site``) whose end ends it."""
+    return [
+        sys.executable, "-m", "fl_client.executor",
+        "--runtime-api-address", f"127.0.0.1:{site.runtime_port}",
+        "--insecure",  # loopback only; the SuperNode's Runtime API has no TLS unless given --ssl-* files
+        "--approved-apps", str(site.approved_apps) if site.approved_apps else "off",
+        "--superexec-auth-secret-file", str(site.superexec_secret_file),
+        "--parent-pid", str(parent_pid),
+    ]  # fmt: skip
+
+
+def ensure_superexec_secret(site: SiteEnv) -> Path:
+    """Create the SuperNode/executor shared secret once (random, mode 0600 in a 0700 folder); reuse it after."""
+    path = site.superexec_secret_file
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
+    if path.is_file() and path.stat().st_size > 0:
+        path.chmod(0o600)
+        return path
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    os.replace(tmp, path)
+    return path
 
 
 def supernode_env(site: SiteEnv, gate_dir: Path) -> dict[str, str]:
@@ -477,6 +516,30 @@ def ingest(site: SiteEnv) -> str:
     return f"accepted {counts['accepted']} series, rejected {counts['rejected']}, splits {counts['by_split']}"
 
 
+def executor_pids(runtime_port: int) -> list[int]:
+    """PIDs of warm executors serving the SuperNode whose Runtime API is on ``runtime_port`` (not their children)."""
+    address = f"127.0.0.1:{runtime_port}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"fl_client.executor" in argv[:3] and address in argv:
+            found.append(int(entry.name))
+    executors = set(found)
+    return [pid for pid in found if _ppid(pid) not in executors]  # a forked ClientApp child has the same command line
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def supernode_pids(site_name: str | None = None) -> list[int]:
     """PIDs of running flower-supernode processes (of one site when ``site_name`` is given)."""
     found = []
@@ -495,7 +558,8 @@ def supernode_pids(site_name: str | None = None) -> list[int]:
 
 
 def start_site(site: SiteEnv, *, wait_s: float, ingest_first: bool = True, activation_wait_s: float = 120.0) -> int:
-    """Preflight TLS, ingest, install the approval launcher, then run ``flower-supernode``; returns its exit code."""
+    """Preflight TLS, ingest, install the approval launcher, then run ``flower-supernode`` (and, with the warm
+    runner, the warm executor); returns the exit code."""
     from fl_client.approval import install_gate, load_allow_list
 
     print(f"fedct site {site.site_name}: checking TLS to {site.superlink} against {site.ca_cert}", flush=True)
@@ -513,20 +577,169 @@ def start_site(site: SiteEnv, *, wait_s: float, ingest_first: bool = True, activ
         print(f"fedct site {site.site_name}: {len(approved)} approved app(s) in {site.approved_apps}"
               + ("" if approved else "; every run will be refused until an app is approved (--approve APP_DIR)"), flush=True)  # fmt: skip
     site.flwr_home.mkdir(parents=True, exist_ok=True)
-    return run_supernode(site, supernode_command(site), supernode_env(site, gate_dir), activation_wait_s=activation_wait_s)
+    executor = None
+    if site.clientapp_runner == "warm":
+        ensure_superexec_secret(site)
+        executor = executor_command(site, parent_pid=os.getpid())
+        print(f"fedct site {site.site_name}: ClientApps run in fedct's warm executor (FEDCT_CLIENTAPP_RUNNER=warm)", flush=True)
+    else:
+        print(f"fedct site {site.site_name}: ClientApps run in Flower's SuperExec (FEDCT_CLIENTAPP_RUNNER=flower)", flush=True)
+    return run_supernode(site, supernode_command(site), supernode_env(site, gate_dir), activation_wait_s=activation_wait_s,
+                         executor=executor)  # fmt: skip
 
 
 #: What flower-supernode prints when the SuperLink refuses to activate it (unknown key, or still counted online).
 ACTIVATION_REFUSED = b"[code: 2004]"
+#: Seconds between attempts while the SuperLink refuses activation.
+ACTIVATION_RETRY_S = 10.0
+#: What flower-supernode prints once the SuperLink activated it (the warm executor is started then).
+ACTIVATED = b"SuperNode ID:"
+#: Exit code of ``fedct site`` when the warm executor keeps dying.
+EXECUTOR_FAILED = 4
+#: The warm executor is restarted at most this many times within :data:`EXECUTOR_RESTART_WINDOW_S`.
+EXECUTOR_MAX_RESTARTS = 5
+EXECUTOR_RESTART_WINDOW_S = 600.0
+#: Pause before restarting an executor that died (a crash loop must not spin).
+EXECUTOR_RESTART_DELAY_S = 2.0
+#: Seconds the executor gets after SIGTERM (it gives its running ClientApp up to 15 s) before it is killed.
+EXECUTOR_STOP_GRACE_S = 20.0
+#: Start the executor this long after the Runtime API listens even if the activation line was not seen.
+EXECUTOR_START_FALLBACK_S = 30.0
+#: Prefix of the executor's lines in the site's output.
+EXECUTOR_PREFIX = b"[executor] "
 
 
-def _relay(stream: Any, refused: threading.Event) -> None:
-    """Copy the SuperNode's output to ours, noting an activation refusal."""
+def _relay(stream: Any, refused: threading.Event, activated: threading.Event | None = None) -> None:
+    """Copy the SuperNode's output to ours, noting an activation refusal or success."""
     for line in stream:
         sys.stdout.buffer.write(line)
         sys.stdout.buffer.flush()
         if ACTIVATION_REFUSED in line:
             refused.set()
+        if activated is not None and ACTIVATED in line:
+            activated.set()
+
+
+def _relay_prefixed(stream: Any, prefix: bytes) -> None:
+    """Copy a child's output to ours, every line prefixed (one log for hospital IT)."""
+    for line in stream:
+        sys.stdout.buffer.write(prefix + line)
+        sys.stdout.buffer.flush()
+
+
+def port_listening(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+class ExecutorSupervisor:
+    """Runs the warm executor next to one SuperNode process.
+
+    Started once the SuperNode's Runtime API listens and the SuperLink activated it (not while activation is
+    refused: each start imports torch/MONAI), output relayed with :data:`EXECUTOR_PREFIX`, restarted when it dies
+    while the SuperNode runs (at most :data:`EXECUTOR_MAX_RESTARTS` in :data:`EXECUTOR_RESTART_WINDOW_S`; then the
+    SuperNode is stopped and :attr:`failed` is set), and stopped with :meth:`stop` (SIGTERM, bounded wait, SIGKILL).
+    """
+
+    def __init__(self, site: SiteEnv, command: Sequence[str], env: Mapping[str, str], supernode: subprocess.Popen,
+                 activated: threading.Event) -> None:  # fmt: skip
+        self.site = site
+        self.command = list(command)
+        self.env = dict(env)
+        self.supernode = supernode
+        self.activated = activated
+        self.failed = threading.Event()
+        self.proc: subprocess.Popen | None = None
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._readers: list[threading.Thread] = []
+        self._thread = threading.Thread(target=self._run, name="fedct-executor-supervisor", daemon=True)
+
+    def _say(self, text: str, *, error: bool = False) -> None:
+        print(f"fedct site {self.site.site_name}: {text}", file=sys.stderr if error else sys.stdout, flush=True)
+
+    def start(self) -> None:
+        """Begin supervising (in a thread): wait for the SuperNode, start the executor, restart it when it dies."""
+        self._thread.start()
+
+    def _supernode_alive(self) -> bool:
+        return self.supernode.poll() is None and not self._stopped.is_set()
+
+    def _wait_until_ready(self) -> bool:
+        while self._supernode_alive() and not port_listening(self.site.runtime_port):
+            self._stopped.wait(0.5)
+        listening_since = time.monotonic()
+        while self._supernode_alive() and not self.activated.is_set():
+            if time.monotonic() - listening_since >= EXECUTOR_START_FALLBACK_S:
+                break
+            self._stopped.wait(0.5)
+        return self._supernode_alive()
+
+    def _launch(self) -> subprocess.Popen | None:
+        with self._lock:
+            if self._stopped.is_set():
+                return None
+            self._say(f"starting the warm executor: {' '.join(self.command)}")
+            proc = subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)  # fmt: skip
+            self.proc = proc
+        reader = threading.Thread(target=_relay_prefixed, args=(proc.stdout, EXECUTOR_PREFIX), daemon=True)
+        reader.start()
+        self._readers.append(reader)
+        return proc
+
+    def _run(self) -> None:
+        if not self._wait_until_ready():
+            return
+        restarts: list[float] = []
+        while True:
+            proc = self._launch()
+            if proc is None:
+                return
+            while proc.poll() is None and not self._stopped.is_set():
+                self._stopped.wait(0.5)
+            if self._stopped.is_set() or self.supernode.poll() is not None:
+                return  # stop() ends it; a SuperNode that ended is handled by run_supernode
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < EXECUTOR_RESTART_WINDOW_S] + [now]
+            if len(restarts) > EXECUTOR_MAX_RESTARTS:
+                self._say(f"error: the warm executor (ClientApp runner) exited unexpectedly (code {proc.returncode}) "
+                          f"{len(restarts)} times within {EXECUTOR_RESTART_WINDOW_S / 60:.0f} min; stopping the site. "
+                          "Read the [executor] lines above; FEDCT_CLIENTAPP_RUNNER=flower runs ClientApps in Flower's "
+                          "SuperExec instead.", error=True)  # fmt: skip
+                self.failed.set()
+                if self.supernode.poll() is None:
+                    self.supernode.terminate()
+                    _kill_later(self.supernode)
+                return
+            self._say(f"WARNING the warm executor exited unexpectedly (code {proc.returncode}) while the SuperNode runs; "
+                      f"restarting it ({len(restarts)} of {EXECUTOR_MAX_RESTARTS} restarts allowed per "
+                      f"{EXECUTOR_RESTART_WINDOW_S / 60:.0f} min)")  # fmt: skip
+            self._stopped.wait(EXECUTOR_RESTART_DELAY_S)
+            if not self._supernode_alive():
+                return
+
+    def stop(self) -> None:
+        """Stop the executor (SIGTERM: its ClientApp children report their tasks as stopped; SIGKILL after
+        :data:`EXECUTOR_STOP_GRACE_S`) and the supervision; safe to call more than once, from any thread."""
+        with self._lock:
+            self._stopped.set()
+            proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=EXECUTOR_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        for reader in self._readers:
+            reader.join(timeout=5)
 
 
 def _stop_orphans(parent_pid: int) -> None:
@@ -541,36 +754,60 @@ def _stop_orphans(parent_pid: int) -> None:
                 continue
 
 
-def run_supernode(site: SiteEnv, command: Sequence[str], env: Mapping[str, str], *, activation_wait_s: float) -> int:
+def run_supernode(site: SiteEnv, command: Sequence[str], env: Mapping[str, str], *, activation_wait_s: float,
+                  executor: Sequence[str] | None = None) -> int:  # fmt: skip
     """Run the SuperNode in the foreground (output passed through, SIGTERM/SIGINT forwarded); returns its exit code.
 
     A SuperNode that was killed stays "online" at the SuperLink until its heartbeats expire (2 x 30 s), and a restart
     within that time is refused activation (code 2004), as is a key the server never registered. Such a refusal is
     retried every 10 s for ``activation_wait_s``; then the site stops with a message saying what to check.
+
+    ``executor``: the warm executor's command line (:func:`executor_command`), run next to each SuperNode by an
+    :class:`ExecutorSupervisor` with the same environment; it is stopped before the SuperNode on SIGTERM/SIGINT and
+    whenever the SuperNode ends (so an activation retry starts a fresh one with the new SuperNode).
     """
     stopping: list[int] = []
     current: list[subprocess.Popen] = []
+    supervisors: list[ExecutorSupervisor] = []
 
-    def forward(signum: int, _frame: Any) -> None:
-        stopping.append(signum)
+    def shutdown(signum: int) -> None:
+        if supervisors:  # the executor first: its running ClientApp reports the task as stopped to the SuperNode
+            supervisors[0].stop()
         if current and current[0].poll() is None:
             current[0].send_signal(signum)
             # Flower's SuperNode tries to deregister on SIGTERM and retries while the SuperLink is gone: bound it.
             _kill_later(current[0])
 
+    def forward(signum: int, _frame: Any) -> None:
+        stopping.append(signum)
+        threading.Thread(target=shutdown, args=(signum,), name="fedct-site-shutdown", daemon=True).start()
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     deadline = time.monotonic() + activation_wait_s
     while True:
+        if stopping:
+            return 0
         print(f"fedct site {site.site_name}: starting {' '.join(command)}", flush=True)
         proc = subprocess.Popen(list(command), env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         current[:] = [proc]
-        refused = threading.Event()
-        reader = threading.Thread(target=_relay, args=(proc.stdout, refused), daemon=True)
+        refused, activated = threading.Event(), threading.Event()
+        reader = threading.Thread(target=_relay, args=(proc.stdout, refused, activated), daemon=True)
         reader.start()
+        supervisor = None
+        if executor is not None:
+            supervisor = ExecutorSupervisor(site, executor, env, proc, activated)
+            supervisors[:] = [supervisor]
+            if stopping:
+                shutdown(stopping[0])
+            supervisor.start()
         code = proc.wait()
+        if supervisor is not None:
+            supervisor.stop()  # never outlives its SuperNode
         _stop_orphans(proc.pid)  # its SuperExec would otherwise linger (and keep the output pipe open)
         reader.join(timeout=5)
+        if supervisor is not None and supervisor.failed.is_set():
+            return EXECUTOR_FAILED
         if stopping:
             return 0
         if not refused.is_set():
@@ -583,8 +820,8 @@ def run_supernode(site: SiteEnv, command: Sequence[str], env: Mapping[str, str],
             return 3
         print(f"fedct site {site.site_name}: the SuperLink refused activation (code 2004): a previous instance of this "
               "site may still count as online (freed within 60 s of its last heartbeat), or the key is not registered; "
-              "retrying in 10 s", flush=True)  # fmt: skip
-        time.sleep(10)
+              f"retrying in {ACTIVATION_RETRY_S:.0f} s", flush=True)  # fmt: skip
+        time.sleep(ACTIVATION_RETRY_S)
 
 
 # --- command line ------------------------------------------------------------------------------------------------
@@ -657,6 +894,19 @@ def _server_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_health(site: SiteEnv) -> int:
+    """0 when the site's SuperNode runs (and, with the warm runner, its executor); one line says what was found."""
+    nodes = supernode_pids(site.site_name)
+    parts = [f"SuperNode {'running (pid ' + ', '.join(map(str, nodes)) + ')' if nodes else 'NOT running'}"]
+    healthy = bool(nodes)
+    if site.clientapp_runner == "warm":
+        executors = executor_pids(site.runtime_port)
+        parts.append(f"warm executor {'running (pid ' + ', '.join(map(str, executors)) + ')' if executors else 'NOT running'}")
+        healthy = healthy and bool(executors)
+    print(f"fedct site {site.site_name}: {'; '.join(parts)}", file=sys.stdout if healthy else sys.stderr)
+    return 0 if healthy else 1
+
+
 def _site(args: argparse.Namespace) -> int:
     if not args.env:
         print("fedct site: error: --env is required (or set FEDCT_ENV)", file=sys.stderr)
@@ -667,7 +917,7 @@ def _site(args: argparse.Namespace) -> int:
         print(f"fedct site: error: {exc}", file=sys.stderr)
         return 2
     if args.health:
-        return 0 if supernode_pids(site.site_name) else 1
+        return _site_health(site)
     if args.approve:
         from fl_client.approval import approve
 

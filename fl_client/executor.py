@@ -16,10 +16,13 @@ Rules that keep forking safe:
 - a child never returns into the parent's loop: it ends with ``os._exit`` whatever happens, and it does
   not touch the parent's Runtime API connection.
 
-Nothing patient-related is loaded in the parent. Usage::
+Nothing patient-related is loaded in the parent. ``--parent-pid PID`` (as Flower's SuperExec has) ends the
+executor and its children once that process is gone: ``fedct site`` passes its own PID, so the executor never
+outlives the site, even when the site is killed with SIGKILL. Usage (``fedct site`` does this when
+``FEDCT_CLIENTAPP_RUNNER=warm``)::
 
     flower-supernode --isolation process --port 9094 ...   # no flower-superexec is started
-    python -m fl_client.executor --runtime-api-address 127.0.0.1:9094 --insecure
+    python -m fl_client.executor --runtime-api-address 127.0.0.1:9094 --insecure --approved-apps FILE
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ DEFAULT_PRELOAD_APP = "fl_client.client_app"
 FLOWER_MODULES = ("flwr.supernode.runtime.run_clientapp", "flwr.clientapp", "flwr.app")
 MIN_POLL_INTERVAL_S = 0.01
 MAX_POLL_INTERVAL_S = 60.0
+#: Seconds between checks that the ``--parent-pid`` process is still there (also while a Runtime API call retries).
+PARENT_CHECK_S = 1.0
 
 _DISCOVER = """
 import importlib, json, sys
@@ -75,6 +80,8 @@ class ExecutorConfig:
     preload: tuple[str, ...] = field(default_factory=tuple)
     #: The site's allow-list of app hashes (fl_client.approval); None only when explicitly turned off.
     approved_apps: Path | None = None
+    #: Exit (stopping the children) once this process is gone; None: run until SIGTERM/SIGINT.
+    parent_pid: int | None = None
 
     def __post_init__(self) -> None:
         host, sep, port = self.runtime_api_address.rpartition(":")
@@ -94,6 +101,8 @@ class ExecutorConfig:
             )
         if self.max_concurrent < 1:
             raise ExecutorConfigError(f"--max-concurrent must be >= 1, got {self.max_concurrent}")
+        if self.parent_pid is not None and self.parent_pid < 1:
+            raise ExecutorConfigError(f"--parent-pid must be a process id (>= 1), got {self.parent_pid}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,21 @@ def preload_modules(names: list[str] | tuple[str, ...]) -> PreloadResult:
                          threads=threading.active_count())  # fmt: skip
 
 
+def process_alive(pid: int) -> bool:
+    """True while process ``pid`` exists and has not ended (a zombie waiting to be reaped counts as ended)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc: os.kill said it exists
+    return state not in ("Z", "X")
+
+
 def _own_package() -> str:
     """``fl_client`` also when run as ``python -m fl_client.executor`` (``__name__`` is then ``__main__``)."""
     return (__package__ or __name__).split(".")[0]
@@ -151,8 +175,9 @@ def _run_child(config: ExecutorConfig, token: str, certificates: bytes | None) -
     """In the forked child: run exactly one task with Flower's ``run_clientapp``, then ``os._exit``."""
     code = 1
     try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
             signal.signal(sig, signal.SIG_DFL)
+        signal.setitimer(signal.ITIMER_REAL, 0)  # not inherited on Linux; explicit elsewhere
         from fl_client.approval import gate_fab_install  # the site's installed check, before any app code
 
         gate_fab_install(config.approved_apps)
@@ -177,8 +202,13 @@ def _run_child(config: ExecutorConfig, token: str, certificates: bytes | None) -
     os._exit(code)  # unreachable; keeps type checkers honest
 
 
-class _StopRequested(Exception):
-    """Raised by the signal handler to leave a blocking Runtime API call."""
+class ExecutorAuthError(RuntimeError):
+    """The SuperNode refused task acquisition: the shared secret is missing or not the SuperNode's."""
+
+
+class _StopRequested(BaseException):
+    """Raised by the signal handler to leave a blocking Runtime API call or the preloading (not an ``Exception``:
+    the per-module ``except Exception`` of :func:`preload_modules` must not swallow it)."""
 
 
 @dataclass
@@ -197,12 +227,27 @@ class WarmExecutor:
         self._stop = False
         self._in_call = False
         self._certificates = config.root_certificates.read_bytes() if config.root_certificates else None
+        #: Started by the parent process itself: its death also shows as a new parent (re-parenting).
+        self._direct_child = config.parent_pid is not None and os.getppid() == config.parent_pid
 
     def request_stop(self, _signum: int = 0, _frame: FrameType | None = None) -> None:
         """Stop acquiring tasks; running children are asked to stop too."""
         self._stop = True
         if self._in_call:  # a Runtime API call may be retrying against a SuperNode that is gone
             raise _StopRequested
+
+    def parent_gone(self) -> bool:
+        """True once the ``--parent-pid`` process has ended (never without one)."""
+        pid = self.config.parent_pid
+        if pid is None:
+            return False
+        return (self._direct_child and os.getppid() != pid) or not process_alive(pid)
+
+    def _check_parent(self, _signum: int = 0, _frame: FrameType | None = None) -> None:
+        """SIGALRM handler: stop when the parent is gone, also while a Runtime API call is retrying."""
+        if not self._stop and self.parent_gone():
+            log.warning("parent process %d is gone; stopping the executor and its ClientApp children", self.config.parent_pid)
+            self.request_stop()
 
     def _client(self):  # noqa: ANN202 - Flower's RuntimeHttpClient
         from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
@@ -216,9 +261,19 @@ class WarmExecutor:
         if secret:
             interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret,
                                                              protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})))  # fmt: skip
+        invoker = make_simple_http_retry_invoker()
+        flower_giveup = invoker.should_giveup
+
+        def should_giveup(exc: Exception) -> bool:
+            # Flower's invoker answers HTTP 401 by sending SIGINT to its own process (a silent clean exit here):
+            # give up instead, so serve() can say that the secret is wrong.
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            return status == 401 or (flower_giveup(exc) if flower_giveup else False)
+
+        invoker.should_giveup = should_giveup
         return RuntimeHttpClient.from_server_address(server_address=self.config.runtime_api_address,
                                                      insecure=self.config.insecure, root_certificates=self._certificates,
-                                                     interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())  # fmt: skip
+                                                     interceptors=interceptors, retry_invoker=invoker)  # fmt: skip
 
     def reap(self) -> None:
         """Collect finished children and log how they ended."""
@@ -251,19 +306,33 @@ class WarmExecutor:
         return pid
 
     def serve(self) -> None:
-        """Poll for tasks until asked to stop, then stop the children."""
+        """Poll for tasks until asked to stop, then stop the children (:class:`ExecutorAuthError`: secret refused)."""
         from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
         from flwr.supercore.constant import TaskType
 
         client = self._client()
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
+        if self.config.parent_pid is not None:  # a timer signal, not a thread: the parent must stay single-threaded
+            signal.signal(signal.SIGALRM, self._check_parent)
+            signal.setitimer(signal.ITIMER_REAL, PARENT_CHECK_S, PARENT_CHECK_S)
         try:
             while not self._stop:
+                self._check_parent()
+                if self._stop:
+                    break
                 self.reap()
                 if len(self.children) < self.config.max_concurrent:
                     self._in_call = True
                     try:
                         response = client.AcquireTask(request)
+                    except Exception as exc:
+                        if getattr(getattr(exc, "response", None), "status_code", None) == 401:
+                            raise ExecutorAuthError(
+                                f"the SuperNode at {self.config.runtime_api_address} refused task acquisition (HTTP 401, "
+                                "SuperExec authentication failed): give --superexec-auth-secret-file the SuperNode's own "
+                                "secret file"
+                            ) from exc
+                        raise
                     finally:
                         self._in_call = False
                     if response.HasField("task") and response.token:
@@ -273,6 +342,7 @@ class WarmExecutor:
         except _StopRequested:
             pass
         finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
             client.close()
             self.stop_children()
 
@@ -310,6 +380,8 @@ def parse_args(argv: list[str] | None = None) -> ExecutorConfig:
     parser.add_argument("--preload-app", default=DEFAULT_PRELOAD_APP,
                         help="ClientApp module whose installed third-party imports are preloaded ('' for none)")  # fmt: skip
     parser.add_argument("--preload", action="append", default=[], help="extra module to preload (repeatable)")
+    parser.add_argument("--parent-pid", type=int,
+                        help="exit, stopping the running ClientApps, once this process is gone (fedct site passes its PID)")  # fmt: skip
     parser.add_argument("--approved-apps", metavar="FILE|off",
                         help="allow-list of app (FAB) hashes checked before each task's app is unpacked "
                              "(default: $FEDCT_APPROVED_APPS; none set: every app is refused)")  # fmt: skip
@@ -322,7 +394,7 @@ def parse_args(argv: list[str] | None = None) -> ExecutorConfig:
                               root_certificates=args.root_certificates, superexec_auth_secret_file=args.superexec_auth_secret_file,
                               poll_interval_s=args.poll_interval, max_concurrent=args.max_concurrent,
                               preload_app=args.preload_app or None, preload=tuple(args.preload),
-                              approved_apps=approved)  # fmt: skip
+                              approved_apps=approved, parent_pid=args.parent_pid)  # fmt: skip
     except ExecutorConfigError as err:
         parser.error(str(err))
 
@@ -331,18 +403,25 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: validate, preload, serve until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API request otherwise
+    logging.getLogger("flwr").propagate = False  # Flower prints its own lines; the root handler would print them twice
     config = parse_args(argv)
     executor = WarmExecutor(config)
     signal.signal(signal.SIGTERM, executor.request_stop)
     signal.signal(signal.SIGINT, executor.request_stop)
     names = [*FLOWER_MODULES, *config.preload]
-    if config.preload_app:
-        try:
+    executor._in_call = True  # SIGTERM during the (slow) preloading ends it at once, discovery process included
+    try:
+        if config.preload_app:
             names += discover_third_party_modules(config.preload_app)
-        except ExecutorConfigError as err:
-            log.error("%s", err)
-            return 2
-    result = preload_modules(names)
+        result = preload_modules(names)
+    except ExecutorConfigError as err:
+        log.error("%s", err)
+        return 2
+    except _StopRequested:
+        log.info("stopped while preloading")
+        return 0
+    finally:
+        executor._in_call = False
     log.info("preloaded %d modules in %.1fs (%d not importable by name); %d thread(s); serving %s",
              result.imported, result.seconds, result.skipped, result.threads, config.runtime_api_address)  # fmt: skip
     if result.threads > 1:
@@ -351,7 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     if torch is not None and torch.cuda.is_initialized():
         log.error("a preloaded module initialised CUDA; a forked child cannot use it. Preload fewer modules.")
         return 2
-    executor.serve()
+    try:
+        executor.serve()
+    except ExecutorAuthError as err:
+        log.error("%s", err)
+        return 3
     return 0
 
 

@@ -12,6 +12,7 @@ Hospital IT keeps one file per site (``configs/site.env`` is an example)::
     FEDCT_DEVICE=cpu                        # cpu, cuda or auto
     FEDCT_RUNTIME_PORT=9094                 # the SuperNode's local Runtime API port (127.0.0.1)
     FEDCT_APPROVED_APPS=/config/approved-apps.txt   # allow-list of app (FAB) hashes; "off" disables the check
+    FEDCT_CLIENTAPP_RUNNER=warm             # warm: fedct's warm executor (default); flower: Flower's SuperExec
 
 ``KEY=VALUE`` lines; ``#`` starts a comment; values may be quoted. Unknown ``FEDCT_`` keys are an error (a typo
 must not silently fall back to a default). Every error names the file, the key and what to check.
@@ -46,7 +47,11 @@ SITE_KEYS = {
     "FEDCT_INGEST_SPACING": "ingestion voxel spacing in mm, x,y,z (default 5.0,5.0,5.0; must match the run)",
     "FEDCT_INGEST_INPUT_SIZE": "ingestion model input size in voxels, x,y,z (default 64,64,48; must match the run)",
     "FEDCT_SKIP_INGEST": "true to start without ingesting first (the site then ingests on its first round)",
+    "FEDCT_CLIENTAPP_RUNNER": "how ClientApps run: warm (default; fedct's executor, torch/MONAI imported once) or flower "
+                              "(Flower's SuperExec, a fresh process per message)",
 }
+#: Values of FEDCT_CLIENTAPP_RUNNER (the first is the default).
+CLIENTAPP_RUNNERS = ("warm", "flower")
 REQUIRED = ("FEDCT_SITE_NAME", "FEDCT_SUPERLINK", "FEDCT_CA_CERT", "FEDCT_SITE_KEY", "FEDCT_DICOM_DIR", "FEDCT_SITE_DIR")
 
 
@@ -168,6 +173,7 @@ class SiteEnv:
     ingest_spacing_mm: tuple[float, float, float] = (5.0, 5.0, 5.0)
     ingest_input_size: tuple[int, int, int] = (64, 64, 48)
     skip_ingest: bool = False
+    clientapp_runner: str = CLIENTAPP_RUNNERS[0]
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -180,6 +186,11 @@ class SiteEnv:
     def flwr_home(self) -> Path:
         """This site's own Flower home (installed apps), inside the work folder."""
         return self.site_dir / "flwr-home"
+
+    @property
+    def superexec_secret_file(self) -> Path:
+        """Secret shared by the SuperNode and the warm executor (HMAC of task acquisition), in the work folder."""
+        return self.site_dir / "state" / "superexec.secret"
 
     def site_config(self) -> SiteConfig:
         """The training-side view (what the ClientApp reads from ``node_config``)."""
@@ -270,11 +281,16 @@ class SiteEnv:
         skip = (values.get("FEDCT_SKIP_INGEST", "") or "false").lower()
         if skip not in ("true", "false", "1", "0", "yes", "no"):
             raise SiteEnvError(f"{path}: FEDCT_SKIP_INGEST={skip!r} must be true or false")
+        runner = (values.get("FEDCT_CLIENTAPP_RUNNER", "") or CLIENTAPP_RUNNERS[0]).lower()
+        if runner not in CLIENTAPP_RUNNERS:
+            raise SiteEnvError(f"{path}: FEDCT_CLIENTAPP_RUNNER={runner!r} is not one of {', '.join(CLIENTAPP_RUNNERS)} "
+                               f"({SITE_KEYS['FEDCT_CLIENTAPP_RUNNER']})")  # fmt: skip
         try:
             env = cls(env_path=path, site_name=values["FEDCT_SITE_NAME"], superlink_host=host, superlink_port=port,
                       ca_cert=ca_cert, site_key=site_key, dicom_dir=dicom_dir, site_dir=site_dir, labels_csv=labels,
                       device=device, workers=workers, runtime_port=runtime_port, approved_apps=approved,
                       ingest_spacing_mm=spacing, ingest_input_size=size, skip_ingest=skip in ("true", "1", "yes"),
+                      clientapp_runner=runner,
                       extra={k: v for k, v in values.items() if not k.startswith("FEDCT_")})  # fmt: skip
             env.site_config()
         except SiteConfigError as exc:

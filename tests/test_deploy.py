@@ -3,9 +3,14 @@ real TLS endpoint (Python's ssl server with certificates from fedct certs)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
+import time
 import tomllib
 from pathlib import Path
 
@@ -14,10 +19,14 @@ from flwr.common.config import parse_config_args
 
 from fedct.certs import write_consortium
 from fedct.cli import main
+from fedct import deploy
 from fedct.deploy import (
     DeployError,
+    ExecutorSupervisor,
     ServerEnv,
     check_tls,
+    ensure_superexec_secret,
+    executor_command,
     node_config_arg,
     run_config_for,
     superlink_command,
@@ -26,6 +35,8 @@ from fedct.deploy import (
     write_flwr_home,
 )
 from fl_client.config import SiteConfig
+from fl_client.executor import ExecutorConfig
+from fl_client.executor import parse_args as executor_args
 from fl_client.site_env import SiteEnv
 
 
@@ -211,3 +222,224 @@ def test_cli_reports_bad_env_files(tmp_path, capsys):
     assert main(["server", "start", "--env", str(tmp_path / "missing.env")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["server", "check", "--env", str(tmp_path / "missing.env")]) == 1
+
+
+def _site(tmp_path: Path, pki: Path, name: str = "site-a", **lines: object) -> SiteEnv:
+    dicom = tmp_path / name / "dicom"
+    dicom.mkdir(parents=True, exist_ok=True)
+    (dicom / "1.dcm").write_bytes(b"x")
+    values = {"FEDCT_SITE_NAME": name, "FEDCT_SUPERLINK": "127.0.0.1:9555", "FEDCT_CA_CERT": f"{pki}/sites/{name}/ca.crt",
+              "FEDCT_SITE_KEY": f"{pki}/sites/{name}/site.key", "FEDCT_DICOM_DIR": dicom, "FEDCT_SITE_DIR": tmp_path / name / "work",
+              "FEDCT_DEVICE": "cpu", "FEDCT_RUNTIME_PORT": 9601, **lines}  # fmt: skip
+    env_file = tmp_path / f"{name}.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    return SiteEnv.from_file(env_file)
+
+
+def test_warm_runner_starts_the_supernode_without_superexec_and_the_executor_with_the_site_settings(tmp_path, pki):
+    site = _site(tmp_path, pki)
+    assert site.clientapp_runner == "warm"
+    command = supernode_command(site)
+    args = dict(zip(command[1::2], command[2::2]))
+    assert args["--isolation"] == "process"  # Flower starts no SuperExec
+    assert args["--superexec-auth-secret-file"] == str(site.superexec_secret_file)
+    ensure_superexec_secret(site)
+    executor = executor_command(site, parent_pid=4321)
+    assert executor[:3] == [sys.executable, "-m", "fl_client.executor"]
+    config = executor_args(executor[3:] + ["--preload-app", ""])  # the executor's own parser accepts it
+    assert config == ExecutorConfig(runtime_api_address="127.0.0.1:9601", insecure=True, preload_app=None,
+                                    superexec_auth_secret_file=site.superexec_secret_file,
+                                    approved_apps=tmp_path / "site-a" / "work" / "approved-apps.txt", parent_pid=4321)  # fmt: skip
+    off = _site(tmp_path, pki, FEDCT_APPROVED_APPS="off")
+    assert executor_args([*executor_command(off, parent_pid=1)[3:], "--preload-app", ""]).approved_apps is None
+
+
+def test_flower_runner_keeps_flowers_subprocess_isolation(tmp_path, pki):
+    site = _site(tmp_path, pki, FEDCT_CLIENTAPP_RUNNER="flower")
+    command = supernode_command(site)
+    assert "--isolation" not in command and "--superexec-auth-secret-file" not in command
+    assert supernode_env(site, tmp_path / "bin")["PATH"].split(":")[0] == str(tmp_path / "bin")  # the approval launcher
+
+
+def test_superexec_secret_is_private_random_and_reused(tmp_path, pki):
+    site = _site(tmp_path, pki)
+    path = ensure_superexec_secret(site)
+    assert path == site.superexec_secret_file
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    secret = path.read_text()
+    assert len(secret) == 64 and int(secret, 16) >= 0
+    assert ensure_superexec_secret(site).read_text() == secret  # a restart keeps it
+    other = _site(tmp_path, pki, name="site-b")
+    assert ensure_superexec_secret(other).read_text() != secret
+    path.write_text("")
+    assert len(ensure_superexec_secret(site).read_text()) == 64  # an empty secret is replaced (Flower refuses it)
+
+
+@pytest.fixture
+def runtime_api(tmp_path, pki):
+    """A site whose Runtime API port is a real listening socket, and a real process standing in for its SuperNode."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    site = _site(tmp_path, pki, FEDCT_RUNTIME_PORT=listener.getsockname()[1])
+    node = subprocess.Popen(["sleep", "300"])
+    yield site, node, listener
+    node.kill()
+    node.wait()
+    listener.close()
+
+
+def _wait(condition, *, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "liveness bound exceeded"
+        time.sleep(0.05)
+
+
+def test_supervisor_restarts_a_dying_executor_a_bounded_number_of_times_then_stops_the_site(runtime_api, capfd, monkeypatch):
+    monkeypatch.setattr(deploy, "EXECUTOR_RESTART_DELAY_S", 0.05)
+    site, node, _ = runtime_api
+    activated = threading.Event()
+    activated.set()
+    dying = [sys.executable, "-c", "print('boom', flush=True); raise SystemExit(3)"]
+    supervisor = ExecutorSupervisor(site, dying, dict(os.environ), node, activated)
+    supervisor.start()
+    _wait(supervisor.failed.is_set)
+    assert node.wait(timeout=60) == -signal.SIGTERM  # the SuperNode is stopped: fedct site then exits with code 4
+    supervisor.stop()
+    out, err = capfd.readouterr()
+    runs = deploy.EXECUTOR_MAX_RESTARTS + 1
+    assert out.count("[executor] boom") == runs  # every run's output reached the site's log, prefixed
+    assert out.count("WARNING the warm executor exited unexpectedly (code 3)") == deploy.EXECUTOR_MAX_RESTARTS
+    assert f"exited unexpectedly (code 3) {runs} times within 10 min; stopping the site" in err
+
+
+def test_supervisor_stop_kills_an_executor_that_ignores_sigterm(runtime_api, capfd, monkeypatch):
+    monkeypatch.setattr(deploy, "EXECUTOR_STOP_GRACE_S", 0.5)
+    site, node, _ = runtime_api
+    activated = threading.Event()
+    activated.set()
+    stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                      "print('ready', flush=True); time.sleep(300)"]  # fmt: skip
+    supervisor = ExecutorSupervisor(site, stubborn, dict(os.environ), node, activated)
+    supervisor.start()
+    _wait(lambda: "[executor] ready" in capfd.readouterr().out)
+    supervisor.stop()
+    assert supervisor.proc.returncode == -signal.SIGKILL
+    assert node.poll() is None  # stopping the executor leaves the SuperNode to its owner
+    assert not supervisor.failed.is_set()
+
+
+def test_supervisor_starts_the_executor_only_once_the_supernode_is_activated(runtime_api):
+    site, node, listener = runtime_api
+    waiting = [sys.executable, "-c", "import time; time.sleep(300)"]
+    supervisor = ExecutorSupervisor(site, waiting, dict(os.environ), node, activated := threading.Event())
+    supervisor.start()
+    listener.settimeout(60)
+    listener.accept()[0].close()  # the supervisor found the Runtime API listening...
+    assert supervisor.proc is None  # ...but the SuperLink has not activated the SuperNode (e.g. code 2004): no executor
+    activated.set()
+    _wait(lambda: supervisor.proc is not None)
+    supervisor.stop()
+    assert supervisor.proc.returncode == -signal.SIGTERM
+
+
+def test_supervisor_starts_nothing_for_a_supernode_that_ends_before_activation(runtime_api):
+    site, node, _ = runtime_api
+    supervisor = ExecutorSupervisor(site, [sys.executable, "-c", "raise SystemExit(1)"], dict(os.environ), node, threading.Event())
+    supervisor.start()
+    node.kill()
+    node.wait()
+    supervisor._thread.join(timeout=60)
+    assert not supervisor._thread.is_alive() and supervisor.proc is None
+    supervisor.stop()
+
+
+#: Stand-in for flower-supernode in the run_supernode test: listens on the Runtime API port; its first run is refused
+#: activation (code 2004) and exits, the next one is activated and runs until SIGTERM. Every step is logged in order.
+FAKE_SUPERNODE = """
+import signal, socket, sys, time
+from pathlib import Path
+port, state = int(sys.argv[1]), Path(sys.argv[2])
+def event(text):
+    with (state / "events").open("a") as fh:
+        fh.write(text + "\\n")
+runs = state / "node-runs"
+n = len(runs.read_text()) if runs.exists() else 0
+runs.write_text("x" * (n + 1))
+def term(*_):
+    event(f"node{n} SIGTERM")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", port))
+listener.listen()
+event(f"node{n} up")
+if n == 0:
+    print("ERROR : [code: 2004] Failed to activate SuperNode.", flush=True)
+    sys.exit(1)
+print("INFO : SuperNode ID: 42", flush=True)
+while True:
+    time.sleep(1)
+"""
+#: Stand-in for the warm executor: says it is up, logs SIGTERM.
+FAKE_EXECUTOR = """
+import os, signal, sys, time
+from pathlib import Path
+state = Path(sys.argv[1])
+def event(text):
+    with (state / "events").open("a") as fh:
+        fh.write(text + "\\n")
+def term(*_):
+    event("executor SIGTERM")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+event("executor up")
+print("serving", flush=True)
+while True:
+    time.sleep(1)
+"""
+DRIVER = """
+import os, sys
+from pathlib import Path
+from fedct import deploy
+from fl_client.site_env import SiteEnv
+deploy.ACTIVATION_RETRY_S = 0.2
+site = SiteEnv.from_file(Path(sys.argv[1]), check_cuda=False)
+node, executor = sys.argv[2:4]
+sys.exit(deploy.run_supernode(site, [sys.executable, node, str(site.runtime_port), sys.argv[4]], dict(os.environ),
+                              activation_wait_s=120, executor=[sys.executable, executor, sys.argv[4]]))
+"""
+
+
+def test_run_supernode_starts_the_executor_for_the_activated_supernode_and_stops_it_first(tmp_path, pki):
+    """The lifetime rules of run_supernode with the warm runner, with stand-in processes for Flower's SuperNode and
+    the executor (their real counterparts run in tests/test_deployment.py): a SuperNode refused activation gets no
+    executor, the activated one gets exactly one, and SIGTERM stops the executor before the SuperNode."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    site = _site(tmp_path, pki, FEDCT_RUNTIME_PORT=port)
+    state = tmp_path / "state"
+    state.mkdir()
+    scripts = {}
+    for name, text in (("node.py", FAKE_SUPERNODE), ("executor.py", FAKE_EXECUTOR), ("driver.py", DRIVER)):
+        scripts[name] = tmp_path / name
+        scripts[name].write_text(text)
+    events = state / "events"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    driver = subprocess.Popen([sys.executable, str(scripts["driver.py"]), str(site.env_path), str(scripts["node.py"]),
+                               str(scripts["executor.py"]), str(state)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        _wait(lambda: events.exists() and "executor up" in events.read_text())
+        driver.send_signal(signal.SIGTERM)
+        out = driver.communicate(timeout=60)[0]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, out
+    assert events.read_text().split("\n")[:-1] == ["node0 up", "node1 up", "executor up", "executor SIGTERM", "node1 SIGTERM"], out
+    assert "refused activation (code 2004)" in out and "[executor] serving" in out

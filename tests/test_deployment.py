@@ -2,6 +2,9 @@
 started by the same entrypoint scripts the containers run (docker/entrypoint-*.sh), the app approved at both
 sites. Every process is started here and stopped here by PID (and its children, found in /proc).
 
+Sites run their ClientApps in fedct's warm executor (FEDCT_CLIENTAPP_RUNNER's default); the skipped-round test
+brings site-1 back with FEDCT_CLIENTAPP_RUNNER=flower, so Flower's SuperExec path stays covered.
+
 One consortium serves the whole module (starting it costs tens of seconds); each test submits its own run into
 its own run folder. Waits below are liveness bounds (a broken deployment must fail, not hang), not speed checks.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,7 +28,9 @@ import torch
 
 from federation import TINY_RUN_CONFIG, pids_matching, stop_pids, tiny_federation
 from fedct.certs import write_consortium
-from fedct.deploy import ServerEnv, Submitted, run_status, submit_run
+from fedct.deploy import ServerEnv, Submitted, executor_pids, run_status, submit_run
+from fl_client.executor import process_alive
+from fl_client.site_env import SiteEnv
 from fl_client.approval import app_hash, approve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,8 +166,10 @@ class Consortium:
                    timeout=180, what="the SuperLink to start and register the sites")  # fmt: skip
         assert self.procs["server"].poll() is None, self.log_text("server")[-3000:]
 
-    def start_site(self, name: str, *, activations_before: int | None = None) -> None:
+    def start_site(self, name: str, *, activations_before: int | None = None, env_file: Path | None = None) -> None:
         before = self.log_text("server").count("Activated node_id") if activations_before is None else activations_before
+        if env_file is not None:
+            self.site_envs[name] = env_file
         self.start(name, "entrypoint-site.sh", self.site_envs[name])
         wait_until(lambda: self.log_text("server").count("Activated node_id") > before or self.procs[name].poll() is not None,
                    timeout=240, what=f"{name} to ingest and connect")  # fmt: skip
@@ -208,6 +216,13 @@ class Consortium:
     def train_messages(self, site: str) -> int:
         return self.log_text(site).count("Receiving: train message")
 
+    def runtime_port(self, site: str) -> int:
+        return SiteEnv.from_file(self.site_envs[site], check_cuda=False).runtime_port
+
+    def executors(self, site: str) -> list[int]:
+        """The warm executor(s) serving the site's SuperNode (not their forked ClientApp children)."""
+        return executor_pids(self.runtime_port(site))
+
 
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory) -> Consortium:
@@ -227,6 +242,7 @@ def consortium(tmp_path_factory) -> Consortium:
             else:
                 os.environ[k] = v
     assert not pids_matching(str(fed.root)), "a process of the test consortium is still running"
+    assert not any(pids_matching("fl_client.executor", f"127.0.0.1:{fed.runtime_port(n)}") for n in SITES)
 
 
 def _server_log(fed: Consortium, run_id: int) -> str:
@@ -260,7 +276,16 @@ def test_two_rounds_over_tls_with_node_authentication(consortium):
     assert (run_dir / "model" / "final" / "model.pt").is_file()
     assert (fed.root / "server-state" / "state.db").is_file()  # SuperLink state on disk
     for name in SITES:
-        assert f"app FAB sha256 {app_hash(fed.app)} is approved at this site" in fed.log_text(name)
+        text = fed.log_text(name)
+        assert f"app FAB sha256 {app_hash(fed.app)} is approved at this site" in text
+        # The warm runner (default): no Flower SuperExec; each message ran in a child forked by the site's executor.
+        assert "FEDCT_CLIENTAPP_RUNNER=warm" in text and "Start `flwr-clientapp` process" not in text
+        ended = re.findall(r"\[executor\] .*ClientApp child \d+ exited with code (-?\d+)", text)
+        assert len(ended) >= 4 and set(ended) == {"0"}, text[-3000:]  # 2 rounds x (train + evaluate)
+        assert len(fed.executors(name)) == 1
+        health = subprocess.run([str(Path(sys.executable).parent / "fedct"), "site", "--env", str(fed.site_envs[name]), "--health"],
+                                env=fed.process_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert health.returncode == 0 and "warm executor running" in health.stdout, health.stdout + health.stderr
     # Timing with TLS + node auth (printed for the record; never asserted).
     for entry in metrics["rounds"]:
         train = max(s.get("train-seconds", 0.0) for s in entry["train"]["sites"].values())
@@ -324,7 +349,13 @@ def test_a_site_killed_mid_round_does_not_hang_the_run_and_is_used_again(consort
     assert done.run_id is not None, done.output[-3000:]
     # Round 2 reaches site-1: kill its SuperNode (and task processes) while it trains, then bring it back.
     wait_until(lambda: fed.train_messages("site-1") >= before + 2, timeout=600, what="site-1 to receive round 2")
+    executors = fed.executors("site-1")
+    assert executors, "site-1 runs no warm executor"
     fed.kill("site-1")
+    # The whole site went down: no executor (nor a ClientApp child of one) of site-1 is left behind.
+    port = fed.runtime_port("site-1")
+    wait_until(lambda: not pids_matching("fl_client.executor", f"127.0.0.1:{port}") and not any(map(process_alive, executors)),
+               timeout=60, what="site-1's warm executor to end with the site")  # fmt: skip
     fed.start_site("site-1")
     status, details = fed.wait_finished(done.run_id, timeout=900)
     assert status == "finished:completed", details
@@ -345,7 +376,10 @@ def test_a_round_with_too_few_sites_is_skipped_and_logged(consortium):
     assert done.run_id is not None, done.output[-3000:]
     wait_until(lambda: fed.train_messages("site-1") >= before + 1, timeout=600, what="site-1 to receive round 1")
     fed.kill("site-1")
-    fed.start_site("site-1")
+    # site-1 comes back with Flower's own runner (SuperExec + a flwr-clientapp process per message, through the
+    # approval launcher): the old path keeps being exercised.
+    fed.start_site("site-1", env_file=fed.site_env("site-1", FEDCT_CLIENTAPP_RUNNER="flower"))
+    assert not pids_matching("fl_client.executor", str(fed.root / "work" / "site-1"))  # no warm executor for it
     status, details = fed.wait_finished(done.run_id, timeout=900)
     assert status == "finished:completed", details
     metrics = fed.metrics("skip")
@@ -354,6 +388,9 @@ def test_a_round_with_too_few_sites_is_skipped_and_logged(consortium):
     assert "skipped: 1 valid update(s), fewer than min-sites=2" in _server_log(fed, done.run_id)
     later = [_round(metrics, n) for n in (2, 3)]
     assert any(not r["skipped"] and set(r["train"]["sites"]) == set(SITES) for r in later), later  # site-1 is back
+    text = fed.log_text("site-1")  # the restarted site's log
+    assert "FEDCT_CLIENTAPP_RUNNER=flower" in text and "Start `flwr-clientapp` process" in text and "[executor]" not in text
+    assert f"app FAB sha256 {app_hash(fed.app)} is approved at this site" in text  # through the approval launcher
     run_dir = fed.root / "runs" / "skip"
     initial, after_skip = (torch.load(run_dir / "checkpoints" / f"round-{n:03d}.pt", weights_only=True) for n in (0, 1))
     assert all(torch.equal(initial[k], after_skip[k]) for k in initial)  # a skipped round keeps the global model

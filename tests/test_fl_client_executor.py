@@ -10,15 +10,18 @@ executor's forked children (not in the executor, not in a fresh ``flwr-clientapp
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from bench.deployment import LocalDeployment, SiteSpec
-from federation import TINY_RUN_CONFIG, pids_matching, tiny_federation
+from bench.deployment import BIN, LocalDeployment, SiteSpec, free_port, wait_for_port
+from federation import TINY_RUN_CONFIG, pids_matching, stop_pids, tiny_federation
 from fl_client.executor import (
     ExecutorConfig,
     ExecutorConfigError,
@@ -114,6 +117,7 @@ def test_discovery_of_a_missing_app_module_names_the_option():
         ({"poll_interval_s": 0.0}, "--poll-interval"),
         ({"poll_interval_s": 120.0}, "--poll-interval"),
         ({"max_concurrent": 0}, "--max-concurrent"),
+        ({"parent_pid": 0}, "--parent-pid"),
     ],
 )
 def test_bad_settings_are_refused_with_the_option_named(kwargs, message):
@@ -144,3 +148,81 @@ def test_executor_enforces_the_site_allow_list_by_default(tmp_path, monkeypatch)
     assert parse_args(base + ["--approved-apps", str(listed)]).approved_apps == listed
     refuse_all = parse_args(base).approved_apps
     assert refuse_all is not None and not refuse_all.exists()  # no list configured: nothing is approved
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}  # fmt: skip
+
+
+@pytest.fixture
+def supernode(tmp_path):
+    """A real SuperNode (process isolation, SuperExec secret) whose Runtime API serves while it looks for a SuperLink."""
+    secret = tmp_path / "superexec.secret"
+    secret.write_text(os.urandom(32).hex())
+    port = free_port()
+    log = (tmp_path / "supernode.log").open("wb")
+    proc = subprocess.Popen([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{free_port()}",
+                             "--isolation", "process", "--port", str(port), "--superexec-auth-secret-file", str(secret)],
+                            env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for_port(port, proc=proc)
+        yield port, secret
+    finally:
+        stop_pids([proc.pid, *pids_matching(f"127.0.0.1:{port}")])
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _executor(tmp_path: Path, port: int, *args: str) -> subprocess.Popen:
+    out = (tmp_path / f"executor-{port}.log").open("wb")
+    return subprocess.Popen([sys.executable, "-m", "fl_client.executor", "--runtime-api-address", f"127.0.0.1:{port}",
+                             "--insecure", "--approved-apps", "off", "--preload-app", "", *args],
+                            env=_env(tmp_path), stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _exits(proc: subprocess.Popen, *, within: float = 120.0) -> int:
+    """The exit code; fails (after killing it) if it is still running after ``within`` seconds (a liveness bound)."""
+    try:
+        return proc.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"process {proc.pid} did not exit within {within:.0f}s")
+
+
+@pytest.mark.parametrize("supernode_up", [True, False], ids=["polling-a-supernode", "retrying-a-supernode-that-is-gone"])
+def test_parent_pid_ends_the_executor_when_the_parent_is_gone(tmp_path, request, supernode_up):
+    """fedct site passes its PID: the executor must end by itself even when the site is SIGKILLed, also while a
+    Runtime API call keeps retrying against a SuperNode that went with it."""
+    if supernode_up:
+        port, secret = request.getfixturevalue("supernode")
+        extra = ["--superexec-auth-secret-file", str(secret)]
+    else:
+        port, extra = free_port(), []  # nothing listens: AcquireTask retries without end
+    parent = subprocess.Popen(["sleep", "600"])  # a real process standing in for `fedct site`
+    executor = _executor(tmp_path, port, "--parent-pid", str(parent.pid), *extra)
+    try:
+        log = tmp_path / f"executor-{port}.log"
+        deadline = time.monotonic() + 120
+        while "serving 127.0.0.1" not in log.read_text() and executor.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert executor.poll() is None, log.read_text()  # runs while its parent lives
+        parent.kill()
+        parent.wait()
+        assert _exits(executor) == 0, log.read_text()
+        assert f"parent process {parent.pid} is gone; stopping" in log.read_text()
+        assert not [pid for pid in pids_matching("fl_client.executor", f"127.0.0.1:{port}")], "an executor or child survived"
+    finally:
+        stop_pids([p.pid for p in (executor, parent) if p.poll() is None])
+
+
+def test_an_executor_without_the_supernodes_secret_says_so_and_exits(tmp_path, supernode):
+    port, _ = supernode
+    wrong = tmp_path / "wrong.secret"
+    wrong.write_text("not the supernode's secret")
+    for args in (["--superexec-auth-secret-file", str(wrong)], []):
+        executor = _executor(tmp_path, port, *args)
+        assert _exits(executor) == 3
+        text = (tmp_path / f"executor-{port}.log").read_text()
+        assert "refused task acquisition (HTTP 401, SuperExec authentication failed)" in text, text[-2000:]

@@ -68,6 +68,13 @@ def test_quotes_comments_export_and_approval_off(site):
     assert env.site_name == "site-a" and env.approved_apps is None and env.labels_csv is None
 
 
+@pytest.mark.parametrize(("value", "runner"), [(None, "warm"), ("", "warm"), ("warm", "warm"), ("flower", "flower"), ("Flower", "flower")])
+def test_clientapp_runner_defaults_to_the_warm_executor(site, tmp_path, value, runner):
+    env = SiteEnv.from_file(site(FEDCT_CLIENTAPP_RUNNER=value))
+    assert env.clientapp_runner == runner
+    assert env.superexec_secret_file == tmp_path / "work" / "state" / "superexec.secret"  # inside the work folder
+
+
 def test_ipv6_superlink_address():
     assert parse_superlink_address("[::1]:9092", source="x") == ("::1", 9092)
 
@@ -88,6 +95,7 @@ def test_ipv6_superlink_address():
         ({"FEDCT_RUNTIME_PORT": "http"}, "FEDCT_RUNTIME_PORT='http' must be an integer"),
         ({"FEDCT_INGEST_SPACING": "1,2"}, "FEDCT_INGEST_SPACING must be three"),
         ({"FEDCT_DATA": "/data"}, "unknown key"),
+        ({"FEDCT_CLIENTAPP_RUNNER": "superexec"}, "FEDCT_CLIENTAPP_RUNNER='superexec' is not one of warm, flower"),
     ],
 )
 def test_bad_settings_name_the_key(site, changes, message):
