@@ -329,14 +329,24 @@ class RoundLoop:
         from the ConfigRecords (a MetricRecord each, the same values), so strategies that track evaluation see it.
         """
         previous = report.server_round - 1
-        evaluated = [r for r in replies if EVALUATION_RECORD in r.content.config_records]
+        evaluated, rebuilt = [], []
+        for reply in replies:
+            if EVALUATION_RECORD not in reply.content.config_records:
+                continue
+            try:  # the same value types as an evaluate reply's MetricRecord (numbers and lists of numbers)
+                metrics = MetricRecord(dict(reply.content[EVALUATION_RECORD].items()))
+            except (TypeError, ValueError) as exc:
+                node_id = reply.metadata.src_node_id
+                report.rejected.append({"node_id": node_id, "site": self._site(node_id),
+                                        "reason": f"evaluation of round {previous} is not metrics: {exc}"})  # fmt: skip
+                continue
+            evaluated.append(reply)
+            rebuilt.append(Message(RecordDict({"metrics": metrics}), dst_node_id=reply.metadata.src_node_id,
+                                   message_type=MessageType.EVALUATE, group_id=str(previous)))  # fmt: skip
         if len(evaluated) < minimum:
             report.previous_evaluation_missing = (f"{len(evaluated)} evaluation repl(ies) with round {report.server_round}'s "
                                                   f"training, fewer than min-sites={minimum}")  # fmt: skip
             return
-        rebuilt = [Message(RecordDict({"metrics": MetricRecord(dict(r.content[EVALUATION_RECORD].items()))}),
-                           dst_node_id=r.metadata.src_node_id, message_type=MessageType.EVALUATE, group_id=str(previous))
-                   for r in evaluated]  # fmt: skip
         self.strategy.aggregate_evaluate(previous, rebuilt)
         report.previous_evaluate_sites = {self._site(r.metadata.src_node_id): _plain_metrics(m.content)
                                           for r, m in zip(evaluated, rebuilt, strict=True)}  # fmt: skip

@@ -420,3 +420,47 @@ def test_fused_round_skipped_for_too_few_sites_marks_the_previous_evaluation_mis
     first = loop.run_round(1, arrays, ConfigRecord(config.round_settings(1).to_record()),
                            ConfigRecord(config.round_settings(1).to_record()))  # fmt: skip
     assert first.previous_evaluation_missing is None  # not asked for: nothing to report about a round 0
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps messages with the identity of the running task; set one as the ServerApp process has."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def test_fused_evaluations_in_training_replies_are_collected_and_a_malformed_one_rejected(task_identity):
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.app.message_type import MessageType
+
+    config = ServerConfig(model_name="smallcnn", evaluate_mode="fused", min_sites=2)
+    arrays = initial_arrays(config)
+    loop = RoundLoop(_Grid(), build_strategy(config), config=config, reference=arrays)
+
+    def reply(node_id: int, evaluation: dict | None) -> Message:
+        sent = Message(RecordDict({"config": ConfigRecord({"server-round": 4})}), dst_node_id=node_id, message_type=MessageType.TRAIN)
+        content = RecordDict({"site": ConfigRecord({"name": f"site-{node_id}"})})
+        if evaluation is not None:
+            content["evaluate"] = ConfigRecord(evaluation)
+        loop.site_names[node_id] = f"site-{node_id}"
+        return Message(content, reply_to=sent)
+
+    good = {"val-loss": 0.75, "val-n": 4, "num-examples": 4, "train-hist-risk": [1, 2, 0]}
+    from fl_server.rounds import RoundReport
+
+    report = RoundReport(server_round=4, arrays=arrays)
+    loop._previous_evaluation(report, [reply(1, good), reply(2, {**good, "val-loss": 0.25})], minimum=2)
+    assert report.previous_evaluation_missing is None
+    assert report.previous_evaluate_sites == {
+        "site-1": {"val-loss": 0.75, "val-n": 4.0, "num-examples": 4.0, "train-hist-risk": [1.0, 2.0, 0.0]},
+        "site-2": {"val-loss": 0.25, "val-n": 4.0, "num-examples": 4.0, "train-hist-risk": [1.0, 2.0, 0.0]},
+    }
+    report = RoundReport(server_round=4, arrays=arrays)
+    loop._previous_evaluation(report, [reply(1, good), reply(2, {"val-loss": "low"}), reply(3, None)], minimum=2)
+    assert report.previous_evaluate_sites is None
+    assert report.previous_evaluation_missing == "1 evaluation repl(ies) with round 4's training, fewer than min-sites=2"
+    assert [(r["site"], "evaluation of round 3 is not metrics" in r["reason"]) for r in report.rejected] == [("site-2", True)]
