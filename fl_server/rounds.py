@@ -558,7 +558,8 @@ def run_federation(
             finish(report, extras, state, snapshot)
     if pending is not None:  # fused: the last round's global model, in an evaluate exchange of its own
         last = pending[0]
-        final = loop.evaluate_global(last.server_round, last.arrays, ConfigRecord(config.round_settings(last.server_round).to_record()))
+        evaluate_config = ConfigRecord(config.round_settings(last.server_round).to_record())
+        final = loop.evaluate_global(last.server_round, last.arrays, evaluate_config)
         last.evaluate_sites, last.evaluation_missing = final.evaluate_sites, final.evaluation_missing
         last.bytes_sent += final.bytes_sent
         last.bytes_received += final.bytes_received

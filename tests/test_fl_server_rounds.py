@@ -70,7 +70,8 @@ def simulate(federation: Path, steps, *, sites: int, mods=(), counts: dict | Non
             server_config = ServerConfig.from_run_config(run_config)
             strategy = wrap_strategy(build_strategy(server_config), server_config.privacy, expected_sites=server_config.min_sites)
             run_grid = grid if counts is None else CountingGrid(grid, counts, name)
-            run_federation(run_grid, server_config, strategy, round_extras=extras[0] if extras else privacy_round_extras(strategy))
+            round_extras = extras[0] if extras else privacy_round_extras(strategy)
+            run_federation(run_grid, server_config, strategy, round_extras=round_extras)
 
     run_simulation(
         server_app=app,
@@ -446,7 +447,8 @@ def test_fused_evaluations_in_training_replies_are_collected_and_a_malformed_one
     loop = RoundLoop(_Grid(), build_strategy(config), config=config, reference=arrays)
 
     def reply(node_id: int, evaluation: dict | None) -> Message:
-        sent = Message(RecordDict({"config": ConfigRecord({"server-round": 4})}), dst_node_id=node_id, message_type=MessageType.TRAIN)
+        sent = Message(RecordDict({"config": ConfigRecord({"server-round": 4})}), dst_node_id=node_id,
+                       message_type=MessageType.TRAIN)
         content = RecordDict({"site": ConfigRecord({"name": f"site-{node_id}"})})
         if evaluation is not None:
             content["evaluate"] = ConfigRecord(evaluation)
