@@ -7,6 +7,7 @@ of numbers and the site's configured name (chosen by hospital IT, e.g. ``site-a`
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,13 +15,22 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fl_client.config import RoundSettings, SiteConfig
+from fl_client.config import EVALUATION_RECORD, RoundSettings, SiteConfig
 from fl_client.privacy import privacy_mods
 from fl_client.secagg import is_legacy_fit, legacy_fit_reply
 from fl_client.transport import INDEX_RECORD, received_state, weights_records
 from fl_client.train import evaluate_round, train_round
 
 log = logging.getLogger("fedct.client")
+
+
+def evaluation_metrics(site: SiteConfig, settings: RoundSettings, state: Mapping[str, Any]) -> dict[str, Any]:
+    """What a site reports about received global weights: :func:`fl_client.train.evaluate_round`'s metrics plus
+    ``num-examples`` (validation studies, the aggregation weight). Sent in the evaluate reply's MetricRecord, or, with
+    ``evaluate-first``, in the training reply's ConfigRecord ``evaluate``."""
+    metrics = evaluate_round(site, settings, state)
+    metrics["num-examples"] = int(metrics["val-n"])
+    return metrics
 
 
 def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, mods: Sequence[Mod] = ()) -> ClientApp:
@@ -39,7 +49,14 @@ def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, m
             return legacy_fit_reply(msg, site)
         settings = RoundSettings.from_record(dict(msg.content["config"]))
         packed = INDEX_RECORD in msg.content  # reply the way the server sent: packed buffers or per-tensor arrays
-        state, result = train_round(site, settings, received_state(msg.content))
+        received = received_state(msg.content)
+        # evaluate-mode=fused: the previous round's global model (the weights received) is evaluated here, before
+        # training, instead of in a separate evaluate exchange (README "Configuring a run")
+        evaluation = None
+        if settings.evaluate_first:  # the evaluate handler's evaluation, under the round the weights came from
+            evaluation = evaluation_metrics(site, replace(settings, server_round=settings.server_round - 1, evaluate_first=False),
+                                            received)  # fmt: skip
+        state, result = train_round(site, settings, received)
         log.info("%s round %d: trained on %d studies, loss %.4f, %.1fs", site.site_name, settings.server_round,
                  result.num_examples, result.loss, result.seconds)  # fmt: skip
         metrics = MetricRecord({
@@ -52,14 +69,15 @@ def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, m
         content = weights_records(state, transport=settings.transport if packed else None)
         content["metrics"] = metrics
         content["site"] = ConfigRecord({"name": site.site_name})
+        if evaluation is not None:  # a ConfigRecord: the reply keeps one MetricRecord for the strategy's aggregation
+            content[EVALUATION_RECORD] = ConfigRecord(evaluation)
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         site = _site(context)
         settings = RoundSettings.from_record(dict(msg.content["config"]))
-        metrics = evaluate_round(site, settings, received_state(msg.content))
-        metrics["num-examples"] = int(metrics["val-n"])
+        metrics = evaluation_metrics(site, settings, received_state(msg.content))
         content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.site_name})})
         return Message(content=content, reply_to=msg)
 

@@ -23,7 +23,9 @@ DEVICES = ("auto", "cpu", "cuda")
 #: What happens to normalisation layers (BatchNorm etc.): averaged by the server, or kept at each site (FedBN).
 BN_MODES = ("aggregate", "local")
 #: Optional round-config keys and their defaults (older servers do not send them; FedProx adds proximal-mu).
-OPTIONAL_ROUND_KEYS = {"bn-mode": "aggregate", "transport": "float32", "proximal-mu": 0.0}
+OPTIONAL_ROUND_KEYS = {"bn-mode": "aggregate", "transport": "float32", "proximal-mu": 0.0, "evaluate-first": False}
+#: ConfigRecord of a training reply that carries the evaluation of the received weights (``evaluate-first``).
+EVALUATION_RECORD = "evaluate"
 
 
 class SiteConfigError(ValueError):
@@ -110,6 +112,9 @@ class RoundSettings:
     bn_mode: str = "aggregate"
     transport: str = "float32"
     proximal_mu: float = 0.0
+    #: ``evaluate-mode = "fused"``: evaluate the received (previous round's global) weights before training and
+    #: send the evaluation with the training reply (record key ``evaluate-first``).
+    evaluate_first: bool = False
 
     def __post_init__(self) -> None:
         if self.bn_mode not in BN_MODES:
@@ -151,6 +156,7 @@ class RoundSettings:
             "bn-mode": self.bn_mode,
             "transport": self.transport,
             "proximal-mu": self.proximal_mu,
+            "evaluate-first": self.evaluate_first,
         }
 
     @classmethod
@@ -183,6 +189,7 @@ class RoundSettings:
             bn_mode=str(record.get("bn-mode", OPTIONAL_ROUND_KEYS["bn-mode"])),
             transport=str(record.get("transport", OPTIONAL_ROUND_KEYS["transport"])),
             proximal_mu=float(record.get("proximal-mu", OPTIONAL_ROUND_KEYS["proximal-mu"])),
+            evaluate_first=bool(record.get("evaluate-first", OPTIONAL_ROUND_KEYS["evaluate-first"])),
         )
 
     @staticmethod

@@ -23,6 +23,8 @@ from preprocessing.transforms import PipelineConfig
 SITE_KEYS = frozenset({"sim-data-root", "sim-work-root", "device"})
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 LR_SCHEDULES = ("constant", "cosine", "step")
+#: How a round's global model is evaluated: its own evaluate exchange, or inside the next round's train exchange.
+EVALUATE_MODES = ("separate", "fused")
 #: Keys that may change between a run and its resumption (everything else must match the saved state).
 RESUMABLE_KEYS = frozenset({"num-server-rounds", "resume", "round-timeout-s", "run-dir", "min-sites"})
 
@@ -82,6 +84,7 @@ class ServerConfig:
     transport: str = "float32"
     max_update_norm: float = 0.0
     update_zscore: float = 0.0
+    evaluate_mode: str = "separate"
     # Differential privacy and secure aggregation (fl_server.privacy; README "Privacy options").
     dp_mode: str = "off"
     dp_noise_multiplier: float = 0.0
@@ -104,7 +107,8 @@ class ServerConfig:
         if self.round_timeout_s <= 0:
             raise ValueError(f"round-timeout-s must be > 0, got {self.round_timeout_s}")
         choices = {"strategy": (self.strategy, STRATEGIES), "lr-schedule": (self.lr_schedule, LR_SCHEDULES),
-                   "bn-mode": (self.bn_mode, BN_MODES), "transport": (self.transport, TRANSPORTS)}  # fmt: skip
+                   "bn-mode": (self.bn_mode, BN_MODES), "transport": (self.transport, TRANSPORTS),
+                   "evaluate-mode": (self.evaluate_mode, EVALUATE_MODES)}  # fmt: skip
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{key} {value!r} is not one of {', '.join(allowed)}")
@@ -134,6 +138,9 @@ class ServerConfig:
         if self.strategy in ("krum", "multikrum") and self.min_sites < 2 * self.num_malicious_nodes + 3:
             raise ValueError(f"strategy {self.strategy} with num-malicious-nodes={self.num_malicious_nodes} needs min-sites >= "
                              f"2*num-malicious-nodes+3 = {2 * self.num_malicious_nodes + 3}, got {self.min_sites}")  # fmt: skip
+        if self.evaluate_mode == "fused" and self.secure_aggregation:
+            raise ValueError("evaluate-mode = \"fused\" cannot be combined with secure-aggregation = true (the SecAgg+ "
+                             "round keeps its own evaluate exchange); use evaluate-mode = \"separate\"")
         self.round_settings(1)  # validates model, pipeline and split settings with their own messages
         self.privacy.check_run(min_sites=self.min_sites, model_norm=self.model_norm, strategy=self.strategy,
                                transport=self.transport)
@@ -189,8 +196,9 @@ class ServerConfig:
             return max(self.learning_rate * self.lr_gamma ** ((r - 1) // self.lr_step_rounds), self.lr_min)
         return self.learning_rate
 
-    def round_settings(self, server_round: int) -> RoundSettings:
-        """What the sites are asked to do in ``server_round``."""
+    def round_settings(self, server_round: int, *, evaluate_first: bool = False) -> RoundSettings:
+        """What the sites are asked to do in ``server_round`` (``evaluate_first``: evaluate the received weights
+        before training and reply with the evaluation, ``evaluate-mode = "fused"``)."""
         return RoundSettings(
             server_round=server_round,
             local_epochs=self.local_epochs,
@@ -204,6 +212,7 @@ class ServerConfig:
             horizon_days=self.prognosis_horizon_days,
             bn_mode=self.bn_mode,
             transport=self.transport,
+            evaluate_first=evaluate_first,
         )
 
     def to_run_config(self) -> dict[str, Any]:

@@ -11,6 +11,9 @@ Why not ``Strategy.start``: it blocks forever in node sampling once a site has d
    with fewer than ``min-sites`` valid updates the round is skipped and the global model kept, else
    ``aggregate_train``;
 4. the same for evaluation: fewer than ``min-sites`` replies → evaluation recorded as missing, the run goes on;
+   with ``evaluate-mode = "fused"`` there is no evaluate exchange: round r's training message asks the sites to
+   evaluate the weights they receive (round r-1's global model) first, the replies carry that evaluation beside the
+   update, and round r-1 is recorded once round r's exchange is back (after the last round, one evaluate exchange);
 5. bookkeeping (``run_federation``): metrics.json, checkpoints, best/final bundles, and the resume state written
    atomically after every round.
 """
@@ -27,11 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
+from fl_client.config import EVALUATION_RECORD
 from fl_client.metrics import RISK_RANGE
 from fl_client.transport import decode_content, encode_content, record_nbytes
 from fl_server.checkpoint import RunState, load_run_state, save_run_state, save_state, write_bundle
@@ -111,6 +116,10 @@ class RoundReport:
     train_sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     evaluate_sites: dict[str, dict[str, Any]] | None = None
     evaluation_missing: str | None = None
+    #: ``evaluate-mode = "fused"``: the evaluation of the previous round's global model that came back with this
+    #: round's training replies (per site), or why there is none (set only when the sites were asked for it).
+    previous_evaluate_sites: dict[str, dict[str, Any]] | None = None
+    previous_evaluation_missing: str | None = None
     rejected: list[dict[str, Any]] = field(default_factory=list)
     missing: list[dict[str, Any]] = field(default_factory=list)
     nodes_connected: int = 0
@@ -265,19 +274,29 @@ class RoundLoop:
 
     def run_round(self, server_round: int, global_arrays: NDArrays, train_config: ConfigRecord,
                   evaluate_config: ConfigRecord) -> RoundReport:  # fmt: skip
-        """Train, aggregate and evaluate one round; the report holds the new global arrays (unchanged when skipped)."""
+        """Train, aggregate and evaluate one round; the report holds the new global arrays (unchanged when skipped).
+
+        With ``evaluate-mode = "fused"`` the round is not evaluated here (the next round's training replies carry its
+        evaluation, or :meth:`evaluate_global` after the last round); when ``train_config`` has ``evaluate-first``
+        the replies' evaluations of ``global_arrays`` are collected into ``report.previous_evaluate_sites``.
+        """
         t0 = self.clock()
         minimum = self.config.min_sites
+        evaluate_first = bool(train_config.get("evaluate-first", False))
         report = RoundReport(server_round=server_round, arrays=global_arrays)
         nodes = self.wait_for_nodes(minimum)
         report.nodes_connected = len(nodes)
         if len(nodes) < minimum:
             report.skip_reason = (f"only {len(nodes)} site(s) connected after round-timeout-s={self.config.round_timeout_s:g} "
                                   f"(min-sites={minimum})")  # fmt: skip
+            if evaluate_first:
+                report.previous_evaluation_missing = report.skip_reason
             return self._done(report, t0)
         current = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in global_arrays.items()})
         messages = self.strategy.configure_train(server_round, current, train_config, _SnapshotGrid(self.grid, nodes))
         replies, _ = self._exchange(messages, report)
+        if evaluate_first:
+            self._previous_evaluation(report, replies, minimum)
         accepted = self._validated(replies, global_arrays, report)
         if len(accepted) < minimum:
             report.skip_reason = f"{len(accepted)} valid update(s), fewer than min-sites={minimum}; global model kept"
@@ -297,8 +316,47 @@ class RoundLoop:
             return self._done(report, t0)
         report.arrays, report.aggregated = new_arrays, True
         report.train_sites = {self._site(r.metadata.src_node_id): _plain_metrics(r.content) for r in accepted}
-
+        if self.config.evaluate_mode == "fused":
+            return self._done(report, t0)
         return self._evaluate(report, server_round, new_arrays, evaluate_config, minimum, t0)
+
+    def _previous_evaluation(self, report: RoundReport, replies: list[Message], minimum: int) -> None:
+        """Collect the evaluations of the previous round's global model from training replies (``evaluate-mode =
+        "fused"``), counted like an evaluate exchange's replies; a site whose update is later rejected still counts
+        (it evaluated the global model, as with a separate exchange).
+
+        The strategy's ``aggregate_evaluate`` is called as after an evaluate exchange, with evaluate replies rebuilt
+        from the ConfigRecords (a MetricRecord each, the same values), so strategies that track evaluation see it.
+        """
+        previous = report.server_round - 1
+        evaluated, rebuilt = [], []
+        for reply in replies:
+            if EVALUATION_RECORD not in reply.content.config_records:
+                continue
+            try:  # the same value types as an evaluate reply's MetricRecord (numbers and lists of numbers)
+                metrics = MetricRecord(dict(reply.content[EVALUATION_RECORD].items()))
+            except (TypeError, ValueError) as exc:
+                node_id = reply.metadata.src_node_id
+                report.rejected.append({"node_id": node_id, "site": self._site(node_id),
+                                        "reason": f"evaluation of round {previous} is not metrics: {exc}"})  # fmt: skip
+                continue
+            evaluated.append(reply)
+            rebuilt.append(Message(RecordDict({"metrics": metrics}), dst_node_id=reply.metadata.src_node_id,
+                                   message_type=MessageType.EVALUATE, group_id=str(previous)))  # fmt: skip
+        if len(evaluated) < minimum:
+            report.previous_evaluation_missing = (f"{len(evaluated)} evaluation repl(ies) with round {report.server_round}'s "
+                                                  f"training, fewer than min-sites={minimum}")  # fmt: skip
+            return
+        self.strategy.aggregate_evaluate(previous, rebuilt)
+        report.previous_evaluate_sites = {self._site(r.metadata.src_node_id): _plain_metrics(m.content)
+                                          for r, m in zip(evaluated, rebuilt, strict=True)}  # fmt: skip
+
+    def evaluate_global(self, server_round: int, arrays: NDArrays, evaluate_config: ConfigRecord) -> RoundReport:
+        """An evaluate-only exchange of ``arrays`` (the global model after ``server_round``): the last round of an
+        ``evaluate-mode = "fused"`` run, which no later training exchange evaluates."""
+        t0 = self.clock()
+        report = RoundReport(server_round=server_round, arrays=arrays)
+        return self._evaluate(report, server_round, arrays, evaluate_config, self.config.min_sites, t0)
 
     def _evaluate(self, report: RoundReport, server_round: int, new_arrays: NDArrays, evaluate_config: ConfigRecord,
                   minimum: int, t0: float) -> RoundReport:
@@ -324,6 +382,8 @@ class RoundLoop:
             log(WARNING, "fedct: round %d skipped: %s", report.server_round, report.skip_reason)
         if report.evaluation_missing:
             log(WARNING, "fedct: round %d evaluation missing: %s", report.server_round, report.evaluation_missing)
+        if report.previous_evaluation_missing:
+            log(WARNING, "fedct: round %d evaluation missing: %s", report.server_round - 1, report.previous_evaluation_missing)
         for item in report.missing:
             log(WARNING, "fedct: round %d: %s (node %d): %s", report.server_round, item["site"], item["node_id"], item["reason"])
         return report
@@ -444,34 +504,69 @@ def run_federation(
 
         loop_class = SecAggRoundLoop
     loop = loop_class(grid, strategy, config=config, reference=arrays, buffers=buffer_keys(model), poll_s=poll_s)
+    fused = config.evaluate_mode == "fused"
+
+    def finish(report: RoundReport, extras: Mapping[str, Any], state: dict[str, torch.Tensor],
+               snapshot: tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]) -> None:  # fmt: skip
+        """Record a round whose evaluation is in: metrics.json entry, best bundle, observability, resume state.
+
+        ``snapshot`` is the strategy's state right after the round's aggregation (with ``fused`` the strategy has
+        aggregated the next round by the time this round is finished; its resume state must match its weights).
+        """
+        nonlocal last_aggregated
+        if report.aggregated:
+            last_aggregated = report.server_round
+            sites_seen.update(report.train_sites)
+            run_log.site_train(report.train_sites)
+        if report.evaluate_sites is not None:
+            run_log.site_evaluate(report.evaluate_sites)
+        extra = report.extra()
+        extra.update(extras)
+        if run_log.end_round(report.server_round, extra=extra):
+            write_bundle(run_dir / "model" / "best", state, model=config.model, pipeline=config.pipeline,
+                         provenance=provenance(report.server_round),
+                         risk_reference=_risk_reference(run_log, report.server_round))  # fmt: skip
+        observe_round(run_dir, run_log.rounds)  # TensorBoard scalars, learning curves and per-site PNGs, every round
+        save_run_state(state_dir, RunState(
+            server_round=report.server_round, global_arrays=report.arrays, strategy_scalars=snapshot[0],
+            strategy_arrays=snapshot[1], run_log=run_log.state(), run_config=run_config,
+            extra={"sites": sorted(sites_seen), "last_aggregated_round": last_aggregated},
+        ))  # fmt: skip
+
+    # fused: the round whose global model the next training exchange evaluates (finish's arguments); None on the
+    # first round of a run or after resuming (the resume state already holds the previous round's evaluation)
+    pending: tuple[RoundReport, dict[str, Any], dict[str, torch.Tensor], Any] | None = None
     t0 = time.perf_counter()
     for server_round in range(start, config.num_server_rounds + 1):
         log(INFO, "")
         log(INFO, "fedct: [ROUND %d/%d] %s", server_round, config.num_server_rounds, type(strategy).__name__)
-        settings = ConfigRecord(config.round_settings(server_round).to_record())
+        settings = ConfigRecord(config.round_settings(server_round, evaluate_first=pending is not None).to_record())
         report = loop.run_round(server_round, arrays, settings, ConfigRecord(config.round_settings(server_round).to_record()))
+        if pending is not None:
+            pending[0].evaluate_sites = report.previous_evaluate_sites
+            pending[0].evaluation_missing = report.previous_evaluation_missing
+            finish(*pending)
+            pending = None
         arrays = report.arrays
-        if report.aggregated:
-            last_aggregated = server_round
-            sites_seen.update(report.train_sites)
-            run_log.site_train(report.train_sites)
-            if report.evaluate_sites is not None:
-                run_log.site_evaluate(report.evaluate_sites)
         state = _torch_state(arrays)
         save_state(run_dir / "checkpoints" / f"round-{server_round:03d}.pt", state)
-        extra = report.extra()
-        if round_extras is not None:
-            extra.update(round_extras(report))
-        if run_log.end_round(server_round, extra=extra):
-            write_bundle(run_dir / "model" / "best", state, model=config.model, pipeline=config.pipeline,
-                         provenance=provenance(server_round), risk_reference=_risk_reference(run_log, server_round))  # fmt: skip
-        observe_round(run_dir, run_log.rounds)  # TensorBoard scalars, learning curves and per-site PNGs, every round
-        scalars, strategy_arrays = strategy_state(strategy)
-        save_run_state(state_dir, RunState(
-            server_round=server_round, global_arrays=arrays, strategy_scalars=scalars, strategy_arrays=strategy_arrays,
-            run_log=run_log.state(), run_config=run_config,
-            extra={"sites": sorted(sites_seen), "last_aggregated_round": last_aggregated},
-        ))  # fmt: skip
+        extras = dict(round_extras(report)) if round_extras is not None else {}  # now: e.g. the accountant's epsilon
+        snapshot = strategy_state(strategy)
+        if fused:
+            pending = (report, extras, state, snapshot)
+        else:
+            finish(report, extras, state, snapshot)
+    if pending is not None:  # fused: the last round's global model, in an evaluate exchange of its own
+        last = pending[0]
+        evaluate_config = ConfigRecord(config.round_settings(last.server_round).to_record())
+        final = loop.evaluate_global(last.server_round, last.arrays, evaluate_config)
+        last.evaluate_sites, last.evaluation_missing = final.evaluate_sites, final.evaluation_missing
+        last.bytes_sent += final.bytes_sent
+        last.bytes_received += final.bytes_received
+        last.seconds += final.seconds
+        last.missing.extend(final.missing)
+        last.rejected.extend(final.rejected)
+        finish(*pending)
     write_bundle(run_dir / "model" / "final", _torch_state(arrays), model=config.model, pipeline=config.pipeline,
                  provenance=provenance(last_aggregated), risk_reference=_risk_reference(run_log, last_aggregated))  # fmt: skip
     run_log.write()

@@ -1,7 +1,9 @@
 """The ClientApp in a real Flower simulation: what leaves a site is weights, numbers and the site name only.
 
 A recording client mod (Flower's mechanism for wrapping handlers) stores every reply the sites send; the test
-then scans them for every identifier the sites' DICOM files carry.
+then scans them for every identifier the sites' DICOM files carry. The run uses ``evaluate-mode = "fused"`` for two
+rounds, so both kinds of evaluation leave the sites: in round 2's training replies (ConfigRecord ``evaluate``) and in
+the evaluate replies after the last round.
 """
 
 import json
@@ -44,7 +46,8 @@ def recorded_replies(tmp_path_factory):
     replies = root / "replies"
     replies.mkdir()
     run_simulation(
-        server_app=build_server_app({**TINY_RUN_CONFIG, "num-server-rounds": 1, "run-dir": str(root / "run")}),
+        server_app=build_server_app({**TINY_RUN_CONFIG, "num-server-rounds": 2, "evaluate-mode": "fused",
+                                             "run-dir": str(root / "run")}),
         client_app=build_client_app({"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")},
                                     mods=[recording_mod(replies)]),  # fmt: skip
         num_supernodes=2,
@@ -69,7 +72,9 @@ def _identifiers(data_root: Path) -> set[str]:
 def test_every_reply_was_recorded(recorded_replies):
     _, files = recorded_replies
     kinds = sorted(f.name.split("-")[0] for f in files)
-    assert kinds.count("train") == 2 and kinds.count("evaluate") == 2
+    assert kinds.count("train") == 4 and kinds.count("evaluate") == 2
+    fused = [f for f in files if f.name.startswith("train") and b"\nevaluate=" in f.read_bytes()]
+    assert len(fused) == 2  # round 2's training replies carry round 1's evaluation
 
 
 def test_no_identifier_date_uid_or_path_leaves_a_site(recorded_replies):
@@ -86,10 +91,13 @@ def test_replies_carry_only_numbers_and_the_site_name(recorded_replies):
     _, files = recorded_replies
     for f in files:
         text = f.read_bytes()
-        if f.name.startswith("evaluate"):
-            site = json.loads(next(line for line in text.split(b"\n") if line.startswith(b"site=")).split(b"=", 1)[1])
+        lines = text.split(b"\n")
+        evaluation = b"evaluate=" if f.name.startswith("train") else b"metrics="  # fused: evaluation in the train reply
+        if f.name.startswith("evaluate") or any(line.startswith(evaluation) for line in lines):
+            site = json.loads(next(line for line in lines if line.startswith(b"site=")).split(b"=", 1)[1])
             assert list(site) == ["name"] and site["name"] in ("site-0", "site-1")
-            metrics = json.loads(next(line for line in text.split(b"\n") if line.startswith(b"metrics=")).split(b"=", 1)[1])
+            metrics = json.loads(next(line for line in lines if line.startswith(evaluation)).split(b"=", 1)[1])
+            assert "val-n" in metrics and "num-examples" in metrics
             for key, value in metrics.items():
                 if "-hist-" in key:  # aggregate score histograms: counts per probability bin, no study-level data
                     assert all(isinstance(c, int | float) and c >= 0 and float(c).is_integer() for c in value)

@@ -76,3 +76,14 @@ def test_optional_round_keys_default_when_an_older_server_omits_them():
     assert (settings.bn_mode, settings.transport, settings.proximal_mu) == ("aggregate", "float32", 0.25)
     with pytest.raises(ValueError, match="bn-mode"):
         RoundSettings.from_record({**record, "bn-mode": "shared"})
+
+
+def test_evaluate_first_reaches_the_sites_and_defaults_to_false():
+    from fl_server.config import ServerConfig
+
+    fused = ServerConfig(evaluate_mode="fused").round_settings(2, evaluate_first=True)
+    record = fused.to_record()
+    assert record["evaluate-first"] is True and RoundSettings.from_record(record) == fused
+    record.pop("evaluate-first")  # an older server: no evaluation asked for
+    assert RoundSettings.from_record(record).evaluate_first is False
+    assert ServerConfig(evaluate_mode="fused").round_settings(1).evaluate_first is False

@@ -102,3 +102,21 @@ def test_unknown_dp_mode_at_the_site_is_an_error_naming_the_key():
 def test_privacy_mods_put_secagg_outermost():
     mods = privacy_mods()
     assert mods[0] is secaggplus_when_requested and len(mods) == 2
+
+
+@pytest.mark.parametrize("mode", ["client-fixed", "client-adaptive"])
+def test_a_fused_evaluation_travels_through_the_clipping_mods(task_identity, mode):
+    """evaluate-mode=fused: the train reply carries the evaluation of the received weights in a ConfigRecord beside
+    the update; Flower's clipping mods clip the update and leave that record (and the single MetricRecord) alone."""
+    evaluation = {"val-loss": 0.5, "val-n": 3, "num-examples": 3, "train-hist-risk": [1, 0, 2]}
+
+    def handler(msg: Message, context: Context) -> Message:
+        reply = _handler(msg, context)
+        reply.content["evaluate"] = ConfigRecord(evaluation)
+        return reply
+
+    reply = dp_clipping_mod()(_train_message(packed=True), _context(mode), handler)
+    assert not reply.has_error()
+    assert _update_norm(reply) == pytest.approx(1.0, rel=1e-5)
+    assert dict(reply.content["evaluate"]) == evaluation
+    assert len(reply.content.metric_records) == 1 and len(reply.content.array_records) == 1

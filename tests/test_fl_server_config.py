@@ -58,6 +58,8 @@ def test_from_run_config_parses_and_converts():
         ({"lr-min": 0.5}, "lr-min"),
         ({"strategy": "krum", "min-sites": 2}, "needs min-sites >= 2\\*num-malicious-nodes\\+3 = 3"),
         ({"resume": "maybe"}, "resume='maybe'"),
+        ({"evaluate-mode": "later"}, "evaluate-mode 'later' is not one of separate, fused"),
+        ({"evaluate-mode": "fused", "secure-aggregation": True}, "evaluate-mode = \"fused\" cannot be combined with secure-aggregation"),
     ],
 )
 def test_bad_settings_fail_before_the_run_with_the_key_named(run_config, needle):

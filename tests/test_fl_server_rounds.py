@@ -2,7 +2,8 @@
 
 Every strategy runs a federation; updates with NaNs or scaled by 1e6 are rejected; a round with too few sites is
 skipped without hanging and a site that fails is used again next round; a run stopped after k rounds and resumed
-matches an uninterrupted one; resume refuses a state written under another run config.
+matches an uninterrupted one; resume refuses a state written under another run config. ``evaluate-mode = "fused"``
+gives the same run as ``separate`` with fewer messages, resumes, and records a missing evaluation of the previous round.
 """
 
 import json
@@ -19,7 +20,8 @@ from federation import TINY_RUN_CONFIG, tiny_federation
 from fl_client.client_app import build_client_app
 from fl_server.checkpoint import RunState, load_run_state, save_run_state
 from fl_server.config import STRATEGIES, ServerConfig
-from fl_server.rounds import initial_arrays, run_federation
+from fl_server.privacy import privacy_round_extras, wrap_strategy
+from fl_server.rounds import RoundLoop, initial_arrays, run_federation
 from fl_server.strategy import build_strategy, load_strategy_state
 
 
@@ -30,9 +32,26 @@ def federation(tmp_path_factory):
     return root
 
 
-def simulate(federation: Path, steps, *, sites: int, mods=()) -> None:
+class CountingGrid:
+    """The ServerApp's grid, counting the messages pushed per run (``counts[name]``), as bench/federation.py does."""
+
+    def __init__(self, grid, counts: dict, name: str) -> None:
+        self._grid, self._counts, self._name = grid, counts, name
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self._counts[self._name] = self._counts.get(self._name, 0) + len(messages)
+        return self._grid.push_messages(messages)
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+
+def simulate(federation: Path, steps, *, sites: int, mods=(), counts: dict | None = None) -> None:
     """One Flower simulation (Ray backend) whose ServerApp runs ``steps`` in turn on the same sites: a step is
     ``(name, run config[, round_extras])`` (a whole federation, run folder ``runs/<name>``) or a callable (between runs).
+    The strategy is built as the ServerApp builds it (DP wrapper when dp-mode asks); ``counts`` collects the number
+    of messages sent per run name.
 
     Several federations per simulation: Ray and the sites' ClientApps start once (a minute on 2 cores).
     """
@@ -49,7 +68,10 @@ def simulate(federation: Path, steps, *, sites: int, mods=()) -> None:
             name, config, *extras = step
             run_config = {**TINY_RUN_CONFIG, "num-server-rounds": 1, "min-sites": sites, "run-dir": str(run_dir(federation, name)), **config}
             server_config = ServerConfig.from_run_config(run_config)
-            run_federation(grid, server_config, build_strategy(server_config), round_extras=extras[0] if extras else None)
+            strategy = wrap_strategy(build_strategy(server_config), server_config.privacy, expected_sites=server_config.min_sites)
+            run_grid = grid if counts is None else CountingGrid(grid, counts, name)
+            round_extras = extras[0] if extras else privacy_round_extras(strategy)
+            run_federation(run_grid, server_config, strategy, round_extras=round_extras)
 
     run_simulation(
         server_app=app,
@@ -280,3 +302,171 @@ def test_resume_refuses_a_state_written_under_another_run_config(tmp_path):
     now = ServerConfig(strategy="fedavg", model_name="smallcnn", run_dir=str(tmp_path), resume=True, num_server_rounds=5)
     with pytest.raises(ValueError, match=r"cannot resume .*strategy: 'fedadam' \(saved\) vs 'fedavg' \(now\)"):
         run_federation(None, now, build_strategy(now))  # refused before any node is contacted
+
+
+def test_resume_refuses_a_changed_evaluate_mode(tmp_path):
+    saved = ServerConfig(model_name="smallcnn", run_dir=str(tmp_path))
+    save_run_state(tmp_path / "state", RunState(server_round=1, global_arrays=initial_arrays(saved), strategy_scalars={},
+                                                strategy_arrays={}, run_log={"rounds": [], "best": None},
+                                                run_config=saved.to_run_config(), extra={}))  # fmt: skip
+    now = ServerConfig(model_name="smallcnn", run_dir=str(tmp_path), resume=True, evaluate_mode="fused")
+    with pytest.raises(ValueError, match=r"evaluate-mode: 'separate' \(saved\) vs 'fused' \(now\)"):
+        run_federation(None, now, build_strategy(now))
+
+
+# --- evaluate-mode = "fused": two sites, one simulation -------------------------------------------------------------------
+
+FUSED = {"evaluate-mode": "fused"}
+
+
+def drop_evaluation(partition: int, msg, reply) -> None:
+    """Site 1 answers round 2's training without the evaluation it was asked for (e.g. an older site)."""
+    if partition == 1 and int(msg.content["config"]["server-round"]) == 2:
+        del reply.content["evaluate"]
+
+
+@pytest.fixture(scope="module")
+def fused_runs(federation):
+    flag = federation / "drop-evaluation-on"
+    counts: dict[str, int] = {}
+    steps = [
+        ("separate-3", {"num-server-rounds": 3}),
+        ("fused-3", {**FUSED, "num-server-rounds": 3}),
+        ("fused-resumed", {**FUSED, "num-server-rounds": 2}),
+        ("fused-resumed", {**FUSED, "num-server-rounds": 3, "resume": True}),
+        switch(flag, True), ("fused-no-eval", {**FUSED, "num-server-rounds": 2}), switch(flag, False),
+        ("fused-dp", {**FUSED, "num-server-rounds": 2, "model-norm": "group", "dp-mode": "server-fixed",
+                      "dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.05, "dp-delta": 1e-4}),
+    ]  # fmt: skip
+    simulate(federation, steps, sites=2, mods=[partition_mod(drop_evaluation, flag)], counts=counts)
+    return counts
+
+
+def _evaluations(folder: Path) -> list[dict]:
+    return [entry["evaluate"] for entry in metrics(folder)["rounds"]]
+
+
+def test_fused_evaluation_gives_the_same_run_with_fewer_messages(federation, fused_runs):
+    separate, fused = run_dir(federation, "separate-3"), run_dir(federation, "fused-3")
+    a, b = metrics(separate), metrics(fused)
+    assert [r["round"] for r in a["rounds"]] == [r["round"] for r in b["rounds"]] == [1, 2, 3]
+    for r in range(4):  # same weights after every round: the evaluation before training changes nothing in training
+        x, y = checkpoint(separate, r), checkpoint(fused, r)
+        assert all(torch.equal(x[k], y[k]) for k in x), r
+    # The same evaluation of the same weights (deterministic): identical metrics per site and aggregated, every round
+    assert _evaluations(separate) == _evaluations(fused)
+    assert all(sorted(e["sites"]) == ["site-0", "site-1"] for e in _evaluations(fused))
+    def losses(run):  # training metrics without the wall-clock train-seconds
+        return [{site: {k: v for k, v in m.items() if k != "train-seconds"} for site, m in r["train"]["sites"].items()}
+                for r in run["rounds"]]  # fmt: skip
+
+    assert losses(a) == losses(b)
+    assert all(r["evaluation_missing"] is None for r in b["rounds"])
+    assert a["best_round"] == b["best_round"] and a["best_round"]["round"] in (1, 2, 3)
+    for bundle in ("best", "final"):
+        x = torch.load(separate / "model" / bundle / "model.pt", weights_only=True)
+        y = torch.load(fused / "model" / bundle / "model.pt", weights_only=True)
+        assert all(torch.equal(x[k], y[k]) for k in x), bundle
+    # Messages: separate 2 train + 2 evaluate per round; fused 2 train per round + 2 evaluate after the last round
+    assert fused_runs["separate-3"] == 12 and fused_runs["fused-3"] == 8
+    model_bytes = sum(v.numel() * v.element_size() for v in checkpoint(fused, 0).values())
+    sent = {name: [r["bytes_sent"] for r in m["rounds"]] for name, m in (("separate", a), ("fused", b))}
+    assert sent["separate"][0] >= 4 * model_bytes * 0.99 and sent["fused"][0] < 2.1 * model_bytes
+    assert sent["fused"][2] >= 4 * model_bytes * 0.99  # the last round's evaluate exchange counts for round 3
+    assert sum(sent["fused"]) < 0.7 * sum(sent["separate"])
+    assert load_run_state(fused / "state").server_round == 3
+
+
+def test_fused_run_resumes_like_an_uninterrupted_one(federation, fused_runs):
+    straight, resumed = run_dir(federation, "fused-3"), run_dir(federation, "fused-resumed")
+    rounds = metrics(resumed)["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    # round 2's evaluation came from the evaluate exchange that closed the first (2-round) run
+    assert sorted(rounds[1]["evaluate"]["sites"]) == ["site-0", "site-1"] and rounds[1]["evaluation_missing"] is None
+    assert _evaluations(resumed) == _evaluations(straight)
+    a, b = checkpoint(straight, 3), checkpoint(resumed, 3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fused_round_with_too_few_evaluations_marks_the_previous_round(federation, fused_runs):
+    first, second = metrics(run_dir(federation, "fused-no-eval"))["rounds"]
+    assert first["skipped"] is False and sorted(first["train"]["sites"]) == ["site-0", "site-1"]
+    assert first["evaluation_missing"] == "1 evaluation repl(ies) with round 2's training, fewer than min-sites=2"
+    assert first["evaluate"]["sites"] == {}
+    assert second["evaluation_missing"] is None and sorted(second["evaluate"]["sites"]) == ["site-0", "site-1"]
+
+
+def test_fused_with_server_side_dp_keeps_each_rounds_privacy_entry(federation, fused_runs):
+    rounds = metrics(run_dir(federation, "fused-dp"))["rounds"]
+    assert all(r["skipped"] is False and sorted(r["evaluate"]["sites"]) == ["site-0", "site-1"] for r in rounds)
+    # the accountant's entry is taken when the round aggregates, not when it is recorded one exchange later
+    assert [r["privacy"]["dp-releases"] for r in rounds] == [1, 2]
+    assert all(r["privacy"]["dp-released"] for r in rounds)
+    assert 0 < rounds[0]["privacy"]["dp-epsilon"] < rounds[1]["privacy"]["dp-epsilon"]
+
+
+class _Grid:
+    """A grid whose sites are gone: no node connects (the loop's skip path needs nothing else)."""
+
+    def get_node_ids(self):
+        return []
+
+
+def test_fused_round_skipped_for_too_few_sites_marks_the_previous_evaluation_missing():
+    from flwr.app import ConfigRecord
+
+    config = ServerConfig(model_name="smallcnn", evaluate_mode="fused", round_timeout_s=0.01, min_sites=2)
+    arrays = initial_arrays(config)
+    loop = RoundLoop(_Grid(), build_strategy(config), config=config, reference=arrays, poll_s=0.01)
+    report = loop.run_round(3, arrays, ConfigRecord(config.round_settings(3, evaluate_first=True).to_record()),
+                            ConfigRecord(config.round_settings(3).to_record()))  # fmt: skip
+    assert report.skip_reason and "only 0 site(s) connected" in report.skip_reason
+    assert report.previous_evaluation_missing == report.skip_reason and report.previous_evaluate_sites is None
+    first = loop.run_round(1, arrays, ConfigRecord(config.round_settings(1).to_record()),
+                           ConfigRecord(config.round_settings(1).to_record()))  # fmt: skip
+    assert first.previous_evaluation_missing is None  # not asked for: nothing to report about a round 0
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps messages with the identity of the running task; set one as the ServerApp process has."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def test_fused_evaluations_in_training_replies_are_collected_and_a_malformed_one_rejected(task_identity):
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.app.message_type import MessageType
+
+    config = ServerConfig(model_name="smallcnn", evaluate_mode="fused", min_sites=2)
+    arrays = initial_arrays(config)
+    loop = RoundLoop(_Grid(), build_strategy(config), config=config, reference=arrays)
+
+    def reply(node_id: int, evaluation: dict | None) -> Message:
+        sent = Message(RecordDict({"config": ConfigRecord({"server-round": 4})}), dst_node_id=node_id,
+                       message_type=MessageType.TRAIN)
+        content = RecordDict({"site": ConfigRecord({"name": f"site-{node_id}"})})
+        if evaluation is not None:
+            content["evaluate"] = ConfigRecord(evaluation)
+        loop.site_names[node_id] = f"site-{node_id}"
+        return Message(content, reply_to=sent)
+
+    good = {"val-loss": 0.75, "val-n": 4, "num-examples": 4, "train-hist-risk": [1, 2, 0]}
+    from fl_server.rounds import RoundReport
+
+    report = RoundReport(server_round=4, arrays=arrays)
+    loop._previous_evaluation(report, [reply(1, good), reply(2, {**good, "val-loss": 0.25})], minimum=2)
+    assert report.previous_evaluation_missing is None
+    assert report.previous_evaluate_sites == {
+        "site-1": {"val-loss": 0.75, "val-n": 4.0, "num-examples": 4.0, "train-hist-risk": [1.0, 2.0, 0.0]},
+        "site-2": {"val-loss": 0.25, "val-n": 4.0, "num-examples": 4.0, "train-hist-risk": [1.0, 2.0, 0.0]},
+    }
+    report = RoundReport(server_round=4, arrays=arrays)
+    loop._previous_evaluation(report, [reply(1, good), reply(2, {"val-loss": "low"}), reply(3, None)], minimum=2)
+    assert report.previous_evaluate_sites is None
+    assert report.previous_evaluation_missing == "1 evaluation repl(ies) with round 4's training, fewer than min-sites=2"
+    assert [(r["site"], "evaluation of round 3 is not metrics" in r["reason"]) for r in report.rejected] == [("site-2", True)]
