@@ -11,6 +11,8 @@ same sites and settings):
 - ``deployment-tls-auth``: the same with TLS (the consortium PKI of ``fedct.certs``) and SuperNode
   authentication (each site's key registered with ``flwr supernode register``), as fedct deploys;
 - ``simulation-fp16-transport``: the run config's ``transport = "float16"`` (weights halved on the wire);
+- quick and full: ``deployment-tls-auth-fused``: TLS + auth with ``evaluate-mode = "fused"`` (the global model is
+  evaluated inside the next train exchange, as ``configs/run.toml`` deploys: one exchange per round);
 - full size only: ``deployment-insecure-sqlite-state`` (the SuperLink's state in an SQLite file instead of memory).
 
 Bytes: the server's Grid is wrapped (:class:`CountingGrid`) so that every message sent and received is
@@ -198,8 +200,10 @@ def _run_config(plan: FederationPlan, run_dir: Path, *, sites: int | None = None
             "run-dir": str(Path(run_dir).resolve()), "transport": transport}  # fmt: skip
 
 
-def round_report(run_dir: Path) -> dict[str, Any]:
-    """Per round: wall time, slowest site's training, overhead, bytes, from metrics.json and transport.json of a run."""
+def round_report(run_dir: Path, *, exclude_last: bool = False) -> dict[str, Any]:
+    """Per round: wall time, slowest site's training, overhead, bytes, from metrics.json and transport.json of a run.
+    The medians leave out the first round (start-up) and, with ``exclude_last``, the last (with evaluate-mode=fused
+    it also carries the final evaluate-only exchange)."""
     metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
     transport_path = Path(run_dir) / TRANSPORT_NAME
     exchanges = json.loads(transport_path.read_text())["exchanges"] if transport_path.is_file() else []
@@ -229,7 +233,8 @@ def round_report(run_dir: Path) -> dict[str, Any]:
             "skipped": bool(entry.get("skipped")),
         })  # fmt: skip
     def med(key: str) -> float | None:
-        return median_after_first([r[key] for r in rounds if r[key] is not None])
+        kept = rounds[:-1] if exclude_last and len(rounds) > 2 else rounds
+        return median_after_first([r[key] for r in kept if r[key] is not None])
 
     return {"rounds": rounds, "median_rounds_after_first": {k: med(k) for k in (
         "wall_seconds", "slowest_site_training_seconds", "overhead_seconds", "overhead_percent", "train_exchange_overhead_seconds",
@@ -327,8 +332,9 @@ def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
     left = [pid for pid in started_pids if _alive_flower(pid)]
     if left:
         raise RuntimeError(f"processes still running after stop: {left}")
-    return {**round_report(run_dir), "total_seconds": time.perf_counter() - t0, "run_seconds": run_seconds, "sites": len(names),
-            "tls": tls, "supernode_auth": auth, "runner": runner, "run_overrides": dict(run_overrides or {}),
+    fused = dict(run_overrides or {}).get("evaluate-mode") == "fused"
+    return {**round_report(run_dir, exclude_last=fused), "total_seconds": time.perf_counter() - t0, "run_seconds": run_seconds,
+            "sites": len(names), "tls": tls, "supernode_auth": auth, "runner": runner, "run_overrides": dict(run_overrides or {}),
             "superlink_state": "sqlite file" if sqlite_state else "in memory", "stopped_pids": started_pids,
             "peak_rss_mib": {name: sampler.peak_mib[name] for name in [*names, "superlink"]}}  # fmt: skip
 
@@ -363,6 +369,10 @@ def run(options: BenchOptions) -> Path:
     todo = [("simulation", simulation_arm), ("simulation-fp16-transport", lambda *a: simulation_arm(*a, transport="float16")),
             ("deployment-insecure", deployment_arm),
             ("deployment-tls-auth", lambda *a: deployment_arm(*a, tls=True, auth=True))]
+    if not options.tiny:  # what configs/run.toml deploys: evaluation inside the train exchange (one exchange per round)
+        todo.append(("deployment-tls-auth-fused",
+                     lambda *a: deployment_arm(*a, tls=True, auth=True, run_overrides={"evaluate-mode": "fused",
+                                                                                     "num-server-rounds": plan.rounds + 1})))  # fmt: skip
     if plan.sqlite_lever:
         todo.append(("deployment-insecure-sqlite-state", lambda *a: deployment_arm(*a, sqlite_state=True)))
     for name, function in todo:
@@ -380,7 +390,8 @@ def run(options: BenchOptions) -> Path:
         "server work) against the slowest site's local training ('train-seconds' reported by the site); overhead = wall - "
         "slowest training. Bytes = Flower messages serialised with Flower's protobuf serde (payload before gRPC/HTTP "
         "framing and TLS), counted at the server's Grid; a round moves the model to every site twice (train, evaluate) "
-        "and back once. Medians over rounds after the first (the first pays start-up).",
+        "and back once, or once each way with evaluate-mode=fused (its first round evaluates nothing, the last exchange "
+        "only evaluates). Medians over rounds after the first (the first pays start-up).",
         "plan": {"sites": plan.sites, "patients_per_site": plan.patients_per_site, "rounds": plan.rounds, "local_epochs": 1,
                  "model": config.model_name, "input_size": config.input_size},  # fmt: skip
         "model_size": sizes,
