@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -516,19 +516,20 @@ def ingest(site: SiteEnv) -> str:
     return f"accepted {counts['accepted']} series, rejected {counts['rejected']}, splits {counts['by_split']}"
 
 
+def _processes() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, argv) of every process whose command line can be read now."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                yield int(entry.name), (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+
+
 def executor_pids(runtime_port: int) -> list[int]:
     """PIDs of warm executors serving the SuperNode whose Runtime API is on ``runtime_port`` (not their children)."""
     address = f"127.0.0.1:{runtime_port}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"fl_client.executor" in argv[:3] and address in argv:
-            found.append(int(entry.name))
+    found = [pid for pid, argv in _processes() if b"fl_client.executor" in argv[:3] and address in argv]
     executors = set(found)
     return [pid for pid in found if _ppid(pid) not in executors]  # a forked ClientApp child has the same command line
 
@@ -542,19 +543,9 @@ def _ppid(pid: int) -> int:
 
 def supernode_pids(site_name: str | None = None) -> list[int]:
     """PIDs of running flower-supernode processes (of one site when ``site_name`` is given)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if not any(a.endswith(b"flower-supernode") for a in argv[:2]):
-            continue
-        if site_name is None or any(f'site-name="{site_name}"'.encode() in a for a in argv):
-            found.append(int(entry.name))
-    return found
+    wanted = f'site-name="{site_name}"'.encode()
+    return [pid for pid, argv in _processes() if any(a.endswith(b"flower-supernode") for a in argv[:2])
+            and (site_name is None or any(wanted in a for a in argv))]  # fmt: skip
 
 
 def start_site(site: SiteEnv, *, wait_s: float, ingest_first: bool = True, activation_wait_s: float = 120.0) -> int:
