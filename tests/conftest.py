@@ -381,3 +381,25 @@ def strip_file_meta(path: Path, *, implicit_vr: bool = True, little_endian: bool
 def without_file_meta() -> Callable[..., None]:
     """``without_file_meta(path, implicit_vr=True, little_endian=True)`` strips preamble and File Meta in place."""
     return strip_file_meta
+
+
+def _as_task(node_id: int):
+    """Set Flower's task identity (it stamps messages with it) as a running task of ``node_id`` has it; restore after."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, node_id, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture
+def task_identity():
+    """The task identity of a ClientApp process (node 7)."""
+    yield from _as_task(7)
+
+
+@pytest.fixture
+def server_task_identity():
+    """The task identity of the ServerApp process (node 0)."""
+    yield from _as_task(0)

@@ -6,7 +6,6 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, get_norm
-from flwr.supercore.task_identity import TaskIdentity
 
 from fl_client.privacy import dp_clipping_mod, privacy_mods, site_dp_mode
 from fl_client.secagg import secaggplus_when_requested
@@ -15,14 +14,6 @@ from fl_client.transport import INDEX_RECORD, decode_content, weights_records
 GLOBAL = {"w": np.zeros((4, 5), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 TRAINED = {"w": np.full((4, 5), 2.0, dtype=np.float32), "b": np.full(3, -1.0, dtype=np.float32)}  # update norm ~9.1
 
-
-@pytest.fixture
-def task_identity():
-    """Flower stamps messages with the identity of the running task; set one as a ClientApp process has."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def _train_message(*, packed: bool, clip: float | None = 1.0) -> Message:

@@ -427,18 +427,8 @@ def test_fused_round_skipped_for_too_few_sites_marks_the_previous_evaluation_mis
     assert first.previous_evaluation_missing is None  # not asked for: nothing to report about a round 0
 
 
-@pytest.fixture
-def task_identity():
-    """Flower stamps messages with the identity of the running task; set one as the ServerApp process has."""
-    from flwr.supercore.task_identity import TaskIdentity
 
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-def test_fused_evaluations_in_training_replies_are_collected_and_a_malformed_one_rejected(task_identity):
+def test_fused_evaluations_in_training_replies_are_collected_and_a_malformed_one_rejected(server_task_identity):
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.app.message_type import MessageType
 
