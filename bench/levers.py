@@ -59,6 +59,9 @@ class Config:
     #: What-if for a proposed upstream change: the SuperNodes run a *copy* of Flower whose pull sleep (3 s) and
     #: reply wait (0.5 s) are this many seconds (:func:`flower_whatif_copy`; the installed Flower is not touched)
     whatif_supernode_wait_s: float | None = None
+    #: Flower's array chunk size in bytes (``FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE``, default 5 MiB), set for every process;
+    #: each chunk is one object: one request, one SHA-256 id and one stored row per hop
+    chunk_bytes: int | None = None
     sites: int = 3
     rounds: int = 5
 
@@ -93,6 +96,10 @@ FURTHER = [
             evaluate=False, layout="packed16"),  # fmt: skip
     replace(BEST, name="best + TLS + auth + in-memory state + folded evaluation, 10 SuperNodes", tls=True, database="memory",
             evaluate=False, sites=10),  # fmt: skip
+    replace(BEST, name="F2 + 64 MiB array chunks (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)", tls=True, database="memory",
+            evaluate=False, chunk_bytes=64 << 20),  # fmt: skip
+    replace(BEST, name="F3 (fp16) + 64 MiB array chunks (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)", tls=True, database="memory",
+            evaluate=False, layout="packed16", chunk_bytes=64 << 20),  # fmt: skip
 ]
 #: What-if arms (``W*``): the F2/F3 configurations with the SuperNode's fixed waits shortened in a patched copy of
 #: Flower (proposed upstream change 1 + 2 in docs/flower-overhead.md). Not something fedct ships.
@@ -185,6 +192,8 @@ def measure(config: Config, work: Path) -> dict:
         overlay = flower_whatif_copy(work / "flower-whatif")
         env = {"PYTHONPATH": os.pathsep.join([str(overlay), *filter(None, [os.environ.get("PYTHONPATH", "")])]),
                "FLWR_WHATIF_SUPERNODE_WAIT_S": str(config.whatif_supernode_wait_s)}  # fmt: skip
+    if config.chunk_bytes is not None:
+        env["FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE"] = str(config.chunk_bytes)
     with LocalDeployment(work, specs, database=config.database, tls=config.tls, env=env) as deployment:
         started = time.perf_counter() - t0
         pids = ",".join(str(p.pid) for p in deployment.procs)
