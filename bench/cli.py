@@ -56,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
     p.add_argument("--quick", action="store_true", help="small sizes: all five in under 10 minutes on 2 cores")
     p.add_argument("--tiny", action="store_true", help="test-suite size: seconds; checks that it runs, the figures mean little")
-    p.add_argument("--strategies", help="quality: comma-separated run-config strategies (default: fedavg,fedadam quick; "
-                   "fedavg,fedprox,fedadam full)")
+    p.add_argument("--strategies", help="quality: comma-separated run-config strategies (default: fedavg,fedprox,fedadam; "
+                   "tiny: fedavg)")
     p.add_argument("--out", default="runs/bench", help="folder for the JSON/PNG results and the benchmarks' work files")
     p.set_defaults(func=_handler)

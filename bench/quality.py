@@ -63,15 +63,16 @@ class QualityPlan:
 
 
 def plan_for(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> QualityPlan:
-    """Tiny: seconds, for the test suite; quick: 1 seed, small sites, small CNN; full: the demo's federation, 3 seeds.
-    ``strategies`` default: FedAvg (tiny), FedAvg and FedAdam (quick), :data:`DEFAULT_STRATEGIES` (full)."""
+    """Tiny: seconds, for the test suite, 1 seed, FedAvg; quick: 3 seeds, small sites, small CNN (a few minutes);
+    full: the demo's federation and model, 3 seeds (hours on 2 cores). ``strategies`` default: FedAvg (tiny),
+    :data:`DEFAULT_STRATEGIES` (quick and full)."""
     if strategies is None:
-        strategies = ("fedavg",) if options.tiny else ("fedavg", "fedadam") if options.quick else DEFAULT_STRATEGIES
+        strategies = ("fedavg",) if options.tiny else DEFAULT_STRATEGIES
     if options.tiny:
         return QualityPlan(sites=2, patients_per_site=8, small=True, seeds=(0,), rounds=1, local_epochs=1, strategies=tuple(strategies),
                            run_config=SMALL_RUN_CONFIG)  # fmt: skip
     if options.quick:
-        return QualityPlan(sites=3, patients_per_site=15, small=True, seeds=(0,), rounds=3, local_epochs=1, strategies=tuple(strategies),
+        return QualityPlan(sites=3, patients_per_site=15, small=True, seeds=(0, 1, 2), rounds=3, local_epochs=1, strategies=tuple(strategies),
                            run_config=SMALL_RUN_CONFIG)  # fmt: skip
     return QualityPlan(sites=3, patients_per_site=40, small=False, seeds=(0, 1, 2), rounds=10, local_epochs=2,
                        strategies=tuple(strategies))  # fmt: skip

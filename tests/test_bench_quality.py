@@ -36,5 +36,8 @@ def test_a_strategy_the_run_config_does_not_know_is_refused_before_anything_runs
 def test_plans_grow_with_the_mode(tmp_path):
     full = plan_for(BenchOptions(out=tmp_path))
     assert len(full.seeds) >= 3 and full.sites >= 3 and "model-name" not in full.run_config
+    quick = plan_for(BenchOptions(out=tmp_path, quick=True))
+    assert len(quick.seeds) >= 3 and set(quick.strategies) == {"fedavg", "fedprox", "fedadam"}
+    assert quick.run_config["model-name"] != full.run_config.get("model-name")
     with pytest.raises(ValueError, match="at least 2 sites"):
         type(full)(sites=1, patients_per_site=5, small=True, seeds=(0,), rounds=1, local_epochs=1)
