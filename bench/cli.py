@@ -47,7 +47,11 @@ def _handler(args: argparse.Namespace) -> int:
         return 2
     names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip()) if args.strategies else ()
-    return run_benchmarks(names, BenchOptions(out=Path(args.out).resolve(), quick=args.quick, tiny=args.tiny), strategies=strategies)
+    if args.resume and args.benchmark not in ("quality", "all"):
+        print("fedct bench: error: --resume applies to the quality benchmark only", file=sys.stderr)
+        return 2
+    options = BenchOptions(out=Path(args.out).resolve(), quick=args.quick, tiny=args.tiny, resume=args.resume)
+    return run_benchmarks(names, options, strategies=strategies)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,6 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
     p.add_argument("--quick", action="store_true", help="small sizes: all five in under 10 minutes on 2 cores")
     p.add_argument("--tiny", action="store_true", help="test-suite size: seconds; checks that it runs, the figures mean little")
+    p.add_argument("--resume", action="store_true", help="quality: continue from quality.partial.json in --out (same plan): "
+                   "finished arms and seeds are kept, the rest runs")
     p.add_argument("--strategies", help="quality: comma-separated run-config strategies (default: fedavg,fedprox,fedadam; "
                    "tiny: fedavg)")
     p.add_argument("--out", default="runs/bench", help="folder for the JSON/PNG results and the benchmarks' work files")

@@ -26,6 +26,7 @@ class BenchOptions:
     out: Path
     quick: bool = False
     tiny: bool = False  # the test suite's size: seconds, only checks that the benchmark works
+    resume: bool = False  # quality: continue from ``quality.partial.json`` in ``out`` (same plan), skip finished arms
 
 
 def machine_info() -> dict[str, Any]:

@@ -223,6 +223,43 @@ def plot(path: Path, arms: Mapping[str, Any]) -> Path:
     return path
 
 
+#: Written after every finished arm run (per seed); ``--resume`` continues from it.
+PARTIAL_NAME = "quality.partial.json"
+
+
+def plan_record_of(plan: QualityPlan) -> dict[str, Any]:
+    """What must match for a partial result to be continued (the run config's overrides included)."""
+    return {"sites": plan.sites, "patients_per_site": plan.patients_per_site, "small_images": plan.small, "seeds": list(plan.seeds),
+            "rounds": plan.rounds, "local_epochs": plan.local_epochs, "strategies": list(plan.strategies),
+            "run_config": {k: plan.run_config[k] for k in sorted(plan.run_config)}}  # fmt: skip
+
+
+def load_partial(path: Path, plan_record: Mapping[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float]]:
+    """Finished arm runs and their seconds from a partial result written for the same plan; empty when there is none.
+
+    Only arms, seeds and sizes of this plan are kept; a partial result of another plan (other sizes, rounds,
+    budget or run config) is refused with the differences named, rather than mixed into this one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}, {}
+    data = json.loads(path.read_text())
+    theirs = data.get("plan")
+    if not isinstance(theirs, dict):
+        raise ValueError(f"{path}: no plan recorded, cannot tell whether it belongs to this run; move it away to start over")
+    sizes = ("sites", "patients_per_site", "small_images", "rounds", "local_epochs", "run_config")
+    differ = [f"{k}: {theirs.get(k)!r} there, {plan_record[k]!r} here" for k in sizes if theirs.get(k) != plan_record[k]]
+    if differ:
+        raise ValueError(f"{path} was written for another plan ({'; '.join(differ)}); move it away to start over")
+    wanted_arms = {"pooled", *(f"federated:{s}" for s in plan_record["strategies"])}
+    per_seed = {arm: [r for r in results if r.get("seed") in plan_record["seeds"]]
+                for arm, results in data.get("per_seed", {}).items()
+                if arm in wanted_arms or arm.startswith("local:")}  # fmt: skip
+    per_seed = {arm: results for arm, results in per_seed.items() if results}
+    seconds = {arm: float(v) for arm, v in data.get("seconds", {}).items() if arm in per_seed}
+    return per_seed, seconds
+
+
 def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Path:
     """Run the comparison and write ``quality.json`` and ``quality.png``; returns the JSON's path."""
     from fl_client.train import train_round
@@ -243,29 +280,43 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Pa
         prepare_site(site.dicom_dir, site.site_dir, labels_csv=site.labels_csv, pipeline=base.pipeline,
                      split=base.round_settings(1).split)  # fmt: skip
     budget = plan.rounds * plan.local_epochs
-    per_seed: dict[str, list[dict[str, Any]]] = {}
-    seconds: dict[str, float] = {}
+    partial_path = out / PARTIAL_NAME
+    plan_record = plan_record_of(plan)
+    per_seed, seconds = load_partial(partial_path, plan_record) if options.resume else ({}, {})
+    if per_seed:
+        print(f"bench quality: continuing {partial_path}: {sum(map(len, per_seed.values()))} arm runs already done", flush=True)
+
+    def done(arm: str, seed: int) -> bool:
+        return any(r["seed"] == seed for r in per_seed.get(arm, []))
 
     def record(arm: str, result: dict[str, Any], t0: float) -> None:
         per_seed.setdefault(arm, []).append(result)
         seconds[arm] = seconds.get(arm, 0.0) + time.perf_counter() - t0
-        # every finished arm is kept at once: the full mode runs for hours, an interrupted run still shows what it got
-        (out / "quality.partial.json").write_text(json.dumps({"per_seed": per_seed, "seconds": seconds}, indent=1, default=str))
+        # every finished arm is kept at once: the full mode runs for hours, an interrupted run still shows what it
+        # got, and ``--resume`` continues from it
+        partial_path.write_text(json.dumps({"plan": plan_record, "per_seed": per_seed, "seconds": seconds}, indent=1, default=str))
 
     for seed in plan.seeds:
         config = configs[(plan.strategies[0], seed)]
         settings = replace(config.round_settings(1), local_epochs=budget)
         state0 = _initial_state(config)
-        t0 = time.perf_counter()
-        record("pooled", {"seed": seed, **score(sites, settings, train_pooled(sites, settings, state0, epochs=budget))}, t0)
+        if not done("pooled", seed):
+            t0 = time.perf_counter()
+            record("pooled", {"seed": seed, **score(sites, settings, train_pooled(sites, settings, state0, epochs=budget))}, t0)
         for name, site in sites.items():
+            if done(f"local:{name}", seed):
+                continue
             t0 = time.perf_counter()
             state, _ = train_round(site, settings, state0)
             record(f"local:{name}", {"seed": seed, **score(sites, settings, state)}, t0)
         for strategy in plan.strategies:
+            if done(f"federated:{strategy}", seed):
+                continue
             t0 = time.perf_counter()
             metrics = run_federated(configs[(strategy, seed)], data_root, work_root, plan.sites)
             record(f"federated:{strategy}", {"seed": seed, **_from_metrics(metrics)}, t0)
+    for results in per_seed.values():  # resumed arms: seed order, whatever order they finished in
+        results.sort(key=lambda r: plan.seeds.index(r["seed"]))
     arms = {arm: {"per_seed": results, "summary": _summaries(results), "seconds": seconds[arm]} for arm, results in per_seed.items()}
     key = FIGURES[0][0]
     pooled = arms["pooled"]["summary"]["overall"][key]["mean"]
@@ -285,9 +336,8 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Pa
         "epochs, same training loop and metric code); overall = weighted mean of site values (macro AUC by test studies, "
         "C-index by events); pooled-auc-macro = AUC of all sites' predictions pooled. A local:<site> model is scored at "
         "every site. Mean/std over seeds.",
-        "plan": {"sites": plan.sites, "patients_per_site": plan.patients_per_site, "small_images": plan.small, "seeds": list(plan.seeds),
-                 "rounds": plan.rounds, "local_epochs": plan.local_epochs, "epochs_budget": budget,
-                 "strategies": list(plan.strategies), "model": base.model_name, "input_size": base.input_size},  # fmt: skip
+        "plan": {**plan_record, "epochs_budget": budget, "model": base.model_name, "input_size": base.input_size},
+        "resumed": options.resume,
         "site_studies": {name: {s: len(prepare_site(site.dicom_dir, site.site_dir, labels_csv=site.labels_csv, pipeline=base.pipeline,
                                                    split=base.round_settings(1).split).split(s)) for s in ("train", "val", "test")}
                          for name, site in sites.items()},  # fmt: skip

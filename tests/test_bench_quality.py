@@ -2,11 +2,12 @@
 
 import json
 import math
+import shutil
 
 import pytest
 
 from bench.common import BenchOptions
-from bench.quality import plan_for, run
+from bench.quality import PARTIAL_NAME, load_partial, plan_for, plan_record_of, run
 
 
 def test_tiny_quality_benchmark_has_every_arm_and_site(tmp_path):
@@ -41,3 +42,41 @@ def test_plans_grow_with_the_mode(tmp_path):
     assert quick.run_config["model-name"] != full.run_config.get("model-name")
     with pytest.raises(ValueError, match="at least 2 sites"):
         type(full)(sites=1, patients_per_site=5, small=True, seeds=(0,), rounds=1, local_epochs=1)
+
+
+def test_resume_keeps_finished_arms_and_runs_only_the_rest(tmp_path):
+    first = json.loads(run(BenchOptions(out=tmp_path, tiny=True)).read_text())
+    partial = json.loads((tmp_path / PARTIAL_NAME).read_text())
+    assert partial["plan"]["seeds"] == [0] and set(partial["per_seed"]) == set(first["arms"])
+    # drop the federated arm from the partial result, as if the run had been stopped before it
+    del partial["per_seed"]["federated:fedavg"], partial["seconds"]["federated:fedavg"]
+    (tmp_path / PARTIAL_NAME).write_text(json.dumps(partial))
+    runs = tmp_path / "work" / "quality" / "runs"
+    shutil.rmtree(runs)
+    second = json.loads(run(BenchOptions(out=tmp_path, tiny=True, resume=True)).read_text())
+    assert second["resumed"] is True
+    assert sorted(p.name for p in runs.iterdir()) == ["fedavg-seed0"]  # only the missing arm ran again
+    for arm in ("pooled", "local:site-0", "local:site-1"):
+        assert second["arms"][arm]["per_seed"] == first["arms"][arm]["per_seed"]
+    assert second["arms"]["federated:fedavg"]["per_seed"][0]["seed"] == 0
+
+
+def test_resume_refuses_a_partial_result_of_another_plan(tmp_path):
+    plan = plan_record_of(plan_for(BenchOptions(out=tmp_path, tiny=True)))
+    (tmp_path / PARTIAL_NAME).write_text(json.dumps({"plan": {**plan, "rounds": 7}, "per_seed": {}, "seconds": {}}))
+    with pytest.raises(ValueError, match="rounds: 7 there, 1 here"):
+        load_partial(tmp_path / PARTIAL_NAME, plan)
+    (tmp_path / PARTIAL_NAME).write_text(json.dumps({"per_seed": {}, "seconds": {}}))
+    with pytest.raises(ValueError, match="no plan recorded"):
+        load_partial(tmp_path / PARTIAL_NAME, plan)
+    assert load_partial(tmp_path / "absent.json", plan) == ({}, {})
+
+
+def test_resume_keeps_only_this_plans_seeds_and_strategies(tmp_path):
+    plan = plan_record_of(plan_for(BenchOptions(out=tmp_path, tiny=True)))  # seed 0, fedavg
+    row = {"seed": 0, "overall": {}, "sites": {}}
+    per_seed = {"pooled": [row, {**row, "seed": 5}], "federated:fedadam": [row], "federated:fedavg": [{**row, "seed": 5}]}
+    (tmp_path / PARTIAL_NAME).write_text(json.dumps({"plan": plan, "per_seed": per_seed,
+                                                      "seconds": {"pooled": 3.0, "federated:fedadam": 1.0}}))  # fmt: skip
+    kept, seconds = load_partial(tmp_path / PARTIAL_NAME, plan)
+    assert kept == {"pooled": [row]} and seconds == {"pooled": 3.0}
