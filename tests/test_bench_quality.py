@@ -10,10 +10,16 @@ from bench.common import BenchOptions
 from bench.quality import PARTIAL_NAME, load_partial, plan_for, plan_record_of, run
 
 
-def test_tiny_quality_benchmark_has_every_arm_and_site(tmp_path):
-    path = run(BenchOptions(out=tmp_path, tiny=True))
-    data = json.loads(path.read_text())
-    assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One tiny quality run shared by the tests of this module (its federated arm starts Flower's simulation)."""
+    out = tmp_path_factory.mktemp("quality")
+    return out, json.loads(run(BenchOptions(out=out, tiny=True)).read_text())
+
+
+def test_tiny_quality_benchmark_has_every_arm_and_site(tiny_run):
+    out, data = tiny_run
+    assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"
     assert set(data["arms"]) == {"pooled", "local:site-0", "local:site-1", "federated:fedavg"}
     assert data["plan"]["epochs_budget"] == data["plan"]["rounds"] * data["plan"]["local_epochs"]
     for arm in data["arms"].values():
@@ -44,21 +50,24 @@ def test_plans_grow_with_the_mode(tmp_path):
         type(full)(sites=1, patients_per_site=5, small=True, seeds=(0,), rounds=1, local_epochs=1)
 
 
-def test_resume_keeps_finished_arms_and_runs_only_the_rest(tmp_path):
-    first = json.loads(run(BenchOptions(out=tmp_path, tiny=True)).read_text())
-    partial = json.loads((tmp_path / PARTIAL_NAME).read_text())
+def test_resume_keeps_finished_arms_and_runs_only_the_rest(tiny_run, tmp_path):
+    first_out, first = tiny_run
+    out = tmp_path / "out"
+    shutil.copytree(first_out, out)
+    partial = json.loads((out / PARTIAL_NAME).read_text())
     assert partial["plan"]["seeds"] == [0] and set(partial["per_seed"]) == set(first["arms"])
-    # drop the federated arm from the partial result, as if the run had been stopped before it
-    del partial["per_seed"]["federated:fedavg"], partial["seconds"]["federated:fedavg"]
-    (tmp_path / PARTIAL_NAME).write_text(json.dumps(partial))
-    runs = tmp_path / "work" / "quality" / "runs"
+    # drop the pooled arm from the partial result, as if the run had been stopped during it
+    del partial["per_seed"]["pooled"], partial["seconds"]["pooled"]
+    (out / PARTIAL_NAME).write_text(json.dumps(partial))
+    runs = out / "work" / "quality" / "runs"
     shutil.rmtree(runs)
-    second = json.loads(run(BenchOptions(out=tmp_path, tiny=True, resume=True)).read_text())
+    second = json.loads(run(BenchOptions(out=out, tiny=True, resume=True)).read_text())
     assert second["resumed"] is True
-    assert sorted(p.name for p in runs.iterdir()) == ["fedavg-seed0"]  # only the missing arm ran again
-    for arm in ("pooled", "local:site-0", "local:site-1"):
+    assert not runs.exists()  # the finished federated arm did not run again
+    for arm in ("local:site-0", "local:site-1", "federated:fedavg"):
         assert second["arms"][arm]["per_seed"] == first["arms"][arm]["per_seed"]
-    assert second["arms"]["federated:fedavg"]["per_seed"][0]["seed"] == 0
+    assert [r["seed"] for r in second["arms"]["pooled"]["per_seed"]] == [0]
+    assert set(second["arms"]["pooled"]["per_seed"][0]["sites"]) == {"site-0", "site-1"}
 
 
 def test_resume_refuses_a_partial_result_of_another_plan(tmp_path):
