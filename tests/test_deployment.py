@@ -376,33 +376,6 @@ def test_a_site_killed_mid_round_does_not_hang_the_run_and_is_used_again(consort
     assert any(set(_round(metrics, n)["train"]["sites"]) == set(SITES) for n in (3, 4)), metrics["rounds"]
 
 
-def test_a_round_with_too_few_sites_is_skipped_and_logged(consortium):
-    fed = consortium
-    before = fed.train_messages("site-1")
-    done = fed.submit("skip", stream=False, **{"num-server-rounds": 3, "min-sites": 2, "round-timeout-s": 60.0})
-    assert done.run_id is not None, done.output[-3000:]
-    wait_until(lambda: fed.train_messages("site-1") >= before + 1, timeout=600, what="site-1 to receive round 1")
-    fed.kill("site-1")
-    # site-1 comes back with Flower's own runner (SuperExec + a flwr-clientapp process per message, through the
-    # approval launcher): the old path keeps being exercised.
-    fed.start_site("site-1", env_file=fed.site_env("site-1", FEDCT_CLIENTAPP_RUNNER="flower"))
-    assert not pids_matching("fl_client.executor", str(fed.root / "work" / "site-1"))  # no warm executor for it
-    status, details = fed.wait_finished(done.run_id, timeout=900)
-    assert status == "finished:completed", details
-    metrics = fed.metrics("skip")
-    first = _round(metrics, 1)
-    assert first["skipped"] and "fewer than min-sites=2" in first["skip_reason"]
-    assert "skipped: 1 valid update(s), fewer than min-sites=2" in _server_log(fed, done.run_id)
-    later = [_round(metrics, n) for n in (2, 3)]
-    assert any(not r["skipped"] and set(r["train"]["sites"]) == set(SITES) for r in later), later  # site-1 is back
-    text = fed.log_text("site-1")  # the restarted site's log
-    assert "FEDCT_CLIENTAPP_RUNNER=flower" in text and "Start `flwr-clientapp` process" in text and "[executor]" not in text
-    assert f"app FAB sha256 {app_hash(fed.app)} is approved at this site" in text  # through the approval launcher
-    run_dir = fed.root / "runs" / "skip"
-    initial, after_skip = (torch.load(run_dir / "checkpoints" / f"round-{n:03d}.pt", weights_only=True) for n in (0, 1))
-    assert all(torch.equal(initial[k], after_skip[k]) for k in initial)  # a skipped round keeps the global model
-
-
 def test_resume_after_the_server_is_killed(consortium):
     from fl_server.checkpoint import load_run_state
 
@@ -429,3 +402,32 @@ def test_resume_after_the_server_is_killed(consortium):
         if int(name[6:9]) <= saved:
             assert (run_dir / "checkpoints" / name).read_bytes() == data, name  # completed rounds not redone
     assert {p.name for p in (run_dir / "checkpoints").glob("*.pt")} == {f"round-{n:03d}.pt" for n in range(4)}
+
+
+# Last in the module: site-1 stays on Flower's runner afterwards (a fresh flwr-clientapp per message), which would
+# slow every later test's rounds (the resume test took 291 s after it instead of ~100 s).
+def test_a_round_with_too_few_sites_is_skipped_and_logged(consortium):
+    fed = consortium
+    before = fed.train_messages("site-1")
+    done = fed.submit("skip", stream=False, **{"num-server-rounds": 3, "min-sites": 2, "round-timeout-s": 60.0})
+    assert done.run_id is not None, done.output[-3000:]
+    wait_until(lambda: fed.train_messages("site-1") >= before + 1, timeout=600, what="site-1 to receive round 1")
+    fed.kill("site-1")
+    # site-1 comes back with Flower's own runner (SuperExec + a flwr-clientapp process per message, through the
+    # approval launcher): the old path keeps being exercised.
+    fed.start_site("site-1", env_file=fed.site_env("site-1", FEDCT_CLIENTAPP_RUNNER="flower"))
+    assert not pids_matching("fl_client.executor", str(fed.root / "work" / "site-1"))  # no warm executor for it
+    status, details = fed.wait_finished(done.run_id, timeout=900)
+    assert status == "finished:completed", details
+    metrics = fed.metrics("skip")
+    first = _round(metrics, 1)
+    assert first["skipped"] and "fewer than min-sites=2" in first["skip_reason"]
+    assert "skipped: 1 valid update(s), fewer than min-sites=2" in _server_log(fed, done.run_id)
+    later = [_round(metrics, n) for n in (2, 3)]
+    assert any(not r["skipped"] and set(r["train"]["sites"]) == set(SITES) for r in later), later  # site-1 is back
+    text = fed.log_text("site-1")  # the restarted site's log
+    assert "FEDCT_CLIENTAPP_RUNNER=flower" in text and "Start `flwr-clientapp` process" in text and "[executor]" not in text
+    assert f"app FAB sha256 {app_hash(fed.app)} is approved at this site" in text  # through the approval launcher
+    run_dir = fed.root / "runs" / "skip"
+    initial, after_skip = (torch.load(run_dir / "checkpoints" / f"round-{n:03d}.pt", weights_only=True) for n in (0, 1))
+    assert all(torch.equal(initial[k], after_skip[k]) for k in initial)  # a skipped round keeps the global model
