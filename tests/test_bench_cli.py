@@ -22,3 +22,11 @@ def test_bench_train_loop_tiny_writes_its_json(tmp_path, capsys):
 def test_quick_and_tiny_together_is_a_usage_error(tmp_path, capsys):
     assert main(["bench", "scale", "--quick", "--tiny", "--out", str(tmp_path)]) == 2
     assert "exclusive" in capsys.readouterr().err
+
+
+def test_resume_is_for_the_quality_benchmark_only(tmp_path, capsys):
+    assert main(["bench", "preprocess", "--resume", "--out", str(tmp_path)]) == 2
+    assert "--resume applies to the quality benchmark only" in capsys.readouterr().err
+    assert not (tmp_path / "preprocess.json").exists()
+    args = build_parser().parse_args(["bench", "quality", "--resume", "--out", "x"])
+    assert args.resume and args.benchmark == "quality"
