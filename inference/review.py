@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from inference.wording import DISCLAIMER, class_title, finding_sentence, percent, risk_explanation, risk_label
+
 __all__ = ["ALLOWED_VERDICTS", "MAX_COMMENT_CHARS", "ReviewServer", "make_server", "serve"]
 
 log = logging.getLogger(__name__)
@@ -59,22 +61,6 @@ MAX_COMMENT_CHARS = 2000
 #: Largest form body accepted (bytes).
 MAX_BODY_BYTES = 64 * 1024
 DEFAULT_DB_NAME = "feedback.sqlite"
-
-#: Plain-language names of the model's diagnostic classes; an unknown class is shown with "_" as spaces.
-CLASS_WORDS = {
-    "covid": "COVID-19-like pattern",
-    "covid19": "COVID-19-like pattern",
-    "covid-19": "COVID-19-like pattern",
-    "other_pneumonia": "other pneumonia pattern",
-    "pneumonia": "pneumonia pattern",
-    "normal": "no pneumonia pattern (normal)",
-}
-#: Risk groups are tertiles of the training studies' risk scores.
-RISK_WORDS = {
-    "low": ("Low", "lowest third of the training studies"),
-    "intermediate": ("Intermediate", "middle third of the training studies"),
-    "high": ("High", "highest third of the training studies"),
-}
 
 _CONTENT_TYPES = {
     ".png": "image/png",
@@ -272,29 +258,12 @@ def esc(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def class_words(name: Any) -> str:
-    text = str(name)
-    return CLASS_WORDS.get(text.strip().lower(), text.replace("_", " "))
-
-
-def _sentence_case(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
 def _probability(value: Any) -> float | None:
     try:
         p = float(value)
     except (TypeError, ValueError):
         return None
     return p if math.isfinite(p) and 0.0 <= p <= 1.0 else None
-
-
-def percent(p: float) -> str:
-    if p < 0.01 and p > 0:
-        return "<1%"
-    if p > 0.99 and p < 1:
-        return ">99%"
-    return f"{round(p * 100)}%"
 
 
 def _probabilities(prediction: Mapping[str, Any]) -> list[tuple[str, float]]:
@@ -305,27 +274,22 @@ def _probabilities(prediction: Mapping[str, Any]) -> list[tuple[str, float]]:
     return sorted(out, key=lambda kv: -kv[1])
 
 
-def finding_sentence(prediction: Mapping[str, Any]) -> str:
-    """E.g. "Findings suggest COVID-19-like pattern — 82%" (plain text, not escaped)."""
-    diagnosis = prediction.get("diagnosis")
+def finding_words(prediction: Mapping[str, Any]) -> str:
+    """The finding sentence of :func:`inference.wording.finding_sentence` for a ``prediction.json`` (plain text)."""
     probs = dict(_probabilities(prediction))
-    if diagnosis is None or str(diagnosis) == "":
-        if not probs:
-            return "No finding recorded"
-        diagnosis = max(probs, key=probs.__getitem__)
-    sentence = f"Findings suggest {class_words(diagnosis)}"
-    p = probs.get(str(diagnosis))
-    return f"{sentence} \u2014 {percent(p)}" if p is not None else sentence
+    diagnosis = prediction.get("diagnosis")
+    return finding_sentence(probs, None if diagnosis in (None, "") else str(diagnosis))
 
 
 def risk_words(prediction: Mapping[str, Any]) -> tuple[str, str, str]:
     """(label, explanation, css class) of the risk group; ("", "", "") when there is none."""
     group = prediction.get("risk_group")
-    if group is None or str(group).strip() == "":
+    label = risk_label(group)
+    if not label:
         return "", "", ""
     key = str(group).strip().lower()
-    label, explanation = RISK_WORDS.get(key, (str(group), ""))
-    return label, explanation, f"risk-{key}" if key in RISK_WORDS else "risk-other"
+    explanation = risk_explanation(group)
+    return label, explanation, f"risk-{key}" if explanation else "risk-other"
 
 
 def model_words(prediction: Mapping[str, Any]) -> str:
@@ -429,9 +393,6 @@ footer { color:var(--muted); font-size:.85rem; padding:10px 28px 24px; max-width
 .error { color:var(--disagree); }
 """
 
-NOTICE = ("Decision support from a research model, not a diagnosis. It may be wrong; read it together with the "
-          "images, the radiology report and the clinical picture.")
-
 
 def _page(title: str, body: str, *, subtitle: str = "", footer_note: str = "") -> bytes:
     sub = f"<p>{esc(subtitle)}</p>" if subtitle else ""
@@ -451,7 +412,7 @@ def _page(title: str, body: str, *, subtitle: str = "", footer_note: str = "") -
 </main>
 <footer>
 <p>Reviews entered here are stored only at this site, in a local file{footer_note}. Nothing is sent anywhere.</p>
-<p>{esc(NOTICE)}</p>
+<p>{esc(DISCLAIMER)}</p>
 </footer>
 </body>
 </html>
@@ -505,7 +466,7 @@ def render_list(results_dir: Path, store: FeedbackStore, token: str, db_note: st
     studies = list_studies(results_dir)
     latest = store.latest_all()
     refused = read_refused(results_dir)
-    parts = [f'<div class="notice">{esc(NOTICE)}</div>']
+    parts = [f'<div class="notice">{esc(DISCLAIMER)}</div>']
     if not studies:
         parts.append('<div class="card">No predicted studies in this results folder yet.</div>')
     else:
@@ -516,7 +477,7 @@ def render_list(results_dir: Path, store: FeedbackStore, token: str, db_note: st
             shown_key = pred.get("study_key") or study.key
             when = when_words(pred.get("created_utc"))
             finding = (f'<div class="error">{esc(study.error)}</div>' if study.error
-                       else f'<div class="finding">{esc(finding_sentence(pred))}</div>')
+                       else f'<div class="finding">{esc(finding_words(pred))}</div>')
             report_link = (f'<a href="{esc(study_url(study.key, "report"))}" class="report-link">Open report</a>'
                            if study.has_report else '<span class="small">No report</span>')
             rows.append(f"""<tr class="study" id="study-{esc(study.key)}" data-study-key="{esc(study.key)}">
@@ -556,7 +517,7 @@ def render_study(study: Study, store: FeedbackStore, token: str, db_note: str) -
     shown_key = pred.get("study_key") or study.key
     probs = _probabilities(pred)
     bars = "".join(
-        f'<div class="bar"><span class="name">{esc(_sentence_case(class_words(name)))}</span>'
+        f'<div class="bar"><span class="name">{esc(class_title(name))}</span>'
         f'<span class="track"><span class="fill" style="display:block;width:{p * 100:.1f}%"></span></span>'
         f'<span>{esc(percent(p))}</span></div>' for name, p in probs)
     details = []
@@ -568,7 +529,7 @@ def render_study(study: Study, store: FeedbackStore, token: str, db_note: str) -
     if model:
         details.append(f"Model: {esc(model)}")
     finding = (f'<p class="error">{esc(study.error)}</p>' if study.error
-               else f'<p class="finding">{esc(finding_sentence(pred))}</p>')
+               else f'<p class="finding">{esc(finding_words(pred))}</p>')
     history_html = ""
     if len(history) > 1:
         items = "".join(f"<li>{_feedback_summary(fb)}</li>" for fb in history[1:])
@@ -588,7 +549,7 @@ def render_study(study: Study, store: FeedbackStore, token: str, db_note: str) -
     else:
         report_html = '<div class="card small">No report was written for this study.</div>'
     body = f"""<p class="links small"><a href="/" class="back-link">&larr; All studies</a></p>
-<div class="notice">{esc(NOTICE)}</div>
+<div class="notice">{esc(DISCLAIMER)}</div>
 <div class="grid">
 <div class="card">
 {finding}
