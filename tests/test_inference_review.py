@@ -340,7 +340,7 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                    reason="chromium and chromedriver binaries not found "
+                    reason="missing system tool or test dependency: chromium and chromedriver "
                            "(Debian: apt-get install chromium chromium-driver)")
 def test_review_in_headless_chromium(server: ReviewServer, tmp_path: Path) -> None:
     from selenium import webdriver
