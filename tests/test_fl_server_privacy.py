@@ -18,7 +18,7 @@ from fedct.demo import simulation_backend_config
 from federation import TINY_RUN_CONFIG, tiny_federation
 from fl_client.client_app import build_client_app
 from fl_client.transport import decode_content
-from fl_server.checkpoint import load_bundle
+from models.bundle import load_bundle
 from fl_server.config import ServerConfig
 from fl_server.privacy import PrivacyConfig, SiteLevelAccountant, privacy_summary, round_privacy, wrap_strategy
 from fl_server.strategy import load_strategy_state, strategy_state

@@ -16,7 +16,7 @@ from fedct.demo import simulation_backend_config
 from federation import TINY_RUN_CONFIG, tiny_federation
 from fl_client.client_app import build_client_app
 from fl_client.secagg import LEGACY_FIT_KEY
-from fl_server.checkpoint import load_bundle
+from models.bundle import load_bundle
 from fl_server.config import ServerConfig
 from fl_server.privacy import PrivacyConfig
 from fl_server.secagg import quantization_tolerance

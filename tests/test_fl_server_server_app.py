@@ -11,7 +11,7 @@ from flwr.simulation import run_simulation
 from fedct.demo import simulation_backend_config
 from federation import TINY_RUN_CONFIG, tiny_federation
 from fl_client.client_app import build_client_app
-from fl_server.checkpoint import load_bundle
+from models.bundle import load_bundle
 from fl_server.server_app import build_server_app
 
 
