@@ -19,13 +19,20 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from preprocessing.deid import Pseudonymizer
 from preprocessing.deidentify import (
-    PROFILE_ACTIONS,
+    DATE_TIME_PAIRS,
+    KEPT_ATTRIBUTES,
+    PROFILE_TABLE_EDITION,
+    SKIP_REASONS,
+    VERBATIM,
     DeidResult,
     DeidentificationRefused,
     date_shift_days,
     deidentify_dataset,
     deidentify_folder,
     new_uid,
+    profile_table,
+    profile_table_source,
+    time_shift_seconds,
 )
 from synthetic.dicom_writer import CT_IMAGE_STORAGE, PatientIdentity
 
@@ -197,6 +204,17 @@ def _days(new: str, old: str) -> int:
     return (parse(new) - parse(old)).days
 
 
+def _offset(key: bytes, patient_id: str) -> dt.timedelta:
+    """The patient's whole date/time shift: days plus seconds."""
+    return dt.timedelta(days=date_shift_days(key, patient_id), seconds=time_shift_seconds(key, patient_id))
+
+
+def _moved(key: bytes, patient_id: str, date: str, time: str = "000000") -> tuple[str, str]:
+    """(DA, TM) that ``date``/``time`` become for this patient."""
+    moment = dt.datetime.strptime(date + time[:6], "%Y%m%d%H%M%S") + _offset(key, patient_id)
+    return moment.strftime("%Y%m%d"), moment.strftime("%H%M%S") + time[6:]
+
+
 # --- the folder run -----------------------------------------------------------------------------
 
 
@@ -277,8 +295,11 @@ def test_uid_and_date_shift_derivations_are_pinned():
     assert new_uid(KEY_A, "1.2.840.99999.1.2.3 ") == new_uid(KEY_A, "1.2.840.99999.1.2.3")  # padding ignored
     assert new_uid(KEY_B, "1.2.840.99999.1.2.3") != new_uid(KEY_A, "1.2.840.99999.1.2.3")
     assert date_shift_days(KEY_A, PATIENT_1.PatientID) == -9
+    assert time_shift_seconds(KEY_A, PATIENT_1.PatientID) == time_shift_seconds(bytes(KEY_A), PATIENT_1.PatientID)
     shifts = {date_shift_days(KEY_A, f"P{i}") for i in range(2000)}
     assert min(shifts) == -365 and max(shifts) == -1
+    seconds = {time_shift_seconds(KEY_A, f"P{i}") for i in range(2000)}
+    assert -86400 < min(seconds) < -80000 and max(seconds) <= 0 and len(seconds) > 1900
 
 
 def test_another_key_gives_other_pseudonyms_and_uids(site):
@@ -289,33 +310,30 @@ def test_another_key_gives_other_pseudonyms_and_uids(site):
         assert not {str(d.get(keyword)) for d in a.values()} & {str(d.get(keyword)) for d in b.values()}, keyword
 
 
-def test_dates_of_a_patient_are_shifted_by_one_offset_and_times_kept(site):
+def test_dates_and_times_of_a_patient_are_shifted_by_one_offset(site):
     outputs = _outputs(site.out_a)
     for patient, study_date, acquisition, creation in (
         (PATIENT_1, STUDY_1["study_date"], ACQUISITION_DATE_1, CREATION_DATE_1),
         (PATIENT_2, STUDY_2["study_date"], "20220212", "20220213"),
     ):
-        shift = date_shift_days(KEY_A, patient.PatientID)
-        assert -365 <= shift <= -1
+        offset = _offset(KEY_A, patient.PatientID)
+        assert dt.timedelta(days=-366) < offset <= dt.timedelta(days=-1)
         pseudonym = Pseudonymizer(KEY_A)("patient", patient.PatientID)
         mine = [d for d in outputs.values() if d.PatientID == pseudonym]
         assert len(mine) == (14 if patient is PATIENT_1 else 6)
+        study = _moved(KEY_A, patient.PatientID, study_date, "120000")
         for d in mine:
-            shifts = {
-                _days(d.StudyDate, study_date),
-                _days(d.SeriesDate, study_date),
-                _days(d.ContentDate, study_date),
-                _days(d.AcquisitionDate, acquisition),
-                _days(d.InstanceCreationDate, creation),
-                _days(d.AcquisitionDateTime[:8], acquisition),
-            }
-            assert shifts == {shift}
-            assert _days(d.AcquisitionDate, d.StudyDate) == 1  # intervals kept
-            assert d.AcquisitionDateTime[8:] == "093000.123456"  # time kept, UTC offset dropped
-            assert (d.StudyTime, d.SeriesTime, d.ContentTime) == ("120000", "120000", "120000")
+            assert (d.StudyDate, d.StudyTime) == (d.SeriesDate, d.SeriesTime) == (d.ContentDate, d.ContentTime) == study
+            # dates without their time move as if at midnight; the DT keeps its fraction, loses its UTC offset
+            assert d.AcquisitionDate == _moved(KEY_A, patient.PatientID, acquisition)[0]
+            assert d.InstanceCreationDate == _moved(KEY_A, patient.PatientID, creation)[0]
+            assert d.AcquisitionDateTime == "".join(_moved(KEY_A, patient.PatientID, acquisition, "093000.123456"))
+            moment = lambda da, tm: dt.datetime.strptime(da + tm[:6], "%Y%m%d%H%M%S")  # noqa: E731
+            assert moment(d.AcquisitionDateTime[:8], d.AcquisitionDateTime[8:]) - moment(d.StudyDate, d.StudyTime) == (
+                moment(acquisition, "093000") - moment(study_date, "120000"))  # intervals kept exactly  # fmt: skip
             assert d.PatientBirthDate == ""
             assert "PatientBirthTime" not in d and "TimezoneOffsetFromUTC" not in d
-    assert date_shift_days(KEY_A, PATIENT_1.PatientID) != date_shift_days(KEY_A, PATIENT_2.PatientID)
+    assert _offset(KEY_A, PATIENT_1.PatientID) != _offset(KEY_A, PATIENT_2.PatientID)
 
 
 def test_private_tags_are_removed_everywhere(site):
@@ -347,7 +365,7 @@ def test_profile_actions_on_the_written_files(site):
         assert keyword not in ds, keyword
     for keyword in ("AccessionNumber", "StudyID", "ReferringPhysicianName", "PatientBirthDate"):
         assert keyword in ds and ds[keyword].is_empty, keyword
-    assert ds.ReferencedImageSequence[0].PersonName == ""  # a PN the table does not list is emptied
+    assert "PersonName" not in ds.ReferencedImageSequence[0]  # an attribute the allow-list does not name is removed
     # kept: patient characteristics (option 113108), equipment make, geometry, acquisition parameters
     assert (ds.PatientSex, ds.PatientAge) in {("F", "087Y"), ("M", "071Y")}
     assert ds.Manufacturer == MANUFACTURER and ds.Modality == "CT" and ds.ConvolutionKernel == "STANDARD"
@@ -414,18 +432,39 @@ def slice_ds(make_series) -> pydicom.FileDataset:
     return pydicom.dcmread(s.paths[0])
 
 
-def test_profile_table_names_valid_keywords_and_actions():
-    for keyword, (profile, applied) in PROFILE_ACTIONS.items():
+def test_profile_table_is_read_from_the_package_not_typed():
+    table = profile_table()
+    assert PROFILE_TABLE_EDITION in profile_table_source() and profile_table_source().startswith("dicom-anonymizer ")
+    assert len(table) > 600
+    by_keyword = {e.keyword: e.action for e in table if e.keyword}
+    # spot checks against the standard's table (PS3.15 2026c)
+    assert by_keyword["PatientName"] == "Z" and by_keyword["SOPInstanceUID"] == "U"
+    assert by_keyword["InstitutionName"] == "X/Z/D" and by_keyword["ReferencedImageSequence"] == "X/Z/U*"
+    for keyword in ("PersonTelephoneNumbers", "DeviceDescription", "ClinicalTrialProtocolEthicsCommitteeName",
+                    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber", "PreMedication", "TopicAuthor"):  # fmt: skip
+        assert keyword in by_keyword, keyword
+    assert any(e.matches(0x60023000) and e.action == "X" for e in table)  # overlay data of any 60xx group
+    assert {e.action for e in table} <= {"D", "Z", "X", "U", "Z/D", "X/Z", "X/D", "X/Z/D", "X/Z/U*"}
+
+
+def test_allow_list_names_valid_keywords_and_keeps_no_table_attribute_verbatim():
+    table = {e.keyword: e.action for e in profile_table() if e.keyword}
+    for keyword, rule in KEPT_ATTRIBUTES.items():
         assert tag_for_keyword(keyword) is not None, keyword
-        assert applied in {"X", "Z", "D", "K", "U", "C"}, keyword
-        assert set(profile.replace("*", "").split("/")) <= {"X", "Z", "D", "K", "U", "C"}, keyword
-        if applied == "U":
-            assert dictionary_VR(keyword) in ("UI", "SQ"), keyword
-    # every choice that keeps something the Basic Profile would not keep is one of the two options
-    widened = {kw for kw, (profile, applied) in PROFILE_ACTIONS.items() if applied in "KC" and applied not in profile}
-    assert widened == {"PatientSex", "PatientAge", "PatientSize", "PatientWeight", "StudyDate", "StudyTime",
-                       "SeriesDate", "SeriesTime", "InstanceCreationDate", "InstanceCreationTime", "AcquisitionDate",
-                       "AcquisitionTime", "AcquisitionDateTime", "ContentDate", "ContentTime"}  # fmt: skip
+        if rule == VERBATIM:
+            assert keyword not in table, keyword
+    # every table attribute that survives at all does so by an option, as a replaced UID or as a filtered sequence
+    kept_from_table = {kw for kw in KEPT_ATTRIBUTES if kw in table}
+    assert kept_from_table == {
+        *(kw for pair in DATE_TIME_PAIRS for kw in pair), "AcquisitionDateTime", "FrameAcquisitionDateTime",
+        "FrameReferenceDateTime",  # 113107: shifted
+        "PatientSex", "PatientAge", "PatientSize", "PatientWeight",  # 113108: checked and coarsened
+        "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID", "ReferencedSOPInstanceUID",
+        "ConcatenationUID", "DimensionOrganizationUID", "SynchronizationFrameOfReferenceUID", "IrradiationEventUID",
+        "ReferencedImageSequence", "SourceImageSequence",  # U*: kept, their UIDs replaced
+    }  # fmt: skip
+    assert {table[kw] for kw in kept_from_table if kw.endswith("UID")} == {"U"}
+    assert set(SKIP_REASONS) >= {"secondary_image", "pixel_high_bits", "recognizable_features"}
 
 
 def test_deidentify_dataset_returns_a_copy_and_leaves_the_input_alone(slice_ds):
@@ -438,36 +477,62 @@ def test_deidentify_dataset_returns_a_copy_and_leaves_the_input_alone(slice_ds):
     assert slice_ds == before and slice_ds.file_meta == before.file_meta
     assert out.PatientID == Pseudonymizer(KEY_A)("patient", before.PatientID)
     assert out.SOPInstanceUID == new_uid(KEY_A, before.SOPInstanceUID) == out.file_meta.MediaStorageSOPInstanceUID
-    assert out.StudyDate == (dt.date(2024, 1, 1) + dt.timedelta(days=date_shift_days(KEY_A, before.PatientID))).strftime("%Y%m%d")
+    assert (out.StudyDate, out.StudyTime) == _moved(KEY_A, before.PatientID, before.StudyDate, before.StudyTime)
     assert not any(e.tag.is_private for e in out)
     assert out.PixelData == before.PixelData
 
 
-def test_attributes_outside_the_table_follow_the_vr_rules(slice_ds):
-    for keyword in ("PersonName", "SOPInstanceUIDOfConcatenationSource", "TextValue", "ReceivingAE",
-                    "ScheduledProcedureStepModificationDateTime", "ReferencedTransferSyntaxUIDInFile"):  # fmt: skip
-        assert keyword not in PROFILE_ACTIONS
+def test_attributes_not_on_the_allow_list_are_removed(slice_ds):
     slice_ds.PersonName = "Hiddenqz^Person"
     slice_ds.SOPInstanceUIDOfConcatenationSource = "1.2.3.4.5.6.7"
     slice_ds.TextValue = "free text naming Qzvorak"
     slice_ds.ReceivingAE = "QZ_SITE_PACS"
     slice_ds.ScheduledProcedureStepModificationDateTime = "20240101101500"
     slice_ds.ReferencedTransferSyntaxUIDInFile = ExplicitVRLittleEndian
+    slice_ds.RetrieveURL = f"https://pacs.qzhospital.example/studies/{slice_ds.StudyInstanceUID}"
+    slice_ds.add_new(0x00091001, "LO", "odd-group private")  # private without a creator
+    slice_ds.add_new(0x00190010, "LO", "GEMS_ACQU_01")
     slice_ds.add_new(0x60000010, "US", 8)  # overlay rows
     slice_ds.add_new(0x60003000, "OW", b"\x01" * 8)  # overlay data
     slice_ds.add_new(0x00080000, "UL", 1234)  # a (stale) group length
+    slice_ds.add_new(0x00211234, "LO", "retired or unknown public tag")  # odd group: private; next one public
+    slice_ds.add_new(0x00400555, "SQ", [])  # AcquisitionContextSequence, empty
     slice_ds.PatientAge = "095Y"
-    shift = date_shift_days(KEY_A, slice_ds.PatientID)
+    slice_ds.PatientWeight = "81.37"
+    slice_ds.PatientSize = "1.7649"
 
     out = deidentify_dataset(slice_ds, site_key=KEY_A)
 
-    assert out.PersonName == ""
     assert out.SOPInstanceUIDOfConcatenationSource == new_uid(KEY_A, "1.2.3.4.5.6.7")
-    assert out.ReferencedTransferSyntaxUIDInFile == ExplicitVRLittleEndian  # standard UIDs are not secrets
-    assert "TextValue" not in out and "ReceivingAE" not in out
-    assert out.ScheduledProcedureStepModificationDateTime == (dt.date(2024, 1, 1) + dt.timedelta(days=shift)).strftime("%Y%m%d") + "101500"
-    assert not [t for t in out.keys() if t.group == 0x6000 or t.element == 0]
+    for keyword in ("PersonName", "TextValue", "ReceivingAE", "ScheduledProcedureStepModificationDateTime",
+                    "ReferencedTransferSyntaxUIDInFile", "RetrieveURL", "AcquisitionContextSequence"):  # fmt: skip
+        assert keyword not in out, keyword
+    assert not [t for t in out.keys() if t.group in (0x6000, 0x0009, 0x0019, 0x0021) or t.element == 0]
     assert out.PatientAge == "090Y"  # ages over 89 are reported as 90
+    assert (out.PatientWeight, out.PatientSize) == (81, 1.76)  # coarsened: kg, cm
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("PatientSex", "Qzvorak"), ("PatientAge", "eighty"), ("PatientWeight", "12345"), ("PatientSize", "-1")],
+)
+def test_implausible_patient_characteristics_do_not_survive(slice_ds, keyword, value):
+    setattr(slice_ds, keyword, value)
+    out = deidentify_dataset(slice_ds, site_key=KEY_A)
+    assert out.get(keyword, "") in ("", None)
+
+
+def test_kept_text_that_names_an_identifier_or_a_uid_is_removed(slice_ds):
+    slice_ds.Manufacturer = f"Acme for {slice_ds.PatientID}"
+    slice_ds.ManufacturerModelName = f"Model {slice_ds.StudyInstanceUID}"
+    slice_ds.ConvolutionKernel = "see www.qz.example"
+    slice_ds.RescaleType = "HU"
+
+    out = deidentify_dataset(slice_ds, site_key=KEY_A)
+
+    assert out.Manufacturer == ""  # Type 2: written empty
+    assert "ManufacturerModelName" not in out and "ConvolutionKernel" not in out
+    assert out.RescaleType == "HU"
 
 
 @pytest.mark.parametrize(
@@ -494,7 +559,7 @@ def test_without_patient_id_the_study_is_the_patient_as_in_ingest(slice_ds):
 
     assert first.PatientID == Pseudonymizer(KEY_A)("patient", slice_ds.StudyInstanceUID)
     assert second.PatientID == Pseudonymizer(KEY_A)("patient", "1.2.840.99999.77")
-    assert _days(first.StudyDate, "20240101") == date_shift_days(KEY_A, slice_ds.StudyInstanceUID)
+    assert (first.StudyDate, first.StudyTime) == _moved(KEY_A, slice_ds.StudyInstanceUID, "20240101", slice_ds.StudyTime)
 
 
 def test_keep_private_tags_keeps_them_and_says_so(slice_ds):
@@ -534,9 +599,10 @@ def test_real_files_from_pydicom(name, copy_testdata, tmp_path, snapshot):
     assert out.PixelData == original.PixelData
     assert not any(e.tag.is_private for e in _walk(out))
     assert "InstitutionName" not in out and "OtherPatientIDsSequence" not in out and "ImageComments" not in out
-    assert _days(out.StudyDate, original.StudyDate) == date_shift_days(KEY_A, original.PatientID)
+    assert (out.StudyDate, out.StudyTime) == _moved(KEY_A, original.PatientID, original.StudyDate, original.StudyTime)
     if name == "CT_small.dcm":  # study and content dates differ by years there: the interval is kept
-        assert _days(out.ContentDate, out.StudyDate) == _days(original.ContentDate, original.StudyDate)
+        moment = lambda d: dt.datetime.strptime(d.ContentDate + d.ContentTime[:6], "%Y%m%d%H%M%S") - dt.datetime.strptime(d.StudyDate + d.StudyTime[:6], "%Y%m%d%H%M%S")  # noqa: E731
+        assert moment(out) == moment(original)
     assert out.PatientIdentityRemoved == "YES"
 
 
