@@ -630,7 +630,8 @@ def _check_releasable(ds: Dataset) -> None:
         raise DeidentificationRefused("burned_in_annotation", "BurnedInAnnotation is YES: the pixels identify the patient")
     if sop_class in _SECONDARY_CAPTURE_CLASSES:
         raise DeidentificationRefused("secondary_capture", "Secondary Capture images often carry burned-in text")
-    is_ct = str(ds.get("Modality", "")).strip().upper() == "CT" or sop_class.startswith(_CT_CLASS_PREFIXES)
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    is_ct = modality == "CT" if modality else sop_class.startswith(_CT_CLASS_PREFIXES)
     for values in _image_types(ds):
         screen_save = any("SCREEN" in v and "SAVE" in v for v in values)
         if screen_save or (is_ct and values[:2] == ["DERIVED", "SECONDARY"]):

@@ -6,14 +6,18 @@ import copy
 import datetime as dt
 import hashlib
 import hmac
+import io
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import DicomDictionary, dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -633,3 +637,351 @@ def test_a_dicomdir_export_from_pydicom(copy_testdata, tmp_path):
             assert str(phi).encode() not in data and str(phi) not in path.relative_to(tmp_path / "out").as_posix(), phi
         assert out.PixelData == original.PixelData
         assert out.PatientID == Pseudonymizer(KEY_A)("patient", original.PatientID)
+
+
+# --- planted identifiers: every attribute of Table E.1-1, every VR, three nesting levels, private blocks --------------
+
+PLANT_CREATOR = "QZHOSPITAL PHI 1"
+_BINARY_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "AT", "OF", "OD", "OL", "OV"}
+
+
+@dataclass
+class Planter:
+    """Writes a unique, VR-valid value into an attribute and remembers what to look for in the output."""
+
+    needles: set[str]
+    binary_tags: set[int]
+    counter: int = 0
+
+    def token(self) -> str:
+        self.counter += 1
+        return f"QZ{self.counter:05d}X"  # fits CS/AE/SH; unique; never a substring of another token
+
+    def value(self, vr: str, uids: dict[str, str]):
+        n, token = self.counter + 1, self.token()
+        if vr in ("AE", "CS", "SH", "LO", "LT", "ST", "UT", "UC"):
+            self.needles.add(token)
+            return token
+        if vr == "PN":
+            given = f"QG{n:05d}Y"
+            self.needles.update({token, given})
+            return f"{token}^{given}"
+        if vr == "UR":  # the hospital's WADO link with the original UIDs in it
+            self.needles.add(token)
+            return f"https://pacs.qzhospital.example/wado?requestType=WADO&studyUID={uids['study']}&objectUID={uids['sop']}&k={token}"
+        if vr == "UI":
+            uid = f"1.2.826.0.1.3680043.9.7777.{n + 10000}"  # fixed width: no UID is a prefix of another
+            self.needles.add(uid)
+            return uid
+        date = (dt.date(1700, 1, 1) + dt.timedelta(days=400 * n)).strftime("%Y%m%d")  # 400 days apart: > any shift
+        clock = f"{n % 24:02d}{n * 7 % 60:02d}{n * 13 % 60:02d}.{n:06d}"
+        if vr == "DA":
+            self.needles.add(date)
+            return date
+        if vr == "TM":
+            self.needles.add(clock)
+            return clock
+        if vr == "DT":
+            self.needles.add(date + clock)
+            return f"{date}{clock}+0100"
+        if vr == "AS":
+            age = f"{n % 90 + 10:03d}W"
+            self.needles.add(age)
+            return age
+        if vr == "DS":
+            number = f"{n}.{n:05d}"
+            self.needles.add(number)
+            return number
+        if vr == "IS":
+            number = f"9{n:05d}7"
+            self.needles.add(number)
+            return number
+        if vr in ("OB", "OW", "UN"):
+            self.needles.add(token)
+            return token.encode() + b"\0"
+        if vr in ("FL", "FD"):
+            return float(n) + 0.5
+        if vr == "AT":
+            return 0x00100010
+        return n  # US SS UL SL SV UV: binary, checked by tag
+
+
+def _plant_vr(tag: int) -> str:
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:  # in the 2026c table, not yet in pydicom's dictionary
+        return "LO"
+    vr = vr.split(" or ")[0]
+    return "OB" if vr in ("OB", "NONE") else vr
+
+
+def _plant_table(ds: Dataset, planter: Planter, uids: dict[str, str], *, skip: frozenset[int] = frozenset()) -> None:
+    """A unique value in every exact-tag row of Table E.1-1, plus overlay/curve rows and private blocks."""
+    for entry in profile_table():
+        if entry.mask != 0xFFFFFFFF or entry.tag in skip or entry.tag >> 16 in (0x0000, 0x0002):
+            continue  # command (0000) and File Meta (0002) rows cannot stand in a data set: planted in file_meta below
+        vr = _plant_vr(entry.tag)
+        if vr == "SQ":
+            item = Dataset()
+            item.PatientComments = planter.value("LT", uids)
+            item.PersonName = planter.value("PN", uids)
+            value = [item]
+        else:
+            value = planter.value(vr, uids)
+        if vr in _BINARY_VRS:
+            planter.binary_tags.add(entry.tag)
+        ds.add_new(entry.tag, vr, value)
+    ds.add_new(0x60023000, "OB", planter.value("OB", uids))  # overlay data (60xx rows of the table)
+    ds.add_new(0x60024000, "LT", planter.value("LT", uids))  # overlay comments
+    ds.add_new(0x50003000, "OB", planter.value("OB", uids))  # curve data
+    block = ds.private_block(0x0029, PLANT_CREATOR, create=True)
+    block.add_new(0x01, "LO", planter.value("LO", uids))
+    block.add_new(0x02, "UT", f"report for study {uids['study']} sop {uids['sop']} {planter.value('UT', uids)}")
+    inner = Dataset()
+    inner.private_block(0x0029, PLANT_CREATOR, create=True).add_new(0x10, "PN", planter.value("PN", uids))
+    block.add_new(0x03, "SQ", [inner])
+    planter.needles.add(PLANT_CREATOR)
+
+
+def _planted_file(src: Path, dst: Path) -> tuple[Planter, Dataset]:
+    """CT_small.dcm with a planted value in every table attribute at the top level, one and two sequences deep."""
+    ds = pydicom.dcmread(src)
+    original = copy.deepcopy(ds)
+    uids = {"study": str(ds.StudyInstanceUID), "sop": str(ds.SOPInstanceUID)}
+    planter = Planter(needles=set(), binary_tags=set())
+    keep_core = frozenset(tag_for_keyword(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                                                        "FrameOfReferenceUID", "PatientName", "PatientID"))  # fmt: skip
+    _plant_table(ds, planter, uids, skip=keep_core)
+    ds.file_meta.SourceApplicationEntityTitle = planter.value("AE", uids)
+    ds.file_meta.PrivateInformationCreatorUID = planter.value("UI", uids)
+    ds.file_meta.PrivateInformation = planter.value("OB", uids)
+    # the issue's finds outside the table
+    ds.RetrieveURL = planter.value("UR", uids)
+    ds.PatientBirthDateInAlternativeCalendar = planter.value("LO", uids)
+    ds.RouteOfAdmissions = planter.value("LO", uids)
+    ds.ImageComments = f"prior study {uids['study']}, image {uids['sop']}"
+    ds.Manufacturer = f"GE for {uids['study']}"  # a kept attribute carrying a UID is dropped
+    level1, level2 = Dataset(), Dataset()
+    for item in (level1, level2):
+        _plant_table(item, planter, uids)
+        item.ReferencedSOPClassUID = original.SOPClassUID
+        item.ReferencedSOPInstanceUID = uids["sop"]  # the original UID, referenced two levels deep
+    level1.SourceImageSequence = [level2]
+    ds.ReferencedImageSequence = [level1]  # a sequence the allow-list keeps (its items are filtered)
+    ds.PatientAge = "047Y"  # kept by Retain Patient Characteristics (checked separately)
+    planter.needles.update(str(original[k].value) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                                                           "FrameOfReferenceUID", "PatientID"))  # fmt: skip
+    planter.needles.update(str(original.PatientName).split("^"))
+    planter.needles.add(str(original.file_meta.MediaStorageSOPInstanceUID))
+    planter.needles.discard("")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst, enforce_file_format=True)
+    return planter, original
+
+
+@dataclass(frozen=True)
+class PlantedRun:
+    planter: Planter
+    original: Dataset
+    source: Path
+    out_path: Path
+    stdout: str
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory) -> PlantedRun:
+    base = tmp_path_factory.mktemp("planted")
+    src = Path(pydicom.data.get_testdata_file("CT_small.dcm", download=False))
+    planter, original = _planted_file(src, base / "in" / "qzvorak" / "ct.dcm")
+    (base / "site").mkdir()
+    (base / "site" / "site.key").write_bytes(KEY_A)
+    done = subprocess.run([sys.executable, "-m", "fedct", "deid", "--input", str(base / "in"), "--out", str(base / "out"),
+                           "--site-dir", str(base / "site")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (out_path,) = (base / "out").rglob("*.dcm")
+    return PlantedRun(planter, original, base / "in" / "qzvorak" / "ct.dcm", out_path, done.stdout)
+
+
+def test_planted_file_really_carries_the_whole_table(planted_run):
+    planted = pydicom.dcmread(planted_run.source)
+    exact = [e.tag for e in profile_table() if e.mask == 0xFFFFFFFF and e.tag >> 16 not in (0x0000, 0x0002)]
+    top = {int(t) for t in planted.keys()}
+    level1 = {int(t) for t in planted.ReferencedImageSequence[0].keys()}
+    level2 = {int(t) for t in planted.ReferencedImageSequence[0].SourceImageSequence[0].keys()}
+    assert set(exact) <= level1 and set(exact) <= level2
+    assert set(exact) <= top  # (the original UIDs and names are left in place, not overwritten)
+    assert "SourceApplicationEntityTitle" in planted.file_meta
+    assert len(planted_run.planter.needles) > 1900
+    assert "de-identified 1 file(s) of 1 study(ies)" in planted_run.stdout
+
+
+def test_no_planted_value_and_no_original_uid_survives_in_any_output_byte(planted_run):
+    data = planted_run.out_path.read_bytes()
+    leaked = sorted(n for n in planted_run.planter.needles if n.encode() in data or n.encode("utf-16-le") in data)
+    assert leaked == []
+    assert str(planted_run.out_path.relative_to(planted_run.out_path.parents[3])).count("QZ") == 0
+
+
+def test_only_allow_listed_attributes_remain_at_every_level(planted_run):
+    out = pydicom.dcmread(planted_run.out_path)
+    allowed = {tag_for_keyword(k) for k in KEPT_ATTRIBUTES} | {
+        tag_for_keyword(k) for k in ("PatientName", "PatientID", "PatientBirthDate", "ReferringPhysicianName", "StudyID",
+                                     "AccessionNumber", "PositionReferenceIndicator", "PatientIdentityRemoved",
+                                     "LongitudinalTemporalInformationModified", "DeidentificationMethod",
+                                     "DeidentificationMethodCodeSequence", "CodeValue", "CodingSchemeDesignator",
+                                     "CodeMeaning")}  # fmt: skip
+    present = {int(e.tag) for e in _walk(out)}
+    assert present <= allowed, sorted(hex(t) for t in present - allowed)
+    assert not present & planted_run.planter.binary_tags
+    assert out.PatientAge == "047Y"  # Retain Patient Characteristics: the one planted value kept on purpose
+    assert out.PatientSex == "" and "PatientWeight" in out and float(out.PatientWeight) == round(float(out.PatientWeight))
+    level2 = out.ReferencedImageSequence[0].SourceImageSequence[0]
+    assert level2.ReferencedSOPInstanceUID == new_uid(KEY_A, planted_run.original.SOPInstanceUID)
+    assert out.StudyInstanceUID == new_uid(KEY_A, planted_run.original.StudyInstanceUID)
+
+
+def test_pixels_and_geometry_read_back_identically_after_planting(planted_run):
+    out, original = pydicom.dcmread(planted_run.out_path), planted_run.original
+    np.testing.assert_array_equal(out.pixel_array, original.pixel_array)
+    for keyword in ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient", "SliceThickness",
+                    "RescaleSlope", "RescaleIntercept", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                    "PhotometricInterpretation", "PixelPaddingValue", "SOPClassUID", "Modality", "ImageType"):  # fmt: skip
+        assert out[keyword].value == original[keyword].value, keyword
+
+
+def test_every_public_attribute_not_on_the_allow_list_is_removed(slice_ds):
+    """Beyond the table: a planted value in every attribute of pydicom's dictionary (retired ones too) that the
+    allow-list does not name, in every VR, disappears."""
+    kept = {tag_for_keyword(k) for k in KEPT_ATTRIBUTES} | {tag_for_keyword(k) for k in ("PatientName", "PatientID")}
+    planter = Planter(needles=set(), binary_tags=set())
+    uids = {"study": str(slice_ds.StudyInstanceUID), "sop": str(slice_ds.SOPInstanceUID)}
+    planted = 0
+    for tag, (vr, *_rest) in DicomDictionary.items():
+        if tag in kept or tag >> 16 in (0x0000, 0x0002, 0xFFFE) or vr == "NONE" or tag == 0x00041220:
+            # 0x00041220 DirectoryRecordSequence: would make the file a DICOMDIR, refused as a whole
+            continue
+        vr = vr.split(" or ")[0]
+        value = [Dataset()] if vr == "SQ" else planter.value(vr, uids)
+        if vr == "SQ":
+            value[0].PatientComments = planter.value("LT", uids)
+        if vr in _BINARY_VRS:
+            planter.binary_tags.add(tag)
+        slice_ds.add_new(tag, vr, value)
+        planted += 1
+    assert planted > 4500
+
+    out = deidentify_dataset(slice_ds, site_key=KEY_A)
+
+    buffer = io.BytesIO()
+    out.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    assert sorted(n for n in planter.needles if n.encode() in data) == []
+    assert not {int(e.tag) for e in _walk(out)} & planter.binary_tags
+
+
+# --- burned-in text and the pixel bits ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("image_type", "modality", "reason"),
+    [
+        (["DERIVED", "SECONDARY", "SCREEN SAVE"], "CT", "secondary_image"),
+        (["DERIVED", "SECONDARY", "OTHER", "DOSE INFO"], "CT", "secondary_image"),
+        (["ORIGINAL", "PRIMARY", "SCREEN SAVE"], "MR", "secondary_image"),
+    ],
+)
+def test_screen_save_and_derived_secondary_ct_are_refused(slice_ds, image_type, modality, reason):
+    slice_ds.ImageType, slice_ds.Modality = image_type, modality
+    with pytest.raises(DeidentificationRefused) as info:
+        deidentify_dataset(slice_ds, site_key=KEY_A)
+    assert info.value.reason == reason and "ImageType" in str(info.value)
+
+
+def test_derived_secondary_mr_and_original_ct_are_accepted(slice_ds):
+    for image_type, modality in ((["DERIVED", "SECONDARY", "OTHER"], "MR"), (["ORIGINAL", "PRIMARY", "AXIAL"], "CT")):
+        slice_ds.ImageType, slice_ds.Modality = image_type, modality
+        assert deidentify_dataset(slice_ds, site_key=KEY_A).ImageType == image_type
+
+
+def test_a_face_rendering_is_refused(slice_ds):
+    slice_ds.RecognizableVisualFeatures = "YES"
+    with pytest.raises(DeidentificationRefused) as info:
+        deidentify_dataset(slice_ds, site_key=KEY_A)
+    assert info.value.reason == "recognizable_features"
+
+
+def test_a_screen_save_in_a_folder_is_skipped_with_its_reason(make_series, dicom_root, edit_dicom, tmp_path):
+    s = make_series("s", n_slices=3, rows=8, cols=8)
+    edit_dicom(s.paths[1], lambda ds: setattr(ds, "ImageType", ["DERIVED", "SECONDARY", "SCREEN SAVE"]))
+    result = deidentify_folder(dicom_root, tmp_path / "out", site_key=KEY_A)
+    assert result.files_written == 2
+    assert [reason for _, reason in result.files_skipped] == ["secondary_image"]
+
+
+def _with_bits(slice_ds: Dataset, stored: np.ndarray, *, bits_stored: int, signed: bool, raw: np.ndarray) -> Dataset:
+    slice_ds.BitsAllocated, slice_ds.BitsStored, slice_ds.HighBit = 16, bits_stored, bits_stored - 1
+    slice_ds.PixelRepresentation = int(signed)
+    slice_ds.Rows, slice_ds.Columns = stored.shape
+    slice_ds.PixelData = raw.astype("<u2").tobytes()
+    return slice_ds
+
+
+def test_bits_above_bits_stored_are_cleared_without_changing_pixel_values(slice_ds):
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 4096, size=(8, 8), dtype=np.uint16)
+    raw = stored | np.where(rng.random((8, 8)) < 0.5, 0x8000, 0).astype(np.uint16)  # an overlay in bit 15
+    ds = _with_bits(slice_ds, stored, bits_stored=12, signed=False, raw=raw)
+    before = ds.pixel_array.copy()
+
+    out = deidentify_dataset(ds, site_key=KEY_A)
+
+    words = np.frombuffer(out.PixelData, dtype="<u2").reshape(8, 8)
+    assert (raw >> 12).any() and not (words >> 12).any()
+    np.testing.assert_array_equal(words, stored)
+    np.testing.assert_array_equal(out.pixel_array, before)
+
+
+def test_signed_pixels_keep_their_sign_extension_and_lose_overlay_bits(slice_ds):
+    values = np.array([[-1000, -1], [0, 2047]], dtype=np.int16)  # 12-bit signed values, sign-extended in the words
+    raw = values.view(np.uint16) ^ np.array([[0x2000, 0], [0x4000, 0x8000]], dtype=np.uint16)  # overlay bits flipped
+    ds = _with_bits(slice_ds, values, bits_stored=12, signed=True, raw=raw)
+    before = ds.pixel_array.copy()
+
+    out = deidentify_dataset(ds, site_key=KEY_A)
+
+    words = np.frombuffer(out.PixelData, dtype="<i2").reshape(2, 2)
+    np.testing.assert_array_equal(words, values)  # readers that ignore BitsStored see the right values too
+    np.testing.assert_array_equal(out.pixel_array, before)
+
+
+def test_padding_written_in_the_full_words_is_kept(slice_ds):
+    stored = np.array([[100, 200], [300, 400]], dtype=np.uint16)
+    raw = stored.copy()
+    raw[0, 0] = 0xF830  # padding outside the 12-bit range, as some scanners write it
+    raw[1, 1] |= 0x4000  # an overlay bit
+    ds = _with_bits(slice_ds, stored, bits_stored=12, signed=False, raw=raw)
+    ds.PixelPaddingValue = 0xF830
+    ds["PixelPaddingValue"].VR = "US"
+
+    out = deidentify_dataset(ds, site_key=KEY_A)
+
+    words = np.frombuffer(out.PixelData, dtype="<u2").reshape(2, 2)
+    assert words[0, 0] == 0xF830 and words[1, 1] == 400 and words[0, 1] == 200
+
+
+def test_compressed_pixels_with_bits_above_bits_stored_are_refused(slice_ds):
+    stored = np.arange(64, dtype=np.uint16).reshape(8, 8) * 50
+    raw = stored | 0x8000
+    ds = _with_bits(slice_ds, stored, bits_stored=12, signed=False, raw=raw)
+    ds.BitsStored, ds.HighBit = 16, 15  # the encoder checks values against BitsStored: encode the full words ...
+    ds.compress(pydicom.uid.RLELossless, raw, encoding_plugin="pydicom")
+    ds.BitsStored, ds.HighBit = 12, 11  # ... then declare 12 bits, as a scanner with an overlay in bit 15 would
+    with pytest.raises(DeidentificationRefused) as info:
+        deidentify_dataset(ds, site_key=KEY_A)
+    assert info.value.reason == "pixel_high_bits"
+
+    clean = _with_bits(copy.deepcopy(slice_ds), stored, bits_stored=12, signed=False, raw=stored)
+    clean.compress(pydicom.uid.RLELossless, stored, encoding_plugin="pydicom")
+    clean.BitsStored, clean.HighBit = 12, 11
+    np.testing.assert_array_equal(deidentify_dataset(clean, site_key=KEY_A).pixel_array, stored)
