@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import hmac
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -985,3 +986,50 @@ def test_compressed_pixels_with_bits_above_bits_stored_are_refused(slice_ds):
     clean.compress(pydicom.uid.RLELossless, stored, encoding_plugin="pydicom")
     clean.BitsStored, clean.HighBit = 12, 11
     np.testing.assert_array_equal(deidentify_dataset(clean, site_key=KEY_A).pixel_array, stored)
+
+
+# --- the de-identified copy is still a usable CT series -------------------------------------------------------------
+
+
+def test_the_deidentified_copy_still_ingests(site, tmp_path):
+    from preprocessing.ingest import ingest_site
+    from preprocessing.transforms import PipelineConfig
+
+    manifest = ingest_site(site.out_a, tmp_path / "site", pipeline=PipelineConfig(input_size=(16, 16, 16),
+                           target_spacing_mm=(4.0, 4.0, 4.0)), workers=1)  # fmt: skip
+
+    # the 8-slice series is accepted; the two 6-slice ones fail ingest's own minimum (as the originals do), nothing else
+    assert len(manifest.studies) == 1
+    report = json.loads((tmp_path / "site" / "ingest_report.json").read_text())
+    assert [r["reason"] for r in report["rejected"]] == ["too_few_slices", "too_few_slices"]
+
+
+def test_enhanced_ct_keeps_its_functional_groups_and_loses_planted_values(enhanced_ct_writer, tmp_path):
+    hu = np.arange(4 * 6 * 6, dtype=np.int16).reshape(4, 6, 6) - 500
+    path = enhanced_ct_writer(tmp_path / "in" / "enhanced.dcm", hu)
+    ds = pydicom.dcmread(path)
+    frame = ds.PerFrameFunctionalGroupsSequence[1]
+    frame.FrameContentSequence[0].FrameAcquisitionDateTime = "20240101101010.5"
+    frame.FrameContentSequence[0].FrameComments = "QZENHANCED1"  # table attribute two levels deep
+    frame.FrameContentSequence[0].PersonName = "Qzvorak^Deep"  # not on the allow-list
+    frame.PlanePositionSequence[0].add_new(0x00431001, "LO", "QZENHANCED2")  # private, two levels deep
+    ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].OperatorsName = "QZENHANCED3"
+
+    out = deidentify_dataset(ds, site_key=KEY_A)
+
+    buffer = io.BytesIO()
+    out.save_as(buffer, enforce_file_format=True)
+    for needle in ("QZENHANCED1", "QZENHANCED2", "QZENHANCED3", "Qzvorak", str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)):
+        assert needle.encode() not in buffer.getvalue(), needle
+    np.testing.assert_array_equal(out.pixel_array, ds.pixel_array)
+    for before, after in zip(ds.PerFrameFunctionalGroupsSequence, out.PerFrameFunctionalGroupsSequence):
+        assert after.PlanePositionSequence[0].ImagePositionPatient == before.PlanePositionSequence[0].ImagePositionPatient
+        assert after.FrameContentSequence[0].InStackPositionNumber == before.FrameContentSequence[0].InStackPositionNumber
+    shared_before, shared_after = ds.SharedFunctionalGroupsSequence[0], out.SharedFunctionalGroupsSequence[0]
+    for sequence, keyword in (("PixelMeasuresSequence", "PixelSpacing"), ("PixelMeasuresSequence", "SliceThickness"),
+                              ("PlaneOrientationSequence", "ImageOrientationPatient"),
+                              ("PixelValueTransformationSequence", "RescaleIntercept"),
+                              ("CTImageFrameTypeSequence", "FrameType")):  # fmt: skip
+        assert shared_after[sequence][0][keyword].value == shared_before[sequence][0][keyword].value, keyword
+    shifted = out.PerFrameFunctionalGroupsSequence[1].FrameContentSequence[0].FrameAcquisitionDateTime
+    assert shifted == "".join(_moved(KEY_A, ds.PatientID, "20240101", "101010.5"))
