@@ -30,15 +30,22 @@ VR's form or the attribute goes.
 
 **The profile table is not typed here.** :func:`profile_table` reads DICOM PS3.15 Table E.1-1 (Basic Profile
 column, standard edition :data:`PROFILE_TABLE_EDITION`) from the ``dicom-anonymizer`` package, which generates it
-from the standard's own tables. It is a second guard: no attribute the table lists is kept verbatim unless one of
-the options above keeps it (checked before the first file is read), so a future kept-set edit cannot silently retain a table attribute.
+from the standard's own tables. It is a second guard: no attribute the table lists may be kept verbatim unless one
+of the options above keeps it (checked before the first file is read), so a later edit of the kept set cannot
+silently retain a table attribute.
 
 Pixels: Secondary Capture images, images whose ImageType says ``SCREEN SAVE``, CT images whose ImageType starts
 ``DERIVED\\SECONDARY`` (dose screens, screenshots, annotated reformats; MR derived maps stay allowed),
-BurnedInAnnotation = YES and RecognizableVisualFeatures = YES are refused. Bits above BitsStored in native pixel data (where overlays used to live) are cleared — set to the sign
-extension for signed data, so readers that ignore BitsStored see the same values — without changing any stored
-value; compressed pixel data with such bits set is refused. Overlay (60xx), curve (50xx) groups and icon images are
-removed with the rest. Text burned into the pixels of a plain CT image cannot be detected here.
+BurnedInAnnotation = YES and RecognizableVisualFeatures = YES are refused. Bits above BitsStored in native pixel
+data (where overlays used to live) are cleared — set to the sign extension for signed data, so readers that ignore
+BitsStored see the same values — without changing any stored value (padding values written in the full words are
+kept); compressed pixel data with such bits set is refused. Overlay (60xx), curve (50xx) groups and icon images go
+with the rest.
+
+What can still leak: text burned into the pixels of an ordinary image that declares nothing (no header rule can see
+it); the face and other rare anatomy in the volume itself (a head CT can be rendered into a recognisable face); the
+kept acquisition parameters, equipment make and model (a rare scanner narrows down the site); patient age, sex,
+size and weight (the option keeps them, coarsened); and private attributes when ``keep_private_tags`` is set.
 
 ``DeidResult.files_skipped`` names *input* paths, which may themselves contain identifiers: it is a report for the
 site, not something to hand over with the data.
