@@ -5,8 +5,9 @@ of numbers and the site's configured name (chosen by hospital IT, e.g. ``site-a`
 
 Errors leave the site only as reason codes (:func:`reason_code_mod`, the outermost mod): Flower sends
 ``str(type(exception)) + str(exception)`` of a failing ClientApp to the server, and an exception's text may hold a
-DICOM path named after a patient. The full error stays in the site's log (and ``<site-dir>/errors.log``); the
-server gets ``<code> incident=<random id>`` with a code from :data:`REASON_CODES`.
+DICOM path named after a patient (and in simulation Ray adds the traceback). The full error stays in the site's log
+(and ``<site-dir>/errors.log``); the server gets an error reply whose whole reason is ``<code> incident=<random id>``
+with a code from :data:`REASON_CODES`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.constant import ErrorCode
 
 from fl_client.config import EVALUATION_RECORD, RoundSettings, SiteConfig, SiteConfigError
 from fl_client.metrics import MIN_COUNT, floor_evaluation, floor_training
@@ -47,21 +49,14 @@ REASON_CODES = {
     "internal_error": "anything else (details only in the site's log)",
 }
 _CODE = re.compile(r"[a-z_]{1,40}")
+#: The whole reason text of an error reply that leaves the site.
+_REASON = re.compile(r"[a-z_]{1,40} incident=[0-9a-f]{8}")
 #: Innermost fedct module of the failing code -> reason code (first match wins).
 _MODULE_CODES = (
     ("preprocessing.", "ingest_failed"),
     ("fl_client.transport", "bad_weights"),
     ("models.", "bad_weights"),
 )
-
-
-class SiteFailure(RuntimeError):
-    """What the server may see of a site's failure: ``str()`` is only ``<code> incident=<id>``."""
-
-    def __init__(self, code: str, incident: str) -> None:
-        super().__init__(f"{code} incident={incident}")
-        self.code = code
-        self.incident = incident
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -83,21 +78,16 @@ def reason_code(exc: BaseException) -> str:
     for item in chain:
         if isinstance(item, MemoryError) or type(item).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
             return "out_of_memory"
+        if isinstance(item, SiteConfigError):
+            return "site_config_invalid"
     modules = [frame.f_globals.get("__name__", "") for frame, _ in traceback.walk_tb(chain[-1].__traceback__)]
     for name in reversed(modules):  # innermost frame first
-        if name == "fl_client.config":
-            return _config_code(chain)
+        if name == "fl_client.config":  # RoundSettings.from_record: the server's round config
+            return "bad_round_config"
         for prefix, code in _MODULE_CODES:
             if name.startswith(prefix):
                 return code
     return "internal_error"
-
-
-def _config_code(chain: list[BaseException]) -> str:
-    """A failure inside fl_client.config: the site's own settings or the server's round settings."""
-    from fl_client.config import SiteConfigError
-
-    return "site_config_invalid" if any(isinstance(e, SiteConfigError) for e in chain) else "bad_round_config"
 
 
 def _site_dir(context: Context, overrides: Mapping[str, Any]) -> Path | None:
@@ -125,8 +115,10 @@ def _record_locally(site_dir: Path | None, incident: str, code: str, msg: Messag
 def reason_code_mod(run_config_overrides: Mapping[str, Any] | None = None) -> Mod:
     """Outermost client mod: any exception (and any error reply of an inner mod) reaches Flower only as a reason code.
 
-    Flower turns a raised exception into the error reply ``<class ...>:<'str(exception)'>`` for the server; this mod
-    logs the full exception at the site and raises :class:`SiteFailure` instead (``from None``: no chained text).
+    Flower would turn a raised exception into the error reason ``<class ...>:<'str(exception)'>`` (plus, in
+    simulation, Ray's traceback). This mod logs the full exception at the site and *returns* an error reply
+    (``ErrorCode.CLIENT_APP_RAISED_EXCEPTION``) whose reason is only ``<code> incident=<8 hex digits>``; nothing
+    raised passes it, so Flower adds nothing.
     """
     overrides = dict(run_config_overrides or {})
 
@@ -136,8 +128,8 @@ def reason_code_mod(run_config_overrides: Mapping[str, Any] | None = None) -> Mo
         except Exception as exc:  # noqa: BLE001 - every failure is reported, as a code
             code, incident = reason_code(exc), secrets.token_hex(4)
             _record_locally(_site_dir(context, overrides), incident, code, msg, traceback.format_exc())
-            raise SiteFailure(code, incident) from None
-        if reply.has_error() and not re.fullmatch(r"[a-z_]+ incident=[0-9a-f]{8}", reply.error.reason or ""):
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{code} incident={incident}"), reply_to=msg)
+        if reply.has_error() and not _REASON.fullmatch(reply.error.reason or ""):
             incident = secrets.token_hex(4)
             _record_locally(_site_dir(context, overrides), incident, "protocol_error", msg,
                             f"error reply {reply.error.code}: {reply.error.reason}")  # fmt: skip

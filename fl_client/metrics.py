@@ -260,10 +260,9 @@ def coarsen_histogram(counts: Sequence[float], min_count: int) -> list[float] | 
     """Merge adjacent bins until every group holds at least ``min_count`` studies; None when the total is smaller.
 
     Groups are built left to right (a group closes as soon as it reaches ``min_count``; a short remainder joins the
-    last group), so they partition all bins, and each group's count is spread evenly over its bins: the list keeps
-    its length (sites' lists still add up bin by bin) and its total, but no group reveals fewer than ``min_count``
-    studies. The group edges are where the running count reaches multiples of about ``min_count``: the bins of
-    order statistics, never of a single study.
+    last group), so they partition all bins, and each group's whole count is put in the bin of its mean position
+    (the mean of >= ``min_count`` studies' bins): the list keeps its length (sites' lists still add up bin by bin)
+    and its total, every non-empty bin holds >= ``min_count`` studies, and no bin reveals a single study's score.
     """
     min_count = _positive_int(min_count, "min_count")
     values = [float(c) for c in counts]
@@ -284,9 +283,9 @@ def coarsen_histogram(counts: Sequence[float], min_count: int) -> list[float] | 
         groups[-1].extend(current)
     out = [0.0] * len(values)
     for group in groups:
-        share = math.fsum(values[i] for i in group) / len(group)
-        for i in group:
-            out[i] = share
+        total = math.fsum(values[i] for i in group)
+        mean_bin = math.fsum(i * values[i] for i in group) / total  # the group's mean position (>= min_count studies)
+        out[min(group[-1], max(group[0], round(mean_bin)))] += total
     return out
 
 
