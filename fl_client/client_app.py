@@ -169,12 +169,14 @@ def evaluation_metrics(site: SiteConfig, settings: RoundSettings, state: Mapping
     return floor_evaluation(metrics, min_count=min_count)
 
 
-def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, mods: Sequence[Mod] = ()) -> ClientApp:
+def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, mods: Sequence[Mod] = (),
+                     outer_mods: Sequence[Mod] = ()) -> ClientApp:  # fmt: skip
     """The site's ClientApp; ``run_config_overrides`` stand in for the run config where Flower passes none
-    (in-process simulation); ``mods`` are Flower client mods wrapped around the handlers."""
+    (in-process simulation); ``mods`` are Flower client mods wrapped around the handlers (inside the privacy mods),
+    ``outer_mods`` around the privacy mods (they see what SecAgg+ actually sends; tests record it there)."""
     overrides = dict(run_config_overrides or {})
     # reason codes outermost (covers the privacy mods too); privacy mods act only when the run config asks
-    app = ClientApp(mods=[reason_code_mod(overrides), *privacy_mods(overrides), *mods])
+    app = ClientApp(mods=[reason_code_mod(overrides), *outer_mods, *privacy_mods(overrides), *mods])
 
     def _site(context: Context) -> SiteConfig:
         return SiteConfig.from_context(dict(context.node_config), {**dict(context.run_config), **overrides})

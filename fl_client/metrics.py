@@ -333,9 +333,11 @@ def _floor_split(values: Mapping[str, Any], k: int) -> dict[str, Any]:
             out[f"auc-{c}"] = auc
             if math.isfinite(auc):
                 reported_aucs.append(auc)
-        if both and f"hist-pos-{c}" in values and f"hist-neg-{c}" in values:
-            hist_pos = coarsen_histogram(values[f"hist-pos-{c}"], k)
-            hist_neg = coarsen_histogram(values[f"hist-neg-{c}"], k)
+        if f"hist-pos-{c}" in values and f"hist-neg-{c}" in values:
+            # an empty list is "no histogram": every site keeps the same keys (Flower's strategies require it)
+            out[f"hist-pos-{c}"], out[f"hist-neg-{c}"] = [], []
+            hist_pos = coarsen_histogram(values[f"hist-pos-{c}"], k) if both else None
+            hist_neg = coarsen_histogram(values[f"hist-neg-{c}"], k) if both else None
             if hist_pos is not None and hist_neg is not None:
                 out[f"hist-pos-{c}"], out[f"hist-neg-{c}"] = hist_pos, hist_neg
     if "auc-macro" in values:
@@ -375,12 +377,13 @@ def floor_evaluation(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) 
     - ``n`` (labelled studies of the split) is sent; ``loss``, ``accuracy``, ``brier``, ``ece`` need n >= k;
       ``balanced-accuracy`` also needs every class present to have >= k studies;
     - per class: ``sens-`` needs >= k positives, ``spec-`` >= k negatives, ``auc-`` and the score histograms both;
-      histograms are coarsened to groups of >= k studies (:func:`coarsen_histogram`) or left out;
+      histograms are coarsened to groups of >= k studies (:func:`coarsen_histogram`) or sent empty (``[]``: no
+      histogram; the keys stay, as Flower's strategies require the same keys from every site);
       ``auc-macro`` is the mean of the AUCs sent (NaN with fewer than 2);
     - counts (``n-pos-*``, ``n-neg-*``, ``n-events``, ...) are sent when 0 or >= k, else NaN;
     - ``c-index`` needs >= k studies with known outcome and >= k events, ``td-auc`` >= k cases and >= k controls;
 
-    ``train-hist-risk`` (the training studies' risk histogram) is coarsened the same way or left out. Keys this
+    ``train-hist-risk`` (the training studies' risk histogram) is coarsened the same way or sent empty. Keys this
     function does not know are dropped (logged at the site): a new metric leaves only once the floor covers it.
     """
     k = max(_positive_int(min_count, "min_count"), MIN_COUNT)
@@ -390,9 +393,7 @@ def floor_evaluation(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) 
         if values:
             out.update({prefix + key: v for key, v in _floor_split(values, k).items()})
     if "train-hist-risk" in metrics:
-        risk = coarsen_histogram(metrics["train-hist-risk"], k)
-        if risk is not None:
-            out["train-hist-risk"] = risk
+        out["train-hist-risk"] = coarsen_histogram(metrics["train-hist-risk"], k) or []
     if "num-examples" in metrics:
         out["num-examples"] = metrics["num-examples"]
     unknown = [key for key in metrics if not _evaluation_known(key)]

@@ -120,7 +120,8 @@ def _sum_histograms(key: str, values: Sequence[Any]) -> list[float]:
     for value in values:
         if isinstance(value, str) or not isinstance(value, Sequence):
             raise ValueError(f"histogram metric {key!r} must be a list of counts at every site, got {value!r}")
-        lists.append([float(c) for c in value])
+        if len(value):  # an empty list: the site sent no histogram (fewer than k studies, its privacy floor)
+            lists.append([float(c) for c in value])
     lengths = sorted({len(v) for v in lists})
     if len(lengths) > 1:
         raise ValueError(f"histogram metric {key!r} has different numbers of bins across sites: {lengths}")
@@ -139,7 +140,8 @@ def _pooled_aucs(histograms: Mapping[str, list[float]]) -> dict[str, float]:
         neg = histograms.get(f"{prefix}hist-neg-{cls}")
         if neg is None:
             continue
-        auc = pooled_auc_from_histograms(histograms[key], neg)
+        # NaN when no site could send this class's histograms (each had fewer than k positives or negatives)
+        auc = pooled_auc_from_histograms(histograms[key], neg) if histograms[key] and neg else math.nan
         result[f"{prefix}pooled-auc-{cls}"] = auc
         per_prefix.setdefault(prefix, []).append(auc)
     for prefix, aucs in per_prefix.items():

@@ -292,10 +292,11 @@ def _evaluation(val_n: int, test_n: int, train_n: int = 40) -> dict:
 
 def test_a_site_with_three_studies_in_a_split_sends_no_histogram_and_no_score_of_it():
     sent = floor_evaluation(_evaluation(val_n=3, test_n=60))
-    assert not [k for k in sent if k.startswith("val-hist-")]
+    val_hists = [k for k in sent if k.startswith("val-hist-")]
+    assert len(val_hists) == 6 and all(sent[k] == [] for k in val_hists)  # keys kept (Flower needs them), no counts
     assert sent["val-n"] == 3  # the split's size stays (the weight); nothing computed from its studies does
     for key, value in sent.items():
-        if key.startswith("val-") and key != "val-n":
+        if key.startswith("val-") and key != "val-n" and "-hist-" not in key:
             assert math.isnan(value), key
     # The 60-study test split (20 per class) is sent, histograms coarsened.
     assert math.isfinite(sent["test-auc-macro"]) and math.isfinite(sent["test-loss"])
@@ -305,7 +306,7 @@ def test_a_site_with_three_studies_in_a_split_sends_no_histogram_and_no_score_of
 def test_coarsened_histograms_keep_length_and_total_and_every_group_holds_k_studies():
     raw = _evaluation(val_n=30, test_n=30)
     sent = floor_evaluation(raw)
-    hist_keys = [k for k in sent if "-hist-" in k]
+    hist_keys = [k for k in sent if "-hist-" in k and sent[k]]
     assert "train-hist-risk" in hist_keys and len(hist_keys) == 13
     for key in hist_keys:
         assert len(sent[key]) == len(raw[key]) and sum(sent[key]) == pytest.approx(sum(raw[key]))
@@ -335,7 +336,7 @@ def test_a_class_with_fewer_than_k_positives_sends_no_auc_sensitivity_histogram_
     for c in NAMES:
         for name in ("auc", "sens", "n-pos"):
             assert math.isnan(sent[f"val-{name}-{c}"]), name
-        assert f"val-hist-pos-{c}" not in sent and f"val-hist-neg-{c}" not in sent
+        assert sent[f"val-hist-pos-{c}"] == [] and sent[f"val-hist-neg-{c}"] == []
         assert sent[f"val-spec-{c}"] == pytest.approx(_evaluation(12, 12)[f"val-spec-{c}"])  # 8 negatives: fine
     assert math.isnan(sent["val-auc-macro"]) and math.isnan(sent["val-balanced-accuracy"])
     assert math.isfinite(sent["val-accuracy"])  # over all 12 studies
@@ -347,7 +348,7 @@ def test_k_can_be_raised_but_never_lowered():
     assert floor_evaluation(raw, min_count=2) == floor_evaluation(raw, min_count=MIN_COUNT)
     assert math.isfinite(floor_evaluation(raw)["val-auc-covid"])
     raised = floor_evaluation(raw, min_count=10)
-    assert math.isnan(raised["val-auc-covid"]) and not [k for k in raised if k.startswith("val-hist")]
+    assert math.isnan(raised["val-auc-covid"]) and not [k for k in raised if k.startswith("val-hist") and raised[k]]
     with pytest.raises(ValueError, match="min_count"):
         floor_evaluation(raw, min_count=0)
 

@@ -307,3 +307,18 @@ def test_sites_of_demo_size_send_no_pooled_auc():
     # The demo's 40 patients per site leave 8 validation studies: fewer than 5 per class, so nothing to pool.
     _, pooled = pooled_auc_error(8)
     assert math.isnan(pooled)
+
+
+def test_sites_that_send_no_histogram_are_left_out_of_the_pooled_auc():
+    full = {"val-hist-pos-covid": [0.0, 5.0, 0.0], "val-hist-neg-covid": [6.0, 0.0, 0.0], "val-n": 11.0}
+    empty = {"val-hist-pos-covid": [], "val-hist-neg-covid": [], "val-n": 3.0}
+    agg = aggregate({"site-a": full, "site-b": empty})
+    assert agg["val-hist-pos-covid"] == [0.0, 5.0, 0.0] and agg["val-pooled-auc-covid"] == 1.0
+    nothing = aggregate({"site-b": empty})
+    assert nothing["val-hist-pos-covid"] == [] and math.isnan(nothing["val-pooled-auc-covid"])
+
+
+def test_a_count_a_site_withheld_is_summed_over_the_others():
+    agg = aggregate({"site-a": {"val-n-pos-covid": 7.0}, "site-b": {"val-n-pos-covid": math.nan}})
+    assert agg["val-n-pos-covid"] == 7.0
+    assert math.isnan(aggregate({"site-b": {"val-n-pos-covid": math.nan}})["val-n-pos-covid"])

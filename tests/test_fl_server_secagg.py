@@ -69,6 +69,24 @@ def recording_mod(folder: Path):
     return mod
 
 
+def masked_vector_mod(folder: Path):
+    """Client mod outside Flower's secaggplus_mod: saves what a site really sends in SecAgg+'s collect stage."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+    from flwr.common import bytes_to_ndarray
+
+    def mod(msg: Message, context: Context, call_next):
+        reply = call_next(msg, context)
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is not None and configs[Key.STAGE] == Stage.COLLECT_MASKED_VECTORS and not reply.has_error():
+            sent = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+            site = f"site-{context.node_config['partition-id']}"
+            rnd = len(list(folder.glob(f"{site}-masked-round*.npz"))) + 1
+            np.savez(folder / f"{site}-masked-round{rnd}.npz", *[bytes_to_ndarray(b) for b in sent])
+        return reply
+
+    return mod
+
+
 @pytest.fixture(scope="module")
 def secagg_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("secagg")
@@ -80,7 +98,7 @@ def secagg_run(tmp_path_factory):
     run_simulation(
         server_app=build_server_app(server_config),
         client_app=build_client_app({"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")},
-                                    mods=[recording_mod(replies)]),  # fmt: skip
+                                    mods=[recording_mod(replies)], outer_mods=[masked_vector_mod(replies)]),  # fmt: skip
         num_supernodes=3,
         backend_config=simulation_backend_config(),
     )
@@ -109,6 +127,29 @@ def test_secure_aggregate_equals_plain_fedavg_of_the_same_updates(secagg_run, se
     assert max_update > 100 * tolerance  # the comparison is not trivially satisfied by tiny updates
     # Integer buffers (BatchNorm batch counters) are not aggregated by SecAgg+: they keep the global value.
     assert all(torch.equal(before[k], after[k]) for k in before if k not in floats)
+
+
+@pytest.mark.parametrize("server_round", [1, 2])
+def test_what_leaves_a_site_is_masked_not_its_update(secagg_run, server_round):
+    """The vector a site sends is its quantized weighted update plus masks: uniform mod 2**32, unrelated to the
+    update (while the aggregate of all sites is still the plain weighted mean, test above)."""
+    _, replies = secagg_run
+    for raw_path in sorted(replies.glob(f"*-round{server_round}.npz")):
+        if "masked" in raw_path.name:
+            continue
+        site = raw_path.name.split("-round")[0]
+        with np.load(raw_path) as raw, np.load(replies / f"{site}-masked-round{server_round}.npz") as masked:
+            update = [raw[f"u{i}"] for i in range(len(raw.files) - 1)]
+            ratio = round(int(raw["num_examples"]) / MAX_WEIGHT * 2**22) / 2**22
+            sent = [masked[f"arr_{i}"] for i in range(len(masked.files))]
+        assert len(sent) == len(update) + 1  # SecAgg+ prepends the quantized weight
+        # What an unmasked site would send: the update x weight quantized to [0, 2**22] (stochastic rounding: +-1).
+        plain = np.concatenate([((np.clip(u * ratio, -8.0, 8.0) + 8.0) * 2**22 / 16.0).ravel() for u in update])
+        sent_flat = np.concatenate([a.ravel() for a in sent[1:]]).astype(np.float64)
+        assert sent_flat.shape == plain.shape and plain.size > 1000
+        assert np.mean(np.abs(sent_flat - plain) <= 1.0) < 0.001  # virtually no value is its plain quantization
+        assert np.mean(sent_flat > 2**22) > 0.9  # masks spread the values over [0, 2**32), far beyond the update's range
+        assert abs(np.corrcoef(sent_flat, plain)[0, 1]) < 0.05
 
 
 def test_metrics_checkpoints_and_bundles_are_written_as_without_secagg(secagg_run):
