@@ -75,9 +75,10 @@ def masked_vector_mod(folder: Path):
     from flwr.common import bytes_to_ndarray
 
     def mod(msg: Message, context: Context, call_next):
-        reply = call_next(msg, context)
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-        if configs is not None and configs[Key.STAGE] == Stage.COLLECT_MASKED_VECTORS and not reply.has_error():
+        stage = None if configs is None else configs.get(Key.STAGE)  # read first: secaggplus_mod consumes the record
+        reply = call_next(msg, context)
+        if stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error():
             sent = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
             site = f"site-{context.node_config['partition-id']}"
             rnd = len(list(folder.glob(f"{site}-masked-round*.npz"))) + 1
