@@ -47,6 +47,8 @@ SITE_KEYS = {
     "FEDCT_INGEST_SPACING": "ingestion voxel spacing in mm, x,y,z (default 5.0,5.0,5.0; must match the run)",
     "FEDCT_INGEST_INPUT_SIZE": "ingestion model input size in voxels, x,y,z (default 64,64,48; must match the run)",
     "FEDCT_SKIP_INGEST": "true to start without ingesting first (the site then ingests on its first round)",
+    "FEDCT_METRICS_MIN_COUNT": "privacy floor k: no metric sent depends on fewer studies (default 5; raises the run's, "
+                               "never lowers it)",
     "FEDCT_CLIENTAPP_RUNNER": "how ClientApps run: warm (default; fedct's executor, torch/MONAI imported once) or flower "
                               "(Flower's SuperExec, a fresh process per message)",
 }
@@ -174,6 +176,7 @@ class SiteEnv:
     ingest_input_size: tuple[int, int, int] = (64, 64, 48)
     skip_ingest: bool = False
     clientapp_runner: str = CLIENTAPP_RUNNERS[0]
+    metrics_min_count: int = 5
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -207,6 +210,7 @@ class SiteEnv:
             "site-dir": str(self.site_dir),
             "device": self.device,
             "num-workers": self.workers,
+            "metrics-min-count": self.metrics_min_count,
         }
         if self.labels_csv is not None:
             config["labels"] = str(self.labels_csv)
@@ -270,6 +274,7 @@ class SiteEnv:
 
         workers = an_int("FEDCT_WORKERS", 2, 1, 256)
         runtime_port = an_int("FEDCT_RUNTIME_PORT", 9094, 1, 65535)
+        metrics_min_count = an_int("FEDCT_METRICS_MIN_COUNT", 5, 5, 1_000_000)
         approved_text = values.get("FEDCT_APPROVED_APPS", "")
         approved = None if approved_text.lower() in ("off", "none", "false") else (
             a_path("FEDCT_APPROVED_APPS") if approved_text else site_dir / "approved-apps.txt")  # fmt: skip
@@ -290,7 +295,7 @@ class SiteEnv:
                       ca_cert=ca_cert, site_key=site_key, dicom_dir=dicom_dir, site_dir=site_dir, labels_csv=labels,
                       device=device, workers=workers, runtime_port=runtime_port, approved_apps=approved,
                       ingest_spacing_mm=spacing, ingest_input_size=size, skip_ingest=skip in ("true", "1", "yes"),
-                      clientapp_runner=runner,
+                      clientapp_runner=runner, metrics_min_count=metrics_min_count,
                       extra={k: v for k, v in values.items() if not k.startswith("FEDCT_")})  # fmt: skip
             env.site_config()
         except SiteConfigError as exc:
