@@ -415,8 +415,8 @@ def proxy_config(env: ServerEnv) -> str:
     """The nginx configuration of the hospital-facing port: TLS with the server certificate, ``/v1/fleet/*`` POSTs
     forwarded to the SuperLink on loopback (TLS, verified against the CA), everything else refused with 403.
 
-    Foreground master process, one worker, pid/temporary files under the state folder, errors to stderr, no access
-    log (a SuperNode polls every few seconds)."""
+    Foreground master process, one worker, pid/temporary files under the state folder, errors and refused or failed
+    requests (who tried what) to stderr, i.e. into the server's log."""
     d = env.proxy_dir
     listen = f"[{env.host}]:{env.port}" if ":" in env.host else f"{env.host}:{env.port}"
     refusal = PROXY_REFUSAL.replace('"', "'")
@@ -427,7 +427,10 @@ pid {d / "nginx.pid"};
 error_log stderr warn;
 events {{ worker_connections 1024; }}
 http {{
-    access_log off;
+    # Refused and failed requests only (a SuperNode polls every few seconds; successful Fleet calls are not logged).
+    map $status $fedct_log_it {{ ~^[23] 0; default 1; }}
+    log_format fedct 'fedct proxy: $remote_addr "$request" $status';
+    access_log /dev/stderr fedct if=$fedct_log_it;
     server_tokens off;
     client_body_temp_path {d / "client_body"};
     proxy_temp_path {d / "proxy"};
@@ -513,9 +516,19 @@ def _public_key_bytes(pub: Path) -> bytes:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def registered_nodes(env: ServerEnv) -> list[tuple[int, bytes, str]]:
-    """(node id, public key, status) of every SuperNode the SuperLink knows, from the Control API on loopback
-    (Flower's own client; ``flwr supernode list`` does not print public keys)."""
+@dataclass(frozen=True)
+class NodeRecord:
+    """A SuperNode as the SuperLink knows it (Flower's NodeInfo, the fields fedct uses)."""
+
+    node_id: int
+    public_key: bytes
+    status: str
+    online_until: float
+
+
+def registered_nodes(env: ServerEnv) -> list[NodeRecord]:
+    """Every SuperNode the SuperLink knows, from the Control API on loopback (Flower's own client; ``flwr supernode
+    list`` does not print public keys)."""
     from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=E0611
     from flwr.supercore.control import ControlHttpClient
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
@@ -527,7 +540,8 @@ def registered_nodes(env: ServerEnv) -> list[tuple[int, bytes, str]]:
         response = client.ListNodes(ListNodesRequest())
     finally:
         client.close()
-    return [(int(n.node_id), bytes(n.public_key), str(n.status)) for n in response.nodes_info]
+    return [NodeRecord(node_id=int(n.node_id), public_key=bytes(n.public_key), status=str(n.status),
+                       online_until=float(n.online_until)) for n in response.nodes_info]  # fmt: skip
 
 
 def write_site_registry(env: ServerEnv) -> dict[str, str]:
@@ -535,10 +549,10 @@ def write_site_registry(env: ServerEnv) -> dict[str, str]:
     the SuperLink holds (matched by public key, not by any name a node claims), atomically; returns it."""
     by_key = {_public_key_bytes(pub): name for name, pub in env.site_public_keys().items()}
     registry: dict[str, str] = {}
-    for node_id, public_key, status in registered_nodes(env):
-        name = by_key.get(public_key)
-        if name is not None and status != "unregistered":
-            registry[str(node_id)] = name
+    for node in registered_nodes(env):
+        name = by_key.get(node.public_key)
+        if name is not None and node.status != "unregistered":
+            registry[str(node.node_id)] = name
     missing = sorted(set(by_key.values()) - set(registry.values()))
     if missing:
         raise DeployError(f"the SuperLink holds no registered node for site(s) {', '.join(missing)} after registration")
