@@ -88,12 +88,13 @@ class Consortium:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.port = _free_port()
+        self.port = _free_port()  # the hospital-facing proxy (Fleet API only): what the sites are given
+        self.superlink_port = _free_port()  # the SuperLink itself, 127.0.0.1 only (registration, runs)
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         self.all_pids: set[int] = set()
         tiny_federation(root / "data", sites=len(SITES), patients_per_site=6)
-        self.pki = write_consortium(root / "pki", sites=[*SITES, "site-x"])
+        self.pki = write_consortium(root / "pki", sites=[*SITES, "site-x"], with_site_keys=True)
         keys = root / "server-keys"  # what the sites sent to the server: their public keys, not site-x's
         keys.mkdir()
         for name in SITES:
@@ -109,6 +110,7 @@ class Consortium:
         self.server_env = _write_env(root / "server.env", {
             "FEDCT_SERVER_HOST": "127.0.0.1",
             "FEDCT_SERVER_PORT": self.port,
+            "FEDCT_SUPERLINK_PORT": self.superlink_port,
             "FEDCT_CA_CERT": self.pki.ca_cert,
             "FEDCT_SERVER_CERT": self.pki.server_cert,
             "FEDCT_SERVER_KEY": self.pki.server_key,
@@ -261,6 +263,8 @@ def test_two_rounds_over_tls_with_node_authentication(consortium):
     fed = consortium
     server_log = fed.log_text("server")
     assert "--enable-supernode-auth" in server_log and "--ssl-certfile" in server_log and "--insecure" not in server_log
+    # the sites reached the SuperLink through the proxy; the SuperLink itself listens on loopback only
+    assert f"--host 127.0.0.1 --port {fed.superlink_port}" in server_log and f"the proxy on 127.0.0.1:{fed.port}" in server_log
     assert "site site-0: registered" in server_log and "site site-1: registered" in server_log
     before = {name: len(fed.log_text(name)) for name in SITES}  # this run's part of the sites' logs starts here
     done = fed.submit("two-rounds", **{"evaluate-mode": "fused"})  # as configs/run.toml deploys: evaluation inside the train exchange
@@ -336,7 +340,7 @@ def test_a_supernode_without_a_registered_key_is_refused(consortium):
 
 def test_a_site_without_the_consortium_ca_gets_a_clear_message(consortium):
     fed = consortium
-    other = write_consortium(fed.root / "other-pki", sites=["site-0"])
+    other = write_consortium(fed.root / "other-pki")
     wrong = fed.site_env("site-0", FEDCT_CA_CERT=other.ca_cert)
     proc = fed.start("site-wrong-ca", "entrypoint-site.sh", wrong)
     assert proc.wait(timeout=120) == 2
