@@ -124,6 +124,27 @@ def test_proxy_forwards_the_fleet_api_only(server_env, pki):
     assert text.count("proxy_pass") == 1 and 'return 403 "fedct: refused.' in text
 
 
+def test_generated_proxy_config_is_accepted_by_nginx(server_env):
+    import shutil
+
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
+    if nginx is None:
+        pytest.skip("nginx is not installed (make system-tools installs it)")
+    env = ServerEnv.from_file(server_env)
+    config = deploy.write_proxy_config(env)
+    assert config == env.proxy_dir / "nginx.conf" and config.read_text() == proxy_config(env)
+    assert (env.proxy_dir.stat().st_mode & 0o777) == 0o700
+    done = subprocess.run([*deploy.proxy_command(env, config), "-t"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_server_start_without_the_proxy_says_what_to_install(server_env, capsys):
+    server_env.write_text(server_env.read_text() + "FEDCT_PROXY=/nonexistent/nginx\n")
+    assert main(["server", "start", "--env", str(server_env)]) == 2
+    err = capsys.readouterr().err
+    assert "no reverse proxy found (FEDCT_PROXY=/nonexistent/nginx)" in err and "apt-get install nginx" in err
+
+
 def test_server_secret_is_private_random_reused_and_refused_when_shared(server_env):
     env = ServerEnv.from_file(server_env)
     path = ensure_server_secret(env)

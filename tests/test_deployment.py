@@ -316,7 +316,8 @@ def test_an_unapproved_app_is_refused_before_it_is_unpacked(consortium):
     print(f"\n[deployment] unapproved app: run ended after {time.monotonic() - t0:.1f}s ({done.status})")
     for name in SITES:
         assert f"fedct: REFUSED app fedct/fedct 0.1.0 (FAB sha256 {digest})" in fed.log_text(name)
-        installed = [p.name for p in (fed.root / "work" / name / "flwr-home" / "apps").iterdir()]
+        apps = fed.root / "work" / name / "flwr-home" / "apps"  # absent when no app was ever installed (-k runs)
+        installed = [p.name for p in apps.iterdir()] if apps.is_dir() else []
         assert not any(p.endswith(digest[:8]) for p in installed), installed  # never unpacked at the site
     if done.status == "finished:completed":  # the round loop records the round as skipped
         entry = _round(fed.metrics("unapproved"), 1)
@@ -390,11 +391,15 @@ def test_resume_after_the_server_is_killed(consortium):
     assert done.run_id is not None, done.output[-3000:]
     wait_until(lambda: (s := load_run_state(run_dir / "state")) is not None and s.server_round >= 1, timeout=600,
                what="round 1 to complete", poll=1)  # fmt: skip
-    fed.kill("server")  # SuperLink, its SuperExec and the ServerApp, all SIGKILLed
+    registry = json.loads((fed.root / "server-state" / "site-registry.json").read_text())
+    assert sorted(registry.values()) == sorted(SITES)
+    fed.kill("server")  # SuperLink, its SuperExec, the ServerApp and the proxy, all SIGKILLed
     saved = load_run_state(run_dir / "state").server_round
     kept = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").glob("*.pt")}
     fed.start_server()  # same env file: same database, keys already registered
     assert "site site-0: already registered" in fed.log_text("server")
+    # same node ids for the same keys (database on disk): the registry the ServerApp reads is unchanged
+    assert json.loads((fed.root / "server-state" / "site-registry.json").read_text()) == registry
     # The SuperNodes kept running and reconnect by themselves (their node ids live in the database); the round
     # loop waits up to round-timeout-s for min-sites of them.
     resumed = fed.submit("resume", **settings, resume=True)
