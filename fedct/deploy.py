@@ -615,10 +615,15 @@ def start_server(env: ServerEnv, *, wait_s: float = 60.0, log_file: Path | None 
     procs: list[subprocess.Popen] = []  # start order: SuperLink, SuperExec, proxy
     stopping: list[int] = []
 
-    def spawn(command: list[str], what: str) -> subprocess.Popen:
+    def spawn(command: list[str], what: str, *, relay: bool = False) -> subprocess.Popen:
+        """Start a child; ``relay``: through a pipe copied to our stdout (nginx reopens /dev/stderr for its access
+        log, which on a regular file not opened for appending would overwrite the other processes' lines)."""
         print(f"fedct server: starting {what}: {' '.join(command)}", flush=True)
-        proc = subprocess.Popen(command, env=child_env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT if out else None, preexec_fn=_die_with_parent)  # fmt: skip
+        piped = relay and out is None
+        proc = subprocess.Popen(command, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if piped else out,
+                                stderr=subprocess.STDOUT if (out or piped) else None, preexec_fn=_die_with_parent)  # fmt: skip
+        if piped:
+            threading.Thread(target=_relay_prefixed, args=(proc.stdout, b""), name="fedct-proxy-log", daemon=True).start()
         procs.append(proc)
         return proc
 
@@ -645,7 +650,7 @@ def start_server(env: ServerEnv, *, wait_s: float = 60.0, log_file: Path | None 
             print(f"fedct server: site {name}: {what}", flush=True)
         registry = write_site_registry(env)
         print(f"fedct server: site registry {env.site_registry_file}: {len(registry)} node(s)", flush=True)
-        proxy_proc = spawn(proxy_command(env, config), f"the proxy on {env.host}:{env.port} (Fleet API only)")
+        proxy_proc = spawn(proxy_command(env, config), f"the proxy on {env.host}:{env.port} (Fleet API only)", relay=True)
         wait_for_tls(host.strip("[]"), int(port), env.ca_cert, wait_s=wait_s, setting="FEDCT_CA_CERT",
                      alive=lambda: proxy_proc.poll() is None)  # fmt: skip
     except (ConnectionError, DeployError, OSError, subprocess.TimeoutExpired) as exc:
@@ -1149,7 +1154,8 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fedct server start|submit|check``."""
     p = sub.add_parser("server", help="consortium server: start the SuperLink, submit runs, health check")
     server_sub = p.add_subparsers(dest="server_command", required=True)
-    s = server_sub.add_parser("start", help="start the SuperLink (TLS, node auth) and register the sites' keys")
+    s = server_sub.add_parser("start", help="start the SuperLink (127.0.0.1, TLS, node auth), register the sites' keys, "
+                                                "then the hospital-facing proxy (Fleet API only)")
     s.add_argument("--env", required=True, help="server env file (configs/server.env)")
     s.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for the SuperLink to answer")
     s.add_argument("--log-file", help="write the SuperLink's output here instead of the console")
@@ -1160,7 +1166,7 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--app", help="app folder to send (default FEDCT_APP_DIR or this installation)")
     s.add_argument("--no-stream", action="store_true", help="return once the run is submitted")
     s.set_defaults(func=_server_submit)
-    s = server_sub.add_parser("check", help="exit 0 when the SuperLink answers a TLS handshake verified by the CA")
+    s = server_sub.add_parser("check", help="exit 0 when the proxy and the SuperLink answer TLS handshakes verified by the CA")
     s.add_argument("--env", required=True, help="server env file")
     s.set_defaults(func=_server_check)
 

@@ -170,7 +170,7 @@ class Coordinator:
 
     def start(self, key: str, command: list[str], **env: str) -> subprocess.Popen:
         self.logs[key] = self.root / f"{key}.log"
-        proc = subprocess.Popen(command, env=process_env(**env), stdout=self.logs[key].open("ab"), stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(command, env=process_env(**env), stdout=self.logs[key].open("wb"), stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
         self.procs[key] = proc
         return proc
