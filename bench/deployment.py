@@ -153,7 +153,7 @@ class LocalDeployment:
             return ["--insecure"], [["--insecure"] for _ in self.sites]
         from fedct.certs import write_consortium
 
-        self._pki = write_consortium(self.root / "pki", sites=[f"s{i}" for i in range(len(self.sites))])
+        self._pki = write_consortium(self.root / "pki", sites=[f"s{i}" for i in range(len(self.sites))], with_site_keys=True)
         link = ["--ssl-ca-certfile", str(self._pki.ca_cert), "--ssl-certfile", str(self._pki.server_cert),
                 "--ssl-keyfile", str(self._pki.server_key)]  # fmt: skip
         nodes = [["--root-certificates", str(self._pki.ca_cert)] for _ in self.sites]

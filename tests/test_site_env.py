@@ -16,7 +16,7 @@ from fl_client.site_env import SiteEnv, SiteEnvError, parse_superlink_address, r
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pki")
-    write_consortium(root, sites=["site-a"])
+    write_consortium(root, sites=["site-a"], with_site_keys=True)
     return root
 
 
