@@ -6,7 +6,8 @@ cache key covers the series' files (paths, sizes, modification times), so a chan
 changed pipeline uses a different folder. Targets (diagnosis, outcome, covariates) are joined after the cache,
 so relabelling never recomputes images and never returns stale labels. Random augmentation runs after the cache.
 
-Caches are capped in disk use: every use of a pipeline's cache touches its ``.last-used`` marker, and
+Caches are capped in disk use: every use of a pipeline's cache touches its marker ``cache/.last-used-<fingerprint>``
+(next to the folder, so the folder holds only cached tensors), and
 :func:`prune_caches` (called by the site before each round with ``FEDCT_CACHE_MAX_GB``) removes the least recently
 used caches of *other* pipelines until all caches together fit; the cache in use is never removed.
 """
@@ -29,8 +30,8 @@ from torch.utils.data import Dataset
 from preprocessing.transforms import PipelineConfig, deterministic_transforms, random_transforms
 
 CACHE_FOLDER = "cache"
-#: Touched whenever a pipeline's cache is used (least-recently-used order for :func:`prune_caches`).
-LAST_USED = ".last-used"
+#: Prefix of the marker touched whenever a pipeline's cache is used (least-recently-used order for :func:`prune_caches`).
+LAST_USED = ".last-used-"
 
 log = logging.getLogger("fedct.cache")
 
@@ -40,10 +41,15 @@ def cache_dir_for(site_dir: Path, pipeline: PipelineConfig) -> Path:
     return Path(site_dir) / CACHE_FOLDER / pipeline.fingerprint()
 
 
+def last_used_marker(cache_dir: Path) -> Path:
+    """The marker file whose modification time says when ``cache_dir`` was last used."""
+    return cache_dir.parent / f"{LAST_USED}{cache_dir.name}"
+
+
 def mark_used(cache_dir: Path) -> None:
-    """Record that ``cache_dir`` is in use now (its ``.last-used`` marker's modification time)."""
+    """Record that ``cache_dir`` is in use now (its marker's modification time)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    (cache_dir / LAST_USED).touch()  # an existing marker gets a new modification time
+    last_used_marker(cache_dir).touch()  # an existing marker gets a new modification time
 
 
 def folder_bytes(folder: Path) -> int:
@@ -60,7 +66,7 @@ def folder_bytes(folder: Path) -> int:
 
 def _last_used(cache_dir: Path) -> float:
     try:
-        return (cache_dir / LAST_USED).stat().st_mtime
+        return last_used_marker(cache_dir).stat().st_mtime
     except OSError:
         try:
             return cache_dir.stat().st_mtime
@@ -93,6 +99,7 @@ def prune_caches(site_dir: Path, *, keep: PipelineConfig, max_bytes: int) -> lis
             log.warning("cache %s could not be removed (%s)", old, exc)
             continue
         shutil.rmtree(doomed, ignore_errors=True)
+        last_used_marker(old).unlink(missing_ok=True)
         total -= sizes[old]
         removed.append(old)
     for leftover in root.glob(".removing-*"):  # an earlier removal interrupted half-way
