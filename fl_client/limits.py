@@ -46,7 +46,7 @@ LIMIT_KEYS: dict[str, tuple[str, str, str]] = {
     "max_batch_size": ("max-batch-size", "FEDCT_MAX_BATCH_SIZE", "largest batch size (default 64)"),
     "max_batch_voxels": ("max-batch-voxels", "FEDCT_MAX_BATCH_VOXELS",
                          "memory budget: batch size * input voxels per training step (default 33554432; densenet121 "
-                         "needs ~0.7 KB of RAM per voxel on a CPU in float32)"),
+                         "needs ~0.7 KB of RAM per voxel on a CPU in float32, resnet18 ~1.6 KB)"),
     "cache_max_gb": ("cache-max-gb", "FEDCT_CACHE_MAX_GB",
                      "disk the preprocessing caches may use in GB; older pipelines' caches are removed (default 20)"),
 }  # fmt: skip

@@ -10,7 +10,7 @@ import pytest
 
 from fedct.certs import write_consortium
 from fl_client.config import SiteConfig
-from fl_client.site_env import SiteEnv, SiteEnvError, parse_superlink_address, read_env_file
+from fl_client.site_env import SITE_KEYS, SiteEnv, SiteEnvError, parse_superlink_address, read_env_file
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +235,17 @@ def test_pacs_settings_share_the_site_env_file(site, tmp_path):
     path = site(FEDCT_PACS_URL="http://127.0.0.1:8042/dicom-web", FEDCT_PACS_MODALITY="CT")
     assert SiteEnv.from_file(path).site_name == "site-a"
     assert read_pacs_settings(path).url == "http://127.0.0.1:8042/dicom-web"
+
+
+def test_the_example_site_env_explains_every_key_with_the_real_defaults():
+    """configs/site.env is what hospital IT copies: its keys are known and its limits are the code's defaults."""
+    from fl_client.limits import LIMIT_KEYS, SiteLimits
+
+    example = read_env_file(Path(__file__).resolve().parents[1] / "configs" / "site.env")
+    assert not [k for k in example if k.startswith("FEDCT_") and k not in SITE_KEYS]
+    limits = SiteLimits.from_env_values(example)
+    assert limits == SiteLimits()
+    assert all(env_key in example for _node, env_key, _meaning in LIMIT_KEYS.values())
+    assert (example["FEDCT_VAL_FRACTION"], example["FEDCT_TEST_FRACTION"]) == ("0.2", "0.2")
+    assert example["FEDCT_APPROVED_APPS"] == "/config/approval/approved-apps.txt"  # outside FEDCT_SITE_DIR=/site
+    assert example["FEDCT_SITE_DIR"] == "/site"
