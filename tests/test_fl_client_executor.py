@@ -227,6 +227,7 @@ def test_parent_pid_ends_the_executor_when_the_parent_is_gone(tmp_path, request,
         while "serving 127.0.0.1" not in log.read_text() and executor.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert executor.poll() is None, log.read_text()  # runs while its parent lives
+        assert "WARNING app approval is DISABLED at this site (FEDCT_APPROVAL=disabled-i-understand)" in log.read_text()
         parent.kill()
         parent.wait()
         assert _exits(executor) == 0, log.read_text()
