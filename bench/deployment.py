@@ -108,8 +108,8 @@ class SiteSpec:
     isolation: str = "subprocess"  # "subprocess" (Flower's SuperExec) or "process" (+ fedct's warm executor)
     superexec_poll_s: float | None = None  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (subprocess isolation)
     executor_poll_s: float = 0.2
-    #: the executors' allow-list file, or "off" (benchmarks and tests submit apps they just built)
-    approved_apps: str = "off"
+    #: the executors' allow-list file, or "disabled-i-understand" (benchmarks and tests submit apps they just built)
+    approved_apps: str = "disabled-i-understand"
     preload_app: str = "fl_client.client_app"
 
 

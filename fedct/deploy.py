@@ -799,13 +799,16 @@ def supernode_command(site: SiteEnv) -> list[str]:
 
 
 def executor_command(site: SiteEnv, *, parent_pid: int) -> list[str]:
-    """The warm executor's command line: the SuperNode's Runtime API on loopback, the site's allow-list (``off``
-    when approval is off), the shared secret, and ``parent_pid`` (``fedct site``) whose end ends it."""
+    """The warm executor's command line: the SuperNode's Runtime API on loopback, the site's allow-list
+    (``disabled-i-understand`` when approval is disabled), the shared secret, and ``parent_pid`` (``fedct site``)
+    whose end ends it."""
+    from fl_client.approval import allow_list_value
+
     return [
         sys.executable, "-m", "fl_client.executor",
         "--runtime-api-address", f"127.0.0.1:{site.runtime_port}",
         "--insecure",  # loopback only; the SuperNode's Runtime API has no TLS unless given --ssl-* files
-        "--approved-apps", str(site.approved_apps) if site.approved_apps else "off",
+        "--approved-apps", allow_list_value(site.approved_apps),
         "--superexec-auth-secret-file", str(site.superexec_secret_file),
         "--parent-pid", str(parent_pid),
     ]  # fmt: skip
@@ -829,9 +832,9 @@ def ensure_superexec_secret(site: SiteEnv) -> Path:
 
 def supernode_env(site: SiteEnv, gate_dir: Path) -> dict[str, str]:
     """The SuperNode's environment: the approval launcher first on PATH, the site's own Flower home, no telemetry."""
-    from fl_client.approval import ALLOW_LIST_ENV
+    from fl_client.approval import ALLOW_LIST_ENV, allow_list_value
 
-    env = flower_env(FLWR_HOME=str(site.flwr_home), **{ALLOW_LIST_ENV: str(site.approved_apps) if site.approved_apps else "off"})
+    env = flower_env(FLWR_HOME=str(site.flwr_home), **{ALLOW_LIST_ENV: allow_list_value(site.approved_apps)})
     env["PATH"] = str(gate_dir) + os.pathsep + env["PATH"]
     return env
 
@@ -842,8 +845,11 @@ def ingest(site: SiteEnv) -> str:
     from preprocessing.transforms import PipelineConfig
 
     pipeline = PipelineConfig(target_spacing_mm=site.ingest_spacing_mm, input_size=site.ingest_input_size)
+    from preprocessing.split import site_split
+
+    split = site_split(site.site_dir, site_choice=site.split)  # the site's own, fixed split (FEDCT_VAL/TEST_FRACTION)
     ingest_site(site.dicom_dir, site.site_dir, labels_csv=site.labels_csv, pipeline=pipeline, workers=site.workers,
-                progress=False)  # fmt: skip
+                split=split, progress=False)  # fmt: skip
     counts = json.loads((site.site_dir / REPORT_NAME).read_text())["counts"]
     return f"accepted {counts['accepted']} series, rejected {counts['rejected']}, splits {counts['by_split']}"
 
@@ -883,7 +889,7 @@ def supernode_pids(site_name: str | None = None) -> list[int]:
 def start_site(site: SiteEnv, *, wait_s: float, ingest_first: bool = True, activation_wait_s: float = 120.0) -> int:
     """Preflight TLS, ingest, install the approval launcher, then run ``flower-supernode`` (and, with the warm
     runner, the warm executor); returns the exit code."""
-    from fl_client.approval import install_gate, load_allow_list
+    from fl_client.approval import allow_list_exposure, disabled_warning, install_gate, load_allow_list
 
     print(f"fedct site {site.site_name}: checking TLS to {site.superlink} against {site.ca_cert}", flush=True)
     version = wait_for_tls(site.superlink_host, site.superlink_port, site.ca_cert, wait_s=wait_s)
@@ -894,8 +900,10 @@ def start_site(site: SiteEnv, *, wait_s: float, ingest_first: bool = True, activ
     gate_dir = site.site_dir / "bin"
     install_gate(gate_dir)
     if site.approved_apps is None:
-        print(f"fedct site {site.site_name}: WARNING app approval is OFF: any app the server sends will run here", flush=True)
+        print(f"fedct site {site.site_name}: {disabled_warning()}", flush=True)
     else:
+        if (exposure := allow_list_exposure(site.approved_apps)) is not None:
+            print(f"fedct site {site.site_name}: {exposure}", flush=True)
         approved = load_allow_list(site.approved_apps)
         print(f"fedct site {site.site_name}: {len(approved)} approved app(s) in {site.approved_apps}"
               + ("" if approved else "; every run will be refused until an app is approved (--approve APP_DIR)"), flush=True)  # fmt: skip
@@ -1248,7 +1256,8 @@ def _site(args: argparse.Namespace) -> int:
         from fl_client.approval import approve
 
         if site.approved_apps is None:
-            print("fedct site: error: FEDCT_APPROVED_APPS=off; set it to a file to approve apps", file=sys.stderr)
+            print("fedct site: error: FEDCT_APPROVAL=disabled-i-understand; set FEDCT_APPROVED_APPS to a file to approve apps",
+                  file=sys.stderr)  # fmt: skip
             return 2
         try:
             digest = approve(Path(args.approve), site.approved_apps)

@@ -273,6 +273,7 @@ def train_round(
     site: SiteConfig, settings: RoundSettings, state: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """One federated round at a site: load global weights, train on the train split, return new weights."""
+    settings = site.admit(settings)  # the site's limits, its fixed split, its cache cap (fl_client/config.py)
     set_determinism(seed=settings.seed * 1000 + settings.server_round)
     device = select_device(site.device)
     manifest = load_site(site, settings)
@@ -304,6 +305,7 @@ def evaluate_round(site: SiteConfig, settings: RoundSettings, state: Mapping[str
     histogram of the training studies' risk scores (``train-hist-risk``) lets the server place future
     patients in risk groups relative to the training population.
     """
+    settings = site.admit(settings)  # the site's limits, its fixed split, its cache cap (fl_client/config.py)
     set_determinism(seed=settings.seed)
     device = select_device(site.device)
     manifest = load_site(site, settings)

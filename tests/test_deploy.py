@@ -260,7 +260,7 @@ def test_supernode_command_carries_tls_auth_and_the_site_settings(tmp_path, pki)
     assert SiteConfig.from_context(parsed, {}) == site.site_config()
     env = supernode_env(site, tmp_path / "bin")
     assert env["PATH"].split(":")[0] == str(tmp_path / "bin")  # the approval launcher comes first
-    assert env["FEDCT_APPROVED_APPS"] == str(tmp_path / "work" / "approved-apps.txt")
+    assert env["FEDCT_APPROVED_APPS"] == str(tmp_path / "approved-apps.txt")  # next to the env file, outside SITE_DIR
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert env["FLWR_HOME"] == str(tmp_path / "work" / "flwr-home")
 
@@ -333,8 +333,8 @@ def test_warm_runner_starts_the_supernode_without_superexec_and_the_executor_wit
     config = executor_args(executor[3:] + ["--preload-app", ""])  # the executor's own parser accepts it
     assert config == ExecutorConfig(runtime_api_address="127.0.0.1:9601", insecure=True, preload_app=None,
                                     superexec_auth_secret_file=site.superexec_secret_file,
-                                    approved_apps=tmp_path / "site-a" / "work" / "approved-apps.txt", parent_pid=4321)  # fmt: skip
-    off = _site(tmp_path, pki, FEDCT_APPROVED_APPS="off")
+                                    approved_apps=tmp_path / "approved-apps.txt", parent_pid=4321)  # fmt: skip
+    off = _site(tmp_path, pki, FEDCT_APPROVAL="disabled-i-understand")
     assert executor_args([*executor_command(off, parent_pid=1)[3:], "--preload-app", ""]).approved_apps is None
 
 

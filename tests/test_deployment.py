@@ -121,7 +121,7 @@ class Consortium:
         })  # fmt: skip
         self.site_envs = {name: self.site_env(name) for name in (*SITES, "site-x")}
         for name in SITES:
-            approve(self.app, root / "work" / name / "approved-apps.txt")
+            approve(self.app, root / "approval" / name / "approved-apps.txt")  # outside the site's work folder
 
     def site_env(self, name: str, **changes: object) -> Path:
         data = "site-0" if name == "site-x" else name
@@ -133,6 +133,7 @@ class Consortium:
             "FEDCT_DICOM_DIR": self.root / "data" / data / "dicom",
             "FEDCT_LABELS": self.root / "data" / data / "labels.csv",
             "FEDCT_SITE_DIR": self.root / "work" / name,
+            "FEDCT_APPROVED_APPS": self.root / "approval" / name / "approved-apps.txt",
             "FEDCT_DEVICE": "cpu",
             "FEDCT_WORKERS": 1,
             "FEDCT_RUNTIME_PORT": _free_port(),
