@@ -172,8 +172,11 @@ def _padding_mask(decoded: _Decoded, frame_index: int, path: str) -> np.ndarray 
     )
 
 
-def _hu_slices(series: ValidatedSeries) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(k, hu)`` for every slice in order: float32 HU of shape (Rows, Columns), one file decoded at a time.
+def _hu_slices(
+    series: ValidatedSeries, rows: np.ndarray | None = None, columns: np.ndarray | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(k, hu)`` for every slice in order: float32 HU of shape (Rows, Columns), one file decoded at a time;
+    with ``rows``/``columns`` (index arrays) only that block of each slice is converted and returned.
 
     Every check of :func:`read_hu_volume` happens here (decodability, shape, position against the validated
     geometry, rescale present, padding); a multi-frame file is decoded once and its frames taken in turn.
@@ -212,10 +215,12 @@ def _hu_slices(series: ValidatedSeries) -> Iterator[tuple[int, np.ndarray]]:
             raise SeriesInvalid(
                 "missing_attribute", f"{where}{', '.join(missing)} missing: stored values cannot be converted to HU", path
             )
-        hu = _modality_lut(decoded.pixels[index], rescale)
+        block = None if rows is None or columns is None else np.ix_(rows, columns)
+        stored = decoded.pixels[index] if block is None else decoded.pixels[index][block]
+        hu = _modality_lut(stored, rescale)
         padding = _padding_mask(decoded, index, path)
         if padding is not None:
-            hu[padding] = AIR_HU
+            hu[padding if block is None else padding[block]] = AIR_HU
         yield k, hu
 
 
@@ -350,14 +355,18 @@ def read_resampled_volume(
         out_axis_of[i] = j
     w_col, w_row, w_slice = weights[0], weights[1], weights[2]  # input axes: column index, row index, slice
     planes = np.zeros((w_slice.shape[0], w_row.shape[0], w_col.shape[0]), dtype=np.float32)  # (slice', row', col')
-    w_col_t = np.ascontiguousarray(w_col.T)
-    for k, hu in _hu_slices(series):
+    # Only the rows/columns the interpolation touches are converted to HU and multiplied (all of them when keep_hu).
+    rows = np.arange(series.Rows) if keep_hu else np.flatnonzero(w_row.any(axis=0))
+    columns = np.arange(series.Columns) if keep_hu else np.flatnonzero(w_col.any(axis=0))
+    w_row_used = np.ascontiguousarray(w_row[:, rows])
+    w_col_used_t = np.ascontiguousarray(w_col[:, columns].T)
+    for k, hu in _hu_slices(series, None if keep_hu else rows, None if keep_hu else columns):
         if hu_full is not None:
             hu_full[:, :, k] = hu.T
         contributes = np.flatnonzero(w_slice[:, k])
         if contributes.size == 0:
             continue
-        plane = w_row @ hu @ w_col_t  # (row', col')
+        plane = w_row_used @ hu @ w_col_used_t  # (row', col')
         for o in contributes:
             planes[o] += w_slice[o, k] * plane
     # planes axes are the input axes (2, 1, 0); put them in the grid's axis order.
