@@ -22,6 +22,7 @@ from monai.utils import MetaKeys, SpaceKeys, TraceKeys
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import UncompressedTransferSyntaxes
+from threadpoolctl import threadpool_limits
 
 from preprocessing.discover import frame_functional_item, read_dicom
 from preprocessing.validate import SeriesInvalid, ValidatedSeries, slice_normal
@@ -360,15 +361,17 @@ def read_resampled_volume(
     columns = np.arange(series.Columns) if keep_hu else np.flatnonzero(w_col.any(axis=0))
     w_row_used = np.ascontiguousarray(w_row[:, rows])
     w_col_used_t = np.ascontiguousarray(w_col[:, columns].T)
-    for k, hu in _hu_slices(series, None if keep_hu else rows, None if keep_hu else columns):
-        if hu_full is not None:
-            hu_full[:, :, k] = hu.T
-        contributes = np.flatnonzero(w_slice[:, k])
-        if contributes.size == 0:
-            continue
-        plane = w_row_used @ hu @ w_col_used_t  # (row', col')
-        for o in contributes:
-            planes[o] += w_slice[o, k] * plane
+    # The products are small: OpenBLAS's threads would spin for them (measured: 6x the CPU time, 6x slower).
+    with threadpool_limits(limits=1, user_api="blas"):
+        for k, hu in _hu_slices(series, None if keep_hu else rows, None if keep_hu else columns):
+            if hu_full is not None:
+                hu_full[:, :, k] = hu.T
+            contributes = np.flatnonzero(w_slice[:, k])
+            if contributes.size == 0:
+                continue
+            plane = w_row_used @ hu @ w_col_used_t  # (row', col')
+            for o in contributes:
+                planes[o] += w_slice[o, k] * plane
     # planes axes are the input axes (2, 1, 0); put them in the grid's axis order.
     volume = np.ascontiguousarray(planes.transpose([2 - i for i in (mapping[0][0], mapping[1][0], mapping[2][0])]))
     return ResampledVolume(volume, grid.affine, hu_full if keep_hu else None, source_affine if keep_hu else None)
