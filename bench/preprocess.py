@@ -194,7 +194,10 @@ def _run_arm(arm: str, folders: list[str], dicom_root: str, site_dir: str, queue
                 import monai.transforms  # noqa: F401 - imported before the fork, as ingest does
             startup = time.perf_counter() - t0
             parent_rss = _rss_mib()
-            with ProcessPoolExecutor(max_workers=2, initializer=_worker_init) as pool:
+            # Forked workers, as ingest_site starts its own (see preprocessing.ingest.pool_context): the arm runs in a
+            # spawned process, where the default would spawn workers that import everything again.
+            context = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+            with ProcessPoolExecutor(max_workers=2, initializer=_worker_init, mp_context=context) as pool:
                 shapes = [list(s) for s in pool.map(function, folders)]
             seconds = time.perf_counter() - t0
         worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest worker (Linux: KiB)
