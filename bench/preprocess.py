@@ -235,7 +235,7 @@ def memory_probe(folder: Path, site_dir: Path) -> dict[str, Any]:
     """Peak memory of one worker for the series in ``folder`` against its raw pixel bytes (the issue's <= 1.5x)."""
     from preprocessing.cache import file_state_fingerprint
     from preprocessing.discover import discover
-    from preprocessing.ingest import pool_context
+    from preprocessing.ingest import _worker_init, pool_context
     from preprocessing.validate import validate_series
     from preprocessing.volume import series_to_dict
 
@@ -243,7 +243,7 @@ def memory_probe(folder: Path, site_dir: Path) -> dict[str, Any]:
     series = validate_series(headers)
     item = {"image": series_to_dict(series), "content": file_state_fingerprint(series.paths), "id": "probe"}
     raw_mib = series.Rows * series.Columns * len(series.paths) * 2 / 2**20  # 16-bit stored values
-    with ProcessPoolExecutor(max_workers=1, mp_context=pool_context()) as pool:
+    with ProcessPoolExecutor(max_workers=1, initializer=_worker_init, mp_context=pool_context()) as pool:
         measured = pool.submit(_memory_probe_worker, item, str(site_dir)).result()
     shutil.rmtree(site_dir, ignore_errors=True)
     growth = measured["rss_high_water_growth_mib"]
