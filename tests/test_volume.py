@@ -776,3 +776,17 @@ def test_resampled_loader_keeps_the_full_hu_volume_when_asked(dicom_root, make_s
     volume, affine = read_hu_volume(series)
     np.testing.assert_array_equal(out["hu"].numpy()[0], volume)
     np.testing.assert_array_equal(out["hu"].affine.numpy(), affine)
+
+
+def test_grid_that_is_not_a_scaled_permutation_falls_back_to_monai(dicom_root, make_series, monkeypatch):
+    """Orientation + spacing always give a permuted, scaled grid; should one not, MONAI resamples the full volume."""
+    import preprocessing.volume as volume
+
+    make_series("s", n_slices=10, rows=20, cols=18)
+    series = _validated(dicom_root)
+    fast = read_resampled_volume(series, (4.0, 4.0, 4.0))
+    monkeypatch.setattr(volume, "_axis_map", lambda *args: None)
+    slow = read_resampled_volume(series, (4.0, 4.0, 4.0), keep_hu=True)
+    np.testing.assert_array_equal(slow.affine, fast.affine)
+    np.testing.assert_allclose(slow.volume, fast.volume, atol=1e-3)
+    np.testing.assert_array_equal(slow.hu, read_hu_volume(series)[0])
