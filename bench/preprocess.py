@@ -152,14 +152,27 @@ def monai_tutorial(folder: str) -> tuple[int, ...]:
     return tuple(chain({"image": folder})["image"].shape)
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished (joined) children."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _run_arm(arm: str, folders: list[str], dicom_root: str, site_dir: str, queue: Any) -> None:
-    """Child process: run one arm over the folders with two workers; put (seconds, shapes or error) on the queue."""
+    """Child process: run one arm over the folders with two workers; put (seconds, CPU seconds, worker memory,
+    shapes or error) on the queue."""
+    import resource
+
     try:
         t0 = time.perf_counter()
+        cpu0 = _cpu_seconds()
         if arm == "c_fedct_ingest":
             from preprocessing.ingest import ingest_site
             from preprocessing.transforms import PipelineConfig
 
+            startup = time.perf_counter() - t0
             manifest = ingest_site(Path(dicom_root), Path(site_dir), pipeline=PipelineConfig(target_spacing_mm=SPACING_MM,
                                    input_size=INPUT_SIZE), workers=2)  # fmt: skip
             seconds = time.perf_counter() - t0
@@ -168,12 +181,75 @@ def _run_arm(arm: str, folders: list[str], dicom_root: str, site_dir: str, queue
             shapes = [list(INPUT_SIZE)] * len(folders)
         else:
             function = read_floor if arm == "a_read_floor" else monai_tutorial
-            with ProcessPoolExecutor(max_workers=2, initializer=_worker_init) as pool:
+            if arm == "b_monai_tutorial":
+                import monai.transforms  # noqa: F401 - imported before the fork, as ingest does
+            startup = time.perf_counter() - t0
+            # Forked workers, as ingest_site starts its own (see preprocessing.ingest.pool_context): the arm runs in a
+            # spawned process, where the default would spawn workers that import everything again.
+            context = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+            with ProcessPoolExecutor(max_workers=2, initializer=_worker_init, mp_context=context) as pool:
                 shapes = [list(s) for s in pool.map(function, folders)]
             seconds = time.perf_counter() - t0
-        queue.put({"seconds": seconds, "shapes": shapes})
+        worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest worker (Linux: KiB)
+        queue.put({"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu0, "startup_seconds": startup,
+                   "worker_peak_rss_mib": worker_peak, "shapes": shapes})  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - reported in the JSON
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _memory_probe_worker(item: dict[str, Any], site_dir: str) -> dict[str, float]:
+    """In a fresh forked worker: peak memory while fedct turns one series into its cached model input.
+
+    ``VmHWM`` (the kernel's RSS high-water mark) is reset through ``/proc/self/clear_refs`` first, so the growth is
+    what this series cost on top of the worker's inherited pages; tracemalloc's peak (Python + NumPy buffers) is the
+    same from the allocator's side.
+    """
+    import tracemalloc
+
+    from preprocessing.ingest import _cache_one
+    from preprocessing.transforms import PipelineConfig
+
+    def status(key: str) -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        resettable = True
+    except OSError:
+        resettable = False
+    before = status("VmRSS")
+    tracemalloc.start()
+    result = _cache_one((item, PipelineConfig(target_spacing_mm=SPACING_MM, input_size=INPUT_SIZE), site_dir, None))
+    traced_peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    if result[1] is not None:
+        raise RuntimeError(f"memory probe: series refused: {result[1]}: {result[2]}")
+    return {"rss_before_mib": before, "rss_high_water_growth_mib": status("VmHWM") - before if resettable else None,
+            "tracemalloc_peak_mib": traced_peak}  # fmt: skip
+
+
+def memory_probe(folder: Path, site_dir: Path) -> dict[str, Any]:
+    """Peak memory of one worker for the series in ``folder`` against its raw pixel bytes (the issue's <= 1.5x)."""
+    from preprocessing.cache import file_state_fingerprint
+    from preprocessing.discover import discover
+    from preprocessing.ingest import _worker_init, pool_context
+    from preprocessing.validate import validate_series
+    from preprocessing.volume import series_to_dict
+
+    [headers] = discover(folder).series.values()
+    series = validate_series(headers)
+    item = {"image": series_to_dict(series), "content": file_state_fingerprint(series.paths), "id": "probe"}
+    raw_mib = series.Rows * series.Columns * len(series.paths) * 2 / 2**20  # 16-bit stored values
+    with ProcessPoolExecutor(max_workers=1, initializer=_worker_init, mp_context=pool_context()) as pool:
+        measured = pool.submit(_memory_probe_worker, item, str(site_dir)).result()
+    shutil.rmtree(site_dir, ignore_errors=True)
+    growth = measured["rss_high_water_growth_mib"]
+    return {"series_slices": len(series.paths), "raw_pixel_mib": raw_mib, **measured,
+            "rss_growth_over_raw": growth / raw_mib if growth is not None else None,
+            "tracemalloc_peak_over_raw": measured["tracemalloc_peak_mib"] / raw_mib}  # fmt: skip
 
 
 def _measure(arm: str, folders: list[Path], dicom_root: Path, site_dir: Path) -> dict[str, Any]:
@@ -194,6 +270,7 @@ def _measure(arm: str, folders: list[Path], dicom_root: Path, site_dir: Path) ->
 def run(options: BenchOptions) -> Path:
     """Run the benchmark and write ``preprocess.json``; returns its path."""
     started = time.perf_counter()
+    load_start = os.getloadavg()
     out = Path(options.out)
     work = out / "work" / "preprocess"
     sizes = _sizes(options)
@@ -217,9 +294,19 @@ def run(options: BenchOptions) -> Path:
             errors = [r["error"] for r in arm_runs if "error" in r]
             seconds = [r["seconds"] for r in arm_runs if "seconds" in r]
             median = summarise(seconds)["median"]
+            cpu = [r["cpu_seconds"] for r in arm_runs if "cpu_seconds" in r]
+            cpu_median = summarise(cpu)["median"]
+            startup = summarise([r["startup_seconds"] for r in arm_runs if "startup_seconds" in r])["median"]
+            worker_peak = max((r["worker_peak_rss_mib"] for r in arm_runs if "worker_peak_rss_mib" in r), default=None)
             entry["arms"][arm] = {
                 "seconds": summarise(seconds),
                 "series_per_second": n_series / median if median else None,
+                "cpu_seconds": summarise(cpu),
+                "cpu_seconds_per_series": cpu_median / n_series if cpu_median else None,
+                "series_per_cpu_second": n_series / cpu_median if cpu_median else None,
+                "startup_seconds": startup,
+                "seconds_after_startup": median - startup if median and startup is not None else None,
+                "worker_peak_rss_mib": worker_peak,
                 "slices_per_second": n_files / median if median else None,
                 "peak_rss_mib": max((r["peak_rss_mib"] for r in arm_runs), default=None),
                 "output_shape": arm_runs[0].get("shapes", [None])[0],
@@ -228,6 +315,13 @@ def run(options: BenchOptions) -> Path:
         sps = {arm: entry["arms"][arm]["series_per_second"] for arm in ARMS}
         entry["ratio_c_over_a"] = ratio(sps["c_fedct_ingest"], sps["a_read_floor"])
         entry["ratio_c_over_b"] = ratio(sps["c_fedct_ingest"], sps["b_monai_tutorial"])
+        per_cpu = {arm: entry["arms"][arm]["series_per_cpu_second"] for arm in ARMS}
+        entry["per_core_ratio_c_over_a"] = ratio(per_cpu["c_fedct_ingest"], per_cpu["a_read_floor"])
+        entry["per_core_ratio_c_over_b"] = ratio(per_cpu["c_fedct_ingest"], per_cpu["b_monai_tutorial"])
+        after = {arm: entry["arms"][arm]["seconds_after_startup"] for arm in ARMS}
+        entry["ratio_c_over_a_after_startup"] = ratio(after["a_read_floor"], after["c_fedct_ingest"])
+        largest = folders[syntax][int(max(range(len(sizes["slices"])), key=lambda i: sizes["slices"][i]))]
+        entry["c_worker_memory_largest_series"] = memory_probe(largest, work / f"site-{syntax}-memory")
         results[syntax] = entry
     payload = {
         "what": "series per second (median over repeats) of three ways from DICOM files to volumes, each with 2 worker "
@@ -242,6 +336,12 @@ def run(options: BenchOptions) -> Path:
         "data_preparation_seconds": data_seconds,
         "workers": 2,
         "cpu_count": os.cpu_count(),
+        "load_average_1_5_15": {"start": list(load_start), "end": list(os.getloadavg())},
+        "per_core": "cpu_seconds = user + system CPU of the arm's process and its workers (robust to other load); "
+        "series_per_cpu_second and per_core_ratio_* compare work per core; startup_seconds = imports before the first "
+        "series (torch + MONAI for b and c); worker_peak_rss_mib = ru_maxrss of the largest worker "
+        "(pages shared with the parent count); c_worker_memory_largest_series = one forked worker's RSS high-water growth "
+        "and tracemalloc peak while fedct caches the largest series, against its raw 16-bit pixel bytes",
         "results": results,
     }
     return write_result(out, "preprocess", payload, options=options, started=started)

@@ -233,7 +233,7 @@ def prepare_input(series: ValidatedSeries, pipeline: PipelineConfig) -> ModelInp
 
     Raises :class:`SeriesInvalid` when a slice cannot be decoded (as ingestion would refuse it).
     """
-    transforms = tuple(deterministic_transforms(pipeline))
+    transforms = tuple(deterministic_transforms(pipeline, hu_key="hu"))
     data: dict[str, Any] = {"image": series_to_dict(series)}
     hu: np.ndarray | None = None
     affine: np.ndarray | None = None
@@ -245,12 +245,12 @@ def prepare_input(series: ValidatedSeries, pipeline: PipelineConfig) -> ModelInp
             raise _series_invalid(exc) from exc
         image = data["image"]
         if isinstance(image, MetaTensor):
-            if index == 0:  # LoadCTSeriesd: the HU volume in read_hu_volume's layout
-                hu = image.as_tensor()[0].numpy()
-                affine = image.affine.numpy().astype(np.float64)
+            if index == 0:  # the loader also keeps the full HU volume in read_hu_volume's layout
+                hu = data["hu"].as_tensor()[0].numpy()
+                affine = data["hu"].affine.numpy().astype(np.float64)
             grid = image
     if hu is None or affine is None or grid is None:
-        raise RuntimeError("the preprocessing pipeline did not produce a MetaTensor (LoadCTSeriesd first?)")
+        raise RuntimeError("the preprocessing pipeline did not produce a MetaTensor (LoadResampledCTd first?)")
     image = torch.as_tensor(data["image"], dtype=torch.float32)
     return ModelInput(image=image[None], grid=grid, transforms=transforms, hu=hu, affine=affine)
 

@@ -15,19 +15,18 @@ import torch
 from monai.transforms import (
     CropForegroundd,
     EnsureTyped,
-    Orientationd,
     RandFlipd,
     RandGaussianNoised,
     RandScaleIntensityd,
     ResizeWithPadOrCropd,
     ScaleIntensityRanged,
-    Spacingd,
 )
 
-from preprocessing.volume import LoadCTSeriesd
+from preprocessing.volume import LoadResampledCTd
 
 #: Bump when the meaning of the transforms changes, so caches and models made before are recognised as stale.
-PIPELINE_VERSION = "2"
+#: 3: the series is read straight onto the Orientationd+Spacingd grid (same values, one pass, no full-size copies).
+PIPELINE_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -70,12 +69,15 @@ class AboveThreshold:
         return x > self.threshold
 
 
-def deterministic_transforms(cfg: PipelineConfig, *, key: str = "image") -> list:
-    """Load the series, orient to RAS, resample, crop to the body, window HU to [0, 1], fix the size."""
+def deterministic_transforms(cfg: PipelineConfig, *, key: str = "image", hu_key: str | None = None) -> list:
+    """Load the series onto the RAS grid at ``target_spacing_mm``, crop to the body, window HU to [0, 1], fix the size.
+
+    The first step (:class:`preprocessing.volume.LoadResampledCTd`) reads the files straight onto the grid that
+    ``Orientationd("RAS")`` + ``Spacingd(target_spacing_mm, "bilinear", "border")`` would give, with their values,
+    without building the full-resolution volume; ``hu_key`` also keeps that volume (inference draws overlays on it).
+    """
     return [
-        LoadCTSeriesd(keys=key),
-        Orientationd(keys=key, axcodes="RAS", labels=None),
-        Spacingd(keys=key, pixdim=cfg.target_spacing_mm, mode="bilinear", padding_mode="border"),
+        LoadResampledCTd(keys=key, pixdim=cfg.target_spacing_mm, antialias=False, hu_key=hu_key),
         CropForegroundd(
             keys=key,
             source_key=key,

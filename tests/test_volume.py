@@ -581,3 +581,212 @@ def test_single_frame_series_dict_has_no_frames_key(make_series, dicom_root):
 
     assert "frames" not in d
     assert as_series(d).frames == ()
+
+
+# --- straight to the model grid (LoadResampledCTd) against today's MONAI chain ------------------------------------
+
+from monai.transforms import (  # noqa: E402 - kept next to the tests that use the reference chain
+    Compose,
+    CropForegroundd,
+    EnsureTyped,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+
+from preprocessing.transforms import AboveThreshold, PipelineConfig, deterministic_transforms  # noqa: E402
+from preprocessing.volume import LoadResampledCTd, axis_weights, model_grid, read_resampled_volume  # noqa: E402
+
+#: Tolerance of "same answer" on the [0, 1] window (measured 1.2e-7 on a 512x512x150 phantom: float32 rounding).
+SAME_MAX_ABS = 1e-4
+SAME_MIN_CORRELATION = 0.99999
+
+
+def todays_chain(cfg: PipelineConfig, key: str = "image") -> list:
+    """The deterministic pipeline as it was up to pipeline version 2 (the reference for the fast loader)."""
+    return [
+        LoadCTSeriesd(keys=key),
+        Orientationd(keys=key, axcodes="RAS", labels=None),
+        Spacingd(keys=key, pixdim=cfg.target_spacing_mm, mode="bilinear", padding_mode="border"),
+        CropForegroundd(keys=key, source_key=key, select_fn=AboveThreshold(cfg.body_threshold_hu), margin=2,
+                        allow_smaller=True, start_coord_key=None, end_coord_key=None),  # fmt: skip
+        ScaleIntensityRanged(keys=key, a_min=cfg.hu_min, a_max=cfg.hu_max, b_min=0.0, b_max=1.0, clip=True),
+        ResizeWithPadOrCropd(keys=key, spatial_size=cfg.input_size, mode="constant", value=0.0),
+        EnsureTyped(keys=key, dtype=torch.float32, track_meta=False),
+    ]
+
+
+def assert_same_answer(series, cfg: PipelineConfig) -> None:
+    """New loader vs today's chain: same grid (affine bit for bit, shape) and the same model input."""
+    item = {"image": series_to_dict(series)}
+    old = todays_chain(cfg)
+    new = deterministic_transforms(cfg)
+    old_grid = Compose(old[:3])(dict(item))["image"]
+    new_grid = Compose(new[:1])(dict(item))["image"]
+    assert new_grid.shape == old_grid.shape
+    assert np.array_equal(new_grid.affine.numpy(), old_grid.affine.numpy())  # world geometry exact
+    old_cropped = Compose(old[:6])(dict(item))["image"]
+    new_cropped = Compose(new[:4])(dict(item))["image"]
+    assert new_cropped.shape == old_cropped.shape
+    assert np.array_equal(new_cropped.affine.numpy(), old_cropped.affine.numpy())
+    a = Compose(old)(dict(item))["image"].numpy()
+    b = Compose(new)(dict(item))["image"].numpy()
+    assert a.shape == b.shape == (1, *cfg.input_size)
+    assert float(np.abs(a - b).max()) <= SAME_MAX_ABS
+    if a.std() > 0:
+        assert float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) >= SAME_MIN_CORRELATION
+
+
+@pytest.fixture(scope="module")
+def small_federation(tmp_path_factory):
+    """The synthetic federation's four site profiles (signed/unsigned, intercepts, 1.25-5 mm slices), 128x128."""
+    from synthetic.hospitals import default_profiles, write_federation
+
+    out = tmp_path_factory.mktemp("federation")
+    write_federation(out, sites=4, patients_per_site=1, seed=3, profiles=default_profiles(4))
+    return out
+
+
+def test_same_answer_as_todays_chain_on_the_synthetic_federation(small_federation):
+    cfg = PipelineConfig()
+    checked = 0
+    for site in sorted(p for p in small_federation.iterdir() if p.is_dir()):
+        found = discover(site / "dicom")
+        for headers in list(found.series.values())[:2]:
+            assert_same_answer(validate_series(headers), cfg)
+            checked += 1
+    assert checked == 8
+
+
+@pytest.mark.parametrize(
+    "orientation",
+    [
+        [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+        [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0],  # mirrored
+        [0.0, 1.0, 0.0, 1.0, 0.0, 0.0],  # transposed, normal to the feet
+        [1.0, 0.0, 0.0, 0.0, 0.0, -1.0],  # coronal
+        [0.0, 1.0, 0.0, 0.0, 0.0, -1.0],  # sagittal
+        [0.9848078, 0.1736482, 0.0, -0.1736482, 0.9848078, 0.0],  # oblique: 10 degrees in plane
+    ],
+)
+def test_same_answer_in_every_orientation(tmp_path, series_writer, edit_dicom, orientation):
+    rng = np.random.default_rng(5)
+    hu = rng.normal(-300.0, 400.0, size=(20, 40, 36)).round().astype(np.int32)
+    series = series_writer(tmp_path / "in" / "s", hu=hu, pixel_spacing_mm=(1.3, 0.9), slice_spacing_mm=2.0)
+    normal = np.cross(orientation[:3], orientation[3:])
+    for k, path in enumerate(series.paths):  # slices stacked along the new normal
+
+        def reorient(ds: pydicom.Dataset, k: int = k) -> None:
+            ds.ImageOrientationPatient = orientation
+            ds.ImagePositionPatient = [f"{v:.4f}" for v in np.array([10.0, -20.0, 30.0]) + 2.0 * k * normal]
+
+        edit_dicom(path, reorient)
+    assert_same_answer(_validated(tmp_path / "in"), PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(3.0, 2.5, 4.0)))
+
+
+def test_same_answer_on_real_ct5n(tmp_path, copy_testdata):
+    copy_testdata("dicomdirtests/98892001/CT5N", tmp_path / "in" / "CT5N")
+    series = _validated(tmp_path / "in", ValidationConfig(min_slices=5))
+    assert_same_answer(series, PipelineConfig(input_size=(8, 8, 8), target_spacing_mm=(1.0, 1.0, 1.0)))
+
+
+def test_same_answer_on_real_ct_small_stack(tmp_path, stack_real):
+    from pydicom.data import get_testdata_file
+
+    stack_real(get_testdata_file("CT_small.dcm", download=False), tmp_path / "in" / "s", 12, step_mm=1.5)
+    assert_same_answer(_validated(tmp_path / "in"), PipelineConfig(input_size=(16, 16, 8), target_spacing_mm=(2.0, 2.0, 2.0)))
+
+
+def test_same_answer_on_real_enhanced_ct(tmp_path, copy_testdata, edit_dicom):
+    path = copy_testdata("eCT_Supplemental.dcm", tmp_path / "in")
+
+    def hounsfield(ds: pydicom.Dataset) -> None:  # the file says US (a perfusion map): relabel so it validates
+        for element in ds.iterall():
+            if element.keyword == "RescaleType":
+                element.value = "HU"
+
+    edit_dicom(path, hounsfield)
+    series = _validated(tmp_path / "in", ValidationConfig(min_slices=2))
+    assert sorted(series.frames) == [0, 1]
+    assert_same_answer(series, PipelineConfig(input_size=(32, 32, 8), target_spacing_mm=(5.0, 5.0, 5.0)))
+
+
+def test_model_grid_matches_monai(dicom_root, make_series):
+    make_series("s", n_slices=10, rows=24, cols=20, pixel_spacing_mm=(0.7, 0.8), slice_spacing_mm=1.25)
+    series = _validated(dicom_root)
+    grid = model_grid(series, (5.0, 5.0, 5.0))
+    reference = Compose(todays_chain(PipelineConfig())[:3])({"image": series_to_dict(series)})["image"]
+    assert grid.shape == tuple(reference.shape[1:])
+    assert np.array_equal(grid.affine, reference.affine.numpy())
+
+
+def test_antialias_averages_what_point_sampling_aliases(tmp_path, series_writer):
+    """Stripes one pixel wide, resampled 4x coarser: bilinear point sampling sees only one phase of them;
+    the anti-aliased (tent of the step's width) resampling gives their mean everywhere."""
+    hu = np.zeros((12, 64, 64), dtype=np.int32)
+    hu[:, :, ::2] = 400  # columns alternate 0 / 400 HU
+    series_writer(tmp_path / "in" / "s", hu=hu, pixel_spacing_mm=(1.0, 1.0), slice_spacing_mm=4.0)
+    series = _validated(tmp_path / "in")
+    point = read_resampled_volume(series, (4.0, 4.0, 4.0)).volume
+    smooth = read_resampled_volume(series, (4.0, 4.0, 4.0), antialias=True).volume
+    inner = (slice(1, -1), slice(1, -1), slice(None))
+    assert np.abs(point[inner] - 200.0).min() >= 150.0  # point samples land on one stripe phase: 0 or 400
+    np.testing.assert_allclose(smooth[inner], 200.0, atol=1.0)
+
+
+def test_axis_weights_rows_sum_to_one_and_clamp_at_the_border():
+    w = axis_weights(10, 4, 3.0, -1.0, antialias=False)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-6)
+    assert w[0, 0] == pytest.approx(1.0)  # index -1 is outside: the border value
+    np.testing.assert_allclose(axis_weights(10, 4, 3.0, 0.5, antialias=True).sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_resampled_loader_refuses_a_truncated_slice_naming_it(dicom_root, make_series):
+    files = make_series("s", n_slices=10)
+    victim = files.paths[4]
+    data = Path(victim).read_bytes()
+    Path(victim).write_bytes(data[: len(data) - 100])
+    series = _validated(dicom_root)
+    with pytest.raises(SeriesInvalid) as info:
+        read_resampled_volume(series, (4.0, 4.0, 4.0))
+    assert info.value.reason == "truncated_pixel_data"
+    assert Path(info.value.path).name == Path(victim).name
+
+
+def test_resampled_loader_rejects_bad_pixdim():
+    with pytest.raises(ValueError, match=r"-1\.0"):
+        LoadResampledCTd(keys="image", pixdim=(5.0, -1.0, 5.0))
+
+
+def test_resampled_loader_inverse_returns_to_the_series_grid(dicom_root, make_series):
+    make_series("s", n_slices=12, rows=20, cols=18)
+    series = _validated(dicom_root)
+    loader = LoadResampledCTd(keys="image", pixdim=(4.0, 4.0, 4.0))
+    out = loader({"image": series_to_dict(series)})
+    back = loader.inverse(out)["image"]
+    assert tuple(back.shape[1:]) == series.shape
+    np.testing.assert_allclose(back.affine.numpy(), series_affine(series), atol=1e-9)
+
+
+def test_resampled_loader_keeps_the_full_hu_volume_when_asked(dicom_root, make_series):
+    make_series("s", n_slices=10)
+    series = _validated(dicom_root)
+    out = LoadResampledCTd(keys="image", pixdim=(4.0, 4.0, 4.0), hu_key="hu")({"image": series_to_dict(series)})
+    volume, affine = read_hu_volume(series)
+    np.testing.assert_array_equal(out["hu"].numpy()[0], volume)
+    np.testing.assert_array_equal(out["hu"].affine.numpy(), affine)
+
+
+def test_grid_that_is_not_a_scaled_permutation_falls_back_to_monai(dicom_root, make_series, monkeypatch):
+    """Orientation + spacing always give a permuted, scaled grid; should one not, MONAI resamples the full volume."""
+    import preprocessing.volume as volume
+
+    make_series("s", n_slices=10, rows=20, cols=18)
+    series = _validated(dicom_root)
+    fast = read_resampled_volume(series, (4.0, 4.0, 4.0))
+    monkeypatch.setattr(volume, "_axis_map", lambda *args: None)
+    slow = read_resampled_volume(series, (4.0, 4.0, 4.0), keep_hu=True)
+    np.testing.assert_array_equal(slow.affine, fast.affine)
+    np.testing.assert_allclose(slow.volume, fast.volume, atol=1e-3)
+    np.testing.assert_array_equal(slow.hu, read_hu_volume(series)[0])
