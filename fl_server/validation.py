@@ -302,7 +302,7 @@ def plain_metrics(values: Mapping[str, Any], *, count_bound: int, train: bool, w
             if not math.isnan(number) and (number < 0 or number != math.floor(number)):
                 raise ReplyRejected("bad_metric", f"{what}: count {key} must be an integer >= 0")
             if number > count_bound:
-                clipped.append({"metric": key, "claimed": number, "used": float(count_bound)})
+                clipped.append({"metric": key, "claimed": number, "used": float(count_bound), "bound": "max-site-examples"})
                 number = float(count_bound)
         elif abs(number) > MAX_METRIC_MAGNITUDE:
             raise ReplyRejected("bad_metric", f"{what}: {key} is beyond {MAX_METRIC_MAGNITUDE:g} in magnitude")

@@ -191,7 +191,7 @@ def test_evaluate_replies_carry_metrics_and_site_only(reference):
 def test_counts_above_the_bound_are_clipped_and_reported():
     metrics, clipped = plain_metrics({"num-examples": 10**12, "val-n": 5, "train-loss": 0.1}, count_bound=500, train=True)
     assert metrics["num-examples"] == 500.0 and metrics["val-n"] == 5.0
-    assert clipped == [{"metric": "num-examples", "claimed": 1e12, "used": 500.0}]
+    assert clipped == [{"metric": "num-examples", "claimed": 1e12, "used": 500.0, "bound": "max-site-examples"}]
     assert rejected_code(lambda: plain_metrics({"num-examples": 0}, count_bound=500, train=True)) == "bad_num_examples"
     assert plain_metrics({"num-examples": 0}, count_bound=500, train=False)[0] == {"num-examples": 0.0}
     assert rejected_code(lambda: plain_metrics({"train-loss": 1.0}, count_bound=500, train=True)) == "bad_num_examples"
