@@ -432,31 +432,33 @@ def test_fused_evaluations_in_training_replies_are_collected_and_a_malformed_one
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.app.message_type import MessageType
 
+    from fl_server.rounds import RoundReport
+    from fl_server.validation import ReplyRejected, ScreenedReply, plain_metrics
+
     config = ServerConfig(model_name="smallcnn", evaluate_mode="fused", min_sites=2)
     arrays = initial_arrays(config)
     loop = RoundLoop(_Grid(), build_strategy(config), config=config, reference=arrays)
 
-    def reply(node_id: int, evaluation: dict | None) -> Message:
+    def pair(node_id: int, evaluation: dict | None):
         sent = Message(RecordDict({"config": ConfigRecord({"server-round": 4})}), dst_node_id=node_id,
                        message_type=MessageType.TRAIN)
-        content = RecordDict({"site": ConfigRecord({"name": f"site-{node_id}"})})
-        if evaluation is not None:
-            content["evaluate"] = ConfigRecord(evaluation)
-        loop.site_names[node_id] = f"site-{node_id}"
-        return Message(content, reply_to=sent)
+        screened = None if evaluation is None else plain_metrics(evaluation, count_bound=100, train=False)[0]
+        return Message(RecordDict(), reply_to=sent), ScreenedReply(node_id=node_id, site=f"site-{node_id}", arrays=None,
+                                                                   metrics={"num-examples": 4.0}, evaluation=screened)
 
     good = {"val-loss": 0.75, "val-n": 4, "num-examples": 4, "train-hist-risk": [1, 2, 0]}
-    from fl_server.rounds import RoundReport
-
     report = RoundReport(server_round=4, arrays=arrays)
-    loop._previous_evaluation(report, [reply(1, good), reply(2, {**good, "val-loss": 0.25})], minimum=2)
+    loop._previous_evaluation(report, [pair(1, good), pair(2, {**good, "val-loss": 0.25})], minimum=2)
     assert report.previous_evaluation_missing is None
     assert report.previous_evaluate_sites == {
         "site-1": {"val-loss": 0.75, "val-n": 4.0, "num-examples": 4.0, "train-hist-risk": [1.0, 2.0, 0.0]},
         "site-2": {"val-loss": 0.25, "val-n": 4.0, "num-examples": 4.0, "train-hist-risk": [1.0, 2.0, 0.0]},
     }
     report = RoundReport(server_round=4, arrays=arrays)
-    loop._previous_evaluation(report, [reply(1, good), reply(2, {"val-loss": "low"}), reply(3, None)], minimum=2)
+    loop._previous_evaluation(report, [pair(1, good), pair(3, None)], minimum=2)  # site 3 sent no evaluation
     assert report.previous_evaluate_sites is None
     assert report.previous_evaluation_missing == "1 evaluation repl(ies) with round 4's training, fewer than min-sites=2"
-    assert [(r["site"], "evaluation of round 3 is not metrics" in r["reason"]) for r in report.rejected] == [("site-2", True)]
+    # a malformed evaluation rejects its whole reply at the gate (tests/test_fl_server_fuzz.py drives it end to end)
+    with pytest.raises(ReplyRejected) as info:
+        plain_metrics({"val-loss": "low", "num-examples": 4}, count_bound=100, train=False, what="fused evaluation")
+    assert info.value.problem.code == "bad_metric"
