@@ -22,7 +22,6 @@ from collections.abc import Callable
 from itertools import count
 
 import numpy as np
-import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType

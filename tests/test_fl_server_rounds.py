@@ -1,6 +1,6 @@
 """The round loop in real Flower simulations (Ray backend) on tiny synthetic DICOM sites.
 
-Every strategy runs a federation; updates with NaNs or scaled by 1e6 are rejected; a round with too few sites is
+Every strategy runs a federation; updates with NaNs or scaled by 1e3 are rejected; a round with too few sites is
 skipped without hanging and a site that fails is used again next round; a run stopped after k rounds and resumed
 matches an uninterrupted one; resume refuses a state written under another run config. ``evaluate-mode = "fused"``
 gives the same run as ``separate`` with fewer messages, resumes, and records a missing evaluation of the previous round.
@@ -177,12 +177,13 @@ def test_fedbn_sites_keep_their_norm_layers_and_the_bundle_carries_their_average
 
 
 def poison(partition: int, _msg, reply) -> None:
-    """Site 2 sends NaNs, site 3 weights scaled by 1e6 (the reply's packed float32 buffer)."""
+    """Site 2 sends NaNs, site 3 weights scaled by 1e3 (the reply's packed float32 buffer; 1e6 would already be
+    refused by the magnitude bound of fl_server.validation, whatever the z-score)."""
     from flwr.app import Array
 
     if partition in (2, 3):
         values = reply.content["arrays"]["float32"].numpy().copy()
-        values[:] = np.nan if partition == 2 else values * 1e6
+        values[:] = np.nan if partition == 2 else values * 1e3
         reply.content["arrays"]["float32"] = Array(values)
 
 
@@ -199,6 +200,7 @@ def test_nan_and_scaled_updates_are_rejected_and_the_model_matches_a_clean_run(f
         reasons = {r["site"]: r["reason"] for r in entry["rejected_updates"]}
         assert set(reasons) == {"site-2", "site-3"}, reasons
         assert "non-finite" in reasons["site-2"] and "robust SDs above" in reasons["site-3"]
+        assert {r["site"]: r["code"] for r in entry["rejected_updates"]} == {"site-2": "non_finite", "site-3": "norm_outlier"}
         assert all(isinstance(r["node_id"], int) for r in entry["rejected_updates"])
         assert sorted(entry["train"]["sites"]) == ["site-0", "site-1"]
         assert sorted(entry["evaluate"]["sites"]) == ["site-0", "site-1", "site-2", "site-3"]
@@ -211,9 +213,9 @@ def test_nan_and_scaled_updates_are_rejected_and_the_model_matches_a_clean_run(f
         return (agg["val-loss"] * agg["val-n"] + agg["test-loss"] * agg["test-n"]) / (agg["val-n"] + agg["test-n"])
 
     assert math.isfinite(loss(attacked)) and abs(loss(attacked) - loss(clean)) < 0.35, (loss(attacked), loss(clean))
-    # Without the z-score (NaNs are always refused) the 1e6-scaled update enters the average and ruins the model.
+    # Without the z-score (NaNs are always refused) the 1e3-scaled update enters the average and ruins the model.
     undefended = checkpoint(run_dir(federation, "undefended-4"), 2)
-    assert max(float(v.abs().max()) for v in undefended.values() if v.is_floating_point()) > 1e4
+    assert max(float(v.abs().max()) for v in undefended.values() if v.is_floating_point()) > 1e2
 
 
 # --- two sites: dropout and resume, one simulation ----------------------------------------------------------------------
