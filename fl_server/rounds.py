@@ -401,7 +401,10 @@ class RoundLoop:
             report.skip_reason = f"aggregate has non-finite values in {bad!r}; global model kept"
             return self._done(report, t0)
         report.arrays, report.aggregated = new_arrays, True
-        report.train_sites = {screened.site: dict(screened.metrics) for _, screened in valid}
+        # the site's metrics, with what the strategy added to its reply (e.g. the DP wrapper's uniform weight)
+        report.train_sites = {screened.site: {**screened.metrics, **{k: float(v) for k, v in reply.content[METRICS_RECORD].items()
+                                                                     if not isinstance(v, list)}}
+                              for reply, screened in valid}  # fmt: skip
         if self.config.evaluate_mode == "fused":
             return self._done(report, t0)
         return self._evaluate(report, server_round, new_arrays, evaluate_config, minimum, t0)
