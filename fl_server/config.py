@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -37,9 +36,15 @@ DEFAULT_MAX_SITE_EXAMPLES = 100_000
 EXAMPLES_GROWTH_FACTOR = 2.0
 #: Environment variable naming the site registry JSON (``{"<node id>": "<site name>"}``) written by ``fedct server start``.
 SITE_REGISTRY_ENV = "FEDCT_SITE_REGISTRY"
-#: What a site name may look like (the stem of ``site-keys/<name>.pub``): it is written into metrics, logs and the
-#: model card, so nothing else (no free text) is accepted, from the registry or from a reply.
-SITE_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: Longest site name the server records.
+MAX_SITE_NAME = 64
+
+
+def is_site_name(value: Any) -> bool:
+    """True for a site name as a site may configure one (``fl_client.config``: letters, digits, '-', '_', '.'; here
+    also at most 64 characters). Site names are written into metrics, logs and the model card, so nothing else
+    (no free text) is accepted, from the registry or from a reply."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_SITE_NAME and all(c.isalnum() or c in "-_." for c in value)
 
 
 def _as_bool(value: Any) -> bool:
@@ -285,9 +290,9 @@ class SiteRegistry:
         for key, name in raw.items():
             if not (isinstance(key, str) and key.isascii() and key.isdigit()):
                 raise SiteRegistryError(f"{SITE_REGISTRY_ENV}={path}: node id {key!r} is not a decimal number")
-            if not isinstance(name, str) or not SITE_NAME_PATTERN.fullmatch(name):
+            if not is_site_name(name):
                 raise SiteRegistryError(f"{SITE_REGISTRY_ENV}={path}: the name of node {key} is not a site name "
-                                        f"(letters, digits, '.', '_', '-'; at most 64)")  # fmt: skip
+                                        f"(letters, digits, '-', '_', '.'; at most {MAX_SITE_NAME})")  # fmt: skip
             names[int(key)] = name
         return cls(path=path, names=names, mtime_ns=stat.st_mtime_ns)
 

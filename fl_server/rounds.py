@@ -45,7 +45,7 @@ from flwr.serverapp.strategy import Strategy
 from fl_client.metrics import RISK_RANGE
 from fl_client.transport import encode_content, record_nbytes
 from fl_server.checkpoint import RunState, load_run_state, save_run_state, save_state, write_bundle
-from fl_server.config import EXAMPLES_GROWTH_FACTOR, RESUMABLE_KEYS, SITE_NAME_PATTERN, ServerConfig, SiteRegistry
+from fl_server.config import EXAMPLES_GROWTH_FACTOR, RESUMABLE_KEYS, ServerConfig, SiteRegistry, is_site_name
 from fl_server.privacy import privacy_summary
 from fl_server.observe import observe_round
 from fl_server.run_log import RunLog, histogram_quantiles
@@ -225,7 +225,7 @@ class RoundLoop:
         if self.registry is not None:
             return self.registry.names.get(node_id, f"node-{node_id}")
         name = self.site_names.get(node_id)
-        return name if isinstance(name, str) and SITE_NAME_PATTERN.fullmatch(name) else f"node-{node_id}"
+        return name if is_site_name(name) else f"node-{node_id}"
 
     def _reject(self, report: RoundReport, node_id: int, problem: Problem, *, site: str | None = None) -> None:
         """Record and log a rejected reply (node id, recorded name, code, the server's reason)."""

@@ -41,7 +41,7 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
 from fl_client.config import EVALUATION_RECORD
 from fl_client.transport import INDEX_RECORD, TransportError, decode_checked
-from fl_server.config import SITE_NAME_PATTERN, SiteRegistry
+from fl_server.config import SiteRegistry, is_site_name
 from fl_server.run_log import is_count_key, is_histogram_key
 
 #: Scale of the MAD of a normal distribution (so that the robust z-score reads like a standard score).
@@ -246,7 +246,7 @@ def site_identity(content: RecordDict, node_id: int, registry: SiteRegistry | No
         raise ReplyRejected("unregistered_node", f"node {node_id} is not in the site registry")
     record = content.get(SITE_RECORD) if SITE_RECORD in content else None
     claimed = record.get("name") if isinstance(record, ConfigRecord) and set(record.keys()) == {"name"} else None
-    if not isinstance(claimed, str) or not SITE_NAME_PATTERN.fullmatch(claimed):
+    if not is_site_name(claimed):
         raise ReplyRejected("bad_site_name", "the reply's site record is missing or does not hold a site name")
     if registry is not None and claimed != registry.names[node_id]:
         raise ReplyRejected("site_name_mismatch", f"the reply claims another site name than node {node_id}'s registered one")

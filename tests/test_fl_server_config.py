@@ -108,9 +108,9 @@ def test_site_registry_is_read_from_the_environment(tmp_path):
     from fl_server.config import SITE_REGISTRY_ENV, SiteRegistry
 
     path = tmp_path / "site-registry.json"
-    path.write_text(json.dumps({"1234567890123": "site-a", "42": "hospital_b.2"}))
+    path.write_text(json.dumps({"1234567890123": "site-a", "42": "hospital_b.2", "43": "klinik-zürich"}))
     registry = SiteRegistry.from_environ({SITE_REGISTRY_ENV: str(path)})
-    assert registry.names == {1234567890123: "site-a", 42: "hospital_b.2"}
+    assert registry.names == {1234567890123: "site-a", 42: "hospital_b.2", 43: "klinik-zürich"}  # as sites may name themselves
     assert SiteRegistry.from_environ({}) is None
     assert registry.refreshed() is registry  # unchanged file: not read again
     path.write_text(json.dumps({"1234567890123": "site-a", "42": "hospital_b.2", "7": "site-c"}))
@@ -126,6 +126,7 @@ def test_site_registry_is_read_from_the_environment(tmp_path):
         ('["site-a"]', "must be a JSON object"),
         ('{"x1": "site-a"}', "node id 'x1' is not a decimal number"),
         ('{"1": "Müller, Anna"}', "the name of node 1 is not a site name"),
+        ('{"1": "x"}'.replace("x", "a" * 65), "the name of node 1 is not a site name"),
         ('{"1": 5}', "the name of node 1 is not a site name"),
     ],
 )
