@@ -25,10 +25,15 @@ from fl_server.rounds import RoundLoop, initial_arrays, run_federation
 from fl_server.strategy import build_strategy, load_strategy_state
 
 
+SPLIT = {"val-fraction": 0.3, "test-fraction": 0.3}
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("rounds")
-    tiny_federation(root / "data", sites=4, patients_per_site=12, seed=3)  # ~20 validation + test studies in all
+    # 6 validation and 6 test studies per site (SPLIT): at least the sites' privacy floor k = 5, below which a site
+    # sends no validation metric (fl_client.metrics)
+    tiny_federation(root / "data", sites=4, patients_per_site=20, seed=3)
     return root
 
 
@@ -66,7 +71,8 @@ def simulate(federation: Path, steps, *, sites: int, mods=(), counts: dict | Non
                 step()
                 continue
             name, config, *extras = step
-            run_config = {**TINY_RUN_CONFIG, "num-server-rounds": 1, "min-sites": sites, "run-dir": str(run_dir(federation, name)), **config}
+            run_config = {**TINY_RUN_CONFIG, **SPLIT, "num-server-rounds": 1, "min-sites": sites, "run-dir": str(run_dir(federation, name)),
+                          **config}  # fmt: skip
             server_config = ServerConfig.from_run_config(run_config)
             strategy = wrap_strategy(build_strategy(server_config), server_config.privacy, expected_sites=server_config.min_sites)
             run_grid = grid if counts is None else CountingGrid(grid, counts, name)
@@ -206,7 +212,7 @@ def test_nan_and_scaled_updates_are_rejected_and_the_model_matches_a_clean_run(f
         assert sorted(entry["evaluate"]["sites"]) == ["site-0", "site-1", "site-2", "site-3"]
     final = checkpoint(run_dir(federation, "attacked-4"), 2)
     assert all(torch.isfinite(v).all() and v.abs().max() < 100 for v in final.values() if v.is_floating_point())
-    # Quality on all sites' validation and test studies (~20): cross-entropy of the attacked run's model within noise
+    # Quality on all sites' validation and test studies (~48): cross-entropy of the attacked run's model within noise
     # of the clean run's (an untrained model scores ln 3 = 1.10; run-to-run spread at this size is about 0.2).
     def loss(run):
         agg = run["rounds"][-1]["evaluate"]["aggregate"]
