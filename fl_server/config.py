@@ -6,9 +6,11 @@ override them with ``flwr run . --run-config 'num-server-rounds=10 model-name="s
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,22 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 EVALUATE_MODES = ("separate", "fused")
 #: Keys that may change between a run and its resumption (everything else must match the saved state).
 RESUMABLE_KEYS = frozenset({"num-server-rounds", "resume", "round-timeout-s", "run-dir", "min-sites"})
+#: ``max-site-examples = 0``: the bound on a reply's ``num-examples`` (and on every other count a site reports).
+DEFAULT_MAX_SITE_EXAMPLES = 100_000
+#: A site's training count may grow to at most this factor times the count of its first accepted update; above
+#: that it is clipped (a site honest in round 1 cannot take over the aggregate later).
+EXAMPLES_GROWTH_FACTOR = 2.0
+#: Environment variable naming the site registry JSON (``{"<node id>": "<site name>"}``) written by ``fedct server start``.
+SITE_REGISTRY_ENV = "FEDCT_SITE_REGISTRY"
+#: Longest site name the server records.
+MAX_SITE_NAME = 64
+
+
+def is_site_name(value: Any) -> bool:
+    """True for a site name as a site may configure one (``fl_client.config``: letters, digits, '-', '_', '.'; here
+    also at most 64 characters). Site names are written into metrics, logs and the model card, so nothing else
+    (no free text) is accepted, from the registry or from a reply."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_SITE_NAME and all(c.isalnum() or c in "-_." for c in value)
 
 
 def _as_bool(value: Any) -> bool:
@@ -85,6 +103,8 @@ class ServerConfig:
     max_update_norm: float = 0.0
     update_zscore: float = 0.0
     evaluate_mode: str = "separate"
+    # Bound on a reply's num-examples (its aggregation weight) and other counts; 0 = DEFAULT_MAX_SITE_EXAMPLES.
+    max_site_examples: int = 0
     # Differential privacy and secure aggregation (fl_server.privacy; README "Privacy options").
     dp_mode: str = "off"
     dp_noise_multiplier: float = 0.0
@@ -118,7 +138,8 @@ class ServerConfig:
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{key} must be in (0, 1], got {value}")
         for key, value in (("proximal-mu", self.proximal_mu), ("lr-min", self.lr_min), ("max-update-norm", self.max_update_norm),
-                           ("update-zscore", self.update_zscore), ("num-malicious-nodes", self.num_malicious_nodes)):  # fmt: skip
+                           ("update-zscore", self.update_zscore), ("num-malicious-nodes", self.num_malicious_nodes),
+                           ("max-site-examples", self.max_site_examples)):  # fmt: skip
             if value < 0:
                 raise ValueError(f"{key} must be >= 0, got {value}")
         for key, value in (("server-learning-rate", self.server_learning_rate), ("server-tau", self.server_tau)):
@@ -165,6 +186,11 @@ class ServerConfig:
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"run config {key}={value!r} is not a valid {known[key].type}") from exc
         return cls(**values)
+
+    @property
+    def examples_bound(self) -> int:
+        """The largest ``num-examples`` (or other count) a reply may carry unclipped (``max-site-examples``)."""
+        return self.max_site_examples or DEFAULT_MAX_SITE_EXAMPLES
 
     @property
     def privacy(self) -> PrivacyConfig:
@@ -227,3 +253,61 @@ class ServerConfig:
     def run_path(self) -> Path:
         """The run folder (absolute)."""
         return Path(self.run_dir).resolve()
+
+
+class SiteRegistryError(ValueError):
+    """The site registry named by ``FEDCT_SITE_REGISTRY`` cannot be used; the message names the file and why."""
+
+
+@dataclass(frozen=True)
+class SiteRegistry:
+    """Who each node is: the SuperLink's node registry (``site-keys/<name>.pub`` registered as node id → name).
+
+    Written by ``fedct server start`` as JSON ``{"<node id>": "<site name>"}`` and named by ``FEDCT_SITE_REGISTRY``.
+    The round loop takes every site name it records from here; a reply from a node that is not in it, or one whose
+    ``site`` record claims another name, is rejected.
+    """
+
+    path: Path
+    names: Mapping[int, str] = field(default_factory=dict)
+    mtime_ns: int = 0
+
+    @classmethod
+    def load(cls, path: Path) -> SiteRegistry:
+        """Read and check the registry file (SiteRegistryError naming the file and the problem)."""
+        path = Path(path)
+        try:
+            stat = path.stat()
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SiteRegistryError(f"{SITE_REGISTRY_ENV}={path}: cannot read the site registry ({exc.strerror})") from exc
+        except ValueError as exc:
+            raise SiteRegistryError(f"{SITE_REGISTRY_ENV}={path}: the site registry is not JSON ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise SiteRegistryError(f"{SITE_REGISTRY_ENV}={path}: the site registry must be a JSON object "
+                                    '{"<node id>": "<site name>"}')  # fmt: skip
+        names: dict[int, str] = {}
+        for key, name in raw.items():
+            if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+                raise SiteRegistryError(f"{SITE_REGISTRY_ENV}={path}: node id {key!r} is not a decimal number")
+            if not is_site_name(name):
+                raise SiteRegistryError(f"{SITE_REGISTRY_ENV}={path}: the name of node {key} is not a site name "
+                                        f"(letters, digits, '-', '_', '.'; at most {MAX_SITE_NAME})")  # fmt: skip
+            names[int(key)] = name
+        return cls(path=path, names=names, mtime_ns=stat.st_mtime_ns)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> SiteRegistry | None:
+        """The registry named by ``FEDCT_SITE_REGISTRY``, or None when the variable is unset (simulation, demo)."""
+        value = (os.environ if environ is None else environ).get(SITE_REGISTRY_ENV, "").strip()
+        return cls.load(Path(value)) if value else None
+
+    def refreshed(self) -> SiteRegistry:
+        """This registry, re-read if its file changed since (a site registered while the run goes on); unchanged when
+        the file cannot be read now."""
+        try:
+            if self.path.stat().st_mtime_ns == self.mtime_ns:
+                return self
+            return SiteRegistry.load(self.path)
+        except (OSError, SiteRegistryError):
+            return self

@@ -7,9 +7,14 @@ Why not ``Strategy.start``: it blocks forever in node sampling once a site has d
    else skip the round (recorded with its reason) and go on; a site that comes back is sampled again;
 2. ``configure_train`` on the connected nodes, weights packed into a few buffers (``models.weights``), then
    ``exchange`` (push, then pull replies every 0.1 s until all are in or round-timeout-s has passed);
-3. replies unpacked to per-tensor arrays, checked (``fl_server.validation``), rejected ones logged and dropped;
-   with fewer than ``min-sites`` valid updates the round is skipped and the global model kept, else
-   ``aggregate_train``;
+3. every reply (train and evaluate, and the fused evaluation inside a train reply) passes one gate
+   (``fl_server.validation.screen_reply``): the site is who the site registry says its node is, the records are
+   those expected, the packed weights fit the global model, the metrics are numbers of the expected shapes; a
+   reply that fails is recorded with a reason code (``rejected_updates``: node id, registered name, code, reason)
+   and dropped, the round goes on with the others. ``num-examples`` (the aggregation weight) is clipped to
+   ``max-site-examples`` and to twice the site's first count (recorded in ``clipped_examples``); the decoded updates
+   are checked (``check_updates``); with fewer than ``min-sites`` valid updates the round is skipped and the
+   global model kept, else ``aggregate_train``;
 4. the same for evaluation: fewer than ``min-sites`` replies → evaluation recorded as missing, the run goes on;
    with ``evaluate-mode = "fused"`` there is no evaluate exchange: round r's training message asks the sites to
    evaluate the weights they receive (round r-1's global model) first, the replies carry that evaluation beside the
@@ -21,6 +26,7 @@ Why not ``Strategy.start``: it blocks forever in node sampling once a site has d
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,21 +42,32 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
-from fl_client.config import EVALUATION_RECORD
 from fl_client.metrics import RISK_RANGE
-from fl_client.transport import decode_content, encode_content, record_nbytes
+from fl_client.transport import encode_content, record_nbytes
 from fl_server.checkpoint import RunState, load_run_state, save_run_state, save_state, write_bundle
-from fl_server.config import RESUMABLE_KEYS, ServerConfig
+from fl_server.config import EXAMPLES_GROWTH_FACTOR, RESUMABLE_KEYS, ServerConfig, SiteRegistry, is_site_name
 from fl_server.privacy import privacy_summary
 from fl_server.observe import observe_round
 from fl_server.run_log import RunLog, histogram_quantiles
 from fl_server.strategy import SERVER_OPTIMISERS, load_strategy_state, strategy_state
-from fl_server.validation import check_updates
+from fl_server.validation import (
+    ARRAYS_RECORD,
+    METRICS_RECORD,
+    Problem,
+    ReplyRejected,
+    ScreenedReply,
+    check_updates,
+    histogram_length_problems,
+    screen_reply,
+)
 from models.factory import buffer_keys, build_model
 
 NDArrays = dict[str, np.ndarray]
 #: Messages expire this long after the round stops waiting for them (Flower's default TTL is 12 h).
 TTL_SLACK_S = 30.0
+#: An error reply's reason is recorded only when it is a bare reason code (as fedct sites send: "<code> incident=<id>");
+#: any other text from a site stays out of metrics.json and the log.
+ERROR_REASON_PATTERN = re.compile(r"[a-z0-9_.-]{1,48}(?: incident=[A-Za-z0-9_-]{1,64})?")
 
 
 def encode_messages(messages: Iterable[Message], *, transport: str) -> tuple[list[Message], int]:
@@ -121,6 +138,8 @@ class RoundReport:
     previous_evaluate_sites: dict[str, dict[str, Any]] | None = None
     previous_evaluation_missing: str | None = None
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    #: Counts a site reported above the bounds, clipped: ``{"node_id", "site", "metric", "claimed", "used"}``.
+    clipped: list[dict[str, Any]] = field(default_factory=list)
     missing: list[dict[str, Any]] = field(default_factory=list)
     nodes_connected: int = 0
     bytes_sent: int = 0
@@ -133,6 +152,7 @@ class RoundReport:
             "skipped": self.skip_reason is not None,
             "skip_reason": self.skip_reason,
             "rejected_updates": self.rejected,
+            "clipped_examples": self.clipped,
             "missing_replies": self.missing,
             "evaluation_missing": self.evaluation_missing,
             "nodes_connected": self.nodes_connected,
@@ -142,9 +162,18 @@ class RoundReport:
         }
 
 
-def _plain_metrics(content: RecordDict) -> dict[str, Any]:
-    metrics = next(iter(content.metric_records.values()), MetricRecord())
-    return {k: [float(x) for x in v] if isinstance(v, list) else float(v) for k, v in metrics.items()}
+def _strategy_messages(pairs: Sequence[tuple[Message, ScreenedReply]], *, train: bool) -> list[Message]:
+    """The replies as the strategy is given them: the decoded arrays (train) and a MetricRecord of the scalar metrics
+    every reply has (Flower's strategies refuse replies whose metric keys differ), ``num-examples`` the weight used."""
+    common = set.intersection(*({k for k, v in s.metrics.items() if not isinstance(v, list)} for _, s in pairs)) if pairs else set()
+    out = []
+    for reply, screened in pairs:
+        content = RecordDict({METRICS_RECORD: MetricRecord({k: screened.metrics[k] for k in sorted(common)})})
+        if train and screened.arrays is not None:
+            content[ARRAYS_RECORD] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in screened.arrays.items()})
+        reply.content = content
+        out.append(reply)
+    return out
 
 
 class RoundLoop:
@@ -164,6 +193,7 @@ class RoundLoop:
         buffers: frozenset[str] = frozenset(),
         poll_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        registry: SiteRegistry | None = None,
     ) -> None:
         self.grid = grid
         self.strategy = strategy
@@ -172,7 +202,13 @@ class RoundLoop:
         self.buffers = buffers
         self.poll_s = poll_s
         self.clock = clock
+        #: Who each node is (``FEDCT_SITE_REGISTRY``); None: the name a reply gives (simulation, insecure demo).
+        self.registry = registry
         self.site_names: dict[int, str] = {}
+        #: Each site's training count in its first screened update (the growth bound of num-examples).
+        self.first_examples: dict[str, float] = {}
+        #: Bins of each ``*-hist-*`` metric, agreed by the sites in an earlier round.
+        self.histogram_bins: dict[str, int] = {}
 
     def wait_for_nodes(self, minimum: int) -> list[int]:
         """Connected node ids once at least ``minimum`` are connected, or the last list seen at the timeout."""
@@ -185,74 +221,119 @@ class RoundLoop:
             time.sleep(min(self.poll_s, max(deadline - self.clock(), 0.0)))
 
     def _site(self, node_id: int) -> str:
-        return self.site_names.get(node_id, f"node-{node_id}")
+        """The name recorded for a node: the registry's, else the (checked) name it gave, else ``node-<id>``."""
+        if self.registry is not None:
+            return self.registry.names.get(node_id, f"node-{node_id}")
+        name = self.site_names.get(node_id)
+        return name if is_site_name(name) else f"node-{node_id}"
 
-    def _exchange(self, messages: Iterable[Message], report: RoundReport) -> tuple[list[Message], list[int]]:
-        """Send, wait at most round-timeout-s, decode; returns (content replies, node ids sent to)."""
+    def _reject(self, report: RoundReport, node_id: int, problem: Problem, *, site: str | None = None) -> None:
+        """Record and log a rejected reply (node id, recorded name, code, the server's reason)."""
+        site = site or self._site(node_id)
+        report.rejected.append({"node_id": node_id, "site": site, "code": problem.code, "reason": problem.reason})
+        log(WARNING, "fedct: round %d: reply of %s (node %d) rejected [%s]: %s", report.server_round, site, node_id,
+            problem.code, problem.reason)  # fmt: skip
+
+    @staticmethod
+    def _error_problem(reply: Message) -> Problem:
+        reason = str(getattr(reply.error, "reason", "") or "").strip()
+        code = getattr(reply.error, "code", None)
+        text = f"error reply (code {code})" if isinstance(code, int) else "error reply"
+        return Problem("error_reply", f"{text}: {reason}" if ERROR_REASON_PATTERN.fullmatch(reason) else text)
+
+    def _clip_examples(self, report: RoundReport, screened: ScreenedReply) -> ScreenedReply:
+        """Clip a training reply's ``num-examples`` to twice the site's first count (the gate has clipped it to
+        ``max-site-examples``); record every clipping. Honest sites, whose count does not jump, keep theirs."""
+        claimed = screened.metrics["num-examples"]
+        first = self.first_examples.setdefault(screened.site, claimed)
+        used = min(claimed, math.floor(EXAMPLES_GROWTH_FACTOR * first))
+        clipped = list(screened.clipped)
+        if used < claimed:
+            clipped.append({"metric": "num-examples", "claimed": claimed, "used": float(used),
+                            "bound": f"{EXAMPLES_GROWTH_FACTOR:g}x the site's first count {first:g}"})  # fmt: skip
+        for item in clipped:
+            report.clipped.append({"node_id": screened.node_id, "site": screened.site, **item})
+            log(WARNING, "fedct: round %d: %s (node %d) reported %s = %g; %g used", report.server_round, screened.site,
+                screened.node_id, item["metric"], item["claimed"], item["used"])  # fmt: skip
+        if used == claimed:
+            return screened
+        return ScreenedReply(node_id=screened.node_id, site=screened.site, arrays=screened.arrays,
+                             metrics={**screened.metrics, "num-examples": float(used)}, evaluation=screened.evaluation,
+                             clipped=tuple(clipped))  # fmt: skip
+
+    def _exchange(self, messages: Iterable[Message], report: RoundReport, *, train: bool,
+                  evaluation_expected: bool = False) -> list[tuple[Message, ScreenedReply]]:  # fmt: skip
+        """Send, wait at most round-timeout-s, and pass every reply through the gate; returns the replies that passed
+        with their plain contents (rejected ones are recorded in ``report.rejected``)."""
         encoded, sent_bytes = encode_messages(messages, transport=self.config.transport)
         for msg in encoded:  # a site that comes back later must not train on a round the server has given up on
             msg.metadata.ttl = self.config.round_timeout_s + TTL_SLACK_S
         report.bytes_sent += sent_bytes
         targets = [m.metadata.dst_node_id for m in encoded]
         if not encoded:
-            return [], targets
+            return []
         replies = exchange(self.grid, encoded, timeout_s=self.config.round_timeout_s)
         answered = {r.metadata.src_node_id for r in replies}
+        if self.registry is not None and any(n not in self.registry.names for n in answered):
+            self.registry = self.registry.refreshed()  # a site registered while the run goes on
         for node_id in targets:
             if node_id not in answered:
                 report.missing.append({"node_id": node_id, "site": self._site(node_id),
                                        "reason": f"no reply within round-timeout-s={self.config.round_timeout_s:g}"})  # fmt: skip
-        good = []
+        passed: list[tuple[Message, ScreenedReply]] = []
+        seen_nodes: set[int] = set()
+        seen_names: set[str] = set()
         for reply in replies:
             node_id = reply.metadata.src_node_id
+            if node_id in seen_nodes:
+                self._reject(report, node_id, Problem("duplicate_reply", "a second reply from this node in one exchange"))
+                continue
+            seen_nodes.add(node_id)
             if reply.has_error():
-                report.rejected.append({"node_id": node_id, "site": self._site(node_id), "reason": f"error reply: {reply.error.reason}"})
+                self._reject(report, node_id, self._error_problem(reply))
                 continue
-            report.bytes_received += record_nbytes(reply.content)
-            if "site" in reply.content.config_records:
-                self.site_names[node_id] = str(reply.content["site"]["name"])
             try:
-                reply.content = decode_content(reply.content)
-            except (ValueError, KeyError, RuntimeError, TypeError) as exc:
-                report.rejected.append({"node_id": node_id, "site": self._site(node_id), "reason": f"undecodable weights: {exc}"})
+                report.bytes_received += record_nbytes(reply.content)
+                screened = screen_reply(reply.content, node_id=node_id, train=train, reference=self.reference,
+                                        registry=self.registry, count_bound=self.config.examples_bound,
+                                        evaluation_expected=evaluation_expected)  # fmt: skip
+            except ReplyRejected as exc:
+                self._reject(report, node_id, exc.problem)
                 continue
-            good.append(reply)
-        return good, targets
+            except Exception as exc:  # noqa: BLE001 - one site's reply must never end the run
+                log(WARNING, "fedct: round %d: checking the reply of node %d failed", report.server_round, node_id, exc_info=exc)
+                self._reject(report, node_id, Problem("internal_error", f"the server's checks raised {type(exc).__name__}"))
+                continue
+            if screened.site in seen_names:
+                self._reject(report, node_id, Problem("duplicate_site_name", "another node already answered under this "
+                                                                             "site name in this exchange"),
+                             site=f"node-{node_id}")  # fmt: skip
+                continue
+            seen_names.add(screened.site)
+            if self.registry is None:
+                self.site_names[node_id] = screened.site
+            passed.append((reply, screened))
+        bins = histogram_length_problems(
+            {i: [s.metrics] + ([s.evaluation] if s.evaluation is not None else []) for i, (_, s) in enumerate(passed)},
+            self.histogram_bins,
+        )
+        for i, problem in bins.items():
+            self._reject(report, passed[i][1].node_id, problem)
+        return [pair for i, pair in enumerate(passed) if i not in bins]
 
-    def _validated(self, replies: list[Message], global_arrays: NDArrays, report: RoundReport) -> list[Message]:
-        updates: dict[int, NDArrays] = {}
-        kept = []
-        for i, reply in enumerate(replies):
-            node_id = reply.metadata.src_node_id
-            if len(reply.content.array_records) != 1 or len(reply.content.metric_records) != 1:
-                report.rejected.append({"node_id": node_id, "site": self._site(node_id),
-                                        "reason": "reply must carry one ArrayRecord and one MetricRecord"})  # fmt: skip
-                continue
-            metrics = next(iter(reply.content.metric_records.values()))
-            weight = metrics.get("num-examples")
-            if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
-                report.rejected.append({"node_id": node_id, "site": self._site(node_id),
-                                        "reason": f"num-examples must be a positive number, got {weight!r}"})  # fmt: skip
-                continue
-            record = next(iter(reply.content.array_records.values()))
-            updates[i] = {k: a.numpy() for k, a in record.items()}
-            kept.append(i)
+    def _validated(self, pairs: list[tuple[Message, ScreenedReply]], global_arrays: NDArrays,
+                   report: RoundReport) -> list[tuple[Message, ScreenedReply]]:  # fmt: skip
+        """The screened training replies whose updates pass ``check_updates``, weights clipped (recorded)."""
+        pairs = [(reply, self._clip_examples(report, screened)) for reply, screened in pairs]
         reasons = check_updates(
-            updates,
+            {i: screened.arrays for i, (_, screened) in enumerate(pairs)},
             {k: global_arrays[k] for k in self.reference},
             max_norm=self.config.max_update_norm,
             zscore=self.config.update_zscore,
         )
-        accepted = []
-        for i in kept:
-            node_id = replies[i].metadata.src_node_id
-            if i in reasons:
-                report.rejected.append({"node_id": node_id, "site": self._site(node_id), "reason": reasons[i]})
-                log(WARNING, "fedct: round %d: update of %s (node %d) rejected: %s", report.server_round, self._site(node_id),
-                    node_id, reasons[i])  # fmt: skip
-            else:
-                accepted.append(replies[i])
-        return accepted
+        for i, problem in reasons.items():
+            self._reject(report, pairs[i][1].node_id, problem)
+        return [pair for i, pair in enumerate(pairs) if i not in reasons]
 
     def _finish_aggregate(self, aggregated: ArrayRecord, accepted: list[Message]) -> NDArrays:
         """Aggregated arrays in the model's dtypes; for server optimisers, buffers (running statistics) are the
@@ -294,17 +375,22 @@ class RoundLoop:
             return self._done(report, t0)
         current = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in global_arrays.items()})
         messages = self.strategy.configure_train(server_round, current, train_config, _SnapshotGrid(self.grid, nodes))
-        replies, _ = self._exchange(messages, report)
+        pairs = self._exchange(messages, report, train=True, evaluation_expected=evaluate_first)
         if evaluate_first:
-            self._previous_evaluation(report, replies, minimum)
-        accepted = self._validated(replies, global_arrays, report)
-        if len(accepted) < minimum:
-            report.skip_reason = f"{len(accepted)} valid update(s), fewer than min-sites={minimum}; global model kept"
+            self._previous_evaluation(report, pairs, minimum)
+        valid = self._validated(pairs, global_arrays, report)
+        if len(valid) < minimum:
+            report.skip_reason = f"{len(valid)} valid update(s), fewer than min-sites={minimum}; global model kept"
             return self._done(report, t0)
+        accepted = _strategy_messages(valid, train=True)
         try:
             aggregated, _ = self.strategy.aggregate_train(server_round, accepted)
         except (InconsistentMessageReplies, AggregationError, ValueError) as exc:
             report.skip_reason = f"strategy {type(self.strategy).__name__} could not aggregate: {exc}; global model kept"
+            return self._done(report, t0)
+        except Exception as exc:  # noqa: BLE001 - a strategy failing on the round's updates must not end the run
+            log(WARNING, "fedct: round %d: aggregation failed", server_round, exc_info=exc)
+            report.skip_reason = f"strategy {type(self.strategy).__name__} failed ({type(exc).__name__}); global model kept"
             return self._done(report, t0)
         if aggregated is None:
             report.skip_reason = f"strategy {type(self.strategy).__name__} returned no aggregate; global model kept"
@@ -315,41 +401,43 @@ class RoundLoop:
             report.skip_reason = f"aggregate has non-finite values in {bad!r}; global model kept"
             return self._done(report, t0)
         report.arrays, report.aggregated = new_arrays, True
-        report.train_sites = {self._site(r.metadata.src_node_id): _plain_metrics(r.content) for r in accepted}
+        # the site's metrics, with what the strategy added to its reply (e.g. the DP wrapper's uniform weight)
+        report.train_sites = {screened.site: {**screened.metrics, **{k: float(v) for k, v in reply.content[METRICS_RECORD].items()
+                                                                     if not isinstance(v, list)}}
+                              for reply, screened in valid}  # fmt: skip
         if self.config.evaluate_mode == "fused":
             return self._done(report, t0)
         return self._evaluate(report, server_round, new_arrays, evaluate_config, minimum, t0)
 
-    def _previous_evaluation(self, report: RoundReport, replies: list[Message], minimum: int) -> None:
+    def _previous_evaluation(self, report: RoundReport, pairs: list[tuple[Message, ScreenedReply]], minimum: int) -> None:
         """Collect the evaluations of the previous round's global model from training replies (``evaluate-mode =
         "fused"``), counted like an evaluate exchange's replies; a site whose update is later rejected still counts
-        (it evaluated the global model, as with a separate exchange).
+        (it evaluated the global model, as with a separate exchange). The gate has checked them (a malformed one
+        rejects its reply).
 
         The strategy's ``aggregate_evaluate`` is called as after an evaluate exchange, with evaluate replies rebuilt
         from the ConfigRecords (a MetricRecord each, the same values), so strategies that track evaluation see it.
         """
         previous = report.server_round - 1
-        evaluated, rebuilt = [], []
-        for reply in replies:
-            if EVALUATION_RECORD not in reply.content.config_records:
-                continue
-            try:  # the same value types as an evaluate reply's MetricRecord (numbers and lists of numbers)
-                metrics = MetricRecord(dict(reply.content[EVALUATION_RECORD].items()))
-            except (TypeError, ValueError) as exc:
-                node_id = reply.metadata.src_node_id
-                report.rejected.append({"node_id": node_id, "site": self._site(node_id),
-                                        "reason": f"evaluation of round {previous} is not metrics: {exc}"})  # fmt: skip
-                continue
-            evaluated.append(reply)
-            rebuilt.append(Message(RecordDict({"metrics": metrics}), dst_node_id=reply.metadata.src_node_id,
-                                   message_type=MessageType.EVALUATE, group_id=str(previous)))  # fmt: skip
+        evaluated = [(reply, screened) for reply, screened in pairs if screened.evaluation is not None]
         if len(evaluated) < minimum:
             report.previous_evaluation_missing = (f"{len(evaluated)} evaluation repl(ies) with round {report.server_round}'s "
                                                   f"training, fewer than min-sites={minimum}")  # fmt: skip
             return
-        self.strategy.aggregate_evaluate(previous, rebuilt)
-        report.previous_evaluate_sites = {self._site(r.metadata.src_node_id): _plain_metrics(m.content)
-                                          for r, m in zip(evaluated, rebuilt, strict=True)}  # fmt: skip
+        common = set.intersection(*({k for k, v in s.evaluation.items() if not isinstance(v, list)} for _, s in evaluated))
+        rebuilt = [Message(RecordDict({"metrics": MetricRecord({k: s.evaluation[k] for k in sorted(common)})}),
+                           dst_node_id=s.node_id, message_type=MessageType.EVALUATE, group_id=str(previous))
+                   for _, s in evaluated]  # fmt: skip
+        self._aggregate_evaluate(previous, rebuilt)
+        report.previous_evaluate_sites = {s.site: dict(s.evaluation) for _, s in evaluated}
+
+    def _aggregate_evaluate(self, server_round: int, replies: list[Message]) -> None:
+        """The strategy's ``aggregate_evaluate`` (fedct's metrics come from run_log); its failure is logged only."""
+        try:
+            self.strategy.aggregate_evaluate(server_round, replies)
+        except Exception as exc:  # noqa: BLE001 - the evaluation is recorded by run_log whatever the strategy says
+            log(WARNING, "fedct: round %d: strategy %s could not aggregate the evaluation (%s)", server_round,
+                type(self.strategy).__name__, type(exc).__name__)  # fmt: skip
 
     def evaluate_global(self, server_round: int, arrays: NDArrays, evaluate_config: ConfigRecord) -> RoundReport:
         """An evaluate-only exchange of ``arrays`` (the global model after ``server_round``): the last round of an
@@ -367,13 +455,12 @@ class RoundLoop:
             return self._done(report, t0)
         current = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in new_arrays.items()})
         messages = self.strategy.configure_evaluate(server_round, current, evaluate_config, _SnapshotGrid(self.grid, nodes))
-        evaluated, _ = self._exchange(messages, report)
-        evaluated = [r for r in evaluated if len(r.content.metric_records) == 1]
+        evaluated = self._exchange(messages, report, train=False)
         if len(evaluated) < minimum:
             report.evaluation_missing = f"{len(evaluated)} evaluation repl(ies), fewer than min-sites={minimum}"
             return self._done(report, t0)
-        self.strategy.aggregate_evaluate(server_round, evaluated)
-        report.evaluate_sites = {self._site(r.metadata.src_node_id): _plain_metrics(r.content) for r in evaluated}
+        self._aggregate_evaluate(server_round, _strategy_messages(evaluated, train=False))
+        report.evaluate_sites = {screened.site: dict(screened.metrics) for _, screened in evaluated}
         return self._done(report, t0)
 
     def _done(self, report: RoundReport, t0: float) -> RoundReport:
@@ -443,6 +530,7 @@ def run_federation(
     *,
     poll_s: float = 1.0,
     round_extras: Callable[[RoundReport], Mapping[str, Any]] | None = None,
+    registry: SiteRegistry | None = None,
 ) -> RunLog:
     """Run (or, with ``resume``, continue) ``config.num_server_rounds`` rounds of ``strategy`` and write the run folder.
 
@@ -450,7 +538,8 @@ def run_federation(
     000 = initial), ``model/best`` and ``model/final`` bundles, ``state/`` (resume state of the last round).
     ``strategy`` may be any Flower strategy, also a wrapper (e.g. a DP strategy around the one of
     :func:`fl_server.strategy.build_strategy`); ``round_extras(report)`` adds fields to each round's metrics.json
-    entry (e.g. a privacy accountant's epsilon), after the loop's own.
+    entry (e.g. a privacy accountant's epsilon), after the loop's own. ``registry`` (``FEDCT_SITE_REGISTRY``, read by the
+    ServerApp) names the sites by their node ids; without it the names the replies give are used.
     """
     run_dir = config.run_path
     state_dir = run_dir / "state"
@@ -459,6 +548,8 @@ def run_federation(
     model = build_model(config.model)
     arrays = initial_arrays(config)
     sites_seen: set[str] = set()
+    first_examples: dict[str, float] = {}  # the loop's bounds on num-examples and histogram bins, kept over a resume
+    histogram_bins: dict[str, int] = {}
     last_aggregated = 0
     start = 1
     if config.resume:
@@ -480,6 +571,8 @@ def run_federation(
             load_strategy_state(strategy, saved.strategy_scalars, saved.strategy_arrays)
             run_log.restore(saved.run_log)
             sites_seen.update(saved.extra.get("sites", []))
+            first_examples.update({str(k): float(v) for k, v in saved.extra.get("first_examples", {}).items()})
+            histogram_bins.update({str(k): int(v) for k, v in saved.extra.get("histogram_bins", {}).items()})
             last_aggregated = int(saved.extra.get("last_aggregated_round", saved.server_round))
             start = saved.server_round + 1
             log(INFO, "fedct: resuming after round %d of %d from %s", saved.server_round, config.num_server_rounds, state_dir)
@@ -504,6 +597,9 @@ def run_federation(
 
         loop_class = SecAggRoundLoop
     loop = loop_class(grid, strategy, config=config, reference=arrays, buffers=buffer_keys(model), poll_s=poll_s)
+    loop.registry = registry  # (set here: the SecAgg+ loop's constructor does not take it)
+    loop.first_examples.update(first_examples)
+    loop.histogram_bins.update(histogram_bins)
     fused = config.evaluate_mode == "fused"
 
     def finish(report: RoundReport, extras: Mapping[str, Any], state: dict[str, torch.Tensor],
@@ -530,7 +626,8 @@ def run_federation(
         save_run_state(state_dir, RunState(
             server_round=report.server_round, global_arrays=report.arrays, strategy_scalars=snapshot[0],
             strategy_arrays=snapshot[1], run_log=run_log.state(), run_config=run_config,
-            extra={"sites": sorted(sites_seen), "last_aggregated_round": last_aggregated},
+            extra={"sites": sorted(sites_seen), "last_aggregated_round": last_aggregated,
+                   "first_examples": dict(loop.first_examples), "histogram_bins": dict(loop.histogram_bins)},
         ))  # fmt: skip
 
     # fused: the round whose global model the next training exchange evaluates (finish's arguments); None on the
@@ -566,6 +663,7 @@ def run_federation(
         last.seconds += final.seconds
         last.missing.extend(final.missing)
         last.rejected.extend(final.rejected)
+        last.clipped.extend(final.clipped)
         finish(*pending)
     write_bundle(run_dir / "model" / "final", _torch_state(arrays), model=config.model, pipeline=config.pipeline,
                  provenance=provenance(last_aggregated), risk_reference=_risk_reference(run_log, last_aggregated))  # fmt: skip

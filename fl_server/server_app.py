@@ -12,7 +12,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fl_server.config import ServerConfig
+from fl_server.config import ServerConfig, SiteRegistry
 from fl_server.privacy import privacy_round_extras, wrap_strategy
 from fl_server.rounds import run_federation
 from fl_server.strategy import build_strategy
@@ -29,8 +29,9 @@ def build_server_app(run_config_overrides: Mapping[str, Any] | None = None) -> S
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = ServerConfig.from_run_config({**dict(context.run_config), **overrides})
+        registry = SiteRegistry.from_environ()  # FEDCT_SITE_REGISTRY (fedct server start): who each node is
         strategy = wrap_strategy(build_strategy(config), config.privacy, expected_sites=config.min_sites)  # DP wrapper if dp-mode
-        run_federation(grid, config, strategy, round_extras=privacy_round_extras(strategy))
+        run_federation(grid, config, strategy, round_extras=privacy_round_extras(strategy), registry=registry)
 
     return app
 

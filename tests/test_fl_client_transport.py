@@ -1,5 +1,7 @@
 """fl_client.transport: weights packed into a message and back, and what that means for aggregation."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -59,3 +61,67 @@ def test_a_message_without_arrays_is_unchanged_by_encoding():
     assert INDEX_RECORD not in encode_content(content, transport="float16")
     assert record_nbytes(content) == 0
     assert record_nbytes(RecordDict({"arrays": ArrayRecord({"x": Array(np.zeros(4, np.float32))})})) > 16
+
+
+def _reference(states):
+    return {k: v.numpy() for k, v in states[0].items()}
+
+
+@pytest.mark.parametrize("transport", ["float32", "float16", "bfloat16", None])
+def test_decode_checked_restores_the_model_from_every_transport(states, transport):
+    from fl_client.transport import decode_checked
+
+    reference = _reference(states)
+    out = decode_checked(weights_records(states[1], transport=transport), reference)
+    assert list(out) == list(reference) and all(out[k].dtype == reference[k].dtype for k in reference)
+    tolerance = {"float32": 0, None: 0, "float16": 1e-3, "bfloat16": 1e-2}[transport]
+    assert all(np.allclose(out[k], states[1][k].numpy(), atol=tolerance, rtol=tolerance) for k in reference)
+
+
+def _index_edit(edit):
+    def change(content):
+        meta = json.loads(content[INDEX_RECORD]["index"])
+        edit(meta)
+        content[INDEX_RECORD]["index"] = json.dumps(meta)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        (_index_edit(lambda m: m["tensors"][0].__setitem__(1, "complex256")), "unknown_dtype"),
+        (_index_edit(lambda m: m.__setitem__("transport", "int4")), "unknown_dtype"),
+        (_index_edit(lambda m: m["tensors"][0].__setitem__(2, [1, 2, 3])), "shape_mismatch"),
+        (_index_edit(lambda m: m["tensors"].pop()), "shape_mismatch"),
+        (_index_edit(lambda m: m["tensors"][1].__setitem__(4, 0)), "bad_index"),  # overlaps tensor 0
+        (_index_edit(lambda m: m["tensors"][0].__setitem__(0, "other")), "shape_mismatch"),
+        (_index_edit(lambda m: m["tensors"][0].__setitem__(4, True)), "bad_index"),
+        (_index_edit(lambda m: m.__setitem__("format", "x")), "bad_index"),
+        (lambda c: c[INDEX_RECORD].__setitem__("arrays-key", "site"), "bad_index"),
+        (lambda c: c["arrays"].__setitem__("float32", Array(np.zeros(5, np.float32))), "size_mismatch"),
+        (lambda c: c["arrays"].__setitem__("int64", Array(np.zeros(10**6, np.int64))), "size_mismatch"),
+        (lambda c: c["arrays"].__setitem__("float32", Array(dtype="float32", shape=(4,), stype="numpy.ndarray",
+                                                            data=c["arrays"]["float32"].data[:200])), "malformed_weights"),
+        (lambda c: c["arrays"].__setitem__("extra", Array(np.zeros(1, np.float32))), "bad_index"),
+    ],
+)
+def test_decode_checked_refuses_what_does_not_fit_the_model_with_a_code(states, change, code):
+    from fl_client.transport import TransportError, decode_checked
+
+    content = weights_records(states[1], transport="float32")
+    change(content)
+    with pytest.raises(TransportError) as info:
+        decode_checked(content, _reference(states))
+    assert info.value.code == code
+
+
+def test_decode_checked_refuses_per_tensor_arrays_of_another_model(states):
+    from fl_client.transport import TransportError, decode_checked
+
+    content = weights_records(states[1], transport=None)
+    first = next(iter(states[1]))
+    content["arrays"][first] = Array(np.zeros(3, np.float32))
+    with pytest.raises(TransportError) as info:
+        decode_checked(content, _reference(states))
+    assert info.value.code == "shape_mismatch"

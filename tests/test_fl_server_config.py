@@ -90,3 +90,52 @@ def test_readme_lists_every_run_config_key():
     section = section[: section.index("\n## ", 1)]
     missing = [key for key in _pyproject_config() if f"`{key}`" not in section]
     assert not missing, f"README 'Configuring a run' lacks {missing}"
+
+
+def test_max_site_examples_defaults_to_a_bound_and_refuses_negatives():
+    from fl_server.config import DEFAULT_MAX_SITE_EXAMPLES
+
+    assert ServerConfig().examples_bound == DEFAULT_MAX_SITE_EXAMPLES
+    assert ServerConfig.from_run_config({"max-site-examples": 250}).examples_bound == 250
+    with pytest.raises(ValueError, match="max-site-examples must be >= 0"):
+        ServerConfig(max_site_examples=-1)
+
+
+def test_site_registry_is_read_from_the_environment(tmp_path):
+    import json
+    import os
+
+    from fl_server.config import SITE_REGISTRY_ENV, SiteRegistry
+
+    path = tmp_path / "site-registry.json"
+    path.write_text(json.dumps({"1234567890123": "site-a", "42": "hospital_b.2", "43": "klinik-zürich"}))
+    registry = SiteRegistry.from_environ({SITE_REGISTRY_ENV: str(path)})
+    assert registry.names == {1234567890123: "site-a", 42: "hospital_b.2", 43: "klinik-zürich"}  # as sites may name themselves
+    assert SiteRegistry.from_environ({}) is None
+    assert registry.refreshed() is registry  # unchanged file: not read again
+    path.write_text(json.dumps({"1234567890123": "site-a", "42": "hospital_b.2", "7": "site-c"}))
+    os.utime(path, ns=(registry.mtime_ns + 10**9, registry.mtime_ns + 10**9))
+    assert registry.refreshed().names[7] == "site-c"  # a site registered while the run goes on
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (None, "cannot read the site registry"),
+        ("{oops", "not JSON"),
+        ('["site-a"]', "must be a JSON object"),
+        ('{"x1": "site-a"}', "node id 'x1' is not a decimal number"),
+        ('{"1": "Müller, Anna"}', "the name of node 1 is not a site name"),
+        ('{"1": "x"}'.replace("x", "a" * 65), "the name of node 1 is not a site name"),
+        ('{"1": 5}', "the name of node 1 is not a site name"),
+    ],
+)
+def test_a_bad_site_registry_stops_the_server_naming_the_file(tmp_path, text, needle):
+    from fl_server.config import SITE_REGISTRY_ENV, SiteRegistry, SiteRegistryError
+
+    path = tmp_path / "site-registry.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SiteRegistryError, match=needle) as info:
+        SiteRegistry.from_environ({SITE_REGISTRY_ENV: str(path)})
+    assert str(path) in str(info.value) and SITE_REGISTRY_ENV in str(info.value)

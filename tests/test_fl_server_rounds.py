@@ -1,6 +1,6 @@
 """The round loop in real Flower simulations (Ray backend) on tiny synthetic DICOM sites.
 
-Every strategy runs a federation; updates with NaNs or scaled by 1e6 are rejected; a round with too few sites is
+Every strategy runs a federation; updates with NaNs or scaled by 1e3 are rejected; a round with too few sites is
 skipped without hanging and a site that fails is used again next round; a run stopped after k rounds and resumed
 matches an uninterrupted one; resume refuses a state written under another run config. ``evaluate-mode = "fused"``
 gives the same run as ``separate`` with fewer messages, resumes, and records a missing evaluation of the previous round.
@@ -25,10 +25,15 @@ from fl_server.rounds import RoundLoop, initial_arrays, run_federation
 from fl_server.strategy import build_strategy, load_strategy_state
 
 
+SPLIT = {"val-fraction": 0.3, "test-fraction": 0.3}
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("rounds")
-    tiny_federation(root / "data", sites=4, patients_per_site=12, seed=3)  # ~20 validation + test studies in all
+    # 6 validation and 6 test studies per site (SPLIT): at least the sites' privacy floor k = 5, below which a site
+    # sends no validation metric (fl_client.metrics)
+    tiny_federation(root / "data", sites=4, patients_per_site=20, seed=3)
     return root
 
 
@@ -66,7 +71,8 @@ def simulate(federation: Path, steps, *, sites: int, mods=(), counts: dict | Non
                 step()
                 continue
             name, config, *extras = step
-            run_config = {**TINY_RUN_CONFIG, "num-server-rounds": 1, "min-sites": sites, "run-dir": str(run_dir(federation, name)), **config}
+            run_config = {**TINY_RUN_CONFIG, **SPLIT, "num-server-rounds": 1, "min-sites": sites, "run-dir": str(run_dir(federation, name)),
+                          **config}  # fmt: skip
             server_config = ServerConfig.from_run_config(run_config)
             strategy = wrap_strategy(build_strategy(server_config), server_config.privacy, expected_sites=server_config.min_sites)
             run_grid = grid if counts is None else CountingGrid(grid, counts, name)
@@ -177,12 +183,13 @@ def test_fedbn_sites_keep_their_norm_layers_and_the_bundle_carries_their_average
 
 
 def poison(partition: int, _msg, reply) -> None:
-    """Site 2 sends NaNs, site 3 weights scaled by 1e6 (the reply's packed float32 buffer)."""
+    """Site 2 sends NaNs, site 3 weights scaled by 1e3 (the reply's packed float32 buffer; 1e6 would already be
+    refused by the magnitude bound of fl_server.validation, whatever the z-score)."""
     from flwr.app import Array
 
     if partition in (2, 3):
         values = reply.content["arrays"]["float32"].numpy().copy()
-        values[:] = np.nan if partition == 2 else values * 1e6
+        values[:] = np.nan if partition == 2 else values * 1e3
         reply.content["arrays"]["float32"] = Array(values)
 
 
@@ -199,21 +206,22 @@ def test_nan_and_scaled_updates_are_rejected_and_the_model_matches_a_clean_run(f
         reasons = {r["site"]: r["reason"] for r in entry["rejected_updates"]}
         assert set(reasons) == {"site-2", "site-3"}, reasons
         assert "non-finite" in reasons["site-2"] and "robust SDs above" in reasons["site-3"]
+        assert {r["site"]: r["code"] for r in entry["rejected_updates"]} == {"site-2": "non_finite", "site-3": "norm_outlier"}
         assert all(isinstance(r["node_id"], int) for r in entry["rejected_updates"])
         assert sorted(entry["train"]["sites"]) == ["site-0", "site-1"]
         assert sorted(entry["evaluate"]["sites"]) == ["site-0", "site-1", "site-2", "site-3"]
     final = checkpoint(run_dir(federation, "attacked-4"), 2)
     assert all(torch.isfinite(v).all() and v.abs().max() < 100 for v in final.values() if v.is_floating_point())
-    # Quality on all sites' validation and test studies (~20): cross-entropy of the attacked run's model within noise
+    # Quality on all sites' validation and test studies (~48): cross-entropy of the attacked run's model within noise
     # of the clean run's (an untrained model scores ln 3 = 1.10; run-to-run spread at this size is about 0.2).
     def loss(run):
         agg = run["rounds"][-1]["evaluate"]["aggregate"]
         return (agg["val-loss"] * agg["val-n"] + agg["test-loss"] * agg["test-n"]) / (agg["val-n"] + agg["test-n"])
 
     assert math.isfinite(loss(attacked)) and abs(loss(attacked) - loss(clean)) < 0.35, (loss(attacked), loss(clean))
-    # Without the z-score (NaNs are always refused) the 1e6-scaled update enters the average and ruins the model.
+    # Without the z-score (NaNs are always refused) the 1e3-scaled update enters the average and ruins the model.
     undefended = checkpoint(run_dir(federation, "undefended-4"), 2)
-    assert max(float(v.abs().max()) for v in undefended.values() if v.is_floating_point()) > 1e4
+    assert max(float(v.abs().max()) for v in undefended.values() if v.is_floating_point()) > 1e2
 
 
 # --- two sites: dropout and resume, one simulation ----------------------------------------------------------------------
@@ -432,31 +440,33 @@ def test_fused_evaluations_in_training_replies_are_collected_and_a_malformed_one
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.app.message_type import MessageType
 
+    from fl_server.rounds import RoundReport
+    from fl_server.validation import ReplyRejected, ScreenedReply, plain_metrics
+
     config = ServerConfig(model_name="smallcnn", evaluate_mode="fused", min_sites=2)
     arrays = initial_arrays(config)
     loop = RoundLoop(_Grid(), build_strategy(config), config=config, reference=arrays)
 
-    def reply(node_id: int, evaluation: dict | None) -> Message:
+    def pair(node_id: int, evaluation: dict | None):
         sent = Message(RecordDict({"config": ConfigRecord({"server-round": 4})}), dst_node_id=node_id,
                        message_type=MessageType.TRAIN)
-        content = RecordDict({"site": ConfigRecord({"name": f"site-{node_id}"})})
-        if evaluation is not None:
-            content["evaluate"] = ConfigRecord(evaluation)
-        loop.site_names[node_id] = f"site-{node_id}"
-        return Message(content, reply_to=sent)
+        screened = None if evaluation is None else plain_metrics(evaluation, count_bound=100, train=False)[0]
+        return Message(RecordDict(), reply_to=sent), ScreenedReply(node_id=node_id, site=f"site-{node_id}", arrays=None,
+                                                                   metrics={"num-examples": 4.0}, evaluation=screened)
 
     good = {"val-loss": 0.75, "val-n": 4, "num-examples": 4, "train-hist-risk": [1, 2, 0]}
-    from fl_server.rounds import RoundReport
-
     report = RoundReport(server_round=4, arrays=arrays)
-    loop._previous_evaluation(report, [reply(1, good), reply(2, {**good, "val-loss": 0.25})], minimum=2)
+    loop._previous_evaluation(report, [pair(1, good), pair(2, {**good, "val-loss": 0.25})], minimum=2)
     assert report.previous_evaluation_missing is None
     assert report.previous_evaluate_sites == {
         "site-1": {"val-loss": 0.75, "val-n": 4.0, "num-examples": 4.0, "train-hist-risk": [1.0, 2.0, 0.0]},
         "site-2": {"val-loss": 0.25, "val-n": 4.0, "num-examples": 4.0, "train-hist-risk": [1.0, 2.0, 0.0]},
     }
     report = RoundReport(server_round=4, arrays=arrays)
-    loop._previous_evaluation(report, [reply(1, good), reply(2, {"val-loss": "low"}), reply(3, None)], minimum=2)
+    loop._previous_evaluation(report, [pair(1, good), pair(3, None)], minimum=2)  # site 3 sent no evaluation
     assert report.previous_evaluate_sites is None
     assert report.previous_evaluation_missing == "1 evaluation repl(ies) with round 4's training, fewer than min-sites=2"
-    assert [(r["site"], "evaluation of round 3 is not metrics" in r["reason"]) for r in report.rejected] == [("site-2", True)]
+    # a malformed evaluation rejects its whole reply at the gate (tests/test_fl_server_fuzz.py drives it end to end)
+    with pytest.raises(ReplyRejected) as info:
+        plain_metrics({"val-loss": "low", "num-examples": 4}, count_bound=100, train=False, what="fused evaluation")
+    assert info.value.problem.code == "bad_metric"
