@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fl_client.compute import ComputeOptionError, ComputeOptions
 from models.factory import ModelConfig
 from preprocessing.split import SplitConfig
 from preprocessing.transforms import PipelineConfig
@@ -42,6 +43,8 @@ class SiteConfig:
     labels_csv: Path | None
     device: str = "auto"
     workers: int = 2
+    #: Precision, loader workers, pinned memory, channels-last, GPU augmentation (``fl_client/compute.py``).
+    compute: ComputeOptions = ComputeOptions()
 
     def __post_init__(self) -> None:
         if not self.site_name or not all(c.isalnum() or c in "-_." for c in self.site_name):
@@ -56,6 +59,10 @@ class SiteConfig:
         """Build from Flower's ``context.node_config`` and ``context.run_config`` (plain mappings)."""
         device = str(node_config.get("device", run_config.get("device", "auto")))
         workers = int(node_config.get("num-workers", 2))
+        try:
+            compute = ComputeOptions.from_node_config(node_config)
+        except ComputeOptionError as exc:
+            raise SiteConfigError(str(exc)) from exc
         if "dicom-dir" in node_config:
             for key in ("site-name", "site-dir"):
                 if key not in node_config:
@@ -69,6 +76,7 @@ class SiteConfig:
                 labels_csv=Path(str(labels)) if labels else None,
                 device=device,
                 workers=workers,
+                compute=compute,
             )
         if "partition-id" in node_config:
             for key in ("sim-data-root", "sim-work-root"):
@@ -91,6 +99,7 @@ class SiteConfig:
                 labels_csv=labels_csv if labels_csv.is_file() else None,
                 device=device,
                 workers=workers,
+                compute=compute,
             )
         raise SiteConfigError("node config needs dicom-dir, site-dir and site-name (or partition-id in simulation)")
 

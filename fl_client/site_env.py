@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fl_client.compute import NODE_KEYS as COMPUTE_ENV_KEYS
+
 if TYPE_CHECKING:
     from fl_client.config import SiteConfig
 
@@ -47,6 +49,7 @@ SITE_KEYS = {
     "FEDCT_INGEST_SPACING": "ingestion voxel spacing in mm, x,y,z (default 5.0,5.0,5.0; must match the run)",
     "FEDCT_INGEST_INPUT_SIZE": "ingestion model input size in voxels, x,y,z (default 64,64,48; must match the run)",
     "FEDCT_SKIP_INGEST": "true to start without ingesting first (the site then ingests on its first round)",
+    **{env: meaning for env, meaning in COMPUTE_ENV_KEYS.values()},  # precision, loader: fl_client/compute.py
     "FEDCT_CLIENTAPP_RUNNER": "how ClientApps run: warm (default; fedct's executor, torch/MONAI imported once) or flower "
                               "(Flower's SuperExec, a fresh process per message)",
 }
@@ -174,6 +177,8 @@ class SiteEnv:
     ingest_input_size: tuple[int, int, int] = (64, 64, 48)
     skip_ingest: bool = False
     clientapp_runner: str = CLIENTAPP_RUNNERS[0]
+    #: Compute settings as node-config entries (``precision``, ``loader-workers``, ...; fl_client/compute.py).
+    compute: dict[str, str] = field(default_factory=dict, compare=False)
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -196,8 +201,11 @@ class SiteEnv:
         """The training-side view (what the ClientApp reads from ``node_config``)."""
         from fl_client.config import SiteConfig  # torch-free import of this module: `fedct --help` stays fast
 
+        from fl_client.compute import ComputeOptions
+
         return SiteConfig(site_name=self.site_name, dicom_dir=self.dicom_dir, site_dir=self.site_dir,
-                          labels_csv=self.labels_csv, device=self.device, workers=self.workers)  # fmt: skip
+                          labels_csv=self.labels_csv, device=self.device, workers=self.workers,
+                          compute=ComputeOptions.from_node_config(self.compute))  # fmt: skip
 
     def node_config(self) -> dict[str, str | int]:
         """The SuperNode's ``--node-config`` entries (keys of ``SiteConfig.from_context``)."""
@@ -207,6 +215,7 @@ class SiteEnv:
             "site-dir": str(self.site_dir),
             "device": self.device,
             "num-workers": self.workers,
+            **self.compute,
         }
         if self.labels_csv is not None:
             config["labels"] = str(self.labels_csv)
@@ -291,8 +300,9 @@ class SiteEnv:
                       device=device, workers=workers, runtime_port=runtime_port, approved_apps=approved,
                       ingest_spacing_mm=spacing, ingest_input_size=size, skip_ingest=skip in ("true", "1", "yes"),
                       clientapp_runner=runner,
+                      compute={node: values[env] for node, (env, _) in COMPUTE_ENV_KEYS.items() if values.get(env)},
                       extra={k: v for k, v in values.items() if not k.startswith("FEDCT_")})  # fmt: skip
             env.site_config()
-        except SiteConfigError as exc:
+        except (SiteConfigError, ValueError) as exc:
             raise SiteEnvError(f"{path}: {exc}") from exc
         return env
