@@ -50,7 +50,11 @@ def _handler(args: argparse.Namespace) -> int:
     if args.resume and args.benchmark not in ("quality", "all"):
         print("fedct bench: error: --resume applies to the quality benchmark only", file=sys.stderr)
         return 2
-    options = BenchOptions(out=Path(args.out).resolve(), quick=args.quick, tiny=args.tiny, resume=args.resume)
+    if (args.profile != "default" or args.devices != "auto") and args.benchmark != "train-loop":
+        print("fedct bench: error: --profile and --devices apply to the train-loop benchmark only", file=sys.stderr)
+        return 2
+    options = BenchOptions(out=Path(args.out).resolve(), quick=args.quick, tiny=args.tiny, resume=args.resume,
+                           profile=args.profile, devices=args.devices)  # fmt: skip
     return run_benchmarks(names, options, strategies=strategies)
 
 
@@ -64,5 +68,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "finished arms and seeds are kept, the rest runs")
     p.add_argument("--strategies", help="quality: comma-separated run-config strategies (default: fedavg,fedprox,fedadam; "
                    "tiny: fedavg)")
+    p.add_argument("--profile", choices=("default", "gpu"), default="default",
+                   help="train-loop: the run config timed: default (64x64x48 at 5 mm, batch 4: the CPU size) or gpu "
+                   "(configs/run-gpu.toml: 128x128x96 at 2.5 mm, batch 16)")
+    p.add_argument("--devices", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="train-loop: arms to run (auto: the CPU, plus CUDA when present; the gpu profile skips the CPU "
+                   "arm unless asked, except in --tiny)")
     p.add_argument("--out", default="runs/bench", help="folder for the JSON/PNG results and the benchmarks' work files")
     p.set_defaults(func=_handler)
