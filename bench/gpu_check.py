@@ -88,6 +88,24 @@ def imports_without_flwr() -> dict[str, Any]:
     return {"flwr_modules_imported": loaded}
 
 
+def compiles_on_this_python() -> dict[str, Any]:
+    """Every module of fedct's packages byte-compiles on this interpreter (3.12 on the GPU machine; #18.6)."""
+    import py_compile
+
+    packages = ("fedct", "fl_server", "fl_client", "preprocessing", "models", "synthetic", "inference", "bench")
+    files = [p for pkg in packages for p in sorted((ROOT / pkg).rglob("*.py"))]
+    failed = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, path in enumerate(files):
+            try:
+                py_compile.compile(str(path), cfile=str(Path(tmp) / f"{i}.pyc"), doraise=True)
+            except py_compile.PyCompileError as exc:
+                failed[str(path.relative_to(ROOT))] = str(exc)[-300:]
+    if failed:
+        raise RuntimeError(f"{len(failed)} module(s) do not compile on Python {platform.python_version()}: {failed}")
+    return {"python": platform.python_version(), "modules": len(files)}
+
+
 def smoke(work: Path) -> dict[str, Any]:
     """train_round + evaluate_round of a tiny synthetic site on the default device (CUDA there), automatic settings."""
     import numpy as np
@@ -240,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         _step(summary, "environment", environment)
         _step(summary, "imports_without_flwr", imports_without_flwr)
+        _step(summary, "compiles_on_this_python", compiles_on_this_python)
         _step(summary, "smoke_train_evaluate", smoke, work)
         _step(summary, "step_equivalence", step_equivalence)
         # The GPU profile first (the figure the issue asks for), then the CPU default size (CPU and CUDA arms).

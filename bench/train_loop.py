@@ -27,7 +27,7 @@ import subprocess
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -248,32 +248,32 @@ class _UtilisationSampler:
         return sum(samples) / len(samples) / 100 if samples else None
 
 
-def _busy_union_seconds(prof: Any) -> tuple[float, float, int]:
-    """(union of CUDA activity intervals, summed CUDA kernel self time, number of device events) of a profile."""
-    import torch
-
-    intervals = []
-    for event in prof.events():
-        if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA:
-            start, end = event.time_range.start, event.time_range.end
-            if end > start:
-                intervals.append((start, end))
-    intervals.sort()
-    union, current_start, current_end = 0.0, None, None
-    for start, end in intervals:
+def interval_union(intervals: Iterable[tuple[float, float]]) -> float:
+    """Total length covered by the ``(start, end)`` intervals (overlaps counted once)."""
+    total, current_start, current_end = 0.0, None, None
+    for start, end in sorted((s, e) for s, e in intervals if e > s):
         if current_end is None or start > current_end:
             if current_end is not None:
-                union += current_end - current_start
+                total += current_end - current_start
             current_start, current_end = start, end
         else:
             current_end = max(current_end, end)
     if current_end is not None:
-        union += current_end - current_start
+        total += current_end - current_start
+    return total
+
+
+def _busy_union_seconds(prof: Any) -> tuple[float, float, int]:
+    """(union of CUDA activity intervals, summed CUDA kernel self time, number of device events) of a profile."""
+    import torch
+
+    intervals = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                 if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]  # fmt: skip
     kernel = 0.0
     for event in prof.key_averages():
         if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA:
             kernel += float(getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)))
-    return union / 1e6, kernel / 1e6, len(intervals)
+    return interval_union(intervals) / 1e6, kernel / 1e6, len(intervals)
 
 
 def _profile_gpu(model: Any, loader: Any, *, settings: Any, compute: Any, augment: Any) -> dict[str, Any]:
