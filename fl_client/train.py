@@ -6,6 +6,7 @@ outcome is unknown is masked out of that term (never guessed).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -376,14 +377,35 @@ def train_round(
     if len(loader.dataset) == 0:
         raise RuntimeError(f"site {site.site_name} has no training studies (see {site.site_dir}/ingest_report.json)")
     model = _model(settings, with_local_norm(site, settings, state), compute)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     result = train_model(model, loader, epochs=settings.local_epochs, lr=settings.learning_rate, device=device,
                          loss_weights=settings.loss_weights, proximal_mu=settings.proximal_mu, compute=compute,
                          augment=batch_augment(settings, compute))  # fmt: skip
     recalibrate_batch_norm(model, _loader(manifest, "train", settings, train=False, compute=compute), device=device,
                            compute=compute)  # fmt: skip
     save_local_norm(site, settings, model)
+    record_round_stats(site, settings, result, compute)
     new_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return new_state, result
+
+
+#: Per-round training figures a site keeps for itself (JSON lines in its work folder; never sent anywhere).
+TRAIN_STATS_NAME = "train-stats.jsonl"
+
+
+def record_round_stats(site: SiteConfig, settings: RoundSettings, result: TrainResult, compute: Compute) -> Path:
+    """Append this round's training figures (time, steps, device, precision, peak GPU memory) to the site's
+    ``train-stats.jsonl``: hospital IT sees what a round costs; the GPU simulation benchmark reads each site's memory."""
+    peak = torch.cuda.max_memory_allocated(compute.device) / 2**20 if compute.device.type == "cuda" else None
+    line = {"round": settings.server_round, "device": compute.device.type, "precision": compute.precision,
+            "examples": result.num_examples, "steps": result.steps, "seconds": round(result.seconds, 3),
+            "peak_gpu_memory_mib": None if peak is None else round(peak, 1)}  # fmt: skip
+    path = site.site_dir / TRAIN_STATS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+    return path
 
 
 def split_metrics(preds: Predictions, class_names: tuple[str, ...], *, thresholds: Mapping[str, float], horizon_days: float) -> dict:

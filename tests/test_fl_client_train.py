@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -345,3 +346,6 @@ def test_train_round_with_loader_workers_counts_the_same_studies(tiny_site):
     state, result = train_round(site, settings, build_model(settings.model).state_dict())
     assert result.num_examples == 6 and result.steps == 2 * math.ceil(6 / settings.batch_size) and math.isfinite(result.loss)
     assert all(v.is_contiguous() for v in state.values())
+    stats = [json.loads(line) for line in (site.site_dir / "train-stats.jsonl").read_text().splitlines()]
+    assert stats[-1] == {"round": 1, "device": "cpu", "precision": "fp32", "examples": 6, "steps": result.steps,
+                         "seconds": round(result.seconds, 3), "peak_gpu_memory_mib": None}  # fmt: skip
