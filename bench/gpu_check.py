@@ -234,6 +234,8 @@ def _headline(arm: dict[str, Any]) -> dict[str, Any]:
             "gpu_busy_fraction_nvidia_smi", "ratio_loop_to_limit", "peak_gpu_memory_mib", "steps_timed")  # fmt: skip
     head = {k: arm.get(k) for k in keys if k in arm}
     head["compute"] = arm.get("compute")
+    if "metatensor_ab" in arm:
+        head["speedup_plain_over_metatensor"] = arm["metatensor_ab"]["speedup_plain_over_metatensor"]
     for limit in ("limit", "limit_fp32", "limit_cudnn_benchmark"):
         if limit in arm:
             head[f"{limit}_samples_per_second"] = arm[limit]["samples_per_second"]

@@ -177,14 +177,14 @@ def _plan(options: BenchOptions) -> dict[str, Any]:
     run_config = profile_run_config(options.profile)
     if options.tiny:
         # Test-suite size whatever the profile: the small network and volumes, the profile's loader/precision path.
-        return {"patients": 6, "epochs": 1, "run_config": {**run_config, **SMALL_RUN_CONFIG}, "small": True, "limit_steps": 3}
+        return {"patients": 6, "epochs": 1, "run_config": {**run_config, **SMALL_RUN_CONFIG}, "small": True, "limit_steps": 3, "ab_steps": 1}
     if options.profile == "gpu":
         if options.quick:
-            return {"patients": 24, "epochs": 3, "run_config": run_config, "small": False, "limit_steps": 10}
-        return {"patients": 64, "epochs": 4, "run_config": run_config, "small": False, "limit_steps": 30}
+            return {"patients": 24, "epochs": 3, "run_config": run_config, "small": False, "limit_steps": 10, "ab_steps": 5}
+        return {"patients": 64, "epochs": 4, "run_config": run_config, "small": False, "limit_steps": 30, "ab_steps": 10}
     if options.quick:
-        return {"patients": 10, "epochs": 1, "run_config": run_config, "small": False, "limit_steps": 3}
-    return {"patients": 30, "epochs": 2, "run_config": run_config, "small": False, "limit_steps": 8}
+        return {"patients": 10, "epochs": 1, "run_config": run_config, "small": False, "limit_steps": 3, "ab_steps": 3}
+    return {"patients": 30, "epochs": 2, "run_config": run_config, "small": False, "limit_steps": 8, "ab_steps": 5}
 
 
 def _devices(options: BenchOptions) -> list[str]:
@@ -356,6 +356,54 @@ def compute_limit(settings: Any, compute: Any, *, steps: int, warmup: int = 3) -
     return out
 
 
+def metatensor_ab(settings: Any, compute: Any, *, steps: int) -> dict[str, Any]:
+    """One training step, interleaved A/B on the same batch: main before #18 (the batch's MONAI ``MetaTensor`` goes
+    through the network, metadata tracked on every operation) against now (plain tensor). Same precision and memory
+    format for both, so the difference is the MetaTensor alone; the device is synchronised after every step."""
+    import statistics
+
+    import torch
+    from monai.data import MetaTensor
+
+    from fl_client.train import autocast, forward, loss_terms, prepare_model
+    from models.factory import ModelOutput, build_model
+
+    model = prepare_model(build_model(settings.model), compute).train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-6)
+    batch = _synthetic_batch(settings, torch.device("cpu"), seed=3)
+    affine = torch.diag(torch.tensor([*settings.pipeline.target_spacing_mm, 1.0], dtype=torch.float64))
+    meta = {**batch, "image": MetaTensor(batch["image"], affine=affine)}
+    sync = torch.cuda.synchronize if compute.device.type == "cuda" else (lambda: None)
+
+    def step(old: bool) -> float:
+        sync()
+        t0 = time.perf_counter()
+        optimiser.zero_grad(set_to_none=True)
+        with autocast(compute, compute.device):
+            if old:
+                images = meta["image"].to(compute.device)
+                if compute.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last_3d)
+                features = model.dropout(model.backbone(images))
+                output = ModelOutput(model.diagnosis(features), model.prognosis(features).squeeze(1))
+            else:
+                output = forward(model, meta, compute.device, channels_last=compute.channels_last)
+        loss, _, _ = loss_terms(output, meta, weights=settings.loss_weights, device=compute.device)
+        loss.backward()
+        optimiser.step()
+        sync()
+        return time.perf_counter() - t0
+
+    step(True), step(False)  # warm-up
+    times: dict[str, list[float]] = {"metatensor": [], "plain": []}
+    for _ in range(steps):
+        times["metatensor"].append(step(True))
+        times["plain"].append(step(False))
+    old, new = statistics.median(times["metatensor"]), statistics.median(times["plain"])
+    return {"steps_each": steps, "metatensor_step_seconds": summarise(times["metatensor"]), "plain_step_seconds": summarise(times["plain"]),
+            "speedup_plain_over_metatensor": old / new if new else None}  # fmt: skip
+
+
 def _augment_cost(augment: Any, settings: Any, device: Any, *, reps: int = 5) -> dict[str, Any]:
     """Seconds to augment one batch on the device (per-sample MONAI transforms), synchronised."""
     import torch
@@ -424,6 +472,7 @@ def _arm(device_name: str, *, dataset: Any, plain_dataset: Any, settings: Any, p
             arm["limit_cudnn_benchmark"] = compute_limit(settings, compute, steps=plan["limit_steps"])
         finally:
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+    arm["metatensor_ab"] = metatensor_ab(settings, compute, steps=plan["ab_steps"])
     loop, limit = arm["samples_per_second"], arm["limit"]["samples_per_second"]
     arm["ratio_loop_to_limit"] = loop / limit if loop and limit else None
     return arm

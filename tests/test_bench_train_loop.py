@@ -35,6 +35,8 @@ def test_tiny_train_loop_benchmark_reports_loop_limit_and_ratio(tmp_path):
     assert cpu["samples_per_second"] > 0 and data["peak_rss_mib"] > 0
     assert cpu["limit"]["samples_per_second"] > 0 and cpu["limit"]["precision"] == "fp32"
     assert cpu["ratio_loop_to_limit"] == pytest.approx(cpu["samples_per_second"] / cpu["limit"]["samples_per_second"])
+    ab = cpu["metatensor_ab"]  # main's MetaTensor step vs the plain step, interleaved
+    assert ab["metatensor_step_seconds"]["n"] == ab["plain_step_seconds"]["n"] >= 1 and ab["speedup_plain_over_metatensor"] > 0
     if "cuda" not in data["arms"]:
         assert data["gpu"].startswith("none")
     else:
