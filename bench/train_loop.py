@@ -181,7 +181,7 @@ def _plan(options: BenchOptions) -> dict[str, Any]:
     if options.profile == "gpu":
         if options.quick:
             return {"patients": 24, "epochs": 3, "run_config": run_config, "small": False, "limit_steps": 10, "ab_steps": 5}
-        return {"patients": 64, "epochs": 4, "run_config": run_config, "small": False, "limit_steps": 30, "ab_steps": 10}
+        return {"patients": 96, "epochs": 4, "run_config": run_config, "small": False, "limit_steps": 30, "ab_steps": 10}
     if options.quick:
         return {"patients": 10, "epochs": 1, "run_config": run_config, "small": False, "limit_steps": 3, "ab_steps": 3}
     return {"patients": 30, "epochs": 2, "run_config": run_config, "small": False, "limit_steps": 8, "ab_steps": 5}
