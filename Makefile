@@ -16,16 +16,18 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/fedct demo --out runs/demo
 
-# Headless Chromium + chromedriver (the review page's browser test), dicom3tools (DICOM result validation) and
-# Orthanc with its DICOMweb plugin (a real PACS for the pull/push tests), installed with apt when missing and allowed
-# (root, as in CI); otherwise those tests skip and say why.
+# Headless Chromium + chromedriver (the review page's browser test), dicom3tools (DICOM result validation),
+# Orthanc with its DICOMweb plugin (a real PACS for the pull/push tests) and nginx (the server's hospital-facing
+# proxy: `fedct server start` and the deployment tests need it), installed with apt when missing and allowed
+# (root, as in CI); otherwise those tests skip or fail and say why.
 system-tools:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v dciodvfy >/dev/null \
-	    || ! command -v Orthanc >/dev/null || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
+	    || ! command -v Orthanc >/dev/null || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
+	    || ! { command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; }; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver dicom3tools \
-	      orthanc orthanc-dicomweb >/dev/null; \
-	  else echo "note: chromium/chromedriver/dciodvfy/Orthanc missing and no root apt-get: browser, dciodvfy and PACS tests will skip"; fi; \
+	      orthanc orthanc-dicomweb nginx >/dev/null; \
+	  else echo "note: chromium/chromedriver/dciodvfy/Orthanc/nginx missing and no root apt-get: browser, dciodvfy and PACS tests will skip, server tests fail"; fi; \
 	fi
 
 test: setup system-tools

@@ -108,8 +108,8 @@ class SiteSpec:
     isolation: str = "subprocess"  # "subprocess" (Flower's SuperExec) or "process" (+ fedct's warm executor)
     superexec_poll_s: float | None = None  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL (subprocess isolation)
     executor_poll_s: float = 0.2
-    #: the executors' allow-list file, or "off" (benchmarks and tests submit apps they just built)
-    approved_apps: str = "off"
+    #: the executors' allow-list file, or "disabled-i-understand" (benchmarks and tests submit apps they just built)
+    approved_apps: str = "disabled-i-understand"
     preload_app: str = "fl_client.client_app"
 
 
@@ -153,7 +153,7 @@ class LocalDeployment:
             return ["--insecure"], [["--insecure"] for _ in self.sites]
         from fedct.certs import write_consortium
 
-        self._pki = write_consortium(self.root / "pki", sites=[f"s{i}" for i in range(len(self.sites))])
+        self._pki = write_consortium(self.root / "pki", sites=[f"s{i}" for i in range(len(self.sites))], with_site_keys=True)
         link = ["--ssl-ca-certfile", str(self._pki.ca_cert), "--ssl-certfile", str(self._pki.server_cert),
                 "--ssl-keyfile", str(self._pki.server_key)]  # fmt: skip
         nodes = [["--root-certificates", str(self._pki.ca_cert)] for _ in self.sites]

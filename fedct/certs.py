@@ -1,13 +1,23 @@
-"""Security material of a consortium in one command: ``fedct certs --out DIR --sites site-a,site-b``.
+"""Security material of a consortium: ``fedct certs`` (coordinator) and ``fedct site-key`` (each hospital).
 
-Writes, under ``DIR``::
+``fedct certs --out DIR [--san fl.consortium.example]`` (run by whoever holds the consortium CA) writes::
 
     ca/ca.crt            the consortium CA certificate (public: every site and the server get it)
     ca/ca.key            the CA private key (0600; stays with whoever runs the CA, offline)
-    server/server.crt    the SuperLink's TLS certificate, signed by the CA, with the SANs asked for
+    server/server.crt    the SuperLink's TLS certificate, signed by the CA, with the SANs asked for plus
+                         localhost and 127.0.0.1 (the coordinator's own tools reach the SuperLink on loopback)
     server/server.key    its private key (0600; stays on the SuperLink host)
     server/ca.crt        copy of the CA certificate (the SuperLink needs it too)
-    sites/<name>/site.key  the site's SuperNode authentication key, EC P-384 in OpenSSH format (0600; stays at the site)
+
+Site private keys are made at the site: ``fedct site-key --out /site/pki/site.key`` writes the SuperNode
+authentication key pair (EC P-384, OpenSSH format; private key 0600, ``site.pub`` next to it) and prints the
+public key line the hospital sends to the coordinator, who puts it in ``FEDCT_SITE_KEYS/<name>.pub``. The
+coordinator never holds a site's private key.
+
+Only tests and the demo, which play every hospital on one machine, ask ``fedct certs`` for the sites' keys
+too (``--sites a,b --with-site-keys``)::
+
+    sites/<name>/site.key  the site's SuperNode authentication key (0600)
     sites/<name>/site.pub  its public key (OpenSSH line; goes to the server, which registers it)
     sites/<name>/ca.crt    copy of the CA certificate for the site
 
@@ -32,6 +42,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_SANS = ("localhost", "127.0.0.1")
+#: SANs every server certificate gets: the coordinator's CLI and the proxy reach the SuperLink on loopback.
+LOOPBACK_SANS = ("localhost", "127.0.0.1")
 CA_DAYS = 3650
 SERVER_DAYS = 825
 
@@ -139,8 +151,37 @@ def site_key_pair() -> tuple[bytes, bytes]:
     return private, public + b"\n"
 
 
-def write_consortium(out: Path, *, sites: Sequence[str], sans: Sequence[str] = DEFAULT_SANS) -> ConsortiumFiles:
-    """Write the CA (created once, reused when ``out/ca`` exists), the server certificate and the sites' keys."""
+def write_site_key(path: Path) -> tuple[Path, str]:
+    """Make a site's SuperNode key pair at the site: ``path`` (private, created with O_EXCL and mode 0600; a missing
+    folder is made 0700) and ``path`` with suffix ``.pub``; returns (public key file, public key line). Never
+    overwrites either file."""
+    path = Path(path)
+    public_path = path.with_suffix(".pub")
+    for existing in (path, public_path):
+        if existing.exists():
+            raise CertsError(f"refusing to overwrite existing {existing}; this site already has a key (its public key "
+                             f"is {public_path}); move it away first only if the coordinator will register a new one")  # fmt: skip
+    private, public = site_key_pair()
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # 0600 from the start, never an existing file
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private)
+    try:
+        _write_public(public_path, public)
+    except OSError:
+        path.unlink()
+        raise
+    return public_path, public.decode("ascii").strip()
+
+
+def write_consortium(out: Path, *, sites: Sequence[str] = (), sans: Sequence[str] = DEFAULT_SANS,
+                     with_site_keys: bool = False) -> ConsortiumFiles:  # fmt: skip
+    """Write the CA (created once, reused when ``out/ca`` exists) and the server certificate; with
+    ``with_site_keys`` (tests, the demo) also a key pair per site in ``sites``, else ``sites`` must be empty."""
+    if sites and not with_site_keys:
+        raise CertsError("site private keys are made at each site (`fedct site-key --out site.key`), not by the "
+                         "coordinator; pass --with-site-keys only to play every site on this machine (tests, demo)")  # fmt: skip
     sites = [_check_site_name(s) for s in sites]
     if len(set(sites)) != len(sites):
         raise CertsError(f"duplicate site name in {', '.join(sites)}")
@@ -148,6 +189,7 @@ def write_consortium(out: Path, *, sites: Sequence[str], sans: Sequence[str] = D
         raise CertsError("at least one SAN is needed for the server certificate")
     for s in sans:
         _san(s)
+    sans = list(dict.fromkeys([*sans, *LOOPBACK_SANS]))
     out = Path(out)
     ca_cert_path, ca_key_path = out / "ca" / "ca.crt", out / "ca" / "ca.key"
     server_cert_path, server_key_path = out / "server" / "server.crt", out / "server" / "server.key"
@@ -189,23 +231,48 @@ def write_consortium(out: Path, *, sites: Sequence[str], sans: Sequence[str] = D
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fedct certs``."""
-    p = sub.add_parser("certs", help="make the consortium's CA, the SuperLink certificate and one SuperNode key per site")
-    p.add_argument("--out", required=True, help="output folder (ca/, server/, sites/<name>/)")
-    p.add_argument("--sites", required=True, help="comma-separated site names, e.g. site-a,site-b,site-c")
-    p.add_argument("--san", action="append", help="server certificate SAN (DNS name or IP); repeat; default localhost and 127.0.0.1")
+    p = sub.add_parser("certs", help="coordinator: make the consortium's CA and the SuperLink certificate")
+    p.add_argument("--out", required=True, help="output folder (ca/, server/; sites/<name>/ with --with-site-keys)")
+    p.add_argument("--san", action="append", help="server certificate SAN (DNS name or IP the hospitals connect to); "
+                                                   "repeat; localhost and 127.0.0.1 are always added")  # fmt: skip
+    p.add_argument("--sites", help="with --with-site-keys: comma-separated site names, e.g. site-a,site-b")
+    p.add_argument("--with-site-keys", action="store_true",
+                   help="also make the sites' private keys here (tests and demos only: real sites run `fedct site-key`)")
     p.set_defaults(func=_main)
+    p = sub.add_parser("site-key", help="site: make this site's SuperNode key pair and print the public key to send")
+    p.add_argument("--out", required=True, help="private key file to create, e.g. /site/pki/site.key (site.pub goes next to it)")
+    p.set_defaults(func=_site_key)
+
+
+def _site_key(args: argparse.Namespace) -> int:
+    try:
+        public_path, line = write_site_key(Path(args.out))
+    except (CertsError, OSError) as exc:
+        print(f"fedct site-key: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"private key: {Path(args.out)}  (0600; stays at this site: FEDCT_SITE_KEY in site.env)")
+    print(f"public key:  {public_path}  (send this line to the coordinator, who registers it as <site name>.pub):")
+    print(line)
+    return 0
 
 
 def _main(args: argparse.Namespace) -> int:
-    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    sites = [s.strip() for s in (args.sites or "").split(",") if s.strip()]
+    if args.with_site_keys and not sites:
+        print("fedct certs: error: --with-site-keys needs --sites NAME[,NAME...]", file=sys.stderr)
+        return 2
     try:
-        files = write_consortium(Path(args.out), sites=sites, sans=tuple(args.san or DEFAULT_SANS))
+        files = write_consortium(Path(args.out), sites=sites, sans=tuple(args.san or DEFAULT_SANS),
+                                 with_site_keys=args.with_site_keys)  # fmt: skip
     except (CertsError, OSError) as exc:
         print(f"fedct certs: error: {exc}", file=sys.stderr)
         return 2
     print(f"CA certificate:     {files.ca_cert}  (give to the server and every site)")
     print(f"CA private key:     {files.ca_key}  (keep offline)")
     print(f"server certificate: {files.server_cert} + {files.server_key}  (SuperLink host only)")
+    if not files.site_keys:
+        print("site keys:          each site runs `fedct site-key --out site.key` and sends you site.pub "
+              "(put it in FEDCT_SITE_KEYS as <site name>.pub)")
     for name in files.site_keys:
         print(f"{name}: private key {files.site_keys[name]} (site only), public key {files.site_public_keys[name]} (to the server)")
     return 0

@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthetic federation end to end: synth, ingest, federated training, report")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--patients-per-site", type=int, default=40)
+    p.add_argument("--patients-per-site", type=int, default=80)  # = DemoOptions.patients_per_site (metrics floor)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--model", default="densenet121")

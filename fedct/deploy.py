@@ -2,14 +2,29 @@
 
 Server side (the consortium's coordinator, one host):
 
-- ``fedct server start --env server.env`` validates the env file, starts ``flower-superlink`` with TLS, SuperNode
-  authentication, runtime dependency installation off, telemetry off and its state database on disk, waits until
-  it answers a TLS handshake verified against the consortium CA, registers every site public key found in
-  ``FEDCT_SITE_KEYS`` (``flwr supernode register``) and stays in the foreground (SIGTERM stops the SuperLink).
+- ``fedct server start --env server.env`` validates the env file and runs three processes in the foreground
+  (SIGTERM stops them all; if one ends, the others are stopped):
+
+  * ``flower-superlink`` bound to **127.0.0.1** only (Flower 1.41 serves its Fleet, Control and Runtime APIs on
+    one port), with TLS, SuperNode authentication, runtime dependency installation off, telemetry off, its state
+    database on disk and ``--isolation process`` + ``--superexec-auth-secret-file`` (a random secret in the state
+    folder): the Runtime API hands ServerApp tasks only to a caller that proves the secret;
+  * ``flower-superexec`` with that secret, which runs each ServerApp (``flwr-serverapp``) on this host;
+  * **nginx** (the distribution's package) on ``FEDCT_SERVER_HOST:FEDCT_SERVER_PORT``, the only address hospitals
+    are given: it terminates TLS with the server certificate and forwards ``POST /v1/fleet/*`` (the Fleet API a
+    SuperNode uses) to the loopback SuperLink; run submission, node registration, listing, logs (Control API) and
+    the Runtime API answer 403 there. Flower 1.41 has no flag that splits the Control API off the Fleet port and no
+    account authentication outside its enterprise edition, hence the proxy.
+
+  Between the SuperLink and the proxy it registers every site public key found in ``FEDCT_SITE_KEYS``
+  (``flwr supernode register``, on loopback) and writes ``STATE/site-registry.json`` (``{node id: site name}``,
+  matched by public key), exported to the ServerApp as ``FEDCT_SITE_REGISTRY``.
 - ``fedct server submit --env server.env --config run.toml`` starts a run: ``flwr run APP consortium`` with an
   isolated Flower home (``config.toml``: address + root certificates) and the run config (rounds, strategy,
   minimum sites, round timeout; ``run-dir`` made absolute under ``FEDCT_RUNS_DIR``).
-- ``fedct server check --env server.env`` is the TLS health check.
+- ``fedct server check --env server.env`` is the TLS health check (the hospital-facing port and the loopback
+  SuperLink).
+- Run submission, registration, ``flwr ls``/``log`` go to 127.0.0.1:FEDCT_SUPERLINK_PORT only.
 
 Site side (each hospital): ``fedct site --env site.env`` (see :mod:`fl_client.site_env`) validates the env file,
 checks the TLS handshake with the SuperLink against the CA (a clear message instead of Flower's "unavailable"),
@@ -55,15 +70,30 @@ FLOWER_ENV = {
 STOP_GRACE_S = 15.0
 #: Name of the SuperLink connection in the CLI's config.toml.
 CONNECTION = "consortium"
+#: Environment variable naming the site registry file ({node id: site name}) for the ServerApp.
+SITE_REGISTRY_ENV = "FEDCT_SITE_REGISTRY"
+#: The only path prefix the hospital-facing proxy forwards: Flower's Fleet API (SuperNode <-> SuperLink).
+FLEET_API_PREFIX = "/v1/fleet/"
+#: Largest request the proxy accepts (Flower splits messages into objects of <= 5 MiB chunks; generous margin).
+PROXY_MAX_BODY = "64m"
+#: What the proxy answers to anything but the Fleet API (Control API: runs, registration, listing, logs; Runtime API).
+PROXY_REFUSAL = ("fedct: refused. This address serves the Fleet API (SuperNodes) only. Run submission, SuperNode "
+                 "registration, listing and logs are available on the coordinator host only (fedct server submit).")
 
 SERVER_KEYS = {
-    "FEDCT_SERVER_HOST": "address the SuperLink binds to (default 0.0.0.0)",
-    "FEDCT_SERVER_PORT": "port of the SuperLink (Fleet, Control and Runtime APIs; default 9092)",
-    "FEDCT_SERVER_ADDRESS": "host:port this host uses to reach the SuperLink (default 127.0.0.1:PORT; must be a certificate SAN)",
+    "FEDCT_SERVER_HOST": "address the hospital-facing proxy binds to (default 0.0.0.0); it serves the Fleet API only",
+    "FEDCT_SERVER_PORT": "port the hospitals' SuperNodes connect to (the proxy; default 9092)",
+    "FEDCT_SUPERLINK_PORT": "port of the SuperLink itself (Fleet, Control and Runtime APIs), bound to 127.0.0.1 only "
+                            "(default 9093); run submission and site registration use it from this host",
+    "FEDCT_SERVER_ADDRESS": "host:port this host uses to reach the hospital-facing port for `fedct server check` "
+                            "(default 127.0.0.1:PORT; must be a certificate SAN)",
+    "FEDCT_PROXY": "the reverse proxy executable (nginx from the distribution; default: nginx on PATH, /usr/sbin/nginx)",
     "FEDCT_CA_CERT": "the consortium CA certificate (PEM)",
-    "FEDCT_SERVER_CERT": "the SuperLink certificate (PEM, signed by the CA, SANs of the server's names)",
+    "FEDCT_SERVER_CERT": "the SuperLink certificate (PEM, signed by the CA, SANs of the server's names plus localhost "
+                         "and 127.0.0.1)",
     "FEDCT_SERVER_KEY": "the SuperLink private key (PEM, mode 0600)",
-    "FEDCT_STATE_DIR": "writable folder: SuperLink database (state.db), Flower homes, logs",
+    "FEDCT_STATE_DIR": "writable folder: SuperLink database (state.db), SuperExec secret, proxy config, site registry, "
+                       "Flower homes",
     "FEDCT_SITE_KEYS": "folder of the sites' public keys: <name>.pub files or <name>/site.pub",
     "FEDCT_RUNS_DIR": "writable folder of run folders (relative run-dir values are placed here)",
     "FEDCT_APP_DIR": "the Flower app to submit (folder with pyproject.toml; default: this installation)",
@@ -177,6 +207,28 @@ class ServerEnv:
     runs_dir: Path
     app_dir: Path
     superlink_state: str = "disk"
+    superlink_port: int = 9093
+    proxy: str | None = None
+
+    @property
+    def control_address(self) -> str:
+        """Where this host's tools (registration, ``flwr run``/``ls``/``log``) reach the SuperLink: loopback only."""
+        return f"127.0.0.1:{self.superlink_port}"
+
+    @property
+    def superexec_secret_file(self) -> Path:
+        """The SuperExec shared secret (SuperLink <-> SuperExec; the Runtime API refuses task acquisition without it)."""
+        return self.state_dir / "superexec.secret"
+
+    @property
+    def proxy_dir(self) -> Path:
+        """The proxy's generated config, pid file and temporary files."""
+        return self.state_dir / "proxy"
+
+    @property
+    def site_registry_file(self) -> Path:
+        """``{node id: site name}`` of the registered site keys (read by the ServerApp via FEDCT_SITE_REGISTRY)."""
+        return self.state_dir / "site-registry.json"
 
     @property
     def database(self) -> str:
@@ -234,6 +286,17 @@ class ServerEnv:
         port_text = values.get("FEDCT_SERVER_PORT") or "9092"
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise DeployError(f"{path}: FEDCT_SERVER_PORT={port_text!r} is not a port number")
+        superlink_port_text = values.get("FEDCT_SUPERLINK_PORT") or "9093"
+        if not superlink_port_text.isdigit() or not 0 < int(superlink_port_text) < 65536:
+            raise DeployError(f"{path}: FEDCT_SUPERLINK_PORT={superlink_port_text!r} is not a port number")
+        if superlink_port_text == port_text:
+            raise DeployError(f"{path}: FEDCT_SUPERLINK_PORT={superlink_port_text} equals FEDCT_SERVER_PORT: the SuperLink "
+                              "(loopback, all APIs) and the hospital-facing proxy (Fleet API only) need two ports")  # fmt: skip
+        missing_sans = _missing_loopback_sans(a_path("FEDCT_SERVER_CERT"))
+        if missing_sans:
+            raise DeployError(f"{path}: FEDCT_SERVER_CERT={a_path('FEDCT_SERVER_CERT')} lacks the SAN(s) "
+                              f"{', '.join(missing_sans)}: this host's tools and the proxy reach the SuperLink on loopback; "
+                              "re-issue the server certificate with `fedct certs` (it adds them)")  # fmt: skip
         address = values.get("FEDCT_SERVER_ADDRESS") or f"127.0.0.1:{port_text}"
         try:
             parse_superlink_address(address, source=f"{path}: FEDCT_SERVER_ADDRESS")
@@ -263,14 +326,34 @@ class ServerEnv:
         env = cls(env_path=path, host=values.get("FEDCT_SERVER_HOST") or "0.0.0.0", port=int(port_text), address=address,
                   ca_cert=a_path("FEDCT_CA_CERT"), server_cert=a_path("FEDCT_SERVER_CERT"),
                   server_key=a_path("FEDCT_SERVER_KEY"), state_dir=dirs["FEDCT_STATE_DIR"], site_keys_dir=site_keys,
-                  runs_dir=dirs["FEDCT_RUNS_DIR"], app_dir=app_dir, superlink_state=superlink_state)  # fmt: skip
+                  runs_dir=dirs["FEDCT_RUNS_DIR"], app_dir=app_dir, superlink_state=superlink_state,
+                  superlink_port=int(superlink_port_text), proxy=values.get("FEDCT_PROXY") or None)  # fmt: skip
         if not env.site_public_keys():
             raise DeployError(f"{path}: FEDCT_SITE_KEYS={site_keys} holds no <name>.pub or <name>/site.pub file")
         return env
 
 
+def _missing_loopback_sans(server_cert: Path) -> list[str]:
+    """The loopback SANs (localhost, 127.0.0.1) the server certificate lacks."""
+    import ipaddress
+
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(server_cert).read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return ["localhost", "127.0.0.1"]
+    missing = [] if "localhost" in sans.get_values_for_type(x509.DNSName) else ["localhost"]
+    if ipaddress.ip_address("127.0.0.1") not in sans.get_values_for_type(x509.IPAddress):
+        missing.append("127.0.0.1")
+    return missing
+
+
 def superlink_command(env: ServerEnv) -> list[str]:
-    """The ``flower-superlink`` command line: TLS, SuperNode auth, no runtime installs, its state database."""
+    """The ``flower-superlink`` command line: TLS, SuperNode auth, no runtime installs, its state database, bound
+    to 127.0.0.1 only (hospitals reach its Fleet API through the proxy), ServerApps run by our own SuperExec
+    (``--isolation process``) which must prove the shared secret to acquire a task from the Runtime API."""
     return [
         flower_tool("flower-superlink"),
         "--ssl-ca-certfile", str(env.ca_cert),
@@ -279,14 +362,138 @@ def superlink_command(env: ServerEnv) -> list[str]:
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
         "--database", env.database,
-        "--host", env.host,
-        "--port", str(env.port),
+        "--host", "127.0.0.1",
+        "--port", str(env.superlink_port),
+        "--isolation", "process",
+        "--superexec-auth-secret-file", str(env.superexec_secret_file),
     ]  # fmt: skip
 
 
+def superexec_command(env: ServerEnv, *, parent_pid: int) -> list[str]:
+    """The server's ``flower-superexec``: acquires ServerApp tasks from the SuperLink's Runtime API on loopback with
+    the shared secret (TLS verified against the CA) and runs each ServerApp as a ``flwr-serverapp`` process; ends
+    with ``parent_pid`` (the SuperLink). No runtime dependency installation (its flag is never given)."""
+    return [
+        flower_tool("flower-superexec"),
+        "--runtime-api-address", env.control_address,
+        "--root-certificates", str(env.ca_cert),
+        "--superexec-auth-secret-file", str(env.superexec_secret_file),
+        "--parent-pid", str(parent_pid),
+    ]  # fmt: skip
+
+
+def ensure_server_secret(env: ServerEnv) -> Path:
+    """The SuperLink/SuperExec shared secret: created once (random, written to a 0600 temporary file in the state
+    folder, then renamed into place), reused after; a group/world-readable one is refused."""
+    path = env.superexec_secret_file
+    if path.is_file() and path.stat().st_size > 0:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise DeployError(f"{path} (the SuperExec secret) is readable by others (mode {mode:o}); run chmod 600 on it")
+        return path
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    os.replace(tmp, path)
+    return path
+
+
+def proxy_executable(env: ServerEnv) -> str:
+    """The reverse proxy to run: FEDCT_PROXY, else nginx on PATH or in /usr/sbin (Debian's nginx package)."""
+    import shutil
+
+    candidate = env.proxy or shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
+    if not candidate or not (Path(candidate).is_file() or shutil.which(candidate)):
+        raise DeployError(f"{env.env_path}: no reverse proxy found (FEDCT_PROXY={env.proxy or ''}): the hospital-facing "
+                          "port is served by nginx, which forwards the Fleet API only; install it (apt-get install "
+                          "nginx; the server image has it) or set FEDCT_PROXY to its path")  # fmt: skip
+    return str(candidate)
+
+
+def proxy_config(env: ServerEnv) -> str:
+    """The nginx configuration of the hospital-facing port: TLS with the server certificate, ``/v1/fleet/*`` POSTs
+    forwarded to the SuperLink on loopback (TLS, verified against the CA), everything else refused with 403.
+
+    Foreground master process, one worker, pid/temporary files under the state folder, errors and refused or failed
+    requests (who tried what) to stderr, i.e. into the server's log."""
+    d = env.proxy_dir
+    listen = f"[{env.host}]:{env.port}" if ":" in env.host else f"{env.host}:{env.port}"
+    refusal = PROXY_REFUSAL.replace('"', "'")
+    return f"""# Generated by `fedct server start` from {env.env_path}; rewritten at every start.
+daemon off;
+worker_processes 1;
+pid {d / "nginx.pid"};
+error_log stderr warn;
+events {{ worker_connections 1024; }}
+http {{
+    # Refused and failed requests only (a SuperNode polls every few seconds; successful Fleet calls are not logged).
+    map $status $fedct_log_it {{ ~^[23] 0; default 1; }}
+    log_format fedct 'fedct proxy: $remote_addr "$request" $status';
+    access_log /dev/stderr fedct if=$fedct_log_it;
+    server_tokens off;
+    client_body_temp_path {d / "client_body"};
+    proxy_temp_path {d / "proxy"};
+    fastcgi_temp_path {d / "fastcgi"};
+    uwsgi_temp_path {d / "uwsgi"};
+    scgi_temp_path {d / "scgi"};
+    upstream superlink {{
+        server 127.0.0.1:{env.superlink_port};
+        keepalive 16;
+    }}
+    server {{
+        listen {listen} ssl;
+        ssl_certificate {env.server_cert};
+        ssl_certificate_key {env.server_key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        client_max_body_size {PROXY_MAX_BODY};
+        default_type text/plain;
+        location {FLEET_API_PREFIX} {{
+            limit_except POST {{ deny all; }}
+            proxy_pass https://superlink;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_ssl_trusted_certificate {env.ca_cert};
+            proxy_ssl_verify on;
+            proxy_ssl_name localhost;
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;
+            proxy_request_buffering off;
+            proxy_buffering off;
+            proxy_connect_timeout 10s;
+            proxy_send_timeout 300s;
+            proxy_read_timeout 300s;
+        }}
+        location / {{
+            return 403 "{refusal}\n";
+        }}
+    }}
+}}
+"""
+
+
+def write_proxy_config(env: ServerEnv) -> Path:
+    """Write :func:`proxy_config` to ``STATE/proxy/nginx.conf`` (atomically) and make its temporary folders."""
+    env.proxy_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (env.proxy_dir / sub).mkdir(mode=0o700, exist_ok=True)
+    path = env.proxy_dir / "nginx.conf"
+    tmp = path.with_name(f".nginx.conf.{os.getpid()}")
+    tmp.write_text(proxy_config(env))
+    os.replace(tmp, path)
+    return path
+
+
+def proxy_command(env: ServerEnv, config: Path) -> list[str]:
+    """The proxy's command line: foreground, our config, its prefix and early error log in the state folder."""
+    return [proxy_executable(env), "-e", "stderr", "-p", str(env.proxy_dir) + "/", "-c", str(config)]
+
+
 def register_sites(env: ServerEnv) -> dict[str, str]:
-    """``flwr supernode register`` every site public key; ``{site: "registered" | "already registered"}``."""
-    home = write_flwr_home(env.cli_home, address=env.address, ca_cert=env.ca_cert)
+    """``flwr supernode register`` every site public key on the loopback SuperLink; ``{site: "registered" |
+    "already registered"}``."""
+    home = write_flwr_home(env.cli_home, address=env.control_address, ca_cert=env.ca_cert)
     outcome = {}
     for name, pub in env.site_public_keys().items():
         done = subprocess.run([flower_tool("flwr"), "supernode", "register", str(pub), CONNECTION, "--name", name],
@@ -301,6 +508,61 @@ def register_sites(env: ServerEnv) -> dict[str, str]:
     return outcome
 
 
+def _public_key_bytes(pub: Path) -> bytes:
+    """A site's OpenSSH public key as the SuperLink stores it (PEM SubjectPublicKeyInfo, as Flower's CLI sends it)."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_ssh_public_key(Path(pub).read_bytes())
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A SuperNode as the SuperLink knows it (Flower's NodeInfo, the fields fedct uses)."""
+
+    node_id: int
+    public_key: bytes
+    status: str
+    online_until: float
+
+
+def registered_nodes(env: ServerEnv) -> list[NodeRecord]:
+    """Every SuperNode the SuperLink knows, from the Control API on loopback (Flower's own client; ``flwr supernode
+    list`` does not print public keys)."""
+    from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=E0611
+    from flwr.supercore.control import ControlHttpClient
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+    client = ControlHttpClient.from_server_address(server_address=env.control_address, insecure=False,
+                                                   root_certificates=str(env.ca_cert),
+                                                   interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")])  # fmt: skip
+    try:
+        response = client.ListNodes(ListNodesRequest())
+    finally:
+        client.close()
+    return [NodeRecord(node_id=int(n.node_id), public_key=bytes(n.public_key), status=str(n.status),
+                       online_until=float(n.online_until)) for n in response.nodes_info]  # fmt: skip
+
+
+def write_site_registry(env: ServerEnv) -> dict[str, str]:
+    """Write ``STATE/site-registry.json`` = ``{"<node id>": "<site name>"}`` for the keys in FEDCT_SITE_KEYS that
+    the SuperLink holds (matched by public key, not by any name a node claims), atomically; returns it."""
+    by_key = {_public_key_bytes(pub): name for name, pub in env.site_public_keys().items()}
+    registry: dict[str, str] = {}
+    for node in registered_nodes(env):
+        name = by_key.get(node.public_key)
+        if name is not None and node.status != "unregistered":
+            registry[str(node.node_id)] = name
+    missing = sorted(set(by_key.values()) - set(registry.values()))
+    if missing:
+        raise DeployError(f"the SuperLink holds no registered node for site(s) {', '.join(missing)} after registration")
+    path = env.site_registry_file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(registry, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return registry
+
+
 def _kill_later(proc: subprocess.Popen) -> None:
     """SIGKILL ``proc`` if it is still running :data:`STOP_GRACE_S` seconds from now (daemon timer)."""
     timer = threading.Timer(STOP_GRACE_S, lambda: proc.poll() is None and proc.kill())
@@ -308,40 +570,111 @@ def _kill_later(proc: subprocess.Popen) -> None:
     timer.start()
 
 
-def start_server(env: ServerEnv, *, wait_s: float = 60.0, log_file: Path | None = None) -> int:
-    """Run the SuperLink in the foreground: start, wait for TLS, register sites, then wait; returns its exit code."""
-    env.superlink_home.mkdir(parents=True, exist_ok=True)
-    command = superlink_command(env)
-    print(f"fedct server: starting {' '.join(command)}", flush=True)
-    out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - lives as long as the SuperLink
-    proc = subprocess.Popen(command, env=flower_env(FLWR_HOME=str(env.superlink_home)), stdout=out, stderr=subprocess.STDOUT if out else None)
+def _die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when ``fedct server start`` dies (even by SIGKILL), so no proxy or
+    SuperLink outlives it holding the ports (Linux ``PR_SET_PDEATHSIG``; a no-op elsewhere)."""
+    try:
+        import ctypes
 
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _stop(procs: Sequence[subprocess.Popen], signum: int = signal.SIGTERM) -> None:
+    """Signal each running process in order, then wait (SIGKILL after :data:`STOP_GRACE_S`)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+    for proc in procs:
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def start_server(env: ServerEnv, *, wait_s: float = 60.0, log_file: Path | None = None) -> int:
+    """Run the coordinator in the foreground; returns an exit code.
+
+    1. the SuperLink on 127.0.0.1:FEDCT_SUPERLINK_PORT (TLS, SuperNode auth, SuperExec secret) and our SuperExec;
+    2. once the SuperLink answers TLS on loopback: register the sites' keys, write the site registry;
+    3. the proxy (nginx) on FEDCT_SERVER_HOST:FEDCT_SERVER_PORT, forwarding the Fleet API only; wait for its TLS.
+    Then "ready"; SIGTERM/SIGINT stop all three (proxy first); if one of them ends, the others are stopped too.
+    """
+    try:
+        proxy = proxy_executable(env)
+        ensure_server_secret(env)
+        config = write_proxy_config(env)
+    except (DeployError, OSError) as exc:
+        print(f"fedct server: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    env.superlink_home.mkdir(parents=True, exist_ok=True)
+    out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - lives as long as the SuperLink
+    child_env = flower_env(FLWR_HOME=str(env.superlink_home), **{SITE_REGISTRY_ENV: str(env.site_registry_file)})
+    procs: list[subprocess.Popen] = []  # start order: SuperLink, SuperExec, proxy
     stopping: list[int] = []
+
+    def spawn(command: list[str], what: str, *, relay: bool = False) -> subprocess.Popen:
+        """Start a child; ``relay``: through a pipe copied to our stdout (nginx reopens /dev/stderr for its access
+        log, which on a regular file not opened for appending would overwrite the other processes' lines)."""
+        print(f"fedct server: starting {what}: {' '.join(command)}", flush=True)
+        piped = relay and out is None
+        proc = subprocess.Popen(command, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if piped else out,
+                                stderr=subprocess.STDOUT if (out or piped) else None, preexec_fn=_die_with_parent)  # fmt: skip
+        if piped:
+            threading.Thread(target=_relay_prefixed, args=(proc.stdout, b""), name="fedct-proxy-log", daemon=True).start()
+        procs.append(proc)
+        return proc
 
     def forward(signum: int, _frame: Any) -> None:
         stopping.append(signum)
-        if proc.poll() is None:
-            proc.send_signal(signum)
-            _kill_later(proc)
+        threading.Thread(target=_stop, args=(list(reversed(procs)),), name="fedct-server-stop", daemon=True).start()
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    check_proxy = subprocess.run([*proxy_command(env, config), "-t", "-q"], capture_output=True, text=True, timeout=60)
+    if check_proxy.returncode != 0:
+        print(f"fedct server: error: the proxy configuration {config} was refused by {proxy}: "
+              f"{(check_proxy.stdout + check_proxy.stderr).strip()[-1500:]}", file=sys.stderr, flush=True)  # fmt: skip
+        return 2
+    superlink = spawn(superlink_command(env), "the SuperLink (127.0.0.1 only)")
     host, _, port = env.address.rpartition(":")
     try:
-        version = wait_for_tls(host.strip("[]"), int(port), env.ca_cert, wait_s=wait_s, setting="FEDCT_CA_CERT",
-                               alive=lambda: proc.poll() is None)  # fmt: skip
-        print(f"fedct server: SuperLink up on {env.host}:{env.port} ({version}, verified against {env.ca_cert})", flush=True)
+        version = wait_for_tls("127.0.0.1", env.superlink_port, env.ca_cert, wait_s=wait_s, setting="FEDCT_CA_CERT",
+                               alive=lambda: superlink.poll() is None)  # fmt: skip
+        print(f"fedct server: SuperLink up on 127.0.0.1:{env.superlink_port} ({version}, verified against {env.ca_cert})",
+              flush=True)  # fmt: skip
+        spawn(superexec_command(env, parent_pid=superlink.pid), "the SuperExec (ServerApps)")
         for name, what in register_sites(env).items():
             print(f"fedct server: site {name}: {what}", flush=True)
-    except (ConnectionError, DeployError) as exc:
+        registry = write_site_registry(env)
+        print(f"fedct server: site registry {env.site_registry_file}: {len(registry)} node(s)", flush=True)
+        proxy_proc = spawn(proxy_command(env, config), f"the proxy on {env.host}:{env.port} (Fleet API only)", relay=True)
+        wait_for_tls(host.strip("[]"), int(port), env.ca_cert, wait_s=wait_s, setting="FEDCT_CA_CERT",
+                     alive=lambda: proxy_proc.poll() is None)  # fmt: skip
+    except (ConnectionError, DeployError, OSError, subprocess.TimeoutExpired) as exc:
+        if stopping:  # stopped while starting
+            return 0
         print(f"fedct server: error: {exc}", file=sys.stderr, flush=True)
-        if proc.poll() is None:
-            proc.terminate()
-        proc.wait(timeout=30)
+        _stop(list(reversed(procs)))
         return 2
+    if stopping:
+        return 0
+    print(f"fedct server: hospital-facing address {env.host}:{env.port} serves the Fleet API only; runs and "
+          f"registration on 127.0.0.1:{env.superlink_port}", flush=True)  # fmt: skip
     print("fedct server: ready", flush=True)
-    code = proc.wait()
-    return 0 if stopping else code
+    while not stopping and all(p.poll() is None for p in procs):
+        time.sleep(0.5)
+    if stopping:
+        for proc in procs:
+            proc.wait()
+        return 0
+    ended = next(p for p in procs if p.poll() is not None)
+    print(f"fedct server: error: {' '.join(map(str, ended.args[:1]))} ended (code {ended.returncode}); stopping the rest",
+          file=sys.stderr, flush=True)  # fmt: skip
+    _stop(list(reversed(procs)))
+    return ended.returncode or 1
 
 
 def run_config_for(env: ServerEnv, config_toml: Path, *, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -388,7 +721,7 @@ class Submitted:
 
 def run_status(env: ServerEnv, run_id: int) -> tuple[str, str]:
     """(status, details) of a run from ``flwr ls --run-id``."""
-    home = write_flwr_home(env.cli_home, address=env.address, ca_cert=env.ca_cert)
+    home = write_flwr_home(env.cli_home, address=env.control_address, ca_cert=env.ca_cert)
     done = subprocess.run([flower_tool("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
                           env=flower_env(FLWR_HOME=str(home)), capture_output=True, text=True, timeout=120)  # fmt: skip
     try:
@@ -402,8 +735,7 @@ def submit_run(env: ServerEnv, config_toml: Path, *, app_dir: Path | None = None
                stream: bool = True, timeout: float | None = None) -> Submitted:  # fmt: skip
     """``flwr run APP consortium --run-config FILE [--stream]`` with the isolated CLI home; with ``stream`` it
     returns when the run has ended, with its final status."""
-    host, _, port = env.address.rpartition(":")
-    check_tls(host.strip("[]"), int(port), env.ca_cert)
+    check_tls("127.0.0.1", env.superlink_port, env.ca_cert)
     config = run_config_for(env, config_toml, overrides=overrides)
     app = Path(app_dir or env.app_dir).resolve()
     if not (app / "pyproject.toml").is_file():
@@ -412,7 +744,7 @@ def submit_run(env: ServerEnv, config_toml: Path, *, app_dir: Path | None = None
     resolved = env.state_dir / "submitted" / f"{Path(config_toml).stem}-{int(time.time())}.toml"
     resolved.parent.mkdir(parents=True, exist_ok=True)
     resolved.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
-    home = write_flwr_home(env.cli_home, address=env.address, ca_cert=env.ca_cert)
+    home = write_flwr_home(env.cli_home, address=env.control_address, ca_cert=env.ca_cert)
     command = [flower_tool("flwr"), "run", str(app), CONNECTION, "--run-config", str(resolved)]
     if stream:
         command.append("--stream")
@@ -467,13 +799,16 @@ def supernode_command(site: SiteEnv) -> list[str]:
 
 
 def executor_command(site: SiteEnv, *, parent_pid: int) -> list[str]:
-    """The warm executor's command line: the SuperNode's Runtime API on loopback, the site's allow-list (``off``
-    when approval is off), the shared secret, and ``parent_pid`` (``fedct site``) whose end ends it."""
+    """The warm executor's command line: the SuperNode's Runtime API on loopback, the site's allow-list
+    (``disabled-i-understand`` when approval is disabled), the shared secret, and ``parent_pid`` (``fedct site``)
+    whose end ends it."""
+    from fl_client.approval import allow_list_value
+
     return [
         sys.executable, "-m", "fl_client.executor",
         "--runtime-api-address", f"127.0.0.1:{site.runtime_port}",
         "--insecure",  # loopback only; the SuperNode's Runtime API has no TLS unless given --ssl-* files
-        "--approved-apps", str(site.approved_apps) if site.approved_apps else "off",
+        "--approved-apps", allow_list_value(site.approved_apps),
         "--superexec-auth-secret-file", str(site.superexec_secret_file),
         "--parent-pid", str(parent_pid),
     ]  # fmt: skip
@@ -497,9 +832,9 @@ def ensure_superexec_secret(site: SiteEnv) -> Path:
 
 def supernode_env(site: SiteEnv, gate_dir: Path) -> dict[str, str]:
     """The SuperNode's environment: the approval launcher first on PATH, the site's own Flower home, no telemetry."""
-    from fl_client.approval import ALLOW_LIST_ENV
+    from fl_client.approval import ALLOW_LIST_ENV, allow_list_value
 
-    env = flower_env(FLWR_HOME=str(site.flwr_home), **{ALLOW_LIST_ENV: str(site.approved_apps) if site.approved_apps else "off"})
+    env = flower_env(FLWR_HOME=str(site.flwr_home), **{ALLOW_LIST_ENV: allow_list_value(site.approved_apps)})
     env["PATH"] = str(gate_dir) + os.pathsep + env["PATH"]
     return env
 
@@ -510,8 +845,11 @@ def ingest(site: SiteEnv) -> str:
     from preprocessing.transforms import PipelineConfig
 
     pipeline = PipelineConfig(target_spacing_mm=site.ingest_spacing_mm, input_size=site.ingest_input_size)
+    from preprocessing.split import site_split
+
+    split = site_split(site.site_dir, site_choice=site.split)  # the site's own, fixed split (FEDCT_VAL/TEST_FRACTION)
     ingest_site(site.dicom_dir, site.site_dir, labels_csv=site.labels_csv, pipeline=pipeline, workers=site.workers,
-                progress=False)  # fmt: skip
+                split=split, progress=False)  # fmt: skip
     counts = json.loads((site.site_dir / REPORT_NAME).read_text())["counts"]
     return f"accepted {counts['accepted']} series, rejected {counts['rejected']}, splits {counts['by_split']}"
 
@@ -551,7 +889,7 @@ def supernode_pids(site_name: str | None = None) -> list[int]:
 def start_site(site: SiteEnv, *, wait_s: float, ingest_first: bool = True, activation_wait_s: float = 120.0) -> int:
     """Preflight TLS, ingest, install the approval launcher, then run ``flower-supernode`` (and, with the warm
     runner, the warm executor); returns the exit code."""
-    from fl_client.approval import install_gate, load_allow_list
+    from fl_client.approval import allow_list_exposure, disabled_warning, install_gate, load_allow_list
 
     print(f"fedct site {site.site_name}: checking TLS to {site.superlink} against {site.ca_cert}", flush=True)
     version = wait_for_tls(site.superlink_host, site.superlink_port, site.ca_cert, wait_s=wait_s)
@@ -562,8 +900,10 @@ def start_site(site: SiteEnv, *, wait_s: float, ingest_first: bool = True, activ
     gate_dir = site.site_dir / "bin"
     install_gate(gate_dir)
     if site.approved_apps is None:
-        print(f"fedct site {site.site_name}: WARNING app approval is OFF: any app the server sends will run here", flush=True)
+        print(f"fedct site {site.site_name}: {disabled_warning()}", flush=True)
     else:
+        if (exposure := allow_list_exposure(site.approved_apps)) is not None:
+            print(f"fedct site {site.site_name}: {exposure}", flush=True)
         approved = load_allow_list(site.approved_apps)
         print(f"fedct site {site.site_name}: {len(approved)} approved app(s) in {site.approved_apps}"
               + ("" if approved else "; every run will be refused until an app is approved (--approve APP_DIR)"), flush=True)  # fmt: skip
@@ -822,7 +1162,8 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fedct server start|submit|check``."""
     p = sub.add_parser("server", help="consortium server: start the SuperLink, submit runs, health check")
     server_sub = p.add_subparsers(dest="server_command", required=True)
-    s = server_sub.add_parser("start", help="start the SuperLink (TLS, node auth) and register the sites' keys")
+    s = server_sub.add_parser("start", help="start the SuperLink (127.0.0.1, TLS, node auth), register the sites' keys, "
+                                                "then the hospital-facing proxy (Fleet API only)")
     s.add_argument("--env", required=True, help="server env file (configs/server.env)")
     s.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for the SuperLink to answer")
     s.add_argument("--log-file", help="write the SuperLink's output here instead of the console")
@@ -833,7 +1174,7 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--app", help="app folder to send (default FEDCT_APP_DIR or this installation)")
     s.add_argument("--no-stream", action="store_true", help="return once the run is submitted")
     s.set_defaults(func=_server_submit)
-    s = server_sub.add_parser("check", help="exit 0 when the SuperLink answers a TLS handshake verified by the CA")
+    s = server_sub.add_parser("check", help="exit 0 when the proxy and the SuperLink answer TLS handshakes verified by the CA")
     s.add_argument("--env", required=True, help="server env file")
     s.set_defaults(func=_server_check)
 
@@ -878,10 +1219,12 @@ def _server_check(args: argparse.Namespace) -> int:
         env = ServerEnv.from_file(Path(args.env))
         host, _, port = env.address.rpartition(":")
         version = check_tls(host.strip("[]"), int(port), env.ca_cert)
+        inner = check_tls("127.0.0.1", env.superlink_port, env.ca_cert)
     except (DeployError, ConnectionError) as exc:
         print(f"fedct server check: {exc}", file=sys.stderr)
         return 1
-    print(f"SuperLink {env.address}: TLS {version}, certificate verified")
+    print(f"hospital-facing proxy {env.address}: TLS {version}, certificate verified; "
+          f"SuperLink 127.0.0.1:{env.superlink_port}: TLS {inner}")
     return 0
 
 
@@ -913,7 +1256,8 @@ def _site(args: argparse.Namespace) -> int:
         from fl_client.approval import approve
 
         if site.approved_apps is None:
-            print("fedct site: error: FEDCT_APPROVED_APPS=off; set it to a file to approve apps", file=sys.stderr)
+            print("fedct site: error: FEDCT_APPROVAL=disabled-i-understand; set FEDCT_APPROVED_APPS to a file to approve apps",
+                  file=sys.stderr)  # fmt: skip
             return 2
         try:
             digest = approve(Path(args.approve), site.approved_apps)

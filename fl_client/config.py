@@ -5,19 +5,22 @@ Two sources, both plain Python by the time they get here:
 - the site's own settings (``node_config``, set by hospital IT when starting the SuperNode, e.g.
   ``flower-supernode --node-config 'site-name="site-a" dicom-dir="/data/dicom" site-dir="/cache" device="cpu"'``;
   in simulation ``partition-id`` picks ``site-<id>`` under ``sim-data-root``/``sim-work-root`` of the run config);
-- the round settings the server sends with every message (:class:`RoundSettings`).
+- the round settings the server sends with every message (:class:`RoundSettings`), which the site admits
+  (:meth:`SiteConfig.admit`) against its own limits (:mod:`fl_client.limits`) and its fixed split.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from fl_client.compute import ComputeOptionError, ComputeOptions
+from fl_client.limits import SiteLimitError, SiteLimits
 from models.factory import ModelConfig
-from preprocessing.split import SplitConfig
+from preprocessing.split import SplitConfig, site_split
 from preprocessing.transforms import PipelineConfig
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -27,6 +30,12 @@ BN_MODES = ("aggregate", "local")
 OPTIONAL_ROUND_KEYS = {"bn-mode": "aggregate", "transport": "float32", "proximal-mu": 0.0, "evaluate-first": False}
 #: ConfigRecord of a training reply that carries the evaluation of the received weights (``evaluate-first``).
 EVALUATION_RECORD = "evaluate"
+#: Node-config keys of the site's own split fractions (site env FEDCT_VAL_FRACTION / FEDCT_TEST_FRACTION).
+SPLIT_NODE_KEYS = ("val-fraction", "test-fraction")
+
+__all__ = ["SiteConfig", "SiteConfigError", "SiteLimitError", "SiteLimits", "RoundSettings", "parse_triple"]
+
+log = logging.getLogger("fedct.client")
 
 
 class SiteConfigError(ValueError):
@@ -43,6 +52,11 @@ class SiteConfig:
     labels_csv: Path | None
     device: str = "auto"
     workers: int = 2
+    #: What the server may ask of this site (site env ``FEDCT_MAX_*``); checked by :meth:`admit`.
+    limits: SiteLimits = field(default_factory=SiteLimits)
+    #: The site's own split fractions (site env ``FEDCT_VAL_FRACTION``/``FEDCT_TEST_FRACTION``); None: the first
+    #: round's request is fixed instead (simulation, a SuperNode started by hand without them).
+    split: SplitConfig | None = None
     #: Precision, loader workers, pinned memory, channels-last, GPU augmentation (``fl_client/compute.py``).
     compute: ComputeOptions = ComputeOptions()
 
@@ -60,6 +74,11 @@ class SiteConfig:
         device = str(node_config.get("device", run_config.get("device", "auto")))
         workers = int(node_config.get("num-workers", 2))
         try:
+            limits = SiteLimits.from_node_config(node_config)
+        except ValueError as exc:
+            raise SiteConfigError(str(exc)) from exc
+        split = _split_from_node_config(node_config)
+        try:
             compute = ComputeOptions.from_node_config(node_config)
         except ComputeOptionError as exc:
             raise SiteConfigError(str(exc)) from exc
@@ -76,6 +95,8 @@ class SiteConfig:
                 labels_csv=Path(str(labels)) if labels else None,
                 device=device,
                 workers=workers,
+                limits=limits,
+                split=split,
                 compute=compute,
             )
         if "partition-id" in node_config:
@@ -99,9 +120,44 @@ class SiteConfig:
                 labels_csv=labels_csv if labels_csv.is_file() else None,
                 device=device,
                 workers=workers,
+                limits=limits,
+                split=split,
                 compute=compute,
             )
         raise SiteConfigError("node config needs dicom-dir, site-dir and site-name (or partition-id in simulation)")
+
+    def admit(self, settings: RoundSettings) -> RoundSettings:
+        """The round as this site runs it; called once per round before any study is read.
+
+        - a request over one of the site's limits is refused (:class:`SiteLimitError`, code ``site_limit_exceeded``);
+        - the split is the site's fixed one (``SITE_DIR/split.json``, :func:`preprocessing.split.site_split`): the
+          server's fractions cannot re-split the site;
+        - the preprocessing caches of other pipelines are trimmed to ``FEDCT_CACHE_MAX_GB``, least recently used
+          first, never the one this round uses.
+        """
+        self.limits.check(input_size=settings.pipeline.input_size, spacing_mm=settings.pipeline.target_spacing_mm,
+                          local_epochs=settings.local_epochs, batch_size=settings.batch_size)  # fmt: skip
+        split = site_split(self.site_dir, site_choice=self.split, requested=settings.split)
+        from preprocessing.cache import prune_caches  # MONAI-heavy; the ClientApp has it imported already
+
+        removed = prune_caches(self.site_dir, keep=settings.pipeline, max_bytes=self.limits.cache_max_bytes)
+        if removed:
+            log.info("%s: removed %d older preprocessing cache(s) to stay under FEDCT_CACHE_MAX_GB=%g",
+                     self.site_name, len(removed), self.limits.cache_max_gb)  # fmt: skip
+        return settings if split == settings.split else replace(settings, split=split)
+
+
+def _split_from_node_config(node_config: Mapping[str, Any]) -> SplitConfig | None:
+    """The site's split fractions from the node config (both keys or neither)."""
+    present = [k for k in SPLIT_NODE_KEYS if k in node_config]
+    if not present:
+        return None
+    if len(present) != len(SPLIT_NODE_KEYS):
+        raise SiteConfigError(f"node config has {present[0]} but not {[k for k in SPLIT_NODE_KEYS if k not in present][0]}")
+    try:
+        return SplitConfig(val_fraction=float(node_config["val-fraction"]), test_fraction=float(node_config["test-fraction"]))
+    except ValueError as exc:
+        raise SiteConfigError(f"site split (FEDCT_VAL_FRACTION, FEDCT_TEST_FRACTION): {exc}") from exc
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,14 @@ FAB; only the third-party modules come already imported.
 
 Rules that keep forking safe:
 
-- the parent imports only installed third-party packages (``site-packages``), never the app's own
-  modules, and does no torch compute (no thread pools, no CUDA context before ``fork``);
+- the parent imports only installed third-party packages (``site-packages``), never the project's own
+  packages (:func:`project_packages`: every top-level package of the installed ``fedct`` distribution or of the
+  source tree's ``pyproject.toml``), in every install layout — a non-editable install puts them in
+  ``site-packages`` too, and a preloaded copy would run instead of the approved app; and it does no torch compute
+  (no thread pools, no CUDA context before ``fork``);
+- the child forgets the project's modules before the task, and again, after the FAB is unpacked, every module
+  named like a top-level package of the FAB (:func:`fl_client.approval.forget_app_modules`), so the app's code is
+  imported from the FAB;
 - the parent stays single-threaded: children are reaped with ``waitpid(WNOHANG)`` in the poll loop;
 - a child never returns into the parent's loop: it ends with ``os._exit`` whatever happens, and it does
   not touch the parent's Runtime API connection.
@@ -57,8 +63,10 @@ PARENT_CHECK_S = 1.0
 _DISCOVER = """
 import importlib, json, sys
 importlib.import_module(sys.argv[1])
+own = set(json.loads(sys.argv[2]))
 print(json.dumps([n for n, m in list(sys.modules.items())
-                  if any(p in (getattr(m, '__file__', None) or '') for p in ('site-packages', 'dist-packages'))]))
+                  if n.split('.')[0] not in own
+                  and any(p in (getattr(m, '__file__', None) or '') for p in ('site-packages', 'dist-packages'))]))
 """
 
 
@@ -115,23 +123,65 @@ class PreloadResult:
     threads: int
 
 
+def project_packages() -> frozenset[str]:
+    """Top-level import names of this project, whatever the install layout.
+
+    The union of: this package's own name; every top-level package of the installed distribution that provides it
+    (wheel, ``pip install --target``, editable; from its metadata); and the ``[tool.setuptools] packages`` of the
+    ``pyproject.toml`` next to it when run from a source tree.
+    """
+    import importlib.metadata
+    import importlib.util
+
+    own = _own_package()
+    names = {own}
+    try:
+        tops = importlib.metadata.packages_distributions()
+    except Exception:  # noqa: BLE001 - broken metadata elsewhere on sys.path: fall back to the source tree
+        tops = {}
+    ours = set(tops.get(own, ()))
+    names.update(top for top, dists in tops.items() if ours & set(dists) and top.isidentifier())
+    spec = importlib.util.find_spec(own)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        pyproject = Path(location).resolve().parent / "pyproject.toml"
+        if pyproject.is_file():
+            import tomllib
+
+            try:
+                config = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+                continue
+            packages = config.get("tool", {}).get("setuptools", {}).get("packages", [])
+            if own in {str(p).split(".")[0] for p in packages}:
+                names.update(str(p).split(".")[0] for p in packages)
+    return frozenset(names)
+
+
 def discover_third_party_modules(app_module: str, *, timeout_s: float = 300.0) -> list[str]:
     """Installed third-party modules that importing ``app_module`` loads, in import order.
 
-    The app module is imported in a short-lived separate process, so none of its code runs in the executor.
+    The app module is imported in a short-lived separate process, so none of its code runs in the executor. Modules
+    of the project's own packages (:func:`project_packages`) and of the app module's own top-level package are
+    never listed, also when they are installed in ``site-packages``.
     """
-    done = subprocess.run([sys.executable, "-c", _DISCOVER, app_module], capture_output=True, text=True,
+    own = sorted(project_packages() | {app_module.split(".")[0]})
+    done = subprocess.run([sys.executable, "-c", _DISCOVER, app_module, json.dumps(own)], capture_output=True, text=True,
                           timeout=timeout_s, check=False)  # fmt: skip
     if done.returncode != 0:
         raise ExecutorConfigError(f"--preload-app {app_module!r} could not be imported: {done.stderr.strip()[-2000:]}")
     return [str(n) for n in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
-def preload_modules(names: list[str] | tuple[str, ...]) -> PreloadResult:
-    """Import ``names`` (modules that cannot be imported by name, e.g. extension internals, are skipped)."""
+def preload_modules(names: list[str] | tuple[str, ...], *, exclude: frozenset[str] | None = None) -> PreloadResult:
+    """Import ``names`` (modules that cannot be imported by name, e.g. extension internals, are skipped). Names under
+    a top-level package in ``exclude`` (default: :func:`project_packages`) are never imported, only counted skipped."""
+    exclude = project_packages() if exclude is None else exclude
     t0 = time.perf_counter()
     imported = skipped = 0
     for name in names:
+        if name.split(".")[0] in exclude:
+            skipped += 1
+            continue
         if name in sys.modules:
             imported += 1
             continue
@@ -165,10 +215,10 @@ def _own_package() -> str:
 
 
 def _forget_own_modules() -> None:
-    """Drop this package's modules (imported to run the executor) so the child imports the FAB's copy."""
-    own = _own_package()
-    for name in [n for n in sys.modules if n == own or n.startswith(own + ".")]:
-        del sys.modules[name]
+    """Drop the project's modules (imported to run the executor) so the child imports the FAB's copy."""
+    from fl_client.approval import forget_modules
+
+    forget_modules(project_packages())
 
 
 def _run_child(config: ExecutorConfig, token: str, certificates: bytes | None) -> NoReturn:
@@ -180,7 +230,7 @@ def _run_child(config: ExecutorConfig, token: str, certificates: bytes | None) -
         signal.setitimer(signal.ITIMER_REAL, 0)  # not inherited on Linux; explicit elsewhere
         from fl_client.approval import gate_fab_install  # the site's installed check, before any app code
 
-        gate_fab_install(config.approved_apps)
+        gate_fab_install(config.approved_apps)  # also forgets the FAB's top-level modules once it is unpacked
         _forget_own_modules()
         numpy = sys.modules.get("numpy")
         if numpy is not None:
@@ -382,13 +432,18 @@ def parse_args(argv: list[str] | None = None) -> ExecutorConfig:
     parser.add_argument("--preload", action="append", default=[], help="extra module to preload (repeatable)")
     parser.add_argument("--parent-pid", type=int,
                         help="exit, stopping the running ClientApps, once this process is gone (fedct site passes its PID)")  # fmt: skip
-    parser.add_argument("--approved-apps", metavar="FILE|off",
+    parser.add_argument("--approved-apps", metavar="FILE",
                         help="allow-list of app (FAB) hashes checked before each task's app is unpacked "
-                             "(default: $FEDCT_APPROVED_APPS; none set: every app is refused)")  # fmt: skip
+                             "(default: $FEDCT_APPROVED_APPS; none set: every app is refused; "
+                             "'disabled-i-understand': no check, a WARNING for every task)")  # fmt: skip
     args = parser.parse_args(argv)
-    from fl_client.approval import ALLOW_LIST_ENV, allow_list_from_value
+    from fl_client.approval import ALLOW_LIST_ENV, ApprovalConfigError, allow_list_from_value
 
-    approved = allow_list_from_value(args.approved_apps if args.approved_apps is not None else os.environ.get(ALLOW_LIST_ENV, ""))
+    try:
+        approved = allow_list_from_value(args.approved_apps if args.approved_apps is not None else os.environ.get(ALLOW_LIST_ENV, ""),
+                                         source="--approved-apps" if args.approved_apps is not None else ALLOW_LIST_ENV)  # fmt: skip
+    except ApprovalConfigError as err:
+        parser.error(str(err))
     try:
         return ExecutorConfig(runtime_api_address=args.runtime_api_address, insecure=args.insecure,
                               root_certificates=args.root_certificates, superexec_auth_secret_file=args.superexec_auth_secret_file,
@@ -405,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API request otherwise
     logging.getLogger("flwr").propagate = False  # Flower prints its own lines; the root handler would print them twice
     config = parse_args(argv)
+    from fl_client.approval import allow_list_exposure, disabled_warning
+
+    if config.approved_apps is None:
+        log.warning("%s", disabled_warning())
+    elif (exposure := allow_list_exposure(config.approved_apps)) is not None:
+        log.warning("%s", exposure)
     executor = WarmExecutor(config)
     signal.signal(signal.SIGTERM, executor.request_stop)
     signal.signal(signal.SIGINT, executor.request_stop)

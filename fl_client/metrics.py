@@ -12,13 +12,19 @@ all sites send records with the same keys and the server can aggregate them.
 - :func:`score_histograms`: per-class binned score counts of positives and negatives; summed over sites
   they give the AUC of the pooled predictions without any study leaving its site.
 - :func:`survival_metrics`: Harrell's concordance index and cumulative/dynamic AUC at a horizon.
+- :func:`floor_evaluation` / :func:`floor_training`: the privacy floor applied to everything a site sends: no
+  metric may depend on fewer than ``min_count`` (k, at least :data:`MIN_COUNT`) studies. Histograms are coarsened
+  (:func:`coarsen_histogram`) or left out, metrics of too few studies become NaN, unknown keys are not sent.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
+import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import (
@@ -29,6 +35,11 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+
+log = logging.getLogger("fedct.client")
+
+#: The privacy floor k: no metric a site sends depends on fewer studies (a run or the site may raise it, never lower).
+MIN_COUNT = 5
 
 
 def _checked(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +210,9 @@ def survival_metrics(risk: np.ndarray, time: np.ndarray, event: np.ndarray, *, h
     - ``td-auc``: cumulative/dynamic AUC at ``horizon_days``: cases had the event at time <= horizon,
       controls were followed beyond the horizon (time > horizon); studies censored at or before the
       horizon are excluded (no inverse-probability-of-censoring weights). NaN without a case or a control.
-    - ``n-events``: observed events among the studies used (the server weights both by it).
+    - ``n-events``: observed events among the studies used (the server weights both by it);
+      ``n-known`` studies with known time and event, ``n-td-cases``/``n-td-controls`` the td-auc's cases and controls
+      (what :func:`floor_evaluation` needs to apply the privacy floor).
     """
     risk = np.asarray(risk, dtype=np.float64)
     time = np.asarray(time, dtype=np.float64)
@@ -234,4 +247,173 @@ def survival_metrics(risk: np.ndarray, time: np.ndarray, event: np.ndarray, *, h
         "c-index": concordant / comparable if comparable else math.nan,
         "td-auc": td_auc,
         "n-events": float(observed.sum()),
+        "n-known": float(len(risk)),
+        "n-td-cases": float(cases.sum()),
+        "n-td-controls": float(controls.sum()),
     }
+
+
+# --- the privacy floor ------------------------------------------------------------------------------------------
+
+
+def coarsen_histogram(counts: Sequence[float], min_count: int) -> list[float] | None:
+    """Merge adjacent bins until every group holds at least ``min_count`` studies; None when the total is smaller.
+
+    Groups are built left to right (a group closes as soon as it reaches ``min_count``; a short remainder joins the
+    last group), so they partition all bins, and each group's whole count is put in the bin of its mean position
+    (the mean of >= ``min_count`` studies' bins): the list keeps its length (sites' lists still add up bin by bin)
+    and its total, every non-empty bin holds >= ``min_count`` studies, and no bin reveals a single study's score.
+    """
+    min_count = _positive_int(min_count, "min_count")
+    values = [float(c) for c in counts]
+    if any(not math.isfinite(c) or c < 0 for c in values):
+        raise ValueError(f"histogram counts must be finite and >= 0, got {values}")
+    if math.fsum(values) < min_count:
+        return None
+    groups: list[list[int]] = []
+    current: list[int] = []
+    running = 0.0
+    for i, c in enumerate(values):
+        current.append(i)
+        running += c
+        if running >= min_count:
+            groups.append(current)
+            current, running = [], 0.0
+    if current:  # a remainder below min_count (perhaps only empty bins) joins the last group
+        groups[-1].extend(current)
+    out = [0.0] * len(values)
+    for group in groups:
+        total = math.fsum(values[i] for i in group)
+        mean_bin = math.fsum(i * values[i] for i in group) / total  # the group's mean position (>= min_count studies)
+        out[min(group[-1], max(group[0], round(mean_bin)))] += total
+    return out
+
+
+def _counts_ok(value: float, k: int) -> bool:
+    return math.isfinite(value) and value >= k
+
+
+def _count_or_nan(value: Any, k: int) -> float:
+    """A count is sent when it is 0 or at least k; 1..k-1 would single out studies."""
+    v = float(value)
+    return v if v == 0 or _counts_ok(v, k) else math.nan
+
+
+_SPLIT_SCALARS = ("loss", "accuracy", "brier", "ece")
+_PER_CLASS = re.compile(r"(n-pos|n-neg|auc|sens|spec|hist-pos|hist-neg)-(.+)")
+_SURVIVAL = ("c-index", "td-auc", "n-events", "n-known", "n-td-cases", "n-td-controls")
+
+
+def _floor_split(values: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """The floor on one split's metrics (keys without the ``val-``/``test-`` prefix)."""
+    n = float(values.get("n", 0.0))
+    enough = _counts_ok(n, k)
+    classes = sorted({m.group(2) for key in values if (m := _PER_CLASS.fullmatch(key))})
+    pos = {c: float(values.get(f"n-pos-{c}", 0.0)) for c in classes}
+    neg = {c: float(values.get(f"n-neg-{c}", 0.0)) for c in classes}
+    out: dict[str, Any] = {"n": n}
+    for key in _SPLIT_SCALARS:
+        if key in values:
+            out[key] = float(values[key]) if enough else math.nan
+    if "balanced-accuracy" in values:  # mean of per-class recalls: every class present needs k studies
+        fine = enough and all(pos[c] == 0 or _counts_ok(pos[c], k) for c in classes)
+        out["balanced-accuracy"] = float(values["balanced-accuracy"]) if fine else math.nan
+    reported_aucs = []
+    for c in classes:
+        both = enough and _counts_ok(pos[c], k) and _counts_ok(neg[c], k)
+        for key, ok in ((f"n-pos-{c}", enough), (f"n-neg-{c}", enough)):
+            if key in values:
+                out[key] = _count_or_nan(values[key], k) if ok else math.nan
+        if f"sens-{c}" in values:
+            out[f"sens-{c}"] = float(values[f"sens-{c}"]) if enough and _counts_ok(pos[c], k) else math.nan
+        if f"spec-{c}" in values:
+            out[f"spec-{c}"] = float(values[f"spec-{c}"]) if enough and _counts_ok(neg[c], k) else math.nan
+        if f"auc-{c}" in values:
+            auc = float(values[f"auc-{c}"]) if both else math.nan
+            out[f"auc-{c}"] = auc
+            if math.isfinite(auc):
+                reported_aucs.append(auc)
+        if f"hist-pos-{c}" in values and f"hist-neg-{c}" in values:
+            # an empty list is "no histogram": every site keeps the same keys (Flower's strategies require it)
+            out[f"hist-pos-{c}"], out[f"hist-neg-{c}"] = [], []
+            hist_pos = coarsen_histogram(values[f"hist-pos-{c}"], k) if both else None
+            hist_neg = coarsen_histogram(values[f"hist-neg-{c}"], k) if both else None
+            if hist_pos is not None and hist_neg is not None:
+                out[f"hist-pos-{c}"], out[f"hist-neg-{c}"] = hist_pos, hist_neg
+    if "auc-macro" in values:
+        out["auc-macro"] = float(np.mean(reported_aucs)) if len(reported_aucs) >= 2 else math.nan
+    if any(key in values for key in _SURVIVAL):
+        known = float(values.get("n-known", math.nan))
+        events = float(values.get("n-events", math.nan))
+        cases, controls = float(values.get("n-td-cases", math.nan)), float(values.get("n-td-controls", math.nan))
+        fine = _counts_ok(known, k)
+        for key in ("n-events", "n-known", "n-td-cases", "n-td-controls"):
+            if key in values:
+                out[key] = _count_or_nan(values[key], k) if fine or key == "n-known" else math.nan
+        if "c-index" in values:
+            out["c-index"] = float(values["c-index"]) if fine and _counts_ok(events, k) else math.nan
+        if "td-auc" in values:
+            out["td-auc"] = float(values["td-auc"]) if fine and _counts_ok(cases, k) and _counts_ok(controls, k) else math.nan
+    return out
+
+
+def _split_known(key: str) -> bool:
+    return key == "n" or key in _SPLIT_SCALARS or key in ("balanced-accuracy", "auc-macro") or key in _SURVIVAL \
+        or _PER_CLASS.fullmatch(key) is not None
+
+
+def _evaluation_known(key: str) -> bool:
+    for prefix in ("val-", "test-"):
+        if key.startswith(prefix):
+            return _split_known(key[len(prefix):])
+    return key in ("train-hist-risk", "num-examples")
+
+
+def floor_evaluation(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) -> dict[str, Any]:
+    """What a site may send of :func:`fl_client.train.evaluate_round`'s metrics (plus ``num-examples``).
+
+    With k = ``max(min_count, MIN_COUNT)``, per split (``val-``, ``test-``):
+
+    - ``n`` (labelled studies of the split) is sent; ``loss``, ``accuracy``, ``brier``, ``ece`` need n >= k;
+      ``balanced-accuracy`` also needs every class present to have >= k studies;
+    - per class: ``sens-`` needs >= k positives, ``spec-`` >= k negatives, ``auc-`` and the score histograms both;
+      histograms are coarsened to groups of >= k studies (:func:`coarsen_histogram`) or sent empty (``[]``: no
+      histogram; the keys stay, as Flower's strategies require the same keys from every site);
+      ``auc-macro`` is the mean of the AUCs sent (NaN with fewer than 2);
+    - counts (``n-pos-*``, ``n-neg-*``, ``n-events``, ...) are sent when 0 or >= k, else NaN;
+    - ``c-index`` needs >= k studies with known outcome and >= k events, ``td-auc`` >= k cases and >= k controls;
+
+    ``train-hist-risk`` (the training studies' risk histogram) is coarsened the same way or sent empty. Keys this
+    function does not know are dropped (logged at the site): a new metric leaves only once the floor covers it.
+    """
+    k = max(_positive_int(min_count, "min_count"), MIN_COUNT)
+    out: dict[str, Any] = {}
+    for prefix in ("val-", "test-"):
+        values = {key[len(prefix):]: v for key, v in metrics.items() if key.startswith(prefix)}
+        if values:
+            out.update({prefix + key: v for key, v in _floor_split(values, k).items()})
+    if "train-hist-risk" in metrics:
+        out["train-hist-risk"] = coarsen_histogram(metrics["train-hist-risk"], k) or []
+    if "num-examples" in metrics:
+        out["num-examples"] = metrics["num-examples"]
+    unknown = [key for key in metrics if not _evaluation_known(key)]
+    if unknown:
+        log.warning("metrics %s are not covered by the privacy floor and are not sent", ", ".join(sorted(unknown)))
+    return out
+
+
+#: Training-reply metrics and whether they describe the training studies (NaN below k) or not (always sent).
+TRAINING_KEYS = {"train-loss": True, "train-loss-diagnosis": True, "train-loss-prognosis": True, "train-seconds": False,
+                 "num-examples": False}  # fmt: skip
+
+
+def floor_training(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) -> dict[str, Any]:
+    """What a site may send of a training round's metrics: losses need >= k training studies; other keys dropped."""
+    k = max(_positive_int(min_count, "min_count"), MIN_COUNT)
+    enough = _counts_ok(float(metrics.get("num-examples", 0)), k)
+    out = {key: (float(v) if enough or not TRAINING_KEYS[key] else math.nan) if key != "num-examples" else v
+           for key, v in metrics.items() if key in TRAINING_KEYS}  # fmt: skip
+    unknown = sorted(set(metrics) - set(TRAINING_KEYS))
+    if unknown:
+        log.warning("metrics %s are not covered by the privacy floor and are not sent", ", ".join(unknown))
+    return out

@@ -31,6 +31,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fl_client.config import RoundSettings, SiteConfig
+from fl_client.metrics import MIN_COUNT, floor_training
 from fl_client.train import train_round
 from models.factory import build_model
 
@@ -57,8 +58,9 @@ def floating_keys(state: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point()]
 
 
-def legacy_fit_reply(msg: Message, site: SiteConfig) -> Message:
-    """Train on a legacy fit message and reply with a legacy fit result holding the floating-point update."""
+def legacy_fit_reply(msg: Message, site: SiteConfig, *, min_count: int = MIN_COUNT) -> Message:
+    """Train on a legacy fit message and reply with a legacy fit result holding the floating-point update
+    (training metrics after the privacy floor ``min_count``, :func:`fl_client.metrics.floor_training`)."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     settings = RoundSettings.from_record(dict(fitins.config))
     names = list(build_model(settings.model).state_dict())
@@ -71,14 +73,14 @@ def legacy_fit_reply(msg: Message, site: SiteConfig) -> Message:
     update = [(state[k].detach().cpu() - received[k]).numpy() for k in floating_keys(received)]
     log.info("%s round %d (SecAgg+): trained on %d studies, loss %.4f, %.1fs", site.site_name, settings.server_round,
              result.num_examples, result.loss, result.seconds)  # fmt: skip
-    metrics = {
+    metrics = floor_training({
         "train-loss": result.loss,
         "train-loss-diagnosis": result.diagnosis_loss,
         "train-loss-prognosis": result.prognosis_loss,
         "train-seconds": result.seconds,
         "num-examples": result.num_examples,
-        "site-name": site.site_name,
-    }
+    }, min_count=min_count)  # fmt: skip
+    metrics["site-name"] = site.site_name
     fitres = FitRes(status=Status(code=Code.OK, message="ok"), parameters=ndarrays_to_parameters(update),
                     num_examples=result.num_examples, metrics=metrics)  # fmt: skip
     return Message(content=compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

@@ -11,8 +11,10 @@ Hospital IT keeps one file per site (``configs/site.env`` is an example)::
     FEDCT_SITE_DIR=/site                    # work folder: cache, manifest, site.key of pseudonyms, Flower apps
     FEDCT_DEVICE=cpu                        # cpu, cuda or auto
     FEDCT_RUNTIME_PORT=9094                 # the SuperNode's local Runtime API port (127.0.0.1)
-    FEDCT_APPROVED_APPS=/config/approved-apps.txt   # allow-list of app (FAB) hashes; "off" disables the check
+    FEDCT_APPROVED_APPS=/config/approval/approved-apps.txt   # allow-list of app (FAB) hashes, outside SITE_DIR
     FEDCT_CLIENTAPP_RUNNER=warm             # warm: fedct's warm executor (default); flower: Flower's SuperExec
+    FEDCT_VAL_FRACTION=0.2                  # the site's own split (fixed at the site, never the server's)
+    FEDCT_MAX_BATCH_SIZE=64                 # FEDCT_MAX_*/FEDCT_MIN_SPACING_MM/FEDCT_CACHE_MAX_GB: what the server may ask
 
 ``KEY=VALUE`` lines; ``#`` starts a comment; values may be quoted. Unknown ``FEDCT_`` keys are an error (a typo
 must not silently fall back to a default). Every error names the file, the key and what to check.
@@ -27,7 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fl_client.approval import APPROVAL_DISABLED, APPROVAL_MODES, APPROVAL_SETTING, ApprovalConfigError, allow_list_from_value
 from fl_client.compute import NODE_KEYS as COMPUTE_ENV_KEYS
+from fl_client.limits import LIMIT_KEYS, SiteLimits
+from preprocessing.split import SplitConfig
 
 if TYPE_CHECKING:
     from fl_client.config import SiteConfig
@@ -38,17 +43,26 @@ SITE_KEYS = {
     "FEDCT_SITE_NAME": "the site's name as the server sees it (letters, digits, '-', '_', '.')",
     "FEDCT_SUPERLINK": "host:port of the consortium's SuperLink",
     "FEDCT_CA_CERT": "the consortium CA certificate (PEM) that signed the SuperLink's certificate",
-    "FEDCT_SITE_KEY": "this site's SuperNode authentication private key (OpenSSH EC key from `fedct certs`)",
+    "FEDCT_SITE_KEY": "this site's SuperNode authentication private key (OpenSSH EC key made here with `fedct site-key`)",
     "FEDCT_DICOM_DIR": "the hospital's DICOM export folder (read only)",
     "FEDCT_LABELS": "labels.csv for the studies (optional)",
     "FEDCT_SITE_DIR": "the site's writable work folder (cache, manifest, Flower apps)",
     "FEDCT_DEVICE": "cpu, cuda or auto",
     "FEDCT_WORKERS": "ingestion/data-loading worker processes (default 2)",
     "FEDCT_RUNTIME_PORT": "local port of the SuperNode's Runtime API (default 9094; one per SuperNode on a host)",
-    "FEDCT_APPROVED_APPS": "allow-list file of approved app hashes (default SITE_DIR/approved-apps.txt; 'off' disables)",
+    "FEDCT_APPROVED_APPS": "allow-list file of approved app hashes, outside FEDCT_SITE_DIR (default approved-apps.txt "
+                           "next to the env file)",
+    APPROVAL_SETTING: f"required (default): only approved apps run; {APPROVAL_DISABLED}: every app runs unchecked "
+                      "(benchmarks and tests only; logged as a WARNING)",
+    "FEDCT_VAL_FRACTION": "the site's validation fraction of patients (default 0.2; fixed at the site, the server "
+                          "cannot change it)",
+    "FEDCT_TEST_FRACTION": "the site's test fraction of patients (default 0.2; fixed at the site)",
+    **{env_key: meaning for _node, env_key, meaning in LIMIT_KEYS.values()},
     "FEDCT_INGEST_SPACING": "ingestion voxel spacing in mm, x,y,z (default 5.0,5.0,5.0; must match the run)",
     "FEDCT_INGEST_INPUT_SIZE": "ingestion model input size in voxels, x,y,z (default 64,64,48; must match the run)",
     "FEDCT_SKIP_INGEST": "true to start without ingesting first (the site then ingests on its first round)",
+    "FEDCT_METRICS_MIN_COUNT": "privacy floor k: no metric sent depends on fewer studies (default 5; raises the run's, "
+                               "never lowers it)",
     **{env: meaning for env, meaning in COMPUTE_ENV_KEYS.values()},  # precision, loader: fl_client/compute.py
     "FEDCT_CLIENTAPP_RUNNER": "how ClientApps run: warm (default; fedct's executor, torch/MONAI imported once) or flower "
                               "(Flower's SuperExec, a fresh process per message)",
@@ -142,7 +156,7 @@ def check_site_key(path: Path, *, source: str) -> None:
     try:
         key = load_ssh_private_key(path.read_bytes(), None)
     except (ValueError, TypeError) as exc:
-        raise SiteEnvError(f"{source}={path}: not an unencrypted OpenSSH private key ({exc}); use site.key from `fedct certs`") from exc
+        raise SiteEnvError(f"{source}={path}: not an unencrypted OpenSSH private key ({exc}); make one at the site with `fedct site-key --out FILE`") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise SiteEnvError(f"{source}={path}: the SuperNode key must be an EC key (ecdsa), got {type(key).__name__}")
     mode = path.stat().st_mode & 0o777
@@ -172,11 +186,17 @@ class SiteEnv:
     device: str = "auto"
     workers: int = 2
     runtime_port: int = 9094
-    approved_apps: Path | None = None  # None: approval check off
+    approved_apps: Path | None = None  # None: approval disabled (only by FEDCT_APPROVAL=disabled-i-understand)
     ingest_spacing_mm: tuple[float, float, float] = (5.0, 5.0, 5.0)
     ingest_input_size: tuple[int, int, int] = (64, 64, 48)
     skip_ingest: bool = False
     clientapp_runner: str = CLIENTAPP_RUNNERS[0]
+    #: Privacy floor k of the metrics this site sends (FEDCT_METRICS_MIN_COUNT, >= 5; the larger of this and the run's wins).
+    metrics_min_count: int = 5
+    #: The site's own split fractions (fixed at the site; the server's fractions are ignored).
+    split: SplitConfig = field(default_factory=SplitConfig)
+    #: What the server may ask of this site (FEDCT_MAX_*, FEDCT_MIN_SPACING_MM, FEDCT_CACHE_MAX_GB).
+    limits: SiteLimits = field(default_factory=SiteLimits)
     #: Compute settings as node-config entries (``precision``, ``loader-workers``, ...; fl_client/compute.py).
     compute: dict[str, str] = field(default_factory=dict, compare=False)
     extra: dict[str, str] = field(default_factory=dict, compare=False)
@@ -205,6 +225,7 @@ class SiteEnv:
 
         return SiteConfig(site_name=self.site_name, dicom_dir=self.dicom_dir, site_dir=self.site_dir,
                           labels_csv=self.labels_csv, device=self.device, workers=self.workers,
+                          limits=self.limits, split=self.split,
                           compute=ComputeOptions.from_node_config(self.compute))  # fmt: skip
 
     def node_config(self) -> dict[str, str | int]:
@@ -215,6 +236,10 @@ class SiteEnv:
             "site-dir": str(self.site_dir),
             "device": self.device,
             "num-workers": self.workers,
+            "metrics-min-count": self.metrics_min_count,
+            "val-fraction": self.split.val_fraction,
+            "test-fraction": self.split.test_fraction,
+            **self.limits.node_config(),
             **self.compute,
         }
         if self.labels_csv is not None:
@@ -279,9 +304,17 @@ class SiteEnv:
 
         workers = an_int("FEDCT_WORKERS", 2, 1, 256)
         runtime_port = an_int("FEDCT_RUNTIME_PORT", 9094, 1, 65535)
-        approved_text = values.get("FEDCT_APPROVED_APPS", "")
-        approved = None if approved_text.lower() in ("off", "none", "false") else (
-            a_path("FEDCT_APPROVED_APPS") if approved_text else site_dir / "approved-apps.txt")  # fmt: skip
+        metrics_min_count = an_int("FEDCT_METRICS_MIN_COUNT", 5, 5, 1_000_000)
+        approved = _allow_list(values, path, site_dir, a_path)
+        try:
+            split = SplitConfig(val_fraction=_fraction(values, "FEDCT_VAL_FRACTION", path),
+                                test_fraction=_fraction(values, "FEDCT_TEST_FRACTION", path))  # fmt: skip
+        except ValueError as exc:
+            raise SiteEnvError(f"{path}: FEDCT_VAL_FRACTION + FEDCT_TEST_FRACTION: {exc}") from exc
+        try:
+            limits = SiteLimits.from_env_values(values)
+        except ValueError as exc:
+            raise SiteEnvError(f"{path}: {exc}") from exc
         try:
             spacing = parse_triple(values.get("FEDCT_INGEST_SPACING") or "5.0,5.0,5.0", float, "FEDCT_INGEST_SPACING")
             size = parse_triple(values.get("FEDCT_INGEST_INPUT_SIZE") or "64,64,48", int, "FEDCT_INGEST_INPUT_SIZE")
@@ -299,10 +332,56 @@ class SiteEnv:
                       ca_cert=ca_cert, site_key=site_key, dicom_dir=dicom_dir, site_dir=site_dir, labels_csv=labels,
                       device=device, workers=workers, runtime_port=runtime_port, approved_apps=approved,
                       ingest_spacing_mm=spacing, ingest_input_size=size, skip_ingest=skip in ("true", "1", "yes"),
-                      clientapp_runner=runner,
+                      clientapp_runner=runner, metrics_min_count=metrics_min_count, split=split, limits=limits,
                       compute={node: values[env] for node, (env, _) in COMPUTE_ENV_KEYS.items() if values.get(env)},
                       extra={k: v for k, v in values.items() if not k.startswith("FEDCT_")})  # fmt: skip
             env.site_config()
         except (SiteConfigError, ValueError) as exc:
             raise SiteEnvError(f"{path}: {exc}") from exc
         return env
+
+
+def _fraction(values: dict[str, str], key: str, path: Path) -> float:
+    text = values.get(key, "") or "0.2"
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise SiteEnvError(f"{path}: {key}={text!r} must be a number in [0, 1) ({SITE_KEYS[key]})")
+    return value
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    child, parent = Path(os.path.realpath(child)), Path(os.path.realpath(parent))
+    return child == parent or parent in child.parents
+
+
+def _allow_list(values: dict[str, str], path: Path, site_dir: Path, a_path) -> Path | None:  # noqa: ANN001
+    """FEDCT_APPROVAL / FEDCT_APPROVED_APPS -> the allow-list file (None only when explicitly disabled)."""
+    mode = values.get(APPROVAL_SETTING, "") or APPROVAL_MODES[0]
+    if mode not in APPROVAL_MODES:
+        raise SiteEnvError(f"{path}: {APPROVAL_SETTING}={mode!r} is not one of {', '.join(APPROVAL_MODES)} "
+                           f"({SITE_KEYS[APPROVAL_SETTING]})")  # fmt: skip
+    if mode == APPROVAL_DISABLED:
+        return None
+    if "FEDCT_APPROVED_APPS" in values:
+        text = values["FEDCT_APPROVED_APPS"]
+        if not text.strip():
+            raise SiteEnvError(f"{path}: FEDCT_APPROVED_APPS is empty; it must name the allow-list file (remove the "
+                               "line for the default, approved-apps.txt next to this env file). Approval cannot be "
+                               f"switched off here; only {APPROVAL_SETTING}={APPROVAL_DISABLED} does that")  # fmt: skip
+        try:
+            allow_list_from_value(text, source="FEDCT_APPROVED_APPS")
+        except ApprovalConfigError as exc:
+            raise SiteEnvError(f"{path}: {exc}") from exc
+        allow_list = a_path("FEDCT_APPROVED_APPS")
+    else:
+        allow_list = path.parent.resolve() / "approved-apps.txt"
+    if _inside(allow_list, site_dir):
+        raise SiteEnvError(f"{path}: FEDCT_APPROVED_APPS={allow_list} is inside FEDCT_SITE_DIR={site_dir}, which the "
+                           "ClientApp can write (an app could approve itself); keep the allow-list outside it, e.g. "
+                           "next to the env file (read-only in the container)")  # fmt: skip
+    if allow_list.is_dir():
+        raise SiteEnvError(f"{path}: FEDCT_APPROVED_APPS={allow_list} is a folder; name the allow-list file")
+    return allow_list

@@ -37,6 +37,12 @@ from preprocessing.ingest import SiteManifest, prepare_site
 from preprocessing.transforms import BatchAugment
 
 
+class NoTrainingData(RuntimeError):
+    """The site has no training studies for this round; the server sees only the reason code below."""
+
+    code = "no_training_data"
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What a local training round produced, besides the weights."""
@@ -369,13 +375,14 @@ def train_round(
     site: SiteConfig, settings: RoundSettings, state: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """One federated round at a site: load global weights, train on the train split, return new weights."""
+    settings = site.admit(settings)  # the site's limits, its fixed split, its cache cap (fl_client/config.py)
     set_determinism(seed=settings.seed * 1000 + settings.server_round)
     compute = site_compute(site)
     device = compute.device
     manifest = load_site(site, settings)
     loader = _loader(manifest, "train", settings, train=True, compute=compute)
     if len(loader.dataset) == 0:
-        raise RuntimeError(f"site {site.site_name} has no training studies (see {site.site_dir}/ingest_report.json)")
+        raise NoTrainingData(f"site {site.site_name} has no training studies (see {site.site_dir}/ingest_report.json)")
     model = _model(settings, with_local_norm(site, settings, state), compute)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -424,6 +431,7 @@ def evaluate_round(site: SiteConfig, settings: RoundSettings, state: Mapping[str
     histogram of the training studies' risk scores (``train-hist-risk``) lets the server place future
     patients in risk groups relative to the training population.
     """
+    settings = site.admit(settings)  # the site's limits, its fixed split, its cache cap (fl_client/config.py)
     set_determinism(seed=settings.seed)
     compute = site_compute(site)
     device = compute.device

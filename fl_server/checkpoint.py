@@ -1,205 +1,20 @@
-"""Stage 8: the global model on disk: per-round checkpoints and model bundles with provenance.
-
-A bundle is a folder with ``model.pt`` (a PyTorch state dict) and ``model.json`` (architecture,
-preprocessing pipeline, class names, training provenance), enough to rebuild the network and repeat
-the exact preprocessing at inference.
-"""
+"""The server's per-round checkpoints and resume state (the model bundle itself is :mod:`models.bundle`)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import math
-import os
-import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-import torch
-from torch import nn
+from fedct.files import atomic_write_bytes
+from models.bundle import json_safe, save_state, write_bundle
 
-from models.factory import ModelConfig, build_model
-from preprocessing.labels import DIAGNOSES
-from preprocessing.transforms import PipelineConfig
-
-BUNDLE_FORMAT = "fedct-model/1"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file, fsync and ``os.replace``: readers see the old file or the
-    whole new one, never a part (also after a crash or power loss)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
-
-
-def save_state(path: Path, state: Mapping[str, torch.Tensor]) -> Path:
-    """Write a state dict atomically (a crash never leaves a half-written checkpoint)."""
-    buffer = io.BytesIO()
-    torch.save({k: torch.as_tensor(v).clone() for k, v in state.items()}, buffer)
-    return atomic_write_bytes(Path(path), buffer.getvalue())
-
-
-def write_bundle(
-    folder: Path,
-    state: Mapping[str, torch.Tensor],
-    *,
-    model: ModelConfig,
-    pipeline: PipelineConfig,
-    provenance: Mapping[str, Any],
-    risk_reference: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write ``model.pt``, ``model.json`` and ``model_card.md`` into ``folder``; return the folder.
-
-    ``risk_reference`` (``{"quantiles": [low/intermediate cut, intermediate/high cut], ...}``) places a new
-    patient's risk score relative to the training population.
-    """
-    folder = Path(folder)
-    save_state(folder / "model.pt", state)
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        fedct_version = version("fedct")
-    except PackageNotFoundError:
-        fedct_version = "unknown"
-    meta = {
-        "format": BUNDLE_FORMAT,
-        "fedct_version": fedct_version,
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": asdict(model),
-        "pipeline": pipeline.to_dict(),
-        "class_names": list(DIAGNOSES[: model.num_classes]),
-        "provenance": dict(provenance),
-        "risk_reference": dict(risk_reference) if risk_reference else None,
-    }
-    atomic_write_bytes(folder / "model.json", json.dumps(_finite(meta), indent=2, default=str, allow_nan=False).encode())
-    atomic_write_bytes(folder / "model_card.md", model_card(meta).encode())
-    return folder
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: undefined metrics become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def model_card(meta: Mapping[str, Any]) -> str:
-    """A short model card (Markdown): intended use, training data in aggregate, metrics per site, limitations."""
-    prov = meta.get("provenance", {})
-    metrics = prov.get("metrics", {})
-    model = meta["model"]
-    pipeline = meta["pipeline"]
-
-    def fmt(value: Any) -> str:
-        return f"{value:.3f}" if isinstance(value, float) and math.isfinite(value) else "n/a"
-
-    lines = [
-        f"# Model card: fedct {model['name']} (diagnosis + prognosis)",
-        "",
-        f"Created {meta['created_utc']} by fedct {meta['fedct_version']}; weights of round {prov.get('round_of_weights')} "
-        f"of {prov.get('rounds_planned')} ({prov.get('strategy', 'FedAvg')}).",
-        "",
-        "## Intended use",
-        "Research decision support for chest CT: probabilities of a COVID-19-like pattern, other pneumonia or normal "
-        "lungs, and a relative risk score for a severe outcome. **Not for clinical use without local validation.** "
-        "It does not replace a radiologist's read.",
-        "",
-        "## Training data (aggregate only)",
-        f"Trained federated across {len(prov.get('sites', []))} site(s): {', '.join(prov.get('sites', [])) or 'n/a'}. "
-        "Studies used for training per site: "
-        + (", ".join(f"{s} {int(n)}" for s, n in sorted(metrics.get("training_studies", {}).items()) if n is not None) or "n/a")
-        + ". No image or patient data left the sites.",
-        f"Input: single-frame or Enhanced CT, resampled to {pipeline['target_spacing_mm']} mm, HU window "
-        f"[{pipeline['hu_min']}, {pipeline['hu_max']}], {pipeline['input_size']} voxels (pipeline version {pipeline['pipeline_version']}).",
-        "",
-        "## Metrics of these weights (held-out test split of each site)",
-        "| site | studies | diagnosis macro AUC | accuracy | prognosis C-index |",
-        "|---|---|---|---|---|",
-    ]
-    for site, m in sorted(metrics.get("sites", {}).items()):
-        lines.append(f"| {site} | {int(m.get('test-n') or 0)} | {fmt(m.get('test-auc-macro'))} | {fmt(m.get('test-accuracy'))} | "
-                     f"{fmt(m.get('test-c-index'))} |")  # fmt: skip
-    agg = metrics.get("aggregate", {})
-    lines.append(f"| all (weighted mean of sites) | {int(agg.get('test-n') or 0)} | {fmt(agg.get('test-auc-macro'))} | "
-                 f"{fmt(agg.get('test-accuracy'))} | {fmt(agg.get('test-c-index'))} |")  # fmt: skip
-    lines += _privacy_lines(prov)
-    lines += [
-        "",
-        "## Limitations",
-        "- Small per-site test splits: metrics carry wide uncertainty.",
-        "- Calibration across sites is not guaranteed (normalisation statistics are aggregated across sites, "
-        "see bn-mode in the run config); check the "
-        "operating point locally.",
-        "- Trained on the data of the listed sites only; scanners, protocols and populations elsewhere may differ.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _privacy_lines(prov: Mapping[str, Any]) -> list[str]:
-    """The model card's privacy section (fl_server.privacy's summary, the secure-aggregation setting), if any."""
-    dp, secagg = prov.get("privacy"), bool(prov.get("run_config", {}).get("secure-aggregation"))
-    if not dp and not secagg:
-        return []
-    lines = ["", "## Privacy"]
-    if dp:
-        lines.append(f"Client-level differential privacy: (ε = {dp['epsilon']:.3g}, δ = {dp['delta']:g}) after {dp['releases']} "
-                     f"noised aggregate(s), noise multiplier {dp['noise_multiplier']:g}; {dp['accountant']}. "
-                     "Only the weights are covered, not the metrics the sites reported.")  # fmt: skip
-    if secagg:
-        lines.append("Secure aggregation (SecAgg+): the server only saw the sum of the sites' masked updates.")
-    return lines
-
-
-def load_bundle(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the network of a bundle and load its weights; return ``(model, metadata)``."""
-    folder = Path(folder)
-    meta_path = folder / "model.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"not a model bundle (no model.json): {folder}")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {BUNDLE_FORMAT!r}")
-    model = build_model(ModelConfig(**meta["model"]))
-    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
-    return model, meta
-
-
-def bundle_pipeline(meta: Mapping[str, Any]) -> PipelineConfig:
-    """The preprocessing recorded in a bundle's metadata."""
-    p = dict(meta["pipeline"])
-    p.pop("pipeline_version", None)
-    return PipelineConfig(
-        target_spacing_mm=tuple(p["target_spacing_mm"]),
-        input_size=tuple(p["input_size"]),
-        hu_min=p["hu_min"],
-        hu_max=p["hu_max"],
-        body_threshold_hu=p["body_threshold_hu"],
-    )
+__all__ = ["RunState", "atomic_write_bytes", "load_run_state", "save_run_state", "save_state", "write_bundle"]
 
 
 # --- resume state ---------------------------------------------------------------------------------------------
@@ -245,7 +60,7 @@ def save_run_state(state_dir: Path, state: RunState) -> Path:
         "run_config": state.run_config,
         "extra": state.extra,
     }
-    path = atomic_write_bytes(state_dir / "state.json", json.dumps(_finite(meta), indent=1, default=str).encode())
+    path = atomic_write_bytes(state_dir / "state.json", json.dumps(json_safe(meta), indent=1, default=str).encode())
     for old in state_dir.glob("round-*.npz"):
         if old.name != arrays_name:
             old.unlink(missing_ok=True)

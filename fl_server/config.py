@@ -98,6 +98,8 @@ class ServerConfig:
     secagg_reconstruction_threshold: int = 2
     secagg_max_weight: float = 1000.0
     secagg_clipping_range: float = 8.0
+    # Privacy floor k of the sites' metrics (fl_client.metrics.floor_evaluation); sites may raise it, nobody lower it.
+    metrics_min_count: int = 5
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -127,6 +129,8 @@ class ServerConfig:
                 raise ValueError(f"{key} must be in [0, 1), got {value}")
         if not 0.0 <= self.trim_beta < 0.5:
             raise ValueError(f"trim-beta must be in [0, 0.5), got {self.trim_beta}")
+        if self.metrics_min_count < 5:
+            raise ValueError(f"metrics-min-count must be >= 5 (the sites' privacy floor), got {self.metrics_min_count}")
         if self.num_nodes_to_select < 1:
             raise ValueError(f"num-nodes-to-select must be >= 1, got {self.num_nodes_to_select}")
         if self.lr_step_rounds < 1:

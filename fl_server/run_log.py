@@ -7,11 +7,14 @@ list of floats.
 Aggregation rules (:func:`aggregate`):
 
 - counts (``num-examples``, ``<split>-n``, ``<split>-n-*`` such as ``val-n-events``, ``val-n-pos-covid``)
-  are summed;
+  are summed over the sites that sent them (a site sends NaN for a count of 1..k-1, ``fl_client.metrics``' privacy
+  floor k; NaN when no site sent one);
 - histograms (``<split>-hist-*``) are summed bin by bin, and from the summed histograms the AUC of the
   *pooled* predictions is added: ``<split>-pooled-auc-<class>`` and ``<split>-pooled-auc-macro`` (mean
   over classes with both positives and negatives). It is exact up to binning (see
-  :func:`pooled_auc_from_histograms`);
+  :func:`pooled_auc_from_histograms`); sites send histograms coarsened to groups of >= k studies spread evenly
+  over their bins (``fl_client.metrics.coarsen_histogram``), and leave out a class with < k positives or negatives,
+  so the pooled AUC covers the sites that sent it and carries the coarsening error (README "Privacy");
 - every other metric is a weighted mean of the sites' values, skipping sites where it is undefined
   (NaN); the weight is given by :func:`weight_key_for`: ``val-*`` the site's validation count,
   ``test-*`` its test count, ``train-*`` its training count, except ``c-index``/``td-auc`` (number of
@@ -117,7 +120,8 @@ def _sum_histograms(key: str, values: Sequence[Any]) -> list[float]:
     for value in values:
         if isinstance(value, str) or not isinstance(value, Sequence):
             raise ValueError(f"histogram metric {key!r} must be a list of counts at every site, got {value!r}")
-        lists.append([float(c) for c in value])
+        if len(value):  # an empty list: the site sent no histogram (fewer than k studies, its privacy floor)
+            lists.append([float(c) for c in value])
     lengths = sorted({len(v) for v in lists})
     if len(lengths) > 1:
         raise ValueError(f"histogram metric {key!r} has different numbers of bins across sites: {lengths}")
@@ -136,7 +140,8 @@ def _pooled_aucs(histograms: Mapping[str, list[float]]) -> dict[str, float]:
         neg = histograms.get(f"{prefix}hist-neg-{cls}")
         if neg is None:
             continue
-        auc = pooled_auc_from_histograms(histograms[key], neg)
+        # NaN when no site could send this class's histograms (each had fewer than k positives or negatives)
+        auc = pooled_auc_from_histograms(histograms[key], neg) if histograms[key] and neg else math.nan
         result[f"{prefix}pooled-auc-{cls}"] = auc
         per_prefix.setdefault(prefix, []).append(auc)
     for prefix, aucs in per_prefix.items():
@@ -182,8 +187,9 @@ def aggregate(per_site: SiteMetrics) -> dict[str, Any]:
         lists = [v for v in values if isinstance(v, list | tuple)]
         if lists:
             raise ValueError(f"metric {key!r} is a list at some site ({lists[0]!r}); only *-hist-* metrics may be lists")
-        if is_count_key(key):
-            result[key] = float(sum(m.get(key, 0.0) for m in per_site.values()))
+        if is_count_key(key):  # a site sends NaN for a count of 1..k-1 (privacy floor): summed over the others
+            counts = [float(m[key]) for m in per_site.values() if key in m and math.isfinite(float(m[key]))]
+            result[key] = math.fsum(counts) if counts else math.nan
         else:
             result[key] = weighted_mean(per_site, key, weight_key_for(key))
     result.update(_pooled_aucs(histograms))

@@ -41,11 +41,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-#: Text carried by every object written here (SR TEXT item, SC ImageComments).
-DISCLAIMER = (
-    "Research model output (fedct): decision support only, not for clinical use without local validation. "
-    "Probabilities and risk are model estimates and must be interpreted by a qualified clinician."
-)
+from inference.wording import DISCLAIMER, finding_sentence
+
 #: Private coding scheme of the model's own concepts (declared in CodingSchemeIdentificationSequence).
 CODING_SCHEME = "99FEDCT"
 MANUFACTURER = "fedct"
@@ -61,6 +58,7 @@ DIAGNOSIS_CONCEPT = hd.sr.CodedConcept("439401001", "SCT", "Diagnosis")
 RISK_SCORE_CONCEPT = hd.sr.CodedConcept("RISK-SCORE", CODING_SCHEME, "Prognostic risk score")
 RISK_GROUP_CONCEPT = hd.sr.CodedConcept("RISK-GROUP", CODING_SCHEME, "Prognostic risk group")
 DISCLAIMER_CONCEPT = hd.sr.CodedConcept.from_code(codes.DCM.Comment)
+FINDING_TEXT_CONCEPT = hd.sr.CodedConcept.from_code(codes.DCM.Finding)
 PERCENT_UNIT = hd.sr.CodedConcept.from_code(codes.UCUM.Percent)
 SCORE_UNIT = hd.sr.CodedConcept("{score}", "UCUM", "score")
 PROCEDURE_REPORTED = hd.sr.CodedConcept("24627-2", "LN", "CT Chest")
@@ -305,9 +303,12 @@ def _build_sr(inputs: _Inputs, headers: list[Dataset], uids: ExportUIDs) -> hd.s
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in headers],
     )
     # TID 1501 allows TEXT qualitative evaluations next to the CODE ones: the disclaimer travels with the findings.
-    group[0].ContentSequence.append(
-        hd.sr.TextContentItem(name=DISCLAIMER_CONCEPT, value=DISCLAIMER, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    )
+    # The finding in words (the same sentence as the report and the review page) and the disclaimer.
+    for concept, text in ((FINDING_TEXT_CONCEPT, finding_sentence(inputs.probabilities, inputs.diagnosis)),
+                          (DISCLAIMER_CONCEPT, DISCLAIMER)):
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(name=concept, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_REPORTED,
@@ -411,7 +412,8 @@ def _build_sc(
     sc.ImageComments = (
         f"AI output: heat map of model {model['name']} (fedct {model['fedct_version']}, weights of round "
         f"{model.get('round_of_weights', '?')}) on source slice {slice_index + 1} of {len(inputs.paths)} "
-        f"(InstanceNumber {source.get('InstanceNumber', '?')}). {DISCLAIMER}"
+        f"(InstanceNumber {source.get('InstanceNumber', '?')}). "
+        f"{finding_sentence(inputs.probabilities, inputs.diagnosis)} {DISCLAIMER}"
     )
     sc.DerivationDescription = f"fedct {model['name']} saliency heat map over source CT slice"[:1024]
     sc.ReferencedImageSequence = [_reference_item(source, purpose=False)]

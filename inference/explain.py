@@ -395,7 +395,7 @@ def explain_study(
 ) -> Explanation:
     """Grad-CAM for ``class_index`` on a prepared study (:class:`inference.predict.ModelInput`), mapped to the CT,
     with up to ``count`` key-slice overlays ``overlay-sliceNNNN.png`` written into ``out_dir`` (older ones removed)."""
-    from inference.report import class_phrase
+    from inference.wording import class_phrase
 
     cam = explainer(prepared.image, class_index=class_index, covariates=covariates)
     heat, used = cam_to_original_grid(cam, prepared.grid, prepared.transforms, shape=prepared.hu.shape,

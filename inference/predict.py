@@ -37,7 +37,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import apply_transform
 
-from fl_server.checkpoint import bundle_pipeline, load_bundle
+from models.bundle import bundle_pipeline, load_bundle
 from models.factory import MultiTaskNet, as_plain_tensor, covariate_vector
 from preprocessing.deid import KEY_FILE_NAME, Pseudonymizer
 from preprocessing.discover import discover, read_dicom

@@ -85,7 +85,7 @@ def _c_store(settings: PacsSettings, study_uid: str, paths: Sequence[Path]) -> N
     import pydicom
     from pynetdicom import AE
 
-    from preprocessing.pacs import Refused, Transient, Unreachable
+    from preprocessing.pacs import Refused, Transient, Unreachable, dimse_tls_args
 
     point = endpoint(settings.url)
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
@@ -93,7 +93,7 @@ def _c_store(settings: PacsSettings, study_uid: str, paths: Sequence[Path]) -> N
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = settings.timeout_s
     for sop_class, syntax in sorted({(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in headers}):
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(point.host, point.port, ae_title=point.called_aet)
+    assoc = ae.associate(point.host, point.port, ae_title=point.called_aet, tls_args=dimse_tls_args(settings))
     if assoc.is_rejected:
         raise Refused(f"the association was rejected: check the called AE title in the URL ({point.called_aet}) and that "
                        f"FEDCT_PACS_AET ({settings.calling_aet}) may store at the PACS from this host")  # fmt: skip

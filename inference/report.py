@@ -10,54 +10,17 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from inference.wording import DISCLAIMER, class_phrase, class_title, finding_sentence, percent, risk_sentence
+
 __all__ = ["DISCLAIMER", "REPORT_NAME", "class_phrase", "percent", "write_report"]
 
 REPORT_NAME = "report.html"
-DISCLAIMER = "Decision support from a research model — not a diagnosis; not for clinical use without local validation."
-
-#: How each class is said in a sentence ("Findings suggest ...") and in a table.
-CLASS_PHRASES: dict[str, tuple[str, str]] = {
-    "covid": ("a COVID-19-like pattern", "COVID-19-like pattern"),
-    "other_pneumonia": ("another (non-COVID-19) pneumonia pattern", "Other pneumonia"),
-    "normal": ("no pneumonia pattern (normal lungs)", "Normal"),
-}
-
-RISK_MEANING: dict[str, str] = {
-    "low": "lower than about two thirds of the training population (lowest third)",
-    "intermediate": "in the middle third of the training population",
-    "high": "higher than about two thirds of the training population (highest third)",
-}
-
-
-def class_phrase(name: str) -> str:
-    """The class in a sentence, e.g. ``a COVID-19-like pattern``."""
-    return CLASS_PHRASES.get(name, (name.replace("_", " "), ""))[0]
-
-
-def class_title(name: str) -> str:
-    """The class as a table label, e.g. ``COVID-19-like pattern``."""
-    return CLASS_PHRASES.get(name, ("", name.replace("_", " ").capitalize()))[1]
-
-
-def percent(p: float) -> str:
-    """A probability for people: ``82%``, ``<1%``, ``>99%``."""
-    if not math.isfinite(p):
-        return "n/a"
-    if p < 0.005:
-        return "<1%"
-    if p > 0.995:
-        return ">99%"
-    return f"{100.0 * p:.0f}%"
-
-
-def score(x: float) -> str:
-    """A risk score as printed in the report (two decimals)."""
-    return f"{x:+.2f}" if math.isfinite(x) else "n/a"
+#: Risk groups with their own colour on the page.
+_RISK_GROUPS = ("low", "intermediate", "high")
 
 
 def _get(result: Any, name: str, default: Any = None) -> Any:
@@ -68,30 +31,6 @@ def _get(result: Any, name: str, default: Any = None) -> Any:
 
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
-def finding_sentence(probabilities: Mapping[str, float], diagnosis: str) -> str:
-    """``Findings suggest a COVID-19-like pattern (probability 82%).``; hedged when no class reaches 50 %."""
-    p = float(probabilities[diagnosis])
-    if p < 0.5:
-        return f"Uncertain result: the most likely is {class_phrase(diagnosis)} (probability {percent(p)})."
-    return f"Findings suggest {class_phrase(diagnosis)} (probability {percent(p)})."
-
-
-def risk_sentence(group: str, risk: float, quantiles: Any) -> str:
-    """What the risk group means; says so when the bundle had no reference population."""
-    if group in RISK_MEANING and quantiles:
-        q1, q2 = (float(q) for q in quantiles)
-        return (
-            f"Risk of a severe outcome: <strong>{html.escape(group)}</strong> (score {score(risk)}), "
-            f"{RISK_MEANING[group]}. Tertile cut points of the training population: {score(q1)} and {score(q2)}. "
-            "The score is a relative log-risk (Cox model): it ranks patients, it is not a probability."
-        )
-    return (
-        f"Risk score {score(risk)}: <strong>no risk group</strong>, because this model carries no reference "
-        "distribution of the training population. The score only ranks studies scored by the same model; it is "
-        "not a probability."
-    )
 
 
 _CSS = """
@@ -122,7 +61,7 @@ def _probability_rows(probabilities: Mapping[str, float], diagnosis: str) -> str
         rows.append(
             f'<tr class="{"top" if name == diagnosis else ""}" data-class="{html.escape(name)}" data-probability="{float(p):.6f}">'
             f"<td>{html.escape(class_title(name))}</td>"
-            f'<td class="num">{percent(float(p))}</td>'
+            f'<td class="num">{html.escape(percent(float(p)))}</td>'
             f'<td><div class="bar"><span style="width:{width:.1f}%"></span></div></td></tr>'
         )
     return "\n".join(rows)
@@ -165,7 +104,7 @@ def render_report(result: Any) -> str:
     model = dict(_get(result, "model") or {})
     explanation = dict(_get(result, "explanation") or {})
     esc = html.escape
-    group_class = f"risk-{group}" if group in RISK_MEANING else "risk-unavailable"
+    group_class = f"risk-{group}" if group in _RISK_GROUPS else "risk-unavailable"
     rows_meta = [
         ("Model", f"{esc(str(model.get('name', 'unknown')))}, fedct {esc(str(model.get('fedct_version', 'unknown')))}"),
         ("Model created", esc(str(model.get("created_utc") or "unknown"))),
@@ -197,7 +136,7 @@ def render_report(result: Any) -> str:
 {_probability_rows(probabilities, diagnosis)}
 </tbody></table>
 <h2>Prognosis</h2>
-<p id="risk" class="{group_class}" data-risk-score="{risk:.6f}" data-risk-group="{esc(group)}">{risk_sentence(group, risk, quantiles)}</p>
+<p id="risk" class="{group_class}" data-risk-score="{risk:.6f}" data-risk-group="{esc(group)}">{esc(risk_sentence(group, risk, quantiles))}</p>
 <h2>About this result</h2>
 <table class="meta"><tbody>{meta_html}</tbody></table>
 </section>

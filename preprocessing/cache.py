@@ -5,11 +5,20 @@ series and stored under ``SITE_DIR/cache/<pipeline fingerprint>/`` by MONAI's ``
 cache key covers the series' files (paths, sizes, modification times), so a changed file is recomputed and a
 changed pipeline uses a different folder. Targets (diagnosis, outcome, covariates) are joined after the cache,
 so relabelling never recomputes images and never returns stale labels. Random augmentation runs after the cache.
+
+Caches are capped in disk use: every use of a pipeline's cache touches its marker ``cache/.last-used-<fingerprint>``
+(next to the folder, so the folder holds only cached tensors), and
+:func:`prune_caches` (called by the site before each round with ``FEDCT_CACHE_MAX_GB``) removes the least recently
+used caches of *other* pipelines until all caches together fit; the cache in use is never removed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,11 +30,84 @@ from torch.utils.data import Dataset
 from preprocessing.transforms import PipelineConfig, deterministic_transforms, random_transforms
 
 CACHE_FOLDER = "cache"
+#: Prefix of the marker touched whenever a pipeline's cache is used (least-recently-used order for :func:`prune_caches`).
+LAST_USED = ".last-used-"
+
+log = logging.getLogger("fedct.cache")
 
 
 def cache_dir_for(site_dir: Path, pipeline: PipelineConfig) -> Path:
     """Folder holding the cached tensors of one pipeline configuration."""
     return Path(site_dir) / CACHE_FOLDER / pipeline.fingerprint()
+
+
+def last_used_marker(cache_dir: Path) -> Path:
+    """The marker file whose modification time says when ``cache_dir`` was last used."""
+    return cache_dir.parent / f"{LAST_USED}{cache_dir.name}"
+
+
+def mark_used(cache_dir: Path) -> None:
+    """Record that ``cache_dir`` is in use now (its marker's modification time)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    last_used_marker(cache_dir).touch()  # an existing marker gets a new modification time
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes on disk of the files under ``folder`` (files vanishing meanwhile are skipped)."""
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def _last_used(cache_dir: Path) -> float:
+    try:
+        return last_used_marker(cache_dir).stat().st_mtime
+    except OSError:
+        try:
+            return cache_dir.stat().st_mtime
+        except OSError:
+            return 0.0
+
+
+def prune_caches(site_dir: Path, *, keep: PipelineConfig, max_bytes: int) -> list[Path]:
+    """Remove least-recently-used caches of other pipelines until all of ``SITE_DIR/cache`` fits in ``max_bytes``.
+
+    The cache of ``keep`` (the pipeline in use) is marked used and never removed, even when it alone is over the
+    cap (then a warning is logged). A removed cache is first renamed out of the way, so no reader ever sees a
+    half-deleted folder. Returns the removed folders.
+    """
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+    root = Path(site_dir) / CACHE_FOLDER
+    current = cache_dir_for(site_dir, keep)
+    mark_used(current)
+    sizes = {p: folder_bytes(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    total = sum(sizes.values())
+    removed: list[Path] = []
+    for old in sorted((p for p in sizes if p != current), key=_last_used):
+        if total <= max_bytes:
+            break
+        doomed = root / f".removing-{old.name}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            old.rename(doomed)
+        except OSError as exc:  # gone already, or not ours to remove: leave it
+            log.warning("cache %s could not be removed (%s)", old, exc)
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+        last_used_marker(old).unlink(missing_ok=True)
+        total -= sizes[old]
+        removed.append(old)
+    for leftover in root.glob(".removing-*"):  # an earlier removal interrupted half-way
+        shutil.rmtree(leftover, ignore_errors=True)
+    if total > max_bytes:
+        log.warning("the preprocessing cache in use (%s) holds %.2f GB, over the cap of %.2f GB (FEDCT_CACHE_MAX_GB); "
+                    "it is kept while in use", current, sizes.get(current, 0) / 1e9, max_bytes / 1e9)  # fmt: skip
+    return removed
 
 
 def file_state_fingerprint(paths: Sequence[str]) -> str:
@@ -45,7 +127,7 @@ class StudyDataset(Dataset):
         if augment:
             transforms += random_transforms(pipeline)
         cache_dir = cache_dir_for(site_dir, pipeline)
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        mark_used(cache_dir)
         self.images = PersistentDataset(
             [{"image": item["image"], "content": item["content"]} for item in items], transform=Compose(transforms), cache_dir=cache_dir
         )

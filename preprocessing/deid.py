@@ -17,19 +17,48 @@ KEY_FILE_NAME = "site.key"
 
 
 def load_or_create_site_key(site_dir: Path) -> bytes:
-    """Return the site's secret key, creating it (mode 0600) on first use."""
+    """Return the site's secret key, creating it (mode 0600) on first use.
+
+    Creation is atomic: the key is written and fsynced under a temporary name in the same folder, then published
+    with ``os.link`` (fails if ``site.key`` exists), so a crash leaves no empty or partial ``site.key`` and two
+    processes creating it at once end up with the same key (the loser reads the winner's). An existing key shorter
+    than 32 bytes (e.g. left empty by an older version that crashed) is an error naming the file, never reused.
+    """
     path = Path(site_dir) / KEY_FILE_NAME
-    if path.exists():
-        key = path.read_bytes()
-        if len(key) < 32:
-            raise ValueError(f"site key {path} is shorter than 32 bytes; delete it to make a new one (pseudonyms change)")
-        return key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{KEY_FILE_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # atomic, and never replaces a key another process published first
+            except FileExistsError:
+                pass
+            else:
+                _fsync_dir(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+    key = path.read_bytes()
+    if len(key) < 32:
+        raise ValueError(f"site key {path} is {len(key)} bytes long, shorter than 32 bytes (a crash while it was written?); "
+                         "delete it to make a new one (pseudonyms change)")  # fmt: skip
     return key
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a new directory entry durable (best effort where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Pseudonymizer:

@@ -1,76 +1,75 @@
-"""De-identify DICOM files for hand-over to a research environment (DICOM PS3.15 Annex E).
+"""De-identify DICOM images for hand-over to a research environment (DICOM PS3.15 Annex E), by allow-list.
 
-Implements the **Basic Application Level Confidentiality Profile** (PS3.15 E.2, Table E.1-1) with two
-of its options, for single-frame and multi-frame *image* objects (CT, MR, ...):
+**Every attribute that is not explicitly kept is removed** — at every nesting level, whether the attribute is
+in the profile table, retired, unknown to the dictionary or private. The kept set (:data:`KEPT_ATTRIBUTES`) is
+what the pipeline needs to rebuild the CT volume and a model may use (image pixel module, geometry, rescale,
+acquisition and reconstruction parameters, the Enhanced CT functional groups that carry them, equipment make and
+model) plus what the two options in use keep:
 
-* **Retain Longitudinal Temporal Information with Modified Dates** (code 113107): every date is moved
-  back by a per-patient offset of 1..365 days derived from the site key and the original PatientID,
-  the same offset for every date of that patient, so intervals (study to study, series to series,
-  acquisition to acquisition) are kept exactly. Because the shift is a whole number of days, *times*
-  (StudyTime, SeriesTime, AcquisitionTime, ContentTime, ...) are kept unchanged; a DateTime (DT) has its
-  date part shifted, its time kept and its UTC offset suffix dropped (TimezoneOffsetFromUTC is removed).
-  PatientBirthDate is *not* shifted but emptied (the profile's Z; the option does not cover it);
-  PatientAge is kept instead, see below.
-* **Retain Patient Characteristics** (code 113108), restricted to what a CT model may need:
-  PatientSex, PatientAge, PatientSize and PatientWeight are kept. PatientAge above 89 years is written
-  as ``090Y`` (the HIPAA Safe Harbor "90 or older" bucket: very old patients are few and findable).
-  EthnicGroup, SmokingStatus, PregnancyStatus etc., which the option would allow, are removed.
+* **Retain Longitudinal Temporal Information with Modified Dates** (code 113107): the date/time pairs of study,
+  series, acquisition, content and instance creation, AcquisitionDateTime and the Enhanced CT frame date-times
+  are moved back by one per-patient offset (1..365 days plus 0..86399 seconds, keyed by the site key and the
+  original PatientID), so every interval between them is kept exactly; UTC offsets are dropped. A date without
+  its time is shifted as if at midnight (it may then differ by one day from a paired one). Every other date and
+  time is removed; PatientBirthDate is emptied.
+* **Retain Patient Characteristics** (code 113108), restricted to PatientSex (M/F/O only), PatientAge (ages above
+  89 years written as ``090Y``), PatientSize (rounded to 1 cm) and PatientWeight (rounded to 1 kg).
 
-Action codes (PS3.15 Table E.1-1): ``X`` remove, ``Z`` zero-length value, ``D`` dummy value, ``K`` keep,
-``U`` replace a UID by a new one, ``C`` clean (here: dates shifted, age capped). :data:`PROFILE_ACTIONS`
-lists, per attribute, the profile's action and the one applied. Where the profile leaves a choice
-(``X/Z``, ``X/D``, ``X/Z/D``) the applied action is ``X`` for attributes that are optional (Type 3) in
-CT/MR image IODs and ``Z`` for Type 2 ones. Free text (StudyDescription, SeriesDescription,
-ProtocolName, ImageComments, ...) is removed, as the profile says (X). ContrastBolusAgent is emptied (Z).
-Equipment make and model (Manufacturer, ManufacturerModelName, SoftwareVersions) are not in the
-table and are kept; InstitutionName, StationName and DeviceSerialNumber are removed.
+Replaced: PatientName and PatientID become the site pseudonym of the original PatientID (the one ``fedct ingest``
+uses, with the same fallback to the StudyInstanceUID); every kept instance UID (Study/Series/SOP Instance,
+FrameOfReference, references, concatenation, dimension organisation) becomes
+``generate_uid(entropy_srcs=[HMAC-SHA256(site_key, uid)])``: consistent across files and re-runs, unrelated for
+another key. Standard UIDs (SOP classes) are kept. AccessionNumber, StudyID, ReferringPhysicianName and other
+Type 2 attributes are written empty. File Meta Information is rebuilt (MediaStorageSOPInstanceUID replaced,
+SourceApplicationEntityTitle dropped), the preamble is zeroed.
 
-Identifiers: PatientName and PatientID both become the site pseudonym of the original PatientID,
-``Pseudonymizer(site_key)("patient", PatientID)`` (the same pseudonym ``fedct ingest`` uses, including
-its fallback to the StudyInstanceUID when PatientID is empty; the date offset uses the same value). Every
-instance UID (Study/Series/SOP Instance, FrameOfReference, ReferencedSOPInstanceUID inside sequences,
-MediaStorageSOPInstanceUID, ...) is replaced by ``generate_uid(entropy_srcs=[HMAC-SHA256(site_key, uid)])``:
-the same original UID always gives the same new UID (references between files stay valid, re-runs
-give identical files), a different site key gives unrelated UIDs, and the original cannot be recovered
-without the key.
+Kept text is checked: a kept string attribute (LO, SH, ST, ...) that contains a UID of the original file, any
+UID-like text, a URL or e-mail address, or a value of an identifying attribute (PN values, PatientID,
+AccessionNumber, any text attribute listed in Table E.1-1) is removed. CS/DS/IS/AS/TM/DA values must match their
+VR's form or the attribute goes.
 
-Beyond the table, these rules apply to every standard attribute not listed (at every nesting level):
-person names (PN) are emptied, dates (DA/DT) are shifted, UIDs (UI) that are not UIDs defined by the
-DICOM standard (SOP classes, transfer syntaxes, ...) are replaced, free text (LT/ST/UT), application
-entity titles (AE) and values of unknown type (UN) are removed. Private attributes are removed (the
-profile's default) unless ``keep_private_tags`` is set, which makes the result *not* conformant and says
-so in DeidentificationMethod. Overlay (60xx) and curve (50xx) groups and group lengths are removed; the
-128-byte preamble is zeroed and the File Meta Information is rebuilt (SourceApplicationEntityTitle and
-the original implementation UIDs dropped). Sequences are processed recursively.
+**The profile table is not typed here.** :func:`profile_table` reads DICOM PS3.15 Table E.1-1 (Basic Profile
+column, standard edition :data:`PROFILE_TABLE_EDITION`) from the ``dicom-anonymizer`` package, which generates it
+from the standard's own tables. It is a second guard: no attribute the table lists may be kept verbatim unless one
+of the options above keeps it (checked before the first file is read), so a later edit of the kept set cannot
+silently retain a table attribute.
 
-The output gets PatientIdentityRemoved = YES, LongitudinalTemporalInformationModified = MODIFIED,
-DeidentificationMethod (text) and DeidentificationMethodCodeSequence (113100, 113107, 113108; DCM).
+Pixels: Secondary Capture images, images whose ImageType says ``SCREEN SAVE``, CT images whose ImageType starts
+``DERIVED\\SECONDARY`` (dose screens, screenshots, annotated reformats; MR derived maps stay allowed),
+BurnedInAnnotation = YES and RecognizableVisualFeatures = YES are refused. Bits above BitsStored in native pixel
+data (where overlays used to live) are cleared — set to the sign extension for signed data, so readers that ignore
+BitsStored see the same values — without changing any stored value (padding values written in the full words are
+kept); compressed pixel data with such bits set is refused. Overlay (60xx), curve (50xx) groups and icon images go
+with the rest.
 
-**Pixel data is not touched.** Text burned into the pixels (e.g. dose screens, scanned requests) is out
-of scope: files that declare BurnedInAnnotation = YES and Secondary Capture images (where burned-in
-text is the norm) are refused, and files without pixel data (structured reports, presentation states,
-DICOMDIR) are refused too, since their content items were not reviewed for this profile. Anything else
-is the site's responsibility to check before release.
+What can still leak: text burned into the pixels of an ordinary image that declares nothing (no header rule can see
+it); the face and other rare anatomy in the volume itself (a head CT can be rendered into a recognisable face); the
+kept acquisition parameters, equipment make and model (a rare scanner narrows down the site); patient age, sex,
+size and weight (the option keeps them, coarsened); and private attributes when ``keep_private_tags`` is set.
 
-``DeidResult.files_skipped`` names *input* paths, which may themselves contain identifiers: it is a
-report for the site, not something to hand over with the data.
+``DeidResult.files_skipped`` names *input* paths, which may themselves contain identifiers: it is a report for the
+site, not something to hand over with the data.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime as _dt
+import functools
 import hashlib
 import hmac
+import importlib
 import os
 import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.metadata import version as _package_version
 from pathlib import Path
 
+import numpy as np
 import pydicom
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -89,272 +88,110 @@ from preprocessing.deid import Pseudonymizer
 
 __all__ = [
     "DEIDENTIFICATION_CODES",
-    "PROFILE_ACTIONS",
+    "KEPT_ATTRIBUTES",
+    "PROFILE_TABLE_EDITION",
     "SKIP_REASONS",
     "DeidResult",
     "DeidentificationRefused",
+    "ProfileEntry",
     "date_shift_days",
     "deidentify_dataset",
     "deidentify_folder",
     "new_uid",
+    "profile_table",
+    "time_shift_seconds",
 ]
 
 #: Version of these rules, written into DeidentificationMethod.
-RULES_VERSION = "fedct deidentify v1"
+RULES_VERSION = "fedct deidentify v2 (allow-list)"
 
-#: Largest backwards date shift in days (the shift is 1..MAX_DATE_SHIFT_DAYS days into the past).
+#: Edition of DICOM PS3.15 whose Table E.1-1 :func:`profile_table` reads, and the module that ships it.
+PROFILE_TABLE_EDITION = "2026c"
+_PROFILE_TABLE_MODULE = "dicomanonymizer.dicom_anonymization_databases.dicomfields_2026c"
+_PROFILE_TABLE_PACKAGE = "dicom-anonymizer"
+
+#: Largest backwards date shift in days (the shift is 1..MAX_DATE_SHIFT_DAYS days plus 0..86399 s into the past).
 MAX_DATE_SHIFT_DAYS = 365
 
 #: Ages above this many years are written as ``090Y``.
 MAX_REPORTED_AGE_YEARS = 89
 
-# keyword: (action in the Basic Profile column of Table E.1-1, action applied here).
-# Applied actions differ from the profile's only where an option (113107 dates, 113108 patient
-# characteristics) or the choice the profile leaves (X/Z/D, see module docstring) allows it.
-PROFILE_ACTIONS: dict[str, tuple[str, str]] = {
-    # --- Patient -------------------------------------------------------------------------------
-    "PatientName": ("Z", "D"),  # site pseudonym of PatientID (a dummy value, allowed by Z)
-    "PatientID": ("Z/D", "D"),  # site pseudonym
-    "IssuerOfPatientID": ("X", "X"),
-    "IssuerOfPatientIDQualifiersSequence": ("X", "X"),
-    "OtherPatientIDs": ("X", "X"),
-    "OtherPatientIDsSequence": ("X", "X"),
-    "OtherPatientNames": ("X", "X"),
-    "PatientBirthName": ("X", "X"),
-    "PatientMotherBirthName": ("X", "X"),
-    "PatientBirthDate": ("Z", "Z"),
-    "PatientBirthTime": ("X", "X"),
-    "PatientSex": ("Z", "K"),  # 113108 Retain Patient Characteristics
-    "PatientAge": ("X", "C"),  # 113108; ages > 89Y written as 090Y
-    "PatientSize": ("X", "K"),  # 113108
-    "PatientWeight": ("X", "K"),  # 113108
-    "PatientAddress": ("X", "X"),
-    "PatientTelephoneNumbers": ("X", "X"),
-    "PatientTelecomInformation": ("X", "X"),
-    "CountryOfResidence": ("X", "X"),
-    "RegionOfResidence": ("X", "X"),
-    "MilitaryRank": ("X", "X"),
-    "BranchOfService": ("X", "X"),
-    "MedicalRecordLocator": ("X", "X"),
-    "EthnicGroup": ("X", "X"),  # 113108 would allow K; not needed, removed
-    "Occupation": ("X", "X"),
-    "PatientReligiousPreference": ("X", "X"),
-    "AdditionalPatientHistory": ("X", "X"),
-    "PatientComments": ("X", "X"),
-    "MedicalAlerts": ("X", "X"),
-    "Allergies": ("X", "X"),
-    "SmokingStatus": ("X", "X"),
-    "PregnancyStatus": ("X", "X"),
-    "LastMenstrualDate": ("X", "X"),
-    "PatientSexNeutered": ("X/Z", "X"),
-    "PatientInsurancePlanCodeSequence": ("X", "X"),
-    "InsurancePlanIdentification": ("X", "X"),
-    "PatientPrimaryLanguageCodeSequence": ("X", "X"),
-    "ResponsiblePerson": ("X", "X"),
-    "ResponsibleOrganization": ("X", "X"),
-    "ReferencedPatientSequence": ("X", "X"),
-    "ReferencedPatientPhotoSequence": ("X", "X"),
-    "ReferencedPatientAliasSequence": ("X", "X"),
-    "PatientState": ("X", "X"),
-    "SpecialNeeds": ("X", "X"),
-    "PatientTransportArrangements": ("X", "X"),
-    # --- Clinical trial (the whole modules go: they name sponsors, sites and subjects) ------------
-    "ClinicalTrialSponsorName": ("D", "X"),
-    "ClinicalTrialProtocolID": ("D", "X"),
-    "ClinicalTrialProtocolName": ("Z", "X"),
-    "ClinicalTrialSiteID": ("Z", "X"),
-    "ClinicalTrialSiteName": ("Z", "X"),
-    "ClinicalTrialSubjectID": ("D", "X"),
-    "ClinicalTrialSubjectReadingID": ("D", "X"),
-    "ClinicalTrialTimePointID": ("Z", "X"),
-    "ClinicalTrialTimePointDescription": ("X", "X"),
-    "ClinicalTrialCoordinatingCenterName": ("Z", "X"),
-    "ClinicalTrialSeriesID": ("X", "X"),
-    "ClinicalTrialSeriesDescription": ("X", "X"),
-    # --- Visit / admission ---------------------------------------------------------------------
-    "AdmissionID": ("X", "X"),
-    "IssuerOfAdmissionID": ("X", "X"),
-    "IssuerOfAdmissionIDSequence": ("X", "X"),
-    "AdmittingDate": ("X", "X"),
-    "AdmittingTime": ("X", "X"),
-    "AdmittingDiagnosesDescription": ("X", "X"),
-    "AdmittingDiagnosesCodeSequence": ("X", "X"),
-    "DischargeDate": ("X", "X"),
-    "DischargeTime": ("X", "X"),
-    "DischargeDiagnosisDescription": ("X", "X"),
-    "CurrentPatientLocation": ("X", "X"),
-    "PatientInstitutionResidence": ("X", "X"),
-    "ServiceEpisodeID": ("X", "X"),
-    "ServiceEpisodeDescription": ("X", "X"),
-    "IssuerOfServiceEpisodeID": ("X", "X"),
-    "VisitComments": ("X", "X"),
-    "ReasonForVisit": ("X", "X"),
-    "ReasonForVisitCodeSequence": ("X", "X"),
-    # --- Study ---------------------------------------------------------------------------------
-    "StudyInstanceUID": ("U", "U"),
-    "StudyDate": ("Z", "C"),  # 113107: shifted
-    "StudyTime": ("Z", "K"),  # 113107: whole-day shift leaves the time of day unchanged
-    "AccessionNumber": ("Z", "Z"),
-    "StudyID": ("Z", "Z"),
-    "StudyIDIssuer": ("X", "X"),
-    "StudyDescription": ("X", "X"),
-    "StudyComments": ("X", "X"),
-    "ReferringPhysicianName": ("Z", "Z"),
-    "ReferringPhysicianAddress": ("X", "X"),
-    "ReferringPhysicianTelephoneNumbers": ("X", "X"),
-    "ReferringPhysicianIdentificationSequence": ("X", "X"),
-    "ConsultingPhysicianName": ("Z", "Z"),
-    "ConsultingPhysicianIdentificationSequence": ("X", "X"),
-    "PhysiciansOfRecord": ("X", "X"),
-    "PhysiciansOfRecordIdentificationSequence": ("X", "X"),
-    "NameOfPhysiciansReadingStudy": ("X", "X"),
-    "PhysiciansReadingStudyIdentificationSequence": ("X", "X"),
-    "RequestingPhysician": ("X", "X"),
-    "RequestingService": ("X", "X"),
-    "ReasonForStudy": ("X", "X"),
-    "RequestedProcedureDescription": ("X/Z", "X"),
-    "RequestedContrastAgent": ("X", "X"),
-    "ReferencedStudySequence": ("X/Z", "X"),
-    "StudyArrivalDate": ("X", "X"),
-    "StudyArrivalTime": ("X", "X"),
-    "StudyCompletionDate": ("X", "X"),
-    "StudyCompletionTime": ("X", "X"),
-    "StudyVerifiedDate": ("X", "X"),
-    "StudyVerifiedTime": ("X", "X"),
-    "StudyReadDate": ("X", "X"),
-    "StudyReadTime": ("X", "X"),
-    "ScheduledStudyStartDate": ("X", "X"),
-    "ScheduledStudyStartTime": ("X", "X"),
-    "ScheduledStudyLocation": ("X", "X"),
-    "ScheduledStudyLocationAETitle": ("X", "X"),
-    # --- Series / procedure steps / requests ---------------------------------------------------
-    "SeriesInstanceUID": ("U", "U"),
-    "SeriesDate": ("X/D", "C"),  # 113107: shifted
-    "SeriesTime": ("X/D", "K"),
-    "SeriesDescription": ("X", "X"),
-    "ProtocolName": ("X/D", "X"),
-    "PerformingPhysicianName": ("X", "X"),
-    "PerformingPhysicianIdentificationSequence": ("X", "X"),
-    "OperatorsName": ("X/Z/D", "X"),
-    "OperatorIdentificationSequence": ("X/D", "X"),
-    "ReferencedPerformedProcedureStepSequence": ("X/Z/D", "X"),
-    "RequestAttributesSequence": ("X", "X"),
-    "RequestedProcedureID": ("X", "X"),
-    "RequestedProcedureComments": ("X", "X"),
-    "RequestedProcedureLocation": ("X", "X"),
-    "ReasonForTheRequestedProcedure": ("X", "X"),
-    "ReasonForRequestedProcedureCodeSequence": ("X", "X"),
-    "PlacerOrderNumberImagingServiceRequest": ("Z", "Z"),
-    "FillerOrderNumberImagingServiceRequest": ("Z", "Z"),
-    "ImagingServiceRequestComments": ("X", "X"),
-    "ReasonForTheImagingServiceRequest": ("X", "X"),
-    "IssueDateOfImagingServiceRequest": ("X", "X"),
-    "IssueTimeOfImagingServiceRequest": ("X", "X"),
-    "OrderEnteredBy": ("X", "X"),
-    "OrderEntererLocation": ("X", "X"),
-    "OrderCallbackPhoneNumber": ("X", "X"),
-    "OrderCallbackTelecomInformation": ("X", "X"),
-    "ScheduledProcedureStepID": ("X", "X"),
-    "ScheduledProcedureStepDescription": ("X", "X"),
-    "ScheduledProcedureStepStartDate": ("X", "X"),
-    "ScheduledProcedureStepStartTime": ("X", "X"),
-    "ScheduledProcedureStepEndDate": ("X", "X"),
-    "ScheduledProcedureStepEndTime": ("X", "X"),
-    "ScheduledProcedureStepLocation": ("X", "X"),
-    "ScheduledPerformingPhysicianName": ("X", "X"),
-    "ScheduledPerformingPhysicianIdentificationSequence": ("X", "X"),
-    "ScheduledStationAETitle": ("X", "X"),
-    "ScheduledStationName": ("X", "X"),
-    "PerformedProcedureStepID": ("X", "X"),
-    "PerformedProcedureStepDescription": ("X", "X"),
-    "PerformedProcedureStepStartDate": ("X", "X"),
-    "PerformedProcedureStepStartTime": ("X", "X"),
-    "PerformedProcedureStepEndDate": ("X", "X"),
-    "PerformedProcedureStepEndTime": ("X", "X"),
-    "PerformedLocation": ("X", "X"),
-    "PerformedStationAETitle": ("X", "X"),
-    "PerformedStationName": ("X", "X"),
-    "CommentsOnThePerformedProcedureStep": ("X", "X"),
-    "ActualHumanPerformersSequence": ("X", "X"),
-    "HumanPerformerName": ("X", "X"),
-    "HumanPerformerOrganization": ("X", "X"),
-    # --- Equipment / institution ---------------------------------------------------------------
-    "InstitutionName": ("X/Z/D", "X"),
-    "InstitutionAddress": ("X", "X"),
-    "InstitutionCodeSequence": ("X/Z/D", "X"),
-    "InstitutionalDepartmentName": ("X", "X"),
-    "InstitutionalDepartmentTypeCodeSequence": ("X", "X"),
-    "StationName": ("X/Z/D", "X"),
-    "StationAETitle": ("X", "X"),
-    "RetrieveAETitle": ("X", "X"),
-    "NetworkID": ("X", "X"),
-    "DeviceSerialNumber": ("X/Z/D", "X"),
-    "DeviceUID": ("U", "U"),
-    "UniqueDeviceIdentifier": ("X", "X"),
-    "UDISequence": ("X", "X"),
-    "GantryID": ("X", "X"),
-    "GeneratorID": ("X", "X"),
-    "DetectorID": ("X/D", "X"),
-    "PlateID": ("X", "X"),
-    "CassetteID": ("X", "X"),
-    "DateOfLastCalibration": ("X", "X"),
-    "TimeOfLastCalibration": ("X", "X"),
-    "DateOfLastDetectorCalibration": ("X/D", "X"),
-    "TimeOfLastDetectorCalibration": ("X/D", "X"),
-    "DateOfManufacture": ("X", "X"),
-    "DateOfInstallation": ("X", "X"),
-    "AcquisitionDeviceProcessingDescription": ("X/D", "X"),
-    # --- Image / instance ----------------------------------------------------------------------
-    "SOPInstanceUID": ("U", "U"),
-    "FrameOfReferenceUID": ("U", "U"),
-    "SynchronizationFrameOfReferenceUID": ("U", "U"),
-    "InstanceCreatorUID": ("U", "U"),
-    "InstanceCreationDate": ("X/D", "C"),  # 113107: shifted
-    "InstanceCreationTime": ("X/Z/D", "K"),
-    "InstanceCoercionDateTime": ("X", "X"),
-    "AcquisitionDate": ("X/Z", "C"),  # 113107: shifted
-    "AcquisitionTime": ("X/Z", "K"),
-    "AcquisitionDateTime": ("X/Z/D", "C"),  # 113107: date part shifted
-    "ContentDate": ("Z/D", "C"),  # 113107: shifted
-    "ContentTime": ("Z/D", "K"),
-    "TimezoneOffsetFromUTC": ("X", "X"),
-    "AcquisitionUID": ("U", "U"),
-    "IrradiationEventUID": ("U", "U"),
-    "ConcatenationUID": ("U", "U"),
-    "DimensionOrganizationUID": ("U", "U"),
-    "ReferencedSOPInstanceUID": ("U", "U"),
-    "ReferencedFrameOfReferenceUID": ("U", "U"),
-    "RelatedFrameOfReferenceUID": ("U", "U"),
-    "SourceFrameOfReferenceUID": ("U", "U"),
-    "StorageMediaFileSetUID": ("U", "U"),
-    "ReferencedImageSequence": ("X/Z/U*", "U"),  # kept, the UIDs inside replaced
-    "SourceImageSequence": ("X/Z/U*", "U"),  # kept, the UIDs inside replaced
-    "ImageComments": ("X", "X"),
-    "FrameComments": ("X", "X"),
-    "AcquisitionComments": ("X", "X"),
-    "AcquisitionProtocolDescription": ("X", "X"),
-    "DerivationDescription": ("X", "X"),
-    "ImagePresentationComments": ("X", "X"),
-    "IdentifyingComments": ("X", "X"),
-    "AcquisitionContextSequence": ("X/Z", "X"),
-    "ContrastBolusAgent": ("Z/D", "Z"),
-    "ContrastBolusStartTime": ("X", "X"),
-    "ContrastBolusStopTime": ("X", "X"),
-    "CommentsOnRadiationDose": ("X", "X"),
-    "IconImageSequence": ("X", "X"),  # a thumbnail may show burned-in text
-    "ModifiedImageDate": ("X", "X"),
-    "ModifiedImageTime": ("X", "X"),
-    "ModifiedImageDescription": ("X", "X"),
-    "ModifyingDeviceID": ("X", "X"),
-    "DateOfSecondaryCapture": ("X", "X"),
-    "TimeOfSecondaryCapture": ("X", "X"),
-    "OriginalAttributesSequence": ("X", "X"),  # holds the values before earlier edits
-    "ModifiedAttributesSequence": ("X", "X"),
-    "DigitalSignaturesSequence": ("X", "X"),
-    "DataSetTrailingPadding": ("X", "X"),
-    "TextComments": ("X", "X"),
-    "TextString": ("X", "X"),
+# --- the allow-list -------------------------------------------------------------------------------------------
+# How a kept attribute is treated; anything not named in KEPT_ATTRIBUTES is removed.
+VERBATIM = "keep"  # kept as it is, after a check of its value's form (and, for text, of what it contains)
+SEQUENCE = "sequence"  # kept; its items are filtered by the same allow-list
+NEW_UID = "uid"  # instance UID: replaced by the keyed UID
+CLASS_UID = "class_uid"  # standard UID kept, any other replaced by the keyed UID
+DATE = "date"  # DA of a date/time pair: shifted with its TM
+TIME = "time"  # TM of a date/time pair: shifted with its DA, removed without it
+DATETIME = "datetime"  # DT: shifted, UTC offset dropped
+PATIENT_CHARACTERISTIC = "patient"  # PatientSex / PatientAge / PatientSize / PatientWeight: checked and coarsened
+
+_IMAGE_PIXEL = ("SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored",
+                "HighBit", "PixelRepresentation", "PlanarConfiguration", "PixelAspectRatio", "SmallestImagePixelValue",
+                "LargestImagePixelValue", "PixelPaddingValue", "PixelPaddingRangeLimit", "PixelData", "FloatPixelData",
+                "DoubleFloatPixelData", "NumberOfFrames", "FrameIncrementPointer", "ExtendedOffsetTable",
+                "ExtendedOffsetTableLengths", "LossyImageCompression", "LossyImageCompressionRatio",
+                "LossyImageCompressionMethod", "PresentationLUTShape", "BurnedInAnnotation",
+                "RecognizableVisualFeatures")  # fmt: skip
+_GEOMETRY = ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness", "SpacingBetweenSlices",
+             "SliceLocation", "PatientPosition", "PatientOrientation", "TablePosition")  # fmt: skip
+_RESCALE_AND_WINDOW = ("RescaleIntercept", "RescaleSlope", "RescaleType", "WindowCenter", "WindowWidth", "VOILUTFunction")
+_SERIES_AND_IMAGE = ("SpecificCharacterSet", "ImageType", "Modality", "SeriesNumber", "InstanceNumber",
+                     "AcquisitionNumber", "BodyPartExamined", "Laterality", "ImageLaterality", "ContentQualification",
+                     "Manufacturer", "ManufacturerModelName")  # fmt: skip
+_CT_ACQUISITION = ("KVP", "DataCollectionDiameter", "ReconstructionDiameter", "DistanceSourceToDetector",
+                   "DistanceSourceToPatient", "GantryDetectorTilt", "TableHeight", "RotationDirection", "ExposureTime",
+                   "XRayTubeCurrent", "Exposure", "ExposureInuAs", "FilterType", "GeneratorPower", "FocalSpots",
+                   "ConvolutionKernel", "RevolutionTime", "SingleCollimationWidth", "TotalCollimationWidth",
+                   "TableSpeed", "TableFeedPerRotation", "SpiralPitchFactor", "CTDIvol", "ScanOptions",
+                   "DataCollectionCenterPatient", "ReconstructionTargetCenterPatient", "AcquisitionType", "TubeAngle",
+                   "ConstantVolumeFlag", "FluoroscopyFlag", "DistanceSourceToDataCollectionCenter",
+                   "ReconstructionAlgorithm", "ConvolutionKernelGroup", "ReconstructionFieldOfView",
+                   "ReconstructionPixelSpacing", "ReconstructionAngle", "ImageFilter", "ExposureTimeInms",
+                   "XRayTubeCurrentInmA", "ExposureInmAs", "ExposureModulationType", "FilterMaterial")  # fmt: skip
+_MULTI_FRAME = ("FrameType", "InStackPositionNumber", "StackID", "TemporalPositionIndex", "DimensionIndexValues",
+                "FrameAcquisitionNumber", "FrameAcquisitionDuration", "DimensionIndexPointer",
+                "FunctionalGroupPointer", "InConcatenationNumber", "InConcatenationTotalNumber",
+                "ConcatenationFrameOffsetNumber", "ReferencedFrameNumber")  # fmt: skip
+_SEQUENCES = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "PixelMeasuresSequence",
+              "PlanePositionSequence", "PlaneOrientationSequence", "PixelValueTransformationSequence",
+              "FrameVOILUTSequence", "CTImageFrameTypeSequence", "FrameContentSequence", "CTAcquisitionTypeSequence",
+              "CTAcquisitionDetailsSequence", "CTGeometrySequence", "CTReconstructionSequence", "CTExposureSequence",
+              "CTXRayDetailsSequence", "CTPositionSequence", "DimensionOrganizationSequence", "DimensionIndexSequence",
+              "ReferencedImageSequence", "SourceImageSequence")  # fmt: skip
+_INSTANCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID",
+                  "ReferencedSOPInstanceUID", "ConcatenationUID", "SOPInstanceUIDOfConcatenationSource",
+                  "DimensionOrganizationUID", "SynchronizationFrameOfReferenceUID", "IrradiationEventUID")  # fmt: skip
+_CLASS_UIDS = ("SOPClassUID", "ReferencedSOPClassUID")
+
+#: Date/time pairs shifted together (Retain Longitudinal Temporal Information with Modified Dates).
+DATE_TIME_PAIRS: tuple[tuple[str, str], ...] = (
+    ("StudyDate", "StudyTime"),
+    ("SeriesDate", "SeriesTime"),
+    ("AcquisitionDate", "AcquisitionTime"),
+    ("ContentDate", "ContentTime"),
+    ("InstanceCreationDate", "InstanceCreationTime"),
+)
+_DATETIMES = ("AcquisitionDateTime", "FrameAcquisitionDateTime", "FrameReferenceDateTime")
+_PATIENT_CHARACTERISTICS = ("PatientSex", "PatientAge", "PatientSize", "PatientWeight")
+
+#: keyword -> how it is kept. Everything else is removed.
+KEPT_ATTRIBUTES: dict[str, str] = {
+    **{kw: VERBATIM for kw in (*_IMAGE_PIXEL, *_GEOMETRY, *_RESCALE_AND_WINDOW, *_SERIES_AND_IMAGE, *_CT_ACQUISITION,
+                               *_MULTI_FRAME)},  # fmt: skip
+    **{kw: SEQUENCE for kw in _SEQUENCES},
+    **{kw: NEW_UID for kw in _INSTANCE_UIDS},
+    **{kw: CLASS_UID for kw in _CLASS_UIDS},
+    **{date: DATE for date, _ in DATE_TIME_PAIRS},
+    **{tm: TIME for _, tm in DATE_TIME_PAIRS},
+    **{kw: DATETIME for kw in _DATETIMES},
+    **{kw: PATIENT_CHARACTERISTIC for kw in _PATIENT_CHARACTERISTICS},
 }
+
+#: Type 2 attributes written empty at the top level when the allow-list removed them (or they were absent).
+_TYPE2_EMPTY = ("PatientBirthDate", "PatientSex", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDate",
+                "StudyTime", "Manufacturer")  # fmt: skip
 
 #: Codes written into DeidentificationMethodCodeSequence (scheme DCM, PS3.16 CID 7050).
 DEIDENTIFICATION_CODES: tuple[tuple[str, str], ...] = (
@@ -371,33 +208,103 @@ SKIP_REASONS = (
     "not_an_image",  # no pixel data (SR, presentation state, ...): content not reviewed for this profile
     "burned_in_annotation",  # BurnedInAnnotation = YES: the pixels themselves identify the patient
     "secondary_capture",  # Secondary Capture image: burned-in text (dose screens, scans) is the norm
+    "secondary_image",  # ImageType SCREEN SAVE, or DERIVED\\SECONDARY on a CT: screenshots, dose screens, burned-in text likely
+    "recognizable_features",  # RecognizableVisualFeatures = YES (e.g. a face rendering)
+    "pixel_high_bits",  # compressed pixel data with bits above BitsStored set (overlay in the pixels)
     "missing_uid",  # no Study/Series/SOP Instance UID to build the output path from
     "duplicate_sop_instance",  # a second file with a SOP Instance UID already written in this run
-    "deid_error",  # an attribute could not be decoded or rewritten
+    "deid_error",  # an attribute or the pixel data could not be decoded or rewritten
 )
 
 #: Secondary Capture Image Storage and the four Multi-frame Secondary Capture classes.
 _SECONDARY_CAPTURE_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.7", *(f"1.2.840.10008.5.1.4.1.1.7.{i}" for i in range(1, 5))})
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+# CT Image, Enhanced CT Image, Legacy Converted Enhanced CT Image Storage
+_CT_CLASS_PREFIXES = ("1.2.840.10008.5.1.4.1.1.2",)
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_KEEP_UI_KEYWORDS = frozenset({"TransferSyntaxUID", "CodingSchemeUID"})  # plus every "*ClassUID"
-_FREE_TEXT_VRS = frozenset({"LT", "ST", "UT"})
+_TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "UR", "AE", "PN"})
+_NUMBER_TEXT = {"DS": re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?"), "IS": re.compile(r"[+-]?\d{1,12}")}
+_CS = re.compile(r"[A-Za-z0-9 _.+\-]{0,16}")  # DICOM allows A-Z 0-9 space _; lower case and .+- seen in the field
+_AGE = re.compile(r"(\d{3})([DWMY])")
+_TM = re.compile(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?")
+_DT = re.compile(r"(\d{8})(\d{2})?(\d{2})?(\d{2})?(\.\d{1,6})?([+-]\d{4})?")
+# five or more numeric components: a DICOM UID or OID inside text (version strings such as 1.2.3 stay)
+_UID_IN_TEXT = re.compile(r"(?<![\d.])[0-2](\.\d+){4,}")
+_URL_OR_MAIL = re.compile(r"(://|www\.|@[\w-]+\.)", re.IGNORECASE)
+_MIN_SECRET_LENGTH = 4
+
+
+@dataclass(frozen=True)
+class ProfileEntry:
+    """One row of Table E.1-1: ``tag`` (after ``mask``, for repeating groups such as 60xx) and the Basic Profile action."""
+
+    tag: int
+    mask: int
+    action: str
+
+    def matches(self, tag: int) -> bool:
+        return (int(tag) & self.mask) == self.tag
+
+    @property
+    def keyword(self) -> str:
+        return keyword_for_tag(self.tag) if self.mask == 0xFFFFFFFF else ""
+
+
+_TABLE_CATEGORIES = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D", "X_Z_TAGS": "X/Z",
+                     "X_D_TAGS": "X/D", "X_Z_D_TAGS": "X/Z/D", "X_Z_U_STAR_TAGS": "X/Z/U*"}  # fmt: skip
+
+
+@functools.cache
+def profile_table() -> tuple[ProfileEntry, ...]:
+    """DICOM PS3.15 Table E.1-1 (edition :data:`PROFILE_TABLE_EDITION`), Basic Profile column, as shipped by dicom-anonymizer."""
+    module = importlib.import_module(_PROFILE_TABLE_MODULE)
+    entries: list[ProfileEntry] = []
+    for name, action in _TABLE_CATEGORIES.items():
+        for row in getattr(module, name):
+            if len(row) == 2:
+                mask = 0xFFFFFFFF
+            elif len(row) == 4:
+                mask = (row[2] << 16) | row[3]
+            else:  # pragma: no cover - a format change of the package
+                raise ValueError(f"{_PROFILE_TABLE_MODULE}.{name}: unexpected row {row!r}")
+            entries.append(ProfileEntry(((row[0] << 16) | row[1]) & mask, mask, action))
+    if len(entries) < 500:  # pragma: no cover - the 2026c table has 650+ rows
+        raise ValueError(f"{_PROFILE_TABLE_MODULE} holds only {len(entries)} rows of Table E.1-1")
+    return tuple(entries)
+
+
+def profile_table_source() -> str:
+    """Where :func:`profile_table` comes from, e.g. ``dicom-anonymizer 2.1.0 (PS3.15 2026c Table E.1-1)``."""
+    return f"{_PROFILE_TABLE_PACKAGE} {_package_version(_PROFILE_TABLE_PACKAGE)} (PS3.15 {PROFILE_TABLE_EDITION} Table E.1-1)"
+
+
+@functools.cache
+def _profile_actions_by_tag() -> dict[int, str]:
+    return {e.tag: e.action for e in profile_table() if e.mask == 0xFFFFFFFF}
 
 
 def _resolve(keyword: str) -> BaseTag:
     tag = tag_for_keyword(keyword)
     if tag is None:
-        raise KeyError(f"PROFILE_ACTIONS names an unknown DICOM keyword: {keyword!r}")
+        raise KeyError(f"KEPT_ATTRIBUTES names an unknown DICOM keyword: {keyword!r}")
     return Tag(tag)
 
 
-_ACTIONS_BY_TAG: dict[BaseTag, str] = {_resolve(kw): applied for kw, (_, applied) in PROFILE_ACTIONS.items()}
-_PATIENT_NAME = _resolve("PatientName")
-_PATIENT_ID = _resolve("PatientID")
+@functools.cache
+def _rules_by_tag() -> dict[int, str]:
+    """KEPT_ATTRIBUTES by tag; refuses a verbatim keep of an attribute that Table E.1-1 lists."""
+    table = _profile_actions_by_tag()
+    rules: dict[int, str] = {}
+    for keyword, rule in KEPT_ATTRIBUTES.items():
+        tag = int(_resolve(keyword))
+        if rule == VERBATIM and tag in table:
+            raise ValueError(f"{keyword} is in Table E.1-1 ({table[tag]}) and may not be kept verbatim")
+        rules[tag] = rule
+    return rules
 
 
 class DeidentificationRefused(ValueError):
-    """The dataset cannot be de-identified by header rules alone; ``reason`` is a SKIP_REASONS code."""
+    """The dataset cannot be de-identified by these rules; ``reason`` is a SKIP_REASONS code."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -436,37 +343,72 @@ def new_uid(site_key: bytes, uid: str) -> str:
 
 
 def date_shift_days(site_key: bytes, patient_id: str) -> int:
-    """Days (negative, -1..-365) that every date of the patient with original ``patient_id`` is moved."""
+    """Whole days (negative, -1..-365) of the shift of every date/time of the patient with original ``patient_id``."""
     digest = hmac.new(_check_key(site_key), f"date-shift:{patient_id}".encode(), hashlib.sha256).digest()
     return -(1 + int.from_bytes(digest[:8], "big") % MAX_DATE_SHIFT_DAYS)
 
 
-def _shift_date(value: str, days: int) -> str:
-    """Shift a DA value (``YYYYMMDD``; old ``YYYY.MM.DD`` accepted); '' when it cannot be parsed."""
-    text = value.strip().replace(".", "")
+def time_shift_seconds(site_key: bytes, patient_id: str) -> int:
+    """Seconds (negative, 0..-86399) added to :func:`date_shift_days` for the patient's date/time shift."""
+    digest = hmac.new(_check_key(site_key), f"time-shift:{patient_id}".encode(), hashlib.sha256).digest()
+    return -(int.from_bytes(digest[:8], "big") % 86400)
+
+
+def _parse_date(value: str) -> _dt.date | None:
+    text = value.strip().replace(".", "")  # old YYYY.MM.DD accepted
     if not re.fullmatch(r"\d{8}", text):
-        return ""
+        return None
     try:
-        day = _dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
-        return (day + _dt.timedelta(days=days)).strftime("%Y%m%d")
-    except (ValueError, OverflowError):
-        return ""
+        return _dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return None
 
 
-def _shift_datetime(value: str, days: int) -> str:
-    """Shift the date part of a DT value, keep the time, drop any UTC offset; '' when unparseable."""
-    match = re.fullmatch(r"(\d{8})(\d{0,6}(?:\.\d{1,6})?)([+-]\d{4})?", value.strip())
+def _parse_time(value: str) -> tuple[_dt.time, str] | None:
+    """TM -> (time, fraction text incl. the dot, or '')."""
+    match = _TM.fullmatch(value.strip())
+    if not match:
+        return None
+    hh, mm, ss, frac = match.group(1), match.group(2) or "00", match.group(3) or "00", match.group(4) or ""
+    try:
+        return _dt.time(int(hh), int(mm), min(int(ss), 59)), frac
+    except ValueError:
+        return None
+
+
+def _shift(moment: _dt.datetime, offset: _dt.timedelta) -> _dt.datetime | None:
+    try:
+        return moment + offset
+    except OverflowError:
+        return None
+
+
+def _shift_datetime(value: str, offset: _dt.timedelta) -> str:
+    """Shift a DT value; the UTC offset suffix is dropped; '' when it cannot be parsed."""
+    match = _DT.fullmatch(value.strip())
     if not match:
         return ""
-    date = _shift_date(match.group(1), days)
-    return date + match.group(2) if date else ""
+    day = _parse_date(match.group(1))
+    if day is None:
+        return ""
+    if match.group(2) is None:  # date only
+        moved = _shift(_dt.datetime.combine(day, _dt.time()), offset)
+        return moved.strftime("%Y%m%d") if moved else ""
+    try:
+        clock = _dt.time(int(match.group(2)), int(match.group(3) or 0), min(int(match.group(4) or 0), 59))
+    except ValueError:
+        return ""
+    moved = _shift(_dt.datetime.combine(day, clock), offset)
+    return moved.strftime("%Y%m%d%H%M%S") + (match.group(5) or "") if moved else ""
 
 
 def _cap_age(value: str) -> str:
-    match = re.fullmatch(r"(\d{3})Y", value.strip())
-    if match and int(match.group(1)) > MAX_REPORTED_AGE_YEARS:
+    match = _AGE.fullmatch(value.strip())
+    if match is None:
+        return ""
+    if match.group(2) == "Y" and int(match.group(1)) > MAX_REPORTED_AGE_YEARS:
         return f"{MAX_REPORTED_AGE_YEARS + 1:03d}Y"
-    return value
+    return value.strip()
 
 
 def _is_standard_uid(value: str) -> bool:
@@ -484,98 +426,204 @@ class _Context:
     key: bytes
     pseudonymizer: Pseudonymizer
     patient_pseudonym: str
-    shift_days: int
+    offset: _dt.timedelta
     keep_private: bool
+    secrets: frozenset[str]  # upper-cased identifying values of the original file; kept text must not contain them
 
 
 def _values(value) -> list:
+    if value is None:
+        return []
     return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
 
 
-def _map_values(elem, func) -> None:
-    value = elem.value
+def _walk(ds: Dataset) -> Iterator:
+    for elem in ds:
+        yield elem
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                yield from _walk(item)
+
+
+def _collect_secrets(ds: Dataset) -> frozenset[str]:
+    """Values that identify: non-standard UIDs, person names, and text of any attribute Table E.1-1 lists."""
+    table = _profile_actions_by_tag()
+    found: set[str] = set()
+    elements = list(_walk(ds))
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        elements += list(meta)
+    for elem in elements:
+        try:
+            vr = elem.VR
+            values = _values(elem.value) if vr != "SQ" else []
+        except Exception:  # an undecodable value: nothing to collect from it
+            continue
+        for value in values:
+            if vr == "UI":
+                text = str(value).strip(" \0")
+                if text and not _is_standard_uid(text):
+                    found.add(text)
+            elif vr == "PN":
+                found.update(p for p in re.split(r"[\^=]", str(value)) if p.strip())
+            elif vr in _TEXT_VRS and int(elem.tag) in table:
+                found.add(str(value))
+    return frozenset(s.strip().upper() for s in found if len(s.strip()) >= _MIN_SECRET_LENGTH)
+
+
+def _text_is_clean(text: str, ctx: _Context) -> bool:
+    upper = text.upper()
+    if _UID_IN_TEXT.search(text) or _URL_OR_MAIL.search(text):
+        return False
+    return not any(secret in upper for secret in ctx.secrets)
+
+
+def _value_is_well_formed(vr: str, value: object, ctx: _Context) -> bool:
     if value is None or value == "":
-        return
-    if isinstance(value, (list, tuple, MultiValue)):
-        elem.value = [func(str(v)) for v in value]
-    else:
-        elem.value = func(str(value))
+        return True
+    if vr == "CS":
+        return _CS.fullmatch(str(value)) is not None
+    if vr in _NUMBER_TEXT:
+        return _NUMBER_TEXT[vr].fullmatch(str(value).strip()) is not None
+    if vr in _TEXT_VRS:
+        return _text_is_clean(str(value), ctx)
+    if vr in ("UN", "DA", "TM", "DT", "AS", "UI"):
+        return False  # never kept verbatim: undecoded bytes, or handled by their own rule
+    return True  # binary numbers, AT, OB/OW pixel data
 
 
-def _apply(ds: Dataset, tag: BaseTag, action: str, ctx: _Context) -> None:
+def _keep_verbatim(ds: Dataset, tag: BaseTag, ctx: _Context) -> None:
     elem = ds[tag]
-    vr = elem.VR
-    if action == "X":
+    if elem.VR == "SQ":
         del ds[tag]
-    elif action == "Z":
-        elem.value = elem.empty_value
-    elif action == "K":
-        pass
-    elif action == "U":
-        if vr == "UI":
-            _map_values(elem, lambda v: _derive_uid(ctx.key, v.strip(" \0")) if v.strip(" \0") else v)
-        # U* on a sequence: kept; the UIDs inside are handled when it is recursed into
-    elif action == "C":
-        if vr == "DA":
-            _map_values(elem, lambda v: _shift_date(v, ctx.shift_days))
-        elif vr == "DT":
-            _map_values(elem, lambda v: _shift_datetime(v, ctx.shift_days))
-        elif vr == "AS":
-            _map_values(elem, _cap_age)
-        # TM: kept, the shift is a whole number of days
-    elif action == "D":
-        if tag == _PATIENT_NAME:
-            elem.value = ctx.patient_pseudonym
-        elif tag == _PATIENT_ID:
-            elem.value = ctx.pseudonymizer("patient", str(elem.value or ""))
-        elif vr == "UI":
-            _apply(ds, tag, "U", ctx)
-        elif vr in ("DA", "DT"):
-            _apply(ds, tag, "C", ctx)
-        elif vr in ("PN", "LO", "SH", "CS", "LT", "ST", "UT", "UC"):
-            elem.value = "ANONYMIZED"
-        elif vr != "SQ":
-            elem.value = elem.empty_value
-    else:  # pragma: no cover - guarded by a test over PROFILE_ACTIONS
-        raise ValueError(f"unknown action {action!r}")
+        return
+    if elem.VR in ("OB", "OW", "OF", "OD", "OL", "OV") or tag in _PIXEL_TAGS:
+        return
+    if not all(_value_is_well_formed(elem.VR, v, ctx) for v in _values(elem.value)):
+        del ds[tag]
 
 
-def _default_action(elem) -> str:
-    """Action for a standard attribute that PROFILE_ACTIONS does not list."""
-    vr = elem.VR
-    if vr == "PN":
-        return "Z"
-    if vr in ("DA", "DT"):
-        return "C"
-    if vr == "UI":
-        keyword = elem.keyword or ""
-        if keyword.endswith("ClassUID") or keyword in _KEEP_UI_KEYWORDS:
-            return "K"
-        return "K" if all(v in (None, "") or _is_standard_uid(str(v)) for v in _values(elem.value)) else "U"
-    if vr in _FREE_TEXT_VRS or vr in ("AE", "UN"):
-        return "X"
-    return "K"
+def _replace_uids(ds: Dataset, tag: BaseTag, ctx: _Context, *, keep_standard: bool) -> None:
+    elem = ds[tag]
+    if elem.VR != "UI":
+        del ds[tag]
+        return
+
+    def replace(value: object) -> str:
+        text = str(value).strip(" \0")
+        if not text or (keep_standard and _is_standard_uid(text)):
+            return text
+        return _derive_uid(ctx.key, text)
+
+    values = [replace(v) for v in _values(elem.value)]
+    elem.value = values if len(values) > 1 else (values[0] if values else "")
 
 
-def _clean(ds: Dataset, ctx: _Context) -> None:
+def _patient_characteristic(ds: Dataset, tag: BaseTag, ctx: _Context) -> None:
+    keyword = keyword_for_tag(tag)
+    raw = str(ds[tag].value or "").strip()
+    if keyword == "PatientSex":
+        ds[tag].value = raw if raw in ("M", "F", "O") else ""
+        return
+    if keyword == "PatientAge":
+        value = _cap_age(raw)
+    else:  # PatientSize in m, PatientWeight in kg: plausible and coarsened, else removed
+        try:
+            number = float(raw)
+        except ValueError:
+            number = float("nan")
+        if keyword == "PatientSize":
+            value = f"{round(number, 2):.2f}" if 0.2 <= number <= 2.8 else ""
+        else:
+            value = str(max(1, round(number))) if 0.2 <= number <= 500 else ""
+    if value:
+        ds[tag].value = value
+    else:
+        del ds[tag]
+
+
+def _shift_pairs(ds: Dataset, ctx: _Context) -> None:
+    """Shift each kept DA (with its TM) by the patient's offset; a TM without its DA is removed."""
+    for date_kw, time_kw in DATE_TIME_PAIRS:
+        date_elem = ds[date_kw] if date_kw in ds else None
+        time_elem = ds[time_kw] if time_kw in ds else None
+        day = _parse_date(str(date_elem.value or "")) if date_elem is not None and date_elem.VR == "DA" else None
+        clock = _parse_time(str(time_elem.value or "")) if time_elem is not None and time_elem.VR == "TM" else None
+        if day is None:
+            for kw in (date_kw, time_kw):
+                if kw in ds:
+                    del ds[kw]
+            continue
+        moved = _shift(_dt.datetime.combine(day, clock[0] if clock else _dt.time()), ctx.offset)
+        if moved is None:
+            del ds[date_kw]
+            if time_kw in ds:
+                del ds[time_kw]
+            continue
+        ds[date_kw].value = moved.strftime("%Y%m%d")
+        if clock is not None:
+            ds[time_kw].value = moved.strftime("%H%M%S") + clock[1]
+        elif time_kw in ds:
+            del ds[time_kw]
+
+
+def _clean_private(ds: Dataset, tag: BaseTag, ctx: _Context, depth: int) -> None:
+    elem = ds[tag]
+    if elem.VR == "SQ":
+        for item in elem.value or ():
+            _clean(item, ctx, depth + 1)
+    elif elem.VR in _TEXT_VRS and not all(_text_is_clean(str(v), ctx) for v in _values(elem.value)):
+        del ds[tag]
+
+
+def _clean(ds: Dataset, ctx: _Context, depth: int = 0) -> None:
+    """Remove every attribute the allow-list does not keep; apply the keep rules (recursively)."""
+    rules = _rules_by_tag()
     for tag in list(ds.keys()):
         tag = Tag(tag)
         if tag.is_private:
-            if not ctx.keep_private:
+            if ctx.keep_private and tag in ds:
+                _clean_private(ds, tag, ctx, depth)
+            elif tag in ds:
                 del ds[tag]
-            elif ds[tag].VR == "SQ":
-                for item in ds[tag].value or ():
-                    _clean(item, ctx)
             continue
-        if tag.element == 0 or (tag.group & 0xFF00) in (0x5000, 0x6000):
-            del ds[tag]  # group lengths (stale after editing), curves and overlays (may hold text)
-            continue
-        elem = ds[tag]
-        action = _ACTIONS_BY_TAG.get(tag) or _default_action(elem)
-        _apply(ds, tag, action, ctx)
-        if tag in ds and ds[tag].VR == "SQ":
+        rule = rules.get(int(tag))
+        if rule is None or tag.element == 0:
+            del ds[tag]
+        elif rule == VERBATIM:
+            _keep_verbatim(ds, tag, ctx)
+        elif rule == SEQUENCE:
+            if ds[tag].VR != "SQ":
+                del ds[tag]
+                continue
             for item in ds[tag].value or ():
-                _clean(item, ctx)
+                _clean(item, ctx, depth + 1)
+        elif rule == NEW_UID:
+            _replace_uids(ds, tag, ctx, keep_standard=False)
+        elif rule == CLASS_UID:
+            _replace_uids(ds, tag, ctx, keep_standard=True)
+        elif rule == DATETIME:
+            if ds[tag].VR != "DT":
+                del ds[tag]
+                continue
+            values = [_shift_datetime(str(v), ctx.offset) for v in _values(ds[tag].value)]
+            if all(values):
+                ds[tag].value = values if len(values) > 1 else values[0]
+            else:
+                del ds[tag]
+        elif rule == PATIENT_CHARACTERISTIC:
+            if depth == 0:
+                _patient_characteristic(ds, tag, ctx)
+            else:
+                del ds[tag]
+        # DATE and TIME: shifted in pairs below
+    _shift_pairs(ds, ctx)
+
+
+def _image_types(ds: Dataset) -> Iterator[list[str]]:
+    for elem in _walk(ds):
+        if elem.keyword in ("ImageType", "FrameType"):
+            yield [str(v).strip().upper() for v in _values(elem.value)]
 
 
 def _check_releasable(ds: Dataset) -> None:
@@ -589,11 +637,97 @@ def _check_releasable(ds: Dataset) -> None:
         raise DeidentificationRefused("burned_in_annotation", "BurnedInAnnotation is YES: the pixels identify the patient")
     if sop_class in _SECONDARY_CAPTURE_CLASSES:
         raise DeidentificationRefused("secondary_capture", "Secondary Capture images often carry burned-in text")
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    is_ct = modality == "CT" if modality else sop_class.startswith(_CT_CLASS_PREFIXES)
+    for values in _image_types(ds):
+        screen_save = any("SCREEN" in v and "SAVE" in v for v in values)
+        if screen_save or (is_ct and values[:2] == ["DERIVED", "SECONDARY"]):
+            shown = "\\".join(values)
+            raise DeidentificationRefused("secondary_image", f"ImageType {shown}: a secondary/screen-save image may carry burned-in text")
+    if str(ds.get("RecognizableVisualFeatures", "")).strip().upper() == "YES":
+        raise DeidentificationRefused("recognizable_features", "RecognizableVisualFeatures is YES: the image shows a face")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pixel bits above BitsStored
+# ---------------------------------------------------------------------------------------------------
+
+
+def _int_or_none(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _cleaned_words(words: np.ndarray, ds: Dataset) -> np.ndarray:
+    """``words`` (unsigned integers of BitsAllocated) with every bit outside BitsStored/HighBit cleared, or
+    set to the sign extension of the stored value for signed data; padding words outside the stored range kept."""
+    bits_allocated = words.dtype.itemsize * 8
+    bits_stored = int(ds.BitsStored)
+    high_bit = _int_or_none(ds, "HighBit")
+    high_bit = bits_stored - 1 if high_bit is None else high_bit
+    shift = high_bit + 1 - bits_stored
+    if shift < 0 or high_bit >= bits_allocated:
+        raise DeidentificationRefused("deid_error", f"HighBit {high_bit} does not fit BitsStored {bits_stored}")
+    all_ones = (1 << bits_allocated) - 1
+    mask = words.dtype.type(((1 << bits_stored) - 1) << shift)
+    cleaned = words & mask
+    signed = _int_or_none(ds, "PixelRepresentation") == 1
+    if signed and shift == 0:
+        negative = (cleaned >> words.dtype.type(bits_stored - 1)) & words.dtype.type(1)
+        cleaned = cleaned | (negative * words.dtype.type(all_ones & ~int(mask)))
+    padding = [v for v in (_int_or_none(ds, "PixelPaddingValue"), _int_or_none(ds, "PixelPaddingRangeLimit")) if v is not None]
+    if padding:
+        stored_min, stored_max = ((-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed
+                                  else (0, (1 << bits_stored) - 1))  # fmt: skip
+        lo, hi = min(padding), max(padding)
+        if lo < stored_min or hi > stored_max:  # padding written in the full words: keep those words as they are
+            view = (words.view(words.dtype.str.replace("u", "i")) if signed else words).astype(np.int64)
+            keep = (view >= lo) & (view <= hi)
+            cleaned = np.where(keep, words, cleaned)
+    return cleaned
+
+
+def _clear_unused_pixel_bits(ds: Dataset) -> None:
+    """Clear bits above BitsStored in native pixel data; refuse compressed data that has them set."""
+    if "PixelData" not in ds:
+        return
+    bits_allocated, bits_stored = _int_or_none(ds, "BitsAllocated"), _int_or_none(ds, "BitsStored")
+    if bits_allocated not in (8, 16, 32) or bits_stored is None or not 0 < bits_stored < bits_allocated:
+        return
+    syntax = UID(str(ds.file_meta.TransferSyntaxUID))
+    if syntax.is_encapsulated:
+        from pydicom.pixels import pixel_array
+
+        try:
+            decoded = pixel_array(ds, correct_unused_bits=False)
+        except Exception as exc:
+            raise DeidentificationRefused("deid_error", f"compressed pixel data could not be decoded to check its unused bits: {exc}") from exc
+        words = np.ascontiguousarray(decoded).view(f"u{bits_allocated // 8}")
+        if not np.array_equal(_cleaned_words(words, ds), words):
+            raise DeidentificationRefused("pixel_high_bits", f"compressed pixel data has bits above BitsStored ({bits_stored}) set")
+        return
+    big = syntax == ExplicitVRBigEndian
+    data = bytes(ds.PixelData)
+    item = bits_allocated // 8
+    count = len(data) // item
+    words = np.frombuffer(data, dtype=f"{'>' if big else '<'}u{item}", count=count)
+    cleaned = _cleaned_words(words, ds)
+    if not np.array_equal(cleaned, words):
+        ds.PixelData = cleaned.astype(words.dtype).tobytes() + data[count * item :]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole dataset
+# ---------------------------------------------------------------------------------------------------
 
 
 def _method_text(keep_private_tags: bool) -> list[str]:
     return [
         "DICOM PS3.15 Basic Application Confidentiality Profile",
+        f"Table E.1-1 of PS3.15 {PROFILE_TABLE_EDITION}; allow-list of technical attributes",
         "Retain Longitudinal Temporal Info Modified Dates",
         "Retain Patient Characteristics (sex, age, size, weight)",
         "Private attributes retained (not profile conformant)" if keep_private_tags else "Private attributes removed",
@@ -634,6 +768,8 @@ def _rebuild_file_meta(ds: Dataset, original: FileMetaDataset | None) -> None:
 def _deidentify_in_place(ds: Dataset, *, site_key: bytes, keep_private_tags: bool) -> Dataset:
     key = _check_key(site_key)
     _check_releasable(ds)
+    if getattr(ds, "file_meta", None) is None or "TransferSyntaxUID" not in ds.file_meta:
+        _rebuild_file_meta(ds, getattr(ds, "file_meta", None))
     pseudonymizer = Pseudonymizer(key)
     # as in ingest: a file without PatientID is its study's own patient, not one shared "unknown" patient
     patient_id = str(ds.get("PatientID", "") or "").strip() or str(ds.get("StudyInstanceUID", "") or "")
@@ -641,12 +777,18 @@ def _deidentify_in_place(ds: Dataset, *, site_key: bytes, keep_private_tags: boo
         key=key,
         pseudonymizer=pseudonymizer,
         patient_pseudonym=pseudonymizer("patient", patient_id),
-        shift_days=date_shift_days(key, patient_id),
+        offset=_dt.timedelta(days=date_shift_days(key, patient_id), seconds=time_shift_seconds(key, patient_id)),
         keep_private=keep_private_tags,
+        secrets=_collect_secrets(ds),
     )
     original_meta = getattr(ds, "file_meta", None)
+    _clear_unused_pixel_bits(ds)
     _clean(ds, ctx)
-    # Type 2 patient attributes always present, carrying the pseudonym
+    for keyword in _TYPE2_EMPTY:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    if "FrameOfReferenceUID" in ds:
+        ds.PositionReferenceIndicator = ""
     ds.PatientName = ctx.patient_pseudonym
     ds.PatientID = ctx.patient_pseudonym
     _mark(ds, keep_private_tags)
@@ -659,11 +801,15 @@ def _deidentify_in_place(ds: Dataset, *, site_key: bytes, keep_private_tags: boo
 def deidentify_dataset(ds: Dataset, *, site_key: bytes, keep_private_tags: bool = False) -> Dataset:
     """Return a de-identified copy of ``ds`` (``ds`` itself is not modified).
 
-    Raises :class:`DeidentificationRefused` (a ValueError, with ``.reason``) for objects that header
-    rules cannot make safe: BurnedInAnnotation = YES, Secondary Capture, no pixel data, DICOMDIR.
+    Raises :class:`DeidentificationRefused` (a ValueError, with ``.reason``) for objects that these rules cannot
+    make safe: BurnedInAnnotation = YES, Secondary Capture or secondary/screen-save images, recognisable features,
+    compressed pixel data with bits above BitsStored, no pixel data, DICOMDIR.
     Raises ValueError for a site key shorter than 32 bytes.
     """
     return _deidentify_in_place(copy.deepcopy(ds), site_key=site_key, keep_private_tags=keep_private_tags)
+
+
+_PIXEL_TAGS = frozenset(Tag(tag_for_keyword(kw)) for kw in _PIXEL_KEYWORDS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -726,6 +872,7 @@ def deidentify_folder(
     if _is_within(out_dir.resolve(), input_dir.resolve()):
         raise ValueError(f"output folder {out_dir} must not be the input folder or inside it ({input_dir})")
     key = _check_key(site_key)
+    _rules_by_tag()  # the allow-list and the profile table load (and agree) before any file is read
 
     files = list(_iter_files(input_dir))
     iterator = files

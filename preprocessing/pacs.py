@@ -15,6 +15,10 @@ off mid-stream resumes from what was written. Nothing in DEST is ever deleted or
 
 Settings, credentials included, come only from the site env file (``KEY=VALUE`` lines, see :data:`ENV_KEYS`);
 the URL may also be given on the command line, but never with credentials in it. No password is logged.
+Credentials stay safe: basic auth over plain ``http://`` is refused unless ``FEDCT_PACS_ALLOW_PLAIN_HTTP=yes``; a
+password file that group or others may access is refused; DIMSE runs over TLS when ``FEDCT_PACS_TLS_CA`` is set
+(pynetdicom with an ``ssl`` context, optionally with this site's certificate); the C-MOVE storage SCP listens only on
+``FEDCT_PACS_LISTEN_ADDRESS`` (default 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ ENV_KEYS = {
     "FEDCT_PACS_STUDY_DATE": "optional study date or range, DICOM style: 20240101-20241231, 20240101-, -20241231",
     "FEDCT_PACS_CA_FILE": "CA bundle (PEM) to verify an https PACS",
     "FEDCT_PACS_MOVE_PORT": "DIMSE: retrieve with C-MOVE to a storage SCP of this site on this port (default: C-GET)",
+    "FEDCT_PACS_LISTEN_ADDRESS": "DIMSE C-MOVE: the interface the storage SCP listens on (default 127.0.0.1; the address "
+                                 "the PACS reaches this host at, never all interfaces unless set to 0.0.0.0)",
+    "FEDCT_PACS_ALLOW_PLAIN_HTTP": "yes to allow basic auth over plain http:// (the password travels readable; default: refused)",
+    "FEDCT_PACS_TLS_CA": "DIMSE over TLS: CA bundle (PEM) that signed the PACS's certificate (setting it turns TLS on)",
+    "FEDCT_PACS_TLS_CERT": "DIMSE over TLS: this site's certificate (PEM), if the PACS asks for one; also the C-MOVE SCP's",
+    "FEDCT_PACS_TLS_KEY": "DIMSE over TLS: the private key (PEM) of FEDCT_PACS_TLS_CERT (keep it mode 0600)",
     "FEDCT_PACS_TIMEOUT_S": "network timeout per request in seconds (default 60)",
     "FEDCT_PACS_RETRIES": "retries of a failed request on transient errors (default 4)",
     "FEDCT_PACS_BACKOFF_S": "first retry delay in seconds, doubled each retry (default 1)",
@@ -75,11 +85,36 @@ class PacsSettings:
     backoff_s: float = 1.0
     move_port: int | None = None
     env_file: Path | None = None
+    listen_address: str = "127.0.0.1"
+    allow_plain_http: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __post_init__(self) -> None:
-        endpoint(self.url)  # validates the URL (scheme, no credentials in it)
+        point = endpoint(self.url)  # validates the URL (scheme, no credentials in it)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(f"{self._where()}: FEDCT_PACS_TLS_CERT and FEDCT_PACS_TLS_KEY go together (set both or neither)")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError(f"{self._where()}: FEDCT_PACS_TLS_CERT needs FEDCT_PACS_TLS_CA (the CA that signed the PACS)")
+        if self.tls_ca is not None and point.kind != "dimse":
+            raise ValueError(f"{self._where()}: FEDCT_PACS_TLS_CA is for DIMSE (dicom://); an https PACS uses FEDCT_PACS_CA_FILE")
+        if self.tls_ca is not None and self.move_port is not None and self.tls_cert is None:
+            raise ValueError(f"{self._where()}: C-MOVE over TLS (FEDCT_PACS_MOVE_PORT with FEDCT_PACS_TLS_CA) needs this site's "
+                             f"FEDCT_PACS_TLS_CERT and FEDCT_PACS_TLS_KEY for its storage SCP")  # fmt: skip
+        try:
+            import ipaddress
+
+            ipaddress.ip_address(self.listen_address)
+        except ValueError as exc:
+            raise ValueError(f"{self._where()}: FEDCT_PACS_LISTEN_ADDRESS={self.listen_address!r} is not an IP address "
+                             f"(the interface the PACS reaches this host at)") from exc  # fmt: skip
         if (self.user is None) != (self.password is None):
             raise ValueError(f"{self._where()}: FEDCT_PACS_USER and FEDCT_PACS_PASSWORD_FILE go together (set both or neither)")
+        if self.user is not None and self.url.lower().startswith("http://") and not self.allow_plain_http:
+            raise ValueError(f"{self._where()}: basic auth (FEDCT_PACS_USER) over plain http:// would send the password "
+                             f"readable to anyone on the network: use https:// (FEDCT_PACS_CA_FILE), or set "
+                             f"FEDCT_PACS_ALLOW_PLAIN_HTTP=yes if this link is protected otherwise")  # fmt: skip
         if not re.fullmatch(r"[\x20-\x5b\x5d-\x7e]{1,16}", self.calling_aet) or not self.calling_aet.strip():
             raise ValueError(f"{self._where()}: FEDCT_PACS_AET={self.calling_aet!r} is not an AE title (1-16 characters, no backslash)")
         if not re.fullmatch(r"[A-Z]{2}", self.modality):
@@ -201,9 +236,23 @@ def read_pacs_settings(env_file: Path | None, *, url: str | None = None) -> Pacs
     if password_file is not None:
         secret = base / password_file
         try:
+            mode = secret.stat().st_mode
             password = next(iter(secret.read_text(encoding="utf-8").splitlines()), "")
         except OSError as exc:
             raise ValueError(f"{env_file}: FEDCT_PACS_PASSWORD_FILE: cannot read {secret}: {exc.strerror}") from exc
+        if mode & 0o077:
+            raise ValueError(f"{env_file}: FEDCT_PACS_PASSWORD_FILE: {secret} may be read by group or others "
+                             f"(mode {mode & 0o777:04o}); make it private: chmod 600 {secret}")  # fmt: skip
+    allow = (get("FEDCT_PACS_ALLOW_PLAIN_HTTP") or "no").lower()
+    if allow not in ("yes", "no"):
+        raise ValueError(f"{env_file}: line {values['FEDCT_PACS_ALLOW_PLAIN_HTTP'][1]}: FEDCT_PACS_ALLOW_PLAIN_HTTP={allow!r} "
+                         f"must be yes or no")  # fmt: skip
+    tls: dict[str, Path | None] = {}
+    for key in ("FEDCT_PACS_TLS_CA", "FEDCT_PACS_TLS_CERT", "FEDCT_PACS_TLS_KEY"):
+        text = get(key)
+        tls[key] = base / text if text else None
+        if tls[key] is not None and not tls[key].is_file():
+            raise ValueError(f"{env_file}: {key}: {tls[key]} does not exist")
     ca_file = get("FEDCT_PACS_CA_FILE")
     if ca_file is not None and not (base / ca_file).is_file():
         raise ValueError(f"{env_file}: FEDCT_PACS_CA_FILE: {base / ca_file} does not exist")
@@ -220,7 +269,41 @@ def read_pacs_settings(env_file: Path | None, *, url: str | None = None) -> Pacs
         backoff_s=number("FEDCT_PACS_BACKOFF_S", float, 1.0),
         move_port=number("FEDCT_PACS_MOVE_PORT", int, None),
         env_file=Path(env_file) if env_file is not None else None,
+        listen_address=get("FEDCT_PACS_LISTEN_ADDRESS") or "127.0.0.1",
+        allow_plain_http=allow == "yes",
+        tls_ca=tls["FEDCT_PACS_TLS_CA"],
+        tls_cert=tls["FEDCT_PACS_TLS_CERT"],
+        tls_key=tls["FEDCT_PACS_TLS_KEY"],
     )
+
+
+def dimse_tls_args(settings: PacsSettings) -> tuple[Any, str] | None:
+    """pynetdicom's ``tls_args`` for an association to the PACS: a client ``ssl`` context that verifies the PACS's
+    certificate (and its host name) against ``FEDCT_PACS_TLS_CA`` and presents this site's certificate if set;
+    None without TLS."""
+    import ssl
+
+    if settings.tls_ca is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(settings.tls_ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.tls_cert is not None:
+        context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    return context, endpoint(settings.url).host
+
+
+def dimse_server_tls(settings: PacsSettings) -> Any:
+    """The ``ssl`` context of this site's C-MOVE storage SCP under TLS (its certificate; the PACS's verified against
+    ``FEDCT_PACS_TLS_CA``), or None without TLS."""
+    import ssl
+
+    if settings.tls_ca is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(settings.tls_ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    return context
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -485,7 +568,7 @@ class DimseSource:
         roles = [build_role(sop_class, scp_role=True) for sop_class in get_storage]
         handlers = [(_evt_store(), self._store_handler)] if get_storage else []
         assoc = ae.associate(self.endpoint.host, self.endpoint.port, ae_title=self.endpoint.called_aet,
-                             ext_neg=roles, evt_handlers=handlers)  # fmt: skip
+                             ext_neg=roles, evt_handlers=handlers, tls_args=dimse_tls_args(self.settings))  # fmt: skip
         if assoc.is_rejected:
             raise Refused(
                 f"the association was rejected: check the called AE title in the URL ({self.endpoint.called_aet}) and that "
@@ -587,7 +670,8 @@ class DimseSource:
 
     @contextmanager
     def _storage_scp(self, sop_classes: Sequence[str]) -> Iterator[None]:
-        """A storage SCP on FEDCT_PACS_MOVE_PORT for the C-MOVE's sub-operations, accepting only the PACS's AE title."""
+        """A storage SCP on FEDCT_PACS_LISTEN_ADDRESS:FEDCT_PACS_MOVE_PORT for the C-MOVE's sub-operations, accepting only
+        the PACS's AE title (over TLS when FEDCT_PACS_TLS_CA is set)."""
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES
 
         ae = AE(ae_title=self.settings.calling_aet)
@@ -596,9 +680,13 @@ class DimseSource:
         for sop_class in sop_classes:
             ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
         try:
-            server = ae.start_server(("", self.settings.move_port), block=False, evt_handlers=[(_evt_store(), self._store_handler)])
+            server = ae.start_server((self.settings.listen_address, self.settings.move_port), block=False,
+                                     ssl_context=dimse_server_tls(self.settings),
+                                     evt_handlers=[(_evt_store(), self._store_handler)])  # fmt: skip
         except OSError as exc:
-            raise Refused(f"cannot listen on FEDCT_PACS_MOVE_PORT {self.settings.move_port} for C-MOVE: {exc.strerror}") from exc
+            raise Refused(f"cannot listen on FEDCT_PACS_LISTEN_ADDRESS {self.settings.listen_address} FEDCT_PACS_MOVE_PORT "
+                          f"{self.settings.move_port} for C-MOVE: {exc.strerror}") from exc  # fmt: skip
+        self.listening = server.server_address
         try:
             yield
         finally:

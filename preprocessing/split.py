@@ -2,15 +2,28 @@
 
 All studies of one patient fall in the same split. The order inside each class comes from the
 patients' keyed pseudonyms, so the split is stable at a site and unrelated to file or scan order.
+
+The fractions are the site's: :func:`site_split` fixes them once (the site env file's, or else the first
+round's request) in ``SITE_DIR/split.json``; a server that later sends other fractions does not re-split the
+site (re-splitting with changed fractions would move single patients between splits and let the server isolate
+them by difference of the metrics).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 SPLITS = ("train", "val", "test")
+#: The site's fixed split fractions, in the site's work folder.
+SPLIT_FILE = "split.json"
+
+log = logging.getLogger("fedct.split")
 
 
 @dataclass(frozen=True)
@@ -54,3 +67,48 @@ def assign_splits(patient_strata: Mapping[str, int | None], config: SplitConfig 
         for i, patient in enumerate(patients):
             result[patient] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return result
+
+
+def _read_split_file(path: Path) -> SplitConfig:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return SplitConfig(val_fraction=float(data["val_fraction"]), test_fraction=float(data["test_fraction"]))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a valid split file ({exc}); restore it, or delete it to fix the site's split "
+                         "again from the site env file") from exc
+
+
+def _write_split_file(path: Path, split: SplitConfig) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(asdict(split), indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def site_split(site_dir: Path, *, site_choice: SplitConfig | None, requested: SplitConfig | None = None) -> SplitConfig:
+    """The split fractions this site uses, fixed once in ``SITE_DIR/split.json``.
+
+    ``site_choice`` is the site's own setting (site env file); it wins and is recorded (a change of the site's own
+    setting re-splits, at the site's decision, with a warning). Without one, the first ``requested`` fractions (the
+    server's) are recorded and every later request is ignored. A request that differs from the fixed split is logged
+    at the site and ignored: the server cannot re-split a site.
+    """
+    path = Path(site_dir) / SPLIT_FILE
+    fixed = _read_split_file(path) if path.exists() else None
+    if site_choice is not None and fixed != site_choice:
+        if fixed is not None:
+            log.warning("the site's own split setting changed from %s to %s: re-splitting this site's patients",
+                        _text(fixed), _text(site_choice))  # fmt: skip
+        _write_split_file(path, site_choice)
+        fixed = site_choice
+    elif fixed is None:
+        fixed = requested or SplitConfig()
+        _write_split_file(path, fixed)
+    if requested is not None and requested != fixed:
+        log.warning("the server asked for split %s; ignored: this site's split is fixed at %s (%s)",
+                    _text(requested), _text(fixed), path)  # fmt: skip
+    return fixed
+
+
+def _text(split: SplitConfig) -> str:
+    return f"val {split.val_fraction:g} / test {split.test_fraction:g}"

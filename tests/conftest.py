@@ -8,6 +8,7 @@ outside ``tmp_path``.
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,31 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from synthetic.dicom_writer import PatientIdentity, hu_to_stored, write_ct_series
+
+#: Every skip for a missing system tool or test dependency starts with this; with ``CI=true`` such a skip is a
+#: failure, so a CI run whose tool install broke cannot pass with those tests silently left out.
+MISSING_TOOL = "missing system tool or test dependency:"
+
+
+def missing_tool_reason(what: str) -> str:
+    """The skip reason for a missing tool or dependency (a failure under ``CI=true``)."""
+    return f"{MISSING_TOOL} {what}"
+
+
+def strict_tools() -> bool:
+    """True in CI (``CI=true``, as ``.ci/run`` is started): missing tools fail instead of skipping."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and strict_tools() and isinstance(report.longrepr, tuple) and MISSING_TOOL in str(report.longrepr[2]):
+        report.outcome = "failed"
+        report.longrepr = f"CI=true and a required tool is missing: {report.longrepr[2]}"
+    return None
+
 
 #: SOP Class UID of Enhanced CT Image Storage.
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -152,7 +178,7 @@ def fake_patient() -> PatientIdentity:
 def _copy_testdata(name: str, dst: Path) -> Path:
     src = get_testdata_file(name, download=False)
     if src is None:
-        pytest.skip(f"pydicom test file {name!r} is not installed (bundled with pydicom, or in the pydicom-data package)")
+        pytest.skip(missing_tool_reason(f"pydicom test file {name!r} (bundled with pydicom, or in the pydicom-data package)"))
     src = Path(src)
     dst = Path(dst)
     if src.is_dir():

@@ -27,7 +27,7 @@ from federation import stop_pids
 ORTHANC_BINARY = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 #: Why the Orthanc tests skip, where they do (the Makefile's system-tools target installs both packages as root).
-SKIP_REASON = "Orthanc PACS not installed (apt-get install orthanc orthanc-dicomweb; `make test` does it as root)"
+SKIP_REASON = "missing system tool or test dependency: Orthanc PACS (apt-get install orthanc orthanc-dicomweb; `make test` does it as root)"
 PACS_AET = "ORTHANC"
 #: The calling AE title the tests' site uses; registered in Orthanc as a modality on 127.0.0.1.
 CLIENT_AET = "FEDCT"

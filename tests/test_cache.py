@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from preprocessing.cache import CACHE_FOLDER, cache_dir_for, file_state_fingerprint, make_dataset
+from preprocessing.cache import CACHE_FOLDER, cache_dir_for, file_state_fingerprint, folder_bytes, last_used_marker, make_dataset, prune_caches
 from preprocessing.discover import discover
 from preprocessing.transforms import PipelineConfig
 from preprocessing.validate import validate_series
@@ -114,7 +114,7 @@ def test_other_pipeline_uses_another_cache_folder(make_series, dicom_root, tmp_p
     assert tuple(b["image"].shape) == (1, 16, 16, 24)
     assert len(_cached(cache_dir_for(site, SMALL))) == 1
     assert len(_cached(cache_dir_for(site, other))) == 1
-    assert sorted(p.name for p in (site / CACHE_FOLDER).iterdir()) == sorted([SMALL.fingerprint(), other.fingerprint()])
+    assert sorted(p.name for p in (site / CACHE_FOLDER).iterdir() if p.is_dir()) == sorted([SMALL.fingerprint(), other.fingerprint()])
 
 
 def test_augmented_dataset_caches_only_the_deterministic_part(make_series, dicom_root, tmp_path):
@@ -150,3 +150,63 @@ def test_file_state_fingerprint_changes_with_size_and_mtime(tmp_path):
 def test_file_state_fingerprint_of_a_missing_file_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         file_state_fingerprint([str(tmp_path / "gone.dcm")])
+
+
+def _three_pipeline_caches(make_series, dicom_root, site: Path) -> list[PipelineConfig]:
+    """Real caches of three pipelines, used in order (the first longest ago)."""
+    make_series("a", n_slices=12)
+    item = _item(dicom_root)
+    pipelines = [dataclasses.replace(SMALL, input_size=(16, 16, z)) for z in (16, 24, 32)]
+    for age, pipeline in zip((300, 200, 100), pipelines):
+        make_dataset([item], pipeline, site, augment=False)[0]
+        marker = last_used_marker(cache_dir_for(site, pipeline))
+        os.utime(marker, (marker.stat().st_atime, marker.stat().st_mtime - age))
+    return pipelines
+
+
+def test_caches_over_the_cap_lose_the_least_recently_used_never_the_one_in_use(make_series, dicom_root, tmp_path):
+    site = tmp_path / "site"
+    oldest, middle, newest = _three_pipeline_caches(make_series, dicom_root, site)
+    sizes = {p: folder_bytes(cache_dir_for(site, p)) for p in (oldest, middle, newest)}
+    assert all(size > 1000 for size in sizes.values())  # real cached tensors
+    total = sum(sizes.values())
+
+    assert prune_caches(site, keep=newest, max_bytes=total) == []  # fits: nothing removed
+    # one byte too many: the least recently used other pipeline goes first
+    assert prune_caches(site, keep=newest, max_bytes=total - 1) == [cache_dir_for(site, oldest)]
+    assert not cache_dir_for(site, oldest).exists() and cache_dir_for(site, middle).exists()
+    # the pipeline in use is kept even when it alone is over the cap; every other one goes
+    assert prune_caches(site, keep=oldest, max_bytes=0) == [cache_dir_for(site, middle), cache_dir_for(site, newest)]
+    assert sorted(p.name for p in (site / CACHE_FOLDER).iterdir()) == sorted([oldest.fingerprint(), last_used_marker(cache_dir_for(site, oldest)).name])
+    assert not list((site / CACHE_FOLDER).glob(".removing-*"))
+
+
+def test_using_a_cache_makes_it_recent(make_series, dicom_root, tmp_path):
+    site = tmp_path / "site"
+    oldest, middle, newest = _three_pipeline_caches(make_series, dicom_root, site)
+    make_dataset([_item(dicom_root)], oldest, site, augment=False)  # used again: now the most recent
+    total = sum(folder_bytes(cache_dir_for(site, p)) for p in (oldest, middle, newest))
+    assert prune_caches(site, keep=newest, max_bytes=total - 1) == [cache_dir_for(site, middle)]
+    # a removed pipeline is rebuilt when asked for again
+    again = make_dataset([_item(dicom_root)], middle, site, augment=False)[0]
+    assert tuple(again["image"].shape) == (1, 16, 16, 24) and len(_cached(cache_dir_for(site, middle))) == 1
+
+
+def test_the_site_prunes_caches_before_each_round(make_series, dicom_root, tmp_path):
+    """SiteConfig.admit applies FEDCT_CACHE_MAX_GB with the round's pipeline kept."""
+    from fl_client.config import SiteConfig, SiteLimits
+    from fl_server.config import ServerConfig
+
+    site_dir = tmp_path / "site"
+    oldest, _middle, newest = _three_pipeline_caches(make_series, dicom_root, site_dir)
+    site = SiteConfig(site_name="s", dicom_dir=dicom_root, site_dir=site_dir, labels_csv=None, device="cpu",
+                      limits=SiteLimits(cache_max_gb=folder_bytes(cache_dir_for(site_dir, newest)) / 1e9))  # fmt: skip
+    settings = ServerConfig(input_size="16,16,16", target_spacing_mm="4,4,4").round_settings(1)
+    assert settings.pipeline == oldest
+    site.admit(settings)
+    assert sorted(p.name for p in (site_dir / CACHE_FOLDER).iterdir() if p.is_dir()) == [oldest.fingerprint()]
+
+
+def test_a_negative_cap_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="max_bytes must be >= 0, got -1"):
+        prune_caches(tmp_path, keep=SMALL, max_bytes=-1)

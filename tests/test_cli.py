@@ -118,7 +118,7 @@ def test_demo_command_defaults_equal_the_demo_options():
 def test_predict_writes_reports_and_refuses_a_broken_study(synth_dir, tmp_path):
     import shutil
 
-    from fl_server.checkpoint import write_bundle
+    from models.bundle import write_bundle
     from models.factory import ModelConfig, build_model
     from preprocessing.transforms import PipelineConfig
 

@@ -80,3 +80,27 @@ def test_pseudonymizer_refuses_a_short_key():
 def test_pseudonym_kind_must_be_an_identifier(kind):
     with pytest.raises(ValueError, match="kind"):
         Pseudonymizer(KEY_A)(kind, "x")
+
+
+def test_a_crash_left_empty_site_key_is_refused_naming_the_file(tmp_path):
+    (tmp_path / KEY_FILE_NAME).write_bytes(b"")  # what a crash between create and write used to leave
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / KEY_FILE_NAME)) + ".*0 bytes"):
+        load_or_create_site_key(tmp_path)
+    assert (tmp_path / KEY_FILE_NAME).read_bytes() == b""  # not silently replaced either (pseudonyms would change)
+
+
+def test_site_key_creation_leaves_no_temporary_file(tmp_path):
+    load_or_create_site_key(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [KEY_FILE_NAME]
+
+
+def test_concurrent_creation_gives_every_process_the_same_key(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    folders = [tmp_path / "site"] * 6
+    with ctx.Pool(6) as pool:
+        keys = pool.map(load_or_create_site_key, folders)
+    assert len(set(keys)) == 1 and len(keys[0]) == 32
+    assert (tmp_path / "site" / KEY_FILE_NAME).read_bytes() == keys[0]
+    assert [p.name for p in (tmp_path / "site").iterdir()] == [KEY_FILE_NAME]

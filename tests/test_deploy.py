@@ -25,10 +25,13 @@ from fedct.deploy import (
     ExecutorSupervisor,
     ServerEnv,
     check_tls,
+    ensure_server_secret,
     ensure_superexec_secret,
     executor_command,
     node_config_arg,
+    proxy_config,
     run_config_for,
+    superexec_command,
     superlink_command,
     supernode_command,
     supernode_env,
@@ -43,7 +46,7 @@ from fl_client.site_env import SiteEnv
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pki")
-    write_consortium(root, sites=["site-a", "site-b"])
+    write_consortium(root, sites=["site-a", "site-b"], with_site_keys=True)
     return root
 
 
@@ -57,12 +60,12 @@ def server_env(tmp_path, pki) -> Path:
     return path
 
 
-def _tls_server(cert: Path, key: Path) -> tuple[int, threading.Event]:
-    """A TLS endpoint on 127.0.0.1 that completes handshakes until told to stop."""
+def _tls_server(cert: Path, key: Path, host: str = "127.0.0.1") -> tuple[int, threading.Event]:
+    """A TLS endpoint on ``host`` (loopback) that completes handshakes until told to stop."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(str(cert), str(key))
     listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
+    listener.bind((host, 0))
     listener.listen()
     listener.settimeout(0.2)
     stop = threading.Event()
@@ -87,6 +90,7 @@ def _tls_server(cert: Path, key: Path) -> tuple[int, threading.Event]:
 def test_server_env_and_superlink_command(server_env, pki, tmp_path):
     env = ServerEnv.from_file(server_env)
     assert env.address == "127.0.0.1:9555" and env.host == "0.0.0.0"
+    assert env.superlink_port == 9093 and env.control_address == "127.0.0.1:9093"
     assert env.database == str(tmp_path / "state" / "state.db")  # default FEDCT_SUPERLINK_STATE=disk
     assert set(env.site_public_keys()) == {"site-a", "site-b"}
     command = superlink_command(env)
@@ -94,9 +98,86 @@ def test_server_env_and_superlink_command(server_env, pki, tmp_path):
     flags = " ".join(command)
     for expected in (f"--ssl-ca-certfile {pki}/server/ca.crt", f"--ssl-certfile {pki}/server/server.crt",
                      f"--ssl-keyfile {pki}/server/server.key", "--enable-supernode-auth",
-                     "--disable-runtime-dependency-installation", f"--database {env.database}", "--port 9555"):  # fmt: skip
+                     "--disable-runtime-dependency-installation", f"--database {env.database}",
+                     "--host 127.0.0.1 --port 9093", "--isolation process",
+                     f"--superexec-auth-secret-file {env.superexec_secret_file}"):  # fmt: skip
         assert expected in flags
-    assert "--insecure" not in command
+    assert "--insecure" not in command and "0.0.0.0" not in flags and "9555" not in flags  # never the public port
+    superexec = superexec_command(env, parent_pid=123)
+    assert Path(superexec[0]).name == "flower-superexec"
+    assert " ".join(superexec[1:]) == (f"--runtime-api-address 127.0.0.1:9093 --root-certificates {pki}/server/ca.crt "
+                                      f"--superexec-auth-secret-file {env.superexec_secret_file} --parent-pid 123")  # fmt: skip
+    assert "--allow-runtime-dependency-installation" not in superexec
+
+
+def test_proxy_forwards_the_fleet_api_only(server_env, pki):
+    env = ServerEnv.from_file(server_env)
+    text = proxy_config(env)
+    assert "daemon off;" in text and f"pid {env.proxy_dir / 'nginx.pid'};" in text
+    assert "listen 0.0.0.0:9555 ssl;" in text and "server 127.0.0.1:9093;" in text
+    assert f"ssl_certificate {pki}/server/server.crt;" in text and f"ssl_certificate_key {pki}/server/server.key;" in text
+    assert "proxy_ssl_verify on;" in text and f"proxy_ssl_trusted_certificate {pki}/server/ca.crt;" in text
+    locations = [line.strip() for line in text.splitlines() if line.strip().startswith("location")]
+    assert locations == ["location /v1/fleet/ {", "location / {"]  # one forwarded prefix, everything else refused
+    forwarded = text[text.index("location /v1/fleet/"):text.index("location / {")]
+    assert "limit_except POST { deny all; }" in forwarded and "proxy_pass https://superlink;" in forwarded
+    assert text.count("proxy_pass") == 1 and 'return 403 "fedct: refused.' in text
+
+
+def test_generated_proxy_config_is_accepted_by_nginx(server_env):
+    import shutil
+
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
+    if nginx is None:
+        pytest.skip("nginx is not installed (make system-tools installs it)")
+    env = ServerEnv.from_file(server_env)
+    config = deploy.write_proxy_config(env)
+    assert config == env.proxy_dir / "nginx.conf" and config.read_text() == proxy_config(env)
+    assert (env.proxy_dir.stat().st_mode & 0o777) == 0o700
+    done = subprocess.run([*deploy.proxy_command(env, config), "-t"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_server_start_without_the_proxy_says_what_to_install(server_env, capsys):
+    server_env.write_text(server_env.read_text() + "FEDCT_PROXY=/nonexistent/nginx\n")
+    assert main(["server", "start", "--env", str(server_env)]) == 2
+    err = capsys.readouterr().err
+    assert "no reverse proxy found (FEDCT_PROXY=/nonexistent/nginx)" in err and "apt-get install nginx" in err
+
+
+def test_server_secret_is_private_random_reused_and_refused_when_shared(server_env):
+    env = ServerEnv.from_file(server_env)
+    path = ensure_server_secret(env)
+    assert path == env.superexec_secret_file and (path.stat().st_mode & 0o777) == 0o600
+    first = path.read_text()
+    assert len(first) == 64 and ensure_server_secret(env).read_text() == first
+    other = ServerEnv.from_file(server_env)
+    other.superexec_secret_file.unlink()
+    assert ensure_server_secret(other).read_text() != first
+    path.chmod(0o644)
+    with pytest.raises(DeployError, match="SuperExec secret.*readable by others"):
+        ensure_server_secret(env)
+
+
+def test_server_certificate_without_loopback_sans_is_refused(server_env, tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    import datetime as dt
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "fl.example.org")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("fl.example.org")]), critical=False)
+            .sign(key, hashes.SHA256()))  # fmt: skip
+    pem = tmp_path / "public-only.crt"
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    kept = [ln for ln in server_env.read_text().splitlines() if not ln.startswith("FEDCT_SERVER_CERT=")]
+    server_env.write_text("\n".join([*kept, f"FEDCT_SERVER_CERT={pem}"]) + "\n")
+    with pytest.raises(DeployError, match=r"lacks the SAN\(s\) localhost, 127.0.0.1"):
+        ServerEnv.from_file(server_env)
 
 
 def test_superlink_state_in_memory(server_env):
@@ -115,6 +196,8 @@ def test_superlink_state_in_memory(server_env):
         ("FEDCT_SITE_KEYS=/nonexistent", "FEDCT_SITE_KEYS=/nonexistent: no such folder"),
         ("FEDCT_SERVR_PORT=1", "unknown key"),
         ("FEDCT_SUPERLINK_STATE=ram", "FEDCT_SUPERLINK_STATE='ram' is not one of disk, memory"),
+        ("FEDCT_SUPERLINK_PORT=9555", "FEDCT_SUPERLINK_PORT=9555 equals FEDCT_SERVER_PORT"),
+        ("FEDCT_SUPERLINK_PORT=70000", "FEDCT_SUPERLINK_PORT='70000' is not a port number"),
     ],
 )
 def test_bad_server_env(server_env, line, message):
@@ -177,7 +260,7 @@ def test_supernode_command_carries_tls_auth_and_the_site_settings(tmp_path, pki)
     assert SiteConfig.from_context(parsed, {}) == site.site_config()
     env = supernode_env(site, tmp_path / "bin")
     assert env["PATH"].split(":")[0] == str(tmp_path / "bin")  # the approval launcher comes first
-    assert env["FEDCT_APPROVED_APPS"] == str(tmp_path / "work" / "approved-apps.txt")
+    assert env["FEDCT_APPROVED_APPS"] == str(tmp_path / "approved-apps.txt")  # next to the env file, outside SITE_DIR
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     assert env["FLWR_HOME"] == str(tmp_path / "work" / "flwr-home")
 
@@ -194,16 +277,17 @@ def test_tls_preflight_verifies_ca_and_hostname(pki, tmp_path):
     try:
         assert check_tls("127.0.0.1", port, pki / "ca" / "ca.crt").startswith("TLS")
         assert check_tls("localhost", port, pki / "ca" / "ca.crt").startswith("TLS")
-        other = write_consortium(tmp_path / "other", sites=["z"])
+        other = write_consortium(tmp_path / "other")
         with pytest.raises(DeployError, match=r"does not verify .*consortium's ca.crt"):
             check_tls("127.0.0.1", port, other.ca_cert)
     finally:
         stop.set()
-    narrow = write_consortium(tmp_path / "narrow", sites=["z"], sans=("fl.example.org",))
-    port, stop = _tls_server(narrow.server_cert, narrow.server_key)
+    # an address the certificate does not name (SANs: fl.example.org + loopback names; 127.0.0.2 is loopback too)
+    narrow = write_consortium(tmp_path / "narrow", sans=("fl.example.org",))
+    port, stop = _tls_server(narrow.server_cert, narrow.server_key, host="127.0.0.2")
     try:
-        with pytest.raises(DeployError, match=r"not valid for '127.0.0.1'.*--san 127.0.0.1"):
-            check_tls("127.0.0.1", port, narrow.ca_cert)
+        with pytest.raises(DeployError, match=r"not valid for '127.0.0.2'.*--san 127.0.0.2"):
+            check_tls("127.0.0.2", port, narrow.ca_cert)
     finally:
         stop.set()
 
@@ -249,8 +333,8 @@ def test_warm_runner_starts_the_supernode_without_superexec_and_the_executor_wit
     config = executor_args(executor[3:] + ["--preload-app", ""])  # the executor's own parser accepts it
     assert config == ExecutorConfig(runtime_api_address="127.0.0.1:9601", insecure=True, preload_app=None,
                                     superexec_auth_secret_file=site.superexec_secret_file,
-                                    approved_apps=tmp_path / "site-a" / "work" / "approved-apps.txt", parent_pid=4321)  # fmt: skip
-    off = _site(tmp_path, pki, FEDCT_APPROVED_APPS="off")
+                                    approved_apps=tmp_path / "approved-apps.txt", parent_pid=4321)  # fmt: skip
+    off = _site(tmp_path, pki, FEDCT_APPROVAL="disabled-i-understand")
     assert executor_args([*executor_command(off, parent_pid=1)[3:], "--preload-app", ""]).approved_apps is None
 
 

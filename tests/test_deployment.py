@@ -88,12 +88,13 @@ class Consortium:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.port = _free_port()
+        self.port = _free_port()  # the hospital-facing proxy (Fleet API only): what the sites are given
+        self.superlink_port = _free_port()  # the SuperLink itself, 127.0.0.1 only (registration, runs)
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         self.all_pids: set[int] = set()
         tiny_federation(root / "data", sites=len(SITES), patients_per_site=6)
-        self.pki = write_consortium(root / "pki", sites=[*SITES, "site-x"])
+        self.pki = write_consortium(root / "pki", sites=[*SITES, "site-x"], with_site_keys=True)
         keys = root / "server-keys"  # what the sites sent to the server: their public keys, not site-x's
         keys.mkdir()
         for name in SITES:
@@ -109,6 +110,7 @@ class Consortium:
         self.server_env = _write_env(root / "server.env", {
             "FEDCT_SERVER_HOST": "127.0.0.1",
             "FEDCT_SERVER_PORT": self.port,
+            "FEDCT_SUPERLINK_PORT": self.superlink_port,
             "FEDCT_CA_CERT": self.pki.ca_cert,
             "FEDCT_SERVER_CERT": self.pki.server_cert,
             "FEDCT_SERVER_KEY": self.pki.server_key,
@@ -119,7 +121,7 @@ class Consortium:
         })  # fmt: skip
         self.site_envs = {name: self.site_env(name) for name in (*SITES, "site-x")}
         for name in SITES:
-            approve(self.app, root / "work" / name / "approved-apps.txt")
+            approve(self.app, root / "approval" / name / "approved-apps.txt")  # outside the site's work folder
 
     def site_env(self, name: str, **changes: object) -> Path:
         data = "site-0" if name == "site-x" else name
@@ -131,6 +133,7 @@ class Consortium:
             "FEDCT_DICOM_DIR": self.root / "data" / data / "dicom",
             "FEDCT_LABELS": self.root / "data" / data / "labels.csv",
             "FEDCT_SITE_DIR": self.root / "work" / name,
+            "FEDCT_APPROVED_APPS": self.root / "approval" / name / "approved-apps.txt",
             "FEDCT_DEVICE": "cpu",
             "FEDCT_WORKERS": 1,
             "FEDCT_RUNTIME_PORT": _free_port(),
@@ -261,6 +264,8 @@ def test_two_rounds_over_tls_with_node_authentication(consortium):
     fed = consortium
     server_log = fed.log_text("server")
     assert "--enable-supernode-auth" in server_log and "--ssl-certfile" in server_log and "--insecure" not in server_log
+    # the sites reached the SuperLink through the proxy; the SuperLink itself listens on loopback only
+    assert f"--host 127.0.0.1 --port {fed.superlink_port}" in server_log and f"the proxy on 127.0.0.1:{fed.port}" in server_log
     assert "site site-0: registered" in server_log and "site site-1: registered" in server_log
     before = {name: len(fed.log_text(name)) for name in SITES}  # this run's part of the sites' logs starts here
     done = fed.submit("two-rounds", **{"evaluate-mode": "fused"})  # as configs/run.toml deploys: evaluation inside the train exchange
@@ -312,7 +317,8 @@ def test_an_unapproved_app_is_refused_before_it_is_unpacked(consortium):
     print(f"\n[deployment] unapproved app: run ended after {time.monotonic() - t0:.1f}s ({done.status})")
     for name in SITES:
         assert f"fedct: REFUSED app fedct/fedct 0.1.0 (FAB sha256 {digest})" in fed.log_text(name)
-        installed = [p.name for p in (fed.root / "work" / name / "flwr-home" / "apps").iterdir()]
+        apps = fed.root / "work" / name / "flwr-home" / "apps"  # absent when no app was ever installed (-k runs)
+        installed = [p.name for p in apps.iterdir()] if apps.is_dir() else []
         assert not any(p.endswith(digest[:8]) for p in installed), installed  # never unpacked at the site
     if done.status == "finished:completed":  # the round loop records the round as skipped
         entry = _round(fed.metrics("unapproved"), 1)
@@ -336,7 +342,7 @@ def test_a_supernode_without_a_registered_key_is_refused(consortium):
 
 def test_a_site_without_the_consortium_ca_gets_a_clear_message(consortium):
     fed = consortium
-    other = write_consortium(fed.root / "other-pki", sites=["site-0"])
+    other = write_consortium(fed.root / "other-pki")
     wrong = fed.site_env("site-0", FEDCT_CA_CERT=other.ca_cert)
     proc = fed.start("site-wrong-ca", "entrypoint-site.sh", wrong)
     assert proc.wait(timeout=120) == 2
@@ -386,11 +392,15 @@ def test_resume_after_the_server_is_killed(consortium):
     assert done.run_id is not None, done.output[-3000:]
     wait_until(lambda: (s := load_run_state(run_dir / "state")) is not None and s.server_round >= 1, timeout=600,
                what="round 1 to complete", poll=1)  # fmt: skip
-    fed.kill("server")  # SuperLink, its SuperExec and the ServerApp, all SIGKILLed
+    registry = json.loads((fed.root / "server-state" / "site-registry.json").read_text())
+    assert sorted(registry.values()) == sorted(SITES)
+    fed.kill("server")  # SuperLink, its SuperExec, the ServerApp and the proxy, all SIGKILLed
     saved = load_run_state(run_dir / "state").server_round
     kept = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").glob("*.pt")}
     fed.start_server()  # same env file: same database, keys already registered
     assert "site site-0: already registered" in fed.log_text("server")
+    # same node ids for the same keys (database on disk): the registry the ServerApp reads is unchanged
+    assert json.loads((fed.root / "server-state" / "site-registry.json").read_text()) == registry
     # The SuperNodes kept running and reconnect by themselves (their node ids live in the database); the round
     # loop waits up to round-timeout-s for min-sites of them.
     resumed = fed.submit("resume", **settings, resume=True)

@@ -103,3 +103,124 @@ def test_replies_carry_only_numbers_and_the_site_name(recorded_replies):
                     assert all(isinstance(c, int | float) and c >= 0 and float(c).is_integer() for c in value)
                 else:
                     assert isinstance(value, int | float), key
+
+
+# --- errors leave a site only as reason codes ---------------------------------------------------------------------
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
+from flwr.app.message_type import MessageType  # noqa: E402
+
+from federation import TINY_RUN_CONFIG as _TINY  # noqa: E402
+from fl_client.client_app import REASON_CODES, metrics_min_count, reason_code, reason_code_mod  # noqa: E402
+from fl_client.config import SiteConfigError  # noqa: E402
+
+PATIENT_FOLDER = "DOE^JOHN_MRN123456"
+PHI = ("DOE", "JOHN", "MRN123456", PATIENT_FOLDER, "IM0001")
+
+
+def _message() -> Message:
+    return Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type=MessageType.TRAIN)
+
+
+def _context(tmp_path: Path) -> Context:
+    node = {"site-name": "site-a", "dicom-dir": str(tmp_path / "dicom"), "site-dir": str(tmp_path / "site")}
+    return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
+
+
+def _raising(exc: BaseException):
+    def handler(msg, context):
+        raise exc
+
+    return handler
+
+
+class _LimitError(ValueError):  # what fl_client.config's SiteLimitError looks like to this mod
+    code = "site_limit_exceeded"
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (_LimitError(f"/data/{PATIENT_FOLDER}: 900 series > FEDCT_MAX_SERIES"), "site_limit_exceeded"),
+        (MemoryError(f"cannot allocate for /data/{PATIENT_FOLDER}"), "out_of_memory"),
+        (SiteConfigError(f"node config dicom-dir /data/{PATIENT_FOLDER} ..."), "site_config_invalid"),
+        (KeyError(f"/data/{PATIENT_FOLDER}/IM0001"), "internal_error"),
+    ],
+)
+def test_any_exception_reaches_flower_as_its_reason_code_only(tmp_path, task_identity, caplog, exc, code):
+    with caplog.at_level(logging.ERROR, logger="fedct.client"):
+        reply = reason_code_mod()(_message(), _context(tmp_path), _raising(exc))  # returns: Flower adds nothing
+    text = reply.error.reason
+    assert re.fullmatch(rf"{code} incident=[0-9a-f]{{8}}", text) and code in REASON_CODES
+    assert reply.error.code == 2  # ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert PATIENT_FOLDER in caplog.text and text in caplog.text  # the full text stays in the site log
+    log_file = (tmp_path / "site" / "errors.log").read_text()
+    assert PATIENT_FOLDER in log_file and text in log_file
+
+
+def test_an_exception_raised_in_preprocessing_is_ingest_failed():
+    from preprocessing.ingest import input_fingerprint
+
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - whatever ingestion raises for a missing folder
+        input_fingerprint(Path(f"/nonexistent/{PATIENT_FOLDER}"), None, None, None)
+    assert reason_code(raised.value) == "ingest_failed"
+
+
+def test_an_error_reply_of_an_inner_mod_is_reduced_to_a_code(tmp_path, task_identity, caplog):
+    def failing_mod(msg, context):
+        return Message(Error(code=0, reason=f"clipping failed for {PATIENT_FOLDER}"), reply_to=msg)
+
+    with caplog.at_level(logging.ERROR, logger="fedct.client"):
+        reply = reason_code_mod()(_message(), _context(tmp_path), failing_mod)
+    assert reply.has_error() and re.fullmatch(r"protocol_error incident=[0-9a-f]{8}", reply.error.reason)
+    assert PATIENT_FOLDER in caplog.text
+
+
+def test_metrics_floor_setting_is_the_largest_of_run_site_and_five():
+    assert metrics_min_count({}, {}) == 5
+    assert metrics_min_count({}, {"metrics-min-count": 3}) == 5  # a run cannot lower it
+    assert metrics_min_count({"metrics-min-count": 12}, {"metrics-min-count": 8}) == 12  # the site raises it
+    assert metrics_min_count({"metrics-min-count": "7"}, {"metrics-min-count": 9}) == 9
+    with pytest.raises(SiteConfigError, match="node config metrics-min-count"):
+        metrics_min_count({"metrics-min-count": "many"}, {})
+
+
+@pytest.fixture(scope="module")
+def patient_named_folder_run(tmp_path_factory):
+    """A real simulation: site-1's DICOM export holds only a folder named after a patient with a dangling link."""
+    root = tmp_path_factory.mktemp("errors")
+    tiny_federation(root / "data", sites=2, patients_per_site=6, seed=3)
+    dicom = root / "data" / "site-1" / "dicom"
+    for child in sorted(dicom.iterdir()):
+        import shutil
+
+        shutil.rmtree(child)
+    (dicom / PATIENT_FOLDER).mkdir()
+    os.symlink(dicom / PATIENT_FOLDER / "gone.dcm", dicom / PATIENT_FOLDER / "IM0001")
+    run_simulation(
+        server_app=build_server_app({**_TINY, "num-server-rounds": 1, "run-dir": str(root / "run")}),
+        client_app=build_client_app({"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")}),
+        num_supernodes=2,
+        backend_config=simulation_backend_config(),
+    )
+    return root
+
+
+def test_a_patient_named_folder_never_reaches_the_server_only_the_reason_code(patient_named_folder_run):
+    root = patient_named_folder_run
+    metrics = json.loads((root / "run" / "metrics.json").read_text())
+    rejected = [r for entry in metrics["rounds"] for r in entry.get("rejected_updates", [])]
+    assert rejected, "site-1's failure is recorded by the server"
+    # The whole reason the server got (fl_server.rounds prefixes "error reply: "): the code and an incident id.
+    assert all(re.fullmatch(r"error reply: (ingest_failed|no_training_data) incident=[0-9a-f]{8}", r["reason"]) for r in rejected)
+    server_text = " ".join(p.read_text(errors="replace") for p in (root / "run").rglob("*") if p.suffix in (".json", ".md", ".txt"))
+    for value in (*PHI, str(root / "data"), str(root / "sites")):
+        assert value not in server_text, value
+    site_log = (root / "sites" / "site-1" / "errors.log").read_text()
+    assert PATIENT_FOLDER in site_log and "IM0001" in site_log  # the full message stays at the site
+    incident = re.search(r"incident=([0-9a-f]{8})", rejected[0]["reason"]).group(1)
+    assert incident in site_log  # IT can match the server's record to the site's log

@@ -128,7 +128,7 @@ def test_bad_settings_are_refused_with_the_option_named(kwargs, message):
 
 def test_command_line_good_and_bad(capsys):
     config = parse_args(["--runtime-api-address", "127.0.0.1:9094", "--insecure", "--poll-interval", "0.05", "--preload-app", "",
-                         "--approved-apps", "off"])
+                         "--approved-apps", "disabled-i-understand"])
     assert config == ExecutorConfig(runtime_api_address="127.0.0.1:9094", insecure=True, poll_interval_s=0.05, preload_app=None)
     with pytest.raises(SystemExit) as stop:
         parse_args(["--runtime-api-address", "127.0.0.1:9094"])
@@ -143,11 +143,30 @@ def test_executor_enforces_the_site_allow_list_by_default(tmp_path, monkeypatch)
 
     base = ["--runtime-api-address", "127.0.0.1:9094", "--insecure", "--preload-app", ""]
     monkeypatch.delenv(ALLOW_LIST_ENV, raising=False)
-    assert parse_args(base + ["--approved-apps", "off"]).approved_apps is None
+    assert parse_args(base + ["--approved-apps", "disabled-i-understand"]).approved_apps is None
     listed = tmp_path / "approved-apps.txt"
     assert parse_args(base + ["--approved-apps", str(listed)]).approved_apps == listed
     refuse_all = parse_args(base).approved_apps
     assert refuse_all is not None and not refuse_all.exists()  # no list configured: nothing is approved
+
+
+@pytest.mark.parametrize("value", ["off", "none", ""])
+def test_executor_cannot_be_told_to_skip_approval_by_accident(monkeypatch, capsys, value):
+    from fl_client.approval import ALLOW_LIST_ENV
+
+    base = ["--runtime-api-address", "127.0.0.1:9094", "--insecure", "--preload-app", ""]
+    if value:
+        with pytest.raises(SystemExit) as stop:
+            parse_args(base + ["--approved-apps", value])
+        assert stop.value.code == 2
+        assert f"--approved-apps={value!r} does not switch app approval off" in capsys.readouterr().err
+        monkeypatch.setenv(ALLOW_LIST_ENV, value)
+        with pytest.raises(SystemExit):
+            parse_args(base)
+        assert f"FEDCT_APPROVED_APPS={value!r} does not switch" in capsys.readouterr().err
+    else:  # an empty setting: nothing configured, every app refused (fail closed)
+        refused = parse_args(base + ["--approved-apps", value]).approved_apps
+        assert refused is not None and not refused.exists()
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -177,7 +196,7 @@ def supernode(tmp_path):
 def _executor(tmp_path: Path, port: int, *args: str) -> subprocess.Popen:
     out = (tmp_path / f"executor-{port}.log").open("wb")
     return subprocess.Popen([sys.executable, "-m", "fl_client.executor", "--runtime-api-address", f"127.0.0.1:{port}",
-                             "--insecure", "--approved-apps", "off", "--preload-app", "", *args],
+                             "--insecure", "--approved-apps", "disabled-i-understand", "--preload-app", "", *args],
                             env=_env(tmp_path), stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
 
 
@@ -208,6 +227,7 @@ def test_parent_pid_ends_the_executor_when_the_parent_is_gone(tmp_path, request,
         while "serving 127.0.0.1" not in log.read_text() and executor.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert executor.poll() is None, log.read_text()  # runs while its parent lives
+        assert "WARNING app approval is DISABLED at this site (FEDCT_APPROVAL=disabled-i-understand)" in log.read_text()
         parent.kill()
         parent.wait()
         assert _exits(executor) == 0, log.read_text()
@@ -226,3 +246,101 @@ def test_an_executor_without_the_supernodes_secret_says_so_and_exits(tmp_path, s
         assert _exits(executor) == 3
         text = (tmp_path / f"executor-{port}.log").read_text()
         assert "refused task acquisition (HTTP 401, SuperExec authentication failed)" in text, text[-2000:]
+
+
+# --- the approved code is the code that runs, in every install layout (#16.7) ------------------------------------------
+
+PROJECT = {"fedct", "fl_client", "fl_server", "preprocessing", "models", "synthetic", "inference", "bench"}
+SOURCE_PARTS = ("pyproject.toml", "README.md", *sorted(PROJECT))
+
+
+@pytest.fixture(scope="module")
+def installed_copy(tmp_path_factory) -> Path:
+    """A NON-editable install of this checkout (``pip install --no-deps --target``), as a site may have it: the
+    project's packages then live in a ``site-packages`` folder like any third-party library."""
+    root = tmp_path_factory.mktemp("installed")
+    source = root / "source"
+    source.mkdir()
+    for part in SOURCE_PARTS:
+        (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, source / part)
+    target = root / "site-packages"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--no-compile", "--target", str(target), str(source)],
+                          capture_output=True, text=True, timeout=600, cwd=root)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (target / "fl_client" / "executor.py").is_file() and not (target / "fl_client" / "__editable__").exists()
+    return target
+
+
+def _run_installed(target: Path, cwd: Path, code: str, **env: str) -> dict:
+    """Run ``code`` with only the installed copy importable (no checkout on the path), from another folder."""
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    environ.update(PYTHONPATH=str(target), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", **env)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=cwd, env=environ)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_non_editable_install_preloads_third_party_modules_only(installed_copy, tmp_path):
+    """Before the fix, discovery listed every module under 'site-packages', the installed fl_client/models/
+    preprocessing included, and the executor preloaded them."""
+    out = _run_installed(installed_copy, tmp_path, """
+import json, sys
+import fl_client
+from fl_client.executor import _DISCOVER, discover_third_party_modules, project_packages
+import subprocess
+everything = subprocess.run([sys.executable, "-c", _DISCOVER, "fl_client.client_app", "[]"], capture_output=True,
+                            text=True, check=True).stdout.strip().splitlines()[-1]
+print(json.dumps({"file": fl_client.__file__, "own": sorted(project_packages()),
+                  "found": discover_third_party_modules("fl_client.client_app"), "unfiltered": json.loads(everything)}))
+""")
+    assert out["file"].startswith(str(installed_copy))  # the installed copy, not this checkout
+    assert set(out["own"]) == PROJECT  # from the installed distribution's metadata: no pyproject.toml there
+    tops = {n.split(".")[0] for n in out["found"]}
+    assert {"torch", "monai", "flwr", "numpy"} <= tops
+    assert not tops & PROJECT, sorted(tops & PROJECT)
+    assert {"fl_client", "models", "preprocessing"} <= {n.split(".")[0] for n in out["unfiltered"]}  # what the old filter kept
+
+
+def test_the_warm_child_runs_the_fabs_code_not_the_installed_copy(installed_copy, tmp_path):
+    """The executor's parent preloads as in production (installed copy, another working folder); then the steps of a
+    forked child (allow-list gate, forget the project's modules, Flower's FAB install and ClientApp loader) load the
+    ClientApp from an approved FAB whose client_app module carries a marker the installed copy does not have."""
+    app = tmp_path / "app"
+    app.mkdir()
+    for part in SOURCE_PARTS:
+        if part != "bench":  # the FAB holds what pyproject's fab-include names
+            (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, app / part)
+    with open(app / "fl_client" / "client_app.py", "a") as f:
+        f.write('\nFEDCT_TEST_COPY = "the approved FAB"\n')
+    from fl_client.approval import approve
+
+    allow = tmp_path / "approval" / "approved-apps.txt"
+    approve(app, allow)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    out = _run_installed(installed_copy, work, f"""
+import json, os, sys
+from fl_client.approval import fab_bytes_of, gate_fab_install
+from fl_client.executor import FLOWER_MODULES, _forget_own_modules, discover_third_party_modules, preload_modules
+names = [*FLOWER_MODULES, *discover_third_party_modules("fl_client.client_app")]
+result = preload_modules(names)
+preloaded_own = sorted(n for n in sys.modules if n.split(".")[0] in ("models", "preprocessing", "fl_server", "inference"))
+fab = fab_bytes_of({str(app)!r})
+# --- what the forked child does (fl_client.executor._run_child) before Flower's run_clientapp
+gate_fab_install({str(allow)!r})
+_forget_own_modules()
+import flwr.supernode.runtime.run_clientapp as runtime
+from flwr.supercore.object_ref import load_app
+app_dir = runtime.install_from_fab(fab, skip_prompt=True)
+load_app("fl_client.client_app:app", RuntimeError, app_dir)
+module = sys.modules["fl_client.client_app"]
+print(json.dumps({{"preloaded": result.imported, "preloaded_own": preloaded_own, "torch": "torch" in sys.modules,
+                  "file": module.__file__, "marker": getattr(module, "FEDCT_TEST_COPY", None), "app_dir": str(app_dir),
+                  "models": sys.modules["models.factory"].__file__}}))
+""", FLWR_HOME=str(tmp_path / "flwr-home"))  # fmt: skip
+    assert out["preloaded"] > 500 and out["torch"]  # warm: the third-party libraries were preloaded
+    assert out["preloaded_own"] == []  # ... and none of the project's packages
+    assert out["marker"] == "the approved FAB"
+    assert out["file"].startswith(out["app_dir"]) and out["models"].startswith(out["app_dir"])
+    assert not out["file"].startswith(str(installed_copy))

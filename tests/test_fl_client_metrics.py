@@ -198,7 +198,8 @@ def test_survival_metrics_hand_computed():
     # Horizon 2.5: case = study 0 (event at day 1); study 1 censored at day 2 excluded; controls = studies 2, 3
     # (risks 0 and 1, both below the case's 2) -> td-AUC 1.
     m = survival_metrics(RISK, TIME, EVENT, horizon_days=2.5)
-    assert m == {"c-index": pytest.approx(0.625), "td-auc": 1.0, "n-events": 2.0}
+    assert m == {"c-index": pytest.approx(0.625), "td-auc": 1.0, "n-events": 2.0, "n-known": 4.0, "n-td-cases": 1.0,
+                 "n-td-controls": 2.0}  # fmt: skip
     # Horizon 3: cases = studies 0 (risk 2) and 2 (risk 0); control = study 3 (risk 1) -> 1 of 2 pairs right.
     assert survival_metrics(RISK, TIME, EVENT, horizon_days=3)["td-auc"] == pytest.approx(0.5)
 
@@ -252,3 +253,117 @@ def test_risk_histogram_counts_every_finite_score_and_clips_the_tails():
     assert hist[0] == 1 and hist[-1] == 1  # clipped into the first and last bins
     middle = int((0.015 - RISK_RANGE[0]) / (RISK_RANGE[1] - RISK_RANGE[0]) * RISK_BINS)
     assert hist[middle] == 2
+
+
+# --- the privacy floor (no metric sent depends on fewer than k studies) -------------------------------------------
+
+from fl_client.metrics import (  # noqa: E402
+    MIN_COUNT,
+    choose_operating_points,
+    coarsen_histogram,
+    floor_evaluation,
+    floor_training,
+    risk_histogram,
+    score_histograms,
+    survival_metrics,
+)
+
+
+def _split(n: int, seed: int) -> dict:
+    """An evaluated split the way fl_client.train builds it: n studies, three classes, outcomes for every study."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    logits = 1.5 * np.eye(3)[labels] + rng.normal(size=(n, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    risk, time, event = rng.normal(size=n), rng.uniform(1, 30, size=n), (labels == 0).astype(float)
+    m = classification_metrics(probs, labels, NAMES, thresholds=choose_operating_points(probs, labels, NAMES))
+    m.update(survival_metrics(risk, time, event, horizon_days=14.0))
+    m.update(score_histograms(probs, labels, NAMES))
+    return m
+
+
+def _evaluation(val_n: int, test_n: int, train_n: int = 40) -> dict:
+    metrics = {f"val-{k}": v for k, v in _split(val_n, 1).items()}
+    metrics.update({f"test-{k}": v for k, v in _split(test_n, 2).items()})
+    metrics.update({f"train-{k}": v for k, v in risk_histogram(np.random.default_rng(3).normal(size=train_n)).items()})
+    metrics["num-examples"] = val_n
+    return metrics
+
+
+def test_a_site_with_three_studies_in_a_split_sends_no_histogram_and_no_score_of_it():
+    sent = floor_evaluation(_evaluation(val_n=3, test_n=60))
+    val_hists = [k for k in sent if k.startswith("val-hist-")]
+    assert len(val_hists) == 6 and all(sent[k] == [] for k in val_hists)  # keys kept (Flower needs them), no counts
+    assert sent["val-n"] == 3  # the split's size stays (the weight); nothing computed from its studies does
+    for key, value in sent.items():
+        if key.startswith("val-") and key != "val-n" and "-hist-" not in key:
+            assert math.isnan(value), key
+    # The 60-study test split (20 per class) is sent, histograms coarsened.
+    assert math.isfinite(sent["test-auc-macro"]) and math.isfinite(sent["test-loss"])
+    assert {f"test-hist-pos-{c}" for c in NAMES} <= set(sent)
+
+
+def test_coarsened_histograms_keep_length_and_total_and_every_group_holds_k_studies():
+    raw = _evaluation(val_n=30, test_n=30)
+    sent = floor_evaluation(raw)
+    hist_keys = [k for k in sent if "-hist-" in k and sent[k]]
+    assert "train-hist-risk" in hist_keys and len(hist_keys) == 13
+    for key in hist_keys:
+        assert len(sent[key]) == len(raw[key]) and sum(sent[key]) == pytest.approx(sum(raw[key]))
+        assert sent[key] != raw[key]  # 10 studies in 20 bins cannot all be in groups of >= 5 without merging
+        assert all(c == 0 or c >= MIN_COUNT for c in sent[key]), key
+        assert all(float(c).is_integer() for c in sent[key])
+
+
+@pytest.mark.parametrize("counts", [[0, 3, 0, 1, 0], [1, 1, 1, 1], [4, 0, 0, 0]])
+def test_a_histogram_of_fewer_than_k_studies_is_not_sent(counts):
+    assert coarsen_histogram(counts, 5) is None
+
+
+def test_coarsening_by_hand():
+    # The running count reaches 5 at bin 2 (group 0-2, mean bin (0*2 + 2*3)/5 = 1.2 -> 1) and again at bin 4
+    # (group 3-4); the remainder 5-6 (1 study) joins it: 6 studies, mean bin (3*4 + 4 + 6)/6 = 3.67 -> 4.
+    assert coarsen_histogram([2, 0, 3, 4, 1, 0, 1], 5) == [0, 5, 0, 0, 6, 0, 0]
+    assert coarsen_histogram([9, 7], 5) == [9.0, 7.0]  # already fine: unchanged
+    with pytest.raises(ValueError, match="min_count"):
+        coarsen_histogram([9, 7], 0)
+    with pytest.raises(ValueError, match="counts"):
+        coarsen_histogram([9, -1], 5)
+
+
+def test_a_class_with_fewer_than_k_positives_sends_no_auc_sensitivity_histogram_or_count():
+    sent = floor_evaluation(_evaluation(val_n=12, test_n=12))  # 4 studies per class
+    for c in NAMES:
+        for name in ("auc", "sens", "n-pos"):
+            assert math.isnan(sent[f"val-{name}-{c}"]), name
+        assert sent[f"val-hist-pos-{c}"] == [] and sent[f"val-hist-neg-{c}"] == []
+        assert sent[f"val-spec-{c}"] == pytest.approx(_evaluation(12, 12)[f"val-spec-{c}"])  # 8 negatives: fine
+    assert math.isnan(sent["val-auc-macro"]) and math.isnan(sent["val-balanced-accuracy"])
+    assert math.isfinite(sent["val-accuracy"])  # over all 12 studies
+    assert math.isnan(sent["val-c-index"]) and math.isnan(sent["val-n-events"])  # 4 events
+
+
+def test_k_can_be_raised_but_never_lowered():
+    raw = _evaluation(val_n=24, test_n=24)  # 8 per class
+    assert floor_evaluation(raw, min_count=2) == floor_evaluation(raw, min_count=MIN_COUNT)
+    assert math.isfinite(floor_evaluation(raw)["val-auc-covid"])
+    raised = floor_evaluation(raw, min_count=10)
+    assert math.isnan(raised["val-auc-covid"]) and not [k for k in raised if k.startswith("val-hist") and raised[k]]
+    with pytest.raises(ValueError, match="min_count"):
+        floor_evaluation(raw, min_count=0)
+
+
+def test_a_metric_the_floor_does_not_know_is_not_sent(caplog):
+    raw = {**_evaluation(val_n=30, test_n=30), "val-scores": [0.1, 0.9], "val-risk-study-3": 2.5}
+    sent = floor_evaluation(raw)
+    assert "val-scores" not in sent and "val-risk-study-3" not in sent
+    assert "val-scores" in caplog.text
+
+
+def test_training_losses_need_k_training_studies():
+    result = {"train-loss": 0.5, "train-loss-diagnosis": 0.4, "train-loss-prognosis": 0.2, "train-seconds": 3.0,
+              "num-examples": 3, "train-per-study-loss": 1.0}  # fmt: skip
+    small = floor_training(result)
+    assert math.isnan(small["train-loss"]) and small["num-examples"] == 3 and small["train-seconds"] == 3.0
+    assert "train-per-study-loss" not in small
+    assert floor_training({**result, "num-examples": 5})["train-loss"] == 0.5

@@ -268,3 +268,57 @@ def test_round_extras_and_state_restore_continue_the_log(tmp_path):
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert [r["round"] for r in written["rounds"]] == [1, 2, 3, 4] and written["best_round"]["round"] == 3
     assert written["rounds"][1]["evaluate"] == {"aggregate": {}, "sites": {}}
+
+
+# --- what the privacy floor costs the pooled AUC -------------------------------------------------------------------
+
+
+def pooled_auc_error(per_site: int, *, sites: int = 3, k: int = 5, seed: int = 0) -> tuple[float, float]:
+    """Pooled AUC of class 0 from the sites' exact scores vs from their floored histograms (README "Privacy").
+
+    Demo-like data: three classes in equal shares, logits = 1.5 * one-hot + N(0, 1) (AUC about 0.85). Returns
+    (exact, from histograms); the latter NaN when no site may send the class's histograms.
+    """
+    from fl_client.metrics import floor_evaluation
+
+    rng = np.random.default_rng(seed)
+    names = ("covid", "other", "normal")
+    all_scores, all_labels, per_site_metrics = [], [], {}
+    for s in range(sites):
+        labels = rng.permutation(np.arange(per_site) % 3)
+        logits = 1.5 * np.eye(3)[labels] + rng.normal(size=(per_site, 3)) + 0.3 * s  # sites' scores slightly shifted
+        probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        all_scores.append(probs[:, 0])
+        all_labels.append(labels == 0)
+        raw = {f"val-{key}": v for key, v in {**classification_metrics(probs, labels, names),
+                                               **score_histograms(probs, labels, names)}.items()}  # fmt: skip
+        per_site_metrics[f"site-{s}"] = floor_evaluation(raw, min_count=k)
+    exact = roc_auc_score(np.concatenate(all_labels), np.concatenate(all_scores))
+    return exact, aggregate(per_site_metrics).get("val-pooled-auc-covid", math.nan)
+
+
+@pytest.mark.parametrize(("per_site", "bound"), [(30, 0.12), (60, 0.025), (150, 0.01)])
+def test_pooled_auc_from_floored_histograms_stays_close_to_the_exact_pooled_auc(per_site, bound):
+    errors = [abs(a - b) for a, b in (pooled_auc_error(per_site, seed=seed) for seed in range(5))]
+    assert all(math.isfinite(e) for e in errors) and max(errors) <= bound
+
+
+def test_sites_of_demo_size_send_no_pooled_auc():
+    # The demo's 40 patients per site leave 8 validation studies: fewer than 5 per class, so nothing to pool.
+    _, pooled = pooled_auc_error(8)
+    assert math.isnan(pooled)
+
+
+def test_sites_that_send_no_histogram_are_left_out_of_the_pooled_auc():
+    full = {"val-hist-pos-covid": [0.0, 5.0, 0.0], "val-hist-neg-covid": [6.0, 0.0, 0.0], "val-n": 11.0}
+    empty = {"val-hist-pos-covid": [], "val-hist-neg-covid": [], "val-n": 3.0}
+    agg = aggregate({"site-a": full, "site-b": empty})
+    assert agg["val-hist-pos-covid"] == [0.0, 5.0, 0.0] and agg["val-pooled-auc-covid"] == 1.0
+    nothing = aggregate({"site-b": empty})
+    assert nothing["val-hist-pos-covid"] == [] and math.isnan(nothing["val-pooled-auc-covid"])
+
+
+def test_a_count_a_site_withheld_is_summed_over_the_others():
+    agg = aggregate({"site-a": {"val-n-pos-covid": 7.0}, "site-b": {"val-n-pos-covid": math.nan}})
+    assert agg["val-n-pos-covid"] == 7.0
+    assert math.isnan(aggregate({"site-b": {"val-n-pos-covid": math.nan}})["val-n-pos-covid"])

@@ -16,7 +16,7 @@ from fedct.demo import simulation_backend_config
 from federation import TINY_RUN_CONFIG, tiny_federation
 from fl_client.client_app import build_client_app
 from fl_client.secagg import LEGACY_FIT_KEY
-from fl_server.checkpoint import load_bundle
+from models.bundle import load_bundle
 from fl_server.config import ServerConfig
 from fl_server.privacy import PrivacyConfig
 from fl_server.secagg import quantization_tolerance
@@ -69,6 +69,25 @@ def recording_mod(folder: Path):
     return mod
 
 
+def masked_vector_mod(folder: Path):
+    """Client mod outside Flower's secaggplus_mod: saves what a site really sends in SecAgg+'s collect stage."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+    from flwr.common import bytes_to_ndarray
+
+    def mod(msg: Message, context: Context, call_next):
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        stage = None if configs is None else configs.get(Key.STAGE)  # read first: secaggplus_mod consumes the record
+        reply = call_next(msg, context)
+        if stage == Stage.COLLECT_MASKED_VECTORS and not reply.has_error():
+            sent = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+            site = f"site-{context.node_config['partition-id']}"
+            rnd = len(list(folder.glob(f"masked-{site}-r*.npz"))) + 1
+            np.savez(folder / f"masked-{site}-r{rnd}.npz", *[bytes_to_ndarray(b) for b in sent])
+        return reply
+
+    return mod
+
+
 @pytest.fixture(scope="module")
 def secagg_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("secagg")
@@ -80,7 +99,7 @@ def secagg_run(tmp_path_factory):
     run_simulation(
         server_app=build_server_app(server_config),
         client_app=build_client_app({"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")},
-                                    mods=[recording_mod(replies)]),  # fmt: skip
+                                    mods=[recording_mod(replies)], outer_mods=[masked_vector_mod(replies)]),  # fmt: skip
         num_supernodes=3,
         backend_config=simulation_backend_config(),
     )
@@ -111,6 +130,29 @@ def test_secure_aggregate_equals_plain_fedavg_of_the_same_updates(secagg_run, se
     assert all(torch.equal(before[k], after[k]) for k in before if k not in floats)
 
 
+@pytest.mark.parametrize("server_round", [1, 2])
+def test_what_leaves_a_site_is_masked_not_its_update(secagg_run, server_round):
+    """The vector a site sends is its quantized weighted update plus masks: uniform mod 2**32, unrelated to the
+    update (while the aggregate of all sites is still the plain weighted mean, test above)."""
+    _, replies = secagg_run
+    raw_paths = sorted(replies.glob(f"site-*-round{server_round}.npz"))
+    assert len(raw_paths) == 3
+    for raw_path in raw_paths:
+        site = raw_path.name.split("-round")[0]
+        with np.load(raw_path) as raw, np.load(replies / f"masked-{site}-r{server_round}.npz") as masked:
+            update = [raw[f"u{i}"] for i in range(len(raw.files) - 1)]
+            ratio = round(int(raw["num_examples"]) / MAX_WEIGHT * 2**22) / 2**22
+            sent = [masked[f"arr_{i}"] for i in range(len(masked.files))]
+        assert len(sent) == len(update) + 1  # SecAgg+ prepends the quantized weight
+        # What an unmasked site would send: the update x weight quantized to [0, 2**22] (stochastic rounding: +-1).
+        plain = np.concatenate([((np.clip(u * ratio, -8.0, 8.0) + 8.0) * 2**22 / 16.0).ravel() for u in update])
+        sent_flat = np.concatenate([a.ravel() for a in sent[1:]]).astype(np.float64)
+        assert sent_flat.shape == plain.shape and plain.size > 1000
+        assert np.mean(np.abs(sent_flat - plain) <= 1.0) < 0.001  # virtually no value is its plain quantization
+        assert np.mean(sent_flat > 2**22) > 0.9  # masks spread the values over [0, 2**32), far beyond the update's range
+        assert abs(np.corrcoef(sent_flat, plain)[0, 1]) < 0.05
+
+
 def test_metrics_checkpoints_and_bundles_are_written_as_without_secagg(secagg_run):
     run_dir, _ = secagg_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -121,7 +163,8 @@ def test_metrics_checkpoints_and_bundles_are_written_as_without_secagg(secagg_ru
         assert sorted(entry["train"]["sites"]) == ["site-0", "site-1", "site-2"]
         assert sorted(entry["evaluate"]["sites"]) == ["site-0", "site-1", "site-2"]
         assert entry["train"]["aggregate"]["num-examples"] == sum(s["num-examples"] for s in entry["train"]["sites"].values())
-        assert entry["evaluate"]["aggregate"]["val-loss"] is not None
+        # every site has fewer than k = 5 validation studies here: the key is there, the value withheld (privacy floor)
+        assert "val-loss" in entry["evaluate"]["aggregate"] and entry["evaluate"]["aggregate"]["val-n"] > 0
         # SecAgg+'s four stages and the evaluation are counted: at least the model out to and an update back from each site.
         assert entry["bytes_sent"] > 3 * model_bytes and entry["bytes_received"] > 3 * model_bytes
         assert not entry["skipped"] and entry["rejected_updates"] == []
@@ -129,4 +172,5 @@ def test_metrics_checkpoints_and_bundles_are_written_as_without_secagg(secagg_ru
     _, meta = load_bundle(run_dir / "model" / "final")
     assert meta["provenance"]["run_config"]["secure-aggregation"] is True
     assert "Secure aggregation (SecAgg+)" in (run_dir / "model" / "final" / "model_card.md").read_text()
-    assert (run_dir / "model" / "best" / "model.json").is_file()
+    # No site may send a validation metric (fewer than k = 5 studies each): no round is claimed best, no best bundle.
+    assert metrics["best_round"] is None and not (run_dir / "model" / "best").exists()

@@ -11,14 +11,15 @@ from flwr.simulation import run_simulation
 from fedct.demo import simulation_backend_config
 from federation import TINY_RUN_CONFIG, tiny_federation
 from fl_client.client_app import build_client_app
-from fl_server.checkpoint import load_bundle
+from models.bundle import load_bundle
 from fl_server.server_app import build_server_app
 
 
 @pytest.fixture(scope="module")
 def simulated_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("sim")
-    tiny_federation(root / "data", sites=2, patients_per_site=8)
+    # 30 patients per site: 6 validation studies, above the sites' privacy floor (k = 5) for split-level metrics
+    tiny_federation(root / "data", sites=2, patients_per_site=30)
     run_dir = root / "run"
     server_config = {**TINY_RUN_CONFIG, "num-server-rounds": 2, "min-sites": 2, "run-dir": str(run_dir)}
     run_simulation(
@@ -78,7 +79,12 @@ def test_prognosis_and_pooled_metrics_reach_metrics_json(simulated_run):
     agg = json.loads((run_dir / "metrics.json").read_text())["rounds"][-1]["evaluate"]["aggregate"]
     for key in ("val-c-index", "val-td-auc", "val-n-events", "val-pooled-auc-macro", "val-brier", "val-ece", "test-pooled-auc-macro"):
         assert key in agg
-    assert sum(agg["val-hist-pos-covid"]) + sum(agg["val-hist-neg-covid"]) == agg["val-n"]
+    # Each site's histograms are empty (fewer than k = 5 studies of a class: not sent) or hold its whole split.
+    sites = json.loads((run_dir / "metrics.json").read_text())["rounds"][-1]["evaluate"]
+    for name, hist in sites.get("site_histograms", {}).items():
+        pos, neg = hist["val-hist-pos-covid"], hist["val-hist-neg-covid"]
+        assert (pos == [] and neg == []) or sum(pos) + sum(neg) == sites["sites"][name]["val-n"]
+        assert all(c == 0 or c >= 5 for c in pos + neg)
 
 
 def test_nothing_identifying_reaches_the_server_side(simulated_run):

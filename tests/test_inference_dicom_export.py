@@ -284,7 +284,7 @@ def test_dciodvfy_style(exported: list[Path]) -> None:
         assert again.SOPInstanceUID == ds.SOPInstanceUID
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools (dciodvfy, dcentvfy) not installed")
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="missing system tool or test dependency: dicom3tools (dciodvfy, dcentvfy)")
 def test_dicom3tools(exported: list[Path], source: Source) -> None:
     """David Clunie's validators: no IOD errors in any file, study/patient entities consistent with the source."""
     import subprocess

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from federation import tiny_federation
-from fl_server.checkpoint import bundle_pipeline, load_bundle, write_bundle
+from models.bundle import BundleError, bundle_pipeline, load_bundle, write_bundle
 from models.factory import ModelConfig, build_model
 from preprocessing.cache import make_dataset
 from preprocessing.deid import KEY_FILE_NAME, Pseudonymizer
@@ -233,7 +233,7 @@ def test_works_without_dicom_export_and_checks_its_folders(tmp_path, series_writ
         run_predict(bundle, tmp_path / "in", tmp_path / "in" / "out", device="cpu", progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_predict(bundle, tmp_path / "nowhere", tmp_path / "out2", device="cpu", progress=False)
-    with pytest.raises(FileNotFoundError, match="model.json"):
+    with pytest.raises(BundleError, match="model.json"):
         run_predict(tmp_path, tmp_path / "in", tmp_path / "out3", device="cpu", progress=False)
 
 

@@ -161,9 +161,9 @@ def test_list_page_shows_every_study(server: ReviewServer) -> None:
     for key in ("study-a", "study-b", "study-c"):
         assert f'data-study-key="{key}"' in text
     assert text.count('<tr class="study"') == 3  # not-a-study and the symlinked folder are not listed
-    assert "Findings suggest COVID-19-like pattern \u2014 82%" in text
-    assert "Findings suggest no pneumonia pattern (normal) \u2014 91%" in text
-    assert "Findings suggest other pneumonia pattern \u2014 55%" in text
+    assert "Findings suggest a COVID-19-like pattern (probability 82%)." in text
+    assert "Findings suggest no pneumonia pattern (normal lungs) (probability 91%)." in text
+    assert "Findings suggest another (non-COVID-19) pneumonia pattern (probability 55%)." in text
     assert ">High<" in text and ">Low<" in text
     assert "fedct 0.1.0 (densenet121)" in text
     assert 'src="/study/study-a/file/overlay_axial.png"' in text  # first listed overlay is the thumbnail
@@ -177,7 +177,7 @@ def test_list_page_shows_every_study(server: ReviewServer) -> None:
 
 def test_study_page_report_and_files(server: ReviewServer) -> None:
     text = page(server, "/study/study-a")
-    assert "Findings suggest COVID-19-like pattern \u2014 82%" in text
+    assert "Findings suggest a COVID-19-like pattern (probability 82%)." in text
     assert '<iframe class="report" sandbox src="/study/study-a/report"' in text
     assert "overlay_coronal.png" in text and 'name="verdict"' in text
 
@@ -340,7 +340,7 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                    reason="chromium and chromedriver binaries not found "
+                    reason="missing system tool or test dependency: chromium and chromedriver "
                            "(Debian: apt-get install chromium chromium-driver)")
 def test_review_in_headless_chromium(server: ReviewServer, tmp_path: Path) -> None:
     from selenium import webdriver
@@ -371,7 +371,7 @@ def test_review_in_headless_chromium(server: ReviewServer, tmp_path: Path) -> No
         driver.get(base + "/")
         rows = driver.find_elements(By.CSS_SELECTOR, "tr.study")
         assert [r.get_attribute("data-study-key") for r in rows] == ["study-a", "study-b", "study-c"]
-        assert "Findings suggest COVID-19-like pattern \u2014 82%" in driver.find_element(By.TAG_NAME, "body").text
+        assert "Findings suggest a COVID-19-like pattern (probability 82%)." in driver.find_element(By.TAG_NAME, "body").text
         thumb = driver.find_element(By.CSS_SELECTOR, 'tr[data-study-key="study-a"] img.thumb')
         assert driver.execute_script("return arguments[0].naturalWidth", thumb) == 16  # the PNG loaded
         browser_pids = _descendants(service.process.pid)

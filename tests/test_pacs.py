@@ -47,8 +47,10 @@ def write_env(folder: Path, *, password: str = PASSWORD, **settings: object) -> 
     """A site env file with the test user's credentials (password in its own file); ``settings`` add or replace keys."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pacs.password").write_text(password + "\n")
+    (folder / "pacs.password").chmod(0o600)
     values = {"FEDCT_SITE_NAME": "site-a", "FEDCT_PACS_USER": USER, "FEDCT_PACS_PASSWORD_FILE": "pacs.password",
               "FEDCT_PACS_AET": CLIENT_AET, "FEDCT_PACS_RETRIES": 2, "FEDCT_PACS_BACKOFF_S": 0.01, "FEDCT_PACS_TIMEOUT_S": 20,
+              "FEDCT_PACS_ALLOW_PLAIN_HTTP": "yes",  # the test PACS (Orthanc on 127.0.0.1) speaks plain http
               **settings}  # fmt: skip
     path = folder / "site.env"
     path.write_text("# site env file\n" + "".join(f"{key}={value}\n" for key, value in values.items()))
@@ -56,7 +58,8 @@ def write_env(folder: Path, *, password: str = PASSWORD, **settings: object) -> 
 
 
 def settings_for(url: str, **overrides: object) -> PacsSettings:
-    values: dict = {"url": url, "user": USER, "password": PASSWORD, "calling_aet": CLIENT_AET, "retries": 2, "backoff_s": 0.01}
+    values: dict = {"url": url, "user": USER, "password": PASSWORD, "calling_aet": CLIENT_AET, "retries": 2, "backoff_s": 0.01,
+                    "allow_plain_http": True}  # fmt: skip
     return PacsSettings(**{**values, **overrides})
 
 
@@ -129,22 +132,22 @@ def test_settings_come_from_the_env_file_with_the_password_in_its_own_file(tmp_p
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("FEDCT_PACS_PASWORD=x", "line 9: unknown setting FEDCT_PACS_PASWORD"),
+        ("FEDCT_PACS_PASWORD=x", "line 10: unknown setting FEDCT_PACS_PASWORD"),
         ("FEDCT_PACS_STUDY_DATE=2024", "FEDCT_PACS_STUDY_DATE='2024' is not a date or range"),
         ("FEDCT_PACS_RETRIES=many", "line 6: FEDCT_PACS_RETRIES='many' is not a int"),
         ("FEDCT_PACS_AET=THIS-AE-TITLE-IS-TOO-LONG", "is not an AE title"),
         ("FEDCT_PACS_URL=ftp://pacs/", "use http(s)://host/dicom-web"),
         ("FEDCT_PACS_URL=dicom://pacs.example.org:104", "dicom://CALLED_AET@host:port"),
         ("FEDCT_PACS_CA_FILE=missing.pem", "FEDCT_PACS_CA_FILE"),
-        ("no equals sign", "line 9: expected KEY=VALUE"),
-        ("FEDCT_SITE_NAME=again", "line 9: FEDCT_SITE_NAME is set twice"),
-        ("FEDCT_PACS_MODALITY=C T", "line 9: FEDCT_PACS_MODALITY has spaces"),
+        ("no equals sign", "line 10: expected KEY=VALUE"),
+        ("FEDCT_SITE_NAME=again", "line 10: FEDCT_SITE_NAME is set twice"),
+        ("FEDCT_PACS_MODALITY=C T", "line 10: FEDCT_PACS_MODALITY has spaces"),
     ],
 )
 def test_bad_settings_name_the_env_file_and_line(tmp_path, line, message):
     key, _, value = line.partition("=")
     replaced = {key: value} if key in ("FEDCT_PACS_RETRIES", "FEDCT_PACS_AET") else {}
-    env = write_env(tmp_path, **replaced)  # 8 lines; a new line under test is line 9
+    env = write_env(tmp_path, **replaced)  # 9 lines; a new line under test is line 10
     url = "" if line.startswith("FEDCT_PACS_URL") else "FEDCT_PACS_URL=http://127.0.0.1:1/dicom-web\n"
     env.write_text(env.read_text() + ("" if replaced else line + "\n") + url)
     with pytest.raises(ValueError) as info:
@@ -392,3 +395,155 @@ def test_refusing_pacs_gives_a_clear_error_and_loses_nothing(pacs, pacs_site, fa
         assert words in err, err
     assert (site_dir / MANIFEST_NAME).read_bytes() == manifest
     assert {p: p.stat().st_mtime_ns for p in (site_dir / "pacs").rglob("*")} == files
+
+
+# --- credentials stay safe (#17.6) ----------------------------------------------------------------------------------
+
+
+def test_basic_auth_over_plain_http_is_refused_unless_explicitly_allowed(tmp_path):
+    env = write_env(tmp_path, FEDCT_PACS_URL="http://pacs.example.org/dicom-web", FEDCT_PACS_ALLOW_PLAIN_HTTP="no")
+    with pytest.raises(ValueError, match=r"plain http://.*FEDCT_PACS_ALLOW_PLAIN_HTTP=yes"):
+        read_pacs_settings(env)
+    with pytest.raises(ValueError, match="FEDCT_PACS_ALLOW_PLAIN_HTTP"):
+        PacsSettings(url="http://pacs.example.org/dicom-web", user=USER, password=PASSWORD)
+    allowed = read_pacs_settings(write_env(tmp_path / "b", FEDCT_PACS_URL="http://pacs.example.org/dicom-web"))
+    assert allowed.allow_plain_http and allowed.user == USER
+    https = read_pacs_settings(write_env(tmp_path / "c", FEDCT_PACS_URL="https://pacs.example.org/dicom-web",
+                                         FEDCT_PACS_ALLOW_PLAIN_HTTP="no"))  # fmt: skip
+    assert https.user == USER
+    assert PacsSettings(url="http://pacs.example.org/dicom-web").user is None  # no credentials: nothing to expose
+    with pytest.raises(ValueError, match="yes or no"):
+        read_pacs_settings(write_env(tmp_path / "d", FEDCT_PACS_URL="http://x/dicom-web", FEDCT_PACS_ALLOW_PLAIN_HTTP="maybe"))
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_a_password_file_others_may_read_is_refused(tmp_path, mode):
+    env = write_env(tmp_path, FEDCT_PACS_URL="https://pacs.example.org/dicom-web")
+    (tmp_path / "pacs.password").chmod(mode)
+    with pytest.raises(ValueError, match=rf"pacs.password may be read by group or others \(mode {mode:04o}\).*chmod 600"):
+        read_pacs_settings(env)
+    (tmp_path / "pacs.password").chmod(0o400)
+    assert read_pacs_settings(env).password == PASSWORD
+
+
+def test_the_c_move_storage_scp_listens_only_on_the_configured_interface():
+    from preprocessing.pacs import DimseSource
+
+    port = free_port()
+    source = DimseSource(settings_for(f"dicom://PACS@127.0.0.1:{free_port()}", move_port=port))
+    with source._storage_scp(["1.2.840.10008.5.1.4.1.1.2"]):
+        assert source.listening == ("127.0.0.1", port)  # the default: not every interface of the host
+    with pytest.raises(ValueError, match="FEDCT_PACS_LISTEN_ADDRESS='pacs-host'"):
+        settings_for("dicom://PACS@127.0.0.1:104", move_port=port, listen_address="pacs-host")
+
+
+def make_tls_files(folder: Path) -> dict[str, Path]:
+    """A test CA, a server certificate for 127.0.0.1/localhost and a client certificate (PEM files in ``folder``)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("fedct test CA")).issuer_name(name("fedct test CA"))
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))  # fmt: skip
+    files = {"ca": folder / "ca.pem"}
+    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for role, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(f"fedct test {role}")).issuer_name(ca.subject)
+                .public_key(key.public_key()).serial_number(2 if role == "server" else 3).not_valid_before(now)
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                               critical=False)
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False).sign(ca_key, hashes.SHA256()))  # fmt: skip
+        files[f"{role}-cert"] = folder / f"{role}.pem"
+        files[f"{role}-key"] = folder / f"{role}.key"
+        files[f"{role}-cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        files[f"{role}-key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))  # fmt: skip
+        files[f"{role}-key"].chmod(0o600)
+    return files
+
+
+def tls_server_context(files: dict[str, Path], *, require_client_cert: bool):
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(files["ca"]))
+    context.load_cert_chain(str(files["server-cert"]), str(files["server-key"]))
+    context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE
+    return context
+
+
+@pytest.fixture
+def tls_find_scp(tmp_path):
+    """A real pynetdicom Query/Retrieve (C-FIND) SCP on 127.0.0.1 that only speaks TLS and requires a client cert."""
+    from pydicom import Dataset
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    files = make_tls_files(tmp_path / "tls")
+
+    def on_find(event):
+        query = event.identifier
+        match = Dataset()
+        match.QueryRetrieveLevel = query.QueryRetrieveLevel
+        match.StudyInstanceUID = "1.2.3.4"
+        if query.QueryRetrieveLevel == "SERIES":
+            match.SeriesInstanceUID, match.Modality = "1.2.3.4.5", "CT"
+        yield 0xFF00, match
+
+    ae = AE(ae_title="TLSPACS")
+    ae.add_supported_context(FIND)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=tls_server_context(files, require_client_cert=True),
+                             evt_handlers=[(evt.EVT_C_FIND, on_find)])  # fmt: skip
+    yield f"dicom://TLSPACS@127.0.0.1:{port}", files
+    server.shutdown()
+
+
+def test_dimse_over_tls_with_a_verified_pacs_certificate(tls_find_scp, tmp_path):
+    from preprocessing.pacs import DimseSource, Query
+
+    url, files = tls_find_scp
+    env = write_env(tmp_path / "env", FEDCT_PACS_URL=url, FEDCT_PACS_TLS_CA=files["ca"], FEDCT_PACS_TLS_CERT=files["client-cert"],
+                    FEDCT_PACS_TLS_KEY=files["client-key"], FEDCT_PACS_USER="", FEDCT_PACS_PASSWORD_FILE="")  # fmt: skip
+    settings = read_pacs_settings(env)
+    assert settings.tls_ca == files["ca"]
+    refs = DimseSource(settings).find_series(Query(modality="CT"))
+    assert [(r.study_uid, r.series_uid) for r in refs] == [("1.2.3.4", "1.2.3.4.5")]
+
+
+@pytest.mark.parametrize("case", ["plain", "wrong-ca", "no-client-cert"])
+def test_dimse_tls_refuses_what_it_cannot_verify(tls_find_scp, tmp_path, case):
+    from preprocessing.pacs import DimseSource, Query, Unreachable
+
+    url, files = tls_find_scp
+    overrides = {"plain": {}, "wrong-ca": {"tls_ca": make_tls_files(tmp_path / "other")["ca"]},
+                 "no-client-cert": {"tls_ca": files["ca"]}}[case]  # fmt: skip
+    settings = settings_for(url, user=None, password=None, timeout_s=5, **overrides)
+    with pytest.raises(Unreachable):
+        DimseSource(settings).find_series(Query(modality="CT"))
+
+
+def test_tls_settings_are_checked_before_anything_connects(tmp_path):
+    files = make_tls_files(tmp_path / "tls")
+    with pytest.raises(ValueError, match="FEDCT_PACS_TLS_CERT and FEDCT_PACS_TLS_KEY go together"):
+        settings_for("dicom://PACS@127.0.0.1:104", tls_ca=files["ca"], tls_cert=files["client-cert"])
+    with pytest.raises(ValueError, match="FEDCT_PACS_TLS_CA is for DIMSE"):
+        settings_for("https://pacs.example.org/dicom-web", tls_ca=files["ca"])
+    with pytest.raises(ValueError, match="C-MOVE over TLS"):
+        settings_for("dicom://PACS@127.0.0.1:104", tls_ca=files["ca"], move_port=11112)
+    with pytest.raises(ValueError, match="FEDCT_PACS_TLS_CA: .*does not exist"):
+        read_pacs_settings(write_env(tmp_path / "env", FEDCT_PACS_URL="dicom://PACS@127.0.0.1:104",
+                                     FEDCT_PACS_TLS_CA="missing.pem"))  # fmt: skip

@@ -10,13 +10,13 @@ import pytest
 
 from fedct.certs import write_consortium
 from fl_client.config import SiteConfig
-from fl_client.site_env import SiteEnv, SiteEnvError, parse_superlink_address, read_env_file
+from fl_client.site_env import SITE_KEYS, SiteEnv, SiteEnvError, parse_superlink_address, read_env_file
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pki")
-    write_consortium(root, sites=["site-a"])
+    write_consortium(root, sites=["site-a"], with_site_keys=True)
     return root
 
 
@@ -54,18 +54,94 @@ def test_valid_env_gives_typed_settings_and_node_config(site, tmp_path):
     assert (env.superlink_host, env.superlink_port, env.superlink) == ("fl.example.org", 9092, "fl.example.org:9092")
     assert env.dicom_dir == tmp_path / "data" / "dicom"
     assert env.site_dir == tmp_path / "work" and env.site_dir.is_dir()
-    assert env.approved_apps == tmp_path / "work" / "approved-apps.txt"  # approval on by default
+    assert env.approved_apps == tmp_path / "approved-apps.txt"  # approval on by default, next to the env file
     assert env.runtime_port == 9094 and env.workers == 2 and not env.skip_ingest
     node = env.node_config()
     assert SiteConfig.from_context(node, {}) == env.site_config()  # the ClientApp reads exactly these keys
     assert node["labels"] == str(tmp_path / "data" / "labels.csv")
 
 
-def test_quotes_comments_export_and_approval_off(site):
-    path = site(FEDCT_SITE_NAME='"site-a"  # trailing comment', FEDCT_APPROVED_APPS="off", FEDCT_LABELS=None)
+def test_quotes_comments_export_and_approval_disabled_only_explicitly(site):
+    path = site(FEDCT_SITE_NAME='"site-a"  # trailing comment', FEDCT_APPROVAL="disabled-i-understand", FEDCT_LABELS=None)
     path.write_text(path.read_text().replace("FEDCT_DEVICE", "export FEDCT_DEVICE"))
     env = SiteEnv.from_file(path)
     assert env.site_name == "site-a" and env.approved_apps is None and env.labels_csv is None
+
+
+@pytest.mark.parametrize("value", ["none", "off", "None", "false", "0", "disabled", '""', "''"])
+def test_allow_list_key_can_never_switch_approval_off(site, value):
+    """FEDCT_APPROVED_APPS=none (or empty) used to turn approval off; now it is an error naming the key."""
+    with pytest.raises(SiteEnvError, match=r"FEDCT_APPROVED_APPS.*(does not switch app approval off|is empty).*"
+                                           r"FEDCT_APPROVAL=disabled-i-understand"):
+        SiteEnv.from_file(site(FEDCT_APPROVED_APPS=value))
+
+
+@pytest.mark.parametrize("value", ["off", "disabled", "yes", "DISABLED-I-UNDERSTAND"])
+def test_approval_setting_accepts_only_required_or_the_explicit_phrase(site, value):
+    with pytest.raises(SiteEnvError, match=f"FEDCT_APPROVAL='{value}' is not one of required, disabled-i-understand"):
+        SiteEnv.from_file(site(FEDCT_APPROVAL=value))
+    assert SiteEnv.from_file(site(FEDCT_APPROVAL="required")).approved_apps is not None
+
+
+def test_allow_list_inside_the_site_work_folder_is_refused(site, tmp_path):
+    """The ClientApp can write SITE_DIR: an allow-list there would let an app approve itself."""
+    for inside in ("work/approved-apps.txt", str(tmp_path / "work" / "sub" / "list.txt")):
+        with pytest.raises(SiteEnvError, match="is inside FEDCT_SITE_DIR=.*an app could approve itself"):
+            SiteEnv.from_file(site(FEDCT_APPROVED_APPS=inside))
+    (tmp_path / "alias").symlink_to(tmp_path / "work")  # a symlink into the work folder is the work folder
+    with pytest.raises(SiteEnvError, match="is inside FEDCT_SITE_DIR"):
+        SiteEnv.from_file(site(FEDCT_APPROVED_APPS=str(tmp_path / "alias" / "list.txt")))
+    (tmp_path / "approval").mkdir()
+    with pytest.raises(SiteEnvError, match="is a folder"):
+        SiteEnv.from_file(site(FEDCT_APPROVED_APPS=str(tmp_path / "approval")))
+    env = SiteEnv.from_file(site(FEDCT_APPROVED_APPS="approval/approved-apps.txt"))
+    assert env.approved_apps == tmp_path / "approval" / "approved-apps.txt"
+
+
+def test_an_env_file_inside_the_work_folder_needs_an_allow_list_elsewhere(site, tmp_path):
+    path = site()
+    (tmp_path / "work").mkdir(exist_ok=True)
+    inside = tmp_path / "work" / "site.env"
+    inside.write_text(path.read_text().replace("FEDCT_SITE_DIR=work", f"FEDCT_SITE_DIR={tmp_path / 'work'}")
+                      .replace("=data/", f"={tmp_path}/data/"))  # fmt: skip
+    with pytest.raises(SiteEnvError, match="approved-apps.txt is inside FEDCT_SITE_DIR"):
+        SiteEnv.from_file(inside)
+
+
+def test_site_limits_and_split_reach_the_clientapp(site):
+    from fl_client.limits import SiteLimits
+    from preprocessing.split import SplitConfig
+
+    env = SiteEnv.from_file(site())
+    assert env.limits == SiteLimits() and env.split == SplitConfig(0.2, 0.2)  # sane defaults
+    env = SiteEnv.from_file(site(FEDCT_MAX_INPUT_SIZE="128", FEDCT_MAX_INPUT_VOXELS="1000000", FEDCT_MIN_SPACING_MM="2.5",
+                                 FEDCT_MAX_LOCAL_EPOCHS="3", FEDCT_MAX_BATCH_SIZE="8", FEDCT_MAX_BATCH_VOXELS="4000000",
+                                 FEDCT_CACHE_MAX_GB="0.5", FEDCT_VAL_FRACTION="0.25", FEDCT_TEST_FRACTION="0.15"))  # fmt: skip
+    assert env.limits == SiteLimits(max_input_size=128, max_input_voxels=1_000_000, min_spacing_mm=2.5, max_local_epochs=3,
+                                    max_batch_size=8, max_batch_voxels=4_000_000, cache_max_gb=0.5)  # fmt: skip
+    assert env.split == SplitConfig(val_fraction=0.25, test_fraction=0.15)
+    site_config = SiteConfig.from_context(env.node_config(), {})
+    assert site_config == env.site_config()
+    assert site_config.limits == env.limits and site_config.split == env.split
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"FEDCT_MAX_BATCH_SIZE": "many"}, "FEDCT_MAX_BATCH_SIZE .*must be a whole number, got 'many'"),
+        ({"FEDCT_MAX_LOCAL_EPOCHS": "2.5"}, "FEDCT_MAX_LOCAL_EPOCHS .*must be a whole number"),
+        ({"FEDCT_MAX_INPUT_SIZE": "0"}, "FEDCT_MAX_INPUT_SIZE must be a number > 0, got 0"),
+        ({"FEDCT_MIN_SPACING_MM": "-1"}, "FEDCT_MIN_SPACING_MM must be a number > 0"),
+        ({"FEDCT_CACHE_MAX_GB": "nan"}, "FEDCT_CACHE_MAX_GB must be a number > 0"),
+        ({"FEDCT_VAL_FRACTION": "1.5"}, "FEDCT_VAL_FRACTION='1.5' must be a number in"),
+        ({"FEDCT_TEST_FRACTION": "a"}, "FEDCT_TEST_FRACTION='a' must be a number in"),
+        ({"FEDCT_VAL_FRACTION": "0.6", "FEDCT_TEST_FRACTION": "0.5"}, "val_fraction \\+ test_fraction must be < 1"),
+        ({"FEDCT_MAX_BATCH": "8"}, "unknown key"),
+    ],
+)
+def test_bad_limits_and_split_name_the_key(site, changes, message):
+    with pytest.raises(SiteEnvError, match=message):
+        SiteEnv.from_file(site(**changes))
 
 
 @pytest.mark.parametrize(("value", "runner"), [(None, "warm"), ("", "warm"), ("warm", "warm"), ("flower", "flower"), ("Flower", "flower")])
@@ -159,3 +235,17 @@ def test_pacs_settings_share_the_site_env_file(site, tmp_path):
     path = site(FEDCT_PACS_URL="http://127.0.0.1:8042/dicom-web", FEDCT_PACS_MODALITY="CT")
     assert SiteEnv.from_file(path).site_name == "site-a"
     assert read_pacs_settings(path).url == "http://127.0.0.1:8042/dicom-web"
+
+
+def test_the_example_site_env_explains_every_key_with_the_real_defaults():
+    """configs/site.env is what hospital IT copies: its keys are known and its limits are the code's defaults."""
+    from fl_client.limits import LIMIT_KEYS, SiteLimits
+
+    example = read_env_file(Path(__file__).resolve().parents[1] / "configs" / "site.env")
+    assert not [k for k in example if k.startswith("FEDCT_") and k not in SITE_KEYS]
+    limits = SiteLimits.from_env_values(example)
+    assert limits == SiteLimits()
+    assert all(env_key in example for _node, env_key, _meaning in LIMIT_KEYS.values())
+    assert (example["FEDCT_VAL_FRACTION"], example["FEDCT_TEST_FRACTION"]) == ("0.2", "0.2")
+    assert example["FEDCT_APPROVED_APPS"] == "/config/approval/approved-apps.txt"  # outside FEDCT_SITE_DIR=/site
+    assert example["FEDCT_SITE_DIR"] == "/site"

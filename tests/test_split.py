@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from preprocessing.split import SPLITS, SplitConfig, assign_splits
+from preprocessing.split import SPLIT_FILE, SPLITS, SplitConfig, assign_splits, site_split
 
 
 def _patients(n: int, stratum: int | None, prefix: str = "patient") -> dict[str, int | None]:
@@ -96,3 +96,43 @@ def test_empty_input_gives_empty_split():
 def test_bad_fractions_are_refused_naming_the_value(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         SplitConfig(**kwargs)
+
+
+def test_site_split_is_fixed_by_the_site_and_ignores_the_servers_fractions(tmp_path, caplog):
+    own = SplitConfig(val_fraction=0.25, test_fraction=0.15)
+    with caplog.at_level("WARNING", logger="fedct.split"):
+        assert site_split(tmp_path, site_choice=own, requested=SplitConfig(0.1, 0.1)) == own
+        assert site_split(tmp_path, site_choice=own, requested=SplitConfig(0.4, 0.4)) == own
+        assert site_split(tmp_path, site_choice=own, requested=own) == own
+    assert caplog.text.count("ignored: this site's split is fixed at val 0.25 / test 0.15") == 2
+    assert (tmp_path / SPLIT_FILE).is_file()
+
+
+def test_without_a_site_setting_the_first_request_is_fixed(tmp_path):
+    first = SplitConfig(0.1, 0.3)
+    assert site_split(tmp_path, site_choice=None, requested=first) == first
+    assert site_split(tmp_path, site_choice=None, requested=SplitConfig(0.45, 0.45)) == first
+    assert site_split(tmp_path / "fresh", site_choice=None) == SplitConfig()  # nothing asked: the default
+
+
+def test_fixed_split_gives_the_same_patients_whatever_the_server_sends(tmp_path):
+    strata = {**_patients(40, 0), **_patients(25, 1)}
+    fixed = assign_splits(strata, site_split(tmp_path, site_choice=None, requested=SplitConfig(0.2, 0.2)))
+    for asked in (SplitConfig(0.2, 0.25), SplitConfig(0.05, 0.05), SplitConfig(0.5, 0.4)):
+        assert assign_splits(strata, site_split(tmp_path, site_choice=None, requested=asked)) == fixed
+        assert assign_splits(strata, asked) != fixed  # what a re-split would have done
+
+
+def test_the_sites_own_change_re_splits_with_a_warning(tmp_path, caplog):
+    site_split(tmp_path, site_choice=SplitConfig(0.2, 0.2))
+    with caplog.at_level("WARNING", logger="fedct.split"):
+        assert site_split(tmp_path, site_choice=SplitConfig(0.3, 0.2)) == SplitConfig(0.3, 0.2)
+    assert "the site's own split setting changed from val 0.2 / test 0.2 to val 0.3 / test 0.2" in caplog.text
+    assert site_split(tmp_path, site_choice=None, requested=SplitConfig(0.1, 0.1)) == SplitConfig(0.3, 0.2)
+
+
+@pytest.mark.parametrize("text", ["not json", '{"val_fraction": 0.2}', '{"val_fraction": 0.7, "test_fraction": 0.7}'])
+def test_a_damaged_split_file_is_named(tmp_path, text):
+    (tmp_path / SPLIT_FILE).write_text(text)
+    with pytest.raises(ValueError, match=f"{SPLIT_FILE}: not a valid split file .*delete it"):
+        site_split(tmp_path, site_choice=None, requested=SplitConfig())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 
 import numpy as np
 import pytest
@@ -123,14 +122,17 @@ def test_normal_has_no_large_lesions_and_ignores_burden() -> None:
         assert -870.0 < float(np.median(normal[lung])) < -830.0
 
 
-def test_fast_enough() -> None:
-    kwargs = dict(shape=(48, 128, 128), pixel_spacing_mm=(2.8, 2.8), slice_spacing_mm=160 / 48, noise_hu=15.0)
-    best = float("inf")
-    for seed in range(2):
-        start = time.perf_counter()
-        chest_phantom(diagnosis="covid", burden=0.5, rng=np.random.default_rng(seed), **kwargs)  # type: ignore[arg-type]
-        best = min(best, time.perf_counter() - start)
-    assert best < 0.5
+def test_same_seed_same_volume_in_float32() -> None:
+    """Reproducible per seed and float32 (no float64 volume); its speed is a benchmark figure
+    (``fedct bench preprocess`` writes the phantom series), not a timed test."""
+    kwargs = dict(shape=(24, 64, 64), pixel_spacing_mm=(5.6, 5.6), slice_spacing_mm=160 / 24, noise_hu=15.0)
+    first = chest_phantom(diagnosis="covid", burden=0.5, rng=np.random.default_rng(3), **kwargs)  # type: ignore[arg-type]
+    again = chest_phantom(diagnosis="covid", burden=0.5, rng=np.random.default_rng(3), **kwargs)  # type: ignore[arg-type]
+    other = chest_phantom(diagnosis="covid", burden=0.5, rng=np.random.default_rng(4), **kwargs)  # type: ignore[arg-type]
+    assert first.shape == (24, 64, 64)
+    assert first.dtype == np.float32
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
 
 
 @pytest.mark.parametrize(

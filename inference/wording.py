@@ -1,0 +1,131 @@
+"""What a clinician reads, said once: the disclaimer, class names, percentages, the finding and risk sentences.
+
+Every place that shows a prediction to a person — the HTML report (:mod:`inference.report`), the review page
+(:mod:`inference.review`), the DICOM SR and secondary-capture objects (:mod:`inference.dicom_export`) and the
+heat-map overlays' titles (:mod:`inference.explain`) — takes its words from here, so they cannot drift apart.
+Plain text only: callers escape for HTML.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "DISCLAIMER",
+    "UNCERTAIN_BELOW",
+    "class_phrase",
+    "class_title",
+    "finding_sentence",
+    "percent",
+    "risk_explanation",
+    "risk_label",
+    "risk_sentence",
+    "score",
+]
+
+#: Carried by every report, review page, SR (TEXT item) and secondary capture (ImageComments). ASCII only: it goes
+#: into DICOM text attributes whatever the source's SpecificCharacterSet.
+DISCLAIMER = (
+    "Decision support from a research model, not a diagnosis; it may be wrong. Read it together with the images, "
+    "the radiology report and the clinical picture; not for clinical use without local validation."
+)
+
+#: Below this probability of the most likely class the finding is worded as uncertain.
+UNCERTAIN_BELOW = 0.5
+
+#: How each class is said in a sentence ("Findings suggest ...") and as a label. Aliases map to the same words.
+_CLASS_WORDS: dict[str, tuple[str, str]] = {
+    "covid": ("a COVID-19-like pattern", "COVID-19-like pattern"),
+    "other_pneumonia": ("another (non-COVID-19) pneumonia pattern", "Other pneumonia pattern"),
+    "normal": ("no pneumonia pattern (normal lungs)", "No pneumonia pattern (normal)"),
+}
+_CLASS_ALIASES: dict[str, str] = {"covid19": "covid", "covid-19": "covid", "other-pneumonia": "other_pneumonia"}
+
+#: Risk groups are tertiles of the training population's risk scores: (label, what the group means).
+_RISK_WORDS: dict[str, tuple[str, str]] = {
+    "low": ("Low", "lower than about two thirds of the training population (lowest third)"),
+    "intermediate": ("Intermediate", "in the middle third of the training population"),
+    "high": ("High", "higher than about two thirds of the training population (highest third)"),
+}
+
+
+def _class_key(name: Any) -> str:
+    key = str(name).strip().lower()
+    return _CLASS_ALIASES.get(key, key)
+
+
+def class_phrase(name: Any) -> str:
+    """The class in a sentence, e.g. ``a COVID-19-like pattern``; an unknown class with "_" as spaces."""
+    words = _CLASS_WORDS.get(_class_key(name))
+    return words[0] if words else str(name).replace("_", " ")
+
+
+def class_title(name: Any) -> str:
+    """The class as a label, e.g. ``COVID-19-like pattern``."""
+    words = _CLASS_WORDS.get(_class_key(name))
+    if words:
+        return words[1]
+    text = str(name).replace("_", " ")
+    return text[:1].upper() + text[1:]
+
+
+def percent(p: float | None) -> str:
+    """A probability for people: ``82%``, ``<1%``, ``>99%`` (whole percent, never 0 % or 100 %), ``n/a``."""
+    if p is None or not math.isfinite(p) or not 0.0 <= p <= 1.0:
+        return "n/a"
+    if p < 0.005:
+        return "<1%"
+    if p >= 0.995:
+        return ">99%"
+    return f"{math.floor(100.0 * p + 0.5):.0f}%"
+
+
+def score(x: float | None) -> str:
+    """A risk score as printed (signed, two decimals), ``n/a`` when missing."""
+    return f"{x:+.2f}" if x is not None and math.isfinite(x) else "n/a"
+
+
+def finding_sentence(probabilities: Mapping[str, float], diagnosis: str | None = None) -> str:
+    """``Findings suggest a COVID-19-like pattern (probability 82%).``; worded as uncertain when the most likely
+    class is below :data:`UNCERTAIN_BELOW`; ``diagnosis`` defaults to the most likely class."""
+    probs = {str(k): float(v) for k, v in probabilities.items()}
+    if not probs:
+        return "No finding recorded."
+    if diagnosis is None or str(diagnosis) not in probs:
+        diagnosis = max(probs, key=probs.__getitem__)
+    p = probs[str(diagnosis)]
+    if not (math.isfinite(p) and p >= UNCERTAIN_BELOW):
+        return f"Uncertain result: the most likely is {class_phrase(diagnosis)} (probability {percent(p)})."
+    return f"Findings suggest {class_phrase(diagnosis)} (probability {percent(p)})."
+
+
+def risk_label(group: Any) -> str:
+    """``Low`` / ``Intermediate`` / ``High``; the group as given otherwise, ``""`` when there is none."""
+    if group is None or str(group).strip() == "":
+        return ""
+    return _RISK_WORDS.get(str(group).strip().lower(), (str(group), ""))[0]
+
+
+def risk_explanation(group: Any) -> str:
+    """What the risk group means against the training population; ``""`` for an unknown group."""
+    if group is None:
+        return ""
+    return _RISK_WORDS.get(str(group).strip().lower(), ("", ""))[1]
+
+
+def risk_sentence(group: Any, risk: float | None, quantiles: Any = None) -> str:
+    """What the risk group means, with the score and the tertile cut points; says so when there is no group."""
+    meaning = risk_explanation(group)
+    if meaning and quantiles:
+        q1, q2 = (float(q) for q in quantiles)
+        return (
+            f"Risk of a severe outcome: {risk_label(group).lower()} (score {score(risk)}), {meaning}. "
+            f"Tertile cut points of the training population: {score(q1)} and {score(q2)}. "
+            "The score is a relative log-risk (Cox model): it ranks patients, it is not a probability."
+        )
+    return (
+        f"Risk score {score(risk)}: no risk group, because this model carries no reference distribution of the "
+        "training population. The score only ranks studies scored by the same model; it is not a probability."
+    )
