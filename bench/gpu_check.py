@@ -178,7 +178,7 @@ def step_equivalence() -> dict[str, Any]:
                 output = forward(model, step_batch, device, channels_last=compute.channels_last)
         loss, _, _ = loss_terms(output, step_batch, weights=(1.0, 0.5), device=device)
         loss.backward()
-        return float(loss), {n: p.grad.detach().float().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return float(loss.detach()), {n: p.grad.detach().float().cpu().clone() for n, p in model.named_parameters() if p.grad is not None}
 
     fp32 = resolve_compute(ComputeOptions(precision="fp32", channels_last=False), device)
     auto = resolve_compute(ComputeOptions(), device)
