@@ -19,6 +19,8 @@ BENCHMARKS = {
     "scale": "bench.scale",
     "quality": "bench.quality",
 }
+#: Benchmarks run only when named (not by ``all``): the shared-GPU simulation is meant for a GPU machine with Ray.
+EXTRA_BENCHMARKS = {"sim-gpu": "bench.sim_gpu"}
 
 
 def run_benchmarks(names: list[str], options: BenchOptions, *, strategies: tuple[str, ...] = ()) -> int:
@@ -28,7 +30,7 @@ def run_benchmarks(names: list[str], options: BenchOptions, *, strategies: tuple
         t0 = time.perf_counter()
         print(f"== bench {name} ({'tiny' if options.tiny else 'quick' if options.quick else 'full'}) -> {options.out}", flush=True)
         try:
-            module = importlib.import_module(BENCHMARKS[name])
+            module = importlib.import_module({**BENCHMARKS, **EXTRA_BENCHMARKS}[name])
             path = module.run(options, strategies=strategies) if name == "quality" and strategies else module.run(options)
         except Exception:  # noqa: BLE001 - one failing benchmark must not hide the others' results
             traceback.print_exc()
@@ -50,19 +52,29 @@ def _handler(args: argparse.Namespace) -> int:
     if args.resume and args.benchmark not in ("quality", "all"):
         print("fedct bench: error: --resume applies to the quality benchmark only", file=sys.stderr)
         return 2
-    options = BenchOptions(out=Path(args.out).resolve(), quick=args.quick, tiny=args.tiny, resume=args.resume)
+    if (args.profile != "default" or args.devices != "auto") and args.benchmark != "train-loop":
+        print("fedct bench: error: --profile and --devices apply to the train-loop benchmark only", file=sys.stderr)
+        return 2
+    options = BenchOptions(out=Path(args.out).resolve(), quick=args.quick, tiny=args.tiny, resume=args.resume,
+                           profile=args.profile, devices=args.devices)  # fmt: skip
     return run_benchmarks(names, options, strategies=strategies)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fedct bench``."""
     p = sub.add_parser("bench", help="benchmarks: write JSON (and PNG) results into --out")
-    p.add_argument("benchmark", choices=[*BENCHMARKS, "all"])
+    p.add_argument("benchmark", choices=[*BENCHMARKS, *EXTRA_BENCHMARKS, "all"])
     p.add_argument("--quick", action="store_true", help="small sizes: all five in under 10 minutes on 2 cores")
     p.add_argument("--tiny", action="store_true", help="test-suite size: seconds; checks that it runs, the figures mean little")
     p.add_argument("--resume", action="store_true", help="quality: continue from quality.partial.json in --out (same plan): "
                    "finished arms and seeds are kept, the rest runs")
     p.add_argument("--strategies", help="quality: comma-separated run-config strategies (default: fedavg,fedprox,fedadam; "
                    "tiny: fedavg)")
+    p.add_argument("--profile", choices=("default", "gpu"), default="default",
+                   help="train-loop: the run config timed: default (64x64x48 at 5 mm, batch 4: the CPU size) or gpu "
+                   "(configs/run-gpu.toml: 128x128x96 at 2.5 mm, batch 16)")
+    p.add_argument("--devices", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="train-loop: arms to run (auto: the CPU, plus CUDA when present; the gpu profile skips the CPU "
+                   "arm unless asked, except in --tiny)")
     p.add_argument("--out", default="runs/bench", help="folder for the JSON/PNG results and the benchmarks' work files")
     p.set_defaults(func=_handler)

@@ -27,6 +27,8 @@ class BenchOptions:
     quick: bool = False
     tiny: bool = False  # the test suite's size: seconds, only checks that the benchmark works
     resume: bool = False  # quality: continue from ``quality.partial.json`` in ``out`` (same plan), skip finished arms
+    profile: str = "default"  # train-loop: run config profile, "default" (CPU size) or "gpu" (configs/run-gpu.toml)
+    devices: str = "auto"  # train-loop: "auto" (CPU, plus CUDA when present), "cpu" or "cuda"
 
 
 def machine_info() -> dict[str, Any]:

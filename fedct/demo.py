@@ -43,10 +43,33 @@ class DemoOptions:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
 
 
-def simulation_backend_config(*, cpus_per_site: int = 1) -> dict:
-    """Ray backend settings of Flower's simulation engine: each simulated site gets whole CPU cores, no GPU
-    (on 2 cores two sites train at a time), and Ray's dashboard stays off."""
-    return {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0}, "init_args": {"include_dashboard": False}}
+def simulation_backend_config(*, cpus_per_site: int = 1, gpus_per_site: float = 0.0) -> dict:
+    """Ray backend settings of Flower's simulation engine: each simulated site gets whole CPU cores (on 2 cores two
+    sites train at a time) and ``gpus_per_site`` of a GPU, and Ray's dashboard stays off.
+
+    A fraction lets several sites share one GPU (0.25: four at a time; Ray shows each site that GPU); 0 hides the
+    GPUs from the sites (they train on the CPU). See :func:`sim_gpus_per_site` for the automatic choice.
+    """
+    if not (gpus_per_site >= 0 and (gpus_per_site <= 1 or float(gpus_per_site).is_integer())):
+        raise ValueError(f"gpus-per-site must be 0, a fraction in (0, 1] or a whole number of GPUs, got {gpus_per_site}")
+    return {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": float(gpus_per_site)},
+            "init_args": {"include_dashboard": False}}  # fmt: skip
+
+
+def sim_gpus_per_site(sites: int, requested: float | None = None) -> float:
+    """GPU share of each simulated site: ``requested`` when given, else 1/sites of one GPU when torch sees a
+    CUDA GPU (all sites train at once, sharing it), else 0. Asking for a GPU share without a GPU is an error
+    (Ray would wait for ever for a GPU that is not there)."""
+    import torch
+
+    if sites < 1:
+        raise ValueError(f"sites must be >= 1, got {sites}")
+    if requested is None:
+        return 1.0 / sites if torch.cuda.is_available() else 0.0
+    if requested > 0 and not torch.cuda.is_available():
+        raise ValueError(f"gpus-per-site={requested} but no CUDA GPU is available to PyTorch")
+    simulation_backend_config(gpus_per_site=requested)  # validates the value
+    return float(requested)
 
 
 def _step(title: str) -> float:

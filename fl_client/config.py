@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fl_client.compute import ComputeOptionError, ComputeOptions
 from fl_client.limits import SiteLimitError, SiteLimits
 from models.factory import ModelConfig
 from preprocessing.split import SplitConfig, site_split
@@ -56,6 +57,8 @@ class SiteConfig:
     #: The site's own split fractions (site env ``FEDCT_VAL_FRACTION``/``FEDCT_TEST_FRACTION``); None: the first
     #: round's request is fixed instead (simulation, a SuperNode started by hand without them).
     split: SplitConfig | None = None
+    #: Precision, loader workers, pinned memory, channels-last, GPU augmentation (``fl_client/compute.py``).
+    compute: ComputeOptions = ComputeOptions()
 
     def __post_init__(self) -> None:
         if not self.site_name or not all(c.isalnum() or c in "-_." for c in self.site_name):
@@ -75,6 +78,10 @@ class SiteConfig:
         except ValueError as exc:
             raise SiteConfigError(str(exc)) from exc
         split = _split_from_node_config(node_config)
+        try:
+            compute = ComputeOptions.from_node_config(node_config)
+        except ComputeOptionError as exc:
+            raise SiteConfigError(str(exc)) from exc
         if "dicom-dir" in node_config:
             for key in ("site-name", "site-dir"):
                 if key not in node_config:
@@ -90,6 +97,7 @@ class SiteConfig:
                 workers=workers,
                 limits=limits,
                 split=split,
+                compute=compute,
             )
         if "partition-id" in node_config:
             for key in ("sim-data-root", "sim-work-root"):
@@ -114,6 +122,7 @@ class SiteConfig:
                 workers=workers,
                 limits=limits,
                 split=split,
+                compute=compute,
             )
         raise SiteConfigError("node config needs dicom-dir, site-dir and site-name (or partition-id in simulation)")
 

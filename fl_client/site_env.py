@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fl_client.approval import APPROVAL_DISABLED, APPROVAL_MODES, APPROVAL_SETTING, ApprovalConfigError, allow_list_from_value
+from fl_client.compute import NODE_KEYS as COMPUTE_ENV_KEYS
 from fl_client.limits import LIMIT_KEYS, SiteLimits
 from preprocessing.split import SplitConfig
 
@@ -62,6 +63,7 @@ SITE_KEYS = {
     "FEDCT_SKIP_INGEST": "true to start without ingesting first (the site then ingests on its first round)",
     "FEDCT_METRICS_MIN_COUNT": "privacy floor k: no metric sent depends on fewer studies (default 5; raises the run's, "
                                "never lowers it)",
+    **{env: meaning for env, meaning in COMPUTE_ENV_KEYS.values()},  # precision, loader: fl_client/compute.py
     "FEDCT_CLIENTAPP_RUNNER": "how ClientApps run: warm (default; fedct's executor, torch/MONAI imported once) or flower "
                               "(Flower's SuperExec, a fresh process per message)",
 }
@@ -195,6 +197,8 @@ class SiteEnv:
     split: SplitConfig = field(default_factory=SplitConfig)
     #: What the server may ask of this site (FEDCT_MAX_*, FEDCT_MIN_SPACING_MM, FEDCT_CACHE_MAX_GB).
     limits: SiteLimits = field(default_factory=SiteLimits)
+    #: Compute settings as node-config entries (``precision``, ``loader-workers``, ...; fl_client/compute.py).
+    compute: dict[str, str] = field(default_factory=dict, compare=False)
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -217,9 +221,12 @@ class SiteEnv:
         """The training-side view (what the ClientApp reads from ``node_config``)."""
         from fl_client.config import SiteConfig  # torch-free import of this module: `fedct --help` stays fast
 
+        from fl_client.compute import ComputeOptions
+
         return SiteConfig(site_name=self.site_name, dicom_dir=self.dicom_dir, site_dir=self.site_dir,
                           labels_csv=self.labels_csv, device=self.device, workers=self.workers,
-                          limits=self.limits, split=self.split)  # fmt: skip
+                          limits=self.limits, split=self.split,
+                          compute=ComputeOptions.from_node_config(self.compute))  # fmt: skip
 
     def node_config(self) -> dict[str, str | int]:
         """The SuperNode's ``--node-config`` entries (keys of ``SiteConfig.from_context``)."""
@@ -233,6 +240,7 @@ class SiteEnv:
             "val-fraction": self.split.val_fraction,
             "test-fraction": self.split.test_fraction,
             **self.limits.node_config(),
+            **self.compute,
         }
         if self.labels_csv is not None:
             config["labels"] = str(self.labels_csv)
@@ -325,9 +333,10 @@ class SiteEnv:
                       device=device, workers=workers, runtime_port=runtime_port, approved_apps=approved,
                       ingest_spacing_mm=spacing, ingest_input_size=size, skip_ingest=skip in ("true", "1", "yes"),
                       clientapp_runner=runner, metrics_min_count=metrics_min_count, split=split, limits=limits,
+                      compute={node: values[env] for node, (env, _) in COMPUTE_ENV_KEYS.items() if values.get(env)},
                       extra={k: v for k, v in values.items() if not k.startswith("FEDCT_")})  # fmt: skip
             env.site_config()
-        except SiteConfigError as exc:
+        except (SiteConfigError, ValueError) as exc:
             raise SiteEnvError(f"{path}: {exc}") from exc
         return env
 

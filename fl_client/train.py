@@ -6,10 +6,12 @@ outcome is unknown is masked out of that term (never guessed).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from monai.data import DataLoader
 from monai.utils import set_determinism
 from torch import nn
 
+from fl_client.compute import Compute, ComputeOptions, resolve_compute
 from fl_client.config import RoundSettings, SiteConfig
 from fl_client.metrics import (
     choose_operating_points,
@@ -28,9 +31,10 @@ from fl_client.metrics import (
     score_histograms,
     survival_metrics,
 )
-from models.factory import MultiTaskNet, ModelOutput, build_model, covariate_vector, norm_state_keys
+from models.factory import MultiTaskNet, ModelOutput, as_plain_tensor, build_model, covariate_vector, norm_state_keys
 from preprocessing.cache import make_dataset
 from preprocessing.ingest import SiteManifest, prepare_site
+from preprocessing.transforms import BatchAugment
 
 
 class NoTrainingData(RuntimeError):
@@ -79,33 +83,87 @@ def load_site(site: SiteConfig, settings: RoundSettings) -> SiteManifest:
     )  # fmt: skip
 
 
-def _loader(manifest: SiteManifest, split: str, settings: RoundSettings, *, train: bool, device: torch.device) -> DataLoader:
-    items = [entry.item() for entry in manifest.split(split, labelled_only=False)]
-    dataset = make_dataset(items, settings.pipeline, manifest.site_dir, augment=train)
-    generator = torch.Generator().manual_seed(settings.seed * 1000 + settings.server_round)
+def site_compute(site: SiteConfig) -> Compute:
+    """The site's compute settings resolved for its device (precision, channels-last, loader, augmentation)."""
+    return resolve_compute(site.compute, select_device(site.device))
+
+
+def make_loader(dataset: Any, *, batch_size: int, shuffle: bool, compute: Compute, seed: int) -> DataLoader:
+    """A DataLoader with the site's loader settings (workers, persistent workers, pinned memory)."""
+    generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
-        batch_size=settings.batch_size,
-        shuffle=train,
+        batch_size=batch_size,
+        shuffle=shuffle,
         drop_last=False,
-        num_workers=0,
-        pin_memory=device.type == "cuda",
+        num_workers=compute.loader_workers,
+        persistent_workers=compute.persistent_workers and compute.loader_workers > 0,
+        pin_memory=compute.pin_memory,
         generator=generator,
     )
 
 
-def _model(settings: RoundSettings, state: Mapping[str, torch.Tensor], device: torch.device) -> MultiTaskNet:
+def _loader(manifest: SiteManifest, split: str, settings: RoundSettings, *, train: bool, compute: Compute) -> DataLoader:
+    items = [entry.item() for entry in manifest.split(split, labelled_only=False)]
+    # With gpu-augment the loader yields the cached (deterministic) images and the training step augments on the GPU.
+    dataset = make_dataset(items, settings.pipeline, manifest.site_dir, augment=train and not compute.gpu_augment)
+    return make_loader(dataset, batch_size=settings.batch_size, shuffle=train, compute=compute,
+                       seed=settings.seed * 1000 + settings.server_round)  # fmt: skip
+
+
+def batch_augment(settings: RoundSettings, compute: Compute) -> BatchAugment | None:
+    """The on-device augmentation of a training round (None when the loader augments, i.e. off the GPU)."""
+    if not compute.gpu_augment:
+        return None
+    return BatchAugment(settings.pipeline, seed=settings.seed * 1000 + settings.server_round)
+
+
+def _model(settings: RoundSettings, state: Mapping[str, torch.Tensor], compute: Compute) -> MultiTaskNet:
     model = build_model(settings.model)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
-    return model.to(device)
+    return prepare_model(model, compute)
 
 
-def forward(model: MultiTaskNet, batch: Mapping[str, Any], device: torch.device) -> ModelOutput:
-    """Run the model on a collated batch (fusing covariates when the model uses them)."""
-    images = batch["image"].to(device, non_blocking=True)
+def prepare_model(model: MultiTaskNet, compute: Compute) -> MultiTaskNet:
+    """Move ``model`` to the compute device (in place), in channels_last_3d memory format when that is set."""
+    model = model.to(compute.device)
+    if compute.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    return model
+
+
+def autocast(compute: Compute | None, device: torch.device) -> AbstractContextManager:
+    """Mixed-precision context of ``compute`` (bf16 or fp16 autocast), or nothing for fp32."""
+    dtype = compute.autocast_dtype if compute is not None else None
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def model_input(
+    images: torch.Tensor, device: torch.device, *, channels_last: bool = False,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """A batch's images as the network takes them: a plain tensor (MONAI metadata stays in the loader) on
+    ``device``, augmented there when ``augment`` is given, in channels_last_3d layout when asked."""
+    images = as_plain_tensor(images).to(device, non_blocking=True)
+    if augment is not None:
+        images = augment(images)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last_3d)
+    return images
+
+
+def forward(
+    model: MultiTaskNet, batch: Mapping[str, Any], device: torch.device, *, channels_last: bool = False,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> ModelOutput:  # fmt: skip
+    """Run the model on a collated batch (fusing covariates when the model uses them).
+
+    The one path for training, evaluation, BatchNorm recalibration and the benchmarks: see :func:`model_input`.
+    """
+    images = model_input(batch["image"], device, channels_last=channels_last, augment=augment)
     covariates = None
     if model.n_covariates:
-        covariates = covariate_vector(torch.as_tensor(batch["age"]), torch.as_tensor(batch["sex"])).to(device)
+        covariates = covariate_vector(torch.as_tensor(batch["age"]), torch.as_tensor(batch["sex"])).to(device, non_blocking=True)
     return model(images, covariates)
 
 
@@ -115,11 +173,16 @@ def cox_partial_likelihood(risk: torch.Tensor, time: torch.Tensor, event: torch.
     Studies with unknown time or event (NaN) are masked; with no event in the batch the loss is 0 (and still
     part of the graph).
     """
-    time, event = time.to(risk.device, risk.dtype), event.to(risk.device, risk.dtype)
-    known = ~(torch.isnan(time) | torch.isnan(event))
-    risk, time, event = risk[known], time[known], event[known]
+    # Masks and the "any event?" test are decided on the host copy of the targets, so that a CUDA step never waits
+    # for the GPU here (boolean indexing of a device tensor would synchronise).
+    time = torch.as_tensor(time).detach().to("cpu", risk.dtype)
+    event = torch.as_tensor(event).detach().to("cpu", risk.dtype)
+    known = torch.nonzero(~(torch.isnan(time) | torch.isnan(event))).squeeze(1)
+    time, event = time[known], event[known]
     if event.sum() <= 0:
         return risk.sum() * 0.0
+    risk = risk.index_select(0, known.to(risk.device, non_blocking=True))
+    time, event = time.to(risk.device, non_blocking=True), event.to(risk.device, non_blocking=True)
     order = torch.argsort(time, descending=True)
     risk, time, event = risk[order], time[order], event[order]
     log_risk_set = torch.logcumsumexp(risk, dim=0)
@@ -129,16 +192,31 @@ def cox_partial_likelihood(risk: torch.Tensor, time: torch.Tensor, event: torch.
     return -((risk - log_risk_set) * event).sum() / event.sum()
 
 
+def loss_terms(
+    output: ModelOutput, batch: Mapping[str, Any], *, weights: tuple[float, float], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted sum of the masked diagnosis and prognosis losses, and both parts, as tensors on ``device``.
+
+    Nothing here reads a value back from the device, so a CUDA step runs without waiting for the GPU.
+    """
+    labels = torch.as_tensor(batch["label"], dtype=torch.long).detach().cpu()
+    known = torch.nonzero(labels >= 0).squeeze(1)
+    if len(known):
+        logits = output.logits.float().index_select(0, known.to(device, non_blocking=True))
+        diagnosis = nn.functional.cross_entropy(logits, labels[known].to(device, non_blocking=True))
+    else:
+        diagnosis = output.logits.sum() * 0.0
+    prognosis = cox_partial_likelihood(output.risk.float(), torch.as_tensor(batch["time"]), torch.as_tensor(batch["event"]))
+    total = weights[0] * diagnosis + weights[1] * prognosis
+    return total, diagnosis.detach(), prognosis.detach()
+
+
 def multitask_loss(
     output: ModelOutput, batch: Mapping[str, Any], *, weights: tuple[float, float], device: torch.device
 ) -> tuple[torch.Tensor, float, float]:
     """Weighted sum of the masked diagnosis and prognosis losses; also returns both parts as floats."""
-    labels = torch.as_tensor(batch["label"], dtype=torch.long).to(device)
-    known = labels >= 0
-    diagnosis = nn.functional.cross_entropy(output.logits.float()[known], labels[known]) if known.any() else output.logits.sum() * 0.0
-    prognosis = cox_partial_likelihood(output.risk.float(), torch.as_tensor(batch["time"]), torch.as_tensor(batch["event"]))
-    total = weights[0] * diagnosis + weights[1] * prognosis
-    return total, float(diagnosis.detach()), float(prognosis.detach())
+    total, diagnosis, prognosis = loss_terms(output, batch, weights=weights, device=device)
+    return total, float(diagnosis), float(prognosis)
 
 
 def train_model(
@@ -150,36 +228,49 @@ def train_model(
     device: torch.device,
     loss_weights: tuple[float, float] = (1.0, 0.5),
     proximal_mu: float = 0.0,
+    compute: Compute | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place for ``epochs`` over ``loader`` (Adam; mixed precision on CUDA).
+    """Train ``model`` in place for ``epochs`` over ``loader`` (Adam).
 
+    ``compute`` sets the precision (bf16 autocast; fp16 autocast with GradScaler; fp32) and the memory format; by
+    default the automatic settings of ``device`` (:func:`fl_client.compute.resolve_compute`). ``augment`` is applied
+    to each batch on the device (GPU augmentation; the loader then yields unaugmented images).
     With ``proximal_mu`` > 0 (FedProx) the loss gets ``mu/2 * ||w - w_start||^2`` over the trainable parameters,
     ``w_start`` being the weights the round began with (the global model): local training is pulled toward it.
+    The step never reads a value back from the GPU (the running loss stays on the device until the end), so the
+    host queues the next batch while the GPU computes.
     """
-    use_amp = device.type == "cuda"
+    compute = compute if compute is not None else resolve_compute(ComputeOptions(), device)
+    if compute.channels_last:
+        model.to(memory_format=torch.channels_last_3d)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=compute.grad_scaler)
     model.train()
     t0 = time.perf_counter()
-    totals = np.zeros(3)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
     steps, seen = 0, 0
     for _ in range(epochs):
         for batch in loader:
             optimiser.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, enabled=use_amp):
-                output = forward(model, batch, device)
-            loss, diagnosis, prognosis = multitask_loss(output, batch, weights=loss_weights, device=device)
+            with autocast(compute, device):
+                output = forward(model, batch, device, channels_last=compute.channels_last, augment=augment)
+            loss, diagnosis, prognosis = loss_terms(output, batch, weights=loss_weights, device=device)
             if anchor:
                 loss = loss + proximal_term(model, anchor, proximal_mu)
-            scaler.scale(loss).backward()
-            scaler.step(optimiser)
-            scaler.update()
+            if compute.grad_scaler:
+                scaler.scale(loss).backward()
+                scaler.step(optimiser)
+                scaler.update()
+            else:
+                loss.backward()
+                optimiser.step()
             n = len(batch["label"])
-            totals += np.array([float(loss.detach()), diagnosis, prognosis]) * n
+            totals += torch.stack([loss.detach(), diagnosis, prognosis]).to(torch.float64) * n
             seen += n
             steps += 1
-    mean = totals / max(seen, 1)
+    mean = totals.cpu().numpy() / max(seen, 1)
     return TrainResult(num_examples=len(loader.dataset), loss=float(mean[0]), diagnosis_loss=float(mean[1]),
                        prognosis_loss=float(mean[2]), steps=steps, seconds=time.perf_counter() - t0)  # fmt: skip
 
@@ -226,7 +317,7 @@ def save_local_norm(site: SiteConfig, settings: RoundSettings, model: nn.Module)
     return path
 
 
-def recalibrate_batch_norm(model: nn.Module, loader: Any, *, device: torch.device) -> bool:
+def recalibrate_batch_norm(model: nn.Module, loader: Any, *, device: torch.device, compute: Compute | None = None) -> bool:
     """Recompute BatchNorm running statistics for the final weights (one pass, no augmentation).
 
     The running averages kept during a short local round lag behind the weights; sent as they are,
@@ -242,7 +333,11 @@ def recalibrate_batch_norm(model: nn.Module, loader: Any, *, device: torch.devic
             self.inner = inner
 
         def forward(self, batch: Mapping[str, Any]) -> Any:
-            return forward(self.inner, batch, device) if isinstance(self.inner, MultiTaskNet) else self.inner(batch["image"].to(device))
+            channels_last = compute is not None and compute.channels_last
+            with autocast(compute, device):
+                if isinstance(self.inner, MultiTaskNet):
+                    return forward(self.inner, batch, device, channels_last=channels_last)
+                return self.inner(model_input(batch["image"], device, channels_last=channels_last))
 
     wrapper = _Images(model)
     torch.optim.swa_utils.update_bn(([batch] for batch in loader), wrapper, device=None)
@@ -250,19 +345,26 @@ def recalibrate_batch_norm(model: nn.Module, loader: Any, *, device: torch.devic
 
 
 @torch.no_grad()
-def predict(model: MultiTaskNet, loader: Any, *, device: torch.device) -> Predictions:
-    """Diagnosis probabilities and risk scores for every study in ``loader``, with its targets."""
+def predict(model: MultiTaskNet, loader: Any, *, device: torch.device, compute: Compute | None = None) -> Predictions:
+    """Diagnosis probabilities and risk scores for every study in ``loader``, with its targets.
+
+    Same path as training (:func:`forward`, ``compute``'s precision and memory format; default: automatic for
+    ``device``); outputs are read back once, at the end.
+    """
+    compute = compute if compute is not None else resolve_compute(ComputeOptions(), device)
     model.eval()
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("probs", "labels", "risk", "time", "event")}
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
     for batch in loader:
-        with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
-            output = forward(model, batch, device)
+        with autocast(compute, device):
+            output = forward(model, batch, device, channels_last=compute.channels_last)
         n = len(batch["label"])
-        parts["probs"].append(torch.softmax(output.logits.float(), dim=1).cpu().numpy())
-        parts["risk"].append(output.risk.float().cpu().numpy())
+        outputs.append((torch.softmax(output.logits.float(), dim=1), output.risk.float()))
         parts["labels"].append(np.asarray(batch["label"], dtype=np.int64).reshape(n))
         parts["time"].append(np.asarray(batch.get("time", [math.nan] * n), dtype=np.float64).reshape(n))
         parts["event"].append(np.asarray(batch.get("event", [math.nan] * n), dtype=np.float64).reshape(n))
+    parts["probs"] = [probs.cpu().numpy() for probs, _ in outputs]
+    parts["risk"] = [risk.cpu().numpy() for _, risk in outputs]
     if not parts["probs"]:
         n_classes = model.diagnosis.out_features
         return Predictions(np.zeros((0, n_classes)), np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0))
@@ -275,18 +377,42 @@ def train_round(
     """One federated round at a site: load global weights, train on the train split, return new weights."""
     settings = site.admit(settings)  # the site's limits, its fixed split, its cache cap (fl_client/config.py)
     set_determinism(seed=settings.seed * 1000 + settings.server_round)
-    device = select_device(site.device)
+    compute = site_compute(site)
+    device = compute.device
     manifest = load_site(site, settings)
-    loader = _loader(manifest, "train", settings, train=True, device=device)
+    loader = _loader(manifest, "train", settings, train=True, compute=compute)
     if len(loader.dataset) == 0:
         raise NoTrainingData(f"site {site.site_name} has no training studies (see {site.site_dir}/ingest_report.json)")
-    model = _model(settings, with_local_norm(site, settings, state), device)
+    model = _model(settings, with_local_norm(site, settings, state), compute)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     result = train_model(model, loader, epochs=settings.local_epochs, lr=settings.learning_rate, device=device,
-                         loss_weights=settings.loss_weights, proximal_mu=settings.proximal_mu)  # fmt: skip
-    recalibrate_batch_norm(model, _loader(manifest, "train", settings, train=False, device=device), device=device)
+                         loss_weights=settings.loss_weights, proximal_mu=settings.proximal_mu, compute=compute,
+                         augment=batch_augment(settings, compute))  # fmt: skip
+    recalibrate_batch_norm(model, _loader(manifest, "train", settings, train=False, compute=compute), device=device,
+                           compute=compute)  # fmt: skip
     save_local_norm(site, settings, model)
-    new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    record_round_stats(site, settings, result, compute)
+    new_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return new_state, result
+
+
+#: Per-round training figures a site keeps for itself (JSON lines in its work folder; never sent anywhere).
+TRAIN_STATS_NAME = "train-stats.jsonl"
+
+
+def record_round_stats(site: SiteConfig, settings: RoundSettings, result: TrainResult, compute: Compute) -> Path:
+    """Append this round's training figures (time, steps, device, precision, peak GPU memory) to the site's
+    ``train-stats.jsonl``: hospital IT sees what a round costs; the GPU simulation benchmark reads each site's memory."""
+    peak = torch.cuda.max_memory_allocated(compute.device) / 2**20 if compute.device.type == "cuda" else None
+    line = {"round": settings.server_round, "device": compute.device.type, "precision": compute.precision,
+            "examples": result.num_examples, "steps": result.steps, "seconds": round(result.seconds, 3),
+            "peak_gpu_memory_mib": None if peak is None else round(peak, 1)}  # fmt: skip
+    path = site.site_dir / TRAIN_STATS_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+    return path
 
 
 def split_metrics(preds: Predictions, class_names: tuple[str, ...], *, thresholds: Mapping[str, float], horizon_days: float) -> dict:
@@ -307,11 +433,12 @@ def evaluate_round(site: SiteConfig, settings: RoundSettings, state: Mapping[str
     """
     settings = site.admit(settings)  # the site's limits, its fixed split, its cache cap (fl_client/config.py)
     set_determinism(seed=settings.seed)
-    device = select_device(site.device)
+    compute = site_compute(site)
+    device = compute.device
     manifest = load_site(site, settings)
-    model = _model(settings, with_local_norm(site, settings, state), device)
+    model = _model(settings, with_local_norm(site, settings, state), compute)
     class_names = tuple(manifest.class_names[: settings.model.num_classes])
-    preds = {split: predict(model, _loader(manifest, split, settings, train=False, device=device), device=device)
+    preds = {split: predict(model, _loader(manifest, split, settings, train=False, compute=compute), device=device, compute=compute)
              for split in ("val", "test")}  # fmt: skip
     val_known = preds["val"].labels >= 0
     thresholds = choose_operating_points(preds["val"].probs[val_known], preds["val"].labels[val_known], class_names)
@@ -319,6 +446,6 @@ def evaluate_round(site: SiteConfig, settings: RoundSettings, state: Mapping[str
     for split, p in preds.items():
         values = split_metrics(p, class_names, thresholds=thresholds, horizon_days=settings.horizon_days)
         metrics.update({f"{split}-{k}": v for k, v in values.items()})
-    train = predict(model, _loader(manifest, "train", settings, train=False, device=device), device=device)
+    train = predict(model, _loader(manifest, "train", settings, train=False, compute=compute), device=device, compute=compute)
     metrics.update({f"train-{k}": v for k, v in risk_histogram(train.risk).items()})
     return metrics

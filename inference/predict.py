@@ -38,7 +38,7 @@ from monai.data import MetaTensor
 from monai.transforms import apply_transform
 
 from models.bundle import bundle_pipeline, load_bundle
-from models.factory import MultiTaskNet, covariate_vector
+from models.factory import MultiTaskNet, as_plain_tensor, covariate_vector
 from preprocessing.deid import KEY_FILE_NAME, Pseudonymizer
 from preprocessing.discover import discover, read_dicom
 from preprocessing.transforms import PipelineConfig, deterministic_transforms
@@ -336,7 +336,8 @@ def predict_study(
     """Class probabilities and risk score of one prepared study (eval mode, no gradients)."""
     model.eval()
     with torch.no_grad():
-        output = model(prepared.image.to(device), None if covariates is None else covariates.to(device))
+        # Plain tensor into the network (as in training, fl_client.train.forward); prepared.grid keeps the metadata.
+        output = model(as_plain_tensor(prepared.image).to(device), None if covariates is None else covariates.to(device))
     probs = torch.softmax(output.logits.float(), dim=1)[0].cpu().tolist()
     if len(probs) != len(class_names):
         raise ValueError(f"the model has {len(probs)} outputs but the bundle names {len(class_names)} classes")

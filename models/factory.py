@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from monai.data import MetaTensor
 from monai.networks.nets import DenseNet121, resnet10, resnet18
 from torch import nn
 
@@ -45,6 +46,15 @@ class ModelConfig:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def as_plain_tensor(x: torch.Tensor) -> torch.Tensor:
+    """The data of a MONAI ``MetaTensor`` as a plain tensor (no copy); other tensors unchanged.
+
+    A ``MetaTensor`` runs its ``__torch_function__`` (metadata bookkeeping) on every operation; inside a
+    network that roughly doubles the cost of a training step, so the network only ever sees plain tensors.
+    """
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
 
 
 class ModelOutput(NamedTuple):
@@ -120,6 +130,7 @@ class MultiTaskNet(nn.Module):
         self.prognosis = nn.Linear(width + self.n_covariates, 1)
 
     def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> ModelOutput:
+        x = as_plain_tensor(x)  # metadata stays outside the network (see as_plain_tensor)
         features = self.dropout(self.backbone(x))
         if self.n_covariates:
             if covariates is None or covariates.shape != (x.shape[0], self.n_covariates):

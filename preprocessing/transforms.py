@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
+from monai.data import MetaTensor, get_track_meta, set_track_meta
 from monai.transforms import (
+    Compose,
     CropForegroundd,
     EnsureTyped,
     RandFlipd,
+    RandGaussianNoise,
     RandGaussianNoised,
+    RandomizableTransform,
     RandScaleIntensityd,
     ResizeWithPadOrCropd,
     ScaleIntensityRanged,
@@ -93,11 +100,84 @@ def deterministic_transforms(cfg: PipelineConfig, *, key: str = "image", hu_key:
     ]
 
 
-def random_transforms(cfg: PipelineConfig, *, key: str = "image") -> list:
-    """Light augmentation for training: left-right flip, intensity scale, noise."""
+def random_transforms(cfg: PipelineConfig, *, key: str = "image", noise_on_device: bool = False) -> list:
+    """Light augmentation for training: left-right flip, intensity scale, noise.
+
+    With ``noise_on_device`` the noise is drawn by torch on the image's device (:class:`RandGaussianNoiseOnDeviced`,
+    same distribution) instead of as a host-side numpy array: the form :class:`BatchAugment` uses on a GPU.
+    """
     del cfg  # same augmentation for every pipeline for now; kept for a stable signature
+    noise = RandGaussianNoiseOnDeviced if noise_on_device else RandGaussianNoised
     return [
         RandFlipd(keys=key, prob=0.5, spatial_axis=0),
         RandScaleIntensityd(keys=key, factors=0.05, prob=0.5),
-        RandGaussianNoised(keys=key, prob=0.3, std=0.01),
+        noise(keys=key, prob=0.3, std=0.01),
     ]
+
+
+class RandGaussianNoiseOnDevice(RandGaussianNoise):
+    """MONAI's ``RandGaussianNoise`` whose noise is drawn by torch on the image's own device.
+
+    The decision and the spread come from the transform's MONAI random state (``set_random_state`` seeds it), so
+    runs are reproducible; the noise itself comes from a torch generator seeded from that state. On a GPU this
+    avoids drawing a full volume of numpy normals on the host and copying it over for every sample.
+    """
+
+    def randomize(self, img: torch.Tensor, mean: float | None = None) -> None:  # type: ignore[override]
+        RandomizableTransform.randomize(self, None)
+        if not self._do_transform:
+            return None
+        std = self.R.uniform(0, self.std) if self.sample_std else self.std
+        seed = int(self.R.randint(0, 2**31 - 1))
+        device = img.device if isinstance(img, torch.Tensor) else torch.device("cpu")
+        generator = torch.Generator(device=device).manual_seed(seed)
+        dtype = torch.float32 if self.dtype is None else torch.from_numpy(np.zeros(0, dtype=self.dtype)).dtype
+        noise = torch.randn(tuple(img.shape), generator=generator, device=device, dtype=dtype)
+        self.noise = noise.mul_(std).add_(self.mean if mean is None else mean)
+        return None
+
+
+class RandGaussianNoiseOnDeviced(RandGaussianNoised):
+    """Dictionary form of :class:`RandGaussianNoiseOnDevice` (same arguments as MONAI's ``RandGaussianNoised``)."""
+
+    def __init__(self, keys, prob: float = 0.1, mean: float = 0.0, std: float = 0.1, dtype=np.float32,
+                 allow_missing_keys: bool = False, sample_std: bool = True) -> None:  # fmt: skip
+        super().__init__(keys, prob=prob, mean=mean, std=std, dtype=dtype, allow_missing_keys=allow_missing_keys,
+                         sample_std=sample_std)  # fmt: skip
+        self.rand_gaussian_noise = RandGaussianNoiseOnDevice(mean=mean, std=std, prob=1.0, dtype=dtype, sample_std=sample_std)
+
+
+@contextmanager
+def metadata_tracking(enabled: bool) -> Iterator[None]:
+    """Temporarily switch MONAI's metadata tracking (``set_track_meta``) and restore it afterwards."""
+    previous = get_track_meta()
+    set_track_meta(enabled)
+    try:
+        yield
+    finally:
+        set_track_meta(previous)
+
+
+class BatchAugment:
+    """The training augmentation applied to a collated batch where it lies (a GPU when training on one).
+
+    Each sample gets its own draw of :func:`random_transforms` (per-sample randomness as in the loader), and the
+    result is a plain tensor: metadata is not tracked inside the training step. ``seed`` makes the sequence
+    of draws reproducible.
+    """
+
+    def __init__(self, cfg: PipelineConfig, *, seed: int, key: str = "image") -> None:
+        if not 0 <= int(seed) < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+        self.key = key
+        self.transform = Compose(random_transforms(cfg, key=key, noise_on_device=True))
+        self.transform.set_random_state(seed=int(seed))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, X, Y, Z) -> the same shape, each sample augmented independently."""
+        if images.ndim != 5:
+            raise ValueError(f"BatchAugment expects a (B, C, X, Y, Z) batch, got shape {tuple(images.shape)}")
+        images = images.as_tensor() if isinstance(images, MetaTensor) else images
+        with metadata_tracking(False):
+            out = [self.transform({self.key: sample})[self.key] for sample in images]
+        return torch.stack([o.as_tensor() if isinstance(o, MetaTensor) else o for o in out])

@@ -39,3 +39,24 @@ def test_demo_run_config_uses_every_site_and_an_absolute_run_dir(tmp_path):
     assert config.min_sites == 4 and config.num_server_rounds == 2 and config.model_name == "smallcnn"
     assert Path(config.run_dir).is_absolute()
     assert simulation_backend_config()["client_resources"]["num_cpus"] == 1
+
+
+def test_simulated_sites_can_share_a_gpu_by_fraction():
+    """#18.5: fractional num_gpus per simulated site (Ray); without a GPU the automatic share is 0."""
+    import pytest
+    import torch
+
+    from fedct.demo import sim_gpus_per_site
+
+    assert simulation_backend_config(gpus_per_site=0.25)["client_resources"]["num_gpus"] == 0.25
+    assert simulation_backend_config()["client_resources"]["num_gpus"] == 0.0
+    for bad in (-0.5, 1.5):
+        with pytest.raises(ValueError, match="gpus-per-site"):
+            simulation_backend_config(gpus_per_site=bad)
+    assert sim_gpus_per_site(4) == (0.25 if torch.cuda.is_available() else 0.0)
+    assert sim_gpus_per_site(4, 0.0) == 0.0
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            sim_gpus_per_site(4, 0.5)
+    with pytest.raises(ValueError, match="sites"):
+        sim_gpus_per_site(0)

@@ -74,3 +74,19 @@ def test_norm_and_buffer_keys():
     assert buffer_keys(batch) == {k for k in keys if not k.endswith(("weight", "bias"))}
     group = build_model(ModelConfig(name="smallcnn", norm="group"))
     assert {k.rsplit(".", 1)[1] for k in norm_state_keys(group)} == {"weight", "bias"} and buffer_keys(group) == set()
+
+
+def test_the_network_only_sees_plain_tensors():
+    """A MONAI MetaTensor input gives the same output as its plain data, and nothing MetaTensor comes out (#18)."""
+    from monai.data import MetaTensor
+
+    from models.factory import ModelConfig, as_plain_tensor, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="smallcnn")).eval()
+    x = torch.rand(2, 1, 16, 16, 16)
+    meta = MetaTensor(x, affine=torch.eye(4))
+    assert type(as_plain_tensor(meta)) is torch.Tensor and as_plain_tensor(x) is x
+    out_meta, out_plain = model(meta), model(x)
+    assert type(out_meta.logits) is torch.Tensor and type(out_meta.risk) is torch.Tensor
+    assert torch.equal(out_meta.logits, out_plain.logits) and torch.equal(out_meta.risk, out_plain.risk)

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -218,3 +219,133 @@ def test_fedbn_local_mode_keeps_the_sites_own_normalisation_layers(tiny_site, tm
     assert all(torch.equal(merged[k], foreign[k]) for k in foreign if k not in norm_keys)
     aggregate = with_local_norm(site, replace(settings, bn_mode="aggregate"), foreign)
     assert all(torch.equal(aggregate[k], foreign[k]) for k in foreign)
+
+
+# --- #18: the fast path gives the old path's results -------------------------------------------------------------
+
+
+def _old_cox(risk, time, event):
+    """fl_client.train.cox_partial_likelihood as on main before #18 (boolean masks on the device)."""
+    time, event = time.to(risk.device, risk.dtype), event.to(risk.device, risk.dtype)
+    known = ~(torch.isnan(time) | torch.isnan(event))
+    risk, time, event = risk[known], time[known], event[known]
+    if event.sum() <= 0:
+        return risk.sum() * 0.0
+    order = torch.argsort(time, descending=True)
+    risk, time, event = risk[order], time[order], event[order]
+    log_risk_set = torch.logcumsumexp(risk, dim=0)[torch.searchsorted(-time, -time, right=True) - 1]
+    return -((risk - log_risk_set) * event).sum() / event.sum()
+
+
+def _old_step(model, batch):
+    """One step of main's loop before #18 on CPU: the MetaTensor batch goes through the network, fp32."""
+    from models.factory import ModelOutput
+
+    model.zero_grad(set_to_none=True)
+    features = model.dropout(model.backbone(batch["image"]))  # MultiTaskNet.forward of main, MetaTensor and all
+    output = ModelOutput(model.diagnosis(features), model.prognosis(features).squeeze(1))
+    labels = torch.as_tensor(batch["label"], dtype=torch.long)
+    known = labels >= 0
+    diagnosis = torch.nn.functional.cross_entropy(output.logits.float()[known], labels[known])
+    loss = diagnosis + 0.5 * _old_cox(output.risk.float(), batch["time"], batch["event"])
+    loss.backward()
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _meta_batch():
+    from monai.data import MetaTensor
+
+    torch.manual_seed(3)
+    batch = _batch(4, [0, 1, -1, 2], [3.0, 8.0, 5.0, float("nan")], [1.0, 0.0, 1.0, float("nan")])
+    batch["image"] = MetaTensor(torch.rand(4, 1, 64, 64, 48), affine=torch.diag(torch.tensor([2.5, 2.5, 2.5, 1.0])))
+    return batch
+
+
+def test_one_step_of_the_fast_path_matches_the_old_metatensor_path_on_cpu():
+    """Same seed, augmentation off: loss and every gradient of one step equal main's MetaTensor step (DenseNet121)."""
+    import copy
+
+    from fl_client.compute import ComputeOptions, resolve_compute
+    from fl_client.train import forward, loss_terms, prepare_model
+    from models.factory import ModelConfig
+
+    torch.manual_seed(0)
+    reference = build_model(ModelConfig(name="densenet121")).train()
+    batch = _meta_batch()
+    old_loss, old_grads = _old_step(copy.deepcopy(reference), batch)
+
+    compute = resolve_compute(ComputeOptions(), torch.device("cpu"))
+    assert compute.precision == "fp32" and not compute.channels_last and compute.loader_workers == 0  # CPU default
+    model = prepare_model(copy.deepcopy(reference), compute)
+    output = forward(model, batch, compute.device)
+    assert type(output.logits) is torch.Tensor  # no MetaTensor inside or out of the network
+    loss, _, _ = loss_terms(output, batch, weights=(1.0, 0.5), device=compute.device)
+    loss.backward()
+    assert abs(float(loss) - old_loss) <= 1e-6 * max(1.0, abs(old_loss))
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, old_grads[name], rtol=1e-5, atol=1e-7), name
+
+    # And train_model (the loop itself) reports the same loss for that step.
+    class Loader(list):
+        dataset = list(range(4))
+
+    result = train_model(copy.deepcopy(reference), Loader([batch]), epochs=1, lr=1e-3, device=torch.device("cpu"), compute=compute)
+    assert abs(result.loss - old_loss) <= 1e-6 * max(1.0, abs(old_loss))
+
+
+def test_bf16_autocast_on_cpu_is_optional_and_close_to_fp32():
+    import copy
+
+    from fl_client.compute import ComputeOptions, resolve_compute
+    from models.factory import ModelConfig
+
+    torch.manual_seed(0)
+    reference = build_model(ModelConfig(name="smallcnn"))
+
+    class Loader(list):
+        dataset = list(range(4))
+
+    batch = _meta_batch()
+    fp32 = train_model(copy.deepcopy(reference), Loader([batch]), epochs=1, lr=1e-3, device=torch.device("cpu"))
+    bf16 = resolve_compute(ComputeOptions(precision="bf16"), torch.device("cpu"))
+    assert bf16.autocast_dtype == torch.bfloat16 and not bf16.grad_scaler
+    low = train_model(copy.deepcopy(reference), Loader([batch]), epochs=1, lr=1e-3, device=torch.device("cpu"), compute=bf16)
+    assert math.isfinite(low.loss) and abs(low.loss - fp32.loss) < 0.05 * abs(fp32.loss) + 0.05
+
+
+def test_train_model_applies_the_on_device_augmentation_to_each_batch():
+    from preprocessing.transforms import BatchAugment, PipelineConfig
+
+    model = build_model(ServerConfig(model_name="smallcnn").model)
+    seen = []
+    augment = BatchAugment(PipelineConfig(), seed=1)
+
+    def spy(images):
+        seen.append(images)
+        return augment(images)
+
+    class Loader(list):
+        dataset = list(range(5))
+
+    train_model(model, Loader([_batch(3, [0, 1, 2]), _batch(2, [0, 1])]), epochs=1, lr=1e-3, device=torch.device("cpu"), augment=spy)
+    assert [tuple(x.shape) for x in seen] == [(3, 1, 16, 16, 16), (2, 1, 16, 16, 16)]
+
+
+def test_train_round_with_loader_workers_counts_the_same_studies(tiny_site):
+    """Loader worker processes (persistent) are a site setting; the round trains on the same studies."""
+    import dataclasses
+
+    from fl_client.compute import ComputeOptions
+    from fl_client.train import site_compute
+
+    site, config = tiny_site
+    site = dataclasses.replace(site, compute=ComputeOptions(loader_workers=2, persistent_workers=True))
+    compute = site_compute(site)
+    assert compute.loader_workers == 2 and compute.persistent_workers and not compute.pin_memory  # no pinning on CPU
+    settings = config.round_settings(1)
+    state, result = train_round(site, settings, build_model(settings.model).state_dict())
+    assert result.num_examples == 6 and result.steps == 2 * math.ceil(6 / settings.batch_size) and math.isfinite(result.loss)
+    assert all(v.is_contiguous() for v in state.values())
+    stats = [json.loads(line) for line in (site.site_dir / "train-stats.jsonl").read_text().splitlines()]
+    assert stats[-1] == {"round": 1, "device": "cpu", "precision": "fp32", "examples": 6, "steps": result.steps,
+                         "seconds": round(result.seconds, 3), "peak_gpu_memory_mib": None}  # fmt: skip

@@ -150,3 +150,53 @@ def test_random_transforms_keep_shape_and_are_applied_after_the_deterministic_on
     assert all(tuple(o.shape) == (1, *SMALL.input_size) for o in outputs)
     assert any(not torch.equal(outputs[0], o) for o in outputs[1:])
     assert len(random_transforms(SMALL)) == 3
+
+
+# --- #18: random augmentation on the batch where it lies (the GPU when training on one) ---------------------------
+
+
+def test_batch_augment_draws_per_sample_is_reproducible_and_returns_a_plain_tensor():
+    from monai.data import MetaTensor, get_track_meta
+
+    from preprocessing.transforms import BatchAugment
+
+    images = MetaTensor(torch.rand(8, 1, 16, 16, 8))
+    first = BatchAugment(SMALL, seed=5)(images)
+    assert type(first) is torch.Tensor and first.shape == images.shape and first.dtype == torch.float32
+    assert get_track_meta()  # the global switch is restored after the batch
+    assert torch.equal(BatchAugment(SMALL, seed=5)(images), first)  # same seed, same draws
+    assert not torch.equal(BatchAugment(SMALL, seed=6)(images), first)
+    changed = [not torch.equal(first[i], images.as_tensor()[i]) for i in range(8)]
+    flipped = [torch.allclose(first[i], images.as_tensor()[i].flip(1), atol=0.2) for i in range(8)]
+    assert any(changed) and not all(flipped) and any(flipped)  # each sample draws its own flip/scale/noise
+
+
+@pytest.mark.parametrize(("kwargs", "shape", "needle"), [({"seed": -1}, (2, 1, 8, 8, 8), "seed"),
+                                                         ({"seed": 0}, (1, 8, 8, 8), "B, C, X, Y, Z")])  # fmt: skip
+def test_batch_augment_refuses_bad_input(kwargs, shape, needle):
+    from preprocessing.transforms import BatchAugment
+
+    with pytest.raises(ValueError, match=needle):
+        BatchAugment(SMALL, **kwargs)(torch.zeros(shape))
+
+
+def test_noise_drawn_on_the_device_has_monais_distribution():
+    from monai.transforms import RandGaussianNoise
+
+    from preprocessing.transforms import RandGaussianNoiseOnDevice
+
+    image = torch.zeros(1, 32, 32, 32)
+    ours, monai = RandGaussianNoiseOnDevice(prob=1.0, std=0.1).set_random_state(0), RandGaussianNoise(prob=1.0, std=0.1).set_random_state(0)
+    a, b = ours(image), monai(image)
+    assert a.device == image.device and a.dtype == torch.float32
+    # Same spread (the std is drawn from the same MONAI random state), independent draws of the noise itself.
+    assert abs(float(a.std()) - float(torch.as_tensor(b).std())) < 0.01 and abs(float(a.mean())) < 0.01
+    assert torch.equal(RandGaussianNoiseOnDevice(prob=0.0, std=0.1)(image), image)  # prob is honoured
+
+
+def test_random_transforms_on_device_differ_only_in_the_noise_transform():
+    from preprocessing.transforms import RandGaussianNoiseOnDeviced
+
+    host, device = random_transforms(SMALL), random_transforms(SMALL, noise_on_device=True)
+    assert [type(t).__name__ for t in host[:2]] == [type(t).__name__ for t in device[:2]]
+    assert isinstance(device[2], RandGaussianNoiseOnDeviced) and device[2].prob == host[2].prob
