@@ -229,22 +229,8 @@ def write_consortium(out: Path, *, sites: Sequence[str] = (), sans: Sequence[str
                            site_keys=keys, site_public_keys=pubs)  # fmt: skip
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``fedct certs``."""
-    p = sub.add_parser("certs", help="coordinator: make the consortium's CA and the SuperLink certificate")
-    p.add_argument("--out", required=True, help="output folder (ca/, server/; sites/<name>/ with --with-site-keys)")
-    p.add_argument("--san", action="append", help="server certificate SAN (DNS name or IP the hospitals connect to); "
-                                                   "repeat; localhost and 127.0.0.1 are always added")  # fmt: skip
-    p.add_argument("--sites", help="with --with-site-keys: comma-separated site names, e.g. site-a,site-b")
-    p.add_argument("--with-site-keys", action="store_true",
-                   help="also make the sites' private keys here (tests and demos only: real sites run `fedct site-key`)")
-    p.set_defaults(func=_main)
-    p = sub.add_parser("site-key", help="site: make this site's SuperNode key pair and print the public key to send")
-    p.add_argument("--out", required=True, help="private key file to create, e.g. /site/pki/site.key (site.pub goes next to it)")
-    p.set_defaults(func=_site_key)
-
-
-def _site_key(args: argparse.Namespace) -> int:
+def site_key_command(args: argparse.Namespace) -> int:
+    """``fedct site-key``: make this site's key pair, print the public key line to send."""
     try:
         public_path, line = write_site_key(Path(args.out))
     except (CertsError, OSError) as exc:
@@ -256,7 +242,8 @@ def _site_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def _main(args: argparse.Namespace) -> int:
+def certs_command(args: argparse.Namespace) -> int:
+    """``fedct certs``: the consortium's CA and server certificate (site keys only with ``--with-site-keys``)."""
     sites = [s.strip() for s in (args.sites or "").split(",") if s.strip()]
     if args.with_site_keys and not sites:
         print("fedct certs: error: --with-site-keys needs --sites NAME[,NAME...]", file=sys.stderr)

@@ -129,6 +129,34 @@ def _version() -> str:
         return "fedct (not installed)"
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from fedct.certs import certs_command  # cryptography only when certificates are made
+
+    return certs_command(args)
+
+
+def _site_key(args: argparse.Namespace) -> int:
+    from fedct.certs import site_key_command
+
+    return site_key_command(args)
+
+
+def _add_certs_parsers(sub: argparse._SubParsersAction) -> None:
+    """``fedct certs`` and ``fedct site-key``; their module (and cryptography) is imported only when they run, so
+    the other commands work where cryptography is not installed (e.g. a compute-only machine running benchmarks)."""
+    p = sub.add_parser("certs", help="coordinator: make the consortium's CA and the SuperLink certificate")
+    p.add_argument("--out", required=True, help="output folder (ca/, server/; sites/<name>/ with --with-site-keys)")
+    p.add_argument("--san", action="append", help="server certificate SAN (DNS name or IP the hospitals connect to); "
+                                                   "repeat; localhost and 127.0.0.1 are always added")  # fmt: skip
+    p.add_argument("--sites", help="with --with-site-keys: comma-separated site names, e.g. site-a,site-b")
+    p.add_argument("--with-site-keys", action="store_true",
+                   help="also make the sites' private keys here (tests and demos only: real sites run `fedct site-key`)")
+    p.set_defaults(func=_certs)
+    p = sub.add_parser("site-key", help="site: make this site's SuperNode key pair and print the public key to send")
+    p.add_argument("--out", required=True, help="private key file to create, e.g. /site/pki/site.key (site.pub goes next to it)")
+    p.set_defaults(func=_site_key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the ``fedct`` command."""
     parser = argparse.ArgumentParser(prog="fedct", description="Federated learning on CT imaging.")
@@ -191,10 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     from bench.cli import add_parser as add_bench_parser
-    from fedct import certs, deploy  # deployment: fedct certs, fedct server, fedct site
+    from fedct import deploy  # deployment: fedct server, fedct site
     from fedct.status import add_parser as add_status_parser
 
-    certs.add_parser(sub)
+    _add_certs_parsers(sub)
     deploy.add_server_parser(sub)
     deploy.add_site_parser(sub)
     add_status_parser(sub)

@@ -139,3 +139,26 @@ def test_predict_writes_reports_and_refuses_a_broken_study(synth_dir, tmp_path):
     assert set(prediction["probabilities"]) == {"covid", "other_pneumonia", "normal"}
     assert (folder / "report.html").is_file() and (folder / "sr.dcm").is_file()
     assert pydicom.dcmread(folder / "sr.dcm").StudyInstanceUID == prediction["StudyInstanceUID"]
+
+
+def test_commands_other_than_certificates_work_without_cryptography():
+    """A compute-only machine (the GPU benchmark host) may lack cryptography: only `certs`/`site-key` need it."""
+    code = (
+        "import builtins, sys\n"
+        "real = builtins.__import__\n"
+        "def blocked(name, *a, **k):\n"
+        "    if name.split('.')[0] == 'cryptography':\n"
+        "        raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = blocked\n"
+        "from fedct.cli import main\n"
+        "try:\n"
+        "    main(['bench', 'train-loop', '--help'])\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n"
+        "print('ok', 'cryptography' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok False")
