@@ -52,11 +52,15 @@ def _handler(args: argparse.Namespace) -> int:
     if args.resume and args.benchmark not in ("quality", "all"):
         print("fedct bench: error: --resume applies to the quality benchmark only", file=sys.stderr)
         return 2
-    if (args.profile != "default" or args.devices != "auto") and args.benchmark != "train-loop":
-        print("fedct bench: error: --profile and --devices apply to the train-loop benchmark only", file=sys.stderr)
+    if (args.profile != "default" or args.devices != "auto" or args.patients) and args.benchmark != "train-loop":
+        print("fedct bench: error: --profile, --devices and --patients apply to the train-loop benchmark only",
+              file=sys.stderr)
+        return 2
+    if args.patients < 0:
+        print(f"fedct bench: error: --patients must be >= 0, got {args.patients}", file=sys.stderr)
         return 2
     options = BenchOptions(out=Path(args.out).resolve(), quick=args.quick, tiny=args.tiny, resume=args.resume,
-                           profile=args.profile, devices=args.devices)  # fmt: skip
+                           profile=args.profile, devices=args.devices, patients=args.patients)  # fmt: skip
     return run_benchmarks(names, options, strategies=strategies)
 
 
@@ -73,6 +77,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", choices=("default", "gpu"), default="default",
                    help="train-loop: the run config timed: default (64x64x48 at 5 mm, batch 4: the CPU size) or gpu "
                    "(configs/run-gpu.toml: 128x128x96 at 2.5 mm, batch 16)")
+    p.add_argument("--patients", type=int, default=0,
+                   help="train-loop: synthetic patients of the timed site (default: the size's own; more patients = "
+                        "longer epochs, so the loader's refill at each epoch start weighs less, as at a real site)")
     p.add_argument("--devices", choices=("auto", "cpu", "cuda"), default="auto",
                    help="train-loop: arms to run (auto: the CPU, plus CUDA when present; the gpu profile skips the CPU "
                    "arm unless asked, except in --tiny)")

@@ -29,6 +29,11 @@ class BenchOptions:
     resume: bool = False  # quality: continue from ``quality.partial.json`` in ``out`` (same plan), skip finished arms
     profile: str = "default"  # train-loop: run config profile, "default" (CPU size) or "gpu" (configs/run-gpu.toml)
     devices: str = "auto"  # train-loop: "auto" (CPU, plus CUDA when present), "cpu" or "cuda"
+    patients: int = 0  # train-loop: synthetic patients of the timed site (0: the size's default); more = longer epochs
+
+    def __post_init__(self) -> None:
+        if self.patients < 0:
+            raise ValueError(f"patients must be >= 0 (0: the benchmark size's default), got {self.patients}")
 
 
 def machine_info() -> dict[str, Any]:

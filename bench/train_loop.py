@@ -174,6 +174,13 @@ def options_from_environment() -> Any:
 
 
 def _plan(options: BenchOptions) -> dict[str, Any]:
+    plan = _size_plan(options)
+    if options.patients and not options.tiny:
+        plan["patients"] = options.patients
+    return plan
+
+
+def _size_plan(options: BenchOptions) -> dict[str, Any]:
     run_config = profile_run_config(options.profile)
     if options.tiny:
         # Test-suite size whatever the profile: the small network and volumes, the profile's loader/precision path.
