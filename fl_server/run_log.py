@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fedct.files import atomic_write_bytes
 
 SiteMetrics = Mapping[str, Mapping[str, Any]]
 """``{site: {metric: float or, for ``*-hist-*`` keys, list of floats}}``."""
@@ -377,14 +378,8 @@ class RunLog:
 
     def write(self) -> Path:
         """Write ``metrics.json`` atomically."""
-        path = self.run_dir / "metrics.json"
-        tmp = path.with_suffix(".json.tmp")
-        with open(tmp, "w") as fh:
-            fh.write(_compact_number_lists(json.dumps(_clean(self.summary()), indent=2)))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        return path
+        text = _compact_number_lists(json.dumps(_clean(self.summary()), indent=2))
+        return atomic_write_bytes(self.run_dir / "metrics.json", text.encode())
 
     def plot(self) -> Path:
         """Learning curves (loss; macro AUC aggregated and per site) as ``curves.png``."""
