@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedct.files import atomic_write_bytes
 from fl_client.site_env import SiteEnv, SiteEnvError, check_ca_certificate, parse_superlink_address, read_env_file
 
 #: Environment every Flower process we start gets: no telemetry, no update check, no package installation.
@@ -391,12 +392,7 @@ def ensure_server_secret(env: ServerEnv) -> Path:
         if mode & 0o077:
             raise DeployError(f"{path} (the SuperExec secret) is readable by others (mode {mode:o}); run chmod 600 on it")
         return path
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, secrets.token_hex(32).encode(), mode=0o600)
 
 
 def proxy_executable(env: ServerEnv) -> str:
@@ -479,10 +475,7 @@ def write_proxy_config(env: ServerEnv) -> Path:
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (env.proxy_dir / sub).mkdir(mode=0o700, exist_ok=True)
     path = env.proxy_dir / "nginx.conf"
-    tmp = path.with_name(f".nginx.conf.{os.getpid()}")
-    tmp.write_text(proxy_config(env))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, proxy_config(env).encode())
 
 
 def proxy_command(env: ServerEnv, config: Path) -> list[str]:
@@ -557,9 +550,7 @@ def write_site_registry(env: ServerEnv) -> dict[str, str]:
     if missing:
         raise DeployError(f"the SuperLink holds no registered node for site(s) {', '.join(missing)} after registration")
     path = env.site_registry_file
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(registry, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(registry, indent=1, sort_keys=True) + "\n").encode())
     return registry
 
 
@@ -822,12 +813,7 @@ def ensure_superexec_secret(site: SiteEnv) -> Path:
     if path.is_file() and path.stat().st_size > 0:
         path.chmod(0o600)
         return path
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, secrets.token_hex(32).encode(), mode=0o600)
 
 
 def supernode_env(site: SiteEnv, gate_dir: Path) -> dict[str, str]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write_bytes"]
+__all__ = ["atomic_write_bytes", "json_safe"]
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> Path:
@@ -38,3 +41,13 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> P
         os.close(dir_fd)
     return path
 
+
+def json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity: non-finite floats become null, through mappings, lists and tuples."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value

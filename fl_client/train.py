@@ -6,9 +6,9 @@ outcome is unknown is masked out of that term (never guessed).
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -22,6 +22,7 @@ from monai.data import DataLoader
 from monai.utils import set_determinism
 from torch import nn
 
+from fedct.files import atomic_write_bytes
 from fl_client.compute import Compute, ComputeOptions, resolve_compute
 from fl_client.config import RoundSettings, SiteConfig
 from fl_client.metrics import (
@@ -31,7 +32,7 @@ from fl_client.metrics import (
     score_histograms,
     survival_metrics,
 )
-from models.factory import MultiTaskNet, ModelOutput, as_plain_tensor, build_model, covariate_vector, norm_state_keys
+from models.factory import ModelOutput, MultiTaskNet, as_plain_tensor, build_model, covariate_vector, norm_state_keys
 from preprocessing.cache import make_dataset
 from preprocessing.ingest import SiteManifest, prepare_site
 from preprocessing.transforms import BatchAugment
@@ -310,11 +311,9 @@ def save_local_norm(site: SiteConfig, settings: RoundSettings, model: nn.Module)
     keys = norm_state_keys(model)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keys}
     path = local_norm_path(site, settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def recalibrate_batch_norm(model: nn.Module, loader: Any, *, device: torch.device, compute: Compute | None = None) -> bool:

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from fedct.files import atomic_write_bytes
-from models.bundle import json_safe, save_state, write_bundle
+from fedct.files import atomic_write_bytes, json_safe
+from models.bundle import save_state, write_bundle
 
 __all__ = ["RunState", "atomic_write_bytes", "load_run_state", "save_run_state", "save_state", "write_bundle"]
 

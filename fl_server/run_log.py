@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fedct.files import atomic_write_bytes, json_safe
 
 SiteMetrics = Mapping[str, Mapping[str, Any]]
 """``{site: {metric: float or, for ``*-hist-*`` keys, list of floats}}``."""
@@ -205,17 +206,6 @@ class BestRound:
     value: float
 
 
-def _clean(value: Any) -> Any:
-    """JSON has no NaN: undefined metrics are written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
 def _compact_number_lists(text: str) -> str:
     """Put every list of numbers of an indented JSON text on one line (histograms stay readable)."""
     number = r"(?:-?\d[\d.eE+-]*|null)"
@@ -301,7 +291,7 @@ class RunLog:
     def state(self) -> dict[str, Any]:
         """What :meth:`restore` needs to continue this log after a restart (JSON-ready)."""
         best = None if self.best is None else {"round": self.best.round, "metric": self.best.metric, "value": self.best.value}
-        return {"rounds": _clean(self.rounds), "best": best, "started_utc": self._started}
+        return {"rounds": json_safe(self.rounds), "best": best, "started_utc": self._started}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Continue from a :meth:`state` (rounds so far, best round, start time); undefined values come back as NaN."""
@@ -377,14 +367,8 @@ class RunLog:
 
     def write(self) -> Path:
         """Write ``metrics.json`` atomically."""
-        path = self.run_dir / "metrics.json"
-        tmp = path.with_suffix(".json.tmp")
-        with open(tmp, "w") as fh:
-            fh.write(_compact_number_lists(json.dumps(_clean(self.summary()), indent=2)))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        return path
+        text = _compact_number_lists(json.dumps(json_safe(self.summary()), indent=2))
+        return atomic_write_bytes(self.run_dir / "metrics.json", text.encode())
 
     def plot(self) -> Path:
         """Learning curves (loss; macro AUC aggregated and per site) as ``curves.png``."""

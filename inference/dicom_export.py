@@ -23,9 +23,9 @@ COVID-19, "Normal", risk levels; DCM for "Comment"; LOINC for the procedure).
 
 from __future__ import annotations
 
+import io
 import math
 import operator
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +41,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from fedct.files import atomic_write_bytes
 from inference.wording import DISCLAIMER, finding_sentence
 
 #: Private coding scheme of the model's own concepts (declared in CodingSchemeIdentificationSequence).
@@ -428,12 +429,9 @@ def _build_sc(
 
 def _save(ds: Dataset, path: Path) -> None:
     """Write with File Meta, via a temporary name, so an interrupted run leaves no half file behind."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        ds.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_dicom_results(result: Any, out_dir: Path) -> list[Path]:

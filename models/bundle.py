@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedct.files import atomic_write_bytes
+from fedct.files import atomic_write_bytes, json_safe
 from models.factory import ModelConfig, build_model
 from preprocessing.labels import DIAGNOSES
 from preprocessing.transforms import PIPELINE_VERSION, PipelineConfig
@@ -30,7 +30,6 @@ __all__ = [
     "BUNDLE_FORMAT",
     "BundleError",
     "bundle_pipeline",
-    "json_safe",
     "load_bundle",
     "model_card",
     "monai_metadata",
@@ -91,17 +90,6 @@ def write_bundle(
     atomic_write_bytes(folder / "model_card.md", model_card(meta).encode())
     atomic_write_bytes(folder / MONAI_METADATA, json.dumps(monai_metadata(meta), indent=2).encode())
     return folder
-
-
-def json_safe(value: Any) -> Any:
-    """JSON has no NaN: undefined metrics become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def model_card(meta: Mapping[str, Any]) -> str:

@@ -59,6 +59,7 @@ import functools
 import hashlib
 import hmac
 import importlib
+import io
 import os
 import re
 import time
@@ -84,6 +85,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from fedct.files import atomic_write_bytes
 from preprocessing.deid import Pseudonymizer
 
 __all__ = [
@@ -915,13 +917,11 @@ def deidentify_folder(
             skipped.append((rel, "duplicate_sop_instance"))
             continue
         target = out_dir / str(ds.PatientID) / str(ds.StudyInstanceUID) / str(ds.SeriesInstanceUID) / f"{sop}.dcm"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".partial")
         try:
-            ds.save_as(tmp, enforce_file_format=True)
-            os.replace(tmp, target)
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            atomic_write_bytes(target, buffer.getvalue())
         except Exception:
-            tmp.unlink(missing_ok=True)
             skipped.append((rel, "deid_error"))
             continue
         seen_sops.add(sop)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from fedct.files import atomic_write_bytes
 
 SPLITS = ("train", "val", "test")
 #: The site's fixed split fractions, in the site's work folder.
@@ -79,10 +80,7 @@ def _read_split_file(path: Path) -> SplitConfig:
 
 
 def _write_split_file(path: Path, split: SplitConfig) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(split), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(asdict(split), indent=1) + "\n").encode("utf-8"))
 
 
 def site_split(site_dir: Path, *, site_choice: SplitConfig | None, requested: SplitConfig | None = None) -> SplitConfig:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from synthetic.hospitals import default_profiles, write_federation
 
@@ -67,3 +70,14 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def wait_until(condition: Callable[[], object], *, timeout: float, what: str, poll: float = 0.5) -> object:
+    """Poll ``condition`` until truthy; fail naming ``what`` after ``timeout`` seconds (a liveness bound)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")

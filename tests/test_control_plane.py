@@ -20,13 +20,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from federation import pids_matching, stop_pids
+from federation import pids_matching, stop_pids, wait_until
 from fedct.certs import write_consortium, write_site_key
 from fedct.deploy import PROXY_REFUSAL, SITE_REGISTRY_ENV, ServerEnv, registered_nodes
 
@@ -113,17 +112,6 @@ def _free_ports(n: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
-
-
-def wait_until(condition: Callable[[], object], *, timeout: float, what: str, poll: float = 0.5) -> object:
-    """Poll ``condition`` until truthy; fail naming ``what`` after ``timeout`` seconds (a liveness bound)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def process_env(**extra: str) -> dict[str, str]:
@@ -302,7 +290,7 @@ def test_a_registered_site_connects_through_the_proxy_and_the_coordinator_submit
     # heartbeats pass the proxy too: each one moves the node's online-until time forward
     wait_until(lambda: next(n for n in registered_nodes(env) if n.node_id == node_id).online_until > activated.online_until,
                timeout=90, what="a SuperNode heartbeat through the proxy")  # fmt: skip
-    assert f'fedct proxy: 127.0.0.1 "POST /v1/control/start-run HTTP/1.1" 403' in fed.log("server")  # the attempt is logged
+    assert 'fedct proxy: 127.0.0.1 "POST /v1/control/start-run HTTP/1.1" 403' in fed.log("server")  # the attempt is logged
     assert fed.procs["site-a"].poll() is None, fed.log("site-a")[-3000:]
     fed.procs["site-a"].send_signal(signal.SIGTERM)
     fed.procs["site-a"].wait(timeout=60)

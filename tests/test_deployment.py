@@ -20,13 +20,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from federation import TINY_RUN_CONFIG, pids_matching, stop_pids, tiny_federation
+from federation import TINY_RUN_CONFIG, pids_matching, stop_pids, tiny_federation, wait_until
 from fedct.certs import write_consortium
 from fedct.deploy import ServerEnv, Submitted, executor_pids, run_status, submit_run
 from fl_client.executor import process_alive
@@ -65,17 +64,6 @@ def process_tree(pid: int) -> list[int]:
         out.append(p)
         todo.extend(tree.get(p, []))
     return out
-
-
-def wait_until(condition: Callable[[], object], *, timeout: float, what: str, poll: float = 0.5) -> object:
-    """Poll ``condition`` until truthy; fail naming ``what`` after ``timeout`` seconds (a liveness bound)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def _write_env(path: Path, values: dict[str, object]) -> Path:
@@ -336,7 +324,7 @@ def test_a_supernode_without_a_registered_key_is_refused(consortium):
     assert code == 3
     text = fed.log_text("site-x")
     assert "Failed to activate SuperNode" in text  # Flower's words
-    assert f"refused to activate this site (code 2004) for 0 s. Check that the server registered this site's public key" in text
+    assert "refused to activate this site (code 2004) for 0 s. Check that the server registered this site's public key" in text
     assert "ApiError:2004" in fed.log_text("server")
 
 
