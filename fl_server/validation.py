@@ -45,6 +45,8 @@ from fl_server.config import SiteRegistry, is_site_name
 from fl_server.run_log import is_count_key, is_histogram_key
 
 #: Scale of the MAD of a normal distribution (so that the robust z-score reads like a standard score).
+#: Smallest scale of the robust z-score, as a share of the median norm (see robust_zscores).
+SCALE_FLOOR = 0.1
 MAD_TO_SIGMA = 1.4826
 #: Fewest updates for which the z-score is meaningful (with two, each is as far from the median as the other).
 MIN_UPDATES_FOR_ZSCORE = 3
@@ -168,16 +170,21 @@ def update_norm(update: Mapping[str, Any], reference: Mapping[str, Any]) -> floa
 
 
 def robust_zscores(values: Sequence[float]) -> list[float]:
-    """``(x - median) / (1.4826 * MAD)`` for each value; 0 for all when the MAD is 0 and the values equal the median,
-    +inf for a value off the median when the MAD is 0."""
+    """``(x - median) / scale`` for each value, with ``scale = max(1.4826 * MAD, SCALE_FLOOR * |median|)``.
+
+    The floor matters with few sites: two or three honest updates can have nearly equal norms, so the MAD is tiny and
+    a site 10 % above the others would score several robust SDs (seen: 12.45 vs a median of 11.28 scored 8.5 and an
+    honest site was rejected). With the floor, norms within ``threshold * SCALE_FLOOR`` of the median never stand out,
+    while a poisoned update (norms 1000x the median) still does. 0 for all when every value equals a median of 0;
+    +inf for a value off a zero median with zero MAD."""
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
         return []
     median = float(np.median(x))
-    mad = float(np.median(np.abs(x - median)))
-    if mad == 0.0:
+    scale = max(MAD_TO_SIGMA * float(np.median(np.abs(x - median))), SCALE_FLOOR * abs(median))
+    if scale == 0.0:
         return [0.0 if v == median else math.copysign(math.inf, v - median) for v in x]
-    return [float((v - median) / (MAD_TO_SIGMA * mad)) for v in x]
+    return [float((v - median) / scale) for v in x]
 
 
 def zscore_outliers(norms: Mapping[Any, float], threshold: float) -> dict[Any, str]:

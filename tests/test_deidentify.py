@@ -877,8 +877,22 @@ def test_every_public_attribute_not_on_the_allow_list_is_removed(slice_ds):
     buffer = io.BytesIO()
     out.save_as(buffer, enforce_file_format=True)
     data = buffer.getvalue()
-    assert sorted(n for n in planter.needles if n.encode() in data) == []
+    assert sorted(n for n in planter.needles if n.encode() in _without_new_uids(data, out, planter.needles)) == []
     assert not {int(e.tag) for e in _walk(out)} & planter.binary_tags
+
+
+def _without_new_uids(data: bytes, out: pydicom.Dataset, needles: set[str]) -> bytes:
+    """The output bytes with the (keyed, replaced) UID values blanked. Those are HMAC digits that differ with the
+    test folder's path, so a digit-only needle (an IS value such as 9045527) can occur in one by chance; they copy
+    no input digits. A UID that is itself a planted value is never blanked, so a surviving planted UID still fails."""
+    uids = [e.value for e in _walk(out) if e.VR == "UI" and e.value]
+    uids += [out.file_meta.get(k) for k in ("MediaStorageSOPInstanceUID", "TransferSyntaxUID", "MediaStorageSOPClassUID",
+                                            "ImplementationClassUID")]  # fmt: skip
+    for value in uids:
+        for uid in value if isinstance(value, list) else [value]:
+            if uid and str(uid) not in needles:
+                data = data.replace(str(uid).encode(), b"#")
+    return data
 
 
 # --- burned-in text and the pixel bits ------------------------------------------------------------------------------

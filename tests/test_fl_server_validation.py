@@ -65,7 +65,14 @@ def test_robust_zscores():
     z = robust_zscores([1.0, 2.0, 3.0, 100.0])
     assert z[3] > 50 and abs(z[1]) < 1
     assert robust_zscores([2.0, 2.0, 2.0]) == [0.0, 0.0, 0.0]
-    assert robust_zscores([2.0, 2.0, 2.0, 9.0])[3] == math.inf
+    assert robust_zscores([2.0, 2.0, 2.0, 9.0])[3] == pytest.approx(35.0)  # scale floored at 10 % of the median
+    assert robust_zscores([0.0, 0.0, 0.0, 9.0])[3] == math.inf
+
+
+def test_honest_sites_with_close_norms_are_not_outliers():
+    """Three honest sites whose norms differ by ~10 % (MAD tiny): none is flagged; a poisoned one still is."""
+    assert zscore_outliers({"a": 11.28, "b": 12.45, "c": 11.21}, 5.0) == {}
+    assert set(zscore_outliers({"a": 11.28, "b": 12.45, "c": 11.21, "d": 2.8e4}, 5.0)) == {"d"}
 
 
 def test_zscore_flags_only_large_norms_and_needs_three_updates():
