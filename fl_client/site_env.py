@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedct import envfile
+from fedct.envfile import EnvFileError
 from fl_client.approval import APPROVAL_DISABLED, APPROVAL_MODES, APPROVAL_SETTING, ApprovalConfigError, allow_list_from_value
 from fl_client.compute import NODE_KEYS as COMPUTE_ENV_KEYS
 from fl_client.limits import LIMIT_KEYS, SiteLimits
@@ -77,35 +78,12 @@ class SiteEnvError(ValueError):
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """``KEY=VALUE`` lines of an env file (comments and blank lines skipped, shell quoting honoured)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SiteEnvError(f"env file {path} does not exist (pass --env with the site's env file)")
+    """``KEY=VALUE`` lines of an env file (fedct/envfile.py's syntax), as :class:`SiteEnvError` when malformed."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SiteEnvError(f"env file {path} cannot be read: {exc}") from exc
-    values: dict[str, str] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export "):].lstrip()
-        key, sep, value = line.partition("=")
-        key = key.strip()
-        if not sep or not key.replace("_", "").isalnum():
-            raise SiteEnvError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
-        try:
-            parts = shlex.split(value, comments=True)
-        except ValueError as exc:
-            raise SiteEnvError(f"{path}:{number}: {key}: {exc}") from exc
-        if len(parts) > 1:
-            raise SiteEnvError(f"{path}:{number}: {key} has spaces; quote the value")
-        if key in values:
-            raise SiteEnvError(f"{path}:{number}: {key} is set twice")
-        values[key] = parts[0] if parts else ""
-    return values
+        return envfile.read_env_file(path)
+    except EnvFileError as exc:
+        hint = " (pass --env with the site's env file)" if not Path(path).is_file() else ""
+        raise SiteEnvError(f"{exc}{hint}") from exc
 
 
 def parse_superlink_address(value: str, *, source: str) -> tuple[str, int]:

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from fedct import envfile
+
 log = logging.getLogger(__name__)
 
 #: The settings a site env file may hold for its PACS (other keys in the file belong to other parts of the site).
@@ -171,37 +173,8 @@ def endpoint(url: str) -> Endpoint:
 
 
 def read_env_lines(path: Path) -> dict[str, tuple[str, int]]:
-    """``KEY=VALUE`` lines of an env file: key -> (value, line number).
-
-    The same syntax as the site env file (fl_client/site_env.py): ``#`` comments, blank lines, optional ``export``,
-    shell quoting; a key set twice or a value with unquoted spaces is an error.
-    """
-    import shlex
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"site env file does not exist: {path}")
-    values: dict[str, tuple[str, int]] = {}
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export ") :].lstrip()
-        key, sep, value = line.partition("=")
-        key = key.strip()
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise ValueError(f"{path}: line {number}: expected KEY=VALUE")
-        try:
-            parts = shlex.split(value, comments=True)
-        except ValueError as exc:
-            raise ValueError(f"{path}: line {number}: {key}: {exc}") from exc
-        if len(parts) > 1:
-            raise ValueError(f"{path}: line {number}: {key} has spaces; quote the value")
-        if key in values:
-            raise ValueError(f"{path}: line {number}: {key} is set twice")
-        values[key] = (parts[0] if parts else "", number)
-    return values
+    """``KEY=VALUE`` lines of the site env file (fedct/envfile.py's syntax): key -> (value, line number)."""
+    return {key: (setting.value, setting.line) for key, setting in envfile.read_env_lines(path).items()}
 
 
 def read_pacs_settings(env_file: Path | None, *, url: str | None = None) -> PacsSettings:

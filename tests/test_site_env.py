@@ -187,7 +187,7 @@ def test_missing_env_file(tmp_path):
 def test_malformed_line_is_reported_with_its_number(tmp_path):
     path = tmp_path / "site.env"
     path.write_text("FEDCT_SITE_NAME=a\nthis is not an assignment\n")
-    with pytest.raises(SiteEnvError, match=r"site.env:2: expected KEY=VALUE"):
+    with pytest.raises(SiteEnvError, match=r"site.env: line 2: expected KEY=VALUE"):
         read_env_file(path)
 
 
