@@ -55,7 +55,6 @@ def dimse_server_tls(settings: PacsSettings) -> Any:
     return context
 
 
-
 class DimseConnection:
     """C-FIND + C-GET (or C-MOVE to our own storage SCP) for the pull, C-STORE for the push, with ``pynetdicom``."""
 
@@ -241,4 +240,3 @@ def _check_status(status: Any, what: str) -> None:
     if code >> 8 == 0xA7:
         raise Transient(f"{what}: PACS out of resources (status 0x{code:04X})")
     raise Refused(f"{what}: failure status 0x{code:04X}; check that FEDCT_PACS_AET may query and retrieve at the PACS")
-

@@ -101,4 +101,3 @@ def _progress(total: int, enabled: bool) -> Callable[[int], None]:
     if not enabled:
         return lambda n: None
     return lambda n: print(f"\r  pulled {n}/{total} series", end="\n" if n == total else "", file=sys.stderr, flush=True)
-

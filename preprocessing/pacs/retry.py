@@ -115,4 +115,3 @@ def with_retries(settings: PacsSettings, what: str, call: Callable[[], Any], *, 
                         _http_status(exc) or _short(exc), attempt + 1, settings.retries, delay)  # fmt: skip
             sleep(delay)
     raise AssertionError("unreachable")
-

@@ -216,4 +216,3 @@ def read_pacs_settings(env_file: Path | None, *, url: str | None = None) -> Pacs
         tls_cert=tls["FEDCT_PACS_TLS_CERT"],
         tls_key=tls["FEDCT_PACS_TLS_KEY"],
     )
-
