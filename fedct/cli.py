@@ -80,7 +80,8 @@ def _deid(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from inference.predict import run_predict
-    from inference.push import push_results, push_settings
+    from inference.push import push_results
+    from preprocessing.pacs import push_settings
 
     try:
         push = push_settings(args)  # --push: PACS settings checked before anything is predicted
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results folder (one sub-folder per study)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--site-dir", help="the site's work folder: name result folders by the site's keyed study pseudonyms")
-    from inference.push import add_push_arguments  # --push [URL], --pacs-env FILE
+    from preprocessing.pacs import add_push_arguments  # --push [URL], --pacs-env FILE
 
     add_push_arguments(p)
     p.set_defaults(func=_predict)

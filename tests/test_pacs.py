@@ -1,4 +1,5 @@
-"""preprocessing.pacs against a real Orthanc: DICOMweb and DIMSE pulls equal folder ingestion, resume, refusals.
+"""preprocessing.pacs (settings, retries, store, pull) against a real Orthanc: DICOMweb and DIMSE pulls equal folder
+ingestion, resume, refusals. The push side of the same connections: tests/test_push.py.
 
 Orthanc runs on 127.0.0.1 (its ports listen on all interfaces; the config refuses non-local HTTP and unregistered
 DIMSE peers, see tests/orthanc.py) and is stopped by PID. A request-counting proxy (a thread of this process)
@@ -427,10 +428,10 @@ def test_a_password_file_others_may_read_is_refused(tmp_path, mode):
 
 
 def test_the_c_move_storage_scp_listens_only_on_the_configured_interface():
-    from preprocessing.pacs import DimseSource
+    from preprocessing.pacs import DimseConnection
 
     port = free_port()
-    source = DimseSource(settings_for(f"dicom://PACS@127.0.0.1:{free_port()}", move_port=port))
+    source = DimseConnection(settings_for(f"dicom://PACS@127.0.0.1:{free_port()}", move_port=port))
     with source._storage_scp(["1.2.840.10008.5.1.4.1.1.2"]):
         assert source.listening == ("127.0.0.1", port)  # the default: not every interface of the host
     with pytest.raises(ValueError, match="FEDCT_PACS_LISTEN_ADDRESS='pacs-host'"):
@@ -513,27 +514,27 @@ def tls_find_scp(tmp_path):
 
 
 def test_dimse_over_tls_with_a_verified_pacs_certificate(tls_find_scp, tmp_path):
-    from preprocessing.pacs import DimseSource, Query
+    from preprocessing.pacs import DimseConnection, Query
 
     url, files = tls_find_scp
     env = write_env(tmp_path / "env", FEDCT_PACS_URL=url, FEDCT_PACS_TLS_CA=files["ca"], FEDCT_PACS_TLS_CERT=files["client-cert"],
                     FEDCT_PACS_TLS_KEY=files["client-key"], FEDCT_PACS_USER="", FEDCT_PACS_PASSWORD_FILE="")  # fmt: skip
     settings = read_pacs_settings(env)
     assert settings.tls_ca == files["ca"]
-    refs = DimseSource(settings).find_series(Query(modality="CT"))
+    refs = DimseConnection(settings).find_series(Query(modality="CT"))
     assert [(r.study_uid, r.series_uid) for r in refs] == [("1.2.3.4", "1.2.3.4.5")]
 
 
 @pytest.mark.parametrize("case", ["plain", "wrong-ca", "no-client-cert"])
 def test_dimse_tls_refuses_what_it_cannot_verify(tls_find_scp, tmp_path, case):
-    from preprocessing.pacs import DimseSource, Query, Unreachable
+    from preprocessing.pacs import DimseConnection, Query, Unreachable
 
     url, files = tls_find_scp
     overrides = {"plain": {}, "wrong-ca": {"tls_ca": make_tls_files(tmp_path / "other")["ca"]},
                  "no-client-cert": {"tls_ca": files["ca"]}}[case]  # fmt: skip
     settings = settings_for(url, user=None, password=None, timeout_s=5, **overrides)
     with pytest.raises(Unreachable):
-        DimseSource(settings).find_series(Query(modality="CT"))
+        DimseConnection(settings).find_series(Query(modality="CT"))
 
 
 def test_tls_settings_are_checked_before_anything_connects(tmp_path):

@@ -1,4 +1,5 @@
-"""inference.push: fedct predict --push stores the SR and Secondary Captures in a real Orthanc (STOW-RS and C-STORE)."""
+"""Push: preprocessing.pacs.push_files and inference.push (fedct predict --push) store the SR and Secondary Captures in a
+real Orthanc (STOW-RS and C-STORE); one connection per PACS pulls and pushes."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from orthanc import SKIP_REASON, FaultyProxy, free_port, orthanc_available, star
 from test_inference_predict import make_bundle
 from test_pacs import PASSWORD, USER, settings_for, write_env
 from fedct.cli import main
-from inference.push import push_files, push_results, result_files
-from preprocessing.pacs import PacsError, read_pacs_settings
+from inference.push import push_results, result_files
+from preprocessing.pacs import DicomWebConnection, DimseConnection, PacsError, Query, Refused, connect, pull, push_files
+from preprocessing.pacs import read_pacs_settings
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image
@@ -155,3 +157,33 @@ def test_bad_push_settings_stop_predict_before_it_starts(predicted, tmp_path, ca
     assert not (tmp_path / "out").exists()
     with pytest.raises(PacsError, match="cannot reach PACS dicom://ORTHANC@127.0.0.1"):
         push_files(settings_for(f"dicom://ORTHANC@127.0.0.1:{free_port()}", retries=0), predicted["files"])
+
+
+@pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
+def test_one_connection_pushes_what_the_pull_then_retrieves(orthanc, series_writer, tmp_path, protocol):
+    """The connection the pull uses also stores (STOW-RS / C-STORE): a CT series pushed comes back unchanged."""
+    url = orthanc.dicomweb_url if protocol == "dicomweb" else orthanc.dimse_url
+    settings = settings_for(url)
+    pacs = connect(settings)
+    assert isinstance(pacs, DicomWebConnection if protocol == "dicomweb" else DimseConnection)
+    series = series_writer(tmp_path / "ct", n_slices=4)
+    pacs.store(series.study_uid, series.paths)
+    assert orthanc.instance_count() == 4
+    assert [(r.study_uid, r.series_uid) for r in pacs.find_series(Query(study_uids=(series.study_uid,)))] == [
+        (series.study_uid, series.series_uid)
+    ]
+    result = pull(settings, tmp_path / "pulled", query=Query(study_uids=(series.study_uid,)))
+    assert (result.series, result.fetched, result.present) == (1, 4, 0)
+    for path in series.paths:
+        original = pydicom.dcmread(path)
+        pulled = pydicom.dcmread(tmp_path / "pulled" / series.study_uid / series.series_uid / f"{original.SOPInstanceUID}.dcm")
+        assert pulled.PixelData == original.PixelData and pulled.ImagePositionPatient == original.ImagePositionPatient
+
+
+def test_a_push_from_an_unregistered_ae_title_names_the_storage_right(orthanc, series_writer, tmp_path):
+    series = series_writer(tmp_path / "ct", n_slices=2)
+    with pytest.raises(Refused, match=r"FEDCT_PACS_AET \(STRANGER\) may store at the PACS from this host"):
+        connect(settings_for(orthanc.dimse_url, calling_aet="STRANGER")).store(series.study_uid, series.paths)
+    with pytest.raises(ValueError, match="not a DICOM result file"):
+        push_files(settings_for(orthanc.dimse_url), [tmp_path / "ct"])  # a folder, not a file: refused before sending
+    assert orthanc.instance_count() == 0
