@@ -14,14 +14,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fl_client.config import BN_MODES, RoundSettings, parse_triple
+from fedct.protocol import BN_MODES, RoundSettings, parse_triple
 from fl_server.privacy import PrivacyConfig
 from models.factory import ModelConfig
 from models.weights import TRANSPORTS
 from preprocessing.split import SplitConfig
 from preprocessing.transforms import PipelineConfig
 
-#: Run-config keys meant for the sites (read by fl_client.config), not the server.
+#: Run-config keys meant for the sites (read by the site's config), not the server.
 SITE_KEYS = frozenset({"sim-data-root", "sim-work-root", "device"})
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 LR_SCHEDULES = ("constant", "cosine", "step")

@@ -20,13 +20,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedct.protocol import AUC_MACRO, BALANCED_ACCURACY, C_INDEX, LOSS, TRAIN_LOSS, VAL_PREFIX
+
 TENSORBOARD_FOLDER = "tensorboard"
 LEARNING_CURVES = "learning_curves.png"
 SITE_METRICS = "site_metrics.png"
 _MARKER = "last_round.txt"
 
 #: Metrics drawn per site in ``site_metrics.png`` (key after the split prefix, title).
-SITE_PANEL_METRICS = (("auc-macro", "macro AUC"), ("balanced-accuracy", "balanced accuracy"), ("c-index", "C-index"), ("loss", "loss"))
+SITE_PANEL_METRICS = ((AUC_MACRO, "macro AUC"), (BALANCED_ACCURACY, "balanced accuracy"), (C_INDEX, "C-index"), (LOSS, "loss"))
 
 
 def _scalars(values: Mapping[str, Any]) -> dict[str, float]:
@@ -101,11 +103,12 @@ def plot_learning_curves(run_dir: Path, rounds: Sequence[Mapping[str, Any]]) -> 
     sites = sorted({s for r in rounds for s in ((r.get("evaluate") or {}).get("sites") or {})})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax_loss, ax_auc, ax_c = axes
-    ax_loss.plot(x, _series(rounds, "train", "train-loss"), "o-", color="black", label="train, all sites")
-    ax_loss.plot(x, _series(rounds, "evaluate", "val-loss"), "s--", color="grey", label="validation, all sites")
+    ax_loss.plot(x, _series(rounds, "train", TRAIN_LOSS), "o-", color="black", label="train, all sites")
+    ax_loss.plot(x, _series(rounds, "evaluate", VAL_PREFIX + LOSS), "s--", color="grey", label="validation, all sites")
     for site in sites:
-        ax_loss.plot(x, _series(rounds, "train", "train-loss", site), ".-", alpha=0.6, label=f"train, {site}")
-    for ax, key, title in ((ax_auc, "val-auc-macro", "Diagnosis: validation macro AUC"), (ax_c, "val-c-index", "Prognosis: validation C-index")):
+        ax_loss.plot(x, _series(rounds, "train", TRAIN_LOSS, site), ".-", alpha=0.6, label=f"train, {site}")
+    for ax, key, title in ((ax_auc, VAL_PREFIX + AUC_MACRO, "Diagnosis: validation macro AUC"),
+                           (ax_c, VAL_PREFIX + C_INDEX, "Prognosis: validation C-index")):
         ax.plot(x, _series(rounds, "evaluate", key), "o-", linewidth=2.5, color="black", label="all sites")
         for site in sites:
             ax.plot(x, _series(rounds, "evaluate", key, site), ".-", alpha=0.7, label=site)

@@ -42,8 +42,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
-from fl_client.metrics import RISK_RANGE
-from fl_client.transport import encode_content, record_nbytes
+from fedct.protocol import NUM_EXAMPLES, RISK_RANGE, TEST_PREFIX, TRAIN_HIST_RISK, VAL_PREFIX
+from fedct.transport import encode_content, record_nbytes
 from fl_server.checkpoint import RunState, load_run_state, save_run_state, save_state, write_bundle
 from fl_server.config import EXAMPLES_GROWTH_FACTOR, RESUMABLE_KEYS, ServerConfig, SiteRegistry, is_site_name
 from fl_server.privacy import privacy_summary
@@ -244,12 +244,12 @@ class RoundLoop:
     def _clip_examples(self, report: RoundReport, screened: ScreenedReply) -> ScreenedReply:
         """Clip a training reply's ``num-examples`` to twice the site's first count (the gate has clipped it to
         ``max-site-examples``); record every clipping. Honest sites, whose count does not jump, keep theirs."""
-        claimed = screened.metrics["num-examples"]
+        claimed = screened.metrics[NUM_EXAMPLES]
         first = self.first_examples.setdefault(screened.site, claimed)
         used = min(claimed, math.floor(EXAMPLES_GROWTH_FACTOR * first))
         clipped = list(screened.clipped)
         if used < claimed:
-            clipped.append({"metric": "num-examples", "claimed": claimed, "used": float(used),
+            clipped.append({"metric": NUM_EXAMPLES, "claimed": claimed, "used": float(used),
                             "bound": f"{EXAMPLES_GROWTH_FACTOR:g}x the site's first count {first:g}"})  # fmt: skip
         for item in clipped:
             report.clipped.append({"node_id": screened.node_id, "site": screened.site, **item})
@@ -258,7 +258,7 @@ class RoundLoop:
         if used == claimed:
             return screened
         return ScreenedReply(node_id=screened.node_id, site=screened.site, arrays=screened.arrays,
-                             metrics={**screened.metrics, "num-examples": float(used)}, evaluation=screened.evaluation,
+                             metrics={**screened.metrics, NUM_EXAMPLES: float(used)}, evaluation=screened.evaluation,
                              clipped=tuple(clipped))  # fmt: skip
 
     def _exchange(self, messages: Iterable[Message], report: RoundReport, *, train: bool,
@@ -340,7 +340,7 @@ class RoundLoop:
         plain weighted mean of the sites' (an adaptive step on a variance can make it negative)."""
         arrays = {k: a.numpy() for k, a in aggregated.items()}
         if self.config.strategy in SERVER_OPTIMISERS and self.buffers:
-            weights = np.array([float(next(iter(r.content.metric_records.values()))["num-examples"]) for r in accepted])
+            weights = np.array([float(next(iter(r.content.metric_records.values()))[NUM_EXAMPLES]) for r in accepted])
             weights = weights / weights.sum()
             for key in self.buffers & set(arrays):
                 stacked = np.stack([next(iter(r.content.array_records.values()))[key].numpy().astype(np.float64) for r in accepted])
@@ -486,19 +486,19 @@ def _round_metrics(run_log: RunLog, server_round: int) -> dict[str, Any]:
         return {}
 
     def scalars(values: Mapping[str, Any]) -> dict[str, float]:
-        return {k: v for k, v in values.items() if isinstance(v, int | float) and (k.startswith("val-") or k.startswith("test-"))}
+        return {k: v for k, v in values.items() if isinstance(v, int | float) and (k.startswith((VAL_PREFIX, TEST_PREFIX)))}
 
     return {
         "aggregate": scalars(entry["evaluate"]["aggregate"]),
         "sites": {site: scalars(m) for site, m in entry["evaluate"]["sites"].items()},
-        "training_studies": {site: m.get("num-examples") for site, m in entry["train"]["sites"].items()},
+        "training_studies": {site: m.get(NUM_EXAMPLES) for site, m in entry["train"]["sites"].items()},
     }
 
 
 def _risk_reference(run_log: RunLog, server_round: int) -> dict[str, Any] | None:
     """Tertile cut points of the training studies' risk scores (from the sites' summed histograms) at a round."""
     entry = next((r for r in run_log.rounds if r["round"] == server_round), None)
-    counts = entry["evaluate"]["aggregate"].get("train-hist-risk") if entry else None
+    counts = entry["evaluate"]["aggregate"].get(TRAIN_HIST_RISK) if entry else None
     if not counts or sum(counts) == 0:
         return None
     cuts = histogram_quantiles(counts, RISK_RANGE, (1 / 3, 2 / 3))

@@ -46,6 +46,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedct.protocol import SITE_NAME_METRIC
 from fl_server.config import ServerConfig
 from fl_server.rounds import TTL_SLACK_S, RoundLoop, RoundReport
 
@@ -136,8 +137,8 @@ class _SecAggFedAvg(LegacyFedAvg):
         for name, delta in zip(self.float_names, mean_update, strict=True):
             self.state[name] = (self.state[name] + delta.reshape(self.state[name].shape)).astype(self.state[name].dtype)
         for proxy, fitres in results:
-            if "site-name" in fitres.metrics:
-                self.site_names[proxy.node_id] = str(fitres.metrics["site-name"])
+            if SITE_NAME_METRIC in fitres.metrics:
+                self.site_names[proxy.node_id] = str(fitres.metrics[SITE_NAME_METRIC])
             self.site_metrics[proxy.node_id] = {k: float(v) for k, v in fitres.metrics.items()
                                                 if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
         self.aggregated = True
@@ -209,6 +210,6 @@ class SecAggRoundLoop(RoundLoop):
         report.arrays, report.aggregated = new_arrays, True
         report.train_sites = {self._site(node_id): metrics for node_id, metrics in legacy.site_metrics.items()}
         for metrics in report.train_sites.values():
-            metrics.pop("site-name", None)
+            metrics.pop(SITE_NAME_METRIC, None)
 
         return self._evaluate(report, server_round, new_arrays, evaluate_config, minimum, t0)
