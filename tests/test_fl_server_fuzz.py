@@ -27,7 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.app.message_type import MessageType
 from flwr.common.serde import message_from_proto, message_to_proto
 
-from fl_client.config import EVALUATION_RECORD, RoundSettings
+from fedct.protocol import EVALUATION_RECORD, RoundSettings
 from fedct.transport import INDEX_RECORD, received_state, weights_records
 from fl_server.config import ServerConfig, SiteRegistry
 from fl_server.rounds import RoundLoop, initial_arrays, run_federation
