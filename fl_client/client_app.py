@@ -28,7 +28,6 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
 from fedct.protocol import (
-    ARRAYS_RECORD,
     CONFIG_RECORD,
     EVALUATION_RECORD,
     INDEX_RECORD,

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from fedct.files import atomic_write_bytes, json_safe
-from fedct.protocol import AUC_MACRO, C_INDEX, NUM_EXAMPLES, TD_AUC, TEST_PREFIX, TRAIN_LOSS, TRAIN_PREFIX, VAL_PREFIX
+from fedct.protocol import AUC_MACRO, C_INDEX, NUM_EXAMPLES, TD_AUC, TEST_PREFIX, TRAIN_PREFIX, VAL_PREFIX
+from fl_server.observe import plot_learning_curves
 
 SiteMetrics = Mapping[str, Mapping[str, Any]]
 """``{site: {metric: float or, for ``*-hist-*`` keys, list of floats}}``."""
@@ -372,49 +373,5 @@ class RunLog:
         return atomic_write_bytes(self.run_dir / "metrics.json", text.encode())
 
     def plot(self) -> Path:
-        """Learning curves (loss; macro AUC aggregated and per site) as ``curves.png``."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rounds = [r["round"] for r in self.rounds]
-
-        def series(section: str, key: str, site: str | None = None) -> list[float]:
-            out = []
-            for r in self.rounds:
-                src = r[section]["aggregate"] if site is None else r[section]["sites"].get(site, {})
-                value = src.get(key, math.nan)
-                out.append(value if value is not None else math.nan)
-            return out
-
-        fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(11, 4))
-        ax_loss.plot(rounds, series("train", TRAIN_LOSS), "o-", label="train (sites' mean)")
-        ax_loss.plot(rounds, series("evaluate", "val-loss"), "s-", label="validation")
-        ax_loss.set_xlabel("round")
-        ax_loss.set_ylabel("cross-entropy")
-        ax_loss.set_title("Loss")
-        ax_loss.legend()
-        ax_auc.plot(rounds, series("evaluate", "val-auc-macro"), "o-", linewidth=2.5, color="black", label="validation, all sites")
-        ax_auc.plot(rounds, series("evaluate", "test-auc-macro"), "s--", color="grey", label="test, all sites")
-        pooled = series("evaluate", "val-pooled-auc-macro")
-        if any(math.isfinite(v) for v in pooled):
-            ax_auc.plot(rounds, pooled, "^:", linewidth=2, color="tab:purple", label="validation, pooled predictions")
-        sites = sorted({s for r in self.rounds for s in r["evaluate"]["sites"]})
-        for site in sites:
-            ax_auc.plot(rounds, series("evaluate", "val-auc-macro", site), ".-", alpha=0.7, label=f"validation, {site}")
-        ax_auc.axhline(0.5, color="red", linestyle=":", linewidth=1, label="chance")
-        ax_auc.set_ylim(0.0, 1.02)
-        ax_auc.set_xlabel("round")
-        ax_auc.set_ylabel("macro ROC AUC (one-vs-rest)")
-        ax_auc.set_title("Diagnosis: macro AUC")
-        ax_auc.legend(fontsize=7, loc="lower right")
-        for ax in (ax_loss, ax_auc):
-            ax.grid(alpha=0.3)
-            if rounds:
-                ax.set_xticks(rounds)
-        fig.tight_layout()
-        path = self.run_dir / "curves.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        """The learning curves as ``curves.png`` (:func:`fl_server.observe.plot_learning_curves`, the one plotter)."""
+        return plot_learning_curves(self.run_dir, self.rounds, name="curves.png")
