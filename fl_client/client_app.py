@@ -27,11 +27,26 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
-from fl_client.config import EVALUATION_RECORD, RoundSettings, SiteConfig, SiteConfigError
+from fedct.protocol import (
+    CONFIG_RECORD,
+    EVALUATION_RECORD,
+    INDEX_RECORD,
+    METRICS_RECORD,
+    NUM_EXAMPLES,
+    SITE_NAME_FIELD,
+    SITE_RECORD,
+    TRAIN_LOSS,
+    TRAIN_LOSS_DIAGNOSIS,
+    TRAIN_LOSS_PROGNOSIS,
+    TRAIN_SECONDS,
+    VAL_PREFIX,
+    RoundSettings,
+)
+from fedct.transport import received_state, weights_records
+from fl_client.config import SiteConfig, SiteConfigError
 from fl_client.metrics import MIN_COUNT, floor_evaluation, floor_training
 from fl_client.privacy import privacy_mods
 from fl_client.secagg import is_legacy_fit, legacy_fit_reply
-from fl_client.transport import INDEX_RECORD, received_state, weights_records
 from fl_client.train import evaluate_round, train_round
 
 log = logging.getLogger("fedct.client")
@@ -54,7 +69,7 @@ _REASON = re.compile(r"[a-z_]{1,40} incident=[0-9a-f]{8}")
 #: Innermost fedct module of the failing code -> reason code (first match wins).
 _MODULE_CODES = (
     ("preprocessing.", "ingest_failed"),
-    ("fl_client.transport", "bad_weights"),
+    ("fedct.transport", "bad_weights"),
     ("models.", "bad_weights"),
 )
 
@@ -82,7 +97,7 @@ def reason_code(exc: BaseException) -> str:
             return "site_config_invalid"
     modules = [frame.f_globals.get("__name__", "") for frame, _ in traceback.walk_tb(chain[-1].__traceback__)]
     for name in reversed(modules):  # innermost frame first
-        if name == "fl_client.config":  # RoundSettings.from_record: the server's round config
+        if name == "fedct.protocol":  # RoundSettings.from_record: the server's round config
             return "bad_round_config"
         for prefix, code in _MODULE_CODES:
             if name.startswith(prefix):
@@ -165,7 +180,7 @@ def evaluation_metrics(site: SiteConfig, settings: RoundSettings, state: Mapping
     (:func:`fl_client.metrics.floor_evaluation`). Sent in the evaluate reply's MetricRecord, or, with
     ``evaluate-first``, in the training reply's ConfigRecord ``evaluate``."""
     metrics = evaluate_round(site, settings, state)
-    metrics["num-examples"] = int(metrics["val-n"])
+    metrics[NUM_EXAMPLES] = int(metrics[f"{VAL_PREFIX}n"])
     return floor_evaluation(metrics, min_count=min_count)
 
 
@@ -187,7 +202,7 @@ def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, m
         k = metrics_min_count(context.node_config, {**dict(context.run_config), **overrides})
         if is_legacy_fit(msg):  # SecAgg+ (secure-aggregation=true): legacy fit message inside Flower's secaggplus_mod
             return legacy_fit_reply(msg, site, min_count=k)
-        settings = RoundSettings.from_record(dict(msg.content["config"]))
+        settings = RoundSettings.from_record(dict(msg.content[CONFIG_RECORD]))
         packed = INDEX_RECORD in msg.content  # reply the way the server sent: packed buffers or per-tensor arrays
         received = received_state(msg.content)
         # evaluate-mode=fused: the previous round's global model (the weights received) is evaluated here, before
@@ -200,15 +215,15 @@ def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, m
         log.info("%s round %d: trained on %d studies, loss %.4f, %.1fs", site.site_name, settings.server_round,
                  result.num_examples, result.loss, result.seconds)  # fmt: skip
         metrics = MetricRecord(floor_training({
-            "train-loss": result.loss,
-            "train-loss-diagnosis": result.diagnosis_loss,
-            "train-loss-prognosis": result.prognosis_loss,
-            "train-seconds": result.seconds,
-            "num-examples": result.num_examples,
+            TRAIN_LOSS: result.loss,
+            TRAIN_LOSS_DIAGNOSIS: result.diagnosis_loss,
+            TRAIN_LOSS_PROGNOSIS: result.prognosis_loss,
+            TRAIN_SECONDS: result.seconds,
+            NUM_EXAMPLES: result.num_examples,
         }, min_count=k))  # fmt: skip
         content = weights_records(state, transport=settings.transport if packed else None)
-        content["metrics"] = metrics
-        content["site"] = ConfigRecord({"name": site.site_name})
+        content[METRICS_RECORD] = metrics
+        content[SITE_RECORD] = ConfigRecord({SITE_NAME_FIELD: site.site_name})
         if evaluation is not None:  # a ConfigRecord: the reply keeps one MetricRecord for the strategy's aggregation
             content[EVALUATION_RECORD] = ConfigRecord(evaluation)
         return Message(content=content, reply_to=msg)
@@ -216,10 +231,10 @@ def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, m
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         site = _site(context)
-        settings = RoundSettings.from_record(dict(msg.content["config"]))
+        settings = RoundSettings.from_record(dict(msg.content[CONFIG_RECORD]))
         k = metrics_min_count(context.node_config, {**dict(context.run_config), **overrides})
         metrics = evaluation_metrics(site, settings, received_state(msg.content), min_count=k)
-        content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.site_name})})
+        content = RecordDict({METRICS_RECORD: MetricRecord(metrics), SITE_RECORD: ConfigRecord({SITE_NAME_FIELD: site.site_name})})
         return Message(content=content, reply_to=msg)
 
     return app

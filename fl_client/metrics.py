@@ -27,6 +27,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from fedct import protocol
+from fedct.protocol import (
+    NUM_EXAMPLES,
+    TEST_PREFIX,
+    TRAIN_HIST_RISK,
+    TRAIN_LOSS,
+    TRAIN_LOSS_DIAGNOSIS,
+    TRAIN_LOSS_PROGNOSIS,
+    TRAIN_SECONDS,
+    VAL_PREFIX,
+)
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -182,9 +193,8 @@ def score_histograms(
     return out
 
 
-#: Range and bins of the risk-score histogram every site sends (log-risk is clipped into the range).
-RISK_RANGE = (-8.0, 8.0)
-RISK_BINS = 160
+# Range and bins of the risk-score histogram every site sends: the wire contract's (the server reads them too).
+RISK_RANGE, RISK_BINS = protocol.RISK_RANGE, protocol.RISK_BINS
 
 
 def risk_histogram(risk: np.ndarray) -> dict[str, list[float]]:
@@ -363,10 +373,10 @@ def _split_known(key: str) -> bool:
 
 
 def _evaluation_known(key: str) -> bool:
-    for prefix in ("val-", "test-"):
+    for prefix in (VAL_PREFIX, TEST_PREFIX):
         if key.startswith(prefix):
             return _split_known(key[len(prefix):])
-    return key in ("train-hist-risk", "num-examples")
+    return key in (TRAIN_HIST_RISK, NUM_EXAMPLES)
 
 
 def floor_evaluation(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) -> dict[str, Any]:
@@ -388,14 +398,14 @@ def floor_evaluation(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) 
     """
     k = max(_positive_int(min_count, "min_count"), MIN_COUNT)
     out: dict[str, Any] = {}
-    for prefix in ("val-", "test-"):
+    for prefix in (VAL_PREFIX, TEST_PREFIX):
         values = {key[len(prefix):]: v for key, v in metrics.items() if key.startswith(prefix)}
         if values:
             out.update({prefix + key: v for key, v in _floor_split(values, k).items()})
-    if "train-hist-risk" in metrics:
-        out["train-hist-risk"] = coarsen_histogram(metrics["train-hist-risk"], k) or []
-    if "num-examples" in metrics:
-        out["num-examples"] = metrics["num-examples"]
+    if TRAIN_HIST_RISK in metrics:
+        out[TRAIN_HIST_RISK] = coarsen_histogram(metrics[TRAIN_HIST_RISK], k) or []
+    if NUM_EXAMPLES in metrics:
+        out[NUM_EXAMPLES] = metrics[NUM_EXAMPLES]
     unknown = [key for key in metrics if not _evaluation_known(key)]
     if unknown:
         log.warning("metrics %s are not covered by the privacy floor and are not sent", ", ".join(sorted(unknown)))
@@ -403,15 +413,15 @@ def floor_evaluation(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) 
 
 
 #: Training-reply metrics and whether they describe the training studies (NaN below k) or not (always sent).
-TRAINING_KEYS = {"train-loss": True, "train-loss-diagnosis": True, "train-loss-prognosis": True, "train-seconds": False,
-                 "num-examples": False}  # fmt: skip
+TRAINING_KEYS = {TRAIN_LOSS: True, TRAIN_LOSS_DIAGNOSIS: True, TRAIN_LOSS_PROGNOSIS: True, TRAIN_SECONDS: False,
+                 NUM_EXAMPLES: False}  # fmt: skip
 
 
 def floor_training(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) -> dict[str, Any]:
     """What a site may send of a training round's metrics: losses need >= k training studies; other keys dropped."""
     k = max(_positive_int(min_count, "min_count"), MIN_COUNT)
-    enough = _counts_ok(float(metrics.get("num-examples", 0)), k)
-    out = {key: (float(v) if enough or not TRAINING_KEYS[key] else math.nan) if key != "num-examples" else v
+    enough = _counts_ok(float(metrics.get(NUM_EXAMPLES, 0)), k)
+    out = {key: (float(v) if enough or not TRAINING_KEYS[key] else math.nan) if key != NUM_EXAMPLES else v
            for key, v in metrics.items() if key in TRAINING_KEYS}  # fmt: skip
     unknown = sorted(set(metrics) - set(TRAINING_KEYS))
     if unknown:

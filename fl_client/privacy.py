@@ -19,7 +19,8 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fl_client.secagg import secaggplus_when_requested
-from fl_client.transport import INDEX_RECORD, decode_content, encode_content
+from fedct.protocol import INDEX_RECORD
+from fedct.transport import decode_content, encode_content
 from models.weights import index_transport
 
 #: ``dp-mode`` values that make the site clip its update, and the Flower mod that does it.
@@ -46,7 +47,7 @@ def dp_clipping_mod(run_config_overrides: Mapping[str, Any] | None = None) -> Mo
         if clipping is None:
             return call_next(msg, context)
         # Flower's mods expect one ArrayRecord of named tensors and one ConfigRecord: unpack packed weights
-        # (fl_client.transport) first, so the handler replies per tensor and the update is clipped tensor by tensor;
+        # (fedct.transport) first, so the handler replies per tensor and the update is clipped tensor by tensor;
         # then pack the clipped reply the way the server sent (with float16/bfloat16 transport the clipped update is
         # rounded to the wire dtype afterwards: its norm may exceed the clip by that rounding, ~1e-3 relative).
         transport = None

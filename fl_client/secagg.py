@@ -30,7 +30,16 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-from fl_client.config import RoundSettings, SiteConfig
+from fedct.protocol import (
+    NUM_EXAMPLES,
+    SITE_NAME_METRIC,
+    TRAIN_LOSS,
+    TRAIN_LOSS_DIAGNOSIS,
+    TRAIN_LOSS_PROGNOSIS,
+    TRAIN_SECONDS,
+    RoundSettings,
+)
+from fl_client.config import SiteConfig
 from fl_client.metrics import MIN_COUNT, floor_training
 from fl_client.train import train_round
 from models.factory import build_model
@@ -74,13 +83,13 @@ def legacy_fit_reply(msg: Message, site: SiteConfig, *, min_count: int = MIN_COU
     log.info("%s round %d (SecAgg+): trained on %d studies, loss %.4f, %.1fs", site.site_name, settings.server_round,
              result.num_examples, result.loss, result.seconds)  # fmt: skip
     metrics = floor_training({
-        "train-loss": result.loss,
-        "train-loss-diagnosis": result.diagnosis_loss,
-        "train-loss-prognosis": result.prognosis_loss,
-        "train-seconds": result.seconds,
-        "num-examples": result.num_examples,
+        TRAIN_LOSS: result.loss,
+        TRAIN_LOSS_DIAGNOSIS: result.diagnosis_loss,
+        TRAIN_LOSS_PROGNOSIS: result.prognosis_loss,
+        TRAIN_SECONDS: result.seconds,
+        NUM_EXAMPLES: result.num_examples,
     }, min_count=min_count)  # fmt: skip
-    metrics["site-name"] = site.site_name
+    metrics[SITE_NAME_METRIC] = site.site_name
     fitres = FitRes(status=Status(code=Code.OK, message="ok"), parameters=ndarrays_to_parameters(update),
                     num_examples=result.num_examples, metrics=metrics)  # fmt: skip
     return Message(content=compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

@@ -1,4 +1,4 @@
-"""The server's per-round checkpoints and resume state (the model bundle itself is :mod:`models.bundle`)."""
+"""The server's resume state (per-round checkpoints and the model bundle are written with :mod:`models.bundle`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 
 from fedct.files import atomic_write_bytes, json_safe
-from models.bundle import save_state, write_bundle
 
-__all__ = ["RunState", "atomic_write_bytes", "load_run_state", "save_run_state", "save_state", "write_bundle"]
+__all__ = ["RunState", "load_run_state", "save_run_state"]
 
 
 # --- resume state ---------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The server's run configuration, read in one place from Flower's run config.
 
-Keys and defaults are those of ``[tool.flwr.app.config]`` in pyproject.toml (a test keeps the two equal);
+Keys and defaults are those of ``[tool.flwr.app.config]`` in pyproject.toml (a test keeps the two equal); the
+differential-privacy and secure-aggregation settings are declared once, by :class:`fl_server.privacy.PrivacyConfig`
+(``ServerConfig.privacy``), and appear in the run config as flat keys;
 override them with ``flwr run . --run-config 'num-server-rounds=10 model-name="smallcnn"'``.
 """
 
@@ -10,18 +12,18 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fl_client.config import BN_MODES, RoundSettings, parse_triple
+from fedct.protocol import BN_MODES, RoundSettings, parse_triple
 from fl_server.privacy import PrivacyConfig
 from models.factory import ModelConfig
 from models.weights import TRANSPORTS
 from preprocessing.split import SplitConfig
 from preprocessing.transforms import PipelineConfig
 
-#: Run-config keys meant for the sites (read by fl_client.config), not the server.
+#: Run-config keys meant for the sites (read by the site's config), not the server.
 SITE_KEYS = frozenset({"sim-data-root", "sim-work-root", "device"})
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 LR_SCHEDULES = ("constant", "cosine", "step")
@@ -105,19 +107,9 @@ class ServerConfig:
     evaluate_mode: str = "separate"
     # Bound on a reply's num-examples (its aggregation weight) and other counts; 0 = DEFAULT_MAX_SITE_EXAMPLES.
     max_site_examples: int = 0
-    # Differential privacy and secure aggregation (fl_server.privacy; README "Privacy options").
-    dp_mode: str = "off"
-    dp_noise_multiplier: float = 0.0
-    dp_clipping_norm: float = 0.0
-    dp_delta: float = 1e-5
-    dp_target_quantile: float = 0.5
-    dp_clip_norm_lr: float = 0.2
-    dp_clipped_count_stddev: float = 0.0
-    secure_aggregation: bool = False
-    secagg_num_shares: int = 3
-    secagg_reconstruction_threshold: int = 2
-    secagg_max_weight: float = 1000.0
-    secagg_clipping_range: float = 8.0
+    # Differential privacy and secure aggregation (README "Privacy options"): declared once, as the fields of
+    # fl_server.privacy.PrivacyConfig; in the run config they are flat keys (dp-*, secure-aggregation, secagg-*).
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     # Privacy floor k of the sites' metrics (fl_client.metrics.floor_evaluation); sites may raise it, nobody lower it.
     metrics_min_count: int = 5
 
@@ -163,7 +155,7 @@ class ServerConfig:
         if self.strategy in ("krum", "multikrum") and self.min_sites < 2 * self.num_malicious_nodes + 3:
             raise ValueError(f"strategy {self.strategy} with num-malicious-nodes={self.num_malicious_nodes} needs min-sites >= "
                              f"2*num-malicious-nodes+3 = {2 * self.num_malicious_nodes + 3}, got {self.min_sites}")  # fmt: skip
-        if self.evaluate_mode == "fused" and self.secure_aggregation:
+        if self.evaluate_mode == "fused" and self.privacy.secure_aggregation:
             raise ValueError("evaluate-mode = \"fused\" cannot be combined with secure-aggregation = true (the SecAgg+ "
                              "round keeps its own evaluate exchange); use evaluate-mode = \"separate\"")
         self.round_settings(1)  # validates model, pipeline and split settings with their own messages
@@ -173,7 +165,8 @@ class ServerConfig:
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerConfig:
         """Parse Flower's run config (kebab-case keys); unknown keys are an error naming the key."""
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        known = {f.name.replace("_", "-"): f for f in _flat_fields()}
+        privacy_names = {f.name for f in fields(PrivacyConfig)}
         values: dict[str, Any] = {}
         for key, value in run_config.items():
             if key in SITE_KEYS:
@@ -185,17 +178,13 @@ class ServerConfig:
                 values[known[key].name] = kind(value)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"run config {key}={value!r} is not a valid {known[key].type}") from exc
-        return cls(**values)
+        privacy = PrivacyConfig(**{k: v for k, v in values.items() if k in privacy_names})
+        return cls(privacy=privacy, **{k: v for k, v in values.items() if k not in privacy_names})
 
     @property
     def examples_bound(self) -> int:
         """The largest ``num-examples`` (or other count) a reply may carry unclipped (``max-site-examples``)."""
         return self.max_site_examples or DEFAULT_MAX_SITE_EXAMPLES
-
-    @property
-    def privacy(self) -> PrivacyConfig:
-        """Differential privacy and secure aggregation settings (validated when built)."""
-        return PrivacyConfig.from_mapping({f.name: getattr(self, f.name) for f in fields(self)})
 
     @property
     def model(self) -> ModelConfig:
@@ -246,13 +235,28 @@ class ServerConfig:
         )
 
     def to_run_config(self) -> dict[str, Any]:
-        """Kebab-case mapping, the inverse of :meth:`from_run_config` (recorded in provenance)."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+        """Kebab-case mapping, the inverse of :meth:`from_run_config` (recorded in provenance); the privacy
+        settings as their flat ``dp-*``/``secagg-*`` keys."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "privacy":
+                out.update(self.privacy.to_run_config())
+            else:
+                out[f.name.replace("_", "-")] = getattr(self, f.name)
+        return out
 
     @property
     def run_path(self) -> Path:
         """The run folder (absolute)."""
         return Path(self.run_dir).resolve()
+
+
+def _flat_fields() -> list[Field]:
+    """The run-config settings as flat fields: ServerConfig's own, with PrivacyConfig's in place of ``privacy``."""
+    out: list[Field] = []
+    for f in fields(ServerConfig):
+        out.extend(fields(PrivacyConfig) if f.name == "privacy" else [f])
+    return out
 
 
 class SiteRegistryError(ValueError):

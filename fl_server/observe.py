@@ -5,7 +5,8 @@ The ServerApp calls :func:`observe_round` at the end of each round with the roun
 
 - ``RUN_DIR/tensorboard/``: one scalar per round for every aggregate metric (``aggregate/<metric>``) and every
   site's metric (``site/<site>/<metric>``) of the train and evaluate sections (``tensorboard --logdir RUN_DIR``);
-- ``RUN_DIR/learning_curves.png``: losses, macro AUC and C-index per round, aggregated and per site;
+- ``RUN_DIR/learning_curves.png``: losses, macro AUC and C-index per round, aggregated and per site (the run's
+  one learning-curve plotter, :func:`plot_learning_curves`; ``curves.png`` at the end of a run is the same figure);
 - ``RUN_DIR/site_metrics.png``: the latest round's validation and test metrics per site, side by side.
 
 Rounds already written to TensorBoard are not written again (the last written round is kept in
@@ -20,13 +21,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedct.protocol import AUC_MACRO, BALANCED_ACCURACY, C_INDEX, LOSS, TEST_PREFIX, TRAIN_LOSS, VAL_PREFIX
+
 TENSORBOARD_FOLDER = "tensorboard"
 LEARNING_CURVES = "learning_curves.png"
 SITE_METRICS = "site_metrics.png"
 _MARKER = "last_round.txt"
 
 #: Metrics drawn per site in ``site_metrics.png`` (key after the split prefix, title).
-SITE_PANEL_METRICS = (("auc-macro", "macro AUC"), ("balanced-accuracy", "balanced accuracy"), ("c-index", "C-index"), ("loss", "loss"))
+SITE_PANEL_METRICS = ((AUC_MACRO, "macro AUC"), (BALANCED_ACCURACY, "balanced accuracy"), (C_INDEX, "C-index"), (LOSS, "loss"))
 
 
 def _scalars(values: Mapping[str, Any]) -> dict[str, float]:
@@ -90,8 +93,11 @@ def _series(rounds: Sequence[Mapping[str, Any]], section: str, key: str, site: s
     return out
 
 
-def plot_learning_curves(run_dir: Path, rounds: Sequence[Mapping[str, Any]]) -> Path:
-    """``learning_curves.png``: train/validation loss, validation macro AUC and C-index per round, all sites and each site."""
+def plot_learning_curves(run_dir: Path, rounds: Sequence[Mapping[str, Any]], *, name: str = LEARNING_CURVES) -> Path:
+    """The one learning-curve figure of a run (``RUN_DIR/<name>``, default ``learning_curves.png``; the run's end
+    also writes it as ``curves.png``, :meth:`fl_server.run_log.RunLog.plot`): train/validation loss, macro AUC
+    (validation and test of all sites, validation of the pooled predictions when sent, validation per site) and
+    validation C-index per round."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,11 +107,16 @@ def plot_learning_curves(run_dir: Path, rounds: Sequence[Mapping[str, Any]]) -> 
     sites = sorted({s for r in rounds for s in ((r.get("evaluate") or {}).get("sites") or {})})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax_loss, ax_auc, ax_c = axes
-    ax_loss.plot(x, _series(rounds, "train", "train-loss"), "o-", color="black", label="train, all sites")
-    ax_loss.plot(x, _series(rounds, "evaluate", "val-loss"), "s--", color="grey", label="validation, all sites")
+    ax_loss.plot(x, _series(rounds, "train", TRAIN_LOSS), "o-", color="black", label="train, all sites")
+    ax_loss.plot(x, _series(rounds, "evaluate", VAL_PREFIX + LOSS), "s--", color="grey", label="validation, all sites")
     for site in sites:
-        ax_loss.plot(x, _series(rounds, "train", "train-loss", site), ".-", alpha=0.6, label=f"train, {site}")
-    for ax, key, title in ((ax_auc, "val-auc-macro", "Diagnosis: validation macro AUC"), (ax_c, "val-c-index", "Prognosis: validation C-index")):
+        ax_loss.plot(x, _series(rounds, "train", TRAIN_LOSS, site), ".-", alpha=0.6, label=f"train, {site}")
+    ax_auc.plot(x, _series(rounds, "evaluate", TEST_PREFIX + AUC_MACRO), "s--", color="grey", label="test, all sites")
+    pooled = _series(rounds, "evaluate", f"{VAL_PREFIX}pooled-{AUC_MACRO}")
+    if any(math.isfinite(v) for v in pooled):
+        ax_auc.plot(x, pooled, "^:", linewidth=2, color="tab:purple", label="validation, pooled predictions")
+    for ax, key, title in ((ax_auc, VAL_PREFIX + AUC_MACRO, "Diagnosis: validation macro AUC"),
+                           (ax_c, VAL_PREFIX + C_INDEX, "Prognosis: validation C-index")):  # fmt: skip
         ax.plot(x, _series(rounds, "evaluate", key), "o-", linewidth=2.5, color="black", label="all sites")
         for site in sites:
             ax.plot(x, _series(rounds, "evaluate", key, site), ".-", alpha=0.7, label=site)
@@ -120,7 +131,7 @@ def plot_learning_curves(run_dir: Path, rounds: Sequence[Mapping[str, Any]]) -> 
         if x:
             ax.set_xticks(x)
     fig.tight_layout()
-    path = Path(run_dir) / LEARNING_CURVES
+    path = Path(run_dir) / name
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

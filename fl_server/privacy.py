@@ -57,7 +57,9 @@ MEAN_STRATEGIES = ("fedavg", "fedprox")
 @dataclass(frozen=True)
 class PrivacyConfig:
     """Differential privacy and secure aggregation settings (run-config keys ``dp-*``, ``secure-aggregation``,
-    ``secagg-*``). Checked on construction; :meth:`check_run` checks them against the rest of the run."""
+    ``secagg-*``), declared here only: ``ServerConfig.privacy`` holds one, and pyproject's run-config defaults repeat
+    these (tests/test_fl_server_config.py keeps them equal). Checked on construction; :meth:`check_run` checks them
+    against the rest of the run."""
 
     dp_mode: str = "off"
     dp_noise_multiplier: float = 0.0
@@ -154,11 +156,6 @@ class PrivacyConfig:
     def clipped_count_stddev(self, sampled_sites: int) -> float:
         """The noise on the clipped-site count of adaptive clipping (``dp-clipped-count-stddev``, 0 = sites / 20)."""
         return self.dp_clipped_count_stddev or sampled_sites / 20
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> PrivacyConfig:
-        """From snake_case field values (e.g. a ServerConfig's); other keys are ignored."""
-        return cls(**{k: values[k] for k in cls.__dataclass_fields__ if k in values})
 
     def to_run_config(self) -> dict[str, Any]:
         """The kebab-case run-config keys and values."""

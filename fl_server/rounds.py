@@ -19,8 +19,12 @@ Why not ``Strategy.start``: it blocks forever in node sampling once a site has d
    with ``evaluate-mode = "fused"`` there is no evaluate exchange: round r's training message asks the sites to
    evaluate the weights they receive (round r-1's global model) first, the replies carry that evaluation beside the
    update, and round r-1 is recorded once round r's exchange is back (after the last round, one evaluate exchange);
-5. bookkeeping (``run_federation``): metrics.json, checkpoints, best/final bundles, and the resume state written
-   atomically after every round.
+5. bookkeeping (``run_federation`` with :class:`fl_server.recorder.RunRecorder`): metrics.json, checkpoints,
+   best/final bundles, and the resume state written atomically after every round.
+
+One skeleton (:meth:`RoundLoop.run_round`) for every loop: a subclass overrides the training step only
+(:meth:`RoundLoop.train`); SecAgg+ does so in ``fl_server.secagg``, which this module does not import (the
+ServerApp chooses the loop).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
@@ -42,14 +46,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
-from fl_client.metrics import RISK_RANGE
-from fl_client.transport import encode_content, record_nbytes
-from fl_server.checkpoint import RunState, load_run_state, save_run_state, save_state, write_bundle
-from fl_server.config import EXAMPLES_GROWTH_FACTOR, RESUMABLE_KEYS, ServerConfig, SiteRegistry, is_site_name
-from fl_server.privacy import privacy_summary
-from fl_server.observe import observe_round
-from fl_server.run_log import RunLog, histogram_quantiles
-from fl_server.strategy import SERVER_OPTIMISERS, load_strategy_state, strategy_state
+from fedct.protocol import EVALUATE_FIRST, NUM_EXAMPLES
+from fedct.transport import encode_content, record_nbytes
+from fl_server.config import EXAMPLES_GROWTH_FACTOR, ServerConfig, SiteRegistry, is_site_name
+from fl_server.recorder import FinishedRound, RoundReport, RunRecorder
+from fl_server.run_log import RunLog
+from fl_server.strategy import SERVER_OPTIMISERS, strategy_state
 from fl_server.validation import (
     ARRAYS_RECORD,
     METRICS_RECORD,
@@ -122,46 +124,6 @@ class _SnapshotGrid:
         return getattr(self._grid, name)
 
 
-@dataclass
-class RoundReport:
-    """What happened in one round (the loop's result; ``run_federation`` turns it into metrics.json fields)."""
-
-    server_round: int
-    arrays: NDArrays
-    aggregated: bool = False
-    skip_reason: str | None = None
-    train_sites: dict[str, dict[str, Any]] = field(default_factory=dict)
-    evaluate_sites: dict[str, dict[str, Any]] | None = None
-    evaluation_missing: str | None = None
-    #: ``evaluate-mode = "fused"``: the evaluation of the previous round's global model that came back with this
-    #: round's training replies (per site), or why there is none (set only when the sites were asked for it).
-    previous_evaluate_sites: dict[str, dict[str, Any]] | None = None
-    previous_evaluation_missing: str | None = None
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    #: Counts a site reported above the bounds, clipped: ``{"node_id", "site", "metric", "claimed", "used"}``.
-    clipped: list[dict[str, Any]] = field(default_factory=list)
-    missing: list[dict[str, Any]] = field(default_factory=list)
-    nodes_connected: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    seconds: float = 0.0
-
-    def extra(self) -> dict[str, Any]:
-        """The round's fields for metrics.json besides the train/evaluate sections."""
-        return {
-            "skipped": self.skip_reason is not None,
-            "skip_reason": self.skip_reason,
-            "rejected_updates": self.rejected,
-            "clipped_examples": self.clipped,
-            "missing_replies": self.missing,
-            "evaluation_missing": self.evaluation_missing,
-            "nodes_connected": self.nodes_connected,
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": self.bytes_received,
-            "seconds": round(self.seconds, 2),
-        }
-
-
 def _strategy_messages(pairs: Sequence[tuple[Message, ScreenedReply]], *, train: bool) -> list[Message]:
     """The replies as the strategy is given them: the decoded arrays (train) and a MetricRecord of the scalar metrics
     every reply has (Flower's strategies refuse replies whose metric keys differ), ``num-examples`` the weight used."""
@@ -176,12 +138,26 @@ def _strategy_messages(pairs: Sequence[tuple[Message, ScreenedReply]], *, train:
     return out
 
 
+@dataclass(frozen=True)
+class TrainStep:
+    """What a round's training step produced: the new global arrays and each site's training metrics."""
+
+    arrays: NDArrays
+    sites: dict[str, dict[str, Any]]
+
+
 class RoundLoop:
     """Runs rounds of a strategy over a grid with bounded waits, validation and packed transport.
 
     ``reference`` gives the model's layout (keys, shapes, dtypes); the current global weights are passed to each
     :meth:`run_round`. ``buffers`` are the state-dict keys that are running statistics, not trained weights.
+    A subclass replaces the training step only (:meth:`train`); ``secure_aggregation`` says whether it keeps the
+    sites' single updates from the server (a run configured with ``secure-aggregation = true`` refuses a loop that
+    does not).
     """
+
+    #: True for a loop whose training step never sees a single site's update (SecAgg+).
+    secure_aggregation: bool = False
 
     def __init__(
         self,
@@ -195,6 +171,9 @@ class RoundLoop:
         clock: Callable[[], float] = time.monotonic,
         registry: SiteRegistry | None = None,
     ) -> None:
+        if config.privacy.secure_aggregation and not self.secure_aggregation:
+            raise ValueError(f"secure-aggregation=true but {type(self).__name__} sees every site's update; the SecAgg+ "
+                             "round loop (fl_server.secagg.SecAggRoundLoop, chosen by fl_server.server_app) must run it")
         self.grid = grid
         self.strategy = strategy
         self.config = config
@@ -209,6 +188,16 @@ class RoundLoop:
         self.first_examples: dict[str, float] = {}
         #: Bins of each ``*-hist-*`` metric, agreed by the sites in an earlier round.
         self.histogram_bins: dict[str, int] = {}
+
+    def bounds(self) -> dict[str, dict[str, Any]]:
+        """The bounds the loop has learnt from the sites (kept in the resume state): each site's first training
+        count, and the agreed bins of each histogram metric."""
+        return {"first_examples": dict(self.first_examples), "histogram_bins": dict(self.histogram_bins)}
+
+    def restore_bounds(self, bounds: Mapping[str, Mapping[str, Any]]) -> None:
+        """Take back the bounds of :meth:`bounds` (a resumed run)."""
+        self.first_examples.update(bounds.get("first_examples", {}))
+        self.histogram_bins.update(bounds.get("histogram_bins", {}))
 
     def wait_for_nodes(self, minimum: int) -> list[int]:
         """Connected node ids once at least ``minimum`` are connected, or the last list seen at the timeout."""
@@ -244,12 +233,12 @@ class RoundLoop:
     def _clip_examples(self, report: RoundReport, screened: ScreenedReply) -> ScreenedReply:
         """Clip a training reply's ``num-examples`` to twice the site's first count (the gate has clipped it to
         ``max-site-examples``); record every clipping. Honest sites, whose count does not jump, keep theirs."""
-        claimed = screened.metrics["num-examples"]
+        claimed = screened.metrics[NUM_EXAMPLES]
         first = self.first_examples.setdefault(screened.site, claimed)
         used = min(claimed, math.floor(EXAMPLES_GROWTH_FACTOR * first))
         clipped = list(screened.clipped)
         if used < claimed:
-            clipped.append({"metric": "num-examples", "claimed": claimed, "used": float(used),
+            clipped.append({"metric": NUM_EXAMPLES, "claimed": claimed, "used": float(used),
                             "bound": f"{EXAMPLES_GROWTH_FACTOR:g}x the site's first count {first:g}"})  # fmt: skip
         for item in clipped:
             report.clipped.append({"node_id": screened.node_id, "site": screened.site, **item})
@@ -258,7 +247,7 @@ class RoundLoop:
         if used == claimed:
             return screened
         return ScreenedReply(node_id=screened.node_id, site=screened.site, arrays=screened.arrays,
-                             metrics={**screened.metrics, "num-examples": float(used)}, evaluation=screened.evaluation,
+                             metrics={**screened.metrics, NUM_EXAMPLES: float(used)}, evaluation=screened.evaluation,
                              clipped=tuple(clipped))  # fmt: skip
 
     def _exchange(self, messages: Iterable[Message], report: RoundReport, *, train: bool,
@@ -340,7 +329,7 @@ class RoundLoop:
         plain weighted mean of the sites' (an adaptive step on a variance can make it negative)."""
         arrays = {k: a.numpy() for k, a in aggregated.items()}
         if self.config.strategy in SERVER_OPTIMISERS and self.buffers:
-            weights = np.array([float(next(iter(r.content.metric_records.values()))["num-examples"]) for r in accepted])
+            weights = np.array([float(next(iter(r.content.metric_records.values()))[NUM_EXAMPLES]) for r in accepted])
             weights = weights / weights.sum()
             for key in self.buffers & set(arrays):
                 stacked = np.stack([next(iter(r.content.array_records.values()))[key].numpy().astype(np.float64) for r in accepted])
@@ -357,22 +346,46 @@ class RoundLoop:
                   evaluate_config: ConfigRecord) -> RoundReport:  # fmt: skip
         """Train, aggregate and evaluate one round; the report holds the new global arrays (unchanged when skipped).
 
-        With ``evaluate-mode = "fused"`` the round is not evaluated here (the next round's training replies carry its
-        evaluation, or :meth:`evaluate_global` after the last round); when ``train_config`` has ``evaluate-first``
-        the replies' evaluations of ``global_arrays`` are collected into ``report.previous_evaluate_sites``.
+        The skeleton every round loop shares: bounded wait for ``min-sites`` sites, the training step
+        (:meth:`train`, the one hook a subclass overrides: SecAgg+ in ``fl_server.secagg``), the check of the
+        aggregate, then the evaluation. With ``evaluate-mode = "fused"`` the round is not evaluated here (the next
+        round's training replies carry its evaluation, or :meth:`evaluate_global` after the last round); when
+        ``train_config`` has ``evaluate-first`` the replies' evaluations of ``global_arrays`` are collected into
+        ``report.previous_evaluate_sites``.
         """
         t0 = self.clock()
         minimum = self.config.min_sites
-        evaluate_first = bool(train_config.get("evaluate-first", False))
         report = RoundReport(server_round=server_round, arrays=global_arrays)
         nodes = self.wait_for_nodes(minimum)
         report.nodes_connected = len(nodes)
         if len(nodes) < minimum:
             report.skip_reason = (f"only {len(nodes)} site(s) connected after round-timeout-s={self.config.round_timeout_s:g} "
                                   f"(min-sites={minimum})")  # fmt: skip
-            if evaluate_first:
+            if bool(train_config.get(EVALUATE_FIRST, False)):
                 report.previous_evaluation_missing = report.skip_reason
             return self._done(report, t0)
+        step = self.train(server_round, nodes, global_arrays, train_config, report)
+        if step is None:  # the step has set report.skip_reason
+            return self._done(report, t0)
+        bad = next((k for k, v in step.arrays.items() if v.dtype.kind == "f" and not np.all(np.isfinite(v))), None)
+        if bad is not None:
+            report.skip_reason = f"aggregate has non-finite values in {bad!r}; global model kept"
+            return self._done(report, t0)
+        report.arrays, report.aggregated, report.train_sites = step.arrays, True, step.sites
+        if self.config.evaluate_mode == "fused":
+            return self._done(report, t0)
+        return self._evaluate(report, server_round, step.arrays, evaluate_config, minimum, t0)
+
+    def train(self, server_round: int, nodes: list[int], global_arrays: NDArrays, train_config: ConfigRecord,
+              report: RoundReport) -> TrainStep | None:  # fmt: skip
+        """The training half of a round over the connected ``nodes``: the new global arrays (in the model's dtypes)
+        and each site's training metrics, or None with ``report.skip_reason`` set (the global model is kept).
+
+        Here: the strategy's ``configure_train``, one packed exchange, the reply gate, the update checks, the
+        strategy's ``aggregate_train``; a fused evaluation riding on the replies is collected on the way.
+        """
+        minimum = self.config.min_sites
+        evaluate_first = bool(train_config.get(EVALUATE_FIRST, False))
         current = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in global_arrays.items()})
         messages = self.strategy.configure_train(server_round, current, train_config, _SnapshotGrid(self.grid, nodes))
         pairs = self._exchange(messages, report, train=True, evaluation_expected=evaluate_first)
@@ -381,33 +394,25 @@ class RoundLoop:
         valid = self._validated(pairs, global_arrays, report)
         if len(valid) < minimum:
             report.skip_reason = f"{len(valid)} valid update(s), fewer than min-sites={minimum}; global model kept"
-            return self._done(report, t0)
+            return None
         accepted = _strategy_messages(valid, train=True)
         try:
             aggregated, _ = self.strategy.aggregate_train(server_round, accepted)
         except (InconsistentMessageReplies, AggregationError, ValueError) as exc:
             report.skip_reason = f"strategy {type(self.strategy).__name__} could not aggregate: {exc}; global model kept"
-            return self._done(report, t0)
+            return None
         except Exception as exc:  # noqa: BLE001 - a strategy failing on the round's updates must not end the run
             log(WARNING, "fedct: round %d: aggregation failed", server_round, exc_info=exc)
             report.skip_reason = f"strategy {type(self.strategy).__name__} failed ({type(exc).__name__}); global model kept"
-            return self._done(report, t0)
+            return None
         if aggregated is None:
             report.skip_reason = f"strategy {type(self.strategy).__name__} returned no aggregate; global model kept"
-            return self._done(report, t0)
-        new_arrays = self._finish_aggregate(aggregated, accepted)
-        bad = next((k for k, v in new_arrays.items() if v.dtype.kind == "f" and not np.all(np.isfinite(v))), None)
-        if bad is not None:
-            report.skip_reason = f"aggregate has non-finite values in {bad!r}; global model kept"
-            return self._done(report, t0)
-        report.arrays, report.aggregated = new_arrays, True
+            return None
         # the site's metrics, with what the strategy added to its reply (e.g. the DP wrapper's uniform weight)
-        report.train_sites = {screened.site: {**screened.metrics, **{k: float(v) for k, v in reply.content[METRICS_RECORD].items()
-                                                                     if not isinstance(v, list)}}
-                              for reply, screened in valid}  # fmt: skip
-        if self.config.evaluate_mode == "fused":
-            return self._done(report, t0)
-        return self._evaluate(report, server_round, new_arrays, evaluate_config, minimum, t0)
+        sites = {screened.site: {**screened.metrics, **{k: float(v) for k, v in reply.content[METRICS_RECORD].items()
+                                                        if not isinstance(v, list)}}
+                 for reply, screened in valid}  # fmt: skip
+        return TrainStep(arrays=self._finish_aggregate(aggregated, accepted), sites=sites)
 
     def _previous_evaluation(self, report: RoundReport, pairs: list[tuple[Message, ScreenedReply]], minimum: int) -> None:
         """Collect the evaluations of the previous round's global model from training replies (``evaluate-mode =
@@ -479,48 +484,10 @@ class RoundLoop:
 # --- the whole run ----------------------------------------------------------------------------------------------
 
 
-def _round_metrics(run_log: RunLog, server_round: int) -> dict[str, Any]:
-    """Scalar validation/test metrics of one round, aggregated and per site, for the model bundle."""
-    entry = next((r for r in run_log.rounds if r["round"] == server_round), None)
-    if entry is None:
-        return {}
-
-    def scalars(values: Mapping[str, Any]) -> dict[str, float]:
-        return {k: v for k, v in values.items() if isinstance(v, int | float) and (k.startswith("val-") or k.startswith("test-"))}
-
-    return {
-        "aggregate": scalars(entry["evaluate"]["aggregate"]),
-        "sites": {site: scalars(m) for site, m in entry["evaluate"]["sites"].items()},
-        "training_studies": {site: m.get("num-examples") for site, m in entry["train"]["sites"].items()},
-    }
-
-
-def _risk_reference(run_log: RunLog, server_round: int) -> dict[str, Any] | None:
-    """Tertile cut points of the training studies' risk scores (from the sites' summed histograms) at a round."""
-    entry = next((r for r in run_log.rounds if r["round"] == server_round), None)
-    counts = entry["evaluate"]["aggregate"].get("train-hist-risk") if entry else None
-    if not counts or sum(counts) == 0:
-        return None
-    cuts = histogram_quantiles(counts, RISK_RANGE, (1 / 3, 2 / 3))
-    return {"quantiles": cuts, "groups": ["low", "intermediate", "high"], "studies": int(sum(counts)),
-            "source": f"risk scores of all sites' training studies under the round-{server_round} weights (histogram, "
-                      f"{len(counts)} bins over {list(RISK_RANGE)})"}  # fmt: skip
-
-
-def resume_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Run-config keys (other than ``RESUMABLE_KEYS``) whose values differ between a saved state and now."""
-    keys = sorted((set(saved) | set(current)) - RESUMABLE_KEYS)
-    return [f"{k}: {saved.get(k)!r} (saved) vs {current.get(k)!r} (now)" for k in keys if saved.get(k) != current.get(k)]
-
-
 def initial_arrays(config: ServerConfig) -> NDArrays:
     """The seeded initial global model as numpy arrays (keys in state-dict order)."""
     torch.manual_seed(config.seed)
     return {k: v.detach().cpu().numpy().copy() for k, v in build_model(config.model).state_dict().items()}
-
-
-def _torch_state(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
 
 
 def run_federation(
@@ -531,143 +498,50 @@ def run_federation(
     poll_s: float = 1.0,
     round_extras: Callable[[RoundReport], Mapping[str, Any]] | None = None,
     registry: SiteRegistry | None = None,
+    loop_class: type[RoundLoop] = RoundLoop,
 ) -> RunLog:
     """Run (or, with ``resume``, continue) ``config.num_server_rounds`` rounds of ``strategy`` and write the run folder.
 
-    Run folder: ``metrics.json``, ``curves.png``, ``checkpoints/round-NNN.pt`` (global weights after each round,
-    000 = initial), ``model/best`` and ``model/final`` bundles, ``state/`` (resume state of the last round).
-    ``strategy`` may be any Flower strategy, also a wrapper (e.g. a DP strategy around the one of
-    :func:`fl_server.strategy.build_strategy`); ``round_extras(report)`` adds fields to each round's metrics.json
-    entry (e.g. a privacy accountant's epsilon), after the loop's own. ``registry`` (``FEDCT_SITE_REGISTRY``, read by the
-    ServerApp) names the sites by their node ids; without it the names the replies give are used.
+    Run folder (:class:`fl_server.recorder.RunRecorder`): ``metrics.json``, ``curves.png``, ``checkpoints/round-NNN.pt``
+    (global weights after each round, 000 = initial), ``model/best`` and ``model/final`` bundles, ``state/`` (resume
+    state of the last round). ``strategy`` may be any Flower strategy, also a wrapper (e.g. a DP strategy around the
+    one of :func:`fl_server.strategy.build_strategy`); ``round_extras(report)`` adds fields to each round's
+    metrics.json entry (e.g. a privacy accountant's epsilon), after the loop's own. ``registry``
+    (``FEDCT_SITE_REGISTRY``, read by the ServerApp) names the sites by their node ids; without it the names the
+    replies give are used. ``loop_class``: the round loop (the ServerApp passes SecAgg+'s when the run asks for it).
     """
-    run_dir = config.run_path
-    state_dir = run_dir / "state"
-    run_config = config.to_run_config()
-    run_log = RunLog(run_dir, run_config=run_config, emit=lambda line: log(INFO, "%s", line))
-    model = build_model(config.model)
-    arrays = initial_arrays(config)
-    sites_seen: set[str] = set()
-    first_examples: dict[str, float] = {}  # the loop's bounds on num-examples and histogram bins, kept over a resume
-    histogram_bins: dict[str, int] = {}
-    last_aggregated = 0
-    start = 1
-    if config.resume:
-        saved = load_run_state(state_dir)
-        if saved is None:
-            log(INFO, "fedct: resume=true but %s holds no saved state; starting at round 1", state_dir)
-        else:
-            differences = resume_mismatch(saved.run_config, run_config)
-            if differences:
-                raise ValueError(
-                    f"cannot resume from {state_dir}: it was written by a run with a different run config ("
-                    + "; ".join(differences)
-                    + "). Restore those settings, or start a new run (resume=false or another run-dir)."
-                )
-            missing = set(arrays) ^ set(saved.global_arrays)
-            if missing:
-                raise ValueError(f"cannot resume from {state_dir}: saved weights do not match the model (e.g. {sorted(missing)[0]!r})")
-            arrays = {k: saved.global_arrays[k].astype(arrays[k].dtype) for k in arrays}
-            load_strategy_state(strategy, saved.strategy_scalars, saved.strategy_arrays)
-            run_log.restore(saved.run_log)
-            sites_seen.update(saved.extra.get("sites", []))
-            first_examples.update({str(k): float(v) for k, v in saved.extra.get("first_examples", {}).items()})
-            histogram_bins.update({str(k): int(v) for k, v in saved.extra.get("histogram_bins", {}).items()})
-            last_aggregated = int(saved.extra.get("last_aggregated_round", saved.server_round))
-            start = saved.server_round + 1
-            log(INFO, "fedct: resuming after round %d of %d from %s", saved.server_round, config.num_server_rounds, state_dir)
-    if start == 1:
-        save_state(run_dir / "checkpoints" / "round-000.pt", _torch_state(arrays))
-
-    def provenance(server_round: int) -> dict[str, Any]:
-        return {
-            "strategy": type(strategy).__name__,
-            "round_of_weights": server_round,
-            "rounds_planned": config.num_server_rounds,
-            "best_round": run_log.best.round if run_log.best else None,
-            "sites": sorted(sites_seen),
-            "run_config": run_config,
-            "metrics": _round_metrics(run_log, server_round),
-            "privacy": privacy_summary(strategy),
-        }
-
-    loop_class = RoundLoop
-    if config.privacy.secure_aggregation:
-        from fl_server.secagg import SecAggRoundLoop  # (fl_server.secagg builds on this module)
-
-        loop_class = SecAggRoundLoop
-    loop = loop_class(grid, strategy, config=config, reference=arrays, buffers=buffer_keys(model), poll_s=poll_s)
-    loop.registry = registry  # (set here: the SecAgg+ loop's constructor does not take it)
-    loop.first_examples.update(first_examples)
-    loop.histogram_bins.update(histogram_bins)
-    fused = config.evaluate_mode == "fused"
-
-    def finish(report: RoundReport, extras: Mapping[str, Any], state: dict[str, torch.Tensor],
-               snapshot: tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]) -> None:  # fmt: skip
-        """Record a round whose evaluation is in: metrics.json entry, best bundle, observability, resume state.
-
-        ``snapshot`` is the strategy's state right after the round's aggregation (with ``fused`` the strategy has
-        aggregated the next round by the time this round is finished; its resume state must match its weights).
-        """
-        nonlocal last_aggregated
-        if report.aggregated:
-            last_aggregated = report.server_round
-            sites_seen.update(report.train_sites)
-            run_log.site_train(report.train_sites)
-        if report.evaluate_sites is not None:
-            run_log.site_evaluate(report.evaluate_sites)
-        extra = report.extra()
-        extra.update(extras)
-        if run_log.end_round(report.server_round, extra=extra):
-            write_bundle(run_dir / "model" / "best", state, model=config.model, pipeline=config.pipeline,
-                         provenance=provenance(report.server_round),
-                         risk_reference=_risk_reference(run_log, report.server_round))  # fmt: skip
-        observe_round(run_dir, run_log.rounds)  # TensorBoard scalars, learning curves and per-site PNGs, every round
-        save_run_state(state_dir, RunState(
-            server_round=report.server_round, global_arrays=report.arrays, strategy_scalars=snapshot[0],
-            strategy_arrays=snapshot[1], run_log=run_log.state(), run_config=run_config,
-            extra={"sites": sorted(sites_seen), "last_aggregated_round": last_aggregated,
-                   "first_examples": dict(loop.first_examples), "histogram_bins": dict(loop.histogram_bins)},
-        ))  # fmt: skip
-
-    # fused: the round whose global model the next training exchange evaluates (finish's arguments); None on the
-    # first round of a run or after resuming (the resume state already holds the previous round's evaluation)
-    pending: tuple[RoundReport, dict[str, Any], dict[str, torch.Tensor], Any] | None = None
+    recorder = RunRecorder(config, strategy)
+    start = recorder.start(initial_arrays(config))
+    loop = loop_class(grid, strategy, config=config, reference=start.arrays, buffers=buffer_keys(build_model(config.model)),
+                      poll_s=poll_s, registry=registry)  # fmt: skip
+    loop.restore_bounds(start.loop_bounds)
+    arrays = start.arrays
+    # fused: the round whose global model the next training exchange evaluates; None on the first round of a run or
+    # after resuming (the resume state already holds the previous round's evaluation)
+    pending: FinishedRound | None = None
     t0 = time.perf_counter()
-    for server_round in range(start, config.num_server_rounds + 1):
+    for server_round in range(start.first_round, config.num_server_rounds + 1):
         log(INFO, "")
         log(INFO, "fedct: [ROUND %d/%d] %s", server_round, config.num_server_rounds, type(strategy).__name__)
         settings = ConfigRecord(config.round_settings(server_round, evaluate_first=pending is not None).to_record())
         report = loop.run_round(server_round, arrays, settings, ConfigRecord(config.round_settings(server_round).to_record()))
         if pending is not None:
-            pending[0].evaluate_sites = report.previous_evaluate_sites
-            pending[0].evaluation_missing = report.previous_evaluation_missing
-            finish(*pending)
+            pending.report.evaluate_sites = report.previous_evaluate_sites
+            pending.report.evaluation_missing = report.previous_evaluation_missing
+            recorder.record(pending, loop.bounds())
             pending = None
         arrays = report.arrays
-        state = _torch_state(arrays)
-        save_state(run_dir / "checkpoints" / f"round-{server_round:03d}.pt", state)
         extras = dict(round_extras(report)) if round_extras is not None else {}  # now: e.g. the accountant's epsilon
-        snapshot = strategy_state(strategy)
-        if fused:
-            pending = (report, extras, state, snapshot)
+        done = recorder.checkpoint(report, extras, strategy_state(strategy))
+        if config.evaluate_mode == "fused":
+            pending = done
         else:
-            finish(report, extras, state, snapshot)
+            recorder.record(done, loop.bounds())
     if pending is not None:  # fused: the last round's global model, in an evaluate exchange of its own
-        last = pending[0]
+        last = pending.report
         evaluate_config = ConfigRecord(config.round_settings(last.server_round).to_record())
-        final = loop.evaluate_global(last.server_round, last.arrays, evaluate_config)
-        last.evaluate_sites, last.evaluation_missing = final.evaluate_sites, final.evaluation_missing
-        last.bytes_sent += final.bytes_sent
-        last.bytes_received += final.bytes_received
-        last.seconds += final.seconds
-        last.missing.extend(final.missing)
-        last.rejected.extend(final.rejected)
-        last.clipped.extend(final.clipped)
-        finish(*pending)
-    write_bundle(run_dir / "model" / "final", _torch_state(arrays), model=config.model, pipeline=config.pipeline,
-                 provenance=provenance(last_aggregated), risk_reference=_risk_reference(run_log, last_aggregated))  # fmt: skip
-    run_log.write()
-    run_log.plot()
-    log(INFO, "fedct: run finished in %.1fs; results in %s", time.perf_counter() - t0, run_dir)
+        last.add_evaluation(loop.evaluate_global(last.server_round, last.arrays, evaluate_config))
+        recorder.record(pending, loop.bounds())
+    run_log = recorder.close(arrays)
+    log(INFO, "fedct: run finished in %.1fs; results in %s", time.perf_counter() - t0, recorder.run_dir)
     return run_log

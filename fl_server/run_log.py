@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from fedct.files import atomic_write_bytes, json_safe
+from fedct.protocol import AUC_MACRO, C_INDEX, NUM_EXAMPLES, TD_AUC, TEST_PREFIX, TRAIN_PREFIX, VAL_PREFIX
+from fl_server.observe import plot_learning_curves
 
 SiteMetrics = Mapping[str, Mapping[str, Any]]
 """``{site: {metric: float or, for ``*-hist-*`` keys, list of floats}}``."""
@@ -45,7 +47,7 @@ SiteMetrics = Mapping[str, Mapping[str, Any]]
 
 def _split_prefix(key: str) -> tuple[str, str]:
     """``("val-", "auc-macro")`` for ``"val-auc-macro"``; ``("", key)`` when there is no split prefix."""
-    for prefix in ("val-", "test-", "train-"):
+    for prefix in (VAL_PREFIX, TEST_PREFIX, TRAIN_PREFIX):
         if key.startswith(prefix):
             return prefix, key[len(prefix) :]
     return "", key
@@ -59,7 +61,7 @@ def is_histogram_key(key: str) -> bool:
 def is_count_key(key: str) -> bool:
     """True for counts (``num-examples``, ``<split>-n``, ``<split>-n-*``): summed across sites."""
     name = _split_prefix(key)[1]
-    return key == "num-examples" or name == "n" or name.startswith("n-")
+    return key == NUM_EXAMPLES or name == "n" or name.startswith("n-")
 
 
 def weighted_mean(per_site: SiteMetrics, key: str, weight_key: str) -> float:
@@ -76,17 +78,17 @@ def weighted_mean(per_site: SiteMetrics, key: str, weight_key: str) -> float:
 def weight_key_for(key: str) -> str:
     """The count that weights ``key`` in the aggregate (see the module docstring)."""
     prefix, name = _split_prefix(key)
-    if name in ("c-index", "td-auc"):
+    if name in (C_INDEX, TD_AUC):
         return f"{prefix}n-events"
     if name.startswith("sens-"):
         return f"{prefix}n-pos-{name[len('sens-') :]}"
     if name.startswith("spec-"):
         return f"{prefix}n-neg-{name[len('spec-') :]}"
-    if prefix == "val-":
+    if prefix == VAL_PREFIX:
         return "val-n"
-    if prefix == "test-":
+    if prefix == TEST_PREFIX:
         return "test-n"
-    return "num-examples"
+    return NUM_EXAMPLES
 
 
 def pooled_auc_from_histograms(pos: Sequence[float], neg: Sequence[float]) -> float:
@@ -227,7 +229,7 @@ class RunLog:
     """Collects site metrics round by round and writes ``metrics.json`` after every round."""
 
     def __init__(self, run_dir: Path, *, run_config: Mapping[str, Any], emit: Callable[[str], None] = print,
-                 selection_metric: str = "val-auc-macro") -> None:  # fmt: skip
+                 selection_metric: str = VAL_PREFIX + AUC_MACRO) -> None:  # fmt: skip
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_config = dict(run_config)
@@ -347,9 +349,9 @@ class RunLog:
                 "round": self.best.round,
                 "selected_by": self.best.metric,
                 "value": self.best.value,
-                "validation": {k: v for k, v in chosen["evaluate"]["aggregate"].items() if k.startswith("val-")},
-                "test": {k: v for k, v in chosen["evaluate"]["aggregate"].items() if k.startswith("test-")},
-                "test_sites": {s: {k: v for k, v in m.items() if k.startswith("test-")} for s, m in chosen["evaluate"]["sites"].items()},
+                "validation": {k: v for k, v in chosen["evaluate"]["aggregate"].items() if k.startswith(VAL_PREFIX)},
+                "test": {k: v for k, v in chosen["evaluate"]["aggregate"].items() if k.startswith(TEST_PREFIX)},
+                "test_sites": {s: {k: v for k, v in m.items() if k.startswith(TEST_PREFIX)} for s, m in chosen["evaluate"]["sites"].items()},
             }
         return {
             "started_utc": self._started,
@@ -371,49 +373,5 @@ class RunLog:
         return atomic_write_bytes(self.run_dir / "metrics.json", text.encode())
 
     def plot(self) -> Path:
-        """Learning curves (loss; macro AUC aggregated and per site) as ``curves.png``."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rounds = [r["round"] for r in self.rounds]
-
-        def series(section: str, key: str, site: str | None = None) -> list[float]:
-            out = []
-            for r in self.rounds:
-                src = r[section]["aggregate"] if site is None else r[section]["sites"].get(site, {})
-                value = src.get(key, math.nan)
-                out.append(value if value is not None else math.nan)
-            return out
-
-        fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(11, 4))
-        ax_loss.plot(rounds, series("train", "train-loss"), "o-", label="train (sites' mean)")
-        ax_loss.plot(rounds, series("evaluate", "val-loss"), "s-", label="validation")
-        ax_loss.set_xlabel("round")
-        ax_loss.set_ylabel("cross-entropy")
-        ax_loss.set_title("Loss")
-        ax_loss.legend()
-        ax_auc.plot(rounds, series("evaluate", "val-auc-macro"), "o-", linewidth=2.5, color="black", label="validation, all sites")
-        ax_auc.plot(rounds, series("evaluate", "test-auc-macro"), "s--", color="grey", label="test, all sites")
-        pooled = series("evaluate", "val-pooled-auc-macro")
-        if any(math.isfinite(v) for v in pooled):
-            ax_auc.plot(rounds, pooled, "^:", linewidth=2, color="tab:purple", label="validation, pooled predictions")
-        sites = sorted({s for r in self.rounds for s in r["evaluate"]["sites"]})
-        for site in sites:
-            ax_auc.plot(rounds, series("evaluate", "val-auc-macro", site), ".-", alpha=0.7, label=f"validation, {site}")
-        ax_auc.axhline(0.5, color="red", linestyle=":", linewidth=1, label="chance")
-        ax_auc.set_ylim(0.0, 1.02)
-        ax_auc.set_xlabel("round")
-        ax_auc.set_ylabel("macro ROC AUC (one-vs-rest)")
-        ax_auc.set_title("Diagnosis: macro AUC")
-        ax_auc.legend(fontsize=7, loc="lower right")
-        for ax in (ax_loss, ax_auc):
-            ax.grid(alpha=0.3)
-            if rounds:
-                ax.set_xticks(rounds)
-        fig.tight_layout()
-        path = self.run_dir / "curves.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        """The learning curves as ``curves.png`` (:func:`fl_server.observe.plot_learning_curves`, the one plotter)."""
+        return plot_learning_curves(self.run_dir, self.rounds, name="curves.png")

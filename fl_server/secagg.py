@@ -1,10 +1,10 @@
 """Secure aggregation (SecAgg+) rounds on Flower's legacy workflow, with fedct's Message-API bookkeeping.
 
 Flower 1.41 offers SecAgg+ only as ``flwr.server.workflow.SecAggPlusWorkflow``, a legacy workflow driven by a
-``LegacyContext`` and a legacy strategy. :class:`SecAggRoundLoop` is fedct's round loop (``fl_server.rounds.RoundLoop``)
-with the training half of a round replaced by one run of that workflow; everything else stays: bounded wait for
-``min-sites`` sites, the run's Message-API strategy for sampling settings and federated evaluation (packed weights),
-the :class:`~fl_server.rounds.RoundReport` that ``run_federation`` turns into checkpoints, metrics.json and bundles.
+``LegacyContext`` and a legacy strategy. :class:`SecAggRoundLoop` is fedct's round loop
+(``fl_server.rounds.RoundLoop``) with its one hook, the training step (``train``), replaced by one run of that
+workflow; everything else stays: bounded wait for ``min-sites`` sites, the run's Message-API strategy for sampling settings and federated evaluation (packed weights),
+the :class:`~fl_server.recorder.RoundReport` that ``run_federation`` turns into checkpoints, metrics.json and bundles.
 Update validation (``max-update-norm``, ``update-zscore``) cannot run: the server never sees a single site's update.
 
 What the server sees: only the *sum* of the sites' masked, quantized, count-weighted updates (plus each site's
@@ -25,7 +25,7 @@ larger; a smaller one makes ``w > 1`` and risks clipping (Flower warns).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from logging import INFO
 from typing import Any, cast
 
@@ -46,8 +46,10 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedct.protocol import SITE_NAME_METRIC
 from fl_server.config import ServerConfig
-from fl_server.rounds import TTL_SLACK_S, RoundLoop, RoundReport
+from fl_server.recorder import RoundReport
+from fl_server.rounds import TTL_SLACK_S, NDArrays, RoundLoop, TrainStep
 
 #: Quantization levels of SecAgg+ (Flower's default ``quantization_range``, 2**22).
 QUANTIZATION_RANGE = 2**22
@@ -136,8 +138,8 @@ class _SecAggFedAvg(LegacyFedAvg):
         for name, delta in zip(self.float_names, mean_update, strict=True):
             self.state[name] = (self.state[name] + delta.reshape(self.state[name].shape)).astype(self.state[name].dtype)
         for proxy, fitres in results:
-            if "site-name" in fitres.metrics:
-                self.site_names[proxy.node_id] = str(fitres.metrics["site-name"])
+            if SITE_NAME_METRIC in fitres.metrics:
+                self.site_names[proxy.node_id] = str(fitres.metrics[SITE_NAME_METRIC])
             self.site_metrics[proxy.node_id] = {k: float(v) for k, v in fitres.metrics.items()
                                                 if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
         self.aggregated = True
@@ -145,15 +147,15 @@ class _SecAggFedAvg(LegacyFedAvg):
 
 
 class SecAggRoundLoop(RoundLoop):
-    """fedct's round loop with SecAgg+ training (Flower's SecAggPlusWorkflow) and the usual evaluation."""
+    """fedct's round loop with SecAgg+ training (Flower's SecAggPlusWorkflow): only :meth:`train` differs."""
 
-    def __init__(self, grid: Grid, strategy: Strategy, *, config: ServerConfig, reference: Mapping[str, np.ndarray],
-                 buffers: frozenset[str] = frozenset(), poll_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
-        super().__init__(grid, strategy, config=config, reference=reference, buffers=buffers, poll_s=poll_s, clock=clock)
+    secure_aggregation = True
+
+    def __init__(self, grid: Grid, strategy: Strategy, *, config: ServerConfig, **kwargs: Any) -> None:
         settings = config.privacy
         if not settings.secure_aggregation:
             raise ValueError("SecAggRoundLoop needs secure-aggregation=true")
+        super().__init__(grid, strategy, config=config, **kwargs)
         self.workflow = SecAggPlusWorkflow(
             num_shares=settings.secagg_num_shares,
             reconstruction_threshold=settings.secagg_reconstruction_threshold,
@@ -183,32 +185,19 @@ class SecAggRoundLoop(RoundLoop):
         self.workflow(cast(Grid, grid), context)
         return legacy
 
-    def run_round(self, server_round: int, global_arrays: dict[str, np.ndarray], train_config: ConfigRecord,
-                  evaluate_config: ConfigRecord) -> RoundReport:  # fmt: skip
-        """Train with SecAgg+, then evaluate as :class:`RoundLoop` does; the report holds the new global arrays."""
-        t0 = self.clock()
+    def train(self, server_round: int, nodes: list[int], global_arrays: NDArrays, train_config: ConfigRecord,
+              report: RoundReport) -> TrainStep | None:  # fmt: skip
+        """The training step with SecAgg+: the workflow's unmasked weighted mean added to the global weights; the
+        sites' training metrics as they sent them (the server never sees a single update, so none is checked)."""
         minimum = self.config.min_sites
-        report = RoundReport(server_round=server_round, arrays=global_arrays)
-        nodes = self.wait_for_nodes(minimum)
-        report.nodes_connected = len(nodes)
-        if len(nodes) < minimum:
-            report.skip_reason = (f"only {len(nodes)} site(s) connected after round-timeout-s={self.config.round_timeout_s:g} "
-                                  f"(min-sites={minimum})")  # fmt: skip
-            return self._done(report, t0)
         legacy = self._secure_train(server_round, nodes, global_arrays, train_config, report)
         self.site_names.update(legacy.site_names)
         if not legacy.aggregated or len(legacy.site_metrics) < minimum:
             report.skip_reason = (f"SecAgg+ aggregated {len(legacy.site_metrics)} site(s), fewer than min-sites={minimum} "
                                   "(too few sites completed every stage); global model kept")  # fmt: skip
-            return self._done(report, t0)
+            return None
         new_arrays = {k: legacy.state[k].astype(ref.dtype).reshape(ref.shape) for k, ref in self.reference.items()}
-        bad = next((k for k, v in new_arrays.items() if v.dtype.kind == "f" and not np.all(np.isfinite(v))), None)
-        if bad is not None:
-            report.skip_reason = f"aggregate has non-finite values in {bad!r}; global model kept"
-            return self._done(report, t0)
-        report.arrays, report.aggregated = new_arrays, True
-        report.train_sites = {self._site(node_id): metrics for node_id, metrics in legacy.site_metrics.items()}
-        for metrics in report.train_sites.values():
-            metrics.pop("site-name", None)
-
-        return self._evaluate(report, server_round, new_arrays, evaluate_config, minimum, t0)
+        sites = {self._site(node_id): metrics for node_id, metrics in legacy.site_metrics.items()}
+        for metrics in sites.values():
+            metrics.pop(SITE_NAME_METRIC, None)
+        return TrainStep(arrays=new_arrays, sites=sites)

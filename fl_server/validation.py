@@ -11,7 +11,7 @@ replies and the fused ``evaluate`` ConfigRecord inside train replies):
   reply's node id (unregistered node or another claimed name: rejected);
 - the record layout: exactly the records the server expects, each of its type;
 - the weights: packed index and buffers checked against the global model before decoding
-  (``fl_client.transport.decode_checked``);
+  (``fedct.transport.decode_checked``);
 - :func:`plain_metrics`: metric names of the metric grammar, scalars where scalars belong, lists only for
   ``*-hist-*`` metrics, no infinities, bounded magnitudes, ``num-examples`` a positive integer, counts clipped to
   ``max-site-examples``;
@@ -39,8 +39,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
-from fl_client.config import EVALUATION_RECORD
-from fl_client.transport import INDEX_RECORD, TransportError, decode_checked
+from fedct.protocol import ARRAYS_RECORD, EVALUATION_RECORD, INDEX_RECORD, METRICS_RECORD, NUM_EXAMPLES, SITE_RECORD
+from fedct.transport import TransportError, decode_checked
 from fl_server.config import SiteRegistry, is_site_name
 from fl_server.run_log import is_count_key, is_histogram_key
 
@@ -62,8 +62,6 @@ MAX_HISTOGRAM_BINS = 4096
 #: Flower's client-side DP mods add.
 METRIC_KEY_PATTERN = re.compile(r"num-examples|(?:train|val|test)-[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 FLOWER_METRIC_KEYS = frozenset({KEY_NORM_BIT})
-#: Record names of a reply: the model's arrays, its metrics, the site's name.
-ARRAYS_RECORD, METRICS_RECORD, SITE_RECORD = "arrays", "metrics", "site"
 
 #: Every reason code the server records (metrics.json ``rejected_updates[].code``).
 CODES = {
@@ -300,7 +298,7 @@ def plain_metrics(values: Mapping[str, Any], *, count_bound: int, train: bool, w
         number = _number(value)
         if number is None:
             raise ReplyRejected("bad_metric", f"{what}: {key} must be a single number")
-        if key == "num-examples":
+        if key == NUM_EXAMPLES:
             if not math.isfinite(number) or number != math.floor(number) or number < (1 if train else 0):
                 raise ReplyRejected("bad_num_examples", f"{what}: num-examples must be an integer >= {1 if train else 0}")
         if math.isinf(number):
@@ -314,7 +312,7 @@ def plain_metrics(values: Mapping[str, Any], *, count_bound: int, train: bool, w
         elif abs(number) > MAX_METRIC_MAGNITUDE:
             raise ReplyRejected("bad_metric", f"{what}: {key} is beyond {MAX_METRIC_MAGNITUDE:g} in magnitude")
         out[key] = number
-    if "num-examples" not in out:
+    if NUM_EXAMPLES not in out:
         raise ReplyRejected("bad_num_examples", f"{what}: num-examples is missing")
     return out, clipped
 

@@ -9,7 +9,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, get_norm
 
 from fl_client.privacy import dp_clipping_mod, privacy_mods, site_dp_mode
 from fl_client.secagg import secaggplus_when_requested
-from fl_client.transport import INDEX_RECORD, decode_content, weights_records
+from fedct.transport import INDEX_RECORD, decode_content, weights_records
 
 GLOBAL = {"w": np.zeros((4, 5), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 TRAINED = {"w": np.full((4, 5), 2.0, dtype=np.float32), "b": np.full(3, -1.0, dtype=np.float32)}  # update norm ~9.1

@@ -19,6 +19,30 @@ def test_pyproject_defaults_equal_the_dataclass_defaults():
     assert server_keys == defaults
 
 
+def test_privacy_settings_are_declared_once_and_pyproject_repeats_their_defaults():
+    """dp-*/secagg-* are PrivacyConfig's fields: ServerConfig holds one PrivacyConfig, its run config flattens it, and
+    pyproject's defaults are the dataclass's."""
+    from dataclasses import fields
+
+    from fl_server.privacy import PrivacyConfig
+
+    privacy_keys = PrivacyConfig().to_run_config()
+    assert {k: _pyproject_config()[k] for k in privacy_keys} == privacy_keys
+    assert not {f.name for f in fields(ServerConfig)} & {f.name for f in fields(PrivacyConfig)}
+    assert ServerConfig().privacy == PrivacyConfig()
+
+
+def test_privacy_settings_round_trip_through_the_flat_run_config():
+    config = ServerConfig.from_run_config({"dp-mode": "server-fixed", "dp-noise-multiplier": "1.5", "dp-clipping-norm": 2,
+                                           "model-norm": "group", "secagg-max-weight": 50})  # fmt: skip
+    assert (config.privacy.dp_mode, config.privacy.dp_noise_multiplier, config.privacy.secagg_max_weight) == ("server-fixed", 1.5, 50.0)
+    assert ServerConfig.from_run_config(config.to_run_config()) == config
+    with pytest.raises(ValueError, match="dp-noise-multiplier"):
+        ServerConfig.from_run_config({"dp-mode": "server-fixed", "dp-clipping-norm": 1.0, "model-norm": "group"})
+    with pytest.raises(ValueError, match="secagg-num-shares"):
+        ServerConfig.from_run_config({"secagg-num-shares": "three"})
+
+
 def test_pyproject_declares_the_apps():
     flwr = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert flwr["components"] == {"serverapp": "fl_server.server_app:app", "clientapp": "fl_client.client_app:app"}

@@ -3,7 +3,7 @@
 ``SiteGrid`` is a grid as :class:`fl_server.rounds.RoundLoop` uses it (node ids, push, pull) whose nodes answer at
 once with real Flower ``Message`` replies, passed through Flower's wire format (protobuf) when it can carry them:
 three honest sites (a seeded step from the weights they receive, packed with the client's own
-``fl_client.transport``), two registered adversaries whose every reply is the honest one corrupted by a seeded
+``fedct.transport``), two registered adversaries whose every reply is the honest one corrupted by a seeded
 generator (records, types, metrics, packed index, dtypes, shapes, buffers, NaN/inf, huge values, histograms,
 ``arrays-key="site"``, error replies, fused evaluations ...), and one node missing from the site registry.
 
@@ -27,8 +27,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.app.message_type import MessageType
 from flwr.common.serde import message_from_proto, message_to_proto
 
-from fl_client.config import EVALUATION_RECORD, RoundSettings
-from fl_client.transport import INDEX_RECORD, received_state, weights_records
+from fedct.protocol import EVALUATION_RECORD, RoundSettings
+from fedct.transport import INDEX_RECORD, received_state, weights_records
 from fl_server.config import ServerConfig, SiteRegistry
 from fl_server.rounds import RoundLoop, initial_arrays, run_federation
 from fl_server.strategy import build_strategy

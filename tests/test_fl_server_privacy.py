@@ -17,7 +17,7 @@ from flwr.supercore.differential_privacy import compute_clip_model_update
 from fedct.demo import simulation_backend_config
 from federation import TINY_RUN_CONFIG, tiny_federation
 from fl_client.client_app import build_client_app
-from fl_client.transport import decode_content
+from fedct.transport import decode_content
 from models.bundle import load_bundle
 from fl_server.config import ServerConfig
 from fl_server.privacy import PrivacyConfig, SiteLevelAccountant, privacy_summary, round_privacy, wrap_strategy
@@ -166,7 +166,7 @@ def recording_mod(folder: Path):
         if msg.metadata.message_type == MessageType.TRAIN and not reply.has_error() and "arrays" in reply.content:
             rnd = int(msg.content["config"]["server-round"])
             site = str(reply.content["site"]["name"])
-            arrays = decode_content(reply.content)["arrays"]  # packed weights (fl_client.transport) or per tensor
+            arrays = decode_content(reply.content)["arrays"]  # packed weights (fedct.transport) or per tensor
             np.savez(folder / f"{site}-round{rnd}.npz", **dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))
         return reply
 

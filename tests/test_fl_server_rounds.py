@@ -470,3 +470,87 @@ def test_fused_evaluations_in_training_replies_are_collected_and_a_malformed_one
     with pytest.raises(ReplyRejected) as info:
         plain_metrics({"val-loss": "low", "num-examples": 4}, count_bound=100, train=False, what="fused evaluation")
     assert info.value.problem.code == "bad_metric"
+
+
+# --- one skeleton, one hook (#22.6) -----------------------------------------------------------------------------------
+
+
+class _TwoSites:
+    """A grid with two connected sites (the skeleton's wait needs nothing else when the train step is replaced)."""
+
+    def get_node_ids(self):
+        return [1, 2]
+
+
+def _hooked_loop(step):
+    """A RoundLoop whose training step is ``step(report)``; everything else is the shared skeleton."""
+    from fl_server.rounds import TrainStep  # noqa: F401 - the hook's return type
+
+    class Hooked(RoundLoop):
+        def train(self, server_round, nodes, global_arrays, train_config, report):
+            assert nodes == [1, 2] and server_round == 5
+            return step(global_arrays, report)
+
+    config = ServerConfig(model_name="smallcnn", evaluate_mode="fused", min_sites=2)
+    arrays = initial_arrays(config)
+    return Hooked(_TwoSites(), build_strategy(config), config=config, reference=arrays), config, arrays
+
+
+def _run(loop, config, arrays):
+    from flwr.app import ConfigRecord
+
+    return loop.run_round(5, arrays, ConfigRecord(config.round_settings(5).to_record()),
+                          ConfigRecord(config.round_settings(5).to_record()))  # fmt: skip
+
+
+def test_a_subclass_replaces_only_the_training_step_and_the_skeleton_does_the_rest():
+    from fl_server.rounds import TrainStep
+
+    def step(global_arrays, report):
+        return TrainStep(arrays={k: v + 1 if v.dtype.kind == "f" else v for k, v in global_arrays.items()},
+                         sites={"site-a": {"num-examples": 7.0, "train-loss": 0.5}})  # fmt: skip
+
+    loop, config, arrays = _hooked_loop(step)
+    report = _run(loop, config, arrays)
+    assert report.aggregated and report.skip_reason is None and report.nodes_connected == 2
+    assert report.train_sites == {"site-a": {"num-examples": 7.0, "train-loss": 0.5}}
+    key = next(k for k, v in arrays.items() if v.dtype.kind == "f")
+    assert np.array_equal(report.arrays[key], arrays[key] + 1)
+
+
+def test_the_skeleton_keeps_the_global_model_when_the_step_skips_or_returns_non_finite_weights():
+    from fl_server.rounds import TrainStep
+
+    def skipping(global_arrays, report):
+        report.skip_reason = "the hook said no"
+        return None
+
+    loop, config, arrays = _hooked_loop(skipping)
+    report = _run(loop, config, arrays)
+    assert report.skip_reason == "the hook said no" and not report.aggregated and report.arrays is arrays
+
+    def poisoned(global_arrays, report):
+        bad = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in global_arrays.items()}
+        return TrainStep(arrays=bad, sites={"site-a": {"num-examples": 7.0}})
+
+    loop, config, arrays = _hooked_loop(poisoned)
+    report = _run(loop, config, arrays)
+    assert "non-finite" in report.skip_reason and not report.aggregated and report.train_sites == {}
+    assert report.arrays is arrays
+
+
+def test_a_secure_aggregation_run_is_refused_by_the_plain_loop_and_the_server_app_picks_secagg():
+    from fl_server.secagg import SecAggRoundLoop
+    from fl_server.server_app import round_loop_class
+
+    plain = ServerConfig(model_name="smallcnn")
+    secure = ServerConfig.from_run_config({"model-name": "smallcnn", "secure-aggregation": True, "min-sites": 3})
+    arrays = initial_arrays(plain)
+    with pytest.raises(ValueError, match="secure-aggregation=true but RoundLoop sees every site's update"):
+        RoundLoop(_Grid(), build_strategy(secure), config=secure, reference=arrays)
+    with pytest.raises(ValueError, match="needs secure-aggregation=true"):
+        SecAggRoundLoop(_Grid(), build_strategy(plain), config=plain, reference=arrays)
+    assert round_loop_class(secure) is SecAggRoundLoop and round_loop_class(plain) is RoundLoop
+    loop = SecAggRoundLoop(_Grid(), build_strategy(secure), config=secure, reference=arrays, registry=None, poll_s=0.01)
+    assert type(loop).run_round is RoundLoop.run_round  # the skeleton is shared; only train differs
+    assert type(loop).train is not RoundLoop.train

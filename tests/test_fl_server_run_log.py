@@ -322,3 +322,19 @@ def test_a_count_a_site_withheld_is_summed_over_the_others():
     agg = aggregate({"site-a": {"val-n-pos-covid": 7.0}, "site-b": {"val-n-pos-covid": math.nan}})
     assert agg["val-n-pos-covid"] == 7.0
     assert math.isnan(aggregate({"site-b": {"val-n-pos-covid": math.nan}})["val-n-pos-covid"])
+
+
+def test_the_end_of_run_curves_are_the_observability_plotters_figure(tmp_path):
+    """One learning-curve plotter: RunLog.plot's curves.png is fl_server.observe's figure of the same rounds."""
+    from fl_server.observe import plot_learning_curves
+
+    log = RunLog(tmp_path, run_config={}, emit=lambda _: None)
+    _round(log, 1, 0.6)
+    _round(log, 2, 0.8)
+    curves = log.plot()
+    assert curves.name == "curves.png"
+    assert curves.read_bytes() == plot_learning_curves(tmp_path, log.rounds, name="same.png").read_bytes()
+    with pytest.raises(ValueError):  # a malformed round list is refused by the one plotter's caller, not drawn
+        from fl_server.observe import observe_round
+
+        observe_round(tmp_path, {"round": 1})

@@ -107,7 +107,7 @@ def test_check_updates_combines_every_check(reference):
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
 
-from fl_client.transport import weights_records  # noqa: E402
+from fedct.transport import weights_records  # noqa: E402
 from fl_server.config import SiteRegistry  # noqa: E402
 from fl_server.validation import (  # noqa: E402
     CODES,

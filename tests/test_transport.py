@@ -1,4 +1,4 @@
-"""fl_client.transport: weights packed into a message and back, and what that means for aggregation."""
+"""fedct.transport: weights packed into a message and back, and what that means for aggregation."""
 
 import json
 
@@ -8,7 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from fl_client.transport import INDEX_RECORD, decode_content, encode_content, received_state, record_nbytes, weights_records
+from fedct.transport import INDEX_RECORD, decode_content, encode_content, received_state, record_nbytes, weights_records
 from models.factory import ModelConfig, build_model
 
 
@@ -69,7 +69,7 @@ def _reference(states):
 
 @pytest.mark.parametrize("transport", ["float32", "float16", "bfloat16", None])
 def test_decode_checked_restores_the_model_from_every_transport(states, transport):
-    from fl_client.transport import decode_checked
+    from fedct.transport import decode_checked
 
     reference = _reference(states)
     out = decode_checked(weights_records(states[1], transport=transport), reference)
@@ -107,7 +107,7 @@ def _index_edit(edit):
     ],
 )
 def test_decode_checked_refuses_what_does_not_fit_the_model_with_a_code(states, change, code):
-    from fl_client.transport import TransportError, decode_checked
+    from fedct.transport import TransportError, decode_checked
 
     content = weights_records(states[1], transport="float32")
     change(content)
@@ -117,7 +117,7 @@ def test_decode_checked_refuses_what_does_not_fit_the_model_with_a_code(states, 
 
 
 def test_decode_checked_refuses_per_tensor_arrays_of_another_model(states):
-    from fl_client.transport import TransportError, decode_checked
+    from fedct.transport import TransportError, decode_checked
 
     content = weights_records(states[1], transport=None)
     first = next(iter(states[1]))

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from fedct.protocol import ARRAYS_RECORD, INDEX_RECORD
 from models.weights import INDEX_FORMAT, TRANSPORTS, pack, unpack
 
-#: ConfigRecord carrying the index of packed weights (see models.weights); ``arrays-key`` names the ArrayRecord.
-INDEX_RECORD = "weights-index"
+__all__ = ["INDEX_RECORD", "TransportError", "decode_checked", "decode_content", "encode_content", "received_state",
+           "record_nbytes", "weights_records"]  # fmt: skip
 
 
 def record_nbytes(content: RecordDict) -> int:
@@ -141,7 +142,7 @@ def _index_entries(meta: Any, reference: Mapping[str, np.ndarray]) -> tuple[str,
     return transport, [(name, *seen[name]) for name in reference]
 
 
-def decode_checked(content: RecordDict, reference: Mapping[str, np.ndarray], *, key: str = "arrays") -> dict[str, np.ndarray]:
+def decode_checked(content: RecordDict, reference: Mapping[str, np.ndarray], *, key: str = ARRAYS_RECORD) -> dict[str, np.ndarray]:
     """The per-tensor weights of a received message, checked against ``reference`` (the global model: names, shapes,
     dtypes) before anything is decoded; :class:`TransportError` with a reason code when they do not fit.
 
@@ -196,12 +197,12 @@ def decode_checked(content: RecordDict, reference: Mapping[str, np.ndarray], *, 
     return out
 
 
-def received_state(content: RecordDict, key: str = "arrays") -> dict[str, torch.Tensor]:
+def received_state(content: RecordDict, key: str = ARRAYS_RECORD) -> dict[str, torch.Tensor]:
     """The model weights of a received message as a torch state dict (packed or per-tensor)."""
     return decode_content(content)[key].to_torch_state_dict()
 
 
-def weights_records(state: Mapping[str, torch.Tensor], *, transport: str | None, key: str = "arrays") -> RecordDict:
+def weights_records(state: Mapping[str, torch.Tensor], *, transport: str | None, key: str = ARRAYS_RECORD) -> RecordDict:
     """A RecordDict with ``state`` under ``key``: packed with ``transport`` (and its index), or per-tensor when None."""
     content = RecordDict({key: ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in state.items()})})
     return encode_content(content, transport=transport) if transport else content

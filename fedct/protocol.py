@@ -1,0 +1,190 @@
+"""The wire contract between the server (``fl_server``) and the sites (``fl_client``), in one neutral place.
+
+Both sides import this module; neither imports the other. It holds what crosses the wire and nothing else:
+
+- record names of a message's ``RecordDict`` (:data:`CONFIG_RECORD`, :data:`ARRAYS_RECORD`, :data:`METRICS_RECORD`,
+  :data:`SITE_RECORD`, :data:`EVALUATION_RECORD`, :data:`INDEX_RECORD`);
+- the round settings the server sends with every message (:class:`RoundSettings`: ``to_record``/``from_record``);
+- metric keys and key prefixes both sides name (:data:`NUM_EXAMPLES`, :data:`VAL_PREFIX`, ...), and the agreed
+  range and bins of the risk-score histogram (:data:`RISK_RANGE`, :data:`RISK_BINS`).
+
+The packed-weights encoding itself is :mod:`fedct.transport` (it needs torch and flwr; this module needs neither).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from models.factory import ModelConfig
+from preprocessing.split import SplitConfig
+from preprocessing.transforms import PipelineConfig
+
+# --- record names ------------------------------------------------------------------------------------------------
+
+#: ConfigRecord of a server message carrying the round settings (Flower's strategies' ``configrecord_key``).
+CONFIG_RECORD = "config"
+#: ArrayRecord of the model's weights (both directions).
+ARRAYS_RECORD = "arrays"
+#: MetricRecord of a reply's metrics (what the strategy aggregates).
+METRICS_RECORD = "metrics"
+#: ConfigRecord naming the replying site (key :data:`SITE_NAME_FIELD`).
+SITE_RECORD = "site"
+SITE_NAME_FIELD = "name"
+#: ConfigRecord of a training reply that carries the evaluation of the received weights (``evaluate-first``).
+EVALUATION_RECORD = "evaluate"
+#: ConfigRecord carrying the index of packed weights (``models.weights``); ``arrays-key`` names the ArrayRecord.
+INDEX_RECORD = "weights-index"
+
+# --- metric keys -------------------------------------------------------------------------------------------------
+
+#: A reply's aggregation weight: training studies (train reply) or validation studies (evaluate reply).
+NUM_EXAMPLES = "num-examples"
+#: Split prefixes of metric keys (``val-auc-macro``, ``test-c-index``, ``train-loss``).
+TRAIN_PREFIX, VAL_PREFIX, TEST_PREFIX = "train-", "val-", "test-"
+#: Training-reply metrics.
+TRAIN_LOSS = "train-loss"
+TRAIN_LOSS_DIAGNOSIS = "train-loss-diagnosis"
+TRAIN_LOSS_PROGNOSIS = "train-loss-prognosis"
+TRAIN_SECONDS = "train-seconds"
+#: Histogram of the training studies' risk scores (evaluate reply), over :data:`RISK_BINS` bins of :data:`RISK_RANGE`.
+TRAIN_HIST_RISK = "train-hist-risk"
+#: Metric names after the split prefix.
+AUC_MACRO = "auc-macro"
+BALANCED_ACCURACY = "balanced-accuracy"
+C_INDEX = "c-index"
+TD_AUC = "td-auc"
+LOSS = "loss"
+#: Site name a SecAgg+ site puts into its legacy fit metrics (the legacy workflow has no ``site`` record).
+SITE_NAME_METRIC = "site-name"
+#: Range and bins of the risk-score histogram every site sends (log-risk is clipped into the range).
+RISK_RANGE = (-8.0, 8.0)
+RISK_BINS = 160
+
+# --- round settings ----------------------------------------------------------------------------------------------
+
+#: What happens to normalisation layers (BatchNorm etc.): averaged by the server, or kept at each site (FedBN).
+BN_MODES = ("aggregate", "local")
+#: Optional round-config keys and their defaults (older servers do not send them; FedProx adds proximal-mu).
+OPTIONAL_ROUND_KEYS = {"bn-mode": "aggregate", "transport": "float32", "proximal-mu": 0.0, "evaluate-first": False}
+#: Round-config key asking the site to evaluate the received weights before training (``evaluate-mode = "fused"``).
+EVALUATE_FIRST = "evaluate-first"
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """What the server asks a site to do in one round (sent in the message's ConfigRecord)."""
+
+    server_round: int
+    local_epochs: int
+    learning_rate: float
+    batch_size: int
+    seed: int
+    model: ModelConfig
+    pipeline: PipelineConfig
+    split: SplitConfig
+    loss_weights: tuple[float, float] = (1.0, 0.5)  # diagnosis, prognosis
+    horizon_days: float = 14.0
+    bn_mode: str = "aggregate"
+    transport: str = "float32"
+    proximal_mu: float = 0.0
+    #: ``evaluate-mode = "fused"``: evaluate the received (previous round's global) weights before training and
+    #: send the evaluation with the training reply (record key ``evaluate-first``).
+    evaluate_first: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bn_mode not in BN_MODES:
+            raise ValueError(f"bn-mode {self.bn_mode!r} is not one of {', '.join(BN_MODES)}")
+        if self.proximal_mu < 0:
+            raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
+        if len(self.loss_weights) != 2 or any(w < 0 for w in self.loss_weights) or sum(self.loss_weights) <= 0:
+            raise ValueError(f"loss weights must be two non-negative numbers, not both 0, got {self.loss_weights}")
+        if self.horizon_days <= 0:
+            raise ValueError(f"prognosis-horizon-days must be > 0, got {self.horizon_days}")
+        if self.local_epochs < 1:
+            raise ValueError(f"local-epochs must be >= 1, got {self.local_epochs}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning-rate must be > 0, got {self.learning_rate}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch-size must be >= 1, got {self.batch_size}")
+
+    def to_record(self) -> dict[str, int | float | str]:
+        """Flat scalars for a Flower ConfigRecord."""
+        return {
+            "server-round": self.server_round,
+            "local-epochs": self.local_epochs,
+            "learning-rate": self.learning_rate,
+            "batch-size": self.batch_size,
+            "seed": self.seed,
+            "model-name": self.model.name,
+            "model-norm": self.model.norm,
+            "num-classes": self.model.num_classes,
+            "clinical-covariates": self.model.covariates,
+            "loss-weight-diagnosis": self.loss_weights[0],
+            "loss-weight-prognosis": self.loss_weights[1],
+            "prognosis-horizon-days": self.horizon_days,
+            "input-size": ",".join(str(v) for v in self.pipeline.input_size),
+            "target-spacing-mm": ",".join(str(v) for v in self.pipeline.target_spacing_mm),
+            "hu-min": self.pipeline.hu_min,
+            "hu-max": self.pipeline.hu_max,
+            "val-fraction": self.split.val_fraction,
+            "test-fraction": self.split.test_fraction,
+            "bn-mode": self.bn_mode,
+            "transport": self.transport,
+            "proximal-mu": self.proximal_mu,
+            EVALUATE_FIRST: self.evaluate_first,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RoundSettings:
+        """Inverse of :meth:`to_record`; a missing key is a protocol error naming the key."""
+        missing = [k for k in cls.keys() if k not in record]
+        if missing:
+            raise ValueError(f"round config from the server lacks {', '.join(missing)}")
+        return cls(
+            server_round=int(record["server-round"]),
+            local_epochs=int(record["local-epochs"]),
+            learning_rate=float(record["learning-rate"]),
+            batch_size=int(record["batch-size"]),
+            seed=int(record["seed"]),
+            model=ModelConfig(
+                name=str(record["model-name"]),
+                norm=str(record["model-norm"]),
+                num_classes=int(record["num-classes"]),
+                covariates=bool(record["clinical-covariates"]),
+            ),
+            pipeline=PipelineConfig(
+                target_spacing_mm=parse_triple(str(record["target-spacing-mm"]), float, "target-spacing-mm"),
+                input_size=parse_triple(str(record["input-size"]), int, "input-size"),
+                hu_min=float(record["hu-min"]),
+                hu_max=float(record["hu-max"]),
+            ),
+            split=SplitConfig(val_fraction=float(record["val-fraction"]), test_fraction=float(record["test-fraction"])),
+            loss_weights=(float(record["loss-weight-diagnosis"]), float(record["loss-weight-prognosis"])),
+            horizon_days=float(record["prognosis-horizon-days"]),
+            bn_mode=str(record.get("bn-mode", OPTIONAL_ROUND_KEYS["bn-mode"])),
+            transport=str(record.get("transport", OPTIONAL_ROUND_KEYS["transport"])),
+            proximal_mu=float(record.get("proximal-mu", OPTIONAL_ROUND_KEYS["proximal-mu"])),
+            evaluate_first=bool(record.get(EVALUATE_FIRST, OPTIONAL_ROUND_KEYS[EVALUATE_FIRST])),
+        )
+
+    @staticmethod
+    def keys() -> tuple[str, ...]:
+        """The required keys of the round config record (``OPTIONAL_ROUND_KEYS`` may be absent)."""
+        return (
+            "server-round", "local-epochs", "learning-rate", "batch-size", "seed", "model-name", "model-norm",
+            "num-classes", "clinical-covariates", "loss-weight-diagnosis", "loss-weight-prognosis", "prognosis-horizon-days",
+            "input-size", "target-spacing-mm", "hu-min", "hu-max", "val-fraction", "test-fraction",
+        )  # fmt: skip
+
+
+def parse_triple(text: str, kind: type, name: str) -> tuple:
+    """Parse ``"64,64,48"`` into a 3-tuple of ``kind``; the error names the setting."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"{name} must be three comma-separated numbers, got {text!r}")
+    try:
+        return tuple(kind(p) for p in parts)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be three comma-separated numbers, got {text!r}") from exc
