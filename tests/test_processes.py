@@ -31,8 +31,10 @@ IGNORES = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); p
 LEADER = """
 import subprocess, sys, time
 ignore = sys.argv[1] == "ignore"
-code = "import signal, time; " + ("signal.signal(signal.SIGTERM, signal.SIG_IGN); " if ignore else "") + "time.sleep(300)"
-child = subprocess.Popen([sys.executable, "-c", code, sys.argv[2]])
+code = ("import signal, time; " + ("signal.signal(signal.SIGTERM, signal.SIG_IGN); " if ignore else "")
+        + "print('ready', flush=True); time.sleep(300)")
+child = subprocess.Popen([sys.executable, "-c", code, sys.argv[2]], stdout=subprocess.PIPE)
+child.stdout.readline()  # its SIGTERM handling is set up
 print(child.pid, flush=True)
 time.sleep(300)
 """
