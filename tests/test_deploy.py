@@ -20,6 +20,7 @@ from flwr.common.config import parse_config_args
 from fedct.certs import write_consortium
 from fedct.cli import main
 from fedct import deploy
+from fedct.deploy import supervisor as deploy_supervisor
 from fedct.deploy import (
     DeployError,
     ExecutorSupervisor,
@@ -381,7 +382,7 @@ def _wait(condition, *, timeout: float = 60.0) -> None:
 
 
 def test_supervisor_restarts_a_dying_executor_a_bounded_number_of_times_then_stops_the_site(runtime_api, capfd, monkeypatch):
-    monkeypatch.setattr(deploy, "EXECUTOR_RESTART_DELAY_S", 0.05)
+    monkeypatch.setattr(deploy_supervisor, "EXECUTOR_RESTART_DELAY_S", 0.05)
     site, node, _ = runtime_api
     activated = threading.Event()
     activated.set()
@@ -399,7 +400,7 @@ def test_supervisor_restarts_a_dying_executor_a_bounded_number_of_times_then_sto
 
 
 def test_supervisor_stop_kills_an_executor_that_ignores_sigterm(runtime_api, capfd, monkeypatch):
-    monkeypatch.setattr(deploy, "EXECUTOR_STOP_GRACE_S", 0.5)
+    monkeypatch.setattr(deploy_supervisor, "EXECUTOR_STOP_GRACE_S", 0.5)
     site, node, _ = runtime_api
     activated = threading.Event()
     activated.set()
@@ -488,8 +489,9 @@ DRIVER = """
 import os, sys
 from pathlib import Path
 from fedct import deploy
+from fedct.deploy import supervisor
 from fl_client.site_env import SiteEnv
-deploy.ACTIVATION_RETRY_S = 0.2
+supervisor.ACTIVATION_RETRY_S = 0.2
 site = SiteEnv.from_file(Path(sys.argv[1]), check_cuda=False)
 node, executor = sys.argv[2:4]
 sys.exit(deploy.run_supernode(site, [sys.executable, node, str(site.runtime_port), sys.argv[4]], dict(os.environ),
