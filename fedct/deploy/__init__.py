@@ -47,7 +47,10 @@ from __future__ import annotations
 
 from fedct.deploy.cli import add_server_parser, add_site_parser
 from fedct.deploy.commands import (
+    TlsFiles,
     executor_command,
+    flower_superlink,
+    flower_supernode,
     node_config_arg,
     proxy_command,
     proxy_executable,
@@ -55,6 +58,7 @@ from fedct.deploy.commands import (
     superlink_command,
     supernode_command,
     supernode_env,
+    warm_executor,
 )
 from fedct.deploy.common import CONNECTION, FLOWER_ENV, DeployError, flower_env, flower_tool, toml_value, write_flwr_home
 from fedct.deploy.proxy import FLEET_API_PREFIX, PROXY_MAX_BODY, PROXY_REFUSAL, proxy_config, write_proxy_config
@@ -92,10 +96,10 @@ __all__ = [
     "ACTIVATED", "ACTIVATION_REFUSED", "ACTIVATION_RETRY_S", "CONNECTION", "EXECUTOR_FAILED", "EXECUTOR_MAX_RESTARTS",
     "EXECUTOR_PREFIX", "EXECUTOR_STOP_GRACE_S", "FLEET_API_PREFIX", "FLOWER_ENV", "PROXY_MAX_BODY", "PROXY_REFUSAL",
     "SERVER_KEYS", "SERVER_REQUIRED", "SITE_REGISTRY_ENV", "STOP_GRACE_S", "SUPERLINK_STATES", "DeployError",
-    "ExecutorSupervisor", "NodeRecord", "ServerEnv", "Submitted", "add_server_parser", "add_site_parser", "check_tls",
-    "ensure_server_secret", "ensure_superexec_secret", "executor_command", "executor_pids", "flower_env", "flower_tool",
+    "ExecutorSupervisor", "NodeRecord", "ServerEnv", "Submitted", "TlsFiles", "add_server_parser", "add_site_parser", "check_tls",
+    "ensure_server_secret", "ensure_superexec_secret", "executor_command", "executor_pids", "flower_env", "flower_superlink", "flower_supernode", "flower_tool",
     "ingest", "node_config_arg", "port_listening", "proxy_command", "proxy_config", "proxy_executable", "register_sites",
     "registered_nodes", "run_config_for", "run_status", "run_supernode", "start_server", "start_site", "submit_run",
     "superexec_command", "superlink_command", "supernode_command", "supernode_env", "supernode_pids", "toml_value",
-    "wait_for_tls", "write_flwr_home", "write_proxy_config", "write_site_registry",
+    "wait_for_tls", "warm_executor", "write_flwr_home", "write_proxy_config", "write_site_registry",
 ]  # fmt: skip

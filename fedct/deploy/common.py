@@ -24,13 +24,14 @@ class DeployError(RuntimeError):
     """A deployment step failed; the message says what to check."""
 
 
-def write_flwr_home(home: Path, *, address: str, ca_cert: Path) -> Path:
-    """An isolated Flower CLI home whose config.toml names one SuperLink connection (TLS, our CA)."""
+def write_flwr_home(home: Path, *, address: str, ca_cert: Path | None) -> Path:
+    """An isolated Flower CLI home whose config.toml names one SuperLink connection: TLS verified against our CA,
+    or ``insecure = true`` when ``ca_cert`` is None (local benchmarks only)."""
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
+    security = "insecure = true" if ca_cert is None else f"root-certificates = {json.dumps(str(Path(ca_cert).resolve()))}"
     (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f"address = {json.dumps(address)}\nroot-certificates = {json.dumps(str(Path(ca_cert).resolve()))}\n"
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = {json.dumps(address)}\n{security}\n'
     )
     return home
 
