@@ -15,6 +15,7 @@ from fedct.deploy.site import executor_pids, start_site, supernode_pids
 from fedct.deploy.tls import check_tls
 from fl_client.site_env import SiteEnv, SiteEnvError
 
+
 def add_server_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fedct server start|submit|check``."""
     p = sub.add_parser("server", help="consortium server: start the SuperLink, submit runs, health check")

@@ -16,6 +16,7 @@ PROXY_MAX_BODY = "64m"
 PROXY_REFUSAL = ("fedct: refused. This address serves the Fleet API (SuperNodes) only. Run submission, SuperNode "
                  "registration, listing and logs are available on the coordinator host only (fedct server submit).")
 
+
 def proxy_config(env: ServerEnv) -> str:
     """The nginx configuration of the hospital-facing port: TLS with the server certificate, ``/v1/fleet/*`` POSTs
     forwarded to the SuperLink on loopback (TLS, verified against the CA), everything else refused with 403.

@@ -29,6 +29,7 @@ from fedct.processes import stop_processes
 #: Environment variable naming the site registry file ({node id: site name}) for the ServerApp.
 SITE_REGISTRY_ENV = "FEDCT_SITE_REGISTRY"
 
+
 def ensure_server_secret(env: ServerEnv) -> Path:
     """The SuperLink/SuperExec shared secret: created once (random, written to a 0600 temporary file in the state
     folder, then renamed into place), reused after; a group/world-readable one is refused."""
@@ -39,6 +40,7 @@ def ensure_server_secret(env: ServerEnv) -> Path:
             raise DeployError(f"{path} (the SuperExec secret) is readable by others (mode {mode:o}); run chmod 600 on it")
         return path
     return atomic_write_bytes(path, secrets.token_hex(32).encode(), mode=0o600)
+
 
 def register_sites(env: ServerEnv) -> dict[str, str]:
     """``flwr supernode register`` every site public key on the loopback SuperLink; ``{site: "registered" |
@@ -110,6 +112,7 @@ def write_site_registry(env: ServerEnv) -> dict[str, str]:
     atomic_write_bytes(path, (json.dumps(registry, indent=1, sort_keys=True) + "\n").encode())
     return registry
 
+
 def _die_with_parent() -> None:
     """In a child before exec: get SIGTERM when ``fedct server start`` dies (even by SIGKILL), so no proxy or
     SuperLink outlives it holding the ports (Linux ``PR_SET_PDEATHSIG``; a no-op elsewhere)."""
@@ -119,6 +122,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
 
 def _stop(procs: list[subprocess.Popen]) -> None:
     """Stop the server's children, last started first (proxy, SuperExec, SuperLink): SIGTERM, SIGKILL after
@@ -226,6 +230,7 @@ def run_config_for(env: ServerEnv, config_toml: Path, *, overrides: Mapping[str,
     except ValueError as exc:
         raise DeployError(f"run config {config_toml}: {exc}") from exc
     return config
+
 
 @dataclass(frozen=True)
 class Submitted:

@@ -15,6 +15,7 @@ from fedct.files import atomic_write_bytes
 from fedct.processes import command_lines, parent_pid
 from fl_client.site_env import SiteEnv
 
+
 def ensure_superexec_secret(site: SiteEnv) -> Path:
     """Create the SuperNode/executor shared secret once (random, mode 0600 in a 0700 folder); reuse it after."""
     path = site.superexec_secret_file
@@ -24,6 +25,7 @@ def ensure_superexec_secret(site: SiteEnv) -> Path:
         path.chmod(0o600)
         return path
     return atomic_write_bytes(path, secrets.token_hex(32).encode(), mode=0o600)
+
 
 def ingest(site: SiteEnv) -> str:
     """Run ingestion (validation, HU, preprocessing cache) for the site; returns a one-line summary."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fedct.deploy.common import DeployError
 
+
 def check_tls(host: str, port: int, ca_cert: Path, *, timeout: float = 5.0, setting: str = "FEDCT_CA_CERT") -> str:
     """TLS handshake with ``host:port`` verified against ``ca_cert`` (hostname included); returns the TLS version.
 
