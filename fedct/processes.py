@@ -130,8 +130,10 @@ def _send(target: int | subprocess.Popen, signum: int, group: bool) -> bool:
             if target.poll() is not None:
                 return False
             target.send_signal(signum)
-        else:
+        elif process_alive(pid):  # a zombie has ended already
             os.kill(pid, signum)
+        else:
+            return False
     except ProcessLookupError:
         return False
     return True

@@ -116,6 +116,15 @@ def test_without_group_the_grandchild_is_left_running(started):
     assert not process_alive(child)
 
 
+def test_a_zombie_counts_as_gone(started):
+    proc = _start("pass")
+    started[0].append(proc)
+    while process_alive(proc.pid):  # ended but not reaped: a zombie
+        time.sleep(0.05)
+    assert stop_process(proc.pid).outcome == GONE
+    assert proc.wait(timeout=30) == 0  # still ours to reap, exit status intact
+
+
 def test_gone_targets_and_nothing_to_stop(started):
     proc = _start("pass")
     started[0].append(proc)
