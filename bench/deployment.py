@@ -1,15 +1,15 @@
 """A real Flower deployment on 127.0.0.1 for tests and benchmarks: SuperLink, SuperNodes, optional warm executors.
 
-Every process is started here with ``subprocess.Popen`` and stopped by PID (plus the task processes the
-SuperLink and SuperNodes start, found by their port on the command line). Ports are picked free by
-binding port 0. Each site gets its own ``FLWR_HOME`` (as separate hospitals would) and the ``flwr`` CLI a
-separate one that names the SuperLink.
+Every process is started here with ``subprocess.Popen`` and stopped by PID through :mod:`fedct.processes` (plus
+the task processes the SuperLink and SuperNodes start, found by their port on the command line). The command lines
+are :mod:`fedct.deploy.commands`' (the ones ``fedct server`` / ``fedct site`` run), with the benchmark's choices
+(insecure or TLS, isolation, poll intervals). Ports are picked free by binding port 0. Each site gets its own
+``FLWR_HOME`` (as separate hospitals would) and the ``flwr`` CLI a separate one that names the SuperLink.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +17,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fedct.deploy.commands import TlsFiles, flower_superlink, flower_supernode, warm_executor
+from fedct.deploy.common import CONNECTION, flower_env, flower_tool, write_flwr_home
+from fedct.processes import pids_matching, stop_processes
 
 BIN = Path(sys.executable).parent
 
@@ -41,20 +45,6 @@ def wait_for_port(port: int, *, timeout_s: float = 60.0, proc: subprocess.Popen 
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
 
 
-def _pids_with(needle: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if needle in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 def tree_cpu_seconds(roots: set[int]) -> float:
     """CPU seconds (user + system, own + reaped children) of ``roots`` and all their descendants (zombies included)."""
     stats: dict[int, tuple[int, list[str]]] = {}
@@ -74,30 +64,9 @@ def tree_cpu_seconds(roots: set[int]) -> float:
     return sum(sum(int(f) for f in stats[pid][1][11:15]) for pid in chosen) / os.sysconf("SC_CLK_TCK")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def stop(pids: Sequence[int], *, timeout_s: float = 15.0) -> None:
     """SIGTERM, wait, SIGKILL what is left (only the given PIDs)."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout_s
-    for pid in pids:
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.1)
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    stop_processes(list(pids), grace_s=timeout_s)
 
 
 @dataclass(frozen=True)
@@ -134,9 +103,7 @@ class LocalDeployment:
 
     def _env(self, home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         home.mkdir(parents=True, exist_ok=True)
-        return {**os.environ, **self.env, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
-                "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", **(extra or {})}  # fmt: skip
+        return flower_env({**os.environ, **self.env}, FLWR_HOME=str(home), **(extra or {}))
 
     def _start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
         logs = self.root / "logs"
@@ -147,26 +114,19 @@ class LocalDeployment:
         self._names[proc.pid] = name
         return proc
 
-    def _security(self) -> tuple[list[str], list[list[str]]]:
-        """(SuperLink flags, one SuperNode flag list per site): insecure, or TLS + SuperNode auth."""
+    def _security(self) -> TlsFiles | None:
+        """The SuperLink's TLS files (a fresh consortium PKI with site keys), or None: insecure."""
         if not self.tls:
-            return ["--insecure"], [["--insecure"] for _ in self.sites]
+            return None
         from fedct.certs import write_consortium
 
         self._pki = write_consortium(self.root / "pki", sites=[f"s{i}" for i in range(len(self.sites))], with_site_keys=True)
-        link = ["--ssl-ca-certfile", str(self._pki.ca_cert), "--ssl-certfile", str(self._pki.server_cert),
-                "--ssl-keyfile", str(self._pki.server_key)]  # fmt: skip
-        nodes = [["--root-certificates", str(self._pki.ca_cert)] for _ in self.sites]
-        if self.auth:
-            link.append("--enable-supernode-auth")
-            for i, flags in enumerate(nodes):
-                flags += ["--auth-supernode-private-key", str(self._pki.site_keys[f"s{i}"])]
-        return link, nodes
+        return TlsFiles(self._pki.ca_cert, self._pki.server_cert, self._pki.server_key)
 
     def _register(self) -> None:
         """``flwr supernode register`` each site's public key (TLS mode), as ``fedct server start`` does."""
         for name, pub in self._pki.site_public_keys.items():
-            done = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(pub), "bench", "--name", name],
+            done = subprocess.run([flower_tool("flwr"), "supernode", "register", str(pub), CONNECTION, "--name", name],
                                   env=self._env(self.cli_home()), capture_output=True, text=True, timeout=120)  # fmt: skip
             if done.returncode != 0:
                 raise RuntimeError(f"registering {name} failed: {(done.stdout + done.stderr)[-600:]}")
@@ -176,9 +136,9 @@ class LocalDeployment:
         try:
             self.port = free_port()
             db = self._database_path()
-            link_flags, node_flags = self._security()
-            link = self._start("superlink", [str(BIN / "flower-superlink"), *link_flags, "--port", str(self.port),
-                                             "--database", db, "--disable-runtime-dependency-installation"],
+            tls = self._security()
+            auth = tls is not None and self.auth
+            link = self._start("superlink", flower_superlink(port=self.port, database=db, tls=tls, node_auth=auth),
                                self._env(self.root / "home-superlink"))  # fmt: skip
             wait_for_port(self.port, proc=link)
             if self.tls and self.auth:
@@ -188,15 +148,15 @@ class LocalDeployment:
                 self.runtime_ports.append(rport)
                 extra = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(site.superexec_poll_s)} if site.superexec_poll_s else {}
                 env = self._env(self.root / f"home-site{i}", extra)
-                node = self._start(f"supernode{i}", [str(BIN / "flower-supernode"), *node_flags[i], "--superlink",
-                                                     f"127.0.0.1:{self.port}", "--port", str(rport), "--isolation",
-                                                     site.isolation, "--node-config", site.node_config], env)  # fmt: skip
+                command = flower_supernode(superlink=f"127.0.0.1:{self.port}", runtime_port=rport, node_config=site.node_config,
+                                           ca_cert=tls.ca_cert if tls else None,
+                                           auth_key=self._pki.site_keys[f"s{i}"] if auth else None, isolation=site.isolation)  # fmt: skip
+                node = self._start(f"supernode{i}", command, env)
                 wait_for_port(rport, proc=node)
                 if site.isolation == "process":
-                    self._start(f"executor{i}", [sys.executable, "-m", "fl_client.executor", "--runtime-api-address",
-                                                 f"127.0.0.1:{rport}", "--insecure", "--poll-interval",
-                                                 str(site.executor_poll_s), "--preload-app", site.preload_app,
-                                                 "--approved-apps", site.approved_apps], env)  # fmt: skip
+                    self._start(f"executor{i}", warm_executor(runtime_port=rport, approved_apps=site.approved_apps,
+                                                              poll_interval_s=site.executor_poll_s,
+                                                              preload_app=site.preload_app), env)  # fmt: skip
         except BaseException:
             self.close()
             raise
@@ -215,17 +175,13 @@ class LocalDeployment:
 
     def cli_home(self) -> Path:
         """FLWR_HOME of the ``flwr`` CLI, with this SuperLink as the default connection."""
-        home = self.root / "home-cli"
-        home.mkdir(parents=True, exist_ok=True)
-        security = f'root-certificates = "{self._pki.ca_cert}"' if self.tls else "insecure = true"
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
-                                          f'address = "127.0.0.1:{self.port}"\n{security}\n')  # fmt: skip
-        return home
+        return write_flwr_home(self.root / "home-cli", address=f"127.0.0.1:{self.port}",
+                               ca_cert=self._pki.ca_cert if self.tls else None)
 
     def flwr_run(self, app: Path, run_config: str, *, timeout_s: float = 1800.0) -> subprocess.CompletedProcess:
         """``flwr run APP --stream --run-config ...`` against this SuperLink; returns when the run ended."""
         env = self._env(self.cli_home())
-        return subprocess.run([str(BIN / "flwr"), "run", str(app), "bench", "--stream", "--run-config", run_config],
+        return subprocess.run([flower_tool("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", run_config],
                               env=env, capture_output=True, text=True, timeout=timeout_s, cwd=self.root)  # fmt: skip
 
     def site_pids(self, index: int) -> list[int]:
@@ -238,7 +194,7 @@ class LocalDeployment:
         pids = {p.pid for p in self.procs if p.poll() is None}
         for port in [self.port, *self.runtime_ports]:
             if port:
-                pids.update(_pids_with(f"127.0.0.1:{port}"))
+                pids.update(pids_matching(f"127.0.0.1:{port}"))
         return sorted(pids)
 
     def close(self) -> None:

@@ -280,12 +280,6 @@ def _app_folder(target: Path) -> Path:
     return target
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return f'"{value}"' if isinstance(value, str) else str(value)
-
-
 def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_dir: Path, *, tls: bool = False,
                    auth: bool = False, sqlite_state: bool = False, runner: str = "warm",
                    run_overrides: Mapping[str, Any] | None = None, timeout: float = 1200.0) -> dict[str, Any]:  # fmt: skip
@@ -295,6 +289,8 @@ def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
     state in memory, or in an SQLite file with ``sqlite_state``. Also the peak RSS of each site's process trees
     (SuperNode, executor, ClientApp processes)."""
     from bench.deployment import LocalDeployment, SiteSpec
+    from fedct.deploy.commands import node_config_arg  # Flower's key=value text, as fedct site writes it
+    from fedct.processes import process_alive
 
     if auth and not tls:
         raise ValueError("SuperNode authentication needs TLS (tls=True)")
@@ -304,9 +300,9 @@ def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
     base = Path(run_dir).parent / f"{Path(run_dir).name}-deploy"
     shutil.rmtree(base, ignore_errors=True)
     names = site_names(data_root)
-    specs = [SiteSpec(node_config=" ".join(f"{k}={_toml_value(v)}" for k, v in {
+    specs = [SiteSpec(node_config=node_config_arg({
                  "site-name": name, "dicom-dir": str(data_root / name / "dicom"), "labels": str(data_root / name / "labels.csv"),
-                 "site-dir": str(work_root / name), "device": "cpu"}.items()),
+                 "site-dir": str(work_root / name), "device": "cpu"}),
                       isolation="process" if runner == "warm" else "subprocess")
              for name in names]  # fmt: skip
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))}
@@ -315,7 +311,7 @@ def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
     with deployment:
         app = _app_folder(base / "app")
         config = {**_run_config(plan, run_dir, sites=len(names)), **dict(run_overrides or {})}
-        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
+        overrides = node_config_arg(config)
         t_run = time.perf_counter()
         roots = {name: deployment.site_pids(i) for i, name in enumerate(names)} | {"superlink": [deployment.procs[0].pid]}
         with TreeMemorySampler(roots, interval=0.2) as sampler:
@@ -329,7 +325,7 @@ def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
                                f"{(done.stdout + done.stderr)[-2000:]}")  # fmt: skip
         run_seconds = time.perf_counter() - t_run
         started_pids = deployment.all_pids()
-    left = [pid for pid in started_pids if _alive_flower(pid)]
+    left = [pid for pid in started_pids if process_alive(pid)]
     if left:
         raise RuntimeError(f"processes still running after stop: {left}")
     fused = dict(run_overrides or {}).get("evaluate-mode") == "fused"
@@ -337,15 +333,6 @@ def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
             "sites": len(names), "tls": tls, "supernode_auth": auth, "runner": runner, "run_overrides": dict(run_overrides or {}),
             "superlink_state": "sqlite file" if sqlite_state else "in memory", "stopped_pids": started_pids,
             "peak_rss_mib": {name: sampler.peak_mib[name] for name in [*names, "superlink"]}}  # fmt: skip
-
-
-def _alive_flower(pid: int) -> bool:
-    """Whether ``pid`` still runs (not a zombie)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def run(options: BenchOptions) -> Path:

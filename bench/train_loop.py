@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import SMALL_RUN_CONFIG, BenchOptions, self_peak_rss_mib, summarise, synthetic_sites, write_result
+from fedct.processes import stop_process
 
 #: The named GPU preset (a run config file; README "Configuring a run").
 GPU_PRESET = Path(__file__).resolve().parent.parent / "configs" / "run-gpu.toml"
@@ -241,11 +242,7 @@ class _UtilisationSampler:
 
     def __exit__(self, *exc: object) -> None:
         if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
+            stop_process(self._process, grace_s=5)
         if self._thread is not None:
             self._thread.join(timeout=5)
 

@@ -49,6 +49,8 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
+from fedct.processes import process_alive, stop_processes
+
 log = logging.getLogger("fedct.executor")
 
 #: The ClientApp whose third-party imports are preloaded by default (the one in pyproject.toml).
@@ -192,21 +194,6 @@ def preload_modules(names: list[str] | tuple[str, ...], *, exclude: frozenset[st
             skipped += 1
     return PreloadResult(imported=imported, skipped=skipped, seconds=time.perf_counter() - t0,
                          threads=threading.active_count())  # fmt: skip
-
-
-def process_alive(pid: int) -> bool:
-    """True while process ``pid`` exists and has not ended (a zombie waiting to be reaped counts as ended)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True  # no /proc: os.kill said it exists
-    return state not in ("Z", "X")
 
 
 def _own_package() -> str:
@@ -398,20 +385,7 @@ class WarmExecutor:
 
     def stop_children(self, *, timeout_s: float = 15.0) -> None:
         """SIGTERM the running children (Flower's handler reports the task as stopped), SIGKILL after a grace."""
-        for pid in list(self.children):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout_s
-        while self.children and time.monotonic() < deadline:
-            self.reap()
-            time.sleep(0.05)
-        for pid in list(self.children):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_processes(list(self.children), grace_s=timeout_s)  # a zombie counts as ended; reaped (and logged) below
         while self.children:
             self.reap()
             time.sleep(0.01)

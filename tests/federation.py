@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -11,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from fedct.processes import pids_matching, process_tree, stop_processes
 from synthetic.hospitals import default_profiles, write_federation
+
+__all__ = ["TINY_RUN_CONFIG", "pids_matching", "process_tree", "stop_pids", "tiny_federation", "wait_until"]
 
 #: Run settings that keep a federated test round to seconds on 2 CPU cores.
 TINY_RUN_CONFIG = {
@@ -30,46 +31,9 @@ def tiny_federation(root: Path, *, sites: int = 2, patients_per_site: int = 8, s
     return root
 
 
-def pids_matching(*needles: str) -> list[int]:
-    """PIDs of processes whose command line contains every needle (read from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if all(n in cmdline for n in needles) and int(entry.name) != os.getpid():
-            found.append(int(entry.name))
-    return found
-
-
 def stop_pids(pids: list[int], *, timeout: float = 15.0) -> None:
-    """SIGTERM, wait, then SIGKILL whatever is left."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.2)
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
-    except OSError:
-        return False
-    return state != "Z"
+    """SIGTERM, wait, then SIGKILL whatever is left (fedct.processes, the one stop helper)."""
+    stop_processes(list(pids), grace_s=timeout)
 
 
 def wait_until(condition: Callable[[], object], *, timeout: float, what: str, poll: float = 0.5) -> object:

@@ -20,14 +20,18 @@ from flwr.common.config import parse_config_args
 from fedct.certs import write_consortium
 from fedct.cli import main
 from fedct import deploy
+from fedct.deploy import supervisor as deploy_supervisor
 from fedct.deploy import (
     DeployError,
     ExecutorSupervisor,
     ServerEnv,
+    TlsFiles,
     check_tls,
     ensure_server_secret,
     ensure_superexec_secret,
     executor_command,
+    flower_superlink,
+    flower_supernode,
     node_config_arg,
     proxy_config,
     run_config_for,
@@ -35,8 +39,10 @@ from fedct.deploy import (
     superlink_command,
     supernode_command,
     supernode_env,
+    warm_executor,
     write_flwr_home,
 )
+from fl_client.approval import allow_list_value
 from fl_client.config import SiteConfig
 from fl_client.executor import ExecutorConfig
 from fl_client.executor import parse_args as executor_args
@@ -238,6 +244,49 @@ def test_flwr_home_names_one_tls_connection(tmp_path, pki):
     assert config["superlink"]["consortium"] == {"address": "127.0.0.1:9555", "root-certificates": str(pki / "ca" / "ca.crt")}
 
 
+def test_flwr_home_without_a_ca_is_insecure(tmp_path):
+    """The local benchmarks' deployment (bench/deployment.py) runs without TLS; fedct itself always passes the CA."""
+    home = write_flwr_home(tmp_path / "home", address="127.0.0.1:9555", ca_cert=None)
+    assert tomllib.loads((home / "config.toml").read_text())["superlink"]["consortium"] == {"address": "127.0.0.1:9555",
+                                                                                           "insecure": True}
+
+
+def test_malformed_server_env_names_the_file_and_line(server_env):
+    """The server env file goes through fedct.envfile, the reader of every env file: same syntax, same errors."""
+    server_env.write_text(server_env.read_text() + "FEDCT_RUNS_DIR=again\n")
+    with pytest.raises(DeployError, match=f"{server_env}.*line 8"):
+        ServerEnv.from_file(server_env)
+    server_env.write_text("export FEDCT_SERVER_PORT=9555\nnot a setting\n")
+    with pytest.raises(DeployError, match=f"{server_env}.*line 2"):
+        ServerEnv.from_file(server_env)
+    with pytest.raises(DeployError, match="does not exist"):
+        ServerEnv.from_file(server_env.parent / "missing.env")
+
+
+def test_parameter_builders_match_the_env_file_builders(server_env, tmp_path, pki):
+    """bench/deployment.py starts its processes with the same builders fedct's own command lines are made of."""
+    env = ServerEnv.from_file(server_env)
+    tls = TlsFiles(env.ca_cert, env.server_cert, env.server_key)
+    assert superlink_command(env) == flower_superlink(port=env.superlink_port, database=env.database, tls=tls, node_auth=True,
+                                                      isolation="process", superexec_secret_file=env.superexec_secret_file)  # fmt: skip
+    insecure = flower_superlink(port=9000, database=":flwr-in-memory:")
+    assert "--insecure" in insecure and not any(a.startswith("--ssl") for a in insecure)
+    assert "--enable-supernode-auth" not in insecure and "--isolation" not in insecure
+    assert "--disable-runtime-dependency-installation" in insecure and insecure[-4:] == ["--host", "127.0.0.1", "--port", "9000"]
+    site = _site(tmp_path, pki)
+    assert supernode_command(site) == flower_supernode(
+        superlink=site.superlink, runtime_port=site.runtime_port, node_config=node_config_arg(site.node_config()),
+        ca_cert=site.ca_cert, auth_key=site.site_key, isolation="process", superexec_secret_file=site.superexec_secret_file)
+    node = flower_supernode(superlink="127.0.0.1:9000", runtime_port=9100, node_config='site-name="s0"')
+    assert "--insecure" in node and "--auth-supernode-private-key" not in node and "--isolation" not in node
+    assert executor_command(site, parent_pid=42) == warm_executor(
+        runtime_port=site.runtime_port, approved_apps=allow_list_value(site.approved_apps),
+        superexec_secret_file=site.superexec_secret_file, parent_pid=42)
+    bench = executor_args(warm_executor(runtime_port=9100, approved_apps="disabled-i-understand", poll_interval_s=0.2,
+                                        preload_app="fl_client.client_app")[3:])  # fmt: skip
+    assert bench.runtime_api_address == "127.0.0.1:9100" and bench.poll_interval_s == 0.2
+
+
 def test_supernode_command_carries_tls_auth_and_the_site_settings(tmp_path, pki):
     dicom = tmp_path / 'data "quoted"' / "dicom"
     dicom.mkdir(parents=True)
@@ -381,7 +430,7 @@ def _wait(condition, *, timeout: float = 60.0) -> None:
 
 
 def test_supervisor_restarts_a_dying_executor_a_bounded_number_of_times_then_stops_the_site(runtime_api, capfd, monkeypatch):
-    monkeypatch.setattr(deploy, "EXECUTOR_RESTART_DELAY_S", 0.05)
+    monkeypatch.setattr(deploy_supervisor, "EXECUTOR_RESTART_DELAY_S", 0.05)
     site, node, _ = runtime_api
     activated = threading.Event()
     activated.set()
@@ -399,7 +448,7 @@ def test_supervisor_restarts_a_dying_executor_a_bounded_number_of_times_then_sto
 
 
 def test_supervisor_stop_kills_an_executor_that_ignores_sigterm(runtime_api, capfd, monkeypatch):
-    monkeypatch.setattr(deploy, "EXECUTOR_STOP_GRACE_S", 0.5)
+    monkeypatch.setattr(deploy_supervisor, "EXECUTOR_STOP_GRACE_S", 0.5)
     site, node, _ = runtime_api
     activated = threading.Event()
     activated.set()
@@ -488,8 +537,9 @@ DRIVER = """
 import os, sys
 from pathlib import Path
 from fedct import deploy
+from fedct.deploy import supervisor
 from fl_client.site_env import SiteEnv
-deploy.ACTIVATION_RETRY_S = 0.2
+supervisor.ACTIVATION_RETRY_S = 0.2
 site = SiteEnv.from_file(Path(sys.argv[1]), check_cuda=False)
 node, executor = sys.argv[2:4]
 sys.exit(deploy.run_supernode(site, [sys.executable, node, str(site.runtime_port), sys.argv[4]], dict(os.environ),

@@ -31,7 +31,7 @@ def test_closure_follows_lazy_imports_and_leaves_out_what_the_apps_do_not_import
     assert {"fl_server/server_app.py", "fl_client/client_app.py"} <= closure
     assert app_entry_modules(ROOT) == ("fl_client.client_app", "fl_server.server_app")
     assert "fl_server/observe.py" in closure  # imported inside a function of the server's round loop
-    for outside in ("inference/review.py", "inference/report.py", "fedct/deploy.py", "fedct/cli.py", "fl_client/approval.py",
+    for outside in ("inference/review.py", "inference/report.py", "fedct/deploy/server.py", "fedct/cli.py", "fl_client/approval.py",
                     "fl_client/executor.py", "synthetic/phantom.py"):
         assert outside not in closure, outside
     assert not any(path.startswith("bench/") for path in closure)
@@ -63,7 +63,7 @@ def test_the_bundle_holds_exactly_the_closure(app_copy: Path) -> None:
 
 def test_editing_the_review_page_or_a_benchmark_keeps_the_hash_editing_training_changes_it(app_copy: Path) -> None:
     before = _hash(app_copy)
-    for name in ("inference/review.py", "inference/review_pages.py", "bench/cli.py", "fedct/deploy.py"):
+    for name in ("inference/review.py", "inference/review_pages.py", "bench/cli.py", "fedct/deploy/server.py"):
         with open(app_copy / name, "a", encoding="utf-8") as fh:
             fh.write("\n# an edit outside the apps' import closure\n")
     assert _hash(app_copy) == before
