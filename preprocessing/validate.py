@@ -25,6 +25,7 @@ from preprocessing.discover import (
     MULTI_FRAME_CT_SOP_CLASSES,
     InstanceHeader,
     Rejection,
+    file_states_fingerprint,
 )
 
 __all__ = [
@@ -78,6 +79,13 @@ class ValidatedSeries:
     #: frame). Empty when every path is a single-frame file.
     frames: tuple[int, ...] = ()
     AccessionNumber: str = ""
+    #: Read each file's header once: where the header pass found each slice's PixelData (same order as ``paths``),
+    #: the pixel format all slices share, and the fingerprint of the files' (path, size, mtime) the headers were read
+    #: from. The pixel pass reads the pixel bytes straight from there while the files are unchanged; empty when a
+    #: slice does not qualify (compressed, multi-frame, formats differing between slices): then it parses each file.
+    pixel_offsets: tuple[int, ...] = ()
+    pixel_format: tuple[tuple[str, int | float | str], ...] = ()
+    file_states: str = ""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -356,6 +364,7 @@ def validate_series(headers: Sequence[InstanceHeader], *, config: ValidationConf
         )
 
     first = ordered[0]
+    pixel_offsets, pixel_format, file_states = _pixel_plan(ordered)
     return ValidatedSeries(
         SeriesInstanceUID=first.SeriesInstanceUID,
         StudyInstanceUID=first.StudyInstanceUID,
@@ -371,4 +380,17 @@ def validate_series(headers: Sequence[InstanceHeader], *, config: ValidationConf
         dropped=tuple(dropped),
         frames=tuple(h.frame for h in ordered) if first.frame is not None else (),  # type: ignore[misc]
         AccessionNumber=first.AccessionNumber,
+        pixel_offsets=pixel_offsets,
+        pixel_format=pixel_format,
+        file_states=file_states,
     )
+
+
+def _pixel_plan(ordered: Sequence[InstanceHeader]) -> tuple[tuple[int, ...], tuple[tuple[str, int | float | str], ...], str]:
+    """What the pixel pass needs to skip parsing the headers again: every slice a single-frame file with a direct-read
+    offset and one pixel format for all; else nothing (the pixel pass parses each file)."""
+    first = ordered[0]
+    if first.pixel_offset < 0 or any(h.pixel_offset < 0 or h.pixel_format != first.pixel_format for h in ordered):
+        return (), (), ""
+    states = file_states_fingerprint([(h.path, h.file_size, h.file_mtime_ns) for h in ordered])
+    return tuple(h.pixel_offset for h in ordered), first.pixel_format, states
