@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from pydicom.pixels import get_decoder
@@ -35,6 +36,8 @@ __all__ = [
     "SeriesInvalid",
     "ValidatedSeries",
     "ValidationConfig",
+    "as_series",
+    "series_to_dict",
     "slice_normal",
     "validate_series",
 ]
@@ -394,3 +397,34 @@ def _pixel_plan(ordered: Sequence[InstanceHeader]) -> tuple[tuple[int, ...], tup
         return (), (), ""
     states = file_states_fingerprint([(h.path, h.file_size, h.file_mtime_ns) for h in ordered])
     return tuple(h.pixel_offset for h in ordered), first.pixel_format, states
+
+
+def as_series(value: ValidatedSeries | Mapping[str, Any]) -> ValidatedSeries:
+    """Accept a :class:`ValidatedSeries` or its ``asdict`` form (what datasets and manifests carry)."""
+    if isinstance(value, ValidatedSeries):
+        return value
+    fields = dict(value)
+    fields["dropped"] = ()
+    for key in ("paths", "PixelSpacing", "ImageOrientationPatient", "first_position", "transfer_syntaxes"):
+        fields[key] = tuple(fields[key])
+    fields["frames"] = tuple(int(f) for f in fields.get("frames", ()))
+    fields["pixel_offsets"] = tuple(int(o) for o in fields.get("pixel_offsets", ()))
+    fields["pixel_format"] = tuple((str(k), v) for k, v in fields.get("pixel_format", ()))
+    return ValidatedSeries(**fields)
+
+
+def series_to_dict(series: ValidatedSeries) -> dict[str, Any]:
+    """JSON-friendly form of a :class:`ValidatedSeries` (dropped-file records left out).
+
+    Sequences are lists, as ``manifest.json`` reads them back: the dataset cache key hashes this dict,
+    so the form ingestion caches under must equal the form training loads. ``frames`` is written only for
+    a multi-frame series, so that single-frame series keep the dict (and cache key) they had before it existed.
+    """
+    d = asdict(series)
+    d["dropped"] = []
+    for key in ("frames", "pixel_offsets", "pixel_format", "file_states"):
+        if not d[key]:  # absent when empty: the dict (and cache key) of such a series stays what it was
+            del d[key]
+    if "pixel_format" in d:
+        d["pixel_format"] = [list(pair) for pair in d["pixel_format"]]
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in d.items()}

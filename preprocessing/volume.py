@@ -10,7 +10,7 @@ position and rescale. Padding pixels (PixelPaddingValue / PixelPaddingRangeLimit
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, Uncompresse
 from threadpoolctl import threadpool_limits
 
 from preprocessing.discover import file_state_fingerprint, frame_functional_item, read_dicom
-from preprocessing.validate import SeriesInvalid, ValidatedSeries, slice_normal
+from preprocessing.validate import SeriesInvalid, ValidatedSeries, as_series, series_to_dict, slice_normal  # noqa: F401
 
 #: LPS (DICOM patient space) -> RAS (MONAI's default world space).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -558,34 +558,3 @@ class LoadResampledCTd(MapTransform, InvertibleTransform):
                     spatial_size=[int(n) for n in transform[TraceKeys.ORIG_SIZE]],
                 )
         return d
-
-
-def as_series(value: ValidatedSeries | Mapping[str, Any]) -> ValidatedSeries:
-    """Accept a :class:`ValidatedSeries` or its ``asdict`` form (what datasets and manifests carry)."""
-    if isinstance(value, ValidatedSeries):
-        return value
-    fields = dict(value)
-    fields["dropped"] = ()
-    for key in ("paths", "PixelSpacing", "ImageOrientationPatient", "first_position", "transfer_syntaxes"):
-        fields[key] = tuple(fields[key])
-    fields["frames"] = tuple(int(f) for f in fields.get("frames", ()))
-    fields["pixel_offsets"] = tuple(int(o) for o in fields.get("pixel_offsets", ()))
-    fields["pixel_format"] = tuple((str(k), v) for k, v in fields.get("pixel_format", ()))
-    return ValidatedSeries(**fields)
-
-
-def series_to_dict(series: ValidatedSeries) -> dict[str, Any]:
-    """JSON-friendly form of a :class:`ValidatedSeries` (dropped-file records left out).
-
-    Sequences are lists, as ``manifest.json`` reads them back: the dataset cache key hashes this dict,
-    so the form ingestion caches under must equal the form training loads. ``frames`` is written only for
-    a multi-frame series, so that single-frame series keep the dict (and cache key) they had before it existed.
-    """
-    d = asdict(series)
-    d["dropped"] = []
-    for key in ("frames", "pixel_offsets", "pixel_format", "file_states"):
-        if not d[key]:  # absent when empty: the dict (and cache key) of such a series stays what it was
-            del d[key]
-    if "pixel_format" in d:
-        d["pixel_format"] = [list(pair) for pair in d["pixel_format"]]
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in d.items()}
