@@ -170,7 +170,7 @@ def _run_arm(arm: str, folders: list[str], dicom_root: str, site_dir: str, queue
         cpu0 = _cpu_seconds()
         if arm == "c_fedct_ingest":
             from preprocessing.ingest import ingest_site
-            from preprocessing.transforms import PipelineConfig
+            from preprocessing.pipeline import PipelineConfig
 
             startup = time.perf_counter() - t0
             manifest = ingest_site(Path(dicom_root), Path(site_dir), pipeline=PipelineConfig(target_spacing_mm=SPACING_MM,

@@ -33,7 +33,7 @@ def _ingest(args: argparse.Namespace) -> int:
     from preprocessing.ingest import REPORT_NAME, ingest_site
     from preprocessing.labels import LabelsError
     from preprocessing.pacs import PacsError, pull_for_ingest
-    from preprocessing.transforms import PipelineConfig
+    from preprocessing.pipeline import PipelineConfig  # torch-free: workers import torch, see ingest.pool_context
 
     try:
         pipeline = PipelineConfig(

@@ -14,7 +14,6 @@ used caches of *other* pipelines until all caches together fit; the cache in use
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -27,11 +26,14 @@ from monai.data import PersistentDataset
 from monai.transforms import Compose
 from torch.utils.data import Dataset
 
+from preprocessing.discover import file_state_fingerprint
 from preprocessing.transforms import PipelineConfig, deterministic_transforms, random_transforms
 
 CACHE_FOLDER = "cache"
 #: Prefix of the marker touched whenever a pipeline's cache is used (least-recently-used order for :func:`prune_caches`).
 LAST_USED = ".last-used-"
+
+__all__ = ["file_state_fingerprint", "make_dataset", "prune_caches", "StudyDataset"]  # file_state_fingerprint: from discover
 
 log = logging.getLogger("fedct.cache")
 
@@ -108,15 +110,6 @@ def prune_caches(site_dir: Path, *, keep: PipelineConfig, max_bytes: int) -> lis
         log.warning("the preprocessing cache in use (%s) holds %.2f GB, over the cap of %.2f GB (FEDCT_CACHE_MAX_GB); "
                     "it is kept while in use", current, sizes.get(current, 0) / 1e9, max_bytes / 1e9)  # fmt: skip
     return removed
-
-
-def file_state_fingerprint(paths: Sequence[str]) -> str:
-    """Hash of (path, size, mtime) of each file: changes when any file is replaced or edited."""
-    digest = hashlib.sha256()
-    for path in paths:
-        stat = Path(path).stat()
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:24]
 
 
 class StudyDataset(Dataset):

@@ -19,10 +19,12 @@ An Enhanced CT file gives one :class:`InstanceHeader` per frame, with the frame'
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,23 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+#: Transfer syntaxes whose pixel data the pixel pass can read straight from the file at the offset the header pass
+#: found (native, not deflated: the offset of a deflated file is one in the inflated stream).
+DIRECT_READ_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian})
+#: Attributes of the Image Pixel module and the modality LUT the pixel pass needs, kept from the header pass.
+PIXEL_FORMAT_KEYWORDS = (
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "RescaleSlope",
+    "RescaleIntercept",
+)
+#: Optional attributes kept with them when present (padding pixels become air).
+PIXEL_PADDING_KEYWORDS = ("PixelPaddingValue", "PixelPaddingRangeLimit")
 
 #: Names that are routinely found next to DICOM exports and are not images (skipped unread).
 NON_IMAGE_NAMES = frozenset({"DICOMDIR", "LOCKFILE", "VERSION", "labels.csv"})
@@ -84,6 +103,12 @@ class InstanceHeader:
     StackID: str = ""  # FrameContentSequence of a multi-frame file: which stack ...
     TemporalPositionIndex: int | None = None  # ... and which time point the frame belongs to
     AccessionNumber: str = ""  # links a study to labels.csv when the site keys labels by accession
+    #: Byte offset of the PixelData element in the file (as the header pass found it), -1 when the pixel pass must
+    #: parse the file again (compressed or deflated data, multi-frame files, a format the direct read does not take).
+    pixel_offset: int = -1
+    #: ``(keyword, value)`` of :data:`PIXEL_FORMAT_KEYWORDS` (+ padding when present): what the pixel pass needs to
+    #: turn the bytes at ``pixel_offset`` into HU without parsing the header again; () when ``pixel_offset`` is -1.
+    pixel_format: tuple[tuple[str, int | float | str], ...] = ()
 
     @property
     def where(self) -> str:
@@ -135,23 +160,84 @@ def read_dicom(path: str | Path, *, stop_before_pixels: bool = False) -> Dataset
     is raised. When the File Meta has no TransferSyntaxUID (always so without File Meta) it is set to the
     encoding pydicom detected, so that the pixel data can be decoded.
     """
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-    except InvalidDicomError:
+    return read_dicom_header(path)[0] if stop_before_pixels else _read_dicom(path, stop_before_pixels=False)[0]
+
+
+def read_dicom_header(path: str | Path) -> tuple[Dataset, int]:
+    """The header (:func:`read_dicom` with ``stop_before_pixels``) and the byte offset where parsing stopped: the start
+    of the PixelData element when the file has one (pydicom rewinds to it), else the end of the file."""
+    return _read_dicom(path, stop_before_pixels=True)
+
+
+def _read_dicom(path: str | Path, *, stop_before_pixels: bool) -> tuple[Dataset, int]:
+    with open(path, "rb") as fh:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # pydicom warns about every oddity of a non-DICOM file
-                ds = pydicom.dcmread(
-                    path, stop_before_pixels=stop_before_pixels, force=True, defer_size=4096 if stop_before_pixels else None
-                )
-                sop_class = UID(str(ds["SOPClassUID"].value)) if "SOPClassUID" in ds else None
-        except Exception as exc:  # whatever a non-DICOM file makes the parser do
-            raise InvalidDicomError(f"not DICOM, even read without File Meta: {type(exc).__name__}") from exc
-        if sop_class is None or not sop_class.is_valid:
-            raise InvalidDicomError("no DICM preamble or File Meta, and no SOPClassUID when read anyway") from None
+            ds = pydicom.dcmread(fh, stop_before_pixels=stop_before_pixels)
+        except InvalidDicomError:
+            fh.seek(0)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # pydicom warns about every oddity of a non-DICOM file
+                    ds = pydicom.dcmread(
+                        fh, stop_before_pixels=stop_before_pixels, force=True, defer_size=4096 if stop_before_pixels else None
+                    )
+                    sop_class = UID(str(ds["SOPClassUID"].value)) if "SOPClassUID" in ds else None
+            except Exception as exc:  # whatever a non-DICOM file makes the parser do
+                raise InvalidDicomError(f"not DICOM, even read without File Meta: {type(exc).__name__}") from exc
+            if sop_class is None or not sop_class.is_valid:
+                raise InvalidDicomError("no DICM preamble or File Meta, and no SOPClassUID when read anyway") from None
+        position = fh.tell()
     if "TransferSyntaxUID" not in ds.file_meta:
         ds.file_meta.TransferSyntaxUID = _inferred_transfer_syntax(ds)
-    return ds
+    return ds, position
+
+
+def _pixel_location(ds: Dataset, position: int) -> tuple[int, tuple[tuple[str, int | float | str], ...]]:
+    """``(pixel_offset, pixel_format)`` of a single-frame file whose pixels the pixel pass can read directly,
+    else ``(-1, ())``: only native monochrome data of 8/16/32 bits with RescaleSlope/Intercept (no Modality LUT
+    Sequence) qualifies; anything else is parsed again by the pixel pass, with all its checks."""
+    if str(ds.file_meta.TransferSyntaxUID) not in DIRECT_READ_SYNTAXES or "ModalityLUTSequence" in ds:
+        return -1, ()
+    try:
+        values: dict[str, int | float | str] = {}
+        for keyword in PIXEL_FORMAT_KEYWORDS:
+            value = ds.get(keyword)
+            if value in (None, ""):
+                return -1, ()
+            if keyword == "PhotometricInterpretation":
+                values[keyword] = str(value).strip()
+            elif keyword in ("RescaleSlope", "RescaleIntercept"):
+                values[keyword] = float(value)
+            else:
+                values[keyword] = int(value)
+        for keyword in PIXEL_PADDING_KEYWORDS:
+            if ds.get(keyword) not in (None, ""):
+                values[keyword] = int(ds[keyword].value)
+    except (TypeError, ValueError):
+        return -1, ()
+    if values["BitsAllocated"] not in (8, 16, 32) or values["SamplesPerPixel"] != 1 or int(ds.get("NumberOfFrames") or 1) != 1:
+        return -1, ()
+    if not 1 <= int(values["BitsStored"]) <= int(values["BitsAllocated"]) or values["PixelRepresentation"] not in (0, 1):
+        return -1, ()
+    return position, tuple(values.items())
+
+
+def file_state_fingerprint(paths: Sequence[str]) -> str:
+    """Hash of (path, size, mtime) of each file: changes when any file is replaced or edited."""
+    return file_states_fingerprint([(path, *_state(path)) for path in paths])
+
+
+def _state(path: str) -> tuple[int, int]:
+    stat = Path(path).stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def file_states_fingerprint(states: Sequence[tuple[str, int, int]]) -> str:
+    """:func:`file_state_fingerprint` of ``(path, size, mtime_ns)`` already known (e.g. from the header pass)."""
+    digest = hashlib.sha256()
+    for path, size, mtime_ns in states:
+        digest.update(f"{path}\0{size}\0{mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
 
 
 def _sop_class_name(uid: str) -> str:
@@ -271,7 +357,7 @@ def _read(path: Path, root: Path) -> tuple[tuple[InstanceHeader, ...] | Rejectio
     """Headers of one file, or its rejection, with the SeriesInstanceUID (\"\" if unknown) to group rejections by."""
     rel = str(path.relative_to(root))
     try:
-        ds = read_dicom(path, stop_before_pixels=True)
+        ds, position = read_dicom_header(path)
     except InvalidDicomError:
         return Rejection(rel, "not_dicom", "not a DICOM file (no DICM preamble or File Meta, and no SOPClassUID)"), ""
     except Exception as exc:  # pydicom raises many types for damaged files
@@ -299,6 +385,9 @@ def _read(path: Path, root: Path) -> tuple[tuple[InstanceHeader, ...] | Rejectio
             ImageType=_image_type(ds.get("ImageType")),
             RescaleType=str(ds.get("RescaleType") or "").strip(),
         )
+        offset, pixel_format = _pixel_location(ds, position)
+        if offset >= 0:
+            header = dataclasses.replace(header, pixel_offset=offset, pixel_format=pixel_format)
         return (header,), series
     except (TypeError, ValueError, IndexError, AttributeError, KeyError) as exc:
         return Rejection(rel, "unreadable", f"malformed attribute: {type(exc).__name__}: {exc}"), ""

@@ -14,6 +14,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -21,14 +22,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preprocessing.cache import file_state_fingerprint, make_dataset
 from preprocessing.deid import Pseudonymizer, load_or_create_site_key
-from preprocessing.discover import Rejection, discover, iter_files
+from preprocessing.discover import Rejection, discover, file_state_fingerprint, iter_files
 from preprocessing.labels import DIAGNOSES, Labels, StudyLabel, read_labels
+from preprocessing.pipeline import PipelineConfig
 from preprocessing.split import SplitConfig, assign_splits
-from preprocessing.transforms import PipelineConfig
-from preprocessing.validate import SeriesInvalid, ValidatedSeries, ValidationConfig, validate_series
-from preprocessing.volume import as_series, read_hu_volume, series_to_dict
+from preprocessing.validate import SeriesInvalid, ValidatedSeries, ValidationConfig, as_series, series_to_dict, validate_series
+
+# torch + MONAI (2.5 s of one idle core to import, more under load) are imported by the workers only: this module plans
+# (discovery, validation, pseudonyms, split) without them; see pool_context.
+#: Modules the pool's workers need; a fork server loads them while the main process discovers and validates.
+WORKER_MODULES = ("preprocessing.cache", "preprocessing.volume")
 
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "ingest_report.json"
@@ -127,6 +131,8 @@ def export_nifti(item: dict[str, Any], folder: Path) -> Path:
     """
     import nibabel as nib
 
+    from preprocessing.volume import read_hu_volume
+
     path = Path(folder) / f"{item['id']}.nii.gz"
     stamp = f"fedct {item['content']}"
     if path.is_file():
@@ -150,6 +156,8 @@ def _cache_one(args: tuple[dict[str, Any], PipelineConfig, str, str | None]) -> 
     """Worker: compute and cache the deterministic pipeline for one item (and export its HU volume when asked);
     return (id, reason, message, path)."""
     item, pipeline, site_dir, export_dir = args
+    from preprocessing.cache import make_dataset
+
     try:
         make_dataset([item], pipeline, Path(site_dir), augment=False)[0]
         if export_dir is not None:
@@ -173,11 +181,25 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def pool_context() -> multiprocessing.context.BaseContext | None:
-    """Start workers by ``fork`` where the OS has it: they inherit the parent's imported torch + MONAI (2.4 CPU-s
-    per process to import again). Under ``spawn`` (the default inside a spawned process, on macOS) or Python 3.14's
-    ``forkserver`` every worker would import them afresh. None (the default) elsewhere."""
-    return multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+def pool_context(*, start: bool = False) -> multiprocessing.context.BaseContext | None:
+    """How the worker pool starts its processes, so that torch + MONAI are imported once, not per worker.
+
+    When this process has imported torch already (training, inference, tests), workers are forked from it and
+    inherit the modules. When it has not (``fedct ingest``, a fresh process), a fork server preloads
+    :data:`WORKER_MODULES` in a process of its own and the workers are forked from it: the import runs on the other
+    core while this process discovers and validates (``start=True`` starts it now), instead of before discovery.
+    Under a plain ``spawn`` every worker would import them afresh. None where neither start method exists.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    if "torch" not in sys.modules and "forkserver" in methods:
+        from multiprocessing import forkserver
+
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(list(WORKER_MODULES))  # no effect on a fork server that already runs
+        if start:
+            forkserver.ensure_running()
+        return context
+    return multiprocessing.get_context("fork") if "fork" in methods else None
 
 
 def ingest_site(
@@ -209,6 +231,7 @@ def ingest_site(
     if not os.access(site_dir, os.W_OK):
         raise PermissionError(f"site folder is not writable: {site_dir}")
 
+    context = pool_context(start=True)  # workers' imports overlap discovery and validation
     pseudonym = Pseudonymizer(load_or_create_site_key(site_dir))
     labels = read_labels(labels_csv) if labels_csv is not None else Labels()
     fingerprint = input_fingerprint(dicom_dir, labels_csv, pipeline, split)
@@ -293,7 +316,7 @@ def ingest_site(
     export_dir = str(site_dir / NIFTI_FOLDER) if export_hu else None
     jobs = [(e.item(), pipeline, str(site_dir), export_dir) for e in entries]
     if jobs:
-        with ProcessPoolExecutor(max_workers=max(1, workers), initializer=_worker_init, mp_context=pool_context()) as pool:
+        with ProcessPoolExecutor(max_workers=max(1, workers), initializer=_worker_init, mp_context=context) as pool:
             results = pool.map(_cache_one, jobs)
             if progress:
                 from tqdm import tqdm

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from pydicom.pixels import get_decoder
@@ -25,6 +26,7 @@ from preprocessing.discover import (
     MULTI_FRAME_CT_SOP_CLASSES,
     InstanceHeader,
     Rejection,
+    file_states_fingerprint,
 )
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "SeriesInvalid",
     "ValidatedSeries",
     "ValidationConfig",
+    "as_series",
+    "series_to_dict",
     "slice_normal",
     "validate_series",
 ]
@@ -78,6 +82,13 @@ class ValidatedSeries:
     #: frame). Empty when every path is a single-frame file.
     frames: tuple[int, ...] = ()
     AccessionNumber: str = ""
+    #: Read each file's header once: where the header pass found each slice's PixelData (same order as ``paths``),
+    #: the pixel format all slices share, and the fingerprint of the files' (path, size, mtime) the headers were read
+    #: from. The pixel pass reads the pixel bytes straight from there while the files are unchanged; empty when a
+    #: slice does not qualify (compressed, multi-frame, formats differing between slices): then it parses each file.
+    pixel_offsets: tuple[int, ...] = ()
+    pixel_format: tuple[tuple[str, int | float | str], ...] = ()
+    file_states: str = ""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -356,6 +367,7 @@ def validate_series(headers: Sequence[InstanceHeader], *, config: ValidationConf
         )
 
     first = ordered[0]
+    pixel_offsets, pixel_format, file_states = _pixel_plan(ordered)
     return ValidatedSeries(
         SeriesInstanceUID=first.SeriesInstanceUID,
         StudyInstanceUID=first.StudyInstanceUID,
@@ -371,4 +383,48 @@ def validate_series(headers: Sequence[InstanceHeader], *, config: ValidationConf
         dropped=tuple(dropped),
         frames=tuple(h.frame for h in ordered) if first.frame is not None else (),  # type: ignore[misc]
         AccessionNumber=first.AccessionNumber,
+        pixel_offsets=pixel_offsets,
+        pixel_format=pixel_format,
+        file_states=file_states,
     )
+
+
+def _pixel_plan(ordered: Sequence[InstanceHeader]) -> tuple[tuple[int, ...], tuple[tuple[str, int | float | str], ...], str]:
+    """What the pixel pass needs to skip parsing the headers again: every slice a single-frame file with a direct-read
+    offset and one pixel format for all; else nothing (the pixel pass parses each file)."""
+    first = ordered[0]
+    if first.pixel_offset < 0 or any(h.pixel_offset < 0 or h.pixel_format != first.pixel_format for h in ordered):
+        return (), (), ""
+    states = file_states_fingerprint([(h.path, h.file_size, h.file_mtime_ns) for h in ordered])
+    return tuple(h.pixel_offset for h in ordered), first.pixel_format, states
+
+
+def as_series(value: ValidatedSeries | Mapping[str, Any]) -> ValidatedSeries:
+    """Accept a :class:`ValidatedSeries` or its ``asdict`` form (what datasets and manifests carry)."""
+    if isinstance(value, ValidatedSeries):
+        return value
+    fields = dict(value)
+    fields["dropped"] = ()
+    for key in ("paths", "PixelSpacing", "ImageOrientationPatient", "first_position", "transfer_syntaxes"):
+        fields[key] = tuple(fields[key])
+    fields["frames"] = tuple(int(f) for f in fields.get("frames", ()))
+    fields["pixel_offsets"] = tuple(int(o) for o in fields.get("pixel_offsets", ()))
+    fields["pixel_format"] = tuple((str(k), v) for k, v in fields.get("pixel_format", ()))
+    return ValidatedSeries(**fields)
+
+
+def series_to_dict(series: ValidatedSeries) -> dict[str, Any]:
+    """JSON-friendly form of a :class:`ValidatedSeries` (dropped-file records left out).
+
+    Sequences are lists, as ``manifest.json`` reads them back: the dataset cache key hashes this dict,
+    so the form ingestion caches under must equal the form training loads. ``frames`` is written only for
+    a multi-frame series, so that single-frame series keep the dict (and cache key) they had before it existed.
+    """
+    d = asdict(series)
+    d["dropped"] = []
+    for key in ("frames", "pixel_offsets", "pixel_format", "file_states"):
+        if not d[key]:  # absent when empty: the dict (and cache key) of such a series stays what it was
+            del d[key]
+    if "pixel_format" in d:
+        d["pixel_format"] = [list(pair) for pair in d["pixel_format"]]
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in d.items()}

@@ -10,7 +10,7 @@ position and rescale. Padding pixels (PixelPaddingValue / PixelPaddingRangeLimit
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,13 +19,13 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform, MapTransform
 from monai.utils import MetaKeys, SpaceKeys, TraceKeys
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import UncompressedTransferSyntaxes
+from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, UncompressedTransferSyntaxes
 from threadpoolctl import threadpool_limits
 
-from preprocessing.discover import frame_functional_item, read_dicom
-from preprocessing.validate import SeriesInvalid, ValidatedSeries, slice_normal
+from preprocessing.discover import file_state_fingerprint, frame_functional_item, read_dicom
+from preprocessing.validate import SeriesInvalid, ValidatedSeries, as_series, series_to_dict, slice_normal  # noqa: F401
 
 #: LPS (DICOM patient space) -> RAS (MONAI's default world space).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -104,6 +104,76 @@ def _decode(path: str, series: ValidatedSeries) -> _Decoded:
             path,
         )
     return _Decoded(ds, pixels)
+
+
+def _direct_reader(series: ValidatedSeries) -> Dataset | None:
+    """For a series whose headers were read once (``pixel_offsets``) and whose files are unchanged since: a small
+    dataset holding the shared pixel format (what :func:`_decode_direct` and the HU steps read); else None."""
+    if not series.pixel_offsets or series.frames or len(series.pixel_offsets) != len(series.paths):
+        return None
+    try:
+        if file_state_fingerprint(series.paths) != series.file_states:
+            return None  # a file changed since validation: parse each again, with every check
+    except OSError:
+        return None  # a file vanished: the full read names it
+    syntaxes = set(series.transfer_syntaxes)
+    if len(syntaxes) != 1:
+        return None
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntaxes.pop()
+    ds.Rows, ds.Columns = series.Rows, series.Columns
+    for keyword, value in series.pixel_format:
+        setattr(ds, keyword, value)
+    return ds
+
+
+def _decode_direct(path: str, offset: int, fmt: Dataset) -> _Decoded | None:
+    """The stored values of a single-frame native file read at the PixelData ``offset`` the header pass found,
+    without parsing the header again (the same values pydicom's ``pixel_array`` gives: reduced to BitsStored,
+    sign-extended). None when the bytes there are not what was expected (the caller then parses the file, which
+    names the problem: truncation, encapsulated data...)."""
+    syntax = str(fmt.file_meta.TransferSyntaxUID)
+    endian = ">" if syntax == ExplicitVRBigEndian else "<"
+    bits, stored = int(fmt.BitsAllocated), int(fmt.BitsStored)
+    needed = int(fmt.Rows) * int(fmt.Columns) * bits // 8
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            head = fh.read(12)
+            if len(head) < 8:
+                return None
+            group, element = np.frombuffer(head[:4], dtype=f"{endian}u2")
+            if (int(group), int(element)) != (0x7FE0, 0x0010):
+                return None
+            if syntax == ImplicitVRLittleEndian:
+                length, skip = int(np.frombuffer(head[4:8], dtype="<u4")[0]), 8
+            elif head[4:6] in (b"OB", b"OW", b"OD", b"OF", b"OL", b"OV", b"UN"):
+                if len(head) < 12:
+                    return None
+                length, skip = int(np.frombuffer(head[8:12], dtype=f"{endian}u4")[0]), 12
+            else:
+                return None
+            if length == 0xFFFFFFFF or length < needed:
+                return None
+            fh.seek(offset + skip)
+            raw = fh.read(needed)
+    except OSError:
+        return None
+    if len(raw) < needed:
+        return None
+    signed = int(fmt.PixelRepresentation) == 1
+    dtype = np.dtype(f"{endian}{'i' if signed else 'u'}{bits // 8}")
+    pixels = np.frombuffer(raw, dtype=dtype).reshape(1, int(fmt.Rows), int(fmt.Columns)).astype(dtype.newbyteorder("="))
+    if stored < bits:
+        shift = bits - stored
+        if signed:  # sign-extend from BitsStored, as pydicom does
+            pixels <<= shift
+            pixels >>= shift
+        else:
+            pixels &= (1 << stored) - 1
+    fmt.PixelData = raw  # the raw words, for a padding value outside BitsStored (see _padding_mask)
+    return _Decoded(fmt, pixels)
 
 
 def _frame_source(decoded: _Decoded, frame: int | None, path: str, what: str, sequence: str) -> Dataset:
@@ -188,7 +258,20 @@ def _hu_slices(
     origin_along = float(np.dot(series.first_position, normal))
     frames: tuple[int | None, ...] = series.frames or (None,) * len(series.paths)
     multi_frame: dict[str, _Decoded] = {}
+    direct = _direct_reader(series)
+    block = None if rows is None or columns is None else np.ix_(rows, columns)
     for k, (path, frame) in enumerate(zip(series.paths, frames)):
+        fast = _decode_direct(path, series.pixel_offsets[k], direct) if direct is not None else None
+        if fast is not None:
+            # The header this slice was validated with is the file's current one (same size and mtime): its position
+            # and rescale were checked then; only the pixels are new.
+            stored = fast.pixels[0] if block is None else fast.pixels[0][block]
+            hu = _modality_lut(stored, fast.ds)
+            padding = _padding_mask(fast, 0, path)
+            if padding is not None:
+                hu[padding if block is None else padding[block]] = AIR_HU
+            yield k, hu
+            continue
         if frame is None:
             multi_frame.clear()
             decoded = _decode(path, series)
@@ -216,7 +299,6 @@ def _hu_slices(
             raise SeriesInvalid(
                 "missing_attribute", f"{where}{', '.join(missing)} missing: stored values cannot be converted to HU", path
             )
-        block = None if rows is None or columns is None else np.ix_(rows, columns)
         stored = decoded.pixels[index] if block is None else decoded.pixels[index][block]
         hu = _modality_lut(stored, rescale)
         padding = _padding_mask(decoded, index, path)
@@ -476,29 +558,3 @@ class LoadResampledCTd(MapTransform, InvertibleTransform):
                     spatial_size=[int(n) for n in transform[TraceKeys.ORIG_SIZE]],
                 )
         return d
-
-
-def as_series(value: ValidatedSeries | Mapping[str, Any]) -> ValidatedSeries:
-    """Accept a :class:`ValidatedSeries` or its ``asdict`` form (what datasets and manifests carry)."""
-    if isinstance(value, ValidatedSeries):
-        return value
-    fields = dict(value)
-    fields["dropped"] = ()
-    for key in ("paths", "PixelSpacing", "ImageOrientationPatient", "first_position", "transfer_syntaxes"):
-        fields[key] = tuple(fields[key])
-    fields["frames"] = tuple(int(f) for f in fields.get("frames", ()))
-    return ValidatedSeries(**fields)
-
-
-def series_to_dict(series: ValidatedSeries) -> dict[str, Any]:
-    """JSON-friendly form of a :class:`ValidatedSeries` (dropped-file records left out).
-
-    Sequences are lists, as ``manifest.json`` reads them back: the dataset cache key hashes this dict,
-    so the form ingestion caches under must equal the form training loads. ``frames`` is written only for
-    a multi-frame series, so that single-frame series keep the dict (and cache key) they had before it existed.
-    """
-    d = asdict(series)
-    d["dropped"] = []
-    if not d["frames"]:
-        del d["frames"]
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in d.items()}

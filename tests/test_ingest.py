@@ -20,6 +20,7 @@ from preprocessing.ingest import (
     StudyEntry,
     ingest_site,
     load_manifest,
+    pool_context,
     prepare_site,
 )
 from preprocessing.labels import DIAGNOSES
@@ -454,3 +455,39 @@ def test_labels_keyed_by_accession_number(make_series, tmp_path):
     report = json.loads((tmp_path / "site" / "ingest_report.json").read_text())
     assert [(r["reason"], r["message"]) for r in report["rejected"]] == [("no_label", "AccessionNumber not found in the labels file")]
     assert "ACC-1" not in json.dumps(report)
+
+
+# --- torch + MONAI imported by the workers, while the main process discovers -----------------------------------
+
+
+def test_a_fresh_process_ingests_without_importing_torch_itself(tmp_path, series_writer):
+    # `fedct ingest` starts without torch: the fork server imports it for the workers while discovery runs.
+    import subprocess
+    import sys
+
+    root = tmp_path / "dicom"
+    series_writer(root / "a", seed=1)
+    series_writer(root / "b", seed=2)
+    script = (
+        "import sys, json\n"
+        "from pathlib import Path\n"
+        "from preprocessing.ingest import ingest_site, pool_context\n"
+        "from preprocessing.pipeline import PipelineConfig\n"
+        "method = pool_context().get_start_method()\n"
+        f"m = ingest_site(Path({str(root)!r}), Path({str(tmp_path / 'site')!r}), "
+        "pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(4.0, 4.0, 4.0)), workers=2)\n"
+        "print(json.dumps({'studies': len(m.studies), 'torch': 'torch' in sys.modules, 'method': method}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, check=False)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"studies": 2, "torch": False, "method": "forkserver"}
+    assert len([p for p in cache_dir_for(tmp_path / "site", SMALL).rglob("*.pt")]) == 2
+
+
+def test_a_process_with_torch_forks_its_workers():
+    import torch  # noqa: F401 - this process has it, as training and inference do
+
+    assert pool_context().get_start_method() == "fork"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -790,3 +791,133 @@ def test_grid_that_is_not_a_scaled_permutation_falls_back_to_monai(dicom_root, m
     np.testing.assert_array_equal(slow.affine, fast.affine)
     np.testing.assert_allclose(slow.volume, fast.volume, atol=1e-3)
     np.testing.assert_array_equal(slow.hu, read_hu_volume(series)[0])
+
+
+# --- each header read once -------------------------------------------------------------------------------------
+
+
+def _parsed_paths(monkeypatch) -> list[str]:
+    """Record every file pydicom parses (a path or an open file's name) from now on."""
+    parsed: list[str] = []
+    real = pydicom.dcmread
+
+    def counting(fp, *args, **kwargs):
+        parsed.append(str(getattr(fp, "name", fp)))
+        return real(fp, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    return parsed
+
+
+def test_each_header_is_parsed_once_from_discovery_to_the_model_grid(make_series, dicom_root, monkeypatch):
+    s = make_series("a", n_slices=12, rescale_intercept=-1024.0)
+    parsed = _parsed_paths(monkeypatch)
+
+    series = _validated(dicom_root)
+    assert sorted(parsed) == sorted(str(p) for p in s.paths)  # the header pass: each file once
+    parsed.clear()
+    volume, _ = read_hu_volume(series)
+    resampled = read_resampled_volume(series, (4.0, 4.0, 5.0))
+
+    assert parsed == []  # the pixel pass reads the pixel bytes where the header pass found them
+    assert len(series.pixel_offsets) == 12 and series.file_states
+    np.testing.assert_array_equal(volume, s.hu.transpose(2, 1, 0).astype(np.float32))
+    assert resampled.volume.size > 0
+
+
+def _without_direct_read(series):
+    return dataclasses.replace(series, pixel_offsets=(), pixel_format=(), file_states="")
+
+
+@pytest.mark.parametrize(("pixel_representation", "intercept"), [(0, -1024.0), (1, 0.0)])
+def test_direct_read_equals_parsing_each_file_with_words_beyond_bits_stored(
+    make_series, dicom_root, edit_dicom, pixel_representation, intercept
+):
+    # Stored words with bits set above BitsStored (12): pydicom masks (unsigned) or sign-extends (signed) them.
+    s = make_series("a", n_slices=10, rescale_intercept=intercept, pixel_representation=pixel_representation)
+    dtype = "<i2" if pixel_representation else "<u2"
+
+    def dirty(ds):
+        words = np.frombuffer(ds.PixelData, dtype="<u2").copy()
+        words[::7] |= 0xF000
+        ds.PixelData = words.astype("<u2").view(dtype).tobytes()
+
+    for path in s.paths:
+        edit_dicom(path, dirty)
+    series = _validated(dicom_root)
+    assert series.pixel_offsets
+
+    direct, _ = read_hu_volume(series)
+    parsed, _ = read_hu_volume(_without_direct_read(series))
+
+    np.testing.assert_array_equal(direct, parsed)
+
+
+@pytest.mark.parametrize(("implicit_vr", "little_endian"), [(True, True), (False, True), (False, False)])
+def test_direct_read_of_files_without_file_meta_in_every_native_encoding(
+    make_series, dicom_root, without_file_meta, implicit_vr, little_endian
+):
+    s = make_series("a", n_slices=10, pixel_representation=1, rescale_intercept=0.0)
+    for path in s.paths:
+        without_file_meta(path, implicit_vr=implicit_vr, little_endian=little_endian)
+    series = _validated(dicom_root)
+
+    assert len(series.pixel_offsets) == 10
+    direct, _ = read_hu_volume(series)
+    np.testing.assert_array_equal(direct, read_hu_volume(_without_direct_read(series))[0])
+    np.testing.assert_array_equal(direct, s.hu.transpose(2, 1, 0))
+
+
+def test_compressed_and_multi_frame_series_are_parsed_again_not_read_directly(dicom_root, make_series, enhanced_ct_writer):
+    s = make_series("a", n_slices=10)
+    for path in s.paths:
+        ds = pydicom.dcmread(path)
+        ds.compress(pydicom.uid.RLELossless)
+        ds.save_as(path)
+    assert _validated(dicom_root).pixel_offsets == ()
+
+    root = dicom_root.parent / "enhanced"
+    root.mkdir()
+    enhanced_ct_writer(root / "enh.dcm", np.zeros((8, 12, 12)))
+    assert _validated(root).pixel_offsets == ()
+
+
+def test_nothing_is_read_that_validation_refused(make_series, dicom_root, monkeypatch):
+    # A copy of one slice (same SOPInstanceUID) is dropped by validation; its pixel data is garbage.
+    s = make_series("a", n_slices=12)
+    copy = s.folder / "copy-of-slice-3.dcm"
+    data = s.paths[3].read_bytes()
+    copy.write_bytes(data[:-100])  # header intact, pixels truncated
+    series = _validated(dicom_root)
+    assert [d.reason for d in series.dropped] == ["duplicate_instance"] and str(copy) in {d.path for d in series.dropped}
+
+    opened: list[str] = []
+    real_open = open
+
+    def recording(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", recording)
+    volume, _ = read_hu_volume(series)
+    read_resampled_volume(series, (4.0, 4.0, 5.0))
+
+    inputs = {path for path in opened if path.startswith(str(dicom_root))}  # (threadpoolctl reads /proc/self/maps)
+    assert str(copy) not in inputs
+    assert inputs == set(series.paths)
+    np.testing.assert_array_equal(volume, s.hu.transpose(2, 1, 0).astype(np.float32))
+
+
+def test_file_changed_after_validation_is_parsed_again_with_every_check(make_series, dicom_root, edit_dicom, monkeypatch):
+    s = make_series("a", n_slices=12)
+    series = _validated(dicom_root)
+    before, _ = read_hu_volume(series)
+    old = float(pydicom.dcmread(s.paths[2]).RescaleIntercept)
+    edit_dicom(s.paths[2], lambda ds: setattr(ds, "RescaleIntercept", str(old + 100)))  # new header, new mtime
+    parsed = _parsed_paths(monkeypatch)
+
+    volume, _ = read_hu_volume(series)
+
+    assert str(s.paths[2]) in parsed  # the direct read is only used while every file is as validated
+    np.testing.assert_array_equal(volume[:, :, 2], before[:, :, 2] + 100)
+    np.testing.assert_array_equal(volume[:, :, 3], before[:, :, 3])
