@@ -139,7 +139,7 @@ def bench_settings(run_config: Mapping[str, Any]) -> Any:
 
     Built without ``fl_server.config`` (which imports flwr); a test checks it agrees with ``ServerConfig``.
     """
-    from fl_client.config import RoundSettings, parse_triple
+    from fedct.protocol import RoundSettings, parse_triple
     from models.factory import ModelConfig
     from preprocessing.split import SplitConfig
     from preprocessing.transforms import PipelineConfig

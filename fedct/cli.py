@@ -29,7 +29,7 @@ def _print_progress(message: str) -> None:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from fl_client.config import parse_triple
+    from fedct.protocol import parse_triple
     from preprocessing.ingest import REPORT_NAME, ingest_site
     from preprocessing.labels import LabelsError
     from preprocessing.pacs import PacsError, pull_for_ingest

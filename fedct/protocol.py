@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from models.factory import ModelConfig
+from preprocessing.pipeline import PipelineConfig
 from preprocessing.split import SplitConfig
-from preprocessing.transforms import PipelineConfig
+
+if TYPE_CHECKING:  # models.factory imports torch; `fedct ingest` parses its options here without it
+    from models.factory import ModelConfig
 
 # --- record names ------------------------------------------------------------------------------------------------
 
@@ -139,6 +141,8 @@ class RoundSettings:
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RoundSettings:
         """Inverse of :meth:`to_record`; a missing key is a protocol error naming the key."""
+        from models.factory import ModelConfig
+
         missing = [k for k in cls.keys() if k not in record]
         if missing:
             raise ValueError(f"round config from the server lacks {', '.join(missing)}")
