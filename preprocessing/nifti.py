@@ -44,6 +44,7 @@ class NiftiConfig:
     min_hu: float = -3100.0  # outside-field-of-view padding goes down to -3024 (and -2048, -2000)
     max_hu: float = 4095.0  # 12-bit CT scale; extended-scale (metal) exports are refused with a reason
     min_air_fraction: float = 0.01  # share of voxels near air (-1000 HU) that identifies the convention
+    min_body_fraction: float = 0.01  # share of voxels above -500 HU (soft tissue, bone): a body is in the volume
 
     def __post_init__(self) -> None:
         if self.min_voxels_per_axis < 2:
@@ -54,6 +55,8 @@ class NiftiConfig:
             raise ValueError(f"need min_hu < -1000 < max_hu, got {self.min_hu}, {self.max_hu}")
         if not 0 < self.min_air_fraction < 1:
             raise ValueError(f"min_air_fraction must be in (0, 1), got {self.min_air_fraction}")
+        if not 0 < self.min_body_fraction < 1:
+            raise ValueError(f"min_body_fraction must be in (0, 1), got {self.min_body_fraction}")
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,8 @@ def _spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
 
 
 def _detect_convention(data: np.ndarray, path: Path, config: NiftiConfig) -> str:
-    """Which of :data:`CONVENTIONS` the values follow: air near -1000 (HU) or near 0 with no negatives (HU+1024)."""
+    """Which of :data:`CONVENTIONS` the values follow: air near -1000 HU and a body above -500 HU, as stored (HU) or
+    after subtracting 1024 (HU+1024, unsigned exports); "" when neither fits."""
     sample = data[::2, ::2, ::2] if min(data.shape) >= 16 else data
     low, high = float(sample.min()), float(data.max())
     for name, offset in CONVENTIONS.items():
@@ -123,7 +127,8 @@ def _detect_convention(data: np.ndarray, path: Path, config: NiftiConfig) -> str
         if hu_low < config.min_hu or hu_high > config.max_hu:
             continue
         air = np.count_nonzero(np.abs(sample + offset + 1000.0) <= 100.0) / sample.size
-        if air >= config.min_air_fraction:
+        body = np.count_nonzero(sample + offset >= -500.0) / sample.size
+        if air >= config.min_air_fraction and body >= config.min_body_fraction:
             return name
     return ""
 
@@ -164,7 +169,7 @@ def validate_nifti(path: Path | str, *, config: NiftiConfig | None = None, read_
             raise _refuse(
                 "nifti_intensity_unknown",
                 f"values [{float(data.min()):g}, {float(data.max()):g}] follow no known CT convention (HU with air near "
-                f"-1000, or HU+1024 with air near 0, within [{config.min_hu:g}, {config.max_hu:g}] HU): not a CT in HU?",
+                f"-1000, or HU+1024 with air near 0, a body above -500 HU, within [{config.min_hu:g}, {config.max_hu:g}] HU): not a CT in HU?",
                 path,
             )
     return ValidatedNifti(
