@@ -297,3 +297,27 @@ def test_assign_sites_keeps_patients_together_is_seeded_and_checks_options() -> 
         assign_sites(studies, split_by="none", sites=0, seed=0)
     with pytest.raises(ValueError, match="split_by must be one of"):
         assign_sites(studies, split_by="hospital", sites=None, seed=0)
+
+
+def test_a_prepared_nifti_site_trains_through_the_simulation_client_path(tmp_path: Path) -> None:
+    """The simulation's SiteConfig (sim-data-root/site-K/dicom) finds the NIfTI site and trains a round on it."""
+    import math
+
+    import torch
+
+    from fl_client.config import SiteConfig
+    from fl_client.train import train_round
+    from fl_server.config import ServerConfig
+    from models.factory import build_model
+
+    _mosmed(tmp_path / "mosmed", {"CT-0": 5, "CT-1": 3, "CT-2": 2})
+    write_sites(scan_mosmed(tmp_path / "mosmed"), tmp_path / "sites", split_by="none", sites=1)
+    site = SiteConfig.from_context({"partition-id": 0, "num-partitions": 1, "device": "cpu", "workers": 1},
+                                   {"sim-data-root": str(tmp_path / "sites"), "sim-work-root": str(tmp_path / "work")})  # fmt: skip
+    assert site.dicom_dir == tmp_path / "sites" / "site-0" / "dicom" and not site.dicom_dir.exists()
+    config = ServerConfig(model_name="smallcnn", input_size="16,16,16", target_spacing_mm="8,8,8", local_epochs=1)
+    settings = config.round_settings(1)
+    initial = build_model(settings.model).state_dict()
+    state, result = train_round(site, settings, initial)
+    assert result.num_examples >= 4 and math.isfinite(result.loss)
+    assert any(not torch.equal(state[k], initial[k]) for k in initial if initial[k].is_floating_point())
