@@ -225,18 +225,27 @@ def source_geometry(item: Mapping[str, Any]) -> tuple[tuple[int, int, int], np.n
     return tuple(int(n) for n in item["shape"]), np.asarray(item["affine"], dtype=np.float64)  # type: ignore[return-value]
 
 
+def _holds_nifti(folder: Path) -> bool:
+    """True when ``folder`` directly holds at least one ``.nii.gz``/``.nii`` file (a DICOM folder never does)."""
+    try:
+        return folder.is_dir() and any(study_key(p) is not None and p.is_file() for p in folder.iterdir())
+    except OSError:
+        return False
+
+
 def nifti_folder(path: Path | str) -> Path | None:
     """The NIfTI folder of a site given as ``fedct ingest --input`` (or as the simulation's ``SITE/dicom``), or None.
 
-    Recognised: ``SITE/nifti`` itself; ``SITE`` holding ``nifti/`` and no ``dicom/``; ``SITE/dicom`` that does
-    not exist while ``SITE/nifti`` does (what ``fedct collection prepare`` writes for a NIfTI collection).
+    Recognised, when the folder holds ``.nii.gz``/``.nii`` files: ``SITE/nifti`` itself; ``SITE`` holding ``nifti/``
+    and no ``dicom/``; ``SITE/dicom`` that does not exist while ``SITE/nifti`` does (what ``fedct collection
+    prepare`` writes for a NIfTI collection). A DICOM folder that happens to be called ``nifti`` stays DICOM.
     """
     path = Path(path)
-    if path.name == NIFTI_SOURCE_FOLDER and path.is_dir():
+    if path.name == NIFTI_SOURCE_FOLDER and _holds_nifti(path):
         return path
-    if path.is_dir() and (path / NIFTI_SOURCE_FOLDER).is_dir() and not (path / "dicom").exists():
+    if path.is_dir() and not (path / "dicom").exists() and _holds_nifti(path / NIFTI_SOURCE_FOLDER):
         return path / NIFTI_SOURCE_FOLDER
-    if path.name == "dicom" and not path.exists() and (path.parent / NIFTI_SOURCE_FOLDER).is_dir():
+    if path.name == "dicom" and not path.exists() and _holds_nifti(path.parent / NIFTI_SOURCE_FOLDER):
         return path.parent / NIFTI_SOURCE_FOLDER
     return None
 

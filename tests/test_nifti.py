@@ -180,6 +180,10 @@ def test_config_checks_name_the_bad_value() -> None:
 def test_nifti_folder_is_recognised_in_the_site_layouts(tmp_path: Path) -> None:
     site = tmp_path / "site-0"
     (site / "nifti").mkdir(parents=True)
+    assert nifti_folder(site / "nifti") is None  # empty: nothing says NIfTI
+    (site / "nifti" / "IM0001.dcm").write_bytes(b"")
+    assert nifti_folder(site / "nifti") is None and nifti_folder(site) is None  # a DICOM folder called nifti
+    _save(site / "nifti" / "study_0001.nii.gz", _volume())
     assert nifti_folder(site / "nifti") == site / "nifti"
     assert nifti_folder(site) == site / "nifti"
     assert nifti_folder(site / "dicom") == site / "nifti"  # what the simulation and bench quality pass
