@@ -101,7 +101,9 @@ class SiteNotPrepared(RuntimeError):
 def input_fingerprint(dicom_dir: Path, labels_csv: Path | None, pipeline: PipelineConfig, split: SplitConfig) -> str:
     """Hash of every input file's state, the labels file, the pipeline and the split settings."""
     digest = hashlib.sha256()
-    for path in iter_files(Path(dicom_dir)):
+    from preprocessing.nifti import nifti_folder  # a NIfTI site: fingerprint its volumes (preprocessing/nifti.py)
+
+    for path in iter_files(nifti_folder(dicom_dir) or Path(dicom_dir)):
         stat = path.stat()
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     if labels_csv is not None:
@@ -223,6 +225,11 @@ def ingest_site(
     site_dir = Path(site_dir).resolve()
     pipeline = pipeline or PipelineConfig()
     split = split or SplitConfig()
+    from preprocessing.nifti import ingest_nifti_site, nifti_folder  # collections shipping NIfTI (MosMedData)
+
+    if (nifti_dir := nifti_folder(dicom_dir)) is not None:
+        return ingest_nifti_site(nifti_dir, site_dir, labels_csv=labels_csv, pipeline=pipeline, split=split, workers=workers,
+                                 progress=progress)  # fmt: skip
     if not dicom_dir.is_dir():
         raise FileNotFoundError(f"DICOM input folder does not exist: {dicom_dir}")
     if site_dir == dicom_dir or dicom_dir in site_dir.parents:  # checked before mkdir: inputs stay untouched

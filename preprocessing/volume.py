@@ -526,14 +526,21 @@ class LoadResampledCTd(MapTransform, InvertibleTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            series = as_series(d[key])
-            out = read_resampled_volume(series, self.pixdim, antialias=self.antialias, keep_hu=self.hu_key is not None)
+            if isinstance(d[key], Mapping) and "nifti" in d[key]:  # a validated NIfTI volume (preprocessing/nifti.py)
+                from preprocessing.nifti import read_resampled_nifti, source_geometry
+
+                out = read_resampled_nifti(d[key], self.pixdim, keep_hu=self.hu_key is not None)
+                orig_size, orig_affine = source_geometry(d[key])
+            else:
+                series = as_series(d[key])
+                out = read_resampled_volume(series, self.pixdim, antialias=self.antialias, keep_hu=self.hu_key is not None)
+                orig_size, orig_affine = series.shape, series_affine(series)
             image = MetaTensor(
                 torch.from_numpy(out.volume[None]),
                 affine=torch.as_tensor(out.affine, dtype=torch.float64),
                 meta={MetaKeys.SPACE: SpaceKeys.RAS},
             )
-            self.push_transform(image, orig_size=series.shape, extra_info={"affine": series_affine(series)})
+            self.push_transform(image, orig_size=orig_size, extra_info={"affine": orig_affine})
             d[key] = image
             if self.hu_key is not None and out.hu is not None:
                 d[self.hu_key] = MetaTensor(
