@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 
 from bench.common import BenchOptions, site_names, summarise, synthetic_sites, write_result
+from synthetic.masks import LESION_MASK_DIR
 
 #: Name of the folder (in a site's data folder) with one lesion mask per study, ``<StudyInstanceUID>.nii.gz``.
-MASK_FOLDER = "lesion-masks"
+MASK_FOLDER = LESION_MASK_DIR
 #: The deletion curve removes up to this fraction of the volume's voxels, hottest first, in :data:`DELETION_STEPS` steps.
 DELETION_MAX_FRACTION = 0.2
 DELETION_STEPS = 10
@@ -198,16 +199,17 @@ class Method:
     settings: Mapping[str, Any] = field(default_factory=dict)
 
 
-def methods_for(model_name: str, input_size: Sequence[int], *, samples: int, occlusion_overlap: float) -> tuple[Method, ...]:
-    """The compared methods: Grad-CAM and Grad-CAM++ at every candidate layer, occlusion, SmoothGrad, guided
-    backprop and the random reference."""
+def methods_for(model_name: str, input_size: Sequence[int], *, samples: int, occlusion_overlap: float,
+                occlusion_divisor: int = 6) -> tuple[Method, ...]:  # fmt: skip
+    """The compared methods: Grad-CAM and Grad-CAM++ at every candidate layer, occlusion (a patch of
+    ``input_size / occlusion_divisor`` per axis), SmoothGrad, guided backprop and the random reference."""
     from inference.explain import CANDIDATE_LAYERS
 
     layers = CANDIDATE_LAYERS.get(model_name, ())
     out: list[Method] = []
     for kind, label in (("gradcam", "Grad-CAM"), ("gradcampp", "Grad-CAM++")):
         out += [Method(f"{label}@{layer.removeprefix('backbone.')}", kind, layer) for layer in layers]
-    mask = tuple(max(2, int(round(n / 6))) for n in input_size)
+    mask = tuple(max(2, int(round(n / occlusion_divisor))) for n in input_size)
     out.append(Method("Occlusion", "occlusion", settings={"mask_size": mask, "overlap": occlusion_overlap}))
     out.append(Method("SmoothGrad", "smoothgrad", settings={"n_samples": samples, "stdev_spread": 0.15}))
     out.append(Method("Guided backprop", "guided"))
@@ -245,7 +247,7 @@ def make_explainer(method: Method, model: Any) -> Callable[[Any, int], np.ndarra
             with torch.no_grad():
                 p0 = torch.softmax(logits(x), dim=1)[0, c]
                 occ_map, _ = occlusion(x)
-            drop = p0 - occ_map[0, 0, ..., c]  # how much hiding each region lowers the probability
+            drop = p0 - occ_map[0, c]  # (B, classes, X, Y, Z): how much hiding each region lowers the probability
             return drop.clamp(min=0).float().cpu().numpy()
 
         return occ
@@ -279,6 +281,7 @@ class ExplainPlan:
     smoothgrad_samples: int
     occlusion_overlap: float
     max_studies: int
+    occlusion_divisor: int = 6
 
     def __post_init__(self) -> None:
         if self.patients < 6 or self.epochs < 1 or self.max_studies < 1:
@@ -289,11 +292,13 @@ def plan_for(options: BenchOptions) -> ExplainPlan:
     """Tiny (test suite, seconds: figures mean little), quick (a few minutes on 2 cores) or full (the demo's model
     size: DenseNet121 on 64x64x48 at 5 mm)."""
     if options.tiny:
-        return ExplainPlan(patients=12, small=True, epochs=1, smoothgrad_samples=2, occlusion_overlap=0.0, max_studies=3,
+        return ExplainPlan(patients=12, small=True, epochs=1, smoothgrad_samples=2, occlusion_overlap=0.0, max_studies=2,
+                           occlusion_divisor=2,
                            run_config={"model-name": "densenet121", "input-size": "32,32,32",
                                        "target-spacing-mm": "12.0,12.0,10.0", "batch-size": 4, "learning-rate": 0.001})  # fmt: skip
     if options.quick:
-        return ExplainPlan(patients=40, small=False, epochs=8, smoothgrad_samples=8, occlusion_overlap=0.0, max_studies=12,
+        return ExplainPlan(patients=40, small=False, epochs=8, smoothgrad_samples=8, occlusion_overlap=0.0, max_studies=10,
+                           occlusion_divisor=4,
                            run_config={"model-name": "densenet121", "input-size": "48,48,40",
                                        "target-spacing-mm": "8.0,8.0,8.0", "batch-size": 4, "learning-rate": 0.001})  # fmt: skip
     return ExplainPlan(patients=100, small=False, epochs=12, smoothgrad_samples=25, occlusion_overlap=0.25, max_studies=40,
@@ -458,11 +463,12 @@ def run(options: BenchOptions) -> Path:
         raise RuntimeError(f"no held-out positive study with a lesion on the model grid (skipped: {skipped}, "
                            f"empty on the grid: {empty_masks})")  # fmt: skip
     methods = methods_for(settings.model.name, settings.pipeline.input_size, samples=plan.smoothgrad_samples,
-                          occlusion_overlap=plan.occlusion_overlap)  # fmt: skip
+                          occlusion_overlap=plan.occlusion_overlap, occlusion_divisor=plan.occlusion_divisor)  # fmt: skip
     results = evaluate(model, studies, methods, spacing_mm=settings.pipeline.target_spacing_mm)
     payload = {
         "plan": {"patients": plan.patients, "epochs": plan.epochs, "small_images": plan.small, **dict(plan.run_config),
-                 "smoothgrad_samples": plan.smoothgrad_samples, "occlusion_overlap": plan.occlusion_overlap},  # fmt: skip
+                 "smoothgrad_samples": plan.smoothgrad_samples, "occlusion_overlap": plan.occlusion_overlap,
+                 "occlusion_patch": f"input size / {plan.occlusion_divisor} per axis"},  # fmt: skip
         "device": "cpu",
         "gpu_seconds": None,  # not measured: run the benchmark on a GPU machine to fill in the GPU cost
         "training": {"seconds": train_seconds, "loss": trained.loss, "steps": trained.steps},
