@@ -1,4 +1,4 @@
-"""``fedct bench {quality,preprocess,train-loop,federation,scale,all} [--quick] [--out DIR]``."""
+"""``fedct bench {quality,preprocess,train-loop,federation,scale,explain,all} [--quick] [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ BENCHMARKS = {
     "federation": "bench.federation",
     "scale": "bench.scale",
     "quality": "bench.quality",
+    "explain": "bench.explain",
 }
 #: Benchmarks run only when named (not by ``all``): the shared-GPU simulation is meant for a GPU machine with Ray.
 EXTRA_BENCHMARKS = {"sim-gpu": "bench.sim_gpu"}
@@ -68,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fedct bench``."""
     p = sub.add_parser("bench", help="benchmarks: write JSON (and PNG) results into --out")
     p.add_argument("benchmark", choices=[*BENCHMARKS, *EXTRA_BENCHMARKS, "all"])
-    p.add_argument("--quick", action="store_true", help="small sizes: all five in under 10 minutes on 2 cores")
+    p.add_argument("--quick", action="store_true", help="small sizes: minutes each on 2 cores")
     p.add_argument("--tiny", action="store_true", help="test-suite size: seconds; checks that it runs, the figures mean little")
     p.add_argument("--resume", action="store_true", help="quality: continue from quality.partial.json in --out (same plan): "
                    "finished arms and seeds are kept, the rest runs")

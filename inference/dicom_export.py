@@ -42,7 +42,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from fedct.files import atomic_write_bytes
-from inference.wording import DISCLAIMER, finding_sentence
+from inference.wording import DISCLAIMER, finding_sentence, heat_map_legend
 
 #: Private coding scheme of the model's own concepts (declared in CodingSchemeIdentificationSequence).
 CODING_SCHEME = "99FEDCT"
@@ -161,6 +161,7 @@ class _Inputs:
     model: dict[str, Any]
     overlays: list[Path]
     key_slices: list[int]
+    heat_map_method: str = "Grad-CAM++"
 
 
 _REQUIRED = object()
@@ -240,8 +241,10 @@ def _check_inputs(result: Any) -> _Inputs:
     missing = [str(p) for p in overlays if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"overlay image(s) missing: {', '.join(missing)}")
+    explanation = _field(result, "explanation", None) or {}
+    method = str(explanation.get("method") or "Grad-CAM++") if isinstance(explanation, Mapping) else "Grad-CAM++"
     return _Inputs(study_uid, series_uid, paths, probabilities, str(diagnosis), risk_score, risk_group.strip(), model,
-                   overlays, key_slices)  # fmt: skip
+                   overlays, key_slices, method)  # fmt: skip
 
 
 def _read_source_headers(inputs: _Inputs) -> list[Dataset]:
@@ -414,7 +417,8 @@ def _build_sc(
         f"AI output: heat map of model {model['name']} (fedct {model['fedct_version']}, weights of round "
         f"{model.get('round_of_weights', '?')}) on source slice {slice_index + 1} of {len(inputs.paths)} "
         f"(InstanceNumber {source.get('InstanceNumber', '?')}). "
-        f"{finding_sentence(inputs.probabilities, inputs.diagnosis)} {DISCLAIMER}"
+        f"{finding_sentence(inputs.probabilities, inputs.diagnosis)} "
+        f"{heat_map_legend(inputs.heat_map_method, inputs.diagnosis)} {DISCLAIMER}"
     )
     sc.DerivationDescription = f"fedct {model['name']} saliency heat map over source CT slice"[:1024]
     sc.ReferencedImageSequence = [_reference_item(source, purpose=False)]

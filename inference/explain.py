@@ -40,9 +40,11 @@ __all__ = [
     "CANDIDATE_LAYERS",
     "Explanation",
     "GradCamExplainer",
+    "HeatPeak",
     "LogitsOnly",
     "cam_to_original_grid",
     "explain_study",
+    "heat_peaks",
     "render_overlay",
     "resample_to_grid",
     "select_key_slices",
@@ -250,19 +252,69 @@ def cam_to_original_grid(
 # --- key slices and overlays ---------------------------------------------------------------------------------------
 
 
-def select_key_slices(heat: np.ndarray, *, count: int = 3, min_gap: int = 2) -> tuple[int, ...]:
-    """Indices (last axis) of up to ``count`` slices with the strongest heat, at least ``min_gap`` apart, strongest
-    first; the middle slice when the map is empty."""
-    if heat.ndim != 3 or heat.shape[2] == 0:
-        raise ValueError(f"heat map must be 3-D with slices on the last axis, got shape {heat.shape}")
-    scores = heat.reshape(-1, heat.shape[2]).max(axis=0)
-    chosen: list[int] = []
-    for k in np.argsort(-scores, kind="stable"):
-        if not scores[k] > 0 or len(chosen) == count:
+@dataclass(frozen=True)
+class HeatPeak:
+    """A local maximum of a heat map: voxel indices (X, Y, slice) and its value."""
+
+    voxel: tuple[int, int, int]
+    value: float
+
+
+def _local_maxima(heat: np.ndarray, *, chunk_slices: int = 64) -> np.ndarray:
+    """Boolean array: voxels equal to the maximum of their 3x3x3 neighbourhood (slab by slab: little memory)."""
+    out = np.zeros(heat.shape, dtype=bool)
+    nz = heat.shape[2]
+    for k0 in range(0, nz, chunk_slices):
+        lo, hi = max(0, k0 - 1), min(nz, k0 + chunk_slices + 1)
+        slab = torch.from_numpy(np.ascontiguousarray(heat[:, :, lo:hi], dtype=np.float32))[None, None]
+        pooled = F.max_pool3d(slab, kernel_size=3, stride=1, padding=1)[0, 0].numpy()
+        keep = slice(k0 - lo, k0 - lo + min(chunk_slices, nz - k0))
+        out[:, :, k0 : k0 + chunk_slices] = (heat[:, :, lo:hi] >= pooled)[:, :, keep]
+    return out
+
+
+def heat_peaks(heat: np.ndarray, *, count: int = 3, min_gap: int = 2, min_relative: float = HEAT_THRESHOLD) -> tuple[HeatPeak, ...]:
+    """Up to ``count`` separated maxima of ``heat`` (X, Y, slices), strongest first.
+
+    A peak is a voxel at the maximum of its 3x3x3 neighbourhood, at least ``min_relative`` of the map's maximum
+    (weaker heat is not drawn on the overlays), on a slice at least ``min_gap`` slices from every stronger peak's
+    slice: each peak is a separate hot region, not the shoulder of the strongest one. Empty for a map without
+    positive values. Raises ValueError for a map that is not 3-D or has NaN/infinite values.
+    """
+    heat = np.asarray(heat)
+    if heat.ndim != 3 or 0 in heat.shape:
+        raise ValueError(f"heat map must be 3-D (X, Y, slices) and not empty, got shape {heat.shape}")
+    if count < 1 or min_gap < 1:
+        raise ValueError(f"count and min_gap must be >= 1, got count={count}, min_gap={min_gap}")
+    finite = np.isfinite(heat)
+    if not finite.all():
+        bad = int(heat.size - finite.sum())
+        raise ValueError(f"heat map has {bad} non-finite value(s) (NaN or infinity) of {heat.size}: the explainer "
+                         "failed for this study; no key slices can be chosen from it")  # fmt: skip
+    top = float(heat.max())
+    if not top > 0:
+        return ()
+    peaks = _local_maxima(heat) & (heat >= min_relative * top)
+    # The strongest peak of each slice, then greedily the strongest slices at least min_gap apart.
+    masked = np.where(peaks, heat, -np.inf)
+    flat = masked.reshape(-1, heat.shape[2])
+    best_in_slice = flat.max(axis=0)
+    chosen: list[HeatPeak] = []
+    for k in np.argsort(-best_in_slice, kind="stable"):
+        if not np.isfinite(best_in_slice[k]) or len(chosen) == count:
             break
-        if all(abs(int(k) - c) >= min_gap for c in chosen):
-            chosen.append(int(k))
-    return tuple(chosen) if chosen else (heat.shape[2] // 2,)
+        if all(abs(int(k) - p.voxel[2]) >= min_gap for p in chosen):
+            i, j = np.unravel_index(int(np.argmax(flat[:, k])), heat.shape[:2])
+            chosen.append(HeatPeak((int(i), int(j), int(k)), float(best_in_slice[k])))
+    return tuple(chosen)
+
+
+def select_key_slices(heat: np.ndarray, *, count: int = 3, min_gap: int = 2, min_relative: float = HEAT_THRESHOLD) -> tuple[int, ...]:
+    """Slices (last axis) through up to ``count`` separated maxima of the map (:func:`heat_peaks`), strongest
+    first: where the model looked, not fixed positions. The middle slice when the map has no positive value
+    (the overlay then says there is no heat-map signal). Raises ValueError for NaN/infinite values."""
+    peaks = heat_peaks(heat, count=count, min_gap=min_gap, min_relative=min_relative)
+    return tuple(p.voxel[2] for p in peaks) if peaks else (np.asarray(heat).shape[2] // 2,)
 
 
 def _letter(direction: np.ndarray) -> str:
@@ -314,11 +366,17 @@ def render_overlay(
     path: Path,
     *,
     title: str,
-    heat_label: str = "relevance (1 = study maximum)",
+    heat_label: str | None = None,
     window: tuple[float, float] = LUNG_WINDOW,
     threshold: float = HEAT_THRESHOLD,
 ) -> Path:
-    """Draw slice ``k`` of ``hu`` in ``window`` (width, level) with ``heat`` (0..1, same grid) and write a PNG."""
+    """Draw slice ``k`` of ``hu`` in ``window`` (width, level) with ``heat`` (0..1, same grid) and write a PNG.
+
+    The colour bar says what the colours mean (``heat_label``, by default :func:`inference.wording.heat_map_colour_label`).
+    """
+    from inference.wording import heat_map_colour_label
+
+    heat_label = heat_map_colour_label() if heat_label is None else heat_label
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib import patheffects
@@ -395,7 +453,7 @@ def explain_study(
 ) -> Explanation:
     """Grad-CAM for ``class_index`` on a prepared study (:class:`inference.predict.ModelInput`), mapped to the CT,
     with up to ``count`` key-slice overlays ``overlay-sliceNNNN.png`` written into ``out_dir`` (older ones removed)."""
-    from inference.wording import class_phrase
+    from inference.wording import class_phrase, heat_map_legend
 
     cam = explainer(prepared.image, class_index=class_index, covariates=covariates)
     heat, used = cam_to_original_grid(cam, prepared.grid, prepared.transforms, shape=prepared.hu.shape,
@@ -403,7 +461,8 @@ def explain_study(
     peak = float(heat.max()) if heat.size else 0.0
     heat = np.clip(heat / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(heat)
     min_gap = max(2, math.ceil(min_gap_mm / series.slice_step_mm))
-    slices = select_key_slices(heat, count=count, min_gap=min_gap)
+    peaks = heat_peaks(heat, count=count, min_gap=min_gap)
+    slices = tuple(p.voxel[2] for p in peaks) if peaks else (heat.shape[2] // 2,)
     positions = tuple(slice_position_mm(series, k) for k in slices)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -413,7 +472,8 @@ def explain_study(
     overlays = []
     for rank, (k, z) in enumerate(zip(slices, positions), start=1):
         where = f"z = {z:.1f} mm" if axial else f"{z:.1f} mm along the slice normal"
-        title = f"Key slice {rank}: {k + 1}/{heat.shape[2]}, {where}\nheat map for {class_phrase(class_label)}"
+        title = (f"Key slice {rank}: {k + 1}/{heat.shape[2]}, {where}\n"
+                 f"{explainer.last_variant} heat map for {class_phrase(class_label)}")
         if peak <= 0:
             title = f"Slice {k + 1}/{heat.shape[2]}, {where}\n(no heat-map signal for this prediction)"
         overlays.append(render_overlay(prepared.hu, heat, prepared.affine, k, out_dir / f"overlay-slice{k:04d}.png",
@@ -427,5 +487,8 @@ def explain_study(
         "mapping": used,
         "peak_voxel": peak_voxel,
         "empty": peak <= 0,
+        "key_slice_rule": "separated maxima",
+        "key_slice_peaks": [{"voxel": list(p.voxel), "relative_heat": round(p.value, 4)} for p in peaks],
+        "legend": heat_map_legend(explainer.last_variant, class_label, threshold=HEAT_THRESHOLD),
     }
     return Explanation(tuple(overlays), slices, positions, info, heat)

@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from inference.wording import DISCLAIMER, class_phrase, class_title, finding_sentence, percent, risk_sentence
+from inference.wording import (
+    DISCLAIMER,
+    class_phrase,
+    class_title,
+    finding_sentence,
+    heat_map_legend,
+    percent,
+    risk_sentence,
+)
 
 __all__ = ["DISCLAIMER", "REPORT_NAME", "class_phrase", "percent", "write_report"]
 
@@ -82,14 +90,16 @@ def _figures(result: Any, class_label: str, method: str) -> str:
                 where += f", position {positions[i]:.1f} mm"
         caption = (
             f"Key slice {i + 1}{' (' + where + ')' if where else ''}: where the image most influenced the "
-            f"prediction of {html.escape(class_phrase(class_label))} ({html.escape(method)}; red = strongest). Lung window. "
-            "Not an outline of disease."
+            f"prediction of {html.escape(class_phrase(class_label))} ({html.escape(method)}; red = strongest). Lung window."
         )
         figures.append(
             f'<figure><img src="{_data_uri(path)}" alt="Heat map, key slice {i + 1}" data-file="{html.escape(path.name)}">'
             f"<figcaption>{caption}</figcaption></figure>"
         )
-    return "\n".join(figures) if figures else "<p>No heat-map images were produced for this study.</p>"
+    if not figures:
+        return "<p>No heat-map images were produced for this study.</p>"
+    legend = f'<p class="legend">{html.escape(heat_map_legend(method, class_label))}</p>'
+    return legend + "\n" + "\n".join(figures)
 
 
 def render_report(result: Any) -> str:

@@ -15,7 +15,15 @@ from typing import Any
 from urllib.parse import quote
 
 from inference.review_store import ALLOWED_VERDICTS, MAX_COMMENT_CHARS, Feedback, FeedbackStore, Study, list_studies, read_refused
-from inference.wording import DISCLAIMER, class_title, finding_sentence, percent, risk_explanation, risk_label
+from inference.wording import (
+    DISCLAIMER,
+    class_title,
+    finding_sentence,
+    heat_map_legend,
+    percent,
+    risk_explanation,
+    risk_label,
+)
 
 __all__ = ["PAGE_CSP", "render_error", "render_list", "render_study"]
 
@@ -283,6 +291,12 @@ def render_list(results_dir: Path, store: FeedbackStore, token: str, db_note: st
                  subtitle=f"{n} stud{'y' if n == 1 else 'ies'} \u00b7 {results_dir.name}", footer_note=db_note)
 
 
+def _legend(pred: dict) -> str:
+    """The overlay legend (method and colours) of a stored prediction."""
+    explanation = pred.get("explanation") if isinstance(pred.get("explanation"), dict) else {}
+    return heat_map_legend(explanation.get("method") or "Grad-CAM++", pred.get("diagnosis") or "the finding")
+
+
 def render_study(study: Study, store: FeedbackStore, token: str, db_note: str) -> bytes:
     pred = study.prediction
     history = store.history(study.key)
@@ -312,8 +326,8 @@ def render_study(study: Study, store: FeedbackStore, token: str, db_note: str) -
     gallery = "".join(f'<a href="{esc(file_url(study.key, o))}"><img src="{esc(file_url(study.key, o))}" '
                       f'alt="Heat-map overlay {i + 1}"></a>' for i, o in enumerate(overlays))
     gallery_html = (f'<div class="card"><h2 style="margin-top:0;font-size:1.1rem">Where the model looked</h2>'
-                    f'<p class="small">Warmer colours mark the regions that weighed most in the finding; they are '
-                    f'not a segmentation of disease.</p><div class="gallery">{gallery}</div></div>') if overlays else ""
+                    f'<p class="small legend">{esc(_legend(pred))}</p><div class="gallery">{gallery}</div></div>'
+                    ) if overlays else ""
     if study.has_report:
         report_html = (f'<div class="card"><h2 style="margin-top:0;font-size:1.1rem">Report</h2>'
                        f'<p class="links small"><a href="{esc(study_url(study.key, "report"))}" class="report-link" '

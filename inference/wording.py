@@ -18,6 +18,9 @@ __all__ = [
     "class_phrase",
     "class_title",
     "finding_sentence",
+    "heat_map_colour_label",
+    "heat_map_legend",
+    "heat_map_method",
     "percent",
     "risk_explanation",
     "risk_label",
@@ -128,4 +131,36 @@ def risk_sentence(group: Any, risk: float | None, quantiles: Any = None) -> str:
     return (
         f"Risk score {score(risk)}: no risk group, because this model carries no reference distribution of the "
         "training population. The score only ranks studies scored by the same model; it is not a probability."
+    )
+
+
+#: What each heat-map method shows, in words (keys: the names :mod:`inference.explain` records as ``method``).
+_METHOD_WORDS: dict[str, str] = {
+    "grad-cam": "Grad-CAM (which regions of the network's image features raised this finding's score)",
+    "grad-cam++": "Grad-CAM++ (which regions of the network's image features raised this finding's score)",
+    "occlusion": "occlusion sensitivity (how much the probability drops when a region is hidden)",
+    "smoothgrad": "SmoothGrad (how strongly each voxel changes the score, averaged over noisy copies)",
+    "guided-backprop": "guided backpropagation (voxels whose brightening raises the score)",
+}
+
+
+def heat_map_method(method: Any) -> str:
+    """The heat-map method in words, e.g. ``Grad-CAM++ (which regions ...)``; an unknown name as given."""
+    name = str(method or "").strip() or "unknown method"
+    words = _METHOD_WORDS.get(name.lower().replace(" ", "-"), name)
+    return words
+
+
+def heat_map_colour_label() -> str:
+    """The colour bar's label on an overlay: what the colours mean."""
+    return "weight in the finding: red = most, blue = least (1 = study maximum)"
+
+
+def heat_map_legend(method: Any, diagnosis: Any, *, threshold: float = 0.3) -> str:
+    """One legend for every overlay (review page, report, secondary capture): the method and what the colours mean."""
+    return (
+        f"Heat map by {heat_map_method(method)}, for {class_phrase(diagnosis)}. Colours: red marks the regions that "
+        f"weighed most in this finding, yellow and green less, blue least; below {100 * threshold:.0f}% of the "
+        "study's maximum nothing is drawn. Key slices pass through the hottest separate regions. It shows where the "
+        "model looked, not an outline of disease."
     )

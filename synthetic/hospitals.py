@@ -22,7 +22,8 @@ import numpy as np
 from pydicom.uid import generate_uid
 
 from synthetic.dicom_writer import PatientIdentity, write_ct_series
-from synthetic.phantom import CHEST_LENGTH_MM, DIAGNOSES, chest_phantom
+from synthetic.masks import LESION_MASK_DIR, write_lesion_mask
+from synthetic.phantom import CHEST_LENGTH_MM, DIAGNOSES, render_chest
 
 LABEL_COLUMNS = ("StudyInstanceUID", "diagnosis", "severe", "time_days", "age", "sex")
 #: Follow-up window of the prognosis task (days); patients without an event are censored here.
@@ -228,7 +229,8 @@ def write_site(
     seed: int,
     progress: Callable[[str], None] | None = None,
 ) -> SiteSummary:
-    """Write one site's DICOM studies under ``site_dir/dicom`` and its ``labels.csv``; return a summary."""
+    """Write one site's DICOM studies under ``site_dir/dicom``, its ``labels.csv`` and one lesion mask per study
+    (``site_dir/lesion-masks/<StudyInstanceUID>.nii.gz``, on the series' grid; see synthetic.masks); return a summary."""
     _check_profile(profile)
     start = time.perf_counter()
     n_patients = max(4, round(patients_per_site * profile.patient_factor))
@@ -245,7 +247,7 @@ def write_site(
         rng = np.random.default_rng([seed, site_index, j])
         case = _draw_case(rng, j, diagnosis)
         identity, study_date, study_time, accession = _identity(rng, site_index, case)
-        hu = chest_phantom(
+        study = render_chest(
             shape=(n_slices, rows, cols), pixel_spacing_mm=(spacing, spacing), slice_spacing_mm=thickness,
             diagnosis=case.diagnosis, burden=case.burden, noise_hu=profile.noise_hu, rng=rng,
         )
@@ -256,7 +258,7 @@ def write_site(
         study_folder = f"study-{j + 1:04d}"
         series_number = 2 if profile.manufacturer.startswith("GE") else 1
         paths = write_ct_series(
-            dicom_dir / study_folder / f"series-{series_number:03d}", hu,
+            dicom_dir / study_folder / f"series-{series_number:03d}", study.hu,
             pixel_spacing_mm=(spacing, spacing), slice_spacing_mm=thickness, slice_thickness_mm=thickness,
             origin_mm=origin, study_instance_uid=study_uid, series_instance_uid=series_uid, patient=identity,
             study_date=study_date, study_time=study_time, accession_number=accession,
@@ -268,6 +270,11 @@ def write_site(
             convolution_kernel=profile.convolution_kernel, reverse_instance_order=profile.reverse_slice_order,
         )
         n_files += len(paths)
+        write_lesion_mask(
+            site_dir / LESION_MASK_DIR / f"{study_uid}.nii.gz", study.lesion_mask, origin_mm=origin,
+            pixel_spacing_mm=(spacing, spacing), slice_spacing_mm=thickness,
+            reverse_instance_order=profile.reverse_slice_order,
+        )
         rows_written.append(
             {
                 "StudyInstanceUID": study_uid, "diagnosis": case.diagnosis, "severe": case.severe,

@@ -11,6 +11,7 @@ their bounding boxes, so a 48x128x128 volume takes well under half a second.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -26,6 +27,22 @@ FAT_HU = -100.0
 SOFT_TISSUE_HU = 40.0
 LUNG_HU = -862.0  # parenchyma baseline; with gradient, texture and vessels lungs average about -850
 VESSEL_HU = 40.0
+#: A voxel belongs to the lesion mask where the painted lesion's blending weight reaches this value.
+LESION_MASK_WEIGHT = 0.5
+
+
+@dataclass(frozen=True)
+class PhantomStudy:
+    """One rendered chest: the HU volume and where a lesion of the diagnosis was painted.
+
+    ``hu`` is float32 (slices, rows, cols), slice 0 most inferior; ``lesion_mask`` is bool of the same
+    shape, True where a lesion of the diagnosis (ground glass, consolidation) was painted with weight
+    of at least :data:`LESION_MASK_WEIGHT`; all False for "normal" (distractors such as a dependent band,
+    a nodule or a granuloma carry no label and are not marked).
+    """
+
+    hu: np.ndarray
+    lesion_mask: np.ndarray
 
 
 def _smooth_noise(
@@ -176,6 +193,24 @@ def chest_phantom(
 ) -> np.ndarray:
     """Random chest CT volume (slices, rows, cols), float32 HU, slice 0 most inferior.
 
+    Same as :func:`render_chest` but returns only the HU volume.
+    """
+    return render_chest(shape=shape, pixel_spacing_mm=pixel_spacing_mm, slice_spacing_mm=slice_spacing_mm,
+                        diagnosis=diagnosis, burden=burden, noise_hu=noise_hu, rng=rng).hu
+
+
+def render_chest(
+    *,
+    shape: tuple[int, int, int],
+    pixel_spacing_mm: tuple[float, float],
+    slice_spacing_mm: float,
+    diagnosis: str,
+    burden: float,
+    noise_hu: float,
+    rng: np.random.Generator,
+) -> PhantomStudy:
+    """Random chest CT study: HU volume (slices, rows, cols), float32, slice 0 most inferior, and lesion mask.
+
     ``diagnosis`` selects the lesions (see module docs / DIAGNOSES); ``burden`` in [0, 1] is roughly
     the fraction of lung involved and is ignored for "normal". ``noise_hu`` is the std of the
     Gaussian noise added after a mild blur. ``pixel_spacing_mm`` is (row spacing, column spacing).
@@ -270,11 +305,14 @@ def chest_phantom(
 
     # --- lesions ------------------------------------------------------------------------------
     consolidation = None
+    lesion_w = np.zeros(vol.shape, dtype=np.float32)
     if diagnosis == "covid" and burden > 0:
-        _add_covid(vol, rng, lung=lung, u=u, rho=rho, t=t, coords=coords, burden=burden, texture=texture)
+        lesion_w = _add_covid(vol, rng, lung=lung, u=u, rho=rho, t=t, coords=coords, burden=burden, texture=texture)
     elif diagnosis == "other_pneumonia" and burden > 0:
         consolidation = _add_consolidation(vol, rng, lung=lung, u=u, coords=coords, zz=zz, burden=burden,
                                            texture=texture, voxel_mm=voxel_mm)
+        if consolidation is not None:
+            lesion_w = consolidation[0]
 
     # --- distractors seen in normal scans (all diagnoses, so they carry no label) -------------
     _add_distractors(vol, rng, lung=lung, v=v, t=t, coords=coords, voxel_mm=voxel_mm)
@@ -317,7 +355,7 @@ def chest_phantom(
     vol = ndimage.gaussian_filter(vol, sigma=(0.35, 0.6, 0.6), truncate=2.5)
     if noise_hu > 0:
         vol += rng.standard_normal(vol.shape, dtype=np.float32) * np.float32(noise_hu)
-    return vol.astype(np.float32, copy=False)
+    return PhantomStudy(hu=vol.astype(np.float32, copy=False), lesion_mask=lesion_w >= LESION_MASK_WEIGHT)
 
 
 def _add_covid(
@@ -331,8 +369,10 @@ def _add_covid(
     coords: tuple[np.ndarray, np.ndarray, np.ndarray],
     burden: float,
     texture: np.ndarray,
-) -> None:
-    """Bilateral, peripheral, lower-lobe-predominant ground-glass blobs with soft edges, in place."""
+) -> np.ndarray:
+    """Bilateral, peripheral, lower-lobe-predominant ground-glass blobs with soft edges, in place.
+
+    Returns the lesions' blending weight (max over blobs, before the per-blob opacity factor)."""
     z, y, x = coords
     peripheral = lung & ((rho >= 0.68) | (np.abs(u) >= 0.62))
     radius = 8.0 + 28.0 * math.sqrt(burden)
@@ -341,6 +381,7 @@ def _add_covid(
     per_blob = 0.3 * 4.0 / 3.0 * math.pi * radius**3  # a peripheral blob is roughly 30 % inside the lung
     n_blobs = int(np.clip(math.ceil(burden * lung_volume / per_blob), 2, 40))
     z_weight = (1.7 - 1.3 * t).astype(np.float64)  # lower lobes predominate
+    weight = np.zeros(vol.shape, dtype=np.float32)
     for side_index, side_mask in enumerate((u < 0, u > 0)):
         n_side = n_blobs // 2 + (n_blobs % 2 if side_index == 0 else 0)
         cand = np.flatnonzero(peripheral & side_mask)
@@ -356,9 +397,12 @@ def _add_covid(
             if box is None:
                 continue
             d = _ellipsoid_distance(centre, radii, coords, box)  # type: ignore[arg-type]
-            w = _soft_blob(d, edge=0.45) * lung[box] * rng.uniform(0.75, 1.0)
+            shape_w = _soft_blob(d, edge=0.45) * lung[box]
+            np.maximum(weight[box], shape_w, out=weight[box])
+            w = shape_w * rng.uniform(0.75, 1.0)
             target = rng.uniform(-600.0, -300.0) + 30.0 * texture[box]
             vol[box] += w * (target - vol[box])
+    return weight
 
 
 def _add_consolidation(

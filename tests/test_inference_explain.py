@@ -16,8 +16,10 @@ from scipy import ndimage
 from inference.explain import (
     CANDIDATE_LAYERS,
     GradCamExplainer,
+    _local_maxima,
     cam_to_original_grid,
     display_slice,
+    heat_peaks,
     render_overlay,
     resample_to_grid,
     select_key_slices,
@@ -30,6 +32,7 @@ from preprocessing.validate import validate_series
 from preprocessing.volume import as_series, read_hu_volume
 from synthetic import phantom
 from synthetic.dicom_writer import PatientIdentity, write_ct_series
+from inference.wording import heat_map_colour_label, heat_map_legend
 from test_inference_predict import TEST_PIPELINE, make_bundle
 
 DEFAULT_INPUT = (64, 64, 48)  # the run configuration's default input size
@@ -124,9 +127,73 @@ def test_key_slices_strongest_first_and_apart():
     heat = np.zeros((4, 4, 12), dtype=np.float32)
     for k, value in {5: 1.0, 6: 0.95, 4: 0.9, 9: 0.5, 1: 0.2}.items():
         heat[1, 2, k] = value
-    assert select_key_slices(heat, count=3, min_gap=2) == (5, 9, 1)
-    assert select_key_slices(heat, count=2, min_gap=1) == (5, 6)
+    # 6 and 4 are the shoulders of the peak at 5; 1 is below the drawing threshold (30 % of the maximum).
+    assert select_key_slices(heat, count=3, min_gap=2) == (5, 9)
+    assert select_key_slices(heat, count=3, min_gap=2, min_relative=0.1) == (5, 9, 1)
+    assert select_key_slices(heat, count=1) == (5,)
+
+
+def _blob(shape, centre, radius, peak):
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1)
+    return peak * np.exp(-(((grid - np.asarray(centre)) ** 2).sum(-1)) / (2 * radius**2)).astype(np.float32)
+
+
+def test_planted_hot_regions_choose_their_slices():
+    """A broad strong region and a weaker separate one: one slice through each, not three through the strong one."""
+    shape = (24, 24, 30)
+    heat = _blob(shape, (6, 8, 10), 4.0, 1.0) + _blob(shape, (18, 15, 22), 1.5, 0.6)
+    peaks = heat_peaks(heat, count=3, min_gap=3)
+    assert [p.voxel for p in peaks] == [(6, 8, 10), (18, 15, 22)]
+    assert peaks[0].value > peaks[1].value
+    assert select_key_slices(heat, count=3, min_gap=3) == (10, 22)
+    # The old rule (hottest slices at least min_gap apart) would have taken 10, 13 and 7 from the first region.
+    per_slice = heat.reshape(-1, shape[2]).max(axis=0)
+    assert per_slice[13] > per_slice[22] and per_slice[7] > per_slice[22]
+
+
+def test_two_regions_on_one_slice_give_one_key_slice():
+    shape = (24, 24, 16)
+    heat = _blob(shape, (5, 12, 8), 2.0, 1.0) + _blob(shape, (19, 12, 8), 2.0, 0.9)
+    assert select_key_slices(heat, count=3, min_gap=2) == (8,)
+
+
+def test_empty_map_gives_the_middle_slice():
+    assert heat_peaks(np.zeros((2, 2, 7))) == ()
     assert select_key_slices(np.zeros((2, 2, 7)), count=3) == (3,)
+    assert select_key_slices(-np.ones((2, 2, 7)), count=3) == (3,)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_map_is_refused_with_a_reason(bad):
+    heat = np.zeros((4, 4, 6), dtype=np.float32)
+    heat[1, 1, 2] = bad
+    with pytest.raises(ValueError, match=r"1 non-finite value\(s\) \(NaN or infinity\)"):
+        select_key_slices(heat)
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (4, 4, 0), (2, 3, 4, 5)])
+def test_wrong_shape_is_refused(shape):
+    with pytest.raises(ValueError, match="must be 3-D"):
+        heat_peaks(np.zeros(shape))
+
+
+def test_bad_count_or_gap_is_refused():
+    with pytest.raises(ValueError, match="count and min_gap"):
+        heat_peaks(np.ones((2, 2, 2)), count=0)
+
+
+def test_local_maxima_across_slabs_match_one_pass():
+    rng = np.random.default_rng(0)
+    heat = rng.random((6, 5, 20)).astype(np.float32)
+    assert np.array_equal(_local_maxima(heat, chunk_slices=3), _local_maxima(heat, chunk_slices=64))
+
+
+def test_legend_states_method_and_colours():
+    legend = heat_map_legend("Grad-CAM++", "covid")
+    assert "Grad-CAM++" in legend and "red" in legend and "blue" in legend and "COVID-19-like" in legend
+    assert "not an outline of disease" in legend
+    assert "occlusion" in heat_map_legend("Occlusion", "normal")
+    assert "red" in heat_map_colour_label()
 
 
 @pytest.mark.parametrize(
@@ -294,6 +361,9 @@ def test_overlays_of_planted_cases_are_drawn(planted):
     summary, _, root = planted
     result = summary.results[0]
     assert result.key_slices[0] == result.explanation["peak_voxel"][2]
+    # Each key slice passes through one recorded separate maximum; the legend names the method and the colours.
+    assert [p["voxel"][2] for p in result.explanation["key_slice_peaks"]] == list(result.key_slices)
+    assert result.explanation["method"] in result.explanation["legend"] and "red" in result.explanation["legend"]
     for path in result.overlays:
         with Image.open(path) as image:
             assert image.size[0] >= 300

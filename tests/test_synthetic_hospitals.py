@@ -241,3 +241,39 @@ def test_bad_profile_value_is_named(tmp_path: Path) -> None:
     profiles = [replace(default_profiles(1)[0], slice_thickness_mm=0.0)]
     with pytest.raises(ValueError, match="slice_thickness_mm"):
         write_federation(tmp_path / "fed", sites=1, patients_per_site=4, seed=0, profiles=profiles)
+
+
+def test_lesion_masks_share_the_series_grid_in_monai(federation: tuple[FederationSummary, list[str]]) -> None:
+    """Each study has SITE_DIR/lesion-masks/<StudyInstanceUID>.nii.gz; MONAI loads mask and DICOM series onto the
+    same grid (shape and RAS affine), for both instance orders; the mask covers dense lung for diseased studies
+    and is empty for normal ones."""
+    from monai.transforms import LoadImage
+
+    summary, _ = federation
+    load = LoadImage(image_only=True)
+    profiles = {p.name: p for p in _small_profiles()}
+    orders = set()
+    for site in summary.sites:
+        site_dir = summary.root / site.name
+        labels = {row["StudyInstanceUID"]: row["diagnosis"] for row in _labels(site_dir)}
+        masks = sorted((site_dir / "lesion-masks").glob("*.nii.gz"))
+        assert {p.name[: -len(".nii.gz")] for p in masks} == set(labels)
+        orders.add(profiles[site.name].reverse_slice_order)
+        for series_dir in sorted((site_dir / "dicom").glob("study-*/*")):
+            uid = pydicom.dcmread(next(series_dir.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID
+            image = load(str(series_dir))
+            mask = load(str(site_dir / "lesion-masks" / f"{uid}.nii.gz"))
+            assert tuple(mask.shape) == tuple(image.shape)
+            np.testing.assert_allclose(np.asarray(mask.affine), np.asarray(image.affine), atol=1e-4)
+            m = np.asarray(mask)
+            assert set(np.unique(m).tolist()) <= {0, 1}
+            hu = np.asarray(image, dtype=np.float32)
+            if labels[uid] == "normal":
+                assert not m.any()
+                continue
+            assert m.sum() > 0
+            lesion = m > 0
+            # lesions are far denser than the aerated lung around them
+            aerated = (hu > -950) & (hu < -700) & ~lesion
+            assert float(np.median(hu[lesion])) > float(np.median(hu[aerated])) + 150.0
+    assert orders == {False, True}  # both instance orders were checked

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from synthetic.phantom import DIAGNOSES, chest_phantom
+from synthetic.phantom import DIAGNOSES, PhantomStudy, chest_phantom, render_chest
 
 # 64 x 64 pixels of 5.5 mm and 40 slices of 4 mm cover a whole 350 mm x 160 mm chest, cheaply.
 SMALL = dict(shape=(40, 64, 64), pixel_spacing_mm=(5.5, 5.5), slice_spacing_mm=4.0)
@@ -153,3 +153,22 @@ def test_bad_arguments(overrides: dict[str, object], named: str) -> None:
     kwargs.update(overrides)
     with pytest.raises(ValueError, match=re.escape(named)):
         chest_phantom(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("diagnosis", ["covid", "other_pneumonia"])
+def test_lesion_mask_marks_the_painted_lesions(diagnosis: str) -> None:
+    """render_chest's mask is where the diseased render differs strongly from the normal render of the same seed."""
+    for seed in range(3):
+        study = render_chest(diagnosis=diagnosis, burden=0.4, noise_hu=0.0, rng=np.random.default_rng(seed), **SMALL)
+        normal = render_chest(diagnosis="normal", burden=0.0, noise_hu=0.0, rng=np.random.default_rng(seed), **SMALL)
+        assert isinstance(study, PhantomStudy)
+        assert study.lesion_mask.dtype == np.bool_ and study.lesion_mask.shape == study.hu.shape
+        assert not normal.lesion_mask.any()
+        np.testing.assert_array_equal(normal.hu, chest_phantom(diagnosis="normal", burden=0.0, noise_hu=0.0,
+                                                                rng=np.random.default_rng(seed), **SMALL))
+        mask = study.lesion_mask
+        assert 0.01 < mask.mean() < 0.3
+        diff = study.hu - normal.hu
+        lung = _lung_mask(normal.hu)
+        assert float(np.median(diff[mask])) > 150.0
+        assert float(np.median(np.abs(diff[lung & ~mask]))) < 0.25 * float(np.median(diff[mask]))
