@@ -221,11 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     from bench.cli import add_parser as add_bench_parser
     from fedct import deploy  # deployment: fedct server, fedct site
     from fedct.status import add_parser as add_status_parser
+    from preprocessing.profile import add_parser as add_profile_parser  # fedct profile check
 
     _add_certs_parsers(sub)
     deploy.add_server_parser(sub)
     deploy.add_site_parser(sub)
     add_status_parser(sub)
+    add_profile_parser(sub)
     add_bench_parser(sub)
     return parser
 
