@@ -26,6 +26,7 @@ import math
 import re
 import sys
 import tomllib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -475,14 +476,22 @@ class ProfileTable:
         return values, missing
 
 
-def _safe_text(text: str) -> str:
-    """``'text'`` when short and harmless, else a description (a cell could hold a name, a date or an ID)."""
-    if len(text) <= 16 and re.fullmatch(r"[\w .,<>=+%/-]*", text) and not re.search(r"\d{5,}|\d{1,4}[./-]\d{1,2}[./-]\d{2,4}", text):
+#: A cell's text appears in an error message only when this many rows of its column hold it (a systematic spelling
+#: such as "femme", not one patient's entry) or when it is a short number-like token; never a digit run or a date.
+ECHO_MIN_ROWS = 5
+
+
+def _safe_text(text: str, frequent: frozenset[str] = frozenset()) -> str:
+    """``'text'`` when it cannot single out a patient, else a description (a cell could hold a name, a date or an ID)."""
+    identifying = re.search(r"\d{5,}|\d{1,4}[./-]\d{1,2}[./-]\d{2,4}", text)
+    number_like = re.fullmatch(r"[<>=]{0,2}\s?[-+]?[\d.,eE+-]{1,10}", text)
+    if not identifying and len(text) <= 24 and (text in frequent or number_like):
         return repr(text)
-    return f"a {len(text)}-character value"
+    return f"a {len(text)}-character value (not shown: fewer than {ECHO_MIN_ROWS} rows hold it)"
 
 
-def _parse_number(text: str, mapping: SiteMapping, column: ColumnMapping) -> tuple[float | None, str | None]:
+def _parse_number(text: str, mapping: SiteMapping, column: ColumnMapping,
+                  frequent: frozenset[str]) -> tuple[float | None, str | None]:
     """(number in site units or None for missing, error) of one cell."""
     raw = text.strip()
     if mapping.decimal == ",":
@@ -490,7 +499,7 @@ def _parse_number(text: str, mapping: SiteMapping, column: ColumnMapping) -> tup
     censored = re.fullmatch(r"(<=|>=|<|>)\s*(.+)", raw)
     if censored:
         if column.censored is None:
-            return None, (f"{_safe_text(text)} is censored (below/above the assay's limit); set censored = \"limit\" "
+            return None, (f"{_safe_text(text, frequent)} is censored (below/above the assay's limit); set censored = \"limit\" "
                           f"or \"missing\" for this column in the mapping")  # fmt: skip
         if column.censored == "missing":
             return None, None
@@ -498,19 +507,20 @@ def _parse_number(text: str, mapping: SiteMapping, column: ColumnMapping) -> tup
     try:
         number = float(raw)
     except ValueError:
-        return None, f"{_safe_text(text)} is not a number"
+        return None, f"{_safe_text(text, frequent)} is not a number"
     if not math.isfinite(number):
-        return None, f"{_safe_text(text)} is not a finite number"
+        return None, f"{_safe_text(text, frequent)} is not a finite number"
     return number, None
 
 
-def _cell_value(text: str, variable: Variable, column: ColumnMapping, mapping: SiteMapping) -> tuple[float, str | None]:
+def _cell_value(text: str, variable: Variable, column: ColumnMapping, mapping: SiteMapping,
+                frequent: frozenset[str] = frozenset()) -> tuple[float, str | None]:
     """(value in schema units, NaN for missing; error or None)."""
     stripped = text.strip()
     if stripped in mapping.missing:
         return math.nan, None
     if variable.type in ("float", "int"):
-        number, error = _parse_number(stripped, mapping, column)
+        number, error = _parse_number(stripped, mapping, column, frequent)
         if error or number is None:
             return math.nan, error
         value = number * column.factor
@@ -524,17 +534,17 @@ def _cell_value(text: str, variable: Variable, column: ColumnMapping, mapping: S
     if column.values:
         if stripped not in column.values:
             known = ", ".join(repr(k) for k in column.values)
-            return math.nan, f"{_safe_text(stripped)} is not in the mapping's values ({known})"
+            return math.nan, f"{_safe_text(stripped, frequent)} is not in the mapping's values ({known})"
         mapped = column.values[stripped]
         if variable.type == "bool":
             return float(bool(mapped)), None
         return (math.nan, None) if mapped == "" else (float(variable.categories.index(mapped)), None)
     if variable.type == "bool":
         if stripped.lower() not in _BOOL_DEFAULT:
-            return math.nan, f"{_safe_text(stripped)} is not a boolean (1/0/true/false, or map it under values)"
+            return math.nan, f"{_safe_text(stripped, frequent)} is not a boolean (1/0/true/false, or map it under values)"
         return float(_BOOL_DEFAULT[stripped.lower()]), None
     if stripped not in variable.categories:
-        return math.nan, f"{_safe_text(stripped)} is not one of {', '.join(variable.categories)} (map it under values)"
+        return math.nan, f"{_safe_text(stripped, frequent)} is not one of {', '.join(variable.categories)} (map it under values)"
     return float(variable.categories.index(stripped)), None
 
 
@@ -609,6 +619,12 @@ def read_profile(path: Path, schema: ProfileSchema, mapping: SiteMapping) -> Pro
     key_at = header.index(mapping.key_column)
     plan = [(schema.names.index(c.variable), schema.variable(c.variable), c, header.index(c.column)) for c in mapping.columns]
     n_vars = len(schema.variables)
+    counts: dict[int, Counter[str]] = {at: Counter() for _, _, _, at in plan}
+    for _, record in rows:
+        if len(record) == len(header):
+            for at, counter in counts.items():
+                counter[record[at].strip()] += 1
+    frequent = {at: frozenset(t for t, n in counter.items() if n >= ECHO_MIN_ROWS) for at, counter in counts.items()}
     errors: list[RowError] = []
     parsed: list[tuple[int, str, np.ndarray, bool]] = []  # line, key, values, row is good
     lines_of: dict[str, list[int]] = {}
@@ -628,7 +644,7 @@ def read_profile(path: Path, schema: ProfileSchema, mapping: SiteMapping) -> Pro
         row = np.full(n_vars, np.nan)
         ok = True
         for j, variable, column, at in plan:
-            value, error = _cell_value(record[at], variable, column, mapping)
+            value, error = _cell_value(record[at], variable, column, mapping, frequent[at])
             if error:
                 errors.append(RowError(line, column.column, error))
                 ok = False

@@ -196,7 +196,7 @@ def test_bad_rows_are_all_reported_with_line_and_column_and_dropped(tmp_path: Pa
     assert table.rows_read == 10 and table.rows_dropped == 8
     by_line = {e.line: e for e in table.errors}
     assert sorted(by_line) == [3, 4, 5, 6, 7, 8, 9, 11]
-    assert by_line[3].column == "gender" and "'femme' is not in the mapping's values" in by_line[3].reason
+    assert by_line[3].column == "gender" and "is not in the mapping's values ('female', 'male', 'unknown')" in by_line[3].reason
     assert by_line[4].column == "dm"
     assert by_line[5].column == "crp_mgdl" and "not a number" in by_line[5].reason
     assert by_line[6].column == "crp_mgdl" and "150 mg/dL = 1500 mg/L is outside the allowed range [0, 1000] mg/L" in by_line[6].reason
@@ -213,6 +213,14 @@ def test_errors_never_repeat_keys_or_identifier_like_text(tmp_path: Path) -> Non
     text = "\n".join(str(e) for e in table.errors)
     assert "SMITH" not in text and "19570312" not in text and UID.format(2) not in text and UID.format(1) not in text
     assert "character value" in text
+
+
+def test_a_systematic_spelling_is_shown_a_single_entry_is_not(tmp_path: Path) -> None:
+    rows = [f"{UID.format(i)},50,femme,N,1,1,1," for i in range(5)] + [f"{UID.format(9)},50,Mueller,N,1,1,1,"]
+    table = _read(_site(tmp_path, rows))
+    reasons = [e.reason for e in table.errors]
+    assert len(reasons) == 6 and all("'femme' is not in the mapping's values" in r for r in reasons[:5])
+    assert "Mueller" not in reasons[5] and "7-character value (not shown" in reasons[5]
 
 
 def test_duplicate_keys_drop_every_copy(tmp_path: Path) -> None:
