@@ -223,11 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     from fedct import deploy  # deployment: fedct server, fedct site
     from fedct.status import add_parser as add_status_parser
     from preprocessing.collections import add_parser as add_collection_parser  # fedct collection prepare
+    from preprocessing.profile import add_parser as add_profile_parser  # fedct profile check
 
     _add_certs_parsers(sub)
     deploy.add_server_parser(sub)
     deploy.add_site_parser(sub)
     add_status_parser(sub)
+    add_profile_parser(sub)
     add_bench_parser(sub)
     add_collection_parser(sub)
     return parser
