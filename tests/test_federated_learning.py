@@ -32,7 +32,7 @@ from fl_server.rounds import run_federation
 from fl_server.strategy import build_strategy
 
 SITES = 3
-ROUNDS = 6
+ROUNDS = 10
 RUN_CONFIG = {
     **TINY_RUN_CONFIG,
     "val-fraction": 0.3,
