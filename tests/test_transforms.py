@@ -14,6 +14,7 @@ from preprocessing.discover import discover
 from preprocessing.transforms import (
     PIPELINE_VERSION,
     AboveThreshold,
+    AugmentConfig,
     PipelineConfig,
     deterministic_transforms,
     random_transforms,
@@ -149,7 +150,7 @@ def test_random_transforms_keep_shape_and_are_applied_after_the_deterministic_on
 
     assert all(tuple(o.shape) == (1, *SMALL.input_size) for o in outputs)
     assert any(not torch.equal(outputs[0], o) for o in outputs[1:])
-    assert len(random_transforms(SMALL)) == 3
+    assert len(random_transforms(SMALL)) == 9  # 8 augmentations + the final plain-float32 step
 
 
 # --- #18: random augmentation on the batch where it lies (the GPU when training on one) ---------------------------
@@ -167,8 +168,9 @@ def test_batch_augment_draws_per_sample_is_reproducible_and_returns_a_plain_tens
     assert torch.equal(BatchAugment(SMALL, seed=5)(images), first)  # same seed, same draws
     assert not torch.equal(BatchAugment(SMALL, seed=6)(images), first)
     changed = [not torch.equal(first[i], images.as_tensor()[i]) for i in range(8)]
-    flipped = [torch.allclose(first[i], images.as_tensor()[i].flip(1), atol=0.2) for i in range(8)]
-    assert any(changed) and not all(flipped) and any(flipped)  # each sample draws its own flip/scale/noise
+    plain = images.as_tensor()
+    same_as_first = [torch.allclose(first[i] - plain[i], first[0] - plain[0], atol=1e-4) for i in range(1, 8)]
+    assert any(changed) and not all(same_as_first)  # each sample draws its own augmentation
 
 
 @pytest.mark.parametrize(("kwargs", "shape", "needle"), [({"seed": -1}, (2, 1, 8, 8, 8), "seed"),
@@ -198,5 +200,105 @@ def test_random_transforms_on_device_differ_only_in_the_noise_transform():
     from preprocessing.transforms import RandGaussianNoiseOnDeviced
 
     host, device = random_transforms(SMALL), random_transforms(SMALL, noise_on_device=True)
-    assert [type(t).__name__ for t in host[:2]] == [type(t).__name__ for t in device[:2]]
-    assert isinstance(device[2], RandGaussianNoiseOnDeviced) and device[2].prob == host[2].prob
+    names = lambda ts: [type(t).__name__ for t in ts]  # noqa: E731
+    noise_at = names(host).index("RandGaussianNoised")
+    assert names(host)[:noise_at] == names(device)[:noise_at] and names(host)[noise_at + 1:] == names(device)[noise_at + 1:]
+    assert isinstance(device[noise_at], RandGaussianNoiseOnDeviced) and device[noise_at].prob == host[noise_at].prob
+
+
+# --- #20.3: robust training (intensity, geometry, resolution augmentation; on by default) ---------------------------
+
+
+def test_training_chain_is_deterministic_then_random_with_the_cache_boundary_between(tmp_path):
+    from monai.transforms import Randomizable
+
+    from preprocessing.cache import make_dataset
+
+    dataset = make_dataset([], SMALL, tmp_path, augment=True)
+    chain = dataset.images.transform.transforms
+    n_det = len(deterministic_transforms(SMALL))
+    assert not any(isinstance(t, Randomizable) for t in chain[:n_det])  # all cached (PersistentDataset stops at the first random one)
+    assert isinstance(chain[n_det], Randomizable)
+    kinds = {type(t).__name__ for t in chain[n_det:]}
+    for expected in ("RandAffined", "RandFlipd", "RandSimulateLowResolutiond", "RandShiftIntensityd", "RandScaleIntensityd",
+                     "RandGaussianSmoothd", "RandGaussianSharpend", "RandGaussianNoised"):  # fmt: skip
+        assert expected in kinds, f"{expected} missing from the default training chain"
+    assert not any(isinstance(t, Randomizable) for t in make_dataset([], SMALL, tmp_path, augment=False).images.transform.transforms)
+
+
+def _phantom() -> torch.Tensor:
+    """A window-scaled body: an off-centre ellipsoid in [0.2, 0.8] with a bright spot, air (0) outside."""
+    x, y, z = torch.meshgrid(*(torch.linspace(-1, 1, n) for n in (24, 24, 16)), indexing="ij")
+    body = (((x - 0.1) / 0.8) ** 2 + (y / 0.6) ** 2 + (z / 0.9) ** 2 < 1).float()
+    spot = ((x - 0.4) ** 2 + (y - 0.1) ** 2 + z**2 < 0.05).float()
+    return (0.2 + 0.4 * body * (1 + torch.sin(6 * x) * 0.5) + 0.2 * spot)[None] * body[None]
+
+
+ALWAYS = AugmentConfig(flip_prob=1.0, intensity_prob=1.0, noise_prob=1.0, blur_prob=1.0, sharpen_prob=1.0, affine_prob=1.0, low_res_prob=1.0)
+
+
+def _bound_ok(name: str, image: torch.Tensor, out: torch.Tensor, aug: AugmentConfig, window: float) -> bool:
+    diff = out - image
+    if name == "RandShiftIntensityd":  # one offset for the whole volume, at most hu_shift HU
+        return float(diff.max() - diff.min()) < 1e-5 and abs(float(diff.mean())) <= aug.hu_shift / window + 1e-6
+    if name == "RandScaleIntensityd":  # out = image * (1 + f), |f| <= intensity_scale
+        f = float((out.sum() / image.sum()) - 1)
+        return abs(f) <= aug.intensity_scale + 1e-6 and torch.allclose(out, image * (1 + f), atol=1e-5)
+    if name == "RandGaussianNoised":
+        return float(diff.std()) <= aug.noise_std * 1.1
+    if name == "RandFlipd":
+        return torch.equal(out, image.flip(1))
+    if name in ("RandGaussianSmoothd", "RandAffined", "RandSimulateLowResolutiond"):  # interpolation/smoothing: no new extremes
+        return float(out.min()) >= float(image.min()) - 0.05 and float(out.max()) <= float(image.max()) + 0.05
+    if name == "RandGaussianSharpend":  # unsharp mask: edges overshoot, but bounded by alpha times the local contrast
+        return float(diff.abs().max()) <= aug.sharpen_alpha[1] * float(image.max() - image.min())
+    return name == "EnsureTyped" and torch.equal(out, image)
+
+
+@pytest.mark.parametrize("index", range(len(random_transforms(SMALL))))
+def test_each_augmentation_changes_the_input_within_its_bounds_and_keeps_shape_and_dtype(index):
+    transform = random_transforms(SMALL, augment=ALWAYS)[index]
+    name = type(transform).__name__
+    image = _phantom()
+    window = SMALL.hu_max - SMALL.hu_min
+    changed = 0
+    for seed in range(5):
+        if hasattr(transform, "set_random_state"):
+            transform.set_random_state(seed=seed)
+        out = transform({"image": image.clone()})["image"]
+        out = out.as_tensor() if hasattr(out, "as_tensor") else out
+        assert tuple(out.shape) == tuple(image.shape) and out.dtype == torch.float32, name
+        assert _bound_ok(name, image, out, ALWAYS, window), f"{name} (seed {seed}) went beyond its stated bound"
+        changed += not torch.allclose(out, image, atol=1e-4)
+    assert changed >= (0 if name == "EnsureTyped" else 4), f"{name} left the input unchanged in {5 - changed} of 5 draws"
+
+
+def test_augmentation_is_on_by_default_and_can_be_switched_off():
+    assert AugmentConfig().enabled and random_transforms(SMALL)
+    assert random_transforms(SMALL, augment=AugmentConfig(enabled=False)) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"hu_shift": -5.0}, r"hu_shift .*-5\.0"),
+        ({"noise_std": "0.1"}, r"noise_std .*'0\.1'"),
+        ({"intensity_scale": 1.5}, r"intensity_scale"),
+        ({"rotate_deg": 90.0}, r"rotate_deg .*90\.0"),
+        ({"blur_sigma": (1.0, 0.5)}, r"blur_sigma .*\(1\.0, 0\.5\)"),
+        ({"low_res_zoom": (0.5, 2.0)}, r"low_res_zoom"),
+        ({"sharpen_alpha": (3.0,)}, r"sharpen_alpha"),
+        ({"affine_prob": 1.5}, r"affine_prob .*1\.5"),
+        ({"flip_prob": -0.1}, r"flip_prob"),
+    ],
+)
+def test_bad_augment_config_names_the_setting_and_value(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        AugmentConfig(**kwargs)
+
+
+def test_batch_augment_applies_the_same_set_as_the_loader():
+    from preprocessing.transforms import BatchAugment
+
+    names = [type(t).__name__ for t in BatchAugment(SMALL, seed=0).transform.transforms]
+    assert names == [type(t).__name__ for t in random_transforms(SMALL, noise_on_device=True)]
