@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 from synthetic.dicom_writer import PatientIdentity, write_ct_series
 from synthetic.masks import LESION_MASK_DIR, write_lesion_mask
 from synthetic.phantom import CHEST_LENGTH_MM, DIAGNOSES, render_chest
+from synthetic.profiles import write_site_profile
 
 LABEL_COLUMNS = ("StudyInstanceUID", "diagnosis", "severe", "time_days", "age", "sex")
 #: Follow-up window of the prognosis task (days); patients without an event are censored here.
@@ -229,8 +230,10 @@ def write_site(
     seed: int,
     progress: Callable[[str], None] | None = None,
 ) -> SiteSummary:
-    """Write one site's DICOM studies under ``site_dir/dicom``, its ``labels.csv`` and one lesion mask per study
-    (``site_dir/lesion-masks/<StudyInstanceUID>.nii.gz``, on the series' grid; see synthetic.masks); return a summary."""
+    """Write one site's DICOM studies under ``site_dir/dicom``, its ``labels.csv``, one lesion mask per study
+    (``site_dir/lesion-masks/<StudyInstanceUID>.nii.gz``, on the series' grid; see synthetic.masks) and its clinical
+    profile export (``profile.csv`` in the site's own units and spelling, with ``profile-mapping.toml``; see
+    synthetic.profiles); return a summary."""
     _check_profile(profile)
     start = time.perf_counter()
     n_patients = max(4, round(patients_per_site * profile.patient_factor))
@@ -287,6 +290,7 @@ def write_site(
         writer = csv.DictWriter(fh, fieldnames=LABEL_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows_written)
+    write_site_profile(site_dir, site_index=site_index, seed=seed)  # profile.csv + profile-mapping.toml (#24)
     counts = {d: diagnoses.count(d) for d in DIAGNOSES}
     return SiteSummary(profile.name, n_patients, n_files, counts, round(time.perf_counter() - start, 3))
 

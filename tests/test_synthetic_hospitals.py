@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from preprocessing.profile import read_site_profile
 from synthetic.hospitals import (
     FOLLOW_UP_DAYS,
     FederationSummary,
@@ -68,6 +69,9 @@ def test_summary_and_layout(federation: tuple[FederationSummary, list[str]]) -> 
         assert site.seconds >= 0
         with (site_dir / "labels.csv").open() as fh:
             assert fh.readline().strip() == "StudyInstanceUID,diagnosis,severe,time_days,age,sex"
+        profile_table = read_site_profile(site_dir)  # the clinical profile export, read as a site would (#24)
+        assert set(profile_table.keys) == {row["StudyInstanceUID"] for row in _labels(site_dir)}
+        assert not profile_table.errors
     assert len(messages) == sum(s.n_patients for s in summary.sites)
 
 
