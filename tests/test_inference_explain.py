@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -238,31 +237,17 @@ CLASSES = phantom.DIAGNOSES
 
 
 def write_case(folder: Path, seed: int, diagnosis: str, burden: float) -> np.ndarray | None:
-    """One synthetic chest CT study; returns where the phantom put lesions (weights, phantom axes) or None."""
+    """One synthetic chest CT study; returns where the phantom put lesions (bool, phantom axes) or None."""
     rng = np.random.default_rng(seed)
-    lesion: dict[str, np.ndarray] = {}
-    add_consolidation, add_covid = phantom._add_consolidation, phantom._add_covid
-
-    def consolidation(vol, rng, **kwargs):
-        out = add_consolidation(vol, rng, **kwargs)
-        if out is not None:
-            lesion["w"] = out[0].copy()
-        return out
-
-    def covid(vol, rng, **kwargs):
-        before = vol.copy()
-        add_covid(vol, rng, **kwargs)
-        lesion["w"] = np.clip(np.abs(vol - before) / 200.0, 0.0, 1.0)
-
-    with mock.patch.object(phantom, "_add_consolidation", consolidation), mock.patch.object(phantom, "_add_covid", covid):
-        hu = phantom.chest_phantom(shape=(round(160 / SLICE_MM), ROWS, ROWS), pixel_spacing_mm=(PIXEL_MM, PIXEL_MM),
-                                   slice_spacing_mm=SLICE_MM, diagnosis=diagnosis, burden=burden, noise_hu=15.0, rng=rng)  # fmt: skip
+    study = phantom.render_chest(shape=(round(160 / SLICE_MM), ROWS, ROWS), pixel_spacing_mm=(PIXEL_MM, PIXEL_MM),
+                                 slice_spacing_mm=SLICE_MM, diagnosis=diagnosis, burden=burden, noise_hu=15.0, rng=rng)  # fmt: skip
+    hu = study.hu
     uid = f"1.2.826.0.1.3680043.10.997.{seed}"
     write_ct_series(folder, hu, pixel_spacing_mm=(PIXEL_MM, PIXEL_MM), slice_spacing_mm=SLICE_MM,
                     origin_mm=(-(ROWS - 1) / 2 * PIXEL_MM, -(ROWS - 1) / 2 * PIXEL_MM, -200.0), study_instance_uid=uid,
                     series_instance_uid=uid + ".1", patient=PatientIdentity("TEST^HIT", "HIT", "19500101", "F", "070Y"),
                     uid_entropy=[uid])  # fmt: skip
-    return lesion.get("w")
+    return study.lesion_mask if study.lesion_mask.any() else None
 
 
 def train_briefly(root: Path, *, n: int = 30, epochs: int = 20) -> dict[str, torch.Tensor]:
@@ -333,7 +318,7 @@ def test_heat_map_hit_rate_on_planted_lesions(planted):
     rows = []
     for result in summary.results:
         diagnosis, weights = masks[result.StudyInstanceUID]
-        lesion = (weights > 0.5).transpose(2, 1, 0)  # phantom (slice, row, column) -> CT grid (column, row, slice)
+        lesion = weights.transpose(2, 1, 0)  # phantom (slice, row, column) -> CT grid (column, row, slice)
         distance = ndimage.distance_transform_edt(~lesion, sampling=(PIXEL_MM, PIXEL_MM, SLICE_MM))
         stored = json.loads((root / "out" / result.study_key / PREDICTION_NAME).read_text())
         peak = tuple(stored["explanation"]["peak_voxel"])  # on the original CT grid
