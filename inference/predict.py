@@ -26,7 +26,6 @@ import math
 import os
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -42,7 +41,7 @@ from models.factory import MultiTaskNet, as_plain_tensor, covariate_vector
 from preprocessing.deid import KEY_FILE_NAME, Pseudonymizer
 from preprocessing.discover import discover, read_dicom
 from preprocessing.transforms import PipelineConfig, deterministic_transforms
-from preprocessing.validate import SeriesInvalid, ValidatedSeries, validate_series
+from preprocessing.validate import SeriesInvalid, ValidatedSeries, series_by_study, validate_series
 from preprocessing.volume import series_to_dict
 
 __all__ = [
@@ -384,7 +383,7 @@ def run_predict(
 
     found = discover(input_dir, progress=False)
     refused: list[dict[str, str]] = [_refusal(r.path, r.reason, r.message) for r in found.rejected]
-    by_study: dict[str, list[ValidatedSeries]] = defaultdict(list)
+    validated: list[ValidatedSeries] = []
     for uid, headers in found.series.items():
         try:
             series = validate_series(headers)
@@ -393,15 +392,14 @@ def run_predict(
             message = f"series {uid} ({len(headers)} files) refused: {exc.message}"
             refused.append(_refusal(where, exc.reason, message, headers[0].StudyInstanceUID))
             continue
-        by_study[series.StudyInstanceUID].append(series)
+        validated.append(series)
 
     results: list[StudyResult] = []
     errors: list[dict[str, str]] = []
     written: dict[str, list[str]] = {}
-    studies = sorted(by_study.items())
+    studies = list(series_by_study(validated).items())  # one series per study, the rule ingestion uses
     bar = _progress(studies, enabled=progress)
     for study_uid, candidates in bar:
-        candidates.sort(key=lambda s: (-len(s.paths), s.SeriesInstanceUID))
         chosen: ValidatedSeries | None = None
         prepared: ModelInput | None = None
         for series in candidates:

@@ -16,9 +16,9 @@ import multiprocessing
 import os
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,15 @@ from preprocessing.discover import Rejection, discover, file_state_fingerprint, 
 from preprocessing.labels import DIAGNOSES, Labels, StudyLabel, read_labels
 from preprocessing.pipeline import PipelineConfig
 from preprocessing.split import SplitConfig, assign_splits
-from preprocessing.validate import SeriesInvalid, ValidatedSeries, ValidationConfig, as_series, series_to_dict, validate_series
+from preprocessing.validate import (
+    SeriesInvalid,
+    ValidatedSeries,
+    ValidationConfig,
+    as_series,
+    series_by_study,
+    series_to_dict,
+    validate_series,
+)
 
 # torch + MONAI (2.5 s of one idle core to import, more under load) are imported by the workers only: this module plans
 # (discovery, validation, pseudonyms, split) without them; see pool_context.
@@ -259,27 +267,13 @@ def ingest_site(
                 )
             )
 
-    # One series per study: the one with the most slices (the thinnest reconstruction).
-    by_study: dict[str, list[ValidatedSeries]] = defaultdict(list)
-    for series in validated:
-        by_study[series.StudyInstanceUID].append(series)
-    chosen: list[ValidatedSeries] = []
-    for study_uid, candidates in sorted(by_study.items()):
-        candidates.sort(key=lambda s: (-len(s.paths), s.SeriesInstanceUID))
-        chosen.append(candidates[0])
-        for extra in candidates[1:]:
-            rejected.append(
-                Rejection(
-                    _series_folder(extra.paths, dicom_dir),
-                    "additional_series",
-                    f"study {pseudonym('study', study_uid)} already uses series {pseudonym('series', candidates[0].SeriesInstanceUID)}"
-                    f" ({len(candidates[0].paths)} slices); this one ({len(extra.paths)} slices) is not used",
-                )
-            )
+    # One series per study (validate.series_by_study): the preferred one, or the next when its pixels fail.
+    candidates_of = series_by_study(validated)
 
     def label_key(series: ValidatedSeries) -> str:
         return series.AccessionNumber if labels.key == "AccessionNumber" else series.StudyInstanceUID
 
+    chosen = [candidates[0] for candidates in candidates_of.values()]
     if labels_csv is not None:
         labelled = []
         for series in chosen:
@@ -289,6 +283,7 @@ def ingest_site(
                 rejected.append(
                     Rejection(_series_folder(series.paths, dicom_dir), "no_label", f"{labels.key} not found in the labels file")
                 )
+                rejected.extend(_additional(candidates_of[series.StudyInstanceUID], series, pseudonym, dicom_dir))
         chosen = labelled
 
     # Split by patient, stratified by the diagnosis of the patient's first study.
@@ -318,26 +313,44 @@ def ingest_site(
             )
         )
 
-    # Decode and cache, both cores; a series whose pixels fail is refused with the file that failed.
-    failures: dict[str, Rejection] = {}
+    # Decode and cache, both cores. A series whose pixels fail is refused with the file that failed, and the
+    # study goes on with its next series, if it has one; the study is refused only when every series failed.
     export_dir = str(site_dir / NIFTI_FOLDER) if export_hu else None
-    jobs = [(e.item(), pipeline, str(site_dir), export_dir) for e in entries]
-    if jobs:
+    entry_of = {e.id: e for e in entries}
+    used = {e.id: 0 for e in entries}  # index into the study's candidates
+    failed: set[str] = set()
+    pending = list(entries)
+    if pending:
         with ProcessPoolExecutor(max_workers=max(1, workers), initializer=_worker_init, mp_context=context) as pool:
-            results = pool.map(_cache_one, jobs)
-            if progress:
-                from tqdm import tqdm
+            while pending:
+                results = pool.map(_cache_one, [(e.item(), pipeline, str(site_dir), export_dir) for e in pending])
+                if progress:
+                    from tqdm import tqdm
 
-                results = tqdm(results, total=len(jobs), desc="preprocess", unit="series", leave=False)
-            for study_id, reason, message, path in results:
-                if reason is not None:
-                    failures[study_id] = Rejection(_rel(path, dicom_dir) if path else "", reason, message or "")
-    series_of = {e.id: e for e in entries}
-    for study_id, rejection in failures.items():
-        entry = series_of[study_id]
-        path = rejection.path or _series_folder(entry.series["paths"], dicom_dir)
-        rejected.append(Rejection(path, rejection.reason, f"study {study_id} refused: {rejection.message}"))
-    entries = [e for e in entries if e.id not in failures]
+                    results = tqdm(results, total=len(pending), desc="preprocess", unit="series", leave=False)
+                pending = []
+                for study_id, reason, message, path in results:
+                    if reason is None:
+                        continue
+                    entry = entry_of[study_id]
+                    candidates = candidates_of[entry.series["StudyInstanceUID"]]
+                    where = _rel(path, dicom_dir) if path else _series_folder(entry.series["paths"], dicom_dir)
+                    used[study_id] += 1
+                    if used[study_id] < len(candidates):
+                        nxt = candidates[used[study_id]]
+                        rejected.append(Rejection(where, reason, f"study {study_id}: its series of {len(entry.series['paths'])} "
+                                                  f"slices refused: {message or ''}; trying the study's next series "
+                                                  f"({len(nxt.paths)} slices)"))  # fmt: skip
+                        entry = replace(entry, series=series_to_dict(nxt), content=file_state_fingerprint(list(dict.fromkeys(nxt.paths))))
+                        entry_of[study_id] = entry
+                        pending.append(entry)
+                    else:
+                        rejected.append(Rejection(where, reason, f"study {study_id} refused: {message or ''}"))
+                        failed.add(study_id)
+    entries = [entry_of[e.id] for e in entries if e.id not in failed]
+    chosen = [candidates_of[e.series["StudyInstanceUID"]][used[e.id]] for e in entries]
+    for series in chosen:  # the study's other series, listed against the one actually used
+        rejected.extend(_additional(candidates_of[series.StudyInstanceUID], series, pseudonym, dicom_dir))
 
     manifest = SiteManifest(
         site_dir=str(site_dir),
@@ -349,6 +362,23 @@ def ingest_site(
     _write_json(site_dir / MANIFEST_NAME, {"manifest_version": MANIFEST_VERSION, **asdict(manifest)})
     _write_json(site_dir / REPORT_NAME, _report(found.n_files, entries, chosen, rejected, pipeline, time.perf_counter() - t0, dicom_dir))
     return manifest
+
+
+def _additional(
+    candidates: list[ValidatedSeries], used: ValidatedSeries, pseudonym: Pseudonymizer, root: Path
+) -> list[Rejection]:
+    """``additional_series`` records for a study's series other than ``used`` (one series per study)."""
+    study = pseudonym("study", used.StudyInstanceUID)
+    return [
+        Rejection(
+            _series_folder(extra.paths, root),
+            "additional_series",
+            f"study {study} already uses series {pseudonym('series', used.SeriesInstanceUID)} ({len(used.paths)} slices); "
+            f"this one ({len(extra.paths)} slices) is not used",
+        )
+        for extra in candidates
+        if extra.SeriesInstanceUID != used.SeriesInstanceUID
+    ]
 
 
 def _report(

@@ -12,7 +12,7 @@ of each file a slice is. Localizer (scout) images mixed into a series are droppe
 from __future__ import annotations
 
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -37,6 +37,7 @@ __all__ = [
     "ValidatedSeries",
     "ValidationConfig",
     "as_series",
+    "series_by_study",
     "series_to_dict",
     "slice_normal",
     "validate_series",
@@ -428,3 +429,19 @@ def series_to_dict(series: ValidatedSeries) -> dict[str, Any]:
     if "pixel_format" in d:
         d["pixel_format"] = [list(pair) for pair in d["pixel_format"]]
     return {key: list(value) if isinstance(value, tuple) else value for key, value in d.items()}
+
+
+def series_by_study(series: Sequence[ValidatedSeries]) -> dict[str, list[ValidatedSeries]]:
+    """Group validated series by StudyInstanceUID, each study's series in order of preference.
+
+    The one rule for a study with several series, shared by ingestion and prediction: the series with the most
+    slices first (the thinnest reconstruction), ties broken by SeriesInstanceUID so every run picks the same one.
+    A caller uses the first series that reads and lists the others as ``additional_series``. Studies come
+    sorted by StudyInstanceUID.
+    """
+    grouped: dict[str, list[ValidatedSeries]] = defaultdict(list)
+    for s in series:
+        grouped[s.StudyInstanceUID].append(s)
+    return {
+        study_uid: sorted(grouped[study_uid], key=lambda s: (-len(s.paths), s.SeriesInstanceUID)) for study_uid in sorted(grouped)
+    }

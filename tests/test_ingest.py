@@ -491,3 +491,46 @@ def test_a_process_with_torch_forks_its_workers():
     import torch  # noqa: F401 - this process has it, as training and inference do
 
     assert pool_context().get_start_method() == "fork"
+
+
+def test_a_study_whose_preferred_series_fails_to_read_uses_its_next_series(make_series, labels_writer, dicom_root, tmp_path):
+    thin = make_series("thin", patient=_patient(0), seed=0, n_slices=14)
+    thick = make_series("thick", patient=_patient(0), seed=1, n_slices=10, slice_spacing_mm=3.0, study_uid=thin.study_uid)
+    third = make_series("third", patient=_patient(0), seed=2, n_slices=9, slice_spacing_mm=3.0, study_uid=thin.study_uid)
+    thin.paths[3].write_bytes(thin.paths[3].read_bytes()[:-100])  # headers validate; the pixels cannot be read
+    labels = labels_writer(tmp_path / "labels.csv", [_label_row(thin.study_uid, "covid")])
+
+    manifest = ingest_site(dicom_root, tmp_path / "site", labels_csv=labels, pipeline=SMALL, workers=1)
+
+    [study] = manifest.studies
+    assert study.series["SeriesInstanceUID"] == thick.series_uid and len(study.series["paths"]) == 10
+    report = json.loads((tmp_path / "site" / REPORT_NAME).read_text())
+    by_reason = {r["reason"]: r for r in report["rejected"]}
+    assert set(by_reason) == {"truncated_pixel_data", "additional_series"}
+    assert by_reason["truncated_pixel_data"]["path"] == "thin/IM0004.dcm"
+    assert "trying the study's next series (10 slices)" in by_reason["truncated_pixel_data"]["message"]
+    # the study's remaining series is listed against the series actually used, not the one that failed
+    assert by_reason["additional_series"]["path"] == "third"
+    assert "(10 slices)" in by_reason["additional_series"]["message"]
+    assert [a["slices"] for a in report["accepted"]] == [10]
+    # training reads what ingest cached for the fallback series
+    cached = sorted(p for p in cache_dir_for(tmp_path / "site", SMALL).rglob("*") if p.is_file())
+    dataset = make_dataset([s.item() for s in load_manifest(tmp_path / "site", SMALL).studies], SMALL, tmp_path / "site", augment=False)
+    assert tuple(dataset[0]["image"].shape) == (1, *SMALL.input_size)
+    assert cached and sorted(p for p in cache_dir_for(tmp_path / "site", SMALL).rglob("*") if p.is_file()) == cached
+
+
+def test_a_study_whose_every_series_fails_is_refused_once_per_series(make_series, labels_writer, dicom_root, tmp_path):
+    a = make_series("a", patient=_patient(0), seed=0, n_slices=12)
+    b = make_series("b", patient=_patient(0), seed=1, n_slices=10, study_uid=a.study_uid)
+    for series in (a, b):
+        series.paths[2].write_bytes(series.paths[2].read_bytes()[:-100])
+    labels = labels_writer(tmp_path / "labels.csv", [_label_row(a.study_uid, "covid")])
+
+    manifest = ingest_site(dicom_root, tmp_path / "site", labels_csv=labels, pipeline=SMALL, workers=1)
+
+    assert manifest.studies == ()
+    report = json.loads((tmp_path / "site" / REPORT_NAME).read_text())
+    assert sorted(r["path"] for r in report["rejected"]) == ["a/IM0003.dcm", "b/IM0003.dcm"]
+    assert {r["reason"] for r in report["rejected"]} == {"truncated_pixel_data"}
+    assert report["counts"]["accepted"] == 0

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from preprocessing.discover import discover
-from preprocessing.validate import SeriesInvalid, ValidatedSeries, ValidationConfig, validate_series
+from preprocessing.validate import SeriesInvalid, ValidatedSeries, ValidationConfig, series_by_study, validate_series
 
 
 def _only_series(root: Path):
@@ -619,3 +619,25 @@ def test_enhanced_ct_with_two_stacks_is_refused(dicom_root, enhanced_ct_writer, 
 
     assert (err.reason, err.path) == ("multiple_stacks", str(path))
     assert "enh.dcm frame 8" in err.message
+
+
+def test_series_by_study_prefers_most_slices_then_series_uid(make_series, dicom_root):
+    a = make_series("a", n_slices=10, seed=0)
+    make_series("b", n_slices=12, seed=1, study_uid=a.study_uid)
+    make_series("c", n_slices=10, seed=2, study_uid=a.study_uid)
+    make_series("other", n_slices=9, seed=3)
+    by_uid = {s.SeriesInstanceUID: s for s in (validate_series(h) for h in discover(dicom_root).series.values())}
+    b, c, other = (next(s for s in by_uid.values() if s.paths[0].startswith(str(dicom_root / n))) for n in ("b", "c", "other"))
+    a = by_uid[a.series_uid]
+
+    grouped = series_by_study([a, other, c, b])
+
+    assert list(grouped) == sorted([a.StudyInstanceUID, other.StudyInstanceUID])
+    assert [s.SeriesInstanceUID for s in grouped[a.StudyInstanceUID]] == [b.SeriesInstanceUID] + sorted(
+        [a.SeriesInstanceUID, c.SeriesInstanceUID]
+    )
+    assert grouped[other.StudyInstanceUID] == [other]
+
+
+def test_series_by_study_of_nothing_is_empty():
+    assert series_by_study([]) == {}
