@@ -32,6 +32,11 @@ from bench.common import SMALL_RUN_CONFIG, BenchOptions, site_names, summarise, 
 #: Figures reported per arm (metric key in fedct's evaluation, label).
 FIGURES = (("test-auc-macro", "diagnosis macro AUC"), ("test-pooled-auc-macro", "diagnosis AUC, pooled predictions"),
            ("test-c-index", "prognosis C-index"))  # fmt: skip
+#: Figures on the external validation family (inference.external), per arm.
+EXTERNAL_FIGURES = (("external-auc-covid-vs-normal", "external family: COVID vs normal AUC"),
+                    ("external-auc-macro", "external family: diagnosis macro AUC"))  # fmt: skip
+#: Goal of the validity issue: a model that learned the finding, not the generator (COVID vs normal, external family).
+EXTERNAL_AUC_GOAL = 0.85
 
 
 #: Strategies compared by the full ``fedct bench quality`` (names of the run config's ``strategy`` key).
@@ -50,6 +55,7 @@ class QualityPlan:
     local_epochs: int
     strategies: tuple[str, ...] = ("fedavg",)
     run_config: Mapping[str, Any] = field(default_factory=dict)
+    external_studies: int = 24  # studies of the external validation family (synthetic.external), scored only
 
     def __post_init__(self) -> None:
         if self.sites < 2:
@@ -71,12 +77,12 @@ def plan_for(options: BenchOptions, *, strategies: Sequence[str] | None = None) 
         strategies = ("fedavg",) if options.tiny else DEFAULT_STRATEGIES
     if options.tiny:
         return QualityPlan(sites=2, patients_per_site=8, small=True, seeds=(0,), rounds=1, local_epochs=1, strategies=tuple(strategies),
-                           run_config=SMALL_RUN_CONFIG)  # fmt: skip
+                           run_config=SMALL_RUN_CONFIG, external_studies=6)  # fmt: skip
     if options.quick:
         return QualityPlan(sites=3, patients_per_site=30, small=True, seeds=(0, 1, 2), rounds=3, local_epochs=3, strategies=tuple(strategies),
                            run_config=SMALL_RUN_CONFIG)  # fmt: skip
     return QualityPlan(sites=3, patients_per_site=40, small=False, seeds=(0, 1, 2), rounds=10, local_epochs=2,
-                       strategies=tuple(strategies))  # fmt: skip
+                       strategies=tuple(strategies), external_studies=48)  # fmt: skip
 
 
 
@@ -112,15 +118,45 @@ def _initial_state(config: Any) -> dict[str, Any]:
     return {k: v.detach().clone() for k, v in build_model(config.model).state_dict().items()}
 
 
-def score(sites: Mapping[str, Any], settings: Any, state: Mapping[str, Any]) -> dict[str, Any]:
-    """fedct's evaluation of ``state`` at every site (test split) and its aggregate over sites."""
+def score(sites: Mapping[str, Any], settings: Any, state: Mapping[str, Any], *, external: Any = None) -> dict[str, Any]:
+    """fedct's evaluation of ``state`` at every site (test split) and its aggregate over sites; with ``external`` (the
+    family's :class:`ExternalFamily`) also its figures on the external validation family."""
     from fl_client.train import evaluate_round
     from fl_server.run_log import aggregate
 
     per_site = {name: evaluate_round(site, settings, state) for name, site in sites.items()}
     overall = aggregate(per_site)
     keys = [k for k, _ in FIGURES] + ["test-n", "test-n-events"]
-    return {"overall": {k: overall.get(k) for k in keys}, "sites": {n: {k: m.get(k) for k in keys} for n, m in per_site.items()}}
+    result = {"overall": {k: overall.get(k) for k in keys}, "sites": {n: {k: m.get(k) for k in keys} for n, m in per_site.items()}}
+    if external is not None:
+        from inference.external import score_external
+
+        result["external"] = score_external(state, model=settings.model, pipeline=settings.pipeline, dicom_dir=external.dicom_dir,
+                                            labels_csv=external.labels_csv, work_dir=external.work_dir).metrics()  # fmt: skip
+    return result
+
+
+@dataclass(frozen=True)
+class ExternalFamily:
+    """Where the external validation family lives: its DICOM and labels, and its ingestion folder."""
+
+    dicom_dir: Path
+    labels_csv: Path
+    work_dir: Path
+
+
+def external_family(root: Path, work_dir: Path, *, studies: int, small: bool) -> ExternalFamily:
+    """The external validation family under ``root`` (written by :mod:`synthetic.external` unless already there with
+    the same settings), never used for training; ingested into ``work_dir`` when scored."""
+    from synthetic.external import write_external_family
+
+    root = Path(root)
+    wanted = {"studies": studies, "small": small, "seed": 0}
+    marker = root / "bench-external.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) == wanted):
+        write_external_family(root, studies=studies, seed=0, small=small)
+        marker.write_text(json.dumps(wanted))
+    return ExternalFamily(root / "dicom", root / "labels.csv", Path(work_dir))
 
 
 def train_pooled(sites: Mapping[str, Any], settings: Any, state: Mapping[str, Any], *, epochs: int) -> dict[str, Any]:
@@ -183,11 +219,13 @@ def final_state(config: Any) -> dict[str, Any]:
 
 
 def _summaries(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"overall": {}, "sites": {}}
+    out: dict[str, Any] = {"overall": {}, "sites": {}, "external": {}}
     for key, _ in FIGURES:
         out["overall"][key] = summarise(r["overall"].get(key) for r in per_seed)
         for site in per_seed[0]["sites"]:
             out["sites"].setdefault(site, {})[key] = summarise(r["sites"][site].get(key) for r in per_seed)
+    for key, _ in EXTERNAL_FIGURES:
+        out["external"][key] = summarise(r.get("external", {}).get(key) for r in per_seed)
     return out
 
 
@@ -202,9 +240,9 @@ def plot(path: Path, arms: Mapping[str, Any]) -> Path:
     names = list(arms)
     sites = sorted(next(iter(arms.values()))["summary"]["sites"])
     groups = ["overall", *sites]
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(names) * 2), 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(max(14, 1.6 * len(names) * 3), 4.5))
     width = 0.8 / len(groups)
-    for ax, (key, title) in zip(axes, (FIGURES[0], FIGURES[2]), strict=True):
+    for ax, (key, title) in zip(axes[:2], (FIGURES[0], FIGURES[2]), strict=True):
         x = np.arange(len(names))
         for g, group in enumerate(groups):
             stats = [arms[a]["summary"]["overall" if group == "overall" else "sites"] for a in names]
@@ -218,6 +256,18 @@ def plot(path: Path, arms: Mapping[str, Any]) -> Path:
         ax.set_ylim(0.0, 1.02)
         ax.set_title(f"held-out test: {title} (no bar: undefined, e.g. no event at that site)", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
+    key, title = EXTERNAL_FIGURES[0]
+    stats = [arms[a]["summary"].get("external", {}).get(key, {}) for a in names]
+    x = np.arange(len(names))
+    axes[2].bar(x, [s.get("mean") if s.get("mean") is not None else float("nan") for s in stats], 0.6,
+                yerr=[s.get("std") or 0.0 for s in stats], capsize=2, color="tab:purple")  # fmt: skip
+    axes[2].axhline(EXTERNAL_AUC_GOAL, color="green", linestyle="--", linewidth=1, label=f"goal {EXTERNAL_AUC_GOAL:g}")
+    axes[2].axhline(0.5, color="red", linestyle=":", linewidth=1)
+    axes[2].set_xticks(x, names, rotation=25, ha="right", fontsize=8)
+    axes[2].set_ylim(0.0, 1.02)
+    axes[2].set_title(title, fontsize=9)
+    axes[2].grid(alpha=0.3, axis="y")
+    axes[2].legend(fontsize=7)
     axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -233,7 +283,7 @@ def plan_record_of(plan: QualityPlan) -> dict[str, Any]:
     """What must match for a partial result to be continued (the run config's overrides included)."""
     return {"sites": plan.sites, "patients_per_site": plan.patients_per_site, "small_images": plan.small, "seeds": list(plan.seeds),
             "rounds": plan.rounds, "local_epochs": plan.local_epochs, "strategies": list(plan.strategies),
-            "run_config": {k: plan.run_config[k] for k in sorted(plan.run_config)}}  # fmt: skip
+            "run_config": {k: plan.run_config[k] for k in sorted(plan.run_config)}, "external_studies": plan.external_studies}  # fmt: skip
 
 
 def load_partial(path: Path, plan_record: Mapping[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float]]:
@@ -249,7 +299,7 @@ def load_partial(path: Path, plan_record: Mapping[str, Any]) -> tuple[dict[str, 
     theirs = data.get("plan")
     if not isinstance(theirs, dict):
         raise ValueError(f"{path}: no plan recorded, cannot tell whether it belongs to this run; move it away to start over")
-    sizes = ("sites", "patients_per_site", "small_images", "rounds", "local_epochs", "run_config")
+    sizes = ("sites", "patients_per_site", "small_images", "rounds", "local_epochs", "run_config", "external_studies")
     differ = [f"{k}: {theirs.get(k)!r} there, {plan_record[k]!r} here" for k in sizes if theirs.get(k) != plan_record[k]]
     if differ:
         raise ValueError(f"{path} was written for another plan ({'; '.join(differ)}); move it away to start over")
@@ -281,6 +331,7 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Pa
     for site in sites.values():  # ingest once; every arm reads the same caches and splits
         prepare_site(site.dicom_dir, site.site_dir, labels_csv=site.labels_csv, pipeline=base.pipeline,
                      split=base.round_settings(1).split)  # fmt: skip
+    external = external_family(work / "external", work / "external-site", studies=plan.external_studies, small=plan.small)
     budget = plan.rounds * plan.local_epochs
     partial_path = out / PARTIAL_NAME
     plan_record = plan_record_of(plan)
@@ -304,20 +355,21 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Pa
         state0 = _initial_state(config)
         if not done("pooled", seed):
             t0 = time.perf_counter()
-            record("pooled", {"seed": seed, **score(sites, settings, train_pooled(sites, settings, state0, epochs=budget))}, t0)
+            record("pooled", {"seed": seed, **score(sites, settings, train_pooled(sites, settings, state0, epochs=budget), external=external)},
+                   t0)  # fmt: skip
         for name, site in sites.items():
             if done(f"local:{name}", seed):
                 continue
             t0 = time.perf_counter()
             state, _ = train_round(site, settings, state0)
-            record(f"local:{name}", {"seed": seed, **score(sites, settings, state)}, t0)
+            record(f"local:{name}", {"seed": seed, **score(sites, settings, state, external=external)}, t0)
         for strategy in plan.strategies:
             if done(f"federated:{strategy}", seed):
                 continue
             t0 = time.perf_counter()
             run_federated(configs[(strategy, seed)], data_root, work_root, plan.sites)
             state = final_state(configs[(strategy, seed)])
-            record(f"federated:{strategy}", {"seed": seed, **score(sites, settings, state)}, t0)
+            record(f"federated:{strategy}", {"seed": seed, **score(sites, settings, state, external=external)}, t0)
     for results in per_seed.values():  # resumed arms: seed order, whatever order they finished in
         results.sort(key=lambda r: plan.seeds.index(r["seed"]))
     arms = {arm: {"per_seed": results, "summary": _summaries(results), "seconds": seconds[arm]} for arm, results in per_seed.items()}
@@ -333,12 +385,16 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Pa
             "target_federated_over_pooled": 0.99,
             "federated_minus_best_local": fed - locals_[best_local] if fed is not None and locals_[best_local] is not None else None,
             "best_local_arm": best_local,
+            "external_auc_covid_vs_normal": arms[f"federated:{strategy}"]["summary"]["external"][EXTERNAL_FIGURES[0][0]]["mean"],
+            "target_external_auc_covid_vs_normal": EXTERNAL_AUC_GOAL,
         }
     payload = {
         "what": "held-out test metrics of the final model of each arm (same initial weights per seed, same budget of local "
         "epochs, same training loop and metric code); overall = weighted mean of site values (macro AUC by test studies, "
         "C-index by events); pooled-auc-macro = AUC of all sites' predictions pooled. A local:<site> model is scored at "
-        "every site. Mean/std over seeds.",
+        "every site. external = the same model on the external validation family (synthetic.external: another generator, "
+        "never trained on). Mean/std over seeds.",
+        "external_family": {"studies": plan.external_studies, "generator": "synthetic.external"},
         "plan": {**plan_record, "epochs_budget": budget, "model": base.model_name, "input_size": base.input_size},
         "resumed": options.resume,
         "site_studies": {name: {s: len(prepare_site(site.dicom_dir, site.site_dir, labels_csv=site.labels_csv, pipeline=base.pipeline,

@@ -34,6 +34,24 @@ def test_tiny_quality_benchmark_has_every_arm_and_site(tiny_run):
     assert data["verdict_on_macro_auc"]["fedavg"]["best_local_arm"].startswith("local:")
 
 
+def test_every_arm_is_scored_on_the_external_family(tiny_run):
+    out, data = tiny_run
+    assert data["external_family"] == {"studies": 6, "generator": "synthetic.external"}
+    for arm in data["arms"].values():
+        external = arm["per_seed"][0]["external"]
+        assert external["external-n"] == 6  # every study of the family, none held out for anything else
+        assert 0.0 <= external["external-auc-covid-vs-normal"] <= 1.0
+        assert 0.0 <= external["external-auc-macro"] <= 1.0
+        assert arm["summary"]["external"]["external-auc-covid-vs-normal"]["n"] == 1
+    verdict = data["verdict_on_macro_auc"]["fedavg"]
+    assert verdict["target_external_auc_covid_vs_normal"] == 0.85
+    assert verdict["external_auc_covid_vs_normal"] == data["arms"]["federated:fedavg"]["per_seed"][0]["external"][
+        "external-auc-covid-vs-normal"]
+    # the family was ingested like a site, apart from the training sites
+    report = json.loads((out / "work" / "quality" / "external-site" / "ingest_report.json").read_text())
+    assert report["counts"]["accepted"] == 6 and report["counts"]["rejected"] == 0
+
+
 def test_a_strategy_the_run_config_does_not_know_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="nosuch"):
         run(BenchOptions(out=tmp_path, tiny=True), strategies=("fedavg", "nosuch"))
