@@ -117,7 +117,8 @@ def _demo(args: argparse.Namespace) -> int:
     from fedct.demo import DemoOptions, run_demo
 
     options = DemoOptions(out=Path(args.out), sites=args.sites, patients_per_site=args.patients_per_site, rounds=args.rounds,
-                          local_epochs=args.local_epochs, model_name=args.model, seed=args.seed)  # fmt: skip
+                          local_epochs=args.local_epochs, model_name=args.model, seed=args.seed,
+                          external_studies=args.external_studies)  # fmt: skip
     return run_demo(options)
 
 
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--model", default="densenet121")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--external-studies", type=int, default=24,
+                   help="studies of the external validation family the model is scored on at the end (0: none)")
     p.set_defaults(func=_demo)
 
     from bench.cli import add_parser as add_bench_parser

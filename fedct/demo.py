@@ -33,6 +33,9 @@ class DemoOptions:
     local_epochs: int = 2
     model_name: str = "densenet121"
     seed: int = 0
+    #: studies of the external validation family (synthetic.external: another generator, never trained on) that the
+    #: demo's model is scored on at the end; 0 leaves the external validation out
+    external_studies: int = 24
 
     def __post_init__(self) -> None:
         if self.sites < 2:
@@ -41,6 +44,8 @@ class DemoOptions:
             raise ValueError(f"patients-per-site must be >= 5 (train/val/test per site), got {self.patients_per_site}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.external_studies != 0 and self.external_studies < 3:
+            raise ValueError(f"external-studies must be 0 (none) or >= 3 (one of each diagnosis), got {self.external_studies}")
 
 
 def simulation_backend_config(*, cpus_per_site: int = 1, gpus_per_site: float = 0.0) -> dict:
@@ -156,9 +161,39 @@ def run_demo(options: DemoOptions) -> int:
                   f"{_fmt(m.get('test-td-auc')):>6}")  # fmt: skip
         print("   (macro AUC of 'all' = mean of site AUCs weighted by studies; pooled AUC = AUC of all sites' predictions, "
               "from score histograms)")
+    if options.external_studies:
+        _external_validation(options, out, config, internal=best["test"] if best else {})
     print(f"   metrics: {metrics_path}\n   curves:  {out / 'curves.png'}\n   model:   {out / 'model' / 'final'} (best: {out / 'model' / 'best'})")
     print(f"\ndemo finished in {time.perf_counter() - t_start:.0f}s; options {json.dumps(asdict(options), default=str)}")
     return 0
+
+
+def _external_validation(options: DemoOptions, out: Path, config: ServerConfig, *, internal: dict) -> Path:
+    """Score the demo's model (best round, else final) on the external validation family; write ``external.json``."""
+    from inference.external import score_external
+    from models.bundle import load_bundle
+    from synthetic.external import write_external_family
+
+    family = out / "data" / "external"
+    marker = family / "external.json"
+    wanted = {"studies": options.external_studies, "seed": options.seed}
+    if not (marker.is_file() and json.loads(marker.read_text()) == wanted):
+        write_external_family(family, studies=options.external_studies, seed=options.seed)
+        marker.write_text(json.dumps(wanted))
+    which = "best" if (out / "model" / "best" / "model.json").is_file() else "final"
+    model, _ = load_bundle(out / "model" / which, expected_model=config.model)
+    score = score_external(model.state_dict(), model=config.model, pipeline=config.pipeline, dicom_dir=family / "dicom",
+                           labels_csv=family / "labels.csv", work_dir=out / "sites-external")  # fmt: skip
+    print(f"   external validation family ({score.n} studies of another generator, never trained on; model: {which}):")
+    print(f"   {'':8} {'macro AUC':>9} {'COVID vs normal AUC':>19} {'accuracy':>8}")
+    print(f"   {'internal':8} {_fmt(internal.get('test-auc-macro')):>9} {'':>19} {_fmt(internal.get('test-accuracy')):>8}")
+    print(f"   {'external':8} {_fmt(score.auc_macro):>9} {_fmt(score.auc_covid_vs_normal):>19} {_fmt(score.accuracy):>8}")
+    path = out / "external.json"
+    path.write_text(json.dumps({"model": which, "counts": score.counts, **score.metrics(),
+                                "internal": {k: internal.get(k) for k in ("test-n", "test-auc-macro", "test-accuracy")}},
+                               indent=1))  # fmt: skip
+    print(f"   external: {path}")
+    return path
 
 
 def _fmt(value: float | None) -> str:

@@ -15,7 +15,7 @@ def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
     # 24 patients: every split holds >= 5 studies, the metrics floor k (README "Privacy options"), so validation
     # metrics leave the sites and a best round is chosen.
     done = fedct("demo", "--out", str(tmp_path / "demo"), "--sites", "2", "--patients-per-site", "24", "--rounds", "1",
-                 "--model", "smallcnn", cwd=tmp_path, timeout=400)  # fmt: skip
+                 "--model", "smallcnn", "--external-studies", "3", cwd=tmp_path, timeout=400)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     for step in ("1/4", "2/4", "3/4", "4/4"):
         assert f"== {step}" in done.stdout
@@ -23,13 +23,17 @@ def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
     out = tmp_path / "demo"
     assert json.loads((out / "metrics.json").read_text())["rounds"][0]["round"] == 1
     assert (out / "curves.png").is_file() and (out / "model" / "final" / "model.json").is_file()
+    external = json.loads((out / "external.json").read_text())  # the external validation family, scored
+    assert external["external-n"] == 3 and external["counts"] == {"covid": 1, "other_pneumonia": 1, "normal": 1}
+    assert "external validation family (3 studies" in done.stdout
     left = (set(pids_matching("raylet")) | set(pids_matching("gcs_server"))) - before
     assert not left, f"Ray processes left behind: {left}"
 
 
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
-    [({"sites": 1}, "at least 2 sites"), ({"patients_per_site": 2}, "patients-per-site"), ({"rounds": 0}, "rounds")],
+    [({"sites": 1}, "at least 2 sites"), ({"patients_per_site": 2}, "patients-per-site"), ({"rounds": 0}, "rounds"),
+     ({"external_studies": 2}, "external-studies")],
 )
 def test_demo_options_are_checked(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
