@@ -155,10 +155,12 @@ def _uid(*parts: str) -> str:
     return str(generate_uid(entropy_srcs=["fedct-dicom-export", *parts]))
 
 
-def export_uids(study_instance_uid: str, series_instance_uid: str, model: Mapping[str, Any]) -> ExportUIDs:
-    """Deterministic UIDs from the source study/series and the model identity (name, version, weights)."""
+def export_uids(study_instance_uid: str, series_instance_uid: str, model: Mapping[str, Any], *,
+                research: bool = False) -> ExportUIDs:
+    """Deterministic UIDs from the source study/series and the model identity (name, version, weights); a research
+    copy gets its own (its objects differ from those that go back to the PACS)."""
     identity = [str(model.get(k, "")) for k in ("name", "fedct_version", "created_utc", "round_of_weights")]
-    base = [str(study_instance_uid), str(series_instance_uid), *identity]
+    base = [str(study_instance_uid), str(series_instance_uid), *identity, *(["research-copy"] if research else [])]
     return ExportUIDs(
         sr_series=_uid(*base, "sr-series"),
         sr_instance=_uid(*base, "sr-instance"),
@@ -486,7 +488,7 @@ def write_dicom_results(result: Any, out_dir: Path, *, identifiers: bool = True)
     """
     inputs = _check_inputs(result)
     headers = _read_source_headers(inputs, identifiers=identifiers)
-    uids = export_uids(inputs.study_uid, inputs.series_uid, inputs.model)
+    uids = export_uids(inputs.study_uid, inputs.series_uid, inputs.model, research=not identifiers)
 
     datasets: list[tuple[str, Dataset]] = [(SR_FILE_NAME, _build_sr(inputs, headers, uids))]
     for number, (overlay, k) in enumerate(zip(inputs.overlays, inputs.key_slices, strict=True), start=1):
