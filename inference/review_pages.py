@@ -176,6 +176,7 @@ ul.history li { border-top:1px solid var(--line); padding:6px 0; }
 footer { color:var(--muted); font-size:.85rem; padding:10px 28px 24px; max-width:1280px; }
 .error { color:var(--disagree); }
 .identity { margin:2px 0 4px; }
+.identity > span { display:inline-block; margin-right:14px; }
 .identity .id-value { font-weight:600; color:var(--ink); }
 .identity.hidden { font-style:italic; }
 .card.identity { display:flex; flex-wrap:wrap; gap:4px 22px; align-items:baseline; margin:0 0 18px; padding:10px 18px; }
