@@ -77,6 +77,15 @@ class LocalIdentity:
         labels = ("Accession number", "Patient name", "Patient ID")
         return [(label, value or "not recorded") for label, value in zip(labels, values)]
 
+    def redact(self, text: str) -> str:
+        """``text`` with every identifier (and each part of the name) replaced by ``[identifier]``: for messages that
+        go into shared files or logs, e.g. a library's error quoting an attribute value."""
+        parts = {self.AccessionNumber, self.PatientID, self.PatientName}
+        parts |= {p for chunk in self.PatientName.split("=") for p in chunk.split("^")}
+        for value in sorted((p.strip() for p in parts if len(p.strip()) >= 2), key=len, reverse=True):
+            text = text.replace(value, "[identifier]")
+        return text
+
     def to_dict(self) -> dict[str, str]:
         return {name: getattr(self, name) for name in ATTRIBUTES}
 

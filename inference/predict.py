@@ -451,6 +451,8 @@ def run_predict(
             info=info, key=key, out_dir=out_dir, explain_study=explain_study,
             local_identifiers=SHOWN if local_identifiers else HIDDEN,
         )  # fmt: skip
+        if explain_error is not None and identity is not None:  # a library's message may quote a header value
+            explain_error = identity.redact(explain_error)
         if explain_error is not None:  # the prediction stands; the report says there is no heat map
             errors.append({"study_key": result.study_key, "stage": "explain", "message": explain_error})
             _say(f"{result.study_key}: {explain_error}")
@@ -464,6 +466,7 @@ def run_predict(
                 files += [str(p) for p in export(result, study_dir, identifiers=local_identifiers)]
             except Exception as exc:  # the prediction stands; the DICOM copy is reported as failed
                 message = f"DICOM export failed: {type(exc).__name__}: {exc}"
+                message = identity.redact(message) if identity is not None else message  # summary.json is shared
                 errors.append({"study_key": result.study_key, "stage": "dicom_export", "message": message})
                 _say(f"{result.study_key}: {message}")
         _write_json(study_dir / PREDICTION_NAME, result.to_dict(relative_to=study_dir))

@@ -404,6 +404,9 @@ def test_local_identity_reads_three_attributes_and_the_setting(tmp_path, series_
     assert LocalIdentity(PatientName="DOE^JANE^M^DR^JR").display_name == "DOE, DR JANE M JR"
     assert LocalIdentity().rows() == [("Accession number", "not recorded"), ("Patient name", "not recorded"),
                                       ("Patient ID", "not recorded")]  # fmt: skip
+    message = "bad PN 'Vrexolund^Imbriga' of LIDK4W8Q2Z (ACCX7R3M9T); Vrexolund again"
+    assert identity.redact(message) == "bad PN '[identifier]' of [identifier] ([identifier]); [identifier] again"
+    assert LocalIdentity(PatientName="A^B").redact("A and B") == "A and B"  # one-letter parts would redact everything
     with pytest.raises(TypeError, match="PatientID must be a string"):
         LocalIdentity(PatientID=123)  # type: ignore[arg-type]
     env = tmp_path / "site.env"
@@ -417,3 +420,18 @@ def test_local_identity_reads_three_attributes_and_the_setting(tmp_path, series_
     env.write_text("# site\nFEDCT_LOCAL_IDENTIFIERS=maybe\n")
     with pytest.raises(ValueError, match=r"line 2: FEDCT_LOCAL_IDENTIFIERS='maybe' must be yes or no"):
         identifiers_setting(env_file=env)
+
+
+def test_error_messages_in_the_summary_are_redacted(tmp_path, series_writer, monkeypatch):
+    import inference.dicom_export
+
+    _write_local_patient(tmp_path / "in" / "s1", series_writer)
+
+    def quoting(result, out_dir, *, identifiers=True):  # as a library's validation error might read
+        raise ValueError(f"invalid PatientName {LOCAL_PATIENT.PatientName!r} (ID {LOCAL_PATIENT.PatientID})")
+
+    monkeypatch.setattr(inference.dicom_export, "write_dicom_results", quoting)
+    summary = run_predict(make_bundle(tmp_path / "bundle"), tmp_path / "in", tmp_path / "out", device="cpu", progress=False)
+    (error,) = summary.errors
+    assert error["message"] == "DICOM export failed: ValueError: invalid PatientName '[identifier]' (ID [identifier])"
+    assert _found(tmp_path / "out", LOCAL_STRINGS, skip=SITE_LOCAL) == []
