@@ -79,14 +79,22 @@ def _deid(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from inference.local_identity import ENV_KEY, identifiers_setting
     from inference.predict import run_predict
     from inference.push import push_results
     from preprocessing.pacs import push_settings
 
     try:
+        identifiers = identifiers_setting(no_local_identifiers=args.no_local_identifiers,
+                                          env_file=Path(args.pacs_env) if args.pacs_env else None)  # fmt: skip
+        if not identifiers and args.push is not None:
+            raise ValueError(f"--push stores the results with the patient's study in the PACS, which files them by patient: "
+                             f"a research copy (--no-local-identifiers or {ENV_KEY}=no) has no patient identification; "
+                             "leave out --push, or write the results with identifiers to push them")  # fmt: skip
         push = push_settings(args)  # --push: PACS settings checked before anything is predicted
         summary = run_predict(Path(args.model), Path(args.input), Path(args.out), device=args.device, progress=True,
-                              site_dir=Path(args.site_dir) if args.site_dir else None)  # fmt: skip
+                              site_dir=Path(args.site_dir) if args.site_dir else None,
+                              local_identifiers=identifiers)  # fmt: skip
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"fedct predict: error: {exc}", file=sys.stderr)
         return 2
@@ -199,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results folder (one sub-folder per study)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--site-dir", help="the site's work folder: name result folders by the site's keyed study pseudonyms")
+    p.add_argument("--no-local-identifiers", action="store_true",
+                   help="research copy: do not read or write accession number, patient name and ID (shown by default "
+                        "in the site-local report, review page and SR; also FEDCT_LOCAL_IDENTIFIERS=no in --pacs-env)")
     from preprocessing.pacs import add_push_arguments  # --push [URL], --pacs-env FILE
 
     add_push_arguments(p)

@@ -67,6 +67,9 @@ SITE_KEYS = {
     **{env: meaning for env, meaning in COMPUTE_ENV_KEYS.values()},  # precision, loader: fl_client/compute.py
     "FEDCT_CLIENTAPP_RUNNER": "how ClientApps run: warm (default; fedct's executor, torch/MONAI imported once) or flower "
                               "(Flower's SuperExec, a fresh process per message)",
+    # Read by `fedct predict --pacs-env FILE` (inference/local_identity.py), not by the federated client.
+    "FEDCT_LOCAL_IDENTIFIERS": "yes (default): predict shows accession number, patient name and ID in the site-local "
+                               "report, review page and SR; no: research copies without them",
 }
 #: Values of FEDCT_CLIENTAPP_RUNNER (the first is the default).
 CLIENTAPP_RUNNERS = ("warm", "flower")

@@ -16,6 +16,11 @@ source, so nothing is added that the hospital's PACS does not already hold) in t
 are derived from the source study and series and the model's identity, so sending the files again
 after a re-run replaces the earlier objects in PACS instead of adding duplicates.
 
+On a research copy (``identifiers=False``: ``fedct predict --no-local-identifiers``) the objects carry no patient
+or study identification: the source's Patient, Clinical Trial and Visit attributes and the study's accession
+number, dates, physicians, ID and description are left out (the Type 2 ones written empty); the UIDs, the
+patient's sex and the findings stay.
+
 The SR uses a private coding scheme (:data:`CODING_SCHEME`) for the model's own concepts (per-class
 probabilities, risk score, risk group); standard codes are used where one exists (SNOMED CT for
 COVID-19, "Normal", risk levels; DCM for "Comment"; LOINC for the procedure).
@@ -87,6 +92,20 @@ _COPIED_ATTRIBUTES = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
     "AccessionNumber", "ReferringPhysicianName", "StudyID",
 )  # fmt: skip
+#: Research copy: groups left out whole (Patient, Clinical Trial, Visit), except the attributes kept below.
+_RESEARCH_DROPPED_GROUPS = (0x0010, 0x0012, 0x0038)
+_RESEARCH_KEPT = ("PatientSex",)
+#: Research copy: study attributes that identify the patient, the visit or the people involved.
+_RESEARCH_DROPPED = (
+    "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyDate", "StudyTime", "StudyID", "StudyDescription",
+    "ReferringPhysicianName", "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
+    "ConsultingPhysicianIdentificationSequence", "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence",
+    "NameOfPhysiciansReadingStudy", "PhysiciansReadingStudyIdentificationSequence", "AdmittingDiagnosesDescription",
+    "AdmittingDiagnosesCodeSequence", "ReferencedPatientSequence", "ReferencedStudySequence", "RequestingService",
+    "RequestingPhysician", "RequestAttributesSequence", "StudyComments", "InstitutionName", "InstitutionAddress",
+    "OperatorsName", "PerformingPhysicianName", "SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime",
+    "ContentDate", "ContentTime", "AcquisitionDateTime", "InstanceCreationDate", "InstanceCreationTime",
+)  # fmt: skip
 
 
 def _code_value(text: str) -> str:
@@ -136,10 +155,12 @@ def _uid(*parts: str) -> str:
     return str(generate_uid(entropy_srcs=["fedct-dicom-export", *parts]))
 
 
-def export_uids(study_instance_uid: str, series_instance_uid: str, model: Mapping[str, Any]) -> ExportUIDs:
-    """Deterministic UIDs from the source study/series and the model identity (name, version, weights)."""
+def export_uids(study_instance_uid: str, series_instance_uid: str, model: Mapping[str, Any], *,
+                research: bool = False) -> ExportUIDs:
+    """Deterministic UIDs from the source study/series and the model identity (name, version, weights); a research
+    copy gets its own (its objects differ from those that go back to the PACS)."""
     identity = [str(model.get(k, "")) for k in ("name", "fedct_version", "created_utc", "round_of_weights")]
-    base = [str(study_instance_uid), str(series_instance_uid), *identity]
+    base = [str(study_instance_uid), str(series_instance_uid), *identity, *(["research-copy"] if research else [])]
     return ExportUIDs(
         sr_series=_uid(*base, "sr-series"),
         sr_instance=_uid(*base, "sr-instance"),
@@ -247,8 +268,21 @@ def _check_inputs(result: Any) -> _Inputs:
                    overlays, key_slices, method)  # fmt: skip
 
 
-def _read_source_headers(inputs: _Inputs) -> list[Dataset]:
-    """Headers (no pixel data) of the source slices, checked to be one series of the result's study."""
+def _strip_identification(ds: Dataset) -> None:
+    """Research copy: remove what identifies the patient or the study visit from a source header (in memory)."""
+    kept = {keyword: ds.get(keyword) for keyword in _RESEARCH_KEPT if keyword in ds}
+    for tag in [elem.tag for elem in ds if elem.tag.group in _RESEARCH_DROPPED_GROUPS]:
+        del ds[tag]
+    for keyword in _RESEARCH_DROPPED:
+        if keyword in ds:
+            delattr(ds, keyword)
+    for keyword, value in kept.items():
+        setattr(ds, keyword, value)
+
+
+def _read_source_headers(inputs: _Inputs, *, identifiers: bool = True) -> list[Dataset]:
+    """Headers (no pixel data) of the source slices, checked to be one series of the result's study; without
+    ``identifiers`` stripped of the patient's and the study's identification (:func:`_strip_identification`)."""
     headers: list[Dataset] = []
     seen: set[str] = set()
     for path in inputs.paths:
@@ -266,6 +300,8 @@ def _read_source_headers(inputs: _Inputs) -> list[Dataset]:
         if ds.SOPInstanceUID in seen:
             raise ValueError(f"source file {path} repeats SOPInstanceUID {ds.SOPInstanceUID}")
         seen.add(ds.SOPInstanceUID)
+        if not identifiers:
+            _strip_identification(ds)
         for keyword in _COPIED_ATTRIBUTES:
             if keyword not in ds:  # Type 2 in the new objects: written empty, never invented
                 setattr(ds, keyword, None)
@@ -438,7 +474,7 @@ def _save(ds: Dataset, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_dicom_results(result: Any, out_dir: Path) -> list[Path]:
+def write_dicom_results(result: Any, out_dir: Path, *, identifiers: bool = True) -> list[Path]:
     """Write the SR and one Secondary Capture per overlay for ``result`` into ``out_dir``; return the paths.
 
     ``result`` is a ``StudyResult`` or a mapping with: StudyInstanceUID, SeriesInstanceUID,
@@ -447,11 +483,12 @@ def write_dicom_results(result: Any, out_dir: Path) -> list[Path]:
     round_of_weights), overlays (RGB PNG paths) and key_slices (index into ``paths`` per overlay).
     Files: ``sr.dcm``, ``sc_01.dcm``, ...; ``sc_NN.dcm`` files of an earlier run that this run does
     not write are removed. Raises ``ValueError`` / ``FileNotFoundError`` on unusable input, before
-    anything is written.
+    anything is written. ``identifiers=False`` (a research copy): no patient or study identification
+    is copied from the source (see the module's docstring).
     """
     inputs = _check_inputs(result)
-    headers = _read_source_headers(inputs)
-    uids = export_uids(inputs.study_uid, inputs.series_uid, inputs.model)
+    headers = _read_source_headers(inputs, identifiers=identifiers)
+    uids = export_uids(inputs.study_uid, inputs.series_uid, inputs.model, research=not identifiers)
 
     datasets: list[tuple[str, Dataset]] = [(SR_FILE_NAME, _build_sr(inputs, headers, uids))]
     for number, (overlay, k) in enumerate(zip(inputs.overlays, inputs.key_slices, strict=True), start=1):

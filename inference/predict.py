@@ -8,12 +8,19 @@ bundle (deterministic transforms only: exactly what training saw) and writes::
     OUT/summary.json                     every result in brief, and every refused file or series with its reason
     OUT/<study_key>/prediction.json      the StudyResult (machine-readable)
     OUT/<study_key>/report.html          the clinician's report (self-contained)
+    OUT/<study_key>/local_identity.json  site-local: accession number, patient name and ID, for the pages
     OUT/<study_key>/overlay-sliceNNNN.png  Grad-CAM++ heat maps on the key axial slices
     OUT/<study_key>/sr.dcm, sc_NN.dcm    DICOM SR + Secondary Captures (when inference.dicom_export is installed)
 
 ``study_key`` is a keyed pseudonym (the site's ``site.key``, the same id ingestion uses) when a site folder is
 given, else a short hash of the StudyInstanceUID: folder names never carry patient data. Inside the files the UIDs
 are kept: the results stay in the hospital and must be linked back to the study.
+
+Local identifiers (:mod:`inference.local_identity`): the accession number, patient name and patient ID are read from
+the chosen series' header and written only into the site-local files a reader uses to find the patient
+(``local_identity.json``, ``report.html``, and the SR / Secondary Captures that go back to the same PACS); never into
+``prediction.json``, ``summary.json``, names or messages. With ``local_identifiers=False`` (a research copy) they
+are not read, every file says so, and the DICOM objects carry no patient or study identification either.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from monai.transforms import apply_transform
 
 from models.bundle import bundle_pipeline, load_bundle
 from models.factory import MultiTaskNet, as_plain_tensor, covariate_vector
+from inference.local_identity import HIDDEN, LOCAL_IDENTITY_NAME, SHOWN, LocalIdentity, read_local_identity
+from inference.local_identity import write_local_identity
 from preprocessing.deid import KEY_FILE_NAME, Pseudonymizer
 from preprocessing.discover import discover, read_dicom
 from preprocessing.transforms import PipelineConfig, deterministic_transforms
@@ -64,6 +73,10 @@ SUMMARY_NAME = "summary.json"
 #: Risk groups from the tertiles of the training population's risk score; "unavailable" without a reference.
 RISK_GROUPS = ("low", "intermediate", "high")
 RISK_UNAVAILABLE = "unavailable"
+#: Attributes of the series record that identify the patient: left out of prediction.json.
+_SERIES_IDENTIFIERS = ("PatientID", "AccessionNumber", "PatientName")
+#: Files of an earlier run that may hold identifiers: removed before a research copy is written over it.
+_IDENTIFYING_LEFTOVERS = (LOCAL_IDENTITY_NAME, "sr.dcm", "sc_*.dcm")
 
 
 @dataclass(frozen=True)
@@ -91,16 +104,19 @@ class StudyResult:
     risk_quantiles: tuple[float, float] | None = None
     covariates: dict[str, Any] | None = None
     explanation: dict[str, Any] = field(default_factory=dict)
+    #: ``site-local``: the study's identifiers were kept in the site-local files; ``hidden``: a research copy.
+    local_identifiers: str = SHOWN
 
     def to_dict(self, *, relative_to: Path | None = None) -> dict[str, Any]:
-        """JSON-friendly form (``series`` without PatientID); overlay paths relative to ``relative_to`` when given."""
+        """JSON-friendly form (``series`` without PatientID or AccessionNumber); overlay paths relative to
+        ``relative_to`` when given."""
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "overlays":
                 value = [_relative(Path(p), relative_to) for p in value]
-            elif f.name == "series":  # the file stays in the hospital, still: no patient id beyond the UIDs
-                value = {k: v for k, v in value.items() if k != "PatientID"}
+            elif f.name == "series":  # no patient id beyond the UIDs: identifiers live in local_identity.json only
+                value = {k: v for k, v in value.items() if k not in _SERIES_IDENTIFIERS}
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
@@ -352,11 +368,14 @@ def run_predict(
     progress: bool = True,
     site_dir: Path | None = None,
     dicom_export: bool = True,
+    local_identifiers: bool = True,
 ) -> PredictSummary:
     """Predict every study under ``input_dir`` with the bundle in ``model_dir``; write results into ``out_dir``.
 
     ``site_dir`` (optional): a site folder whose ``site.key`` names the study folders with ingestion's pseudonyms.
     ``dicom_export``: also write DICOM SR + Secondary Captures when :mod:`inference.dicom_export` is installed.
+    ``local_identifiers``: read the accession number, patient name and ID of each study for the site-local report,
+    review page and DICOM results; False writes a research copy (none of them read or written anywhere).
     Refused files and series are listed in ``OUT/summary.json`` with ingestion's reason codes; the run goes on.
     """
     from inference.explain import GradCamExplainer, explain_study  # matplotlib etc. only when predicting
@@ -423,21 +442,31 @@ def run_predict(
                 refused.append(_refusal(where, exc.reason, message, study_uid))
         if chosen is None or prepared is None:
             continue
+        key = study_key(study_uid, site_key=site_key)
+        identity = _local_identity(chosen) if local_identifiers else None
+        if not local_identifiers:  # a research copy written over an earlier run keeps none of its identifiers
+            _remove_identifying_leftovers(out_dir / key)
         result, explain_error = _predict_one(
             model, explainer, chosen, prepared, class_names=class_names, device=torch_device, quantiles=quantiles,
-            info=info, key=study_key(study_uid, site_key=site_key), out_dir=out_dir, explain_study=explain_study,
+            info=info, key=key, out_dir=out_dir, explain_study=explain_study,
+            local_identifiers=SHOWN if local_identifiers else HIDDEN,
         )  # fmt: skip
+        if explain_error is not None and identity is not None:  # a library's message may quote a header value
+            explain_error = identity.redact(explain_error)
         if explain_error is not None:  # the prediction stands; the report says there is no heat map
             errors.append({"study_key": result.study_key, "stage": "explain", "message": explain_error})
             _say(f"{result.study_key}: {explain_error}")
         study_dir = out_dir / result.study_key
-        write_report(result, study_dir)
+        write_report(result, study_dir, identity=identity)
         files = [str(p) for p in result.overlays] + [str(study_dir / "report.html")]
+        if identity is not None:
+            files.append(str(write_local_identity(identity, study_dir)))
         if export is not None:
             try:
-                files += [str(p) for p in export(result, study_dir)]
+                files += [str(p) for p in export(result, study_dir, identifiers=local_identifiers)]
             except Exception as exc:  # the prediction stands; the DICOM copy is reported as failed
                 message = f"DICOM export failed: {type(exc).__name__}: {exc}"
+                message = identity.redact(message) if identity is not None else message  # summary.json is shared
                 errors.append({"study_key": result.study_key, "stage": "dicom_export", "message": message})
                 _say(f"{result.study_key}: {message}")
         _write_json(study_dir / PREDICTION_NAME, result.to_dict(relative_to=study_dir))
@@ -446,8 +475,27 @@ def run_predict(
         del prepared
 
     summary = PredictSummary(tuple(results), tuple(refused), out_dir, tuple(errors))
-    _write_json(out_dir / SUMMARY_NAME, _summary_json(summary, info=info, files=written, n_files=found.n_files))
+    _write_json(out_dir / SUMMARY_NAME, _summary_json(summary, info=info, files=written, n_files=found.n_files,
+                                                      local_identifiers=SHOWN if local_identifiers else HIDDEN))
     return summary
+
+
+def _local_identity(series: ValidatedSeries) -> LocalIdentity:
+    """The identifiers in the chosen series' first file; empty when its header cannot be read again (the study's
+    prediction stands, the pages say "not recorded")."""
+    try:
+        return read_local_identity(series.paths[0])
+    except Exception:  # noqa: BLE001 - a vanished or unreadable file must not cost the study its prediction
+        return LocalIdentity()
+
+
+def _remove_identifying_leftovers(study_dir: Path) -> None:
+    if not study_dir.is_dir():
+        return
+    for pattern in _IDENTIFYING_LEFTOVERS:
+        for path in study_dir.glob(pattern):
+            if path.is_file() or path.is_symlink():
+                path.unlink()
 
 
 def _predict_one(
@@ -463,6 +511,7 @@ def _predict_one(
     key: str,
     out_dir: Path,
     explain_study: Any,
+    local_identifiers: str = SHOWN,
 ) -> tuple[StudyResult, str | None]:
     """Predict one study and explain it; a failure of the heat map is returned as a message, not raised."""
     covariates = None
@@ -506,17 +555,20 @@ def _predict_one(
         risk_quantiles=quantiles,
         covariates=covariate_record,
         explanation=dict(explanation),
+        local_identifiers=local_identifiers,
     )
     return result, error
 
 
 def _summary_json(
-    summary: PredictSummary, *, info: dict[str, Any], files: Mapping[str, list[str]], n_files: int
+    summary: PredictSummary, *, info: dict[str, Any], files: Mapping[str, list[str]], n_files: int,
+    local_identifiers: str = SHOWN,
 ) -> dict[str, Any]:
     return {
         "created_utc": _now_utc(),
         "model": info,
         "n_files": n_files,
+        "local_identifiers": local_identifiers,
         "results": [
             {
                 "study_key": r.study_key,

@@ -2,8 +2,10 @@
 
 The page reads on one screen: the disclaimer, the finding in words with its probability, all class
 probabilities, the risk group with its score and what it means against the training population, the key-slice
-heat maps with captions, and the model's identity. It carries the StudyInstanceUID (to find the study) and no
-other patient data.
+heat maps with captions, and the model's identity. To find the patient it shows the study's local identifiers
+(accession number, patient name and ID: :mod:`inference.local_identity`), passed in by the prediction at this site;
+the report is a site-local file. On a research copy (identifiers off) it says they are hidden and carries no patient
+data besides the StudyInstanceUID.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from inference.local_identity import HIDDEN, LocalIdentity
 from inference.wording import (
     DISCLAIMER,
+    IDENTIFIERS_HIDDEN,
+    IDENTIFIERS_LOCAL,
     class_phrase,
     class_title,
     finding_sentence,
@@ -58,6 +63,8 @@ tr.top td{font-weight:600} tr.top .bar span{background:#c0392b}
 .risk-low{color:#1e7b34} .risk-intermediate{color:#9a6700} .risk-high{color:#b42318} .risk-unavailable{color:#57606a}
 .overlays{display:grid;grid-template-columns:repeat(auto-fit,minmax(230px,1fr));gap:8px} figure{margin:0}
 figure img{width:100%;height:auto;border-radius:4px;background:#000} figcaption{font-size:12px;color:#444;margin-top:3px}
+.identity{display:flex;flex-wrap:wrap;gap:4px 18px;align-items:baseline;background:#fff;border:1px solid #d8dde3;border-radius:6px;padding:6px 12px;margin-bottom:10px}
+.identity b{font-size:15px} .identity .note{font-size:12px;color:#57606a}
 .meta{font-size:12px;color:#57606a} .meta td{border:0;padding:1px 6px 1px 0} code{font-size:11px;word-break:break-all}
 """
 
@@ -102,8 +109,20 @@ def _figures(result: Any, class_label: str, method: str) -> str:
     return legend + "\n" + "\n".join(figures)
 
 
-def render_report(result: Any) -> str:
-    """The report page of one result (a :class:`inference.predict.StudyResult` or its dict form) as HTML text."""
+def _identity_html(result: Any, identity: LocalIdentity | None) -> str:
+    """The patient line at the top: the local identifiers, "hidden" on a research copy, else nothing."""
+    esc = html.escape
+    if str(_get(result, "local_identifiers", "")) == HIDDEN:
+        return f'<div class="identity" id="identity" data-hidden="true"><span>{esc(IDENTIFIERS_HIDDEN)}</span></div>\n'
+    if identity is None:
+        return ""
+    items = "".join(f'<span>{esc(label)}: <b>{esc(value)}</b></span>' for label, value in identity.rows())
+    return f'<div class="identity" id="identity">{items}<span class="note">{esc(IDENTIFIERS_LOCAL)}</span></div>\n'
+
+
+def render_report(result: Any, *, identity: LocalIdentity | None = None) -> str:
+    """The report page of one result (a :class:`inference.predict.StudyResult` or its dict form) as HTML text;
+    ``identity``: the study's local identifiers, shown at the top (ignored on a research copy)."""
     probabilities = {str(k): float(v) for k, v in dict(_get(result, "probabilities") or {}).items()}
     diagnosis = str(_get(result, "diagnosis"))
     if diagnosis not in probabilities:
@@ -138,7 +157,7 @@ def render_report(result: Any) -> str:
 <body>
 <main>
 <div class="disclaimer" role="note" id="disclaimer">&#9888; {esc(DISCLAIMER)}</div>
-<div class="grid">
+{_identity_html(result, identity)}<div class="grid">
 <section class="card">
 <h1>Chest CT — model findings</h1>
 <p class="finding" id="finding">{esc(finding_sentence(probabilities, diagnosis))}</p>
@@ -163,12 +182,12 @@ def render_report(result: Any) -> str:
 """
 
 
-def write_report(result: Any, out_dir: Path) -> Path:
-    """Write ``out_dir/report.html`` for ``result``; return its path."""
+def write_report(result: Any, out_dir: Path, *, identity: LocalIdentity | None = None) -> Path:
+    """Write ``out_dir/report.html`` for ``result`` (with the study's local ``identity`` when given); return its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REPORT_NAME
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_report(result), encoding="utf-8")
+    tmp.write_text(render_report(result, identity=identity), encoding="utf-8")
     tmp.replace(path)
     return path

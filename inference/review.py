@@ -21,6 +21,9 @@ Results folder layout read here (optional fields may be missing)::
     RESULTS/<study_key>/prediction.json   study_key, StudyInstanceUID, diagnosis, probabilities, risk_score,
                                           risk_group, model {name, fedct_version, ...}, created_utc, overlays
     RESULTS/<study_key>/report.html
+    RESULTS/<study_key>/local_identity.json  site-local: accession number, patient name and ID, shown to find the
+                                          patient (absent on a research copy: prediction.json says
+                                          "local_identifiers": "hidden" and the pages say so)
     RESULTS/<study_key>/*.png             heat-map overlays
 """
 

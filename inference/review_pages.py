@@ -17,6 +17,8 @@ from urllib.parse import quote
 from inference.review_store import ALLOWED_VERDICTS, MAX_COMMENT_CHARS, Feedback, FeedbackStore, Study, list_studies, read_refused
 from inference.wording import (
     DISCLAIMER,
+    IDENTIFIERS_HIDDEN,
+    IDENTIFIERS_LOCAL,
     class_title,
     finding_sentence,
     heat_map_legend,
@@ -173,6 +175,12 @@ ul.history { list-style:none; padding:0; margin:6px 0 0; }
 ul.history li { border-top:1px solid var(--line); padding:6px 0; }
 footer { color:var(--muted); font-size:.85rem; padding:10px 28px 24px; max-width:1280px; }
 .error { color:var(--disagree); }
+.identity { margin:2px 0 4px; }
+.identity > span { display:inline-block; margin-right:14px; }
+.identity .id-value { font-weight:600; color:var(--ink); }
+.identity.hidden { font-style:italic; }
+.card.identity { display:flex; flex-wrap:wrap; gap:4px 22px; align-items:baseline; margin:0 0 18px; padding:10px 18px; }
+.card.identity .id-value { font-size:1.1rem; }
 """
 
 
@@ -236,6 +244,23 @@ def _thumb(study: Study, overlays: list[str]) -> str:
     return '<div class="nothumb">No image</div>'
 
 
+def _identity_html(study: Study, *, card: bool) -> str:
+    """The study's local identifiers (accession number, patient name, ID), or that they are hidden on a research copy;
+    nothing for results written before identifiers were kept."""
+    if study.identifiers_hidden:
+        cls = "card identity hidden" if card else "identity hidden small"
+        return f'<div class="{cls}" data-hidden="true">{esc(IDENTIFIERS_HIDDEN)}</div>'
+    identity = study.identity()
+    if identity is None:
+        return ""
+    names = ("accession", "name", "patient-id")
+    items = " ".join(f'<span class="id-{n}">{esc(label)}: <span class="id-value">{esc(value)}</span></span>'
+                     for n, (label, value) in zip(names, identity.rows()))
+    if card:
+        return f'<div class="card identity">{items}<span class="small">{esc(IDENTIFIERS_LOCAL)}</span></div>'
+    return f'<div class="identity small">{items}</div>'
+
+
 def _risk_html(prediction: Mapping[str, Any]) -> str:
     label, explanation, cls = risk_words(prediction)
     if not label:
@@ -265,6 +290,7 @@ def render_list(results_dir: Path, store: FeedbackStore, token: str, db_note: st
             rows.append(f"""<tr class="study" id="study-{esc(study.key)}" data-study-key="{esc(study.key)}">
 <td><a href="{esc(study_url(study.key))}">{_thumb(study, overlays)}</a></td>
 <td>{finding}
+{_identity_html(study, card=False)}
 <div class="small">Study <a href="{esc(study_url(study.key))}" class="study-link">{esc(shown_key)}</a>
 {f'&middot; predicted {esc(when)}' if when else ''}</div>
 <div class="links small">{report_link}<a href="{esc(study_url(study.key))}">Details and review</a></div></td>
@@ -337,6 +363,7 @@ def render_study(study: Study, store: FeedbackStore, token: str, db_note: str) -
     else:
         report_html = '<div class="card small">No report was written for this study.</div>'
     body = f"""<p class="links small"><a href="/" class="back-link">&larr; All studies</a></p>
+{_identity_html(study, card=True)}
 <div class="notice">{esc(DISCLAIMER)}</div>
 <div class="grid">
 <div class="card">

@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from inference.local_identity import HIDDEN, LocalIdentity, load_local_identity
+
 __all__ = ["ALLOWED_VERDICTS", "DEFAULT_DB_NAME", "MAX_COMMENT_CHARS", "Feedback", "FeedbackStore", "Study", "find_study",
            "inside_folder", "list_studies", "read_refused", "valid_segment"]
 
@@ -45,6 +47,17 @@ class Study:
     folder: Path
     prediction: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # prediction.json unreadable
+
+    @property
+    def identifiers_hidden(self) -> bool:
+        """Whether the results were written as a research copy (the local identifiers left out)."""
+        return self.prediction.get("local_identifiers") == HIDDEN
+
+    def identity(self) -> LocalIdentity | None:
+        """The study's local identifiers (site-local ``local_identity.json``); None on a research copy or without one."""
+        if self.identifiers_hidden:
+            return None
+        return load_local_identity(self.folder)
 
     @property
     def has_report(self) -> bool:

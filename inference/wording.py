@@ -14,6 +14,8 @@ from typing import Any
 
 __all__ = [
     "DISCLAIMER",
+    "IDENTIFIERS_HIDDEN",
+    "IDENTIFIERS_LOCAL",
     "UNCERTAIN_BELOW",
     "class_phrase",
     "class_title",
@@ -34,6 +36,11 @@ DISCLAIMER = (
     "Decision support from a research model, not a diagnosis; it may be wrong. Read it together with the images, "
     "the radiology report and the clinical picture; not for clinical use without local validation."
 )
+
+#: Shown where the patient's identifiers would be, on a results folder written with them off (a research copy).
+IDENTIFIERS_HIDDEN = "Patient identifiers hidden (research copy)"
+#: Said next to the identifiers the report and review page show: where they come from, that they stay here.
+IDENTIFIERS_LOCAL = "Read from this study's DICOM at this site, to find the patient; they stay at this site."
 
 #: Below this probability of the most likely class the finding is worded as uncertain.
 UNCERTAIN_BELOW = 0.5

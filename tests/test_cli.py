@@ -162,3 +162,28 @@ def test_commands_other_than_certificates_work_without_cryptography():
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok False")
+
+
+def test_predict_research_copy_from_the_switch_or_the_site_env_file_and_never_pushed(tmp_path, series_writer, capsys):
+    from fedct.cli import main
+    from test_inference_predict import make_bundle
+
+    series_writer(tmp_path / "in" / "s1", n_slices=10, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0), slice_spacing_mm=8.0)
+    bundle = make_bundle(tmp_path / "bundle")
+    env = tmp_path / "site.env"
+    env.write_text("FEDCT_LOCAL_IDENTIFIERS=no\n")
+    base = ["predict", "--model", str(bundle), "--input", str(tmp_path / "in"), "--device", "cpu"]
+    # A research copy has no patient to file the results under: --push is refused before anything is read.
+    for extra in (["--no-local-identifiers", "--push", "http://pacs.local/dicom-web"], ["--pacs-env", str(env), "--push"]):
+        assert main([*base, "--out", str(tmp_path / "refused"), *extra]) == 2
+        assert "research copy" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    env.write_text("FEDCT_LOCAL_IDENTIFIERS=perhaps\n")
+    assert main([*base, "--out", str(tmp_path / "bad"), "--pacs-env", str(env)]) == 2
+    assert "FEDCT_LOCAL_IDENTIFIERS='perhaps' must be yes or no" in capsys.readouterr().err
+    env.write_text("FEDCT_LOCAL_IDENTIFIERS=no\n")
+    for name, extra in (("switch", ["--no-local-identifiers"]), ("env", ["--pacs-env", str(env)]), ("default", [])):
+        assert main([*base, "--out", str(tmp_path / name), *extra]) == 0, capsys.readouterr().err
+        (folder,) = [p for p in (tmp_path / name).iterdir() if p.is_dir()]
+        hidden = name != "default"
+        assert json.loads((folder / "prediction.json").read_text())["local_identifiers"] == ("hidden" if hidden else "site-local")
+        assert (folder / "local_identity.json").is_file() is not hidden

@@ -98,6 +98,18 @@ def exported(source: Source, tmp_path_factory: pytest.TempPathFactory) -> list[P
 
 
 @pytest.fixture(scope="module")
+def research(source: Source, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The same result written as a research copy (``identifiers=False``)."""
+    return write_dicom_results(_result(source), tmp_path_factory.mktemp("research") / "dicom", identifiers=False)
+
+
+@pytest.fixture(scope="module", params=["site", "research"])
+def written(request: pytest.FixtureRequest) -> list[Path]:
+    """Both forms: what goes back to the site's PACS, and the research copy."""
+    return request.getfixturevalue("exported" if request.param == "site" else "research")
+
+
+@pytest.fixture(scope="module")
 def sr(exported: list[Path]) -> hd.sr.Comprehensive3DSR:
     return hd.sr.srread(exported[0])
 
@@ -253,12 +265,12 @@ def _type2(ds: pydicom.Dataset, keywords: list[str]) -> None:
         assert keyword in ds, keyword
 
 
-def test_dciodvfy_style(exported: list[Path]) -> None:
+def test_dciodvfy_style(written: list[Path]) -> None:
     """Files are Part 10 with consistent File Meta, re-serialise strictly, and carry the IOD's Type 1/2 attributes."""
     common1 = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "Manufacturer"]
     common2 = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                "ReferringPhysicianName", "StudyID", "AccessionNumber", "SeriesNumber", "InstanceNumber"]  # fmt: skip
-    for path in exported:
+    for path in written:
         ds = pydicom.dcmread(path, force=False)
         assert ds.preamble is not None
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
@@ -285,11 +297,12 @@ def test_dciodvfy_style(exported: list[Path]) -> None:
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="missing system tool or test dependency: dicom3tools (dciodvfy, dcentvfy)")
-def test_dicom3tools(exported: list[Path], source: Source) -> None:
-    """David Clunie's validators: no IOD errors in any file, study/patient entities consistent with the source."""
+def test_dicom3tools(exported: list[Path], research: list[Path], source: Source) -> None:
+    """David Clunie's validators: no IOD errors in any file (research copies too), study/patient entities consistent
+    with the source."""
     import subprocess
 
-    for path in exported:
+    for path in [*exported, *research]:
         run = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=60)
         errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
         assert not errors, (path.name, errors)
@@ -371,6 +384,34 @@ def test_missing_source_attributes_stay_empty(source: Source, tmp_path: Path) ->
         assert "PatientBirthDate" in ds and not ds.PatientBirthDate
         assert "AccessionNumber" in ds and not ds.AccessionNumber
         assert ds.PatientID == PATIENT.PatientID
+
+
+def test_research_copy_carries_no_patient_or_study_identification(research: list[Path], source: Source) -> None:
+    """identifiers=False: no name, ID, accession number, birth date or study date in any byte; the UIDs, the
+    patient's sex and the findings stay."""
+    assert [p.name for p in research] == ["sr.dcm", "sc_01.dcm", "sc_02.dcm"]
+    family, given = PATIENT.PatientName.split("^")
+    for path in research:
+        data = path.read_bytes()
+        for value in (family, given, PATIENT.PatientID, PATIENT.PatientBirthDate, "ACCQ9912", "20240314"):
+            assert value.encode() not in data, (path.name, value)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate", "StudyTime",
+                        "ReferringPhysicianName", "StudyID"):  # fmt: skip
+            assert keyword in ds and not ds[keyword].value, (path.name, keyword)
+        assert "PatientAge" not in ds and ds.PatientSex == PATIENT.PatientSex
+        assert ds.StudyInstanceUID == STUDY_UID
+    sr = hd.sr.srread(research[0])
+    (group,) = sr.content.get_image_measurement_groups()
+    assert group.get_measurements(name=probability_concept("covid"))[0].value == pytest.approx(71.234)
+
+
+
+def test_research_copy_has_its_own_deterministic_uids(exported: list[Path], research: list[Path], tmp_path: Path,
+                                                      source: Source) -> None:
+    again = write_dicom_results(_result(source), tmp_path / "again", identifiers=False)
+    assert _uids(again) == _uids(research)
+    assert not {uid for pair in _uids(research) for uid in pair} & {uid for pair in _uids(exported) for uid in pair}
 
 
 def test_overlay_modes(tmp_path: Path) -> None:

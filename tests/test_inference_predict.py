@@ -24,6 +24,7 @@ from preprocessing.discover import discover
 from preprocessing.transforms import PipelineConfig
 from preprocessing.validate import validate_series
 from preprocessing.volume import series_to_dict
+from synthetic.dicom_writer import PatientIdentity
 from inference import predict as predict_module
 from inference.predict import (
     PREDICTION_NAME,
@@ -296,3 +297,141 @@ def test_heat_map_failure_keeps_the_prediction(tmp_path, series_writer, monkeypa
     assert json.loads(stored)["diagnosis"] == result.diagnosis
     assert fake_patient.PatientID not in stored and "PatientID" not in stored
     assert json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())["errors"] == [dict(e) for e in summary.errors]
+
+
+# --- local identifiers ---------------------------------------------------------------------------------------------
+
+#: A patient whose identifiers are found nowhere else: any of these strings in a file means it was written there.
+LOCAL_PATIENT = PatientIdentity(PatientName="Vrexolund^Imbriga", PatientID="LIDK4W8Q2Z", PatientBirthDate="19510203",
+                                PatientSex="M", PatientAge="074Y")  # fmt: skip
+LOCAL_ACCESSION = "ACCX7R3M9T"
+LOCAL_STRINGS = ("Vrexolund", "Imbriga", LOCAL_PATIENT.PatientID, LOCAL_ACCESSION)
+#: What predict writes for this site's readers, carrying the identifiers by design (the SR / SCs go back to the
+#: same hospital's PACS); everything else it writes must be free of them.
+SITE_LOCAL = re.compile(r"^(local_identity\.json|report\.html|sr\.dcm|sc_\d+\.dcm)$")
+
+
+def _write_local_patient(folder: Path, series_writer) -> None:
+    series_writer(folder, n_slices=12, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0), slice_spacing_mm=8.0,
+                  patient=LOCAL_PATIENT, accession_number=LOCAL_ACCESSION)  # fmt: skip
+
+
+def _found(out: Path, strings: Sequence[str], *, skip: re.Pattern | None = None) -> list[tuple[str, str]]:
+    """(relative path, string) for every string in a file's bytes or in its path under ``out``."""
+    hits = []
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out).as_posix()
+        hits += [(rel, s) for s in strings if s.lower() in rel.lower()]
+        if path.is_file() and not (skip is not None and skip.match(path.name)):
+            data = path.read_bytes()
+            hits += [(rel, s) for s in strings if s.encode() in data]
+    return hits
+
+
+def _review_page(out: Path, key: str) -> str:
+    from inference.review_pages import render_list, render_study
+    from inference.review_store import FeedbackStore, find_study
+
+    store = FeedbackStore(out.parent / "feedback.sqlite")
+    study = find_study(out, key)
+    assert study is not None
+    return (render_study(study, store, "token", "") + render_list(out, store, "token", "")).decode("utf-8")
+
+
+def test_local_identifiers_only_in_site_local_files_and_none_in_a_research_copy(tmp_path, series_writer, capfd):
+    import pydicom
+
+    from inference.local_identity import LOCAL_IDENTITY_NAME, LocalIdentity, load_local_identity
+    from inference.wording import IDENTIFIERS_HIDDEN
+
+    _write_local_patient(tmp_path / "in" / "s1", series_writer)
+    bundle = make_bundle(tmp_path / "bundle", quantiles=(-1.0, 1.0))
+    out = tmp_path / "out"
+    summary = run_predict(bundle, tmp_path / "in", out, device="cpu", progress=True)
+    (result,) = summary.results
+    folder = out / result.study_key
+    assert not summary.errors
+    # Shown where the reader at the site looks: the report, the review page (from local_identity.json), the SR / SCs.
+    assert load_local_identity(folder) == LocalIdentity(LOCAL_ACCESSION, LOCAL_PATIENT.PatientName, LOCAL_PATIENT.PatientID)
+    report = (folder / "report.html").read_text(encoding="utf-8")
+    review = _review_page(out, result.study_key)
+    for text in (report, review):
+        assert LOCAL_ACCESSION in text and "Vrexolund, Imbriga" in text and LOCAL_PATIENT.PatientID in text
+        assert IDENTIFIERS_HIDDEN not in text and LOCAL_PATIENT.PatientBirthDate not in text
+    dicom = sorted(folder.glob("*.dcm"))
+    assert "sr.dcm" in [p.name for p in dicom] and len(dicom) >= 2
+    for path in dicom:
+        ds = pydicom.dcmread(path)
+        assert (ds.AccessionNumber, str(ds.PatientName), ds.PatientID) == (LOCAL_ACCESSION, LOCAL_PATIENT.PatientName,
+                                                                           LOCAL_PATIENT.PatientID)  # fmt: skip
+    # ... and nowhere else: prediction.json, summary.json, overlays, folder and file names, what was printed.
+    shared = {p.name for p in folder.iterdir() if not SITE_LOCAL.match(p.name)}
+    assert {LOCAL_IDENTITY_NAME, "report.html", "sr.dcm"} <= {p.name for p in folder.iterdir()} - shared
+    assert PREDICTION_NAME in shared and any(name.endswith(".png") for name in shared)  # the grep below has work to do
+    assert _found(out, LOCAL_STRINGS, skip=SITE_LOCAL) == []
+    stored = json.loads((folder / PREDICTION_NAME).read_text())
+    assert stored["local_identifiers"] == "site-local" and "AccessionNumber" not in stored["series"]
+    assert json.loads((out / SUMMARY_NAME).read_text())["local_identifiers"] == "site-local"
+    printed = capfd.readouterr()
+    assert "studies" in printed.err  # the progress bar ran
+    assert not [s for s in LOCAL_STRINGS if s in printed.out + printed.err]
+    assert all(s not in repr(load_local_identity(folder)) for s in LOCAL_STRINGS)
+
+    # A research copy, written over the same folder: the identifiers are nowhere at all, the SR included.
+    summary = run_predict(bundle, tmp_path / "in", out, device="cpu", progress=True, local_identifiers=False)
+    (hidden,) = summary.results
+    assert hidden.study_key == result.study_key and hidden.local_identifiers == "hidden" and not summary.errors
+    assert not (folder / LOCAL_IDENTITY_NAME).exists() and (folder / "sr.dcm").is_file()
+    assert _found(out, (*LOCAL_STRINGS, LOCAL_PATIENT.PatientBirthDate)) == []
+    for text in ((folder / "report.html").read_text(encoding="utf-8"), _review_page(out, result.study_key)):
+        assert IDENTIFIERS_HIDDEN in text
+    sr = pydicom.dcmread(folder / "sr.dcm")
+    assert (sr.AccessionNumber, sr.PatientName, sr.PatientID, sr.PatientBirthDate) == ("", "", "", "")
+    assert sr.StudyInstanceUID == result.StudyInstanceUID and sr.PatientSex == "M"
+    assert json.loads((folder / PREDICTION_NAME).read_text())["local_identifiers"] == "hidden"
+    assert json.loads((out / SUMMARY_NAME).read_text())["local_identifiers"] == "hidden"
+    printed = capfd.readouterr()
+    assert not [s for s in LOCAL_STRINGS if s in printed.out + printed.err]
+
+
+def test_local_identity_reads_three_attributes_and_the_setting(tmp_path, series_writer):
+    from inference.local_identity import LocalIdentity, identifiers_setting, read_local_identity
+
+    _write_local_patient(tmp_path / "s", series_writer)
+    identity = read_local_identity(sorted((tmp_path / "s").glob("*.dcm"))[0])
+    assert identity == LocalIdentity(LOCAL_ACCESSION, LOCAL_PATIENT.PatientName, LOCAL_PATIENT.PatientID)
+    assert identity.display_name == "Vrexolund, Imbriga" and "LIDK" not in repr(identity)
+    assert LocalIdentity(PatientName="DOE^JANE^M^DR^JR").display_name == "DOE, DR JANE M JR"
+    assert LocalIdentity().rows() == [("Accession number", "not recorded"), ("Patient name", "not recorded"),
+                                      ("Patient ID", "not recorded")]  # fmt: skip
+    message = "bad PN 'Vrexolund^Imbriga' of LIDK4W8Q2Z (ACCX7R3M9T); Vrexolund again"
+    assert identity.redact(message) == "bad PN '[identifier]' of [identifier] ([identifier]); [identifier] again"
+    assert LocalIdentity(PatientName="A^B").redact("A and B") == "A and B"  # one-letter parts would redact everything
+    with pytest.raises(TypeError, match="PatientID must be a string"):
+        LocalIdentity(PatientID=123)  # type: ignore[arg-type]
+    env = tmp_path / "site.env"
+    assert identifiers_setting() is True and identifiers_setting(no_local_identifiers=True) is False
+    env.write_text("FEDCT_PACS_URL=http://pacs.local/dicom-web\n")
+    assert identifiers_setting(env_file=env) is True
+    env.write_text("FEDCT_LOCAL_IDENTIFIERS=no\n")
+    assert identifiers_setting(env_file=env) is False
+    env.write_text("FEDCT_LOCAL_IDENTIFIERS=yes\n")
+    assert identifiers_setting(env_file=env) is True and identifiers_setting(no_local_identifiers=True, env_file=env) is False
+    env.write_text("# site\nFEDCT_LOCAL_IDENTIFIERS=maybe\n")
+    with pytest.raises(ValueError, match=r"line 2: FEDCT_LOCAL_IDENTIFIERS='maybe' must be yes or no"):
+        identifiers_setting(env_file=env)
+
+
+def test_error_messages_in_the_summary_are_redacted(tmp_path, series_writer, monkeypatch):
+    import inference.dicom_export
+
+    _write_local_patient(tmp_path / "in" / "s1", series_writer)
+
+    def quoting(result, out_dir, *, identifiers=True):  # as a library's validation error might read
+        raise ValueError(f"invalid PatientName {LOCAL_PATIENT.PatientName!r} (ID {LOCAL_PATIENT.PatientID})")
+
+    monkeypatch.setattr(inference.dicom_export, "write_dicom_results", quoting)
+    summary = run_predict(make_bundle(tmp_path / "bundle"), tmp_path / "in", tmp_path / "out", device="cpu", progress=False)
+    (error,) = summary.errors
+    assert error["message"] == "DICOM export failed: ValueError: invalid PatientName '[identifier]' (ID [identifier])"
+    assert _found(tmp_path / "out", LOCAL_STRINGS, skip=SITE_LOCAL) == []

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from inference.predict import PREDICTION_NAME, run_predict
+from inference.local_identity import LocalIdentity
 from inference.report import DISCLAIMER, percent, render_report, write_report
+from inference.wording import IDENTIFIERS_HIDDEN, IDENTIFIERS_LOCAL
 from test_inference_predict import make_bundle
 
 
@@ -107,8 +109,13 @@ def test_report_says_what_matters_and_numbers_match_prediction_json(reported, fa
         assert "smallcnn" in words and stored["model"]["created_utc"] in words
         for overlay, k in zip(stored["overlays"], stored["key_slices"]):
             assert f"slice {k + 1} of {len(stored['series']['paths'])}" in words
-        # No patient data besides the UIDs: not the name, id, birth date, or the file paths.
-        for phi in (fake_patient.PatientName, fake_patient.PatientID, fake_patient.PatientBirthDate, str(root)):
+        # The site-local report shows the identifiers that find the patient (read from the study's own DICOM) and no
+        # other patient data: not the birth date, not the file paths.
+        (identity,) = [a for a in page.find("div") if a.get("id") == "identity"]
+        assert "data-hidden" not in identity
+        assert "Patient name: Qzvorak, Ylvenne" in words and f"Patient ID: {fake_patient.PatientID}" in words
+        assert "Accession number: not recorded" in words and IDENTIFIERS_LOCAL in words
+        for phi in (fake_patient.PatientBirthDate, str(root)):
             assert phi not in text
 
 
@@ -135,6 +142,18 @@ def test_sentences_for_covid_uncertain_and_no_risk_reference(tmp_path):
     assert "higher than about two thirds of the training population" in parse(render_report(high)).words
     with pytest.raises(ValueError, match="diagnosis 'flu'"):
         render_report(_result(tmp_path, diagnosis="flu"))
+
+
+def test_identifiers_shown_escaped_or_hidden_on_a_research_copy(tmp_path):
+    identity = LocalIdentity(AccessionNumber="A<b>1</b>", PatientName="O'NEIL^ANN", PatientID="ID&7")
+    text = render_report(_result(tmp_path), identity=identity)
+    words = parse(text).words
+    assert "Accession number: A<b>1</b>" in words and "Patient name: O'NEIL, ANN" in words and "Patient ID: ID&7" in words
+    assert "<b>1</b>" not in text and IDENTIFIERS_HIDDEN not in words
+    hidden = render_report(_result(tmp_path, local_identifiers="hidden"), identity=identity)
+    assert IDENTIFIERS_HIDDEN in parse(hidden).words
+    assert not any(s in hidden for s in ("A&lt;b&gt;1", "NEIL", "ID&amp;7"))
+    assert 'id="identity"' not in render_report(_result(tmp_path))  # results from before identifiers: no line
 
 
 def test_percent_and_escaping(tmp_path):

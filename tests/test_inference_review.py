@@ -6,6 +6,7 @@ Every server runs in a thread on port 0 over a fake results folder in ``tmp_path
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -24,10 +25,14 @@ from matplotlib import image as mpimg
 
 from federation import pids_matching, stop_pids
 from inference.review import MAX_COMMENT_CHARS, ReviewServer, make_server, serve
+from inference.wording import IDENTIFIERS_HIDDEN, IDENTIFIERS_LOCAL
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SECRET = "TOP-SECRET-OUTSIDE-THE-STUDY-FOLDER"
 XSS = "<script>alert(1)</script>"
+#: Study A's local identifiers (its site-local local_identity.json), as predict writes them.
+ACCESSION = "ACC-20261123-0042"
+IDENTITY = {"AccessionNumber": ACCESSION, "PatientName": "Brennholt^Anna<b>", "PatientID": "MRN-0042"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,6 +77,7 @@ def results(tmp_path: Path) -> Path:
         "study-a", "covid", {"covid": 0.82, "other_pneumonia": 0.12, "normal": 0.06}, "high",
         overlays=[str(a / "overlay_axial.png"), "overlay_coronal.png"])))
     (a / "report.html").write_text("<!DOCTYPE html><html><body><h1>Report of study A</h1></body></html>")
+    (a / "local_identity.json").write_text(json.dumps(IDENTITY))
     (a / "leak.txt").symlink_to(tmp_path / "secret.txt")
     (a / "linkdir").symlink_to(tmp_path / "outside", target_is_directory=True)
 
@@ -79,7 +85,8 @@ def results(tmp_path: Path) -> Path:
     b.mkdir()
     _png(b / "overlay_heat.png", 2)  # no "overlays" field: found by *.png
     (b / "prediction.json").write_text(json.dumps(_prediction(
-        "study-b", "normal", {"covid": 0.03, "other_pneumonia": 0.06, "normal": 0.91}, "low")))
+        "study-b", "normal", {"covid": 0.03, "other_pneumonia": 0.06, "normal": 0.91}, "low",
+        local_identifiers="hidden")))  # a research copy
     (b / "report.html").write_text("<!DOCTYPE html><html><body><h1>Report of study B</h1></body></html>")
     (b / "extra").mkdir()
     (b / "extra" / "notes.txt").write_text("nested file inside the study folder")
@@ -88,6 +95,7 @@ def results(tmp_path: Path) -> Path:
     c.mkdir()
     (c / "prediction.json").write_text(json.dumps({"study_key": "study-c", "diagnosis": "other_pneumonia",
                                                    "probabilities": {"other_pneumonia": 0.55}}))
+    (c / "local_identity.json").symlink_to(tmp_path / "secret.txt")  # not followed: no identifiers shown
 
     (root / "not-a-study").mkdir()  # no prediction.json: not listed
     (root / "linked-study").symlink_to(a, target_is_directory=True)  # a symlinked folder is not a study
@@ -173,6 +181,22 @@ def test_list_page_shows_every_study(server: ReviewServer) -> None:
     assert "scan-0042" in text and "The series is not CT." in text  # refused by the prediction step
     assert "research model" in text and "Nothing is sent anywhere" in text
     assert "<script" not in text  # the page runs no script
+    rows = {key: text.split(f'data-study-key="{key}"', 1)[1].split("</tr>", 1)[0] for key in ("study-a", "study-b", "study-c")}
+    assert f'Accession number: <span class="id-value">{ACCESSION}</span>' in rows["study-a"]
+    assert "Patient name: <span class=\"id-value\">Brennholt, Anna&lt;b&gt;</span>" in rows["study-a"]
+    assert "MRN-0042" in rows["study-a"] and IDENTIFIERS_HIDDEN not in rows["study-a"]
+    assert IDENTIFIERS_HIDDEN in rows["study-b"] and "Accession" not in rows["study-b"]
+    assert "identity" not in rows["study-c"] and SECRET not in text  # no identifiers recorded; symlink not followed
+
+
+def test_study_page_shows_local_identifiers_or_that_they_are_hidden(server: ReviewServer) -> None:
+    text = page(server, "/study/study-a")
+    card = text.split('<div class="card identity">', 1)[1].split("</div>", 1)[0]
+    assert ACCESSION in card and "Brennholt, Anna&lt;b&gt;" in card and "MRN-0042" in card and html.escape(IDENTIFIERS_LOCAL) in card
+    assert "<b>" not in card and ACCESSION not in text.split("<title>", 1)[1].split("</title>", 1)[0]
+    assert IDENTIFIERS_HIDDEN in page(server, "/study/study-b") and "Accession" not in page(server, "/study/study-b")
+    other = page(server, "/study/study-c")
+    assert "class=\"card identity" not in other and IDENTIFIERS_HIDDEN not in other and SECRET not in other
 
 
 def test_study_page_report_and_files(server: ReviewServer) -> None:
@@ -372,6 +396,10 @@ def test_review_in_headless_chromium(server: ReviewServer, tmp_path: Path) -> No
         rows = driver.find_elements(By.CSS_SELECTOR, "tr.study")
         assert [r.get_attribute("data-study-key") for r in rows] == ["study-a", "study-b", "study-c"]
         assert "Findings suggest a COVID-19-like pattern (probability 82%)." in driver.find_element(By.TAG_NAME, "body").text
+        identity = driver.find_element(By.CSS_SELECTOR, 'tr[data-study-key="study-a"] .identity')
+        assert identity.is_displayed() and f"Accession number: {ACCESSION}" in identity.text
+        assert "Brennholt, Anna<b>" in identity.text and "MRN-0042" in identity.text
+        assert IDENTIFIERS_HIDDEN in driver.find_element(By.CSS_SELECTOR, 'tr[data-study-key="study-b"] .identity').text
         thumb = driver.find_element(By.CSS_SELECTOR, 'tr[data-study-key="study-a"] img.thumb')
         assert driver.execute_script("return arguments[0].naturalWidth", thumb) == 16  # the PNG loaded
         browser_pids = _descendants(service.process.pid)
@@ -407,9 +435,22 @@ def test_review_in_headless_chromium(server: ReviewServer, tmp_path: Path) -> No
         driver.find_element(By.CSS_SELECTOR, 'tr[data-study-key="study-b"] a.study-link').click()
         wait.until(ec.url_to_be(base + "/study/study-b"))
         assert comment in driver.find_element(By.CSS_SELECTOR, "#review .current").text
+        assert IDENTIFIERS_HIDDEN in driver.find_element(By.CSS_SELECTOR, ".card.identity").text
         driver.switch_to.frame(driver.find_element(By.CSS_SELECTOR, "iframe.report"))
         assert driver.find_element(By.TAG_NAME, "h1").text == "Report of study B"
         driver.switch_to.default_content()
+
+        # study A's page: the local identifiers at the top, on screen where the reader looks first
+        driver.get(base + "/study/study-a")
+        card = driver.find_element(By.CSS_SELECTOR, ".card.identity")
+        accession = card.find_element(By.CSS_SELECTOR, ".id-accession .id-value")
+        assert accession.text == ACCESSION and accession.is_displayed()
+        top = driver.execute_script("return arguments[0].getBoundingClientRect().bottom", accession)
+        assert 0 < top < driver.execute_script("return window.innerHeight")  # in the first screen, no scrolling
+        assert "Brennholt, Anna<b>" in card.text and "MRN-0042" in card.text
+        shot = tmp_path / "review_study_identity.png"
+        assert driver.save_screenshot(str(shot))
+        assert shot.read_bytes().startswith(PNG_MAGIC) and shot.stat().st_size > 1000
     finally:
         if driver is not None:
             if service.process is not None:
