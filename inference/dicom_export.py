@@ -42,7 +42,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from fedct.files import atomic_write_bytes
-from inference.wording import DISCLAIMER, finding_sentence, heat_map_legend
+from inference.wording import DISCLAIMER, confidence_note, finding_sentence, heat_map_legend
 
 #: Private coding scheme of the model's own concepts (declared in CodingSchemeIdentificationSequence).
 CODING_SCHEME = "99FEDCT"
@@ -308,8 +308,9 @@ def _build_sr(inputs: _Inputs, headers: list[Dataset], uids: ExportUIDs) -> hd.s
     )
     # TID 1501 allows TEXT qualitative evaluations next to the CODE ones: the disclaimer travels with the findings.
     # The finding in words (the same sentence as the report and the review page) and the disclaimer.
-    for concept, text in ((FINDING_TEXT_CONCEPT, finding_sentence(inputs.probabilities, inputs.diagnosis)),
-                          (DISCLAIMER_CONCEPT, DISCLAIMER)):
+    finding = " ".join(t for t in (finding_sentence(inputs.probabilities, inputs.diagnosis),
+                                   confidence_note(inputs.probabilities)) if t)  # fmt: skip
+    for concept, text in ((FINDING_TEXT_CONCEPT, finding), (DISCLAIMER_CONCEPT, DISCLAIMER)):
         group[0].ContentSequence.append(
             hd.sr.TextContentItem(name=concept, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
         )
