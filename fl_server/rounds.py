@@ -549,7 +549,8 @@ def calibrate_bundles(loop: RoundLoop, recorder: RunRecorder, final_arrays: NDAr
                 result.update(calibration_outcome(report.evaluate_sites))
                 agg = next(r for r in run_log.rounds if r["round"] == server_round)["evaluate"]["aggregate"]
                 result.update({f"{k}_before": agg.get(f"test-{k}", math.nan) for k in ("brier", "loss", "accuracy")})
-            result.update({"rejected_replies": report.rejected, "missing_replies": report.missing})
+            result.update({"rejected_replies": report.rejected, "missing_replies": report.missing,
+                           "bytes_sent": report.bytes_sent, "bytes_received": report.bytes_received})
         done[server_round] = recorder.calibration[name] = {"round": server_round, **result}
     return recorder.calibration
 
