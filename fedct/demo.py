@@ -161,6 +161,14 @@ def run_demo(options: DemoOptions) -> int:
                   f"{_fmt(m.get('test-td-auc')):>6}")  # fmt: skip
         print("   (macro AUC of 'all' = mean of site AUCs weighted by studies; pooled AUC = AUC of all sites' predictions, "
               "from score histograms)")
+        calibration = (metrics.get("calibration") or {}).get("best") or {}
+        if calibration.get("temperature") is not None:
+            print(f"   calibration of that model: temperature {calibration['temperature']:.3f}; held-out test "
+                  f"({calibration.get('test_studies', 0)} studies) ECE {_fmt(calibration.get('ece_before'))} -> "
+                  f"{_fmt(calibration.get('ece_after'))}, Brier {_fmt(calibration.get('brier_before'))} -> "
+                  f"{_fmt(calibration.get('brier_after'))}")  # fmt: skip
+        elif calibration:
+            print(f"   no calibration: {calibration.get('reason')}")
     if options.external_studies:
         _external_validation(options, out, config, internal=best["test"] if best else {})
     print(f"   metrics: {metrics_path}\n   curves:  {out / 'curves.png'}\n   model:   {out / 'model' / 'final'} (best: {out / 'model' / 'best'})")

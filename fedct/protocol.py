@@ -6,7 +6,9 @@ Both sides import this module; neither imports the other. It holds what crosses 
   :data:`SITE_RECORD`, :data:`EVALUATION_RECORD`, :data:`INDEX_RECORD`);
 - the round settings the server sends with every message (:class:`RoundSettings`: ``to_record``/``from_record``);
 - metric keys and key prefixes both sides name (:data:`NUM_EXAMPLES`, :data:`VAL_PREFIX`, ...), and the agreed
-  range and bins of the risk-score histogram (:data:`RISK_RANGE`, :data:`RISK_BINS`).
+  range and bins of the risk-score histogram (:data:`RISK_RANGE`, :data:`RISK_BINS`);
+- the calibration contract: the temperature grid, the ECE bins and the keys of the calibration statistics
+  (:data:`CALIBRATION_TEMPERATURES`, :data:`CALIBRATION_BINS`, :data:`VAL_CALIBRATION_NLL`, :func:`reliability_key`).
 
 The packed-weights encoding itself is :mod:`fedct.transport` (it needs torch and flwr; this module needs neither).
 """
@@ -63,6 +65,30 @@ SITE_NAME_METRIC = "site-name"
 #: Range and bins of the risk-score histogram every site sends (log-risk is clipped into the range).
 RISK_RANGE = (-8.0, 8.0)
 RISK_BINS = 160
+
+# --- calibration (temperature scaling of the diagnosis head, ``models.calibration``) --------------------------------
+
+#: Temperatures at which every site sums its validation studies' negative log-likelihood: 41 values, log-spaced
+#: from 0.25 to 8 (the server adds the sites' sums and takes the minimum).
+CALIBRATION_TEMPERATURES = tuple(0.25 * 32.0 ** (i / 40) for i in range(41))
+#: Equal-width bins of the top-label confidence for the expected calibration error (ECE).
+CALIBRATION_BINS = 15
+#: Metric names after the split prefix that are lists summed element-wise across sites (not counts): they start so.
+CALIBRATION_PREFIX = "calib-"
+#: Evaluate reply: summed NLL of the labelled validation studies at each of :data:`CALIBRATION_TEMPERATURES`.
+VAL_CALIBRATION_NLL = "val-calib-nll"
+#: Round-config key of the calibration message: the temperature whose calibrated test probabilities the site bins.
+CALIBRATION_TEMPERATURE = "calibration-temperature"
+#: Reliability fields (per bin: studies, summed confidence, summed correct calls) before (T = 1) and after (T).
+RELIABILITY_FIELDS = ("count", "confidence", "correct")
+CALIBRATION_STAGES = ("before", "after")
+
+
+def reliability_key(stage: str, field: str, *, prefix: str = TEST_PREFIX) -> str:
+    """Metric key of one reliability list of the calibration reply, e.g. ``test-calib-after-count``."""
+    if stage not in CALIBRATION_STAGES or field not in RELIABILITY_FIELDS:
+        raise ValueError(f"no reliability list {stage!r}/{field!r} (stages {CALIBRATION_STAGES}, fields {RELIABILITY_FIELDS})")
+    return f"{prefix}{CALIBRATION_PREFIX}{stage}-{field}"
 
 # --- round settings ----------------------------------------------------------------------------------------------
 

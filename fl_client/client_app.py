@@ -13,6 +13,7 @@ with a code from :data:`REASON_CODES`.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import secrets
 import time
@@ -28,6 +29,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
 from fedct.protocol import (
+    CALIBRATION_TEMPERATURE,
     CONFIG_RECORD,
     EVALUATION_RECORD,
     INDEX_RECORD,
@@ -38,16 +40,17 @@ from fedct.protocol import (
     TRAIN_LOSS,
     TRAIN_LOSS_DIAGNOSIS,
     TRAIN_LOSS_PROGNOSIS,
+    TEST_PREFIX,
     TRAIN_SECONDS,
     VAL_PREFIX,
     RoundSettings,
 )
 from fedct.transport import received_state, weights_records
 from fl_client.config import SiteConfig, SiteConfigError
-from fl_client.metrics import MIN_COUNT, floor_evaluation, floor_training
+from fl_client.metrics import MIN_COUNT, floor_calibration, floor_evaluation, floor_training
 from fl_client.privacy import privacy_mods
 from fl_client.secagg import is_legacy_fit, legacy_fit_reply
-from fl_client.train import evaluate_round, train_round
+from fl_client.train import calibration_round, evaluate_round, train_round
 
 log = logging.getLogger("fedct.client")
 
@@ -184,6 +187,23 @@ def evaluation_metrics(site: SiteConfig, settings: RoundSettings, state: Mapping
     return floor_evaluation(metrics, min_count=min_count)
 
 
+class BadCalibrationRequest(ValueError):
+    """The server's calibration temperature is not a positive finite number (reason code ``bad_round_config``)."""
+
+    code = "bad_round_config"
+
+
+def calibration_metrics(site: SiteConfig, settings: RoundSettings, state: Mapping[str, Any], *, temperature: float,
+                        min_count: int = MIN_COUNT) -> dict[str, Any]:  # fmt: skip
+    """What a site reports when the server asks for calibration statistics (an evaluate message whose config has
+    ``calibration-temperature``): :func:`fl_client.train.calibration_round`'s reliability bins before/after and the
+    calibrated test scalars, ``num-examples`` = labelled test studies, after the privacy floor
+    (:func:`fl_client.metrics.floor_calibration`)."""
+    metrics = calibration_round(site, settings, state, temperature=temperature)
+    metrics[NUM_EXAMPLES] = int(metrics[f"{TEST_PREFIX}n"])
+    return floor_calibration(metrics, min_count=min_count)
+
+
 def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, mods: Sequence[Mod] = (),
                      outer_mods: Sequence[Mod] = ()) -> ClientApp:  # fmt: skip
     """The site's ClientApp; ``run_config_overrides`` stand in for the run config where Flower passes none
@@ -233,7 +253,15 @@ def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, m
         site = _site(context)
         settings = RoundSettings.from_record(dict(msg.content[CONFIG_RECORD]))
         k = metrics_min_count(context.node_config, {**dict(context.run_config), **overrides})
-        metrics = evaluation_metrics(site, settings, received_state(msg.content), min_count=k)
+        config = msg.content[CONFIG_RECORD]
+        if CALIBRATION_TEMPERATURE in config:  # after the run: calibration statistics of these weights
+            temperature = config[CALIBRATION_TEMPERATURE]
+            if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 < temperature < math.inf:
+                raise BadCalibrationRequest(f"calibration-temperature must be a positive finite number, got {temperature!r}")
+            metrics = calibration_metrics(site, settings, received_state(msg.content), temperature=float(temperature),
+                                          min_count=k)  # fmt: skip
+        else:
+            metrics = evaluation_metrics(site, settings, received_state(msg.content), min_count=k)
         content = RecordDict({METRICS_RECORD: MetricRecord(metrics), SITE_RECORD: ConfigRecord({SITE_NAME_FIELD: site.site_name})})
         return Message(content=content, reply_to=msg)
 

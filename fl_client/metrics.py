@@ -36,8 +36,11 @@ from fedct.protocol import (
     TRAIN_LOSS_DIAGNOSIS,
     TRAIN_LOSS_PROGNOSIS,
     TRAIN_SECONDS,
+    VAL_CALIBRATION_NLL,
     VAL_PREFIX,
+    reliability_key,
 )
+from models.calibration import coarsen_reliability
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -376,7 +379,7 @@ def _evaluation_known(key: str) -> bool:
     for prefix in (VAL_PREFIX, TEST_PREFIX):
         if key.startswith(prefix):
             return _split_known(key[len(prefix):])
-    return key in (TRAIN_HIST_RISK, NUM_EXAMPLES)
+    return key in (TRAIN_HIST_RISK, NUM_EXAMPLES, VAL_CALIBRATION_NLL)
 
 
 def floor_evaluation(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) -> dict[str, Any]:
@@ -393,8 +396,10 @@ def floor_evaluation(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) 
     - counts (``n-pos-*``, ``n-neg-*``, ``n-events``, ...) are sent when 0 or >= k, else NaN;
     - ``c-index`` needs >= k studies with known outcome and >= k events, ``td-auc`` >= k cases and >= k controls;
 
-    ``train-hist-risk`` (the training studies' risk histogram) is coarsened the same way or sent empty. Keys this
-    function does not know are dropped (logged at the site): a new metric leaves only once the floor covers it.
+    ``train-hist-risk`` (the training studies' risk histogram) is coarsened the same way or sent empty;
+    ``val-calib-nll`` (summed NLL of the labelled validation studies at each calibration temperature) is sent when
+    ``val-n`` >= k, else empty. Keys this function does not know are dropped (logged at the site): a new metric leaves
+    only once the floor covers it.
     """
     k = max(_positive_int(min_count, "min_count"), MIN_COUNT)
     out: dict[str, Any] = {}
@@ -404,12 +409,48 @@ def floor_evaluation(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) 
             out.update({prefix + key: v for key, v in _floor_split(values, k).items()})
     if TRAIN_HIST_RISK in metrics:
         out[TRAIN_HIST_RISK] = coarsen_histogram(metrics[TRAIN_HIST_RISK], k) or []
+    if VAL_CALIBRATION_NLL in metrics:
+        enough = _counts_ok(float(metrics.get(f"{VAL_PREFIX}n", 0.0)), k)
+        out[VAL_CALIBRATION_NLL] = [float(v) for v in metrics[VAL_CALIBRATION_NLL]] if enough else []
     if NUM_EXAMPLES in metrics:
         out[NUM_EXAMPLES] = metrics[NUM_EXAMPLES]
     unknown = [key for key in metrics if not _evaluation_known(key)]
     if unknown:
         log.warning("metrics %s are not covered by the privacy floor and are not sent", ", ".join(sorted(unknown)))
     return out
+
+
+def floor_calibration(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) -> dict[str, Any]:
+    """What a site may send of :func:`fl_client.train.calibration_round`'s statistics (plus ``num-examples``).
+
+    Each stage's reliability bins (count, summed confidence, summed correct calls) are merged into groups of at least
+    k studies (:func:`models.calibration.coarsen_reliability`) or sent empty; ``test-n`` as a count, the calibrated
+    ``test-loss``/``test-brier``/``test-accuracy`` need ``test-n`` >= k. Other keys are dropped (logged).
+    """
+    k = max(_positive_int(min_count, "min_count"), MIN_COUNT)
+    out: dict[str, Any] = {}
+    known = {NUM_EXAMPLES}
+    for stage in protocol.CALIBRATION_STAGES:
+        keys = [reliability_key(stage, field) for field in protocol.RELIABILITY_FIELDS]
+        known.update(keys)
+        if not all(key in metrics for key in keys):
+            continue
+        coarse = coarsen_reliability(*(metrics[key] for key in keys), k)
+        for i, key in enumerate(keys):
+            out[key] = [] if coarse is None else coarse[i]
+    scalars = {key[len(TEST_PREFIX):]: v for key, v in metrics.items() if key in _CALIBRATED_SCALARS}
+    known.update(_CALIBRATED_SCALARS)
+    out.update({TEST_PREFIX + key: v for key, v in _floor_split(scalars, k).items()} if scalars else {})
+    if NUM_EXAMPLES in metrics:
+        out[NUM_EXAMPLES] = metrics[NUM_EXAMPLES]
+    unknown = sorted(set(metrics) - known)
+    if unknown:
+        log.warning("metrics %s are not covered by the privacy floor and are not sent", ", ".join(unknown))
+    return out
+
+
+#: The calibrated test split's scalars a calibration reply carries.
+_CALIBRATED_SCALARS = tuple(f"{TEST_PREFIX}{name}" for name in ("n", "loss", "brier", "accuracy"))
 
 
 #: Training-reply metrics and whether they describe the training studies (NaN below k) or not (always sent).

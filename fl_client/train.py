@@ -23,6 +23,7 @@ from monai.utils import set_determinism
 from torch import nn
 
 from fedct.files import atomic_write_bytes
+from fedct.protocol import RELIABILITY_FIELDS, TEST_PREFIX, VAL_CALIBRATION_NLL, reliability_key
 from fl_client.compute import Compute, ComputeOptions, resolve_compute
 from fl_client.config import RoundSettings, SiteConfig
 from fl_client.metrics import (
@@ -32,6 +33,7 @@ from fl_client.metrics import (
     score_histograms,
     survival_metrics,
 )
+from models.calibration import apply_temperature, nll_grid, reliability_bins
 from models.factory import ModelOutput, MultiTaskNet, as_plain_tensor, build_model, covariate_vector, norm_state_keys
 from preprocessing.cache import make_dataset
 from preprocessing.ingest import SiteManifest, prepare_site
@@ -58,13 +60,15 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class Predictions:
-    """Model outputs and targets of one split (NaN / -1 where a target is unknown)."""
+    """Model outputs and targets of one split (NaN / -1 where a target is unknown); ``logits`` are the diagnosis
+    head's raw outputs (``probs`` is their softmax), for calibration."""
 
     probs: np.ndarray
     labels: np.ndarray
     risk: np.ndarray
     time: np.ndarray
     event: np.ndarray
+    logits: np.ndarray | None = None
 
 
 def select_device(requested: str) -> torch.device:
@@ -352,21 +356,24 @@ def predict(model: MultiTaskNet, loader: Any, *, device: torch.device, compute: 
     """
     compute = compute if compute is not None else resolve_compute(ComputeOptions(), device)
     model.eval()
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("probs", "labels", "risk", "time", "event")}
-    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("probs", "labels", "risk", "time", "event", "logits")}
+    outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for batch in loader:
         with autocast(compute, device):
             output = forward(model, batch, device, channels_last=compute.channels_last)
         n = len(batch["label"])
-        outputs.append((torch.softmax(output.logits.float(), dim=1), output.risk.float()))
+        logits = output.logits.float()
+        outputs.append((torch.softmax(logits, dim=1), output.risk.float(), logits))
         parts["labels"].append(np.asarray(batch["label"], dtype=np.int64).reshape(n))
         parts["time"].append(np.asarray(batch.get("time", [math.nan] * n), dtype=np.float64).reshape(n))
         parts["event"].append(np.asarray(batch.get("event", [math.nan] * n), dtype=np.float64).reshape(n))
-    parts["probs"] = [probs.cpu().numpy() for probs, _ in outputs]
-    parts["risk"] = [risk.cpu().numpy() for _, risk in outputs]
+    parts["probs"] = [probs.cpu().numpy() for probs, _, _ in outputs]
+    parts["risk"] = [risk.cpu().numpy() for _, risk, _ in outputs]
+    parts["logits"] = [logits.cpu().numpy() for _, _, logits in outputs]
     if not parts["probs"]:
         n_classes = model.diagnosis.out_features
-        return Predictions(np.zeros((0, n_classes)), np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0))
+        return Predictions(np.zeros((0, n_classes)), np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0),
+                           np.zeros((0, n_classes)))  # fmt: skip
     return Predictions(**{k: np.concatenate(v) for k, v in parts.items()})
 
 
@@ -445,6 +452,38 @@ def evaluate_round(site: SiteConfig, settings: RoundSettings, state: Mapping[str
     for split, p in preds.items():
         values = split_metrics(p, class_names, thresholds=thresholds, horizon_days=settings.horizon_days)
         metrics.update({f"{split}-{k}": v for k, v in values.items()})
+    # summed NLL at each grid temperature: the server fits the temperature of these weights from the sites' sums
+    metrics[VAL_CALIBRATION_NLL] = nll_grid(preds["val"].logits[val_known], preds["val"].labels[val_known])
     train = predict(model, _loader(manifest, "train", settings, train=False, compute=compute), device=device, compute=compute)
     metrics.update({f"train-{k}": v for k, v in risk_histogram(train.risk).items()})
+    return metrics
+
+
+def calibration_round(site: SiteConfig, settings: RoundSettings, state: Mapping[str, torch.Tensor], *,
+                      temperature: float) -> dict[str, Any]:  # fmt: skip
+    """Calibration statistics of the global weights on the site's held-out test split at ``temperature``.
+
+    Reliability bins of the top-label confidence (:func:`models.calibration.reliability_bins`) before (T = 1) and
+    after temperature scaling (keys :func:`fedct.protocol.reliability_key`), and the calibrated split's ``test-n``,
+    ``test-loss``, ``test-brier``, ``test-accuracy``. Raw, before the privacy floor
+    (:func:`fl_client.metrics.floor_calibration`).
+    """
+    settings = site.admit(settings)
+    set_determinism(seed=settings.seed)
+    compute = site_compute(site)
+    manifest = load_site(site, settings)
+    model = _model(settings, with_local_norm(site, settings, state), compute)
+    class_names = tuple(manifest.class_names[: settings.model.num_classes])
+    preds = predict(model, _loader(manifest, "test", settings, train=False, compute=compute), device=compute.device,
+                    compute=compute)  # fmt: skip
+    known = preds.labels >= 0
+    logits, labels = preds.logits[known], preds.labels[known]
+    metrics: dict[str, Any] = {}
+    for stage, t in (("before", 1.0), ("after", temperature)):
+        probs = apply_temperature(logits, t) if len(logits) else np.zeros((0, len(class_names)))
+        for field, values in zip(RELIABILITY_FIELDS, reliability_bins(probs, labels), strict=True):
+            metrics[reliability_key(stage, field)] = values
+    calibrated = apply_temperature(logits, temperature) if len(logits) else np.zeros((0, len(class_names)))
+    scalars = classification_metrics(calibrated, labels, class_names)
+    metrics.update({f"{TEST_PREFIX}{k}": scalars[k] for k in ("n", "loss", "brier", "accuracy")})
     return metrics

@@ -29,9 +29,9 @@ from fl_server.checkpoint import RunState, load_run_state, save_run_state
 from fl_server.config import RESUMABLE_KEYS, ServerConfig
 from fl_server.observe import observe_round
 from fl_server.privacy import privacy_summary
-from fl_server.run_log import RunLog, histogram_quantiles
+from fl_server.run_log import RunLog, histogram_quantiles, temperature_fit
 from fl_server.strategy import load_strategy_state
-from models.bundle import save_state, write_bundle
+from models.bundle import save_state, set_calibration, write_bundle
 
 NDArrays = dict[str, np.ndarray]
 #: The strategy's state right after a round's aggregation (``fl_server.strategy.strategy_state``).
@@ -142,6 +142,16 @@ def risk_reference(run_log: RunLog, server_round: int) -> dict[str, Any] | None:
                       f"{len(counts)} bins over {list(RISK_RANGE)})"}  # fmt: skip
 
 
+def round_temperature(run_log: RunLog, server_round: int) -> dict[str, Any] | None:
+    """The temperature fitted on a round's evaluation (:func:`fl_server.run_log.temperature_fit`), None without one."""
+    entry = next((r for r in run_log.rounds if r["round"] == server_round), None)
+    if entry is None:
+        return None
+    per_site = {site: {**m, **entry["evaluate"].get("site_histograms", {}).get(site, {})}
+                for site, m in entry["evaluate"]["sites"].items()}  # fmt: skip
+    return temperature_fit(entry["evaluate"]["aggregate"], per_site)
+
+
 def resume_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Run-config keys (other than ``RESUMABLE_KEYS``) whose values differ between a saved state and now."""
     keys = sorted((set(saved) | set(current)) - RESUMABLE_KEYS)
@@ -167,6 +177,8 @@ class RunRecorder:
         self.sites_seen: set[str] = set()
         #: The last round whose aggregate was accepted: the final bundle's round of weights.
         self.last_aggregated = 0
+        #: Calibration of the bundles after the run (``{"best"|"final": {...}}``), set by the round loop's calibration.
+        self.calibration: dict[str, dict[str, Any]] = {}
 
     def start(self, initial: NDArrays) -> RunStart:
         """Round 1 from ``initial`` (checkpoint ``round-000.pt`` written), or, with ``resume`` and a saved state,
@@ -241,14 +253,22 @@ class RunRecorder:
         ))  # fmt: skip
 
     def close(self, arrays: NDArrays) -> RunLog:
-        """The end of the run: the ``model/final`` bundle (weights of the last aggregated round), metrics.json and
-        the learning curves."""
-        self._bundle("final", torch_state(arrays), self.last_aggregated)
+        """The end of the run: the ``model/final`` bundle (weights of the last aggregated round), the best bundle's
+        calibration, metrics.json (with ``calibration``) and the learning curves."""
+        self._bundle("final", torch_state(arrays), self.last_aggregated, calibration=self.calibration.get("final"))
+        best = self.run_dir / "model" / "best"
+        if "best" in self.calibration and (best / "model.json").is_file():
+            set_calibration(best, self.calibration["best"])
+        self.run_log.calibration = dict(self.calibration)
         self.run_log.write()
         self.run_log.plot()
         return self.run_log
 
-    def _bundle(self, name: str, state: Mapping[str, torch.Tensor], server_round: int) -> None:
+    def _bundle(self, name: str, state: Mapping[str, torch.Tensor], server_round: int, *,
+                calibration: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+        """Write ``model/<name>``; ``calibration`` by default the temperature fitted on the round's evaluation."""
+        if calibration is None:
+            calibration = round_temperature(self.run_log, server_round)
         write_bundle(self.run_dir / "model" / name, dict(state), model=self.config.model, pipeline=self.config.pipeline,
-                     provenance=self.provenance(server_round),
-                     risk_reference=risk_reference(self.run_log, server_round))  # fmt: skip
+                     provenance=self.provenance(server_round), risk_reference=risk_reference(self.run_log, server_round),
+                     calibration=calibration)  # fmt: skip

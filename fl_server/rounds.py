@@ -20,7 +20,10 @@ Why not ``Strategy.start``: it blocks forever in node sampling once a site has d
    evaluate the weights they receive (round r-1's global model) first, the replies carry that evaluation beside the
    update, and round r-1 is recorded once round r's exchange is back (after the last round, one evaluate exchange);
 5. bookkeeping (``run_federation`` with :class:`fl_server.recorder.RunRecorder`): metrics.json, checkpoints,
-   best/final bundles, and the resume state written atomically after every round.
+   best/final bundles, and the resume state written atomically after every round;
+6. after the last round, calibration (:func:`calibrate_bundles`): the temperature of the best and final models from
+   the sites' summed validation NLL (sent with every evaluation), then one calibration exchange per model for the
+   ECE before/after on the test split; both go into metrics.json (``calibration``) and the bundles.
 
 One skeleton (:meth:`RoundLoop.run_round`) for every loop: a subclass overrides the training step only
 (:meth:`RoundLoop.train`); SecAgg+ does so in ``fl_server.secagg``, which this module does not import (the
@@ -46,11 +49,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
-from fedct.protocol import EVALUATE_FIRST, NUM_EXAMPLES
+from fedct.protocol import CALIBRATION_TEMPERATURE, CONFIG_RECORD, EVALUATE_FIRST, NUM_EXAMPLES
 from fedct.transport import encode_content, record_nbytes
 from fl_server.config import EXAMPLES_GROWTH_FACTOR, ServerConfig, SiteRegistry, is_site_name
-from fl_server.recorder import FinishedRound, RoundReport, RunRecorder
-from fl_server.run_log import RunLog
+from fl_server.recorder import FinishedRound, RoundReport, RunRecorder, round_temperature
+from fl_server.run_log import RunLog, calibration_outcome
 from fl_server.strategy import SERVER_OPTIMISERS, strategy_state
 from fl_server.validation import (
     ARRAYS_RECORD,
@@ -468,6 +471,29 @@ class RoundLoop:
         report.evaluate_sites = {screened.site: dict(screened.metrics) for _, screened in evaluated}
         return self._done(report, t0)
 
+    def calibrate(self, server_round: int, arrays: NDArrays, evaluate_config: ConfigRecord) -> RoundReport:
+        """The calibration exchange of ``arrays`` (the global model after ``server_round``): an evaluate message to every
+        connected site (no sampling, no strategy: nothing is aggregated into a model) whose config carries
+        ``calibration-temperature``; each reply passes the gate. ``report.evaluate_sites`` holds the sites' statistics,
+        ``report.evaluation_missing`` why there are too few (fewer than ``min-sites`` replies)."""
+        t0 = self.clock()
+        minimum = self.config.min_sites
+        report = RoundReport(server_round=server_round, arrays=arrays)
+        nodes = self.wait_for_nodes(minimum)
+        if len(nodes) < minimum:
+            report.evaluation_missing = f"only {len(nodes)} site(s) connected for calibration (min-sites={minimum})"
+            return self._done(report, t0)
+        content = RecordDict({ARRAYS_RECORD: ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()}),
+                              CONFIG_RECORD: evaluate_config})  # fmt: skip
+        messages = [Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=f"calibrate-{server_round}")
+                    for node in nodes]  # fmt: skip
+        replies = self._exchange(messages, report, train=False)
+        if len(replies) < minimum:
+            report.evaluation_missing = f"{len(replies)} calibration repl(ies), fewer than min-sites={minimum}"
+            return self._done(report, t0)
+        report.evaluate_sites = {screened.site: dict(screened.metrics) for _, screened in replies}
+        return self._done(report, t0)
+
     def _done(self, report: RoundReport, t0: float) -> RoundReport:
         report.seconds = self.clock() - t0
         if report.skip_reason:
@@ -488,6 +514,51 @@ def initial_arrays(config: ServerConfig) -> NDArrays:
     """The seeded initial global model as numpy arrays (keys in state-dict order)."""
     torch.manual_seed(config.seed)
     return {k: v.detach().cpu().numpy().copy() for k, v in build_model(config.model).state_dict().items()}
+
+
+def calibrate_bundles(loop: RoundLoop, recorder: RunRecorder, final_arrays: NDArrays) -> dict[str, dict[str, Any]]:
+    """Calibrate the best and final models after the last round (into ``recorder.calibration``).
+
+    For each (the same round once): the temperature from the round's evaluation (the sites' summed validation NLL,
+    :func:`fl_server.recorder.round_temperature`), then one calibration exchange (:meth:`RoundLoop.calibrate`) for the
+    sites' test reliability bins before/after, pooled into the ECE (:func:`fl_server.run_log.calibration_outcome`).
+    A model without a temperature (no site above the privacy floor) or whose exchange fails keeps the reason.
+    """
+    run_log = recorder.run_log
+    targets = {"final": recorder.last_aggregated}
+    if run_log.best is not None:
+        targets["best"] = run_log.best.round
+    done: dict[int, dict[str, Any]] = {}
+    for name, server_round in sorted(targets.items()):
+        if server_round in done:
+            recorder.calibration[name] = done[server_round]
+            continue
+        fit = round_temperature(run_log, server_round) if server_round > 0 else None
+        if fit is None:
+            result: dict[str, Any] = {"temperature": None, "reason": f"no site sent validation sums for round {server_round} "
+                                      "(no evaluation, or every site below the privacy floor)"}  # fmt: skip
+        else:
+            arrays = final_arrays if server_round == recorder.last_aggregated else _checkpoint_arrays(recorder, server_round)
+            settings = {**loop.config.round_settings(server_round).to_record(), CALIBRATION_TEMPERATURE: fit["temperature"]}
+            log(INFO, "fedct: calibrating the round-%d model (temperature %.3f)", server_round, fit["temperature"])
+            report = loop.calibrate(server_round, arrays, ConfigRecord(settings))
+            result = {"round": server_round, **fit}
+            if report.evaluate_sites is None:
+                result["ece_reason"] = report.evaluation_missing
+            else:
+                result.update(calibration_outcome(report.evaluate_sites))
+                agg = next(r for r in run_log.rounds if r["round"] == server_round)["evaluate"]["aggregate"]
+                result.update({f"{k}_before": agg.get(f"test-{k}", math.nan) for k in ("brier", "loss", "accuracy")})
+            result.update({"rejected_replies": report.rejected, "missing_replies": report.missing,
+                           "bytes_sent": report.bytes_sent, "bytes_received": report.bytes_received})
+        done[server_round] = recorder.calibration[name] = {"round": server_round, **result}
+    return recorder.calibration
+
+
+def _checkpoint_arrays(recorder: RunRecorder, server_round: int) -> NDArrays:
+    """The global weights after ``server_round`` from its checkpoint, in the model's dtypes."""
+    state = torch.load(recorder.run_dir / "checkpoints" / f"round-{server_round:03d}.pt", weights_only=True)
+    return {k: v.numpy() for k, v in state.items()}
 
 
 def run_federation(
@@ -542,6 +613,7 @@ def run_federation(
         evaluate_config = ConfigRecord(config.round_settings(last.server_round).to_record())
         last.add_evaluation(loop.evaluate_global(last.server_round, last.arrays, evaluate_config))
         recorder.record(pending, loop.bounds())
+    calibrate_bundles(loop, recorder, arrays)
     run_log = recorder.close(arrays)
     log(INFO, "fedct: run finished in %.1fs; results in %s", time.perf_counter() - t0, recorder.run_dir)
     return run_log

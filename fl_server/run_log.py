@@ -38,8 +38,22 @@ from pathlib import Path
 from typing import Any
 
 from fedct.files import atomic_write_bytes, json_safe
-from fedct.protocol import AUC_MACRO, C_INDEX, NUM_EXAMPLES, TD_AUC, TEST_PREFIX, TRAIN_PREFIX, VAL_PREFIX
+from fedct.protocol import (
+    AUC_MACRO,
+    CALIBRATION_PREFIX,
+    CALIBRATION_STAGES,
+    C_INDEX,
+    NUM_EXAMPLES,
+    RELIABILITY_FIELDS,
+    TD_AUC,
+    TEST_PREFIX,
+    TRAIN_PREFIX,
+    VAL_CALIBRATION_NLL,
+    VAL_PREFIX,
+    reliability_key,
+)
 from fl_server.observe import plot_learning_curves
+from models.calibration import ece_from_bins, fit_temperature
 
 SiteMetrics = Mapping[str, Mapping[str, Any]]
 """``{site: {metric: float or, for ``*-hist-*`` keys, list of floats}}``."""
@@ -56,6 +70,17 @@ def _split_prefix(key: str) -> tuple[str, str]:
 def is_histogram_key(key: str) -> bool:
     """True for binned score counts (``hist-*`` after the split prefix): summed bin by bin across sites."""
     return _split_prefix(key)[1].startswith("hist-")
+
+
+def is_calibration_key(key: str) -> bool:
+    """True for calibration sums (``calib-*`` after the split prefix: ``val-calib-nll``, ``test-calib-after-count``
+    ...): lists of sums, added element-wise across sites like histograms, but not counts."""
+    return _split_prefix(key)[1].startswith(CALIBRATION_PREFIX)
+
+
+def is_list_key(key: str) -> bool:
+    """True for the metrics that are lists (histograms and calibration sums), summed element-wise across sites."""
+    return is_histogram_key(key) or is_calibration_key(key)
 
 
 def is_count_key(key: str) -> bool:
@@ -184,12 +209,15 @@ def aggregate(per_site: SiteMetrics) -> dict[str, Any]:
     histograms: dict[str, list[float]] = {}
     for key in keys:
         values = [m[key] for m in per_site.values() if key in m]
-        if is_histogram_key(key):
-            histograms[key] = result[key] = _sum_histograms(key, values)
+        if is_list_key(key):
+            result[key] = _sum_histograms(key, values)
+            if is_histogram_key(key):
+                histograms[key] = result[key]
             continue
         lists = [v for v in values if isinstance(v, list | tuple)]
         if lists:
-            raise ValueError(f"metric {key!r} is a list at some site ({lists[0]!r}); only *-hist-* metrics may be lists")
+            raise ValueError(f"metric {key!r} is a list at some site ({lists[0]!r}); only *-hist-* and *-calib-* metrics "
+                             "may be lists")  # fmt: skip
         if is_count_key(key):  # a site sends NaN for a count of 1..k-1 (privacy floor): summed over the others
             counts = [float(m[key]) for m in per_site.values() if key in m and math.isfinite(float(m[key]))]
             result[key] = math.fsum(counts) if counts else math.nan
@@ -197,6 +225,46 @@ def aggregate(per_site: SiteMetrics) -> dict[str, Any]:
             result[key] = weighted_mean(per_site, key, weight_key_for(key))
     result.update(_pooled_aucs(histograms))
     return dict(sorted(result.items()))
+
+
+def temperature_fit(evaluation: Mapping[str, Any], per_site: SiteMetrics | None = None) -> dict[str, Any] | None:
+    """The temperature of a round's global model from its evaluation's aggregate (``val-calib-nll``, the sites' summed
+    validation NLL on the calibration grid, :func:`models.calibration.fit_temperature`); None when no site sent sums
+    (every site below the privacy floor). ``per_site`` (the sites' evaluation metrics) names the sites used."""
+    sums = evaluation.get(VAL_CALIBRATION_NLL)
+    if not sums:
+        return None
+    fit: dict[str, Any] = {"method": "temperature scaling", "temperature": fit_temperature(sums),
+                           "fitted_on": "validation split of every site (summed NLL on the temperature grid; no study "
+                                        "left its site)"}  # fmt: skip
+    if per_site is not None:
+        used = sorted(site for site, m in per_site.items() if m.get(VAL_CALIBRATION_NLL))
+        fit["sites"] = used
+        fit["validation_studies"] = int(sum(float(per_site[s].get(f"{VAL_PREFIX}n") or 0) for s in used))
+    return fit
+
+
+def calibration_outcome(per_site: SiteMetrics) -> dict[str, Any]:
+    """ECE before/after temperature scaling on the held-out test split, from the sites' calibration replies.
+
+    The sites' reliability bins (coarsened to >= k studies per bin) are added bin by bin and the ECE read from the
+    sums (:func:`models.calibration.ece_from_bins`); ``brier_after``/``loss_after``/``accuracy_after`` are the
+    weighted means of the sites' calibrated test values. ``reliability`` keeps the summed bins.
+    """
+    agg = aggregate(per_site)
+    out: dict[str, Any] = {}
+    reliability: dict[str, dict[str, list[float]]] = {}
+    for stage in CALIBRATION_STAGES:
+        lists = {field: list(agg.get(reliability_key(stage, field)) or []) for field in RELIABILITY_FIELDS}
+        complete = all(lists.values())
+        out[f"ece_{stage}"] = ece_from_bins(*lists.values()) if complete else math.nan
+        reliability[stage] = lists
+    out["test_studies"] = int(math.fsum(reliability["after"]["count"]))
+    for name in ("brier", "loss", "accuracy"):
+        out[f"{name}_after"] = agg.get(f"{TEST_PREFIX}{name}", math.nan)
+    out["sites"] = sorted(site for site, m in per_site.items() if m.get(reliability_key("after", "count")))
+    out["reliability"] = reliability
+    return out
 
 
 @dataclass(frozen=True)
@@ -217,9 +285,9 @@ def _compact_number_lists(text: str) -> str:
 
 def _section(per_site: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """One round's train or evaluate entry: the aggregate, the sites' scalars, their histograms apart."""
-    sites = {site: {k: v for k, v in m.items() if not is_histogram_key(k)} for site, m in per_site.items()}
+    sites = {site: {k: v for k, v in m.items() if not is_list_key(k)} for site, m in per_site.items()}
     entry: dict[str, Any] = {"aggregate": aggregate(per_site), "sites": sites}
-    histograms = {site: {k: v for k, v in m.items() if is_histogram_key(k)} for site, m in per_site.items()}
+    histograms = {site: {k: v for k, v in m.items() if is_list_key(k)} for site, m in per_site.items()}
     if any(histograms.values()):
         entry["site_histograms"] = {site: h for site, h in histograms.items() if h}
     return entry
@@ -237,6 +305,8 @@ class RunLog:
         self.selection_metric = selection_metric
         self.rounds: list[dict[str, Any]] = []
         self.best: BestRound | None = None
+        #: Calibration of the bundles (``{"best"|"final": {...}}``), set after the last round.
+        self.calibration: dict[str, Any] = {}
         self._pending_train: dict[str, dict[str, float]] = {}
         self._pending_eval: dict[str, dict[str, float]] = {}
         self._round_started = time.perf_counter()
@@ -365,6 +435,7 @@ class RunLog:
             "Per-site histograms are under each round's site_histograms.",
             "rounds": self.rounds,
             "best_round": best,
+            **({"calibration": self.calibration} if self.calibration else {}),
         }
 
     def write(self) -> Path:

@@ -13,9 +13,9 @@ replies and the fused ``evaluate`` ConfigRecord inside train replies):
 - the weights: packed index and buffers checked against the global model before decoding
   (``fedct.transport.decode_checked``);
 - :func:`plain_metrics`: metric names of the metric grammar, scalars where scalars belong, lists only for
-  ``*-hist-*`` metrics, no infinities, bounded magnitudes, ``num-examples`` a positive integer, counts clipped to
+  ``*-hist-*`` metrics (counts) and ``*-calib-*`` metrics (non-negative sums), no infinities, bounded magnitudes, ``num-examples`` a positive integer, counts clipped to
   ``max-site-examples``;
-- :func:`histogram_length_problems`: each ``*-hist-*`` metric has the same number of bins at every site.
+- :func:`histogram_length_problems`: each ``*-hist-*`` and ``*-calib-*`` list has the same length at every site.
 
 Then, on the decoded updates (pure functions on plain mappings of numpy/torch arrays):
 
@@ -42,7 +42,7 @@ from flwr.supercore.differential_privacy import KEY_NORM_BIT
 from fedct.protocol import ARRAYS_RECORD, EVALUATION_RECORD, INDEX_RECORD, METRICS_RECORD, NUM_EXAMPLES, SITE_RECORD
 from fedct.transport import TransportError, decode_checked
 from fl_server.config import SiteRegistry, is_site_name
-from fl_server.run_log import is_count_key, is_histogram_key
+from fl_server.run_log import is_calibration_key, is_count_key, is_histogram_key, is_list_key
 
 #: Scale of the MAD of a normal distribution (so that the robust z-score reads like a standard score).
 #: Smallest scale of the robust z-score, as a share of the median norm (see robust_zscores).
@@ -295,6 +295,18 @@ def plain_metrics(values: Mapping[str, Any], *, count_bound: int, train: bool, w
                 raise ReplyRejected("bad_metric", f"{what}: {key} holds counts below 0 or above {count_bound}")
             out[key] = counts
             continue
+        if is_calibration_key(key):  # sums (NLL, confidences, counts): finite, >= 0, bounded; not counts
+            if not isinstance(value, list) or len(value) > MAX_HISTOGRAM_BINS:
+                raise ReplyRejected("bad_metric", f"{what}: {key} must be a list of at most {MAX_HISTOGRAM_BINS} sums")
+            sums = [_number(c) for c in value]
+            if any(c is None for c in sums):
+                raise ReplyRejected("bad_metric", f"{what}: {key} holds something other than numbers")
+            if not all(math.isfinite(c) for c in sums):
+                raise ReplyRejected("non_finite", f"{what}: {key} holds NaN or infinite sums")
+            if any(c < 0 or c > MAX_METRIC_MAGNITUDE for c in sums):
+                raise ReplyRejected("bad_metric", f"{what}: {key} holds sums below 0 or above {MAX_METRIC_MAGNITUDE:g}")
+            out[key] = sums
+            continue
         number = _number(value)
         if number is None:
             raise ReplyRejected("bad_metric", f"{what}: {key} must be a single number")
@@ -393,7 +405,7 @@ def histogram_length_problems(per_reply: Mapping[Any, Sequence[Mapping[str, Any]
     for metric_maps in per_reply.values():
         for metrics in metric_maps:
             for key, value in metrics.items():
-                if is_histogram_key(key) and isinstance(value, list) and value:
+                if is_list_key(key) and isinstance(value, list) and value:
                     lengths.setdefault(key, Counter())[len(value)] += 1
     expected: dict[str, int | None] = {}
     for key, counter in lengths.items():
@@ -408,7 +420,7 @@ def histogram_length_problems(per_reply: Mapping[Any, Sequence[Mapping[str, Any]
     problems: dict[Any, Problem] = {}
     for reply, metric_maps in per_reply.items():
         for metrics in metric_maps:
-            bad = next((k for k, v in metrics.items() if is_histogram_key(k) and isinstance(v, list) and v
+            bad = next((k for k, v in metrics.items() if is_list_key(k) and isinstance(v, list) and v
                         and len(v) != expected.get(k)), None)  # fmt: skip
             if bad is not None:
                 want = expected.get(bad)

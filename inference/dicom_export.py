@@ -47,7 +47,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from fedct.files import atomic_write_bytes
-from inference.wording import DISCLAIMER, finding_sentence, heat_map_legend
+from inference.wording import DISCLAIMER, confidence_note, finding_sentence, heat_map_legend
 
 #: Private coding scheme of the model's own concepts (declared in CodingSchemeIdentificationSequence).
 CODING_SCHEME = "99FEDCT"
@@ -65,6 +65,8 @@ RISK_SCORE_CONCEPT = hd.sr.CodedConcept("RISK-SCORE", CODING_SCHEME, "Prognostic
 RISK_GROUP_CONCEPT = hd.sr.CodedConcept("RISK-GROUP", CODING_SCHEME, "Prognostic risk group")
 DISCLAIMER_CONCEPT = hd.sr.CodedConcept.from_code(codes.DCM.Comment)
 FINDING_TEXT_CONCEPT = hd.sr.CodedConcept.from_code(codes.DCM.Finding)
+#: TEXT item present only for a low-confidence result (:func:`inference.wording.confidence_note`).
+CONFIDENCE_CONCEPT = hd.sr.CodedConcept("LOW-CONFIDENCE", CODING_SCHEME, "Low-confidence result")
 PERCENT_UNIT = hd.sr.CodedConcept.from_code(codes.UCUM.Percent)
 SCORE_UNIT = hd.sr.CodedConcept("{score}", "UCUM", "score")
 PROCEDURE_REPORTED = hd.sr.CodedConcept("24627-2", "LN", "CT Chest")
@@ -344,8 +346,9 @@ def _build_sr(inputs: _Inputs, headers: list[Dataset], uids: ExportUIDs) -> hd.s
     )
     # TID 1501 allows TEXT qualitative evaluations next to the CODE ones: the disclaimer travels with the findings.
     # The finding in words (the same sentence as the report and the review page) and the disclaimer.
-    for concept, text in ((FINDING_TEXT_CONCEPT, finding_sentence(inputs.probabilities, inputs.diagnosis)),
-                          (DISCLAIMER_CONCEPT, DISCLAIMER)):
+    texts = [(FINDING_TEXT_CONCEPT, finding_sentence(inputs.probabilities, inputs.diagnosis)),
+             (CONFIDENCE_CONCEPT, confidence_note(inputs.probabilities)), (DISCLAIMER_CONCEPT, DISCLAIMER)]
+    for concept, text in ((c, t) for c, t in texts if t):
         group[0].ContentSequence.append(
             hd.sr.TextContentItem(name=concept, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
         )
@@ -454,7 +457,8 @@ def _build_sc(
         f"{model.get('round_of_weights', '?')}) on source slice {slice_index + 1} of {len(inputs.paths)} "
         f"(InstanceNumber {source.get('InstanceNumber', '?')}). "
         f"{finding_sentence(inputs.probabilities, inputs.diagnosis)} "
-        f"{heat_map_legend(inputs.heat_map_method, inputs.diagnosis)} {DISCLAIMER}"
+        + (f"{note} " if (note := confidence_note(inputs.probabilities)) else "")
+        + f"{heat_map_legend(inputs.heat_map_method, inputs.diagnosis)} {DISCLAIMER}"
     )
     sc.DerivationDescription = f"fedct {model['name']} saliency heat map over source CT slice"[:1024]
     sc.ReferencedImageSequence = [_reference_item(source, purpose=False)]

@@ -44,6 +44,7 @@ from monai.data import MetaTensor
 from monai.transforms import apply_transform
 
 from models.bundle import bundle_pipeline, load_bundle
+from models.calibration import bundle_temperature
 from models.factory import MultiTaskNet, as_plain_tensor, covariate_vector
 from inference.local_identity import HIDDEN, LOCAL_IDENTITY_NAME, SHOWN, LocalIdentity, read_local_identity
 from inference.local_identity import write_local_identity
@@ -209,13 +210,16 @@ def risk_group(score: float, quantiles: tuple[float, float] | None) -> str:
 
 
 def model_info(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Identification of the model for results: name, fedct version, bundle date, round of the weights."""
+    """Identification of the model for results: name, fedct version, bundle date, round of the weights, and the
+    calibration temperature its probabilities carry (1.0: uncalibrated)."""
     provenance = meta.get("provenance") or {}
     return {
         "name": str(meta.get("model", {}).get("name", "unknown")),
         "fedct_version": str(meta.get("fedct_version", "unknown")),
         "created_utc": str(meta.get("created_utc", "")),
         "round_of_weights": provenance.get("round_of_weights"),
+        "temperature": bundle_temperature(meta),
+        "calibrated": bool((meta.get("calibration") or {}).get("temperature")),
     }
 
 
@@ -347,13 +351,20 @@ def predict_study(
     class_names: Sequence[str],
     device: torch.device,
     covariates: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> tuple[dict[str, float], float]:
-    """Class probabilities and risk score of one prepared study (eval mode, no gradients)."""
+    """Class probabilities and risk score of one prepared study (eval mode, no gradients).
+
+    The probabilities are calibrated: ``softmax(logits / temperature)`` with the bundle's temperature
+    (:func:`models.calibration.bundle_temperature`; 1.0 leaves the network's softmax).
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     model.eval()
     with torch.no_grad():
         # Plain tensor into the network (as in training, fl_client.train.forward); prepared.grid keeps the metadata.
         output = model(as_plain_tensor(prepared.image).to(device), None if covariates is None else covariates.to(device))
-    probs = torch.softmax(output.logits.float(), dim=1)[0].cpu().tolist()
+    probs = torch.softmax(output.logits.float() / float(temperature), dim=1)[0].cpu().tolist()
     if len(probs) != len(class_names):
         raise ValueError(f"the model has {len(probs)} outputs but the bundle names {len(class_names)} classes")
     return dict(zip(class_names, (float(p) for p in probs))), float(output.risk[0].cpu())
@@ -390,6 +401,7 @@ def run_predict(
     pipeline = bundle_pipeline(meta)
     class_names = list(meta.get("class_names") or [])
     quantiles = risk_quantiles(meta, source=str(Path(model_dir) / "model.json"))
+    temperature = bundle_temperature(meta, source=str(Path(model_dir) / "model.json"))
     info = model_info(meta)
     site_key = _load_site_key(site_dir) if site_dir is not None else None
     torch_device = select_device(device)
@@ -448,7 +460,7 @@ def run_predict(
             _remove_identifying_leftovers(out_dir / key)
         result, explain_error = _predict_one(
             model, explainer, chosen, prepared, class_names=class_names, device=torch_device, quantiles=quantiles,
-            info=info, key=key, out_dir=out_dir, explain_study=explain_study,
+            temperature=temperature, info=info, key=key, out_dir=out_dir, explain_study=explain_study,
             local_identifiers=SHOWN if local_identifiers else HIDDEN,
         )  # fmt: skip
         if explain_error is not None and identity is not None:  # a library's message may quote a header value
@@ -507,6 +519,7 @@ def _predict_one(
     class_names: Sequence[str],
     device: torch.device,
     quantiles: tuple[float, float] | None,
+    temperature: float,
     info: dict[str, Any],
     key: str,
     out_dir: Path,
@@ -524,7 +537,8 @@ def _predict_one(
             "sex": None if math.isnan(sex) else ("M" if sex == 1.0 else "F"),
             "source": "DICOM PatientAge/PatientSex; unknown values are masked, not guessed",
         }
-    probabilities, risk = predict_study(model, prepared, class_names=class_names, device=device, covariates=covariates)
+    probabilities, risk = predict_study(model, prepared, class_names=class_names, device=device, covariates=covariates,
+                                        temperature=temperature)  # fmt: skip
     diagnosis = max(probabilities, key=probabilities.__getitem__)
     study_dir = out_dir / key
     study_dir.mkdir(parents=True, exist_ok=True)

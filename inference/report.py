@@ -1,11 +1,11 @@
 """The clinician's report: one self-contained HTML page per study (inline CSS, images as data URIs, no links out).
 
-The page reads on one screen: the disclaimer, the finding in words with its probability, all class
-probabilities, the risk group with its score and what it means against the training population, the key-slice
-heat maps with captions, and the model's identity. To find the patient it shows the study's local identifiers
-(accession number, patient name and ID: :mod:`inference.local_identity`), passed in by the prediction at this site;
-the report is a site-local file. On a research copy (identifiers off) it says they are hidden and carries no patient
-data besides the StudyInstanceUID.
+The page reads on one screen: the disclaimer, the finding in words with its (calibrated) probability, a
+low-confidence note when the call is close (:func:`inference.wording.confidence_note`), all class probabilities, the
+risk group with its score and what it means against the training population, the key-slice heat maps with captions,
+and the model's identity. To find the patient it shows the study's local identifiers (accession number, patient name
+and ID: :mod:`inference.local_identity`), passed in by the prediction at this site; the report is a site-local file.
+On a research copy (identifiers off) it says they are hidden and carries no patient data besides the StudyInstanceUID.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from inference.wording import (
     DISCLAIMER,
     IDENTIFIERS_HIDDEN,
     IDENTIFIERS_LOCAL,
+    calibration_sentence,
     class_phrase,
     class_title,
+    confidence_note,
     finding_sentence,
     heat_map_legend,
     percent,
@@ -55,6 +57,7 @@ main{max-width:1280px;margin:0 auto;padding:12px 18px}
 .card{background:#fff;border:1px solid #d8dde3;border-radius:6px;padding:10px 14px}
 h1{font-size:18px;margin:4px 0 8px} h2{font-size:15px;margin:10px 0 6px}
 .finding{font-size:17px;font-weight:600;margin:4px 0 10px}
+.low-confidence{background:#fdecea;border-left:4px solid #b42318;padding:6px 10px;margin:0 0 10px;font-weight:600}
 table{border-collapse:collapse;width:100%} td,th{padding:3px 6px;text-align:left;border-bottom:1px solid #eceff2}
 #probabilities td:first-child{width:45%} #probabilities td:last-child{width:40%}
 td.num{text-align:right;font-variant-numeric:tabular-nums;width:4.5em}
@@ -134,8 +137,11 @@ def render_report(result: Any, *, identity: LocalIdentity | None = None) -> str:
     explanation = dict(_get(result, "explanation") or {})
     esc = html.escape
     group_class = f"risk-{group}" if group in _RISK_GROUPS else "risk-unavailable"
+    note = confidence_note(probabilities)
+    note_html = f'<p class="low-confidence" id="confidence" role="note">{esc(note)}</p>\n' if note else ""
     rows_meta = [
         ("Model", f"{esc(str(model.get('name', 'unknown')))}, fedct {esc(str(model.get('fedct_version', 'unknown')))}"),
+        ("Probabilities", esc(calibration_sentence(model.get("temperature"), bool(model.get("calibrated"))))),
         ("Model created", esc(str(model.get("created_utc") or "unknown"))),
         ("Weights of round", esc(str(model.get("round_of_weights") if model.get("round_of_weights") is not None else "n/a"))),
         ("Heat map", esc(f"{explanation.get('method', 'Grad-CAM')} at {explanation.get('target_layer', 'n/a')}")),
@@ -161,7 +167,7 @@ def render_report(result: Any, *, identity: LocalIdentity | None = None) -> str:
 <section class="card">
 <h1>Chest CT — model findings</h1>
 <p class="finding" id="finding">{esc(finding_sentence(probabilities, diagnosis))}</p>
-<table id="probabilities"><tbody>
+{note_html}<table id="probabilities"><tbody>
 {_probability_rows(probabilities, diagnosis)}
 </tbody></table>
 <h2>Prognosis</h2>

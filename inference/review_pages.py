@@ -20,7 +20,9 @@ from inference.wording import (
     IDENTIFIERS_HIDDEN,
     IDENTIFIERS_LOCAL,
     class_title,
+    confidence_note,
     finding_sentence,
+    is_low_confidence,
     heat_map_legend,
     percent,
     risk_explanation,
@@ -143,6 +145,7 @@ img.thumb { width:112px; height:112px; object-fit:contain; background:#000; bord
 .nothumb { width:112px; height:112px; border-radius:4px; background:#e9edf2; color:var(--muted); font-size:.8rem;
            display:flex; align-items:center; justify-content:center; text-align:center; }
 .finding { font-weight:600; font-size:1.05rem; }
+.low-confidence { background:#fdecea; border-left:4px solid #b42318; padding:.35rem .6rem; font-weight:600; }
 .small { font-size:.85rem; color:var(--muted); }
 .pill { display:inline-block; padding:1px 10px; border-radius:999px; font-size:.9rem; font-weight:600;
         border:1px solid transparent; }
@@ -283,8 +286,11 @@ def render_list(results_dir: Path, store: FeedbackStore, token: str, db_note: st
             overlays = study.overlays()
             shown_key = pred.get("study_key") or study.key
             when = when_words(pred.get("created_utc"))
+            probs = dict(_probabilities(pred))
+            flag = ('<div class="small low-confidence">Low confidence: see the study page</div>'
+                    if probs and is_low_confidence(probs) else "")  # fmt: skip
             finding = (f'<div class="error">{esc(study.error)}</div>' if study.error
-                       else f'<div class="finding">{esc(finding_words(pred))}</div>')
+                       else f'<div class="finding">{esc(finding_words(pred))}</div>{flag}')
             report_link = (f'<a href="{esc(study_url(study.key, "report"))}" class="report-link">Open report</a>'
                            if study.has_report else '<span class="small">No report</span>')
             rows.append(f"""<tr class="study" id="study-{esc(study.key)}" data-study-key="{esc(study.key)}">
@@ -342,8 +348,10 @@ def render_study(study: Study, store: FeedbackStore, token: str, db_note: str) -
     model = model_words(pred)
     if model:
         details.append(f"Model: {esc(model)}")
+    note = confidence_note(dict(probs)) if probs and not study.error else ""
     finding = (f'<p class="error">{esc(study.error)}</p>' if study.error
-               else f'<p class="finding">{esc(finding_words(pred))}</p>')
+               else f'<p class="finding">{esc(finding_words(pred))}</p>'
+               + (f'<p class="low-confidence" role="note">{esc(note)}</p>' if note else ""))
     history_html = ""
     if len(history) > 1:
         items = "".join(f"<li>{_feedback_summary(fb)}</li>" for fb in history[1:])

@@ -16,10 +16,15 @@ __all__ = [
     "DISCLAIMER",
     "IDENTIFIERS_HIDDEN",
     "IDENTIFIERS_LOCAL",
+    "LOW_CONFIDENCE_BELOW",
+    "LOW_CONFIDENCE_MARGIN",
     "UNCERTAIN_BELOW",
+    "calibration_sentence",
     "class_phrase",
     "class_title",
+    "confidence_note",
     "finding_sentence",
+    "is_low_confidence",
     "heat_map_colour_label",
     "heat_map_legend",
     "heat_map_method",
@@ -44,6 +49,11 @@ IDENTIFIERS_LOCAL = "Read from this study's DICOM at this site, to find the pati
 
 #: Below this probability of the most likely class the finding is worded as uncertain.
 UNCERTAIN_BELOW = 0.5
+#: A result is flagged as low confidence when the (calibrated) probability of the most likely class is below this, or
+#: when it leads the next class by less than :data:`LOW_CONFIDENCE_MARGIN`: the call is close to the decision between
+#: two findings (the most likely class is the call), and a calibrated 60 % is wrong about 4 times in 10.
+LOW_CONFIDENCE_BELOW = 0.6
+LOW_CONFIDENCE_MARGIN = 0.2
 
 #: How each class is said in a sentence ("Findings suggest ...") and as a label. Aliases map to the same words.
 _CLASS_WORDS: dict[str, tuple[str, str]] = {
@@ -109,6 +119,49 @@ def finding_sentence(probabilities: Mapping[str, float], diagnosis: str | None =
     if not (math.isfinite(p) and p >= UNCERTAIN_BELOW):
         return f"Uncertain result: the most likely is {class_phrase(diagnosis)} (probability {percent(p)})."
     return f"Findings suggest {class_phrase(diagnosis)} (probability {percent(p)})."
+
+
+def _ranked(probabilities: Mapping[str, float]) -> list[tuple[str, float]]:
+    probs = [(str(k), float(v)) for k, v in probabilities.items()]
+    return sorted(((k, v) for k, v in probs if math.isfinite(v)), key=lambda kv: -kv[1])
+
+
+def is_low_confidence(probabilities: Mapping[str, float]) -> bool:
+    """True when the most likely class is below :data:`LOW_CONFIDENCE_BELOW` or leads the next one by less than
+    :data:`LOW_CONFIDENCE_MARGIN` (also when no probability is finite)."""
+    ranked = _ranked(probabilities)
+    if not ranked:
+        return True
+    top = ranked[0][1]
+    second = ranked[1][1] if len(ranked) > 1 else 0.0
+    return top < LOW_CONFIDENCE_BELOW or top - second < LOW_CONFIDENCE_MARGIN
+
+
+def confidence_note(probabilities: Mapping[str, float]) -> str:
+    """Words for a low-confidence result (:func:`is_low_confidence`), ``""`` for a confident one. ASCII only."""
+    if not is_low_confidence(probabilities):
+        return ""
+    ranked = _ranked(probabilities)
+    if not ranked:
+        return "Low confidence: the model gave no usable probability for this study."
+    (top, p), rest = ranked[0], ranked[1:]
+    runner = f"; next is {class_phrase(rest[0][0])} ({percent(rest[0][1])})" if rest else ""
+    return (
+        f"Low confidence: {class_phrase(top)} is the most likely at only {percent(p)}{runner}. The model cannot tell "
+        "these findings apart reliably for this study; rely on the images and the clinical picture."
+    )
+
+
+def calibration_sentence(temperature: Any, calibrated: bool = True) -> str:
+    """How the probabilities were calibrated, for the report's "About this result" (``temperature`` of the bundle)."""
+    try:
+        t = float(temperature)
+    except (TypeError, ValueError):
+        t = math.nan
+    if not calibrated or not math.isfinite(t) or t <= 0:
+        return "not calibrated (the network's raw softmax; it may be over-confident)"
+    return (f"calibrated on the training sites' validation data (temperature scaling, T = {t:.2f}): of results shown "
+            "at 70%, about 7 in 10 should be right")
 
 
 def risk_label(group: Any) -> str:

@@ -34,6 +34,7 @@ __all__ = [
     "model_card",
     "monai_metadata",
     "save_state",
+    "set_calibration",
     "write_bundle",
 ]
 
@@ -62,11 +63,13 @@ def write_bundle(
     pipeline: PipelineConfig,
     provenance: Mapping[str, Any],
     risk_reference: Mapping[str, Any] | None = None,
+    calibration: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model.pt``, ``model.json`` and ``model_card.md`` into ``folder``; return the folder.
 
     ``risk_reference`` (``{"quantiles": [low/intermediate cut, intermediate/high cut], ...}``) places a new
-    patient's risk score relative to the training population.
+    patient's risk score relative to the training population. ``calibration`` (``{"temperature": T, ...}``, see
+    ``models.calibration``): inference reports ``softmax(logits / T)``; None: uncalibrated (T = 1).
     """
     folder = Path(folder)
     save_state(folder / "model.pt", state)
@@ -85,10 +88,39 @@ def write_bundle(
         "class_names": list(DIAGNOSES[: model.num_classes]),
         "provenance": dict(provenance),
         "risk_reference": dict(risk_reference) if risk_reference else None,
+        "calibration": _checked_calibration(calibration, folder),
     }
+    _write_meta(folder, meta)
+    return folder
+
+
+def _checked_calibration(calibration: Mapping[str, Any] | None, folder: Path) -> dict[str, Any] | None:
+    if not calibration:
+        return None
+    t = calibration.get("temperature")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t < math.inf):
+        raise ValueError(f"{folder}: calibration temperature must be a positive finite number, got {t!r}")
+    return dict(calibration)
+
+
+def _write_meta(folder: Path, meta: Mapping[str, Any]) -> None:
     atomic_write_bytes(folder / "model.json", json.dumps(json_safe(meta), indent=2, default=str, allow_nan=False).encode())
     atomic_write_bytes(folder / "model_card.md", model_card(meta).encode())
     atomic_write_bytes(folder / MONAI_METADATA, json.dumps(monai_metadata(meta), indent=2).encode())
+
+
+def set_calibration(folder: Path, calibration: Mapping[str, Any] | None) -> Path:
+    """Replace the calibration of an existing bundle (``model.json``, model card); the weights stay as they are.
+
+    The server calls it after the last round, when the ECE before/after of the bundle's temperature is known.
+    """
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "model.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"not a readable model bundle: {folder} ({exc})") from None
+    meta["calibration"] = _checked_calibration(calibration, folder)
+    _write_meta(folder, meta)
     return folder
 
 
@@ -131,18 +163,40 @@ def model_card(meta: Mapping[str, Any]) -> str:
     agg = metrics.get("aggregate", {})
     lines.append(f"| all (weighted mean of sites) | {int(agg.get('test-n') or 0)} | {fmt(agg.get('test-auc-macro'))} | "
                  f"{fmt(agg.get('test-accuracy'))} | {fmt(agg.get('test-c-index'))} |")  # fmt: skip
+    lines += _calibration_lines(meta.get("calibration"))
     lines += _privacy_lines(prov)
     lines += [
         "",
         "## Limitations",
         "- Small per-site test splits: metrics carry wide uncertainty.",
-        "- Calibration across sites is not guaranteed (normalisation statistics are aggregated across sites, "
-        "see bn-mode in the run config); check the "
-        "operating point locally.",
+        "- Calibration is fitted on the training sites' validation data; at another site, scanner or population the "
+        "probabilities may be over- or under-confident: check them, and the operating point, locally.",
         "- Trained on the data of the listed sites only; scanners, protocols and populations elsewhere may differ.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
+    """The model card's calibration section: the temperature, where it was fitted, ECE before/after on test."""
+
+    def fmt(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, int | float) and math.isfinite(value) else "n/a"
+
+    lines = ["", "## Calibration"]
+    if not calibration or calibration.get("temperature") is None:
+        reason = (calibration or {}).get("reason") or "no temperature was fitted"
+        return lines + [f"Uncalibrated: the probabilities are the network's softmax ({reason})."]
+    t = float(calibration["temperature"])
+    lines.append(f"Temperature scaling: the reported probabilities are softmax(logits / {t:.3f}), T fitted on the "
+                 f"validation split of {len(calibration.get('sites') or []) or 'the'} site(s) "
+                 f"({calibration.get('validation_studies', 'n/a')} studies) from summed statistics only; the most "
+                 "likely class is unchanged.")  # fmt: skip
+    if "ece_before" in calibration:
+        lines.append(f"Expected calibration error on the held-out test split ({calibration.get('test_studies', 'n/a')} "
+                     f"studies, 15 confidence bins pooled across sites): {fmt(calibration.get('ece_before'))} before, "
+                     f"{fmt(calibration.get('ece_after'))} after; Brier score after {fmt(calibration.get('brier_after'))}.")  # fmt: skip
+    return lines
 
 
 def _privacy_lines(prov: Mapping[str, Any]) -> list[str]:

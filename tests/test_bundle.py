@@ -130,3 +130,31 @@ def test_bundle_files_are_written_atomically_with_the_umask(bundle):
     current = os.umask(0o022)
     os.umask(current)
     assert mode == 0o666 & ~current
+
+
+def test_the_calibration_round_trips_and_is_on_the_model_card(tmp_path):
+    from models.bundle import set_calibration
+    from models.calibration import bundle_temperature
+
+    cfg = ModelConfig(name="smallcnn")
+    write_bundle(tmp_path / "b", build_model(cfg).state_dict(), model=cfg, pipeline=PipelineConfig(),
+                 provenance={"sites": ["site-a"]}, calibration={"temperature": 1.75, "sites": ["site-a", "site-b"],
+                                                                "validation_studies": 40})  # fmt: skip
+    _, meta = load_bundle(tmp_path / "b")
+    assert bundle_temperature(meta) == 1.75
+    card = (tmp_path / "b" / "model_card.md").read_text()
+    assert "softmax(logits / 1.750)" in card and "2 site(s) (40 studies)" in card
+    weights = (tmp_path / "b" / "model.pt").read_bytes()
+    set_calibration(tmp_path / "b", {"temperature": 1.75, "ece_before": 0.21, "ece_after": 0.04, "test_studies": 30,
+                                      "brier_after": 0.3})  # fmt: skip
+    _, meta = load_bundle(tmp_path / "b")
+    assert meta["calibration"]["ece_after"] == 0.04 and (tmp_path / "b" / "model.pt").read_bytes() == weights
+    assert "0.210 before, 0.040 after" in (tmp_path / "b" / "model_card.md").read_text()
+    # without a temperature the card says the probabilities are uncalibrated, and why
+    set_calibration(tmp_path / "b", {"temperature": None, "reason": "every site below the privacy floor"})
+    assert bundle_temperature(load_bundle(tmp_path / "b")[1]) == 1.0
+    assert "Uncalibrated" in (tmp_path / "b" / "model_card.md").read_text()
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+        set_calibration(tmp_path / "b", {"temperature": 0.0})
+    with pytest.raises(BundleError, match="not a readable model bundle"):
+        set_calibration(tmp_path / "none", {"temperature": 1.0})

@@ -101,6 +101,9 @@ def test_replies_carry_only_numbers_and_the_site_name(recorded_replies):
             for key, value in metrics.items():
                 if "-hist-" in key:  # aggregate score histograms: counts per probability bin, no study-level data
                     assert all(isinstance(c, int | float) and c >= 0 and float(c).is_integer() for c in value)
+                elif "-calib-" in key:  # summed validation NLL per temperature: sent only from >= k studies
+                    assert key == "val-calib-nll" and (value == [] or metrics["val-n"] >= 5)
+                    assert all(isinstance(c, int | float) and c >= 0 for c in value)
                 else:
                     assert isinstance(value, int | float), key
 

@@ -367,3 +367,50 @@ def test_training_losses_need_k_training_studies():
     assert math.isnan(small["train-loss"]) and small["num-examples"] == 3 and small["train-seconds"] == 3.0
     assert "train-per-study-loss" not in small
     assert floor_training({**result, "num-examples": 5})["train-loss"] == 0.5
+
+
+# --- calibration statistics under the floor -------------------------------------------------------------------------
+
+from fedct.protocol import CALIBRATION_BINS, CALIBRATION_TEMPERATURES, reliability_key  # noqa: E402
+from fl_client.metrics import floor_calibration  # noqa: E402
+from models.calibration import apply_temperature, reliability_bins  # noqa: E402
+
+
+def test_validation_nll_sums_are_sent_only_from_k_labelled_validation_studies():
+    sums = [float(i) for i in range(len(CALIBRATION_TEMPERATURES))]
+    enough = floor_evaluation({**_evaluation(val_n=6, test_n=6), "val-calib-nll": sums})
+    assert enough["val-calib-nll"] == sums
+    few = floor_evaluation({**_evaluation(val_n=3, test_n=6), "val-calib-nll": sums})
+    assert few["val-calib-nll"] == []  # the key stays, nothing computed from 3 studies leaves
+    assert floor_evaluation({**_evaluation(val_n=6, test_n=6), "val-calib-nll": sums}, min_count=7)["val-calib-nll"] == []
+
+
+def _calibration_reply(n: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    logits = rng.normal(size=(n, 3)) * 4
+    out = {}
+    for stage, t in (("before", 1.0), ("after", 2.5)):
+        for field, values in zip(("count", "confidence", "correct"), reliability_bins(apply_temperature(logits, t), labels),
+                                 strict=True):  # fmt: skip
+            out[reliability_key(stage, field)] = values
+    out.update({"test-n": float(n), "test-loss": 0.9, "test-brier": 0.5, "test-accuracy": 0.6, "num-examples": n})
+    return out
+
+
+def test_calibration_bins_leave_a_site_only_in_groups_of_k_studies():
+    sent = floor_calibration(_calibration_reply(12))
+    for stage in ("before", "after"):
+        count = sent[reliability_key(stage, "count")]
+        assert len(count) == CALIBRATION_BINS and sum(count) == 12
+        assert all(c == 0 or c >= 5 for c in count)
+        conf, correct = sent[reliability_key(stage, "confidence")], sent[reliability_key(stage, "correct")]
+        assert all((n == 0) == (c == 0) and h <= n for n, c, h in zip(count, conf, correct, strict=True))
+    assert sent["test-brier"] == 0.5 and sent["num-examples"] == 12
+
+
+def test_a_site_with_too_few_test_studies_sends_no_calibration_bins_and_unknown_keys_are_dropped(caplog):
+    sent = floor_calibration({**_calibration_reply(4), "test-study-uid": 1.0})
+    assert all(sent[reliability_key(s, f)] == [] for s in ("before", "after") for f in ("count", "confidence", "correct"))
+    assert math.isnan(sent["test-brier"]) and sent["test-n"] == 4  # the split's size stays, as in an evaluation
+    assert "test-study-uid" not in sent and "not covered by the privacy floor" in caplog.text

@@ -338,3 +338,70 @@ def test_the_end_of_run_curves_are_the_observability_plotters_figure(tmp_path):
         from fl_server.observe import observe_round
 
         observe_round(tmp_path, {"round": 1})
+
+
+# --- calibration ----------------------------------------------------------------------------------------------------
+
+from fedct.protocol import CALIBRATION_TEMPERATURES, reliability_key  # noqa: E402
+from fl_server.run_log import calibration_outcome, temperature_fit  # noqa: E402
+from models.calibration import apply_temperature, ece_from_bins, fit_temperature, nll_grid, reliability_bins  # noqa: E402
+
+
+def _site_logits(n, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    logits = rng.normal(size=(n, 3))
+    logits[np.arange(n), labels] += 1.0
+    return 4 * logits, labels
+
+
+def test_the_temperature_of_a_round_is_the_fit_of_the_summed_site_sums_and_names_the_sites(tmp_path):
+    (za, ya), (zb, yb) = _site_logits(200, 1), _site_logits(300, 2)
+    sites = {"site-a": {"val-n": 200.0, "val-calib-nll": nll_grid(za, ya)},
+             "site-b": {"val-n": 300.0, "val-calib-nll": nll_grid(zb, yb)},
+             "site-c": {"val-n": 3.0, "val-calib-nll": []}}  # below the floor: no sums
+    agg = aggregate(sites)
+    assert len(agg["val-calib-nll"]) == len(CALIBRATION_TEMPERATURES) and "val-calib-nll" not in _section_scalars(sites)
+    fit = temperature_fit(agg, sites)
+    pooled = fit_temperature(nll_grid(np.concatenate([za, zb]), np.concatenate([ya, yb])))
+    assert fit["temperature"] == pytest.approx(pooled) and fit["temperature"] > 1.5
+    assert fit["sites"] == ["site-a", "site-b"] and fit["validation_studies"] == 500
+    assert temperature_fit(aggregate({"site-c": sites["site-c"]})) is None
+
+
+def _section_scalars(sites):
+    from fl_server.run_log import _section
+
+    return {k for m in _section(sites)["sites"].values() for k in m}
+
+
+def test_the_ece_before_and_after_is_read_from_the_summed_reliability_bins():
+    per_site, pooled = {}, {"before": [], "after": []}
+    for name, seed in (("site-a", 3), ("site-b", 4)):
+        logits, labels = _site_logits(150, seed)
+        reply = {"test-n": 150.0, "test-brier": 0.3}
+        for stage, t in (("before", 1.0), ("after", 3.0)):
+            probs = apply_temperature(logits, t)
+            pooled[stage].append((probs, labels))
+            for field, values in zip(("count", "confidence", "correct"), reliability_bins(probs, labels), strict=True):
+                reply[reliability_key(stage, field)] = values
+        per_site[name] = reply
+    out = calibration_outcome(per_site)
+    for stage in ("before", "after"):
+        probs = np.concatenate([p for p, _ in pooled[stage]])
+        labels = np.concatenate([y for _, y in pooled[stage]])
+        assert out[f"ece_{stage}"] == pytest.approx(ece_from_bins(*reliability_bins(probs, labels)))
+    assert out["ece_after"] < out["ece_before"] and out["test_studies"] == 300 and out["brier_after"] == 0.3
+    assert out["sites"] == ["site-a", "site-b"]
+    empty = calibration_outcome({"site-a": {reliability_key(s, f): [] for s in ("before", "after")
+                                             for f in ("count", "confidence", "correct")}})  # fmt: skip
+    assert math.isnan(empty["ece_before"]) and empty["test_studies"] == 0 and empty["sites"] == []
+
+
+def test_metrics_json_carries_the_calibration_once_set(tmp_path):
+    log = RunLog(tmp_path, run_config={}, emit=lambda _: None)
+    _round(log, 1, 0.7)
+    assert "calibration" not in json.loads((tmp_path / "metrics.json").read_text())
+    log.calibration = {"best": {"round": 1, "temperature": 1.8, "ece_before": 0.2, "ece_after": 0.04}}
+    log.write()
+    assert json.loads((tmp_path / "metrics.json").read_text())["calibration"]["best"]["ece_after"] == 0.04

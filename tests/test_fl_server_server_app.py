@@ -13,6 +13,24 @@ from federation import TINY_RUN_CONFIG, tiny_federation
 from fl_client.client_app import build_client_app
 from models.bundle import load_bundle
 from fl_server.server_app import build_server_app
+from fedct.protocol import CALIBRATION_TEMPERATURE, reliability_key
+from models.calibration import bundle_temperature
+
+
+def calibration_recorder(folder):
+    """A client mod keeping the metrics of every calibration reply (evaluate replies to a calibration message)."""
+
+    def mod(msg, context, call_next):
+        import uuid
+
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "evaluate" and CALIBRATION_TEMPERATURE in msg.content["config"]:
+            (folder / f"calibration-{uuid.uuid4().hex}.json").write_text(json.dumps(
+                {"temperature": msg.content["config"][CALIBRATION_TEMPERATURE],
+                 "records": sorted(reply.content.keys()), "metrics": dict(reply.content["metrics"])}))  # fmt: skip
+        return reply
+
+    return mod
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +40,12 @@ def simulated_run(tmp_path_factory):
     tiny_federation(root / "data", sites=2, patients_per_site=30)
     run_dir = root / "run"
     server_config = {**TINY_RUN_CONFIG, "num-server-rounds": 2, "min-sites": 2, "run-dir": str(run_dir)}
+    replies = root / "replies"
+    replies.mkdir()
     run_simulation(
         server_app=build_server_app(server_config),
-        client_app=build_client_app({"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")}),
+        client_app=build_client_app({"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")},
+                                    outer_mods=[calibration_recorder(replies)]),  # fmt: skip
         num_supernodes=2,
         backend_config=simulation_backend_config(),
     )
@@ -99,3 +120,38 @@ def test_nothing_identifying_reaches_the_server_side(simulated_run):
         for value in (str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.AccessionNumber, ds.StudyInstanceUID):
             assert value and value not in server_text
     assert str(root / "data") not in server_text  # no site file paths
+
+
+def test_the_bundles_are_calibrated_and_metrics_json_has_the_ece_before_and_after(simulated_run):
+    root, run_dir = simulated_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # every evaluation carries the sites' summed validation NLL on the temperature grid
+    last = metrics["rounds"][-1]["evaluate"]
+    assert len(last["aggregate"]["val-calib-nll"]) == 41
+    calibration = metrics["calibration"]
+    assert set(calibration) == {"best", "final"}
+    for name in ("best", "final"):
+        entry = calibration[name]
+        assert entry["temperature"] > 0 and entry["sites"] == ["site-0", "site-1"]
+        for key in ("ece_before", "ece_after", "brier_after", "brier_before"):
+            assert 0 <= entry[key] <= 2, key
+        assert entry["test_studies"] == sum(s["test-n"] for s in metrics["rounds"][entry["round"] - 1]["evaluate"]["sites"].values())
+        meta = json.loads((run_dir / "model" / name / "model.json").read_text())
+        assert bundle_temperature(meta) == pytest.approx(entry["temperature"])
+        assert meta["calibration"]["ece_after"] == pytest.approx(entry["ece_after"])
+        assert "## Calibration" in (run_dir / "model" / name / "model_card.md").read_text()
+    # what the calibration replies carried: reliability bins of >= k studies each, scalars, nothing else
+    files = sorted((root / "replies").glob("calibration-*.json"))
+    assert len(files) == 2 * len({calibration["best"]["round"], calibration["final"]["round"]})
+    for f in files:
+        reply = json.loads(f.read_text())
+        assert reply["records"] == ["metrics", "site"]
+        for key, value in reply["metrics"].items():
+            if "-calib-" in key:
+                assert len(value) == 15 and all(isinstance(c, int | float) and c >= 0 for c in value)
+                if key.endswith("-count"):
+                    assert all(c == 0 or c >= 5 for c in value)
+            else:
+                assert key in ("test-n", "test-loss", "test-brier", "test-accuracy", "num-examples"), key
+                assert isinstance(value, int | float)
+        assert sum(reply["metrics"][reliability_key("after", "count")]) == reply["metrics"]["test-n"]

@@ -218,3 +218,17 @@ def test_histograms_must_have_the_same_bins_at_every_site():
     assert set(later) == {0, 1}
     tie = histogram_length_problems({0: [{"test-hist-x": [1.0] * 2}], 1: [{"test-hist-x": [1.0] * 3}]}, {})
     assert set(tie) == {0, 1}  # nothing tells which one is right
+
+
+def test_calibration_sums_are_lists_of_bounded_non_negative_numbers_of_one_length():
+    sums = [1e4 + i for i in range(41)]  # summed NLL may exceed the count bound: they are sums, not counts
+    metrics, clipped = plain_metrics({"num-examples": 6, "val-n": 6, "val-calib-nll": sums}, count_bound=500, train=False)
+    assert metrics["val-calib-nll"] == sums and clipped == []
+    assert plain_metrics({"num-examples": 6, "val-calib-nll": []}, count_bound=500, train=False)[0]["val-calib-nll"] == []
+    for bad, code in (([-1.0], "bad_metric"), ([math.nan], "non_finite"), ([1e10], "bad_metric"), (["x"], "bad_metric"),
+                      (3.0, "bad_metric")):  # fmt: skip
+        assert rejected_code(lambda: plain_metrics({"num-examples": 6, "test-calib-after-count": bad}, count_bound=500,
+                                                   train=False)) == code, bad  # fmt: skip
+    problems = histogram_length_problems({0: [{"val-calib-nll": [1.0] * 41}], 1: [{"val-calib-nll": [1.0] * 41}],
+                                          2: [{"val-calib-nll": [1.0] * 40}]}, {})  # fmt: skip
+    assert set(problems) == {2} and problems[2].code == "bad_histogram"

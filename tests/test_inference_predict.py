@@ -105,7 +105,8 @@ def test_one_folder_per_study_with_prediction_report_and_overlays(predicted):
         assert stored["diagnosis"] == max(stored["probabilities"], key=stored["probabilities"].get)
         assert stored["risk_group"] == "intermediate" and stored["risk_quantiles"] == [-1000.0, 1000.0]
         assert stored["model"] == {"name": "smallcnn", "fedct_version": stored["model"]["fedct_version"],
-                                   "created_utc": stored["model"]["created_utc"], "round_of_weights": 2}  # fmt: skip
+                                   "created_utc": stored["model"]["created_utc"], "round_of_weights": 2,
+                                   "temperature": 1.0, "calibrated": False}  # fmt: skip
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stored["created_utc"])
         assert (folder / "report.html").is_file()
         assert 1 <= len(stored["overlays"]) <= 3 and len(stored["key_slices"]) == len(stored["overlays"])
@@ -171,6 +172,39 @@ def test_model_input_is_exactly_what_training_saw(predicted, tmp_path):
     assert result.risk_score == pytest.approx(risk, abs=1e-6)
     # The recorded HU volume and affine are read_hu_volume's layout.
     assert prepared.hu.shape == series.shape
+
+
+def test_probabilities_carry_the_bundles_calibration_temperature(predicted, tmp_path):
+    from models.bundle import set_calibration
+    from inference.predict import model_info, predict_study
+
+    summary, data, root = predicted
+    result = summary.results[0]
+    assert result.model["temperature"] == 1.0 and result.model["calibrated"] is False  # a bundle without calibration
+    assert "not calibrated" in (root / "out" / result.study_key / "report.html").read_text()
+    bundle = make_bundle(tmp_path / "calibrated")
+    set_calibration(bundle, {"temperature": 2.5})
+    model, meta = load_bundle(bundle)
+    assert model_info(meta)["temperature"] == 2.5 and model_info(meta)["calibrated"] is True
+    series = validate_series(discover(data["dicom"]).series[result.SeriesInstanceUID])
+    prepared = prepare_input(series, bundle_pipeline(meta))
+    names = meta["class_names"]
+    raw, risk = predict_study(model, prepared, class_names=names, device=torch.device("cpu"))
+    calibrated, risk_t = predict_study(model, prepared, class_names=names, device=torch.device("cpu"), temperature=2.5)
+    with torch.no_grad():
+        logits = model.eval()(prepared.image).logits[0]
+    for name, p in zip(names, torch.softmax(logits / 2.5, dim=0).tolist()):
+        assert calibrated[name] == pytest.approx(p, abs=1e-6)
+    assert max(calibrated, key=calibrated.get) == max(raw, key=raw.get) and risk_t == risk  # same call, same risk
+    assert max(calibrated.values()) <= max(raw.values())  # T > 1: less confident
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+        predict_study(model, prepared, class_names=names, device=torch.device("cpu"), temperature=0.0)
+    meta_path = bundle / "model.json"
+    bad = json.loads(meta_path.read_text())
+    bad["calibration"]["temperature"] = "hot"
+    meta_path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="calibration.temperature must be a positive finite number"):
+        run_predict(bundle, data["dicom"], tmp_path / "out", device="cpu", progress=False)
 
 
 def test_risk_groups_from_tertiles_and_bad_reference():

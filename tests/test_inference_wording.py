@@ -25,14 +25,22 @@ import pydicom  # noqa: E402
 import pytest  # noqa: E402
 from highdicom.sr.utils import find_content_items  # noqa: E402
 
-from inference.dicom_export import DISCLAIMER_CONCEPT, FINDING_TEXT_CONCEPT, write_dicom_results  # noqa: E402
+from inference.dicom_export import (  # noqa: E402
+    CONFIDENCE_CONCEPT,
+    DISCLAIMER_CONCEPT,
+    FINDING_TEXT_CONCEPT,
+    write_dicom_results,
+)
 from inference.report import render_report  # noqa: E402
 from inference.review import make_server  # noqa: E402
 from inference.wording import (  # noqa: E402
     DISCLAIMER,
+    calibration_sentence,
     class_phrase,
     class_title,
+    confidence_note,
     finding_sentence,
+    is_low_confidence,
     percent,
     risk_sentence,
 )
@@ -45,6 +53,8 @@ SERIES_UID = "1.2.826.0.1.3680043.8.498.88001.2"
 CASES = {
     "confident": ({"covid": 0.9934, "other_pneumonia": 0.0041, "normal": 0.0025}, "covid"),
     "uncertain": ({"covid": 0.45, "other_pneumonia": 0.35, "normal": 0.20}, "covid"),
+    # above "uncertain" but close to the decision between two findings: flagged as low confidence
+    "close": ({"covid": 0.57, "other_pneumonia": 0.40, "normal": 0.03}, "covid"),
 }
 
 
@@ -78,11 +88,13 @@ def test_every_renderer_states_the_same_finding(case: str, series: list[Path], t
         "overlays": [str(overlay)], "key_slices": [1],
     }  # fmt: skip
     finding = finding_sentence(probabilities, diagnosis)
+    note = confidence_note(probabilities)
+    assert bool(note) == (case != "confident")
     shown_percents = [percent(p) for p in probabilities.values()]
 
     # 1. The HTML report.
     report_text = _text(render_report(result))
-    assert finding in report_text
+    assert finding in report_text and note in report_text
     assert DISCLAIMER in report_text
     assert all(f in report_text for f in shown_percents)
 
@@ -117,8 +129,8 @@ def test_every_renderer_states_the_same_finding(case: str, series: list[Path], t
     exported = write_dicom_results(result, tmp_path / "dicom")
     sr = hd.sr.srread(exported[0])
     texts = {item.value for item in find_content_items(sr, value_type=hd.sr.ValueTypeValues.TEXT, recursive=True)
-             if item.name in (FINDING_TEXT_CONCEPT, DISCLAIMER_CONCEPT)}  # fmt: skip
-    assert texts == {finding, DISCLAIMER}
+             if item.name in (FINDING_TEXT_CONCEPT, DISCLAIMER_CONCEPT, CONFIDENCE_CONCEPT)}  # fmt: skip
+    assert texts == {finding, DISCLAIMER} | ({note} if note else set())
     numbers = find_content_items(sr, value_type=hd.sr.ValueTypeValues.NUM, recursive=True)
     sr_percent = {float(item.MeasuredValueSequence[0].NumericValue) for item in numbers
                   if item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "%"}  # fmt: skip
@@ -126,7 +138,7 @@ def test_every_renderer_states_the_same_finding(case: str, series: list[Path], t
     scs = [pydicom.dcmread(p) for p in exported[1:]]
     assert scs
     for sc in scs:
-        assert finding in sc.ImageComments and DISCLAIMER in sc.ImageComments
+        assert finding in sc.ImageComments and DISCLAIMER in sc.ImageComments and note in sc.ImageComments
 
 
 def test_percent_rounding_is_one_rule() -> None:
@@ -156,3 +168,22 @@ def test_risk_sentence_with_and_without_reference() -> None:
 
 def test_disclaimer_encodes_in_latin1_dicom_text() -> None:
     DISCLAIMER.encode("ascii")  # SR/SC text attributes follow the source's character set (often ISO_IR 100)
+
+
+def test_low_confidence_is_near_the_decision_or_below_sixty_percent() -> None:
+    assert not is_low_confidence({"covid": 0.82, "normal": 0.18})
+    assert is_low_confidence({"covid": 0.58, "normal": 0.30, "other_pneumonia": 0.12})  # below 60 %
+    assert not is_low_confidence({"covid": 0.61, "normal": 0.39})  # 61 %, 22 points ahead
+    assert is_low_confidence({"covid": 0.65, "normal": 0.46})  # the margin rule alone (not a distribution)
+    assert not is_low_confidence({"covid": 0.70, "normal": 0.30})
+    assert is_low_confidence({}) and is_low_confidence({"covid": float("nan")})
+    note = confidence_note({"covid": 0.55, "normal": 0.40, "other_pneumonia": 0.05})
+    assert note.startswith("Low confidence:") and "55%" in note and "40%" in note and "normal lungs" in note
+    note.encode("ascii")  # goes into DICOM text
+    assert confidence_note({"covid": 0.9, "normal": 0.1}) == ""
+
+
+def test_calibration_sentence_says_whether_the_probabilities_are_calibrated() -> None:
+    assert "T = 1.80" in calibration_sentence(1.8) and "calibrated on the training sites" in calibration_sentence(1.8)
+    assert calibration_sentence(1.0, False).startswith("not calibrated")
+    assert calibration_sentence(None).startswith("not calibrated")
