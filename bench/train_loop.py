@@ -59,8 +59,7 @@ class TimedLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Any]:
-        for batch_or_stop in self._timed(iter(self.loader)):
-            yield batch_or_stop
+        yield from self._timed(iter(self.loader))
 
     def _timed(self, iterator: Iterator[Any]) -> Iterator[Any]:
         while True:

@@ -650,7 +650,7 @@ def read_profile(path: Path, schema: ProfileSchema, mapping: SiteMapping) -> Pro
                 ok = False
             row[j] = value
         parsed.append((line, key, row, ok))
-    for key, lines in lines_of.items():
+    for lines in lines_of.values():
         if len(lines) > 1:
             for line in lines:
                 others = ", ".join(str(o) for o in lines if o != line)

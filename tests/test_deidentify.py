@@ -606,7 +606,11 @@ def test_real_files_from_pydicom(name, copy_testdata, tmp_path, snapshot):
     assert "InstitutionName" not in out and "OtherPatientIDsSequence" not in out and "ImageComments" not in out
     assert (out.StudyDate, out.StudyTime) == _moved(KEY_A, original.PatientID, original.StudyDate, original.StudyTime)
     if name == "CT_small.dcm":  # study and content dates differ by years there: the interval is kept
-        moment = lambda d: dt.datetime.strptime(d.ContentDate + d.ContentTime[:6], "%Y%m%d%H%M%S") - dt.datetime.strptime(d.StudyDate + d.StudyTime[:6], "%Y%m%d%H%M%S")  # noqa: E731
+
+        def moment(d):
+            content = dt.datetime.strptime(d.ContentDate + d.ContentTime[:6], "%Y%m%d%H%M%S")
+            return content - dt.datetime.strptime(d.StudyDate + d.StudyTime[:6], "%Y%m%d%H%M%S")
+
         assert moment(out) == moment(original)
     assert out.PatientIdentityRemoved == "YES"
 

@@ -107,7 +107,7 @@ def test_report_says_what_matters_and_numbers_match_prediction_json(reported, fa
         assert "-0.25 and +0.25" in words and "training population" in words
         assert stored["StudyInstanceUID"] in words and stored["model"]["fedct_version"] in words
         assert "smallcnn" in words and stored["model"]["created_utc"] in words
-        for overlay, k in zip(stored["overlays"], stored["key_slices"]):
+        for _overlay, k in zip(stored["overlays"], stored["key_slices"]):
             assert f"slice {k + 1} of {len(stored['series']['paths'])}" in words
         # The site-local report shows the identifiers that find the patient (read from the study's own DICOM) and no
         # other patient data: not the birth date, not the file paths.

@@ -496,7 +496,7 @@ def test_a_process_with_torch_forks_its_workers():
 def test_a_study_whose_preferred_series_fails_to_read_uses_its_next_series(make_series, labels_writer, dicom_root, tmp_path):
     thin = make_series("thin", patient=_patient(0), seed=0, n_slices=14)
     thick = make_series("thick", patient=_patient(0), seed=1, n_slices=10, slice_spacing_mm=3.0, study_uid=thin.study_uid)
-    third = make_series("third", patient=_patient(0), seed=2, n_slices=9, slice_spacing_mm=3.0, study_uid=thin.study_uid)
+    make_series("third", patient=_patient(0), seed=2, n_slices=9, slice_spacing_mm=3.0, study_uid=thin.study_uid)
     thin.paths[3].write_bytes(thin.paths[3].read_bytes()[:-100])  # headers validate; the pixels cannot be read
     labels = labels_writer(tmp_path / "labels.csv", [_label_row(thin.study_uid, "covid")])
 

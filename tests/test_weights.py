@@ -15,7 +15,7 @@ def state():
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="smallcnn"))
     with torch.no_grad():  # BatchNorm statistics and counters that are not the defaults
-        for name, buf in model.named_buffers():
+        for _name, buf in model.named_buffers():
             buf.copy_(torch.randint(1, 1000, buf.shape) if not buf.is_floating_point() else torch.rand(buf.shape) + 0.5)
     return {k: v.clone() for k, v in model.state_dict().items()}
 

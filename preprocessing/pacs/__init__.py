@@ -70,4 +70,5 @@ __all__ = [
     "push_files",
     "push_settings",
     "read_pacs_settings",
+    "with_retries",
 ]

@@ -73,7 +73,7 @@ def pull(
         total += len(sop_uids)
         present += sum(store.has(ref, uid) for uid in sop_uids)
 
-        def fetch_missing(ref: SeriesRef = ref, sop_uids: list[str] = sop_uids) -> None:
+        def fetch_missing(ref: SeriesRef = ref, sop_uids: list[str] = sop_uids, what: str = what) -> None:
             missing = [uid for uid in sop_uids if not store.has(ref, uid)]
             if missing:  # a series with nothing on disk comes in one streamed request
                 pacs.fetch(ref, None if len(missing) == len(sop_uids) else missing, store)

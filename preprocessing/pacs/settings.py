@@ -125,7 +125,7 @@ def endpoint(url: str) -> Endpoint:
     """Parse a PACS URL; refuse credentials in it (they belong in the site env file) and unknown schemes."""
     parts = urlsplit(url)
     try:
-        parts.port
+        _ = parts.port  # urllib checks the port only when it is read
     except ValueError as exc:
         raise ValueError(f"PACS URL {url!r}: the port is not a number from 1 to 65535") from exc
     if parts.password is not None or (parts.scheme in ("http", "https") and parts.username is not None):
