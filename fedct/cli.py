@@ -1,4 +1,4 @@
-"""The ``fedct`` command: synth, ingest, deid, demo, predict, review, status, bench."""
+"""The ``fedct`` command: synth, ingest, deid, demo, predict, review, status, models, bench."""
 
 from __future__ import annotations
 
@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from bench.cli import add_parser as add_bench_parser
     from fedct import deploy  # deployment: fedct server, fedct site
+    from fedct.models_command import add_parser as add_models_parser  # fedct models list|show|promote|rollback
     from fedct.status import add_parser as add_status_parser
     from preprocessing.collections import add_parser as add_collection_parser  # fedct collection prepare
     from preprocessing.profile import add_parser as add_profile_parser  # fedct profile check
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_server_parser(sub)
     deploy.add_site_parser(sub)
     add_status_parser(sub)
+    add_models_parser(sub)
     add_profile_parser(sub)
     add_bench_parser(sub)
     add_collection_parser(sub)
