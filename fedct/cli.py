@@ -104,6 +104,10 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"refused {refused['path']}: {refused['reason']} - {refused['message']}")
     for error in summary.errors:
         print(f"warning: {error}")
+    if summary.results:
+        from inference.wording import registry_words
+
+        print(f"model: {registry_words(summary.results[0].model) or 'not a registered version'}")
     print(f"{len(summary.results)} study(ies) predicted, {len(summary.refused)} refused; reports in {args.out}")
     if push is not None:  # --push: this run's SR and Secondary Captures to the PACS
         return push_results(push, summary.out_dir, [r.study_key for r in summary.results])
@@ -202,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_deid)
 
     p = sub.add_parser("predict", help="predict new studies with a model bundle; write reports, overlays and DICOM results")
-    p.add_argument("--model", required=True, help="model bundle folder (model.pt + model.json)")
+    p.add_argument("--model", required=True, help="model bundle folder (model.pt + model.json), or a model registry "
+                                                "folder (its champion is used)")
     p.add_argument("--input", required=True, help="folder with one or more CT studies (read only)")
     p.add_argument("--out", required=True, help="results folder (one sub-folder per study)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -20,6 +20,7 @@ from inference.wording import (
     IDENTIFIERS_HIDDEN,
     IDENTIFIERS_LOCAL,
     class_title,
+    registry_words,
     confidence_note,
     finding_sentence,
     is_low_confidence,
@@ -89,7 +90,9 @@ def model_words(prediction: Mapping[str, Any]) -> str:
     name = model.get("name")
     if name:
         parts.append(f"({name})" if parts else str(name))
-    return " ".join(str(p) for p in parts)
+    words = " ".join(str(p) for p in parts)
+    registered = registry_words(model)
+    return f"{words}, {registered}" if words and registered else words or registered
 
 
 def when_words(value: Any) -> str:
