@@ -11,20 +11,20 @@ from pathlib import Path
 __all__ = ["add_parser"]
 
 
-def _registry(args: argparse.Namespace):  # noqa: ANN202 - models.registry imported lazily
+def _registry(args: argparse.Namespace):  # models.registry imported lazily
     from models.registry import ModelRegistry
 
     return ModelRegistry(Path(args.registry))
 
 
-def _rule(args: argparse.Namespace):  # noqa: ANN202
+def _rule(args: argparse.Namespace):
     """The rule given on the command line (any of --metric/--margin/--min-gain), else None: the run's own."""
     from models.registry import PromotionRule, _rule_of
 
     if args.metric is None and args.margin is None and args.min_gain is None:
         return None
     registry = _registry(args)
-    base = _rule_of((registry.stamp(registry.resolve(args.version)).get("lineage") or {}))
+    base = _rule_of(registry.stamp(registry.resolve(args.version)).get("lineage") or {})
     return PromotionRule(metric=args.metric if args.metric is not None else base.metric,
                          margin=args.margin if args.margin is not None else base.margin,
                          min_gain=args.min_gain if args.min_gain is not None else base.min_gain)  # fmt: skip
@@ -47,7 +47,7 @@ def _list(args: argparse.Namespace) -> int:
         shown = f"{metric[0]} {metric[1]:.3f}" if metric else "n/a"
         sites = ",".join(lineage.get("sites") or []) or "n/a"
         status = "champion" if version == champion else ""
-        print(f"{version:<8} {str(lineage.get('parent') or '-'):<8} {stamp.get('registered_utc', ''):<21} {sites[:24]:<24} "
+        print(f"{version:<8} {lineage.get('parent') or '-'!s:<8} {stamp.get('registered_utc', ''):<21} {sites[:24]:<24} "
               f"{shown:<28} {status}")  # fmt: skip
     return 0
 
@@ -86,7 +86,7 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(func):  # noqa: ANN001, ANN202
+def _guarded(func):
     def run(args: argparse.Namespace) -> int:
         try:
             return func(args)
@@ -102,7 +102,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="coordinator: the model registry (versions, champion, promotion, rollback)")
     inner = p.add_subparsers(dest="models_command", required=True)
 
-    def command(name: str, func, help_text: str) -> argparse.ArgumentParser:  # noqa: ANN001
+    def command(name: str, func, help_text: str) -> argparse.ArgumentParser:
         q = inner.add_parser(name, help=help_text)
         q.add_argument("--registry", required=True, help="registry folder (the run config's registry key)")
         q.set_defaults(func=_guarded(func))

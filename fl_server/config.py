@@ -171,7 +171,7 @@ class ServerConfig:
         if self.init_from and not self.model_registry:
             raise ValueError(f"init-from = {self.init_from!r} names a registry version, but no model registry is configured "
                              "(set model-registry = \"<folder>\")")  # fmt: skip
-        self.promotion_rule  # validates promotion-metric, -margin and -min-gain with their own messages
+        _ = self.promotion_rule  # validates promotion-metric, -margin and -min-gain with their own messages
         self.round_settings(1)  # validates model, pipeline and split settings with their own messages
         self.privacy.check_run(min_sites=self.min_sites, model_norm=self.model_norm, strategy=self.strategy,
                                transport=self.transport)

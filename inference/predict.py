@@ -45,8 +45,8 @@ from monai.transforms import apply_transform
 
 from models.bundle import bundle_pipeline, load_bundle
 from models.calibration import bundle_temperature
-from models.registry import LOG_NAME, ModelRegistry, read_stamp
 from models.factory import MultiTaskNet, as_plain_tensor, covariate_vector
+from models.registry import LOG_NAME, ModelRegistry, read_stamp
 from inference.local_identity import HIDDEN, LOCAL_IDENTITY_NAME, SHOWN, LocalIdentity, read_local_identity
 from inference.local_identity import write_local_identity
 from preprocessing.deid import KEY_FILE_NAME, Pseudonymizer

@@ -22,13 +22,13 @@ from inference.wording import (
     IDENTIFIERS_HIDDEN,
     IDENTIFIERS_LOCAL,
     calibration_sentence,
-    registry_words,
     class_phrase,
     class_title,
     confidence_note,
     finding_sentence,
     heat_map_legend,
     percent,
+    registry_words,
     risk_sentence,
 )
 

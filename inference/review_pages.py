@@ -20,12 +20,12 @@ from inference.wording import (
     IDENTIFIERS_HIDDEN,
     IDENTIFIERS_LOCAL,
     class_title,
-    registry_words,
     confidence_note,
     finding_sentence,
     is_low_confidence,
     heat_map_legend,
     percent,
+    registry_words,
     risk_explanation,
     risk_label,
 )

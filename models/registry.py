@@ -141,8 +141,7 @@ def lineage_from_bundle(meta: Mapping[str, Any], *, parent: str | None = None, r
         "rounds_planned": prov.get("rounds_planned"),
         "round_of_weights": prov.get("round_of_weights"),
         "sites": list(prov.get("sites") or []),
-        "studies": {"training": dict(metrics.get("training_studies") or {}), "validation": counts["val"],
-                    "test": counts["test"]},  # fmt: skip
+        "studies": {"training": dict(metrics.get("training_studies") or {}), "validation": counts["val"], "test": counts["test"]},
         "model": meta.get("model"),
         "pipeline_version": (meta.get("pipeline") or {}).get("pipeline_version"),
         "pipeline": meta.get("pipeline"),
@@ -536,10 +535,11 @@ class ModelRegistry:
         """The model card's registry section: version, hash, lineage, and every decision, promotion and rollback."""
         stamp = self.stamp(version)
         lineage = stamp.get("lineage") or {}
-        lines = ["## Registry", f"Version {version} (content SHA-256 {stamp['content_sha256']}), registered "
-                 f"{stamp['registered_utc']}; parent {lineage.get('parent') or 'none (trained from scratch)'}; pipeline "
-                 f"version {lineage.get('pipeline_version')}; "
-                 f"{'the current champion' if self.champion() == version else 'not the champion'}.", ""]  # fmt: skip
+        status = "the current champion" if self.champion() == version else "not the champion"
+        head = (f"Version {version} (content SHA-256 {stamp['content_sha256']}), registered {stamp['registered_utc']}; parent "
+                f"{lineage.get('parent') or 'none (trained from scratch)'}; pipeline version {lineage.get('pipeline_version')}; "
+                f"{status}.")  # fmt: skip
+        lines = ["## Registry", head, ""]
         for event in self.events():
             if event.get("version") != version and event.get("previous") != version:
                 continue
@@ -567,8 +567,8 @@ def _decision_lines(d: Mapping[str, Any]) -> list[str]:
     rule = d.get("rule") or {}
     if not d.get("champion"):
         return []
-    lines = [f"  - Rule: {rule.get('metric')} ({rule.get('direction')}), per-site margin {rule.get('margin')}, overall "
-             f"min gain {rule.get('min_gain')}. Numbers: {d.get('source')}."]  # fmt: skip
+    lines = [(f"  - Rule: {rule.get('metric')} ({rule.get('direction')}), per-site margin {rule.get('margin')}, overall "
+              f"min gain {rule.get('min_gain')}. Numbers: {d.get('source')}.")]
     for site, e in sorted((d.get("sites") or {}).items()):
         lines.append(f"  - {site}: challenger {_fmt(e.get('challenger'))}, champion {_fmt(e.get('champion'))} "
                      f"({'ok' if e.get('passed') else 'fails'})")  # fmt: skip

@@ -23,8 +23,9 @@ def tiny_config(tmp_path, **extra):
                                          **extra})  # fmt: skip
 
 
-def make_bundle(folder, *, model=ModelConfig(name="smallcnn"), pipeline=None, seed=0):
+def make_bundle(folder, *, model=None, pipeline=None, seed=0):
     torch.manual_seed(seed)
+    model = model or ModelConfig(name="smallcnn")
     pipeline = pipeline or PipelineConfig(target_spacing_mm=(16.0, 16.0, 16.0), input_size=(16, 16, 16))
     sites = {"site-0": {"test-loss": 1.0, "test-n": 7.0}, "site-1": {"test-loss": 1.1, "test-n": 6.0}}
     return write_bundle(folder, build_model(model).state_dict(), model=model, pipeline=pipeline,

@@ -200,7 +200,7 @@ def test_the_first_run_is_registered_with_its_lineage(simulated_run):
 
 
 def test_a_campaign_starts_from_a_version_and_is_judged_against_the_champion(simulated_run, second_campaign):
-    root, first_run = simulated_run
+    _, first_run = simulated_run
     registry, run_dir, first = second_campaign
     assert first.passed and first.champion is None
     # round 0 of the second campaign is v0001's weights, not the seeded ones

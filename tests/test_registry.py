@@ -58,7 +58,7 @@ def test_register_copies_the_bundle_with_its_hash_and_lineage(tmp_path, registry
     event = json.loads((registry.root / LOG_NAME).read_text().splitlines()[0])
     assert event["event"] == "register" and event["who"] == "coordinator" and event["why"] == "first campaign"
     assert event["content_sha256"] == stamp["content_sha256"] and event["utc"].endswith("Z")
-    model, _ = load_bundle(folder)  # the copy is a usable bundle
+    load_bundle(folder)  # the copy is a usable bundle
     assert "Version v0001" in (folder / "model_card.md").read_text()
     # the second registration is the next version and names its parent
     v2 = registry.register(make_bundle(tmp_path / "b2", accuracy=(0.7, 0.7), seed=1), lineage={**lineage, "parent": v1})
@@ -148,7 +148,9 @@ def test_the_joint_federated_evaluation_is_preferred_to_the_recorded_metrics(tmp
 
 
 def test_decide_directions_margins_and_missing_values():
-    sites = lambda a, b: {"site-0": {"test-loss": a, "test-n": 10}, "site-1": {"test-loss": b, "test-n": 10}}  # noqa: E731
+    def sites(a, b):
+        return {"site-0": {"test-loss": a, "test-n": 10}, "site-1": {"test-loss": b, "test-n": 10}}
+
     rule = PromotionRule(metric="test-loss", margin=0.05)
     assert rule.lower_is_better
     good = decide(rule, challenger="v2", champion="v1", challenger_sites=sites(0.9, 1.02), champion_sites=sites(1.0, 1.0), source="t")
