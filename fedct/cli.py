@@ -1,4 +1,4 @@
-"""The ``fedct`` command: synth, ingest, deid, demo, predict, review, status, bench."""
+"""The ``fedct`` command: synth, ingest, deid, demo, predict, review, status, models, bench."""
 
 from __future__ import annotations
 
@@ -104,6 +104,10 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"refused {refused['path']}: {refused['reason']} - {refused['message']}")
     for error in summary.errors:
         print(f"warning: {error}")
+    if summary.results:
+        from inference.wording import registry_words
+
+        print(f"model: {registry_words(summary.results[0].model) or 'not a registered version'}")
     print(f"{len(summary.results)} study(ies) predicted, {len(summary.refused)} refused; reports in {args.out}")
     if push is not None:  # --push: this run's SR and Secondary Captures to the PACS
         return push_results(push, summary.out_dir, [r.study_key for r in summary.results])
@@ -202,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_deid)
 
     p = sub.add_parser("predict", help="predict new studies with a model bundle; write reports, overlays and DICOM results")
-    p.add_argument("--model", required=True, help="model bundle folder (model.pt + model.json)")
+    p.add_argument("--model", required=True, help="model bundle folder (model.pt + model.json), or a model registry "
+                                                "folder (its champion is used)")
     p.add_argument("--input", required=True, help="folder with one or more CT studies (read only)")
     p.add_argument("--out", required=True, help="results folder (one sub-folder per study)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -235,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from bench.cli import add_parser as add_bench_parser
     from fedct import deploy  # deployment: fedct server, fedct site
+    from fedct.models_command import add_parser as add_models_parser  # fedct models list|show|promote|rollback
     from fedct.status import add_parser as add_status_parser
     from preprocessing.collections import add_parser as add_collection_parser  # fedct collection prepare
     from preprocessing.profile import add_parser as add_profile_parser  # fedct profile check
@@ -243,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_server_parser(sub)
     deploy.add_site_parser(sub)
     add_status_parser(sub)
+    add_models_parser(sub)
     add_profile_parser(sub)
     add_bench_parser(sub)
     add_collection_parser(sub)

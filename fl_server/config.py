@@ -19,6 +19,7 @@ from typing import Any
 from fedct.protocol import BN_MODES, RoundSettings, parse_triple
 from fl_server.privacy import PrivacyConfig
 from models.factory import ModelConfig
+from models.registry import PromotionRule
 from models.weights import TRANSPORTS
 from preprocessing.split import SplitConfig
 from preprocessing.transforms import PipelineConfig
@@ -112,6 +113,15 @@ class ServerConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     # Privacy floor k of the sites' metrics (fl_client.metrics.floor_evaluation); sites may raise it, nobody lower it.
     metrics_min_count: int = 5
+    # Continual improvement (models.registry, fl_server.campaign; README "Running a consortium over time"): the
+    # coordinator's model registry folder ("" = none: the run registers nothing), the version (or "champion") whose
+    # weights the run starts from ("" = the seeded initial weights), and the promotion rule the run's challenger is
+    # judged by against the champion (a held-out test metric, per-site non-inferiority margin, overall min gain).
+    model_registry: str = ""
+    init_from: str = ""
+    promotion_metric: str = "test-auc-macro"
+    promotion_margin: float = 0.02
+    promotion_min_gain: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1:
@@ -158,6 +168,10 @@ class ServerConfig:
         if self.evaluate_mode == "fused" and self.privacy.secure_aggregation:
             raise ValueError("evaluate-mode = \"fused\" cannot be combined with secure-aggregation = true (the SecAgg+ "
                              "round keeps its own evaluate exchange); use evaluate-mode = \"separate\"")
+        if self.init_from and not self.model_registry:
+            raise ValueError(f"init-from = {self.init_from!r} names a registry version, but no model registry is configured "
+                             "(set model-registry = \"<folder>\")")  # fmt: skip
+        _ = self.promotion_rule  # validates promotion-metric, -margin and -min-gain with their own messages
         self.round_settings(1)  # validates model, pipeline and split settings with their own messages
         self.privacy.check_run(min_sites=self.min_sites, model_norm=self.model_norm, strategy=self.strategy,
                                transport=self.transport)
@@ -190,6 +204,11 @@ class ServerConfig:
     def model(self) -> ModelConfig:
         """The network's configuration."""
         return ModelConfig(name=self.model_name, norm=self.model_norm, covariates=self.clinical_covariates)
+
+    @property
+    def promotion_rule(self) -> PromotionRule:
+        """The champion/challenger rule of ``promotion-metric``, ``promotion-margin``, ``promotion-min-gain``."""
+        return PromotionRule(metric=self.promotion_metric, margin=self.promotion_margin, min_gain=self.promotion_min_gain)
 
     @property
     def pipeline(self) -> PipelineConfig:

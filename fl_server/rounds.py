@@ -23,7 +23,9 @@ Why not ``Strategy.start``: it blocks forever in node sampling once a site has d
    best/final bundles, and the resume state written atomically after every round;
 6. after the last round, calibration (:func:`calibrate_bundles`): the temperature of the best and final models from
    the sites' summed validation NLL (sent with every evaluation), then one calibration exchange per model for the
-   ECE before/after on the test split; both go into metrics.json (``calibration``) and the bundles.
+   ECE before/after on the test split; both go into metrics.json (``calibration``) and the bundles;
+7. with a model registry's champion to beat (``fl_server.campaign``), one more evaluate exchange of the champion's
+   weights on every site (:func:`evaluate_champion`, metrics.json ``champion_evaluation``).
 
 One skeleton (:meth:`RoundLoop.run_round`) for every loop: a subclass overrides the training step only
 (:meth:`RoundLoop.train`); SecAgg+ does so in ``fl_server.secagg``, which this module does not import (the
@@ -53,7 +55,7 @@ from fedct.protocol import CALIBRATION_TEMPERATURE, CONFIG_RECORD, EVALUATE_FIRS
 from fedct.transport import encode_content, record_nbytes
 from fl_server.config import EXAMPLES_GROWTH_FACTOR, ServerConfig, SiteRegistry, is_site_name
 from fl_server.recorder import FinishedRound, RoundReport, RunRecorder, round_temperature
-from fl_server.run_log import RunLog, calibration_outcome
+from fl_server.run_log import RunLog, aggregate, calibration_outcome
 from fl_server.strategy import SERVER_OPTIMISERS, strategy_state
 from fl_server.validation import (
     ARRAYS_RECORD,
@@ -476,20 +478,26 @@ class RoundLoop:
         connected site (no sampling, no strategy: nothing is aggregated into a model) whose config carries
         ``calibration-temperature``; each reply passes the gate. ``report.evaluate_sites`` holds the sites' statistics,
         ``report.evaluation_missing`` why there are too few (fewer than ``min-sites`` replies)."""
+        return self.evaluate_everywhere(server_round, arrays, evaluate_config, what="calibration", group=f"calibrate-{server_round}")
+
+    def evaluate_everywhere(self, server_round: int, arrays: NDArrays, evaluate_config: ConfigRecord, *, what: str,
+                            group: str) -> RoundReport:  # fmt: skip
+        """An evaluate message with ``arrays`` to every connected site (no sampling, no strategy), each reply through
+        the gate: the calibration exchange, and the champion's evaluation after a run (``what`` names it in the
+        reasons, ``group`` is the messages' group id)."""
         t0 = self.clock()
         minimum = self.config.min_sites
         report = RoundReport(server_round=server_round, arrays=arrays)
         nodes = self.wait_for_nodes(minimum)
         if len(nodes) < minimum:
-            report.evaluation_missing = f"only {len(nodes)} site(s) connected for calibration (min-sites={minimum})"
+            report.evaluation_missing = f"only {len(nodes)} site(s) connected for {what} (min-sites={minimum})"
             return self._done(report, t0)
         content = RecordDict({ARRAYS_RECORD: ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()}),
                               CONFIG_RECORD: evaluate_config})  # fmt: skip
-        messages = [Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=f"calibrate-{server_round}")
-                    for node in nodes]  # fmt: skip
+        messages = [Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=group) for node in nodes]
         replies = self._exchange(messages, report, train=False)
         if len(replies) < minimum:
-            report.evaluation_missing = f"{len(replies)} calibration repl(ies), fewer than min-sites={minimum}"
+            report.evaluation_missing = f"{len(replies)} {what} repl(ies), fewer than min-sites={minimum}"
             return self._done(report, t0)
         report.evaluate_sites = {screened.site: dict(screened.metrics) for _, screened in replies}
         return self._done(report, t0)
@@ -555,6 +563,25 @@ def calibrate_bundles(loop: RoundLoop, recorder: RunRecorder, final_arrays: NDAr
     return recorder.calibration
 
 
+def evaluate_champion(loop: RoundLoop, recorder: RunRecorder, version: str, arrays: NDArrays) -> dict[str, Any]:
+    """After the last round: the champion's weights (``version`` of the model registry) evaluated on every connected
+    site's validation and test splits, in one evaluate exchange under the last round's settings (same split, same
+    seed as the run's own final evaluation), so the challenger and the champion are compared on the same studies.
+    Returns ``{"champion", "round", "sites": {site: scalar metrics}, "aggregate"}`` or, without enough replies,
+    ``{"champion", "missing": reason}`` (fl_server.campaign records it in the lineage)."""
+    server_round = recorder.last_aggregated or 1
+    log(INFO, "fedct: evaluating the champion %s on every site for the promotion rule", version)
+    report = loop.evaluate_everywhere(server_round, arrays, ConfigRecord(loop.config.round_settings(server_round).to_record()),
+                                      what="champion evaluation", group=f"champion-{server_round}")  # fmt: skip
+    out: dict[str, Any] = {"champion": version, "round": server_round, "rejected_replies": report.rejected,
+                           "missing_replies": report.missing, "bytes_sent": report.bytes_sent,
+                           "bytes_received": report.bytes_received}  # fmt: skip
+    if report.evaluate_sites is None:
+        return {**out, "missing": report.evaluation_missing}
+    sites = {site: {k: v for k, v in m.items() if not isinstance(v, list)} for site, m in report.evaluate_sites.items()}
+    return {**out, "sites": sites, "aggregate": {k: v for k, v in aggregate(sites).items() if not isinstance(v, list)}}
+
+
 def _checkpoint_arrays(recorder: RunRecorder, server_round: int) -> NDArrays:
     """The global weights after ``server_round`` from its checkpoint, in the model's dtypes."""
     state = torch.load(recorder.run_dir / "checkpoints" / f"round-{server_round:03d}.pt", weights_only=True)
@@ -570,6 +597,8 @@ def run_federation(
     round_extras: Callable[[RoundReport], Mapping[str, Any]] | None = None,
     registry: SiteRegistry | None = None,
     loop_class: type[RoundLoop] = RoundLoop,
+    initial: NDArrays | None = None,
+    champion: tuple[str, NDArrays] | None = None,
 ) -> RunLog:
     """Run (or, with ``resume``, continue) ``config.num_server_rounds`` rounds of ``strategy`` and write the run folder.
 
@@ -580,9 +609,12 @@ def run_federation(
     metrics.json entry (e.g. a privacy accountant's epsilon), after the loop's own. ``registry``
     (``FEDCT_SITE_REGISTRY``, read by the ServerApp) names the sites by their node ids; without it the names the
     replies give are used. ``loop_class``: the round loop (the ServerApp passes SecAgg+'s when the run asks for it).
+    ``initial``: the weights of round 0 (``init-from``, checked by ``fl_server.campaign``), else the seeded ones.
+    ``champion``: ``(version, weights)`` of the registry's champion, evaluated on every site after the last round
+    (:func:`evaluate_champion`, in metrics.json as ``champion_evaluation``).
     """
     recorder = RunRecorder(config, strategy)
-    start = recorder.start(initial_arrays(config))
+    start = recorder.start(initial if initial is not None else initial_arrays(config))
     loop = loop_class(grid, strategy, config=config, reference=start.arrays, buffers=buffer_keys(build_model(config.model)),
                       poll_s=poll_s, registry=registry)  # fmt: skip
     loop.restore_bounds(start.loop_bounds)
@@ -614,6 +646,8 @@ def run_federation(
         last.add_evaluation(loop.evaluate_global(last.server_round, last.arrays, evaluate_config))
         recorder.record(pending, loop.bounds())
     calibrate_bundles(loop, recorder, arrays)
+    if champion is not None:
+        recorder.run_log.champion_evaluation = evaluate_champion(loop, recorder, *champion)
     run_log = recorder.close(arrays)
     log(INFO, "fedct: run finished in %.1fs; results in %s", time.perf_counter() - t0, recorder.run_dir)
     return run_log

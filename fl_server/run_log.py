@@ -307,6 +307,8 @@ class RunLog:
         self.best: BestRound | None = None
         #: Calibration of the bundles (``{"best"|"final": {...}}``), set after the last round.
         self.calibration: dict[str, Any] = {}
+        #: The registry champion's evaluation on every site after the last round (fl_server.rounds.evaluate_champion).
+        self.champion_evaluation: dict[str, Any] = {}
         self._pending_train: dict[str, dict[str, float]] = {}
         self._pending_eval: dict[str, dict[str, float]] = {}
         self._round_started = time.perf_counter()
@@ -436,6 +438,7 @@ class RunLog:
             "rounds": self.rounds,
             "best_round": best,
             **({"calibration": self.calibration} if self.calibration else {}),
+            **({"champion_evaluation": self.champion_evaluation} if self.champion_evaluation else {}),
         }
 
     def write(self) -> Path:

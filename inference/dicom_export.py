@@ -47,7 +47,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from fedct.files import atomic_write_bytes
-from inference.wording import DISCLAIMER, confidence_note, finding_sentence, heat_map_legend
+from inference.wording import DISCLAIMER, confidence_note, finding_sentence, heat_map_legend, registry_words
 
 #: Private coding scheme of the model's own concepts (declared in CodingSchemeIdentificationSequence).
 CODING_SCHEME = "99FEDCT"
@@ -162,6 +162,8 @@ def export_uids(study_instance_uid: str, series_instance_uid: str, model: Mappin
     """Deterministic UIDs from the source study/series and the model identity (name, version, weights); a research
     copy gets its own (its objects differ from those that go back to the PACS)."""
     identity = [str(model.get(k, "")) for k in ("name", "fedct_version", "created_utc", "round_of_weights")]
+    if model.get("registry_version"):  # a registered version: its own objects (unregistered bundles keep their UIDs)
+        identity += [str(model["registry_version"]), str(model.get("content_sha256", ""))]
     base = [str(study_instance_uid), str(series_instance_uid), *identity, *(["research-copy"] if research else [])]
     return ExportUIDs(
         sr_series=_uid(*base, "sr-series"),
@@ -312,7 +314,8 @@ def _read_source_headers(inputs: _Inputs, *, identifiers: bool = True) -> list[D
 
 
 def _algorithm(model: Mapping[str, Any]) -> hd.sr.AlgorithmIdentification:
-    parameters = [f"{key}={model[key]}" for key in ("round_of_weights", "created_utc") if model.get(key) not in (None, "")]
+    parameters = [f"{key}={model[key]}" for key in ("registry_version", "round_of_weights", "created_utc", "content_sha256")
+                  if model.get(key) not in (None, "")]  # fmt: skip
     return hd.sr.AlgorithmIdentification(
         name=str(model["name"]), version=str(model["fedct_version"]), parameters=parameters or None, manufacturer=MANUFACTURER
     )
@@ -452,9 +455,10 @@ def _build_sc(
         sc.Laterality = None
     sc.copy_patient_and_study_information(source)
     sc.BurnedInAnnotation = "YES"
+    registered = f", {registry_words(model)}" if registry_words(model) else ""
     sc.ImageComments = (
         f"AI output: heat map of model {model['name']} (fedct {model['fedct_version']}, weights of round "
-        f"{model.get('round_of_weights', '?')}) on source slice {slice_index + 1} of {len(inputs.paths)} "
+        f"{model.get('round_of_weights', '?')}{registered}) on source slice {slice_index + 1} of {len(inputs.paths)} "
         f"(InstanceNumber {source.get('InstanceNumber', '?')}). "
         f"{finding_sentence(inputs.probabilities, inputs.diagnosis)} "
         + (f"{note} " if (note := confidence_note(inputs.probabilities)) else "")

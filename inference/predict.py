@@ -46,6 +46,7 @@ from monai.transforms import apply_transform
 from models.bundle import bundle_pipeline, load_bundle
 from models.calibration import bundle_temperature
 from models.factory import MultiTaskNet, as_plain_tensor, covariate_vector
+from models.registry import LOG_NAME, ModelRegistry, read_stamp
 from inference.local_identity import HIDDEN, LOCAL_IDENTITY_NAME, SHOWN, LocalIdentity, read_local_identity
 from inference.local_identity import write_local_identity
 from preprocessing.deid import KEY_FILE_NAME, Pseudonymizer
@@ -209,10 +210,12 @@ def risk_group(score: float, quantiles: tuple[float, float] | None) -> str:
     return "high"
 
 
-def model_info(meta: Mapping[str, Any]) -> dict[str, Any]:
+def model_info(meta: Mapping[str, Any], *, stamp: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Identification of the model for results: name, fedct version, bundle date, round of the weights, and the
-    calibration temperature its probabilities carry (1.0: uncalibrated)."""
+    calibration temperature its probabilities carry (1.0: uncalibrated); with the bundle's registry record
+    (``stamp``, :func:`models.registry.read_stamp`) also its registry version and content hash."""
     provenance = meta.get("provenance") or {}
+    registry = {"registry_version": str(stamp["version"]), "content_sha256": str(stamp.get("content_sha256", ""))} if stamp else {}
     return {
         "name": str(meta.get("model", {}).get("name", "unknown")),
         "fedct_version": str(meta.get("fedct_version", "unknown")),
@@ -220,7 +223,17 @@ def model_info(meta: Mapping[str, Any]) -> dict[str, Any]:
         "round_of_weights": provenance.get("round_of_weights"),
         "temperature": bundle_temperature(meta),
         "calibrated": bool((meta.get("calibration") or {}).get("temperature")),
+        **registry,
     }
+
+
+def resolve_model_dir(model_dir: Path) -> Path:
+    """The bundle folder to predict with: ``model_dir`` itself, or, for a model registry folder (``log.jsonl``), its
+    champion (content hash checked)."""
+    model_dir = Path(model_dir)
+    if (model_dir / LOG_NAME).is_file() and not (model_dir / "model.json").is_file():
+        return ModelRegistry(model_dir).bundle_path("champion")
+    return model_dir
 
 
 # --- study ids -----------------------------------------------------------------------------------------------------
@@ -397,12 +410,14 @@ def run_predict(
         raise FileNotFoundError(f"DICOM input folder does not exist: {input_dir}")
     if out_dir == input_dir or input_dir in out_dir.parents:
         raise ValueError(f"output folder {out_dir} must not be inside the DICOM input folder {input_dir} (inputs stay untouched)")
+    model_dir = resolve_model_dir(model_dir)
     model, meta = load_bundle(model_dir)
+    stamp = read_stamp(model_dir, verify=True)  # a registered version: its files must still match its content hash
     pipeline = bundle_pipeline(meta)
     class_names = list(meta.get("class_names") or [])
     quantiles = risk_quantiles(meta, source=str(Path(model_dir) / "model.json"))
     temperature = bundle_temperature(meta, source=str(Path(model_dir) / "model.json"))
-    info = model_info(meta)
+    info = model_info(meta, stamp=stamp)
     site_key = _load_site_key(site_dir) if site_dir is not None else None
     torch_device = select_device(device)
     model = model.to(torch_device).eval()

@@ -28,6 +28,7 @@ from inference.wording import (
     finding_sentence,
     heat_map_legend,
     percent,
+    registry_words,
     risk_sentence,
 )
 
@@ -141,6 +142,7 @@ def render_report(result: Any, *, identity: LocalIdentity | None = None) -> str:
     note_html = f'<p class="low-confidence" id="confidence" role="note">{esc(note)}</p>\n' if note else ""
     rows_meta = [
         ("Model", f"{esc(str(model.get('name', 'unknown')))}, fedct {esc(str(model.get('fedct_version', 'unknown')))}"),
+        ("Model version", esc(registry_words(model) or "not a registered version")),
         ("Probabilities", esc(calibration_sentence(model.get("temperature"), bool(model.get("calibrated"))))),
         ("Model created", esc(str(model.get("created_utc") or "unknown"))),
         ("Weights of round", esc(str(model.get("round_of_weights") if model.get("round_of_weights") is not None else "n/a"))),

@@ -25,6 +25,7 @@ from inference.wording import (
     is_low_confidence,
     heat_map_legend,
     percent,
+    registry_words,
     risk_explanation,
     risk_label,
 )
@@ -89,7 +90,9 @@ def model_words(prediction: Mapping[str, Any]) -> str:
     name = model.get("name")
     if name:
         parts.append(f"({name})" if parts else str(name))
-    return " ".join(str(p) for p in parts)
+    words = " ".join(str(p) for p in parts)
+    registered = registry_words(model)
+    return f"{words}, {registered}" if words and registered else words or registered
 
 
 def when_words(value: Any) -> str:

@@ -29,6 +29,7 @@ __all__ = [
     "heat_map_legend",
     "heat_map_method",
     "percent",
+    "registry_words",
     "risk_explanation",
     "risk_label",
     "risk_sentence",
@@ -162,6 +163,16 @@ def calibration_sentence(temperature: Any, calibrated: bool = True) -> str:
         return "not calibrated (the network's raw softmax; it may be over-confident)"
     return (f"calibrated on the training sites' validation data (temperature scaling, T = {t:.2f}): of results shown "
             "at 70%, about 7 in 10 should be right")
+
+
+def registry_words(model: Mapping[str, Any]) -> str:
+    """Which registered model version made a result (the coordinator's registry, ``models.registry``), e.g.
+    ``registry version v0003 (SHA-256 1a2b3c4d5e6f)``; ``""`` for a bundle that was never registered. ASCII only."""
+    version = str(model.get("registry_version") or "").strip()
+    if not version:
+        return ""
+    digest = str(model.get("content_sha256") or "")[:12]
+    return f"registry version {version}" + (f" (SHA-256 {digest})" if digest else "")
 
 
 def risk_label(group: Any) -> str:

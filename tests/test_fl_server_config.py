@@ -84,6 +84,9 @@ def test_from_run_config_parses_and_converts():
         ({"resume": "maybe"}, "resume='maybe'"),
         ({"evaluate-mode": "later"}, "evaluate-mode 'later' is not one of separate, fused"),
         ({"evaluate-mode": "fused", "secure-aggregation": True}, "evaluate-mode = \"fused\" cannot be combined with secure-aggregation"),
+        ({"init-from": "v0001"}, "init-from = 'v0001' names a registry version, but no model registry is configured"),
+        ({"promotion-metric": "val-auc-macro"}, "promotion metric must be a held-out test metric"),
+        ({"promotion-margin": -0.1}, "promotion margin must be a finite number >= 0"),
     ],
 )
 def test_bad_settings_fail_before_the_run_with_the_key_named(run_config, needle):

@@ -15,6 +15,7 @@ from models.bundle import load_bundle
 from fl_server.server_app import build_server_app
 from fedct.protocol import CALIBRATION_TEMPERATURE, reliability_key
 from models.calibration import bundle_temperature
+from models.registry import ModelRegistry, PromotionRefused, read_stamp
 
 
 def calibration_recorder(folder):
@@ -39,7 +40,9 @@ def simulated_run(tmp_path_factory):
     # 30 patients per site: 6 validation studies, above the sites' privacy floor (k = 5) for split-level metrics
     tiny_federation(root / "data", sites=2, patients_per_site=30)
     run_dir = root / "run"
-    server_config = {**TINY_RUN_CONFIG, "num-server-rounds": 2, "min-sites": 2, "run-dir": str(run_dir)}
+    # the first campaign of a model registry: no champion yet, the final bundle becomes v0001
+    server_config = {**TINY_RUN_CONFIG, "num-server-rounds": 2, "min-sites": 2, "run-dir": str(run_dir),
+                     "model-registry": str(root / "registry")}  # fmt: skip
     replies = root / "replies"
     replies.mkdir()
     run_simulation(
@@ -110,7 +113,8 @@ def test_prognosis_and_pooled_metrics_reach_metrics_json(simulated_run):
 
 def test_nothing_identifying_reaches_the_server_side(simulated_run):
     root, run_dir = simulated_run
-    server_text = " ".join(p.read_text() for p in run_dir.rglob("*.json"))
+    registry_files = [*(root / "registry").rglob("*.json"), root / "registry" / "log.jsonl"]
+    server_text = " ".join(p.read_text() for p in [*run_dir.rglob("*.json"), *registry_files])
     labels = (root / "data" / "site-0" / "labels.csv").read_text().splitlines()[1:]
     study_uids = [line.split(",")[0] for line in labels]
     assert study_uids and not any(uid in server_text for uid in study_uids)
@@ -155,3 +159,83 @@ def test_the_bundles_are_calibrated_and_metrics_json_has_the_ece_before_and_afte
                 assert key in ("test-n", "test-loss", "test-brier", "test-accuracy", "num-examples"), key
                 assert isinstance(value, int | float)
         assert sum(reply["metrics"][reliability_key("after", "count")]) == reply["metrics"]["test-n"]
+
+
+@pytest.fixture(scope="module")
+def second_campaign(simulated_run):
+    """The second campaign: v0001 promoted (the first promotion passes the rule: no champion), then one round that
+    starts from v0001 (init-from) on the same sites (their caches reused), with a rule it cannot pass (test-loss
+    better by more than 10), so the registration's decision fails and promotion needs an override."""
+    root, _ = simulated_run
+    registry = ModelRegistry(root / "registry")
+    first = registry.promote("v0001", who="coordinator", reason="first campaign")
+    run_dir = root / "run-2"
+    server_config = {**TINY_RUN_CONFIG, "num-server-rounds": 1, "min-sites": 2, "run-dir": str(run_dir),
+                     "model-registry": str(root / "registry"), "init-from": "v0001", "promotion-metric": "test-loss",
+                     "promotion-min-gain": 10.0}  # fmt: skip
+    run_simulation(
+        server_app=build_server_app(server_config),
+        client_app=build_client_app({"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")}),
+        num_supernodes=2,
+        backend_config=simulation_backend_config(),
+    )
+    return registry, run_dir, first
+
+
+def test_the_first_run_is_registered_with_its_lineage(simulated_run):
+    root, run_dir = simulated_run
+    registry = ModelRegistry(root / "registry")
+    assert registry.versions() == ["v0001"]
+    stamp = read_stamp(registry.folder("v0001"))
+    lineage = stamp["lineage"]
+    meta = json.loads((run_dir / "model" / "final" / "model.json").read_text())
+    assert lineage["parent"] is None and lineage["sites"] == ["site-0", "site-1"] and lineage["rounds_planned"] == 2
+    assert lineage["strategy"] == meta["provenance"]["strategy"] and lineage["run_config"]["model-registry"]
+    assert lineage["pipeline_version"] == meta["pipeline"]["pipeline_version"]
+    assert lineage["calibration_temperature"] == pytest.approx(meta["calibration"]["temperature"])
+    assert lineage["studies"]["training"] == meta["provenance"]["metrics"]["training_studies"]
+    assert sum(lineage["studies"]["test"].values()) == 13
+    assert lineage["metrics"]["sites"]["site-0"]["test-loss"] == meta["provenance"]["metrics"]["sites"]["site-0"]["test-loss"]
+    assert lineage["champion_comparison"] is None and registry.events()[0]["who"] == "fedct server"
+
+
+def test_a_campaign_starts_from_a_version_and_is_judged_against_the_champion(simulated_run, second_campaign):
+    _, first_run = simulated_run
+    registry, run_dir, first = second_campaign
+    assert first.passed and first.champion is None
+    # round 0 of the second campaign is v0001's weights, not the seeded ones
+    start = torch.load(run_dir / "checkpoints" / "round-000.pt", weights_only=True)
+    v1 = torch.load(registry.folder("v0001") / "model.pt", weights_only=True)
+    seeded = torch.load(first_run / "checkpoints" / "round-000.pt", weights_only=True)
+    assert all(torch.equal(start[k], v1[k]) for k in v1)
+    assert not all(torch.equal(start[k], seeded[k]) for k in seeded)
+    assert registry.versions() == ["v0001", "v0002"]
+    lineage = registry.stamp("v0002")["lineage"]
+    assert lineage["parent"] == "v0001" and lineage["run_config"]["init-from"] == "v0001"
+    # the champion was evaluated on every site's splits in the same run: the same weights on the same test split
+    # give the numbers its own run recorded
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    evaluation = metrics["champion_evaluation"]
+    assert evaluation["champion"] == "v0001" and sorted(evaluation["sites"]) == ["site-0", "site-1"]
+    recorded = registry.stamp("v0001")["lineage"]["metrics"]["sites"]
+    for site in ("site-0", "site-1"):
+        assert evaluation["sites"][site]["test-n"] == recorded[site]["test-n"]
+        assert evaluation["sites"][site]["test-loss"] == pytest.approx(recorded[site]["test-loss"], rel=1e-4)
+    assert lineage["champion_comparison"]["sites"] == evaluation["sites"]
+    # the decision logged at registration, with its numbers, in the log and the model card
+    decision = next(e for e in registry.events() if e["event"] == "decision" and e["version"] == "v0002")["decision"]
+    assert decision["champion"] == "v0001" and "one federated evaluation" in decision["source"]
+    challenger = metrics["rounds"][-1]["evaluate"]["sites"]
+    for site in ("site-0", "site-1"):
+        assert decision["sites"][site]["challenger"] == pytest.approx(challenger[site]["test-loss"])
+        assert decision["sites"][site]["champion"] == pytest.approx(evaluation["sites"][site]["test-loss"])
+    assert not decision["passed"] and "not better by more than 10" in decision["reasons"][-1]
+    card = (registry.folder("v0002") / "model_card.md").read_text()
+    assert "Promotion rule evaluated" in card and "site-0: challenger" in card
+    # refused without an override, promoted with one (logged), and a rollback restores v0001
+    with pytest.raises(PromotionRefused):
+        registry.promote("v0002", who="coordinator")
+    registry.promote("v0002", who="coordinator", override=True, reason="test: the board accepts the new model")
+    assert registry.champion() == "v0002"
+    assert registry.rollback(reason="test: site-1 reports worse reads", who="coordinator") == "v0001"
+    assert registry.champion() == "v0001" and registry.champion_history() == ["v0001"]

@@ -229,7 +229,8 @@ def test_no_reference_gives_unavailable_and_keyed_study_folders(tmp_path, series
     key = bytes(range(32))
     (site / KEY_FILE_NAME).write_bytes(key)
     summary = run_predict(bundle, tmp_path / "in", tmp_path / "out", device="cpu", progress=False, site_dir=site)
-    (result,) = summary.results
+    assert summary.results
+    result = summary.results[0]
     assert result.study_key == Pseudonymizer(key)("study", series.study_uid)  # the id ingestion gives the study
     assert result.risk_group == "unavailable" and result.risk_quantiles is None
     assert json.loads((tmp_path / "out" / result.study_key / PREDICTION_NAME).read_text())["risk_group"] == "unavailable"
@@ -304,7 +305,8 @@ def test_unreadable_series_falls_back_to_the_next_series_of_the_study(tmp_path, 
     damaged = big.paths[3]
     damaged.write_bytes(damaged.read_bytes()[:-200])  # pixel data cut short: found only when decoding
     summary = run_predict(make_bundle(tmp_path / "bundle"), tmp_path / "in", tmp_path / "out", device="cpu", progress=False)
-    (result,) = summary.results
+    assert summary.results
+    result = summary.results[0]
     assert result.SeriesInstanceUID == small.series_uid
     (refusal,) = summary.refused
     assert refusal["reason"] == "truncated_pixel_data" and refusal["path"] == "thin/" + damaged.name
@@ -321,7 +323,8 @@ def test_heat_map_failure_keeps_the_prediction(tmp_path, series_writer, monkeypa
     monkeypatch.setattr(inference.explain, "explain_study", broken)
     summary = run_predict(make_bundle(tmp_path / "bundle"), tmp_path / "in", tmp_path / "out", device="cpu",
                           progress=False, dicom_export=False)  # fmt: skip
-    (result,) = summary.results
+    assert summary.results
+    result = summary.results[0]
     assert result.overlays == () and result.key_slices == ()
     assert summary.errors == ({"study_key": result.study_key, "stage": "explain",
                                "message": "heat map failed: RuntimeError: no gradients today"},)  # fmt: skip
@@ -382,7 +385,8 @@ def test_local_identifiers_only_in_site_local_files_and_none_in_a_research_copy(
     bundle = make_bundle(tmp_path / "bundle", quantiles=(-1.0, 1.0))
     out = tmp_path / "out"
     summary = run_predict(bundle, tmp_path / "in", out, device="cpu", progress=True)
-    (result,) = summary.results
+    assert summary.results
+    result = summary.results[0]
     folder = out / result.study_key
     assert not summary.errors
     # Shown where the reader at the site looks: the report, the review page (from local_identity.json), the SR / SCs.
@@ -469,3 +473,44 @@ def test_error_messages_in_the_summary_are_redacted(tmp_path, series_writer, mon
     (error,) = summary.errors
     assert error["message"] == "DICOM export failed: ValueError: invalid PatientName '[identifier]' (ID [identifier])"
     assert _found(tmp_path / "out", LOCAL_STRINGS, skip=SITE_LOCAL) == []
+
+
+def test_a_registered_champion_shows_its_version_on_every_result(tmp_path):
+    """A model registry folder as --model: its champion predicts, and the version reaches prediction.json, the
+    report, the review page's words, the SR and the Secondary Captures; a version whose files changed is refused."""
+    import pydicom
+
+    from inference.review_pages import model_words
+    from models.registry import ModelRegistry, RegistryError
+
+    tiny_federation(tmp_path / "fed", sites=1, patients_per_site=1)
+    registry = ModelRegistry(tmp_path / "registry")
+    registry.register(make_bundle(tmp_path / "b1"))
+    version = registry.register(make_bundle(tmp_path / "b2", seed=1))
+    registry.promote("v0001")
+    registry.promote(version, override=True, reason="test: the second model")
+    digest = registry.stamp(version)["content_sha256"]
+    summary = run_predict(tmp_path / "registry", tmp_path / "fed" / "site-0" / "dicom", tmp_path / "out", device="cpu",
+                          progress=False)  # fmt: skip
+    assert summary.results
+    result = summary.results[0]
+    folder = tmp_path / "out" / result.study_key
+    stored = json.loads((folder / PREDICTION_NAME).read_text())
+    assert stored["model"]["registry_version"] == "v0002" and stored["model"]["content_sha256"] == digest
+    assert json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())["model"]["registry_version"] == "v0002"
+    words = f"registry version v0002 (SHA-256 {digest[:12]})"
+    assert words in (folder / "report.html").read_text()
+    assert words in model_words(stored)
+    if importlib.util.find_spec("highdicom") is not None:
+        texts: list[str] = []
+        pydicom.dcmread(folder / "sr.dcm").walk(lambda ds, elem: texts.append(str(elem.value)) if elem.keyword == "TextValue" else None)
+        assert "registry_version=v0002" in texts and f"content_sha256={digest}" in texts
+        sc = pydicom.dcmread(next(folder.glob("sc_*.dcm")))
+        assert words in sc.ImageComments
+    # the weights of a registered version changed on disk: refused before anything is predicted
+    state = torch.load(registry.folder(version) / "model.pt", weights_only=True)
+    next(iter(state.values())).mul_(2.0)
+    torch.save(state, registry.folder(version) / "model.pt")
+    with pytest.raises(RegistryError, match="changed after registration"):
+        run_predict(registry.folder(version), tmp_path / "fed" / "site-0" / "dicom", tmp_path / "out2", device="cpu",
+                    progress=False)  # fmt: skip

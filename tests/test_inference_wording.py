@@ -34,6 +34,7 @@ from inference.dicom_export import (  # noqa: E402
 from inference.report import render_report  # noqa: E402
 from inference.review import make_server  # noqa: E402
 from inference.wording import (  # noqa: E402
+    registry_words,
     DISCLAIMER,
     calibration_sentence,
     class_phrase,
@@ -187,3 +188,10 @@ def test_calibration_sentence_says_whether_the_probabilities_are_calibrated() ->
     assert "T = 1.80" in calibration_sentence(1.8) and "calibrated on the training sites" in calibration_sentence(1.8)
     assert calibration_sentence(1.0, False).startswith("not calibrated")
     assert calibration_sentence(None).startswith("not calibrated")
+
+
+def test_registry_words_name_the_version_and_hash_or_nothing() -> None:
+    model = {"name": "smallcnn", "fedct_version": "0.1.0", "registry_version": "v0003", "content_sha256": "ab" * 32}
+    assert registry_words(model) == "registry version v0003 (SHA-256 abababababab)"
+    assert registry_words({"name": "smallcnn"}) == "" and registry_words({"registry_version": "v0001"}) == "registry version v0001"
+    assert registry_words(model).isascii()
