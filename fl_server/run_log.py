@@ -307,6 +307,8 @@ class RunLog:
         self.best: BestRound | None = None
         #: Calibration of the bundles (``{"best"|"final": {...}}``), set after the last round.
         self.calibration: dict[str, Any] = {}
+        #: The pooled profile normalisation of a profile-fusion run (``fl_server.profile_norm.summary``), or {}.
+        self.profile_normalisation: dict[str, Any] = {}
         self._pending_train: dict[str, dict[str, float]] = {}
         self._pending_eval: dict[str, dict[str, float]] = {}
         self._round_started = time.perf_counter()
@@ -436,6 +438,7 @@ class RunLog:
             "rounds": self.rounds,
             "best_round": best,
             **({"calibration": self.calibration} if self.calibration else {}),
+            **({"profile_normalisation": self.profile_normalisation} if self.profile_normalisation else {}),
         }
 
     def write(self) -> Path:
