@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -55,8 +55,9 @@ class ProfileNormalisation:
     mean: tuple[float, ...]
     std: tuple[float, ...]  # 0: no statistics (the variable is always masked)
     count: tuple[int, ...]
-    sites: int = 0
-    min_count: int = 5
+    #: Provenance only (not sent to the sites, not compared): how many sites were pooled, at which floor.
+    sites: int = field(default=0, compare=False)
+    min_count: int = field(default=5, compare=False)
     schema: str = ""
 
     def __post_init__(self) -> None:

@@ -39,7 +39,8 @@ def simulated_run(tmp_path_factory):
     # 30 patients per site: 6 validation studies, above the sites' privacy floor (k = 5) for split-level metrics
     tiny_federation(root / "data", sites=2, patients_per_site=30)
     run_dir = root / "run"
-    server_config = {**TINY_RUN_CONFIG, "num-server-rounds": 2, "min-sites": 2, "run-dir": str(run_dir)}
+    # late profile fusion: the profile statistics exchange before round 1, the normalisation in every round and bundle
+    server_config = {**TINY_RUN_CONFIG, "num-server-rounds": 2, "min-sites": 2, "run-dir": str(run_dir), "profile-fusion": "late"}
     replies = root / "replies"
     replies.mkdir()
     run_simulation(
@@ -155,3 +156,24 @@ def test_the_bundles_are_calibrated_and_metrics_json_has_the_ece_before_and_afte
                 assert key in ("test-n", "test-loss", "test-brier", "test-accuracy", "num-examples"), key
                 assert isinstance(value, int | float)
         assert sum(reply["metrics"][reliability_key("after", "count")]) == reply["metrics"]["test-n"]
+
+
+def test_the_profile_normalisation_is_pooled_once_and_travels_into_the_bundles(simulated_run):
+    from preprocessing.profile import read_schema, read_site_profile
+    from preprocessing.profile_features import ProfileNormalisation
+
+    root, run_dir = simulated_run
+    saved = json.loads((run_dir / "profile-normalisation.json").read_text())
+    assert saved["sites"] == 2 and saved["rejected_replies"] == [] and saved["missing_replies"] == []
+    assert sorted(saved["site_variables"]) == ["site-0", "site-1"]
+    norm = ProfileNormalisation.from_dict(saved)
+    schema = read_schema()
+    assert norm.variables == schema.names
+    # the pooled mean is that of both sites' studies together (aggregates above the floor only)
+    ages = [read_site_profile(root / "data" / s).column("age") for s in ("site-0", "site-1")]
+    assert math.isclose(norm.mean[0], float(torch.tensor([*ages[0], *ages[1]], dtype=torch.float64).mean()), rel_tol=1e-9)
+    assert json.loads((run_dir / "metrics.json").read_text())["profile_normalisation"]["mean"] == list(norm.mean)
+    for name in ("best", "final"):
+        model, meta = load_bundle(run_dir / "model" / name)
+        assert meta["model"]["profile_fusion"] == "late" and model.n_profile == 2 * len(schema.names)
+        assert ProfileNormalisation.from_dict(meta["profile_normalisation"]) == norm
