@@ -94,7 +94,8 @@ def _predict(args: argparse.Namespace) -> int:
         push = push_settings(args)  # --push: PACS settings checked before anything is predicted
         summary = run_predict(Path(args.model), Path(args.input), Path(args.out), device=args.device, progress=True,
                               site_dir=Path(args.site_dir) if args.site_dir else None,
-                              local_identifiers=identifiers)  # fmt: skip
+                              local_identifiers=identifiers,
+                              profile_dir=Path(args.profile) if args.profile else None)  # fmt: skip
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"fedct predict: error: {exc}", file=sys.stderr)
         return 2
@@ -207,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results folder (one sub-folder per study)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--site-dir", help="the site's work folder: name result folders by the site's keyed study pseudonyms")
+    p.add_argument("--profile", metavar="DIR",
+                   help="folder of the site's clinical/molecular profile export (profile-mapping.toml + table, as for "
+                        "training): a bundle that fuses the profile reads each study's row there (else all missing)")
     p.add_argument("--no-local-identifiers", action="store_true",
                    help="research copy: do not read or write accession number, patient name and ID (shown by default "
                         "in the site-local report, review page and SR; also FEDCT_LOCAL_IDENTIFIERS=no in --pacs-env)")
