@@ -530,6 +530,9 @@ def _profile_setup(model: MultiTaskNet, meta: Mapping[str, Any], profile_dir: Pa
 
     if not model.n_profile:
         return None
+    if not model.uses_image:
+        raise BundleError(f"{source}: a profile-only model (profile-fusion = \"only\") is a benchmark baseline without an "
+                          "image branch; fedct predict reports CT models only")  # fmt: skip
     try:
         normalisation = ProfileNormalisation.from_dict(meta.get("profile_normalisation") or {})
     except ValueError as exc:

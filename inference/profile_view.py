@@ -52,7 +52,8 @@ def profile_record(model: MultiTaskNet, image: torch.Tensor, values: np.ndarray,
                          f"({schema.name} v{schema.version}, {len(schema.names)})")  # fmt: skip
     device = next(model.parameters()).device
     model.eval()
-    features = model.backbone(as_plain_tensor(image).to(device))
+    image = as_plain_tensor(image).to(device)
+    features = model.backbone(image) if model.uses_image else image.new_zeros((image.shape[0], 0))
     cov = None if covariates is None else covariates.to(device)
     values = np.asarray(values, dtype=np.float64)
     usable = normalisation.usable

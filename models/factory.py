@@ -24,8 +24,9 @@ NORMS = ("batch", "instance", "group")
 COVARIATES = ("age", "sex", "age_known", "sex_known")
 #: How the clinical/molecular profile enters the network (``profile-fusion``): not at all; "late" = a small MLP of
 #: the profile concatenated to the pooled image features before the heads; "film" = feature-wise linear modulation
-#: (FiLM) of the pooled image features, ``f * (1 + gamma(p)) + beta(p)``, gamma/beta from the profile.
-PROFILE_FUSIONS = ("none", "late", "film")
+#: (FiLM) of the pooled image features, ``f * (1 + gamma(p)) + beta(p)``, gamma/beta from the profile; "only" = the
+#: heads see the profile embedding alone (the image is not used: the profile-only baseline of the benchmark).
+PROFILE_FUSIONS = ("none", "late", "film", "only")
 #: Width of the profile embedding (late fusion) and of FiLM's hidden layer.
 PROFILE_HIDDEN = 32
 
@@ -169,14 +170,20 @@ class MultiTaskNet(nn.Module):
         self.n_covariates = len(COVARIATES) if config.covariates else 0
         #: Length of the profile input (2V), 0 without profile fusion.
         self.n_profile = 2 * config.profile_variables
-        self.profile = ProfileFusion(config.profile_fusion, self.n_profile, width) if self.n_profile else None
+        #: False for the profile-only baseline (``profile_fusion = "only"``): the backbone is never run.
+        self.uses_image = config.profile_fusion != "only"
+        mode = "late" if config.profile_fusion == "only" else config.profile_fusion
+        self.profile = ProfileFusion(mode, self.n_profile, width) if self.n_profile else None
         extra = self.profile.out_features if self.profile is not None else 0
+        width = width if self.uses_image else 0
         self.dropout = nn.Dropout(config.dropout)
         self.diagnosis = nn.Linear(width + extra + self.n_covariates, config.num_classes)
         self.prognosis = nn.Linear(width + extra + self.n_covariates, 1)
 
     def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None, profile: torch.Tensor | None = None) -> ModelOutput:
         x = as_plain_tensor(x)  # metadata stays outside the network (see as_plain_tensor)
+        if not self.uses_image:
+            return self.heads(x.new_zeros((x.shape[0], 0)), covariates, profile)
         return self.heads(self.dropout(self.backbone(x)), covariates, profile)
 
     def heads(self, features: torch.Tensor, covariates: torch.Tensor | None = None,

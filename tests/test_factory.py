@@ -129,3 +129,14 @@ def test_profile_fusion_none_builds_the_image_only_network():
 def test_bad_profile_fusion_config_names_the_value(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         ModelConfig(name="smallcnn", **kwargs)
+
+
+def test_profile_only_baseline_ignores_the_image():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="smallcnn", profile_fusion="only", profile_variables=2)).eval()
+    assert not model.uses_image and model.diagnosis.in_features == 32
+    profile = torch.tensor([[0.5, -1.0, 1.0, 1.0]])
+    with torch.no_grad():
+        a, b = model(torch.randn(1, 1, 16, 16, 16), profile=profile), model(torch.randn(1, 1, 16, 16, 16), profile=profile)
+    torch.testing.assert_close(a.logits, b.logits)
+    torch.testing.assert_close(a.risk, b.risk)
