@@ -127,7 +127,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     options = DemoOptions(out=Path(args.out), sites=args.sites, patients_per_site=args.patients_per_site, rounds=args.rounds,
                           local_epochs=args.local_epochs, model_name=args.model, seed=args.seed,
-                          external_studies=args.external_studies)  # fmt: skip
+                          external_studies=args.external_studies, profile_fusion=args.profile_fusion)  # fmt: skip
     return run_demo(options)
 
 
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--external-studies", type=int, default=24,
                    help="studies of the external validation family the model is scored on at the end (0: none)")
+    p.add_argument("--profile-fusion", choices=("none", "late", "film"), default="none",
+                   help="fuse the synthetic sites' clinical/molecular profiles (federated normalisation first)")
     p.set_defaults(func=_demo)
 
     from bench.cli import add_parser as add_bench_parser
