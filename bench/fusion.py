@@ -173,6 +173,8 @@ def run(options: BenchOptions) -> Path:
                    "summary": {key: summarise(r["overall"].get(key) for r in results) for key, _ in FIGURES}}
             for name, results in per_seed.items()}  # fmt: skip
     c_index = {name: arm["summary"]["test-c-index"]["mean"] for name, arm in arms.items()}
+    image = c_index.get("image")
+    gains = {a: c_index[a] - image if c_index.get(a) is not None and image is not None else None for a in ("late", "film", "profile")}
     payload = {
         "what": "held-out test metrics of the final FedAvg model of each arm (same sites, seeds, rounds and epochs; only "
                 "profile-fusion differs); overall = weighted mean of site values. '<arm> / half missing': each measured "
@@ -181,8 +183,7 @@ def run(options: BenchOptions) -> Path:
         "plan": {**plan.__dict__, "seeds": list(plan.seeds), "run_config": dict(SMALL_RUN_CONFIG)},
         "figures": {k: label for k, label in FIGURES},
         "arms": arms,
-        "fused_minus_image_c_index": {a: (c_index[a] - c_index["image"]) if c_index.get(a) is not None and c_index.get("image") is not None else None
-                                      for a in ("late", "film", "profile")},  # fmt: skip
+        "fused_minus_image_c_index": gains,
         "train_seconds": train_seconds,
     }
     return write_result(out, "fusion", payload, options=options, started=started)

@@ -20,9 +20,9 @@ from typing import Any
 from fedct.protocol import BN_MODES, RoundSettings, parse_triple
 from fl_server.privacy import PrivacyConfig
 from models.factory import PROFILE_FUSIONS, ModelConfig
+from models.weights import TRANSPORTS
 from preprocessing.profile import ProfileSchema, read_schema
 from preprocessing.profile_features import ProfileNormalisation
-from models.weights import TRANSPORTS
 from preprocessing.split import SplitConfig
 from preprocessing.transforms import PipelineConfig
 

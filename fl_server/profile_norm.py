@@ -25,7 +25,7 @@ from typing import Any
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedct.files import atomic_write_bytes
-from fedct.protocol import CONFIG_RECORD, METRICS_RECORD, PROFILE_SCHEMA, PROFILE_STATISTICS, PROFILE_VARIABLES, SITE_RECORD
+from fedct.protocol import METRICS_RECORD, PROFILE_SCHEMA, PROFILE_STATISTICS, PROFILE_VARIABLES, SITE_RECORD
 from fl_server.config import SiteRegistry
 from fl_server.validation import ReplyRejected, ScreenedReply, site_identity
 from preprocessing.profile import ProfileSchema, ProfileStatistics

@@ -104,5 +104,5 @@ def _shown(variable: Any, value: float | None) -> Any:
     if variable.type == "bool":
         return "yes" if value >= 0.5 else "no"
     if variable.type == "category":
-        return variable.categories[int(round(value))]
+        return variable.categories[round(value)]
     return round(value, 4)

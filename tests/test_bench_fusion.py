@@ -22,7 +22,7 @@ def test_every_arm_and_missingness_variant_is_scored(tiny_run):
     out, data = tiny_run
     expected = {"image"} | {arm if v == "as exported" else f"{arm} / {v}" for arm in ARMS if arm != "image" for v in PROFILE_VARIANTS}
     assert set(data["arms"]) == expected
-    for name, arm in data["arms"].items():
+    for arm in data["arms"].values():
         assert [r["seed"] for r in arm["per_seed"]] == [0]
         assert set(arm["per_seed"][0]["sites"]) == {"site-0", "site-1"}
         for stats in arm["summary"].values():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,7 +99,7 @@ def test_predict_reads_the_studys_profile_row_and_the_pages_show_it(site, normal
         assert [e["name"] for e in result.profile["variables"] if e["missing"]] == [n for n, v in zip(SCHEMA.names, row) if np.isnan(v)]
         saved = json.loads((tmp_path / "out" / result.study_key / PREDICTION_NAME).read_text())
         assert saved["profile"]["top_risk"] == result.profile["top_risk"]
-    assert set(r.StudyInstanceUID for r in summary.results) == set(uids)
+    assert {r.StudyInstanceUID for r in summary.results} == set(uids)
     # the pages: values, missing ones, the contributions in words, decision-support wording
     result = summary.results[0]
     page = render_report(result)
