@@ -7,7 +7,9 @@ and seed, differing only in ``profile-fusion``:
 
 - ``image``: ``none`` (the CT alone);
 - ``profile``: ``only`` (the profile alone: the heads see the profile embedding, the image is not used);
-- ``late`` and ``film``: the CT fused with the profile (:mod:`models.factory`).
+- ``late`` and ``film``: the CT fused with the profile (:mod:`models.factory`);
+- ``late+dropout``: late fusion trained with ``profile-dropout = 0.3`` (each measured value masked with probability
+  0.3 in every training step).
 
 Every run pools the profile normalisation from the sites' aggregate statistics before round 1 (as in production).
 The final global model of each arm is scored by fedct's own evaluation at every site (``bench.quality.score``:
@@ -33,8 +35,8 @@ import numpy as np
 from bench.common import SMALL_RUN_CONFIG, BenchOptions, site_names, summarise, synthetic_sites, write_result
 from bench.quality import FIGURES, score
 
-#: Arm name -> ``profile-fusion`` of its run.
-ARMS = {"image": "none", "profile": "only", "late": "late", "film": "film"}
+#: Arm name -> ``profile-fusion`` of its run (and ``profile-dropout`` after a ``+``).
+ARMS = {"image": "none", "profile": "only", "late": "late", "film": "film", "late+dropout": "late+0.3"}
 #: How the profile is given at test time: as exported, half of the measured values removed, none at all.
 PROFILE_VARIANTS = ("as exported", "half missing", "no profile")
 #: Probability of removing a measured value in the ``half missing`` variant.
@@ -70,7 +72,8 @@ def plan_for(options: BenchOptions) -> FusionPlan:
 def _config(plan: FusionPlan, *, fusion: str, seed: int, run_dir: Path) -> Any:
     from fl_server.config import ServerConfig
 
-    return ServerConfig.from_run_config({**SMALL_RUN_CONFIG, "num-server-rounds": plan.rounds, "local-epochs": plan.local_epochs,
+    fusion, _, dropout = fusion.partition("+")
+    return ServerConfig.from_run_config({**SMALL_RUN_CONFIG, "profile-dropout": float(dropout or 0.0), "num-server-rounds": plan.rounds, "local-epochs": plan.local_epochs,
                                          "min-sites": plan.sites, "seed": seed, "profile-fusion": fusion,
                                          "val-fraction": 0.2, "test-fraction": 0.3, "run-dir": str(run_dir.resolve())})  # fmt: skip
 
@@ -174,7 +177,7 @@ def run(options: BenchOptions) -> Path:
             for name, results in per_seed.items()}  # fmt: skip
     c_index = {name: arm["summary"]["test-c-index"]["mean"] for name, arm in arms.items()}
     image = c_index.get("image")
-    gains = {a: c_index[a] - image if c_index.get(a) is not None and image is not None else None for a in ("late", "film", "profile")}
+    gains = {a: c_index[a] - image if c_index.get(a) is not None and image is not None else None for a in ARMS if a != "image"}
     payload = {
         "what": "held-out test metrics of the final FedAvg model of each arm (same sites, seeds, rounds and epochs; only "
                 "profile-fusion differs); overall = weighted mean of site values. '<arm> / half missing': each measured "

@@ -103,6 +103,8 @@ PROFILE_VARIABLES = "profile-variables"
 #: training and evaluation message of a run with ``profile-fusion`` other than "none".
 PROFILE_FUSION = "profile-fusion"
 PROFILE_MEAN, PROFILE_STD, PROFILE_COUNT = "profile-mean", "profile-std", "profile-count"
+#: Round-config key: probability that training masks each measured profile value (robustness to missing exports).
+PROFILE_DROPOUT = "profile-dropout"
 
 # --- round settings ----------------------------------------------------------------------------------------------
 
@@ -143,8 +145,12 @@ class RoundSettings:
     #: The pooled profile normalisation (``profile-fusion`` other than "none"); None before the server has pooled the
     #: sites' statistics (a site refuses to train or evaluate a profile model without it).
     profile: ProfileNormalisation | None = None
+    #: ``profile-dropout``: probability that local training masks each measured profile value of a study (0 = never).
+    profile_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.profile_dropout < 1.0:
+            raise ValueError(f"profile-dropout must be in [0, 1), got {self.profile_dropout}")
         if self.profile is not None and len(self.profile.variables) != self.model.profile_variables:
             raise ValueError(f"profile normalisation has {len(self.profile.variables)} variables, the model fuses "
                              f"{self.model.profile_variables}")  # fmt: skip
@@ -191,6 +197,7 @@ class RoundSettings:
         }
         if self.model.profile_fusion != "none":
             record[PROFILE_FUSION] = self.model.profile_fusion
+            record[PROFILE_DROPOUT] = self.profile_dropout
             if self.profile is not None:
                 record[PROFILE_SCHEMA] = self.profile.schema
                 record[PROFILE_VARIABLES] = ",".join(self.profile.variables)
@@ -249,6 +256,7 @@ class RoundSettings:
             proximal_mu=float(record.get("proximal-mu", OPTIONAL_ROUND_KEYS["proximal-mu"])),
             evaluate_first=bool(record.get(EVALUATE_FIRST, OPTIONAL_ROUND_KEYS[EVALUATE_FIRST])),
             profile=profile,
+            profile_dropout=float(record.get(PROFILE_DROPOUT, 0.0)),
         )
 
     @staticmethod

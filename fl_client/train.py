@@ -253,6 +253,7 @@ def train_model(
     proximal_mu: float = 0.0,
     compute: Compute | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    profile_dropout: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` over ``loader`` (Adam).
 
@@ -263,6 +264,8 @@ def train_model(
     ``w_start`` being the weights the round began with (the global model): local training is pulled toward it.
     The step never reads a value back from the GPU (the running loss stays on the device until the end), so the
     host queues the next batch while the GPU computes.
+    ``profile_dropout`` (a model fusing the profile): each measured profile value of each study is masked with this
+    probability in every step (:func:`drop_profile_values`), as if the site had not measured it.
     """
     compute = compute if compute is not None else resolve_compute(ComputeOptions(), device)
     if compute.channels_last:
@@ -277,6 +280,8 @@ def train_model(
     for _ in range(epochs):
         for batch in loader:
             optimiser.zero_grad(set_to_none=True)
+            if profile_dropout > 0 and "profile" in batch:
+                batch = {**batch, "profile": drop_profile_values(torch.as_tensor(batch["profile"]), profile_dropout)}
             with autocast(compute, device):
                 output = forward(model, batch, device, channels_last=compute.channels_last, augment=augment)
             loss, diagnosis, prognosis = loss_terms(output, batch, weights=loss_weights, device=device)
@@ -296,6 +301,16 @@ def train_model(
     mean = totals.cpu().numpy() / max(seen, 1)
     return TrainResult(num_examples=len(loader.dataset), loss=float(mean[0]), diagnosis_loss=float(mean[1]),
                        prognosis_loss=float(mean[2]), steps=steps, seconds=time.perf_counter() - t0)  # fmt: skip
+
+
+def drop_profile_values(profile: torch.Tensor, p: float) -> torch.Tensor:
+    """The (B, 2V) profile input with each value masked with probability ``p``: its z-score and presence flag set to 0,
+    exactly what the model sees for an unmeasured value (torch's global generator: seeded per round)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"profile dropout must be in [0, 1), got {p}")
+    n = profile.shape[1] // 2
+    keep = (torch.rand(profile.shape[0], n) >= p).to(profile.dtype)
+    return profile * torch.cat([keep, keep], dim=1)
 
 
 def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
@@ -413,7 +428,7 @@ def train_round(
         torch.cuda.reset_peak_memory_stats(device)
     result = train_model(model, loader, epochs=settings.local_epochs, lr=settings.learning_rate, device=device,
                          loss_weights=settings.loss_weights, proximal_mu=settings.proximal_mu, compute=compute,
-                         augment=batch_augment(settings, compute))  # fmt: skip
+                         augment=batch_augment(settings, compute), profile_dropout=settings.profile_dropout)  # fmt: skip
     recalibrate_batch_norm(model, _loader(manifest, "train", settings, train=False, compute=compute, profile=profile), device=device,
                            compute=compute)  # fmt: skip
     save_local_norm(site, settings, model)

@@ -115,6 +115,8 @@ class ServerConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     # Clinical/molecular profile in the model (README "Clinical and molecular profiles"): "none", "late" or "film".
     profile_fusion: str = "none"
+    # Probability that local training masks each measured profile value (teaches a fused model to cope with gaps).
+    profile_dropout: float = 0.0
     # Privacy floor k of the sites' metrics (fl_client.metrics.floor_evaluation); sites may raise it, nobody lower it.
     metrics_min_count: int = 5
 
@@ -164,6 +166,8 @@ class ServerConfig:
         if self.evaluate_mode == "fused" and self.privacy.secure_aggregation:
             raise ValueError("evaluate-mode = \"fused\" cannot be combined with secure-aggregation = true (the SecAgg+ "
                              "round keeps its own evaluate exchange); use evaluate-mode = \"separate\"")
+        if self.profile_dropout and self.profile_fusion == "none":
+            raise ValueError(f"profile-dropout = {self.profile_dropout} needs profile-fusion other than \"none\"")
         if self.profile_fusion != "none" and self.privacy.secure_aggregation:
             raise ValueError(f"profile-fusion = {self.profile_fusion!r} cannot be combined with secure-aggregation = true yet "
                              "(the sites' profile statistics are not securely aggregated); use profile-fusion = \"none\"")
@@ -251,6 +255,7 @@ class ServerConfig:
             transport=self.transport,
             evaluate_first=evaluate_first,
             profile=profile,
+            profile_dropout=self.profile_dropout,
         )
 
     def to_run_config(self) -> dict[str, Any]:

@@ -32,9 +32,10 @@ def test_every_arm_and_missingness_variant_is_scored(tiny_run):
     # each fused run pooled the normalisation and stored it in its bundle
     for arm, fusion in ARMS.items():
         meta = json.loads((out / "work" / "fusion" / "runs" / f"{arm}-seed0" / "model" / "final" / "model.json").read_text())
-        assert meta["model"]["profile_fusion"] == fusion
+        assert meta["model"]["profile_fusion"] == fusion.partition("+")[0]
         assert ("profile_normalisation" in meta) == (fusion != "none")
-    assert set(data["fused_minus_image_c_index"]) == {"late", "film", "profile"}
+    assert set(data["fused_minus_image_c_index"]) == set(ARMS) - {"image"}
+    assert meta["provenance"]["run_config"]["profile-dropout"] == 0.3  # the last arm: late+dropout
 
 
 def test_plans_grow_with_the_mode():

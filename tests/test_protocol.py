@@ -213,3 +213,14 @@ def test_a_profile_round_without_normalisation_or_with_a_broken_one_is_bad_round
         RoundSettings.from_record(record)
     with pytest.raises(ValueError, match="has 3 variables, the model fuses 16"):
         config.round_settings(1, profile=_normalisation(3))
+
+
+def test_profile_dropout_travels_with_the_round_and_is_checked():
+    config = ServerConfig(model_name="smallcnn", profile_fusion="late", profile_dropout=0.25)
+    settings = config.round_settings(1, profile=_normalisation(config.model.profile_variables))
+    record = settings.to_record()
+    assert record["profile-dropout"] == 0.25 and RoundSettings.from_record(record).profile_dropout == 0.25
+    with pytest.raises(ValueError, match="profile-dropout must be in"):
+        RoundSettings.from_record({**record, "profile-dropout": 1.5})
+    with pytest.raises(ValueError, match="needs profile-fusion"):
+        ServerConfig(profile_dropout=0.2)
