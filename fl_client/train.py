@@ -322,7 +322,8 @@ def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> to
 def local_norm_path(site: SiteConfig, settings: RoundSettings) -> Path:
     """Where a site keeps its own normalisation layers under ``bn-mode = local`` (FedBN), per architecture."""
     model = settings.model
-    return site.site_dir / "fedbn" / f"{model.name}-{model.norm}-{model.num_classes}-{int(model.covariates)}.pt"
+    fusion = "" if model.profile_fusion == "none" else f"-{model.profile_fusion}"  # unchanged name without a profile
+    return site.site_dir / "fedbn" / f"{model.name}-{model.norm}-{model.num_classes}-{int(model.covariates)}{fusion}.pt"
 
 
 def with_local_norm(site: SiteConfig, settings: RoundSettings, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

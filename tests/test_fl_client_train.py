@@ -388,3 +388,14 @@ def test_a_profile_model_trains_with_profile_dropout():
     flags = torch.cat(seen)[:, 3:]
     assert 0 < (flags == 0).float().mean().item() < 1  # some values masked, some kept
     assert torch.equal(batch["profile"], torch.ones(8, 6))  # the loader's batch itself is untouched
+
+
+def test_fedbn_files_of_a_fused_model_are_kept_apart_from_the_image_only_ones(tmp_path):
+    from fl_client.config import SiteConfig
+    from fl_client.train import local_norm_path
+
+    site = SiteConfig(site_name="s", dicom_dir=tmp_path, site_dir=tmp_path / "w", labels_csv=None)
+    plain = ServerConfig(model_name="smallcnn").round_settings(1)
+    fused = ServerConfig(model_name="smallcnn", profile_fusion="film").round_settings(1)
+    assert local_norm_path(site, plain).name == "smallcnn-batch-3-0.pt"  # as before profiles existed
+    assert local_norm_path(site, fused).name == "smallcnn-batch-3-0-film.pt"
