@@ -1,4 +1,4 @@
-"""``fedct bench {quality,preprocess,train-loop,federation,scale,explain,all} [--quick] [--out DIR]``."""
+"""``fedct bench {quality,preprocess,train-loop,federation,scale,explain,all,sim-gpu,fusion} [--quick] [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ BENCHMARKS = {
     "explain": "bench.explain",
 }
 #: Benchmarks run only when named (not by ``all``): the shared-GPU simulation is meant for a GPU machine with Ray.
-EXTRA_BENCHMARKS = {"sim-gpu": "bench.sim_gpu"}
+EXTRA_BENCHMARKS = {"sim-gpu": "bench.sim_gpu", "fusion": "bench.fusion"}
 
 
 def run_benchmarks(names: list[str], options: BenchOptions, *, strategies: tuple[str, ...] = ()) -> int:

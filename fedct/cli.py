@@ -94,7 +94,8 @@ def _predict(args: argparse.Namespace) -> int:
         push = push_settings(args)  # --push: PACS settings checked before anything is predicted
         summary = run_predict(Path(args.model), Path(args.input), Path(args.out), device=args.device, progress=True,
                               site_dir=Path(args.site_dir) if args.site_dir else None,
-                              local_identifiers=identifiers)  # fmt: skip
+                              local_identifiers=identifiers,
+                              profile_dir=Path(args.profile) if args.profile else None)  # fmt: skip
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"fedct predict: error: {exc}", file=sys.stderr)
         return 2
@@ -130,7 +131,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     options = DemoOptions(out=Path(args.out), sites=args.sites, patients_per_site=args.patients_per_site, rounds=args.rounds,
                           local_epochs=args.local_epochs, model_name=args.model, seed=args.seed,
-                          external_studies=args.external_studies)  # fmt: skip
+                          external_studies=args.external_studies, profile_fusion=args.profile_fusion)  # fmt: skip
     return run_demo(options)
 
 
@@ -212,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results folder (one sub-folder per study)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--site-dir", help="the site's work folder: name result folders by the site's keyed study pseudonyms")
+    p.add_argument("--profile", metavar="DIR",
+                   help="folder of the site's clinical/molecular profile export (profile-mapping.toml + table, as for "
+                        "training): a bundle that fuses the profile reads each study's row there (else all missing)")
     p.add_argument("--no-local-identifiers", action="store_true",
                    help="research copy: do not read or write accession number, patient name and ID (shown by default "
                         "in the site-local report, review page and SR; also FEDCT_LOCAL_IDENTIFIERS=no in --pacs-env)")
@@ -236,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--external-studies", type=int, default=24,
                    help="studies of the external validation family the model is scored on at the end (0: none)")
+    p.add_argument("--profile-fusion", choices=("none", "late", "film"), default="none",
+                   help="fuse the synthetic sites' clinical/molecular profiles (federated normalisation first)")
     p.set_defaults(func=_demo)
 
     from bench.cli import add_parser as add_bench_parser

@@ -36,6 +36,9 @@ class DemoOptions:
     #: studies of the external validation family (synthetic.external: another generator, never trained on) that the
     #: demo's model is scored on at the end; 0 leaves the external validation out
     external_studies: int = 24
+    #: ``profile-fusion`` of the run (README "Clinical and molecular profiles"): the synthetic sites' profile exports
+    #: are pooled into the normalisation and fused; the external family has no profile, so it is not scored then
+    profile_fusion: str = "none"
 
     def __post_init__(self) -> None:
         if self.sites < 2:
@@ -93,6 +96,7 @@ def server_config_for(options: DemoOptions) -> ServerConfig:
         test_fraction=DEMO_SPLIT_FRACTION,
         seed=options.seed,
         run_dir=str(Path(options.out).resolve()),
+        profile_fusion=options.profile_fusion,
     )
 
 
@@ -134,7 +138,8 @@ def run_demo(options: DemoOptions) -> int:
               f"split {by_split}, {time.perf_counter() - t_site:.1f}s", flush=True)  # fmt: skip
     print(f"   {time.perf_counter() - t:.1f}s", flush=True)
 
-    t = _step(f"3/4 federated training: Flower simulation, FedAvg, {options.rounds} rounds, model {options.model_name}")
+    fusion = "" if options.profile_fusion == "none" else f", profile fusion {options.profile_fusion}"
+    t = _step(f"3/4 federated training: Flower simulation, FedAvg, {options.rounds} rounds, model {options.model_name}{fusion}")
     run_simulation(
         server_app=build_server_app(config.to_run_config()),
         client_app=build_client_app({"sim-data-root": str(data_root), "sim-work-root": str(work_root)}),
@@ -169,7 +174,9 @@ def run_demo(options: DemoOptions) -> int:
                   f"{_fmt(calibration.get('brier_after'))}")  # fmt: skip
         elif calibration:
             print(f"   no calibration: {calibration.get('reason')}")
-    if options.external_studies:
+    if options.external_studies and options.profile_fusion != "none":
+        print("   external validation skipped: the external family has no clinical profile to fuse")
+    elif options.external_studies:
         _external_validation(options, out, config, internal=best["test"] if best else {})
     print(f"   metrics: {metrics_path}\n   curves:  {out / 'curves.png'}\n   model:   {out / 'model' / 'final'} (best: {out / 'model' / 'best'})")
     print(f"\ndemo finished in {time.perf_counter() - t_start:.0f}s; options {json.dumps(asdict(options), default=str)}")

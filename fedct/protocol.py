@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from preprocessing.pipeline import PipelineConfig
+from preprocessing.profile_features import ProfileNormalisation
 from preprocessing.split import SplitConfig
 
 if TYPE_CHECKING:  # models.factory imports torch; `fedct ingest` parses its options here without it
@@ -90,6 +91,21 @@ def reliability_key(stage: str, field: str, *, prefix: str = TEST_PREFIX) -> str
         raise ValueError(f"no reliability list {stage!r}/{field!r} (stages {CALIBRATION_STAGES}, fields {RELIABILITY_FIELDS})")
     return f"{prefix}{CALIBRATION_PREFIX}{stage}-{field}"
 
+# --- clinical/molecular profile (issue #24) -------------------------------------------------------------------------
+
+#: Config key of the profile-statistics request (an evaluate message without weights, before round 1): the site
+#: answers with :data:`preprocessing.profile_features.STAT_KEYS` (aggregates above the privacy floor) only.
+PROFILE_STATISTICS = "profile-statistics"
+#: Config key naming the schema (``"<name> v<version>"``) and its variables (comma-separated) the server pools over.
+PROFILE_SCHEMA = "profile-schema"
+PROFILE_VARIABLES = "profile-variables"
+#: Round-config keys of the profile fusion and of the pooled normalisation (lists in schema order), sent with every
+#: training and evaluation message of a run with ``profile-fusion`` other than "none".
+PROFILE_FUSION = "profile-fusion"
+PROFILE_MEAN, PROFILE_STD, PROFILE_COUNT = "profile-mean", "profile-std", "profile-count"
+#: Round-config key: probability that training masks each measured profile value (robustness to missing exports).
+PROFILE_DROPOUT = "profile-dropout"
+
 # --- round settings ----------------------------------------------------------------------------------------------
 
 #: What happens to normalisation layers (BatchNorm etc.): averaged by the server, or kept at each site (FedBN).
@@ -98,6 +114,12 @@ BN_MODES = ("aggregate", "local")
 OPTIONAL_ROUND_KEYS = {"bn-mode": "aggregate", "transport": "float32", "proximal-mu": 0.0, "evaluate-first": False}
 #: Round-config key asking the site to evaluate the received weights before training (``evaluate-mode = "fused"``).
 EVALUATE_FIRST = "evaluate-first"
+
+
+class BadRoundConfig(ValueError):
+    """The server's round config cannot be used (a site reports reason code ``bad_round_config``)."""
+
+    code = "bad_round_config"
 
 
 @dataclass(frozen=True)
@@ -120,8 +142,18 @@ class RoundSettings:
     #: ``evaluate-mode = "fused"``: evaluate the received (previous round's global) weights before training and
     #: send the evaluation with the training reply (record key ``evaluate-first``).
     evaluate_first: bool = False
+    #: The pooled profile normalisation (``profile-fusion`` other than "none"); None before the server has pooled the
+    #: sites' statistics (a site refuses to train or evaluate a profile model without it).
+    profile: ProfileNormalisation | None = None
+    #: ``profile-dropout``: probability that local training masks each measured profile value of a study (0 = never).
+    profile_dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.profile_dropout < 1.0:
+            raise ValueError(f"profile-dropout must be in [0, 1), got {self.profile_dropout}")
+        if self.profile is not None and len(self.profile.variables) != self.model.profile_variables:
+            raise ValueError(f"profile normalisation has {len(self.profile.variables)} variables, the model fuses "
+                             f"{self.model.profile_variables}")  # fmt: skip
         if self.bn_mode not in BN_MODES:
             raise ValueError(f"bn-mode {self.bn_mode!r} is not one of {', '.join(BN_MODES)}")
         if self.proximal_mu < 0:
@@ -137,9 +169,9 @@ class RoundSettings:
         if self.batch_size < 1:
             raise ValueError(f"batch-size must be >= 1, got {self.batch_size}")
 
-    def to_record(self) -> dict[str, int | float | str]:
-        """Flat scalars for a Flower ConfigRecord."""
-        return {
+    def to_record(self) -> dict[str, Any]:
+        """Flat scalars for a Flower ConfigRecord (and, for a profile model, the normalisation as lists)."""
+        record: dict[str, Any] = {
             "server-round": self.server_round,
             "local-epochs": self.local_epochs,
             "learning-rate": self.learning_rate,
@@ -163,6 +195,16 @@ class RoundSettings:
             "proximal-mu": self.proximal_mu,
             EVALUATE_FIRST: self.evaluate_first,
         }
+        if self.model.profile_fusion != "none":
+            record[PROFILE_FUSION] = self.model.profile_fusion
+            record[PROFILE_DROPOUT] = self.profile_dropout
+            if self.profile is not None:
+                record[PROFILE_SCHEMA] = self.profile.schema
+                record[PROFILE_VARIABLES] = ",".join(self.profile.variables)
+                record[PROFILE_MEAN] = [float(v) for v in self.profile.mean]
+                record[PROFILE_STD] = [float(v) for v in self.profile.std]
+                record[PROFILE_COUNT] = [int(v) for v in self.profile.count]
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> RoundSettings:
@@ -172,6 +214,20 @@ class RoundSettings:
         missing = [k for k in cls.keys() if k not in record]
         if missing:
             raise ValueError(f"round config from the server lacks {', '.join(missing)}")
+        fusion = str(record.get(PROFILE_FUSION, "none"))
+        profile = None
+        if fusion != "none" and PROFILE_VARIABLES in record:
+            try:
+                profile = ProfileNormalisation.from_dict({
+                    "variables": [v for v in str(record[PROFILE_VARIABLES]).split(",") if v],
+                    "mean": list(record.get(PROFILE_MEAN, [])), "std": list(record.get(PROFILE_STD, [])),
+                    "count": list(record.get(PROFILE_COUNT, [])), "schema": str(record.get(PROFILE_SCHEMA, "")),
+                })  # fmt: skip
+            except ValueError as exc:
+                raise BadRoundConfig(f"round config's profile normalisation: {exc}") from None
+        n_profile = len(profile.variables) if profile is not None else 0
+        if fusion != "none" and profile is None:
+            raise BadRoundConfig(f"round config asks for profile-fusion {fusion!r} but carries no profile normalisation")
         return cls(
             server_round=int(record["server-round"]),
             local_epochs=int(record["local-epochs"]),
@@ -183,6 +239,8 @@ class RoundSettings:
                 norm=str(record["model-norm"]),
                 num_classes=int(record["num-classes"]),
                 covariates=bool(record["clinical-covariates"]),
+                profile_fusion=fusion,
+                profile_variables=n_profile,
             ),
             pipeline=PipelineConfig(
                 target_spacing_mm=parse_triple(str(record["target-spacing-mm"]), float, "target-spacing-mm"),
@@ -197,6 +255,8 @@ class RoundSettings:
             transport=str(record.get("transport", OPTIONAL_ROUND_KEYS["transport"])),
             proximal_mu=float(record.get("proximal-mu", OPTIONAL_ROUND_KEYS["proximal-mu"])),
             evaluate_first=bool(record.get(EVALUATE_FIRST, OPTIONAL_ROUND_KEYS[EVALUATE_FIRST])),
+            profile=profile,
+            profile_dropout=float(record.get(PROFILE_DROPOUT, 0.0)),
         )
 
     @staticmethod

@@ -35,6 +35,7 @@ from fedct.protocol import (
     INDEX_RECORD,
     METRICS_RECORD,
     NUM_EXAMPLES,
+    PROFILE_STATISTICS,
     SITE_NAME_FIELD,
     SITE_RECORD,
     TRAIN_LOSS,
@@ -49,6 +50,7 @@ from fedct.transport import received_state, weights_records
 from fl_client.config import SiteConfig, SiteConfigError
 from fl_client.metrics import MIN_COUNT, floor_calibration, floor_evaluation, floor_training
 from fl_client.privacy import privacy_mods
+from fl_client.profile_stats import statistics_metrics
 from fl_client.secagg import is_legacy_fit, legacy_fit_reply
 from fl_client.train import calibration_round, evaluate_round, train_round
 
@@ -251,9 +253,13 @@ def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, m
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         site = _site(context)
-        settings = RoundSettings.from_record(dict(msg.content[CONFIG_RECORD]))
         k = metrics_min_count(context.node_config, {**dict(context.run_config), **overrides})
         config = msg.content[CONFIG_RECORD]
+        if bool(config.get(PROFILE_STATISTICS, False)):  # before round 1: aggregate profile statistics only (#24)
+            metrics = statistics_metrics(site, dict(config), min_count=k)
+            return Message(RecordDict({METRICS_RECORD: MetricRecord(metrics),
+                                       SITE_RECORD: ConfigRecord({SITE_NAME_FIELD: site.site_name})}), reply_to=msg)  # fmt: skip
+        settings = RoundSettings.from_record(dict(config))
         if CALIBRATION_TEMPERATURE in config:  # after the run: calibration statistics of these weights
             temperature = config[CALIBRATION_TEMPERATURE]
             if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 < temperature < math.inf:

@@ -53,6 +53,10 @@ class SiteConfig:
     split: SplitConfig | None = None
     #: Precision, loader workers, pinned memory, channels-last, GPU augmentation (``fl_client/compute.py``).
     compute: ComputeOptions = ComputeOptions()
+    #: Folder of the site's profile export (``profile-mapping.toml`` and the table it names, README "Clinical and
+    #: molecular profiles"): node config ``profile-dir``, else the labels file's folder when it holds a mapping;
+    #: None: the site has no profile (every variable missing).
+    profile_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.site_name or not all(c.isalnum() or c in "-_." for c in self.site_name):
@@ -83,6 +87,7 @@ class SiteConfig:
             dicom_dir = Path(str(node_config["dicom-dir"]))
             labels = node_config.get("labels")
             return cls(
+                profile_dir=_profile_dir(node_config.get("profile-dir"), Path(str(labels)).parent if labels else None),
                 site_name=str(node_config["site-name"]),
                 dicom_dir=dicom_dir,
                 site_dir=Path(str(node_config["site-dir"])),
@@ -108,6 +113,7 @@ class SiteConfig:
             name = sites[partition]
             labels_csv = data_root / name / "labels.csv"
             return cls(
+                profile_dir=_profile_dir(node_config.get("profile-dir"), data_root / name),
                 site_name=name,
                 dicom_dir=data_root / name / "dicom",
                 site_dir=Path(str(run_config["sim-work-root"])) / name,
@@ -139,6 +145,18 @@ class SiteConfig:
             log.info("%s: removed %d older preprocessing cache(s) to stay under FEDCT_CACHE_MAX_GB=%g",
                      self.site_name, len(removed), self.limits.cache_max_gb)  # fmt: skip
         return settings if split == settings.split else replace(settings, split=split)
+
+
+def _profile_dir(configured: Any, default: Path | None) -> Path | None:
+    """The configured profile folder (it must hold ``profile-mapping.toml``), else ``default`` when it holds one."""
+    from preprocessing.profile import MAPPING_NAME
+
+    if configured:
+        folder = Path(str(configured))
+        if not (folder / MAPPING_NAME).is_file():
+            raise SiteConfigError(f"profile-dir {folder}: no {MAPPING_NAME} there (FEDCT_PROFILE_DIR)")
+        return folder
+    return default if default is not None and (default / MAPPING_NAME).is_file() else None
 
 
 def _split_from_node_config(node_config: Mapping[str, Any]) -> SplitConfig | None:

@@ -8,6 +8,7 @@ Hospital IT keeps one file per site (``configs/site.env`` is an example)::
     FEDCT_SITE_KEY=/config/site.key
     FEDCT_DICOM_DIR=/data/dicom
     FEDCT_LABELS=/data/labels.csv          # optional
+    FEDCT_PROFILE_DIR=/data/profile         # optional: profile-mapping.toml + the clinical/molecular table
     FEDCT_SITE_DIR=/site                    # work folder: cache, manifest, site.key of pseudonyms, Flower apps
     FEDCT_DEVICE=cpu                        # cpu, cuda or auto
     FEDCT_RUNTIME_PORT=9094                 # the SuperNode's local Runtime API port (127.0.0.1)
@@ -47,6 +48,8 @@ SITE_KEYS = {
     "FEDCT_SITE_KEY": "this site's SuperNode authentication private key (OpenSSH EC key made here with `fedct site-key`)",
     "FEDCT_DICOM_DIR": "the hospital's DICOM export folder (read only)",
     "FEDCT_LABELS": "labels.csv for the studies (optional)",
+    "FEDCT_PROFILE_DIR": "folder of the clinical/molecular profile export: profile-mapping.toml and the table it names "
+                         "(optional; default: the labels file's folder when it holds profile-mapping.toml)",
     "FEDCT_SITE_DIR": "the site's writable work folder (cache, manifest, Flower apps)",
     "FEDCT_DEVICE": "cpu, cuda or auto",
     "FEDCT_WORKERS": "ingestion/data-loading worker processes (default 2)",
@@ -164,6 +167,8 @@ class SiteEnv:
     dicom_dir: Path
     site_dir: Path
     labels_csv: Path | None = None
+    #: FEDCT_PROFILE_DIR: the folder holding profile-mapping.toml (None: the labels file's folder, when it has one).
+    profile_dir: Path | None = None
     device: str = "auto"
     workers: int = 2
     runtime_port: int = 9094
@@ -206,6 +211,7 @@ class SiteEnv:
 
         return SiteConfig(site_name=self.site_name, dicom_dir=self.dicom_dir, site_dir=self.site_dir,
                           labels_csv=self.labels_csv, device=self.device, workers=self.workers,
+                          profile_dir=self.profile_dir or _default_profile_dir(self.labels_csv),
                           limits=self.limits, split=self.split,
                           compute=ComputeOptions.from_node_config(self.compute))  # fmt: skip
 
@@ -225,6 +231,8 @@ class SiteEnv:
         }
         if self.labels_csv is not None:
             config["labels"] = str(self.labels_csv)
+        if self.profile_dir is not None:
+            config["profile-dir"] = str(self.profile_dir)
         return config
 
     @classmethod
@@ -262,6 +270,14 @@ class SiteEnv:
         if empty:
             raise SiteEnvError(f"{path}: FEDCT_DICOM_DIR={dicom_dir}: the folder holds no file; is the DICOM export mounted?")
         labels = _readable_file(a_path("FEDCT_LABELS"), "FEDCT_LABELS", path) if values.get("FEDCT_LABELS") else None
+        profile_dir = None
+        if values.get("FEDCT_PROFILE_DIR"):
+            from preprocessing.profile import MAPPING_NAME
+
+            profile_dir = a_path("FEDCT_PROFILE_DIR")
+            if not (profile_dir / MAPPING_NAME).is_file():
+                raise SiteEnvError(f"{path}: FEDCT_PROFILE_DIR={profile_dir}: no {MAPPING_NAME} there "
+                                   f"({SITE_KEYS['FEDCT_PROFILE_DIR']}; check it with `fedct profile check --site DIR`)")  # fmt: skip
         site_dir = a_path("FEDCT_SITE_DIR")
         try:
             site_dir.mkdir(parents=True, exist_ok=True)
@@ -311,6 +327,7 @@ class SiteEnv:
         try:
             env = cls(env_path=path, site_name=values["FEDCT_SITE_NAME"], superlink_host=host, superlink_port=port,
                       ca_cert=ca_cert, site_key=site_key, dicom_dir=dicom_dir, site_dir=site_dir, labels_csv=labels,
+                      profile_dir=profile_dir,
                       device=device, workers=workers, runtime_port=runtime_port, approved_apps=approved,
                       ingest_spacing_mm=spacing, ingest_input_size=size, skip_ingest=skip in ("true", "1", "yes"),
                       clientapp_runner=runner, metrics_min_count=metrics_min_count, split=split, limits=limits,
@@ -320,6 +337,14 @@ class SiteEnv:
         except (SiteConfigError, ValueError) as exc:
             raise SiteEnvError(f"{path}: {exc}") from exc
         return env
+
+
+def _default_profile_dir(labels_csv: Path | None) -> Path | None:
+    """The labels file's folder when it holds profile-mapping.toml (the layout of the synthetic sites)."""
+    from preprocessing.profile import MAPPING_NAME
+
+    folder = labels_csv.parent if labels_csv is not None else None
+    return folder if folder is not None and (folder / MAPPING_NAME).is_file() else None
 
 
 def _fraction(values: dict[str, str], key: str, path: Path) -> float:

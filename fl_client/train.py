@@ -23,7 +23,7 @@ from monai.utils import set_determinism
 from torch import nn
 
 from fedct.files import atomic_write_bytes
-from fedct.protocol import RELIABILITY_FIELDS, TEST_PREFIX, VAL_CALIBRATION_NLL, reliability_key
+from fedct.protocol import BadRoundConfig, RELIABILITY_FIELDS, TEST_PREFIX, VAL_CALIBRATION_NLL, reliability_key
 from fl_client.compute import Compute, ComputeOptions, resolve_compute
 from fl_client.config import RoundSettings, SiteConfig
 from fl_client.metrics import (
@@ -37,6 +37,7 @@ from models.calibration import apply_temperature, nll_grid, reliability_bins
 from models.factory import ModelOutput, MultiTaskNet, as_plain_tensor, build_model, covariate_vector, norm_state_keys
 from preprocessing.cache import make_dataset
 from preprocessing.ingest import SiteManifest, prepare_site
+from preprocessing.profile_features import SiteProfile, attach_profile
 from preprocessing.transforms import BatchAugment
 
 
@@ -108,8 +109,22 @@ def make_loader(dataset: Any, *, batch_size: int, shuffle: bool, compute: Comput
     )
 
 
-def _loader(manifest: SiteManifest, split: str, settings: RoundSettings, *, train: bool, compute: Compute) -> DataLoader:
-    items = [entry.item() for entry in manifest.split(split, labelled_only=False)]
+def site_profile(site: SiteConfig, settings: RoundSettings) -> SiteProfile | None:
+    """The site's profile table when the round's model fuses one and the site has an export (else None: every
+    variable missing for every study). The site's schema is the shipped one; the server's must name the same variables."""
+    if settings.model.profile_fusion == "none" or site.profile_dir is None:
+        return None
+    return SiteProfile.read(site.profile_dir)
+
+
+def _loader(manifest: SiteManifest, split: str, settings: RoundSettings, *, train: bool, compute: Compute,
+            profile: SiteProfile | None = None) -> DataLoader:  # fmt: skip
+    entries = manifest.split(split, labelled_only=False)
+    items = [entry.item() for entry in entries]
+    if settings.model.profile_fusion != "none":  # the normalised profile joins the targets; the image cache key is unchanged
+        if settings.profile is None:
+            raise BadRoundConfig("the round fuses the profile but carries no profile normalisation")
+        items = attach_profile(items, [entry.series for entry in entries], profile, settings.profile)
     # With gpu-augment the loader yields the cached (deterministic) images and the training step augments on the GPU.
     dataset = make_dataset(items, settings.pipeline, manifest.site_dir, augment=train and not compute.gpu_augment)
     return make_loader(dataset, batch_size=settings.batch_size, shuffle=train, compute=compute,
@@ -161,7 +176,7 @@ def forward(
     model: MultiTaskNet, batch: Mapping[str, Any], device: torch.device, *, channels_last: bool = False,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ModelOutput:  # fmt: skip
-    """Run the model on a collated batch (fusing covariates when the model uses them).
+    """Run the model on a collated batch (fusing covariates and the profile when the model uses them).
 
     The one path for training, evaluation, BatchNorm recalibration and the benchmarks: see :func:`model_input`.
     """
@@ -169,7 +184,10 @@ def forward(
     covariates = None
     if model.n_covariates:
         covariates = covariate_vector(torch.as_tensor(batch["age"]), torch.as_tensor(batch["sex"])).to(device, non_blocking=True)
-    return model(images, covariates)
+    profile = None
+    if model.n_profile:  # (B, 2V) z-scores and presence flags (preprocessing.profile_features)
+        profile = torch.as_tensor(batch["profile"], dtype=torch.float32).to(device, non_blocking=True)
+    return model(images, covariates, profile)
 
 
 def cox_partial_likelihood(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
@@ -235,6 +253,7 @@ def train_model(
     proximal_mu: float = 0.0,
     compute: Compute | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    profile_dropout: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` over ``loader`` (Adam).
 
@@ -245,6 +264,8 @@ def train_model(
     ``w_start`` being the weights the round began with (the global model): local training is pulled toward it.
     The step never reads a value back from the GPU (the running loss stays on the device until the end), so the
     host queues the next batch while the GPU computes.
+    ``profile_dropout`` (a model fusing the profile): each measured profile value of each study is masked with this
+    probability in every step (:func:`drop_profile_values`), as if the site had not measured it.
     """
     compute = compute if compute is not None else resolve_compute(ComputeOptions(), device)
     if compute.channels_last:
@@ -259,6 +280,8 @@ def train_model(
     for _ in range(epochs):
         for batch in loader:
             optimiser.zero_grad(set_to_none=True)
+            if profile_dropout > 0 and "profile" in batch:
+                batch = {**batch, "profile": drop_profile_values(torch.as_tensor(batch["profile"]), profile_dropout)}
             with autocast(compute, device):
                 output = forward(model, batch, device, channels_last=compute.channels_last, augment=augment)
             loss, diagnosis, prognosis = loss_terms(output, batch, weights=loss_weights, device=device)
@@ -280,6 +303,16 @@ def train_model(
                        prognosis_loss=float(mean[2]), steps=steps, seconds=time.perf_counter() - t0)  # fmt: skip
 
 
+def drop_profile_values(profile: torch.Tensor, p: float) -> torch.Tensor:
+    """The (B, 2V) profile input with each value masked with probability ``p``: its z-score and presence flag set to 0,
+    exactly what the model sees for an unmeasured value (torch's global generator: seeded per round)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"profile dropout must be in [0, 1), got {p}")
+    n = profile.shape[1] // 2
+    keep = (torch.rand(profile.shape[0], n) >= p).to(profile.dtype)
+    return profile * torch.cat([keep, keep], dim=1)
+
+
 def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx's ``mu/2 * sum ||w - w_anchor||^2`` over ``model.parameters()`` (in that order)."""
     total = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
@@ -289,7 +322,8 @@ def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> to
 def local_norm_path(site: SiteConfig, settings: RoundSettings) -> Path:
     """Where a site keeps its own normalisation layers under ``bn-mode = local`` (FedBN), per architecture."""
     model = settings.model
-    return site.site_dir / "fedbn" / f"{model.name}-{model.norm}-{model.num_classes}-{int(model.covariates)}.pt"
+    fusion = "" if model.profile_fusion == "none" else f"-{model.profile_fusion}"  # unchanged name without a profile
+    return site.site_dir / "fedbn" / f"{model.name}-{model.norm}-{model.num_classes}-{int(model.covariates)}{fusion}.pt"
 
 
 def with_local_norm(site: SiteConfig, settings: RoundSettings, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -386,7 +420,8 @@ def train_round(
     compute = site_compute(site)
     device = compute.device
     manifest = load_site(site, settings)
-    loader = _loader(manifest, "train", settings, train=True, compute=compute)
+    profile = site_profile(site, settings)
+    loader = _loader(manifest, "train", settings, train=True, compute=compute, profile=profile)
     if len(loader.dataset) == 0:
         raise NoTrainingData(f"site {site.site_name} has no training studies (see {site.site_dir}/ingest_report.json)")
     model = _model(settings, with_local_norm(site, settings, state), compute)
@@ -394,8 +429,8 @@ def train_round(
         torch.cuda.reset_peak_memory_stats(device)
     result = train_model(model, loader, epochs=settings.local_epochs, lr=settings.learning_rate, device=device,
                          loss_weights=settings.loss_weights, proximal_mu=settings.proximal_mu, compute=compute,
-                         augment=batch_augment(settings, compute))  # fmt: skip
-    recalibrate_batch_norm(model, _loader(manifest, "train", settings, train=False, compute=compute), device=device,
+                         augment=batch_augment(settings, compute), profile_dropout=settings.profile_dropout)  # fmt: skip
+    recalibrate_batch_norm(model, _loader(manifest, "train", settings, train=False, compute=compute, profile=profile), device=device,
                            compute=compute)  # fmt: skip
     save_local_norm(site, settings, model)
     record_round_stats(site, settings, result, compute)
@@ -444,7 +479,9 @@ def evaluate_round(site: SiteConfig, settings: RoundSettings, state: Mapping[str
     manifest = load_site(site, settings)
     model = _model(settings, with_local_norm(site, settings, state), compute)
     class_names = tuple(manifest.class_names[: settings.model.num_classes])
-    preds = {split: predict(model, _loader(manifest, split, settings, train=False, compute=compute), device=device, compute=compute)
+    profile = site_profile(site, settings)
+    preds = {split: predict(model, _loader(manifest, split, settings, train=False, compute=compute, profile=profile),
+                            device=device, compute=compute)
              for split in ("val", "test")}  # fmt: skip
     val_known = preds["val"].labels >= 0
     thresholds = choose_operating_points(preds["val"].probs[val_known], preds["val"].labels[val_known], class_names)
@@ -454,7 +491,8 @@ def evaluate_round(site: SiteConfig, settings: RoundSettings, state: Mapping[str
         metrics.update({f"{split}-{k}": v for k, v in values.items()})
     # summed NLL at each grid temperature: the server fits the temperature of these weights from the sites' sums
     metrics[VAL_CALIBRATION_NLL] = nll_grid(preds["val"].logits[val_known], preds["val"].labels[val_known])
-    train = predict(model, _loader(manifest, "train", settings, train=False, compute=compute), device=device, compute=compute)
+    train = predict(model, _loader(manifest, "train", settings, train=False, compute=compute, profile=profile), device=device,
+                    compute=compute)  # fmt: skip
     metrics.update({f"train-{k}": v for k, v in risk_histogram(train.risk).items()})
     return metrics
 
@@ -474,8 +512,8 @@ def calibration_round(site: SiteConfig, settings: RoundSettings, state: Mapping[
     manifest = load_site(site, settings)
     model = _model(settings, with_local_norm(site, settings, state), compute)
     class_names = tuple(manifest.class_names[: settings.model.num_classes])
-    preds = predict(model, _loader(manifest, "test", settings, train=False, compute=compute), device=compute.device,
-                    compute=compute)  # fmt: skip
+    preds = predict(model, _loader(manifest, "test", settings, train=False, compute=compute, profile=site_profile(site, settings)),
+                    device=compute.device, compute=compute)  # fmt: skip
     known = preds.labels >= 0
     logits, labels = preds.logits[known], preds.labels[known]
     metrics: dict[str, Any] = {}

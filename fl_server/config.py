@@ -8,6 +8,7 @@ override them with ``flwr run . --run-config 'num-server-rounds=10 model-name="s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -18,9 +19,11 @@ from typing import Any
 
 from fedct.protocol import BN_MODES, RoundSettings, parse_triple
 from fl_server.privacy import PrivacyConfig
-from models.factory import ModelConfig
+from models.factory import PROFILE_FUSIONS, ModelConfig
 from models.registry import PromotionRule
 from models.weights import TRANSPORTS
+from preprocessing.profile import ProfileSchema, read_schema
+from preprocessing.profile_features import ProfileNormalisation
 from preprocessing.split import SplitConfig
 from preprocessing.transforms import PipelineConfig
 
@@ -111,6 +114,10 @@ class ServerConfig:
     # Differential privacy and secure aggregation (README "Privacy options"): declared once, as the fields of
     # fl_server.privacy.PrivacyConfig; in the run config they are flat keys (dp-*, secure-aggregation, secagg-*).
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    # Clinical/molecular profile in the model (README "Clinical and molecular profiles"): "none", "late" or "film".
+    profile_fusion: str = "none"
+    # Probability that local training masks each measured profile value (teaches a fused model to cope with gaps).
+    profile_dropout: float = 0.0
     # Privacy floor k of the sites' metrics (fl_client.metrics.floor_evaluation); sites may raise it, nobody lower it.
     metrics_min_count: int = 5
     # Continual improvement (models.registry, fl_server.campaign; README "Running a consortium over time"): the
@@ -132,7 +139,8 @@ class ServerConfig:
             raise ValueError(f"round-timeout-s must be > 0, got {self.round_timeout_s}")
         choices = {"strategy": (self.strategy, STRATEGIES), "lr-schedule": (self.lr_schedule, LR_SCHEDULES),
                    "bn-mode": (self.bn_mode, BN_MODES), "transport": (self.transport, TRANSPORTS),
-                   "evaluate-mode": (self.evaluate_mode, EVALUATE_MODES)}  # fmt: skip
+                   "evaluate-mode": (self.evaluate_mode, EVALUATE_MODES),
+                   "profile-fusion": (self.profile_fusion, PROFILE_FUSIONS)}  # fmt: skip
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{key} {value!r} is not one of {', '.join(allowed)}")
@@ -172,6 +180,11 @@ class ServerConfig:
             raise ValueError(f"init-from = {self.init_from!r} names a registry version, but no model registry is configured "
                              "(set model-registry = \"<folder>\")")  # fmt: skip
         _ = self.promotion_rule  # validates promotion-metric, -margin and -min-gain with their own messages
+        if self.profile_dropout and self.profile_fusion == "none":
+            raise ValueError(f"profile-dropout = {self.profile_dropout} needs profile-fusion other than \"none\"")
+        if self.profile_fusion != "none" and self.privacy.secure_aggregation:
+            raise ValueError(f"profile-fusion = {self.profile_fusion!r} cannot be combined with secure-aggregation = true yet "
+                             "(the sites' profile statistics are not securely aggregated); use profile-fusion = \"none\"")
         self.round_settings(1)  # validates model, pipeline and split settings with their own messages
         self.privacy.check_run(min_sites=self.min_sites, model_norm=self.model_norm, strategy=self.strategy,
                                transport=self.transport)
@@ -203,7 +216,14 @@ class ServerConfig:
     @property
     def model(self) -> ModelConfig:
         """The network's configuration."""
-        return ModelConfig(name=self.model_name, norm=self.model_norm, covariates=self.clinical_covariates)
+        n_profile = 0 if self.profile_fusion == "none" else len(self.profile_schema.variables)
+        return ModelConfig(name=self.model_name, norm=self.model_norm, covariates=self.clinical_covariates,
+                           profile_fusion=self.profile_fusion, profile_variables=n_profile)  # fmt: skip
+
+    @property
+    def profile_schema(self) -> ProfileSchema:
+        """The consortium's profile schema the run fuses (the one shipped with fedct, ``configs/profile-schema.toml``)."""
+        return _shipped_schema()
 
     @property
     def promotion_rule(self) -> PromotionRule:
@@ -234,9 +254,11 @@ class ServerConfig:
             return max(self.learning_rate * self.lr_gamma ** ((r - 1) // self.lr_step_rounds), self.lr_min)
         return self.learning_rate
 
-    def round_settings(self, server_round: int, *, evaluate_first: bool = False) -> RoundSettings:
+    def round_settings(self, server_round: int, *, evaluate_first: bool = False,
+                       profile: ProfileNormalisation | None = None) -> RoundSettings:  # fmt: skip
         """What the sites are asked to do in ``server_round`` (``evaluate_first``: evaluate the received weights
-        before training and reply with the evaluation, ``evaluate-mode = "fused"``)."""
+        before training and reply with the evaluation, ``evaluate-mode = "fused"``; ``profile``: the pooled profile
+        normalisation of a run with profile fusion)."""
         return RoundSettings(
             server_round=server_round,
             local_epochs=self.local_epochs,
@@ -251,6 +273,8 @@ class ServerConfig:
             bn_mode=self.bn_mode,
             transport=self.transport,
             evaluate_first=evaluate_first,
+            profile=profile,
+            profile_dropout=self.profile_dropout,
         )
 
     def to_run_config(self) -> dict[str, Any]:
@@ -268,6 +292,11 @@ class ServerConfig:
     def run_path(self) -> Path:
         """The run folder (absolute)."""
         return Path(self.run_dir).resolve()
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_schema() -> ProfileSchema:
+    return read_schema()
 
 
 def _flat_fields() -> list[Field]:

@@ -32,6 +32,7 @@ from fl_server.privacy import privacy_summary
 from fl_server.run_log import RunLog, histogram_quantiles, temperature_fit
 from fl_server.strategy import load_strategy_state
 from models.bundle import save_state, set_calibration, write_bundle
+from preprocessing.profile_features import ProfileNormalisation
 
 NDArrays = dict[str, np.ndarray]
 #: The strategy's state right after a round's aggregation (``fl_server.strategy.strategy_state``).
@@ -179,6 +180,8 @@ class RunRecorder:
         self.last_aggregated = 0
         #: Calibration of the bundles after the run (``{"best"|"final": {...}}``), set by the round loop's calibration.
         self.calibration: dict[str, dict[str, Any]] = {}
+        #: The pooled profile normalisation of a run with profile fusion (``fl_server.profile_norm``), for the bundles.
+        self.profile_normalisation: ProfileNormalisation | None = None
 
     def start(self, initial: NDArrays) -> RunStart:
         """Round 1 from ``initial`` (checkpoint ``round-000.pt`` written), or, with ``resume`` and a saved state,
@@ -271,4 +274,4 @@ class RunRecorder:
             calibration = round_temperature(self.run_log, server_round)
         write_bundle(self.run_dir / "model" / name, dict(state), model=self.config.model, pipeline=self.config.pipeline,
                      provenance=self.provenance(server_round), risk_reference=risk_reference(self.run_log, server_round),
-                     calibration=calibration)  # fmt: skip
+                     calibration=calibration, profile_normalisation=self.profile_normalisation)  # fmt: skip

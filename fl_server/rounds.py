@@ -34,12 +34,14 @@ ServerApp chooses the loop).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,6 +58,14 @@ from fedct.transport import encode_content, record_nbytes
 from fl_server.config import EXAMPLES_GROWTH_FACTOR, ServerConfig, SiteRegistry, is_site_name
 from fl_server.recorder import FinishedRound, RoundReport, RunRecorder, round_temperature
 from fl_server.run_log import RunLog, aggregate, calibration_outcome
+from fl_server.profile_norm import (
+    ProfileNormalisationFailed,
+    load_normalisation,
+    request_config,
+    save_normalisation,
+    screen_profile_reply,
+    summary,
+)
 from fl_server.strategy import SERVER_OPTIMISERS, strategy_state
 from fl_server.validation import (
     ARRAYS_RECORD,
@@ -68,6 +78,8 @@ from fl_server.validation import (
     screen_reply,
 )
 from models.factory import buffer_keys, build_model
+from preprocessing.profile import ProfileSchema, ProfileStatistics
+from preprocessing.profile_features import ProfileNormalisation
 
 NDArrays = dict[str, np.ndarray]
 #: Messages expire this long after the round stops waiting for them (Flower's default TTL is 12 h).
@@ -256,9 +268,11 @@ class RoundLoop:
                              clipped=tuple(clipped))  # fmt: skip
 
     def _exchange(self, messages: Iterable[Message], report: RoundReport, *, train: bool,
-                  evaluation_expected: bool = False) -> list[tuple[Message, ScreenedReply]]:  # fmt: skip
-        """Send, wait at most round-timeout-s, and pass every reply through the gate; returns the replies that passed
-        with their plain contents (rejected ones are recorded in ``report.rejected``)."""
+                  evaluation_expected: bool = False,
+                  screen: Callable[[RecordDict, int], ScreenedReply] | None = None) -> list[tuple[Message, ScreenedReply]]:  # fmt: skip
+        """Send, wait at most round-timeout-s, and pass every reply through the gate (``screen(content, node_id)``
+        in place of :func:`fl_server.validation.screen_reply` when given); returns the replies that passed with their
+        plain contents (rejected ones are recorded in ``report.rejected``)."""
         encoded, sent_bytes = encode_messages(messages, transport=self.config.transport)
         for msg in encoded:  # a site that comes back later must not train on a round the server has given up on
             msg.metadata.ttl = self.config.round_timeout_s + TTL_SLACK_S
@@ -288,9 +302,12 @@ class RoundLoop:
                 continue
             try:
                 report.bytes_received += record_nbytes(reply.content)
-                screened = screen_reply(reply.content, node_id=node_id, train=train, reference=self.reference,
-                                        registry=self.registry, count_bound=self.config.examples_bound,
-                                        evaluation_expected=evaluation_expected)  # fmt: skip
+                if screen is not None:
+                    screened = screen(reply.content, node_id)
+                else:
+                    screened = screen_reply(reply.content, node_id=node_id, train=train, reference=self.reference,
+                                            registry=self.registry, count_bound=self.config.examples_bound,
+                                            evaluation_expected=evaluation_expected)  # fmt: skip
             except ReplyRejected as exc:
                 self._reject(report, node_id, exc.problem)
                 continue
@@ -502,6 +519,30 @@ class RoundLoop:
         report.evaluate_sites = {screened.site: dict(screened.metrics) for _, screened in replies}
         return self._done(report, t0)
 
+    def profile_statistics(self, schema: ProfileSchema) -> tuple[RoundReport, dict[str, ProfileStatistics]]:
+        """The profile statistics exchange before round 1 (``fl_server.profile_norm``): an evaluate message without
+        weights to every connected site, each reply checked by :func:`fl_server.profile_norm.screen_profile_reply`.
+        Returns the exchange's report (round 0: rejected and missing replies, bytes) and each site's statistics."""
+        t0 = self.clock()
+        minimum = self.config.min_sites
+        report = RoundReport(server_round=0, arrays={})
+        nodes = self.wait_for_nodes(minimum)
+        content = RecordDict({CONFIG_RECORD: request_config(schema)})
+        messages = [Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id="profile-statistics")
+                    for node in nodes]  # fmt: skip
+        stats: dict[str, ProfileStatistics] = {}
+
+        def screen(content: RecordDict, node_id: int) -> ScreenedReply:
+            screened, site_stats = screen_profile_reply(content, node_id=node_id, registry=self.registry, schema=schema,
+                                                        min_count=self.config.metrics_min_count,
+                                                        count_bound=self.config.examples_bound)  # fmt: skip
+            stats[screened.site] = site_stats
+            return screened
+
+        passed = self._exchange(messages, report, train=False, screen=screen)
+        kept = {s.site for _, s in passed}
+        return self._done(report, t0), {site: v for site, v in stats.items() if site in kept}
+
     def _done(self, report: RoundReport, t0: float) -> RoundReport:
         report.seconds = self.clock() - t0
         if report.skip_reason:
@@ -547,7 +588,8 @@ def calibrate_bundles(loop: RoundLoop, recorder: RunRecorder, final_arrays: NDAr
                                       "(no evaluation, or every site below the privacy floor)"}  # fmt: skip
         else:
             arrays = final_arrays if server_round == recorder.last_aggregated else _checkpoint_arrays(recorder, server_round)
-            settings = {**loop.config.round_settings(server_round).to_record(), CALIBRATION_TEMPERATURE: fit["temperature"]}
+            settings = {**loop.config.round_settings(server_round, profile=recorder.profile_normalisation).to_record(),
+                        CALIBRATION_TEMPERATURE: fit["temperature"]}  # fmt: skip
             log(INFO, "fedct: calibrating the round-%d model (temperature %.3f)", server_round, fit["temperature"])
             report = loop.calibrate(server_round, arrays, ConfigRecord(settings))
             result = {"round": server_round, **fit}
@@ -571,8 +613,10 @@ def evaluate_champion(loop: RoundLoop, recorder: RunRecorder, version: str, arra
     ``{"champion", "missing": reason}`` (fl_server.campaign records it in the lineage)."""
     server_round = recorder.last_aggregated or 1
     log(INFO, "fedct: evaluating the champion %s on every site for the promotion rule", version)
-    report = loop.evaluate_everywhere(server_round, arrays, ConfigRecord(loop.config.round_settings(server_round).to_record()),
-                                      what="champion evaluation", group=f"champion-{server_round}")  # fmt: skip
+    profile = _champion_profile(loop.config, version) or recorder.profile_normalisation  # a fused champion: its own
+    settings = loop.config.round_settings(server_round, profile=profile).to_record()
+    report = loop.evaluate_everywhere(server_round, arrays, ConfigRecord(settings), what="champion evaluation",
+                                      group=f"champion-{server_round}")  # fmt: skip
     out: dict[str, Any] = {"champion": version, "round": server_round, "rejected_replies": report.rejected,
                            "missing_replies": report.missing, "bytes_sent": report.bytes_sent,
                            "bytes_received": report.bytes_received}  # fmt: skip
@@ -580,6 +624,47 @@ def evaluate_champion(loop: RoundLoop, recorder: RunRecorder, version: str, arra
         return {**out, "missing": report.evaluation_missing}
     sites = {site: {k: v for k, v in m.items() if not isinstance(v, list)} for site, m in report.evaluate_sites.items()}
     return {**out, "sites": sites, "aggregate": {k: v for k, v in aggregate(sites).items() if not isinstance(v, list)}}
+def _champion_profile(config: ServerConfig, version: str) -> ProfileNormalisation | None:
+    """The profile normalisation a fused champion was trained with (its bundle's ``model.json``), else None."""
+    if config.profile_fusion == "none" or not config.model_registry:
+        return None
+    from models.registry import ModelRegistry
+
+    meta = json.loads((ModelRegistry(Path(config.model_registry)).bundle_path(version) / "model.json").read_text())
+    stored = meta.get("profile_normalisation")
+    return ProfileNormalisation.from_dict(stored) if stored else None
+
+
+def profile_normalisation(loop: RoundLoop, recorder: RunRecorder, *, resumed: bool) -> ProfileNormalisation | None:
+    """The run's pooled profile normalisation (None without profile fusion), set on ``recorder`` for the bundles.
+
+    A resumed run reuses ``profile-normalisation.json`` of its folder; otherwise the sites' statistics are gathered
+    (:meth:`RoundLoop.profile_statistics`) and pooled. Fewer than ``min-sites`` usable replies end the run with
+    :class:`fl_server.profile_norm.ProfileNormalisationFailed` (a fused model cannot be trained without it).
+    """
+    config = loop.config
+    if config.profile_fusion == "none":
+        return None
+    schema = config.profile_schema
+    saved = load_normalisation(recorder.run_dir) if resumed else None
+    if saved is not None:
+        recorder.profile_normalisation = saved
+        return saved
+    log(INFO, "fedct: gathering the sites' profile statistics (%d variables) for the normalisation", len(schema.names))
+    report, stats = loop.profile_statistics(schema)
+    if len(stats) < config.min_sites:
+        reasons = "; ".join(f"{r['site']}: {r['code']}" for r in report.rejected) or "no reply"
+        raise ProfileNormalisationFailed(f"{len(stats)} site(s) sent usable profile statistics, fewer than "
+                                         f"min-sites={config.min_sites} ({reasons})")  # fmt: skip
+    normalisation = ProfileNormalisation.pooled(schema, list(stats.values()))
+    record = {**summary(normalisation, stats), "rejected_replies": report.rejected, "missing_replies": report.missing,
+              "bytes_sent": report.bytes_sent, "bytes_received": report.bytes_received}  # fmt: skip
+    save_normalisation(recorder.run_dir, record)
+    recorder.profile_normalisation = normalisation
+    recorder.run_log.profile_normalisation = record
+    log(INFO, "fedct: profile normalisation pooled from %d site(s); %d of %d variables have statistics", len(stats),
+        int(normalisation.usable.sum()), len(schema.names))  # fmt: skip
+    return normalisation
 
 
 def _checkpoint_arrays(recorder: RunRecorder, server_round: int) -> NDArrays:
@@ -618,6 +703,7 @@ def run_federation(
     loop = loop_class(grid, strategy, config=config, reference=start.arrays, buffers=buffer_keys(build_model(config.model)),
                       poll_s=poll_s, registry=registry)  # fmt: skip
     loop.restore_bounds(start.loop_bounds)
+    profile = profile_normalisation(loop, recorder, resumed=start.first_round > 1)
     arrays = start.arrays
     # fused: the round whose global model the next training exchange evaluates; None on the first round of a run or
     # after resuming (the resume state already holds the previous round's evaluation)
@@ -626,8 +712,9 @@ def run_federation(
     for server_round in range(start.first_round, config.num_server_rounds + 1):
         log(INFO, "")
         log(INFO, "fedct: [ROUND %d/%d] %s", server_round, config.num_server_rounds, type(strategy).__name__)
-        settings = ConfigRecord(config.round_settings(server_round, evaluate_first=pending is not None).to_record())
-        report = loop.run_round(server_round, arrays, settings, ConfigRecord(config.round_settings(server_round).to_record()))
+        settings = ConfigRecord(config.round_settings(server_round, evaluate_first=pending is not None, profile=profile).to_record())
+        report = loop.run_round(server_round, arrays, settings,
+                                ConfigRecord(config.round_settings(server_round, profile=profile).to_record()))  # fmt: skip
         if pending is not None:
             pending.report.evaluate_sites = report.previous_evaluate_sites
             pending.report.evaluation_missing = report.previous_evaluation_missing
@@ -642,7 +729,7 @@ def run_federation(
             recorder.record(done, loop.bounds())
     if pending is not None:  # fused: the last round's global model, in an evaluate exchange of its own
         last = pending.report
-        evaluate_config = ConfigRecord(config.round_settings(last.server_round).to_record())
+        evaluate_config = ConfigRecord(config.round_settings(last.server_round, profile=profile).to_record())
         last.add_evaluation(loop.evaluate_global(last.server_round, last.arrays, evaluate_config))
         recorder.record(pending, loop.bounds())
     calibrate_bundles(loop, recorder, arrays)

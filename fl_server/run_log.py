@@ -309,6 +309,8 @@ class RunLog:
         self.calibration: dict[str, Any] = {}
         #: The registry champion's evaluation on every site after the last round (fl_server.rounds.evaluate_champion).
         self.champion_evaluation: dict[str, Any] = {}
+        #: The pooled profile normalisation of a profile-fusion run (``fl_server.profile_norm.summary``), or {}.
+        self.profile_normalisation: dict[str, Any] = {}
         self._pending_train: dict[str, dict[str, float]] = {}
         self._pending_eval: dict[str, dict[str, float]] = {}
         self._round_started = time.perf_counter()
@@ -439,6 +441,7 @@ class RunLog:
             "best_round": best,
             **({"calibration": self.calibration} if self.calibration else {}),
             **({"champion_evaluation": self.champion_evaluation} if self.champion_evaluation else {}),
+            **({"profile_normalisation": self.profile_normalisation} if self.profile_normalisation else {}),
         }
 
     def write(self) -> Path:

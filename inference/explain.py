@@ -79,8 +79,8 @@ class LogitsOnly(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(x, covariates).logits
+    def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None, profile: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x, covariates, profile).logits
 
 
 def _map_sizes(model: MultiTaskNet, names: Sequence[str], input_size: Sequence[int], device: torch.device) -> dict[str, tuple[int, ...]]:
@@ -97,10 +97,11 @@ def _map_sizes(model: MultiTaskNet, names: Sequence[str], input_size: Sequence[i
     try:
         x = torch.zeros((1, _in_channels(model), *input_size), device=device)
         covariates = torch.zeros((1, model.n_covariates), device=device) if model.n_covariates else None
+        profile = torch.zeros((1, model.n_profile), device=device) if getattr(model, "n_profile", 0) else None
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            model(x, covariates)
+            model(x, covariates, profile)
         model.train(was_training)
     finally:
         for hook in hooks:
@@ -151,10 +152,14 @@ class GradCamExplainer:
                                  postprocessing=_identity)  # fmt: skip
         self.last_variant = variant
 
-    def __call__(self, image: torch.Tensor, *, class_index: int, covariates: torch.Tensor | None = None) -> torch.Tensor:
-        """Non-negative heat map (X, Y, Z) on the model-input grid, on the CPU (unnormalised)."""
+    def __call__(self, image: torch.Tensor, *, class_index: int, covariates: torch.Tensor | None = None,
+                 profile: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Non-negative heat map (X, Y, Z) on the model-input grid, on the CPU (unnormalised); ``covariates`` and
+        ``profile`` as the model fuses them (the study's own, so the map explains the reported prediction)."""
         image = image.to(self.device)
         kwargs = {} if covariates is None else {"covariates": covariates.to(self.device)}
+        if profile is not None:
+            kwargs["profile"] = profile.to(self.device)
         with torch.enable_grad():
             cam = self._cam(x=image, class_idx=int(class_index), **kwargs)
             self.last_variant = self.variant
@@ -447,6 +452,7 @@ def explain_study(
     out_dir: Path,
     class_label: str,
     covariates: torch.Tensor | None = None,
+    profile: torch.Tensor | None = None,
     count: int = 3,
     min_gap_mm: float = 10.0,
     method: str = "auto",
@@ -455,7 +461,7 @@ def explain_study(
     with up to ``count`` key-slice overlays ``overlay-sliceNNNN.png`` written into ``out_dir`` (older ones removed)."""
     from inference.wording import class_phrase, heat_map_legend
 
-    cam = explainer(prepared.image, class_index=class_index, covariates=covariates)
+    cam = explainer(prepared.image, class_index=class_index, covariates=covariates, profile=profile)
     heat, used = cam_to_original_grid(cam, prepared.grid, prepared.transforms, shape=prepared.hu.shape,
                                       affine=prepared.affine, method=method)  # fmt: skip
     peak = float(heat.max()) if heat.size else 0.0

@@ -49,6 +49,9 @@ from models.factory import MultiTaskNet, as_plain_tensor, covariate_vector
 from models.registry import LOG_NAME, ModelRegistry, read_stamp
 from inference.local_identity import HIDDEN, LOCAL_IDENTITY_NAME, SHOWN, LocalIdentity, read_local_identity
 from inference.local_identity import write_local_identity
+from inference.profile_view import profile_record, profile_tensor
+from preprocessing.profile import ProfileSchema, read_schema
+from preprocessing.profile_features import ProfileNormalisation, SiteProfile
 from preprocessing.deid import KEY_FILE_NAME, Pseudonymizer
 from preprocessing.discover import discover, read_dicom
 from preprocessing.transforms import PipelineConfig, deterministic_transforms
@@ -105,6 +108,9 @@ class StudyResult:
     key_slice_positions_mm: tuple[float, ...] = ()
     risk_quantiles: tuple[float, float] | None = None
     covariates: dict[str, Any] | None = None
+    #: The clinical/molecular profile the model fused (:func:`inference.profile_view.profile_record`): values used,
+    #: missing ones, each value's contribution; None for a model without profile fusion.
+    profile: dict[str, Any] | None = None
     explanation: dict[str, Any] = field(default_factory=dict)
     #: ``site-local``: the study's identifiers were kept in the site-local files; ``hidden``: a research copy.
     local_identifiers: str = SHOWN
@@ -365,6 +371,7 @@ def predict_study(
     device: torch.device,
     covariates: torch.Tensor | None = None,
     temperature: float = 1.0,
+    profile: torch.Tensor | None = None,
 ) -> tuple[dict[str, float], float]:
     """Class probabilities and risk score of one prepared study (eval mode, no gradients).
 
@@ -376,7 +383,8 @@ def predict_study(
     model.eval()
     with torch.no_grad():
         # Plain tensor into the network (as in training, fl_client.train.forward); prepared.grid keeps the metadata.
-        output = model(as_plain_tensor(prepared.image).to(device), None if covariates is None else covariates.to(device))
+        output = model(as_plain_tensor(prepared.image).to(device), None if covariates is None else covariates.to(device),
+                       None if profile is None else profile.to(device))  # fmt: skip
     probs = torch.softmax(output.logits.float() / float(temperature), dim=1)[0].cpu().tolist()
     if len(probs) != len(class_names):
         raise ValueError(f"the model has {len(probs)} outputs but the bundle names {len(class_names)} classes")
@@ -393,6 +401,7 @@ def run_predict(
     site_dir: Path | None = None,
     dicom_export: bool = True,
     local_identifiers: bool = True,
+    profile_dir: Path | None = None,
 ) -> PredictSummary:
     """Predict every study under ``input_dir`` with the bundle in ``model_dir``; write results into ``out_dir``.
 
@@ -400,6 +409,10 @@ def run_predict(
     ``dicom_export``: also write DICOM SR + Secondary Captures when :mod:`inference.dicom_export` is installed.
     ``local_identifiers``: read the accession number, patient name and ID of each study for the site-local report,
     review page and DICOM results; False writes a research copy (none of them read or written anywhere).
+    ``profile_dir``: the folder of the site's profile export (``profile-mapping.toml`` and its table, the same as for
+    training, e.g. ``FEDCT_PROFILE_DIR``); for a bundle that fuses the profile each study's row is looked up by its
+    StudyInstanceUID or AccessionNumber and normalised with the bundle's statistics. Without it (or without a row)
+    every profile variable is missing, and the pages say so.
     Refused files and series are listed in ``OUT/summary.json`` with ingestion's reason codes; the run goes on.
     """
     from inference.explain import GradCamExplainer, explain_study  # matplotlib etc. only when predicting
@@ -418,6 +431,7 @@ def run_predict(
     quantiles = risk_quantiles(meta, source=str(Path(model_dir) / "model.json"))
     temperature = bundle_temperature(meta, source=str(Path(model_dir) / "model.json"))
     info = model_info(meta, stamp=stamp)
+    profile_setup = _profile_setup(model, meta, profile_dir, source=str(Path(model_dir) / "model.json"))
     site_key = _load_site_key(site_dir) if site_dir is not None else None
     torch_device = select_device(device)
     model = model.to(torch_device).eval()
@@ -476,7 +490,7 @@ def run_predict(
         result, explain_error = _predict_one(
             model, explainer, chosen, prepared, class_names=class_names, device=torch_device, quantiles=quantiles,
             temperature=temperature, info=info, key=key, out_dir=out_dir, explain_study=explain_study,
-            local_identifiers=SHOWN if local_identifiers else HIDDEN,
+            local_identifiers=SHOWN if local_identifiers else HIDDEN, profile_setup=profile_setup,
         )  # fmt: skip
         if explain_error is not None and identity is not None:  # a library's message may quote a header value
             explain_error = identity.redact(explain_error)
@@ -505,6 +519,47 @@ def run_predict(
     _write_json(out_dir / SUMMARY_NAME, _summary_json(summary, info=info, files=written, n_files=found.n_files,
                                                       local_identifiers=SHOWN if local_identifiers else HIDDEN))
     return summary
+
+
+@dataclass(frozen=True)
+class ProfileSetup:
+    """What prediction needs for a bundle that fuses the profile: the bundle's normalisation, the schema, and the
+    site's profile table (None: no ``profile_dir`` given, every variable missing)."""
+
+    normalisation: ProfileNormalisation
+    schema: ProfileSchema
+    table: SiteProfile | None
+    source: str
+
+    def values_for(self, series: Mapping[str, Any]) -> np.ndarray:
+        """(V,) schema-unit values of the study (NaN where missing; all NaN without a table or a row)."""
+        if self.table is None:
+            return np.full(len(self.schema.variables), np.nan)
+        return self.table.values_for(series)
+
+
+def _profile_setup(model: MultiTaskNet, meta: Mapping[str, Any], profile_dir: Path | None, *, source: str) -> ProfileSetup | None:
+    """The profile setup of a bundle that fuses one (None otherwise). A fused bundle without its normalisation, or
+    whose variables are not the shipped schema's, is refused (BundleError); so is an unusable profile export."""
+    from models.bundle import BundleError
+
+    if not model.n_profile:
+        return None
+    if not model.uses_image:
+        raise BundleError(f"{source}: a profile-only model (profile-fusion = \"only\") is a benchmark baseline without an "
+                          "image branch; fedct predict reports CT models only")  # fmt: skip
+    try:
+        normalisation = ProfileNormalisation.from_dict(meta.get("profile_normalisation") or {})
+    except ValueError as exc:
+        raise BundleError(f"{source}: the model fuses a profile but its normalisation is unusable ({exc})") from None
+    schema = read_schema()
+    if normalisation.variables != schema.names or 2 * len(schema.names) != model.n_profile:
+        raise BundleError(f"{source}: the model's profile variables are not those of {schema.name} v{schema.version}")
+    table = SiteProfile.read(Path(profile_dir), schema) if profile_dir is not None else None
+    if profile_dir is not None and table is None:
+        raise FileNotFoundError(f"profile folder {profile_dir} holds no profile-mapping.toml")
+    where = "the site's profile export (site-local)" if table is not None else "no profile export given: every value missing"
+    return ProfileSetup(normalisation=normalisation, schema=schema, table=table, source=where)
 
 
 def _local_identity(series: ValidatedSeries) -> LocalIdentity:
@@ -540,6 +595,7 @@ def _predict_one(
     out_dir: Path,
     explain_study: Any,
     local_identifiers: str = SHOWN,
+    profile_setup: ProfileSetup | None = None,
 ) -> tuple[StudyResult, str | None]:
     """Predict one study and explain it; a failure of the heat map is returned as a message, not raised."""
     covariates = None
@@ -552,16 +608,25 @@ def _predict_one(
             "sex": None if math.isnan(sex) else ("M" if sex == 1.0 else "F"),
             "source": "DICOM PatientAge/PatientSex; unknown values are masked, not guessed",
         }
+    profile = profile_values = None
+    if profile_setup is not None:
+        profile_values = profile_setup.values_for(series_to_dict(series))
+        profile = profile_tensor(profile_setup.normalisation, profile_values)
     probabilities, risk = predict_study(model, prepared, class_names=class_names, device=device, covariates=covariates,
-                                        temperature=temperature)  # fmt: skip
+                                        temperature=temperature, profile=profile)  # fmt: skip
     diagnosis = max(probabilities, key=probabilities.__getitem__)
+    profile_section = None
+    if profile_setup is not None:
+        profile_section = profile_record(model, prepared.image, profile_values, normalisation=profile_setup.normalisation,
+                                         schema=profile_setup.schema, class_index=list(class_names).index(diagnosis),
+                                         temperature=temperature, covariates=covariates, source=profile_setup.source)  # fmt: skip
     study_dir = out_dir / key
     study_dir.mkdir(parents=True, exist_ok=True)
     error = None
     try:
         explained = explain_study(
             explainer, prepared, class_index=list(class_names).index(diagnosis), covariates=covariates, series=series,
-            out_dir=study_dir, class_label=diagnosis,
+            out_dir=study_dir, class_label=diagnosis, profile=profile,
         )  # fmt: skip
         overlays, slices, positions, explanation = explained.overlays, explained.key_slices, explained.positions_mm, explained.info
     except Exception as exc:  # noqa: BLE001 - a heat-map failure must not cost the study its prediction
@@ -583,6 +648,7 @@ def _predict_one(
         key_slice_positions_mm=tuple(positions),
         risk_quantiles=quantiles,
         covariates=covariate_record,
+        profile=profile_section,
         explanation=dict(explanation),
         local_identifiers=local_identifiers,
     )

@@ -21,6 +21,7 @@ from inference.wording import (
     DISCLAIMER,
     IDENTIFIERS_HIDDEN,
     IDENTIFIERS_LOCAL,
+    PROFILE_HEADING,
     calibration_sentence,
     class_phrase,
     class_title,
@@ -29,6 +30,11 @@ from inference.wording import (
     heat_map_legend,
     percent,
     registry_words,
+    profile_contribution_phrase,
+    profile_contributions_sentence,
+    profile_intro,
+    profile_missing_sentence,
+    profile_value_text,
     risk_sentence,
 )
 
@@ -69,6 +75,7 @@ tr.top td{font-weight:600} tr.top .bar span{background:#c0392b}
 figure img{width:100%;height:auto;border-radius:4px;background:#000} figcaption{font-size:12px;color:#444;margin-top:3px}
 .identity{display:flex;flex-wrap:wrap;gap:4px 18px;align-items:baseline;background:#fff;border:1px solid #d8dde3;border-radius:6px;padding:6px 12px;margin-bottom:10px}
 .identity b{font-size:15px} .identity .note{font-size:12px;color:#57606a}
+.profile tr.missing td{color:#8a9099} .profile tr.top td{font-weight:600}
 .meta{font-size:12px;color:#57606a} .meta td{border:0;padding:1px 6px 1px 0} code{font-size:11px;word-break:break-all}
 """
 
@@ -111,6 +118,31 @@ def _figures(result: Any, class_label: str, method: str) -> str:
         return "<p>No heat-map images were produced for this study.</p>"
     legend = f'<p class="legend">{html.escape(heat_map_legend(method, class_label))}</p>'
     return legend + "\n" + "\n".join(figures)
+
+
+def profile_html(profile: Mapping[str, Any] | None) -> str:
+    """The profile section (values used, missing ones, contributions to the risk score), or "" for a model without
+    profile fusion. Shared by the report and the review page."""
+    if not profile:
+        return ""
+    esc = html.escape
+    rows = []
+    for e in profile.get("variables") or ():
+        risk = e.get("risk_contribution")
+        cls = "missing" if e.get("missing") else ("top" if e.get("name") in (profile.get("top_risk") or ()) else "")
+        rows.append(f'<tr class="{cls}" data-variable="{esc(str(e.get("name")))}" data-missing="{str(bool(e.get("missing"))).lower()}"'
+                    + (f' data-risk-contribution="{float(risk):.6f}"' if isinstance(risk, int | float) else "") + ">"
+                    f"<td>{esc(str(e.get('label') or e.get('name')))}</td>"
+                    f"<td>{esc(profile_value_text(e.get('value'), e.get('unit')))}</td>"
+                    f"<td>{esc(profile_contribution_phrase(risk) or e.get('note', ''))}</td></tr>")  # fmt: skip
+    missing = profile_missing_sentence(profile)
+    return (f'<section class="card" id="profile"><h2>{esc(PROFILE_HEADING)}</h2>'
+            f'<p class="meta">{esc(profile_intro(profile.get("source")))}</p>'
+            f'<p id="profile-summary">{esc(profile_contributions_sentence(profile))}</p>'
+            + (f'<p id="profile-missing" class="meta">{esc(missing)}</p>' if missing else "")
+            + '<table class="profile"><thead><tr><th>Variable</th><th>Value</th><th>Effect in this model</th></tr></thead><tbody>'
+            + "".join(rows)
+            + f'</tbody></table><p class="meta">Method: {esc(str(profile.get("method", "")))}</p></section>')  # fmt: skip
 
 
 def _identity_html(result: Any, identity: LocalIdentity | None) -> str:
@@ -184,6 +216,7 @@ def render_report(result: Any, *, identity: LocalIdentity | None = None) -> str:
 </div>
 </section>
 </div>
+{profile_html(_get(result, "profile"))}
 </main>
 </body>
 </html>

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from inference.report import profile_html
 from inference.review_store import ALLOWED_VERDICTS, MAX_COMMENT_CHARS, Feedback, FeedbackStore, Study, list_studies, read_refused
 from inference.wording import (
     DISCLAIMER,
@@ -390,6 +391,7 @@ def render_study(study: Study, store: FeedbackStore, token: str, db_note: str) -
 {history_html}
 </div>
 </div>
+{profile_html(pred.get("profile"))}
 {gallery_html}
 {report_html}"""
     return _page(f"Study {shown_key}", body, subtitle="CT review \u2014 model finding", footer_note=db_note)

@@ -30,6 +30,12 @@ __all__ = [
     "heat_map_method",
     "percent",
     "registry_words",
+    "PROFILE_HEADING",
+    "profile_contribution_phrase",
+    "profile_contributions_sentence",
+    "profile_intro",
+    "profile_missing_sentence",
+    "profile_value_text",
     "risk_explanation",
     "risk_label",
     "risk_sentence",
@@ -235,3 +241,62 @@ def heat_map_legend(method: Any, diagnosis: Any, *, threshold: float = 0.3) -> s
         "study's maximum nothing is drawn. Key slices pass through the hottest separate regions. It shows where the "
         "model looked, not an outline of disease."
     )
+
+
+# --- the clinical/molecular profile (inference.profile_view) --------------------------------------------------------
+
+PROFILE_HEADING = "Clinical and laboratory profile used by the model"
+
+
+def profile_intro(source: Any) -> str:
+    """What the profile table is, where its values came from, and how to read the contributions."""
+    where = str(source or "").strip()
+    if where.startswith("no profile export"):
+        return ("No clinical or laboratory values were given for this prediction: the model treated every one as "
+                "missing (it does not estimate them).")
+    return ("Values the model received with the CT, from this site's clinical and laboratory export, in the "
+            "consortium's units. The contribution says how much each value moved this model's output compared with "
+            "leaving that value out; it describes the model, not a cause, and supports — does not replace — clinical "
+            "judgement.")
+
+
+def profile_value_text(value: Any, unit: Any) -> str:
+    """A profile value as printed: "yes"/"no", a category, or a number with its unit; "not available" when missing."""
+    if value is None:
+        return "not available"
+    if isinstance(value, str):
+        return value
+    number = f"{float(value):.3g}" if abs(float(value)) < 1000 else f"{float(value):.0f}"
+    shown_unit = "" if unit in (None, "1") else f" {unit}"
+    return number + shown_unit
+
+
+def profile_contribution_phrase(risk: Any) -> str:
+    """One value's effect on the risk score in words ("raised the risk score by 0.31"); "" when not computed."""
+    if risk is None or not isinstance(risk, int | float) or not math.isfinite(risk):
+        return ""
+    if abs(risk) < 0.005:
+        return "no visible effect on the risk score"
+    return f"{'raised' if risk > 0 else 'lowered'} the risk score by {abs(risk):.2f}"
+
+
+def profile_contributions_sentence(profile: Mapping[str, Any]) -> str:
+    """Which values moved the risk score most, as decision support ("" when none did)."""
+    by_name = {e.get("name"): e for e in profile.get("variables") or ()}
+    parts = []
+    for name in profile.get("top_risk") or ():
+        entry = by_name.get(name) or {}
+        phrase = profile_contribution_phrase(entry.get("risk_contribution"))
+        if phrase:
+            parts.append(f"{entry.get('label') or name} ({profile_value_text(entry.get('value'), entry.get('unit'))}: {phrase})")
+    if not parts:
+        return "No clinical or laboratory value changed this model's risk score noticeably."
+    return "The values that moved this model's risk score most: " + "; ".join(parts) + ". For consideration with the full clinical picture."
+
+
+def profile_missing_sentence(profile: Mapping[str, Any]) -> str:
+    """The variables that were missing (masked, not estimated), or "" when none was."""
+    missing = [e.get("label") or e.get("name") for e in profile.get("variables") or () if e.get("missing")]
+    if not missing:
+        return ""
+    return f"Not available for this study ({len(missing)}), treated as missing and not estimated: " + ", ".join(missing) + "."

@@ -24,6 +24,7 @@ from torch import nn
 from fedct.files import atomic_write_bytes, json_safe
 from models.factory import ModelConfig, build_model
 from preprocessing.labels import DIAGNOSES
+from preprocessing.profile_features import ProfileNormalisation
 from preprocessing.transforms import PIPELINE_VERSION, PipelineConfig
 
 __all__ = [
@@ -64,14 +65,20 @@ def write_bundle(
     provenance: Mapping[str, Any],
     risk_reference: Mapping[str, Any] | None = None,
     calibration: Mapping[str, Any] | None = None,
+    profile_normalisation: ProfileNormalisation | None = None,
 ) -> Path:
     """Write ``model.pt``, ``model.json`` and ``model_card.md`` into ``folder``; return the folder.
 
     ``risk_reference`` (``{"quantiles": [low/intermediate cut, intermediate/high cut], ...}``) places a new
     patient's risk score relative to the training population. ``calibration`` (``{"temperature": T, ...}``, see
     ``models.calibration``): inference reports ``softmax(logits / T)``; None: uncalibrated (T = 1).
+    ``profile_normalisation``: the pooled profile means/SDs a profile-fusion model was trained with (required then:
+    prediction must scale a study's profile exactly as training did).
     """
     folder = Path(folder)
+    if (model.profile_fusion != "none") != (profile_normalisation is not None):
+        raise ValueError(f"{folder}: a model with profile-fusion {model.profile_fusion!r} needs its profile normalisation "
+                         "in the bundle exactly when it fuses a profile")  # fmt: skip
     save_state(folder / "model.pt", state)
     from importlib.metadata import PackageNotFoundError, version
 
@@ -90,6 +97,8 @@ def write_bundle(
         "risk_reference": dict(risk_reference) if risk_reference else None,
         "calibration": _checked_calibration(calibration, folder),
     }
+    if profile_normalisation is not None:
+        meta["profile_normalisation"] = profile_normalisation.to_dict()
     _write_meta(folder, meta)
     return folder
 

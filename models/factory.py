@@ -22,6 +22,13 @@ MODEL_NAMES = ("densenet121", "resnet10", "resnet18", "smallcnn")
 NORMS = ("batch", "instance", "group")
 #: Clinical covariates fused before the heads when ``ModelConfig.covariates`` is on (see :func:`covariate_vector`).
 COVARIATES = ("age", "sex", "age_known", "sex_known")
+#: How the clinical/molecular profile enters the network (``profile-fusion``): not at all; "late" = a small MLP of
+#: the profile concatenated to the pooled image features before the heads; "film" = feature-wise linear modulation
+#: (FiLM) of the pooled image features, ``f * (1 + gamma(p)) + beta(p)``, gamma/beta from the profile; "only" = the
+#: heads see the profile embedding alone (the image is not used: the profile-only baseline of the benchmark).
+PROFILE_FUSIONS = ("none", "late", "film", "only")
+#: Width of the profile embedding (late fusion) and of FiLM's hidden layer.
+PROFILE_HIDDEN = 32
 
 
 @dataclass(frozen=True)
@@ -34,8 +41,17 @@ class ModelConfig:
     norm: str = "batch"
     dropout: float = 0.0
     covariates: bool = False
+    #: ``profile-fusion`` (:data:`PROFILE_FUSIONS`) and the number of schema variables V (the input is 2V: z-scores
+    #: and presence flags, :mod:`preprocessing.profile_features`); 0 with fusion "none".
+    profile_fusion: str = "none"
+    profile_variables: int = 0
 
     def __post_init__(self) -> None:
+        if self.profile_fusion not in PROFILE_FUSIONS:
+            raise ValueError(f"profile-fusion {self.profile_fusion!r} is not one of {', '.join(PROFILE_FUSIONS)}")
+        if (self.profile_fusion == "none") != (self.profile_variables == 0) or self.profile_variables < 0:
+            raise ValueError(f"profile-fusion {self.profile_fusion!r} needs profile_variables > 0 exactly when fusing, "
+                             f"got {self.profile_variables}")  # fmt: skip
         if self.name not in MODEL_NAMES:
             raise ValueError(f"model name {self.name!r} is not one of {', '.join(MODEL_NAMES)}")
         if self.norm not in NORMS:
@@ -118,22 +134,68 @@ def _backbone(config: ModelConfig) -> tuple[nn.Module, int]:
     return net, SmallCNN.out_features
 
 
+class ProfileFusion(nn.Module):
+    """The tabular branch: maps a profile input (B, 2V) to what the fusion adds to the image features.
+
+    ``late``: an embedding (B, :data:`PROFILE_HIDDEN`) concatenated to the features; ``film``: (gamma, beta), each
+    (B, width), initialised to 0 so that a fresh model starts as the image-only one.
+    """
+
+    def __init__(self, mode: str, n_inputs: int, width: int) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode == "late":
+            self.net = nn.Sequential(nn.Linear(n_inputs, PROFILE_HIDDEN), nn.ReLU(), nn.Linear(PROFILE_HIDDEN, PROFILE_HIDDEN), nn.ReLU())
+            self.out_features = PROFILE_HIDDEN
+        else:
+            self.net = nn.Sequential(nn.Linear(n_inputs, PROFILE_HIDDEN), nn.ReLU(), nn.Linear(PROFILE_HIDDEN, 2 * width))
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
+            self.out_features = 0
+
+    def forward(self, features: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+        out = self.net(profile.to(features.dtype))
+        if self.mode == "late":
+            return torch.cat([features, out], dim=1)
+        gamma, beta = out.chunk(2, dim=1)
+        return features * (1.0 + gamma) + beta
+
+
 class MultiTaskNet(nn.Module):
-    """Shared backbone, optional covariate fusion, diagnosis head and prognostic (Cox) head."""
+    """Shared backbone, optional covariate and profile fusion, diagnosis head and prognostic (Cox) head."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.backbone, width = _backbone(config)
         self.n_covariates = len(COVARIATES) if config.covariates else 0
+        #: Length of the profile input (2V), 0 without profile fusion.
+        self.n_profile = 2 * config.profile_variables
+        #: False for the profile-only baseline (``profile_fusion = "only"``): the backbone is never run.
+        self.uses_image = config.profile_fusion != "only"
+        mode = "late" if config.profile_fusion == "only" else config.profile_fusion
+        self.profile = ProfileFusion(mode, self.n_profile, width) if self.n_profile else None
+        extra = self.profile.out_features if self.profile is not None else 0
+        width = width if self.uses_image else 0
         self.dropout = nn.Dropout(config.dropout)
-        self.diagnosis = nn.Linear(width + self.n_covariates, config.num_classes)
-        self.prognosis = nn.Linear(width + self.n_covariates, 1)
+        self.diagnosis = nn.Linear(width + extra + self.n_covariates, config.num_classes)
+        self.prognosis = nn.Linear(width + extra + self.n_covariates, 1)
 
-    def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None, profile: torch.Tensor | None = None) -> ModelOutput:
         x = as_plain_tensor(x)  # metadata stays outside the network (see as_plain_tensor)
-        features = self.dropout(self.backbone(x))
+        if not self.uses_image:
+            return self.heads(x.new_zeros((x.shape[0], 0)), covariates, profile)
+        return self.heads(self.dropout(self.backbone(x)), covariates, profile)
+
+    def heads(self, features: torch.Tensor, covariates: torch.Tensor | None = None,
+              profile: torch.Tensor | None = None) -> ModelOutput:  # fmt: skip
+        """Everything after the backbone: fusion of covariates and profile with the pooled image features (B, F),
+        then both heads (the tabular attribution of :mod:`inference.profile_view` reruns only this part)."""
+        if self.profile is not None:
+            if profile is None or tuple(profile.shape) != (features.shape[0], self.n_profile):
+                raise ValueError(f"this model fuses a profile of {self.n_profile} inputs per study; got {None if profile is None else tuple(profile.shape)}")
+            features = self.profile(features, profile)
         if self.n_covariates:
-            if covariates is None or covariates.shape != (x.shape[0], self.n_covariates):
+            if covariates is None or covariates.shape != (features.shape[0], self.n_covariates):
                 raise ValueError(f"this model fuses {self.n_covariates} covariates per study; got {None if covariates is None else tuple(covariates.shape)}")
             features = torch.cat([features, covariates.to(features.dtype)], dim=1)
         return ModelOutput(self.diagnosis(features), self.prognosis(features).squeeze(1))

@@ -66,3 +66,9 @@ def test_simulated_sites_can_share_a_gpu_by_fraction():
             sim_gpus_per_site(4, 0.5)
     with pytest.raises(ValueError, match="sites"):
         sim_gpus_per_site(0)
+
+
+def test_demo_can_fuse_the_synthetic_profiles(tmp_path):
+    config = server_config_for(DemoOptions(out=tmp_path / "d", model_name="smallcnn", profile_fusion="film"))
+    assert config.profile_fusion == "film" and config.model.profile_variables == 16
+    assert server_config_for(DemoOptions(out=tmp_path / "d")).profile_fusion == "none"

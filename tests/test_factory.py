@@ -90,3 +90,53 @@ def test_the_network_only_sees_plain_tensors():
     out_meta, out_plain = model(meta), model(x)
     assert type(out_meta.logits) is torch.Tensor and type(out_meta.risk) is torch.Tensor
     assert torch.equal(out_meta.logits, out_plain.logits) and torch.equal(out_meta.risk, out_plain.risk)
+
+
+@pytest.mark.parametrize("fusion", ["late", "film"])
+def test_profile_fusion_feeds_the_profile_to_both_heads(fusion):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="smallcnn", profile_fusion=fusion, profile_variables=3)).eval()
+    assert model.n_profile == 6
+    x = torch.randn(2, 1, 16, 16, 16)
+    a = torch.tensor([[1.0, 0.0, -1.0, 1.0, 0.0, 1.0]] * 2)
+    b = torch.tensor([[-2.0, 0.0, 2.0, 1.0, 0.0, 1.0]] * 2)
+    with torch.no_grad():
+        if fusion == "film":  # gamma/beta start at 0: a fresh FiLM model is the image-only model
+            torch.testing.assert_close(model(x, profile=a).logits, model(x, profile=b).logits)
+            torch.nn.init.normal_(model.profile.net[-1].weight)
+        out_a, out_b = model(x, profile=a), model(x, profile=b)
+    assert out_a.logits.shape == (2, 3) and out_a.risk.shape == (2,)
+    assert not torch.allclose(out_a.logits, out_b.logits) and not torch.allclose(out_a.risk, out_b.risk)
+    with pytest.raises(ValueError, match="profile of 6 inputs"):
+        model(x)
+    with pytest.raises(ValueError, match="profile of 6 inputs"):
+        model(x, profile=torch.zeros(2, 3))
+
+
+def test_profile_fusion_none_builds_the_image_only_network():
+    plain = build_model(ModelConfig(name="smallcnn"))
+    assert plain.profile is None and plain.n_profile == 0
+    assert not any(k.startswith("profile.") for k in plain.state_dict())
+    late = build_model(ModelConfig(name="smallcnn", profile_fusion="late", profile_variables=4))
+    assert late.diagnosis.in_features == plain.diagnosis.in_features + 32
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"profile_fusion": "early", "profile_variables": 3}, "profile-fusion 'early'"),
+    ({"profile_fusion": "late"}, "profile_variables > 0"),
+    ({"profile_variables": 3}, "profile_variables > 0"),
+])  # fmt: skip
+def test_bad_profile_fusion_config_names_the_value(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        ModelConfig(name="smallcnn", **kwargs)
+
+
+def test_profile_only_baseline_ignores_the_image():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="smallcnn", profile_fusion="only", profile_variables=2)).eval()
+    assert not model.uses_image and model.diagnosis.in_features == 32
+    profile = torch.tensor([[0.5, -1.0, 1.0, 1.0]])
+    with torch.no_grad():
+        a, b = model(torch.randn(1, 1, 16, 16, 16), profile=profile), model(torch.randn(1, 1, 16, 16, 16), profile=profile)
+    torch.testing.assert_close(a.logits, b.logits)
+    torch.testing.assert_close(a.risk, b.risk)

@@ -3,7 +3,8 @@
 A recording client mod (Flower's mechanism for wrapping handlers) stores every reply the sites send; the test
 then scans them for every identifier the sites' DICOM files carry. The run uses ``evaluate-mode = "fused"`` for two
 rounds, so both kinds of evaluation leave the sites: in round 2's training replies (ConfigRecord ``evaluate``) and in
-the evaluate replies after the last round.
+the evaluate replies after the last round. It fuses the clinical profile (``profile-fusion = "film"``), so the
+profile statistics reply before round 1 (aggregates above the privacy floor only) is among the recorded replies.
 """
 
 import json
@@ -47,7 +48,7 @@ def recorded_replies(tmp_path_factory):
     replies.mkdir()
     run_simulation(
         server_app=build_server_app({**TINY_RUN_CONFIG, "num-server-rounds": 2, "evaluate-mode": "fused",
-                                             "run-dir": str(root / "run")}),
+                                     "profile-fusion": "film", "run-dir": str(root / "run")}),
         client_app=build_client_app({"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")},
                                     mods=[recording_mod(replies)]),  # fmt: skip
         num_supernodes=2,
@@ -72,7 +73,9 @@ def _identifiers(data_root: Path) -> set[str]:
 def test_every_reply_was_recorded(recorded_replies):
     _, files = recorded_replies
     kinds = sorted(f.name.split("-")[0] for f in files)
-    assert kinds.count("train") == 4 and kinds.count("evaluate") == 2
+    # 2 profile statistics replies before round 1, 2 evaluate replies after the last round
+    assert kinds.count("train") == 4 and kinds.count("evaluate") == 4
+    assert len(_profile_replies(files)) == 2
     fused = [f for f in files if f.name.startswith("train") and b"\nevaluate=" in f.read_bytes()]
     assert len(fused) == 2  # round 2's training replies carry round 1's evaluation
 
@@ -93,6 +96,8 @@ def test_replies_carry_only_numbers_and_the_site_name(recorded_replies):
         text = f.read_bytes()
         lines = text.split(b"\n")
         evaluation = b"evaluate=" if f.name.startswith("train") else b"metrics="  # fused: evaluation in the train reply
+        if f in _profile_replies(files):
+            continue  # test_profile_statistics_replies_carry_only_aggregates_above_the_floor
         if f.name.startswith("evaluate") or any(line.startswith(evaluation) for line in lines):
             site = json.loads(next(line for line in lines if line.startswith(b"site=")).split(b"=", 1)[1])
             assert list(site) == ["name"] and site["name"] in ("site-0", "site-1")
@@ -229,3 +234,35 @@ def test_a_patient_named_folder_never_reaches_the_server_only_the_reason_code(pa
     assert PATIENT_FOLDER in site_log and "IM0001" in site_log  # the full message stays at the site
     incident = re.search(r"incident=([0-9a-f]{8})", rejected[0]["reason"]).group(1)
     assert incident in site_log  # IT can match the server's record to the site's log
+
+
+def _profile_replies(files: list[Path]) -> list[Path]:
+    return [f for f in files if f.name.startswith("evaluate") and b'"profile-count"' in f.read_bytes()]
+
+
+def test_profile_statistics_replies_carry_only_aggregates_above_the_floor(recorded_replies):
+    """The profile statistics reply: the site name and four aggregates, in schema order; a variable measured in fewer
+    than k = 5 studies is sent as count 0 with zero sums; no value of a single study, no key, no site column name."""
+    from preprocessing.profile import read_schema, read_site_profile
+
+    root, files = recorded_replies
+    schema = read_schema()
+    for f in _profile_replies(files):
+        lines = f.read_bytes().split(b"\n")
+        assert sorted(line.split(b"=", 1)[0] for line in lines) == [b"metrics", b"site"]
+        site = json.loads(next(line for line in lines if line.startswith(b"site=")).split(b"=", 1)[1])
+        metrics = json.loads(next(line for line in lines if line.startswith(b"metrics=")).split(b"=", 1)[1])
+        assert sorted(metrics) == ["profile-count", "profile-n", "profile-sum", "profile-sumsq"]
+        table = read_site_profile(root / "data" / site["name"])
+        assert metrics["profile-n"] == len(table.keys) >= 5
+        for j, name in enumerate(schema.names):
+            present = table.values[~table.missing[:, j], j]
+            count, total = metrics["profile-count"][j], metrics["profile-sum"][j]
+            if len(present) < 5:
+                assert count == 0 and total == 0 and metrics["profile-sumsq"][j] == 0, name
+            else:
+                assert count == len(present) and abs(total - float(present.sum())) <= 1e-6 * max(1.0, abs(total)), name
+        mapping = (root / "data" / site["name"] / "profile-mapping.toml").read_text()
+        columns = [line.split("=", 1)[1].strip().strip('"') for line in mapping.splitlines() if line.startswith("column =")]
+        payload = f.read_bytes()
+        assert not [c for c in columns if len(c) >= 4 and c.encode() in payload]

@@ -349,3 +349,53 @@ def test_train_round_with_loader_workers_counts_the_same_studies(tiny_site):
     stats = [json.loads(line) for line in (site.site_dir / "train-stats.jsonl").read_text().splitlines()]
     assert stats[-1] == {"round": 1, "device": "cpu", "precision": "fp32", "examples": 6, "steps": result.steps,
                          "seconds": round(result.seconds, 3), "peak_gpu_memory_mib": None}  # fmt: skip
+
+
+def test_profile_dropout_masks_value_and_flag_together_at_the_asked_rate():
+    from fl_client.train import drop_profile_values
+
+    torch.manual_seed(0)
+    profile = torch.cat([torch.randn(4000, 8), torch.ones(4000, 8)], dim=1)
+    dropped = drop_profile_values(profile, 0.3)
+    masked = dropped[:, 8:] == 0
+    assert 0.27 < masked.float().mean().item() < 0.33
+    assert torch.all(dropped[:, :8][masked] == 0) and torch.equal(dropped[:, :8][~masked], profile[:, :8][~masked])
+    assert torch.equal(drop_profile_values(profile, 0.0), profile)
+    with pytest.raises(ValueError, match="profile dropout"):
+        drop_profile_values(profile, 1.0)
+
+
+def test_a_profile_model_trains_with_profile_dropout():
+    from models.factory import ModelConfig
+
+    model = build_model(ModelConfig(name="smallcnn", profile_fusion="late", profile_variables=3))
+    seen = []
+    original = model.forward
+
+    def recording(x, covariates=None, profile=None):  # the real forward, recording the profile it was given
+        seen.append(profile.clone())
+        return original(x, covariates, profile)
+
+    model.forward = recording
+
+    class Loader(list):
+        dataset = list(range(8))
+
+    batch = {**_batch(8, [0, 1, 2, 0, 1, 2, 0, 1]), "profile": torch.cat([torch.ones(8, 3), torch.ones(8, 3)], dim=1)}
+    torch.manual_seed(1)
+    result = train_model(model, Loader([batch] * 4), epochs=1, lr=1e-3, device=torch.device("cpu"), profile_dropout=0.5)
+    assert result.steps == 4 and math.isfinite(result.loss)
+    flags = torch.cat(seen)[:, 3:]
+    assert 0 < (flags == 0).float().mean().item() < 1  # some values masked, some kept
+    assert torch.equal(batch["profile"], torch.ones(8, 6))  # the loader's batch itself is untouched
+
+
+def test_fedbn_files_of_a_fused_model_are_kept_apart_from_the_image_only_ones(tmp_path):
+    from fl_client.config import SiteConfig
+    from fl_client.train import local_norm_path
+
+    site = SiteConfig(site_name="s", dicom_dir=tmp_path, site_dir=tmp_path / "w", labels_csv=None)
+    plain = ServerConfig(model_name="smallcnn").round_settings(1)
+    fused = ServerConfig(model_name="smallcnn", profile_fusion="film").round_settings(1)
+    assert local_norm_path(site, plain).name == "smallcnn-batch-3-0.pt"  # as before profiles existed
+    assert local_norm_path(site, fused).name == "smallcnn-batch-3-0-film.pt"

@@ -87,6 +87,8 @@ def test_from_run_config_parses_and_converts():
         ({"init-from": "v0001"}, "init-from = 'v0001' names a registry version, but no model registry is configured"),
         ({"promotion-metric": "val-auc-macro"}, "promotion metric must be a held-out test metric"),
         ({"promotion-margin": -0.1}, "promotion margin must be a finite number >= 0"),
+        ({"profile-fusion": "early"}, "profile-fusion 'early' is not one of none, late, film, only"),
+        ({"profile-fusion": "late", "secure-aggregation": True, "min-sites": 2}, "profile-fusion = 'late' cannot be combined with secure-aggregation"),
     ],
 )
 def test_bad_settings_fail_before_the_run_with_the_key_named(run_config, needle):
@@ -166,3 +168,11 @@ def test_a_bad_site_registry_stops_the_server_naming_the_file(tmp_path, text, ne
     with pytest.raises(SiteRegistryError, match=needle) as info:
         SiteRegistry.from_environ({SITE_REGISTRY_ENV: str(path)})
     assert str(path) in str(info.value) and SITE_REGISTRY_ENV in str(info.value)
+
+
+def test_profile_fusion_sizes_the_model_from_the_shipped_schema():
+    from preprocessing.profile import read_schema
+
+    assert ServerConfig().model.profile_variables == 0
+    config = ServerConfig.from_run_config({"profile-fusion": "film"})
+    assert config.model.profile_fusion == "film" and config.model.profile_variables == len(read_schema().names)

@@ -40,9 +40,10 @@ def simulated_run(tmp_path_factory):
     # 30 patients per site: 6 validation studies, above the sites' privacy floor (k = 5) for split-level metrics
     tiny_federation(root / "data", sites=2, patients_per_site=30)
     run_dir = root / "run"
-    # the first campaign of a model registry: no champion yet, the final bundle becomes v0001
+    # the first campaign of a model registry (no champion yet, the final bundle becomes v0001), with late profile
+    # fusion: the profile statistics exchange before round 1, the normalisation in every round and bundle
     server_config = {**TINY_RUN_CONFIG, "num-server-rounds": 2, "min-sites": 2, "run-dir": str(run_dir),
-                     "model-registry": str(root / "registry")}  # fmt: skip
+                     "model-registry": str(root / "registry"), "profile-fusion": "late"}  # fmt: skip
     replies = root / "replies"
     replies.mkdir()
     run_simulation(
@@ -172,7 +173,7 @@ def second_campaign(simulated_run):
     run_dir = root / "run-2"
     server_config = {**TINY_RUN_CONFIG, "num-server-rounds": 1, "min-sites": 2, "run-dir": str(run_dir),
                      "model-registry": str(root / "registry"), "init-from": "v0001", "promotion-metric": "test-loss",
-                     "promotion-min-gain": 10.0}  # fmt: skip
+                     "promotion-min-gain": 10.0, "profile-fusion": "late"}  # fmt: skip
     run_simulation(
         server_app=build_server_app(server_config),
         client_app=build_client_app({"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")}),
@@ -239,3 +240,24 @@ def test_a_campaign_starts_from_a_version_and_is_judged_against_the_champion(sim
     assert registry.champion() == "v0002"
     assert registry.rollback(reason="test: site-1 reports worse reads", who="coordinator") == "v0001"
     assert registry.champion() == "v0001" and registry.champion_history() == ["v0001"]
+
+
+def test_the_profile_normalisation_is_pooled_once_and_travels_into_the_bundles(simulated_run):
+    from preprocessing.profile import read_schema, read_site_profile
+    from preprocessing.profile_features import ProfileNormalisation
+
+    root, run_dir = simulated_run
+    saved = json.loads((run_dir / "profile-normalisation.json").read_text())
+    assert saved["sites"] == 2 and saved["rejected_replies"] == [] and saved["missing_replies"] == []
+    assert sorted(saved["site_variables"]) == ["site-0", "site-1"]
+    norm = ProfileNormalisation.from_dict(saved)
+    schema = read_schema()
+    assert norm.variables == schema.names
+    # the pooled mean is that of both sites' studies together (aggregates above the floor only)
+    ages = [read_site_profile(root / "data" / s).column("age") for s in ("site-0", "site-1")]
+    assert math.isclose(norm.mean[0], float(torch.tensor([*ages[0], *ages[1]], dtype=torch.float64).mean()), rel_tol=1e-9)
+    assert json.loads((run_dir / "metrics.json").read_text())["profile_normalisation"]["mean"] == list(norm.mean)
+    for name in ("best", "final"):
+        model, meta = load_bundle(run_dir / "model" / name)
+        assert meta["model"]["profile_fusion"] == "late" and model.n_profile == 2 * len(schema.names)
+        assert ProfileNormalisation.from_dict(meta["profile_normalisation"]) == norm

@@ -195,3 +195,30 @@ def test_registry_words_name_the_version_and_hash_or_nothing() -> None:
     assert registry_words(model) == "registry version v0003 (SHA-256 abababababab)"
     assert registry_words({"name": "smallcnn"}) == "" and registry_words({"registry_version": "v0001"}) == "registry version v0001"
     assert registry_words(model).isascii()
+
+
+def test_profile_wording_is_decision_support_and_names_missing_values():
+    from inference.wording import (
+        profile_contribution_phrase,
+        profile_contributions_sentence,
+        profile_intro,
+        profile_missing_sentence,
+        profile_value_text,
+    )
+
+    profile = {"variables": [
+        {"name": "crp", "label": "CRP", "unit": "mg/L", "value": 120.0, "missing": False, "risk_contribution": 0.42},
+        {"name": "spo2", "label": "SpO2", "unit": "%", "value": 97.0, "missing": False, "risk_contribution": -0.2},
+        {"name": "il6", "label": "IL-6", "unit": "pg/mL", "value": None, "missing": True},
+    ], "top_risk": ["crp", "spo2"]}  # fmt: skip
+    sentence = profile_contributions_sentence(profile)
+    assert "CRP (120 mg/L: raised the risk score by 0.42)" in sentence and "SpO2 (97 %: lowered" in sentence
+    assert "full clinical picture" in sentence
+    assert profile_missing_sentence(profile) == "Not available for this study (1), treated as missing and not estimated: IL-6."
+    assert profile_missing_sentence({"variables": []}) == ""
+    assert "does not replace" in profile_intro("the site's profile export") and "treated every one as missing" in profile_intro("no profile export given")
+    assert profile_value_text(None, "mg/L") == "not available" and profile_value_text("yes", None) == "yes"
+    assert profile_value_text(1.5, "1") == "1.5" and profile_value_text(25000.0, "ng/mL") == "25000 ng/mL"
+    assert profile_contribution_phrase(0.001) == "no visible effect on the risk score"
+    assert profile_contribution_phrase(None) == "" and profile_contribution_phrase(float("nan")) == ""
+    assert profile_contributions_sentence({"variables": [], "top_risk": []}).startswith("No clinical or laboratory value")

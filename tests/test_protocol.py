@@ -181,3 +181,46 @@ def test_importing_the_server_app_loads_no_site_module():
     code = "import sys, fl_server.server_app; print(sorted(m for m in sys.modules if m.split('.')[0] == 'fl_client'))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def _normalisation(n: int):
+    from preprocessing.profile_features import ProfileNormalisation
+
+    return ProfileNormalisation(variables=tuple(f"v{i}" for i in range(n)), mean=tuple(float(i) for i in range(n)),
+                                std=(1.5,) * (n - 1) + (0.0,), count=(20,) * (n - 1) + (0,), sites=2, schema="s v1")  # fmt: skip
+
+
+def test_a_profile_run_sends_its_normalisation_with_every_round_and_the_site_reads_it_back():
+    config = ServerConfig(model_name="smallcnn", profile_fusion="late")
+    n = config.model.profile_variables
+    settings = config.round_settings(2, profile=_normalisation(n))
+    record = settings.to_record()
+    assert record["profile-fusion"] == "late" and len(record["profile-mean"]) == n
+    assert RoundSettings.from_record(record) == settings
+    # nothing of the profile in a run without fusion
+    assert not any(k.startswith("profile-") for k in ServerConfig().round_settings(1).to_record())
+
+
+def test_a_profile_round_without_normalisation_or_with_a_broken_one_is_bad_round_config():
+    config = ServerConfig(model_name="smallcnn", profile_fusion="film")
+    record = config.round_settings(1).to_record()  # before the server has pooled the statistics
+    with pytest.raises(protocol.BadRoundConfig, match="no profile normalisation") as info:
+        RoundSettings.from_record(record)
+    assert info.value.code == "bad_round_config"
+    record = config.round_settings(1, profile=_normalisation(config.model.profile_variables)).to_record()
+    record["profile-std"] = record["profile-std"][:-1]
+    with pytest.raises(protocol.BadRoundConfig, match="standard deviations"):
+        RoundSettings.from_record(record)
+    with pytest.raises(ValueError, match="has 3 variables, the model fuses 16"):
+        config.round_settings(1, profile=_normalisation(3))
+
+
+def test_profile_dropout_travels_with_the_round_and_is_checked():
+    config = ServerConfig(model_name="smallcnn", profile_fusion="late", profile_dropout=0.25)
+    settings = config.round_settings(1, profile=_normalisation(config.model.profile_variables))
+    record = settings.to_record()
+    assert record["profile-dropout"] == 0.25 and RoundSettings.from_record(record).profile_dropout == 0.25
+    with pytest.raises(ValueError, match="profile-dropout must be in"):
+        RoundSettings.from_record({**record, "profile-dropout": 1.5})
+    with pytest.raises(ValueError, match="needs profile-fusion"):
+        ServerConfig(profile_dropout=0.2)

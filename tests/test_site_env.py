@@ -249,3 +249,21 @@ def test_the_example_site_env_explains_every_key_with_the_real_defaults():
     assert (example["FEDCT_VAL_FRACTION"], example["FEDCT_TEST_FRACTION"]) == ("0.2", "0.2")
     assert example["FEDCT_APPROVED_APPS"] == "/config/approval/approved-apps.txt"  # outside FEDCT_SITE_DIR=/site
     assert example["FEDCT_SITE_DIR"] == "/site"
+
+
+def test_profile_dir_is_passed_to_the_site_and_must_hold_a_mapping(site, tmp_path):
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    with pytest.raises(SiteEnvError, match="FEDCT_PROFILE_DIR=.*no profile-mapping.toml"):
+        SiteEnv.from_file(site(FEDCT_PROFILE_DIR="profile"))
+    (profile / "profile-mapping.toml").write_text("")
+    env = SiteEnv.from_file(site(FEDCT_PROFILE_DIR="profile"))
+    assert env.profile_dir == profile and env.node_config()["profile-dir"] == str(profile)
+    assert SiteConfig.from_context(env.node_config(), {}) == env.site_config()
+    assert env.site_config().profile_dir == profile
+    # without the key: the labels file's folder when it holds a mapping, else no profile
+    assert SiteEnv.from_file(site()).site_config().profile_dir is None
+    (tmp_path / "data" / "profile-mapping.toml").write_text("")
+    plain = SiteEnv.from_file(site())
+    assert plain.site_config().profile_dir == tmp_path / "data" and "profile-dir" not in plain.node_config()
+    assert SiteConfig.from_context(plain.node_config(), {}).profile_dir == tmp_path / "data"

@@ -1,0 +1,87 @@
+"""Federated normalisation of the clinical/molecular profile (issue #24), server side.
+
+Before round 1 of a run with ``profile-fusion`` other than "none", the server sends every connected site one evaluate
+message without weights whose config asks for its profile statistics (:data:`fedct.protocol.PROFILE_STATISTICS`,
+with the schema's variables). Each reply passes :func:`screen_profile_reply` (the site is who it says, exactly the
+``metrics`` and ``site`` records, the statistics of :func:`preprocessing.profile_features.statistics_from_record`:
+every count 0 or at least the privacy floor, sums consistent); the server pools them
+(:meth:`preprocessing.profile_features.ProfileNormalisation.pooled`) into a mean and standard deviation per variable.
+That normalisation rides on every later training/evaluation message (round settings), is written to the run folder
+(``profile-normalisation.json``, reused on resume) and into every bundle (``model.json`` ``profile_normalisation``),
+so prediction scales a study's profile exactly as training did.
+
+Only aggregates travel: per variable a count (>= the floor, or 0), a sum and a sum of squares. The server sees each
+site's aggregates (secure aggregation of these sums is not built: a run with ``secure-aggregation = true`` refuses
+profile fusion, :class:`fl_server.config.ServerConfig`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from fedct.files import atomic_write_bytes
+from fedct.protocol import METRICS_RECORD, PROFILE_SCHEMA, PROFILE_STATISTICS, PROFILE_VARIABLES, SITE_RECORD
+from fl_server.config import SiteRegistry
+from fl_server.validation import ReplyRejected, ScreenedReply, site_identity
+from preprocessing.profile import ProfileSchema, ProfileStatistics
+from preprocessing.profile_features import ProfileNormalisation, ProfileStatisticsError, statistics_from_record
+
+#: File of the run folder holding the pooled normalisation (reused when the run resumes).
+NORMALISATION_NAME = "profile-normalisation.json"
+
+
+class ProfileNormalisationFailed(RuntimeError):
+    """Too few sites sent usable profile statistics for a fused model (the message says how many and why)."""
+
+
+def request_config(schema: ProfileSchema) -> ConfigRecord:
+    """The ConfigRecord of the statistics request: the flag and the schema's name and variables (in order)."""
+    return ConfigRecord({PROFILE_STATISTICS: True, PROFILE_SCHEMA: f"{schema.name} v{schema.version}",
+                         PROFILE_VARIABLES: ",".join(schema.names)})  # fmt: skip
+
+
+def screen_profile_reply(content: RecordDict, *, node_id: int, registry: SiteRegistry | None, schema: ProfileSchema,
+                         min_count: int, count_bound: int) -> tuple[ScreenedReply, ProfileStatistics]:  # fmt: skip
+    """Check a statistics reply; :class:`fl_server.validation.ReplyRejected` (code ``malformed_reply`` or
+    ``bad_profile_statistics``) naming what is wrong, never a value."""
+    site = site_identity(content, node_id, registry)
+    names = set(content.keys())
+    if names != {METRICS_RECORD, SITE_RECORD}:
+        raise ReplyRejected("malformed_reply", f"a profile statistics reply carries exactly the records {METRICS_RECORD} "
+                                               f"and {SITE_RECORD}")  # fmt: skip
+    record = content[METRICS_RECORD]
+    if not isinstance(record, MetricRecord):
+        raise ReplyRejected("malformed_reply", f"record {METRICS_RECORD!r} is not a MetricRecord")
+    try:
+        stats = statistics_from_record(dict(record.items()), schema, min_count=min_count, count_bound=count_bound)
+    except ProfileStatisticsError as exc:
+        raise ReplyRejected("bad_profile_statistics", str(exc)) from None
+    metrics = {"profile-n": float(stats.n_rows), "profile-variables": float(len(stats.variables))}
+    return ScreenedReply(node_id=node_id, site=site, arrays=None, metrics=metrics, evaluation=None), stats
+
+
+def summary(normalisation: ProfileNormalisation, per_site: Mapping[str, ProfileStatistics]) -> dict[str, Any]:
+    """What metrics.json and the run folder record: the pooled moments and, per site, only which variables it reported."""
+    return {**normalisation.to_dict(),
+            "site_variables": {site: sorted(s.variables) for site, s in sorted(per_site.items())}}  # fmt: skip
+
+
+def save_normalisation(run_dir: Path, data: Mapping[str, Any]) -> Path:
+    """Write ``run_dir/profile-normalisation.json`` atomically."""
+    return atomic_write_bytes(Path(run_dir) / NORMALISATION_NAME, json.dumps(dict(data), indent=2).encode())
+
+
+def load_normalisation(run_dir: Path) -> ProfileNormalisation | None:
+    """The saved normalisation of a run folder, or None when there is none (a ValueError if it is unreadable)."""
+    path = Path(run_dir) / NORMALISATION_NAME
+    if not path.is_file():
+        return None
+    try:
+        return ProfileNormalisation.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a profile normalisation ({exc}); remove it to pool the statistics again") from None
