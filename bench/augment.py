@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def measure(*, input_size: tuple[int, int, int] = (64, 64, 48), batch_size: int = 4, batches: int = 8, seed: int = 0) -> dict:
+def measure(
+    *, input_size: tuple[int, int, int] = (64, 64, 48), batch_size: int = 4, batches: int = 8, seed: int = 0
+) -> dict:
     """Median and mean milliseconds per batch: loader form with augmentation on and off, and BatchAugment."""
     import statistics
 
@@ -48,12 +50,14 @@ def measure(*, input_size: tuple[int, int, int] = (64, 64, 48), batch_size: int 
         return lambda batch: [chain({"image": sample})["image"] for sample in batch]
 
     return {
-        "input_size": list(input_size), "batch_size": batch_size, "batches": batches,
+        "input_size": list(input_size),
+        "batch_size": batch_size,
+        "batches": batches,
         "loader_augment_on": timed(loader_form(AugmentConfig())),
         "loader_augment_off": timed(loader_form(AugmentConfig(enabled=False))),
         "batch_augment_cpu": timed(BatchAugment(cfg, seed=seed)),
         "augment_config": AugmentConfig().to_dict(),
-    }  # fmt: skip
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,11 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="16^3 volumes, 2 batches: checks that it runs")
     args = p.parse_args(argv)
     result = measure(input_size=(16, 16, 16), batches=2) if args.tiny else measure()
-    payload = {"what": "milliseconds per training batch spent in the random augmentation, CPU", "machine": platform.machine(),
-               "cpus": os.cpu_count(), "load_average": os.getloadavg(), **result}  # fmt: skip
+    payload = {
+        "what": "milliseconds per training batch spent in the random augmentation, CPU",
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        **result,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "augment.json").write_text(json.dumps(payload, indent=1))
-    print(json.dumps({k: payload[k] for k in ("loader_augment_on", "loader_augment_off", "batch_augment_cpu")}, indent=1))
+    print(
+        json.dumps({k: payload[k] for k in ("loader_augment_on", "loader_augment_off", "batch_augment_cpu")}, indent=1)
+    )
     return 0
 
 

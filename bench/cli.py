@@ -29,10 +29,15 @@ def run_benchmarks(names: list[str], options: BenchOptions, *, strategies: tuple
     failed = []
     for name in names:
         t0 = time.perf_counter()
-        print(f"== bench {name} ({'tiny' if options.tiny else 'quick' if options.quick else 'full'}) -> {options.out}", flush=True)
+        print(
+            f"== bench {name} ({'tiny' if options.tiny else 'quick' if options.quick else 'full'}) -> {options.out}",
+            flush=True,
+        )
         try:
             module = importlib.import_module({**BENCHMARKS, **EXTRA_BENCHMARKS}[name])
-            path = module.run(options, strategies=strategies) if name == "quality" and strategies else module.run(options)
+            path = (
+                module.run(options, strategies=strategies) if name == "quality" and strategies else module.run(options)
+            )
         except Exception:  # noqa: BLE001 - one failing benchmark must not hide the others' results
             traceback.print_exc()
             failed.append(name)
@@ -54,14 +59,23 @@ def _handler(args: argparse.Namespace) -> int:
         print("fedct bench: error: --resume applies to the quality benchmark only", file=sys.stderr)
         return 2
     if (args.profile != "default" or args.devices != "auto" or args.patients) and args.benchmark != "train-loop":
-        print("fedct bench: error: --profile, --devices and --patients apply to the train-loop benchmark only",
-              file=sys.stderr)
+        print(
+            "fedct bench: error: --profile, --devices and --patients apply to the train-loop benchmark only",
+            file=sys.stderr,
+        )
         return 2
     if args.patients < 0:
         print(f"fedct bench: error: --patients must be >= 0, got {args.patients}", file=sys.stderr)
         return 2
-    options = BenchOptions(out=Path(args.out).resolve(), quick=args.quick, tiny=args.tiny, resume=args.resume,
-                           profile=args.profile, devices=args.devices, patients=args.patients)  # fmt: skip
+    options = BenchOptions(
+        out=Path(args.out).resolve(),
+        quick=args.quick,
+        tiny=args.tiny,
+        resume=args.resume,
+        profile=args.profile,
+        devices=args.devices,
+        patients=args.patients,
+    )
     return run_benchmarks(names, options, strategies=strategies)
 
 
@@ -70,19 +84,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks: write JSON (and PNG) results into --out")
     p.add_argument("benchmark", choices=[*BENCHMARKS, *EXTRA_BENCHMARKS, "all"])
     p.add_argument("--quick", action="store_true", help="small sizes: minutes each on 2 cores")
-    p.add_argument("--tiny", action="store_true", help="test-suite size: seconds; checks that it runs, the figures mean little")
-    p.add_argument("--resume", action="store_true", help="quality: continue from quality.partial.json in --out (same plan): "
-                   "finished arms and seeds are kept, the rest runs")
-    p.add_argument("--strategies", help="quality: comma-separated run-config strategies (default: fedavg,fedprox,fedadam; "
-                   "tiny: fedavg)")
-    p.add_argument("--profile", choices=("default", "gpu"), default="default",
-                   help="train-loop: the run config timed: default (64x64x48 at 5 mm, batch 4: the CPU size) or gpu "
-                   "(configs/run-gpu.toml: 128x128x96 at 2.5 mm, batch 16)")
-    p.add_argument("--patients", type=int, default=0,
-                   help="train-loop: synthetic patients of the timed site (default: the size's own; more patients = "
-                        "longer epochs, so the loader's refill at each epoch start weighs less, as at a real site)")
-    p.add_argument("--devices", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="train-loop: arms to run (auto: the CPU, plus CUDA when present; the gpu profile skips the CPU "
-                   "arm unless asked, except in --tiny)")
+    p.add_argument(
+        "--tiny", action="store_true", help="test-suite size: seconds; checks that it runs, the figures mean little"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="quality: continue from quality.partial.json in --out (same plan): "
+        "finished arms and seeds are kept, the rest runs",
+    )
+    p.add_argument(
+        "--strategies",
+        help="quality: comma-separated run-config strategies (default: fedavg,fedprox,fedadam; tiny: fedavg)",
+    )
+    p.add_argument(
+        "--profile",
+        choices=("default", "gpu"),
+        default="default",
+        help="train-loop: the run config timed: default (64x64x48 at 5 mm, batch 4: the CPU size) or gpu "
+        "(configs/run-gpu.toml: 128x128x96 at 2.5 mm, batch 16)",
+    )
+    p.add_argument(
+        "--patients",
+        type=int,
+        default=0,
+        help="train-loop: synthetic patients of the timed site (default: the size's own; more patients = "
+        "longer epochs, so the loader's refill at each epoch start weighs less, as at a real site)",
+    )
+    p.add_argument(
+        "--devices",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="train-loop: arms to run (auto: the CPU, plus CUDA when present; the gpu profile skips the CPU "
+        "arm unless asked, except in --tiny)",
+    )
     p.add_argument("--out", default="runs/bench", help="folder for the JSON/PNG results and the benchmarks' work files")
     p.set_defaults(func=_handler)

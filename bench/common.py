@@ -252,7 +252,9 @@ def synthetic_sites(root: Path, *, sites: int, patients_per_site: int, seed: int
     profiles = default_profiles(sites)
     if small:
         profiles = [replace(p, rows=32, pixel_spacing_mm=12.0, slice_thickness_mm=10.0) for p in profiles]
-    write_federation(root, sites=sites, patients_per_site=patients_per_site, seed=seed, profiles=profiles, overwrite=True)
+    write_federation(
+        root, sites=sites, patients_per_site=patients_per_site, seed=seed, profiles=profiles, overwrite=True
+    )
     marker.write_text(json.dumps(wanted))
     return root
 

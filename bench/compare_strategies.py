@@ -36,9 +36,12 @@ def main() -> None:
     parser.add_argument("--input-size", default="32,32,32")
     parser.add_argument("--target-spacing-mm", default="10.0,10.0,10.0")
     parser.add_argument("--learning-rate", type=float, default=0.003)
-    parser.add_argument("--strategies", default=",".join(STRATEGIES),
-                        help="comma-separated runs: a strategy, optionally with run-config overrides, "
-                             "e.g. 'fedavg,fedavg:bn-mode=local,fedavg:model-norm=group'")  # fmt: skip
+    parser.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        help="comma-separated runs: a strategy, optionally with run-config overrides, "
+        "e.g. 'fedavg,fedavg:bn-mode=local,fedavg:model-norm=group'",
+    )
     args = parser.parse_args()
     out = args.out.resolve()
     data = out / "data"
@@ -54,23 +57,32 @@ def main() -> None:
         for name in strategies:
             strategy, *overrides = name.split(":")
             base = ServerConfig(
-                strategy=strategy, num_server_rounds=args.rounds, local_epochs=args.local_epochs, model_name=args.model_name,
-                input_size=args.input_size, target_spacing_mm=args.target_spacing_mm, learning_rate=args.learning_rate,
-                min_sites=args.sites, run_dir=str(out / "runs" / name.replace(":", "_").replace("=", "-")),
-            )  # fmt: skip
+                strategy=strategy,
+                num_server_rounds=args.rounds,
+                local_epochs=args.local_epochs,
+                model_name=args.model_name,
+                input_size=args.input_size,
+                target_spacing_mm=args.target_spacing_mm,
+                learning_rate=args.learning_rate,
+                min_sites=args.sites,
+                run_dir=str(out / "runs" / name.replace(":", "_").replace("=", "-")),
+            )
             config = ServerConfig.from_run_config({**base.to_run_config(), **dict(o.split("=", 1) for o in overrides)})
             t0 = time.perf_counter()
             run_log = run_federation(grid, config, build_strategy(config))
             last = run_log.rounds[-1]["evaluate"]["aggregate"]
-            best = next(r for r in run_log.rounds if run_log.best and r["round"] == run_log.best.round)["evaluate"]["aggregate"]
+            best = next(r for r in run_log.rounds if run_log.best and r["round"] == run_log.best.round)["evaluate"][
+                "aggregate"
+            ]
             results[name] = {
                 "last_round": {k: last.get(k) for k in ("val-auc-macro", "test-auc-macro", "val-loss", "val-accuracy")},
                 "best_round": run_log.best.round if run_log.best else None,
                 "best": {k: best.get(k) for k in ("val-auc-macro", "test-auc-macro", "val-loss", "val-accuracy")},
                 "seconds": round(time.perf_counter() - t0, 1),
             }
-            results_path.write_text(json.dumps({"settings": vars(args) | {"out": str(out)}, "results": results},
-                                                            indent=2, default=str))  # fmt: skip
+            results_path.write_text(
+                json.dumps({"settings": vars(args) | {"out": str(out)}, "results": results}, indent=2, default=str)
+            )
 
     run_simulation(
         server_app=app,

@@ -120,14 +120,21 @@ class LocalDeployment:
             return None
         from fedct.certs import write_consortium
 
-        self._pki = write_consortium(self.root / "pki", sites=[f"s{i}" for i in range(len(self.sites))], with_site_keys=True)
+        self._pki = write_consortium(
+            self.root / "pki", sites=[f"s{i}" for i in range(len(self.sites))], with_site_keys=True
+        )
         return TlsFiles(self._pki.ca_cert, self._pki.server_cert, self._pki.server_key)
 
     def _register(self) -> None:
         """``flwr supernode register`` each site's public key (TLS mode), as ``fedct server start`` does."""
         for name, pub in self._pki.site_public_keys.items():
-            done = subprocess.run([flower_tool("flwr"), "supernode", "register", str(pub), CONNECTION, "--name", name],
-                                  env=self._env(self.cli_home()), capture_output=True, text=True, timeout=120)  # fmt: skip
+            done = subprocess.run(
+                [flower_tool("flwr"), "supernode", "register", str(pub), CONNECTION, "--name", name],
+                env=self._env(self.cli_home()),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             if done.returncode != 0:
                 raise RuntimeError(f"registering {name} failed: {(done.stdout + done.stderr)[-600:]}")
 
@@ -138,25 +145,42 @@ class LocalDeployment:
             db = self._database_path()
             tls = self._security()
             auth = tls is not None and self.auth
-            link = self._start("superlink", flower_superlink(port=self.port, database=db, tls=tls, node_auth=auth),
-                               self._env(self.root / "home-superlink"))  # fmt: skip
+            link = self._start(
+                "superlink",
+                flower_superlink(port=self.port, database=db, tls=tls, node_auth=auth),
+                self._env(self.root / "home-superlink"),
+            )
             wait_for_port(self.port, proc=link)
             if self.tls and self.auth:
                 self._register()
             for i, site in enumerate(self.sites):
                 rport = free_port()
                 self.runtime_ports.append(rport)
-                extra = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(site.superexec_poll_s)} if site.superexec_poll_s else {}
+                extra = (
+                    {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(site.superexec_poll_s)} if site.superexec_poll_s else {}
+                )
                 env = self._env(self.root / f"home-site{i}", extra)
-                command = flower_supernode(superlink=f"127.0.0.1:{self.port}", runtime_port=rport, node_config=site.node_config,
-                                           ca_cert=tls.ca_cert if tls else None,
-                                           auth_key=self._pki.site_keys[f"s{i}"] if auth else None, isolation=site.isolation)  # fmt: skip
+                command = flower_supernode(
+                    superlink=f"127.0.0.1:{self.port}",
+                    runtime_port=rport,
+                    node_config=site.node_config,
+                    ca_cert=tls.ca_cert if tls else None,
+                    auth_key=self._pki.site_keys[f"s{i}"] if auth else None,
+                    isolation=site.isolation,
+                )
                 node = self._start(f"supernode{i}", command, env)
                 wait_for_port(rport, proc=node)
                 if site.isolation == "process":
-                    self._start(f"executor{i}", warm_executor(runtime_port=rport, approved_apps=site.approved_apps,
-                                                              poll_interval_s=site.executor_poll_s,
-                                                              preload_app=site.preload_app), env)  # fmt: skip
+                    self._start(
+                        f"executor{i}",
+                        warm_executor(
+                            runtime_port=rport,
+                            approved_apps=site.approved_apps,
+                            poll_interval_s=site.executor_poll_s,
+                            preload_app=site.preload_app,
+                        ),
+                        env,
+                    )
         except BaseException:
             self.close()
             raise
@@ -175,14 +199,21 @@ class LocalDeployment:
 
     def cli_home(self) -> Path:
         """FLWR_HOME of the ``flwr`` CLI, with this SuperLink as the default connection."""
-        return write_flwr_home(self.root / "home-cli", address=f"127.0.0.1:{self.port}",
-                               ca_cert=self._pki.ca_cert if self.tls else None)
+        return write_flwr_home(
+            self.root / "home-cli", address=f"127.0.0.1:{self.port}", ca_cert=self._pki.ca_cert if self.tls else None
+        )
 
     def flwr_run(self, app: Path, run_config: str, *, timeout_s: float = 1800.0) -> subprocess.CompletedProcess:
         """``flwr run APP --stream --run-config ...`` against this SuperLink; returns when the run ended."""
         env = self._env(self.cli_home())
-        return subprocess.run([flower_tool("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", run_config],
-                              env=env, capture_output=True, text=True, timeout=timeout_s, cwd=self.root)  # fmt: skip
+        return subprocess.run(
+            [flower_tool("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", run_config],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            cwd=self.root,
+        )
 
     def site_pids(self, index: int) -> list[int]:
         """The PIDs this deployment started for site ``index``: its SuperNode and, with ``process`` isolation, its executor."""

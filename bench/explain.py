@@ -64,8 +64,9 @@ def _check_pair(heat: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndar
     return heat, mask
 
 
-def pointing_hit(heat: np.ndarray, mask: np.ndarray, *, spacing_mm: Sequence[float] | None = None,
-                 tolerance_mm: float = 0.0) -> bool:  # fmt: skip
+def pointing_hit(
+    heat: np.ndarray, mask: np.ndarray, *, spacing_mm: Sequence[float] | None = None, tolerance_mm: float = 0.0
+) -> bool:
     """True when the map's maximum lies inside the mask (or within ``tolerance_mm`` of it, ``spacing_mm`` per axis).
 
     A constant map has no maximum to point with: a miss.
@@ -168,18 +169,29 @@ def image_and_mask_on_model_grid(series: Any, mask_path: Path, pipeline: Any) ->
     if not mask_path.is_file():
         raise FileNotFoundError(f"lesion mask {mask_path} does not exist")
     keys = ("image", "mask")
-    transforms = Compose([
-        LoadResampledCTd(keys="image", pixdim=pipeline.target_spacing_mm, antialias=False),
-        LoadImaged(keys="mask", reader="NibabelReader", image_only=True),
-        EnsureChannelFirstd(keys="mask", channel_dim="no_channel"),
-        Orientationd(keys="mask", axcodes="RAS"),
-        Spacingd(keys="mask", pixdim=pipeline.target_spacing_mm, mode="nearest", padding_mode="zeros"),
-        ResampleToMatchd(keys="mask", key_dst="image", mode="nearest", padding_mode="zeros"),
-        CropForegroundd(keys=keys, source_key="image", select_fn=AboveThreshold(pipeline.body_threshold_hu), margin=2,
-                        allow_smaller=True, start_coord_key=None, end_coord_key=None),  # fmt: skip
-        ScaleIntensityRanged(keys="image", a_min=pipeline.hu_min, a_max=pipeline.hu_max, b_min=0.0, b_max=1.0, clip=True),
-        ResizeWithPadOrCropd(keys=keys, spatial_size=pipeline.input_size, mode="constant", value=0.0),
-    ])  # fmt: skip
+    transforms = Compose(
+        [
+            LoadResampledCTd(keys="image", pixdim=pipeline.target_spacing_mm, antialias=False),
+            LoadImaged(keys="mask", reader="NibabelReader", image_only=True),
+            EnsureChannelFirstd(keys="mask", channel_dim="no_channel"),
+            Orientationd(keys="mask", axcodes="RAS"),
+            Spacingd(keys="mask", pixdim=pipeline.target_spacing_mm, mode="nearest", padding_mode="zeros"),
+            ResampleToMatchd(keys="mask", key_dst="image", mode="nearest", padding_mode="zeros"),
+            CropForegroundd(
+                keys=keys,
+                source_key="image",
+                select_fn=AboveThreshold(pipeline.body_threshold_hu),
+                margin=2,
+                allow_smaller=True,
+                start_coord_key=None,
+                end_coord_key=None,
+            ),
+            ScaleIntensityRanged(
+                keys="image", a_min=pipeline.hu_min, a_max=pipeline.hu_max, b_min=0.0, b_max=1.0, clip=True
+            ),
+            ResizeWithPadOrCropd(keys=keys, spatial_size=pipeline.input_size, mode="constant", value=0.0),
+        ]
+    )
     out = transforms({"image": series, "mask": str(mask_path)})
     image = torch.as_tensor(out["image"]).float().numpy()
     mask = torch.as_tensor(out["mask"]).numpy()[0] > 0.5
@@ -199,8 +211,9 @@ class Method:
     settings: Mapping[str, Any] = field(default_factory=dict)
 
 
-def methods_for(model_name: str, input_size: Sequence[int], *, samples: int, occlusion_overlap: float,
-                occlusion_divisor: int = 6) -> tuple[Method, ...]:  # fmt: skip
+def methods_for(
+    model_name: str, input_size: Sequence[int], *, samples: int, occlusion_overlap: float, occlusion_divisor: int = 6
+) -> tuple[Method, ...]:
     """The compared methods: Grad-CAM and Grad-CAM++ at every candidate layer, occlusion (a patch of
     ``input_size / occlusion_divisor`` per axis), SmoothGrad, guided backprop and the random reference."""
     from inference.explain import CANDIDATE_LAYERS
@@ -236,12 +249,21 @@ def make_explainer(method: Method, model: Any) -> Callable[[Any, int], np.ndarra
         def grad_cam(x: torch.Tensor, c: int) -> np.ndarray:
             with torch.enable_grad():
                 out = cam(x=x, class_idx=c)
-            return torch.nan_to_num(out[0, 0].detach().float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0).cpu().numpy()
+            return (
+                torch.nan_to_num(out[0, 0].detach().float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0).cpu().numpy()
+            )
 
         return grad_cam
     if method.kind == "occlusion":
-        occlusion = OcclusionSensitivity(nn_module=logits, mask_size=method.settings["mask_size"], n_batch=8, verbose=False,
-                                         overlap=method.settings["overlap"], mode="gaussian", activate=True)  # fmt: skip
+        occlusion = OcclusionSensitivity(
+            nn_module=logits,
+            mask_size=method.settings["mask_size"],
+            n_batch=8,
+            verbose=False,
+            overlap=method.settings["overlap"],
+            mode="gaussian",
+            activate=True,
+        )
 
         def occ(x: torch.Tensor, c: int) -> np.ndarray:
             with torch.no_grad():
@@ -252,8 +274,11 @@ def make_explainer(method: Method, model: Any) -> Callable[[Any, int], np.ndarra
 
         return occ
     if method.kind in ("smoothgrad", "guided"):
-        grad = (SmoothGrad(logits, verbose=False, **method.settings) if method.kind == "smoothgrad"
-                else GuidedBackpropGrad(logits))  # fmt: skip
+        grad = (
+            SmoothGrad(logits, verbose=False, **method.settings)
+            if method.kind == "smoothgrad"
+            else GuidedBackpropGrad(logits)
+        )
 
         def saliency(x: torch.Tensor, c: int) -> np.ndarray:
             with torch.enable_grad():
@@ -285,24 +310,57 @@ class ExplainPlan:
 
     def __post_init__(self) -> None:
         if self.patients < 6 or self.epochs < 1 or self.max_studies < 1:
-            raise ValueError(f"need >= 6 patients, >= 1 epoch and >= 1 study, got {self.patients}, {self.epochs}, {self.max_studies}")
+            raise ValueError(
+                f"need >= 6 patients, >= 1 epoch and >= 1 study, got {self.patients}, {self.epochs}, {self.max_studies}"
+            )
 
 
 def plan_for(options: BenchOptions) -> ExplainPlan:
     """Tiny (test suite, seconds: figures mean little), quick (a few minutes on 2 cores) or full (the demo's model
     size: DenseNet121 on 64x64x48 at 5 mm)."""
     if options.tiny:
-        return ExplainPlan(patients=12, small=True, epochs=1, smoothgrad_samples=2, occlusion_overlap=0.0, max_studies=2,
-                           occlusion_divisor=2,
-                           run_config={"model-name": "densenet121", "input-size": "32,32,32",
-                                       "target-spacing-mm": "12.0,12.0,10.0", "batch-size": 4, "learning-rate": 0.001})  # fmt: skip
+        return ExplainPlan(
+            patients=12,
+            small=True,
+            epochs=1,
+            smoothgrad_samples=2,
+            occlusion_overlap=0.0,
+            max_studies=2,
+            occlusion_divisor=2,
+            run_config={
+                "model-name": "densenet121",
+                "input-size": "32,32,32",
+                "target-spacing-mm": "12.0,12.0,10.0",
+                "batch-size": 4,
+                "learning-rate": 0.001,
+            },
+        )
     if options.quick:
-        return ExplainPlan(patients=40, small=False, epochs=8, smoothgrad_samples=8, occlusion_overlap=0.0, max_studies=10,
-                           occlusion_divisor=4,
-                           run_config={"model-name": "densenet121", "input-size": "48,48,40",
-                                       "target-spacing-mm": "8.0,8.0,8.0", "batch-size": 4, "learning-rate": 0.001})  # fmt: skip
-    return ExplainPlan(patients=100, small=False, epochs=12, smoothgrad_samples=25, occlusion_overlap=0.25, max_studies=40,
-                       run_config={"model-name": "densenet121", "batch-size": 4, "learning-rate": 0.001})  # fmt: skip
+        return ExplainPlan(
+            patients=40,
+            small=False,
+            epochs=8,
+            smoothgrad_samples=8,
+            occlusion_overlap=0.0,
+            max_studies=10,
+            occlusion_divisor=4,
+            run_config={
+                "model-name": "densenet121",
+                "input-size": "48,48,40",
+                "target-spacing-mm": "8.0,8.0,8.0",
+                "batch-size": 4,
+                "learning-rate": 0.001,
+            },
+        )
+    return ExplainPlan(
+        patients=100,
+        small=False,
+        epochs=12,
+        smoothgrad_samples=25,
+        occlusion_overlap=0.25,
+        max_studies=40,
+        run_config={"model-name": "densenet121", "batch-size": 4, "learning-rate": 0.001},
+    )
 
 
 def train(site: Any, settings: Any, *, epochs: int) -> Any:
@@ -323,13 +381,19 @@ def train(site: Any, settings: Any, *, epochs: int) -> Any:
 
     def loader(augment: bool) -> DataLoader:
         dataset = make_dataset(items, settings.pipeline, manifest.site_dir, augment=augment)
-        return DataLoader(dataset, batch_size=settings.batch_size, shuffle=augment, num_workers=0,
-                          generator=torch.Generator().manual_seed(settings.seed))  # fmt: skip
+        return DataLoader(
+            dataset,
+            batch_size=settings.batch_size,
+            shuffle=augment,
+            num_workers=0,
+            generator=torch.Generator().manual_seed(settings.seed),
+        )
 
     model = build_model(settings.model)
     device = torch.device("cpu")
-    result = train_model(model, loader(True), epochs=epochs, lr=settings.learning_rate, device=device,
-                         loss_weights=settings.loss_weights)  # fmt: skip
+    result = train_model(
+        model, loader(True), epochs=epochs, lr=settings.learning_rate, device=device, loss_weights=settings.loss_weights
+    )
     recalibrate_batch_norm(model, loader(False), device=device)
     return model.eval(), manifest, result
 
@@ -351,8 +415,13 @@ def held_out_positives(manifest: Any, mask_dir: Path, class_names: Sequence[str]
     return chosen, skipped
 
 
-def evaluate(model: Any, studies: Sequence[tuple[np.ndarray, np.ndarray, int]], methods: Sequence[Method], *,
-             spacing_mm: Sequence[float]) -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    model: Any,
+    studies: Sequence[tuple[np.ndarray, np.ndarray, int]],
+    methods: Sequence[Method],
+    *,
+    spacing_mm: Sequence[float],
+) -> dict[str, Any]:
     """Every method on every (image, mask, class) study: per-study figures and their summaries."""
     import torch
 
@@ -360,6 +429,7 @@ def evaluate(model: Any, studies: Sequence[tuple[np.ndarray, np.ndarray, int]], 
         def run(batch: np.ndarray) -> np.ndarray:
             with torch.no_grad():
                 return torch.softmax(model(torch.from_numpy(batch)).logits, dim=1)[:, c].numpy()
+
         return run
 
     out: dict[str, Any] = {}
@@ -372,16 +442,20 @@ def evaluate(model: Any, studies: Sequence[tuple[np.ndarray, np.ndarray, int]], 
             heat = explain(x, c)
             seconds = time.perf_counter() - t0
             _, curve, auc = deletion_curve(probability(c), image, heat)
-            rows.append({
-                "pointing": pointing_hit(heat, mask),
-                "pointing_10mm": pointing_hit(heat, mask, spacing_mm=spacing_mm, tolerance_mm=POINTING_TOLERANCE_MM),
-                "energy_ratio": energy_ratio(heat, mask),
-                "lesion_share": float(mask.mean()),
-                "deletion_auc": auc,
-                "deletion_curve": [round(float(v), 4) for v in curve],
-                "seconds": seconds,
-                "empty_map": not float(heat.max()) > 0,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "pointing": pointing_hit(heat, mask),
+                    "pointing_10mm": pointing_hit(
+                        heat, mask, spacing_mm=spacing_mm, tolerance_mm=POINTING_TOLERANCE_MM
+                    ),
+                    "energy_ratio": energy_ratio(heat, mask),
+                    "lesion_share": float(mask.mean()),
+                    "deletion_auc": auc,
+                    "deletion_curve": [round(float(v), 4) for v in curve],
+                    "seconds": seconds,
+                    "empty_map": not float(heat.max()) > 0,
+                }
+            )
         out[method.name] = {
             "kind": method.kind,
             "layer": method.layer,
@@ -400,16 +474,26 @@ def evaluate(model: Any, studies: Sequence[tuple[np.ndarray, np.ndarray, int]], 
 def choose(results: Mapping[str, Any]) -> dict[str, Any]:
     """The recommended method: best pointing game, then median energy ratio, then deletion AUC, among methods not
     slower than :data:`MAX_SECONDS_FACTOR` x the fastest Grad-CAM (a heat map is made for every prediction)."""
-    cams = [r["seconds_per_study"]["median"] for r in results.values() if r["kind"] in ("gradcam", "gradcampp")
-            and r["seconds_per_study"]["median"] is not None]  # fmt: skip
+    cams = [
+        r["seconds_per_study"]["median"]
+        for r in results.values()
+        if r["kind"] in ("gradcam", "gradcampp") and r["seconds_per_study"]["median"] is not None
+    ]
     budget = MAX_SECONDS_FACTOR * min(cams) if cams else float("inf")
 
     def key(item: tuple[str, Any]) -> tuple[float, float, float]:
         r = item[1]
-        return (r["pointing_hit_rate"] or 0.0, r["energy_ratio"]["median"] or 0.0, -(r["deletion_auc"]["median"] or 1.0))
+        return (
+            r["pointing_hit_rate"] or 0.0,
+            r["energy_ratio"]["median"] or 0.0,
+            -(r["deletion_auc"]["median"] or 1.0),
+        )
 
-    eligible = {n: r for n, r in results.items() if r["kind"] != "random"
-                and (r["seconds_per_study"]["median"] or 0.0) <= budget}  # fmt: skip
+    eligible = {
+        n: r
+        for n, r in results.items()
+        if r["kind"] != "random" and (r["seconds_per_study"]["median"] or 0.0) <= budget
+    }
     if not eligible:
         return {"method": None, "reason": "no method within the time budget"}
     name, best = max(eligible.items(), key=key)
@@ -418,10 +502,10 @@ def choose(results: Mapping[str, Any]) -> dict[str, Any]:
         "kind": best["kind"],
         "layer": best["layer"],
         "rule": f"highest pointing-game hit rate, then median energy ratio, then lowest deletion AUC, among methods at "
-                f"most {MAX_SECONDS_FACTOR:g}x the fastest Grad-CAM's time per study",
+        f"most {MAX_SECONDS_FACTOR:g}x the fastest Grad-CAM's time per study",
         "meets_pointing_goal": (best["pointing_hit_rate"] or 0.0) >= GOAL_POINTING,
         "meets_energy_goal": (best["energy_ratio"]["median"] or 0.0) >= GOAL_ENERGY_RATIO,
-    }  # fmt: skip
+    }
 
 
 def run(options: BenchOptions) -> Path:
@@ -439,11 +523,18 @@ def run(options: BenchOptions) -> Path:
     name = site_names(data_root)[0]
     mask_dir = data_root / name / MASK_FOLDER
     if not mask_dir.is_dir():
-        raise RuntimeError(f"no lesion masks in {mask_dir}: this synthetic generator does not write them "
-                           "(synthetic.hospitals must write <site>/lesion-masks/<StudyInstanceUID>.nii.gz)")  # fmt: skip
+        raise RuntimeError(
+            f"no lesion masks in {mask_dir}: this synthetic generator does not write them "
+            "(synthetic.hospitals must write <site>/lesion-masks/<StudyInstanceUID>.nii.gz)"
+        )
     settings = bench_settings(plan.run_config)
-    site = SiteConfig(site_name=name, dicom_dir=data_root / name / "dicom", site_dir=work / "sites" / name,
-                      labels_csv=data_root / name / "labels.csv", device="cpu")  # fmt: skip
+    site = SiteConfig(
+        site_name=name,
+        dicom_dir=data_root / name / "dicom",
+        site_dir=work / "sites" / name,
+        labels_csv=data_root / name / "labels.csv",
+        device="cpu",
+    )
     t0 = time.perf_counter()
     model, manifest, trained = train(site, settings, epochs=plan.epochs)
     train_seconds = time.perf_counter() - t0
@@ -452,7 +543,9 @@ def run(options: BenchOptions) -> Path:
     studies, empty_masks, correct = [], 0, 0
     for entry in entries[: plan.max_studies]:
         series = as_series(entry.series)
-        image, mask = image_and_mask_on_model_grid(series, mask_dir / f"{series.StudyInstanceUID}.nii.gz", settings.pipeline)
+        image, mask = image_and_mask_on_model_grid(
+            series, mask_dir / f"{series.StudyInstanceUID}.nii.gz", settings.pipeline
+        )
         if not mask.any():
             empty_masks += 1  # the lesion lies outside the model's crop
             continue
@@ -460,22 +553,43 @@ def run(options: BenchOptions) -> Path:
             correct += int(int(model(torch.from_numpy(image[None])).logits.argmax(1)) == entry.diagnosis)
         studies.append((image, mask, int(entry.diagnosis)))
     if not studies:
-        raise RuntimeError(f"no held-out positive study with a lesion on the model grid (skipped: {skipped}, "
-                           f"empty on the grid: {empty_masks})")  # fmt: skip
-    methods = methods_for(settings.model.name, settings.pipeline.input_size, samples=plan.smoothgrad_samples,
-                          occlusion_overlap=plan.occlusion_overlap, occlusion_divisor=plan.occlusion_divisor)  # fmt: skip
+        raise RuntimeError(
+            f"no held-out positive study with a lesion on the model grid (skipped: {skipped}, "
+            f"empty on the grid: {empty_masks})"
+        )
+    methods = methods_for(
+        settings.model.name,
+        settings.pipeline.input_size,
+        samples=plan.smoothgrad_samples,
+        occlusion_overlap=plan.occlusion_overlap,
+        occlusion_divisor=plan.occlusion_divisor,
+    )
     results = evaluate(model, studies, methods, spacing_mm=settings.pipeline.target_spacing_mm)
     payload = {
-        "plan": {"patients": plan.patients, "epochs": plan.epochs, "small_images": plan.small, **dict(plan.run_config),
-                 "smoothgrad_samples": plan.smoothgrad_samples, "occlusion_overlap": plan.occlusion_overlap,
-                 "occlusion_patch": f"input size / {plan.occlusion_divisor} per axis"},  # fmt: skip
+        "plan": {
+            "patients": plan.patients,
+            "epochs": plan.epochs,
+            "small_images": plan.small,
+            **dict(plan.run_config),
+            "smoothgrad_samples": plan.smoothgrad_samples,
+            "occlusion_overlap": plan.occlusion_overlap,
+            "occlusion_patch": f"input size / {plan.occlusion_divisor} per axis",
+        },
         "device": "cpu",
         "gpu_seconds": None,  # not measured: run the benchmark on a GPU machine to fill in the GPU cost
         "training": {"seconds": train_seconds, "loss": trained.loss, "steps": trained.steps},
-        "studies": {"scored": len(studies), "correct_diagnosis": correct, "skipped": skipped,
-                    "mask_empty_on_model_grid": empty_masks},  # fmt: skip
+        "studies": {
+            "scored": len(studies),
+            "correct_diagnosis": correct,
+            "skipped": skipped,
+            "mask_empty_on_model_grid": empty_masks,
+        },
         "goals": {"pointing_hit_rate": GOAL_POINTING, "energy_ratio": GOAL_ENERGY_RATIO},
-        "deletion": {"max_fraction": DELETION_MAX_FRACTION, "steps": DELETION_STEPS, "baseline": "air (0 after windowing)"},
+        "deletion": {
+            "max_fraction": DELETION_MAX_FRACTION,
+            "steps": DELETION_STEPS,
+            "baseline": "air (0 after windowing)",
+        },
         "methods": results,
         "recommended": choose(results),
     }

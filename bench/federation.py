@@ -86,9 +86,19 @@ class CountingGrid(_GridBase):  # type: ignore[misc,valid-type]
         messages = list(messages)
         server_round, kind = self._describe(messages)
         ids = list(self.inner.push_messages(messages))
-        self.exchanges.append({"round": server_round, "type": kind, "messages": len(messages), "replies": 0,
-                               "bytes_sent": sum(message_bytes(m) for m in messages), "bytes_received": 0,
-                               "seconds": 0.0, "_ids": set(ids), "_t0": time.perf_counter()})  # fmt: skip
+        self.exchanges.append(
+            {
+                "round": server_round,
+                "type": kind,
+                "messages": len(messages),
+                "replies": 0,
+                "bytes_sent": sum(message_bytes(m) for m in messages),
+                "bytes_received": 0,
+                "seconds": 0.0,
+                "_ids": set(ids),
+                "_t0": time.perf_counter(),
+            }
+        )
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Any]:  # noqa: D102 - replies added to their exchange
@@ -122,8 +132,17 @@ class CountingGrid(_GridBase):  # type: ignore[misc,valid-type]
         replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         seconds = time.perf_counter() - t0
         received = sum(message_bytes(r) for r in replies)
-        self.exchanges.append({"round": server_round, "type": kind, "messages": len(messages), "replies": len(replies),
-                               "bytes_sent": sent, "bytes_received": received, "seconds": seconds})  # fmt: skip
+        self.exchanges.append(
+            {
+                "round": server_round,
+                "type": kind,
+                "messages": len(messages),
+                "replies": len(replies),
+                "bytes_sent": sent,
+                "bytes_received": received,
+                "seconds": seconds,
+            }
+        )
         return replies
 
 
@@ -170,8 +189,12 @@ def model_bytes(model_name: str, run_config: Mapping[str, Any]) -> dict[str, Any
     torch.manual_seed(0)
     state = build_model(config.model).state_dict()
     raw = sum(t.numel() * t.element_size() for t in state.values())
-    return {"model": model_name, "tensors": len(state), "raw_bytes": raw,
-            "array_record_bytes": array_record_to_proto(ArrayRecord(state)).ByteSize()}  # fmt: skip
+    return {
+        "model": model_name,
+        "tensors": len(state),
+        "raw_bytes": raw,
+        "array_record_bytes": array_record_to_proto(ArrayRecord(state)).ByteSize(),
+    }
 
 
 @dataclass(frozen=True)
@@ -195,9 +218,17 @@ def plan_for(options: BenchOptions) -> FederationPlan:
     return FederationPlan(sites=3, patients_per_site=12, small=False, rounds=4, run_config={}, sqlite_lever=True)
 
 
-def _run_config(plan: FederationPlan, run_dir: Path, *, sites: int | None = None, transport: str = "float32") -> dict[str, Any]:
-    return {**plan.run_config, "num-server-rounds": plan.rounds, "local-epochs": 1, "min-sites": sites or plan.sites,
-            "run-dir": str(Path(run_dir).resolve()), "transport": transport}  # fmt: skip
+def _run_config(
+    plan: FederationPlan, run_dir: Path, *, sites: int | None = None, transport: str = "float32"
+) -> dict[str, Any]:
+    return {
+        **plan.run_config,
+        "num-server-rounds": plan.rounds,
+        "local-epochs": 1,
+        "min-sites": sites or plan.sites,
+        "run-dir": str(Path(run_dir).resolve()),
+        "transport": transport,
+    }
 
 
 def round_report(run_dir: Path, *, exclude_last: bool = False) -> dict[str, Any]:
@@ -217,31 +248,50 @@ def round_report(run_dir: Path, *, exclude_last: bool = False) -> dict[str, Any]
         by_type = {x["type"]: x for x in mine}
         wall = entry["seconds"]
         train_exchange = by_type.get("train", {}).get("seconds")
-        rounds.append({
-            "round": r,
-            "wall_seconds": wall,
-            "slowest_site_training_seconds": slowest,
-            "overhead_seconds": wall - slowest if slowest is not None else None,
-            "overhead_percent": 100.0 * (wall - slowest) / wall if slowest is not None and wall else None,
-            "train_exchange_seconds": train_exchange,
-            "train_exchange_overhead_seconds": train_exchange - slowest if train_exchange is not None and slowest is not None else None,
-            "evaluate_exchange_seconds": by_type.get("evaluate", {}).get("seconds"),
-            "bytes_sent": sum(x["bytes_sent"] for x in mine),
-            "bytes_received": sum(x["bytes_received"] for x in mine),
-            "server_reported_bytes_sent": entry.get("bytes_sent"),
-            "server_reported_bytes_received": entry.get("bytes_received"),
-            "skipped": bool(entry.get("skipped")),
-        })  # fmt: skip
+        rounds.append(
+            {
+                "round": r,
+                "wall_seconds": wall,
+                "slowest_site_training_seconds": slowest,
+                "overhead_seconds": wall - slowest if slowest is not None else None,
+                "overhead_percent": 100.0 * (wall - slowest) / wall if slowest is not None and wall else None,
+                "train_exchange_seconds": train_exchange,
+                "train_exchange_overhead_seconds": train_exchange - slowest
+                if train_exchange is not None and slowest is not None
+                else None,
+                "evaluate_exchange_seconds": by_type.get("evaluate", {}).get("seconds"),
+                "bytes_sent": sum(x["bytes_sent"] for x in mine),
+                "bytes_received": sum(x["bytes_received"] for x in mine),
+                "server_reported_bytes_sent": entry.get("bytes_sent"),
+                "server_reported_bytes_received": entry.get("bytes_received"),
+                "skipped": bool(entry.get("skipped")),
+            }
+        )
+
     def med(key: str) -> float | None:
         kept = rounds[:-1] if exclude_last and len(rounds) > 2 else rounds
         return median_after_first([r[key] for r in kept if r[key] is not None])
 
-    return {"rounds": rounds, "median_rounds_after_first": {k: med(k) for k in (
-        "wall_seconds", "slowest_site_training_seconds", "overhead_seconds", "overhead_percent", "train_exchange_overhead_seconds",
-        "bytes_sent", "bytes_received")}}  # fmt: skip
+    return {
+        "rounds": rounds,
+        "median_rounds_after_first": {
+            k: med(k)
+            for k in (
+                "wall_seconds",
+                "slowest_site_training_seconds",
+                "overhead_seconds",
+                "overhead_percent",
+                "train_exchange_overhead_seconds",
+                "bytes_sent",
+                "bytes_received",
+            )
+        },
+    }
 
 
-def simulation_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_dir: Path, *, transport: str = "float32") -> dict[str, Any]:
+def simulation_arm(
+    plan: FederationPlan, data_root: Path, work_root: Path, run_dir: Path, *, transport: str = "float32"
+) -> dict[str, Any]:
     """The run in Flower's simulation engine (in this process); peak memory of this process tree (Ray included).
     ``transport`` is the run config's wire dtype of floating weights (float32, float16, bfloat16)."""
     from flwr.simulation import run_simulation
@@ -261,8 +311,13 @@ def simulation_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
         )
     if not (run_dir / "metrics.json").is_file():
         raise RuntimeError(f"the simulation wrote no {run_dir / 'metrics.json'} (see the log above)")
-    return {**round_report(run_dir), "total_seconds": time.perf_counter() - t0, "sites": n, "transport": transport,
-            "peak_memory_mib": sampler.peak_mib["simulation"]}  # fmt: skip
+    return {
+        **round_report(run_dir),
+        "total_seconds": time.perf_counter() - t0,
+        "sites": n,
+        "transport": transport,
+        "peak_memory_mib": sampler.peak_mib["simulation"],
+    }
 
 
 def _app_folder(target: Path) -> Path:
@@ -272,17 +327,29 @@ def _app_folder(target: Path) -> Path:
     target.mkdir(parents=True)
     text = (root / "pyproject.toml").read_text()
     text = text.replace('serverapp = "fl_server.server_app:app"', 'serverapp = "bench.federation:counting_app"')
-    text = re.sub(r"^fab-include = \[[^\]]*\]\n", "", text, flags=re.MULTILINE)  # the folder holds no code: the installed packages run
+    text = re.sub(
+        r"^fab-include = \[[^\]]*\]\n", "", text, flags=re.MULTILINE
+    )  # the folder holds no code: the installed packages run
     if "bench.federation:counting_app" not in text:
-        raise RuntimeError(f"{root / 'pyproject.toml'} has no serverapp = \"fl_server.server_app:app\" line to replace")
+        raise RuntimeError(f'{root / "pyproject.toml"} has no serverapp = "fl_server.server_app:app" line to replace')
     (target / "pyproject.toml").write_text(text)
     (target / "README.md").write_text("fedct federation benchmark app (code comes from the installed packages)\n")
     return target
 
 
-def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_dir: Path, *, tls: bool = False,
-                   auth: bool = False, sqlite_state: bool = False, runner: str = "warm",
-                   run_overrides: Mapping[str, Any] | None = None, timeout: float = 1200.0) -> dict[str, Any]:  # fmt: skip
+def deployment_arm(
+    plan: FederationPlan,
+    data_root: Path,
+    work_root: Path,
+    run_dir: Path,
+    *,
+    tls: bool = False,
+    auth: bool = False,
+    sqlite_state: bool = False,
+    runner: str = "warm",
+    run_overrides: Mapping[str, Any] | None = None,
+    timeout: float = 1200.0,
+) -> dict[str, Any]:
     """A local deployment (``bench.deployment.LocalDeployment``): SuperLink + one SuperNode per site on 127.0.0.1,
     ``flwr run``; every process is stopped by PID. ``runner`` "warm": ClientApps in fedct's warm executor (what
     ``fedct site`` runs), "flower": Flower's SuperExec with a fresh process per message. The SuperLink keeps its
@@ -300,20 +367,38 @@ def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
     base = Path(run_dir).parent / f"{Path(run_dir).name}-deploy"
     shutil.rmtree(base, ignore_errors=True)
     names = site_names(data_root)
-    specs = [SiteSpec(node_config=node_config_arg({
-                 "site-name": name, "dicom-dir": str(data_root / name / "dicom"), "labels": str(data_root / name / "labels.csv"),
-                 "site-dir": str(work_root / name), "device": "cpu"}),
-                      isolation="process" if runner == "warm" else "subprocess")
-             for name in names]  # fmt: skip
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))}
+    specs = [
+        SiteSpec(
+            node_config=node_config_arg(
+                {
+                    "site-name": name,
+                    "dicom-dir": str(data_root / name / "dicom"),
+                    "labels": str(data_root / name / "labels.csv"),
+                    "site-dir": str(work_root / name),
+                    "device": "cpu",
+                }
+            ),
+            isolation="process" if runner == "warm" else "subprocess",
+        )
+        for name in names
+    ]
+    env = {
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
+        )
+    }
     t0 = time.perf_counter()
-    deployment = LocalDeployment(base, specs, database="file" if sqlite_state else "memory", tls=tls, auth=auth, env=env)
+    deployment = LocalDeployment(
+        base, specs, database="file" if sqlite_state else "memory", tls=tls, auth=auth, env=env
+    )
     with deployment:
         app = _app_folder(base / "app")
         config = {**_run_config(plan, run_dir, sites=len(names)), **dict(run_overrides or {})}
         overrides = node_config_arg(config)
         t_run = time.perf_counter()
-        roots = {name: deployment.site_pids(i) for i, name in enumerate(names)} | {"superlink": [deployment.procs[0].pid]}
+        roots = {name: deployment.site_pids(i) for i, name in enumerate(names)} | {
+            "superlink": [deployment.procs[0].pid]
+        }
         with TreeMemorySampler(roots, interval=0.2) as sampler:
             done = deployment.flwr_run(app, overrides, timeout_s=timeout)
             deadline = time.monotonic() + 60  # --stream may return just before the ServerApp writes its last file
@@ -321,18 +406,29 @@ def deployment_arm(plan: FederationPlan, data_root: Path, work_root: Path, run_d
                 time.sleep(0.5)
         (base / "logs" / "flwr-run.log").write_text(done.stdout + done.stderr)
         if not (run_dir / "metrics.json").is_file():
-            raise RuntimeError(f"the deployment run wrote no metrics.json (exit {done.returncode}); logs in {base / 'logs'}:\n"
-                               f"{(done.stdout + done.stderr)[-2000:]}")  # fmt: skip
+            raise RuntimeError(
+                f"the deployment run wrote no metrics.json (exit {done.returncode}); logs in {base / 'logs'}:\n"
+                f"{(done.stdout + done.stderr)[-2000:]}"
+            )
         run_seconds = time.perf_counter() - t_run
         started_pids = deployment.all_pids()
     left = [pid for pid in started_pids if process_alive(pid)]
     if left:
         raise RuntimeError(f"processes still running after stop: {left}")
     fused = dict(run_overrides or {}).get("evaluate-mode") == "fused"
-    return {**round_report(run_dir, exclude_last=fused), "total_seconds": time.perf_counter() - t0, "run_seconds": run_seconds,
-            "sites": len(names), "tls": tls, "supernode_auth": auth, "runner": runner, "run_overrides": dict(run_overrides or {}),
-            "superlink_state": "sqlite file" if sqlite_state else "in memory", "stopped_pids": started_pids,
-            "peak_rss_mib": {name: sampler.peak_mib[name] for name in [*names, "superlink"]}}  # fmt: skip
+    return {
+        **round_report(run_dir, exclude_last=fused),
+        "total_seconds": time.perf_counter() - t0,
+        "run_seconds": run_seconds,
+        "sites": len(names),
+        "tls": tls,
+        "supernode_auth": auth,
+        "runner": runner,
+        "run_overrides": dict(run_overrides or {}),
+        "superlink_state": "sqlite file" if sqlite_state else "in memory",
+        "stopped_pids": started_pids,
+        "peak_rss_mib": {name: sampler.peak_mib[name] for name in [*names, "superlink"]},
+    }
 
 
 def run(options: BenchOptions) -> Path:
@@ -344,22 +440,40 @@ def run(options: BenchOptions) -> Path:
     plan = plan_for(options)
     out = Path(options.out)
     work = out / "work" / "federation"
-    data_root = synthetic_sites(work / "data", sites=plan.sites, patients_per_site=plan.patients_per_site, seed=0, small=plan.small)
+    data_root = synthetic_sites(
+        work / "data", sites=plan.sites, patients_per_site=plan.patients_per_site, seed=0, small=plan.small
+    )
     work_root = work / "sites"
     config = ServerConfig.from_run_config(_run_config(plan, work / "runs" / "x"))
     settings = config.round_settings(1)
     for name in site_names(data_root):  # ingested once beforehand: the rounds measure the federation, not ingestion
-        prepare_site(data_root / name / "dicom", work_root / name, labels_csv=data_root / name / "labels.csv", pipeline=config.pipeline,
-                     split=settings.split)  # fmt: skip
+        prepare_site(
+            data_root / name / "dicom",
+            work_root / name,
+            labels_csv=data_root / name / "labels.csv",
+            pipeline=config.pipeline,
+            split=settings.split,
+        )
     arms: dict[str, Any] = {}
     errors: dict[str, str] = {}
-    todo = [("simulation", simulation_arm), ("simulation-fp16-transport", lambda *a: simulation_arm(*a, transport="float16")),
-            ("deployment-insecure", deployment_arm),
-            ("deployment-tls-auth", lambda *a: deployment_arm(*a, tls=True, auth=True))]
+    todo = [
+        ("simulation", simulation_arm),
+        ("simulation-fp16-transport", lambda *a: simulation_arm(*a, transport="float16")),
+        ("deployment-insecure", deployment_arm),
+        ("deployment-tls-auth", lambda *a: deployment_arm(*a, tls=True, auth=True)),
+    ]
     if not options.tiny:  # what configs/run.toml deploys: evaluation inside the train exchange (one exchange per round)
-        todo.append(("deployment-tls-auth-fused",
-                     lambda *a: deployment_arm(*a, tls=True, auth=True, run_overrides={"evaluate-mode": "fused",
-                                                                                     "num-server-rounds": plan.rounds + 1})))  # fmt: skip
+        todo.append(
+            (
+                "deployment-tls-auth-fused",
+                lambda *a: deployment_arm(
+                    *a,
+                    tls=True,
+                    auth=True,
+                    run_overrides={"evaluate-mode": "fused", "num-server-rounds": plan.rounds + 1},
+                ),
+            )
+        )
     if plan.sqlite_lever:
         todo.append(("deployment-insecure-sqlite-state", lambda *a: deployment_arm(*a, sqlite_state=True)))
     for name, function in todo:
@@ -370,8 +484,9 @@ def run(options: BenchOptions) -> Path:
     sizes = model_bytes(config.model_name, plan.run_config)
     for arm in arms.values():
         med = arm["median_rounds_after_first"]
-        arm["bytes_per_round_over_model_size"] = (med["bytes_sent"] + med["bytes_received"]) / sizes["raw_bytes"] \
-            if med["bytes_sent"] is not None else None  # fmt: skip
+        arm["bytes_per_round_over_model_size"] = (
+            (med["bytes_sent"] + med["bytes_received"]) / sizes["raw_bytes"] if med["bytes_sent"] is not None else None
+        )
     payload = {
         "what": "per round: wall time (metrics.json 'seconds', end of round to end of round, train + evaluate exchanges + "
         "server work) against the slowest site's local training ('train-seconds' reported by the site); overhead = wall - "
@@ -379,8 +494,14 @@ def run(options: BenchOptions) -> Path:
         "framing and TLS), counted at the server's Grid; a round moves the model to every site twice (train, evaluate) "
         "and back once, or once each way with evaluate-mode=fused (its first round evaluates nothing, the last exchange "
         "only evaluates). Medians over rounds after the first (the first pays start-up).",
-        "plan": {"sites": plan.sites, "patients_per_site": plan.patients_per_site, "rounds": plan.rounds, "local_epochs": 1,
-                 "model": config.model_name, "input_size": config.input_size},  # fmt: skip
+        "plan": {
+            "sites": plan.sites,
+            "patients_per_site": plan.patients_per_site,
+            "rounds": plan.rounds,
+            "local_epochs": 1,
+            "model": config.model_name,
+            "input_size": config.input_size,
+        },
         "model_size": sizes,
         "arms": arms,
         "errors": errors,

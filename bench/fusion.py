@@ -73,9 +73,20 @@ def _config(plan: FusionPlan, *, fusion: str, seed: int, run_dir: Path) -> Any:
     from fl_server.config import ServerConfig
 
     fusion, _, dropout = fusion.partition("+")
-    return ServerConfig.from_run_config({**SMALL_RUN_CONFIG, "profile-dropout": float(dropout or 0.0), "num-server-rounds": plan.rounds, "local-epochs": plan.local_epochs,
-                                         "min-sites": plan.sites, "seed": seed, "profile-fusion": fusion,
-                                         "val-fraction": 0.2, "test-fraction": 0.3, "run-dir": str(run_dir.resolve())})  # fmt: skip
+    return ServerConfig.from_run_config(
+        {
+            **SMALL_RUN_CONFIG,
+            "profile-dropout": float(dropout or 0.0),
+            "num-server-rounds": plan.rounds,
+            "local-epochs": plan.local_epochs,
+            "min-sites": plan.sites,
+            "seed": seed,
+            "profile-fusion": fusion,
+            "val-fraction": 0.2,
+            "test-fraction": 0.3,
+            "run-dir": str(run_dir.resolve()),
+        }
+    )
 
 
 def run_federations(configs: list[Any], data_root: Path, work_root: Path, n_sites: int) -> None:
@@ -96,11 +107,16 @@ def run_federations(configs: list[Any], data_root: Path, work_root: Path, n_site
     def main(grid: Any, context: Any) -> None:
         for config in configs:
             strategy = wrap_strategy(build_strategy(config), config.privacy, expected_sites=config.min_sites)
-            run_federation(grid, config, strategy, round_extras=privacy_round_extras(strategy), loop_class=round_loop_class(config))
+            run_federation(
+                grid, config, strategy, round_extras=privacy_round_extras(strategy), loop_class=round_loop_class(config)
+            )
 
-    run_simulation(server_app=app,
-                   client_app=build_client_app({"sim-data-root": str(data_root), "sim-work-root": str(work_root)}),
-                   num_supernodes=n_sites, backend_config=simulation_backend_config())  # fmt: skip
+    run_simulation(
+        server_app=app,
+        client_app=build_client_app({"sim-data-root": str(data_root), "sim-work-root": str(work_root)}),
+        num_supernodes=n_sites,
+        backend_config=simulation_backend_config(),
+    )
 
 
 def thinned_profile(source: Path, target: Path, *, drop: float, seed: int) -> Path:
@@ -135,12 +151,20 @@ def _sites(data_root: Path, work_root: Path, variant: str, scratch: Path, seed: 
             profile_dir = thinned_profile(data_root / name, scratch / f"{name}-seed{seed}", drop=DROP, seed=seed)
         elif variant == "no profile":
             profile_dir = None
-        out[name] = SiteConfig(site_name=name, dicom_dir=data_root / name / "dicom", site_dir=work_root / name,
-                               labels_csv=data_root / name / "labels.csv", device="cpu", profile_dir=profile_dir)  # fmt: skip
+        out[name] = SiteConfig(
+            site_name=name,
+            dicom_dir=data_root / name / "dicom",
+            site_dir=work_root / name,
+            labels_csv=data_root / name / "labels.csv",
+            device="cpu",
+            profile_dir=profile_dir,
+        )
     return out
 
 
-def score_run(config: Any, data_root: Path, work_root: Path, scratch: Path, *, variants: tuple[str, ...]) -> dict[str, Any]:
+def score_run(
+    config: Any, data_root: Path, work_root: Path, scratch: Path, *, variants: tuple[str, ...]
+) -> dict[str, Any]:
     """The final bundle of a run scored at every site, once per profile variant."""
     from models.bundle import load_bundle
     from preprocessing.profile_features import ProfileNormalisation
@@ -149,7 +173,10 @@ def score_run(config: Any, data_root: Path, work_root: Path, scratch: Path, *, v
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     norm = meta.get("profile_normalisation")
     settings = config.round_settings(1, profile=ProfileNormalisation.from_dict(norm) if norm else None)
-    return {variant: score(_sites(data_root, work_root, variant, scratch, config.seed), settings, state) for variant in variants}
+    return {
+        variant: score(_sites(data_root, work_root, variant, scratch, config.seed), settings, state)
+        for variant in variants
+    }
 
 
 def run(options: BenchOptions) -> Path:
@@ -158,9 +185,14 @@ def run(options: BenchOptions) -> Path:
     plan = plan_for(options)
     out = Path(options.out)
     work = out / "work" / "fusion"
-    configs = {(arm, seed): _config(plan, fusion=fusion, seed=seed, run_dir=work / "runs" / f"{arm}-seed{seed}")
-               for seed in plan.seeds for arm, fusion in ARMS.items()}  # fmt: skip
-    data_root = synthetic_sites(work / "data", sites=plan.sites, patients_per_site=plan.patients_per_site, seed=0, small=plan.small)
+    configs = {
+        (arm, seed): _config(plan, fusion=fusion, seed=seed, run_dir=work / "runs" / f"{arm}-seed{seed}")
+        for seed in plan.seeds
+        for arm, fusion in ARMS.items()
+    }
+    data_root = synthetic_sites(
+        work / "data", sites=plan.sites, patients_per_site=plan.patients_per_site, seed=0, small=plan.small
+    )
     work_root = work / "sites"
     t0 = time.perf_counter()
     run_federations(list(configs.values()), data_root, work_root, plan.sites)
@@ -172,17 +204,25 @@ def run(options: BenchOptions) -> Path:
         for variant, result in scored.items():
             name = arm if variant == "as exported" else f"{arm} / {variant}"
             per_seed.setdefault(name, []).append({"seed": seed, **result})
-    arms = {name: {"per_seed": results,
-                   "summary": {key: summarise(r["overall"].get(key) for r in results) for key, _ in FIGURES}}
-            for name, results in per_seed.items()}  # fmt: skip
+    arms = {
+        name: {
+            "per_seed": results,
+            "summary": {key: summarise(r["overall"].get(key) for r in results) for key, _ in FIGURES},
+        }
+        for name, results in per_seed.items()
+    }
     c_index = {name: arm["summary"]["test-c-index"]["mean"] for name, arm in arms.items()}
     image = c_index.get("image")
-    gains = {a: c_index[a] - image if c_index.get(a) is not None and image is not None else None for a in ARMS if a != "image"}
+    gains = {
+        a: c_index[a] - image if c_index.get(a) is not None and image is not None else None
+        for a in ARMS
+        if a != "image"
+    }
     payload = {
         "what": "held-out test metrics of the final FedAvg model of each arm (same sites, seeds, rounds and epochs; only "
-                "profile-fusion differs); overall = weighted mean of site values. '<arm> / half missing': each measured "
-                f"profile value removed with probability {DROP} at test time; '<arm> / no profile': every value masked. "
-                "Mean/std over seeds.",
+        "profile-fusion differs); overall = weighted mean of site values. '<arm> / half missing': each measured "
+        f"profile value removed with probability {DROP} at test time; '<arm> / no profile': every value masked. "
+        "Mean/std over seeds.",
         "plan": {**plan.__dict__, "seeds": list(plan.seeds), "run_config": dict(SMALL_RUN_CONFIG)},
         "figures": {k: label for k, label in FIGURES},
         "arms": arms,
@@ -192,4 +232,13 @@ def run(options: BenchOptions) -> Path:
     return write_result(out, "fusion", payload, options=options, started=started)
 
 
-__all__ = ["ARMS", "PROFILE_VARIANTS", "FusionPlan", "plan_for", "run", "run_federations", "score_run", "thinned_profile"]
+__all__ = [
+    "ARMS",
+    "PROFILE_VARIANTS",
+    "FusionPlan",
+    "plan_for",
+    "run",
+    "run_federations",
+    "score_run",
+    "thinned_profile",
+]

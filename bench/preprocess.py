@@ -57,17 +57,35 @@ def _write_series(folder: Path, *, rows: int, slices: int, index: int) -> list[P
     extent_mm = 300.0 if rows >= 256 else slices * 10.0
     base = min(slices, 100)  # the phantom at <= 100 slices, interpolated along z beyond (memory)
     pixel = 350.0 / rows
-    hu = chest_phantom(shape=(base, rows, rows), pixel_spacing_mm=(pixel, pixel), slice_spacing_mm=extent_mm / base,
-                       diagnosis=("covid", "other_pneumonia", "normal")[index % 3], burden=0.3, noise_hu=20.0,
-                       rng=np.random.default_rng(index))  # fmt: skip
+    hu = chest_phantom(
+        shape=(base, rows, rows),
+        pixel_spacing_mm=(pixel, pixel),
+        slice_spacing_mm=extent_mm / base,
+        diagnosis=("covid", "other_pneumonia", "normal")[index % 3],
+        burden=0.3,
+        noise_hu=20.0,
+        rng=np.random.default_rng(index),
+    )
     if slices != base:
         hu = ndimage.zoom(hu, (slices / base, 1.0, 1.0), order=1)
     uid = f"1.2.826.0.1.3680043.10.1234.{index + 1}"
-    patient = PatientIdentity(PatientName=f"Bench^{index}", PatientID=f"BENCH{index}", PatientBirthDate="19600101", PatientSex="F",
-                              PatientAge="064Y")  # fmt: skip
-    return write_ct_series(folder, hu, pixel_spacing_mm=(pixel, pixel), slice_spacing_mm=extent_mm / slices,
-                           study_instance_uid=f"{uid}.1", series_instance_uid=f"{uid}.2", patient=patient,
-                           uid_entropy=("bench-preprocess", index))  # fmt: skip
+    patient = PatientIdentity(
+        PatientName=f"Bench^{index}",
+        PatientID=f"BENCH{index}",
+        PatientBirthDate="19600101",
+        PatientSex="F",
+        PatientAge="064Y",
+    )
+    return write_ct_series(
+        folder,
+        hu,
+        pixel_spacing_mm=(pixel, pixel),
+        slice_spacing_mm=extent_mm / slices,
+        study_instance_uid=f"{uid}.1",
+        series_instance_uid=f"{uid}.2",
+        patient=patient,
+        uid_entropy=("bench-preprocess", index),
+    )
 
 
 def _compress_copy(source: Path, target: Path, syntax: str) -> None:
@@ -139,16 +157,26 @@ def read_floor(folder: str) -> tuple[int, ...]:
 
 def monai_tutorial(folder: str) -> tuple[int, ...]:
     """Arm (b) for one series: the MONAI tutorial chain to the model input. Returns the tensor's shape."""
-    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Resized, ScaleIntensityRanged, Spacingd
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        LoadImaged,
+        Orientationd,
+        Resized,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
 
-    chain = Compose([
-        LoadImaged(keys="image", reader="PydicomReader"),
-        EnsureChannelFirstd(keys="image"),
-        Orientationd(keys="image", axcodes="RAS"),
-        Spacingd(keys="image", pixdim=SPACING_MM, mode="bilinear"),
-        ScaleIntensityRanged(keys="image", a_min=-1000.0, a_max=400.0, b_min=0.0, b_max=1.0, clip=True),
-        Resized(keys="image", spatial_size=INPUT_SIZE),
-    ])  # fmt: skip
+    chain = Compose(
+        [
+            LoadImaged(keys="image", reader="PydicomReader"),
+            EnsureChannelFirstd(keys="image"),
+            Orientationd(keys="image", axcodes="RAS"),
+            Spacingd(keys="image", pixdim=SPACING_MM, mode="bilinear"),
+            ScaleIntensityRanged(keys="image", a_min=-1000.0, a_max=400.0, b_min=0.0, b_max=1.0, clip=True),
+            Resized(keys="image", spatial_size=INPUT_SIZE),
+        ]
+    )
     return tuple(chain({"image": folder})["image"].shape)
 
 
@@ -173,11 +201,17 @@ def _run_arm(arm: str, folders: list[str], dicom_root: str, site_dir: str, queue
             from preprocessing.pipeline import PipelineConfig
 
             startup = time.perf_counter() - t0
-            manifest = ingest_site(Path(dicom_root), Path(site_dir), pipeline=PipelineConfig(target_spacing_mm=SPACING_MM,
-                                   input_size=INPUT_SIZE), workers=2)  # fmt: skip
+            manifest = ingest_site(
+                Path(dicom_root),
+                Path(site_dir),
+                pipeline=PipelineConfig(target_spacing_mm=SPACING_MM, input_size=INPUT_SIZE),
+                workers=2,
+            )
             seconds = time.perf_counter() - t0
             if len(manifest.studies) != len(folders):
-                raise RuntimeError(f"ingest accepted {len(manifest.studies)} of {len(folders)} series (see {site_dir}/ingest_report.json)")
+                raise RuntimeError(
+                    f"ingest accepted {len(manifest.studies)} of {len(folders)} series (see {site_dir}/ingest_report.json)"
+                )
             shapes = [list(INPUT_SIZE)] * len(folders)
         else:
             function = read_floor if arm == "a_read_floor" else monai_tutorial
@@ -191,8 +225,15 @@ def _run_arm(arm: str, folders: list[str], dicom_root: str, site_dir: str, queue
                 shapes = [list(s) for s in pool.map(function, folders)]
             seconds = time.perf_counter() - t0
         worker_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest worker (Linux: KiB)
-        queue.put({"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu0, "startup_seconds": startup,
-                   "worker_peak_rss_mib": worker_peak, "shapes": shapes})  # fmt: skip
+        queue.put(
+            {
+                "seconds": seconds,
+                "cpu_seconds": _cpu_seconds() - cpu0,
+                "startup_seconds": startup,
+                "worker_peak_rss_mib": worker_peak,
+                "shapes": shapes,
+            }
+        )
     except Exception as exc:  # noqa: BLE001 - reported in the JSON
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
@@ -227,8 +268,11 @@ def _memory_probe_worker(item: dict[str, Any], site_dir: str) -> dict[str, float
     tracemalloc.stop()
     if result[1] is not None:
         raise RuntimeError(f"memory probe: series refused: {result[1]}: {result[2]}")
-    return {"rss_before_mib": before, "rss_high_water_growth_mib": status("VmHWM") - before if resettable else None,
-            "tracemalloc_peak_mib": traced_peak}  # fmt: skip
+    return {
+        "rss_before_mib": before,
+        "rss_high_water_growth_mib": status("VmHWM") - before if resettable else None,
+        "tracemalloc_peak_mib": traced_peak,
+    }
 
 
 def memory_probe(folder: Path, site_dir: Path) -> dict[str, Any]:
@@ -247,9 +291,13 @@ def memory_probe(folder: Path, site_dir: Path) -> dict[str, Any]:
         measured = pool.submit(_memory_probe_worker, item, str(site_dir)).result()
     shutil.rmtree(site_dir, ignore_errors=True)
     growth = measured["rss_high_water_growth_mib"]
-    return {"series_slices": len(series.paths), "raw_pixel_mib": raw_mib, **measured,
-            "rss_growth_over_raw": growth / raw_mib if growth is not None else None,
-            "tracemalloc_peak_over_raw": measured["tracemalloc_peak_mib"] / raw_mib}  # fmt: skip
+    return {
+        "series_slices": len(series.paths),
+        "raw_pixel_mib": raw_mib,
+        **measured,
+        "rss_growth_over_raw": growth / raw_mib if growth is not None else None,
+        "tracemalloc_peak_over_raw": measured["tracemalloc_peak_mib"] / raw_mib,
+    }
 
 
 def _measure(arm: str, folders: list[Path], dicom_root: Path, site_dir: Path) -> dict[str, Any]:
@@ -285,7 +333,9 @@ def run(options: BenchOptions) -> Path:
         runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
         for repeat in range(sizes["repeats"]):
             for arm in ARMS:  # interleaved: a drift in machine load hits every arm alike
-                runs[arm].append(_measure(arm, folders[syntax], work / "data" / syntax, work / f"site-{syntax}-{repeat}"))
+                runs[arm].append(
+                    _measure(arm, folders[syntax], work / "data" / syntax, work / f"site-{syntax}-{repeat}")
+                )
         n_series = len(folders[syntax])
         n_files = sum(len(list(f.glob("*.dcm"))) for f in folders[syntax])
         mib = sum(p.stat().st_size for f in folders[syntax] for p in f.glob("*.dcm")) / 2**20

@@ -30,11 +30,16 @@ from typing import Any
 from bench.common import SMALL_RUN_CONFIG, BenchOptions, site_names, summarise, synthetic_sites, write_result
 
 #: Figures reported per arm (metric key in fedct's evaluation, label).
-FIGURES = (("test-auc-macro", "diagnosis macro AUC"), ("test-pooled-auc-macro", "diagnosis AUC, pooled predictions"),
-           ("test-c-index", "prognosis C-index"))  # fmt: skip
+FIGURES = (
+    ("test-auc-macro", "diagnosis macro AUC"),
+    ("test-pooled-auc-macro", "diagnosis AUC, pooled predictions"),
+    ("test-c-index", "prognosis C-index"),
+)
 #: Figures on the external validation family (inference.external), per arm.
-EXTERNAL_FIGURES = (("external-auc-covid-vs-normal", "external family: COVID vs normal AUC"),
-                    ("external-auc-macro", "external family: diagnosis macro AUC"))  # fmt: skip
+EXTERNAL_FIGURES = (
+    ("external-auc-covid-vs-normal", "external family: COVID vs normal AUC"),
+    ("external-auc-macro", "external family: diagnosis macro AUC"),
+)
 #: Goal of the validity issue: a model that learned the finding, not the generator (COVID vs normal, external family).
 EXTERNAL_AUC_GOAL = 0.85
 
@@ -76,14 +81,38 @@ def plan_for(options: BenchOptions, *, strategies: Sequence[str] | None = None) 
     if strategies is None:
         strategies = ("fedavg",) if options.tiny else DEFAULT_STRATEGIES
     if options.tiny:
-        return QualityPlan(sites=2, patients_per_site=8, small=True, seeds=(0,), rounds=1, local_epochs=1, strategies=tuple(strategies),
-                           run_config=SMALL_RUN_CONFIG, external_studies=6)  # fmt: skip
+        return QualityPlan(
+            sites=2,
+            patients_per_site=8,
+            small=True,
+            seeds=(0,),
+            rounds=1,
+            local_epochs=1,
+            strategies=tuple(strategies),
+            run_config=SMALL_RUN_CONFIG,
+            external_studies=6,
+        )
     if options.quick:
-        return QualityPlan(sites=3, patients_per_site=30, small=True, seeds=(0, 1, 2), rounds=3, local_epochs=3, strategies=tuple(strategies),
-                           run_config=SMALL_RUN_CONFIG)  # fmt: skip
-    return QualityPlan(sites=3, patients_per_site=40, small=False, seeds=(0, 1, 2), rounds=10, local_epochs=2,
-                       strategies=tuple(strategies), external_studies=48)  # fmt: skip
-
+        return QualityPlan(
+            sites=3,
+            patients_per_site=30,
+            small=True,
+            seeds=(0, 1, 2),
+            rounds=3,
+            local_epochs=3,
+            strategies=tuple(strategies),
+            run_config=SMALL_RUN_CONFIG,
+        )
+    return QualityPlan(
+        sites=3,
+        patients_per_site=40,
+        small=False,
+        seeds=(0, 1, 2),
+        rounds=10,
+        local_epochs=2,
+        strategies=tuple(strategies),
+        external_studies=48,
+    )
 
 
 def _server_config(plan: QualityPlan, *, seed: int, run_dir: Path, strategy: str | None) -> Any:
@@ -91,8 +120,14 @@ def _server_config(plan: QualityPlan, *, seed: int, run_dir: Path, strategy: str
     does not know is an error naming it)."""
     from fl_server.config import ServerConfig
 
-    run_config: dict[str, Any] = {**plan.run_config, "num-server-rounds": plan.rounds, "local-epochs": plan.local_epochs,
-                                  "min-sites": plan.sites, "seed": seed, "run-dir": str(run_dir.resolve())}  # fmt: skip
+    run_config: dict[str, Any] = {
+        **plan.run_config,
+        "num-server-rounds": plan.rounds,
+        "local-epochs": plan.local_epochs,
+        "min-sites": plan.sites,
+        "seed": seed,
+        "run-dir": str(run_dir.resolve()),
+    }
     if strategy is not None:
         if "strategy" not in {f.name for f in fields(ServerConfig)}:
             raise ValueError(f"strategy {strategy!r} asked for, but this fedct's run config has no 'strategy' key")
@@ -103,9 +138,16 @@ def _server_config(plan: QualityPlan, *, seed: int, run_dir: Path, strategy: str
 def _site_configs(data_root: Path, work_root: Path) -> dict[str, Any]:
     from fl_client.config import SiteConfig
 
-    return {name: SiteConfig(site_name=name, dicom_dir=data_root / name / "dicom", site_dir=work_root / name,
-                             labels_csv=data_root / name / "labels.csv", device="cpu")  # fmt: skip
-            for name in site_names(data_root)}
+    return {
+        name: SiteConfig(
+            site_name=name,
+            dicom_dir=data_root / name / "dicom",
+            site_dir=work_root / name,
+            labels_csv=data_root / name / "labels.csv",
+            device="cpu",
+        )
+        for name in site_names(data_root)
+    }
 
 
 def _initial_state(config: Any) -> dict[str, Any]:
@@ -127,12 +169,21 @@ def score(sites: Mapping[str, Any], settings: Any, state: Mapping[str, Any], *, 
     per_site = {name: evaluate_round(site, settings, state) for name, site in sites.items()}
     overall = aggregate(per_site)
     keys = [k for k, _ in FIGURES] + ["test-n", "test-n-events"]
-    result = {"overall": {k: overall.get(k) for k in keys}, "sites": {n: {k: m.get(k) for k in keys} for n, m in per_site.items()}}
+    result = {
+        "overall": {k: overall.get(k) for k in keys},
+        "sites": {n: {k: m.get(k) for k in keys} for n, m in per_site.items()},
+    }
     if external is not None:
         from inference.external import score_external
 
-        result["external"] = score_external(state, model=settings.model, pipeline=settings.pipeline, dicom_dir=external.dicom_dir,
-                                            labels_csv=external.labels_csv, work_dir=external.work_dir).metrics()  # fmt: skip
+        result["external"] = score_external(
+            state,
+            model=settings.model,
+            pipeline=settings.pipeline,
+            dicom_dir=external.dicom_dir,
+            labels_csv=external.labels_csv,
+            work_dir=external.work_dir,
+        ).metrics()
     return result
 
 
@@ -180,11 +231,15 @@ def train_pooled(sites: Mapping[str, Any], settings: Any, state: Mapping[str, An
             items = [e.item() for e in manifest.split("train", labelled_only=False)]
             parts.append(make_dataset(items, settings.pipeline, manifest.site_dir, augment=augment))
         generator = torch.Generator().manual_seed(settings.seed * 1000 + 1)
-        return DataLoader(ConcatDataset(parts), batch_size=settings.batch_size, shuffle=augment, num_workers=0, generator=generator)
+        return DataLoader(
+            ConcatDataset(parts), batch_size=settings.batch_size, shuffle=augment, num_workers=0, generator=generator
+        )
 
     model = build_model(settings.model)
     model.load_state_dict(dict(state))
-    train_model(model, loader(True), epochs=epochs, lr=settings.learning_rate, device=device, loss_weights=settings.loss_weights)
+    train_model(
+        model, loader(True), epochs=epochs, lr=settings.learning_rate, device=device, loss_weights=settings.loss_weights
+    )
     recalibrate_batch_norm(model, loader(False), device=device)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
@@ -249,8 +304,16 @@ def plot(path: Path, arms: Mapping[str, Any]) -> Path:
             stats = [s[key] if group == "overall" else s[group][key] for s in stats]
             means = [s["mean"] if s["mean"] is not None else float("nan") for s in stats]  # undefined: no bar
             errors = [s["std"] or 0.0 for s in stats]
-            ax.bar(x + (g - (len(groups) - 1) / 2) * width, means, width, yerr=errors, capsize=2, label=group,
-                   color="black" if group == "overall" else None, alpha=1.0 if group == "overall" else 0.75)  # fmt: skip
+            ax.bar(
+                x + (g - (len(groups) - 1) / 2) * width,
+                means,
+                width,
+                yerr=errors,
+                capsize=2,
+                label=group,
+                color="black" if group == "overall" else None,
+                alpha=1.0 if group == "overall" else 0.75,
+            )
         ax.axhline(0.5, color="red", linestyle=":", linewidth=1)
         ax.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
         ax.set_ylim(0.0, 1.02)
@@ -259,8 +322,14 @@ def plot(path: Path, arms: Mapping[str, Any]) -> Path:
     key, title = EXTERNAL_FIGURES[0]
     stats = [arms[a]["summary"].get("external", {}).get(key, {}) for a in names]
     x = np.arange(len(names))
-    axes[2].bar(x, [s.get("mean") if s.get("mean") is not None else float("nan") for s in stats], 0.6,
-                yerr=[s.get("std") or 0.0 for s in stats], capsize=2, color="tab:purple")  # fmt: skip
+    axes[2].bar(
+        x,
+        [s.get("mean") if s.get("mean") is not None else float("nan") for s in stats],
+        0.6,
+        yerr=[s.get("std") or 0.0 for s in stats],
+        capsize=2,
+        color="tab:purple",
+    )
     axes[2].axhline(EXTERNAL_AUC_GOAL, color="green", linestyle="--", linewidth=1, label=f"goal {EXTERNAL_AUC_GOAL:g}")
     axes[2].axhline(0.5, color="red", linestyle=":", linewidth=1)
     axes[2].set_xticks(x, names, rotation=25, ha="right", fontsize=8)
@@ -281,12 +350,22 @@ PARTIAL_NAME = "quality.partial.json"
 
 def plan_record_of(plan: QualityPlan) -> dict[str, Any]:
     """What must match for a partial result to be continued (the run config's overrides included)."""
-    return {"sites": plan.sites, "patients_per_site": plan.patients_per_site, "small_images": plan.small, "seeds": list(plan.seeds),
-            "rounds": plan.rounds, "local_epochs": plan.local_epochs, "strategies": list(plan.strategies),
-            "run_config": {k: plan.run_config[k] for k in sorted(plan.run_config)}, "external_studies": plan.external_studies}  # fmt: skip
+    return {
+        "sites": plan.sites,
+        "patients_per_site": plan.patients_per_site,
+        "small_images": plan.small,
+        "seeds": list(plan.seeds),
+        "rounds": plan.rounds,
+        "local_epochs": plan.local_epochs,
+        "strategies": list(plan.strategies),
+        "run_config": {k: plan.run_config[k] for k in sorted(plan.run_config)},
+        "external_studies": plan.external_studies,
+    }
 
 
-def load_partial(path: Path, plan_record: Mapping[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float]]:
+def load_partial(
+    path: Path, plan_record: Mapping[str, Any]
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float]]:
     """Finished arm runs and their seconds from a partial result written for the same plan; empty when there is none.
 
     Only arms, seeds and sizes of this plan are kept; a partial result of another plan (other sizes, rounds,
@@ -298,15 +377,21 @@ def load_partial(path: Path, plan_record: Mapping[str, Any]) -> tuple[dict[str, 
     data = json.loads(path.read_text())
     theirs = data.get("plan")
     if not isinstance(theirs, dict):
-        raise ValueError(f"{path}: no plan recorded, cannot tell whether it belongs to this run; move it away to start over")
+        raise ValueError(
+            f"{path}: no plan recorded, cannot tell whether it belongs to this run; move it away to start over"
+        )
     sizes = ("sites", "patients_per_site", "small_images", "rounds", "local_epochs", "run_config", "external_studies")
-    differ = [f"{k}: {theirs.get(k)!r} there, {plan_record[k]!r} here" for k in sizes if theirs.get(k) != plan_record[k]]
+    differ = [
+        f"{k}: {theirs.get(k)!r} there, {plan_record[k]!r} here" for k in sizes if theirs.get(k) != plan_record[k]
+    ]
     if differ:
         raise ValueError(f"{path} was written for another plan ({'; '.join(differ)}); move it away to start over")
     wanted_arms = {"pooled", *(f"federated:{s}" for s in plan_record["strategies"])}
-    per_seed = {arm: [r for r in results if r.get("seed") in plan_record["seeds"]]
-                for arm, results in data.get("per_seed", {}).items()
-                if arm in wanted_arms or arm.startswith("local:")}  # fmt: skip
+    per_seed = {
+        arm: [r for r in results if r.get("seed") in plan_record["seeds"]]
+        for arm, results in data.get("per_seed", {}).items()
+        if arm in wanted_arms or arm.startswith("local:")
+    }
     per_seed = {arm: results for arm, results in per_seed.items() if results}
     seconds = {arm: float(v) for arm, v in data.get("seconds", {}).items() if arm in per_seed}
     return per_seed, seconds
@@ -322,22 +407,37 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Pa
     out = Path(options.out)
     work = out / "work" / "quality"
     # Every configuration is checked before anything runs.
-    configs = {(s, seed): _server_config(plan, seed=seed, run_dir=work / "runs" / f"{s}-seed{seed}", strategy=s)
-               for s in plan.strategies for seed in plan.seeds}  # fmt: skip
-    data_root = synthetic_sites(work / "data", sites=plan.sites, patients_per_site=plan.patients_per_site, seed=0, small=plan.small)
+    configs = {
+        (s, seed): _server_config(plan, seed=seed, run_dir=work / "runs" / f"{s}-seed{seed}", strategy=s)
+        for s in plan.strategies
+        for seed in plan.seeds
+    }
+    data_root = synthetic_sites(
+        work / "data", sites=plan.sites, patients_per_site=plan.patients_per_site, seed=0, small=plan.small
+    )
     work_root = work / "sites"
     sites = _site_configs(data_root, work_root)
     base = next(iter(configs.values()))
     for site in sites.values():  # ingest once; every arm reads the same caches and splits
-        prepare_site(site.dicom_dir, site.site_dir, labels_csv=site.labels_csv, pipeline=base.pipeline,
-                     split=base.round_settings(1).split)  # fmt: skip
-    external = external_family(work / "external", work / "external-site", studies=plan.external_studies, small=plan.small)
+        prepare_site(
+            site.dicom_dir,
+            site.site_dir,
+            labels_csv=site.labels_csv,
+            pipeline=base.pipeline,
+            split=base.round_settings(1).split,
+        )
+    external = external_family(
+        work / "external", work / "external-site", studies=plan.external_studies, small=plan.small
+    )
     budget = plan.rounds * plan.local_epochs
     partial_path = out / PARTIAL_NAME
     plan_record = plan_record_of(plan)
     per_seed, seconds = load_partial(partial_path, plan_record) if options.resume else ({}, {})
     if per_seed:
-        print(f"bench quality: continuing {partial_path}: {sum(map(len, per_seed.values()))} arm runs already done", flush=True)
+        print(
+            f"bench quality: continuing {partial_path}: {sum(map(len, per_seed.values()))} arm runs already done",
+            flush=True,
+        )
 
     def done(arm: str, seed: int) -> bool:
         return any(r["seed"] == seed for r in per_seed.get(arm, []))
@@ -347,7 +447,9 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Pa
         seconds[arm] = seconds.get(arm, 0.0) + time.perf_counter() - t0
         # every finished arm is kept at once: the full mode runs for hours, an interrupted run still shows what it
         # got, and ``--resume`` continues from it
-        partial_path.write_text(json.dumps({"plan": plan_record, "per_seed": per_seed, "seconds": seconds}, indent=1, default=str))
+        partial_path.write_text(
+            json.dumps({"plan": plan_record, "per_seed": per_seed, "seconds": seconds}, indent=1, default=str)
+        )
 
     for seed in plan.seeds:
         config = configs[(plan.strategies[0], seed)]
@@ -355,8 +457,14 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Pa
         state0 = _initial_state(config)
         if not done("pooled", seed):
             t0 = time.perf_counter()
-            record("pooled", {"seed": seed, **score(sites, settings, train_pooled(sites, settings, state0, epochs=budget), external=external)},
-                   t0)  # fmt: skip
+            record(
+                "pooled",
+                {
+                    "seed": seed,
+                    **score(sites, settings, train_pooled(sites, settings, state0, epochs=budget), external=external),
+                },
+                t0,
+            )
         for name, site in sites.items():
             if done(f"local:{name}", seed):
                 continue
@@ -372,7 +480,10 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Pa
             record(f"federated:{strategy}", {"seed": seed, **score(sites, settings, state, external=external)}, t0)
     for results in per_seed.values():  # resumed arms: seed order, whatever order they finished in
         results.sort(key=lambda r: plan.seeds.index(r["seed"]))
-    arms = {arm: {"per_seed": results, "summary": _summaries(results), "seconds": seconds[arm]} for arm, results in per_seed.items()}
+    arms = {
+        arm: {"per_seed": results, "summary": _summaries(results), "seconds": seconds[arm]}
+        for arm, results in per_seed.items()
+    }
     key = FIGURES[0][0]
     pooled = arms["pooled"]["summary"]["overall"][key]["mean"]
     locals_ = {a: v["summary"]["overall"][key]["mean"] for a, v in arms.items() if a.startswith("local:")}
@@ -383,9 +494,13 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Pa
         verdict[strategy] = {
             "federated_over_pooled": fed / pooled if fed is not None and pooled is not None and pooled > 0 else None,
             "target_federated_over_pooled": 0.99,
-            "federated_minus_best_local": fed - locals_[best_local] if fed is not None and locals_[best_local] is not None else None,
+            "federated_minus_best_local": fed - locals_[best_local]
+            if fed is not None and locals_[best_local] is not None
+            else None,
             "best_local_arm": best_local,
-            "external_auc_covid_vs_normal": arms[f"federated:{strategy}"]["summary"]["external"][EXTERNAL_FIGURES[0][0]]["mean"],
+            "external_auc_covid_vs_normal": arms[f"federated:{strategy}"]["summary"]["external"][
+                EXTERNAL_FIGURES[0][0]
+            ]["mean"],
             "target_external_auc_covid_vs_normal": EXTERNAL_AUC_GOAL,
         }
     payload = {
@@ -397,9 +512,21 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Pa
         "external_family": {"studies": plan.external_studies, "generator": "synthetic.external"},
         "plan": {**plan_record, "epochs_budget": budget, "model": base.model_name, "input_size": base.input_size},
         "resumed": options.resume,
-        "site_studies": {name: {s: len(prepare_site(site.dicom_dir, site.site_dir, labels_csv=site.labels_csv, pipeline=base.pipeline,
-                                                   split=base.round_settings(1).split).split(s)) for s in ("train", "val", "test")}
-                         for name, site in sites.items()},  # fmt: skip
+        "site_studies": {
+            name: {
+                s: len(
+                    prepare_site(
+                        site.dicom_dir,
+                        site.site_dir,
+                        labels_csv=site.labels_csv,
+                        pipeline=base.pipeline,
+                        split=base.round_settings(1).split,
+                    ).split(s)
+                )
+                for s in ("train", "val", "test")
+            }
+            for name, site in sites.items()
+        },
         "figures": {k: label for k, label in FIGURES},
         "arms": arms,
         "verdict_on_macro_auc": verdict,

@@ -27,8 +27,13 @@ def _plan(options: BenchOptions) -> dict[str, Any]:
     from bench.train_loop import profile_run_config
 
     gpu = profile_run_config("gpu")
-    return {"sites": 4, "patients": 24, "small": False, "rounds": 3,
-            "run_config": {k: gpu[k] for k in ("batch-size", "input-size", "target-spacing-mm", "model-name")}}  # fmt: skip
+    return {
+        "sites": 4,
+        "patients": 24,
+        "small": False,
+        "rounds": 3,
+        "run_config": {k: gpu[k] for k in ("batch-size", "input-size", "target-spacing-mm", "model-name")},
+    }
 
 
 def read_train_stats(work_root: Path) -> dict[str, list[dict[str, Any]]]:
@@ -58,19 +63,31 @@ def run(options: BenchOptions) -> Path:
     plan = _plan(options)
     out = Path(options.out)
     work = out / "work" / "sim_gpu"
-    data_root = synthetic_sites(work / "data", sites=plan["sites"], patients_per_site=plan["patients"], seed=0, small=plan["small"])
+    data_root = synthetic_sites(
+        work / "data", sites=plan["sites"], patients_per_site=plan["patients"], seed=0, small=plan["small"]
+    )
     work_root = work / "sites"
     run_dir = work / "run"
 
-    federation = FederationPlan(sites=plan["sites"], patients_per_site=plan["patients"], small=plan["small"], rounds=plan["rounds"],
-                                run_config=plan["run_config"])  # fmt: skip
+    federation = FederationPlan(
+        sites=plan["sites"],
+        patients_per_site=plan["patients"],
+        small=plan["small"],
+        rounds=plan["rounds"],
+        run_config=plan["run_config"],
+    )
     run_config = _run_config(federation, run_dir)
     config = ServerConfig.from_run_config(run_config)
     settings = config.round_settings(1)
     names = site_names(data_root)
     for name in names:  # ingested beforehand: the rounds measure training, not ingestion
-        prepare_site(data_root / name / "dicom", work_root / name, labels_csv=data_root / name / "labels.csv",
-                     pipeline=config.pipeline, split=settings.split)  # fmt: skip
+        prepare_site(
+            data_root / name / "dicom",
+            work_root / name,
+            labels_csv=data_root / name / "labels.csv",
+            pipeline=config.pipeline,
+            split=settings.split,
+        )
         (work_root / name / "train-stats.jsonl").unlink(missing_ok=True)
     gpus = sim_gpus_per_site(len(names))
     t0 = time.perf_counter()
@@ -90,15 +107,28 @@ def run(options: BenchOptions) -> Path:
         r = entry["round"]
         mine = {site: next((s for s in lines if s["round"] == r), None) for site, lines in stats.items()}
         seconds = [s["seconds"] for s in mine.values() if s]
-        rounds.append({
-            "round": r,
-            "wall_seconds": entry["wall_seconds"],
-            "sum_site_training_seconds": sum(seconds) if seconds else None,
-            "slowest_site_training_seconds": max(seconds) if seconds else None,
-            "wall_over_sum_of_training": entry["wall_seconds"] / sum(seconds) if seconds and sum(seconds) else None,
-            "sites": {site: ({"seconds": s["seconds"], "device": s["device"], "precision": s["precision"],
-                              "peak_gpu_memory_mib": s["peak_gpu_memory_mib"]} if s else None) for site, s in mine.items()},
-        })  # fmt: skip
+        rounds.append(
+            {
+                "round": r,
+                "wall_seconds": entry["wall_seconds"],
+                "sum_site_training_seconds": sum(seconds) if seconds else None,
+                "slowest_site_training_seconds": max(seconds) if seconds else None,
+                "wall_over_sum_of_training": entry["wall_seconds"] / sum(seconds) if seconds and sum(seconds) else None,
+                "sites": {
+                    site: (
+                        {
+                            "seconds": s["seconds"],
+                            "device": s["device"],
+                            "precision": s["precision"],
+                            "peak_gpu_memory_mib": s["peak_gpu_memory_mib"],
+                        }
+                        if s
+                        else None
+                    )
+                    for site, s in mine.items()
+                },
+            }
+        )
     payload = {
         "what": "Flower simulation (Ray) with gpus_per_site of one GPU per simulated site; per round the wall time against "
         "the sum of the sites' local training (train-stats.jsonl of each site); per site its process's peak GPU memory "

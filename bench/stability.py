@@ -60,8 +60,17 @@ def _typed(value: str) -> Any:
     return {"true": True, "false": False}.get(value.lower(), value)
 
 
-def run(out: Path, variants: Sequence[Variant], *, seeds: Sequence[int], sites: int = 3, patients_per_site: int = 30,
-        rounds: int = 3, local_epochs: int = 3, run_config: Mapping[str, Any] | None = None) -> Path:  # fmt: skip
+def run(
+    out: Path,
+    variants: Sequence[Variant],
+    *,
+    seeds: Sequence[int],
+    sites: int = 3,
+    patients_per_site: int = 30,
+    rounds: int = 3,
+    local_epochs: int = 3,
+    run_config: Mapping[str, Any] | None = None,
+) -> Path:
     """Score pooled and every variant for every seed; write and return ``out/stability.json``."""
     from preprocessing.ingest import prepare_site
 
@@ -71,9 +80,16 @@ def run(out: Path, variants: Sequence[Variant], *, seeds: Sequence[int], sites: 
     configs = {}
     for v in variants:
         for seed in seeds:
-            plan = quality.QualityPlan(sites=sites, patients_per_site=patients_per_site, small=True, seeds=tuple(seeds), rounds=rounds,
-                                       local_epochs=local_epochs, strategies=(v.strategy,),
-                                       run_config={**base_rc, **{k: _typed(x) for k, x in v.overrides}})  # fmt: skip
+            plan = quality.QualityPlan(
+                sites=sites,
+                patients_per_site=patients_per_site,
+                small=True,
+                seeds=tuple(seeds),
+                rounds=rounds,
+                local_epochs=local_epochs,
+                strategies=(v.strategy,),
+                run_config={**base_rc, **{k: _typed(x) for k, x in v.overrides}},
+            )
             run_dir = work / "runs" / f"{v.name.replace(':', '_').replace('=', '-')}-seed{seed}"
             configs[(v.name, seed)] = quality._server_config(plan, seed=seed, run_dir=run_dir, strategy=v.strategy)
     data_root = synthetic_sites(work / "data", sites=sites, patients_per_site=patients_per_site, seed=0, small=True)
@@ -81,8 +97,13 @@ def run(out: Path, variants: Sequence[Variant], *, seeds: Sequence[int], sites: 
     site_cfgs = quality._site_configs(data_root, work_root)
     base = next(iter(configs.values()))
     for site in site_cfgs.values():
-        prepare_site(site.dicom_dir, site.site_dir, labels_csv=site.labels_csv, pipeline=base.pipeline,
-                     split=base.round_settings(1).split)  # fmt: skip
+        prepare_site(
+            site.dicom_dir,
+            site.site_dir,
+            labels_csv=site.labels_csv,
+            pipeline=base.pipeline,
+            split=base.round_settings(1).split,
+        )
     budget = rounds * local_epochs
     path = out / "stability.json"
     per_seed: dict[str, list[dict[str, Any]]] = json.loads(path.read_text())["per_seed"] if path.is_file() else {}
@@ -90,13 +111,27 @@ def run(out: Path, variants: Sequence[Variant], *, seeds: Sequence[int], sites: 
     def save() -> None:
         ratios = {}
         for v in variants:
-            pairs = [(p[KEY], f[KEY]) for p in per_seed.get("pooled", []) for f in per_seed.get(v.name, []) if p["seed"] == f["seed"]]
+            pairs = [
+                (p[KEY], f[KEY])
+                for p in per_seed.get("pooled", [])
+                for f in per_seed.get(v.name, [])
+                if p["seed"] == f["seed"]
+            ]
             rs = [f / p for p, f in pairs if p and f is not None]
             ratios[v.name] = {"per_seed": rs, "min": min(rs) if rs else None, "mean": sum(rs) / len(rs) if rs else None}
-        payload = {"what": f"final-model {KEY} per seed, pooled vs federated variants; ratio = federated / pooled",
-                   "plan": {"sites": sites, "patients_per_site": patients_per_site, "rounds": rounds, "local_epochs": local_epochs,
-                            "seeds": list(seeds), "run_config": base_rc},
-                   "per_seed": per_seed, "ratio_to_pooled": ratios}  # fmt: skip
+        payload = {
+            "what": f"final-model {KEY} per seed, pooled vs federated variants; ratio = federated / pooled",
+            "plan": {
+                "sites": sites,
+                "patients_per_site": patients_per_site,
+                "rounds": rounds,
+                "local_epochs": local_epochs,
+                "seeds": list(seeds),
+                "run_config": base_rc,
+            },
+            "per_seed": per_seed,
+            "ratio_to_pooled": ratios,
+        }
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=1, default=str))
 
@@ -110,7 +145,9 @@ def run(out: Path, variants: Sequence[Variant], *, seeds: Sequence[int], sites: 
             t0 = time.perf_counter()
             state = quality.train_pooled(site_cfgs, settings, quality._initial_state(config), epochs=budget)
             s = quality.score(site_cfgs, settings, state)
-            per_seed.setdefault("pooled", []).append({"seed": seed, KEY: s["overall"].get(KEY), "seconds": time.perf_counter() - t0})
+            per_seed.setdefault("pooled", []).append(
+                {"seed": seed, KEY: s["overall"].get(KEY), "seconds": time.perf_counter() - t0}
+            )
             save()
         for v in variants:
             if done(v.name, seed):
@@ -119,7 +156,9 @@ def run(out: Path, variants: Sequence[Variant], *, seeds: Sequence[int], sites: 
             cfg = configs[(v.name, seed)]
             quality.run_federated(cfg, data_root, work_root, sites)
             s = quality.score(site_cfgs, replace(cfg.round_settings(1), local_epochs=budget), quality.final_state(cfg))
-            per_seed.setdefault(v.name, []).append({"seed": seed, KEY: s["overall"].get(KEY), "seconds": time.perf_counter() - t0})
+            per_seed.setdefault(v.name, []).append(
+                {"seed": seed, KEY: s["overall"].get(KEY), "seconds": time.perf_counter() - t0}
+            )
             save()
     save()
     return path
@@ -136,8 +175,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     variants = [parse_variant(t) for t in args.variants.split(",") if t.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    path = run(args.out, variants, seeds=seeds, rounds=args.rounds, local_epochs=args.local_epochs,
-               patients_per_site=args.patients_per_site)  # fmt: skip
+    path = run(
+        args.out,
+        variants,
+        seeds=seeds,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        patients_per_site=args.patients_per_site,
+    )
     print(json.dumps(json.loads(path.read_text())["ratio_to_pooled"], indent=1))
     return 0
 

@@ -150,16 +150,24 @@ def bench_settings(run_config: Mapping[str, Any]) -> Any:
         learning_rate=float(run_config.get("learning-rate", 0.001)),
         batch_size=int(run_config.get("batch-size", 4)),
         seed=int(run_config.get("seed", 0)),
-        model=ModelConfig(name=str(run_config.get("model-name", model.name)), norm=str(run_config.get("model-norm", model.norm)),
-                          covariates=bool(run_config.get("clinical-covariates", False))),  # fmt: skip
+        model=ModelConfig(
+            name=str(run_config.get("model-name", model.name)),
+            norm=str(run_config.get("model-norm", model.norm)),
+            covariates=bool(run_config.get("clinical-covariates", False)),
+        ),
         pipeline=PipelineConfig(
             input_size=parse_triple(str(run_config.get("input-size", "64,64,48")), int, "input-size"),
-            target_spacing_mm=parse_triple(str(run_config.get("target-spacing-mm", "5.0,5.0,5.0")), float, "target-spacing-mm"),
+            target_spacing_mm=parse_triple(
+                str(run_config.get("target-spacing-mm", "5.0,5.0,5.0")), float, "target-spacing-mm"
+            ),
             hu_min=float(run_config.get("hu-min", pipeline.hu_min)),
             hu_max=float(run_config.get("hu-max", pipeline.hu_max)),
         ),
         split=SplitConfig(),
-        loss_weights=(float(run_config.get("loss-weight-diagnosis", 1.0)), float(run_config.get("loss-weight-prognosis", 0.5))),
+        loss_weights=(
+            float(run_config.get("loss-weight-diagnosis", 1.0)),
+            float(run_config.get("loss-weight-prognosis", 0.5)),
+        ),
     )
 
 
@@ -170,7 +178,9 @@ def options_from_environment() -> Any:
 
     from fl_client.compute import NODE_KEYS, ComputeOptions
 
-    return ComputeOptions.from_node_config({node: os.environ[env] for node, (env, _) in NODE_KEYS.items() if os.environ.get(env)})
+    return ComputeOptions.from_node_config(
+        {node: os.environ[env] for node, (env, _) in NODE_KEYS.items() if os.environ.get(env)}
+    )
 
 
 def _plan(options: BenchOptions) -> dict[str, Any]:
@@ -184,11 +194,32 @@ def _size_plan(options: BenchOptions) -> dict[str, Any]:
     run_config = profile_run_config(options.profile)
     if options.tiny:
         # Test-suite size whatever the profile: the small network and volumes, the profile's loader/precision path.
-        return {"patients": 6, "epochs": 1, "run_config": {**run_config, **SMALL_RUN_CONFIG}, "small": True, "limit_steps": 3, "ab_steps": 1}
+        return {
+            "patients": 6,
+            "epochs": 1,
+            "run_config": {**run_config, **SMALL_RUN_CONFIG},
+            "small": True,
+            "limit_steps": 3,
+            "ab_steps": 1,
+        }
     if options.profile == "gpu":
         if options.quick:
-            return {"patients": 24, "epochs": 3, "run_config": run_config, "small": False, "limit_steps": 10, "ab_steps": 5}
-        return {"patients": 96, "epochs": 4, "run_config": run_config, "small": False, "limit_steps": 30, "ab_steps": 10}
+            return {
+                "patients": 24,
+                "epochs": 3,
+                "run_config": run_config,
+                "small": False,
+                "limit_steps": 10,
+                "ab_steps": 5,
+            }
+        return {
+            "patients": 96,
+            "epochs": 4,
+            "run_config": run_config,
+            "small": False,
+            "limit_steps": 30,
+            "ab_steps": 10,
+        }
     if options.quick:
         return {"patients": 10, "epochs": 1, "run_config": run_config, "small": False, "limit_steps": 3, "ab_steps": 3}
     return {"patients": 30, "epochs": 2, "run_config": run_config, "small": False, "limit_steps": 8, "ab_steps": 5}
@@ -222,8 +253,12 @@ class _UtilisationSampler:
         exe = shutil.which("nvidia-smi")
         if exe:
             try:
-                self._process = subprocess.Popen([exe, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0",
-                                                  "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+                self._process = subprocess.Popen(
+                    [exe, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0", "-lms", "100"],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                )
             except OSError:
                 self._process = None
         if self._process is not None:
@@ -270,8 +305,11 @@ def _busy_union_seconds(prof: Any) -> tuple[float, float, int]:
     """(union of CUDA activity intervals, summed CUDA kernel self time, number of device events) of a profile."""
     import torch
 
-    intervals = [(e.time_range.start, e.time_range.end) for e in prof.events()
-                 if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]  # fmt: skip
+    intervals = [
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+    ]
     kernel = 0.0
     for event in prof.key_averages():
         if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA:
@@ -295,8 +333,16 @@ def _profile_gpu(model: Any, loader: Any, *, settings: Any, compute: Any, augmen
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.profiler.profile(activities=kinds) as prof:
-            train_model(model, timed, epochs=1, lr=1e-5, device=compute.device, loss_weights=settings.loss_weights,
-                        compute=compute, augment=augment)  # fmt: skip
+            train_model(
+                model,
+                timed,
+                epochs=1,
+                lr=1e-5,
+                device=compute.device,
+                loss_weights=settings.loss_weights,
+                compute=compute,
+                augment=augment,
+            )
             timed.finish()
         wall = time.perf_counter() - t0
         union, kernel, n_events = _busy_union_seconds(prof)
@@ -348,12 +394,31 @@ def compute_limit(settings: Any, compute: Any, *, steps: int, warmup: int = 3) -
     if compute.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    train_model(model, _Batches(batch, warmup), epochs=1, lr=1e-5, device=compute.device, loss_weights=settings.loss_weights,
-                compute=compute)  # fmt: skip
-    result = train_model(model, _Batches(batch, steps), epochs=1, lr=1e-5, device=compute.device,
-                         loss_weights=settings.loss_weights, compute=compute)  # fmt: skip
-    out = {"steps": steps, "seconds": result.seconds, "samples_per_second": steps * settings.batch_size / result.seconds,
-           "precision": compute.precision, "channels_last": compute.channels_last}  # fmt: skip
+    train_model(
+        model,
+        _Batches(batch, warmup),
+        epochs=1,
+        lr=1e-5,
+        device=compute.device,
+        loss_weights=settings.loss_weights,
+        compute=compute,
+    )
+    result = train_model(
+        model,
+        _Batches(batch, steps),
+        epochs=1,
+        lr=1e-5,
+        device=compute.device,
+        loss_weights=settings.loss_weights,
+        compute=compute,
+    )
+    out = {
+        "steps": steps,
+        "seconds": result.seconds,
+        "samples_per_second": steps * settings.batch_size / result.seconds,
+        "precision": compute.precision,
+        "channels_last": compute.channels_last,
+    }
     if compute.device.type == "cuda":
         out["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -403,8 +468,12 @@ def metatensor_ab(settings: Any, compute: Any, *, steps: int) -> dict[str, Any]:
         times["metatensor"].append(step(True))
         times["plain"].append(step(False))
     old, new = statistics.median(times["metatensor"]), statistics.median(times["plain"])
-    return {"steps_each": steps, "metatensor_step_seconds": summarise(times["metatensor"]), "plain_step_seconds": summarise(times["plain"]),
-            "speedup_plain_over_metatensor": old / new if new else None}  # fmt: skip
+    return {
+        "steps_each": steps,
+        "metatensor_step_seconds": summarise(times["metatensor"]),
+        "plain_step_seconds": summarise(times["plain"]),
+        "speedup_plain_over_metatensor": old / new if new else None,
+    }
 
 
 def _augment_cost(augment: Any, settings: Any, device: Any, *, reps: int = 5) -> dict[str, Any]:
@@ -422,7 +491,9 @@ def _augment_cost(augment: Any, settings: Any, device: Any, *, reps: int = 5) ->
     return {"seconds_per_batch": (time.perf_counter() - t0) / reps}
 
 
-def _arm(device_name: str, *, dataset: Any, plain_dataset: Any, settings: Any, plan: Mapping[str, Any]) -> dict[str, Any]:
+def _arm(
+    device_name: str, *, dataset: Any, plain_dataset: Any, settings: Any, plan: Mapping[str, Any]
+) -> dict[str, Any]:
     """One device: fedct's loop, its compute-only limit, the ratio (and the GPU's busy fraction on CUDA)."""
     import torch
     from monai.utils import set_determinism
@@ -438,30 +509,52 @@ def _arm(device_name: str, *, dataset: Any, plain_dataset: Any, settings: Any, p
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model = prepare_model(build_model(settings.model), compute)
     augment = batch_augment(settings, compute)
-    loader = make_loader(plain_dataset if compute.gpu_augment else dataset, batch_size=settings.batch_size, shuffle=True,
-                         compute=compute, seed=0)  # fmt: skip
+    loader = make_loader(
+        plain_dataset if compute.gpu_augment else dataset,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        compute=compute,
+        seed=0,
+    )
     timed = TimedLoader(loader, synchronize=sync)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with _UtilisationSampler() if cuda else _NoSampler() as sampler:
-        result = train_model(model, timed, epochs=plan["epochs"], lr=settings.learning_rate, device=device,
-                             loss_weights=settings.loss_weights, compute=compute, augment=augment)  # fmt: skip
+        result = train_model(
+            model,
+            timed,
+            epochs=plan["epochs"],
+            lr=settings.learning_rate,
+            device=device,
+            loss_weights=settings.loss_weights,
+            compute=compute,
+            augment=augment,
+        )
         timed.finish()
     warmup = 2 if cuda else 1  # the first steps pay for worker start, allocation, cuDNN set-up, cache reads
-    arm: dict[str, Any] = {"device": device_name, "compute": compute.summary(), **timed.summary(warmup=warmup),
-                           "first_step_seconds": (timed.waits[0] + timed.computes[0]) if timed.computes else None,
-                           "train_model_seconds": result.seconds}  # fmt: skip
+    arm: dict[str, Any] = {
+        "device": device_name,
+        "compute": compute.summary(),
+        **timed.summary(warmup=warmup),
+        "first_step_seconds": (timed.waits[0] + timed.computes[0]) if timed.computes else None,
+        "train_model_seconds": result.seconds,
+    }
     if cuda:
         arm["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
         arm["gpu_busy_fraction_nvidia_smi"] = sampler.fraction()
         try:
             arm["profile"] = _profile_gpu(model, loader, settings=settings, compute=compute, augment=augment)
         except Exception as exc:  # noqa: BLE001 - a profiler that fails must not lose the loop's figures
-            arm["profile"] = {"error": f"{type(exc).__name__}: {exc}", "gpu_busy_fraction": None, "device_busy_seconds_per_sample": None}
+            arm["profile"] = {
+                "error": f"{type(exc).__name__}: {exc}",
+                "gpu_busy_fraction": None,
+                "device_busy_seconds_per_sample": None,
+            }
         arm["gpu_busy_fraction"] = arm["profile"]["gpu_busy_fraction"]
         per_sample = arm["profile"]["device_busy_seconds_per_sample"]
-        arm["gpu_busy_fraction_unprofiled_estimate"] = (per_sample * arm["samples_per_second"]
-                                                        if per_sample and arm["samples_per_second"] else None)  # fmt: skip
+        arm["gpu_busy_fraction_unprofiled_estimate"] = (
+            per_sample * arm["samples_per_second"] if per_sample and arm["samples_per_second"] else None
+        )
     if augment is not None:
         arm["gpu_augment_cost"] = _augment_cost(augment, settings, device)
     del loader, timed  # stop persistent workers before the limit runs
@@ -508,16 +601,24 @@ def run(options: BenchOptions) -> Path:
     data_root = synthetic_sites(work / "data", sites=1, patients_per_site=plan["patients"], seed=0, small=plan["small"])
     site = data_root / "site-0"
     t0 = time.perf_counter()
-    manifest = prepare_site(site / "dicom", work / "sites" / "site-0", labels_csv=site / "labels.csv", pipeline=settings.pipeline,
-                            split=settings.split, workers=max(1, min(16, _cpus())))  # fmt: skip
+    manifest = prepare_site(
+        site / "dicom",
+        work / "sites" / "site-0",
+        labels_csv=site / "labels.csv",
+        pipeline=settings.pipeline,
+        split=settings.split,
+        workers=max(1, min(16, _cpus())),
+    )
     ingest_seconds = time.perf_counter() - t0
     items = [e.item() for e in manifest.studies]  # every study: the benchmark is about speed, not generalisation
     dataset = make_dataset(items, settings.pipeline, manifest.site_dir, augment=True)
     plain_dataset = make_dataset(items, settings.pipeline, manifest.site_dir, augment=False)
     for index in range(len(plain_dataset)):  # fill the cache once, outside the timed loop
         plain_dataset[index]
-    arms = {device_name: _arm(device_name, dataset=dataset, plain_dataset=plain_dataset, settings=settings, plan=plan)
-            for device_name in _devices(options)}  # fmt: skip
+    arms = {
+        device_name: _arm(device_name, dataset=dataset, plain_dataset=plain_dataset, settings=settings, plan=plan)
+        for device_name in _devices(options)
+    }
     payload = {
         "what": "fl_client.train.train_model over a site's cached dataset with fedct's settings per device (loop), against "
         "train_model on one plain device-resident batch of the same network, size, batch and precision (limit); ratio = "
@@ -525,8 +626,11 @@ def run(options: BenchOptions) -> Path:
         "is asked for (the GPU is synchronised once at the end, so device time shows in the last step and in the wall "
         "time). The first steps are warm-up (reported apart). gpu_busy_fraction: profiler's CUDA activity / wall.",
         "profile": options.profile,
-        "run_config": {k: plan["run_config"][k] for k in ("batch-size", "input-size", "target-spacing-mm", "model-name")
-                       if k in plan["run_config"]},  # fmt: skip
+        "run_config": {
+            k: plan["run_config"][k]
+            for k in ("batch-size", "input-size", "target-spacing-mm", "model-name")
+            if k in plan["run_config"]
+        },
         "model": settings.model.name,
         "input_size": list(settings.pipeline.input_size),
         "target_spacing_mm": list(settings.pipeline.target_spacing_mm),
@@ -537,7 +641,8 @@ def run(options: BenchOptions) -> Path:
         "torch_threads": torch.get_num_threads(),
         "arms": arms,
         "gpu": "none on this machine: the cuda arm (busy fraction, limit on the GPU) runs where torch.cuda.is_available()"
-        if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+        if not torch.cuda.is_available()
+        else torch.cuda.get_device_name(0),
         "peak_rss_mib": self_peak_rss_mib(),
     }
     return write_result(out, name, payload, options=options, started=started)

@@ -98,8 +98,12 @@ def _write_public(path: Path, data: bytes) -> None:
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedct consortium"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])  # fmt: skip
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedct consortium"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _make_ca(now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -114,17 +118,29 @@ def _make_ca(now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certifi
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                     encipher_only=False, decipher_only=False), critical=True)  # fmt: skip
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
     return key, cert
 
 
-def _make_server(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, sans: Sequence[str],
-                 now: dt.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:  # fmt: skip
+def _make_server(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, sans: Sequence[str], now: dt.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP384R1())
     cert = (
         x509.CertificateBuilder()
@@ -146,7 +162,9 @@ def _make_server(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, 
 def site_key_pair() -> tuple[bytes, bytes]:
     """A new SuperNode authentication key: (OpenSSH private key, OpenSSH public key line)."""
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return private, public + b"\n"
 
@@ -159,8 +177,10 @@ def write_site_key(path: Path) -> tuple[Path, str]:
     public_path = path.with_suffix(".pub")
     for existing in (path, public_path):
         if existing.exists():
-            raise CertsError(f"refusing to overwrite existing {existing}; this site already has a key (its public key "
-                             f"is {public_path}); move it away first only if the coordinator will register a new one")  # fmt: skip
+            raise CertsError(
+                f"refusing to overwrite existing {existing}; this site already has a key (its public key "
+                f"is {public_path}); move it away first only if the coordinator will register a new one"
+            )
     private, public = site_key_pair()
     if not path.parent.exists():
         path.parent.mkdir(parents=True, mode=0o700)
@@ -175,13 +195,16 @@ def write_site_key(path: Path) -> tuple[Path, str]:
     return public_path, public.decode("ascii").strip()
 
 
-def write_consortium(out: Path, *, sites: Sequence[str] = (), sans: Sequence[str] = DEFAULT_SANS,
-                     with_site_keys: bool = False) -> ConsortiumFiles:  # fmt: skip
+def write_consortium(
+    out: Path, *, sites: Sequence[str] = (), sans: Sequence[str] = DEFAULT_SANS, with_site_keys: bool = False
+) -> ConsortiumFiles:
     """Write the CA (created once, reused when ``out/ca`` exists) and the server certificate; with
     ``with_site_keys`` (tests, the demo) also a key pair per site in ``sites``, else ``sites`` must be empty."""
     if sites and not with_site_keys:
-        raise CertsError("site private keys are made at each site (`fedct site-key --out site.key`), not by the "
-                         "coordinator; pass --with-site-keys only to play every site on this machine (tests, demo)")  # fmt: skip
+        raise CertsError(
+            "site private keys are made at each site (`fedct site-key --out site.key`), not by the "
+            "coordinator; pass --with-site-keys only to play every site on this machine (tests, demo)"
+        )
     sites = [_check_site_name(s) for s in sites]
     if len(set(sites)) != len(sites):
         raise CertsError(f"duplicate site name in {', '.join(sites)}")
@@ -197,7 +220,7 @@ def write_consortium(out: Path, *, sites: Sequence[str] = (), sans: Sequence[str
     clashes = [str(p / "site.key") for p in site_dirs.values() if (p / "site.key").exists()]
     if clashes:
         raise CertsError(f"refusing to overwrite existing site key(s): {', '.join(clashes)}")
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     if ca_cert_path.exists() != ca_key_path.exists():
         raise CertsError(f"{out / 'ca'} holds only one of ca.crt and ca.key; restore both or remove the folder")
     if ca_cert_path.exists():
@@ -207,14 +230,22 @@ def write_consortium(out: Path, *, sites: Sequence[str] = (), sans: Sequence[str
             raise CertsError(f"{ca_key_path} is not an EC private key")
     else:
         ca_key, ca_cert = _make_ca(now)
-        _write_private(ca_key_path, ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))  # fmt: skip
+        _write_private(
+            ca_key_path,
+            ca_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
         _write_public(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     if not server_cert_path.exists():
         server_key, server_cert = _make_server(ca_key, ca_cert, list(sans), now)
-        _write_private(server_key_path, server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                                 serialization.NoEncryption()))  # fmt: skip
+        _write_private(
+            server_key_path,
+            server_key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
         _write_public(server_cert_path, server_cert.public_bytes(serialization.Encoding.PEM))
         _write_public(out / "server" / "ca.crt", ca_pem)
     keys, pubs = {}, {}
@@ -225,8 +256,14 @@ def write_consortium(out: Path, *, sites: Sequence[str] = (), sans: Sequence[str
         if not (folder / "ca.crt").exists():
             _write_public(folder / "ca.crt", ca_pem)
         keys[name], pubs[name] = folder / "site.key", folder / "site.pub"
-    return ConsortiumFiles(ca_cert=ca_cert_path, ca_key=ca_key_path, server_cert=server_cert_path, server_key=server_key_path,
-                           site_keys=keys, site_public_keys=pubs)  # fmt: skip
+    return ConsortiumFiles(
+        ca_cert=ca_cert_path,
+        ca_key=ca_key_path,
+        server_cert=server_cert_path,
+        server_key=server_key_path,
+        site_keys=keys,
+        site_public_keys=pubs,
+    )
 
 
 def site_key_command(args: argparse.Namespace) -> int:
@@ -249,8 +286,9 @@ def certs_command(args: argparse.Namespace) -> int:
         print("fedct certs: error: --with-site-keys needs --sites NAME[,NAME...]", file=sys.stderr)
         return 2
     try:
-        files = write_consortium(Path(args.out), sites=sites, sans=tuple(args.san or DEFAULT_SANS),
-                                 with_site_keys=args.with_site_keys)  # fmt: skip
+        files = write_consortium(
+            Path(args.out), sites=sites, sans=tuple(args.san or DEFAULT_SANS), with_site_keys=args.with_site_keys
+        )
     except (CertsError, OSError) as exc:
         print(f"fedct certs: error: {exc}", file=sys.stderr)
         return 2
@@ -258,8 +296,12 @@ def certs_command(args: argparse.Namespace) -> int:
     print(f"CA private key:     {files.ca_key}  (keep offline)")
     print(f"server certificate: {files.server_cert} + {files.server_key}  (SuperLink host only)")
     if not files.site_keys:
-        print("site keys:          each site runs `fedct site-key --out site.key` and sends you site.pub "
-              "(put it in FEDCT_SITE_KEYS as <site name>.pub)")
+        print(
+            "site keys:          each site runs `fedct site-key --out site.key` and sends you site.pub "
+            "(put it in FEDCT_SITE_KEYS as <site name>.pub)"
+        )
     for name in files.site_keys:
-        print(f"{name}: private key {files.site_keys[name]} (site only), public key {files.site_public_keys[name]} (to the server)")
+        print(
+            f"{name}: private key {files.site_keys[name]} (site only), public key {files.site_public_keys[name]} (to the server)"
+        )
     return 0

@@ -15,8 +15,13 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 def _synth(args: argparse.Namespace) -> int:
     from synthetic.hospitals import write_federation
 
-    summary = write_federation(Path(args.out), sites=args.sites, patients_per_site=args.patients_per_site, seed=args.seed,
-                               progress=None if args.quiet else _print_progress)  # fmt: skip
+    summary = write_federation(
+        Path(args.out),
+        sites=args.sites,
+        patients_per_site=args.patients_per_site,
+        seed=args.seed,
+        progress=None if args.quiet else _print_progress,
+    )
     for site in summary.sites:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(site.class_counts.items()))
         print(f"{site.name}: {site.n_patients} patients, {site.n_files} files ({counts})")
@@ -44,16 +49,30 @@ def _ingest(args: argparse.Namespace) -> int:
             args.input = str(pull_for_ingest(args))
         elif not args.input:
             raise ValueError("give --input FOLDER or --pacs [URL]")
-        manifest = ingest_site(Path(args.input), Path(args.out), labels_csv=Path(args.labels) if args.labels else None,
-                               pipeline=pipeline, workers=args.workers, progress=True, export_hu=args.export_hu)  # fmt: skip
-    except (OSError, LabelsError, ValueError, PacsError) as exc:  # missing/unwritable folders, bad labels, bad options, PACS
+        manifest = ingest_site(
+            Path(args.input),
+            Path(args.out),
+            labels_csv=Path(args.labels) if args.labels else None,
+            pipeline=pipeline,
+            workers=args.workers,
+            progress=True,
+            export_hu=args.export_hu,
+        )
+    except (
+        OSError,
+        LabelsError,
+        ValueError,
+        PacsError,
+    ) as exc:  # missing/unwritable folders, bad labels, bad options, PACS
         print(f"fedct ingest: error: {exc}", file=sys.stderr)
         return 2
     import json
 
     report = json.loads((Path(args.out) / REPORT_NAME).read_text())
     counts = report["counts"]
-    print(f"accepted {counts['accepted']} series, rejected {counts['rejected']} file(s)/series in {report['seconds']} s")
+    print(
+        f"accepted {counts['accepted']} series, rejected {counts['rejected']} file(s)/series in {report['seconds']} s"
+    )
     for reason, n in sorted(counts["by_reason"].items()):
         print(f"  {reason}: {n}")
     print(f"splits: {counts['by_split']}; report: {Path(args.out) / REPORT_NAME}")
@@ -67,12 +86,15 @@ def _deid(args: argparse.Namespace) -> int:
 
     try:
         key = load_or_create_site_key(Path(args.site_dir))
-        result = deidentify_folder(Path(args.input), Path(args.out), site_key=key, keep_private_tags=args.keep_private_tags,
-                                   progress=True)  # fmt: skip
+        result = deidentify_folder(
+            Path(args.input), Path(args.out), site_key=key, keep_private_tags=args.keep_private_tags, progress=True
+        )
     except (OSError, ValueError) as exc:
         print(f"fedct deid: error: {exc}", file=sys.stderr)
         return 2
-    print(f"de-identified {result.files_written} file(s) of {result.studies} study(ies) in {result.seconds:.1f} s -> {args.out}")
+    print(
+        f"de-identified {result.files_written} file(s) of {result.studies} study(ies) in {result.seconds:.1f} s -> {args.out}"
+    )
     for path, reason in result.files_skipped:
         print(f"  skipped {path}: {reason}")
     return 0
@@ -85,22 +107,33 @@ def _predict(args: argparse.Namespace) -> int:
     from preprocessing.pacs import push_settings
 
     try:
-        identifiers = identifiers_setting(no_local_identifiers=args.no_local_identifiers,
-                                          env_file=Path(args.pacs_env) if args.pacs_env else None)  # fmt: skip
+        identifiers = identifiers_setting(
+            no_local_identifiers=args.no_local_identifiers, env_file=Path(args.pacs_env) if args.pacs_env else None
+        )
         if not identifiers and args.push is not None:
-            raise ValueError(f"--push stores the results with the patient's study in the PACS, which files them by patient: "
-                             f"a research copy (--no-local-identifiers or {ENV_KEY}=no) has no patient identification; "
-                             "leave out --push, or write the results with identifiers to push them")  # fmt: skip
+            raise ValueError(
+                f"--push stores the results with the patient's study in the PACS, which files them by patient: "
+                f"a research copy (--no-local-identifiers or {ENV_KEY}=no) has no patient identification; "
+                "leave out --push, or write the results with identifiers to push them"
+            )
         push = push_settings(args)  # --push: PACS settings checked before anything is predicted
-        summary = run_predict(Path(args.model), Path(args.input), Path(args.out), device=args.device, progress=True,
-                              site_dir=Path(args.site_dir) if args.site_dir else None,
-                              local_identifiers=identifiers,
-                              profile_dir=Path(args.profile) if args.profile else None)  # fmt: skip
+        summary = run_predict(
+            Path(args.model),
+            Path(args.input),
+            Path(args.out),
+            device=args.device,
+            progress=True,
+            site_dir=Path(args.site_dir) if args.site_dir else None,
+            local_identifiers=identifiers,
+            profile_dir=Path(args.profile) if args.profile else None,
+        )
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"fedct predict: error: {exc}", file=sys.stderr)
         return 2
     for result in summary.results:
-        print(f"{result.study_key}: {result.diagnosis} ({result.probabilities[result.diagnosis]:.0%}), risk {result.risk_group}")
+        print(
+            f"{result.study_key}: {result.diagnosis} ({result.probabilities[result.diagnosis]:.0%}), risk {result.risk_group}"
+        )
     for refused in summary.refused:
         print(f"refused {refused['path']}: {refused['reason']} - {refused['message']}")
     for error in summary.errors:
@@ -129,9 +162,17 @@ def _review(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from fedct.demo import DemoOptions, run_demo
 
-    options = DemoOptions(out=Path(args.out), sites=args.sites, patients_per_site=args.patients_per_site, rounds=args.rounds,
-                          local_epochs=args.local_epochs, model_name=args.model, seed=args.seed,
-                          external_studies=args.external_studies, profile_fusion=args.profile_fusion)  # fmt: skip
+    options = DemoOptions(
+        out=Path(args.out),
+        sites=args.sites,
+        patients_per_site=args.patients_per_site,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        model_name=args.model,
+        seed=args.seed,
+        external_studies=args.external_studies,
+        profile_fusion=args.profile_fusion,
+    )
     return run_demo(options)
 
 
@@ -161,14 +202,23 @@ def _add_certs_parsers(sub: argparse._SubParsersAction) -> None:
     the other commands work where cryptography is not installed (e.g. a compute-only machine running benchmarks)."""
     p = sub.add_parser("certs", help="coordinator: make the consortium's CA and the SuperLink certificate")
     p.add_argument("--out", required=True, help="output folder (ca/, server/; sites/<name>/ with --with-site-keys)")
-    p.add_argument("--san", action="append", help="server certificate SAN (DNS name or IP the hospitals connect to); "
-                                                   "repeat; localhost and 127.0.0.1 are always added")  # fmt: skip
+    p.add_argument(
+        "--san",
+        action="append",
+        help="server certificate SAN (DNS name or IP the hospitals connect to); "
+        "repeat; localhost and 127.0.0.1 are always added",
+    )
     p.add_argument("--sites", help="with --with-site-keys: comma-separated site names, e.g. site-a,site-b")
-    p.add_argument("--with-site-keys", action="store_true",
-                   help="also make the sites' private keys here (tests and demos only: real sites run `fedct site-key`)")
+    p.add_argument(
+        "--with-site-keys",
+        action="store_true",
+        help="also make the sites' private keys here (tests and demos only: real sites run `fedct site-key`)",
+    )
     p.set_defaults(func=_certs)
     p = sub.add_parser("site-key", help="site: make this site's SuperNode key pair and print the public key to send")
-    p.add_argument("--out", required=True, help="private key file to create, e.g. /site/pki/site.key (site.pub goes next to it)")
+    p.add_argument(
+        "--out", required=True, help="private key file to create, e.g. /site/pki/site.key (site.pub goes next to it)"
+    )
     p.set_defaults(func=_site_key)
 
 
@@ -187,38 +237,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("ingest", help="validate and preprocess a site's DICOM folder")
-    p.add_argument("--input", help="DICOM folder (read only); with --pacs where pulled studies are kept (default OUT/pacs)")
+    p.add_argument(
+        "--input", help="DICOM folder (read only); with --pacs where pulled studies are kept (default OUT/pacs)"
+    )
     p.add_argument("--out", required=True, help="site work folder (manifest, cache, report)")
     p.add_argument("--labels", help="labels.csv keyed by StudyInstanceUID")
     p.add_argument("--spacing", default="5.0,5.0,5.0", help="target voxel spacing in mm, x,y,z")
     p.add_argument("--input-size", default="64,64,48", help="model input size in voxels, x,y,z")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--export-hu", action="store_true", help="also write each accepted series' HU volume as NIfTI (SITE_DIR/nifti/<id>.nii.gz)")
+    p.add_argument(
+        "--export-hu",
+        action="store_true",
+        help="also write each accepted series' HU volume as NIfTI (SITE_DIR/nifti/<id>.nii.gz)",
+    )
     from preprocessing.pacs import add_pull_arguments  # --pacs [URL], --pacs-env FILE
 
     add_pull_arguments(p)
     p.set_defaults(func=_ingest)
 
-    p = sub.add_parser("deid", help="write de-identified copies (DICOM PS3.15 Basic Application Level Confidentiality Profile)")
+    p = sub.add_parser(
+        "deid", help="write de-identified copies (DICOM PS3.15 Basic Application Level Confidentiality Profile)"
+    )
     p.add_argument("--input", required=True, help="DICOM folder (read only)")
     p.add_argument("--out", required=True, help="output folder; file paths are made of pseudonyms and new UIDs only")
-    p.add_argument("--site-dir", required=True, help="the site's work folder holding site.key (pseudonyms, UIDs, date shifts)")
+    p.add_argument(
+        "--site-dir", required=True, help="the site's work folder holding site.key (pseudonyms, UIDs, date shifts)"
+    )
     p.add_argument("--keep-private-tags", action="store_true", help="keep private attributes (not profile conformant)")
     p.set_defaults(func=_deid)
 
-    p = sub.add_parser("predict", help="predict new studies with a model bundle; write reports, overlays and DICOM results")
-    p.add_argument("--model", required=True, help="model bundle folder (model.pt + model.json), or a model registry "
-                                                "folder (its champion is used)")
+    p = sub.add_parser(
+        "predict", help="predict new studies with a model bundle; write reports, overlays and DICOM results"
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model bundle folder (model.pt + model.json), or a model registry folder (its champion is used)",
+    )
     p.add_argument("--input", required=True, help="folder with one or more CT studies (read only)")
     p.add_argument("--out", required=True, help="results folder (one sub-folder per study)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--site-dir", help="the site's work folder: name result folders by the site's keyed study pseudonyms")
-    p.add_argument("--profile", metavar="DIR",
-                   help="folder of the site's clinical/molecular profile export (profile-mapping.toml + table, as for "
-                        "training): a bundle that fuses the profile reads each study's row there (else all missing)")
-    p.add_argument("--no-local-identifiers", action="store_true",
-                   help="research copy: do not read or write accession number, patient name and ID (shown by default "
-                        "in the site-local report, review page and SR; also FEDCT_LOCAL_IDENTIFIERS=no in --pacs-env)")
+    p.add_argument(
+        "--site-dir", help="the site's work folder: name result folders by the site's keyed study pseudonyms"
+    )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="folder of the site's clinical/molecular profile export (profile-mapping.toml + table, as for "
+        "training): a bundle that fuses the profile reads each study's row there (else all missing)",
+    )
+    p.add_argument(
+        "--no-local-identifiers",
+        action="store_true",
+        help="research copy: do not read or write accession number, patient name and ID (shown by default "
+        "in the site-local report, review page and SR; also FEDCT_LOCAL_IDENTIFIERS=no in --pacs-env)",
+    )
     from preprocessing.pacs import add_push_arguments  # --push [URL], --pacs-env FILE
 
     add_push_arguments(p)
@@ -238,10 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--model", default="densenet121")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--external-studies", type=int, default=24,
-                   help="studies of the external validation family the model is scored on at the end (0: none)")
-    p.add_argument("--profile-fusion", choices=("none", "late", "film"), default="none",
-                   help="fuse the synthetic sites' clinical/molecular profiles (federated normalisation first)")
+    p.add_argument(
+        "--external-studies",
+        type=int,
+        default=24,
+        help="studies of the external validation family the model is scored on at the end (0: none)",
+    )
+    p.add_argument(
+        "--profile-fusion",
+        choices=("none", "late", "film"),
+        default="none",
+        help="fuse the synthetic sites' clinical/molecular profiles (federated normalisation first)",
+    )
     p.set_defaults(func=_demo)
 
     from bench.cli import add_parser as add_bench_parser

@@ -14,7 +14,6 @@ from pathlib import Path
 from fl_server.config import ServerConfig
 from preprocessing.split import SplitConfig
 
-
 #: Validation and test share of each demo site's patients (see DemoOptions.patients_per_site).
 DEMO_SPLIT_FRACTION = 0.25
 
@@ -48,7 +47,9 @@ class DemoOptions:
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.external_studies != 0 and self.external_studies < 3:
-            raise ValueError(f"external-studies must be 0 (none) or >= 3 (one of each diagnosis), got {self.external_studies}")
+            raise ValueError(
+                f"external-studies must be 0 (none) or >= 3 (one of each diagnosis), got {self.external_studies}"
+            )
 
 
 def simulation_backend_config(*, cpus_per_site: int = 1, gpus_per_site: float = 0.0) -> dict:
@@ -59,9 +60,13 @@ def simulation_backend_config(*, cpus_per_site: int = 1, gpus_per_site: float = 
     GPUs from the sites (they train on the CPU). See :func:`sim_gpus_per_site` for the automatic choice.
     """
     if not (gpus_per_site >= 0 and (gpus_per_site <= 1 or float(gpus_per_site).is_integer())):
-        raise ValueError(f"gpus-per-site must be 0, a fraction in (0, 1] or a whole number of GPUs, got {gpus_per_site}")
-    return {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": float(gpus_per_site)},
-            "init_args": {"include_dashboard": False}}  # fmt: skip
+        raise ValueError(
+            f"gpus-per-site must be 0, a fraction in (0, 1] or a whole number of GPUs, got {gpus_per_site}"
+        )
+    return {
+        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": float(gpus_per_site)},
+        "init_args": {"include_dashboard": False},
+    }
 
 
 def sim_gpus_per_site(sites: int, requested: float | None = None) -> float:
@@ -114,16 +119,25 @@ def run_demo(options: DemoOptions) -> int:
     data_root, work_root = out / "data", out / "sites"
     config = server_config_for(options)
 
-    t = _step(f"1/4 synthetic hospitals: {options.sites} sites, ~{options.patients_per_site} patients each -> {data_root}")
+    t = _step(
+        f"1/4 synthetic hospitals: {options.sites} sites, ~{options.patients_per_site} patients each -> {data_root}"
+    )
     marker = data_root / "federation.json"
     wanted = {"sites": options.sites, "patients_per_site": options.patients_per_site, "seed": options.seed}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         print("   already there (same sites, patients and seed): reused")
     else:
-        summary = write_federation(data_root, sites=options.sites, patients_per_site=options.patients_per_site, seed=options.seed,
-                                   overwrite=True)
+        summary = write_federation(
+            data_root,
+            sites=options.sites,
+            patients_per_site=options.patients_per_site,
+            seed=options.seed,
+            overwrite=True,
+        )
         for site in summary.sites:
-            print(f"   {site.name}: {site.n_patients} patients, {site.n_files} DICOM files, {dict(sorted(site.class_counts.items()))}")
+            print(
+                f"   {site.name}: {site.n_patients} patients, {site.n_files} DICOM files, {dict(sorted(site.class_counts.items()))}"
+            )
         marker.write_text(json.dumps(wanted))
     print(f"   {time.perf_counter() - t:.1f}s", flush=True)
 
@@ -131,15 +145,26 @@ def run_demo(options: DemoOptions) -> int:
     split = SplitConfig(val_fraction=config.val_fraction, test_fraction=config.test_fraction)
     for site_dir in sorted(p for p in data_root.glob("site-*") if p.is_dir()):
         t_site = time.perf_counter()
-        manifest = ingest_site(site_dir / "dicom", work_root / site_dir.name, labels_csv=site_dir / "labels.csv",
-                               pipeline=config.pipeline, split=split, progress=True)  # fmt: skip
+        manifest = ingest_site(
+            site_dir / "dicom",
+            work_root / site_dir.name,
+            labels_csv=site_dir / "labels.csv",
+            pipeline=config.pipeline,
+            split=split,
+            progress=True,
+        )
         by_split = {s: len(manifest.split(s)) for s in ("train", "val", "test")}
-        print(f"   {site_dir.name}: {len(manifest.studies)} studies accepted, {manifest.n_rejected} refused, "
-              f"split {by_split}, {time.perf_counter() - t_site:.1f}s", flush=True)  # fmt: skip
+        print(
+            f"   {site_dir.name}: {len(manifest.studies)} studies accepted, {manifest.n_rejected} refused, "
+            f"split {by_split}, {time.perf_counter() - t_site:.1f}s",
+            flush=True,
+        )
     print(f"   {time.perf_counter() - t:.1f}s", flush=True)
 
     fusion = "" if options.profile_fusion == "none" else f", profile fusion {options.profile_fusion}"
-    t = _step(f"3/4 federated training: Flower simulation, FedAvg, {options.rounds} rounds, model {options.model_name}{fusion}")
+    t = _step(
+        f"3/4 federated training: Flower simulation, FedAvg, {options.rounds} rounds, model {options.model_name}{fusion}"
+    )
     run_simulation(
         server_app=build_server_app(config.to_run_config()),
         client_app=build_client_app({"sim-data-root": str(data_root), "sim-work-root": str(work_root)}),
@@ -158,28 +183,40 @@ def run_demo(options: DemoOptions) -> int:
     if best:
         print(f"   best round {best['round']} by {best['selected_by']}; held-out test metrics of that model:")
         test = best["test"]
-        print(f"   {'':8} {'studies':>7} {'macro AUC':>9} {'pooled AUC':>10} {'accuracy':>8} {'Brier':>6} {'C-index':>7} {'td-AUC':>6}")
+        print(
+            f"   {'':8} {'studies':>7} {'macro AUC':>9} {'pooled AUC':>10} {'accuracy':>8} {'Brier':>6} {'C-index':>7} {'td-AUC':>6}"
+        )
         rows = [("all", test)] + sorted(best["test_sites"].items())
         for site, m in rows:
-            print(f"   {site:8} {int(m.get('test-n') or 0):>7} {_fmt(m.get('test-auc-macro')):>9} {_fmt(m.get('test-pooled-auc-macro')):>10} "
-                  f"{_fmt(m.get('test-accuracy')):>8} {_fmt(m.get('test-brier')):>6} {_fmt(m.get('test-c-index')):>7} "
-                  f"{_fmt(m.get('test-td-auc')):>6}")  # fmt: skip
-        print("   (macro AUC of 'all' = mean of site AUCs weighted by studies; pooled AUC = AUC of all sites' predictions, "
-              "from score histograms)")
+            print(
+                f"   {site:8} {int(m.get('test-n') or 0):>7} {_fmt(m.get('test-auc-macro')):>9} {_fmt(m.get('test-pooled-auc-macro')):>10} "
+                f"{_fmt(m.get('test-accuracy')):>8} {_fmt(m.get('test-brier')):>6} {_fmt(m.get('test-c-index')):>7} "
+                f"{_fmt(m.get('test-td-auc')):>6}"
+            )
+        print(
+            "   (macro AUC of 'all' = mean of site AUCs weighted by studies; pooled AUC = AUC of all sites' predictions, "
+            "from score histograms)"
+        )
         calibration = (metrics.get("calibration") or {}).get("best") or {}
         if calibration.get("temperature") is not None:
-            print(f"   calibration of that model: temperature {calibration['temperature']:.3f}; held-out test "
-                  f"({calibration.get('test_studies', 0)} studies) ECE {_fmt(calibration.get('ece_before'))} -> "
-                  f"{_fmt(calibration.get('ece_after'))}, Brier {_fmt(calibration.get('brier_before'))} -> "
-                  f"{_fmt(calibration.get('brier_after'))}")  # fmt: skip
+            print(
+                f"   calibration of that model: temperature {calibration['temperature']:.3f}; held-out test "
+                f"({calibration.get('test_studies', 0)} studies) ECE {_fmt(calibration.get('ece_before'))} -> "
+                f"{_fmt(calibration.get('ece_after'))}, Brier {_fmt(calibration.get('brier_before'))} -> "
+                f"{_fmt(calibration.get('brier_after'))}"
+            )
         elif calibration:
             print(f"   no calibration: {calibration.get('reason')}")
     if options.external_studies and options.profile_fusion != "none":
         print("   external validation skipped: the external family has no clinical profile to fuse")
     elif options.external_studies:
         _external_validation(options, out, config, internal=best["test"] if best else {})
-    print(f"   metrics: {metrics_path}\n   curves:  {out / 'curves.png'}\n   model:   {out / 'model' / 'final'} (best: {out / 'model' / 'best'})")
-    print(f"\ndemo finished in {time.perf_counter() - t_start:.0f}s; options {json.dumps(asdict(options), default=str)}")
+    print(
+        f"   metrics: {metrics_path}\n   curves:  {out / 'curves.png'}\n   model:   {out / 'model' / 'final'} (best: {out / 'model' / 'best'})"
+    )
+    print(
+        f"\ndemo finished in {time.perf_counter() - t_start:.0f}s; options {json.dumps(asdict(options), default=str)}"
+    )
     return 0
 
 
@@ -197,16 +234,34 @@ def _external_validation(options: DemoOptions, out: Path, config: ServerConfig, 
         marker.write_text(json.dumps(wanted))
     which = "best" if (out / "model" / "best" / "model.json").is_file() else "final"
     model, _ = load_bundle(out / "model" / which, expected_model=config.model)
-    score = score_external(model.state_dict(), model=config.model, pipeline=config.pipeline, dicom_dir=family / "dicom",
-                           labels_csv=family / "labels.csv", work_dir=out / "sites-external")  # fmt: skip
+    score = score_external(
+        model.state_dict(),
+        model=config.model,
+        pipeline=config.pipeline,
+        dicom_dir=family / "dicom",
+        labels_csv=family / "labels.csv",
+        work_dir=out / "sites-external",
+    )
     print(f"   external validation family ({score.n} studies of another generator, never trained on; model: {which}):")
     print(f"   {'':8} {'macro AUC':>9} {'COVID vs normal AUC':>19} {'accuracy':>8}")
-    print(f"   {'internal':8} {_fmt(internal.get('test-auc-macro')):>9} {'':>19} {_fmt(internal.get('test-accuracy')):>8}")
-    print(f"   {'external':8} {_fmt(score.auc_macro):>9} {_fmt(score.auc_covid_vs_normal):>19} {_fmt(score.accuracy):>8}")
+    print(
+        f"   {'internal':8} {_fmt(internal.get('test-auc-macro')):>9} {'':>19} {_fmt(internal.get('test-accuracy')):>8}"
+    )
+    print(
+        f"   {'external':8} {_fmt(score.auc_macro):>9} {_fmt(score.auc_covid_vs_normal):>19} {_fmt(score.accuracy):>8}"
+    )
     path = out / "external.json"
-    path.write_text(json.dumps({"model": which, "counts": score.counts, **score.metrics(),
-                                "internal": {k: internal.get(k) for k in ("test-n", "test-auc-macro", "test-accuracy")}},
-                               indent=1))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "model": which,
+                "counts": score.counts,
+                **score.metrics(),
+                "internal": {k: internal.get(k) for k in ("test-n", "test-auc-macro", "test-accuracy")},
+            },
+            indent=1,
+        )
+    )
     print(f"   external: {path}")
     return path
 

@@ -25,9 +25,11 @@ def _rule(args: argparse.Namespace):
         return None
     registry = _registry(args)
     base = _rule_of(registry.stamp(registry.resolve(args.version)).get("lineage") or {})
-    return PromotionRule(metric=args.metric if args.metric is not None else base.metric,
-                         margin=args.margin if args.margin is not None else base.margin,
-                         min_gain=args.min_gain if args.min_gain is not None else base.min_gain)  # fmt: skip
+    return PromotionRule(
+        metric=args.metric if args.metric is not None else base.metric,
+        margin=args.margin if args.margin is not None else base.margin,
+        min_gain=args.min_gain if args.min_gain is not None else base.min_gain,
+    )
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -42,13 +44,21 @@ def _list(args: argparse.Namespace) -> int:
         stamp = registry.stamp(version)
         lineage = stamp.get("lineage") or {}
         agg = (lineage.get("metrics") or {}).get("aggregate") or {}
-        metric = next(((k, v) for k in ("test-auc-macro", "test-accuracy", "test-loss")
-                       if isinstance(v := agg.get(k), int | float)), None)  # fmt: skip
+        metric = next(
+            (
+                (k, v)
+                for k in ("test-auc-macro", "test-accuracy", "test-loss")
+                if isinstance(v := agg.get(k), int | float)
+            ),
+            None,
+        )
         shown = f"{metric[0]} {metric[1]:.3f}" if metric else "n/a"
         sites = ",".join(lineage.get("sites") or []) or "n/a"
         status = "champion" if version == champion else ""
-        print(f"{version:<8} {lineage.get('parent') or '-'!s:<8} {stamp.get('registered_utc', ''):<21} {sites[:24]:<24} "
-              f"{shown:<28} {status}")  # fmt: skip
+        print(
+            f"{version:<8} {lineage.get('parent') or '-'!s:<8} {stamp.get('registered_utc', ''):<21} {sites[:24]:<24} "
+            f"{shown:<28} {status}"
+        )
     return 0
 
 
@@ -70,8 +80,9 @@ def _promote(args: argparse.Namespace) -> int:
     from models.registry import PromotionRefused
 
     try:
-        decision = _registry(args).promote(args.version, reason=args.reason or "", who=args.who, rule=_rule(args),
-                                           override=args.override)  # fmt: skip
+        decision = _registry(args).promote(
+            args.version, reason=args.reason or "", who=args.who, rule=_rule(args), override=args.override
+        )
     except PromotionRefused as exc:
         print(f"fedct models promote: {exc}", file=sys.stderr)
         return 1

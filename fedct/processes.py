@@ -146,8 +146,15 @@ def _running(target: int | subprocess.Popen, group: bool) -> bool:
     return bool(group_members(target)) if group else process_alive(target)
 
 
-def stop_processes(targets: Sequence[int | subprocess.Popen], *, grace_s: float = 15.0, group: bool = False,
-                   signum: int = signal.SIGTERM, kill_wait_s: float = 30.0, poll_s: float = 0.05) -> list[Stopped]:  # fmt: skip
+def stop_processes(
+    targets: Sequence[int | subprocess.Popen],
+    *,
+    grace_s: float = 15.0,
+    group: bool = False,
+    signum: int = signal.SIGTERM,
+    kill_wait_s: float = 30.0,
+    poll_s: float = 0.05,
+) -> list[Stopped]:
     """Stop processes: ``signum`` (SIGTERM) to each target in the given order, wait at most ``grace_s`` for all of
     them together, SIGKILL what is left, then wait at most ``kill_wait_s`` for those; returns what happened to each.
 
@@ -179,8 +186,9 @@ def stop_processes(targets: Sequence[int | subprocess.Popen], *, grace_s: float 
     return results
 
 
-def stop_process(target: int | subprocess.Popen, *, grace_s: float = 15.0, group: bool = False,
-                 signum: int = signal.SIGTERM) -> Stopped:  # fmt: skip
+def stop_process(
+    target: int | subprocess.Popen, *, grace_s: float = 15.0, group: bool = False, signum: int = signal.SIGTERM
+) -> Stopped:
     """:func:`stop_processes` for one target."""
     return stop_processes([target], grace_s=grace_s, group=group, signum=signum)[0]
 

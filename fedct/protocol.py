@@ -88,8 +88,11 @@ CALIBRATION_STAGES = ("before", "after")
 def reliability_key(stage: str, field: str, *, prefix: str = TEST_PREFIX) -> str:
     """Metric key of one reliability list of the calibration reply, e.g. ``test-calib-after-count``."""
     if stage not in CALIBRATION_STAGES or field not in RELIABILITY_FIELDS:
-        raise ValueError(f"no reliability list {stage!r}/{field!r} (stages {CALIBRATION_STAGES}, fields {RELIABILITY_FIELDS})")
+        raise ValueError(
+            f"no reliability list {stage!r}/{field!r} (stages {CALIBRATION_STAGES}, fields {RELIABILITY_FIELDS})"
+        )
     return f"{prefix}{CALIBRATION_PREFIX}{stage}-{field}"
+
 
 # --- clinical/molecular profile (issue #24) -------------------------------------------------------------------------
 
@@ -152,8 +155,10 @@ class RoundSettings:
         if not 0.0 <= self.profile_dropout < 1.0:
             raise ValueError(f"profile-dropout must be in [0, 1), got {self.profile_dropout}")
         if self.profile is not None and len(self.profile.variables) != self.model.profile_variables:
-            raise ValueError(f"profile normalisation has {len(self.profile.variables)} variables, the model fuses "
-                             f"{self.model.profile_variables}")  # fmt: skip
+            raise ValueError(
+                f"profile normalisation has {len(self.profile.variables)} variables, the model fuses "
+                f"{self.model.profile_variables}"
+            )
         if self.bn_mode not in BN_MODES:
             raise ValueError(f"bn-mode {self.bn_mode!r} is not one of {', '.join(BN_MODES)}")
         if self.proximal_mu < 0:
@@ -218,16 +223,22 @@ class RoundSettings:
         profile = None
         if fusion != "none" and PROFILE_VARIABLES in record:
             try:
-                profile = ProfileNormalisation.from_dict({
-                    "variables": [v for v in str(record[PROFILE_VARIABLES]).split(",") if v],
-                    "mean": list(record.get(PROFILE_MEAN, [])), "std": list(record.get(PROFILE_STD, [])),
-                    "count": list(record.get(PROFILE_COUNT, [])), "schema": str(record.get(PROFILE_SCHEMA, "")),
-                })  # fmt: skip
+                profile = ProfileNormalisation.from_dict(
+                    {
+                        "variables": [v for v in str(record[PROFILE_VARIABLES]).split(",") if v],
+                        "mean": list(record.get(PROFILE_MEAN, [])),
+                        "std": list(record.get(PROFILE_STD, [])),
+                        "count": list(record.get(PROFILE_COUNT, [])),
+                        "schema": str(record.get(PROFILE_SCHEMA, "")),
+                    }
+                )
             except ValueError as exc:
                 raise BadRoundConfig(f"round config's profile normalisation: {exc}") from None
         n_profile = len(profile.variables) if profile is not None else 0
         if fusion != "none" and profile is None:
-            raise BadRoundConfig(f"round config asks for profile-fusion {fusion!r} but carries no profile normalisation")
+            raise BadRoundConfig(
+                f"round config asks for profile-fusion {fusion!r} but carries no profile normalisation"
+            )
         return cls(
             server_round=int(record["server-round"]),
             local_epochs=int(record["local-epochs"]),
@@ -263,10 +274,25 @@ class RoundSettings:
     def keys() -> tuple[str, ...]:
         """The required keys of the round config record (``OPTIONAL_ROUND_KEYS`` may be absent)."""
         return (
-            "server-round", "local-epochs", "learning-rate", "batch-size", "seed", "model-name", "model-norm",
-            "num-classes", "clinical-covariates", "loss-weight-diagnosis", "loss-weight-prognosis", "prognosis-horizon-days",
-            "input-size", "target-spacing-mm", "hu-min", "hu-max", "val-fraction", "test-fraction",
-        )  # fmt: skip
+            "server-round",
+            "local-epochs",
+            "learning-rate",
+            "batch-size",
+            "seed",
+            "model-name",
+            "model-norm",
+            "num-classes",
+            "clinical-covariates",
+            "loss-weight-diagnosis",
+            "loss-weight-prognosis",
+            "prognosis-horizon-days",
+            "input-size",
+            "target-spacing-mm",
+            "hu-min",
+            "hu-max",
+            "val-fraction",
+            "test-fraction",
+        )
 
 
 def parse_triple(text: str, kind: type, name: str) -> tuple:

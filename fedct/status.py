@@ -84,10 +84,16 @@ def status_lines(run_dir: Path, data: Mapping[str, Any]) -> list[str]:
     config = data.get("run_config") or {}
     planned = config.get("num-server-rounds")
     done = len(rounds)
-    lines = [f"rounds: {done} done" + (f" of {planned} planned" if planned else "") + f"; started {data.get('started_utc', '?')} UTC"]
+    lines = [
+        f"rounds: {done} done"
+        + (f" of {planned} planned" if planned else "")
+        + f"; started {data.get('started_utc', '?')} UTC"
+    ]
     if config:
-        lines.append(f"model {config.get('model-name', '?')}, {config.get('local-epochs', '?')} local epoch(s) per round, "
-                     f"strategy {config.get('strategy', 'fedavg')}")  # fmt: skip
+        lines.append(
+            f"model {config.get('model-name', '?')}, {config.get('local-epochs', '?')} local epoch(s) per round, "
+            f"strategy {config.get('strategy', 'fedavg')}"
+        )
     if not rounds:
         lines.append("no round has finished yet")
         return lines
@@ -95,20 +101,28 @@ def status_lines(run_dir: Path, data: Mapping[str, Any]) -> list[str]:
     lines += round_table(run_dir, data)
     latest = rounds[-1]
     sites = (latest.get("evaluate") or {}).get("sites") or {}
-    lines += ["", f"latest round {latest['round']}, validation per site:",
-              f"  {'site':12} {'val n':>6} {'macro AUC':>9} {'bal. acc':>8} {'C-index':>7} {'loss':>7} {'train s':>7}"]  # fmt: skip
+    lines += [
+        "",
+        f"latest round {latest['round']}, validation per site:",
+        f"  {'site':12} {'val n':>6} {'macro AUC':>9} {'bal. acc':>8} {'C-index':>7} {'loss':>7} {'train s':>7}",
+    ]
     train_sites = (latest.get("train") or {}).get("sites") or {}
     for site, m in sorted(sites.items()):
         t = train_sites.get(site, {})
-        lines.append(f"  {site:12} {_int(m.get('val-n')):>6} {_f(m.get('val-auc-macro'), 9)} {_f(m.get('val-balanced-accuracy'), 8)} "
-                     f"{_f(m.get('val-c-index'), 7)} {_f(m.get('val-loss'), 7)} {_f(t.get('train-seconds'), 7)}")  # fmt: skip
+        lines.append(
+            f"  {site:12} {_int(m.get('val-n')):>6} {_f(m.get('val-auc-macro'), 9)} {_f(m.get('val-balanced-accuracy'), 8)} "
+            f"{_f(m.get('val-c-index'), 7)} {_f(m.get('val-loss'), 7)} {_f(t.get('train-seconds'), 7)}"
+        )
     best = data.get("best_round")
     if best:
         test = best.get("test") or {}
-        lines += ["", f"best round {best['round']} (by {best.get('selected_by')} = {_f(best.get('value'), 0).strip()}); "
-                      f"held-out test: macro AUC {_f(test.get('test-auc-macro'), 0).strip()}, pooled AUC "
-                      f"{_f(test.get('test-pooled-auc-macro'), 0).strip()}, C-index {_f(test.get('test-c-index'), 0).strip()}, "
-                      f"accuracy {_f(test.get('test-accuracy'), 0).strip()} on {_int(test.get('test-n'))} studies"]  # fmt: skip
+        lines += [
+            "",
+            f"best round {best['round']} (by {best.get('selected_by')} = {_f(best.get('value'), 0).strip()}); "
+            f"held-out test: macro AUC {_f(test.get('test-auc-macro'), 0).strip()}, pooled AUC "
+            f"{_f(test.get('test-pooled-auc-macro'), 0).strip()}, C-index {_f(test.get('test-c-index'), 0).strip()}, "
+            f"accuracy {_f(test.get('test-accuracy'), 0).strip()} on {_int(test.get('test-n'))} studies",
+        ]
     return lines
 
 
@@ -126,6 +140,8 @@ def run_status(args: argparse.Namespace, *, emit: Callable[[str], None] = print)
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fedct status RUN_DIR``."""
-    p = sub.add_parser("status", help="print the round table and latest figures of a federated run (finished or running)")
+    p = sub.add_parser(
+        "status", help="print the round table and latest figures of a federated run (finished or running)"
+    )
     p.add_argument("run_dir", help="run folder holding metrics.json")
     p.set_defaults(func=run_status)

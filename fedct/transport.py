@@ -18,8 +18,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from fedct.protocol import ARRAYS_RECORD, INDEX_RECORD
 from models.weights import INDEX_FORMAT, TRANSPORTS, pack, unpack
 
-__all__ = ["INDEX_RECORD", "TransportError", "decode_checked", "decode_content", "encode_content", "received_state",
-           "record_nbytes", "weights_records"]  # fmt: skip
+__all__ = [
+    "INDEX_RECORD",
+    "TransportError",
+    "decode_checked",
+    "decode_content",
+    "encode_content",
+    "received_state",
+    "record_nbytes",
+    "weights_records",
+]
 
 
 def record_nbytes(content: RecordDict) -> int:
@@ -57,11 +65,22 @@ def decode_content(content: RecordDict) -> RecordDict:
 
 
 #: Tensor dtypes a packed index may name (torch names, as ``models.weights`` writes them).
-KNOWN_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"})
+KNOWN_DTYPES = frozenset(
+    {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"}
+)
 #: How each wire buffer reads back with numpy (bfloat16 buffers travel as their raw 16-bit words).
-WIRE_NUMPY = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.int16),
-              "float64": np.dtype(np.float64), "int64": np.dtype(np.int64), "int32": np.dtype(np.int32),
-              "int16": np.dtype(np.int16), "int8": np.dtype(np.int8), "uint8": np.dtype(np.uint8), "bool": np.dtype(np.bool_)}  # fmt: skip
+WIRE_NUMPY = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(np.int16),
+    "float64": np.dtype(np.float64),
+    "int64": np.dtype(np.int64),
+    "int32": np.dtype(np.int32),
+    "int16": np.dtype(np.int16),
+    "int8": np.dtype(np.int8),
+    "uint8": np.dtype(np.uint8),
+    "bool": np.dtype(np.bool_),
+}
 #: Bytes an array's serialisation may carry beyond its payload (the .npy header).
 NPY_HEADER_SLACK = 4096
 
@@ -98,9 +117,13 @@ def _checked_plain(record: ArrayRecord, reference: Mapping[str, np.ndarray]) -> 
     for name, ref in reference.items():
         value = _read_array(record[name], max_bytes=ref.nbytes, what=f"tensor {name!r}")
         if value.dtype != ref.dtype:
-            raise TransportError("dtype_mismatch", f"tensor {name!r} has dtype {value.dtype}, the global model {ref.dtype}")
+            raise TransportError(
+                "dtype_mismatch", f"tensor {name!r} has dtype {value.dtype}, the global model {ref.dtype}"
+            )
         if value.shape != ref.shape:
-            raise TransportError("shape_mismatch", f"tensor {name!r} has shape {value.shape}, the global model {ref.shape}")
+            raise TransportError(
+                "shape_mismatch", f"tensor {name!r} has shape {value.shape}, the global model {ref.shape}"
+            )
         out[name] = value
     return out
 
@@ -114,25 +137,44 @@ def _index_entries(meta: Any, reference: Mapping[str, np.ndarray]) -> tuple[str,
     if not isinstance(transport, str) or transport not in TRANSPORTS:
         raise TransportError("unknown_dtype", "the weights index names an unknown transport dtype")
     if not isinstance(entries, list) or len(entries) != len(reference):
-        raise TransportError("shape_mismatch", f"the weights index lists {len(entries) if isinstance(entries, list) else 0} "
-                                               f"tensors, the global model has {len(reference)}")  # fmt: skip
+        raise TransportError(
+            "shape_mismatch",
+            f"the weights index lists {len(entries) if isinstance(entries, list) else 0} "
+            f"tensors, the global model has {len(reference)}",
+        )
     seen: dict[str, tuple[str, int, int]] = {}
     for position, entry in enumerate(entries):
-        if not (isinstance(entry, list) and len(entry) == 6 and isinstance(entry[0], str) and isinstance(entry[1], str)
-                and isinstance(entry[2], list) and all(_is_int(d) for d in entry[2]) and isinstance(entry[3], str)
-                and _is_int(entry[4]) and _is_int(entry[5])):  # fmt: skip
-            raise TransportError("bad_index", f"weights index entry #{position + 1} is not [name, dtype, shape, buffer, start, count]")
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 6
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], str)
+            and isinstance(entry[2], list)
+            and all(_is_int(d) for d in entry[2])
+            and isinstance(entry[3], str)
+            and _is_int(entry[4])
+            and _is_int(entry[5])
+        ):
+            raise TransportError(
+                "bad_index", f"weights index entry #{position + 1} is not [name, dtype, shape, buffer, start, count]"
+            )
         name, dtype, shape, group, start, numel = entry
         if name not in reference or name in seen:
-            raise TransportError("shape_mismatch", f"weights index entry #{position + 1} is not a tensor of the global model")
+            raise TransportError(
+                "shape_mismatch", f"weights index entry #{position + 1} is not a tensor of the global model"
+            )
         ref = reference[name]
         if dtype not in KNOWN_DTYPES or group not in KNOWN_DTYPES:
             raise TransportError("unknown_dtype", f"weights index entry for {name!r} names an unknown dtype")
         if dtype != ref.dtype.name:
-            raise TransportError("dtype_mismatch", f"tensor {name!r} is declared {dtype}, the global model has {ref.dtype}")
+            raise TransportError(
+                "dtype_mismatch", f"tensor {name!r} is declared {dtype}, the global model has {ref.dtype}"
+            )
         if tuple(shape) != ref.shape:
-            raise TransportError("shape_mismatch", f"tensor {name!r} is declared with shape {tuple(shape)}, the global model "
-                                                   f"has {ref.shape}")  # fmt: skip
+            raise TransportError(
+                "shape_mismatch",
+                f"tensor {name!r} is declared with shape {tuple(shape)}, the global model has {ref.shape}",
+            )
         wire = transport if ref.dtype.kind == "f" else dtype
         if group != wire:
             raise TransportError("dtype_mismatch", f"tensor {name!r} travels in buffer {group}, expected {wire}")
@@ -142,7 +184,9 @@ def _index_entries(meta: Any, reference: Mapping[str, np.ndarray]) -> tuple[str,
     return transport, [(name, *seen[name]) for name in reference]
 
 
-def decode_checked(content: RecordDict, reference: Mapping[str, np.ndarray], *, key: str = ARRAYS_RECORD) -> dict[str, np.ndarray]:
+def decode_checked(
+    content: RecordDict, reference: Mapping[str, np.ndarray], *, key: str = ARRAYS_RECORD
+) -> dict[str, np.ndarray]:
     """The per-tensor weights of a received message, checked against ``reference`` (the global model: names, shapes,
     dtypes) before anything is decoded; :class:`TransportError` with a reason code when they do not fit.
 
@@ -202,7 +246,9 @@ def received_state(content: RecordDict, key: str = ARRAYS_RECORD) -> dict[str, t
     return decode_content(content)[key].to_torch_state_dict()
 
 
-def weights_records(state: Mapping[str, torch.Tensor], *, transport: str | None, key: str = ARRAYS_RECORD) -> RecordDict:
+def weights_records(
+    state: Mapping[str, torch.Tensor], *, transport: str | None, key: str = ARRAYS_RECORD
+) -> RecordDict:
     """A RecordDict with ``state`` under ``key``: packed with ``transport`` (and its index), or per-tensor when None."""
     content = RecordDict({key: ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in state.items()})})
     return encode_content(content, transport=transport) if transport else content

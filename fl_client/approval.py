@@ -98,7 +98,7 @@ def approve(app_dir: Path, allow_list: Path, *, note: str = "") -> str:
     fab_id, version = get_fab_metadata(fab_bytes_of(app_dir))
     allow_list = Path(allow_list)
     allow_list.parent.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%MZ")
     with allow_list.open("a", encoding="utf-8") as fh:
         fh.write(f"{digest}  # {fab_id} {version}, approved {stamp}{' ' + note if note else ''}\n")
     return digest
@@ -153,8 +153,10 @@ def allow_list_value(allow_list: Path | None) -> str:
 
 def disabled_warning() -> str:
     """The line logged when the site starts and for every task while approval is disabled."""
-    return (f"WARNING app approval is DISABLED at this site ({APPROVAL_SETTING}={APPROVAL_DISABLED}): "
-            "any app the server sends runs here unchecked")  # fmt: skip
+    return (
+        f"WARNING app approval is DISABLED at this site ({APPROVAL_SETTING}={APPROVAL_DISABLED}): "
+        "any app the server sends runs here unchecked"
+    )
 
 
 def allow_list_exposure(allow_list: Path) -> str | None:
@@ -164,8 +166,10 @@ def allow_list_exposure(allow_list: Path) -> str | None:
     writable = [p for p in (allow_list, allow_list.parent) if p.exists() and os.access(p, os.W_OK)]
     if not writable:
         return None
-    return (f"WARNING the allow-list {allow_list} can be changed by this user ({writable[0]} is writable): a ClientApp "
-            "could approve itself. Mount it read-only (container) or make it owned by another user")  # fmt: skip
+    return (
+        f"WARNING the allow-list {allow_list} can be changed by this user ({writable[0]} is writable): a ClientApp "
+        "could approve itself. Mount it read-only (container) or make it owned by another user"
+    )
 
 
 def gate_fab_install(allow_list: Path | None) -> None:
@@ -184,8 +188,13 @@ def gate_fab_install(allow_list: Path | None) -> None:
         except AppNotApprovedError as exc:
             print(str(exc), file=sys.stderr, flush=True)
             raise
-        print(f"fedct: app FAB sha256 {digest} is approved at this site" if allow_list else
-              f"fedct: {disabled_warning()} (FAB sha256 {digest})", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"fedct: app FAB sha256 {digest} is approved at this site"
+            if allow_list
+            else f"fedct: {disabled_warning()} (FAB sha256 {digest})",
+            file=sys.stderr,
+            flush=True,
+        )
         installed = install(fab_content, *args, **kwargs)
         forget_app_modules(Path(installed))  # the app's code comes from the FAB, never from a copy imported earlier
         return installed
@@ -251,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m fl_client.approval", description=main.__doc__.split("\n")[0])
-    parser.add_argument("--allow-list", type=Path, required=True, help="the site's allow-list file (created if missing)")
+    parser.add_argument(
+        "--allow-list", type=Path, required=True, help="the site's allow-list file (created if missing)"
+    )
     parser.add_argument("--approve", type=Path, required=True, metavar="APP_DIR", help="the reviewed app folder")
     args = parser.parse_args(argv)
     try:

@@ -18,9 +18,9 @@ import re
 import secrets
 import time
 import traceback
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -38,10 +38,10 @@ from fedct.protocol import (
     PROFILE_STATISTICS,
     SITE_NAME_FIELD,
     SITE_RECORD,
+    TEST_PREFIX,
     TRAIN_LOSS,
     TRAIN_LOSS_DIAGNOSIS,
     TRAIN_LOSS_PROGNOSIS,
-    TEST_PREFIX,
     TRAIN_SECONDS,
     VAL_PREFIX,
     RoundSettings,
@@ -121,7 +121,9 @@ def _site_dir(context: Context, overrides: Mapping[str, Any]) -> Path | None:
 def _record_locally(site_dir: Path | None, incident: str, code: str, msg: Message, detail: str) -> None:
     """Full error text to the site's log and, when the site folder is known, to ``<site-dir>/errors.log``."""
     kind = msg.metadata.message_type
-    log.error("ClientApp %s message failed: %s incident=%s (this text stays at the site)\n%s", kind, code, incident, detail)
+    log.error(
+        "ClientApp %s message failed: %s incident=%s (this text stays at the site)\n%s", kind, code, incident, detail
+    )
     if site_dir is None:
         return
     try:
@@ -148,11 +150,18 @@ def reason_code_mod(run_config_overrides: Mapping[str, Any] | None = None) -> Mo
         except Exception as exc:  # noqa: BLE001 - every failure is reported, as a code
             code, incident = reason_code(exc), secrets.token_hex(4)
             _record_locally(_site_dir(context, overrides), incident, code, msg, traceback.format_exc())
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{code} incident={incident}"), reply_to=msg)
+            return Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{code} incident={incident}"), reply_to=msg
+            )
         if reply.has_error() and not _REASON.fullmatch(reply.error.reason or ""):
             incident = secrets.token_hex(4)
-            _record_locally(_site_dir(context, overrides), incident, "protocol_error", msg,
-                            f"error reply {reply.error.code}: {reply.error.reason}")  # fmt: skip
+            _record_locally(
+                _site_dir(context, overrides),
+                incident,
+                "protocol_error",
+                msg,
+                f"error reply {reply.error.code}: {reply.error.reason}",
+            )
             return Message(Error(code=reply.error.code, reason=f"protocol_error incident={incident}"), reply_to=msg)
         return reply
 
@@ -178,8 +187,9 @@ def metrics_min_count(node_config: Mapping[str, Any], run_config: Mapping[str, A
     return max(values)
 
 
-def evaluation_metrics(site: SiteConfig, settings: RoundSettings, state: Mapping[str, Any], *,
-                       min_count: int = MIN_COUNT) -> dict[str, Any]:  # fmt: skip
+def evaluation_metrics(
+    site: SiteConfig, settings: RoundSettings, state: Mapping[str, Any], *, min_count: int = MIN_COUNT
+) -> dict[str, Any]:
     """What a site reports about received global weights: :func:`fl_client.train.evaluate_round`'s metrics plus
     ``num-examples`` (validation studies, the aggregation weight), after the privacy floor
     (:func:`fl_client.metrics.floor_evaluation`). Sent in the evaluate reply's MetricRecord, or, with
@@ -195,8 +205,14 @@ class BadCalibrationRequest(ValueError):
     code = "bad_round_config"
 
 
-def calibration_metrics(site: SiteConfig, settings: RoundSettings, state: Mapping[str, Any], *, temperature: float,
-                        min_count: int = MIN_COUNT) -> dict[str, Any]:  # fmt: skip
+def calibration_metrics(
+    site: SiteConfig,
+    settings: RoundSettings,
+    state: Mapping[str, Any],
+    *,
+    temperature: float,
+    min_count: int = MIN_COUNT,
+) -> dict[str, Any]:
     """What a site reports when the server asks for calibration statistics (an evaluate message whose config has
     ``calibration-temperature``): :func:`fl_client.train.calibration_round`'s reliability bins before/after and the
     calibrated test scalars, ``num-examples`` = labelled test studies, after the privacy floor
@@ -206,8 +222,9 @@ def calibration_metrics(site: SiteConfig, settings: RoundSettings, state: Mappin
     return floor_calibration(metrics, min_count=min_count)
 
 
-def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, mods: Sequence[Mod] = (),
-                     outer_mods: Sequence[Mod] = ()) -> ClientApp:  # fmt: skip
+def build_client_app(
+    run_config_overrides: Mapping[str, Any] | None = None, *, mods: Sequence[Mod] = (), outer_mods: Sequence[Mod] = ()
+) -> ClientApp:
     """The site's ClientApp; ``run_config_overrides`` stand in for the run config where Flower passes none
     (in-process simulation); ``mods`` are Flower client mods wrapped around the handlers (inside the privacy mods),
     ``outer_mods`` around the privacy mods (they see what SecAgg+ actually sends; tests record it there)."""
@@ -231,18 +248,33 @@ def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, m
         # training, instead of in a separate evaluate exchange (README "Configuring a run")
         evaluation = None
         if settings.evaluate_first:  # the evaluate handler's evaluation, under the round the weights came from
-            evaluation = evaluation_metrics(site, replace(settings, server_round=settings.server_round - 1, evaluate_first=False),
-                                            received, min_count=k)  # fmt: skip
+            evaluation = evaluation_metrics(
+                site,
+                replace(settings, server_round=settings.server_round - 1, evaluate_first=False),
+                received,
+                min_count=k,
+            )
         state, result = train_round(site, settings, received)
-        log.info("%s round %d: trained on %d studies, loss %.4f, %.1fs", site.site_name, settings.server_round,
-                 result.num_examples, result.loss, result.seconds)  # fmt: skip
-        metrics = MetricRecord(floor_training({
-            TRAIN_LOSS: result.loss,
-            TRAIN_LOSS_DIAGNOSIS: result.diagnosis_loss,
-            TRAIN_LOSS_PROGNOSIS: result.prognosis_loss,
-            TRAIN_SECONDS: result.seconds,
-            NUM_EXAMPLES: result.num_examples,
-        }, min_count=k))  # fmt: skip
+        log.info(
+            "%s round %d: trained on %d studies, loss %.4f, %.1fs",
+            site.site_name,
+            settings.server_round,
+            result.num_examples,
+            result.loss,
+            result.seconds,
+        )
+        metrics = MetricRecord(
+            floor_training(
+                {
+                    TRAIN_LOSS: result.loss,
+                    TRAIN_LOSS_DIAGNOSIS: result.diagnosis_loss,
+                    TRAIN_LOSS_PROGNOSIS: result.prognosis_loss,
+                    TRAIN_SECONDS: result.seconds,
+                    NUM_EXAMPLES: result.num_examples,
+                },
+                min_count=k,
+            )
+        )
         content = weights_records(state, transport=settings.transport if packed else None)
         content[METRICS_RECORD] = metrics
         content[SITE_RECORD] = ConfigRecord({SITE_NAME_FIELD: site.site_name})
@@ -257,18 +289,34 @@ def build_client_app(run_config_overrides: Mapping[str, Any] | None = None, *, m
         config = msg.content[CONFIG_RECORD]
         if bool(config.get(PROFILE_STATISTICS, False)):  # before round 1: aggregate profile statistics only (#24)
             metrics = statistics_metrics(site, dict(config), min_count=k)
-            return Message(RecordDict({METRICS_RECORD: MetricRecord(metrics),
-                                       SITE_RECORD: ConfigRecord({SITE_NAME_FIELD: site.site_name})}), reply_to=msg)  # fmt: skip
+            return Message(
+                RecordDict(
+                    {
+                        METRICS_RECORD: MetricRecord(metrics),
+                        SITE_RECORD: ConfigRecord({SITE_NAME_FIELD: site.site_name}),
+                    }
+                ),
+                reply_to=msg,
+            )
         settings = RoundSettings.from_record(dict(config))
         if CALIBRATION_TEMPERATURE in config:  # after the run: calibration statistics of these weights
             temperature = config[CALIBRATION_TEMPERATURE]
-            if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 < temperature < math.inf:
-                raise BadCalibrationRequest(f"calibration-temperature must be a positive finite number, got {temperature!r}")
-            metrics = calibration_metrics(site, settings, received_state(msg.content), temperature=float(temperature),
-                                          min_count=k)  # fmt: skip
+            if (
+                isinstance(temperature, bool)
+                or not isinstance(temperature, int | float)
+                or not 0 < temperature < math.inf
+            ):
+                raise BadCalibrationRequest(
+                    f"calibration-temperature must be a positive finite number, got {temperature!r}"
+                )
+            metrics = calibration_metrics(
+                site, settings, received_state(msg.content), temperature=float(temperature), min_count=k
+            )
         else:
             metrics = evaluation_metrics(site, settings, received_state(msg.content), min_count=k)
-        content = RecordDict({METRICS_RECORD: MetricRecord(metrics), SITE_RECORD: ConfigRecord({SITE_NAME_FIELD: site.site_name})})
+        content = RecordDict(
+            {METRICS_RECORD: MetricRecord(metrics), SITE_RECORD: ConfigRecord({SITE_NAME_FIELD: site.site_name})}
+        )
         return Message(content=content, reply_to=msg)
 
     return app

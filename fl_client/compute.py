@@ -32,10 +32,19 @@ if TYPE_CHECKING:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: node-config key -> site env key (``fl_client/site_env.py``), with the meaning shown in errors.
 NODE_KEYS = {
-    "precision": ("FEDCT_PRECISION", "auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that has it, else fp16; fp32 on CPU)"),
-    "loader-workers": ("FEDCT_LOADER_WORKERS", "auto or data-loader worker processes 0..64 (auto: CUDA min(8, CPUs-1), CPU 0)"),
+    "precision": (
+        "FEDCT_PRECISION",
+        "auto, fp32, bf16 or fp16 (auto: bf16 on a GPU that has it, else fp16; fp32 on CPU)",
+    ),
+    "loader-workers": (
+        "FEDCT_LOADER_WORKERS",
+        "auto or data-loader worker processes 0..64 (auto: CUDA min(8, CPUs-1), CPU 0)",
+    ),
     "pin-memory": ("FEDCT_PIN_MEMORY", "auto, true or false: pinned host memory for batches (auto: on with CUDA)"),
-    "persistent-workers": ("FEDCT_PERSISTENT_WORKERS", "auto, true or false: keep loader workers between epochs (auto: on)"),
+    "persistent-workers": (
+        "FEDCT_PERSISTENT_WORKERS",
+        "auto, true or false: keep loader workers between epochs (auto: on)",
+    ),
     "channels-last": ("FEDCT_CHANNELS_LAST", "auto, true or false: channels_last_3d on CUDA (auto: on with bf16/fp16)"),
     "gpu-augment": ("FEDCT_GPU_AUGMENT", "auto, true or false: random augmentation on the GPU (auto: on with CUDA)"),
 }
@@ -84,12 +93,16 @@ class ComputeOptions:
                 return True
             if value in _FALSE:
                 return False
-            raise ComputeOptionError(f"{key} (site env {NODE_KEYS[key][0]}) = {node_config[key]!r}: must be {NODE_KEYS[key][1]}")
+            raise ComputeOptionError(
+                f"{key} (site env {NODE_KEYS[key][0]}) = {node_config[key]!r}: must be {NODE_KEYS[key][1]}"
+            )
 
         workers_text = text("loader-workers")
         if workers_text is not None and not workers_text.isdigit():
-            raise ComputeOptionError(f"loader-workers (site env FEDCT_LOADER_WORKERS) = {node_config['loader-workers']!r}: "
-                                     f"must be {NODE_KEYS['loader-workers'][1]}")  # fmt: skip
+            raise ComputeOptionError(
+                f"loader-workers (site env FEDCT_LOADER_WORKERS) = {node_config['loader-workers']!r}: "
+                f"must be {NODE_KEYS['loader-workers'][1]}"
+            )
         return cls(
             precision=text("precision") or "auto",
             loader_workers=None if workers_text is None else int(workers_text),
@@ -101,9 +114,14 @@ class ComputeOptions:
 
     def to_node_config(self) -> dict[str, str]:
         """The non-automatic settings as ``node_config`` entries (inverse of :meth:`from_node_config`)."""
-        values = {"precision": self.precision, "loader-workers": self.loader_workers, "pin-memory": self.pin_memory,
-                  "persistent-workers": self.persistent_workers, "channels-last": self.channels_last,
-                  "gpu-augment": self.gpu_augment}  # fmt: skip
+        values = {
+            "precision": self.precision,
+            "loader-workers": self.loader_workers,
+            "pin-memory": self.pin_memory,
+            "persistent-workers": self.persistent_workers,
+            "channels-last": self.channels_last,
+            "gpu-augment": self.gpu_augment,
+        }
         return {k: str(v).lower() for k, v in values.items() if v is not None and v != "auto"}
 
 
@@ -133,9 +151,15 @@ class Compute:
 
     def summary(self) -> dict[str, Any]:
         """JSON-friendly form (benchmarks, logs)."""
-        return {"device": str(self.device), "precision": self.precision, "channels_last": self.channels_last,
-                "loader_workers": self.loader_workers, "pin_memory": self.pin_memory,
-                "persistent_workers": self.persistent_workers, "gpu_augment": self.gpu_augment}  # fmt: skip
+        return {
+            "device": str(self.device),
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "loader_workers": self.loader_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers,
+            "gpu_augment": self.gpu_augment,
+        }
 
 
 def available_cpus() -> int:
@@ -157,7 +181,9 @@ def resolve_compute(options: ComputeOptions, device: torch.device) -> Compute:
     if precision == "fp16" and not cuda:
         raise ComputeOptionError("precision fp16 (FEDCT_PRECISION) needs a CUDA device; on CPU use fp32 or bf16")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise ComputeOptionError("precision bf16 (FEDCT_PRECISION): this GPU does not support bfloat16; use fp16 or auto")
+        raise ComputeOptionError(
+            "precision bf16 (FEDCT_PRECISION): this GPU does not support bfloat16; use fp16 or auto"
+        )
     if options.gpu_augment and not cuda:
         raise ComputeOptionError("gpu-augment=true (FEDCT_GPU_AUGMENT) needs a CUDA device")
     workers = options.loader_workers
@@ -170,6 +196,7 @@ def resolve_compute(options: ComputeOptions, device: torch.device) -> Compute:
         channels_last=cuda and (options.channels_last if options.channels_last is not None else precision != "fp32"),
         loader_workers=workers,
         pin_memory=cuda and (options.pin_memory if options.pin_memory is not None else True),
-        persistent_workers=workers > 0 and (options.persistent_workers if options.persistent_workers is not None else True),
+        persistent_workers=workers > 0
+        and (options.persistent_workers if options.persistent_workers is not None else True),
         gpu_augment=cuda and (options.gpu_augment if options.gpu_augment is not None else True),
     )

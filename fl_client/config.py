@@ -135,15 +135,23 @@ class SiteConfig:
         - the preprocessing caches of other pipelines are trimmed to ``FEDCT_CACHE_MAX_GB``, least recently used
           first, never the one this round uses.
         """
-        self.limits.check(input_size=settings.pipeline.input_size, spacing_mm=settings.pipeline.target_spacing_mm,
-                          local_epochs=settings.local_epochs, batch_size=settings.batch_size)  # fmt: skip
+        self.limits.check(
+            input_size=settings.pipeline.input_size,
+            spacing_mm=settings.pipeline.target_spacing_mm,
+            local_epochs=settings.local_epochs,
+            batch_size=settings.batch_size,
+        )
         split = site_split(self.site_dir, site_choice=self.split, requested=settings.split)
         from preprocessing.cache import prune_caches  # MONAI-heavy; the ClientApp has it imported already
 
         removed = prune_caches(self.site_dir, keep=settings.pipeline, max_bytes=self.limits.cache_max_bytes)
         if removed:
-            log.info("%s: removed %d older preprocessing cache(s) to stay under FEDCT_CACHE_MAX_GB=%g",
-                     self.site_name, len(removed), self.limits.cache_max_gb)  # fmt: skip
+            log.info(
+                "%s: removed %d older preprocessing cache(s) to stay under FEDCT_CACHE_MAX_GB=%g",
+                self.site_name,
+                len(removed),
+                self.limits.cache_max_gb,
+            )
         return settings if split == settings.split else replace(settings, split=split)
 
 
@@ -165,8 +173,12 @@ def _split_from_node_config(node_config: Mapping[str, Any]) -> SplitConfig | Non
     if not present:
         return None
     if len(present) != len(SPLIT_NODE_KEYS):
-        raise SiteConfigError(f"node config has {present[0]} but not {[k for k in SPLIT_NODE_KEYS if k not in present][0]}")
+        raise SiteConfigError(
+            f"node config has {present[0]} but not {[k for k in SPLIT_NODE_KEYS if k not in present][0]}"
+        )
     try:
-        return SplitConfig(val_fraction=float(node_config["val-fraction"]), test_fraction=float(node_config["test-fraction"]))
+        return SplitConfig(
+            val_fraction=float(node_config["val-fraction"]), test_fraction=float(node_config["test-fraction"])
+        )
     except ValueError as exc:
         raise SiteConfigError(f"site split (FEDCT_VAL_FRACTION, FEDCT_TEST_FRACTION): {exc}") from exc

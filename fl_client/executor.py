@@ -101,8 +101,10 @@ class ExecutorConfig:
             raise ExecutorConfigError("--insecure and --root-certificates exclude each other")
         if not self.insecure and self.root_certificates is None:
             raise ExecutorConfigError("give --root-certificates (the Runtime API's CA) or --insecure")
-        for name, path in (("--root-certificates", self.root_certificates),
-                           ("--superexec-auth-secret-file", self.superexec_auth_secret_file)):  # fmt: skip
+        for name, path in (
+            ("--root-certificates", self.root_certificates),
+            ("--superexec-auth-secret-file", self.superexec_auth_secret_file),
+        ):
             if path is not None and not path.is_file():
                 raise ExecutorConfigError(f"{name} {path}: no such file")
         if not MIN_POLL_INTERVAL_S <= self.poll_interval_s <= MAX_POLL_INTERVAL_S:
@@ -167,8 +169,13 @@ def discover_third_party_modules(app_module: str, *, timeout_s: float = 300.0) -
     never listed, also when they are installed in ``site-packages``.
     """
     own = sorted(project_packages() | {app_module.split(".")[0]})
-    done = subprocess.run([sys.executable, "-c", _DISCOVER, app_module, json.dumps(own)], capture_output=True, text=True,
-                          timeout=timeout_s, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _DISCOVER, app_module, json.dumps(own)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
     if done.returncode != 0:
         raise ExecutorConfigError(f"--preload-app {app_module!r} could not be imported: {done.stderr.strip()[-2000:]}")
     return [str(n) for n in json.loads(done.stdout.strip().splitlines()[-1])]
@@ -192,8 +199,9 @@ def preload_modules(names: list[str] | tuple[str, ...], *, exclude: frozenset[st
             imported += 1
         except Exception:  # noqa: BLE001 - a module that cannot be preloaded is imported by the child instead
             skipped += 1
-    return PreloadResult(imported=imported, skipped=skipped, seconds=time.perf_counter() - t0,
-                         threads=threading.active_count())  # fmt: skip
+    return PreloadResult(
+        imported=imported, skipped=skipped, seconds=time.perf_counter() - t0, threads=threading.active_count()
+    )
 
 
 def _own_package() -> str:
@@ -224,8 +232,14 @@ def _run_child(config: ExecutorConfig, token: str, certificates: bytes | None) -
             numpy.random.seed()  # a fresh process would have its own global numpy state
         from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-        run_clientapp(runtime_api_address=config.runtime_api_address, token=token, insecure=config.insecure,
-                      certificates=certificates, parent_pid=os.getppid(), runtime_dependency_install=False)  # fmt: skip
+        run_clientapp(
+            runtime_api_address=config.runtime_api_address,
+            token=token,
+            insecure=config.insecure,
+            certificates=certificates,
+            parent_pid=os.getppid(),
+            runtime_dependency_install=False,
+        )
     except SystemExit as stop:  # run_clientapp always ends with flwr_exit -> sys.exit
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
     except BaseException:  # noqa: BLE001 - report, never return into the parent's loop
@@ -283,7 +297,9 @@ class WarmExecutor:
     def _check_parent(self, _signum: int = 0, _frame: FrameType | None = None) -> None:
         """SIGALRM handler: stop when the parent is gone, also while a Runtime API call is retrying."""
         if not self._stop and self.parent_gone():
-            log.warning("parent process %d is gone; stopping the executor and its ClientApp children", self.config.parent_pid)
+            log.warning(
+                "parent process %d is gone; stopping the executor and its ClientApp children", self.config.parent_pid
+            )
             self.request_stop()
 
     def _client(self):  # noqa: ANN202 - Flower's RuntimeHttpClient
@@ -296,8 +312,11 @@ class WarmExecutor:
         secret_file = self.config.superexec_auth_secret_file
         secret = load_superexec_auth_secret(str(secret_file)) if secret_file else None
         if secret:
-            interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret,
-                                                             protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})))  # fmt: skip
+            interceptors.append(
+                SuperExecAuthHttpInterceptor(
+                    master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})
+                )
+            )
         invoker = make_simple_http_retry_invoker()
         flower_giveup = invoker.should_giveup
 
@@ -308,9 +327,13 @@ class WarmExecutor:
             return status == 401 or (flower_giveup(exc) if flower_giveup else False)
 
         invoker.should_giveup = should_giveup
-        return RuntimeHttpClient.from_server_address(server_address=self.config.runtime_api_address,
-                                                     insecure=self.config.insecure, root_certificates=self._certificates,
-                                                     interceptors=interceptors, retry_invoker=invoker)  # fmt: skip
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.config.runtime_api_address,
+            insecure=self.config.insecure,
+            root_certificates=self._certificates,
+            interceptors=interceptors,
+            retry_invoker=invoker,
+        )
 
     def reap(self) -> None:
         """Collect finished children and log how they ended."""
@@ -328,8 +351,14 @@ class WarmExecutor:
                 continue
             self.exit_codes.append((child.task_id, code))
             level = logging.INFO if code == 0 else logging.WARNING
-            log.log(level, "task %d: ClientApp child %d exited with code %d after %.1fs",
-                    child.task_id, pid, code, time.monotonic() - child.started)  # fmt: skip
+            log.log(
+                level,
+                "task %d: ClientApp child %d exited with code %d after %.1fs",
+                child.task_id,
+                pid,
+                code,
+                time.monotonic() - child.started,
+            )
 
     def launch(self, token: str, task_id: int) -> int:
         """Fork one child for the task; returns its PID."""
@@ -394,36 +423,63 @@ class WarmExecutor:
 def parse_args(argv: list[str] | None = None) -> ExecutorConfig:
     """Command line -> :class:`ExecutorConfig` (errors name the option)."""
     parser = argparse.ArgumentParser(prog="python -m fl_client.executor", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT (its --port)")
+    parser.add_argument(
+        "--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT (its --port)"
+    )
     tls = parser.add_mutually_exclusive_group()
     tls.add_argument("--insecure", action="store_true", help="plain HTTP to the Runtime API")
-    tls.add_argument("--root-certificates", type=Path, help="CA certificate of the Runtime API (SuperNode --ssl-ca-certfile)")
+    tls.add_argument(
+        "--root-certificates", type=Path, help="CA certificate of the Runtime API (SuperNode --ssl-ca-certfile)"
+    )
     parser.add_argument("--superexec-auth-secret-file", type=Path, help="same file as the SuperNode's, when it has one")
-    parser.add_argument("--poll-interval", type=float, default=0.2, help="seconds between task polls (default 0.2; each poll costs ~4 ms CPU)")
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.2,
+        help="seconds between task polls (default 0.2; each poll costs ~4 ms CPU)",
+    )
     parser.add_argument("--max-concurrent", type=int, default=1, help="ClientApp children at a time (default 1)")
-    parser.add_argument("--preload-app", default=DEFAULT_PRELOAD_APP,
-                        help="ClientApp module whose installed third-party imports are preloaded ('' for none)")  # fmt: skip
+    parser.add_argument(
+        "--preload-app",
+        default=DEFAULT_PRELOAD_APP,
+        help="ClientApp module whose installed third-party imports are preloaded ('' for none)",
+    )
     parser.add_argument("--preload", action="append", default=[], help="extra module to preload (repeatable)")
-    parser.add_argument("--parent-pid", type=int,
-                        help="exit, stopping the running ClientApps, once this process is gone (fedct site passes its PID)")  # fmt: skip
-    parser.add_argument("--approved-apps", metavar="FILE",
-                        help="allow-list of app (FAB) hashes checked before each task's app is unpacked "
-                             "(default: $FEDCT_APPROVED_APPS; none set: every app is refused; "
-                             "'disabled-i-understand': no check, a WARNING for every task)")  # fmt: skip
+    parser.add_argument(
+        "--parent-pid",
+        type=int,
+        help="exit, stopping the running ClientApps, once this process is gone (fedct site passes its PID)",
+    )
+    parser.add_argument(
+        "--approved-apps",
+        metavar="FILE",
+        help="allow-list of app (FAB) hashes checked before each task's app is unpacked "
+        "(default: $FEDCT_APPROVED_APPS; none set: every app is refused; "
+        "'disabled-i-understand': no check, a WARNING for every task)",
+    )
     args = parser.parse_args(argv)
     from fl_client.approval import ALLOW_LIST_ENV, ApprovalConfigError, allow_list_from_value
 
     try:
-        approved = allow_list_from_value(args.approved_apps if args.approved_apps is not None else os.environ.get(ALLOW_LIST_ENV, ""),
-                                         source="--approved-apps" if args.approved_apps is not None else ALLOW_LIST_ENV)  # fmt: skip
+        approved = allow_list_from_value(
+            args.approved_apps if args.approved_apps is not None else os.environ.get(ALLOW_LIST_ENV, ""),
+            source="--approved-apps" if args.approved_apps is not None else ALLOW_LIST_ENV,
+        )
     except ApprovalConfigError as err:
         parser.error(str(err))
     try:
-        return ExecutorConfig(runtime_api_address=args.runtime_api_address, insecure=args.insecure,
-                              root_certificates=args.root_certificates, superexec_auth_secret_file=args.superexec_auth_secret_file,
-                              poll_interval_s=args.poll_interval, max_concurrent=args.max_concurrent,
-                              preload_app=args.preload_app or None, preload=tuple(args.preload),
-                              approved_apps=approved, parent_pid=args.parent_pid)  # fmt: skip
+        return ExecutorConfig(
+            runtime_api_address=args.runtime_api_address,
+            insecure=args.insecure,
+            root_certificates=args.root_certificates,
+            superexec_auth_secret_file=args.superexec_auth_secret_file,
+            poll_interval_s=args.poll_interval,
+            max_concurrent=args.max_concurrent,
+            preload_app=args.preload_app or None,
+            preload=tuple(args.preload),
+            approved_apps=approved,
+            parent_pid=args.parent_pid,
+        )
     except ExecutorConfigError as err:
         parser.error(str(err))
 
@@ -457,8 +513,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         executor._in_call = False
-    log.info("preloaded %d modules in %.1fs (%d not importable by name); %d thread(s); serving %s",
-             result.imported, result.seconds, result.skipped, result.threads, config.runtime_api_address)  # fmt: skip
+    log.info(
+        "preloaded %d modules in %.1fs (%d not importable by name); %d thread(s); serving %s",
+        result.imported,
+        result.seconds,
+        result.skipped,
+        result.threads,
+        config.runtime_api_address,
+    )
     if result.threads > 1:
         log.warning("preloading started %d threads; forking with threads may deadlock a child", result.threads)
     torch = sys.modules.get("torch")

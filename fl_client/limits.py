@@ -35,21 +35,36 @@ class SiteLimitError(ValueError):
 
 #: field name -> (node-config key, site env key, meaning). Defaults are the dataclass defaults.
 LIMIT_KEYS: dict[str, tuple[str, str, str]] = {
-    "max_input_size": ("max-input-size", "FEDCT_MAX_INPUT_SIZE",
-                       "largest model input per axis in voxels the server may ask for (default 256)"),
-    "max_input_voxels": ("max-input-voxels", "FEDCT_MAX_INPUT_VOXELS",
-                         "largest model input in voxels (x*y*z) per study (default 8388608 = 256*256*128)"),
-    "min_spacing_mm": ("min-spacing-mm", "FEDCT_MIN_SPACING_MM",
-                       "finest target voxel spacing in mm the server may ask for (default 1.0; finer resamples "
-                       "whole CT volumes to huge grids)"),
+    "max_input_size": (
+        "max-input-size",
+        "FEDCT_MAX_INPUT_SIZE",
+        "largest model input per axis in voxels the server may ask for (default 256)",
+    ),
+    "max_input_voxels": (
+        "max-input-voxels",
+        "FEDCT_MAX_INPUT_VOXELS",
+        "largest model input in voxels (x*y*z) per study (default 8388608 = 256*256*128)",
+    ),
+    "min_spacing_mm": (
+        "min-spacing-mm",
+        "FEDCT_MIN_SPACING_MM",
+        "finest target voxel spacing in mm the server may ask for (default 1.0; finer resamples "
+        "whole CT volumes to huge grids)",
+    ),
     "max_local_epochs": ("max-local-epochs", "FEDCT_MAX_LOCAL_EPOCHS", "most local epochs per round (default 20)"),
     "max_batch_size": ("max-batch-size", "FEDCT_MAX_BATCH_SIZE", "largest batch size (default 64)"),
-    "max_batch_voxels": ("max-batch-voxels", "FEDCT_MAX_BATCH_VOXELS",
-                         "memory budget: batch size * input voxels per training step (default 33554432; densenet121 "
-                         "needs ~0.7 KB of RAM per voxel on a CPU in float32, resnet18 ~1.6 KB)"),
-    "cache_max_gb": ("cache-max-gb", "FEDCT_CACHE_MAX_GB",
-                     "disk the preprocessing caches may use in GB; older pipelines' caches are removed (default 20)"),
-}  # fmt: skip
+    "max_batch_voxels": (
+        "max-batch-voxels",
+        "FEDCT_MAX_BATCH_VOXELS",
+        "memory budget: batch size * input voxels per training step (default 33554432; densenet121 "
+        "needs ~0.7 KB of RAM per voxel on a CPU in float32, resnet18 ~1.6 KB)",
+    ),
+    "cache_max_gb": (
+        "cache-max-gb",
+        "FEDCT_CACHE_MAX_GB",
+        "disk the preprocessing caches may use in GB; older pipelines' caches are removed (default 20)",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -97,19 +112,28 @@ class SiteLimits:
     @classmethod
     def from_env_values(cls, values: Mapping[str, str]) -> SiteLimits:
         """From a site env file's ``KEY=VALUE`` pairs (empty or absent: default)."""
-        node = {LIMIT_KEYS[f.name][0]: values[LIMIT_KEYS[f.name][1]] for f in fields(cls) if values.get(LIMIT_KEYS[f.name][1])}
+        node = {
+            LIMIT_KEYS[f.name][0]: values[LIMIT_KEYS[f.name][1]]
+            for f in fields(cls)
+            if values.get(LIMIT_KEYS[f.name][1])
+        }
         return cls.from_node_config(node)
 
     def node_config(self) -> dict[str, int | float]:
         """The ``--node-config`` entries that carry these limits to the ClientApp."""
         return {LIMIT_KEYS[f.name][0]: getattr(self, f.name) for f in fields(self)}
 
-    def check(self, *, input_size: tuple[int, ...], spacing_mm: tuple[float, ...], local_epochs: int, batch_size: int) -> None:
+    def check(
+        self, *, input_size: tuple[int, ...], spacing_mm: tuple[float, ...], local_epochs: int, batch_size: int
+    ) -> None:
         """Raise :class:`SiteLimitError` for the first request over a limit (each limit its own message)."""
 
         def refuse(env_key: str, what: str, limit: object) -> SiteLimitError:
-            return SiteLimitError(f"refused: the server asked for {what}, over this site's limit {env_key}={limit} "
-                                  f"(site env file; raise it there to allow this run)", limit=env_key)  # fmt: skip
+            return SiteLimitError(
+                f"refused: the server asked for {what}, over this site's limit {env_key}={limit} "
+                f"(site env file; raise it there to allow this run)",
+                limit=env_key,
+            )
 
         size_text = ",".join(str(v) for v in input_size)
         if max(input_size) > self.max_input_size:
@@ -118,11 +142,16 @@ class SiteLimits:
         if voxels > self.max_input_voxels:
             raise refuse("FEDCT_MAX_INPUT_VOXELS", f"input-size {size_text} ({voxels} voxels)", self.max_input_voxels)
         if min(spacing_mm) < self.min_spacing_mm:
-            raise refuse("FEDCT_MIN_SPACING_MM", f"target-spacing-mm {','.join(str(v) for v in spacing_mm)}", self.min_spacing_mm)
+            raise refuse(
+                "FEDCT_MIN_SPACING_MM", f"target-spacing-mm {','.join(str(v) for v in spacing_mm)}", self.min_spacing_mm
+            )
         if local_epochs > self.max_local_epochs:
             raise refuse("FEDCT_MAX_LOCAL_EPOCHS", f"local-epochs {local_epochs}", self.max_local_epochs)
         if batch_size > self.max_batch_size:
             raise refuse("FEDCT_MAX_BATCH_SIZE", f"batch-size {batch_size}", self.max_batch_size)
         if batch_size * voxels > self.max_batch_voxels:
-            raise refuse("FEDCT_MAX_BATCH_VOXELS", f"batch-size {batch_size} x {voxels} voxels = {batch_size * voxels}",
-                         self.max_batch_voxels)  # fmt: skip
+            raise refuse(
+                "FEDCT_MAX_BATCH_VOXELS",
+                f"batch-size {batch_size} x {voxels} voxels = {batch_size * voxels}",
+                self.max_batch_voxels,
+            )

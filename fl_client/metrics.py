@@ -27,6 +27,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    brier_score_loss,
+    log_loss,
+    roc_auc_score,
+    roc_curve,
+)
+
 from fedct import protocol
 from fedct.protocol import (
     NUM_EXAMPLES,
@@ -41,14 +50,6 @@ from fedct.protocol import (
     reliability_key,
 )
 from models.calibration import coarsen_reliability
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    brier_score_loss,
-    log_loss,
-    roc_auc_score,
-    roc_curve,
-)
 
 log = logging.getLogger("fedct.client")
 
@@ -136,16 +137,26 @@ def classification_metrics(
     if thresholds is not None:
         unknown, missing = set(thresholds) - set(class_names), set(class_names) - set(thresholds)
         if unknown or missing:
-            raise ValueError(f"thresholds must name exactly the classes {list(class_names)}: "
-                             f"unknown {sorted(unknown)}, missing {sorted(missing)}")  # fmt: skip
+            raise ValueError(
+                f"thresholds must name exactly the classes {list(class_names)}: "
+                f"unknown {sorted(unknown)}, missing {sorted(missing)}"
+            )
     n_classes = len(class_names)
     metrics: dict[str, float] = {"n": float(len(labels))}
     for k, name in enumerate(class_names):
         metrics[f"n-pos-{name}"] = float(np.sum(labels == k))
         metrics[f"n-neg-{name}"] = float(np.sum(labels != k))
     if len(labels) == 0:
-        metrics.update({"loss": math.nan, "accuracy": math.nan, "balanced-accuracy": math.nan, "auc-macro": math.nan,
-                        "brier": math.nan, "ece": math.nan})  # fmt: skip
+        metrics.update(
+            {
+                "loss": math.nan,
+                "accuracy": math.nan,
+                "balanced-accuracy": math.nan,
+                "auc-macro": math.nan,
+                "brier": math.nan,
+                "ece": math.nan,
+            }
+        )
         for name in class_names:
             metrics.update({f"auc-{name}": math.nan, f"sens-{name}": math.nan, f"spec-{name}": math.nan})
         return metrics
@@ -153,7 +164,9 @@ def classification_metrics(
     predicted = probs.argmax(axis=1)
     metrics["loss"] = float(log_loss(labels, normalised, labels=list(range(n_classes))))
     metrics["accuracy"] = float(accuracy_score(labels, predicted))
-    metrics["balanced-accuracy"] = float(balanced_accuracy_score(labels, predicted)) if len(set(labels)) > 1 else math.nan
+    metrics["balanced-accuracy"] = (
+        float(balanced_accuracy_score(labels, predicted)) if len(set(labels)) > 1 else math.nan
+    )
     metrics["brier"] = float(brier_score_loss(labels, normalised, labels=list(range(n_classes)), scale_by_half=False))
     metrics["ece"] = _calibration_error(normalised, labels, n_bins)
     aucs = []
@@ -235,8 +248,12 @@ def survival_metrics(risk: np.ndarray, time: np.ndarray, event: np.ndarray, *, h
     for name, values in (("time", time), ("event", event)):
         if values.shape != risk.shape:
             raise ValueError(f"{name} must have the shape of risk {risk.shape}, got {values.shape}")
-    if isinstance(horizon_days, bool) or not isinstance(horizon_days, numbers.Real) or not math.isfinite(horizon_days) \
-            or horizon_days <= 0:  # fmt: skip
+    if (
+        isinstance(horizon_days, bool)
+        or not isinstance(horizon_days, numbers.Real)
+        or not math.isfinite(horizon_days)
+        or horizon_days <= 0
+    ):
         raise ValueError(f"horizon_days must be a positive finite number, got {horizon_days!r}")
     known = ~(np.isnan(time) | np.isnan(event))
     risk, time, event = risk[known], time[known], event[known]
@@ -366,19 +383,26 @@ def _floor_split(values: Mapping[str, Any], k: int) -> dict[str, Any]:
         if "c-index" in values:
             out["c-index"] = float(values["c-index"]) if fine and _counts_ok(events, k) else math.nan
         if "td-auc" in values:
-            out["td-auc"] = float(values["td-auc"]) if fine and _counts_ok(cases, k) and _counts_ok(controls, k) else math.nan
+            out["td-auc"] = (
+                float(values["td-auc"]) if fine and _counts_ok(cases, k) and _counts_ok(controls, k) else math.nan
+            )
     return out
 
 
 def _split_known(key: str) -> bool:
-    return key == "n" or key in _SPLIT_SCALARS or key in ("balanced-accuracy", "auc-macro") or key in _SURVIVAL \
+    return (
+        key == "n"
+        or key in _SPLIT_SCALARS
+        or key in ("balanced-accuracy", "auc-macro")
+        or key in _SURVIVAL
         or _PER_CLASS.fullmatch(key) is not None
+    )
 
 
 def _evaluation_known(key: str) -> bool:
     for prefix in (VAL_PREFIX, TEST_PREFIX):
         if key.startswith(prefix):
-            return _split_known(key[len(prefix):])
+            return _split_known(key[len(prefix) :])
     return key in (TRAIN_HIST_RISK, NUM_EXAMPLES, VAL_CALIBRATION_NLL)
 
 
@@ -404,7 +428,7 @@ def floor_evaluation(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) 
     k = max(_positive_int(min_count, "min_count"), MIN_COUNT)
     out: dict[str, Any] = {}
     for prefix in (VAL_PREFIX, TEST_PREFIX):
-        values = {key[len(prefix):]: v for key, v in metrics.items() if key.startswith(prefix)}
+        values = {key[len(prefix) :]: v for key, v in metrics.items() if key.startswith(prefix)}
         if values:
             out.update({prefix + key: v for key, v in _floor_split(values, k).items()})
     if TRAIN_HIST_RISK in metrics:
@@ -438,7 +462,7 @@ def floor_calibration(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT)
         coarse = coarsen_reliability(*(metrics[key] for key in keys), k)
         for i, key in enumerate(keys):
             out[key] = [] if coarse is None else coarse[i]
-    scalars = {key[len(TEST_PREFIX):]: v for key, v in metrics.items() if key in _CALIBRATED_SCALARS}
+    scalars = {key[len(TEST_PREFIX) :]: v for key, v in metrics.items() if key in _CALIBRATED_SCALARS}
     known.update(_CALIBRATED_SCALARS)
     out.update({TEST_PREFIX + key: v for key, v in _floor_split(scalars, k).items()} if scalars else {})
     if NUM_EXAMPLES in metrics:
@@ -454,16 +478,24 @@ _CALIBRATED_SCALARS = tuple(f"{TEST_PREFIX}{name}" for name in ("n", "loss", "br
 
 
 #: Training-reply metrics and whether they describe the training studies (NaN below k) or not (always sent).
-TRAINING_KEYS = {TRAIN_LOSS: True, TRAIN_LOSS_DIAGNOSIS: True, TRAIN_LOSS_PROGNOSIS: True, TRAIN_SECONDS: False,
-                 NUM_EXAMPLES: False}  # fmt: skip
+TRAINING_KEYS = {
+    TRAIN_LOSS: True,
+    TRAIN_LOSS_DIAGNOSIS: True,
+    TRAIN_LOSS_PROGNOSIS: True,
+    TRAIN_SECONDS: False,
+    NUM_EXAMPLES: False,
+}
 
 
 def floor_training(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) -> dict[str, Any]:
     """What a site may send of a training round's metrics: losses need >= k training studies; other keys dropped."""
     k = max(_positive_int(min_count, "min_count"), MIN_COUNT)
     enough = _counts_ok(float(metrics.get(NUM_EXAMPLES, 0)), k)
-    out = {key: (float(v) if enough or not TRAINING_KEYS[key] else math.nan) if key != NUM_EXAMPLES else v
-           for key, v in metrics.items() if key in TRAINING_KEYS}  # fmt: skip
+    out = {
+        key: (float(v) if enough or not TRAINING_KEYS[key] else math.nan) if key != NUM_EXAMPLES else v
+        for key, v in metrics.items()
+        if key in TRAINING_KEYS
+    }
     unknown = sorted(set(metrics) - set(TRAINING_KEYS))
     if unknown:
         log.warning("metrics %s are not covered by the privacy floor and are not sent", ", ".join(unknown))

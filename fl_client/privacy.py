@@ -18,9 +18,9 @@ from flwr.app.message_type import MessageType
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fl_client.secagg import secaggplus_when_requested
 from fedct.protocol import INDEX_RECORD
 from fedct.transport import decode_content, encode_content
+from fl_client.secagg import secaggplus_when_requested
 from models.weights import index_transport
 
 #: ``dp-mode`` values that make the site clip its update, and the Flower mod that does it.
@@ -32,7 +32,9 @@ def site_dp_mode(run_config: Mapping[str, Any]) -> str:
     """The run's ``dp-mode`` as the site reads it (ValueError naming the key for an unknown value)."""
     mode = str(run_config.get("dp-mode", "off"))
     if mode not in CLIENT_CLIPPING_MODS and mode not in _SERVER_SIDE_OR_OFF:
-        raise ValueError(f"run config dp-mode={mode!r} is not one of {', '.join((*_SERVER_SIDE_OR_OFF, *CLIENT_CLIPPING_MODS))}")
+        raise ValueError(
+            f"run config dp-mode={mode!r} is not one of {', '.join((*_SERVER_SIDE_OR_OFF, *CLIENT_CLIPPING_MODS))}"
+        )
     return mode
 
 

@@ -31,11 +31,15 @@ def check_request(request: Mapping[str, Any], schema: ProfileSchema) -> None:
     """Refuse a statistics request whose variables are not the site's schema's, in order (names only are compared)."""
     wanted = [v for v in str(request.get(PROFILE_VARIABLES, "")).split(",") if v]
     if tuple(wanted) != schema.names:
-        raise ProfileSchemaMismatch(f"the server asks for profile variables {wanted} ({request.get(PROFILE_SCHEMA, '?')}); "
-                                    f"this site's schema {schema.name} v{schema.version} has {list(schema.names)}")  # fmt: skip
+        raise ProfileSchemaMismatch(
+            f"the server asks for profile variables {wanted} ({request.get(PROFILE_SCHEMA, '?')}); "
+            f"this site's schema {schema.name} v{schema.version} has {list(schema.names)}"
+        )
 
 
-def site_statistics(site: SiteConfig, *, min_count: int = MIN_COUNT, schema: ProfileSchema | None = None) -> ProfileStatistics:
+def site_statistics(
+    site: SiteConfig, *, min_count: int = MIN_COUNT, schema: ProfileSchema | None = None
+) -> ProfileStatistics:
     """The site's profile statistics above the floor ``min_count``; a site without a profile export reports none."""
     schema = schema if schema is not None else read_schema()
     profile = SiteProfile.read(site.profile_dir, schema) if site.profile_dir is not None else None

@@ -75,21 +75,36 @@ def legacy_fit_reply(msg: Message, site: SiteConfig, *, min_count: int = MIN_COU
     names = list(build_model(settings.model).state_dict())
     arrays = parameters_to_ndarrays(fitins.parameters)
     if len(arrays) != len(names):
-        raise ValueError(f"SecAgg+ round {settings.server_round}: the server sent {len(arrays)} tensors, the model "
-                         f"{settings.model.name!r} has {len(names)}")  # fmt: skip
+        raise ValueError(
+            f"SecAgg+ round {settings.server_round}: the server sent {len(arrays)} tensors, the model "
+            f"{settings.model.name!r} has {len(names)}"
+        )
     received = {name: torch.from_numpy(np.array(a, copy=True)) for name, a in zip(names, arrays, strict=True)}
     state, result = train_round(site, settings, received)
     update = [(state[k].detach().cpu() - received[k]).numpy() for k in floating_keys(received)]
-    log.info("%s round %d (SecAgg+): trained on %d studies, loss %.4f, %.1fs", site.site_name, settings.server_round,
-             result.num_examples, result.loss, result.seconds)  # fmt: skip
-    metrics = floor_training({
-        TRAIN_LOSS: result.loss,
-        TRAIN_LOSS_DIAGNOSIS: result.diagnosis_loss,
-        TRAIN_LOSS_PROGNOSIS: result.prognosis_loss,
-        TRAIN_SECONDS: result.seconds,
-        NUM_EXAMPLES: result.num_examples,
-    }, min_count=min_count)  # fmt: skip
+    log.info(
+        "%s round %d (SecAgg+): trained on %d studies, loss %.4f, %.1fs",
+        site.site_name,
+        settings.server_round,
+        result.num_examples,
+        result.loss,
+        result.seconds,
+    )
+    metrics = floor_training(
+        {
+            TRAIN_LOSS: result.loss,
+            TRAIN_LOSS_DIAGNOSIS: result.diagnosis_loss,
+            TRAIN_LOSS_PROGNOSIS: result.prognosis_loss,
+            TRAIN_SECONDS: result.seconds,
+            NUM_EXAMPLES: result.num_examples,
+        },
+        min_count=min_count,
+    )
     metrics[SITE_NAME_METRIC] = site.site_name
-    fitres = FitRes(status=Status(code=Code.OK, message="ok"), parameters=ndarrays_to_parameters(update),
-                    num_examples=result.num_examples, metrics=metrics)  # fmt: skip
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="ok"),
+        parameters=ndarrays_to_parameters(update),
+        num_examples=result.num_examples,
+        metrics=metrics,
+    )
     return Message(content=compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

@@ -31,7 +31,13 @@ from typing import TYPE_CHECKING
 
 from fedct import envfile
 from fedct.envfile import EnvFileError
-from fl_client.approval import APPROVAL_DISABLED, APPROVAL_MODES, APPROVAL_SETTING, ApprovalConfigError, allow_list_from_value
+from fl_client.approval import (
+    APPROVAL_DISABLED,
+    APPROVAL_MODES,
+    APPROVAL_SETTING,
+    ApprovalConfigError,
+    allow_list_from_value,
+)
 from fl_client.compute import NODE_KEYS as COMPUTE_ENV_KEYS
 from fl_client.limits import LIMIT_KEYS, SiteLimits
 from preprocessing.split import SplitConfig
@@ -49,34 +55,41 @@ SITE_KEYS = {
     "FEDCT_DICOM_DIR": "the hospital's DICOM export folder (read only)",
     "FEDCT_LABELS": "labels.csv for the studies (optional)",
     "FEDCT_PROFILE_DIR": "folder of the clinical/molecular profile export: profile-mapping.toml and the table it names "
-                         "(optional; default: the labels file's folder when it holds profile-mapping.toml)",
+    "(optional; default: the labels file's folder when it holds profile-mapping.toml)",
     "FEDCT_SITE_DIR": "the site's writable work folder (cache, manifest, Flower apps)",
     "FEDCT_DEVICE": "cpu, cuda or auto",
     "FEDCT_WORKERS": "ingestion/data-loading worker processes (default 2)",
     "FEDCT_RUNTIME_PORT": "local port of the SuperNode's Runtime API (default 9094; one per SuperNode on a host)",
     "FEDCT_APPROVED_APPS": "allow-list file of approved app hashes, outside FEDCT_SITE_DIR (default approved-apps.txt "
-                           "next to the env file)",
+    "next to the env file)",
     APPROVAL_SETTING: f"required (default): only approved apps run; {APPROVAL_DISABLED}: every app runs unchecked "
-                      "(benchmarks and tests only; logged as a WARNING)",
+    "(benchmarks and tests only; logged as a WARNING)",
     "FEDCT_VAL_FRACTION": "the site's validation fraction of patients (default 0.2; fixed at the site, the server "
-                          "cannot change it)",
+    "cannot change it)",
     "FEDCT_TEST_FRACTION": "the site's test fraction of patients (default 0.2; fixed at the site)",
     **{env_key: meaning for _node, env_key, meaning in LIMIT_KEYS.values()},
     "FEDCT_INGEST_SPACING": "ingestion voxel spacing in mm, x,y,z (default 5.0,5.0,5.0; must match the run)",
     "FEDCT_INGEST_INPUT_SIZE": "ingestion model input size in voxels, x,y,z (default 64,64,48; must match the run)",
     "FEDCT_SKIP_INGEST": "true to start without ingesting first (the site then ingests on its first round)",
     "FEDCT_METRICS_MIN_COUNT": "privacy floor k: no metric sent depends on fewer studies (default 5; raises the run's, "
-                               "never lowers it)",
+    "never lowers it)",
     **{env: meaning for env, meaning in COMPUTE_ENV_KEYS.values()},  # precision, loader: fl_client/compute.py
     "FEDCT_CLIENTAPP_RUNNER": "how ClientApps run: warm (default; fedct's executor, torch/MONAI imported once) or flower "
-                              "(Flower's SuperExec, a fresh process per message)",
+    "(Flower's SuperExec, a fresh process per message)",
     # Read by `fedct predict --pacs-env FILE` (inference/local_identity.py), not by the federated client.
     "FEDCT_LOCAL_IDENTIFIERS": "yes (default): predict shows accession number, patient name and ID in the site-local "
-                               "report, review page and SR; no: research copies without them",
+    "report, review page and SR; no: research copies without them",
 }
 #: Values of FEDCT_CLIENTAPP_RUNNER (the first is the default).
 CLIENTAPP_RUNNERS = ("warm", "flower")
-REQUIRED = ("FEDCT_SITE_NAME", "FEDCT_SUPERLINK", "FEDCT_CA_CERT", "FEDCT_SITE_KEY", "FEDCT_DICOM_DIR", "FEDCT_SITE_DIR")
+REQUIRED = (
+    "FEDCT_SITE_NAME",
+    "FEDCT_SUPERLINK",
+    "FEDCT_CA_CERT",
+    "FEDCT_SITE_KEY",
+    "FEDCT_DICOM_DIR",
+    "FEDCT_SITE_DIR",
+)
 
 
 class SiteEnvError(ValueError):
@@ -115,7 +128,9 @@ def _readable_file(path: Path, key: str, env_path: Path) -> Path:
         with path.open("rb") as fh:
             fh.read(1)
     except OSError as exc:
-        raise SiteEnvError(f"{env_path}: {key}={path}: cannot be read ({exc.strerror}); check its owner and mode") from exc
+        raise SiteEnvError(
+            f"{env_path}: {key}={path}: cannot be read ({exc.strerror}); check its owner and mode"
+        ) from exc
     return path
 
 
@@ -140,7 +155,9 @@ def check_site_key(path: Path, *, source: str) -> None:
     try:
         key = load_ssh_private_key(path.read_bytes(), None)
     except (ValueError, TypeError) as exc:
-        raise SiteEnvError(f"{source}={path}: not an unencrypted OpenSSH private key ({exc}); make one at the site with `fedct site-key --out FILE`") from exc
+        raise SiteEnvError(
+            f"{source}={path}: not an unencrypted OpenSSH private key ({exc}); make one at the site with `fedct site-key --out FILE`"
+        ) from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise SiteEnvError(f"{source}={path}: the SuperNode key must be an EC key (ecdsa), got {type(key).__name__}")
     mode = path.stat().st_mode & 0o777
@@ -205,15 +222,21 @@ class SiteEnv:
 
     def site_config(self) -> SiteConfig:
         """The training-side view (what the ClientApp reads from ``node_config``)."""
+        from fl_client.compute import ComputeOptions
         from fl_client.config import SiteConfig  # torch-free import of this module: `fedct --help` stays fast
 
-        from fl_client.compute import ComputeOptions
-
-        return SiteConfig(site_name=self.site_name, dicom_dir=self.dicom_dir, site_dir=self.site_dir,
-                          labels_csv=self.labels_csv, device=self.device, workers=self.workers,
-                          profile_dir=self.profile_dir or _default_profile_dir(self.labels_csv),
-                          limits=self.limits, split=self.split,
-                          compute=ComputeOptions.from_node_config(self.compute))  # fmt: skip
+        return SiteConfig(
+            site_name=self.site_name,
+            dicom_dir=self.dicom_dir,
+            site_dir=self.site_dir,
+            labels_csv=self.labels_csv,
+            device=self.device,
+            workers=self.workers,
+            profile_dir=self.profile_dir or _default_profile_dir(self.labels_csv),
+            limits=self.limits,
+            split=self.split,
+            compute=ComputeOptions.from_node_config(self.compute),
+        )
 
     def node_config(self) -> dict[str, str | int]:
         """The SuperNode's ``--node-config`` entries (keys of ``SiteConfig.from_context``)."""
@@ -243,7 +266,9 @@ class SiteEnv:
         path = Path(path)
         values = read_env_file(path)
         # FEDCT_PACS_* keys belong to the PACS settings (preprocessing.pacs.read_pacs_settings checks them itself).
-        unknown = sorted(k for k in values if k.startswith("FEDCT_") and not k.startswith("FEDCT_PACS_") and k not in SITE_KEYS)
+        unknown = sorted(
+            k for k in values if k.startswith("FEDCT_") and not k.startswith("FEDCT_PACS_") and k not in SITE_KEYS
+        )
         if unknown:
             raise SiteEnvError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(SITE_KEYS)}")
         missing = [k for k in REQUIRED if not values.get(k)]
@@ -268,7 +293,9 @@ class SiteEnv:
         except OSError as exc:
             raise SiteEnvError(f"{path}: FEDCT_DICOM_DIR={dicom_dir}: cannot be listed ({exc})") from exc
         if empty:
-            raise SiteEnvError(f"{path}: FEDCT_DICOM_DIR={dicom_dir}: the folder holds no file; is the DICOM export mounted?")
+            raise SiteEnvError(
+                f"{path}: FEDCT_DICOM_DIR={dicom_dir}: the folder holds no file; is the DICOM export mounted?"
+            )
         labels = _readable_file(a_path("FEDCT_LABELS"), "FEDCT_LABELS", path) if values.get("FEDCT_LABELS") else None
         profile_dir = None
         if values.get("FEDCT_PROFILE_DIR"):
@@ -276,8 +303,10 @@ class SiteEnv:
 
             profile_dir = a_path("FEDCT_PROFILE_DIR")
             if not (profile_dir / MAPPING_NAME).is_file():
-                raise SiteEnvError(f"{path}: FEDCT_PROFILE_DIR={profile_dir}: no {MAPPING_NAME} there "
-                                   f"({SITE_KEYS['FEDCT_PROFILE_DIR']}; check it with `fedct profile check --site DIR`)")  # fmt: skip
+                raise SiteEnvError(
+                    f"{path}: FEDCT_PROFILE_DIR={profile_dir}: no {MAPPING_NAME} there "
+                    f"({SITE_KEYS['FEDCT_PROFILE_DIR']}; check it with `fedct profile check --site DIR`)"
+                )
         site_dir = a_path("FEDCT_SITE_DIR")
         try:
             site_dir.mkdir(parents=True, exist_ok=True)
@@ -289,9 +318,11 @@ class SiteEnv:
         if device not in DEVICES:
             raise SiteEnvError(f"{path}: FEDCT_DEVICE={device!r} is not one of {', '.join(DEVICES)}")
         if device == "cuda" and check_cuda and not _cuda_available():
-            raise SiteEnvError(f"{path}: FEDCT_DEVICE=cuda but no CUDA device is visible to this process "
-                               "(check the driver, `nvidia-smi`, and that the container gets the GPU); "
-                               "set FEDCT_DEVICE=cpu to train on the CPU")  # fmt: skip
+            raise SiteEnvError(
+                f"{path}: FEDCT_DEVICE=cuda but no CUDA device is visible to this process "
+                "(check the driver, `nvidia-smi`, and that the container gets the GPU); "
+                "set FEDCT_DEVICE=cpu to train on the CPU"
+            )
 
         def an_int(key: str, default: int, low: int, high: int) -> int:
             text = values.get(key, "") or str(default)
@@ -304,8 +335,10 @@ class SiteEnv:
         metrics_min_count = an_int("FEDCT_METRICS_MIN_COUNT", 5, 5, 1_000_000)
         approved = _allow_list(values, path, site_dir, a_path)
         try:
-            split = SplitConfig(val_fraction=_fraction(values, "FEDCT_VAL_FRACTION", path),
-                                test_fraction=_fraction(values, "FEDCT_TEST_FRACTION", path))  # fmt: skip
+            split = SplitConfig(
+                val_fraction=_fraction(values, "FEDCT_VAL_FRACTION", path),
+                test_fraction=_fraction(values, "FEDCT_TEST_FRACTION", path),
+            )
         except ValueError as exc:
             raise SiteEnvError(f"{path}: FEDCT_VAL_FRACTION + FEDCT_TEST_FRACTION: {exc}") from exc
         try:
@@ -322,17 +355,36 @@ class SiteEnv:
             raise SiteEnvError(f"{path}: FEDCT_SKIP_INGEST={skip!r} must be true or false")
         runner = (values.get("FEDCT_CLIENTAPP_RUNNER", "") or CLIENTAPP_RUNNERS[0]).lower()
         if runner not in CLIENTAPP_RUNNERS:
-            raise SiteEnvError(f"{path}: FEDCT_CLIENTAPP_RUNNER={runner!r} is not one of {', '.join(CLIENTAPP_RUNNERS)} "
-                               f"({SITE_KEYS['FEDCT_CLIENTAPP_RUNNER']})")  # fmt: skip
+            raise SiteEnvError(
+                f"{path}: FEDCT_CLIENTAPP_RUNNER={runner!r} is not one of {', '.join(CLIENTAPP_RUNNERS)} "
+                f"({SITE_KEYS['FEDCT_CLIENTAPP_RUNNER']})"
+            )
         try:
-            env = cls(env_path=path, site_name=values["FEDCT_SITE_NAME"], superlink_host=host, superlink_port=port,
-                      ca_cert=ca_cert, site_key=site_key, dicom_dir=dicom_dir, site_dir=site_dir, labels_csv=labels,
-                      profile_dir=profile_dir,
-                      device=device, workers=workers, runtime_port=runtime_port, approved_apps=approved,
-                      ingest_spacing_mm=spacing, ingest_input_size=size, skip_ingest=skip in ("true", "1", "yes"),
-                      clientapp_runner=runner, metrics_min_count=metrics_min_count, split=split, limits=limits,
-                      compute={node: values[env] for node, (env, _) in COMPUTE_ENV_KEYS.items() if values.get(env)},
-                      extra={k: v for k, v in values.items() if not k.startswith("FEDCT_")})  # fmt: skip
+            env = cls(
+                env_path=path,
+                site_name=values["FEDCT_SITE_NAME"],
+                superlink_host=host,
+                superlink_port=port,
+                ca_cert=ca_cert,
+                site_key=site_key,
+                dicom_dir=dicom_dir,
+                site_dir=site_dir,
+                labels_csv=labels,
+                profile_dir=profile_dir,
+                device=device,
+                workers=workers,
+                runtime_port=runtime_port,
+                approved_apps=approved,
+                ingest_spacing_mm=spacing,
+                ingest_input_size=size,
+                skip_ingest=skip in ("true", "1", "yes"),
+                clientapp_runner=runner,
+                metrics_min_count=metrics_min_count,
+                split=split,
+                limits=limits,
+                compute={node: values[env] for node, (env, _) in COMPUTE_ENV_KEYS.items() if values.get(env)},
+                extra={k: v for k, v in values.items() if not k.startswith("FEDCT_")},
+            )
             env.site_config()
         except (SiteConfigError, ValueError) as exc:
             raise SiteEnvError(f"{path}: {exc}") from exc
@@ -367,16 +419,20 @@ def _allow_list(values: dict[str, str], path: Path, site_dir: Path, a_path) -> P
     """FEDCT_APPROVAL / FEDCT_APPROVED_APPS -> the allow-list file (None only when explicitly disabled)."""
     mode = values.get(APPROVAL_SETTING, "") or APPROVAL_MODES[0]
     if mode not in APPROVAL_MODES:
-        raise SiteEnvError(f"{path}: {APPROVAL_SETTING}={mode!r} is not one of {', '.join(APPROVAL_MODES)} "
-                           f"({SITE_KEYS[APPROVAL_SETTING]})")  # fmt: skip
+        raise SiteEnvError(
+            f"{path}: {APPROVAL_SETTING}={mode!r} is not one of {', '.join(APPROVAL_MODES)} "
+            f"({SITE_KEYS[APPROVAL_SETTING]})"
+        )
     if mode == APPROVAL_DISABLED:
         return None
     if "FEDCT_APPROVED_APPS" in values:
         text = values["FEDCT_APPROVED_APPS"]
         if not text.strip():
-            raise SiteEnvError(f"{path}: FEDCT_APPROVED_APPS is empty; it must name the allow-list file (remove the "
-                               "line for the default, approved-apps.txt next to this env file). Approval cannot be "
-                               f"switched off here; only {APPROVAL_SETTING}={APPROVAL_DISABLED} does that")  # fmt: skip
+            raise SiteEnvError(
+                f"{path}: FEDCT_APPROVED_APPS is empty; it must name the allow-list file (remove the "
+                "line for the default, approved-apps.txt next to this env file). Approval cannot be "
+                f"switched off here; only {APPROVAL_SETTING}={APPROVAL_DISABLED} does that"
+            )
         try:
             allow_list_from_value(text, source="FEDCT_APPROVED_APPS")
         except ApprovalConfigError as exc:
@@ -385,9 +441,11 @@ def _allow_list(values: dict[str, str], path: Path, site_dir: Path, a_path) -> P
     else:
         allow_list = path.parent.resolve() / "approved-apps.txt"
     if _inside(allow_list, site_dir):
-        raise SiteEnvError(f"{path}: FEDCT_APPROVED_APPS={allow_list} is inside FEDCT_SITE_DIR={site_dir}, which the "
-                           "ClientApp can write (an app could approve itself); keep the allow-list outside it, e.g. "
-                           "next to the env file (read-only in the container)")  # fmt: skip
+        raise SiteEnvError(
+            f"{path}: FEDCT_APPROVED_APPS={allow_list} is inside FEDCT_SITE_DIR={site_dir}, which the "
+            "ClientApp can write (an app could approve itself); keep the allow-list outside it, e.g. "
+            "next to the env file (read-only in the container)"
+        )
     if allow_list.is_dir():
         raise SiteEnvError(f"{path}: FEDCT_APPROVED_APPS={allow_list} is a folder; name the allow-list file")
     return allow_list

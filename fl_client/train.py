@@ -23,7 +23,7 @@ from monai.utils import set_determinism
 from torch import nn
 
 from fedct.files import atomic_write_bytes
-from fedct.protocol import BadRoundConfig, RELIABILITY_FIELDS, TEST_PREFIX, VAL_CALIBRATION_NLL, reliability_key
+from fedct.protocol import RELIABILITY_FIELDS, TEST_PREFIX, VAL_CALIBRATION_NLL, BadRoundConfig, reliability_key
 from fl_client.compute import Compute, ComputeOptions, resolve_compute
 from fl_client.config import RoundSettings, SiteConfig
 from fl_client.metrics import (
@@ -84,9 +84,13 @@ def select_device(requested: str) -> torch.device:
 def load_site(site: SiteConfig, settings: RoundSettings) -> SiteManifest:
     """The site's prepared studies for this round's pipeline (ingested on first use)."""
     return prepare_site(
-        site.dicom_dir, site.site_dir, labels_csv=site.labels_csv, pipeline=settings.pipeline, split=settings.split,
+        site.dicom_dir,
+        site.site_dir,
+        labels_csv=site.labels_csv,
+        pipeline=settings.pipeline,
+        split=settings.split,
         workers=site.workers,
-    )  # fmt: skip
+    )
 
 
 def site_compute(site: SiteConfig) -> Compute:
@@ -117,18 +121,32 @@ def site_profile(site: SiteConfig, settings: RoundSettings) -> SiteProfile | Non
     return SiteProfile.read(site.profile_dir)
 
 
-def _loader(manifest: SiteManifest, split: str, settings: RoundSettings, *, train: bool, compute: Compute,
-            profile: SiteProfile | None = None) -> DataLoader:  # fmt: skip
+def _loader(
+    manifest: SiteManifest,
+    split: str,
+    settings: RoundSettings,
+    *,
+    train: bool,
+    compute: Compute,
+    profile: SiteProfile | None = None,
+) -> DataLoader:
     entries = manifest.split(split, labelled_only=False)
     items = [entry.item() for entry in entries]
-    if settings.model.profile_fusion != "none":  # the normalised profile joins the targets; the image cache key is unchanged
+    if (
+        settings.model.profile_fusion != "none"
+    ):  # the normalised profile joins the targets; the image cache key is unchanged
         if settings.profile is None:
             raise BadRoundConfig("the round fuses the profile but carries no profile normalisation")
         items = attach_profile(items, [entry.series for entry in entries], profile, settings.profile)
     # With gpu-augment the loader yields the cached (deterministic) images and the training step augments on the GPU.
     dataset = make_dataset(items, settings.pipeline, manifest.site_dir, augment=train and not compute.gpu_augment)
-    return make_loader(dataset, batch_size=settings.batch_size, shuffle=train, compute=compute,
-                       seed=settings.seed * 1000 + settings.server_round)  # fmt: skip
+    return make_loader(
+        dataset,
+        batch_size=settings.batch_size,
+        shuffle=train,
+        compute=compute,
+        seed=settings.seed * 1000 + settings.server_round,
+    )
 
 
 def batch_augment(settings: RoundSettings, compute: Compute) -> BatchAugment | None:
@@ -159,9 +177,12 @@ def autocast(compute: Compute | None, device: torch.device) -> AbstractContextMa
 
 
 def model_input(
-    images: torch.Tensor, device: torch.device, *, channels_last: bool = False,
+    images: torch.Tensor,
+    device: torch.device,
+    *,
+    channels_last: bool = False,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """A batch's images as the network takes them: a plain tensor (MONAI metadata stays in the loader) on
     ``device``, augmented there when ``augment`` is given, in channels_last_3d layout when asked."""
     images = as_plain_tensor(images).to(device, non_blocking=True)
@@ -173,9 +194,13 @@ def model_input(
 
 
 def forward(
-    model: MultiTaskNet, batch: Mapping[str, Any], device: torch.device, *, channels_last: bool = False,
+    model: MultiTaskNet,
+    batch: Mapping[str, Any],
+    device: torch.device,
+    *,
+    channels_last: bool = False,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> ModelOutput:  # fmt: skip
+) -> ModelOutput:
     """Run the model on a collated batch (fusing covariates and the profile when the model uses them).
 
     The one path for training, evaluation, BatchNorm recalibration and the benchmarks: see :func:`model_input`.
@@ -183,7 +208,9 @@ def forward(
     images = model_input(batch["image"], device, channels_last=channels_last, augment=augment)
     covariates = None
     if model.n_covariates:
-        covariates = covariate_vector(torch.as_tensor(batch["age"]), torch.as_tensor(batch["sex"])).to(device, non_blocking=True)
+        covariates = covariate_vector(torch.as_tensor(batch["age"]), torch.as_tensor(batch["sex"])).to(
+            device, non_blocking=True
+        )
     profile = None
     if model.n_profile:  # (B, 2V) z-scores and presence flags (preprocessing.profile_features)
         profile = torch.as_tensor(batch["profile"], dtype=torch.float32).to(device, non_blocking=True)
@@ -229,7 +256,9 @@ def loss_terms(
         diagnosis = nn.functional.cross_entropy(logits, labels[known].to(device, non_blocking=True))
     else:
         diagnosis = output.logits.sum() * 0.0
-    prognosis = cox_partial_likelihood(output.risk.float(), torch.as_tensor(batch["time"]), torch.as_tensor(batch["event"]))
+    prognosis = cox_partial_likelihood(
+        output.risk.float(), torch.as_tensor(batch["time"]), torch.as_tensor(batch["event"])
+    )
     total = weights[0] * diagnosis + weights[1] * prognosis
     return total, diagnosis.detach(), prognosis.detach()
 
@@ -299,8 +328,14 @@ def train_model(
             seen += n
             steps += 1
     mean = totals.cpu().numpy() / max(seen, 1)
-    return TrainResult(num_examples=len(loader.dataset), loss=float(mean[0]), diagnosis_loss=float(mean[1]),
-                       prognosis_loss=float(mean[2]), steps=steps, seconds=time.perf_counter() - t0)  # fmt: skip
+    return TrainResult(
+        num_examples=len(loader.dataset),
+        loss=float(mean[0]),
+        diagnosis_loss=float(mean[1]),
+        prognosis_loss=float(mean[2]),
+        steps=steps,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def drop_profile_values(profile: torch.Tensor, p: float) -> torch.Tensor:
@@ -326,7 +361,9 @@ def local_norm_path(site: SiteConfig, settings: RoundSettings) -> Path:
     return site.site_dir / "fedbn" / f"{model.name}-{model.norm}-{model.num_classes}-{int(model.covariates)}{fusion}.pt"
 
 
-def with_local_norm(site: SiteConfig, settings: RoundSettings, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def with_local_norm(
+    site: SiteConfig, settings: RoundSettings, state: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The received global weights with the site's own normalisation layers substituted (FedBN).
 
     Before the site's first round under ``bn-mode = local`` there is nothing saved and the global ones are used.
@@ -354,7 +391,9 @@ def save_local_norm(site: SiteConfig, settings: RoundSettings, model: nn.Module)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def recalibrate_batch_norm(model: nn.Module, loader: Any, *, device: torch.device, compute: Compute | None = None) -> bool:
+def recalibrate_batch_norm(
+    model: nn.Module, loader: Any, *, device: torch.device, compute: Compute | None = None
+) -> bool:
     """Recompute BatchNorm running statistics for the final weights (one pass, no augmentation).
 
     The running averages kept during a short local round lag behind the weights; sent as they are,
@@ -406,8 +445,14 @@ def predict(model: MultiTaskNet, loader: Any, *, device: torch.device, compute: 
     parts["logits"] = [logits.cpu().numpy() for _, _, logits in outputs]
     if not parts["probs"]:
         n_classes = model.diagnosis.out_features
-        return Predictions(np.zeros((0, n_classes)), np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0),
-                           np.zeros((0, n_classes)))  # fmt: skip
+        return Predictions(
+            np.zeros((0, n_classes)),
+            np.zeros(0, np.int64),
+            np.zeros(0),
+            np.zeros(0),
+            np.zeros(0),
+            np.zeros((0, n_classes)),
+        )
     return Predictions(**{k: np.concatenate(v) for k, v in parts.items()})
 
 
@@ -427,11 +472,24 @@ def train_round(
     model = _model(settings, with_local_norm(site, settings, state), compute)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = train_model(model, loader, epochs=settings.local_epochs, lr=settings.learning_rate, device=device,
-                         loss_weights=settings.loss_weights, proximal_mu=settings.proximal_mu, compute=compute,
-                         augment=batch_augment(settings, compute), profile_dropout=settings.profile_dropout)  # fmt: skip
-    recalibrate_batch_norm(model, _loader(manifest, "train", settings, train=False, compute=compute, profile=profile), device=device,
-                           compute=compute)  # fmt: skip
+    result = train_model(
+        model,
+        loader,
+        epochs=settings.local_epochs,
+        lr=settings.learning_rate,
+        device=device,
+        loss_weights=settings.loss_weights,
+        proximal_mu=settings.proximal_mu,
+        compute=compute,
+        augment=batch_augment(settings, compute),
+        profile_dropout=settings.profile_dropout,
+    )
+    recalibrate_batch_norm(
+        model,
+        _loader(manifest, "train", settings, train=False, compute=compute, profile=profile),
+        device=device,
+        compute=compute,
+    )
     save_local_norm(site, settings, model)
     record_round_stats(site, settings, result, compute)
     new_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -446,9 +504,15 @@ def record_round_stats(site: SiteConfig, settings: RoundSettings, result: TrainR
     """Append this round's training figures (time, steps, device, precision, peak GPU memory) to the site's
     ``train-stats.jsonl``: hospital IT sees what a round costs; the GPU simulation benchmark reads each site's memory."""
     peak = torch.cuda.max_memory_allocated(compute.device) / 2**20 if compute.device.type == "cuda" else None
-    line = {"round": settings.server_round, "device": compute.device.type, "precision": compute.precision,
-            "examples": result.num_examples, "steps": result.steps, "seconds": round(result.seconds, 3),
-            "peak_gpu_memory_mib": None if peak is None else round(peak, 1)}  # fmt: skip
+    line = {
+        "round": settings.server_round,
+        "device": compute.device.type,
+        "precision": compute.precision,
+        "examples": result.num_examples,
+        "steps": result.steps,
+        "seconds": round(result.seconds, 3),
+        "peak_gpu_memory_mib": None if peak is None else round(peak, 1),
+    }
     path = site.site_dir / TRAIN_STATS_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
@@ -456,10 +520,14 @@ def record_round_stats(site: SiteConfig, settings: RoundSettings, result: TrainR
     return path
 
 
-def split_metrics(preds: Predictions, class_names: tuple[str, ...], *, thresholds: Mapping[str, float], horizon_days: float) -> dict:
+def split_metrics(
+    preds: Predictions, class_names: tuple[str, ...], *, thresholds: Mapping[str, float], horizon_days: float
+) -> dict:
     """Diagnosis, calibration, operating-point, prognosis metrics and score histograms of one split."""
     known = preds.labels >= 0
-    metrics: dict[str, Any] = classification_metrics(preds.probs[known], preds.labels[known], class_names, thresholds=thresholds)
+    metrics: dict[str, Any] = classification_metrics(
+        preds.probs[known], preds.labels[known], class_names, thresholds=thresholds
+    )
     metrics.update(survival_metrics(preds.risk, preds.time, preds.event, horizon_days=horizon_days))
     metrics.update(score_histograms(preds.probs[known], preds.labels[known], class_names))
     return metrics
@@ -480,9 +548,15 @@ def evaluate_round(site: SiteConfig, settings: RoundSettings, state: Mapping[str
     model = _model(settings, with_local_norm(site, settings, state), compute)
     class_names = tuple(manifest.class_names[: settings.model.num_classes])
     profile = site_profile(site, settings)
-    preds = {split: predict(model, _loader(manifest, split, settings, train=False, compute=compute, profile=profile),
-                            device=device, compute=compute)
-             for split in ("val", "test")}  # fmt: skip
+    preds = {
+        split: predict(
+            model,
+            _loader(manifest, split, settings, train=False, compute=compute, profile=profile),
+            device=device,
+            compute=compute,
+        )
+        for split in ("val", "test")
+    }
     val_known = preds["val"].labels >= 0
     thresholds = choose_operating_points(preds["val"].probs[val_known], preds["val"].labels[val_known], class_names)
     metrics: dict[str, Any] = {}
@@ -491,14 +565,19 @@ def evaluate_round(site: SiteConfig, settings: RoundSettings, state: Mapping[str
         metrics.update({f"{split}-{k}": v for k, v in values.items()})
     # summed NLL at each grid temperature: the server fits the temperature of these weights from the sites' sums
     metrics[VAL_CALIBRATION_NLL] = nll_grid(preds["val"].logits[val_known], preds["val"].labels[val_known])
-    train = predict(model, _loader(manifest, "train", settings, train=False, compute=compute, profile=profile), device=device,
-                    compute=compute)  # fmt: skip
+    train = predict(
+        model,
+        _loader(manifest, "train", settings, train=False, compute=compute, profile=profile),
+        device=device,
+        compute=compute,
+    )
     metrics.update({f"train-{k}": v for k, v in risk_histogram(train.risk).items()})
     return metrics
 
 
-def calibration_round(site: SiteConfig, settings: RoundSettings, state: Mapping[str, torch.Tensor], *,
-                      temperature: float) -> dict[str, Any]:  # fmt: skip
+def calibration_round(
+    site: SiteConfig, settings: RoundSettings, state: Mapping[str, torch.Tensor], *, temperature: float
+) -> dict[str, Any]:
     """Calibration statistics of the global weights on the site's held-out test split at ``temperature``.
 
     Reliability bins of the top-label confidence (:func:`models.calibration.reliability_bins`) before (T = 1) and
@@ -512,8 +591,12 @@ def calibration_round(site: SiteConfig, settings: RoundSettings, state: Mapping[
     manifest = load_site(site, settings)
     model = _model(settings, with_local_norm(site, settings, state), compute)
     class_names = tuple(manifest.class_names[: settings.model.num_classes])
-    preds = predict(model, _loader(manifest, "test", settings, train=False, compute=compute, profile=site_profile(site, settings)),
-                    device=compute.device, compute=compute)  # fmt: skip
+    preds = predict(
+        model,
+        _loader(manifest, "test", settings, train=False, compute=compute, profile=site_profile(site, settings)),
+        device=compute.device,
+        compute=compute,
+    )
     known = preds.labels >= 0
     logits, labels = preds.logits[known], preds.labels[known]
     metrics: dict[str, Any] = {}

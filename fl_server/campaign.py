@@ -58,8 +58,10 @@ def bundle_arrays(folder: Path, config: ServerConfig) -> NDArrays:
     model, meta = load_bundle(folder, expected_model=config.model)
     theirs, ours = bundle_pipeline(meta), config.pipeline
     if theirs != ours:
-        raise BundleError(f"{folder}: trained on preprocessing {theirs.to_dict()}, the run config asks for {ours.to_dict()}; "
-                          "the weights would see inputs they were not trained on")  # fmt: skip
+        raise BundleError(
+            f"{folder}: trained on preprocessing {theirs.to_dict()}, the run config asks for {ours.to_dict()}; "
+            "the weights would see inputs they were not trained on"
+        )
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
@@ -100,12 +102,22 @@ def _comparison(start: CampaignStart, evaluation: Mapping[str, Any] | None) -> d
     if not evaluation or not evaluation.get("sites"):
         reason = (evaluation or {}).get("missing") or "no evaluation of the champion"
         return {"champion": start.champion, "missing": reason}
-    return {"champion": start.champion, "round": evaluation.get("round"), "sites": evaluation["sites"],
-            "aggregate": evaluation.get("aggregate", {})}  # fmt: skip
+    return {
+        "champion": start.champion,
+        "round": evaluation.get("round"),
+        "sites": evaluation["sites"],
+        "aggregate": evaluation.get("aggregate", {}),
+    }
 
 
-def finish_campaign(config: ServerConfig, start: CampaignStart, run_dir: Path, *, aggregated_rounds: int,
-                    champion_evaluation: Mapping[str, Any] | None = None) -> str | None:  # fmt: skip
+def finish_campaign(
+    config: ServerConfig,
+    start: CampaignStart,
+    run_dir: Path,
+    *,
+    aggregated_rounds: int,
+    champion_evaluation: Mapping[str, Any] | None = None,
+) -> str | None:
     """Register the run's ``model/final`` bundle (lineage: parent, run config, strategy, rounds, sites, counts,
     pipeline version, metrics per site, temperature, the champion comparison) and, when there is a champion, log the
     promotion rule's decision; return the new version (None without a registry or when no round was aggregated)."""
@@ -117,13 +129,22 @@ def finish_campaign(config: ServerConfig, start: CampaignStart, run_dir: Path, *
     registry = ModelRegistry(Path(config.model_registry))
     final = Path(run_dir) / "model" / "final"
     _, meta = load_bundle(final, expected_model=config.model)
-    lineage = lineage_from_bundle(meta, parent=start.parent, run_dir=str(Path(run_dir).resolve()),
-                                  champion_comparison=_comparison(start, champion_evaluation))  # fmt: skip
-    version = registry.register(final, lineage=lineage, who="fedct server",
-                                why=f"run {Path(run_dir).name} finished ({aggregated_rounds} aggregated round(s))")  # fmt: skip
+    lineage = lineage_from_bundle(
+        meta,
+        parent=start.parent,
+        run_dir=str(Path(run_dir).resolve()),
+        champion_comparison=_comparison(start, champion_evaluation),
+    )
+    version = registry.register(
+        final,
+        lineage=lineage,
+        who="fedct server",
+        why=f"run {Path(run_dir).name} finished ({aggregated_rounds} aggregated round(s))",
+    )
     logger.log(INFO, "fedct: registered the final model as %s in %s", version, registry.root)
     if registry.champion() is not None:
-        decision = registry.record_decision(version, config.promotion_rule, who="fedct server",
-                                            why="the run's final model against the champion")  # fmt: skip
+        decision = registry.record_decision(
+            version, config.promotion_rule, who="fedct server", why="the run's final model against the champion"
+        )
         logger.log(INFO, "fedct: %s", decision.summary())
     return version

@@ -137,19 +137,28 @@ class ServerConfig:
             raise ValueError(f"min-sites must be >= 1, got {self.min_sites}")
         if self.round_timeout_s <= 0:
             raise ValueError(f"round-timeout-s must be > 0, got {self.round_timeout_s}")
-        choices = {"strategy": (self.strategy, STRATEGIES), "lr-schedule": (self.lr_schedule, LR_SCHEDULES),
-                   "bn-mode": (self.bn_mode, BN_MODES), "transport": (self.transport, TRANSPORTS),
-                   "evaluate-mode": (self.evaluate_mode, EVALUATE_MODES),
-                   "profile-fusion": (self.profile_fusion, PROFILE_FUSIONS)}  # fmt: skip
+        choices = {
+            "strategy": (self.strategy, STRATEGIES),
+            "lr-schedule": (self.lr_schedule, LR_SCHEDULES),
+            "bn-mode": (self.bn_mode, BN_MODES),
+            "transport": (self.transport, TRANSPORTS),
+            "evaluate-mode": (self.evaluate_mode, EVALUATE_MODES),
+            "profile-fusion": (self.profile_fusion, PROFILE_FUSIONS),
+        }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{key} {value!r} is not one of {', '.join(allowed)}")
         for key, value in (("fraction-train", self.fraction_train), ("fraction-evaluate", self.fraction_evaluate)):
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{key} must be in (0, 1], got {value}")
-        for key, value in (("proximal-mu", self.proximal_mu), ("lr-min", self.lr_min), ("max-update-norm", self.max_update_norm),
-                           ("update-zscore", self.update_zscore), ("num-malicious-nodes", self.num_malicious_nodes),
-                           ("max-site-examples", self.max_site_examples)):  # fmt: skip
+        for key, value in (
+            ("proximal-mu", self.proximal_mu),
+            ("lr-min", self.lr_min),
+            ("max-update-norm", self.max_update_norm),
+            ("update-zscore", self.update_zscore),
+            ("num-malicious-nodes", self.num_malicious_nodes),
+            ("max-site-examples", self.max_site_examples),
+        ):
             if value < 0:
                 raise ValueError(f"{key} must be >= 0, got {value}")
         for key, value in (("server-learning-rate", self.server_learning_rate), ("server-tau", self.server_tau)):
@@ -171,23 +180,32 @@ class ServerConfig:
         if self.lr_min > self.learning_rate:
             raise ValueError(f"lr-min ({self.lr_min}) must not exceed learning-rate ({self.learning_rate})")
         if self.strategy in ("krum", "multikrum") and self.min_sites < 2 * self.num_malicious_nodes + 3:
-            raise ValueError(f"strategy {self.strategy} with num-malicious-nodes={self.num_malicious_nodes} needs min-sites >= "
-                             f"2*num-malicious-nodes+3 = {2 * self.num_malicious_nodes + 3}, got {self.min_sites}")  # fmt: skip
+            raise ValueError(
+                f"strategy {self.strategy} with num-malicious-nodes={self.num_malicious_nodes} needs min-sites >= "
+                f"2*num-malicious-nodes+3 = {2 * self.num_malicious_nodes + 3}, got {self.min_sites}"
+            )
         if self.evaluate_mode == "fused" and self.privacy.secure_aggregation:
-            raise ValueError("evaluate-mode = \"fused\" cannot be combined with secure-aggregation = true (the SecAgg+ "
-                             "round keeps its own evaluate exchange); use evaluate-mode = \"separate\"")
+            raise ValueError(
+                'evaluate-mode = "fused" cannot be combined with secure-aggregation = true (the SecAgg+ '
+                'round keeps its own evaluate exchange); use evaluate-mode = "separate"'
+            )
         if self.init_from and not self.model_registry:
-            raise ValueError(f"init-from = {self.init_from!r} names a registry version, but no model registry is configured "
-                             "(set model-registry = \"<folder>\")")  # fmt: skip
+            raise ValueError(
+                f"init-from = {self.init_from!r} names a registry version, but no model registry is configured "
+                '(set model-registry = "<folder>")'
+            )
         _ = self.promotion_rule  # validates promotion-metric, -margin and -min-gain with their own messages
         if self.profile_dropout and self.profile_fusion == "none":
-            raise ValueError(f"profile-dropout = {self.profile_dropout} needs profile-fusion other than \"none\"")
+            raise ValueError(f'profile-dropout = {self.profile_dropout} needs profile-fusion other than "none"')
         if self.profile_fusion != "none" and self.privacy.secure_aggregation:
-            raise ValueError(f"profile-fusion = {self.profile_fusion!r} cannot be combined with secure-aggregation = true yet "
-                             "(the sites' profile statistics are not securely aggregated); use profile-fusion = \"none\"")
+            raise ValueError(
+                f"profile-fusion = {self.profile_fusion!r} cannot be combined with secure-aggregation = true yet "
+                '(the sites\' profile statistics are not securely aggregated); use profile-fusion = "none"'
+            )
         self.round_settings(1)  # validates model, pipeline and split settings with their own messages
-        self.privacy.check_run(min_sites=self.min_sites, model_norm=self.model_norm, strategy=self.strategy,
-                               transport=self.transport)
+        self.privacy.check_run(
+            min_sites=self.min_sites, model_norm=self.model_norm, strategy=self.strategy, transport=self.transport
+        )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> ServerConfig:
@@ -217,8 +235,13 @@ class ServerConfig:
     def model(self) -> ModelConfig:
         """The network's configuration."""
         n_profile = 0 if self.profile_fusion == "none" else len(self.profile_schema.variables)
-        return ModelConfig(name=self.model_name, norm=self.model_norm, covariates=self.clinical_covariates,
-                           profile_fusion=self.profile_fusion, profile_variables=n_profile)  # fmt: skip
+        return ModelConfig(
+            name=self.model_name,
+            norm=self.model_norm,
+            covariates=self.clinical_covariates,
+            profile_fusion=self.profile_fusion,
+            profile_variables=n_profile,
+        )
 
     @property
     def profile_schema(self) -> ProfileSchema:
@@ -228,7 +251,9 @@ class ServerConfig:
     @property
     def promotion_rule(self) -> PromotionRule:
         """The champion/challenger rule of ``promotion-metric``, ``promotion-margin``, ``promotion-min-gain``."""
-        return PromotionRule(metric=self.promotion_metric, margin=self.promotion_margin, min_gain=self.promotion_min_gain)
+        return PromotionRule(
+            metric=self.promotion_metric, margin=self.promotion_margin, min_gain=self.promotion_min_gain
+        )
 
     @property
     def pipeline(self) -> PipelineConfig:
@@ -249,13 +274,16 @@ class ServerConfig:
         r = max(server_round, 1)
         if self.lr_schedule == "cosine":
             progress = (r - 1) / max(self.num_server_rounds - 1, 1)
-            return self.lr_min + 0.5 * (self.learning_rate - self.lr_min) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+            return self.lr_min + 0.5 * (self.learning_rate - self.lr_min) * (
+                1.0 + math.cos(math.pi * min(progress, 1.0))
+            )
         if self.lr_schedule == "step":
             return max(self.learning_rate * self.lr_gamma ** ((r - 1) // self.lr_step_rounds), self.lr_min)
         return self.learning_rate
 
-    def round_settings(self, server_round: int, *, evaluate_first: bool = False,
-                       profile: ProfileNormalisation | None = None) -> RoundSettings:  # fmt: skip
+    def round_settings(
+        self, server_round: int, *, evaluate_first: bool = False, profile: ProfileNormalisation | None = None
+    ) -> RoundSettings:
         """What the sites are asked to do in ``server_round`` (``evaluate_first``: evaluate the received weights
         before training and reply with the evaluation, ``evaluate-mode = "fused"``; ``profile``: the pooled profile
         normalisation of a run with profile fusion)."""
@@ -332,19 +360,24 @@ class SiteRegistry:
             stat = path.stat()
             raw = json.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
-            raise SiteRegistryError(f"{SITE_REGISTRY_ENV}={path}: cannot read the site registry ({exc.strerror})") from exc
+            raise SiteRegistryError(
+                f"{SITE_REGISTRY_ENV}={path}: cannot read the site registry ({exc.strerror})"
+            ) from exc
         except ValueError as exc:
             raise SiteRegistryError(f"{SITE_REGISTRY_ENV}={path}: the site registry is not JSON ({exc})") from exc
         if not isinstance(raw, dict):
-            raise SiteRegistryError(f"{SITE_REGISTRY_ENV}={path}: the site registry must be a JSON object "
-                                    '{"<node id>": "<site name>"}')  # fmt: skip
+            raise SiteRegistryError(
+                f'{SITE_REGISTRY_ENV}={path}: the site registry must be a JSON object {{"<node id>": "<site name>"}}'
+            )
         names: dict[int, str] = {}
         for key, name in raw.items():
             if not (isinstance(key, str) and key.isascii() and key.isdigit()):
                 raise SiteRegistryError(f"{SITE_REGISTRY_ENV}={path}: node id {key!r} is not a decimal number")
             if not is_site_name(name):
-                raise SiteRegistryError(f"{SITE_REGISTRY_ENV}={path}: the name of node {key} is not a site name "
-                                        f"(letters, digits, '-', '_', '.'; at most {MAX_SITE_NAME})")  # fmt: skip
+                raise SiteRegistryError(
+                    f"{SITE_REGISTRY_ENV}={path}: the name of node {key} is not a site name "
+                    f"(letters, digits, '-', '_', '.'; at most {MAX_SITE_NAME})"
+                )
             names[int(key)] = name
         return cls(path=path, names=names, mtime_ns=stat.st_mtime_ns)
 

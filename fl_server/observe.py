@@ -29,7 +29,12 @@ SITE_METRICS = "site_metrics.png"
 _MARKER = "last_round.txt"
 
 #: Metrics drawn per site in ``site_metrics.png`` (key after the split prefix, title).
-SITE_PANEL_METRICS = ((AUC_MACRO, "macro AUC"), (BALANCED_ACCURACY, "balanced accuracy"), (C_INDEX, "C-index"), (LOSS, "loss"))
+SITE_PANEL_METRICS = (
+    (AUC_MACRO, "macro AUC"),
+    (BALANCED_ACCURACY, "balanced accuracy"),
+    (C_INDEX, "C-index"),
+    (LOSS, "loss"),
+)
 
 
 def _scalars(values: Mapping[str, Any]) -> dict[str, float]:
@@ -46,7 +51,9 @@ def _scalars(values: Mapping[str, Any]) -> dict[str, float]:
 def _check_rounds(rounds: Sequence[Mapping[str, Any]]) -> None:
     for i, entry in enumerate(rounds):
         if not isinstance(entry, Mapping) or "round" not in entry:
-            raise ValueError(f"rounds[{i}] must be a round entry of metrics.json (a mapping with 'round'), got {entry!r:.80}")
+            raise ValueError(
+                f"rounds[{i}] must be a round entry of metrics.json (a mapping with 'round'), got {entry!r:.80}"
+            )
         for section in ("train", "evaluate"):
             if section in entry and not isinstance(entry[section], Mapping):
                 raise ValueError(f"rounds[{i}]['{section}'] must be a mapping with 'aggregate' and 'sites'")
@@ -115,8 +122,10 @@ def plot_learning_curves(run_dir: Path, rounds: Sequence[Mapping[str, Any]], *, 
     pooled = _series(rounds, "evaluate", f"{VAL_PREFIX}pooled-{AUC_MACRO}")
     if any(math.isfinite(v) for v in pooled):
         ax_auc.plot(x, pooled, "^:", linewidth=2, color="tab:purple", label="validation, pooled predictions")
-    for ax, key, title in ((ax_auc, VAL_PREFIX + AUC_MACRO, "Diagnosis: validation macro AUC"),
-                           (ax_c, VAL_PREFIX + C_INDEX, "Prognosis: validation C-index")):  # fmt: skip
+    for ax, key, title in (
+        (ax_auc, VAL_PREFIX + AUC_MACRO, "Diagnosis: validation macro AUC"),
+        (ax_c, VAL_PREFIX + C_INDEX, "Prognosis: validation C-index"),
+    ):
         ax.plot(x, _series(rounds, "evaluate", key), "o-", linewidth=2.5, color="black", label="all sites")
         for site in sites:
             ax.plot(x, _series(rounds, "evaluate", key, site), ".-", alpha=0.7, label=site)

@@ -77,64 +77,95 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         if self.dp_mode not in DP_MODES:
             raise ValueError(f"dp-mode={self.dp_mode!r} is not one of {', '.join(DP_MODES)}")
-        finite = {name: getattr(self, name) for name in ("dp_noise_multiplier", "dp_clipping_norm", "dp_delta",
-                  "dp_target_quantile", "dp_clip_norm_lr", "dp_clipped_count_stddev", "secagg_max_weight",
-                  "secagg_clipping_range")}  # fmt: skip
+        finite = {
+            name: getattr(self, name)
+            for name in (
+                "dp_noise_multiplier",
+                "dp_clipping_norm",
+                "dp_delta",
+                "dp_target_quantile",
+                "dp_clip_norm_lr",
+                "dp_clipped_count_stddev",
+                "secagg_max_weight",
+                "secagg_clipping_range",
+            )
+        }
         for name, value in finite.items():
             if not math.isfinite(value):
                 raise ValueError(f"{_key(name)} must be a finite number, got {value!r}")
         if self.dp_enabled:
             if self.dp_noise_multiplier <= 0:
-                raise ValueError(f"dp-mode={self.dp_mode} needs dp-noise-multiplier > 0 (the Gaussian noise's standard "
-                                 f"deviation in units of the clipping norm), got {self.dp_noise_multiplier}")  # fmt: skip
+                raise ValueError(
+                    f"dp-mode={self.dp_mode} needs dp-noise-multiplier > 0 (the Gaussian noise's standard "
+                    f"deviation in units of the clipping norm), got {self.dp_noise_multiplier}"
+                )
             if self.dp_clipping_norm <= 0:
                 what = "initial clipping norm" if self.dp_mode.endswith("adaptive") else "clipping norm"
-                raise ValueError(f"dp-mode={self.dp_mode} needs dp-clipping-norm > 0 (the {what}: bound on the L2 norm "
-                                 f"of a site's update), got {self.dp_clipping_norm}")  # fmt: skip
+                raise ValueError(
+                    f"dp-mode={self.dp_mode} needs dp-clipping-norm > 0 (the {what}: bound on the L2 norm "
+                    f"of a site's update), got {self.dp_clipping_norm}"
+                )
             if not 0 < self.dp_delta < 1:
-                raise ValueError(f"dp-delta must be strictly between 0 and 1 (typically below 1/number of sites), "
-                                 f"got {self.dp_delta}")  # fmt: skip
+                raise ValueError(
+                    f"dp-delta must be strictly between 0 and 1 (typically below 1/number of sites), "
+                    f"got {self.dp_delta}"
+                )
             if not 0 <= self.dp_target_quantile <= 1:
                 raise ValueError(f"dp-target-quantile must be in [0, 1], got {self.dp_target_quantile}")
             if self.dp_clip_norm_lr <= 0:
                 raise ValueError(f"dp-clip-norm-lr must be > 0, got {self.dp_clip_norm_lr}")
             if self.dp_clipped_count_stddev < 0:
-                raise ValueError(f"dp-clipped-count-stddev must be >= 0 (0 = sampled sites / 20), "
-                                 f"got {self.dp_clipped_count_stddev}")  # fmt: skip
+                raise ValueError(
+                    f"dp-clipped-count-stddev must be >= 0 (0 = sampled sites / 20), got {self.dp_clipped_count_stddev}"
+                )
         if self.secure_aggregation:
             if self.secagg_num_shares < 3:
-                raise ValueError(f"secagg-num-shares must be >= 3 (each site's key is split among itself and its "
-                                 f"neighbours), got {self.secagg_num_shares}")  # fmt: skip
+                raise ValueError(
+                    f"secagg-num-shares must be >= 3 (each site's key is split among itself and its "
+                    f"neighbours), got {self.secagg_num_shares}"
+                )
             if not 2 <= self.secagg_reconstruction_threshold < self.secagg_num_shares:
-                raise ValueError(f"secagg-reconstruction-threshold must be >= 2 and < secagg-num-shares "
-                                 f"({self.secagg_num_shares}), got {self.secagg_reconstruction_threshold}")  # fmt: skip
+                raise ValueError(
+                    f"secagg-reconstruction-threshold must be >= 2 and < secagg-num-shares "
+                    f"({self.secagg_num_shares}), got {self.secagg_reconstruction_threshold}"
+                )
             if self.secagg_max_weight <= 0:
                 raise ValueError(f"secagg-max-weight must be > 0, got {self.secagg_max_weight}")
             if self.secagg_clipping_range <= 0:
                 raise ValueError(f"secagg-clipping-range must be > 0, got {self.secagg_clipping_range}")
             if self.dp_enabled:
-                raise ValueError(f"secure-aggregation=true cannot be combined with dp-mode={self.dp_mode}: SecAgg+ "
-                                 "runs on Flower's legacy workflow, where fedct does not wire the DP wrappers; "
-                                 "set dp-mode=\"off\" or secure-aggregation=false")  # fmt: skip
+                raise ValueError(
+                    f"secure-aggregation=true cannot be combined with dp-mode={self.dp_mode}: SecAgg+ "
+                    "runs on Flower's legacy workflow, where fedct does not wire the DP wrappers; "
+                    'set dp-mode="off" or secure-aggregation=false'
+                )
 
     @property
     def dp_enabled(self) -> bool:
         """True when a DP mode is configured."""
         return self.dp_mode != "off"
 
-    def check_run(self, *, min_sites: int, model_norm: str, strategy: str = "fedavg", transport: str = "float32") -> None:
+    def check_run(
+        self, *, min_sites: int, model_norm: str, strategy: str = "fedavg", transport: str = "float32"
+    ) -> None:
         """Check the settings against the rest of the run (ValueError naming the keys involved)."""
         if self.dp_enabled:
             if self.dp_mode in CLIENT_SIDE_MODES and transport != "float32":
-                raise ValueError(f"dp-mode={self.dp_mode} needs transport=\"float32\": the sites clip their update before "
-                                 f"it is rounded to {transport}, and that rounding of the weights would add to the "
-                                 "update's norm beyond the clipping norm (server-side modes clip after decoding)")  # fmt: skip
+                raise ValueError(
+                    f'dp-mode={self.dp_mode} needs transport="float32": the sites clip their update before '
+                    f"it is rounded to {transport}, and that rounding of the weights would add to the "
+                    "update's norm beyond the clipping norm (server-side modes clip after decoding)"
+                )
             if strategy.lower() not in MEAN_STRATEGIES:
-                raise ValueError(f"dp-mode={self.dp_mode} needs strategy fedavg or fedprox (DP noise is calibrated to a "
-                                 f"mean of clipped updates), got strategy={strategy!r}")  # fmt: skip
+                raise ValueError(
+                    f"dp-mode={self.dp_mode} needs strategy fedavg or fedprox (DP noise is calibrated to a "
+                    f"mean of clipped updates), got strategy={strategy!r}"
+                )
             if model_norm not in DP_MODEL_NORMS:
-                raise ValueError(f"dp-mode={self.dp_mode} needs model-norm {' or '.join(DP_MODEL_NORMS)}: BatchNorm's "
-                                 f"integer batch counter cannot be clipped or noised, got model-norm={model_norm!r}")  # fmt: skip
+                raise ValueError(
+                    f"dp-mode={self.dp_mode} needs model-norm {' or '.join(DP_MODEL_NORMS)}: BatchNorm's "
+                    f"integer batch counter cannot be clipped or noised, got model-norm={model_norm!r}"
+                )
             if self.dp_mode.endswith("adaptive"):
                 stddev = self.clipped_count_stddev(min_sites)
                 if self.dp_noise_multiplier >= 2 * stddev:
@@ -146,12 +177,15 @@ class PrivacyConfig:
                     )
         if self.secure_aggregation:
             if min_sites < 2:
-                raise ValueError(f"secure-aggregation=true needs min-sites >= 2 (SecAgg+ sums at least two sites), "
-                                 f"got {min_sites}")  # fmt: skip
+                raise ValueError(
+                    f"secure-aggregation=true needs min-sites >= 2 (SecAgg+ sums at least two sites), got {min_sites}"
+                )
             if strategy.lower() not in MEAN_STRATEGIES:
-                raise ValueError(f"secure-aggregation=true needs strategy fedavg or fedprox: the server only sees the "
-                                 f"sum of the sites' updates, which robust aggregations (median, trimmed mean, Krum) "
-                                 f"and server optimisers cannot use; got strategy={strategy!r}")  # fmt: skip
+                raise ValueError(
+                    f"secure-aggregation=true needs strategy fedavg or fedprox: the server only sees the "
+                    f"sum of the sites' updates, which robust aggregations (median, trimmed mean, Krum) "
+                    f"and server optimisers cannot use; got strategy={strategy!r}"
+                )
 
     def clipped_count_stddev(self, sampled_sites: int) -> float:
         """The noise on the clipped-site count of adaptive clipping (``dp-clipped-count-stddev``, 0 = sites / 20)."""
@@ -224,12 +258,21 @@ class SiteLevelAccountant:
             self._accountant = self._make(available)
         population = self._accountant.config.population_size
         sample = min(population, math.ceil(sampled * population / available))
-        self._accountant.compose(GaussianPrivacyEvent(self.noise_multiplier, sample_size=sample, population_size=population))
+        self._accountant.compose(
+            GaussianPrivacyEvent(self.noise_multiplier, sample_size=sample, population_size=population)
+        )
         spent = self._accountant.get_privacy_spent(self.delta)
-        entry = RoundPrivacy(round=server_round, epsilon=float(spent.epsilon), delta=self.delta,
-                             noise_multiplier=self.noise_multiplier, clipping_norm=float(clipping_norm),
-                             sampled_sites=sampled, available_sites=available, sampling_rate=sample / population,
-                             releases=spent.num_releases)  # fmt: skip
+        entry = RoundPrivacy(
+            round=server_round,
+            epsilon=float(spent.epsilon),
+            delta=self.delta,
+            noise_multiplier=self.noise_multiplier,
+            clipping_norm=float(clipping_norm),
+            sampled_sites=sampled,
+            available_sites=available,
+            sampling_rate=sample / population,
+            releases=spent.num_releases,
+        )
         self.history.append(entry)
         return entry
 
@@ -242,7 +285,9 @@ class SiteLevelAccountant:
         """An accountant with the rounds of ``ledger`` composed again (e.g. after a resumed run)."""
         accountant = cls(noise_multiplier=noise_multiplier, delta=delta)
         for server_round, sampled, available, clip in json.loads(ledger):
-            accountant.compose_round(int(server_round), sampled=int(sampled), available=int(available), clipping_norm=float(clip))
+            accountant.compose_round(
+                int(server_round), sampled=int(sampled), available=int(available), clipping_norm=float(clip)
+            )
         return accountant
 
     def summary(self) -> dict[str, Any]:
@@ -255,15 +300,18 @@ class SiteLevelAccountant:
             "releases": last.releases if last else 0,
             "accountant": "RDP (flwr.serverapp.RdpAccountant / dp-accounting), Poisson-subsampled Gaussian, "
             "add-or-remove-one site, sampling rate = sampled sites / available sites",
-            "per_round": [{"round": r.round, "epsilon": r.epsilon, "sampling_rate": r.sampling_rate} for r in self.history],
+            "per_round": [
+                {"round": r.round, "epsilon": r.epsilon, "sampling_rate": r.sampling_rate} for r in self.history
+            ],
         }
 
 
 def _flwr_privacy_config(delta: float, population: int, relation: Any, sampling: Any) -> Any:
     from flwr.supercore.privacy_accounting import PrivacyConfig as FlwrPrivacyConfig
 
-    return FlwrPrivacyConfig(target_delta=delta, population_size=population, neighboring_relation=relation,
-                             sampling_method=sampling)  # fmt: skip
+    return FlwrPrivacyConfig(
+        target_delta=delta, population_size=population, neighboring_relation=relation, sampling_method=sampling
+    )
 
 
 class _FedctDP:
@@ -284,7 +332,9 @@ class _FedctDP:
         self._sent: dict[int, list[np.ndarray]] = {}  # client-side modes: the global weights each round started from
         self.last_round: RoundPrivacy | None = None
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         """Flower's configure_train; remembers how many sites were sampled out of how many available."""
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         self._sample[server_round] = (len(messages), len(list(grid.get_node_ids())))
@@ -305,11 +355,15 @@ class _FedctDP:
             received = next(iter(reply.content.array_records.values())).to_numpy_ndarrays()
             norm = get_norm([np.subtract(r, g, dtype=np.float64) for r, g in zip(received, sent, strict=True)])
             if norm > limit:
-                raise ValueError(f"round {server_round}: node {reply.metadata.src_node_id} sent an update of norm {norm:.4g} "
-                                 f"above the clipping norm {clip:.4g}; with client-side DP every site must clip (is "
-                                 f"dp-mode set to a client-* mode in the sites' run config?); not aggregated")  # fmt: skip
+                raise ValueError(
+                    f"round {server_round}: node {reply.metadata.src_node_id} sent an update of norm {norm:.4g} "
+                    f"above the clipping norm {clip:.4g}; with client-side DP every site must clip (is "
+                    f"dp-mode set to a client-* mode in the sites' run config?); not aggregated"
+                )
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Flower's clipping, uniform mean and noise over the error-free replies; then one accountant step."""
         accountant = self.synced_accountant()
         ok = [r for r in replies if not r.has_error()]
@@ -332,18 +386,23 @@ class _FedctDP:
         finally:
             inner.weighted_by_key = weighted_by  # evaluation metrics stay weighted as without DP
         if arrays is not None:
-            self.last_round = accountant.compose_round(server_round, sampled=max(sampled, len(ok)),
-                                                       available=max(available, sampled, len(ok)),
-                                                       clipping_norm=clip_used)  # fmt: skip
+            self.last_round = accountant.compose_round(
+                server_round,
+                sampled=max(sampled, len(ok)),
+                available=max(available, sampled, len(ok)),
+                clipping_norm=clip_used,
+            )
             self.privacy_ledger = accountant.ledger()
         return arrays, metrics
-
 
     def synced_accountant(self) -> SiteLevelAccountant:
         """The accountant, rebuilt from ``privacy_ledger`` when that was restored from a saved run state."""
         if self.privacy_ledger != self.site_accountant.ledger():
-            self.site_accountant = SiteLevelAccountant.replay(self.privacy_ledger, noise_multiplier=self.site_accountant.noise_multiplier,
-                                                              delta=self.site_accountant.delta)  # fmt: skip
+            self.site_accountant = SiteLevelAccountant.replay(
+                self.privacy_ledger,
+                noise_multiplier=self.site_accountant.noise_multiplier,
+                delta=self.site_accountant.delta,
+            )
         return self.site_accountant
 
     def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
@@ -381,8 +440,10 @@ def wrap_strategy(strategy: Strategy, config: PrivacyConfig, *, expected_sites: 
     if not config.dp_enabled:
         return strategy
     if not isinstance(strategy, FedAvg) or type(strategy).aggregate_train is not FedAvg.aggregate_train:
-        raise ValueError(f"dp-mode={config.dp_mode} needs a strategy that aggregates like FedAvg (fedavg, fedprox), "
-                         f"got {type(strategy).__name__}")  # fmt: skip
+        raise ValueError(
+            f"dp-mode={config.dp_mode} needs a strategy that aggregates like FedAvg (fedavg, fedprox), "
+            f"got {type(strategy).__name__}"
+        )
     accountant = SiteLevelAccountant(noise_multiplier=config.dp_noise_multiplier, delta=config.dp_delta)
     z, clip, n = config.dp_noise_multiplier, config.dp_clipping_norm, max(1, expected_sites)
     wrapped: _FedctDP
@@ -392,8 +453,15 @@ def wrap_strategy(strategy: Strategy, config: PrivacyConfig, *, expected_sites: 
         wrapped = ClientFixedDP(strategy, z, clip, n)
     else:
         cls = ServerAdaptiveDP if config.dp_mode == "server-adaptive" else ClientAdaptiveDP
-        wrapped = cls(strategy, z, n, initial_clipping_norm=clip, target_clipped_quantile=config.dp_target_quantile,
-                      clip_norm_lr=config.dp_clip_norm_lr, clipped_count_stddev=config.clipped_count_stddev(n))  # fmt: skip
+        wrapped = cls(
+            strategy,
+            z,
+            n,
+            initial_clipping_norm=clip,
+            target_clipped_quantile=config.dp_target_quantile,
+            clip_norm_lr=config.dp_clip_norm_lr,
+            clipped_count_stddev=config.clipped_count_stddev(n),
+        )
     wrapped._fedct_init(accountant)
     return wrapped  # type: ignore[return-value]
 

@@ -41,19 +41,33 @@ class ProfileNormalisationFailed(RuntimeError):
 
 def request_config(schema: ProfileSchema) -> ConfigRecord:
     """The ConfigRecord of the statistics request: the flag and the schema's name and variables (in order)."""
-    return ConfigRecord({PROFILE_STATISTICS: True, PROFILE_SCHEMA: f"{schema.name} v{schema.version}",
-                         PROFILE_VARIABLES: ",".join(schema.names)})  # fmt: skip
+    return ConfigRecord(
+        {
+            PROFILE_STATISTICS: True,
+            PROFILE_SCHEMA: f"{schema.name} v{schema.version}",
+            PROFILE_VARIABLES: ",".join(schema.names),
+        }
+    )
 
 
-def screen_profile_reply(content: RecordDict, *, node_id: int, registry: SiteRegistry | None, schema: ProfileSchema,
-                         min_count: int, count_bound: int) -> tuple[ScreenedReply, ProfileStatistics]:  # fmt: skip
+def screen_profile_reply(
+    content: RecordDict,
+    *,
+    node_id: int,
+    registry: SiteRegistry | None,
+    schema: ProfileSchema,
+    min_count: int,
+    count_bound: int,
+) -> tuple[ScreenedReply, ProfileStatistics]:
     """Check a statistics reply; :class:`fl_server.validation.ReplyRejected` (code ``malformed_reply`` or
     ``bad_profile_statistics``) naming what is wrong, never a value."""
     site = site_identity(content, node_id, registry)
     names = set(content.keys())
     if names != {METRICS_RECORD, SITE_RECORD}:
-        raise ReplyRejected("malformed_reply", f"a profile statistics reply carries exactly the records {METRICS_RECORD} "
-                                               f"and {SITE_RECORD}")  # fmt: skip
+        raise ReplyRejected(
+            "malformed_reply",
+            f"a profile statistics reply carries exactly the records {METRICS_RECORD} and {SITE_RECORD}",
+        )
     record = content[METRICS_RECORD]
     if not isinstance(record, MetricRecord):
         raise ReplyRejected("malformed_reply", f"record {METRICS_RECORD!r} is not a MetricRecord")
@@ -67,8 +81,10 @@ def screen_profile_reply(content: RecordDict, *, node_id: int, registry: SiteReg
 
 def summary(normalisation: ProfileNormalisation, per_site: Mapping[str, ProfileStatistics]) -> dict[str, Any]:
     """What metrics.json and the run folder record: the pooled moments and, per site, only which variables it reported."""
-    return {**normalisation.to_dict(),
-            "site_variables": {site: sorted(s.variables) for site, s in sorted(per_site.items())}}  # fmt: skip
+    return {
+        **normalisation.to_dict(),
+        "site_variables": {site: sorted(s.variables) for site, s in sorted(per_site.items())},
+    }
 
 
 def save_normalisation(run_dir: Path, data: Mapping[str, Any]) -> Path:
@@ -84,4 +100,6 @@ def load_normalisation(run_dir: Path) -> ProfileNormalisation | None:
     try:
         return ProfileNormalisation.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except ValueError as exc:
-        raise ValueError(f"{path}: not a profile normalisation ({exc}); remove it to pool the statistics again") from None
+        raise ValueError(
+            f"{path}: not a profile normalisation ({exc}); remove it to pool the statistics again"
+        ) from None

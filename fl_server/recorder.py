@@ -122,7 +122,9 @@ def round_metrics(run_log: RunLog, server_round: int) -> dict[str, Any]:
         return {}
 
     def scalars(values: Mapping[str, Any]) -> dict[str, float]:
-        return {k: v for k, v in values.items() if isinstance(v, int | float) and k.startswith((VAL_PREFIX, TEST_PREFIX))}
+        return {
+            k: v for k, v in values.items() if isinstance(v, int | float) and k.startswith((VAL_PREFIX, TEST_PREFIX))
+        }
 
     return {
         "aggregate": scalars(entry["evaluate"]["aggregate"]),
@@ -138,9 +140,13 @@ def risk_reference(run_log: RunLog, server_round: int) -> dict[str, Any] | None:
     if not counts or sum(counts) == 0:
         return None
     cuts = histogram_quantiles(counts, RISK_RANGE, (1 / 3, 2 / 3))
-    return {"quantiles": cuts, "groups": ["low", "intermediate", "high"], "studies": int(sum(counts)),
-            "source": f"risk scores of all sites' training studies under the round-{server_round} weights (histogram, "
-                      f"{len(counts)} bins over {list(RISK_RANGE)})"}  # fmt: skip
+    return {
+        "quantiles": cuts,
+        "groups": ["low", "intermediate", "high"],
+        "studies": int(sum(counts)),
+        "source": f"risk scores of all sites' training studies under the round-{server_round} weights (histogram, "
+        f"{len(counts)} bins over {list(RISK_RANGE)})",
+    }
 
 
 def round_temperature(run_log: RunLog, server_round: int) -> dict[str, Any] | None:
@@ -148,15 +154,19 @@ def round_temperature(run_log: RunLog, server_round: int) -> dict[str, Any] | No
     entry = next((r for r in run_log.rounds if r["round"] == server_round), None)
     if entry is None:
         return None
-    per_site = {site: {**m, **entry["evaluate"].get("site_histograms", {}).get(site, {})}
-                for site, m in entry["evaluate"]["sites"].items()}  # fmt: skip
+    per_site = {
+        site: {**m, **entry["evaluate"].get("site_histograms", {}).get(site, {})}
+        for site, m in entry["evaluate"]["sites"].items()
+    }
     return temperature_fit(entry["evaluate"]["aggregate"], per_site)
 
 
 def resume_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Run-config keys (other than ``RESUMABLE_KEYS``) whose values differ between a saved state and now."""
     keys = sorted((set(saved) | set(current)) - RESUMABLE_KEYS)
-    return [f"{k}: {saved.get(k)!r} (saved) vs {current.get(k)!r} (now)" for k in keys if saved.get(k) != current.get(k)]
+    return [
+        f"{k}: {saved.get(k)!r} (saved) vs {current.get(k)!r} (now)" for k in keys if saved.get(k) != current.get(k)
+    ]
 
 
 def torch_state(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -202,16 +212,25 @@ class RunRecorder:
             )
         missing = set(initial) ^ set(saved.global_arrays)
         if missing:
-            raise ValueError(f"cannot resume from {self.state_dir}: saved weights do not match the model (e.g. {sorted(missing)[0]!r})")
+            raise ValueError(
+                f"cannot resume from {self.state_dir}: saved weights do not match the model (e.g. {sorted(missing)[0]!r})"
+            )
         arrays = {k: saved.global_arrays[k].astype(initial[k].dtype) for k in initial}
         load_strategy_state(self.strategy, saved.strategy_scalars, saved.strategy_arrays)
         self.run_log.restore(saved.run_log)
         self.sites_seen.update(saved.extra.get("sites", []))
         self.last_aggregated = int(saved.extra.get("last_aggregated_round", saved.server_round))
-        bounds = {"first_examples": {str(k): float(v) for k, v in saved.extra.get("first_examples", {}).items()},
-                  "histogram_bins": {str(k): int(v) for k, v in saved.extra.get("histogram_bins", {}).items()}}  # fmt: skip
-        log(INFO, "fedct: resuming after round %d of %d from %s", saved.server_round, self.config.num_server_rounds,
-            self.state_dir)  # fmt: skip
+        bounds = {
+            "first_examples": {str(k): float(v) for k, v in saved.extra.get("first_examples", {}).items()},
+            "histogram_bins": {str(k): int(v) for k, v in saved.extra.get("histogram_bins", {}).items()},
+        }
+        log(
+            INFO,
+            "fedct: resuming after round %d of %d from %s",
+            saved.server_round,
+            self.config.num_server_rounds,
+            self.state_dir,
+        )
         return RunStart(first_round=saved.server_round + 1, arrays=arrays, loop_bounds=bounds)
 
     def checkpoint(self, report: RoundReport, extras: Mapping[str, Any], snapshot: StrategySnapshot) -> FinishedRound:
@@ -248,12 +267,22 @@ class RunRecorder:
         if self.run_log.end_round(report.server_round, extra=extra):
             self._bundle("best", done.state, report.server_round)
         observe_round(self.run_dir, self.run_log.rounds)  # TensorBoard scalars, learning curves and per-site PNGs
-        save_run_state(self.state_dir, RunState(
-            server_round=report.server_round, global_arrays=report.arrays, strategy_scalars=done.snapshot[0],
-            strategy_arrays=done.snapshot[1], run_log=self.run_log.state(), run_config=self.run_config,
-            extra={"sites": sorted(self.sites_seen), "last_aggregated_round": self.last_aggregated,
-                   **{name: dict(values) for name, values in loop_bounds.items()}},
-        ))  # fmt: skip
+        save_run_state(
+            self.state_dir,
+            RunState(
+                server_round=report.server_round,
+                global_arrays=report.arrays,
+                strategy_scalars=done.snapshot[0],
+                strategy_arrays=done.snapshot[1],
+                run_log=self.run_log.state(),
+                run_config=self.run_config,
+                extra={
+                    "sites": sorted(self.sites_seen),
+                    "last_aggregated_round": self.last_aggregated,
+                    **{name: dict(values) for name, values in loop_bounds.items()},
+                },
+            ),
+        )
 
     def close(self, arrays: NDArrays) -> RunLog:
         """The end of the run: the ``model/final`` bundle (weights of the last aggregated round), the best bundle's
@@ -267,11 +296,24 @@ class RunRecorder:
         self.run_log.plot()
         return self.run_log
 
-    def _bundle(self, name: str, state: Mapping[str, torch.Tensor], server_round: int, *,
-                calibration: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+    def _bundle(
+        self,
+        name: str,
+        state: Mapping[str, torch.Tensor],
+        server_round: int,
+        *,
+        calibration: Mapping[str, Any] | None = None,
+    ) -> None:
         """Write ``model/<name>``; ``calibration`` by default the temperature fitted on the round's evaluation."""
         if calibration is None:
             calibration = round_temperature(self.run_log, server_round)
-        write_bundle(self.run_dir / "model" / name, dict(state), model=self.config.model, pipeline=self.config.pipeline,
-                     provenance=self.provenance(server_round), risk_reference=risk_reference(self.run_log, server_round),
-                     calibration=calibration, profile_normalisation=self.profile_normalisation)  # fmt: skip
+        write_bundle(
+            self.run_dir / "model" / name,
+            dict(state),
+            model=self.config.model,
+            pipeline=self.config.pipeline,
+            provenance=self.provenance(server_round),
+            risk_reference=risk_reference(self.run_log, server_round),
+            calibration=calibration,
+            profile_normalisation=self.profile_normalisation,
+        )

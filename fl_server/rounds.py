@@ -56,8 +56,6 @@ from flwr.serverapp.strategy import Strategy
 from fedct.protocol import CALIBRATION_TEMPERATURE, CONFIG_RECORD, EVALUATE_FIRST, NUM_EXAMPLES
 from fedct.transport import encode_content, record_nbytes
 from fl_server.config import EXAMPLES_GROWTH_FACTOR, ServerConfig, SiteRegistry, is_site_name
-from fl_server.recorder import FinishedRound, RoundReport, RunRecorder, round_temperature
-from fl_server.run_log import RunLog, aggregate, calibration_outcome
 from fl_server.profile_norm import (
     ProfileNormalisationFailed,
     load_normalisation,
@@ -66,6 +64,8 @@ from fl_server.profile_norm import (
     screen_profile_reply,
     summary,
 )
+from fl_server.recorder import FinishedRound, RoundReport, RunRecorder, round_temperature
+from fl_server.run_log import RunLog, aggregate, calibration_outcome
 from fl_server.strategy import SERVER_OPTIMISERS, strategy_state
 from fl_server.validation import (
     ARRAYS_RECORD,
@@ -108,7 +108,9 @@ def encode_messages(messages: Iterable[Message], *, transport: str) -> tuple[lis
 REPLY_POLL_S = 0.1
 
 
-def exchange(grid: Grid, messages: Iterable[Message], *, timeout_s: float, poll_s: float = REPLY_POLL_S) -> list[Message]:
+def exchange(
+    grid: Grid, messages: Iterable[Message], *, timeout_s: float, poll_s: float = REPLY_POLL_S
+) -> list[Message]:
     """``Grid.send_and_receive`` with a short reply poll: push, then pull until every reply is in or ``timeout_s``."""
     pending = set(grid.push_messages(messages))
     replies: list[Message] = []
@@ -144,12 +146,18 @@ class _SnapshotGrid:
 def _strategy_messages(pairs: Sequence[tuple[Message, ScreenedReply]], *, train: bool) -> list[Message]:
     """The replies as the strategy is given them: the decoded arrays (train) and a MetricRecord of the scalar metrics
     every reply has (Flower's strategies refuse replies whose metric keys differ), ``num-examples`` the weight used."""
-    common = set.intersection(*({k for k, v in s.metrics.items() if not isinstance(v, list)} for _, s in pairs)) if pairs else set()
+    common = (
+        set.intersection(*({k for k, v in s.metrics.items() if not isinstance(v, list)} for _, s in pairs))
+        if pairs
+        else set()
+    )
     out = []
     for reply, screened in pairs:
         content = RecordDict({METRICS_RECORD: MetricRecord({k: screened.metrics[k] for k in sorted(common)})})
         if train and screened.arrays is not None:
-            content[ARRAYS_RECORD] = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in screened.arrays.items()})
+            content[ARRAYS_RECORD] = ArrayRecord(
+                {k: Array(np.asarray(v, order="C")) for k, v in screened.arrays.items()}
+            )
         reply.content = content
         out.append(reply)
     return out
@@ -189,8 +197,10 @@ class RoundLoop:
         registry: SiteRegistry | None = None,
     ) -> None:
         if config.privacy.secure_aggregation and not self.secure_aggregation:
-            raise ValueError(f"secure-aggregation=true but {type(self).__name__} sees every site's update; the SecAgg+ "
-                             "round loop (fl_server.secagg.SecAggRoundLoop, chosen by fl_server.server_app) must run it")
+            raise ValueError(
+                f"secure-aggregation=true but {type(self).__name__} sees every site's update; the SecAgg+ "
+                "round loop (fl_server.secagg.SecAggRoundLoop, chosen by fl_server.server_app) must run it"
+            )
         self.grid = grid
         self.strategy = strategy
         self.config = config
@@ -237,8 +247,15 @@ class RoundLoop:
         """Record and log a rejected reply (node id, recorded name, code, the server's reason)."""
         site = site or self._site(node_id)
         report.rejected.append({"node_id": node_id, "site": site, "code": problem.code, "reason": problem.reason})
-        log(WARNING, "fedct: round %d: reply of %s (node %d) rejected [%s]: %s", report.server_round, site, node_id,
-            problem.code, problem.reason)  # fmt: skip
+        log(
+            WARNING,
+            "fedct: round %d: reply of %s (node %d) rejected [%s]: %s",
+            report.server_round,
+            site,
+            node_id,
+            problem.code,
+            problem.reason,
+        )
 
     @staticmethod
     def _error_problem(reply: Message) -> Problem:
@@ -255,21 +272,46 @@ class RoundLoop:
         used = min(claimed, math.floor(EXAMPLES_GROWTH_FACTOR * first))
         clipped = list(screened.clipped)
         if used < claimed:
-            clipped.append({"metric": NUM_EXAMPLES, "claimed": claimed, "used": float(used),
-                            "bound": f"{EXAMPLES_GROWTH_FACTOR:g}x the site's first count {first:g}"})  # fmt: skip
+            clipped.append(
+                {
+                    "metric": NUM_EXAMPLES,
+                    "claimed": claimed,
+                    "used": float(used),
+                    "bound": f"{EXAMPLES_GROWTH_FACTOR:g}x the site's first count {first:g}",
+                }
+            )
         for item in clipped:
             report.clipped.append({"node_id": screened.node_id, "site": screened.site, **item})
-            log(WARNING, "fedct: round %d: %s (node %d) reported %s = %g; %g used", report.server_round, screened.site,
-                screened.node_id, item["metric"], item["claimed"], item["used"])  # fmt: skip
+            log(
+                WARNING,
+                "fedct: round %d: %s (node %d) reported %s = %g; %g used",
+                report.server_round,
+                screened.site,
+                screened.node_id,
+                item["metric"],
+                item["claimed"],
+                item["used"],
+            )
         if used == claimed:
             return screened
-        return ScreenedReply(node_id=screened.node_id, site=screened.site, arrays=screened.arrays,
-                             metrics={**screened.metrics, NUM_EXAMPLES: float(used)}, evaluation=screened.evaluation,
-                             clipped=tuple(clipped))  # fmt: skip
+        return ScreenedReply(
+            node_id=screened.node_id,
+            site=screened.site,
+            arrays=screened.arrays,
+            metrics={**screened.metrics, NUM_EXAMPLES: float(used)},
+            evaluation=screened.evaluation,
+            clipped=tuple(clipped),
+        )
 
-    def _exchange(self, messages: Iterable[Message], report: RoundReport, *, train: bool,
-                  evaluation_expected: bool = False,
-                  screen: Callable[[RecordDict, int], ScreenedReply] | None = None) -> list[tuple[Message, ScreenedReply]]:  # fmt: skip
+    def _exchange(
+        self,
+        messages: Iterable[Message],
+        report: RoundReport,
+        *,
+        train: bool,
+        evaluation_expected: bool = False,
+        screen: Callable[[RecordDict, int], ScreenedReply] | None = None,
+    ) -> list[tuple[Message, ScreenedReply]]:
         """Send, wait at most round-timeout-s, and pass every reply through the gate (``screen(content, node_id)``
         in place of :func:`fl_server.validation.screen_reply` when given); returns the replies that passed with their
         plain contents (rejected ones are recorded in ``report.rejected``)."""
@@ -286,15 +328,22 @@ class RoundLoop:
             self.registry = self.registry.refreshed()  # a site registered while the run goes on
         for node_id in targets:
             if node_id not in answered:
-                report.missing.append({"node_id": node_id, "site": self._site(node_id),
-                                       "reason": f"no reply within round-timeout-s={self.config.round_timeout_s:g}"})  # fmt: skip
+                report.missing.append(
+                    {
+                        "node_id": node_id,
+                        "site": self._site(node_id),
+                        "reason": f"no reply within round-timeout-s={self.config.round_timeout_s:g}",
+                    }
+                )
         passed: list[tuple[Message, ScreenedReply]] = []
         seen_nodes: set[int] = set()
         seen_names: set[str] = set()
         for reply in replies:
             node_id = reply.metadata.src_node_id
             if node_id in seen_nodes:
-                self._reject(report, node_id, Problem("duplicate_reply", "a second reply from this node in one exchange"))
+                self._reject(
+                    report, node_id, Problem("duplicate_reply", "a second reply from this node in one exchange")
+                )
                 continue
             seen_nodes.add(node_id)
             if reply.has_error():
@@ -305,20 +354,39 @@ class RoundLoop:
                 if screen is not None:
                     screened = screen(reply.content, node_id)
                 else:
-                    screened = screen_reply(reply.content, node_id=node_id, train=train, reference=self.reference,
-                                            registry=self.registry, count_bound=self.config.examples_bound,
-                                            evaluation_expected=evaluation_expected)  # fmt: skip
+                    screened = screen_reply(
+                        reply.content,
+                        node_id=node_id,
+                        train=train,
+                        reference=self.reference,
+                        registry=self.registry,
+                        count_bound=self.config.examples_bound,
+                        evaluation_expected=evaluation_expected,
+                    )
             except ReplyRejected as exc:
                 self._reject(report, node_id, exc.problem)
                 continue
             except Exception as exc:  # noqa: BLE001 - one site's reply must never end the run
-                log(WARNING, "fedct: round %d: checking the reply of node %d failed", report.server_round, node_id, exc_info=exc)
-                self._reject(report, node_id, Problem("internal_error", f"the server's checks raised {type(exc).__name__}"))
+                log(
+                    WARNING,
+                    "fedct: round %d: checking the reply of node %d failed",
+                    report.server_round,
+                    node_id,
+                    exc_info=exc,
+                )
+                self._reject(
+                    report, node_id, Problem("internal_error", f"the server's checks raised {type(exc).__name__}")
+                )
                 continue
             if screened.site in seen_names:
-                self._reject(report, node_id, Problem("duplicate_site_name", "another node already answered under this "
-                                                                             "site name in this exchange"),
-                             site=f"node-{node_id}")  # fmt: skip
+                self._reject(
+                    report,
+                    node_id,
+                    Problem(
+                        "duplicate_site_name", "another node already answered under this site name in this exchange"
+                    ),
+                    site=f"node-{node_id}",
+                )
                 continue
             seen_names.add(screened.site)
             if self.registry is None:
@@ -332,8 +400,9 @@ class RoundLoop:
             self._reject(report, passed[i][1].node_id, problem)
         return [pair for i, pair in enumerate(passed) if i not in bins]
 
-    def _validated(self, pairs: list[tuple[Message, ScreenedReply]], global_arrays: NDArrays,
-                   report: RoundReport) -> list[tuple[Message, ScreenedReply]]:  # fmt: skip
+    def _validated(
+        self, pairs: list[tuple[Message, ScreenedReply]], global_arrays: NDArrays, report: RoundReport
+    ) -> list[tuple[Message, ScreenedReply]]:
         """The screened training replies whose updates pass ``check_updates``, weights clipped (recorded)."""
         pairs = [(reply, self._clip_examples(report, screened)) for reply, screened in pairs]
         reasons = check_updates(
@@ -354,7 +423,9 @@ class RoundLoop:
             weights = np.array([float(next(iter(r.content.metric_records.values()))[NUM_EXAMPLES]) for r in accepted])
             weights = weights / weights.sum()
             for key in self.buffers & set(arrays):
-                stacked = np.stack([next(iter(r.content.array_records.values()))[key].numpy().astype(np.float64) for r in accepted])
+                stacked = np.stack(
+                    [next(iter(r.content.array_records.values()))[key].numpy().astype(np.float64) for r in accepted]
+                )
                 arrays[key] = np.tensordot(weights, stacked, axes=1)
         out = {}
         for key, ref in self.reference.items():
@@ -364,8 +435,9 @@ class RoundLoop:
             out[key] = value.astype(ref.dtype).reshape(ref.shape)
         return out
 
-    def run_round(self, server_round: int, global_arrays: NDArrays, train_config: ConfigRecord,
-                  evaluate_config: ConfigRecord) -> RoundReport:  # fmt: skip
+    def run_round(
+        self, server_round: int, global_arrays: NDArrays, train_config: ConfigRecord, evaluate_config: ConfigRecord
+    ) -> RoundReport:
         """Train, aggregate and evaluate one round; the report holds the new global arrays (unchanged when skipped).
 
         The skeleton every round loop shares: bounded wait for ``min-sites`` sites, the training step
@@ -381,8 +453,10 @@ class RoundLoop:
         nodes = self.wait_for_nodes(minimum)
         report.nodes_connected = len(nodes)
         if len(nodes) < minimum:
-            report.skip_reason = (f"only {len(nodes)} site(s) connected after round-timeout-s={self.config.round_timeout_s:g} "
-                                  f"(min-sites={minimum})")  # fmt: skip
+            report.skip_reason = (
+                f"only {len(nodes)} site(s) connected after round-timeout-s={self.config.round_timeout_s:g} "
+                f"(min-sites={minimum})"
+            )
             if bool(train_config.get(EVALUATE_FIRST, False)):
                 report.previous_evaluation_missing = report.skip_reason
             return self._done(report, t0)
@@ -398,8 +472,14 @@ class RoundLoop:
             return self._done(report, t0)
         return self._evaluate(report, server_round, step.arrays, evaluate_config, minimum, t0)
 
-    def train(self, server_round: int, nodes: list[int], global_arrays: NDArrays, train_config: ConfigRecord,
-              report: RoundReport) -> TrainStep | None:  # fmt: skip
+    def train(
+        self,
+        server_round: int,
+        nodes: list[int],
+        global_arrays: NDArrays,
+        train_config: ConfigRecord,
+        report: RoundReport,
+    ) -> TrainStep | None:
         """The training half of a round over the connected ``nodes``: the new global arrays (in the model's dtypes)
         and each site's training metrics, or None with ``report.skip_reason`` set (the global model is kept).
 
@@ -421,22 +501,32 @@ class RoundLoop:
         try:
             aggregated, _ = self.strategy.aggregate_train(server_round, accepted)
         except (InconsistentMessageReplies, AggregationError, ValueError) as exc:
-            report.skip_reason = f"strategy {type(self.strategy).__name__} could not aggregate: {exc}; global model kept"
+            report.skip_reason = (
+                f"strategy {type(self.strategy).__name__} could not aggregate: {exc}; global model kept"
+            )
             return None
         except Exception as exc:  # noqa: BLE001 - a strategy failing on the round's updates must not end the run
             log(WARNING, "fedct: round %d: aggregation failed", server_round, exc_info=exc)
-            report.skip_reason = f"strategy {type(self.strategy).__name__} failed ({type(exc).__name__}); global model kept"
+            report.skip_reason = (
+                f"strategy {type(self.strategy).__name__} failed ({type(exc).__name__}); global model kept"
+            )
             return None
         if aggregated is None:
             report.skip_reason = f"strategy {type(self.strategy).__name__} returned no aggregate; global model kept"
             return None
         # the site's metrics, with what the strategy added to its reply (e.g. the DP wrapper's uniform weight)
-        sites = {screened.site: {**screened.metrics, **{k: float(v) for k, v in reply.content[METRICS_RECORD].items()
-                                                        if not isinstance(v, list)}}
-                 for reply, screened in valid}  # fmt: skip
+        sites = {
+            screened.site: {
+                **screened.metrics,
+                **{k: float(v) for k, v in reply.content[METRICS_RECORD].items() if not isinstance(v, list)},
+            }
+            for reply, screened in valid
+        }
         return TrainStep(arrays=self._finish_aggregate(aggregated, accepted), sites=sites)
 
-    def _previous_evaluation(self, report: RoundReport, pairs: list[tuple[Message, ScreenedReply]], minimum: int) -> None:
+    def _previous_evaluation(
+        self, report: RoundReport, pairs: list[tuple[Message, ScreenedReply]], minimum: int
+    ) -> None:
         """Collect the evaluations of the previous round's global model from training replies (``evaluate-mode =
         "fused"``), counted like an evaluate exchange's replies; a site whose update is later rejected still counts
         (it evaluated the global model, as with a separate exchange). The gate has checked them (a malformed one
@@ -448,13 +538,23 @@ class RoundLoop:
         previous = report.server_round - 1
         evaluated = [(reply, screened) for reply, screened in pairs if screened.evaluation is not None]
         if len(evaluated) < minimum:
-            report.previous_evaluation_missing = (f"{len(evaluated)} evaluation repl(ies) with round {report.server_round}'s "
-                                                  f"training, fewer than min-sites={minimum}")  # fmt: skip
+            report.previous_evaluation_missing = (
+                f"{len(evaluated)} evaluation repl(ies) with round {report.server_round}'s "
+                f"training, fewer than min-sites={minimum}"
+            )
             return
-        common = set.intersection(*({k for k, v in s.evaluation.items() if not isinstance(v, list)} for _, s in evaluated))
-        rebuilt = [Message(RecordDict({"metrics": MetricRecord({k: s.evaluation[k] for k in sorted(common)})}),
-                           dst_node_id=s.node_id, message_type=MessageType.EVALUATE, group_id=str(previous))
-                   for _, s in evaluated]  # fmt: skip
+        common = set.intersection(
+            *({k for k, v in s.evaluation.items() if not isinstance(v, list)} for _, s in evaluated)
+        )
+        rebuilt = [
+            Message(
+                RecordDict({"metrics": MetricRecord({k: s.evaluation[k] for k in sorted(common)})}),
+                dst_node_id=s.node_id,
+                message_type=MessageType.EVALUATE,
+                group_id=str(previous),
+            )
+            for _, s in evaluated
+        ]
         self._aggregate_evaluate(previous, rebuilt)
         report.previous_evaluate_sites = {s.site: dict(s.evaluation) for _, s in evaluated}
 
@@ -463,8 +563,13 @@ class RoundLoop:
         try:
             self.strategy.aggregate_evaluate(server_round, replies)
         except Exception as exc:  # noqa: BLE001 - the evaluation is recorded by run_log whatever the strategy says
-            log(WARNING, "fedct: round %d: strategy %s could not aggregate the evaluation (%s)", server_round,
-                type(self.strategy).__name__, type(exc).__name__)  # fmt: skip
+            log(
+                WARNING,
+                "fedct: round %d: strategy %s could not aggregate the evaluation (%s)",
+                server_round,
+                type(self.strategy).__name__,
+                type(exc).__name__,
+            )
 
     def evaluate_global(self, server_round: int, arrays: NDArrays, evaluate_config: ConfigRecord) -> RoundReport:
         """An evaluate-only exchange of ``arrays`` (the global model after ``server_round``): the last round of an
@@ -473,15 +578,24 @@ class RoundLoop:
         report = RoundReport(server_round=server_round, arrays=arrays)
         return self._evaluate(report, server_round, arrays, evaluate_config, self.config.min_sites, t0)
 
-    def _evaluate(self, report: RoundReport, server_round: int, new_arrays: NDArrays, evaluate_config: ConfigRecord,
-                  minimum: int, t0: float) -> RoundReport:
+    def _evaluate(
+        self,
+        report: RoundReport,
+        server_round: int,
+        new_arrays: NDArrays,
+        evaluate_config: ConfigRecord,
+        minimum: int,
+        t0: float,
+    ) -> RoundReport:
         """Evaluate the round's new global model on the connected sites (bounded like training); finish the report."""
         nodes = self.wait_for_nodes(minimum)
         if len(nodes) < minimum:
             report.evaluation_missing = f"only {len(nodes)} site(s) connected for evaluation (min-sites={minimum})"
             return self._done(report, t0)
         current = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in new_arrays.items()})
-        messages = self.strategy.configure_evaluate(server_round, current, evaluate_config, _SnapshotGrid(self.grid, nodes))
+        messages = self.strategy.configure_evaluate(
+            server_round, current, evaluate_config, _SnapshotGrid(self.grid, nodes)
+        )
         evaluated = self._exchange(messages, report, train=False)
         if len(evaluated) < minimum:
             report.evaluation_missing = f"{len(evaluated)} evaluation repl(ies), fewer than min-sites={minimum}"
@@ -495,10 +609,13 @@ class RoundLoop:
         connected site (no sampling, no strategy: nothing is aggregated into a model) whose config carries
         ``calibration-temperature``; each reply passes the gate. ``report.evaluate_sites`` holds the sites' statistics,
         ``report.evaluation_missing`` why there are too few (fewer than ``min-sites`` replies)."""
-        return self.evaluate_everywhere(server_round, arrays, evaluate_config, what="calibration", group=f"calibrate-{server_round}")
+        return self.evaluate_everywhere(
+            server_round, arrays, evaluate_config, what="calibration", group=f"calibrate-{server_round}"
+        )
 
-    def evaluate_everywhere(self, server_round: int, arrays: NDArrays, evaluate_config: ConfigRecord, *, what: str,
-                            group: str) -> RoundReport:  # fmt: skip
+    def evaluate_everywhere(
+        self, server_round: int, arrays: NDArrays, evaluate_config: ConfigRecord, *, what: str, group: str
+    ) -> RoundReport:
         """An evaluate message with ``arrays`` to every connected site (no sampling, no strategy), each reply through
         the gate: the calibration exchange, and the champion's evaluation after a run (``what`` names it in the
         reasons, ``group`` is the messages' group id)."""
@@ -509,9 +626,15 @@ class RoundLoop:
         if len(nodes) < minimum:
             report.evaluation_missing = f"only {len(nodes)} site(s) connected for {what} (min-sites={minimum})"
             return self._done(report, t0)
-        content = RecordDict({ARRAYS_RECORD: ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()}),
-                              CONFIG_RECORD: evaluate_config})  # fmt: skip
-        messages = [Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=group) for node in nodes]
+        content = RecordDict(
+            {
+                ARRAYS_RECORD: ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()}),
+                CONFIG_RECORD: evaluate_config,
+            }
+        )
+        messages = [
+            Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=group) for node in nodes
+        ]
         replies = self._exchange(messages, report, train=False)
         if len(replies) < minimum:
             report.evaluation_missing = f"{len(replies)} {what} repl(ies), fewer than min-sites={minimum}"
@@ -528,14 +651,21 @@ class RoundLoop:
         report = RoundReport(server_round=0, arrays={})
         nodes = self.wait_for_nodes(minimum)
         content = RecordDict({CONFIG_RECORD: request_config(schema)})
-        messages = [Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id="profile-statistics")
-                    for node in nodes]  # fmt: skip
+        messages = [
+            Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id="profile-statistics")
+            for node in nodes
+        ]
         stats: dict[str, ProfileStatistics] = {}
 
         def screen(content: RecordDict, node_id: int) -> ScreenedReply:
-            screened, site_stats = screen_profile_reply(content, node_id=node_id, registry=self.registry, schema=schema,
-                                                        min_count=self.config.metrics_min_count,
-                                                        count_bound=self.config.examples_bound)  # fmt: skip
+            screened, site_stats = screen_profile_reply(
+                content,
+                node_id=node_id,
+                registry=self.registry,
+                schema=schema,
+                min_count=self.config.metrics_min_count,
+                count_bound=self.config.examples_bound,
+            )
             stats[screened.site] = site_stats
             return screened
 
@@ -550,9 +680,21 @@ class RoundLoop:
         if report.evaluation_missing:
             log(WARNING, "fedct: round %d evaluation missing: %s", report.server_round, report.evaluation_missing)
         if report.previous_evaluation_missing:
-            log(WARNING, "fedct: round %d evaluation missing: %s", report.server_round - 1, report.previous_evaluation_missing)
+            log(
+                WARNING,
+                "fedct: round %d evaluation missing: %s",
+                report.server_round - 1,
+                report.previous_evaluation_missing,
+            )
         for item in report.missing:
-            log(WARNING, "fedct: round %d: %s (node %d): %s", report.server_round, item["site"], item["node_id"], item["reason"])
+            log(
+                WARNING,
+                "fedct: round %d: %s (node %d): %s",
+                report.server_round,
+                item["site"],
+                item["node_id"],
+                item["reason"],
+            )
         return report
 
 
@@ -584,12 +726,19 @@ def calibrate_bundles(loop: RoundLoop, recorder: RunRecorder, final_arrays: NDAr
             continue
         fit = round_temperature(run_log, server_round) if server_round > 0 else None
         if fit is None:
-            result: dict[str, Any] = {"temperature": None, "reason": f"no site sent validation sums for round {server_round} "
-                                      "(no evaluation, or every site below the privacy floor)"}  # fmt: skip
+            result: dict[str, Any] = {
+                "temperature": None,
+                "reason": f"no site sent validation sums for round {server_round} "
+                "(no evaluation, or every site below the privacy floor)",
+            }
         else:
-            arrays = final_arrays if server_round == recorder.last_aggregated else _checkpoint_arrays(recorder, server_round)
-            settings = {**loop.config.round_settings(server_round, profile=recorder.profile_normalisation).to_record(),
-                        CALIBRATION_TEMPERATURE: fit["temperature"]}  # fmt: skip
+            arrays = (
+                final_arrays if server_round == recorder.last_aggregated else _checkpoint_arrays(recorder, server_round)
+            )
+            settings = {
+                **loop.config.round_settings(server_round, profile=recorder.profile_normalisation).to_record(),
+                CALIBRATION_TEMPERATURE: fit["temperature"],
+            }
             log(INFO, "fedct: calibrating the round-%d model (temperature %.3f)", server_round, fit["temperature"])
             report = loop.calibrate(server_round, arrays, ConfigRecord(settings))
             result = {"round": server_round, **fit}
@@ -599,8 +748,14 @@ def calibrate_bundles(loop: RoundLoop, recorder: RunRecorder, final_arrays: NDAr
                 result.update(calibration_outcome(report.evaluate_sites))
                 agg = next(r for r in run_log.rounds if r["round"] == server_round)["evaluate"]["aggregate"]
                 result.update({f"{k}_before": agg.get(f"test-{k}", math.nan) for k in ("brier", "loss", "accuracy")})
-            result.update({"rejected_replies": report.rejected, "missing_replies": report.missing,
-                           "bytes_sent": report.bytes_sent, "bytes_received": report.bytes_received})
+            result.update(
+                {
+                    "rejected_replies": report.rejected,
+                    "missing_replies": report.missing,
+                    "bytes_sent": report.bytes_sent,
+                    "bytes_received": report.bytes_received,
+                }
+            )
         done[server_round] = recorder.calibration[name] = {"round": server_round, **result}
     return recorder.calibration
 
@@ -615,15 +770,23 @@ def evaluate_champion(loop: RoundLoop, recorder: RunRecorder, version: str, arra
     log(INFO, "fedct: evaluating the champion %s on every site for the promotion rule", version)
     profile = _champion_profile(loop.config, version) or recorder.profile_normalisation  # a fused champion: its own
     settings = loop.config.round_settings(server_round, profile=profile).to_record()
-    report = loop.evaluate_everywhere(server_round, arrays, ConfigRecord(settings), what="champion evaluation",
-                                      group=f"champion-{server_round}")  # fmt: skip
-    out: dict[str, Any] = {"champion": version, "round": server_round, "rejected_replies": report.rejected,
-                           "missing_replies": report.missing, "bytes_sent": report.bytes_sent,
-                           "bytes_received": report.bytes_received}  # fmt: skip
+    report = loop.evaluate_everywhere(
+        server_round, arrays, ConfigRecord(settings), what="champion evaluation", group=f"champion-{server_round}"
+    )
+    out: dict[str, Any] = {
+        "champion": version,
+        "round": server_round,
+        "rejected_replies": report.rejected,
+        "missing_replies": report.missing,
+        "bytes_sent": report.bytes_sent,
+        "bytes_received": report.bytes_received,
+    }
     if report.evaluate_sites is None:
         return {**out, "missing": report.evaluation_missing}
     sites = {site: {k: v for k, v in m.items() if not isinstance(v, list)} for site, m in report.evaluate_sites.items()}
     return {**out, "sites": sites, "aggregate": {k: v for k, v in aggregate(sites).items() if not isinstance(v, list)}}
+
+
 def _champion_profile(config: ServerConfig, version: str) -> ProfileNormalisation | None:
     """The profile normalisation a fused champion was trained with (its bundle's ``model.json``), else None."""
     if config.profile_fusion == "none" or not config.model_registry:
@@ -654,16 +817,27 @@ def profile_normalisation(loop: RoundLoop, recorder: RunRecorder, *, resumed: bo
     report, stats = loop.profile_statistics(schema)
     if len(stats) < config.min_sites:
         reasons = "; ".join(f"{r['site']}: {r['code']}" for r in report.rejected) or "no reply"
-        raise ProfileNormalisationFailed(f"{len(stats)} site(s) sent usable profile statistics, fewer than "
-                                         f"min-sites={config.min_sites} ({reasons})")  # fmt: skip
+        raise ProfileNormalisationFailed(
+            f"{len(stats)} site(s) sent usable profile statistics, fewer than min-sites={config.min_sites} ({reasons})"
+        )
     normalisation = ProfileNormalisation.pooled(schema, list(stats.values()))
-    record = {**summary(normalisation, stats), "rejected_replies": report.rejected, "missing_replies": report.missing,
-              "bytes_sent": report.bytes_sent, "bytes_received": report.bytes_received}  # fmt: skip
+    record = {
+        **summary(normalisation, stats),
+        "rejected_replies": report.rejected,
+        "missing_replies": report.missing,
+        "bytes_sent": report.bytes_sent,
+        "bytes_received": report.bytes_received,
+    }
     save_normalisation(recorder.run_dir, record)
     recorder.profile_normalisation = normalisation
     recorder.run_log.profile_normalisation = record
-    log(INFO, "fedct: profile normalisation pooled from %d site(s); %d of %d variables have statistics", len(stats),
-        int(normalisation.usable.sum()), len(schema.names))  # fmt: skip
+    log(
+        INFO,
+        "fedct: profile normalisation pooled from %d site(s); %d of %d variables have statistics",
+        len(stats),
+        int(normalisation.usable.sum()),
+        len(schema.names),
+    )
     return normalisation
 
 
@@ -700,8 +874,15 @@ def run_federation(
     """
     recorder = RunRecorder(config, strategy)
     start = recorder.start(initial if initial is not None else initial_arrays(config))
-    loop = loop_class(grid, strategy, config=config, reference=start.arrays, buffers=buffer_keys(build_model(config.model)),
-                      poll_s=poll_s, registry=registry)  # fmt: skip
+    loop = loop_class(
+        grid,
+        strategy,
+        config=config,
+        reference=start.arrays,
+        buffers=buffer_keys(build_model(config.model)),
+        poll_s=poll_s,
+        registry=registry,
+    )
     loop.restore_bounds(start.loop_bounds)
     profile = profile_normalisation(loop, recorder, resumed=start.first_round > 1)
     arrays = start.arrays
@@ -712,9 +893,15 @@ def run_federation(
     for server_round in range(start.first_round, config.num_server_rounds + 1):
         log(INFO, "")
         log(INFO, "fedct: [ROUND %d/%d] %s", server_round, config.num_server_rounds, type(strategy).__name__)
-        settings = ConfigRecord(config.round_settings(server_round, evaluate_first=pending is not None, profile=profile).to_record())
-        report = loop.run_round(server_round, arrays, settings,
-                                ConfigRecord(config.round_settings(server_round, profile=profile).to_record()))  # fmt: skip
+        settings = ConfigRecord(
+            config.round_settings(server_round, evaluate_first=pending is not None, profile=profile).to_record()
+        )
+        report = loop.run_round(
+            server_round,
+            arrays,
+            settings,
+            ConfigRecord(config.round_settings(server_round, profile=profile).to_record()),
+        )
         if pending is not None:
             pending.report.evaluate_sites = report.previous_evaluate_sites
             pending.report.evaluation_missing = report.previous_evaluation_missing

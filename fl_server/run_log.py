@@ -40,9 +40,9 @@ from typing import Any
 from fedct.files import atomic_write_bytes, json_safe
 from fedct.protocol import (
     AUC_MACRO,
+    C_INDEX,
     CALIBRATION_PREFIX,
     CALIBRATION_STAGES,
-    C_INDEX,
     NUM_EXAMPLES,
     RELIABILITY_FIELDS,
     TD_AUC,
@@ -178,7 +178,9 @@ def _pooled_aucs(histograms: Mapping[str, list[float]]) -> dict[str, float]:
     return result
 
 
-def histogram_quantiles(counts: Sequence[float], value_range: tuple[float, float], quantiles: Sequence[float]) -> list[float]:
+def histogram_quantiles(
+    counts: Sequence[float], value_range: tuple[float, float], quantiles: Sequence[float]
+) -> list[float]:
     """Quantiles of a distribution known only by equal-width bin counts (linear within a bin)."""
     total = math.fsum(counts)
     if total <= 0:
@@ -216,8 +218,10 @@ def aggregate(per_site: SiteMetrics) -> dict[str, Any]:
             continue
         lists = [v for v in values if isinstance(v, list | tuple)]
         if lists:
-            raise ValueError(f"metric {key!r} is a list at some site ({lists[0]!r}); only *-hist-* and *-calib-* metrics "
-                             "may be lists")  # fmt: skip
+            raise ValueError(
+                f"metric {key!r} is a list at some site ({lists[0]!r}); only *-hist-* and *-calib-* metrics "
+                "may be lists"
+            )
         if is_count_key(key):  # a site sends NaN for a count of 1..k-1 (privacy floor): summed over the others
             counts = [float(m[key]) for m in per_site.values() if key in m and math.isfinite(float(m[key]))]
             result[key] = math.fsum(counts) if counts else math.nan
@@ -234,9 +238,11 @@ def temperature_fit(evaluation: Mapping[str, Any], per_site: SiteMetrics | None 
     sums = evaluation.get(VAL_CALIBRATION_NLL)
     if not sums:
         return None
-    fit: dict[str, Any] = {"method": "temperature scaling", "temperature": fit_temperature(sums),
-                           "fitted_on": "validation split of every site (summed NLL on the temperature grid; no study "
-                                        "left its site)"}  # fmt: skip
+    fit: dict[str, Any] = {
+        "method": "temperature scaling",
+        "temperature": fit_temperature(sums),
+        "fitted_on": "validation split of every site (summed NLL on the temperature grid; no study left its site)",
+    }
     if per_site is not None:
         used = sorted(site for site, m in per_site.items() if m.get(VAL_CALIBRATION_NLL))
         fit["sites"] = used
@@ -296,8 +302,14 @@ def _section(per_site: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 class RunLog:
     """Collects site metrics round by round and writes ``metrics.json`` after every round."""
 
-    def __init__(self, run_dir: Path, *, run_config: Mapping[str, Any], emit: Callable[[str], None] = print,
-                 selection_metric: str = VAL_PREFIX + AUC_MACRO) -> None:  # fmt: skip
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        run_config: Mapping[str, Any],
+        emit: Callable[[str], None] = print,
+        selection_metric: str = VAL_PREFIX + AUC_MACRO,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_config = dict(run_config)
@@ -357,8 +369,10 @@ class RunLog:
             metric, value = "-val-loss", -eval_agg.get("val-loss", math.nan)
         if not math.isfinite(value):
             return False
-        if self.best is None or (metric == self.best.metric and value > self.best.value) or (
-            metric != self.best.metric and metric == self.selection_metric
+        if (
+            self.best is None
+            or (metric == self.best.metric and value > self.best.value)
+            or (metric != self.best.metric and metric == self.selection_metric)
         ):
             self.best = BestRound(server_round, metric, value)
             return True
@@ -366,7 +380,11 @@ class RunLog:
 
     def state(self) -> dict[str, Any]:
         """What :meth:`restore` needs to continue this log after a restart (JSON-ready)."""
-        best = None if self.best is None else {"round": self.best.round, "metric": self.best.metric, "value": self.best.value}
+        best = (
+            None
+            if self.best is None
+            else {"round": self.best.round, "metric": self.best.metric, "value": self.best.value}
+        )
         return {"rounds": json_safe(self.rounds), "best": best, "started_utc": self._started}
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -405,7 +423,8 @@ class RunLog:
             return f"{x:>{width}.3f}" if x is not None and math.isfinite(x) else f"{'-':>{width}}"
 
         sites = " ".join(
-            f"{name}={f(m.get('val-auc-macro', math.nan), 5).strip()}" for name, m in sorted(entry["evaluate"]["sites"].items())
+            f"{name}={f(m.get('val-auc-macro', math.nan), 5).strip()}"
+            for name, m in sorted(entry["evaluate"]["sites"].items())
         )
         mark = " *" if improved else ""
         return (
@@ -425,7 +444,10 @@ class RunLog:
                 "value": self.best.value,
                 "validation": {k: v for k, v in chosen["evaluate"]["aggregate"].items() if k.startswith(VAL_PREFIX)},
                 "test": {k: v for k, v in chosen["evaluate"]["aggregate"].items() if k.startswith(TEST_PREFIX)},
-                "test_sites": {s: {k: v for k, v in m.items() if k.startswith(TEST_PREFIX)} for s, m in chosen["evaluate"]["sites"].items()},
+                "test_sites": {
+                    s: {k: v for k, v in m.items() if k.startswith(TEST_PREFIX)}
+                    for s, m in chosen["evaluate"]["sites"].items()
+                },
             }
         return {
             "started_utc": self._started,

@@ -133,15 +133,18 @@ class _SecAggFedAvg(LegacyFedAvg):
             return None, {}
         mean_update = parameters_to_ndarrays(results[0][1].parameters)  # every result carries the same aggregate
         if len(mean_update) != len(self.float_names):
-            raise ValueError(f"SecAgg+ round {server_round}: aggregate has {len(mean_update)} tensors, "
-                             f"the model {len(self.float_names)} floating-point ones")  # fmt: skip
+            raise ValueError(
+                f"SecAgg+ round {server_round}: aggregate has {len(mean_update)} tensors, "
+                f"the model {len(self.float_names)} floating-point ones"
+            )
         for name, delta in zip(self.float_names, mean_update, strict=True):
             self.state[name] = (self.state[name] + delta.reshape(self.state[name].shape)).astype(self.state[name].dtype)
         for proxy, fitres in results:
             if SITE_NAME_METRIC in fitres.metrics:
                 self.site_names[proxy.node_id] = str(fitres.metrics[SITE_NAME_METRIC])
-            self.site_metrics[proxy.node_id] = {k: float(v) for k, v in fitres.metrics.items()
-                                                if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
+            self.site_metrics[proxy.node_id] = {
+                k: float(v) for k, v in fitres.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
+            }
         self.aggregated = True
         return ndarrays_to_parameters(list(self.state.values())), {}
 
@@ -165,16 +168,26 @@ class SecAggRoundLoop(RoundLoop):
             timeout=config.round_timeout_s,
         )
 
-    def _secure_train(self, server_round: int, nodes: list[int], global_arrays: Mapping[str, np.ndarray],
-                      train_config: ConfigRecord, report: RoundReport) -> _SecAggFedAvg:  # fmt: skip
+    def _secure_train(
+        self,
+        server_round: int,
+        nodes: list[int],
+        global_arrays: Mapping[str, np.ndarray],
+        train_config: ConfigRecord,
+        report: RoundReport,
+    ) -> _SecAggFedAvg:
         """One run of the SecAgg+ workflow over ``nodes`` (bytes counted into ``report``)."""
         legacy = _SecAggFedAvg(arrays=global_arrays, train_config=train_config, template=self.strategy)
         manager = SimpleClientManager()
         run_id = self.grid.run.run_id
         for node_id in nodes:
             manager.register(GridClientProxy(node_id=node_id, grid=self.grid, run_id=run_id))
-        context = LegacyContext(Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-                                config=LegacyServerConfig(num_rounds=1), strategy=legacy, client_manager=manager)  # fmt: skip
+        context = LegacyContext(
+            Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+            config=LegacyServerConfig(num_rounds=1),
+            strategy=legacy,
+            client_manager=manager,
+        )
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {WorkflowKey.CURRENT_ROUND: server_round, WorkflowKey.START_TIME: time.time()}
         )
@@ -185,16 +198,24 @@ class SecAggRoundLoop(RoundLoop):
         self.workflow(cast(Grid, grid), context)
         return legacy
 
-    def train(self, server_round: int, nodes: list[int], global_arrays: NDArrays, train_config: ConfigRecord,
-              report: RoundReport) -> TrainStep | None:  # fmt: skip
+    def train(
+        self,
+        server_round: int,
+        nodes: list[int],
+        global_arrays: NDArrays,
+        train_config: ConfigRecord,
+        report: RoundReport,
+    ) -> TrainStep | None:
         """The training step with SecAgg+: the workflow's unmasked weighted mean added to the global weights; the
         sites' training metrics as they sent them (the server never sees a single update, so none is checked)."""
         minimum = self.config.min_sites
         legacy = self._secure_train(server_round, nodes, global_arrays, train_config, report)
         self.site_names.update(legacy.site_names)
         if not legacy.aggregated or len(legacy.site_metrics) < minimum:
-            report.skip_reason = (f"SecAgg+ aggregated {len(legacy.site_metrics)} site(s), fewer than min-sites={minimum} "
-                                  "(too few sites completed every stage); global model kept")  # fmt: skip
+            report.skip_reason = (
+                f"SecAgg+ aggregated {len(legacy.site_metrics)} site(s), fewer than min-sites={minimum} "
+                "(too few sites completed every stage); global model kept"
+            )
             return None
         new_arrays = {k: legacy.state[k].astype(ref.dtype).reshape(ref.shape) for k, ref in self.reference.items()}
         sites = {self._site(node_id): metrics for node_id, metrics in legacy.site_metrics.items()}

@@ -40,12 +40,26 @@ def build_server_app(run_config_overrides: Mapping[str, Any] | None = None) -> S
         config = ServerConfig.from_run_config({**dict(context.run_config), **overrides})
         registry = SiteRegistry.from_environ()  # FEDCT_SITE_REGISTRY (fedct server start): who each node is
         campaign = prepare_campaign(config)  # init-from weights (refused here, before round 1) and the champion
-        strategy = wrap_strategy(build_strategy(config), config.privacy, expected_sites=config.min_sites)  # DP wrapper if dp-mode
-        run_log = run_federation(grid, config, strategy, round_extras=privacy_round_extras(strategy), registry=registry,
-                                 loop_class=round_loop_class(config), initial=campaign.initial,
-                                 champion=campaign.champion_pair)  # fmt: skip
-        finish_campaign(config, campaign, config.run_path, champion_evaluation=run_log.champion_evaluation,
-                        aggregated_rounds=sum(1 for r in run_log.rounds if not r.get("skipped")))  # fmt: skip
+        strategy = wrap_strategy(
+            build_strategy(config), config.privacy, expected_sites=config.min_sites
+        )  # DP wrapper if dp-mode
+        run_log = run_federation(
+            grid,
+            config,
+            strategy,
+            round_extras=privacy_round_extras(strategy),
+            registry=registry,
+            loop_class=round_loop_class(config),
+            initial=campaign.initial,
+            champion=campaign.champion_pair,
+        )
+        finish_campaign(
+            config,
+            campaign,
+            config.run_path,
+            champion_evaluation=run_log.champion_evaluation,
+            aggregated_rounds=sum(1 for r in run_log.rounds if not r.get("skipped")),
+        )
 
     return app
 

@@ -34,7 +34,9 @@ from fl_server.config import ServerConfig
 #: is replaced by the plain weighted mean, see fl_server.rounds).
 SERVER_OPTIMISERS = ("fedadam", "fedyogi")
 #: Strategy attributes set from the current run config, never from a saved state.
-SAMPLING_ATTRIBUTES = frozenset({"fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes"})
+SAMPLING_ATTRIBUTES = frozenset(
+    {"fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes"}
+)
 
 
 def _no_metrics(_records: list[RecordDict], _weight_key: str) -> MetricRecord:
@@ -76,13 +78,17 @@ def build_strategy(config: ServerConfig) -> Strategy:
     if name == "krum":
         return Krum(**common, num_malicious_nodes=config.num_malicious_nodes)
     if name == "multikrum":
-        return MultiKrum(**common, num_malicious_nodes=config.num_malicious_nodes, num_nodes_to_select=config.num_nodes_to_select)
+        return MultiKrum(
+            **common, num_malicious_nodes=config.num_malicious_nodes, num_nodes_to_select=config.num_nodes_to_select
+        )
     raise ValueError(f"strategy {name!r} is not supported")
 
 
 def _is_array_dict(value: Any) -> bool:
     # numpy scalars too: arithmetic on 0-d arrays (e.g. FedAdam's moments of num_batches_tracked) returns them
-    return isinstance(value, dict) and bool(value) and all(isinstance(v, np.ndarray | np.generic) for v in value.values())
+    return (
+        isinstance(value, dict) and bool(value) and all(isinstance(v, np.ndarray | np.generic) for v in value.values())
+    )
 
 
 def strategy_state(strategy: Any) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
@@ -107,7 +113,9 @@ def strategy_state(strategy: Any) -> tuple[dict[str, Any], dict[str, dict[str, n
     return scalars, arrays
 
 
-def load_strategy_state(strategy: Any, scalars: Mapping[str, Any], arrays: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+def load_strategy_state(
+    strategy: Any, scalars: Mapping[str, Any], arrays: Mapping[str, Mapping[str, np.ndarray]]
+) -> None:
     """Put a state captured by :func:`strategy_state` back on a freshly built strategy of the same kind."""
 
     def target(path: str) -> tuple[Any, str]:

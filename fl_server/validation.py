@@ -255,7 +255,9 @@ def site_identity(content: RecordDict, node_id: int, registry: SiteRegistry | No
     if not is_site_name(claimed):
         raise ReplyRejected("bad_site_name", "the reply's site record is missing or does not hold a site name")
     if registry is not None and claimed != registry.names[node_id]:
-        raise ReplyRejected("site_name_mismatch", f"the reply claims another site name than node {node_id}'s registered one")
+        raise ReplyRejected(
+            "site_name_mismatch", f"the reply claims another site name than node {node_id}'s registered one"
+        )
     return claimed if registry is None else registry.names[node_id]
 
 
@@ -269,7 +271,9 @@ def _number(value: Any) -> float | None:
         return math.inf
 
 
-def plain_metrics(values: Mapping[str, Any], *, count_bound: int, train: bool, what: str = "metrics") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def plain_metrics(
+    values: Mapping[str, Any], *, count_bound: int, train: bool, what: str = "metrics"
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A reply's metrics as plain floats (lists of floats for ``*-hist-*``), and the counts clipped to ``count_bound``.
 
     ``num-examples`` must be an integer, > 0 in a training reply (its aggregation weight), >= 0 in an evaluation.
@@ -286,7 +290,9 @@ def plain_metrics(values: Mapping[str, Any], *, count_bound: int, train: bool, w
             raise ReplyRejected("bad_metric", f"{what}: metric #{position + 1} does not have a metric name")
         if is_histogram_key(key):
             if not isinstance(value, list) or len(value) > MAX_HISTOGRAM_BINS:
-                raise ReplyRejected("bad_metric", f"{what}: {key} must be a list of at most {MAX_HISTOGRAM_BINS} counts")
+                raise ReplyRejected(
+                    "bad_metric", f"{what}: {key} must be a list of at most {MAX_HISTOGRAM_BINS} counts"
+                )
             counts = [_number(c) for c in value]
             if any(c is None for c in counts):
                 raise ReplyRejected("bad_metric", f"{what}: {key} holds something other than numbers")
@@ -313,14 +319,18 @@ def plain_metrics(values: Mapping[str, Any], *, count_bound: int, train: bool, w
             raise ReplyRejected("bad_metric", f"{what}: {key} must be a single number")
         if key == NUM_EXAMPLES:
             if not math.isfinite(number) or number != math.floor(number) or number < (1 if train else 0):
-                raise ReplyRejected("bad_num_examples", f"{what}: num-examples must be an integer >= {1 if train else 0}")
+                raise ReplyRejected(
+                    "bad_num_examples", f"{what}: num-examples must be an integer >= {1 if train else 0}"
+                )
         if math.isinf(number):
             raise ReplyRejected("non_finite", f"{what}: {key} is infinite")
         if is_count_key(key):
             if not math.isnan(number) and (number < 0 or number != math.floor(number)):
                 raise ReplyRejected("bad_metric", f"{what}: count {key} must be an integer >= 0")
             if number > count_bound:
-                clipped.append({"metric": key, "claimed": number, "used": float(count_bound), "bound": "max-site-examples"})
+                clipped.append(
+                    {"metric": key, "claimed": number, "used": float(count_bound), "bound": "max-site-examples"}
+                )
                 number = float(count_bound)
         elif abs(number) > MAX_METRIC_MAGNITUDE:
             raise ReplyRejected("bad_metric", f"{what}: {key} is beyond {MAX_METRIC_MAGNITUDE:g} in magnitude")
@@ -389,12 +399,18 @@ def screen_reply(
     evaluation = None
     if train and EVALUATION_RECORD in names:
         record = _expect_type(content, EVALUATION_RECORD, ConfigRecord)
-        evaluation, more = plain_metrics(dict(record.items()), count_bound=count_bound, train=False, what="fused evaluation")
+        evaluation, more = plain_metrics(
+            dict(record.items()), count_bound=count_bound, train=False, what="fused evaluation"
+        )
         clipped = clipped + [{**c, "metric": f"evaluate/{c['metric']}"} for c in more]
-    return ScreenedReply(node_id=node_id, site=site, arrays=arrays, metrics=metrics, evaluation=evaluation, clipped=tuple(clipped))
+    return ScreenedReply(
+        node_id=node_id, site=site, arrays=arrays, metrics=metrics, evaluation=evaluation, clipped=tuple(clipped)
+    )
 
 
-def histogram_length_problems(per_reply: Mapping[Any, Sequence[Mapping[str, Any]]], pinned: dict[str, int]) -> dict[Any, Problem]:
+def histogram_length_problems(
+    per_reply: Mapping[Any, Sequence[Mapping[str, Any]]], pinned: dict[str, int]
+) -> dict[Any, Problem]:
     """Replies whose ``*-hist-*`` metrics have another number of bins than the other sites' (run_log sums them bin by bin).
 
     ``per_reply`` maps a reply to its metric mappings (e.g. train metrics and fused evaluation). A key's length is
@@ -421,11 +437,24 @@ def histogram_length_problems(per_reply: Mapping[Any, Sequence[Mapping[str, Any]
     problems: dict[Any, Problem] = {}
     for reply, metric_maps in per_reply.items():
         for metrics in metric_maps:
-            bad = next((k for k, v in metrics.items() if is_list_key(k) and isinstance(v, list) and v
-                        and len(v) != expected.get(k)), None)  # fmt: skip
+            bad = next(
+                (
+                    k
+                    for k, v in metrics.items()
+                    if is_list_key(k) and isinstance(v, list) and v and len(v) != expected.get(k)
+                ),
+                None,
+            )
             if bad is not None:
                 want = expected.get(bad)
-                problems[reply] = Problem("bad_histogram", f"{bad} has {len(metrics[bad])} bins; " + (
-                    f"the other sites send {want}" if want is not None else "the sites disagree on the number of bins"))
+                problems[reply] = Problem(
+                    "bad_histogram",
+                    f"{bad} has {len(metrics[bad])} bins; "
+                    + (
+                        f"the other sites send {want}"
+                        if want is not None
+                        else "the sites disagree on the number of bins"
+                    ),
+                )
                 break
     return problems

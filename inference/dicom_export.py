@@ -79,7 +79,11 @@ _CLASS_CODES: Mapping[str, tuple[str, str, str]] = {
     "normal": ("17621005", "SCT", "Normal"),
 }
 # Short code values of the probability concepts of the known classes (SH: at most 16 characters).
-_PROBABILITY_CODE_VALUES: Mapping[str, str] = {"covid": "P-COVID", "other_pneumonia": "P-OTHERPNEUMONIA", "normal": "P-NORMAL"}
+_PROBABILITY_CODE_VALUES: Mapping[str, str] = {
+    "covid": "P-COVID",
+    "other_pneumonia": "P-OTHERPNEUMONIA",
+    "normal": "P-NORMAL",
+}
 # Risk group name -> SNOMED CT qualifier (CID 3118 "Risk Levels" style); other names get a private code.
 _RISK_GROUP_CODES: Mapping[str, tuple[str, str, str]] = {
     "low": ("75976002", "SCT", "Low risk"),
@@ -91,23 +95,57 @@ _RISK_GROUP_CODES: Mapping[str, tuple[str, str, str]] = {
 _SC_NAME = re.compile(r"^sc_\d+\.dcm$")
 # Patient / study attributes the SR and SC constructors read from the source; missing ones are written empty.
 _COPIED_ATTRIBUTES = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-    "AccessionNumber", "ReferringPhysicianName", "StudyID",
-)  # fmt: skip
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyID",
+)
 #: Research copy: groups left out whole (Patient, Clinical Trial, Visit), except the attributes kept below.
 _RESEARCH_DROPPED_GROUPS = (0x0010, 0x0012, 0x0038)
 _RESEARCH_KEPT = ("PatientSex",)
 #: Research copy: study attributes that identify the patient, the visit or the people involved.
 _RESEARCH_DROPPED = (
-    "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyDate", "StudyTime", "StudyID", "StudyDescription",
-    "ReferringPhysicianName", "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
-    "ConsultingPhysicianIdentificationSequence", "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence",
-    "NameOfPhysiciansReadingStudy", "PhysiciansReadingStudyIdentificationSequence", "AdmittingDiagnosesDescription",
-    "AdmittingDiagnosesCodeSequence", "ReferencedPatientSequence", "ReferencedStudySequence", "RequestingService",
-    "RequestingPhysician", "RequestAttributesSequence", "StudyComments", "InstitutionName", "InstitutionAddress",
-    "OperatorsName", "PerformingPhysicianName", "SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime",
-    "ContentDate", "ContentTime", "AcquisitionDateTime", "InstanceCreationDate", "InstanceCreationTime",
-)  # fmt: skip
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName",
+    "ConsultingPhysicianIdentificationSequence",
+    "PhysiciansOfRecord",
+    "PhysiciansOfRecordIdentificationSequence",
+    "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence",
+    "AdmittingDiagnosesDescription",
+    "AdmittingDiagnosesCodeSequence",
+    "ReferencedPatientSequence",
+    "ReferencedStudySequence",
+    "RequestingService",
+    "RequestingPhysician",
+    "RequestAttributesSequence",
+    "StudyComments",
+    "InstitutionName",
+    "InstitutionAddress",
+    "OperatorsName",
+    "PerformingPhysicianName",
+    "SeriesDate",
+    "SeriesTime",
+    "AcquisitionDate",
+    "AcquisitionTime",
+    "ContentDate",
+    "ContentTime",
+    "AcquisitionDateTime",
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+)
 
 
 def _code_value(text: str) -> str:
@@ -157,8 +195,9 @@ def _uid(*parts: str) -> str:
     return str(generate_uid(entropy_srcs=["fedct-dicom-export", *parts]))
 
 
-def export_uids(study_instance_uid: str, series_instance_uid: str, model: Mapping[str, Any], *,
-                research: bool = False) -> ExportUIDs:
+def export_uids(
+    study_instance_uid: str, series_instance_uid: str, model: Mapping[str, Any], *, research: bool = False
+) -> ExportUIDs:
     """Deterministic UIDs from the source study/series and the model identity (name, version, weights); a research
     copy gets its own (its objects differ from those that go back to the PACS)."""
     identity = [str(model.get(k, "")) for k in ("name", "fedct_version", "created_utc", "round_of_weights")]
@@ -259,7 +298,9 @@ def _check_inputs(result: Any) -> _Inputs:
         except TypeError:
             raise ValueError(f"key slice indices must be integers, got {k!r}") from None
     if len(overlays) != len(key_slices):
-        raise ValueError(f"{len(overlays)} overlay(s) but {len(key_slices)} key slice(s): need one key slice per overlay")
+        raise ValueError(
+            f"{len(overlays)} overlay(s) but {len(key_slices)} key slice(s): need one key slice per overlay"
+        )
     for k in key_slices:
         if not 0 <= k < len(paths):
             raise ValueError(f"key slice {k} is outside the source series ({len(paths)} slices)")
@@ -268,8 +309,19 @@ def _check_inputs(result: Any) -> _Inputs:
         raise FileNotFoundError(f"overlay image(s) missing: {', '.join(missing)}")
     explanation = _field(result, "explanation", None) or {}
     method = str(explanation.get("method") or "Grad-CAM++") if isinstance(explanation, Mapping) else "Grad-CAM++"
-    return _Inputs(study_uid, series_uid, paths, probabilities, str(diagnosis), risk_score, risk_group.strip(), model,
-                   overlays, key_slices, method)  # fmt: skip
+    return _Inputs(
+        study_uid,
+        series_uid,
+        paths,
+        probabilities,
+        str(diagnosis),
+        risk_score,
+        risk_group.strip(),
+        model,
+        overlays,
+        key_slices,
+        method,
+    )
 
 
 def _strip_identification(ds: Dataset) -> None:
@@ -314,10 +366,16 @@ def _read_source_headers(inputs: _Inputs, *, identifiers: bool = True) -> list[D
 
 
 def _algorithm(model: Mapping[str, Any]) -> hd.sr.AlgorithmIdentification:
-    parameters = [f"{key}={model[key]}" for key in ("registry_version", "round_of_weights", "created_utc", "content_sha256")
-                  if model.get(key) not in (None, "")]  # fmt: skip
+    parameters = [
+        f"{key}={model[key]}"
+        for key in ("registry_version", "round_of_weights", "created_utc", "content_sha256")
+        if model.get(key) not in (None, "")
+    ]
     return hd.sr.AlgorithmIdentification(
-        name=str(model["name"]), version=str(model["fedct_version"]), parameters=parameters or None, manufacturer=MANUFACTURER
+        name=str(model["name"]),
+        version=str(model["fedct_version"]),
+        parameters=parameters or None,
+        manufacturer=MANUFACTURER,
     )
 
 
@@ -326,10 +384,12 @@ def _build_sr(inputs: _Inputs, headers: list[Dataset], uids: ExportUIDs) -> hd.s
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=uids.device_observer, name=str(model["name"]), manufacturer_name=MANUFACTURER,
+            uid=uids.device_observer,
+            name=str(model["name"]),
+            manufacturer_name=MANUFACTURER,
             model_name=f"{model['name']} (fedct {model['fedct_version']})"[:64],
         ),
-    )  # fmt: skip
+    )
     measurements = [
         hd.sr.Measurement(name=probability_concept(name), value=100.0 * p, unit=PERCENT_UNIT)
         for name, p in inputs.probabilities.items()
@@ -349,8 +409,11 @@ def _build_sr(inputs: _Inputs, headers: list[Dataset], uids: ExportUIDs) -> hd.s
     )
     # TID 1501 allows TEXT qualitative evaluations next to the CODE ones: the disclaimer travels with the findings.
     # The finding in words (the same sentence as the report and the review page) and the disclaimer.
-    texts = [(FINDING_TEXT_CONCEPT, finding_sentence(inputs.probabilities, inputs.diagnosis)),
-             (CONFIDENCE_CONCEPT, confidence_note(inputs.probabilities)), (DISCLAIMER_CONCEPT, DISCLAIMER)]
+    texts = [
+        (FINDING_TEXT_CONCEPT, finding_sentence(inputs.probabilities, inputs.diagnosis)),
+        (CONFIDENCE_CONCEPT, confidence_note(inputs.probabilities)),
+        (DISCLAIMER_CONCEPT, DISCLAIMER),
+    ]
     for concept, text in ((c, t) for c, t in texts if t):
         group[0].ContentSequence.append(
             hd.sr.TextContentItem(name=concept, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)

@@ -79,11 +79,15 @@ class LogitsOnly(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None, profile: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, covariates: torch.Tensor | None = None, profile: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.model(x, covariates, profile).logits
 
 
-def _map_sizes(model: MultiTaskNet, names: Sequence[str], input_size: Sequence[int], device: torch.device) -> dict[str, tuple[int, ...]]:
+def _map_sizes(
+    model: MultiTaskNet, names: Sequence[str], input_size: Sequence[int], device: torch.device
+) -> dict[str, tuple[int, ...]]:
     """Spatial size of each named layer's output for one input of ``input_size`` (a dry run, no gradients)."""
     sizes: dict[str, tuple[int, ...]] = {}
     modules = dict(model.named_modules())
@@ -145,15 +149,23 @@ class GradCamExplainer:
         self.map_size: tuple[int, ...] = sizes.get(self.target_layer, ())
         self.variant = variant
         # Identity post-processing: MONAI's default normaliser maps the maximum to 0; we normalise per study later.
-        self._cam = VARIANTS[variant](nn_module=LogitsOnly(self.model), target_layers=f"model.{self.target_layer}",
-                                      postprocessing=_identity)  # fmt: skip
+        self._cam = VARIANTS[variant](
+            nn_module=LogitsOnly(self.model), target_layers=f"model.{self.target_layer}", postprocessing=_identity
+        )
         # Plain Grad-CAM on the same hooks, for when Grad-CAM++ overflows (it weighs gradients by exp(logit)).
-        self._fallback = GradCAM(nn_module=self._cam.nn_module, target_layers=f"model.{self.target_layer}",
-                                 postprocessing=_identity)  # fmt: skip
+        self._fallback = GradCAM(
+            nn_module=self._cam.nn_module, target_layers=f"model.{self.target_layer}", postprocessing=_identity
+        )
         self.last_variant = variant
 
-    def __call__(self, image: torch.Tensor, *, class_index: int, covariates: torch.Tensor | None = None,
-                 profile: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def __call__(
+        self,
+        image: torch.Tensor,
+        *,
+        class_index: int,
+        covariates: torch.Tensor | None = None,
+        profile: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Non-negative heat map (X, Y, Z) on the model-input grid, on the CPU (unnormalised); ``covariates`` and
         ``profile`` as the model fuses them (the study's own, so the map explains the reported prediction)."""
         image = image.to(self.device)
@@ -278,7 +290,9 @@ def _local_maxima(heat: np.ndarray, *, chunk_slices: int = 64) -> np.ndarray:
     return out
 
 
-def heat_peaks(heat: np.ndarray, *, count: int = 3, min_gap: int = 2, min_relative: float = HEAT_THRESHOLD) -> tuple[HeatPeak, ...]:
+def heat_peaks(
+    heat: np.ndarray, *, count: int = 3, min_gap: int = 2, min_relative: float = HEAT_THRESHOLD
+) -> tuple[HeatPeak, ...]:
     """Up to ``count`` separated maxima of ``heat`` (X, Y, slices), strongest first.
 
     A peak is a voxel at the maximum of its 3x3x3 neighbourhood, at least ``min_relative`` of the map's maximum
@@ -294,8 +308,10 @@ def heat_peaks(heat: np.ndarray, *, count: int = 3, min_gap: int = 2, min_relati
     finite = np.isfinite(heat)
     if not finite.all():
         bad = int(heat.size - finite.sum())
-        raise ValueError(f"heat map has {bad} non-finite value(s) (NaN or infinity) of {heat.size}: the explainer "
-                         "failed for this study; no key slices can be chosen from it")  # fmt: skip
+        raise ValueError(
+            f"heat map has {bad} non-finite value(s) (NaN or infinity) of {heat.size}: the explainer "
+            "failed for this study; no key slices can be chosen from it"
+        )
     top = float(heat.max())
     if not top > 0:
         return ()
@@ -314,7 +330,9 @@ def heat_peaks(heat: np.ndarray, *, count: int = 3, min_gap: int = 2, min_relati
     return tuple(chosen)
 
 
-def select_key_slices(heat: np.ndarray, *, count: int = 3, min_gap: int = 2, min_relative: float = HEAT_THRESHOLD) -> tuple[int, ...]:
+def select_key_slices(
+    heat: np.ndarray, *, count: int = 3, min_gap: int = 2, min_relative: float = HEAT_THRESHOLD
+) -> tuple[int, ...]:
     """Slices (last axis) through up to ``count`` separated maxima of the map (:func:`heat_peaks`), strongest
     first: where the model looked, not fixed positions. The middle slice when the map has no positive value
     (the overlay then says there is no heat-map signal). Raises ValueError for NaN/infinite values."""
@@ -328,7 +346,9 @@ def _letter(direction: np.ndarray) -> str:
     return ("RL", "AP", "SI")[axis][0 if direction[axis] > 0 else 1]
 
 
-def display_slice(volume: np.ndarray, affine: np.ndarray, k: int) -> tuple[np.ndarray, dict[str, str], tuple[float, float], str]:
+def display_slice(
+    volume: np.ndarray, affine: np.ndarray, k: int
+) -> tuple[np.ndarray, dict[str, str], tuple[float, float], str]:
     """Slice ``k`` of a (Columns, Rows, slices) volume as an image (rows, columns) for display.
 
     Axial slices are turned to radiological convention (patient's right on the image's left, anterior up). Returns
@@ -382,9 +402,9 @@ def render_overlay(
     from inference.wording import heat_map_colour_label
 
     heat_label = heat_map_colour_label() if heat_label is None else heat_label
+    from matplotlib import patheffects
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib import patheffects
 
     ct, labels, (row_mm, col_mm), transform = display_slice(hu, affine, k)
     h = _apply_display(heat[:, :, k], transform)
@@ -395,8 +415,15 @@ def render_overlay(
     ax = fig.add_axes((0.02, 0.02, 0.78, 0.88))
     ax.set_facecolor("black")
     ax.imshow(ct, cmap="gray", vmin=level - width / 2, vmax=level + width / 2, extent=extent, interpolation="bilinear")
-    shown = ax.imshow(np.ma.masked_less(h, threshold), cmap="jet", vmin=0.0, vmax=1.0, alpha=0.45, extent=extent,
-                      interpolation="bilinear")  # fmt: skip
+    shown = ax.imshow(
+        np.ma.masked_less(h, threshold),
+        cmap="jet",
+        vmin=0.0,
+        vmax=1.0,
+        alpha=0.45,
+        extent=extent,
+        interpolation="bilinear",
+    )
     ax.set_axis_off()
     ax.set_title(title, color="white", fontsize=9)
     outline = [patheffects.withStroke(linewidth=2.5, foreground="black")]
@@ -406,10 +433,29 @@ def render_overlay(
         "top": (0.5, 0.985, "center", "top"),
         "bottom": (0.5, 0.015, "center", "bottom"),
     }.items():
-        ax.text(x, y, labels[where], transform=ax.transAxes, ha=ha, va=va, color="yellow", fontsize=13,
-                fontweight="bold", path_effects=outline)  # fmt: skip
-    ax.text(0.015, 0.015, f"W {width:g} / L {level:g}", transform=ax.transAxes, ha="left", va="bottom", color="white",
-            fontsize=7, path_effects=outline)  # fmt: skip
+        ax.text(
+            x,
+            y,
+            labels[where],
+            transform=ax.transAxes,
+            ha=ha,
+            va=va,
+            color="yellow",
+            fontsize=13,
+            fontweight="bold",
+            path_effects=outline,
+        )
+    ax.text(
+        0.015,
+        0.015,
+        f"W {width:g} / L {level:g}",
+        transform=ax.transAxes,
+        ha="left",
+        va="bottom",
+        color="white",
+        fontsize=7,
+        path_effects=outline,
+    )
     cax = fig.add_axes((0.83, 0.1, 0.035, 0.72))
     bar = fig.colorbar(shown, cax=cax)
     bar.solids.set_alpha(1.0)
@@ -462,8 +508,9 @@ def explain_study(
     from inference.wording import class_phrase, heat_map_legend
 
     cam = explainer(prepared.image, class_index=class_index, covariates=covariates, profile=profile)
-    heat, used = cam_to_original_grid(cam, prepared.grid, prepared.transforms, shape=prepared.hu.shape,
-                                      affine=prepared.affine, method=method)  # fmt: skip
+    heat, used = cam_to_original_grid(
+        cam, prepared.grid, prepared.transforms, shape=prepared.hu.shape, affine=prepared.affine, method=method
+    )
     peak = float(heat.max()) if heat.size else 0.0
     heat = np.clip(heat / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(heat)
     min_gap = max(2, math.ceil(min_gap_mm / series.slice_step_mm))
@@ -478,12 +525,15 @@ def explain_study(
     overlays = []
     for rank, (k, z) in enumerate(zip(slices, positions), start=1):
         where = f"z = {z:.1f} mm" if axial else f"{z:.1f} mm along the slice normal"
-        title = (f"Key slice {rank}: {k + 1}/{heat.shape[2]}, {where}\n"
-                 f"{explainer.last_variant} heat map for {class_phrase(class_label)}")
+        title = (
+            f"Key slice {rank}: {k + 1}/{heat.shape[2]}, {where}\n"
+            f"{explainer.last_variant} heat map for {class_phrase(class_label)}"
+        )
         if peak <= 0:
             title = f"Slice {k + 1}/{heat.shape[2]}, {where}\n(no heat-map signal for this prediction)"
-        overlays.append(render_overlay(prepared.hu, heat, prepared.affine, k, out_dir / f"overlay-slice{k:04d}.png",
-                                       title=title))  # fmt: skip
+        overlays.append(
+            render_overlay(prepared.hu, heat, prepared.affine, k, out_dir / f"overlay-slice{k:04d}.png", title=title)
+        )
     peak_voxel = tuple(int(i) for i in np.unravel_index(int(np.argmax(heat)), heat.shape)) if peak > 0 else None
     info = {
         "method": explainer.last_variant,

@@ -55,7 +55,9 @@ def external_figures(probs: np.ndarray, labels: np.ndarray) -> ExternalScore:
     counts = {name: int((labels == i).sum()) for i, name in enumerate(DIAGNOSES[: probs.shape[1]])}
     macro = None
     if len(labels) and all(counts.values()):
-        macro = float(roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))))
+        macro = float(
+            roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1])))
+        )
     covid, normal = DIAGNOSES.index("covid"), DIAGNOSES.index("normal")
     pair = (labels == covid) | (labels == normal)
     vs_normal = None
@@ -86,5 +88,7 @@ def score_external(
     network = build_model(model)
     network.load_state_dict(dict(state))
     dataset = make_dataset(items, pipeline, manifest.site_dir, augment=False)
-    preds = predict(network, DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0), device=torch.device("cpu"))
+    preds = predict(
+        network, DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0), device=torch.device("cpu")
+    )
     return external_figures(preds.probs, preds.labels)

@@ -139,5 +139,7 @@ def identifiers_setting(*, no_local_identifiers: bool = False, env_file: Path | 
         return True
     if value in _NO:
         return False
-    raise ValueError(f"{env_file}: line {entry.line}: {ENV_KEY}={entry.value!r} must be yes or no "
-                     "(no: a research copy, without accession number, patient name and ID)")
+    raise ValueError(
+        f"{env_file}: line {entry.line}: {ENV_KEY}={entry.value!r} must be yes or no "
+        "(no: a research copy, without accession number, patient name and ID)"
+    )

@@ -43,17 +43,23 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import apply_transform
 
+from inference.local_identity import (
+    HIDDEN,
+    LOCAL_IDENTITY_NAME,
+    SHOWN,
+    LocalIdentity,
+    read_local_identity,
+    write_local_identity,
+)
+from inference.profile_view import profile_record, profile_tensor
 from models.bundle import bundle_pipeline, load_bundle
 from models.calibration import bundle_temperature
 from models.factory import MultiTaskNet, as_plain_tensor, covariate_vector
 from models.registry import LOG_NAME, ModelRegistry, read_stamp
-from inference.local_identity import HIDDEN, LOCAL_IDENTITY_NAME, SHOWN, LocalIdentity, read_local_identity
-from inference.local_identity import write_local_identity
-from inference.profile_view import profile_record, profile_tensor
-from preprocessing.profile import ProfileSchema, read_schema
-from preprocessing.profile_features import ProfileNormalisation, SiteProfile
 from preprocessing.deid import KEY_FILE_NAME, Pseudonymizer
 from preprocessing.discover import discover, read_dicom
+from preprocessing.profile import ProfileSchema, read_schema
+from preprocessing.profile_features import ProfileNormalisation, SiteProfile
 from preprocessing.transforms import PipelineConfig, deterministic_transforms
 from preprocessing.validate import SeriesInvalid, ValidatedSeries, series_by_study, validate_series
 from preprocessing.volume import series_to_dict
@@ -198,7 +204,9 @@ def risk_quantiles(meta: Mapping[str, Any], *, source: str = "model.json") -> tu
     try:
         q1, q2 = (float(q) for q in quantiles)  # type: ignore[union-attr]
     except (TypeError, ValueError):
-        raise ValueError(f"{source}: risk_reference.quantiles must be two numbers [q1, q2], got {quantiles!r}") from None
+        raise ValueError(
+            f"{source}: risk_reference.quantiles must be two numbers [q1, q2], got {quantiles!r}"
+        ) from None
     if not (math.isfinite(q1) and math.isfinite(q2) and q1 <= q2):
         raise ValueError(f"{source}: risk_reference.quantiles must be finite and increasing, got {quantiles!r}")
     return q1, q2
@@ -221,7 +229,11 @@ def model_info(meta: Mapping[str, Any], *, stamp: Mapping[str, Any] | None = Non
     calibration temperature its probabilities carry (1.0: uncalibrated); with the bundle's registry record
     (``stamp``, :func:`models.registry.read_stamp`) also its registry version and content hash."""
     provenance = meta.get("provenance") or {}
-    registry = {"registry_version": str(stamp["version"]), "content_sha256": str(stamp.get("content_sha256", ""))} if stamp else {}
+    registry = (
+        {"registry_version": str(stamp["version"]), "content_sha256": str(stamp.get("content_sha256", ""))}
+        if stamp
+        else {}
+    )
     return {
         "name": str(meta.get("model", {}).get("name", "unknown")),
         "fedct_version": str(meta.get("fedct_version", "unknown")),
@@ -256,7 +268,9 @@ def _load_site_key(site_dir: Path) -> bytes:
     """The existing key of a site folder (never created here: pseudonyms must match ingestion's)."""
     path = Path(site_dir) / KEY_FILE_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no site key {path}: run `fedct ingest` for this site first, or leave out the site folder")
+        raise FileNotFoundError(
+            f"no site key {path}: run `fedct ingest` for this site first, or leave out the site folder"
+        )
     key = path.read_bytes()
     if len(key) < 32:
         raise ValueError(f"site key {path} is shorter than 32 bytes")
@@ -383,8 +397,11 @@ def predict_study(
     model.eval()
     with torch.no_grad():
         # Plain tensor into the network (as in training, fl_client.train.forward); prepared.grid keeps the metadata.
-        output = model(as_plain_tensor(prepared.image).to(device), None if covariates is None else covariates.to(device),
-                       None if profile is None else profile.to(device))  # fmt: skip
+        output = model(
+            as_plain_tensor(prepared.image).to(device),
+            None if covariates is None else covariates.to(device),
+            None if profile is None else profile.to(device),
+        )
     probs = torch.softmax(output.logits.float() / float(temperature), dim=1)[0].cpu().tolist()
     if len(probs) != len(class_names):
         raise ValueError(f"the model has {len(probs)} outputs but the bundle names {len(class_names)} classes")
@@ -422,7 +439,9 @@ def run_predict(
     if not input_dir.is_dir():
         raise FileNotFoundError(f"DICOM input folder does not exist: {input_dir}")
     if out_dir == input_dir or input_dir in out_dir.parents:
-        raise ValueError(f"output folder {out_dir} must not be inside the DICOM input folder {input_dir} (inputs stay untouched)")
+        raise ValueError(
+            f"output folder {out_dir} must not be inside the DICOM input folder {input_dir} (inputs stay untouched)"
+        )
     model_dir = resolve_model_dir(model_dir)
     model, meta = load_bundle(model_dir)
     stamp = read_stamp(model_dir, verify=True)  # a registered version: its files must still match its content hash
@@ -488,10 +507,21 @@ def run_predict(
         if not local_identifiers:  # a research copy written over an earlier run keeps none of its identifiers
             _remove_identifying_leftovers(out_dir / key)
         result, explain_error = _predict_one(
-            model, explainer, chosen, prepared, class_names=class_names, device=torch_device, quantiles=quantiles,
-            temperature=temperature, info=info, key=key, out_dir=out_dir, explain_study=explain_study,
-            local_identifiers=SHOWN if local_identifiers else HIDDEN, profile_setup=profile_setup,
-        )  # fmt: skip
+            model,
+            explainer,
+            chosen,
+            prepared,
+            class_names=class_names,
+            device=torch_device,
+            quantiles=quantiles,
+            temperature=temperature,
+            info=info,
+            key=key,
+            out_dir=out_dir,
+            explain_study=explain_study,
+            local_identifiers=SHOWN if local_identifiers else HIDDEN,
+            profile_setup=profile_setup,
+        )
         if explain_error is not None and identity is not None:  # a library's message may quote a header value
             explain_error = identity.redact(explain_error)
         if explain_error is not None:  # the prediction stands; the report says there is no heat map
@@ -516,8 +546,16 @@ def run_predict(
         del prepared
 
     summary = PredictSummary(tuple(results), tuple(refused), out_dir, tuple(errors))
-    _write_json(out_dir / SUMMARY_NAME, _summary_json(summary, info=info, files=written, n_files=found.n_files,
-                                                      local_identifiers=SHOWN if local_identifiers else HIDDEN))
+    _write_json(
+        out_dir / SUMMARY_NAME,
+        _summary_json(
+            summary,
+            info=info,
+            files=written,
+            n_files=found.n_files,
+            local_identifiers=SHOWN if local_identifiers else HIDDEN,
+        ),
+    )
     return summary
 
 
@@ -538,7 +576,9 @@ class ProfileSetup:
         return self.table.values_for(series)
 
 
-def _profile_setup(model: MultiTaskNet, meta: Mapping[str, Any], profile_dir: Path | None, *, source: str) -> ProfileSetup | None:
+def _profile_setup(
+    model: MultiTaskNet, meta: Mapping[str, Any], profile_dir: Path | None, *, source: str
+) -> ProfileSetup | None:
     """The profile setup of a bundle that fuses one (None otherwise). A fused bundle without its normalisation, or
     whose variables are not the shipped schema's, is refused (BundleError); so is an unusable profile export."""
     from models.bundle import BundleError
@@ -546,8 +586,10 @@ def _profile_setup(model: MultiTaskNet, meta: Mapping[str, Any], profile_dir: Pa
     if not model.n_profile:
         return None
     if not model.uses_image:
-        raise BundleError(f"{source}: a profile-only model (profile-fusion = \"only\") is a benchmark baseline without an "
-                          "image branch; fedct predict reports CT models only")  # fmt: skip
+        raise BundleError(
+            f'{source}: a profile-only model (profile-fusion = "only") is a benchmark baseline without an '
+            "image branch; fedct predict reports CT models only"
+        )
     try:
         normalisation = ProfileNormalisation.from_dict(meta.get("profile_normalisation") or {})
     except ValueError as exc:
@@ -558,7 +600,11 @@ def _profile_setup(model: MultiTaskNet, meta: Mapping[str, Any], profile_dir: Pa
     table = SiteProfile.read(Path(profile_dir), schema) if profile_dir is not None else None
     if profile_dir is not None and table is None:
         raise FileNotFoundError(f"profile folder {profile_dir} holds no profile-mapping.toml")
-    where = "the site's profile export (site-local)" if table is not None else "no profile export given: every value missing"
+    where = (
+        "the site's profile export (site-local)"
+        if table is not None
+        else "no profile export given: every value missing"
+    )
     return ProfileSetup(normalisation=normalisation, schema=schema, table=table, source=where)
 
 
@@ -612,23 +658,49 @@ def _predict_one(
     if profile_setup is not None:
         profile_values = profile_setup.values_for(series_to_dict(series))
         profile = profile_tensor(profile_setup.normalisation, profile_values)
-    probabilities, risk = predict_study(model, prepared, class_names=class_names, device=device, covariates=covariates,
-                                        temperature=temperature, profile=profile)  # fmt: skip
+    probabilities, risk = predict_study(
+        model,
+        prepared,
+        class_names=class_names,
+        device=device,
+        covariates=covariates,
+        temperature=temperature,
+        profile=profile,
+    )
     diagnosis = max(probabilities, key=probabilities.__getitem__)
     profile_section = None
     if profile_setup is not None:
-        profile_section = profile_record(model, prepared.image, profile_values, normalisation=profile_setup.normalisation,
-                                         schema=profile_setup.schema, class_index=list(class_names).index(diagnosis),
-                                         temperature=temperature, covariates=covariates, source=profile_setup.source)  # fmt: skip
+        profile_section = profile_record(
+            model,
+            prepared.image,
+            profile_values,
+            normalisation=profile_setup.normalisation,
+            schema=profile_setup.schema,
+            class_index=list(class_names).index(diagnosis),
+            temperature=temperature,
+            covariates=covariates,
+            source=profile_setup.source,
+        )
     study_dir = out_dir / key
     study_dir.mkdir(parents=True, exist_ok=True)
     error = None
     try:
         explained = explain_study(
-            explainer, prepared, class_index=list(class_names).index(diagnosis), covariates=covariates, series=series,
-            out_dir=study_dir, class_label=diagnosis, profile=profile,
-        )  # fmt: skip
-        overlays, slices, positions, explanation = explained.overlays, explained.key_slices, explained.positions_mm, explained.info
+            explainer,
+            prepared,
+            class_index=list(class_names).index(diagnosis),
+            covariates=covariates,
+            series=series,
+            out_dir=study_dir,
+            class_label=diagnosis,
+            profile=profile,
+        )
+        overlays, slices, positions, explanation = (
+            explained.overlays,
+            explained.key_slices,
+            explained.positions_mm,
+            explained.info,
+        )
     except Exception as exc:  # noqa: BLE001 - a heat-map failure must not cost the study its prediction
         error = f"heat map failed: {type(exc).__name__}: {exc}"
         overlays, slices, positions, explanation = (), (), (), {"error": error}
@@ -656,7 +728,11 @@ def _predict_one(
 
 
 def _summary_json(
-    summary: PredictSummary, *, info: dict[str, Any], files: Mapping[str, list[str]], n_files: int,
+    summary: PredictSummary,
+    *,
+    info: dict[str, Any],
+    files: Mapping[str, list[str]],
+    n_files: int,
     local_identifiers: str = SHOWN,
 ) -> dict[str, Any]:
     return {

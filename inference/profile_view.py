@@ -39,17 +39,28 @@ def profile_tensor(normalisation: ProfileNormalisation, values: np.ndarray) -> t
 
 
 @torch.no_grad()
-def profile_record(model: MultiTaskNet, image: torch.Tensor, values: np.ndarray, *, normalisation: ProfileNormalisation,
-                   schema: ProfileSchema, class_index: int, temperature: float = 1.0,
-                   covariates: torch.Tensor | None = None, source: str = "") -> dict[str, Any]:  # fmt: skip
+def profile_record(
+    model: MultiTaskNet,
+    image: torch.Tensor,
+    values: np.ndarray,
+    *,
+    normalisation: ProfileNormalisation,
+    schema: ProfileSchema,
+    class_index: int,
+    temperature: float = 1.0,
+    covariates: torch.Tensor | None = None,
+    source: str = "",
+) -> dict[str, Any]:
     """The profile section of a study's result: values used, missing ones, and each value's contribution.
 
     ``image`` is the prepared (1, C, X, Y, Z) input; ``values`` (V,) in schema units with NaN for missing;
     ``class_index`` the reported diagnosis. ValueError when the bundle's variables are not ``schema``'s.
     """
     if tuple(normalisation.variables) != schema.names:
-        raise ValueError(f"the bundle's profile variables ({len(normalisation.variables)}) are not this schema's "
-                         f"({schema.name} v{schema.version}, {len(schema.names)})")  # fmt: skip
+        raise ValueError(
+            f"the bundle's profile variables ({len(normalisation.variables)}) are not this schema's "
+            f"({schema.name} v{schema.version}, {len(schema.names)})"
+        )
     device = next(model.parameters()).device
     model.eval()
     image = as_plain_tensor(image).to(device)
@@ -69,9 +80,14 @@ def profile_record(model: MultiTaskNet, image: torch.Tensor, values: np.ndarray,
     row_of = {int(j): row for row, j in enumerate(np.flatnonzero(measured), start=1)}
     for j, variable in enumerate(schema.variables):
         value = None if math.isnan(values[j]) else float(values[j])
-        entry: dict[str, Any] = {"name": variable.name, "label": variable.label or variable.name, "unit": variable.unit,
-                                 "value": _shown(variable, value), "missing": value is None,
-                                 "used": bool(measured[j])}  # fmt: skip
+        entry: dict[str, Any] = {
+            "name": variable.name,
+            "label": variable.label or variable.name,
+            "unit": variable.unit,
+            "value": _shown(variable, value),
+            "missing": value is None,
+            "used": bool(measured[j]),
+        }
         if value is not None and not usable[j]:
             entry["note"] = "no pooled statistics for this variable (too few studies across sites); not used"
         if j in row_of:

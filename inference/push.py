@@ -34,8 +34,14 @@ def push_results(settings: PacsSettings, out_dir: Path, study_keys: Iterable[str
     try:
         result = push_files(settings, files)
     except (PacsError, ValueError, OSError) as exc:
-        error = exc if isinstance(exc, (PacsError, ValueError)) else explain(exc, settings, what="storing results", attempts=1)
+        error = (
+            exc
+            if isinstance(exc, (PacsError, ValueError))
+            else explain(exc, settings, what="storing results", attempts=1)
+        )
         print(f"fedct predict: error: results are in {out_dir} but were not pushed: {error}", file=sys.stderr)
         return 2
-    print(f"pushed {result.instances} DICOM result(s) of {result.studies} study(ies) to PACS {result.url} in {result.seconds} s")
+    print(
+        f"pushed {result.instances} DICOM result(s) of {result.studies} study(ies) to PACS {result.url} in {result.seconds} s"
+    )
     return 0

@@ -29,12 +29,12 @@ from inference.wording import (
     finding_sentence,
     heat_map_legend,
     percent,
-    registry_words,
     profile_contribution_phrase,
     profile_contributions_sentence,
     profile_intro,
     profile_missing_sentence,
     profile_value_text,
+    registry_words,
     risk_sentence,
 )
 
@@ -130,19 +130,24 @@ def profile_html(profile: Mapping[str, Any] | None) -> str:
     for e in profile.get("variables") or ():
         risk = e.get("risk_contribution")
         cls = "missing" if e.get("missing") else ("top" if e.get("name") in (profile.get("top_risk") or ()) else "")
-        rows.append(f'<tr class="{cls}" data-variable="{esc(str(e.get("name")))}" data-missing="{str(bool(e.get("missing"))).lower()}"'
-                    + (f' data-risk-contribution="{float(risk):.6f}"' if isinstance(risk, int | float) else "") + ">"
-                    f"<td>{esc(str(e.get('label') or e.get('name')))}</td>"
-                    f"<td>{esc(profile_value_text(e.get('value'), e.get('unit')))}</td>"
-                    f"<td>{esc(profile_contribution_phrase(risk) or e.get('note', ''))}</td></tr>")  # fmt: skip
+        rows.append(
+            f'<tr class="{cls}" data-variable="{esc(str(e.get("name")))}" data-missing="{str(bool(e.get("missing"))).lower()}"'
+            + (f' data-risk-contribution="{float(risk):.6f}"' if isinstance(risk, int | float) else "")
+            + ">"
+            f"<td>{esc(str(e.get('label') or e.get('name')))}</td>"
+            f"<td>{esc(profile_value_text(e.get('value'), e.get('unit')))}</td>"
+            f"<td>{esc(profile_contribution_phrase(risk) or e.get('note', ''))}</td></tr>"
+        )
     missing = profile_missing_sentence(profile)
-    return (f'<section class="card" id="profile"><h2>{esc(PROFILE_HEADING)}</h2>'
-            f'<p class="meta">{esc(profile_intro(profile.get("source")))}</p>'
-            f'<p id="profile-summary">{esc(profile_contributions_sentence(profile))}</p>'
-            + (f'<p id="profile-missing" class="meta">{esc(missing)}</p>' if missing else "")
-            + '<table class="profile"><thead><tr><th>Variable</th><th>Value</th><th>Effect in this model</th></tr></thead><tbody>'
-            + "".join(rows)
-            + f'</tbody></table><p class="meta">Method: {esc(str(profile.get("method", "")))}</p></section>')  # fmt: skip
+    return (
+        f'<section class="card" id="profile"><h2>{esc(PROFILE_HEADING)}</h2>'
+        f'<p class="meta">{esc(profile_intro(profile.get("source")))}</p>'
+        f'<p id="profile-summary">{esc(profile_contributions_sentence(profile))}</p>'
+        + (f'<p id="profile-missing" class="meta">{esc(missing)}</p>' if missing else "")
+        + '<table class="profile"><thead><tr><th>Variable</th><th>Value</th><th>Effect in this model</th></tr></thead><tbody>'
+        + "".join(rows)
+        + f'</tbody></table><p class="meta">Method: {esc(str(profile.get("method", "")))}</p></section>'
+    )
 
 
 def _identity_html(result: Any, identity: LocalIdentity | None) -> str:
@@ -152,7 +157,7 @@ def _identity_html(result: Any, identity: LocalIdentity | None) -> str:
         return f'<div class="identity" id="identity" data-hidden="true"><span>{esc(IDENTIFIERS_HIDDEN)}</span></div>\n'
     if identity is None:
         return ""
-    items = "".join(f'<span>{esc(label)}: <b>{esc(value)}</b></span>' for label, value in identity.rows())
+    items = "".join(f"<span>{esc(label)}: <b>{esc(value)}</b></span>" for label, value in identity.rows())
     return f'<div class="identity" id="identity">{items}<span class="note">{esc(IDENTIFIERS_LOCAL)}</span></div>\n'
 
 
@@ -177,7 +182,10 @@ def render_report(result: Any, *, identity: LocalIdentity | None = None) -> str:
         ("Model version", esc(registry_words(model) or "not a registered version")),
         ("Probabilities", esc(calibration_sentence(model.get("temperature"), bool(model.get("calibrated"))))),
         ("Model created", esc(str(model.get("created_utc") or "unknown"))),
-        ("Weights of round", esc(str(model.get("round_of_weights") if model.get("round_of_weights") is not None else "n/a"))),
+        (
+            "Weights of round",
+            esc(str(model.get("round_of_weights") if model.get("round_of_weights") is not None else "n/a")),
+        ),
         ("Heat map", esc(f"{explanation.get('method', 'Grad-CAM')} at {explanation.get('target_layer', 'n/a')}")),
         ("Report created", esc(str(_get(result, "created_utc", "")))),
         ("StudyInstanceUID", f"<code>{esc(str(_get(result, 'StudyInstanceUID', '')))}</code>"),
@@ -191,7 +199,7 @@ def render_report(result: Any, *, identity: LocalIdentity | None = None) -> str:
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
-<title>fedct CT decision support — {esc(str(_get(result, 'study_key', '')))}</title>
+<title>fedct CT decision support — {esc(str(_get(result, "study_key", "")))}</title>
 <style>{_CSS}</style>
 </head>
 <body>

@@ -27,7 +27,6 @@ Results folder layout read here (optional fields may be missing)::
     RESULTS/<study_key>/*.png             heat-map overlays
 """
 
-
 from __future__ import annotations
 
 import hmac
@@ -138,8 +137,15 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (BaseHTTPRequestHandler's signature)
         log.info("%s %s", self.address_string(), format % args)
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str, *, page: bool = True,
-              headers: Mapping[str, str] | None = None) -> None:
+    def _send(
+        self,
+        status: HTTPStatus,
+        body: bytes,
+        content_type: str,
+        *,
+        page: bool = True,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -210,15 +216,19 @@ class _Handler(BaseHTTPRequestHandler):
         srv = self.server
         db_note = f" ({srv.store.path.name})"
         if not parts:
-            self._send(HTTPStatus.OK, render_list(srv.results_dir, srv.store, srv.form_token, db_note),
-                       "text/html; charset=utf-8")
+            self._send(
+                HTTPStatus.OK,
+                render_list(srv.results_dir, srv.store, srv.form_token, db_note),
+                "text/html; charset=utf-8",
+            )
             return
         if parts[0] != "study" or len(parts) < 2:
             raise _HTTPError(HTTPStatus.NOT_FOUND, "This page does not exist.")
         study = self._study(parts[1])
         if len(parts) == 2:
-            self._send(HTTPStatus.OK, render_study(study, srv.store, srv.form_token, db_note),
-                       "text/html; charset=utf-8")
+            self._send(
+                HTTPStatus.OK, render_study(study, srv.store, srv.form_token, db_note), "text/html; charset=utf-8"
+            )
         elif len(parts) == 3 and parts[2] == "report":
             self._send_file(study, ["report.html"], missing="No report was written for this study.")
         elif len(parts) >= 4 and parts[2] == "file":
@@ -269,15 +279,19 @@ class _Handler(BaseHTTPRequestHandler):
         study = self._study(parts[1])
         form = self._read_form()
         if not hmac.compare_digest(form.get("token", "").encode(), self.server.form_token.encode()):
-            raise _HTTPError(HTTPStatus.FORBIDDEN,
-                             "This form has expired (the review page was restarted). Reload the page and try again.")
+            raise _HTTPError(
+                HTTPStatus.FORBIDDEN,
+                "This form has expired (the review page was restarted). Reload the page and try again.",
+            )
         verdict = form.get("verdict", "").strip().lower()
         if verdict not in ALLOWED_VERDICTS:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, "Please choose \u201cI agree\u201d or \u201cI disagree\u201d.")
         comment = form.get("comment", "").replace("\r\n", "\n").replace("\r", "\n").strip()
         if len(comment) > MAX_COMMENT_CHARS:
-            raise _HTTPError(HTTPStatus.BAD_REQUEST,
-                             f"The comment is too long ({len(comment)} characters; at most {MAX_COMMENT_CHARS}).")
+            raise _HTTPError(
+                HTTPStatus.BAD_REQUEST,
+                f"The comment is too long ({len(comment)} characters; at most {MAX_COMMENT_CHARS}).",
+            )
         self.server.store.add(study.key, verdict, comment)
         if form.get("next") == "study":
             target = study_url(study.key) + "#review"
@@ -286,8 +300,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.SEE_OTHER, b"", "text/plain; charset=utf-8", headers={"Location": target})
 
 
-def make_server(results_dir: Path, *, host: str = "127.0.0.1", port: int = 8765, db_path: Path | None = None,
-                allow_remote: bool = False) -> ReviewServer:
+def make_server(
+    results_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    db_path: Path | None = None,
+    allow_remote: bool = False,
+) -> ReviewServer:
     """A review server bound to ``host:port`` (port 0: a free port; see ``server.server_address``), not yet serving.
 
     Raises ValueError for a non-loopback ``host`` unless ``allow_remote=True`` (the page has no login), for a
@@ -296,9 +316,11 @@ def make_server(results_dir: Path, *, host: str = "127.0.0.1", port: int = 8765,
     """
     results_dir = Path(results_dir)
     if not _is_loopback(host) and not allow_remote:
-        raise ValueError(f"refusing to serve the review page on {host!r}: it has no login and shows study results, "
-                         "so it listens on this computer only (127.0.0.1). Pass allow_remote=True explicitly to "
-                         "serve it on another address (only behind an authenticated connection).")
+        raise ValueError(
+            f"refusing to serve the review page on {host!r}: it has no login and shows study results, "
+            "so it listens on this computer only (127.0.0.1). Pass allow_remote=True explicitly to "
+            "serve it on another address (only behind an authenticated connection)."
+        )
     if not results_dir.is_dir():
         raise ValueError(f"results folder {results_dir} does not exist or is not a folder")
     store = FeedbackStore(Path(db_path) if db_path is not None else results_dir / DEFAULT_DB_NAME)
@@ -307,12 +329,20 @@ def make_server(results_dir: Path, *, host: str = "127.0.0.1", port: int = 8765,
     return cls((bind_host, port), results_dir, store, allow_remote=allow_remote)
 
 
-def serve(results_dir: Path, *, host: str = "127.0.0.1", port: int = 8765, db_path: Path | None = None,
-          allow_remote: bool = False) -> None:
+def serve(
+    results_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    db_path: Path | None = None,
+    allow_remote: bool = False,
+) -> None:
     """Serve the review page until interrupted (Ctrl-C)."""
     server = make_server(results_dir, host=host, port=port, db_path=db_path, allow_remote=allow_remote)
-    print(f"review page for {Path(results_dir)} at {server.url} (feedback in {server.store.path}); Ctrl-C stops it",
-          flush=True)
+    print(
+        f"review page for {Path(results_dir)} at {server.url} (feedback in {server.store.path}); Ctrl-C stops it",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -8,14 +8,22 @@ import hashlib
 import html
 import math
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from inference.report import profile_html
-from inference.review_store import ALLOWED_VERDICTS, MAX_COMMENT_CHARS, Feedback, FeedbackStore, Study, list_studies, read_refused
+from inference.review_store import (
+    ALLOWED_VERDICTS,
+    MAX_COMMENT_CHARS,
+    Feedback,
+    FeedbackStore,
+    Study,
+    list_studies,
+    read_refused,
+)
 from inference.wording import (
     DISCLAIMER,
     IDENTIFIERS_HIDDEN,
@@ -23,8 +31,8 @@ from inference.wording import (
     class_title,
     confidence_note,
     finding_sentence,
-    is_low_confidence,
     heat_map_legend,
+    is_low_confidence,
     percent,
     registry_words,
     risk_explanation,
@@ -34,8 +42,10 @@ from inference.wording import (
 __all__ = ["PAGE_CSP", "render_error", "render_list", "render_study"]
 
 #: Our own pages run no script and load nothing from elsewhere.
-PAGE_CSP = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; frame-src 'self'; "
-             "form-action 'self'; base-uri 'none'; frame-ancestors 'self'")
+PAGE_CSP = (
+    "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; frame-src 'self'; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'self'"
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Wording
@@ -106,7 +116,7 @@ def when_words(value: Any) -> str:
     except ValueError:
         return text
     if dt.tzinfo is not None:
-        dt = dt.astimezone(timezone.utc)
+        dt = dt.astimezone(UTC)
     return dt.strftime("%Y-%m-%d %H:%M UTC")
 
 
@@ -222,21 +232,23 @@ def _feedback_summary(fb: Feedback | None) -> str:
         return '<div class="small">Not reviewed yet</div>'
     cls = "fb-agree" if fb.verdict == "agree" else "fb-disagree"
     comment = f'<p class="comment">{esc(fb.comment)}</p>' if fb.comment else ""
-    return (f'<div class="feedback"><span class="{cls}">{esc(verdict_words(fb.verdict))}</span>'
-            f' <span class="small">({esc(when_words(fb.created_utc))})</span>{comment}</div>')
+    return (
+        f'<div class="feedback"><span class="{cls}">{esc(verdict_words(fb.verdict))}</span>'
+        f' <span class="small">({esc(when_words(fb.created_utc))})</span>{comment}</div>'
+    )
 
 
 def _feedback_form(study: Study, token: str, *, next_page: str, current: Feedback | None, compact: bool) -> str:
     key = study.key
     uid = f"{hashlib.sha1(key.encode()).hexdigest()[:10]}-{next_page}"
-    checked = {v: (' checked' if current is not None and current.verdict == v else "") for v in ALLOWED_VERDICTS}
+    checked = {v: (" checked" if current is not None and current.verdict == v else "") for v in ALLOWED_VERDICTS}
     rows = 2 if compact else 4
-    return f"""<form class="fb" method="post" action="{esc(study_url(key, 'feedback'))}">
+    return f"""<form class="fb" method="post" action="{esc(study_url(key, "feedback"))}">
 <input type="hidden" name="token" value="{esc(token)}">
 <input type="hidden" name="next" value="{esc(next_page)}">
 <fieldset>
-<label><input type="radio" name="verdict" value="agree" id="agree-{uid}" required{checked['agree']}> I agree</label>
-<label><input type="radio" name="verdict" value="disagree" id="disagree-{uid}"{checked['disagree']}> I disagree</label>
+<label><input type="radio" name="verdict" value="agree" id="agree-{uid}" required{checked["agree"]}> I agree</label>
+<label><input type="radio" name="verdict" value="disagree" id="disagree-{uid}"{checked["disagree"]}> I disagree</label>
 </fieldset>
 <textarea name="comment" rows="{rows}" maxlength="{MAX_COMMENT_CHARS}" placeholder="Comment (optional)"
  aria-label="Comment (optional)"></textarea>
@@ -246,8 +258,10 @@ def _feedback_form(study: Study, token: str, *, next_page: str, current: Feedbac
 
 def _thumb(study: Study, overlays: list[str]) -> str:
     if overlays:
-        return (f'<img class="thumb" src="{esc(file_url(study.key, overlays[0]))}" '
-                f'alt="Heat-map overlay of study {esc(study.key)}">')
+        return (
+            f'<img class="thumb" src="{esc(file_url(study.key, overlays[0]))}" '
+            f'alt="Heat-map overlay of study {esc(study.key)}">'
+        )
     return '<div class="nothumb">No image</div>'
 
 
@@ -261,8 +275,10 @@ def _identity_html(study: Study, *, card: bool) -> str:
     if identity is None:
         return ""
     names = ("accession", "name", "patient-id")
-    items = " ".join(f'<span class="id-{n}">{esc(label)}: <span class="id-value">{esc(value)}</span></span>'
-                     for n, (label, value) in zip(names, identity.rows()))
+    items = " ".join(
+        f'<span class="id-{n}">{esc(label)}: <span class="id-value">{esc(value)}</span></span>'
+        for n, (label, value) in zip(names, identity.rows())
+    )
     if card:
         return f'<div class="card identity">{items}<span class="small">{esc(IDENTIFIERS_LOCAL)}</span></div>'
     return f'<div class="identity small">{items}</div>'
@@ -291,40 +307,56 @@ def render_list(results_dir: Path, store: FeedbackStore, token: str, db_note: st
             shown_key = pred.get("study_key") or study.key
             when = when_words(pred.get("created_utc"))
             probs = dict(_probabilities(pred))
-            flag = ('<div class="small low-confidence">Low confidence: see the study page</div>'
-                    if probs and is_low_confidence(probs) else "")  # fmt: skip
-            finding = (f'<div class="error">{esc(study.error)}</div>' if study.error
-                       else f'<div class="finding">{esc(finding_words(pred))}</div>{flag}')
-            report_link = (f'<a href="{esc(study_url(study.key, "report"))}" class="report-link">Open report</a>'
-                           if study.has_report else '<span class="small">No report</span>')
+            flag = (
+                '<div class="small low-confidence">Low confidence: see the study page</div>'
+                if probs and is_low_confidence(probs)
+                else ""
+            )
+            finding = (
+                f'<div class="error">{esc(study.error)}</div>'
+                if study.error
+                else f'<div class="finding">{esc(finding_words(pred))}</div>{flag}'
+            )
+            report_link = (
+                f'<a href="{esc(study_url(study.key, "report"))}" class="report-link">Open report</a>'
+                if study.has_report
+                else '<span class="small">No report</span>'
+            )
             rows.append(f"""<tr class="study" id="study-{esc(study.key)}" data-study-key="{esc(study.key)}">
 <td><a href="{esc(study_url(study.key))}">{_thumb(study, overlays)}</a></td>
 <td>{finding}
 {_identity_html(study, card=False)}
 <div class="small">Study <a href="{esc(study_url(study.key))}" class="study-link">{esc(shown_key)}</a>
-{f'&middot; predicted {esc(when)}' if when else ''}</div>
+{f"&middot; predicted {esc(when)}" if when else ""}</div>
 <div class="links small">{report_link}<a href="{esc(study_url(study.key))}">Details and review</a></div></td>
 <td>{_risk_html(pred)}</td>
-<td class="small">{esc(model_words(pred)) or 'Not recorded'}</td>
+<td class="small">{esc(model_words(pred)) or "Not recorded"}</td>
 <td class="review">{_feedback_summary(latest.get(study.key))}
 {_feedback_form(study, token, next_page="list", current=latest.get(study.key), compact=True)}</td>
 </tr>""")
         parts.append(f"""<table class="studies">
 <thead><tr><th>Image</th><th>Finding</th><th>Risk of severe outcome</th><th>Model</th><th>Your review</th></tr></thead>
 <tbody>
-{''.join(rows)}
+{"".join(rows)}
 </tbody>
 </table>""")
     if refused:
         items = "".join(
             f"<li><strong>{esc(Path(r['path']).name or r['path'])}</strong>: {esc(r['message'] or r['reason'])}</li>"
-            for r in refused)
-        parts.append(f'<div class="card refused" style="margin-top:18px"><h2 style="margin-top:0;font-size:1.1rem">'
-                     f'Not analysed ({len(refused)})</h2><p class="small">These scans were not given to the model, '
-                     f'so there is no finding for them.</p><ul>{items}</ul></div>')
+            for r in refused
+        )
+        parts.append(
+            f'<div class="card refused" style="margin-top:18px"><h2 style="margin-top:0;font-size:1.1rem">'
+            f'Not analysed ({len(refused)})</h2><p class="small">These scans were not given to the model, '
+            f"so there is no finding for them.</p><ul>{items}</ul></div>"
+        )
     n = len(studies)
-    return _page("CT review \u2014 model findings", "\n".join(parts),
-                 subtitle=f"{n} stud{'y' if n == 1 else 'ies'} \u00b7 {results_dir.name}", footer_note=db_note)
+    return _page(
+        "CT review \u2014 model findings",
+        "\n".join(parts),
+        subtitle=f"{n} stud{'y' if n == 1 else 'ies'} \u00b7 {results_dir.name}",
+        footer_note=db_note,
+    )
 
 
 def _legend(pred: dict) -> str:
@@ -343,7 +375,9 @@ def render_study(study: Study, store: FeedbackStore, token: str, db_note: str) -
     bars = "".join(
         f'<div class="bar"><span class="name">{esc(class_title(name))}</span>'
         f'<span class="track"><span class="fill" style="display:block;width:{p * 100:.1f}%"></span></span>'
-        f'<span>{esc(percent(p))}</span></div>' for name, p in probs)
+        f"<span>{esc(percent(p))}</span></div>"
+        for name, p in probs
+    )
     details = []
     if pred.get("StudyInstanceUID"):
         details.append(f"Study UID: {esc(pred['StudyInstanceUID'])}")
@@ -353,25 +387,40 @@ def render_study(study: Study, store: FeedbackStore, token: str, db_note: str) -
     if model:
         details.append(f"Model: {esc(model)}")
     note = confidence_note(dict(probs)) if probs and not study.error else ""
-    finding = (f'<p class="error">{esc(study.error)}</p>' if study.error
-               else f'<p class="finding">{esc(finding_words(pred))}</p>'
-               + (f'<p class="low-confidence" role="note">{esc(note)}</p>' if note else ""))
+    finding = (
+        f'<p class="error">{esc(study.error)}</p>'
+        if study.error
+        else f'<p class="finding">{esc(finding_words(pred))}</p>'
+        + (f'<p class="low-confidence" role="note">{esc(note)}</p>' if note else "")
+    )
     history_html = ""
     if len(history) > 1:
         items = "".join(f"<li>{_feedback_summary(fb)}</li>" for fb in history[1:])
-        history_html = f'<details><summary class="small">Earlier reviews ({len(history) - 1})</summary>' \
-                       f'<ul class="history">{items}</ul></details>'
-    gallery = "".join(f'<a href="{esc(file_url(study.key, o))}"><img src="{esc(file_url(study.key, o))}" '
-                      f'alt="Heat-map overlay {i + 1}"></a>' for i, o in enumerate(overlays))
-    gallery_html = (f'<div class="card"><h2 style="margin-top:0;font-size:1.1rem">Where the model looked</h2>'
-                    f'<p class="small legend">{esc(_legend(pred))}</p><div class="gallery">{gallery}</div></div>'
-                    ) if overlays else ""
+        history_html = (
+            f'<details><summary class="small">Earlier reviews ({len(history) - 1})</summary>'
+            f'<ul class="history">{items}</ul></details>'
+        )
+    gallery = "".join(
+        f'<a href="{esc(file_url(study.key, o))}"><img src="{esc(file_url(study.key, o))}" '
+        f'alt="Heat-map overlay {i + 1}"></a>'
+        for i, o in enumerate(overlays)
+    )
+    gallery_html = (
+        (
+            f'<div class="card"><h2 style="margin-top:0;font-size:1.1rem">Where the model looked</h2>'
+            f'<p class="small legend">{esc(_legend(pred))}</p><div class="gallery">{gallery}</div></div>'
+        )
+        if overlays
+        else ""
+    )
     if study.has_report:
-        report_html = (f'<div class="card"><h2 style="margin-top:0;font-size:1.1rem">Report</h2>'
-                       f'<p class="links small"><a href="{esc(study_url(study.key, "report"))}" class="report-link" '
-                       f'target="_blank" rel="noopener">Open the report in a new tab</a></p>'
-                       f'<iframe class="report" sandbox src="{esc(study_url(study.key, "report"))}" '
-                       f'title="Report of study {esc(shown_key)}"></iframe></div>')
+        report_html = (
+            f'<div class="card"><h2 style="margin-top:0;font-size:1.1rem">Report</h2>'
+            f'<p class="links small"><a href="{esc(study_url(study.key, "report"))}" class="report-link" '
+            f'target="_blank" rel="noopener">Open the report in a new tab</a></p>'
+            f'<iframe class="report" sandbox src="{esc(study_url(study.key, "report"))}" '
+            f'title="Report of study {esc(shown_key)}"></iframe></div>'
+        )
     else:
         report_html = '<div class="card small">No report was written for this study.</div>'
     body = f"""<p class="links small"><a href="/" class="back-link">&larr; All studies</a></p>
@@ -382,7 +431,7 @@ def render_study(study: Study, store: FeedbackStore, token: str, db_note: str) -
 {finding}
 {bars}
 <p>Risk of severe outcome: {_risk_html(pred)}</p>
-<p class="small">{'<br>'.join(details)}</p>
+<p class="small">{"<br>".join(details)}</p>
 </div>
 <div class="card" id="review">
 <h2 style="margin-top:0;font-size:1.1rem">Your review</h2>

@@ -8,14 +8,25 @@ import json
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from inference.local_identity import HIDDEN, LocalIdentity, load_local_identity
 
-__all__ = ["ALLOWED_VERDICTS", "DEFAULT_DB_NAME", "MAX_COMMENT_CHARS", "Feedback", "FeedbackStore", "Study", "find_study",
-           "inside_folder", "list_studies", "read_refused", "valid_segment"]
+__all__ = [
+    "ALLOWED_VERDICTS",
+    "DEFAULT_DB_NAME",
+    "MAX_COMMENT_CHARS",
+    "Feedback",
+    "FeedbackStore",
+    "Study",
+    "find_study",
+    "inside_folder",
+    "list_studies",
+    "read_refused",
+    "valid_segment",
+]
 
 #: Verdicts a clinician can record.
 ALLOWED_VERDICTS = ("agree", "disagree")
@@ -179,22 +190,28 @@ class FeedbackStore:
         return sqlite3.connect(self.path, timeout=10)
 
     def add(self, study_key: str, verdict: str, comment: str) -> Feedback:
-        row = Feedback(study_key, verdict, comment, datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+        row = Feedback(study_key, verdict, comment, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
         with closing(self._connect()) as con, con:
-            con.execute("INSERT INTO feedback (study_key, verdict, comment, created_utc) VALUES (?, ?, ?, ?)",
-                        (row.study_key, row.verdict, row.comment, row.created_utc))
+            con.execute(
+                "INSERT INTO feedback (study_key, verdict, comment, created_utc) VALUES (?, ?, ?, ?)",
+                (row.study_key, row.verdict, row.comment, row.created_utc),
+            )
         return row
 
     def history(self, study_key: str) -> list[Feedback]:
         """All feedback of a study, newest first."""
         with closing(self._connect()) as con:
-            rows = con.execute("SELECT study_key, verdict, comment, created_utc FROM feedback WHERE study_key = ? "
-                               "ORDER BY rowid DESC", (study_key,)).fetchall()
+            rows = con.execute(
+                "SELECT study_key, verdict, comment, created_utc FROM feedback WHERE study_key = ? ORDER BY rowid DESC",
+                (study_key,),
+            ).fetchall()
         return [Feedback(*r) for r in rows]
 
     def latest_all(self) -> dict[str, Feedback]:
         """The latest feedback of every study that has one."""
         with closing(self._connect()) as con:
-            rows = con.execute("SELECT study_key, verdict, comment, created_utc FROM feedback f WHERE rowid = "
-                               "(SELECT max(rowid) FROM feedback g WHERE g.study_key = f.study_key)").fetchall()
+            rows = con.execute(
+                "SELECT study_key, verdict, comment, created_utc FROM feedback f WHERE rowid = "
+                "(SELECT max(rowid) FROM feedback g WHERE g.study_key = f.study_key)"
+            ).fetchall()
         return {r[0]: Feedback(*r) for r in rows}

@@ -167,8 +167,10 @@ def calibration_sentence(temperature: Any, calibrated: bool = True) -> str:
         t = math.nan
     if not calibrated or not math.isfinite(t) or t <= 0:
         return "not calibrated (the network's raw softmax; it may be over-confident)"
-    return (f"calibrated on the training sites' validation data (temperature scaling, T = {t:.2f}): of results shown "
-            "at 70%, about 7 in 10 should be right")
+    return (
+        f"calibrated on the training sites' validation data (temperature scaling, T = {t:.2f}): of results shown "
+        "at 70%, about 7 in 10 should be right"
+    )
 
 
 def registry_words(model: Mapping[str, Any]) -> str:
@@ -252,12 +254,16 @@ def profile_intro(source: Any) -> str:
     """What the profile table is, where its values came from, and how to read the contributions."""
     where = str(source or "").strip()
     if where.startswith("no profile export"):
-        return ("No clinical or laboratory values were given for this prediction: the model treated every one as "
-                "missing (it does not estimate them).")
-    return ("Values the model received with the CT, from this site's clinical and laboratory export, in the "
-            "consortium's units. The contribution says how much each value moved this model's output compared with "
-            "leaving that value out; it describes the model, not a cause, and supports — does not replace — clinical "
-            "judgement.")
+        return (
+            "No clinical or laboratory values were given for this prediction: the model treated every one as "
+            "missing (it does not estimate them)."
+        )
+    return (
+        "Values the model received with the CT, from this site's clinical and laboratory export, in the "
+        "consortium's units. The contribution says how much each value moved this model's output compared with "
+        "leaving that value out; it describes the model, not a cause, and supports — does not replace — clinical "
+        "judgement."
+    )
 
 
 def profile_value_text(value: Any, unit: Any) -> str:
@@ -288,10 +294,16 @@ def profile_contributions_sentence(profile: Mapping[str, Any]) -> str:
         entry = by_name.get(name) or {}
         phrase = profile_contribution_phrase(entry.get("risk_contribution"))
         if phrase:
-            parts.append(f"{entry.get('label') or name} ({profile_value_text(entry.get('value'), entry.get('unit'))}: {phrase})")
+            parts.append(
+                f"{entry.get('label') or name} ({profile_value_text(entry.get('value'), entry.get('unit'))}: {phrase})"
+            )
     if not parts:
         return "No clinical or laboratory value changed this model's risk score noticeably."
-    return "The values that moved this model's risk score most: " + "; ".join(parts) + ". For consideration with the full clinical picture."
+    return (
+        "The values that moved this model's risk score most: "
+        + "; ".join(parts)
+        + ". For consideration with the full clinical picture."
+    )
 
 
 def profile_missing_sentence(profile: Mapping[str, Any]) -> str:
@@ -299,4 +311,8 @@ def profile_missing_sentence(profile: Mapping[str, Any]) -> str:
     missing = [e.get("label") or e.get("name") for e in profile.get("variables") or () if e.get("missing")]
     if not missing:
         return ""
-    return f"Not available for this study ({len(missing)}), treated as missing and not estimated: " + ", ".join(missing) + "."
+    return (
+        f"Not available for this study ({len(missing)}), treated as missing and not estimated: "
+        + ", ".join(missing)
+        + "."
+    )

@@ -77,8 +77,10 @@ def write_bundle(
     """
     folder = Path(folder)
     if (model.profile_fusion != "none") != (profile_normalisation is not None):
-        raise ValueError(f"{folder}: a model with profile-fusion {model.profile_fusion!r} needs its profile normalisation "
-                         "in the bundle exactly when it fuses a profile")  # fmt: skip
+        raise ValueError(
+            f"{folder}: a model with profile-fusion {model.profile_fusion!r} needs its profile normalisation "
+            "in the bundle exactly when it fuses a profile"
+        )
     save_state(folder / "model.pt", state)
     from importlib.metadata import PackageNotFoundError, version
 
@@ -113,7 +115,9 @@ def _checked_calibration(calibration: Mapping[str, Any] | None, folder: Path) ->
 
 
 def _write_meta(folder: Path, meta: Mapping[str, Any]) -> None:
-    atomic_write_bytes(folder / "model.json", json.dumps(json_safe(meta), indent=2, default=str, allow_nan=False).encode())
+    atomic_write_bytes(
+        folder / "model.json", json.dumps(json_safe(meta), indent=2, default=str, allow_nan=False).encode()
+    )
     atomic_write_bytes(folder / "model_card.md", model_card(meta).encode())
     atomic_write_bytes(folder / MONAI_METADATA, json.dumps(monai_metadata(meta), indent=2).encode())
 
@@ -157,7 +161,10 @@ def model_card(meta: Mapping[str, Any]) -> str:
         "## Training data (aggregate only)",
         f"Trained federated across {len(prov.get('sites', []))} site(s): {', '.join(prov.get('sites', [])) or 'n/a'}. "
         "Studies used for training per site: "
-        + (", ".join(f"{s} {int(n)}" for s, n in sorted(metrics.get("training_studies", {}).items()) if n is not None) or "n/a")
+        + (
+            ", ".join(f"{s} {int(n)}" for s, n in sorted(metrics.get("training_studies", {}).items()) if n is not None)
+            or "n/a"
+        )
         + ". No image or patient data left the sites.",
         f"Input: single-frame or Enhanced CT, resampled to {pipeline['target_spacing_mm']} mm, HU window "
         f"[{pipeline['hu_min']}, {pipeline['hu_max']}], {pipeline['input_size']} voxels (pipeline version {pipeline['pipeline_version']}).",
@@ -167,11 +174,15 @@ def model_card(meta: Mapping[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for site, m in sorted(metrics.get("sites", {}).items()):
-        lines.append(f"| {site} | {int(m.get('test-n') or 0)} | {fmt(m.get('test-auc-macro'))} | {fmt(m.get('test-accuracy'))} | "
-                     f"{fmt(m.get('test-c-index'))} |")  # fmt: skip
+        lines.append(
+            f"| {site} | {int(m.get('test-n') or 0)} | {fmt(m.get('test-auc-macro'))} | {fmt(m.get('test-accuracy'))} | "
+            f"{fmt(m.get('test-c-index'))} |"
+        )
     agg = metrics.get("aggregate", {})
-    lines.append(f"| all (weighted mean of sites) | {int(agg.get('test-n') or 0)} | {fmt(agg.get('test-auc-macro'))} | "
-                 f"{fmt(agg.get('test-accuracy'))} | {fmt(agg.get('test-c-index'))} |")  # fmt: skip
+    lines.append(
+        f"| all (weighted mean of sites) | {int(agg.get('test-n') or 0)} | {fmt(agg.get('test-auc-macro'))} | "
+        f"{fmt(agg.get('test-accuracy'))} | {fmt(agg.get('test-c-index'))} |"
+    )
     lines += _calibration_lines(meta.get("calibration"))
     lines += _privacy_lines(prov)
     lines += [
@@ -197,14 +208,18 @@ def _calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
         reason = (calibration or {}).get("reason") or "no temperature was fitted"
         return lines + [f"Uncalibrated: the probabilities are the network's softmax ({reason})."]
     t = float(calibration["temperature"])
-    lines.append(f"Temperature scaling: the reported probabilities are softmax(logits / {t:.3f}), T fitted on the "
-                 f"validation split of {len(calibration.get('sites') or []) or 'the'} site(s) "
-                 f"({calibration.get('validation_studies', 'n/a')} studies) from summed statistics only; the most "
-                 "likely class is unchanged.")  # fmt: skip
+    lines.append(
+        f"Temperature scaling: the reported probabilities are softmax(logits / {t:.3f}), T fitted on the "
+        f"validation split of {len(calibration.get('sites') or []) or 'the'} site(s) "
+        f"({calibration.get('validation_studies', 'n/a')} studies) from summed statistics only; the most "
+        "likely class is unchanged."
+    )
     if "ece_before" in calibration:
-        lines.append(f"Expected calibration error on the held-out test split ({calibration.get('test_studies', 'n/a')} "
-                     f"studies, 15 confidence bins pooled across sites): {fmt(calibration.get('ece_before'))} before, "
-                     f"{fmt(calibration.get('ece_after'))} after; Brier score after {fmt(calibration.get('brier_after'))}.")  # fmt: skip
+        lines.append(
+            f"Expected calibration error on the held-out test split ({calibration.get('test_studies', 'n/a')} "
+            f"studies, 15 confidence bins pooled across sites): {fmt(calibration.get('ece_before'))} before, "
+            f"{fmt(calibration.get('ece_after'))} after; Brier score after {fmt(calibration.get('brier_after'))}."
+        )
     return lines
 
 
@@ -215,9 +230,11 @@ def _privacy_lines(prov: Mapping[str, Any]) -> list[str]:
         return []
     lines = ["", "## Privacy"]
     if dp:
-        lines.append(f"Client-level differential privacy: (ε = {dp['epsilon']:.3g}, δ = {dp['delta']:g}) after {dp['releases']} "
-                     f"noised aggregate(s), noise multiplier {dp['noise_multiplier']:g}; {dp['accountant']}. "
-                     "Only the weights are covered, not the metrics the sites reported.")  # fmt: skip
+        lines.append(
+            f"Client-level differential privacy: (ε = {dp['epsilon']:.3g}, δ = {dp['delta']:g}) after {dp['releases']} "
+            f"noised aggregate(s), noise multiplier {dp['noise_multiplier']:g}; {dp['accountant']}. "
+            "Only the weights are covered, not the metrics the sites reported."
+        )
     if secagg:
         lines.append("Secure aggregation (SecAgg+): the server only saw the sum of the sites' masked updates.")
     return lines
@@ -243,13 +260,17 @@ def load_bundle(folder: Path, *, expected_model: ModelConfig | None = None) -> t
         raise BundleError(f"{meta_path}: format {meta.get('format')!r}, expected {BUNDLE_FORMAT!r}")
     version = (meta.get("pipeline") or {}).get("pipeline_version")
     if str(version) != PIPELINE_VERSION:
-        raise BundleError(f"{folder}: the model was trained with preprocessing pipeline version {version!r}, this fedct "
-                          f"preprocesses with version {PIPELINE_VERSION!r}; retrain (or use a fedct of the model's "
-                          "version) instead of running it on inputs it never saw")  # fmt: skip
+        raise BundleError(
+            f"{folder}: the model was trained with preprocessing pipeline version {version!r}, this fedct "
+            f"preprocesses with version {PIPELINE_VERSION!r}; retrain (or use a fedct of the model's "
+            "version) instead of running it on inputs it never saw"
+        )
     try:
         config = ModelConfig(**meta["model"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{meta_path}: architecture {meta.get('model')!r} cannot be built by this fedct: {exc}") from None
+        raise BundleError(
+            f"{meta_path}: architecture {meta.get('model')!r} cannot be built by this fedct: {exc}"
+        ) from None
     if expected_model is not None and config != expected_model:
         raise BundleError(f"{folder}: architecture {asdict(config)} differs from the expected {asdict(expected_model)}")
     model = build_model(config)
@@ -265,10 +286,16 @@ def _state_mismatch(expected: Mapping[str, torch.Tensor], state: Mapping[str, to
     """What differs between two state dicts' names and shapes (first few of each kind), ``""`` when nothing."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]  # fmt: skip
-    parts = [f"{len(items)} {what} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
-             for what, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if items]  # fmt: skip
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    parts = [
+        f"{len(items)} {what} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+        for what, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
+        if items
+    ]
     return "; ".join(parts)
 
 
@@ -292,32 +319,51 @@ def monai_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
         "name": f"fedct {model['name']} chest CT diagnosis + prognosis",
         "task": "Chest CT: diagnosis (" + ", ".join(classes) + ") and a relative risk of a severe outcome",
         "description": "Federated model trained by fedct. Research decision support, not for clinical use without "
-                       "local validation. The weights are model.pt in the bundle folder (model_file='model.pt').",
+        "local validation. The weights are model.pt in the bundle folder (model_file='model.pt').",
         "authors": "fedct consortium",
         "copyright": "see the consortium agreement",
         "network_data_format": {
             "inputs": {
                 "image": {
-                    "type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
-                    "spatial_shape": [int(v) for v in pipeline["input_size"]], "dtype": "float32",
-                    "value_range": [0, 1], "is_patch_data": False, "channel_def": {"0": "image"},
-                    "preprocessing": {"target_spacing_mm": list(pipeline["target_spacing_mm"]),
-                                      "hu_window": [pipeline["hu_min"], pipeline["hu_max"]],
-                                      "pipeline_version": pipeline["pipeline_version"]},
+                    "type": "image",
+                    "format": "hounsfield",
+                    "modality": "CT",
+                    "num_channels": 1,
+                    "spatial_shape": [int(v) for v in pipeline["input_size"]],
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": False,
+                    "channel_def": {"0": "image"},
+                    "preprocessing": {
+                        "target_spacing_mm": list(pipeline["target_spacing_mm"]),
+                        "hu_window": [pipeline["hu_min"], pipeline["hu_max"]],
+                        "pipeline_version": pipeline["pipeline_version"],
+                    },
                 },
             },
             "outputs": {
                 "logits": {
-                    "type": "probabilities", "format": "classes", "num_channels": len(classes),
-                    "spatial_shape": [len(classes)], "dtype": "float32", "value_range": [],
-                    "is_patch_data": False, "channel_def": {str(i): c for i, c in enumerate(classes)},
+                    "type": "probabilities",
+                    "format": "classes",
+                    "num_channels": len(classes),
+                    "spatial_shape": [len(classes)],
+                    "dtype": "float32",
+                    "value_range": [],
+                    "is_patch_data": False,
+                    "channel_def": {str(i): c for i, c in enumerate(classes)},
                 },
                 "risk": {
-                    "type": "regression", "format": "log-risk", "num_channels": 1, "spatial_shape": [1],
-                    "dtype": "float32", "value_range": [], "is_patch_data": False, "channel_def": {"0": "risk"},
+                    "type": "regression",
+                    "format": "log-risk",
+                    "num_channels": 1,
+                    "spatial_shape": [1],
+                    "dtype": "float32",
+                    "value_range": [],
+                    "is_patch_data": False,
+                    "channel_def": {"0": "risk"},
                 },
             },
-        },  # fmt: skip
+        },
     }
 
 

@@ -131,7 +131,9 @@ def reliability_bins(probs: Any, labels: Any, *, n_bins: int = CALIBRATION_BINS)
     return [float(c) for c in count], [float(c) for c in conf], [float(c) for c in hits]
 
 
-def coarsen_reliability(count: Sequence[float], confidence: Sequence[float], correct: Sequence[float], min_count: int) -> Reliability | None:
+def coarsen_reliability(
+    count: Sequence[float], confidence: Sequence[float], correct: Sequence[float], min_count: int
+) -> Reliability | None:
     """The privacy floor on reliability bins: adjacent bins merged (left to right) into groups of at least
     ``min_count`` studies (a short remainder joins the last group); each group's sums go into the bin of its mean
     confidence (which lies within the group). None when there are fewer than ``min_count`` studies in all.

@@ -50,8 +50,10 @@ class ModelConfig:
         if self.profile_fusion not in PROFILE_FUSIONS:
             raise ValueError(f"profile-fusion {self.profile_fusion!r} is not one of {', '.join(PROFILE_FUSIONS)}")
         if (self.profile_fusion == "none") != (self.profile_variables == 0) or self.profile_variables < 0:
-            raise ValueError(f"profile-fusion {self.profile_fusion!r} needs profile_variables > 0 exactly when fusing, "
-                             f"got {self.profile_variables}")  # fmt: skip
+            raise ValueError(
+                f"profile-fusion {self.profile_fusion!r} needs profile_variables > 0 exactly when fusing, "
+                f"got {self.profile_variables}"
+            )
         if self.name not in MODEL_NAMES:
             raise ValueError(f"model name {self.name!r} is not one of {', '.join(MODEL_NAMES)}")
         if self.norm not in NORMS:
@@ -106,7 +108,11 @@ class SmallCNN(nn.Module):
         layers: list[nn.Module] = []
         channels = (in_channels, 16, 32, 64, self.out_features)
         for c_in, c_out in zip(channels[:-1], channels[1:]):
-            layers += [nn.Conv3d(c_in, c_out, kernel_size=3, padding=1, bias=False), _torch_norm(norm, c_out), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv3d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+                _torch_norm(norm, c_out),
+                nn.ReLU(inplace=True),
+            ]
             layers.append(nn.MaxPool3d(2))
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool3d(1)
@@ -118,15 +124,24 @@ class SmallCNN(nn.Module):
 def _backbone(config: ModelConfig) -> tuple[nn.Module, int]:
     """A network mapping (B, C, X, Y, Z) to pooled features (B, F), and F."""
     if config.name == "densenet121":
-        net = DenseNet121(spatial_dims=3, in_channels=config.in_channels, out_channels=config.num_classes,
-                          norm=_monai_norm(config.norm), dropout_prob=config.dropout)  # fmt: skip
+        net = DenseNet121(
+            spatial_dims=3,
+            in_channels=config.in_channels,
+            out_channels=config.num_classes,
+            norm=_monai_norm(config.norm),
+            dropout_prob=config.dropout,
+        )
         width = net.class_layers.out.in_features
         net.class_layers.out = nn.Identity()
         return net, width
     if config.name in ("resnet10", "resnet18"):
         factory = resnet10 if config.name == "resnet10" else resnet18
-        net = factory(spatial_dims=3, n_input_channels=config.in_channels, num_classes=config.num_classes,
-                      norm=_monai_norm(config.norm))  # fmt: skip
+        net = factory(
+            spatial_dims=3,
+            n_input_channels=config.in_channels,
+            num_classes=config.num_classes,
+            norm=_monai_norm(config.norm),
+        )
         width = net.fc.in_features
         net.fc = nn.Identity()
         return net, width
@@ -145,10 +160,14 @@ class ProfileFusion(nn.Module):
         super().__init__()
         self.mode = mode
         if mode == "late":
-            self.net = nn.Sequential(nn.Linear(n_inputs, PROFILE_HIDDEN), nn.ReLU(), nn.Linear(PROFILE_HIDDEN, PROFILE_HIDDEN), nn.ReLU())
+            self.net = nn.Sequential(
+                nn.Linear(n_inputs, PROFILE_HIDDEN), nn.ReLU(), nn.Linear(PROFILE_HIDDEN, PROFILE_HIDDEN), nn.ReLU()
+            )
             self.out_features = PROFILE_HIDDEN
         else:
-            self.net = nn.Sequential(nn.Linear(n_inputs, PROFILE_HIDDEN), nn.ReLU(), nn.Linear(PROFILE_HIDDEN, 2 * width))
+            self.net = nn.Sequential(
+                nn.Linear(n_inputs, PROFILE_HIDDEN), nn.ReLU(), nn.Linear(PROFILE_HIDDEN, 2 * width)
+            )
             nn.init.zeros_(self.net[-1].weight)
             nn.init.zeros_(self.net[-1].bias)
             self.out_features = 0
@@ -180,23 +199,30 @@ class MultiTaskNet(nn.Module):
         self.diagnosis = nn.Linear(width + extra + self.n_covariates, config.num_classes)
         self.prognosis = nn.Linear(width + extra + self.n_covariates, 1)
 
-    def forward(self, x: torch.Tensor, covariates: torch.Tensor | None = None, profile: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self, x: torch.Tensor, covariates: torch.Tensor | None = None, profile: torch.Tensor | None = None
+    ) -> ModelOutput:
         x = as_plain_tensor(x)  # metadata stays outside the network (see as_plain_tensor)
         if not self.uses_image:
             return self.heads(x.new_zeros((x.shape[0], 0)), covariates, profile)
         return self.heads(self.dropout(self.backbone(x)), covariates, profile)
 
-    def heads(self, features: torch.Tensor, covariates: torch.Tensor | None = None,
-              profile: torch.Tensor | None = None) -> ModelOutput:  # fmt: skip
+    def heads(
+        self, features: torch.Tensor, covariates: torch.Tensor | None = None, profile: torch.Tensor | None = None
+    ) -> ModelOutput:
         """Everything after the backbone: fusion of covariates and profile with the pooled image features (B, F),
         then both heads (the tabular attribution of :mod:`inference.profile_view` reruns only this part)."""
         if self.profile is not None:
             if profile is None or tuple(profile.shape) != (features.shape[0], self.n_profile):
-                raise ValueError(f"this model fuses a profile of {self.n_profile} inputs per study; got {None if profile is None else tuple(profile.shape)}")
+                raise ValueError(
+                    f"this model fuses a profile of {self.n_profile} inputs per study; got {None if profile is None else tuple(profile.shape)}"
+                )
             features = self.profile(features, profile)
         if self.n_covariates:
             if covariates is None or covariates.shape != (features.shape[0], self.n_covariates):
-                raise ValueError(f"this model fuses {self.n_covariates} covariates per study; got {None if covariates is None else tuple(covariates.shape)}")
+                raise ValueError(
+                    f"this model fuses {self.n_covariates} covariates per study; got {None if covariates is None else tuple(covariates.shape)}"
+                )
             features = torch.cat([features, covariates.to(features.dtype)], dim=1)
         return ModelOutput(self.diagnosis(features), self.prognosis(features).squeeze(1))
 

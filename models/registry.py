@@ -116,14 +116,21 @@ def read_stamp(folder: Path, *, verify: bool = True) -> dict[str, Any] | None:
     if verify:
         actual = bundle_content_hash(folder)
         if actual != stamp.get("content_sha256"):
-            raise RegistryError(f"{folder}: registry version {stamp['version']} was registered with content hash "
-                                f"{stamp.get('content_sha256')}, the files now hash to {actual}: the bundle was changed "
-                                "after registration; do not use it")  # fmt: skip
+            raise RegistryError(
+                f"{folder}: registry version {stamp['version']} was registered with content hash "
+                f"{stamp.get('content_sha256')}, the files now hash to {actual}: the bundle was changed "
+                "after registration; do not use it"
+            )
     return stamp
 
 
-def lineage_from_bundle(meta: Mapping[str, Any], *, parent: str | None = None, run_dir: str | None = None,
-                        champion_comparison: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def lineage_from_bundle(
+    meta: Mapping[str, Any],
+    *,
+    parent: str | None = None,
+    run_dir: str | None = None,
+    champion_comparison: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The lineage of a bundle from its ``model.json``: parent version, run config, strategy, rounds, participating
     sites (by name), per-site study counts (aggregate numbers only), pipeline version, test/validation metrics per
     site, calibration temperature; ``champion_comparison``: the champion's metrics from the same federated
@@ -141,7 +148,11 @@ def lineage_from_bundle(meta: Mapping[str, Any], *, parent: str | None = None, r
         "rounds_planned": prov.get("rounds_planned"),
         "round_of_weights": prov.get("round_of_weights"),
         "sites": list(prov.get("sites") or []),
-        "studies": {"training": dict(metrics.get("training_studies") or {}), "validation": counts["val"], "test": counts["test"]},
+        "studies": {
+            "training": dict(metrics.get("training_studies") or {}),
+            "validation": counts["val"],
+            "test": counts["test"],
+        },
         "model": meta.get("model"),
         "pipeline_version": (meta.get("pipeline") or {}).get("pipeline_version"),
         "pipeline": meta.get("pipeline"),
@@ -210,8 +221,10 @@ class Decision:
         head = f"{self.challenger} vs champion {self.champion or '(none)'}: {'PASSES' if self.passed else 'FAILS'} the rule"
         o = self.overall
         if o:
-            head += (f" ({self.rule['metric']} overall {_fmt(o.get('challenger'))} vs {_fmt(o.get('champion'))}, "
-                     f"margin {self.rule['margin']:g}, min gain {self.rule['min_gain']:g})")  # fmt: skip
+            head += (
+                f" ({self.rule['metric']} overall {_fmt(o.get('challenger'))} vs {_fmt(o.get('champion'))}, "
+                f"margin {self.rule['margin']:g}, min gain {self.rule['min_gain']:g})"
+            )
         return head + ("; " + "; ".join(self.reasons) if self.reasons else "")
 
 
@@ -225,8 +238,15 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def decide(rule: PromotionRule, *, challenger: str, champion: str | None, challenger_sites: Mapping[str, Mapping[str, Any]],
-           champion_sites: Mapping[str, Mapping[str, Any]], source: str) -> Decision:  # fmt: skip
+def decide(
+    rule: PromotionRule,
+    *,
+    challenger: str,
+    champion: str | None,
+    challenger_sites: Mapping[str, Mapping[str, Any]],
+    champion_sites: Mapping[str, Mapping[str, Any]],
+    source: str,
+) -> Decision:
     """Apply ``rule`` to per-site test metrics (``{site: {metric: value, "test-n": n}}``) of both models.
 
     Every site either model was evaluated on is checked: both must have a value, and the challenger must be no worse
@@ -235,15 +255,25 @@ def decide(rule: PromotionRule, *, challenger: str, champion: str | None, challe
     """
     sign = -1.0 if rule.lower_is_better else 1.0
     if champion is None:
-        return Decision(challenger=challenger, champion=None, passed=True, rule=rule.to_dict(), source=source,
-                        reasons=("no champion yet: the first promotion needs no comparison",))  # fmt: skip
+        return Decision(
+            challenger=challenger,
+            champion=None,
+            passed=True,
+            rule=rule.to_dict(),
+            source=source,
+            reasons=("no champion yet: the first promotion needs no comparison",),
+        )
     sites: dict[str, dict[str, Any]] = {}
     reasons: list[str] = []
     totals = [0.0, 0.0, 0.0]  # weight, weighted challenger, weighted champion
     for site in sorted(set(challenger_sites) | set(champion_sites)):
         new = _number((challenger_sites.get(site) or {}).get(rule.metric))
         old = _number((champion_sites.get(site) or {}).get(rule.metric))
-        weight = _number((challenger_sites.get(site) or {}).get("test-n")) or _number((champion_sites.get(site) or {}).get("test-n")) or 1.0
+        weight = (
+            _number((challenger_sites.get(site) or {}).get("test-n"))
+            or _number((champion_sites.get(site) or {}).get("test-n"))
+            or 1.0
+        )
         entry: dict[str, Any] = {"challenger": new, "champion": old, "weight": weight}
         if new is None or old is None:
             entry.update(difference=None, passed=False)
@@ -253,8 +283,10 @@ def decide(rule: PromotionRule, *, challenger: str, champion: str | None, challe
             difference = sign * (new - old)
             entry.update(difference=difference, passed=difference >= -rule.margin)
             if not entry["passed"]:
-                reasons.append(f"site {site}: {rule.metric} {_fmt(new)} vs champion {_fmt(old)}, worse by more than the "
-                               f"margin {rule.margin:g}")  # fmt: skip
+                reasons.append(
+                    f"site {site}: {rule.metric} {_fmt(new)} vs champion {_fmt(old)}, worse by more than the "
+                    f"margin {rule.margin:g}"
+                )
             totals[0] += weight
             totals[1] += weight * new
             totals[2] += weight * old
@@ -265,13 +297,22 @@ def decide(rule: PromotionRule, *, challenger: str, champion: str | None, challe
         difference = sign * (new - old)
         overall = {"challenger": new, "champion": old, "difference": difference, "passed": difference > rule.min_gain}
         if not overall["passed"]:
-            reasons.append(f"overall {rule.metric} {_fmt(new)} vs champion {_fmt(old)}: not better by more than "
-                           f"{rule.min_gain:g}")  # fmt: skip
+            reasons.append(
+                f"overall {rule.metric} {_fmt(new)} vs champion {_fmt(old)}: not better by more than {rule.min_gain:g}"
+            )
     else:
         reasons.append(f"no site has {rule.metric} for both models: superiority cannot be shown")
     passed = bool(sites) and all(e["passed"] for e in sites.values()) and bool(overall.get("passed"))
-    return Decision(challenger=challenger, champion=champion, passed=passed, rule=rule.to_dict(), source=source,
-                    sites=sites, overall=overall, reasons=tuple(reasons))  # fmt: skip
+    return Decision(
+        challenger=challenger,
+        champion=champion,
+        passed=passed,
+        rule=rule.to_dict(),
+        source=source,
+        sites=sites,
+        overall=overall,
+        reasons=tuple(reasons),
+    )
 
 
 # --- the registry -----------------------------------------------------------------------------------------------
@@ -403,8 +444,9 @@ class ModelRegistry:
             os.fsync(fh.fileno())
         return entry
 
-    def register(self, bundle: Path, *, lineage: Mapping[str, Any] | None = None, who: str | None = None,
-                 why: str = "") -> str:  # fmt: skip
+    def register(
+        self, bundle: Path, *, lineage: Mapping[str, Any] | None = None, who: str | None = None, why: str = ""
+    ) -> str:
         """Copy ``bundle`` into the registry as the next version (``v0001``, ``v0002`` ...); return the version.
 
         The bundle must load (``models.bundle.load_bundle``: format, pipeline version, architecture, weights).
@@ -433,8 +475,16 @@ class ModelRegistry:
             stamp = {"version": version, "content_sha256": digest, "registered_utc": _now(), "lineage": lineage}
             atomic_write_bytes(tmp / STAMP_NAME, json.dumps(json_safe(stamp), indent=2, allow_nan=False).encode())
             tmp.rename(folder_root / version)
-            self._append({"event": "register", "version": version, "content_sha256": digest, "parent": parent,
-                          "who": who or default_who(), "why": why or f"registered from {bundle}"})  # fmt: skip
+            self._append(
+                {
+                    "event": "register",
+                    "version": version,
+                    "content_sha256": digest,
+                    "parent": parent,
+                    "who": who or default_who(),
+                    "why": why or f"registered from {bundle}",
+                }
+            )
         self._write_card(version)
         return version
 
@@ -452,34 +502,58 @@ class ModelRegistry:
         rule = rule or _rule_of(lineage)
         mine = (lineage.get("metrics") or {}).get("sites") or {}
         if champion is None:
-            return decide(rule, challenger=version, champion=None, challenger_sites=mine, champion_sites={},
-                          source="no champion")  # fmt: skip
+            return decide(
+                rule, challenger=version, champion=None, challenger_sites=mine, champion_sites={}, source="no champion"
+            )
         comparison = lineage.get("champion_comparison") or {}
         if comparison.get("champion") == champion and comparison.get("sites"):
-            source = (f"one federated evaluation of both models on every site's held-out test split in {version}'s run "
-                      f"(round {lineage.get('round_of_weights')} weights vs {champion})")  # fmt: skip
+            source = (
+                f"one federated evaluation of both models on every site's held-out test split in {version}'s run "
+                f"(round {lineage.get('round_of_weights')} weights vs {champion})"
+            )
             theirs = comparison["sites"]
         else:
-            reason = ("the challenger's run did not evaluate it" if not comparison else
-                      f"the challenger's run evaluated {comparison.get('champion')}, not {champion}")  # fmt: skip
-            source = (f"test metrics recorded by each model's own run ({reason}); the runs' test splits may differ, so "
-                      "the comparison is weaker than a joint evaluation")  # fmt: skip
+            reason = (
+                "the challenger's run did not evaluate it"
+                if not comparison
+                else f"the challenger's run evaluated {comparison.get('champion')}, not {champion}"
+            )
+            source = (
+                f"test metrics recorded by each model's own run ({reason}); the runs' test splits may differ, so "
+                "the comparison is weaker than a joint evaluation"
+            )
             theirs = ((self.stamp(champion).get("lineage") or {}).get("metrics") or {}).get("sites") or {}
-        return decide(rule, challenger=version, champion=champion, challenger_sites=mine, champion_sites=theirs,
-                      source=source)  # fmt: skip
+        return decide(
+            rule, challenger=version, champion=champion, challenger_sites=mine, champion_sites=theirs, source=source
+        )
 
-    def record_decision(self, name: str, rule: PromotionRule | None = None, *, who: str | None = None,
-                        why: str = "") -> Decision:  # fmt: skip
+    def record_decision(
+        self, name: str, rule: PromotionRule | None = None, *, who: str | None = None, why: str = ""
+    ) -> Decision:
         """:meth:`decision`, logged as a ``decision`` event and written into the version's model card."""
         with self._locked():
             decision = self.decision(name, rule)
-            self._append({"event": "decision", "version": decision.challenger, "who": who or default_who(),
-                          "why": why or "promotion rule evaluated", "decision": decision.to_dict()})  # fmt: skip
+            self._append(
+                {
+                    "event": "decision",
+                    "version": decision.challenger,
+                    "who": who or default_who(),
+                    "why": why or "promotion rule evaluated",
+                    "decision": decision.to_dict(),
+                }
+            )
         self._write_card(decision.challenger)
         return decision
 
-    def promote(self, name: str, *, reason: str = "", who: str | None = None, rule: PromotionRule | None = None,
-                override: bool = False) -> Decision:  # fmt: skip
+    def promote(
+        self,
+        name: str,
+        *,
+        reason: str = "",
+        who: str | None = None,
+        rule: PromotionRule | None = None,
+        override: bool = False,
+    ) -> Decision:
         """Make version ``name`` the champion if it passes the promotion rule against the current champion.
 
         A challenger that fails is refused (:class:`PromotionRefused` with the decision) unless ``override`` is set
@@ -490,11 +564,22 @@ class ModelRegistry:
         with self._locked():
             decision = self.decision(name, rule)
             if not decision.passed and not override:
-                raise PromotionRefused(f"registry {self.root}: not promoted: {decision.summary()}. Promote anyway only "
-                                       "with --override --reason", decision)  # fmt: skip
-            self._append({"event": "promote", "version": decision.challenger, "previous": decision.champion,
-                          "who": who or default_who(), "why": reason or decision.summary(),
-                          "override": bool(override and not decision.passed), "decision": decision.to_dict()})  # fmt: skip
+                raise PromotionRefused(
+                    f"registry {self.root}: not promoted: {decision.summary()}. Promote anyway only "
+                    "with --override --reason",
+                    decision,
+                )
+            self._append(
+                {
+                    "event": "promote",
+                    "version": decision.challenger,
+                    "previous": decision.champion,
+                    "who": who or default_who(),
+                    "why": reason or decision.summary(),
+                    "override": bool(override and not decision.passed),
+                    "decision": decision.to_dict(),
+                }
+            )
         self._write_card(decision.challenger)
         return decision
 
@@ -509,14 +594,24 @@ class ModelRegistry:
             earlier = history[:-1]
             target = to if to is not None else (earlier[-1] if earlier else None)
             if target is None:
-                raise RegistryError(f"registry {self.root}: {history[-1]} is the only champion there has been; nothing "
-                                    "to roll back to")  # fmt: skip
+                raise RegistryError(
+                    f"registry {self.root}: {history[-1]} is the only champion there has been; nothing to roll back to"
+                )
             if target not in earlier:
-                raise RegistryError(f"registry {self.root}: {target!r} is not an earlier champion (earlier: "
-                                    f"{', '.join(earlier) or 'none'})")  # fmt: skip
+                raise RegistryError(
+                    f"registry {self.root}: {target!r} is not an earlier champion (earlier: "
+                    f"{', '.join(earlier) or 'none'})"
+                )
             self.bundle_path(target)  # its files still match the hash
-            self._append({"event": "rollback", "version": target, "previous": history[-1], "who": who or default_who(),
-                          "why": reason})  # fmt: skip
+            self._append(
+                {
+                    "event": "rollback",
+                    "version": target,
+                    "previous": history[-1],
+                    "who": who or default_who(),
+                    "why": reason,
+                }
+            )
         self._write_card(target)
         self._write_card(history[-1])
         return target
@@ -536,9 +631,11 @@ class ModelRegistry:
         stamp = self.stamp(version)
         lineage = stamp.get("lineage") or {}
         status = "the current champion" if self.champion() == version else "not the champion"
-        head = (f"Version {version} (content SHA-256 {stamp['content_sha256']}), registered {stamp['registered_utc']}; parent "
-                f"{lineage.get('parent') or 'none (trained from scratch)'}; pipeline version {lineage.get('pipeline_version')}; "
-                f"{status}.")  # fmt: skip
+        head = (
+            f"Version {version} (content SHA-256 {stamp['content_sha256']}), registered {stamp['registered_utc']}; parent "
+            f"{lineage.get('parent') or 'none (trained from scratch)'}; pipeline version {lineage.get('pipeline_version')}; "
+            f"{status}."
+        )
         lines = ["## Registry", head, ""]
         for event in self.events():
             if event.get("version") != version and event.get("previous") != version:
@@ -550,8 +647,10 @@ class ModelRegistry:
                 head = {"decision": "Promotion rule evaluated", "promote": "Promoted to champion"}[kind]
                 if kind == "promote" and event.get("override"):
                     head += " **by override of a failed rule**"
-                lines.append(f"- {head} ({who}): {'passed' if d.get('passed') else 'failed'} against "
-                             f"{d.get('champion') or 'no champion'}; {event.get('why')}")  # fmt: skip
+                lines.append(
+                    f"- {head} ({who}): {'passed' if d.get('passed') else 'failed'} against "
+                    f"{d.get('champion') or 'no champion'}; {event.get('why')}"
+                )
                 lines += _decision_lines(d)
             elif kind == "promote":
                 lines.append(f"- Replaced as champion by {event['version']} ({who}).")
@@ -567,15 +666,23 @@ def _decision_lines(d: Mapping[str, Any]) -> list[str]:
     rule = d.get("rule") or {}
     if not d.get("champion"):
         return []
-    lines = [(f"  - Rule: {rule.get('metric')} ({rule.get('direction')}), per-site margin {rule.get('margin')}, overall "
-              f"min gain {rule.get('min_gain')}. Numbers: {d.get('source')}.")]
+    lines = [
+        (
+            f"  - Rule: {rule.get('metric')} ({rule.get('direction')}), per-site margin {rule.get('margin')}, overall "
+            f"min gain {rule.get('min_gain')}. Numbers: {d.get('source')}."
+        )
+    ]
     for site, e in sorted((d.get("sites") or {}).items()):
-        lines.append(f"  - {site}: challenger {_fmt(e.get('challenger'))}, champion {_fmt(e.get('champion'))} "
-                     f"({'ok' if e.get('passed') else 'fails'})")  # fmt: skip
+        lines.append(
+            f"  - {site}: challenger {_fmt(e.get('challenger'))}, champion {_fmt(e.get('champion'))} "
+            f"({'ok' if e.get('passed') else 'fails'})"
+        )
     o = d.get("overall") or {}
     if o:
-        lines.append(f"  - overall (test-count-weighted): challenger {_fmt(o.get('challenger'))}, champion "
-                     f"{_fmt(o.get('champion'))} ({'better' if o.get('passed') else 'not better'})")  # fmt: skip
+        lines.append(
+            f"  - overall (test-count-weighted): challenger {_fmt(o.get('challenger'))}, champion "
+            f"{_fmt(o.get('champion'))} ({'better' if o.get('passed') else 'not better'})"
+        )
     return lines
 
 
@@ -583,6 +690,8 @@ def _rule_of(lineage: Mapping[str, Any]) -> PromotionRule:
     """The promotion rule a run was configured with (its ``promotion-*`` run-config keys), else the defaults."""
     config = lineage.get("run_config") or {}
     defaults = PromotionRule()
-    return PromotionRule(metric=str(config.get("promotion-metric", defaults.metric)),
-                         margin=float(config.get("promotion-margin", defaults.margin)),
-                         min_gain=float(config.get("promotion-min-gain", defaults.min_gain)))  # fmt: skip
+    return PromotionRule(
+        metric=str(config.get("promotion-metric", defaults.metric)),
+        margin=float(config.get("promotion-margin", defaults.margin)),
+        min_gain=float(config.get("promotion-min-gain", defaults.min_gain)),
+    )

@@ -89,7 +89,9 @@ def _parse(index: str) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"weights index is not JSON: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
-        raise ValueError(f"weights index format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {INDEX_FORMAT!r}")
+        raise ValueError(
+            f"weights index format is {meta.get('format') if isinstance(meta, dict) else None!r}, expected {INDEX_FORMAT!r}"
+        )
     return meta
 
 

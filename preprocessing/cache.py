@@ -33,7 +33,12 @@ CACHE_FOLDER = "cache"
 #: Prefix of the marker touched whenever a pipeline's cache is used (least-recently-used order for :func:`prune_caches`).
 LAST_USED = ".last-used-"
 
-__all__ = ["file_state_fingerprint", "make_dataset", "prune_caches", "StudyDataset"]  # file_state_fingerprint: from discover
+__all__ = [
+    "file_state_fingerprint",
+    "make_dataset",
+    "prune_caches",
+    "StudyDataset",
+]  # file_state_fingerprint: from discover
 
 log = logging.getLogger("fedct.cache")
 
@@ -107,22 +112,31 @@ def prune_caches(site_dir: Path, *, keep: PipelineConfig, max_bytes: int) -> lis
     for leftover in root.glob(".removing-*"):  # an earlier removal interrupted half-way
         shutil.rmtree(leftover, ignore_errors=True)
     if total > max_bytes:
-        log.warning("the preprocessing cache in use (%s) holds %.2f GB, over the cap of %.2f GB (FEDCT_CACHE_MAX_GB); "
-                    "it is kept while in use", current, sizes.get(current, 0) / 1e9, max_bytes / 1e9)  # fmt: skip
+        log.warning(
+            "the preprocessing cache in use (%s) holds %.2f GB, over the cap of %.2f GB (FEDCT_CACHE_MAX_GB); "
+            "it is kept while in use",
+            current,
+            sizes.get(current, 0) / 1e9,
+            max_bytes / 1e9,
+        )
     return removed
 
 
 class StudyDataset(Dataset):
     """Cached (and, for training, augmented) images of a site's studies, each joined with its targets."""
 
-    def __init__(self, items: Sequence[dict[str, Any]], pipeline: PipelineConfig, site_dir: Path, *, augment: bool) -> None:
+    def __init__(
+        self, items: Sequence[dict[str, Any]], pipeline: PipelineConfig, site_dir: Path, *, augment: bool
+    ) -> None:
         transforms = deterministic_transforms(pipeline)
         if augment:
             transforms += random_transforms(pipeline)
         cache_dir = cache_dir_for(site_dir, pipeline)
         mark_used(cache_dir)
         self.images = PersistentDataset(
-            [{"image": item["image"], "content": item["content"]} for item in items], transform=Compose(transforms), cache_dir=cache_dir
+            [{"image": item["image"], "content": item["content"]} for item in items],
+            transform=Compose(transforms),
+            cache_dir=cache_dir,
         )
         self.targets = [{k: v for k, v in item.items() if k not in ("image", "content")} for item in items]
 
@@ -133,6 +147,8 @@ class StudyDataset(Dataset):
         return {"image": self.images[index]["image"], **self.targets[index]}
 
 
-def make_dataset(items: Sequence[dict[str, Any]], pipeline: PipelineConfig, site_dir: Path, *, augment: bool) -> StudyDataset:
+def make_dataset(
+    items: Sequence[dict[str, Any]], pipeline: PipelineConfig, site_dir: Path, *, augment: bool
+) -> StudyDataset:
     """Dataset over manifest items (``{"image": series dict, "content": fingerprint, <targets>...}``)."""
     return StudyDataset(items, pipeline, site_dir, augment=augment)

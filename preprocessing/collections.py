@@ -166,8 +166,13 @@ def scan_mosmed(root: Path) -> CollectionScan:
     for category in MOSMED_CATEGORIES:
         folder = studies_dir / category
         if not folder.is_dir():
-            issues.append(CollectionIssue(_rel(folder, root), "missing_category",
-                                          f"folder missing: MosMedData has CT-0 ... CT-4; no {category} studies are included"))  # fmt: skip
+            issues.append(
+                CollectionIssue(
+                    _rel(folder, root),
+                    "missing_category",
+                    f"folder missing: MosMedData has CT-0 ... CT-4; no {category} studies are included",
+                )
+            )
             continue
         files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
         if not files:
@@ -179,7 +184,11 @@ def scan_mosmed(root: Path) -> CollectionScan:
                 continue
             found[name].append((category, path))
     for extra in sorted(p for p in studies_dir.iterdir() if p.is_dir() and p.name not in MOSMED_CATEGORIES):
-        issues.append(CollectionIssue(_rel(extra, root), "unknown_category", f"not one of {', '.join(MOSMED_CATEGORIES)}; skipped"))
+        issues.append(
+            CollectionIssue(
+                _rel(extra, root), "unknown_category", f"not one of {', '.join(MOSMED_CATEGORIES)}; skipped"
+            )
+        )
 
     registry: dict[str, str] | None = None
     registry_path = root / "dataset_registry.xlsx"
@@ -187,23 +196,41 @@ def scan_mosmed(root: Path) -> CollectionScan:
         try:
             registry = read_mosmed_registry(registry_path)
         except CollectionError as exc:
-            issues.append(CollectionIssue(registry_path.name, "registry_unreadable", f"{exc}; categories taken from the folders"))
+            issues.append(
+                CollectionIssue(registry_path.name, "registry_unreadable", f"{exc}; categories taken from the folders")
+            )
     studies: list[CollectionStudy] = []
     for name in sorted(found):
         places = found[name]
         if len(places) > 1:
             where = ", ".join(_rel(p, root) for _, p in places)
-            issues.append(CollectionIssue(_rel(places[0][1], root), "duplicate_study", f"{name} is in more than one category ({where}); skipped"))
+            issues.append(
+                CollectionIssue(
+                    _rel(places[0][1], root),
+                    "duplicate_study",
+                    f"{name} is in more than one category ({where}); skipped",
+                )
+            )
             continue
         category, path = places[0]
         if registry is not None:
             listed = registry.get(name)
             if listed is None:
-                issues.append(CollectionIssue(_rel(path, root), "not_in_registry",
-                                              f"{name} is not listed in dataset_registry.xlsx; kept with its folder's category {category}"))  # fmt: skip
+                issues.append(
+                    CollectionIssue(
+                        _rel(path, root),
+                        "not_in_registry",
+                        f"{name} is not listed in dataset_registry.xlsx; kept with its folder's category {category}",
+                    )
+                )
             elif listed != category:
-                issues.append(CollectionIssue(_rel(path, root), "category_conflict",
-                                              f"folder says {category}, dataset_registry.xlsx says {listed}; skipped"))  # fmt: skip
+                issues.append(
+                    CollectionIssue(
+                        _rel(path, root),
+                        "category_conflict",
+                        f"folder says {category}, dataset_registry.xlsx says {listed}; skipped",
+                    )
+                )
                 continue
         try:
             validate_nifti(path, read_data=False)
@@ -211,16 +238,34 @@ def scan_mosmed(root: Path) -> CollectionScan:
             issues.append(CollectionIssue(_rel(path, root), exc.reason, f"{exc.message}; skipped"))
             continue
         severity = MOSMED_CATEGORIES.index(category)
-        studies.append(CollectionStudy(key=name, collection=MOSMED_COLLECTION, group=MOSMED_COLLECTION, patient=name, kind="nifti",
-                                       source=(str(path),), diagnosis="normal" if severity == 0 else "covid", severity=severity,
-                                       category=category))  # fmt: skip
+        studies.append(
+            CollectionStudy(
+                key=name,
+                collection=MOSMED_COLLECTION,
+                group=MOSMED_COLLECTION,
+                patient=name,
+                kind="nifti",
+                source=(str(path),),
+                diagnosis="normal" if severity == 0 else "covid",
+                severity=severity,
+                category=category,
+            )
+        )
     if registry is not None:
         for name in sorted(set(registry) - set(found)):
-            issues.append(CollectionIssue(registry_path.name, "missing_file",
-                                          f"{name} ({registry[name]}) is listed but its file is not under studies/{registry[name]}/"))  # fmt: skip
+            issues.append(
+                CollectionIssue(
+                    registry_path.name,
+                    "missing_file",
+                    f"{name} ({registry[name]}) is listed but its file is not under studies/{registry[name]}/",
+                )
+            )
     if not studies:
-        raise CollectionError(f"{root}: no usable MosMedData study found ({len(issues)} issue(s): " +
-                              "; ".join(f"{i.path}: {i.message}" for i in issues[:5]) + ")")  # fmt: skip
+        raise CollectionError(
+            f"{root}: no usable MosMedData study found ({len(issues)} issue(s): "
+            + "; ".join(f"{i.path}: {i.message}" for i in issues[:5])
+            + ")"
+        )
     return CollectionScan(name="mosmed", root=str(root), studies=tuple(studies), issues=tuple(issues))
 
 
@@ -257,7 +302,11 @@ def _first_header(folder: Path) -> tuple[object | None, int]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     for path in files:
         try:
-            return dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "PatientID", "Modality"]), len(files)
+            return dcmread(
+                path,
+                stop_before_pixels=True,
+                specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "PatientID", "Modality"],
+            ), len(files)
         except (InvalidDicomError, OSError, ValueError, EOFError):
             continue
     return None, len(files)
@@ -267,7 +316,9 @@ def read_ricord_annotations(path: Path) -> dict[str, str]:
     """MD.ai annotation export -> {StudyInstanceUID: RSNA appearance category}; raise CollectionError."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        names = {label["id"]: label["name"] for group in data.get("labelGroups", []) for label in group.get("labels", [])}
+        names = {
+            label["id"]: label["name"] for group in data.get("labelGroups", []) for label in group.get("labels", [])
+        }
         out: dict[str, str] = {}
         for dataset in data.get("datasets", []):
             for annotation in dataset.get("annotations", []):
@@ -305,10 +356,20 @@ def scan_ricord(root: Path) -> CollectionScan:
     for collection_dir in collections:
         collection = collection_dir.name.upper()
         if collection in RICORD_NOT_CT:
-            issues.append(CollectionIssue(_rel(collection_dir, root), "not_ct", f"{collection} holds chest radiographs, not CT; skipped"))
+            issues.append(
+                CollectionIssue(
+                    _rel(collection_dir, root), "not_ct", f"{collection} holds chest radiographs, not CT; skipped"
+                )
+            )
             continue
         if collection not in RICORD_DIAGNOSIS:
-            issues.append(CollectionIssue(_rel(collection_dir, root), "unknown_collection", f"not one of {', '.join(RICORD_DIAGNOSIS)}; skipped"))
+            issues.append(
+                CollectionIssue(
+                    _rel(collection_dir, root),
+                    "unknown_collection",
+                    f"not one of {', '.join(RICORD_DIAGNOSIS)}; skipped",
+                )
+            )
             continue
         for study_dir, series_dirs in _series_folders(collection_dir).items():
             rel = _rel(study_dir, root)
@@ -318,20 +379,39 @@ def scan_ricord(root: Path) -> CollectionScan:
                 header, n_files = _first_header(series_dir)
                 if header is None:
                     reason = "no_images" if n_files == 0 else "not_dicom"
-                    issues.append(CollectionIssue(_rel(series_dir, root), reason,
-                                                  f"{'no files' if n_files == 0 else f'none of {n_files} file(s) is DICOM'}; series skipped"))  # fmt: skip
+                    issues.append(
+                        CollectionIssue(
+                            _rel(series_dir, root),
+                            reason,
+                            f"{'no files' if n_files == 0 else f'none of {n_files} file(s) is DICOM'}; series skipped",
+                        )
+                    )
                     continue
                 if str(getattr(header, "Modality", "")).upper() != "CT":
-                    issues.append(CollectionIssue(_rel(series_dir, root), "not_ct",
-                                                  f"Modality {getattr(header, 'Modality', 'missing')!r}, not CT; series skipped"))  # fmt: skip
+                    issues.append(
+                        CollectionIssue(
+                            _rel(series_dir, root),
+                            "not_ct",
+                            f"Modality {getattr(header, 'Modality', 'missing')!r}, not CT; series skipped",
+                        )
+                    )
                     continue
                 series_uid = str(getattr(header, "StudyInstanceUID", "") or "")
                 if not series_uid:
-                    issues.append(CollectionIssue(_rel(series_dir, root), "no_study_uid", "StudyInstanceUID missing; series skipped"))
+                    issues.append(
+                        CollectionIssue(
+                            _rel(series_dir, root), "no_study_uid", "StudyInstanceUID missing; series skipped"
+                        )
+                    )
                     continue
                 if uid is not None and series_uid != uid:
-                    issues.append(CollectionIssue(_rel(series_dir, root), "mixed_study",
-                                                  "belongs to another StudyInstanceUID than the rest of its study folder; series skipped"))  # fmt: skip
+                    issues.append(
+                        CollectionIssue(
+                            _rel(series_dir, root),
+                            "mixed_study",
+                            "belongs to another StudyInstanceUID than the rest of its study folder; series skipped",
+                        )
+                    )
                     continue
                 uid, patient = series_uid, str(getattr(header, "PatientID", "") or study_dir.parent.name)
                 usable.append(str(series_dir))
@@ -345,16 +425,37 @@ def scan_ricord(root: Path) -> CollectionScan:
             seen[uid] = rel
             match = RICORD_PATIENT_ID.match(patient or "")
             if match is None:
-                issues.append(CollectionIssue(rel, "unknown_institution", "PatientID is not MIDRC-RICORD-1X-<institution>-<n>; "
-                                              "grouped as institution 'unknown' for --split-by site"))  # fmt: skip
+                issues.append(
+                    CollectionIssue(
+                        rel,
+                        "unknown_institution",
+                        "PatientID is not MIDRC-RICORD-1X-<institution>-<n>; "
+                        "grouped as institution 'unknown' for --split-by site",
+                    )
+                )
             group = f"institution-{match.group(1)}" if match else "institution-unknown"
             category = appearance.get(uid, "")
             if collection == "MIDRC-RICORD-1A" and annotated and not category:
-                issues.append(CollectionIssue(rel, "not_in_annotations",
-                                              "study not in the 1A annotation file; kept as covid (RT-PCR positive collection)"))  # fmt: skip
-            studies.append(CollectionStudy(key=uid, collection=collection, group=group, patient=patient or uid, kind="dicom",
-                                           source=tuple(usable), diagnosis=RICORD_DIAGNOSIS[collection], severity=None,
-                                           category=category or ("COVID-19 positive" if collection.endswith("1A") else "COVID-19 negative")))  # fmt: skip
+                issues.append(
+                    CollectionIssue(
+                        rel,
+                        "not_in_annotations",
+                        "study not in the 1A annotation file; kept as covid (RT-PCR positive collection)",
+                    )
+                )
+            studies.append(
+                CollectionStudy(
+                    key=uid,
+                    collection=collection,
+                    group=group,
+                    patient=patient or uid,
+                    kind="dicom",
+                    source=tuple(usable),
+                    diagnosis=RICORD_DIAGNOSIS[collection],
+                    severity=None,
+                    category=category or ("COVID-19 positive" if collection.endswith("1A") else "COVID-19 negative"),
+                )
+            )
     if not studies:
         raise CollectionError(f"{root}: no usable MIDRC-RICORD CT study found ({len(issues)} issue(s))")
     return CollectionScan(name="ricord", root=str(root), studies=tuple(studies), issues=tuple(issues))
@@ -366,7 +467,9 @@ ADAPTERS: dict[str, Callable[[Path], CollectionScan]] = {"mosmed": scan_mosmed, 
 # --- site assignment and site folders --------------------------------------------------------------------------------
 
 
-def assign_sites(studies: Sequence[CollectionStudy], *, split_by: str, sites: int | None, seed: int) -> list[list[CollectionStudy]]:
+def assign_sites(
+    studies: Sequence[CollectionStudy], *, split_by: str, sites: int | None, seed: int
+) -> list[list[CollectionStudy]]:
     """Studies per site. A patient's studies always share a site.
 
     ``collection``/``site``: one site per collection / per acquiring institution; with ``sites`` N smaller than the
@@ -378,8 +481,10 @@ def assign_sites(studies: Sequence[CollectionStudy], *, split_by: str, sites: in
     if sites is not None and sites < 1:
         raise ValueError(f"--sites must be >= 1, got {sites}")
     if split_by == "site" and any(s.group == s.collection for s in studies):
-        raise ValueError("this collection records no acquiring institution per study (MosMedData: 48 Moscow hospitals, "
-                         "not identified); use --split-by none --sites N")  # fmt: skip
+        raise ValueError(
+            "this collection records no acquiring institution per study (MosMedData: 48 Moscow hospitals, "
+            "not identified); use --split-by none --sites N"
+        )
     by_patient: dict[str, list[CollectionStudy]] = defaultdict(list)
     for study in studies:
         by_patient[study.patient].append(study)
@@ -401,8 +506,10 @@ def assign_sites(studies: Sequence[CollectionStudy], *, split_by: str, sites: in
         groups[getattr(by_patient[patient][0], attribute)].extend(by_patient[patient])
     n = sites or len(groups)
     if n > len(groups):
-        raise ValueError(f"--sites {n} but the collection has only {len(groups)} {split_by} group(s) "
-                         f"({', '.join(sorted(groups))}); use --split-by none to split at random")  # fmt: skip
+        raise ValueError(
+            f"--sites {n} but the collection has only {len(groups)} {split_by} group(s) "
+            f"({', '.join(sorted(groups))}); use --split-by none to split at random"
+        )
     out = [[] for _ in range(n)]
     for name in sorted(groups, key=lambda g: (-len(groups[g]), g)):
         min(out, key=len).extend(groups[name])
@@ -414,7 +521,9 @@ def _link(target: Path, link: Path) -> None:
     os.symlink(os.path.abspath(target), link)
 
 
-def write_sites(scan: CollectionScan, out: Path, *, split_by: str, sites: int | None = None, seed: int = 0) -> list[PreparedSite]:
+def write_sites(
+    scan: CollectionScan, out: Path, *, split_by: str, sites: int | None = None, seed: int = 0
+) -> list[PreparedSite]:
     """Write ``out/site-K/`` (labels.csv, collection.csv, dicom/ or nifti/ of links) and ``out/collection.json``."""
     out = Path(out)
     if out.is_dir() and any(out.glob("site-*")):
@@ -437,15 +546,26 @@ def write_sites(scan: CollectionScan, out: Path, *, split_by: str, sites: int | 
                     for k, path in enumerate(files, start=1):
                         _link(path, site / "dicom" / f"study-{n:04d}" / f"series-{m:02d}" / f"{k:05d}.dcm")
             labels_rows.append({"StudyInstanceUID": study.key, "diagnosis": study.diagnosis})
-            source_rows.append({"StudyInstanceUID": study.key, "collection": study.collection, "group": study.group,
-                                "category": study.category, "severity": "" if study.severity is None else study.severity})  # fmt: skip
+            source_rows.append(
+                {
+                    "StudyInstanceUID": study.key,
+                    "collection": study.collection,
+                    "group": study.group,
+                    "category": study.category,
+                    "severity": "" if study.severity is None else study.severity,
+                }
+            )
         for name, rows in (("labels.csv", labels_rows), ("collection.csv", source_rows)):
             with (site / name).open("w", newline="", encoding="utf-8") as fh:
                 writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["StudyInstanceUID", "diagnosis"])
                 writer.writeheader()
                 writer.writerows(rows)
         counts = dict(Counter(s.diagnosis for s in studies))
-        groups = tuple(sorted({s.collection if split_by == "collection" else s.group for s in studies})) if split_by != "none" else ()
+        groups = (
+            tuple(sorted({s.collection if split_by == "collection" else s.group for s in studies}))
+            if split_by != "none"
+            else ()
+        )
         written.append(PreparedSite(name=site.name, groups=groups, n_studies=len(studies), class_counts=counts))
     summary = {
         "collection": scan.name,
@@ -476,7 +596,9 @@ def _prepare(args: argparse.Namespace) -> int:
         print(f"{site.name}: {site.n_studies} studies ({counts}){groups}")
         if len(site.class_counts) < 2:
             print(f"  warning: {site.name} holds one class only; AUC cannot be computed on it alone")
-    print(f"{len(scan.studies)} studies, {len(scan.issues)} issue(s); wrote {args.out} (details: {Path(args.out) / 'collection.json'})")
+    print(
+        f"{len(scan.studies)} studies, {len(scan.issues)} issue(s); wrote {args.out} (details: {Path(args.out) / 'collection.json'})"
+    )
     return 0
 
 
@@ -484,13 +606,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fedct collection prepare``."""
     p = sub.add_parser("collection", help="public CT collections (MosMedData, MIDRC-RICORD) as fedct site folders")
     commands = p.add_subparsers(dest="collection_command", required=True)
-    q = commands.add_parser("prepare", help="read a downloaded collection; write site-K/ folders for ingest/simulation/bench")
+    q = commands.add_parser(
+        "prepare", help="read a downloaded collection; write site-K/ folders for ingest/simulation/bench"
+    )
     q.add_argument("--name", required=True, choices=sorted(ADAPTERS), help="which collection --root holds")
     q.add_argument("--root", required=True, help="the downloaded collection (read only)")
     q.add_argument("--out", required=True, help="folder for site-0/, site-1/, ... (links to --root; nothing is copied)")
-    q.add_argument("--split-by", required=True, choices=SPLIT_BY,
-                   help="collection: one site per collection; site: per acquiring institution; none: pooled, random")  # fmt: skip
+    q.add_argument(
+        "--split-by",
+        required=True,
+        choices=SPLIT_BY,
+        help="collection: one site per collection; site: per acquiring institution; none: pooled, random",
+    )
     q.add_argument("--sites", type=int, help="number of sites (none: random split; collection/site: merge groups)")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=_prepare)
-

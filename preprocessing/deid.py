@@ -44,8 +44,10 @@ def load_or_create_site_key(site_dir: Path) -> bytes:
             tmp.unlink(missing_ok=True)
     key = path.read_bytes()
     if len(key) < 32:
-        raise ValueError(f"site key {path} is {len(key)} bytes long, shorter than 32 bytes (a crash while it was written?); "
-                         "delete it to make a new one (pseudonyms change)")  # fmt: skip
+        raise ValueError(
+            f"site key {path} is {len(key)} bytes long, shorter than 32 bytes (a crash while it was written?); "
+            "delete it to make a new one (pseudonyms change)"
+        )
     return key
 
 

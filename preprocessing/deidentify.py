@@ -129,42 +129,161 @@ TIME = "time"  # TM of a date/time pair: shifted with its DA, removed without it
 DATETIME = "datetime"  # DT: shifted, UTC offset dropped
 PATIENT_CHARACTERISTIC = "patient"  # PatientSex / PatientAge / PatientSize / PatientWeight: checked and coarsened
 
-_IMAGE_PIXEL = ("SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored",
-                "HighBit", "PixelRepresentation", "PlanarConfiguration", "PixelAspectRatio", "SmallestImagePixelValue",
-                "LargestImagePixelValue", "PixelPaddingValue", "PixelPaddingRangeLimit", "PixelData", "FloatPixelData",
-                "DoubleFloatPixelData", "NumberOfFrames", "FrameIncrementPointer", "ExtendedOffsetTable",
-                "ExtendedOffsetTableLengths", "LossyImageCompression", "LossyImageCompressionRatio",
-                "LossyImageCompressionMethod", "PresentationLUTShape", "BurnedInAnnotation",
-                "RecognizableVisualFeatures")  # fmt: skip
-_GEOMETRY = ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "SliceThickness", "SpacingBetweenSlices",
-             "SliceLocation", "PatientPosition", "PatientOrientation", "TablePosition")  # fmt: skip
-_RESCALE_AND_WINDOW = ("RescaleIntercept", "RescaleSlope", "RescaleType", "WindowCenter", "WindowWidth", "VOILUTFunction")
-_SERIES_AND_IMAGE = ("SpecificCharacterSet", "ImageType", "Modality", "SeriesNumber", "InstanceNumber",
-                     "AcquisitionNumber", "BodyPartExamined", "Laterality", "ImageLaterality", "ContentQualification",
-                     "Manufacturer", "ManufacturerModelName")  # fmt: skip
-_CT_ACQUISITION = ("KVP", "DataCollectionDiameter", "ReconstructionDiameter", "DistanceSourceToDetector",
-                   "DistanceSourceToPatient", "GantryDetectorTilt", "TableHeight", "RotationDirection", "ExposureTime",
-                   "XRayTubeCurrent", "Exposure", "ExposureInuAs", "FilterType", "GeneratorPower", "FocalSpots",
-                   "ConvolutionKernel", "RevolutionTime", "SingleCollimationWidth", "TotalCollimationWidth",
-                   "TableSpeed", "TableFeedPerRotation", "SpiralPitchFactor", "CTDIvol", "ScanOptions",
-                   "DataCollectionCenterPatient", "ReconstructionTargetCenterPatient", "AcquisitionType", "TubeAngle",
-                   "ConstantVolumeFlag", "FluoroscopyFlag", "DistanceSourceToDataCollectionCenter",
-                   "ReconstructionAlgorithm", "ConvolutionKernelGroup", "ReconstructionFieldOfView",
-                   "ReconstructionPixelSpacing", "ReconstructionAngle", "ImageFilter", "ExposureTimeInms",
-                   "XRayTubeCurrentInmA", "ExposureInmAs", "ExposureModulationType", "FilterMaterial")  # fmt: skip
-_MULTI_FRAME = ("FrameType", "InStackPositionNumber", "StackID", "TemporalPositionIndex", "DimensionIndexValues",
-                "FrameAcquisitionNumber", "FrameAcquisitionDuration", "DimensionIndexPointer",
-                "FunctionalGroupPointer", "InConcatenationNumber", "InConcatenationTotalNumber",
-                "ConcatenationFrameOffsetNumber", "ReferencedFrameNumber")  # fmt: skip
-_SEQUENCES = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence", "PixelMeasuresSequence",
-              "PlanePositionSequence", "PlaneOrientationSequence", "PixelValueTransformationSequence",
-              "FrameVOILUTSequence", "CTImageFrameTypeSequence", "FrameContentSequence", "CTAcquisitionTypeSequence",
-              "CTAcquisitionDetailsSequence", "CTGeometrySequence", "CTReconstructionSequence", "CTExposureSequence",
-              "CTXRayDetailsSequence", "CTPositionSequence", "DimensionOrganizationSequence", "DimensionIndexSequence",
-              "ReferencedImageSequence", "SourceImageSequence")  # fmt: skip
-_INSTANCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID",
-                  "ReferencedSOPInstanceUID", "ConcatenationUID", "SOPInstanceUIDOfConcatenationSource",
-                  "DimensionOrganizationUID", "SynchronizationFrameOfReferenceUID", "IrradiationEventUID")  # fmt: skip
+_IMAGE_PIXEL = (
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "PlanarConfiguration",
+    "PixelAspectRatio",
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "PixelData",
+    "FloatPixelData",
+    "DoubleFloatPixelData",
+    "NumberOfFrames",
+    "FrameIncrementPointer",
+    "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths",
+    "LossyImageCompression",
+    "LossyImageCompressionRatio",
+    "LossyImageCompressionMethod",
+    "PresentationLUTShape",
+    "BurnedInAnnotation",
+    "RecognizableVisualFeatures",
+)
+_GEOMETRY = (
+    "PixelSpacing",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "SliceLocation",
+    "PatientPosition",
+    "PatientOrientation",
+    "TablePosition",
+)
+_RESCALE_AND_WINDOW = (
+    "RescaleIntercept",
+    "RescaleSlope",
+    "RescaleType",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+)
+_SERIES_AND_IMAGE = (
+    "SpecificCharacterSet",
+    "ImageType",
+    "Modality",
+    "SeriesNumber",
+    "InstanceNumber",
+    "AcquisitionNumber",
+    "BodyPartExamined",
+    "Laterality",
+    "ImageLaterality",
+    "ContentQualification",
+    "Manufacturer",
+    "ManufacturerModelName",
+)
+_CT_ACQUISITION = (
+    "KVP",
+    "DataCollectionDiameter",
+    "ReconstructionDiameter",
+    "DistanceSourceToDetector",
+    "DistanceSourceToPatient",
+    "GantryDetectorTilt",
+    "TableHeight",
+    "RotationDirection",
+    "ExposureTime",
+    "XRayTubeCurrent",
+    "Exposure",
+    "ExposureInuAs",
+    "FilterType",
+    "GeneratorPower",
+    "FocalSpots",
+    "ConvolutionKernel",
+    "RevolutionTime",
+    "SingleCollimationWidth",
+    "TotalCollimationWidth",
+    "TableSpeed",
+    "TableFeedPerRotation",
+    "SpiralPitchFactor",
+    "CTDIvol",
+    "ScanOptions",
+    "DataCollectionCenterPatient",
+    "ReconstructionTargetCenterPatient",
+    "AcquisitionType",
+    "TubeAngle",
+    "ConstantVolumeFlag",
+    "FluoroscopyFlag",
+    "DistanceSourceToDataCollectionCenter",
+    "ReconstructionAlgorithm",
+    "ConvolutionKernelGroup",
+    "ReconstructionFieldOfView",
+    "ReconstructionPixelSpacing",
+    "ReconstructionAngle",
+    "ImageFilter",
+    "ExposureTimeInms",
+    "XRayTubeCurrentInmA",
+    "ExposureInmAs",
+    "ExposureModulationType",
+    "FilterMaterial",
+)
+_MULTI_FRAME = (
+    "FrameType",
+    "InStackPositionNumber",
+    "StackID",
+    "TemporalPositionIndex",
+    "DimensionIndexValues",
+    "FrameAcquisitionNumber",
+    "FrameAcquisitionDuration",
+    "DimensionIndexPointer",
+    "FunctionalGroupPointer",
+    "InConcatenationNumber",
+    "InConcatenationTotalNumber",
+    "ConcatenationFrameOffsetNumber",
+    "ReferencedFrameNumber",
+)
+_SEQUENCES = (
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+    "PixelMeasuresSequence",
+    "PlanePositionSequence",
+    "PlaneOrientationSequence",
+    "PixelValueTransformationSequence",
+    "FrameVOILUTSequence",
+    "CTImageFrameTypeSequence",
+    "FrameContentSequence",
+    "CTAcquisitionTypeSequence",
+    "CTAcquisitionDetailsSequence",
+    "CTGeometrySequence",
+    "CTReconstructionSequence",
+    "CTExposureSequence",
+    "CTXRayDetailsSequence",
+    "CTPositionSequence",
+    "DimensionOrganizationSequence",
+    "DimensionIndexSequence",
+    "ReferencedImageSequence",
+    "SourceImageSequence",
+)
+_INSTANCE_UIDS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "FrameOfReferenceUID",
+    "ReferencedSOPInstanceUID",
+    "ConcatenationUID",
+    "SOPInstanceUIDOfConcatenationSource",
+    "DimensionOrganizationUID",
+    "SynchronizationFrameOfReferenceUID",
+    "IrradiationEventUID",
+)
 _CLASS_UIDS = ("SOPClassUID", "ReferencedSOPClassUID")
 
 #: Date/time pairs shifted together (Retain Longitudinal Temporal Information with Modified Dates).
@@ -180,8 +299,10 @@ _PATIENT_CHARACTERISTICS = ("PatientSex", "PatientAge", "PatientSize", "PatientW
 
 #: keyword -> how it is kept. Everything else is removed.
 KEPT_ATTRIBUTES: dict[str, str] = {
-    **{kw: VERBATIM for kw in (*_IMAGE_PIXEL, *_GEOMETRY, *_RESCALE_AND_WINDOW, *_SERIES_AND_IMAGE, *_CT_ACQUISITION,
-                               *_MULTI_FRAME)},  # fmt: skip
+    **{
+        kw: VERBATIM
+        for kw in (*_IMAGE_PIXEL, *_GEOMETRY, *_RESCALE_AND_WINDOW, *_SERIES_AND_IMAGE, *_CT_ACQUISITION, *_MULTI_FRAME)
+    },
     **{kw: SEQUENCE for kw in _SEQUENCES},
     **{kw: NEW_UID for kw in _INSTANCE_UIDS},
     **{kw: CLASS_UID for kw in _CLASS_UIDS},
@@ -192,8 +313,16 @@ KEPT_ATTRIBUTES: dict[str, str] = {
 }
 
 #: Type 2 attributes written empty at the top level when the allow-list removed them (or they were absent).
-_TYPE2_EMPTY = ("PatientBirthDate", "PatientSex", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDate",
-                "StudyTime", "Manufacturer")  # fmt: skip
+_TYPE2_EMPTY = (
+    "PatientBirthDate",
+    "PatientSex",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyTime",
+    "Manufacturer",
+)
 
 #: Codes written into DeidentificationMethodCodeSequence (scheme DCM, PS3.16 CID 7050).
 DEIDENTIFICATION_CODES: tuple[tuple[str, str], ...] = (
@@ -219,7 +348,9 @@ SKIP_REASONS = (
 )
 
 #: Secondary Capture Image Storage and the four Multi-frame Secondary Capture classes.
-_SECONDARY_CAPTURE_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.7", *(f"1.2.840.10008.5.1.4.1.1.7.{i}" for i in range(1, 5))})
+_SECONDARY_CAPTURE_CLASSES = frozenset(
+    {"1.2.840.10008.5.1.4.1.1.7", *(f"1.2.840.10008.5.1.4.1.1.7.{i}" for i in range(1, 5))}
+)
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 # CT Image, Enhanced CT Image, Legacy Converted Enhanced CT Image Storage
 _CT_CLASS_PREFIXES = ("1.2.840.10008.5.1.4.1.1.2",)
@@ -252,8 +383,17 @@ class ProfileEntry:
         return keyword_for_tag(self.tag) if self.mask == 0xFFFFFFFF else ""
 
 
-_TABLE_CATEGORIES = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D", "X_Z_TAGS": "X/Z",
-                     "X_D_TAGS": "X/D", "X_Z_D_TAGS": "X/Z/D", "X_Z_U_STAR_TAGS": "X/Z/U*"}  # fmt: skip
+_TABLE_CATEGORIES = {
+    "D_TAGS": "D",
+    "Z_TAGS": "Z",
+    "X_TAGS": "X",
+    "U_TAGS": "U",
+    "Z_D_TAGS": "Z/D",
+    "X_Z_TAGS": "X/Z",
+    "X_D_TAGS": "X/D",
+    "X_Z_D_TAGS": "X/Z/D",
+    "X_Z_U_STAR_TAGS": "X/Z/U*",
+}
 
 
 @functools.cache
@@ -636,7 +776,9 @@ def _check_releasable(ds: Dataset) -> None:
     if not any(kw in ds for kw in _PIXEL_KEYWORDS):
         raise DeidentificationRefused("not_an_image", "no pixel data: only image objects are de-identified")
     if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
-        raise DeidentificationRefused("burned_in_annotation", "BurnedInAnnotation is YES: the pixels identify the patient")
+        raise DeidentificationRefused(
+            "burned_in_annotation", "BurnedInAnnotation is YES: the pixels identify the patient"
+        )
     if sop_class in _SECONDARY_CAPTURE_CLASSES:
         raise DeidentificationRefused("secondary_capture", "Secondary Capture images often carry burned-in text")
     modality = str(ds.get("Modality", "") or "").strip().upper()
@@ -645,9 +787,13 @@ def _check_releasable(ds: Dataset) -> None:
         screen_save = any("SCREEN" in v and "SAVE" in v for v in values)
         if screen_save or (is_ct and values[:2] == ["DERIVED", "SECONDARY"]):
             shown = "\\".join(values)
-            raise DeidentificationRefused("secondary_image", f"ImageType {shown}: a secondary/screen-save image may carry burned-in text")
+            raise DeidentificationRefused(
+                "secondary_image", f"ImageType {shown}: a secondary/screen-save image may carry burned-in text"
+            )
     if str(ds.get("RecognizableVisualFeatures", "")).strip().upper() == "YES":
-        raise DeidentificationRefused("recognizable_features", "RecognizableVisualFeatures is YES: the image shows a face")
+        raise DeidentificationRefused(
+            "recognizable_features", "RecognizableVisualFeatures is YES: the image shows a face"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -680,10 +826,13 @@ def _cleaned_words(words: np.ndarray, ds: Dataset) -> np.ndarray:
     if signed and shift == 0:
         negative = (cleaned >> words.dtype.type(bits_stored - 1)) & words.dtype.type(1)
         cleaned = cleaned | (negative * words.dtype.type(all_ones & ~int(mask)))
-    padding = [v for v in (_int_or_none(ds, "PixelPaddingValue"), _int_or_none(ds, "PixelPaddingRangeLimit")) if v is not None]
+    padding = [
+        v for v in (_int_or_none(ds, "PixelPaddingValue"), _int_or_none(ds, "PixelPaddingRangeLimit")) if v is not None
+    ]
     if padding:
-        stored_min, stored_max = ((-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed
-                                  else (0, (1 << bits_stored) - 1))  # fmt: skip
+        stored_min, stored_max = (
+            (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
+        )
         lo, hi = min(padding), max(padding)
         if lo < stored_min or hi > stored_max:  # padding written in the full words: keep those words as they are
             view = (words.view(words.dtype.str.replace("u", "i")) if signed else words).astype(np.int64)
@@ -706,10 +855,14 @@ def _clear_unused_pixel_bits(ds: Dataset) -> None:
         try:
             decoded = pixel_array(ds, correct_unused_bits=False)
         except Exception as exc:
-            raise DeidentificationRefused("deid_error", f"compressed pixel data could not be decoded to check its unused bits: {exc}") from exc
+            raise DeidentificationRefused(
+                "deid_error", f"compressed pixel data could not be decoded to check its unused bits: {exc}"
+            ) from exc
         words = np.ascontiguousarray(decoded).view(f"u{bits_allocated // 8}")
         if not np.array_equal(_cleaned_words(words, ds), words):
-            raise DeidentificationRefused("pixel_high_bits", f"compressed pixel data has bits above BitsStored ({bits_stored}) set")
+            raise DeidentificationRefused(
+                "pixel_high_bits", f"compressed pixel data has bits above BitsStored ({bits_stored}) set"
+            )
         return
     big = syntax == ExplicitVRBigEndian
     data = bytes(ds.PixelData)
@@ -759,7 +912,9 @@ def _rebuild_file_meta(ds: Dataset, original: FileMetaDataset | None) -> None:
         implicit, little = getattr(ds, "original_encoding", (False, True))
         if implicit is None:
             implicit, little = False, True
-        transfer_syntax = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        transfer_syntax = (
+            ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        )
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.get("SOPClassUID") or (original or Dataset()).get("MediaStorageSOPClassUID", "")
     meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
@@ -901,7 +1056,10 @@ def deidentify_folder(
             if _is_truncated(ds):
                 skipped.append((rel, "unreadable"))
                 continue
-            if any(not str(ds.get(kw, "") or "").strip() for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")):
+            if any(
+                not str(ds.get(kw, "") or "").strip()
+                for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+            ):
                 _check_releasable(ds)  # a more telling reason first (e.g. DICOMDIR has no SOP Instance UID)
                 skipped.append((rel, "missing_uid"))
                 continue

@@ -118,7 +118,15 @@ class InstanceHeader:
 
 
 #: Identity attributes every image needs to be grouped into a series.
-_IDENTITY_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Modality", "Rows", "Columns")
+_IDENTITY_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
+    "Modality",
+    "Rows",
+    "Columns",
+)
 
 #: Attributes a slice must have to be placed in a volume (one missing -> ``missing_attribute``).
 REQUIRED_KEYWORDS = _IDENTITY_KEYWORDS + ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient")
@@ -179,7 +187,10 @@ def _read_dicom(path: str | Path, *, stop_before_pixels: bool) -> tuple[Dataset,
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # pydicom warns about every oddity of a non-DICOM file
                     ds = pydicom.dcmread(
-                        fh, stop_before_pixels=stop_before_pixels, force=True, defer_size=4096 if stop_before_pixels else None
+                        fh,
+                        stop_before_pixels=stop_before_pixels,
+                        force=True,
+                        defer_size=4096 if stop_before_pixels else None,
                     )
                     sop_class = UID(str(ds["SOPClassUID"].value)) if "SOPClassUID" in ds else None
             except Exception as exc:  # whatever a non-DICOM file makes the parser do
@@ -215,9 +226,16 @@ def _pixel_location(ds: Dataset, position: int) -> tuple[int, tuple[tuple[str, i
                 values[keyword] = int(ds[keyword].value)
     except (TypeError, ValueError):
         return -1, ()
-    if values["BitsAllocated"] not in (8, 16, 32) or values["SamplesPerPixel"] != 1 or int(ds.get("NumberOfFrames") or 1) != 1:
+    if (
+        values["BitsAllocated"] not in (8, 16, 32)
+        or values["SamplesPerPixel"] != 1
+        or int(ds.get("NumberOfFrames") or 1) != 1
+    ):
         return -1, ()
-    if not 1 <= int(values["BitsStored"]) <= int(values["BitsAllocated"]) or values["PixelRepresentation"] not in (0, 1):
+    if not 1 <= int(values["BitsStored"]) <= int(values["BitsAllocated"]) or values["PixelRepresentation"] not in (
+        0,
+        1,
+    ):
         return -1, ()
     return position, tuple(values.items())
 
@@ -371,7 +389,9 @@ def _read(path: Path, root: Path) -> tuple[tuple[InstanceHeader, ...] | Rejectio
         if str(ds.SOPClassUID) in MULTI_FRAME_CT_SOP_CLASSES:
             missing = _missing(ds, REQUIRED_MULTI_FRAME_KEYWORDS)
             if missing:
-                return Rejection(rel, "missing_attribute", f"required attribute(s) missing: {', '.join(missing)}"), series
+                return Rejection(
+                    rel, "missing_attribute", f"required attribute(s) missing: {', '.join(missing)}"
+                ), series
             return _frame_headers(ds, path, rel, transfer_syntax), series
         missing = _missing(ds, REQUIRED_KEYWORDS)
         if missing:

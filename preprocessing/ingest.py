@@ -162,7 +162,9 @@ def export_nifti(item: dict[str, Any], folder: Path) -> Path:
     return path
 
 
-def _cache_one(args: tuple[dict[str, Any], PipelineConfig, str, str | None]) -> tuple[str, str | None, str | None, str | None]:
+def _cache_one(
+    args: tuple[dict[str, Any], PipelineConfig, str, str | None],
+) -> tuple[str, str | None, str | None, str | None]:
     """Worker: compute and cache the deterministic pipeline for one item (and export its HU volume when asked);
     return (id, reason, message, path)."""
     item, pipeline, site_dir, export_dir = args
@@ -236,12 +238,21 @@ def ingest_site(
     from preprocessing.nifti import ingest_nifti_site, nifti_folder  # collections shipping NIfTI (MosMedData)
 
     if (nifti_dir := nifti_folder(dicom_dir)) is not None:
-        return ingest_nifti_site(nifti_dir, site_dir, labels_csv=labels_csv, pipeline=pipeline, split=split, workers=workers,
-                                 progress=progress)  # fmt: skip
+        return ingest_nifti_site(
+            nifti_dir,
+            site_dir,
+            labels_csv=labels_csv,
+            pipeline=pipeline,
+            split=split,
+            workers=workers,
+            progress=progress,
+        )
     if not dicom_dir.is_dir():
         raise FileNotFoundError(f"DICOM input folder does not exist: {dicom_dir}")
     if site_dir == dicom_dir or dicom_dir in site_dir.parents:  # checked before mkdir: inputs stay untouched
-        raise ValueError(f"site folder {site_dir} must not be inside the DICOM input folder {dicom_dir} (inputs stay untouched)")
+        raise ValueError(
+            f"site folder {site_dir} must not be inside the DICOM input folder {dicom_dir} (inputs stay untouched)"
+        )
     site_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(site_dir, os.W_OK):
         raise PermissionError(f"site folder is not writable: {site_dir}")
@@ -281,7 +292,11 @@ def ingest_site(
                 labelled.append(series)
             else:
                 rejected.append(
-                    Rejection(_series_folder(series.paths, dicom_dir), "no_label", f"{labels.key} not found in the labels file")
+                    Rejection(
+                        _series_folder(series.paths, dicom_dir),
+                        "no_label",
+                        f"{labels.key} not found in the labels file",
+                    )
                 )
                 rejected.extend(_additional(candidates_of[series.StudyInstanceUID], series, pseudonym, dicom_dir))
         chosen = labelled
@@ -338,10 +353,20 @@ def ingest_site(
                     used[study_id] += 1
                     if used[study_id] < len(candidates):
                         nxt = candidates[used[study_id]]
-                        rejected.append(Rejection(where, reason, f"study {study_id}: its series of {len(entry.series['paths'])} "
-                                                  f"slices refused: {message or ''}; trying the study's next series "
-                                                  f"({len(nxt.paths)} slices)"))  # fmt: skip
-                        entry = replace(entry, series=series_to_dict(nxt), content=file_state_fingerprint(list(dict.fromkeys(nxt.paths))))
+                        rejected.append(
+                            Rejection(
+                                where,
+                                reason,
+                                f"study {study_id}: its series of {len(entry.series['paths'])} "
+                                f"slices refused: {message or ''}; trying the study's next series "
+                                f"({len(nxt.paths)} slices)",
+                            )
+                        )
+                        entry = replace(
+                            entry,
+                            series=series_to_dict(nxt),
+                            content=file_state_fingerprint(list(dict.fromkeys(nxt.paths))),
+                        )
                         entry_of[study_id] = entry
                         pending.append(entry)
                     else:
@@ -360,7 +385,10 @@ def ingest_site(
         n_rejected=len(rejected),
     )
     _write_json(site_dir / MANIFEST_NAME, {"manifest_version": MANIFEST_VERSION, **asdict(manifest)})
-    _write_json(site_dir / REPORT_NAME, _report(found.n_files, entries, chosen, rejected, pipeline, time.perf_counter() - t0, dicom_dir))
+    _write_json(
+        site_dir / REPORT_NAME,
+        _report(found.n_files, entries, chosen, rejected, pipeline, time.perf_counter() - t0, dicom_dir),
+    )
     return manifest
 
 
@@ -404,7 +432,9 @@ def _report(
                 "spacing_mm": [s["PixelSpacing"][1], s["PixelSpacing"][0], round(s["slice_step_mm"], 4)],
                 "transfer_syntaxes": list(s["transfer_syntaxes"]),
                 "multi_frame": bool(s.get("frames")),
-                "dropped": [{**asdict(d), "path": _rel(d.path, root)} for d in dropped_of.get(s["SeriesInstanceUID"], ())],
+                "dropped": [
+                    {**asdict(d), "path": _rel(d.path, root)} for d in dropped_of.get(s["SeriesInstanceUID"], ())
+                ],
             }
         )
     return {
@@ -416,7 +446,9 @@ def _report(
             "rejected": len(rejected),
             "by_reason": dict(Counter(r.reason for r in rejected)),
             "by_split": dict(Counter(e.split for e in entries)),
-            "by_diagnosis": dict(Counter("unlabelled" if e.diagnosis is None else DIAGNOSES[e.diagnosis] for e in entries)),
+            "by_diagnosis": dict(
+                Counter("unlabelled" if e.diagnosis is None else DIAGNOSES[e.diagnosis] for e in entries)
+            ),
         },
         "accepted": accepted,
         "rejected": [asdict(r) for r in rejected],

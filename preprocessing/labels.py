@@ -76,15 +76,21 @@ def read_labels(path: Path) -> Labels:
         reader.fieldnames = columns
         keys = [c for c in KEY_COLUMNS if c in columns]
         if len(keys) != 1:
-            raise LabelsError(f"{path}: line 1: needs exactly one of the columns {' or '.join(KEY_COLUMNS)}; found {', '.join(columns) or 'none'}")
+            raise LabelsError(
+                f"{path}: line 1: needs exactly one of the columns {' or '.join(KEY_COLUMNS)}; found {', '.join(columns) or 'none'}"
+            )
         key = keys[0]
         missing = [c for c in REQUIRED_COLUMNS if c not in columns]
         if missing:
-            raise LabelsError(f"{path}: line 1: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
+            raise LabelsError(
+                f"{path}: line 1: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}"
+            )
         known = set(KEY_COLUMNS) | set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
         unknown = [c for c in columns if c not in known]
         if unknown:
-            raise LabelsError(f"{path}: line 1: unknown column(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise LabelsError(
+                f"{path}: line 1: unknown column(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         labels: dict[str, StudyLabel] = {}
         for row_number, row in enumerate(reader, start=2):
             uid = (row.get(key) or "").strip()
@@ -94,7 +100,9 @@ def read_labels(path: Path) -> Labels:
                 raise LabelsError(f"{path}: line {row_number}: {key} listed twice")
             diagnosis_text = (row.get("diagnosis") or "").strip()
             if diagnosis_text and diagnosis_text not in DIAGNOSES:
-                raise LabelsError(f"{path}: line {row_number}: diagnosis {diagnosis_text!r} is not one of {', '.join(DIAGNOSES)}")
+                raise LabelsError(
+                    f"{path}: line {row_number}: diagnosis {diagnosis_text!r} is not one of {', '.join(DIAGNOSES)}"
+                )
             severe = _optional_float(row.get("severe"), path=path, row=row_number, column="severe")
             if severe is not None and severe not in (0.0, 1.0):
                 raise LabelsError(f"{path}: line {row_number}: severe must be 0 or 1, got {severe}")

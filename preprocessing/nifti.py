@@ -50,7 +50,9 @@ class NiftiConfig:
         if self.min_voxels_per_axis < 2:
             raise ValueError(f"min_voxels_per_axis must be >= 2, got {self.min_voxels_per_axis}")
         if not 0 < self.min_spacing_mm < self.max_spacing_mm:
-            raise ValueError(f"need 0 < min_spacing_mm < max_spacing_mm, got {self.min_spacing_mm}, {self.max_spacing_mm}")
+            raise ValueError(
+                f"need 0 < min_spacing_mm < max_spacing_mm, got {self.min_spacing_mm}, {self.max_spacing_mm}"
+            )
         if not self.min_hu < -1000.0 < self.max_hu:
             raise ValueError(f"need min_hu < -1000 < max_hu, got {self.min_hu}, {self.max_hu}")
         if not 0 < self.min_air_fraction < 1:
@@ -113,7 +115,9 @@ def _spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
     if len(shape) < 3:
         raise _refuse("nifti_not_3d", f"has {len(shape)} dimension(s) {tuple(shape)}; a CT volume has 3", path)
     if any(n != 1 for n in rest):
-        raise _refuse("nifti_not_3d", f"has shape {tuple(shape)}: more than one volume (dimensions beyond 3 must be 1)", path)
+        raise _refuse(
+            "nifti_not_3d", f"has shape {tuple(shape)}: more than one volume (dimensions beyond 3 must be 1)", path
+        )
     return spatial  # type: ignore[return-value]
 
 
@@ -143,17 +147,27 @@ def validate_nifti(path: Path | str, *, config: NiftiConfig | None = None, read_
     image = _load(path)
     shape = _spatial_shape(image.shape, path)
     if min(shape) < config.min_voxels_per_axis:
-        raise _refuse("nifti_too_small", f"shape {shape}: fewer than {config.min_voxels_per_axis} voxels along an axis", path)
+        raise _refuse(
+            "nifti_too_small", f"shape {shape}: fewer than {config.min_voxels_per_axis} voxels along an axis", path
+        )
     affine = np.asarray(image.affine, dtype=np.float64)
     if affine.shape != (4, 4) or not np.isfinite(affine).all():
         raise _refuse("nifti_bad_affine", "affine (sform/qform) is not a finite 4x4 matrix", path)
     linear = affine[:3, :3]
     spacing = tuple(float(s) for s in np.linalg.norm(linear, axis=0))
     if min(spacing) <= 0 or abs(np.linalg.det(linear)) < 1e-6 * max(spacing) ** 3:
-        raise _refuse("nifti_bad_affine", f"affine is degenerate (voxel axes collinear or of zero length; spacing {spacing})", path)
+        raise _refuse(
+            "nifti_bad_affine",
+            f"affine is degenerate (voxel axes collinear or of zero length; spacing {spacing})",
+            path,
+        )
     if min(spacing) < config.min_spacing_mm or max(spacing) > config.max_spacing_mm:
         shown = tuple(round(s, 4) for s in spacing)
-        raise _refuse("nifti_bad_spacing", f"voxel spacing {shown} mm outside [{config.min_spacing_mm}, {config.max_spacing_mm}] mm", path)
+        raise _refuse(
+            "nifti_bad_spacing",
+            f"voxel spacing {shown} mm outside [{config.min_spacing_mm}, {config.max_spacing_mm}] mm",
+            path,
+        )
     if image.header.get_xyzt_units()[0] not in ("mm", "unknown"):
         raise _refuse("nifti_bad_spacing", f"spatial unit is {image.header.get_xyzt_units()[0]!r}, not mm", path)
     convention = ""
@@ -163,7 +177,9 @@ def validate_nifti(path: Path | str, *, config: NiftiConfig | None = None, read_
         except Exception as exc:  # truncated gzip, short file
             raise _refuse("nifti_unreadable", f"voxel data cannot be read ({type(exc).__name__}: {exc})", path) from exc
         if not np.isfinite(data).all():
-            raise _refuse("nifti_not_finite", f"{int(np.size(data) - np.isfinite(data).sum())} voxel(s) are NaN or infinite", path)
+            raise _refuse(
+                "nifti_not_finite", f"{int(np.size(data) - np.isfinite(data).sum())} voxel(s) are NaN or infinite", path
+            )
         convention = _detect_convention(data, path, config)
         if not convention:
             raise _refuse(
@@ -190,12 +206,19 @@ def read_nifti_hu(item: Mapping[str, Any]) -> Any:
 
     path = Path(str(item["nifti"]))
     try:
-        image = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32,
-                          squeeze_non_spatial_dims=True)(str(path))  # fmt: skip
+        image = LoadImage(
+            reader="NibabelReader",
+            image_only=True,
+            ensure_channel_first=True,
+            dtype=np.float32,
+            squeeze_non_spatial_dims=True,
+        )(str(path))
     except Exception as exc:
         raise _refuse("nifti_unreadable", f"cannot be loaded ({type(exc).__name__}: {exc})", path) from exc
     if tuple(image.shape[1:]) != tuple(item["shape"]):
-        raise _refuse("nifti_changed", f"shape {tuple(image.shape[1:])} differs from the validated {tuple(item['shape'])}", path)
+        raise _refuse(
+            "nifti_changed", f"shape {tuple(image.shape[1:])} differs from the validated {tuple(item['shape'])}", path
+        )
     offset = float(item.get("intensity_offset_hu", 0.0))
     image = image + offset if offset else image
     return torch.clamp(image, min=AIR_HU)
@@ -278,7 +301,9 @@ def ingest_nifti_site(
     if not nifti_dir.is_dir():
         raise FileNotFoundError(f"NIfTI input folder does not exist: {nifti_dir}")
     if site_dir == nifti_dir or nifti_dir in site_dir.parents:
-        raise ValueError(f"site folder {site_dir} must not be inside the NIfTI input folder {nifti_dir} (inputs stay untouched)")
+        raise ValueError(
+            f"site folder {site_dir} must not be inside the NIfTI input folder {nifti_dir} (inputs stay untouched)"
+        )
     site_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(site_dir, os.W_OK):
         raise PermissionError(f"site folder is not writable: {site_dir}")
@@ -301,7 +326,9 @@ def ingest_nifti_site(
             rejected.append(Rejection(rel, exc.reason, exc.message))
             continue
         if labels_csv is not None and key not in labels:
-            rejected.append(Rejection(rel, "no_label", f"{labels.key} {key!r} (the file name) not found in the labels file"))
+            rejected.append(
+                Rejection(rel, "no_label", f"{labels.key} {key!r} (the file name) not found in the labels file")
+            )
             continue
         accepted.append((key, volume))
 
@@ -315,15 +342,26 @@ def ingest_nifti_site(
         label = labels.get(key, StudyLabel(None, None, None, None, None))
         patient = pseudonym("patient", key)
         entries.append(
-            ing.StudyEntry(id=pseudonym("study", key), patient=patient, split=split_of[patient], diagnosis=label.diagnosis,
-                           severe=label.severe, time_days=label.time_days, age=label.age, sex=label.sex,
-                           series=volume.to_dict(), content=file_state_fingerprint([volume.path]))  # fmt: skip
+            ing.StudyEntry(
+                id=pseudonym("study", key),
+                patient=patient,
+                split=split_of[patient],
+                diagnosis=label.diagnosis,
+                severe=label.severe,
+                time_days=label.time_days,
+                age=label.age,
+                sex=label.sex,
+                series=volume.to_dict(),
+                content=file_state_fingerprint([volume.path]),
+            )
         )
 
     failures: dict[str, Rejection] = {}
     jobs = [(e.item(), pipeline, str(site_dir), None) for e in entries]
     if jobs:
-        with ProcessPoolExecutor(max_workers=max(1, workers), initializer=ing._worker_init, mp_context=ing.pool_context()) as pool:
+        with ProcessPoolExecutor(
+            max_workers=max(1, workers), initializer=ing._worker_init, mp_context=ing.pool_context()
+        ) as pool:
             results = pool.map(ing._cache_one, jobs)
             if progress:
                 from tqdm import tqdm
@@ -339,8 +377,13 @@ def ingest_nifti_site(
             rejected.append(Rejection(rel, failure.reason, f"study {entry.id} refused: {failure.message}"))
     entries = [e for e in entries if e.id not in failures]
 
-    manifest = ing.SiteManifest(site_dir=str(site_dir), pipeline_fingerprint=pipeline.fingerprint(), input_fingerprint=fingerprint,
-                                studies=tuple(entries), n_rejected=len(rejected))  # fmt: skip
+    manifest = ing.SiteManifest(
+        site_dir=str(site_dir),
+        pipeline_fingerprint=pipeline.fingerprint(),
+        input_fingerprint=fingerprint,
+        studies=tuple(entries),
+        n_rejected=len(rejected),
+    )
     ing._write_json(site_dir / ing.MANIFEST_NAME, {"manifest_version": ing.MANIFEST_VERSION, **asdict(manifest)})
     report = {
         "pipeline": pipeline.to_dict(),
@@ -352,16 +395,22 @@ def ingest_nifti_site(
             "rejected": len(rejected),
             "by_reason": dict(Counter(r.reason for r in rejected)),
             "by_split": dict(Counter(e.split for e in entries)),
-            "by_diagnosis": dict(Counter("unlabelled" if e.diagnosis is None else DIAGNOSES[e.diagnosis] for e in entries)),
+            "by_diagnosis": dict(
+                Counter("unlabelled" if e.diagnosis is None else DIAGNOSES[e.diagnosis] for e in entries)
+            ),
         },
         "accepted": [
-            {"id": e.id, "split": e.split, "diagnosis": None if e.diagnosis is None else DIAGNOSES[e.diagnosis],
-             "shape": e.series["shape"], "spacing_mm": [round(s, 4) for s in e.series["spacing_mm"]],
-             "convention": e.series["convention"]}  # fmt: skip
+            {
+                "id": e.id,
+                "split": e.split,
+                "diagnosis": None if e.diagnosis is None else DIAGNOSES[e.diagnosis],
+                "shape": e.series["shape"],
+                "spacing_mm": [round(s, 4) for s in e.series["spacing_mm"]],
+                "convention": e.series["convention"],
+            }
             for e in entries
         ],
         "rejected": [asdict(r) for r in rejected],
     }
     ing._write_json(site_dir / ing.REPORT_NAME, report)
     return manifest
-

@@ -63,7 +63,10 @@ class AugmentConfig:
     rotate_deg: float = 10.0  #: rotation range +/- about each axis, degrees (positioning)
     scale: float = 0.1  #: zoom range +/- (body size, field of view)
     flip_prob: float = 0.5  #: left-right flip
-    low_res_zoom: tuple[float, float] = (0.5, 1.0)  #: resolution simulation: down/up-sampling factor range (slice thickness)
+    low_res_zoom: tuple[float, float] = (
+        0.5,
+        1.0,
+    )  #: resolution simulation: down/up-sampling factor range (slice thickness)
     intensity_prob: float = 0.5
     noise_prob: float = 0.3
     blur_prob: float = 0.2
@@ -77,14 +80,32 @@ class AugmentConfig:
             if not (isinstance(value, (int, float)) and 0.0 <= float(value)):
                 raise ValueError(f"augment {name} must be a number >= 0, got {value!r}")
         if self.intensity_scale >= 1.0 or self.scale >= 0.5:
-            raise ValueError(f"augment intensity_scale must be < 1 and scale < 0.5, got {self.intensity_scale} and {self.scale}")
+            raise ValueError(
+                f"augment intensity_scale must be < 1 and scale < 0.5, got {self.intensity_scale} and {self.scale}"
+            )
         if self.rotate_deg > 45.0:
-            raise ValueError(f"augment rotate_deg must be <= 45 (a chest CT is never upside down), got {self.rotate_deg}")
-        for name, low_min, high_max in (("blur_sigma", 0.0, 5.0), ("sharpen_alpha", 0.0, 50.0), ("low_res_zoom", 0.1, 1.0)):
+            raise ValueError(
+                f"augment rotate_deg must be <= 45 (a chest CT is never upside down), got {self.rotate_deg}"
+            )
+        for name, low_min, high_max in (
+            ("blur_sigma", 0.0, 5.0),
+            ("sharpen_alpha", 0.0, 50.0),
+            ("low_res_zoom", 0.1, 1.0),
+        ):
             pair = getattr(self, name)
             if len(pair) != 2 or not low_min < float(pair[0]) <= float(pair[1]) <= high_max:
-                raise ValueError(f"augment {name} must be (low, high) with {low_min} < low <= high <= {high_max}, got {pair!r}")
-        for name in ("flip_prob", "intensity_prob", "noise_prob", "blur_prob", "sharpen_prob", "affine_prob", "low_res_prob"):
+                raise ValueError(
+                    f"augment {name} must be (low, high) with {low_min} < low <= high <= {high_max}, got {pair!r}"
+                )
+        for name in (
+            "flip_prob",
+            "intensity_prob",
+            "noise_prob",
+            "blur_prob",
+            "sharpen_prob",
+            "affine_prob",
+            "low_res_prob",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0):
                 raise ValueError(f"augment {name} must be a probability in [0, 1], got {value!r}")

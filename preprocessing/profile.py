@@ -72,25 +72,27 @@ def _dim(**exps: int) -> tuple[int, ...]:
     return tuple(exps.get(d.replace("[", "").replace("]", "").replace("'", ""), 0) for d in _DIMS)
 
 
-_ATOMS: Mapping[str, tuple[float, tuple[int, ...], bool]] = MappingProxyType({
-    "g": (1.0, _dim(g=1), True),
-    "L": (1e-3, _dim(m=3), True),
-    "l": (1e-3, _dim(m=3), True),
-    "m": (1.0, _dim(m=1), True),
-    "mol": (1.0, _dim(mol=1), True),
-    "kat": (1.0, _dim(mol=1, s=-1), True),
-    "U": (1e-6 / 60.0, _dim(mol=1, s=-1), True),  # enzyme unit = umol/min
-    "s": (1.0, _dim(s=1), True),
-    "min": (60.0, _dim(s=1), False),
-    "h": (3600.0, _dim(s=1), False),
-    "d": (86400.0, _dim(s=1), False),
-    "wk": (604800.0, _dim(s=1), False),
-    "mo": (31557600.0 / 12.0, _dim(s=1), False),
-    "a": (31557600.0, _dim(s=1), False),
-    "%": (0.01, _dim(), False),
-    "[IU]": (1.0, _dim(IU=1), True),
-    "[arb'U]": (1.0, _dim(arbU=1), False),
-})  # fmt: skip
+_ATOMS: Mapping[str, tuple[float, tuple[int, ...], bool]] = MappingProxyType(
+    {
+        "g": (1.0, _dim(g=1), True),
+        "L": (1e-3, _dim(m=3), True),
+        "l": (1e-3, _dim(m=3), True),
+        "m": (1.0, _dim(m=1), True),
+        "mol": (1.0, _dim(mol=1), True),
+        "kat": (1.0, _dim(mol=1, s=-1), True),
+        "U": (1e-6 / 60.0, _dim(mol=1, s=-1), True),  # enzyme unit = umol/min
+        "s": (1.0, _dim(s=1), True),
+        "min": (60.0, _dim(s=1), False),
+        "h": (3600.0, _dim(s=1), False),
+        "d": (86400.0, _dim(s=1), False),
+        "wk": (604800.0, _dim(s=1), False),
+        "mo": (31557600.0 / 12.0, _dim(s=1), False),
+        "a": (31557600.0, _dim(s=1), False),
+        "%": (0.01, _dim(), False),
+        "[IU]": (1.0, _dim(IU=1), True),
+        "[arb'U]": (1.0, _dim(arbU=1), False),
+    }
+)
 _TERM = re.compile(r"^(?P<atom>.+?)(?P<exp>-?\d+)?$")
 
 
@@ -168,7 +170,7 @@ def conversion_factor(site_unit: str, schema_unit: str) -> float:
             f"unit {site_unit!r} measures a different quantity than {schema_unit!r} "
             f"({', '.join(sorted(site.annotations)) or 'no annotation'} vs {', '.join(sorted(target.annotations)) or 'no annotation'}); "
             f"export {schema_unit!r} or give the laboratory's own conversion as `factor`"
-        )  # fmt: skip
+        )
     return float(f"{site.factor / target.factor:.12g}")  # 10*9/L -> 10*3/uL is 1, not 1.0000000000000002
 
 
@@ -233,7 +235,20 @@ def _schema_variable(path: Path, name: str, spec: Any) -> Variable:
         raise ProfileError(f"{where}: variable names are lower-case letters, digits and _ (got {name!r})")
     if not isinstance(spec, dict):
         raise ProfileError(f"{where}: must be a table")
-    known = {"label", "type", "unit", "range", "categories", "system", "code", "code_status", "level", "note", "symbol", "variant"}
+    known = {
+        "label",
+        "type",
+        "unit",
+        "range",
+        "categories",
+        "system",
+        "code",
+        "code_status",
+        "level",
+        "note",
+        "symbol",
+        "variant",
+    }
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ProfileError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -248,28 +263,46 @@ def _schema_variable(path: Path, name: str, spec: Any) -> Variable:
     categories = spec.get("categories", [])
     if vtype in ("float", "int"):
         if not isinstance(unit, str):
-            raise ProfileError(f"{where}: a {vtype} variable needs a UCUM `unit` (\"1\" when dimensionless)")
+            raise ProfileError(f'{where}: a {vtype} variable needs a UCUM `unit` ("1" when dimensionless)')
         try:
             parse_unit(unit)
         except ValueError as exc:
             raise ProfileError(f"{where}: {exc}") from exc
-        if not (isinstance(value_range, list) and len(value_range) == 2 and all(_number(x) for x in value_range)
-                and value_range[0] < value_range[1]):  # fmt: skip
+        if not (
+            isinstance(value_range, list)
+            and len(value_range) == 2
+            and all(_number(x) for x in value_range)
+            and value_range[0] < value_range[1]
+        ):
             raise ProfileError(f"{where}: range must be [low, high] with low < high, got {value_range!r}")
         value_range = (float(value_range[0]), float(value_range[1]))
     elif unit is not None or value_range is not None:
         raise ProfileError(f"{where}: a {vtype} variable has no unit or range")
     if vtype == "category":
-        if not (isinstance(categories, list) and categories and all(isinstance(c, str) and c for c in categories)
-                and len(set(categories)) == len(categories)):  # fmt: skip
+        if not (
+            isinstance(categories, list)
+            and categories
+            and all(isinstance(c, str) and c for c in categories)
+            and len(set(categories)) == len(categories)
+        ):
             raise ProfileError(f"{where}: categories must be a list of distinct non-empty strings, got {categories!r}")
     elif categories:
         raise ProfileError(f"{where}: only a category variable has categories")
     status = spec.get("code_status", "unverified")
     if status not in ("verified", "unverified"):
         raise ProfileError(f"{where}: code_status must be verified or unverified, got {status!r}")
-    return Variable(name=name, type=vtype, level=level, label=str(spec.get("label", "")), unit=unit, range=value_range,
-                    categories=tuple(categories), system=spec.get("system"), code=spec.get("code"), code_status=status)  # fmt: skip
+    return Variable(
+        name=name,
+        type=vtype,
+        level=level,
+        label=str(spec.get("label", "")),
+        unit=unit,
+        range=value_range,
+        categories=tuple(categories),
+        system=spec.get("system"),
+        code=spec.get("code"),
+        code_status=status,
+    )
 
 
 def read_schema(path: Path = DEFAULT_SCHEMA) -> ProfileSchema:
@@ -286,8 +319,11 @@ def read_schema(path: Path = DEFAULT_SCHEMA) -> ProfileSchema:
     version = head.get("version", 1)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ProfileError(f"{path}: [schema] version must be a positive integer, got {version!r}")
-    return ProfileSchema(name=str(head.get("name", path.stem)), version=version,
-                         variables=tuple(_schema_variable(path, n, s) for n, s in variables.items()))  # fmt: skip
+    return ProfileSchema(
+        name=str(head.get("name", path.stem)),
+        version=version,
+        variables=tuple(_schema_variable(path, n, s) for n, s in variables.items()),
+    )
 
 
 # --- site mapping ---------------------------------------------------------------------------------------------------
@@ -335,7 +371,9 @@ def _mapping_column(path: Path, schema: ProfileSchema, name: str, spec: Any) -> 
         raise ProfileError(f"{where}: must be a table")
     unknown = sorted(set(spec) - {"column", "unit", "factor", "values", "censored"})
     if unknown:
-        raise ProfileError(f"{where}: unknown key(s) {', '.join(unknown)}; known: censored, column, factor, unit, values")
+        raise ProfileError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known: censored, column, factor, unit, values"
+        )
     column = spec.get("column")
     if not isinstance(column, str) or not column.strip():
         raise ProfileError(f"{where}: `column` (the site's column name) is required")
@@ -344,7 +382,7 @@ def _mapping_column(path: Path, schema: ProfileSchema, name: str, spec: Any) -> 
         raise ProfileError(f"{where}: factor must be a positive number, got {factor!r}")
     censored = spec.get("censored")
     if censored not in (None, "limit", "missing"):
-        raise ProfileError(f"{where}: censored must be \"limit\" or \"missing\", got {censored!r}")
+        raise ProfileError(f'{where}: censored must be "limit" or "missing", got {censored!r}')
     values = spec.get("values", {})
     if not isinstance(values, dict):
         raise ProfileError(f"{where}: values must be a table {{site value = schema value}}")
@@ -352,7 +390,9 @@ def _mapping_column(path: Path, schema: ProfileSchema, name: str, spec: Any) -> 
         if values:
             raise ProfileError(f"{where}: a {variable.type} variable takes no value map")
         if not isinstance(unit, str):
-            raise ProfileError(f"{where}: give the unit of column {column!r} (UCUM, e.g. {variable.unit!r}); fedct never guesses units")
+            raise ProfileError(
+                f"{where}: give the unit of column {column!r} (UCUM, e.g. {variable.unit!r}); fedct never guesses units"
+            )
         try:
             site = parse_unit(unit)
         except ValueError as exc:
@@ -364,9 +404,13 @@ def _mapping_column(path: Path, schema: ProfileSchema, name: str, spec: Any) -> 
                 raise ProfileError(f"{where}: column {column!r}: {exc}") from None
             known = None
         if factor is not None and known is not None and not math.isclose(factor, known, rel_tol=1e-6):
-            raise ProfileError(f"{where}: factor {factor} contradicts the unit: {unit!r} -> {variable.unit!r} is x{known:g}")
+            raise ProfileError(
+                f"{where}: factor {factor} contradicts the unit: {unit!r} -> {variable.unit!r} is x{known:g}"
+            )
         if factor is not None and site.dims != parse_unit(variable.unit or "1").dims:
-            raise ProfileError(f"{where}: {unit!r} and {variable.unit!r} are different kinds of quantity; no factor can join them")
+            raise ProfileError(
+                f"{where}: {unit!r} and {variable.unit!r} are different kinds of quantity; no factor can join them"
+            )
         factor = float(factor if factor is not None else known)  # type: ignore[arg-type]
     else:
         if unit is not None or spec.get("factor") is not None or censored is not None:
@@ -375,10 +419,18 @@ def _mapping_column(path: Path, schema: ProfileSchema, name: str, spec: Any) -> 
             if variable.type == "bool" and not isinstance(schema_value, bool):
                 raise ProfileError(f"{where}: values[{site_value!r}] must be true or false, got {schema_value!r}")
             if variable.type == "category" and schema_value not in variable.categories and schema_value != "":
-                raise ProfileError(f"{where}: values[{site_value!r}] = {schema_value!r} is not one of {', '.join(variable.categories)} (or \"\" for missing)")
+                raise ProfileError(
+                    f'{where}: values[{site_value!r}] = {schema_value!r} is not one of {", ".join(variable.categories)} (or "" for missing)'
+                )
         factor = 1.0
-    return ColumnMapping(variable=name, column=column.strip(), unit=unit, factor=factor,
-                         values=MappingProxyType(dict(values)), censored=censored)  # fmt: skip
+    return ColumnMapping(
+        variable=name,
+        column=column.strip(),
+        unit=unit,
+        factor=factor,
+        values=MappingProxyType(dict(values)),
+        censored=censored,
+    )
 
 
 def read_mapping(path: Path, schema: ProfileSchema) -> SiteMapping:
@@ -391,12 +443,14 @@ def read_mapping(path: Path, schema: ProfileSchema) -> SiteMapping:
     file = data.get("file", {})
     key = data.get("key")
     if not isinstance(key, dict) or key.get("kind") not in KEY_KINDS or not isinstance(key.get("column"), str):
-        raise ProfileError(f"{path}: [key] needs kind = {' or '.join(map(repr, KEY_KINDS))} and column = the site's column name")
+        raise ProfileError(
+            f"{path}: [key] needs kind = {' or '.join(map(repr, KEY_KINDS))} and column = the site's column name"
+        )
     delimiter, decimal = file.get("delimiter", ","), file.get("decimal", ".")
     if delimiter not in (",", ";", "\t", "|"):
         raise ProfileError(f"{path}: [file] delimiter must be one of , ; | or a tab, got {delimiter!r}")
     if decimal not in (".", ","):
-        raise ProfileError(f"{path}: [file] decimal must be \".\" or \",\", got {decimal!r}")
+        raise ProfileError(f'{path}: [file] decimal must be "." or ",", got {decimal!r}')
     if decimal == delimiter:
         raise ProfileError(f"{path}: [file] decimal and delimiter cannot both be {decimal!r}")
     missing = file.get("missing", list(DEFAULT_MISSING))
@@ -413,8 +467,15 @@ def read_mapping(path: Path, schema: ProfileSchema) -> SiteMapping:
     duplicated = sorted({c for c in used if used.count(c) > 1})
     if duplicated:
         raise ProfileError(f"{path}: column(s) {', '.join(duplicated)} mapped more than once")
-    return SiteMapping(path=name, key_kind=key["kind"], key_column=key["column"].strip(), columns=columns,
-                       delimiter=delimiter, decimal=decimal, missing=tuple(m.strip() for m in missing))  # fmt: skip
+    return SiteMapping(
+        path=name,
+        key_kind=key["kind"],
+        key_column=key["column"].strip(),
+        columns=columns,
+        delimiter=delimiter,
+        decimal=decimal,
+        missing=tuple(m.strip() for m in missing),
+    )
 
 
 # --- the site table ---------------------------------------------------------------------------------------------------
@@ -452,7 +513,9 @@ class ProfileTable:
     def __post_init__(self) -> None:
         n, v = len(self.keys), len(self.schema.variables)
         if self.values.shape != (n, v) or self.missing.shape != (n, v):
-            raise ValueError(f"values and missing must have shape ({n}, {v}), got {self.values.shape} and {self.missing.shape}")
+            raise ValueError(
+                f"values and missing must have shape ({n}, {v}), got {self.values.shape} and {self.missing.shape}"
+            )
         self.values.flags.writeable = False
         self.missing.flags.writeable = False
 
@@ -490,8 +553,9 @@ def _safe_text(text: str, frequent: frozenset[str] = frozenset()) -> str:
     return f"a {len(text)}-character value (not shown: fewer than {ECHO_MIN_ROWS} rows hold it)"
 
 
-def _parse_number(text: str, mapping: SiteMapping, column: ColumnMapping,
-                  frequent: frozenset[str]) -> tuple[float | None, str | None]:
+def _parse_number(
+    text: str, mapping: SiteMapping, column: ColumnMapping, frequent: frozenset[str]
+) -> tuple[float | None, str | None]:
     """(number in site units or None for missing, error) of one cell."""
     raw = text.strip()
     if mapping.decimal == ",":
@@ -499,8 +563,10 @@ def _parse_number(text: str, mapping: SiteMapping, column: ColumnMapping,
     censored = re.fullmatch(r"(<=|>=|<|>)\s*(.+)", raw)
     if censored:
         if column.censored is None:
-            return None, (f"{_safe_text(text, frequent)} is censored (below/above the assay's limit); set censored = \"limit\" "
-                          f"or \"missing\" for this column in the mapping")  # fmt: skip
+            return None, (
+                f'{_safe_text(text, frequent)} is censored (below/above the assay\'s limit); set censored = "limit" '
+                f'or "missing" for this column in the mapping'
+            )
         if column.censored == "missing":
             return None, None
         raw = censored.group(2)
@@ -513,8 +579,9 @@ def _parse_number(text: str, mapping: SiteMapping, column: ColumnMapping,
     return number, None
 
 
-def _cell_value(text: str, variable: Variable, column: ColumnMapping, mapping: SiteMapping,
-                frequent: frozenset[str] = frozenset()) -> tuple[float, str | None]:
+def _cell_value(
+    text: str, variable: Variable, column: ColumnMapping, mapping: SiteMapping, frequent: frozenset[str] = frozenset()
+) -> tuple[float, str | None]:
     """(value in schema units, NaN for missing; error or None)."""
     stripped = text.strip()
     if stripped in mapping.missing:
@@ -541,10 +608,16 @@ def _cell_value(text: str, variable: Variable, column: ColumnMapping, mapping: S
         return (math.nan, None) if mapped == "" else (float(variable.categories.index(mapped)), None)
     if variable.type == "bool":
         if stripped.lower() not in _BOOL_DEFAULT:
-            return math.nan, f"{_safe_text(stripped, frequent)} is not a boolean (1/0/true/false, or map it under values)"
+            return (
+                math.nan,
+                f"{_safe_text(stripped, frequent)} is not a boolean (1/0/true/false, or map it under values)",
+            )
         return float(_BOOL_DEFAULT[stripped.lower()]), None
     if stripped not in variable.categories:
-        return math.nan, f"{_safe_text(stripped, frequent)} is not one of {', '.join(variable.categories)} (map it under values)"
+        return (
+            math.nan,
+            f"{_safe_text(stripped, frequent)} is not one of {', '.join(variable.categories)} (map it under values)",
+        )
     return float(variable.categories.index(stripped)), None
 
 
@@ -575,8 +648,10 @@ def _rows_from_parquet(path: Path) -> tuple[list[str], list[tuple[int, list[str]
     try:
         import pyarrow.parquet as pq  # optional: fedct does not depend on pyarrow
     except ImportError:
-        raise ProfileError(f"{path}: reading Parquet needs the pyarrow package, which is not installed here; "
-                           f"export the table as CSV (UTF-8) instead") from None  # fmt: skip
+        raise ProfileError(
+            f"{path}: reading Parquet needs the pyarrow package, which is not installed here; "
+            f"export the table as CSV (UTF-8) instead"
+        ) from None
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises its own error types for damaged files
@@ -615,9 +690,14 @@ def read_profile(path: Path, schema: ProfileSchema, mapping: SiteMapping) -> Pro
     wanted = [mapping.key_column] + [c.column for c in mapping.columns]
     absent = [c for c in wanted if c not in header]
     if absent:
-        raise ProfileError(f"{path}: line 1: mapped column(s) {', '.join(absent)} not in the file; found: {', '.join(header) or 'none'}")
+        raise ProfileError(
+            f"{path}: line 1: mapped column(s) {', '.join(absent)} not in the file; found: {', '.join(header) or 'none'}"
+        )
     key_at = header.index(mapping.key_column)
-    plan = [(schema.names.index(c.variable), schema.variable(c.variable), c, header.index(c.column)) for c in mapping.columns]
+    plan = [
+        (schema.names.index(c.variable), schema.variable(c.variable), c, header.index(c.column))
+        for c in mapping.columns
+    ]
     n_vars = len(schema.variables)
     counts: dict[int, Counter[str]] = {at: Counter() for _, _, _, at in plan}
     for _, record in rows:
@@ -654,14 +734,27 @@ def read_profile(path: Path, schema: ProfileSchema, mapping: SiteMapping) -> Pro
         if len(lines) > 1:
             for line in lines:
                 others = ", ".join(str(o) for o in lines if o != line)
-                errors.append(RowError(line, mapping.key_column, f"the same {mapping.key_kind} is on line(s) {others}; all {len(lines)} rows dropped"))
+                errors.append(
+                    RowError(
+                        line,
+                        mapping.key_column,
+                        f"the same {mapping.key_kind} is on line(s) {others}; all {len(lines)} rows dropped",
+                    )
+                )
     kept = [(line, key, row) for line, key, row, ok in parsed if ok and len(lines_of[key]) == 1]
     errors.sort(key=lambda e: e.line)
     values = np.array([row for _, _, row in kept], dtype=np.float64).reshape(len(kept), n_vars)
     mapped = {c.variable for c in mapping.columns}
-    return ProfileTable(schema=schema, key_kind=mapping.key_kind, keys=tuple(k for _, k, _ in kept), values=values,
-                        missing=np.isnan(values), errors=tuple(errors), rows_read=n_rows,
-                        unmapped=tuple(n for n in schema.names if n not in mapped))  # fmt: skip
+    return ProfileTable(
+        schema=schema,
+        key_kind=mapping.key_kind,
+        keys=tuple(k for _, k, _ in kept),
+        values=values,
+        missing=np.isnan(values),
+        errors=tuple(errors),
+        rows_read=n_rows,
+        unmapped=tuple(n for n in schema.names if n not in mapped),
+    )
 
 
 def read_site_profile(site_dir: Path, schema: ProfileSchema | None = None) -> ProfileTable:
@@ -708,7 +801,9 @@ def histogram_edges(variable: Variable, bins: int = HISTOGRAM_BINS) -> np.ndarra
     return np.linspace(low, high, bins + 1)
 
 
-def aggregate_statistics(table: ProfileTable, *, min_count: int | None = None, bins: int = HISTOGRAM_BINS) -> ProfileStatistics:
+def aggregate_statistics(
+    table: ProfileTable, *, min_count: int | None = None, bins: int = HISTOGRAM_BINS
+) -> ProfileStatistics:
     """Per-variable count, sum, sum of squares and a coarse histogram, for variables measured in >= ``min_count`` studies.
 
     ``min_count`` defaults to the metrics privacy floor (:data:`fl_client.metrics.MIN_COUNT`) and may only raise it.
@@ -734,9 +829,12 @@ def aggregate_statistics(table: ProfileTable, *, min_count: int | None = None, b
             continue
         counts, _ = np.histogram(present, bins=histogram_edges(variable, bins))
         coarse = coarsen_histogram(counts.tolist(), k)
-        stats[variable.name] = VariableStatistics(count=int(present.size), sum=float(np.sum(present)),
-                                                  sum_squares=float(np.sum(present * present)),
-                                                  histogram=None if coarse is None else tuple(coarse))  # fmt: skip
+        stats[variable.name] = VariableStatistics(
+            count=int(present.size),
+            sum=float(np.sum(present)),
+            sum_squares=float(np.sum(present * present)),
+            histogram=None if coarse is None else tuple(coarse),
+        )
     return ProfileStatistics(n_rows=n_rows, variables=MappingProxyType(stats), withheld=tuple(withheld), min_count=k)
 
 
@@ -773,8 +871,10 @@ def check_command(args: argparse.Namespace) -> int:
         print(f"fedct profile check: error: {exc}", file=sys.stderr)
         return 2
     n = len(table.keys)
-    print(f"schema {schema.name} v{schema.version}; {mapping.path}: {table.rows_read} row(s) read, {n} usable, "
-          f"{table.rows_dropped} dropped; key {table.key_kind}")  # fmt: skip
+    print(
+        f"schema {schema.name} v{schema.version}; {mapping.path}: {table.rows_read} row(s) read, {n} usable, "
+        f"{table.rows_dropped} dropped; key {table.key_kind}"
+    )
     width = max(len(v) for v in schema.names)
     print(f"  {'variable'.ljust(width)}  {'site column':<22} {'unit':<14} {'present':>7}  missing")
     for j, variable in enumerate(schema.variables):

@@ -65,8 +65,10 @@ class ProfileNormalisation:
         if n < 1 or len(set(self.variables)) != n:
             raise ValueError(f"profile normalisation needs distinct variable names, got {self.variables!r}")
         if not (len(self.mean) == len(self.std) == len(self.count) == n):
-            raise ValueError(f"profile normalisation: {n} variables but {len(self.mean)} means, {len(self.std)} "
-                             f"standard deviations and {len(self.count)} counts")  # fmt: skip
+            raise ValueError(
+                f"profile normalisation: {n} variables but {len(self.mean)} means, {len(self.std)} "
+                f"standard deviations and {len(self.count)} counts"
+            )
         for name, m, s, c in zip(self.variables, self.mean, self.std, self.count, strict=True):
             if not (math.isfinite(m) and math.isfinite(s) and s >= 0):
                 raise ValueError(f"profile normalisation of {name!r}: mean {m!r} / std {s!r} must be finite, std >= 0")
@@ -99,17 +101,29 @@ class ProfileNormalisation:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (``model.json``, the run folder, round settings)."""
-        return {"schema": self.schema, "variables": list(self.variables), "mean": list(self.mean), "std": list(self.std),
-                "count": list(self.count), "sites": self.sites, "min_count": self.min_count}  # fmt: skip
+        return {
+            "schema": self.schema,
+            "variables": list(self.variables),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "count": list(self.count),
+            "sites": self.sites,
+            "min_count": self.min_count,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProfileNormalisation:
         """Inverse of :meth:`to_dict`; ValueError naming what is missing or wrong."""
         try:
-            return cls(variables=tuple(str(v) for v in data["variables"]), mean=tuple(float(v) for v in data["mean"]),
-                       std=tuple(float(v) for v in data["std"]), count=tuple(int(v) for v in data["count"]),
-                       sites=int(data.get("sites", 0)), min_count=int(data.get("min_count", 5)),
-                       schema=str(data.get("schema", "")))  # fmt: skip
+            return cls(
+                variables=tuple(str(v) for v in data["variables"]),
+                mean=tuple(float(v) for v in data["mean"]),
+                std=tuple(float(v) for v in data["std"]),
+                count=tuple(int(v) for v in data["count"]),
+                sites=int(data.get("sites", 0)),
+                min_count=int(data.get("min_count", 5)),
+                schema=str(data.get("schema", "")),
+            )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"profile normalisation lacks or mistypes {exc}") from None
 
@@ -124,8 +138,15 @@ class ProfileNormalisation:
             std.append(float(s))
             count.append(int(c))
         k = max((s.min_count for s in sites), default=5)
-        return cls(variables=schema.names, mean=tuple(mean), std=tuple(std), count=tuple(count), sites=len(sites),
-                   min_count=k, schema=f"{schema.name} v{schema.version}")  # fmt: skip
+        return cls(
+            variables=schema.names,
+            mean=tuple(mean),
+            std=tuple(std),
+            count=tuple(count),
+            sites=len(sites),
+            min_count=k,
+            schema=f"{schema.name} v{schema.version}",
+        )
 
 
 # --- the wire form of a site's statistics ---------------------------------------------------------------------------
@@ -147,8 +168,9 @@ def statistics_to_record(stats: ProfileStatistics, schema: ProfileSchema) -> dic
     return {STAT_ROWS: int(stats.n_rows), STAT_COUNT: counts, STAT_SUM: sums, STAT_SUMSQ: squares}
 
 
-def statistics_from_record(record: Mapping[str, Any], schema: ProfileSchema, *, min_count: int,
-                           count_bound: int) -> ProfileStatistics:  # fmt: skip
+def statistics_from_record(
+    record: Mapping[str, Any], schema: ProfileSchema, *, min_count: int, count_bound: int
+) -> ProfileStatistics:
     """The server's check of a statistics reply; :class:`ProfileStatisticsError` naming the key or variable.
 
     Exactly the keys :data:`STAT_KEYS`; lists of the schema's length; every count 0 or between ``min_count`` and
@@ -157,8 +179,10 @@ def statistics_from_record(record: Mapping[str, Any], schema: ProfileSchema, *, 
     """
     keys = set(record)
     if keys != set(STAT_KEYS):
-        raise ProfileStatisticsError(f"profile statistics must have exactly the keys {', '.join(STAT_KEYS)}; "
-                                     f"{len(keys - set(STAT_KEYS))} unexpected, {len(set(STAT_KEYS) - keys)} missing")  # fmt: skip
+        raise ProfileStatisticsError(
+            f"profile statistics must have exactly the keys {', '.join(STAT_KEYS)}; "
+            f"{len(keys - set(STAT_KEYS))} unexpected, {len(set(STAT_KEYS) - keys)} missing"
+        )
     n_rows = _finite(record[STAT_ROWS], STAT_ROWS)
     if n_rows != math.floor(n_rows) or not 0 <= n_rows <= count_bound or 0 < n_rows < min_count:
         raise ProfileStatisticsError(f"{STAT_ROWS} must be 0 or an integer in [{min_count}, {count_bound}]")
@@ -166,7 +190,9 @@ def statistics_from_record(record: Mapping[str, Any], schema: ProfileSchema, *, 
     for key in (STAT_COUNT, STAT_SUM, STAT_SUMSQ):
         value = record[key]
         if not isinstance(value, list) or len(value) != len(schema.variables):
-            raise ProfileStatisticsError(f"{key} must be a list of {len(schema.variables)} numbers (one per schema variable)")
+            raise ProfileStatisticsError(
+                f"{key} must be a list of {len(schema.variables)} numbers (one per schema variable)"
+            )
         lists[key] = [_finite(v, key) for v in value]
     out: dict[str, VariableStatistics] = {}
     withheld = []
@@ -177,13 +203,15 @@ def statistics_from_record(record: Mapping[str, Any], schema: ProfileSchema, *, 
             withheld.append(name)
             continue
         if c != math.floor(c) or c < min_count or c > min(count_bound, n_rows):
-            raise ProfileStatisticsError(f"{name}: count must be 0 or an integer in [{min_count}, profile-n] "
-                                         f"(the privacy floor is {min_count})")  # fmt: skip
+            raise ProfileStatisticsError(
+                f"{name}: count must be 0 or an integer in [{min_count}, profile-n] (the privacy floor is {min_count})"
+            )
         if q < 0 or s * s > c * q * (1 + _SLACK) + 1e-9:
             raise ProfileStatisticsError(f"{name}: sum of squares inconsistent with the sum and count")
         out[name] = VariableStatistics(count=int(c), sum=s, sum_squares=q)
-    return ProfileStatistics(n_rows=int(n_rows), variables=MappingProxyType(out), withheld=tuple(withheld),
-                             min_count=min_count)  # fmt: skip
+    return ProfileStatistics(
+        n_rows=int(n_rows), variables=MappingProxyType(out), withheld=tuple(withheld), min_count=min_count
+    )
 
 
 def _finite(value: Any, key: str) -> float:
@@ -232,14 +260,20 @@ class SiteProfile:
         return cached
 
 
-def attach_profile(items: Sequence[dict[str, Any]], series: Sequence[Mapping[str, Any]], profile: SiteProfile | None,
-                   normalisation: ProfileNormalisation) -> list[dict[str, Any]]:  # fmt: skip
+def attach_profile(
+    items: Sequence[dict[str, Any]],
+    series: Sequence[Mapping[str, Any]],
+    profile: SiteProfile | None,
+    normalisation: ProfileNormalisation,
+) -> list[dict[str, Any]]:
     """Dataset items with ``profile`` (the (2V,) model input of :meth:`ProfileNormalisation.vector`) added; the
     ``image``/``content`` of each item (its cache key) are untouched. Without a site profile every variable is missing.
     The site's schema must list the normalisation's variables in the same order (ValueError otherwise)."""
     if profile is not None and profile.schema.names != normalisation.variables:
-        raise ValueError(f"the site's profile schema ({len(profile.schema.names)} variables) is not the run's "
-                         f"({len(normalisation.variables)}: {', '.join(normalisation.variables)})")  # fmt: skip
+        raise ValueError(
+            f"the site's profile schema ({len(profile.schema.names)} variables) is not the run's "
+            f"({len(normalisation.variables)}: {', '.join(normalisation.variables)})"
+        )
     out = []
     for item, s in zip(items, series, strict=True):
         values = profile.values_for(s) if profile is not None else np.full(len(normalisation.variables), np.nan)

@@ -75,8 +75,10 @@ def _read_split_file(path: Path) -> SplitConfig:
         data = json.loads(path.read_text(encoding="utf-8"))
         return SplitConfig(val_fraction=float(data["val_fraction"]), test_fraction=float(data["test_fraction"]))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not a valid split file ({exc}); restore it, or delete it to fix the site's split "
-                         "again from the site env file") from exc
+        raise ValueError(
+            f"{path}: not a valid split file ({exc}); restore it, or delete it to fix the site's split "
+            "again from the site env file"
+        ) from exc
 
 
 def _write_split_file(path: Path, split: SplitConfig) -> None:
@@ -95,16 +97,23 @@ def site_split(site_dir: Path, *, site_choice: SplitConfig | None, requested: Sp
     fixed = _read_split_file(path) if path.exists() else None
     if site_choice is not None and fixed != site_choice:
         if fixed is not None:
-            log.warning("the site's own split setting changed from %s to %s: re-splitting this site's patients",
-                        _text(fixed), _text(site_choice))  # fmt: skip
+            log.warning(
+                "the site's own split setting changed from %s to %s: re-splitting this site's patients",
+                _text(fixed),
+                _text(site_choice),
+            )
         _write_split_file(path, site_choice)
         fixed = site_choice
     elif fixed is None:
         fixed = requested or SplitConfig()
         _write_split_file(path, fixed)
     if requested is not None and requested != fixed:
-        log.warning("the server asked for split %s; ignored: this site's split is fixed at %s (%s)",
-                    _text(requested), _text(fixed), path)  # fmt: skip
+        log.warning(
+            "the server asked for split %s; ignored: this site's split is fixed at %s (%s)",
+            _text(requested),
+            _text(fixed),
+            path,
+        )
     return fixed
 
 

@@ -87,13 +87,21 @@ def random_transforms(
     noise = RandGaussianNoiseOnDeviced if noise_on_device else RandGaussianNoised
     rad = float(np.deg2rad(aug.rotate_deg))
     return [
-        RandAffined(keys=key, prob=aug.affine_prob, rotate_range=(rad, rad, rad), scale_range=(aug.scale,) * 3,
-                    mode="bilinear", padding_mode="zeros"),  # fmt: skip
+        RandAffined(
+            keys=key,
+            prob=aug.affine_prob,
+            rotate_range=(rad, rad, rad),
+            scale_range=(aug.scale,) * 3,
+            mode="bilinear",
+            padding_mode="zeros",
+        ),
         RandFlipd(keys=key, prob=aug.flip_prob, spatial_axis=0),
         RandSimulateLowResolutiond(keys=key, prob=aug.low_res_prob, zoom_range=aug.low_res_zoom),
         RandShiftIntensityd(keys=key, offsets=aug.hu_shift / window, prob=aug.intensity_prob),
         RandScaleIntensityd(keys=key, factors=aug.intensity_scale, prob=aug.intensity_prob),
-        RandGaussianSmoothd(keys=key, sigma_x=aug.blur_sigma, sigma_y=aug.blur_sigma, sigma_z=aug.blur_sigma, prob=aug.blur_prob),
+        RandGaussianSmoothd(
+            keys=key, sigma_x=aug.blur_sigma, sigma_y=aug.blur_sigma, sigma_z=aug.blur_sigma, prob=aug.blur_prob
+        ),
         RandGaussianSharpend(keys=key, alpha=aug.sharpen_alpha, prob=aug.sharpen_prob),
         noise(keys=key, prob=aug.noise_prob, std=aug.noise_std),
         EnsureTyped(keys=key, dtype=torch.float32, track_meta=False),
@@ -125,11 +133,28 @@ class RandGaussianNoiseOnDevice(RandGaussianNoise):
 class RandGaussianNoiseOnDeviced(RandGaussianNoised):
     """Dictionary form of :class:`RandGaussianNoiseOnDevice` (same arguments as MONAI's ``RandGaussianNoised``)."""
 
-    def __init__(self, keys, prob: float = 0.1, mean: float = 0.0, std: float = 0.1, dtype=np.float32,
-                 allow_missing_keys: bool = False, sample_std: bool = True) -> None:  # fmt: skip
-        super().__init__(keys, prob=prob, mean=mean, std=std, dtype=dtype, allow_missing_keys=allow_missing_keys,
-                         sample_std=sample_std)  # fmt: skip
-        self.rand_gaussian_noise = RandGaussianNoiseOnDevice(mean=mean, std=std, prob=1.0, dtype=dtype, sample_std=sample_std)
+    def __init__(
+        self,
+        keys,
+        prob: float = 0.1,
+        mean: float = 0.0,
+        std: float = 0.1,
+        dtype=np.float32,
+        allow_missing_keys: bool = False,
+        sample_std: bool = True,
+    ) -> None:
+        super().__init__(
+            keys,
+            prob=prob,
+            mean=mean,
+            std=std,
+            dtype=dtype,
+            allow_missing_keys=allow_missing_keys,
+            sample_std=sample_std,
+        )
+        self.rand_gaussian_noise = RandGaussianNoiseOnDevice(
+            mean=mean, std=std, prob=1.0, dtype=dtype, sample_std=sample_std
+        )
 
 
 @contextmanager

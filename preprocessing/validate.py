@@ -129,7 +129,9 @@ def _dedupe(headers: Sequence[InstanceHeader]) -> tuple[list[InstanceHeader], li
         if key in kept and kept[key].path != h.path:
             if h.path not in dropped:
                 dropped[h.path] = Rejection(
-                    h.path, "duplicate_instance", f"same SOPInstanceUID as {os.path.basename(kept[key].path)}; copy ignored"
+                    h.path,
+                    "duplicate_instance",
+                    f"same SOPInstanceUID as {os.path.basename(kept[key].path)}; copy ignored",
                 )
         elif key not in kept:
             kept[key] = h
@@ -180,7 +182,9 @@ def _drop_localizers(
     for h in stack:
         off_axis = np.max(np.abs(np.asarray(h.ImageOrientationPatient) - reference)) > cfg.orientation_tolerance
         if off_axis and not _says_axial(h):
-            message = f"{h.where}: orientation differs from the axial stack; ImageType {_image_type(h)} does not say AXIAL"
+            message = (
+                f"{h.where}: orientation differs from the axial stack; ImageType {_image_type(h)} does not say AXIAL"
+            )
             dropped.append(Rejection(h.path, "localizer", message))
         else:
             kept.append(h)
@@ -255,7 +259,9 @@ def _check_transfer_syntax(headers: Sequence[InstanceHeader]) -> None:
                 known[h.TransferSyntaxUID] = False
         if not known[h.TransferSyntaxUID]:
             raise SeriesInvalid(
-                "unsupported_transfer_syntax", f"no installed decoder for TransferSyntaxUID {h.TransferSyntaxUID!r}", h.path
+                "unsupported_transfer_syntax",
+                f"no installed decoder for TransferSyntaxUID {h.TransferSyntaxUID!r}",
+                h.path,
             )
 
 
@@ -390,7 +396,9 @@ def validate_series(headers: Sequence[InstanceHeader], *, config: ValidationConf
     )
 
 
-def _pixel_plan(ordered: Sequence[InstanceHeader]) -> tuple[tuple[int, ...], tuple[tuple[str, int | float | str], ...], str]:
+def _pixel_plan(
+    ordered: Sequence[InstanceHeader],
+) -> tuple[tuple[int, ...], tuple[tuple[str, int | float | str], ...], str]:
     """What the pixel pass needs to skip parsing the headers again: every slice a single-frame file with a direct-read
     offset and one pixel format for all; else nothing (the pixel pass parses each file)."""
     first = ordered[0]
@@ -443,5 +451,6 @@ def series_by_study(series: Sequence[ValidatedSeries]) -> dict[str, list[Validat
     for s in series:
         grouped[s.StudyInstanceUID].append(s)
     return {
-        study_uid: sorted(grouped[study_uid], key=lambda s: (-len(s.paths), s.SeriesInstanceUID)) for study_uid in sorted(grouped)
+        study_uid: sorted(grouped[study_uid], key=lambda s: (-len(s.paths), s.SeriesInstanceUID))
+        for study_uid in sorted(grouped)
     }

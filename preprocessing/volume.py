@@ -51,7 +51,9 @@ def _pixel_data_shortfall(ds: pydicom.Dataset) -> tuple[int, int] | None:
     if str(ds.file_meta.get("TransferSyntaxUID", "")) not in UncompressedTransferSyntaxes:
         return None  # encapsulated data: a truncated stream fails in its decoder
     frames = int(ds.get("NumberOfFrames") or 1)
-    expected = frames * int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * int(ds.BitsAllocated) // 8
+    expected = (
+        frames * int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * int(ds.BitsAllocated) // 8
+    )
     have = len(ds.PixelData) if "PixelData" in ds else 0
     return (have, expected) if have < expected else None
 
@@ -226,7 +228,9 @@ def _padding_mask(decoded: _Decoded, frame_index: int, path: str) -> np.ndarray 
     pixels = decoded.pixels[frame_index]
     bits_stored = int(ds.BitsStored)
     signed = int(ds.PixelRepresentation) == 1
-    stored_min, stored_max = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (0, 2**bits_stored - 1)
+    stored_min, stored_max = (
+        (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (0, 2**bits_stored - 1)
+    )
     if stored_min <= lo and hi <= stored_max:
         return (pixels >= lo) & (pixels <= hi)
     if str(ds.file_meta.TransferSyntaxUID) in UncompressedTransferSyntaxes and int(ds.BitsAllocated) in (8, 16, 32):
@@ -292,12 +296,16 @@ def _hu_slices(
         along = float(np.dot([float(v) for v in position.ImagePositionPatient], normal))
         expected = origin_along + k * series.slice_step_mm
         if abs(along - expected) > 0.05 * series.slice_step_mm:
-            raise SeriesInvalid("inconsistent_geometry", f"{where}slice at {along:.2f} mm, expected {expected:.2f} mm", path)
+            raise SeriesInvalid(
+                "inconsistent_geometry", f"{where}slice at {along:.2f} mm, expected {expected:.2f} mm", path
+            )
         rescale = _rescale_source(decoded, frame, path)
         missing = [kw for kw in ("RescaleIntercept", "RescaleSlope") if rescale.get(kw) in (None, "")]
         if missing:  # apply_modality_lut would return the stored values unchanged, silently not HU
             raise SeriesInvalid(
-                "missing_attribute", f"{where}{', '.join(missing)} missing: stored values cannot be converted to HU", path
+                "missing_attribute",
+                f"{where}{', '.join(missing)} missing: stored values cannot be converted to HU",
+                path,
             )
         stored = decoded.pixels[index] if block is None else decoded.pixels[index][block]
         hu = _modality_lut(stored, rescale)
@@ -360,7 +368,9 @@ def model_grid(series: ValidatedSeries, pixdim: tuple[float, float, float]) -> M
         meta={MetaKeys.SPACE: SpaceKeys.RAS},
     )
     oriented = Orientation(axcodes="RAS", labels=None, lazy=True)(stand_in)
-    spaced = Spacing(pixdim=tuple(float(p) for p in pixdim), mode="bilinear", padding_mode="border", lazy=True)(oriented)
+    spaced = Spacing(pixdim=tuple(float(p) for p in pixdim), mode="bilinear", padding_mode="border", lazy=True)(
+        oriented
+    )
     shape = tuple(int(n) for n in spaced.peek_pending_shape())
     affine = np.asarray(spaced.peek_pending_affine(), dtype=np.float64)
     return ModelGrid(shape=shape, affine=affine)  # type: ignore[arg-type]
@@ -468,11 +478,15 @@ def _resampled_by_monai(
     for k, hu in _hu_slices(series):
         hu_full[:, :, k] = hu.T
     affine = series_affine(series)
-    image = MetaTensor(torch.from_numpy(hu_full)[None], affine=torch.as_tensor(affine), meta={MetaKeys.SPACE: SpaceKeys.RAS})
+    image = MetaTensor(
+        torch.from_numpy(hu_full)[None], affine=torch.as_tensor(affine), meta={MetaKeys.SPACE: SpaceKeys.RAS}
+    )
     image = Orientation(axcodes="RAS", labels=None)(image)
     image = Spacing(pixdim=pixdim, mode="bilinear", padding_mode="border")(image)
     volume = image.as_tensor()[0].numpy().astype(np.float32)
-    return ResampledVolume(volume, image.affine.numpy().astype(np.float64), hu_full if keep_hu else None, affine if keep_hu else None)
+    return ResampledVolume(
+        volume, image.affine.numpy().astype(np.float64), hu_full if keep_hu else None, affine if keep_hu else None
+    )
 
 
 class LoadCTSeriesd(MapTransform):
@@ -533,7 +547,9 @@ class LoadResampledCTd(MapTransform, InvertibleTransform):
                 orig_size, orig_affine = source_geometry(d[key])
             else:
                 series = as_series(d[key])
-                out = read_resampled_volume(series, self.pixdim, antialias=self.antialias, keep_hu=self.hu_key is not None)
+                out = read_resampled_volume(
+                    series, self.pixdim, antialias=self.antialias, keep_hu=self.hu_key is not None
+                )
                 orig_size, orig_affine = series.shape, series_affine(series)
             image = MetaTensor(
                 torch.from_numpy(out.volume[None]),
@@ -561,7 +577,9 @@ class LoadResampledCTd(MapTransform, InvertibleTransform):
             with resample.trace_transform(False):
                 d[key] = resample(
                     d[key],
-                    dst_affine=torch.as_tensor(np.asarray(transform[TraceKeys.EXTRA_INFO]["affine"]), dtype=torch.float64),
+                    dst_affine=torch.as_tensor(
+                        np.asarray(transform[TraceKeys.EXTRA_INFO]["affine"]), dtype=torch.float64
+                    ),
                     spatial_size=[int(n) for n in transform[TraceKeys.ORIG_SIZE]],
                 )
         return d

@@ -19,6 +19,7 @@ from pydicom.valuerep import format_number_as_ds
 
 #: SOP Class UID of CT Image Storage.
 from preprocessing.discover import CT_IMAGE_STORAGE  # the SOP class ingestion reads
+
 #: Lung window written as the default VOI window (centre, width) in HU.
 LUNG_WINDOW_HU = (-600.0, 1500.0)
 

@@ -95,7 +95,9 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float
     return field / std if std > 0 else field
 
 
-def _lungs(g: _Grid, rng: np.random.Generator, *, a_in: float, b_in: float, z_base: float, z_apex: float) -> tuple[np.ndarray, ...]:
+def _lungs(
+    g: _Grid, rng: np.random.Generator, *, a_in: float, b_in: float, z_base: float, z_apex: float
+) -> tuple[np.ndarray, ...]:
     """Right and left lung masks and the diaphragm height under each (per voxel)."""
     z = g.z
     wide = z_base + 0.45 * (z_apex - z_base)
@@ -112,7 +114,9 @@ def _lungs(g: _Grid, rng: np.random.Generator, *, a_in: float, b_in: float, z_ba
         dome_top = z_base + (rng.uniform(25.0, 40.0) if side < 0 else rng.uniform(10.0, 25.0))
         depth = rng.uniform(45.0, 70.0)
         rho2 = ((g.x - cx) / (0.4 * a_in)) ** 2 + ((g.y - cy) / (0.8 * b_in)) ** 2
-        dome = dome_top - depth * np.minimum(rho2, 1.2) - 12.0 * np.clip((g.y - cy) / b_in, 0.0, None)  # deep posterior recess
+        dome = (
+            dome_top - depth * np.minimum(rho2, 1.2) - 12.0 * np.clip((g.y - cy) / b_in, 0.0, None)
+        )  # deep posterior recess
         masks.append((rr < 1.0 + wobble) & (taper > 0.05) & (z > dome))
         domes.append(dome)
     return masks[0], masks[1], domes[0], domes[1]
@@ -135,7 +139,9 @@ def _branches(
         if depth < 3:
             for _ in range(int(rng.integers(1, 3))):
                 k = int(rng.integers(n // 3, n))
-                queue.append((points[k], steps[k] + rng.normal(scale=0.8, size=3), length * rng.uniform(0.45, 0.7), depth + 1))
+                queue.append(
+                    (points[k], steps[k] + rng.normal(scale=0.8, size=3), length * rng.uniform(0.45, 0.7), depth + 1)
+                )
     return out
 
 
@@ -168,10 +174,14 @@ def _fbp_noise(rng: np.random.Generator, shape: tuple[int, int, int], *, std_hu:
 
 def _blob(g: _Grid, centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
     """Squared normalised distance to ``centre`` for an axis-aligned ellipsoid of ``radii`` (z, y, x mm)."""
-    return ((g.z - centre[0]) / radii[0]) ** 2 + ((g.y - centre[1]) / radii[1]) ** 2 + ((g.x - centre[2]) / radii[2]) ** 2
+    return (
+        ((g.z - centre[0]) / radii[0]) ** 2 + ((g.y - centre[1]) / radii[1]) ** 2 + ((g.x - centre[2]) / radii[2]) ** 2
+    )
 
 
-def _covid(g: _Grid, rng: np.random.Generator, lung: np.ndarray, pleura_mm: np.ndarray, severity: float, z_base: float) -> tuple:
+def _covid(
+    g: _Grid, rng: np.random.Generator, lung: np.ndarray, pleura_mm: np.ndarray, severity: float, z_base: float
+) -> tuple:
     """Peripheral, lower-zone, mostly bilateral ground-glass patches; returns (weight, target HU)."""
     weight = np.zeros(g.shape, dtype=np.float32)
     target = np.full(g.shape, rng.uniform(-620.0, -420.0), dtype=np.float32)
@@ -202,7 +212,9 @@ def _covid(g: _Grid, rng: np.random.Generator, lung: np.ndarray, pleura_mm: np.n
     return weight, target
 
 
-def _bacterial(g: _Grid, rng: np.random.Generator, lungs: tuple[np.ndarray, np.ndarray], severity: float, hilum: np.ndarray) -> tuple:
+def _bacterial(
+    g: _Grid, rng: np.random.Generator, lungs: tuple[np.ndarray, np.ndarray], severity: float, hilum: np.ndarray
+) -> tuple:
     """Lobar/segmental consolidation with air bronchograms, or clustered bronchopneumonia nodules; (weight, target HU)."""
     weight = np.zeros(g.shape, dtype=np.float32)
     target = np.full(g.shape, rng.uniform(5.0, 45.0), dtype=np.float32)
@@ -224,8 +236,12 @@ def _bacterial(g: _Grid, rng: np.random.Generator, lungs: tuple[np.ndarray, np.n
         radius = 25.0 + 70.0 * severity
         d2 = _blob(g, c_mm, np.array([radius * 1.2, radius, radius])) * (1.0 + 0.25 * _smooth_field(rng, g.shape, 2.0))
         weight = np.clip(1.8 * (1.0 - d2), 0.0, 1.0) * lobe
-        airways = _rasterise(g, _branches(rng, c_mm, n_roots=3, length_mm=(20.0, 45.0)), radius_mm=1.2,
-                             origin=np.array([g.z[0, 0, 0], g.y[0, 0, 0], g.x[0, 0, 0]]))  # fmt: skip
+        airways = _rasterise(
+            g,
+            _branches(rng, c_mm, n_roots=3, length_mm=(20.0, 45.0)),
+            radius_mm=1.2,
+            origin=np.array([g.z[0, 0, 0], g.y[0, 0, 0], g.x[0, 0, 0]]),
+        )
         target = np.where(airways > 0.5, -850.0, target).astype(np.float32)
     else:  # bronchopneumonia: clusters of small nodules around a few airways
         for _ in range(int(round(2 + 5 * severity))):
@@ -296,7 +312,9 @@ def render_external(
     hu[table] = 250.0
     if sex == "F" and rng.random() < 0.8:
         for side in (-1.0, 1.0):
-            breast = np.broadcast_to(((g.x - side * 0.45 * a) / 45.0) ** 2 + ((g.y + b) / rng.uniform(20.0, 40.0)) ** 2 <= 1.0, shape)
+            breast = np.broadcast_to(
+                ((g.x - side * 0.45 * a) / 45.0) ** 2 + ((g.y + b) / rng.uniform(20.0, 40.0)) ** 2 <= 1.0, shape
+            )
             hu[breast & (g.y < -0.6 * b) & ~body & (g.z > 0.45 * length) & (g.z < 0.8 * length)] = 15.0
 
     # lungs and diaphragm, abdomen below
@@ -307,7 +325,9 @@ def render_external(
     heart_r = np.array([rng.uniform(38.0, 50.0), rng.uniform(0.3, 0.4) * b_in, rng.uniform(0.32, 0.42) * a_in])
     heart = _blob(g, heart_c, heart_r) <= 1.0
     mediastinum = (_blob(g, heart_c, heart_r * 1.08) <= 1.0) | (
-        np.broadcast_to((g.x / 22.0) ** 2 + ((g.y + 0.1 * b_in) / (0.45 * b_in)) ** 2 <= 1.0, shape) & (g.z > heart_c[0]))
+        np.broadcast_to((g.x / 22.0) ** 2 + ((g.y + 0.1 * b_in) / (0.45 * b_in)) ** 2 <= 1.0, shape)
+        & (g.z > heart_c[0])
+    )
     aorta_x, aorta_y, aorta_r = rng.uniform(18.0, 30.0), 0.42 * b_in, rng.uniform(10.0, 14.0)
     aorta = np.broadcast_to((g.x - aorta_x) ** 2 + (g.y - aorta_y) ** 2 <= aorta_r**2, shape) & (g.z > z_base - 20.0)
     vy = 0.75 * b_in
@@ -350,27 +370,39 @@ def render_external(
     origin = np.array([g.z[0, 0, 0], g.y[0, 0, 0], g.x[0, 0, 0]])
     hilum_z = heart_c[0] + rng.uniform(25.0, 45.0)
     hila = [np.array([hilum_z, 0.0, s * 0.25 * a_in]) for s in (-1.0, 1.0)]
-    vessels = _rasterise(g, [br for h in hila for br in _branches(rng, h, n_roots=6, length_mm=(60.0, 120.0))],
-                         radius_mm=1.6, origin=origin)  # fmt: skip
+    vessels = _rasterise(
+        g,
+        [br for h in hila for br in _branches(rng, h, n_roots=6, length_mm=(60.0, 120.0))],
+        radius_mm=1.6,
+        origin=origin,
+    )
     hu = np.where(lung, hu + vessels * (blood - hu) * 0.9, hu)
     carina = np.array([hilum_z + 15.0, -0.05 * b_in, 0.0])
     trachea = np.broadcast_to(g.x**2 + (g.y - carina[1]) ** 2 <= 9.0**2, shape) & (g.z > carina[0])
     hu[trachea & inner] = -990.0
-    bronchi = _rasterise(g, [carina + np.outer(np.arange(1, 22), [-1.0, 0.3, s * 1.2]) for s in (-1.0, 1.0)], radius_mm=3.5,
-                         origin=origin)  # fmt: skip
+    bronchi = _rasterise(
+        g,
+        [carina + np.outer(np.arange(1, 22), [-1.0, 0.3, s * 1.2]) for s in (-1.0, 1.0)],
+        radius_mm=3.5,
+        origin=origin,
+    )
     hu[(bronchi > 0.5) & (lung | (mediastinum & ~heart))] = -980.0
 
     # distractors in every class, so that none marks a diagnosis
     pleura_mm = ndimage.distance_transform_edt(lung, sampling=(slice_mm, pixel_mm, pixel_mm)).astype(np.float32)
     if rng.random() < 0.35:  # dependent atelectasis: a posterior band in the lower zones
-        band = lung & (pleura_mm < rng.uniform(4.0, 9.0)) & (g.y > 0.35 * b_in) & (g.z < z_base + 0.4 * (z_apex - z_base))
+        band = (
+            lung & (pleura_mm < rng.uniform(4.0, 9.0)) & (g.y > 0.35 * b_in) & (g.z < z_base + 0.4 * (z_apex - z_base))
+        )
         hu[band] = rng.uniform(-550.0, -350.0)
     if rng.random() < 0.3:  # a solid nodule
         where = np.argwhere(lung & (pleura_mm > 10.0))
         if len(where):
             c = where[rng.integers(len(where))]
             r = rng.uniform(3.0, 6.0)
-            hu[_blob(g, np.array([g.z[c[0], 0, 0], g.y[0, c[1], 0], g.x[0, 0, c[2]]]), np.array([r, r, r])) <= 1.0] = 40.0
+            hu[_blob(g, np.array([g.z[c[0], 0, 0], g.y[0, c[1], 0], g.x[0, 0, c[2]]]), np.array([r, r, r])) <= 1.0] = (
+                40.0
+            )
     if rng.random() < 0.2:  # apical bullae
         bullae = lung & (g.z > z_base + 0.75 * (z_apex - z_base)) & (_smooth_field(rng, shape, 2.0) > 1.6)
         hu[bullae] = -965.0
@@ -437,32 +469,80 @@ def write_external_family(
         severity = 0.0 if diagnosis == "normal" else float(np.clip(rng.beta(2.0, 2.5), 0.1, 1.0))
         sex = "F" if rng.random() < 0.5 else "M"
         age = int(np.clip(round(rng.normal(64.0 if diagnosis != "normal" else 52.0, 13.0)), 22, 92))
-        study = render_external(rows=rows, n_slices=n_slices, pixel_mm=pixel, slice_mm=slice_mm, diagnosis=diagnosis,
-                                severity=severity, sex=sex, rng=rng, offset_mm=tuple(rng.uniform(-20.0, 20.0, size=2)),
-                                noise_hu=float(rng.uniform(10.0, 40.0)), kernel_cutoff=cutoff)  # fmt: skip
-        hazard = {"covid": 0.012, "other_pneumonia": 0.009, "normal": 0.0015}[diagnosis] * math.exp(3.0 * severity + 0.3 * (age - 60) / 10.0)
+        study = render_external(
+            rows=rows,
+            n_slices=n_slices,
+            pixel_mm=pixel,
+            slice_mm=slice_mm,
+            diagnosis=diagnosis,
+            severity=severity,
+            sex=sex,
+            rng=rng,
+            offset_mm=tuple(rng.uniform(-20.0, 20.0, size=2)),
+            noise_hu=float(rng.uniform(10.0, 40.0)),
+            kernel_cutoff=cutoff,
+        )
+        hazard = {"covid": 0.012, "other_pneumonia": 0.009, "normal": 0.0015}[diagnosis] * math.exp(
+            3.0 * severity + 0.3 * (age - 60) / 10.0
+        )
         event = max(1, math.ceil(rng.exponential(1.0 / hazard)))
         severe = int(event <= 60)
         uid = f"{_UID_ROOT}.{seed}.{j + 1}"
         reverse = bool(rng.random() < 0.4)
         origin = (-(rows - 1) / 2.0 * pixel, -(rows - 1) / 2.0 * pixel, round(float(rng.uniform(-420.0, -300.0)), 2))
-        identity = PatientIdentity(PatientName=f"EXTERNAL^CASE{j + 1:03d}", PatientID=f"X{seed:02d}{j + 1:05d}",
-                                   PatientBirthDate=f"{2022 - age}0615", PatientSex=sex, PatientAge=f"{age:03d}Y")  # fmt: skip
+        identity = PatientIdentity(
+            PatientName=f"EXTERNAL^CASE{j + 1:03d}",
+            PatientID=f"X{seed:02d}{j + 1:05d}",
+            PatientBirthDate=f"{2022 - age}0615",
+            PatientSex=sex,
+            PatientAge=f"{age:03d}Y",
+        )
         paths = write_ct_series(
-            out / "dicom" / f"case-{j + 1:03d}" / "ct", study.hu, pixel_spacing_mm=(pixel, pixel), slice_spacing_mm=slice_mm,
-            slice_thickness_mm=slice_mm, origin_mm=origin, study_instance_uid=uid, series_instance_uid=f"{uid}.1",
-            patient=identity, study_date="20220615", accession_number=f"EXT{seed:02d}{j + 1:04d}", manufacturer=maker,
-            manufacturer_model_name=model, institution_name="External Validation Hospital", rescale_intercept=intercept,
-            pixel_representation=representation, uid_entropy=[_UID_ROOT, seed, j], series_description="THORAX",
-            kvp=float(rng.choice([100.0, 120.0, 140.0])), convolution_kernel=kernel, reverse_instance_order=reverse,
-        )  # fmt: skip
+            out / "dicom" / f"case-{j + 1:03d}" / "ct",
+            study.hu,
+            pixel_spacing_mm=(pixel, pixel),
+            slice_spacing_mm=slice_mm,
+            slice_thickness_mm=slice_mm,
+            origin_mm=origin,
+            study_instance_uid=uid,
+            series_instance_uid=f"{uid}.1",
+            patient=identity,
+            study_date="20220615",
+            accession_number=f"EXT{seed:02d}{j + 1:04d}",
+            manufacturer=maker,
+            manufacturer_model_name=model,
+            institution_name="External Validation Hospital",
+            rescale_intercept=intercept,
+            pixel_representation=representation,
+            uid_entropy=[_UID_ROOT, seed, j],
+            series_description="THORAX",
+            kvp=float(rng.choice([100.0, 120.0, 140.0])),
+            convolution_kernel=kernel,
+            reverse_instance_order=reverse,
+        )
         files += len(paths)
-        write_lesion_mask(out / LESION_MASK_DIR / f"{uid}.nii.gz", study.lesion_mask, origin_mm=origin,
-                          pixel_spacing_mm=(pixel, pixel), slice_spacing_mm=slice_mm, reverse_instance_order=reverse)  # fmt: skip
-        rows_written.append({"StudyInstanceUID": uid, "diagnosis": diagnosis, "severe": severe,
-                             "time_days": event if severe else 60, "age": age, "sex": sex})  # fmt: skip
+        write_lesion_mask(
+            out / LESION_MASK_DIR / f"{uid}.nii.gz",
+            study.lesion_mask,
+            origin_mm=origin,
+            pixel_spacing_mm=(pixel, pixel),
+            slice_spacing_mm=slice_mm,
+            reverse_instance_order=reverse,
+        )
+        rows_written.append(
+            {
+                "StudyInstanceUID": uid,
+                "diagnosis": diagnosis,
+                "severe": severe,
+                "time_days": event if severe else 60,
+                "age": age,
+                "sex": sex,
+            }
+        )
         if progress is not None:
-            progress(f"external: wrote case-{j + 1:03d} ({diagnosis}, {n_slices} x {slice_mm:g} mm, {len(paths)} files)")
+            progress(
+                f"external: wrote case-{j + 1:03d} ({diagnosis}, {n_slices} x {slice_mm:g} mm, {len(paths)} files)"
+            )
     out.mkdir(parents=True, exist_ok=True)
     with (out / "labels.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=LABEL_COLUMNS, lineterminator="\n")

@@ -87,28 +87,72 @@ class _PatientCase:
 
 _VENDORS = (
     SiteProfile(
-        name="", manufacturer="SIEMENS", manufacturer_model_name="SOMATOM Definition AS",
-        institution_name="Synthetic University Hospital", slice_thickness_mm=5.0, pixel_spacing_mm=2.8,
-        rows=128, noise_hu=12.0, rescale_intercept=-1024.0, pixel_representation=0, patient_factor=1.2,
-        class_prevalence=(0.50, 0.20, 0.30), reverse_slice_order=False, convolution_kernel="B31f", kvp=120.0,
+        name="",
+        manufacturer="SIEMENS",
+        manufacturer_model_name="SOMATOM Definition AS",
+        institution_name="Synthetic University Hospital",
+        slice_thickness_mm=5.0,
+        pixel_spacing_mm=2.8,
+        rows=128,
+        noise_hu=12.0,
+        rescale_intercept=-1024.0,
+        pixel_representation=0,
+        patient_factor=1.2,
+        class_prevalence=(0.50, 0.20, 0.30),
+        reverse_slice_order=False,
+        convolution_kernel="B31f",
+        kvp=120.0,
     ),
     SiteProfile(
-        name="", manufacturer="GE MEDICAL SYSTEMS", manufacturer_model_name="LightSpeed VCT",
-        institution_name="Synthetic Regional Medical Center", slice_thickness_mm=2.5, pixel_spacing_mm=3.0,
-        rows=128, noise_hu=28.0, rescale_intercept=0.0, pixel_representation=1, patient_factor=1.0,
-        class_prevalence=(0.25, 0.40, 0.35), reverse_slice_order=True, convolution_kernel="STANDARD", kvp=120.0,
+        name="",
+        manufacturer="GE MEDICAL SYSTEMS",
+        manufacturer_model_name="LightSpeed VCT",
+        institution_name="Synthetic Regional Medical Center",
+        slice_thickness_mm=2.5,
+        pixel_spacing_mm=3.0,
+        rows=128,
+        noise_hu=28.0,
+        rescale_intercept=0.0,
+        pixel_representation=1,
+        patient_factor=1.0,
+        class_prevalence=(0.25, 0.40, 0.35),
+        reverse_slice_order=True,
+        convolution_kernel="STANDARD",
+        kvp=120.0,
     ),
     SiteProfile(
-        name="", manufacturer="Philips", manufacturer_model_name="Ingenuity CT",
-        institution_name="Synthetic Community Hospital", slice_thickness_mm=1.25, pixel_spacing_mm=2.6,
-        rows=128, noise_hu=20.0, rescale_intercept=-1000.0, pixel_representation=1, patient_factor=0.7,
-        class_prevalence=(0.35, 0.15, 0.50), reverse_slice_order=False, convolution_kernel="B", kvp=100.0,
+        name="",
+        manufacturer="Philips",
+        manufacturer_model_name="Ingenuity CT",
+        institution_name="Synthetic Community Hospital",
+        slice_thickness_mm=1.25,
+        pixel_spacing_mm=2.6,
+        rows=128,
+        noise_hu=20.0,
+        rescale_intercept=-1000.0,
+        pixel_representation=1,
+        patient_factor=0.7,
+        class_prevalence=(0.35, 0.15, 0.50),
+        reverse_slice_order=False,
+        convolution_kernel="B",
+        kvp=100.0,
     ),
     SiteProfile(
-        name="", manufacturer="CANON_MEC", manufacturer_model_name="Aquilion ONE",
-        institution_name="Synthetic Teaching Hospital", slice_thickness_mm=3.0, pixel_spacing_mm=3.2,
-        rows=128, noise_hu=35.0, rescale_intercept=-1024.0, pixel_representation=0, patient_factor=0.9,
-        class_prevalence=(0.20, 0.30, 0.50), reverse_slice_order=True, convolution_kernel="FC13", kvp=120.0,
+        name="",
+        manufacturer="CANON_MEC",
+        manufacturer_model_name="Aquilion ONE",
+        institution_name="Synthetic Teaching Hospital",
+        slice_thickness_mm=3.0,
+        pixel_spacing_mm=3.2,
+        rows=128,
+        noise_hu=35.0,
+        rescale_intercept=-1024.0,
+        pixel_representation=0,
+        patient_factor=0.9,
+        class_prevalence=(0.20, 0.30, 0.50),
+        reverse_slice_order=True,
+        convolution_kernel="FC13",
+        kvp=120.0,
     ),
 )
 
@@ -251,8 +295,13 @@ def write_site(
         case = _draw_case(rng, j, diagnosis)
         identity, study_date, study_time, accession = _identity(rng, site_index, case)
         study = render_chest(
-            shape=(n_slices, rows, cols), pixel_spacing_mm=(spacing, spacing), slice_spacing_mm=thickness,
-            diagnosis=case.diagnosis, burden=case.burden, noise_hu=profile.noise_hu, rng=rng,
+            shape=(n_slices, rows, cols),
+            pixel_spacing_mm=(spacing, spacing),
+            slice_spacing_mm=thickness,
+            diagnosis=case.diagnosis,
+            burden=case.burden,
+            noise_hu=profile.noise_hu,
+            rng=rng,
         )
         table_z = round(float(rng.uniform(-260.0, -140.0)), 2)
         origin = (-(cols - 1) / 2.0 * spacing, -(rows - 1) / 2.0 * spacing, table_z)
@@ -261,27 +310,49 @@ def write_site(
         study_folder = f"study-{j + 1:04d}"
         series_number = 2 if profile.manufacturer.startswith("GE") else 1
         paths = write_ct_series(
-            dicom_dir / study_folder / f"series-{series_number:03d}", study.hu,
-            pixel_spacing_mm=(spacing, spacing), slice_spacing_mm=thickness, slice_thickness_mm=thickness,
-            origin_mm=origin, study_instance_uid=study_uid, series_instance_uid=series_uid, patient=identity,
-            study_date=study_date, study_time=study_time, accession_number=accession,
-            manufacturer=profile.manufacturer, manufacturer_model_name=profile.manufacturer_model_name,
-            institution_name=profile.institution_name, rescale_intercept=profile.rescale_intercept,
-            rescale_slope=1.0, pixel_representation=profile.pixel_representation, series_number=series_number,
-            uid_entropy=[_UID_NAMESPACE, seed, profile.name, j, "sop"], study_id=f"{j + 1}",
-            series_description=f"CHEST {thickness:g}mm", kvp=profile.kvp,
-            convolution_kernel=profile.convolution_kernel, reverse_instance_order=profile.reverse_slice_order,
+            dicom_dir / study_folder / f"series-{series_number:03d}",
+            study.hu,
+            pixel_spacing_mm=(spacing, spacing),
+            slice_spacing_mm=thickness,
+            slice_thickness_mm=thickness,
+            origin_mm=origin,
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            patient=identity,
+            study_date=study_date,
+            study_time=study_time,
+            accession_number=accession,
+            manufacturer=profile.manufacturer,
+            manufacturer_model_name=profile.manufacturer_model_name,
+            institution_name=profile.institution_name,
+            rescale_intercept=profile.rescale_intercept,
+            rescale_slope=1.0,
+            pixel_representation=profile.pixel_representation,
+            series_number=series_number,
+            uid_entropy=[_UID_NAMESPACE, seed, profile.name, j, "sop"],
+            study_id=f"{j + 1}",
+            series_description=f"CHEST {thickness:g}mm",
+            kvp=profile.kvp,
+            convolution_kernel=profile.convolution_kernel,
+            reverse_instance_order=profile.reverse_slice_order,
         )
         n_files += len(paths)
         write_lesion_mask(
-            site_dir / LESION_MASK_DIR / f"{study_uid}.nii.gz", study.lesion_mask, origin_mm=origin,
-            pixel_spacing_mm=(spacing, spacing), slice_spacing_mm=thickness,
+            site_dir / LESION_MASK_DIR / f"{study_uid}.nii.gz",
+            study.lesion_mask,
+            origin_mm=origin,
+            pixel_spacing_mm=(spacing, spacing),
+            slice_spacing_mm=thickness,
             reverse_instance_order=profile.reverse_slice_order,
         )
         rows_written.append(
             {
-                "StudyInstanceUID": study_uid, "diagnosis": case.diagnosis, "severe": case.severe,
-                "time_days": case.time_days, "age": case.age, "sex": case.sex,
+                "StudyInstanceUID": study_uid,
+                "diagnosis": case.diagnosis,
+                "severe": case.severe,
+                "time_days": case.time_days,
+                "age": case.age,
+                "sex": case.sex,
             }
         )
         if progress is not None:
@@ -340,7 +411,8 @@ def write_federation(
         site_dir = out / profile.name
         site_dir.mkdir(parents=True, exist_ok=True)
         summaries.append(
-            write_site(site_dir, profile, site_index=i, patients_per_site=patients_per_site, seed=seed,
-                       progress=progress)
+            write_site(
+                site_dir, profile, site_index=i, patients_per_site=patients_per_site, seed=seed, progress=progress
+            )
         )
     return FederationSummary(root=out, sites=tuple(summaries))

@@ -25,7 +25,9 @@ LESION_MASK_DIR = "lesion-masks"
 
 
 def _check_geometry(
-    origin_mm: tuple[float, float, float], pixel_spacing_mm: tuple[float, float], slice_spacing_mm: float,
+    origin_mm: tuple[float, float, float],
+    pixel_spacing_mm: tuple[float, float],
+    slice_spacing_mm: float,
     n_slices: int,
 ) -> None:
     if len(origin_mm) != 3 or not all(math.isfinite(float(v)) for v in origin_mm):
@@ -83,9 +85,13 @@ def write_lesion_mask(
         raise ValueError(f"lesion_mask must be a non-empty 3-D array (slices, rows, cols), got shape {mask.shape}")
     if mask.dtype != np.bool_:
         raise ValueError(f"lesion_mask must be boolean, got dtype {mask.dtype}")
-    affine = series_ras_affine(origin_mm=origin_mm, pixel_spacing_mm=pixel_spacing_mm,
-                               slice_spacing_mm=slice_spacing_mm, n_slices=mask.shape[0],
-                               reverse_instance_order=reverse_instance_order)
+    affine = series_ras_affine(
+        origin_mm=origin_mm,
+        pixel_spacing_mm=pixel_spacing_mm,
+        slice_spacing_mm=slice_spacing_mm,
+        n_slices=mask.shape[0],
+        reverse_instance_order=reverse_instance_order,
+    )
     data = mask.transpose(2, 1, 0)  # (cols, rows, slices)
     if reverse_instance_order:
         data = data[:, :, ::-1]

@@ -149,8 +149,13 @@ def _branch_points(
             child = d + 0.9 * side / (np.linalg.norm(side) + 1e-9)
             points.extend(
                 _branch_points(
-                    rng, pos, child, length_mm=(n_steps - i) * step_mm * 0.7, radius_mm=r * 0.7,
-                    step_mm=step_mm, depth=depth - 1,
+                    rng,
+                    pos,
+                    child,
+                    length_mm=(n_steps - i) * step_mm * 0.7,
+                    radius_mm=r * 0.7,
+                    step_mm=step_mm,
+                    depth=depth - 1,
                 )
             )
     return points
@@ -195,8 +200,15 @@ def chest_phantom(
 
     Same as :func:`render_chest` but returns only the HU volume.
     """
-    return render_chest(shape=shape, pixel_spacing_mm=pixel_spacing_mm, slice_spacing_mm=slice_spacing_mm,
-                        diagnosis=diagnosis, burden=burden, noise_hu=noise_hu, rng=rng).hu
+    return render_chest(
+        shape=shape,
+        pixel_spacing_mm=pixel_spacing_mm,
+        slice_spacing_mm=slice_spacing_mm,
+        diagnosis=diagnosis,
+        burden=burden,
+        noise_hu=noise_hu,
+        rng=rng,
+    ).hu
 
 
 def render_chest(
@@ -309,8 +321,9 @@ def render_chest(
     if diagnosis == "covid" and burden > 0:
         lesion_w = _add_covid(vol, rng, lung=lung, u=u, rho=rho, t=t, coords=coords, burden=burden, texture=texture)
     elif diagnosis == "other_pneumonia" and burden > 0:
-        consolidation = _add_consolidation(vol, rng, lung=lung, u=u, coords=coords, zz=zz, burden=burden,
-                                           texture=texture, voxel_mm=voxel_mm)
+        consolidation = _add_consolidation(
+            vol, rng, lung=lung, u=u, coords=coords, zz=zz, burden=burden, texture=texture, voxel_mm=voxel_mm
+        )
         if consolidation is not None:
             lesion_w = consolidation[0]
 
@@ -326,8 +339,15 @@ def render_chest(
         hilum = np.array([hilum_z, cy + 0.02 * b_in[k_hilum], cx + side * 0.22 * a_in[k_hilum]])
         for _ in range(int(rng.integers(7, 10))):
             direction = np.array([rng.normal(0.0, 0.8), rng.normal(0.0, 0.6), side * rng.uniform(0.5, 1.0)])
-            points += _branch_points(rng, hilum, direction, length_mm=rng.uniform(60.0, 95.0),
-                                     radius_mm=rng.uniform(3.0, 4.5), step_mm=max(3.0, 0.8 * voxel_mm), depth=2)
+            points += _branch_points(
+                rng,
+                hilum,
+                direction,
+                length_mm=rng.uniform(60.0, 95.0),
+                radius_mm=rng.uniform(3.0, 4.5),
+                step_mm=max(3.0, 0.8 * voxel_mm),
+                depth=2,
+            )
     _paint_tubes(vessel_w, points, coords, voxel_mm)
     vessel_w *= lung
     vol += vessel_w * (VESSEL_HU - vol)
@@ -376,8 +396,12 @@ def _add_covid(
     z, y, x = coords
     peripheral = lung & ((rho >= 0.68) | (np.abs(u) >= 0.62))
     radius = 8.0 + 28.0 * math.sqrt(burden)
-    lung_volume = float(lung.sum()) * float(abs(z[1] - z[0]) if z.size > 1 else 1.0) * float(
-        abs(y[1] - y[0]) if y.size > 1 else 1.0) * float(abs(x[1] - x[0]) if x.size > 1 else 1.0)
+    lung_volume = (
+        float(lung.sum())
+        * float(abs(z[1] - z[0]) if z.size > 1 else 1.0)
+        * float(abs(y[1] - y[0]) if y.size > 1 else 1.0)
+        * float(abs(x[1] - x[0]) if x.size > 1 else 1.0)
+    )
     per_blob = 0.3 * 4.0 / 3.0 * math.pi * radius**3  # a peripheral blob is roughly 30 % inside the lung
     n_blobs = int(np.clip(math.ceil(burden * lung_volume / per_blob), 2, 40))
     z_weight = (1.7 - 1.3 * t).astype(np.float64)  # lower lobes predominate
@@ -425,9 +449,16 @@ def _add_consolidation(
     if bilateral:
         fractions[-main_side] = min(0.9, 0.5 * burden * rng.uniform(0.8, 1.2))
     weight = np.zeros(vol.shape, dtype=np.float32)
-    coarse = _smooth_noise(rng, vol.shape, (abs(float(z[1] - z[0])) if z.size > 1 else 1.0,
-                                            abs(float(y[1] - y[0])) if y.size > 1 else 1.0,
-                                            abs(float(x[1] - x[0])) if x.size > 1 else 1.0), 18.0)
+    coarse = _smooth_noise(
+        rng,
+        vol.shape,
+        (
+            abs(float(z[1] - z[0])) if z.size > 1 else 1.0,
+            abs(float(y[1] - y[0])) if y.size > 1 else 1.0,
+            abs(float(x[1] - x[0])) if x.size > 1 else 1.0,
+        ),
+        18.0,
+    )
     for side, fraction in fractions.items():
         idx = np.flatnonzero(lung & ((u < 0) if side < 0 else (u > 0)))
         if idx.size == 0 or fraction <= 0:

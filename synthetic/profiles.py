@@ -36,15 +36,17 @@ from preprocessing.profile import MAPPING_NAME, PROFILE_NAME, conversion_factor,
 
 FOLLOW_UP_DAYS = 28
 #: Median of each lab at latent severity 0, by diagnosis (schema units), and its log-scale sensitivity to severity.
-_LAB_MEDIANS: Mapping[str, tuple[Mapping[str, float], float]] = MappingProxyType({
-    "crp": (MappingProxyType({"covid": 45.0, "other_pneumonia": 95.0, "normal": 3.0}), 0.55),
-    "lymphocytes": (MappingProxyType({"covid": 0.85, "other_pneumonia": 1.3, "normal": 1.9}), -0.30),
-    "d_dimer": (MappingProxyType({"covid": 0.95, "other_pneumonia": 0.7, "normal": 0.35}), 0.45),
-    "ferritin": (MappingProxyType({"covid": 550.0, "other_pneumonia": 300.0, "normal": 120.0}), 0.40),
-    "ldh": (MappingProxyType({"covid": 320.0, "other_pneumonia": 260.0, "normal": 180.0}), 0.25),
-    "il6": (MappingProxyType({"covid": 25.0, "other_pneumonia": 30.0, "normal": 3.0}), 0.60),
-    "procalcitonin": (MappingProxyType({"covid": 0.12, "other_pneumonia": 1.2, "normal": 0.05}), 0.40),
-})  # fmt: skip
+_LAB_MEDIANS: Mapping[str, tuple[Mapping[str, float], float]] = MappingProxyType(
+    {
+        "crp": (MappingProxyType({"covid": 45.0, "other_pneumonia": 95.0, "normal": 3.0}), 0.55),
+        "lymphocytes": (MappingProxyType({"covid": 0.85, "other_pneumonia": 1.3, "normal": 1.9}), -0.30),
+        "d_dimer": (MappingProxyType({"covid": 0.95, "other_pneumonia": 0.7, "normal": 0.35}), 0.45),
+        "ferritin": (MappingProxyType({"covid": 550.0, "other_pneumonia": 300.0, "normal": 120.0}), 0.40),
+        "ldh": (MappingProxyType({"covid": 320.0, "other_pneumonia": 260.0, "normal": 180.0}), 0.25),
+        "il6": (MappingProxyType({"covid": 25.0, "other_pneumonia": 30.0, "normal": 3.0}), 0.60),
+        "procalcitonin": (MappingProxyType({"covid": 0.12, "other_pneumonia": 1.2, "normal": 0.05}), 0.40),
+    }
+)
 _LAB_SPREAD = 0.45  # log-normal spread of a lab around its median
 
 
@@ -53,7 +55,9 @@ class _Column:
     variable: str
     column: str
     unit: str | None = None  # site unit of a number
-    values: Mapping[object, str] = field(default_factory=lambda: MappingProxyType({}))  # schema value -> site spelling (bool/category)
+    values: Mapping[object, str] = field(
+        default_factory=lambda: MappingProxyType({})
+    )  # schema value -> site spelling (bool/category)
     censor_below: float | None = None  # site-unit detection limit written as "<limit"
     decimals: int = 2
 
@@ -74,59 +78,83 @@ def _yes_no(yes: str, no: str) -> Mapping[object, str]:
 
 
 _STYLES = (
-    _Style("continental", "StudienUID", ";", ",", "n.b.", (
-        _Column("age", "Alter", "a", decimals=0),
-        _Column("sex", "Geschlecht", values=MappingProxyType({"F": "w", "M": "m"})),
-        _Column("diabetes", "Diabetes", values=_yes_no("ja", "nein")),
-        _Column("hypertension", "Hypertonie", values=_yes_no("ja", "nein")),
-        _Column("copd", "COPD", values=_yes_no("ja", "nein")),
-        _Column("crp", "CRP_mg_dl", "mg/dL", decimals=3),
-        _Column("lymphocytes", "Lympho_G_l", "10*9/L"),
-        _Column("d_dimer", "D_Dimer_FEU", "mg/L{FEU}"),
-        _Column("ferritin", "Ferritin", "ug/L", decimals=0),
-        _Column("ldh", "LDH_ukat", "ukat/L", decimals=3),
-        _Column("il6", "IL6", "pg/mL", decimals=1),
-        _Column("procalcitonin", "PCT", "ng/mL", decimals=3),
-        _Column("spo2", "SpO2", "%", decimals=0),
-        _Column("ct_value", "SARS2_Ct", "{Ct_value}", decimals=1),
-        _Column("ifi27_expression", "IFI27_log2", "1"),
-        _Column("oas1_rs10774671_g", "OAS1_G_Traeger", values=_yes_no("ja", "nein")),
-    ), mcar=0.10),
-    _Style("us", "study_instance_uid", ",", ".", "NA", (
-        _Column("age", "age_years", "a", decimals=0),
-        _Column("sex", "sex", values=MappingProxyType({"F": "Female", "M": "Male"})),
-        _Column("diabetes", "dm", values=_yes_no("Y", "N")),
-        _Column("hypertension", "htn", values=_yes_no("Y", "N")),
-        _Column("copd", "copd", values=_yes_no("Y", "N")),
-        _Column("crp", "crp_mg_l", "mg/L", decimals=1),
-        _Column("lymphocytes", "lymph_abs", "10*3/uL"),
-        _Column("d_dimer", "ddimer_ng_ml_feu", "ng/mL{FEU}", decimals=0),
-        _Column("ferritin", "ferritin_ng_ml", "ng/mL", decimals=0),
-        _Column("ldh", "ldh_u_l", "U/L", decimals=0),
-        _Column("procalcitonin", "procalcitonin", "ng/mL", decimals=2),
-        _Column("spo2", "spo2_fraction", "1", decimals=3),
-        _Column("ct_value", "sars2_ct", "{Ct}", decimals=1),
-        _Column("ifi27_expression", "ifi27_log2", "1"),
-        _Column("oas1_rs10774671_g", "oas1_rs10774671_carrier", values=_yes_no("Y", "N")),
-    ), mcar=0.18),
-    _Style("lis", "UID", ",", ".", "", (
-        _Column("age", "AGE", "a", decimals=0),
-        _Column("sex", "SEX", values=MappingProxyType({"F": "F", "M": "M"})),
-        _Column("diabetes", "DM", values=_yes_no("yes", "no")),
-        _Column("hypertension", "HTN", values=_yes_no("yes", "no")),
-        _Column("copd", "COPD", values=_yes_no("yes", "no")),
-        _Column("crp", "CRP", "mg/L", censor_below=0.5, decimals=1),
-        _Column("lymphocytes", "LYM", "/uL", decimals=0),
-        _Column("d_dimer", "DDIM", "ug/mL{FEU}"),
-        _Column("ferritin", "FERR", "ng/mL", decimals=0),
-        _Column("ldh", "LDH", "U/L", decimals=0),
-        _Column("il6", "IL_6", "pg/mL", decimals=1),
-        _Column("procalcitonin", "PCT", "ug/L", decimals=2),
-        _Column("spo2", "SPO2", "%", decimals=0),
-        _Column("ct_value", "CT", "{Ct_value}", decimals=1),
-        _Column("ifi27_expression", "IFI27", "1"),
-        _Column("oas1_rs10774671_g", "OAS1", values=_yes_no("true", "false")),
-    ), mcar=0.25),
+    _Style(
+        "continental",
+        "StudienUID",
+        ";",
+        ",",
+        "n.b.",
+        (
+            _Column("age", "Alter", "a", decimals=0),
+            _Column("sex", "Geschlecht", values=MappingProxyType({"F": "w", "M": "m"})),
+            _Column("diabetes", "Diabetes", values=_yes_no("ja", "nein")),
+            _Column("hypertension", "Hypertonie", values=_yes_no("ja", "nein")),
+            _Column("copd", "COPD", values=_yes_no("ja", "nein")),
+            _Column("crp", "CRP_mg_dl", "mg/dL", decimals=3),
+            _Column("lymphocytes", "Lympho_G_l", "10*9/L"),
+            _Column("d_dimer", "D_Dimer_FEU", "mg/L{FEU}"),
+            _Column("ferritin", "Ferritin", "ug/L", decimals=0),
+            _Column("ldh", "LDH_ukat", "ukat/L", decimals=3),
+            _Column("il6", "IL6", "pg/mL", decimals=1),
+            _Column("procalcitonin", "PCT", "ng/mL", decimals=3),
+            _Column("spo2", "SpO2", "%", decimals=0),
+            _Column("ct_value", "SARS2_Ct", "{Ct_value}", decimals=1),
+            _Column("ifi27_expression", "IFI27_log2", "1"),
+            _Column("oas1_rs10774671_g", "OAS1_G_Traeger", values=_yes_no("ja", "nein")),
+        ),
+        mcar=0.10,
+    ),
+    _Style(
+        "us",
+        "study_instance_uid",
+        ",",
+        ".",
+        "NA",
+        (
+            _Column("age", "age_years", "a", decimals=0),
+            _Column("sex", "sex", values=MappingProxyType({"F": "Female", "M": "Male"})),
+            _Column("diabetes", "dm", values=_yes_no("Y", "N")),
+            _Column("hypertension", "htn", values=_yes_no("Y", "N")),
+            _Column("copd", "copd", values=_yes_no("Y", "N")),
+            _Column("crp", "crp_mg_l", "mg/L", decimals=1),
+            _Column("lymphocytes", "lymph_abs", "10*3/uL"),
+            _Column("d_dimer", "ddimer_ng_ml_feu", "ng/mL{FEU}", decimals=0),
+            _Column("ferritin", "ferritin_ng_ml", "ng/mL", decimals=0),
+            _Column("ldh", "ldh_u_l", "U/L", decimals=0),
+            _Column("procalcitonin", "procalcitonin", "ng/mL", decimals=2),
+            _Column("spo2", "spo2_fraction", "1", decimals=3),
+            _Column("ct_value", "sars2_ct", "{Ct}", decimals=1),
+            _Column("ifi27_expression", "ifi27_log2", "1"),
+            _Column("oas1_rs10774671_g", "oas1_rs10774671_carrier", values=_yes_no("Y", "N")),
+        ),
+        mcar=0.18,
+    ),
+    _Style(
+        "lis",
+        "UID",
+        ",",
+        ".",
+        "",
+        (
+            _Column("age", "AGE", "a", decimals=0),
+            _Column("sex", "SEX", values=MappingProxyType({"F": "F", "M": "M"})),
+            _Column("diabetes", "DM", values=_yes_no("yes", "no")),
+            _Column("hypertension", "HTN", values=_yes_no("yes", "no")),
+            _Column("copd", "COPD", values=_yes_no("yes", "no")),
+            _Column("crp", "CRP", "mg/L", censor_below=0.5, decimals=1),
+            _Column("lymphocytes", "LYM", "/uL", decimals=0),
+            _Column("d_dimer", "DDIM", "ug/mL{FEU}"),
+            _Column("ferritin", "FERR", "ng/mL", decimals=0),
+            _Column("ldh", "LDH", "U/L", decimals=0),
+            _Column("il6", "IL_6", "pg/mL", decimals=1),
+            _Column("procalcitonin", "PCT", "ug/L", decimals=2),
+            _Column("spo2", "SPO2", "%", decimals=0),
+            _Column("ct_value", "CT", "{Ct_value}", decimals=1),
+            _Column("ifi27_expression", "IFI27", "1"),
+            _Column("oas1_rs10774671_g", "OAS1", values=_yes_no("true", "false")),
+        ),
+        mcar=0.25,
+    ),
 )
 
 
@@ -144,8 +172,14 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
-def _patient_values(rng: np.random.Generator, diagnosis: str, severe: int | None, time_days: float | None,
-                    age: float | None, sex: str | None) -> dict[str, object]:  # fmt: skip
+def _patient_values(
+    rng: np.random.Generator,
+    diagnosis: str,
+    severe: int | None,
+    time_days: float | None,
+    age: float | None,
+    sex: str | None,
+) -> dict[str, object]:
     """One patient's profile in schema units (None = not measured by design, e.g. no Ct without COVID-19)."""
     age_c = ((age if age is not None else 60.0) - 60.0) / 14.0
     early = 0.0
@@ -160,10 +194,22 @@ def _patient_values(rng: np.random.Generator, diagnosis: str, severe: int | None
     out["copd"] = bool(rng.random() < _sigmoid(-2.4 + 0.5 * age_c + 0.5 * (severe or 0)))
     for name, (medians, slope) in _LAB_MEDIANS.items():
         out[name] = medians[diagnosis] * math.exp(slope * severity + float(rng.normal(0.0, _LAB_SPREAD)))
-    out["spo2"] = float(np.clip(97.5 - {"covid": 4.0, "other_pneumonia": 3.0, "normal": 0.0}[diagnosis]
-                                - 2.5 * severity + rng.normal(0.0, 1.2), 60.0, 100.0))  # fmt: skip
-    out["ct_value"] = float(np.clip(rng.normal(26.0 - 2.0 * severity, 4.0), 12.0, 40.0)) if diagnosis == "covid" else None
-    out["ifi27_expression"] = float({"covid": 3.0, "other_pneumonia": 0.8, "normal": 0.0}[diagnosis] + rng.normal(0.0, 1.0))
+    out["spo2"] = float(
+        np.clip(
+            97.5
+            - {"covid": 4.0, "other_pneumonia": 3.0, "normal": 0.0}[diagnosis]
+            - 2.5 * severity
+            + rng.normal(0.0, 1.2),
+            60.0,
+            100.0,
+        )
+    )
+    out["ct_value"] = (
+        float(np.clip(rng.normal(26.0 - 2.0 * severity, 4.0), 12.0, 40.0)) if diagnosis == "covid" else None
+    )
+    out["ifi27_expression"] = float(
+        {"covid": 3.0, "other_pneumonia": 0.8, "normal": 0.0}[diagnosis] + rng.normal(0.0, 1.0)
+    )
     out["oas1_rs10774671_g"] = bool(rng.random() < 0.65 - 0.15 * (severe or 0))
     return out
 
@@ -199,8 +245,10 @@ def _mapping_text(style: _Style) -> str:
             lines.append('censored = "limit"')
         if c.values:
             schema_of = {True: "true", False: "false"}
-            pairs = ", ".join(f"{_toml_string(site)} = {schema_of.get(v, _toml_string(str(v)))}"  # type: ignore[call-overload]
-                              for v, site in c.values.items())  # fmt: skip
+            pairs = ", ".join(
+                f"{_toml_string(site)} = {schema_of.get(v, _toml_string(str(v)))}"  # type: ignore[call-overload]
+                for v, site in c.values.items()
+            )
             lines.append(f"values = {{ {pairs} }}")
     return "\n".join(lines) + "\n"
 
@@ -226,8 +274,11 @@ def write_site_profile(site_dir: Path, *, site_index: int, seed: int, labels_csv
     style = _STYLES[site_index % len(_STYLES)]
     schema = read_schema()
     rng = np.random.default_rng([seed, site_index, 24])
-    factors = {c.variable: conversion_factor(schema.variable(c.variable).unit or "1", c.unit)  # type: ignore[arg-type]
-               for c in style.columns if c.unit is not None}  # fmt: skip
+    factors = {
+        c.variable: conversion_factor(schema.variable(c.variable).unit or "1", c.unit)  # type: ignore[arg-type]
+        for c in style.columns
+        if c.unit is not None
+    }
     rows = []
     for key, label in labels.items():
         diagnosis = DIAGNOSES[label.diagnosis] if label.diagnosis is not None else "normal"
@@ -253,8 +304,12 @@ def write_site_profile(site_dir: Path, *, site_index: int, seed: int, labels_csv
     site_dir.mkdir(parents=True, exist_ok=True)
     profile_path = site_dir / PROFILE_NAME
     with profile_path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[style.key_column] + [c.column for c in style.columns],
-                                delimiter=style.delimiter, lineterminator="\n")  # fmt: skip
+        writer = csv.DictWriter(
+            fh,
+            fieldnames=[style.key_column] + [c.column for c in style.columns],
+            delimiter=style.delimiter,
+            lineterminator="\n",
+        )
         writer.writeheader()
         writer.writerows(rows)
     mapping_path = site_dir / MAPPING_NAME

@@ -43,7 +43,12 @@ def strict_tools() -> bool:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and strict_tools() and isinstance(report.longrepr, tuple) and MISSING_TOOL in str(report.longrepr[2]):
+    if (
+        report.skipped
+        and strict_tools()
+        and isinstance(report.longrepr, tuple)
+        and MISSING_TOOL in str(report.longrepr[2])
+    ):
         report.outcome = "failed"
         report.longrepr = f"CI=true and a required tool is missing: {report.longrepr[2]}"
     return None
@@ -178,7 +183,9 @@ def fake_patient() -> PatientIdentity:
 def _copy_testdata(name: str, dst: Path) -> Path:
     src = get_testdata_file(name, download=False)
     if src is None:
-        pytest.skip(missing_tool_reason(f"pydicom test file {name!r} (bundled with pydicom, or in the pydicom-data package)"))
+        pytest.skip(
+            missing_tool_reason(f"pydicom test file {name!r} (bundled with pydicom, or in the pydicom-data package)")
+        )
     src = Path(src)
     dst = Path(dst)
     if src.is_dir():
@@ -222,7 +229,11 @@ def folder_state(root: Path) -> dict[str, tuple[int, int, bytes]]:
     state = {}
     for p in sorted(Path(root).rglob("*")):
         st = p.stat()
-        state[str(p.relative_to(root))] = (st.st_size if p.is_file() else -1, st.st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+        state[str(p.relative_to(root))] = (
+            st.st_size if p.is_file() else -1,
+            st.st_mtime_ns,
+            p.read_bytes() if p.is_file() else b"",
+        )
     return state
 
 

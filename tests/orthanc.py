@@ -76,7 +76,9 @@ class OrthancServer:
         """Call Orthanc's REST API (JSON reply) as the configured user."""
         request = urllib.request.Request(self.url + path, data=data, method=method)
         if self.user is not None:
-            request.add_header("Authorization", "Basic " + b64encode(f"{self.user[0]}:{self.user[1]}".encode()).decode())
+            request.add_header(
+                "Authorization", "Basic " + b64encode(f"{self.user[0]}:{self.user[1]}".encode()).decode()
+            )
         if data is not None:
             request.add_header("Content-Type", "application/dicom")
         with urllib.request.urlopen(request, timeout=30) as reply:

@@ -104,24 +104,32 @@ def test_launcher_fails_closed_without_a_configured_list(monkeypatch, tmp_path):
     assert allow_list_from_env() is None
     monkeypatch.setenv(ALLOW_LIST_ENV, str(tmp_path / "a.txt"))
     assert allow_list_from_env() == tmp_path / "a.txt"
-    assert allow_list_value(None) == APPROVAL_DISABLED and allow_list_value(tmp_path / "a.txt") == str(tmp_path / "a.txt")
+    assert allow_list_value(None) == APPROVAL_DISABLED and allow_list_value(tmp_path / "a.txt") == str(
+        tmp_path / "a.txt"
+    )
 
 
 @pytest.mark.parametrize("value", ["off", "none", "NONE", "false", "0", "disabled", "no"])
 def test_no_word_but_the_explicit_phrase_switches_approval_off(monkeypatch, value):
     """FEDCT_APPROVED_APPS=none used to turn approval off; now it is an error naming the setting (fail closed)."""
     monkeypatch.setenv(ALLOW_LIST_ENV, value)
-    with pytest.raises(ApprovalConfigError, match=f"FEDCT_APPROVED_APPS='{value}' does not switch app approval off.*"
-                                                  "FEDCT_APPROVAL=disabled-i-understand"):
+    with pytest.raises(
+        ApprovalConfigError,
+        match=f"FEDCT_APPROVED_APPS='{value}' does not switch app approval off.*FEDCT_APPROVAL=disabled-i-understand",
+    ):
         allow_list_from_env()
 
 
 def test_the_launcher_refuses_to_start_a_task_when_told_off(tmp_path):
     """The flwr-clientapp launcher with FEDCT_APPROVED_APPS=off exits with the error, before any app is fetched."""
     gate = install_gate(tmp_path / "bin")
-    done = subprocess.run([str(gate), "--insecure", "--clientappio-api-address", "127.0.0.1:1", "--token", "x"],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", ALLOW_LIST_ENV: "off"})  # fmt: skip
+    done = subprocess.run(
+        [str(gate), "--insecure", "--clientappio-api-address", "127.0.0.1:1", "--token", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", ALLOW_LIST_ENV: "off"},
+    )
     assert done.returncode != 0
     assert "does not switch app approval off" in done.stderr
 
@@ -143,8 +151,10 @@ def test_disabled_approval_warns_for_every_task(app, flower_install, capsys):
         flower_install.install_from_fab(fab, skip_prompt=True)
     lines = [line for line in capsys.readouterr().err.splitlines() if "DISABLED" in line]
     assert len(lines) == 2
-    assert all(line.startswith("fedct: WARNING app approval is DISABLED at this site (FEDCT_APPROVAL=disabled-i-understand)")
-               for line in lines)  # fmt: skip
+    assert all(
+        line.startswith("fedct: WARNING app approval is DISABLED at this site (FEDCT_APPROVAL=disabled-i-understand)")
+        for line in lines
+    )
 
 
 def test_the_apps_code_comes_from_the_fab_not_from_a_copy_imported_earlier(app, flower_install, tmp_path, monkeypatch):
@@ -199,7 +209,12 @@ def test_approve_command_line(app, tmp_path, capsys):
 def test_gate_is_an_executable_flwr_clientapp(tmp_path):
     gate = install_gate(tmp_path / "bin")
     assert gate.name == "flwr-clientapp" and os.access(gate, os.X_OK)
-    done = subprocess.run([str(gate), "--help"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})  # fmt: skip
+    done = subprocess.run(
+        [str(gate), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
+    )
     assert done.returncode == 0, done.stderr
     assert "--runtime-api-address" in done.stdout  # it is Flower's flwr-clientapp underneath

@@ -21,10 +21,20 @@ def test_ratio_and_json_cleaning():
 
 
 def test_result_file_states_mode_machine_and_payload(tmp_path):
-    path = write_result(tmp_path, "x", {"value": math.nan, "k": 1}, options=BenchOptions(out=tmp_path, quick=True), started=time.perf_counter())
+    path = write_result(
+        tmp_path,
+        "x",
+        {"value": math.nan, "k": 1},
+        options=BenchOptions(out=tmp_path, quick=True),
+        started=time.perf_counter(),
+    )
     data = json.loads(path.read_text())
     assert data["benchmark"] == "x" and data["mode"] == "quick" and data["value"] is None and data["k"] == 1
-    assert data["machine"]["cpu_count"] >= 1 and data["machine"]["versions"]["torch"] and len(data["load_average_1_5_15_min_at_end"]) == 3
+    assert (
+        data["machine"]["cpu_count"] >= 1
+        and data["machine"]["versions"]["torch"]
+        and len(data["load_average_1_5_15_min_at_end"]) == 3
+    )
 
 
 def test_sampler_sees_the_memory_of_a_child_process_tree():

@@ -96,8 +96,14 @@ def test_deletion_curve_drops_faster_for_the_map_that_found_the_signal():
 
 
 def _result(kind: str, pointing: float, energy: float, seconds: float, deletion: float = 0.5) -> dict:
-    return {"kind": kind, "layer": "", "pointing_hit_rate": pointing, "energy_ratio": {"median": energy},
-            "deletion_auc": {"median": deletion}, "seconds_per_study": {"median": seconds}}  # fmt: skip
+    return {
+        "kind": kind,
+        "layer": "",
+        "pointing_hit_rate": pointing,
+        "energy_ratio": {"median": energy},
+        "deletion_auc": {"median": deletion},
+        "seconds_per_study": {"median": seconds},
+    }
 
 
 def test_choose_takes_the_best_pointer_within_the_time_budget():

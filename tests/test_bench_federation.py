@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from federation import pids_matching
 
 from bench.common import BenchOptions
 from bench.federation import PENDING_ARMS, CountingGrid, message_bytes, run
-from federation import pids_matching
 
 
 def test_tiny_federation_benchmark_measures_both_engines_and_stops_every_process(tmp_path):
@@ -34,7 +34,9 @@ def test_tiny_federation_benchmark_measures_both_engines_and_stops_every_process
     assert 0.45 < fp16["bytes_sent"] / full["bytes_sent"] < 0.75  # weights halve; configs and integer buffers do not
     secure = data["arms"]["deployment-tls-auth"]
     assert secure["tls"] and secure["supernode_auth"] and not data["arms"]["deployment-insecure"]["tls"]
-    assert secure["runner"] == data["arms"]["deployment-insecure"]["runner"] == "warm"  # as `fedct site` runs ClientApps
+    assert (
+        secure["runner"] == data["arms"]["deployment-insecure"]["runner"] == "warm"
+    )  # as `fedct site` runs ClientApps
     deployment = data["arms"]["deployment-insecure"]
     assert set(deployment["peak_rss_mib"]) == {"site-0", "site-1", "superlink"}
     assert all(v > 50 for v in deployment["peak_rss_mib"].values())
@@ -42,7 +44,9 @@ def test_tiny_federation_benchmark_measures_both_engines_and_stops_every_process
     assert set(data["arms_not_run"]) == set(PENDING_ARMS)
     stopped = deployment["stopped_pids"] + secure["stopped_pids"]
     assert len(stopped) >= 3  # SuperLink and one SuperNode per site at least
-    assert not [pid for pid in stopped if _flower_process(pid)], "a Flower process started by the benchmark is still running"
+    assert not [pid for pid in stopped if _flower_process(pid)], (
+        "a Flower process started by the benchmark is still running"
+    )
     assert not pids_matching("flower-supernode", str(tmp_path)), "a SuperNode of this test is still running"
 
 
@@ -69,10 +73,23 @@ def test_message_bytes_counts_the_serialised_arrays():
     from flwr.app.metadata import Metadata
 
     def message(n: int):
-        metadata = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
-                            created_at=0.0, ttl=60.0, message_type="train")  # fmt: skip
-        return make_message(metadata=metadata, content=RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(n, np.float32))})}))
+        metadata = Metadata(
+            run_id=1,
+            message_id="",
+            src_node_id=0,
+            dst_node_id=1,
+            reply_to_message_id="",
+            group_id="1",
+            created_at=0.0,
+            ttl=60.0,
+            message_type="train",
+        )
+        return make_message(
+            metadata=metadata, content=RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(n, np.float32))})})
+        )
 
     small, big = message(10), message(10_000)
-    assert abs((message_bytes(big) - message_bytes(small)) - 4 * (10_000 - 10)) < 64  # + a few bytes of header and varints
+    assert (
+        abs((message_bytes(big) - message_bytes(small)) - 4 * (10_000 - 10)) < 64
+    )  # + a few bytes of header and varints
     assert CountingGrid(object()).exchanges == []

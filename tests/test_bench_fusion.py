@@ -20,7 +20,9 @@ def tiny_run(tmp_path_factory):
 
 def test_every_arm_and_missingness_variant_is_scored(tiny_run):
     out, data = tiny_run
-    expected = {"image"} | {arm if v == "as exported" else f"{arm} / {v}" for arm in ARMS if arm != "image" for v in PROFILE_VARIANTS}
+    expected = {"image"} | {
+        arm if v == "as exported" else f"{arm} / {v}" for arm in ARMS if arm != "image" for v in PROFILE_VARIANTS
+    }
     assert set(data["arms"]) == expected
     for arm in data["arms"].values():
         assert [r["seed"] for r in arm["per_seed"]] == [0]
@@ -31,7 +33,9 @@ def test_every_arm_and_missingness_variant_is_scored(tiny_run):
     assert data["arms"]["profile / no profile"]["per_seed"][0]["overall"]["test-c-index"] in (0.5, None)
     # each fused run pooled the normalisation and stored it in its bundle
     for arm, fusion in ARMS.items():
-        meta = json.loads((out / "work" / "fusion" / "runs" / f"{arm}-seed0" / "model" / "final" / "model.json").read_text())
+        meta = json.loads(
+            (out / "work" / "fusion" / "runs" / f"{arm}-seed0" / "model" / "final" / "model.json").read_text()
+        )
         assert meta["model"]["profile_fusion"] == fusion.partition("+")[0]
         assert ("profile_normalisation" in meta) == (fusion != "none")
     assert set(data["fused_minus_image_c_index"]) == set(ARMS) - {"image"}
@@ -44,8 +48,13 @@ def test_plans_grow_with_the_mode():
 
 
 def test_thinned_profile_removes_about_half_the_values_and_keeps_every_row(tmp_path):
-    write_federation(tmp_path / "fed", sites=1, patients_per_site=40, seed=1,
-                     profiles=[p.__class__(**{**p.__dict__, "rows": 16}) for p in default_profiles(1)])  # fmt: skip
+    write_federation(
+        tmp_path / "fed",
+        sites=1,
+        patients_per_site=40,
+        seed=1,
+        profiles=[p.__class__(**{**p.__dict__, "rows": 16}) for p in default_profiles(1)],
+    )
     site = tmp_path / "fed" / "site-0"
     before = read_site_profile(site)
     after = read_site_profile(thinned_profile(site, tmp_path / "thin", drop=0.5, seed=0))

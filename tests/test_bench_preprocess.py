@@ -18,7 +18,9 @@ def test_tiny_preprocess_benchmark_compares_three_arms(tmp_path):
             entry = result["arms"][arm]
             assert "errors" not in entry, entry
             assert entry["series_per_second"] > 0 and entry["peak_rss_mib"] > 50
-        assert result["arms"]["a_read_floor"]["output_shape"] == [10, 32, 32] or result["arms"]["a_read_floor"]["output_shape"] == [12, 32, 32]
+        assert result["arms"]["a_read_floor"]["output_shape"] == [10, 32, 32] or result["arms"]["a_read_floor"][
+            "output_shape"
+        ] == [12, 32, 32]
         assert result["arms"]["b_monai_tutorial"]["output_shape"] == [1, 64, 64, 48]
         a, b, c = (result["arms"][arm]["series_per_second"] for arm in ARMS)
         assert result["ratio_c_over_a"] == c / a and result["ratio_c_over_b"] == c / b

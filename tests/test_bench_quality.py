@@ -28,7 +28,9 @@ def test_tiny_quality_benchmark_has_every_arm_and_site(tiny_run):
         for key in ("test-auc-macro", "test-c-index", "test-pooled-auc-macro"):
             stats = arm["summary"]["overall"][key]
             assert stats["mean"] is None or 0.0 <= stats["mean"] <= 1.0
-        assert arm["per_seed"][0]["overall"]["test-n"] == sum(data["site_studies"][s]["test"] for s in ("site-0", "site-1"))
+        assert arm["per_seed"][0]["overall"]["test-n"] == sum(
+            data["site_studies"][s]["test"] for s in ("site-0", "site-1")
+        )
     fed = data["arms"]["federated:fedavg"]["summary"]["overall"]["test-pooled-auc-macro"]["mean"]
     assert fed is not None and not math.isnan(fed)
     assert data["verdict_on_macro_auc"]["fedavg"]["best_local_arm"].startswith("local:")
@@ -45,8 +47,10 @@ def test_every_arm_is_scored_on_the_external_family(tiny_run):
         assert arm["summary"]["external"]["external-auc-covid-vs-normal"]["n"] == 1
     verdict = data["verdict_on_macro_auc"]["fedavg"]
     assert verdict["target_external_auc_covid_vs_normal"] == 0.85
-    assert verdict["external_auc_covid_vs_normal"] == data["arms"]["federated:fedavg"]["per_seed"][0]["external"][
-        "external-auc-covid-vs-normal"]
+    assert (
+        verdict["external_auc_covid_vs_normal"]
+        == data["arms"]["federated:fedavg"]["per_seed"][0]["external"]["external-auc-covid-vs-normal"]
+    )
     # the family was ingested like a site, apart from the training sites
     report = json.loads((out / "work" / "quality" / "external-site" / "ingest_report.json").read_text())
     assert report["counts"]["accepted"] == 6 and report["counts"]["rejected"] == 0
@@ -102,8 +106,13 @@ def test_resume_refuses_a_partial_result_of_another_plan(tmp_path):
 def test_resume_keeps_only_this_plans_seeds_and_strategies(tmp_path):
     plan = plan_record_of(plan_for(BenchOptions(out=tmp_path, tiny=True)))  # seed 0, fedavg
     row = {"seed": 0, "overall": {}, "sites": {}}
-    per_seed = {"pooled": [row, {**row, "seed": 5}], "federated:fedadam": [row], "federated:fedavg": [{**row, "seed": 5}]}
-    (tmp_path / PARTIAL_NAME).write_text(json.dumps({"plan": plan, "per_seed": per_seed,
-                                                      "seconds": {"pooled": 3.0, "federated:fedadam": 1.0}}))  # fmt: skip
+    per_seed = {
+        "pooled": [row, {**row, "seed": 5}],
+        "federated:fedadam": [row],
+        "federated:fedavg": [{**row, "seed": 5}],
+    }
+    (tmp_path / PARTIAL_NAME).write_text(
+        json.dumps({"plan": plan, "per_seed": per_seed, "seconds": {"pooled": 3.0, "federated:fedadam": 1.0}})
+    )
     kept, seconds = load_partial(tmp_path / PARTIAL_NAME, plan)
     assert kept == {"pooled": [row]} and seconds == {"pooled": 3.0}

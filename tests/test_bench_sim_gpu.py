@@ -21,6 +21,8 @@ def test_tiny_shared_gpu_simulation_reports_every_site_and_round(tmp_path):
 
 def test_train_stats_are_read_per_site(tmp_path):
     (tmp_path / "site-0").mkdir()
-    (tmp_path / "site-0" / "train-stats.jsonl").write_text('{"round": 1, "seconds": 2.0}\n\n{"round": 2, "seconds": 3.0}\n')
+    (tmp_path / "site-0" / "train-stats.jsonl").write_text(
+        '{"round": 1, "seconds": 2.0}\n\n{"round": 2, "seconds": 3.0}\n'
+    )
     (tmp_path / "site-1").mkdir()  # no rounds yet
     assert read_train_stats(tmp_path) == {"site-0": [{"round": 1, "seconds": 2.0}, {"round": 2, "seconds": 3.0}]}

@@ -14,8 +14,14 @@ def test_a_variant_is_a_strategy_with_run_config_overrides():
     assert v.name == "fedavg:bn-mode=local:server-learning-rate=2.0"
 
 
-@pytest.mark.parametrize(("text", "needle"), [(":bn-mode=local", "no strategy"), ("fedavg:bn-mode", "'bn-mode' is not key=value"),
-                                              ("fedavg:=3", "'=3' is not key=value")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (":bn-mode=local", "no strategy"),
+        ("fedavg:bn-mode", "'bn-mode' is not key=value"),
+        ("fedavg:=3", "'=3' is not key=value"),
+    ],
+)
 def test_a_malformed_variant_is_refused_naming_it(text, needle):
     with pytest.raises(ValueError, match=needle):
         parse_variant(text)

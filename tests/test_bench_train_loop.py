@@ -26,8 +26,15 @@ def test_tiny_train_loop_benchmark_reports_loop_limit_and_ratio(tmp_path):
     assert data["benchmark"] == "train_loop" and data["mode"] == "tiny" and data["model"] == "smallcnn"
     assert data["profile"] == "default"
     cpu = data["arms"]["cpu"]
-    assert cpu["compute"] == {"device": "cpu", "precision": "fp32", "channels_last": False, "loader_workers": 0,
-                              "pin_memory": False, "persistent_workers": False, "gpu_augment": False}  # fmt: skip
+    assert cpu["compute"] == {
+        "device": "cpu",
+        "precision": "fp32",
+        "channels_last": False,
+        "loader_workers": 0,
+        "pin_memory": False,
+        "persistent_workers": False,
+        "gpu_augment": False,
+    }
     assert cpu["steps_total"] >= 2 and cpu["steps_timed"] >= 1
     assert cpu["data_wait_seconds"]["mean"] > 0 and cpu["compute_seconds"]["mean"] > 0
     assert 0 < cpu["data_wait_fraction"] < 1
@@ -36,7 +43,10 @@ def test_tiny_train_loop_benchmark_reports_loop_limit_and_ratio(tmp_path):
     assert cpu["limit"]["samples_per_second"] > 0 and cpu["limit"]["precision"] == "fp32"
     assert cpu["ratio_loop_to_limit"] == pytest.approx(cpu["samples_per_second"] / cpu["limit"]["samples_per_second"])
     ab = cpu["metatensor_ab"]  # main's MetaTensor step vs the plain step, interleaved
-    assert ab["metatensor_step_seconds"]["n"] == ab["plain_step_seconds"]["n"] >= 1 and ab["speedup_plain_over_metatensor"] > 0
+    assert (
+        ab["metatensor_step_seconds"]["n"] == ab["plain_step_seconds"]["n"] >= 1
+        and ab["speedup_plain_over_metatensor"] > 0
+    )
     if "cuda" not in data["arms"]:
         assert data["gpu"].startswith("none")
     else:
@@ -59,7 +69,11 @@ def test_gpu_preset_is_a_valid_run_config_at_a_gpu_size():
     preset = profile_run_config("gpu")
     config = ServerConfig.from_run_config(preset)  # every key is a known run-config key with a valid value
     settings = config.round_settings(1)
-    assert settings.pipeline.input_size[0] >= 128 and settings.pipeline.input_size[1] >= 128 and settings.pipeline.input_size[2] >= 96
+    assert (
+        settings.pipeline.input_size[0] >= 128
+        and settings.pipeline.input_size[1] >= 128
+        and settings.pipeline.input_size[2] >= 96
+    )
     assert max(settings.pipeline.target_spacing_mm) <= 2.5 and 8 <= settings.batch_size <= 32
     assert GPU_PRESET.name == "run-gpu.toml" and profile_run_config("default") == {}
     with pytest.raises(ValueError, match="profile"):
@@ -80,9 +94,11 @@ def test_bench_settings_agree_with_the_servers(profile):
 
 def test_the_benchmark_path_imports_no_flwr():
     """The GPU machines have no flwr: bench train-loop and the training code must not import it."""
-    code = ("import sys; sys.modules['flwr'] = None; "  # any `import flwr` now raises ImportError
-            "import bench.cli, bench.train_loop, bench.gpu_check, fl_client.train, preprocessing.ingest; "
-            "from bench.train_loop import bench_settings, profile_run_config; bench_settings(profile_run_config('gpu')); print('ok')")  # fmt: skip
+    code = (
+        "import sys; sys.modules['flwr'] = None; "  # any `import flwr` now raises ImportError
+        "import bench.cli, bench.train_loop, bench.gpu_check, fl_client.train, preprocessing.ingest; "
+        "from bench.train_loop import bench_settings, profile_run_config; bench_settings(profile_run_config('gpu')); print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 

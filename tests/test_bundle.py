@@ -16,7 +16,13 @@ def test_bundle_round_trip_rebuilds_the_same_network(tmp_path):
     cfg = ModelConfig(name="smallcnn")
     model = build_model(cfg)
     pipeline = PipelineConfig(input_size=(32, 32, 16))
-    write_bundle(tmp_path / "b", model.state_dict(), model=cfg, pipeline=pipeline, provenance={"round_of_weights": 3, "sites": ["site-0"]})
+    write_bundle(
+        tmp_path / "b",
+        model.state_dict(),
+        model=cfg,
+        pipeline=pipeline,
+        provenance={"round_of_weights": 3, "sites": ["site-0"]},
+    )
     loaded, meta = load_bundle(tmp_path / "b")
     x = torch.randn(1, 1, 32, 32, 16)
     model.eval(), loaded.eval()
@@ -31,13 +37,24 @@ def test_bundle_round_trip_rebuilds_the_same_network(tmp_path):
 
 def test_model_card_lists_site_metrics_and_nan_becomes_null(tmp_path):
     cfg = ModelConfig(name="smallcnn")
-    metrics = {"aggregate": {"test-auc-macro": 0.9, "test-n": 10.0}, "training_studies": {"site-a": 20.0},
-               "sites": {"site-a": {"test-auc-macro": 0.9, "test-n": 10.0, "test-c-index": float("nan")}}}  # fmt: skip
-    write_bundle(tmp_path, build_model(cfg).state_dict(), model=cfg, pipeline=PipelineConfig(),
-                 provenance={"sites": ["site-a"], "metrics": metrics})  # fmt: skip
+    metrics = {
+        "aggregate": {"test-auc-macro": 0.9, "test-n": 10.0},
+        "training_studies": {"site-a": 20.0},
+        "sites": {"site-a": {"test-auc-macro": 0.9, "test-n": 10.0, "test-c-index": float("nan")}},
+    }
+    write_bundle(
+        tmp_path,
+        build_model(cfg).state_dict(),
+        model=cfg,
+        pipeline=PipelineConfig(),
+        provenance={"sites": ["site-a"], "metrics": metrics},
+    )
     card = (tmp_path / "model_card.md").read_text()
     assert "| site-a | 10 | 0.900 |" in card and "site-a 20" in card
-    assert json.loads((tmp_path / "model.json").read_text())["provenance"]["metrics"]["sites"]["site-a"]["test-c-index"] is None
+    assert (
+        json.loads((tmp_path / "model.json").read_text())["provenance"]["metrics"]["sites"]["site-a"]["test-c-index"]
+        is None
+    )
 
 
 def test_save_state_is_atomic_and_loadable(tmp_path):
@@ -61,8 +78,13 @@ def test_not_a_bundle(tmp_path):
 @pytest.fixture
 def bundle(tmp_path):
     cfg = ModelConfig(name="smallcnn")
-    return write_bundle(tmp_path / "b", build_model(cfg).state_dict(), model=cfg, pipeline=PipelineConfig(input_size=(32, 32, 16)),
-                        provenance={"round_of_weights": 1})  # fmt: skip
+    return write_bundle(
+        tmp_path / "b",
+        build_model(cfg).state_dict(),
+        model=cfg,
+        pipeline=PipelineConfig(input_size=(32, 32, 16)),
+        provenance={"round_of_weights": 1},
+    )
 
 
 def _edit_meta(folder, change):
@@ -117,8 +139,14 @@ def test_monai_bundle_load_reads_the_weights(bundle):
 
     cfg = ModelConfig(name="smallcnn")
     net = build_model(cfg)
-    loaded = load(name=bundle.name, bundle_dir=bundle.parent, model_file="model.pt", model=net, source="monaihosting",
-                  progress=False)  # fmt: skip
+    loaded = load(
+        name=bundle.name,
+        bundle_dir=bundle.parent,
+        model_file="model.pt",
+        model=net,
+        source="monaihosting",
+        progress=False,
+    )
     reference = torch.load(bundle / "model.pt", weights_only=True)
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, reference[key])
@@ -137,16 +165,23 @@ def test_the_calibration_round_trips_and_is_on_the_model_card(tmp_path):
     from models.calibration import bundle_temperature
 
     cfg = ModelConfig(name="smallcnn")
-    write_bundle(tmp_path / "b", build_model(cfg).state_dict(), model=cfg, pipeline=PipelineConfig(),
-                 provenance={"sites": ["site-a"]}, calibration={"temperature": 1.75, "sites": ["site-a", "site-b"],
-                                                                "validation_studies": 40})  # fmt: skip
+    write_bundle(
+        tmp_path / "b",
+        build_model(cfg).state_dict(),
+        model=cfg,
+        pipeline=PipelineConfig(),
+        provenance={"sites": ["site-a"]},
+        calibration={"temperature": 1.75, "sites": ["site-a", "site-b"], "validation_studies": 40},
+    )
     _, meta = load_bundle(tmp_path / "b")
     assert bundle_temperature(meta) == 1.75
     card = (tmp_path / "b" / "model_card.md").read_text()
     assert "softmax(logits / 1.750)" in card and "2 site(s) (40 studies)" in card
     weights = (tmp_path / "b" / "model.pt").read_bytes()
-    set_calibration(tmp_path / "b", {"temperature": 1.75, "ece_before": 0.21, "ece_after": 0.04, "test_studies": 30,
-                                      "brier_after": 0.3})  # fmt: skip
+    set_calibration(
+        tmp_path / "b",
+        {"temperature": 1.75, "ece_before": 0.21, "ece_after": 0.04, "test_studies": 30, "brier_after": 0.3},
+    )
     _, meta = load_bundle(tmp_path / "b")
     assert meta["calibration"]["ece_after"] == 0.04 and (tmp_path / "b" / "model.pt").read_bytes() == weights
     assert "0.210 before, 0.040 after" in (tmp_path / "b" / "model_card.md").read_text()

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from preprocessing.cache import CACHE_FOLDER, cache_dir_for, file_state_fingerprint, folder_bytes, last_used_marker, make_dataset, prune_caches
+from preprocessing.cache import (
+    CACHE_FOLDER,
+    cache_dir_for,
+    file_state_fingerprint,
+    folder_bytes,
+    last_used_marker,
+    make_dataset,
+    prune_caches,
+)
 from preprocessing.discover import discover
 from preprocessing.transforms import PipelineConfig
 from preprocessing.validate import validate_series
@@ -114,7 +122,9 @@ def test_other_pipeline_uses_another_cache_folder(make_series, dicom_root, tmp_p
     assert tuple(b["image"].shape) == (1, 16, 16, 24)
     assert len(_cached(cache_dir_for(site, SMALL))) == 1
     assert len(_cached(cache_dir_for(site, other))) == 1
-    assert sorted(p.name for p in (site / CACHE_FOLDER).iterdir() if p.is_dir()) == sorted([SMALL.fingerprint(), other.fingerprint()])
+    assert sorted(p.name for p in (site / CACHE_FOLDER).iterdir() if p.is_dir()) == sorted(
+        [SMALL.fingerprint(), other.fingerprint()]
+    )
 
 
 def test_augmented_dataset_caches_only_the_deterministic_part(make_series, dicom_root, tmp_path):
@@ -177,7 +187,9 @@ def test_caches_over_the_cap_lose_the_least_recently_used_never_the_one_in_use(m
     assert not cache_dir_for(site, oldest).exists() and cache_dir_for(site, middle).exists()
     # the pipeline in use is kept even when it alone is over the cap; every other one goes
     assert prune_caches(site, keep=oldest, max_bytes=0) == [cache_dir_for(site, middle), cache_dir_for(site, newest)]
-    assert sorted(p.name for p in (site / CACHE_FOLDER).iterdir()) == sorted([oldest.fingerprint(), last_used_marker(cache_dir_for(site, oldest)).name])
+    assert sorted(p.name for p in (site / CACHE_FOLDER).iterdir()) == sorted(
+        [oldest.fingerprint(), last_used_marker(cache_dir_for(site, oldest)).name]
+    )
     assert not list((site / CACHE_FOLDER).glob(".removing-*"))
 
 
@@ -199,8 +211,14 @@ def test_the_site_prunes_caches_before_each_round(make_series, dicom_root, tmp_p
 
     site_dir = tmp_path / "site"
     oldest, _middle, newest = _three_pipeline_caches(make_series, dicom_root, site_dir)
-    site = SiteConfig(site_name="s", dicom_dir=dicom_root, site_dir=site_dir, labels_csv=None, device="cpu",
-                      limits=SiteLimits(cache_max_gb=folder_bytes(cache_dir_for(site_dir, newest)) / 1e9))  # fmt: skip
+    site = SiteConfig(
+        site_name="s",
+        dicom_dir=dicom_root,
+        site_dir=site_dir,
+        labels_csv=None,
+        device="cpu",
+        limits=SiteLimits(cache_max_gb=folder_bytes(cache_dir_for(site_dir, newest)) / 1e9),
+    )
     settings = ServerConfig(input_size="16,16,16", target_spacing_mm="4,4,4").round_settings(1)
     assert settings.pipeline == oldest
     site.admit(settings)

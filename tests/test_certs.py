@@ -45,11 +45,17 @@ def test_writes_ca_server_certificate_and_site_keys_with_private_modes(tmp_path)
 
 def test_custom_sans_and_new_sites_reuse_the_ca(tmp_path):
     first = write_consortium(tmp_path, sites=["a"], sans=("fl.example.org", "10.0.0.5"), with_site_keys=True)
-    sans = x509.load_pem_x509_certificate(first.server_cert.read_bytes()).extensions.get_extension_for_class(
-        x509.SubjectAlternativeName).value  # fmt: skip
+    sans = (
+        x509.load_pem_x509_certificate(first.server_cert.read_bytes())
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value
+    )
     # the names asked for, plus loopback (the coordinator's CLI and the proxy reach the SuperLink on 127.0.0.1)
     assert sans.get_values_for_type(x509.DNSName) == ["fl.example.org", "localhost"]
-    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("127.0.0.1")]
+    assert sans.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("10.0.0.5"),
+        ipaddress.ip_address("127.0.0.1"),
+    ]
     ca_before = first.ca_cert.read_bytes()
     second = write_consortium(tmp_path, sites=["b"], with_site_keys=True)
     assert second.ca_cert.read_bytes() == ca_before
@@ -118,7 +124,9 @@ def test_site_key_is_made_at_the_site_private_and_never_overwritten(tmp_path, ca
 
 
 def test_cli(tmp_path, capsys):
-    assert main(["certs", "--out", str(tmp_path / "pki"), "--sites", "x,y", "--with-site-keys", "--san", "localhost"]) == 0
+    assert (
+        main(["certs", "--out", str(tmp_path / "pki"), "--sites", "x,y", "--with-site-keys", "--san", "localhost"]) == 0
+    )
     assert (tmp_path / "pki" / "sites" / "y" / "site.key").is_file()
     assert "keep offline" in capsys.readouterr().out
     assert main(["certs", "--out", str(tmp_path / "pki"), "--sites", "x", "--with-site-keys"]) == 2

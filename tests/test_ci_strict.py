@@ -11,7 +11,7 @@ import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 
-SAMPLE = '''
+SAMPLE = """
 import pytest
 
 def test_tool_missing():
@@ -22,7 +22,7 @@ def test_other_skip():
 
 def test_ok():
     assert True
-'''
+"""
 
 
 def _run(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess:
@@ -31,12 +31,34 @@ def _run(tmp_path: Path, ci: str | None) -> subprocess.CompletedProcess:
     if ci is not None:
         env["CI"] = ci
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), str(TESTS_DIR.parent), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "conftest", "-p", "no:cacheprovider",
-                           "-c", os.devnull, "--rootdir", str(tmp_path), str(tmp_path / "test_sample.py")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-rs",
+            "-p",
+            "conftest",
+            "-p",
+            "no:cacheprovider",
+            "-c",
+            os.devnull,
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path / "test_sample.py"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize(("ci", "summary", "code"), [(None, "1 passed, 2 skipped", 0), ("true", "1 failed, 1 passed, 1 skipped", 1)])
+@pytest.mark.parametrize(
+    ("ci", "summary", "code"), [(None, "1 passed, 2 skipped", 0), ("true", "1 failed, 1 passed, 1 skipped", 1)]
+)
 def test_missing_tool_fails_only_in_ci(tmp_path: Path, ci: str | None, summary: str, code: int) -> None:
     result = _run(tmp_path, ci)
     assert result.returncode == code, result.stdout + result.stderr

@@ -10,16 +10,29 @@ import pydicom
 import pytest
 
 
-
 def fedct(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-    return subprocess.run([sys.executable, "-m", "fedct", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fedct", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env
+    )
 
 
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    done = fedct("synth", "--out", str(out / "fed"), "--sites", "2", "--patients-per-site", "4", "--seed", "3", "--quiet", cwd=out)
+    done = fedct(
+        "synth",
+        "--out",
+        str(out / "fed"),
+        "--sites",
+        "2",
+        "--patients-per-site",
+        "4",
+        "--seed",
+        "3",
+        "--quiet",
+        cwd=out,
+    )
     assert done.returncode == 0, done.stderr
     assert "site-0:" in done.stdout and "site-1:" in done.stdout
     return out / "fed"
@@ -50,8 +63,20 @@ def test_ingest_reports_and_exits_zero_with_rejections(synth_dir, tmp_path):
     (dicom / "README.txt").write_text("exported by PACS")
     victim = sorted(dicom.rglob("*.dcm"))[5]
     victim.unlink()  # one missing slice: that series must be refused, the others accepted
-    done = fedct("ingest", "--input", str(dicom), "--out", str(tmp_path / "site"), "--labels", str(synth_dir / "site-0" / "labels.csv"),
-                 "--input-size", "32,32,24", "--spacing", "10,10,10", cwd=tmp_path)  # fmt: skip
+    done = fedct(
+        "ingest",
+        "--input",
+        str(dicom),
+        "--out",
+        str(tmp_path / "site"),
+        "--labels",
+        str(synth_dir / "site-0" / "labels.csv"),
+        "--input-size",
+        "32,32,24",
+        "--spacing",
+        "10,10,10",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "missing_slices: 1" in done.stdout and "not_dicom: 1" in done.stdout
     report = json.loads((tmp_path / "site" / "ingest_report.json").read_text())
@@ -80,13 +105,28 @@ def test_ingest_usage_errors_exit_nonzero_with_a_clear_message(synth_dir, tmp_pa
 
 def test_deid_writes_copies_without_identifiers(synth_dir, tmp_path):
     source = synth_dir / "site-1" / "dicom"
-    done = fedct("deid", "--input", str(source), "--out", str(tmp_path / "deid"), "--site-dir", str(tmp_path / "site"), cwd=tmp_path)
+    done = fedct(
+        "deid",
+        "--input",
+        str(source),
+        "--out",
+        str(tmp_path / "deid"),
+        "--site-dir",
+        str(tmp_path / "site"),
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     originals = sorted(source.rglob("*.dcm"))
     copies = sorted((tmp_path / "deid").rglob("*.dcm"))
     assert len(copies) == len(originals) and f"de-identified {len(originals)} file(s)" in done.stdout
     original = pydicom.dcmread(originals[0])
-    secrets = [str(original.PatientName), original.PatientID, original.AccessionNumber, original.StudyInstanceUID, original.InstitutionName]
+    secrets = [
+        str(original.PatientName),
+        original.PatientID,
+        original.AccessionNumber,
+        original.StudyInstanceUID,
+        original.InstitutionName,
+    ]
     for copy in copies[:20]:
         data = copy.read_bytes()
         assert not any(s.encode() in data for s in secrets)
@@ -98,7 +138,9 @@ def test_deid_writes_copies_without_identifiers(synth_dir, tmp_path):
 
 def test_deid_refuses_output_inside_input(synth_dir, tmp_path):
     source = synth_dir / "site-1" / "dicom"
-    done = fedct("deid", "--input", str(source), "--out", str(source / "out"), "--site-dir", str(tmp_path / "site"), cwd=tmp_path)
+    done = fedct(
+        "deid", "--input", str(source), "--out", str(source / "out"), "--site-dir", str(tmp_path / "site"), cwd=tmp_path
+    )
     assert done.returncode == 2 and "fedct deid: error" in done.stderr
     assert not (source / "out").exists()
 
@@ -123,15 +165,30 @@ def test_predict_writes_reports_and_refuses_a_broken_study(synth_dir, tmp_path):
     from preprocessing.transforms import PipelineConfig
 
     config = ModelConfig(name="smallcnn")
-    write_bundle(tmp_path / "bundle", build_model(config).state_dict(), model=config,
-                 pipeline=PipelineConfig(input_size=(32, 32, 24), target_spacing_mm=(10.0, 10.0, 10.0)), provenance={})  # fmt: skip
+    write_bundle(
+        tmp_path / "bundle",
+        build_model(config).state_dict(),
+        model=config,
+        pipeline=PipelineConfig(input_size=(32, 32, 24), target_spacing_mm=(10.0, 10.0, 10.0)),
+        provenance={},
+    )
     studies = sorted(p for p in (synth_dir / "site-0" / "dicom").iterdir() if p.is_dir())[:2]
     for study in studies:
         shutil.copytree(study, tmp_path / "in" / study.name)
     broken = sorted((tmp_path / "in" / studies[1].name).rglob("*.dcm"))
     broken[len(broken) // 2].unlink()
-    done = fedct("predict", "--model", str(tmp_path / "bundle"), "--input", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
-                 "--device", "cpu", cwd=tmp_path)  # fmt: skip
+    done = fedct(
+        "predict",
+        "--model",
+        str(tmp_path / "bundle"),
+        "--input",
+        str(tmp_path / "in"),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "1 study(ies) predicted, 1 refused" in done.stdout and "missing_slices" in done.stdout
     (folder,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
@@ -158,23 +215,34 @@ def test_commands_other_than_certificates_work_without_cryptography():
         "    assert exc.code == 0, exc.code\n"
         "print('ok', 'cryptography' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok False")
 
 
 def test_predict_research_copy_from_the_switch_or_the_site_env_file_and_never_pushed(tmp_path, series_writer, capsys):
-    from fedct.cli import main
     from test_inference_predict import make_bundle
 
-    series_writer(tmp_path / "in" / "s1", n_slices=10, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0), slice_spacing_mm=8.0)
+    from fedct.cli import main
+
+    series_writer(
+        tmp_path / "in" / "s1", n_slices=10, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0), slice_spacing_mm=8.0
+    )
     bundle = make_bundle(tmp_path / "bundle")
     env = tmp_path / "site.env"
     env.write_text("FEDCT_LOCAL_IDENTIFIERS=no\n")
     base = ["predict", "--model", str(bundle), "--input", str(tmp_path / "in"), "--device", "cpu"]
     # A research copy has no patient to file the results under: --push is refused before anything is read.
-    for extra in (["--no-local-identifiers", "--push", "http://pacs.local/dicom-web"], ["--pacs-env", str(env), "--push"]):
+    for extra in (
+        ["--no-local-identifiers", "--push", "http://pacs.local/dicom-web"],
+        ["--pacs-env", str(env), "--push"],
+    ):
         assert main([*base, "--out", str(tmp_path / "refused"), *extra]) == 2
         assert "research copy" in capsys.readouterr().err and not (tmp_path / "refused").exists()
     env.write_text("FEDCT_LOCAL_IDENTIFIERS=perhaps\n")
@@ -185,5 +253,7 @@ def test_predict_research_copy_from_the_switch_or_the_site_env_file_and_never_pu
         assert main([*base, "--out", str(tmp_path / name), *extra]) == 0, capsys.readouterr().err
         (folder,) = [p for p in (tmp_path / name).iterdir() if p.is_dir()]
         hidden = name != "default"
-        assert json.loads((folder / "prediction.json").read_text())["local_identifiers"] == ("hidden" if hidden else "site-local")
+        assert json.loads((folder / "prediction.json").read_text())["local_identifiers"] == (
+            "hidden" if hidden else "site-local"
+        )
         assert (folder / "local_identity.json").is_file() is not hidden

@@ -14,10 +14,10 @@ import pydicom
 import pytest
 from pydicom.pixels import get_encoder
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -41,7 +41,9 @@ def _require_encoder(transfer_syntax: UID) -> None:
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         return  # written by pydicom's file writer (zlib)
     if not get_encoder(transfer_syntax).is_available:
-        pytest.skip(f"missing system tool or test dependency: encoder for {transfer_syntax.name} ({ENCODER_PACKAGE[transfer_syntax]})")
+        pytest.skip(
+            f"missing system tool or test dependency: encoder for {transfer_syntax.name} ({ENCODER_PACKAGE[transfer_syntax]})"
+        )
 
 
 def recode(paths: list[Path], transfer_syntax: UID, **encoder_options) -> None:

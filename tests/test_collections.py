@@ -122,7 +122,10 @@ def test_mosmed_registry_gaps_and_conflicts_are_reported(tmp_path: Path) -> None
 def test_mosmed_corrupt_and_2d_volumes_and_stray_files_are_skipped_with_reasons(tmp_path: Path) -> None:
     _mosmed(tmp_path, {"CT-0": 2, "CT-1": 2}, registry=False)
     (tmp_path / "studies" / "CT-1" / "study_0100.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
-    nib.save(nib.Nifti1Image(np.zeros((32, 32), np.int16), np.eye(4)), str(tmp_path / "studies" / "CT-0" / "study_0101.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(np.zeros((32, 32), np.int16), np.eye(4)),
+        str(tmp_path / "studies" / "CT-0" / "study_0101.nii.gz"),
+    )
     (tmp_path / "studies" / "CT-0" / "readme.txt").write_text("x")
     (tmp_path / "dataset_registry.xlsx").write_bytes(b"not a workbook")
     scan = scan_mosmed(tmp_path)
@@ -147,8 +150,27 @@ def test_mosmed_wrong_root_and_site_split_give_clear_errors(tmp_path: Path) -> N
 def test_mosmed_sites_ingest_as_nifti_sites(tmp_path: Path) -> None:
     _mosmed(tmp_path / "mosmed")
     out = tmp_path / "sites"
-    assert main(["collection", "prepare", "--name", "mosmed", "--root", str(tmp_path / "mosmed"), "--out", str(out),
-                 "--split-by", "none", "--sites", "2", "--seed", "3"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "collection",
+                "prepare",
+                "--name",
+                "mosmed",
+                "--root",
+                str(tmp_path / "mosmed"),
+                "--out",
+                str(out),
+                "--split-by",
+                "none",
+                "--sites",
+                "2",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     sites = sorted(p.name for p in out.glob("site-*"))
     assert sites == ["site-0", "site-1"]
     total = 0
@@ -162,14 +184,35 @@ def test_mosmed_sites_ingest_as_nifti_sites(tmp_path: Path) -> None:
             rows = list(csv.DictReader(fh))
         assert all(r["severity"] in "01234" and r["category"] == f"CT-{r['severity']}" for r in rows)
         # What the simulation and bench quality pass: SITE/dicom (absent) -> the NIfTI folder next to it.
-        manifest = ingest_site(site / "dicom", tmp_path / "work" / name, labels_csv=site / "labels.csv", pipeline=SMALL,
-                               split=NO_SPLIT, workers=1)  # fmt: skip
+        manifest = ingest_site(
+            site / "dicom",
+            tmp_path / "work" / name,
+            labels_csv=site / "labels.csv",
+            pipeline=SMALL,
+            split=NO_SPLIT,
+            workers=1,
+        )
         assert len(manifest.studies) == len(labels)
         total += len(labels)
     assert total == 10
     assert json.loads((out / "collection.json").read_text())["split_by"] == "none"
-    assert main(["collection", "prepare", "--name", "mosmed", "--root", str(tmp_path / "mosmed"), "--out", str(out),
-                 "--split-by", "none"]) == 2  # an existing output is not overwritten  # fmt: skip
+    assert (
+        main(
+            [
+                "collection",
+                "prepare",
+                "--name",
+                "mosmed",
+                "--root",
+                str(tmp_path / "mosmed"),
+                "--out",
+                str(out),
+                "--split-by",
+                "none",
+            ]
+        )
+        == 2
+    )  # an existing output is not overwritten
 
 
 # --- MIDRC-RICORD (TCIA, NBIA Data Retriever layout) ------------------------------------------------------------------
@@ -178,10 +221,23 @@ def test_mosmed_sites_ingest_as_nifti_sites(tmp_path: Path) -> None:
 def _ricord_study(collection_dir: Path, patient_id: str, n: int, *, seed: int) -> str:
     """``<collection>/<PatientID>/<date-desc-id>/<seriesnum-desc-id>/1-NN.dcm``; returns the StudyInstanceUID."""
     study_uid = f"1.2.826.0.1.3680043.10.474.{seed}.{n}"
-    series_dir = collection_dir / patient_id / f"08-02-2002-NA-CT CHEST WITHOUT CONTRAST-0{n}614" / f"3.000000-1.25mm lung-2{n}970"
+    series_dir = (
+        collection_dir
+        / patient_id
+        / f"08-02-2002-NA-CT CHEST WITHOUT CONTRAST-0{n}614"
+        / f"3.000000-1.25mm lung-2{n}970"
+    )
     patient = PatientIdentity("", patient_id, "", "", "")
-    write_ct_series(series_dir, _chest((10, 24, 24), seed), pixel_spacing_mm=(1.2, 1.2), slice_spacing_mm=5.0,
-                    study_instance_uid=study_uid, series_instance_uid=f"{study_uid}.1", patient=patient, file_prefix="1-")  # fmt: skip
+    write_ct_series(
+        series_dir,
+        _chest((10, 24, 24), seed),
+        pixel_spacing_mm=(1.2, 1.2),
+        slice_spacing_mm=5.0,
+        study_instance_uid=study_uid,
+        series_instance_uid=f"{study_uid}.1",
+        patient=patient,
+        file_prefix="1-",
+    )
     return study_uid
 
 
@@ -198,13 +254,25 @@ def _ricord(root: Path) -> dict[str, str]:
     }
     covid = [uid for uid, d in uids.items() if d == "covid"]
     annotations = {
-        "labelGroups": [{"labels": [{"id": "L_typ", "name": "Typical Appearance", "scope": "STUDY"},
-                                    {"id": "L_ind", "name": "Indeterminate Appearance", "scope": "STUDY"},
-                                    {"id": "L_inf", "name": "Infectious opacity", "scope": "INSTANCE"}]}],
-        "datasets": [{"annotations": [{"StudyInstanceUID": covid[0], "labelId": "L_typ"},
-                                      {"StudyInstanceUID": covid[0], "labelId": "L_inf", "SOPInstanceUID": "1.2.3"},
-                                      {"StudyInstanceUID": covid[1], "labelId": "L_ind"}]}],
-    }  # fmt: skip
+        "labelGroups": [
+            {
+                "labels": [
+                    {"id": "L_typ", "name": "Typical Appearance", "scope": "STUDY"},
+                    {"id": "L_ind", "name": "Indeterminate Appearance", "scope": "STUDY"},
+                    {"id": "L_inf", "name": "Infectious opacity", "scope": "INSTANCE"},
+                ]
+            }
+        ],
+        "datasets": [
+            {
+                "annotations": [
+                    {"StudyInstanceUID": covid[0], "labelId": "L_typ"},
+                    {"StudyInstanceUID": covid[0], "labelId": "L_inf", "SOPInstanceUID": "1.2.3"},
+                    {"StudyInstanceUID": covid[1], "labelId": "L_ind"},
+                ]
+            }
+        ],
+    }
     (root / "MIDRC-RICORD-1a_annotations_labelgroup_all_2020-Dec-8.json").write_text(json.dumps(annotations))
     (manifest / "MIDRC-RICORD-1C" / "MIDRC-RICORD-1C-419639-000001").mkdir(parents=True)
     return uids
@@ -249,8 +317,23 @@ def test_ricord_study_without_images_and_non_dicom_series_are_skipped(tmp_path: 
 def test_ricord_wrong_root_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(CollectionError, match="MIDRC-RICORD-1A/<PatientID>"):
         scan_ricord(tmp_path)
-    assert main(["collection", "prepare", "--name", "ricord", "--root", str(tmp_path), "--out", str(tmp_path / "o"),
-                 "--split-by", "collection"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "collection",
+                "prepare",
+                "--name",
+                "ricord",
+                "--root",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+                "--split-by",
+                "collection",
+            ]
+        )
+        == 2
+    )
 
 
 def test_ricord_split_by_collection_and_by_site_then_ingest(tmp_path: Path) -> None:
@@ -266,9 +349,12 @@ def test_ricord_split_by_collection_and_by_site_then_ingest(tmp_path: Path) -> N
     site = tmp_path / "by-site" / "site-0"
     links = list(site.glob("dicom/*/*/*.dcm"))
     assert len(links) == 40 and all(p.is_symlink() for p in links)
-    manifest = ingest_site(site / "dicom", tmp_path / "work", labels_csv=site / "labels.csv", pipeline=SMALL, split=NO_SPLIT,
-                           workers=1)  # fmt: skip
-    assert sorted(DIAGNOSES[s.diagnosis] for s in manifest.studies) == sorted(uids[u] for u in read_labels(site / "labels.csv"))
+    manifest = ingest_site(
+        site / "dicom", tmp_path / "work", labels_csv=site / "labels.csv", pipeline=SMALL, split=NO_SPLIT, workers=1
+    )
+    assert sorted(DIAGNOSES[s.diagnosis] for s in manifest.studies) == sorted(
+        uids[u] for u in read_labels(site / "labels.csv")
+    )
     assert json.loads((tmp_path / "work" / REPORT_NAME).read_text())["counts"]["rejected"] == 0
 
 
@@ -276,8 +362,17 @@ def test_ricord_split_by_collection_and_by_site_then_ingest(tmp_path: Path) -> N
 
 
 def _study(key: str, patient: str, diagnosis: str, group: str = "g1", collection: str = "c1") -> CollectionStudy:
-    return CollectionStudy(key=key, collection=collection, group=group, patient=patient, kind="dicom", source=(), diagnosis=diagnosis,
-                           severity=None, category="")  # fmt: skip
+    return CollectionStudy(
+        key=key,
+        collection=collection,
+        group=group,
+        patient=patient,
+        kind="dicom",
+        source=(),
+        diagnosis=diagnosis,
+        severity=None,
+        category="",
+    )
 
 
 def test_assign_sites_keeps_patients_together_is_seeded_and_checks_options() -> None:
@@ -288,7 +383,9 @@ def test_assign_sites_keeps_patients_together_is_seeded_and_checks_options() -> 
         assert {s.diagnosis for s in site} == {"covid", "normal"}
     where = {s.patient: i for i, site in enumerate(sites) for s in site}
     assert all(where[s.patient] == i for i, site in enumerate(sites) for s in site)  # one site per patient
-    assert [[s.key for s in site] for site in sites] == [[s.key for s in site] for site in assign_sites(studies, split_by="none", sites=3, seed=1)]
+    assert [[s.key for s in site] for site in sites] == [
+        [s.key for s in site] for site in assign_sites(studies, split_by="none", sites=3, seed=1)
+    ]
     merged = assign_sites(studies, split_by="site", sites=2, seed=0)
     assert len(merged) == 2 and sum(len(s) for s in merged) == 24
     with pytest.raises(ValueError, match="--sites 5 but the collection has only 3 site group"):
@@ -312,8 +409,10 @@ def test_a_prepared_nifti_site_trains_through_the_simulation_client_path(tmp_pat
 
     _mosmed(tmp_path / "mosmed", {"CT-0": 5, "CT-1": 3, "CT-2": 2})
     write_sites(scan_mosmed(tmp_path / "mosmed"), tmp_path / "sites", split_by="none", sites=1)
-    site = SiteConfig.from_context({"partition-id": 0, "num-partitions": 1, "device": "cpu", "workers": 1},
-                                   {"sim-data-root": str(tmp_path / "sites"), "sim-work-root": str(tmp_path / "work")})  # fmt: skip
+    site = SiteConfig.from_context(
+        {"partition-id": 0, "num-partitions": 1, "device": "cpu", "workers": 1},
+        {"sim-data-root": str(tmp_path / "sites"), "sim-work-root": str(tmp_path / "work")},
+    )
     assert site.dicom_dir == tmp_path / "sites" / "site-0" / "dicom" and not site.dicom_dir.exists()
     config = ServerConfig(model_name="smallcnn", input_size="16,16,16", target_spacing_mm="8,8,8", local_epochs=1)
     settings = config.round_settings(1)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from federation import pids_matching, stop_pids, wait_until
+
 from fedct.certs import write_consortium, write_site_key
 from fedct.deploy import PROXY_REFUSAL, SITE_REGISTRY_ENV, ServerEnv, registered_nodes
 
@@ -116,9 +116,14 @@ def _free_ports(n: int) -> list[int]:
 
 def process_env(**extra: str) -> dict[str, str]:
     """This venv's tools first on PATH, this checkout first on PYTHONPATH, Flower quiet."""
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
-            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", **extra}  # fmt: skip
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        **extra,
+    }
 
 
 class Coordinator:
@@ -137,18 +142,23 @@ class Coordinator:
         (self.app / "probe" / "__init__.py").write_text("")
         (self.app / "probe" / "apps.py").write_text(PROBE_APPS)
         self.server_env = root / "server.env"
-        self.server_env.write_text("".join(f"{k}={v}\n" for k, v in {
-            "FEDCT_SERVER_HOST": "127.0.0.1",
-            "FEDCT_SERVER_PORT": self.port,
-            "FEDCT_SUPERLINK_PORT": self.superlink_port,
-            "FEDCT_CA_CERT": self.pki.ca_cert,
-            "FEDCT_SERVER_CERT": self.pki.server_cert,
-            "FEDCT_SERVER_KEY": self.pki.server_key,
-            "FEDCT_STATE_DIR": root / "state",
-            "FEDCT_SITE_KEYS": keys,
-            "FEDCT_RUNS_DIR": root / "runs",
-            "FEDCT_APP_DIR": self.app,
-        }.items()))  # fmt: skip
+        self.server_env.write_text(
+            "".join(
+                f"{k}={v}\n"
+                for k, v in {
+                    "FEDCT_SERVER_HOST": "127.0.0.1",
+                    "FEDCT_SERVER_PORT": self.port,
+                    "FEDCT_SUPERLINK_PORT": self.superlink_port,
+                    "FEDCT_CA_CERT": self.pki.ca_cert,
+                    "FEDCT_SERVER_CERT": self.pki.server_cert,
+                    "FEDCT_SERVER_KEY": self.pki.server_key,
+                    "FEDCT_STATE_DIR": root / "state",
+                    "FEDCT_SITE_KEYS": keys,
+                    "FEDCT_RUNS_DIR": root / "runs",
+                    "FEDCT_APP_DIR": self.app,
+                }.items()
+            )
+        )
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
 
@@ -158,8 +168,13 @@ class Coordinator:
 
     def start(self, key: str, command: list[str], **env: str) -> subprocess.Popen:
         self.logs[key] = self.root / f"{key}.log"
-        proc = subprocess.Popen(command, env=process_env(**env), stdout=self.logs[key].open("wb"), stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            command,
+            env=process_env(**env),
+            stdout=self.logs[key].open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.procs[key] = proc
         return proc
 
@@ -181,8 +196,11 @@ def coordinator(tmp_path_factory) -> Coordinator:
     fed = Coordinator(tmp_path_factory.mktemp("control-plane"))
     try:
         server = fed.start("server", [str(ROOT / "docker" / "entrypoint-server.sh")], FEDCT_ENV=str(fed.server_env))
-        wait_until(lambda: "fedct server: ready" in fed.log("server") or server.poll() is not None, timeout=120,
-                   what="fedct server start to be ready")  # fmt: skip
+        wait_until(
+            lambda: "fedct server: ready" in fed.log("server") or server.poll() is not None,
+            timeout=120,
+            what="fedct server start to be ready",
+        )
         assert server.poll() is None, fed.log("server")[-3000:]
         yield fed
     finally:
@@ -195,14 +213,22 @@ def attacker_home(fed: Coordinator, name: str) -> Path:
     home = fed.root / name
     home.mkdir()
     shutil.copy(fed.pki.ca_cert, home / "ca.crt")
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "consortium"\n\n[superlink.consortium]\n'
-                                      f'address = "127.0.0.1:{fed.port}"\nroot-certificates = "{home / "ca.crt"}"\n')  # fmt: skip
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "consortium"\n\n[superlink.consortium]\n'
+        f'address = "127.0.0.1:{fed.port}"\nroot-certificates = "{home / "ca.crt"}"\n'
+    )
     return home
 
 
 def flwr(home: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], env=process_env(FLWR_HOME=str(home)), capture_output=True, text=True,
-                          timeout=180, cwd=cwd)  # fmt: skip
+    return subprocess.run(
+        [str(BIN / "flwr"), *args],
+        env=process_env(FLWR_HOME=str(home)),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=cwd,
+    )
 
 
 def run_ids(fed: Coordinator) -> set[int]:
@@ -230,8 +256,9 @@ def test_the_attack_of_issue_16_is_refused_at_the_hospital_facing_address(coordi
     evil = evil_pub.read_bytes()
     from cryptography.hazmat.primitives import serialization
 
-    evil_pem = serialization.load_ssh_public_key(evil).public_bytes(serialization.Encoding.PEM,
-                                                                    serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
+    evil_pem = serialization.load_ssh_public_key(evil).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     assert all(node.public_key != evil_pem for node in registered_nodes(fed.env))  # the SuperLink never saw the key
 
     _refused(flwr(home, "ls", "consortium"), "/v1/control/list-runs")
@@ -253,8 +280,11 @@ def test_the_attack_of_issue_16_is_refused_at_the_hospital_facing_address(coordi
             assert response.status_code == 403 and PROXY_REFUSAL in response.text, (path, response.text)
         assert client.get(f"https://127.0.0.1:{fed.port}/v1/fleet/get-run").status_code == 403  # Fleet: POST only
         # ... and on loopback the Runtime API hands out no task without the SuperExec secret.
-        response = client.post(f"https://127.0.0.1:{fed.superlink_port}/v1/runtime/acquire-task", content=b"",
-                               headers={"Content-Type": "application/protobuf"})  # fmt: skip
+        response = client.post(
+            f"https://127.0.0.1:{fed.superlink_port}/v1/runtime/acquire-task",
+            content=b"",
+            headers={"Content-Type": "application/protobuf"},
+        )
         assert response.status_code in (401, 403), (response.status_code, response.text)
 
 
@@ -267,19 +297,41 @@ def test_a_registered_site_connects_through_the_proxy_and_the_coordinator_submit
     assert (env.superexec_secret_file.stat().st_mode & 0o777) == 0o600
     node_home = fed.root / "site-a-home"
     node_home.mkdir()
-    fed.start("site-a", [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{fed.port}",
-                         "--root-certificates", str(fed.root / "pki" / "sites" / "site-a" / "ca.crt"),
-                         "--auth-supernode-private-key", str(fed.pki.site_keys["site-a"]),
-                         "--host", "127.0.0.1", "--port", str(fed.node_port)], FLWR_HOME=str(node_home))  # fmt: skip
-    wait_until(lambda: f"Activated node_id={node_id}" in fed.log("server"), timeout=120, what="site-a to activate via the proxy")
+    fed.start(
+        "site-a",
+        [
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{fed.port}",
+            "--root-certificates",
+            str(fed.root / "pki" / "sites" / "site-a" / "ca.crt"),
+            "--auth-supernode-private-key",
+            str(fed.pki.site_keys["site-a"]),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(fed.node_port),
+        ],
+        FLWR_HOME=str(node_home),
+    )
+    wait_until(
+        lambda: f"Activated node_id={node_id}" in fed.log("server"),
+        timeout=120,
+        what="site-a to activate via the proxy",
+    )
     activated = next(n for n in registered_nodes(env) if n.node_id == node_id)
     assert activated.status == "online"
 
     config = fed.root / "probe.toml"
     config.write_text('run-dir = "probe-run"\n')
     t0 = time.monotonic()
-    done = subprocess.run([str(BIN / "fedct"), "server", "submit", "--env", str(fed.server_env), "--config", str(config)],
-                          env=process_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [str(BIN / "fedct"), "server", "submit", "--env", str(fed.server_env), "--config", str(config)],
+        env=process_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     print(f"\n[control-plane] coordinator run through the proxy: {time.monotonic() - t0:.1f}s")
     assert done.returncode == 0 and "finished:completed" in done.stdout, (done.stdout + done.stderr)[-4000:]
     marker = json.loads((env.runs_dir / "probe-run" / "marker.json").read_text())
@@ -288,9 +340,14 @@ def test_a_registered_site_connects_through_the_proxy_and_the_coordinator_submit
     assert marker["sums"] == {str(node_id): [float(PROBE_FLOATS * (PROBE_FLOATS - 1)), PROBE_FLOATS]}
     assert marker["registry_file"] == str(env.site_registry_file)  # the ServerApp is told where the registry is
     # heartbeats pass the proxy too: each one moves the node's online-until time forward
-    wait_until(lambda: next(n for n in registered_nodes(env) if n.node_id == node_id).online_until > activated.online_until,
-               timeout=90, what="a SuperNode heartbeat through the proxy")  # fmt: skip
-    assert 'fedct proxy: 127.0.0.1 "POST /v1/control/start-run HTTP/1.1" 403' in fed.log("server")  # the attempt is logged
+    wait_until(
+        lambda: next(n for n in registered_nodes(env) if n.node_id == node_id).online_until > activated.online_until,
+        timeout=90,
+        what="a SuperNode heartbeat through the proxy",
+    )
+    assert 'fedct proxy: 127.0.0.1 "POST /v1/control/start-run HTTP/1.1" 403' in fed.log(
+        "server"
+    )  # the attempt is logged
     assert fed.procs["site-a"].poll() is None, fed.log("site-a")[-3000:]
     fed.procs["site-a"].send_signal(signal.SIGTERM)
     fed.procs["site-a"].wait(timeout=60)
@@ -298,13 +355,21 @@ def test_a_registered_site_connects_through_the_proxy_and_the_coordinator_submit
 
 def test_server_check_and_stop_end_every_process(coordinator):
     fed = coordinator
-    done = subprocess.run([str(BIN / "fedct"), "server", "check", "--env", str(fed.server_env)], env=process_env(),
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [str(BIN / "fedct"), "server", "check", "--env", str(fed.server_env)],
+        env=process_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and f"hospital-facing proxy 127.0.0.1:{fed.port}: TLS" in done.stdout, done.stderr
     server = fed.procs["server"]
     children = [pid for pid in pids_matching(str(fed.root)) if pid != server.pid]
     assert any(pids_matching("nginx", str(fed.root))) and any(pids_matching("flower-superexec", str(fed.root)))
     server.send_signal(signal.SIGTERM)
     assert server.wait(timeout=60) == 0, fed.log("server")[-3000:]
-    wait_until(lambda: not any(p in pids_matching(str(fed.root)) for p in children), timeout=30,
-               what="the SuperLink, SuperExec and proxy to stop with fedct server start")  # fmt: skip
+    wait_until(
+        lambda: not any(p in pids_matching(str(fed.root)) for p in children),
+        timeout=30,
+        what="the SuperLink, SuperExec and proxy to stop with fedct server start",
+    )

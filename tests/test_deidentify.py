@@ -29,8 +29,8 @@ from preprocessing.deidentify import (
     PROFILE_TABLE_EDITION,
     SKIP_REASONS,
     VERBATIM,
-    DeidResult,
     DeidentificationRefused,
+    DeidResult,
     date_shift_days,
     deidentify_dataset,
     deidentify_folder,
@@ -135,14 +135,24 @@ def _build_site(root: Path, series_writer, edit_dicom) -> tuple[dict[str, Series
         kwargs = dict(study)
         if same_study_as:
             kwargs["study_uid"] = series[same_study_as].study_uid
-        written = series_writer(root / folder, n_slices=n, rows=12, cols=12, patient=patient, seed=len(series),
-                                manufacturer=MANUFACTURER, **kwargs)  # fmt: skip
+        written = series_writer(
+            root / folder,
+            n_slices=n,
+            rows=12,
+            cols=12,
+            patient=patient,
+            seed=len(series),
+            manufacturer=MANUFACTURER,
+            **kwargs,
+        )
         acquisition = ACQUISITION_DATE_1 if patient is PATIENT_1 else "20220212"
         creation = CREATION_DATE_1 if patient is PATIENT_1 else "20220213"
         first_sop = str(pydicom.dcmread(written.paths[0]).SOPInstanceUID)
         for path in written.paths:
-            edit_dicom(path, lambda ds: _add_phi(ds, referenced_sop=first_sop, acquisition_date=acquisition,
-                                                 creation_date=creation))  # fmt: skip
+            edit_dicom(
+                path,
+                lambda ds: _add_phi(ds, referenced_sop=first_sop, acquisition_date=acquisition, creation_date=creation),
+            )
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in written.paths]
         series[name] = SeriesIn(
             patient=patient,
@@ -169,11 +179,32 @@ def _build_site(root: Path, series_writer, edit_dicom) -> tuple[dict[str, Series
     no_pixels.save_as(extras / "no_pixels.dcm")
     shutil.copy2(series["a"].paths[3], extras / "copy_of_a_slice.dcm")
 
-    phi = [PATIENT_1.PatientName, *PATIENT_1.PatientName.split("^"), PATIENT_1.PatientID, PATIENT_1.PatientBirthDate,
-           PATIENT_2.PatientName, *PATIENT_2.PatientName.split("^"), PATIENT_2.PatientID, PATIENT_2.PatientBirthDate,
-           *(v for s in (STUDY_1, STUDY_2) for v in s.values()), ACQUISITION_DATE_1, CREATION_DATE_1, "20220212",
-           "20220213", *EXTRA_PHI.values(), "OPSQIDX5", "RPIDQ77", "SPSQ88", PRIVATE_CREATOR, PRIVATE_VALUE,
-           NESTED_PRIVATE_VALUE, NESTED_PERSON, "SYNTH^REFERRER", "Qzvorak", "Ylvenne"]  # fmt: skip
+    phi = [
+        PATIENT_1.PatientName,
+        *PATIENT_1.PatientName.split("^"),
+        PATIENT_1.PatientID,
+        PATIENT_1.PatientBirthDate,
+        PATIENT_2.PatientName,
+        *PATIENT_2.PatientName.split("^"),
+        PATIENT_2.PatientID,
+        PATIENT_2.PatientBirthDate,
+        *(v for s in (STUDY_1, STUDY_2) for v in s.values()),
+        ACQUISITION_DATE_1,
+        CREATION_DATE_1,
+        "20220212",
+        "20220213",
+        *EXTRA_PHI.values(),
+        "OPSQIDX5",
+        "RPIDQ77",
+        "SPSQ88",
+        PRIVATE_CREATOR,
+        PRIVATE_VALUE,
+        NESTED_PRIVATE_VALUE,
+        NESTED_PERSON,
+        "SYNTH^REFERRER",
+        "Qzvorak",
+        "Ylvenne",
+    ]
     for s in series.values():
         phi += [s.study_uid, s.series_uid, s.frame_of_reference_uid, *s.sop_uids]
     return series, sorted(set(phi))
@@ -335,7 +366,8 @@ def test_dates_and_times_of_a_patient_are_shifted_by_one_offset(site):
             assert d.AcquisitionDateTime == "".join(_moved(KEY_A, patient.PatientID, acquisition, "093000.123456"))
             moment = lambda da, tm: dt.datetime.strptime(da + tm[:6], "%Y%m%d%H%M%S")  # noqa: E731
             assert moment(d.AcquisitionDateTime[:8], d.AcquisitionDateTime[8:]) - moment(d.StudyDate, d.StudyTime) == (
-                moment(acquisition, "093000") - moment(study_date, "120000"))  # intervals kept exactly  # fmt: skip
+                moment(acquisition, "093000") - moment(study_date, "120000")
+            )  # intervals kept exactly
             assert d.PatientBirthDate == ""
             assert "PatientBirthTime" not in d and "TimezoneOffsetFromUTC" not in d
     assert _offset(KEY_A, PATIENT_1.PatientID) != _offset(KEY_A, PATIENT_2.PatientID)
@@ -363,10 +395,23 @@ def test_deidentification_is_recorded_in_the_header(site):
 
 def test_profile_actions_on_the_written_files(site):
     ds = next(iter(_outputs(site.out_a).values()))
-    for keyword in ("OperatorsName", "PerformingPhysicianName", "StationName", "DeviceSerialNumber", "InstitutionName",
-                    "InstitutionAddress", "InstitutionalDepartmentName", "PatientAddress", "PatientTelephoneNumbers",
-                    "OtherPatientIDs", "EthnicGroup", "ImageComments", "StudyDescription", "SeriesDescription",
-                    "ProtocolName"):  # fmt: skip
+    for keyword in (
+        "OperatorsName",
+        "PerformingPhysicianName",
+        "StationName",
+        "DeviceSerialNumber",
+        "InstitutionName",
+        "InstitutionAddress",
+        "InstitutionalDepartmentName",
+        "PatientAddress",
+        "PatientTelephoneNumbers",
+        "OtherPatientIDs",
+        "EthnicGroup",
+        "ImageComments",
+        "StudyDescription",
+        "SeriesDescription",
+        "ProtocolName",
+    ):
         assert keyword not in ds, keyword
     for keyword in ("AccessionNumber", "StudyID", "ReferringPhysicianName", "PatientBirthDate"):
         assert keyword in ds and ds[keyword].is_empty, keyword
@@ -445,8 +490,14 @@ def test_profile_table_is_read_from_the_package_not_typed():
     # spot checks against the standard's table (PS3.15 2026c)
     assert by_keyword["PatientName"] == "Z" and by_keyword["SOPInstanceUID"] == "U"
     assert by_keyword["InstitutionName"] == "X/Z/D" and by_keyword["ReferencedImageSequence"] == "X/Z/U*"
-    for keyword in ("PersonTelephoneNumbers", "DeviceDescription", "ClinicalTrialProtocolEthicsCommitteeName",
-                    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber", "PreMedication", "TopicAuthor"):  # fmt: skip
+    for keyword in (
+        "PersonTelephoneNumbers",
+        "DeviceDescription",
+        "ClinicalTrialProtocolEthicsCommitteeName",
+        "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+        "PreMedication",
+        "TopicAuthor",
+    ):
         assert keyword in by_keyword, keyword
     assert any(e.matches(0x60023000) and e.action == "X" for e in table)  # overlay data of any 60xx group
     assert {e.action for e in table} <= {"D", "Z", "X", "U", "Z/D", "X/Z", "X/D", "X/Z/D", "X/Z/U*"}
@@ -461,13 +512,26 @@ def test_allow_list_names_valid_keywords_and_keeps_no_table_attribute_verbatim()
     # every table attribute that survives at all does so by an option, as a replaced UID or as a filtered sequence
     kept_from_table = {kw for kw in KEPT_ATTRIBUTES if kw in table}
     assert kept_from_table == {
-        *(kw for pair in DATE_TIME_PAIRS for kw in pair), "AcquisitionDateTime", "FrameAcquisitionDateTime",
+        *(kw for pair in DATE_TIME_PAIRS for kw in pair),
+        "AcquisitionDateTime",
+        "FrameAcquisitionDateTime",
         "FrameReferenceDateTime",  # 113107: shifted
-        "PatientSex", "PatientAge", "PatientSize", "PatientWeight",  # 113108: checked and coarsened
-        "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID", "ReferencedSOPInstanceUID",
-        "ConcatenationUID", "DimensionOrganizationUID", "SynchronizationFrameOfReferenceUID", "IrradiationEventUID",
-        "ReferencedImageSequence", "SourceImageSequence",  # U*: kept, their UIDs replaced
-    }  # fmt: skip
+        "PatientSex",
+        "PatientAge",
+        "PatientSize",
+        "PatientWeight",  # 113108: checked and coarsened
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "FrameOfReferenceUID",
+        "ReferencedSOPInstanceUID",
+        "ConcatenationUID",
+        "DimensionOrganizationUID",
+        "SynchronizationFrameOfReferenceUID",
+        "IrradiationEventUID",
+        "ReferencedImageSequence",
+        "SourceImageSequence",  # U*: kept, their UIDs replaced
+    }
     assert {table[kw] for kw in kept_from_table if kw.endswith("UID")} == {"U"}
     assert set(SKIP_REASONS) >= {"secondary_image", "pixel_high_bits", "recognizable_features"}
 
@@ -509,8 +573,15 @@ def test_attributes_not_on_the_allow_list_are_removed(slice_ds):
     out = deidentify_dataset(slice_ds, site_key=KEY_A)
 
     assert out.SOPInstanceUIDOfConcatenationSource == new_uid(KEY_A, "1.2.3.4.5.6.7")
-    for keyword in ("PersonName", "TextValue", "ReceivingAE", "ScheduledProcedureStepModificationDateTime",
-                    "ReferencedTransferSyntaxUIDInFile", "RetrieveURL", "AcquisitionContextSequence"):  # fmt: skip
+    for keyword in (
+        "PersonName",
+        "TextValue",
+        "ReceivingAE",
+        "ScheduledProcedureStepModificationDateTime",
+        "ReferencedTransferSyntaxUIDInFile",
+        "RetrieveURL",
+        "AcquisitionContextSequence",
+    ):
         assert keyword not in out, keyword
     assert not [t for t in out.keys() if t.group in (0x6000, 0x0009, 0x0019, 0x0021) or t.element == 0]
     assert out.PatientAge == "090Y"  # ages over 89 are reported as 90
@@ -564,7 +635,9 @@ def test_without_patient_id_the_study_is_the_patient_as_in_ingest(slice_ds):
 
     assert first.PatientID == Pseudonymizer(KEY_A)("patient", slice_ds.StudyInstanceUID)
     assert second.PatientID == Pseudonymizer(KEY_A)("patient", "1.2.840.99999.77")
-    assert (first.StudyDate, first.StudyTime) == _moved(KEY_A, slice_ds.StudyInstanceUID, "20240101", slice_ds.StudyTime)
+    assert (first.StudyDate, first.StudyTime) == _moved(
+        KEY_A, slice_ds.StudyInstanceUID, "20240101", slice_ds.StudyTime
+    )
 
 
 def test_keep_private_tags_keeps_them_and_says_so(slice_ds):
@@ -590,9 +663,16 @@ def test_real_files_from_pydicom(name, copy_testdata, tmp_path, snapshot):
     assert snapshot(tmp_path / "in") == before
     (path,) = (tmp_path / "out").rglob("*.dcm")
     data = path.read_bytes()
-    leaks = [str(original.PatientName), original.PatientID, original.StudyInstanceUID, original.SeriesInstanceUID,
-             original.SOPInstanceUID, original.FrameOfReferenceUID, original.file_meta.SourceApplicationEntityTitle,
-             original.StudyDate]  # fmt: skip
+    leaks = [
+        str(original.PatientName),
+        original.PatientID,
+        original.StudyInstanceUID,
+        original.SeriesInstanceUID,
+        original.SOPInstanceUID,
+        original.FrameOfReferenceUID,
+        original.file_meta.SourceApplicationEntityTitle,
+        original.StudyDate,
+    ]
     if name == "CT_small.dcm":
         leaks += [original.InstitutionName, original.StationName, "ABCD1234", "1234ABCD", "GEMS_IDEN_01"]
     for phi in leaks:
@@ -630,7 +710,9 @@ def test_a_dicomdir_export_from_pydicom(copy_testdata, tmp_path):
     result = deidentify_folder(root, tmp_path / "out", site_key=KEY_A)
 
     reasons = dict(result.files_skipped)
-    assert {p for p, r in reasons.items() if r == "dicomdir"} == {p.relative_to(root).as_posix() for p in root.rglob("DICOMDIR*")}
+    assert {p for p, r in reasons.items() if r == "dicomdir"} == {
+        p.relative_to(root).as_posix() for p in root.rglob("DICOMDIR*")
+    }
     assert result.files_written == len(originals) > 0
     names = {str(ds.PatientName) for ds in originals.values()} | {str(ds.PatientID) for ds in originals.values()}
     assert len(names) >= 4
@@ -754,8 +836,17 @@ def _planted_file(src: Path, dst: Path) -> tuple[Planter, Dataset]:
     original = copy.deepcopy(ds)
     uids = {"study": str(ds.StudyInstanceUID), "sop": str(ds.SOPInstanceUID)}
     planter = Planter(needles=set(), binary_tags=set())
-    keep_core = frozenset(tag_for_keyword(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
-                                                        "FrameOfReferenceUID", "PatientName", "PatientID"))  # fmt: skip
+    keep_core = frozenset(
+        tag_for_keyword(k)
+        for k in (
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+            "FrameOfReferenceUID",
+            "PatientName",
+            "PatientID",
+        )
+    )
     _plant_table(ds, planter, uids, skip=keep_core)
     ds.file_meta.SourceApplicationEntityTitle = planter.value("AE", uids)
     ds.file_meta.PrivateInformationCreatorUID = planter.value("UI", uids)
@@ -774,8 +865,10 @@ def _planted_file(src: Path, dst: Path) -> tuple[Planter, Dataset]:
     level1.SourceImageSequence = [level2]
     ds.ReferencedImageSequence = [level1]  # a sequence the allow-list keeps (its items are filtered)
     ds.PatientAge = "047Y"  # kept by Retain Patient Characteristics (checked separately)
-    planter.needles.update(str(original[k].value) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
-                                                           "FrameOfReferenceUID", "PatientID"))  # fmt: skip
+    planter.needles.update(
+        str(original[k].value)
+        for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID", "PatientID")
+    )
     planter.needles.update(str(original.PatientName).split("^"))
     planter.needles.add(str(original.file_meta.MediaStorageSOPInstanceUID))
     planter.needles.discard("")
@@ -800,9 +893,24 @@ def planted_run(tmp_path_factory) -> PlantedRun:
     planter, original = _planted_file(src, base / "in" / "qzvorak" / "ct.dcm")
     (base / "site").mkdir()
     (base / "site" / "site.key").write_bytes(KEY_A)
-    done = subprocess.run([sys.executable, "-m", "fedct", "deid", "--input", str(base / "in"), "--out", str(base / "out"),
-                           "--site-dir", str(base / "site")], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedct",
+            "deid",
+            "--input",
+            str(base / "in"),
+            "--out",
+            str(base / "out"),
+            "--site-dir",
+            str(base / "site"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
+    )
     assert done.returncode == 0, done.stderr
     (out_path,) = (base / "out").rglob("*.dcm")
     return PlantedRun(planter, original, base / "in" / "qzvorak" / "ct.dcm", out_path, done.stdout)
@@ -831,16 +939,31 @@ def test_no_planted_value_and_no_original_uid_survives_in_any_output_byte(plante
 def test_only_allow_listed_attributes_remain_at_every_level(planted_run):
     out = pydicom.dcmread(planted_run.out_path)
     allowed = {tag_for_keyword(k) for k in KEPT_ATTRIBUTES} | {
-        tag_for_keyword(k) for k in ("PatientName", "PatientID", "PatientBirthDate", "ReferringPhysicianName", "StudyID",
-                                     "AccessionNumber", "PositionReferenceIndicator", "PatientIdentityRemoved",
-                                     "LongitudinalTemporalInformationModified", "DeidentificationMethod",
-                                     "DeidentificationMethodCodeSequence", "CodeValue", "CodingSchemeDesignator",
-                                     "CodeMeaning")}  # fmt: skip
+        tag_for_keyword(k)
+        for k in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "ReferringPhysicianName",
+            "StudyID",
+            "AccessionNumber",
+            "PositionReferenceIndicator",
+            "PatientIdentityRemoved",
+            "LongitudinalTemporalInformationModified",
+            "DeidentificationMethod",
+            "DeidentificationMethodCodeSequence",
+            "CodeValue",
+            "CodingSchemeDesignator",
+            "CodeMeaning",
+        )
+    }
     present = {int(e.tag) for e in _walk(out)}
     assert present <= allowed, sorted(hex(t) for t in present - allowed)
     assert not present & planted_run.planter.binary_tags
     assert out.PatientAge == "047Y"  # Retain Patient Characteristics: the one planted value kept on purpose
-    assert out.PatientSex == "" and "PatientWeight" in out and float(out.PatientWeight) == round(float(out.PatientWeight))
+    assert (
+        out.PatientSex == "" and "PatientWeight" in out and float(out.PatientWeight) == round(float(out.PatientWeight))
+    )
     level2 = out.ReferencedImageSequence[0].SourceImageSequence[0]
     assert level2.ReferencedSOPInstanceUID == new_uid(KEY_A, planted_run.original.SOPInstanceUID)
     assert out.StudyInstanceUID == new_uid(KEY_A, planted_run.original.StudyInstanceUID)
@@ -849,9 +972,25 @@ def test_only_allow_listed_attributes_remain_at_every_level(planted_run):
 def test_pixels_and_geometry_read_back_identically_after_planting(planted_run):
     out, original = pydicom.dcmread(planted_run.out_path), planted_run.original
     np.testing.assert_array_equal(out.pixel_array, original.pixel_array)
-    for keyword in ("Rows", "Columns", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient", "SliceThickness",
-                    "RescaleSlope", "RescaleIntercept", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
-                    "PhotometricInterpretation", "PixelPaddingValue", "SOPClassUID", "Modality", "ImageType"):  # fmt: skip
+    for keyword in (
+        "Rows",
+        "Columns",
+        "PixelSpacing",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "SliceThickness",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "PhotometricInterpretation",
+        "PixelPaddingValue",
+        "SOPClassUID",
+        "Modality",
+        "ImageType",
+    ):
         assert out[keyword].value == original[keyword].value, keyword
 
 
@@ -890,8 +1029,15 @@ def _without_new_uids(data: bytes, out: pydicom.Dataset, needles: set[str]) -> b
     test folder's path, so a digit-only needle (an IS value such as 9045527) can occur in one by chance; they copy
     no input digits. A UID that is itself a planted value is never blanked, so a surviving planted UID still fails."""
     uids = [e.value for e in _walk(out) if e.VR == "UI" and e.value]
-    uids += [out.file_meta.get(k) for k in ("MediaStorageSOPInstanceUID", "TransferSyntaxUID", "MediaStorageSOPClassUID",
-                                            "ImplementationClassUID")]  # fmt: skip
+    uids += [
+        out.file_meta.get(k)
+        for k in (
+            "MediaStorageSOPInstanceUID",
+            "TransferSyntaxUID",
+            "MediaStorageSOPClassUID",
+            "ImplementationClassUID",
+        )
+    ]
     for value in uids:
         for uid in value if isinstance(value, list) else [value]:
             if uid and str(uid) not in needles:
@@ -1013,8 +1159,12 @@ def test_the_deidentified_copy_still_ingests(site, tmp_path):
     from preprocessing.ingest import ingest_site
     from preprocessing.transforms import PipelineConfig
 
-    manifest = ingest_site(site.out_a, tmp_path / "site", pipeline=PipelineConfig(input_size=(16, 16, 16),
-                           target_spacing_mm=(4.0, 4.0, 4.0)), workers=1)  # fmt: skip
+    manifest = ingest_site(
+        site.out_a,
+        tmp_path / "site",
+        pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(4.0, 4.0, 4.0)),
+        workers=1,
+    )
 
     # the 8-slice series is accepted; the two 6-slice ones fail ingest's own minimum (as the originals do), nothing else
     assert len(manifest.studies) == 1
@@ -1037,17 +1187,31 @@ def test_enhanced_ct_keeps_its_functional_groups_and_loses_planted_values(enhanc
 
     buffer = io.BytesIO()
     out.save_as(buffer, enforce_file_format=True)
-    for needle in ("QZENHANCED1", "QZENHANCED2", "QZENHANCED3", "Qzvorak", str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)):
+    for needle in (
+        "QZENHANCED1",
+        "QZENHANCED2",
+        "QZENHANCED3",
+        "Qzvorak",
+        str(ds.SOPInstanceUID),
+        str(ds.StudyInstanceUID),
+    ):
         assert needle.encode() not in buffer.getvalue(), needle
     np.testing.assert_array_equal(out.pixel_array, ds.pixel_array)
     for before, after in zip(ds.PerFrameFunctionalGroupsSequence, out.PerFrameFunctionalGroupsSequence):
-        assert after.PlanePositionSequence[0].ImagePositionPatient == before.PlanePositionSequence[0].ImagePositionPatient
-        assert after.FrameContentSequence[0].InStackPositionNumber == before.FrameContentSequence[0].InStackPositionNumber
+        assert (
+            after.PlanePositionSequence[0].ImagePositionPatient == before.PlanePositionSequence[0].ImagePositionPatient
+        )
+        assert (
+            after.FrameContentSequence[0].InStackPositionNumber == before.FrameContentSequence[0].InStackPositionNumber
+        )
     shared_before, shared_after = ds.SharedFunctionalGroupsSequence[0], out.SharedFunctionalGroupsSequence[0]
-    for sequence, keyword in (("PixelMeasuresSequence", "PixelSpacing"), ("PixelMeasuresSequence", "SliceThickness"),
-                              ("PlaneOrientationSequence", "ImageOrientationPatient"),
-                              ("PixelValueTransformationSequence", "RescaleIntercept"),
-                              ("CTImageFrameTypeSequence", "FrameType")):  # fmt: skip
+    for sequence, keyword in (
+        ("PixelMeasuresSequence", "PixelSpacing"),
+        ("PixelMeasuresSequence", "SliceThickness"),
+        ("PlaneOrientationSequence", "ImageOrientationPatient"),
+        ("PixelValueTransformationSequence", "RescaleIntercept"),
+        ("CTImageFrameTypeSequence", "FrameType"),
+    ):
         assert shared_after[sequence][0][keyword].value == shared_before[sequence][0][keyword].value, keyword
     shifted = out.PerFrameFunctionalGroupsSequence[1].FrameContentSequence[0].FrameAcquisitionDateTime
     assert shifted == "".join(_moved(KEY_A, ds.PatientID, "20240101", "101010.5"))

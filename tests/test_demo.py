@@ -4,18 +4,33 @@ import json
 from pathlib import Path
 
 import pytest
-
-from fedct.demo import DemoOptions, server_config_for, simulation_backend_config
 from federation import pids_matching
 from test_cli import fedct
+
+from fedct.demo import DemoOptions, server_config_for, simulation_backend_config
 
 
 def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
     before = set(pids_matching("raylet")) | set(pids_matching("gcs_server"))
     # 24 patients: every split holds >= 5 studies, the metrics floor k (README "Privacy options"), so validation
     # metrics leave the sites and a best round is chosen.
-    done = fedct("demo", "--out", str(tmp_path / "demo"), "--sites", "2", "--patients-per-site", "24", "--rounds", "1",
-                 "--model", "smallcnn", "--external-studies", "3", cwd=tmp_path, timeout=400)  # fmt: skip
+    done = fedct(
+        "demo",
+        "--out",
+        str(tmp_path / "demo"),
+        "--sites",
+        "2",
+        "--patients-per-site",
+        "24",
+        "--rounds",
+        "1",
+        "--model",
+        "smallcnn",
+        "--external-studies",
+        "3",
+        cwd=tmp_path,
+        timeout=400,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     for step in ("1/4", "2/4", "3/4", "4/4"):
         assert f"== {step}" in done.stdout
@@ -32,8 +47,12 @@ def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
-    [({"sites": 1}, "at least 2 sites"), ({"patients_per_site": 2}, "patients-per-site"), ({"rounds": 0}, "rounds"),
-     ({"external_studies": 2}, "external-studies")],
+    [
+        ({"sites": 1}, "at least 2 sites"),
+        ({"patients_per_site": 2}, "patients-per-site"),
+        ({"rounds": 0}, "rounds"),
+        ({"external_studies": 2}, "external-studies"),
+    ],
 )
 def test_demo_options_are_checked(kwargs, needle):
     with pytest.raises(ValueError, match=needle):

@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
+from fedct import deploy
 from fedct.certs import write_consortium
 from fedct.cli import main
-from fedct import deploy
-from fedct.deploy import supervisor as deploy_supervisor
 from fedct.deploy import (
     DeployError,
     ExecutorSupervisor,
@@ -42,6 +41,7 @@ from fedct.deploy import (
     warm_executor,
     write_flwr_home,
 )
+from fedct.deploy import supervisor as deploy_supervisor
 from fl_client.approval import allow_list_value
 from fl_client.config import SiteConfig
 from fl_client.executor import ExecutorConfig
@@ -102,17 +102,25 @@ def test_server_env_and_superlink_command(server_env, pki, tmp_path):
     command = superlink_command(env)
     assert Path(command[0]).name == "flower-superlink"
     flags = " ".join(command)
-    for expected in (f"--ssl-ca-certfile {pki}/server/ca.crt", f"--ssl-certfile {pki}/server/server.crt",
-                     f"--ssl-keyfile {pki}/server/server.key", "--enable-supernode-auth",
-                     "--disable-runtime-dependency-installation", f"--database {env.database}",
-                     "--host 127.0.0.1 --port 9093", "--isolation process",
-                     f"--superexec-auth-secret-file {env.superexec_secret_file}"):  # fmt: skip
+    for expected in (
+        f"--ssl-ca-certfile {pki}/server/ca.crt",
+        f"--ssl-certfile {pki}/server/server.crt",
+        f"--ssl-keyfile {pki}/server/server.key",
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        f"--database {env.database}",
+        "--host 127.0.0.1 --port 9093",
+        "--isolation process",
+        f"--superexec-auth-secret-file {env.superexec_secret_file}",
+    ):
         assert expected in flags
     assert "--insecure" not in command and "0.0.0.0" not in flags and "9555" not in flags  # never the public port
     superexec = superexec_command(env, parent_pid=123)
     assert Path(superexec[0]).name == "flower-superexec"
-    assert " ".join(superexec[1:]) == (f"--runtime-api-address 127.0.0.1:9093 --root-certificates {pki}/server/ca.crt "
-                                      f"--superexec-auth-secret-file {env.superexec_secret_file} --parent-pid 123")  # fmt: skip
+    assert " ".join(superexec[1:]) == (
+        f"--runtime-api-address 127.0.0.1:9093 --root-certificates {pki}/server/ca.crt "
+        f"--superexec-auth-secret-file {env.superexec_secret_file} --parent-pid 123"
+    )
     assert "--allow-runtime-dependency-installation" not in superexec
 
 
@@ -121,11 +129,13 @@ def test_proxy_forwards_the_fleet_api_only(server_env, pki):
     text = proxy_config(env)
     assert "daemon off;" in text and f"pid {env.proxy_dir / 'nginx.pid'};" in text
     assert "listen 0.0.0.0:9555 ssl;" in text and "server 127.0.0.1:9093;" in text
-    assert f"ssl_certificate {pki}/server/server.crt;" in text and f"ssl_certificate_key {pki}/server/server.key;" in text
+    assert (
+        f"ssl_certificate {pki}/server/server.crt;" in text and f"ssl_certificate_key {pki}/server/server.key;" in text
+    )
     assert "proxy_ssl_verify on;" in text and f"proxy_ssl_trusted_certificate {pki}/server/ca.crt;" in text
     locations = [line.strip() for line in text.splitlines() if line.strip().startswith("location")]
     assert locations == ["location /v1/fleet/ {", "location / {"]  # one forwarded prefix, everything else refused
-    forwarded = text[text.index("location /v1/fleet/"):text.index("location / {")]
+    forwarded = text[text.index("location /v1/fleet/") : text.index("location / {")]
     assert "limit_except POST { deny all; }" in forwarded and "proxy_pass https://superlink;" in forwarded
     assert text.count("proxy_pass") == 1 and 'return 403 "fedct: refused.' in text
 
@@ -166,18 +176,26 @@ def test_server_secret_is_private_random_reused_and_refused_when_shared(server_e
 
 
 def test_server_certificate_without_loopback_sans_is_refused(server_env, tmp_path):
+    import datetime as dt
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    import datetime as dt
 
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "fl.example.org")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("fl.example.org")]), critical=False)
-            .sign(key, hashes.SHA256()))  # fmt: skip
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("fl.example.org")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     pem = tmp_path / "public-only.crt"
     pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     kept = [ln for ln in server_env.read_text().splitlines() if not ln.startswith("FEDCT_SERVER_CERT=")]
@@ -241,14 +259,19 @@ def test_flwr_home_names_one_tls_connection(tmp_path, pki):
     home = write_flwr_home(tmp_path / "home", address="127.0.0.1:9555", ca_cert=pki / "ca" / "ca.crt")
     config = tomllib.loads((home / "config.toml").read_text())
     assert config["superlink"]["default"] == "consortium"
-    assert config["superlink"]["consortium"] == {"address": "127.0.0.1:9555", "root-certificates": str(pki / "ca" / "ca.crt")}
+    assert config["superlink"]["consortium"] == {
+        "address": "127.0.0.1:9555",
+        "root-certificates": str(pki / "ca" / "ca.crt"),
+    }
 
 
 def test_flwr_home_without_a_ca_is_insecure(tmp_path):
     """The local benchmarks' deployment (bench/deployment.py) runs without TLS; fedct itself always passes the CA."""
     home = write_flwr_home(tmp_path / "home", address="127.0.0.1:9555", ca_cert=None)
-    assert tomllib.loads((home / "config.toml").read_text())["superlink"]["consortium"] == {"address": "127.0.0.1:9555",
-                                                                                           "insecure": True}
+    assert tomllib.loads((home / "config.toml").read_text())["superlink"]["consortium"] == {
+        "address": "127.0.0.1:9555",
+        "insecure": True,
+    }
 
 
 def test_malformed_server_env_names_the_file_and_line(server_env):
@@ -267,23 +290,49 @@ def test_parameter_builders_match_the_env_file_builders(server_env, tmp_path, pk
     """bench/deployment.py starts its processes with the same builders fedct's own command lines are made of."""
     env = ServerEnv.from_file(server_env)
     tls = TlsFiles(env.ca_cert, env.server_cert, env.server_key)
-    assert superlink_command(env) == flower_superlink(port=env.superlink_port, database=env.database, tls=tls, node_auth=True,
-                                                      isolation="process", superexec_secret_file=env.superexec_secret_file)  # fmt: skip
+    assert superlink_command(env) == flower_superlink(
+        port=env.superlink_port,
+        database=env.database,
+        tls=tls,
+        node_auth=True,
+        isolation="process",
+        superexec_secret_file=env.superexec_secret_file,
+    )
     insecure = flower_superlink(port=9000, database=":flwr-in-memory:")
     assert "--insecure" in insecure and not any(a.startswith("--ssl") for a in insecure)
     assert "--enable-supernode-auth" not in insecure and "--isolation" not in insecure
-    assert "--disable-runtime-dependency-installation" in insecure and insecure[-4:] == ["--host", "127.0.0.1", "--port", "9000"]
+    assert "--disable-runtime-dependency-installation" in insecure and insecure[-4:] == [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "9000",
+    ]
     site = _site(tmp_path, pki)
     assert supernode_command(site) == flower_supernode(
-        superlink=site.superlink, runtime_port=site.runtime_port, node_config=node_config_arg(site.node_config()),
-        ca_cert=site.ca_cert, auth_key=site.site_key, isolation="process", superexec_secret_file=site.superexec_secret_file)
+        superlink=site.superlink,
+        runtime_port=site.runtime_port,
+        node_config=node_config_arg(site.node_config()),
+        ca_cert=site.ca_cert,
+        auth_key=site.site_key,
+        isolation="process",
+        superexec_secret_file=site.superexec_secret_file,
+    )
     node = flower_supernode(superlink="127.0.0.1:9000", runtime_port=9100, node_config='site-name="s0"')
     assert "--insecure" in node and "--auth-supernode-private-key" not in node and "--isolation" not in node
     assert executor_command(site, parent_pid=42) == warm_executor(
-        runtime_port=site.runtime_port, approved_apps=allow_list_value(site.approved_apps),
-        superexec_secret_file=site.superexec_secret_file, parent_pid=42)
-    bench = executor_args(warm_executor(runtime_port=9100, approved_apps="disabled-i-understand", poll_interval_s=0.2,
-                                        preload_app="fl_client.client_app")[3:])  # fmt: skip
+        runtime_port=site.runtime_port,
+        approved_apps=allow_list_value(site.approved_apps),
+        superexec_secret_file=site.superexec_secret_file,
+        parent_pid=42,
+    )
+    bench = executor_args(
+        warm_executor(
+            runtime_port=9100,
+            approved_apps="disabled-i-understand",
+            poll_interval_s=0.2,
+            preload_app="fl_client.client_app",
+        )[3:]
+    )
     assert bench.runtime_api_address == "127.0.0.1:9100" and bench.poll_interval_s == 0.2
 
 
@@ -318,7 +367,7 @@ def test_node_config_arg_survives_flowers_parser():
     text = node_config_arg({"a": 'x "y"', "p": "/data/site a/it's", "n": 3, "f": 0.5, "b": True})
     assert parse_config_args([text]) == {"a": 'x "y"', "p": "/data/site a/it's", "n": 3, "f": 0.5, "b": True}
     with pytest.raises(DeployError, match="cannot carry"):
-        node_config_arg({"a": "it's \"x\""})
+        node_config_arg({"a": 'it\'s "x"'})
 
 
 def test_tls_preflight_verifies_ca_and_hostname(pki, tmp_path):
@@ -361,9 +410,17 @@ def _site(tmp_path: Path, pki: Path, name: str = "site-a", **lines: object) -> S
     dicom = tmp_path / name / "dicom"
     dicom.mkdir(parents=True, exist_ok=True)
     (dicom / "1.dcm").write_bytes(b"x")
-    values = {"FEDCT_SITE_NAME": name, "FEDCT_SUPERLINK": "127.0.0.1:9555", "FEDCT_CA_CERT": f"{pki}/sites/{name}/ca.crt",
-              "FEDCT_SITE_KEY": f"{pki}/sites/{name}/site.key", "FEDCT_DICOM_DIR": dicom, "FEDCT_SITE_DIR": tmp_path / name / "work",
-              "FEDCT_DEVICE": "cpu", "FEDCT_RUNTIME_PORT": 9601, **lines}  # fmt: skip
+    values = {
+        "FEDCT_SITE_NAME": name,
+        "FEDCT_SUPERLINK": "127.0.0.1:9555",
+        "FEDCT_CA_CERT": f"{pki}/sites/{name}/ca.crt",
+        "FEDCT_SITE_KEY": f"{pki}/sites/{name}/site.key",
+        "FEDCT_DICOM_DIR": dicom,
+        "FEDCT_SITE_DIR": tmp_path / name / "work",
+        "FEDCT_DEVICE": "cpu",
+        "FEDCT_RUNTIME_PORT": 9601,
+        **lines,
+    }
     env_file = tmp_path / f"{name}.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     return SiteEnv.from_file(env_file)
@@ -380,9 +437,14 @@ def test_warm_runner_starts_the_supernode_without_superexec_and_the_executor_wit
     executor = executor_command(site, parent_pid=4321)
     assert executor[:3] == [sys.executable, "-m", "fl_client.executor"]
     config = executor_args(executor[3:] + ["--preload-app", ""])  # the executor's own parser accepts it
-    assert config == ExecutorConfig(runtime_api_address="127.0.0.1:9601", insecure=True, preload_app=None,
-                                    superexec_auth_secret_file=site.superexec_secret_file,
-                                    approved_apps=tmp_path / "approved-apps.txt", parent_pid=4321)  # fmt: skip
+    assert config == ExecutorConfig(
+        runtime_api_address="127.0.0.1:9601",
+        insecure=True,
+        preload_app=None,
+        superexec_auth_secret_file=site.superexec_secret_file,
+        approved_apps=tmp_path / "approved-apps.txt",
+        parent_pid=4321,
+    )
     off = _site(tmp_path, pki, FEDCT_APPROVAL="disabled-i-understand")
     assert executor_args([*executor_command(off, parent_pid=1)[3:], "--preload-app", ""]).approved_apps is None
 
@@ -429,7 +491,9 @@ def _wait(condition, *, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def test_supervisor_restarts_a_dying_executor_a_bounded_number_of_times_then_stops_the_site(runtime_api, capfd, monkeypatch):
+def test_supervisor_restarts_a_dying_executor_a_bounded_number_of_times_then_stops_the_site(
+    runtime_api, capfd, monkeypatch
+):
     monkeypatch.setattr(deploy_supervisor, "EXECUTOR_RESTART_DELAY_S", 0.05)
     site, node, _ = runtime_api
     activated = threading.Event()
@@ -452,8 +516,12 @@ def test_supervisor_stop_kills_an_executor_that_ignores_sigterm(runtime_api, cap
     site, node, _ = runtime_api
     activated = threading.Event()
     activated.set()
-    stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                                      "print('ready', flush=True); time.sleep(300)"]  # fmt: skip
+    stubborn = [
+        sys.executable,
+        "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(300)",
+    ]
     supervisor = ExecutorSupervisor(site, stubborn, dict(os.environ), node, activated)
     supervisor.start()
     _wait(lambda: "[executor] ready" in capfd.readouterr().out)
@@ -479,7 +547,9 @@ def test_supervisor_starts_the_executor_only_once_the_supernode_is_activated(run
 
 def test_supervisor_starts_nothing_for_a_supernode_that_ends_before_activation(runtime_api):
     site, node, _ = runtime_api
-    supervisor = ExecutorSupervisor(site, [sys.executable, "-c", "raise SystemExit(1)"], dict(os.environ), node, threading.Event())
+    supervisor = ExecutorSupervisor(
+        site, [sys.executable, "-c", "raise SystemExit(1)"], dict(os.environ), node, threading.Event()
+    )
     supervisor.start()
     node.kill()
     node.wait()
@@ -563,10 +633,24 @@ def test_run_supernode_starts_the_executor_for_the_activated_supernode_and_stops
         scripts[name].write_text(text)
     events = state / "events"
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    driver = subprocess.Popen([sys.executable, str(scripts["driver.py"]), str(site.env_path), str(scripts["node.py"]),
-                               str(scripts["executor.py"]), str(state)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            str(scripts["driver.py"]),
+            str(site.env_path),
+            str(scripts["node.py"]),
+            str(scripts["executor.py"]),
+            str(state),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait(lambda: events.exists() and "executor up" in events.read_text())
         driver.send_signal(signal.SIGTERM)
@@ -575,5 +659,11 @@ def test_run_supernode_starts_the_executor_for_the_activated_supernode_and_stops
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == 0, out
-    assert events.read_text().split("\n")[:-1] == ["node0 up", "node1 up", "executor up", "executor SIGTERM", "node1 SIGTERM"], out
+    assert events.read_text().split("\n")[:-1] == [
+        "node0 up",
+        "node1 up",
+        "executor up",
+        "executor SIGTERM",
+        "node1 SIGTERM",
+    ], out
     assert "refused activation (code 2004)" in out and "[executor] serving" in out

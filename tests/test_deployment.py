@@ -24,18 +24,28 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from federation import TINY_RUN_CONFIG, pids_matching, process_tree, stop_pids, tiny_federation, wait_until
+
 from fedct.certs import write_consortium
 from fedct.deploy import ServerEnv, Submitted, executor_pids, run_status, submit_run
 from fedct.processes import process_alive
-from fl_client.site_env import SiteEnv
 from fl_client.approval import app_hash, approve
+from fl_client.site_env import SiteEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("site-0", "site-1")
 #: The app sent to the sites: the project's packages and pyproject (no tests, data or venv).
-APP_PARTS = ("pyproject.toml", "README.md", "fedct", "fl_client", "fl_server", "preprocessing", "models", "synthetic", "inference")
+APP_PARTS = (
+    "pyproject.toml",
+    "README.md",
+    "fedct",
+    "fl_client",
+    "fl_server",
+    "preprocessing",
+    "models",
+    "synthetic",
+    "inference",
+)
 
 
 def _free_port() -> int:
@@ -73,18 +83,21 @@ class Consortium:
                 shutil.copytree(src, self.app / part, ignore=shutil.ignore_patterns("__pycache__"))
             else:
                 shutil.copy(src, self.app / part)
-        self.server_env = _write_env(root / "server.env", {
-            "FEDCT_SERVER_HOST": "127.0.0.1",
-            "FEDCT_SERVER_PORT": self.port,
-            "FEDCT_SUPERLINK_PORT": self.superlink_port,
-            "FEDCT_CA_CERT": self.pki.ca_cert,
-            "FEDCT_SERVER_CERT": self.pki.server_cert,
-            "FEDCT_SERVER_KEY": self.pki.server_key,
-            "FEDCT_STATE_DIR": root / "server-state",
-            "FEDCT_SITE_KEYS": keys,
-            "FEDCT_RUNS_DIR": root / "runs",
-            "FEDCT_APP_DIR": self.app,
-        })  # fmt: skip
+        self.server_env = _write_env(
+            root / "server.env",
+            {
+                "FEDCT_SERVER_HOST": "127.0.0.1",
+                "FEDCT_SERVER_PORT": self.port,
+                "FEDCT_SUPERLINK_PORT": self.superlink_port,
+                "FEDCT_CA_CERT": self.pki.ca_cert,
+                "FEDCT_SERVER_CERT": self.pki.server_cert,
+                "FEDCT_SERVER_KEY": self.pki.server_key,
+                "FEDCT_STATE_DIR": root / "server-state",
+                "FEDCT_SITE_KEYS": keys,
+                "FEDCT_RUNS_DIR": root / "runs",
+                "FEDCT_APP_DIR": self.app,
+            },
+        )
         self.site_envs = {name: self.site_env(name) for name in (*SITES, "site-x")}
         for name in SITES:
             approve(self.app, root / "approval" / name / "approved-apps.txt")  # outside the site's work folder
@@ -113,15 +126,25 @@ class Consortium:
     @staticmethod
     def process_env(**extra: str) -> dict[str, str]:
         """This venv's tools first on PATH, this checkout's packages first on PYTHONPATH, Flower quiet."""
-        return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
-                "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", **extra}  # fmt: skip
+        return {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            **extra,
+        }
 
     def start(self, key: str, script: str, env_file: Path, *args: str) -> subprocess.Popen:
         log = self.root / "logs" / f"{key}-{len([k for k in self.logs if k.startswith(key)])}.log"
         log.parent.mkdir(exist_ok=True)
-        proc = subprocess.Popen([str(ROOT / "docker" / script), *args], env=self.process_env(FEDCT_ENV=str(env_file)),
-                                stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [str(ROOT / "docker" / script), *args],
+            env=self.process_env(FEDCT_ENV=str(env_file)),
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.procs[key], self.logs[key] = proc, log
         self.all_pids.add(proc.pid)
         return proc
@@ -131,17 +154,25 @@ class Consortium:
 
     def start_server(self) -> None:
         self.start("server", "entrypoint-server.sh", self.server_env)
-        wait_until(lambda: "fedct server: ready" in self.log_text("server") or self.procs["server"].poll() is not None,
-                   timeout=180, what="the SuperLink to start and register the sites")  # fmt: skip
+        wait_until(
+            lambda: "fedct server: ready" in self.log_text("server") or self.procs["server"].poll() is not None,
+            timeout=180,
+            what="the SuperLink to start and register the sites",
+        )
         assert self.procs["server"].poll() is None, self.log_text("server")[-3000:]
 
     def start_site(self, name: str, *, activations_before: int | None = None, env_file: Path | None = None) -> None:
-        before = self.log_text("server").count("Activated node_id") if activations_before is None else activations_before
+        before = (
+            self.log_text("server").count("Activated node_id") if activations_before is None else activations_before
+        )
         if env_file is not None:
             self.site_envs[name] = env_file
         self.start(name, "entrypoint-site.sh", self.site_envs[name])
-        wait_until(lambda: self.log_text("server").count("Activated node_id") > before or self.procs[name].poll() is not None,
-                   timeout=240, what=f"{name} to ingest and connect")  # fmt: skip
+        wait_until(
+            lambda: self.log_text("server").count("Activated node_id") > before or self.procs[name].poll() is not None,
+            timeout=240,
+            what=f"{name} to ingest and connect",
+        )
         assert self.procs[name].poll() is None, self.log_text(name)[-3000:]
 
     def kill(self, key: str) -> None:
@@ -168,16 +199,26 @@ class Consortium:
                 pass
 
     def submit(self, run_name: str, *, app: Path | None = None, stream: bool = True, **settings: object) -> Submitted:
-        config = {**TINY_RUN_CONFIG, "round-timeout-s": 120.0, "min-sites": 2, "num-server-rounds": 2, **settings,
-                  "run-dir": run_name}  # fmt: skip
+        config = {
+            **TINY_RUN_CONFIG,
+            "round-timeout-s": 120.0,
+            "min-sites": 2,
+            "num-server-rounds": 2,
+            **settings,
+            "run-dir": run_name,
+        }
         toml = self.root / f"{run_name}.toml"
         toml.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
         return submit_run(ServerEnv.from_file(self.server_env), toml, app_dir=app, stream=stream, timeout=900)
 
     def wait_finished(self, run_id: int, *, timeout: float) -> tuple[str, str]:
         env = ServerEnv.from_file(self.server_env)
-        return wait_until(lambda: (s := run_status(env, run_id))[0].startswith("finished") and s,
-                          timeout=timeout, what=f"run {run_id} to finish", poll=5)  # fmt: skip
+        return wait_until(
+            lambda: (s := run_status(env, run_id))[0].startswith("finished") and s,
+            timeout=timeout,
+            what=f"run {run_id} to finish",
+            poll=5,
+        )
 
     def metrics(self, run_name: str) -> dict:
         return json.loads((self.root / "runs" / run_name / "metrics.json").read_text())
@@ -217,8 +258,13 @@ def consortium(tmp_path_factory) -> Consortium:
 def _server_log(fed: Consortium, run_id: int) -> str:
     """The ServerApp's log of a run (``flwr log``), as the coordinator would read it."""
     env = ServerEnv.from_file(fed.server_env)
-    done = subprocess.run([str(Path(sys.executable).parent / "flwr"), "log", str(run_id), "consortium", "--show"],
-                          env=fed.process_env(FLWR_HOME=str(env.cli_home)), capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), "log", str(run_id), "consortium", "--show"],
+        env=fed.process_env(FLWR_HOME=str(env.cli_home)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return done.stdout + done.stderr
 
 
@@ -231,10 +277,15 @@ def test_two_rounds_over_tls_with_node_authentication(consortium):
     server_log = fed.log_text("server")
     assert "--enable-supernode-auth" in server_log and "--ssl-certfile" in server_log and "--insecure" not in server_log
     # the sites reached the SuperLink through the proxy; the SuperLink itself listens on loopback only
-    assert f"--host 127.0.0.1 --port {fed.superlink_port}" in server_log and f"the proxy on 127.0.0.1:{fed.port}" in server_log
+    assert (
+        f"--host 127.0.0.1 --port {fed.superlink_port}" in server_log
+        and f"the proxy on 127.0.0.1:{fed.port}" in server_log
+    )
     assert "site site-0: registered" in server_log and "site site-1: registered" in server_log
     before = {name: len(fed.log_text(name)) for name in SITES}  # this run's part of the sites' logs starts here
-    done = fed.submit("two-rounds", **{"evaluate-mode": "fused"})  # as configs/run.toml deploys: evaluation inside the train exchange
+    done = fed.submit(
+        "two-rounds", **{"evaluate-mode": "fused"}
+    )  # as configs/run.toml deploys: evaluation inside the train exchange
     assert done.status == "finished:completed", done.output[-4000:]
     run_dir = fed.root / "runs" / "two-rounds"
     for n in range(3):
@@ -254,21 +305,36 @@ def test_two_rounds_over_tls_with_node_authentication(consortium):
         assert "FEDCT_CLIENTAPP_RUNNER=warm" in text and "Start `flwr-clientapp` process" not in text
         # fused: train, train (+ evaluation of round 1's model), then the last evaluation: 3 messages, not 4; the last
         # child may still be exiting when the run is reported finished
-        wait_until(lambda: len(re.findall(r"\[executor\] .*ClientApp child \d+ exited", fed.log_text(name)[before[name]:])) >= 3,
-                   timeout=60, what=f"{name}'s ClientApp children to exit", poll=0.5)  # fmt: skip
-        run_text = fed.log_text(name)[before[name]:]
+        wait_until(
+            lambda: (
+                len(re.findall(r"\[executor\] .*ClientApp child \d+ exited", fed.log_text(name)[before[name] :])) >= 3
+            ),
+            timeout=60,
+            what=f"{name}'s ClientApp children to exit",
+            poll=0.5,
+        )
+        run_text = fed.log_text(name)[before[name] :]
         ended = re.findall(r"\[executor\] .*ClientApp child \d+ exited with code (-?\d+)", run_text)
         assert len(ended) == 3 and set(ended) == {"0"}, run_text[-3000:]
-        assert run_text.count("Receiving: train message") == 2 and run_text.count("Receiving: evaluate message") == 1, run_text[-3000:]
+        assert run_text.count("Receiving: train message") == 2 and run_text.count("Receiving: evaluate message") == 1, (
+            run_text[-3000:]
+        )
         assert len(fed.executors(name)) == 1
-        health = subprocess.run([str(Path(sys.executable).parent / "fedct"), "site", "--env", str(fed.site_envs[name]), "--health"],
-                                env=fed.process_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+        health = subprocess.run(
+            [str(Path(sys.executable).parent / "fedct"), "site", "--env", str(fed.site_envs[name]), "--health"],
+            env=fed.process_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert health.returncode == 0 and "warm executor running" in health.stdout, health.stdout + health.stderr
     # Timing with TLS + node auth (printed for the record; never asserted).
     for entry in metrics["rounds"]:
         train = max(s.get("train-seconds", 0.0) for s in entry["train"]["sites"].values())
-        print(f"\n[deployment] round {entry['round']}: {entry['seconds']:.1f}s, slowest local training {train:.1f}s, "
-              f"overhead {entry['seconds'] - train:.1f}s")  # fmt: skip
+        print(
+            f"\n[deployment] round {entry['round']}: {entry['seconds']:.1f}s, slowest local training {train:.1f}s, "
+            f"overhead {entry['seconds'] - train:.1f}s"
+        )
 
 
 def test_an_unapproved_app_is_refused_before_it_is_unpacked(consortium):
@@ -302,7 +368,10 @@ def test_a_supernode_without_a_registered_key_is_refused(consortium):
     assert code == 3
     text = fed.log_text("site-x")
     assert "Failed to activate SuperNode" in text  # Flower's words
-    assert "refused to activate this site (code 2004) for 0 s. Check that the server registered this site's public key" in text
+    assert (
+        "refused to activate this site (code 2004) for 0 s. Check that the server registered this site's public key"
+        in text
+    )
     assert "ApiError:2004" in fed.log_text("server")
 
 
@@ -313,12 +382,18 @@ def test_a_site_without_the_consortium_ca_gets_a_clear_message(consortium):
     proc = fed.start("site-wrong-ca", "entrypoint-site.sh", wrong)
     assert proc.wait(timeout=120) == 2
     text = fed.log_text("site-wrong-ca")
-    assert f"the SuperLink at 127.0.0.1:{fed.port} presented a certificate that FEDCT_CA_CERT={other.ca_cert} does not verify" in text
+    assert (
+        f"the SuperLink at 127.0.0.1:{fed.port} presented a certificate that FEDCT_CA_CERT={other.ca_cert} does not verify"
+        in text
+    )
     assert "consortium's ca.crt" in text and "starting" not in text  # refused before any SuperNode started
     missing = fed.site_env("site-0", FEDCT_CA_CERT="")
     proc = fed.start("site-no-ca", "entrypoint-site.sh", missing)
     assert proc.wait(timeout=120) == 2
-    assert "missing FEDCT_CA_CERT (the consortium CA certificate (PEM) that signed the SuperLink's certificate)" in fed.log_text("site-no-ca")
+    assert (
+        "missing FEDCT_CA_CERT (the consortium CA certificate (PEM) that signed the SuperLink's certificate)"
+        in fed.log_text("site-no-ca")
+    )
 
 
 def test_a_site_killed_mid_round_does_not_hang_the_run_and_is_used_again(consortium):
@@ -334,8 +409,11 @@ def test_a_site_killed_mid_round_does_not_hang_the_run_and_is_used_again(consort
     fed.kill("site-1")
     # The whole site went down: no executor (nor a ClientApp child of one) of site-1 is left behind.
     port = fed.runtime_port("site-1")
-    wait_until(lambda: not pids_matching("fl_client.executor", f"127.0.0.1:{port}") and not any(map(process_alive, executors)),
-               timeout=60, what="site-1's warm executor to end with the site")  # fmt: skip
+    wait_until(
+        lambda: not pids_matching("fl_client.executor", f"127.0.0.1:{port}") and not any(map(process_alive, executors)),
+        timeout=60,
+        what="site-1's warm executor to end with the site",
+    )
     # The restarted site is refused (code 2004) until its killed instance's heartbeats expire, then activated:
     # start_site returns on the SuperLink's "Activated node_id" line, however long that took.
     fed.start_site("site-1")
@@ -350,8 +428,9 @@ def test_a_site_killed_mid_round_does_not_hang_the_run_and_is_used_again(consort
     # The restarted site is used again: the run resumed for a third round that needs both sites. Its round loop
     # waits (up to a generous round-timeout-s) until the SuperLink lists both nodes, so the outcome does not depend
     # on whether site-1's reactivation beat the survivor's rounds (it did not, at random, with rounds 3-4 of one run).
-    resumed = fed.submit("dropout", **{**settings, "num-server-rounds": 3, "min-sites": 2, "round-timeout-s": 300.0},
-                         resume=True)  # fmt: skip
+    resumed = fed.submit(
+        "dropout", **{**settings, "num-server-rounds": 3, "min-sites": 2, "round-timeout-s": 300.0}, resume=True
+    )
     assert resumed.status == "finished:completed", resumed.output[-4000:]
     assert "resuming after round 2 of 3" in resumed.output
     third = _round(fed.metrics("dropout"), 3)
@@ -366,8 +445,12 @@ def test_resume_after_the_server_is_killed(consortium):
     settings = {"num-server-rounds": 3, "min-sites": 2, "round-timeout-s": 120.0}
     done = fed.submit("resume", stream=False, **settings)
     assert done.run_id is not None, done.output[-3000:]
-    wait_until(lambda: (s := load_run_state(run_dir / "state")) is not None and s.server_round >= 1, timeout=600,
-               what="round 1 to complete", poll=1)  # fmt: skip
+    wait_until(
+        lambda: (s := load_run_state(run_dir / "state")) is not None and s.server_round >= 1,
+        timeout=600,
+        what="round 1 to complete",
+        poll=1,
+    )
     registry = json.loads((fed.root / "server-state" / "site-registry.json").read_text())
     assert sorted(registry.values()) == sorted(SITES)
     fed.kill("server")  # SuperLink, its SuperExec, the ServerApp and the proxy, all SIGKILLed
@@ -412,7 +495,11 @@ def test_a_round_with_too_few_sites_is_skipped_and_logged(consortium):
     later = [_round(metrics, n) for n in (2, 3)]
     assert any(not r["skipped"] and set(r["train"]["sites"]) == set(SITES) for r in later), later  # site-1 is back
     text = fed.log_text("site-1")  # the restarted site's log
-    assert "FEDCT_CLIENTAPP_RUNNER=flower" in text and "Start `flwr-clientapp` process" in text and "[executor]" not in text
+    assert (
+        "FEDCT_CLIENTAPP_RUNNER=flower" in text
+        and "Start `flwr-clientapp` process" in text
+        and "[executor]" not in text
+    )
     assert f"app FAB sha256 {app_hash(fed.app)} is approved at this site" in text  # through the approval launcher
     run_dir = fed.root / "runs" / "skip"
     initial, after_skip = (torch.load(run_dir / "checkpoints" / f"round-{n:03d}.pt", weights_only=True) for n in (0, 1))

@@ -56,7 +56,14 @@ def test_one_series_is_found_with_all_its_headers(make_series, dicom_root, fake_
 
 def test_two_series_in_one_folder_are_found_separately(make_series, dicom_root):
     a = make_series("mixed", n_slices=10, file_prefix="A", seed=1)
-    b = make_series("mixed", n_slices=12, file_prefix="B", series_uid=generate_uid(entropy_srcs=["second series"]), study_uid=a.study_uid, seed=2)
+    b = make_series(
+        "mixed",
+        n_slices=12,
+        file_prefix="B",
+        series_uid=generate_uid(entropy_srcs=["second series"]),
+        study_uid=a.study_uid,
+        seed=2,
+    )
     assert a.folder == b.folder
 
     found = discover(dicom_root)

@@ -47,7 +47,9 @@ def _ignored(relative: str, patterns: list[str]) -> bool:
 
 def build_context_copy(dockerfile: Path, out: Path) -> Path:
     """The files the image's WORKDIR holds after its COPY lines (entrypoints outside WORKDIR are skipped)."""
-    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
+    patterns = [
+        p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
+    ]
     for src, dest in copy_sources(dockerfile):
         if dest.startswith("/"):
             continue  # e.g. the entrypoint script into /usr/local/bin: not part of the package
@@ -79,18 +81,43 @@ def test_image_installs_from_exactly_its_copied_files(name: str, tmp_path: Path)
     context = build_context_copy(ROOT / "docker" / name, tmp_path / "context")
     target = tmp_path / "site-packages"
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(context)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(context),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert install.returncode == 0, f"{name}: pip install from its copied files failed:\n{install.stderr[-3000:]}"
     env = {**os.environ, "PYTHONPATH": str(target), "FLWR_TELEMETRY_ENABLED": "0"}
     # From an empty folder, so nothing of the checkout can be imported instead of the installed copy.
-    run = subprocess.run([sys.executable, "-c", "import fedct.cli, sys; sys.argv=['fedct','--help']; fedct.cli.main()"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", "import fedct.cli, sys; sys.argv=['fedct','--help']; fedct.cli.main()"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "usage" in run.stdout.lower()
-    probe = subprocess.run([sys.executable, "-c", "import fedct, bench; print(fedct.__file__)"],
-                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+    probe = subprocess.run(
+        [sys.executable, "-c", "import fedct, bench; print(fedct.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert probe.stdout.strip().startswith(str(target)), probe.stdout

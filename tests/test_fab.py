@@ -31,8 +31,15 @@ def test_closure_follows_lazy_imports_and_leaves_out_what_the_apps_do_not_import
     assert {"fl_server/server_app.py", "fl_client/client_app.py"} <= closure
     assert app_entry_modules(ROOT) == ("fl_client.client_app", "fl_server.server_app")
     assert "fl_server/observe.py" in closure  # imported inside a function of the server's round loop
-    for outside in ("inference/review.py", "inference/report.py", "fedct/deploy/server.py", "fedct/cli.py", "fl_client/approval.py",
-                    "fl_client/executor.py", "synthetic/phantom.py"):
+    for outside in (
+        "inference/review.py",
+        "inference/report.py",
+        "fedct/deploy/server.py",
+        "fedct/cli.py",
+        "fl_client/approval.py",
+        "fl_client/executor.py",
+        "synthetic/phantom.py",
+    ):
         assert outside not in closure, outside
     assert not any(path.startswith("bench/") for path in closure)
     for path in closure:  # every package on the way has its __init__.py

@@ -69,7 +69,13 @@ def test_norm_and_buffer_keys():
 
     batch = build_model(ModelConfig(name="smallcnn", norm="batch"))
     keys = norm_state_keys(batch)
-    assert {k.rsplit(".", 1)[1] for k in keys} == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    assert {k.rsplit(".", 1)[1] for k in keys} == {
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+    }
     assert not any(k.startswith(("diagnosis", "prognosis")) for k in keys)
     assert buffer_keys(batch) == {k for k in keys if not k.endswith(("weight", "bias"))}
     group = build_model(ModelConfig(name="smallcnn", norm="group"))
@@ -121,11 +127,14 @@ def test_profile_fusion_none_builds_the_image_only_network():
     assert late.diagnosis.in_features == plain.diagnosis.in_features + 32
 
 
-@pytest.mark.parametrize(("kwargs", "needle"), [
-    ({"profile_fusion": "early", "profile_variables": 3}, "profile-fusion 'early'"),
-    ({"profile_fusion": "late"}, "profile_variables > 0"),
-    ({"profile_variables": 3}, "profile_variables > 0"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"profile_fusion": "early", "profile_variables": 3}, "profile-fusion 'early'"),
+        ({"profile_fusion": "late"}, "profile_variables > 0"),
+        ({"profile_variables": 3}, "profile_variables > 0"),
+    ],
+)
 def test_bad_profile_fusion_config_names_the_value(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         ModelConfig(name="smallcnn", **kwargs)
@@ -137,6 +146,9 @@ def test_profile_only_baseline_ignores_the_image():
     assert not model.uses_image and model.diagnosis.in_features == 32
     profile = torch.tensor([[0.5, -1.0, 1.0, 1.0]])
     with torch.no_grad():
-        a, b = model(torch.randn(1, 1, 16, 16, 16), profile=profile), model(torch.randn(1, 1, 16, 16, 16), profile=profile)
+        a, b = (
+            model(torch.randn(1, 1, 16, 16, 16), profile=profile),
+            model(torch.randn(1, 1, 16, 16, 16), profile=profile),
+        )
     torch.testing.assert_close(a.logits, b.logits)
     torch.testing.assert_close(a.risk, b.risk)

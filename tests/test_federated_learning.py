@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from federation import TINY_RUN_CONFIG
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
 from fedct.demo import simulation_backend_config
-from federation import TINY_RUN_CONFIG
 from fl_client.client_app import build_client_app
 from fl_server.config import ServerConfig
 from fl_server.rounds import run_federation
@@ -54,10 +54,15 @@ class RecordingFedAvg(FedAvg):
     """Flower's FedAvg, keeping per round the replies it aggregates: ``{name: array}`` and ``num-examples``."""
 
     def __init__(self, inner: FedAvg, log: dict[int, list[tuple[dict[str, np.ndarray], float]]]) -> None:
-        super().__init__(fraction_train=inner.fraction_train, fraction_evaluate=inner.fraction_evaluate,
-                         min_train_nodes=inner.min_train_nodes, min_evaluate_nodes=inner.min_evaluate_nodes,
-                         min_available_nodes=inner.min_available_nodes, train_metrics_aggr_fn=inner.train_metrics_aggr_fn,
-                         evaluate_metrics_aggr_fn=inner.evaluate_metrics_aggr_fn)  # fmt: skip
+        super().__init__(
+            fraction_train=inner.fraction_train,
+            fraction_evaluate=inner.fraction_evaluate,
+            min_train_nodes=inner.min_train_nodes,
+            min_evaluate_nodes=inner.min_evaluate_nodes,
+            min_available_nodes=inner.min_available_nodes,
+            train_metrics_aggr_fn=inner.train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=inner.evaluate_metrics_aggr_fn,
+        )
         self.log = log
 
     def aggregate_train(self, server_round, replies):
@@ -66,7 +71,9 @@ class RecordingFedAvg(FedAvg):
         for reply in replies:
             [arrays] = reply.content.array_records.values()
             [metrics] = reply.content.metric_records.values()
-            recorded.append(({k: np.array(v.numpy(), copy=True) for k, v in arrays.items()}, float(metrics["num-examples"])))
+            recorded.append(
+                ({k: np.array(v.numpy(), copy=True) for k, v in arrays.items()}, float(metrics["num-examples"]))
+            )
         self.log[server_round] = recorded
         return super().aggregate_train(server_round, replies)
 
@@ -78,7 +85,9 @@ def easy_federation(root: Path) -> Path:
 
     from synthetic.hospitals import default_profiles, write_federation
 
-    profiles = [replace(p, rows=48, pixel_spacing_mm=8.0, slice_thickness_mm=8.0, noise_hu=5.0) for p in default_profiles(SITES)]
+    profiles = [
+        replace(p, rows=48, pixel_spacing_mm=8.0, slice_thickness_mm=8.0, noise_hu=5.0) for p in default_profiles(SITES)
+    ]
     write_federation(root, sites=SITES, patients_per_site=24, seed=5, profiles=profiles)
     return root
 
@@ -120,9 +129,20 @@ def _val_loss(root: Path, run_dir: Path, server_round: int) -> float:
     settings = config.round_settings(server_round)
     state = torch.load(run_dir / "checkpoints" / f"round-{server_round:03d}.pt", weights_only=True)
     sites = sorted(p.name for p in (root / "data").iterdir() if (p / "dicom").is_dir())
-    per_site = {name: evaluate_round(SiteConfig(site_name=name, dicom_dir=root / "data" / name / "dicom", site_dir=root / "work" / name,
-                                                labels_csv=root / "data" / name / "labels.csv", device="cpu"), settings, state)
-                for name in sites}  # fmt: skip
+    per_site = {
+        name: evaluate_round(
+            SiteConfig(
+                site_name=name,
+                dicom_dir=root / "data" / name / "dicom",
+                site_dir=root / "work" / name,
+                labels_csv=root / "data" / name / "labels.csv",
+                device="cpu",
+            ),
+            settings,
+            state,
+        )
+        for name in sites
+    }
     value = aggregate(per_site).get("val-loss")
     assert value is not None and math.isfinite(value), f"round {server_round}: no validation loss in {per_site}"
     return float(value)
@@ -136,7 +156,9 @@ def test_federated_run_ends_below_chance_and_below_round_zero(learned):
     assert last < first, f"final validation loss {last:.3f} is not below round 0's {first:.3f}"
     [final] = [r for r in metrics["rounds"] if r["round"] == ROUNDS]
     reported = final["evaluate"]["aggregate"].get("val-loss")
-    assert reported is not None and abs(reported - last) < 1e-3, f"server recorded {reported}, sites' evaluation gives {last}"
+    assert reported is not None and abs(reported - last) < 1e-3, (
+        f"server recorded {reported}, sites' evaluation gives {last}"
+    )
 
 
 def test_each_global_model_is_the_example_weighted_mean_of_the_recorded_replies(learned):
@@ -151,7 +173,9 @@ def test_each_global_model_is_the_example_weighted_mean_of_the_recorded_replies(
             expected = sum(n * arrays[name].astype(np.float64) for arrays, n in replies) / total
             got = value.numpy()
             if got.dtype.kind in "iub":
-                np.testing.assert_array_equal(got, np.rint(expected).astype(got.dtype), err_msg=f"round {server_round} {name}")
+                np.testing.assert_array_equal(
+                    got, np.rint(expected).astype(got.dtype), err_msg=f"round {server_round} {name}"
+                )
             else:
                 np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=f"round {server_round} {name}")
         # the replies differ (real local training), so the check above is not satisfied by any one of them

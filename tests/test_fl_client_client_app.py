@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from federation import TINY_RUN_CONFIG, tiny_federation
 from flwr.simulation import run_simulation
 
 from fedct.demo import simulation_backend_config
-from federation import TINY_RUN_CONFIG, tiny_federation
 from fl_client.client_app import build_client_app
 from fl_server.server_app import build_server_app
 
@@ -47,10 +47,18 @@ def recorded_replies(tmp_path_factory):
     replies = root / "replies"
     replies.mkdir()
     run_simulation(
-        server_app=build_server_app({**TINY_RUN_CONFIG, "num-server-rounds": 2, "evaluate-mode": "fused",
-                                     "profile-fusion": "film", "run-dir": str(root / "run")}),
-        client_app=build_client_app({"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")},
-                                    mods=[recording_mod(replies)]),  # fmt: skip
+        server_app=build_server_app(
+            {
+                **TINY_RUN_CONFIG,
+                "num-server-rounds": 2,
+                "evaluate-mode": "fused",
+                "profile-fusion": "film",
+                "run-dir": str(root / "run"),
+            }
+        ),
+        client_app=build_client_app(
+            {"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")}, mods=[recording_mod(replies)]
+        ),
         num_supernodes=2,
         backend_config=simulation_backend_config(),
     )
@@ -61,8 +69,18 @@ def _identifiers(data_root: Path) -> set[str]:
     found: set[str] = {str(data_root)}
     for path in sorted(data_root.rglob("*.dcm")):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate", "InstitutionName",
-                        "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):  # fmt: skip
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "AccessionNumber",
+            "StudyDate",
+            "InstitutionName",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+            "FrameOfReferenceUID",
+        ):
             value = str(ds.get(keyword, "") or "")
             if len(value) >= 6:
                 found.add(value)
@@ -119,10 +137,10 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 
+from federation import TINY_RUN_CONFIG as _TINY  # noqa: E402
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
 from flwr.app.message_type import MessageType  # noqa: E402
 
-from federation import TINY_RUN_CONFIG as _TINY  # noqa: E402
 from fl_client.client_app import REASON_CODES, metrics_min_count, reason_code, reason_code_mod  # noqa: E402
 from fl_client.config import SiteConfigError  # noqa: E402
 
@@ -131,7 +149,9 @@ PHI = ("DOE", "JOHN", "MRN123456", PATIENT_FOLDER, "IM0001")
 
 
 def _message() -> Message:
-    return Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type=MessageType.TRAIN)
+    return Message(
+        RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type=MessageType.TRAIN
+    )
 
 
 def _context(tmp_path: Path) -> Context:
@@ -225,9 +245,13 @@ def test_a_patient_named_folder_never_reaches_the_server_only_the_reason_code(pa
     assert rejected, "site-1's failure is recorded by the server"
     # The whole reason the server got (fl_server.rounds prefixes "error reply (code N): " with Flower's error code):
     # the site's reason code and an incident id, nothing else.
-    assert all(re.fullmatch(r"error reply \(code \d+\): (ingest_failed|no_training_data) incident=[0-9a-f]{8}", r["reason"])
-               for r in rejected)  # fmt: skip
-    server_text = " ".join(p.read_text(errors="replace") for p in (root / "run").rglob("*") if p.suffix in (".json", ".md", ".txt"))
+    assert all(
+        re.fullmatch(r"error reply \(code \d+\): (ingest_failed|no_training_data) incident=[0-9a-f]{8}", r["reason"])
+        for r in rejected
+    )
+    server_text = " ".join(
+        p.read_text(errors="replace") for p in (root / "run").rglob("*") if p.suffix in (".json", ".md", ".txt")
+    )
     for value in (*PHI, str(root / "data"), str(root / "sites")):
         assert value not in server_text, value
     site_log = (root / "sites" / "site-1" / "errors.log").read_text()
@@ -263,6 +287,8 @@ def test_profile_statistics_replies_carry_only_aggregates_above_the_floor(record
             else:
                 assert count == len(present) and abs(total - float(present.sum())) <= 1e-6 * max(1.0, abs(total)), name
         mapping = (root / "data" / site["name"] / "profile-mapping.toml").read_text()
-        columns = [line.split("=", 1)[1].strip().strip('"') for line in mapping.splitlines() if line.startswith("column =")]
+        columns = [
+            line.split("=", 1)[1].strip().strip('"') for line in mapping.splitlines() if line.startswith("column =")
+        ]
         payload = f.read_bytes()
         assert not [c for c in columns if len(c) >= 4 and c.encode() in payload]

@@ -48,10 +48,24 @@ def test_settings_the_cpu_cannot_honour_are_refused(options, needle):
 
 
 def test_node_config_values_parse_and_round_trip():
-    options = ComputeOptions.from_node_config({"precision": "BF16", "loader-workers": "4", "pin-memory": "false",
-                                               "persistent-workers": "yes", "channels-last": "auto", "gpu-augment": "0"})  # fmt: skip
-    assert options == ComputeOptions(precision="bf16", loader_workers=4, pin_memory=False, persistent_workers=True,
-                                     channels_last=None, gpu_augment=False)  # fmt: skip
+    options = ComputeOptions.from_node_config(
+        {
+            "precision": "BF16",
+            "loader-workers": "4",
+            "pin-memory": "false",
+            "persistent-workers": "yes",
+            "channels-last": "auto",
+            "gpu-augment": "0",
+        }
+    )
+    assert options == ComputeOptions(
+        precision="bf16",
+        loader_workers=4,
+        pin_memory=False,
+        persistent_workers=True,
+        channels_last=None,
+        gpu_augment=False,
+    )
     assert ComputeOptions.from_node_config(options.to_node_config()) == options
     assert ComputeOptions.from_node_config({}) == ComputeOptions()
     assert ComputeOptions.from_node_config({"loader-workers": 2}).loader_workers == 2  # Flower may pass an int
@@ -75,11 +89,19 @@ def test_bad_values_name_the_setting(node_config, needle):
 
 
 def test_site_config_reads_the_compute_settings_from_node_config(tmp_path):
-    node = {"site-name": "a", "dicom-dir": str(tmp_path), "site-dir": str(tmp_path / "w"), "precision": "fp32",
-            "loader-workers": "2"}  # fmt: skip
+    node = {
+        "site-name": "a",
+        "dicom-dir": str(tmp_path),
+        "site-dir": str(tmp_path / "w"),
+        "precision": "fp32",
+        "loader-workers": "2",
+    }
     site = SiteConfig.from_context(node, {})
     assert site.compute == ComputeOptions(precision="fp32", loader_workers=2)
-    assert SiteConfig.from_context({k: v for k, v in node.items() if k not in ("precision", "loader-workers")}, {}).compute == ComputeOptions()
+    assert (
+        SiteConfig.from_context({k: v for k, v in node.items() if k not in ("precision", "loader-workers")}, {}).compute
+        == ComputeOptions()
+    )
     with pytest.raises(SiteConfigError, match="FEDCT_PIN_MEMORY"):
         SiteConfig.from_context({**node, "pin-memory": "perhaps"}, {})
 
@@ -87,6 +109,13 @@ def test_site_config_reads_the_compute_settings_from_node_config(tmp_path):
 def test_every_setting_has_a_site_env_key():
     from fl_client.site_env import SITE_KEYS
 
-    assert set(NODE_KEYS) == {"precision", "loader-workers", "pin-memory", "persistent-workers", "channels-last", "gpu-augment"}
+    assert set(NODE_KEYS) == {
+        "precision",
+        "loader-workers",
+        "pin-memory",
+        "persistent-workers",
+        "channels-last",
+        "gpu-augment",
+    }
     for env, meaning in NODE_KEYS.values():
         assert env.startswith("FEDCT_") and SITE_KEYS[env] == meaning

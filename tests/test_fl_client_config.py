@@ -1,4 +1,3 @@
-
 import pytest
 
 from fl_client.config import SiteConfig, SiteConfigError
@@ -7,9 +6,15 @@ from fl_server.config import ServerConfig
 
 def test_deployment_node_config(tmp_path):
     site = SiteConfig.from_context(
-        {"site-name": "site-a", "dicom-dir": str(tmp_path / "dicom"), "site-dir": str(tmp_path / "work"), "labels": str(tmp_path / "l.csv"), "device": "cpu"},
+        {
+            "site-name": "site-a",
+            "dicom-dir": str(tmp_path / "dicom"),
+            "site-dir": str(tmp_path / "work"),
+            "labels": str(tmp_path / "l.csv"),
+            "device": "cpu",
+        },
         {},
-    )  # fmt: skip
+    )
     assert site.site_name == "site-a" and site.dicom_dir == tmp_path / "dicom" and site.device == "cpu"
     assert site.labels_csv == tmp_path / "l.csv"
 
@@ -52,8 +57,14 @@ from preprocessing.split import SPLIT_FILE, SplitConfig  # noqa: E402
 
 
 def _site(tmp_path, **fields) -> SiteConfig:
-    return SiteConfig(site_name="site-a", dicom_dir=tmp_path / "dicom", site_dir=tmp_path / "work", labels_csv=None,
-                      device="cpu", **fields)  # fmt: skip
+    return SiteConfig(
+        site_name="site-a",
+        dicom_dir=tmp_path / "dicom",
+        site_dir=tmp_path / "work",
+        labels_csv=None,
+        device="cpu",
+        **fields,
+    )
 
 
 @pytest.mark.parametrize(
@@ -88,8 +99,15 @@ def test_requests_within_the_limits_are_admitted_unchanged_and_limits_are_the_si
 
 
 def test_limits_come_from_the_node_config_and_bad_ones_are_named(tmp_path):
-    node = {"site-name": "a", "dicom-dir": "/d", "site-dir": str(tmp_path), "max-batch-size": 8, "cache-max-gb": "0.5",
-            "val-fraction": 0.3, "test-fraction": 0.1}  # fmt: skip
+    node = {
+        "site-name": "a",
+        "dicom-dir": "/d",
+        "site-dir": str(tmp_path),
+        "max-batch-size": 8,
+        "cache-max-gb": "0.5",
+        "val-fraction": 0.3,
+        "test-fraction": 0.1,
+    }
     site = SiteConfig.from_context(node, {})
     assert site.limits == SiteLimits(max_batch_size=8, cache_max_gb=0.5)
     assert site.split == SplitConfig(val_fraction=0.3, test_fraction=0.1)
@@ -119,12 +137,19 @@ def test_the_server_cannot_change_a_sites_split(tmp_path, caplog):
 def test_a_changed_server_fraction_gives_the_same_patient_split_on_real_dicom(tmp_path):
     """Re-splitting with other fractions moves single patients between splits (the server could isolate them by
     difference); admitted settings keep every patient where it was."""
-    from fl_client.train import load_site
     from federation import tiny_federation
 
+    from fl_client.train import load_site
+
     data = tiny_federation(tmp_path / "data", sites=1, patients_per_site=10)
-    site = SiteConfig(site_name="site-0", dicom_dir=data / "site-0" / "dicom", site_dir=tmp_path / "work",
-                      labels_csv=data / "site-0" / "labels.csv", device="cpu", workers=1)  # fmt: skip
+    site = SiteConfig(
+        site_name="site-0",
+        dicom_dir=data / "site-0" / "dicom",
+        site_dir=tmp_path / "work",
+        labels_csv=data / "site-0" / "labels.csv",
+        device="cpu",
+        workers=1,
+    )
     base = ServerConfig(input_size="16,16,16", target_spacing_mm="16,16,16")
 
     def assignment(settings):
@@ -143,7 +168,10 @@ def test_train_round_refuses_an_over_limit_request(tmp_path):
 
     site = _site(tmp_path, limits=SiteLimits(max_local_epochs=1))
     settings = ServerConfig(local_epochs=2, model_name="smallcnn").round_settings(1)
-    for run in (lambda: train_round(site, settings, {}), lambda: evaluate_round(site, replace(settings, local_epochs=3), {})):
+    for run in (
+        lambda: train_round(site, settings, {}),
+        lambda: evaluate_round(site, replace(settings, local_epochs=3), {}),
+    ):
         with pytest.raises(SiteLimitError, match="FEDCT_MAX_LOCAL_EPOCHS"):
             run()
     assert not (tmp_path / "work").exists()

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+from federation import TINY_RUN_CONFIG, pids_matching, stop_pids, tiny_federation
 
 from bench.deployment import BIN, LocalDeployment, SiteSpec, free_port, wait_for_port
-from federation import TINY_RUN_CONFIG, pids_matching, stop_pids, tiny_federation
 from fl_client.executor import (
     ExecutorConfig,
     ExecutorConfigError,
@@ -45,15 +45,22 @@ def _value(v):
 def test_fedct_run_through_warm_executors_trains_with_the_fab_code_in_forked_children(tmp_path):
     data = tiny_federation(tmp_path / "data", sites=2, patients_per_site=6)
     app = tmp_path / "app"
-    shutil.copytree(ROOT, app, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", ".pytest_cache", "*.egg-info"))
+    shutil.copytree(
+        ROOT, app, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", ".pytest_cache", "*.egg-info")
+    )
     with open(app / "fl_client" / "client_app.py", "a") as f:
         f.write(MARKER)
     markers = tmp_path / "markers"
     markers.mkdir()
     sites = sorted(p.name for p in data.iterdir() if p.is_dir())
-    specs = [SiteSpec(node_config=f'site-name="{s}" dicom-dir="{data / s / "dicom"}" labels="{data / s / "labels.csv"}" '
-                                  f'site-dir="{tmp_path / "sites" / s}" device="cpu"', isolation="process")
-             for s in sites]  # fmt: skip
+    specs = [
+        SiteSpec(
+            node_config=f'site-name="{s}" dicom-dir="{data / s / "dicom"}" labels="{data / s / "labels.csv"}" '
+            f'site-dir="{tmp_path / "sites" / s}" device="cpu"',
+            isolation="process",
+        )
+        for s in sites
+    ]
     run_dir = tmp_path / "run"
     overrides = {**TINY_RUN_CONFIG, "num-server-rounds": 2, "run-dir": str(run_dir)}
     deployment = LocalDeployment(tmp_path / "deployment", specs, env={"FEDCT_TEST_MARKER_DIR": str(markers)})
@@ -61,7 +68,9 @@ def test_fedct_run_through_warm_executors_trains_with_the_fab_code_in_forked_chi
         ports = [deployment.port, *deployment.runtime_ports]
         executor_pids = [p.pid for p in deployment.procs if "fl_client.executor" in " ".join(map(str, p.args))]
         assert len(executor_pids) == 2
-        assert not pids_matching("flower-superexec", f"127.0.0.1:{deployment.runtime_ports[0]}"), "process isolation starts no SuperExec"
+        assert not pids_matching("flower-superexec", f"127.0.0.1:{deployment.runtime_ports[0]}"), (
+            "process isolation starts no SuperExec"
+        )
         done = deployment.flwr_run(app, " ".join(f"{k}={_value(v)}" for k, v in overrides.items()), timeout_s=900)
         output = done.stdout + done.stderr
         assert done.returncode == 0, output[-3000:]
@@ -69,7 +78,10 @@ def test_fedct_run_through_warm_executors_trains_with_the_fab_code_in_forked_chi
         assert all(p.poll() is None for p in deployment.procs), "a SuperNode or executor died during the run"
     for port in ports:
         assert not pids_matching(f"127.0.0.1:{port}"), f"a process on port {port} is still running"
-    assert all(not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2] for pid in executor_pids)
+    assert all(
+        not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        for pid in executor_pids
+    )
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
@@ -127,9 +139,22 @@ def test_bad_settings_are_refused_with_the_option_named(kwargs, message):
 
 
 def test_command_line_good_and_bad(capsys):
-    config = parse_args(["--runtime-api-address", "127.0.0.1:9094", "--insecure", "--poll-interval", "0.05", "--preload-app", "",
-                         "--approved-apps", "disabled-i-understand"])
-    assert config == ExecutorConfig(runtime_api_address="127.0.0.1:9094", insecure=True, poll_interval_s=0.05, preload_app=None)
+    config = parse_args(
+        [
+            "--runtime-api-address",
+            "127.0.0.1:9094",
+            "--insecure",
+            "--poll-interval",
+            "0.05",
+            "--preload-app",
+            "",
+            "--approved-apps",
+            "disabled-i-understand",
+        ]
+    )
+    assert config == ExecutorConfig(
+        runtime_api_address="127.0.0.1:9094", insecure=True, poll_interval_s=0.05, preload_app=None
+    )
     with pytest.raises(SystemExit) as stop:
         parse_args(["--runtime-api-address", "127.0.0.1:9094"])
     assert stop.value.code == 2
@@ -170,8 +195,13 @@ def test_executor_cannot_be_told_to_skip_approval_by_accident(monkeypatch, capsy
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}  # fmt: skip
+    return {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
 
 
 @pytest.fixture
@@ -181,9 +211,23 @@ def supernode(tmp_path):
     secret.write_text(os.urandom(32).hex())
     port = free_port()
     log = (tmp_path / "supernode.log").open("wb")
-    proc = subprocess.Popen([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{free_port()}",
-                             "--isolation", "process", "--port", str(port), "--superexec-auth-secret-file", str(secret)],
-                            env=_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            str(BIN / "flower-supernode"),
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{free_port()}",
+            "--isolation",
+            "process",
+            "--port",
+            str(port),
+            "--superexec-auth-secret-file",
+            str(secret),
+        ],
+        env=_env(tmp_path),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for_port(port, proc=proc)
         yield port, secret
@@ -195,9 +239,24 @@ def supernode(tmp_path):
 
 def _executor(tmp_path: Path, port: int, *args: str) -> subprocess.Popen:
     out = (tmp_path / f"executor-{port}.log").open("wb")
-    return subprocess.Popen([sys.executable, "-m", "fl_client.executor", "--runtime-api-address", f"127.0.0.1:{port}",
-                             "--insecure", "--approved-apps", "disabled-i-understand", "--preload-app", "", *args],
-                            env=_env(tmp_path), stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fl_client.executor",
+            "--runtime-api-address",
+            f"127.0.0.1:{port}",
+            "--insecure",
+            "--approved-apps",
+            "disabled-i-understand",
+            "--preload-app",
+            "",
+            *args,
+        ],
+        env=_env(tmp_path),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _exits(proc: subprocess.Popen, *, within: float = 120.0) -> int:
@@ -210,7 +269,9 @@ def _exits(proc: subprocess.Popen, *, within: float = 120.0) -> int:
         pytest.fail(f"process {proc.pid} did not exit within {within:.0f}s")
 
 
-@pytest.mark.parametrize("supernode_up", [True, False], ids=["polling-a-supernode", "retrying-a-supernode-that-is-gone"])
+@pytest.mark.parametrize(
+    "supernode_up", [True, False], ids=["polling-a-supernode", "retrying-a-supernode-that-is-gone"]
+)
 def test_parent_pid_ends_the_executor_when_the_parent_is_gone(tmp_path, request, supernode_up):
     """fedct site passes its PID: the executor must end by itself even when the site is SIGKILLed, also while a
     Runtime API call keeps retrying against a SuperNode that went with it."""
@@ -232,7 +293,9 @@ def test_parent_pid_ends_the_executor_when_the_parent_is_gone(tmp_path, request,
         parent.wait()
         assert _exits(executor) == 0, log.read_text()
         assert f"parent process {parent.pid} is gone; stopping" in log.read_text()
-        assert not [pid for pid in pids_matching("fl_client.executor", f"127.0.0.1:{port}")], "an executor or child survived"
+        assert not [pid for pid in pids_matching("fl_client.executor", f"127.0.0.1:{port}")], (
+            "an executor or child survived"
+        )
     finally:
         stop_pids([p.pid for p in (executor, parent) if p.poll() is None])
 
@@ -264,9 +327,25 @@ def installed_copy(tmp_path_factory) -> Path:
     for part in SOURCE_PARTS:
         (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, source / part)
     target = root / "site-packages"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                           "--no-compile", "--target", str(target), str(source)],
-                          capture_output=True, text=True, timeout=600, cwd=root)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-compile",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (target / "fl_client" / "executor.py").is_file() and not (target / "fl_client" / "__editable__").exists()
     return target
@@ -276,7 +355,9 @@ def _run_installed(target: Path, cwd: Path, code: str, **env: str) -> dict:
     """Run ``code`` with only the installed copy importable (no checkout on the path), from another folder."""
     environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     environ.update(PYTHONPATH=str(target), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", **env)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=cwd, env=environ)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=cwd, env=environ
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -284,7 +365,10 @@ def _run_installed(target: Path, cwd: Path, code: str, **env: str) -> dict:
 def test_a_non_editable_install_preloads_third_party_modules_only(installed_copy, tmp_path):
     """Before the fix, discovery listed every module under 'site-packages', the installed fl_client/models/
     preprocessing included, and the executor preloaded them."""
-    out = _run_installed(installed_copy, tmp_path, """
+    out = _run_installed(
+        installed_copy,
+        tmp_path,
+        """
 import json, sys
 import fl_client
 from fl_client.executor import _DISCOVER, discover_third_party_modules, project_packages
@@ -293,13 +377,16 @@ everything = subprocess.run([sys.executable, "-c", _DISCOVER, "fl_client.client_
                             text=True, check=True).stdout.strip().splitlines()[-1]
 print(json.dumps({"file": fl_client.__file__, "own": sorted(project_packages()),
                   "found": discover_third_party_modules("fl_client.client_app"), "unfiltered": json.loads(everything)}))
-""")
+""",
+    )
     assert out["file"].startswith(str(installed_copy))  # the installed copy, not this checkout
     assert set(out["own"]) == PROJECT  # from the installed distribution's metadata: no pyproject.toml there
     tops = {n.split(".")[0] for n in out["found"]}
     assert {"torch", "monai", "flwr", "numpy"} <= tops
     assert not tops & PROJECT, sorted(tops & PROJECT)
-    assert {"fl_client", "models", "preprocessing"} <= {n.split(".")[0] for n in out["unfiltered"]}  # what the old filter kept
+    assert {"fl_client", "models", "preprocessing"} <= {
+        n.split(".")[0] for n in out["unfiltered"]
+    }  # what the old filter kept
 
 
 def test_the_warm_child_runs_the_fabs_code_not_the_installed_copy(installed_copy, tmp_path):
@@ -319,7 +406,10 @@ def test_the_warm_child_runs_the_fabs_code_not_the_installed_copy(installed_copy
     approve(app, allow)
     work = tmp_path / "elsewhere"
     work.mkdir()
-    out = _run_installed(installed_copy, work, f"""
+    out = _run_installed(
+        installed_copy,
+        work,
+        f"""
 import json, os, sys
 from fl_client.approval import fab_bytes_of, gate_fab_install
 from fl_client.executor import FLOWER_MODULES, _forget_own_modules, discover_third_party_modules, preload_modules
@@ -338,7 +428,9 @@ module = sys.modules["fl_client.client_app"]
 print(json.dumps({{"preloaded": result.imported, "preloaded_own": preloaded_own, "torch": "torch" in sys.modules,
                   "file": module.__file__, "marker": getattr(module, "FEDCT_TEST_COPY", None), "app_dir": str(app_dir),
                   "models": sys.modules["models.factory"].__file__}}))
-""", FLWR_HOME=str(tmp_path / "flwr-home"))  # fmt: skip
+""",
+        FLWR_HOME=str(tmp_path / "flwr-home"),
+    )
     assert out["preloaded"] > 500 and out["torch"]  # warm: the third-party libraries were preloaded
     assert out["preloaded_own"] == []  # ... and none of the project's packages
     assert out["marker"] == "the approved FAB"

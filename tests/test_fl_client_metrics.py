@@ -124,7 +124,9 @@ def test_brier_score_hand_computed():
     perfect = classification_metrics(np.eye(3), np.array([0, 1, 2]), NAMES)
     assert perfect["brier"] == 0.0
     # Binary: summed over both columns (not halved): (0.3^2 + 0.3^2 + 0.4^2 + 0.4^2) / 2 = 0.25.
-    assert classification_metrics(np.array([[0.7, 0.3], [0.4, 0.6]]), np.array([0, 1]), BINARY)["brier"] == pytest.approx(0.25)
+    assert classification_metrics(np.array([[0.7, 0.3], [0.4, 0.6]]), np.array([0, 1]), BINARY)[
+        "brier"
+    ] == pytest.approx(0.25)
 
 
 def test_expected_calibration_error_hand_computed():
@@ -143,7 +145,9 @@ def test_expected_calibration_error_hand_computed():
 
 def test_every_site_sends_the_same_keys():
     full = classification_metrics(VAL_PROBS, VAL_LABELS, BINARY, thresholds={"covid": 0.6, "normal": 0.7})
-    one_class = classification_metrics(VAL_PROBS[:3], VAL_LABELS[:3], BINARY, thresholds={"covid": math.nan, "normal": math.nan})
+    one_class = classification_metrics(
+        VAL_PROBS[:3], VAL_LABELS[:3], BINARY, thresholds={"covid": math.nan, "normal": math.nan}
+    )
     empty = classification_metrics(np.zeros((0, 2)), np.zeros(0, dtype=int), BINARY)
     assert set(full) == set(one_class) == set(empty)
     for key in ("brier", "ece", "sens-covid", "spec-normal", "n-pos-covid", "n-neg-normal"):
@@ -198,8 +202,14 @@ def test_survival_metrics_hand_computed():
     # Horizon 2.5: case = study 0 (event at day 1); study 1 censored at day 2 excluded; controls = studies 2, 3
     # (risks 0 and 1, both below the case's 2) -> td-AUC 1.
     m = survival_metrics(RISK, TIME, EVENT, horizon_days=2.5)
-    assert m == {"c-index": pytest.approx(0.625), "td-auc": 1.0, "n-events": 2.0, "n-known": 4.0, "n-td-cases": 1.0,
-                 "n-td-controls": 2.0}  # fmt: skip
+    assert m == {
+        "c-index": pytest.approx(0.625),
+        "td-auc": 1.0,
+        "n-events": 2.0,
+        "n-known": 4.0,
+        "n-td-cases": 1.0,
+        "n-td-controls": 2.0,
+    }
     # Horizon 3: cases = studies 0 (risk 2) and 2 (risk 0); control = study 3 (risk 1) -> 1 of 2 pairs right.
     assert survival_metrics(RISK, TIME, EVENT, horizon_days=3)["td-auc"] == pytest.approx(0.5)
 
@@ -215,7 +225,9 @@ def test_survival_nan_rows_are_masked():
     risk = np.concatenate([RISK, [5.0, np.nan, -3.0]])
     time = np.concatenate([TIME, [np.nan, np.nan, 0.5]])
     event = np.concatenate([EVENT, [1.0, np.nan, np.nan]])
-    assert survival_metrics(risk, time, event, horizon_days=2.5) == survival_metrics(RISK, TIME, EVENT, horizon_days=2.5)
+    assert survival_metrics(risk, time, event, horizon_days=2.5) == survival_metrics(
+        RISK, TIME, EVENT, horizon_days=2.5
+    )
 
 
 def test_survival_undefined_cases_give_nan():
@@ -259,13 +271,10 @@ def test_risk_histogram_counts_every_finite_score_and_clips_the_tails():
 
 from fl_client.metrics import (  # noqa: E402
     MIN_COUNT,
-    choose_operating_points,
     coarsen_histogram,
     floor_evaluation,
     floor_training,
     risk_histogram,
-    score_histograms,
-    survival_metrics,
 )
 
 
@@ -361,8 +370,14 @@ def test_a_metric_the_floor_does_not_know_is_not_sent(caplog):
 
 
 def test_training_losses_need_k_training_studies():
-    result = {"train-loss": 0.5, "train-loss-diagnosis": 0.4, "train-loss-prognosis": 0.2, "train-seconds": 3.0,
-              "num-examples": 3, "train-per-study-loss": 1.0}  # fmt: skip
+    result = {
+        "train-loss": 0.5,
+        "train-loss-diagnosis": 0.4,
+        "train-loss-prognosis": 0.2,
+        "train-seconds": 3.0,
+        "num-examples": 3,
+        "train-per-study-loss": 1.0,
+    }
     small = floor_training(result)
     assert math.isnan(small["train-loss"]) and small["num-examples"] == 3 and small["train-seconds"] == 3.0
     assert "train-per-study-loss" not in small
@@ -382,7 +397,9 @@ def test_validation_nll_sums_are_sent_only_from_k_labelled_validation_studies():
     assert enough["val-calib-nll"] == sums
     few = floor_evaluation({**_evaluation(val_n=3, test_n=6), "val-calib-nll": sums})
     assert few["val-calib-nll"] == []  # the key stays, nothing computed from 3 studies leaves
-    assert floor_evaluation({**_evaluation(val_n=6, test_n=6), "val-calib-nll": sums}, min_count=7)["val-calib-nll"] == []
+    assert (
+        floor_evaluation({**_evaluation(val_n=6, test_n=6), "val-calib-nll": sums}, min_count=7)["val-calib-nll"] == []
+    )
 
 
 def _calibration_reply(n: int, seed: int = 0) -> dict:
@@ -391,8 +408,9 @@ def _calibration_reply(n: int, seed: int = 0) -> dict:
     logits = rng.normal(size=(n, 3)) * 4
     out = {}
     for stage, t in (("before", 1.0), ("after", 2.5)):
-        for field, values in zip(("count", "confidence", "correct"), reliability_bins(apply_temperature(logits, t), labels),
-                                 strict=True):  # fmt: skip
+        for field, values in zip(
+            ("count", "confidence", "correct"), reliability_bins(apply_temperature(logits, t), labels), strict=True
+        ):
             out[reliability_key(stage, field)] = values
     out.update({"test-n": float(n), "test-loss": 0.9, "test-brier": 0.5, "test-accuracy": 0.6, "num-examples": n})
     return out
@@ -411,6 +429,8 @@ def test_calibration_bins_leave_a_site_only_in_groups_of_k_studies():
 
 def test_a_site_with_too_few_test_studies_sends_no_calibration_bins_and_unknown_keys_are_dropped(caplog):
     sent = floor_calibration({**_calibration_reply(4), "test-study-uid": 1.0})
-    assert all(sent[reliability_key(s, f)] == [] for s in ("before", "after") for f in ("count", "confidence", "correct"))
+    assert all(
+        sent[reliability_key(s, f)] == [] for s in ("before", "after") for f in ("count", "confidence", "correct")
+    )
     assert math.isnan(sent["test-brier"]) and sent["test-n"] == 4  # the split's size stays, as in an evaluation
     assert "test-study-uid" not in sent and "not covered by the privacy floor" in caplog.text

@@ -7,13 +7,12 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, get_norm
 
+from fedct.transport import INDEX_RECORD, decode_content, weights_records
 from fl_client.privacy import dp_clipping_mod, privacy_mods, site_dp_mode
 from fl_client.secagg import secaggplus_when_requested
-from fedct.transport import INDEX_RECORD, decode_content, weights_records
 
 GLOBAL = {"w": np.zeros((4, 5), dtype=np.float32), "b": np.zeros(3, dtype=np.float32)}
 TRAINED = {"w": np.full((4, 5), 2.0, dtype=np.float32), "b": np.full(3, -1.0, dtype=np.float32)}  # update norm ~9.1
-
 
 
 def _train_message(*, packed: bool, clip: float | None = 1.0) -> Message:
@@ -30,8 +29,10 @@ def _handler(msg: Message, _context: Context) -> Message:
     """A site's train handler: replies packed when the server sent packed weights (as fl_client.client_app does)."""
     import torch
 
-    content = weights_records({k: torch.from_numpy(v.copy()) for k, v in TRAINED.items()},
-                              transport="float32" if INDEX_RECORD in msg.content else None)  # fmt: skip
+    content = weights_records(
+        {k: torch.from_numpy(v.copy()) for k, v in TRAINED.items()},
+        transport="float32" if INDEX_RECORD in msg.content else None,
+    )
     content["metrics"] = MetricRecord({"num-examples": 5})
     content["site"] = ConfigRecord({"name": "site-a"})
     return Message(content, reply_to=msg)
@@ -78,9 +79,14 @@ def test_a_server_that_sends_no_clipping_norm_gets_an_error_reply(task_identity)
 
 
 def test_evaluate_messages_pass_through(task_identity):
-    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type=MessageType.EVALUATE)
-    reply = dp_clipping_mod()(msg, _context("client-fixed"),
-                              lambda m, c: Message(RecordDict({"metrics": MetricRecord({"val-n": 3})}), reply_to=m))  # fmt: skip
+    msg = Message(
+        RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type=MessageType.EVALUATE
+    )
+    reply = dp_clipping_mod()(
+        msg,
+        _context("client-fixed"),
+        lambda m, c: Message(RecordDict({"metrics": MetricRecord({"val-n": 3})}), reply_to=m),
+    )
     assert not reply.has_error() and reply.content["metrics"]["val-n"] == 3
 
 

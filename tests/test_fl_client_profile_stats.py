@@ -27,8 +27,15 @@ def _site(tmp_path, n: int) -> SiteConfig:
         for j in range(n):
             writer.writerow([f"1.2.7.{j + 1}", DIAGNOSES[j % 3], j % 2, 9 if j % 2 else 28, 50 + j, "FM"[j % 2]])
     write_site_profile(data, site_index=2, seed=4)
-    return SiteConfig.from_context({"site-name": "site-a", "dicom-dir": str(tmp_path / "dicom"), "site-dir": str(tmp_path / "w"),
-                                    "labels": str(data / "labels.csv")}, {})  # fmt: skip
+    return SiteConfig.from_context(
+        {
+            "site-name": "site-a",
+            "dicom-dir": str(tmp_path / "dicom"),
+            "site-dir": str(tmp_path / "w"),
+            "labels": str(data / "labels.csv"),
+        },
+        {},
+    )
 
 
 def test_the_site_answers_with_its_aggregates_above_the_floor(tmp_path):
@@ -65,5 +72,6 @@ def test_a_configured_profile_dir_must_hold_a_mapping(tmp_path):
     from fl_client.config import SiteConfigError
 
     with pytest.raises(SiteConfigError, match="profile-mapping.toml"):
-        SiteConfig.from_context({"site-name": "s", "dicom-dir": str(tmp_path), "site-dir": str(tmp_path),
-                                 "profile-dir": str(tmp_path)}, {})  # fmt: skip
+        SiteConfig.from_context(
+            {"site-name": "s", "dicom-dir": str(tmp_path), "site-dir": str(tmp_path), "profile-dir": str(tmp_path)}, {}
+        )

@@ -12,7 +12,6 @@ from flwr.compat.common import recorddict_compat as compat
 from fl_client.secagg import floating_keys, is_legacy_fit, secaggplus_when_requested
 
 
-
 def _context() -> Context:
     return Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
 
@@ -23,15 +22,25 @@ def _echo(msg: Message, _context: Context) -> Message:
 
 def test_normal_messages_pass_through_to_the_handler(task_identity):
     for message_type in (MessageType.TRAIN, MessageType.EVALUATE):
-        msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type=message_type)
+        msg = Message(
+            RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type=message_type
+        )
         reply = secaggplus_when_requested(msg, _context(), _echo)
         assert not reply.has_error() and reply.content["metrics"]["handled"] == 1
 
 
 def test_secaggplus_messages_go_to_flowers_mod(task_identity):
     # A setup-stage message: Flower's mod answers it itself (public keys), the handler is not called.
-    config = {"stage": "setup", "sample_num": 3, "share_num": 3, "threshold": 2, "clipping_range": 8.0,
-              "target_range": 2**22, "mod_range": 2**32, "max_weight": 10.0}  # fmt: skip
+    config = {
+        "stage": "setup",
+        "sample_num": 3,
+        "share_num": 3,
+        "threshold": 2,
+        "clipping_range": 8.0,
+        "target_range": 2**22,
+        "mod_range": 2**32,
+        "max_weight": 10.0,
+    }
     msg = Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(config)}), dst_node_id=7, message_type=MessageType.TRAIN)
     reply = secaggplus_when_requested(msg, _context(), _echo)
     assert not reply.has_error()
@@ -42,8 +51,12 @@ def test_secaggplus_messages_go_to_flowers_mod(task_identity):
 
 def test_legacy_fit_messages_are_recognised(task_identity):
     fitins = FitIns(parameters=ndarrays_to_parameters([np.zeros(3, dtype=np.float32)]), config={"server-round": 1})
-    legacy = Message(compat.fitins_to_recorddict(fitins, keep_input=True), dst_node_id=7, message_type=MessageType.TRAIN)
-    normal = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type=MessageType.TRAIN)
+    legacy = Message(
+        compat.fitins_to_recorddict(fitins, keep_input=True), dst_node_id=7, message_type=MessageType.TRAIN
+    )
+    normal = Message(
+        RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type=MessageType.TRAIN
+    )
     assert is_legacy_fit(legacy) and not is_legacy_fit(normal)
 
 

@@ -24,13 +24,28 @@ def tiny_site(tmp_path_factory):
         uid = f"1.2.826.0.1.3680043.10.999.{i}"
         hu = rng.normal(-700 + 300 * label, 50, size=(10, 24, 24)).astype(np.float32)
         patient = PatientIdentity(f"TEST^P{i}", f"PID{i}", "19500101", "F", "070Y")
-        write_ct_series(root / "dicom" / f"s{i}", hu, pixel_spacing_mm=(8.0, 8.0), slice_spacing_mm=8.0,
-                        study_instance_uid=uid, series_instance_uid=uid + ".1", patient=patient)  # fmt: skip
+        write_ct_series(
+            root / "dicom" / f"s{i}",
+            hu,
+            pixel_spacing_mm=(8.0, 8.0),
+            slice_spacing_mm=8.0,
+            study_instance_uid=uid,
+            series_instance_uid=uid + ".1",
+            patient=patient,
+        )
         rows.append(f"{uid},{DIAGNOSES[label]},{int(label == 0)},{5 + 3 * label + i % 3},{50 + i},{'MF'[i % 2]}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    site = SiteConfig(site_name="site-t", dicom_dir=root / "dicom", site_dir=root / "work", labels_csv=root / "labels.csv",
-                      device="cpu", workers=1)  # fmt: skip
-    config = ServerConfig(model_name="smallcnn", input_size="16,16,16", target_spacing_mm="8,8,8", learning_rate=0.01, local_epochs=2)
+    site = SiteConfig(
+        site_name="site-t",
+        dicom_dir=root / "dicom",
+        site_dir=root / "work",
+        labels_csv=root / "labels.csv",
+        device="cpu",
+        workers=1,
+    )
+    config = ServerConfig(
+        model_name="smallcnn", input_size="16,16,16", target_spacing_mm="8,8,8", learning_rate=0.01, local_epochs=2
+    )
     return site, config
 
 
@@ -52,8 +67,21 @@ def test_evaluate_round_reports_val_and_test_metrics(tiny_site):
     settings = config.round_settings(1)
     metrics = evaluate_round(site, settings, build_model(settings.model).state_dict())
     assert metrics["val-n"] == 3 and metrics["test-n"] == 3
-    for key in ("loss", "accuracy", "auc-macro", "balanced-accuracy", "brier", "ece", "sens-covid", "spec-normal",
-                "c-index", "td-auc", "n-events", "hist-pos-covid", "hist-neg-normal"):  # fmt: skip
+    for key in (
+        "loss",
+        "accuracy",
+        "auc-macro",
+        "balanced-accuracy",
+        "brier",
+        "ece",
+        "sens-covid",
+        "spec-normal",
+        "c-index",
+        "td-auc",
+        "n-events",
+        "hist-pos-covid",
+        "hist-neg-normal",
+    ):
         assert f"val-{key}" in metrics and f"test-{key}" in metrics
     assert metrics["val-n-events"] == 1  # one covid study per split, the only severe outcomes
     assert sum(metrics["test-hist-pos-covid"]) == 1 and sum(metrics["test-hist-neg-covid"]) == 2
@@ -71,9 +99,14 @@ def test_training_learns_the_tiny_task(tiny_site):
 
 def _batch(n, labels, times=None, events=None):
     nan = float("nan")
-    return {"image": torch.randn(n, 1, 16, 16, 16), "label": torch.tensor(labels),
-            "time": torch.tensor(times or [nan] * n, dtype=torch.float64), "event": torch.tensor(events or [nan] * n, dtype=torch.float64),
-            "age": torch.full((n,), nan), "sex": torch.full((n,), nan)}  # fmt: skip
+    return {
+        "image": torch.randn(n, 1, 16, 16, 16),
+        "label": torch.tensor(labels),
+        "time": torch.tensor(times or [nan] * n, dtype=torch.float64),
+        "event": torch.tensor(events or [nan] * n, dtype=torch.float64),
+        "age": torch.full((n,), nan),
+        "sex": torch.full((n,), nan),
+    }
 
 
 def test_predict_returns_probabilities_and_risk():
@@ -289,7 +322,9 @@ def test_one_step_of_the_fast_path_matches_the_old_metatensor_path_on_cpu():
     class Loader(list):
         dataset = list(range(4))
 
-    result = train_model(copy.deepcopy(reference), Loader([batch]), epochs=1, lr=1e-3, device=torch.device("cpu"), compute=compute)
+    result = train_model(
+        copy.deepcopy(reference), Loader([batch]), epochs=1, lr=1e-3, device=torch.device("cpu"), compute=compute
+    )
     assert abs(result.loss - old_loss) <= 1e-6 * max(1.0, abs(old_loss))
 
 
@@ -309,7 +344,9 @@ def test_bf16_autocast_on_cpu_is_optional_and_close_to_fp32():
     fp32 = train_model(copy.deepcopy(reference), Loader([batch]), epochs=1, lr=1e-3, device=torch.device("cpu"))
     bf16 = resolve_compute(ComputeOptions(precision="bf16"), torch.device("cpu"))
     assert bf16.autocast_dtype == torch.bfloat16 and not bf16.grad_scaler
-    low = train_model(copy.deepcopy(reference), Loader([batch]), epochs=1, lr=1e-3, device=torch.device("cpu"), compute=bf16)
+    low = train_model(
+        copy.deepcopy(reference), Loader([batch]), epochs=1, lr=1e-3, device=torch.device("cpu"), compute=bf16
+    )
     assert math.isfinite(low.loss) and abs(low.loss - fp32.loss) < 0.05 * abs(fp32.loss) + 0.05
 
 
@@ -327,7 +364,14 @@ def test_train_model_applies_the_on_device_augmentation_to_each_batch():
     class Loader(list):
         dataset = list(range(5))
 
-    train_model(model, Loader([_batch(3, [0, 1, 2]), _batch(2, [0, 1])]), epochs=1, lr=1e-3, device=torch.device("cpu"), augment=spy)
+    train_model(
+        model,
+        Loader([_batch(3, [0, 1, 2]), _batch(2, [0, 1])]),
+        epochs=1,
+        lr=1e-3,
+        device=torch.device("cpu"),
+        augment=spy,
+    )
     assert [tuple(x.shape) for x in seen] == [(3, 1, 16, 16, 16), (2, 1, 16, 16, 16)]
 
 
@@ -344,11 +388,22 @@ def test_train_round_with_loader_workers_counts_the_same_studies(tiny_site):
     assert compute.loader_workers == 2 and compute.persistent_workers and not compute.pin_memory  # no pinning on CPU
     settings = config.round_settings(1)
     state, result = train_round(site, settings, build_model(settings.model).state_dict())
-    assert result.num_examples == 6 and result.steps == 2 * math.ceil(6 / settings.batch_size) and math.isfinite(result.loss)
+    assert (
+        result.num_examples == 6
+        and result.steps == 2 * math.ceil(6 / settings.batch_size)
+        and math.isfinite(result.loss)
+    )
     assert all(v.is_contiguous() for v in state.values())
     stats = [json.loads(line) for line in (site.site_dir / "train-stats.jsonl").read_text().splitlines()]
-    assert stats[-1] == {"round": 1, "device": "cpu", "precision": "fp32", "examples": 6, "steps": result.steps,
-                         "seconds": round(result.seconds, 3), "peak_gpu_memory_mib": None}  # fmt: skip
+    assert stats[-1] == {
+        "round": 1,
+        "device": "cpu",
+        "precision": "fp32",
+        "examples": 6,
+        "steps": result.steps,
+        "seconds": round(result.seconds, 3),
+        "peak_gpu_memory_mib": None,
+    }
 
 
 def test_profile_dropout_masks_value_and_flag_together_at_the_asked_rate():

@@ -19,8 +19,9 @@ TINY = {"model-name": "smallcnn", "input-size": "16,16,16", "target-spacing-mm":
 
 
 def tiny_config(tmp_path, **extra):
-    return ServerConfig.from_run_config({**TINY, "model-registry": str(tmp_path / "registry"), "run-dir": str(tmp_path / "run"),
-                                         **extra})  # fmt: skip
+    return ServerConfig.from_run_config(
+        {**TINY, "model-registry": str(tmp_path / "registry"), "run-dir": str(tmp_path / "run"), **extra}
+    )
 
 
 def make_bundle(folder, *, model=None, pipeline=None, seed=0):
@@ -28,8 +29,13 @@ def make_bundle(folder, *, model=None, pipeline=None, seed=0):
     model = model or ModelConfig(name="smallcnn")
     pipeline = pipeline or PipelineConfig(target_spacing_mm=(16.0, 16.0, 16.0), input_size=(16, 16, 16))
     sites = {"site-0": {"test-loss": 1.0, "test-n": 7.0}, "site-1": {"test-loss": 1.1, "test-n": 6.0}}
-    return write_bundle(folder, build_model(model).state_dict(), model=model, pipeline=pipeline,
-                        provenance={"sites": ["site-0", "site-1"], "metrics": {"sites": sites}, "round_of_weights": 2})  # fmt: skip
+    return write_bundle(
+        folder,
+        build_model(model).state_dict(),
+        model=model,
+        pipeline=pipeline,
+        provenance={"sites": ["site-0", "site-1"], "metrics": {"sites": sites}, "round_of_weights": 2},
+    )
 
 
 def test_without_a_registry_the_run_starts_from_the_seeded_weights(tmp_path):
@@ -63,7 +69,9 @@ def test_a_mismatched_pipeline_version_is_refused_before_the_run_starts(tmp_path
     with monkeypatch.context() as m:  # registered by a fedct whose pipeline was still version 2
         m.setattr(models.bundle, "PIPELINE_VERSION", "2")
         version = registry.register(bundle)
-    with pytest.raises(CampaignError, match=r"init-from = 'v0001' refused before the run starts: .*pipeline version '2'"):
+    with pytest.raises(
+        CampaignError, match=r"init-from = 'v0001' refused before the run starts: .*pipeline version '2'"
+    ):
         prepare_campaign(tiny_config(tmp_path, **{"init-from": version}))
 
 
@@ -71,7 +79,10 @@ def test_a_mismatched_pipeline_version_is_refused_before_the_run_starts(tmp_path
     ("bundle_kwargs", "needle"),
     [
         ({"model": ModelConfig(name="smallcnn", norm="instance")}, "differs from the expected"),
-        ({"pipeline": PipelineConfig(target_spacing_mm=(16.0, 16.0, 16.0), input_size=(32, 32, 16))}, "trained on preprocessing"),
+        (
+            {"pipeline": PipelineConfig(target_spacing_mm=(16.0, 16.0, 16.0), input_size=(32, 32, 16))},
+            "trained on preprocessing",
+        ),
     ],
 )
 def test_another_architecture_or_preprocessing_is_refused(tmp_path, bundle_kwargs, needle):
@@ -103,8 +114,11 @@ def test_finish_registers_the_final_bundle_with_lineage_and_the_decision(tmp_pat
     config = tiny_config(tmp_path, **{"init-from": v1, "promotion-metric": "test-loss"})
     start = prepare_campaign(config)
     make_bundle(tmp_path / "run" / "model" / "final", seed=3)  # the run's final bundle (test-loss 1.0 / 1.1)
-    evaluation = {"champion": v1, "round": 2, "sites": {"site-0": {"test-loss": 1.2, "test-n": 7.0},
-                                                        "site-1": {"test-loss": 1.2, "test-n": 6.0}}}  # fmt: skip
+    evaluation = {
+        "champion": v1,
+        "round": 2,
+        "sites": {"site-0": {"test-loss": 1.2, "test-n": 7.0}, "site-1": {"test-loss": 1.2, "test-n": 6.0}},
+    }
     assert finish_campaign(config, start, tmp_path / "run", aggregated_rounds=0) is None
     version = finish_campaign(config, start, tmp_path / "run", aggregated_rounds=2, champion_evaluation=evaluation)
     lineage = registry.stamp(version)["lineage"]

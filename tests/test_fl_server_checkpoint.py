@@ -1,8 +1,6 @@
 import json
 
 import pytest
-import torch
-
 
 
 def _run_state(server_round, scale=1.0):
@@ -32,7 +30,11 @@ def test_run_state_round_trip_ignores_temporary_files_and_keeps_only_the_last_ar
     (tmp_path / "state" / "state.json.tmp").write_text('{"round": 3, "arrays_file": "round-003.npz"')  # crash mid-write
     (tmp_path / "state" / "round-003.npz.tmp").write_bytes(b"PK half")
     loaded = load_run_state(tmp_path / "state")
-    assert loaded.server_round == 2 and loaded.run_config == {"strategy": "fedadam"} and loaded.extra == {"sites": ["site-0"]}
+    assert (
+        loaded.server_round == 2
+        and loaded.run_config == {"strategy": "fedadam"}
+        and loaded.extra == {"sites": ["site-0"]}
+    )
     assert loaded.global_arrays["w"].dtype == np.float32 and np.all(loaded.global_arrays["w"] == 2.0)
     assert loaded.global_arrays["n"].dtype == np.int64 and int(loaded.global_arrays["n"]) == 7
     assert np.all(loaded.strategy_arrays["m_t"]["w"] == 1.0) and float(loaded.strategy_arrays["m_t"]["n"]) == 0.25
@@ -58,4 +60,6 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path):
 
     atomic_write_bytes(tmp_path / "a" / "x.bin", b"1")
     atomic_write_bytes(tmp_path / "a" / "x.bin", b"22")
-    assert (tmp_path / "a" / "x.bin").read_bytes() == b"22" and [p.name for p in (tmp_path / "a").iterdir()] == ["x.bin"]
+    assert (tmp_path / "a" / "x.bin").read_bytes() == b"22" and [p.name for p in (tmp_path / "a").iterdir()] == [
+        "x.bin"
+    ]

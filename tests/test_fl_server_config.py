@@ -33,9 +33,20 @@ def test_privacy_settings_are_declared_once_and_pyproject_repeats_their_defaults
 
 
 def test_privacy_settings_round_trip_through_the_flat_run_config():
-    config = ServerConfig.from_run_config({"dp-mode": "server-fixed", "dp-noise-multiplier": "1.5", "dp-clipping-norm": 2,
-                                           "model-norm": "group", "secagg-max-weight": 50})  # fmt: skip
-    assert (config.privacy.dp_mode, config.privacy.dp_noise_multiplier, config.privacy.secagg_max_weight) == ("server-fixed", 1.5, 50.0)
+    config = ServerConfig.from_run_config(
+        {
+            "dp-mode": "server-fixed",
+            "dp-noise-multiplier": "1.5",
+            "dp-clipping-norm": 2,
+            "model-norm": "group",
+            "secagg-max-weight": 50,
+        }
+    )
+    assert (config.privacy.dp_mode, config.privacy.dp_noise_multiplier, config.privacy.secagg_max_weight) == (
+        "server-fixed",
+        1.5,
+        50.0,
+    )
     assert ServerConfig.from_run_config(config.to_run_config()) == config
     with pytest.raises(ValueError, match="dp-noise-multiplier"):
         ServerConfig.from_run_config({"dp-mode": "server-fixed", "dp-clipping-norm": 1.0, "model-norm": "group"})
@@ -49,7 +60,9 @@ def test_pyproject_declares_the_apps():
 
 
 def test_from_run_config_parses_and_converts():
-    cfg = ServerConfig.from_run_config({"num-server-rounds": 5, "learning-rate": "0.01", "input-size": "32,32,32", "sim-data-root": "/x"})
+    cfg = ServerConfig.from_run_config(
+        {"num-server-rounds": 5, "learning-rate": "0.01", "input-size": "32,32,32", "sim-data-root": "/x"}
+    )
     assert cfg.num_server_rounds == 5 and cfg.learning_rate == 0.01
     assert cfg.pipeline.input_size == (32, 32, 32)
     settings = cfg.round_settings(3)
@@ -83,12 +96,18 @@ def test_from_run_config_parses_and_converts():
         ({"strategy": "krum", "min-sites": 2}, "needs min-sites >= 2\\*num-malicious-nodes\\+3 = 3"),
         ({"resume": "maybe"}, "resume='maybe'"),
         ({"evaluate-mode": "later"}, "evaluate-mode 'later' is not one of separate, fused"),
-        ({"evaluate-mode": "fused", "secure-aggregation": True}, "evaluate-mode = \"fused\" cannot be combined with secure-aggregation"),
+        (
+            {"evaluate-mode": "fused", "secure-aggregation": True},
+            'evaluate-mode = "fused" cannot be combined with secure-aggregation',
+        ),
         ({"init-from": "v0001"}, "init-from = 'v0001' names a registry version, but no model registry is configured"),
         ({"promotion-metric": "val-auc-macro"}, "promotion metric must be a held-out test metric"),
         ({"promotion-margin": -0.1}, "promotion margin must be a finite number >= 0"),
         ({"profile-fusion": "early"}, "profile-fusion 'early' is not one of none, late, film, only"),
-        ({"profile-fusion": "late", "secure-aggregation": True, "min-sites": 2}, "profile-fusion = 'late' cannot be combined with secure-aggregation"),
+        (
+            {"profile-fusion": "late", "secure-aggregation": True, "min-sites": 2},
+            "profile-fusion = 'late' cannot be combined with secure-aggregation",
+        ),
     ],
 )
 def test_bad_settings_fail_before_the_run_with_the_key_named(run_config, needle):
@@ -103,8 +122,12 @@ def test_learning_rate_schedules():
     rates = [cosine.round_settings(r).learning_rate for r in range(1, 6)]
     assert rates[0] == pytest.approx(0.01) and rates[-1] == pytest.approx(0.001) and rates[2] == pytest.approx(0.0055)
     assert all(a > b for a, b in zip(rates, rates[1:]))
-    step = ServerConfig(learning_rate=0.01, lr_schedule="step", lr_step_rounds=2, lr_gamma=0.5, lr_min=0.002, num_server_rounds=9)
-    assert [step.round_settings(r).learning_rate for r in range(1, 8)] == pytest.approx([0.01, 0.01, 0.005, 0.005, 0.0025, 0.0025, 0.002])
+    step = ServerConfig(
+        learning_rate=0.01, lr_schedule="step", lr_step_rounds=2, lr_gamma=0.5, lr_min=0.002, num_server_rounds=9
+    )
+    assert [step.round_settings(r).learning_rate for r in range(1, 8)] == pytest.approx(
+        [0.01, 0.01, 0.005, 0.005, 0.0025, 0.0025, 0.002]
+    )
 
 
 def test_new_settings_reach_the_sites():
@@ -139,7 +162,11 @@ def test_site_registry_is_read_from_the_environment(tmp_path):
     path = tmp_path / "site-registry.json"
     path.write_text(json.dumps({"1234567890123": "site-a", "42": "hospital_b.2", "43": "klinik-zürich"}))
     registry = SiteRegistry.from_environ({SITE_REGISTRY_ENV: str(path)})
-    assert registry.names == {1234567890123: "site-a", 42: "hospital_b.2", 43: "klinik-zürich"}  # as sites may name themselves
+    assert registry.names == {
+        1234567890123: "site-a",
+        42: "hospital_b.2",
+        43: "klinik-zürich",
+    }  # as sites may name themselves
     assert SiteRegistry.from_environ({}) is None
     assert registry.refreshed() is registry  # unchanged file: not read again
     path.write_text(json.dumps({"1234567890123": "site-a", "42": "hospital_b.2", "7": "site-c"}))

@@ -54,10 +54,13 @@ def evaluation(node_id: int, server_round: int) -> dict:
     rng = np.random.default_rng([node_id, server_round, 7])
     n = 4 + node_id
     return {
-        "val-loss": float(rng.uniform(0.5, 1.5)), "val-n": n, "num-examples": n, "val-auc-macro": float(rng.uniform(0.4, 0.9)),
+        "val-loss": float(rng.uniform(0.5, 1.5)),
+        "val-n": n,
+        "num-examples": n,
+        "val-auc-macro": float(rng.uniform(0.4, 0.9)),
         "val-n-events": float("nan"),  # a count under the site's privacy floor
         **{key: [float(c) for c in rng.integers(0, 3, bins)] for key, bins in BINS.items()},
-    }  # fmt: skip
+    }
 
 
 def _received(msg: Message) -> dict[str, torch.Tensor]:
@@ -78,7 +81,9 @@ def _step(node_id: int, shape: tuple[int, ...]) -> np.ndarray:
     return steps[(node_id, shape)]
 
 
-def honest_content(msg: Message, node_id: int, name: str, examples: int) -> tuple[RecordDict, dict[str, np.ndarray] | None]:
+def honest_content(
+    msg: Message, node_id: int, name: str, examples: int
+) -> tuple[RecordDict, dict[str, np.ndarray] | None]:
     """What a site sends: a seeded step from the received weights (packed like the client), metrics, its name."""
     settings = RoundSettings.from_record(dict(msg.content["config"]))
     rng = np.random.default_rng([node_id, settings.server_round])
@@ -87,10 +92,14 @@ def honest_content(msg: Message, node_id: int, name: str, examples: int) -> tupl
         content["site"] = ConfigRecord({"name": name})
         return content, None
     scale = np.float32(1.0 + 0.1 * (settings.server_round % 7))
-    new = {k: (v + torch.from_numpy(_step(node_id, tuple(v.shape)) * scale) if v.is_floating_point() else v + 1)
-           for k, v in _received(msg).items()}  # fmt: skip
+    new = {
+        k: (v + torch.from_numpy(_step(node_id, tuple(v.shape)) * scale) if v.is_floating_point() else v + 1)
+        for k, v in _received(msg).items()
+    }
     content = weights_records(new, transport=settings.transport)
-    content["metrics"] = MetricRecord({"train-loss": float(rng.uniform(0.2, 1.0)), "train-seconds": 1.5, "num-examples": examples})
+    content["metrics"] = MetricRecord(
+        {"train-loss": float(rng.uniform(0.2, 1.0)), "train-seconds": 1.5, "num-examples": examples}
+    )
     if settings.evaluate_first:
         content[EVALUATION_RECORD] = ConfigRecord(evaluation(node_id, settings.server_round - 1))
     content["site"] = ConfigRecord({"name": name})
@@ -147,7 +156,9 @@ TRAIN_ONLY = [
     lambda c, r: c[INDEX_RECORD].__setitem__("index", c[INDEX_RECORD]["index"][: int(r.integers(1, 200))]),
     lambda c, r: c[INDEX_RECORD].__setitem__("index", 12345),
     lambda c, r: c[INDEX_RECORD].__setitem__("extra", "x"),
-    _index(lambda m, r: _entry(r, m).__setitem__(1, str(r.choice(["complex256", "object", "float8_e4m3fn", "str", "<U8"])))),
+    _index(
+        lambda m, r: _entry(r, m).__setitem__(1, str(r.choice(["complex256", "object", "float8_e4m3fn", "str", "<U8"])))
+    ),
     _index(lambda m, r: _entry(r, m).__setitem__(1, "float64")),
     _index(lambda m, r: _entry(r, m).__setitem__(3, "uint8")),
     _index(lambda m, r: m.__setitem__("transport", str(r.choice(["int4", "float8", "", "float64x"])))),
@@ -161,12 +172,23 @@ TRAIN_ONLY = [
     _index(lambda m, r: _entry(r, m).__setitem__(4, 1.5)),
     _index(lambda m, r: m.__setitem__("format", "fedct-weights/2")),
     _index(lambda m, r: m.__setitem__("tensors", {"a": 1})),
-    lambda c, r: c["arrays"].__setitem__("float32", Array(dtype="float32", shape=(4,), stype="numpy.ndarray",
-                                                          data=c["arrays"]["float32"].data[: int(r.integers(0, 5000))])),
-    lambda c, r: c["arrays"].__setitem__("float32", Array(dtype="float32", shape=(4,), stype="pickle", data=b"\x80\x04K\x01.")),
+    lambda c, r: c["arrays"].__setitem__(
+        "float32",
+        Array(
+            dtype="float32",
+            shape=(4,),
+            stype="numpy.ndarray",
+            data=c["arrays"]["float32"].data[: int(r.integers(0, 5000))],
+        ),
+    ),
+    lambda c, r: c["arrays"].__setitem__(
+        "float32", Array(dtype="float32", shape=(4,), stype="pickle", data=b"\x80\x04K\x01.")
+    ),
     lambda c, r: c["arrays"].__setitem__("float32", Array(c["arrays"]["float32"].numpy().astype(np.float64))),
     lambda c, r: c["arrays"].__setitem__("float32", Array(c["arrays"]["float32"].numpy()[: -int(r.integers(1, 100))])),
-    lambda c, r: c["arrays"].__setitem__("float32", Array(np.concatenate([c["arrays"]["float32"].numpy(), np.zeros(3, np.float32)]))),
+    lambda c, r: c["arrays"].__setitem__(
+        "float32", Array(np.concatenate([c["arrays"]["float32"].numpy(), np.zeros(3, np.float32)]))
+    ),
     lambda c, r: c["arrays"].__setitem__("float32", Array(c["arrays"]["float32"].numpy().reshape(1, -1))),
     lambda c, r: c["arrays"].__setitem__("int64", Array(c["arrays"]["int64"].numpy().astype(np.int32))),
     lambda c, r: c["arrays"].__setitem__("extra", Array(np.zeros(2, np.float32))),
@@ -178,7 +200,9 @@ TRAIN_ONLY = [
     lambda c, r: _buffer(c, r, lambda v, g: v * 1e3),
     lambda c, r: _buffer(c, r, lambda v, g: v + g.normal(0, 1.0, v.shape).astype(np.float32)),
     lambda c, r: _metrics(c).__setitem__("num-examples", int(r.choice([-5, 0, -1]))),
-    lambda c, r: _metrics(c).__setitem__("num-examples", float(r.choice([2.5, float("nan"), float("inf"), -1e12, 1e-3]))),
+    lambda c, r: _metrics(c).__setitem__(
+        "num-examples", float(r.choice([2.5, float("nan"), float("inf"), -1e12, 1e-3]))
+    ),
     lambda c, r: _metrics(c).__setitem__("num-examples", [5, 6]),
     lambda c, r: _metrics(c).__delitem__("num-examples"),
     *_bad_train_values("train-loss"),
@@ -218,7 +242,9 @@ EVALUATE_ONLY = [
 
 def _fused(change: Callable[[ConfigRecord, np.random.Generator], None]) -> Callable:
     def corrupt(content, rng):
-        if EVALUATION_RECORD not in content:  # round 1 of a fused run asks for no evaluation: corrupt the metrics instead
+        if (
+            EVALUATION_RECORD not in content
+        ):  # round 1 of a fused run asks for no evaluation: corrupt the metrics instead
             _metrics(content)["train-loss"] = [1.0, 2.0]
             return
         change(content[EVALUATION_RECORD], rng)
@@ -284,9 +310,15 @@ class SiteGrid:
         if node_id == UNREGISTERED:  # a well-formed reply from a node the registry does not know
             return self._wire(Message(content, reply_to=msg))
         if self.rng.random() < 0.04:
-            return self._wire(Message(Error(code=int(self.rng.integers(0, 10)), reason="Traceback: /data/Anna_Mueller/ct.dcm"),
-                                      reply_to=msg))  # fmt: skip
-        choices = COMMON + (EVALUATE_ONLY if kind == MessageType.EVALUATE else TRAIN_ONLY + (FUSED_ONLY if self.fused else []))
+            return self._wire(
+                Message(
+                    Error(code=int(self.rng.integers(0, 10)), reason="Traceback: /data/Anna_Mueller/ct.dcm"),
+                    reply_to=msg,
+                )
+            )
+        choices = COMMON + (
+            EVALUATE_ONLY if kind == MessageType.EVALUATE else TRAIN_ONLY + (FUSED_ONLY if self.fused else [])
+        )
         pick = int(self.rng.integers(len(choices)))
         choices[pick](content, self.rng)
         self.kinds.add(f"{kind}:{pick}")
@@ -313,22 +345,38 @@ def expected_aggregate(honest: dict[int, tuple[dict[str, np.ndarray], int]], ref
 
 
 def run_fuzzed_rounds(tmp_path, *, fused: bool, rounds: int, seed: int):
-    config = ServerConfig(model_name="smallcnn", min_sites=3, max_update_norm=50.0, round_timeout_s=5.0,
-                          evaluate_mode="fused" if fused else "separate")  # fmt: skip
+    config = ServerConfig(
+        model_name="smallcnn",
+        min_sites=3,
+        max_update_norm=50.0,
+        round_timeout_s=5.0,
+        evaluate_mode="fused" if fused else "separate",
+    )
     arrays = initial_arrays(config)
     grid = SiteGrid(seed, fused=fused)
-    loop = RoundLoop(grid, build_strategy(config), config=config, reference=arrays,
-                     buffers=buffer_keys(build_model(config.model)), poll_s=0.01, registry=registry(tmp_path))  # fmt: skip
+    loop = RoundLoop(
+        grid,
+        build_strategy(config),
+        config=config,
+        reference=arrays,
+        buffers=buffer_keys(build_model(config.model)),
+        poll_s=0.01,
+        registry=registry(tmp_path),
+    )
     reports = []
     for server_round in range(1, rounds + 1):
         train = ConfigRecord(config.round_settings(server_round, evaluate_first=fused and server_round > 1).to_record())
-        report = loop.run_round(server_round, arrays, train, ConfigRecord(config.round_settings(server_round).to_record()))
+        report = loop.run_round(
+            server_round, arrays, train, ConfigRecord(config.round_settings(server_round).to_record())
+        )
         honest = grid.honest[-1]
         assert set(honest) == set(HONEST)
         assert report.aggregated and report.skip_reason is None, (server_round, report.skip_reason, report.rejected)
         expected = expected_aggregate(honest, arrays)
         for key in arrays:
-            np.testing.assert_allclose(report.arrays[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=f"round {server_round} {key}")
+            np.testing.assert_allclose(
+                report.arrays[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=f"round {server_round} {key}"
+            )
         assert sorted(report.train_sites) == ["site-a", "site-b", "site-c"]
         assert [report.train_sites[HONEST[n][0]]["num-examples"] for n in HONEST] == [HONEST[n][1] for n in HONEST]
         evaluated = report.previous_evaluate_sites if fused else report.evaluate_sites
@@ -352,7 +400,11 @@ def check_every_corrupted_reply_rejected(grid: SiteGrid, reports) -> int:
     for entry in rejected:
         assert set(entry) == {"node_id", "site", "code", "reason"} and entry["code"] in CODES
         assert entry["site"] == names[entry["node_id"]]  # the registry's name, never the one the reply claimed
-        assert "Anna" not in entry["reason"] and "Müller" not in entry["reason"] and "patient" not in entry["reason"].lower()
+        assert (
+            "Anna" not in entry["reason"]
+            and "Müller" not in entry["reason"]
+            and "patient" not in entry["reason"].lower()
+        )
     assert all(e["code"] == "unregistered_node" for e in rejected if e["node_id"] == UNREGISTERED)
     assert all(report.missing == [] for report in reports)
     return len(rejected)
@@ -363,16 +415,34 @@ def test_fuzzed_replies_never_abort_a_round_nor_change_the_honest_aggregate(tmp_
     total = check_every_corrupted_reply_rejected(grid, reports)
     codes = {r["code"] for report in reports for r in report.rejected}
     assert total >= 300 and len(grid.kinds) >= 60, (total, len(grid.kinds))
-    assert codes >= {"unregistered_node", "site_name_mismatch", "bad_site_name", "malformed_reply", "bad_index", "unknown_dtype",
-                     "shape_mismatch", "size_mismatch", "dtype_mismatch", "malformed_weights", "non_finite", "huge_value",
-                     "norm_exceeded", "bad_metric", "bad_num_examples", "bad_histogram"}, codes  # fmt: skip
+    assert codes >= {
+        "unregistered_node",
+        "site_name_mismatch",
+        "bad_site_name",
+        "malformed_reply",
+        "bad_index",
+        "unknown_dtype",
+        "shape_mismatch",
+        "size_mismatch",
+        "dtype_mismatch",
+        "malformed_weights",
+        "non_finite",
+        "huge_value",
+        "norm_exceeded",
+        "bad_metric",
+        "bad_num_examples",
+        "bad_histogram",
+    }, codes
 
 
 def test_fuzzed_fused_evaluations_are_rejected_with_their_reply(tmp_path, server_task_identity):
     grid, reports = run_fuzzed_rounds(tmp_path, fused=True, rounds=30, seed=5)
     total = check_every_corrupted_reply_rejected(grid, reports)
     assert total >= 90
-    assert any(k.startswith(f"{MessageType.TRAIN}:") and int(k.split(":")[1]) >= len(COMMON) + len(TRAIN_ONLY) for k in grid.kinds)
+    assert any(
+        k.startswith(f"{MessageType.TRAIN}:") and int(k.split(":")[1]) >= len(COMMON) + len(TRAIN_ONLY)
+        for k in grid.kinds
+    )
 
 
 # --- num-examples cannot take over the aggregate ----------------------------------------------------------------------
@@ -410,8 +480,16 @@ def test_a_site_claiming_huge_counts_is_clipped_and_recorded(tmp_path, server_ta
     weights = {n: (a, 40 if n == 3 else e) for n, (a, e) in grid.honest[-1].items()}  # site-c's weight: the bound
     expected = expected_aggregate(weights, arrays)
     assert all(np.allclose(first.arrays[k], expected[k], rtol=1e-5, atol=1e-6) for k in arrays)
-    assert first.clipped == [{"node_id": 3, "site": "site-c", "metric": "num-examples", "claimed": 1e12, "used": 40.0,
-                              "bound": "max-site-examples"}]
+    assert first.clipped == [
+        {
+            "node_id": 3,
+            "site": "site-c",
+            "metric": "num-examples",
+            "claimed": 1e12,
+            "used": 40.0,
+            "bound": "max-site-examples",
+        }
+    ]
     assert first.train_sites["site-c"]["num-examples"] == 40.0 and first.rejected == []
 
     # growth: honest in round 1 (13), then 10x as many: clipped to 2x the first count
@@ -427,8 +505,14 @@ def test_a_site_claiming_huge_counts_is_clipped_and_recorded(tmp_path, server_ta
 
 
 def test_run_federation_records_rejections_and_clipping_in_metrics_json(tmp_path, server_task_identity):
-    config = ServerConfig(model_name="smallcnn", min_sites=3, max_update_norm=50.0, round_timeout_s=5.0, num_server_rounds=2,
-                          run_dir=str(tmp_path / "run"))  # fmt: skip
+    config = ServerConfig(
+        model_name="smallcnn",
+        min_sites=3,
+        max_update_norm=50.0,
+        round_timeout_s=5.0,
+        num_server_rounds=2,
+        run_dir=str(tmp_path / "run"),
+    )
     grid = SiteGrid(3, fused=False)
     run_federation(grid, config, build_strategy(config), poll_s=0.01, registry=registry(tmp_path))
     rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]

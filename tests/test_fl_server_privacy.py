@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from federation import TINY_RUN_CONFIG, tiny_federation
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.serverapp.strategy import FedAvg, FedMedian
@@ -15,14 +16,13 @@ from flwr.simulation import run_simulation
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from fedct.demo import simulation_backend_config
-from federation import TINY_RUN_CONFIG, tiny_federation
-from fl_client.client_app import build_client_app
 from fedct.transport import decode_content
-from models.bundle import load_bundle
+from fl_client.client_app import build_client_app
 from fl_server.config import ServerConfig
 from fl_server.privacy import PrivacyConfig, SiteLevelAccountant, privacy_summary, round_privacy, wrap_strategy
-from fl_server.strategy import load_strategy_state, strategy_state
 from fl_server.server_app import build_server_app
+from fl_server.strategy import load_strategy_state, strategy_state
+from models.bundle import load_bundle
 
 DP_RUN = {**TINY_RUN_CONFIG, "model-norm": "group", "min-sites": 2}
 
@@ -41,9 +41,19 @@ DP_RUN = {**TINY_RUN_CONFIG, "model-norm": "group", "min-sites": 2}
         ({"dp-mode": "gaussian"}, "dp-mode"),
         ({"dp-mode": "server-fixed", "dp-noise-multiplier": math.nan, "dp-clipping-norm": 1.0}, "dp-noise-multiplier"),
         # Flower's adaptive clipping needs noise < 2 * clipped-count stddev, by default sampled sites / 20.
-        ({"dp-mode": "server-adaptive", "dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.1}, "dp-clipped-count-stddev"),
-        ({"dp-mode": "client-adaptive", "dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.1, "dp-target-quantile": 1.5},
-         "dp-target-quantile"),
+        (
+            {"dp-mode": "server-adaptive", "dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.1},
+            "dp-clipped-count-stddev",
+        ),
+        (
+            {
+                "dp-mode": "client-adaptive",
+                "dp-noise-multiplier": 1.0,
+                "dp-clipping-norm": 0.1,
+                "dp-target-quantile": 1.5,
+            },
+            "dp-target-quantile",
+        ),
     ],
 )
 def test_dp_without_needed_or_with_nonsense_parameters_fails_naming_the_key(overrides, key):
@@ -53,16 +63,37 @@ def test_dp_without_needed_or_with_nonsense_parameters_fails_naming_the_key(over
 
 def test_client_side_dp_refuses_lossy_transport():
     with pytest.raises(ValueError, match="transport"):
-        ServerConfig.from_run_config({**DP_RUN, "dp-mode": "client-fixed", "dp-noise-multiplier": 1.0,
-                                      "dp-clipping-norm": 1.0, "transport": "float16"})  # fmt: skip
-    ServerConfig.from_run_config({**DP_RUN, "dp-mode": "server-fixed", "dp-noise-multiplier": 1.0,
-                                  "dp-clipping-norm": 1.0, "transport": "float16"})  # fmt: skip
+        ServerConfig.from_run_config(
+            {
+                **DP_RUN,
+                "dp-mode": "client-fixed",
+                "dp-noise-multiplier": 1.0,
+                "dp-clipping-norm": 1.0,
+                "transport": "float16",
+            }
+        )
+    ServerConfig.from_run_config(
+        {
+            **DP_RUN,
+            "dp-mode": "server-fixed",
+            "dp-noise-multiplier": 1.0,
+            "dp-clipping-norm": 1.0,
+            "transport": "float16",
+        }
+    )
 
 
 def test_dp_refuses_batchnorm_models():
     with pytest.raises(ValueError, match="model-norm"):
-        ServerConfig.from_run_config({**DP_RUN, "model-norm": "batch", "dp-mode": "server-fixed",
-                                      "dp-noise-multiplier": 1.0, "dp-clipping-norm": 1.0})  # fmt: skip
+        ServerConfig.from_run_config(
+            {
+                **DP_RUN,
+                "model-norm": "batch",
+                "dp-mode": "server-fixed",
+                "dp-noise-multiplier": 1.0,
+                "dp-clipping-norm": 1.0,
+            }
+        )
 
 
 def test_dp_refuses_non_mean_strategies():
@@ -74,8 +105,15 @@ def test_dp_refuses_non_mean_strategies():
 
 
 def test_adaptive_dp_with_enough_count_noise_is_accepted():
-    config = ServerConfig.from_run_config({**DP_RUN, "dp-mode": "client-adaptive", "dp-noise-multiplier": 1.0,
-                                           "dp-clipping-norm": 0.1, "dp-clipped-count-stddev": 1.0})  # fmt: skip
+    config = ServerConfig.from_run_config(
+        {
+            **DP_RUN,
+            "dp-mode": "client-adaptive",
+            "dp-noise-multiplier": 1.0,
+            "dp-clipping-norm": 0.1,
+            "dp-clipped-count-stddev": 1.0,
+        }
+    )
     assert config.privacy.dp_enabled and config.privacy.clipped_count_stddev(2) == 1.0
 
 
@@ -111,7 +149,9 @@ def _dp_accounting_epsilon(noise: float, *, rate: float, rounds: int, delta: flo
     return accountant.get_epsilon(delta)
 
 
-@pytest.mark.parametrize(("noise", "sampled", "available", "rounds"), [(1.0, 4, 4, 5), (0.8, 2, 4, 10), (2.0, 3, 10, 30)])
+@pytest.mark.parametrize(
+    ("noise", "sampled", "available", "rounds"), [(1.0, 4, 4, 5), (0.8, 2, 4, 10), (2.0, 3, 10, 30)]
+)
 def test_epsilon_equals_dp_accountings_with_and_without_subsampling(noise, sampled, available, rounds):
     accountant = SiteLevelAccountant(noise_multiplier=noise, delta=1e-5)
     for r in range(1, rounds + 1):
@@ -167,15 +207,21 @@ def recording_mod(folder: Path):
             rnd = int(msg.content["config"]["server-round"])
             site = str(reply.content["site"]["name"])
             arrays = decode_content(reply.content)["arrays"]  # packed weights (fedct.transport) or per tensor
-            np.savez(folder / f"{site}-round{rnd}.npz", **dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))
+            np.savez(
+                folder / f"{site}-round{rnd}.npz", **dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
+            )
         return reply
 
     return mod
 
 
 def _simulate(root: Path, run_dir: Path, server_config: dict, replies: Path, **site_overrides) -> None:
-    site_config = {"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites"),
-                   **{k: v for k, v in server_config.items() if k.startswith("dp-")}, **site_overrides}  # fmt: skip
+    site_config = {
+        "sim-data-root": str(root / "data"),
+        "sim-work-root": str(root / "sites"),
+        **{k: v for k, v in server_config.items() if k.startswith("dp-")},
+        **site_overrides,
+    }
     replies.mkdir(parents=True, exist_ok=True)
     run_simulation(
         server_app=build_server_app({**server_config, "run-dir": str(run_dir)}),
@@ -192,8 +238,14 @@ NOISE, CLIP = 1.0, 0.05
 def server_fixed_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dp")
     tiny_federation(root / "data", sites=2, patients_per_site=8)
-    config = {**DP_RUN, "num-server-rounds": 2, "dp-mode": "server-fixed", "dp-noise-multiplier": NOISE,
-              "dp-clipping-norm": CLIP, "dp-delta": 1e-4}  # fmt: skip
+    config = {
+        **DP_RUN,
+        "num-server-rounds": 2,
+        "dp-mode": "server-fixed",
+        "dp-noise-multiplier": NOISE,
+        "dp-clipping-norm": CLIP,
+        "dp-delta": 1e-4,
+    }
     _simulate(root, root / "run", config, root / "replies")
     return root / "run", root / "replies"
 
@@ -205,7 +257,9 @@ def test_epsilon_of_every_round_is_in_metrics_json_and_grows(server_fixed_run):
     eps = [r["privacy"]["dp-epsilon"] for r in rounds]
     assert 0 < eps[0] < eps[1]
     # Both sites sampled every round: r composed Gaussian mechanisms, computed by dp-accounting directly.
-    assert eps == pytest.approx([_dp_accounting_epsilon(NOISE, rate=1.0, rounds=r, delta=1e-4) for r in (1, 2)], rel=1e-3)
+    assert eps == pytest.approx(
+        [_dp_accounting_epsilon(NOISE, rate=1.0, rounds=r, delta=1e-4) for r in (1, 2)], rel=1e-3
+    )
     for entry in rounds:
         assert entry["privacy"]["dp-sampled-sites"] == 2 and entry["privacy"]["dp-sampling-rate"] == 1.0
         assert entry["privacy"]["dp-released"] is True
@@ -248,8 +302,14 @@ def test_noise_of_the_configured_size_is_added_to_the_clipped_mean(server_fixed_
 def client_adaptive_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dp-client")
     tiny_federation(root / "data", sites=2, patients_per_site=8)
-    config = {**DP_RUN, "num-server-rounds": 2, "dp-mode": "client-adaptive", "dp-noise-multiplier": 0.5,
-              "dp-clipping-norm": 0.05, "dp-clipped-count-stddev": 1.0}  # fmt: skip
+    config = {
+        **DP_RUN,
+        "num-server-rounds": 2,
+        "dp-mode": "client-adaptive",
+        "dp-noise-multiplier": 0.5,
+        "dp-clipping-norm": 0.05,
+        "dp-clipped-count-stddev": 1.0,
+    }
     _simulate(root, root / "run", config, root / "replies")
     return root / "run", root / "replies"
 
@@ -268,8 +328,13 @@ def test_client_side_adaptive_clipping_runs_at_the_sites(client_adaptive_run):
 
 def test_a_site_that_does_not_clip_is_caught_and_nothing_is_released(tmp_path):
     tiny_federation(tmp_path / "data", sites=2, patients_per_site=8)
-    config = {**DP_RUN, "num-server-rounds": 1, "dp-mode": "client-fixed", "dp-noise-multiplier": 1.0,
-              "dp-clipping-norm": 0.01}  # fmt: skip
+    config = {
+        **DP_RUN,
+        "num-server-rounds": 1,
+        "dp-mode": "client-fixed",
+        "dp-noise-multiplier": 1.0,
+        "dp-clipping-norm": 0.01,
+    }
     _simulate(tmp_path, tmp_path / "run", config, tmp_path / "replies", **{"dp-mode": "off"})  # sites not told to clip
     (entry,) = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
     assert entry["skipped"] and "above the clipping norm" in entry["skip_reason"]

@@ -42,8 +42,12 @@ def record(tmp_path_factory):
 
 
 def _reply(record, name="site-a") -> RecordDict:
-    return RecordDict({"metrics": MetricRecord({k: list(v) if isinstance(v, list) else v for k, v in record.items()}),
-                       "site": ConfigRecord({"name": name})})  # fmt: skip
+    return RecordDict(
+        {
+            "metrics": MetricRecord({k: list(v) if isinstance(v, list) else v for k, v in record.items()}),
+            "site": ConfigRecord({"name": name}),
+        }
+    )
 
 
 def test_the_request_names_the_schema_and_its_variables_in_order():
@@ -54,8 +58,9 @@ def test_the_request_names_the_schema_and_its_variables_in_order():
 
 
 def test_a_well_formed_reply_passes_with_its_statistics(record):
-    screened, stats = screen_profile_reply(_reply(record), node_id=7, registry=None, schema=SCHEMA, min_count=5,
-                                           count_bound=100_000)  # fmt: skip
+    screened, stats = screen_profile_reply(
+        _reply(record), node_id=7, registry=None, schema=SCHEMA, min_count=5, count_bound=100_000
+    )
     assert screened.site == "site-a" and screened.arrays is None and screened.metrics["profile-n"] == 40
     assert stats.n_rows == 40 and "crp" in stats.variables
 
@@ -63,8 +68,14 @@ def test_a_well_formed_reply_passes_with_its_statistics(record):
 def test_a_reply_with_another_record_an_impostor_or_bad_statistics_is_rejected(record, tmp_path):
     def code(content, **kwargs):
         with pytest.raises(ReplyRejected) as info:
-            screen_profile_reply(content, node_id=kwargs.get("node_id", 7), registry=kwargs.get("registry"), schema=SCHEMA,
-                                 min_count=kwargs.get("min_count", 5), count_bound=100_000)  # fmt: skip
+            screen_profile_reply(
+                content,
+                node_id=kwargs.get("node_id", 7),
+                registry=kwargs.get("registry"),
+                schema=SCHEMA,
+                min_count=kwargs.get("min_count", 5),
+                count_bound=100_000,
+            )
         return info.value.problem.code
 
     extra = _reply(record)
@@ -78,7 +89,9 @@ def test_a_reply_with_another_record_an_impostor_or_bad_statistics_is_rejected(r
 
 
 def test_the_normalisation_is_saved_in_the_run_folder_and_read_back(record, tmp_path):
-    _, stats = screen_profile_reply(_reply(record), node_id=1, registry=None, schema=SCHEMA, min_count=5, count_bound=1000)
+    _, stats = screen_profile_reply(
+        _reply(record), node_id=1, registry=None, schema=SCHEMA, min_count=5, count_bound=1000
+    )
     norm = ProfileNormalisation.pooled(SCHEMA, [stats])
     data = summary(norm, {"site-a": stats})
     assert data["site_variables"]["site-a"] == sorted(stats.variables)

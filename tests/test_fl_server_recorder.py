@@ -22,9 +22,20 @@ def _config(tmp_path, **overrides):
 def _report(server_round, arrays, auc, *, aggregated=True):
     report = RoundReport(server_round=server_round, arrays=arrays, aggregated=aggregated)
     if aggregated:
-        report.train_sites = {"site-a": {"num-examples": 8.0, "train-loss": 1.0}, "site-b": {"num-examples": 6.0, "train-loss": 2.0}}
-    report.evaluate_sites = {site: {"num-examples": 5.0, "val-n": 5.0, "val-loss": 0.5, "val-auc-macro": auc,
-                                    "train-hist-risk": [0.0, 5.0, 5.0, 0.0]} for site in ("site-a", "site-b")}  # fmt: skip
+        report.train_sites = {
+            "site-a": {"num-examples": 8.0, "train-loss": 1.0},
+            "site-b": {"num-examples": 6.0, "train-loss": 2.0},
+        }
+    report.evaluate_sites = {
+        site: {
+            "num-examples": 5.0,
+            "val-n": 5.0,
+            "val-loss": 0.5,
+            "val-auc-macro": auc,
+            "train-hist-risk": [0.0, 5.0, 5.0, 0.0],
+        }
+        for site in ("site-a", "site-b")
+    }
     return report
 
 
@@ -35,7 +46,9 @@ def _recorded_rounds(tmp_path, config, aucs):
     arrays = start.arrays
     for server_round, auc in enumerate(aucs, start=start.first_round):
         arrays = {k: v + server_round if v.dtype.kind == "f" else v for k, v in arrays.items()}
-        done = recorder.checkpoint(_report(server_round, arrays, auc), {"extra-probe": server_round}, strategy_state(strategy))
+        done = recorder.checkpoint(
+            _report(server_round, arrays, auc), {"extra-probe": server_round}, strategy_state(strategy)
+        )
         recorder.record(done, BOUNDS)
     return recorder, arrays
 

@@ -13,17 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from federation import TINY_RUN_CONFIG, tiny_federation
 from flwr.simulation import run_simulation
 
 from fedct.demo import simulation_backend_config
-from federation import TINY_RUN_CONFIG, tiny_federation
 from fl_client.client_app import build_client_app
 from fl_server.checkpoint import RunState, load_run_state, save_run_state
 from fl_server.config import STRATEGIES, ServerConfig
 from fl_server.privacy import privacy_round_extras, wrap_strategy
 from fl_server.rounds import RoundLoop, initial_arrays, run_federation
 from fl_server.strategy import build_strategy, load_strategy_state
-
 
 SPLIT = {"val-fraction": 0.3, "test-fraction": 0.3}
 
@@ -71,18 +70,27 @@ def simulate(federation: Path, steps, *, sites: int, mods=(), counts: dict | Non
                 step()
                 continue
             name, config, *extras = step
-            run_config = {**TINY_RUN_CONFIG, **SPLIT, "num-server-rounds": 1, "min-sites": sites, "run-dir": str(run_dir(federation, name)),
-                          **config}  # fmt: skip
+            run_config = {
+                **TINY_RUN_CONFIG,
+                **SPLIT,
+                "num-server-rounds": 1,
+                "min-sites": sites,
+                "run-dir": str(run_dir(federation, name)),
+                **config,
+            }
             server_config = ServerConfig.from_run_config(run_config)
-            strategy = wrap_strategy(build_strategy(server_config), server_config.privacy, expected_sites=server_config.min_sites)
+            strategy = wrap_strategy(
+                build_strategy(server_config), server_config.privacy, expected_sites=server_config.min_sites
+            )
             run_grid = grid if counts is None else CountingGrid(grid, counts, name)
             round_extras = extras[0] if extras else privacy_round_extras(strategy)
             run_federation(run_grid, server_config, strategy, round_extras=round_extras)
 
     run_simulation(
         server_app=app,
-        client_app=build_client_app({"sim-data-root": str(federation / "data"), "sim-work-root": str(federation / "work")},
-                                    mods=list(mods)),  # fmt: skip
+        client_app=build_client_app(
+            {"sim-data-root": str(federation / "data"), "sim-work-root": str(federation / "work")}, mods=list(mods)
+        ),
         num_supernodes=sites,
         backend_config=simulation_backend_config(),
     )
@@ -166,8 +174,10 @@ def test_fedbn_sites_keep_their_norm_layers_and_the_bundle_carries_their_average
     folder = run_dir(federation, "fedbn")
     rounds = metrics(folder)["rounds"]
     assert [r["skipped"] for r in rounds] == [False, False]
-    local = {site: torch.load(next((federation / "work" / site / "fedbn").glob("*.pt")), weights_only=True)
-             for site in ("site-0", "site-1", "site-2")}  # fmt: skip
+    local = {
+        site: torch.load(next((federation / "work" / site / "fedbn").glob("*.pt")), weights_only=True)
+        for site in ("site-0", "site-1", "site-2")
+    }
     keys = norm_state_keys(build_model(ServerConfig(model_name="smallcnn").model))
     assert all(set(state) == keys for state in local.values())
     assert any(not torch.equal(local["site-0"][k], local["site-1"][k]) for k in keys)  # each site has its own
@@ -196,8 +206,13 @@ def poison(partition: int, _msg, reply) -> None:
 def test_nan_and_scaled_updates_are_rejected_and_the_model_matches_a_clean_run(federation):
     flag = federation / "poison-on"
     settings = {"num-server-rounds": 2, "update-zscore": 5.0, "min-sites": 2}
-    steps = [("clean-4", settings), switch(flag, True), ("attacked-4", settings),
-             ("undefended-4", {**settings, "update-zscore": 0.0}), switch(flag, False)]  # fmt: skip
+    steps = [
+        ("clean-4", settings),
+        switch(flag, True),
+        ("attacked-4", settings),
+        ("undefended-4", {**settings, "update-zscore": 0.0}),
+        switch(flag, False),
+    ]
     simulate(federation, steps, sites=4, mods=[partition_mod(poison, flag)])
     clean, attacked = metrics(run_dir(federation, "clean-4")), metrics(run_dir(federation, "attacked-4"))
     assert all(entry["rejected_updates"] == [] for entry in clean["rounds"])
@@ -206,12 +221,16 @@ def test_nan_and_scaled_updates_are_rejected_and_the_model_matches_a_clean_run(f
         reasons = {r["site"]: r["reason"] for r in entry["rejected_updates"]}
         assert set(reasons) == {"site-2", "site-3"}, reasons
         assert "non-finite" in reasons["site-2"] and "robust SDs above" in reasons["site-3"]
-        assert {r["site"]: r["code"] for r in entry["rejected_updates"]} == {"site-2": "non_finite", "site-3": "norm_outlier"}
+        assert {r["site"]: r["code"] for r in entry["rejected_updates"]} == {
+            "site-2": "non_finite",
+            "site-3": "norm_outlier",
+        }
         assert all(isinstance(r["node_id"], int) for r in entry["rejected_updates"])
         assert sorted(entry["train"]["sites"]) == ["site-0", "site-1"]
         assert sorted(entry["evaluate"]["sites"]) == ["site-0", "site-1", "site-2", "site-3"]
     final = checkpoint(run_dir(federation, "attacked-4"), 2)
     assert all(torch.isfinite(v).all() and v.abs().max() < 100 for v in final.values() if v.is_floating_point())
+
     # Quality on all sites' validation and test studies (~48): cross-entropy of the attacked run's model within noise
     # of the clean run's (an untrained model scores ln 3 = 1.10; run-to-run spread at this size is about 0.2).
     def loss(run):
@@ -249,14 +268,19 @@ def two_site_runs(federation):
         stray["saved"] = load_run_state(state)
 
     steps = [
-        ("too-few", {"min-sites": 3, "round-timeout-s": 2.0, "num-server-rounds": 2},
-         lambda report: {"extra-probe": report.server_round * 10}),
-        switch(flag, True), ("site-fails", {"num-server-rounds": 2}), switch(flag, False),
+        (
+            "too-few",
+            {"min-sites": 3, "round-timeout-s": 2.0, "num-server-rounds": 2},
+            lambda report: {"extra-probe": report.server_round * 10},
+        ),
+        switch(flag, True),
+        ("site-fails", {"num-server-rounds": 2}),
+        switch(flag, False),
         ("adam-straight", {**ADAM, "num-server-rounds": 3}),
         ("adam-resumed", {**ADAM, "num-server-rounds": 2}),
         crash_leftovers,
         ("adam-resumed", {**ADAM, "num-server-rounds": 3, "resume": True}),
-    ]  # fmt: skip
+    ]
     simulate(federation, steps, sites=2, mods=[partition_mod(fail_first_round, flag)])
     return stray
 
@@ -266,7 +290,11 @@ def test_rounds_without_enough_sites_are_skipped_without_hanging(federation, two
     rounds = metrics(folder)["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     for entry in rounds:
-        assert entry["skipped"] is True and "only 2 site(s) connected" in entry["skip_reason"] and "min-sites=3" in entry["skip_reason"]
+        assert (
+            entry["skipped"] is True
+            and "only 2 site(s) connected" in entry["skip_reason"]
+            and "min-sites=3" in entry["skip_reason"]
+        )
         assert entry["train"]["sites"] == {} and entry["bytes_sent"] == 0
         assert entry["extra-probe"] == entry["round"] * 10  # run_federation(round_extras=...) adds fields
     initial, last = checkpoint(folder, 0), checkpoint(folder, 2)
@@ -305,18 +333,39 @@ def test_resume_continues_numbering_and_strategy_state_like_an_uninterrupted_run
 def test_resume_refuses_a_state_written_under_another_run_config(tmp_path):
     saved = ServerConfig(strategy="fedadam", model_name="smallcnn", run_dir=str(tmp_path))
     arrays = initial_arrays(saved)
-    save_run_state(tmp_path / "state", RunState(server_round=2, global_arrays=arrays, strategy_scalars={}, strategy_arrays={},
-                                                run_log={"rounds": [], "best": None}, run_config=saved.to_run_config(), extra={}))  # fmt: skip
-    now = ServerConfig(strategy="fedavg", model_name="smallcnn", run_dir=str(tmp_path), resume=True, num_server_rounds=5)
+    save_run_state(
+        tmp_path / "state",
+        RunState(
+            server_round=2,
+            global_arrays=arrays,
+            strategy_scalars={},
+            strategy_arrays={},
+            run_log={"rounds": [], "best": None},
+            run_config=saved.to_run_config(),
+            extra={},
+        ),
+    )
+    now = ServerConfig(
+        strategy="fedavg", model_name="smallcnn", run_dir=str(tmp_path), resume=True, num_server_rounds=5
+    )
     with pytest.raises(ValueError, match=r"cannot resume .*strategy: 'fedadam' \(saved\) vs 'fedavg' \(now\)"):
         run_federation(None, now, build_strategy(now))  # refused before any node is contacted
 
 
 def test_resume_refuses_a_changed_evaluate_mode(tmp_path):
     saved = ServerConfig(model_name="smallcnn", run_dir=str(tmp_path))
-    save_run_state(tmp_path / "state", RunState(server_round=1, global_arrays=initial_arrays(saved), strategy_scalars={},
-                                                strategy_arrays={}, run_log={"rounds": [], "best": None},
-                                                run_config=saved.to_run_config(), extra={}))  # fmt: skip
+    save_run_state(
+        tmp_path / "state",
+        RunState(
+            server_round=1,
+            global_arrays=initial_arrays(saved),
+            strategy_scalars={},
+            strategy_arrays={},
+            run_log={"rounds": [], "best": None},
+            run_config=saved.to_run_config(),
+            extra={},
+        ),
+    )
     now = ServerConfig(model_name="smallcnn", run_dir=str(tmp_path), resume=True, evaluate_mode="fused")
     with pytest.raises(ValueError, match=r"evaluate-mode: 'separate' \(saved\) vs 'fused' \(now\)"):
         run_federation(None, now, build_strategy(now))
@@ -342,10 +391,22 @@ def fused_runs(federation):
         ("fused-3", {**FUSED, "num-server-rounds": 3}),
         ("fused-resumed", {**FUSED, "num-server-rounds": 2}),
         ("fused-resumed", {**FUSED, "num-server-rounds": 3, "resume": True}),
-        switch(flag, True), ("fused-no-eval", {**FUSED, "num-server-rounds": 2}), switch(flag, False),
-        ("fused-dp", {**FUSED, "num-server-rounds": 2, "model-norm": "group", "dp-mode": "server-fixed",
-                      "dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.05, "dp-delta": 1e-4}),
-    ]  # fmt: skip
+        switch(flag, True),
+        ("fused-no-eval", {**FUSED, "num-server-rounds": 2}),
+        switch(flag, False),
+        (
+            "fused-dp",
+            {
+                **FUSED,
+                "num-server-rounds": 2,
+                "model-norm": "group",
+                "dp-mode": "server-fixed",
+                "dp-noise-multiplier": 1.0,
+                "dp-clipping-norm": 0.05,
+                "dp-delta": 1e-4,
+            },
+        ),
+    ]
     simulate(federation, steps, sites=2, mods=[partition_mod(drop_evaluation, flag)], counts=counts)
     return counts
 
@@ -364,9 +425,12 @@ def test_fused_evaluation_gives_the_same_run_with_fewer_messages(federation, fus
     # The same evaluation of the same weights (deterministic): identical metrics per site and aggregated, every round
     assert _evaluations(separate) == _evaluations(fused)
     assert all(sorted(e["sites"]) == ["site-0", "site-1"] for e in _evaluations(fused))
+
     def losses(run):  # training metrics without the wall-clock train-seconds
-        return [{site: {k: v for k, v in m.items() if k != "train-seconds"} for site, m in r["train"]["sites"].items()}
-                for r in run["rounds"]]  # fmt: skip
+        return [
+            {site: {k: v for k, v in m.items() if k != "train-seconds"} for site, m in r["train"]["sites"].items()}
+            for r in run["rounds"]
+        ]
 
     assert losses(a) == losses(b)
     assert all(r["evaluation_missing"] is None for r in b["rounds"])
@@ -377,8 +441,10 @@ def test_fused_evaluation_gives_the_same_run_with_fewer_messages(federation, fus
         assert all(torch.equal(x[k], y[k]) for k in x), bundle
     # Messages: separate 2 train + 2 evaluate per round; fused 2 train per round + 2 evaluate after the last round;
     # both then 2 calibration messages per calibrated model (best and final, once when they are the same round)
-    calibrated = {name: {c["round"] for c in m["calibration"].values() if c.get("temperature")} for name, m in
-                  (("separate", a), ("fused", b))}  # fmt: skip
+    calibrated = {
+        name: {c["round"] for c in m["calibration"].values() if c.get("temperature")}
+        for name, m in (("separate", a), ("fused", b))
+    }
     assert calibrated["separate"] == calibrated["fused"] and calibrated["fused"]
     assert fused_runs["separate-3"] == 12 + 2 * len(calibrated["fused"])
     assert fused_runs["fused-3"] == 8 + 2 * len(calibrated["fused"])
@@ -431,14 +497,21 @@ def test_fused_round_skipped_for_too_few_sites_marks_the_previous_evaluation_mis
     config = ServerConfig(model_name="smallcnn", evaluate_mode="fused", round_timeout_s=0.01, min_sites=2)
     arrays = initial_arrays(config)
     loop = RoundLoop(_Grid(), build_strategy(config), config=config, reference=arrays, poll_s=0.01)
-    report = loop.run_round(3, arrays, ConfigRecord(config.round_settings(3, evaluate_first=True).to_record()),
-                            ConfigRecord(config.round_settings(3).to_record()))  # fmt: skip
+    report = loop.run_round(
+        3,
+        arrays,
+        ConfigRecord(config.round_settings(3, evaluate_first=True).to_record()),
+        ConfigRecord(config.round_settings(3).to_record()),
+    )
     assert report.skip_reason and "only 0 site(s) connected" in report.skip_reason
     assert report.previous_evaluation_missing == report.skip_reason and report.previous_evaluate_sites is None
-    first = loop.run_round(1, arrays, ConfigRecord(config.round_settings(1).to_record()),
-                           ConfigRecord(config.round_settings(1).to_record()))  # fmt: skip
+    first = loop.run_round(
+        1,
+        arrays,
+        ConfigRecord(config.round_settings(1).to_record()),
+        ConfigRecord(config.round_settings(1).to_record()),
+    )
     assert first.previous_evaluation_missing is None  # not asked for: nothing to report about a round 0
-
 
 
 def test_fused_evaluations_in_training_replies_are_collected_and_a_malformed_one_rejected(server_task_identity):
@@ -453,11 +526,15 @@ def test_fused_evaluations_in_training_replies_are_collected_and_a_malformed_one
     loop = RoundLoop(_Grid(), build_strategy(config), config=config, reference=arrays)
 
     def pair(node_id: int, evaluation: dict | None):
-        sent = Message(RecordDict({"config": ConfigRecord({"server-round": 4})}), dst_node_id=node_id,
-                       message_type=MessageType.TRAIN)
+        sent = Message(
+            RecordDict({"config": ConfigRecord({"server-round": 4})}),
+            dst_node_id=node_id,
+            message_type=MessageType.TRAIN,
+        )
         screened = None if evaluation is None else plain_metrics(evaluation, count_bound=100, train=False)[0]
-        return Message(RecordDict(), reply_to=sent), ScreenedReply(node_id=node_id, site=f"site-{node_id}", arrays=None,
-                                                                   metrics={"num-examples": 4.0}, evaluation=screened)
+        return Message(RecordDict(), reply_to=sent), ScreenedReply(
+            node_id=node_id, site=f"site-{node_id}", arrays=None, metrics={"num-examples": 4.0}, evaluation=screened
+        )
 
     good = {"val-loss": 0.75, "val-n": 4, "num-examples": 4, "train-hist-risk": [1, 2, 0]}
     report = RoundReport(server_round=4, arrays=arrays)
@@ -470,7 +547,9 @@ def test_fused_evaluations_in_training_replies_are_collected_and_a_malformed_one
     report = RoundReport(server_round=4, arrays=arrays)
     loop._previous_evaluation(report, [pair(1, good), pair(3, None)], minimum=2)  # site 3 sent no evaluation
     assert report.previous_evaluate_sites is None
-    assert report.previous_evaluation_missing == "1 evaluation repl(ies) with round 4's training, fewer than min-sites=2"
+    assert (
+        report.previous_evaluation_missing == "1 evaluation repl(ies) with round 4's training, fewer than min-sites=2"
+    )
     # a malformed evaluation rejects its whole reply at the gate (tests/test_fl_server_fuzz.py drives it end to end)
     with pytest.raises(ReplyRejected) as info:
         plain_metrics({"val-loss": "low", "num-examples": 4}, count_bound=100, train=False, what="fused evaluation")
@@ -504,16 +583,22 @@ def _hooked_loop(step):
 def _run(loop, config, arrays):
     from flwr.app import ConfigRecord
 
-    return loop.run_round(5, arrays, ConfigRecord(config.round_settings(5).to_record()),
-                          ConfigRecord(config.round_settings(5).to_record()))  # fmt: skip
+    return loop.run_round(
+        5,
+        arrays,
+        ConfigRecord(config.round_settings(5).to_record()),
+        ConfigRecord(config.round_settings(5).to_record()),
+    )
 
 
 def test_a_subclass_replaces_only_the_training_step_and_the_skeleton_does_the_rest():
     from fl_server.rounds import TrainStep
 
     def step(global_arrays, report):
-        return TrainStep(arrays={k: v + 1 if v.dtype.kind == "f" else v for k, v in global_arrays.items()},
-                         sites={"site-a": {"num-examples": 7.0, "train-loss": 0.5}})  # fmt: skip
+        return TrainStep(
+            arrays={k: v + 1 if v.dtype.kind == "f" else v for k, v in global_arrays.items()},
+            sites={"site-a": {"num-examples": 7.0, "train-loss": 0.5}},
+        )
 
     loop, config, arrays = _hooked_loop(step)
     report = _run(loop, config, arrays)

@@ -1,9 +1,8 @@
 import json
 import math
 
-import pytest
-
 import numpy as np
+import pytest
 from sklearn.metrics import roc_auc_score
 
 from fl_client.metrics import classification_metrics, score_histograms
@@ -11,7 +10,11 @@ from fl_server.run_log import RunLog, aggregate, pooled_auc_from_histograms, wei
 
 
 def test_weighted_mean_skips_undefined_sites():
-    per_site = {"a": {"val-auc-macro": 0.8, "val-n": 10}, "b": {"val-auc-macro": math.nan, "val-n": 30}, "c": {"val-auc-macro": 0.6, "val-n": 30}}
+    per_site = {
+        "a": {"val-auc-macro": 0.8, "val-n": 10},
+        "b": {"val-auc-macro": math.nan, "val-n": 30},
+        "c": {"val-auc-macro": 0.6, "val-n": 30},
+    }
     assert weighted_mean(per_site, "val-auc-macro", "val-n") == pytest.approx((0.8 * 10 + 0.6 * 30) / 40)
 
 
@@ -29,10 +32,12 @@ def test_aggregate_sums_counts_and_weights_by_the_right_count():
 
 def _round(log, r, auc, loss=1.0):
     log.site_train({"s0": {"train-loss": loss, "num-examples": 5}, "s1": {"train-loss": loss, "num-examples": 5}})
-    log.site_evaluate({
-        "s0": {"val-auc-macro": auc, "val-loss": loss, "val-n": 2, "test-auc-macro": auc, "test-n": 2},
-        "s1": {"val-auc-macro": auc, "val-loss": loss, "val-n": 2, "test-auc-macro": math.nan, "test-n": 2},
-    })  # fmt: skip
+    log.site_evaluate(
+        {
+            "s0": {"val-auc-macro": auc, "val-loss": loss, "val-n": 2, "test-auc-macro": auc, "test-n": 2},
+            "s1": {"val-auc-macro": auc, "val-loss": loss, "val-n": 2, "test-auc-macro": math.nan, "test-n": 2},
+        }
+    )
     return log.end_round(r)
 
 
@@ -132,7 +137,10 @@ def _site_records(rng, n, shift, class_names, bins):
     labels = rng.integers(0, len(class_names), n)
     logits = rng.normal(size=(n, len(class_names))) + 1.5 * np.eye(len(class_names))[labels] + shift
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    metrics = {**classification_metrics(probs, labels, class_names), **score_histograms(probs, labels, class_names, bins=bins)}
+    metrics = {
+        **classification_metrics(probs, labels, class_names),
+        **score_histograms(probs, labels, class_names, bins=bins),
+    }
     return {f"val-{k}": v for k, v in metrics.items()}, labels, probs
 
 
@@ -163,14 +171,30 @@ def test_aggregate_pooled_auc_matches_pooled_raw_scores_within_binning_error(bin
 
 def test_aggregate_sums_histograms_and_adds_pooled_aucs():
     per_site = {
-        "a": {"val-n": 4, "val-auc-macro": 0.7, "val-hist-pos-covid": [0, 1, 1, 1], "val-hist-neg-covid": [1, 1, 1, 0],
-              "val-hist-pos-normal": [0, 1, 0, 0], "val-hist-neg-normal": [0, 1, 0, 0],
-              "val-hist-pos-flu": [0, 0, 0, 0], "val-hist-neg-flu": [1, 0, 0, 0],
-              "test-n": 2, "test-hist-pos-covid": [0, 0, 0, 1], "test-hist-neg-covid": [1, 0, 0, 0]},
-        "b": {"val-n": 2, "val-auc-macro": 1.0, "val-hist-pos-covid": [0, 0, 0, 2], "val-hist-neg-covid": [2, 0, 0, 0],
-              "val-hist-pos-normal": [0, 0, 0, 0], "val-hist-neg-normal": [0, 0, 0, 0],
-              "val-hist-pos-flu": [0, 0, 0, 0], "val-hist-neg-flu": [0, 0, 1, 0]},
-    }  # fmt: skip
+        "a": {
+            "val-n": 4,
+            "val-auc-macro": 0.7,
+            "val-hist-pos-covid": [0, 1, 1, 1],
+            "val-hist-neg-covid": [1, 1, 1, 0],
+            "val-hist-pos-normal": [0, 1, 0, 0],
+            "val-hist-neg-normal": [0, 1, 0, 0],
+            "val-hist-pos-flu": [0, 0, 0, 0],
+            "val-hist-neg-flu": [1, 0, 0, 0],
+            "test-n": 2,
+            "test-hist-pos-covid": [0, 0, 0, 1],
+            "test-hist-neg-covid": [1, 0, 0, 0],
+        },
+        "b": {
+            "val-n": 2,
+            "val-auc-macro": 1.0,
+            "val-hist-pos-covid": [0, 0, 0, 2],
+            "val-hist-neg-covid": [2, 0, 0, 0],
+            "val-hist-pos-normal": [0, 0, 0, 0],
+            "val-hist-neg-normal": [0, 0, 0, 0],
+            "val-hist-pos-flu": [0, 0, 0, 0],
+            "val-hist-neg-flu": [0, 0, 1, 0],
+        },
+    }
     agg = aggregate(per_site)
     assert agg["val-hist-pos-covid"] == [0, 1, 1, 3] and agg["val-hist-neg-covid"] == [3, 1, 1, 0]
     # pos [0,1,1,3] vs neg [3,1,1,0]: 1*(3+.5) + 1*(4+.5) + 3*5 = 23 wins of 5*5 pairs.
@@ -199,12 +223,30 @@ def test_aggregate_without_histograms_adds_no_pooled_keys():
 
 def _round_with_histograms(log, r, auc):
     log.site_train({"s0": {"train-loss": 1.0, "num-examples": 5}, "s1": {"train-loss": 1.0, "num-examples": 5}})
-    log.site_evaluate({
-        "s0": {"val-auc-macro": auc, "val-loss": 1.0, "val-n": 4, "val-c-index": 0.6, "val-n-events": 1,
-               "val-hist-pos-covid": [0, 1, 1, 1], "val-hist-neg-covid": [1, 1, 1, 0], "test-n": 0},
-        "s1": {"val-auc-macro": auc, "val-loss": 1.0, "val-n": 4, "val-c-index": 0.9, "val-n-events": 2,
-               "val-hist-pos-covid": [0, 0, 0, 2], "val-hist-neg-covid": [2, 0, 0, 0], "test-n": 0},
-    })  # fmt: skip
+    log.site_evaluate(
+        {
+            "s0": {
+                "val-auc-macro": auc,
+                "val-loss": 1.0,
+                "val-n": 4,
+                "val-c-index": 0.6,
+                "val-n-events": 1,
+                "val-hist-pos-covid": [0, 1, 1, 1],
+                "val-hist-neg-covid": [1, 1, 1, 0],
+                "test-n": 0,
+            },
+            "s1": {
+                "val-auc-macro": auc,
+                "val-loss": 1.0,
+                "val-n": 4,
+                "val-c-index": 0.9,
+                "val-n-events": 2,
+                "val-hist-pos-covid": [0, 0, 0, 2],
+                "val-hist-neg-covid": [2, 0, 0, 0],
+                "test-n": 0,
+            },
+        }
+    )
     return log.end_round(r)
 
 
@@ -236,10 +278,12 @@ def test_metrics_json_keeps_histograms_compact_and_apart(tmp_path):
 def test_compact_number_lists_touches_only_lists_of_numbers():
     from fl_server.run_log import _compact_number_lists
 
-    text = json.dumps({"h": [0.0, -1.5e-07, None, 3], "s": ["a", "b"], "nested": [[1, 2], {"x": [4]}], "e": []}, indent=2)
+    text = json.dumps(
+        {"h": [0.0, -1.5e-07, None, 3], "s": ["a", "b"], "nested": [[1, 2], {"x": [4]}], "e": []}, indent=2
+    )
     compact = _compact_number_lists(text)
     assert json.loads(compact) == json.loads(text)
-    assert '"h": [0.0, -1.5e-07, null, 3]' in compact and '"x": [4]' in compact and '[1, 2]' in compact
+    assert '"h": [0.0, -1.5e-07, null, 3]' in compact and '"x": [4]' in compact and "[1, 2]" in compact
     assert '"a",\n' in compact  # strings stay one per line
 
 
@@ -290,8 +334,13 @@ def pooled_auc_error(per_site: int, *, sites: int = 3, k: int = 5, seed: int = 0
         probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
         all_scores.append(probs[:, 0])
         all_labels.append(labels == 0)
-        raw = {f"val-{key}": v for key, v in {**classification_metrics(probs, labels, names),
-                                               **score_histograms(probs, labels, names)}.items()}  # fmt: skip
+        raw = {
+            f"val-{key}": v
+            for key, v in {
+                **classification_metrics(probs, labels, names),
+                **score_histograms(probs, labels, names),
+            }.items()
+        }
         per_site_metrics[f"site-{s}"] = floor_evaluation(raw, min_count=k)
     exact = roc_auc_score(np.concatenate(all_labels), np.concatenate(all_scores))
     return exact, aggregate(per_site_metrics).get("val-pooled-auc-covid", math.nan)
@@ -357,9 +406,11 @@ def _site_logits(n, seed):
 
 def test_the_temperature_of_a_round_is_the_fit_of_the_summed_site_sums_and_names_the_sites(tmp_path):
     (za, ya), (zb, yb) = _site_logits(200, 1), _site_logits(300, 2)
-    sites = {"site-a": {"val-n": 200.0, "val-calib-nll": nll_grid(za, ya)},
-             "site-b": {"val-n": 300.0, "val-calib-nll": nll_grid(zb, yb)},
-             "site-c": {"val-n": 3.0, "val-calib-nll": []}}  # below the floor: no sums
+    sites = {
+        "site-a": {"val-n": 200.0, "val-calib-nll": nll_grid(za, ya)},
+        "site-b": {"val-n": 300.0, "val-calib-nll": nll_grid(zb, yb)},
+        "site-c": {"val-n": 3.0, "val-calib-nll": []},
+    }  # below the floor: no sums
     agg = aggregate(sites)
     assert len(agg["val-calib-nll"]) == len(CALIBRATION_TEMPERATURES) and "val-calib-nll" not in _section_scalars(sites)
     fit = temperature_fit(agg, sites)
@@ -393,8 +444,9 @@ def test_the_ece_before_and_after_is_read_from_the_summed_reliability_bins():
         assert out[f"ece_{stage}"] == pytest.approx(ece_from_bins(*reliability_bins(probs, labels)))
     assert out["ece_after"] < out["ece_before"] and out["test_studies"] == 300 and out["brier_after"] == 0.3
     assert out["sites"] == ["site-a", "site-b"]
-    empty = calibration_outcome({"site-a": {reliability_key(s, f): [] for s in ("before", "after")
-                                             for f in ("count", "confidence", "correct")}})  # fmt: skip
+    empty = calibration_outcome(
+        {"site-a": {reliability_key(s, f): [] for s in ("before", "after") for f in ("count", "confidence", "correct")}}
+    )
     assert math.isnan(empty["ece_before"]) and empty["test_studies"] == 0 and empty["sites"] == []
 
 

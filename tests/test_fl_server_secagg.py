@@ -7,20 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from federation import TINY_RUN_CONFIG, tiny_federation
 from flwr.app import Context, Message
 from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from flwr.simulation import run_simulation
 
 from fedct.demo import simulation_backend_config
-from federation import TINY_RUN_CONFIG, tiny_federation
 from fl_client.client_app import build_client_app
 from fl_client.secagg import LEGACY_FIT_KEY
-from models.bundle import load_bundle
 from fl_server.config import ServerConfig
 from fl_server.privacy import PrivacyConfig
 from fl_server.secagg import quantization_tolerance
 from fl_server.server_app import build_server_app
+from models.bundle import load_bundle
 
 MAX_WEIGHT = 10.0  # about the sites' training counts here (see fl_server.secagg on precision)
 
@@ -34,7 +34,10 @@ MAX_WEIGHT = 10.0  # about the sites' training counts here (see fl_server.secagg
         ({"secagg-max-weight": 0.0}, "secagg-max-weight"),
         ({"min-sites": 1}, "min-sites"),
         ({"secure-aggregation": "maybe"}, "secure-aggregation"),
-        ({"dp-mode": "server-fixed", "dp-noise-multiplier": 1.0, "dp-clipping-norm": 1.0, "model-norm": "group"}, "dp-mode"),
+        (
+            {"dp-mode": "server-fixed", "dp-noise-multiplier": 1.0, "dp-clipping-norm": 1.0, "model-norm": "group"},
+            "dp-mode",
+        ),
     ],
 )
 def test_bad_secagg_settings_fail_before_the_run_naming_the_key(overrides, key):
@@ -62,8 +65,11 @@ def recording_mod(folder: Path):
             fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
             rnd = int(msg.content.config_records["fitins.config"]["server-round"])
             site = str(fitres.metrics["site-name"])
-            np.savez(folder / f"{site}-round{rnd}.npz", num_examples=fitres.num_examples,
-                     **{f"u{i}": a for i, a in enumerate(parameters_to_ndarrays(fitres.parameters))})  # fmt: skip
+            np.savez(
+                folder / f"{site}-round{rnd}.npz",
+                num_examples=fitres.num_examples,
+                **{f"u{i}": a for i, a in enumerate(parameters_to_ndarrays(fitres.parameters))},
+            )
         return reply
 
     return mod
@@ -71,8 +77,8 @@ def recording_mod(folder: Path):
 
 def masked_vector_mod(folder: Path):
     """Client mod outside Flower's secaggplus_mod: saves what a site really sends in SecAgg+'s collect stage."""
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
     from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
     def mod(msg: Message, context: Context, call_next):
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
@@ -94,12 +100,21 @@ def secagg_run(tmp_path_factory):
     tiny_federation(root / "data", sites=3, patients_per_site=8)
     run_dir, replies = root / "run", root / "replies"
     replies.mkdir()
-    server_config = {**TINY_RUN_CONFIG, "num-server-rounds": 2, "min-sites": 3, "run-dir": str(run_dir),
-                     "secure-aggregation": True, "secagg-max-weight": MAX_WEIGHT}  # fmt: skip
+    server_config = {
+        **TINY_RUN_CONFIG,
+        "num-server-rounds": 2,
+        "min-sites": 3,
+        "run-dir": str(run_dir),
+        "secure-aggregation": True,
+        "secagg-max-weight": MAX_WEIGHT,
+    }
     run_simulation(
         server_app=build_server_app(server_config),
-        client_app=build_client_app({"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")},
-                                    mods=[recording_mod(replies)], outer_mods=[masked_vector_mod(replies)]),  # fmt: skip
+        client_app=build_client_app(
+            {"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")},
+            mods=[recording_mod(replies)],
+            outer_mods=[masked_vector_mod(replies)],
+        ),
         num_supernodes=3,
         backend_config=simulation_backend_config(),
     )
@@ -122,7 +137,9 @@ def test_secure_aggregate_equals_plain_fedavg_of_the_same_updates(secagg_run, se
     # Plain FedAvg: the sites' trained models averaged with weights num-examples / total.
     fedavg = {k: sum(n * m[k] for n, m in zip(counts, models, strict=True)) / sum(counts) for k in floats}
     max_update = max(float(np.abs(m[k] - before[k].numpy()).max()) for m in models for k in floats)
-    tolerance = quantization_tolerance(clipping_range=8.0, weights=[n / MAX_WEIGHT for n in counts], max_update=max_update)
+    tolerance = quantization_tolerance(
+        clipping_range=8.0, weights=[n / MAX_WEIGHT for n in counts], max_update=max_update
+    )
     deviation = max(float(np.abs(after[k].numpy() - fedavg[k]).max()) for k in floats)
     assert deviation <= tolerance
     assert max_update > 100 * tolerance  # the comparison is not trivially satisfied by tiny updates
@@ -149,7 +166,9 @@ def test_what_leaves_a_site_is_masked_not_its_update(secagg_run, server_round):
         sent_flat = np.concatenate([a.ravel() for a in sent[1:]]).astype(np.float64)
         assert sent_flat.shape == plain.shape and plain.size > 1000
         assert np.mean(np.abs(sent_flat - plain) <= 1.0) < 0.001  # virtually no value is its plain quantization
-        assert np.mean(sent_flat > 2**22) > 0.9  # masks spread the values over [0, 2**32), far beyond the update's range
+        assert (
+            np.mean(sent_flat > 2**22) > 0.9
+        )  # masks spread the values over [0, 2**32), far beyond the update's range
         assert abs(np.corrcoef(sent_flat, plain)[0, 1]) < 0.05
 
 
@@ -162,13 +181,19 @@ def test_metrics_checkpoints_and_bundles_are_written_as_without_secagg(secagg_ru
     for entry in metrics["rounds"]:
         assert sorted(entry["train"]["sites"]) == ["site-0", "site-1", "site-2"]
         assert sorted(entry["evaluate"]["sites"]) == ["site-0", "site-1", "site-2"]
-        assert entry["train"]["aggregate"]["num-examples"] == sum(s["num-examples"] for s in entry["train"]["sites"].values())
+        assert entry["train"]["aggregate"]["num-examples"] == sum(
+            s["num-examples"] for s in entry["train"]["sites"].values()
+        )
         # every site has fewer than k = 5 validation studies here: the key is there, the value withheld (privacy floor)
         assert "val-loss" in entry["evaluate"]["aggregate"] and entry["evaluate"]["aggregate"]["val-n"] > 0
         # SecAgg+'s four stages and the evaluation are counted: at least the model out to and an update back from each site.
         assert entry["bytes_sent"] > 3 * model_bytes and entry["bytes_received"] > 3 * model_bytes
         assert not entry["skipped"] and entry["rejected_updates"] == []
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-000.pt", "round-001.pt", "round-002.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "round-000.pt",
+        "round-001.pt",
+        "round-002.pt",
+    ]
     _, meta = load_bundle(run_dir / "model" / "final")
     assert meta["provenance"]["run_config"]["secure-aggregation"] is True
     assert "Secure aggregation (SecAgg+)" in (run_dir / "model" / "final" / "model_card.md").read_text()

@@ -6,14 +6,14 @@ import math
 import pydicom
 import pytest
 import torch
+from federation import TINY_RUN_CONFIG, tiny_federation
 from flwr.simulation import run_simulation
 
 from fedct.demo import simulation_backend_config
-from federation import TINY_RUN_CONFIG, tiny_federation
-from fl_client.client_app import build_client_app
-from models.bundle import load_bundle
-from fl_server.server_app import build_server_app
 from fedct.protocol import CALIBRATION_TEMPERATURE, reliability_key
+from fl_client.client_app import build_client_app
+from fl_server.server_app import build_server_app
+from models.bundle import load_bundle
 from models.calibration import bundle_temperature
 from models.registry import ModelRegistry, PromotionRefused, read_stamp
 
@@ -26,9 +26,15 @@ def calibration_recorder(folder):
 
         reply = call_next(msg, context)
         if msg.metadata.message_type == "evaluate" and CALIBRATION_TEMPERATURE in msg.content["config"]:
-            (folder / f"calibration-{uuid.uuid4().hex}.json").write_text(json.dumps(
-                {"temperature": msg.content["config"][CALIBRATION_TEMPERATURE],
-                 "records": sorted(reply.content.keys()), "metrics": dict(reply.content["metrics"])}))  # fmt: skip
+            (folder / f"calibration-{uuid.uuid4().hex}.json").write_text(
+                json.dumps(
+                    {
+                        "temperature": msg.content["config"][CALIBRATION_TEMPERATURE],
+                        "records": sorted(reply.content.keys()),
+                        "metrics": dict(reply.content["metrics"]),
+                    }
+                )
+            )
         return reply
 
     return mod
@@ -42,14 +48,22 @@ def simulated_run(tmp_path_factory):
     run_dir = root / "run"
     # the first campaign of a model registry (no champion yet, the final bundle becomes v0001), with late profile
     # fusion: the profile statistics exchange before round 1, the normalisation in every round and bundle
-    server_config = {**TINY_RUN_CONFIG, "num-server-rounds": 2, "min-sites": 2, "run-dir": str(run_dir),
-                     "model-registry": str(root / "registry"), "profile-fusion": "late"}  # fmt: skip
+    server_config = {
+        **TINY_RUN_CONFIG,
+        "num-server-rounds": 2,
+        "min-sites": 2,
+        "run-dir": str(run_dir),
+        "model-registry": str(root / "registry"),
+        "profile-fusion": "late",
+    }
     replies = root / "replies"
     replies.mkdir()
     run_simulation(
         server_app=build_server_app(server_config),
-        client_app=build_client_app({"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")},
-                                    outer_mods=[calibration_recorder(replies)]),  # fmt: skip
+        client_app=build_client_app(
+            {"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")},
+            outer_mods=[calibration_recorder(replies)],
+        ),
         num_supernodes=2,
         backend_config=simulation_backend_config(),
     )
@@ -78,7 +92,9 @@ def test_metrics_json_has_every_round_and_site(simulated_run):
             assert agg[key] is not None
         assert agg["val-n"] == sum(s["val-n"] for s in entry["evaluate"]["sites"].values())
         # FedAvg weighted training by examples: the aggregate count is the sum of the sites' training studies.
-        assert entry["train"]["aggregate"]["num-examples"] == sum(s["num-examples"] for s in entry["train"]["sites"].values())
+        assert entry["train"]["aggregate"]["num-examples"] == sum(
+            s["num-examples"] for s in entry["train"]["sites"].values()
+        )
     assert metrics["best_round"]["round"] in (1, 2)
     assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -94,15 +110,26 @@ def test_final_and_best_bundles_load(simulated_run):
     assert (run_dir / "model" / "best" / "model.json").is_file()
     low, high = meta["risk_reference"]["quantiles"]
     assert math.isfinite(low) and math.isfinite(high) and low <= high
-    assert meta["risk_reference"]["studies"] == meta["provenance"]["metrics"]["training_studies"]["site-0"] + \
-        meta["provenance"]["metrics"]["training_studies"]["site-1"]
+    assert (
+        meta["risk_reference"]["studies"]
+        == meta["provenance"]["metrics"]["training_studies"]["site-0"]
+        + meta["provenance"]["metrics"]["training_studies"]["site-1"]
+    )
     assert "Not for clinical use" in (run_dir / "model" / "final" / "model_card.md").read_text()
 
 
 def test_prognosis_and_pooled_metrics_reach_metrics_json(simulated_run):
     _, run_dir = simulated_run
     agg = json.loads((run_dir / "metrics.json").read_text())["rounds"][-1]["evaluate"]["aggregate"]
-    for key in ("val-c-index", "val-td-auc", "val-n-events", "val-pooled-auc-macro", "val-brier", "val-ece", "test-pooled-auc-macro"):
+    for key in (
+        "val-c-index",
+        "val-td-auc",
+        "val-n-events",
+        "val-pooled-auc-macro",
+        "val-brier",
+        "val-ece",
+        "test-pooled-auc-macro",
+    ):
         assert key in agg
     # Each site's histograms are empty (fewer than k = 5 studies of a class: not sent) or hold its whole split.
     sites = json.loads((run_dir / "metrics.json").read_text())["rounds"][-1]["evaluate"]
@@ -140,7 +167,9 @@ def test_the_bundles_are_calibrated_and_metrics_json_has_the_ece_before_and_afte
         assert entry["temperature"] > 0 and entry["sites"] == ["site-0", "site-1"]
         for key in ("ece_before", "ece_after", "brier_after", "brier_before"):
             assert 0 <= entry[key] <= 2, key
-        assert entry["test_studies"] == sum(s["test-n"] for s in metrics["rounds"][entry["round"] - 1]["evaluate"]["sites"].values())
+        assert entry["test_studies"] == sum(
+            s["test-n"] for s in metrics["rounds"][entry["round"] - 1]["evaluate"]["sites"].values()
+        )
         meta = json.loads((run_dir / "model" / name / "model.json").read_text())
         assert bundle_temperature(meta) == pytest.approx(entry["temperature"])
         assert meta["calibration"]["ece_after"] == pytest.approx(entry["ece_after"])
@@ -171,9 +200,17 @@ def second_campaign(simulated_run):
     registry = ModelRegistry(root / "registry")
     first = registry.promote("v0001", who="coordinator", reason="first campaign")
     run_dir = root / "run-2"
-    server_config = {**TINY_RUN_CONFIG, "num-server-rounds": 1, "min-sites": 2, "run-dir": str(run_dir),
-                     "model-registry": str(root / "registry"), "init-from": "v0001", "promotion-metric": "test-loss",
-                     "promotion-min-gain": 10.0, "profile-fusion": "late"}  # fmt: skip
+    server_config = {
+        **TINY_RUN_CONFIG,
+        "num-server-rounds": 1,
+        "min-sites": 2,
+        "run-dir": str(run_dir),
+        "model-registry": str(root / "registry"),
+        "init-from": "v0001",
+        "promotion-metric": "test-loss",
+        "promotion-min-gain": 10.0,
+        "profile-fusion": "late",
+    }
     run_simulation(
         server_app=build_server_app(server_config),
         client_app=build_client_app({"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")}),
@@ -196,7 +233,10 @@ def test_the_first_run_is_registered_with_its_lineage(simulated_run):
     assert lineage["calibration_temperature"] == pytest.approx(meta["calibration"]["temperature"])
     assert lineage["studies"]["training"] == meta["provenance"]["metrics"]["training_studies"]
     assert sum(lineage["studies"]["test"].values()) == 13
-    assert lineage["metrics"]["sites"]["site-0"]["test-loss"] == meta["provenance"]["metrics"]["sites"]["site-0"]["test-loss"]
+    assert (
+        lineage["metrics"]["sites"]["site-0"]["test-loss"]
+        == meta["provenance"]["metrics"]["sites"]["site-0"]["test-loss"]
+    )
     assert lineage["champion_comparison"] is None and registry.events()[0]["who"] == "fedct server"
 
 
@@ -255,7 +295,9 @@ def test_the_profile_normalisation_is_pooled_once_and_travels_into_the_bundles(s
     assert norm.variables == schema.names
     # the pooled mean is that of both sites' studies together (aggregates above the floor only)
     ages = [read_site_profile(root / "data" / s).column("age") for s in ("site-0", "site-1")]
-    assert math.isclose(norm.mean[0], float(torch.tensor([*ages[0], *ages[1]], dtype=torch.float64).mean()), rel_tol=1e-9)
+    assert math.isclose(
+        norm.mean[0], float(torch.tensor([*ages[0], *ages[1]], dtype=torch.float64).mean()), rel_tol=1e-9
+    )
     assert json.loads((run_dir / "metrics.json").read_text())["profile_normalisation"]["mean"] == list(norm.mean)
     for name in ("best", "final"):
         model, meta = load_bundle(run_dir / "model" / name)

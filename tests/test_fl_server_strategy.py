@@ -8,8 +8,16 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from fl_server.config import STRATEGIES, ServerConfig
 from fl_server.strategy import build_strategy, load_strategy_state, strategy_state
 
-EXPECTED = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "fedmedian": FedMedian,
-            "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum}  # fmt: skip
+EXPECTED = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+    "multikrum": MultiKrum,
+}
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
@@ -32,10 +40,20 @@ def test_strategy_parameters_come_from_the_run_config():
 
 def _reply(arrays, n, node):
     """A train reply as a SuperNode would send it (metadata set explicitly: no Flower run is active here)."""
-    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
-                        group_id="", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN)  # fmt: skip
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          "metrics": MetricRecord({"num-examples": n})})  # fmt: skip
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="",
+        created_at=0.0,
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
+    content = RecordDict(
+        {"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": MetricRecord({"num-examples": n})}
+    )
     return Message(content=content, metadata=metadata)
 
 
@@ -45,8 +63,12 @@ def test_fedadam_moments_survive_a_save_and_restore():
     global_arrays = {"w": np.zeros(4, np.float32), "n": np.array(0, np.int64)}  # 0-d: moments become numpy scalars
     for server_round in (1, 2):
         strategy.current_arrays = dict(global_arrays)
-        replies = [_reply({"w": np.full(4, 0.1 * server_round * i, np.float32), "n": np.array(3 * server_round, np.int64)}, 10, i)
-                   for i in (1, 2)]  # fmt: skip
+        replies = [
+            _reply(
+                {"w": np.full(4, 0.1 * server_round * i, np.float32), "n": np.array(3 * server_round, np.int64)}, 10, i
+            )
+            for i in (1, 2)
+        ]
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         global_arrays = {k: aggregated[k].numpy() for k in global_arrays}
     scalars, arrays = strategy_state(strategy)
@@ -73,11 +95,17 @@ def test_a_wrapped_strategy_is_captured_under_its_attribute():
 
     inner = build_strategy(ServerConfig(strategy="fedadam"))
     inner.m_t = {"w": np.ones(2)}
-    wrapper = DifferentialPrivacyServerSideAdaptiveClipping(inner, noise_multiplier=0.1, num_sampled_clients=2, clipped_count_stddev=1.0)
+    wrapper = DifferentialPrivacyServerSideAdaptiveClipping(
+        inner, noise_multiplier=0.1, num_sampled_clients=2, clipped_count_stddev=1.0
+    )
     wrapper.clipping_norm = 0.37  # moved by adaptive clipping during a run
     scalars, arrays = strategy_state(wrapper)
     assert scalars["clipping_norm"] == 0.37 and "strategy.m_t" in arrays
-    fresh = DifferentialPrivacyServerSideAdaptiveClipping(build_strategy(ServerConfig(strategy="fedadam")), noise_multiplier=0.1, clipped_count_stddev=1.0,
-                                                          num_sampled_clients=2)  # fmt: skip
+    fresh = DifferentialPrivacyServerSideAdaptiveClipping(
+        build_strategy(ServerConfig(strategy="fedadam")),
+        noise_multiplier=0.1,
+        clipped_count_stddev=1.0,
+        num_sampled_clients=2,
+    )
     load_strategy_state(fresh, scalars, arrays)
     assert fresh.clipping_norm == 0.37 and np.array_equal(fresh.strategy.m_t["w"], np.ones(2))

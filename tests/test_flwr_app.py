@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from federation import TINY_RUN_CONFIG, pids_matching, stop_pids, tiny_federation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +43,27 @@ def test_flwr_run_dot_trains_and_writes_the_run_folder(tmp_path):
     }
     # The FAB is built from the project folder: copy the project without local data, venv or caches.
     app = tmp_path / "app"
-    shutil.copytree(ROOT, app, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", ".pytest_cache", "*.egg-info"))
+    shutil.copytree(
+        ROOT, app, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", ".pytest_cache", "*.egg-info")
+    )
     run_dir = tmp_path / "run"
-    overrides = {**TINY_RUN_CONFIG, "num-server-rounds": 2, "run-dir": str(run_dir),
-                 "sim-data-root": str(tmp_path / "data"), "sim-work-root": str(tmp_path / "sites")}  # fmt: skip
-    command = [_flwr(), "run", str(app), "--stream", "--run-config", " ".join(f"{k}={_value(v)}" for k, v in overrides.items()),
-               "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]  # fmt: skip
+    overrides = {
+        **TINY_RUN_CONFIG,
+        "num-server-rounds": 2,
+        "run-dir": str(run_dir),
+        "sim-data-root": str(tmp_path / "data"),
+        "sim-work-root": str(tmp_path / "sites"),
+    }
+    command = [
+        _flwr(),
+        "run",
+        str(app),
+        "--stream",
+        "--run-config",
+        " ".join(f"{k}={_value(v)}" for k, v in overrides.items()),
+        "--federation-config",
+        "num-supernodes=2 client-resources-num-cpus=1",
+    ]
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
         output = done.stdout + done.stderr

@@ -35,9 +35,12 @@ from inference.dicom_export import (  # noqa: E402
 from synthetic.dicom_writer import PatientIdentity, write_ct_series  # noqa: E402
 
 PATIENT = PatientIdentity(
-    PatientName="Xevrolt^Quinda", PatientID="PIDX5521QZ", PatientBirthDate="19480711", PatientSex="M",
+    PatientName="Xevrolt^Quinda",
+    PatientID="PIDX5521QZ",
+    PatientBirthDate="19480711",
+    PatientSex="M",
     PatientAge="076Y",
-)  # fmt: skip
+)
 STUDY_UID = "1.2.826.0.1.3680043.8.498.77001"
 SERIES_UID = "1.2.826.0.1.3680043.8.498.77001.2"
 N_SLICES = 6
@@ -77,10 +80,17 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Source:
     root = tmp_path_factory.mktemp("source")
     hu = np.random.default_rng(0).uniform(-1000.0, 400.0, (N_SLICES, 16, 16))
     paths = write_ct_series(
-        root / "ct", hu, pixel_spacing_mm=(0.8, 0.8), slice_spacing_mm=2.5, study_instance_uid=STUDY_UID,
-        series_instance_uid=SERIES_UID, patient=PATIENT, study_date="20240314", accession_number="ACCQ9912",
+        root / "ct",
+        hu,
+        pixel_spacing_mm=(0.8, 0.8),
+        slice_spacing_mm=2.5,
+        study_instance_uid=STUDY_UID,
+        series_instance_uid=SERIES_UID,
+        patient=PATIENT,
+        study_date="20240314",
+        accession_number="ACCQ9912",
         uid_entropy=["dicom-export-test"],
-    )  # fmt: skip
+    )
     overlays, rgb = [], []
     for i, (rows, cols) in enumerate([(24, 32), (20, 28)]):
         image = np.random.default_rng(10 + i).integers(0, 256, (rows, cols, 3), dtype=np.uint8)
@@ -131,8 +141,17 @@ def test_all_objects_join_the_source_study_with_its_patient(exported: list[Path]
     for path in exported:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         assert ds.StudyInstanceUID == STUDY_UID
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                        "AccessionNumber", "ReferringPhysicianName", "StudyID"):  # fmt: skip
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "PatientSex",
+            "StudyDate",
+            "StudyTime",
+            "AccessionNumber",
+            "ReferringPhysicianName",
+            "StudyID",
+        ):
             assert ds[keyword].value == src[keyword].value, (path.name, keyword)
         assert ds.PatientName == PATIENT.PatientName and ds.AccessionNumber == "ACCQ9912"
         assert ds.Manufacturer == "fedct"
@@ -145,7 +164,9 @@ def test_sr_header(exported: list[Path]) -> None:
     assert ds.SOPClassUID == COMPREHENSIVE_3D_SR
     assert ds.Modality == "SR"
     assert ds.SeriesDescription == SR_SERIES_DESCRIPTION
-    assert ds.CompletionFlag == "COMPLETE" and ds.VerificationFlag == "UNVERIFIED" and ds.PreliminaryFlag == "PRELIMINARY"
+    assert (
+        ds.CompletionFlag == "COMPLETE" and ds.VerificationFlag == "UNVERIFIED" and ds.PreliminaryFlag == "PRELIMINARY"
+    )
     assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     assert ds.ManufacturerModelName == MODEL["name"] and ds.SoftwareVersions == MODEL["fedct_version"]
     assert [item.CodingSchemeDesignator for item in ds.CodingSchemeIdentificationSequence] == [CODING_SCHEME]
@@ -171,10 +192,13 @@ def test_sr_diagnosis_and_risk(group: hd.sr.MeasurementsAndQualitativeEvaluation
     assert group.finding_sites[0].value == codes.SCT.Lung
 
 
-def test_sr_algorithm_and_observer(sr: hd.sr.Comprehensive3DSR, group: hd.sr.MeasurementsAndQualitativeEvaluations) -> None:
+def test_sr_algorithm_and_observer(
+    sr: hd.sr.Comprehensive3DSR, group: hd.sr.MeasurementsAndQualitativeEvaluations
+) -> None:
     # TID 4019 items directly under the measurement group (HAS CONCEPT MOD)
-    items = find_content_items(group[0], relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
-                               value_type=hd.sr.ValueTypeValues.TEXT)  # fmt: skip
+    items = find_content_items(
+        group[0], relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD, value_type=hd.sr.ValueTypeValues.TEXT
+    )
     texts = {item.ConceptNameCodeSequence[0].CodeValue: item.TextValue for item in items}
     assert texts["111001"] == "densenet121"  # Algorithm Name
     assert texts["111003"] == "0.1.0"  # Algorithm Version
@@ -189,7 +213,9 @@ def test_sr_references_the_source_series(sr: hd.sr.Comprehensive3DSR, group, sou
     expected = [(STUDY_UID, SERIES_UID, h.SOPInstanceUID, h.SOPClassUID) for h in source.headers]
     assert sr.get_evidence(current_procedure_only=True) == expected
     assert "PertinentOtherEvidenceSequence" not in sr
-    assert [img.referenced_sop_instance_uid for img in group.source_images] == [h.SOPInstanceUID for h in source.headers]
+    assert [img.referenced_sop_instance_uid for img in group.source_images] == [
+        h.SOPInstanceUID for h in source.headers
+    ]
 
 
 def test_sr_disclaimer(sr: hd.sr.Comprehensive3DSR) -> None:
@@ -268,8 +294,19 @@ def _type2(ds: pydicom.Dataset, keywords: list[str]) -> None:
 def test_dciodvfy_style(written: list[Path]) -> None:
     """Files are Part 10 with consistent File Meta, re-serialise strictly, and carry the IOD's Type 1/2 attributes."""
     common1 = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "Manufacturer"]
-    common2 = ["PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-               "ReferringPhysicianName", "StudyID", "AccessionNumber", "SeriesNumber", "InstanceNumber"]  # fmt: skip
+    common2 = [
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+        "AccessionNumber",
+        "SeriesNumber",
+        "InstanceNumber",
+    ]
     for path in written:
         ds = pydicom.dcmread(path, force=False)
         assert ds.preamble is not None
@@ -279,14 +316,38 @@ def test_dciodvfy_style(written: list[Path]) -> None:
         _type1(ds, common1)
         _type2(ds, common2)
         if ds.Modality == "SR":
-            _type1(ds, ["ValueType", "ConceptNameCodeSequence", "ContinuityOfContent", "CompletionFlag",
-                        "VerificationFlag", "ContentDate", "ContentTime", "ContentSequence"])  # fmt: skip
+            _type1(
+                ds,
+                [
+                    "ValueType",
+                    "ConceptNameCodeSequence",
+                    "ContinuityOfContent",
+                    "CompletionFlag",
+                    "VerificationFlag",
+                    "ContentDate",
+                    "ContentTime",
+                    "ContentSequence",
+                ],
+            )
             _type2(ds, ["PerformedProcedureCodeSequence", "ReferencedPerformedProcedureStepSequence"])
             _type1(ds, ["CurrentRequestedProcedureEvidenceSequence"])  # 1C: SOP instances are referenced
             hd.sr.Comprehensive3DSR.from_dataset(ds)  # highdicom parses its own output
         else:
-            _type1(ds, ["ConversionType", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
-                        "BitsAllocated", "BitsStored", "HighBit", "PlanarConfiguration", "PixelData"])  # fmt: skip
+            _type1(
+                ds,
+                [
+                    "ConversionType",
+                    "Rows",
+                    "Columns",
+                    "SamplesPerPixel",
+                    "PhotometricInterpretation",
+                    "BitsAllocated",
+                    "BitsStored",
+                    "HighBit",
+                    "PlanarConfiguration",
+                    "PixelData",
+                ],
+            )
             _type2(ds, ["PatientOrientation"])
             assert ds.PixelRepresentation == 0
             assert len(ds.PixelData) == ds.Rows * ds.Columns * 3
@@ -296,7 +357,9 @@ def test_dciodvfy_style(written: list[Path]) -> None:
         assert again.SOPInstanceUID == ds.SOPInstanceUID
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="missing system tool or test dependency: dicom3tools (dciodvfy, dcentvfy)")
+@pytest.mark.skipif(
+    shutil.which("dciodvfy") is None, reason="missing system tool or test dependency: dicom3tools (dciodvfy, dcentvfy)"
+)
 def test_dicom3tools(exported: list[Path], research: list[Path], source: Source) -> None:
     """David Clunie's validators: no IOD errors in any file (research copies too), study/patient entities consistent
     with the source."""
@@ -355,8 +418,14 @@ class _StudyResult:  # stands in for inference.predict.StudyResult
 
 
 def test_dataclass_result_without_overlays(source: Source, tmp_path: Path) -> None:
-    fields = _result(source, overlays=[], key_slices=[], diagnosis="other_pneumonia", risk_group="low",
-                     probabilities={"covid": np.float32(0.25), "other_pneumonia": 0.5, "normal": 0.25})  # fmt: skip
+    fields = _result(
+        source,
+        overlays=[],
+        key_slices=[],
+        diagnosis="other_pneumonia",
+        risk_group="low",
+        probabilities={"covid": np.float32(0.25), "other_pneumonia": 0.5, "normal": 0.25},
+    )
     result = replace(_StudyResult(**fields), risk_score=np.float64(-0.5))
     paths = write_dicom_results(result, tmp_path / "x")
     assert [p.name for p in paths] == ["sr.dcm"]
@@ -396,8 +465,16 @@ def test_research_copy_carries_no_patient_or_study_identification(research: list
         for value in (family, given, PATIENT.PatientID, PATIENT.PatientBirthDate, "ACCQ9912", "20240314"):
             assert value.encode() not in data, (path.name, value)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate", "StudyTime",
-                        "ReferringPhysicianName", "StudyID"):  # fmt: skip
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "AccessionNumber",
+            "StudyDate",
+            "StudyTime",
+            "ReferringPhysicianName",
+            "StudyID",
+        ):
             assert keyword in ds and not ds[keyword].value, (path.name, keyword)
         assert "PatientAge" not in ds and ds.PatientSex == PATIENT.PatientSex
         assert ds.StudyInstanceUID == STUDY_UID
@@ -406,9 +483,9 @@ def test_research_copy_carries_no_patient_or_study_identification(research: list
     assert group.get_measurements(name=probability_concept("covid"))[0].value == pytest.approx(71.234)
 
 
-
-def test_research_copy_has_its_own_deterministic_uids(exported: list[Path], research: list[Path], tmp_path: Path,
-                                                      source: Source) -> None:
+def test_research_copy_has_its_own_deterministic_uids(
+    exported: list[Path], research: list[Path], tmp_path: Path, source: Source
+) -> None:
     again = write_dicom_results(_result(source), tmp_path / "again", identifiers=False)
     assert _uids(again) == _uids(research)
     assert not {uid for pair in _uids(research) for uid in pair} & {uid for pair in _uids(exported) for uid in pair}
@@ -467,6 +544,7 @@ def test_missing_files(source: Source, tmp_path: Path) -> None:
         write_dicom_results(_result(source, overlays=[tmp_path / "none.png", source.overlays[1]]), tmp_path / "out")
     (tmp_path / "junk.dcm").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not readable DICOM"):
-        write_dicom_results(_result(source, series={"paths": [tmp_path / "junk.dcm"]}, overlays=[], key_slices=[]),
-                            tmp_path / "out")  # fmt: skip
+        write_dicom_results(
+            _result(source, series={"paths": [tmp_path / "junk.dcm"]}, overlays=[], key_slices=[]), tmp_path / "out"
+        )
     assert not (tmp_path / "out").exists()

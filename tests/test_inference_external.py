@@ -14,8 +14,17 @@ from synthetic.external import write_external_family
 
 def test_external_figures_of_known_probabilities():
     labels = np.array([0, 0, 2, 2, 1, 1, -1])
-    probs = np.array([[0.9, 0.05, 0.05], [0.6, 0.1, 0.3], [0.2, 0.1, 0.7], [0.7, 0.1, 0.2], [0.1, 0.8, 0.1], [0.2, 0.6, 0.2],
-                      [0.3, 0.3, 0.4]])  # fmt: skip
+    probs = np.array(
+        [
+            [0.9, 0.05, 0.05],
+            [0.6, 0.1, 0.3],
+            [0.2, 0.1, 0.7],
+            [0.7, 0.1, 0.2],
+            [0.1, 0.8, 0.1],
+            [0.2, 0.6, 0.2],
+            [0.3, 0.3, 0.4],
+        ]
+    )
     score = external_figures(probs, labels)
     assert score.n == 6 and score.counts == {"covid": 2, "other_pneumonia": 2, "normal": 2}
     assert score.auc_covid_vs_normal == pytest.approx(0.75)  # covid 0.9, 0.6 against normal 0.2, 0.7: 3 of 4 pairs
@@ -33,8 +42,13 @@ def test_score_external_ingests_once_and_scores_every_labelled_study(tmp_path):
     torch.manual_seed(0)
     state = build_model(config).state_dict()
     pipeline = PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(12.0, 12.0, 12.0))
-    kwargs = {"model": config, "pipeline": pipeline, "dicom_dir": tmp_path / "family" / "dicom",
-              "labels_csv": tmp_path / "family" / "labels.csv", "work_dir": tmp_path / "work"}  # fmt: skip
+    kwargs = {
+        "model": config,
+        "pipeline": pipeline,
+        "dicom_dir": tmp_path / "family" / "dicom",
+        "labels_csv": tmp_path / "family" / "labels.csv",
+        "work_dir": tmp_path / "work",
+    }
     first = score_external(state, **kwargs)
     manifest = (tmp_path / "work" / "manifest.json").stat().st_mtime_ns
     second = score_external(state, **kwargs)
@@ -48,6 +62,11 @@ def test_score_external_without_labelled_studies_is_refused(tmp_path):
     (tmp_path / "labels.csv").write_text("StudyInstanceUID,diagnosis,severe,time_days,age,sex\n")
     config = ModelConfig(name="smallcnn")
     with pytest.raises(ValueError, match="no labelled study"):
-        score_external(build_model(config).state_dict(), model=config,
-                       pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(12.0, 12.0, 12.0)),
-                       dicom_dir=tmp_path / "family" / "dicom", labels_csv=tmp_path / "labels.csv", work_dir=tmp_path / "work")  # fmt: skip
+        score_external(
+            build_model(config).state_dict(),
+            model=config,
+            pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(12.0, 12.0, 12.0)),
+            dicom_dir=tmp_path / "family" / "dicom",
+            labels_csv=tmp_path / "labels.csv",
+            work_dir=tmp_path / "work",
+        )

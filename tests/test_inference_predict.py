@@ -14,17 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from federation import tiny_federation
-from models.bundle import BundleError, bundle_pipeline, load_bundle, write_bundle
-from models.factory import ModelConfig, build_model
-from preprocessing.cache import make_dataset
-from preprocessing.deid import KEY_FILE_NAME, Pseudonymizer
-from preprocessing.discover import discover
-from preprocessing.transforms import PipelineConfig
-from preprocessing.validate import validate_series
-from preprocessing.volume import series_to_dict
-from synthetic.dicom_writer import PatientIdentity
+
 from inference import predict as predict_module
 from inference.predict import (
     PREDICTION_NAME,
@@ -37,6 +28,15 @@ from inference.predict import (
     run_predict,
     study_key,
 )
+from models.bundle import BundleError, bundle_pipeline, load_bundle, write_bundle
+from models.factory import ModelConfig, build_model
+from preprocessing.cache import make_dataset
+from preprocessing.deid import KEY_FILE_NAME, Pseudonymizer
+from preprocessing.discover import discover
+from preprocessing.transforms import PipelineConfig
+from preprocessing.validate import validate_series
+from preprocessing.volume import series_to_dict
+from synthetic.dicom_writer import PatientIdentity
 
 REPO = Path(__file__).resolve().parents[1]
 #: Small and fast: 32^3 voxels of 8 mm.
@@ -55,8 +55,13 @@ def make_bundle(
     """A real model bundle (smallcnn); ``quantiles`` adds ``risk_reference`` to model.json."""
     torch.manual_seed(seed)
     cfg = ModelConfig(name="smallcnn", covariates=covariates)
-    write_bundle(folder, state if state is not None else build_model(cfg).state_dict(), model=cfg, pipeline=pipeline,
-                 provenance={"round_of_weights": 2, "rounds_planned": 3, "sites": ["site-0", "site-1"]})  # fmt: skip
+    write_bundle(
+        folder,
+        state if state is not None else build_model(cfg).state_dict(),
+        model=cfg,
+        pipeline=pipeline,
+        provenance={"round_of_weights": 2, "rounds_planned": 3, "sites": ["site-0", "site-1"]},
+    )
     if quantiles is not None:
         meta = json.loads((folder / "model.json").read_text())
         meta["risk_reference"] = {"quantiles": list(quantiles)}
@@ -104,9 +109,14 @@ def test_one_folder_per_study_with_prediction_report_and_overlays(predicted):
         assert math.isclose(sum(stored["probabilities"].values()), 1.0, rel_tol=1e-5)
         assert stored["diagnosis"] == max(stored["probabilities"], key=stored["probabilities"].get)
         assert stored["risk_group"] == "intermediate" and stored["risk_quantiles"] == [-1000.0, 1000.0]
-        assert stored["model"] == {"name": "smallcnn", "fedct_version": stored["model"]["fedct_version"],
-                                   "created_utc": stored["model"]["created_utc"], "round_of_weights": 2,
-                                   "temperature": 1.0, "calibrated": False}  # fmt: skip
+        assert stored["model"] == {
+            "name": "smallcnn",
+            "fedct_version": stored["model"]["fedct_version"],
+            "created_utc": stored["model"]["created_utc"],
+            "round_of_weights": 2,
+            "temperature": 1.0,
+            "calibrated": False,
+        }
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stored["created_utc"])
         assert (folder / "report.html").is_file()
         assert 1 <= len(stored["overlays"]) <= 3 and len(stored["key_slices"]) == len(stored["overlays"])
@@ -175,8 +185,8 @@ def test_model_input_is_exactly_what_training_saw(predicted, tmp_path):
 
 
 def test_probabilities_carry_the_bundles_calibration_temperature(predicted, tmp_path):
-    from models.bundle import set_calibration
     from inference.predict import model_info, predict_study
+    from models.bundle import set_calibration
 
     summary, data, root = predicted
     result = summary.results[0]
@@ -209,7 +219,13 @@ def test_probabilities_carry_the_bundles_calibration_temperature(predicted, tmp_
 
 def test_risk_groups_from_tertiles_and_bad_reference():
     q = (-0.5, 0.7)
-    assert [risk_group(x, q) for x in (-2.0, -0.5, 0.0, 0.7, 3.0)] == ["low", "intermediate", "intermediate", "high", "high"]
+    assert [risk_group(x, q) for x in (-2.0, -0.5, 0.0, 0.7, 3.0)] == [
+        "low",
+        "intermediate",
+        "intermediate",
+        "high",
+        "high",
+    ]
     assert risk_group(1.0, None) == "unavailable"
     assert risk_quantiles({}) is None
     assert risk_quantiles({"risk_reference": {"quantiles": [0.1, 0.2]}}) == (0.1, 0.2)
@@ -219,8 +235,9 @@ def test_risk_groups_from_tertiles_and_bad_reference():
 
 
 def test_no_reference_gives_unavailable_and_keyed_study_folders(tmp_path, series_writer):
-    series = series_writer(tmp_path / "in" / "s1", n_slices=12, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0),
-                           slice_spacing_mm=8.0)  # fmt: skip
+    series = series_writer(
+        tmp_path / "in" / "s1", n_slices=12, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0), slice_spacing_mm=8.0
+    )
     bundle = make_bundle(tmp_path / "bundle")
     site = tmp_path / "site"
     site.mkdir()
@@ -233,14 +250,24 @@ def test_no_reference_gives_unavailable_and_keyed_study_folders(tmp_path, series
     result = summary.results[0]
     assert result.study_key == Pseudonymizer(key)("study", series.study_uid)  # the id ingestion gives the study
     assert result.risk_group == "unavailable" and result.risk_quantiles is None
-    assert json.loads((tmp_path / "out" / result.study_key / PREDICTION_NAME).read_text())["risk_group"] == "unavailable"
+    assert (
+        json.loads((tmp_path / "out" / result.study_key / PREDICTION_NAME).read_text())["risk_group"] == "unavailable"
+    )
 
 
 def test_covariates_from_dicom_header_or_unknown(tmp_path, series_writer, fake_patient, edit_dicom):
-    known = series_writer(tmp_path / "in" / "known", n_slices=10, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0),
-                          slice_spacing_mm=8.0)  # fmt: skip
-    unknown = series_writer(tmp_path / "in" / "unknown", n_slices=10, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0),
-                            slice_spacing_mm=8.0, seed=1)  # fmt: skip
+    known = series_writer(
+        tmp_path / "in" / "known", n_slices=10, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0), slice_spacing_mm=8.0
+    )
+    unknown = series_writer(
+        tmp_path / "in" / "unknown",
+        n_slices=10,
+        rows=24,
+        cols=24,
+        pixel_spacing_mm=(8.0, 8.0),
+        slice_spacing_mm=8.0,
+        seed=1,
+    )
     for path in unknown.paths:
         edit_dicom(path, lambda ds: (delattr(ds, "PatientAge"), setattr(ds, "PatientSex", "O")))
     assert covariates_from_header(known.paths[0]) == (87.0, 0.0)  # fake patient: "087Y", "F"
@@ -257,11 +284,16 @@ def test_covariates_from_dicom_header_or_unknown(tmp_path, series_writer, fake_p
 
 
 def test_works_without_dicom_export_and_checks_its_folders(tmp_path, series_writer, monkeypatch):
-    series_writer(tmp_path / "in" / "s1", n_slices=10, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0), slice_spacing_mm=8.0)
+    series_writer(
+        tmp_path / "in" / "s1", n_slices=10, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0), slice_spacing_mm=8.0
+    )
     bundle = make_bundle(tmp_path / "bundle")
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "inference.dicom_export" else real_find_spec(name, *a))  # fmt: skip
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "inference.dicom_export" else real_find_spec(name, *a),
+    )
     summary = run_predict(bundle, tmp_path / "in", tmp_path / "out", device="cpu", progress=False)
     folder = tmp_path / "out" / summary.results[0].study_key
     assert (folder / PREDICTION_NAME).is_file() and not list(folder.glob("*.dcm"))
@@ -293,18 +325,30 @@ def test_study_result_is_frozen_and_json_ready(predicted):
 
 def test_run_predict_importable_with_python_c_from_repo_root():
     code = "from inference.predict import run_predict; import inspect; print(list(inspect.signature(run_predict).parameters))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
     assert "['model_dir', 'input_dir', 'out_dir', 'device', 'progress'" in out.stdout
 
 
 def test_unreadable_series_falls_back_to_the_next_series_of_the_study(tmp_path, series_writer):
-    big = series_writer(tmp_path / "in" / "thin", n_slices=14, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0),
-                        slice_spacing_mm=8.0)  # fmt: skip
-    small = series_writer(tmp_path / "in" / "thick", n_slices=10, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0),
-                          slice_spacing_mm=11.2, study_uid=big.study_uid)  # fmt: skip
+    big = series_writer(
+        tmp_path / "in" / "thin", n_slices=14, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0), slice_spacing_mm=8.0
+    )
+    small = series_writer(
+        tmp_path / "in" / "thick",
+        n_slices=10,
+        rows=24,
+        cols=24,
+        pixel_spacing_mm=(8.0, 8.0),
+        slice_spacing_mm=11.2,
+        study_uid=big.study_uid,
+    )
     damaged = big.paths[3]
     damaged.write_bytes(damaged.read_bytes()[:-200])  # pixel data cut short: found only when decoding
-    summary = run_predict(make_bundle(tmp_path / "bundle"), tmp_path / "in", tmp_path / "out", device="cpu", progress=False)
+    summary = run_predict(
+        make_bundle(tmp_path / "bundle"), tmp_path / "in", tmp_path / "out", device="cpu", progress=False
+    )
     assert summary.results
     result = summary.results[0]
     assert result.SeriesInstanceUID == small.series_uid
@@ -314,20 +358,33 @@ def test_unreadable_series_falls_back_to_the_next_series_of_the_study(tmp_path, 
 
 
 def test_heat_map_failure_keeps_the_prediction(tmp_path, series_writer, monkeypatch, fake_patient):
-    series_writer(tmp_path / "in" / "s1", n_slices=10, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0), slice_spacing_mm=8.0)
+    series_writer(
+        tmp_path / "in" / "s1", n_slices=10, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0), slice_spacing_mm=8.0
+    )
     import inference.explain
 
     def broken(*args, **kwargs):
         raise RuntimeError("no gradients today")
 
     monkeypatch.setattr(inference.explain, "explain_study", broken)
-    summary = run_predict(make_bundle(tmp_path / "bundle"), tmp_path / "in", tmp_path / "out", device="cpu",
-                          progress=False, dicom_export=False)  # fmt: skip
+    summary = run_predict(
+        make_bundle(tmp_path / "bundle"),
+        tmp_path / "in",
+        tmp_path / "out",
+        device="cpu",
+        progress=False,
+        dicom_export=False,
+    )
     assert summary.results
     result = summary.results[0]
     assert result.overlays == () and result.key_slices == ()
-    assert summary.errors == ({"study_key": result.study_key, "stage": "explain",
-                               "message": "heat map failed: RuntimeError: no gradients today"},)  # fmt: skip
+    assert summary.errors == (
+        {
+            "study_key": result.study_key,
+            "stage": "explain",
+            "message": "heat map failed: RuntimeError: no gradients today",
+        },
+    )
     folder = tmp_path / "out" / result.study_key
     assert (folder / "report.html").is_file()
     stored = (folder / PREDICTION_NAME).read_text()
@@ -339,8 +396,13 @@ def test_heat_map_failure_keeps_the_prediction(tmp_path, series_writer, monkeypa
 # --- local identifiers ---------------------------------------------------------------------------------------------
 
 #: A patient whose identifiers are found nowhere else: any of these strings in a file means it was written there.
-LOCAL_PATIENT = PatientIdentity(PatientName="Vrexolund^Imbriga", PatientID="LIDK4W8Q2Z", PatientBirthDate="19510203",
-                                PatientSex="M", PatientAge="074Y")  # fmt: skip
+LOCAL_PATIENT = PatientIdentity(
+    PatientName="Vrexolund^Imbriga",
+    PatientID="LIDK4W8Q2Z",
+    PatientBirthDate="19510203",
+    PatientSex="M",
+    PatientAge="074Y",
+)
 LOCAL_ACCESSION = "ACCX7R3M9T"
 LOCAL_STRINGS = ("Vrexolund", "Imbriga", LOCAL_PATIENT.PatientID, LOCAL_ACCESSION)
 #: What predict writes for this site's readers, carrying the identifiers by design (the SR / SCs go back to the
@@ -349,8 +411,16 @@ SITE_LOCAL = re.compile(r"^(local_identity\.json|report\.html|sr\.dcm|sc_\d+\.dc
 
 
 def _write_local_patient(folder: Path, series_writer) -> None:
-    series_writer(folder, n_slices=12, rows=24, cols=24, pixel_spacing_mm=(8.0, 8.0), slice_spacing_mm=8.0,
-                  patient=LOCAL_PATIENT, accession_number=LOCAL_ACCESSION)  # fmt: skip
+    series_writer(
+        folder,
+        n_slices=12,
+        rows=24,
+        cols=24,
+        pixel_spacing_mm=(8.0, 8.0),
+        slice_spacing_mm=8.0,
+        patient=LOCAL_PATIENT,
+        accession_number=LOCAL_ACCESSION,
+    )
 
 
 def _found(out: Path, strings: Sequence[str], *, skip: re.Pattern | None = None) -> list[tuple[str, str]]:
@@ -390,7 +460,9 @@ def test_local_identifiers_only_in_site_local_files_and_none_in_a_research_copy(
     folder = out / result.study_key
     assert not summary.errors
     # Shown where the reader at the site looks: the report, the review page (from local_identity.json), the SR / SCs.
-    assert load_local_identity(folder) == LocalIdentity(LOCAL_ACCESSION, LOCAL_PATIENT.PatientName, LOCAL_PATIENT.PatientID)
+    assert load_local_identity(folder) == LocalIdentity(
+        LOCAL_ACCESSION, LOCAL_PATIENT.PatientName, LOCAL_PATIENT.PatientID
+    )
     report = (folder / "report.html").read_text(encoding="utf-8")
     review = _review_page(out, result.study_key)
     for text in (report, review):
@@ -400,8 +472,11 @@ def test_local_identifiers_only_in_site_local_files_and_none_in_a_research_copy(
     assert "sr.dcm" in [p.name for p in dicom] and len(dicom) >= 2
     for path in dicom:
         ds = pydicom.dcmread(path)
-        assert (ds.AccessionNumber, str(ds.PatientName), ds.PatientID) == (LOCAL_ACCESSION, LOCAL_PATIENT.PatientName,
-                                                                           LOCAL_PATIENT.PatientID)  # fmt: skip
+        assert (ds.AccessionNumber, str(ds.PatientName), ds.PatientID) == (
+            LOCAL_ACCESSION,
+            LOCAL_PATIENT.PatientName,
+            LOCAL_PATIENT.PatientID,
+        )
     # ... and nowhere else: prediction.json, summary.json, overlays, folder and file names, what was printed.
     shared = {p.name for p in folder.iterdir() if not SITE_LOCAL.match(p.name)}
     assert {LOCAL_IDENTITY_NAME, "report.html", "sr.dcm"} <= {p.name for p in folder.iterdir()} - shared
@@ -440,8 +515,11 @@ def test_local_identity_reads_three_attributes_and_the_setting(tmp_path, series_
     assert identity == LocalIdentity(LOCAL_ACCESSION, LOCAL_PATIENT.PatientName, LOCAL_PATIENT.PatientID)
     assert identity.display_name == "Vrexolund, Imbriga" and "LIDK" not in repr(identity)
     assert LocalIdentity(PatientName="DOE^JANE^M^DR^JR").display_name == "DOE, DR JANE M JR"
-    assert LocalIdentity().rows() == [("Accession number", "not recorded"), ("Patient name", "not recorded"),
-                                      ("Patient ID", "not recorded")]  # fmt: skip
+    assert LocalIdentity().rows() == [
+        ("Accession number", "not recorded"),
+        ("Patient name", "not recorded"),
+        ("Patient ID", "not recorded"),
+    ]
     message = "bad PN 'Vrexolund^Imbriga' of LIDK4W8Q2Z (ACCX7R3M9T); Vrexolund again"
     assert identity.redact(message) == "bad PN '[identifier]' of [identifier] ([identifier]); [identifier] again"
     assert LocalIdentity(PatientName="A^B").redact("A and B") == "A and B"  # one-letter parts would redact everything
@@ -454,7 +532,10 @@ def test_local_identity_reads_three_attributes_and_the_setting(tmp_path, series_
     env.write_text("FEDCT_LOCAL_IDENTIFIERS=no\n")
     assert identifiers_setting(env_file=env) is False
     env.write_text("FEDCT_LOCAL_IDENTIFIERS=yes\n")
-    assert identifiers_setting(env_file=env) is True and identifiers_setting(no_local_identifiers=True, env_file=env) is False
+    assert (
+        identifiers_setting(env_file=env) is True
+        and identifiers_setting(no_local_identifiers=True, env_file=env) is False
+    )
     env.write_text("# site\nFEDCT_LOCAL_IDENTIFIERS=maybe\n")
     with pytest.raises(ValueError, match=r"line 2: FEDCT_LOCAL_IDENTIFIERS='maybe' must be yes or no"):
         identifiers_setting(env_file=env)
@@ -469,7 +550,9 @@ def test_error_messages_in_the_summary_are_redacted(tmp_path, series_writer, mon
         raise ValueError(f"invalid PatientName {LOCAL_PATIENT.PatientName!r} (ID {LOCAL_PATIENT.PatientID})")
 
     monkeypatch.setattr(inference.dicom_export, "write_dicom_results", quoting)
-    summary = run_predict(make_bundle(tmp_path / "bundle"), tmp_path / "in", tmp_path / "out", device="cpu", progress=False)
+    summary = run_predict(
+        make_bundle(tmp_path / "bundle"), tmp_path / "in", tmp_path / "out", device="cpu", progress=False
+    )
     (error,) = summary.errors
     assert error["message"] == "DICOM export failed: ValueError: invalid PatientName '[identifier]' (ID [identifier])"
     assert _found(tmp_path / "out", LOCAL_STRINGS, skip=SITE_LOCAL) == []
@@ -490,8 +573,9 @@ def test_a_registered_champion_shows_its_version_on_every_result(tmp_path):
     registry.promote("v0001")
     registry.promote(version, override=True, reason="test: the second model")
     digest = registry.stamp(version)["content_sha256"]
-    summary = run_predict(tmp_path / "registry", tmp_path / "fed" / "site-0" / "dicom", tmp_path / "out", device="cpu",
-                          progress=False)  # fmt: skip
+    summary = run_predict(
+        tmp_path / "registry", tmp_path / "fed" / "site-0" / "dicom", tmp_path / "out", device="cpu", progress=False
+    )
     assert summary.results
     result = summary.results[0]
     folder = tmp_path / "out" / result.study_key
@@ -503,7 +587,9 @@ def test_a_registered_champion_shows_its_version_on_every_result(tmp_path):
     assert words in model_words(stored)
     if importlib.util.find_spec("highdicom") is not None:
         texts: list[str] = []
-        pydicom.dcmread(folder / "sr.dcm").walk(lambda ds, elem: texts.append(str(elem.value)) if elem.keyword == "TextValue" else None)
+        pydicom.dcmread(folder / "sr.dcm").walk(
+            lambda ds, elem: texts.append(str(elem.value)) if elem.keyword == "TextValue" else None
+        )
         assert "registry_version=v0002" in texts and f"content_sha256={digest}" in texts
         sc = pydicom.dcmread(next(folder.glob("sc_*.dcm")))
         assert words in sc.ImageComments
@@ -512,5 +598,10 @@ def test_a_registered_champion_shows_its_version_on_every_result(tmp_path):
     next(iter(state.values())).mul_(2.0)
     torch.save(state, registry.folder(version) / "model.pt")
     with pytest.raises(RegistryError, match="changed after registration"):
-        run_predict(registry.folder(version), tmp_path / "fed" / "site-0" / "dicom", tmp_path / "out2", device="cpu",
-                    progress=False)  # fmt: skip
+        run_predict(
+            registry.folder(version),
+            tmp_path / "fed" / "site-0" / "dicom",
+            tmp_path / "out2",
+            device="cpu",
+            progress=False,
+        )

@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from federation import tiny_federation
+
 from inference.predict import PREDICTION_NAME, run_predict
 from inference.profile_view import METHOD, profile_record, profile_tensor, top_contributors
 from inference.report import render_report
@@ -79,15 +79,24 @@ def test_top_contributors_keep_only_the_large_ones_and_the_schema_must_match(nor
     other = ProfileNormalisation(variables=("a",), mean=(0.0,), std=(1.0,), count=(5,))
     _, model = _fused_model()
     with pytest.raises(ValueError, match="not this schema"):
-        profile_record(model, torch.rand(1, 1, 32, 32, 32), np.zeros(1), normalisation=other, schema=SCHEMA, class_index=0)
+        profile_record(
+            model, torch.rand(1, 1, 32, 32, 32), np.zeros(1), normalisation=other, schema=SCHEMA, class_index=0
+        )
 
 
 def test_predict_reads_the_studys_profile_row_and_the_pages_show_it(site, normalisation, tmp_path):
     config, model = _fused_model()
-    bundle = write_bundle(tmp_path / "bundle", model.state_dict(), model=config, pipeline=PIPELINE,
-                          provenance={"round_of_weights": 1}, profile_normalisation=normalisation)  # fmt: skip
-    summary = run_predict(bundle, site / "dicom", tmp_path / "out", device="cpu", progress=False, profile_dir=site,
-                          dicom_export=False)  # fmt: skip
+    bundle = write_bundle(
+        tmp_path / "bundle",
+        model.state_dict(),
+        model=config,
+        pipeline=PIPELINE,
+        provenance={"round_of_weights": 1},
+        profile_normalisation=normalisation,
+    )
+    summary = run_predict(
+        bundle, site / "dicom", tmp_path / "out", device="cpu", progress=False, profile_dir=site, dicom_export=False
+    )
     table = read_site_profile(site)
     with (site / "labels.csv").open() as fh:
         uids = [row["StudyInstanceUID"] for row in csv.DictReader(fh)]
@@ -96,7 +105,9 @@ def test_predict_reads_the_studys_profile_row_and_the_pages_show_it(site, normal
         row = table.values[table.keys.index(result.StudyInstanceUID)]
         entries = {e["name"]: e for e in result.profile["variables"]}
         assert entries["age"]["value"] == pytest.approx(row[0])
-        assert [e["name"] for e in result.profile["variables"] if e["missing"]] == [n for n, v in zip(SCHEMA.names, row) if np.isnan(v)]
+        assert [e["name"] for e in result.profile["variables"] if e["missing"]] == [
+            n for n, v in zip(SCHEMA.names, row) if np.isnan(v)
+        ]
         saved = json.loads((tmp_path / "out" / result.study_key / PREDICTION_NAME).read_text())
         assert saved["profile"]["top_risk"] == result.profile["top_risk"]
     assert {r.StudyInstanceUID for r in summary.results} == set(uids)
@@ -116,10 +127,18 @@ def test_predict_reads_the_studys_profile_row_and_the_pages_show_it(site, normal
     assert "profile" not in (tmp_path / "out" / "summary.json").read_text()
 
 
-def test_without_a_profile_export_every_value_is_missing_and_a_bundle_without_normalisation_is_refused(site, normalisation, tmp_path):
+def test_without_a_profile_export_every_value_is_missing_and_a_bundle_without_normalisation_is_refused(
+    site, normalisation, tmp_path
+):
     config, model = _fused_model("film")
-    bundle = write_bundle(tmp_path / "bundle", model.state_dict(), model=config, pipeline=PIPELINE,
-                          provenance={}, profile_normalisation=normalisation)  # fmt: skip
+    bundle = write_bundle(
+        tmp_path / "bundle",
+        model.state_dict(),
+        model=config,
+        pipeline=PIPELINE,
+        provenance={},
+        profile_normalisation=normalisation,
+    )
     summary = run_predict(bundle, site / "dicom", tmp_path / "out", device="cpu", progress=False, dicom_export=False)
     result = summary.results[0]
     assert result.profile["missing"] == list(SCHEMA.names) and result.profile["top_risk"] == []
@@ -136,4 +155,6 @@ def test_without_a_profile_export_every_value_is_missing_and_a_bundle_without_no
 
 
 def test_a_model_without_profile_fusion_has_no_profile_section(tmp_path):
-    assert render_report({"probabilities": {"covid": 0.7, "normal": 0.3}, "diagnosis": "covid"}).count('id="profile"') == 0
+    assert (
+        render_report({"probabilities": {"covid": 0.7, "normal": 0.3}, "diagnosis": "covid"}).count('id="profile"') == 0
+    )

@@ -8,12 +8,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from test_inference_predict import make_bundle
 
-from inference.predict import PREDICTION_NAME, run_predict
 from inference.local_identity import LocalIdentity
+from inference.predict import PREDICTION_NAME, run_predict
 from inference.report import DISCLAIMER, percent, render_report, write_report
 from inference.wording import IDENTIFIERS_HIDDEN, IDENTIFIERS_LOCAL
-from test_inference_predict import make_bundle
 
 
 class Page(HTMLParser):
@@ -57,8 +57,15 @@ def parse(text: str) -> Page:
 def reported(tmp_path_factory, series_writer):
     root = tmp_path_factory.mktemp("report")
     for i in range(2):
-        series_writer(root / "in" / f"s{i}", n_slices=12, rows=28, cols=28, pixel_spacing_mm=(8.0, 8.0),
-                      slice_spacing_mm=8.0, seed=i)  # fmt: skip
+        series_writer(
+            root / "in" / f"s{i}",
+            n_slices=12,
+            rows=28,
+            cols=28,
+            pixel_spacing_mm=(8.0, 8.0),
+            slice_spacing_mm=8.0,
+            seed=i,
+        )
     bundle = make_bundle(root / "bundle", quantiles=(-0.25, 0.25))
     summary = run_predict(bundle, root / "in", root / "out", device="cpu", progress=False)
     assert len(summary.results) == 2
@@ -121,12 +128,25 @@ def test_report_says_what_matters_and_numbers_match_prediction_json(reported, fa
 
 def _result(tmp_path: Path, **changes) -> dict:
     result = {
-        "StudyInstanceUID": "1.2.3", "SeriesInstanceUID": "1.2.3.4", "series": {"paths": ["a"] * 10},
-        "study_key": "study-000000000000", "probabilities": {"covid": 0.82, "other_pneumonia": 0.15, "normal": 0.03},
-        "diagnosis": "covid", "risk_score": 1.234, "risk_group": "unavailable", "model": {"name": "densenet121",
-        "fedct_version": "0.1.0", "created_utc": "2025-01-01T00:00:00Z", "round_of_weights": 7},
-        "created_utc": "2025-01-02T00:00:00Z", "overlays": [], "key_slices": [], "risk_quantiles": None,
-    }  # fmt: skip
+        "StudyInstanceUID": "1.2.3",
+        "SeriesInstanceUID": "1.2.3.4",
+        "series": {"paths": ["a"] * 10},
+        "study_key": "study-000000000000",
+        "probabilities": {"covid": 0.82, "other_pneumonia": 0.15, "normal": 0.03},
+        "diagnosis": "covid",
+        "risk_score": 1.234,
+        "risk_group": "unavailable",
+        "model": {
+            "name": "densenet121",
+            "fedct_version": "0.1.0",
+            "created_utc": "2025-01-01T00:00:00Z",
+            "round_of_weights": 7,
+        },
+        "created_utc": "2025-01-02T00:00:00Z",
+        "overlays": [],
+        "key_slices": [],
+        "risk_quantiles": None,
+    }
     result.update(changes)
     return result
 
@@ -137,7 +157,10 @@ def test_sentences_for_covid_uncertain_and_no_risk_reference(tmp_path):
     assert "no risk group" in words and "score +1.23" in words
     assert "No heat-map images were produced" in words
     uncertain = _result(tmp_path, probabilities={"covid": 0.4, "other_pneumonia": 0.35, "normal": 0.25})
-    assert "Uncertain result: the most likely is a COVID-19-like pattern (probability 40%)." in parse(render_report(uncertain)).words
+    assert (
+        "Uncertain result: the most likely is a COVID-19-like pattern (probability 40%)."
+        in parse(render_report(uncertain)).words
+    )
     high = _result(tmp_path, risk_group="high", risk_quantiles=[0.1, 0.9])
     assert "higher than about two thirds of the training population" in parse(render_report(high)).words
     with pytest.raises(ValueError, match="diagnosis 'flu'"):
@@ -148,7 +171,9 @@ def test_identifiers_shown_escaped_or_hidden_on_a_research_copy(tmp_path):
     identity = LocalIdentity(AccessionNumber="A<b>1</b>", PatientName="O'NEIL^ANN", PatientID="ID&7")
     text = render_report(_result(tmp_path), identity=identity)
     words = parse(text).words
-    assert "Accession number: A<b>1</b>" in words and "Patient name: O'NEIL, ANN" in words and "Patient ID: ID&7" in words
+    assert (
+        "Accession number: A<b>1</b>" in words and "Patient name: O'NEIL, ANN" in words and "Patient ID: ID&7" in words
+    )
     assert "<b>1</b>" not in text and IDENTIFIERS_HIDDEN not in words
     hidden = render_report(_result(tmp_path, local_identifiers="hidden"), identity=identity)
     assert IDENTIFIERS_HIDDEN in parse(hidden).words

@@ -21,9 +21,9 @@ from urllib.parse import urlencode
 
 import numpy as np
 import pytest
+from federation import pids_matching, stop_pids
 from matplotlib import image as mpimg
 
-from federation import pids_matching, stop_pids
 from inference.review import MAX_COMMENT_CHARS, ReviewServer, make_server, serve
 from inference.wording import IDENTIFIERS_HIDDEN, IDENTIFIERS_LOCAL
 
@@ -73,9 +73,17 @@ def results(tmp_path: Path) -> Path:
     a.mkdir()
     _png(a / "overlay_axial.png", 0)
     _png(a / "overlay_coronal.png", 1)
-    (a / "prediction.json").write_text(json.dumps(_prediction(
-        "study-a", "covid", {"covid": 0.82, "other_pneumonia": 0.12, "normal": 0.06}, "high",
-        overlays=[str(a / "overlay_axial.png"), "overlay_coronal.png"])))
+    (a / "prediction.json").write_text(
+        json.dumps(
+            _prediction(
+                "study-a",
+                "covid",
+                {"covid": 0.82, "other_pneumonia": 0.12, "normal": 0.06},
+                "high",
+                overlays=[str(a / "overlay_axial.png"), "overlay_coronal.png"],
+            )
+        )
+    )
     (a / "report.html").write_text("<!DOCTYPE html><html><body><h1>Report of study A</h1></body></html>")
     (a / "local_identity.json").write_text(json.dumps(IDENTITY))
     (a / "leak.txt").symlink_to(tmp_path / "secret.txt")
@@ -84,24 +92,38 @@ def results(tmp_path: Path) -> Path:
     b = root / "study-b"
     b.mkdir()
     _png(b / "overlay_heat.png", 2)  # no "overlays" field: found by *.png
-    (b / "prediction.json").write_text(json.dumps(_prediction(
-        "study-b", "normal", {"covid": 0.03, "other_pneumonia": 0.06, "normal": 0.91}, "low",
-        local_identifiers="hidden")))  # a research copy
+    (b / "prediction.json").write_text(
+        json.dumps(
+            _prediction(
+                "study-b",
+                "normal",
+                {"covid": 0.03, "other_pneumonia": 0.06, "normal": 0.91},
+                "low",
+                local_identifiers="hidden",
+            )
+        )
+    )  # a research copy
     (b / "report.html").write_text("<!DOCTYPE html><html><body><h1>Report of study B</h1></body></html>")
     (b / "extra").mkdir()
     (b / "extra" / "notes.txt").write_text("nested file inside the study folder")
 
     c = root / "study-c"  # minimal prediction, no report, no image
     c.mkdir()
-    (c / "prediction.json").write_text(json.dumps({"study_key": "study-c", "diagnosis": "other_pneumonia",
-                                                   "probabilities": {"other_pneumonia": 0.55}}))
+    (c / "prediction.json").write_text(
+        json.dumps({"study_key": "study-c", "diagnosis": "other_pneumonia", "probabilities": {"other_pneumonia": 0.55}})
+    )
     (c / "local_identity.json").symlink_to(tmp_path / "secret.txt")  # not followed: no identifiers shown
 
     (root / "not-a-study").mkdir()  # no prediction.json: not listed
     (root / "linked-study").symlink_to(a, target_is_directory=True)  # a symlinked folder is not a study
-    (root / "summary.json").write_text(json.dumps({
-        "results": [],
-        "refused": [{"path": "/import/scan-0042", "reason": "not_ct", "message": "The series is not CT."}]}))
+    (root / "summary.json").write_text(
+        json.dumps(
+            {
+                "results": [],
+                "refused": [{"path": "/import/scan-0042", "reason": "not_ct", "message": "The series is not CT."}],
+            }
+        )
+    )
     return root
 
 
@@ -126,8 +148,9 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
-def fetch(srv: ReviewServer, path: str, *, data: dict | bytes | None = None,
-          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def fetch(
+    srv: ReviewServer, path: str, *, data: dict | bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """(status, headers, body) of one request; redirects are not followed."""
     host, port = srv.server_address[:2]
     body = urlencode(data).encode() if isinstance(data, dict) else data
@@ -181,9 +204,12 @@ def test_list_page_shows_every_study(server: ReviewServer) -> None:
     assert "scan-0042" in text and "The series is not CT." in text  # refused by the prediction step
     assert "research model" in text and "Nothing is sent anywhere" in text
     assert "<script" not in text  # the page runs no script
-    rows = {key: text.split(f'data-study-key="{key}"', 1)[1].split("</tr>", 1)[0] for key in ("study-a", "study-b", "study-c")}
+    rows = {
+        key: text.split(f'data-study-key="{key}"', 1)[1].split("</tr>", 1)[0]
+        for key in ("study-a", "study-b", "study-c")
+    }
     assert f'Accession number: <span class="id-value">{ACCESSION}</span>' in rows["study-a"]
-    assert "Patient name: <span class=\"id-value\">Brennholt, Anna&lt;b&gt;</span>" in rows["study-a"]
+    assert 'Patient name: <span class="id-value">Brennholt, Anna&lt;b&gt;</span>' in rows["study-a"]
     assert "MRN-0042" in rows["study-a"] and IDENTIFIERS_HIDDEN not in rows["study-a"]
     assert IDENTIFIERS_HIDDEN in rows["study-b"] and "Accession" not in rows["study-b"]
     assert "identity" not in rows["study-c"] and SECRET not in text  # no identifiers recorded; symlink not followed
@@ -192,11 +218,16 @@ def test_list_page_shows_every_study(server: ReviewServer) -> None:
 def test_study_page_shows_local_identifiers_or_that_they_are_hidden(server: ReviewServer) -> None:
     text = page(server, "/study/study-a")
     card = text.split('<div class="card identity">', 1)[1].split("</div>", 1)[0]
-    assert ACCESSION in card and "Brennholt, Anna&lt;b&gt;" in card and "MRN-0042" in card and html.escape(IDENTIFIERS_LOCAL) in card
+    assert (
+        ACCESSION in card
+        and "Brennholt, Anna&lt;b&gt;" in card
+        and "MRN-0042" in card
+        and html.escape(IDENTIFIERS_LOCAL) in card
+    )
     assert "<b>" not in card and ACCESSION not in text.split("<title>", 1)[1].split("</title>", 1)[0]
     assert IDENTIFIERS_HIDDEN in page(server, "/study/study-b") and "Accession" not in page(server, "/study/study-b")
     other = page(server, "/study/study-c")
-    assert "class=\"card identity" not in other and IDENTIFIERS_HIDDEN not in other and SECRET not in other
+    assert 'class="card identity' not in other and IDENTIFIERS_HIDDEN not in other and SECRET not in other
 
 
 def test_study_page_report_and_files(server: ReviewServer) -> None:
@@ -224,24 +255,27 @@ def test_study_page_report_and_files(server: ReviewServer) -> None:
     assert "Not available" in page(server, "/study/study-c")  # no risk group: tolerated
 
 
-@pytest.mark.parametrize("path", [
-    "/study/study-a/file/../../secret.txt",
-    "/study/study-a/file/..%2F..%2Fsecret.txt",
-    "/study/study-a/file/%2e%2e/%2e%2e/secret.txt",
-    "/study/study-a/file/..",
-    "/study/study-a/file/%2Fetc%2Fpasswd",
-    "/study/study-a/file//etc/passwd",
-    "/study/study-a/file/..%5C..%5Csecret.txt",
-    "/study/study-a/file/leak.txt",  # symlink to a file outside the folder
-    "/study/study-a/file/linkdir/secret.png",  # through a symlinked folder
-    "/study/study-a/file/%00",
-    "/study/..%2Fstudy-a/report",
-    "/study/%2e%2e/secret.txt",
-    "/study/linked-study/report",  # symlinked study folder
-    "/study/not-a-study",
-    "/study/nope/file/overlay_axial.png",
-    "/elsewhere",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/study/study-a/file/../../secret.txt",
+        "/study/study-a/file/..%2F..%2Fsecret.txt",
+        "/study/study-a/file/%2e%2e/%2e%2e/secret.txt",
+        "/study/study-a/file/..",
+        "/study/study-a/file/%2Fetc%2Fpasswd",
+        "/study/study-a/file//etc/passwd",
+        "/study/study-a/file/..%5C..%5Csecret.txt",
+        "/study/study-a/file/leak.txt",  # symlink to a file outside the folder
+        "/study/study-a/file/linkdir/secret.png",  # through a symlinked folder
+        "/study/study-a/file/%00",
+        "/study/..%2Fstudy-a/report",
+        "/study/%2e%2e/secret.txt",
+        "/study/linked-study/report",  # symlinked study folder
+        "/study/not-a-study",
+        "/study/nope/file/overlay_axial.png",
+        "/elsewhere",
+    ],
+)
 def test_path_traversal_and_unknown_paths_are_404(server: ReviewServer, path: str) -> None:
     status, _, body = fetch(server, path)
     assert status == 404
@@ -256,8 +290,9 @@ def test_path_traversal_and_unknown_paths_are_404(server: ReviewServer, path: st
 def test_feedback_is_stored_escaped_and_latest_shown(server: ReviewServer, results: Path) -> None:
     status, headers, _ = post_feedback(server, "study-b", verdict="agree", comment="Looks right.", next="list")
     assert status == 303 and headers["Location"] == "/#study-study-b"
-    status, headers, _ = post_feedback(server, "study-b", verdict="disagree", comment=f"Ground glass missed {XSS}",
-                                       next="study")
+    status, headers, _ = post_feedback(
+        server, "study-b", verdict="disagree", comment=f"Ground glass missed {XSS}", next="study"
+    )
     assert status == 303 and headers["Location"] == "/study/study-b#review"
 
     listing = page(server)
@@ -270,8 +305,10 @@ def test_feedback_is_stored_escaped_and_latest_shown(server: ReviewServer, resul
 
     with sqlite3.connect(results / "feedback.sqlite") as con:
         rows = con.execute("SELECT study_key, verdict, comment, created_utc FROM feedback ORDER BY rowid").fetchall()
-    assert [r[:3] for r in rows] == [("study-b", "agree", "Looks right."),
-                                     ("study-b", "disagree", f"Ground glass missed {XSS}")]
+    assert [r[:3] for r in rows] == [
+        ("study-b", "agree", "Looks right."),
+        ("study-b", "disagree", f"Ground glass missed {XSS}"),
+    ]
     assert all(r[3].endswith("Z") for r in rows)
 
 
@@ -285,8 +322,7 @@ def test_feedback_validation(server: ReviewServer, results: Path) -> None:
     assert post_feedback(server, "no-such-study", verdict="agree")[0] == 404
     assert post_feedback(server, "not-a-study", verdict="agree")[0] == 404
     assert post_feedback(server, "study-a", verdict="agree", token="forged")[0] == 403
-    status = fetch(server, "/study/study-a/feedback", data=b"verdict=agree",
-                   headers={"Content-Type": "text/plain"})[0]
+    status = fetch(server, "/study/study-a/feedback", data=b"verdict=agree", headers={"Content-Type": "text/plain"})[0]
     assert status == 415
     with sqlite3.connect(results / "feedback.sqlite") as con:
         assert con.execute("SELECT count(*) FROM feedback").fetchone()[0] == 1  # only the valid one
@@ -363,9 +399,11 @@ def _running(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                    reason="missing system tool or test dependency: chromium and chromedriver "
-                           "(Debian: apt-get install chromium chromium-driver)")
+@pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="missing system tool or test dependency: chromium and chromedriver "
+    "(Debian: apt-get install chromium chromium-driver)",
+)
 def test_review_in_headless_chromium(server: ReviewServer, tmp_path: Path) -> None:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -376,9 +414,18 @@ def test_review_in_headless_chromium(server: ReviewServer, tmp_path: Path) -> No
     profile = tmp_path / "chromium-profile"
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1280,1000", f"--user-data-dir={profile}"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,1000",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(arg)
     service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
     base = server.url.rstrip("/")
@@ -395,7 +442,10 @@ def test_review_in_headless_chromium(server: ReviewServer, tmp_path: Path) -> No
         driver.get(base + "/")
         rows = driver.find_elements(By.CSS_SELECTOR, "tr.study")
         assert [r.get_attribute("data-study-key") for r in rows] == ["study-a", "study-b", "study-c"]
-        assert "Findings suggest a COVID-19-like pattern (probability 82%)." in driver.find_element(By.TAG_NAME, "body").text
+        assert (
+            "Findings suggest a COVID-19-like pattern (probability 82%)."
+            in driver.find_element(By.TAG_NAME, "body").text
+        )
         identity = driver.find_element(By.CSS_SELECTOR, 'tr[data-study-key="study-a"] .identity')
         assert identity.is_displayed() and f"Accession number: {ACCESSION}" in identity.text
         assert "Brennholt, Anna<b>" in identity.text and "MRN-0042" in identity.text
@@ -416,16 +466,20 @@ def test_review_in_headless_chromium(server: ReviewServer, tmp_path: Path) -> No
         row.find_element(By.CSS_SELECTOR, 'input[name="verdict"][value="disagree"]').click()
         row.find_element(By.CSS_SELECTOR, 'textarea[name="comment"]').send_keys(comment)
         row.find_element(By.CSS_SELECTOR, 'button[type="submit"]').click()
-        wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, 'tr[data-study-key="study-b"] .feedback'),
-                                                    "Disagrees with the finding"))
+        wait.until(
+            ec.text_to_be_present_in_element(
+                (By.CSS_SELECTOR, 'tr[data-study-key="study-b"] .feedback'), "Disagrees with the finding"
+            )
+        )
 
         # reload: the review is kept, shown as text (not markup), and selected in the form
         driver.refresh()
         review = driver.find_element(By.CSS_SELECTOR, 'tr[data-study-key="study-b"] .feedback')
         assert "Disagrees with the finding" in review.text and comment in review.text
         assert not review.find_elements(By.TAG_NAME, "b")
-        assert driver.find_element(By.CSS_SELECTOR,
-                                   'tr[data-study-key="study-b"] input[value="disagree"]').is_selected()
+        assert driver.find_element(
+            By.CSS_SELECTOR, 'tr[data-study-key="study-b"] input[value="disagree"]'
+        ).is_selected()
         assert "Not reviewed yet" in driver.find_element(By.CSS_SELECTOR, 'tr[data-study-key="study-a"]').text
         shot = tmp_path / "review_list.png"
         assert driver.save_screenshot(str(shot))

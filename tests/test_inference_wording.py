@@ -34,7 +34,6 @@ from inference.dicom_export import (  # noqa: E402
 from inference.report import render_report  # noqa: E402
 from inference.review import make_server  # noqa: E402
 from inference.wording import (  # noqa: E402
-    registry_words,
     DISCLAIMER,
     calibration_sentence,
     class_phrase,
@@ -43,6 +42,7 @@ from inference.wording import (  # noqa: E402
     finding_sentence,
     is_low_confidence,
     percent,
+    registry_words,
     risk_sentence,
 )
 from synthetic.dicom_writer import PatientIdentity, write_ct_series  # noqa: E402
@@ -67,11 +67,20 @@ def _text(markup: str) -> str:
 @pytest.fixture(scope="module")
 def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     hu = np.random.default_rng(1).uniform(-1000.0, 400.0, (4, 16, 16))
-    return write_ct_series(tmp_path_factory.mktemp("ct"), hu, pixel_spacing_mm=(0.8, 0.8), slice_spacing_mm=2.5,
-                           study_instance_uid=STUDY_UID, series_instance_uid=SERIES_UID,
-                           uid_entropy=["wording-test"], study_date="20240314", accession_number="ACCW1",
-                           patient=PatientIdentity(PatientName="Wordy^Test", PatientID="PIDW1", PatientBirthDate="19500101",
-                                                   PatientSex="F", PatientAge="074Y"))  # fmt: skip
+    return write_ct_series(
+        tmp_path_factory.mktemp("ct"),
+        hu,
+        pixel_spacing_mm=(0.8, 0.8),
+        slice_spacing_mm=2.5,
+        study_instance_uid=STUDY_UID,
+        series_instance_uid=SERIES_UID,
+        uid_entropy=["wording-test"],
+        study_date="20240314",
+        accession_number="ACCW1",
+        patient=PatientIdentity(
+            PatientName="Wordy^Test", PatientID="PIDW1", PatientBirthDate="19500101", PatientSex="F", PatientAge="074Y"
+        ),
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -80,14 +89,24 @@ def test_every_renderer_states_the_same_finding(case: str, series: list[Path], t
     overlay = tmp_path / "overlay-slice0001.png"
     mpimg.imsave(overlay, np.random.default_rng(2).integers(0, 256, (20, 24, 3), dtype=np.uint8))
     result = {
-        "study_key": f"study-{case}", "StudyInstanceUID": STUDY_UID, "SeriesInstanceUID": SERIES_UID,
+        "study_key": f"study-{case}",
+        "StudyInstanceUID": STUDY_UID,
+        "SeriesInstanceUID": SERIES_UID,
         "series": {"paths": [str(p) for p in series], "n_slices": len(series)},
-        "probabilities": probabilities, "diagnosis": diagnosis, "risk_score": 0.4, "risk_group": "high",
+        "probabilities": probabilities,
+        "diagnosis": diagnosis,
+        "risk_score": 0.4,
+        "risk_group": "high",
         "risk_quantiles": [-0.2, 0.3],
-        "model": {"name": "densenet121", "fedct_version": "0.1.0", "created_utc": "2026-01-01T00:00:00Z",
-                  "round_of_weights": 3},
-        "overlays": [str(overlay)], "key_slices": [1],
-    }  # fmt: skip
+        "model": {
+            "name": "densenet121",
+            "fedct_version": "0.1.0",
+            "created_utc": "2026-01-01T00:00:00Z",
+            "round_of_weights": 3,
+        },
+        "overlays": [str(overlay)],
+        "key_slices": [1],
+    }
     finding = finding_sentence(probabilities, diagnosis)
     note = confidence_note(probabilities)
     assert bool(note) == (case != "confident")
@@ -129,12 +148,18 @@ def test_every_renderer_states_the_same_finding(case: str, series: list[Path], t
     # 3. The DICOM SR and 4. the secondary captures.
     exported = write_dicom_results(result, tmp_path / "dicom")
     sr = hd.sr.srread(exported[0])
-    texts = {item.value for item in find_content_items(sr, value_type=hd.sr.ValueTypeValues.TEXT, recursive=True)
-             if item.name in (FINDING_TEXT_CONCEPT, DISCLAIMER_CONCEPT, CONFIDENCE_CONCEPT)}  # fmt: skip
+    texts = {
+        item.value
+        for item in find_content_items(sr, value_type=hd.sr.ValueTypeValues.TEXT, recursive=True)
+        if item.name in (FINDING_TEXT_CONCEPT, DISCLAIMER_CONCEPT, CONFIDENCE_CONCEPT)
+    }
     assert texts == {finding, DISCLAIMER} | ({note} if note else set())
     numbers = find_content_items(sr, value_type=hd.sr.ValueTypeValues.NUM, recursive=True)
-    sr_percent = {float(item.MeasuredValueSequence[0].NumericValue) for item in numbers
-                  if item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "%"}  # fmt: skip
+    sr_percent = {
+        float(item.MeasuredValueSequence[0].NumericValue)
+        for item in numbers
+        if item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "%"
+    }
     assert sorted(sr_percent) == pytest.approx(sorted(100.0 * p for p in probabilities.values()), abs=1e-3)
     scs = [pydicom.dcmread(p) for p in exported[1:]]
     assert scs
@@ -144,16 +169,27 @@ def test_every_renderer_states_the_same_finding(case: str, series: list[Path], t
 
 def test_percent_rounding_is_one_rule() -> None:
     assert [percent(p) for p in (0.0, 0.004, 0.005, 0.125, 0.5, 0.9934, 0.9949, 0.995, 1.0)] == [
-        "<1%", "<1%", "1%", "13%", "50%", "99%", "99%", ">99%", ">99%"]  # fmt: skip
+        "<1%",
+        "<1%",
+        "1%",
+        "13%",
+        "50%",
+        "99%",
+        "99%",
+        ">99%",
+        ">99%",
+    ]
     assert [percent(p) for p in (float("nan"), -0.1, 1.5, None)] == ["n/a"] * 4
 
 
 def test_finding_sentence_confident_uncertain_and_unknown_class() -> None:
     assert finding_sentence({"covid": 0.82, "normal": 0.18}, "covid") == (
-        "Findings suggest a COVID-19-like pattern (probability 82%).")
+        "Findings suggest a COVID-19-like pattern (probability 82%)."
+    )
     assert finding_sentence({"covid": 0.45, "normal": 0.55}, "covid").startswith("Uncertain result:")
     assert finding_sentence({"normal": 0.7, "covid": 0.3}) == (  # no diagnosis given: the most likely class
-        "Findings suggest no pneumonia pattern (normal lungs) (probability 70%).")
+        "Findings suggest no pneumonia pattern (normal lungs) (probability 70%)."
+    )
     assert finding_sentence({}) == "No finding recorded."
     assert class_phrase("fungal_pneumonia") == "fungal pneumonia"
     assert class_title("fungal_pneumonia") == "Fungal pneumonia"
@@ -193,7 +229,10 @@ def test_calibration_sentence_says_whether_the_probabilities_are_calibrated() ->
 def test_registry_words_name_the_version_and_hash_or_nothing() -> None:
     model = {"name": "smallcnn", "fedct_version": "0.1.0", "registry_version": "v0003", "content_sha256": "ab" * 32}
     assert registry_words(model) == "registry version v0003 (SHA-256 abababababab)"
-    assert registry_words({"name": "smallcnn"}) == "" and registry_words({"registry_version": "v0001"}) == "registry version v0001"
+    assert (
+        registry_words({"name": "smallcnn"}) == ""
+        and registry_words({"registry_version": "v0001"}) == "registry version v0001"
+    )
     assert registry_words(model).isascii()
 
 
@@ -206,19 +245,36 @@ def test_profile_wording_is_decision_support_and_names_missing_values():
         profile_value_text,
     )
 
-    profile = {"variables": [
-        {"name": "crp", "label": "CRP", "unit": "mg/L", "value": 120.0, "missing": False, "risk_contribution": 0.42},
-        {"name": "spo2", "label": "SpO2", "unit": "%", "value": 97.0, "missing": False, "risk_contribution": -0.2},
-        {"name": "il6", "label": "IL-6", "unit": "pg/mL", "value": None, "missing": True},
-    ], "top_risk": ["crp", "spo2"]}  # fmt: skip
+    profile = {
+        "variables": [
+            {
+                "name": "crp",
+                "label": "CRP",
+                "unit": "mg/L",
+                "value": 120.0,
+                "missing": False,
+                "risk_contribution": 0.42,
+            },
+            {"name": "spo2", "label": "SpO2", "unit": "%", "value": 97.0, "missing": False, "risk_contribution": -0.2},
+            {"name": "il6", "label": "IL-6", "unit": "pg/mL", "value": None, "missing": True},
+        ],
+        "top_risk": ["crp", "spo2"],
+    }
     sentence = profile_contributions_sentence(profile)
     assert "CRP (120 mg/L: raised the risk score by 0.42)" in sentence and "SpO2 (97 %: lowered" in sentence
     assert "full clinical picture" in sentence
-    assert profile_missing_sentence(profile) == "Not available for this study (1), treated as missing and not estimated: IL-6."
+    assert (
+        profile_missing_sentence(profile)
+        == "Not available for this study (1), treated as missing and not estimated: IL-6."
+    )
     assert profile_missing_sentence({"variables": []}) == ""
-    assert "does not replace" in profile_intro("the site's profile export") and "treated every one as missing" in profile_intro("no profile export given")
+    assert "does not replace" in profile_intro(
+        "the site's profile export"
+    ) and "treated every one as missing" in profile_intro("no profile export given")
     assert profile_value_text(None, "mg/L") == "not available" and profile_value_text("yes", None) == "yes"
     assert profile_value_text(1.5, "1") == "1.5" and profile_value_text(25000.0, "ng/mL") == "25000 ng/mL"
     assert profile_contribution_phrase(0.001) == "no visible effect on the risk score"
     assert profile_contribution_phrase(None) == "" and profile_contribution_phrase(float("nan")) == ""
-    assert profile_contributions_sentence({"variables": [], "top_risk": []}).startswith("No clinical or laboratory value")
+    assert profile_contributions_sentence({"variables": [], "top_risk": []}).startswith(
+        "No clinical or laboratory value"
+    )

@@ -49,7 +49,14 @@ def _phi(patients: list[PatientIdentity]) -> set[str]:
 
 
 def _label_row(study_uid: str, diagnosis: str) -> dict[str, str]:
-    return {"StudyInstanceUID": study_uid, "diagnosis": diagnosis, "severe": "0", "time_days": "", "age": "70", "sex": "F"}
+    return {
+        "StudyInstanceUID": study_uid,
+        "diagnosis": diagnosis,
+        "severe": "0",
+        "time_days": "",
+        "age": "70",
+        "sex": "F",
+    }
 
 
 # --- one site with good and bad series, ingested once with two workers -----------------------------------------
@@ -425,8 +432,13 @@ def test_export_hu_writes_nifti_with_the_dicom_affine_and_values(make_series, tm
 
     series = make_series("nifti")
     site = tmp_path / "site-nifti"
-    manifest = ingest_site(series.folder.parent, site, pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(4, 4, 4)),
-                           workers=1, export_hu=True)  # fmt: skip
+    manifest = ingest_site(
+        series.folder.parent,
+        site,
+        pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(4, 4, 4)),
+        workers=1,
+        export_hu=True,
+    )
     (entry,) = manifest.studies
     path = site / NIFTI_FOLDER / f"{entry.id}.nii.gz"
     image = nib.load(path)
@@ -437,7 +449,13 @@ def test_export_hu_writes_nifti_with_the_dicom_affine_and_values(make_series, tm
     assert np.allclose(image.affine, affine, atol=1e-4)
     assert np.allclose(np.asarray(image.dataobj), volume)
     mtime = path.stat().st_mtime_ns
-    ingest_site(series.folder.parent, site, pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(4, 4, 4)), workers=1, export_hu=True)
+    ingest_site(
+        series.folder.parent,
+        site,
+        pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(4, 4, 4)),
+        workers=1,
+        export_hu=True,
+    )
     assert path.stat().st_mtime_ns == mtime  # unchanged input: not rewritten
 
 
@@ -449,11 +467,18 @@ def test_labels_keyed_by_accession_number(make_series, tmp_path):
     make_series("b", accession_number="ACC-2")
     labels = tmp_path / "labels.csv"
     labels.write_text("AccessionNumber,diagnosis\nACC-1,covid\n")
-    manifest = ingest_site(first.folder.parent, tmp_path / "site", labels_csv=labels,
-                           pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(4, 4, 4)), workers=1)  # fmt: skip
+    manifest = ingest_site(
+        first.folder.parent,
+        tmp_path / "site",
+        labels_csv=labels,
+        pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(4, 4, 4)),
+        workers=1,
+    )
     assert [s.diagnosis for s in manifest.studies] == [0]
     report = json.loads((tmp_path / "site" / "ingest_report.json").read_text())
-    assert [(r["reason"], r["message"]) for r in report["rejected"]] == [("no_label", "AccessionNumber not found in the labels file")]
+    assert [(r["reason"], r["message"]) for r in report["rejected"]] == [
+        ("no_label", "AccessionNumber not found in the labels file")
+    ]
     assert "ACC-1" not in json.dumps(report)
 
 
@@ -479,7 +504,9 @@ def test_a_fresh_process_ingests_without_importing_torch_itself(tmp_path, series
         "print(json.dumps({'studies': len(m.studies), 'torch': 'torch' in sys.modules, 'method': method}))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, check=False
+    )
 
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -493,9 +520,13 @@ def test_a_process_with_torch_forks_its_workers():
     assert pool_context().get_start_method() == "fork"
 
 
-def test_a_study_whose_preferred_series_fails_to_read_uses_its_next_series(make_series, labels_writer, dicom_root, tmp_path):
+def test_a_study_whose_preferred_series_fails_to_read_uses_its_next_series(
+    make_series, labels_writer, dicom_root, tmp_path
+):
     thin = make_series("thin", patient=_patient(0), seed=0, n_slices=14)
-    thick = make_series("thick", patient=_patient(0), seed=1, n_slices=10, slice_spacing_mm=3.0, study_uid=thin.study_uid)
+    thick = make_series(
+        "thick", patient=_patient(0), seed=1, n_slices=10, slice_spacing_mm=3.0, study_uid=thin.study_uid
+    )
     make_series("third", patient=_patient(0), seed=2, n_slices=9, slice_spacing_mm=3.0, study_uid=thin.study_uid)
     thin.paths[3].write_bytes(thin.paths[3].read_bytes()[:-100])  # headers validate; the pixels cannot be read
     labels = labels_writer(tmp_path / "labels.csv", [_label_row(thin.study_uid, "covid")])
@@ -515,7 +546,9 @@ def test_a_study_whose_preferred_series_fails_to_read_uses_its_next_series(make_
     assert [a["slices"] for a in report["accepted"]] == [10]
     # training reads what ingest cached for the fallback series
     cached = sorted(p for p in cache_dir_for(tmp_path / "site", SMALL).rglob("*") if p.is_file())
-    dataset = make_dataset([s.item() for s in load_manifest(tmp_path / "site", SMALL).studies], SMALL, tmp_path / "site", augment=False)
+    dataset = make_dataset(
+        [s.item() for s in load_manifest(tmp_path / "site", SMALL).studies], SMALL, tmp_path / "site", augment=False
+    )
     assert tuple(dataset[0]["image"].shape) == (1, *SMALL.input_size)
     assert cached and sorted(p for p in cache_dir_for(tmp_path / "site", SMALL).rglob("*") if p.is_file()) == cached
 

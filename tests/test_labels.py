@@ -11,8 +11,22 @@ COLUMNS = ["StudyInstanceUID", "diagnosis", "severe", "time_days", "age", "sex"]
 
 def _rows(*overrides: dict) -> list[dict]:
     base = [
-        {"StudyInstanceUID": "1.2.3.1", "diagnosis": "covid", "severe": "1", "time_days": "12.5", "age": "63", "sex": "F"},
-        {"StudyInstanceUID": "1.2.3.2", "diagnosis": "other_pneumonia", "severe": "0", "time_days": "", "age": "41.5", "sex": "M"},
+        {
+            "StudyInstanceUID": "1.2.3.1",
+            "diagnosis": "covid",
+            "severe": "1",
+            "time_days": "12.5",
+            "age": "63",
+            "sex": "F",
+        },
+        {
+            "StudyInstanceUID": "1.2.3.2",
+            "diagnosis": "other_pneumonia",
+            "severe": "0",
+            "time_days": "",
+            "age": "41.5",
+            "sex": "M",
+        },
         {"StudyInstanceUID": "1.2.3.3", "diagnosis": "normal", "severe": "", "time_days": "0", "age": "", "sex": ""},
         {"StudyInstanceUID": "1.2.3.4", "diagnosis": "", "severe": "", "time_days": "", "age": "", "sex": ""},
     ]
@@ -29,7 +43,9 @@ def test_good_labels_file(tmp_path, labels_writer):
 
     assert labels == {
         "1.2.3.1": StudyLabel(diagnosis=DIAGNOSES.index("covid"), severe=1, time_days=12.5, age=63.0, sex="F"),
-        "1.2.3.2": StudyLabel(diagnosis=DIAGNOSES.index("other_pneumonia"), severe=0, time_days=None, age=41.5, sex="M"),
+        "1.2.3.2": StudyLabel(
+            diagnosis=DIAGNOSES.index("other_pneumonia"), severe=0, time_days=None, age=41.5, sex="M"
+        ),
         "1.2.3.3": StudyLabel(diagnosis=DIAGNOSES.index("normal"), severe=None, time_days=0.0, age=None, sex=None),
         "1.2.3.4": StudyLabel(diagnosis=None, severe=None, time_days=None, age=None, sex=None),
     }
@@ -57,7 +73,10 @@ def test_header_only_file_has_no_labels(tmp_path, labels_writer):
 
 @pytest.mark.parametrize(
     ("missing", "needle"),
-    [("StudyInstanceUID", "needs exactly one of the columns StudyInstanceUID or AccessionNumber"), ("diagnosis", "missing column\\(s\\) diagnosis")],
+    [
+        ("StudyInstanceUID", "needs exactly one of the columns StudyInstanceUID or AccessionNumber"),
+        ("diagnosis", "missing column\\(s\\) diagnosis"),
+    ],
 )
 def test_missing_column_is_named(tmp_path, labels_writer, missing, needle):
     path = labels_writer(tmp_path / "labels.csv", _rows(), [c for c in COLUMNS if c != missing])

@@ -91,10 +91,17 @@ def test_same_model_input_as_the_dicom_path(tmp_path: Path) -> None:
     """The HU volume of a DICOM series, saved as NIfTI with its RAS affine, gives the DICOM series' model input."""
     hu = _chest()
     patient = PatientIdentity("Test^Nifti", "PID1", "19700101", "F", "050Y")
-    write_ct_series(tmp_path / "dcm", hu, pixel_spacing_mm=(0.8, 0.7), slice_spacing_mm=2.5, origin_mm=(-10.0, 20.0, -30.0),
-                    study_instance_uid="1.2.826.0.1.3680043.8.498.1", series_instance_uid="1.2.826.0.1.3680043.8.498.2",
-                    patient=patient)  # fmt: skip
-    (_, headers), = discover(tmp_path / "dcm").series.items()
+    write_ct_series(
+        tmp_path / "dcm",
+        hu,
+        pixel_spacing_mm=(0.8, 0.7),
+        slice_spacing_mm=2.5,
+        origin_mm=(-10.0, 20.0, -30.0),
+        study_instance_uid="1.2.826.0.1.3680043.8.498.1",
+        series_instance_uid="1.2.826.0.1.3680043.8.498.2",
+        patient=patient,
+    )
+    ((_, headers),) = discover(tmp_path / "dcm").series.items()
     series = validate_series(headers)
     volume, affine = read_hu_volume(series)
     nifti = validate_nifti(_save(tmp_path / "same.nii.gz", volume, affine))
@@ -155,7 +162,9 @@ def test_unknown_intensity_convention_is_refused(tmp_path: Path) -> None:
     data = _volume()
     normalised = (data - data.min()) / (data.max() - data.min())  # a 0..1 export: not HU
     assert _reason(_save(tmp_path / "normalised.nii.gz", normalised)) == "nifti_intensity_unknown"
-    assert _reason(_save(tmp_path / "nobody.nii.gz", np.full((32, 32, 16), 40.0, np.float32))) == "nifti_intensity_unknown"
+    assert (
+        _reason(_save(tmp_path / "nobody.nii.gz", np.full((32, 32, 16), 40.0, np.float32))) == "nifti_intensity_unknown"
+    )
 
 
 def test_too_small_and_misnamed_files_are_refused(tmp_path: Path) -> None:
@@ -199,7 +208,10 @@ def test_ingest_of_a_nifti_site_accepts_good_volumes_and_reports_the_rest(tmp_pa
     _save(site / "nifti" / "study_0099.nii.gz", _volume()[:, :, 0])
     _save(site / "nifti" / "unlabelled.nii.gz", _volume())
     (site / "nifti" / "notes.txt").write_text("not a volume")
-    rows = [f"study_{i:04d},{'covid' if i % 2 else 'normal'}" for i in range(6)] + ["study_0098,covid", "study_0099,normal"]
+    rows = [f"study_{i:04d},{'covid' if i % 2 else 'normal'}" for i in range(6)] + [
+        "study_0098,covid",
+        "study_0099,normal",
+    ]
     (site / "labels.csv").write_text("StudyInstanceUID,diagnosis\n" + "\n".join(rows) + "\n")
     work = tmp_path / "work"
     split = SplitConfig(val_fraction=0.0, test_fraction=0.0)
@@ -208,7 +220,12 @@ def test_ingest_of_a_nifti_site_accepts_good_volumes_and_reports_the_rest(tmp_pa
     assert sorted(DIAGNOSES[s.diagnosis] for s in manifest.studies) == ["covid"] * 3 + ["normal"] * 3
     report = json.loads((work / REPORT_NAME).read_text())
     assert report["counts"]["by_reason"] == {"nifti_unreadable": 1, "nifti_not_3d": 1, "no_label": 1, "not_nifti": 1}
-    assert {r["path"] for r in report["rejected"]} == {"study_0098.nii.gz", "study_0099.nii.gz", "unlabelled.nii.gz", "notes.txt"}
+    assert {r["path"] for r in report["rejected"]} == {
+        "study_0098.nii.gz",
+        "study_0099.nii.gz",
+        "unlabelled.nii.gz",
+        "notes.txt",
+    }
     text = (work / MANIFEST_NAME).read_text()
     assert "study_0001" not in json.dumps([s.id for s in manifest.studies])  # ids are keyed pseudonyms
     assert "nifti" in text

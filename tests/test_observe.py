@@ -10,16 +10,32 @@ from fl_server.run_log import RunLog
 
 
 def _site_eval(auc: float, n: float) -> dict:
-    return {"val-n": n, "val-auc-macro": auc, "val-loss": 1.0 - auc / 2, "val-c-index": 0.6, "test-n": n, "test-auc-macro": auc - 0.05,
-            "val-n-events": 2.0, "test-n-events": 2.0, "val-balanced-accuracy": 0.5, "val-hist-pos-covid": [1.0, 0.0],
-            "val-hist-neg-covid": [0.0, 2.0], "test-c-index": math.nan}
+    return {
+        "val-n": n,
+        "val-auc-macro": auc,
+        "val-loss": 1.0 - auc / 2,
+        "val-c-index": 0.6,
+        "test-n": n,
+        "test-auc-macro": auc - 0.05,
+        "val-n-events": 2.0,
+        "test-n-events": 2.0,
+        "val-balanced-accuracy": 0.5,
+        "val-hist-pos-covid": [1.0, 0.0],
+        "val-hist-neg-covid": [0.0, 2.0],
+        "test-c-index": math.nan,
+    }
 
 
 def _rounds(tmp_path, n_rounds: int) -> list[dict]:
     """Round entries written by the server's own RunLog (the shape observe_round receives)."""
     log = RunLog(tmp_path / "log", run_config={}, emit=lambda _line: None)
     for r in range(1, n_rounds + 1):
-        log.site_train({"site-0": {"train-loss": 1.0 / r, "num-examples": 4.0}, "site-1": {"train-loss": 1.2 / r, "num-examples": 6.0}})
+        log.site_train(
+            {
+                "site-0": {"train-loss": 1.0 / r, "num-examples": 4.0},
+                "site-1": {"train-loss": 1.2 / r, "num-examples": 6.0},
+            }
+        )
         log.site_evaluate({"site-0": _site_eval(0.6 + 0.1 * r, 3.0), "site-1": _site_eval(0.5 + 0.1 * r, 4.0)})
         log.end_round(r)
     return log.rounds
@@ -64,8 +80,10 @@ def test_no_round_yet_writes_no_figure(tmp_path):
     assert not (tmp_path / "run" / LEARNING_CURVES).exists()
 
 
-@pytest.mark.parametrize(("rounds", "needle"), [({"round": 1}, "list"), ([{"evaluate": {}}], "rounds\\[0\\]"),
-                                                 ([{"round": 1, "train": 3}], "train")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("rounds", "needle"),
+    [({"round": 1}, "list"), ([{"evaluate": {}}], "rounds\\[0\\]"), ([{"round": 1, "train": 3}], "train")],
+)
 def test_bad_rounds_are_refused_with_the_reason(tmp_path, rounds, needle):
     with pytest.raises(ValueError, match=needle):
         observe_round(tmp_path / "run", rounds)

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-
 from federation import TINY_RUN_CONFIG, tiny_federation
 from orthanc import CLIENT_AET, SKIP_REASON, FaultyProxy, free_port, orthanc_available, start_orthanc, stop_orthanc
+
 from fedct.cli import main
 from preprocessing.deid import KEY_FILE_NAME
 from preprocessing.ingest import MANIFEST_NAME, ingest_site, load_manifest
@@ -41,7 +41,9 @@ from preprocessing.volume import as_series, read_hu_volume
 needs_orthanc = pytest.mark.skipif(not orthanc_available(), reason=SKIP_REASON)
 USER, PASSWORD = "site-a", "s3cret-Pa55"
 SPACING, SIZE = TINY_RUN_CONFIG["target-spacing-mm"], TINY_RUN_CONFIG["input-size"]
-PIPELINE = PipelineConfig(target_spacing_mm=tuple(map(float, SPACING.split(","))), input_size=tuple(map(int, SIZE.split(","))))
+PIPELINE = PipelineConfig(
+    target_spacing_mm=tuple(map(float, SPACING.split(","))), input_size=tuple(map(int, SIZE.split(",")))
+)
 
 
 def write_env(folder: Path, *, password: str = PASSWORD, **settings: object) -> Path:
@@ -49,18 +51,32 @@ def write_env(folder: Path, *, password: str = PASSWORD, **settings: object) -> 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pacs.password").write_text(password + "\n")
     (folder / "pacs.password").chmod(0o600)
-    values = {"FEDCT_SITE_NAME": "site-a", "FEDCT_PACS_USER": USER, "FEDCT_PACS_PASSWORD_FILE": "pacs.password",
-              "FEDCT_PACS_AET": CLIENT_AET, "FEDCT_PACS_RETRIES": 2, "FEDCT_PACS_BACKOFF_S": 0.01, "FEDCT_PACS_TIMEOUT_S": 20,
-              "FEDCT_PACS_ALLOW_PLAIN_HTTP": "yes",  # the test PACS (Orthanc on 127.0.0.1) speaks plain http
-              **settings}  # fmt: skip
+    values = {
+        "FEDCT_SITE_NAME": "site-a",
+        "FEDCT_PACS_USER": USER,
+        "FEDCT_PACS_PASSWORD_FILE": "pacs.password",
+        "FEDCT_PACS_AET": CLIENT_AET,
+        "FEDCT_PACS_RETRIES": 2,
+        "FEDCT_PACS_BACKOFF_S": 0.01,
+        "FEDCT_PACS_TIMEOUT_S": 20,
+        "FEDCT_PACS_ALLOW_PLAIN_HTTP": "yes",  # the test PACS (Orthanc on 127.0.0.1) speaks plain http
+        **settings,
+    }
     path = folder / "site.env"
     path.write_text("# site env file\n" + "".join(f"{key}={value}\n" for key, value in values.items()))
     return path
 
 
 def settings_for(url: str, **overrides: object) -> PacsSettings:
-    values: dict = {"url": url, "user": USER, "password": PASSWORD, "calling_aet": CLIENT_AET, "retries": 2, "backoff_s": 0.01,
-                    "allow_plain_http": True}  # fmt: skip
+    values: dict = {
+        "url": url,
+        "user": USER,
+        "password": PASSWORD,
+        "calling_aet": CLIENT_AET,
+        "retries": 2,
+        "backoff_s": 0.01,
+        "allow_plain_http": True,
+    }
     return PacsSettings(**{**values, **overrides})
 
 
@@ -99,7 +115,9 @@ def pacs_site(pacs):
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc, site_dir = ingest_from_pacs(pacs, "web-site", pacs["server"].dicomweb_url, write_env(pacs["root"] / "env-web"))
+        rc, site_dir = ingest_from_pacs(
+            pacs, "web-site", pacs["server"].dicomweb_url, write_env(pacs["root"] / "env-web")
+        )
     assert rc == 0, err.getvalue()
     return site_dir, out.getvalue() + err.getvalue()
 
@@ -109,8 +127,26 @@ def ingest_from_pacs(pacs: dict, name: str, url: str, env: Path, *extra: str) ->
     site_dir = pacs["root"] / name
     site_dir.mkdir()
     shutil.copy2(pacs["folder_site"] / KEY_FILE_NAME, site_dir / KEY_FILE_NAME)
-    rc = main(["ingest", "--pacs", url, "--pacs-env", str(env), "--out", str(site_dir), "--labels", str(pacs["site"] / "labels.csv"),
-               "--spacing", SPACING, "--input-size", SIZE, "--workers", "1", *extra])  # fmt: skip
+    rc = main(
+        [
+            "ingest",
+            "--pacs",
+            url,
+            "--pacs-env",
+            str(env),
+            "--out",
+            str(site_dir),
+            "--labels",
+            str(pacs["site"] / "labels.csv"),
+            "--spacing",
+            SPACING,
+            "--input-size",
+            SIZE,
+            "--workers",
+            "1",
+            *extra,
+        ]
+    )
     return rc, site_dir
 
 
@@ -118,15 +154,21 @@ def ingest_from_pacs(pacs: dict, name: str, url: str, env: Path, *extra: str) ->
 
 
 def test_settings_come_from_the_env_file_with_the_password_in_its_own_file(tmp_path):
-    env = write_env(tmp_path, FEDCT_PACS_URL="'https://pacs.example.org/dicom-web'  # quoted, with a comment",
-                    FEDCT_PACS_STUDY_DATE="20240101-", FEDCT_PACS_CA_FILE="ca.pem")  # fmt: skip
+    env = write_env(
+        tmp_path,
+        FEDCT_PACS_URL="'https://pacs.example.org/dicom-web'  # quoted, with a comment",
+        FEDCT_PACS_STUDY_DATE="20240101-",
+        FEDCT_PACS_CA_FILE="ca.pem",
+    )
     (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
     settings = read_pacs_settings(env)
     assert (settings.url, settings.user, settings.password) == ("https://pacs.example.org/dicom-web", USER, PASSWORD)
     assert settings.study_date == "20240101-" and settings.ca_file == tmp_path / "ca.pem" and settings.modality == "CT"
     assert (settings.retries, settings.backoff_s, settings.calling_aet) == (2, 0.01, CLIENT_AET)
     assert PASSWORD not in repr(settings)  # never printed by accident
-    assert read_pacs_settings(env, url="dicom://PACS@10.0.0.5:104").url == "dicom://PACS@10.0.0.5:104"  # --pacs URL wins
+    assert (
+        read_pacs_settings(env, url="dicom://PACS@10.0.0.5:104").url == "dicom://PACS@10.0.0.5:104"
+    )  # --pacs URL wins
     assert all(key.startswith("FEDCT_PACS_") for key in ENV_KEYS)
 
 
@@ -173,7 +215,12 @@ def test_credentials_are_refused_on_the_command_line_and_need_user_and_password(
 
 def test_endpoint_parses_both_protocols():
     web = endpoint("https://pacs.example.org/dicom-web/")
-    assert (web.kind, web.url, web.host, web.port) == ("dicomweb", "https://pacs.example.org/dicom-web", "pacs.example.org", 443)
+    assert (web.kind, web.url, web.host, web.port) == (
+        "dicomweb",
+        "https://pacs.example.org/dicom-web",
+        "pacs.example.org",
+        443,
+    )
     dimse = endpoint("dicom://ORTHANC@10.1.2.3:4242")
     assert (dimse.kind, dimse.called_aet, dimse.host, dimse.port) == ("dimse", "ORTHANC", "10.1.2.3", 4242)
 
@@ -322,7 +369,11 @@ def test_interrupted_pull_resumes_without_refetching(pacs, tmp_path):
 
         proxy.reset()
         result = pull(settings_for(proxy.url), dest)
-        assert (result.instances, result.present, result.fetched) == (pacs["uploaded"], len(before), pacs["uploaded"] - len(before))
+        assert (result.instances, result.present, result.fetched) == (
+            pacs["uploaded"],
+            len(before),
+            pacs["uploaded"] - len(before),
+        )
         assert proxy.counts["wado"] == result.series - 2  # one streamed request per series that was missing
         assert before <= {p.name for p in dest.rglob("*.dcm")}
 
@@ -357,7 +408,9 @@ def test_transient_503_is_retried_and_the_pull_completes(pacs, tmp_path, caplog)
 
 
 @needs_orthanc
-@pytest.mark.parametrize("failure", ["wrong-password", "unreachable", "http-503", "dimse-unreachable", "dimse-unknown-aet"])
+@pytest.mark.parametrize(
+    "failure", ["wrong-password", "unreachable", "http-503", "dimse-unreachable", "dimse-unknown-aet"]
+)
 def test_refusing_pacs_gives_a_clear_error_and_loses_nothing(pacs, pacs_site, failure, capsys):
     """A site already ingested from the PACS; the next ingest fails: clear message, manifest and files untouched."""
     site_dir, name = pacs_site[0], failure
@@ -379,15 +432,37 @@ def test_refusing_pacs_gives_a_clear_error_and_loses_nothing(pacs, pacs_site, fa
         url, settings = pacs["server"].dimse_url, {"FEDCT_PACS_AET": "STRANGER"}
     env = write_env(pacs["root"] / f"env-bad-{name}", password=password, **settings)
     try:
-        rc = main(["ingest", "--pacs", url, "--pacs-env", str(env), "--out", str(site_dir), "--labels", str(pacs["site"] / "labels.csv"),
-                   "--spacing", SPACING, "--input-size", SIZE, "--workers", "1"])  # fmt: skip
+        rc = main(
+            [
+                "ingest",
+                "--pacs",
+                url,
+                "--pacs-env",
+                str(env),
+                "--out",
+                str(site_dir),
+                "--labels",
+                str(pacs["site"] / "labels.csv"),
+                "--spacing",
+                SPACING,
+                "--input-size",
+                SIZE,
+                "--workers",
+                "1",
+            ]
+        )
     finally:
         proxy.close()
     err = capsys.readouterr().err
     assert rc == 2 and f"PACS {url}" in err and password not in err
     expected = {
         "wrong-password": ["HTTP 401", "FEDCT_PACS_USER and FEDCT_PACS_PASSWORD_FILE", str(env)],
-        "unreachable": ["cannot reach", "connection refused", "check the URL, that the PACS is running", "after 3 attempt(s)"],
+        "unreachable": [
+            "cannot reach",
+            "connection refused",
+            "check the URL, that the PACS is running",
+            "after 3 attempt(s)",
+        ],
         "http-503": ["HTTP 503", "after 3 attempt(s)", "failing or overloaded", "run again"],
         "dimse-unreachable": ["cannot reach", "no association", "check the host, port", "after 3 attempt(s)"],
         "dimse-unknown-aet": ["rejected", "FEDCT_PACS_AET (STRANGER) is registered at the PACS"],
@@ -409,19 +484,24 @@ def test_basic_auth_over_plain_http_is_refused_unless_explicitly_allowed(tmp_pat
         PacsSettings(url="http://pacs.example.org/dicom-web", user=USER, password=PASSWORD)
     allowed = read_pacs_settings(write_env(tmp_path / "b", FEDCT_PACS_URL="http://pacs.example.org/dicom-web"))
     assert allowed.allow_plain_http and allowed.user == USER
-    https = read_pacs_settings(write_env(tmp_path / "c", FEDCT_PACS_URL="https://pacs.example.org/dicom-web",
-                                         FEDCT_PACS_ALLOW_PLAIN_HTTP="no"))  # fmt: skip
+    https = read_pacs_settings(
+        write_env(tmp_path / "c", FEDCT_PACS_URL="https://pacs.example.org/dicom-web", FEDCT_PACS_ALLOW_PLAIN_HTTP="no")
+    )
     assert https.user == USER
     assert PacsSettings(url="http://pacs.example.org/dicom-web").user is None  # no credentials: nothing to expose
     with pytest.raises(ValueError, match="yes or no"):
-        read_pacs_settings(write_env(tmp_path / "d", FEDCT_PACS_URL="http://x/dicom-web", FEDCT_PACS_ALLOW_PLAIN_HTTP="maybe"))
+        read_pacs_settings(
+            write_env(tmp_path / "d", FEDCT_PACS_URL="http://x/dicom-web", FEDCT_PACS_ALLOW_PLAIN_HTTP="maybe")
+        )
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
 def test_a_password_file_others_may_read_is_refused(tmp_path, mode):
     env = write_env(tmp_path, FEDCT_PACS_URL="https://pacs.example.org/dicom-web")
     (tmp_path / "pacs.password").chmod(mode)
-    with pytest.raises(ValueError, match=rf"pacs.password may be read by group or others \(mode {mode:04o}\).*chmod 600"):
+    with pytest.raises(
+        ValueError, match=rf"pacs.password may be read by group or others \(mode {mode:04o}\).*chmod 600"
+    ):
         read_pacs_settings(env)
     (tmp_path / "pacs.password").chmod(0o400)
     assert read_pacs_settings(env).password == PASSWORD
@@ -449,30 +529,52 @@ def make_tls_files(folder: Path) -> dict[str, Path]:
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def name(cn: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("fedct test CA")).issuer_name(name("fedct test CA"))
-          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))  # fmt: skip
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("fedct test CA"))
+        .issuer_name(name("fedct test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     files = {"ca": folder / "ca.pem"}
     files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     for role, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(f"fedct test {role}")).issuer_name(ca.subject)
-                .public_key(key.public_key()).serial_number(2 if role == "server" else 3).not_valid_before(now)
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                               critical=False)
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False).sign(ca_key, hashes.SHA256()))  # fmt: skip
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(f"fedct test {role}"))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(2 if role == "server" else 3)
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
         files[f"{role}-cert"] = folder / f"{role}.pem"
         files[f"{role}-key"] = folder / f"{role}.key"
         files[f"{role}-cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        files[f"{role}-key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                           serialization.NoEncryption()))  # fmt: skip
+        files[f"{role}-key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         files[f"{role}-key"].chmod(0o600)
     return files
 
@@ -507,8 +609,12 @@ def tls_find_scp(tmp_path):
     ae = AE(ae_title="TLSPACS")
     ae.add_supported_context(FIND)
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=tls_server_context(files, require_client_cert=True),
-                             evt_handlers=[(evt.EVT_C_FIND, on_find)])  # fmt: skip
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        ssl_context=tls_server_context(files, require_client_cert=True),
+        evt_handlers=[(evt.EVT_C_FIND, on_find)],
+    )
     yield f"dicom://TLSPACS@127.0.0.1:{port}", files
     server.shutdown()
 
@@ -517,8 +623,15 @@ def test_dimse_over_tls_with_a_verified_pacs_certificate(tls_find_scp, tmp_path)
     from preprocessing.pacs import DimseConnection, Query
 
     url, files = tls_find_scp
-    env = write_env(tmp_path / "env", FEDCT_PACS_URL=url, FEDCT_PACS_TLS_CA=files["ca"], FEDCT_PACS_TLS_CERT=files["client-cert"],
-                    FEDCT_PACS_TLS_KEY=files["client-key"], FEDCT_PACS_USER="", FEDCT_PACS_PASSWORD_FILE="")  # fmt: skip
+    env = write_env(
+        tmp_path / "env",
+        FEDCT_PACS_URL=url,
+        FEDCT_PACS_TLS_CA=files["ca"],
+        FEDCT_PACS_TLS_CERT=files["client-cert"],
+        FEDCT_PACS_TLS_KEY=files["client-key"],
+        FEDCT_PACS_USER="",
+        FEDCT_PACS_PASSWORD_FILE="",
+    )
     settings = read_pacs_settings(env)
     assert settings.tls_ca == files["ca"]
     refs = DimseConnection(settings).find_series(Query(modality="CT"))
@@ -530,8 +643,11 @@ def test_dimse_tls_refuses_what_it_cannot_verify(tls_find_scp, tmp_path, case):
     from preprocessing.pacs import DimseConnection, Query, Unreachable
 
     url, files = tls_find_scp
-    overrides = {"plain": {}, "wrong-ca": {"tls_ca": make_tls_files(tmp_path / "other")["ca"]},
-                 "no-client-cert": {"tls_ca": files["ca"]}}[case]  # fmt: skip
+    overrides = {
+        "plain": {},
+        "wrong-ca": {"tls_ca": make_tls_files(tmp_path / "other")["ca"]},
+        "no-client-cert": {"tls_ca": files["ca"]},
+    }[case]
     settings = settings_for(url, user=None, password=None, timeout_s=5, **overrides)
     with pytest.raises(Unreachable):
         DimseConnection(settings).find_series(Query(modality="CT"))
@@ -546,5 +662,6 @@ def test_tls_settings_are_checked_before_anything_connects(tmp_path):
     with pytest.raises(ValueError, match="C-MOVE over TLS"):
         settings_for("dicom://PACS@127.0.0.1:104", tls_ca=files["ca"], move_port=11112)
     with pytest.raises(ValueError, match="FEDCT_PACS_TLS_CA: .*does not exist"):
-        read_pacs_settings(write_env(tmp_path / "env", FEDCT_PACS_URL="dicom://PACS@127.0.0.1:104",
-                                     FEDCT_PACS_TLS_CA="missing.pem"))  # fmt: skip
+        read_pacs_settings(
+            write_env(tmp_path / "env", FEDCT_PACS_URL="dicom://PACS@127.0.0.1:104", FEDCT_PACS_TLS_CA="missing.pem")
+        )

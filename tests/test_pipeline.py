@@ -45,6 +45,8 @@ def test_bad_settings_are_refused_naming_them(kwargs, message):
 def test_reading_the_settings_does_not_import_torch():
     code = "import sys, json; import preprocessing.pipeline, preprocessing.ingest; print(json.dumps('torch' in sys.modules))"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=True
+    )
 
     assert json.loads(done.stdout) is False

@@ -26,7 +26,9 @@ from fedct.processes import (
 
 #: A child that prints "ready" once its SIGTERM handling is set up, then sleeps.
 OBEYS = "import signal, sys, time; print('ready', flush=True); time.sleep(300)"
-IGNORES = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(300)"
+IGNORES = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(300)"
+)
 #: A process-group leader that starts a grandchild (which ignores SIGTERM when told to) and reports its PID.
 LEADER = """
 import subprocess, sys, time
@@ -98,7 +100,11 @@ def test_a_process_group_is_stopped_with_its_grandchild(started, grandchild):
     started[0].append(leader)
     child = int(leader.stdout.readline())
     started[1].append(child)
-    assert process_alive(child) and child in process_tree(leader.pid) and sorted(pids_matching(marker)) == sorted([leader.pid, child])
+    assert (
+        process_alive(child)
+        and child in process_tree(leader.pid)
+        and sorted(pids_matching(marker)) == sorted([leader.pid, child])
+    )
     result = stop_process(leader, grace_s=1.0, group=True)
     assert result.group and result.outcome == (TERMINATED if grandchild == "obey" else KILLED)
     assert not process_alive(child) and not pids_matching(marker)

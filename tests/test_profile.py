@@ -63,11 +63,20 @@ unit = "{ddimer_unit}"
 HEADER = "uid,age_y,gender,dm,crp_mgdl,lymph,ddimer,comment"
 
 
-def _site(tmp_path: Path, rows: list[str], *, crp_extra: str = "", ddimer_unit: str = "mg/L{{FEU}}", ddimer_extra: str = "",
-          header: str = HEADER) -> Path:
+def _site(
+    tmp_path: Path,
+    rows: list[str],
+    *,
+    crp_extra: str = "",
+    ddimer_unit: str = "mg/L{{FEU}}",
+    ddimer_extra: str = "",
+    header: str = HEADER,
+) -> Path:
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
-    text = MAPPING.replace("{crp_extra}", crp_extra).replace("{ddimer_unit}", ddimer_unit.replace("{{", "{").replace("}}", "}"))
+    text = MAPPING.replace("{crp_extra}", crp_extra).replace(
+        "{ddimer_unit}", ddimer_unit.replace("{{", "{").replace("}}", "}")
+    )
     (site / "profile-mapping.toml").write_text(text.replace("{ddimer_extra}", ddimer_extra), encoding="utf-8")
     (site / "profile.csv").write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
     return site
@@ -89,23 +98,38 @@ GOOD = [
 # --- units ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("site", "schema", "factor"), [
-    ("mg/dL", "mg/L", 10.0), ("g/L", "mg/L", 1000.0), ("mg/L", "mg/L", 1.0), ("10*9/L", "10*3/uL", 1.0),
-    ("/uL", "10*3/uL", 0.001), ("{cells}/uL", "10*3/uL", 0.001), ("ukat/L", "U/L", 60.0), ("ug/L", "ng/mL", 1.0),
-    ("1", "%", 100.0), ("mo", "a", 1 / 12), ("mg/L{FEU}", "ug/mL{FEU}", 1.0), ("ng/mL{FEU}", "ug/mL{FEU}", 0.001),
-    ("{Ct}", "{Ct_value}", 1.0),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("site", "schema", "factor"),
+    [
+        ("mg/dL", "mg/L", 10.0),
+        ("g/L", "mg/L", 1000.0),
+        ("mg/L", "mg/L", 1.0),
+        ("10*9/L", "10*3/uL", 1.0),
+        ("/uL", "10*3/uL", 0.001),
+        ("{cells}/uL", "10*3/uL", 0.001),
+        ("ukat/L", "U/L", 60.0),
+        ("ug/L", "ng/mL", 1.0),
+        ("1", "%", 100.0),
+        ("mo", "a", 1 / 12),
+        ("mg/L{FEU}", "ug/mL{FEU}", 1.0),
+        ("ng/mL{FEU}", "ug/mL{FEU}", 0.001),
+        ("{Ct}", "{Ct_value}", 1.0),
+    ],
+)
 def test_known_units_convert(site: str, schema: str, factor: float) -> None:
     assert conversion_factor(site, schema) == pytest.approx(factor, rel=1e-12)
 
 
-@pytest.mark.parametrize(("site", "schema", "message"), [
-    ("ng/mL{DDU}", "ug/mL{FEU}", "different quantity"),  # the D-dimer trap: DDU is not FEU
-    ("mg/dL", "mmol/L", "not the same kind"),
-    ("mcg/mL", "ng/mL", "unknown unit 'mcg/mL'"),
-    ("x10^9/L", "10*3/uL", "unknown unit"),
-    ("mg/dL", "U/L", "not the same kind"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("site", "schema", "message"),
+    [
+        ("ng/mL{DDU}", "ug/mL{FEU}", "different quantity"),  # the D-dimer trap: DDU is not FEU
+        ("mg/dL", "mmol/L", "not the same kind"),
+        ("mcg/mL", "ng/mL", "unknown unit 'mcg/mL'"),
+        ("x10^9/L", "10*3/uL", "unknown unit"),
+        ("mg/dL", "U/L", "not the same kind"),
+    ],
+)
 def test_bad_unit_pairs_are_refused(site: str, schema: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("*", r"\*")):
         conversion_factor(site, schema)
@@ -133,18 +157,21 @@ def test_shipped_schema_has_coded_variables() -> None:
         schema.variable("weight")
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    ('[variables.x]\ntype = "float"\nlevel = "study"\nrange = [0, 1]\n', "needs a UCUM `unit`"),
-    ('[variables.x]\ntype = "float"\nlevel = "study"\nunit = "furlong"\nrange = [0, 1]\n', "unknown unit"),
-    ('[variables.x]\ntype = "float"\nlevel = "study"\nunit = "mg/L"\nrange = [5, 1]\n', "low < high"),
-    ('[variables.x]\ntype = "text"\nlevel = "study"\n', "type must be one of"),
-    ('[variables.x]\ntype = "bool"\nlevel = "visit"\n', "level must be one of"),
-    ('[variables.x]\ntype = "category"\nlevel = "patient"\ncategories = ["a", "a"]\n', "distinct"),
-    ('[variables.X]\ntype = "bool"\nlevel = "patient"\n', "lower-case"),
-    ('[variables.x]\ntype = "bool"\nlevel = "patient"\ncolour = "red"\n', "unknown key"),
-    ('[schema]\nname = "s"\n', "no \\[variables"),
-    ("not toml = = 1", "not valid TOML"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('[variables.x]\ntype = "float"\nlevel = "study"\nrange = [0, 1]\n', "needs a UCUM `unit`"),
+        ('[variables.x]\ntype = "float"\nlevel = "study"\nunit = "furlong"\nrange = [0, 1]\n', "unknown unit"),
+        ('[variables.x]\ntype = "float"\nlevel = "study"\nunit = "mg/L"\nrange = [5, 1]\n', "low < high"),
+        ('[variables.x]\ntype = "text"\nlevel = "study"\n', "type must be one of"),
+        ('[variables.x]\ntype = "bool"\nlevel = "visit"\n', "level must be one of"),
+        ('[variables.x]\ntype = "category"\nlevel = "patient"\ncategories = ["a", "a"]\n', "distinct"),
+        ('[variables.X]\ntype = "bool"\nlevel = "patient"\n', "lower-case"),
+        ('[variables.x]\ntype = "bool"\nlevel = "patient"\ncolour = "red"\n', "unknown key"),
+        ('[schema]\nname = "s"\n', "no \\[variables"),
+        ("not toml = = 1", "not valid TOML"),
+    ],
+)
 def test_bad_schema_is_refused(tmp_path: Path, body: str, message: str) -> None:
     path = tmp_path / "schema.toml"
     path.write_text(body, encoding="utf-8")
@@ -187,7 +214,7 @@ def test_bad_rows_are_all_reported_with_line_and_column_and_dropped(tmp_path: Pa
         f"{UID.format(5)},50,male,N,150,2.1,0.4,",  # line 6 CRP 1500 mg/L out of range
         f"{UID.format(6)},250,male,N,1,2.1,0.4,",  # line 7 age out of range
         f"{UID.format(7)},50,male,N,1,2.1",  # line 8 short row
-        f",50,male,N,1,2.1,0.4,",  # line 9 empty key
+        ",50,male,N,1,2.1,0.4,",  # line 9 empty key
         f"{UID.format(8)},60,female,N,1,1.1,0.4,",  # line 10 good
         f"{UID.format(9)},60,female,N,<0.5,1.1,0.4,",  # line 11 censored, no policy
     ]
@@ -196,10 +223,16 @@ def test_bad_rows_are_all_reported_with_line_and_column_and_dropped(tmp_path: Pa
     assert table.rows_read == 10 and table.rows_dropped == 8
     by_line = {e.line: e for e in table.errors}
     assert sorted(by_line) == [3, 4, 5, 6, 7, 8, 9, 11]
-    assert by_line[3].column == "gender" and "is not in the mapping's values ('female', 'male', 'unknown')" in by_line[3].reason
+    assert (
+        by_line[3].column == "gender"
+        and "is not in the mapping's values ('female', 'male', 'unknown')" in by_line[3].reason
+    )
     assert by_line[4].column == "dm"
     assert by_line[5].column == "crp_mgdl" and "not a number" in by_line[5].reason
-    assert by_line[6].column == "crp_mgdl" and "150 mg/dL = 1500 mg/L is outside the allowed range [0, 1000] mg/L" in by_line[6].reason
+    assert (
+        by_line[6].column == "crp_mgdl"
+        and "150 mg/dL = 1500 mg/L is outside the allowed range [0, 1000] mg/L" in by_line[6].reason
+    )
     assert by_line[7].column == "age_y" and "250" in by_line[7].reason
     assert "cells" in by_line[8].reason and "empty StudyInstanceUID" in by_line[9].reason
     assert "censored" in by_line[11].reason
@@ -207,8 +240,11 @@ def test_bad_rows_are_all_reported_with_line_and_column_and_dropped(tmp_path: Pa
 
 
 def test_errors_never_repeat_keys_or_identifier_like_text(tmp_path: Path) -> None:
-    rows = [f"{UID.format(1)},71,SMITH^JOHN 19570312,Y,5.2,0.8,1.9,", f"{UID.format(2)},71,male,Y,12345678,0.8,1.9,",
-            f"{UID.format(2)},71,male,Y,1,0.8,1.9,"]  # fmt: skip
+    rows = [
+        f"{UID.format(1)},71,SMITH^JOHN 19570312,Y,5.2,0.8,1.9,",
+        f"{UID.format(2)},71,male,Y,12345678,0.8,1.9,",
+        f"{UID.format(2)},71,male,Y,1,0.8,1.9,",
+    ]
     table = _read(_site(tmp_path, rows))
     text = "\n".join(str(e) for e in table.errors)
     assert "SMITH" not in text and "19570312" not in text and UID.format(2) not in text and UID.format(1) not in text
@@ -224,8 +260,11 @@ def test_a_systematic_spelling_is_shown_a_single_entry_is_not(tmp_path: Path) ->
 
 
 def test_duplicate_keys_drop_every_copy(tmp_path: Path) -> None:
-    rows = [f"{UID.format(1)},71,male,Y,5.2,0.8,1.9,", f"{UID.format(2)},45,female,N,0.3,2.1,0.4,",
-            f"{UID.format(1)},72,male,Y,5.0,0.8,1.9,"]  # fmt: skip
+    rows = [
+        f"{UID.format(1)},71,male,Y,5.2,0.8,1.9,",
+        f"{UID.format(2)},45,female,N,0.3,2.1,0.4,",
+        f"{UID.format(1)},72,male,Y,5.0,0.8,1.9,",
+    ]
     table = _read(_site(tmp_path, rows))
     assert table.keys == (UID.format(2),)
     assert [(e.line, e.column) for e in table.errors] == [(2, "uid"), (4, "uid")]
@@ -249,7 +288,9 @@ def test_ddimer_ddu_needs_an_explicit_factor(tmp_path: Path) -> None:
     with pytest.raises(ProfileError, match="measures a different quantity"):
         _read(site)
     # the laboratory's own factor (ng/mL DDU -> ug/mL FEU) makes it explicit, and is applied
-    site = _site(tmp_path, [f"{UID.format(1)},71,male,Y,5.2,0.8,500,"], ddimer_unit="ng/mL{{DDU}}", ddimer_extra="factor = 0.002")
+    site = _site(
+        tmp_path, [f"{UID.format(1)},71,male,Y,5.2,0.8,500,"], ddimer_unit="ng/mL{{DDU}}", ddimer_extra="factor = 0.002"
+    )
     table = _read(site)
     assert table.column("d_dimer").tolist() == pytest.approx([1.0])
 
@@ -267,16 +308,19 @@ def test_censored_values_follow_the_mapping(tmp_path: Path) -> None:
     assert table.missing[0, table.schema.names.index("crp")] and not table.errors
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (("[variables.crp]", "[variables.weight]"), "not a schema variable"),
-    (('unit = "mg/dL"', ""), "give the unit of column 'crp_mgdl'"),
-    (('male = "M"', 'male = "X"'), "is not one of F, M"),
-    (("Y = true", 'Y = "yes"'), "must be true or false"),
-    (('kind = "StudyInstanceUID"', 'kind = "PatientID"'), r"\[key\] needs kind"),
-    (('column = "lymph"', 'column = "crp_mgdl"'), "mapped more than once"),
-    (('path = "profile.csv"', 'path = "../other.csv"'), "inside the site folder"),
-    (('unit = "10*9/L"', 'unit = "10*9/L"\nvalues = { a = 1 }'), "takes no value map"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("[variables.crp]", "[variables.weight]"), "not a schema variable"),
+        (('unit = "mg/dL"', ""), "give the unit of column 'crp_mgdl'"),
+        (('male = "M"', 'male = "X"'), "is not one of F, M"),
+        (("Y = true", 'Y = "yes"'), "must be true or false"),
+        (('kind = "StudyInstanceUID"', 'kind = "PatientID"'), r"\[key\] needs kind"),
+        (('column = "lymph"', 'column = "crp_mgdl"'), "mapped more than once"),
+        (('path = "profile.csv"', 'path = "../other.csv"'), "inside the site folder"),
+        (('unit = "10*9/L"', 'unit = "10*9/L"\nvalues = { a = 1 }'), "takes no value map"),
+    ],
+)
 def test_bad_mapping_is_refused(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
     site = _site(tmp_path, GOOD)
     path = site / "profile-mapping.toml"
@@ -288,8 +332,12 @@ def test_bad_mapping_is_refused(tmp_path: Path, edit: tuple[str, str], message: 
 def test_semicolon_and_decimal_comma_exports(tmp_path: Path) -> None:
     site = _site(tmp_path, [])
     mapping = site / "profile-mapping.toml"
-    mapping.write_text(mapping.read_text().replace('path = "profile.csv"', 'path = "profile.csv"\ndelimiter = ";"\ndecimal = ","'))
-    (site / "profile.csv").write_text("\ufeff" + HEADER.replace(",", ";") + f"\n{UID.format(1)};71;male;Y;5,2;0,8;1,9;\n\n")
+    mapping.write_text(
+        mapping.read_text().replace('path = "profile.csv"', 'path = "profile.csv"\ndelimiter = ";"\ndecimal = ","')
+    )
+    (site / "profile.csv").write_text(
+        "\ufeff" + HEADER.replace(",", ";") + f"\n{UID.format(1)};71;male;Y;5,2;0,8;1,9;\n\n"
+    )
     table = read_site_profile(site)
     assert table.column("crp").tolist() == pytest.approx([52.0]) and table.rows_read == 1
 
@@ -320,8 +368,11 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
 
 def _many(tmp_path: Path, n: int, name: str = "site") -> Path:
     rng = np.random.default_rng(n)
-    rows = [f"{UID.format(i)},{rng.integers(30, 90)},{'male' if i % 2 else 'female'},N,{rng.uniform(0.1, 20):.2f},"
-            f"{rng.uniform(0.3, 3):.2f},{'' if i % 3 else '0.5'}," for i in range(n)]  # fmt: skip
+    rows = [
+        f"{UID.format(i)},{rng.integers(30, 90)},{'male' if i % 2 else 'female'},N,{rng.uniform(0.1, 20):.2f},"
+        f"{rng.uniform(0.3, 3):.2f},{'' if i % 3 else '0.5'},"
+        for i in range(n)
+    ]
     base = tmp_path / name
     base.mkdir()
     return _site(base, rows)

@@ -41,7 +41,9 @@ def _site(root: Path, index: int, n: int = 60) -> Path:
         writer.writerow(LABEL_COLUMNS)
         for j in range(n):
             severe = int(rng.random() < 0.3)
-            writer.writerow([f"1.2.3.{index}.{j + 1}", DIAGNOSES[j % 3], severe, 5 if severe else 28, 40 + j % 40, "FM"[j % 2]])
+            writer.writerow(
+                [f"1.2.3.{index}.{j + 1}", DIAGNOSES[j % 3], severe, 5 if severe else 28, 40 + j % 40, "FM"[j % 2]]
+            )
     write_site_profile(root, site_index=index, seed=1)
     return root
 
@@ -67,7 +69,9 @@ def test_pooled_normalisation_equals_the_moments_of_all_sites_rows_together(site
 
 
 def test_transform_masks_missing_and_unusable_variables_and_clips():
-    norm = ProfileNormalisation(variables=("a", "b", "c"), mean=(10.0, 0.0, 0.0), std=(2.0, 1.0, 0.0), count=(50, 50, 0))
+    norm = ProfileNormalisation(
+        variables=("a", "b", "c"), mean=(10.0, 0.0, 0.0), std=(2.0, 1.0, 0.0), count=(50, 50, 0)
+    )
     z, present = norm.transform(np.array([[12.0, np.nan, 3.0], [10.0, 100.0, np.nan]]))
     assert z.dtype == np.float32 and present.dtype == np.float32
     np.testing.assert_allclose(z, [[1.0, 0.0, 0.0], [0.0, Z_CLIP, 0.0]])
@@ -78,7 +82,9 @@ def test_transform_masks_missing_and_unusable_variables_and_clips():
 
 
 def test_normalisation_round_trips_and_refuses_bad_values():
-    norm = ProfileNormalisation(variables=("a", "b"), mean=(1.0, 2.0), std=(0.5, 0.0), count=(9, 0), sites=2, schema="s v1")
+    norm = ProfileNormalisation(
+        variables=("a", "b"), mean=(1.0, 2.0), std=(0.5, 0.0), count=(9, 0), sites=2, schema="s v1"
+    )
     assert ProfileNormalisation.from_dict(norm.to_dict()) == norm
     with pytest.raises(ValueError, match="std"):
         ProfileNormalisation(variables=("a",), mean=(0.0,), std=(-1.0,), count=(5,))
@@ -102,21 +108,31 @@ def test_statistics_cross_the_wire_as_lists_in_schema_order_and_come_back(sites)
         assert back.variables[name].count == s.count and back.variables[name].sum == s.sum
     # a site with fewer rows than the floor sends nothing but zeros
     table = read_site_profile(sites[0])
-    tiny = aggregate_statistics(replace(table, keys=table.keys[:4], values=table.values[:4].copy(), missing=table.missing[:4].copy()))
-    assert statistics_to_record(tiny, SCHEMA)[STAT_COUNT] == [0] * V and statistics_to_record(tiny, SCHEMA)[STAT_ROWS] == 0
+    tiny = aggregate_statistics(
+        replace(table, keys=table.keys[:4], values=table.values[:4].copy(), missing=table.missing[:4].copy())
+    )
+    assert (
+        statistics_to_record(tiny, SCHEMA)[STAT_COUNT] == [0] * V and statistics_to_record(tiny, SCHEMA)[STAT_ROWS] == 0
+    )
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda r: r.update({"extra": 1}), "exactly the keys"),
-    (lambda r: r[STAT_COUNT].__setitem__(0, 3), "privacy floor is 5"),
-    (lambda r: r[STAT_COUNT].__setitem__(0, 2.5), "count must be"),
-    (lambda r: r[STAT_COUNT].__setitem__(0, r[STAT_ROWS] + 1), "count must be"),
-    (lambda r: r[STAT_SUM].__setitem__(0, float("nan")), "finite"),
-    (lambda r: r[STAT_SUMSQ].__setitem__(0, 0.0), "inconsistent"),
-    (lambda r: r[STAT_SUM].pop(), "list of 16"),
-    (lambda r: r.update({STAT_ROWS: 3}), "profile-n must be 0 or"),
-    (lambda r: r.update({STAT_SUM: [1.0] + [0.0] * (V - 1), STAT_COUNT: [0] * V, STAT_SUMSQ: [0.0] * V}), "count 0 with non-zero"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.update({"extra": 1}), "exactly the keys"),
+        (lambda r: r[STAT_COUNT].__setitem__(0, 3), "privacy floor is 5"),
+        (lambda r: r[STAT_COUNT].__setitem__(0, 2.5), "count must be"),
+        (lambda r: r[STAT_COUNT].__setitem__(0, r[STAT_ROWS] + 1), "count must be"),
+        (lambda r: r[STAT_SUM].__setitem__(0, float("nan")), "finite"),
+        (lambda r: r[STAT_SUMSQ].__setitem__(0, 0.0), "inconsistent"),
+        (lambda r: r[STAT_SUM].pop(), "list of 16"),
+        (lambda r: r.update({STAT_ROWS: 3}), "profile-n must be 0 or"),
+        (
+            lambda r: r.update({STAT_SUM: [1.0] + [0.0] * (V - 1), STAT_COUNT: [0] * V, STAT_SUMSQ: [0.0] * V}),
+            "count 0 with non-zero",
+        ),
+    ],
+)
 def test_malformed_or_below_floor_statistics_are_refused(sites, change, message):
     record = statistics_to_record(aggregate_statistics(read_site_profile(sites[0])), SCHEMA)
     record = {k: list(v) if isinstance(v, list) else v for k, v in record.items()}
@@ -130,10 +146,14 @@ def test_attach_profile_adds_the_vector_by_study_key_and_leaves_the_cache_key_al
     norm = ProfileNormalisation.pooled(SCHEMA, [aggregate_statistics(t) for t in tables])
     profile = SiteProfile.read(sites[0])
     key = profile.table.keys[3]
-    items = [{"image": {"StudyInstanceUID": key}, "content": "abc", "label": 1},
-             {"image": {"StudyInstanceUID": "9.9.9"}, "content": "def", "label": 0}]  # fmt: skip
+    items = [
+        {"image": {"StudyInstanceUID": key}, "content": "abc", "label": 1},
+        {"image": {"StudyInstanceUID": "9.9.9"}, "content": "def", "label": 0},
+    ]
     out = attach_profile(items, [i["image"] for i in items], profile, norm)
-    assert [(o["image"], o["content"], o["label"]) for o in out] == [(i["image"], i["content"], i["label"]) for i in items]
+    assert [(o["image"], o["content"], o["label"]) for o in out] == [
+        (i["image"], i["content"], i["label"]) for i in items
+    ]
     assert out[0]["profile"].shape == (2 * V,) and out[0]["profile"].dtype == np.float32
     np.testing.assert_array_equal(out[0]["profile"], norm.vector(profile.table.values[3]))
     assert out[1]["profile"].tolist() == [0.0] * (2 * V)  # no row for the study: every variable missing, not imputed

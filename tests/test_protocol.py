@@ -64,21 +64,38 @@ def test_the_site_config_re_exports_the_wire_contract_unchanged():
 
 def test_a_bad_round_setting_is_refused_naming_the_key():
     record = ServerConfig().round_settings(1).to_record()
-    for key, value in (("batch-size", 0), ("local-epochs", 0), ("learning-rate", -1.0), ("proximal-mu", -0.1),
-                       ("prognosis-horizon-days", 0.0), ("input-size", "64,64")):  # fmt: skip
+    for key, value in (
+        ("batch-size", 0),
+        ("local-epochs", 0),
+        ("learning-rate", -1.0),
+        ("proximal-mu", -0.1),
+        ("prognosis-horizon-days", 0.0),
+        ("input-size", "64,64"),
+    ):
         with pytest.raises(ValueError, match=key):
             RoundSettings.from_record({**record, key: value})
 
 
 def test_record_names_and_metric_keys_are_the_ones_on_the_wire():
     """The names are the protocol: changing one breaks every deployed site, so they are pinned here."""
-    assert (protocol.CONFIG_RECORD, protocol.ARRAYS_RECORD, protocol.METRICS_RECORD, protocol.SITE_RECORD,
-            protocol.EVALUATION_RECORD, protocol.INDEX_RECORD) == ("config", "arrays", "metrics", "site", "evaluate",
-                                                                   "weights-index")  # fmt: skip
-    assert (protocol.NUM_EXAMPLES, protocol.TRAIN_HIST_RISK, protocol.SITE_NAME_METRIC) == ("num-examples", "train-hist-risk", "site-name")
+    assert (
+        protocol.CONFIG_RECORD,
+        protocol.ARRAYS_RECORD,
+        protocol.METRICS_RECORD,
+        protocol.SITE_RECORD,
+        protocol.EVALUATION_RECORD,
+        protocol.INDEX_RECORD,
+    ) == ("config", "arrays", "metrics", "site", "evaluate", "weights-index")
+    assert (protocol.NUM_EXAMPLES, protocol.TRAIN_HIST_RISK, protocol.SITE_NAME_METRIC) == (
+        "num-examples",
+        "train-hist-risk",
+        "site-name",
+    )
     assert protocol.VAL_PREFIX + protocol.AUC_MACRO == "val-auc-macro"
     assert set(protocol.OPTIONAL_ROUND_KEYS) & set(RoundSettings.keys()) == set()
-    assert set(ServerConfig().round_settings(1).to_record()) == set(RoundSettings.keys()) | set(protocol.OPTIONAL_ROUND_KEYS)
+    assert set(ServerConfig().round_settings(1).to_record()) == set(RoundSettings.keys()) | set(
+        protocol.OPTIONAL_ROUND_KEYS
+    )
 
 
 def test_the_site_metrics_use_the_protocols_risk_histogram():
@@ -132,7 +149,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -146,8 +163,10 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_no_server_module_imports_the_site_package():
-    offenders = {name: sorted(m for m in _imports(path) if m == "fl_client" or m.startswith("fl_client."))
-                 for name, path in _modules("fl_server").items()}  # fmt: skip
+    offenders = {
+        name: sorted(m for m in _imports(path) if m == "fl_client" or m.startswith("fl_client."))
+        for name, path in _modules("fl_server").items()
+    }
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
@@ -158,8 +177,11 @@ def test_the_protocol_imports_neither_side():
 
 
 def test_server_site_and_protocol_have_no_import_cycle():
-    modules = {**_modules("fl_server", "fl_client"), "fedct.protocol": ROOT / "fedct/protocol.py",
-               "fedct.transport": ROOT / "fedct/transport.py"}  # fmt: skip
+    modules = {
+        **_modules("fl_server", "fl_client"),
+        "fedct.protocol": ROOT / "fedct/protocol.py",
+        "fedct.transport": ROOT / "fedct/transport.py",
+    }
     assert _cycle(_graph(modules)) is None
 
 
@@ -179,15 +201,23 @@ def test_importing_the_server_app_loads_no_site_module():
     import subprocess
 
     code = "import sys, fl_server.server_app; print(sorted(m for m in sys.modules if m.split('.')[0] == 'fl_client'))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300, check=True
+    )
     assert done.stdout.strip() == "[]"
 
 
 def _normalisation(n: int):
     from preprocessing.profile_features import ProfileNormalisation
 
-    return ProfileNormalisation(variables=tuple(f"v{i}" for i in range(n)), mean=tuple(float(i) for i in range(n)),
-                                std=(1.5,) * (n - 1) + (0.0,), count=(20,) * (n - 1) + (0,), sites=2, schema="s v1")  # fmt: skip
+    return ProfileNormalisation(
+        variables=tuple(f"v{i}" for i in range(n)),
+        mean=tuple(float(i) for i in range(n)),
+        std=(1.5,) * (n - 1) + (0.0,),
+        count=(20,) * (n - 1) + (0,),
+        sites=2,
+        schema="s v1",
+    )
 
 
 def test_a_profile_run_sends_its_normalisation_with_every_round_and_the_site_reads_it_back():

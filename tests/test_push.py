@@ -12,15 +12,24 @@ import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
 from dicomweb_client.session_utils import create_session_from_user_pass
-
 from federation import tiny_federation
 from orthanc import SKIP_REASON, FaultyProxy, free_port, orthanc_available, start_orthanc, stop_orthanc
 from test_inference_predict import make_bundle
 from test_pacs import PASSWORD, USER, settings_for, write_env
+
 from fedct.cli import main
 from inference.push import push_results, result_files
-from preprocessing.pacs import DicomWebConnection, DimseConnection, PacsError, Query, Refused, connect, pull, push_files
-from preprocessing.pacs import read_pacs_settings
+from preprocessing.pacs import (
+    DicomWebConnection,
+    DimseConnection,
+    PacsError,
+    Query,
+    Refused,
+    connect,
+    pull,
+    push_files,
+    read_pacs_settings,
+)
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image
@@ -43,12 +52,35 @@ def predicted(tmp_path_factory):
         sources = server.upload_folder(dicom)
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = main(["predict", "--model", str(bundle), "--input", str(dicom), "--out", str(root / "out"), "--device", "cpu",
-                       "--push", server.dicomweb_url, "--pacs-env", str(write_env(root / "env"))])  # fmt: skip
+            rc = main(
+                [
+                    "predict",
+                    "--model",
+                    str(bundle),
+                    "--input",
+                    str(dicom),
+                    "--out",
+                    str(root / "out"),
+                    "--device",
+                    "cpu",
+                    "--push",
+                    server.dicomweb_url,
+                    "--pacs-env",
+                    str(write_env(root / "env")),
+                ]
+            )
         assert rc == 0, err.getvalue()
         files = result_files(root / "out")
-        yield {"root": root, "dicom": dicom, "bundle": bundle, "out": root / "out", "files": files, "server": server,
-               "sources": sources, "output": out.getvalue() + err.getvalue()}  # fmt: skip
+        yield {
+            "root": root,
+            "dicom": dicom,
+            "bundle": bundle,
+            "out": root / "out",
+            "files": files,
+            "server": server,
+            "sources": sources,
+            "output": out.getvalue() + err.getvalue(),
+        }
     finally:
         stop_orthanc(server)
 
@@ -143,7 +175,9 @@ def test_refused_push_names_the_pacs_and_keeps_the_results(predicted, orthanc, t
     rc = push_results(read_pacs_settings(env, url=url), out)  # what fedct predict --push runs after predicting
     err = capsys.readouterr().err
     assert rc == 2 and f"PACS {url}" in err and f"results are in {out}" in err and password not in err
-    assert {"wrong-password": "HTTP 401", "unreachable": "cannot reach", "dimse-unknown-aet": "rejected"}[failure] in err
+    assert {"wrong-password": "HTTP 401", "unreachable": "cannot reach", "dimse-unknown-aet": "rejected"}[
+        failure
+    ] in err
     assert len(result_files(out)) == len(predicted["files"])
     assert orthanc.instance_count() == 0
 
@@ -151,8 +185,20 @@ def test_refused_push_names_the_pacs_and_keeps_the_results(predicted, orthanc, t
 def test_bad_push_settings_stop_predict_before_it_starts(predicted, tmp_path, capsys):
     env = tmp_path / "site.env"
     env.write_text("FEDCT_PACS_USER=site\n")  # no password file, no URL
-    rc = main(["predict", "--model", str(predicted["bundle"]), "--input", str(predicted["dicom"]), "--out", str(tmp_path / "out"),
-               "--push", "--pacs-env", str(env)])  # fmt: skip
+    rc = main(
+        [
+            "predict",
+            "--model",
+            str(predicted["bundle"]),
+            "--input",
+            str(predicted["dicom"]),
+            "--out",
+            str(tmp_path / "out"),
+            "--push",
+            "--pacs-env",
+            str(env),
+        ]
+    )
     assert rc == 2 and "no PACS URL" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     with pytest.raises(PacsError, match="cannot reach PACS dicom://ORTHANC@127.0.0.1"):
@@ -176,7 +222,9 @@ def test_one_connection_pushes_what_the_pull_then_retrieves(orthanc, series_writ
     assert (result.series, result.fetched, result.present) == (1, 4, 0)
     for path in series.paths:
         original = pydicom.dcmread(path)
-        pulled = pydicom.dcmread(tmp_path / "pulled" / series.study_uid / series.series_uid / f"{original.SOPInstanceUID}.dcm")
+        pulled = pydicom.dcmread(
+            tmp_path / "pulled" / series.study_uid / series.series_uid / f"{original.SOPInstanceUID}.dcm"
+        )
         assert pulled.PixelData == original.PixelData and pulled.ImagePositionPatient == original.ImagePositionPatient
 
 

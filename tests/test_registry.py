@@ -27,14 +27,32 @@ CFG = ModelConfig(name="smallcnn")
 def make_bundle(folder, *, accuracy, seed=0, test_n=(7.0, 6.0), temperature=None):
     """A real bundle whose provenance records per-site test accuracies ``accuracy = (site-0, site-1)``."""
     torch.manual_seed(seed)
-    sites = {f"site-{i}": {"test-accuracy": a, "test-n": n, "test-auc-macro": None} for i, (a, n) in enumerate(zip(accuracy, test_n))}
-    metrics = {"aggregate": {"test-accuracy": sum(accuracy) / 2}, "sites": sites,
-               "training_studies": {"site-0": 17.0, "site-1": 18.0}}  # fmt: skip
-    provenance = {"strategy": "FedAvg", "round_of_weights": 2, "rounds_planned": 2, "sites": ["site-0", "site-1"],
-                  "run_config": {"promotion-metric": "test-accuracy", "promotion-margin": 0.05}, "metrics": metrics}  # fmt: skip
+    sites = {
+        f"site-{i}": {"test-accuracy": a, "test-n": n, "test-auc-macro": None}
+        for i, (a, n) in enumerate(zip(accuracy, test_n))
+    }
+    metrics = {
+        "aggregate": {"test-accuracy": sum(accuracy) / 2},
+        "sites": sites,
+        "training_studies": {"site-0": 17.0, "site-1": 18.0},
+    }
+    provenance = {
+        "strategy": "FedAvg",
+        "round_of_weights": 2,
+        "rounds_planned": 2,
+        "sites": ["site-0", "site-1"],
+        "run_config": {"promotion-metric": "test-accuracy", "promotion-margin": 0.05},
+        "metrics": metrics,
+    }
     calibration = {"temperature": temperature} if temperature else None
-    return write_bundle(folder, build_model(CFG).state_dict(), model=CFG, pipeline=PipelineConfig(input_size=(16, 16, 16)),
-                        provenance=provenance, calibration=calibration)  # fmt: skip
+    return write_bundle(
+        folder,
+        build_model(CFG).state_dict(),
+        model=CFG,
+        pipeline=PipelineConfig(input_size=(16, 16, 16)),
+        provenance=provenance,
+        calibration=calibration,
+    )
 
 
 @pytest.fixture
@@ -51,8 +69,11 @@ def test_register_copies_the_bundle_with_its_hash_and_lineage(tmp_path, registry
     stamp = read_stamp(folder)
     lineage = stamp["lineage"]
     assert lineage["parent"] is None and lineage["sites"] == ["site-0", "site-1"] and lineage["strategy"] == "FedAvg"
-    assert lineage["studies"] == {"training": {"site-0": 17.0, "site-1": 18.0}, "validation": {"site-0": None, "site-1": None},
-                                  "test": {"site-0": 7.0, "site-1": 6.0}}  # fmt: skip
+    assert lineage["studies"] == {
+        "training": {"site-0": 17.0, "site-1": 18.0},
+        "validation": {"site-0": None, "site-1": None},
+        "test": {"site-0": 7.0, "site-1": 6.0},
+    }
     assert lineage["calibration_temperature"] == 1.4 and lineage["pipeline_version"] and lineage["rounds_planned"] == 2
     assert lineage["metrics"]["sites"]["site-1"]["test-accuracy"] == 0.6
     event = json.loads((registry.root / LOG_NAME).read_text().splitlines()[0])
@@ -135,10 +156,23 @@ def test_the_joint_federated_evaluation_is_preferred_to_the_recorded_metrics(tmp
     v1 = registry.register(make_bundle(tmp_path / "b1", accuracy=(0.80, 0.80)))
     registry.promote(v1)
     bundle = make_bundle(tmp_path / "b2", accuracy=(0.60, 0.62), seed=1)
-    lineage = {**registry.stamp(v1)["lineage"], "parent": v1,
-               "metrics": {"sites": {"site-0": {"test-accuracy": 0.60, "test-n": 7.0}, "site-1": {"test-accuracy": 0.62, "test-n": 6.0}}},
-               "champion_comparison": {"champion": v1, "sites": {"site-0": {"test-accuracy": 0.55, "test-n": 7.0},
-                                                                 "site-1": {"test-accuracy": 0.58, "test-n": 6.0}}}}  # fmt: skip
+    lineage = {
+        **registry.stamp(v1)["lineage"],
+        "parent": v1,
+        "metrics": {
+            "sites": {
+                "site-0": {"test-accuracy": 0.60, "test-n": 7.0},
+                "site-1": {"test-accuracy": 0.62, "test-n": 6.0},
+            }
+        },
+        "champion_comparison": {
+            "champion": v1,
+            "sites": {
+                "site-0": {"test-accuracy": 0.55, "test-n": 7.0},
+                "site-1": {"test-accuracy": 0.58, "test-n": 6.0},
+            },
+        },
+    }
     v2 = registry.register(bundle, lineage=lineage)
     decision = registry.record_decision(v2)
     assert decision.passed and "one federated evaluation" in decision.source  # against 0.80 recorded it would fail
@@ -153,15 +187,41 @@ def test_decide_directions_margins_and_missing_values():
 
     rule = PromotionRule(metric="test-loss", margin=0.05)
     assert rule.lower_is_better
-    good = decide(rule, challenger="v2", champion="v1", challenger_sites=sites(0.9, 1.02), champion_sites=sites(1.0, 1.0), source="t")
+    good = decide(
+        rule,
+        challenger="v2",
+        champion="v1",
+        challenger_sites=sites(0.9, 1.02),
+        champion_sites=sites(1.0, 1.0),
+        source="t",
+    )
     assert good.passed and good.overall["difference"] == pytest.approx(0.04)
-    worse = decide(rule, challenger="v2", champion="v1", challenger_sites=sites(0.9, 1.1), champion_sites=sites(1.0, 1.0), source="t")
+    worse = decide(
+        rule,
+        challenger="v2",
+        champion="v1",
+        challenger_sites=sites(0.9, 1.1),
+        champion_sites=sites(1.0, 1.0),
+        source="t",
+    )
     assert not worse.passed and "site site-1" in worse.reasons[0]
-    gain = decide(PromotionRule(metric="test-loss", margin=0.05, min_gain=0.1), challenger="v2", champion="v1",
-                  challenger_sites=sites(0.9, 1.02), champion_sites=sites(1.0, 1.0), source="t")  # fmt: skip
+    gain = decide(
+        PromotionRule(metric="test-loss", margin=0.05, min_gain=0.1),
+        challenger="v2",
+        champion="v1",
+        challenger_sites=sites(0.9, 1.02),
+        champion_sites=sites(1.0, 1.0),
+        source="t",
+    )
     assert not gain.passed and "not better by more than 0.1" in gain.reasons[-1]
-    missing = decide(rule, challenger="v2", champion="v1", challenger_sites={"site-0": {"test-loss": 0.5}},
-                     champion_sites=sites(1.0, None), source="t")  # fmt: skip
+    missing = decide(
+        rule,
+        challenger="v2",
+        champion="v1",
+        challenger_sites={"site-0": {"test-loss": 0.5}},
+        champion_sites=sites(1.0, None),
+        source="t",
+    )
     assert not missing.passed and "site site-1: no test-loss for the challenger and champion" in missing.reasons[0]
     for bad in ({"metric": "val-auc-macro"}, {"margin": -0.1}, {"min_gain": float("nan")}):
         with pytest.raises(ValueError):
@@ -170,8 +230,20 @@ def test_decide_directions_margins_and_missing_values():
 
 def test_fedct_models_command(tmp_path, capsys):
     root = tmp_path / "registry"
-    assert main(["models", "register", str(make_bundle(tmp_path / "b1", accuracy=(0.5, 0.5))), "--registry", str(root),
-                 "--reason", "manual"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "models",
+                "register",
+                str(make_bundle(tmp_path / "b1", accuracy=(0.5, 0.5))),
+                "--registry",
+                str(root),
+                "--reason",
+                "manual",
+            ]
+        )
+        == 0
+    )
     assert main(["models", "promote", "v0001", "--registry", str(root), "--who", "alice"]) == 0
     ModelRegistry(root).register(make_bundle(tmp_path / "b2", accuracy=(0.3, 0.3), seed=1))
     capsys.readouterr()
@@ -182,7 +254,9 @@ def test_fedct_models_command(tmp_path, capsys):
     assert "FAILS the rule" in capsys.readouterr().err
     assert main(["models", "promote", "v0002", "--registry", str(root), "--override"]) == 2
     assert "needs a reason" in capsys.readouterr().err
-    assert main(["models", "promote", "v0002", "--registry", str(root), "--override", "--reason", "board decision"]) == 0
+    assert (
+        main(["models", "promote", "v0002", "--registry", str(root), "--override", "--reason", "board decision"]) == 0
+    )
     assert "override" in capsys.readouterr().out
     assert main(["models", "show", "champion", "--registry", str(root)]) == 0
     shown = json.loads(capsys.readouterr().out.split("\n", 1)[1])

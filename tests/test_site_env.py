@@ -62,7 +62,9 @@ def test_valid_env_gives_typed_settings_and_node_config(site, tmp_path):
 
 
 def test_quotes_comments_export_and_approval_disabled_only_explicitly(site):
-    path = site(FEDCT_SITE_NAME='"site-a"  # trailing comment', FEDCT_APPROVAL="disabled-i-understand", FEDCT_LABELS=None)
+    path = site(
+        FEDCT_SITE_NAME='"site-a"  # trailing comment', FEDCT_APPROVAL="disabled-i-understand", FEDCT_LABELS=None
+    )
     path.write_text(path.read_text().replace("FEDCT_DEVICE", "export FEDCT_DEVICE"))
     env = SiteEnv.from_file(path)
     assert env.site_name == "site-a" and env.approved_apps is None and env.labels_csv is None
@@ -71,8 +73,11 @@ def test_quotes_comments_export_and_approval_disabled_only_explicitly(site):
 @pytest.mark.parametrize("value", ["none", "off", "None", "false", "0", "disabled", '""', "''"])
 def test_allow_list_key_can_never_switch_approval_off(site, value):
     """FEDCT_APPROVED_APPS=none (or empty) used to turn approval off; now it is an error naming the key."""
-    with pytest.raises(SiteEnvError, match=r"FEDCT_APPROVED_APPS.*(does not switch app approval off|is empty).*"
-                                           r"FEDCT_APPROVAL=disabled-i-understand"):
+    with pytest.raises(
+        SiteEnvError,
+        match=r"FEDCT_APPROVED_APPS.*(does not switch app approval off|is empty).*"
+        r"FEDCT_APPROVAL=disabled-i-understand",
+    ):
         SiteEnv.from_file(site(FEDCT_APPROVED_APPS=value))
 
 
@@ -102,8 +107,11 @@ def test_an_env_file_inside_the_work_folder_needs_an_allow_list_elsewhere(site, 
     path = site()
     (tmp_path / "work").mkdir(exist_ok=True)
     inside = tmp_path / "work" / "site.env"
-    inside.write_text(path.read_text().replace("FEDCT_SITE_DIR=work", f"FEDCT_SITE_DIR={tmp_path / 'work'}")
-                      .replace("=data/", f"={tmp_path}/data/"))  # fmt: skip
+    inside.write_text(
+        path.read_text()
+        .replace("FEDCT_SITE_DIR=work", f"FEDCT_SITE_DIR={tmp_path / 'work'}")
+        .replace("=data/", f"={tmp_path}/data/")
+    )
     with pytest.raises(SiteEnvError, match="approved-apps.txt is inside FEDCT_SITE_DIR"):
         SiteEnv.from_file(inside)
 
@@ -114,11 +122,28 @@ def test_site_limits_and_split_reach_the_clientapp(site):
 
     env = SiteEnv.from_file(site())
     assert env.limits == SiteLimits() and env.split == SplitConfig(0.2, 0.2)  # sane defaults
-    env = SiteEnv.from_file(site(FEDCT_MAX_INPUT_SIZE="128", FEDCT_MAX_INPUT_VOXELS="1000000", FEDCT_MIN_SPACING_MM="2.5",
-                                 FEDCT_MAX_LOCAL_EPOCHS="3", FEDCT_MAX_BATCH_SIZE="8", FEDCT_MAX_BATCH_VOXELS="4000000",
-                                 FEDCT_CACHE_MAX_GB="0.5", FEDCT_VAL_FRACTION="0.25", FEDCT_TEST_FRACTION="0.15"))  # fmt: skip
-    assert env.limits == SiteLimits(max_input_size=128, max_input_voxels=1_000_000, min_spacing_mm=2.5, max_local_epochs=3,
-                                    max_batch_size=8, max_batch_voxels=4_000_000, cache_max_gb=0.5)  # fmt: skip
+    env = SiteEnv.from_file(
+        site(
+            FEDCT_MAX_INPUT_SIZE="128",
+            FEDCT_MAX_INPUT_VOXELS="1000000",
+            FEDCT_MIN_SPACING_MM="2.5",
+            FEDCT_MAX_LOCAL_EPOCHS="3",
+            FEDCT_MAX_BATCH_SIZE="8",
+            FEDCT_MAX_BATCH_VOXELS="4000000",
+            FEDCT_CACHE_MAX_GB="0.5",
+            FEDCT_VAL_FRACTION="0.25",
+            FEDCT_TEST_FRACTION="0.15",
+        )
+    )
+    assert env.limits == SiteLimits(
+        max_input_size=128,
+        max_input_voxels=1_000_000,
+        min_spacing_mm=2.5,
+        max_local_epochs=3,
+        max_batch_size=8,
+        max_batch_voxels=4_000_000,
+        cache_max_gb=0.5,
+    )
     assert env.split == SplitConfig(val_fraction=0.25, test_fraction=0.15)
     site_config = SiteConfig.from_context(env.node_config(), {})
     assert site_config == env.site_config()
@@ -144,7 +169,9 @@ def test_bad_limits_and_split_name_the_key(site, changes, message):
         SiteEnv.from_file(site(**changes))
 
 
-@pytest.mark.parametrize(("value", "runner"), [(None, "warm"), ("", "warm"), ("warm", "warm"), ("flower", "flower"), ("Flower", "flower")])
+@pytest.mark.parametrize(
+    ("value", "runner"), [(None, "warm"), ("", "warm"), ("warm", "warm"), ("flower", "flower"), ("Flower", "flower")]
+)
 def test_clientapp_runner_defaults_to_the_warm_executor(site, tmp_path, value, runner):
     env = SiteEnv.from_file(site(FEDCT_CLIENTAPP_RUNNER=value))
     assert env.clientapp_runner == runner

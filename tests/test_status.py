@@ -8,11 +8,27 @@ from fl_server.run_log import RunLog
 
 
 def _run(run_dir, rounds: int, planned: int) -> None:
-    log = RunLog(run_dir, run_config={"num-server-rounds": planned, "model-name": "smallcnn", "local-epochs": 2}, emit=lambda _l: None)
+    log = RunLog(
+        run_dir,
+        run_config={"num-server-rounds": planned, "model-name": "smallcnn", "local-epochs": 2},
+        emit=lambda _l: None,
+    )
     for r in range(1, rounds + 1):
         log.site_train({"site-a": {"train-loss": 0.9, "train-seconds": 12.5, "num-examples": 5.0}})
-        log.site_evaluate({"site-a": {"val-n": 3.0, "val-auc-macro": 0.6 + 0.1 * r, "val-loss": 0.8, "test-n": 3.0,
-                                      "test-auc-macro": 0.7, "test-c-index": 0.65, "test-n-events": 2.0, "val-n-events": 1.0}})  # fmt: skip
+        log.site_evaluate(
+            {
+                "site-a": {
+                    "val-n": 3.0,
+                    "val-auc-macro": 0.6 + 0.1 * r,
+                    "val-loss": 0.8,
+                    "test-n": 3.0,
+                    "test-auc-macro": 0.7,
+                    "test-c-index": 0.65,
+                    "test-n-events": 2.0,
+                    "val-n-events": 1.0,
+                }
+            }
+        )
         log.end_round(r)
 
 

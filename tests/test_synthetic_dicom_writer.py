@@ -13,8 +13,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 from synthetic.dicom_writer import CT_IMAGE_STORAGE, PatientIdentity, write_ct_series
 
 PATIENT = PatientIdentity(
-    PatientName="SYNTH^PATIENT0001", PatientID="S00-1234567-0001", PatientBirthDate="19610305",
-    PatientSex="F", PatientAge="063Y",
+    PatientName="SYNTH^PATIENT0001",
+    PatientID="S00-1234567-0001",
+    PatientBirthDate="19610305",
+    PatientSex="F",
+    PatientAge="063Y",
 )
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 SERIES_UID = "1.2.826.0.1.3680043.8.498.1.2"
@@ -26,8 +29,12 @@ def _volume(seed: int = 0, shape: tuple[int, int, int] = (5, 12, 16)) -> np.ndar
 
 def _write(out: Path, hu: np.ndarray, **overrides: object) -> list[Path]:
     kwargs: dict[str, object] = dict(
-        pixel_spacing_mm=(0.8, 0.6), slice_spacing_mm=2.5, study_instance_uid=STUDY_UID,
-        series_instance_uid=SERIES_UID, patient=PATIENT, uid_entropy=["test", 1],
+        pixel_spacing_mm=(0.8, 0.6),
+        slice_spacing_mm=2.5,
+        study_instance_uid=STUDY_UID,
+        series_instance_uid=SERIES_UID,
+        patient=PATIENT,
+        uid_entropy=["test", 1],
     )
     kwargs.update(overrides)
     return write_ct_series(out, hu, **kwargs)  # type: ignore[arg-type]
@@ -73,9 +80,16 @@ def test_geometry_and_core_attributes(tmp_path: Path) -> None:
 
 
 def test_patient_and_study_attributes(tmp_path: Path) -> None:
-    paths = _write(tmp_path, _volume(shape=(2, 8, 8)), accession_number="A123", study_date="20200401",
-                   manufacturer="SIEMENS", manufacturer_model_name="SOMATOM", institution_name="Synth Hospital",
-                   series_number=3)
+    paths = _write(
+        tmp_path,
+        _volume(shape=(2, 8, 8)),
+        accession_number="A123",
+        study_date="20200401",
+        manufacturer="SIEMENS",
+        manufacturer_model_name="SOMATOM",
+        institution_name="Synth Hospital",
+        series_number=3,
+    )
     ds = pydicom.dcmread(paths[0])
     assert str(ds.PatientName) == PATIENT.PatientName
     assert ds.PatientID == PATIENT.PatientID
@@ -87,8 +101,17 @@ def test_patient_and_study_attributes(tmp_path: Path) -> None:
     assert ds.SeriesNumber == 3
     assert ds.BodyPartExamined == "CHEST" and ds.PatientPosition == "HFS"
     assert ds.StudyDescription == "CT CHEST"
-    for keyword in ("KVP", "ConvolutionKernel", "StudyTime", "ReferringPhysicianName", "StudyID",
-                    "SeriesDescription", "WindowCenter", "WindowWidth", "FrameOfReferenceUID"):
+    for keyword in (
+        "KVP",
+        "ConvolutionKernel",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+        "SeriesDescription",
+        "WindowCenter",
+        "WindowWidth",
+        "FrameOfReferenceUID",
+    ):
         assert keyword in ds, keyword
 
 
@@ -102,8 +125,9 @@ def test_hu_round_trip(tmp_path: Path, intercept: float, representation: int, sl
     datasets = _read_sorted(
         _write(tmp_path, hu, rescale_intercept=intercept, pixel_representation=representation, rescale_slope=slope)
     )
-    back = np.stack([ds.pixel_array.astype(float) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-                     for ds in datasets])
+    back = np.stack(
+        [ds.pixel_array.astype(float) * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in datasets]
+    )
     assert np.abs(back - hu).max() <= max(0.5, slope / 2) + 1e-6
     assert datasets[0].PixelRepresentation == representation
     assert datasets[0].pixel_array.dtype == (np.uint16 if representation == 0 else np.int16)

@@ -59,8 +59,17 @@ def test_lesion_masks_lie_on_the_series_grid_and_mark_findings_only(family):
 
 @pytest.mark.parametrize("diagnosis", ["covid", "other_pneumonia"])
 def test_findings_are_denser_than_the_lung_around_them(diagnosis):
-    study = render_external(rows=64, n_slices=40, pixel_mm=6.0, slice_mm=7.0, diagnosis=diagnosis, severity=0.5, sex="M",
-                            rng=np.random.default_rng(1), noise_hu=10.0)  # fmt: skip
+    study = render_external(
+        rows=64,
+        n_slices=40,
+        pixel_mm=6.0,
+        slice_mm=7.0,
+        diagnosis=diagnosis,
+        severity=0.5,
+        sex="M",
+        rng=np.random.default_rng(1),
+        noise_hu=10.0,
+    )
     assert study.hu.dtype == np.float32 and study.lesion_mask.shape == study.hu.shape
     assert study.lesion_mask.sum() > 20
     lung = (study.hu < -750) & ~study.lesion_mask
@@ -68,8 +77,16 @@ def test_findings_are_denser_than_the_lung_around_them(diagnosis):
 
 
 def test_normal_studies_have_no_lesion():
-    study = render_external(rows=48, n_slices=30, pixel_mm=8.0, slice_mm=9.0, diagnosis="normal", severity=0.0, sex="F",
-                            rng=np.random.default_rng(2))  # fmt: skip
+    study = render_external(
+        rows=48,
+        n_slices=30,
+        pixel_mm=8.0,
+        slice_mm=9.0,
+        diagnosis="normal",
+        severity=0.0,
+        sex="F",
+        rng=np.random.default_rng(2),
+    )
     assert not study.lesion_mask.any()
     assert ((study.hu < -700).mean()) > 0.2  # air outside the body and the lungs
 
@@ -77,7 +94,8 @@ def test_normal_studies_have_no_lesion():
 def test_the_generator_shares_no_code_with_the_training_phantom():
     tree = ast.parse(inspect.getsource(external))
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
-        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}  # fmt: skip
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
     assert not imported & {"synthetic.phantom", "synthetic.hospitals"}
     assert imported & {"synthetic.dicom_writer", "synthetic.masks"}  # only the file writers are shared
 
@@ -87,8 +105,17 @@ def test_the_generator_shares_no_code_with_the_training_phantom():
     [({"diagnosis": "flu"}, "flu"), ({"severity": 1.5}, "1.5"), ({"rows": 8}, "rows=8"), ({"pixel_mm": 0.0}, "0.0")],
 )
 def test_bad_arguments_are_named(options, match):
-    kwargs = {"rows": 32, "n_slices": 10, "pixel_mm": 10.0, "slice_mm": 10.0, "diagnosis": "covid", "severity": 0.5, "sex": "F",
-              "rng": np.random.default_rng(0), **options}  # fmt: skip
+    kwargs = {
+        "rows": 32,
+        "n_slices": 10,
+        "pixel_mm": 10.0,
+        "slice_mm": 10.0,
+        "diagnosis": "covid",
+        "severity": 0.5,
+        "sex": "F",
+        "rng": np.random.default_rng(0),
+        **options,
+    }
     with pytest.raises(ValueError, match=match):
         render_external(**kwargs)
 
@@ -100,6 +127,11 @@ def test_too_few_studies_is_refused(tmp_path):
 
 def test_fedct_ingests_the_family_like_a_site(family, tmp_path):
     out, _ = family
-    manifest = ingest_site(out / "dicom", tmp_path / "site", labels_csv=out / "labels.csv",
-                           pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(12.0, 12.0, 12.0)), workers=1)  # fmt: skip
+    manifest = ingest_site(
+        out / "dicom",
+        tmp_path / "site",
+        labels_csv=out / "labels.csv",
+        pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(12.0, 12.0, 12.0)),
+        workers=1,
+    )
     assert len(manifest.studies) == 6 and manifest.n_rejected == 0

@@ -33,8 +33,9 @@ def _small_profiles(n: int = N_SITES) -> list[SiteProfile]:
 
 
 def _write(out: Path, seed: int, **kwargs: object) -> FederationSummary:
-    return write_federation(out, sites=N_SITES, patients_per_site=PATIENTS, seed=seed,
-                            profiles=_small_profiles(), **kwargs)  # type: ignore[arg-type]
+    return write_federation(
+        out, sites=N_SITES, patients_per_site=PATIENTS, seed=seed, profiles=_small_profiles(), **kwargs
+    )  # type: ignore[arg-type]
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -80,8 +81,10 @@ def test_labels_match_studies_and_are_valid(federation: tuple[FederationSummary,
     for site in summary.sites:
         site_dir = summary.root / site.name
         labels = _labels(site_dir)
-        study_uids = {pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID
-                      for p in (site_dir / "dicom").rglob("IM0001.dcm")}
+        study_uids = {
+            pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID
+            for p in (site_dir / "dicom").rglob("IM0001.dcm")
+        }
         assert {row["StudyInstanceUID"] for row in labels} == study_uids
         assert len(labels) == site.n_patients
         counts = {d: sum(row["diagnosis"] == d for row in labels) for d in DIAGNOSES}
@@ -132,8 +135,14 @@ def test_series_uids_geometry_and_phi(federation: tuple[FederationSummary, list[
             assert age == int(row["age"])
             assert first.AccessionNumber
             rel = str(series_dir.relative_to(summary.root))
-            for secret in (name, name.split("^")[-1], pid, first.PatientBirthDate, first.AccessionNumber,
-                           first.StudyDate):
+            for secret in (
+                name,
+                name.split("^")[-1],
+                pid,
+                first.PatientBirthDate,
+                first.AccessionNumber,
+                first.StudyDate,
+            ):
                 assert secret not in rel
                 assert all(secret not in p.name for p in series_dir.iterdir())
 

@@ -25,9 +25,15 @@ def test_mask_and_series_load_onto_the_same_grid(tmp_path: Path, reverse: bool) 
         mask[k, r, c] = True
     geometry = dict(origin_mm=(-101.3, -87.65, -213.37), pixel_spacing_mm=(0.7, 1.1), slice_spacing_mm=0.625)
     series = tmp_path / "series"
-    write_ct_series(series, hu, study_instance_uid="1.2.826.0.1.3680043.8.498.1",
-                    series_instance_uid="1.2.826.0.1.3680043.8.498.2", patient=PATIENT,
-                    reverse_instance_order=reverse, **geometry)  # type: ignore[arg-type]
+    write_ct_series(
+        series,
+        hu,
+        study_instance_uid="1.2.826.0.1.3680043.8.498.1",
+        series_instance_uid="1.2.826.0.1.3680043.8.498.2",
+        patient=PATIENT,
+        reverse_instance_order=reverse,
+        **geometry,
+    )  # type: ignore[arg-type]
     path = write_lesion_mask(tmp_path / "m.nii.gz", mask, reverse_instance_order=reverse, **geometry)  # type: ignore[arg-type]
     load = LoadImage(image_only=True)
     image, loaded = load(str(series)), load(str(path))
@@ -35,7 +41,9 @@ def test_mask_and_series_load_onto_the_same_grid(tmp_path: Path, reverse: bool) 
     np.testing.assert_allclose(np.asarray(loaded.affine), np.asarray(image.affine), atol=1e-4)
     np.testing.assert_allclose(
         series_ras_affine(n_slices=6, reverse_instance_order=reverse, **geometry),  # type: ignore[arg-type]
-        np.asarray(image.affine), atol=1e-9)
+        np.asarray(image.affine),
+        atol=1e-9,
+    )
     np.testing.assert_array_equal(np.asarray(loaded) > 0, np.asarray(image) > 0)
     assert np.asarray(loaded).dtype == np.uint8 or set(np.unique(np.asarray(loaded)).tolist()) == {0, 1}
 
@@ -43,8 +51,9 @@ def test_mask_and_series_load_onto_the_same_grid(tmp_path: Path, reverse: bool) 
 def test_same_input_same_bytes(tmp_path: Path) -> None:
     mask = np.zeros((3, 4, 4), dtype=bool)
     mask[1, 1:3, 1:3] = True
-    kwargs = dict(origin_mm=(0.0, 0.0, 0.0), pixel_spacing_mm=(1.0, 1.0), slice_spacing_mm=2.0,
-                  reverse_instance_order=False)
+    kwargs = dict(
+        origin_mm=(0.0, 0.0, 0.0), pixel_spacing_mm=(1.0, 1.0), slice_spacing_mm=2.0, reverse_instance_order=False
+    )
     a = write_lesion_mask(tmp_path / "a.nii.gz", mask, **kwargs).read_bytes()  # type: ignore[arg-type]
     b = write_lesion_mask(tmp_path / "b.nii.gz", mask, **kwargs).read_bytes()  # type: ignore[arg-type]
     assert a == b
@@ -63,8 +72,9 @@ def test_same_input_same_bytes(tmp_path: Path) -> None:
 def test_bad_input_is_named_and_nothing_written(
     tmp_path: Path, mask: np.ndarray, overrides: dict[str, object], named: str
 ) -> None:
-    kwargs: dict[str, object] = dict(origin_mm=(0.0, 0.0, 0.0), pixel_spacing_mm=(1.0, 1.0), slice_spacing_mm=2.0,
-                                     reverse_instance_order=False)
+    kwargs: dict[str, object] = dict(
+        origin_mm=(0.0, 0.0, 0.0), pixel_spacing_mm=(1.0, 1.0), slice_spacing_mm=2.0, reverse_instance_order=False
+    )
     kwargs.update(overrides)
     with pytest.raises(ValueError, match=re.escape(named)):
         write_lesion_mask(tmp_path / "bad.nii.gz", mask, **kwargs)  # type: ignore[arg-type]
@@ -73,5 +83,10 @@ def test_bad_input_is_named_and_nothing_written(
 
 def test_affine_needs_a_positive_slice_count() -> None:
     with pytest.raises(ValueError, match="n_slices must be a positive integer, got 0"):
-        series_ras_affine(origin_mm=(0.0, 0.0, 0.0), pixel_spacing_mm=(1.0, 1.0), slice_spacing_mm=1.0, n_slices=0,
-                          reverse_instance_order=False)
+        series_ras_affine(
+            origin_mm=(0.0, 0.0, 0.0),
+            pixel_spacing_mm=(1.0, 1.0),
+            slice_spacing_mm=1.0,
+            n_slices=0,
+            reverse_instance_order=False,
+        )

@@ -15,8 +15,9 @@ SMALL = dict(shape=(40, 64, 64), pixel_spacing_mm=(5.5, 5.5), slice_spacing_mm=4
 
 
 def _phantom(diagnosis: str, burden: float, seed: int, noise_hu: float = 0.0) -> np.ndarray:
-    return chest_phantom(diagnosis=diagnosis, burden=burden, noise_hu=noise_hu,
-                         rng=np.random.default_rng(seed), **SMALL)  # type: ignore[arg-type]
+    return chest_phantom(
+        diagnosis=diagnosis, burden=burden, noise_hu=noise_hu, rng=np.random.default_rng(seed), **SMALL
+    )  # type: ignore[arg-type]
 
 
 def _lung_mask(normal: np.ndarray) -> np.ndarray:
@@ -148,8 +149,15 @@ def test_same_seed_same_volume_in_float32() -> None:
     ],
 )
 def test_bad_arguments(overrides: dict[str, object], named: str) -> None:
-    kwargs: dict[str, object] = dict(shape=(4, 8, 8), pixel_spacing_mm=(2.0, 2.0), slice_spacing_mm=2.0,
-                                     diagnosis="normal", burden=0.0, noise_hu=0.0, rng=np.random.default_rng(0))
+    kwargs: dict[str, object] = dict(
+        shape=(4, 8, 8),
+        pixel_spacing_mm=(2.0, 2.0),
+        slice_spacing_mm=2.0,
+        diagnosis="normal",
+        burden=0.0,
+        noise_hu=0.0,
+        rng=np.random.default_rng(0),
+    )
     kwargs.update(overrides)
     with pytest.raises(ValueError, match=re.escape(named)):
         chest_phantom(**kwargs)  # type: ignore[arg-type]
@@ -164,8 +172,10 @@ def test_lesion_mask_marks_the_painted_lesions(diagnosis: str) -> None:
         assert isinstance(study, PhantomStudy)
         assert study.lesion_mask.dtype == np.bool_ and study.lesion_mask.shape == study.hu.shape
         assert not normal.lesion_mask.any()
-        np.testing.assert_array_equal(normal.hu, chest_phantom(diagnosis="normal", burden=0.0, noise_hu=0.0,
-                                                                rng=np.random.default_rng(seed), **SMALL))
+        np.testing.assert_array_equal(
+            normal.hu,
+            chest_phantom(diagnosis="normal", burden=0.0, noise_hu=0.0, rng=np.random.default_rng(seed), **SMALL),
+        )
         mask = study.lesion_mask
         assert 0.01 < mask.mean() < 0.3
         diff = study.hu - normal.hu

@@ -29,9 +29,19 @@ def _labels(site: Path, site_index: int, n: int = N) -> Path:
         for j in range(n):
             diagnosis = DIAGNOSES[j % 3]
             age = int(rng.integers(25, 90))
-            severe = int(rng.random() < {"covid": 0.35, "other_pneumonia": 0.25, "normal": 0.04}[diagnosis] + (age - 60) / 200)
-            writer.writerow([f"1.2.826.0.1.3680043.8.498.{site_index}.{j + 1}", diagnosis, severe,
-                             int(rng.integers(1, 28)) if severe else 28, age, "FM"[int(rng.integers(2))]])  # fmt: skip
+            severe = int(
+                rng.random() < {"covid": 0.35, "other_pneumonia": 0.25, "normal": 0.04}[diagnosis] + (age - 60) / 200
+            )
+            writer.writerow(
+                [
+                    f"1.2.826.0.1.3680043.8.498.{site_index}.{j + 1}",
+                    diagnosis,
+                    severe,
+                    int(rng.integers(1, 28)) if severe else 28,
+                    age,
+                    "FM"[int(rng.integers(2))],
+                ]
+            )
     return site
 
 
@@ -72,7 +82,9 @@ def test_sites_export_different_columns_units_and_formats(federation: list[Path]
     for site, mapping in zip(federation[:2], mappings[:2]):
         with (site / "profile.csv").open(newline="") as fh:
             column = mapping.column_for("crp").column  # type: ignore[union-attr]
-            cells = [r[column] for r in csv.DictReader(fh, delimiter=mapping.delimiter) if r[column] not in mapping.missing]
+            cells = [
+                r[column] for r in csv.DictReader(fh, delimiter=mapping.delimiter) if r[column] not in mapping.missing
+            ]
         raw[site.name] = np.median([float(c.replace(",", ".")) for c in cells])
     assert raw["site-1"] / raw["site-0"] == pytest.approx(10.0, rel=0.35)
 

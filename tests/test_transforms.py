@@ -173,8 +173,10 @@ def test_batch_augment_draws_per_sample_is_reproducible_and_returns_a_plain_tens
     assert any(changed) and not all(same_as_first)  # each sample draws its own augmentation
 
 
-@pytest.mark.parametrize(("kwargs", "shape", "needle"), [({"seed": -1}, (2, 1, 8, 8, 8), "seed"),
-                                                         ({"seed": 0}, (1, 8, 8, 8), "B, C, X, Y, Z")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "shape", "needle"),
+    [({"seed": -1}, (2, 1, 8, 8, 8), "seed"), ({"seed": 0}, (1, 8, 8, 8), "B, C, X, Y, Z")],
+)
 def test_batch_augment_refuses_bad_input(kwargs, shape, needle):
     from preprocessing.transforms import BatchAugment
 
@@ -188,7 +190,10 @@ def test_noise_drawn_on_the_device_has_monais_distribution():
     from preprocessing.transforms import RandGaussianNoiseOnDevice
 
     image = torch.zeros(1, 32, 32, 32)
-    ours, monai = RandGaussianNoiseOnDevice(prob=1.0, std=0.1).set_random_state(0), RandGaussianNoise(prob=1.0, std=0.1).set_random_state(0)
+    ours, monai = (
+        RandGaussianNoiseOnDevice(prob=1.0, std=0.1).set_random_state(0),
+        RandGaussianNoise(prob=1.0, std=0.1).set_random_state(0),
+    )
     a, b = ours(image), monai(image)
     assert a.device == image.device and a.dtype == torch.float32
     # Same spread (the std is drawn from the same MONAI random state), independent draws of the noise itself.
@@ -202,7 +207,10 @@ def test_random_transforms_on_device_differ_only_in_the_noise_transform():
     host, device = random_transforms(SMALL), random_transforms(SMALL, noise_on_device=True)
     names = lambda ts: [type(t).__name__ for t in ts]  # noqa: E731
     noise_at = names(host).index("RandGaussianNoised")
-    assert names(host)[:noise_at] == names(device)[:noise_at] and names(host)[noise_at + 1:] == names(device)[noise_at + 1:]
+    assert (
+        names(host)[:noise_at] == names(device)[:noise_at]
+        and names(host)[noise_at + 1 :] == names(device)[noise_at + 1 :]
+    )
     assert isinstance(device[noise_at], RandGaussianNoiseOnDeviced) and device[noise_at].prob == host[noise_at].prob
 
 
@@ -217,13 +225,26 @@ def test_training_chain_is_deterministic_then_random_with_the_cache_boundary_bet
     dataset = make_dataset([], SMALL, tmp_path, augment=True)
     chain = dataset.images.transform.transforms
     n_det = len(deterministic_transforms(SMALL))
-    assert not any(isinstance(t, Randomizable) for t in chain[:n_det])  # all cached (PersistentDataset stops at the first random one)
+    assert not any(
+        isinstance(t, Randomizable) for t in chain[:n_det]
+    )  # all cached (PersistentDataset stops at the first random one)
     assert isinstance(chain[n_det], Randomizable)
     kinds = {type(t).__name__ for t in chain[n_det:]}
-    for expected in ("RandAffined", "RandFlipd", "RandSimulateLowResolutiond", "RandShiftIntensityd", "RandScaleIntensityd",
-                     "RandGaussianSmoothd", "RandGaussianSharpend", "RandGaussianNoised"):  # fmt: skip
+    for expected in (
+        "RandAffined",
+        "RandFlipd",
+        "RandSimulateLowResolutiond",
+        "RandShiftIntensityd",
+        "RandScaleIntensityd",
+        "RandGaussianSmoothd",
+        "RandGaussianSharpend",
+        "RandGaussianNoised",
+    ):
         assert expected in kinds, f"{expected} missing from the default training chain"
-    assert not any(isinstance(t, Randomizable) for t in make_dataset([], SMALL, tmp_path, augment=False).images.transform.transforms)
+    assert not any(
+        isinstance(t, Randomizable)
+        for t in make_dataset([], SMALL, tmp_path, augment=False).images.transform.transforms
+    )
 
 
 def _phantom() -> torch.Tensor:
@@ -234,7 +255,15 @@ def _phantom() -> torch.Tensor:
     return (0.2 + 0.4 * body * (1 + torch.sin(6 * x) * 0.5) + 0.2 * spot)[None] * body[None]
 
 
-ALWAYS = AugmentConfig(flip_prob=1.0, intensity_prob=1.0, noise_prob=1.0, blur_prob=1.0, sharpen_prob=1.0, affine_prob=1.0, low_res_prob=1.0)
+ALWAYS = AugmentConfig(
+    flip_prob=1.0,
+    intensity_prob=1.0,
+    noise_prob=1.0,
+    blur_prob=1.0,
+    sharpen_prob=1.0,
+    affine_prob=1.0,
+    low_res_prob=1.0,
+)
 
 
 def _bound_ok(name: str, image: torch.Tensor, out: torch.Tensor, aug: AugmentConfig, window: float) -> bool:
@@ -248,7 +277,11 @@ def _bound_ok(name: str, image: torch.Tensor, out: torch.Tensor, aug: AugmentCon
         return float(diff.std()) <= aug.noise_std * 1.1
     if name == "RandFlipd":
         return torch.equal(out, image.flip(1))
-    if name in ("RandGaussianSmoothd", "RandAffined", "RandSimulateLowResolutiond"):  # interpolation/smoothing: no new extremes
+    if name in (
+        "RandGaussianSmoothd",
+        "RandAffined",
+        "RandSimulateLowResolutiond",
+    ):  # interpolation/smoothing: no new extremes
         return float(out.min()) >= float(image.min()) - 0.05 and float(out.max()) <= float(image.max()) + 0.05
     if name == "RandGaussianSharpend":  # unsharp mask: edges overshoot, but bounded by alpha times the local contrast
         return float(diff.abs().max()) <= aug.sharpen_alpha[1] * float(image.max() - image.min())
@@ -270,7 +303,9 @@ def test_each_augmentation_changes_the_input_within_its_bounds_and_keeps_shape_a
         assert tuple(out.shape) == tuple(image.shape) and out.dtype == torch.float32, name
         assert _bound_ok(name, image, out, ALWAYS, window), f"{name} (seed {seed}) went beyond its stated bound"
         changed += not torch.allclose(out, image, atol=1e-4)
-    assert changed >= (0 if name == "EnsureTyped" else 4), f"{name} left the input unchanged in {5 - changed} of 5 draws"
+    assert changed >= (0 if name == "EnsureTyped" else 4), (
+        f"{name} left the input unchanged in {5 - changed} of 5 draws"
+    )
 
 
 def test_augmentation_is_on_by_default_and_can_be_switched_off():

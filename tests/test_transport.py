@@ -19,8 +19,17 @@ def states():
 
 
 def _reply(content, node):
-    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="x",
-                        group_id="", created_at=0.0, ttl=60.0, message_type=MessageType.TRAIN)  # fmt: skip
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="x",
+        group_id="",
+        created_at=0.0,
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
     return Message(content=content, metadata=metadata)
 
 
@@ -52,7 +61,9 @@ def test_packed_and_unpacked_replies_give_the_same_fedavg_aggregate(states):
     for key in states[0]:
         assert np.array_equal(plain[key].numpy(), packed[key].numpy()), key
     half, _ = FedAvg().aggregate_train(1, replies("float16"))
-    worst = max(float(np.max(np.abs(half[k].numpy() - plain[k].numpy()))) for k in states[0] if states[0][k].is_floating_point())
+    worst = max(
+        float(np.max(np.abs(half[k].numpy() - plain[k].numpy()))) for k in states[0] if states[0][k].is_floating_point()
+    )
     assert 0 < worst < 1e-3
 
 
@@ -101,8 +112,13 @@ def _index_edit(edit):
         (lambda c: c[INDEX_RECORD].__setitem__("arrays-key", "site"), "bad_index"),
         (lambda c: c["arrays"].__setitem__("float32", Array(np.zeros(5, np.float32))), "size_mismatch"),
         (lambda c: c["arrays"].__setitem__("int64", Array(np.zeros(10**6, np.int64))), "size_mismatch"),
-        (lambda c: c["arrays"].__setitem__("float32", Array(dtype="float32", shape=(4,), stype="numpy.ndarray",
-                                                            data=c["arrays"]["float32"].data[:200])), "malformed_weights"),
+        (
+            lambda c: c["arrays"].__setitem__(
+                "float32",
+                Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=c["arrays"]["float32"].data[:200]),
+            ),
+            "malformed_weights",
+        ),
         (lambda c: c["arrays"].__setitem__("extra", Array(np.zeros(1, np.float32))), "bad_index"),
     ],
 )

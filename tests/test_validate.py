@@ -354,7 +354,9 @@ def test_real_mr_file_is_not_ct(tmp_path, copy_testdata):
 # --- localizers ------------------------------------------------------------------------------------------------
 
 
-def _add_localizer(series, series_writer, edit_dicom, *, image_type, orientation=("0", "1", "0", "0", "0", "-1"), rows=20):
+def _add_localizer(
+    series, series_writer, edit_dicom, *, image_type, orientation=("0", "1", "0", "0", "0", "-1"), rows=20
+):
     """A scout image in the series' folder: same series UID, other size, sagittal unless told otherwise."""
     scout = series_writer(
         series.folder,
@@ -401,10 +403,14 @@ def test_localizer_in_the_series_is_dropped_and_the_axial_slices_kept(
     assert scout.name in dropped.message and str(scout.parent) not in dropped.message
 
 
-def test_localizer_with_the_stack_orientation_is_dropped_by_its_image_type(make_series, dicom_root, series_writer, edit_dicom):
+def test_localizer_with_the_stack_orientation_is_dropped_by_its_image_type(
+    make_series, dicom_root, series_writer, edit_dicom
+):
     s = make_series("a", n_slices=12)
     axial = ("1", "0", "0", "0", "1", "0")
-    scout = _add_localizer(s, series_writer, edit_dicom, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), orientation=axial)
+    scout = _add_localizer(
+        s, series_writer, edit_dicom, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), orientation=axial
+    )
 
     v = _validate(dicom_root)
 
@@ -533,7 +539,11 @@ def _positions(n: int, step: float = 2.5, **override):
         ([p for k, p in enumerate(_positions(12)) if k != 5], "missing_slices", 6),
         (_positions(10, f5=[-15.0, -20.0, 113.5]), "non_uniform_spacing", 6),
         ([[-15.0 + k, -20.0, 100.0 + 2.5 * k] for k in range(10)], "gantry_tilt", None),
-        (_positions(10, f5=[-15.0, -20.0, 107.5]), "duplicate_position", 6),  # frames 4 and 6 at one position: two stacks?
+        (
+            _positions(10, f5=[-15.0, -20.0, 107.5]),
+            "duplicate_position",
+            6,
+        ),  # frames 4 and 6 at one position: two stacks?
     ],
 )
 def test_enhanced_ct_frames_meet_the_series_invariants(dicom_root, enhanced_ct_writer, positions, reason, frame):
@@ -627,7 +637,9 @@ def test_series_by_study_prefers_most_slices_then_series_uid(make_series, dicom_
     make_series("c", n_slices=10, seed=2, study_uid=a.study_uid)
     make_series("other", n_slices=9, seed=3)
     by_uid = {s.SeriesInstanceUID: s for s in (validate_series(h) for h in discover(dicom_root).series.values())}
-    b, c, other = (next(s for s in by_uid.values() if s.paths[0].startswith(str(dicom_root / n))) for n in ("b", "c", "other"))
+    b, c, other = (
+        next(s for s in by_uid.values() if s.paths[0].startswith(str(dicom_root / n))) for n in ("b", "c", "other")
+    )
     a = by_uid[a.series_uid]
 
     grouped = series_by_study([a, other, c, b])

@@ -94,7 +94,9 @@ def test_affine_maps_voxels_to_the_slice_positions_in_ras(make_series, dicom_roo
         np.testing.assert_allclose((affine @ [0, 0, k, 1])[:3], _ras(ipp), atol=1e-4)
     # Column index c moves along +x (LPS) by c * column spacing, row index r along +y by r * row spacing.
     x, y, z = s.origin_mm
-    np.testing.assert_allclose((affine @ [19, 15, 9, 1])[:3], _ras((x + 19 * 2.0, y + 15 * 1.5, z + 9 * 3.0)), atol=1e-4)
+    np.testing.assert_allclose(
+        (affine @ [19, 15, 9, 1])[:3], _ras((x + 19 * 2.0, y + 15 * 1.5, z + 9 * 3.0)), atol=1e-4
+    )
     np.testing.assert_allclose(affine[3], [0, 0, 0, 1])
 
 
@@ -610,8 +612,15 @@ def todays_chain(cfg: PipelineConfig, key: str = "image") -> list:
         LoadCTSeriesd(keys=key),
         Orientationd(keys=key, axcodes="RAS", labels=None),
         Spacingd(keys=key, pixdim=cfg.target_spacing_mm, mode="bilinear", padding_mode="border"),
-        CropForegroundd(keys=key, source_key=key, select_fn=AboveThreshold(cfg.body_threshold_hu), margin=2,
-                        allow_smaller=True, start_coord_key=None, end_coord_key=None),  # fmt: skip
+        CropForegroundd(
+            keys=key,
+            source_key=key,
+            select_fn=AboveThreshold(cfg.body_threshold_hu),
+            margin=2,
+            allow_smaller=True,
+            start_coord_key=None,
+            end_coord_key=None,
+        ),
         ScaleIntensityRanged(keys=key, a_min=cfg.hu_min, a_max=cfg.hu_max, b_min=0.0, b_max=1.0, clip=True),
         ResizeWithPadOrCropd(keys=key, spatial_size=cfg.input_size, mode="constant", value=0.0),
         EnsureTyped(keys=key, dtype=torch.float32, track_meta=False),
@@ -683,7 +692,9 @@ def test_same_answer_in_every_orientation(tmp_path, series_writer, edit_dicom, o
             ds.ImagePositionPatient = [f"{v:.4f}" for v in np.array([10.0, -20.0, 30.0]) + 2.0 * k * normal]
 
         edit_dicom(path, reorient)
-    assert_same_answer(_validated(tmp_path / "in"), PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(3.0, 2.5, 4.0)))
+    assert_same_answer(
+        _validated(tmp_path / "in"), PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(3.0, 2.5, 4.0))
+    )
 
 
 def test_same_answer_on_real_ct5n(tmp_path, copy_testdata):
@@ -696,7 +707,9 @@ def test_same_answer_on_real_ct_small_stack(tmp_path, stack_real):
     from pydicom.data import get_testdata_file
 
     stack_real(get_testdata_file("CT_small.dcm", download=False), tmp_path / "in" / "s", 12, step_mm=1.5)
-    assert_same_answer(_validated(tmp_path / "in"), PipelineConfig(input_size=(16, 16, 8), target_spacing_mm=(2.0, 2.0, 2.0)))
+    assert_same_answer(
+        _validated(tmp_path / "in"), PipelineConfig(input_size=(16, 16, 8), target_spacing_mm=(2.0, 2.0, 2.0))
+    )
 
 
 def test_same_answer_on_real_enhanced_ct(tmp_path, copy_testdata, edit_dicom):
@@ -868,7 +881,9 @@ def test_direct_read_of_files_without_file_meta_in_every_native_encoding(
     np.testing.assert_array_equal(direct, s.hu.transpose(2, 1, 0))
 
 
-def test_compressed_and_multi_frame_series_are_parsed_again_not_read_directly(dicom_root, make_series, enhanced_ct_writer):
+def test_compressed_and_multi_frame_series_are_parsed_again_not_read_directly(
+    dicom_root, make_series, enhanced_ct_writer
+):
     s = make_series("a", n_slices=10)
     for path in s.paths:
         ds = pydicom.dcmread(path)
@@ -889,7 +904,9 @@ def test_nothing_is_read_that_validation_refused(make_series, dicom_root, monkey
     data = s.paths[3].read_bytes()
     copy.write_bytes(data[:-100])  # header intact, pixels truncated
     series = _validated(dicom_root)
-    assert [d.reason for d in series.dropped] == ["duplicate_instance"] and str(copy) in {d.path for d in series.dropped}
+    assert [d.reason for d in series.dropped] == ["duplicate_instance"] and str(copy) in {
+        d.path for d in series.dropped
+    }
 
     opened: list[str] = []
     real_open = open
@@ -908,7 +925,9 @@ def test_nothing_is_read_that_validation_refused(make_series, dicom_root, monkey
     np.testing.assert_array_equal(volume, s.hu.transpose(2, 1, 0).astype(np.float32))
 
 
-def test_file_changed_after_validation_is_parsed_again_with_every_check(make_series, dicom_root, edit_dicom, monkeypatch):
+def test_file_changed_after_validation_is_parsed_again_with_every_check(
+    make_series, dicom_root, edit_dicom, monkeypatch
+):
     s = make_series("a", n_slices=12)
     series = _validated(dicom_root)
     before, _ = read_hu_volume(series)

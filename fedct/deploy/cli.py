@@ -20,8 +20,11 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fedct server start|submit|check``."""
     p = sub.add_parser("server", help="consortium server: start the SuperLink, submit runs, health check")
     server_sub = p.add_subparsers(dest="server_command", required=True)
-    s = server_sub.add_parser("start", help="start the SuperLink (127.0.0.1, TLS, node auth), register the sites' keys, "
-                                                "then the hospital-facing proxy (Fleet API only)")
+    s = server_sub.add_parser(
+        "start",
+        help="start the SuperLink (127.0.0.1, TLS, node auth), register the sites' keys, "
+        "then the hospital-facing proxy (Fleet API only)",
+    )
     s.add_argument("--env", required=True, help="server env file (configs/server.env)")
     s.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for the SuperLink to answer")
     s.add_argument("--log-file", help="write the SuperLink's output here instead of the console")
@@ -32,7 +35,9 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--app", help="app folder to send (default FEDCT_APP_DIR or this installation)")
     s.add_argument("--no-stream", action="store_true", help="return once the run is submitted")
     s.set_defaults(func=_server_submit)
-    s = server_sub.add_parser("check", help="exit 0 when the proxy and the SuperLink answer TLS handshakes verified by the CA")
+    s = server_sub.add_parser(
+        "check", help="exit 0 when the proxy and the SuperLink answer TLS handshakes verified by the CA"
+    )
     s.add_argument("--env", required=True, help="server env file")
     s.set_defaults(func=_server_check)
 
@@ -40,14 +45,20 @@ def add_server_parser(sub: argparse._SubParsersAction) -> None:
 def add_site_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fedct site``."""
     p = sub.add_parser("site", help="site: validate the env file, ingest, run the SuperNode (or approve an app)")
-    p.add_argument("--env", default=os.environ.get("FEDCT_ENV"), help="site env file (configs/site.env; default $FEDCT_ENV)")
+    p.add_argument(
+        "--env", default=os.environ.get("FEDCT_ENV"), help="site env file (configs/site.env; default $FEDCT_ENV)"
+    )
     p.add_argument("--check", action="store_true", help="validate the env file and the TLS connection, then exit")
     p.add_argument("--health", action="store_true", help="exit 0 when the env file is valid and a SuperNode is running")
     p.add_argument("--approve", metavar="APP_DIR", help="add this app's FAB hash to the site's allow-list and exit")
     p.add_argument("--no-ingest", action="store_true", help="start without ingesting first")
     p.add_argument("--wait-s", type=float, default=120.0, help="how long to wait for the SuperLink to answer")
-    p.add_argument("--activation-wait-s", type=float, default=120.0,
-                   help="how long to retry when the SuperLink refuses to activate this site (e.g. right after a crash)")
+    p.add_argument(
+        "--activation-wait-s",
+        type=float,
+        default=120.0,
+        help="how long to retry when the SuperLink refuses to activate this site (e.g. right after a crash)",
+    )
     p.set_defaults(func=_site)
 
 
@@ -63,12 +74,16 @@ def _server_start(args: argparse.Namespace) -> int:
 def _server_submit(args: argparse.Namespace) -> int:
     try:
         env = ServerEnv.from_file(Path(args.env))
-        done = submit_run(env, Path(args.config), app_dir=Path(args.app) if args.app else None, stream=not args.no_stream)
+        done = submit_run(
+            env, Path(args.config), app_dir=Path(args.app) if args.app else None, stream=not args.no_stream
+        )
     except (DeployError, ConnectionError) as exc:
         print(f"fedct server submit: error: {exc}", file=sys.stderr)
         return 2
     sys.stdout.write(done.output)
-    print(f"fedct server submit: run {done.run_id}: {done.status}{' - ' + done.details if done.details and not done.ok else ''}")
+    print(
+        f"fedct server submit: run {done.run_id}: {done.status}{' - ' + done.details if done.details and not done.ok else ''}"
+    )
     return 0 if done.ok else 1
 
 
@@ -81,8 +96,10 @@ def _server_check(args: argparse.Namespace) -> int:
     except (DeployError, ConnectionError) as exc:
         print(f"fedct server check: {exc}", file=sys.stderr)
         return 1
-    print(f"hospital-facing proxy {env.address}: TLS {version}, certificate verified; "
-          f"SuperLink 127.0.0.1:{env.superlink_port}: TLS {inner}")
+    print(
+        f"hospital-facing proxy {env.address}: TLS {version}, certificate verified; "
+        f"SuperLink 127.0.0.1:{env.superlink_port}: TLS {inner}"
+    )
     return 0
 
 
@@ -93,7 +110,9 @@ def _site_health(site: SiteEnv) -> int:
     healthy = bool(nodes)
     if site.clientapp_runner == "warm":
         executors = executor_pids(site.runtime_port)
-        parts.append(f"warm executor {'running (pid ' + ', '.join(map(str, executors)) + ')' if executors else 'NOT running'}")
+        parts.append(
+            f"warm executor {'running (pid ' + ', '.join(map(str, executors)) + ')' if executors else 'NOT running'}"
+        )
         healthy = healthy and bool(executors)
     print(f"fedct site {site.site_name}: {'; '.join(parts)}", file=sys.stdout if healthy else sys.stderr)
     return 0 if healthy else 1
@@ -114,8 +133,10 @@ def _site(args: argparse.Namespace) -> int:
         from fl_client.approval import approve
 
         if site.approved_apps is None:
-            print("fedct site: error: FEDCT_APPROVAL=disabled-i-understand; set FEDCT_APPROVED_APPS to a file to approve apps",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                "fedct site: error: FEDCT_APPROVAL=disabled-i-understand; set FEDCT_APPROVED_APPS to a file to approve apps",
+                file=sys.stderr,
+            )
             return 2
         try:
             digest = approve(Path(args.approve), site.approved_apps)
@@ -127,9 +148,13 @@ def _site(args: argparse.Namespace) -> int:
     try:
         if args.check:
             version = check_tls(site.superlink_host, site.superlink_port, site.ca_cert)
-            print(f"fedct site {site.site_name}: env file valid; SuperLink {site.superlink} TLS {version}, certificate verified")
+            print(
+                f"fedct site {site.site_name}: env file valid; SuperLink {site.superlink} TLS {version}, certificate verified"
+            )
             return 0
-        return start_site(site, wait_s=args.wait_s, ingest_first=not args.no_ingest, activation_wait_s=args.activation_wait_s)
+        return start_site(
+            site, wait_s=args.wait_s, ingest_first=not args.no_ingest, activation_wait_s=args.activation_wait_s
+        )
     except (DeployError, ConnectionError) as exc:
         print(f"fedct site {site.site_name}: error: {exc}", file=sys.stderr)
         return 2

@@ -25,9 +25,16 @@ class TlsFiles:
     keyfile: Path
 
 
-def flower_superlink(*, port: int, database: str, host: str = "127.0.0.1", tls: TlsFiles | None = None,
-                     node_auth: bool = False, isolation: str = "subprocess",
-                     superexec_secret_file: Path | None = None) -> list[str]:  # fmt: skip
+def flower_superlink(
+    *,
+    port: int,
+    database: str,
+    host: str = "127.0.0.1",
+    tls: TlsFiles | None = None,
+    node_auth: bool = False,
+    isolation: str = "subprocess",
+    superexec_secret_file: Path | None = None,
+) -> list[str]:
     """A ``flower-superlink`` command line: TLS (or ``--insecure`` when ``tls`` is None, local tests only), SuperNode
     authentication, no runtime dependency installation, its database, bound to ``host``; with ``isolation="process"``
     ServerApps are run by a separate SuperExec, which must prove ``superexec_secret_file`` when one is given."""
@@ -35,11 +42,25 @@ def flower_superlink(*, port: int, database: str, host: str = "127.0.0.1", tls: 
     if tls is None:
         command.append("--insecure")
     else:
-        command += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.certfile),
-                    "--ssl-keyfile", str(tls.keyfile)]  # fmt: skip
+        command += [
+            "--ssl-ca-certfile",
+            str(tls.ca_cert),
+            "--ssl-certfile",
+            str(tls.certfile),
+            "--ssl-keyfile",
+            str(tls.keyfile),
+        ]
     if node_auth:
         command.append("--enable-supernode-auth")
-    command += ["--disable-runtime-dependency-installation", "--database", database, "--host", host, "--port", str(port)]
+    command += [
+        "--disable-runtime-dependency-installation",
+        "--database",
+        database,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     if isolation != "subprocess":
         command += ["--isolation", isolation]
     if superexec_secret_file is not None:
@@ -51,9 +72,15 @@ def superlink_command(env: ServerEnv) -> list[str]:
     """The server's ``flower-superlink``: TLS, SuperNode auth, no runtime installs, its state database, bound
     to 127.0.0.1 only (hospitals reach its Fleet API through the proxy), ServerApps run by our own SuperExec
     (``--isolation process``) which must prove the shared secret to acquire a task from the Runtime API."""
-    return flower_superlink(port=env.superlink_port, database=env.database, host="127.0.0.1",
-                            tls=TlsFiles(env.ca_cert, env.server_cert, env.server_key), node_auth=True,
-                            isolation="process", superexec_secret_file=env.superexec_secret_file)  # fmt: skip
+    return flower_superlink(
+        port=env.superlink_port,
+        database=env.database,
+        host="127.0.0.1",
+        tls=TlsFiles(env.ca_cert, env.server_cert, env.server_key),
+        node_auth=True,
+        isolation="process",
+        superexec_secret_file=env.superexec_secret_file,
+    )
 
 
 def superexec_command(env: ServerEnv, *, parent_pid: int) -> list[str]:
@@ -62,20 +89,26 @@ def superexec_command(env: ServerEnv, *, parent_pid: int) -> list[str]:
     with ``parent_pid`` (the SuperLink). No runtime dependency installation (its flag is never given)."""
     return [
         flower_tool("flower-superexec"),
-        "--runtime-api-address", env.control_address,
-        "--root-certificates", str(env.ca_cert),
-        "--superexec-auth-secret-file", str(env.superexec_secret_file),
-        "--parent-pid", str(parent_pid),
-    ]  # fmt: skip
+        "--runtime-api-address",
+        env.control_address,
+        "--root-certificates",
+        str(env.ca_cert),
+        "--superexec-auth-secret-file",
+        str(env.superexec_secret_file),
+        "--parent-pid",
+        str(parent_pid),
+    ]
 
 
 def proxy_executable(env: ServerEnv) -> str:
     """The reverse proxy to run: FEDCT_PROXY, else nginx on PATH or in /usr/sbin (Debian's nginx package)."""
     candidate = env.proxy or shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None)
     if not candidate or not (Path(candidate).is_file() or shutil.which(candidate)):
-        raise DeployError(f"{env.env_path}: no reverse proxy found (FEDCT_PROXY={env.proxy or ''}): the hospital-facing "
-                          "port is served by nginx, which forwards the Fleet API only; install it (apt-get install "
-                          "nginx; the server image has it) or set FEDCT_PROXY to its path")  # fmt: skip
+        raise DeployError(
+            f"{env.env_path}: no reverse proxy found (FEDCT_PROXY={env.proxy or ''}): the hospital-facing "
+            "port is served by nginx, which forwards the Fleet API only; install it (apt-get install "
+            "nginx; the server image has it) or set FEDCT_PROXY to its path"
+        )
     return str(candidate)
 
 
@@ -91,7 +124,9 @@ def node_config_arg(config: Mapping[str, str | int | float | bool]) -> str:
     for key, value in config.items():
         if isinstance(value, str):
             if "\n" in value or ('"' in value and "'" in value) or ("\\" in value and "'" in value):
-                raise DeployError(f"node config {key}={value!r}: Flower's --node-config cannot carry this value; rename the path")
+                raise DeployError(
+                    f"node config {key}={value!r}: Flower's --node-config cannot carry this value; rename the path"
+                )
             text = f"'{value}'" if ('"' in value or "\\" in value) else f'"{value}"'
         else:
             text = toml_value(value)
@@ -99,9 +134,16 @@ def node_config_arg(config: Mapping[str, str | int | float | bool]) -> str:
     return " ".join(parts)
 
 
-def flower_supernode(*, superlink: str, runtime_port: int, node_config: str, ca_cert: Path | None = None,
-                     auth_key: Path | None = None, isolation: str = "subprocess",
-                     superexec_secret_file: Path | None = None) -> list[str]:  # fmt: skip
+def flower_supernode(
+    *,
+    superlink: str,
+    runtime_port: int,
+    node_config: str,
+    ca_cert: Path | None = None,
+    auth_key: Path | None = None,
+    isolation: str = "subprocess",
+    superexec_secret_file: Path | None = None,
+) -> list[str]:
     """A ``flower-supernode`` command line: the SuperLink's Fleet API (TLS verified against ``ca_cert``, or
     ``--insecure`` when it is None: local tests only), the node's authentication key, its ``--node-config`` text
     (:func:`node_config_arg`), its Runtime API on 127.0.0.1:``runtime_port``, and how ClientApps are run.
@@ -125,20 +167,37 @@ def supernode_command(site: SiteEnv) -> list[str]:
     the warm runner the SuperNode starts no SuperExec (``--isolation process``) and accepts task acquisition only
     with the shared secret."""
     warm = site.clientapp_runner == "warm"
-    return flower_supernode(superlink=site.superlink, runtime_port=site.runtime_port,
-                            node_config=node_config_arg(site.node_config()), ca_cert=site.ca_cert, auth_key=site.site_key,
-                            isolation="process" if warm else "subprocess",
-                            superexec_secret_file=site.superexec_secret_file if warm else None)  # fmt: skip
+    return flower_supernode(
+        superlink=site.superlink,
+        runtime_port=site.runtime_port,
+        node_config=node_config_arg(site.node_config()),
+        ca_cert=site.ca_cert,
+        auth_key=site.site_key,
+        isolation="process" if warm else "subprocess",
+        superexec_secret_file=site.superexec_secret_file if warm else None,
+    )
 
 
-def warm_executor(*, runtime_port: int, approved_apps: str, superexec_secret_file: Path | None = None,
-                  parent_pid: int | None = None, poll_interval_s: float | None = None,
-                  preload_app: str | None = None) -> list[str]:  # fmt: skip
+def warm_executor(
+    *,
+    runtime_port: int,
+    approved_apps: str,
+    superexec_secret_file: Path | None = None,
+    parent_pid: int | None = None,
+    poll_interval_s: float | None = None,
+    preload_app: str | None = None,
+) -> list[str]:
     """fedct's warm executor (:mod:`fl_client.executor`) for the SuperNode whose Runtime API is on
     127.0.0.1:``runtime_port`` (loopback, no TLS), checking ``approved_apps`` (an allow-list file or
     ``disabled-i-understand``), proving ``superexec_secret_file`` when given and ending with ``parent_pid``."""
-    command = [sys.executable, "-m", "fl_client.executor", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
-               "--insecure"]  # loopback only; the SuperNode's Runtime API has no TLS unless given --ssl-* files
+    command = [
+        sys.executable,
+        "-m",
+        "fl_client.executor",
+        "--runtime-api-address",
+        f"127.0.0.1:{runtime_port}",
+        "--insecure",
+    ]  # loopback only; the SuperNode's Runtime API has no TLS unless given --ssl-* files
     if poll_interval_s is not None:
         command += ["--poll-interval", str(poll_interval_s)]
     if preload_app is not None:
@@ -156,8 +215,12 @@ def executor_command(site: SiteEnv, *, parent_pid: int) -> list[str]:
     when approval is disabled), the shared secret, and ``parent_pid`` (``fedct site``) whose end ends it."""
     from fl_client.approval import allow_list_value
 
-    return warm_executor(runtime_port=site.runtime_port, approved_apps=allow_list_value(site.approved_apps),
-                         superexec_secret_file=site.superexec_secret_file, parent_pid=parent_pid)  # fmt: skip
+    return warm_executor(
+        runtime_port=site.runtime_port,
+        approved_apps=allow_list_value(site.approved_apps),
+        superexec_secret_file=site.superexec_secret_file,
+        parent_pid=parent_pid,
+    )
 
 
 def supernode_env(site: SiteEnv, gate_dir: Path) -> dict[str, str]:

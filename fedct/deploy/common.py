@@ -29,7 +29,9 @@ def write_flwr_home(home: Path, *, address: str, ca_cert: Path | None) -> Path:
     or ``insecure = true`` when ``ca_cert`` is None (local benchmarks only)."""
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
-    security = "insecure = true" if ca_cert is None else f"root-certificates = {json.dumps(str(Path(ca_cert).resolve()))}"
+    security = (
+        "insecure = true" if ca_cert is None else f"root-certificates = {json.dumps(str(Path(ca_cert).resolve()))}"
+    )
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = {json.dumps(address)}\n{security}\n'
     )

@@ -13,8 +13,10 @@ FLEET_API_PREFIX = "/v1/fleet/"
 #: Largest request the proxy accepts (Flower splits messages into objects of <= 5 MiB chunks; generous margin).
 PROXY_MAX_BODY = "64m"
 #: What the proxy answers to anything but the Fleet API (Control API: runs, registration, listing, logs; Runtime API).
-PROXY_REFUSAL = ("fedct: refused. This address serves the Fleet API (SuperNodes) only. Run submission, SuperNode "
-                 "registration, listing and logs are available on the coordinator host only (fedct server submit).")
+PROXY_REFUSAL = (
+    "fedct: refused. This address serves the Fleet API (SuperNodes) only. Run submission, SuperNode "
+    "registration, listing and logs are available on the coordinator host only (fedct server submit)."
+)
 
 
 def proxy_config(env: ServerEnv) -> str:

@@ -37,7 +37,9 @@ def ensure_server_secret(env: ServerEnv) -> Path:
     if path.is_file() and path.stat().st_size > 0:
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
-            raise DeployError(f"{path} (the SuperExec secret) is readable by others (mode {mode:o}); run chmod 600 on it")
+            raise DeployError(
+                f"{path} (the SuperExec secret) is readable by others (mode {mode:o}); run chmod 600 on it"
+            )
         return path
     return atomic_write_bytes(path, secrets.token_hex(32).encode(), mode=0o600)
 
@@ -48,8 +50,13 @@ def register_sites(env: ServerEnv) -> dict[str, str]:
     home = write_flwr_home(env.cli_home, address=env.control_address, ca_cert=env.ca_cert)
     outcome = {}
     for name, pub in env.site_public_keys().items():
-        done = subprocess.run([flower_tool("flwr"), "supernode", "register", str(pub), CONNECTION, "--name", name],
-                              env=flower_env(FLWR_HOME=str(home)), capture_output=True, text=True, timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [flower_tool("flwr"), "supernode", "register", str(pub), CONNECTION, "--name", name],
+            env=flower_env(FLWR_HOME=str(home)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         text = (done.stdout + done.stderr).strip()
         if done.returncode == 0:
             outcome[name] = "registered"
@@ -85,15 +92,25 @@ def registered_nodes(env: ServerEnv) -> list[NodeRecord]:
     from flwr.supercore.control import ControlHttpClient
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 
-    client = ControlHttpClient.from_server_address(server_address=env.control_address, insecure=False,
-                                                   root_certificates=str(env.ca_cert),
-                                                   interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")])  # fmt: skip
+    client = ControlHttpClient.from_server_address(
+        server_address=env.control_address,
+        insecure=False,
+        root_certificates=str(env.ca_cert),
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")],
+    )
     try:
         response = client.ListNodes(ListNodesRequest())
     finally:
         client.close()
-    return [NodeRecord(node_id=int(n.node_id), public_key=bytes(n.public_key), status=str(n.status),
-                       online_until=float(n.online_until)) for n in response.nodes_info]  # fmt: skip
+    return [
+        NodeRecord(
+            node_id=int(n.node_id),
+            public_key=bytes(n.public_key),
+            status=str(n.status),
+            online_until=float(n.online_until),
+        )
+        for n in response.nodes_info
+    ]
 
 
 def write_site_registry(env: ServerEnv) -> dict[str, str]:
@@ -156,10 +173,18 @@ def start_server(env: ServerEnv, *, wait_s: float = 60.0, log_file: Path | None 
         log, which on a regular file not opened for appending would overwrite the other processes' lines)."""
         print(f"fedct server: starting {what}: {' '.join(command)}", flush=True)
         piped = relay and out is None
-        proc = subprocess.Popen(command, env=child_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if piped else out,
-                                stderr=subprocess.STDOUT if (out or piped) else None, preexec_fn=_die_with_parent)  # fmt: skip
+        proc = subprocess.Popen(
+            command,
+            env=child_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if piped else out,
+            stderr=subprocess.STDOUT if (out or piped) else None,
+            preexec_fn=_die_with_parent,
+        )
         if piped:
-            threading.Thread(target=relay_prefixed, args=(proc.stdout, b""), name="fedct-proxy-log", daemon=True).start()
+            threading.Thread(
+                target=relay_prefixed, args=(proc.stdout, b""), name="fedct-proxy-log", daemon=True
+            ).start()
         procs.append(proc)
         return proc
 
@@ -171,24 +196,44 @@ def start_server(env: ServerEnv, *, wait_s: float = 60.0, log_file: Path | None 
     signal.signal(signal.SIGINT, forward)
     check_proxy = subprocess.run([*proxy_command(env, config), "-t", "-q"], capture_output=True, text=True, timeout=60)
     if check_proxy.returncode != 0:
-        print(f"fedct server: error: the proxy configuration {config} was refused by {proxy}: "
-              f"{(check_proxy.stdout + check_proxy.stderr).strip()[-1500:]}", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"fedct server: error: the proxy configuration {config} was refused by {proxy}: "
+            f"{(check_proxy.stdout + check_proxy.stderr).strip()[-1500:]}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 2
     superlink = spawn(superlink_command(env), "the SuperLink (127.0.0.1 only)")
     host, _, port = env.address.rpartition(":")
     try:
-        version = wait_for_tls("127.0.0.1", env.superlink_port, env.ca_cert, wait_s=wait_s, setting="FEDCT_CA_CERT",
-                               alive=lambda: superlink.poll() is None)  # fmt: skip
-        print(f"fedct server: SuperLink up on 127.0.0.1:{env.superlink_port} ({version}, verified against {env.ca_cert})",
-              flush=True)  # fmt: skip
+        version = wait_for_tls(
+            "127.0.0.1",
+            env.superlink_port,
+            env.ca_cert,
+            wait_s=wait_s,
+            setting="FEDCT_CA_CERT",
+            alive=lambda: superlink.poll() is None,
+        )
+        print(
+            f"fedct server: SuperLink up on 127.0.0.1:{env.superlink_port} ({version}, verified against {env.ca_cert})",
+            flush=True,
+        )
         spawn(superexec_command(env, parent_pid=superlink.pid), "the SuperExec (ServerApps)")
         for name, what in register_sites(env).items():
             print(f"fedct server: site {name}: {what}", flush=True)
         registry = write_site_registry(env)
         print(f"fedct server: site registry {env.site_registry_file}: {len(registry)} node(s)", flush=True)
-        proxy_proc = spawn(proxy_command(env, config), f"the proxy on {env.host}:{env.port} (Fleet API only)", relay=True)
-        wait_for_tls(host.strip("[]"), int(port), env.ca_cert, wait_s=wait_s, setting="FEDCT_CA_CERT",
-                     alive=lambda: proxy_proc.poll() is None)  # fmt: skip
+        proxy_proc = spawn(
+            proxy_command(env, config), f"the proxy on {env.host}:{env.port} (Fleet API only)", relay=True
+        )
+        wait_for_tls(
+            host.strip("[]"),
+            int(port),
+            env.ca_cert,
+            wait_s=wait_s,
+            setting="FEDCT_CA_CERT",
+            alive=lambda: proxy_proc.poll() is None,
+        )
     except (ConnectionError, DeployError, OSError, subprocess.TimeoutExpired) as exc:
         if stopping:  # stopped while starting
             return 0
@@ -197,8 +242,11 @@ def start_server(env: ServerEnv, *, wait_s: float = 60.0, log_file: Path | None 
         return 2
     if stopping:
         return 0
-    print(f"fedct server: hospital-facing address {env.host}:{env.port} serves the Fleet API only; runs and "
-          f"registration on 127.0.0.1:{env.superlink_port}", flush=True)  # fmt: skip
+    print(
+        f"fedct server: hospital-facing address {env.host}:{env.port} serves the Fleet API only; runs and "
+        f"registration on 127.0.0.1:{env.superlink_port}",
+        flush=True,
+    )
     print("fedct server: ready", flush=True)
     while not stopping and all(p.poll() is None for p in procs):
         time.sleep(0.5)
@@ -207,8 +255,11 @@ def start_server(env: ServerEnv, *, wait_s: float = 60.0, log_file: Path | None 
             proc.wait()
         return 0
     ended = next(p for p in procs if p.poll() is not None)
-    print(f"fedct server: error: {' '.join(map(str, ended.args[:1]))} ended (code {ended.returncode}); stopping the rest",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"fedct server: error: {' '.join(map(str, ended.args[:1]))} ended (code {ended.returncode}); stopping the rest",
+        file=sys.stderr,
+        flush=True,
+    )
     _stop(procs)
     return ended.returncode or 1
 
@@ -250,8 +301,13 @@ class Submitted:
 def run_status(env: ServerEnv, run_id: int) -> tuple[str, str]:
     """(status, details) of a run from ``flwr ls --run-id``."""
     home = write_flwr_home(env.cli_home, address=env.control_address, ca_cert=env.ca_cert)
-    done = subprocess.run([flower_tool("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
-                          env=flower_env(FLWR_HOME=str(home)), capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [flower_tool("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+        env=flower_env(FLWR_HOME=str(home)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
         run = json.loads(done.stdout)["runs"][0]
     except (ValueError, KeyError, IndexError) as exc:
@@ -259,16 +315,25 @@ def run_status(env: ServerEnv, run_id: int) -> tuple[str, str]:
     return str(run["status"]), str(run.get("status-details", ""))
 
 
-def submit_run(env: ServerEnv, config_toml: Path, *, app_dir: Path | None = None, overrides: Mapping[str, Any] | None = None,
-               stream: bool = True, timeout: float | None = None) -> Submitted:  # fmt: skip
+def submit_run(
+    env: ServerEnv,
+    config_toml: Path,
+    *,
+    app_dir: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    stream: bool = True,
+    timeout: float | None = None,
+) -> Submitted:
     """``flwr run APP consortium --run-config FILE [--stream]`` with the isolated CLI home; with ``stream`` it
     returns when the run has ended, with its final status."""
     check_tls("127.0.0.1", env.superlink_port, env.ca_cert)
     config = run_config_for(env, config_toml, overrides=overrides)
     app = Path(app_dir or env.app_dir).resolve()
     if not (app / "pyproject.toml").is_file():
-        raise DeployError(f"app folder {app} has no pyproject.toml; set FEDCT_APP_DIR in {env.env_path} (in the server "
-                          "image: /opt/fedct) or pass --app")  # fmt: skip
+        raise DeployError(
+            f"app folder {app} has no pyproject.toml; set FEDCT_APP_DIR in {env.env_path} (in the server "
+            "image: /opt/fedct) or pass --app"
+        )
     resolved = env.state_dir / "submitted" / f"{Path(config_toml).stem}-{int(time.time())}.toml"
     resolved.parent.mkdir(parents=True, exist_ok=True)
     resolved.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in config.items()))

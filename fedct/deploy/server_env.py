@@ -15,26 +15,33 @@ SERVER_KEYS = {
     "FEDCT_SERVER_HOST": "address the hospital-facing proxy binds to (default 0.0.0.0); it serves the Fleet API only",
     "FEDCT_SERVER_PORT": "port the hospitals' SuperNodes connect to (the proxy; default 9092)",
     "FEDCT_SUPERLINK_PORT": "port of the SuperLink itself (Fleet, Control and Runtime APIs), bound to 127.0.0.1 only "
-                            "(default 9093); run submission and site registration use it from this host",
+    "(default 9093); run submission and site registration use it from this host",
     "FEDCT_SERVER_ADDRESS": "host:port this host uses to reach the hospital-facing port for `fedct server check` "
-                            "(default 127.0.0.1:PORT; must be a certificate SAN)",
+    "(default 127.0.0.1:PORT; must be a certificate SAN)",
     "FEDCT_PROXY": "the reverse proxy executable (nginx from the distribution; default: nginx on PATH, /usr/sbin/nginx)",
     "FEDCT_CA_CERT": "the consortium CA certificate (PEM)",
     "FEDCT_SERVER_CERT": "the SuperLink certificate (PEM, signed by the CA, SANs of the server's names plus localhost "
-                         "and 127.0.0.1)",
+    "and 127.0.0.1)",
     "FEDCT_SERVER_KEY": "the SuperLink private key (PEM, mode 0600)",
     "FEDCT_STATE_DIR": "writable folder: SuperLink database (state.db), SuperExec secret, proxy config, site registry, "
-                       "Flower homes",
+    "Flower homes",
     "FEDCT_SITE_KEYS": "folder of the sites' public keys: <name>.pub files or <name>/site.pub",
     "FEDCT_RUNS_DIR": "writable folder of run folders (relative run-dir values are placed here)",
     "FEDCT_APP_DIR": "the Flower app to submit (folder with pyproject.toml; default: this installation)",
     "FEDCT_SUPERLINK_STATE": "disk (default: STATE_DIR/state.db; sites reconnect by themselves after a SuperLink restart) or "
-                             "memory (Flower's in-memory state: ~5 s faster per round with TLS, but sites must be restarted "
-                             "after a SuperLink restart; fedct's own resume state is on disk either way)",
+    "memory (Flower's in-memory state: ~5 s faster per round with TLS, but sites must be restarted "
+    "after a SuperLink restart; fedct's own resume state is on disk either way)",
 }
 #: Values of FEDCT_SUPERLINK_STATE -> the SuperLink's --database for them (None: the file in the state folder).
 SUPERLINK_STATES = {"disk": None, "memory": ":flwr-in-memory:"}
-SERVER_REQUIRED = ("FEDCT_CA_CERT", "FEDCT_SERVER_CERT", "FEDCT_SERVER_KEY", "FEDCT_STATE_DIR", "FEDCT_SITE_KEYS", "FEDCT_RUNS_DIR")
+SERVER_REQUIRED = (
+    "FEDCT_CA_CERT",
+    "FEDCT_SERVER_CERT",
+    "FEDCT_SERVER_KEY",
+    "FEDCT_STATE_DIR",
+    "FEDCT_SITE_KEYS",
+    "FEDCT_RUNS_DIR",
+)
 
 
 @dataclass(frozen=True)
@@ -127,8 +134,10 @@ class ServerEnv:
             raise DeployError(str(exc)) from exc
         key_mode = a_path("FEDCT_SERVER_KEY").stat().st_mode & 0o777
         if key_mode & 0o077:
-            raise DeployError(f"{path}: FEDCT_SERVER_KEY={a_path('FEDCT_SERVER_KEY')} is readable by others "
-                              f"(mode {key_mode:o}); run chmod 600 on it")  # fmt: skip
+            raise DeployError(
+                f"{path}: FEDCT_SERVER_KEY={a_path('FEDCT_SERVER_KEY')} is readable by others "
+                f"(mode {key_mode:o}); run chmod 600 on it"
+            )
         port_text = values.get("FEDCT_SERVER_PORT") or "9092"
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise DeployError(f"{path}: FEDCT_SERVER_PORT={port_text!r} is not a port number")
@@ -136,13 +145,17 @@ class ServerEnv:
         if not superlink_port_text.isdigit() or not 0 < int(superlink_port_text) < 65536:
             raise DeployError(f"{path}: FEDCT_SUPERLINK_PORT={superlink_port_text!r} is not a port number")
         if superlink_port_text == port_text:
-            raise DeployError(f"{path}: FEDCT_SUPERLINK_PORT={superlink_port_text} equals FEDCT_SERVER_PORT: the SuperLink "
-                              "(loopback, all APIs) and the hospital-facing proxy (Fleet API only) need two ports")  # fmt: skip
+            raise DeployError(
+                f"{path}: FEDCT_SUPERLINK_PORT={superlink_port_text} equals FEDCT_SERVER_PORT: the SuperLink "
+                "(loopback, all APIs) and the hospital-facing proxy (Fleet API only) need two ports"
+            )
         missing_sans = _missing_loopback_sans(a_path("FEDCT_SERVER_CERT"))
         if missing_sans:
-            raise DeployError(f"{path}: FEDCT_SERVER_CERT={a_path('FEDCT_SERVER_CERT')} lacks the SAN(s) "
-                              f"{', '.join(missing_sans)}: this host's tools and the proxy reach the SuperLink on loopback; "
-                              "re-issue the server certificate with `fedct certs` (it adds them)")  # fmt: skip
+            raise DeployError(
+                f"{path}: FEDCT_SERVER_CERT={a_path('FEDCT_SERVER_CERT')} lacks the SAN(s) "
+                f"{', '.join(missing_sans)}: this host's tools and the proxy reach the SuperLink on loopback; "
+                "re-issue the server certificate with `fedct certs` (it adds them)"
+            )
         address = values.get("FEDCT_SERVER_ADDRESS") or f"127.0.0.1:{port_text}"
         try:
             parse_superlink_address(address, source=f"{path}: FEDCT_SERVER_ADDRESS")
@@ -153,8 +166,10 @@ class ServerEnv:
             raise DeployError(f"{path}: FEDCT_SITE_KEYS={site_keys}: no such folder ({SERVER_KEYS['FEDCT_SITE_KEYS']})")
         superlink_state = values.get("FEDCT_SUPERLINK_STATE") or "disk"
         if superlink_state not in SUPERLINK_STATES:
-            raise DeployError(f"{path}: FEDCT_SUPERLINK_STATE={superlink_state!r} is not one of {', '.join(SUPERLINK_STATES)} "
-                              f"({SERVER_KEYS['FEDCT_SUPERLINK_STATE']})")  # fmt: skip
+            raise DeployError(
+                f"{path}: FEDCT_SUPERLINK_STATE={superlink_state!r} is not one of {', '.join(SUPERLINK_STATES)} "
+                f"({SERVER_KEYS['FEDCT_SUPERLINK_STATE']})"
+            )
         source_tree = Path(__file__).resolve().parents[2]  # the checkout or installation holding fedct/
         app_dir = a_path("FEDCT_APP_DIR") if values.get("FEDCT_APP_DIR") else source_tree
         if values.get("FEDCT_APP_DIR") and not (app_dir / "pyproject.toml").is_file():
@@ -169,11 +184,22 @@ class ServerEnv:
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise DeployError(f"{path}: {key}={folder}: not writable by this user")
             dirs[key] = folder
-        env = cls(env_path=path, host=values.get("FEDCT_SERVER_HOST") or "0.0.0.0", port=int(port_text), address=address,
-                  ca_cert=a_path("FEDCT_CA_CERT"), server_cert=a_path("FEDCT_SERVER_CERT"),
-                  server_key=a_path("FEDCT_SERVER_KEY"), state_dir=dirs["FEDCT_STATE_DIR"], site_keys_dir=site_keys,
-                  runs_dir=dirs["FEDCT_RUNS_DIR"], app_dir=app_dir, superlink_state=superlink_state,
-                  superlink_port=int(superlink_port_text), proxy=values.get("FEDCT_PROXY") or None)  # fmt: skip
+        env = cls(
+            env_path=path,
+            host=values.get("FEDCT_SERVER_HOST") or "0.0.0.0",
+            port=int(port_text),
+            address=address,
+            ca_cert=a_path("FEDCT_CA_CERT"),
+            server_cert=a_path("FEDCT_SERVER_CERT"),
+            server_key=a_path("FEDCT_SERVER_KEY"),
+            state_dir=dirs["FEDCT_STATE_DIR"],
+            site_keys_dir=site_keys,
+            runs_dir=dirs["FEDCT_RUNS_DIR"],
+            app_dir=app_dir,
+            superlink_state=superlink_state,
+            superlink_port=int(superlink_port_text),
+            proxy=values.get("FEDCT_PROXY") or None,
+        )
         if not env.site_public_keys():
             raise DeployError(f"{path}: FEDCT_SITE_KEYS={site_keys} holds no <name>.pub or <name>/site.pub file")
         return env

@@ -36,8 +36,15 @@ def ingest(site: SiteEnv) -> str:
     from preprocessing.split import site_split
 
     split = site_split(site.site_dir, site_choice=site.split)  # the site's own, fixed split (FEDCT_VAL/TEST_FRACTION)
-    ingest_site(site.dicom_dir, site.site_dir, labels_csv=site.labels_csv, pipeline=pipeline, workers=site.workers,
-                split=split, progress=False)  # fmt: skip
+    ingest_site(
+        site.dicom_dir,
+        site.site_dir,
+        labels_csv=site.labels_csv,
+        pipeline=pipeline,
+        workers=site.workers,
+        split=split,
+        progress=False,
+    )
     counts = json.loads((site.site_dir / REPORT_NAME).read_text())["counts"]
     return f"accepted {counts['accepted']} series, rejected {counts['rejected']}, splits {counts['by_split']}"
 
@@ -47,14 +54,20 @@ def executor_pids(runtime_port: int) -> list[int]:
     address = f"127.0.0.1:{runtime_port}".encode()
     found = [pid for pid, argv in command_lines() if b"fl_client.executor" in argv[:3] and address in argv]
     executors = set(found)
-    return [pid for pid in found if parent_pid(pid) not in executors]  # a forked ClientApp child has the same command line
+    return [
+        pid for pid in found if parent_pid(pid) not in executors
+    ]  # a forked ClientApp child has the same command line
 
 
 def supernode_pids(site_name: str | None = None) -> list[int]:
     """PIDs of running flower-supernode processes (of one site when ``site_name`` is given)."""
     wanted = f'site-name="{site_name}"'.encode()
-    return [pid for pid, argv in command_lines() if any(a.endswith(b"flower-supernode") for a in argv[:2])
-            and (site_name is None or any(wanted in a for a in argv))]  # fmt: skip
+    return [
+        pid
+        for pid, argv in command_lines()
+        if any(a.endswith(b"flower-supernode") for a in argv[:2])
+        and (site_name is None or any(wanted in a for a in argv))
+    ]
 
 
 def start_site(site: SiteEnv, *, wait_s: float, ingest_first: bool = True, activation_wait_s: float = 120.0) -> int:
@@ -76,15 +89,29 @@ def start_site(site: SiteEnv, *, wait_s: float, ingest_first: bool = True, activ
         if (exposure := allow_list_exposure(site.approved_apps)) is not None:
             print(f"fedct site {site.site_name}: {exposure}", flush=True)
         approved = load_allow_list(site.approved_apps)
-        print(f"fedct site {site.site_name}: {len(approved)} approved app(s) in {site.approved_apps}"
-              + ("" if approved else "; every run will be refused until an app is approved (--approve APP_DIR)"), flush=True)  # fmt: skip
+        print(
+            f"fedct site {site.site_name}: {len(approved)} approved app(s) in {site.approved_apps}"
+            + ("" if approved else "; every run will be refused until an app is approved (--approve APP_DIR)"),
+            flush=True,
+        )
     site.flwr_home.mkdir(parents=True, exist_ok=True)
     executor = None
     if site.clientapp_runner == "warm":
         ensure_superexec_secret(site)
         executor = executor_command(site, parent_pid=os.getpid())
-        print(f"fedct site {site.site_name}: ClientApps run in fedct's warm executor (FEDCT_CLIENTAPP_RUNNER=warm)", flush=True)
+        print(
+            f"fedct site {site.site_name}: ClientApps run in fedct's warm executor (FEDCT_CLIENTAPP_RUNNER=warm)",
+            flush=True,
+        )
     else:
-        print(f"fedct site {site.site_name}: ClientApps run in Flower's SuperExec (FEDCT_CLIENTAPP_RUNNER=flower)", flush=True)
-    return run_supernode(site, supernode_command(site), supernode_env(site, gate_dir), activation_wait_s=activation_wait_s,
-                         executor=executor)  # fmt: skip
+        print(
+            f"fedct site {site.site_name}: ClientApps run in Flower's SuperExec (FEDCT_CLIENTAPP_RUNNER=flower)",
+            flush=True,
+        )
+    return run_supernode(
+        site,
+        supernode_command(site),
+        supernode_env(site, gate_dir),
+        activation_wait_s=activation_wait_s,
+        executor=executor,
+    )

@@ -75,8 +75,14 @@ class ExecutorSupervisor:
     SuperNode is stopped and :attr:`failed` is set), and stopped with :meth:`stop` (SIGTERM, bounded wait, SIGKILL).
     """
 
-    def __init__(self, site: SiteEnv, command: Sequence[str], env: Mapping[str, str], supernode: subprocess.Popen,
-                 activated: threading.Event) -> None:  # fmt: skip
+    def __init__(
+        self,
+        site: SiteEnv,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        supernode: subprocess.Popen,
+        activated: threading.Event,
+    ) -> None:
         self.site = site
         self.command = list(command)
         self.env = dict(env)
@@ -114,8 +120,9 @@ class ExecutorSupervisor:
             if self._stopped.is_set():
                 return None
             self._say(f"starting the warm executor: {' '.join(self.command)}")
-            proc = subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT)  # fmt: skip
+            proc = subprocess.Popen(
+                self.command, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
             self.proc = proc
         reader = threading.Thread(target=relay_prefixed, args=(proc.stdout, EXECUTOR_PREFIX), daemon=True)
         reader.start()
@@ -137,18 +144,23 @@ class ExecutorSupervisor:
             now = time.monotonic()
             restarts = [t for t in restarts if now - t < EXECUTOR_RESTART_WINDOW_S] + [now]
             if len(restarts) > EXECUTOR_MAX_RESTARTS:
-                self._say(f"error: the warm executor (ClientApp runner) exited unexpectedly (code {proc.returncode}) "
-                          f"{len(restarts)} times within {EXECUTOR_RESTART_WINDOW_S / 60:.0f} min; stopping the site. "
-                          "Read the [executor] lines above; FEDCT_CLIENTAPP_RUNNER=flower runs ClientApps in Flower's "
-                          "SuperExec instead.", error=True)  # fmt: skip
+                self._say(
+                    f"error: the warm executor (ClientApp runner) exited unexpectedly (code {proc.returncode}) "
+                    f"{len(restarts)} times within {EXECUTOR_RESTART_WINDOW_S / 60:.0f} min; stopping the site. "
+                    "Read the [executor] lines above; FEDCT_CLIENTAPP_RUNNER=flower runs ClientApps in Flower's "
+                    "SuperExec instead.",
+                    error=True,
+                )
                 self.failed.set()
                 if self.supernode.poll() is None:
                     self.supernode.terminate()
                     kill_later(self.supernode, STOP_GRACE_S)
                 return
-            self._say(f"WARNING the warm executor exited unexpectedly (code {proc.returncode}) while the SuperNode runs; "
-                      f"restarting it ({len(restarts)} of {EXECUTOR_MAX_RESTARTS} restarts allowed per "
-                      f"{EXECUTOR_RESTART_WINDOW_S / 60:.0f} min)")  # fmt: skip
+            self._say(
+                f"WARNING the warm executor exited unexpectedly (code {proc.returncode}) while the SuperNode runs; "
+                f"restarting it ({len(restarts)} of {EXECUTOR_MAX_RESTARTS} restarts allowed per "
+                f"{EXECUTOR_RESTART_WINDOW_S / 60:.0f} min)"
+            )
             self._stopped.wait(EXECUTOR_RESTART_DELAY_S)
             if not self._supernode_alive():
                 return
@@ -170,12 +182,18 @@ class ExecutorSupervisor:
 def _stop_orphans(parent_pid: int) -> None:
     """Stop the processes started with ``--parent-pid PARENT_PID`` (Flower's SuperExec of a SuperNode that ended)."""
     needle = [b"--parent-pid", str(parent_pid).encode()]
-    orphans = [pid for pid, argv in command_lines() if any(argv[i:i + 2] == needle for i in range(len(argv) - 1))]
+    orphans = [pid for pid, argv in command_lines() if any(argv[i : i + 2] == needle for i in range(len(argv) - 1))]
     stop_processes(orphans, grace_s=STOP_GRACE_S)
 
 
-def run_supernode(site: SiteEnv, command: Sequence[str], env: Mapping[str, str], *, activation_wait_s: float,
-                  executor: Sequence[str] | None = None) -> int:  # fmt: skip
+def run_supernode(
+    site: SiteEnv,
+    command: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    activation_wait_s: float,
+    executor: Sequence[str] | None = None,
+) -> int:
     """Run the SuperNode in the foreground (output passed through, SIGTERM/SIGINT forwarded); returns its exit code.
 
     A SuperNode that was killed stays "online" at the SuperLink until its heartbeats expire (2 x 30 s), and a restart
@@ -233,12 +251,19 @@ def run_supernode(site: SiteEnv, command: Sequence[str], env: Mapping[str, str],
         if not refused.is_set():
             return code
         if time.monotonic() >= deadline:
-            print(f"fedct site {site.site_name}: error: the SuperLink at {site.superlink} refused to activate this site "
-                  f"(code 2004) for {activation_wait_s:.0f} s. Check that the server registered this site's public key "
-                  f"(the .pub of FEDCT_SITE_KEY={site.site_key} in the server's FEDCT_SITE_KEYS; `fedct server start` "
-                  "registers it), and that no other SuperNode runs with the same key.", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"fedct site {site.site_name}: error: the SuperLink at {site.superlink} refused to activate this site "
+                f"(code 2004) for {activation_wait_s:.0f} s. Check that the server registered this site's public key "
+                f"(the .pub of FEDCT_SITE_KEY={site.site_key} in the server's FEDCT_SITE_KEYS; `fedct server start` "
+                "registers it), and that no other SuperNode runs with the same key.",
+                file=sys.stderr,
+                flush=True,
+            )
             return 3
-        print(f"fedct site {site.site_name}: the SuperLink refused activation (code 2004): a previous instance of this "
-              "site may still count as online (freed within 60 s of its last heartbeat), or the key is not registered; "
-              f"retrying in {ACTIVATION_RETRY_S:.0f} s", flush=True)  # fmt: skip
+        print(
+            f"fedct site {site.site_name}: the SuperLink refused activation (code 2004): a previous instance of this "
+            "site may still count as online (freed within 60 s of its last heartbeat), or the key is not registered; "
+            f"retrying in {ACTIVATION_RETRY_S:.0f} s",
+            flush=True,
+        )
         time.sleep(ACTIVATION_RETRY_S)

@@ -36,15 +36,26 @@ def check_tls(host: str, port: int, ca_cert: Path, *, timeout: float = 5.0, sett
             "signed the server certificate), not another consortium's or an old one."
         ) from exc
     except ssl.SSLError as exc:
-        raise DeployError(f"TLS: handshake with {host}:{port} failed ({exc.reason or exc}); is this a fedct SuperLink "
-                          "started with TLS (not --insecure), on this port?") from exc  # fmt: skip
+        raise DeployError(
+            f"TLS: handshake with {host}:{port} failed ({exc.reason or exc}); is this a fedct SuperLink "
+            "started with TLS (not --insecure), on this port?"
+        ) from exc
     except (OSError, TimeoutError) as exc:
-        raise ConnectionError(f"cannot reach the SuperLink at {host}:{port} ({exc.strerror or exc}); check the address, "
-                              "that the server is running and that the firewall lets this host through") from exc  # fmt: skip
+        raise ConnectionError(
+            f"cannot reach the SuperLink at {host}:{port} ({exc.strerror or exc}); check the address, "
+            "that the server is running and that the firewall lets this host through"
+        ) from exc
 
 
-def wait_for_tls(host: str, port: int, ca_cert: Path, *, wait_s: float, setting: str = "FEDCT_CA_CERT",
-                 alive: Callable[[], bool] | None = None) -> str:  # fmt: skip
+def wait_for_tls(
+    host: str,
+    port: int,
+    ca_cert: Path,
+    *,
+    wait_s: float,
+    setting: str = "FEDCT_CA_CERT",
+    alive: Callable[[], bool] | None = None,
+) -> str:
     """:func:`check_tls` retried while nothing answers (up to ``wait_s``); certificate errors fail at once."""
     deadline = time.monotonic() + wait_s
     while True:

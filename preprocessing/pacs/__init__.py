@@ -30,7 +30,15 @@ from preprocessing.pacs.dicomweb import DicomWebConnection
 from preprocessing.pacs.dimse import DimseConnection, dimse_server_tls, dimse_tls_args
 from preprocessing.pacs.pull import PullResult, pull
 from preprocessing.pacs.push import PushResult, push_files
-from preprocessing.pacs.retry import TRANSIENT_HTTP, Refused, Transient, Unreachable, explain, is_transient, with_retries
+from preprocessing.pacs.retry import (
+    TRANSIENT_HTTP,
+    Refused,
+    Transient,
+    Unreachable,
+    explain,
+    is_transient,
+    with_retries,
+)
 from preprocessing.pacs.settings import ENV_KEYS, Endpoint, PacsError, PacsSettings, endpoint, read_pacs_settings
 from preprocessing.pacs.store import InstanceStore, SeriesRef
 

@@ -15,9 +15,14 @@ _PACS_ENV_HELP = "site env file with the FEDCT_PACS_* settings and credentials"
 
 def add_pull_arguments(parser: argparse.ArgumentParser) -> None:
     """``--pacs [URL]`` and ``--pacs-env FILE`` of ``fedct ingest``."""
-    parser.add_argument("--pacs", nargs="?", const="", metavar="URL",
-                        help="pull the studies from the PACS first (http(s)://host/dicom-web or dicom://AET@host:port; "
-                             "without URL: FEDCT_PACS_URL of --pacs-env); --input is then where they are kept (default OUT/pacs)")  # fmt: skip
+    parser.add_argument(
+        "--pacs",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="pull the studies from the PACS first (http(s)://host/dicom-web or dicom://AET@host:port; "
+        "without URL: FEDCT_PACS_URL of --pacs-env); --input is then where they are kept (default OUT/pacs)",
+    )
     parser.add_argument("--pacs-env", metavar="FILE", help=_PACS_ENV_HELP)
 
 
@@ -33,21 +38,31 @@ def pull_for_ingest(args: argparse.Namespace) -> Path:
     if args.labels:
         labels = read_labels(Path(args.labels))
         keys = tuple(sorted(labels))
-        query = Query(modality=settings.modality, study_date=settings.study_date,
-                      study_uids=keys if labels.key == "StudyInstanceUID" else (),
-                      accession_numbers=keys if labels.key == "AccessionNumber" else ())  # fmt: skip
+        query = Query(
+            modality=settings.modality,
+            study_date=settings.study_date,
+            study_uids=keys if labels.key == "StudyInstanceUID" else (),
+            accession_numbers=keys if labels.key == "AccessionNumber" else (),
+        )
     dest = Path(args.input) if args.input else Path(args.out) / "pacs"
     result = pull(settings, dest, query=query, progress=True)
-    print(f"PACS {result.url}: {result.studies} studies, {result.series} series, {result.instances} instances; fetched "
-          f"{result.fetched} ({result.bytes_written / 1e6:.1f} MB), {result.present} already here; {result.seconds} s -> {dest}")  # fmt: skip
+    print(
+        f"PACS {result.url}: {result.studies} studies, {result.series} series, {result.instances} instances; fetched "
+        f"{result.fetched} ({result.bytes_written / 1e6:.1f} MB), {result.present} already here; {result.seconds} s -> {dest}"
+    )
     return dest
 
 
 def add_push_arguments(parser: argparse.ArgumentParser) -> None:
     """``--push [URL]`` and ``--pacs-env FILE`` of ``fedct predict``."""
-    parser.add_argument("--push", nargs="?", const="", metavar="URL",
-                        help="store the SR and Secondary Captures in the PACS (http(s)://host/dicom-web: STOW-RS; "
-                             "dicom://AET@host:port: C-STORE; without URL: FEDCT_PACS_URL of --pacs-env)")  # fmt: skip
+    parser.add_argument(
+        "--push",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="store the SR and Secondary Captures in the PACS (http(s)://host/dicom-web: STOW-RS; "
+        "dicom://AET@host:port: C-STORE; without URL: FEDCT_PACS_URL of --pacs-env)",
+    )
     parser.add_argument("--pacs-env", metavar="FILE", help=_PACS_ENV_HELP)
 
 

@@ -64,7 +64,9 @@ class DicomWebConnection:
 
     def list_instances(self, ref: SeriesRef) -> list[str]:
         """QIDO-RS instance search of one series: the SOP Instance UIDs."""
-        found = self.client.search_for_instances(ref.study_uid, ref.series_uid, fields=["SOPInstanceUID"], get_remaining=True)
+        found = self.client.search_for_instances(
+            ref.study_uid, ref.series_uid, fields=["SOPInstanceUID"], get_remaining=True
+        )
         return [uid for uid in (_json_value(item, "00080018") for item in found) if uid]
 
     def fetch(self, ref: SeriesRef, sop_uids: Sequence[str] | None, store: InstanceStore) -> None:
@@ -77,7 +79,8 @@ class DicomWebConnection:
             datasets: Iterable[Any] = self.client.iter_series(ref.study_uid, ref.series_uid, media_types=any_syntax)
         else:
             datasets = (
-                self.client.retrieve_instance(ref.study_uid, ref.series_uid, uid, media_types=any_syntax) for uid in sop_uids
+                self.client.retrieve_instance(ref.study_uid, ref.series_uid, uid, media_types=any_syntax)
+                for uid in sop_uids
             )
         for ds in datasets:
             store.write(ref, str(ds.SOPInstanceUID), lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
@@ -90,5 +93,7 @@ class DicomWebConnection:
         failed = reply.get("FailedSOPSequence", []) if reply is not None else []
         if failed:
             reasons = sorted({f"0x{int(item.get('FailureReason', 0)):04X}" for item in failed})
-            raise PacsError(f"PACS {self.settings.url} refused {len(failed)} of {len(paths)} result instances (failure reasons "
-                            f"{', '.join(reasons)}): check that the PACS accepts SR and Secondary Capture objects")  # fmt: skip
+            raise PacsError(
+                f"PACS {self.settings.url} refused {len(failed)} of {len(paths)} result instances (failure reasons "
+                f"{', '.join(reasons)}): check that the PACS accepts SR and Secondary Capture objects"
+            )

@@ -63,8 +63,13 @@ class DimseConnection:
         self.endpoint = endpoint(settings.url)
 
     @contextmanager
-    def _association(self, contexts: Sequence[tuple[str, Sequence[str] | str | None]], *, get_storage: Sequence[str] = (),
-                     rights: str = _PULL_RIGHTS) -> Iterator[Any]:  # fmt: skip
+    def _association(
+        self,
+        contexts: Sequence[tuple[str, Sequence[str] | str | None]],
+        *,
+        get_storage: Sequence[str] = (),
+        rights: str = _PULL_RIGHTS,
+    ) -> Iterator[Any]:
         """An association requesting ``contexts`` ((SOP class, transfer syntaxes or None for pynetdicom's default));
         ``get_storage``: SOP classes this site accepts as SCP during a C-GET."""
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role
@@ -80,8 +85,14 @@ class DimseConnection:
             ae.add_requested_context(sop_class, ALL_TRANSFER_SYNTAXES[:16])
         roles = [build_role(sop_class, scp_role=True) for sop_class in get_storage]
         handlers = [(_evt_store(), self._on_c_store)] if get_storage else []
-        assoc = ae.associate(self.endpoint.host, self.endpoint.port, ae_title=self.endpoint.called_aet,
-                             ext_neg=roles, evt_handlers=handlers, tls_args=dimse_tls_args(self.settings))  # fmt: skip
+        assoc = ae.associate(
+            self.endpoint.host,
+            self.endpoint.port,
+            ae_title=self.endpoint.called_aet,
+            ext_neg=roles,
+            evt_handlers=handlers,
+            tls_args=dimse_tls_args(self.settings),
+        )
         if assoc.is_rejected:
             raise Refused(
                 f"the association was rejected: check the called AE title in the URL ({self.endpoint.called_aet}) and that "
@@ -194,12 +205,17 @@ class DimseConnection:
         for sop_class in sop_classes:
             ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
         try:
-            server = ae.start_server((self.settings.listen_address, self.settings.move_port), block=False,
-                                     ssl_context=dimse_server_tls(self.settings),
-                                     evt_handlers=[(_evt_store(), self._on_c_store)])  # fmt: skip
+            server = ae.start_server(
+                (self.settings.listen_address, self.settings.move_port),
+                block=False,
+                ssl_context=dimse_server_tls(self.settings),
+                evt_handlers=[(_evt_store(), self._on_c_store)],
+            )
         except OSError as exc:
-            raise Refused(f"cannot listen on FEDCT_PACS_LISTEN_ADDRESS {self.settings.listen_address} FEDCT_PACS_MOVE_PORT "
-                          f"{self.settings.move_port} for C-MOVE: {exc.strerror}") from exc  # fmt: skip
+            raise Refused(
+                f"cannot listen on FEDCT_PACS_LISTEN_ADDRESS {self.settings.listen_address} FEDCT_PACS_MOVE_PORT "
+                f"{self.settings.move_port} for C-MOVE: {exc.strerror}"
+            ) from exc
         self.listening = server.server_address
         try:
             yield
@@ -218,8 +234,10 @@ class DimseConnection:
                 if status is None or "Status" not in status:
                     raise Transient("C-STORE: no reply (association aborted or timed out)")
                 if int(status.Status) not in STORED:
-                    raise Refused(f"C-STORE refused with status 0x{int(status.Status):04X}: check that the PACS accepts SR and "
-                                  "Secondary Capture objects from this AE title")  # fmt: skip
+                    raise Refused(
+                        f"C-STORE refused with status 0x{int(status.Status):04X}: check that the PACS accepts SR and "
+                        "Secondary Capture objects from this AE title"
+                    )
 
 
 def _evt_store() -> Any:

@@ -63,13 +63,19 @@ def pull(
     pacs = with_retries(settings, "connecting", lambda: connect(settings), sleep=sleep)
     refs = with_retries(settings, "the series search (QIDO-RS / C-FIND)", lambda: pacs.find_series(query), sleep=sleep)
     if (query.study_uids or query.accession_numbers) and not refs:
-        log.warning("PACS %s: none of the %d studies of the labels file has a %s series", settings.url,
-                    len(query.study_uids or query.accession_numbers), query.modality)  # fmt: skip
+        log.warning(
+            "PACS %s: none of the %d studies of the labels file has a %s series",
+            settings.url,
+            len(query.study_uids or query.accession_numbers),
+            query.modality,
+        )
     total = present = 0
     bar = _progress(len(refs), progress)
     for number, ref in enumerate(refs, start=1):
         what = f"series {number} of {len(refs)}"
-        sop_uids = with_retries(settings, f"the instance list of {what}", lambda ref=ref: pacs.list_instances(ref), sleep=sleep)
+        sop_uids = with_retries(
+            settings, f"the instance list of {what}", lambda ref=ref: pacs.list_instances(ref), sleep=sleep
+        )
         total += len(sop_uids)
         present += sum(store.has(ref, uid) for uid in sop_uids)
 
@@ -79,8 +85,10 @@ def pull(
                 pacs.fetch(ref, None if len(missing) == len(sop_uids) else missing, store)
             still = sum(not store.has(ref, uid) for uid in sop_uids)
             if still:
-                raise PacsError(f"PACS {settings.url}: {what}: {still} of {len(sop_uids)} instances listed but not sent; "
-                                "check the PACS log (storage to this site's AE title, transfer syntaxes)")  # fmt: skip
+                raise PacsError(
+                    f"PACS {settings.url}: {what}: {still} of {len(sop_uids)} instances listed but not sent; "
+                    "check the PACS log (storage to this site's AE title, transfer syntaxes)"
+                )
 
         with_retries(settings, f"retrieving {what} (WADO-RS / C-GET / C-MOVE)", fetch_missing, sleep=sleep)
         bar(number)
@@ -100,4 +108,6 @@ def pull(
 def _progress(total: int, enabled: bool) -> Callable[[int], None]:
     if not enabled:
         return lambda n: None
-    return lambda n: print(f"\r  pulled {n}/{total} series", end="\n" if n == total else "", file=sys.stderr, flush=True)
+    return lambda n: print(
+        f"\r  pulled {n}/{total} series", end="\n" if n == total else "", file=sys.stderr, flush=True
+    )

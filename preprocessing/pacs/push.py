@@ -28,7 +28,9 @@ class PushResult:
     seconds: float
 
 
-def push_files(settings: PacsSettings, files: Sequence[Path], *, sleep: Callable[[float], None] = time.sleep) -> PushResult:
+def push_files(
+    settings: PacsSettings, files: Sequence[Path], *, sleep: Callable[[float], None] = time.sleep
+) -> PushResult:
     """Store ``files`` at the PACS (STOW-RS per study, or C-STORE); raise :class:`PacsError` naming what to check.
 
     A file that is not DICOM raises ``ValueError`` naming it, before anything is sent.

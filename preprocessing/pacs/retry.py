@@ -47,7 +47,9 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, requests.HTTPError):
         return _http_status(exc) in TRANSIENT_HTTP
-    return isinstance(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, ConnectionError))
+    return isinstance(
+        exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, ConnectionError)
+    )
 
 
 def explain(exc: BaseException, settings: PacsSettings, *, what: str, attempts: int) -> PacsError:
@@ -65,7 +67,9 @@ def explain(exc: BaseException, settings: PacsSettings, *, what: str, attempts: 
             f"{settings.credentials_hint}, and that this user may query and retrieve (store, for results) at the PACS"
         )
     if isinstance(exc, requests.HTTPError) and status == 404:
-        return PacsError(f"{where} answered HTTP 404 to {what}: check the URL is the DICOMweb base (e.g. http://host:8042/dicom-web)")
+        return PacsError(
+            f"{where} answered HTTP 404 to {what}: check the URL is the DICOMweb base (e.g. http://host:8042/dicom-web)"
+        )
     if isinstance(exc, requests.HTTPError) and status is not None and status >= 500 or status in TRANSIENT_HTTP:
         return PacsError(
             f"{where} failed {what}{tried} with HTTP {status}: the PACS is failing or overloaded; check its state and logs, "
@@ -74,16 +78,20 @@ def explain(exc: BaseException, settings: PacsSettings, *, what: str, attempts: 
     if isinstance(exc, requests.HTTPError):
         return PacsError(f"{where} answered HTTP {status} to {what}: {exc}")
     if isinstance(exc, (requests.Timeout,)):
-        return PacsError(f"{where} did not answer {what} in {settings.timeout_s:g} s{tried}: check the PACS load and "
-                         "FEDCT_PACS_TIMEOUT_S; run again to resume")  # fmt: skip
+        return PacsError(
+            f"{where} did not answer {what} in {settings.timeout_s:g} s{tried}: check the PACS load and "
+            "FEDCT_PACS_TIMEOUT_S; run again to resume"
+        )
     if isinstance(exc, (requests.ConnectionError, ConnectionError, requests.exceptions.ChunkedEncodingError)):
         return PacsError(
             f"cannot reach {where} for {what}{tried} ({_short(exc)}): check the URL, that the PACS is running, and that "
             "this host may connect to it (firewall, proxy; https: FEDCT_PACS_CA_FILE)"
         )
     if isinstance(exc, Unreachable):
-        return PacsError(f"cannot reach {where} for {what}{tried} ({exc}): check the host, port and called AE title in the URL, "
-                         "that the PACS is running, and that this host may connect to it (firewall)")  # fmt: skip
+        return PacsError(
+            f"cannot reach {where} for {what}{tried} ({exc}): check the host, port and called AE title in the URL, "
+            "that the PACS is running, and that this host may connect to it (firewall)"
+        )
     if isinstance(exc, Transient):
         return PacsError(f"{where}: {what} failed{tried}: {exc}")
     if isinstance(exc, Refused):
@@ -93,13 +101,21 @@ def explain(exc: BaseException, settings: PacsSettings, *, what: str, attempts: 
 
 def _short(exc: BaseException) -> str:
     text = str(exc)
-    for marker in ("Connection refused", "Name or service not known", "timed out", "Connection reset", "Connection aborted"):
+    for marker in (
+        "Connection refused",
+        "Name or service not known",
+        "timed out",
+        "Connection reset",
+        "Connection aborted",
+    ):
         if marker in text:
             return marker.lower()
     return type(exc).__name__
 
 
-def with_retries(settings: PacsSettings, what: str, call: Callable[[], Any], *, sleep: Callable[[float], None] = time.sleep) -> Any:
+def with_retries(
+    settings: PacsSettings, what: str, call: Callable[[], Any], *, sleep: Callable[[float], None] = time.sleep
+) -> Any:
     """``call()``, retried on transient errors with exponential backoff; other errors become a :class:`PacsError`."""
     for attempt in range(settings.retries + 1):
         try:
@@ -111,7 +127,14 @@ def with_retries(settings: PacsSettings, what: str, call: Callable[[], Any], *, 
             retry_after = getattr(getattr(exc, "response", None), "headers", {}).get("Retry-After", "")
             if retry_after.isdigit():
                 delay = min(max(delay, float(retry_after)), _MAX_BACKOFF_S)
-            log.warning("PACS %s: %s failed (%s); retry %d of %d in %.1f s", settings.url, what,
-                        _http_status(exc) or _short(exc), attempt + 1, settings.retries, delay)  # fmt: skip
+            log.warning(
+                "PACS %s: %s failed (%s); retry %d of %d in %.1f s",
+                settings.url,
+                what,
+                _http_status(exc) or _short(exc),
+                attempt + 1,
+                settings.retries,
+                delay,
+            )
             sleep(delay)
     raise AssertionError("unreachable")

@@ -28,7 +28,7 @@ ENV_KEYS = {
     "FEDCT_PACS_CA_FILE": "CA bundle (PEM) to verify an https PACS",
     "FEDCT_PACS_MOVE_PORT": "DIMSE: retrieve with C-MOVE to a storage SCP of this site on this port (default: C-GET)",
     "FEDCT_PACS_LISTEN_ADDRESS": "DIMSE C-MOVE: the interface the storage SCP listens on (default 127.0.0.1; the address "
-                                 "the PACS reaches this host at, never all interfaces unless set to 0.0.0.0)",
+    "the PACS reaches this host at, never all interfaces unless set to 0.0.0.0)",
     "FEDCT_PACS_ALLOW_PLAIN_HTTP": "yes to allow basic auth over plain http:// (the password travels readable; default: refused)",
     "FEDCT_PACS_TLS_CA": "DIMSE over TLS: CA bundle (PEM) that signed the PACS's certificate (setting it turns TLS on)",
     "FEDCT_PACS_TLS_CERT": "DIMSE over TLS: this site's certificate (PEM), if the PACS asks for one; also the C-MOVE SCP's",
@@ -70,35 +70,57 @@ class PacsSettings:
     def __post_init__(self) -> None:
         point = endpoint(self.url)  # validates the URL (scheme, no credentials in it)
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError(f"{self._where()}: FEDCT_PACS_TLS_CERT and FEDCT_PACS_TLS_KEY go together (set both or neither)")
+            raise ValueError(
+                f"{self._where()}: FEDCT_PACS_TLS_CERT and FEDCT_PACS_TLS_KEY go together (set both or neither)"
+            )
         if self.tls_cert is not None and self.tls_ca is None:
-            raise ValueError(f"{self._where()}: FEDCT_PACS_TLS_CERT needs FEDCT_PACS_TLS_CA (the CA that signed the PACS)")
+            raise ValueError(
+                f"{self._where()}: FEDCT_PACS_TLS_CERT needs FEDCT_PACS_TLS_CA (the CA that signed the PACS)"
+            )
         if self.tls_ca is not None and point.kind != "dimse":
-            raise ValueError(f"{self._where()}: FEDCT_PACS_TLS_CA is for DIMSE (dicom://); an https PACS uses FEDCT_PACS_CA_FILE")
+            raise ValueError(
+                f"{self._where()}: FEDCT_PACS_TLS_CA is for DIMSE (dicom://); an https PACS uses FEDCT_PACS_CA_FILE"
+            )
         if self.tls_ca is not None and self.move_port is not None and self.tls_cert is None:
-            raise ValueError(f"{self._where()}: C-MOVE over TLS (FEDCT_PACS_MOVE_PORT with FEDCT_PACS_TLS_CA) needs this site's "
-                             f"FEDCT_PACS_TLS_CERT and FEDCT_PACS_TLS_KEY for its storage SCP")  # fmt: skip
+            raise ValueError(
+                f"{self._where()}: C-MOVE over TLS (FEDCT_PACS_MOVE_PORT with FEDCT_PACS_TLS_CA) needs this site's "
+                f"FEDCT_PACS_TLS_CERT and FEDCT_PACS_TLS_KEY for its storage SCP"
+            )
         try:
             ipaddress.ip_address(self.listen_address)
         except ValueError as exc:
-            raise ValueError(f"{self._where()}: FEDCT_PACS_LISTEN_ADDRESS={self.listen_address!r} is not an IP address "
-                             f"(the interface the PACS reaches this host at)") from exc  # fmt: skip
+            raise ValueError(
+                f"{self._where()}: FEDCT_PACS_LISTEN_ADDRESS={self.listen_address!r} is not an IP address "
+                f"(the interface the PACS reaches this host at)"
+            ) from exc
         if (self.user is None) != (self.password is None):
-            raise ValueError(f"{self._where()}: FEDCT_PACS_USER and FEDCT_PACS_PASSWORD_FILE go together (set both or neither)")
+            raise ValueError(
+                f"{self._where()}: FEDCT_PACS_USER and FEDCT_PACS_PASSWORD_FILE go together (set both or neither)"
+            )
         if self.user is not None and self.url.lower().startswith("http://") and not self.allow_plain_http:
-            raise ValueError(f"{self._where()}: basic auth (FEDCT_PACS_USER) over plain http:// would send the password "
-                             f"readable to anyone on the network: use https:// (FEDCT_PACS_CA_FILE), or set "
-                             f"FEDCT_PACS_ALLOW_PLAIN_HTTP=yes if this link is protected otherwise")  # fmt: skip
+            raise ValueError(
+                f"{self._where()}: basic auth (FEDCT_PACS_USER) over plain http:// would send the password "
+                f"readable to anyone on the network: use https:// (FEDCT_PACS_CA_FILE), or set "
+                f"FEDCT_PACS_ALLOW_PLAIN_HTTP=yes if this link is protected otherwise"
+            )
         if not re.fullmatch(r"[\x20-\x5b\x5d-\x7e]{1,16}", self.calling_aet) or not self.calling_aet.strip():
-            raise ValueError(f"{self._where()}: FEDCT_PACS_AET={self.calling_aet!r} is not an AE title (1-16 characters, no backslash)")
+            raise ValueError(
+                f"{self._where()}: FEDCT_PACS_AET={self.calling_aet!r} is not an AE title (1-16 characters, no backslash)"
+            )
         if not re.fullmatch(r"[A-Z]{2}", self.modality):
-            raise ValueError(f"{self._where()}: FEDCT_PACS_MODALITY={self.modality!r} is not a DICOM modality code (e.g. CT)")
+            raise ValueError(
+                f"{self._where()}: FEDCT_PACS_MODALITY={self.modality!r} is not a DICOM modality code (e.g. CT)"
+            )
         if self.study_date is not None and not (_DATE_RANGE.fullmatch(self.study_date) and self.study_date.strip("-")):
-            raise ValueError(f"{self._where()}: FEDCT_PACS_STUDY_DATE={self.study_date!r} is not a date or range (YYYYMMDD-YYYYMMDD)")
+            raise ValueError(
+                f"{self._where()}: FEDCT_PACS_STUDY_DATE={self.study_date!r} is not a date or range (YYYYMMDD-YYYYMMDD)"
+            )
         if self.move_port is not None and not 0 < self.move_port < 65536:
             raise ValueError(f"{self._where()}: FEDCT_PACS_MOVE_PORT={self.move_port} is not a TCP port")
         if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
-            raise ValueError(f"{self._where()}: FEDCT_PACS_TIMEOUT_S must be > 0, FEDCT_PACS_RETRIES and FEDCT_PACS_BACKOFF_S >= 0")
+            raise ValueError(
+                f"{self._where()}: FEDCT_PACS_TIMEOUT_S must be > 0, FEDCT_PACS_RETRIES and FEDCT_PACS_BACKOFF_S >= 0"
+            )
 
     def _where(self) -> str:
         return f"PACS settings ({self.env_file})" if self.env_file else "PACS settings"
@@ -136,12 +158,16 @@ def endpoint(url: str) -> Endpoint:
     if parts.scheme in ("http", "https"):
         if not parts.hostname:
             raise ValueError(f"PACS URL {url!r} has no host")
-        return Endpoint("dicomweb", url.rstrip("/"), parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        return Endpoint(
+            "dicomweb", url.rstrip("/"), parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        )
     if parts.scheme == "dicom":
         if not parts.username or not parts.hostname or parts.port is None:
             raise ValueError(f"PACS URL {url!r}: a DIMSE PACS is dicom://CALLED_AET@host:port")
         return Endpoint("dimse", url, parts.hostname, parts.port, called_aet=parts.username)
-    raise ValueError(f"PACS URL {url!r}: use http(s)://host/dicom-web (DICOMweb) or dicom://CALLED_AET@host:port (DIMSE)")
+    raise ValueError(
+        f"PACS URL {url!r}: use http(s)://host/dicom-web (DICOMweb) or dicom://CALLED_AET@host:port (DIMSE)"
+    )
 
 
 def read_pacs_settings(env_file: Path | None, *, url: str | None = None) -> PacsSettings:
@@ -170,7 +196,9 @@ def read_pacs_settings(env_file: Path | None, *, url: str | None = None) -> Pacs
 
     url = url or get("FEDCT_PACS_URL")
     if not url:
-        raise ValueError(f"no PACS URL: give it after --pacs/--push or as FEDCT_PACS_URL in the site env file ({env_file})")
+        raise ValueError(
+            f"no PACS URL: give it after --pacs/--push or as FEDCT_PACS_URL in the site env file ({env_file})"
+        )
     base = Path(env_file).parent if env_file is not None else Path.cwd()
     password = None
     password_file = get("FEDCT_PACS_PASSWORD_FILE")
@@ -182,12 +210,16 @@ def read_pacs_settings(env_file: Path | None, *, url: str | None = None) -> Pacs
         except OSError as exc:
             raise ValueError(f"{env_file}: FEDCT_PACS_PASSWORD_FILE: cannot read {secret}: {exc.strerror}") from exc
         if mode & 0o077:
-            raise ValueError(f"{env_file}: FEDCT_PACS_PASSWORD_FILE: {secret} may be read by group or others "
-                             f"(mode {mode & 0o777:04o}); make it private: chmod 600 {secret}")  # fmt: skip
+            raise ValueError(
+                f"{env_file}: FEDCT_PACS_PASSWORD_FILE: {secret} may be read by group or others "
+                f"(mode {mode & 0o777:04o}); make it private: chmod 600 {secret}"
+            )
     allow = (get("FEDCT_PACS_ALLOW_PLAIN_HTTP") or "no").lower()
     if allow not in ("yes", "no"):
-        raise ValueError(f"{env_file}: line {values['FEDCT_PACS_ALLOW_PLAIN_HTTP'][1]}: FEDCT_PACS_ALLOW_PLAIN_HTTP={allow!r} "
-                         f"must be yes or no")  # fmt: skip
+        raise ValueError(
+            f"{env_file}: line {values['FEDCT_PACS_ALLOW_PLAIN_HTTP'][1]}: FEDCT_PACS_ALLOW_PLAIN_HTTP={allow!r} "
+            f"must be yes or no"
+        )
     tls: dict[str, Path | None] = {}
     for key in ("FEDCT_PACS_TLS_CA", "FEDCT_PACS_TLS_CERT", "FEDCT_PACS_TLS_KEY"):
         text = get(key)

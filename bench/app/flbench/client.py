@@ -32,8 +32,15 @@ def train(msg: Message, context: Context) -> Message:
     time.sleep(seconds)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     content = to_content(state, str(context.run_config["layout"]))
-    content["metrics"] = MetricRecord({"compute-seconds": seconds, "num-examples": 1, "t-handler-start": started,
-                                       "t-model-loaded": loaded, "t-handler-end": time.time()})  # fmt: skip
+    content["metrics"] = MetricRecord(
+        {
+            "compute-seconds": seconds,
+            "num-examples": 1,
+            "t-handler-start": started,
+            "t-model-loaded": loaded,
+            "t-handler-end": time.time(),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 

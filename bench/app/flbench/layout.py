@@ -8,10 +8,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 
-def to_content(state: "OrderedDict[str, np.ndarray]", layout: str) -> RecordDict:
+def to_content(state: OrderedDict[str, np.ndarray], layout: str) -> RecordDict:
     """Arrays (+ index for ``packed``) as message content."""
     if layout == "tensors":
-        return RecordDict({"arrays": ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in state.items()))})
+        return RecordDict(
+            {"arrays": ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in state.items()))}
+        )
     if layout not in ("packed", "packed16"):
         raise ValueError(f"layout {layout!r} is not 'tensors', 'packed' or 'packed16'")
     if layout == "packed16":  # float32 travels as float16 (fedct's transport=float16)
@@ -32,7 +34,7 @@ def to_content(state: "OrderedDict[str, np.ndarray]", layout: str) -> RecordDict
     return RecordDict({"arrays": arrays, "index": index})
 
 
-def from_content(content: RecordDict) -> "OrderedDict[str, np.ndarray]":
+def from_content(content: RecordDict) -> OrderedDict[str, np.ndarray]:
     """Inverse of :func:`to_content`."""
     arrays = {k: v.numpy() for k, v in content["arrays"].items()}
     if "index" not in content.config_records:
@@ -42,7 +44,7 @@ def from_content(content: RecordDict) -> "OrderedDict[str, np.ndarray]":
     for name, dtype, shape, offset in zip(index["names"], index["dtypes"], index["shapes"], index["offsets"]):
         dims = tuple(int(d) for d in str(shape).split(",") if d)
         size = int(np.prod(dims)) if dims else 1
-        out[str(name)] = arrays[str(dtype)][int(offset):int(offset) + size].reshape(dims)
+        out[str(name)] = arrays[str(dtype)][int(offset) : int(offset) + size].reshape(dims)
     return out
 
 

@@ -16,8 +16,8 @@ import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from flbench.layout import from_content, nbytes, to_content
 from bench.deployment import tree_cpu_seconds
+from flbench.layout import from_content, nbytes, to_content
 from models.factory import ModelConfig, build_model
 
 app = ServerApp()
@@ -37,6 +37,7 @@ def exchange(grid: Grid, messages: list[Message], poll_s: float, timeout_s: floa
         if pending:
             time.sleep(poll_s)
     return replies
+
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
@@ -71,21 +72,37 @@ def main(grid: Grid, context: Context) -> None:
             if kind == "train":
                 states = [from_content(r.content) for r in replies]
                 received += sum(nbytes(r.content) for r in replies)
-                state = OrderedDict((k, np.mean([s[k] for s in states], axis=0).astype(v.dtype).reshape(v.shape)) for k, v in state.items())
+                state = OrderedDict(
+                    (k, np.mean([s[k] for s in states], axis=0).astype(v.dtype).reshape(v.shape))
+                    for k, v in state.items()
+                )
                 # timeline of the train exchange (wall clock, one host): send -> each site's handler -> all replies in
                 m = [r.content["metrics"] for r in replies]
-                timeline = {"to_first_handler_start_s": min(float(x["t-handler-start"]) for x in m) - t_send,
-                            "to_last_handler_start_s": max(float(x["t-handler-start"]) for x in m) - t_send,
-                            "model_load_s_max": max(float(x["t-model-loaded"]) - float(x["t-handler-start"]) for x in m),
-                            "last_handler_end_to_all_replies_s": t_replies - max(float(x["t-handler-end"]) for x in m),
-                            "aggregate_s": time.time() - t_replies}  # fmt: skip
+                timeline = {
+                    "to_first_handler_start_s": min(float(x["t-handler-start"]) for x in m) - t_send,
+                    "to_last_handler_start_s": max(float(x["t-handler-start"]) for x in m) - t_send,
+                    "model_load_s_max": max(float(x["t-model-loaded"]) - float(x["t-handler-start"]) for x in m),
+                    "last_handler_end_to_all_replies_s": t_replies - max(float(x["t-handler-end"]) for x in m),
+                    "aggregate_s": time.time() - t_replies,
+                }
         wall = time.perf_counter() - t0
         cpu = tree_cpu_seconds(roots) - cpu0 if roots else None
-        results.append({"round": server_round, "wall_s": round(wall, 3), "compute_s": compute,
-                        "deployment_cpu_s": None if cpu is None else round(cpu, 2),
-                        "overhead_s": round(wall - compute, 3), "bytes_sent": sent, "bytes_received": received,
-                        "train_timeline": {k: round(v, 3) for k, v in timeline.items()}})
+        results.append(
+            {
+                "round": server_round,
+                "wall_s": round(wall, 3),
+                "compute_s": compute,
+                "deployment_cpu_s": None if cpu is None else round(cpu, 2),
+                "overhead_s": round(wall - compute, 3),
+                "bytes_sent": sent,
+                "bytes_received": received,
+                "train_timeline": {k: round(v, 3) for k, v in timeline.items()},
+            }
+        )
         print(f"flbench round {server_round}: wall {wall:.2f}s overhead {wall - compute:.2f}s", flush=True)
     model_bytes = sum(v.nbytes for v in state.values())
-    Path(str(cfg["out"])).write_text(json.dumps({"nodes": len(nodes), "model_bytes": model_bytes,
-                                                  "model_tensors": len(state), "rounds": results}, indent=1))
+    Path(str(cfg["out"])).write_text(
+        json.dumps(
+            {"nodes": len(nodes), "model_bytes": model_bytes, "model_tensors": len(state), "rounds": results}, indent=1
+        )
+    )
