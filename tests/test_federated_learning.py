@@ -38,7 +38,7 @@ RUN_CONFIG = {
     "val-fraction": 0.3,
     "test-fraction": 0.2,
     "num-server-rounds": ROUNDS,
-    "local-epochs": 3,
+    "local-epochs": 4,
     "input-size": "24,24,16",
     "learning-rate": 0.01,
     "target-spacing-mm": "10.0,10.0,10.0",
@@ -46,6 +46,7 @@ RUN_CONFIG = {
     "loss-weight-prognosis": 0.0,  # val-loss is then the diagnosis cross-entropy, whose chance level is ln 3
     "seed": 1,
 }
+BALANCED = (1 / 3, 1 / 3, 1 / 3)
 #: The final validation loss must lie this far below ln 3 (chance for three classes).
 MARGIN = 0.1
 
@@ -79,14 +80,19 @@ class RecordingFedAvg(FedAvg):
 
 
 def easy_federation(root: Path) -> Path:
-    """An easy task: the default non-IID sites (prevalence, vendor, size) with 48x48 images of 8 mm pixels and slices
-    and little noise (5 HU), so that a short run can learn the diagnosis."""
+    """An easy task: the default sites (vendor, size) with balanced classes and 48x48 images of 8 mm pixels and slices
+    and little noise (5 HU), so that a short run learns the diagnosis reliably.
+
+    With the default sites' skewed class mixes the final validation loss of this run ranged 0.54-1.01 over repeated
+    runs (the pseudonym keys, hence the splits, are drawn anew at every ingestion) and sometimes missed ln 3 - 0.1;
+    with balanced classes and 4 local epochs it ranged 0.43-0.62."""
     from dataclasses import replace
 
     from synthetic.hospitals import default_profiles, write_federation
 
     profiles = [
-        replace(p, rows=48, pixel_spacing_mm=8.0, slice_thickness_mm=8.0, noise_hu=5.0) for p in default_profiles(SITES)
+        replace(p, rows=48, pixel_spacing_mm=8.0, slice_thickness_mm=8.0, noise_hu=5.0, class_prevalence=BALANCED)
+        for p in default_profiles(SITES)
     ]
     write_federation(root, sites=SITES, patients_per_site=24, seed=5, profiles=profiles)
     return root
