@@ -15,7 +15,7 @@ aggregation the server sees each site's aggregates. With ``secure-aggregation = 
 SecAgg+ instead (``fl_server.secagg.SecAggRoundLoop.pool_profile``, request :func:`secure_request_config`): each site
 adds its statistics, scaled by the schema's ranges into whole-number limbs (:mod:`preprocessing.profile_secagg`), to
 a masked sum; the server learns only the pooled rows, counts and scaled sums, exact up to each site's fixed-point
-rounding of 2**-41 of a variable's range (the bounds on the mean and SD are recorded, :func:`secure_summary`). The
+rounding of 2**-53 of a variable's range (the bounds on the mean and SD are recorded, :func:`secure_summary`). The
 privacy floor is then enforced by the sites alone; the server checks the pooled counts (0 or >= the floor, at most
 the pooled rows) and the sums' consistency, and refuses the whole sum when a check fails (it cannot tell whose
 contribution is wrong).

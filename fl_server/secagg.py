@@ -26,7 +26,7 @@ run of the workflow, with its own settings (:mod:`preprocessing.profile_secagg`)
 2**21 and 2**22 quantization levels, so the whole-number limbs the sites send are summed exactly; the server sees
 only masked vectors and their sum, never one site's counts or sums (:meth:`SecAggRoundLoop.profile_statistics`, the
 plain exchange, refuses to run). Precision: see :mod:`preprocessing.profile_secagg` (each site's fixed-point rounding,
-2**-41 of a variable's range, is the only error; the bounds on mean and SD are recorded in the run folder).
+2**-53 of a variable's range, is the only error; the bounds on mean and SD are recorded in the run folder).
 """
 
 from __future__ import annotations
