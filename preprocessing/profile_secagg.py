@@ -24,7 +24,8 @@ exact ones, so the mean is within ``w * eps`` and the variance within ``w**2 * (
 (non-secure) pooling; the standard deviation within the smaller of ``sqrt`` of that and that divided by the SD
 (:func:`error_bounds`). For ferritin (``w = 1e5``) with 3 sites and N = 100: 3.3e-13 ng/mL on the mean, 2e-10 ng/mL
 on an SD of 500. With 52 fraction bits a scaled sum is kept to the precision of a float64 number of its size, so the
-secure normalisation equals the plain one up to floating-point rounding.
+secure normalisation equals the plain one up to floating-point rounding (about 1e-15 relative, which the plain
+pooling's float64 sums have as well and which the bounds do not include).
 """
 
 from __future__ import annotations
