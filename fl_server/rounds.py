@@ -817,8 +817,9 @@ def profile_normalisation(loop: RoundLoop, recorder: RunRecorder, *, resumed: bo
     """The run's pooled profile normalisation (None without profile fusion), set on ``recorder`` for the bundles.
 
     A resumed run reuses ``profile-normalisation.json`` of its folder; otherwise the sites' statistics are gathered
-    and pooled (:meth:`RoundLoop.pool_profile`; with SecAgg+ the server sees only their sum). Fewer than ``min-sites`` usable replies end the run with
-    :class:`fl_server.profile_norm.ProfileNormalisationFailed` (a fused model cannot be trained without it).
+    and pooled (:meth:`RoundLoop.pool_profile`; with SecAgg+ the server sees only their sum). Fewer than
+    ``min-sites`` usable replies end the run with :class:`fl_server.profile_norm.ProfileNormalisationFailed` (a fused
+    model cannot be trained without it).
     """
     config = loop.config
     if config.profile_fusion == "none":

@@ -197,7 +197,8 @@ class _SecAggProfileStatistics(LegacyFedAvg):
 
 
 class SecAggRoundLoop(RoundLoop):
-    """fedct's round loop with SecAgg+ training (Flower's SecAggPlusWorkflow): only :meth:`train` differs."""
+    """fedct's round loop with SecAgg+ training (Flower's SecAggPlusWorkflow): only :meth:`train` differs, and a
+    fused run's profile statistics are pooled through SecAgg+ too (:meth:`pool_profile`)."""
 
     secure_aggregation = True
 
