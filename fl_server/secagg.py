@@ -61,6 +61,7 @@ from fl_server.rounds import TTL_SLACK_S, NDArrays, RoundLoop, TrainStep
 from preprocessing.profile import ProfileSchema, ProfileStatistics
 from preprocessing.profile_features import ProfileNormalisation, ProfileStatisticsError
 from preprocessing.profile_secagg import CLIPPING_RANGE as STATS_CLIPPING_RANGE
+from preprocessing.profile_secagg import MAX_SITES as MAX_STATISTICS_SITES
 from preprocessing.profile_secagg import MODULUS_RANGE as STATS_MODULUS_RANGE
 from preprocessing.profile_secagg import QUANTIZATION_RANGE as STATS_QUANTIZATION_RANGE
 from preprocessing.profile_secagg import SecureLayout
@@ -282,6 +283,10 @@ class SecAggRoundLoop(RoundLoop):
         report = RoundReport(server_round=0, arrays={})
         nodes = self.wait_for_nodes(minimum)
         report.nodes_connected = len(nodes)
+        if len(nodes) > MAX_STATISTICS_SITES:  # their limbs would wrap around SecAgg+'s modulus
+            raise ProfileNormalisationFailed(
+                f"{len(nodes)} sites connected; the secure profile statistics sum at most {MAX_STATISTICS_SITES}"
+            )
         legacy = _SecAggProfileStatistics(request=secure_request_config(schema), nodes=len(nodes))
         if len(nodes) >= max(minimum, 2):
             self._run_workflow(self.statistics_workflow, legacy, 0, nodes, report)
