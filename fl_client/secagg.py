@@ -14,11 +14,17 @@ parameters, and sends only the masked vector. So the site's one ClientApp:
   integer buffers (BatchNorm's batch counter) are not sent and keep the global value.
 
 The legacy parameters are the model's state-dict tensors in ``state_dict()`` order (legacy Parameters carry no names).
+
+The profile statistics exchange before round 1 of a fused run uses the same workflow (``fl_server.secagg``): its
+legacy fit message has no parameters and a config with ``profile-statistics``; :func:`legacy_fit_reply` then answers
+with :func:`secure_statistics_reply` (no training): the site's statistics vector
+(:func:`fl_client.profile_stats.secure_statistics_vector`), weight 1, and only the site name as a metric.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +38,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from fedct.protocol import (
     NUM_EXAMPLES,
+    PROFILE_STATISTICS,
     SITE_NAME_METRIC,
     TRAIN_LOSS,
     TRAIN_LOSS_DIAGNOSIS,
@@ -41,6 +48,7 @@ from fedct.protocol import (
 )
 from fl_client.config import SiteConfig
 from fl_client.metrics import MIN_COUNT, floor_training
+from fl_client.profile_stats import secure_statistics_vector
 from fl_client.train import train_round
 from models.factory import build_model
 
@@ -67,13 +75,28 @@ def floating_keys(state: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point()]
 
 
+#: The legacy fit message's config record.
+LEGACY_CONFIG_KEY = "fitins.config"
+
+
+def legacy_fit_request(msg: Message) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """The arrays and config of a legacy fit message. Flower's ``recorddict_to_fitins`` refuses list values, which
+    the round settings of a fused run carry (the profile normalisation's means, SDs and counts), so read the records
+    directly."""
+    arrays = parameters_to_ndarrays(
+        compat.arrayrecord_to_parameters(msg.content.array_records[LEGACY_FIT_KEY], keep_input=True)
+    )
+    return arrays, dict(msg.content.config_records[LEGACY_CONFIG_KEY])
+
+
 def legacy_fit_reply(msg: Message, site: SiteConfig, *, min_count: int = MIN_COUNT) -> Message:
     """Train on a legacy fit message and reply with a legacy fit result holding the floating-point update
     (training metrics after the privacy floor ``min_count``, :func:`fl_client.metrics.floor_training`)."""
-    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    settings = RoundSettings.from_record(dict(fitins.config))
+    arrays, config = legacy_fit_request(msg)
+    if bool(config.get(PROFILE_STATISTICS, False)):
+        return secure_statistics_reply(msg, site, min_count=min_count)
+    settings = RoundSettings.from_record(config)
     names = list(build_model(settings.model).state_dict())
-    arrays = parameters_to_ndarrays(fitins.parameters)
     if len(arrays) != len(names):
         raise ValueError(
             f"SecAgg+ round {settings.server_round}: the server sent {len(arrays)} tensors, the model "
@@ -106,5 +129,22 @@ def legacy_fit_reply(msg: Message, site: SiteConfig, *, min_count: int = MIN_COU
         parameters=ndarrays_to_parameters(update),
         num_examples=result.num_examples,
         metrics=metrics,
+    )
+    return Message(content=compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+def secure_statistics_reply(msg: Message, site: SiteConfig, *, min_count: int = MIN_COUNT) -> Message:
+    """Answer SecAgg+'s legacy fit message of the profile statistics exchange: a legacy fit result whose one array
+    is the site's statistics vector (``secaggplus_mod`` masks it before it leaves), ``num_examples`` 1 (every site
+    weighs the same, so the server's unmasked result times the number of sites is the plain sum) and the site name
+    as the only metric: no count, no sum leaves the site unmasked."""
+    _, config = legacy_fit_request(msg)
+    vector = secure_statistics_vector(site, config, min_count=min_count)
+    log.info("%s: profile statistics sent through SecAgg+ (%d numbers, masked)", site.site_name, vector.size)
+    fitres = FitRes(
+        status=Status(code=Code.OK, message="ok"),
+        parameters=ndarrays_to_parameters([vector]),
+        num_examples=1,
+        metrics={SITE_NAME_METRIC: site.site_name},
     )
     return Message(content=compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

@@ -197,11 +197,6 @@ class ServerConfig:
         _ = self.promotion_rule  # validates promotion-metric, -margin and -min-gain with their own messages
         if self.profile_dropout and self.profile_fusion == "none":
             raise ValueError(f'profile-dropout = {self.profile_dropout} needs profile-fusion other than "none"')
-        if self.profile_fusion != "none" and self.privacy.secure_aggregation:
-            raise ValueError(
-                f"profile-fusion = {self.profile_fusion!r} cannot be combined with secure-aggregation = true yet "
-                '(the sites\' profile statistics are not securely aggregated); use profile-fusion = "none"'
-            )
         self.round_settings(1)  # validates model, pipeline and split settings with their own messages
         self.privacy.check_run(
             min_sites=self.min_sites, model_norm=self.model_norm, strategy=self.strategy, transport=self.transport

@@ -10,9 +10,15 @@ That normalisation rides on every later training/evaluation message (round setti
 (``profile-normalisation.json``, reused on resume) and into every bundle (``model.json`` ``profile_normalisation``),
 so prediction scales a study's profile exactly as training did.
 
-Only aggregates travel: per variable a count (>= the floor, or 0), a sum and a sum of squares. The server sees each
-site's aggregates (secure aggregation of these sums is not built: a run with ``secure-aggregation = true`` refuses
-profile fusion, :class:`fl_server.config.ServerConfig`).
+Only aggregates travel: per variable a count (>= the floor, or 0), a sum and a sum of squares. Without secure
+aggregation the server sees each site's aggregates. With ``secure-aggregation = true`` the exchange runs through
+SecAgg+ instead (``fl_server.secagg.SecAggRoundLoop.pool_profile``, request :func:`secure_request_config`): each site
+adds its statistics, scaled by the schema's ranges into whole-number limbs (:mod:`preprocessing.profile_secagg`), to
+a masked sum; the server learns only the pooled rows, counts and scaled sums, exact up to each site's fixed-point
+rounding of 2**-53 of a variable's range (the bounds on the mean and SD are recorded, :func:`secure_summary`). The
+privacy floor is then enforced by the sites alone; the server checks the pooled counts (0 or >= the floor, at most
+the pooled rows) and the sums' consistency, and refuses the whole sum when a check fails (it cannot tell whose
+contribution is wrong).
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from fedct.files import atomic_write_bytes
 from fedct.protocol import METRICS_RECORD, PROFILE_SCHEMA, PROFILE_STATISTICS, PROFILE_VARIABLES, SITE_RECORD
 from fl_server.config import SiteRegistry
+from fl_server.recorder import RoundReport
 from fl_server.validation import ReplyRejected, ScreenedReply, site_identity
 from preprocessing.profile import ProfileSchema, ProfileStatistics
 from preprocessing.profile_features import ProfileNormalisation, ProfileStatisticsError, statistics_from_record
+from preprocessing.profile_secagg import FRACTION_BITS, LAYOUT_KEY, LIMB_BITS, SecureLayout, SecurePooled
 
 #: File of the run folder holding the pooled normalisation (reused when the run resumes).
 NORMALISATION_NAME = "profile-normalisation.json"
@@ -48,6 +56,14 @@ def request_config(schema: ProfileSchema) -> ConfigRecord:
             PROFILE_VARIABLES: ",".join(schema.names),
         }
     )
+
+
+def secure_request_config(schema: ProfileSchema) -> ConfigRecord:
+    """The request of the SecAgg+ statistics exchange: :func:`request_config` plus the vector layout's signature
+    (the site refuses a layout that is not its own schema's)."""
+    record = request_config(schema)
+    record[LAYOUT_KEY] = SecureLayout.from_schema(schema).signature
+    return record
 
 
 def screen_profile_reply(
@@ -84,6 +100,32 @@ def summary(normalisation: ProfileNormalisation, per_site: Mapping[str, ProfileS
     return {
         **normalisation.to_dict(),
         "site_variables": {site: sorted(s.variables) for site, s in sorted(per_site.items())},
+    }
+
+
+def secure_summary(normalisation: ProfileNormalisation, pooled: SecurePooled, sites: list[str]) -> dict[str, Any]:
+    """What metrics.json and the run folder record of a SecAgg+ pooling: the pooled moments, which sites are in the
+    sum, the pooled rows and, per variable, the bound on the mean's and SD's deviation from plain pooling."""
+    return {
+        **normalisation.to_dict(),
+        "secure_aggregation": {
+            "limb_bits": LIMB_BITS,
+            "fraction_bits": FRACTION_BITS,
+            "sites": sorted(sites),
+            "rows": pooled.rows,
+            "mean_error_bound": list(pooled.mean_error),
+            "std_error_bound": list(pooled.std_error),
+        },
+    }
+
+
+def exchange_record(report: RoundReport) -> dict[str, Any]:
+    """The exchange's rejected and missing replies and bytes, for the run folder's record."""
+    return {
+        "rejected_replies": report.rejected,
+        "missing_replies": report.missing,
+        "bytes_sent": report.bytes_sent,
+        "bytes_received": report.bytes_received,
     }
 
 

@@ -58,6 +58,7 @@ from fedct.transport import encode_content, record_nbytes
 from fl_server.config import EXAMPLES_GROWTH_FACTOR, ServerConfig, SiteRegistry, is_site_name
 from fl_server.profile_norm import (
     ProfileNormalisationFailed,
+    exchange_record,
     load_normalisation,
     request_config,
     save_normalisation,
@@ -673,6 +674,20 @@ class RoundLoop:
         kept = {s.site for _, s in passed}
         return self._done(report, t0), {site: v for site, v in stats.items() if site in kept}
 
+    def pool_profile(self, schema: ProfileSchema) -> tuple[ProfileNormalisation, dict[str, Any]]:
+        """The pooled profile normalisation and its run-folder record: :meth:`profile_statistics`, then
+        :meth:`ProfileNormalisation.pooled` (SecAgg+'s loop overrides this: there the server sees only the sum).
+        Fewer than ``min-sites`` usable replies raise :class:`fl_server.profile_norm.ProfileNormalisationFailed`."""
+        report, stats = self.profile_statistics(schema)
+        if len(stats) < self.config.min_sites:
+            reasons = "; ".join(f"{r['site']}: {r['code']}" for r in report.rejected) or "no reply"
+            raise ProfileNormalisationFailed(
+                f"{len(stats)} site(s) sent usable profile statistics, fewer than min-sites={self.config.min_sites} "
+                f"({reasons})"
+            )
+        normalisation = ProfileNormalisation.pooled(schema, list(stats.values()))
+        return normalisation, {**summary(normalisation, stats), **exchange_record(report)}
+
     def _done(self, report: RoundReport, t0: float) -> RoundReport:
         report.seconds = self.clock() - t0
         if report.skip_reason:
@@ -802,8 +817,9 @@ def profile_normalisation(loop: RoundLoop, recorder: RunRecorder, *, resumed: bo
     """The run's pooled profile normalisation (None without profile fusion), set on ``recorder`` for the bundles.
 
     A resumed run reuses ``profile-normalisation.json`` of its folder; otherwise the sites' statistics are gathered
-    (:meth:`RoundLoop.profile_statistics`) and pooled. Fewer than ``min-sites`` usable replies end the run with
-    :class:`fl_server.profile_norm.ProfileNormalisationFailed` (a fused model cannot be trained without it).
+    and pooled (:meth:`RoundLoop.pool_profile`; with SecAgg+ the server sees only their sum). Fewer than
+    ``min-sites`` usable replies end the run with :class:`fl_server.profile_norm.ProfileNormalisationFailed` (a fused
+    model cannot be trained without it).
     """
     config = loop.config
     if config.profile_fusion == "none":
@@ -814,27 +830,14 @@ def profile_normalisation(loop: RoundLoop, recorder: RunRecorder, *, resumed: bo
         recorder.profile_normalisation = saved
         return saved
     log(INFO, "fedct: gathering the sites' profile statistics (%d variables) for the normalisation", len(schema.names))
-    report, stats = loop.profile_statistics(schema)
-    if len(stats) < config.min_sites:
-        reasons = "; ".join(f"{r['site']}: {r['code']}" for r in report.rejected) or "no reply"
-        raise ProfileNormalisationFailed(
-            f"{len(stats)} site(s) sent usable profile statistics, fewer than min-sites={config.min_sites} ({reasons})"
-        )
-    normalisation = ProfileNormalisation.pooled(schema, list(stats.values()))
-    record = {
-        **summary(normalisation, stats),
-        "rejected_replies": report.rejected,
-        "missing_replies": report.missing,
-        "bytes_sent": report.bytes_sent,
-        "bytes_received": report.bytes_received,
-    }
+    normalisation, record = loop.pool_profile(schema)
     save_normalisation(recorder.run_dir, record)
     recorder.profile_normalisation = normalisation
     recorder.run_log.profile_normalisation = record
     log(
         INFO,
         "fedct: profile normalisation pooled from %d site(s); %d of %d variables have statistics",
-        len(stats),
+        normalisation.sites,
         int(normalisation.usable.sum()),
         len(schema.names),
     )

@@ -20,6 +20,13 @@ one step per site. After division by the summed weights the aggregate differs fr
 (FedAvg) by less than ``sites * step / sum(w)`` per value, plus the weights' rounding (relative 2**-22 / w). Keep
 ``secagg-max-weight`` near the largest site's training count: a larger one makes every ``w`` smaller and the error
 larger; a smaller one makes ``w > 1`` and risks clipping (Flower warns).
+
+The profile statistics exchange before round 1 of a fused run (:meth:`SecAggRoundLoop.pool_profile`) is one more
+run of the workflow, with its own settings (:mod:`preprocessing.profile_secagg`): weight 1 per site, clipping range
+2**21 and 2**22 quantization levels, so the whole-number limbs the sites send are summed exactly; the server sees
+only masked vectors and their sum, never one site's counts or sums (:meth:`SecAggRoundLoop.profile_statistics`, the
+plain exchange, refuses to run). Precision: see :mod:`preprocessing.profile_secagg` (each site's fixed-point rounding,
+2**-53 of a variable's range, is the only error; the bounds on mean and SD are recorded in the run folder).
 """
 
 from __future__ import annotations
@@ -48,8 +55,16 @@ from flwr.serverapp.strategy import Strategy
 
 from fedct.protocol import SITE_NAME_METRIC
 from fl_server.config import ServerConfig
+from fl_server.profile_norm import ProfileNormalisationFailed, exchange_record, secure_request_config, secure_summary
 from fl_server.recorder import RoundReport
 from fl_server.rounds import TTL_SLACK_S, NDArrays, RoundLoop, TrainStep
+from preprocessing.profile import ProfileSchema, ProfileStatistics
+from preprocessing.profile_features import ProfileNormalisation, ProfileStatisticsError
+from preprocessing.profile_secagg import CLIPPING_RANGE as STATS_CLIPPING_RANGE
+from preprocessing.profile_secagg import MAX_SITES as MAX_STATISTICS_SITES
+from preprocessing.profile_secagg import MODULUS_RANGE as STATS_MODULUS_RANGE
+from preprocessing.profile_secagg import QUANTIZATION_RANGE as STATS_QUANTIZATION_RANGE
+from preprocessing.profile_secagg import SecureLayout
 
 #: Quantization levels of SecAgg+ (Flower's default ``quantization_range``, 2**22).
 QUANTIZATION_RANGE = 2**22
@@ -149,8 +164,42 @@ class _SecAggFedAvg(LegacyFedAvg):
         return ndarrays_to_parameters(list(self.state.values())), {}
 
 
+class _SecAggProfileStatistics(LegacyFedAvg):
+    """Legacy FedAvg for the profile statistics exchange: sends the request (no parameters) to every node and keeps
+    the SecAgg+ sum of the sites' statistics vectors (the workflow's result is their mean: every weight is 1)."""
+
+    def __init__(self, *, request: ConfigRecord, nodes: int) -> None:
+        self.total: np.ndarray | None = None
+        self.site_names: dict[int, str] = {}
+        config = cast(dict[str, Scalar], dict(request))
+        super().__init__(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=nodes,
+            min_evaluate_clients=0,
+            min_available_clients=nodes,
+            on_fit_config_fn=lambda _round: config,
+            initial_parameters=ndarrays_to_parameters([]),
+            accept_failures=True,
+        )
+
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """The sum of the sites' vectors: the unmasked mean times the number of sites in it."""
+        if not results:
+            log(INFO, "fedct SecAgg+ profile statistics: no site vector (%d failures)", len(failures))
+            return None, {}
+        mean = parameters_to_ndarrays(results[0][1].parameters)  # every result carries the same aggregate
+        self.total = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in mean]) * len(results)
+        for proxy, fitres in results:
+            self.site_names[proxy.node_id] = str(fitres.metrics.get(SITE_NAME_METRIC, f"node-{proxy.node_id}"))
+        return None, {}
+
+
 class SecAggRoundLoop(RoundLoop):
-    """fedct's round loop with SecAgg+ training (Flower's SecAggPlusWorkflow): only :meth:`train` differs."""
+    """fedct's round loop with SecAgg+ training (Flower's SecAggPlusWorkflow): only :meth:`train` differs, and a
+    fused run's profile statistics are pooled through SecAgg+ too (:meth:`pool_profile`)."""
 
     secure_aggregation = True
 
@@ -168,16 +217,25 @@ class SecAggRoundLoop(RoundLoop):
             timeout=config.round_timeout_s,
         )
 
-    def _secure_train(
+        self.statistics_workflow = SecAggPlusWorkflow(
+            num_shares=settings.secagg_num_shares,
+            reconstruction_threshold=settings.secagg_reconstruction_threshold,
+            max_weight=1.0,
+            clipping_range=STATS_CLIPPING_RANGE,
+            quantization_range=STATS_QUANTIZATION_RANGE,
+            modulus_range=STATS_MODULUS_RANGE,
+            timeout=config.round_timeout_s,
+        )
+
+    def _run_workflow(
         self,
+        workflow: SecAggPlusWorkflow,
+        legacy: LegacyFedAvg,
         server_round: int,
         nodes: list[int],
-        global_arrays: Mapping[str, np.ndarray],
-        train_config: ConfigRecord,
         report: RoundReport,
-    ) -> _SecAggFedAvg:
-        """One run of the SecAgg+ workflow over ``nodes`` (bytes counted into ``report``)."""
-        legacy = _SecAggFedAvg(arrays=global_arrays, train_config=train_config, template=self.strategy)
+    ) -> None:
+        """One run of ``workflow`` over ``nodes`` with the legacy strategy ``legacy`` (bytes counted into ``report``)."""
         manager = SimpleClientManager()
         run_id = self.grid.run.run_id
         for node_id in nodes:
@@ -195,8 +253,73 @@ class SecAggRoundLoop(RoundLoop):
             cast(Parameters, legacy.initial_parameters), keep_input=True
         )
         grid = _CountingGrid(self.grid, report, ttl=self.config.round_timeout_s + TTL_SLACK_S)
-        self.workflow(cast(Grid, grid), context)
+        workflow(cast(Grid, grid), context)
+
+    def _secure_train(
+        self,
+        server_round: int,
+        nodes: list[int],
+        global_arrays: Mapping[str, np.ndarray],
+        train_config: ConfigRecord,
+        report: RoundReport,
+    ) -> _SecAggFedAvg:
+        """One run of the SecAgg+ training workflow over ``nodes`` (bytes counted into ``report``)."""
+        legacy = _SecAggFedAvg(arrays=global_arrays, train_config=train_config, template=self.strategy)
+        self._run_workflow(self.workflow, legacy, server_round, nodes, report)
         return legacy
+
+    def profile_statistics(self, schema: ProfileSchema) -> tuple[RoundReport, dict[str, ProfileStatistics]]:
+        """Refused: with SecAgg+ the server must not receive one site's statistics (:meth:`pool_profile` runs)."""
+        raise RuntimeError("secure-aggregation=true: the profile statistics are pooled by SecAgg+ (pool_profile)")
+
+    def pool_profile(self, schema: ProfileSchema) -> tuple[ProfileNormalisation, dict[str, Any]]:
+        """The profile statistics exchange through SecAgg+: every connected site adds its statistics vector
+        (:mod:`preprocessing.profile_secagg`) to a masked sum; the server decodes the sum (checking the pooled
+        counts and sums) into the normalisation. Fewer than ``min-sites`` sites in the sum, or a sum that fails a
+        check, raise :class:`fl_server.profile_norm.ProfileNormalisationFailed` (one site's share cannot be told
+        apart, so the whole sum is refused)."""
+        t0 = self.clock()
+        minimum = self.config.min_sites
+        report = RoundReport(server_round=0, arrays={})
+        nodes = self.wait_for_nodes(minimum)
+        report.nodes_connected = len(nodes)
+        if len(nodes) > MAX_STATISTICS_SITES:  # their limbs would wrap around SecAgg+'s modulus
+            raise ProfileNormalisationFailed(
+                f"{len(nodes)} sites connected; the secure profile statistics sum at most {MAX_STATISTICS_SITES}"
+            )
+        legacy = _SecAggProfileStatistics(request=secure_request_config(schema), nodes=len(nodes))
+        if len(nodes) >= max(minimum, 2):
+            self._run_workflow(self.statistics_workflow, legacy, 0, nodes, report)
+        self.site_names.update(legacy.site_names)
+        summed = sorted(legacy.site_names)
+        for node_id in nodes:
+            if node_id not in legacy.site_names:
+                report.missing.append(
+                    {
+                        "node_id": node_id,
+                        "site": self._site(node_id),
+                        "reason": "no masked profile statistics (an error reply, or none within round-timeout-s="
+                        f"{self.config.round_timeout_s:g})",
+                    }
+                )
+        self._done(report, t0)
+        if legacy.total is None or len(summed) < minimum:
+            raise ProfileNormalisationFailed(
+                f"{len(summed)} site(s) in the secure sum of the profile statistics, fewer than min-sites={minimum} "
+                f"({len(nodes)} connected)"
+            )
+        try:
+            pooled = SecureLayout.from_schema(schema).decode(
+                legacy.total,
+                sites=len(summed),
+                min_count=self.config.metrics_min_count,
+                count_bound=self.config.examples_bound,
+            )
+        except ProfileStatisticsError as exc:
+            raise ProfileNormalisationFailed(f"the secure sum of the profile statistics is refused: {exc}") from None
+        normalisation = pooled.normalisation(schema, min_count=self.config.metrics_min_count)
+        names = [self._site(node_id) for node_id in summed]
+        return normalisation, {**secure_summary(normalisation, pooled, names), **exchange_record(report)}
 
     def train(
         self,

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 
 from fedct.protocol import PROFILE_VARIABLES
 from fl_client.config import SiteConfig
-from fl_client.profile_stats import ProfileSchemaMismatch, site_statistics, statistics_metrics
+from fl_client.profile_stats import (
+    ProfileSchemaMismatch,
+    secure_statistics_vector,
+    site_statistics,
+    statistics_metrics,
+)
 from fl_server.profile_norm import request_config
 from preprocessing.labels import DIAGNOSES
 from preprocessing.profile import read_schema, read_site_profile
@@ -75,3 +81,24 @@ def test_a_configured_profile_dir_must_hold_a_mapping(tmp_path):
         SiteConfig.from_context(
             {"site-name": "s", "dicom-dir": str(tmp_path), "site-dir": str(tmp_path), "profile-dir": str(tmp_path)}, {}
         )
+
+
+def test_with_secure_aggregation_the_site_sends_its_statistics_as_a_limb_vector(tmp_path):
+    from fl_server.profile_norm import secure_request_config
+    from preprocessing.profile import aggregate_statistics
+    from preprocessing.profile_secagg import LAYOUT_KEY, SecureLayout
+
+    site = _site(tmp_path, 30)
+    request = dict(secure_request_config(SCHEMA))
+    vector = secure_statistics_vector(site, request, min_count=5)
+    layout = SecureLayout.from_schema(SCHEMA)
+    expected = layout.encode(aggregate_statistics(read_site_profile(site.profile_dir), min_count=5), min_count=5)
+    assert np.array_equal(vector, expected) and vector[0] == 30  # the rows' first limb
+    # the site's own floor applies: with k above its rows it sends only zeros
+    assert not secure_statistics_vector(site, request, min_count=31).any()
+    # another layout (scalings or fixed-point bits) is refused like other variables
+    with pytest.raises(ProfileSchemaMismatch, match="layout") as info:
+        secure_statistics_vector(site, {**request, LAYOUT_KEY: "F32;" + request[LAYOUT_KEY][4:]})
+    assert info.value.code == "bad_round_config"
+    with pytest.raises(ProfileSchemaMismatch, match="age"):
+        secure_statistics_vector(site, {**request, PROFILE_VARIABLES: "age"})

@@ -104,10 +104,6 @@ def test_from_run_config_parses_and_converts():
         ({"promotion-metric": "val-auc-macro"}, "promotion metric must be a held-out test metric"),
         ({"promotion-margin": -0.1}, "promotion margin must be a finite number >= 0"),
         ({"profile-fusion": "early"}, "profile-fusion 'early' is not one of none, late, film, only"),
-        (
-            {"profile-fusion": "late", "secure-aggregation": True, "min-sites": 2},
-            "profile-fusion = 'late' cannot be combined with secure-aggregation",
-        ),
     ],
 )
 def test_bad_settings_fail_before_the_run_with_the_key_named(run_config, needle):
@@ -195,6 +191,20 @@ def test_a_bad_site_registry_stops_the_server_naming_the_file(tmp_path, text, ne
     with pytest.raises(SiteRegistryError, match=needle) as info:
         SiteRegistry.from_environ({SITE_REGISTRY_ENV: str(path)})
     assert str(path) in str(info.value) and SITE_REGISTRY_ENV in str(info.value)
+
+
+def test_profile_fusion_runs_with_secure_aggregation_and_keeps_its_checks():
+    # the profile statistics are pooled through SecAgg+ too (fl_server.secagg): no refusal any more
+    config = ServerConfig.from_run_config({"profile-fusion": "late", "secure-aggregation": True, "min-sites": 3})
+    assert config.privacy.secure_aggregation and config.model.profile_fusion == "late"
+    # every other SecAgg+ check still holds with a fused model
+    for extra, needle in (
+        ({"min-sites": 1}, "secure-aggregation=true needs min-sites >= 2"),
+        ({"evaluate-mode": "fused"}, "cannot be combined with secure-aggregation"),
+        ({"strategy": "fedmedian"}, "secure-aggregation=true needs strategy fedavg or fedprox"),
+    ):
+        with pytest.raises(ValueError, match=needle):
+            ServerConfig.from_run_config({"profile-fusion": "film", "secure-aggregation": True, **extra})
 
 
 def test_profile_fusion_sizes_the_model_from_the_shipped_schema():

@@ -102,3 +102,23 @@ def test_the_normalisation_is_saved_in_the_run_folder_and_read_back(record, tmp_
     with pytest.raises(ValueError, match="remove it"):
         load_normalisation(tmp_path)
     assert np.isclose(norm.mean[SCHEMA.names.index("age")], 49.5)
+
+
+def test_the_secure_request_adds_the_layout_and_the_secure_record_names_no_sites_statistics(record):
+    from fl_server.profile_norm import secure_request_config, secure_summary
+    from preprocessing.profile_secagg import LAYOUT_KEY, SecureLayout
+
+    config = secure_request_config(SCHEMA)
+    assert config[LAYOUT_KEY] == SecureLayout.from_schema(SCHEMA).signature
+    assert {k: config[k] for k in request_config(SCHEMA)} == dict(request_config(SCHEMA))
+    layout = SecureLayout.from_schema(SCHEMA)
+    _, stats = screen_profile_reply(
+        _reply(record), node_id=1, registry=None, schema=SCHEMA, min_count=5, count_bound=1000
+    )
+    pooled = layout.decode(layout.encode(stats, min_count=5) * 2, sites=2, min_count=5, count_bound=1000)
+    norm = pooled.normalisation(SCHEMA, min_count=5)
+    data = secure_summary(norm, pooled, ["site-b", "site-a"])
+    assert "site_variables" not in data  # not even which variables a site measured
+    assert data["secure_aggregation"]["sites"] == ["site-a", "site-b"] and data["secure_aggregation"]["rows"] == 80
+    assert len(data["secure_aggregation"]["mean_error_bound"]) == len(SCHEMA.names)
+    assert ProfileNormalisation.from_dict(data) == norm and norm.sites == 2

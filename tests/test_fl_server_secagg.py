@@ -1,5 +1,7 @@
 """SecAgg+ (Flower's legacy workflow) inside fedct's ServerApp: settings checks and a real simulation whose secure
-aggregate equals the plain FedAvg aggregate of the same site updates, with metrics and checkpoints as usual."""
+aggregate equals the plain FedAvg aggregate of the same site updates, with metrics and checkpoints as usual; and a
+fused-profile run whose profile statistics go through SecAgg+ too (the pooled normalisation equals the plain one
+within the stated error, and no reply carries one site's statistics)."""
 
 import json
 from pathlib import Path
@@ -8,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 from federation import TINY_RUN_CONFIG, tiny_federation
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.common import parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from flwr.simulation import run_simulation
 
 from fedct.demo import simulation_backend_config
+from fedct.protocol import PROFILE_STATISTICS
 from fl_client.client_app import build_client_app
 from fl_client.secagg import LEGACY_FIT_KEY
 from fl_server.config import ServerConfig
@@ -21,6 +24,9 @@ from fl_server.privacy import PrivacyConfig
 from fl_server.secagg import quantization_tolerance
 from fl_server.server_app import build_server_app
 from models.bundle import load_bundle
+from preprocessing.profile import aggregate_statistics, read_schema, read_site_profile
+from preprocessing.profile_features import ProfileNormalisation
+from preprocessing.profile_secagg import SecureLayout
 
 MAX_WEIGHT = 10.0  # about the sites' training counts here (see fl_server.secagg on precision)
 
@@ -199,3 +205,215 @@ def test_metrics_checkpoints_and_bundles_are_written_as_without_secagg(secagg_ru
     assert "Secure aggregation (SecAgg+)" in (run_dir / "model" / "final" / "model_card.md").read_text()
     # No site may send a validation metric (fewer than k = 5 studies each): no round is claimed best, no best bundle.
     assert metrics["best_round"] is None and not (run_dir / "model" / "best").exists()
+
+
+# --- a fused run: the profile statistics exchange through SecAgg+ as well ------------------------------------------
+
+
+def statistics_vector_mod(folder: Path):
+    """Client mod inside Flower's secaggplus_mod: saves each site's plain statistics vector (before masking)."""
+
+    def mod(msg: Message, context: Context, call_next):
+        reply = call_next(msg, context)
+        config = msg.content.config_records.get("fitins.config")
+        if config is not None and config.get(PROFILE_STATISTICS) and not reply.has_error():
+            fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+            (vector,) = parameters_to_ndarrays(fitres.parameters)
+            np.save(folder / f"plain-{fitres.metrics['site-name']}.npy", vector)
+        return reply
+
+    return mod
+
+
+def statistics_reply_mod(folder: Path):
+    """Client mod outside Flower's secaggplus_mod: keeps every reply of the statistics exchange (group "0") as it
+    leaves the site: each record's type and plain values, and the masked vector of the collect stage."""
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    def mod(msg: Message, context: Context, call_next):
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        stage = None if configs is None else configs.get(Key.STAGE)  # read first: secaggplus_mod consumes it
+        reply = call_next(msg, context)
+        if msg.metadata.group_id != "0" or reply.has_error():
+            return reply
+        site = f"site-{context.node_config['partition-id']}"
+        records = {}
+        for name, record in reply.content.items():
+            values = {k: v for k, v in record.items()} if not isinstance(record, ArrayRecord) else {}
+            records[name] = {
+                "type": type(record).__name__,
+                "size": sum(len(a.data) for a in record.values()) if isinstance(record, ArrayRecord) else None,
+                "values": {k: v for k, v in values.items() if not isinstance(v, bytes | list)},
+                "lists": sorted(k for k, v in values.items() if isinstance(v, list)),
+            }
+        (folder / f"reply-{site}-{stage}.json").write_text(json.dumps(records))
+        if stage == Stage.COLLECT_MASKED_VECTORS:
+            sent = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+            np.savez(folder / f"masked-{site}.npz", *[bytes_to_ndarray(b) for b in sent])
+        return reply
+
+    return mod
+
+
+@pytest.fixture(scope="module")
+def fused_secagg_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("secagg-fused")
+    tiny_federation(root / "data", sites=3, patients_per_site=10)
+    run_dir, replies = root / "run", root / "replies"
+    replies.mkdir()
+    server_config = {
+        **TINY_RUN_CONFIG,
+        "num-server-rounds": 1,
+        "min-sites": 3,
+        "run-dir": str(run_dir),
+        "secure-aggregation": True,
+        "secagg-max-weight": MAX_WEIGHT,
+        "profile-fusion": "late",
+    }
+    run_simulation(
+        server_app=build_server_app(server_config),
+        client_app=build_client_app(
+            {"sim-data-root": str(root / "data"), "sim-work-root": str(root / "sites")},
+            mods=[statistics_vector_mod(replies)],
+            outer_mods=[statistics_reply_mod(replies)],
+        ),
+        num_supernodes=3,
+        backend_config=simulation_backend_config(),
+    )
+    return root, run_dir, replies
+
+
+def test_a_fused_run_with_secure_aggregation_trains_end_to_end(fused_secagg_run):
+    _, run_dir, _ = fused_secagg_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    (entry,) = metrics["rounds"]
+    assert not entry["skipped"] and sorted(entry["train"]["sites"]) == ["site-0", "site-1", "site-2"]
+    before = torch.load(run_dir / "checkpoints" / "round-000.pt", weights_only=True)
+    after = torch.load(run_dir / "checkpoints" / "round-001.pt", weights_only=True)
+    profile_keys = [k for k in before if k.startswith("profile") and before[k].is_floating_point()]
+    assert profile_keys and any(
+        not torch.equal(before[k], after[k]) for k in profile_keys
+    )  # the profile branch trained
+    saved = ProfileNormalisation.from_dict(json.loads((run_dir / "profile-normalisation.json").read_text()))
+    model, meta = load_bundle(run_dir / "model" / "final")
+    assert meta["model"]["profile_fusion"] == "late" and model.n_profile == 2 * len(saved.variables)
+    assert ProfileNormalisation.from_dict(meta["profile_normalisation"]) == saved
+    assert metrics["profile_normalisation"]["mean"] == list(saved.mean)
+
+
+def test_the_secure_normalisation_equals_the_plain_pooling_within_the_stated_error(fused_secagg_run):
+    root, run_dir, replies = fused_secagg_run
+    schema = read_schema()
+    layout = SecureLayout.from_schema(schema)
+    record = json.loads((run_dir / "profile-normalisation.json").read_text())
+    secure = ProfileNormalisation.from_dict(record)
+    # what plain (non-secure) pooling of the same sites gives
+    stats = [aggregate_statistics(read_site_profile(root / "data" / f"site-{i}"), min_count=5) for i in range(3)]
+    plain = ProfileNormalisation.pooled(schema, stats)
+    assert secure.count == plain.count and secure.sites == 3 and sum(c > 0 for c in plain.count) >= 10
+    bounds = record["secure_aggregation"]
+    assert bounds["sites"] == ["site-0", "site-1", "site-2"] and bounds["rows"] == sum(s.n_rows for s in stats)
+    for j, name in enumerate(schema.names):
+        float_slack = 1e-12 * (layout.width[j] + abs(layout.low[j]))  # float64 rounding of the plain sums
+        assert abs(secure.mean[j] - plain.mean[j]) <= bounds["mean_error_bound"][j] + float_slack, name
+        assert abs(secure.std[j] - plain.std[j]) <= bounds["std_error_bound"][j] + float_slack, name
+    # the server decoded exactly the sum of the three sites' plain vectors
+    vectors = [np.load(replies / f"plain-site-{i}.npy") for i in range(3)]
+    decoded = layout.decode(sum(vectors), sites=3, min_count=5, count_bound=100_000)
+    assert decoded.normalisation(schema, min_count=5) == secure
+
+
+def test_the_server_receives_no_single_sites_statistics(fused_secagg_run):
+    """Every reply of the statistics exchange as it leaves a site: SecAgg+'s keys, shares and a masked vector; the
+    only plain values are the site name, weight 1 and the status; no count, sum or list of numbers."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
+
+    _, run_dir, replies = fused_secagg_run
+    stages = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK)
+    for i in range(3):
+        site = f"site-{i}"
+        for stage in stages:
+            records = json.loads((replies / f"reply-{site}-{stage}.json").read_text())
+            assert all(r["lists"] == [] or name == RECORD_KEY_CONFIGS for name, r in records.items()), (site, stage)
+            assert all(r["size"] in (None, 0) for r in records.values())  # no array leaves the site
+            plain = {k: v for name, r in records.items() if name != RECORD_KEY_CONFIGS for k, v in r["values"].items()}
+            if stage == Stage.COLLECT_MASKED_VECTORS:
+                assert plain == {"site-name": site, "num_examples": 1, "code": 0, "message": "ok"}
+            else:
+                assert plain == {}
+        # the masked vector: nothing like the site's plain vector quantized (limb + 2**21), spread over [0, 2**32)
+        with np.load(replies / f"masked-{site}.npz") as masked:
+            sent = [masked[f"arr_{j}"] for j in range(len(masked.files))]
+        vector = np.load(replies / f"plain-{site}.npy")
+        assert len(sent) == 2 and sent[1].shape == vector.shape  # SecAgg+ prepends the (masked) weight
+        quantized = vector + 2**21
+        assert np.all(np.abs(sent[1].astype(np.float64) - quantized) > 1)
+        assert np.mean(sent[1].astype(np.float64) > 2**22) > 0.9
+    # the run folder keeps the pooled moments and who is in the sum, never a site's statistics or variables
+    record = json.loads((run_dir / "profile-normalisation.json").read_text())
+    assert "site_variables" not in record and record["rejected_replies"] == [] and record["missing_replies"] == []
+    assert record["bytes_received"] > 0
+
+
+def drop_out_of_statistics_mod(partition: int):
+    """Client mod outside Flower's secaggplus_mod: the site ``partition`` fails the statistics exchange's collect
+    stage (as a site that crashes or loses its connection after sharing its keys), and only that stage."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    def mod(msg: Message, context: Context, call_next):
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        stage = None if configs is None else configs.get(Key.STAGE)
+        if (
+            msg.metadata.group_id == "0"
+            and stage == Stage.COLLECT_MASKED_VECTORS
+            and int(context.node_config["partition-id"]) == partition
+        ):
+            return Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="internal_error incident=0badc0de"),
+                reply_to=msg,
+            )
+        return call_next(msg, context)
+
+    return mod
+
+
+def test_a_site_dropping_out_of_the_secure_statistics_leaves_the_others_sum(tmp_path):
+    """SecAgg+ unmasks the sum of the sites that sent their vector (the dropped site's masks are rebuilt from its
+    neighbours' shares): the normalisation is that of the two others, the third is recorded as missing and still
+    trains."""
+    tiny_federation(tmp_path / "data", sites=3, patients_per_site=8)
+    run_dir = tmp_path / "run"
+    server_config = {
+        **TINY_RUN_CONFIG,
+        "num-server-rounds": 1,
+        "min-sites": 2,
+        "run-dir": str(run_dir),
+        "secure-aggregation": True,
+        "secagg-max-weight": MAX_WEIGHT,
+        "profile-fusion": "late",
+    }
+    run_simulation(
+        server_app=build_server_app(server_config),
+        client_app=build_client_app(
+            {"sim-data-root": str(tmp_path / "data"), "sim-work-root": str(tmp_path / "sites")},
+            outer_mods=[drop_out_of_statistics_mod(2)],
+        ),
+        num_supernodes=3,
+        backend_config=simulation_backend_config(),
+    )
+    record = json.loads((run_dir / "profile-normalisation.json").read_text())
+    assert record["secure_aggregation"]["sites"] == ["site-0", "site-1"] and record["sites"] == 2
+    # the dropped site had not named itself yet (SecAgg+'s first stages carry no name): it is recorded by node id
+    (missing,) = record["missing_replies"]
+    assert missing["site"] == f"node-{missing['node_id']}" and "no masked profile statistics" in missing["reason"]
+    schema = read_schema()
+    stats = [aggregate_statistics(read_site_profile(tmp_path / "data" / f"site-{i}"), min_count=5) for i in (0, 1)]
+    plain = ProfileNormalisation.pooled(schema, stats)
+    secure = ProfileNormalisation.from_dict(record)
+    assert secure.count == plain.count and record["secure_aggregation"]["rows"] == sum(s.n_rows for s in stats)
+    assert np.allclose(secure.mean, plain.mean, rtol=1e-9, atol=1e-9)
+    (entry,) = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert not entry["skipped"] and sorted(entry["train"]["sites"]) == ["site-0", "site-1", "site-2"]
