@@ -117,8 +117,10 @@ def _predict(args: argparse.Namespace) -> int:
                 "leave out --push, or write the results with identifiers to push them"
             )
         push = push_settings(args)  # --push: PACS settings checked before anything is predicted
+        if args.model in (None, "champion") and not args.site_dir:
+            raise ValueError("give --model, or --site-dir to predict with the champion the site received")
         summary = run_predict(
-            Path(args.model),
+            Path(args.site_dir) if args.model in (None, "champion") else Path(args.model),
             Path(args.input),
             Path(args.out),
             device=args.device,
@@ -271,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model",
-        required=True,
-        help="model bundle folder (model.pt + model.json), or a model registry folder (its champion is used)",
+        help="model bundle folder (model.pt + model.json), or a model registry folder (its champion is used); "
+        "left out (or 'champion'): the consortium's champion the site received (SITE_DIR/models, needs --site-dir)",
     )
     p.add_argument("--input", required=True, help="folder with one or more CT studies (read only)")
     p.add_argument("--out", required=True, help="results folder (one sub-folder per study)")

@@ -11,6 +11,8 @@ coordinator's act (``fedct models promote``), never automatic.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING, getLogger
@@ -19,11 +21,19 @@ from typing import Any
 
 import numpy as np
 
+from fedct.protocol import FEEDBACK_CONFLICTS, FEEDBACK_LABELS, NEW_STUDIES
 from fl_server.config import ServerConfig
 from models.bundle import BundleError, bundle_pipeline, load_bundle
 from models.registry import ModelRegistry, RegistryError, lineage_from_bundle
 
-__all__ = ["CampaignError", "CampaignStart", "bundle_arrays", "finish_campaign", "prepare_campaign"]
+__all__ = [
+    "CampaignError",
+    "CampaignStart",
+    "bundle_arrays",
+    "finish_campaign",
+    "prepare_campaign",
+    "site_campaign_counts",
+]
 
 NDArrays = dict[str, np.ndarray]
 logger = getLogger("flwr")
@@ -110,6 +120,27 @@ def _comparison(start: CampaignStart, evaluation: Mapping[str, Any] | None) -> d
     }
 
 
+def site_campaign_counts(run_dir: Path) -> dict[str, dict[str, float | None]]:
+    """Per site, the campaign counts of its training replies in this run (``metrics.json``): studies new since its
+    previous campaign, training studies labelled by clinician feedback, feedback conflicting with labels.csv (each
+    None where the site's privacy floor withheld it or it did not send it; the first round it trained in)."""
+    try:
+        rounds = json.loads((Path(run_dir) / "metrics.json").read_text()).get("rounds") or []
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, dict[str, float | None]] = {}
+    for entry in rounds:
+        for site, metrics in ((entry.get("train") or {}).get("sites") or {}).items():
+            if site in out or not isinstance(metrics, dict):
+                continue
+            out[site] = {key: _finite(metrics.get(key)) for key in (NEW_STUDIES, FEEDBACK_LABELS, FEEDBACK_CONFLICTS)}
+    return dict(sorted(out.items()))
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
 def finish_campaign(
     config: ServerConfig,
     start: CampaignStart,
@@ -134,6 +165,7 @@ def finish_campaign(
         parent=start.parent,
         run_dir=str(Path(run_dir).resolve()),
         champion_comparison=_comparison(start, champion_evaluation),
+        campaign_counts=site_campaign_counts(Path(run_dir)),
     )
     version = registry.register(
         final,

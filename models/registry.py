@@ -130,11 +130,14 @@ def lineage_from_bundle(
     parent: str | None = None,
     run_dir: str | None = None,
     champion_comparison: Mapping[str, Any] | None = None,
+    campaign_counts: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The lineage of a bundle from its ``model.json``: parent version, run config, strategy, rounds, participating
     sites (by name), per-site study counts (aggregate numbers only), pipeline version, test/validation metrics per
     site, calibration temperature; ``champion_comparison``: the champion's metrics from the same federated
-    evaluation (``fl_server.campaign``)."""
+    evaluation (``fl_server.campaign``); ``campaign_counts``: per site, the studies new since its previous campaign
+    and the clinician-feedback labels used / conflicting (``new-studies``, ``feedback-labels``,
+    ``feedback-conflicts``: aggregate counts under the sites' privacy floor)."""
     prov = meta.get("provenance") or {}
     metrics = prov.get("metrics") or {}
     sites = metrics.get("sites") or {}
@@ -152,6 +155,11 @@ def lineage_from_bundle(
             "training": dict(metrics.get("training_studies") or {}),
             "validation": counts["val"],
             "test": counts["test"],
+        },
+        "new_studies": {site: dict(c).get("new-studies") for site, c in (campaign_counts or {}).items()},
+        "feedback_labels": {
+            site: {"used": dict(c).get("feedback-labels"), "conflicts": dict(c).get("feedback-conflicts")}
+            for site, c in (campaign_counts or {}).items()
         },
         "model": meta.get("model"),
         "pipeline_version": (meta.get("pipeline") or {}).get("pipeline_version"),
@@ -402,6 +410,14 @@ class ModelRegistry:
         folder = self.folder(self.resolve(name))
         read_stamp(folder, verify=True)
         return folder
+
+    def package(self, name: str = "champion") -> tuple[str, str, dict[str, bytes]]:
+        """``(version, content SHA-256, {file name: bytes})`` of a version (default: the champion) for sending to the
+        sites: ``model.pt``, ``model.json`` and ``registry.json`` (content hash checked first)."""
+        folder = self.bundle_path(name)
+        stamp = self.stamp(folder.name)
+        files = {n: (folder / n).read_bytes() for n in (*HASHED_FILES, STAMP_NAME)}
+        return folder.name, str(stamp["content_sha256"]), files
 
     def stamp(self, version: str) -> dict[str, Any]:
         """The version's registry record (content hash not checked; :meth:`bundle_path` checks it)."""
