@@ -154,7 +154,7 @@ def _review(args: argparse.Namespace) -> int:
     from inference.review import serve
 
     try:
-        serve(Path(args.results), host=args.host, port=args.port)
+        serve(Path(args.results), host=args.host, port=args.port, db_path=Path(args.db) if args.db else None)
     except (OSError, ValueError) as exc:
         print(f"fedct review: error: {exc}", file=sys.stderr)
         return 2
@@ -303,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, help="results folder written by fedct predict")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
+    p.add_argument(
+        "--db",
+        help="the feedback database (default RESULTS/feedback.sqlite); the site's FEDCT_FEEDBACK_DB when its "
+        "feedback is used as training labels (FEDCT_FEEDBACK_LABELS=yes)",
+    )
     p.set_defaults(func=_review)
 
     p = sub.add_parser("demo", help="synthetic federation end to end: synth, ingest, federated training, report")

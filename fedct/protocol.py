@@ -51,9 +51,9 @@ CHAMPION_RECORD = "champion"
 CHAMPION_FILE_RECORD = "champion-file"
 #: Training-reply counts of a campaign (aggregate, under the privacy floor): studies new since the site's previous
 #: campaign, training studies labelled by clinician feedback, feedback that disagrees with labels.csv.
-NEW_STUDIES = "new-studies"
-FEEDBACK_LABELS = "feedback-labels"
-FEEDBACK_CONFLICTS = "feedback-conflicts"
+NEW_STUDIES = "train-new-studies"
+FEEDBACK_LABELS = "train-feedback-labels"
+FEEDBACK_CONFLICTS = "train-feedback-conflicts"
 
 # --- metric keys -------------------------------------------------------------------------------------------------
 

@@ -3,11 +3,11 @@ in) and the aggregate counts it reports with its training replies.
 
 - **New studies.** ``SITE_DIR/campaigns.json`` keeps the pseudonymous study ids of the last two runs this site
   trained in (site-local; never sent). A run's first training round compares its studies with those of the previous
-  run: ``new-studies`` is how many were not there (in the site's first run: all of them). Re-ingestion after studies
+  run: ``train-new-studies`` is how many were not there (in the site's first run: all of them). Re-ingestion after studies
   were added reads only the new series' pixels: the others' preprocessed images are in the cache, keyed by each
   series' files (``preprocessing.ingest``, ``tests/test_ingest.py``).
-- **Feedback labels** (``preprocessing.labels.merge_feedback``): ``feedback-labels`` training studies labelled by
-  the review page's feedback, ``feedback-conflicts`` where feedback and labels.csv disagree.
+- **Feedback labels** (``preprocessing.labels.merge_feedback``): ``train-feedback-labels`` training studies labelled by
+  the review page's feedback, ``train-feedback-conflicts`` where feedback and labels.csv disagree.
 
 The counts go through the privacy floor like every count (``fl_client.metrics.floor_training``: 0 or >= k, else
 NaN). No flwr here.

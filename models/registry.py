@@ -136,8 +136,8 @@ def lineage_from_bundle(
     sites (by name), per-site study counts (aggregate numbers only), pipeline version, test/validation metrics per
     site, calibration temperature; ``champion_comparison``: the champion's metrics from the same federated
     evaluation (``fl_server.campaign``); ``campaign_counts``: per site, the studies new since its previous campaign
-    and the clinician-feedback labels used / conflicting (``new-studies``, ``feedback-labels``,
-    ``feedback-conflicts``: aggregate counts under the sites' privacy floor)."""
+    and the clinician-feedback labels used / conflicting (``train-new-studies``, ``train-feedback-labels``,
+    ``train-feedback-conflicts``: aggregate counts under the sites' privacy floor)."""
     prov = meta.get("provenance") or {}
     metrics = prov.get("metrics") or {}
     sites = metrics.get("sites") or {}
@@ -156,9 +156,9 @@ def lineage_from_bundle(
             "validation": counts["val"],
             "test": counts["test"],
         },
-        "new_studies": {site: dict(c).get("new-studies") for site, c in (campaign_counts or {}).items()},
+        "new_studies": {site: dict(c).get("train-new-studies") for site, c in (campaign_counts or {}).items()},
         "feedback_labels": {
-            site: {"used": dict(c).get("feedback-labels"), "conflicts": dict(c).get("feedback-conflicts")}
+            site: {"used": dict(c).get("train-feedback-labels"), "conflicts": dict(c).get("train-feedback-conflicts")}
             for site, c in (campaign_counts or {}).items()
         },
         "model": meta.get("model"),
