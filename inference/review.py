@@ -2,8 +2,11 @@
 
 It lists the predicted studies (overlay thumbnail, finding with its probability, risk group, model version, the
 latest review), serves each study's ``report.html`` and overlay images, and records the clinicians' agreement or
-disagreement with an optional comment in a local SQLite file. Nothing leaves the site: the page loads no external
-resource and the feedback is written only to ``feedback.sqlite`` (by default inside the results folder).
+disagreement with an optional comment and, with a disagreement, an optional corrected diagnosis (one of the model's
+classes) in a local SQLite file, with its provenance (reader, UTC time, model registry version and hash, the study's
+UID: :func:`feedback_provenance`). Nothing leaves the site: the page loads no external resource and the feedback is
+written only to ``feedback.sqlite`` (by default inside the results folder); a site that opts in trains on it as labels
+(``preprocessing.labels.read_feedback_labels``).
 
 Standard library only. The server listens on the loopback interface; another host needs ``allow_remote=True``.
 
@@ -13,7 +16,8 @@ Routes::
     GET  /study/<study_key>              one study: details, overlays, feedback form and history, report in a frame
     GET  /study/<study_key>/report       the study's report.html
     GET  /study/<study_key>/file/<name>  a file inside the study folder (no traversal, no symlink leaving it)
-    POST /study/<study_key>/feedback     form fields verdict=agree|disagree, comment, token, next; 303 back
+    POST /study/<study_key>/feedback     form fields verdict=agree|disagree, corrected, reader, comment, token,
+                                         next; 303 back
 
 Results folder layout read here (optional fields may be missing)::
 
