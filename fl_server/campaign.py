@@ -5,7 +5,8 @@ No flwr here: the ServerApp calls :func:`prepare_campaign` before the first roun
 run before any site is contacted, with the reason), hands ``initial`` and ``champion`` to
 :func:`fl_server.rounds.run_federation` (which evaluates the champion's weights on every site's splits in one
 federated evaluation after the last round), then :func:`finish_campaign` registers ``model/final`` with its lineage
-and records the promotion rule's decision against the champion (``models.registry``). Promotion itself is the
+and records the promotion rule's decision against the champion (``models.registry``); the lineage also gets each
+site's campaign counts from its training replies (:func:`site_campaign_counts`: new studies, feedback labels). Promotion itself is the
 coordinator's act (``fedct models promote``), never automatic.
 """
 

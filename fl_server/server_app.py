@@ -3,7 +3,8 @@
 The handler is thin: :class:`fl_server.config.ServerConfig` reads the run config, :func:`fl_server.strategy.build_strategy`
 builds Flower's strategy, :func:`fl_server.rounds.run_federation` drives it round by round with the round loop
 :func:`round_loop_class` chooses (SecAgg+'s or the plain one). With a model registry (``model-registry``),
-:mod:`fl_server.campaign` checks ``init-from`` before the first round and registers the final bundle at the end.
+:mod:`fl_server.campaign` checks ``init-from`` before the first round and registers the final bundle at the end, and
+:mod:`fl_server.champion` sends the registry's champion to the sites before the first round.
 """
 
 from __future__ import annotations
