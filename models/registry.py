@@ -653,6 +653,9 @@ class ModelRegistry:
             f"{status}."
         )
         lines = ["## Registry", head, ""]
+        campaign = _campaign_line(lineage)
+        if campaign:
+            lines += [campaign, ""]
         for event in self.events():
             if event.get("version") != version and event.get("previous") != version:
                 continue
@@ -675,6 +678,27 @@ class ModelRegistry:
             elif kind == "rollback":
                 lines.append(f"- Rolled back to {event['version']} ({who}): {event.get('why')}")
         return "\n".join(lines) + "\n"
+
+
+def _campaign_line(lineage: Mapping[str, Any]) -> str:
+    """What the sites brought to this campaign: new studies and clinician-feedback labels per site ("" when unknown;
+    "withheld" where a site's privacy floor kept a count back)."""
+    new = lineage.get("new_studies") or {}
+    feedback = lineage.get("feedback_labels") or {}
+    if not new and not feedback:
+        return ""
+
+    def count(value: Any) -> str:
+        return "withheld" if value is None else str(int(value))
+
+    parts = []
+    for site in sorted(set(new) | set(feedback)):
+        f = feedback.get(site) or {}
+        parts.append(
+            f"{site}: new studies {count(new.get(site))}, feedback labels used {count(f.get('used'))}, "
+            f"conflicts with labels.csv {count(f.get('conflicts'))}"
+        )
+    return "Campaign: " + "; ".join(parts) + "."
 
 
 def _decision_lines(d: Mapping[str, Any]) -> list[str]:
