@@ -415,6 +415,8 @@ def test_sites_get_the_champion_add_studies_and_feedback_and_predict_with_the_ch
         "site-1": {"used": training, "conflicts": training},
     }
     assert registry.stamp("v0002")["lineage"]["new_studies"] == {"site-0": 0.0, "site-1": 0.0}
+    card = (registry.folder("v0003") / "model_card.md").read_text()
+    assert "site-1: new studies 5, feedback labels used" in card
     # the challenger is promoted only when the rule passes; a rollback restores the previous champion
     decision = registry.decision("v0003")
     assert "one federated evaluation" in decision.source
