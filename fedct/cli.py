@@ -117,8 +117,10 @@ def _predict(args: argparse.Namespace) -> int:
                 "leave out --push, or write the results with identifiers to push them"
             )
         push = push_settings(args)  # --push: PACS settings checked before anything is predicted
+        if args.model in (None, "champion") and not args.site_dir:
+            raise ValueError("give --model, or --site-dir to predict with the champion the site received")
         summary = run_predict(
-            Path(args.model),
+            Path(args.site_dir) if args.model in (None, "champion") else Path(args.model),
             Path(args.input),
             Path(args.out),
             device=args.device,
@@ -152,7 +154,7 @@ def _review(args: argparse.Namespace) -> int:
     from inference.review import serve
 
     try:
-        serve(Path(args.results), host=args.host, port=args.port)
+        serve(Path(args.results), host=args.host, port=args.port, db_path=Path(args.db) if args.db else None)
     except (OSError, ValueError) as exc:
         print(f"fedct review: error: {exc}", file=sys.stderr)
         return 2
@@ -271,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model",
-        required=True,
-        help="model bundle folder (model.pt + model.json), or a model registry folder (its champion is used)",
+        help="model bundle folder (model.pt + model.json), or a model registry folder (its champion is used); "
+        "left out (or 'champion'): the consortium's champion the site received (SITE_DIR/models, needs --site-dir)",
     )
     p.add_argument("--input", required=True, help="folder with one or more CT studies (read only)")
     p.add_argument("--out", required=True, help="results folder (one sub-folder per study)")
@@ -301,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True, help="results folder written by fedct predict")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
+    p.add_argument(
+        "--db",
+        help="the feedback database (default RESULTS/feedback.sqlite); the site's FEDCT_FEEDBACK_DB when its "
+        "feedback is used as training labels (FEDCT_FEEDBACK_LABELS=yes)",
+    )
     p.set_defaults(func=_review)
 
     p = sub.add_parser("demo", help="synthetic federation end to end: synth, ingest, federated training, report")

@@ -42,6 +42,19 @@ EVALUATION_RECORD = "evaluate"
 #: ConfigRecord carrying the index of packed weights (``models.weights``); ``arrays-key`` names the ArrayRecord.
 INDEX_RECORD = "weights-index"
 
+#: The champion message (``query.champion``, sent at the start of a run with a model registry): the champion's
+#: ``model.pt`` as one uint8 array in the ArrayRecord :data:`CHAMPION_RECORD`, and a ConfigRecord of the same name with
+#: ``version``, ``content-sha256``, ``model.json`` and ``registry.json`` (text). The reply: :data:`SITE_RECORD` and
+#: :data:`CHAMPION_RECORD` (``version``, ``content-sha256`` of what the site stored).
+CHAMPION_MESSAGE = "query.champion"
+CHAMPION_RECORD = "champion"
+CHAMPION_FILE_RECORD = "champion-file"
+#: Training-reply counts of a campaign (aggregate, under the privacy floor): studies new since the site's previous
+#: campaign, training studies labelled by clinician feedback, feedback that disagrees with labels.csv.
+NEW_STUDIES = "train-new-studies"
+FEEDBACK_LABELS = "train-feedback-labels"
+FEEDBACK_CONFLICTS = "train-feedback-conflicts"
+
 # --- metric keys -------------------------------------------------------------------------------------------------
 
 #: A reply's aggregation weight: training studies (train reply) or validation studies (evaluate reply).

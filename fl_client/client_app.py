@@ -30,6 +30,8 @@ from flwr.common.constant import ErrorCode
 
 from fedct.protocol import (
     CALIBRATION_TEMPERATURE,
+    CHAMPION_FILE_RECORD,
+    CHAMPION_RECORD,
     CONFIG_RECORD,
     EVALUATION_RECORD,
     INDEX_RECORD,
@@ -47,6 +49,8 @@ from fedct.protocol import (
     RoundSettings,
 )
 from fedct.transport import received_state, weights_records
+from fl_client.campaign import campaign_counts
+from fl_client.champion import champion_summary, store_champion
 from fl_client.config import SiteConfig, SiteConfigError
 from fl_client.metrics import MIN_COUNT, floor_calibration, floor_evaluation, floor_training
 from fl_client.privacy import privacy_mods
@@ -255,6 +259,7 @@ def build_client_app(
                 min_count=k,
             )
         state, result = train_round(site, settings, received)
+        counts = campaign_counts(site, settings, str(context.run_id))  # new studies, feedback labels (aggregate)
         log.info(
             "%s round %d: trained on %d studies, loss %.4f, %.1fs",
             site.site_name,
@@ -271,6 +276,7 @@ def build_client_app(
                     TRAIN_LOSS_PROGNOSIS: result.prognosis_loss,
                     TRAIN_SECONDS: result.seconds,
                     NUM_EXAMPLES: result.num_examples,
+                    **counts,
                 },
                 min_count=k,
             )
@@ -316,6 +322,28 @@ def build_client_app(
             metrics = evaluation_metrics(site, settings, received_state(msg.content), min_count=k)
         content = RecordDict(
             {METRICS_RECORD: MetricRecord(metrics), SITE_RECORD: ConfigRecord({SITE_NAME_FIELD: site.site_name})}
+        )
+        return Message(content=content, reply_to=msg)
+
+    @app.query("champion")
+    def champion(msg: Message, context: Context) -> Message:
+        """The registry's champion sent by the coordinator: verified and stored under ``SITE_DIR/models``."""
+        site = _site(context)
+        record = msg.content[CHAMPION_RECORD]
+        files = {
+            "model.pt": msg.content[CHAMPION_FILE_RECORD]["model.pt"].numpy().tobytes(),
+            "model.json": str(record["model.json"]).encode(),
+            "registry.json": str(record["registry.json"]).encode(),
+        }
+        folder = store_champion(
+            site.site_dir, version=str(record["version"]), content_sha256=str(record["content-sha256"]), files=files
+        )
+        log.info("%s: stored the consortium's champion %s in %s", site.site_name, folder.name, folder)
+        content = RecordDict(
+            {
+                SITE_RECORD: ConfigRecord({SITE_NAME_FIELD: site.site_name}),
+                CHAMPION_RECORD: ConfigRecord(champion_summary(folder)),
+            }
         )
         return Message(content=content, reply_to=msg)
 

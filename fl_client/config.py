@@ -21,13 +21,22 @@ from typing import Any
 from fedct.protocol import RoundSettings, parse_triple
 from fl_client.compute import ComputeOptionError, ComputeOptions
 from fl_client.limits import SiteLimitError, SiteLimits
+from preprocessing.labels import FeedbackSetting
 from preprocessing.split import SplitConfig, site_split
 
 DEVICES = ("auto", "cpu", "cuda")
 #: Node-config keys of the site's own split fractions (site env FEDCT_VAL_FRACTION / FEDCT_TEST_FRACTION).
 SPLIT_NODE_KEYS = ("val-fraction", "test-fraction")
 
-__all__ = ["SiteConfig", "SiteConfigError", "SiteLimitError", "SiteLimits", "RoundSettings", "parse_triple"]
+__all__ = [
+    "RoundSettings",
+    "SiteConfig",
+    "SiteConfigError",
+    "SiteLimitError",
+    "SiteLimits",
+    "feedback_setting",
+    "parse_triple",
+]
 
 log = logging.getLogger("fedct.client")
 
@@ -57,6 +66,9 @@ class SiteConfig:
     #: molecular profiles"): node config ``profile-dir``, else the labels file's folder when it holds a mapping;
     #: None: the site has no profile (every variable missing).
     profile_dir: Path | None = None
+    #: Clinician feedback as training labels (site env ``FEDCT_FEEDBACK_LABELS=yes``, node config ``feedback-labels``;
+    #: in simulation run config ``sim-feedback-labels``): the review page's database and the conflict rule; None: off.
+    feedback: FeedbackSetting | None = None
 
     def __post_init__(self) -> None:
         if not self.site_name or not all(c.isalnum() or c in "-_." for c in self.site_name):
@@ -86,11 +98,13 @@ class SiteConfig:
                     raise SiteConfigError(f"node config has dicom-dir but no {key}")
             dicom_dir = Path(str(node_config["dicom-dir"]))
             labels = node_config.get("labels")
+            site_dir = Path(str(node_config["site-dir"]))
             return cls(
+                feedback=feedback_setting(node_config, site_dir, "feedback-"),
                 profile_dir=_profile_dir(node_config.get("profile-dir"), Path(str(labels)).parent if labels else None),
                 site_name=str(node_config["site-name"]),
                 dicom_dir=dicom_dir,
-                site_dir=Path(str(node_config["site-dir"])),
+                site_dir=site_dir,
                 labels_csv=Path(str(labels)) if labels else None,
                 device=device,
                 workers=workers,
@@ -112,11 +126,13 @@ class SiteConfig:
                 )
             name = sites[partition]
             labels_csv = data_root / name / "labels.csv"
+            site_dir = Path(str(run_config["sim-work-root"])) / name
             return cls(
+                feedback=feedback_setting(run_config, site_dir, "sim-feedback-"),
                 profile_dir=_profile_dir(node_config.get("profile-dir"), data_root / name),
                 site_name=name,
                 dicom_dir=data_root / name / "dicom",
-                site_dir=Path(str(run_config["sim-work-root"])) / name,
+                site_dir=site_dir,
                 labels_csv=labels_csv if labels_csv.is_file() else None,
                 device=device,
                 workers=workers,
@@ -153,6 +169,24 @@ class SiteConfig:
                 self.limits.cache_max_gb,
             )
         return settings if split == settings.split else replace(settings, split=split)
+
+
+def feedback_setting(config: Mapping[str, Any], site_dir: Path, prefix: str) -> FeedbackSetting | None:
+    """The site's opt-in to feedback labels: ``<prefix>labels`` yes/no (default no), ``<prefix>db`` (default
+    ``SITE_DIR/feedback.sqlite``), ``<prefix>conflict`` (``labels`` or ``feedback``)."""
+    enabled = str(config.get(f"{prefix}labels", "no")).strip().lower()
+    if enabled not in ("yes", "no", "true", "false", "1", "0"):
+        raise SiteConfigError(f"{prefix}labels={enabled!r} must be yes or no (FEDCT_FEEDBACK_LABELS)")
+    if enabled in ("no", "false", "0"):
+        return None
+    db = config.get(f"{prefix}db")
+    try:
+        return FeedbackSetting(
+            db=Path(str(db)) if db else site_dir / "feedback.sqlite",
+            conflict=str(config.get(f"{prefix}conflict", "labels")),
+        )
+    except ValueError as exc:
+        raise SiteConfigError(f"{exc} (FEDCT_FEEDBACK_CONFLICT)") from exc
 
 
 def _profile_dir(configured: Any, default: Path | None) -> Path | None:

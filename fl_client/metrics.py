@@ -38,6 +38,9 @@ from sklearn.metrics import (
 
 from fedct import protocol
 from fedct.protocol import (
+    FEEDBACK_CONFLICTS,
+    FEEDBACK_LABELS,
+    NEW_STUDIES,
     NUM_EXAMPLES,
     TEST_PREFIX,
     TRAIN_HIST_RISK,
@@ -484,11 +487,17 @@ TRAINING_KEYS = {
     TRAIN_LOSS_PROGNOSIS: True,
     TRAIN_SECONDS: False,
     NUM_EXAMPLES: False,
+    NEW_STUDIES: False,
+    FEEDBACK_LABELS: False,
+    FEEDBACK_CONFLICTS: False,
 }
+#: Campaign counts of a training reply (``fl_client.campaign``): sent when 0 or >= k, else NaN.
+CAMPAIGN_COUNTS = (NEW_STUDIES, FEEDBACK_LABELS, FEEDBACK_CONFLICTS)
 
 
 def floor_training(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) -> dict[str, Any]:
-    """What a site may send of a training round's metrics: losses need >= k training studies; other keys dropped."""
+    """What a site may send of a training round's metrics: losses need >= k training studies; the campaign counts
+    (new studies, feedback labels used and conflicting) are sent when 0 or >= k; other keys dropped."""
     k = max(_positive_int(min_count, "min_count"), MIN_COUNT)
     enough = _counts_ok(float(metrics.get(NUM_EXAMPLES, 0)), k)
     out = {
@@ -496,6 +505,7 @@ def floor_training(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) ->
         for key, v in metrics.items()
         if key in TRAINING_KEYS
     }
+    out.update({key: _count_or_nan(metrics[key], k) for key in CAMPAIGN_COUNTS if key in metrics})
     unknown = sorted(set(metrics) - set(TRAINING_KEYS))
     if unknown:
         log.warning("metrics %s are not covered by the privacy floor and are not sent", ", ".join(unknown))

@@ -76,9 +76,20 @@ SITE_KEYS = {
     **{env: meaning for env, meaning in COMPUTE_ENV_KEYS.values()},  # precision, loader: fl_client/compute.py
     "FEDCT_CLIENTAPP_RUNNER": "how ClientApps run: warm (default; fedct's executor, torch/MONAI imported once) or flower "
     "(Flower's SuperExec, a fresh process per message)",
+    "FEDCT_FEEDBACK_LABELS": "yes: the review page's clinician feedback labels this site's training studies in the "
+    "next campaign (default no; fl_client/campaign.py)",
+    "FEDCT_FEEDBACK_DB": "the review page's feedback.sqlite (default FEDCT_SITE_DIR/feedback.sqlite)",
+    "FEDCT_FEEDBACK_CONFLICT": "labels (default): labels.csv wins when feedback gives another diagnosis (counted); "
+    "feedback: the clinician's diagnosis wins",
     # Read by `fedct predict --pacs-env FILE` (inference/local_identity.py), not by the federated client.
     "FEDCT_LOCAL_IDENTIFIERS": "yes (default): predict shows accession number, patient name and ID in the site-local "
     "report, review page and SR; no: research copies without them",
+}
+#: Node-config keys of clinician feedback as labels and their site env keys (fl_client/config.py reads them).
+FEEDBACK_ENV_KEYS = {
+    "feedback-labels": "FEDCT_FEEDBACK_LABELS",
+    "feedback-db": "FEDCT_FEEDBACK_DB",
+    "feedback-conflict": "FEDCT_FEEDBACK_CONFLICT",
 }
 #: Values of FEDCT_CLIENTAPP_RUNNER (the first is the default).
 CLIENTAPP_RUNNERS = ("warm", "flower")
@@ -202,6 +213,8 @@ class SiteEnv:
     limits: SiteLimits = field(default_factory=SiteLimits)
     #: Compute settings as node-config entries (``precision``, ``loader-workers``, ...; fl_client/compute.py).
     compute: dict[str, str] = field(default_factory=dict, compare=False)
+    #: Clinician feedback as labels as node-config entries (``feedback-labels``, ``feedback-db``, ``feedback-conflict``).
+    feedback: dict[str, str] = field(default_factory=dict, compare=False)
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -223,7 +236,7 @@ class SiteEnv:
     def site_config(self) -> SiteConfig:
         """The training-side view (what the ClientApp reads from ``node_config``)."""
         from fl_client.compute import ComputeOptions
-        from fl_client.config import SiteConfig  # torch-free import of this module: `fedct --help` stays fast
+        from fl_client.config import SiteConfig, feedback_setting  # torch-free import: `fedct --help` stays fast
 
         return SiteConfig(
             site_name=self.site_name,
@@ -236,6 +249,7 @@ class SiteEnv:
             limits=self.limits,
             split=self.split,
             compute=ComputeOptions.from_node_config(self.compute),
+            feedback=feedback_setting(self.feedback, self.site_dir, "feedback-"),
         )
 
     def node_config(self) -> dict[str, str | int]:
@@ -251,6 +265,7 @@ class SiteEnv:
             "test-fraction": self.split.test_fraction,
             **self.limits.node_config(),
             **self.compute,
+            **self.feedback,
         }
         if self.labels_csv is not None:
             config["labels"] = str(self.labels_csv)
@@ -383,6 +398,11 @@ class SiteEnv:
                 split=split,
                 limits=limits,
                 compute={node: values[env] for node, (env, _) in COMPUTE_ENV_KEYS.items() if values.get(env)},
+                feedback={
+                    node: str(a_path(env)) if node == "feedback-db" else values[env].strip().lower()
+                    for node, env in FEEDBACK_ENV_KEYS.items()
+                    if values.get(env)
+                },
                 extra={k: v for k, v in values.items() if not k.startswith("FEDCT_")},
             )
             env.site_config()

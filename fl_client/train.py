@@ -36,7 +36,7 @@ from fl_client.metrics import (
 from models.calibration import apply_temperature, nll_grid, reliability_bins
 from models.factory import ModelOutput, MultiTaskNet, as_plain_tensor, build_model, covariate_vector, norm_state_keys
 from preprocessing.cache import make_dataset
-from preprocessing.ingest import SiteManifest, prepare_site
+from preprocessing.ingest import SiteManifest
 from preprocessing.profile_features import SiteProfile, attach_profile
 from preprocessing.transforms import BatchAugment
 
@@ -82,15 +82,11 @@ def select_device(requested: str) -> torch.device:
 
 
 def load_site(site: SiteConfig, settings: RoundSettings) -> SiteManifest:
-    """The site's prepared studies for this round's pipeline (ingested on first use)."""
-    return prepare_site(
-        site.dicom_dir,
-        site.site_dir,
-        labels_csv=site.labels_csv,
-        pipeline=settings.pipeline,
-        split=settings.split,
-        workers=site.workers,
-    )
+    """The site's prepared studies for this round's pipeline (ingested on first use), with clinician feedback as
+    training labels when the site opted in (``fl_client.campaign.site_manifest``)."""
+    from fl_client.campaign import site_manifest
+
+    return site_manifest(site, settings)[0]
 
 
 def site_compute(site: SiteConfig) -> Compute:

@@ -5,12 +5,15 @@ No flwr here: the ServerApp calls :func:`prepare_campaign` before the first roun
 run before any site is contacted, with the reason), hands ``initial`` and ``champion`` to
 :func:`fl_server.rounds.run_federation` (which evaluates the champion's weights on every site's splits in one
 federated evaluation after the last round), then :func:`finish_campaign` registers ``model/final`` with its lineage
-and records the promotion rule's decision against the champion (``models.registry``). Promotion itself is the
+and records the promotion rule's decision against the champion (``models.registry``); the lineage also gets each
+site's campaign counts from its training replies (:func:`site_campaign_counts`: new studies, feedback labels). Promotion itself is the
 coordinator's act (``fedct models promote``), never automatic.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING, getLogger
@@ -19,11 +22,19 @@ from typing import Any
 
 import numpy as np
 
+from fedct.protocol import FEEDBACK_CONFLICTS, FEEDBACK_LABELS, NEW_STUDIES
 from fl_server.config import ServerConfig
 from models.bundle import BundleError, bundle_pipeline, load_bundle
 from models.registry import ModelRegistry, RegistryError, lineage_from_bundle
 
-__all__ = ["CampaignError", "CampaignStart", "bundle_arrays", "finish_campaign", "prepare_campaign"]
+__all__ = [
+    "CampaignError",
+    "CampaignStart",
+    "bundle_arrays",
+    "finish_campaign",
+    "prepare_campaign",
+    "site_campaign_counts",
+]
 
 NDArrays = dict[str, np.ndarray]
 logger = getLogger("flwr")
@@ -110,6 +121,27 @@ def _comparison(start: CampaignStart, evaluation: Mapping[str, Any] | None) -> d
     }
 
 
+def site_campaign_counts(run_dir: Path) -> dict[str, dict[str, float | None]]:
+    """Per site, the campaign counts of its training replies in this run (``metrics.json``): studies new since its
+    previous campaign, training studies labelled by clinician feedback, feedback conflicting with labels.csv (each
+    None where the site's privacy floor withheld it or it did not send it; the first round it trained in)."""
+    try:
+        rounds = json.loads((Path(run_dir) / "metrics.json").read_text()).get("rounds") or []
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, dict[str, float | None]] = {}
+    for entry in rounds:
+        for site, metrics in ((entry.get("train") or {}).get("sites") or {}).items():
+            if site in out or not isinstance(metrics, dict):
+                continue
+            out[site] = {key: _finite(metrics.get(key)) for key in (NEW_STUDIES, FEEDBACK_LABELS, FEEDBACK_CONFLICTS)}
+    return dict(sorted(out.items()))
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
 def finish_campaign(
     config: ServerConfig,
     start: CampaignStart,
@@ -134,6 +166,7 @@ def finish_campaign(
         parent=start.parent,
         run_dir=str(Path(run_dir).resolve()),
         champion_comparison=_comparison(start, champion_evaluation),
+        campaign_counts=site_campaign_counts(Path(run_dir)),
     )
     version = registry.register(
         final,

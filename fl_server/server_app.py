@@ -3,7 +3,8 @@
 The handler is thin: :class:`fl_server.config.ServerConfig` reads the run config, :func:`fl_server.strategy.build_strategy`
 builds Flower's strategy, :func:`fl_server.rounds.run_federation` drives it round by round with the round loop
 :func:`round_loop_class` chooses (SecAgg+'s or the plain one). With a model registry (``model-registry``),
-:mod:`fl_server.campaign` checks ``init-from`` before the first round and registers the final bundle at the end.
+:mod:`fl_server.campaign` checks ``init-from`` before the first round and registers the final bundle at the end, and
+:mod:`fl_server.champion` sends the registry's champion to the sites before the first round.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_server.campaign import finish_campaign, prepare_campaign
+from fl_server.champion import send_champion
 from fl_server.config import ServerConfig, SiteRegistry
 from fl_server.privacy import privacy_round_extras, wrap_strategy
 from fl_server.rounds import RoundLoop, run_federation
@@ -40,6 +42,7 @@ def build_server_app(run_config_overrides: Mapping[str, Any] | None = None) -> S
         config = ServerConfig.from_run_config({**dict(context.run_config), **overrides})
         registry = SiteRegistry.from_environ()  # FEDCT_SITE_REGISTRY (fedct server start): who each node is
         campaign = prepare_campaign(config)  # init-from weights (refused here, before round 1) and the champion
+        send_champion(grid, config, registry=registry)  # the sites get the current champion (fl_server/champion.py)
         strategy = wrap_strategy(
             build_strategy(config), config.privacy, expected_sites=config.min_sites
         )  # DP wrapper if dp-mode

@@ -247,8 +247,13 @@ def model_info(meta: Mapping[str, Any], *, stamp: Mapping[str, Any] | None = Non
 
 def resolve_model_dir(model_dir: Path) -> Path:
     """The bundle folder to predict with: ``model_dir`` itself, or, for a model registry folder (``log.jsonl``), its
-    champion (content hash checked)."""
+    champion, or, for a site's work folder, the champion the coordinator sent it (``fl_client.champion``; content
+    hash checked in both cases)."""
     model_dir = Path(model_dir)
+    from fl_client.champion import CHAMPION_POINTER, MODELS_DIR, site_champion
+
+    if (model_dir / MODELS_DIR / CHAMPION_POINTER).is_file() and not (model_dir / "model.json").is_file():
+        return site_champion(model_dir)
     if (model_dir / LOG_NAME).is_file() and not (model_dir / "model.json").is_file():
         return ModelRegistry(model_dir).bundle_path("champion")
     return model_dir

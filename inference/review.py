@@ -2,8 +2,11 @@
 
 It lists the predicted studies (overlay thumbnail, finding with its probability, risk group, model version, the
 latest review), serves each study's ``report.html`` and overlay images, and records the clinicians' agreement or
-disagreement with an optional comment in a local SQLite file. Nothing leaves the site: the page loads no external
-resource and the feedback is written only to ``feedback.sqlite`` (by default inside the results folder).
+disagreement with an optional comment and, with a disagreement, an optional corrected diagnosis (one of the model's
+classes) in a local SQLite file, with its provenance (reader, UTC time, model registry version and hash, the study's
+UID: :func:`feedback_provenance`). Nothing leaves the site: the page loads no external resource and the feedback is
+written only to ``feedback.sqlite`` (by default inside the results folder); a site that opts in trains on it as labels
+(``preprocessing.labels.read_feedback_labels``).
 
 Standard library only. The server listens on the loopback interface; another host needs ``allow_remote=True``.
 
@@ -13,7 +16,8 @@ Routes::
     GET  /study/<study_key>              one study: details, overlays, feedback form and history, report in a frame
     GET  /study/<study_key>/report       the study's report.html
     GET  /study/<study_key>/file/<name>  a file inside the study folder (no traversal, no symlink leaving it)
-    POST /study/<study_key>/feedback     form fields verdict=agree|disagree, comment, token, next; 303 back
+    POST /study/<study_key>/feedback     form fields verdict=agree|disagree, corrected, reader, comment, token,
+                                         next; 303 back
 
 Results folder layout read here (optional fields may be missing)::
 
@@ -48,6 +52,7 @@ from inference.review_store import (
     ALLOWED_VERDICTS,
     DEFAULT_DB_NAME,
     MAX_COMMENT_CHARS,
+    MAX_READER_CHARS,
     FeedbackStore,
     Study,
     find_study,
@@ -292,12 +297,52 @@ class _Handler(BaseHTTPRequestHandler):
                 HTTPStatus.BAD_REQUEST,
                 f"The comment is too long ({len(comment)} characters; at most {MAX_COMMENT_CHARS}).",
             )
-        self.server.store.add(study.key, verdict, comment)
+        self.server.store.add(study.key, verdict, comment, **feedback_provenance(study, form))
         if form.get("next") == "study":
             target = study_url(study.key) + "#review"
         else:
             target = "/#study-" + quote(study.key, safe="")
         self._send(HTTPStatus.SEE_OTHER, b"", "text/plain; charset=utf-8", headers={"Location": target})
+
+
+def feedback_provenance(study: Study, form: Mapping[str, str]) -> dict[str, str]:
+    """The corrected diagnosis (one of the model's classes, only with *disagree*) and the provenance stored with a
+    review: the reader (the name entered, else the account running this page), the model's registry version and
+    content hash and its finding (from the study's prediction.json), the StudyInstanceUID. _HTTPError when invalid."""
+    prediction = study.prediction
+    model = prediction.get("model") if isinstance(prediction.get("model"), dict) else {}
+    classes = prediction.get("probabilities") if isinstance(prediction.get("probabilities"), dict) else {}
+    corrected = form.get("corrected", "").strip()
+    finding = str(prediction.get("diagnosis", "") or "")
+    if corrected and corrected not in classes:
+        raise _HTTPError(HTTPStatus.BAD_REQUEST, "The corrected diagnosis must be one of the model's findings.")
+    if corrected and form.get("verdict", "").strip().lower() != "disagree":
+        raise _HTTPError(HTTPStatus.BAD_REQUEST, "Choose \u201cI disagree\u201d to give a corrected diagnosis.")
+    if corrected and corrected == finding:
+        raise _HTTPError(
+            HTTPStatus.BAD_REQUEST, "The corrected diagnosis is the model's own finding: choose another one, or agree."
+        )
+    reader = " ".join(form.get("reader", "").split())
+    if len(reader) > MAX_READER_CHARS:
+        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"The name is too long (at most {MAX_READER_CHARS} characters).")
+    return {
+        "corrected_diagnosis": corrected,
+        "reader": reader or _account(),
+        "model_version": str(model.get("registry_version", "") or ""),
+        "model_sha256": str(model.get("content_sha256", "") or ""),
+        "study_uid": str(prediction.get("StudyInstanceUID", "") or ""),
+        "model_finding": finding,
+    }
+
+
+def _account() -> str:
+    """The account running the review page (the reader when none entered a name)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
 
 
 def make_server(

@@ -18,6 +18,7 @@ from inference.report import profile_html
 from inference.review_store import (
     ALLOWED_VERDICTS,
     MAX_COMMENT_CHARS,
+    MAX_READER_CHARS,
     Feedback,
     FeedbackStore,
     Study,
@@ -232,10 +233,23 @@ def _feedback_summary(fb: Feedback | None) -> str:
         return '<div class="small">Not reviewed yet</div>'
     cls = "fb-agree" if fb.verdict == "agree" else "fb-disagree"
     comment = f'<p class="comment">{esc(fb.comment)}</p>' if fb.comment else ""
-    return (
-        f'<div class="feedback"><span class="{cls}">{esc(verdict_words(fb.verdict))}</span>'
-        f' <span class="small">({esc(when_words(fb.created_utc))})</span>{comment}</div>'
+    corrected = (
+        f' <span class="fb-disagree">Corrected diagnosis: {esc(fb.corrected_diagnosis.replace("_", " "))}</span>'
+        if fb.corrected_diagnosis
+        else ""
     )
+    by = f"{fb.reader}, " if fb.reader else ""
+    model = f", model {fb.model_version}" if fb.model_version else ""
+    return (
+        f'<div class="feedback"><span class="{cls}">{esc(verdict_words(fb.verdict))}</span>{corrected}'
+        f' <span class="small">({esc(by + when_words(fb.created_utc) + model)})</span>{comment}</div>'
+    )
+
+
+def _class_names(study: Study) -> list[str]:
+    """The model's classes as its prediction lists them (the choices of a corrected diagnosis)."""
+    probabilities = study.prediction.get("probabilities")
+    return [str(k) for k in probabilities] if isinstance(probabilities, dict) else []
 
 
 def _feedback_form(study: Study, token: str, *, next_page: str, current: Feedback | None, compact: bool) -> str:
@@ -243,6 +257,9 @@ def _feedback_form(study: Study, token: str, *, next_page: str, current: Feedbac
     uid = f"{hashlib.sha1(key.encode()).hexdigest()[:10]}-{next_page}"
     checked = {v: (" checked" if current is not None and current.verdict == v else "") for v in ALLOWED_VERDICTS}
     rows = 2 if compact else 4
+    choices = '<option value="">(none)</option>' + "".join(
+        f'<option value="{esc(c)}">{esc(c.replace("_", " "))}</option>' for c in _class_names(study)
+    )
     return f"""<form class="fb" method="post" action="{esc(study_url(key, "feedback"))}">
 <input type="hidden" name="token" value="{esc(token)}">
 <input type="hidden" name="next" value="{esc(next_page)}">
@@ -250,6 +267,9 @@ def _feedback_form(study: Study, token: str, *, next_page: str, current: Feedbac
 <label><input type="radio" name="verdict" value="agree" id="agree-{uid}" required{checked["agree"]}> I agree</label>
 <label><input type="radio" name="verdict" value="disagree" id="disagree-{uid}"{checked["disagree"]}> I disagree</label>
 </fieldset>
+<label>Corrected diagnosis (if you disagree) <select name="corrected" id="corrected-{uid}">{choices}</select></label>
+<input type="text" name="reader" maxlength="{MAX_READER_CHARS}" placeholder="Your name (optional)"
+ aria-label="Your name (optional)">
 <textarea name="comment" rows="{rows}" maxlength="{MAX_COMMENT_CHARS}" placeholder="Comment (optional)"
  aria-label="Comment (optional)"></textarea>
 <div><button type="submit">Save review</button></div>

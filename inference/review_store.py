@@ -18,6 +18,7 @@ __all__ = [
     "ALLOWED_VERDICTS",
     "DEFAULT_DB_NAME",
     "MAX_COMMENT_CHARS",
+    "MAX_READER_CHARS",
     "Feedback",
     "FeedbackStore",
     "Study",
@@ -32,6 +33,8 @@ __all__ = [
 ALLOWED_VERDICTS = ("agree", "disagree")
 #: Longest comment accepted (characters, after normalising line ends).
 MAX_COMMENT_CHARS = 2000
+#: Longest reader name accepted.
+MAX_READER_CHARS = 100
 DEFAULT_DB_NAME = "feedback.sqlite"
 
 _SCHEMA = """
@@ -43,6 +46,16 @@ CREATE TABLE IF NOT EXISTS feedback (
 );
 CREATE INDEX IF NOT EXISTS feedback_study ON feedback (study_key);
 """
+#: Provenance columns added for clinician feedback as labels (issue #21): a database made before them is migrated
+#: (ALTER TABLE ... ADD COLUMN); its older rows have them empty and are never used as labels.
+_PROVENANCE_COLUMNS = (
+    "corrected_diagnosis",  # the reader's diagnosis when disagreeing (one of the model's classes), or ''
+    "reader",  # the name the reader entered, else the account that runs the review page
+    "model_version",  # registry version of the model that made the prediction ('' when not registered)
+    "model_sha256",  # its content SHA-256
+    "study_uid",  # StudyInstanceUID of the study (site-local; maps the feedback to the training study)
+    "model_finding",  # the model's most likely finding when the feedback was given
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,10 +181,21 @@ def read_refused(results_dir: Path) -> list[dict[str, str]]:
 
 @dataclass(frozen=True)
 class Feedback:
+    """One review: the verdict and comment, and its provenance (who, when (UTC), which model, which study)."""
+
     study_key: str
     verdict: str
     comment: str
     created_utc: str
+    corrected_diagnosis: str = ""
+    reader: str = ""
+    model_version: str = ""
+    model_sha256: str = ""
+    study_uid: str = ""
+    model_finding: str = ""
+
+
+_COLUMNS = "study_key, verdict, comment, created_utc, " + ", ".join(_PROVENANCE_COLUMNS)
 
 
 class FeedbackStore:
@@ -183,18 +207,53 @@ class FeedbackStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with closing(self._connect()) as con, con:
                 con.executescript(_SCHEMA)
+                present = {row[1] for row in con.execute("PRAGMA table_info(feedback)")}
+                for column in _PROVENANCE_COLUMNS:
+                    if column not in present:
+                        con.execute(f"ALTER TABLE feedback ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
         except sqlite3.Error as exc:
             raise ValueError(f"cannot open the feedback database {self.path}: {exc}") from exc
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=10)
 
-    def add(self, study_key: str, verdict: str, comment: str) -> Feedback:
-        row = Feedback(study_key, verdict, comment, datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+    def add(
+        self,
+        study_key: str,
+        verdict: str,
+        comment: str,
+        *,
+        corrected_diagnosis: str = "",
+        reader: str = "",
+        model_version: str = "",
+        model_sha256: str = "",
+        study_uid: str = "",
+        model_finding: str = "",
+    ) -> Feedback:
+        """Append one review with its provenance (the time is now, UTC). ValueError for a verdict other than
+        agree/disagree, or a corrected diagnosis given with *agree* or equal to the model's finding."""
+        if verdict not in ALLOWED_VERDICTS:
+            raise ValueError(f"verdict must be one of {', '.join(ALLOWED_VERDICTS)}, got {verdict!r}")
+        if corrected_diagnosis and verdict != "disagree":
+            raise ValueError("a corrected diagnosis goes with a disagreement")
+        if corrected_diagnosis and corrected_diagnosis == model_finding:
+            raise ValueError("the corrected diagnosis is the model's own finding: choose another one, or agree")
+        row = Feedback(
+            study_key,
+            verdict,
+            comment,
+            datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            corrected_diagnosis,
+            reader,
+            model_version,
+            model_sha256,
+            study_uid,
+            model_finding,
+        )
         with closing(self._connect()) as con, con:
             con.execute(
-                "INSERT INTO feedback (study_key, verdict, comment, created_utc) VALUES (?, ?, ?, ?)",
-                (row.study_key, row.verdict, row.comment, row.created_utc),
+                f"INSERT INTO feedback ({_COLUMNS}) VALUES ({', '.join('?' * 10)})",
+                tuple(getattr(row, f) for f in _COLUMNS.split(", ")),
             )
         return row
 
@@ -202,7 +261,7 @@ class FeedbackStore:
         """All feedback of a study, newest first."""
         with closing(self._connect()) as con:
             rows = con.execute(
-                "SELECT study_key, verdict, comment, created_utc FROM feedback WHERE study_key = ? ORDER BY rowid DESC",
+                f"SELECT {_COLUMNS} FROM feedback WHERE study_key = ? ORDER BY rowid DESC",
                 (study_key,),
             ).fetchall()
         return [Feedback(*r) for r in rows]
@@ -211,7 +270,7 @@ class FeedbackStore:
         """The latest feedback of every study that has one."""
         with closing(self._connect()) as con:
             rows = con.execute(
-                "SELECT study_key, verdict, comment, created_utc FROM feedback f WHERE rowid = "
+                f"SELECT {_COLUMNS} FROM feedback f WHERE rowid = "
                 "(SELECT max(rowid) FROM feedback g WHERE g.study_key = f.study_key)"
             ).fetchall()
         return {r[0]: Feedback(*r) for r in rows}

@@ -130,11 +130,14 @@ def lineage_from_bundle(
     parent: str | None = None,
     run_dir: str | None = None,
     champion_comparison: Mapping[str, Any] | None = None,
+    campaign_counts: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The lineage of a bundle from its ``model.json``: parent version, run config, strategy, rounds, participating
     sites (by name), per-site study counts (aggregate numbers only), pipeline version, test/validation metrics per
     site, calibration temperature; ``champion_comparison``: the champion's metrics from the same federated
-    evaluation (``fl_server.campaign``)."""
+    evaluation (``fl_server.campaign``); ``campaign_counts``: per site, the studies new since its previous campaign
+    and the clinician-feedback labels used / conflicting (``train-new-studies``, ``train-feedback-labels``,
+    ``train-feedback-conflicts``: aggregate counts under the sites' privacy floor)."""
     prov = meta.get("provenance") or {}
     metrics = prov.get("metrics") or {}
     sites = metrics.get("sites") or {}
@@ -152,6 +155,11 @@ def lineage_from_bundle(
             "training": dict(metrics.get("training_studies") or {}),
             "validation": counts["val"],
             "test": counts["test"],
+        },
+        "new_studies": {site: dict(c).get("train-new-studies") for site, c in (campaign_counts or {}).items()},
+        "feedback_labels": {
+            site: {"used": dict(c).get("train-feedback-labels"), "conflicts": dict(c).get("train-feedback-conflicts")}
+            for site, c in (campaign_counts or {}).items()
         },
         "model": meta.get("model"),
         "pipeline_version": (meta.get("pipeline") or {}).get("pipeline_version"),
@@ -403,6 +411,14 @@ class ModelRegistry:
         read_stamp(folder, verify=True)
         return folder
 
+    def package(self, name: str = "champion") -> tuple[str, str, dict[str, bytes]]:
+        """``(version, content SHA-256, {file name: bytes})`` of a version (default: the champion) for sending to the
+        sites: ``model.pt``, ``model.json`` and ``registry.json`` (content hash checked first)."""
+        folder = self.bundle_path(name)
+        stamp = self.stamp(folder.name)
+        files = {n: (folder / n).read_bytes() for n in (*HASHED_FILES, STAMP_NAME)}
+        return folder.name, str(stamp["content_sha256"]), files
+
     def stamp(self, version: str) -> dict[str, Any]:
         """The version's registry record (content hash not checked; :meth:`bundle_path` checks it)."""
         stamp = read_stamp(self.folder(version), verify=False)
@@ -637,6 +653,9 @@ class ModelRegistry:
             f"{status}."
         )
         lines = ["## Registry", head, ""]
+        campaign = _campaign_line(lineage)
+        if campaign:
+            lines += [campaign, ""]
         for event in self.events():
             if event.get("version") != version and event.get("previous") != version:
                 continue
@@ -659,6 +678,27 @@ class ModelRegistry:
             elif kind == "rollback":
                 lines.append(f"- Rolled back to {event['version']} ({who}): {event.get('why')}")
         return "\n".join(lines) + "\n"
+
+
+def _campaign_line(lineage: Mapping[str, Any]) -> str:
+    """What the sites brought to this campaign: new studies and clinician-feedback labels per site ("" when unknown;
+    "withheld" where a site's privacy floor kept a count back)."""
+    new = lineage.get("new_studies") or {}
+    feedback = lineage.get("feedback_labels") or {}
+    if not new and not feedback:
+        return ""
+
+    def count(value: Any) -> str:
+        return "withheld" if value is None else str(int(value))
+
+    parts = []
+    for site in sorted(set(new) | set(feedback)):
+        f = feedback.get(site) or {}
+        parts.append(
+            f"{site}: new studies {count(new.get(site))}, feedback labels used {count(f.get('used'))}, "
+            f"conflicts with labels.csv {count(f.get('conflicts'))}"
+        )
+    return "Campaign: " + "; ".join(parts) + "."
 
 
 def _decision_lines(d: Mapping[str, Any]) -> list[str]:

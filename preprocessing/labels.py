@@ -118,3 +118,108 @@ def read_labels(path: Path) -> Labels:
                 sex=sex,
             )
     return Labels(key=key, rows=labels)
+
+
+# --- clinician feedback as labels (issue #21) --------------------------------------------------------------------
+
+#: What wins when a clinician's feedback and labels.csv give a training study different diagnoses
+#: (site env FEEDBACK_CONFLICT): ``labels`` (default; the conflict is counted) or ``feedback``.
+FEEDBACK_CONFLICT_RULES = ("labels", "feedback")
+#: The review page's database table (``inference.review_store``), read here without the review code.
+_FEEDBACK_QUERY = (
+    "SELECT study_key, verdict, corrected_diagnosis, model_finding, study_uid, reader, created_utc, model_version "
+    "FROM feedback f WHERE rowid = (SELECT max(rowid) FROM feedback g WHERE g.study_key = f.study_key)"
+)
+
+
+@dataclass(frozen=True)
+class FeedbackSetting:
+    """A site's opt-in to clinician feedback as training labels: the review page's ``feedback.sqlite`` and the rule
+    when feedback and labels.csv disagree (:data:`FEEDBACK_CONFLICT_RULES`)."""
+
+    db: Path
+    conflict: str = "labels"
+
+    def __post_init__(self) -> None:
+        if self.conflict not in FEEDBACK_CONFLICT_RULES:
+            raise ValueError(
+                f"feedback conflict rule {self.conflict!r} is not one of {', '.join(FEEDBACK_CONFLICT_RULES)}"
+            )
+
+
+@dataclass(frozen=True)
+class FeedbackLabel:
+    """The diagnosis a clinician's latest review of a study gives it, with its provenance."""
+
+    study_key: str
+    study_uid: str
+    diagnosis: int
+    verdict: str
+    reader: str
+    created_utc: str
+    model_version: str
+
+
+@dataclass(frozen=True)
+class FeedbackCounts:
+    """What feedback did to a site's training studies (aggregate counts only)."""
+
+    #: training studies whose diagnosis label comes from feedback (none in labels.csv, or feedback wins a conflict)
+    used: int = 0
+    #: training studies where feedback and labels.csv give different diagnoses
+    conflicts: int = 0
+
+
+def read_feedback_labels(db: Path) -> list[FeedbackLabel]:
+    """The labels the review page's feedback gives, one per study (its latest review): *agree* confirms the model's
+    finding, *disagree* with a corrected diagnosis gives that one, *disagree* without one gives none. Rows made before
+    the provenance columns existed (no model finding recorded) give none. No database: no labels."""
+    import sqlite3
+    from contextlib import closing
+
+    if not Path(db).is_file():
+        return []
+    try:
+        with closing(sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True, timeout=10)) as con:
+            rows = con.execute(_FEEDBACK_QUERY).fetchall()
+    except sqlite3.Error as exc:
+        raise LabelsError(f"{db}: the feedback database cannot be read ({exc})") from exc
+    out = []
+    for key, verdict, corrected, finding, uid, reader, created, version in rows:
+        diagnosis = finding if verdict == "agree" else corrected if verdict == "disagree" else ""
+        if diagnosis in DIAGNOSES:
+            out.append(FeedbackLabel(key, uid or "", DIAGNOSES.index(diagnosis), verdict, reader, created, version))
+    return out
+
+
+def merge_feedback(
+    studies: tuple, feedback: list[FeedbackLabel], *, conflict: str = "labels"
+) -> tuple[tuple, FeedbackCounts]:
+    """Training studies (``ingest.StudyEntry``) with feedback labels applied, and the counts.
+
+    A review belongs to a study by its StudyInstanceUID (``series["StudyInstanceUID"]``) or, for feedback without
+    one, by the study's keyed pseudonym (``fedct predict --site-dir`` names result folders by it). Only the ``train``
+    split takes feedback labels: validation and test keep labels.csv, so the model is not judged by labels it
+    suggested. A study without a diagnosis takes the feedback's; one whose diagnosis differs is a conflict, decided by
+    ``conflict`` (``labels``: labels.csv wins; ``feedback``: the clinician's diagnosis)."""
+    if conflict not in FEEDBACK_CONFLICT_RULES:
+        raise ValueError(f"feedback conflict rule {conflict!r} is not one of {', '.join(FEEDBACK_CONFLICT_RULES)}")
+    from dataclasses import replace
+
+    by_uid = {f.study_uid: f for f in feedback if f.study_uid}
+    by_key = {f.study_key: f for f in feedback}
+    used = conflicts = 0
+    out = []
+    for study in studies:
+        label = by_uid.get(str(study.series.get("StudyInstanceUID", ""))) or by_key.get(study.id)
+        if study.split != "train" or label is None or label.diagnosis == study.diagnosis:
+            out.append(study)
+            continue
+        if study.diagnosis is not None:
+            conflicts += 1
+            if conflict == "labels":
+                out.append(study)
+                continue
+        used += 1
+        out.append(replace(study, diagnosis=label.diagnosis))
+    return tuple(out), FeedbackCounts(used=used, conflicts=conflicts)

@@ -384,6 +384,14 @@ def test_training_losses_need_k_training_studies():
     assert floor_training({**result, "num-examples": 5})["train-loss"] == 0.5
 
 
+def test_campaign_counts_are_sent_when_zero_or_at_least_k():
+    counts = {"train-new-studies": 3, "train-feedback-labels": 0, "train-feedback-conflicts": 7}
+    sent = floor_training({"num-examples": 20, "train-seconds": 1.0, **counts})
+    assert math.isnan(sent["train-new-studies"]) and sent["train-feedback-labels"] == 0.0
+    assert sent["train-feedback-conflicts"] == 7.0
+    assert math.isnan(floor_training({"num-examples": 20, **counts}, min_count=8)["train-feedback-conflicts"])
+
+
 # --- calibration statistics under the floor -------------------------------------------------------------------------
 
 from fedct.protocol import CALIBRATION_BINS, CALIBRATION_TEMPERATURES, reliability_key  # noqa: E402

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pydicom
 import pytest
@@ -9,6 +10,7 @@ import torch
 from federation import TINY_RUN_CONFIG, tiny_federation
 from flwr.simulation import run_simulation
 
+import models.bundle
 from fedct.demo import simulation_backend_config
 from fedct.protocol import CALIBRATION_TEMPERATURE, reliability_key
 from fl_client.client_app import build_client_app
@@ -303,3 +305,156 @@ def test_the_profile_normalisation_is_pooled_once_and_travels_into_the_bundles(s
         model, meta = load_bundle(run_dir / "model" / name)
         assert meta["model"]["profile_fusion"] == "late" and model.n_profile == 2 * len(schema.names)
         assert ProfileNormalisation.from_dict(meta["profile_normalisation"]) == norm
+
+
+def add_studies(root, site, count):
+    """``count`` more synthetic studies for ``site`` (the same hospital's generator, new patients: new UIDs), with
+    their labels.csv rows; returns their StudyInstanceUIDs."""
+    import csv
+    from dataclasses import replace
+
+    from synthetic.hospitals import default_profiles, write_site
+
+    data = root / "data" / site
+    existing = sorted(p.name for p in (data / "dicom").iterdir())
+    index = int(site.split("-")[1])
+    profile = replace(default_profiles(2)[index], rows=32, pixel_spacing_mm=12.0, slice_thickness_mm=10.0)
+    more = root / f"more-{site}"
+    write_site(more, profile, site_index=index, patients_per_site=len(existing) + count, seed=0)
+    added = sorted(p.name for p in (more / "dicom").iterdir() if p.name not in existing)[:count]
+    for name in added:
+        shutil.copytree(more / "dicom" / name, data / "dicom" / name)
+    rows = list(csv.DictReader((more / "labels.csv").open()))
+    new_rows = rows[len(existing) : len(existing) + count]
+    with (data / "labels.csv").open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writerows(new_rows)
+    return [r["StudyInstanceUID"] for r in new_rows]
+
+
+@pytest.fixture(scope="module")
+def third_campaign(simulated_run, second_campaign):
+    """The third campaign: site-1 has added 5 studies and opted in to clinician feedback (a review page's database in
+    its work folder disagreeing, with a corrected diagnosis, on every labelled study; feedback wins conflicts), and the
+    run starts from v0002 with a rule it can pass (test loss; lenient per-site margin). The champion (v0001) is sent
+    to the sites at its start."""
+    from inference.review_store import FeedbackStore
+    from preprocessing.labels import DIAGNOSES, read_labels
+
+    root, _ = simulated_run
+    registry, _, _ = second_campaign
+    added = add_studies(root, "site-1", 5)
+    store = FeedbackStore(root / "sites" / "site-1" / "feedback.sqlite")
+    for i, (uid, label) in enumerate(read_labels(root / "data" / "site-1" / "labels.csv").items()):
+        finding = DIAGNOSES[label.diagnosis]
+        corrected = DIAGNOSES[(label.diagnosis + 1) % len(DIAGNOSES)]
+        store.add(
+            f"study-{i}",
+            "disagree",
+            "",
+            corrected_diagnosis=corrected,
+            reader="dr-test",
+            study_uid=uid,
+            model_version="v0001",
+            model_finding=finding,
+        )
+    store.add("study-x", "disagree", "no correction: not used", study_uid=added[0], model_finding="covid")
+    run_dir = root / "run-3"
+    server_config = {
+        **TINY_RUN_CONFIG,
+        "num-server-rounds": 1,
+        "min-sites": 2,
+        "run-dir": str(run_dir),
+        "model-registry": str(root / "registry"),
+        "init-from": "v0002",
+        "promotion-metric": "test-loss",
+        "promotion-margin": 10.0,
+        "profile-fusion": "late",
+    }
+    client = {
+        "sim-data-root": str(root / "data"),
+        "sim-work-root": str(root / "sites"),
+        "sim-feedback-labels": "yes",
+        "sim-feedback-conflict": "feedback",
+    }
+    run_simulation(
+        server_app=build_server_app(server_config),
+        client_app=build_client_app(client),
+        num_supernodes=2,
+        backend_config=simulation_backend_config(),
+    )
+    return registry, run_dir, added
+
+
+def test_sites_get_the_champion_add_studies_and_feedback_and_predict_with_the_champion(
+    simulated_run, second_campaign, third_campaign, tmp_path, capsys, monkeypatch
+):
+    from fedct.cli import main as fedct_main
+    from fl_server.campaign import CampaignError, prepare_campaign
+    from fl_server.config import ServerConfig
+
+    root, _ = simulated_run
+    registry, run_dir, added = third_campaign
+    # the champion reached both sites through the federation, hash-verified, at the start of runs 2 and 3
+    for run in ("run-2", "run-3"):
+        delivery = json.loads((root / run / "champion-delivery.json").read_text())
+        assert delivery["champion"] == "v0001" and delivery["failed"] == []
+        assert delivery["sites"] == {"site-0": "v0001", "site-1": "v0001"}
+        assert delivery["content_sha256"] == registry.stamp("v0001")["content_sha256"]
+    for site in ("site-0", "site-1"):
+        assert (root / "sites" / site / "models" / "champion").read_text().strip() == "v0001"
+        assert read_stamp(root / "sites" / site / "models" / "v0001")["version"] == "v0001"
+    # lineage: v0003 starts from v0002; site-1 contributes 5 new studies, site-0 none; every labelled training study
+    # of site-1 took its label from feedback (each a conflict with labels.csv, which feedback wins in this run)
+    lineage = registry.stamp("v0003")["lineage"]
+    assert lineage["parent"] == "v0002"
+    assert lineage["new_studies"] == {"site-0": 0.0, "site-1": 5.0}
+    training = lineage["studies"]["training"]["site-1"]
+    assert lineage["feedback_labels"] == {
+        "site-0": {"used": 0.0, "conflicts": 0.0},
+        "site-1": {"used": training, "conflicts": training},
+    }
+    assert registry.stamp("v0002")["lineage"]["new_studies"] == {"site-0": 0.0, "site-1": 0.0}
+    card = (registry.folder("v0003") / "model_card.md").read_text()
+    assert "site-1: new studies 5, feedback labels used" in card
+    # the challenger is promoted only when the rule passes; a rollback restores the previous champion
+    decision = registry.decision("v0003")
+    assert "one federated evaluation" in decision.source
+    if decision.passed:
+        registry.promote("v0003", who="coordinator", reason="test: campaign 3 passes the rule")
+        assert registry.champion() == "v0003"
+        assert registry.rollback(reason="test: restore", who="coordinator") == "v0001"
+    else:
+        with pytest.raises(PromotionRefused):
+            registry.promote("v0003", who="coordinator")
+    assert registry.champion() == "v0001"
+    # a campaign whose preprocessing differs from the version it starts from is refused before it starts
+    same = {**TINY_RUN_CONFIG, "profile-fusion": "late", "model-registry": str(root / "registry"), "init-from": "v0003"}
+    with pytest.raises(CampaignError, match="init-from = 'v0003' refused before the run starts: .*preprocessing"):
+        prepare_campaign(ServerConfig.from_run_config({**same, "input-size": "32,32,16"}))
+    with monkeypatch.context() as m:  # a coordinator whose fedct preprocesses with a newer pipeline version
+        m.setattr(models.bundle, "PIPELINE_VERSION", "99")
+        with pytest.raises(
+            CampaignError, match="refused before the run starts: .*this fedct preprocesses with version '99'"
+        ):
+            prepare_campaign(ServerConfig.from_run_config(same))
+    assert prepare_campaign(ServerConfig.from_run_config(same)).parent == "v0003"
+    # the site predicts with the champion it received (no --model) and every result names its version
+    study = tmp_path / "input" / "study"
+    shutil.copytree(root / "data" / "site-0" / "dicom" / "study-0001", study)
+    out = tmp_path / "out"
+    args = [
+        "predict",
+        "--site-dir",
+        str(root / "sites" / "site-0"),
+        "--input",
+        str(tmp_path / "input"),
+        "--out",
+        str(out),
+    ]
+    assert fedct_main([*args, "--no-local-identifiers"]) == 0
+    printed = capsys.readouterr().out
+    digest = registry.stamp("v0001")["content_sha256"]
+    assert f"model: registry version v0001 (SHA-256 {digest[:12]})" in printed
+    prediction = json.loads(next(out.glob("*/prediction.json")).read_text())
+    assert prediction["model"]["registry_version"] == "v0001" and prediction["model"]["content_sha256"] == digest

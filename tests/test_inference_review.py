@@ -6,6 +6,7 @@ Every server runs in a thread on port 0 over a fake results folder in ``tmp_path
 
 from __future__ import annotations
 
+import getpass
 import html
 import json
 import re
@@ -25,6 +26,7 @@ from federation import pids_matching, stop_pids
 from matplotlib import image as mpimg
 
 from inference.review import MAX_COMMENT_CHARS, ReviewServer, make_server, serve
+from inference.review_store import Feedback, FeedbackStore
 from inference.wording import IDENTIFIERS_HIDDEN, IDENTIFIERS_LOCAL
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -326,6 +328,60 @@ def test_feedback_validation(server: ReviewServer, results: Path) -> None:
     assert status == 415
     with sqlite3.connect(results / "feedback.sqlite") as con:
         assert con.execute("SELECT count(*) FROM feedback").fetchone()[0] == 1  # only the valid one
+
+
+def test_a_corrected_diagnosis_is_stored_with_its_provenance(server: ReviewServer, results: Path) -> None:
+    prediction = json.loads((results / "study-a" / "prediction.json").read_text())
+    prediction["model"].update(registry_version="v0002", content_sha256="ab" * 32)
+    (results / "study-a" / "prediction.json").write_text(json.dumps(prediction))
+    assert 'name="corrected"' in page(server, "/study/study-a") and '<option value="normal">' in page(server)
+    status, _, _ = post_feedback(
+        server, "study-a", verdict="disagree", corrected="normal", reader="  Dr   Who ", comment="clear lungs"
+    )
+    assert status == 303
+    assert post_feedback(server, "study-b", verdict="agree")[0] == 303  # no name entered: the account
+    listing = page(server)
+    row = listing.split('data-study-key="study-a"', 1)[1].split("</tr>", 1)[0]
+    assert "Corrected diagnosis: normal" in row and "Dr Who" in row and "model v0002" in row
+    with sqlite3.connect(results / "feedback.sqlite") as con:
+        con.row_factory = sqlite3.Row
+        a, b = [dict(r) for r in con.execute("SELECT * FROM feedback ORDER BY rowid")]
+    assert a["corrected_diagnosis"] == "normal" and a["reader"] == "Dr Who" and a["model_finding"] == "covid"
+    assert a["model_version"] == "v0002" and a["model_sha256"] == "ab" * 32
+    assert a["study_uid"] == prediction["StudyInstanceUID"] and a["created_utc"].endswith("Z")
+    assert b["corrected_diagnosis"] == "" and b["reader"] == getpass.getuser() and b["model_version"] == ""
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"verdict": "agree", "corrected": "normal"}, "I disagree"),
+        ({"verdict": "disagree", "corrected": "covid"}, "the model&#x27;s own finding"),
+        ({"verdict": "disagree", "corrected": "flu"}, "one of the model"),
+        ({"verdict": "disagree", "reader": "x" * 101}, "name is too long"),
+    ],
+)
+def test_a_bad_corrected_diagnosis_or_name_is_refused(server: ReviewServer, results: Path, fields, needle) -> None:
+    status, _, body = post_feedback(server, "study-a", **fields)
+    assert status == 400 and needle in body.decode()
+    with sqlite3.connect(results / "feedback.sqlite") as con:
+        assert con.execute("SELECT count(*) FROM feedback").fetchone()[0] == 0
+
+
+def test_a_feedback_database_made_before_the_provenance_columns_is_migrated(tmp_path: Path) -> None:
+    db = tmp_path / "feedback.sqlite"
+    with sqlite3.connect(db) as con:
+        con.execute(
+            "CREATE TABLE feedback (study_key TEXT NOT NULL, verdict TEXT NOT NULL CHECK (verdict IN ('agree', "
+            "'disagree')), comment TEXT NOT NULL DEFAULT '', created_utc TEXT NOT NULL)"
+        )
+        con.execute("INSERT INTO feedback VALUES ('old', 'agree', 'kept', '2026-01-01T00:00:00Z')")
+    store = FeedbackStore(db)
+    assert store.history("old")[0] == Feedback("old", "agree", "kept", "2026-01-01T00:00:00Z")
+    store.add("new", "disagree", "", corrected_diagnosis="normal", model_finding="covid", reader="r")
+    assert store.latest_all()["new"].corrected_diagnosis == "normal"
+    with pytest.raises(ValueError, match="goes with a disagreement"):
+        store.add("new", "agree", "", corrected_diagnosis="normal")
 
 
 def test_foreign_host_header_is_refused(server: ReviewServer) -> None:

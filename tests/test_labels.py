@@ -183,3 +183,56 @@ def test_utf8_file_with_byte_order_mark_is_read(tmp_path):
 
     assert labels["1.2.3.1"].diagnosis == DIAGNOSES.index("covid")
     assert labels["1.2.3.2"].sex == "Ä"
+
+
+# --- clinician feedback as labels ---------------------------------------------------------------------------------
+
+
+def _study(uid: str, split: str, diagnosis: int | None, key: str = ""):
+    from preprocessing.ingest import StudyEntry
+
+    series = {"StudyInstanceUID": uid}
+    return StudyEntry(key or f"id-{uid}", "p", split, diagnosis, None, None, None, None, series, "c")
+
+
+def test_feedback_labels_follow_the_latest_review_of_each_study(tmp_path):
+    from inference.review_store import FeedbackStore
+    from preprocessing.labels import read_feedback_labels
+
+    assert read_feedback_labels(tmp_path / "none.sqlite") == []  # no review page yet: no labels
+    store = FeedbackStore(tmp_path / "feedback.sqlite")
+    store.add("a", "agree", "", model_finding="covid", study_uid="1.1", reader="r1", model_version="v0002")
+    store.add("b", "disagree", "", corrected_diagnosis="normal", model_finding="covid", study_uid="1.2")
+    store.add("c", "disagree", "unsure", model_finding="covid", study_uid="1.3")  # no correction: no label
+    store.add("d", "agree", "", study_uid="1.4")  # no model finding recorded (an old row): no label
+    store.add("b", "agree", "", model_finding="covid", study_uid="1.2")  # b's latest review: agrees with covid
+    labels = {f.study_key: f for f in read_feedback_labels(store.path)}
+    assert sorted(labels) == ["a", "b"]
+    assert labels["a"].diagnosis == DIAGNOSES.index("covid") and labels["a"].reader == "r1"
+    assert labels["a"].model_version == "v0002" and labels["b"].diagnosis == DIAGNOSES.index("covid")
+    (tmp_path / "broken.sqlite").write_bytes(b"not a database" * 100)
+    with pytest.raises(LabelsError, match="feedback database cannot be read"):
+        read_feedback_labels(tmp_path / "broken.sqlite")
+
+
+def test_feedback_labels_only_training_studies_and_the_conflict_rule_decides():
+    from preprocessing.labels import FeedbackLabel, merge_feedback
+
+    def fb(key: str, uid: str, diagnosis: int) -> FeedbackLabel:
+        return FeedbackLabel(key, uid, diagnosis, "disagree", "r", "2026-01-01T00:00:00Z", "v0001")
+
+    studies = (
+        _study("1", "train", None),  # unlabelled: takes the feedback label
+        _study("2", "train", 0),  # labelled covid, feedback says normal: a conflict
+        _study("3", "val", None),  # validation keeps labels.csv (none)
+        _study("4", "train", None, key="pseudo-4"),  # feedback without a UID, matched by the study's pseudonym
+        _study("5", "train", 1),  # feedback gives the same label: nothing happens
+    )
+    feedback = [fb("k1", "1", 2), fb("k2", "2", 2), fb("k3", "3", 1), fb("pseudo-4", "", 1), fb("k5", "5", 1)]
+    kept, counts = merge_feedback(studies, feedback)
+    assert [s.diagnosis for s in kept] == [2, 0, None, 1, 1] and (counts.used, counts.conflicts) == (2, 1)
+    won, counts = merge_feedback(studies, feedback, conflict="feedback")
+    assert [s.diagnosis for s in won] == [2, 2, None, 1, 1] and (counts.used, counts.conflicts) == (3, 1)
+    assert merge_feedback(studies, []) == (studies, merge_feedback((), [])[1])
+    with pytest.raises(ValueError, match="conflict rule 'csv'"):
+        merge_feedback(studies, feedback, conflict="csv")

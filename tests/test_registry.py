@@ -81,6 +81,7 @@ def test_register_copies_the_bundle_with_its_hash_and_lineage(tmp_path, registry
     assert event["content_sha256"] == stamp["content_sha256"] and event["utc"].endswith("Z")
     load_bundle(folder)  # the copy is a usable bundle
     assert "Version v0001" in (folder / "model_card.md").read_text()
+    assert "Campaign:" not in (folder / "model_card.md").read_text()  # no campaign counts recorded
     # the second registration is the next version and names its parent
     v2 = registry.register(make_bundle(tmp_path / "b2", accuracy=(0.7, 0.7), seed=1), lineage={**lineage, "parent": v1})
     assert v2 == "v0002" and registry.stamp(v2)["lineage"]["parent"] == "v0001"
@@ -264,3 +265,22 @@ def test_fedct_models_command(tmp_path, capsys):
     assert main(["models", "rollback", "--registry", str(root), "--reason", "worse at site-0"]) == 0
     assert ModelRegistry(root).champion() == "v0001"
     assert main(["models", "show", "v0042", "--registry", str(root)]) == 2
+
+
+def test_the_campaign_counts_of_each_site_go_into_the_lineage_and_the_card(tmp_path, registry):
+    from models.registry import lineage_from_bundle
+
+    bundle = make_bundle(tmp_path / "b", accuracy=(0.5, 0.6))
+    counts = {
+        "site-0": {"train-new-studies": 0.0, "train-feedback-labels": 0.0, "train-feedback-conflicts": 0.0},
+        "site-1": {"train-new-studies": 5.0, "train-feedback-labels": 6.0, "train-feedback-conflicts": None},
+    }
+    lineage = lineage_from_bundle(json.loads((bundle / "model.json").read_text()), campaign_counts=counts)
+    assert lineage["new_studies"] == {"site-0": 0.0, "site-1": 5.0}
+    assert lineage["feedback_labels"]["site-1"] == {"used": 6.0, "conflicts": None}
+    version = registry.register(bundle, lineage=lineage)
+    card = (registry.folder(version) / "model_card.md").read_text()
+    assert (
+        "Campaign: site-0: new studies 0, feedback labels used 0, conflicts with labels.csv 0; site-1: new studies "
+        "5, feedback labels used 6, conflicts with labels.csv withheld." in card
+    )

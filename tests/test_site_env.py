@@ -116,6 +116,25 @@ def test_an_env_file_inside_the_work_folder_needs_an_allow_list_elsewhere(site, 
         SiteEnv.from_file(inside)
 
 
+def test_feedback_labels_are_opt_in_and_reach_the_clientapp(site, tmp_path):
+    from preprocessing.labels import FeedbackSetting
+
+    env = SiteEnv.from_file(site())
+    assert env.site_config().feedback is None and "feedback-labels" not in env.node_config()
+    env = SiteEnv.from_file(site(FEDCT_FEEDBACK_LABELS="yes", FEDCT_FEEDBACK_DB="results/feedback.sqlite"))
+    expected = FeedbackSetting(db=tmp_path / "results" / "feedback.sqlite", conflict="labels")
+    assert env.site_config().feedback == expected
+    node = env.node_config()
+    assert node["feedback-labels"] == "yes" and node["feedback-db"] == str(expected.db)
+    assert SiteConfig.from_context(node, {}).feedback == expected
+    env = SiteEnv.from_file(site(FEDCT_FEEDBACK_LABELS="YES", FEDCT_FEEDBACK_CONFLICT="feedback"))
+    assert env.site_config().feedback == FeedbackSetting(db=tmp_path / "work" / "feedback.sqlite", conflict="feedback")
+    with pytest.raises(SiteEnvError, match="feedback-labels='sometimes' must be yes or no"):
+        SiteEnv.from_file(site(FEDCT_FEEDBACK_LABELS="sometimes"))
+    with pytest.raises(SiteEnvError, match="conflict rule 'csv'"):
+        SiteEnv.from_file(site(FEDCT_FEEDBACK_LABELS="yes", FEDCT_FEEDBACK_CONFLICT="csv"))
+
+
 def test_site_limits_and_split_reach_the_clientapp(site):
     from fl_client.limits import SiteLimits
     from preprocessing.split import SplitConfig
