@@ -109,6 +109,23 @@ PROFILE_MEAN, PROFILE_STD, PROFILE_COUNT = "profile-mean", "profile-std", "profi
 #: Round-config key: probability that training masks each measured profile value (robustness to missing exports).
 PROFILE_DROPOUT = "profile-dropout"
 
+# --- out-of-distribution reference (issue #23.4, ``models.ood``) -----------------------------------------------------
+
+#: Config key of the feature-statistics requests after the last round (an evaluate message with the model's weights):
+#: ``"moments"`` asks for count / sum / sum of squares of the pooled image features over the training and validation
+#: studies; ``"distances"`` (with :data:`OOD_MEAN` and :data:`OOD_VAR`) for histograms of the studies' distances.
+OOD_STATISTICS = "ood-statistics"
+OOD_MOMENTS, OOD_DISTANCES = "moments", "distances"
+#: Config keys of the ``distances`` request: the pooled per-feature mean and variance (lists of F numbers).
+OOD_MEAN, OOD_VAR = "ood-mean", "ood-var"
+#: Reply keys: studies counted (0: below the privacy floor, nothing else sent), per-feature sums, sums of squares.
+OOD_COUNT, OOD_SUM, OOD_SUMSQ = "ood-n", "ood-sum", "ood-sumsq"
+#: Reply keys of the ``distances`` request: histograms of log10(distance) of the validation and training studies.
+OOD_VAL_HIST, OOD_TRAIN_HIST = "ood-val-hist", "ood-train-hist"
+#: Range of log10(distance) and its equal-width bins (values outside are clipped into the end bins).
+OOD_LOG10_RANGE = (-1.0, 3.0)
+OOD_BINS = 80
+
 # --- round settings ----------------------------------------------------------------------------------------------
 
 #: What happens to normalisation layers (BatchNorm etc.): averaged by the server, or kept at each site (FedBN).

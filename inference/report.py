@@ -36,6 +36,7 @@ from inference.wording import (
     profile_value_text,
     registry_words,
     risk_sentence,
+    unusual_input_note,
 )
 
 __all__ = ["DISCLAIMER", "REPORT_NAME", "class_phrase", "percent", "write_report"]
@@ -177,6 +178,9 @@ def render_report(result: Any, *, identity: LocalIdentity | None = None) -> str:
     group_class = f"risk-{group}" if group in _RISK_GROUPS else "risk-unavailable"
     note = confidence_note(probabilities)
     note_html = f'<p class="low-confidence" id="confidence" role="note">{esc(note)}</p>\n' if note else ""
+    unusual = unusual_input_note(_get(result, "out_of_distribution"))
+    if unusual:
+        note_html += f'<p class="low-confidence unusual-input" id="unusual-input" role="note">{esc(unusual)}</p>\n'
     rows_meta = [
         ("Model", f"{esc(str(model.get('name', 'unknown')))}, fedct {esc(str(model.get('fedct_version', 'unknown')))}"),
         ("Model version", esc(registry_words(model) or "not a registered version")),
