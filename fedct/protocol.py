@@ -113,18 +113,16 @@ PROFILE_DROPOUT = "profile-dropout"
 
 #: Config key of the feature-statistics requests after the last round (an evaluate message with the model's weights):
 #: ``"moments"`` asks for count / sum / sum of squares of the pooled image features over the training and validation
-#: studies; ``"distances"`` (with :data:`OOD_MEAN` and :data:`OOD_VAR`) for histograms of the studies' distances.
+#: studies; ``"distances"`` (with :data:`OOD_MEAN` and :data:`OOD_VAR`) for the moments of the studies' distances.
 OOD_STATISTICS = "ood-statistics"
 OOD_MOMENTS, OOD_DISTANCES = "moments", "distances"
 #: Config keys of the ``distances`` request: the pooled per-feature mean and variance (lists of F numbers).
 OOD_MEAN, OOD_VAR = "ood-mean", "ood-var"
 #: Reply keys: studies counted (0: below the privacy floor, nothing else sent), per-feature sums, sums of squares.
 OOD_COUNT, OOD_SUM, OOD_SUMSQ = "ood-n", "ood-sum", "ood-sumsq"
-#: Reply keys of the ``distances`` request: histograms of log10(distance) of the validation and training studies.
-OOD_VAL_HIST, OOD_TRAIN_HIST = "ood-val-hist", "ood-train-hist"
-#: Range of log10(distance) and its equal-width bins (values outside are clipped into the end bins).
-OOD_LOG10_RANGE = (-1.0, 3.0)
-OOD_BINS = 80
+#: Reply keys of the ``distances`` request: ``[studies, sum, sum of squares]`` of log10(distance) of the validation
+#: and of the training studies (an empty list below the privacy floor).
+OOD_VAL_LOG, OOD_TRAIN_LOG = "ood-val-log-distance", "ood-train-log-distance"
 
 # --- round settings ----------------------------------------------------------------------------------------------
 

@@ -6,9 +6,9 @@ After the last round the server sends the final model's weights twice (evaluate 
 - ``moments``: the site runs the model's backbone over its training and validation studies and replies with the count,
   the per-feature sum and the per-feature sum of squares of the pooled image features (:func:`moments_metrics`);
   with fewer studies than its privacy floor k it sends the count 0 and nothing else;
-- ``distances`` (with the pooled mean and variance): histograms of log10 of each study's distance
-  (:func:`models.ood.feature_distance`) for its validation and its training studies, each coarsened to groups of at
-  least k studies (:func:`fl_client.metrics.coarsen_histogram`) or sent empty (:func:`distance_metrics`).
+- ``distances`` (with the pooled mean and variance): the count, sum and sum of squares of log10 of each study's
+  distance (:func:`models.ood.feature_distance`) for its validation and for its training studies, each only from at
+  least k studies, else an empty list (:func:`distance_metrics`).
 
 No study key, no single study's features or distance leave the site. The features are those of the global weights
 exactly as the bundle holds them (not the site's own normalisation layers under ``bn-mode = local``): prediction
@@ -28,16 +28,16 @@ from fedct.protocol import (
     OOD_MEAN,
     OOD_SUM,
     OOD_SUMSQ,
-    OOD_TRAIN_HIST,
-    OOD_VAL_HIST,
+    OOD_TRAIN_LOG,
+    OOD_VAL_LOG,
     OOD_VAR,
     RoundSettings,
 )
 from fl_client.config import SiteConfig
-from fl_client.metrics import MIN_COUNT, coarsen_histogram
+from fl_client.metrics import MIN_COUNT
 from fl_client.train import _loader, _model, autocast, load_site, model_input, site_compute, site_profile
 from models.factory import MultiTaskNet
-from models.ood import distance_histogram, feature_distance, feature_moments
+from models.ood import feature_distance, feature_moments, log_moments
 
 #: The splits whose studies the reference describes.
 OOD_SPLITS = ("train", "val")
@@ -116,16 +116,15 @@ def requested_reference(config: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarr
 def floor_distances(
     features: Mapping[str, np.ndarray], mean: np.ndarray, var: np.ndarray, *, min_count: int = MIN_COUNT
 ) -> dict[str, Any]:
-    """The reply of the ``distances`` request: per split, the histogram of log10(distance) coarsened to groups of at
-    least ``min_count`` studies, or an empty list (fewer studies, or no image branch)."""
+    """The reply of the ``distances`` request: per split, ``[studies, sum, sum of squares]`` of log10(distance)
+    (:func:`models.ood.log_moments`), or an empty list (fewer than ``min_count`` studies, or no image branch)."""
     out: dict[str, Any] = {}
-    for split, key in (("val", OOD_VAL_HIST), ("train", OOD_TRAIN_HIST)):
+    for split, key in (("val", OOD_VAL_LOG), ("train", OOD_TRAIN_LOG)):
         values = features.get(split, np.zeros((0, 0)))
         if values.size and values.shape[1] != len(mean):
             raise BadOodRequest(f"the pooled mean has {len(mean)} features, this model {values.shape[1]}")
-        counts = distance_histogram(feature_distance(values, mean, var)) if values.size else None
-        coarse = coarsen_histogram(counts, min_count) if counts is not None else None
-        out[key] = coarse if coarse is not None else []
+        enough = values.size and values.shape[0] >= min_count
+        out[key] = log_moments(np.maximum(feature_distance(values, mean, var), 1e-12)) if enough else []
     return out
 
 
@@ -137,6 +136,6 @@ def distance_metrics(
     *,
     min_count: int = MIN_COUNT,
 ) -> dict[str, Any]:
-    """The site's distance histograms under the pooled reference of the request ``config`` (:func:`floor_distances`)."""
+    """The site's log-distance moments under the pooled reference of the request ``config`` (:func:`floor_distances`)."""
     mean, var = requested_reference(config)
     return floor_distances(site_features(site, settings, state), mean, var, min_count=min_count)

@@ -6,10 +6,10 @@ weights to every connected site twice, in evaluate messages with :data:`fedct.pr
 1. ``moments``: each site's count, per-feature sum and sum of squares of the pooled image features over its training
    and validation studies (``fl_client.ood_stats``); the server pools them into a mean and variance per feature
    (:func:`models.ood.pooled_moments`);
-2. ``distances``, with that mean and variance: each site's histograms of log10(distance) of its validation and
-   training studies on the fixed bins; the threshold is the upper edge of the bin holding the
-   :data:`models.ood.DEFAULT_QUANTILE` quantile of the pooled validation histogram, and the training and validation
-   studies above it are counted from the same histograms.
+2. ``distances``, with that mean and variance: each site's count, sum and sum of squares of log10(distance) of its
+   validation and of its training studies; the threshold is the :data:`models.ood.DEFAULT_QUANTILE` quantile of a
+   log-normal fitted to the pooled validation moments, and the number of training (and validation) studies above it
+   is estimated from their own pooled moments (:mod:`models.ood` says why moments rather than histograms).
 
 Each reply passes :func:`screen_moments_reply` / :func:`screen_distances_reply` (the site is who it says, exactly the
 ``metrics`` and ``site`` records, counts 0 or at least the privacy floor, lists of the right length, sums
@@ -29,7 +29,6 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedct.protocol import (
     METRICS_RECORD,
-    OOD_BINS,
     OOD_COUNT,
     OOD_DISTANCES,
     OOD_MEAN,
@@ -37,14 +36,14 @@ from fedct.protocol import (
     OOD_STATISTICS,
     OOD_SUM,
     OOD_SUMSQ,
-    OOD_TRAIN_HIST,
-    OOD_VAL_HIST,
+    OOD_TRAIN_LOG,
+    OOD_VAL_LOG,
     OOD_VAR,
     SITE_RECORD,
 )
 from fl_server.config import SiteRegistry
 from fl_server.validation import ReplyRejected, ScreenedReply, site_identity
-from models.ood import DEFAULT_QUANTILE, OodReference, count_above, pooled_moments, threshold_from_histogram
+from models.ood import DEFAULT_QUANTILE, OodReference, expected_above, pooled_moments, threshold_from_moments
 
 if TYPE_CHECKING:
     from fl_server.rounds import NDArrays, RoundLoop
@@ -120,27 +119,26 @@ def screen_distances_reply(
     min_count: int,
     count_bound: int,
 ) -> tuple[ScreenedReply, dict[str, list[float]]]:
-    """Check a ``distances`` reply: exactly ``ood-val-hist`` and ``ood-train-hist``, each empty or
-    :data:`fedct.protocol.OOD_BINS` counts whose every non-empty bin holds at least ``min_count`` studies (the sites'
-    coarsening) and whose total is at most ``count_bound``."""
+    """Check a ``distances`` reply: exactly ``ood-val-log-distance`` and ``ood-train-log-distance``, each empty or
+    ``[studies, sum, sum of squares]`` of log10(distance) with studies a whole number in [``min_count``,
+    ``count_bound``] and sum^2 <= studies * sum of squares."""
     site, metrics = _metrics(content, node_id, registry)
-    if set(metrics) != {OOD_VAL_HIST, OOD_TRAIN_HIST}:
-        raise ReplyRejected("bad_ood_statistics", f"a distances reply has exactly {OOD_VAL_HIST} and {OOD_TRAIN_HIST}")
+    if set(metrics) != {OOD_VAL_LOG, OOD_TRAIN_LOG}:
+        raise ReplyRejected("bad_ood_statistics", f"a distances reply has exactly {OOD_VAL_LOG} and {OOD_TRAIN_LOG}")
     out: dict[str, list[float]] = {}
-    for key in (OOD_VAL_HIST, OOD_TRAIN_HIST):
-        values = metrics[key]
-        if values == []:
+    for key in (OOD_VAL_LOG, OOD_TRAIN_LOG):
+        if metrics[key] == []:
             out[key] = []
             continue
-        counts = _finite_list(values, OOD_BINS, key)
-        if ((counts != 0) & (counts < min_count)).any() or (counts < 0).any() or (counts != np.round(counts)).any():
+        n, total, squares = _finite_list(metrics[key], 3, key)
+        if n != round(n) or not min_count <= n <= count_bound:
             raise ReplyRejected(
-                "bad_ood_statistics", f"{key}: every non-empty bin must hold at least {min_count} studies"
+                "bad_ood_statistics", f"{key}: studies must be between the privacy floor {min_count} and {count_bound}"
             )
-        if counts.sum() > count_bound:
-            raise ReplyRejected("bad_ood_statistics", f"{key}: more studies than the bound {count_bound}")
-        out[key] = [float(c) for c in counts]
-    summary = {f"{k}-n": float(sum(v)) for k, v in out.items()}
+        if squares < 0 or total * total > n * squares * (1 + 1e-6) + 1e-9:
+            raise ReplyRejected("bad_ood_statistics", f"{key}: the sum and sum of squares are inconsistent")
+        out[key] = [float(n), float(total), float(squares)]
+    summary = {f"{k}-n": float(v[0]) if v else 0.0 for k, v in out.items()}
     return ScreenedReply(node_id=node_id, site=site, arrays=None, metrics=summary, evaluation=None), out
 
 
@@ -198,7 +196,7 @@ def gather_reference(
         reason = first.evaluation_missing or "every site below its privacy floor"
         return {**record, "threshold": None, "reason": f"no feature moments ({reason})", **_traffic([first])}, None
     n, mean, var = pooled_moments([moments[site] for site in used])
-    histograms: dict[str, dict[str, list[float]]] = {}
+    by_site: dict[str, dict[str, list[float]]] = {}  # each site's log-distance moments
 
     def screen_distances(content: RecordDict, node_id: int) -> ScreenedReply:
         screened, value = screen_distances_reply(
@@ -208,33 +206,34 @@ def gather_reference(
             min_count=config.metrics_min_count,
             count_bound=config.examples_bound,
         )
-        histograms[screened.site] = value
+        by_site[screened.site] = value
         return screened
 
     request = {**settings, OOD_STATISTICS: OOD_DISTANCES, OOD_MEAN: mean.tolist(), OOD_VAR: var.tolist()}
     second, replied = _ask(loop, server_round, arrays, request, screen_distances, "distances")
-    pooled = {key: np.zeros(OOD_BINS) for key in (OOD_VAL_HIST, OOD_TRAIN_HIST)}
+    pooled = {key: np.zeros(3) for key in (OOD_VAL_LOG, OOD_TRAIN_LOG)}
     for site in replied:
-        for key, counts in histograms[site].items():
-            if counts:
-                pooled[key] += np.asarray(counts)
+        for key, values in by_site[site].items():
+            if values:
+                pooled[key] += np.asarray(values)
     record.update({"sites": used, "reference_studies": n, **_traffic([first, second])})
-    if second.evaluate_sites is None or pooled[OOD_VAL_HIST].sum() <= 0:
+    if second.evaluate_sites is None or pooled[OOD_VAL_LOG][0] < 2:
         reason = second.evaluation_missing or "every site below its privacy floor for validation distances"
-        return {**record, "threshold": None, "reason": f"no distance histograms ({reason})"}, None
-    val, train = pooled[OOD_VAL_HIST].tolist(), pooled[OOD_TRAIN_HIST].tolist()
-    threshold = threshold_from_histogram(val, quantile)
+        return {**record, "threshold": None, "reason": f"no distance moments ({reason})"}, None
+    val, train = pooled[OOD_VAL_LOG].tolist(), pooled[OOD_TRAIN_LOG].tolist()
+    threshold = threshold_from_moments(val, quantile)
     reference = OodReference(mean=tuple(mean.tolist()), var=tuple(var.tolist()), threshold=threshold, quantile=quantile)
     record.update(
         {
             "threshold": threshold,
             "distance": "mean squared z-score of the pooled image features (diagonal Mahalanobis / F)",
-            "validation_studies": int(sum(val)),
-            "validation_above": int(count_above(val, threshold)),
-            "training_studies": int(sum(train)),
-            "training_above": int(count_above(train, threshold)),
-            "validation_histogram": val,
-            "training_histogram": train,
+            "fit": "log-normal fitted to the pooled log10 distances of the validation studies",
+            "validation_studies": int(val[0]),
+            "validation_log10_mean": val[1] / val[0],
+            "validation_above_expected": round(expected_above(val, threshold), 2),
+            "training_studies": int(train[0]),
+            "training_log10_mean": train[1] / train[0] if train[0] else None,
+            "training_above_expected": round(expected_above(train, threshold), 2) if train[0] >= 2 else None,
         }
     )
     return record, reference

@@ -163,7 +163,7 @@ def round_temperature(run_log: RunLog, server_round: int) -> dict[str, Any] | No
 
 
 def bundle_figures(figures: Mapping[str, Any], reference: OodReference | None) -> dict[str, Any] | None:
-    """model.json's ``ood``: the reference (mean, variance, threshold) and its figures without the histograms; None
+    """model.json's ``ood``: the reference (mean, variance, threshold) and its figures (without the replies' bookkeeping); None
     without a reference."""
     if reference is None:
         return None

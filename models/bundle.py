@@ -255,12 +255,18 @@ def _ood_lines(ood: Mapping[str, Any] | None) -> list[str]:
         "## Unusual inputs",
         f"A study is flagged as unlike the training studies when the distance of its pooled image features from the "
         f"training sites' mean (mean squared z-score over {ood.get('features', 'the')} features) exceeds "
-        f"{float(ood['threshold']):.2f}, the {q:.0f}th percentile of the sites' validation studies (pooled "
-        f"histograms, no study left its site). Above it: {ood.get('validation_above', 'n/a')} of "
-        f"{ood.get('validation_studies', 'n/a')} validation and {ood.get('training_above', 'n/a')} of "
-        f"{ood.get('training_studies', 'n/a')} training studies. Not flagged does not mean in scope: the check "
+        f"{float(ood['threshold']):.2f}, the {q:.0f}th percentile of a log-normal fitted to the sites' "
+        f"validation studies' distances (pooled sums only, no study left its site; "
+        f"{ood.get('validation_studies', 'n/a')} validation studies). Expected above it: "
+        f"{_figure(ood.get('validation_above_expected'))} validation and "
+        f"{_figure(ood.get('training_above_expected'))} of {ood.get('training_studies', 'n/a')} training studies "
+        "(from the same fit). Not flagged does not mean in scope: the check "
         "sees only what the network's features see.",
     ]
+
+
+def _figure(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, int | float) and math.isfinite(value) else "n/a"
 
 
 def _privacy_lines(prov: Mapping[str, Any]) -> list[str]:

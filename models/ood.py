@@ -11,11 +11,13 @@ The reference is built federatedly after the last round, from aggregates only (`
    ``(f - mean)^2 / (var + ridge)``, i.e. a diagonal Mahalanobis distance divided by F; about 1 for a study like the
    training ones, much larger for an input the network has never seen the like of. The ridge
    (:data:`FEATURE_RIDGE` times the mean variance) keeps features that never varied in training from dominating;
-3. **threshold**: every site sends histograms of log10(distance) of its validation and of its training studies on
-   fixed bins (:data:`fedct.protocol.OOD_BINS` over :data:`fedct.protocol.OOD_LOG10_RANGE`, coarsened to groups of
-   at least k studies like every histogram a site sends); the threshold is the upper edge of the bin holding the
-   :data:`DEFAULT_QUANTILE` quantile of the pooled validation histogram (:func:`threshold_from_histogram`), so the
-   studies above it are counted exactly from the same histograms (:func:`count_above`).
+3. **threshold**: every site sends the count, sum and sum of squares of log10(distance) of its validation studies
+   and of its training studies (:func:`log_moments`, nothing below k); the server fits a log-normal distribution to
+   the pooled validation moments and takes its :data:`DEFAULT_QUANTILE` quantile (:func:`threshold_from_moments`),
+   and estimates from the training moments how many training studies lie above it (:func:`expected_above`).
+   Why moments and not a histogram: a histogram a site sends is coarsened to groups of at least k studies, which
+   puts a whole validation split of a few studies into one bin at its mean, so a high quantile read from it is
+   about the median (tried first: every training study of the test federation lay above it).
 
 At prediction (``inference.predict``) a study whose distance exceeds the threshold is flagged: it looks unlike the
 training studies and the result may not apply. Plain numpy (no torch, no flwr): sites, server and inference share it.
@@ -29,21 +31,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from fedct.protocol import OOD_BINS, OOD_LOG10_RANGE
+from scipy.stats import norm
 
 __all__ = [
     "DEFAULT_QUANTILE",
     "FEATURE_RIDGE",
     "OodReference",
-    "bin_edges",
     "bundle_ood",
-    "count_above",
-    "distance_histogram",
+    "expected_above",
     "feature_distance",
     "feature_moments",
+    "log_moments",
     "pooled_moments",
-    "threshold_from_histogram",
+    "threshold_from_moments",
 ]
 
 #: Quantile of the pooled validation distances taken as the threshold.
@@ -105,50 +105,42 @@ def feature_distance(features: Any, mean: Any, var: Any) -> np.ndarray:
     return (((values - mu) ** 2) / (sigma2 + ridge)).mean(axis=1)
 
 
-def bin_edges() -> np.ndarray:
-    """The :data:`fedct.protocol.OOD_BINS` + 1 bin edges on the distance scale (log-spaced)."""
-    low, high = OOD_LOG10_RANGE
-    return 10.0 ** np.linspace(low, high, OOD_BINS + 1)
-
-
-def distance_histogram(distances: Any) -> list[float]:
-    """Counts of ``distances`` per bin of log10(distance) (values outside the range go into the end bins)."""
+def log_moments(distances: Any) -> list[float]:
+    """``[studies, sum, sum of squares]`` of log10(distance) (a site's aggregate of one split)."""
     d = np.asarray(distances, dtype=np.float64).reshape(-1)
-    if not (np.isfinite(d).all() and (d >= 0).all()):
-        raise ValueError("distances must be finite and >= 0")
-    low, high = OOD_LOG10_RANGE
-    logs = np.clip(np.log10(np.maximum(d, 10.0**low)), low, high)
-    counts, _ = np.histogram(logs, bins=OOD_BINS, range=OOD_LOG10_RANGE)
-    return [float(c) for c in counts]
+    if not (np.isfinite(d).all() and (d > 0).all()):
+        raise ValueError("distances must be finite and > 0")
+    logs = np.log10(d)
+    return [float(len(d)), float(logs.sum()), float((logs * logs).sum())]
 
 
-def _counts(counts: Sequence[float]) -> list[float]:
-    values = [float(c) for c in counts]
-    if len(values) != OOD_BINS or any(not math.isfinite(c) or c < 0 for c in values):
-        raise ValueError(f"a distance histogram has {OOD_BINS} finite counts >= 0, got {len(values)} values")
-    return values
+def _log_normal(moments: Sequence[float]) -> tuple[float, float, float]:
+    """(studies, mean, SD) of log10(distance) from pooled :func:`log_moments`."""
+    n, total, squares = (float(v) for v in moments)
+    if not (n >= 2 and math.isfinite(total) and math.isfinite(squares)):
+        raise ValueError(f"need the log-distance moments of at least 2 studies, got {list(moments)}")
+    mean = total / n
+    sd = math.sqrt(max(squares / n - mean * mean, 0.0) * n / (n - 1))
+    return n, mean, sd
 
 
-def threshold_from_histogram(counts: Sequence[float], quantile: float = DEFAULT_QUANTILE) -> float:
-    """The upper edge (a distance) of the first bin at which the cumulative count reaches ``quantile`` of the total:
-    at least that share of the histogram's studies lies at or below it. NaN for an empty histogram."""
-    if not 0.0 < quantile <= 1.0:
-        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-    values = _counts(counts)
-    total = math.fsum(values)
-    if total <= 0:
-        return math.nan
-    cumulative = np.cumsum(values)
-    index = int(np.argmax(cumulative >= quantile * total - 1e-9))
-    return float(bin_edges()[index + 1])
+def threshold_from_moments(moments: Sequence[float], quantile: float = DEFAULT_QUANTILE) -> float:
+    """The ``quantile`` of a log-normal distribution of the distance fitted to pooled :func:`log_moments`:
+    ``10 ** (mean + z_q * SD)`` of log10(distance)."""
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    _, mean, sd = _log_normal(moments)
+    return float(10.0 ** (mean + float(norm.ppf(quantile)) * sd))
 
 
-def count_above(counts: Sequence[float], threshold: float) -> float:
-    """Studies of a histogram in bins that lie above ``threshold`` (a bin edge: exact for thresholds of
-    :func:`threshold_from_histogram`)."""
-    values = _counts(counts)
-    lower = bin_edges()[:-1]
-    return float(math.fsum(c for c, edge in zip(values, lower, strict=True) if edge >= threshold * (1 - 1e-9)))
+def expected_above(moments: Sequence[float], threshold: float) -> float:
+    """How many of the studies described by :func:`log_moments` lie above ``threshold`` under the log-normal fit of
+    their own moments (an estimate: no site sends which study lies where)."""
+    n, mean, sd = _log_normal(moments)
+    gap = math.log10(threshold) - mean
+    if sd <= 0:
+        return 0.0 if gap >= 0 else n
+    return float(n * norm.sf(gap / sd))
 
 
 @dataclass(frozen=True)

@@ -204,17 +204,23 @@ def test_the_out_of_distribution_reference_is_set_on_the_bundle_and_its_card(tmp
     assert bundle_ood(load_bundle(tmp_path / "b")[1]) is None  # an older bundle: no reference, nothing flagged
     assert "Unusual inputs" not in (tmp_path / "b" / "model_card.md").read_text()
     weights = (tmp_path / "b" / "model.pt").read_bytes()
-    figures = {"features": 64, "validation_studies": 12, "validation_above": 0, "training_studies": 16}
+    figures = {"features": 64, "validation_studies": 12, "validation_above_expected": 0.12, "training_studies": 16}
     set_ood(
         tmp_path / "b",
-        {**figures, "training_above": 1, "feature_mean": [0.0] * 64, "feature_var": [1.0] * 64, "threshold": 3.16},
+        {
+            **figures,
+            "training_above_expected": 1.04,
+            "feature_mean": [0.0] * 64,
+            "feature_var": [1.0] * 64,
+            "threshold": 3.16,
+        },
     )
     reference = bundle_ood(load_bundle(tmp_path / "b")[1])
     assert (
         reference is not None and reference.threshold == 3.16 and (tmp_path / "b" / "model.pt").read_bytes() == weights
     )
     card = (tmp_path / "b" / "model_card.md").read_text()
-    assert "exceeds 3.16, the 99th percentile" in card and "0 of 12 validation and 1 of 16 training" in card
+    assert "exceeds 3.16, the 99th percentile" in card and "0.1 validation and 1.0 of 16 training" in card
     with pytest.raises(ValueError, match="variance"):
         set_ood(tmp_path / "b", {"feature_mean": [0.0], "feature_var": [-1.0], "threshold": 1.0})
     set_ood(tmp_path / "b", None)

@@ -1,17 +1,17 @@
 """What a site sends for the out-of-distribution reference (fl_client.ood_stats), on a real tiny DICOM site: the
 pooled image features of its training and validation studies, only aggregates above the privacy floor (nothing
-below it), distance histograms coarsened to groups of k studies, and refused requests."""
+below it), log-distance sums only from k studies, and refused requests."""
 
 import numpy as np
 import pytest
 import torch
 
-from fedct.protocol import OOD_BINS, OOD_COUNT, OOD_MEAN, OOD_SUM, OOD_SUMSQ, OOD_TRAIN_HIST, OOD_VAL_HIST, OOD_VAR
+from fedct.protocol import OOD_COUNT, OOD_MEAN, OOD_SUM, OOD_SUMSQ, OOD_TRAIN_LOG, OOD_VAL_LOG, OOD_VAR
 from fl_client.config import SiteConfig
 from fl_client.ood_stats import BadOodRequest, distance_metrics, floor_distances, moments_metrics, site_features
 from fl_server.config import ServerConfig
 from models.factory import build_model
-from models.ood import feature_moments, pooled_moments
+from models.ood import feature_distance, feature_moments, pooled_moments
 from preprocessing.labels import DIAGNOSES
 from synthetic.dicom_writer import PatientIdentity, write_ct_series
 
@@ -69,15 +69,15 @@ def test_moments_are_aggregates_above_the_floor_and_nothing_below(tiny_site):
     assert moments_metrics(site, settings, state, min_count=10) == {OOD_COUNT: 0}
 
 
-def test_distance_histograms_are_coarsened_or_empty(tiny_site):
+def test_distance_moments_are_sums_above_the_floor_or_empty(tiny_site):
     site, settings, state = tiny_site
     features = site_features(site, settings, state)
     _, mean, var = pooled_moments([feature_moments(np.concatenate(list(features.values())))])
     sent = distance_metrics(site, settings, state, {OOD_MEAN: mean.tolist(), OOD_VAR: var.tolist()}, min_count=5)
-    assert set(sent) == {OOD_VAL_HIST, OOD_TRAIN_HIST}
-    assert sent[OOD_VAL_HIST] == []  # 3 validation studies: below k = 5, no histogram
-    train = np.asarray(sent[OOD_TRAIN_HIST])
-    assert len(train) == OOD_BINS and train.sum() == 6 and ((train == 0) | (train >= 5)).all()
+    assert set(sent) == {OOD_VAL_LOG, OOD_TRAIN_LOG}
+    assert sent[OOD_VAL_LOG] == []  # 3 validation studies: below k = 5, nothing
+    logs = np.log10(feature_distance(features["train"], mean, var))
+    np.testing.assert_allclose(sent[OOD_TRAIN_LOG], [6, logs.sum(), (logs * logs).sum()])
     with pytest.raises(BadOodRequest, match="features"):
         floor_distances(features, mean[:10], var[:10])
     for bad in ({}, {OOD_MEAN: [0.0], OOD_VAR: [-1.0]}, {OOD_MEAN: ["x"], OOD_VAR: [1.0]}, {OOD_MEAN: [], OOD_VAR: []}):

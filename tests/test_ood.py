@@ -1,22 +1,20 @@
 """The out-of-distribution reference (models.ood): pooled moments equal the pooled data's, the distance, the
-histogram threshold and the counts above it, the bundle's reference read back or refused."""
+log-normal threshold and the studies expected above it, the bundle's reference read back or refused."""
 
 import math
 
 import numpy as np
 import pytest
 
-from fedct.protocol import OOD_BINS
 from models.ood import (
     OodReference,
-    bin_edges,
     bundle_ood,
-    count_above,
-    distance_histogram,
+    expected_above,
     feature_distance,
     feature_moments,
+    log_moments,
     pooled_moments,
-    threshold_from_histogram,
+    threshold_from_moments,
 )
 
 
@@ -53,21 +51,22 @@ def test_the_distance_is_about_one_in_distribution_and_large_far_from_it():
         feature_distance(np.full((1, 32), np.nan), mean, var)
 
 
-def test_threshold_is_a_bin_edge_at_the_quantile_and_counts_above_are_exact():
+def test_threshold_is_the_quantile_of_a_log_normal_fitted_to_pooled_sums():
     rng = np.random.default_rng(2)
-    d = rng.lognormal(0.0, 0.3, size=1000)
-    counts = distance_histogram(d)
-    assert len(counts) == OOD_BINS and sum(counts) == 1000
-    t = threshold_from_histogram(counts, 0.99)
-    assert t in bin_edges()
-    assert (d <= t).mean() >= 0.99 and count_above(counts, t) == (d > t).sum() <= 10
-    assert count_above(distance_histogram(d * 100), t) == 1000
-    assert distance_histogram([0.0, 1e9])[0] == 1 and distance_histogram([1e9])[-1] == 1  # clipped into the ends
-    assert math.isnan(threshold_from_histogram([0.0] * OOD_BINS))
-    with pytest.raises(ValueError, match="finite counts"):
-        threshold_from_histogram([1.0] * 3)
+    sites = [rng.lognormal(0.0, 0.5, size=n) for n in (300, 700)]
+    pooled = np.sum([log_moments(d) for d in sites], axis=0)
+    t = threshold_from_moments(pooled, 0.99)
+    everything = np.concatenate(sites)
+    assert pooled[0] == 1000 and 0.003 <= (everything > t).mean() <= 0.02
+    assert abs(expected_above(pooled, t) - 10) < 1e-6  # 1 % of 1000 under the fit
+    assert expected_above(log_moments(everything * 100), t) > 990
+    assert expected_above([3.0, 0.0, 0.0], 2.0) == 0.0  # no spread: all at 1, none above 2
+    with pytest.raises(ValueError, match="at least 2"):
+        threshold_from_moments([1.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="quantile"):
-        threshold_from_histogram(counts, 0.0)
+        threshold_from_moments(pooled, 1.0)
+    with pytest.raises(ValueError, match="> 0"):
+        log_moments([0.0, 1.0])
 
 
 def test_the_bundle_reference_round_trips_and_bad_ones_are_refused():
