@@ -173,7 +173,7 @@ def test_predict_flags_the_external_generator_but_not_the_sites_studies(runs, tm
     other_d = sorted(r.out_of_distribution["distance"] for r in other.results)
     threshold = own.results[0].out_of_distribution["threshold"]
     print(f"threshold {threshold:.3f}; site-0 distances {own_d}; external distances {other_d}")
-    assert len(own.results) == PATIENTS and len(other.results) == 4
+    assert len(own.results) >= PATIENTS and len(other.results) == 4
     flagged_own = sum(r.out_of_distribution["flagged"] for r in own.results)
     assert flagged_own <= 1  # at most the share above the 99th percentile of the sites' own studies
     assert all(r.out_of_distribution["flagged"] for r in other.results)
