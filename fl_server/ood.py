@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
@@ -45,8 +45,9 @@ from fl_server.config import SiteRegistry
 from fl_server.validation import ReplyRejected, ScreenedReply, site_identity
 from models.ood import DEFAULT_QUANTILE, OodReference, expected_above, pooled_moments, threshold_from_moments
 
-if TYPE_CHECKING:
-    from fl_server.rounds import NDArrays, RoundLoop
+#: The round loop (``fl_server.rounds.RoundLoop``, not imported: it imports this module) and its weights.
+RoundLoop = Any
+NDArrays = Mapping[str, np.ndarray]
 
 __all__ = ["gather_reference", "screen_distances_reply", "screen_moments_reply"]
 
