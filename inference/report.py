@@ -1,7 +1,8 @@
 """The clinician's report: one self-contained HTML page per study (inline CSS, images as data URIs, no links out).
 
 The page reads on one screen: the disclaimer, the finding in words with its (calibrated) probability, a
-low-confidence note when the call is close (:func:`inference.wording.confidence_note`), all class probabilities, the
+low-confidence note when the call is close (:func:`inference.wording.confidence_note`) or the study looks unlike the
+training studies (:func:`inference.wording.unusual_input_note`), all class probabilities, the
 risk group with its score and what it means against the training population, the key-slice heat maps with captions,
 and the model's identity. To find the patient it shows the study's local identifiers (accession number, patient name
 and ID: :mod:`inference.local_identity`), passed in by the prediction at this site; the report is a site-local file.
