@@ -122,6 +122,21 @@ PROFILE_MEAN, PROFILE_STD, PROFILE_COUNT = "profile-mean", "profile-std", "profi
 #: Round-config key: probability that training masks each measured profile value (robustness to missing exports).
 PROFILE_DROPOUT = "profile-dropout"
 
+# --- out-of-distribution reference (issue #23.4, ``models.ood``) -----------------------------------------------------
+
+#: Config key of the feature-statistics requests after the last round (an evaluate message with the model's weights):
+#: ``"moments"`` asks for count / sum / sum of squares of the pooled image features over the training and validation
+#: studies; ``"distances"`` (with :data:`OOD_MEAN` and :data:`OOD_VAR`) for the moments of the studies' distances.
+OOD_STATISTICS = "ood-statistics"
+OOD_MOMENTS, OOD_DISTANCES = "moments", "distances"
+#: Config keys of the ``distances`` request: the pooled per-feature mean and variance (lists of F numbers).
+OOD_MEAN, OOD_VAR = "ood-mean", "ood-var"
+#: Reply keys: studies counted (0: below the privacy floor, nothing else sent), per-feature sums, sums of squares.
+OOD_COUNT, OOD_SUM, OOD_SUMSQ = "ood-n", "ood-sum", "ood-sumsq"
+#: Reply keys of the ``distances`` request: ``[studies, sum, sum of squares]`` of log10(distance) of the validation
+#: and of the training studies (an empty list below the privacy floor).
+OOD_VAL_LOG, OOD_TRAIN_LOG = "ood-val-log-distance", "ood-train-log-distance"
+
 # --- round settings ----------------------------------------------------------------------------------------------
 
 #: What happens to normalisation layers (BatchNorm etc.): averaged by the server, or kept at each site (FedBN).

@@ -37,6 +37,9 @@ from fedct.protocol import (
     INDEX_RECORD,
     METRICS_RECORD,
     NUM_EXAMPLES,
+    OOD_DISTANCES,
+    OOD_MOMENTS,
+    OOD_STATISTICS,
     PROFILE_STATISTICS,
     SITE_NAME_FIELD,
     SITE_RECORD,
@@ -53,6 +56,7 @@ from fl_client.campaign import campaign_counts
 from fl_client.champion import champion_summary, store_champion
 from fl_client.config import SiteConfig, SiteConfigError
 from fl_client.metrics import MIN_COUNT, floor_calibration, floor_evaluation, floor_training
+from fl_client.ood_stats import BadOodRequest, distance_metrics, moments_metrics
 from fl_client.privacy import privacy_mods
 from fl_client.profile_stats import statistics_metrics
 from fl_client.secagg import is_legacy_fit, legacy_fit_reply
@@ -305,7 +309,15 @@ def build_client_app(
                 reply_to=msg,
             )
         settings = RoundSettings.from_record(dict(config))
-        if CALIBRATION_TEMPERATURE in config:  # after the run: calibration statistics of these weights
+        if OOD_STATISTICS in config:  # after the run: feature moments or distance histograms of these weights (#23.4)
+            kind = config[OOD_STATISTICS]
+            if kind == OOD_MOMENTS:
+                metrics = moments_metrics(site, settings, received_state(msg.content), min_count=k)
+            elif kind == OOD_DISTANCES:
+                metrics = distance_metrics(site, settings, received_state(msg.content), dict(config), min_count=k)
+            else:
+                raise BadOodRequest(f"{OOD_STATISTICS} must be {OOD_MOMENTS!r} or {OOD_DISTANCES!r}, got {kind!r}")
+        elif CALIBRATION_TEMPERATURE in config:  # after the run: calibration statistics of these weights
             temperature = config[CALIBRATION_TEMPERATURE]
             if (
                 isinstance(temperature, bool)

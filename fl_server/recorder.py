@@ -31,7 +31,8 @@ from fl_server.observe import observe_round
 from fl_server.privacy import privacy_summary
 from fl_server.run_log import RunLog, histogram_quantiles, temperature_fit
 from fl_server.strategy import load_strategy_state
-from models.bundle import save_state, set_calibration, write_bundle
+from models.bundle import save_state, set_calibration, set_ood, write_bundle
+from models.ood import OodReference
 from preprocessing.profile_features import ProfileNormalisation
 
 NDArrays = dict[str, np.ndarray]
@@ -161,6 +162,17 @@ def round_temperature(run_log: RunLog, server_round: int) -> dict[str, Any] | No
     return temperature_fit(entry["evaluate"]["aggregate"], per_site)
 
 
+def bundle_figures(figures: Mapping[str, Any], reference: OodReference | None) -> dict[str, Any] | None:
+    """model.json's ``ood``: the reference (mean, variance, threshold) and its figures (without the replies' bookkeeping); None
+    without a reference."""
+    if reference is None:
+        return None
+    kept = {
+        k: v for k, v in figures.items() if not k.endswith(("_histogram", "_replies")) and not k.startswith("bytes_")
+    }
+    return {**kept, **reference.to_dict()}
+
+
 def resume_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Run-config keys (other than ``RESUMABLE_KEYS``) whose values differ between a saved state and now."""
     keys = sorted((set(saved) | set(current)) - RESUMABLE_KEYS)
@@ -192,6 +204,9 @@ class RunRecorder:
         self.calibration: dict[str, dict[str, Any]] = {}
         #: The pooled profile normalisation of a run with profile fusion (``fl_server.profile_norm``), for the bundles.
         self.profile_normalisation: ProfileNormalisation | None = None
+        #: The out-of-distribution reference of the bundles after the run (``{"best"|"final": (figures, reference)}``,
+        #: set by ``fl_server.rounds.reference_bundles``; reference None without one).
+        self.ood: dict[str, tuple[dict[str, Any], OodReference | None]] = {}
 
     def start(self, initial: NDArrays) -> RunStart:
         """Round 1 from ``initial`` (checkpoint ``round-000.pt`` written), or, with ``resume`` and a saved state,
@@ -291,7 +306,11 @@ class RunRecorder:
         best = self.run_dir / "model" / "best"
         if "best" in self.calibration and (best / "model.json").is_file():
             set_calibration(best, self.calibration["best"])
+        for name, (figures, reference) in self.ood.items():
+            if (self.run_dir / "model" / name / "model.json").is_file():
+                set_ood(self.run_dir / "model" / name, bundle_figures(figures, reference))
         self.run_log.calibration = dict(self.calibration)
+        self.run_log.ood = {name: figures for name, (figures, _) in self.ood.items()}
         self.run_log.write()
         self.run_log.plot()
         return self.run_log

@@ -24,6 +24,8 @@ Why not ``Strategy.start``: it blocks forever in node sampling once a site has d
 6. after the last round, calibration (:func:`calibrate_bundles`): the temperature of the best and final models from
    the sites' summed validation NLL (sent with every evaluation), then one calibration exchange per model for the
    ECE before/after on the test split; both go into metrics.json (``calibration``) and the bundles;
+   then the out-of-distribution reference of the same models (:func:`reference_bundles`, ``fl_server.ood``): two
+   exchanges of feature statistics per model, into metrics.json (``ood``) and the bundles;
 7. with a model registry's champion to beat (``fl_server.campaign``), one more evaluate exchange of the champion's
    weights on every site (:func:`evaluate_champion`, metrics.json ``champion_evaluation``).
 
@@ -56,6 +58,7 @@ from flwr.serverapp.strategy import Strategy
 from fedct.protocol import CALIBRATION_TEMPERATURE, CONFIG_RECORD, EVALUATE_FIRST, NUM_EXAMPLES
 from fedct.transport import encode_content, record_nbytes
 from fl_server.config import EXAMPLES_GROWTH_FACTOR, ServerConfig, SiteRegistry, is_site_name
+from fl_server.ood import gather_reference
 from fl_server.profile_norm import (
     ProfileNormalisationFailed,
     exchange_record,
@@ -78,7 +81,7 @@ from fl_server.validation import (
     histogram_length_problems,
     screen_reply,
 )
-from models.factory import buffer_keys, build_model
+from models.factory import MultiTaskNet, buffer_keys, build_model
 from preprocessing.profile import ProfileSchema, ProfileStatistics
 from preprocessing.profile_features import ProfileNormalisation
 
@@ -615,11 +618,19 @@ class RoundLoop:
         )
 
     def evaluate_everywhere(
-        self, server_round: int, arrays: NDArrays, evaluate_config: ConfigRecord, *, what: str, group: str
+        self,
+        server_round: int,
+        arrays: NDArrays,
+        evaluate_config: ConfigRecord,
+        *,
+        what: str,
+        group: str,
+        screen: Callable[[RecordDict, int], ScreenedReply] | None = None,
     ) -> RoundReport:
         """An evaluate message with ``arrays`` to every connected site (no sampling, no strategy), each reply through
-        the gate: the calibration exchange, and the champion's evaluation after a run (``what`` names it in the
-        reasons, ``group`` is the messages' group id)."""
+        the gate: the calibration exchange, the out-of-distribution statistics (``fl_server.ood``, its own ``screen``)
+        and the champion's evaluation after a run (``what`` names it in the reasons, ``group`` is the messages' group
+        id)."""
         t0 = self.clock()
         minimum = self.config.min_sites
         report = RoundReport(server_round=server_round, arrays=arrays)
@@ -636,7 +647,7 @@ class RoundLoop:
         messages = [
             Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=group) for node in nodes
         ]
-        replies = self._exchange(messages, report, train=False)
+        replies = self._exchange(messages, report, train=False, screen=screen)
         if len(replies) < minimum:
             report.evaluation_missing = f"{len(replies)} {what} repl(ies), fewer than min-sites={minimum}"
             return self._done(report, t0)
@@ -773,6 +784,41 @@ def calibrate_bundles(loop: RoundLoop, recorder: RunRecorder, final_arrays: NDAr
             )
         done[server_round] = recorder.calibration[name] = {"round": server_round, **result}
     return recorder.calibration
+
+
+def feature_width(model: MultiTaskNet) -> int:
+    """F, the number of pooled image features the heads read (0 for a model without an image branch)."""
+    if not model.uses_image:
+        return 0
+    extra = model.profile.out_features if model.profile is not None else 0
+    return model.diagnosis.in_features - extra - model.n_covariates
+
+
+def reference_bundles(loop: RoundLoop, recorder: RunRecorder, final_arrays: NDArrays) -> dict[str, dict[str, Any]]:
+    """The out-of-distribution reference of the best and final models after the last round (``fl_server.ood``, into
+    ``recorder.ood``: metrics.json's figures and the bundles' reference); the same round once."""
+    width = feature_width(build_model(loop.config.model))
+    targets = {"final": recorder.last_aggregated}
+    if recorder.run_log.best is not None:
+        targets["best"] = recorder.run_log.best.round
+    done: dict[int, tuple[dict[str, Any], Any]] = {}
+    for name, server_round in sorted(targets.items()):
+        if server_round not in done:
+            if width == 0:
+                done[server_round] = ({"round": server_round, "threshold": None, "reason": "no image branch"}, None)
+            else:
+                arrays = (
+                    final_arrays
+                    if server_round == recorder.last_aggregated
+                    else _checkpoint_arrays(recorder, server_round)
+                )
+                settings = loop.config.round_settings(
+                    max(server_round, 1), profile=recorder.profile_normalisation
+                ).to_record()
+                log(INFO, "fedct: gathering the out-of-distribution reference of the round-%d model", server_round)
+                done[server_round] = gather_reference(loop, server_round, arrays, settings, width=width)
+        recorder.ood[name] = done[server_round]
+    return {name: record for name, (record, _) in recorder.ood.items()}
 
 
 def evaluate_champion(loop: RoundLoop, recorder: RunRecorder, version: str, arrays: NDArrays) -> dict[str, Any]:
@@ -923,6 +969,7 @@ def run_federation(
         last.add_evaluation(loop.evaluate_global(last.server_round, last.arrays, evaluate_config))
         recorder.record(pending, loop.bounds())
     calibrate_bundles(loop, recorder, arrays)
+    reference_bundles(loop, recorder, arrays)
     if champion is not None:
         recorder.run_log.champion_evaluation = evaluate_champion(loop, recorder, *champion)
     run_log = recorder.close(arrays)

@@ -319,6 +319,8 @@ class RunLog:
         self.best: BestRound | None = None
         #: Calibration of the bundles (``{"best"|"final": {...}}``), set after the last round.
         self.calibration: dict[str, Any] = {}
+        #: Out-of-distribution reference figures of the bundles (``{"best"|"final": {...}}``, fl_server.ood).
+        self.ood: dict[str, Any] = {}
         #: The registry champion's evaluation on every site after the last round (fl_server.rounds.evaluate_champion).
         self.champion_evaluation: dict[str, Any] = {}
         #: The pooled profile normalisation of a profile-fusion run (``fl_server.profile_norm.summary``), or {}.
@@ -462,6 +464,7 @@ class RunLog:
             "rounds": self.rounds,
             "best_round": best,
             **({"calibration": self.calibration} if self.calibration else {}),
+            **({"ood": self.ood} if self.ood else {}),
             **({"champion_evaluation": self.champion_evaluation} if self.champion_evaluation else {}),
             **({"profile_normalisation": self.profile_normalisation} if self.profile_normalisation else {}),
         }

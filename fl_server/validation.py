@@ -81,6 +81,7 @@ CODES = {
     "bad_metric": "a metric name, type or value is not what the server accepts",
     "bad_num_examples": "num-examples is not a positive integer",
     "bad_profile_statistics": "profile statistics below the privacy floor, of the wrong length or inconsistent",
+    "bad_ood_statistics": "feature or distance statistics below the privacy floor, of the wrong length or inconsistent",
     "bad_histogram": "a histogram metric has another number of bins than at the other sites",
     "non_finite": "NaN or infinite values where finite ones are required",
     "huge_value": "a weight beyond the magnitude any trained network has",

@@ -47,7 +47,14 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from fedct.files import atomic_write_bytes
-from inference.wording import DISCLAIMER, confidence_note, finding_sentence, heat_map_legend, registry_words
+from inference.wording import (
+    DISCLAIMER,
+    confidence_note,
+    finding_sentence,
+    heat_map_legend,
+    registry_words,
+    unusual_input_note,
+)
 
 #: Private coding scheme of the model's own concepts (declared in CodingSchemeIdentificationSequence).
 CODING_SCHEME = "99FEDCT"
@@ -67,6 +74,8 @@ DISCLAIMER_CONCEPT = hd.sr.CodedConcept.from_code(codes.DCM.Comment)
 FINDING_TEXT_CONCEPT = hd.sr.CodedConcept.from_code(codes.DCM.Finding)
 #: TEXT item present only for a low-confidence result (:func:`inference.wording.confidence_note`).
 CONFIDENCE_CONCEPT = hd.sr.CodedConcept("LOW-CONFIDENCE", CODING_SCHEME, "Low-confidence result")
+#: TEXT item present only for a study flagged as unlike the training studies (:func:`inference.wording.unusual_input_note`).
+UNUSUAL_INPUT_CONCEPT = hd.sr.CodedConcept("UNUSUAL-INPUT", CODING_SCHEME, "Input unlike the training studies")
 PERCENT_UNIT = hd.sr.CodedConcept.from_code(codes.UCUM.Percent)
 SCORE_UNIT = hd.sr.CodedConcept("{score}", "UCUM", "score")
 PROCEDURE_REPORTED = hd.sr.CodedConcept("24627-2", "LN", "CT Chest")
@@ -226,6 +235,8 @@ class _Inputs:
     overlays: list[Path]
     key_slices: list[int]
     heat_map_method: str = "Grad-CAM++"
+    #: Words for a study flagged as out of the training distribution, "" otherwise.
+    unusual_input: str = ""
 
 
 _REQUIRED = object()
@@ -321,6 +332,7 @@ def _check_inputs(result: Any) -> _Inputs:
         overlays,
         key_slices,
         method,
+        unusual_input_note(_field(result, "out_of_distribution", None)),
     )
 
 
@@ -412,6 +424,7 @@ def _build_sr(inputs: _Inputs, headers: list[Dataset], uids: ExportUIDs) -> hd.s
     texts = [
         (FINDING_TEXT_CONCEPT, finding_sentence(inputs.probabilities, inputs.diagnosis)),
         (CONFIDENCE_CONCEPT, confidence_note(inputs.probabilities)),
+        (UNUSUAL_INPUT_CONCEPT, inputs.unusual_input),
         (DISCLAIMER_CONCEPT, DISCLAIMER),
     ]
     for concept, text in ((c, t) for c, t in texts if t):
@@ -525,6 +538,7 @@ def _build_sc(
         f"(InstanceNumber {source.get('InstanceNumber', '?')}). "
         f"{finding_sentence(inputs.probabilities, inputs.diagnosis)} "
         + (f"{note} " if (note := confidence_note(inputs.probabilities)) else "")
+        + (f"{inputs.unusual_input} " if inputs.unusual_input else "")
         + f"{heat_map_legend(inputs.heat_map_method, inputs.diagnosis)} {DISCLAIMER}"
     )
     sc.DerivationDescription = f"fedct {model['name']} saliency heat map over source CT slice"[:1024]

@@ -55,6 +55,7 @@ from inference.profile_view import profile_record, profile_tensor
 from models.bundle import bundle_pipeline, load_bundle
 from models.calibration import bundle_temperature
 from models.factory import MultiTaskNet, as_plain_tensor, covariate_vector
+from models.ood import OodReference, bundle_ood
 from models.registry import LOG_NAME, ModelRegistry, read_stamp
 from preprocessing.deid import KEY_FILE_NAME, Pseudonymizer
 from preprocessing.discover import discover, read_dicom
@@ -120,6 +121,9 @@ class StudyResult:
     explanation: dict[str, Any] = field(default_factory=dict)
     #: ``site-local``: the study's identifiers were kept in the site-local files; ``hidden``: a research copy.
     local_identifiers: str = SHOWN
+    #: How far the study's pooled image features lie from the training studies' (:mod:`models.ood`):
+    #: ``{"distance", "threshold", "quantile", "flagged"}``; None for a bundle without a reference (it says nothing).
+    out_of_distribution: dict[str, Any] | None = None
 
     def to_dict(self, *, relative_to: Path | None = None) -> dict[str, Any]:
         """JSON-friendly form (``series`` without PatientID or AccessionNumber); overlay paths relative to
@@ -454,6 +458,7 @@ def run_predict(
     class_names = list(meta.get("class_names") or [])
     quantiles = risk_quantiles(meta, source=str(Path(model_dir) / "model.json"))
     temperature = bundle_temperature(meta, source=str(Path(model_dir) / "model.json"))
+    ood = bundle_ood(meta, source=str(Path(model_dir) / "model.json"))
     info = model_info(meta, stamp=stamp)
     profile_setup = _profile_setup(model, meta, profile_dir, source=str(Path(model_dir) / "model.json"))
     site_key = _load_site_key(site_dir) if site_dir is not None else None
@@ -526,6 +531,7 @@ def run_predict(
             explain_study=explain_study,
             local_identifiers=SHOWN if local_identifiers else HIDDEN,
             profile_setup=profile_setup,
+            ood=ood,
         )
         if explain_error is not None and identity is not None:  # a library's message may quote a header value
             explain_error = identity.redact(explain_error)
@@ -647,6 +653,7 @@ def _predict_one(
     explain_study: Any,
     local_identifiers: str = SHOWN,
     profile_setup: ProfileSetup | None = None,
+    ood: OodReference | None = None,
 ) -> tuple[StudyResult, str | None]:
     """Predict one study and explain it; a failure of the heat map is returned as a message, not raised."""
     covariates = None
@@ -728,8 +735,24 @@ def _predict_one(
         profile=profile_section,
         explanation=dict(explanation),
         local_identifiers=local_identifiers,
+        out_of_distribution=None if ood is None else ood_record(model, prepared, ood, device=device),
     )
     return result, error
+
+
+def ood_record(model: MultiTaskNet, prepared: ModelInput, ood: OodReference, *, device: torch.device) -> dict[str, Any]:
+    """The study's distance from the training studies' image features (:meth:`models.ood.OodReference.distance`) and
+    whether it lies above the bundle's threshold (prediction.json ``out_of_distribution``)."""
+    model.eval()
+    with torch.no_grad():
+        features = model.backbone(as_plain_tensor(prepared.image).to(device)).float().cpu().numpy()[0]
+    distance = ood.distance(features)
+    return {
+        "distance": round(distance, 4),
+        "threshold": ood.threshold,
+        "quantile": ood.quantile,
+        "flagged": bool(distance > ood.threshold),
+    }
 
 
 def _summary_json(
@@ -754,6 +777,7 @@ def _summary_json(
                 "probabilities": r.probabilities,
                 "risk_score": r.risk_score,
                 "risk_group": r.risk_group,
+                **({"unusual_input": bool(r.out_of_distribution["flagged"])} if r.out_of_distribution else {}),
                 "folder": r.study_key,
                 "files": files.get(r.study_key, []),
             }

@@ -1,7 +1,8 @@
 """The clinician's report: one self-contained HTML page per study (inline CSS, images as data URIs, no links out).
 
 The page reads on one screen: the disclaimer, the finding in words with its (calibrated) probability, a
-low-confidence note when the call is close (:func:`inference.wording.confidence_note`), all class probabilities, the
+low-confidence note when the call is close (:func:`inference.wording.confidence_note`) or the study looks unlike the
+training studies (:func:`inference.wording.unusual_input_note`), all class probabilities, the
 risk group with its score and what it means against the training population, the key-slice heat maps with captions,
 and the model's identity. To find the patient it shows the study's local identifiers (accession number, patient name
 and ID: :mod:`inference.local_identity`), passed in by the prediction at this site; the report is a site-local file.
@@ -36,6 +37,7 @@ from inference.wording import (
     profile_value_text,
     registry_words,
     risk_sentence,
+    unusual_input_note,
 )
 
 __all__ = ["DISCLAIMER", "REPORT_NAME", "class_phrase", "percent", "write_report"]
@@ -177,6 +179,9 @@ def render_report(result: Any, *, identity: LocalIdentity | None = None) -> str:
     group_class = f"risk-{group}" if group in _RISK_GROUPS else "risk-unavailable"
     note = confidence_note(probabilities)
     note_html = f'<p class="low-confidence" id="confidence" role="note">{esc(note)}</p>\n' if note else ""
+    unusual = unusual_input_note(_get(result, "out_of_distribution"))
+    if unusual:
+        note_html += f'<p class="low-confidence unusual-input" id="unusual-input" role="note">{esc(unusual)}</p>\n'
     rows_meta = [
         ("Model", f"{esc(str(model.get('name', 'unknown')))}, fedct {esc(str(model.get('fedct_version', 'unknown')))}"),
         ("Model version", esc(registry_words(model) or "not a registered version")),

@@ -34,10 +34,12 @@ from inference.wording import (
     finding_sentence,
     heat_map_legend,
     is_low_confidence,
+    is_unusual_input,
     percent,
     registry_words,
     risk_explanation,
     risk_label,
+    unusual_input_note,
 )
 
 __all__ = ["PAGE_CSP", "render_error", "render_list", "render_study"]
@@ -332,6 +334,8 @@ def render_list(results_dir: Path, store: FeedbackStore, token: str, db_note: st
                 if probs and is_low_confidence(probs)
                 else ""
             )
+            if is_unusual_input(pred.get("out_of_distribution")):
+                flag += '<div class="small low-confidence unusual-input">Unusual input: see the study page</div>'
             finding = (
                 f'<div class="error">{esc(study.error)}</div>'
                 if study.error
@@ -407,11 +411,13 @@ def render_study(study: Study, store: FeedbackStore, token: str, db_note: str) -
     if model:
         details.append(f"Model: {esc(model)}")
     note = confidence_note(dict(probs)) if probs and not study.error else ""
+    unusual = unusual_input_note(pred.get("out_of_distribution")) if not study.error else ""
     finding = (
         f'<p class="error">{esc(study.error)}</p>'
         if study.error
         else f'<p class="finding">{esc(finding_words(pred))}</p>'
         + (f'<p class="low-confidence" role="note">{esc(note)}</p>' if note else "")
+        + (f'<p class="low-confidence unusual-input" role="note">{esc(unusual)}</p>' if unusual else "")
     )
     history_html = ""
     if len(history) > 1:

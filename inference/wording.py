@@ -25,6 +25,8 @@ __all__ = [
     "confidence_note",
     "finding_sentence",
     "is_low_confidence",
+    "is_unusual_input",
+    "unusual_input_note",
     "heat_map_colour_label",
     "heat_map_legend",
     "heat_map_method",
@@ -156,6 +158,33 @@ def confidence_note(probabilities: Mapping[str, float]) -> str:
     return (
         f"Low confidence: {class_phrase(top)} is the most likely at only {percent(p)}{runner}. The model cannot tell "
         "these findings apart reliably for this study; rely on the images and the clinical picture."
+    )
+
+
+def is_unusual_input(record: Mapping[str, Any] | None) -> bool:
+    """True when a result's out-of-distribution record (prediction.json ``out_of_distribution``, :mod:`models.ood`)
+    flags the study; False without a record (a bundle without a reference says nothing)."""
+    return bool(isinstance(record, Mapping) and record.get("flagged") is True)
+
+
+def unusual_input_note(record: Mapping[str, Any] | None) -> str:
+    """Words for a study whose image features lie far from the training studies' (:func:`is_unusual_input`), ``""``
+    otherwise. ASCII only."""
+    if not is_unusual_input(record):
+        return ""
+    try:
+        distance, threshold = float(record["distance"]), float(record["threshold"])
+        share = 100.0 * (1.0 - float(record.get("quantile", 0.99)))
+        figures = (
+            f" (distance {distance:.1f} from the training studies' image features; only about {share:.0f}% of the "
+            f"training sites' validation studies lie beyond {threshold:.1f})"
+        )
+    except (KeyError, TypeError, ValueError):
+        figures = ""
+    return (
+        f"Unusual input: this study looks unlike the studies the model was trained on{figures}. The result may not "
+        "apply to it: check that it is a chest CT of the kind the model is meant for, and rely on the images and the "
+        "clinical picture."
     )
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "monai_metadata",
     "save_state",
     "set_calibration",
+    "set_ood",
     "write_bundle",
 ]
 
@@ -137,6 +138,25 @@ def set_calibration(folder: Path, calibration: Mapping[str, Any] | None) -> Path
     return folder
 
 
+def set_ood(folder: Path, ood: Mapping[str, Any] | None) -> Path:
+    """Set the out-of-distribution reference of an existing bundle (``model.json`` ``ood``: feature mean, variance,
+    threshold and its figures, :mod:`models.ood`; None removes it) and its model card; the weights stay as they are."""
+    from models.ood import OodReference
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "model.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"not a readable model bundle: {folder} ({exc})") from None
+    if ood:
+        OodReference.from_dict(ood)  # refuses an unusable reference before it is written
+        meta["ood"] = dict(ood)
+    else:
+        meta.pop("ood", None)
+    _write_meta(folder, meta)
+    return folder
+
+
 def model_card(meta: Mapping[str, Any]) -> str:
     """A short model card (Markdown): intended use, training data in aggregate, metrics per site, limitations."""
     prov = meta.get("provenance", {})
@@ -184,6 +204,7 @@ def model_card(meta: Mapping[str, Any]) -> str:
         f"{fmt(agg.get('test-accuracy'))} | {fmt(agg.get('test-c-index'))} |"
     )
     lines += _calibration_lines(meta.get("calibration"))
+    lines += _ood_lines(meta.get("ood"))
     lines += _privacy_lines(prov)
     lines += [
         "",
@@ -221,6 +242,31 @@ def _calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
             f"{fmt(calibration.get('ece_after'))} after; Brier score after {fmt(calibration.get('brier_after'))}."
         )
     return lines
+
+
+def _ood_lines(ood: Mapping[str, Any] | None) -> list[str]:
+    """The model card's out-of-distribution section: how a study is flagged, the threshold and how many of the
+    training sites' own studies lie above it; nothing for a bundle without a reference."""
+    if not ood or ood.get("threshold") is None:
+        return []
+    q = 100 * float(ood.get("quantile", 0.99))
+    return [
+        "",
+        "## Unusual inputs",
+        f"A study is flagged as unlike the training studies when the distance of its pooled image features from the "
+        f"training sites' mean (mean squared z-score over {ood.get('features', 'the')} features) exceeds "
+        f"{float(ood['threshold']):.2f}, the {q:.0f}th percentile of a log-normal fitted to the sites' "
+        f"validation studies' distances (pooled sums only, no study left its site; "
+        f"{ood.get('validation_studies', 'n/a')} validation studies). Expected above it: "
+        f"{_figure(ood.get('validation_above_expected'))} validation and "
+        f"{_figure(ood.get('training_above_expected'))} of {ood.get('training_studies', 'n/a')} training studies "
+        "(from the same fit). Not flagged does not mean in scope: the check "
+        "sees only what the network's features see.",
+    ]
+
+
+def _figure(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, int | float) and math.isfinite(value) else "n/a"
 
 
 def _privacy_lines(prov: Mapping[str, Any]) -> list[str]:

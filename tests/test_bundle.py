@@ -193,3 +193,35 @@ def test_the_calibration_round_trips_and_is_on_the_model_card(tmp_path):
         set_calibration(tmp_path / "b", {"temperature": 0.0})
     with pytest.raises(BundleError, match="not a readable model bundle"):
         set_calibration(tmp_path / "none", {"temperature": 1.0})
+
+
+def test_the_out_of_distribution_reference_is_set_on_the_bundle_and_its_card(tmp_path):
+    from models.bundle import set_ood
+    from models.ood import bundle_ood
+
+    cfg = ModelConfig(name="smallcnn")
+    write_bundle(tmp_path / "b", build_model(cfg).state_dict(), model=cfg, pipeline=PipelineConfig(), provenance={})
+    assert bundle_ood(load_bundle(tmp_path / "b")[1]) is None  # an older bundle: no reference, nothing flagged
+    assert "Unusual inputs" not in (tmp_path / "b" / "model_card.md").read_text()
+    weights = (tmp_path / "b" / "model.pt").read_bytes()
+    figures = {"features": 64, "validation_studies": 12, "validation_above_expected": 0.12, "training_studies": 16}
+    set_ood(
+        tmp_path / "b",
+        {
+            **figures,
+            "training_above_expected": 1.04,
+            "feature_mean": [0.0] * 64,
+            "feature_var": [1.0] * 64,
+            "threshold": 3.16,
+        },
+    )
+    reference = bundle_ood(load_bundle(tmp_path / "b")[1])
+    assert (
+        reference is not None and reference.threshold == 3.16 and (tmp_path / "b" / "model.pt").read_bytes() == weights
+    )
+    card = (tmp_path / "b" / "model_card.md").read_text()
+    assert "exceeds 3.16, the 99th percentile" in card and "0.1 validation and 1.0 of 16 training" in card
+    with pytest.raises(ValueError, match="variance"):
+        set_ood(tmp_path / "b", {"feature_mean": [0.0], "feature_var": [-1.0], "threshold": 1.0})
+    set_ood(tmp_path / "b", None)
+    assert bundle_ood(load_bundle(tmp_path / "b")[1]) is None

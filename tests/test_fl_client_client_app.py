@@ -65,6 +65,11 @@ def recorded_replies(tmp_path_factory):
     return root, sorted(replies.iterdir())
 
 
+def _ood_replies(files: list[Path]) -> list[Path]:
+    """The replies to the out-of-distribution statistics requests (their metrics are all ``ood-*``)."""
+    return [f for f in files if f.name.startswith("evaluate") and b'metrics={"ood-' in f.read_bytes()]
+
+
 def _identifiers(data_root: Path) -> set[str]:
     found: set[str] = {str(data_root)}
     for path in sorted(data_root.rglob("*.dcm")):
@@ -91,8 +96,10 @@ def _identifiers(data_root: Path) -> set[str]:
 def test_every_reply_was_recorded(recorded_replies):
     _, files = recorded_replies
     kinds = sorted(f.name.split("-")[0] for f in files)
-    # 2 profile statistics replies before round 1, 2 evaluate replies after the last round
-    assert kinds.count("train") == 4 and kinds.count("evaluate") == 4
+    # 2 profile statistics replies before round 1, 2 evaluate replies after the last round, then 2 x 2 replies of
+    # the out-of-distribution statistics (fl_server.ood: moments, distances)
+    assert kinds.count("train") == 4 and kinds.count("evaluate") == 8
+    assert len(_ood_replies(files)) == 4
     assert len(_profile_replies(files)) == 2
     fused = [f for f in files if f.name.startswith("train") and b"\nevaluate=" in f.read_bytes()]
     assert len(fused) == 2  # round 2's training replies carry round 1's evaluation
@@ -116,6 +123,14 @@ def test_replies_carry_only_numbers_and_the_site_name(recorded_replies):
         evaluation = b"evaluate=" if f.name.startswith("train") else b"metrics="  # fused: evaluation in the train reply
         if f in _profile_replies(files):
             continue  # test_profile_statistics_replies_carry_only_aggregates_above_the_floor
+        if f in _ood_replies(files):  # aggregates only: a count, per-feature sums, [studies, sum, sum of squares]
+            metrics = json.loads(next(line for line in lines if line.startswith(b"metrics=")).split(b"=", 1)[1])
+            assert set(metrics) in (
+                {"ood-n", "ood-sum", "ood-sumsq"},
+                {"ood-val-log-distance", "ood-train-log-distance"},
+            )
+            assert metrics.get("ood-n", 5) >= 5 and all(len(v) in (0, 3) for k, v in metrics.items() if "log" in k)
+            continue
         if f.name.startswith("evaluate") or any(line.startswith(evaluation) for line in lines):
             site = json.loads(next(line for line in lines if line.startswith(b"site=")).split(b"=", 1)[1])
             assert list(site) == ["name"] and site["name"] in ("site-0", "site-1")

@@ -441,14 +441,17 @@ def test_fused_evaluation_gives_the_same_run_with_fewer_messages(federation, fus
         y = torch.load(fused / "model" / bundle / "model.pt", weights_only=True)
         assert all(torch.equal(x[k], y[k]) for k in x), bundle
     # Messages: separate 2 train + 2 evaluate per round; fused 2 train per round + 2 evaluate after the last round;
-    # both then 2 calibration messages per calibrated model (best and final, once when they are the same round)
+    # both then 2 calibration messages per calibrated model (best and final, once when they are the same round),
     calibrated = {
         name: {c["round"] for c in m["calibration"].values() if c.get("temperature")}
         for name, m in (("separate", a), ("fused", b))
     }
     assert calibrated["separate"] == calibrated["fused"] and calibrated["fused"]
-    assert fused_runs["separate-3"] == 12 + 2 * len(calibrated["fused"])
-    assert fused_runs["fused-3"] == 8 + 2 * len(calibrated["fused"])
+    # and 2 out-of-distribution exchanges (moments, distances) of 2 messages per model (fl_server.ood)
+    referenced = {c["round"] for c in b["ood"].values() if c.get("threshold")}
+    assert referenced == {c["round"] for c in a["ood"].values() if c.get("threshold")} and referenced
+    assert fused_runs["separate-3"] == 12 + 2 * len(calibrated["fused"]) + 4 * len(referenced)
+    assert fused_runs["fused-3"] == 8 + 2 * len(calibrated["fused"]) + 4 * len(referenced)
     model_bytes = sum(v.numel() * v.element_size() for v in checkpoint(fused, 0).values())
     sent = {name: [r["bytes_sent"] for r in m["rounds"]] for name, m in (("separate", a), ("fused", b))}
     assert sent["separate"][0] >= 4 * model_bytes * 0.99 and sent["fused"][0] < 2.1 * model_bytes

@@ -605,3 +605,38 @@ def test_a_registered_champion_shows_its_version_on_every_result(tmp_path):
             device="cpu",
             progress=False,
         )
+
+
+def test_the_out_of_distribution_flag_follows_the_bundles_reference(predicted, tmp_path):
+    """An older bundle (no reference) records and says nothing; with a reference prediction.json records the study's
+    distance (the backbone's pooled features against the bundle's mean/variance) and the flag above the threshold.
+    (In-distribution vs. external-generator studies under a federated reference: tests/test_fl_server_ood.py.)"""
+    from inference.predict import ood_record
+    from models.bundle import set_ood
+    from models.ood import OodReference, bundle_ood
+
+    summary, data, root = predicted
+    assert all(r.out_of_distribution is None for r in summary.results)
+    first = root / "out" / summary.results[0].study_key
+    assert json.loads((first / PREDICTION_NAME).read_text())["out_of_distribution"] is None
+    assert "Unusual input" not in (first / "report.html").read_text()
+    assert all("unusual_input" not in r for r in json.loads((root / "out" / SUMMARY_NAME).read_text())["results"])
+
+    bundle = make_bundle(tmp_path / "referenced")
+    model, meta = load_bundle(bundle)
+    result = summary.results[0]
+    series = validate_series(discover(data["dicom"]).series[result.SeriesInstanceUID])
+    prepared = prepare_input(series, bundle_pipeline(meta))
+    with torch.no_grad():
+        features = model.eval().backbone(prepared.image)[0].numpy()
+    spread = OodReference(mean=tuple(features.tolist()), var=(1.0,) * len(features), threshold=0.5)
+    assert ood_record(model, prepared, spread, device=torch.device("cpu"))["distance"] == pytest.approx(0, abs=1e-6)
+    far = OodReference(mean=tuple((features + 10).tolist()), var=(1.0,) * len(features), threshold=0.5)
+    record = ood_record(model, prepared, far, device=torch.device("cpu"))
+    assert record["flagged"] is True and record["distance"] == pytest.approx(100 / 1.01, rel=1e-3)
+    set_ood(bundle, {**far.to_dict(), "validation_studies": 10})
+    assert bundle_ood(load_bundle(bundle)[1]) == far
+    flagged = run_predict(bundle, data["dicom"], tmp_path / "out", device="cpu", progress=False, dicom_export=False)
+    assert flagged.results and all(r.out_of_distribution["flagged"] for r in flagged.results)
+    page = (tmp_path / "out" / flagged.results[0].study_key / "report.html").read_text()
+    assert "Unusual input: this study looks unlike the studies the model was trained on" in page

@@ -29,6 +29,7 @@ from inference.dicom_export import (  # noqa: E402
     CONFIDENCE_CONCEPT,
     DISCLAIMER_CONCEPT,
     FINDING_TEXT_CONCEPT,
+    UNUSUAL_INPUT_CONCEPT,
     write_dicom_results,
 )
 from inference.report import render_report  # noqa: E402
@@ -44,6 +45,7 @@ from inference.wording import (  # noqa: E402
     percent,
     registry_words,
     risk_sentence,
+    unusual_input_note,
 )
 from synthetic.dicom_writer import PatientIdentity, write_ct_series  # noqa: E402
 
@@ -56,7 +58,11 @@ CASES = {
     "uncertain": ({"covid": 0.45, "other_pneumonia": 0.35, "normal": 0.20}, "covid"),
     # above "uncertain" but close to the decision between two findings: flagged as low confidence
     "close": ({"covid": 0.57, "other_pneumonia": 0.40, "normal": 0.03}, "covid"),
+    # confident, but the input lies far from the training studies' image features (models.ood): flagged
+    "unusual": ({"covid": 0.9934, "other_pneumonia": 0.0041, "normal": 0.0025}, "covid"),
 }
+#: The out-of-distribution record of the "unusual" case (prediction.json ``out_of_distribution``).
+UNUSUAL = {"distance": 41.3, "threshold": 3.2, "quantile": 0.99, "flagged": True}
 
 
 def _text(markup: str) -> str:
@@ -106,15 +112,19 @@ def test_every_renderer_states_the_same_finding(case: str, series: list[Path], t
         },
         "overlays": [str(overlay)],
         "key_slices": [1],
+        "out_of_distribution": UNUSUAL if case == "unusual" else {**UNUSUAL, "flagged": False},
     }
     finding = finding_sentence(probabilities, diagnosis)
     note = confidence_note(probabilities)
-    assert bool(note) == (case != "confident")
+    assert bool(note) == (case in ("uncertain", "close"))
+    unusual = unusual_input_note(result["out_of_distribution"])
+    assert bool(unusual) == (case == "unusual")
     shown_percents = [percent(p) for p in probabilities.values()]
 
     # 1. The HTML report.
     report_text = _text(render_report(result))
-    assert finding in report_text and note in report_text
+    assert finding in report_text and note in report_text and unusual in report_text
+    assert ("Unusual input" in report_text) == (case == "unusual")
     assert DISCLAIMER in report_text
     assert all(f in report_text for f in shown_percents)
 
@@ -137,7 +147,9 @@ def test_every_renderer_states_the_same_finding(case: str, series: list[Path], t
             with urllib.request.urlopen(base + path, timeout=10) as response:
                 page_text = _text(response.read().decode("utf-8"))
             assert finding in page_text, path
+            assert ("Unusual input" in page_text) == (case == "unusual"), path
             assert DISCLAIMER in page_text, path
+        assert unusual in page_text  # the study page says it in full
         assert all(f in page_text for f in shown_percents)  # the study page lists every class
         assert all(class_title(name) in page_text for name in probabilities)
     finally:
@@ -151,9 +163,9 @@ def test_every_renderer_states_the_same_finding(case: str, series: list[Path], t
     texts = {
         item.value
         for item in find_content_items(sr, value_type=hd.sr.ValueTypeValues.TEXT, recursive=True)
-        if item.name in (FINDING_TEXT_CONCEPT, DISCLAIMER_CONCEPT, CONFIDENCE_CONCEPT)
+        if item.name in (FINDING_TEXT_CONCEPT, DISCLAIMER_CONCEPT, CONFIDENCE_CONCEPT, UNUSUAL_INPUT_CONCEPT)
     }
-    assert texts == {finding, DISCLAIMER} | ({note} if note else set())
+    assert texts == {finding, DISCLAIMER} | ({note} if note else set()) | ({unusual} if unusual else set())
     numbers = find_content_items(sr, value_type=hd.sr.ValueTypeValues.NUM, recursive=True)
     sr_percent = {
         float(item.MeasuredValueSequence[0].NumericValue)
@@ -165,6 +177,7 @@ def test_every_renderer_states_the_same_finding(case: str, series: list[Path], t
     assert scs
     for sc in scs:
         assert finding in sc.ImageComments and DISCLAIMER in sc.ImageComments and note in sc.ImageComments
+        assert unusual in sc.ImageComments and ("Unusual input" in sc.ImageComments) == (case == "unusual")
 
 
 def test_percent_rounding_is_one_rule() -> None:
@@ -278,3 +291,16 @@ def test_profile_wording_is_decision_support_and_names_missing_values():
     assert profile_contributions_sentence({"variables": [], "top_risk": []}).startswith(
         "No clinical or laboratory value"
     )
+
+
+def test_unusual_input_is_said_only_for_a_flagged_study() -> None:
+    from inference.wording import is_unusual_input
+
+    flagged = {"distance": 41.3, "threshold": 3.2, "quantile": 0.99, "flagged": True}
+    note = unusual_input_note(flagged)
+    assert note.startswith("Unusual input: this study looks unlike the studies the model was trained on")
+    assert "41.3" in note and "3.2" in note and "about 1%" in note and "may not apply" in note
+    note.encode("ascii")  # goes into DICOM text attributes
+    assert is_unusual_input(flagged) and not is_unusual_input({**flagged, "flagged": False})
+    assert unusual_input_note({**flagged, "flagged": False}) == "" and unusual_input_note(None) == ""
+    assert unusual_input_note({"flagged": True}).startswith("Unusual input")  # figures missing: the words remain
