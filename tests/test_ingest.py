@@ -482,11 +482,12 @@ def test_labels_keyed_by_accession_number(make_series, tmp_path):
     assert "ACC-1" not in json.dumps(report)
 
 
-# --- torch + MONAI imported by the workers, while the main process discovers -----------------------------------
+# --- neither torch nor MONAI: the main process plans, forked workers compute the model input in numpy ---------------
 
 
-def test_a_fresh_process_ingests_without_importing_torch_itself(tmp_path, series_writer):
-    # `fedct ingest` starts without torch: the fork server imports it for the workers while discovery runs.
+def test_a_fresh_process_ingests_without_torch_or_monai_in_any_process(tmp_path, series_writer):
+    # `fedct ingest` starts in a fraction of a second: an import hook refuses torch and MONAI in the main process
+    # and, inherited through fork, in every worker; a worker that needed them would refuse its series.
     import subprocess
     import sys
 
@@ -496,12 +497,18 @@ def test_a_fresh_process_ingests_without_importing_torch_itself(tmp_path, series
     script = (
         "import sys, json\n"
         "from pathlib import Path\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'monai'):\n"
+        "            raise ImportError(f'{name} imported during ingest')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
         "from preprocessing.ingest import ingest_site, pool_context\n"
         "from preprocessing.pipeline import PipelineConfig\n"
         "method = pool_context().get_start_method()\n"
         f"m = ingest_site(Path({str(root)!r}), Path({str(tmp_path / 'site')!r}), "
         "pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(4.0, 4.0, 4.0)), workers=2)\n"
-        "print(json.dumps({'studies': len(m.studies), 'torch': 'torch' in sys.modules, 'method': method}))\n"
+        "loaded = sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'monai'))\n"
+        "print(json.dumps({'studies': len(m.studies), 'loaded': loaded, 'method': method}))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run(
@@ -510,8 +517,10 @@ def test_a_fresh_process_ingests_without_importing_torch_itself(tmp_path, series
 
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result == {"studies": 2, "torch": False, "method": "forkserver"}
-    assert len([p for p in cache_dir_for(tmp_path / "site", SMALL).rglob("*.pt")]) == 2
+    assert result == {"studies": 2, "loaded": [], "method": "fork"}
+    report = json.loads((tmp_path / "site" / REPORT_NAME).read_text())
+    assert report["counts"]["rejected"] == 0
+    assert len(list(cache_dir_for(tmp_path / "site", SMALL).glob("*.npy"))) == 2
 
 
 def test_a_process_with_torch_forks_its_workers():
