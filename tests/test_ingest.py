@@ -251,6 +251,20 @@ def test_site_folder_holds_key_manifest_report_and_cache(site):
     assert not list(site_dir.glob("*.tmp"))
 
 
+def test_training_input_from_ingests_cache_equals_the_monai_chain(site):
+    # The cache is written in numpy by workers without torch; training reads what MONAI's chain would have given.
+    from monai.transforms import Compose
+
+    from preprocessing.transforms import deterministic_transforms
+
+    loaded = load_manifest(site["site_dir"], SMALL)
+    dataset = make_dataset([s.item() for s in loaded.studies], SMALL, site["site_dir"], augment=False)
+    chain = Compose(deterministic_transforms(SMALL))
+    for i, study in enumerate(loaded.studies):
+        reference = chain({"image": study.series})["image"].numpy()
+        np.testing.assert_allclose(dataset[i]["image"].numpy(), reference, rtol=0, atol=1e-6)
+
+
 def test_manifest_round_trips_through_load_manifest(site):
     loaded = load_manifest(site["site_dir"], SMALL)
 
