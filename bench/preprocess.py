@@ -137,9 +137,11 @@ def prepare_data(root: Path, options: BenchOptions) -> dict[str, list[Path]]:
 
 
 def _worker_init() -> None:
-    import torch
+    """One torch thread per worker where the arm uses torch (b); the floor (a) never imports it."""
+    import sys
 
-    torch.set_num_threads(1)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def read_floor(folder: str) -> tuple[int, ...]:
