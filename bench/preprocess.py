@@ -9,7 +9,8 @@ lossless, three arms turn the same folders into volumes, each with both cores (t
     ``EnsureChannelFirstd`` + ``Orientationd`` + ``Spacingd`` + ``ScaleIntensityRanged`` + ``Resized`` to the
     model input (no validation);
 (c) fedct's ingestion (``preprocessing.ingest.ingest_site``): discovery, header validation, pseudonyms,
-    HU volume, MONAI preprocessing into the cache, manifest and report — model-ready tensors.
+    the model input (the deterministic pipeline's values, in numpy: no torch or MONAI in any of its processes)
+    into the cache, manifest and report — model-ready arrays.
 
 Arms are interleaved repetition by repetition in one run, each in a fresh process whose tree's peak resident
 memory is sampled. Writes ``preprocess.json`` (series per second per arm and transfer syntax, ratios c/a, c/b).
@@ -30,7 +31,7 @@ from bench.common import BenchOptions, TreeMemorySampler, ratio, summarise, writ
 ARMS = {
     "a_read_floor": "pydicom read + modality LUT + stack (the floor)",
     "b_monai_tutorial": "LoadImaged(PydicomReader) + EnsureChannelFirstd + Orientationd + Spacingd + ScaleIntensityRanged + Resized",
-    "c_fedct_ingest": "fedct ingest_site: discover, validate, HU volume, MONAI pipeline, cache, manifest, report",
+    "c_fedct_ingest": "fedct ingest_site: discover, validate, model input on the grid (numpy), cache, manifest, report",
 }
 SYNTAXES = ("uncompressed", "jpeg2000_lossless", "jpegls_lossless")
 SPACING_MM = (5.0, 5.0, 5.0)
@@ -136,9 +137,11 @@ def prepare_data(root: Path, options: BenchOptions) -> dict[str, list[Path]]:
 
 
 def _worker_init() -> None:
-    import torch
+    """One torch thread per worker where the arm uses torch (b); the floor (a) never imports it."""
+    import sys
 
-    torch.set_num_threads(1)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def read_floor(folder: str) -> tuple[int, ...]:
@@ -248,7 +251,7 @@ def _memory_probe_worker(item: dict[str, Any], site_dir: str) -> dict[str, float
     import tracemalloc
 
     from preprocessing.ingest import _cache_one
-    from preprocessing.transforms import PipelineConfig
+    from preprocessing.pipeline import PipelineConfig
 
     def status(key: str) -> float:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -388,8 +391,9 @@ def run(options: BenchOptions) -> Path:
         "cpu_count": os.cpu_count(),
         "load_average_1_5_15": {"start": list(load_start), "end": list(os.getloadavg())},
         "per_core": "cpu_seconds = user + system CPU of the arm's process and its workers (robust to other load); "
-        "series_per_cpu_second and per_core_ratio_* compare work per core; startup_seconds = imports before the first "
-        "series (torch + MONAI for b and c); worker_peak_rss_mib = ru_maxrss of the largest worker "
+        "series_per_cpu_second and per_core_ratio_* compare work per core (c's workers are forked children of the arm, "
+        "so their CPU counts; up to 2026-12-04 they came from a fork server and did not); startup_seconds = imports "
+        "before the first series (torch + MONAI for b; c imports neither); worker_peak_rss_mib = ru_maxrss of the largest worker "
         "(pages shared with the parent count); c_worker_memory_largest_series = one forked worker's RSS high-water growth "
         "and tracemalloc peak while fedct caches the largest series, against its raw 16-bit pixel bytes",
         "results": results,

@@ -1,7 +1,9 @@
 """Stage 5: cached MONAI datasets of a site's studies.
 
 The deterministic part of the pipeline (load, orient, resample, crop, window, size) is computed once per
-series and stored under ``SITE_DIR/cache/<pipeline fingerprint>/`` by MONAI's ``PersistentDataset``; the
+series and stored under ``SITE_DIR/cache/<pipeline fingerprint>/`` as ``<key>.npy`` by
+:mod:`preprocessing.model_input` (numpy: what ``fedct ingest``'s workers write without importing torch), read
+here by a MONAI ``PersistentDataset`` (which also still reads the ``<key>.pt`` files it wrote itself before); the
 cache key covers the series' files (paths, sizes, modification times), so a changed file is recomputed and a
 changed pipeline uses a different folder. Targets (diagnosis, outcome, covariates) are joined after the cache,
 so relabelling never recomputes images and never returns stale labels. Random augmentation runs after the cache.
@@ -22,18 +24,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from monai.data import PersistentDataset
 from monai.transforms import Compose
 from torch.utils.data import Dataset
 
 from preprocessing.discover import file_state_fingerprint
+from preprocessing.model_input import (  # noqa: F401 - the cache's layout lives there (torch-free), re-exported
+    CACHE_FOLDER,
+    LAST_USED,
+    LEGACY_SUFFIX,
+    cache_dir_for,
+    cached_path,
+    last_used_marker,
+    mark_used,
+    model_input,
+    read_cached,
+    write_cached,
+)
 from preprocessing.transforms import PipelineConfig, deterministic_transforms, random_transforms
 
-CACHE_FOLDER = "cache"
-#: Prefix of the marker touched whenever a pipeline's cache is used (least-recently-used order for :func:`prune_caches`).
-LAST_USED = ".last-used-"
-
 __all__ = [
+    "cache_dir_for",
     "file_state_fingerprint",
     "make_dataset",
     "prune_caches",
@@ -41,22 +53,6 @@ __all__ = [
 ]  # file_state_fingerprint: from discover
 
 log = logging.getLogger("fedct.cache")
-
-
-def cache_dir_for(site_dir: Path, pipeline: PipelineConfig) -> Path:
-    """Folder holding the cached tensors of one pipeline configuration."""
-    return Path(site_dir) / CACHE_FOLDER / pipeline.fingerprint()
-
-
-def last_used_marker(cache_dir: Path) -> Path:
-    """The marker file whose modification time says when ``cache_dir`` was last used."""
-    return cache_dir.parent / f"{LAST_USED}{cache_dir.name}"
-
-
-def mark_used(cache_dir: Path) -> None:
-    """Record that ``cache_dir`` is in use now (its marker's modification time)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    last_used_marker(cache_dir).touch()  # an existing marker gets a new modification time
 
 
 def folder_bytes(folder: Path) -> int:
@@ -122,6 +118,30 @@ def prune_caches(site_dir: Path, *, keep: PipelineConfig, max_bytes: int) -> lis
     return removed
 
 
+class ModelInputCache(PersistentDataset):
+    """MONAI's ``PersistentDataset`` over the ``.npy`` entries of :mod:`preprocessing.model_input`.
+
+    An entry ingestion wrote is read as it is; a missing one is computed (numpy, the values of
+    ``deterministic_transforms``) and written; an entry of the former format (``<key>.pt``, same key, same values)
+    is read by ``PersistentDataset`` itself. The random transforms after the cache run as ``PersistentDataset``
+    runs them.
+    """
+
+    def __init__(self, data: Sequence[dict[str, Any]], transform: Compose, cache_dir: Path, pipeline: PipelineConfig):
+        super().__init__(data, transform=transform, cache_dir=cache_dir)
+        self.pipeline = pipeline
+
+    def _cachecheck(self, item_transformed: dict[str, Any]) -> dict[str, Any]:
+        path = cached_path(self.cache_dir, item_transformed)
+        image = read_cached(path)
+        if image is None and path.with_suffix(LEGACY_SUFFIX).is_file():
+            return super()._cachecheck(item_transformed)
+        if image is None:
+            image = model_input(item_transformed["image"], self.pipeline)
+            write_cached(path, image)
+        return {"image": torch.from_numpy(image), "content": item_transformed["content"]}
+
+
 class StudyDataset(Dataset):
     """Cached (and, for training, augmented) images of a site's studies, each joined with its targets."""
 
@@ -133,10 +153,11 @@ class StudyDataset(Dataset):
             transforms += random_transforms(pipeline)
         cache_dir = cache_dir_for(site_dir, pipeline)
         mark_used(cache_dir)
-        self.images = PersistentDataset(
+        self.images = ModelInputCache(
             [{"image": item["image"], "content": item["content"]} for item in items],
-            transform=Compose(transforms),
-            cache_dir=cache_dir,
+            Compose(transforms),
+            cache_dir,
+            pipeline,
         )
         self.targets = [{k: v for k, v in item.items() if k not in ("image", "content")} for item in items]
 

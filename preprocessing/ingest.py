@@ -11,6 +11,7 @@ The input folder is only read, never modified. Re-running with unchanged inputs 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import multiprocessing
 import os
@@ -37,10 +38,10 @@ from preprocessing.validate import (
     validate_series,
 )
 
-# torch + MONAI (2.5 s of one idle core to import, more under load) are imported by the workers only: this module plans
-# (discovery, validation, pseudonyms, split) without them; see pool_context.
-#: Modules the pool's workers need; a fork server loads them while the main process discovers and validates.
-WORKER_MODULES = ("preprocessing.cache", "preprocessing.volume")
+# Neither this module nor the pool's workers import torch or MONAI (seconds of CPU per process): the workers compute
+# the model input in numpy (preprocessing.model_input) and are forked from this process; see pool_context.
+#: Modules the pool's workers need; imported before the pool forks them, so that each worker inherits them.
+WORKER_MODULES = ("preprocessing.model_input", "preprocessing.volume")
 
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "ingest_report.json"
@@ -166,12 +167,12 @@ def _cache_one(
     args: tuple[dict[str, Any], PipelineConfig, str, str | None],
 ) -> tuple[str, str | None, str | None, str | None]:
     """Worker: compute and cache the deterministic pipeline for one item (and export its HU volume when asked);
-    return (id, reason, message, path)."""
+    return (id, reason, message, path). Imports neither torch nor MONAI (for a DICOM series)."""
     item, pipeline, site_dir, export_dir = args
-    from preprocessing.cache import make_dataset
+    from preprocessing.model_input import ensure_cached
 
     try:
-        make_dataset([item], pipeline, Path(site_dir), augment=False)[0]
+        ensure_cached(item, pipeline, Path(site_dir))
         if export_dir is not None:
             export_nifti(item, Path(export_dir))
     except SeriesInvalid as exc:
@@ -188,30 +189,17 @@ def _cache_one(
 
 
 def _worker_init() -> None:
-    import torch
+    """Pool worker start: one BLAS/torch thread per worker (the pool is the parallelism)."""
+    if "torch" in sys.modules:  # forked from a process that uses torch (training, inference, tests)
+        sys.modules["torch"].set_num_threads(1)
 
-    torch.set_num_threads(1)
 
-
-def pool_context(*, start: bool = False) -> multiprocessing.context.BaseContext | None:
-    """How the worker pool starts its processes, so that torch + MONAI are imported once, not per worker.
-
-    When this process has imported torch already (training, inference, tests), workers are forked from it and
-    inherit the modules. When it has not (``fedct ingest``, a fresh process), a fork server preloads
-    :data:`WORKER_MODULES` in a process of its own and the workers are forked from it: the import runs on the other
-    core while this process discovers and validates (``start=True`` starts it now), instead of before discovery.
-    Under a plain ``spawn`` every worker would import them afresh. None where neither start method exists.
+def pool_context() -> multiprocessing.context.BaseContext | None:
+    """How the worker pool starts its processes: forked from this one, so that they inherit its imported modules
+    (:data:`WORKER_MODULES`, imported first by :func:`ingest_site`) and start in milliseconds; a spawned worker
+    would import them afresh. None (the platform's default) where fork does not exist.
     """
-    methods = multiprocessing.get_all_start_methods()
-    if "torch" not in sys.modules and "forkserver" in methods:
-        from multiprocessing import forkserver
-
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(list(WORKER_MODULES))  # no effect on a fork server that already runs
-        if start:
-            forkserver.ensure_running()
-        return context
-    return multiprocessing.get_context("fork") if "fork" in methods else None
+    return multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def ingest_site(
@@ -257,7 +245,8 @@ def ingest_site(
     if not os.access(site_dir, os.W_OK):
         raise PermissionError(f"site folder is not writable: {site_dir}")
 
-    context = pool_context(start=True)  # workers' imports overlap discovery and validation
+    for module in WORKER_MODULES:  # once here, inherited by every forked worker
+        importlib.import_module(module)
     pseudonym = Pseudonymizer(load_or_create_site_key(site_dir))
     labels = read_labels(labels_csv) if labels_csv is not None else Labels()
     fingerprint = input_fingerprint(dicom_dir, labels_csv, pipeline, split)
@@ -336,7 +325,9 @@ def ingest_site(
     failed: set[str] = set()
     pending = list(entries)
     if pending:
-        with ProcessPoolExecutor(max_workers=max(1, workers), initializer=_worker_init, mp_context=context) as pool:
+        with ProcessPoolExecutor(
+            max_workers=max(1, workers), initializer=_worker_init, mp_context=pool_context()
+        ) as pool:
             while pending:
                 results = pool.map(_cache_one, [(e.item(), pipeline, str(site_dir), export_dir) for e in pending])
                 if progress:

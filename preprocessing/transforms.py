@@ -7,8 +7,9 @@ model's provenance so that inference repeats exactly what training saw.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +18,8 @@ from monai.transforms import (
     Compose,
     CropForegroundd,
     EnsureTyped,
+    InvertibleTransform,
+    MapTransform,
     RandAffined,
     RandFlipd,
     RandGaussianNoise,
@@ -30,9 +33,107 @@ from monai.transforms import (
     ResizeWithPadOrCropd,
     ScaleIntensityRanged,
 )
+from monai.utils import MetaKeys, SpaceKeys, TraceKeys
 
 from preprocessing.pipeline import PIPELINE_VERSION, AugmentConfig, PipelineConfig  # noqa: F401 - the settings live there (no torch)
-from preprocessing.volume import LoadResampledCTd
+from preprocessing.validate import as_series
+from preprocessing.volume import read_hu_volume, read_resampled_volume, series_affine
+
+
+class LoadCTSeriesd(MapTransform):
+    """MONAI dictionary transform: replace ``data[key]`` (a :class:`ValidatedSeries` as a dict) by its HU volume.
+
+    The output is a channel-first :class:`monai.data.MetaTensor` carrying the RAS affine, ready for
+    ``Orientationd``/``Spacingd``.
+    """
+
+    def __init__(self, keys: str | list[str], *, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            series = as_series(d[key])
+            volume, affine = read_hu_volume(series)
+            d[key] = MetaTensor(
+                torch.from_numpy(volume[None]),
+                affine=torch.as_tensor(affine, dtype=torch.float64),
+                meta={MetaKeys.SPACE: SpaceKeys.RAS},
+            )
+        return d
+
+
+class LoadResampledCTd(MapTransform, InvertibleTransform):
+    """MONAI dictionary transform: ``data[key]`` (a :class:`ValidatedSeries`, or its dict) -> HU on the model grid.
+
+    Does in one pass over the files what ``LoadCTSeriesd`` + ``Orientationd("RAS")`` + ``Spacingd(pixdim)`` do
+    (see :func:`read_resampled_volume`): a channel-first :class:`monai.data.MetaTensor` with MONAI's grid affine.
+    With ``hu_key`` the full-resolution HU volume (:func:`read_hu_volume`'s layout) and its affine are also put in
+    ``data[hu_key]`` (a MetaTensor), for overlays at inference. The inverse resamples back onto the series' own grid.
+    """
+
+    def __init__(
+        self,
+        keys: str | list[str],
+        *,
+        pixdim: tuple[float, float, float],
+        antialias: bool = False,
+        hu_key: str | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(pixdim) != 3 or any(not float(p) > 0 for p in pixdim):
+            raise ValueError(f"pixdim must be three positive numbers, got {pixdim!r}")
+        self.pixdim = tuple(float(p) for p in pixdim)
+        self.antialias = bool(antialias)
+        self.hu_key = hu_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if isinstance(d[key], Mapping) and "nifti" in d[key]:  # a validated NIfTI volume (preprocessing/nifti.py)
+                from preprocessing.nifti import read_resampled_nifti, source_geometry
+
+                out = read_resampled_nifti(d[key], self.pixdim, keep_hu=self.hu_key is not None)
+                orig_size, orig_affine = source_geometry(d[key])
+            else:
+                series = as_series(d[key])
+                out = read_resampled_volume(
+                    series, self.pixdim, antialias=self.antialias, keep_hu=self.hu_key is not None
+                )
+                orig_size, orig_affine = series.shape, series_affine(series)
+            image = MetaTensor(
+                torch.from_numpy(out.volume[None]),
+                affine=torch.as_tensor(out.affine, dtype=torch.float64),
+                meta={MetaKeys.SPACE: SpaceKeys.RAS},
+            )
+            self.push_transform(image, orig_size=orig_size, extra_info={"affine": orig_affine})
+            d[key] = image
+            if self.hu_key is not None and out.hu is not None:
+                d[self.hu_key] = MetaTensor(
+                    torch.from_numpy(out.hu[None]),
+                    affine=torch.as_tensor(out.hu_affine, dtype=torch.float64),
+                    meta={MetaKeys.SPACE: SpaceKeys.RAS},
+                )
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Resample ``data[key]`` (on the model grid) back onto the series' grid: (Columns, Rows, slices), its affine."""
+        from monai.transforms import SpatialResample
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            transform = self.pop_transform(d[key])
+            resample = SpatialResample(mode="bilinear", padding_mode="border")
+            with resample.trace_transform(False):
+                d[key] = resample(
+                    d[key],
+                    dst_affine=torch.as_tensor(
+                        np.asarray(transform[TraceKeys.EXTRA_INFO]["affine"]), dtype=torch.float64
+                    ),
+                    spatial_size=[int(n) for n in transform[TraceKeys.ORIG_SIZE]],
+                )
+        return d
 
 
 class AboveThreshold:
@@ -48,7 +149,7 @@ class AboveThreshold:
 def deterministic_transforms(cfg: PipelineConfig, *, key: str = "image", hu_key: str | None = None) -> list:
     """Load the series onto the RAS grid at ``target_spacing_mm``, crop to the body, window HU to [0, 1], fix the size.
 
-    The first step (:class:`preprocessing.volume.LoadResampledCTd`) reads the files straight onto the grid that
+    The first step (:class:`LoadResampledCTd`) reads the files straight onto the grid that
     ``Orientationd("RAS")`` + ``Spacingd(target_spacing_mm, "bilinear", "border")`` would give, with their values,
     without building the full-resolution volume; ``hu_key`` also keeps that volume (inference draws overlays on it).
     """

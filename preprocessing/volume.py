@@ -1,4 +1,4 @@
-"""Stage 3: a validated series -> an HU volume with its RAS affine (a MONAI MetaTensor).
+"""Stage 3: a validated series -> an HU volume with its RAS affine, or straight onto the model's grid.
 
 Every slice is decoded and checked against the geometry that validation established, so a file that
 changed since validation or whose pixel data is truncated raises instead of producing a wrong volume.
@@ -9,16 +9,12 @@ position and rescale. Padding pixels (PixelPaddingValue / PixelPaddingRangeLimit
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pydicom
-import torch
-from monai.data import MetaTensor
-from monai.transforms import InvertibleTransform, MapTransform
-from monai.utils import MetaKeys, SpaceKeys, TraceKeys
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, UncompressedTransferSyntaxes
@@ -354,26 +350,87 @@ class ModelGrid:
     affine: np.ndarray
 
 
+#: Tolerance under which ``Spacing`` keeps a series' own spacing instead of the target (MONAI's ``AFFINE_TOL``).
+_SPACING_TOL = 1e-3
+
+
+def _io_orientation(affine: np.ndarray) -> np.ndarray:
+    """Per input axis: (closest world axis, +1 or -1), as ``nibabel.io_orientation`` computes it (polar decomposition,
+    strongest axes first)."""
+    rzs = affine[:3, :3]
+    zooms = np.sqrt(np.sum(rzs * rzs, axis=0))
+    zooms[zooms == 0] = 1
+    p, s, qs = np.linalg.svd(rzs / zooms, full_matrices=False)
+    keep = s > s.max() * 3 * np.finfo(s.dtype).eps
+    r = np.dot(p[:, keep], qs[keep])
+    ornt = np.full((3, 2), np.nan)
+    for in_ax in np.argsort(np.min(-(r**2), axis=0), kind="stable"):
+        col = r[:, in_ax]
+        if not np.allclose(col, 0):
+            out_ax = int(np.argmax(np.abs(col)))
+            ornt[in_ax] = (out_ax, -1.0 if col[out_ax] < 0 else 1.0)
+            r[out_ax, :] = 0
+    if np.isnan(ornt).any():
+        raise ValueError(f"affine has no orientation: {affine.tolist()}")
+    return ornt
+
+
+def _orientation_xform(ornt: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """``nibabel.orientations.inv_ornt_aff``: output voxel -> input voxel of the flip + transpose ``ornt`` makes."""
+    undo_reorder = np.eye(4)[[int(v) for v in ornt[:, 0]] + [3], :]
+    undo_flip = np.diag([*ornt[:, 1], 1.0])
+    centre = -(np.array(shape, dtype=float) - 1) / 2.0
+    undo_flip[:3, 3] = ornt[:, 1] * centre - centre
+    return np.dot(undo_flip, undo_reorder)
+
+
+def _zoom_affine(affine: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """``monai.data.utils.zoom_affine(affine, spacing, diagonal=False)``: the rotation of ``affine``, scaled to ``spacing``."""
+    rzs = affine[:-1, :-1]
+    zs = np.linalg.cholesky(rzs.T @ rzs).T
+    rotation = rzs @ np.linalg.inv(zs)
+    new = np.eye(4)
+    new[:-1, :-1] = rotation @ np.diag(np.sign(np.diag(zs)) * np.abs(spacing))
+    return new
+
+
+def _shape_offset(shape: np.ndarray, in_affine: np.ndarray, out_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``monai.data.utils.compute_shape_offset(shape, in_affine, out_affine, scale_extent=False)``."""
+    corners = np.asarray(np.meshgrid(*[(0.0, dim - 1.0) for dim in shape], indexing="ij")).reshape((3, -1))
+    corners = np.concatenate((corners, np.ones_like(corners[:1])))
+    corners_out = np.linalg.solve(out_affine, in_affine) @ corners
+    corners = in_affine @ corners
+    all_dist = corners_out[:-1].copy()
+    corners_out = corners_out[:-1] / corners_out[-1]
+    out_shape = np.round(np.ptp(corners_out, axis=1) + 1.0)
+    for i in range(corners.shape[1]):
+        if np.allclose(np.min(all_dist - all_dist[:, i : i + 1], 1), 0.0, rtol=_SPACING_TOL):
+            return out_shape.astype(int), corners[:-1, i]
+    offset = in_affine[:-1, :-1] @ (shape / 2.0) + in_affine[:-1, -1] - out_affine[:-1, :-1] @ (out_shape / 2.0)
+    return out_shape.astype(int), offset
+
+
 def model_grid(series: ValidatedSeries, pixdim: tuple[float, float, float]) -> ModelGrid:
     """Output geometry of MONAI's ``Orientationd(axcodes="RAS")`` + ``Spacingd(pixdim)`` for this series.
 
-    Computed by MONAI itself in lazy mode on a stride-0 stand-in of the volume: no pixel is read or allocated, and
-    the grid is MONAI's to the last bit (shape rounding, corner alignment), so caches and models stay comparable.
+    The steps of MONAI's lazy ``Orientation`` and ``Spacing`` (nibabel's orientation of the affine, then
+    ``zoom_affine`` and ``compute_shape_offset``, each pending affine composed onto the last) in numpy: no pixel is
+    read and neither torch nor MONAI is imported, and the grid is MONAI's (shape, corner alignment, affine:
+    ``tests/test_volume.py`` checks it bit for bit), so caches and models stay comparable.
     """
-    from monai.transforms import Orientation, Spacing
-
-    stand_in = MetaTensor(
-        torch.zeros(1, 1, 1, 1).expand(1, *series.shape),
-        affine=torch.as_tensor(series_affine(series), dtype=torch.float64),
-        meta={MetaKeys.SPACE: SpaceKeys.RAS},
-    )
-    oriented = Orientation(axcodes="RAS", labels=None, lazy=True)(stand_in)
-    spaced = Spacing(pixdim=tuple(float(p) for p in pixdim), mode="bilinear", padding_mode="border", lazy=True)(
-        oriented
-    )
-    shape = tuple(int(n) for n in spaced.peek_pending_shape())
-    affine = np.asarray(spaced.peek_pending_affine(), dtype=np.float64)
-    return ModelGrid(shape=shape, affine=affine)  # type: ignore[arg-type]
+    source = series_affine(series)
+    ornt = _io_orientation(source)
+    oriented = source @ _orientation_xform(ornt, series.shape)
+    shape = np.array(series.shape, dtype=float)[np.argsort(ornt[:, 0])]
+    target = np.array([float(p) for p in pixdim], dtype=np.float64)
+    own = np.sqrt(np.sum(oriented[:3, :3] * oriented[:3, :3], axis=0))
+    # Spacing keeps the series' own spacing where it is within MONAI's tolerance of the target.
+    spacing = np.where((target - _SPACING_TOL <= own) & (own <= target + _SPACING_TOL), own, target)
+    zoomed = _zoom_affine(oriented, spacing)
+    out_shape, offset = _shape_offset(shape, oriented, zoomed)
+    zoomed[:3, -1] = offset
+    affine = oriented @ np.linalg.solve(oriented, zoomed)
+    return ModelGrid(shape=tuple(int(n) for n in out_shape), affine=affine)  # type: ignore[arg-type]
 
 
 def axis_weights(n_in: int, n_out: int, step: float, start: float, *, antialias: bool) -> np.ndarray:
@@ -472,8 +529,11 @@ def read_resampled_volume(
 def _resampled_by_monai(
     series: ValidatedSeries, pixdim: tuple[float, float, float], hu_full: np.ndarray, *, keep_hu: bool
 ) -> ResampledVolume:
-    """Fallback: the full HU volume through MONAI's ``Orientation`` + ``Spacing``."""
+    """Fallback: the full HU volume through MONAI's ``Orientation`` + ``Spacing`` (imports torch and MONAI)."""
+    import torch
+    from monai.data import MetaTensor
     from monai.transforms import Orientation, Spacing
+    from monai.utils import MetaKeys, SpaceKeys
 
     for k, hu in _hu_slices(series):
         hu_full[:, :, k] = hu.T
@@ -489,97 +549,11 @@ def _resampled_by_monai(
     )
 
 
-class LoadCTSeriesd(MapTransform):
-    """MONAI dictionary transform: replace ``data[key]`` (a :class:`ValidatedSeries` as a dict) by its HU volume.
+def __getattr__(name: str) -> Any:
+    """The MONAI transforms that wrap these readers live in :mod:`preprocessing.transforms` (this module imports
+    neither torch nor MONAI, so that ingestion's workers start in a fraction of a second); old imports still work."""
+    if name in ("LoadCTSeriesd", "LoadResampledCTd"):
+        from preprocessing import transforms
 
-    The output is a channel-first :class:`monai.data.MetaTensor` carrying the RAS affine, ready for
-    ``Orientationd``/``Spacingd``.
-    """
-
-    def __init__(self, keys: str | list[str], *, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            series = as_series(d[key])
-            volume, affine = read_hu_volume(series)
-            d[key] = MetaTensor(
-                torch.from_numpy(volume[None]),
-                affine=torch.as_tensor(affine, dtype=torch.float64),
-                meta={MetaKeys.SPACE: SpaceKeys.RAS},
-            )
-        return d
-
-
-class LoadResampledCTd(MapTransform, InvertibleTransform):
-    """MONAI dictionary transform: ``data[key]`` (a :class:`ValidatedSeries`, or its dict) -> HU on the model grid.
-
-    Does in one pass over the files what ``LoadCTSeriesd`` + ``Orientationd("RAS")`` + ``Spacingd(pixdim)`` do
-    (see :func:`read_resampled_volume`): a channel-first :class:`monai.data.MetaTensor` with MONAI's grid affine.
-    With ``hu_key`` the full-resolution HU volume (:func:`read_hu_volume`'s layout) and its affine are also put in
-    ``data[hu_key]`` (a MetaTensor), for overlays at inference. The inverse resamples back onto the series' own grid.
-    """
-
-    def __init__(
-        self,
-        keys: str | list[str],
-        *,
-        pixdim: tuple[float, float, float],
-        antialias: bool = False,
-        hu_key: str | None = None,
-        allow_missing_keys: bool = False,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if len(pixdim) != 3 or any(not float(p) > 0 for p in pixdim):
-            raise ValueError(f"pixdim must be three positive numbers, got {pixdim!r}")
-        self.pixdim = tuple(float(p) for p in pixdim)
-        self.antialias = bool(antialias)
-        self.hu_key = hu_key
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            if isinstance(d[key], Mapping) and "nifti" in d[key]:  # a validated NIfTI volume (preprocessing/nifti.py)
-                from preprocessing.nifti import read_resampled_nifti, source_geometry
-
-                out = read_resampled_nifti(d[key], self.pixdim, keep_hu=self.hu_key is not None)
-                orig_size, orig_affine = source_geometry(d[key])
-            else:
-                series = as_series(d[key])
-                out = read_resampled_volume(
-                    series, self.pixdim, antialias=self.antialias, keep_hu=self.hu_key is not None
-                )
-                orig_size, orig_affine = series.shape, series_affine(series)
-            image = MetaTensor(
-                torch.from_numpy(out.volume[None]),
-                affine=torch.as_tensor(out.affine, dtype=torch.float64),
-                meta={MetaKeys.SPACE: SpaceKeys.RAS},
-            )
-            self.push_transform(image, orig_size=orig_size, extra_info={"affine": orig_affine})
-            d[key] = image
-            if self.hu_key is not None and out.hu is not None:
-                d[self.hu_key] = MetaTensor(
-                    torch.from_numpy(out.hu[None]),
-                    affine=torch.as_tensor(out.hu_affine, dtype=torch.float64),
-                    meta={MetaKeys.SPACE: SpaceKeys.RAS},
-                )
-        return d
-
-    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        """Resample ``data[key]`` (on the model grid) back onto the series' grid: (Columns, Rows, slices), its affine."""
-        from monai.transforms import SpatialResample
-
-        d = dict(data)
-        for key in self.key_iterator(d):
-            transform = self.pop_transform(d[key])
-            resample = SpatialResample(mode="bilinear", padding_mode="border")
-            with resample.trace_transform(False):
-                d[key] = resample(
-                    d[key],
-                    dst_affine=torch.as_tensor(
-                        np.asarray(transform[TraceKeys.EXTRA_INFO]["affine"]), dtype=torch.float64
-                    ),
-                    spatial_size=[int(n) for n in transform[TraceKeys.ORIG_SIZE]],
-                )
-        return d
+        return getattr(transforms, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

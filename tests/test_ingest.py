@@ -251,6 +251,20 @@ def test_site_folder_holds_key_manifest_report_and_cache(site):
     assert not list(site_dir.glob("*.tmp"))
 
 
+def test_training_input_from_ingests_cache_equals_the_monai_chain(site):
+    # The cache is written in numpy by workers without torch; training reads what MONAI's chain would have given.
+    from monai.transforms import Compose
+
+    from preprocessing.transforms import deterministic_transforms
+
+    loaded = load_manifest(site["site_dir"], SMALL)
+    dataset = make_dataset([s.item() for s in loaded.studies], SMALL, site["site_dir"], augment=False)
+    chain = Compose(deterministic_transforms(SMALL))
+    for i, study in enumerate(loaded.studies):
+        reference = chain({"image": study.series})["image"].numpy()
+        np.testing.assert_allclose(dataset[i]["image"].numpy(), reference, rtol=0, atol=1e-6)
+
+
 def test_manifest_round_trips_through_load_manifest(site):
     loaded = load_manifest(site["site_dir"], SMALL)
 
@@ -482,11 +496,12 @@ def test_labels_keyed_by_accession_number(make_series, tmp_path):
     assert "ACC-1" not in json.dumps(report)
 
 
-# --- torch + MONAI imported by the workers, while the main process discovers -----------------------------------
+# --- neither torch nor MONAI: the main process plans, forked workers compute the model input in numpy ---------------
 
 
-def test_a_fresh_process_ingests_without_importing_torch_itself(tmp_path, series_writer):
-    # `fedct ingest` starts without torch: the fork server imports it for the workers while discovery runs.
+def test_a_fresh_process_ingests_without_torch_or_monai_in_any_process(tmp_path, series_writer):
+    # `fedct ingest` starts in a fraction of a second: an import hook refuses torch and MONAI in the main process
+    # and, inherited through fork, in every worker; a worker that needed them would refuse its series.
     import subprocess
     import sys
 
@@ -496,12 +511,18 @@ def test_a_fresh_process_ingests_without_importing_torch_itself(tmp_path, series
     script = (
         "import sys, json\n"
         "from pathlib import Path\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'monai'):\n"
+        "            raise ImportError(f'{name} imported during ingest')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
         "from preprocessing.ingest import ingest_site, pool_context\n"
         "from preprocessing.pipeline import PipelineConfig\n"
         "method = pool_context().get_start_method()\n"
         f"m = ingest_site(Path({str(root)!r}), Path({str(tmp_path / 'site')!r}), "
         "pipeline=PipelineConfig(input_size=(16, 16, 16), target_spacing_mm=(4.0, 4.0, 4.0)), workers=2)\n"
-        "print(json.dumps({'studies': len(m.studies), 'torch': 'torch' in sys.modules, 'method': method}))\n"
+        "loaded = sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'monai'))\n"
+        "print(json.dumps({'studies': len(m.studies), 'loaded': loaded, 'method': method}))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run(
@@ -510,8 +531,10 @@ def test_a_fresh_process_ingests_without_importing_torch_itself(tmp_path, series
 
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result == {"studies": 2, "torch": False, "method": "forkserver"}
-    assert len([p for p in cache_dir_for(tmp_path / "site", SMALL).rglob("*.pt")]) == 2
+    assert result == {"studies": 2, "loaded": [], "method": "fork"}
+    report = json.loads((tmp_path / "site" / REPORT_NAME).read_text())
+    assert report["counts"]["rejected"] == 0
+    assert len(list(cache_dir_for(tmp_path / "site", SMALL).glob("*.npy"))) == 2
 
 
 def test_a_process_with_torch_forks_its_workers():
