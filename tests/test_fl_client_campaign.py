@@ -61,7 +61,7 @@ def site(make_series, labels_writer, dicom_root, tmp_path):
 
 def cached(site_dir: Path) -> dict[str, int]:
     """The preprocessing cache's files and their modification times."""
-    return {p.name: p.stat().st_mtime_ns for p in cache_dir_for(site_dir, SMALL).rglob("*.pt")}
+    return {p.name: p.stat().st_mtime_ns for p in cache_dir_for(site_dir, SMALL).rglob("*.npy")}
 
 
 def test_an_added_study_is_the_only_one_read_again_and_counts_as_new(site, make_series, labels_writer, tmp_path):
