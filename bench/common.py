@@ -234,23 +234,37 @@ SMALL_RUN_CONFIG: dict[str, Any] = {
 }
 
 
-def synthetic_sites(root: Path, *, sites: int, patients_per_site: int, seed: int = 0, small: bool) -> Path:
+def synthetic_sites(
+    root: Path,
+    *,
+    sites: int,
+    patients_per_site: int,
+    seed: int = 0,
+    small: bool,
+    images: tuple[int, float, float] | None = None,
+) -> Path:
     """Synthetic hospitals under ``root`` (reused when already written with the same settings); returns ``root``.
 
     ``small``: 32x32 images with 12 mm pixels and 10 mm slices (seconds to write and ingest); otherwise the
     default non-IID profiles of ``synthetic.hospitals`` (vendor, slice thickness, noise, prevalence, size).
+    ``images``: (rows, pixel mm, slice mm) of every site instead (the other profile differences kept).
     """
     from dataclasses import replace
 
     from synthetic.hospitals import default_profiles, write_federation
 
     root = Path(root)
-    wanted = {"sites": sites, "patients_per_site": patients_per_site, "seed": seed, "small": small}
+    wanted: dict[str, Any] = {"sites": sites, "patients_per_site": patients_per_site, "seed": seed, "small": small}
+    if images is not None:
+        wanted["images"] = list(images)
     marker = root / "bench-federation.json"
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return root
     profiles = default_profiles(sites)
-    if small:
+    if images is not None:
+        rows, pixel, thickness = images
+        profiles = [replace(p, rows=rows, pixel_spacing_mm=pixel, slice_thickness_mm=thickness) for p in profiles]
+    elif small:
         profiles = [replace(p, rows=32, pixel_spacing_mm=12.0, slice_thickness_mm=10.0) for p in profiles]
     write_federation(
         root, sites=sites, patients_per_site=patients_per_site, seed=seed, profiles=profiles, overwrite=True

@@ -61,6 +61,9 @@ class QualityPlan:
     strategies: tuple[str, ...] = ("fedavg",)
     run_config: Mapping[str, Any] = field(default_factory=dict)
     external_studies: int = 24  # studies of the external validation family (synthetic.external), scored only
+    site_images: tuple[int, float, float] | None = None  # (rows, pixel mm, slice mm) of the sites; None: by ``small``
+    external_small: bool | None = None  # small external studies (32x32); None: as ``small``
+    size: str = ""  # the size's name, recorded with the results ("": the mode of the options)
 
     def __post_init__(self) -> None:
         if self.sites < 2:
@@ -112,6 +115,36 @@ def plan_for(options: BenchOptions, *, strategies: Sequence[str] | None = None) 
         local_epochs=2,
         strategies=tuple(strategies),
         external_studies=48,
+    )
+
+
+#: Run config of the medium size: 32^3 inputs of 10 mm (a 320 mm cube: the randomised phantom's scans and the
+#: external family's fit), small CNN.
+MEDIUM_RUN_CONFIG: dict[str, Any] = {
+    "model-name": "smallcnn",
+    "input-size": "32,32,32",
+    "target-spacing-mm": "10.0,10.0,10.0",
+    "batch-size": 4,
+    "learning-rate": 0.003,
+}
+
+
+def medium_plan(*, seeds: Sequence[int] = (0,), strategies: Sequence[str] = ("fedavg",)) -> QualityPlan:
+    """Between quick and full (issue #20.1: at the quick size's 16^3 inputs of 16 mm a lesion is a voxel or two):
+    3 sites x 40 patients of 64x64 pixels of 6 mm and 5 mm slices, 32^3 inputs of 10 mm, a budget of 12 epochs
+    (4 rounds x 3), 24 full-size external studies (128x128, 1.25-7 mm slices). Tens of minutes per seed on 2 cores."""
+    return QualityPlan(
+        sites=3,
+        patients_per_site=40,
+        small=True,
+        seeds=tuple(seeds),
+        rounds=4,
+        local_epochs=3,
+        strategies=tuple(strategies),
+        run_config=MEDIUM_RUN_CONFIG,
+        site_images=(64, 6.0, 5.0),
+        external_small=False,
+        size="medium",
     )
 
 
@@ -360,6 +393,8 @@ def plan_record_of(plan: QualityPlan) -> dict[str, Any]:
         "strategies": list(plan.strategies),
         "run_config": {k: plan.run_config[k] for k in sorted(plan.run_config)},
         "external_studies": plan.external_studies,
+        "site_images": list(plan.site_images) if plan.site_images else None,
+        "external_small": plan.small if plan.external_small is None else plan.external_small,
     }
 
 
@@ -380,7 +415,17 @@ def load_partial(
         raise ValueError(
             f"{path}: no plan recorded, cannot tell whether it belongs to this run; move it away to start over"
         )
-    sizes = ("sites", "patients_per_site", "small_images", "rounds", "local_epochs", "run_config", "external_studies")
+    sizes = (
+        "sites",
+        "patients_per_site",
+        "small_images",
+        "rounds",
+        "local_epochs",
+        "run_config",
+        "external_studies",
+        "site_images",
+        "external_small",
+    )
     differ = [
         f"{k}: {theirs.get(k)!r} there, {plan_record[k]!r} here" for k in sizes if theirs.get(k) != plan_record[k]
     ]
@@ -397,13 +442,14 @@ def load_partial(
     return per_seed, seconds
 
 
-def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Path:
-    """Run the comparison and write ``quality.json`` and ``quality.png``; returns the JSON's path."""
+def run(options: BenchOptions, *, strategies: Sequence[str] | None = None, plan: QualityPlan | None = None) -> Path:
+    """Run the comparison and write ``quality.json`` and ``quality.png``; returns the JSON's path. ``plan``: another
+    size than ``options``' (e.g. :func:`medium_plan`)."""
     from fl_client.train import train_round
     from preprocessing.ingest import prepare_site
 
     started = time.perf_counter()
-    plan = plan_for(options, strategies=strategies)
+    plan = plan if plan is not None else plan_for(options, strategies=strategies)
     out = Path(options.out)
     work = out / "work" / "quality"
     # Every configuration is checked before anything runs.
@@ -413,7 +459,12 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Pa
         for seed in plan.seeds
     }
     data_root = synthetic_sites(
-        work / "data", sites=plan.sites, patients_per_site=plan.patients_per_site, seed=0, small=plan.small
+        work / "data",
+        sites=plan.sites,
+        patients_per_site=plan.patients_per_site,
+        seed=0,
+        small=plan.small,
+        images=plan.site_images,
     )
     work_root = work / "sites"
     sites = _site_configs(data_root, work_root)
@@ -427,7 +478,10 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Pa
             split=base.round_settings(1).split,
         )
     external = external_family(
-        work / "external", work / "external-site", studies=plan.external_studies, small=plan.small
+        work / "external",
+        work / "external-site",
+        studies=plan.external_studies,
+        small=plan.small if plan.external_small is None else plan.external_small,
     )
     budget = plan.rounds * plan.local_epochs
     partial_path = out / PARTIAL_NAME
@@ -510,7 +564,13 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Pa
         "every site. external = the same model on the external validation family (synthetic.external: another generator, "
         "never trained on). Mean/std over seeds.",
         "external_family": {"studies": plan.external_studies, "generator": "synthetic.external"},
-        "plan": {**plan_record, "epochs_budget": budget, "model": base.model_name, "input_size": base.input_size},
+        "plan": {
+            **plan_record,
+            "epochs_budget": budget,
+            "model": base.model_name,
+            "input_size": base.input_size,
+            "size": plan.size or ("tiny" if options.tiny else "quick" if options.quick else "full"),
+        },
         "resumed": options.resume,
         "site_studies": {
             name: {
@@ -533,3 +593,26 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> Pa
     }
     plot(out / "quality.png", arms)
     return write_result(out, "quality", payload, options=options, started=started)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.quality --medium [--seeds 0,1] [--strategies fedavg] --out DIR``: the medium size, which the
+    ``fedct bench`` command line does not offer."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=main.__doc__)
+    p.add_argument("--medium", action="store_true", required=True, help="the medium size (medium_plan)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--strategies", default="fedavg", help="comma-separated run-config strategies (default fedavg)")
+    p.add_argument("--resume", action="store_true", help="continue from quality.partial.json in --out")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    plan = medium_plan(
+        seeds=[int(x) for x in args.seeds.split(",")], strategies=[x for x in args.strategies.split(",") if x]
+    )
+    print(run(BenchOptions(out=Path(args.out), quick=True, resume=args.resume), plan=plan))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,8 +1,12 @@
 """A federation of synthetic, non-IID hospitals, each writing real CT DICOM plus a labels.csv.
 
 Sites differ the way real ones do: scanner vendor and header conventions (rescale intercept,
-signed/unsigned storage, slice export order), slice thickness, pixel spacing, noise, size, and the
-mix of diagnoses. Everything is derived from the seed, so writing the same seed twice gives
+signed/unsigned storage, slice export order), slice spacing, pixel spacing, noise, size, and the
+mix of diagnoses. Within a site every study is domain-randomised by default (issue #20.1,
+``SiteProfile.domain_randomisation``): its scan range (200-350 mm: apices and upper abdomen come and go),
+field of view (pixel spacing), reconstructed slice thickness (0.625-7 mm) and, in synthetic.phantom, its
+anatomy, contrast phase, kernel, artefacts and lesion pattern; and a small share of labels is wrong
+(``SiteProfile.label_noise``). Everything is derived from the seed, so writing the same seed twice gives
 byte-identical files.
 """
 
@@ -23,7 +27,7 @@ from pydicom.uid import generate_uid
 
 from synthetic.dicom_writer import PatientIdentity, write_ct_series
 from synthetic.masks import LESION_MASK_DIR, write_lesion_mask
-from synthetic.phantom import CHEST_LENGTH_MM, DIAGNOSES, render_chest
+from synthetic.phantom import CHEST_LENGTH_MM, DIAGNOSES, SLICE_THICKNESSES_MM, render_chest
 from synthetic.profiles import write_site_profile
 
 LABEL_COLUMNS = ("StudyInstanceUID", "diagnosis", "severe", "time_days", "age", "sex")
@@ -32,11 +36,19 @@ FOLLOW_UP_DAYS = 28
 #: Baseline daily hazard of a severe outcome, by diagnosis (same order as DIAGNOSES).
 _BASE_HAZARD = MappingProxyType({"covid": 0.006, "other_pneumonia": 0.0035, "normal": 0.0008})
 _UID_NAMESPACE = "fedct-synthetic-v1"
+#: A randomised study's pixel spacing is the site's times a factor in this range (its field of view varies).
+FOV_FACTOR_RANGE = (0.85, 1.2)
 
 
 @dataclass(frozen=True)
 class SiteProfile:
-    """Acquisition and population characteristics of one synthetic hospital."""
+    """Acquisition and population characteristics of one synthetic hospital.
+
+    ``domain_randomisation``: each study draws its scan range (``scan_range_mm``), field of view, slice thickness
+    and, in the phantom, anatomy, acquisition and lesion pattern (synthetic.phantom); off, every study covers
+    160 mm of chest with the canonical phantom at the site's fixed geometry. ``label_noise``: the share of
+    studies whose labels.csv diagnosis is another class than the one rendered (the lesion mask follows the image).
+    """
 
     name: str
     manufacturer: str
@@ -53,6 +65,9 @@ class SiteProfile:
     reverse_slice_order: bool  # instances numbered head-to-feet
     convolution_kernel: str = "STANDARD"
     kvp: float = 120.0
+    domain_randomisation: bool = True
+    label_noise: float = 0.03
+    scan_range_mm: tuple[float, float] = (200.0, 350.0)
 
 
 @dataclass(frozen=True)
@@ -214,6 +229,38 @@ def _draw_case(rng: np.random.Generator, index: int, diagnosis: str) -> _Patient
     return _PatientCase(index, diagnosis, round(burden, 4), age, sex, severe, event_day if severe else censor_day)
 
 
+def noisy_label(rng: np.random.Generator, diagnosis: str, rate: float) -> str:
+    """``diagnosis``, or with probability ``rate`` one of the other classes (uniformly): the label a site records."""
+    if rng.random() >= rate:
+        return diagnosis
+    others = [d for d in DIAGNOSES if d != diagnosis]
+    return others[int(rng.integers(len(others)))]
+
+
+@dataclass(frozen=True)
+class StudyGeometry:
+    """The grid one study is written on: slices, slice spacing and thickness, pixel spacing (mm)."""
+
+    n_slices: int
+    slice_spacing_mm: float
+    slice_thickness_mm: float
+    pixel_spacing_mm: float
+
+
+def study_geometry(rng: np.random.Generator, profile: SiteProfile) -> StudyGeometry:
+    """A study's grid: the site's fixed 160 mm of chest, or (``domain_randomisation``) a scan range drawn from
+    ``scan_range_mm``, a pixel spacing of the site's times :data:`FOV_FACTOR_RANGE` and a slice thickness drawn
+    from synthetic.phantom.SLICE_THICKNESSES_MM (the slice spacing stays the site's)."""
+    spacing = float(profile.slice_thickness_mm)
+    if not profile.domain_randomisation:
+        n = max(1, round(CHEST_LENGTH_MM / spacing))
+        return StudyGeometry(n, spacing, spacing, float(profile.pixel_spacing_mm))
+    scan = float(rng.uniform(*profile.scan_range_mm))
+    pixel = round(float(profile.pixel_spacing_mm) * float(rng.uniform(*FOV_FACTOR_RANGE)), 3)
+    thickness = float(SLICE_THICKNESSES_MM[int(rng.integers(len(SLICE_THICKNESSES_MM)))])
+    return StudyGeometry(max(1, round(scan / spacing)), spacing, thickness, pixel)
+
+
 def _age_on(birth: dt.date, day: dt.date) -> int:
     """Completed years between ``birth`` and ``day``."""
     return day.year - birth.year - ((day.month, day.day) < (birth.month, birth.day))
@@ -263,6 +310,11 @@ def _check_profile(profile: SiteProfile) -> None:
         raise ValueError(f"{profile.name}: noise_hu must be >= 0, got {profile.noise_hu!r}")
     if profile.pixel_representation not in (0, 1):
         raise ValueError(f"{profile.name}: pixel_representation must be 0 or 1, got {profile.pixel_representation!r}")
+    if not (math.isfinite(profile.label_noise) and 0.0 <= profile.label_noise <= 0.5):
+        raise ValueError(f"{profile.name}: label_noise must be in [0, 0.5], got {profile.label_noise!r}")
+    low, high = profile.scan_range_mm
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+        raise ValueError(f"{profile.name}: scan_range_mm must be (low, high) with 0 < low <= high, got {(low, high)!r}")
 
 
 def write_site(
@@ -283,10 +335,7 @@ def write_site(
     n_patients = max(4, round(patients_per_site * profile.patient_factor))
     site_rng = np.random.default_rng([seed, site_index])
     diagnoses = _allocate_diagnoses(site_rng, n_patients, profile.class_prevalence)
-    thickness = float(profile.slice_thickness_mm)
-    n_slices = max(1, round(CHEST_LENGTH_MM / thickness))
     rows = cols = int(profile.rows)
-    spacing = float(profile.pixel_spacing_mm)
     rows_written: list[dict[str, object]] = []
     n_files = 0
     dicom_dir = site_dir / "dicom"
@@ -294,14 +343,20 @@ def write_site(
         rng = np.random.default_rng([seed, site_index, j])
         case = _draw_case(rng, j, diagnosis)
         identity, study_date, study_time, accession = _identity(rng, site_index, case)
+        study_rng = np.random.default_rng([seed, site_index, j, 1])  # geometry and label noise: their own stream
+        geometry = study_geometry(study_rng, profile)
+        label = noisy_label(study_rng, case.diagnosis, profile.label_noise)
+        spacing, thickness = geometry.pixel_spacing_mm, geometry.slice_spacing_mm
         study = render_chest(
-            shape=(n_slices, rows, cols),
+            shape=(geometry.n_slices, rows, cols),
             pixel_spacing_mm=(spacing, spacing),
             slice_spacing_mm=thickness,
             diagnosis=case.diagnosis,
             burden=case.burden,
             noise_hu=profile.noise_hu,
             rng=rng,
+            randomise=profile.domain_randomisation,
+            slice_thickness_mm=geometry.slice_thickness_mm,
         )
         table_z = round(float(rng.uniform(-260.0, -140.0)), 2)
         origin = (-(cols - 1) / 2.0 * spacing, -(rows - 1) / 2.0 * spacing, table_z)
@@ -314,7 +369,7 @@ def write_site(
             study.hu,
             pixel_spacing_mm=(spacing, spacing),
             slice_spacing_mm=thickness,
-            slice_thickness_mm=thickness,
+            slice_thickness_mm=geometry.slice_thickness_mm,
             origin_mm=origin,
             study_instance_uid=study_uid,
             series_instance_uid=series_uid,
@@ -331,7 +386,7 @@ def write_site(
             series_number=series_number,
             uid_entropy=[_UID_NAMESPACE, seed, profile.name, j, "sop"],
             study_id=f"{j + 1}",
-            series_description=f"CHEST {thickness:g}mm",
+            series_description=f"CHEST {geometry.slice_thickness_mm:g}mm",
             kvp=profile.kvp,
             convolution_kernel=profile.convolution_kernel,
             reverse_instance_order=profile.reverse_slice_order,
@@ -348,7 +403,7 @@ def write_site(
         rows_written.append(
             {
                 "StudyInstanceUID": study_uid,
-                "diagnosis": case.diagnosis,
+                "diagnosis": label,
                 "severe": case.severe,
                 "time_days": case.time_days,
                 "age": case.age,
@@ -362,7 +417,8 @@ def write_site(
         writer.writeheader()
         writer.writerows(rows_written)
     write_site_profile(site_dir, site_index=site_index, seed=seed)  # profile.csv + profile-mapping.toml (#24)
-    counts = {d: diagnoses.count(d) for d in DIAGNOSES}
+    written = [str(r["diagnosis"]) for r in rows_written]
+    counts = {d: written.count(d) for d in DIAGNOSES}  # as labels.csv says (label noise included)
     return SiteSummary(profile.name, n_patients, n_files, counts, round(time.perf_counter() - start, 3))
 
 

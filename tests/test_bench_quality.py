@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from bench.common import BenchOptions
-from bench.quality import PARTIAL_NAME, load_partial, plan_for, plan_record_of, run
+from bench.quality import PARTIAL_NAME, load_partial, medium_plan, plan_for, plan_record_of, run
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +116,19 @@ def test_resume_keeps_only_this_plans_seeds_and_strategies(tmp_path):
     )
     kept, seconds = load_partial(tmp_path / PARTIAL_NAME, plan)
     assert kept == {"pooled": [row]} and seconds == {"pooled": 3.0}
+
+
+def test_medium_plan_lies_between_quick_and_full_and_is_its_own_plan(tmp_path):
+    """The medium size (issue #20.1): larger inputs and images than quick, full-size external studies, and a partial
+    result of it is not mixed with a quick one."""
+    quick = plan_for(BenchOptions(out=tmp_path, quick=True))
+    medium = medium_plan(seeds=(0, 1))
+    assert medium.size == "medium" and medium.seeds == (0, 1) and medium.strategies == ("fedavg",)
+    assert medium.run_config["input-size"] == "32,32,32" and quick.run_config["input-size"] == "16,16,16"
+    assert medium.site_images == (64, 6.0, 5.0) and medium.external_small is False
+    record = plan_record_of(medium)
+    assert record["site_images"] == [64, 6.0, 5.0] and record["external_small"] is False
+    assert plan_record_of(quick)["site_images"] is None and plan_record_of(quick)["external_small"] is True
+    (tmp_path / PARTIAL_NAME).write_text(json.dumps({"plan": plan_record_of(quick), "per_seed": {}}))
+    with pytest.raises(ValueError, match="site_images"):
+        load_partial(tmp_path / PARTIAL_NAME, record)

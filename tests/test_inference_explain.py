@@ -248,6 +248,7 @@ def write_case(folder: Path, seed: int, diagnosis: str, burden: float) -> np.nda
         burden=burden,
         noise_hu=15.0,
         rng=rng,
+        randomise=False,  # the canonical phantom: the bounds below were measured on it (a model trained for seconds)
     )
     hu = study.hu
     uid = f"1.2.826.0.1.3680043.10.997.{seed}"

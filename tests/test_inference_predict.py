@@ -151,7 +151,8 @@ def test_study_with_two_series_uses_the_one_with_more_slices(predicted):
     summary, data, _ = predicted
     first = next(r for r in summary.results if r.StudyInstanceUID == data["good"][0])
     assert first.SeriesInstanceUID != data["extra"].series_uid
-    assert len(first.series["paths"]) == 16
+    written = sorted((data["dicom"] / "study-0001").rglob("*.dcm"))  # the phantom's series (its length is drawn)
+    assert len(first.series["paths"]) == len(written) > 10
 
 
 def test_output_folder_names_carry_no_patient_data(predicted):

@@ -8,6 +8,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pydicom
 import pytest
@@ -15,21 +16,31 @@ import pytest
 from preprocessing.profile import read_site_profile
 from synthetic.hospitals import (
     FOLLOW_UP_DAYS,
+    FOV_FACTOR_RANGE,
     FederationSummary,
     SiteProfile,
     _draw_case,
     default_profiles,
+    noisy_label,
+    study_geometry,
     write_federation,
 )
-from synthetic.phantom import DIAGNOSES
+from synthetic.phantom import DIAGNOSES, SLICE_THICKNESSES_MM
 
 N_SITES = 2
 PATIENTS = 4
 
 
 def _small_profiles(n: int = N_SITES) -> list[SiteProfile]:
-    """The default profiles with 48x48 images of 7 mm pixels (whole chest in view, fast to write)."""
-    return [replace(p, rows=48, pixel_spacing_mm=7.0) for p in default_profiles(n)]
+    """The default profiles (domain randomisation on) with 48x48 images of 7 mm pixels (whole chest in view, fast to
+    write) and no label noise (so that labels.csv and the lesion masks must agree)."""
+    return [replace(p, rows=48, pixel_spacing_mm=7.0, label_noise=0.0) for p in default_profiles(n)]
+
+
+def _slices(series_dir: Path) -> list[pydicom.Dataset]:
+    """A series' headers, inferior to superior."""
+    datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(series_dir.glob("*.dcm"))]
+    return sorted(datasets, key=lambda ds: float(ds.ImagePositionPatient[2]))
 
 
 def _write(out: Path, seed: int, **kwargs: object) -> FederationSummary:
@@ -64,7 +75,10 @@ def test_summary_and_layout(federation: tuple[FederationSummary, list[str]]) -> 
         assert sum(site.class_counts.values()) == site.n_patients
         assert set(site.class_counts) == set(DIAGNOSES)
         files = sorted((site_dir / "dicom").rglob("*.dcm"))
-        assert len(files) == site.n_files == site.n_patients * round(160 / profile.slice_thickness_mm)
+        assert len(files) == site.n_files
+        low, high = profile.scan_range_mm  # each study's scan range is drawn (domain randomisation)
+        assert site.n_patients * low / profile.slice_thickness_mm - site.n_patients <= len(files)
+        assert len(files) <= site.n_patients * high / profile.slice_thickness_mm + site.n_patients
         studies = sorted(p.name for p in (site_dir / "dicom").iterdir())
         assert studies == [f"study-{k:04d}" for k in range(1, site.n_patients + 1)]
         assert site.seconds >= 0
@@ -120,10 +134,13 @@ def test_series_uids_geometry_and_phi(federation: tuple[FederationSummary, list[
             expected = list(range(len(by_z), 0, -1)) if profile.reverse_slice_order else list(range(1, len(by_z) + 1))
             assert numbers == expected
             first = datasets[0]
-            assert [float(v) for v in first.PixelSpacing] == [7.0, 7.0]
+            row_mm, col_mm = (float(v) for v in first.PixelSpacing)  # the field of view varies per study
+            assert row_mm == col_mm and 7.0 * FOV_FACTOR_RANGE[0] - 1e-3 <= row_mm <= 7.0 * FOV_FACTOR_RANGE[1] + 1e-3
             assert [float(v) for v in first.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
             assert (first.Rows, first.Columns) == (48, 48)
-            assert float(first.SliceThickness) == profile.slice_thickness_mm
+            assert float(first.SliceThickness) in SLICE_THICKNESSES_MM  # reconstructed thickness, drawn per study
+            assert float(first.SpacingBetweenSlices) == profile.slice_thickness_mm
+            assert 200.0 - profile.slice_thickness_mm <= len(datasets) * profile.slice_thickness_mm <= 350.0 + 5.0
             # fake PHI is present, consistent with labels.csv, and absent from folder and file names
             name, pid = str(first.PatientName), str(first.PatientID)
             assert name.startswith("SYNTH^PATIENT") and pid
@@ -152,7 +169,7 @@ def test_sites_differ(federation: tuple[FederationSummary, list[str]]) -> None:
     headers = [pydicom.dcmread(next((summary.root / s.name / "dicom").rglob("IM0001.dcm"))) for s in summary.sites]
     a, b = headers
     assert a.Manufacturer != b.Manufacturer
-    assert float(a.SliceThickness) != float(b.SliceThickness)
+    assert float(a.SpacingBetweenSlices) != float(b.SpacingBetweenSlices)
     assert float(a.RescaleIntercept) != float(b.RescaleIntercept)
     assert a.PixelRepresentation != b.PixelRepresentation
     assert a.InstitutionName != b.InstitutionName
@@ -168,7 +185,7 @@ def test_hu_read_back_per_site(federation: tuple[FederationSummary, list[str]]) 
         assert float(np.median(hu[:, :2, :2])) == pytest.approx(-1000.0, abs=25.0)
         lung_like = hu[(hu > -950) & (hu < -700)]
         assert lung_like.size > 0.03 * hu.size
-        assert -900.0 < float(np.median(lung_like)) < -800.0
+        assert -930.0 < float(np.median(lung_like)) < -760.0  # lung density and gradient are drawn per study
 
 
 def test_same_seed_identical_bytes_other_seed_different(
@@ -250,9 +267,13 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict[str, object], named: str) ->
     assert not (tmp_path / "fed").exists()
 
 
-def test_bad_profile_value_is_named(tmp_path: Path) -> None:
-    profiles = [replace(default_profiles(1)[0], slice_thickness_mm=0.0)]
-    with pytest.raises(ValueError, match="slice_thickness_mm"):
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("slice_thickness_mm", 0.0), ("label_noise", 0.6), ("label_noise", -0.01), ("scan_range_mm", (300.0, 200.0))],
+)
+def test_bad_profile_value_is_named(tmp_path: Path, field: str, value: object) -> None:
+    profiles = [replace(default_profiles(1)[0], **{field: value})]
+    with pytest.raises(ValueError, match=field):
         write_federation(tmp_path / "fed", sites=1, patients_per_site=4, seed=0, profiles=profiles)
 
 
@@ -286,7 +307,69 @@ def test_lesion_masks_share_the_series_grid_in_monai(federation: tuple[Federatio
                 continue
             assert m.sum() > 0
             lesion = m > 0
-            # lesions are far denser than the aerated lung around them
+            # lesions (from faint ground glass to consolidation) are denser than the aerated lung around them
             aerated = (hu > -950) & (hu < -700) & ~lesion
-            assert float(np.median(hu[lesion])) > float(np.median(hu[aerated])) + 150.0
+            assert float(np.median(hu[lesion])) > float(np.median(hu[aerated])) + 40.0
     assert orders == {False, True}  # both instance orders were checked
+
+
+def test_study_geometry_ranges_and_canonical() -> None:
+    """Randomised studies draw scan range, field of view and slice thickness within their ranges (all of them used);
+    without domain randomisation every study is the site's fixed 160 mm grid."""
+    profile = replace(default_profiles(1)[0], slice_thickness_mm=2.5, pixel_spacing_mm=3.0)
+    rng = np.random.default_rng(0)
+    drawn = [study_geometry(rng, profile) for _ in range(400)]
+    ranges = [g.n_slices * g.slice_spacing_mm for g in drawn]
+    assert 200.0 - 2.5 <= min(ranges) < 215.0 and 335.0 < max(ranges) <= 350.0 + 2.5
+    assert all(g.slice_spacing_mm == 2.5 for g in drawn)
+    pixels = [g.pixel_spacing_mm for g in drawn]
+    assert 3.0 * FOV_FACTOR_RANGE[0] - 1e-3 <= min(pixels) < 2.7 and 3.5 < max(pixels) <= 3.0 * FOV_FACTOR_RANGE[1]
+    assert {g.slice_thickness_mm for g in drawn} == set(SLICE_THICKNESSES_MM)
+    assert min(SLICE_THICKNESSES_MM) == 0.625 and max(SLICE_THICKNESSES_MM) == 7.0
+    fixed = replace(profile, domain_randomisation=False)
+    assert {study_geometry(rng, fixed) for _ in range(5)} == {study_geometry(rng, fixed)}
+    assert study_geometry(rng, fixed).n_slices == 64 and study_geometry(rng, fixed).slice_thickness_mm == 2.5
+
+
+def test_label_noise_rate() -> None:
+    """noisy_label flips about ``rate`` of the labels, to each other class about equally; never at rate 0."""
+    rng = np.random.default_rng(1)
+    n = 20000
+    for diagnosis in DIAGNOSES:
+        labels = [noisy_label(rng, diagnosis, 0.03) for _ in range(n)]
+        flipped = [x for x in labels if x != diagnosis]
+        assert abs(len(flipped) / n - 0.03) < 0.006
+        others = {d: flipped.count(d) for d in DIAGNOSES if d != diagnosis}
+        assert set(flipped) == set(others) and min(others.values()) > 0.35 * len(flipped)
+        assert all(noisy_label(rng, diagnosis, 0.0) == diagnosis for _ in range(500))
+
+
+def test_label_noise_and_randomisation_in_written_sites(tmp_path: Path) -> None:
+    """With label noise, some labels.csv diagnoses disagree with what was rendered (the mask follows the image:
+    present iff the rendered diagnosis has lesions); with the default small rate most agree; without domain
+    randomisation every study has the site's fixed geometry."""
+    base = replace(default_profiles(1)[0], rows=24, pixel_spacing_mm=14.0, slice_thickness_mm=10.0)
+
+    def disagreements(profile: SiteProfile, folder: str) -> tuple[int, int, set[int]]:
+        summary = write_federation(tmp_path / folder, sites=1, patients_per_site=20, seed=3, profiles=[profile])
+        site_dir = summary.root / profile.name
+        wrong, total, counts = 0, 0, set()
+        for series_dir in sorted((site_dir / "dicom").glob("study-*/*")):
+            headers = _slices(series_dir)
+            counts.add(len(headers))
+            uid = headers[0].StudyInstanceUID
+            label = {row["StudyInstanceUID"]: row["diagnosis"] for row in _labels(site_dir)}[uid]
+            has_lesion = bool(np.asarray(nibabel.load(site_dir / "lesion-masks" / f"{uid}.nii.gz").dataobj).any())
+            wrong += int(has_lesion != (label != "normal"))
+            total += 1
+        return wrong, total, counts
+
+    noisy = replace(base, name="noisy", label_noise=0.5)
+    wrong, total, counts = disagreements(noisy, "noisy")
+    assert total == 24 and wrong >= 3  # about a third of flips swap normal and diseased
+    assert len(counts) > 3 and all(20 <= c <= 35 for c in counts)
+    clean, total, _ = disagreements(replace(base, name="clean", label_noise=0.0), "clean")
+    assert clean == 0
+    fixed = replace(base, name="fixed", domain_randomisation=False, label_noise=0.0)
+    wrong, _, counts = disagreements(fixed, "fixed")
+    assert wrong == 0 and counts == {16}

@@ -1,4 +1,5 @@
-"""synthetic.phantom: anatomy and lesion HU ranges, determinism, speed, argument checks."""
+"""synthetic.phantom: anatomy and lesion HU ranges of the canonical phantom, domain randomisation (ranges, variety,
+same patient whatever the diagnosis), determinism, argument checks."""
 
 from __future__ import annotations
 
@@ -8,16 +9,33 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from synthetic.phantom import DIAGNOSES, PhantomStudy, chest_phantom, render_chest
+from synthetic.phantom import (
+    DIAGNOSES,
+    KERNELS,
+    SLICE_THICKNESSES_MM,
+    VARIATION_RANGES,
+    PhantomStudy,
+    StudyVariation,
+    chest_phantom,
+    draw_variation,
+    render_chest,
+)
 
-# 64 x 64 pixels of 5.5 mm and 40 slices of 4 mm cover a whole 350 mm x 160 mm chest, cheaply.
-SMALL = dict(shape=(40, 64, 64), pixel_spacing_mm=(5.5, 5.5), slice_spacing_mm=4.0)
+# 64 x 64 pixels of 5.5 mm and 40 slices of 4 mm cover a whole 350 mm x 160 mm chest, cheaply. The anatomy tests
+# use the canonical phantom (randomise=False); the randomised one has its own tests below.
+SMALL = dict(shape=(40, 64, 64), pixel_spacing_mm=(5.5, 5.5), slice_spacing_mm=4.0, randomise=False)
+# 64 x 64 pixels of 6 mm and 30 slices of 10 mm: a 300 mm scan, randomised.
+LONG = dict(shape=(30, 64, 64), pixel_spacing_mm=(6.0, 6.0), slice_spacing_mm=10.0)
 
 
 def _phantom(diagnosis: str, burden: float, seed: int, noise_hu: float = 0.0) -> np.ndarray:
     return chest_phantom(
         diagnosis=diagnosis, burden=burden, noise_hu=noise_hu, rng=np.random.default_rng(seed), **SMALL
     )  # type: ignore[arg-type]
+
+
+def _study(diagnosis: str, seed: int, burden: float = 0.35, noise_hu: float = 0.0) -> PhantomStudy:
+    return render_chest(diagnosis=diagnosis, burden=burden, noise_hu=noise_hu, rng=np.random.default_rng(seed), **LONG)  # type: ignore[arg-type]
 
 
 def _lung_mask(normal: np.ndarray) -> np.ndarray:
@@ -146,6 +164,7 @@ def test_same_seed_same_volume_in_float32() -> None:
         ({"slice_spacing_mm": -2.0}, "-2.0"),
         ({"noise_hu": -1.0}, "-1.0"),
         ({"shape": (0, 8, 8)}, "(0, 8, 8)"),
+        ({"slice_thickness_mm": 0.0}, "0.0"),
     ],
 )
 def test_bad_arguments(overrides: dict[str, object], named: str) -> None:
@@ -182,3 +201,118 @@ def test_lesion_mask_marks_the_painted_lesions(diagnosis: str) -> None:
         lung = _lung_mask(normal.hu)
         assert float(np.median(diff[mask])) > 150.0
         assert float(np.median(np.abs(diff[lung & ~mask]))) < 0.25 * float(np.median(diff[mask]))
+
+
+# --- domain randomisation (issue #20.1) ----------------------------------------------------------------------------
+
+
+def test_variation_draws_stay_within_their_ranges_and_use_them() -> None:
+    """Every continuous draw lies in VARIATION_RANGES and spreads over most of it; kernels, thicknesses, both
+    contrast phases, artefacts present and absent, and lungs placed so that some scans show the upper abdomen and
+    some the neck."""
+    rng = np.random.default_rng(0)
+    scan = 300.0
+    drawn = [draw_variation(rng, scan_length_mm=scan, randomise=True) for _ in range(600)]
+    assert all(isinstance(v, StudyVariation) and v.randomised for v in drawn)
+    for name, (low, high) in VARIATION_RANGES.items():
+        values = np.array([getattr(v, name) for v in drawn], dtype=float)
+        assert values.min() >= low - 1e-9 and values.max() <= high + 1e-9, name
+        if name not in ("streak_hu", "motion_mm"):
+            assert values.max() - values.min() > 0.5 * (high - low), name
+    assert {v.kernel for v in drawn} == set(KERNELS)
+    assert {v.slice_thickness_mm for v in drawn} == set(SLICE_THICKNESSES_MM)
+    blood = np.array([v.blood_hu for v in drawn])
+    assert 0.3 < (blood > 140.0).mean() < 0.6 and (blood < 50.0).mean() > 0.4  # enhanced or not
+    for name in ("streak_hu", "motion_mm"):
+        present = np.array([getattr(v, name) > 0 for v in drawn])
+        assert 0.15 < present.mean() < 0.5, name
+    base = np.array([v.lung_base_mm for v in drawn])
+    apex = base + np.array([v.lung_length_mm for v in drawn])
+    assert (base > -scan / 2 + 40.0).mean() > 0.2  # upper abdomen in view
+    assert (apex < scan / 2 - 40.0).mean() > 0.2  # neck in view
+    assert (base < -scan / 2).mean() > 0.02 and (apex > scan / 2).mean() > 0.02  # a base or apex cut off
+    canonical = draw_variation(rng, scan_length_mm=scan, randomise=False, slice_thickness_mm=2.0)
+    assert not canonical.randomised and canonical.kernel == "standard" and canonical.slice_thickness_mm == 2.0
+    assert canonical.lung_length_mm == 160.0 and canonical.streak_hu == 0.0 and canonical.motion_mm == 0.0
+
+
+def test_randomised_studies_are_deterministic_per_seed_and_differ_between_seeds() -> None:
+    a, b, c = _study("covid", 5, noise_hu=12.0), _study("covid", 5, noise_hu=12.0), _study("covid", 6, noise_hu=12.0)
+    np.testing.assert_array_equal(a.hu, b.hu)
+    np.testing.assert_array_equal(a.lesion_mask, b.lesion_mask)
+    assert a.variation == b.variation != c.variation
+    assert not np.array_equal(a.hu, c.hu)
+    assert a.hu.dtype == np.float32 and a.hu.shape == (30, 64, 64) and np.all(np.isfinite(a.hu))
+
+
+def test_one_seed_renders_the_same_patient_whatever_the_diagnosis() -> None:
+    """Anatomy, acquisition (noise included) and distractors do not depend on the diagnosis: away from the lesions a
+    diseased study equals the normal one of the same seed, so the lesions are what tells them apart."""
+    for seed in range(4):
+        normal = _study("normal", seed, noise_hu=15.0)
+        assert not normal.lesion_mask.any()
+        for diagnosis in ("covid", "other_pneumonia"):
+            ill = _study(diagnosis, seed, noise_hu=15.0)
+            assert ill.variation == normal.variation
+            changed = np.abs(ill.hu - normal.hu) > 1.0
+            far = ~ndimage.binary_dilation(ill.lesion_mask, iterations=6)
+            assert (changed & far).mean() < 0.02, (seed, diagnosis)
+            assert changed[ill.lesion_mask].mean() > 0.5, (seed, diagnosis)
+
+
+def test_masks_present_iff_the_diagnosis_has_lesions_and_mark_denser_lung() -> None:
+    """Randomised lesions of every pattern are marked (and only they): the mask is empty for normal, present for
+    COVID-19 and other pneumonia, and where it is the lung is denser than in the same patient without them."""
+    for seed in range(10):
+        normal = _study("normal", seed)
+        assert not normal.lesion_mask.any()
+        assert not _study("normal", seed, burden=0.8).lesion_mask.any()
+        for diagnosis in ("covid", "other_pneumonia"):
+            study = _study(diagnosis, seed, burden=float(np.random.default_rng(seed).uniform(0.08, 0.6)))
+            mask = study.lesion_mask
+            assert mask.any(), (seed, diagnosis)
+            assert float(np.median((study.hu - normal.hu)[mask])) > 30.0, (seed, diagnosis)
+
+
+def test_randomised_lesions_vary_in_density_extent_and_distribution() -> None:
+    """COVID-19 lesions range from faint ground glass to denser patches, mostly bilateral; other pneumonia ranges
+    from one consolidated region to many small clusters."""
+    covid_hu, bilateral, pneumonia_parts = [], 0, []
+    for seed in range(16):
+        normal = _study("normal", seed)
+        covid = _study("covid", seed)
+        covid_hu.append(float(np.median(covid.hu[covid.lesion_mask])))
+        cols = covid.lesion_mask.any(axis=(0, 1))
+        bilateral += int(cols[:32].any() and cols[32:].any())
+        pneumonia = _study("other_pneumonia", seed)
+        pneumonia_parts.append(ndimage.label(pneumonia.lesion_mask)[1])
+        assert not np.array_equal(normal.hu, pneumonia.hu)
+    assert max(covid_hu) - min(covid_hu) > 150.0
+    assert min(covid_hu) < -500.0  # faint ground glass
+    assert bilateral >= 10
+    assert min(pneumonia_parts) <= 2 and max(pneumonia_parts) >= 5
+
+
+def test_long_scans_show_the_upper_abdomen_below_the_lungs() -> None:
+    """Where a scan reaches below the lungs, its lowest slices hold soft tissue (liver) and no lung; where it
+    reaches above them, its highest slices hold no lung but the air of the trachea."""
+    below = above = 0
+    for seed in range(12):
+        study = _study("normal", seed)
+        v = study.variation
+        assert v is not None
+        hu = study.hu
+        in_plane = np.zeros((3, 3, 3), dtype=bool)
+        in_plane[1] = ndimage.generate_binary_structure(2, 1)
+        body = np.stack([ndimage.binary_fill_holes(s) for s in hu > -300.0])
+        interior = ndimage.binary_erosion(body, structure=in_plane, iterations=2)  # not the blurred skin edge
+        lung_share = (interior & (hu > -950.0) & (hu < -650.0)).mean(axis=(1, 2))
+        if v.lung_base_mm > -150.0 + 40.0:  # lowest slice at least 40 mm below the lungs
+            below += 1
+            assert lung_share[0] < 0.01
+            assert ((hu[0] > 30.0) & (hu[0] < 120.0)).mean() > 0.1  # liver, spleen, soft tissue
+        if v.lung_base_mm + v.lung_length_mm < 150.0 - 40.0:
+            above += 1
+            assert lung_share[-1] < 0.01
+            assert (hu[-1] < -900.0)[20:44, 20:44].any()  # trachea
+    assert below and above
