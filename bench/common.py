@@ -234,6 +234,10 @@ SMALL_RUN_CONFIG: dict[str, Any] = {
 }
 
 
+#: Label noise of the randomised synthetic sites of the quality benchmark (issue #20.1: "some label noise").
+RANDOMISED_LABEL_NOISE = 0.03
+
+
 def synthetic_sites(
     root: Path,
     *,
@@ -242,12 +246,14 @@ def synthetic_sites(
     seed: int = 0,
     small: bool,
     images: tuple[int, float, float] | None = None,
+    randomised: bool = False,
 ) -> Path:
     """Synthetic hospitals under ``root`` (reused when already written with the same settings); returns ``root``.
 
     ``small``: 32x32 images with 12 mm pixels and 10 mm slices (seconds to write and ingest); otherwise the
     default non-IID profiles of ``synthetic.hospitals`` (vendor, slice thickness, noise, prevalence, size).
     ``images``: (rows, pixel mm, slice mm) of every site instead (the other profile differences kept).
+    ``randomised``: domain-randomised studies and 3 % label noise (issue #20.1, :data:`RANDOMISED_LABEL_NOISE`).
     """
     from dataclasses import replace
 
@@ -257,6 +263,8 @@ def synthetic_sites(
     wanted: dict[str, Any] = {"sites": sites, "patients_per_site": patients_per_site, "seed": seed, "small": small}
     if images is not None:
         wanted["images"] = list(images)
+    if randomised:
+        wanted["randomised"] = True
     marker = root / "bench-federation.json"
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return root
@@ -266,6 +274,8 @@ def synthetic_sites(
         profiles = [replace(p, rows=rows, pixel_spacing_mm=pixel, slice_thickness_mm=thickness) for p in profiles]
     elif small:
         profiles = [replace(p, rows=32, pixel_spacing_mm=12.0, slice_thickness_mm=10.0) for p in profiles]
+    if randomised:
+        profiles = [replace(p, domain_randomisation=True, label_noise=RANDOMISED_LABEL_NOISE) for p in profiles]
     write_federation(
         root, sites=sites, patients_per_site=patients_per_site, seed=seed, profiles=profiles, overwrite=True
     )

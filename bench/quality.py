@@ -465,6 +465,7 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None, plan:
         seed=0,
         small=plan.small,
         images=plan.site_images,
+        randomised=True,  # issue #20.1: the lesions are the only consistent signal
     )
     work_root = work / "sites"
     sites = _site_configs(data_root, work_root)
@@ -570,6 +571,7 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None, plan:
             "model": base.model_name,
             "input_size": base.input_size,
             "size": plan.size or ("tiny" if options.tiny else "quick" if options.quick else "full"),
+            "training_data": "domain-randomised",
         },
         "resumed": options.resume,
         "site_studies": {

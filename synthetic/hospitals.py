@@ -2,11 +2,11 @@
 
 Sites differ the way real ones do: scanner vendor and header conventions (rescale intercept,
 signed/unsigned storage, slice export order), slice spacing, pixel spacing, noise, size, and the
-mix of diagnoses. Within a site every study is domain-randomised by default (issue #20.1,
-``SiteProfile.domain_randomisation``): its scan range (200-350 mm: apices and upper abdomen come and go),
+mix of diagnoses. With ``SiteProfile.domain_randomisation`` (issue #20.1; off by default, on in ``fedct bench
+quality``) every study of a site is domain-randomised: its scan range (200-350 mm: apices and upper abdomen come and go),
 field of view (pixel spacing), reconstructed slice thickness (0.625-7 mm) and, in synthetic.phantom, its
-anatomy, contrast phase, kernel, artefacts and lesion pattern; and a small share of labels is wrong
-(``SiteProfile.label_noise``). Everything is derived from the seed, so writing the same seed twice gives
+anatomy, contrast phase, kernel, artefacts and lesion pattern; and with ``SiteProfile.label_noise`` a share of labels
+is wrong (0 by default, 0.03 in the quality benchmark). Everything is derived from the seed, so writing the same seed twice gives
 byte-identical files.
 """
 
@@ -65,8 +65,8 @@ class SiteProfile:
     reverse_slice_order: bool  # instances numbered head-to-feet
     convolution_kernel: str = "STANDARD"
     kvp: float = 120.0
-    domain_randomisation: bool = True
-    label_noise: float = 0.03
+    domain_randomisation: bool = False
+    label_noise: float = 0.0
     scan_range_mm: tuple[float, float] = (200.0, 350.0)
 
 

@@ -32,9 +32,9 @@ PATIENTS = 4
 
 
 def _small_profiles(n: int = N_SITES) -> list[SiteProfile]:
-    """The default profiles (domain randomisation on) with 48x48 images of 7 mm pixels (whole chest in view, fast to
+    """The default profiles with domain randomisation on (off by default) and 48x48 images of 7 mm pixels (whole chest in view, fast to
     write) and no label noise (so that labels.csv and the lesion masks must agree)."""
-    return [replace(p, rows=48, pixel_spacing_mm=7.0, label_noise=0.0) for p in default_profiles(n)]
+    return [replace(p, rows=48, pixel_spacing_mm=7.0, domain_randomisation=True) for p in default_profiles(n)]
 
 
 def _slices(series_dir: Path) -> list[pydicom.Dataset]:
@@ -316,7 +316,7 @@ def test_lesion_masks_share_the_series_grid_in_monai(federation: tuple[Federatio
 def test_study_geometry_ranges_and_canonical() -> None:
     """Randomised studies draw scan range, field of view and slice thickness within their ranges (all of them used);
     without domain randomisation every study is the site's fixed 160 mm grid."""
-    profile = replace(default_profiles(1)[0], slice_thickness_mm=2.5, pixel_spacing_mm=3.0)
+    profile = replace(default_profiles(1)[0], slice_thickness_mm=2.5, pixel_spacing_mm=3.0, domain_randomisation=True)
     rng = np.random.default_rng(0)
     drawn = [study_geometry(rng, profile) for _ in range(400)]
     ranges = [g.n_slices * g.slice_spacing_mm for g in drawn]
@@ -346,9 +346,11 @@ def test_label_noise_rate() -> None:
 
 def test_label_noise_and_randomisation_in_written_sites(tmp_path: Path) -> None:
     """With label noise, some labels.csv diagnoses disagree with what was rendered (the mask follows the image:
-    present iff the rendered diagnosis has lesions); with the default small rate most agree; without domain
+    present iff the rendered diagnosis has lesions); without label noise all agree; without domain
     randomisation every study has the site's fixed geometry."""
-    base = replace(default_profiles(1)[0], rows=24, pixel_spacing_mm=14.0, slice_thickness_mm=10.0)
+    base = replace(
+        default_profiles(1)[0], rows=24, pixel_spacing_mm=14.0, slice_thickness_mm=10.0, domain_randomisation=True
+    )
 
     def disagreements(profile: SiteProfile, folder: str) -> tuple[int, int, set[int]]:
         summary = write_federation(tmp_path / folder, sites=1, patients_per_site=20, seed=3, profiles=[profile])
