@@ -298,16 +298,22 @@ def test_two_rounds_over_tls_with_node_authentication(consortium):
         assert set(entry["evaluate"]["sites"]) == set(SITES)
     assert (run_dir / "model" / "final" / "model.pt").is_file()
     assert (fed.root / "server-state" / "state.db").is_file()  # SuperLink state on disk
+    # the last evaluation, then the out-of-distribution reference: moments and distances per distinct model round
+    reference_rounds = {entry["round"] for entry in metrics["ood"].values()}
+    assert reference_rounds and reference_rounds <= {1, 2}, metrics["ood"]
+    evaluations = 1 + 2 * len(reference_rounds)
     for name in SITES:
         text = fed.log_text(name)
         assert f"app FAB sha256 {app_hash(fed.app)} is approved at this site" in text
         # The warm runner (default): no Flower SuperExec; each message ran in a child forked by the site's executor.
         assert "FEDCT_CLIENTAPP_RUNNER=warm" in text and "Start `flwr-clientapp` process" not in text
-        # fused: train, train (+ evaluation of round 1's model), then the last evaluation: 3 messages, not 4; the last
-        # child may still be exiting when the run is reported finished
+        # fused: train, train (+ evaluation of round 1's model), then the last evaluation: 3 messages, not 4; then the
+        # out-of-distribution reference, two evaluate exchanges per distinct model (best, final); the last child may
+        # still be exiting when the run is reported finished
         wait_until(
             lambda: (
-                len(re.findall(r"\[executor\] .*ClientApp child \d+ exited", fed.log_text(name)[before[name] :])) >= 3
+                len(re.findall(r"\[executor\] .*ClientApp child \d+ exited", fed.log_text(name)[before[name] :]))
+                >= 2 + evaluations
             ),
             timeout=60,
             what=f"{name}'s ClientApp children to exit",
@@ -315,10 +321,9 @@ def test_two_rounds_over_tls_with_node_authentication(consortium):
         )
         run_text = fed.log_text(name)[before[name] :]
         ended = re.findall(r"\[executor\] .*ClientApp child \d+ exited with code (-?\d+)", run_text)
-        assert len(ended) == 3 and set(ended) == {"0"}, run_text[-3000:]
-        assert run_text.count("Receiving: train message") == 2 and run_text.count("Receiving: evaluate message") == 1, (
-            run_text[-3000:]
-        )
+        assert len(ended) == 2 + evaluations and set(ended) == {"0"}, run_text[-3000:]
+        assert run_text.count("Receiving: train message") == 2, run_text[-3000:]
+        assert run_text.count("Receiving: evaluate message") == evaluations, run_text[-3000:]
         assert len(fed.executors(name)) == 1
         health = subprocess.run(
             [str(Path(sys.executable).parent / "fedct"), "site", "--env", str(fed.site_envs[name]), "--health"],
