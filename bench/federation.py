@@ -41,6 +41,7 @@ from bench.common import (
     synthetic_sites,
     write_result,
 )
+from fedct.protocol import OOD_STATISTICS
 
 TRANSPORT_NAME = "transport.json"
 PENDING_ARMS: dict[str, str] = {}
@@ -118,7 +119,10 @@ class CountingGrid(_GridBase):  # type: ignore[misc,valid-type]
             return None, None
         config = messages[0].content.config_records.get("config")
         server_round = int(config["server-round"]) if config is not None and "server-round" in config else None
-        return server_round, messages[0].metadata.message_type
+        kind = messages[0].metadata.message_type
+        if config is not None and OOD_STATISTICS in config:  # the reference gathered after the last round
+            kind = f"{kind}:{OOD_STATISTICS}"
+        return server_round, kind
 
     def public_exchanges(self) -> list[dict[str, Any]]:
         """The exchanges without their bookkeeping fields (for JSON)."""
@@ -244,7 +248,8 @@ def round_report(run_dir: Path, *, exclude_last: bool = False) -> dict[str, Any]
         train_sites = (entry.get("train") or {}).get("sites") or {}
         train_seconds = [m.get("train-seconds") for m in train_sites.values() if m.get("train-seconds") is not None]
         slowest = max(train_seconds) if train_seconds else None
-        mine = [x for x in exchanges if x["round"] == r]
+        # a round's own exchanges: not the out-of-distribution reference gathered after the last round
+        mine = [x for x in exchanges if x["round"] == r and not str(x["type"]).endswith(f":{OOD_STATISTICS}")]
         by_type = {x["type"]: x for x in mine}
         wall = entry["seconds"]
         train_exchange = by_type.get("train", {}).get("seconds")
