@@ -88,10 +88,14 @@ def test_fedct_run_through_warm_executors_trains_with_the_fab_code_in_forked_chi
     assert sorted(metrics["rounds"][-1]["train"]["sites"]) == sites
     assert (run_dir / "model" / "final" / "model.pt").is_file()
 
-    # 2 rounds x (train + evaluate) x 2 sites = 8 ClientApp tasks, each in a child of an executor, all exit 0.
+    # 2 rounds x (train + evaluate) x 2 sites = 8 ClientApp tasks, plus the out-of-distribution reference after the
+    # last round (moments and distances per distinct model round, each at both sites), each in a child of an executor,
+    # all exit 0.
+    reference_rounds = {entry["round"] for entry in metrics["ood"].values()}
+    assert reference_rounds and reference_rounds <= {1, 2}, metrics["ood"]
     logs = "".join((tmp_path / "deployment" / "logs" / f"executor{i}.log").read_text() for i in range(2))
     ended = re.findall(r"ClientApp child (\d+) exited with code (-?\d+)", logs)
-    assert len(ended) == 8, logs[-3000:]
+    assert len(ended) == 8 + 2 * 2 * len(reference_rounds), logs[-3000:]
     assert {code for _, code in ended} == {"0"}, logs[-3000:]
     # The FAB's client_app module was imported in those children, whose parents are the executors.
     imported_in = {tuple(map(int, m.name.split("-"))) for m in markers.iterdir()}
