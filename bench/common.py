@@ -246,14 +246,15 @@ def synthetic_sites(
     seed: int = 0,
     small: bool,
     images: tuple[int, float, float] | None = None,
-    randomised: bool = False,
+    randomised: bool | float = False,
 ) -> Path:
     """Synthetic hospitals under ``root`` (reused when already written with the same settings); returns ``root``.
 
     ``small``: 32x32 images with 12 mm pixels and 10 mm slices (seconds to write and ingest); otherwise the
     default non-IID profiles of ``synthetic.hospitals`` (vendor, slice thickness, noise, prevalence, size).
     ``images``: (rows, pixel mm, slice mm) of every site instead (the other profile differences kept).
-    ``randomised``: domain-randomised studies and 3 % label noise (issue #20.1, :data:`RANDOMISED_LABEL_NOISE`).
+    ``randomised``: domain-randomised studies and 3 % label noise (issue #20.1, :data:`RANDOMISED_LABEL_NOISE`); a
+    number in (0, 1] is the randomisation's strength (``SiteProfile.domain_randomisation``).
     """
     from dataclasses import replace
 
@@ -264,7 +265,7 @@ def synthetic_sites(
     if images is not None:
         wanted["images"] = list(images)
     if randomised:
-        wanted["randomised"] = True
+        wanted["randomised"] = True if randomised is True else float(randomised)
     marker = root / "bench-federation.json"
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return root
@@ -275,7 +276,7 @@ def synthetic_sites(
     elif small:
         profiles = [replace(p, rows=32, pixel_spacing_mm=12.0, slice_thickness_mm=10.0) for p in profiles]
     if randomised:
-        profiles = [replace(p, domain_randomisation=True, label_noise=RANDOMISED_LABEL_NOISE) for p in profiles]
+        profiles = [replace(p, domain_randomisation=randomised, label_noise=RANDOMISED_LABEL_NOISE) for p in profiles]
     write_federation(
         root, sites=sites, patients_per_site=patients_per_site, seed=seed, profiles=profiles, overwrite=True
     )

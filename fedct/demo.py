@@ -205,6 +205,12 @@ def run_demo(options: DemoOptions) -> int:
                 f"{_fmt(calibration.get('ece_after'))}, Brier {_fmt(calibration.get('brier_before'))} -> "
                 f"{_fmt(calibration.get('brier_after'))}"
             )
+            if calibration.get("ece_floor_upper95") is not None:
+                print(
+                    "   (a perfectly calibrated model would read ECE "
+                    f"{_fmt(calibration.get('ece_floor_expected'))} on average, up to "
+                    f"{_fmt(calibration.get('ece_floor_upper95'))} in 95 % of test sets of this size)"
+                )
         elif calibration:
             print(f"   no calibration: {calibration.get('reason')}")
     if options.external_studies and options.profile_fusion != "none":

@@ -53,7 +53,7 @@ from fedct.protocol import (
     reliability_key,
 )
 from fl_server.observe import plot_learning_curves
-from models.calibration import ece_from_bins, fit_temperature
+from models.calibration import ece_from_bins, ece_sampling_floor, fit_temperature
 
 SiteMetrics = Mapping[str, Mapping[str, Any]]
 """``{site: {metric: float or, for ``*-hist-*`` keys, list of floats}}``."""
@@ -256,6 +256,8 @@ def calibration_outcome(per_site: SiteMetrics) -> dict[str, Any]:
     The sites' reliability bins (coarsened to >= k studies per bin) are added bin by bin and the ECE read from the
     sums (:func:`models.calibration.ece_from_bins`); ``brier_after``/``loss_after``/``accuracy_after`` are the
     weighted means of the sites' calibrated test values. ``reliability`` keeps the summed bins.
+    ``ece_floor_expected``/``ece_floor_upper95``: the ECE a perfectly calibrated model would read on the same bins
+    (its mean and 95th percentile, :func:`models.calibration.ece_sampling_floor`): the test size's sampling floor.
     """
     agg = aggregate(per_site)
     out: dict[str, Any] = {}
@@ -266,6 +268,10 @@ def calibration_outcome(per_site: SiteMetrics) -> dict[str, Any]:
         out[f"ece_{stage}"] = ece_from_bins(*lists.values()) if complete else math.nan
         reliability[stage] = lists
     out["test_studies"] = int(math.fsum(reliability["after"]["count"]))
+    if all(reliability["after"].values()):  # what a perfectly calibrated model would read on these bins
+        floor = ece_sampling_floor(reliability["after"]["count"], reliability["after"]["confidence"])
+        out["ece_floor_expected"] = floor["expected"]
+        out["ece_floor_upper95"] = floor["upper"]
     for name in ("brier", "loss", "accuracy"):
         out[f"{name}_after"] = agg.get(f"{TEST_PREFIX}{name}", math.nan)
     out["sites"] = sorted(site for site, m in per_site.items() if m.get(reliability_key("after", "count")))

@@ -241,6 +241,12 @@ def _calibration_lines(calibration: Mapping[str, Any] | None) -> list[str]:
             f"studies, 15 confidence bins pooled across sites): {fmt(calibration.get('ece_before'))} before, "
             f"{fmt(calibration.get('ece_after'))} after; Brier score after {fmt(calibration.get('brier_after'))}."
         )
+    if calibration.get("ece_floor_upper95") is not None:
+        lines.append(
+            "At this test size a perfectly calibrated model would read an ECE of "
+            f"{fmt(calibration.get('ece_floor_expected'))} on average and up to {fmt(calibration.get('ece_floor_upper95'))} "
+            "in 95 % of test sets (binomial sampling), so an ECE below that bound is consistent with calibration."
+        )
     return lines
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "bundle_temperature",
     "coarsen_reliability",
     "ece_from_bins",
+    "ece_sampling_floor",
     "fit_temperature",
     "nll_grid",
     "reliability_bins",
@@ -177,6 +178,44 @@ def ece_from_bins(count: Sequence[float], confidence: Sequence[float], correct: 
     if total <= 0:
         return math.nan
     return math.fsum(abs(float(h) - float(c)) for h, c in zip(correct, confidence, strict=True)) / total
+
+
+def ece_sampling_floor(
+    count: Sequence[float], confidence: Sequence[float], *, quantile: float = 0.95, draws: int = 4000, seed: int = 0
+) -> dict[str, float]:
+    """What the ECE of a *perfectly calibrated* model would read on bins of these sizes: the sampling floor.
+
+    With ``n_b`` studies of mean confidence ``p_b`` in bin b, a calibrated model's correct calls are
+    Binomial(n_b, p_b), so its ECE is still ``sum_b |K_b - n_b p_b| / N > 0`` by chance alone. Returns ``expected``
+    (exact, from the binomial probabilities) and ``upper`` (the ``quantile`` of ``draws`` simulated ECEs, a fixed
+    ``seed``): a measured ECE at or below ``upper`` is consistent with calibration at this test size. NaN for no study.
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws!r}")
+    from scipy.stats import binom
+
+    n = np.asarray([float(v) for v in count], dtype=np.float64)
+    c = np.asarray([float(v) for v in confidence], dtype=np.float64)
+    if n.shape != c.shape:
+        raise ValueError(f"count and confidence must have the same length, got {n.size} and {c.size}")
+    if np.any(n < 0) or np.any(n != np.round(n)):
+        raise ValueError("count must hold whole numbers of studies >= 0")
+    total = float(n.sum())
+    if total <= 0:
+        return {"expected": math.nan, "upper": math.nan, "quantile": quantile}
+    used = n > 0
+    n, c = n[used].astype(np.int64), c[used]
+    p = np.clip(c / n, 0.0, 1.0)
+    expected = 0.0
+    for n_b, p_b in zip(n, p, strict=True):
+        k = np.arange(n_b + 1)
+        expected += float(np.sum(binom.pmf(k, n_b, p_b) * np.abs(k - n_b * p_b)))
+    rng = np.random.default_rng(seed)
+    hits = rng.binomial(n[None, :], p[None, :], size=(draws, n.size))
+    simulated = np.abs(hits - n * p).sum(axis=1) / total
+    return {"expected": expected / total, "upper": float(np.quantile(simulated, quantile)), "quantile": quantile}
 
 
 def bundle_temperature(meta: Mapping[str, Any], *, source: str = "model.json") -> float:

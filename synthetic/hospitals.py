@@ -27,7 +27,7 @@ from pydicom.uid import generate_uid
 
 from synthetic.dicom_writer import PatientIdentity, write_ct_series
 from synthetic.masks import LESION_MASK_DIR, write_lesion_mask
-from synthetic.phantom import CHEST_LENGTH_MM, DIAGNOSES, SLICE_THICKNESSES_MM, render_chest
+from synthetic.phantom import CHEST_LENGTH_MM, DIAGNOSES, SLICE_THICKNESSES_MM, randomisation_strength, render_chest
 from synthetic.profiles import write_site_profile
 
 LABEL_COLUMNS = ("StudyInstanceUID", "diagnosis", "severe", "time_days", "age", "sex")
@@ -46,7 +46,8 @@ class SiteProfile:
 
     ``domain_randomisation``: each study draws its scan range (``scan_range_mm``), field of view, slice thickness
     and, in the phantom, anatomy, acquisition and lesion pattern (synthetic.phantom); off, every study covers
-    160 mm of chest with the canonical phantom at the site's fixed geometry. ``label_noise``: the share of
+    160 mm of chest with the canonical phantom at the site's fixed geometry; a number in (0, 1] is the strength of
+    those draws (synthetic.phantom.draw_variation: 1 = True, smaller = nearer the canonical study). ``label_noise``: the share of
     studies whose labels.csv diagnosis is another class than the one rendered (the lesion mask follows the image).
     """
 
@@ -65,7 +66,7 @@ class SiteProfile:
     reverse_slice_order: bool  # instances numbered head-to-feet
     convolution_kernel: str = "STANDARD"
     kvp: float = 120.0
-    domain_randomisation: bool = False
+    domain_randomisation: bool | float = False
     label_noise: float = 0.0
     scan_range_mm: tuple[float, float] = (200.0, 350.0)
 
@@ -255,9 +256,12 @@ def study_geometry(rng: np.random.Generator, profile: SiteProfile) -> StudyGeome
     if not profile.domain_randomisation:
         n = max(1, round(CHEST_LENGTH_MM / spacing))
         return StudyGeometry(n, spacing, spacing, float(profile.pixel_spacing_mm))
-    scan = float(rng.uniform(*profile.scan_range_mm))
-    pixel = round(float(profile.pixel_spacing_mm) * float(rng.uniform(*FOV_FACTOR_RANGE)), 3)
+    strength = randomisation_strength(profile.domain_randomisation)
+    scan = CHEST_LENGTH_MM + strength * (float(rng.uniform(*profile.scan_range_mm)) - CHEST_LENGTH_MM)
+    pixel = round(float(profile.pixel_spacing_mm) * (1.0 + strength * (float(rng.uniform(*FOV_FACTOR_RANGE)) - 1.0)), 3)
     thickness = float(SLICE_THICKNESSES_MM[int(rng.integers(len(SLICE_THICKNESSES_MM)))])
+    if strength < 1.0 and rng.random() >= strength:  # s < 1: the site's own thickness in 1 - s of the studies
+        thickness = spacing
     return StudyGeometry(max(1, round(scan / spacing)), spacing, thickness, pixel)
 
 
@@ -310,6 +314,13 @@ def _check_profile(profile: SiteProfile) -> None:
         raise ValueError(f"{profile.name}: noise_hu must be >= 0, got {profile.noise_hu!r}")
     if profile.pixel_representation not in (0, 1):
         raise ValueError(f"{profile.name}: pixel_representation must be 0 or 1, got {profile.pixel_representation!r}")
+    try:
+        randomisation_strength(profile.domain_randomisation)
+    except ValueError:
+        raise ValueError(
+            f"{profile.name}: domain_randomisation must be a bool or a strength in [0, 1], "
+            f"got {profile.domain_randomisation!r}"
+        ) from None
     if not (math.isfinite(profile.label_noise) and 0.0 <= profile.label_noise <= 0.5):
         raise ValueError(f"{profile.name}: label_noise must be in [0, 0.5], got {profile.label_noise!r}")
     low, high = profile.scan_range_mm

@@ -66,6 +66,38 @@ VARIATION_RANGES = MappingProxyType(
         "motion_mm": (0.0, 8.0),
     }
 )
+#: COVID-like lesions of a randomised study (issue #20.1): the blob-size factor range, the two ranges a study's
+#: ground-glass density interval is drawn from (HU: faint end, dense end), the least per-blob opacity and the fewest
+#: blobs. Tuned so that the lesions are what a model can learn at the benchmark sizes (README "Benchmarks").
+COVID_SIZE = (0.45, 1.35)
+COVID_DENSITY_FAINT_HU = (-760.0, -520.0)
+COVID_DENSITY_DENSE_HU = (-480.0, -250.0)
+COVID_MIN_OPACITY = 0.6
+COVID_MIN_BLOBS = 1
+#: The canonical phantom's value of each randomised draw: a strength s < 1 pulls draws toward it.
+CANONICAL_VALUES = MappingProxyType(
+    {
+        "body_half_width_mm": 140.0,
+        "body_depth_ratio": 0.74,
+        "fat_mm": 14.0,
+        "centre_x_mm": 0.0,
+        "centre_y_mm": 0.0,
+        "lung_scale": 0.96,
+        "lung_length_mm": CHEST_LENGTH_MM,
+        "lung_hu": LUNG_HU,
+        "lung_gradient_hu": 35.0,
+        "lung_texture_hu": 18.0,
+        "heart_scale": 1.0,
+        "heart_shift": 0.0,
+        "vessels_per_hilum": 8.0,
+        "vessel_radius_scale": 1.0,
+        "blood_hu": VESSEL_HU,
+        "noise_scale": 1.0,
+        "slice_thickness_mm": 5.0,
+        "streak_hu": 0.0,
+        "motion_mm": 0.0,
+    }
+)
 #: Slice thicknesses a randomised study is reconstructed with (mm; those of clinical chest protocols).
 SLICE_THICKNESSES_MM = (0.625, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0, 7.0)
 
@@ -101,6 +133,7 @@ class StudyVariation:
     streak_hu: float
     motion_mm: float
     randomised: bool
+    strength: float = 0.0  #: the randomisation strength it was drawn with (0: canonical)
 
 
 @dataclass(frozen=True)
@@ -263,13 +296,32 @@ def _validate(
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
 
 
+def randomisation_strength(randomise: bool | float) -> float:
+    """``randomise`` as a strength in [0, 1] (False: 0, True: 1); ValueError naming a bad value."""
+    if isinstance(randomise, bool):
+        return float(randomise)
+    if not isinstance(randomise, (int, float)) or not (math.isfinite(randomise) and 0.0 <= randomise <= 1.0):
+        raise ValueError(f"randomise must be a bool or a strength in [0, 1], got {randomise!r}")
+    return float(randomise)
+
+
 def draw_variation(
-    rng: np.random.Generator, *, scan_length_mm: float, randomise: bool, slice_thickness_mm: float | None = None
+    rng: np.random.Generator,
+    *,
+    scan_length_mm: float,
+    randomise: bool | float,
+    slice_thickness_mm: float | None = None,
 ) -> StudyVariation:
     """One study's anatomy and acquisition: random within :data:`VARIATION_RANGES` when ``randomise``, else the
     canonical phantom (its own small anatomical jitter only). ``slice_thickness_mm`` (None: drawn from
-    :data:`SLICE_THICKNESSES_MM` when randomised, else the slice spacing) is kept as given."""
-    if not randomise:
+    :data:`SLICE_THICKNESSES_MM` when randomised, else the slice spacing) is kept as given.
+
+    ``randomise`` may be a strength s in (0, 1]: every continuous draw is pulled toward the canonical value
+    (:data:`CANONICAL_VALUES`; ``c + s * (draw - c)``) and every occasional feature (contrast phase, non-standard
+    kernel, streaks, motion) happens s times as often, so s sets how much the nuisance varies (the difficulty);
+    the lesions vary fully for any s > 0."""
+    strength = randomisation_strength(randomise)
+    if strength == 0.0:
         body_a = float(rng.uniform(125.0, 155.0))
         body_b = float(rng.uniform(90.0, 118.0))
         cx, cy = (float(c) for c in rng.normal(0.0, 6.0, 2).clip(-15.0, 15.0))
@@ -299,9 +351,13 @@ def draw_variation(
         )
     r = VARIATION_RANGES
 
+    def toward(name: str, value: float) -> float:
+        centre = CANONICAL_VALUES[name]
+        return float(centre + strength * (value - centre))
+
     def u(name: str) -> float:
         lo, hi = r[name]
-        return float(rng.uniform(lo, hi))
+        return toward(name, float(rng.uniform(lo, hi)))
 
     body_a = u("body_half_width_mm")
     ratio = u("body_depth_ratio")
@@ -315,32 +371,37 @@ def draw_variation(
         base = -scan_length_mm / 2.0 + float(rng.uniform(-0.08 * length, spare + 0.05 * length))
     else:
         base = -scan_length_mm / 2.0 + float(rng.uniform(spare - 0.05 * length, 0.05 * length))
+    base = -length / 2.0 + strength * (base + length / 2.0)  # s < 1: nearer the scan's middle
     inspiration = float(rng.uniform(0.0, 1.0))  # 1 = deep inspiration: larger, darker lungs
     lung_hu = r["lung_hu"][1] - inspiration * (r["lung_hu"][1] - r["lung_hu"][0])
-    lung_hu = float(np.clip(lung_hu + rng.normal(0.0, 15.0), *r["lung_hu"]))
+    lung_hu = toward("lung_hu", float(np.clip(lung_hu + rng.normal(0.0, 15.0), *r["lung_hu"])))
     gradient = u("lung_gradient_hu")
     texture = u("lung_texture_hu")
     heart_scale = u("heart_scale")
     heart_shift = u("heart_shift")
-    vessels = int(rng.integers(r["vessels_per_hilum"][0], r["vessels_per_hilum"][1] + 1))
+    vessels = round(
+        toward("vessels_per_hilum", int(rng.integers(r["vessels_per_hilum"][0], r["vessels_per_hilum"][1] + 1)))
+    )
     vessel_r = u("vessel_radius_scale")
-    enhanced = rng.random() < 0.45
+    enhanced = rng.random() < 0.45 * strength
     blood = float(rng.uniform(140.0, r["blood_hu"][1])) if enhanced else float(rng.uniform(r["blood_hu"][0], 50.0))
-    kernel = KERNELS[int(rng.choice(len(KERNELS), p=[0.3, 0.4, 0.3]))]
+    kernel = KERNELS[int(rng.choice(len(KERNELS), p=[0.3 * strength, 1.0 - 0.6 * strength, 0.3 * strength]))]
     noise_scale = u("noise_scale")
     thickness = slice_thickness_mm
     if thickness is None:
         thickness = float(SLICE_THICKNESSES_MM[int(rng.integers(len(SLICE_THICKNESSES_MM)))])
-    streak = u("streak_hu") if rng.random() < 0.35 else 0.0
-    motion = u("motion_mm") if rng.random() < 0.3 else 0.0
+    streak = u("streak_hu") if rng.random() < 0.35 * strength else 0.0
+    motion = u("motion_mm") if rng.random() < 0.3 * strength else 0.0
     return StudyVariation(
         body_half_width_mm=body_a,
         body_depth_ratio=ratio,
         fat_mm=fat,
         centre_x_mm=cx,
         centre_y_mm=cy,
-        lung_scale=float(np.clip(lung_scale * (0.94 + 0.1 * inspiration), *r["lung_scale"])),
-        lung_length_mm=float(np.clip(length * (0.95 + 0.08 * inspiration), *r["lung_length_mm"])),
+        lung_scale=toward("lung_scale", float(np.clip(lung_scale * (0.94 + 0.1 * inspiration), *r["lung_scale"]))),
+        lung_length_mm=toward(
+            "lung_length_mm", float(np.clip(length * (0.95 + 0.08 * inspiration), *r["lung_length_mm"]))
+        ),
         lung_base_mm=base,
         lung_hu=lung_hu,
         lung_gradient_hu=gradient,
@@ -356,6 +417,7 @@ def draw_variation(
         streak_hu=streak,
         motion_mm=motion,
         randomised=True,
+        strength=strength,
     )
 
 
@@ -368,7 +430,7 @@ def chest_phantom(
     burden: float,
     noise_hu: float,
     rng: np.random.Generator,
-    randomise: bool = True,
+    randomise: bool | float = True,
     slice_thickness_mm: float | None = None,
 ) -> np.ndarray:
     """Random chest CT volume (slices, rows, cols), float32 HU, slice 0 most inferior.
@@ -402,7 +464,7 @@ def render_chest(
     burden: float,
     noise_hu: float,
     rng: np.random.Generator,
-    randomise: bool = True,
+    randomise: bool | float = True,
     slice_thickness_mm: float | None = None,
 ) -> PhantomStudy:
     """Random chest CT study: HU volume (slices, rows, cols), float32, slice 0 most inferior, and lesion mask.
@@ -410,7 +472,8 @@ def render_chest(
     ``diagnosis`` selects the lesions (see module docs / DIAGNOSES); ``burden`` in [0, 1] is roughly
     the fraction of lung involved and is ignored for "normal". ``noise_hu`` is the std of the noise
     (scaled per study when randomised: see :class:`StudyVariation`). ``pixel_spacing_mm`` is (row spacing,
-    column spacing). ``randomise``: draw anatomy, acquisition and lesion pattern per study (module docs);
+    column spacing). ``randomise``: draw anatomy, acquisition and lesion pattern per study (module docs; a number
+    in [0, 1] is the strength of the anatomy and acquisition draws, :func:`draw_variation`);
     ``slice_thickness_mm``: reconstructed slice thickness, a blur along z (None: drawn when randomised, else
     the spacing). The same ``rng`` state renders the same patient and acquisition whatever the diagnosis.
     """
@@ -724,8 +787,8 @@ def _add_covid(
         peripheral_only = rng.random() < 0.8
         bilateral = rng.random() < 0.85
         z_pref = int(rng.choice(3, p=[0.65, 0.25, 0.1]))  # lower, none, upper
-        size = float(rng.uniform(0.45, 1.35))
-        density = (float(rng.uniform(-760.0, -520.0)), float(rng.uniform(-480.0, -250.0)))
+        size = float(rng.uniform(*COVID_SIZE))
+        density = (float(rng.uniform(*COVID_DENSITY_FAINT_HU)), float(rng.uniform(*COVID_DENSITY_DENSE_HU)))
         consolidative = float(rng.uniform(0.0, 0.3))  # share of blobs that are denser (organising)
     else:
         peripheral_only, bilateral, z_pref, size = True, True, 0, 1.0
@@ -740,7 +803,7 @@ def _add_covid(
     )
     inside = 0.3 if peripheral_only else 0.6  # share of a blob inside the lung
     per_blob = inside * 4.0 / 3.0 * math.pi * radius**3
-    n_blobs = int(np.clip(math.ceil(burden * lung_volume / per_blob), 1 if randomise else 2, 40))
+    n_blobs = int(np.clip(math.ceil(burden * lung_volume / per_blob), COVID_MIN_BLOBS if randomise else 2, 40))
     z_weight = (np.ones_like(t), 1.7 - 1.3 * t, 0.4 + 1.3 * t)[(1, 0, 2)[z_pref]].astype(np.float64)
     weight = np.zeros(vol.shape, dtype=np.float32)
     masks = (u < 0, u > 0) if bilateral else ((u < 0) if rng.random() < 0.5 else (u > 0),)
@@ -762,7 +825,7 @@ def _add_covid(
             d = _ellipsoid_distance(centre, radii, g.coords, box)  # type: ignore[arg-type]
             shape_w = _soft_blob(d, edge=0.45) * lung[box]
             np.maximum(weight[box], shape_w, out=weight[box])
-            w = shape_w * rng.uniform(0.6 if randomise else 0.75, 1.0)
+            w = shape_w * rng.uniform(COVID_MIN_OPACITY if randomise else 0.75, 1.0)
             hu = rng.uniform(-250.0, -60.0) if rng.random() < consolidative else rng.uniform(*density)
             target = hu + 30.0 * g.texture[box]
             vol[box] += w * (target - vol[box])

@@ -11,6 +11,7 @@ from models.calibration import (
     bundle_temperature,
     coarsen_reliability,
     ece_from_bins,
+    ece_sampling_floor,
     fit_temperature,
     nll_grid,
     reliability_bins,
@@ -129,3 +130,48 @@ def test_bundle_temperature_defaults_to_one_and_refuses_a_bad_value():
     assert bundle_temperature({"calibration": {"temperature": 1.7}}) == 1.7
     with pytest.raises(ValueError, match="x/model.json: calibration.temperature"):
         bundle_temperature({"calibration": {"temperature": -1}}, source="x/model.json")
+
+
+def test_the_sampling_floor_matches_calibrated_models_drawn_at_that_size():
+    # 60 test studies of a perfectly calibrated model: its ECE is not 0, and the floor says how large it reads
+    rng = np.random.default_rng(5)
+    eces, floors = [], []
+    for _ in range(300):
+        confidence = rng.uniform(0.4, 1.0, 60)
+        correct = rng.random(60) < confidence
+        probs = np.stack([confidence, (1 - confidence) / 2, (1 - confidence) / 2], axis=1)
+        labels = np.where(correct, 0, 1)
+        bins = reliability_bins(probs, labels)
+        eces.append(ece_from_bins(*bins))
+        floors.append(ece_sampling_floor(bins[0], bins[1]))
+    assert np.mean(eces) == pytest.approx(np.mean([f["expected"] for f in floors]), rel=0.1)
+    assert 0.05 < np.mean(eces) < 0.2  # the 60-study floor is above a 0.05 goal
+    assert np.mean([e <= f["upper"] for e, f in zip(eces, floors)]) >= 0.9
+
+
+def test_the_sampling_floor_shrinks_with_the_test_size_and_is_exact_for_one_bin():
+    small = ece_sampling_floor([10], [7.0])
+    large = ece_sampling_floor([1000], [700.0])
+    assert large["expected"] < small["expected"] / 5
+    # one bin of 2 studies at p = 0.5: K in {0, 1, 2} with P 1/4, 1/2, 1/4; |K - 1| / 2 -> 0.25
+    assert ece_sampling_floor([2], [1.0])["expected"] == pytest.approx(0.25)
+    assert ece_sampling_floor([2], [1.0])["upper"] >= 0.25
+
+
+@pytest.mark.parametrize(
+    ("count", "confidence", "kwargs", "message"),
+    [
+        ([2, 3], [1.0], {}, "same length"),
+        ([2.5], [1.0], {}, "whole numbers"),
+        ([-1], [0.0], {}, "whole numbers"),
+        ([2], [1.0], {"quantile": 1.0}, "quantile"),
+        ([2], [1.0], {"draws": 0}, "draws"),
+    ],
+)
+def test_the_sampling_floor_refuses_bad_bins(count, confidence, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ece_sampling_floor(count, confidence, **kwargs)
+
+
+def test_the_sampling_floor_of_no_study_is_nan():
+    assert math.isnan(ece_sampling_floor([0, 0], [0.0, 0.0])["expected"])

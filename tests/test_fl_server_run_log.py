@@ -444,6 +444,8 @@ def test_the_ece_before_and_after_is_read_from_the_summed_reliability_bins():
         assert out[f"ece_{stage}"] == pytest.approx(ece_from_bins(*reliability_bins(probs, labels)))
     assert out["ece_after"] < out["ece_before"] and out["test_studies"] == 300 and out["brier_after"] == 0.3
     assert out["sites"] == ["site-a", "site-b"]
+    # the sampling floor: what a calibrated model reads on the same 300 studies' bins
+    assert 0 < out["ece_floor_expected"] < out["ece_floor_upper95"] < 0.1
     empty = calibration_outcome(
         {"site-a": {reliability_key(s, f): [] for s in ("before", "after") for f in ("count", "confidence", "correct")}}
     )

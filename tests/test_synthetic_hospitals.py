@@ -24,6 +24,7 @@ from synthetic.hospitals import (
     noisy_label,
     study_geometry,
     write_federation,
+    write_site,
 )
 from synthetic.phantom import DIAGNOSES, SLICE_THICKNESSES_MM
 
@@ -329,6 +330,24 @@ def test_study_geometry_ranges_and_canonical() -> None:
     fixed = replace(profile, domain_randomisation=False)
     assert {study_geometry(rng, fixed) for _ in range(5)} == {study_geometry(rng, fixed)}
     assert study_geometry(rng, fixed).n_slices == 64 and study_geometry(rng, fixed).slice_thickness_mm == 2.5
+
+
+def test_study_geometry_at_a_weaker_randomisation_strength() -> None:
+    """Strength 0.5: scan ranges between 160 mm and the middle of scan_range_mm, field of view within half the
+    range, the site's own thickness in about half the studies; a strength outside [0, 1] is refused by name."""
+    profile = replace(default_profiles(1)[0], slice_thickness_mm=2.5, pixel_spacing_mm=3.0, domain_randomisation=0.5)
+    rng = np.random.default_rng(0)
+    drawn = [study_geometry(rng, profile) for _ in range(400)]
+    ranges = [g.n_slices * g.slice_spacing_mm for g in drawn]
+    assert 180.0 - 2.5 <= min(ranges) and max(ranges) <= 255.0 + 2.5
+    pixels = [g.pixel_spacing_mm for g in drawn]
+    assert 3.0 * (1 - 0.5 * 0.15) - 1e-3 <= min(pixels) and max(pixels) <= 3.0 * (1 + 0.5 * 0.2) + 1e-3
+    own = np.mean([g.slice_thickness_mm == 2.5 for g in drawn])
+    assert 0.4 < own < 0.65
+    with pytest.raises(ValueError, match="domain_randomisation must be a bool or a strength"):
+        write_site(
+            Path("/nonexistent"), replace(profile, domain_randomisation=1.5), site_index=0, patients_per_site=4, seed=0
+        )
 
 
 def test_label_noise_rate() -> None:

@@ -10,6 +10,7 @@ import pytest
 from scipy import ndimage
 
 from synthetic.phantom import (
+    CANONICAL_VALUES,
     DIAGNOSES,
     KERNELS,
     SLICE_THICKNESSES_MM,
@@ -234,6 +235,43 @@ def test_variation_draws_stay_within_their_ranges_and_use_them() -> None:
     canonical = draw_variation(rng, scan_length_mm=scan, randomise=False, slice_thickness_mm=2.0)
     assert not canonical.randomised and canonical.kernel == "standard" and canonical.slice_thickness_mm == 2.0
     assert canonical.lung_length_mm == 160.0 and canonical.streak_hu == 0.0 and canonical.motion_mm == 0.0
+
+
+def test_a_randomisation_strength_pulls_draws_toward_the_canonical_study() -> None:
+    """Strength s: every continuous draw within s of its range around the canonical value, occasional features
+    (contrast, non-standard kernel, streaks, motion) about s times as often; s = 1 is True; the lesions keep varying."""
+    scan = 300.0
+
+    def spread(s: float, name: str) -> float:
+        rng = np.random.default_rng(3)
+        values = [getattr(draw_variation(rng, scan_length_mm=scan, randomise=s), name) for _ in range(400)]
+        return float(np.ptp(values))
+
+    for name in ("body_half_width_mm", "lung_hu", "fat_mm", "noise_scale", "heart_scale"):
+        full = spread(1.0, name)
+        assert spread(0.3, name) == pytest.approx(0.3 * full, rel=0.25), name
+    rng = np.random.default_rng(4)
+    weak = [draw_variation(rng, scan_length_mm=scan, randomise=0.25) for _ in range(800)]
+    assert all(v.randomised and v.strength == 0.25 for v in weak)
+    assert 0.05 < np.mean([v.blood_hu > 140.0 for v in weak]) < 0.2  # 0.45 x 0.25
+    assert 0.08 < np.mean([v.kernel != "standard" for v in weak]) < 0.25  # 0.6 x 0.25
+    for name, value in CANONICAL_VALUES.items():
+        if name in VARIATION_RANGES and name not in ("slice_thickness_mm", "blood_hu", "streak_hu", "motion_mm"):
+            low, high = VARIATION_RANGES[name]
+            values = [float(getattr(v, name)) for v in weak]
+            assert (
+                value - 0.25 * (value - low) - 1.0 <= min(values) and max(values) <= value + 0.25 * (high - value) + 1.0
+            )
+    rng_a, rng_b = np.random.default_rng(9), np.random.default_rng(9)
+    assert draw_variation(rng_a, scan_length_mm=scan, randomise=1.0) == draw_variation(
+        rng_b, scan_length_mm=scan, randomise=True
+    )
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "yes"])
+def test_a_bad_randomisation_strength_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="randomise must be a bool or a strength"):
+        draw_variation(np.random.default_rng(0), scan_length_mm=200.0, randomise=bad)  # type: ignore[arg-type]
 
 
 def test_randomised_studies_are_deterministic_per_seed_and_differ_between_seeds() -> None:
