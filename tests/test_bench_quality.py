@@ -132,3 +132,16 @@ def test_medium_plan_lies_between_quick_and_full_and_is_its_own_plan(tmp_path):
     (tmp_path / PARTIAL_NAME).write_text(json.dumps({"plan": plan_record_of(quick), "per_seed": {}}))
     with pytest.raises(ValueError, match="site_images"):
         load_partial(tmp_path / PARTIAL_NAME, record)
+
+
+def test_a_weaker_randomisation_is_its_own_plan_and_a_bad_strength_is_refused(tmp_path):
+    """``--randomisation S`` (issue #20.1's difficulty knob): recorded with the plan, so a partial result of another
+    strength is not continued; a strength outside (0, 1] is refused by name."""
+    full, weak = medium_plan(), medium_plan(randomisation=0.3)
+    assert plan_record_of(full)["randomisation"] == 1.0 and plan_record_of(weak)["randomisation"] == 0.3
+    (tmp_path / PARTIAL_NAME).write_text(json.dumps({"plan": plan_record_of(full), "per_seed": {}}))
+    with pytest.raises(ValueError, match="randomisation"):
+        load_partial(tmp_path / PARTIAL_NAME, plan_record_of(weak))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="randomisation must be a strength"):
+            medium_plan(randomisation=bad)
