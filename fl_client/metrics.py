@@ -403,6 +403,8 @@ def _split_known(key: str) -> bool:
 
 
 def _evaluation_known(key: str) -> bool:
+    if key == VAL_CALIBRATION_NLL:  # "val-" prefixed, but floored on its own (val-n >= k), not as a split figure
+        return True
     for prefix in (VAL_PREFIX, TEST_PREFIX):
         if key.startswith(prefix):
             return _split_known(key[len(prefix) :])
@@ -431,7 +433,9 @@ def floor_evaluation(metrics: Mapping[str, Any], *, min_count: int = MIN_COUNT) 
     k = max(_positive_int(min_count, "min_count"), MIN_COUNT)
     out: dict[str, Any] = {}
     for prefix in (VAL_PREFIX, TEST_PREFIX):
-        values = {key[len(prefix) :]: v for key, v in metrics.items() if key.startswith(prefix)}
+        values = {
+            key[len(prefix) :]: v for key, v in metrics.items() if key.startswith(prefix) and key != VAL_CALIBRATION_NLL
+        }
         if values:
             out.update({prefix + key: v for key, v in _floor_split(values, k).items()})
     if TRAIN_HIST_RISK in metrics:

@@ -399,10 +399,12 @@ from fl_client.metrics import floor_calibration  # noqa: E402
 from models.calibration import apply_temperature, reliability_bins  # noqa: E402
 
 
-def test_validation_nll_sums_are_sent_only_from_k_labelled_validation_studies():
+def test_validation_nll_sums_are_sent_only_from_k_labelled_validation_studies(caplog):
     sums = [float(i) for i in range(len(CALIBRATION_TEMPERATURES))]
     enough = floor_evaluation({**_evaluation(val_n=6, test_n=6), "val-calib-nll": sums})
     assert enough["val-calib-nll"] == sums
+    # a key the floor covers is not logged as dropped (the site's log would say it was not sent)
+    assert "not covered by the privacy floor" not in caplog.text
     few = floor_evaluation({**_evaluation(val_n=3, test_n=6), "val-calib-nll": sums})
     assert few["val-calib-nll"] == []  # the key stays, nothing computed from 3 studies leaves
     assert (
