@@ -474,7 +474,7 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None, plan:
         seed=0,
         small=plan.small,
         images=plan.site_images,
-        randomised=True if plan.randomisation == 1.0 else plan.randomisation,  # issue #20.1: the lesions are the signal
+        randomised=plan.randomisation,  # issue #20.1: the lesions are the signal
     )
     work_root = work / "sites"
     sites = _site_configs(data_root, work_root)
