@@ -7,8 +7,8 @@ weights to every connected site twice, in evaluate messages with :data:`fedct.pr
    and validation studies (``fl_client.ood_stats``); the server pools them into a mean and variance per feature
    (:func:`models.ood.pooled_moments`);
 2. ``distances``, with that mean and variance: each site's count, sum and sum of squares of log10(distance) of its
-   validation and of its training studies; the threshold is the :data:`models.ood.DEFAULT_QUANTILE` quantile of a
-   log-normal fitted to the pooled validation moments, and the number of training (and validation) studies above it
+   validation and of its training studies; the threshold is the upper :data:`models.ood.DEFAULT_QUANTILE`
+   prediction bound for a new study of a log-normal fitted to the pooled validation moments, and the number of training (and validation) studies above it
    is estimated from their own pooled moments (:mod:`models.ood` says why moments rather than histograms).
 
 Each reply passes :func:`screen_moments_reply` / :func:`screen_distances_reply` (the site is who it says, exactly the

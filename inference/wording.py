@@ -176,8 +176,8 @@ def unusual_input_note(record: Mapping[str, Any] | None) -> str:
         distance, threshold = float(record["distance"]), float(record["threshold"])
         share = 100.0 * (1.0 - float(record.get("quantile", 0.99)))
         figures = (
-            f" (distance {distance:.1f} from the training studies' image features; only about {share:.0f}% of the "
-            f"training sites' validation studies lie beyond {threshold:.1f})"
+            f" (distance {distance:.1f} from the training studies' image features; a study like the training sites' "
+            f"validation studies lies beyond {threshold:.1f} only about {share:.0f}% of the time)"
         )
     except (KeyError, TypeError, ValueError):
         figures = ""

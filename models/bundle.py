@@ -261,8 +261,8 @@ def _ood_lines(ood: Mapping[str, Any] | None) -> list[str]:
         "## Unusual inputs",
         f"A study is flagged as unlike the training studies when the distance of its pooled image features from the "
         f"training sites' mean (mean squared z-score over {ood.get('features', 'the')} features) exceeds "
-        f"{float(ood['threshold']):.2f}, the {q:.0f}th percentile of a log-normal fitted to the sites' "
-        f"validation studies' distances (pooled sums only, no study left its site; "
+        f"{float(ood['threshold']):.2f}, the upper {q:.0f} % prediction bound for a new study of a log-normal fitted "
+        f"to the sites' validation studies' distances (pooled sums only, no study left its site; "
         f"{ood.get('validation_studies', 'n/a')} validation studies). Expected above it: "
         f"{_figure(ood.get('validation_above_expected'))} validation and "
         f"{_figure(ood.get('training_above_expected'))} of {ood.get('training_studies', 'n/a')} training studies "

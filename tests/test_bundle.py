@@ -220,7 +220,7 @@ def test_the_out_of_distribution_reference_is_set_on_the_bundle_and_its_card(tmp
         reference is not None and reference.threshold == 3.16 and (tmp_path / "b" / "model.pt").read_bytes() == weights
     )
     card = (tmp_path / "b" / "model_card.md").read_text()
-    assert "exceeds 3.16, the 99th percentile" in card and "0.1 validation and 1.0 of 16 training" in card
+    assert "exceeds 3.16, the upper 99 % prediction bound" in card and "0.1 validation and 1.0 of 16 training" in card
     with pytest.raises(ValueError, match="variance"):
         set_ood(tmp_path / "b", {"feature_mean": [0.0], "feature_var": [-1.0], "threshold": 1.0})
     set_ood(tmp_path / "b", None)
