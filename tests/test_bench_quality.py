@@ -145,3 +145,25 @@ def test_a_weaker_randomisation_is_its_own_plan_and_a_bad_strength_is_refused(tm
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="randomisation must be a strength"):
             medium_plan(randomisation=bad)
+
+
+def test_a_longer_budget_is_its_own_plan_and_the_sites_admit_it(tmp_path):
+    """``--rounds R --local-epochs E``: the budget is part of the plan record (a partial result of another budget is
+    not continued), and the benchmark's sites admit the pooled and local arms' R x E epochs in one call, which a
+    site's default limit of 20 local epochs per round refuses."""
+    from bench.quality import _site_configs
+    from fl_client.limits import SiteLimitError, SiteLimits
+
+    long = medium_plan(rounds=20, local_epochs=5, patients_per_site=100)
+    assert long.rounds * long.local_epochs == 100 and long.patients_per_site == 100
+    (tmp_path / PARTIAL_NAME).write_text(json.dumps({"plan": plan_record_of(medium_plan()), "per_seed": {}}))
+    with pytest.raises(ValueError, match="rounds|local_epochs"):
+        load_partial(tmp_path / PARTIAL_NAME, plan_record_of(long))
+    (tmp_path / "data" / "site-0").mkdir(parents=True)
+    site = _site_configs(tmp_path / "data", tmp_path / "work", epochs_budget=100)["site-0"]
+    assert site.limits.max_local_epochs == 100
+    site.limits.check(input_size=(32, 32, 32), spacing_mm=(10.0, 10.0, 10.0), local_epochs=100, batch_size=4)
+    default = _site_configs(tmp_path / "data", tmp_path / "work")["site-0"]
+    assert default.limits == SiteLimits()
+    with pytest.raises(SiteLimitError, match="FEDCT_MAX_LOCAL_EPOCHS"):
+        default.limits.check(input_size=(32, 32, 32), spacing_mm=(10.0, 10.0, 10.0), local_epochs=100, batch_size=4)
