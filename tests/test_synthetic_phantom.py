@@ -354,3 +354,25 @@ def test_long_scans_show_the_upper_abdomen_below_the_lungs() -> None:
             assert lung_share[-1] < 0.01
             assert (hu[-1] < -900.0)[20:44, 20:44].any()  # trachea
     assert below and above
+
+
+def test_randomised_covid_lesions_cover_about_the_burden_of_the_lung(monkeypatch) -> None:
+    """``burden`` is the fraction of lung involved: on randomised studies the lesion mask covers about that share of
+    the phantom's lung (before, overlapping blobs and the 40-blob cap left a burden of 0.27 at about 8 %)."""
+    import synthetic.phantom as phantom
+
+    shares: list[tuple[float, float]] = []
+    add_covid = phantom._add_covid
+
+    def recording(vol, rng, g, *, burden, randomise):
+        weight = add_covid(vol, rng, g, burden=burden, randomise=randomise)
+        shares.append((burden, float((weight >= phantom.LESION_MASK_WEIGHT)[g.lung].mean())))
+        return weight
+
+    monkeypatch.setattr(phantom, "_add_covid", recording)
+    for seed in range(3):
+        for burden in (0.1, 0.3, 0.5):
+            render_chest(**LONG, diagnosis="covid", burden=burden, noise_hu=0.0, rng=np.random.default_rng(seed))
+    assert len(shares) == 9
+    for burden, share in shares:
+        assert 0.8 * burden <= share <= burden + 0.15, (burden, share)
