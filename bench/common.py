@@ -248,7 +248,8 @@ def synthetic_sites(
     images: tuple[int, float, float] | None = None,
     randomised: bool | float = False,
 ) -> Path:
-    """Synthetic hospitals under ``root`` (reused when already written with the same settings); returns ``root``.
+    """Synthetic hospitals under ``root`` (reused when already written with the same settings by the same generator,
+    :data:`synthetic.phantom.PHANTOM_VERSION`); returns ``root``.
 
     ``small``: 32x32 images with 12 mm pixels and 10 mm slices (seconds to write and ingest); otherwise the
     default non-IID profiles of ``synthetic.hospitals`` (vendor, slice thickness, noise, prevalence, size).
@@ -259,9 +260,16 @@ def synthetic_sites(
     from dataclasses import replace
 
     from synthetic.hospitals import default_profiles, write_federation
+    from synthetic.phantom import PHANTOM_VERSION
 
     root = Path(root)
-    wanted: dict[str, Any] = {"sites": sites, "patients_per_site": patients_per_site, "seed": seed, "small": small}
+    wanted: dict[str, Any] = {
+        "sites": sites,
+        "patients_per_site": patients_per_site,
+        "seed": seed,
+        "small": small,
+        "phantom_version": PHANTOM_VERSION,  # data an older generator wrote is rewritten, not reused
+    }
     if images is not None:
         wanted["images"] = list(images)
     if randomised:

@@ -41,6 +41,10 @@ VESSEL_HU = 40.0
 #: A voxel belongs to the lesion mask where the painted lesion's blending weight reaches this value.
 LESION_MASK_WEIGHT = 0.5
 #: Reconstruction kernels a randomised study is drawn with (blur and noise texture).
+#: Raised whenever the same seed and settings render different studies (cached benchmark data is then rewritten).
+#: 2: randomised COVID-19 lesions filled up to their burden of the lung.
+PHANTOM_VERSION = 2
+
 KERNELS = ("smooth", "standard", "sharp")
 #: Ranges (inclusive) of the continuous draws of a randomised study (field of StudyVariation -> (low, high)).
 VARIATION_RANGES = MappingProxyType(

@@ -1,4 +1,5 @@
-"""bench.common: summaries, JSON output without NaN, and peak memory of a process tree."""
+"""bench.common: summaries, JSON output without NaN, peak memory of a process tree, and when cached synthetic sites
+are reused."""
 
 import json
 import math
@@ -49,3 +50,21 @@ def test_sampler_sees_the_memory_of_a_child_process_tree():
     finally:
         child.kill()
         child.wait()
+
+
+def test_synthetic_sites_are_reused_only_when_the_same_generator_wrote_them(tmp_path):
+    """The marker names the settings and the phantom's version: the same call reuses the data, data an older
+    generator wrote under the same settings is rewritten (not silently benchmarked)."""
+    from bench.common import synthetic_sites
+    from synthetic.phantom import PHANTOM_VERSION
+
+    root = synthetic_sites(tmp_path / "data", sites=2, patients_per_site=2, small=True)
+    marker = root / "bench-federation.json"
+    assert json.loads(marker.read_text())["phantom_version"] == PHANTOM_VERSION
+    labels = root / "site-0" / "labels.csv"
+    labels.write_text(labels.read_text() + "# kept while the generator is the same\n")
+    synthetic_sites(tmp_path / "data", sites=2, patients_per_site=2, small=True)
+    assert labels.read_text().endswith("# kept while the generator is the same\n")
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "phantom_version": PHANTOM_VERSION - 1}))
+    synthetic_sites(tmp_path / "data", sites=2, patients_per_site=2, small=True)
+    assert "# kept" not in labels.read_text() and json.loads(marker.read_text())["phantom_version"] == PHANTOM_VERSION
