@@ -273,7 +273,7 @@ def synthetic_sites(
     if images is not None:
         wanted["images"] = list(images)
     if randomised:
-        wanted["randomised"] = float(randomised)  # 1.0 == True: data written before the strength existed is reused
+        wanted["randomised"] = float(randomised)  # 1.0 == True: one strength however it is given
     marker = root / "bench-federation.json"
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return root
