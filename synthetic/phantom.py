@@ -40,11 +40,10 @@ LUNG_HU = -862.0  # parenchyma baseline; with gradient, texture and vessels lung
 VESSEL_HU = 40.0
 #: A voxel belongs to the lesion mask where the painted lesion's blending weight reaches this value.
 LESION_MASK_WEIGHT = 0.5
-#: Reconstruction kernels a randomised study is drawn with (blur and noise texture).
 #: Raised whenever the same seed and settings render different studies (cached benchmark data is then rewritten).
 #: 2: randomised COVID-19 lesions filled up to their burden of the lung.
 PHANTOM_VERSION = 2
-
+#: Reconstruction kernels a randomised study is drawn with (blur and noise texture).
 KERNELS = ("smooth", "standard", "sharp")
 #: Ranges (inclusive) of the continuous draws of a randomised study (field of StudyVariation -> (low, high)).
 VARIATION_RANGES = MappingProxyType(
@@ -848,9 +847,9 @@ def _add_covid(
             blob(int(c))
     if randomise and sides:
         # the volume-based count under-delivers (blobs overlap, at most 40): fill up to the burden, sides in turn
-        target = burden * float(np.count_nonzero(lung))
+        wanted = burden * float(np.count_nonzero(lung))
         for extra in range(COVID_MAX_FILL_BLOBS):
-            if covered >= target:
+            if covered >= wanted:
                 break
             cand, p = sides[extra % len(sides)]
             blob(int(rng.choice(cand, p=p)))
