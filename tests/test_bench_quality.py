@@ -124,6 +124,8 @@ def test_medium_plan_lies_between_quick_and_full_and_is_its_own_plan(tmp_path):
     quick = plan_for(BenchOptions(out=tmp_path, quick=True))
     medium = medium_plan(seeds=(0, 1))
     assert medium.size == "medium" and medium.seeds == (0, 1) and medium.strategies == ("fedavg",)
+    # the federation spends its 12 epochs as one-epoch rounds (many short rounds drifted less than 4 long ones)
+    assert (medium.rounds, medium.local_epochs) == (12, 1)
     assert medium.run_config["input-size"] == "32,32,32" and quick.run_config["input-size"] == "16,16,16"
     assert medium.site_images == (64, 6.0, 5.0) and medium.external_small is False
     record = plan_record_of(medium)
