@@ -140,6 +140,7 @@ def medium_plan(
     patients_per_site: int = 40,
     rounds: int = 12,
     local_epochs: int = 1,
+    run_config: Mapping[str, Any] | None = None,
 ) -> QualityPlan:
     """Between quick and full (issue #20.1: at the quick size's 16^3 inputs of 16 mm a lesion is a voxel or two):
     3 sites x 40 patients (``patients_per_site``) of 64x64 pixels of 6 mm and 5 mm slices, 32^3 inputs of 10 mm, a
@@ -148,7 +149,10 @@ def medium_plan(
 
     The federated arm spends the budget as ``rounds`` 12 rounds of ``local_epochs`` 1 (fedct's own default): on
     these sites the same budget as 5 rounds x 4 local epochs ended at 87 % of pooled, as 20 x 1 at 92 %
-    (bench/results/2026-12-06, README "300 patients per site"); the pooled and local arms train it in one call."""
+    (bench/results/2026-12-06, README "300 patients per site"); the pooled and local arms train it in one call.
+
+    ``run_config``: run-config keys that override :data:`MEDIUM_RUN_CONFIG` for every arm (e.g. ``{"hu-max": -200}``
+    for a lung window); checked by the server's config before anything runs, recorded with the plan."""
     return QualityPlan(
         sites=3,
         patients_per_site=patients_per_site,
@@ -157,7 +161,7 @@ def medium_plan(
         rounds=rounds,
         local_epochs=local_epochs,
         strategies=tuple(strategies),
-        run_config=MEDIUM_RUN_CONFIG,
+        run_config={**MEDIUM_RUN_CONFIG, **(run_config or {})},
         site_images=(64, 6.0, 5.0),
         external_small=False,
         size="medium",
@@ -644,8 +648,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         help="local epochs per round (default 1); the pooled and local arms train rounds x local epochs",
     )
+    p.add_argument(
+        "--run-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run-config key for every arm, over the medium size's own (repeatable; e.g. hu-max=-200)",
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    overrides = {}
+    for item in args.run_config:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            p.error(f"--run-config wants KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
     plan = medium_plan(
         seeds=[int(x) for x in args.seeds.split(",")],
         strategies=[x for x in args.strategies.split(",") if x],
@@ -653,6 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         patients_per_site=args.patients,
         rounds=args.rounds,
         local_epochs=args.local_epochs,
+        run_config=overrides,
     )
     print(run(BenchOptions(out=Path(args.out), quick=True, resume=args.resume), plan=plan))
     return 0

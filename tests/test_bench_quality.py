@@ -169,3 +169,22 @@ def test_a_longer_budget_is_its_own_plan_and_the_sites_admit_it(tmp_path):
     assert default.limits == SiteLimits()
     with pytest.raises(SiteLimitError, match="FEDCT_MAX_LOCAL_EPOCHS"):
         default.limits.check(input_size=(32, 32, 32), spacing_mm=(10.0, 10.0, 10.0), local_epochs=100, batch_size=4)
+
+
+def test_run_config_overrides_are_part_of_the_plan_and_an_unknown_key_is_refused_before_anything_runs(tmp_path):
+    """``--run-config KEY=VALUE`` (e.g. a lung window, ``hu-max=-200``): it overrides the medium size's own run config
+    for every arm, a partial result of the default plan is not continued under it, and a key the server's config does
+    not know is refused by name before data is written."""
+    from bench.quality import main
+
+    lung = medium_plan(run_config={"hu-max": "-200"})
+    assert lung.run_config["hu-max"] == "-200" and lung.run_config["input-size"] == "32,32,32"
+    assert "hu-max" not in medium_plan().run_config
+    (tmp_path / PARTIAL_NAME).write_text(json.dumps({"plan": plan_record_of(medium_plan()), "per_seed": {}}))
+    with pytest.raises(ValueError, match="run_config"):
+        load_partial(tmp_path / PARTIAL_NAME, plan_record_of(lung))
+    with pytest.raises(ValueError, match="unknown run config key 'no-such-key'"):
+        main(["--medium", "--run-config", "no-such-key=1", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "work").exists()
+    with pytest.raises(SystemExit):
+        main(["--medium", "--run-config", "hu-max", "--out", str(tmp_path / "out")])
