@@ -141,8 +141,17 @@ OOD_VAL_LOG, OOD_TRAIN_LOG = "ood-val-log-distance", "ood-train-log-distance"
 
 #: What happens to normalisation layers (BatchNorm etc.): averaged by the server, or kept at each site (FedBN).
 BN_MODES = ("aggregate", "local")
+#: What a site's optimiser starts each round from: a fresh Adam (``reset``) or the moments it ended its previous
+#: round of the same run with (``keep``; kept in the site's work folder, never sent).
+LOCAL_OPTIMISERS = ("reset", "keep")
 #: Optional round-config keys and their defaults (older servers do not send them; FedProx adds proximal-mu).
-OPTIONAL_ROUND_KEYS = {"bn-mode": "aggregate", "transport": "float32", "proximal-mu": 0.0, "evaluate-first": False}
+OPTIONAL_ROUND_KEYS = {
+    "bn-mode": "aggregate",
+    "transport": "float32",
+    "proximal-mu": 0.0,
+    "evaluate-first": False,
+    "local-optimiser": "reset",
+}
 #: Round-config key asking the site to evaluate the received weights before training (``evaluate-mode = "fused"``).
 EVALUATE_FIRST = "evaluate-first"
 
@@ -178,6 +187,9 @@ class RoundSettings:
     profile: ProfileNormalisation | None = None
     #: ``profile-dropout``: probability that local training masks each measured profile value of a study (0 = never).
     profile_dropout: float = 0.0
+    #: ``local-optimiser``: ``reset`` (a fresh Adam every round) or ``keep`` (the site's Adam moments carried over
+    #: from its previous round of the same run).
+    local_optimiser: str = "reset"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.profile_dropout < 1.0:
@@ -191,6 +203,8 @@ class RoundSettings:
             raise ValueError(f"bn-mode {self.bn_mode!r} is not one of {', '.join(BN_MODES)}")
         if self.proximal_mu < 0:
             raise ValueError(f"proximal-mu must be >= 0, got {self.proximal_mu}")
+        if self.local_optimiser not in LOCAL_OPTIMISERS:
+            raise ValueError(f"local-optimiser {self.local_optimiser!r} is not one of {', '.join(LOCAL_OPTIMISERS)}")
         if len(self.loss_weights) != 2 or any(w < 0 for w in self.loss_weights) or sum(self.loss_weights) <= 0:
             raise ValueError(f"loss weights must be two non-negative numbers, not both 0, got {self.loss_weights}")
         if self.horizon_days <= 0:
@@ -227,6 +241,7 @@ class RoundSettings:
             "transport": self.transport,
             "proximal-mu": self.proximal_mu,
             EVALUATE_FIRST: self.evaluate_first,
+            "local-optimiser": self.local_optimiser,
         }
         if self.model.profile_fusion != "none":
             record[PROFILE_FUSION] = self.model.profile_fusion
@@ -294,6 +309,7 @@ class RoundSettings:
             transport=str(record.get("transport", OPTIONAL_ROUND_KEYS["transport"])),
             proximal_mu=float(record.get("proximal-mu", OPTIONAL_ROUND_KEYS["proximal-mu"])),
             evaluate_first=bool(record.get(EVALUATE_FIRST, OPTIONAL_ROUND_KEYS[EVALUATE_FIRST])),
+            local_optimiser=str(record.get("local-optimiser", OPTIONAL_ROUND_KEYS["local-optimiser"])),
             profile=profile,
             profile_dropout=float(record.get(PROFILE_DROPOUT, 0.0)),
         )

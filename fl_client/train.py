@@ -279,8 +279,12 @@ def train_model(
     compute: Compute | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     profile_dropout: float = 0.0,
+    optimiser: torch.optim.Optimizer | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` over ``loader`` (Adam).
+
+    ``optimiser``: an Adam over ``model.parameters()`` to continue (e.g. the site's from its previous round,
+    :func:`local_optimiser`); its learning rate is set to ``lr``. Default: a fresh Adam.
 
     ``compute`` sets the precision (bf16 autocast; fp16 autocast with GradScaler; fp32) and the memory format; by
     default the automatic settings of ``device`` (:func:`fl_client.compute.resolve_compute`). ``augment`` is applied
@@ -295,7 +299,10 @@ def train_model(
     compute = compute if compute is not None else resolve_compute(ComputeOptions(), device)
     if compute.channels_last:
         model.to(memory_format=torch.channels_last_3d)
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    if optimiser is None:
+        optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    for group in optimiser.param_groups:  # this round's rate (lr-schedule), whatever a continued state held
+        group["lr"] = lr
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     scaler = torch.amp.GradScaler(device.type, enabled=compute.grad_scaler)
     model.train()
@@ -387,6 +394,37 @@ def save_local_norm(site: SiteConfig, settings: RoundSettings, model: nn.Module)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+def local_optimiser_path(site: SiteConfig, settings: RoundSettings) -> Path:
+    """Where a site keeps its Adam moments between rounds under ``local-optimiser = keep``, per architecture."""
+    return site.site_dir / "optimiser" / local_norm_path(site, settings).name
+
+
+def local_optimiser(site: SiteConfig, settings: RoundSettings, model: nn.Module, *, lr: float) -> torch.optim.Optimizer:
+    """The Adam a round trains with: under ``local-optimiser = keep`` from round 2 on, the site's own from its
+    previous round (moments of the same parameters); otherwise, or when the saved state does not fit the model,
+    a fresh one. A run's first round always starts fresh, so a new run never inherits an old run's moments."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    path = local_optimiser_path(site, settings)
+    if settings.local_optimiser != "keep" or settings.server_round <= 1 or not path.is_file():
+        return optimiser
+    try:
+        optimiser.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (ValueError, KeyError, RuntimeError):  # another model's moments: start fresh, replaced after this round
+        optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    return optimiser
+
+
+def save_local_optimiser(site: SiteConfig, settings: RoundSettings, optimiser: torch.optim.Optimizer) -> Path | None:
+    """Keep the round's final Adam moments at the site (``local-optimiser = keep``); atomic write, never sent."""
+    if settings.local_optimiser != "keep":
+        return None
+    buffer = io.BytesIO()
+    torch.save(optimiser.state_dict(), buffer)
+    path = local_optimiser_path(site, settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
 def recalibrate_batch_norm(
     model: nn.Module, loader: Any, *, device: torch.device, compute: Compute | None = None
 ) -> bool:
@@ -468,6 +506,7 @@ def train_round(
     model = _model(settings, with_local_norm(site, settings, state), compute)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    optimiser = local_optimiser(site, settings, model, lr=settings.learning_rate)
     result = train_model(
         model,
         loader,
@@ -479,7 +518,9 @@ def train_round(
         compute=compute,
         augment=batch_augment(settings, compute),
         profile_dropout=settings.profile_dropout,
+        optimiser=optimiser,
     )
+    save_local_optimiser(site, settings, optimiser)
     recalibrate_batch_norm(
         model,
         _loader(manifest, "train", settings, train=False, compute=compute, profile=profile),

@@ -17,7 +17,7 @@ from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedct.protocol import BN_MODES, RoundSettings, parse_triple
+from fedct.protocol import BN_MODES, LOCAL_OPTIMISERS, RoundSettings, parse_triple
 from fl_server.privacy import PrivacyConfig
 from models.factory import PROFILE_FUSIONS, ModelConfig
 from models.registry import PromotionRule
@@ -105,6 +105,7 @@ class ServerConfig:
     lr_step_rounds: int = 10
     lr_gamma: float = 0.5
     bn_mode: str = "aggregate"
+    local_optimiser: str = "reset"
     transport: str = "float32"
     max_update_norm: float = 0.0
     update_zscore: float = 0.0
@@ -141,6 +142,7 @@ class ServerConfig:
             "strategy": (self.strategy, STRATEGIES),
             "lr-schedule": (self.lr_schedule, LR_SCHEDULES),
             "bn-mode": (self.bn_mode, BN_MODES),
+            "local-optimiser": (self.local_optimiser, LOCAL_OPTIMISERS),
             "transport": (self.transport, TRANSPORTS),
             "evaluate-mode": (self.evaluate_mode, EVALUATE_MODES),
             "profile-fusion": (self.profile_fusion, PROFILE_FUSIONS),
@@ -294,6 +296,7 @@ class ServerConfig:
             loss_weights=(self.loss_weight_diagnosis, self.loss_weight_prognosis),
             horizon_days=self.prognosis_horizon_days,
             bn_mode=self.bn_mode,
+            local_optimiser=self.local_optimiser,
             transport=self.transport,
             evaluate_first=evaluate_first,
             profile=profile,

@@ -454,3 +454,51 @@ def test_fedbn_files_of_a_fused_model_are_kept_apart_from_the_image_only_ones(tm
     fused = ServerConfig(model_name="smallcnn", profile_fusion="film").round_settings(1)
     assert local_norm_path(site, plain).name == "smallcnn-batch-3-0.pt"  # as before profiles existed
     assert local_norm_path(site, fused).name == "smallcnn-batch-3-0-film.pt"
+
+
+def test_keep_local_optimiser_continues_the_sites_adam_moments_from_round_to_round(tiny_site, tmp_path):
+    """``local-optimiser = keep``: a round saves the site's Adam moments (never in the reply) and the next round of
+    the run continues them, at that round's learning rate; a run's first round, ``reset`` and a state of another
+    model start fresh."""
+    from dataclasses import replace
+
+    from fl_client.train import local_optimiser, local_optimiser_path
+
+    site, config = tiny_site
+    site = replace(site, site_dir=tmp_path / "work")
+    settings = replace(config.round_settings(1), local_optimiser="keep")
+    model = build_model(settings.model)
+    state, result = train_round(site, settings, model.state_dict())
+    path = local_optimiser_path(site, settings)
+    saved = torch.load(path, weights_only=True)
+    assert int(saved["state"][0]["step"]) == result.steps  # one Adam step per batch of round 1
+    assert set(state) == set(model.state_dict())  # the reply is the weights only
+    model.load_state_dict(state)
+    second = replace(settings, server_round=2, learning_rate=0.005)
+    continued = local_optimiser(site, second, model, lr=second.learning_rate)
+    assert int(continued.state_dict()["state"][0]["step"]) == result.steps
+    assert torch.equal(continued.state_dict()["state"][0]["exp_avg_sq"], saved["state"][0]["exp_avg_sq"])
+    _, result2 = train_round(site, second, state)
+    assert int(torch.load(path, weights_only=True)["state"][0]["step"]) == result.steps + result2.steps
+    for fresh in (
+        settings,  # a run's first round
+        replace(second, local_optimiser="reset"),
+    ):
+        assert local_optimiser(site, fresh, model, lr=0.01).state_dict()["state"] == {}
+    other = build_model(replace(settings.model, name="densenet121"))  # saved moments do not fit: fresh
+    assert local_optimiser(site, second, other, lr=0.01).state_dict()["state"] == {}
+    with pytest.raises(ValueError, match="local-optimiser 'sometimes'"):
+        replace(settings, local_optimiser="sometimes")
+
+
+def test_train_model_continues_a_given_optimiser_at_the_rounds_learning_rate():
+    from monai.data import DataLoader
+
+    model = build_model(ServerConfig(model_name="smallcnn", input_size="16,16,16").model)
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.5)
+    items = [{"image": torch.rand(1, 16, 16, 16), "label": i % 3, "time": 5.0, "event": 1.0} for i in range(4)]
+    result = train_model(
+        model, DataLoader(items, batch_size=2), epochs=1, lr=0.002, device=torch.device("cpu"), optimiser=optimiser
+    )
+    assert result.steps == 2 and int(optimiser.state_dict()["state"][0]["step"]) == 2
+    assert all(group["lr"] == 0.002 for group in optimiser.param_groups)

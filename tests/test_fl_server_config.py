@@ -83,6 +83,7 @@ def test_from_run_config_parses_and_converts():
         ({"strategy": "fedsgd"}, "strategy 'fedsgd' is not one of fedavg"),
         ({"lr-schedule": "linear"}, "lr-schedule 'linear'"),
         ({"bn-mode": "frozen"}, "bn-mode 'frozen'"),
+        ({"local-optimiser": "always"}, "local-optimiser 'always'"),
         ({"transport": "int8"}, "transport 'int8'"),
         ({"fraction-train": 0.0}, "fraction-train"),
         ({"proximal-mu": -1.0}, "proximal-mu"),

@@ -36,12 +36,16 @@ def test_parse_triple():
 
 
 def test_optional_round_keys_default_when_an_older_server_omits_them():
-    record = ServerConfig(bn_mode="local").round_settings(1).to_record()
+    record = ServerConfig(bn_mode="local", local_optimiser="keep").round_settings(1).to_record()
     assert RoundSettings.from_record(record).bn_mode == "local"
-    for key in ("bn-mode", "transport", "proximal-mu"):
+    assert RoundSettings.from_record(record).local_optimiser == "keep"
+    for key in ("bn-mode", "transport", "proximal-mu", "local-optimiser"):
         record.pop(key)
     settings = RoundSettings.from_record({**record, "proximal-mu": 0.25})  # FedProx adds proximal-mu to the config
     assert (settings.bn_mode, settings.transport, settings.proximal_mu) == ("aggregate", "float32", 0.25)
+    assert settings.local_optimiser == "reset"
+    with pytest.raises(ValueError, match="local-optimiser 'always'"):
+        RoundSettings.from_record({**record, "local-optimiser": "always"})
     with pytest.raises(ValueError, match="bn-mode"):
         RoundSettings.from_record({**record, "bn-mode": "shared"})
 
