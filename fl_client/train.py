@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import pickle
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -409,7 +410,8 @@ def local_optimiser(site: SiteConfig, settings: RoundSettings, model: nn.Module,
         return optimiser
     try:
         optimiser.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except (ValueError, KeyError, RuntimeError):  # another model's moments: start fresh, replaced after this round
+    except (ValueError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError):
+        # another model's moments or an unreadable file: start fresh, replaced after this round
         optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     return optimiser
 
@@ -420,9 +422,7 @@ def save_local_optimiser(site: SiteConfig, settings: RoundSettings, optimiser: t
         return None
     buffer = io.BytesIO()
     torch.save(optimiser.state_dict(), buffer)
-    path = local_optimiser_path(site, settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write_bytes(local_optimiser_path(site, settings), buffer.getvalue())
 
 
 def recalibrate_batch_norm(

@@ -487,6 +487,8 @@ def test_keep_local_optimiser_continues_the_sites_adam_moments_from_round_to_rou
         assert local_optimiser(site, fresh, model, lr=0.01).state_dict()["state"] == {}
     other = build_model(replace(settings.model, name="densenet121"))  # saved moments do not fit: fresh
     assert local_optimiser(site, second, other, lr=0.01).state_dict()["state"] == {}
+    path.write_bytes(b"not a torch file")  # unreadable (e.g. a disk fault): fresh, not a failed round
+    assert local_optimiser(site, second, model, lr=0.01).state_dict()["state"] == {}
     with pytest.raises(ValueError, match="local-optimiser 'sometimes'"):
         replace(settings, local_optimiser="sometimes")
 
