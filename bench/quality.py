@@ -65,6 +65,9 @@ class QualityPlan:
     external_small: bool | None = None  # small external studies (32x32); None: as ``small``
     size: str = ""  # the size's name, recorded with the results ("": the mode of the options)
     randomisation: float = 1.0  # strength of the sites' domain randomisation (SiteProfile.domain_randomisation)
+    # epochs short of the budget at which the pooled and federated arms are scored as well (arms ``pooled@E`` and
+    # ``federated:<strategy>@E``, from the same training: is an arm still improving at the budget?)
+    score_at: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.sites < 2:
@@ -77,6 +80,16 @@ class QualityPlan:
             raise ValueError("the quality benchmark needs at least one federated strategy")
         if not 0.0 < self.randomisation <= 1.0:
             raise ValueError(f"randomisation must be a strength in (0, 1], got {self.randomisation!r}")
+        budget = self.rounds * self.local_epochs
+        for epochs in self.score_at:
+            if not 0 < epochs < budget:
+                raise ValueError(f"score_at {epochs!r}: must lie between 0 and the budget of {budget} epochs")
+            if epochs % self.local_epochs:
+                raise ValueError(
+                    f"score_at {epochs!r}: not a whole number of rounds of {self.local_epochs} local epochs"
+                )
+        if list(self.score_at) != sorted(set(self.score_at)):
+            raise ValueError(f"score_at must be increasing and without repeats, got {self.score_at!r}")
 
 
 def plan_for(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> QualityPlan:
@@ -92,11 +105,12 @@ def plan_for(options: BenchOptions, *, strategies: Sequence[str] | None = None) 
             patients_per_site=8,
             small=True,
             seeds=(0,),
-            rounds=1,
+            rounds=2,
             local_epochs=1,
             strategies=tuple(strategies),
             run_config=SMALL_RUN_CONFIG,
             external_studies=6,
+            score_at=(1,),
         )
     if options.quick:
         return QualityPlan(
@@ -141,6 +155,7 @@ def medium_plan(
     rounds: int = 12,
     local_epochs: int = 1,
     run_config: Mapping[str, Any] | None = None,
+    score_at: Sequence[int] = (),
 ) -> QualityPlan:
     """Between quick and full (issue #20.1: at the quick size's 16^3 inputs of 16 mm a lesion is a voxel or two):
     3 sites x 40 patients (``patients_per_site``) of 64x64 pixels of 6 mm and 5 mm slices, 32^3 inputs of 10 mm, a
@@ -152,7 +167,8 @@ def medium_plan(
     (bench/results/2026-12-06, README "300 patients per site"); the pooled and local arms train it in one call.
 
     ``run_config``: run-config keys that override :data:`MEDIUM_RUN_CONFIG` for every arm (e.g. ``{"hu-max": -200}``
-    for a lung window); checked by the server's config before anything runs, recorded with the plan."""
+    for a lung window); checked by the server's config before anything runs, recorded with the plan. ``score_at``:
+    epochs short of the budget at which the pooled and federated arms are scored too (:attr:`QualityPlan.score_at`)."""
     return QualityPlan(
         sites=3,
         patients_per_site=patients_per_site,
@@ -166,6 +182,7 @@ def medium_plan(
         external_small=False,
         size="medium",
         randomisation=randomisation,
+        score_at=tuple(score_at),
     )
 
 
@@ -272,6 +289,16 @@ def external_family(root: Path, work_dir: Path, *, studies: int, small: bool) ->
 
 def train_pooled(sites: Mapping[str, Any], settings: Any, state: Mapping[str, Any], *, epochs: int) -> dict[str, Any]:
     """All sites' training studies in one loader, ``epochs`` epochs of fedct's training loop; returns the weights."""
+    return train_pooled_at(sites, settings, state, epochs=(epochs,))[epochs]
+
+
+def train_pooled_at(
+    sites: Mapping[str, Any], settings: Any, state: Mapping[str, Any], *, epochs: Sequence[int]
+) -> dict[int, dict[str, Any]]:
+    """:func:`train_pooled` to the last of ``epochs`` (increasing), its weights after each of them: one training run
+    (one Adam, one data order), each snapshot with its own BatchNorm recalibration; ``{epochs: weights}``."""
+    import copy
+
     import torch
     from monai.data import DataLoader
     from monai.utils import set_determinism
@@ -295,13 +322,30 @@ def train_pooled(sites: Mapping[str, Any], settings: Any, state: Mapping[str, An
             ConcatDataset(parts), batch_size=settings.batch_size, shuffle=augment, num_workers=0, generator=generator
         )
 
+    marks = list(epochs)
+    if not marks or marks != sorted(set(marks)) or marks[0] < 1:
+        raise ValueError(f"epochs must be increasing positive counts, got {marks!r}")
     model = build_model(settings.model)
     model.load_state_dict(dict(state))
-    train_model(
-        model, loader(True), epochs=epochs, lr=settings.learning_rate, device=device, loss_weights=settings.loss_weights
-    )
-    recalibrate_batch_norm(model, loader(False), device=device)
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    train_loader = loader(True)
+    out: dict[int, dict[str, Any]] = {}
+    done = 0
+    for mark in marks:
+        train_model(
+            model,
+            train_loader,
+            epochs=mark - done,
+            lr=settings.learning_rate,
+            device=device,
+            loss_weights=settings.loss_weights,
+            optimiser=optimiser,
+        )
+        done = mark
+        snapshot = copy.deepcopy(model) if mark != marks[-1] else model
+        recalibrate_batch_norm(snapshot, loader(False), device=device)
+        out[mark] = {k: v.detach().cpu().clone() for k, v in snapshot.state_dict().items()}
+    return out
 
 
 def run_federated(config: Any, data_root: Path, work_root: Path, n_sites: int) -> dict[str, Any]:
@@ -331,6 +375,16 @@ def final_state(config: Any) -> dict[str, Any]:
 
     model, _ = load_bundle(config.run_path / "model" / "final")
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def round_state(config: Any, server_round: int) -> dict[str, Any]:
+    """The global weights of a federated run after ``server_round`` (its ``checkpoints/round-NNN.pt``)."""
+    import torch
+
+    path = config.run_path / "checkpoints" / f"round-{server_round:03d}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"the federated run wrote no {path}")
+    return dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def _summaries(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
@@ -423,6 +477,7 @@ def plan_record_of(plan: QualityPlan) -> dict[str, Any]:
         "site_images": list(plan.site_images) if plan.site_images else None,
         "external_small": plan.small if plan.external_small is None else plan.external_small,
         "randomisation": plan.randomisation,
+        "score_at": list(plan.score_at),
     }
 
 
@@ -461,7 +516,8 @@ def load_partial(
     ]
     if differ:
         raise ValueError(f"{path} was written for another plan ({'; '.join(differ)}); move it away to start over")
-    wanted_arms = {"pooled", *(f"federated:{s}" for s in plan_record["strategies"])}
+    bases = ["pooled", *(f"federated:{s}" for s in plan_record["strategies"])]
+    wanted_arms = {*bases, *(f"{b}@{e}" for b in bases for e in plan_record.get("score_at", []))}
     per_seed = {
         arm: [r for r in results if r.get("seed") in plan_record["seeds"]]
         for arm, results in data.get("per_seed", {}).items()
@@ -540,16 +596,14 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None, plan:
         config = configs[(plan.strategies[0], seed)]
         settings = replace(config.round_settings(1), local_epochs=budget)
         state0 = _initial_state(config)
-        if not done("pooled", seed):
+        if not all(done(arm, seed) for arm in ("pooled", *(f"pooled@{e}" for e in plan.score_at))):
             t0 = time.perf_counter()
-            record(
-                "pooled",
-                {
-                    "seed": seed,
-                    **score(sites, settings, train_pooled(sites, settings, state0, epochs=budget), external=external),
-                },
-                t0,
-            )
+            pooled_states = train_pooled_at(sites, settings, state0, epochs=(*plan.score_at, budget))
+            for epochs, state in pooled_states.items():
+                arm = "pooled" if epochs == budget else f"pooled@{epochs}"
+                if not done(arm, seed):
+                    record(arm, {"seed": seed, **score(sites, settings, state, external=external)}, t0)
+                    t0 = time.perf_counter()
         for name, site in sites.items():
             if done(f"local:{name}", seed):
                 continue
@@ -557,12 +611,19 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None, plan:
             state, _ = train_round(site, settings, state0)
             record(f"local:{name}", {"seed": seed, **score(sites, settings, state, external=external)}, t0)
         for strategy in plan.strategies:
-            if done(f"federated:{strategy}", seed):
+            arm = f"federated:{strategy}"
+            if all(done(a, seed) for a in (arm, *(f"{arm}@{e}" for e in plan.score_at))):
                 continue
             t0 = time.perf_counter()
-            run_federated(configs[(strategy, seed)], data_root, work_root, plan.sites)
-            state = final_state(configs[(strategy, seed)])
-            record(f"federated:{strategy}", {"seed": seed, **score(sites, settings, state, external=external)}, t0)
+            config = configs[(strategy, seed)]
+            run_federated(config, data_root, work_root, plan.sites)
+            for epochs in plan.score_at:
+                if not done(f"{arm}@{epochs}", seed):
+                    state = round_state(config, epochs // plan.local_epochs)
+                    record(f"{arm}@{epochs}", {"seed": seed, **score(sites, settings, state, external=external)}, t0)
+                    t0 = time.perf_counter()
+            if not done(arm, seed):
+                record(arm, {"seed": seed, **score(sites, settings, final_state(config), external=external)}, t0)
     for results in per_seed.values():  # resumed arms: seed order, whatever order they finished in
         results.sort(key=lambda r: plan.seeds.index(r["seed"]))
     arms = {
@@ -588,12 +649,25 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None, plan:
             ]["mean"],
             "target_external_auc_covid_vs_normal": EXTERNAL_AUC_GOAL,
         }
+    # an arm still improving at the budget has not converged: its ratio to another arm says little
+    curves = {
+        base: [
+            {
+                "epochs": epochs,
+                "internal_auc_macro": arms[name]["summary"]["overall"][key]["mean"],
+                "external_auc_covid_vs_normal": arms[name]["summary"]["external"][EXTERNAL_FIGURES[0][0]]["mean"],
+            }
+            for epochs, name in [*((e, f"{base}@{e}") for e in plan.score_at), (budget, base)]
+        ]
+        for base in ("pooled", *(f"federated:{s}" for s in plan.strategies))
+    }
     payload = {
         "what": "held-out test metrics of the final model of each arm (same initial weights per seed, same budget of local "
         "epochs, same training loop and metric code); overall = weighted mean of site values (macro AUC by test studies, "
         "C-index by events); pooled-auc-macro = AUC of all sites' predictions pooled. A local:<site> model is scored at "
         "every site. external = the same model on the external validation family (synthetic.external: another generator, "
-        "never trained on). Mean/std over seeds.",
+        "never trained on). <arm>@E = the same training's model after E epochs (pooled) or E / local epochs rounds "
+        "(federated), short of the budget; budget_curves lists them per arm. Mean/std over seeds.",
         "external_family": {"studies": plan.external_studies, "generator": "synthetic.external"},
         "plan": {
             **plan_record,
@@ -622,6 +696,7 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None, plan:
         "figures": {k: label for k, label in FIGURES},
         "arms": arms,
         "verdict_on_macro_auc": verdict,
+        "budget_curves": curves,
     }
     plot(out / "quality.png", arms)
     return write_result(out, "quality", payload, options=options, started=started)
@@ -655,6 +730,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="a run-config key for every arm, over the medium size's own (repeatable; e.g. hu-max=-200)",
     )
+    p.add_argument(
+        "--score-at",
+        default="",
+        metavar="EPOCHS",
+        help="comma-separated epochs short of the budget at which the pooled and federated arms are scored too "
+        "(from the same training; e.g. 20 with a budget of 40)",
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     overrides = {}
@@ -671,6 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds=args.rounds,
         local_epochs=args.local_epochs,
         run_config=overrides,
+        score_at=[int(x) for x in args.score_at.split(",") if x.strip()],
     )
     print(run(BenchOptions(out=Path(args.out), quick=True, resume=args.resume), plan=plan))
     return 0

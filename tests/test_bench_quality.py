@@ -20,7 +20,14 @@ def tiny_run(tmp_path_factory):
 def test_tiny_quality_benchmark_has_every_arm_and_site(tiny_run):
     out, data = tiny_run
     assert (out / "quality.png").read_bytes()[:4] == b"\x89PNG"
-    assert set(data["arms"]) == {"pooled", "local:site-0", "local:site-1", "federated:fedavg"}
+    assert set(data["arms"]) == {
+        "pooled",
+        "pooled@1",
+        "local:site-0",
+        "local:site-1",
+        "federated:fedavg",
+        "federated:fedavg@1",
+    }
     assert data["plan"]["epochs_budget"] == data["plan"]["rounds"] * data["plan"]["local_epochs"]
     for arm in data["arms"].values():
         assert [r["seed"] for r in arm["per_seed"]] == [0]
@@ -34,6 +41,85 @@ def test_tiny_quality_benchmark_has_every_arm_and_site(tiny_run):
     fed = data["arms"]["federated:fedavg"]["summary"]["overall"]["test-pooled-auc-macro"]["mean"]
     assert fed is not None and not math.isnan(fed)
     assert data["verdict_on_macro_auc"]["fedavg"]["best_local_arm"].startswith("local:")
+
+
+def test_pooled_and_federated_arms_are_scored_short_of_the_budget_too(tiny_run):
+    """``score_at``: the pooled arm after E of its epochs and the federated arm after E / local epochs rounds, from the
+    same training as the budget's model (the federated one from its round checkpoint), listed per arm in
+    ``budget_curves``."""
+    import torch
+
+    from bench.quality import _server_config, _site_configs, round_state, score
+
+    out, data = tiny_run
+    assert data["plan"]["score_at"] == [1] and data["plan"]["epochs_budget"] == 2
+    for base in ("pooled", "federated:fedavg"):
+        curve = data["budget_curves"][base]
+        assert [p["epochs"] for p in curve] == [1, 2]
+        assert (
+            curve[0]["internal_auc_macro"] == data["arms"][f"{base}@1"]["summary"]["overall"]["test-auc-macro"]["mean"]
+        )
+        assert curve[1]["internal_auc_macro"] == data["arms"][base]["summary"]["overall"]["test-auc-macro"]["mean"]
+    plan = plan_for(BenchOptions(out=out, tiny=True))
+    work = out / "work" / "quality"
+    config = _server_config(plan, seed=0, run_dir=work / "runs" / "fedavg-seed0", strategy="fedavg")
+    after_1, after_2 = round_state(config, 1), round_state(config, 2)
+    assert any(not torch.equal(after_1[k], after_2[k]) for k in after_1)  # two different models were scored
+    sites = _site_configs(work / "data", work / "sites", epochs_budget=2)
+    from dataclasses import replace
+
+    settings = replace(config.round_settings(1), local_epochs=2)
+    again = score(sites, settings, after_1)
+    undefined_as_none = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in again["overall"].items()}
+    assert undefined_as_none == data["arms"]["federated:fedavg@1"]["per_seed"][0]["overall"]
+    with pytest.raises(FileNotFoundError, match="round-009"):
+        round_state(config, 9)
+
+
+def test_pooled_training_scored_on_the_way_is_the_same_training(tiny_run):
+    """train_pooled_at((1, 2)) continues one training (one Adam, one data order): its 2-epoch weights are those of
+    train_pooled(epochs=2) in one call; bad epoch lists are refused."""
+    from dataclasses import replace
+
+    import torch
+
+    from bench.quality import _initial_state, _server_config, _site_configs, train_pooled, train_pooled_at
+
+    out, _ = tiny_run
+    plan = plan_for(BenchOptions(out=out, tiny=True))
+    work = out / "work" / "quality"
+    config = _server_config(plan, seed=0, run_dir=work / "runs" / "fedavg-seed0", strategy="fedavg")
+    sites = _site_configs(work / "data", work / "sites", epochs_budget=2)
+    settings = replace(config.round_settings(1), local_epochs=2)
+    state0 = _initial_state(config)
+    at = train_pooled_at(sites, settings, state0, epochs=(1, 2))
+    once = train_pooled(sites, settings, state0, epochs=2)
+    assert set(at) == {1, 2}
+    for k, v in once.items():
+        assert torch.allclose(at[2][k].float(), v.float(), atol=1e-6), k
+    assert any(not torch.equal(at[1][k], at[2][k]) for k in once)
+    for bad in ((2, 1), (0, 2), ()):
+        with pytest.raises(ValueError, match="increasing positive"):
+            train_pooled_at(sites, settings, state0, epochs=bad)
+
+
+def test_score_at_must_lie_inside_the_budget_in_whole_rounds(tmp_path):
+    assert medium_plan(rounds=40, score_at=(10, 20)).score_at == (10, 20)
+    with pytest.raises(ValueError, match="score_at 40: must lie between 0 and the budget of 40"):
+        medium_plan(rounds=40, score_at=(40,))
+    with pytest.raises(ValueError, match="score_at 0"):
+        medium_plan(score_at=(0,))
+    with pytest.raises(ValueError, match="score_at 3: not a whole number of rounds of 2 local epochs"):
+        medium_plan(rounds=5, local_epochs=2, score_at=(3,))
+    with pytest.raises(ValueError, match="increasing and without repeats"):
+        medium_plan(rounds=40, score_at=(20, 10))
+    # a partial result keeps the arms scored short of this plan's budget, not those of another list
+    plan = plan_record_of(medium_plan(rounds=40, score_at=(20,)))
+    row = {"seed": 0, "overall": {}, "sites": {}}
+    per_seed = {"pooled@20": [row], "pooled@10": [row], "federated:fedavg@20": [row]}
+    (tmp_path / PARTIAL_NAME).write_text(json.dumps({"plan": plan, "per_seed": per_seed, "seconds": {}}))
+    kept, _ = load_partial(tmp_path / PARTIAL_NAME, plan)
+    assert set(kept) == {"pooled@20", "federated:fedavg@20"}
 
 
 def test_every_arm_is_scored_on_the_external_family(tiny_run):
@@ -95,7 +181,7 @@ def test_resume_keeps_finished_arms_and_runs_only_the_rest(tiny_run, tmp_path):
 def test_resume_refuses_a_partial_result_of_another_plan(tmp_path):
     plan = plan_record_of(plan_for(BenchOptions(out=tmp_path, tiny=True)))
     (tmp_path / PARTIAL_NAME).write_text(json.dumps({"plan": {**plan, "rounds": 7}, "per_seed": {}, "seconds": {}}))
-    with pytest.raises(ValueError, match="rounds: 7 there, 1 here"):
+    with pytest.raises(ValueError, match="rounds: 7 there, 2 here"):
         load_partial(tmp_path / PARTIAL_NAME, plan)
     (tmp_path / PARTIAL_NAME).write_text(json.dumps({"per_seed": {}, "seconds": {}}))
     with pytest.raises(ValueError, match="no plan recorded"):
