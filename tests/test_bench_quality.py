@@ -113,6 +113,12 @@ def test_score_at_must_lie_inside_the_budget_in_whole_rounds(tmp_path):
         medium_plan(rounds=5, local_epochs=2, score_at=(3,))
     with pytest.raises(ValueError, match="increasing and without repeats"):
         medium_plan(rounds=40, score_at=(20, 10))
+    from bench.quality import _score_at_argument, main
+
+    assert _score_at_argument(None) is None and _score_at_argument("none") == [] and _score_at_argument("6,9") == [6, 9]
+    with pytest.raises(ValueError, match="score_at 12: must lie between 0 and the budget of 12"):
+        main(["--medium", "--score-at", "12", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
     # a partial result keeps the arms scored short of this plan's budget, not those of another list
     plan = plan_record_of(medium_plan(rounds=40, score_at=(20,)))
     row = {"seed": 0, "overall": {}, "sites": {}}
@@ -212,6 +218,9 @@ def test_medium_plan_lies_between_quick_and_full_and_is_its_own_plan(tmp_path):
     assert medium.size == "medium" and medium.seeds == (0, 1) and medium.strategies == ("fedavg",)
     # the federation spends its 12 epochs as one-epoch rounds (many short rounds drifted less than 4 long ones)
     assert (medium.rounds, medium.local_epochs) == (12, 1)
+    # ... and is scored at half of them too (is an arm still improving at the budget?)
+    assert medium.score_at == (6,) and medium_plan(rounds=5, local_epochs=2).score_at == (4,)
+    assert medium_plan(rounds=1).score_at == () and medium_plan(score_at=()).score_at == ()
     assert medium.run_config["input-size"] == "32,32,32" and quick.run_config["input-size"] == "16,16,16"
     assert medium.site_images == (64, 6.0, 5.0) and medium.external_small is False
     record = plan_record_of(medium)
