@@ -9,7 +9,7 @@ bundle (deterministic transforms only: exactly what training saw) and writes::
     OUT/<study_key>/prediction.json      the StudyResult (machine-readable)
     OUT/<study_key>/report.html          the clinician's report (self-contained)
     OUT/<study_key>/local_identity.json  site-local: accession number, patient name and ID, for the pages
-    OUT/<study_key>/overlay-sliceNNNN.png  Grad-CAM++ heat maps on the key axial slices
+    OUT/<study_key>/overlay-sliceNNNN.png  Grad-CAM heat maps on the key axial slices
     OUT/<study_key>/sr.dcm, sc_NN.dcm    DICOM SR + Secondary Captures (when inference.dicom_export is installed)
 
 ``study_key`` is a keyed pseudonym (the site's ``site.key``, the same id ingestion uses) when a site folder is
