@@ -40,10 +40,10 @@ DEFAULT_INPUT = (64, 64, 48)  # the run configuration's default input size
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("smallcnn", "backbone.features.14"),
-        ("densenet121", "backbone.features.transition3.relu"),  # class_layers.relu is only 2x2x1 here
-        ("resnet10", "backbone.layer4"),
-        ("resnet18", "backbone.layer4"),
+        ("smallcnn", "backbone.features.14"),  # 8x8x6 at 64x64x48
+        ("densenet121", "backbone.features.transition2.relu"),  # transition3 is only 4x4x3 here
+        ("resnet10", "backbone.layer3"),  # layer4: 4x4x3
+        ("resnet18", "backbone.layer3"),
     ],
 )
 def test_target_layer_per_backbone(name, expected):
@@ -52,7 +52,7 @@ def test_target_layer_per_backbone(name, expected):
     names = dict(model.named_modules())
     assert all(layer in names for layer in CANDIDATE_LAYERS[name])
     explainer = GradCamExplainer(model, model_name=name, input_size=DEFAULT_INPUT)
-    assert explainer.target_layer == expected and min(explainer.map_size) >= 3
+    assert explainer.target_layer == expected and min(explainer.map_size) >= 5
     cam = explainer(torch.rand(1, 1, *DEFAULT_INPUT), class_index=1)
     assert cam.shape == DEFAULT_INPUT and bool((cam >= 0).all()) and bool(torch.isfinite(cam).all())
     # The caller's network is untouched (no hooks, ReLUs still in place).
@@ -362,8 +362,10 @@ def test_heat_map_hit_rate_on_planted_lesions(planted):
     )
     # A model trained for seconds localises unevenly: over 10 training runs (other seeds; 20-40 held-out studies each)
     # Grad-CAM++'s peak was within 15 mm of the lesion in 33-85 % of studies, 55 % on average, inside it in 32 % (a
-    # random lung voxel: 6 %). This fixed run: Grad-CAM (the default) inside 62 %, within 15 mm 100 %; Grad-CAM++
-    # 75 % and 100 %. The bounds leave room for another machine's arithmetic.
+    # random lung voxel: 6 %). This fixed run, at block 4 (4 cells per axis): Grad-CAM inside 62 %, within 15 mm
+    # 100 %; Grad-CAM++ 75 % and 100 %; at block 3 (8 cells, fedct's choice since MIN_CELLS = 5): Grad-CAM 50 % and
+    # 62 % -- these planted lesions are large, the benchmark's randomised ones are not (README, "Explanations").
+    # The bounds leave room for another machine's arithmetic.
     assert correct >= 0.75
     assert near >= 0.25 and near >= 3 * chance
     assert all(r[5] for r in rows)  # the peak's slice is a key slice (the strongest one)

@@ -126,7 +126,7 @@ def test_one_folder_per_study_with_prediction_report_and_overlays(predicted):
         for name in stored["overlays"]:
             assert (folder / name).is_file() and (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert stored["explanation"]["method"] == "Grad-CAM"  # the default, chosen by fedct bench explain
-        assert stored["explanation"]["target_layer"] == "backbone.features.14"
+        assert stored["explanation"]["target_layer"] == "backbone.features.10"  # 8 cells per axis at 32^3 (MIN_CELLS)
 
 
 def test_refusals_carry_ingestion_reasons_and_are_in_summary(predicted):
