@@ -627,19 +627,25 @@ def todays_chain(cfg: PipelineConfig, key: str = "image") -> list:
     ]
 
 
+#: Two affines of the same grid agree to this (mm): far below any voxel, far above float64 rounding.
+AFFINE_ATOL_MM = 1e-9
+
+
 def assert_same_answer(series, cfg: PipelineConfig) -> None:
-    """New loader vs today's chain: same grid (affine bit for bit, shape) and the same model input."""
+    """New loader vs today's chain: same grid (affine to 1e-9 mm, shape) and the same model input."""
     item = {"image": series_to_dict(series)}
     old = todays_chain(cfg)
     new = deterministic_transforms(cfg)
     old_grid = Compose(old[:3])(dict(item))["image"]
     new_grid = Compose(new[:1])(dict(item))["image"]
     assert new_grid.shape == old_grid.shape
-    assert np.array_equal(new_grid.affine.numpy(), old_grid.affine.numpy())  # world geometry exact
+    # World geometry exact up to floating-point rounding: the two chains compute the affine in another order, and an
+    # oblique series differed in its last bit (7e-15 mm) with numpy 2.4.6 / torch 2.13 where older builds agreed.
+    assert np.allclose(new_grid.affine.numpy(), old_grid.affine.numpy(), rtol=0.0, atol=AFFINE_ATOL_MM)
     old_cropped = Compose(old[:6])(dict(item))["image"]
     new_cropped = Compose(new[:4])(dict(item))["image"]
     assert new_cropped.shape == old_cropped.shape
-    assert np.array_equal(new_cropped.affine.numpy(), old_cropped.affine.numpy())
+    assert np.allclose(new_cropped.affine.numpy(), old_cropped.affine.numpy(), rtol=0.0, atol=AFFINE_ATOL_MM)
     a = Compose(old)(dict(item))["image"].numpy()
     b = Compose(new)(dict(item))["image"].numpy()
     assert a.shape == b.shape == (1, *cfg.input_size)
