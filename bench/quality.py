@@ -7,7 +7,8 @@ the same budget of local epochs (``rounds x local_epochs``):
 - ``pooled``: all sites' training studies in one loader (what one would do if data could be shared);
 - ``local:<site>``: each site alone on its own training studies;
 - ``federated:<strategy>``: Flower's simulation engine with fedct's ServerApp and ClientApp, ``rounds`` rounds of
-  ``local_epochs``; the final global model is scored.
+  ``local_epochs`` (or ``federated_local_epochs``: e.g. as many as there are sites, so that each site takes as many
+  sequential optimisation steps per round as the pooled arm takes per epoch); the final global model is scored.
 
 Training and scoring reuse fedct's functions (``fl_client.train.train_model``/``train_round``/
 ``recalibrate_batch_norm``/``evaluate_round`` and ``fl_server.run_log.aggregate``), so every arm is trained by the
@@ -68,6 +69,11 @@ class QualityPlan:
     # epochs short of the budget at which the pooled and federated arms are scored as well (arms ``pooled@E`` and
     # ``federated:<strategy>@E``, from the same training: is an arm still improving at the budget?)
     score_at: tuple[int, ...] = ()
+    # local epochs per round of the federated arms; None: ``local_epochs`` (every arm sees each study equally often).
+    # With S sites of similar size, S x ``local_epochs`` gives every site as many sequential optimisation steps per
+    # round as the pooled arm takes per round's epochs (the same wall-clock when the sites train at once; S times the
+    # gradient computations in all)
+    federated_local_epochs: int | None = None
 
     def __post_init__(self) -> None:
         if self.sites < 2:
@@ -76,6 +82,8 @@ class QualityPlan:
             raise ValueError("the quality benchmark needs at least one seed")
         if self.rounds < 1 or self.local_epochs < 1:
             raise ValueError(f"rounds and local epochs must be >= 1, got {self.rounds} and {self.local_epochs}")
+        if self.federated_local_epochs is not None and self.federated_local_epochs < 1:
+            raise ValueError(f"federated local epochs must be >= 1, got {self.federated_local_epochs!r}")
         if not self.strategies:
             raise ValueError("the quality benchmark needs at least one federated strategy")
         if not 0.0 < self.randomisation <= 1.0:
@@ -90,6 +98,11 @@ class QualityPlan:
                 )
         if list(self.score_at) != sorted(set(self.score_at)):
             raise ValueError(f"score_at must be increasing and without repeats, got {self.score_at!r}")
+
+    @property
+    def fed_local_epochs(self) -> int:
+        """Local epochs per round of the federated arms."""
+        return self.local_epochs if self.federated_local_epochs is None else self.federated_local_epochs
 
 
 def plan_for(options: BenchOptions, *, strategies: Sequence[str] | None = None) -> QualityPlan:
@@ -156,6 +169,7 @@ def medium_plan(
     local_epochs: int = 1,
     run_config: Mapping[str, Any] | None = None,
     score_at: Sequence[int] | None = None,
+    federated_local_epochs: int | None = None,
 ) -> QualityPlan:
     """Between quick and full (issue #20.1: at the quick size's 16^3 inputs of 16 mm a lesion is a voxel or two):
     3 sites x 40 patients (``patients_per_site``) of 64x64 pixels of 6 mm and 5 mm slices, 32^3 inputs of 10 mm, a
@@ -170,7 +184,8 @@ def medium_plan(
     for a lung window); checked by the server's config before anything runs, recorded with the plan. ``score_at``:
     epochs short of the budget at which the pooled and federated arms are scored too (:attr:`QualityPlan.score_at`);
     default: half the budget in whole rounds (at 300 patients per site, lung window, pooled still gained 0.12-0.17 AUC
-    and FedAvg 0.08-0.09 from 20 to 40 epochs: a comparison at one budget alone can mislead)."""
+    and FedAvg 0.08-0.09 from 20 to 40 epochs: a comparison at one budget alone can mislead).
+    ``federated_local_epochs``: :attr:`QualityPlan.federated_local_epochs` (default: ``local_epochs``)."""
     if score_at is None:
         half = (rounds // 2) * local_epochs
         score_at = (half,) if half > 0 else ()
@@ -188,6 +203,7 @@ def medium_plan(
         size="medium",
         randomisation=randomisation,
         score_at=tuple(score_at),
+        federated_local_epochs=federated_local_epochs,
     )
 
 
@@ -199,7 +215,7 @@ def _server_config(plan: QualityPlan, *, seed: int, run_dir: Path, strategy: str
     run_config: dict[str, Any] = {
         **plan.run_config,
         "num-server-rounds": plan.rounds,
-        "local-epochs": plan.local_epochs,
+        "local-epochs": plan.fed_local_epochs,
         "min-sites": plan.sites,
         "seed": seed,
         "run-dir": str(run_dir.resolve()),
@@ -483,6 +499,7 @@ def plan_record_of(plan: QualityPlan) -> dict[str, Any]:
         "external_small": plan.small if plan.external_small is None else plan.external_small,
         "randomisation": plan.randomisation,
         "score_at": list(plan.score_at),
+        "federated_local_epochs": plan.fed_local_epochs,
     }
 
 
@@ -514,8 +531,10 @@ def load_partial(
         "site_images",
         "external_small",
         "randomisation",
+        "federated_local_epochs",
     )
-    theirs = {"randomisation": 1.0, **theirs}  # partial results from before the strength existed: full strength
+    # partial results from before the strength existed: full strength; before federated local epochs: local epochs
+    theirs = {"randomisation": 1.0, "federated_local_epochs": theirs.get("local_epochs"), **theirs}
     differ = [
         f"{k}: {theirs.get(k)!r} there, {plan_record[k]!r} here" for k in sizes if theirs.get(k) != plan_record[k]
     ]
@@ -560,7 +579,7 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None, plan:
     )
     work_root = work / "sites"
     budget = plan.rounds * plan.local_epochs
-    sites = _site_configs(data_root, work_root, epochs_budget=budget)
+    sites = _site_configs(data_root, work_root, epochs_budget=max(budget, plan.fed_local_epochs))
     base = next(iter(configs.values()))
     for site in sites.values():  # ingest once; every arm reads the same caches and splits
         prepare_site(
@@ -668,7 +687,7 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None, plan:
     }
     payload = {
         "what": "held-out test metrics of the final model of each arm (same initial weights per seed, same budget of local "
-        "epochs, same training loop and metric code); overall = weighted mean of site values (macro AUC by test studies, "
+        "epochs — federated: rounds of plan.federated_local_epochs —, same training loop and metric code); overall = weighted mean of site values (macro AUC by test studies, "
         "C-index by events); pooled-auc-macro = AUC of all sites' predictions pooled. A local:<site> model is scored at "
         "every site. external = the same model on the external validation family (synthetic.external: another generator, "
         "never trained on). <arm>@E = the same training's model after E epochs (pooled) or E / local epochs rounds "
@@ -738,6 +757,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="local epochs per round (default 1); the pooled and local arms train rounds x local epochs",
     )
     p.add_argument(
+        "--federated-local-epochs",
+        type=int,
+        default=None,
+        help="local epochs per round of the federated arms only (default: --local-epochs); as many as there are sites "
+        "gives each site the pooled arm's sequential optimisation steps per round",
+    )
+    p.add_argument(
         "--run-config",
         action="append",
         default=[],
@@ -768,6 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         local_epochs=args.local_epochs,
         run_config=overrides,
         score_at=_score_at_argument(args.score_at),
+        federated_local_epochs=args.federated_local_epochs,
     )
     print(run(BenchOptions(out=Path(args.out), quick=True, resume=args.resume), plan=plan))
     return 0

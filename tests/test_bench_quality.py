@@ -283,3 +283,33 @@ def test_run_config_overrides_are_part_of_the_plan_and_an_unknown_key_is_refused
     assert not (tmp_path / "out" / "work").exists()
     with pytest.raises(SystemExit):
         main(["--medium", "--run-config", "hu-max", "--out", str(tmp_path / "out")])
+
+
+def test_federated_local_epochs_are_their_own_plan_and_reach_the_federated_runs_only(tmp_path):
+    """``--federated-local-epochs N``: the federated arms' rounds of N local epochs (e.g. one per site, the pooled
+    arm's sequential steps per round) while the pooled and local arms keep rounds x local epochs; recorded with the
+    plan (a partial result of another value is not continued), admitted by the sites, and a bad value refused."""
+    from bench.quality import _server_config, main
+
+    plan = medium_plan(rounds=40, federated_local_epochs=3)
+    assert plan.fed_local_epochs == 3 and plan.rounds * plan.local_epochs == 40 and plan.score_at == (20,)
+    assert medium_plan(rounds=40).fed_local_epochs == 1
+    config = _server_config(plan, seed=0, run_dir=tmp_path / "run", strategy="fedavg")
+    assert config.local_epochs == 3 and config.num_server_rounds == 40
+    assert _server_config(medium_plan(), seed=0, run_dir=tmp_path / "run", strategy="fedavg").local_epochs == 1
+    record = plan_record_of(plan)
+    assert record["federated_local_epochs"] == 3 and plan_record_of(medium_plan())["federated_local_epochs"] == 1
+    (tmp_path / PARTIAL_NAME).write_text(json.dumps({"plan": plan_record_of(medium_plan(rounds=40)), "per_seed": {}}))
+    with pytest.raises(ValueError, match="federated_local_epochs: 1 there, 3 here"):
+        load_partial(tmp_path / PARTIAL_NAME, record)
+    # a partial result written before the option existed was one of rounds of the plan's own local epochs
+    older = {k: v for k, v in plan_record_of(medium_plan(rounds=40)).items() if k != "federated_local_epochs"}
+    (tmp_path / PARTIAL_NAME).write_text(json.dumps({"plan": older, "per_seed": {}}))
+    assert load_partial(tmp_path / PARTIAL_NAME, plan_record_of(medium_plan(rounds=40))) == ({}, {})
+    with pytest.raises(ValueError, match="federated_local_epochs"):
+        load_partial(tmp_path / PARTIAL_NAME, record)
+    with pytest.raises(ValueError, match="federated local epochs must be >= 1, got 0"):
+        medium_plan(federated_local_epochs=0)
+    with pytest.raises(ValueError, match="federated local epochs must be >= 1, got 0"):
+        main(["--medium", "--federated-local-epochs", "0", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
