@@ -185,7 +185,9 @@ def medium_plan(
     epochs short of the budget at which the pooled and federated arms are scored too (:attr:`QualityPlan.score_at`);
     default: half the budget in whole rounds (at 300 patients per site, lung window, pooled still gained 0.12-0.17 AUC
     and FedAvg 0.08-0.09 from 20 to 40 epochs: a comparison at one budget alone can mislead).
-    ``federated_local_epochs``: :attr:`QualityPlan.federated_local_epochs` (default: ``local_epochs``)."""
+    ``federated_local_epochs``: :attr:`QualityPlan.federated_local_epochs` (default: ``local_epochs``). At 300 patients
+    per site (lung window, 40 rounds, 3 seeds) one-epoch rounds ended at 85 % of pooled, rounds of 3 local epochs
+    (each site then takes the pooled arm's sequential steps) at 103 % (README, "Step-matched rounds")."""
     if score_at is None:
         half = (rounds // 2) * local_epochs
         score_at = (half,) if half > 0 else ()
