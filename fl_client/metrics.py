@@ -214,6 +214,26 @@ def score_histograms(
 
 # Range and bins of the risk-score histogram every site sends: the wire contract's (the server reads them too).
 RISK_RANGE, RISK_BINS = protocol.RISK_RANGE, protocol.RISK_BINS
+#: Risk scores within this tolerance of each other are ties (``|a - b| <= RISK_TIE_ATOL + RISK_TIE_RTOL * |a|``): the
+#: network computes in float32 (or float16), and the same input gives outputs that differ in their last bits between
+#: batches of different sizes; without it a model that predicts one value for every study scored a C-index of 0.58.
+RISK_TIE_RTOL, RISK_TIE_ATOL = 1e-5, 1e-7
+
+
+def tie_float_noise(values: np.ndarray, *, rtol: float = RISK_TIE_RTOL, atol: float = RISK_TIE_ATOL) -> np.ndarray:
+    """``values`` (1-D) with each value set to the smallest value of its run when it lies within tolerance of it
+    (runs are anchored at their first value, so a run is never wider than the tolerance)."""
+    values = np.asarray(values, dtype=np.float64)
+    out = values.copy()
+    order = np.argsort(values, kind="stable")
+    anchor = math.nan
+    for index in order:
+        value = values[index]
+        if value - anchor <= atol + rtol * abs(anchor):
+            out[index] = anchor
+        else:
+            anchor = value
+    return out
 
 
 def risk_histogram(risk: np.ndarray) -> dict[str, list[float]]:
@@ -235,7 +255,8 @@ def survival_metrics(risk: np.ndarray, time: np.ndarray, event: np.ndarray, *, h
     observed event, 0 for censored; ``time`` in days.
 
     - ``c-index``: Harrell's concordance. Comparable pairs (i, j) have time_i < time_j and event_i = 1;
-      a pair is concordant when risk_i > risk_j and counts 0.5 when the risks tie. NaN without a comparable pair.
+      a pair is concordant when risk_i > risk_j and counts 0.5 when the risks tie (within :data:`RISK_TIE_RTOL` and
+      :data:`RISK_TIE_ATOL`, float noise, :func:`tie_float_noise`). NaN without a comparable pair.
     - ``td-auc``: cumulative/dynamic AUC at ``horizon_days``: cases had the event at time <= horizon,
       controls were followed beyond the horizon (time > horizon); studies censored at or before the
       horizon are excluded (no inverse-probability-of-censoring weights). NaN without a case or a control.
@@ -266,6 +287,7 @@ def survival_metrics(risk: np.ndarray, time: np.ndarray, event: np.ndarray, *, h
         raise ValueError(f"event must be 0 or 1 (or NaN when unknown), got values {sorted(set(event.tolist()))}")
     if np.any(~np.isfinite(time)) or np.any(time < 0):
         raise ValueError(f"time must be finite and >= 0 (or NaN when unknown), got min {time.min()} max {time.max()}")
+    risk = tie_float_noise(risk)
     observed = event == 1
     concordant, comparable = 0.0, 0
     for i in np.flatnonzero(observed):

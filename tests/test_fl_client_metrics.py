@@ -244,6 +244,29 @@ def test_survival_undefined_cases_give_nan():
     assert math.isnan(survival_metrics(RISK, TIME, EVENT, horizon_days=10)["td-auc"])
 
 
+def test_survival_risks_equal_up_to_float_noise_are_ties():
+    """A model that predicts one risk for everyone scores C = 0.5 and td-AUC 0.5 even when float32 arithmetic left its
+    outputs differing in the last bits (batches of different sizes); risks apart by more than the tolerance keep their
+    order."""
+    from fl_client.metrics import RISK_TIE_ATOL, RISK_TIE_RTOL, tie_float_noise
+
+    base = np.float32(0.1234567)
+    noisy = np.array([base, np.nextafter(base, np.float32(1)), np.nextafter(base, np.float32(0)), base], np.float32)
+    assert len(set(noisy.tolist())) == 3
+    m = survival_metrics(noisy.astype(np.float64), TIME, EVENT, horizon_days=2.5)
+    assert m["c-index"] == 0.5 and m["td-auc"] == 0.5
+    # the same noise on a real ordering changes nothing
+    apart = RISK + noisy.astype(np.float64) * 1e-6
+    assert survival_metrics(apart, TIME, EVENT, horizon_days=2.5) == survival_metrics(
+        RISK, TIME, EVENT, horizon_days=2.5
+    )
+    # a run is anchored at its smallest value: a chain of small steps is not one wide tie
+    step = 0.6 * (RISK_TIE_ATOL + RISK_TIE_RTOL * 1.0)
+    chain = 1.0 + step * np.arange(4)
+    assert tie_float_noise(chain).tolist() == [chain[0], chain[0], chain[2], chain[2]]
+    assert tie_float_noise(np.array([2.0, np.nan, 1.0])).tolist()[::2] == [2.0, 1.0]
+
+
 def test_survival_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r"event must be 0 or 1.*2\.0"):
         survival_metrics(RISK, TIME, np.array([1, 2, 0, 0]), horizon_days=3)
