@@ -215,7 +215,7 @@ def score_histograms(
 # Range and bins of the risk-score histogram every site sends: the wire contract's (the server reads them too).
 RISK_RANGE, RISK_BINS = protocol.RISK_RANGE, protocol.RISK_BINS
 #: Risk scores within this tolerance of each other are ties (``|a - b| <= RISK_TIE_ATOL + RISK_TIE_RTOL * |a|``): the
-#: network computes in float32 (or float16), and the same input gives outputs that differ in their last bits between
+#: network computes in float32 (or float16), and the same input can give outputs that differ in their last bits between
 #: batches of different sizes; without it a model that predicts one value for every study scored a C-index of 0.58.
 RISK_TIE_RTOL, RISK_TIE_ATOL = 1e-5, 1e-7
 
