@@ -689,7 +689,8 @@ def run(options: BenchOptions, *, strategies: Sequence[str] | None = None, plan:
     }
     payload = {
         "what": "held-out test metrics of the final model of each arm (same initial weights per seed, same budget of local "
-        "epochs — federated: rounds of plan.federated_local_epochs —, same training loop and metric code); overall = weighted mean of site values (macro AUC by test studies, "
+        "epochs — federated: rounds of plan.federated_local_epochs —, same training loop and metric code); "
+        "overall = weighted mean of site values (macro AUC by test studies, "
         "C-index by events); pooled-auc-macro = AUC of all sites' predictions pooled. A local:<site> model is scored at "
         "every site. external = the same model on the external validation family (synthetic.external: another generator, "
         "never trained on). <arm>@E = the same training's model after E epochs (pooled) or E / local epochs rounds "
