@@ -14,10 +14,11 @@ spacing, body crop and pad; nearest interpolation):
   area under the normalised curve; lower = the map found what drives the prediction; compare with ``random``);
 - ``seconds_per_study``: wall time of the map alone, on the device named in the result (CPU here; GPU when run on one).
 
-Methods: MONAI's ``GradCAM`` and ``GradCAMpp`` at each DenseNet layer of :data:`inference.explain.CANDIDATE_LAYERS`,
-``OcclusionSensitivity``, ``SmoothGrad`` and ``GuidedBackpropGrad`` (``monai.visualize``), and a ``random`` map as the
-chance reference. The method recommended for ``inference.explain`` is the best by pointing game, then energy ratio,
-among those that are not slower than :data:`MAX_SECONDS_FACTOR` times the fastest Grad-CAM.
+Methods: MONAI's ``GradCAM`` and ``GradCAMpp`` at each layer of :data:`inference.explain.CANDIDATE_LAYERS`,
+``OcclusionSensitivity``, ``SmoothGrad`` and ``GuidedBackpropGrad`` (``monai.visualize``), Guided Grad-CAM (the
+product of guided backprop and Grad-CAM at each layer, both MONAI's) and a ``random`` map as the chance reference.
+The method recommended for ``inference.explain`` is the best by pointing game, then energy ratio, among those that
+are not slower than :data:`MAX_SECONDS_FACTOR` times the fastest Grad-CAM.
 
 Writes ``explain.json``.
 """
@@ -206,7 +207,7 @@ class Method:
     """One explanation method: a name, its MONAI class (or ``random``) and its settings."""
 
     name: str
-    kind: str  # gradcam, gradcampp, occlusion, smoothgrad, guided, random
+    kind: str  # gradcam, gradcampp, guidedgradcam, occlusion, smoothgrad, guided, random
     layer: str = ""
     settings: Mapping[str, Any] = field(default_factory=dict)
 
@@ -214,13 +215,13 @@ class Method:
 def methods_for(
     model_name: str, input_size: Sequence[int], *, samples: int, occlusion_overlap: float, occlusion_divisor: int = 6
 ) -> tuple[Method, ...]:
-    """The compared methods: Grad-CAM and Grad-CAM++ at every candidate layer, occlusion (a patch of
-    ``input_size / occlusion_divisor`` per axis), SmoothGrad, guided backprop and the random reference."""
+    """The compared methods: Grad-CAM, Grad-CAM++ and Guided Grad-CAM at every candidate layer, occlusion (a patch
+    of ``input_size / occlusion_divisor`` per axis), SmoothGrad, guided backprop and the random reference."""
     from inference.explain import CANDIDATE_LAYERS
 
     layers = CANDIDATE_LAYERS.get(model_name, ())
     out: list[Method] = []
-    for kind, label in (("gradcam", "Grad-CAM"), ("gradcampp", "Grad-CAM++")):
+    for kind, label in (("gradcam", "Grad-CAM"), ("gradcampp", "Grad-CAM++"), ("guidedgradcam", "Guided Grad-CAM")):
         out += [Method(f"{label}@{layer.removeprefix('backbone.')}", kind, layer) for layer in layers]
     mask = tuple(max(2, int(round(n / occlusion_divisor))) for n in input_size)
     out.append(Method("Occlusion", "occlusion", settings={"mask_size": mask, "overlap": occlusion_overlap}))
@@ -242,8 +243,8 @@ def make_explainer(method: Method, model: Any) -> Callable[[Any, int], np.ndarra
     def identity(x: torch.Tensor) -> torch.Tensor:
         return x
 
-    if method.kind in ("gradcam", "gradcampp"):
-        cls = GradCAM if method.kind == "gradcam" else GradCAMpp
+    if method.kind in ("gradcam", "gradcampp", "guidedgradcam"):
+        cls = GradCAMpp if method.kind == "gradcampp" else GradCAM
         cam = cls(nn_module=logits, target_layers=f"model.{method.layer}", postprocessing=identity)
 
         def grad_cam(x: torch.Tensor, c: int) -> np.ndarray:
@@ -253,7 +254,15 @@ def make_explainer(method: Method, model: Any) -> Callable[[Any, int], np.ndarra
                 torch.nan_to_num(out[0, 0].detach().float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0).cpu().numpy()
             )
 
-        return grad_cam
+        if method.kind != "guidedgradcam":
+            return grad_cam
+        guided = make_explainer(Method("guided backprop", "guided"), model)
+
+        def guided_grad_cam(x: torch.Tensor, c: int) -> np.ndarray:
+            # Selvaraju et al.: the fine-grained guided-backprop saliency, kept where the class's Grad-CAM is hot
+            return guided(x, c) * grad_cam(x, c)
+
+        return guided_grad_cam
     if method.kind == "occlusion":
         occlusion = OcclusionSensitivity(
             nn_module=logits,

@@ -12,10 +12,12 @@ from bench.explain import (
     GOAL_ENERGY_RATIO,
     GOAL_POINTING,
     MAX_SECONDS_FACTOR,
+    Method,
     choose,
     deletion_curve,
     deletion_order,
     energy_ratio,
+    make_explainer,
     methods_for,
     plan_for,
     pointing_hit,
@@ -125,9 +127,28 @@ def test_choose_takes_the_best_pointer_within_the_time_budget():
 def test_methods_cover_monai_explainers_and_a_random_reference():
     methods = methods_for("densenet121", (48, 48, 40), samples=4, occlusion_overlap=0.0)
     kinds = {m.kind for m in methods}
-    assert kinds == {"gradcam", "gradcampp", "occlusion", "smoothgrad", "guided", "random"}
+    assert kinds == {"gradcam", "gradcampp", "guidedgradcam", "occlusion", "smoothgrad", "guided", "random"}
     occlusion = next(m for m in methods if m.kind == "occlusion")
     assert occlusion.settings["mask_size"] == (8, 8, 7)
+    cam_layers = {m.layer for m in methods if m.kind == "gradcam"}
+    assert {m.layer for m in methods if m.kind == "guidedgradcam"} == cam_layers and len(cam_layers) == 4
+
+
+def test_guided_grad_cam_is_guided_backprop_kept_where_grad_cam_is_hot():
+    import torch
+
+    from models.factory import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="smallcnn")).eval()
+    x = torch.rand((1, 1, 32, 32, 32))
+    layer = "backbone.features.10"
+    cam = make_explainer(Method("cam", "gradcam", layer), model)(x, 1)
+    guided = make_explainer(Method("guided", "guided"), model)(x, 1)
+    both = make_explainer(Method("both", "guidedgradcam", layer), model)(x, 1)
+    assert both.shape == x.shape[2:] and (both >= 0).all() and both.max() > 0
+    np.testing.assert_allclose(both, guided * cam, rtol=1e-5, atol=1e-8)
+    assert (cam == 0).any() and not both[cam == 0].any()  # nothing outside Grad-CAM's support
 
 
 def test_plans_grow_with_the_mode(tmp_path):
