@@ -268,6 +268,9 @@ def _external_validation(options: DemoOptions, out: Path, config: ServerConfig, 
             indent=1,
         )
     )
+    if score.auc_covid_vs_normal_interval is not None:
+        low, high = score.auc_covid_vs_normal_interval
+        print(f"   COVID vs normal AUC, 95 % interval (DeLong): {low:.2f}-{high:.2f}")
     print(f"   external: {path}")
     return path
 

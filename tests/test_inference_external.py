@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.external import EXTERNAL_KEYS, external_figures, score_external
+from inference.external import EXTERNAL_KEYS, auc_interval, external_figures, score_external
 from models.factory import ModelConfig, build_model
 from preprocessing.pipeline import PipelineConfig
 from synthetic.external import write_external_family
@@ -30,10 +30,33 @@ def test_external_figures_of_known_probabilities():
     assert score.auc_covid_vs_normal == pytest.approx(0.75)  # covid 0.9, 0.6 against normal 0.2, 0.7: 3 of 4 pairs
     assert score.accuracy == pytest.approx(5 / 6)
     assert score.auc_macro is not None and 0.5 < score.auc_macro <= 1.0
+    # DeLong by hand: placements of the COVID studies (1, 1/2) and of the normal ones (1, 1/2): variance 1/8
+    low, high = score.auc_covid_vs_normal_interval
+    assert low == pytest.approx(0.75 - 1.959964 * np.sqrt(0.125)) and high == 1.0
+    metrics = score.metrics()
+    assert (metrics["external-auc-covid-vs-normal-low"], metrics["external-auc-covid-vs-normal-high"]) == (low, high)
     no_normal = external_figures(probs[:2], labels[:2])
     assert no_normal.auc_covid_vs_normal is None and no_normal.auc_macro is None
+    assert (
+        no_normal.auc_covid_vs_normal_interval is None
+        and no_normal.metrics()["external-auc-covid-vs-normal-low"] is None
+    )
     with pytest.raises(ValueError, match="probs"):
         external_figures(probs[:, :2][None], labels)
+
+
+def test_auc_interval_holds_the_auc_and_narrows_with_more_studies():
+    rng = np.random.default_rng(0)
+    positives, negatives = rng.normal(1.0, 1.0, 12), rng.normal(0.0, 1.0, 12)
+    auc = float(np.mean(positives[:, None] > negatives[None, :]))
+    low, high = auc_interval(positives, negatives)
+    assert low < auc < high
+    low4, high4 = auc_interval(np.tile(positives, 4), np.tile(negatives, 4))  # the same AUC on 4x the studies
+    assert low4 < auc < high4
+    assert (high4 - low4) == pytest.approx((high - low) / 2, rel=0.15)  # about 1 / sqrt(4) as wide
+    assert auc_interval([0.9, 0.8], [0.1, 0.2]) == (1.0, 1.0)  # perfectly separated: no spread of placements
+    assert auc_interval([0.5, 0.5], [0.5, 0.5]) == (0.5, 0.5)  # all tied: one half each
+    assert auc_interval([0.9], [0.1, 0.2]) is None and auc_interval([0.9, 0.8], []) is None
 
 
 def test_score_external_ingests_once_and_scores_every_labelled_study(tmp_path):
