@@ -135,6 +135,8 @@ def test_every_arm_is_scored_on_the_external_family(tiny_run):
         external = arm["per_seed"][0]["external"]
         assert external["external-n"] == 6  # every study of the family, none held out for anything else
         assert 0.0 <= external["external-auc-covid-vs-normal"] <= 1.0
+        low, high = external["external-auc-covid-vs-normal-low"], external["external-auc-covid-vs-normal-high"]
+        assert 0.0 <= low <= external["external-auc-covid-vs-normal"] <= high <= 1.0  # 2 + 2 studies: wide
         assert 0.0 <= external["external-auc-macro"] <= 1.0
         assert arm["summary"]["external"]["external-auc-covid-vs-normal"]["n"] == 1
     verdict = data["verdict_on_macro_auc"]["fedavg"]
@@ -313,3 +315,27 @@ def test_federated_local_epochs_are_their_own_plan_and_reach_the_federated_runs_
     with pytest.raises(ValueError, match="federated local epochs must be >= 1, got 0"):
         main(["--medium", "--federated-local-epochs", "0", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_external_family_size_is_a_plan_setting_and_another_size_replaces_the_family(tmp_path):
+    """``--external-studies N``: the external family's size is recorded with the plan and checked; a family written
+    for another size is removed with its ingestion before the new one is written (no leftover studies)."""
+    from bench.quality import external_family, main
+
+    assert medium_plan().external_studies == 24 and medium_plan(external_studies=96).external_studies == 96
+    assert plan_record_of(medium_plan(external_studies=96))["external_studies"] == 96
+    with pytest.raises(ValueError, match="external studies must be >= 3"):
+        medium_plan(external_studies=2)
+    with pytest.raises(ValueError, match="external studies must be >= 3"):
+        main(["--medium", "--external-studies", "1", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    root, work = tmp_path / "external", tmp_path / "external-site"
+    family = external_family(root, work, studies=6, small=True)
+    assert len(list(family.dicom_dir.iterdir())) == 6
+    (work / "cache").mkdir(parents=True)  # an ingestion of this family
+    marker = (root / "bench-external.json").stat().st_mtime_ns
+    external_family(root, work, studies=6, small=True)  # same settings: reused as it is
+    assert (root / "bench-external.json").stat().st_mtime_ns == marker and (work / "cache").is_dir()
+    family = external_family(root, work, studies=3, small=True)
+    assert sorted(p.name for p in family.dicom_dir.iterdir()) == ["case-001", "case-002", "case-003"]
+    assert len(family.labels_csv.read_text().splitlines()) == 1 + 3 and not work.exists()
