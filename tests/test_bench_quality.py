@@ -322,8 +322,8 @@ def test_external_family_size_is_a_plan_setting_and_another_size_replaces_the_fa
     for another size is removed with its ingestion before the new one is written (no leftover studies)."""
     from bench.quality import external_family, main
 
-    assert medium_plan().external_studies == 24 and medium_plan(external_studies=96).external_studies == 96
-    assert plan_record_of(medium_plan(external_studies=96))["external_studies"] == 96
+    assert medium_plan().external_studies == 96 and medium_plan(external_studies=24).external_studies == 24
+    assert plan_record_of(medium_plan(external_studies=24))["external_studies"] == 24
     with pytest.raises(ValueError, match="external studies must be >= 3"):
         medium_plan(external_studies=2)
     with pytest.raises(ValueError, match="external studies must be >= 3"):
