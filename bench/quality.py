@@ -306,20 +306,11 @@ class ExternalFamily:
 def external_family(root: Path, work_dir: Path, *, studies: int, small: bool) -> ExternalFamily:
     """The external validation family under ``root`` (written by :mod:`synthetic.external` unless already there with
     the same settings), never used for training; ingested into ``work_dir`` when scored. A family of other settings
-    is removed first, with its ingestion: a smaller family written over a larger one would keep the extra studies."""
-    import shutil
-
-    from synthetic.external import write_external_family
+    is removed first, with its ingestion (:func:`synthetic.external.ensure_external_family`)."""
+    from synthetic.external import ensure_external_family
 
     root = Path(root)
-    wanted = {"studies": studies, "small": small, "seed": 0}
-    marker = root / "bench-external.json"
-    if not (marker.is_file() and json.loads(marker.read_text()) == wanted):
-        for old in (root, Path(work_dir)):
-            if old.exists():
-                shutil.rmtree(old)
-        write_external_family(root, studies=studies, seed=0, small=small)
-        marker.write_text(json.dumps(wanted))
+    ensure_external_family(root, studies=studies, seed=0, small=small, derived=(Path(work_dir),))
     return ExternalFamily(root / "dicom", root / "labels.csv", Path(work_dir))
 
 

@@ -230,14 +230,12 @@ def _external_validation(options: DemoOptions, out: Path, config: ServerConfig, 
     """Score the demo's model (best round, else final) on the external validation family; write ``external.json``."""
     from inference.external import score_external
     from models.bundle import load_bundle
-    from synthetic.external import write_external_family
+    from synthetic.external import ensure_external_family
 
     family = out / "data" / "external"
-    marker = family / "external.json"
-    wanted = {"studies": options.external_studies, "seed": options.seed}
-    if not (marker.is_file() and json.loads(marker.read_text()) == wanted):
-        write_external_family(family, studies=options.external_studies, seed=options.seed)
-        marker.write_text(json.dumps(wanted))
+    ensure_external_family(
+        family, studies=options.external_studies, seed=options.seed, derived=(out / "sites-external",)
+    )
     which = "best" if (out / "model" / "best" / "model.json").is_file() else "final"
     model, _ = load_bundle(out / "model" / which, expected_model=config.model)
     score = score_external(

@@ -550,3 +550,36 @@ def write_external_family(
         writer.writerows(rows_written)
     counts = {d: diagnoses.count(d) for d in EXTERNAL_DIAGNOSES}
     return ExternalSummary(out, studies, files, counts, round(time.perf_counter() - start, 3))
+
+
+#: File in an external family's folder recording the settings it was written with (:func:`ensure_external_family`).
+FAMILY_MARKER = "family.json"
+
+
+def ensure_external_family(
+    out: Path,
+    *,
+    studies: int,
+    seed: int = 0,
+    small: bool = False,
+    derived: tuple[Path, ...] = (),
+    progress: Callable[[str], None] | None = None,
+) -> bool:
+    """The external family under ``out`` with these settings: reused when :data:`FAMILY_MARKER` records them, else
+    written afresh; returns True when written. A family of other settings is removed first, and with it the folders
+    in ``derived`` (its ingestion): written over, a smaller family would keep a larger one's extra studies, and a
+    case folder of another seed would hold two series."""
+    import json
+    import shutil
+
+    out = Path(out)
+    wanted = {"studies": studies, "seed": seed, "small": small}
+    marker = out / FAMILY_MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return False
+    for old in (out, *map(Path, derived)):
+        if old.exists():
+            shutil.rmtree(old)
+    write_external_family(out, studies=studies, seed=seed, small=small, progress=progress)
+    marker.write_text(json.dumps(wanted))
+    return True

@@ -333,9 +333,9 @@ def test_external_family_size_is_a_plan_setting_and_another_size_replaces_the_fa
     family = external_family(root, work, studies=6, small=True)
     assert len(list(family.dicom_dir.iterdir())) == 6
     (work / "cache").mkdir(parents=True)  # an ingestion of this family
-    marker = (root / "bench-external.json").stat().st_mtime_ns
+    marker = (root / "family.json").stat().st_mtime_ns
     external_family(root, work, studies=6, small=True)  # same settings: reused as it is
-    assert (root / "bench-external.json").stat().st_mtime_ns == marker and (work / "cache").is_dir()
+    assert (root / "family.json").stat().st_mtime_ns == marker and (work / "cache").is_dir()
     family = external_family(root, work, studies=3, small=True)
     assert sorted(p.name for p in family.dicom_dir.iterdir()) == ["case-001", "case-002", "case-003"]
     assert len(family.labels_csv.read_text().splitlines()) == 1 + 3 and not work.exists()

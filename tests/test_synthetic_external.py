@@ -135,3 +135,25 @@ def test_fedct_ingests_the_family_like_a_site(family, tmp_path):
         workers=1,
     )
     assert len(manifest.studies) == 6 and manifest.n_rejected == 0
+
+
+def test_ensure_external_family_reuses_its_settings_and_rewrites_other_ones_cleanly(tmp_path):
+    from synthetic.external import FAMILY_MARKER, ensure_external_family
+
+    out, ingested = tmp_path / "family", tmp_path / "ingested"
+    assert ensure_external_family(out, studies=3, seed=1, small=True) is True
+    ingested.mkdir()
+    assert ensure_external_family(out, studies=3, seed=1, small=True, derived=(ingested,)) is False
+    assert ingested.is_dir()  # same settings: the family and its ingestion are kept
+
+    def series_uids() -> set[str]:
+        return set(discover(out / "dicom").series)
+
+    first = series_uids()
+    assert ensure_external_family(out, studies=3, seed=2, small=True, derived=(ingested,)) is True
+    second = series_uids()
+    assert len(second) == 3 and not first & second  # one series per case folder: the other seed's slices are gone
+    assert not ingested.exists()
+    with (out / "labels.csv").open() as fh:
+        assert {r["StudyInstanceUID"] for r in csv.DictReader(fh)} == {u.rsplit(".", 1)[0] for u in second}
+    assert (out / FAMILY_MARKER).is_file()
