@@ -25,7 +25,9 @@ like one, but it is scored only.
 from __future__ import annotations
 
 import csv
+import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -566,18 +568,18 @@ def ensure_external_family(
     progress: Callable[[str], None] | None = None,
 ) -> bool:
     """The external family under ``out`` with these settings: reused when :data:`FAMILY_MARKER` records them, else
-    written afresh; returns True when written. A family of other settings is removed first, and with it the folders
+    written afresh; returns True when written. What a family of other settings (or an interrupted write) left is
+    removed first — only what :func:`write_external_family` writes, nothing else in ``out`` — and with it the folders
     in ``derived`` (its ingestion): written over, a smaller family would keep a larger one's extra studies, and a
     case folder of another seed would hold two series."""
-    import json
-    import shutil
-
     out = Path(out)
     wanted = {"studies": studies, "seed": seed, "small": small}
     marker = out / FAMILY_MARKER
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return False
-    for old in (out, *map(Path, derived)):
+    marker.unlink(missing_ok=True)
+    (out / "labels.csv").unlink(missing_ok=True)
+    for old in (out / "dicom", out / LESION_MASK_DIR, *map(Path, derived)):
         if old.exists():
             shutil.rmtree(old)
     write_external_family(out, studies=studies, seed=seed, small=small, progress=progress)

@@ -141,6 +141,8 @@ def test_ensure_external_family_reuses_its_settings_and_rewrites_other_ones_clea
     from synthetic.external import FAMILY_MARKER, ensure_external_family
 
     out, ingested = tmp_path / "family", tmp_path / "ingested"
+    out.mkdir()
+    (out / "README.txt").write_text("the user's own file")
     assert ensure_external_family(out, studies=3, seed=1, small=True) is True
     ingested.mkdir()
     assert ensure_external_family(out, studies=3, seed=1, small=True, derived=(ingested,)) is False
@@ -157,3 +159,4 @@ def test_ensure_external_family_reuses_its_settings_and_rewrites_other_ones_clea
     with (out / "labels.csv").open() as fh:
         assert {r["StudyInstanceUID"] for r in csv.DictReader(fh)} == {u.rsplit(".", 1)[0] for u in second}
     assert (out / FAMILY_MARKER).is_file()
+    assert (out / "README.txt").read_text() == "the user's own file"  # only the family's own files are replaced
