@@ -7,6 +7,7 @@ processes carry a string on their command line, a process's descendants). Linux 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -191,6 +192,29 @@ def stop_process(
 ) -> Stopped:
     """:func:`stop_processes` for one target."""
     return stop_processes([target], grace_s=grace_s, group=group, signum=signum)[0]
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def end_with_parent(parent: int, *, signum: int = signal.SIGTERM) -> bool:
+    """Ask the kernel to send ``signum`` to this process the moment its parent ``parent`` ends (Linux
+    ``prctl(PR_SET_PDEATHSIG)``); call it first thing in a forked child. Returns False when the parent has already
+    ended (the child was re-parented before the request took effect: the caller should exit) or the platform has no
+    such request.
+
+    A parent that dies by SIGKILL cannot stop its children itself, and polling for it misses a parent that is an
+    unreaped zombie (it still "exists"); the kernel's signal does neither. Inherited by no one: ``fork`` clears it.
+    """
+    if signum <= 0 or signum >= signal.NSIG:
+        raise ValueError(f"signum must be a signal number in 1..{signal.NSIG - 1}, got {signum}")
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):  # not Linux
+        return False
+    return os.getppid() == parent
 
 
 def kill_later(proc: subprocess.Popen, after_s: float) -> threading.Timer:

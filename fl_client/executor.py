@@ -49,7 +49,7 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
-from fedct.processes import process_alive, stop_processes
+from fedct.processes import end_with_parent, process_alive, stop_processes
 
 log = logging.getLogger("fedct.executor")
 
@@ -216,13 +216,20 @@ def _forget_own_modules() -> None:
     forget_modules(project_packages())
 
 
-def _run_child(config: ExecutorConfig, token: str, certificates: bytes | None) -> NoReturn:
-    """In the forked child: run exactly one task with Flower's ``run_clientapp``, then ``os._exit``."""
+def _run_child(config: ExecutorConfig, token: str, certificates: bytes | None, *, executor: int) -> NoReturn:
+    """In the forked child: run exactly one task with Flower's ``run_clientapp``, then ``os._exit``.
+
+    The child ends with its executor (``executor``: the parent's PID): an executor killed outright (SIGKILL, the
+    OOM killer) cannot stop its children, and Flower's own parent check polls for a PID that an unreaped zombie
+    still holds, so without the kernel's parent-death signal an orphaned child would train on unseen."""
     code = 1
     try:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
             signal.signal(sig, signal.SIG_DFL)
         signal.setitimer(signal.ITIMER_REAL, 0)  # not inherited on Linux; explicit elsewhere
+        if not end_with_parent(executor) and os.getppid() != executor:
+            print(f"executor {executor} ended before its ClientApp child started; the child stops", file=sys.stderr)
+            os._exit(1)
         from fl_client.approval import gate_fab_install  # the site's installed check, before any app code
 
         gate_fab_install(config.approved_apps)  # also forgets the FAB's top-level modules once it is unpacked
@@ -364,9 +371,10 @@ class WarmExecutor:
         """Fork one child for the task; returns its PID."""
         sys.stdout.flush()
         sys.stderr.flush()
+        executor = os.getpid()
         pid = os.fork()
         if pid == 0:
-            _run_child(self.config, token, self._certificates)
+            _run_child(self.config, token, self._certificates, executor=executor)
         self.children[pid] = _Child(task_id=task_id, started=time.monotonic())
         log.info("task %d: ClientApp child %d started", task_id, pid)
         return pid

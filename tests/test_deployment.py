@@ -176,8 +176,16 @@ class Consortium:
         assert self.procs[name].poll() is None, self.log_text(name)[-3000:]
 
     def kill(self, key: str) -> None:
-        """SIGKILL a process and its descendants (a site or server that dies without a word)."""
-        pids = process_tree(self.procs[key].pid)
+        """SIGKILL a process and its descendants (a site or server that dies without a word). The tree is frozen
+        (SIGSTOP) until no new descendant appears, so a child forked between the look-up and the kill is killed too."""
+        pids: list[int] = []
+        while new := [p for p in process_tree(self.procs[key].pid) if p not in pids]:
+            for pid in new:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+            pids += new
         self.all_pids.update(pids)
         for pid in pids:
             try:
@@ -490,7 +498,11 @@ def test_a_round_with_too_few_sites_is_skipped_and_logged(consortium):
     # site-1 comes back with Flower's own runner (SuperExec + a flwr-clientapp process per message, through the
     # approval launcher): the old path keeps being exercised.
     fed.start_site("site-1", env_file=fed.site_env("site-1", FEDCT_CLIENTAPP_RUNNER="flower"))
-    assert not pids_matching("fl_client.executor", str(fed.root / "work" / "site-1"))  # no warm executor for it
+    wait_until(  # the killed site's executor children end with it (a new warm executor would stay)
+        lambda: not pids_matching("fl_client.executor", str(fed.root / "work" / "site-1")),
+        timeout=30,
+        what="no warm executor of site-1 (the restarted site runs Flower's own runner)",
+    )
     status, details = fed.wait_finished(done.run_id, timeout=900)
     assert status == "finished:completed", details
     metrics = fed.metrics("skip")

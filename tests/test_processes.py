@@ -16,6 +16,7 @@ from fedct.processes import (
     GONE,
     KILLED,
     TERMINATED,
+    end_with_parent,
     kill_later,
     pids_matching,
     process_alive,
@@ -38,6 +39,23 @@ code = ("import signal, time; " + ("signal.signal(signal.SIGTERM, signal.SIG_IGN
 child = subprocess.Popen([sys.executable, "-c", code, sys.argv[2]], stdout=subprocess.PIPE)
 child.stdout.readline()  # its SIGTERM handling is set up
 print(child.pid, flush=True)
+time.sleep(300)
+"""
+
+#: A parent that forks a child (which asks to end with it when told to) and reports the child's PID and what the
+#: request returned; both then sleep.
+FORKS = """
+import os, sys, time
+from fedct.processes import end_with_parent
+parent = os.getpid()
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    ok = end_with_parent(parent) if sys.argv[1] == "ask" else None
+    os.write(write, repr(ok).encode())
+    time.sleep(300)
+    os._exit(0)
+print(pid, os.read(read, 64).decode(), flush=True)
 time.sleep(300)
 """
 
@@ -159,3 +177,40 @@ def test_process_tree_and_pids_matching_see_this_process_children(started):
     assert proc.stdout.readline().strip() == "ready"
     assert process_tree(os.getpid())[0] == os.getpid() and proc.pid in process_tree(os.getpid())
     assert pids_matching(marker) == [proc.pid] and pids_matching(marker, "no-such-needle") == []
+
+
+@pytest.mark.parametrize("ask", [True, False])
+def test_a_forked_child_ends_with_its_killed_parent_only_when_it_asked(started, ask):
+    proc = _start(FORKS, "ask" if ask else "no", cwd=os.getcwd())
+    started[0].append(proc)
+    child, answer = proc.stdout.readline().split()
+    started[1].append(int(child))
+    assert answer == ("True" if ask else "None")
+    proc.kill()  # SIGKILL: the parent can stop nothing itself
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while process_alive(int(child)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process_alive(int(child)) is not ask  # without the request the orphan would run on
+
+
+def test_asking_after_the_parent_has_ended_says_so(started):
+    code = """
+import os, time
+from fedct.processes import end_with_parent
+parent = os.getpid()
+if os.fork() != 0:
+    os._exit(0)  # the parent ends at once
+while os.getppid() == parent:
+    time.sleep(0.01)
+print(end_with_parent(parent), flush=True)
+"""
+    proc = _start(code, cwd=os.getcwd())
+    started[0].append(proc)
+    assert proc.stdout.readline().strip() == "False"
+
+
+@pytest.mark.parametrize("signum", [0, -1, signal.NSIG])
+def test_end_with_parent_names_a_bad_signal(signum):
+    with pytest.raises(ValueError, match=f"got {signum}"):
+        end_with_parent(os.getppid(), signum=signum)
