@@ -151,6 +151,7 @@ OPTIONAL_ROUND_KEYS = {
     "proximal-mu": 0.0,
     "evaluate-first": False,
     "local-optimiser": "reset",
+    "test-time-flips": "",  # a server that does not send it evaluates one view
 }
 #: Round-config key asking the site to evaluate the received weights before training (``evaluate-mode = "fused"``).
 EVALUATE_FIRST = "evaluate-first"
@@ -242,6 +243,7 @@ class RoundSettings:
             "proximal-mu": self.proximal_mu,
             EVALUATE_FIRST: self.evaluate_first,
             "local-optimiser": self.local_optimiser,
+            "test-time-flips": ",".join(str(a) for a in self.model.test_time_flips),
         }
         if self.model.profile_fusion != "none":
             record[PROFILE_FUSION] = self.model.profile_fusion
@@ -295,6 +297,9 @@ class RoundSettings:
                 covariates=bool(record["clinical-covariates"]),
                 profile_fusion=fusion,
                 profile_variables=n_profile,
+                test_time_flips=parse_axes(
+                    str(record.get("test-time-flips", OPTIONAL_ROUND_KEYS["test-time-flips"])), "test-time-flips"
+                ),
             ),
             pipeline=PipelineConfig(
                 target_spacing_mm=parse_triple(str(record["target-spacing-mm"]), float, "target-spacing-mm"),
@@ -337,6 +342,16 @@ class RoundSettings:
             "val-fraction",
             "test-fraction",
         )
+
+
+def parse_axes(text: str, name: str) -> tuple[int, ...]:
+    """Parse ``"0"``, ``"0,1"`` or ``""`` (none) into spatial axes; the error names the setting (the axes' range and
+    repetitions are :class:`models.factory.ModelConfig`'s to check)."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be comma-separated spatial axes (0, 1, 2) or empty, got {text!r}") from exc
 
 
 def parse_triple(text: str, kind: type, name: str) -> tuple:

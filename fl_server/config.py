@@ -17,7 +17,7 @@ from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from fedct.protocol import BN_MODES, LOCAL_OPTIMISERS, RoundSettings, parse_triple
+from fedct.protocol import BN_MODES, LOCAL_OPTIMISERS, RoundSettings, parse_axes, parse_triple
 from fl_server.privacy import PrivacyConfig
 from models.factory import PROFILE_FUSIONS, ModelConfig
 from models.registry import PromotionRule
@@ -74,6 +74,9 @@ class ServerConfig:
     batch_size: int = 4
     model_name: str = "densenet121"
     model_norm: str = "batch"
+    # Test-time augmentation of every evaluation and prediction: the mean over the input and its mirror images along
+    # these spatial axes ("0": left-right, the axis training flips; "": one view). README "Configuring a run".
+    test_time_flips: str = "0"
     clinical_covariates: bool = False
     loss_weight_diagnosis: float = 1.0
     loss_weight_prognosis: float = 0.5
@@ -238,6 +241,7 @@ class ServerConfig:
             covariates=self.clinical_covariates,
             profile_fusion=self.profile_fusion,
             profile_variables=n_profile,
+            test_time_flips=parse_axes(self.test_time_flips, "test-time-flips"),
         )
 
     @property

@@ -83,7 +83,10 @@ HEAT_THRESHOLD = 0.3
 
 
 class LogitsOnly(nn.Module):
-    """The diagnosis logits of a :class:`MultiTaskNet` (what Grad-CAM differentiates); layers under ``model.``."""
+    """The diagnosis logits of a :class:`MultiTaskNet` (what Grad-CAM differentiates); layers under ``model.``.
+
+    One view of the input (:meth:`MultiTaskNet.forward_view`), also for a model with test-time flips: a map is the
+    gradient of one pass, whose activations the explainers' hooks keep."""
 
     def __init__(self, model: MultiTaskNet) -> None:
         super().__init__()
@@ -92,7 +95,7 @@ class LogitsOnly(nn.Module):
     def forward(
         self, x: torch.Tensor, covariates: torch.Tensor | None = None, profile: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return self.model(x, covariates, profile).logits
+        return self.model.forward_view(x, covariates, profile).logits
 
 
 def _map_sizes(

@@ -13,7 +13,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -157,6 +157,17 @@ def set_ood(folder: Path, ood: Mapping[str, Any] | None) -> Path:
     return folder
 
 
+def _views_line(flips: Sequence[int]) -> str:
+    """How every figure and prediction of the model is computed: one view, or the mean over mirrored views."""
+    if not flips:
+        return "Every figure and prediction below is of one pass over the input (no test-time augmentation)."
+    axes = ", ".join({0: "left-right", 1: "front-back", 2: "head-foot"}[int(a)] for a in flips)
+    return (
+        f"Every figure and prediction below is the mean over the input and its mirror image ({axes}): test-time "
+        "augmentation; heat maps explain the input as given."
+    )
+
+
 def model_card(meta: Mapping[str, Any]) -> str:
     """A short model card (Markdown): intended use, training data in aggregate, metrics per site, limitations."""
     prov = meta.get("provenance", {})
@@ -188,6 +199,7 @@ def model_card(meta: Mapping[str, Any]) -> str:
         + ". No image or patient data left the sites.",
         f"Input: single-frame or Enhanced CT, resampled to {pipeline['target_spacing_mm']} mm, HU window "
         f"[{pipeline['hu_min']}, {pipeline['hu_max']}], {pipeline['input_size']} voxels (pipeline version {pipeline['pipeline_version']}).",
+        _views_line(model.get("test_time_flips") or ()),
         "",
         "## Metrics of these weights (held-out test split of each site)",
         "| site | studies | diagnosis macro AUC | accuracy | prognosis C-index |",
@@ -323,7 +335,7 @@ def load_bundle(folder: Path, *, expected_model: ModelConfig | None = None) -> t
         raise BundleError(
             f"{meta_path}: architecture {meta.get('model')!r} cannot be built by this fedct: {exc}"
         ) from None
-    if expected_model is not None and config != expected_model:
+    if expected_model is not None and config.architecture != expected_model.architecture:
         raise BundleError(f"{folder}: architecture {asdict(config)} differs from the expected {asdict(expected_model)}")
     model = build_model(config)
     state = torch.load(folder / "model.pt", weights_only=True, map_location="cpu")

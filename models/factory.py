@@ -10,7 +10,7 @@ concatenated with clinical covariates (age, sex), feed two heads:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -45,8 +45,19 @@ class ModelConfig:
     #: and presence flags, :mod:`preprocessing.profile_features`); 0 with fusion "none".
     profile_fusion: str = "none"
     profile_variables: int = 0
+    #: Test-time augmentation: spatial axes (0, 1, 2 of the (X, Y, Z) input) along which the evaluating network also
+    #: sees the mirrored input; its outputs are the mean over the views (``()``: one view). Training is unaffected.
+    test_time_flips: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        flips = self.test_time_flips
+        if not isinstance(flips, (tuple, list)):
+            raise ValueError(f"test-time flips must be a sequence of spatial axes, got {flips!r}")
+        object.__setattr__(self, "test_time_flips", tuple(flips))  # a JSON list (bundle) becomes the tuple
+        if any(not isinstance(a, int) or isinstance(a, bool) or a not in (0, 1, 2) for a in flips):
+            raise ValueError(f"test-time flips must be spatial axes among 0, 1, 2, got {flips!r}")
+        if len(set(flips)) != len(flips):
+            raise ValueError(f"test-time flips must not repeat an axis, got {flips!r}")
         if self.profile_fusion not in PROFILE_FUSIONS:
             raise ValueError(f"profile-fusion {self.profile_fusion!r} is not one of {', '.join(PROFILE_FUSIONS)}")
         if (self.profile_fusion == "none") != (self.profile_variables == 0) or self.profile_variables < 0:
@@ -64,6 +75,12 @@ class ModelConfig:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def architecture(self) -> ModelConfig:
+        """What the weights belong to: this configuration without how it is evaluated (test-time flips), so a
+        bundle evaluated one way can start or join a run that evaluates another."""
+        return replace(self, test_time_flips=())
 
 
 def as_plain_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -198,10 +215,29 @@ class MultiTaskNet(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.diagnosis = nn.Linear(width + extra + self.n_covariates, config.num_classes)
         self.prognosis = nn.Linear(width + extra + self.n_covariates, 1)
+        #: ``ModelConfig.test_time_flips``: in eval mode, the outputs are averaged over these mirrored views too.
+        self.test_time_flips = tuple(config.test_time_flips) if self.uses_image else ()
 
     def forward(
         self, x: torch.Tensor, covariates: torch.Tensor | None = None, profile: torch.Tensor | None = None
     ) -> ModelOutput:
+        """Both heads' outputs; evaluating (``eval()``) with test-time flips, the mean over the input and its mirror
+        images (logits and log-risk averaged). Training always sees the one input it is given."""
+        view = self.forward_view(x, covariates, profile)
+        if self.training or not self.test_time_flips:
+            return view
+        x = as_plain_tensor(x)
+        views = [view] + [
+            self.forward_view(torch.flip(x, dims=(axis + 2,)), covariates, profile) for axis in self.test_time_flips
+        ]
+        return ModelOutput(
+            torch.stack([v.logits for v in views]).mean(dim=0), torch.stack([v.risk for v in views]).mean(dim=0)
+        )
+
+    def forward_view(
+        self, x: torch.Tensor, covariates: torch.Tensor | None = None, profile: torch.Tensor | None = None
+    ) -> ModelOutput:
+        """One pass on the input as given (what explanations differentiate: one view, one map)."""
         x = as_plain_tensor(x)  # metadata stays outside the network (see as_plain_tensor)
         if not self.uses_image:
             return self.heads(x.new_zeros((x.shape[0], 0)), covariates, profile)

@@ -225,3 +225,19 @@ def test_the_out_of_distribution_reference_is_set_on_the_bundle_and_its_card(tmp
         set_ood(tmp_path / "b", {"feature_mean": [0.0], "feature_var": [-1.0], "threshold": 1.0})
     set_ood(tmp_path / "b", None)
     assert bundle_ood(load_bundle(tmp_path / "b")[1]) is None
+
+
+def test_test_time_flips_are_kept_by_the_bundle_said_on_the_card_and_do_not_block_another_run(bundle):
+    from models.bundle import model_card
+
+    model, meta = load_bundle(bundle, expected_model=ModelConfig(name="smallcnn", test_time_flips=(0,)))
+    assert model.test_time_flips == () and "one pass over the input" in model_card(meta)  # written without flips
+    _edit_meta(bundle, lambda m: m["model"].update(test_time_flips=[0]))
+    model, meta = load_bundle(bundle, expected_model=ModelConfig(name="smallcnn"))  # same weights, other evaluation
+    assert model.test_time_flips == (0,)
+    assert "mean over the input and its mirror image (left-right)" in model_card(meta)
+    _edit_meta(bundle, lambda m: m["model"].pop("test_time_flips"))  # a bundle from before the setting: one view
+    assert load_bundle(bundle)[0].test_time_flips == ()
+    _edit_meta(bundle, lambda m: m["model"].update(test_time_flips=[4]))
+    with pytest.raises(BundleError, match="cannot be built.*among 0, 1, 2"):
+        load_bundle(bundle)

@@ -57,6 +57,11 @@ def test_same_config_same_architecture():
         ({"num_classes": 1}, "num_classes"),
         ({"in_channels": 0}, "in_channels"),
         ({"dropout": 1.0}, "dropout"),
+        ({"test_time_flips": 0}, "sequence of spatial axes, got 0"),
+        ({"test_time_flips": (3,)}, r"among 0, 1, 2, got \(3,\)"),
+        ({"test_time_flips": (True,)}, "among 0, 1, 2, got"),
+        ({"test_time_flips": (0.0,)}, "among 0, 1, 2, got"),
+        ({"test_time_flips": (0, 0)}, r"repeat an axis, got \(0, 0\)"),
     ],
 )
 def test_bad_config_names_the_value(kwargs, needle):
@@ -152,3 +157,31 @@ def test_profile_only_baseline_ignores_the_image():
         )
     torch.testing.assert_close(a.logits, b.logits)
     torch.testing.assert_close(a.risk, b.risk)
+
+
+def test_test_time_flips_average_the_mirrored_views_when_evaluating_only():
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(name="smallcnn")).eval()
+    flipped = build_model(ModelConfig(name="smallcnn", test_time_flips=[0, 2]))  # a bundle's JSON list
+    assert flipped.test_time_flips == (0, 2) and ModelConfig(test_time_flips=[0]).test_time_flips == (0,)
+    flipped.load_state_dict(plain.state_dict())
+    flipped.eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        views = [plain(x), plain(torch.flip(x, dims=(2,))), plain(torch.flip(x, dims=(4,)))]
+        out = flipped(x)
+        assert torch.allclose(out.logits, sum(v.logits for v in views) / 3, atol=1e-6)
+        assert torch.allclose(out.risk, sum(v.risk for v in views) / 3, atol=1e-6)
+        assert not torch.allclose(out.logits, views[0].logits)  # the mirrors did change something
+        assert torch.equal(flipped.forward_view(x).logits, views[0].logits)  # one pass, as explanations need
+    flipped.train()  # training sees the input it is given
+    plain.train()
+    torch.manual_seed(1)
+    a = flipped(x).logits
+    torch.manual_seed(1)
+    assert torch.allclose(a, plain(x).logits, atol=1e-6)
+
+
+def test_test_time_flips_are_not_part_of_the_architecture():
+    assert ModelConfig(name="smallcnn", test_time_flips=(0,)).architecture == ModelConfig(name="smallcnn")
+    assert ModelConfig(name="smallcnn").architecture != ModelConfig(name="resnet10").architecture

@@ -392,3 +392,15 @@ def test_gradcampp_overflow_falls_back_to_gradcam():
     assert explainer.variant == "Grad-CAM++"
     cam = explainer(torch.rand(1, 1, 32, 32, 32), class_index=0)
     assert explainer.last_variant == "Grad-CAM" and bool(torch.isfinite(cam).all()) and float(cam.max()) > 0
+
+
+def test_explanations_differentiate_one_view_of_a_model_with_test_time_flips():
+    from inference.explain import LogitsOnly
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="smallcnn", test_time_flips=(0,))).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        one = LogitsOnly(model)(x)
+        assert torch.equal(one, model.forward_view(x).logits)
+        assert not torch.allclose(one, model(x).logits)  # the prediction itself is the mean over both views

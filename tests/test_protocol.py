@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fedct import protocol
-from fedct.protocol import RoundSettings, parse_triple
+from fedct.protocol import RoundSettings, parse_axes, parse_triple
 from fl_server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +33,27 @@ def test_parse_triple():
         parse_triple("1,2", int, "input-size")
     with pytest.raises(ValueError, match="spacing"):
         parse_triple("a,b,c", float, "spacing")
+
+
+def test_parse_axes():
+    assert parse_axes("0", "x") == (0,) and parse_axes(" 0, 2 ", "x") == (0, 2) and parse_axes("", "x") == ()
+    with pytest.raises(ValueError, match="test-time-flips must be comma-separated spatial axes"):
+        parse_axes("lr", "test-time-flips")
+
+
+def test_test_time_flips_travel_with_the_round_and_an_older_server_means_one_view():
+    settings = ServerConfig(model_name="smallcnn").round_settings(1)
+    assert settings.model.test_time_flips == (0,)  # the run config's default: left-right
+    record = settings.to_record()
+    assert record["test-time-flips"] == "0" and RoundSettings.from_record(record) == settings
+    record.pop("test-time-flips")
+    assert RoundSettings.from_record(record).model.test_time_flips == ()
+    assert RoundSettings.from_record({**record, "test-time-flips": "0,1"}).model.test_time_flips == (0, 1)
+    with pytest.raises(ValueError, match="among 0, 1, 2"):
+        RoundSettings.from_record({**record, "test-time-flips": "5"})
+    assert ServerConfig(test_time_flips="").model.test_time_flips == ()
+    with pytest.raises(ValueError, match="repeat an axis"):
+        ServerConfig(test_time_flips="1,1")
 
 
 def test_optional_round_keys_default_when_an_older_server_omits_them():
