@@ -506,7 +506,16 @@ def plan_record_of(plan: QualityPlan) -> dict[str, Any]:
         "randomisation": plan.randomisation,
         "score_at": list(plan.score_at),
         "federated_local_epochs": plan.fed_local_epochs,
+        # every arm is scored as the run config evaluates (a partial of one-view scores is not continued with flips)
+        "test_time_flips": str(plan.run_config.get("test-time-flips", _run_config_default("test-time-flips"))),
     }
+
+
+def _run_config_default(key: str) -> Any:
+    """The server's default for a run-config key (fl_server.config.ServerConfig)."""
+    from fl_server.config import ServerConfig
+
+    return getattr(ServerConfig(), key.replace("-", "_"))
 
 
 def load_partial(
@@ -538,9 +547,16 @@ def load_partial(
         "external_small",
         "randomisation",
         "federated_local_epochs",
+        "test_time_flips",
     )
-    # partial results from before the strength existed: full strength; before federated local epochs: local epochs
-    theirs = {"randomisation": 1.0, "federated_local_epochs": theirs.get("local_epochs"), **theirs}
+    # partial results from before the strength existed: full strength; before federated local epochs: local epochs;
+    # before test-time flips: scored with one view
+    theirs = {
+        "randomisation": 1.0,
+        "federated_local_epochs": theirs.get("local_epochs"),
+        "test_time_flips": "",
+        **theirs,
+    }
     differ = [
         f"{k}: {theirs.get(k)!r} there, {plan_record[k]!r} here" for k in sizes if theirs.get(k) != plan_record[k]
     ]
