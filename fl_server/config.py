@@ -75,8 +75,9 @@ class ServerConfig:
     model_name: str = "densenet121"
     model_norm: str = "batch"
     # Test-time augmentation of every evaluation and prediction: the mean over the input and its mirror images along
-    # these spatial axes ("0": left-right, the axis training flips; "": one view). README "Configuring a run".
-    test_time_flips: str = "0"
+    # these spatial axes ("0": left-right, the axis training flips; "": one view, the default: on step-matched FedAvg
+    # the mirror did not help). README "Configuring a run".
+    test_time_flips: str = ""
     clinical_covariates: bool = False
     loss_weight_diagnosis: float = 1.0
     loss_weight_prognosis: float = 0.5

@@ -247,15 +247,16 @@ def test_a_weaker_randomisation_is_its_own_plan_and_a_bad_strength_is_refused(tm
 
 
 def test_the_scoring_views_are_part_of_the_plan(tmp_path):
-    """Arms are scored as the run config evaluates (test-time flips, default left-right): a partial result scored
-    with another setting, or from before the setting (no such key), is not continued."""
-    flips, one_view = medium_plan(), medium_plan(run_config={"test-time-flips": ""})
+    """Arms are scored as the run config evaluates (test-time flips, default one view): a partial result scored
+    with another setting is not continued; one from before the setting (no such key) was scored with one view."""
+    flips, one_view = medium_plan(run_config={"test-time-flips": "0"}), medium_plan()
     assert plan_record_of(flips)["test_time_flips"] == "0" and plan_record_of(one_view)["test_time_flips"] == ""
     (tmp_path / PARTIAL_NAME).write_text(json.dumps({"plan": plan_record_of(one_view), "per_seed": {}}))
     with pytest.raises(ValueError, match="test_time_flips"):
         load_partial(tmp_path / PARTIAL_NAME, plan_record_of(flips))
-    older = {k: v for k, v in plan_record_of(flips).items() if k != "test_time_flips"}
+    older = {k: v for k, v in plan_record_of(one_view).items() if k != "test_time_flips"}
     (tmp_path / PARTIAL_NAME).write_text(json.dumps({"plan": older, "per_seed": {}}))
+    assert load_partial(tmp_path / PARTIAL_NAME, plan_record_of(one_view)) == ({}, {})
     with pytest.raises(ValueError, match="test_time_flips"):
         load_partial(tmp_path / PARTIAL_NAME, plan_record_of(flips))
 

@@ -42,8 +42,9 @@ def test_parse_axes():
 
 
 def test_test_time_flips_travel_with_the_round_and_an_older_server_means_one_view():
-    settings = ServerConfig(model_name="smallcnn").round_settings(1)
-    assert settings.model.test_time_flips == (0,)  # the run config's default: left-right
+    assert ServerConfig().model.test_time_flips == ()  # the run config's default: one view
+    settings = ServerConfig(model_name="smallcnn", test_time_flips="0").round_settings(1)
+    assert settings.model.test_time_flips == (0,)
     record = settings.to_record()
     assert record["test-time-flips"] == "0" and RoundSettings.from_record(record) == settings
     record.pop("test-time-flips")
@@ -51,7 +52,7 @@ def test_test_time_flips_travel_with_the_round_and_an_older_server_means_one_vie
     assert RoundSettings.from_record({**record, "test-time-flips": "0,1"}).model.test_time_flips == (0, 1)
     with pytest.raises(ValueError, match="among 0, 1, 2"):
         RoundSettings.from_record({**record, "test-time-flips": "5"})
-    assert ServerConfig(test_time_flips="").model.test_time_flips == ()
+    assert ServerConfig(test_time_flips=" 2, 0").model.test_time_flips == (2, 0)
     with pytest.raises(ValueError, match="repeat an axis"):
         ServerConfig(test_time_flips="1,1")
 
