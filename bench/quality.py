@@ -491,6 +491,8 @@ PARTIAL_NAME = "quality.partial.json"
 
 def plan_record_of(plan: QualityPlan) -> dict[str, Any]:
     """What must match for a partial result to be continued (the run config's overrides included)."""
+    from fl_server.config import ServerConfig
+
     return {
         "sites": plan.sites,
         "patients_per_site": plan.patients_per_site,
@@ -507,15 +509,8 @@ def plan_record_of(plan: QualityPlan) -> dict[str, Any]:
         "score_at": list(plan.score_at),
         "federated_local_epochs": plan.fed_local_epochs,
         # every arm is scored as the run config evaluates (a partial of one-view scores is not continued with flips)
-        "test_time_flips": str(plan.run_config.get("test-time-flips", _run_config_default("test-time-flips"))),
+        "test_time_flips": str(plan.run_config.get("test-time-flips", ServerConfig.test_time_flips)),
     }
-
-
-def _run_config_default(key: str) -> Any:
-    """The server's default for a run-config key (fl_server.config.ServerConfig)."""
-    from fl_server.config import ServerConfig
-
-    return getattr(ServerConfig(), key.replace("-", "_"))
 
 
 def load_partial(
